@@ -1,0 +1,257 @@
+"""Adapters in memory (Target, Adapter) and on disk (load, save).
+
+A file holds, per target T (the base tensor's key), two tensors "indices/T" and "values/T" of shape
+[d_out, k], plus one JSON metadata document. `load` checks structure (rules 1.x-3.4) and maps the
+arrays without reading them; `validate` checks content. `save` writes atomically.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .container import Problems, SafetensorsFile
+from .dtypes import INDEX_DTYPES, I16_MAX_D_IN, NUMPY_DTYPES, VALUE_DTYPES, dtype_name, index_dtype_for
+from .errors import NeuroAdaError
+from .hashing import probe_hash
+from .layout import LAYOUTS, canonical_view
+from .metadata import FORMAT_NAME, MERGE_RULE, METADATA_KEY, VERSION, parse_document
+
+INDICES_PREFIX = "indices/"
+VALUES_PREFIX = "values/"
+
+
+@dataclass
+class Target:
+    """The deltas for one base tensor. `indices`/`values` are [d_out, k]; shape is canonical [d_out, d_in]."""
+    name: str
+    indices: np.ndarray
+    values: np.ndarray
+    shape: tuple[int, int]
+    layout: str = "out_in"
+    dtype: str = "BF16"          # the base tensor's dtype
+    probe: str | None = None
+
+    @property
+    def d_out(self) -> int:
+        return self.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.shape[1]
+
+    @property
+    def k(self) -> int:
+        return self.indices.shape[1]
+
+    @property
+    def index_dtype(self) -> str:
+        return dtype_name(self.indices.dtype)
+
+    @property
+    def value_dtype(self) -> str:
+        return dtype_name(self.values.dtype)
+
+    @classmethod
+    def from_weight(cls, name: str, weight: np.ndarray, indices: np.ndarray, values=None, *,
+                    layout: str = "out_in", value_dtype: str = "BF16") -> "Target":
+        """A target for a base weight (as stored), recording its shape, dtype and probe hash."""
+        weight = np.asarray(weight)
+        canon = canonical_view(weight, layout)
+        indices = np.ascontiguousarray(indices, dtype=NUMPY_DTYPES[index_dtype_for(canon.shape[1])])
+        if values is None:
+            values = np.zeros(indices.shape, dtype=NUMPY_DTYPES[value_dtype])
+        return cls(name, indices, np.ascontiguousarray(values), (int(canon.shape[0]), int(canon.shape[1])),
+                   layout, dtype_name(weight.dtype), probe_hash(weight, indices, layout))
+
+    def entry(self) -> dict:
+        return {"shape": list(self.shape), "layout": self.layout, "dtype": self.dtype, "k": self.k,
+                "probe": self.probe}
+
+
+@dataclass
+class Adapter:
+    """A set of targets plus the identity of the base they belong to and how they were chosen."""
+    targets: dict[str, Target]
+    base_name: str | None = None
+    base_revision: str | None = None
+    structure_hash: str | None = None
+    selection: dict = field(default_factory=lambda: {"rule": "magnitude", "tie_break": "lower-column"})
+    version: str = VERSION
+    extra: dict = field(default_factory=dict)  # unknown fields of a newer minor, kept on re-save
+    path: str | None = None
+
+    def document(self) -> dict:
+        doc = dict(self.extra)
+        doc.update({
+            "format": FORMAT_NAME,
+            "version": self.version,
+            "base": {"name": self.base_name, "revision": self.base_revision,
+                     "structure_hash": self.structure_hash},
+            "selection": dict(self.selection),
+            "merge": {"rule": MERGE_RULE},
+            "targets": {name: t.entry() for name, t in sorted(self.targets.items())},
+        })
+        return doc
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.indices.nbytes + t.values.nbytes for t in self.targets.values())
+
+    def __repr__(self) -> str:
+        return (f"Adapter({len(self.targets)} targets, base={self.base_name!r}, "
+                f"selection={self.selection.get('rule')!r}, path={self.path!r})")
+
+
+# -- reading -----------------------------------------------------------------------------------------
+def read(path, problems: Problems) -> Adapter | None:
+    """Parse a file, reporting structural problems (rules 1.x, 2.x, 3.1-3.4) into `problems`."""
+    path = os.fspath(path)
+    st = SafetensorsFile(path, problems)
+    if not st.valid:
+        return None
+    doc = parse_document(st.metadata, problems)
+    if doc is None:
+        return None
+    declared = doc["targets"]
+    tensors = set(st.tensors)
+    for name in sorted(tensors):
+        if name.startswith(INDICES_PREFIX):
+            target = name[len(INDICES_PREFIX):]
+        elif name.startswith(VALUES_PREFIX):
+            target = name[len(VALUES_PREFIX):]
+        else:
+            problems.error("3.1", "tensor name must start with 'indices/' or 'values/'", tensor=name)
+            continue
+        if target not in declared:
+            problems.error("3.1", "tensor belongs to no target declared in the metadata", tensor=name)
+    targets = {}
+    for name, entry in declared.items():
+        t = _read_target(st, name, entry, problems)
+        if t is not None:
+            targets[name] = t
+    if problems.has_errors:
+        return None
+    known = {"format", "version", "base", "selection", "merge", "targets"}
+    return Adapter(
+        targets=targets,
+        base_name=doc["base"]["name"],
+        base_revision=doc["base"]["revision"],
+        structure_hash=doc["base"]["structure_hash"],
+        selection=doc["selection"],
+        version=doc["version"],
+        extra={k: v for k, v in doc.items() if k not in known},
+        path=path,
+    )
+
+
+def _read_target(st: SafetensorsFile, name: str, entry: dict, p: Problems) -> Target | None:
+    iname, vname = INDICES_PREFIX + name, VALUES_PREFIX + name
+    missing = [n for n in (iname, vname) if n not in st.tensors]
+    if missing:
+        p.error("3.1", f"declared target has no tensor {', '.join(missing)}", tensor=name)
+        return None
+    d_out, d_in = entry["shape"]
+    k = entry["k"]
+    ok = True
+    idx_info, val_info = st.tensors[iname], st.tensors[vname]
+    if idx_info.dtype not in INDEX_DTYPES:
+        p.error("3.2", f"index dtype {idx_info.dtype} is not I16 or I32", tensor=iname)
+        ok = False
+    elif idx_info.dtype == "I16" and d_in > I16_MAX_D_IN:
+        p.error("3.2", f"d_in={d_in} needs I32 indices (I16 holds columns up to 32767)", tensor=iname)
+        ok = False
+    elif idx_info.dtype == "I32" and d_in <= I16_MAX_D_IN:
+        p.warning("3.2", f"I32 indices where I16 suffices (d_in={d_in}); files are larger than needed",
+                  tensor=iname)
+    if val_info.dtype not in VALUE_DTYPES:
+        p.error("3.3", f"value dtype {val_info.dtype} is not BF16, F16 or F32", tensor=vname)
+        ok = False
+    if k > d_in:
+        p.error("3.4", f"k={k} exceeds d_in={d_in}", tensor=name)
+        ok = False
+    for info in (idx_info, val_info):
+        if info.shape != (d_out, k):
+            p.error("3.4", f"shape {list(info.shape)} is not [d_out, k] = [{d_out}, {k}]", tensor=info.name)
+            ok = False
+    if not ok:
+        return None
+    return Target(name, st.array(iname), st.array(vname), (d_out, d_in), entry["layout"],
+                  entry["dtype"], entry["probe"])
+
+
+def load(path) -> Adapter:
+    """Open an adapter file lazily (arrays are read-only views of a memory map).
+
+    Structure is checked (rules 1.x, 2.x, 3.1-3.4) and the first problem raises NeuroAdaError;
+    call `validate` for the content rules (index range and order, finite values) and base checks.
+    """
+    path = os.fspath(path)
+    adapter = read(path, Problems(path, strict=True))
+    assert adapter is not None  # strict mode raised otherwise
+    return adapter
+
+
+# -- writing -----------------------------------------------------------------------------------------
+def save(adapter: Adapter, path, *, value_dtype: str | None = None, index_dtype: str | None = None,
+         check: bool = True) -> None:
+    """Write an adapter atomically (temporary file in the same folder, then rename).
+
+    value_dtype / index_dtype convert on the way out (None keeps values, picks I16 where it fits).
+    With check=True (the default) the adapter is validated first, so no invalid file is ever written.
+    """
+    from safetensors.numpy import save_file
+
+    from .validate import validate
+
+    path = os.fspath(path)
+    if value_dtype is not None and value_dtype not in VALUE_DTYPES:
+        raise NeuroAdaError(f"value dtype {value_dtype!r} is not one of {VALUE_DTYPES}", path=path, rule="3.3")
+    if index_dtype is not None and index_dtype not in INDEX_DTYPES:
+        raise NeuroAdaError(f"index dtype {index_dtype!r} is not one of {INDEX_DTYPES}", path=path, rule="3.2")
+    targets = {}
+    for name, t in adapter.targets.items():
+        if t.layout not in LAYOUTS:
+            raise NeuroAdaError(f"layout {t.layout!r} is not one of {LAYOUTS}", path=path, tensor=name,
+                                rule="2.2")
+        idt = index_dtype or index_dtype_for(t.d_in)
+        vdt = value_dtype or dtype_name(t.values.dtype)
+        idx = np.asarray(t.indices)
+        if idx.size and (idx.min() < 0 or idx.max() >= t.d_in):
+            raise NeuroAdaError(f"index out of range [0, {t.d_in})", path=path, tensor=name, rule="3.5")
+        values = np.asarray(t.values)
+        if vdt not in VALUE_DTYPES:
+            raise NeuroAdaError(f"value dtype {vdt} is not one of {VALUE_DTYPES}", path=path, tensor=name,
+                                rule="3.3")
+        targets[name] = Target(name, np.ascontiguousarray(idx.astype(NUMPY_DTYPES[idt], copy=False)),
+                               np.ascontiguousarray(values.astype(NUMPY_DTYPES[vdt], copy=False)),
+                               t.shape, t.layout, t.dtype, t.probe)
+    out = Adapter(targets, adapter.base_name, adapter.base_revision, adapter.structure_hash,
+                  adapter.selection, adapter.version, adapter.extra)
+    if check:
+        validate(out, strict=True, path=path)
+    tensors = {}
+    for name, t in targets.items():
+        tensors[INDICES_PREFIX + name] = t.indices
+        tensors[VALUES_PREFIX + name] = t.values
+    meta = {METADATA_KEY: json.dumps(out.document(), sort_keys=True, separators=(",", ":"))}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def atomic_write(path: str, write) -> None:
+    """Run write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

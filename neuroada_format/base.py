@@ -1,0 +1,124 @@
+"""Base checkpoints as the validator and the converters see them: names -> lazily mapped arrays.
+
+A base is a single .safetensors file, a Hugging Face folder (model.safetensors, or shards listed in
+model.safetensors.index.json), or an in-memory mapping of names to numpy arrays.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from .container import SafetensorsFile, strict_json
+from .dtypes import dtype_name
+from .errors import NeuroAdaError
+from .hashing import structure_hash
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class Checkpoint:
+    """A safetensors checkpoint, possibly sharded. Nothing is read until an array is asked for."""
+
+    def __init__(self, files: dict[str, SafetensorsFile], weight_map: dict[str, str], path: str,
+                 index: dict | None = None):
+        self.files = files            # shard file name -> parsed file
+        self.weight_map = weight_map  # tensor name -> shard file name
+        self.path = path
+        self.index = index            # the parsed index json, when sharded
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def keys(self):
+        return self.weight_map.keys()
+
+    def file_of(self, name: str) -> SafetensorsFile:
+        return self.files[self.weight_map[name]]
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        t = self.file_of(name).tensors[name]
+        return t.dtype, t.shape
+
+    def array(self, name: str) -> np.ndarray:
+        return self.file_of(name).array(name)
+
+    def structure_hash(self) -> str:
+        return structure_hash((name, *self.info(name)) for name in self.weight_map)
+
+
+class ArrayBase:
+    """An in-memory base (e.g. a model's state dict converted to numpy), with the Checkpoint interface."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], path: str = "<memory>"):
+        self.arrays = arrays
+        self.path = path
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.arrays
+
+    def keys(self):
+        return self.arrays.keys()
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        a = self.arrays[name]
+        return dtype_name(a.dtype), tuple(a.shape)
+
+    def array(self, name: str) -> np.ndarray:
+        return np.asarray(self.arrays[name])
+
+    def structure_hash(self) -> str:
+        return structure_hash((name, *self.info(name)) for name in self.arrays)
+
+
+def _shard_name(folder: str, name, index_path: str) -> str:
+    if (not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.split("/")
+            or "/" in name or "\\" in name):
+        raise NeuroAdaError(f"weight_map entry {name!r} is not a file name inside the folder",
+                            path=index_path, rule="1.6")
+    return name
+
+
+def open_base(base) -> Checkpoint | ArrayBase:
+    """Open a base given as a path (file or HF folder) or a mapping of name -> numpy array."""
+    if isinstance(base, (Checkpoint, ArrayBase)):
+        return base
+    if isinstance(base, Mapping):
+        return ArrayBase(base)
+    path = os.fspath(base)
+    if os.path.isdir(path):
+        index_path = os.path.join(path, INDEX_FILE)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path, encoding="utf-8") as f:
+                    index = strict_json(f.read())
+            except (ValueError, RecursionError, UnicodeDecodeError) as exc:
+                raise NeuroAdaError(f"not a valid index json: {exc}", path=index_path, rule="1.6") from None
+            wm = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(wm, dict):
+                raise NeuroAdaError("index json has no weight_map object", path=index_path, rule="1.6")
+            weight_map = {k: _shard_name(path, v, index_path) for k, v in wm.items()}
+            files = {s: SafetensorsFile(os.path.join(path, s)) for s in sorted(set(weight_map.values()))}
+            for key, shard in weight_map.items():
+                if key not in files[shard].tensors:
+                    raise NeuroAdaError(f"weight_map says {key!r} is in {shard}, which lacks it",
+                                        path=index_path, rule="1.6")
+            return Checkpoint(files, weight_map, path, index)
+        single = os.path.join(path, SINGLE_FILE)
+        if not os.path.isfile(single):
+            candidates = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            if len(candidates) != 1:
+                raise NeuroAdaError(f"no {SINGLE_FILE} or {INDEX_FILE} in the folder", path=path, rule="1.6")
+            single = os.path.join(path, candidates[0])
+        path = single
+    if not os.path.exists(path):
+        raise NeuroAdaError("no such file or folder", path=path, rule="1.1")
+    if path.endswith(".onnx"):
+        raise NeuroAdaError("ONNX bases are read by the converters (neuroada-merge), not by the format "
+                            "core", path=path, rule="1.6")
+    st = SafetensorsFile(path)
+    name = os.path.basename(path)
+    return Checkpoint({name: st}, {k: name for k in st.tensors}, path)

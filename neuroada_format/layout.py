@@ -1,0 +1,35 @@
+"""Canonical positions: rows are output neurons, columns are input features, whatever the storage.
+
+nn.Linear stores W as [out, in] ("out_in"); GPT-2's Conv1D stores it as [in, out] ("in_out").
+Indices in an adapter always refer to the canonical [out, in] view; these helpers translate.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+LAYOUTS = ("out_in", "in_out")
+
+
+def canonical_shape(stored_shape, layout: str) -> tuple[int, int]:
+    a, b = stored_shape
+    return (a, b) if layout == "out_in" else (b, a)
+
+
+def stored_shape(shape, layout: str) -> tuple[int, int]:
+    d_out, d_in = shape
+    return (d_out, d_in) if layout == "out_in" else (d_in, d_out)
+
+
+def flat_positions(indices: np.ndarray, shape, layout: str) -> np.ndarray:
+    """Element offsets (int64) into the stored weight of every adapter entry, in canonical order."""
+    d_out, d_in = shape
+    rows = np.arange(indices.shape[0], dtype=np.int64)[:, None]
+    cols = indices.astype(np.int64, copy=False)
+    if layout == "out_in":
+        return (rows * d_in + cols).reshape(-1)
+    return (cols * d_out + rows).reshape(-1)
+
+
+def canonical_view(weight: np.ndarray, layout: str) -> np.ndarray:
+    """The [out, in] view of a stored weight (a transpose view for in_out; no copy)."""
+    return weight if layout == "out_in" else weight.T

@@ -1,0 +1,97 @@
+"""The spec's merge rule (rule M), the reference every other implementation must match bit for bit.
+
+    W'[r, c] = round_to_base_dtype( f32(W[r, c]) + sum_a f32( f32(scale_a) * f32(val_a[r, j]) ) )
+
+The sum runs over the adapters in the order given, in f32, and is rounded once (round-to-nearest-even).
+Unmerge writes the kept originals back, so it is exact whatever the rounding did.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .dtypes import NUMPY_DTYPES, dtype_name
+from .errors import NeuroAdaError
+from .layout import flat_positions
+
+
+@dataclass
+class Delta:
+    """One adapter's contribution to one weight: canonical indices and values, and its scale."""
+    indices: np.ndarray
+    values: np.ndarray
+    scale: float = 1.0
+
+
+@dataclass
+class Saved:
+    """What unmerge needs: the flat positions touched and the original values there."""
+    positions: np.ndarray
+    originals: np.ndarray
+
+
+def _as_delta(item) -> Delta:
+    if isinstance(item, Delta):
+        return item
+    if isinstance(item, tuple) and len(item) == 2 and hasattr(item[0], "indices"):
+        return Delta(item[0].indices, item[0].values, float(item[1]))
+    if hasattr(item, "indices") and hasattr(item, "values"):
+        return Delta(item.indices, item.values)
+    if isinstance(item, tuple) and len(item) in (2, 3):
+        return Delta(*item)
+    raise TypeError(f"cannot use {type(item).__name__} as a delta")
+
+
+def merged_values(weight: np.ndarray, deltas: Sequence, layout: str = "out_in"):
+    """Positions touched (sorted flat offsets) and the merged values there, in the weight's dtype."""
+    weight = np.asarray(weight)
+    if weight.ndim != 2:
+        raise NeuroAdaError(f"weight has {weight.ndim} dimensions, expected 2", rule="4.2")
+    base_dtype = dtype_name(weight.dtype)
+    if base_dtype not in ("F32", "F16", "BF16"):
+        raise NeuroAdaError(f"cannot merge into a {base_dtype} weight (F32, F16, BF16 only)", rule="4.2")
+    shape = weight.shape if layout == "out_in" else weight.shape[::-1]
+    ds = [_as_delta(d) for d in deltas]
+    positions = []
+    for d in ds:
+        if d.indices.shape != d.values.shape or d.indices.shape[0] != shape[0]:
+            raise NeuroAdaError(f"delta of shape {d.indices.shape} does not fit a weight with "
+                                f"d_out={shape[0]}", rule="3.4")
+        idx = np.asarray(d.indices)
+        if idx.size and (idx.min() < 0 or idx.max() >= shape[1]):
+            raise NeuroAdaError(f"index out of range [0, {shape[1]})", rule="3.5")
+        positions.append(flat_positions(idx, shape, layout))
+    union = np.unique(np.concatenate(positions)) if positions else np.empty(0, np.int64)
+    flat = weight.reshape(-1)
+    acc = flat[union].astype(np.float32)
+    for d, pos in zip(ds, positions):
+        loc = np.searchsorted(union, pos)
+        term = np.float32(d.scale) * np.asarray(d.values).reshape(-1).astype(np.float32)
+        acc[loc] += term  # positions within one adapter are unique, so fancy += is exact
+    return union, acc.astype(NUMPY_DTYPES[base_dtype])
+
+
+def merge_weight(weight: np.ndarray, deltas: Sequence, layout: str = "out_in") -> np.ndarray:
+    """A merged copy of `weight` (the input is never modified)."""
+    out = np.array(weight, copy=True)
+    positions, values = merged_values(weight, deltas, layout)
+    out.reshape(-1)[positions] = values
+    return out
+
+
+def merge_weight_(weight: np.ndarray, deltas: Sequence, layout: str = "out_in") -> Saved:
+    """Merge into `weight` in place; returns what `unmerge_weight_` needs to restore it exactly."""
+    positions, values = merged_values(weight, deltas, layout)
+    flat = weight.reshape(-1)
+    if not np.shares_memory(flat, weight):
+        raise NeuroAdaError("in-place merge needs a contiguous, writable weight", rule="4.2")
+    saved = Saved(positions, flat[positions].copy())
+    flat[positions] = values
+    return saved
+
+
+def unmerge_weight_(weight: np.ndarray, saved: Saved) -> None:
+    """Write the original values back: bit-exact, whatever rounding the merge did."""
+    weight.reshape(-1)[saved.positions] = saved.originals

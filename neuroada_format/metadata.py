@@ -1,0 +1,73 @@
+"""The adapter's JSON metadata document: version handling and JSON Schema validation (rules 2.x).
+
+safetensors' `__metadata__` holds strings only, so the whole document is stored as one JSON string
+under the key "neuroada"; the schema lives in spec/schema/ and ships inside the package.
+"""
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from importlib import resources
+
+from .container import Problems, strict_json
+
+FORMAT_NAME = "neuroada"
+METADATA_KEY = "neuroada"
+VERSION = "1.0"
+SUPPORTED_MAJOR = 1
+MERGE_RULE = "add-f32-round-once"
+_VERSION_RE = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    text = resources.files("neuroada_format.spec").joinpath("schema/metadata-v1.schema.json").read_text()
+    return json.loads(text)
+
+
+@lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(schema())
+
+
+def parse_document(metadata: dict | None, p: Problems) -> dict | None:
+    """The checked metadata document, or None after reporting why it can't be used."""
+    if metadata is None or METADATA_KEY not in metadata:
+        p.error("2.1", f"__metadata__ has no {METADATA_KEY!r} entry: not a NeuroAda adapter")
+        return None
+    try:
+        doc = strict_json(metadata[METADATA_KEY])
+    except RecursionError:
+        p.error("2.2", "metadata JSON is nested too deeply")
+        return None
+    except ValueError as exc:
+        p.error("2.2", f"metadata is not valid JSON: {exc}")
+        return None
+    if not isinstance(doc, dict):
+        p.error("2.2", "metadata JSON is not an object")
+        return None
+    if doc.get("format") != FORMAT_NAME:
+        p.error("2.2", f"metadata format is {doc.get('format')!r}, expected {FORMAT_NAME!r}")
+        return None
+    version = doc.get("version")
+    match = _VERSION_RE.match(version) if isinstance(version, str) else None
+    if not match:
+        p.error("2.3", f"version {version!r} is not MAJOR.MINOR")
+        return None
+    major = int(match.group(1))
+    if major != SUPPORTED_MAJOR:
+        newer = "a newer" if major > SUPPORTED_MAJOR else "an older"
+        p.error("2.3", f"written for spec version {version}, {newer} major version than this reader "
+                       f"supports ({SUPPORTED_MAJOR}.x); upgrade neuroada-format to read it")
+        return None
+    errors = sorted(_validator().iter_errors(doc), key=lambda e: list(e.absolute_path))
+    for err in errors[:20]:
+        where = "/".join(str(x) for x in err.absolute_path) or "(document)"
+        tensor = None
+        if len(err.absolute_path) >= 2 and err.absolute_path[0] == "targets":
+            tensor = str(err.absolute_path[1])
+        p.error("2.2", f"metadata {where}: {err.message}", tensor=tensor)
+    return None if errors else doc

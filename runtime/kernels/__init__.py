@@ -1,0 +1,1 @@
+"""Compute kernels: plain references, CPU paths and Triton kernels."""
