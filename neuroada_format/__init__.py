@@ -10,7 +10,7 @@ The spec is spec/SPEC.md; rule numbers in errors refer to its section 7.
 from .adapter import Adapter, Target, atomic_write, load, save
 from .base import ArrayBase, Checkpoint, open_base
 from .errors import NeuroAdaError
-from .hashing import probe_hash, structure_hash
+from .hashing import probe_hash, probe_hash_from_values, structure_hash
 from .merge import Delta, Saved, merge_weight, merge_weight_, merged_values, unmerge_weight_
 from .metadata import VERSION as SPEC_VERSION
 from .selection import select_indices, topk_columns
@@ -21,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter", "ArrayBase", "Checkpoint", "Delta", "NeuroAdaError", "Report", "SPEC_VERSION", "Saved",
     "Target", "atomic_write", "load", "merge_weight", "merge_weight_", "merged_values", "open_base",
-    "probe_hash", "save", "select_indices", "structure_hash", "topk_columns", "unmerge_weight_",
+    "probe_hash", "probe_hash_from_values", "save", "select_indices", "structure_hash", "topk_columns", "unmerge_weight_",
     "validate",
 ]

@@ -14,6 +14,14 @@ from .layout import flat_positions
 ROW_CHUNK_ENTRIES = 1 << 22  # hash in chunks so a huge target never needs one big f32 copy
 
 
+def probe_hash_from_values(values: np.ndarray) -> str:
+    """The probe hash from the probed base values themselves ([d_out, k] in canonical order).
+
+    A runtime that kept the original values at the adapter's positions (w0) hashes them directly.
+    """
+    return "sha256:" + hashlib.sha256(np.ascontiguousarray(values, dtype="<f4").tobytes()).hexdigest()
+
+
 def probe_hash(weight: np.ndarray, indices: np.ndarray, layout: str = "out_in") -> str:
     """sha256 of f32(W[r, idx[r, j]]) in canonical (row-major over [d_out, k]) order, little-endian."""
     stored = np.asarray(weight)

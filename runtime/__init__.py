@@ -1,1 +1,45 @@
 """PyTorch runtime for NeuroAda: train sparse deltas on any model and apply them (installed as neuroada_format.runtime)."""
+
+from . import kernels
+from .functional import (
+    AdditiveSparseDelta,
+    InplaceSparseDeltaLinear,
+    Overlay,
+    additive_sparse_delta,
+    inplace_sparse_delta_linear,
+)
+from .kernels import Pattern
+from .config import NeuroAdaConfig
+from .layer import NeuroAdaLayer
+from .model import (
+    attach,
+    load_adapter,
+    merge,
+    merge_and_unload,
+    print_trainable_parameters,
+    save_adapter,
+    to_adapter,
+    trainable_parameters,
+    unmerge,
+)
+
+__all__ = [
+    "NeuroAdaConfig",
+    "attach",
+    "save_adapter",
+    "load_adapter",
+    "to_adapter",
+    "merge",
+    "unmerge",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "trainable_parameters",
+    "kernels",
+    "Pattern",
+    "Overlay",
+    "InplaceSparseDeltaLinear",
+    "AdditiveSparseDelta",
+    "inplace_sparse_delta_linear",
+    "additive_sparse_delta",
+    "NeuroAdaLayer",
+]

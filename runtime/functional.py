@@ -1,0 +1,255 @@
+"""Autograd functions for sparse top-k deltas on a frozen linear weight.
+
+Two strategies:
+
+* in-place (``InplaceSparseDeltaLinear``): write ``round(w0 + val)`` into the selected entries of the
+  frozen weight around the GEMM and put ``w0`` back right after. The training forward is then the
+  very GEMM the merged model runs (bit-identical output), no dense delta or dense ``dW`` ever exists,
+  and ``grad_val`` comes from a sampled row-dot over the fixed pattern.
+* additive (``AdditiveSparseDelta``): ``y = base(x) + S(x)`` for bases that must not be written
+  (shared, quantised, non-contiguous weights); ``S^T`` for ``grad_x`` uses the column-major pattern.
+
+The weight is never given to ``save_for_backward``: its storage is rewritten in forward and backward,
+and we write through ``.data`` so its version counter does not move (other graphs that saved it stay
+valid because the original values are always back in place when control leaves these functions).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import kernels
+from .kernels.pattern import Pattern
+from .kernels.reference import acc_dtype
+
+__all__ = [
+    "Overlay",
+    "InplaceSparseDeltaLinear",
+    "AdditiveSparseDelta",
+    "inplace_sparse_delta_linear",
+    "additive_sparse_delta",
+    "merge_",
+    "unmerge_",
+]
+
+
+class Overlay:
+    """All active adapters' entries of one weight, deduplicated.
+
+    Adapters may select the same position; each position then gets ``w0 + v_a + v_b + ...`` summed
+    in f32 (adapter order) and rounded once. Training forward, backward and ``merge`` all go through
+    :meth:`apply_`, so they produce the same bits.
+    """
+
+    def __init__(self, patterns: Sequence[Pattern], w0s: Sequence[torch.Tensor]):
+        patterns, w0s = tuple(patterns), tuple(w0s)
+        if not patterns or len(patterns) != len(w0s):
+            raise ValueError("need one w0 per pattern and at least one pattern")
+        p0 = patterns[0]
+        for p, w in zip(patterns, w0s):
+            if (p.d_out, p.d_in, p.transposed) != (p0.d_out, p0.d_in, p0.transposed):
+                raise ValueError("all patterns of an overlay must describe the same weight")
+            if tuple(w.shape) != (p.d_out, p.k):
+                raise ValueError(f"w0 shape {tuple(w.shape)} != {(p.d_out, p.k)}")
+        self.patterns, self.w0s = patterns, w0s
+        self._w0_versions = tuple(w._version for w in w0s)
+        self.d_out, self.d_in, self.transposed = p0.d_out, p0.d_in, p0.transposed
+        if len(patterns) == 1:
+            self.flat, self.invs, self.w0 = p0.flat, None, w0s[0].reshape(-1)
+        else:
+            u, inv = torch.unique(torch.cat([p.flat for p in patterns]), sorted=True, return_inverse=True)
+            self.invs = tuple(inv.split([p.nnz for p in patterns]))
+            w0u = torch.empty(u.numel(), dtype=w0s[0].dtype, device=u.device)
+            for i, w in zip(self.invs, w0s):
+                w0u[i] = w.reshape(-1)  # shared slots receive equal originals
+            self.flat, self.w0 = u, w0u
+
+    def is_current(self, patterns: Sequence[Pattern], w0s: Sequence[torch.Tensor]) -> bool:
+        return (
+            len(patterns) == len(self.patterns)
+            and all(a is b for a, b in zip(patterns, self.patterns))
+            and all(a is b and a._version == v for a, b, v in zip(w0s, self.w0s, self._w0_versions))
+        )
+
+    def values(self, vals: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The merged entries, ``round_dtype(f32(w0) + sum f32(val))``, in ``flat`` order."""
+        acc = acc_dtype(self.w0, *vals)
+        if self.invs is None:
+            s = self.w0.to(acc) + vals[0].reshape(-1).to(acc)
+        else:
+            s = self.w0.to(acc).clone()
+            for i, v in zip(self.invs, vals):
+                s.index_add_(0, i, v.reshape(-1).to(acc))  # no duplicates inside one adapter: deterministic
+        return s.to(dtype)
+
+    def apply_(self, W: torch.Tensor, vals: Sequence[torch.Tensor], *, via: torch.dtype | None = None) -> None:
+        """Write the merged entries into the stored W. ``via``: round to that dtype first, then to
+        W's (what autocast does to a merged weight of dtype ``via``)."""
+        if len(vals) != len(self.patterns):
+            raise ValueError("one val per adapter expected")
+        if via is None and self.invs is None:
+            kernels.scatter_(W, self.patterns[0], self.w0s[0], vals[0], transposed=self.transposed)
+        else:
+            v = self.values(vals, via or W.dtype)
+            kernels.put_(W, self.flat, v.to(W.dtype))
+
+    def restore_(self, W: torch.Tensor) -> None:
+        kernels.put_(W, self.flat, self.w0)
+
+
+def _autocast_dtype(x: torch.Tensor):
+    """The dtype autocast would run a linear in for ``x``, or None when autocast leaves it alone."""
+    dev = x.device.type
+    try:
+        on = torch.is_autocast_enabled(dev)
+    except (RuntimeError, TypeError):  # device types without autocast support
+        return None
+    if not on or not x.is_floating_point() or x.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def _linear(x, W, b, transposed):
+    # mirror nn.Linear / transformers' Conv1D exactly, so outputs match the merged model bit for bit
+    if not transposed:
+        return F.linear(x, W, b)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.addmm(b, x2, W) if b is not None else torch.mm(x2, W)
+    return y.view(x.shape[:-1] + (W.shape[1],))
+
+
+def _linear_grad_input(g, W, transposed):
+    return g @ (W.t() if transposed else W)
+
+
+def _with_overlay(overlay: Overlay, weight: torch.Tensor, vals, cast, fn):
+    """Run ``fn(W')`` where W' is the weight with the overlay written, in the autocast dtype if any.
+
+    Same dtype: write into the frozen weight itself and restore it. Autocast to another dtype: the
+    GEMM would use a cast copy anyway, so write into that copy (rounded to the base dtype first,
+    then to the autocast dtype, exactly what autocast does to a merged weight) and leave W alone.
+    """
+    W = weight.data  # untracked storage alias: no version bump on the user's parameter
+    if cast is None or W.dtype == cast:
+        overlay.apply_(W, vals)
+        try:
+            return fn(W)
+        finally:
+            overlay.restore_(W)
+    Wc = W.to(cast)
+    overlay.apply_(Wc, vals, via=W.dtype)
+    return fn(Wc)
+
+
+class InplaceSparseDeltaLinear(torch.autograd.Function):
+    """``y = linear(x, W + Delta, b)`` computed by writing Delta into W around the GEMM.
+
+    ``apply(x, weight, bias, overlay, *vals)``; ``weight`` must be frozen and contiguous. Correct
+    under recomputation (checkpointing re-runs forward; nothing stale is cached) and under autocast
+    (the GEMM and its backward run in the autocast dtype, like a merged model's would).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, overlay: Overlay, *vals):
+        cast = _autocast_dtype(x)
+        dev = x.device.type
+        with torch.autocast(dev, enabled=False):
+            if cast is not None:
+                xc, bc = x.to(cast), (None if bias is None else bias.to(cast))
+            else:
+                xc, bc = x, bias
+            y = _with_overlay(overlay, weight, vals, cast, lambda W: _linear(xc, W, bc, overlay.transposed))
+        ctx.save_for_backward(xc, *vals)
+        ctx.weight = weight  # a reference, not a saved tensor (see module docstring)
+        ctx.weight_version = weight._version
+        ctx.overlay = overlay
+        ctx.cast = cast
+        ctx.x_dtype = x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        xc, *vals = ctx.saved_tensors
+        ov: Overlay = ctx.overlay
+        if ctx.weight._version != ctx.weight_version:
+            # e.g. merge()/load_state_dict between forward and backward: re-scattering would be wrong
+            raise RuntimeError("the base weight was modified in place between forward and backward")
+        cast = ctx.cast
+        grad_x = grad_b = None
+        gy2 = grad_y.reshape(-1, ov.d_out)
+        if ctx.needs_input_grad[0]:
+            with torch.autocast(grad_y.device.type, enabled=False):
+                g = grad_y if cast is None else grad_y.to(cast)
+                if cast is None and g.dtype != ctx.weight.dtype:
+                    g = g.to(ctx.weight.dtype)
+                grad_x = _with_overlay(ov, ctx.weight, vals, cast, lambda W: _linear_grad_input(g, W, ov.transposed))
+            grad_x = grad_x.to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = gy2.to(acc_dtype(gy2)).sum(0).to(ctx.bias_dtype)
+        grad_vals = []
+        x2 = None
+        for a, v in enumerate(vals):
+            if ctx.needs_input_grad[4 + a]:
+                if x2 is None:
+                    x2 = xc.reshape(-1, ov.d_in)
+                grad_vals.append(kernels.sampled_rowdot(gy2, x2, ov.patterns[a]).to(v.dtype))
+            else:
+                grad_vals.append(None)
+        return (grad_x, None, grad_b, None, *grad_vals)
+
+
+class AdditiveSparseDelta(torch.autograd.Function):
+    """``S(x) = x Delta^T`` as its own autograd node, to be added to an untouched ``base(x)``.
+
+    ``apply(x, val, pattern, out_dtype)``; sums run in f32 whatever the dtypes of ``x`` and ``val``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, val, pattern: Pattern, out_dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            s = kernels.gather_matvec(x.reshape(-1, pattern.d_in), pattern, val)
+        ctx.save_for_backward(x, val)
+        ctx.pattern = pattern
+        return s.to(out_dtype or x.dtype).reshape(x.shape[:-1] + (pattern.d_out,))
+
+    @staticmethod
+    def backward(ctx, grad_s):
+        x, val = ctx.saved_tensors
+        p: Pattern = ctx.pattern
+        g2 = grad_s.reshape(-1, p.d_out)
+        grad_x = grad_val = None
+        if ctx.needs_input_grad[0]:
+            grad_x = kernels.gather_matvec_t(g2, p, val).to(x.dtype).reshape(x.shape)
+        if ctx.needs_input_grad[1]:
+            grad_val = kernels.sampled_rowdot(g2, x.reshape(-1, p.d_in), p).to(val.dtype)
+        return grad_x, grad_val, None, None
+
+
+def inplace_sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                overlay: Overlay, vals: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``linear(x, W + Delta, b)``; W is stored ``[in, out]`` when ``overlay.transposed`` (Conv1D)."""
+    if weight.requires_grad:
+        raise ValueError("the base weight must be frozen (requires_grad=False) for in-place sparse deltas")
+    return InplaceSparseDeltaLinear.apply(x, weight, bias, overlay, *vals)
+
+
+def additive_sparse_delta(x: torch.Tensor, pattern: Pattern, val: torch.Tensor, *,
+                          out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``S(x)`` with the shape of ``x`` except the last dim (``d_out``); dtype ``out_dtype`` or x's."""
+    return AdditiveSparseDelta.apply(x, val, pattern, out_dtype)
+
+
+@torch.no_grad()
+def merge_(weight: torch.Tensor, overlay: Overlay, vals: Sequence[torch.Tensor]) -> None:
+    """Write the merged entries permanently (a tracked in-place write: W's version moves)."""
+    overlay.apply_(weight.detach(), [v.detach() for v in vals])
+
+
+@torch.no_grad()
+def unmerge_(weight: torch.Tensor, overlay: Overlay) -> None:
+    """Put ``w0`` back; exact, whatever was merged."""
+    overlay.restore_(weight.detach())

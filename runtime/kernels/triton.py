@@ -1,0 +1,243 @@
+"""Triton kernels for CUDA tensors (and, for tests, the Triton interpreter on CPU tensors).
+
+Rules followed throughout, because the interpreter and bf16 get them wrong otherwise: every load is
+masked and upcast right away, sums accumulate in f32 (f64 when the output buffer is f64), no
+``tl.dot`` is used, and no kernel rounds to a narrow float: kernels write f32 and torch rounds
+(RNE), while stores into the weight move raw bits through an integer view.
+
+``TRITON_INTERPRET=1`` is read when the kernels are decorated, i.e. when this module is imported;
+set it before the first import to run these kernels on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .pattern import Pattern, as_pattern
+from .reference import acc_dtype
+
+try:  # keep the package importable where triton is absent
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+AVAILABLE = triton is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+__all__ = ["AVAILABLE", "INTERPRET", "scatter_", "restore_", "put_", "sampled_rowdot", "gather_matvec", "gather_matvec_t"]
+
+_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _check(*tensors: torch.Tensor) -> None:
+    if not AVAILABLE:
+        raise RuntimeError("triton is not installed")
+    for t in tensors:
+        if not t.is_cuda and not INTERPRET:
+            raise RuntimeError(
+                "Triton kernels got a CPU tensor; set TRITON_INTERPRET=1 before importing "
+                "neuroada_format.runtime.kernels.triton to run them in the interpreter"
+            )
+
+
+def _tl_acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    return max(lo, triton.next_power_of_2(max(int(n), 1)))
+
+
+if AVAILABLE:
+
+    @triton.jit
+    def _store_bits_kernel(dst_ptr, flat_ptr, src_ptr, n, BLOCK: tl.constexpr):
+        # dst/src are integer views of the float data: a pure move, no rounding anywhere
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        pos = tl.load(flat_ptr + offs, mask=m, other=0)
+        v = tl.load(src_ptr + offs, mask=m, other=0)
+        tl.store(dst_ptr + pos, v, mask=m)
+
+    @triton.jit
+    def _add_kernel(a_ptr, b_ptr, out_ptr, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        a = tl.load(a_ptr + offs, mask=m, other=0).to(ACC)
+        b = tl.load(b_ptr + offs, mask=m, other=0).to(ACC)
+        tl.store(out_ptr + offs, a + b, mask=m)
+
+    @triton.jit
+    def _rowdot_kernel(gy_ptr, x_ptr, idx_ptr, out_ptr, T, d_out, k,
+                       s_gt, s_gi, s_xt, s_xc,
+                       ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+        # one program = BLOCK_R rows x all k entries; march over the tokens in tiles
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        j = tl.arange(0, BLOCK_K)
+        rm = r < d_out
+        m2 = rm[:, None] & (j < k)[None, :]
+        cols = tl.load(idx_ptr + r[:, None] * k + j[None, :], mask=m2, other=0)
+        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC)
+        for t0 in range(0, T, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            tm = t < T
+            g = tl.load(gy_ptr + t[:, None] * s_gt + r[None, :] * s_gi,
+                        mask=tm[:, None] & rm[None, :], other=0).to(ACC)
+            xv = tl.load(x_ptr + t[:, None, None] * s_xt + cols[None, :, :] * s_xc,
+                         mask=tm[:, None, None] & m2[None, :, :], other=0).to(ACC)
+            acc += tl.sum(g[:, :, None] * xv, axis=0)
+        tl.store(out_ptr + r[:, None] * k + j[None, :], acc, mask=m2)
+
+    @triton.jit
+    def _gather_kernel(x_ptr, idx_ptr, val_ptr, out_ptr, T, d_out, k,
+                       s_xt, s_xc,
+                       ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        j = tl.arange(0, BLOCK_K)
+        tm = t < T
+        rm = r < d_out
+        m2 = rm[:, None] & (j < k)[None, :]
+        cols = tl.load(idx_ptr + r[:, None] * k + j[None, :], mask=m2, other=0)
+        v = tl.load(val_ptr + r[:, None] * k + j[None, :], mask=m2, other=0).to(ACC)
+        xv = tl.load(x_ptr + t[:, None, None] * s_xt + cols[None, :, :] * s_xc,
+                     mask=tm[:, None, None] & m2[None, :, :], other=0).to(ACC)
+        s = tl.sum(xv * v[None, :, :], axis=2)
+        tl.store(out_ptr + t[:, None] * d_out + r[None, :], s, mask=tm[:, None] & rm[None, :])
+
+    @triton.jit
+    def _segment_kernel(gy_ptr, colptr_ptr, rows_ptr, perm_ptr, val_ptr, out_ptr, T, d_in,
+                        s_gt, s_gi,
+                        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
+        # one program = one input column c x a token tile: reduce its CSC segment in a fixed order
+        c = tl.program_id(0)
+        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tm = t < T
+        start = tl.load(colptr_ptr + c)
+        end = tl.load(colptr_ptr + c + 1)
+        acc = tl.zeros((BLOCK_T,), dtype=ACC)
+        for e0 in range(start, end, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
+            em = e < end
+            rows = tl.load(rows_ptr + e, mask=em, other=0)
+            p = tl.load(perm_ptr + e, mask=em, other=0)
+            v = tl.load(val_ptr + p, mask=em, other=0).to(ACC)
+            g = tl.load(gy_ptr + t[:, None] * s_gt + rows[None, :] * s_gi,
+                        mask=tm[:, None] & em[None, :], other=0).to(ACC)
+            acc += tl.sum(g * v[None, :], axis=1)
+        tl.store(out_ptr + t * d_in + c, acc, mask=tm)
+
+
+def _weight_pattern(W: torch.Tensor, idx, transposed: bool) -> Pattern:
+    p = as_pattern(idx, W.shape[0] if transposed else W.shape[1], transposed=transposed)
+    stored = (p.d_in, p.d_out) if p.transposed else (p.d_out, p.d_in)
+    if tuple(W.shape) != stored:
+        raise ValueError(f"weight of shape {tuple(W.shape)} does not match pattern {p} (stored {stored})")
+    return p
+
+
+def put_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor, *, block: int = 1024) -> torch.Tensor:
+    """Write already-rounded ``values`` at flat positions of the contiguous W (bit moves only)."""
+    _check(W, flat)
+    if not W.is_contiguous():
+        raise ValueError("in-place sparse writes need a contiguous weight; use the additive mode")
+    n = flat.numel()
+    if n == 0:
+        return W
+    ity = _INT_VIEW[W.element_size()]
+    src = values.reshape(-1).to(W.dtype).contiguous().view(ity)
+    flat = flat.reshape(-1).contiguous()
+    _store_bits_kernel[(triton.cdiv(n, block),)](W.view(-1).view(ity), flat, src, n, BLOCK=block)
+    return W
+
+
+def scatter_(W: torch.Tensor, idx, w0: torch.Tensor, val: torch.Tensor, *, transposed: bool = False,
+             block: int = 1024) -> torch.Tensor:
+    p = _weight_pattern(W, idx, transposed)
+    _check(W, w0, val)
+    n = p.nnz
+    acc = acc_dtype(w0, val)
+    tmp = torch.empty(n, dtype=acc, device=W.device)
+    if n:
+        _add_kernel[(triton.cdiv(n, block),)](w0.reshape(-1).contiguous(), val.reshape(-1).contiguous(), tmp, n,
+                                               ACC=_tl_acc(acc), BLOCK=block)
+    return put_(W, p.flat, tmp.to(W.dtype), block=block)  # torch rounds (RNE); the kernel only moves bits
+
+
+def restore_(W: torch.Tensor, idx, w0: torch.Tensor, *, transposed: bool = False, block: int = 1024) -> torch.Tensor:
+    p = _weight_pattern(W, idx, transposed)
+    return put_(W, p.flat, w0, block=block)
+
+
+# Register budget for the 3-D [tokens, rows, k] tiles; untuned guesses (no GPU was at hand), chosen
+# so a tile holds ~4K f32 values whatever k is. Override per call through the keyword arguments.
+_TILE = 4096
+
+
+def _rows_per_program(bk: int, bt: int, cap: int) -> int:
+    return max(1, min(cap, _TILE // (bk * bt)))
+
+
+def sampled_rowdot(grad_y: torch.Tensor, x: torch.Tensor, idx, *, block_r: int | None = None,
+                   block_t: int = 32) -> torch.Tensor:
+    p = as_pattern(idx, x.shape[-1])
+    _check(grad_y, x, p.idx)
+    acc = acc_dtype(grad_y, x)
+    T = grad_y.shape[0]
+    out = torch.zeros(p.d_out, p.k, dtype=acc, device=x.device)
+    if T == 0 or p.nnz == 0:
+        return out
+    bk = _pow2(p.k)
+    bt = _pow2(min(block_t, T))
+    br = _pow2(block_r or _rows_per_program(bk, bt, 64))
+    _rowdot_kernel[(triton.cdiv(p.d_out, br),)](
+        grad_y, x, p.idx.contiguous(), out, T, p.d_out, p.k,
+        grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1),
+        ACC=_tl_acc(acc), BLOCK_R=br, BLOCK_K=bk, BLOCK_T=bt,
+    )
+    return out
+
+
+def gather_matvec(x: torch.Tensor, idx, val: torch.Tensor, *, block_t: int = 16,
+                  block_r: int | None = None) -> torch.Tensor:
+    p = as_pattern(idx, x.shape[-1])
+    _check(x, val, p.idx)
+    acc = acc_dtype(x, val)
+    T = x.shape[0]
+    out = torch.zeros(T, p.d_out, dtype=acc, device=x.device)
+    if T == 0 or p.nnz == 0:
+        return out
+    bk = _pow2(p.k)
+    bt = _pow2(min(block_t, T))
+    br = _pow2(block_r or _rows_per_program(bk, bt, 128))
+    grid = (triton.cdiv(T, bt), triton.cdiv(p.d_out, br))
+    _gather_kernel[grid](
+        x, p.idx.contiguous(), val.contiguous(), out, T, p.d_out, p.k,
+        x.stride(0), x.stride(1),
+        ACC=_tl_acc(acc), BLOCK_T=bt, BLOCK_R=br, BLOCK_K=bk,
+    )
+    return out
+
+
+def gather_matvec_t(grad_y: torch.Tensor, idx, val: torch.Tensor, d_in: int | None = None, *,
+                    block_t: int = 64, block_e: int = 32) -> torch.Tensor:
+    p = as_pattern(idx, d_in)
+    _check(grad_y, val, p.idx)
+    acc = acc_dtype(grad_y, val)
+    T = grad_y.shape[0]
+    out = torch.zeros(T, p.d_in, dtype=acc, device=grad_y.device)
+    if T == 0 or p.nnz == 0:
+        return out
+    colptr, rows, perm = p.csc
+    bt = _pow2(min(block_t, T))
+    grid = (p.d_in, triton.cdiv(T, bt))
+    _segment_kernel[grid](
+        grad_y, colptr, rows, perm, val.contiguous(), out, T, p.d_in,
+        grad_y.stride(0), grad_y.stride(1),
+        ACC=_tl_acc(acc), BLOCK_T=bt, BLOCK_E=block_e,
+    )
+    return out

@@ -1,0 +1,228 @@
+"""``NeuroAdaLayer``: a PEFT-style wrapper holding sparse top-k deltas for one linear layer.
+
+Per adapter name it stores ``idx`` (int64 ``[d_out, k]``), ``val`` (trainable ``[d_out, k]``) and
+``w0`` (the original entries, base dtype ``[d_out, k]``) -- nothing dense. Keeping ``w0`` makes
+unmerge exact (bit for bit) instead of a lossy subtraction.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .functional import Overlay, additive_sparse_delta, inplace_sparse_delta_linear, merge_, unmerge_
+from .kernels.pattern import Pattern
+
+__all__ = ["NeuroAdaLayer", "MODES"]
+
+MODES = ("inplace", "additive")
+
+
+def _conv1d_type():
+    # transformers is slow to import: if a Conv1D exists, transformers is already loaded
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None) if mod is not None else None
+
+
+class _BufferDict(nn.Module):
+    """Named buffers, so state_dict keys read ``<layer>.neuroada_idx.<adapter>`` like PEFT's."""
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._buffers[name]
+
+    def __setitem__(self, name: str, t: torch.Tensor) -> None:
+        self.register_buffer(name, t)
+
+    def __delitem__(self, name: str) -> None:
+        del self._buffers[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._buffers
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+    def keys(self):
+        return self._buffers.keys()
+
+
+class NeuroAdaLayer(nn.Module):
+    """Wraps ``nn.Linear`` or transformers' ``Conv1D`` (kept as ``base_layer``, like PEFT).
+
+    ``mode="inplace"`` writes deltas into the frozen weight around each GEMM (needs an exact
+    ``nn.Linear``/``Conv1D`` with a contiguous weight); ``mode="additive"`` adds ``S(x)`` to the
+    untouched base output.
+    """
+
+    adapter_layer_names = ("neuroada_val",)
+    other_param_names = ("neuroada_idx", "neuroada_w0")
+
+    def __init__(self, base_layer: nn.Module, mode: str = "inplace"):
+        super().__init__()
+        conv1d = _conv1d_type()
+        if isinstance(base_layer, nn.Linear):
+            self.transposed = False
+            self.d_out, self.d_in = base_layer.weight.shape
+        elif conv1d is not None and isinstance(base_layer, conv1d):
+            self.transposed = True
+            self.d_in, self.d_out = base_layer.weight.shape
+        else:
+            raise TypeError(f"NeuroAdaLayer wraps nn.Linear or transformers Conv1D, not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        base_layer.weight.requires_grad_(False)
+        self.neuroada_val = nn.ParameterDict()
+        self.neuroada_idx = _BufferDict()
+        self.neuroada_w0 = _BufferDict()
+        self.set_mode(mode)
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self._patterns: dict[str, Pattern] = {}
+        self._overlays: dict[tuple, Overlay] = {}
+
+    # -- configuration -------------------------------------------------------------------------
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}")
+        if mode == "inplace" and type(self.base_layer) not in (nn.Linear, _conv1d_type()):
+            raise ValueError("inplace mode needs an exact nn.Linear or Conv1D base (its forward is mirrored)")
+        self.mode = mode
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def _canonical_weight(self) -> torch.Tensor:
+        W = self.base_layer.weight
+        return W.t() if self.transposed else W
+
+    def add_adapter(self, name: str, idx: torch.Tensor, *, val: torch.Tensor | None = None,
+                    val_dtype: torch.dtype = torch.float32, activate: bool | None = None) -> None:
+        """Register ``idx`` (canonical ``[d_out, k]``, rows strictly increasing) with zero deltas
+        (or ``val``). ``w0`` is read from the current weight, so the layer must not be merged.
+        Activates the adapter when none is active (or when ``activate`` says so)."""
+        if "." in name or not name:
+            raise ValueError(f"bad adapter name {name!r}")
+        if name in self.neuroada_val:
+            raise ValueError(f"adapter {name!r} exists")
+        if self.merged:
+            raise RuntimeError("unmerge before adding an adapter: w0 must be read from the original weight")
+        W = self._canonical_weight()
+        idx = torch.as_tensor(idx).to(device=W.device, dtype=torch.int64).contiguous()
+        if idx.dim() != 2 or idx.shape[0] != self.d_out:
+            raise ValueError(f"idx must be [{self.d_out}, k], got {tuple(idx.shape)}")
+        pattern = Pattern(idx, self.d_in, transposed=self.transposed)  # validates range and order
+        w0 = W.detach().gather(1, idx).contiguous()
+        if val is None:
+            v = torch.zeros(idx.shape, dtype=val_dtype, device=W.device)
+        else:
+            if tuple(val.shape) != tuple(idx.shape):
+                raise ValueError(f"val shape {tuple(val.shape)} != idx shape {tuple(idx.shape)}")
+            v = val.detach().to(device=W.device).clone()
+        self.neuroada_idx[name] = idx
+        self.neuroada_w0[name] = w0
+        self.neuroada_val[name] = nn.Parameter(v)
+        self._patterns[name] = pattern  # built on the very tensor now registered as the buffer
+        if activate or (activate is None and not self.active_adapters):
+            self.active_adapters.append(name)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged; unmerge first")
+        del self.neuroada_val[name]
+        del self.neuroada_idx[name]
+        del self.neuroada_w0[name]
+        self._patterns.pop(name, None)
+        self._overlays = {k: v for k, v in self._overlays.items() if name not in k}
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            if n not in self.neuroada_val:
+                raise KeyError(n)
+        self.active_adapters = names
+
+    # -- cached index structures --------------------------------------------------------------
+
+    def pattern(self, name: str) -> Pattern:
+        idx = self.neuroada_idx[name]
+        p = self._patterns.get(name)
+        if p is None or not p.is_current(idx):  # .to(device) or load_state_dict replaced/rewrote idx
+            p = Pattern(idx, self.d_in, transposed=self.transposed)
+            self._patterns[name] = p
+        return p
+
+    def overlay(self, names: Iterable[str]) -> Overlay:
+        names = tuple(names)
+        pats = [self.pattern(n) for n in names]
+        w0s = [self.neuroada_w0[n] for n in names]
+        ov = self._overlays.get(names)
+        if ov is None or not ov.is_current(pats, w0s):
+            ov = Overlay(pats, w0s)
+            self._overlays[names] = ov
+        return ov
+
+    # -- merge ----------------------------------------------------------------------------------
+
+    def merge(self, adapter_names: Sequence[str] | None = None) -> None:
+        """Write ``round(w0 + sum of vals)`` (f32 sum, one rounding) into the weight for the given
+        (default: active) adapters plus any already merged, recomputed from the originals so that
+        merging in steps gives the same bits as merging at once."""
+        names = list(self.active_adapters if adapter_names is None else adapter_names)
+        new = [n for n in names if n not in self.merged_adapters]
+        if not new:
+            return
+        for n in new:
+            if n not in self.neuroada_val:
+                raise KeyError(n)
+        W = self.base_layer.weight
+        if self.merged_adapters:
+            unmerge_(W, self.overlay(self.merged_adapters))
+        allnames = self.merged_adapters + new
+        merge_(W, self.overlay(allnames), [self.neuroada_val[n] for n in allnames])
+        self.merged_adapters = allnames
+
+    def unmerge(self) -> None:
+        """Restore ``w0`` exactly."""
+        if not self.merged_adapters:
+            return
+        unmerge_(self.base_layer.weight, self.overlay(self.merged_adapters))
+        self.merged_adapters = []
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        active = [n for n in self.active_adapters if n in self.neuroada_val]
+        if self.merged or not active:
+            return self.base_layer(x, *args, **kwargs)
+        if self.mode == "inplace":
+            return inplace_sparse_delta_linear(
+                x, self.base_layer.weight, self.base_layer.bias, self.overlay(active),
+                [self.neuroada_val[n] for n in active],
+            )
+        y = self.base_layer(x, *args, **kwargs)
+        for n in active:
+            y = y + additive_sparse_delta(x, self.pattern(n), self.neuroada_val[n], out_dtype=y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        ks = {n: self.neuroada_idx[n].shape[1] for n in self.neuroada_idx.keys()}
+        return f"mode={self.mode}, d_out={self.d_out}, d_in={self.d_in}, transposed={self.transposed}, k={ks}"

@@ -1,0 +1,243 @@
+"""Autograd functions: gradcheck, agreement with the mask-based formulation, bit-identity with the
+merged model, layouts, recomputation and autocast."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from neuroada_format.runtime import kernels
+from neuroada_format.runtime.functional import (
+    Overlay,
+    additive_sparse_delta,
+    inplace_sparse_delta_linear,
+)
+from neuroada_format.runtime.kernels import Pattern
+
+
+def setup(rt, gen, d_out=7, d_in=6, k=2, dtype=torch.float64, transposed=False, n_adapters=1):
+    Wc = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64).to(dtype)
+    W = (Wc.t().contiguous() if transposed else Wc.clone()).requires_grad_(False)
+    pats, w0s, vals = [], [], []
+    for _ in range(n_adapters):
+        idx = rt.rand_idx(d_out, d_in, k, gen)
+        pats.append(Pattern(idx, d_in, transposed=transposed))
+        w0s.append(Wc.gather(1, idx))
+        vals.append((torch.randn(d_out, k, generator=gen, dtype=torch.float64) * 0.1)
+                    .to(dtype if dtype == torch.float64 else torch.float32).requires_grad_(True))
+    return Wc, W, Overlay(pats, w0s), vals
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gradcheck_inplace(rt, gen, backend, transposed):
+    Wc, W, ov, vals = setup(rt, gen, transposed=transposed, n_adapters=2)  # 2 adapters: overlaps likely
+    b = torch.randn(7, dtype=torch.float64, generator=gen).requires_grad_(True)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, generator=gen).requires_grad_(True)
+    before = W.clone()
+    with kernels.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda x, b, v1, v2: inplace_sparse_delta_linear(x, W, b, ov, [v1, v2]),
+                                        (x, b, *vals))
+    assert torch.equal(W, before)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradcheck_additive(rt, gen, backend):
+    Wc, W, ov, vals = setup(rt, gen, k=3)
+    p = ov.patterns[0]
+    x = torch.randn(5, 6, dtype=torch.float64, generator=gen).requires_grad_(True)
+    with kernels.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda x, v: additive_sparse_delta(x, p, v), (x, vals[0]))
+
+
+@pytest.mark.parametrize("mode", ["inplace", "additive"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(10,), (2, 5)])
+def test_matches_mask_based(rt, gen, mode, bias, shape):
+    d_out, d_in, k = 12, 9, 3
+    Wc, W, ov, vals = setup(rt, gen, d_out, d_in, k, dtype=torch.float32)
+    b = torch.randn(d_out, generator=gen) if bias else None
+    x = torch.randn(*shape, d_in, generator=gen).requires_grad_(True)
+    if mode == "inplace":
+        y = inplace_sparse_delta_linear(x, W, b, ov, vals)
+    else:
+        y = F.linear(x, W, b) + additive_sparse_delta(x, ov.patterns[0], vals[0])
+    y_ref, grads = rt.masked_dense(x, Wc, b, ov.patterns[0].idx, vals[0])
+    gy = torch.randn(y.shape, generator=gen)
+    gx, gv = torch.autograd.grad(y, (x, vals[0]), gy)
+    gx_ref, gv_ref = grads(gy)
+    if mode == "inplace":  # the same GEMMs as the merged model: identical bits
+        assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gv, gv_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("val_dtype", [torch.float32, torch.bfloat16])
+def test_inplace_forward_bit_identical_to_merged(rt, gen, dtype, val_dtype):
+    d_out, d_in, k = 16, 24, 4
+    Wc, W, ov, vals = setup(rt, gen, d_out, d_in, k, dtype=dtype)
+    val = vals[0].detach().to(val_dtype).requires_grad_(True)
+    b = torch.randn(d_out, generator=gen).to(dtype)
+    x = torch.randn(3, 5, d_in, generator=gen).to(dtype).requires_grad_(True)
+    y = inplace_sparse_delta_linear(x, W, b, ov, [val])
+    Wm = rt.merged_canonical(Wc, ov.patterns[0].idx, val)
+    assert torch.equal(y, F.linear(x, Wm, b))
+    assert torch.equal(W, Wc)  # restored, bit for bit
+    y.sum().backward()
+    assert val.grad.dtype == val_dtype and x.grad.dtype == dtype
+    assert torch.equal(x.grad, torch.ones_like(y) @ Wm)
+
+
+def test_conv1d_layout(rt, gen):
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    d_out, d_in, k = 10, 6, 2
+    conv = Conv1D(d_out, d_in)
+    with torch.no_grad():
+        conv.bias.normal_(generator=gen)
+    conv.requires_grad_(False)
+    Wc = conv.weight.t()
+    idx = rt.rand_idx(d_out, d_in, k, gen)
+    ov = Overlay([Pattern(idx, d_in, transposed=True)], [Wc.gather(1, idx)])
+    val = (torch.randn(d_out, k, generator=gen) * 0.1).requires_grad_(True)
+    x = torch.randn(2, 4, d_in, generator=gen).requires_grad_(True)
+    y = inplace_sparse_delta_linear(x, conv.weight, conv.bias, ov, [val])
+    merged = Conv1D(d_out, d_in)
+    with torch.no_grad():
+        merged.weight.copy_(rt.merged_canonical(Wc, idx, val).t())
+        merged.bias.copy_(conv.bias)
+    assert torch.equal(y, merged(x))
+    y_ref, grads = rt.masked_dense(x, Wc, conv.bias, idx, val)
+    gy = torch.randn(y.shape, generator=gen)
+    gx, gv = torch.autograd.grad(y, (x, val), gy)
+    gx_ref, gv_ref = grads(gy)
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gv, gv_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bias_gradient(rt, gen):
+    Wc, W, ov, vals = setup(rt, gen, dtype=torch.float32)
+    b = torch.randn(7, generator=gen).requires_grad_(True)
+    x = torch.randn(4, 6, generator=gen)
+    gy = torch.randn(4, 7, generator=gen)
+    (gb,) = torch.autograd.grad(inplace_sparse_delta_linear(x, W, b, ov, vals), (b,), gy)
+    torch.testing.assert_close(gb, gy.sum(0))
+
+
+def test_weight_version_untouched_and_other_graphs_stay_valid(rt, gen):
+    """A tied weight used elsewhere keeps a valid saved copy: we never bump its version counter."""
+    Wc, W, ov, vals = setup(rt, gen, dtype=torch.float32)
+    v0 = W._version
+    z_in = torch.randn(3, 6, generator=gen).requires_grad_(True)
+    z = z_in @ W.t()  # saves W for backward
+    x = torch.randn(3, 6, generator=gen).requires_grad_(True)
+    y = inplace_sparse_delta_linear(x, W, None, ov, vals)
+    (y.sum() + z.sum()).backward()
+    assert W._version == v0
+    torch.testing.assert_close(z_in.grad, torch.ones(3, 7) @ Wc)
+
+
+def test_refuses_trainable_weight(rt, gen):
+    Wc, W, ov, vals = setup(rt, gen, dtype=torch.float32)
+    with pytest.raises(ValueError, match="frozen"):
+        inplace_sparse_delta_linear(torch.randn(2, 6), W.requires_grad_(True), None, ov, vals)
+
+
+@pytest.mark.parametrize("mode", ["inplace", "additive"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_same_grads(rt, gen, mode, reentrant):
+    d, k = 8, 2
+    Wc1, W1, ov1, v1 = setup(rt, gen, d, d, k, dtype=torch.float32)
+    Wc2, W2, ov2, v2 = setup(rt, gen, d, d, k, dtype=torch.float32)
+    params = v1 + v2
+
+    def layer(x, W, ov, vals):
+        if mode == "inplace":
+            return inplace_sparse_delta_linear(x, W, None, ov, vals)
+        return F.linear(x, W) + additive_sparse_delta(x, ov.patterns[0], vals[0])
+
+    def block(x):
+        return layer(torch.tanh(layer(x, W1, ov1, v1)), W2, ov2, v2)
+
+    x = torch.randn(2, 3, d, generator=gen).requires_grad_(True)
+
+    def grads(fn):  # .backward(), not autograd.grad: reentrant checkpointing only supports the former
+        for t in [x] + params:
+            t.grad = None
+        fn(x).square().sum().backward()
+        return [t.grad.clone() for t in [x] + params]
+
+    plain = grads(block)
+    ck = grads(lambda x: checkpoint(block, x, use_reentrant=reentrant))
+    for a, b in zip(plain, ck):
+        assert torch.equal(a, b)
+    assert torch.equal(W1, Wc1) and torch.equal(W2, Wc2)
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_bf16_autocast_cpu(rt, gen, base_dtype):
+    """Under autocast the GEMM runs in bf16: the written entry must be what autocast makes of the
+    merged weight (round to the base dtype, then to bf16), and grads stay close to f32 ones."""
+    d_out, d_in, k = 32, 48, 4
+    Wc, W, ov, vals = setup(rt, gen, d_out, d_in, k, dtype=base_dtype)
+    with torch.no_grad():
+        vals[0].mul_(10)
+    b = torch.randn(d_out, generator=gen).to(base_dtype)
+    x = torch.randn(4, 8, d_in, generator=gen).requires_grad_(True)
+    Wm = rt.merged_canonical(Wc, ov.patterns[0].idx, vals[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = inplace_sparse_delta_linear(x, W, b, ov, vals)
+        y_merged = F.linear(x, Wm, b)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_merged)
+    assert torch.equal(W, Wc)
+    gy = torch.randn(y.shape, generator=gen)
+    gx, gv = torch.autograd.grad(y, (x, vals[0]), gy.to(y.dtype))
+    assert gx.dtype == torch.float32 and gv.dtype == torch.float32
+    # f32 truth (same merged weight, full precision)
+    y32, grads = rt.masked_dense(x, Wm.float(), b.float(), ov.patterns[0].idx, torch.zeros_like(vals[0]))
+    gx32, gv32 = grads(gy)
+    assert (gx - gx32).norm() / gx32.norm() < 2e-2
+    assert (gv - gv32).norm() / gv32.norm() < 2e-2
+
+
+def test_autocast_additive(rt, gen):
+    Wc, W, ov, vals = setup(rt, gen, 16, 12, 3, dtype=torch.float32)
+    x = torch.randn(6, 12, generator=gen).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        base = F.linear(x, W)
+        y = base + additive_sparse_delta(x, ov.patterns[0], vals[0], out_dtype=base.dtype)
+    assert y.dtype == torch.bfloat16
+    gv = torch.autograd.grad(y.float().sum(), vals[0])[0]
+    y32, grads = rt.masked_dense(x, Wc, None, ov.patterns[0].idx, vals[0])
+    gv32 = grads(torch.ones_like(y32))[1]
+    assert (gv - gv32).norm() / gv32.norm() < 2e-2
+
+
+def test_overlapping_adapters_sum_in_f32_round_once(rt, gen):
+    d_out, d_in = 4, 5
+    Wc = torch.randn(d_out, d_in, generator=gen).bfloat16()
+    idx_a = torch.tensor([[0, 1], [1, 2], [0, 4], [2, 3]])
+    idx_b = torch.tensor([[1, 3], [1, 2], [3, 4], [0, 1]])
+    va, vb = torch.randn(d_out, 2, generator=gen) * 0.01, torch.randn(d_out, 2, generator=gen) * 0.01
+    ov = Overlay([Pattern(idx_a, d_in), Pattern(idx_b, d_in)], [Wc.gather(1, idx_a), Wc.gather(1, idx_b)])
+    W = Wc.clone()
+    ov.apply_(W, [va, vb])
+    want = Wc.float().scatter_add(1, idx_a, va).scatter_add(1, idx_b, vb).bfloat16()
+    assert torch.equal(W, want)
+    ov.restore_(W)
+    assert torch.equal(W, Wc)
+
+
+def test_weight_changed_between_forward_and_backward_is_refused(rt, gen):
+    Wc, W, ov, vals = setup(rt, gen, dtype=torch.float32)
+    x = torch.randn(3, 6, generator=gen).requires_grad_(True)
+    y = inplace_sparse_delta_linear(x, W, None, ov, vals)
+    with torch.no_grad():
+        W.mul_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        y.sum().backward()

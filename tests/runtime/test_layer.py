@@ -1,0 +1,148 @@
+"""NeuroAdaLayer: merge/unmerge exactness, several adapters, modes, Conv1D, state_dict keys."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from neuroada_format.runtime import NeuroAdaLayer
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make_layer(rt, gen, d_out=12, d_in=10, k=3, dtype=torch.float32, mode="inplace", names=("default",),
+               bias=True, val_scale=0.05):
+    lin = nn.Linear(d_in, d_out, bias=bias).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(d_out, d_in, generator=gen))
+    layer = NeuroAdaLayer(lin, mode=mode)
+    for n in names:
+        layer.add_adapter(n, rt.rand_idx(d_out, d_in, k, gen))
+        with torch.no_grad():
+            layer.neuroada_val[n].copy_(torch.randn(d_out, k, generator=gen) * val_scale)
+    return layer
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_merge_unmerge_bit_exact(rt, gen, dtype):
+    layer = make_layer(rt, gen, dtype=dtype)
+    W = layer.weight
+    orig = W.detach().clone()
+    x = torch.randn(5, 10, generator=gen).to(dtype)
+    y_train = layer(x)
+    layer.merge()
+    assert layer.merged
+    idx, val = layer.neuroada_idx["default"], layer.neuroada_val["default"]
+    assert rt.same_bits(W, rt.merged_canonical(orig, idx, val))
+    assert torch.equal(layer(x), y_train)  # training forward == merged model, bit for bit
+    layer.unmerge()
+    assert not layer.merged and rt.same_bits(W, orig)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_several_adapters_one_rounding_and_stepwise_merge(rt, gen, dtype):
+    layer = make_layer(rt, gen, d_in=6, k=3, dtype=dtype, names=("a", "b"))  # overlaps are likely at k=3 of 6
+    orig = layer.weight.detach().clone()
+    ia, ib = layer.neuroada_idx["a"], layer.neuroada_idx["b"]
+    va, vb = layer.neuroada_val["a"].detach(), layer.neuroada_val["b"].detach()
+    assert (ia.unsqueeze(2) == ib.unsqueeze(1)).any()
+    want = orig.float().scatter_add(1, ia, va).scatter_add(1, ib, vb).to(dtype)
+    untouched = torch.ones_like(orig, dtype=torch.bool).scatter(1, ia, False).scatter(1, ib, False)
+    want[untouched] = orig[untouched]
+    layer.set_adapter(["a", "b"])
+    x = torch.randn(4, 6, generator=gen).to(dtype)
+    y_train = layer(x)
+    layer.merge()
+    assert rt.same_bits(layer.weight, want)
+    assert torch.equal(layer(x), y_train)
+    layer.unmerge()
+    assert rt.same_bits(layer.weight, orig)
+    layer.merge(["a"])
+    layer.merge(["b"])  # recomputed from the originals: same bits as merging both at once
+    assert layer.merged_adapters == ["a", "b"] and rt.same_bits(layer.weight, want)
+    layer.unmerge()
+    assert rt.same_bits(layer.weight, orig)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_modes_agree_and_train(rt, gen, bias):
+    layer = make_layer(rt, gen, bias=bias)
+    x = torch.randn(2, 3, 10, generator=gen).requires_grad_(True)
+    grads = {}
+    for mode in ("inplace", "additive"):
+        layer.set_mode(mode)
+        layer.zero_grad()
+        x.grad = None
+        y = layer(x)
+        y.square().sum().backward()
+        grads[mode] = (y.detach(), x.grad.clone(), layer.neuroada_val["default"].grad.clone())
+    for a, b in zip(grads["inplace"], grads["additive"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert layer.weight.grad is None and not layer.weight.requires_grad
+
+
+def test_conv1d_layer_and_state_dict(rt, gen):
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(12, 10)
+    layer = NeuroAdaLayer(conv)
+    assert (layer.d_out, layer.d_in, layer.transposed) == (12, 10, True)
+    idx = rt.rand_idx(12, 10, 2, gen)
+    layer.add_adapter("default", idx)
+    assert torch.equal(layer.neuroada_w0["default"], conv.weight.t().gather(1, idx))
+    with torch.no_grad():
+        layer.neuroada_val["default"].normal_(generator=gen)
+    orig = conv.weight.detach().clone()
+    x = torch.randn(3, 4, 10, generator=gen)
+    y = layer(x)
+    layer.merge()
+    assert torch.equal(conv.weight.t(), rt.merged_canonical(orig.t(), idx, layer.neuroada_val["default"]))
+    assert torch.equal(conv(x), y)
+    layer.unmerge()
+    assert torch.equal(conv.weight, orig)
+    assert set(layer.state_dict()) == {"base_layer.weight", "base_layer.bias", "neuroada_val.default",
+                                       "neuroada_idx.default", "neuroada_w0.default"}
+
+
+def test_disable_delete_and_errors(rt, gen):
+    layer = make_layer(rt, gen)
+    base = layer.base_layer
+    x = torch.randn(3, 10, generator=gen)
+    layer.merge()
+    layer.disable_adapters = True
+    assert torch.equal(layer(x), base(x)) and not layer.merged  # disabling unmerges
+    layer.disable_adapters = False
+    with pytest.raises(ValueError):
+        layer.add_adapter("default", rt.rand_idx(12, 10, 2, gen))
+    with pytest.raises(ValueError):
+        layer.add_adapter("x.y", rt.rand_idx(12, 10, 2, gen))
+    with pytest.raises(ValueError):
+        layer.add_adapter("bad", torch.tensor([[1, 0]] * 12))
+    layer.merge()
+    with pytest.raises(RuntimeError):
+        layer.add_adapter("late", rt.rand_idx(12, 10, 2, gen))
+    with pytest.raises(RuntimeError):
+        layer.delete_adapter("default")
+    layer.unmerge()
+    layer.delete_adapter("default")
+    assert torch.equal(layer(x), base(x)) and len(layer.neuroada_idx) == 0
+    with pytest.raises(TypeError):
+        NeuroAdaLayer(nn.Conv2d(2, 2, 1))
+
+
+def test_bf16_master_values_and_state_reload(rt, gen):
+    lin = nn.Linear(10, 8).bfloat16()
+    layer = NeuroAdaLayer(lin)
+    layer.add_adapter("default", rt.rand_idx(8, 10, 2, gen), val_dtype=torch.bfloat16)
+    x = torch.randn(4, 10, generator=gen).bfloat16()
+    layer(x).float().sum().backward()
+    assert layer.neuroada_val["default"].grad.dtype == torch.bfloat16
+    # loading new indices into the buffer (in place) must invalidate the cached pattern
+    sd = layer.state_dict()
+    sd["neuroada_idx.default"] = rt.rand_idx(8, 10, 2, gen)
+    sd["neuroada_w0.default"] = lin.weight.detach().gather(1, sd["neuroada_idx.default"])
+    layer.load_state_dict(sd)
+    p = layer.pattern("default")
+    assert torch.equal(p.idx, sd["neuroada_idx.default"]) and p.is_current(layer.neuroada_idx["default"])

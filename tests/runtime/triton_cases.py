@@ -1,0 +1,108 @@
+"""Triton kernels against the references. Not collected by the main run (name): it must execute in
+a process where TRITON_INTERPRET=1 was set before the kernels were imported (test_triton_interpreter
+does that), or on a CUDA machine: ``python -m pytest tests/runtime/triton_cases.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1 set before import", allow_module_level=True)
+tk = pytest.importorskip("neuroada_format.runtime.kernels.triton")
+if not tk.AVAILABLE:
+    pytest.skip("triton not installed", allow_module_level=True)
+
+from neuroada_format.runtime import kernels  # noqa: E402
+from neuroada_format.runtime.functional import Overlay, additive_sparse_delta, inplace_sparse_delta_linear  # noqa: E402
+from neuroada_format.runtime.kernels import Pattern, reference  # noqa: E402
+
+DEV = "cpu" if tk.INTERPRET else "cuda"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def rand_idx(d_out, d_in, k, gen):
+    return torch.rand(d_out, d_in, generator=gen).topk(k, 1).indices.sort(1).values.to(DEV)
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(7)
+
+
+def bits(t):
+    return t.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sampled_rowdot(gen, dtype):
+    T, d_out, d_in, k = 37, 19, 13, 3  # tails in every block dimension
+    gy = torch.randn(T, 2 * d_out, generator=gen).to(dtype).to(DEV)[:, ::2]  # strided
+    x = torch.randn(T, d_in, generator=gen).to(dtype).to(DEV)
+    p = Pattern(rand_idx(d_out, d_in, k, gen), d_in)
+    want = reference.sampled_rowdot(gy, x, p)
+    for kw in ({}, {"block_r": 8, "block_t": 16}):  # one program, then several with tails
+        got = tk.sampled_rowdot(gy, x, p, **kw)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gather_and_segment_reduce(gen, dtype):
+    T, d_out, d_in, k = 21, 34, 9, 2
+    idx = rand_idx(d_out, d_in - 1, 1, gen) + 1
+    idx = torch.cat([torch.zeros_like(idx), idx], 1)  # column 0 in every row: a long CSC segment
+    p = Pattern(idx, d_in)
+    x = torch.randn(T, d_in, generator=gen).to(dtype).to(DEV)
+    gy = torch.randn(T, d_out, generator=gen).to(dtype).to(DEV)
+    val = torch.randn(d_out, k, generator=gen).to(dtype).to(DEV)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    for kw in ({}, {"block_r": 8, "block_t": 8}):
+        torch.testing.assert_close(tk.gather_matvec(x, p, val, **kw), reference.gather_matvec(x, p, val), **tol)
+    torch.testing.assert_close(tk.gather_matvec_t(gy, p, val, block_e=8), reference.gather_matvec_t(gy, p, val),
+                               **tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_scatter_restore_bits(gen, dtype, transposed):
+    d_out, d_in, k = 9, 11, 4
+    Wc = torch.randn(d_out, d_in, generator=gen).to(dtype).to(DEV)
+    W = Wc.t().contiguous() if transposed else Wc.clone()
+    idx = rand_idx(d_out, d_in, k, gen)
+    w0 = Wc.gather(1, idx)
+    val = (torch.randn(d_out, k, generator=gen) * 1e-2).to(DEV)
+    orig = W.clone()
+    want = orig.clone()
+    reference.scatter_(want, idx, w0, val, transposed=transposed)
+    tk.scatter_(W, Pattern(idx, d_in, transposed=transposed), w0, val, transposed=transposed)
+    assert torch.equal(bits(W), bits(want))  # RNE rounding done by torch, bits moved by the kernel
+    tk.restore_(W, idx, w0, transposed=transposed)
+    assert torch.equal(bits(W), bits(orig))
+
+
+@pytest.mark.parametrize("mode", ["inplace", "additive"])
+def test_autograd_end_to_end(gen, mode):
+    d_out, d_in, k = 12, 8, 2
+    W = torch.randn(d_out, d_in, generator=gen).to(DEV)
+    idx = rand_idx(d_out, d_in, k, gen)
+    p = Pattern(idx, d_in)
+    ov = Overlay([p], [W.gather(1, idx)])
+    x = torch.randn(2, 5, d_in, generator=gen).to(DEV)
+    val = torch.randn(d_out, k, generator=gen).to(DEV)
+    out = {}
+    for backend in ("reference", "triton"):
+        xx = x.clone().requires_grad_(True)
+        vv = val.clone().requires_grad_(True)
+        with kernels.use_backend(backend):
+            if mode == "inplace":
+                y = inplace_sparse_delta_linear(xx, W, None, ov, [vv])
+            else:
+                y = torch.nn.functional.linear(xx, W) + additive_sparse_delta(xx, p, vv)
+            y.square().sum().backward()
+        out[backend] = (y.detach(), xx.grad, vv.grad)
+    for a, b in zip(out["reference"], out["triton"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
