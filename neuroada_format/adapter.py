@@ -6,6 +6,7 @@ arrays without reading them; `validate` checks content. `save` writes atomically
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -34,6 +35,7 @@ class Target:
     layout: str = "out_in"
     dtype: str = "BF16"          # the base tensor's dtype
     probe: str | None = None
+    extra: dict = field(default_factory=dict)  # unknown entry fields of a newer minor, kept on re-save
 
     @property
     def d_out(self) -> int:
@@ -68,8 +70,8 @@ class Target:
                    layout, dtype_name(weight.dtype), probe_hash(weight, indices, layout))
 
     def entry(self) -> dict:
-        return {"shape": list(self.shape), "layout": self.layout, "dtype": self.dtype, "k": self.k,
-                "probe": self.probe}
+        return {**self.extra, "shape": list(self.shape), "layout": self.layout, "dtype": self.dtype,
+                "k": self.k, "probe": self.probe}
 
 
 @dataclass
@@ -81,18 +83,19 @@ class Adapter:
     structure_hash: str | None = None
     selection: dict = field(default_factory=lambda: {"rule": "magnitude", "tie_break": "lower-column"})
     version: str = VERSION
-    extra: dict = field(default_factory=dict)  # unknown fields of a newer minor, kept on re-save
+    # Unknown fields of a newer minor, kept on re-save: top-level keys, and "base"/"merge" sub-keys.
+    extra: dict = field(default_factory=dict)
     path: str | None = None
 
     def document(self) -> dict:
-        doc = dict(self.extra)
+        doc = copy.deepcopy(self.extra)
         doc.update({
             "format": FORMAT_NAME,
             "version": self.version,
-            "base": {"name": self.base_name, "revision": self.base_revision,
+            "base": {**doc.get("base", {}), "name": self.base_name, "revision": self.base_revision,
                      "structure_hash": self.structure_hash},
             "selection": dict(self.selection),
-            "merge": {"rule": MERGE_RULE},
+            "merge": {**doc.get("merge", {}), "rule": MERGE_RULE},
             "targets": {name: t.entry() for name, t in sorted(self.targets.items())},
         })
         return doc
@@ -135,7 +138,14 @@ def read(path, problems: Problems) -> Adapter | None:
             targets[name] = t
     if problems.has_errors:
         return None
-    known = {"format", "version", "base", "selection", "merge", "targets"}
+    known = {"format", "version", "selection", "targets"}
+    extra = {k: v for k, v in doc.items() if k not in known}
+    for section, managed in (("base", ("name", "revision", "structure_hash")), ("merge", ("rule",))):
+        unknown = {k: v for k, v in doc[section].items() if k not in managed}
+        if unknown:
+            extra[section] = unknown
+        else:
+            extra.pop(section)
     return Adapter(
         targets=targets,
         base_name=doc["base"]["name"],
@@ -143,7 +153,7 @@ def read(path, problems: Problems) -> Adapter | None:
         structure_hash=doc["base"]["structure_hash"],
         selection=doc["selection"],
         version=doc["version"],
-        extra={k: v for k, v in doc.items() if k not in known},
+        extra=extra,
         path=path,
     )
 
@@ -179,8 +189,9 @@ def _read_target(st: SafetensorsFile, name: str, entry: dict, p: Problems) -> Ta
             ok = False
     if not ok:
         return None
+    known = ("shape", "layout", "dtype", "k", "probe")
     return Target(name, st.array(iname), st.array(vname), (d_out, d_in), entry["layout"],
-                  entry["dtype"], entry["probe"])
+                  entry["dtype"], entry["probe"], {k: v for k, v in entry.items() if k not in known})
 
 
 def load(path) -> Adapter:
@@ -228,7 +239,7 @@ def save(adapter: Adapter, path, *, value_dtype: str | None = None, index_dtype:
                                 rule="3.3")
         targets[name] = Target(name, np.ascontiguousarray(idx.astype(NUMPY_DTYPES[idt], copy=False)),
                                np.ascontiguousarray(values.astype(NUMPY_DTYPES[vdt], copy=False)),
-                               t.shape, t.layout, t.dtype, t.probe)
+                               t.shape, t.layout, t.dtype, t.probe, t.extra)
     out = Adapter(targets, adapter.base_name, adapter.base_revision, adapter.structure_hash,
                   adapter.selection, adapter.version, adapter.extra)
     if check:

@@ -74,10 +74,18 @@ class ArrayBase:
         return structure_hash((name, *self.info(name)) for name in self.arrays)
 
 
+INDEX_CAP = 50_000_000  # a 405B model's index json is well under 1 MB
+
+
 def _shard_name(folder: str, name, index_path: str) -> str:
-    if (not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.split("/")
-            or "/" in name or "\\" in name):
-        raise NeuroAdaError(f"weight_map entry {name!r} is not a file name inside the folder",
+    """A shard must be a plain file name whose real path stays inside the checkpoint folder."""
+    bad = (not isinstance(name, str) or name in ("", ".", "..") or "\0" in name or "/" in name
+           or "\\" in name or os.path.isabs(name))
+    if not bad:
+        real = os.path.realpath(os.path.join(folder, name))
+        bad = os.path.commonpath([real, os.path.realpath(folder)]) != os.path.realpath(folder)
+    if bad:
+        raise NeuroAdaError(f"weight_map entry {name!r} is not a file inside the folder",
                             path=index_path, rule="1.6")
     return name
 
@@ -92,6 +100,8 @@ def open_base(base) -> Checkpoint | ArrayBase:
     if os.path.isdir(path):
         index_path = os.path.join(path, INDEX_FILE)
         if os.path.isfile(index_path):
+            if os.path.getsize(index_path) > INDEX_CAP:
+                raise NeuroAdaError(f"index json is larger than {INDEX_CAP} bytes", path=index_path, rule="1.6")
             try:
                 with open(index_path, encoding="utf-8") as f:
                     index = strict_json(f.read())
@@ -101,7 +111,8 @@ def open_base(base) -> Checkpoint | ArrayBase:
             if not isinstance(wm, dict):
                 raise NeuroAdaError("index json has no weight_map object", path=index_path, rule="1.6")
             weight_map = {k: _shard_name(path, v, index_path) for k, v in wm.items()}
-            files = {s: SafetensorsFile(os.path.join(path, s)) for s in sorted(set(weight_map.values()))}
+            files = {s: SafetensorsFile(os.path.join(path, s), unknown_dtypes=True)
+                     for s in sorted(set(weight_map.values()))}
             for key, shard in weight_map.items():
                 if key not in files[shard].tensors:
                     raise NeuroAdaError(f"weight_map says {key!r} is in {shard}, which lacks it",
@@ -119,6 +130,6 @@ def open_base(base) -> Checkpoint | ArrayBase:
     if path.endswith(".onnx"):
         raise NeuroAdaError("ONNX bases are read by the converters (neuroada-merge), not by the format "
                             "core", path=path, rule="1.6")
-    st = SafetensorsFile(path)
+    st = SafetensorsFile(path, unknown_dtypes=True)
     name = os.path.basename(path)
     return Checkpoint({name: st}, {k: name for k in st.tensors}, path)

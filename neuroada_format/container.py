@@ -85,8 +85,9 @@ def _is_int(x) -> bool:
 class SafetensorsFile:
     """One safetensors file: header parsed and checked, tensors available as read-only numpy views."""
 
-    def __init__(self, path, problems: Problems | None = None):
+    def __init__(self, path, problems: Problems | None = None, *, unknown_dtypes: bool = False):
         self.path = os.fspath(path)
+        self.unknown_dtypes = unknown_dtypes  # bases may hold dtypes newer than ours; adapters may not
         p = problems if problems is not None else Problems(self.path, strict=True)
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] | None = None
@@ -98,9 +99,9 @@ class SafetensorsFile:
                 self._parse(f, p)
                 if self.valid and self.file_size > 0:
                     self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except OSError as exc:
-            raise NeuroAdaError(f"cannot read file: {exc.strerror or exc}", path=self.path,
-                                rule="1.1") from None
+        except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in the path
+            raise NeuroAdaError(f"cannot read file: {getattr(exc, 'strerror', None) or exc}",
+                                path=self.path, rule="1.1") from None
 
     # -- parsing -------------------------------------------------------------------------------------
     def _parse(self, f, p: Problems) -> None:
@@ -130,12 +131,13 @@ class SafetensorsFile:
         self.data_start = 8 + n
         data_size = self.file_size - self.data_start
         meta = header.pop("__metadata__", None)
+        ok = True
         if meta is not None:
             if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
                 p.error("1.5", "__metadata__ must map strings to strings")
+                ok = False
             else:
                 self.metadata = meta
-        ok = True
         for name, entry in header.items():
             info = self._check_entry(name, entry, p)
             if info is None:
@@ -163,7 +165,8 @@ class SafetensorsFile:
             p.error("1.3", "entry must have exactly the fields dtype, shape, data_offsets", tensor=name)
             return None
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in NUMPY_DTYPES:
+        known = dtype in NUMPY_DTYPES
+        if not known and not (self.unknown_dtypes and isinstance(dtype, str) and dtype.isalnum()):
             p.error("1.3", f"unknown dtype {dtype!r}", tensor=name)
             return None
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
@@ -174,7 +177,7 @@ class SafetensorsFile:
             p.error("1.3", f"data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end",
                     tensor=name)
             return None
-        expected = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize
+        expected = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize if known else offsets[1] - offsets[0]
         if offsets[1] - offsets[0] != expected:
             p.error("1.3", f"{offsets[1] - offsets[0]} bytes stored but shape {shape} of {dtype} "
                            f"needs {expected}", tensor=name)
@@ -185,6 +188,9 @@ class SafetensorsFile:
     def array(self, name: str) -> np.ndarray:
         """A read-only, zero-copy view of one tensor."""
         info = self.tensors[name]
+        if info.dtype not in NUMPY_DTYPES:
+            raise NeuroAdaError(f"dtype {info.dtype} cannot be read by this version", path=self.path,
+                                tensor=name, rule="1.3")
         dtype = NUMPY_DTYPES[info.dtype]
         count = math.prod(info.shape)
         if count == 0:

@@ -7,12 +7,13 @@ Unmerge writes the kept originals back, so it is exact whatever the rounding did
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from .dtypes import NUMPY_DTYPES, dtype_name
+from .dtypes import NUMPY_DTYPES, dtype_name, nonfinite_mask
 from .errors import NeuroAdaError
 from .layout import flat_positions
 
@@ -56,12 +57,18 @@ def merged_values(weight: np.ndarray, deltas: Sequence, layout: str = "out_in"):
     ds = [_as_delta(d) for d in deltas]
     positions = []
     for d in ds:
-        if d.indices.shape != d.values.shape or d.indices.shape[0] != shape[0]:
+        if d.indices.shape != d.values.shape or d.indices.ndim != 2 or d.indices.shape[0] != shape[0]:
             raise NeuroAdaError(f"delta of shape {d.indices.shape} does not fit a weight with "
                                 f"d_out={shape[0]}", rule="3.4")
         idx = np.asarray(d.indices)
         if idx.size and (idx.min() < 0 or idx.max() >= shape[1]):
             raise NeuroAdaError(f"index out of range [0, {shape[1]})", rule="3.5")
+        if idx.shape[1] > 1 and (np.diff(idx.astype(np.int64), axis=1) <= 0).any():
+            raise NeuroAdaError("indices are not strictly increasing within a row", rule="3.6")
+        if nonfinite_mask(np.asarray(d.values)).any():
+            raise NeuroAdaError("delta values are not all finite", rule="3.7")
+        if not np.isfinite(np.float32(d.scale)):
+            raise NeuroAdaError(f"scale {d.scale} is not a finite f32")
         positions.append(flat_positions(idx, shape, layout))
     union = np.unique(np.concatenate(positions)) if positions else np.empty(0, np.int64)
     flat = weight.reshape(-1)
@@ -70,7 +77,13 @@ def merged_values(weight: np.ndarray, deltas: Sequence, layout: str = "out_in"):
         loc = np.searchsorted(union, pos)
         term = np.float32(d.scale) * np.asarray(d.values).reshape(-1).astype(np.float32)
         acc[loc] += term  # positions within one adapter are unique, so fancy += is exact
-    return union, acc.astype(NUMPY_DTYPES[base_dtype])
+    with np.errstate(over="ignore"):
+        merged = acc.astype(NUMPY_DTYPES[base_dtype])
+    overflow = nonfinite_mask(merged) & ~nonfinite_mask(flat[union])
+    if overflow.any():
+        warnings.warn(f"merge overflowed the {base_dtype} range at {int(overflow.sum())} positions "
+                      "(the rule rounds them to +-Inf)", RuntimeWarning, stacklevel=2)
+    return union, merged
 
 
 def merge_weight(weight: np.ndarray, deltas: Sequence, layout: str = "out_in") -> np.ndarray:

@@ -28,7 +28,8 @@ def topk_columns(scores: np.ndarray, k: int) -> np.ndarray:
     rows_per_chunk = max(1, ROW_CHUNK_ENTRIES // d_in)
     for start in range(0, d_out, rows_per_chunk):
         s = np.asarray(scores[start:start + rows_per_chunk], dtype=np.float64)
-        s = np.where(np.isnan(s), -np.inf, s)
+        s = np.where(s == -np.inf, -1e300, s)  # scores come from f32: -1e300 stays below all finite
+        s = np.where(np.isnan(s), -np.inf, s)    # and NaN ranks below even -Inf
         kth = np.partition(s, d_in - k, axis=1)[:, d_in - k][:, None]
         greater = s > kth
         need = k - greater.sum(axis=1, keepdims=True)

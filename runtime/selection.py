@@ -17,7 +17,8 @@ def topk_columns(scores: torch.Tensor, k: int) -> torch.Tensor:
     rows = max(1, ROW_CHUNK_ENTRIES // d_in)
     for start in range(0, d_out, rows):
         s = scores[start:start + rows].double()
-        s = torch.nan_to_num(s, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+        s = torch.where(s == float("-inf"), torch.full_like(s, -1e300), s)  # below every f32 score
+        s = torch.nan_to_num(s, nan=float("-inf"), posinf=float("inf"))     # NaN ranks below -Inf
         kth = torch.topk(s, k, dim=1, sorted=True).values[:, -1:]
         greater = s > kth
         need = k - greater.sum(dim=1, keepdim=True)

@@ -1,0 +1,649 @@
+"""Regenerate the NeuroAda conformance vectors (spec/SPEC.md section 12).
+
+    python spec/make_vectors.py              # rewrites spec/vectors/
+    python spec/make_vectors.py --out DIR    # writes elsewhere (the tests compare the bytes)
+
+Every file is written byte by byte here (struct + json), not through the safetensors library, so
+that a malformed vector is exactly as malformed as intended and a regeneration is byte-identical
+whatever library versions are installed. Pseudo-random numbers come from a splitmix64 stream
+written out below for the same reason. The reference implementation (neuroada_format) is used only
+for what the vectors are meant to pin down: probe and structure hashes, selections and merges.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import struct
+import sys
+
+import ml_dtypes
+import numpy as np
+
+import neuroada_format as naf
+from neuroada_format.hashing import structure_hash
+from neuroada_format.merge import merge_weight
+from neuroada_format.selection import select_indices
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_OUT = os.path.join(HERE, "vectors")
+SUBDIRS = ("bases", "valid", "invalid", "merge")
+
+DT = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"),
+      "F64": np.dtype("<f8"), "I16": np.dtype("<i2"), "I32": np.dtype("<i4"), "I64": np.dtype("<i8"),
+      "I8": np.dtype("i1")}
+
+
+# -- deterministic numbers ---------------------------------------------------------------------------
+class SplitMix64:
+    """A tiny, fully specified PRNG so the vectors never depend on numpy's stream policy."""
+    MASK = (1 << 64) - 1
+
+    def __init__(self, seed: int):
+        self.state = seed & self.MASK
+
+    def next(self) -> int:
+        self.state = (self.state + 0x9E3779B97F4A7C15) & self.MASK
+        z = self.state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & self.MASK
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & self.MASK
+        return z ^ (z >> 31)
+
+    def uniform(self, n: int, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
+        return np.array([lo + (hi - lo) * ((self.next() >> 11) * 2.0 ** -53) for _ in range(n)])
+
+
+def randn(shape, dtype: str, seed: int, scale: float = 1.0) -> np.ndarray:
+    n = int(np.prod(shape))
+    return (SplitMix64(seed).uniform(n) * scale).astype(np.float32).astype(DT[dtype]).reshape(shape)
+
+
+# -- raw safetensors writing -------------------------------------------------------------------------
+def dumps(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def raw_file(header, data: bytes = b"", *, length: int | None = None, pad: bool = True) -> bytes:
+    """u64 LE header length + header bytes (padded with spaces to 8) + data, with no checks at all."""
+    if isinstance(header, (dict, list)):
+        header = json.dumps(header, separators=(",", ":"), ensure_ascii=False)
+    if isinstance(header, str):
+        header = header.encode("utf-8")
+    if pad:
+        header += b" " * (-(8 + len(header)) % 8)
+    n = len(header) if length is None else length
+    return struct.pack("<Q", n) + header + data
+
+
+def container(tensors, metadata: dict | None = None, *, pad: bool = True, header_order=None) -> bytes:
+    """A well-formed safetensors file: tensors = [(name, array)], data in the order given."""
+    header, chunks, pos = {}, [], 0
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    entries = {}
+    for name, arr in tensors:
+        arr = np.ascontiguousarray(arr)
+        raw = arr.tobytes()
+        entries[name] = {"dtype": naf.dtypes.dtype_name(arr.dtype), "shape": list(arr.shape),
+                         "data_offsets": [pos, pos + len(raw)]}
+        chunks.append(raw)
+        pos += len(raw)
+    for name in (header_order or [n for n, _ in tensors]):
+        header[name] = entries[name]
+    return raw_file(header, b"".join(chunks), pad=pad)
+
+
+# -- adapters ----------------------------------------------------------------------------------------
+class Base:
+    """A tiny base checkpoint: ordered name -> array (stored layout)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = dict(arrays)
+
+    def structure(self) -> str:
+        return structure_hash((n, naf.dtypes.dtype_name(a.dtype), a.shape) for n, a in self.arrays.items())
+
+    def file(self) -> bytes:
+        return container(list(self.arrays.items()))
+
+
+def target(base: Base, name: str, k: int, *, layout="out_in", rule="magnitude", value_dtype="BF16",
+           seed=0, indices=None, values=None, index_dtype=None) -> naf.Target:
+    w = base.arrays[name]
+    canon = w if layout == "out_in" else w.T
+    if indices is None:
+        indices = select_indices(canon, k, rule, seed=seed)
+    indices = np.asarray(indices)
+    if values is None:
+        values = randn(indices.shape, value_dtype, 1000 + seed, scale=0.01)
+    idt = index_dtype or naf.dtypes.index_dtype_for(canon.shape[1])
+    t = naf.Target.from_weight(name, w, indices, values.astype(DT[value_dtype]), layout=layout)
+    t.indices = indices.astype(DT[idt])
+    return t
+
+
+def entry(t: naf.Target) -> dict:
+    return {"shape": list(t.shape), "layout": t.layout, "dtype": t.dtype, "k": int(t.indices.shape[1]),
+            "probe": t.probe}
+
+
+def document(targets, base: Base | None, *, rule="magnitude", seed=None, version="1.0",
+             base_name="neuroada-vectors/base", revision="v1") -> dict:
+    selection = {"rule": rule, "tie_break": "lower-column"}
+    if seed is not None:
+        selection["seed"] = seed
+    return {
+        "format": "neuroada", "version": version,
+        "base": {"name": base_name, "revision": revision,
+                 "structure_hash": base.structure() if base is not None else None},
+        "selection": selection,
+        "merge": {"rule": "add-f32-round-once"},
+        "targets": {t.name: entry(t) for t in targets},
+        "created_by": "spec/make_vectors.py",
+    }
+
+
+def tensors_of(targets, values_first: bool = False):
+    out = []
+    for t in sorted(targets, key=lambda t: t.name):
+        pair = [("indices/" + t.name, t.indices), ("values/" + t.name, t.values)]
+        out.extend(pair[::-1] if values_first else pair)
+    return out
+
+
+def adapter_file(targets, doc: dict, *, extra_meta: dict | None = None, pad=True, values_first=False,
+                 tensors=None) -> bytes:
+    meta = {"neuroada": dumps(doc)}
+    if extra_meta:
+        meta.update(extra_meta)
+    return container(tensors if tensors is not None else tensors_of(targets, values_first), meta, pad=pad)
+
+
+# -- the vectors -------------------------------------------------------------------------------------
+Q = "model.layers.0.self_attn.q_proj.weight"
+O = "model.layers.0.self_attn.o_proj.weight"
+DOWN = "model.layers.0.mlp.down_proj.weight"
+CATTN = "transformer.h.0.attn.c_attn.weight"
+SLASH = "enc/values/dense.weight"        # a key with '/' and even 'values/' inside it
+UNICODE = "décodeur.0.proj.weight"
+NORM = "model.norm.weight"
+
+
+def main_base() -> Base:
+    q = randn((8, 16), "BF16", 1)
+    q[0, :] = np.array([0.5, -0.5, 0.25, 0.5, -0.5, 0.125, 0.5, -0.25,
+                        0.0625, -0.5, 0.5, 0.25, -0.125, 0.5, 0.0, -0.0], dtype=np.float32).astype(DT["BF16"])
+    q[1, 3] = np.float32("nan")     # NaN ranks lowest under magnitude selection
+    q[2, 7] = -0.0
+    return Base({
+        Q: q,
+        O: randn((4, 10), "F32", 2),
+        DOWN: randn((6, 12), "F16", 3),
+        CATTN: randn((12, 6), "BF16", 4),      # GPT-2 Conv1D: stored [in=12, out=6]
+        SLASH: randn((4, 8), "BF16", 5),
+        UNICODE: randn((3, 5), "BF16", 6),
+        NORM: randn((16,), "BF16", 7),
+    })
+
+
+def build() -> dict:
+    files: dict[str, bytes] = {}
+    vectors: list[dict] = []
+    merges: list[dict] = []
+
+    def put(rel: str, data: bytes) -> str:
+        assert rel not in files, rel
+        files[rel] = data
+        return rel
+
+    def vec(name, rel, desc, *, valid, errors=(), warnings=(), base=None, check_selection=False,
+            base_unreadable=False):
+        v = {"name": name, "file": rel}
+        if base is not None:
+            v["base"] = base
+        if check_selection:
+            v["check_selection"] = True
+        expected = {"valid": valid, "errors": sorted(set(errors)), "warnings": sorted(set(warnings))}
+        if base_unreadable:
+            expected["base_unreadable"] = True
+        v["expected"] = expected
+        v["description"] = desc
+        vectors.append(v)
+
+    # ---- bases -------------------------------------------------------------------------------------
+    base = main_base()
+    B = put("bases/base.safetensors", base.file())
+
+    wide = Base({"wide.weight": randn((2, 40000), "BF16", 8)})
+    BW = put("bases/wide.safetensors", wide.file())
+
+    tiny = Base({"w": np.array([[0.5, -1.0, 0.25, 0.0, 0.125, 2.0, -0.0625, 0.75],
+                                [-3.0, 0.5, 0.25, 1.5, -0.5, 0.0, 2.5, 0.125]], np.float32).astype(DT["BF16"])})
+    BT = put("bases/tiny.safetensors", tiny.file())
+
+    # ---- valid adapters ----------------------------------------------------------------------------
+    def valid(name, targets, desc, *, doc=None, base_rel=B, base_obj=base, check_selection=True,
+              warnings=(), **kw):
+        doc = doc or document(targets, base_obj)
+        rel = put(f"valid/{name}.safetensors", adapter_file(targets, doc, **kw))
+        vec(name, rel, desc, valid=True, warnings=warnings, base=base_rel, check_selection=check_selection)
+        return rel, targets, doc
+
+    mag = [target(base, Q, 4, seed=1)]
+    valid("magnitude_bf16", mag, "BF16 values, I16 indices, k=4, magnitude selection (the base row 0 has "
+          "ties broken to the lower column, row 1 a NaN that ranks lowest)")
+    valid("f16_values", [target(base, DOWN, 3, value_dtype="F16", seed=2)],
+          "F16 values on an F16 base, k=3")
+    valid("f32_values", [target(base, O, 2, value_dtype="F32", seed=3)], "F32 values on an F32 base, k=2")
+    valid("k1", [target(base, Q, 1, seed=4)], "k=1 (one delta per output row)")
+    valid("in_out_layout", [target(base, CATTN, 2, layout="in_out", seed=5)],
+          "GPT-2 Conv1D target stored [in, out]: indices refer to the canonical [out, in] view")
+    multi = [target(base, Q, 3, seed=6), target(base, O, 2, value_dtype="F32", seed=7),
+             target(base, DOWN, 2, value_dtype="F16", seed=8), target(base, CATTN, 3, layout="in_out", seed=9),
+             target(base, SLASH, 2, seed=10), target(base, UNICODE, 5, seed=11)]
+    multi_rel, _, _ = valid("multi_target", multi, "six targets, mixed value dtypes and layouts, a key with '/' "
+                            "and 'values/' inside it, a non-ASCII key, k = d_in on one target")
+    valid("reverse", [target(base, Q, 3, rule="reverse", seed=12)],
+          "reverse selection (smallest |W|), checked against the base", doc=document(
+              [target(base, Q, 3, rule="reverse", seed=12)], base, rule="reverse"))
+    rnd = [target(base, O, 3, rule="random", seed=1234)]
+    valid("random_seeded", rnd, "random selection with a recorded seed (not checkable: 4.4 applies to "
+          "magnitude/reverse only)", doc=document(rnd, base, rule="random", seed=1234))
+
+    # delta selection: rows with fewer than k meaningful entries are padded with +0.0 at the lowest
+    # unused columns, rows staying strictly increasing.
+    pad_idx = np.array([[0, 1, 5], [2, 3, 4], [0, 6, 7], [0, 1, 2]])
+    pad_val = np.array([[0.0, 0.0, 0.03125], [0.5, -0.25, 0.125], [0.0, -0.0078125, 0.015625],
+                        [0.0, 0.0, 0.0]], np.float32).astype(DT["BF16"])
+    pad = [target(base, SLASH, 3, indices=pad_idx, values=pad_val)]
+    valid("delta_padded", pad, "selection 'delta' with rows padded by +0.0 values at the lowest unused "
+          "columns (row 3 has no meaningful entry at all)", doc=document(pad, base, rule="delta"))
+
+    newer = [target(base, Q, 2, seed=13), target(base, CATTN, 1, layout="in_out", seed=14)]
+    doc17 = document(newer, base, version="1.7")
+    doc17["training"] = {"steps": 1000, "optimizer": {"name": "adamw", "lr": 0.0007}}
+    doc17["base"]["config_sha256"] = "0" * 64
+    doc17["selection"]["budget_fraction"] = 0.00327
+    doc17["merge"]["note"] = "a 1.7 writer may add fields here too"
+    doc17["targets"][Q]["quantization"] = None
+    doc17["targets"][CATTN]["group"] = "attention"
+    valid("minor_1_7_unknown_fields", newer, "version 1.7 with unknown fields at every level: a 1.0 reader "
+          "MUST accept it and ignore them", doc=doc17)
+
+    anon = [target(base, DOWN, 1, value_dtype="BF16", seed=15)]
+    anon_doc = document(anon, None, base_name=None, revision=None)
+    valid("no_base_identity", anon, "base name, revision and structure_hash all null (no 4.5 check "
+          "possible); validated against a base with an extra tensor: still no warning",
+          doc=anon_doc, base_rel="bases/extra_tensor.safetensors")
+    valid("unaligned_values_first", [target(base, O, 1, value_dtype="F32", seed=16)],
+          "header not padded (data starts at an offset that is not a multiple of 8) and values stored "
+          "before indices: readers MUST accept both", pad=False, values_first=True)
+    valid("foreign_metadata_keys", [target(base, Q, 2, seed=17)],
+          "__metadata__ carries other string keys besides 'neuroada' (e.g. format=pt); they are ignored",
+          extra_meta={"format": "pt", "note": "written by another tool"})
+    wide_t = [target(wide, "wide.weight", 3, seed=18)]
+    valid("i32_wide", wide_t, "d_in=40000 > 32768: I32 indices are required", doc=document(wide_t, wide),
+          base_rel=BW, base_obj=wide)
+    i32 = [target(base, Q, 2, seed=19, index_dtype="I32")]
+    valid("i32_where_i16_fits", i32, "I32 indices although d_in=16 fits I16: valid, with a 3.2 warning",
+          warnings=["3.2"])
+
+    # the same multi-target adapter against a sharded Hugging Face style base folder
+    names = list(base.arrays)
+    shard1 = Base({n: base.arrays[n] for n in names[:3]})
+    shard2 = Base({n: base.arrays[n] for n in names[3:]})
+    put("bases/sharded/model-00001-of-00002.safetensors", shard1.file())
+    put("bases/sharded/model-00002-of-00002.safetensors", shard2.file())
+    index = {"metadata": {"total_size": sum(a.nbytes for a in base.arrays.values())},
+             "weight_map": {n: ("model-00001-of-00002.safetensors" if n in shard1.arrays else
+                                "model-00002-of-00002.safetensors") for n in sorted(names)}}
+    put("bases/sharded/model.safetensors.index.json", (json.dumps(index, indent=2, ensure_ascii=False)
+                                                        + "\n").encode("utf-8"))
+    vec("multi_target_sharded_base", multi_rel, "the multi-target adapter against the same base split "
+        "into two shards with a model.safetensors.index.json", valid=True, base="bases/sharded",
+        check_selection=True)
+
+    # ---- base mismatches (4.x) ---------------------------------------------------------------------
+    mag_t = mag[0]
+    r0, c0 = 5, int(mag_t.indices[5, 2])
+    changed_arrays = dict(base.arrays)
+    q2 = base.arrays[Q].copy()
+    q2[r0, c0] = (q2[r0, c0].astype(np.float32) + np.float32(0.0078125)).astype(DT["BF16"])
+    changed_arrays[Q] = q2
+    put("bases/changed_value.safetensors", Base(changed_arrays).file())
+    vec("base_changed_value", "valid/magnitude_bf16.safetensors",
+        f"one base value at a probed position (row {r0}, column {c0}) differs: probe hash mismatch",
+        valid=False, errors=["4.3"], base="bases/changed_value.safetensors")
+    put("bases/missing_key.safetensors", Base({n: a for n, a in base.arrays.items() if n != Q}).file())
+    vec("base_missing_key", "valid/magnitude_bf16.safetensors", "the base has no tensor named like the "
+        "target (4.1); its structure differs too (4.5)", valid=False, errors=["4.1"], warnings=["4.5"],
+        base="bases/missing_key.safetensors")
+    put("bases/wrong_shape.safetensors",
+        Base({**base.arrays, Q: randn((8, 17), "BF16", 1)}).file())
+    vec("base_wrong_shape", "valid/magnitude_bf16.safetensors", "the base tensor is [8, 17], the "
+        "adapter expects [8, 16] (4.2); structure differs (4.5)", valid=False, errors=["4.2"],
+        warnings=["4.5"], base="bases/wrong_shape.safetensors")
+    put("bases/wrong_dtype.safetensors", Base({**base.arrays, Q: base.arrays[Q].astype(np.float32)}).file())
+    vec("base_wrong_dtype", "valid/magnitude_bf16.safetensors", "the base tensor is F32, the adapter "
+        "was made for BF16 (4.2); structure differs (4.5)", valid=False, errors=["4.2"], warnings=["4.5"],
+        base="bases/wrong_dtype.safetensors")
+    put("bases/extra_tensor.safetensors",
+        Base({**base.arrays, "lm_head.weight": randn((5, 16), "BF16", 20)}).file())
+    vec("base_extra_tensor", "valid/magnitude_bf16.safetensors", "the base has one more tensor: the "
+        "targets match, only the structure hash differs (warning 4.5)", valid=True, warnings=["4.5"],
+        base="bases/extra_tensor.safetensors")
+    not_top = select_indices(base.arrays[Q], 4, "magnitude")
+    not_top[2] = [0, 1, 2, 3]
+    bad_sel = [target(base, Q, 4, indices=not_top, seed=21)]
+    rel = put("invalid/magnitude_not_topk.safetensors", adapter_file(bad_sel, document(bad_sel, base)))
+    vec("magnitude_not_topk", rel, "declares magnitude selection but row 2 holds columns 0-3, not the "
+        "row's top-4 |W|: rule 4.4 when selection is checked", valid=False, errors=["4.4"], base=B,
+        check_selection=True)
+    vec("magnitude_not_topk_unchecked", rel, "the same file without the selection check: valid (the "
+        "probe hash matches the positions actually used)", valid=True, base=B)
+
+    # bases whose checkpoint index is hostile or broken (1.6): validate raises when opening the base
+    def bad_index(folder, index_obj, desc, raw_text=None):
+        put(f"bases/{folder}/model-00001-of-00001.safetensors", base.file())
+        text = raw_text if raw_text is not None else json.dumps(index_obj, indent=2) + "\n"
+        put(f"bases/{folder}/model.safetensors.index.json", text.encode("utf-8"))
+        vec(f"base_{folder}", "valid/magnitude_bf16.safetensors", desc, valid=False, errors=["1.6"],
+            base=f"bases/{folder}", base_unreadable=True)
+
+    bad_index("index_escapes_folder", {"weight_map": {n: "../base.safetensors" for n in names}},
+              "the index names a shard outside its folder ('../base.safetensors')")
+    bad_index("index_absolute_path", {"weight_map": {n: "/etc/passwd" for n in names}},
+              "the index names a shard by absolute path")
+    bad_index("index_key_not_in_shard", {"weight_map": {**{n: "model-00001-of-00001.safetensors"
+                                                          for n in names}, "ghost.weight":
+                                                       "model-00001-of-00001.safetensors"}},
+              "the index lists a tensor its shard lacks")
+    bad_index("index_not_json", None, "the index file is not JSON", raw_text='{"weight_map": {')
+
+    # ---- invalid adapters, one rule each -----------------------------------------------------------
+    tiny_t = [target(tiny, "w", 2, seed=22)]
+    tiny_doc = document(tiny_t, tiny)
+    rel_min = put("valid/minimal.safetensors", adapter_file(tiny_t, tiny_doc))
+    vec("minimal", rel_min, "the smallest useful adapter: one BF16 [2, 8] target, k=2; the invalid "
+        "vectors below are mutations of it", valid=True, base=BT, check_selection=True)
+    idx0 = tiny_t[0].indices
+    val0 = tiny_t[0].values
+
+    def invalid(name, data: bytes, rule: str, desc: str, *, base_rel=None, more=()):
+        rel = put(f"invalid/{name}.safetensors", data)
+        vec(name, rel, desc, valid=False, errors=[rule, *more], base=base_rel)
+
+    def with_doc(mutate, tensors=None, meta_extra=None):
+        doc = json.loads(json.dumps(tiny_doc))
+        mutate(doc)
+        meta = {"neuroada": dumps(doc), **(meta_extra or {})}
+        return container(tensors if tensors is not None else tensors_of(tiny_t), meta)
+
+    def with_tensors(tensors, mutate=lambda d: None):
+        return with_doc(mutate, tensors)
+
+    minimal_bytes = files[rel_min]
+    ih = ("indices/w", idx0)
+    vh = ("values/w", val0)
+
+    # 1.1 container framing
+    invalid("1.1_short_file", b"\x10\x00\x00\x00\x00", "1.1", "5 bytes: shorter than the 8-byte length")
+    invalid("1.1_header_length_bomb", struct.pack("<Q", 2 ** 64 - 1) + b"{}", "1.1",
+            "header length 2^64-1: MUST be refused before allocating anything")
+    invalid("1.1_header_over_cap", struct.pack("<Q", 100_000_001) + b"{}" + b" " * 6, "1.1",
+            "header length 100,000,001 exceeds the 100,000,000 cap")
+    invalid("1.1_header_past_eof", minimal_bytes[:40], "1.1",
+            "truncated inside the header: the declared header length runs past the end of the file")
+    invalid("1.1_zero_header_length", struct.pack("<Q", 0), "1.1", "header length 0")
+
+    # 1.2 header JSON
+    invalid("1.2_not_json", raw_file(b"{not json}"), "1.2", "the header is not JSON")
+    invalid("1.2_not_utf8", raw_file(b'{"\xff\xfe":1}'), "1.2", "the header is not UTF-8")
+    invalid("1.2_not_object", raw_file(b"[]"), "1.2", "the header is a JSON array, not an object")
+    hdr = json.loads(minimal_bytes[8:8 + struct.unpack("<Q", minimal_bytes[:8])[0]])
+    ib = np.ascontiguousarray(idx0).tobytes()
+    vb = np.ascontiguousarray(val0).tobytes()
+    data = ib + vb
+    dup_text = ('{"__metadata__":' + json.dumps(hdr["__metadata__"], ensure_ascii=False) +
+                ',"indices/w":' + json.dumps(hdr["indices/w"]) +
+                ',"values/w":' + json.dumps(hdr["values/w"]) +
+                ',"indices/w":' + json.dumps(hdr["indices/w"]) + '}')
+    invalid("1.2_duplicate_keys", raw_file(dup_text, data), "1.2",
+            "the header names 'indices/w' twice (parsers disagree on which wins, so it is refused)")
+    nan_text = json.dumps(hdr, separators=(",", ":"), ensure_ascii=False).replace('"shape":[2,2]', '"shape":[2,NaN]', 1)
+    assert "NaN" in nan_text
+    invalid("1.2_nan_constant", raw_file(nan_text, data), "1.2",
+            "the header uses the non-standard JSON constant NaN")
+
+    def header_variant(mutate, payload=data):
+        h = json.loads(json.dumps(hdr))
+        mutate(h)
+        return raw_file(h, payload)
+
+    # 1.3 tensor entries
+    invalid("1.3_unknown_dtype", header_variant(lambda h: h["values/w"].update(dtype="Q4_0")), "1.3",
+            "a tensor dtype safetensors does not define")
+    invalid("1.3_extra_entry_field", header_variant(lambda h: h["values/w"].update(align=8)), "1.3",
+            "a tensor entry with a field besides dtype, shape, data_offsets")
+    invalid("1.3_negative_dim", header_variant(lambda h: h["values/w"].update(shape=[-2, -2])), "1.3",
+            "a negative dimension")
+    invalid("1.3_float_dim", header_variant(lambda h: h["values/w"].update(shape=[2.0, 2])), "1.3",
+            "a non-integer dimension (2.0)")
+    invalid("1.3_offsets_not_pair", header_variant(lambda h: h["values/w"].update(data_offsets=[8])),
+            "1.3", "data_offsets with one number")
+    invalid("1.3_byte_count_mismatch", header_variant(lambda h: h["values/w"].update(shape=[2, 3])), "1.3",
+            "shape [2, 3] of BF16 needs 12 bytes but data_offsets span 8")
+
+    # 1.4 data section tiling
+    invalid("1.4_overlap", header_variant(lambda h: h["values/w"].update(data_offsets=[4, 12]),
+                                          ib + vb[:4]), "1.4", "two tensors share bytes")
+    invalid("1.4_gap", header_variant(lambda h: h["values/w"].update(data_offsets=[12, 20]),
+                                      ib + b"\0" * 4 + vb), "1.4", "four unused bytes between two tensors")
+    invalid("1.4_trailing_bytes", minimal_bytes + b"\0" * 8, "1.4", "eight bytes after the last tensor")
+    invalid("1.4_truncated_data", minimal_bytes[:-3], "1.4", "the file ends three bytes early")
+
+    # 1.5 __metadata__
+    invalid("1.5_metadata_nested_object", header_variant(
+        lambda h: h.update(__metadata__={"neuroada": json.loads(h["__metadata__"]["neuroada"])})), "1.5",
+        "__metadata__ maps 'neuroada' to a JSON object instead of a string")
+
+    # 2.1 / 2.2 / 2.3 metadata document
+    invalid("2.1_no_metadata", container([ih, vh]), "2.1", "no __metadata__ at all")
+    invalid("2.1_no_neuroada_key", container([ih, vh], {"format": "pt"}), "2.1",
+            "__metadata__ without a 'neuroada' entry (e.g. a PEFT file)")
+    invalid("2.2_metadata_not_json", container([ih, vh], {"neuroada": "{'format': 'neuroada'}"}), "2.2",
+            "the 'neuroada' string is not JSON")
+    invalid("2.2_metadata_duplicate_key", container([ih, vh], {"neuroada": dumps(tiny_doc)[:-1] +
+                                                              ',"version":"1.0"}'}), "2.2",
+            "the metadata document repeats the key 'version'")
+
+    def set_path(path, value):
+        def mutate(doc):
+            obj = doc
+            for key in path[:-1]:
+                obj = obj[key]
+            if value is DELETE:
+                del obj[path[-1]]
+            else:
+                obj[path[-1]] = value
+        return mutate
+
+    schema_cases = [
+        ("2.2_wrong_format", ["format"], "peft", "format is 'peft'"),
+        ("2.2_missing_targets", ["targets"], DELETE, "no targets field"),
+        ("2.2_empty_targets", ["targets"], {}, "targets is an empty object"),
+        ("2.2_missing_probe", ["targets", "w", "probe"], DELETE, "a target without its probe hash"),
+        ("2.2_k_zero", ["targets", "w", "k"], 0, "k = 0"),
+        ("2.2_bad_layout", ["targets", "w", "layout"], "col_major", "layout 'col_major'"),
+        ("2.2_bad_base_dtype", ["targets", "w", "dtype"], "F64", "a base dtype outside F32/F16/BF16"),
+        ("2.2_shape_three_dims", ["targets", "w", "shape"], [2, 8, 1], "a target shape with three numbers"),
+        ("2.2_probe_uppercase", ["targets", "w", "probe"], tiny_t[0].probe.upper().replace("SHA", "sha"),
+         "a probe hash in upper-case hex"),
+        ("2.2_bad_tie_break", ["selection", "tie_break"], "higher-column", "tie_break 'higher-column'"),
+        ("2.2_unknown_selection_rule", ["selection", "rule"], "fisher", "selection rule 'fisher' (1.x "
+         "enumerations are closed: a newer minor records new rules as 'custom')"),
+        ("2.2_bad_merge_rule", ["merge", "rule"], "add-bf16", "merge rule 'add-bf16'"),
+        ("2.2_missing_base_revision", ["base", "revision"], DELETE, "base without its revision field "
+         "(null is allowed, absence is not)"),
+        ("2.2_seed_string", ["selection", "seed"], "42", "a seed given as a string"),
+        ("2.3_newer_major", ["version"], "2.0", "version 2.0: a 1.x reader MUST refuse it with a clear message"),
+        ("2.3_older_major", ["version"], "0.9", "version 0.9: not a major this reader knows"),
+        ("2.3_no_minor", ["version"], "1", "version '1' is not MAJOR.MINOR"),
+        ("2.3_leading_zero", ["version"], "1.07", "version '1.07' (leading zero)"),
+    ]
+    for name, path, value, desc in schema_cases:
+        invalid(name, with_doc(set_path(path, value)), name.split("_")[0], desc)
+
+    def newer_major(doc):
+        doc["version"] = "2.0"
+        doc["targets"] = [{"key": "w", "encoding": "bitmap"}]    # whatever 2.0 may do, 1.x must not guess
+    invalid("2.3_newer_major_new_layout", with_doc(newer_major), "2.3",
+            "version 2.0 whose targets no longer follow the 1.x schema: refused as 2.3, not as 2.2")
+
+    # 3.1 tensor names
+    invalid("3.1_unknown_tensor", with_tensors([ih, vh, ("lora_A.weight", np.zeros((1, 2), np.float32))]),
+            "3.1", "a tensor without the indices/ or values/ prefix")
+    invalid("3.1_undeclared_target", with_tensors([ih, vh, ("indices/v", idx0), ("values/v", val0)]),
+            "3.1", "tensors for a target the metadata does not declare")
+    invalid("3.1_missing_values", with_tensors([ih]), "3.1", "a declared target without its values tensor")
+    # 3.2 index dtype
+    invalid("3.2_index_i64", with_tensors([("indices/w", idx0.astype("<i8")), vh]), "3.2", "I64 indices")
+    invalid("3.2_index_f32", with_tensors([("indices/w", idx0.astype("<f4")), vh]), "3.2", "F32 indices")
+    big_idx = np.array([[7, 40001]]).astype("<i2")
+
+    def wide_doc(doc):
+        doc["targets"]["w"].update(shape=[1, 40002], k=2)
+    invalid("3.2_i16_for_wide_d_in", with_doc(wide_doc, [("indices/w", big_idx),
+                                                         ("values/w", val0[:1])]), "3.2",
+            "I16 indices with d_in=40002 > 32768 (the stored 40001 would wrap to -25535)")
+    # 3.3 value dtype
+    invalid("3.3_values_f64", with_tensors([ih, ("values/w", val0.astype(np.float32).astype("<f8"))]),
+            "3.3", "F64 values")
+    invalid("3.3_values_i8", with_tensors([ih, ("values/w", np.ones((2, 2), "i1"))]), "3.3", "I8 values")
+    # 3.4 shapes and k
+    invalid("3.4_k_exceeds_d_in", with_doc(lambda d: d["targets"]["w"].update(shape=[2, 1]),
+                                           [ih, vh]), "3.4", "k=2 but the metadata says d_in=1")
+    invalid("3.4_indices_shape", with_tensors([("indices/w", idx0[:, :1]), vh]), "3.4",
+            "indices [2, 1] where the metadata says k=2")
+    invalid("3.4_d_out_mismatch", with_doc(lambda d: d["targets"]["w"].update(shape=[3, 8]), [ih, vh]),
+            "3.4", "tensors have 2 rows, the metadata says d_out=3")
+    invalid("3.4_values_1d", with_tensors([ih, ("values/w", val0.reshape(-1))]), "3.4",
+            "a one-dimensional values tensor")
+
+    # 3.5 - 3.7 content (structure is fine: `load` succeeds, `validate` reports)
+    def content(name, idx, vals, rule, desc):
+        invalid(name, with_tensors([("indices/w", np.asarray(idx, "<i2")), ("values/w", vals)]), rule, desc)
+
+    content("3.5_index_out_of_range", [[1, 8], [0, 6]], val0, "3.5", "index 8 with d_in=8")
+    content("3.5_negative_index", [[-1, 5], [0, 6]], val0, "3.5", "index -1 (rows are still increasing)")
+    content("3.6_duplicate_index", [[5, 5], [0, 6]], val0, "3.6", "the same column twice in a row")
+    content("3.6_unsorted", [[5, 1], [0, 6]], val0, "3.6", "a row in decreasing order")
+    nan_v = val0.copy()
+    nan_v[1, 0] = np.float32("nan")
+    content("3.7_nan_bf16", idx0, nan_v, "3.7", "a NaN BF16 value")
+    inf_v = val0.astype(np.float32).astype("<f2")
+    inf_v[0, 1] = np.inf
+    content("3.7_inf_f16", idx0, inf_v, "3.7", "+Inf as an F16 value")
+    ninf = val0.astype(np.float32)
+    ninf[1, 1] = -np.inf
+    content("3.7_neg_inf_f32", idx0, ninf, "3.7", "-Inf as an F32 value")
+
+    # ---- merge vectors -----------------------------------------------------------------------------
+    mb = merge_base()
+    MB = put("bases/merge_base.safetensors", mb.file())
+    adapters = merge_adapters(mb)
+    for label, (targets, rule) in adapters.items():
+        rel = put(f"merge/adapter_{label}.safetensors", adapter_file(targets, document(targets, mb, rule=rule)))
+        vec(f"merge_adapter_{label}", rel, f"merge input adapter {label}", valid=True, base=MB)
+    plans = [
+        ("one_adapter", [("a", 1.0)], "adapter a at scale 1: ties to even, -0.0 + +0.0 = +0.0, F16 overflow"),
+        ("two_scaled", [("a", 0.5), ("b", -1.25)], "a at 0.5 then b at -1.25 over shared and own positions"),
+        ("order_ab", [("a", 1.0), ("b", 1.0)], "a then b: on the F32 target the f32 accumulation order "
+         "decides the result"),
+        ("order_ba", [("b", 1.0), ("a", 1.0)], "b then a: differs from order_ab on the F32 target only"),
+    ]
+    for name, plan, desc in plans:
+        merged = {}
+        for tname, w in mb.arrays.items():
+            deltas = [(next(t for t in adapters[a][0] if t.name == tname), s) for a, s in plan
+                      if any(t.name == tname for t in adapters[a][0])]
+            layout = next((t.layout for t, _ in deltas), "out_in")
+            with np.errstate(over="ignore"):    # the F16 overflow to +Inf is one of the cases shown
+                merged[tname] = merge_weight(w, deltas, layout) if deltas else w
+        rel = put(f"merge/{name}_expected.safetensors", container(list(merged.items())))
+        merges.append({"name": name, "base": MB,
+                       "adapters": [{"file": f"merge/adapter_{a}.safetensors", "scale": s} for a, s in plan],
+                       "expected": rel, "description": desc})
+
+    manifest = {
+        "format": "neuroada-conformance-vectors",
+        "spec_version": naf.SPEC_VERSION,
+        "generator": "spec/make_vectors.py",
+        "vectors": vectors,
+        "merges": merges,
+    }
+    files["manifest.json"] = (json.dumps(manifest, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+    return files
+
+
+DELETE = object()
+
+
+def merge_base() -> Base:
+    bf = np.array([[1.0, -0.0, 1.0, 0.5, 2.0, -1.0, 0.25, 3.0],
+                   [1.0, 1.0, -2.0, 0.0, 1.5, -0.75, 8.0, 0.125],
+                   [0.0078125, -1.0, 1.0, 100.0, -3.0, 0.5, 1.0, -0.5],
+                   [4.0, 0.3, -0.3, 1.0, 0.0, -0.0, 0.1, 0.2]], np.float32).astype(DT["BF16"])
+    f16_stored = np.array([[1.0, 60000.0, 0.5], [-2.0, 0.25, 1.0], [0.0, 1.0, -1.0],
+                           [3.0, -0.5, 2.0], [1.0, 1.0, 1.0], [-65504.0, 0.125, 0.0]], np.float32).astype("<f2")
+    f32 = np.array([[1.0, 2.0, -1.0, 0.5], [1.0, 0.25, 3.0, -4.0]], np.float32)
+    return Base({"m.bf16.weight": bf, "m.f16_in_out.weight": f16_stored, "m.f32.weight": f32,
+                 "m.untouched.weight": np.array([1.0, 2.0, 3.0], np.float32).astype(DT["BF16"])})
+
+
+def merge_adapters(mb: Base) -> dict:
+    bf = lambda x: np.array(x, np.float32).astype(DT["BF16"])  # noqa: E731
+    a = [
+        target(mb, "m.bf16.weight", 2, indices=[[0, 1], [0, 1], [2, 3], [5, 7]],
+               values=bf([[2 ** -8, 0.0], [2 ** -7, 0.5], [0.01, 0.5], [0.0, 0.015625]])),
+        target(mb, "m.f16_in_out.weight", 1, layout="in_out", value_dtype="F16", indices=[[1], [0], [5]],
+               values=np.array([[0.0004883], [8000.0], [-1.0]], np.float32).astype("<f2")),
+        target(mb, "m.f32.weight", 1, value_dtype="F32", indices=[[0], [1]],
+               values=np.array([[2.0 ** -24], [1e-8]], np.float32)),
+    ]
+    b = [
+        target(mb, "m.bf16.weight", 1, value_dtype="F32", indices=[[0], [4], [3], [6]],
+               values=np.array([[2.0 ** -8], [0.001], [0.75], [-0.1]], np.float32)),
+        target(mb, "m.f32.weight", 2, value_dtype="F32", indices=[[0, 3], [1, 2]],
+               values=np.array([[2.0 ** -23, 0.5], [-1e-8, 1.0]], np.float32)),
+    ]
+    return {"a": (a, "custom"), "b": (b, "delta")}
+
+
+def write(files: dict[str, bytes], out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    for sub in SUBDIRS:
+        shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
+    for rel, data in sorted(files.items()):
+        path = os.path.join(out, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: spec/vectors next to this script)")
+    args = ap.parse_args(argv)
+    files = build()
+    write(files, args.out)
+    total = sum(len(d) for d in files.values())
+    digest = hashlib.sha256(b"".join(k.encode() + b"\0" + v for k, v in sorted(files.items()))).hexdigest()
+    print(f"wrote {len(files)} files, {total:,} bytes, to {args.out} (content sha256 {digest[:16]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""spec/SPEC.md says what the code does: rule numbers, worked examples and stated numbers are checked.
+
+The worked examples live in fenced blocks (```json probe-example, ```json structure-example) and in
+the table after the `<!-- merge-example: base BF16 -->` marker, so they are parsed, not copied here.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import neuroada_format as naf
+from neuroada_format import container, dtypes
+from neuroada_format.metadata import schema
+
+REPO = Path(__file__).resolve().parents[2]
+SPEC = (REPO / "spec" / "SPEC.md").read_text(encoding="utf-8")
+CODE = {p.name: p.read_text(encoding="utf-8") for p in sorted((REPO / "neuroada_format").glob("*.py"))}
+MANIFEST = json.loads((REPO / "spec" / "vectors" / "manifest.json").read_text(encoding="utf-8"))
+
+RULE_IN_CODE = re.compile(r'(?:rule\s*=\s*|\.error\(\s*|\.warning\(\s*)"(\d+\.\d+)"')
+WARNING_IN_CODE = re.compile(r'\.warning\(\s*"(\d+\.\d+)"')
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DT = {"BF16": BF16, "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+
+
+def section(number: int) -> str:
+    match = re.search(rf"^## {number}\. .*?(?=^## {number + 1}\. |\Z)", SPEC, re.S | re.M)
+    assert match, f"SPEC.md has no section {number}"
+    return match.group(0)
+
+
+def rule_table() -> dict[str, str]:
+    """Rule number -> severity cell, from the rule table of section 7."""
+    rows = re.findall(r"^\| (\d+\.\d+) \| ([^|]+) \|", section(7), re.M)
+    assert rows
+    table = dict(rows)
+    assert len(table) == len(rows), "a rule is listed twice"
+    return {rule: severity.strip() for rule, severity in table.items()}
+
+
+def fenced(tag: str) -> dict:
+    blocks = re.findall(rf"^```json {tag}\n(.*?)^```", SPEC, re.S | re.M)
+    assert len(blocks) == 1, f"expected one ```json {tag} block"
+    return json.loads(blocks[0])
+
+
+# -- rule numbers ------------------------------------------------------------------------------------
+def test_rule_numbers_in_code_and_spec_agree():
+    in_code = {rule for text in CODE.values() for rule in RULE_IN_CODE.findall(text)}
+    in_spec = set(rule_table())
+    assert in_code, "no rule numbers found in neuroada_format/*.py"
+    assert in_code - in_spec == set(), "rules the code uses but SPEC.md section 7 lacks"
+    assert in_spec - in_code == set(), "rules SPEC.md section 7 lists but no code checks"
+
+
+def test_warning_rules_are_marked_as_warnings():
+    table = rule_table()
+    warnings = {rule for text in CODE.values() for rule in WARNING_IN_CODE.findall(text)}
+    assert warnings == {"3.2", "4.5"}
+    for rule in warnings:
+        assert "warning" in table[rule].lower(), rule
+    for rule, severity in table.items():
+        if rule not in warnings:
+            assert severity.lower().startswith("error"), rule
+
+
+def test_every_rule_has_a_vector_and_vectors_use_only_spec_rules():
+    table = rule_table()
+    used = set()
+    for v in MANIFEST["vectors"]:
+        used |= set(v["expected"]["errors"]) | set(v["expected"]["warnings"])
+    assert used <= set(table)
+    assert set(table) - used == set(), "rules without a conformance vector"
+
+
+# -- worked examples ---------------------------------------------------------------------------------
+def test_probe_hash_example():
+    ex = fenced("probe-example")
+    weight = np.array(ex["canonical"], np.float32).astype(DT[ex["base_dtype"]])
+    indices = naf.select_indices(weight, ex["k"], ex["selection"])
+    assert indices.tolist() == ex["indices"]
+    idx16 = indices.astype(np.int16)
+    gathered = weight.astype(np.float32)[np.arange(weight.shape[0])[:, None], indices].reshape(-1)
+    assert gathered.tolist() == ex["probed_f32"]
+    assert gathered.astype("<f4").tobytes().hex() == ex["probed_bytes_hex"].replace(" ", "")
+    assert naf.probe_hash(weight, idx16, "out_in") == ex["probe"]
+    assert naf.probe_hash(np.ascontiguousarray(weight.T), idx16, "in_out") == ex["probe"]
+    import hashlib
+
+    assert "sha256:" + hashlib.sha256(bytes.fromhex(ex["probed_bytes_hex"].replace(" ", ""))).hexdigest() \
+        == ex["probe"]
+
+
+def test_structure_hash_example():
+    ex = fenced("structure-example")
+    entries = [(name, dtype, tuple(shape)) for name, dtype, shape in ex["entries"]]
+    assert naf.structure_hash(entries) == ex["structure_hash"]
+    import hashlib
+
+    assert sorted(ex["lines"]) == ex["lines"]
+    assert "sha256:" + hashlib.sha256("".join(ex["lines"]).encode()).hexdigest() == ex["structure_hash"]
+
+
+def merge_rows():
+    marker = SPEC.index("<!-- merge-example: base BF16 -->")
+    lines = SPEC[marker:].splitlines()[1:]
+    rows = []
+    for line in lines[2:]:                       # skip the header and the |---| line
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        hexes = [re.match(r"0x[0-9A-Fa-f]+", c) for c in (cells[1], cells[3], cells[4])]
+        terms = re.findall(r"(BF16|F16|F32) (0x[0-9A-Fa-f]+)[^×;]*× ([-+0-9.eE]+)", cells[2])
+        assert all(hexes) and terms, line
+        rows.append(pytest.param(int(hexes[0].group(0), 16), terms, int(hexes[1].group(0), 16),
+                                 int(hexes[2].group(0), 16), id=f"case{cells[0]}"))
+    assert len(rows) >= 6
+    return rows
+
+
+def _value(dtype: str, bits: int) -> np.ndarray:
+    raw = np.array([bits], np.uint32 if dtype == "F32" else np.uint16)
+    return raw.view(DT[dtype]).reshape(1, 1)
+
+
+@pytest.mark.parametrize("w_bits, terms, acc_bits, result_bits", merge_rows())
+def test_merge_example(w_bits, terms, acc_bits, result_bits):
+    weight = _value("BF16", w_bits)
+    deltas = [naf.Delta(np.zeros((1, 1), np.int16), _value(d, int(b, 16)), float(s)) for d, b, s in terms]
+    # the accumulator, step by step as section 8.1 writes it
+    acc = np.float32(weight[0, 0])
+    with np.errstate(over="ignore"):
+        for d in deltas:
+            acc = np.float32(acc + np.float32(np.float32(d.scale) * np.float32(d.values[0, 0])))
+        positions, merged = naf.merged_values(weight, deltas)
+    assert int(np.array(acc, np.float32).view(np.uint32)) == acc_bits
+    assert positions.tolist() == [0]
+    assert int(merged.view(np.uint16)[0]) == result_bits
+    # the bit formula of section 8.1 gives the same rounding
+    u = acc_bits
+    assert ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) == result_bits
+
+
+# -- numbers stated in the text ----------------------------------------------------------------------
+def test_stated_limits_match_the_code():
+    assert f"{container.HEADER_CAP:,}" == "100,000,000" and "N ≤ 100,000,000" in SPEC
+    assert dtypes.I16_MAX_D_IN == 32768 and "d_in ≤ 32768" in SPEC
+    for name in dtypes.NUMPY_DTYPES:
+        assert f"`{name}`" in section(2), name
+    sel = schema()["properties"]["selection"]["properties"]["rule"]["enum"]
+    for rule in sel:
+        assert f"| `{rule}` |" in section(5), rule
+
+
+def _adapter_bytes(projections: dict, layers: int, k: int) -> int:
+    total = 0
+    for d_out, d_in in projections.values():
+        index_bytes = 2 if d_in <= dtypes.I16_MAX_D_IN else 4
+        total += layers * d_out * k * (index_bytes + 2)
+    return total
+
+
+def test_stated_sizes_follow_the_formula():
+    llama7b = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096),
+               "gate": (11008, 4096), "up": (11008, 4096), "down": (4096, 11008)}
+    assert f"{_adapter_bytes(llama7b, 32, 20):,}" == "108,789,760" and "108,789,760" in section(9)
+    assert f"{_adapter_bytes(llama7b, 32, 1):,}" in section(9)
+    h, inter, kv = 16384, 53248, 8 * 128
+    llama405b = {"q": (h, h), "k": (kv, h), "v": (kv, h), "o": (h, h), "gate": (inter, h), "up": (inter, h),
+                 "down": (h, inter)}
+    size = _adapter_bytes(llama405b, 126, 20)
+    assert f"{size:,}" in section(10)
+    assert f"{size / 1e9:.2f} GB" in section(10)
