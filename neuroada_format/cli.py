@@ -73,11 +73,15 @@ def validate_cmd(adapter, base, check_selection, as_json):
 
 
 def _stats(values: np.ndarray) -> dict:
-    v = np.asarray(values, dtype=np.float32)
-    if v.size == 0:
-        return {"min": None, "max": None, "mean_abs": None, "nonzero": 0.0}
-    return {"min": float(v.min()), "max": float(v.max()), "mean_abs": float(np.abs(v).mean()),
-            "nonzero": float(np.count_nonzero(v) / v.size)}
+    """Statistics over the finite values (JSON has no NaN); non-finite ones are counted apart."""
+    v = np.asarray(values, dtype=np.float32).reshape(-1)
+    finite = v[np.isfinite(v)]
+    stats = {"min": None, "max": None, "mean_abs": None, "nonzero": 0.0, "nonfinite": int(v.size - finite.size)}
+    if finite.size:
+        stats.update({"min": float(finite.min()), "max": float(finite.max()),
+                      "mean_abs": float(np.abs(finite).mean()),
+                      "nonzero": float(np.count_nonzero(v) / v.size)})
+    return stats
 
 
 def describe(adapter) -> dict:

@@ -26,4 +26,5 @@ class NeuroAdaError(Exception):
         if self.rule:
             parts.append(f"rule {self.rule}")
         parts.append(self.detail)
-        return ": ".join(parts).replace("\n", " ")
+        text = ": ".join(parts).replace("\n", " ")
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")  # printable whatever the input

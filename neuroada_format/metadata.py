@@ -70,4 +70,30 @@ def parse_document(metadata: dict | None, p: Problems) -> dict | None:
         if len(err.absolute_path) >= 2 and err.absolute_path[0] == "targets":
             tensor = str(err.absolute_path[1])
         p.error("2.2", f"metadata {where}: {err.message}", tensor=tensor)
-    return None if errors else doc
+    if errors:
+        return None
+    return doc if _strict_types(doc, p) else None
+
+
+def _strict_types(doc: dict, p: Problems) -> bool:
+    """What JSON Schema lets through: whole-number floats as integers (3.0), lone surrogates in text."""
+    ok = True
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        p.error("2.2", "metadata contains text that is not valid Unicode (a lone surrogate escape)")
+        return False
+    seed = doc["selection"].get("seed")
+    if seed is not None and not _is_int(seed):
+        p.error("2.2", f"metadata selection/seed: {seed!r} is not an integer")
+        ok = False
+    for name, entry in doc["targets"].items():
+        if not _is_int(entry["k"]) or not all(_is_int(d) for d in entry["shape"]):
+            p.error("2.2", f"metadata targets/{name}: k and shape must be integers, not "
+                           f"{entry['k']!r} / {entry['shape']!r}", tensor=name)
+            ok = False
+    return ok
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -68,12 +68,11 @@ def validate(adapter, base=None, *, strict: bool = False, check_selection: bool 
         adapter = read(path, p)
     report = Report(path, p.items)
     if adapter is not None and not p.has_errors:
-        for name, t in sorted(adapter.targets.items()):
-            _check_content(t, p)
+        broken = {name for name, t in sorted(adapter.targets.items()) if not _check_content(t, p)}
         if base is not None:
             b = open_base(base)
             report.checked_base = getattr(b, "path", None)
-            _check_against_base(adapter, b, p, check_selection)
+            _check_against_base(adapter, b, p, check_selection, skip=broken)
     if strict:
         report.raise_if_invalid()
     return report
@@ -81,6 +80,12 @@ def validate(adapter, base=None, *, strict: bool = False, check_selection: bool 
 
 def _check_in_memory(adapter: Adapter, p: Problems) -> None:
     """Structure rules for an adapter built in memory, mirroring what `read` checks in a file."""
+    for name, t in adapter.targets.items():
+        for label, arr in (("indices", t.indices), ("values", t.values)):
+            if np.ndim(arr) != 2:
+                p.error("3.4", f"{label} have {np.ndim(arr)} dimensions, expected 2 ([d_out, k])", tensor=name)
+    if p.has_errors:
+        return
     doc = adapter.document()
     try:
         text = json.dumps(doc)
@@ -111,8 +116,8 @@ def _check_in_memory(adapter: Adapter, p: Problems) -> None:
             p.error("3.4", f"k={t.k} exceeds d_in={t.d_in}", tensor=name)
 
 
-def _check_content(t: Target, p: Problems) -> None:
-    """Rules 3.5-3.7: index range, strictly increasing rows, finite values."""
+def _check_content(t: Target, p: Problems) -> bool:
+    """Rules 3.5-3.7: index range, strictly increasing rows, finite values. True when all hold."""
     d_out, k = t.indices.shape
     rows = max(1, CHUNK_ENTRIES // max(k, 1))
     bad_range = bad_order = bad_value = None
@@ -145,10 +150,12 @@ def _check_content(t: Target, p: Problems) -> None:
     if bad_value:
         r, j, v = bad_value
         p.error("3.7", f"value {v} at row {r}, slot {j} is not finite", tensor=t.name)
+    return not (bad_range or bad_order or bad_value)
 
 
-def _check_against_base(adapter: Adapter, base, p: Problems, check_selection: bool) -> None:
-    """Rules 4.1-4.5: the adapter belongs to this base."""
+def _check_against_base(adapter: Adapter, base, p: Problems, check_selection: bool,
+                        skip: set[str] = frozenset()) -> None:
+    """Rules 4.1-4.5: the adapter belongs to this base (targets in `skip` have bad indices: no probe)."""
     for name, t in sorted(adapter.targets.items()):
         if name not in base:
             p.error("4.1", "target is not a tensor of the base", tensor=name)
@@ -161,6 +168,8 @@ def _check_against_base(adapter: Adapter, base, p: Problems, check_selection: bo
             continue
         if dtype not in BASE_DTYPES:
             p.error("4.2", f"base dtype {dtype} is not F32, F16 or BF16", tensor=name)
+            continue
+        if name in skip:
             continue
         weight = base.array(name)
         if probe_hash(weight, np.asarray(t.indices), t.layout) != t.probe:

@@ -1,0 +1,334 @@
+"""Bases (single file, HF folder, sharded folder, arrays) and the rules 4.1-4.5 checked against them."""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import neuroada_format as naf
+from neuroada_format.base import Checkpoint, open_base
+
+hashing = importlib.import_module("neuroada_format.hashing")
+UP = "model.layers.0.mlp.up_proj.weight"
+Q = "model.layers.0.self_attn.q_proj.weight"
+FORMS = ("file", "folder", "sharded", "arrays")
+
+
+def materialise(form, arrays, tmp_path, craft):
+    """The same base in one of the four forms the validator accepts."""
+    if form == "arrays":
+        return dict(arrays)
+    if form == "sharded":
+        return craft.base(tmp_path / "sharded", arrays, shards=3)
+    folder = craft.base(tmp_path / "folder", arrays)
+    return os.path.join(folder, "model.safetensors") if form == "file" else folder
+
+
+def error_rules(report):
+    return sorted((p["rule"], p["tensor"]) for p in report.errors)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_valid_against_every_form(form, small_model, tmp_path, craft):
+    arrays, adapter = small_model
+    base = materialise(form, arrays, tmp_path, craft)
+    report = naf.validate(adapter, base=base, check_selection=True)
+    assert report.ok and report.problems == []
+    if form == "arrays":
+        assert report.checked_base == "<memory>"
+    else:  # a folder with one model.safetensors is reported as that file
+        single = os.path.join(base, "model.safetensors")
+        assert report.checked_base == (single if form == "folder" else os.fspath(base))
+    path = tmp_path / "a.safetensors"
+    naf.save(adapter, path)
+    assert naf.validate(path, base=base).ok
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_4_1_missing_key(form, small_model, tmp_path, craft):
+    arrays, adapter = small_model
+    del arrays[UP]
+    report = naf.validate(adapter, base=materialise(form, arrays, tmp_path, craft))
+    assert error_rules(report) == [("4.1", UP)]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("change", ["shape", "transposed", "dtype", "int8"])
+def test_4_2_shape_or_dtype_mismatch(form, change, small_model, tmp_path, craft):
+    arrays, adapter = small_model
+    w = arrays[UP]
+    arrays[UP] = {"shape": w[:-1], "transposed": np.ascontiguousarray(w.T), "dtype": w.astype(np.float16),
+                  "int8": w.astype(np.float32).astype(np.int8)}[change]
+    report = naf.validate(adapter, base=materialise(form, arrays, tmp_path, craft))
+    assert error_rules(report) == [("4.2", UP)]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_4_3_probe_catches_a_changed_probed_value_only(form, small_model, tmp_path, craft):
+    arrays, adapter = small_model
+    t = adapter.targets[UP]
+    row, col = 7, int(t.indices[7, 1])
+    unprobed = next(c for c in range(t.d_in) if c not in set(int(x) for x in t.indices[7]))
+
+    changed = dict(arrays)
+    w = arrays[UP].copy()
+    w[row, unprobed] = ml_dtypes.bfloat16(123.0)
+    changed[UP] = w
+    assert naf.validate(adapter, base=materialise(form, changed, tmp_path / "a", craft)).ok
+
+    w = arrays[UP].copy()  # the smallest change there is: one ulp of one probed value
+    w.view(np.uint16)[row, col] ^= 1
+    changed[UP] = w
+    report = naf.validate(adapter, base=materialise(form, changed, tmp_path / "b", craft))
+    assert error_rules(report) == [("4.3", UP)]
+    assert "probe hash differs" in report.errors[0]["message"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_4_4_selection_check_reads_rows_when_asked(form, small_model, tmp_path, craft, rng):
+    arrays, adapter = small_model
+    t = adapter.targets[UP]
+    idx = np.array(t.indices)
+    idx[3] = craft.indices(rng, 1, t.d_in, t.k)[0]
+    while np.array_equal(idx[3], t.indices[3]):
+        idx[3] = craft.indices(rng, 1, t.d_in, t.k)[0]
+    adapter.targets[UP] = naf.Target.from_weight(UP, arrays[UP], idx, t.values)
+    base = materialise(form, arrays, tmp_path, craft)
+    assert naf.validate(adapter, base=base).ok  # probe matches: the positions are just not top-k
+    report = naf.validate(adapter, base=base, check_selection=True)
+    assert error_rules(report) == [("4.4", UP)]
+    assert "(first: 3)" in report.errors[0]["message"]
+    adapter.selection = {"rule": "random", "tie_break": "lower-column", "seed": 1}
+    assert naf.validate(adapter, base=base, check_selection=True).ok  # random picks are not re-derivable
+
+
+def test_4_4_reverse_rule(small_model):
+    arrays, adapter = small_model
+    w = arrays[UP]
+    idx = naf.select_indices(w, 3, "reverse")
+    t = naf.Target.from_weight(UP, w, idx)
+    a = naf.Adapter({UP: t}, selection={"rule": "reverse", "tie_break": "lower-column"})
+    assert naf.validate(a, base=arrays, check_selection=True).ok
+    a.selection = {"rule": "magnitude", "tie_break": "lower-column"}
+    assert error_rules(naf.validate(a, base=arrays, check_selection=True)) == [("4.4", UP)]
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_4_5_structure_hash_mismatch_is_a_warning(form, small_model, tmp_path, craft):
+    arrays, adapter = small_model
+    arrays["lm_head.weight"] = arrays["model.embed_tokens.weight"].copy()
+    report = naf.validate(adapter, base=materialise(form, arrays, tmp_path, craft))
+    assert report.ok
+    assert [(p["rule"], p["severity"]) for p in report.problems] == [("4.5", "warning")]
+    adapter.structure_hash = None  # no recorded hash, nothing to compare
+    assert naf.validate(adapter, base=materialise(form, arrays, tmp_path / "again", craft)).problems == []
+
+
+def test_in_out_layout_against_a_conv1d_style_base(rng, craft, tmp_path):
+    w = craft.weight(rng, (24, 10), "F16")  # stored [d_in, d_out]
+    _, t = craft.target(rng, "h.0.attn.c_attn.weight", (10, 24), 4, layout="in_out", weight=w)
+    adapter = naf.Adapter({t.name: t})
+    base = craft.base(tmp_path / "gpt2", {t.name: w})
+    assert naf.validate(adapter, base=base, check_selection=True).ok
+    report = naf.validate(adapter, base={t.name: np.ascontiguousarray(w.T)})
+    assert error_rules(report) == [("4.2", t.name)]
+
+
+def test_several_problems_against_one_base(small_model):
+    arrays, adapter = small_model
+    del arrays[Q]
+    arrays[UP] = arrays[UP].astype(np.float32)
+    w = arrays["model.layers.0.mlp.down_proj.weight"].copy()
+    t = adapter.targets["model.layers.0.mlp.down_proj.weight"]
+    w[0, int(t.indices[0, 0])] += ml_dtypes.bfloat16(1.0)
+    arrays["model.layers.0.mlp.down_proj.weight"] = w
+    report = naf.validate(adapter, base=arrays)
+    assert error_rules(report) == [("4.1", Q), ("4.2", UP), ("4.3", "model.layers.0.mlp.down_proj.weight")]
+
+
+def test_content_and_base_problems_are_reported_together(small_model):
+    arrays, adapter = small_model
+    t = adapter.targets[UP]
+    val = np.array(t.values)
+    val[0, 0] = np.nan
+    adapter.targets[UP] = naf.Target(UP, t.indices, val, t.shape, t.layout, t.dtype, t.probe)
+    del arrays[Q]
+    assert error_rules(naf.validate(adapter, base=arrays)) == [("3.7", UP), ("4.1", Q)]
+
+
+@pytest.mark.parametrize("layout", ["out_in", "in_out"])
+def test_out_of_range_indices_with_a_base_are_reported_not_raised(layout, rng, craft):
+    w, t = craft.target(rng, "w", (8, 16), 3, layout=layout)
+    idx = np.array(t.indices)
+    idx[-1, -1] = 16
+    adapter = naf.Adapter({"w": naf.Target("w", idx, t.values, t.shape, layout, t.dtype, t.probe)})
+    report = naf.validate(adapter, base={"w": w})
+    assert ("3.5", "w") in error_rules(report)
+
+
+# -- opening bases ------------------------------------------------------------------------------------
+def test_checkpoint_api_matches_array_base(small_model, tmp_path, craft):
+    arrays, _ = small_model
+    ck = open_base(craft.base(tmp_path / "s", arrays, shards=2))
+    ab = naf.ArrayBase(arrays)
+    assert isinstance(ck, Checkpoint) and set(ck.keys()) == set(ab.keys()) == set(arrays)
+    assert len(ck.files) == 2 and ck.index["metadata"]["total_size"] == sum(a.nbytes for a in arrays.values())
+    for name, a in arrays.items():
+        assert name in ck and name in ab and "nope" not in ck and "nope" not in ab
+        assert ck.info(name) == ab.info(name) == ("BF16", a.shape)
+        assert np.array_equal(ck.array(name).view(np.uint16), a.view(np.uint16))
+        assert name in ck.file_of(name).tensors
+    assert ck.structure_hash() == ab.structure_hash()
+    assert open_base(ck) is ck and open_base(ab) is ab
+    assert isinstance(open_base(arrays), naf.ArrayBase)
+
+
+def test_folder_with_one_differently_named_file(small_model, tmp_path, craft):
+    arrays, adapter = small_model
+    folder = craft.base(tmp_path / "m", arrays, single_name="pytorch_model.safetensors")
+    assert naf.validate(adapter, base=folder).ok
+
+
+def _index(folder, weight_map):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        f.write(weight_map if isinstance(weight_map, str) else json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+@pytest.mark.parametrize("case", [
+    "dotdot", "absolute", "subfolder", "backslash", "empty", "not_string", "missing_shard", "key_not_in_shard",
+    "not_json", "duplicate_keys", "no_weight_map", "weight_map_list", "not_utf8", "deep",
+])
+def test_hostile_index_json(case, small_model, tmp_path, craft):
+    arrays, adapter = small_model
+    folder = craft.base(tmp_path / "m", arrays, shards=2)
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        wm = json.load(f)["weight_map"]
+    secret = tmp_path / "outside.safetensors"
+    craft.base(tmp_path / "o", {UP: arrays[UP]})
+    os.replace(tmp_path / "o" / "model.safetensors", secret)
+    text = None
+    if case == "dotdot":
+        wm[UP] = "../outside.safetensors"
+    elif case == "absolute":
+        wm[UP] = os.fspath(secret)
+    elif case == "subfolder":
+        wm[UP] = "sub/model.safetensors"
+    elif case == "backslash":
+        wm[UP] = "..\\outside.safetensors"
+    elif case == "empty":
+        wm[UP] = ""
+    elif case == "not_string":
+        wm[UP] = 3
+    elif case == "missing_shard":
+        wm[UP] = "model-00009-of-00009.safetensors"
+    elif case == "key_not_in_shard":
+        wm["model.layers.99.mlp.up_proj.weight"] = wm[UP]
+    elif case == "not_json":
+        text = "{weight_map: }"
+    elif case == "duplicate_keys":
+        text = '{"weight_map": {}, "weight_map": {}}'
+    elif case == "no_weight_map":
+        text = '{"metadata": {}}'
+    elif case == "weight_map_list":
+        text = '{"weight_map": []}'
+    elif case == "not_utf8":
+        text = None
+        with open(os.path.join(folder, "model.safetensors.index.json"), "wb") as f:
+            f.write(b'{"weight_map": {"\xff": "x"}}')
+    elif case == "deep":
+        text = "[" * 100_000
+    if case != "not_utf8":
+        _index(folder, text if text is not None else wm)
+    with pytest.raises(naf.NeuroAdaError) as info:
+        naf.validate(adapter, base=folder)
+    expected = "1.1" if case == "missing_shard" else "1.6"
+    assert info.value.rule == expected, info.value
+    assert "Traceback" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_symlinked_shard_leaving_the_folder_is_refused(small_model, tmp_path, craft):
+    arrays, adapter = small_model
+    folder = craft.base(tmp_path / "m", arrays, shards=2)
+    outside = craft.base(tmp_path / "elsewhere", arrays)
+    os.symlink(os.path.join(outside, "model.safetensors"), os.path.join(folder, "link.safetensors"))
+    _index(folder, {name: "link.safetensors" for name in arrays})
+    with pytest.raises(naf.NeuroAdaError) as info:
+        naf.validate(adapter, base=folder)
+    assert info.value.rule == "1.6"
+
+
+def test_base_may_hold_dtypes_this_reader_does_not_know(small_model, tmp_path, craft):
+    """A base tensor of a future dtype is listed, not read; targeting it is a 4.2 mismatch."""
+    arrays, adapter = small_model
+    header, data = craft.entries({name: (craft_dtype_name(a), a.shape, a.tobytes()) for name, a in arrays.items()})
+    header["model.future.weight"] = {"dtype": "F4", "shape": [4, 4], "data_offsets": [len(data), len(data) + 8]}
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(craft.raw({"__metadata__": {"format": "pt"}, **header}, data + b"\0" * 8))
+    assert naf.validate(adapter, base=path).ok
+    assert open_base(path).info("model.future.weight") == ("F4", (4, 4))
+    future = naf.Target("model.future.weight", np.tile(np.array([0, 1], np.int16), (4, 1)),
+                        np.zeros((4, 2), ml_dtypes.bfloat16), (4, 4), probe="sha256:" + "0" * 64)
+    report = naf.validate(naf.Adapter({future.name: future}), base=path)
+    assert error_rules(report) == [("4.2", "model.future.weight")]
+
+
+def craft_dtype_name(a):
+    from neuroada_format.dtypes import dtype_name
+
+    return dtype_name(a.dtype)
+
+
+@pytest.mark.parametrize("case, rule", [
+    ("missing", "1.1"), ("empty_folder", "1.6"), ("two_files", "1.6"), ("onnx", "1.6"), ("corrupt", "1.1"),
+    ("not_safetensors", "1.2"),
+])
+def test_bases_that_cannot_be_opened_raise(case, rule, small_model, tmp_path, craft):
+    arrays, adapter = small_model
+    if case == "missing":
+        base = tmp_path / "nope"
+    elif case == "empty_folder":
+        base = tmp_path / "empty"
+        base.mkdir()
+    elif case == "two_files":
+        base = craft.base(tmp_path / "two", arrays, single_name="a.safetensors")
+        craft.base(base, arrays, single_name="b.safetensors")
+    elif case == "onnx":
+        base = tmp_path / "model.onnx"
+        base.write_bytes(b"\x08\x07")
+    elif case == "corrupt":
+        base = tmp_path / "model.safetensors"
+        base.write_bytes(b"\x00" * 5)
+    else:
+        base = tmp_path / "model.safetensors"
+        base.write_bytes(b"\x04\x00\x00\x00\x00\x00\x00\x00nope")
+    with pytest.raises(naf.NeuroAdaError) as info:
+        naf.validate(adapter, base=base)
+    assert info.value.rule == rule, info.value
+
+
+# -- the identity hashes ------------------------------------------------------------------------------
+def test_probe_hash_definition(rng, monkeypatch):
+    w = rng.standard_normal((30, 12)).astype(ml_dtypes.bfloat16)
+    idx = np.sort(np.argsort(rng.random((30, 12)), axis=1)[:, :4], axis=1)
+    gathered = np.array([[np.float32(w[r, c]) for c in idx[r]] for r in range(30)], dtype="<f4")
+    want = "sha256:" + hashlib.sha256(gathered.tobytes()).hexdigest()
+    assert naf.probe_hash(w, idx) == want
+    assert naf.probe_hash(np.ascontiguousarray(w.T), idx, "in_out") == want
+    monkeypatch.setattr(hashing, "ROW_CHUNK_ENTRIES", 8)  # two rows per chunk
+    assert naf.probe_hash(w, idx) == want
+    assert naf.probe_hash(np.ascontiguousarray(w.T), idx, "in_out") == want
+
+
+def test_structure_hash_definition():
+    entries = [("b", "F16", (2, 3)), ("a", "BF16", (4,)), ("c", "F32", ())]
+    text = "a\tBF16\t4\nb\tF16\t2,3\nc\tF32\t\n"
+    want = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    assert naf.structure_hash(entries) == want == naf.structure_hash(reversed(entries))
+    assert naf.structure_hash([("a", "BF16", (4,))]) != naf.structure_hash([("a", "BF16", (4, 1))])
