@@ -211,7 +211,8 @@ def save(adapter: Adapter, path, *, value_dtype: str | None = None, index_dtype:
          check: bool = True) -> None:
     """Write an adapter atomically (temporary file in the same folder, then rename).
 
-    value_dtype / index_dtype convert on the way out (None keeps values, picks I16 where it fits).
+    value_dtype / index_dtype convert on the way out. None keeps what the arrays have when the spec
+    allows it (I16/I32 indices; BF16/F16/F32 values); other integer indices get I16 where it fits.
     With check=True (the default) the adapter is validated first, so no invalid file is ever written.
     """
     from safetensors.numpy import save_file
@@ -228,7 +229,7 @@ def save(adapter: Adapter, path, *, value_dtype: str | None = None, index_dtype:
         if t.layout not in LAYOUTS:
             raise NeuroAdaError(f"layout {t.layout!r} is not one of {LAYOUTS}", path=path, tensor=name,
                                 rule="2.2")
-        idt = index_dtype or index_dtype_for(t.d_in)
+        idt = index_dtype or _kept_index_dtype(t)
         vdt = value_dtype or dtype_name(t.values.dtype)
         idx = np.asarray(t.indices)
         if idx.size and (idx.min() < 0 or idx.max() >= t.d_in):
@@ -252,11 +253,21 @@ def save(adapter: Adapter, path, *, value_dtype: str | None = None, index_dtype:
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+def _kept_index_dtype(t: Target) -> str:
+    name = dtype_name(t.indices.dtype) if t.indices.dtype.kind == "i" else None
+    if name == "I32" or (name == "I16" and t.d_in <= I16_MAX_D_IN):
+        return name
+    return index_dtype_for(t.d_in)
+
+
 def atomic_write(path: str, write) -> None:
     """Run write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any saved file
     try:
         write(tmp)
         with open(tmp, "rb+") as f:

@@ -92,8 +92,8 @@ def _shard_name(folder: str, name, index_path: str) -> str:
 
 def open_base(base) -> Checkpoint | ArrayBase:
     """Open a base given as a path (file or HF folder) or a mapping of name -> numpy array."""
-    if isinstance(base, (Checkpoint, ArrayBase)):
-        return base
+    if all(hasattr(base, a) for a in ("__contains__", "info", "array")):
+        return base  # anything with the base interface (Checkpoint, ArrayBase, converters' ONNX view)
     if isinstance(base, Mapping):
         return ArrayBase(base)
     path = os.fspath(base)

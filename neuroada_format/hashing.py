@@ -9,7 +9,7 @@ import hashlib
 
 import numpy as np
 
-from .layout import flat_positions
+from .layout import canonical_view
 
 ROW_CHUNK_ENTRIES = 1 << 22  # hash in chunks so a huge target never needs one big f32 copy
 
@@ -23,21 +23,19 @@ def probe_hash_from_values(values: np.ndarray) -> str:
 
 
 def probe_hash(weight: np.ndarray, indices: np.ndarray, layout: str = "out_in") -> str:
-    """sha256 of f32(W[r, idx[r, j]]) in canonical (row-major over [d_out, k]) order, little-endian."""
-    stored = np.asarray(weight)
+    """sha256 of f32(W[r, idx[r, j]]) in canonical (row-major over [d_out, k]) order, little-endian.
+
+    Reads only the probed entries (row/column indexing works on memory maps and transposed views
+    without copying the weight).
+    """
+    canon = canonical_view(np.asarray(weight), layout)
     d_out, k = indices.shape
-    shape = (stored.shape[0], stored.shape[1]) if layout == "out_in" else (stored.shape[1], stored.shape[0])
-    flat = stored.reshape(-1)
     h = hashlib.sha256()
     rows_per_chunk = max(1, ROW_CHUNK_ENTRIES // max(k, 1))
     for start in range(0, d_out, rows_per_chunk):
-        idx = indices[start:start + rows_per_chunk]
-        pos = flat_positions(idx, shape, layout)
-        if layout == "out_in":
-            pos = pos + start * shape[1]
-        else:
-            pos = pos + start
-        h.update(np.asarray(flat[pos], dtype="<f4").tobytes())
+        idx = np.asarray(indices[start:start + rows_per_chunk], dtype=np.int64)
+        rows = np.arange(start, start + idx.shape[0], dtype=np.int64)[:, None]
+        h.update(np.ascontiguousarray(canon[rows, idx], dtype="<f4").tobytes())
     return "sha256:" + h.hexdigest()
 
 

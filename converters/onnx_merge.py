@@ -1,0 +1,778 @@
+"""Merge NeuroAda adapters into ONNX models, inline or with external data, with the reference arithmetic.
+
+Finding a target's weight in an exported graph is the hard part: the dynamo exporter renames most
+Linear weights to `val_N` and stores them transposed for MatMul. So each target is looked for by
+(1) initializer name, (2) the exporter's `pkg.torch.onnx.name_scopes` node metadata, (3) legacy
+`/model/layers.0/.../MatMul` node names, and only when none of those says anything, (4) by matching the
+adapter's probe hash against candidate initializers. Every stage that fires must agree on one weight.
+
+Tied weights: an optimised export may hold a tied embedding twice (the table for Gather and a
+constant-folded transposed copy for the head's MatMul). Initializers that evidence points to and that
+are exact copies of each other (in canonical orientation) are one weight: all copies get the merge, so
+the graph computes what the merged PyTorch model computes.
+
+Limits: targets are main-graph initializers in F32/F16/BF16 (quantized graphs are refused: merge the
+float model, then quantize); two targets of one adapter that land on one tensor (both names of a tied
+weight) are refused; an in-place merge of external data is not atomic (verify first, keep a copy).
+"""
+from __future__ import annotations
+
+import ast
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+
+from neuroada_format import Adapter, ArrayBase, NeuroAdaError, merged_values, probe_hash, validate
+from neuroada_format.layout import canonical_shape, canonical_view, stored_shape
+from neuroada_format.merge import Delta
+
+from .progress import bar
+
+try:  # the converters need onnx; the format core does not
+    import onnx
+    from onnx import TensorProto, numpy_helper
+except ImportError as exc:  # pragma: no cover - exercised only without the [onnx] extra
+    raise ImportError("ONNX merges need the onnx package: pip install 'neuroada-format[onnx]'") from exc
+
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+FLOAT_TYPES = {
+    TensorProto.FLOAT: ("F32", np.dtype("<f4")),
+    TensorProto.FLOAT16: ("F16", np.dtype("<f2")),
+    TensorProto.BFLOAT16: ("BF16", np.dtype(ml_dtypes.bfloat16)),
+}
+QUANTIZED_TYPES = {
+    TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT8E4M3FN,
+    TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2, TensorProto.FLOAT8E5M2FNUZ,
+    *(getattr(TensorProto, n) for n in ("INT2", "UINT2", "FLOAT4E2M1", "FLOAT8E8M0") if hasattr(TensorProto, n)),
+}
+QUANT_OPS = {
+    "MatMulNBits", "QLinearMatMul", "MatMulInteger", "DequantizeLinear", "QuantizeLinear",
+    "DynamicQuantizeLinear", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+    "GatherBlockQuantized", "MatMulBnb4", "MatMulFpQ4", "QAttention", "QLinearConv",
+}
+WEIGHT_OPS = {"MatMul", "Gemm", "Gather"}
+
+
+def _type_name(data_type: int) -> str:
+    try:
+        return TensorProto.DataType.Name(data_type)
+    except ValueError:
+        return f"type {data_type}"
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Where a target lives in the graph: initializer, its stored orientation, and the evidence used."""
+    initializer: str
+    layout: str                  # as stored in ONNX: "out_in" ([d_out, d_in]) or "in_out"
+    how: str                     # "name" | "scope" | "node-name" | "probe"
+    copies: tuple = ()           # ((initializer, layout, how), ...) exact copies that get the merge too
+
+    def initializers(self):
+        return [(self.initializer, self.layout)] + [(n, lay) for n, lay, _ in self.copies]
+
+    def to_dict(self) -> dict:
+        d = {"initializer": self.initializer, "layout": self.layout, "how": self.how}
+        if self.copies:
+            d["copies"] = [{"initializer": n, "layout": lay, "how": h} for n, lay, h in self.copies]
+        return d
+
+
+# -- reading a model -------------------------------------------------------------------------------
+def _safe_location(model_dir: str, location: str, model_path: str, tensor: str) -> str:
+    """The data file of an external tensor, refusing anything that could reach outside the model folder."""
+    bad = None
+    if not location or "\x00" in location:
+        bad = "is empty"
+    elif os.path.isabs(location) or location.startswith(("/", "\\")) or (len(location) > 1 and location[1] == ":"):
+        bad = "is an absolute path"
+    elif ".." in location.replace("\\", "/").split("/"):
+        bad = "contains '..'"
+    if bad is None:
+        full = os.path.join(model_dir, location)
+        real_dir = os.path.realpath(model_dir)
+        if os.path.realpath(full) != os.path.normpath(os.path.join(real_dir, location)):
+            bad = "is or passes through a symbolic link"
+        elif not os.path.isfile(full):
+            bad = "does not exist"
+        else:
+            return full
+    raise NeuroAdaError(f"external data location {location!r} {bad}; refusing to read or copy it",
+                        path=model_path, tensor=tensor, rule="1.6")
+
+
+def _all_tensors(graph):
+    """Initializers and tensor attributes of a graph and its subgraphs (any of them may be external)."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for g in attr.graphs:
+                yield from _all_tensors(g)
+
+
+@dataclass
+class _External:
+    file: str        # absolute path of the data file
+    location: str    # as written in the model
+    offset: int
+    nbytes: int
+
+
+class OnnxModel:
+    """An ONNX graph read without its weights; initializer data is mapped lazily, read-only."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise NeuroAdaError("no such ONNX file", path=self.path, rule="1.1")
+        self.dir = os.path.dirname(os.path.abspath(self.path))
+        try:
+            self.proto = onnx.load(self.path, load_external_data=False)
+        except Exception as exc:  # onnx raises DecodeError and friends
+            raise NeuroAdaError(f"not a readable ONNX model: {exc}", path=self.path, rule="1.1") from None
+        graph = self.proto.graph
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.external: dict[str, _External] = {}        # main-graph initializers stored outside
+        self.external_tensors: list[tuple] = []          # every external tensor: (TensorProto, _External)
+        for t in _all_tensors(graph):
+            if t.data_location == TensorProto.EXTERNAL:
+                self.external_tensors.append((t, self._external_info(t)))
+        for t, ext in self.external_tensors:
+            if self.initializers.get(t.name) is t:
+                self.external[t.name] = ext
+        self.nodes = list(graph.node)
+        self.producer = {out: n for n in self.nodes for out in n.output}
+        self.consumers: dict[str, list] = {}
+        for n in self.nodes:
+            for i, name in enumerate(n.input):
+                self.consumers.setdefault(name, []).append((n, i))
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def _external_info(self, t) -> _External:
+        entries = {e.key: e.value for e in t.external_data}
+        file = _safe_location(self.dir, entries.get("location", ""), self.path, t.name)
+        try:
+            offset = int(entries.get("offset", "0"))
+            length = int(entries["length"]) if "length" in entries else None
+        except ValueError:
+            raise NeuroAdaError(f"external data offset/length {entries.get('offset')!r}/{entries.get('length')!r} "
+                                f"is not an integer", path=self.path, tensor=t.name, rule="1.6") from None
+        nbytes = None
+        if t.data_type in FLOAT_TYPES:
+            nbytes = int(np.prod(t.dims, dtype=np.int64)) * FLOAT_TYPES[t.data_type][1].itemsize
+        if length is not None:
+            if nbytes is not None and length != nbytes:
+                raise NeuroAdaError(f"external data length {length} != {nbytes} bytes for dims {list(t.dims)}",
+                                    path=self.path, tensor=t.name, rule="1.6")
+            nbytes = length
+        if nbytes is not None and (offset < 0 or offset + nbytes > os.path.getsize(file)):
+            raise NeuroAdaError(f"external data [{offset}, {offset + nbytes}) lies outside {entries['location']}",
+                                path=self.path, tensor=t.name, rule="1.6")
+        return _External(file, entries["location"], offset, nbytes or 0)
+
+    # -- tensors -----------------------------------------------------------------------------------
+    def dtype(self, name: str) -> str | None:
+        """F32/F16/BF16 for float initializers, None otherwise."""
+        entry = FLOAT_TYPES.get(self.initializers[name].data_type)
+        return entry[0] if entry else None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.initializers[name].dims)
+
+    def array(self, name: str) -> np.ndarray:
+        """The stored tensor (read-only): a memory map for external data, a buffer view for inline."""
+        if name in self._arrays:
+            return self._arrays[name]
+        t = self.initializers[name]
+        if t.data_type not in FLOAT_TYPES:
+            raise NeuroAdaError(f"initializer is {_type_name(t.data_type)}, not F32/F16/BF16",
+                                path=self.path, tensor=name, rule="4.2")
+        dt = FLOAT_TYPES[t.data_type][1]
+        shape = self.shape(name)
+        if name in self.external:
+            ext = self.external[name]
+            if int(np.prod(shape)) == 0:
+                arr = np.empty(shape, dt)
+            else:
+                arr = np.memmap(ext.file, dtype=dt, mode="r", offset=ext.offset, shape=shape)
+        elif t.HasField("raw_data"):
+            arr = np.frombuffer(t.raw_data, dtype=dt).reshape(shape)
+        else:
+            arr = numpy_helper.to_array(t).astype(dt, copy=False).reshape(shape)
+        self._arrays[name] = arr
+        return arr
+
+    def weight_of(self, node, index: int):
+        """The initializer feeding input `index` of a node, through at most one 2-D Transpose, and
+        whether it arrives transposed; (None, False) when the input is computed."""
+        if index >= len(node.input):
+            return None, False
+        name = node.input[index]
+        if name in self.initializers:
+            return name, False
+        prod = self.producer.get(name)
+        if prod is not None and prod.op_type == "Transpose" and prod.input and prod.input[0] in self.initializers:
+            perm = next((list(a.ints) for a in prod.attribute if a.name == "perm"), [1, 0])
+            if perm == [1, 0] and len(self.shape(prod.input[0])) == 2:
+                return prod.input[0], True
+        if prod is not None and prod.op_type in QUANT_OPS:
+            return ("quantized", prod), False
+        return None, False
+
+    def usage(self, node):
+        """(initializer, stored layout) of a linear-like node's weight, ("quantized", node) or None."""
+        op = node.op_type
+        if op in QUANT_OPS:
+            return ("quantized", node), None
+        if op == "Gather":
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            name, transposed = self.weight_of(node, 0)
+            if isinstance(name, str) and axis == 0 and not transposed:
+                return name, "out_in"   # an embedding table: rows are what gets picked
+            return name if isinstance(name, tuple) else None, None
+        if op in ("MatMul", "Gemm"):
+            name, transposed = self.weight_of(node, 1)
+            if not isinstance(name, str):
+                return name, None
+            if op == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute):
+                transposed = not transposed
+            # MatMul(x, W) takes W as [in, out]; a transpose (node or transB) means [out, in] is stored
+            return name, ("out_in" if transposed else "in_out")
+        return None, None
+
+
+# -- resolution ------------------------------------------------------------------------------------
+def _suffix_match(a: str, b: str) -> bool:
+    """Equal, or one is the other with a dotted prefix (a wrapper module's name)."""
+    return a == b or a.endswith("." + b) or ("." in a and b.endswith("." + a))
+
+
+def _module_of(target: str) -> str | None:
+    return target[: -len(".weight")] if target.endswith(".weight") else None
+
+
+def _scope_module(node) -> str | None:
+    for p in node.metadata_props:
+        if p.key == SCOPES_KEY:
+            try:
+                scopes = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError):
+                return None
+            if isinstance(scopes, list) and len(scopes) >= 2 and isinstance(scopes[-2], str):
+                return scopes[-2]   # the innermost module; the last entry names the op
+    return None
+
+
+def _legacy_module(node) -> str | None:
+    parts = node.name.strip("/").split("/") if node.name.startswith("/") else []
+    return ".".join(parts[:-1]) if len(parts) >= 2 else None
+
+
+def _layout_for_shape(shape, canon, preferred: str) -> str | None:
+    """The stored orientation a [d_out, d_in] target can have given an initializer's shape."""
+    fits = [lay for lay in ("out_in", "in_out") if tuple(shape) == stored_shape(canon, lay)]
+    if not fits:
+        return None
+    return preferred if preferred in fits else fits[0]
+
+
+class _Resolver:
+    def __init__(self, model: OnnxModel):
+        self.m = model
+        self.quant_nodes = [n for n in model.nodes if n.op_type in QUANT_OPS]
+        self.scoped = []    # (module path, node)
+        self.legacy = []
+        for n in model.nodes:
+            if n.op_type in WEIGHT_OPS or n.op_type in QUANT_OPS:
+                s = _scope_module(n)
+                if s:
+                    self.scoped.append((s, n))
+                lg = _legacy_module(n)
+                if lg:
+                    self.legacy.append((lg, n))
+
+    def _error(self, msg, target, rule="4.1"):
+        return NeuroAdaError(msg, path=self.m.path, tensor=target, rule=rule)
+
+    def _quantized(self, target, node):
+        return self._error(f"the target's weight feeds quantized operator {node.op_type} ({node.name or 'unnamed'}); "
+                           f"NeuroAda merges need F32, F16 or BF16 weights: merge into the float model, then "
+                           f"quantize", target, rule="4.2")
+
+    def _graph_layout(self, name: str) -> str | None:
+        """The orientation the graph uses an initializer in (MatMul/Gemm first, then Gather)."""
+        seen = {}
+        for n, _ in self._consumers_through_transpose(name):
+            used, layout = self.m.usage(n)
+            if used == name and layout:     # the initializer is this node's weight, not its activation
+                seen.setdefault(n.op_type == "Gather", set()).add(layout)
+        for key in (False, True):
+            if len(seen.get(key, ())) == 1:
+                return next(iter(seen[key]))
+        return None
+
+    def _consumers_through_transpose(self, name: str):
+        for n, i in self.m.consumers.get(name, []):
+            if n.op_type == "Transpose":
+                for out in n.output:
+                    yield from self.m.consumers.get(out, [])
+            else:
+                yield n, i
+
+    def _check_float(self, name: str, target: str):
+        """Refuse integer/FP8 weights and float weights that feed a quantizer, naming the reason."""
+        t = self.m.initializers[name]
+        if t.data_type in FLOAT_TYPES:
+            for n, _ in self._consumers_through_transpose(name):
+                if n.op_type in QUANT_OPS:
+                    raise self._quantized(target, n)
+            return
+        if t.data_type in QUANTIZED_TYPES:
+            raise self._error(f"initializer {name!r} is {_type_name(t.data_type)} (a quantized model); NeuroAda "
+                              f"merges need F32, F16 or BF16 weights: merge into the float model, then quantize",
+                              target, rule="4.2")
+        raise self._error(f"initializer {name!r} is {_type_name(t.data_type)}, not F32, F16 or BF16",
+                          target, rule="4.2")
+
+    def _from_nodes(self, pairs, module, target, canon, how):
+        found = {}
+        for path, node in pairs:
+            if not _suffix_match(path, module):
+                continue
+            name, layout = self.m.usage(node)
+            if isinstance(name, tuple):
+                raise self._quantized(target, name[1])
+            if name is None or layout is None or self.m.shape(name) != stored_shape(canon, layout):
+                continue
+            if node.op_type == "Gather" and self.m.dtype(name) is None:
+                continue                    # an integer lookup table, not a weight
+            self._check_float(name, target)
+            found.setdefault(name, (layout, how))
+        return found
+
+    def _same_weight(self, a: str, la: str, b: str, lb: str) -> bool:
+        if self.m.dtype(a) != self.m.dtype(b):
+            return False
+        return np.array_equal(canonical_view(self.m.array(a), la), canonical_view(self.m.array(b), lb))
+
+    def resolve(self, target: str, t) -> Resolution:
+        canon = tuple(t.shape)
+        evidence: dict[str, tuple[str, str]] = {}
+        # (1) names
+        names = [n for n in self.m.initializers if _suffix_match(n, target)]
+        exact = [n for n in names if n == target]
+        names = exact or names
+        if len(names) > 1:
+            raise self._error(f"ambiguous: initializers {', '.join(sorted(names))} all match the name", target)
+        if names:
+            name = names[0]
+            self._check_float(name, target)
+            layout = self._graph_layout(name) or _layout_for_shape(self.m.shape(name), canon, t.layout)
+            if layout is None or self.m.shape(name) != stored_shape(canon, layout):
+                raise self._error(f"initializer {name!r} has shape {list(self.m.shape(name))}, the adapter "
+                                  f"expects [d_out, d_in] = {list(canon)} in either orientation", target, rule="4.2")
+            evidence[name] = (layout, "name")
+        # (2) exporter scope metadata, (3) legacy node names
+        module = _module_of(target)
+        if module:
+            for pairs, how in ((self.scoped, "scope"), (self.legacy, "node-name")):
+                for name, v in self._from_nodes(pairs, module, target, canon, how).items():
+                    evidence.setdefault(name, v)
+        if evidence:
+            items = list(evidence.items())
+            first, (layout, how) = items[0]
+            copies = []
+            for name, (lay, h) in items[1:]:
+                if not self._same_weight(first, layout, name, lay):
+                    raise self._error(f"ambiguous: {how} points to {first!r}, {h} to {name!r}, and they differ",
+                                      target)
+                copies.append((name, lay, h))
+            res = Resolution(first, layout, how, tuple(copies))
+        else:
+            res = self._probe(target, t, canon)
+        return self._with_tied_copies(res)
+
+    def _probe(self, target, t, canon) -> Resolution:
+        """Last resort: the initializers whose values at the adapter's positions hash to its probe."""
+        idx = np.asarray(t.indices)
+        hits = []
+        for name, init in self.m.initializers.items():
+            if init.data_type not in FLOAT_TYPES or len(init.dims) != 2 or self.m.dtype(name) != t.dtype:
+                continue
+            for layout in ("out_in", "in_out"):
+                if self.m.shape(name) == stored_shape(canon, layout):
+                    if probe_hash(self.m.array(name), idx, layout) == t.probe:
+                        hits.append((name, layout))
+        if len(hits) > 1:
+            listed = ", ".join(f"{n} ({lay})" for n, lay in hits)
+            raise self._error(f"ambiguous: {len(hits)} initializers match the adapter's probe hash: {listed}",
+                              target)
+        if not hits:
+            hint = ""
+            if self.quant_nodes:
+                ops = sorted({n.op_type for n in self.quant_nodes})
+                hint = (f"; the model contains quantized operators ({', '.join(ops)}): NeuroAda merges need the "
+                        f"float model")
+            raise self._error(f"no initializer found by name, exporter scope, node name or probe hash (shape "
+                              f"{list(canon)}, {t.dtype}){hint}", target)
+        return Resolution(hits[0][0], hits[0][1], "probe")
+
+    def _with_tied_copies(self, res: Resolution) -> Resolution:
+        """An embedding table may have a constant-folded copy feeding the (tied) head: merge both."""
+        if not any(n.op_type == "Gather" for n, _ in self.m.consumers.get(res.initializer, [])):
+            return res
+        known = {n for n, _ in res.initializers()}
+        canon = canonical_shape(self.m.shape(res.initializer), res.layout)
+        extra = []
+        for n in self.m.nodes:
+            if n.op_type not in ("MatMul", "Gemm"):
+                continue
+            name, layout = self.m.usage(n)
+            if (isinstance(name, str) and layout and name not in known and self.m.dtype(name)
+                    and self.m.shape(name) == stored_shape(canon, layout)
+                    and self._same_weight(res.initializer, res.layout, name, layout)):
+                extra.append((name, layout, "tied-copy"))
+                known.add(name)
+        return Resolution(res.initializer, res.layout, res.how, res.copies + tuple(extra)) if extra else res
+
+
+def resolve_targets(model_path, adapter: Adapter, *, _model: OnnxModel | None = None) -> dict[str, Resolution]:
+    """Map every target of `adapter` to the initializer(s) holding it; raises on a missing or ambiguous one."""
+    model = _model or OnnxModel(model_path)
+    resolver = _Resolver(model)
+    out = {}
+    owner: dict[str, str] = {}
+    for target in sorted(adapter.targets):
+        res = resolver.resolve(target, adapter.targets[target])
+        for name, _ in res.initializers():
+            if name in owner:
+                raise NeuroAdaError(f"targets {owner[name]!r} and {target!r} both resolve to initializer {name!r} "
+                                    f"(tied weights); keep one of them in the adapter", path=model.path,
+                                    tensor=target, rule="4.1")
+            owner[name] = target
+        out[target] = res
+    return out
+
+
+class OnnxBase(ArrayBase):
+    """An ONNX model seen as a base (the neuroada_format.base interface), keyed by the adapter's target names.
+
+    Arrays are presented in the adapter's layout (a transpose view where ONNX stores the other
+    orientation), so `neuroada_format.validate(adapter, base=view)` checks shapes, dtypes and probes.
+    It subclasses ArrayBase only because open_base() passes through nothing else; an ONNX graph has no
+    safetensors structure hash, so `structure_hash` is absent (validate then skips rule 4.5).
+    """
+
+    def __init__(self, model: OnnxModel, adapter: Adapter, resolutions: dict[str, Resolution],
+                 unresolved: dict[str, str] | None = None):
+        super().__init__({}, model.path)
+        self.model = model
+        self.path = model.path
+        self.resolutions = resolutions
+        self.unresolved = unresolved or {}
+        self._layouts = {name: t.layout for name, t in adapter.targets.items()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.resolutions
+
+    def keys(self):
+        return self.resolutions.keys()
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        r = self.resolutions[name]
+        dtype = self.model.dtype(r.initializer) or _type_name(self.model.initializers[r.initializer].data_type)
+        shape = self.model.shape(r.initializer)
+        return dtype, (shape if r.layout == self._layouts[name] else shape[::-1])
+
+    def array(self, name: str) -> np.ndarray:
+        r = self.resolutions[name]
+        arr = self.model.array(r.initializer)
+        return arr if r.layout == self._layouts[name] else arr.T
+
+    @property
+    def structure_hash(self):
+        raise AttributeError("an ONNX model has no safetensors structure hash")
+
+
+def open_onnx_base(path, adapter: Adapter, *, strict: bool = False) -> OnnxBase:
+    """A base view of an ONNX model for `adapter`; unresolvable targets are left out (validate reports
+    them as rule 4.1) unless strict, and their reasons kept in `.unresolved`."""
+    model = OnnxModel(path)
+    if strict:
+        return OnnxBase(model, adapter, resolve_targets(path, adapter, _model=model))
+    resolver = _Resolver(model)
+    resolutions, unresolved = {}, {}
+    for target, t in sorted(adapter.targets.items()):
+        try:
+            resolutions[target] = resolver.resolve(target, t)
+        except NeuroAdaError as exc:
+            unresolved[target] = exc.detail
+    return OnnxBase(model, adapter, resolutions, unresolved)
+
+
+# -- merging ---------------------------------------------------------------------------------------
+def _default_mode(path: str) -> None:
+    """mkstemp creates 0600 files; give outputs the permissions a plain open() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _fsync(path: str) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _patch_file(path: str, ext_offset: int, dtype, shape, positions, values) -> None:
+    mm = np.memmap(path, dtype=dtype, mode="r+", offset=ext_offset, shape=shape)
+    mm.reshape(-1)[positions] = values
+    mm.flush()
+    del mm
+
+
+def merge_onnx(base: str, adapters, out: str | None, *, verify: bool = True, in_place: bool = False,
+               progress: bool = False) -> dict:
+    """Merge `adapters` [(Adapter, scale), ...] into the ONNX model `base`, writing `out`.
+
+    Values follow the spec's merge rule exactly (neuroada_format.merged_values: f32 sum over adapters
+    in order, one rounding to the initializer's dtype). Nothing is written before every target is
+    resolved and (with verify) validated against the model. Out of place, the model and its external
+    data files are written beside `out` under temporary names and put in place by rename (see
+    `_commit`). in_place patches the base itself: external data files are patched at the tensors'
+    offsets (not atomic: a crash mid-way leaves some tensors merged), an inline model is rewritten
+    atomically. Returns a JSON-able summary.
+    """
+    start = time.perf_counter()
+    base = os.fspath(base)
+    pairs = [(a, 1.0) if isinstance(a, Adapter) else (a[0], float(a[1])) for a in adapters]
+    if not pairs:
+        raise NeuroAdaError("no adapters to merge", path=base, rule="4.1")
+    for a, scale in pairs:
+        if not math.isfinite(scale):
+            raise NeuroAdaError(f"scale {scale} is not finite", path=a.path)
+    if in_place:
+        if out is not None and os.path.abspath(out) != os.path.abspath(base):
+            raise NeuroAdaError("in_place merges write the base itself; give no separate output", path=base)
+        out = base
+    elif out is None or os.path.abspath(out) == os.path.abspath(base):
+        raise NeuroAdaError("output would overwrite the base model; choose another path or ask for in_place",
+                            path=base)
+    out = os.fspath(out)
+    model = OnnxModel(base)
+
+    # 1. resolve and verify everything before touching any file
+    plan: dict[str, dict] = {}     # initializer -> {"layout", "deltas", "targets"}
+    summary_targets = {}
+    for ai, (adapter, scale) in enumerate(pairs):
+        resolutions = resolve_targets(base, adapter, _model=model)
+        if verify:
+            _verify(model, adapter, resolutions, adapter.path or f"adapter #{ai}")
+        for target, res in resolutions.items():
+            t = adapter.targets[target]
+            summary_targets.setdefault(target, {**res.to_dict(), "adapters": []})["adapters"].append(ai)
+            for name, layout in res.initializers():
+                entry = plan.setdefault(name, {"layout": layout, "deltas": [], "targets": []})
+                entry["deltas"].append(Delta(t.indices, t.values, scale))
+                entry["targets"].append(target)
+
+    # 2. the merged values, computed from the (read-only) base
+    patches = {}
+    touched = 0
+    with bar(len(plan), "merge", enabled=progress, unit="tensor") as pbar:
+        for name in sorted(plan):
+            entry = plan[name]
+            positions, values = merged_values(model.array(name), entry["deltas"], entry["layout"])
+            patches[name] = (positions, values)
+            touched += int(positions.size)
+            pbar.update(1)
+
+    # 3. write
+    external_files = sorted({ext.file for _, ext in model.external_tensors})
+    if in_place:
+        files = {model.external[n].file for n in patches if n in model.external}
+        if any(n not in model.external for n in patches):      # inline tensors: the .onnx is rewritten
+            if os.path.islink(model.path):
+                raise NeuroAdaError("model is a symbolic link; merge into a copy instead", path=model.path)
+            files.add(model.path)
+        for f in sorted(files):
+            if os.stat(f).st_nlink > 1:
+                raise NeuroAdaError("file has other hard links; patching it in place would change them too",
+                                    path=f)
+        _write_in_place(model, patches)
+    else:
+        _write_copy(model, patches, out, external_files)
+    return {
+        "base": base, "out": out, "in_place": in_place, "verified": verify,
+        "adapters": [{"path": a.path, "scale": s} for a, s in pairs],
+        "external_data": bool(model.external_tensors),
+        "targets": summary_targets,
+        "initializers": len(patches),
+        "values_touched": touched,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def _verify(model: OnnxModel, adapter: Adapter, resolutions: dict[str, Resolution], label: str) -> None:
+    """validate()'s rules 1-3 on the adapter, then 4.2/4.3 against each resolved initializer as stored.
+
+    Same checks as validate(adapter, base=OnnxBase(...)), but the probe is read in the initializer's own
+    orientation: a transposed view would make probe_hash copy the whole tensor.
+    """
+    validate(adapter, strict=True, path=label)
+    for target, res in sorted(resolutions.items()):
+        t = adapter.targets[target]
+        for name, layout in res.initializers():
+            dtype = model.dtype(name)
+            if dtype != t.dtype or model.shape(name) != stored_shape(t.shape, layout):
+                raise NeuroAdaError(f"initializer {name!r} is {dtype}{list(model.shape(name))} ({layout}), the adapter "
+                                    f"expects {t.dtype}{list(stored_shape(t.shape, layout))}", path=label,
+                                    tensor=target, rule="4.2")
+            if probe_hash(model.array(name), np.asarray(t.indices), layout) != t.probe:
+                raise NeuroAdaError(f"probe hash differs at initializer {name!r}: the model's values at the "
+                                    f"adapter's positions are not the ones it was made for (different base or "
+                                    f"revision, or already merged)", path=label, tensor=target, rule="4.3")
+
+
+def _set_inline(tensor, values_dtype, positions, values) -> None:
+    """Patch an inline initializer, storing it as raw little-endian bytes (typed fields are cleared)."""
+    shape = tuple(int(d) for d in tensor.dims)
+    if tensor.HasField("raw_data"):
+        arr = np.frombuffer(tensor.raw_data, dtype=values_dtype).copy()
+    else:
+        arr = numpy_helper.to_array(tensor).astype(values_dtype).reshape(-1)
+    arr[positions] = values
+    for f in ("float_data", "int32_data", "double_data", "int64_data", "uint64_data"):
+        tensor.ClearField(f)
+    tensor.raw_data = arr.reshape(shape).tobytes()
+
+
+def _write_in_place(model: OnnxModel, patches) -> None:
+    inline = False
+    for name, (positions, values) in patches.items():
+        if name in model.external:
+            ext = model.external[name]
+            _patch_file(ext.file, ext.offset, FLOAT_TYPES[model.initializers[name].data_type][1],
+                        model.shape(name), positions, values)
+        else:
+            _set_inline(model.initializers[name], values.dtype, positions, values)
+            inline = True
+    for f in {model.external[n].file for n in patches if n in model.external}:
+        _fsync(f)
+    if inline:
+        folder = os.path.dirname(os.path.abspath(model.path))
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
+        os.close(fd)
+        try:
+            os.chmod(tmp, os.stat(model.path).st_mode & 0o7777)
+            with open(tmp, "wb") as f:
+                f.write(model.proto.SerializeToString())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, model.path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        _fsync_dir(folder)
+
+
+def _write_copy(model: OnnxModel, patches, out: str, external_files: list[str]) -> None:
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise NeuroAdaError("output folder does not exist", path=out)
+    if os.path.isdir(out):
+        raise NeuroAdaError("output is a folder; give the .onnx file to write", path=out)
+    stem = os.path.basename(out)
+    if len(external_files) == 1:
+        new_names = {external_files[0]: f"{stem}.data"}
+    else:
+        new_names = {f: f"{stem}.{i}.data" for i, f in enumerate(external_files)}
+    base_files = {os.path.realpath(model.path)} | {os.path.realpath(f) for f in external_files}
+    for target in [out] + [os.path.join(folder, n) for n in new_names.values()]:
+        if os.path.realpath(target) in base_files:
+            raise NeuroAdaError("output would overwrite a file of the base model; choose another name",
+                                path=target)
+    temps: list[str] = []
+
+    def temp(suffix):
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+        os.close(fd)
+        temps.append(tmp)
+        _default_mode(tmp)
+        return tmp
+
+    try:
+        data_temps = {}
+        for f in external_files:
+            tmp = temp(".data")
+            shutil.copyfile(f, tmp)
+            data_temps[f] = tmp
+        for name, (positions, values) in patches.items():
+            if name in model.external:
+                ext = model.external[name]
+                _patch_file(data_temps[ext.file], ext.offset, FLOAT_TYPES[model.initializers[name].data_type][1],
+                            model.shape(name), positions, values)
+            else:
+                _set_inline(model.initializers[name], values.dtype, positions, values)
+        for tensor, ext in model.external_tensors:
+            for e in tensor.external_data:
+                if e.key == "location":
+                    e.value = new_names[ext.file]
+        for tmp in data_temps.values():
+            _fsync(tmp)
+        onnx_tmp = temp(".onnx")
+        with open(onnx_tmp, "wb") as f:
+            f.write(model.proto.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        _commit(out, onnx_tmp, {os.path.join(folder, new_names[f]): tmp for f, tmp in data_temps.items()})
+        temps.clear()
+    finally:
+        for tmp in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    _fsync_dir(folder)
+
+
+def _commit(out: str, onnx_tmp: str, data: dict[str, str]) -> None:
+    """Put a model and its data files in place so `out` never names a graph with someone else's data.
+
+    Order: every file is complete and fsynced under a temporary name; an existing `out` is removed;
+    the data files are renamed into place; the .onnx is renamed last. A reader that opens `out`
+    therefore finds either no model or the new model with its own data (readers that already had the
+    old files open keep them: rename and unlink never change an open file). A crash in between leaves
+    no `out` at all, never an old graph next to new data; running the merge again repairs it.
+    """
+    if data and os.path.lexists(out):
+        os.unlink(out)
+    for final, tmp in data.items():
+        os.replace(tmp, final)
+    os.replace(onnx_tmp, out)

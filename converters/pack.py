@@ -1,0 +1,342 @@
+"""Build adapters from other things: extract one from a dense fine-tune, combine several, repack one.
+
+extract: per target row, keep the k entries of D = W_ft - W_base with the largest |D| (rule "delta",
+the best k-sparse approximation of D in the Frobenius norm) or at the base's top-k |W| (rule
+"magnitude", NeuroAda's own positions, so a validator can re-derive them). Tensors are streamed one
+at a time in row chunks, so neither checkpoint is ever loaded whole.
+
+combine: one adapter equal to sum_a w_a * A_a. Per row the union of positions; values summed in f32 in
+the given order, each term f32(f32(w) * f32(v)) exactly as the merge rule forms it, rounded once to
+the value dtype. Rows shorter than the longest union are padded with +0.0 at their lowest unused
+columns, because k is fixed per target. The probe must be recomputed at the new positions, which
+needs the base.
+
+repack: change value/index dtypes and bring an older 1.x file to the current minor version (unknown
+fields of the document are carried over unchanged).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Callable
+
+import numpy as np
+
+import neuroada_format.metadata as _metadata
+from neuroada_format import Adapter, NeuroAdaError, Target, open_base, topk_columns, validate
+from neuroada_format.dtypes import (BASE_DTYPES, INDEX_DTYPES, NUMPY_DTYPES, VALUE_DTYPES, dtype_name,
+                                    index_dtype_for, nonfinite_mask)
+from neuroada_format.layout import canonical_view
+from neuroada_format.selection import select_indices
+
+from .progress import bar
+
+CREATED_BY = "neuroada-pack"
+CHUNK_ENTRIES = 1 << 22       # rows are processed in chunks of about this many entries
+
+# What "the linear weights" means by default: 2-D float tensors named *.weight, minus embeddings,
+# output heads and norms. A head or an embedding is rarely what a sparse adapter should touch and is
+# often tied; pass --targets to include them.
+DEFAULT_EXCLUDE = re.compile(r"(^|\.)([^.]*embed[^.]*|wte|wpe|shared|lm_head|[^.]*norm[^.]*|ln_[^.]*)(\.|$)")
+# transformers' Conv1D (GPT-2 family) stores [in, out]; these are the module names that use it there.
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
+CONV1D_NAMES = re.compile(r"(^|\.)(c_attn|c_proj|c_fc|q_attn)\.weight$")
+
+
+# -- target selection ------------------------------------------------------------------------------
+def default_target(name: str) -> bool:
+    return name.endswith(".weight") and not DEFAULT_EXCLUDE.search(name)
+
+
+def _name_filter(targets) -> Callable[[str], bool]:
+    if targets is None:
+        return default_target
+    if callable(targets):
+        return targets
+    if isinstance(targets, str):
+        try:
+            rx = re.compile(targets)
+        except re.error as exc:
+            raise NeuroAdaError(f"--targets {targets!r} is not a regular expression: {exc}") from None
+        return lambda name: rx.search(name) is not None
+    wanted = set(targets)
+    return lambda name: name in wanted
+
+
+def _model_type(base) -> str | None:
+    folder = getattr(base, "path", None)
+    if not folder:
+        return None
+    if not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def layout_rule(layout_in_out, base) -> Callable[[str], str]:
+    """name -> "in_out" | "out_in". "auto": Conv1D names in a GPT-2-family folder (config.json model_type);
+    "none": all out_in; otherwise a regex (re.search) naming the in_out tensors."""
+    if layout_in_out in (None, "none", ""):
+        return lambda name: "out_in"
+    if layout_in_out == "auto":
+        if _model_type(base) in CONV1D_MODEL_TYPES:
+            return lambda name: "in_out" if CONV1D_NAMES.search(name) else "out_in"
+        return lambda name: "out_in"
+    try:
+        rx = re.compile(layout_in_out)
+    except re.error as exc:
+        raise NeuroAdaError(f"--layout-in-out {layout_in_out!r} is not a regular expression: {exc}") from None
+    return lambda name: "in_out" if rx.search(name) else "out_in"
+
+
+def _check_value_dtype(value_dtype):
+    if value_dtype not in VALUE_DTYPES:
+        raise NeuroAdaError(f"value dtype {value_dtype!r} is not one of {', '.join(VALUE_DTYPES)}", rule="3.3")
+
+
+# -- extract ---------------------------------------------------------------------------------------
+def _rows_per_chunk(d_in: int) -> int:
+    return max(1, CHUNK_ENTRIES // max(d_in, 1))
+
+
+def _extract_target(name, w0, w1, layout, k, positions, vdt):
+    """Indices, f32 values and error sums of one target, streamed over row chunks."""
+    c0, c1 = canonical_view(w0, layout), canonical_view(w1, layout)
+    d_out, d_in = c0.shape
+    idx = np.empty((d_out, k), dtype=np.int64)
+    vals = np.empty((d_out, k), dtype=np.float32)
+    total = rest = stored = 0.0
+    for start in range(0, d_out, _rows_per_chunk(d_in)):
+        stop = min(d_out, start + _rows_per_chunk(d_in))
+        base_rows = np.asarray(c0[start:stop], dtype=np.float32)
+        delta = np.asarray(c1[start:stop], dtype=np.float32) - base_rows
+        if nonfinite_mask(delta).any():
+            raise NeuroAdaError("fine-tuned minus base has non-finite entries", tensor=name, rule="3.7")
+        if positions == "delta":
+            sel = topk_columns(np.abs(delta), k)
+        else:
+            sel = select_indices(base_rows, k, "magnitude")
+        v = np.take_along_axis(delta, sel, axis=1)
+        idx[start:stop], vals[start:stop] = sel, v
+        d64 = delta.astype(np.float64)
+        total += float(np.square(d64).sum())
+        np.put_along_axis(d64, sel, 0.0, axis=1)
+        r = float(np.square(d64).sum())
+        rest += r
+        rounded = v.astype(NUMPY_DTYPES[vdt]).astype(np.float64)
+        stored += r + float(np.square(v.astype(np.float64) - rounded).sum())
+    return idx, vals, total, rest, stored
+
+
+def extract(base, finetuned, k: int, positions: str = "delta", targets=None, *, layout_in_out="auto",
+            value_dtype: str = "BF16", base_name: str | None = None, base_revision: str | None = None,
+            progress: bool = False) -> tuple[Adapter, dict]:
+    """The adapter that best approximates finetuned - base with k entries per row, and a report.
+
+    targets: None (the linear weights, see DEFAULT_EXCLUDE), a regex (re.search) or a name list.
+    Tensors whose delta is exactly zero are left out (listed under "unchanged").
+    report["targets"][T]["rel_error"] = ||D - D_k||_F / ||D||_F with D_k the kept entries in f32;
+    "rel_error_stored" also counts rounding the kept values to value_dtype.
+    """
+    if positions not in ("delta", "magnitude"):
+        raise NeuroAdaError(f"positions must be 'delta' or 'magnitude', not {positions!r}", rule="2.2")
+    _check_value_dtype(value_dtype)
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise NeuroAdaError(f"k={k} must be a positive integer", rule="3.4")
+    b, f = open_base(base), open_base(finetuned)
+    wanted = _name_filter(targets)
+    layout_of = layout_rule(layout_in_out, b)
+    chosen, skipped = [], {"not_in_finetuned": [], "not_float_2d": []}
+    for name in sorted(b.keys()):
+        if not wanted(name):
+            continue
+        dtype, shape = b.info(name)
+        if len(shape) != 2 or dtype not in BASE_DTYPES:
+            if targets is not None:
+                skipped["not_float_2d"].append(name)
+            continue
+        if name not in f:
+            skipped["not_in_finetuned"].append(name)
+            continue
+        fdtype, fshape = f.info(name)
+        if tuple(fshape) != tuple(shape):
+            raise NeuroAdaError(f"shape {list(fshape)} in the fine-tune, {list(shape)} in the base", tensor=name,
+                                rule="4.2")
+        if fdtype not in BASE_DTYPES:
+            raise NeuroAdaError(f"fine-tuned tensor is {fdtype}, not F32, F16 or BF16", tensor=name, rule="4.2")
+        chosen.append(name)
+    if not chosen:
+        raise NeuroAdaError("no tensor of the base matches the target filter (2-D F32/F16/BF16 tensors present "
+                            "in both checkpoints)", path=getattr(b, "path", None))
+    out_targets, report_targets, unchanged = {}, {}, []
+    sums = [0.0, 0.0, 0.0]
+    with bar(len(chosen), "extract", enabled=progress, unit="tensor") as pbar:
+        for name in chosen:
+            w0, w1 = b.array(name), f.array(name)
+            layout = layout_of(name)
+            d_in = w0.shape[1] if layout == "out_in" else w0.shape[0]
+            if k > d_in:
+                raise NeuroAdaError(f"k={k} exceeds d_in={d_in}", tensor=name, rule="3.4")
+            idx, vals, total, rest, stored = _extract_target(name, w0, w1, layout, k, positions, value_dtype)
+            pbar.update(1)
+            if total == 0.0:
+                unchanged.append(name)
+                continue
+            out_targets[name] = Target.from_weight(name, w0, idx, vals.astype(NUMPY_DTYPES[value_dtype]),
+                                                   layout=layout, value_dtype=value_dtype)
+            for i, x in enumerate((total, rest, stored)):
+                sums[i] += x
+            report_targets[name] = {"shape": list(out_targets[name].shape), "layout": layout, "k": int(k),
+                                    "delta_norm": math.sqrt(total), "rel_error": math.sqrt(rest / total),
+                                    "rel_error_stored": math.sqrt(stored / total)}
+    if not out_targets:
+        raise NeuroAdaError(f"the fine-tune equals the base on all {len(chosen)} selected tensors: nothing to "
+                            f"extract", path=getattr(f, "path", None))
+    adapter = Adapter(out_targets, base_name=base_name, base_revision=base_revision,
+                      structure_hash=b.structure_hash() if hasattr(b, "structure_hash") else None,
+                      selection={"rule": positions, "tie_break": "lower-column"},
+                      extra={"created_by": f"{CREATED_BY} extract (positions={positions}, k={k})"})
+    report = {
+        "positions": positions, "k": int(k), "value_dtype": value_dtype,
+        "targets": report_targets,
+        "rel_error": math.sqrt(sums[1] / sums[0]), "rel_error_stored": math.sqrt(sums[2] / sums[0]),
+        "entries": int(sum(t.indices.size for t in out_targets.values())),
+        "unchanged": unchanged, **skipped,
+    }
+    return adapter, report
+
+
+# -- combine ---------------------------------------------------------------------------------------
+def _widest(dtypes) -> str:
+    dtypes = set(dtypes)
+    return dtypes.pop() if len(dtypes) == 1 else "F32"
+
+
+def _union_target(name, parts, d_out, d_in):
+    """Row-wise union of positions and the f32 sums, padded to the longest row: (indices, f32 values)."""
+    keys = [np.arange(d_out, dtype=np.int64)[:, None] * d_in + np.asarray(t.indices, dtype=np.int64)
+            for t, _ in parts]
+    union, inverse = np.unique(np.concatenate([x.reshape(-1) for x in keys]), return_inverse=True)
+    acc = np.zeros(union.size, dtype=np.float32)
+    offset = 0
+    for (t, w), key in zip(parts, keys):
+        n = key.size
+        acc[inverse[offset:offset + n]] += np.float32(w) * np.asarray(t.values).reshape(-1).astype(np.float32)
+        offset += n
+    rows, cols = union // d_in, union % d_in
+    counts = np.bincount(rows, minlength=d_out)
+    k = int(counts.max())
+    # the k - count lowest unused columns of each row lie below 2k (or d_in): mark the used ones there
+    width = min(2 * k, d_in)
+    used = np.zeros((d_out, width), dtype=bool)
+    low = cols < width
+    used[rows[low], cols[low]] = True
+    free = ~used
+    pad = free & (np.cumsum(free, axis=1) <= (k - counts)[:, None])
+    pad_rows, pad_cols = np.nonzero(pad)
+    all_rows = np.concatenate([rows, pad_rows])
+    all_cols = np.concatenate([cols, pad_cols])
+    all_vals = np.concatenate([acc, np.zeros(pad_rows.size, dtype=np.float32)])
+    order = np.lexsort((all_cols, all_rows))
+    return all_cols[order].reshape(d_out, k), all_vals[order].reshape(d_out, k)
+
+
+def combine(adapters_with_weights, base, *, value_dtype: str | None = None, verify: bool = True,
+            base_name: str | None = None) -> Adapter:
+    """sum_a w_a * A_a as one adapter (see the module docstring for the exact arithmetic).
+
+    Every input is validated against `base` (verify=False skips that when the caller already did),
+    inputs declaring different structure hashes are refused, and a target must have the same shape,
+    layout and base dtype in every input. value_dtype None keeps the inputs' common value dtype (F32
+    if they differ).
+    """
+    pairs = [(a, 1.0) if isinstance(a, Adapter) else (a[0], float(a[1])) for a in adapters_with_weights]
+    if not pairs:
+        raise NeuroAdaError("nothing to combine")
+    b = open_base(base)
+    hashes = {a.structure_hash for a, _ in pairs if a.structure_hash is not None}
+    if len(hashes) > 1:
+        raise NeuroAdaError("the adapters declare different base structure hashes: they were made for different "
+                            "bases", rule="4.5")
+    for i, (a, w) in enumerate(pairs):
+        if not math.isfinite(w):
+            raise NeuroAdaError(f"weight {w} is not finite", path=a.path)
+        if verify:
+            report = validate(a, base=b, path=a.path or f"adapter #{i}")
+            report.raise_if_invalid()
+            for p in report.problems:
+                if p["rule"] == "4.5":
+                    raise NeuroAdaError("the adapter was made for a base with a different structure hash",
+                                        path=a.path or f"adapter #{i}", rule="4.5")
+    vdt = value_dtype or _widest(t.value_dtype for a, _ in pairs for t in a.targets.values())
+    _check_value_dtype(vdt)
+    names = sorted({n for a, _ in pairs for n in a.targets})
+    targets = {}
+    for name in names:
+        parts = [(a.targets[name], w) for a, w in pairs if name in a.targets]
+        first = parts[0][0]
+        for t, _ in parts[1:]:
+            if (t.shape, t.layout, t.dtype) != (first.shape, first.layout, first.dtype):
+                raise NeuroAdaError(f"target is {t.dtype}{list(t.shape)} {t.layout} in one adapter and "
+                                    f"{first.dtype}{list(first.shape)} {first.layout} in another", tensor=name,
+                                    rule="4.2")
+        if name not in b:
+            raise NeuroAdaError("target is not a tensor of the base", tensor=name, rule="4.1")
+        idx, vals = _union_target(name, parts, *first.shape)
+        with np.errstate(over="ignore"):
+            values = vals.astype(NUMPY_DTYPES[vdt])
+        if nonfinite_mask(values).any():
+            raise NeuroAdaError(f"a combined value overflows {vdt}; use a wider value dtype", tensor=name,
+                                rule="3.7")
+        targets[name] = Target.from_weight(name, b.array(name), idx, values, layout=first.layout,
+                                           value_dtype=vdt)
+    lead = pairs[0][0]
+    return Adapter(targets, base_name=base_name or lead.base_name, base_revision=lead.base_revision,
+                   structure_hash=(hashes.pop() if hashes else
+                                   (b.structure_hash() if hasattr(b, "structure_hash") else None)),
+                   selection={"rule": "union", "tie_break": "lower-column"},
+                   extra={"created_by": f"{CREATED_BY} combine",
+                          "description": "weighted sum of " + ", ".join(
+                              f"{os.path.basename(a.path) if a.path else 'adapter'} x {w:g}" for a, w in pairs)})
+
+
+# -- repack ----------------------------------------------------------------------------------------
+def _minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")
+    return int(major), int(minor)
+
+
+def repack(adapter: Adapter, value_dtype: str | None = None, index_dtype: str | None = None) -> Adapter:
+    """A copy with converted dtypes (values rounded to nearest even) at the current spec minor version.
+
+    A file of a newer 1.x minor keeps its version: its unknown fields are carried verbatim and may mean
+    something this library cannot re-check, so claiming the older version would be wrong.
+    """
+    if value_dtype is not None:
+        _check_value_dtype(value_dtype)
+    if index_dtype is not None and index_dtype not in INDEX_DTYPES:
+        raise NeuroAdaError(f"index dtype {index_dtype!r} is not one of {', '.join(INDEX_DTYPES)}", rule="3.2")
+    targets = {}
+    for name, t in adapter.targets.items():
+        idt = index_dtype or t.index_dtype
+        if idt == "I16" and index_dtype_for(t.d_in) == "I32":
+            raise NeuroAdaError(f"d_in={t.d_in} needs I32 indices", tensor=name, rule="3.2")
+        vdt = value_dtype or t.value_dtype
+        with np.errstate(over="ignore"):
+            values = np.asarray(t.values).astype(NUMPY_DTYPES[vdt])
+        if nonfinite_mask(values).any() and not nonfinite_mask(np.asarray(t.values)).any():
+            raise NeuroAdaError(f"a value overflows {vdt}", tensor=name, rule="3.7")
+        targets[name] = Target(name, np.asarray(t.indices).astype(NUMPY_DTYPES[idt]), values, t.shape, t.layout,
+                               t.dtype, t.probe)
+    version = adapter.version
+    if _minor(version) < _minor(_metadata.VERSION):
+        version = _metadata.VERSION
+    return Adapter(targets, adapter.base_name, adapter.base_revision, adapter.structure_hash,
+                   dict(adapter.selection), version, dict(adapter.extra), adapter.path)
+
+

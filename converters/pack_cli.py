@@ -1,0 +1,171 @@
+"""`neuroada-pack`: extract an adapter from a dense fine-tune, combine adapters, or repack one.
+
+Exit codes: 0 written; 1 the inputs are unusable (an invalid adapter, adapters or checkpoints that do
+not belong together); 2 usage or I/O error. Every error is one line on stderr; `--json` prints the
+summary on stdout.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from neuroada_format import NeuroAdaError, load
+from neuroada_format import save as naf_save
+
+from . import pack
+
+EXIT_INPUT = 1
+EXIT_USAGE = 2
+
+HELP = """Build NeuroAda adapters.
+
+\b
+Extract (the adapter closest to a dense fine-tune, k entries per row):
+  neuroada-pack --base BASE --finetuned FT -k K -o OUT.safetensors
+\b
+Combine (one adapter equal to a weighted sum; weights default to 1):
+  neuroada-pack --combine A.safetensors:0.7 B.safetensors:0.3 --base BASE -o OUT.safetensors
+\b
+Repack (other dtypes, current spec version):
+  neuroada-pack --repack A.safetensors --value-dtype F16 -o OUT.safetensors
+
+BASE and FT are safetensors checkpoints: a file or a Hugging Face folder, sharded or not. --combine
+needs --base because the union of positions has new entries whose probe hash (the base values the
+adapter is tied to) must be read from the base, and because each input is checked against it so
+adapters made for different bases are refused.
+
+By default every 2-D F32/F16/BF16 tensor named *.weight is a target except embeddings, output heads
+(lm_head) and norms; --targets REGEX (searched in the tensor name) replaces that rule.
+"""
+
+
+def _fail(message: str, code: int):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _need(paths: dict):
+    for what, path in paths.items():
+        if path is not None and not os.path.exists(path):
+            raise click.UsageError(f"{what} {path}: no such file or folder")
+
+
+def _parse_source(text: str) -> tuple[str, float]:
+    path, sep, weight = text.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def _file_summary(out: str, adapter) -> dict:
+    return {"out": out, "targets": len(adapter.targets),
+            "entries": int(sum(t.indices.size for t in adapter.targets.values())),
+            "bytes": os.path.getsize(out)}
+
+
+@click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("sources", nargs=-1, metavar="[ADAPTER[:WEIGHT]]...")
+@click.option("--base", help="Base checkpoint (extract, combine).")
+@click.option("--finetuned", help="Dense fine-tuned checkpoint of the same architecture (extract).")
+@click.option("-k", type=click.IntRange(min=1), help="Entries per row (extract).")
+@click.option("-o", "--out", required=True, help="Adapter file to write (atomically).")
+@click.option("--positions", type=click.Choice(["delta", "magnitude"]), default="delta", show_default=True,
+              help="delta: largest |FT - BASE| per row (best approximation); magnitude: the base's top-k |W| "
+                   "(NeuroAda's positions).")
+@click.option("--targets", metavar="REGEX", help="Tensors to extract (re.search on the name).")
+@click.option("--layout-in-out", default="auto", show_default=True, metavar="REGEX|auto|none",
+              help="Tensors stored [in, out] (GPT-2 Conv1D). auto: c_attn/c_proj/c_fc/q_attn when the base "
+                   "folder's config.json says a GPT-2-family model_type.")
+@click.option("--value-dtype", type=click.Choice(["BF16", "F16", "F32"]),
+              help="Value dtype (extract default BF16; combine default: the inputs' own, F32 if mixed).")
+@click.option("--index-dtype", type=click.Choice(["I16", "I32"]), help="Index dtype (repack).")
+@click.option("--combine", "do_combine", is_flag=True, help="Combine the ADAPTER[:WEIGHT] arguments.")
+@click.option("--repack", "repack_path", metavar="ADAPTER", help="Rewrite ADAPTER with other dtypes.")
+@click.option("--base-name", help="Base model name recorded in the adapter (extract: default BASE's folder or "
+                                   "file name; combine: default the first adapter's).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def cli(sources, base, finetuned, k, out, positions, targets, layout_in_out, value_dtype, index_dtype,
+        do_combine, repack_path, base_name, as_json):
+    progress = not as_json
+    if repack_path is not None:
+        if do_combine or sources or base or finetuned or k or targets:
+            raise click.UsageError("--repack takes only -o, --value-dtype and --index-dtype")
+        _need({"adapter": repack_path})
+        adapter = pack.repack(load(repack_path), value_dtype, index_dtype)
+        naf_save(adapter, out)
+        summary = {"mode": "repack", "source": repack_path, "version": adapter.version,
+                   **_file_summary(out, adapter)}
+        text = f"wrote {out}: {summary['targets']} targets, spec {adapter.version}, {summary['bytes']:,} bytes"
+    elif do_combine:
+        if not sources:
+            raise click.UsageError("--combine needs at least one ADAPTER[:WEIGHT]")
+        if not base:
+            raise click.UsageError("--combine needs --base (see --help: the new positions' probe is read from it)")
+        if finetuned or k or targets or index_dtype:
+            raise click.UsageError("--finetuned, -k, --targets and --index-dtype do not apply to --combine")
+        parsed = [_parse_source(s) for s in sources]
+        _need({"base": base, **{f"adapter #{i + 1}": p for i, (p, _) in enumerate(parsed)}})
+        adapters = [(load(p), w) for p, w in parsed]
+        combined = pack.combine(adapters, base, value_dtype=value_dtype, base_name=base_name)
+        naf_save(combined, out)
+        summary = {"mode": "combine", "sources": [{"path": p, "weight": w} for p, w in parsed],
+                   "k": {n: t.k for n, t in sorted(combined.targets.items())}, **_file_summary(out, combined)}
+        text = (f"wrote {out}: {len(parsed)} adapters combined into {summary['targets']} targets, "
+                f"{summary['entries']:,} entries, {summary['bytes']:,} bytes")
+    else:
+        if sources:
+            raise click.UsageError(f"unexpected argument {sources[0]!r} (did you mean --combine?)")
+        if index_dtype:
+            raise click.UsageError("--index-dtype applies to --repack (extraction picks I16 where it fits)")
+        missing = [opt for opt, v in (("--base", base), ("--finetuned", finetuned), ("-k", k)) if not v]
+        if missing:
+            raise click.UsageError(f"extraction needs {', '.join(missing)} (or use --combine / --repack)")
+        _need({"base": base, "finetuned": finetuned})
+        for p in (base, finetuned):
+            if os.path.abspath(p) == os.path.abspath(out):
+                raise click.UsageError("-o would overwrite an input checkpoint")
+        adapter, report = pack.extract(base, finetuned, k, positions, targets, layout_in_out=layout_in_out,
+                                       value_dtype=value_dtype or "BF16",
+                                       base_name=base_name or os.path.basename(os.path.normpath(base)),
+                                       progress=progress)
+        naf_save(adapter, out)
+        summary = {"mode": "extract", **_file_summary(out, adapter), "report": report}
+        worst = sorted(report["targets"].items(), key=lambda kv: -kv[1]["rel_error"])[:5]
+        lines = [f"wrote {out}: {summary['targets']} targets, k={k} ({positions}), {summary['entries']:,} "
+                 f"entries, {summary['bytes']:,} bytes",
+                 f"relative error ||D - D_k|| / ||D||: {report['rel_error']:.4g} overall, "
+                 f"{report['rel_error_stored']:.4g} with {report['value_dtype']} values"]
+        if report["unchanged"]:
+            lines.append(f"{len(report['unchanged'])} selected tensors are unchanged in the fine-tune (left out)")
+        lines += [f"  {r['rel_error']:.4g}  {name}" for name, r in worst]
+        text = "\n".join(lines)
+    click.echo(json.dumps(summary, indent=2) if as_json else text)
+
+
+def main(argv=None):
+    """Entry point: click parses, our handler turns every failure into one line and an exit code."""
+    try:
+        cli.main(args=argv, prog_name="neuroada-pack", standalone_mode=False)
+    except click.exceptions.Exit as exc:      # --help
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:       # usage errors: one line, not click's three
+        _fail(exc.format_message().replace("\n", " "), EXIT_USAGE)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except NeuroAdaError as exc:
+        _fail(str(exc), EXIT_INPUT)
+    except OSError as exc:
+        _fail(f"{exc.filename or ''}: {exc.strerror or exc}", EXIT_USAGE)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,532 @@
+"""merge_onnx on real exports (dynamo exporter, run in onnxruntime) and on hand-built graphs for the
+cases an exporter does not produce on demand (legacy names, quantized nodes, hostile data locations).
+
+Each real model is exported once per module: exports dominate this file's run time.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import warnings
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+transformers = pytest.importorskip("transformers")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+import neuroada_format as naf  # noqa: E402
+from neuroada_format.converters.onnx_merge import (  # noqa: E402
+    OnnxModel, merge_onnx, open_onnx_base, resolve_targets)
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+class LogitsOnly(torch.nn.Module):
+    """Export wrapper: plain tensors out (the HF cache object cannot be exported) and a module prefix
+    ("m.") in every scope, as real export scripts have."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids):
+        if hasattr(self.m, "lm_head"):
+            return self.m(input_ids=ids, use_cache=False).logits
+        out = self.m(input_ids=ids)
+        return out.last_hidden_state + out.pooler_output[:, None, :]   # keeps the pooler in the graph
+
+
+def export(module, args, path, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, os.fspath(path), dynamo=True, verbose=False, **kw)
+    return os.fspath(path)
+
+
+def numpy_state(model):
+    return {k: v.detach().cpu().numpy() if v.dtype != torch.bfloat16 else
+            v.detach().cpu().view(torch.uint16).numpy().view(BF16) for k, v in model.state_dict().items()}
+
+
+def linear_names(state):
+    return sorted(k for k, v in state.items() if v.ndim == 2 and k.endswith(".weight") and "embed" not in k)
+
+
+def make_adapter(state, names, k=4, seed=0, value_dtype="BF16"):
+    """An adapter over `names` with values ~ 0.05 * std of each weight (realistic, never all zero)."""
+    rng = np.random.default_rng(seed)
+    targets = {}
+    for name in names:
+        w = state[name]
+        idx = naf.select_indices(w, k)
+        std = float(np.asarray(w, np.float32).std())
+        vals = (rng.standard_normal(idx.shape) * 0.05 * std).astype(naf.dtypes.NUMPY_DTYPES[value_dtype])
+        targets[name] = naf.Target.from_weight(name, w, idx, vals, value_dtype=value_dtype)
+    return naf.Adapter(targets, base_name="tiny")
+
+
+def reference_state(state, adapters):
+    """Each target's weight merged with the reference rule, in the given adapter order."""
+    out = dict(state)
+    names = sorted({n for a, _ in adapters for n in a.targets})
+    for name in names:
+        deltas = [(a.targets[name], s) for a, s in adapters if name in a.targets]
+        out[name] = naf.merge_weight(state[name], deltas)
+    return out
+
+
+def torch_with(model, state):
+    m = copy.deepcopy(model)
+    m.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
+    return m.eval()
+
+
+def run_ort(path, *inputs):
+    sess = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: x for i, x in zip(sess.get_inputs(), inputs)}
+    return sess.run(None, feeds)[0]
+
+
+def close(actual, expected, rel=1e-4):
+    scale = float(np.abs(expected).max())
+    assert float(np.abs(actual - expected).max()) <= rel * scale, float(np.abs(actual - expected).max()) / scale
+
+
+def initializer(path, name):
+    """An initializer's stored array, external data included."""
+    m = OnnxModel(path)
+    return np.array(m.array(name))
+
+
+def assert_initializers_match(out, summary, ref_state):
+    """The merged initializers are byte-identical to the reference merge (transposed as stored)."""
+    for target, info in summary["targets"].items():
+        for name, layout in [(info["initializer"], info["layout"])] + [
+                (c["initializer"], c["layout"]) for c in info.get("copies", [])]:
+            got = initializer(out, name)
+            want = ref_state[target] if layout == "out_in" else ref_state[target].T
+            assert got.dtype == want.dtype and got.shape == want.shape, target
+            assert got.tobytes() == np.ascontiguousarray(want).tobytes(), target
+
+
+def digest(*paths):
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+# -- real models -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """Tiny untied LlamaForCausalLM, dynamo export with its default options (external data, val_N names)."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                   max_position_embeddings=64, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    folder = tmp_path_factory.mktemp("llama")
+    ids = torch.randint(0, 128, (2, 8))
+    path = export(LogitsOnly(model), (ids,), folder / "llama.onnx", external_data=True)
+    return model, numpy_state(model), path
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    """Tiny BertModel exported inline: MatMul on transposed val_N weights plus a Gemm(transB=1) pooler."""
+    torch.manual_seed(1)
+    cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, vocab_size=100, max_position_embeddings=32)
+    model = transformers.BertModel(cfg).eval()
+    folder = tmp_path_factory.mktemp("bert")
+    ids = torch.randint(0, 100, (2, 6))
+    path = export(LogitsOnly(model), (ids,), folder / "bert.onnx", external_data=False)
+    return model, numpy_state(model), path
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    """Linear-ReLU-Linear on 2-D inputs (Gemm transB=1, original names) in F32, F16 and BF16."""
+    torch.manual_seed(2)
+    folder = tmp_path_factory.mktemp("mlp")
+    out = {}
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        seq = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval().to(dt)
+        name = str(dt).split(".")[-1]
+        out[name] = (seq, numpy_state(seq), export(seq, (torch.randn(3, 16, dtype=dt),), folder / f"{name}.onnx",
+                                                   external_data=False))
+    return out
+
+
+def test_llama_external_data_matches_torch(llama, tmp_path):
+    model, state, path = llama
+    data_files = [os.path.join(os.path.dirname(path), f) for f in os.listdir(os.path.dirname(path))]
+    before = digest(*sorted(data_files))
+    adapter = make_adapter(state, linear_names(state))
+    out = tmp_path / "merged.onnx"
+    summary = merge_onnx(path, [(adapter, 1.0)], os.fspath(out))
+
+    assert summary["external_data"] and len(summary["targets"]) == 15
+    json.dumps(summary)                                                       # JSON-able
+    assert {t["how"] for t in summary["targets"].values()} == {"scope"}
+    assert {t["layout"] for t in summary["targets"].values()} == {"in_out"}   # MatMul stores [in, out]
+    assert summary["values_touched"] == sum(t.indices.size for t in adapter.targets.values())
+    assert sorted(os.listdir(tmp_path)) == ["merged.onnx", "merged.onnx.data"]
+    assert digest(*sorted(data_files)) == before                                # base untouched
+
+    ref = reference_state(state, [(adapter, 1.0)])
+    assert_initializers_match(out, summary, ref)
+    ids = np.random.default_rng(3).integers(0, 128, (2, 8)).astype(np.int64)
+    with torch.no_grad():
+        want = LogitsOnly(torch_with(model, ref))(torch.from_numpy(ids)).numpy()
+        base_logits = LogitsOnly(model)(torch.from_numpy(ids)).numpy()
+    got = run_ort(out, ids)
+    close(got, want)
+    assert np.abs(want - base_logits).max() > 1e-4 * np.abs(want).max()       # the adapter did something
+
+
+def test_bert_inline_two_adapters_match_torch(bert, tmp_path):
+    model, state, path = bert
+    names = linear_names(state)
+    a = make_adapter(state, names, k=3, seed=1)
+    b = make_adapter(state, names[::2], k=5, seed=2)
+    pairs = [(a, 0.5), (b, -1.25)]
+    out = tmp_path / "bert-merged.onnx"
+    summary = merge_onnx(path, pairs, os.fspath(out))
+
+    hows = {t: info["how"] for t, info in summary["targets"].items()}
+    assert hows["pooler.dense.weight"] == "name"                      # Gemm(transB=1), original name
+    assert summary["targets"]["pooler.dense.weight"]["layout"] == "out_in"
+    assert hows["encoder.layer.0.attention.self.query.weight"] == "scope"
+    assert not summary["external_data"] and os.listdir(tmp_path) == ["bert-merged.onnx"]
+
+    ref = reference_state(state, pairs)
+    assert_initializers_match(out, summary, ref)
+    ids = np.random.default_rng(4).integers(0, 100, (2, 6)).astype(np.int64)
+    with torch.no_grad():
+        want = LogitsOnly(torch_with(model, ref))(torch.from_numpy(ids)).numpy()
+    close(run_ort(out, ids), want)
+
+
+def test_gemm_f32_inference_and_f16_bf16_weights(mlp, tmp_path):
+    seq, state, path = mlp["float32"]
+    adapter = make_adapter(state, ["0.weight", "2.weight"], k=3)
+    out = tmp_path / "f32.onnx"
+    summary = merge_onnx(path, [(adapter, 2.0)], os.fspath(out))
+    assert {(t["how"], t["layout"]) for t in summary["targets"].values()} == {("name", "out_in")}
+    ref = reference_state(state, [(adapter, 2.0)])
+    assert_initializers_match(out, summary, ref)
+    x = np.random.default_rng(5).standard_normal((3, 16)).astype(np.float32)
+    with torch.no_grad():
+        want = torch_with(seq, ref)(torch.from_numpy(x)).numpy()
+    close(run_ort(out, x), want)
+
+    for dtype, value_dtype in (("float16", "F32"), ("bfloat16", "BF16")):
+        _, state, path = mlp[dtype]
+        adapter = make_adapter(state, ["0.weight", "2.weight"], k=5, seed=7, value_dtype=value_dtype)
+        out = tmp_path / f"{dtype}.onnx"
+        summary = merge_onnx(path, [(adapter, 1.0)], os.fspath(out))
+        ref = reference_state(state, [(adapter, 1.0)])
+        assert_initializers_match(out, summary, ref)
+        assert initializer(out, "0.weight").dtype == state["0.weight"].dtype
+        onnx.checker.check_model(os.fspath(out))
+
+
+def test_in_place_external_and_inline(llama, bert, tmp_path):
+    import shutil
+
+    for name, (_, state, path) in (("llama", llama), ("bert", bert)):
+        adapter = make_adapter(state, linear_names(state)[:4], k=2, seed=9)
+        expected = merge_onnx(path, [(adapter, 1.0)], os.fspath(tmp_path / f"{name}-copy.onnx"))
+        work = tmp_path / name
+        work.mkdir()
+        for f in os.listdir(os.path.dirname(path)):
+            shutil.copy(os.path.join(os.path.dirname(path), f), work / f)
+        target = os.fspath(work / os.path.basename(path))
+        summary = merge_onnx(target, [(adapter, 1.0)], None, in_place=True)
+        assert summary["in_place"] and summary["out"] == target
+        for info in expected["targets"].values():
+            got = initializer(target, info["initializer"])
+            assert got.tobytes() == initializer(tmp_path / f"{name}-copy.onnx", info["initializer"]).tobytes()
+        with pytest.raises(naf.NeuroAdaError, match="probe"):   # merged already: the probe no longer fits
+            merge_onnx(target, [(adapter, 1.0)], None, in_place=True)
+
+
+def test_wrong_adapter_refused_before_writing(llama, tmp_path):
+    model, state, path = llama
+    other = {k: v + np.float32(0.01) for k, v in state.items()}
+    adapter = make_adapter(other, linear_names(state))
+    out = tmp_path / "never.onnx"
+    with pytest.raises(naf.NeuroAdaError, match="rule 4.3.*probe"):
+        merge_onnx(path, [(adapter, 1.0)], os.fspath(out))
+    assert os.listdir(tmp_path) == []
+    report = naf.validate(adapter, base=open_onnx_base(path, adapter))
+    assert not report.ok and {p["rule"] for p in report.errors} == {"4.3"}
+    good = make_adapter(state, linear_names(state))
+    assert naf.validate(good, base=open_onnx_base(path, good)).ok
+
+
+def test_output_may_not_overwrite_base(llama, tmp_path):
+    _, state, path = llama
+    adapter = make_adapter(state, linear_names(state)[:1])
+    with pytest.raises(naf.NeuroAdaError, match="overwrite the base"):
+        merge_onnx(path, [(adapter, 1.0)], path)
+    with pytest.raises(naf.NeuroAdaError, match="overwrite a file of the base"):
+        merge_onnx(path, [(adapter, 1.0)], path + ".data")
+    # an existing output is replaced, together with its data file
+    out = os.fspath(tmp_path / "m.onnx")
+    merge_onnx(path, [(adapter, 1.0)], out)
+    merge_onnx(path, [(adapter, 2.0)], out)
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    """Tied embeddings: the optimiser keeps the table for Gather and a transposed copy for the head."""
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, vocab_size=64,
+                                   max_position_embeddings=32, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    folder = tmp_path_factory.mktemp("tied")
+    path = export(LogitsOnly(model), (torch.randint(0, 64, (1, 5)),), folder / "tied.onnx", external_data=False)
+    return model, numpy_state(model), path
+
+
+def test_tied_head_merges_every_copy(tied, tmp_path):
+    model, state, path = tied
+    adapter = make_adapter(state, ["lm_head.weight", "model.layers.0.mlp.up_proj.weight"], k=3)
+    res = resolve_targets(path, adapter)["lm_head.weight"]
+    assert len(res.initializers()) == 2                     # table + transposed copy
+    out = tmp_path / "tied-merged.onnx"
+    summary = merge_onnx(path, [(adapter, 1.0)], os.fspath(out))
+    ref = reference_state(state, [(adapter, 1.0)])
+    ref["model.embed_tokens.weight"] = ref["lm_head.weight"]
+    assert_initializers_match(out, summary, ref)
+    ids = np.array([[1, 5, 9, 33, 63]], dtype=np.int64)
+    with torch.no_grad():
+        want = LogitsOnly(torch_with(model, ref))(torch.from_numpy(ids)).numpy()
+    close(run_ort(out, ids), want)
+    both = make_adapter(state, ["lm_head.weight", "model.embed_tokens.weight"], k=2)
+    with pytest.raises(naf.NeuroAdaError, match="tied"):
+        merge_onnx(path, [(both, 1.0)], os.fspath(tmp_path / "x.onnx"))
+
+
+# -- hand-built graphs -----------------------------------------------------------------------------
+def graph_model(path, weights: dict, nodes, inputs=("x",), external=None, dtype=TensorProto.FLOAT):
+    """A MatMul-chain model; weights {name: array}; external: {name: location} stores those outside."""
+    inits = []
+    folder = os.path.dirname(path)
+    for name, arr in weights.items():
+        t = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+        if external and name in external:
+            loc = external[name]
+            raw = t.raw_data
+            t.ClearField("raw_data")
+            t.data_location = TensorProto.EXTERNAL
+            full = os.path.join(folder, loc) if not os.path.isabs(loc) else loc
+            if os.path.isfile(full):
+                offset = os.path.getsize(full)
+                with open(full, "ab") as f:
+                    f.write(raw)
+            else:
+                offset = 0
+                if not os.path.lexists(full):
+                    with open(full, "wb") as f:
+                        f.write(raw)
+            for k, v in (("location", loc), ("offset", str(offset)), ("length", str(len(raw)))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+        inits.append(t)
+    d_in = next(iter(weights.values())).shape[0]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(i, dtype, ["n", d_in]) for i in inputs],
+        [helper.make_tensor_value_info(nodes[-1].output[0], dtype, None)], initializer=inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    with open(path, "wb") as f:
+        f.write(m.SerializeToString())
+    return os.fspath(path)
+
+
+def scoped(node, module):
+    p = node.metadata_props.add()
+    parts = module.split(".")
+    scopes = [""] + [".".join(parts[:i + 1]) for i in range(len(parts))] + ["linear"]
+    p.key, p.value = "pkg.torch.onnx.name_scopes", repr(scopes)
+    return node
+
+
+def adapter_for(name, stored, layout, k=2, seed=0):
+    rng = np.random.default_rng(seed)
+    canon = stored if layout == "out_in" else stored.T
+    idx = naf.select_indices(canon, k)
+    vals = (rng.standard_normal(idx.shape) * 0.01).astype(BF16)
+    return naf.Adapter({name: naf.Target.from_weight(name, stored, idx, vals, layout=layout)})
+
+
+def test_legacy_node_names_and_probe_fallback(tmp_path):
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 6)).astype(np.float32)          # [in, out] for MatMul
+    w2 = rng.standard_normal((6, 4)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "onnx::MatMul_12"], ["h"], name="/model/layers.0/q_proj/MatMul"),
+             helper.make_node("MatMul", ["h", "W0"], ["y"], name="mm")]
+    path = graph_model(tmp_path / "legacy.onnx", {"onnx::MatMul_12": w1, "W0": w2}, nodes)
+    a = adapter_for("model.layers.0.q_proj.weight", w1.T.copy(), "out_in")   # PyTorch [out, in]
+    b = adapter_for("encoder.fc.weight", w2.T.copy(), "out_in", seed=1)
+    ra = resolve_targets(path, a)["model.layers.0.q_proj.weight"]
+    rb = resolve_targets(path, b)["encoder.fc.weight"]
+    assert (ra.initializer, ra.layout, ra.how) == ("onnx::MatMul_12", "in_out", "node-name")
+    assert (rb.initializer, rb.layout, rb.how) == ("W0", "in_out", "probe")
+    out = tmp_path / "out.onnx"
+    merge_onnx(path, [(a, 1.0), (b, 1.0)], os.fspath(out))
+    w1m = naf.merge_weight(w1.T.copy(), [a.targets["model.layers.0.q_proj.weight"]]).T
+    w2m = naf.merge_weight(w2.T.copy(), [b.targets["encoder.fc.weight"]]).T
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(out, x), x @ w1m @ w2m, rtol=1e-5, atol=1e-5)
+
+
+def test_ambiguous_and_missing_targets_refused(tmp_path):
+    rng = np.random.default_rng(1)
+    wa, wb = (rng.standard_normal((8, 4)).astype(np.float32) for _ in range(2))
+    nodes = [scoped(helper.make_node("MatMul", ["x", "a.lin.weight"], ["h"], name="m1"), "a.lin"),
+             scoped(helper.make_node("MatMul", ["x", "b.lin.weight"], ["y"], name="m2"), "b.lin")]
+    path = graph_model(tmp_path / "amb.onnx", {"a.lin.weight": wa, "b.lin.weight": wb}, nodes)
+    amb = adapter_for("lin.weight", wa, "in_out")
+    with pytest.raises(naf.NeuroAdaError, match=r"lin\.weight.*ambiguous.*a\.lin\.weight, b\.lin\.weight"):
+        merge_onnx(path, [(amb, 1.0)], os.fspath(tmp_path / "o.onnx"))
+    ok = adapter_for("b.lin.weight", wb, "in_out")
+    assert resolve_targets(path, ok)["b.lin.weight"].how == "name"
+    missing = adapter_for("model.other.weight", rng.standard_normal((5, 3)).astype(np.float32), "out_in")
+    with pytest.raises(naf.NeuroAdaError, match=r"model\.other\.weight: rule 4\.1: no initializer found"):
+        merge_onnx(path, [(missing, 1.0)], os.fspath(tmp_path / "o.onnx"), verify=False)
+    # the probe stage refuses two initializers holding the same values
+    same = graph_model(tmp_path / "same.onnx", {"p": wa, "q": wa.copy()},
+                       [helper.make_node("MatMul", ["x", "p"], ["h"]), helper.make_node("MatMul", ["x", "q"], ["y"])])
+    with pytest.raises(naf.NeuroAdaError, match="ambiguous: 2 initializers match the adapter's probe"):
+        resolve_targets(same, adapter_for("enc.fc.weight", wa, "in_out"))
+    view = open_onnx_base(path, amb)
+    assert "lin.weight" in view.unresolved
+    report = naf.validate(amb, base=view)
+    assert [p["rule"] for p in report.errors] == ["4.1"]
+    assert os.listdir(tmp_path) == ["amb.onnx", "same.onnx"]
+
+
+@pytest.mark.parametrize("location", ["../evil.data", "/ABS", "link.data"])
+def test_hostile_external_locations_refused(tmp_path, location):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    outside = tmp_path / "evil.data"
+    w = np.ones((4, 3), np.float32)
+    outside.write_bytes(w.tobytes())
+    if location == "/ABS":
+        location = os.fspath(outside)
+    if location == "link.data":
+        os.symlink(outside, folder / "link.data")
+    path = os.fspath(folder / "m.onnx")
+    nodes = [scoped(helper.make_node("MatMul", ["x", "fc.weight"], ["y"]), "fc")]
+    inits = [numpy_helper.from_array(w, "fc.weight")]
+    t = inits[0]
+    t.ClearField("raw_data")
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", "0"), ("length", str(w.nbytes))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    with open(path, "wb") as f:
+        f.write(helper.make_model(graph).SerializeToString())
+    adapter = adapter_for("fc.weight", w, "in_out")
+    with pytest.raises(naf.NeuroAdaError, match=r"rule 1\.6: external data location .* (absolute|'\.\.'|symbolic)"):
+        merge_onnx(path, [(adapter, 1.0)], os.fspath(tmp_path / "out.onnx"))
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_quantized_models_refused(tmp_path):
+    rng = np.random.default_rng(2)
+    q = rng.integers(-100, 100, (8, 4)).astype(np.int8)
+    nodes = [helper.make_node("DequantizeLinear", ["model.q.weight", "scale"], ["wq"]),
+             scoped(helper.make_node("MatMul", ["x", "wq"], ["y"]), "model.q")]
+    path = graph_model(tmp_path / "dq.onnx", {"model.q.weight": q, "scale": np.float32(0.01)}, nodes)
+    adapter = adapter_for("model.q.weight", q.astype(np.float32), "in_out")
+    with pytest.raises(naf.NeuroAdaError, match="INT8 .*quantized"):
+        merge_onnx(path, [(adapter, 1.0)], os.fspath(tmp_path / "o.onnx"))
+    nbits = helper.make_node("MatMulNBits", ["x", "model.layers.0.q_proj.weight_Q4", "scales"], ["y"],
+                             domain="com.microsoft", name="/model/layers.0/q_proj/MatMulNBits", K=8, N=4, bits=4,
+                             block_size=32)
+    path = graph_model(tmp_path / "nbits.onnx", {"model.layers.0.q_proj.weight_Q4": np.zeros((4, 1, 16), np.uint8),
+                                                 "scales": np.ones(4, np.float32)}, [nbits])
+    adapter = adapter_for("model.layers.0.q_proj.weight", rng.standard_normal((4, 8)).astype(np.float32), "out_in")
+    with pytest.raises(naf.NeuroAdaError, match="quantized operator MatMulNBits"):
+        merge_onnx(path, [(adapter, 1.0)], os.fspath(tmp_path / "o.onnx"))
+    assert sorted(os.listdir(tmp_path)) == ["dq.onnx", "nbits.onnx"]
+
+
+def test_external_data_several_files_and_bf16(tmp_path):
+    """Hand-written external data: two data files, BF16 bit patterns, tensors at non-zero offsets."""
+    rng = np.random.default_rng(3)
+    w1 = rng.standard_normal((8, 6)).astype(BF16)
+    w2 = rng.standard_normal((6, 4)).astype(BF16)
+    nodes = [scoped(helper.make_node("MatMul", ["x", "val_1"], ["h"]), "m.enc.fc1"),
+             scoped(helper.make_node("MatMul", ["h", "val_2"], ["y"]), "m.enc.fc2")]
+    pad = rng.standard_normal((3, 5)).astype(BF16)
+    path = graph_model(tmp_path / "x.onnx", {"pad": pad, "val_1": w1, "val_2": w2}, nodes,
+                       external={"pad": "a.bin", "val_1": "a.bin", "val_2": "b.bin"}, dtype=TensorProto.BFLOAT16)
+    a = adapter_for("enc.fc1.weight", w1.T.copy(), "out_in")
+    b = adapter_for("enc.fc2.weight", w2.T.copy(), "out_in")
+    merged = naf.Adapter({**a.targets, **b.targets})
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    summary = merge_onnx(path, [(merged, 0.75)], os.fspath(outdir / "y.onnx"))
+    assert sorted(os.listdir(outdir)) == ["y.onnx", "y.onnx.0.data", "y.onnx.1.data"]
+    ref = {"enc.fc1.weight": naf.merge_weight(w1.T.copy(), [(a.targets["enc.fc1.weight"], 0.75)]),
+           "enc.fc2.weight": naf.merge_weight(w2.T.copy(), [(b.targets["enc.fc2.weight"], 0.75)])}
+    assert_initializers_match(outdir / "y.onnx", summary, ref)
+    assert initializer(outdir / "y.onnx", "pad").tobytes() == pad.tobytes()
+
+
+def test_gemm_transb0_transpose_node_and_external_constant(tmp_path):
+    """Gemm(transB=0) stores [in, out], a Transpose node in front of MatMul means [out, in] is stored;
+    an external tensor inside a Constant node is carried to the output's data file too."""
+    rng = np.random.default_rng(4)
+    w_gemm = rng.standard_normal((6, 5)).astype(np.float32)     # [in, out]
+    w_tr = rng.standard_normal((3, 5)).astype(np.float32)       # [out, in], transposed in the graph
+    const = rng.standard_normal((1, 3)).astype(np.float32)
+    folder = tmp_path / "m"
+    folder.mkdir()
+    ct = numpy_helper.from_array(const, "c")
+    raw = ct.raw_data
+    ct.ClearField("raw_data")
+    ct.data_location = TensorProto.EXTERNAL
+    (folder / "w.bin").write_bytes(raw)
+    for k, v in (("location", "w.bin"), ("offset", "0"), ("length", str(len(raw)))):
+        e = ct.external_data.add()
+        e.key, e.value = k, v
+    nodes = [helper.make_node("Gemm", ["x", "layers.0.fc.weight"], ["h"], transB=0),
+             helper.make_node("Transpose", ["layers.1.fc.weight"], ["wt"], perm=[1, 0]),
+             scoped(helper.make_node("MatMul", ["h", "wt"], ["z"]), "m.layers.1.fc"),
+             helper.make_node("Constant", [], ["c"], value=ct),
+             helper.make_node("Add", ["z", "c"], ["y"])]
+    path = graph_model(folder / "g.onnx", {"layers.0.fc.weight": w_gemm, "layers.1.fc.weight": w_tr}, nodes,
+                       external={"layers.1.fc.weight": "w.bin"})
+    a = adapter_for("layers.0.fc.weight", w_gemm.T.copy(), "out_in")
+    b = adapter_for("layers.1.fc.weight", w_tr, "out_in", seed=1)
+    res = {**resolve_targets(path, a), **resolve_targets(path, b)}
+    assert (res["layers.0.fc.weight"].layout, res["layers.0.fc.weight"].how) == ("in_out", "name")
+    assert (res["layers.1.fc.weight"].layout, res["layers.1.fc.weight"].how) == ("out_in", "name")
+    out = tmp_path / "o.onnx"
+    merge_onnx(path, [(a, 1.0), (b, 3.0)], os.fspath(out))
+    assert sorted(os.listdir(tmp_path)) == ["m", "o.onnx", "o.onnx.data"]
+    w1 = naf.merge_weight(w_gemm.T.copy(), [a.targets["layers.0.fc.weight"]]).T
+    w2 = naf.merge_weight(w_tr, [(b.targets["layers.1.fc.weight"], 3.0)])
+    x = rng.standard_normal((2, 6)).astype(np.float32)
+    np.testing.assert_allclose(run_ort(out, x), x @ w1 @ w2.T + const, rtol=1e-5, atol=1e-6)
