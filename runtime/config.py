@@ -36,7 +36,7 @@ class NeuroAdaConfig:
     peft_type: str = field(default="NEUROADA", init=False)
 
     def __post_init__(self):
-        if not isinstance(self.k, int) or self.k < 1:
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise NeuroAdaError(f"k must be a positive integer, got {self.k!r}", rule="3.4")
         if self.selection not in SELECTIONS:
             raise NeuroAdaError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}",
@@ -47,8 +47,10 @@ class NeuroAdaConfig:
             raise NeuroAdaError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.delta_dtype not in ("float32", "bfloat16", "float16"):
             raise NeuroAdaError(f"delta_dtype must be float32, bfloat16 or float16, got {self.delta_dtype!r}")
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
+        self.target_modules = _module_spec("target_modules", self.target_modules)
+        self.exclude_modules = _module_spec("exclude_modules", self.exclude_modules)
+        if self.save_dtype not in ("BF16", "F16", "F32"):
+            raise NeuroAdaError(f"save_dtype must be BF16, F16 or F32, got {self.save_dtype!r}", rule="3.3")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +71,25 @@ class NeuroAdaConfig:
         path = os.path.join(folder, CONFIG_NAME)
         try:
             with open(path, encoding="utf-8") as f:
-                return cls.from_dict(json.load(f))
+                d = json.load(f)
         except (OSError, ValueError) as exc:
             raise NeuroAdaError(f"cannot read adapter config: {exc}", path=path) from None
+        if not isinstance(d, dict) or d.get("peft_type", "NEUROADA") != "NEUROADA":
+            kind = d.get("peft_type") if isinstance(d, dict) else type(d).__name__
+            raise NeuroAdaError(f"not a NeuroAda adapter config (peft_type {kind!r})", path=path)
+        try:
+            return cls.from_dict(d)
+        except NeuroAdaError as exc:
+            raise NeuroAdaError(exc.detail, path=path, rule=exc.rule) from None
+        except TypeError as exc:
+            raise NeuroAdaError(f"bad adapter config: {exc}", path=path) from None
+
+
+def _module_spec(field_name: str, spec):
+    """PEFT's forms: None, a regex string, or a collection of names (kept as a sorted list in JSON)."""
+    if spec is None or isinstance(spec, str):
+        return spec
+    if isinstance(spec, (list, tuple, set, frozenset)) and all(isinstance(s, str) for s in spec):
+        return sorted(spec) if isinstance(spec, (set, frozenset)) else list(spec)
+    raise NeuroAdaError(f"{field_name} must be a string (regex or 'all-linear'), a list of names or None, "
+                        f"got {spec!r}")

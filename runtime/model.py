@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Callable, Iterable
 
 import ml_dtypes
@@ -18,11 +19,13 @@ from torch import nn
 import neuroada_format as naf
 from neuroada_format import NeuroAdaError
 
-from .config import CONFIG_NAME, WEIGHTS_NAME, NeuroAdaConfig
+from .config import CONFIG_NAME, MODES, WEIGHTS_NAME, NeuroAdaConfig
 from .layer import NeuroAdaLayer
-from .selection import select
+from .selection import select, topk_columns
 
 CONFIGS_ATTR = "neuroada_configs"
+AUTO_ATTR = "_neuroada_auto_mode"       # set on layers whose mode was chosen by mode="auto"
+HOOK_ATTR = "_neuroada_sharding_hook"   # the model's forward pre-hook that re-resolves "auto" under FSDP2
 BASE_LAYER = ".base_layer"
 TORCH_DTYPE_NAMES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
@@ -39,6 +42,41 @@ def _linear_types() -> tuple[type, ...]:
     except ImportError:  # transformers is optional for plain PyTorch models
         return (nn.Linear,)
     return (nn.Linear, Conv1D)
+
+
+def _dtensor_type():
+    # looked up, not imported: when torch.distributed.tensor was never loaded nothing can be a DTensor
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
+
+
+def _fsdp_module_type():
+    mod = sys.modules.get("torch.distributed.fsdp")
+    return getattr(mod, "FSDPModule", None)
+
+
+def _is_sharded(t) -> bool:
+    dt = _dtensor_type()
+    return dt is not None and isinstance(t, dt)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective: every rank must call it), else the tensor."""
+    return t.full_tensor() if _is_sharded(t) else t
+
+
+def _refuse_sharded(model: nn.Module, what: str) -> None:
+    fsdp = _fsdp_module_type()
+    if fsdp is not None and any(isinstance(m, fsdp) for m in model.modules()):
+        raise NeuroAdaError(f"{what} must happen before fully_shard (FSDP2): the deltas have to exist when "
+                            "the model is sharded so that FSDP manages them")
+    if any(_is_sharded(p) for p in model.parameters()):
+        raise NeuroAdaError(f"{what} needs whole weights, but some are sharded DTensors")
+
+
+def _check_adapter_name(name) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise NeuroAdaError(f"adapter name {name!r} must be a non-empty string without '.'")
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -78,13 +116,14 @@ def find_targets(model: nn.Module, config: NeuroAdaConfig) -> list[str]:
     """Module names to adapt, with PEFT's target_modules / exclude_modules semantics."""
     linear = _linear_types()
     heads = _output_head_names(model)
+    all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
     out = []
     for name, m in model.named_modules():
         if isinstance(m, NeuroAdaLayer) or not name:
             continue
         if BASE_LAYER[1:] in name.split("."):
             continue  # the inside of an already wrapped layer
-        if config.target_modules == "all-linear":
+        if all_linear:
             hit = isinstance(m, linear) and name not in heads
         else:
             hit = _matches(name, config.target_modules)
@@ -95,7 +134,7 @@ def find_targets(model: nn.Module, config: NeuroAdaConfig) -> list[str]:
             out.append(name)
     # modules already wrapped by an earlier attach are targets too when they match
     for name, m in layers(model).items():
-        if config.target_modules == "all-linear" or _matches(name, config.target_modules):
+        if (all_linear and name not in heads) or (not all_linear and _matches(name, config.target_modules)):
             if not _matches(name, config.exclude_modules):
                 out.append(name)
     if not out:
@@ -111,13 +150,51 @@ def _shared_weights(model: nn.Module) -> set[int]:
 
 
 def _mode_for(module: nn.Module, config: NeuroAdaConfig, shared: set[int]) -> str:
-    """In place where the weight is a plain, contiguous, unshared tensor of an exact Linear/Conv1D."""
+    """In place where the weight is a plain, contiguous, unshared tensor of an exact Linear/Conv1D.
+
+    Anything else is additive: a weight shared with another module (tied embeddings) would see the
+    deltas written into it, a Linear subclass may not run the GEMM we mirror, and a tensor subclass
+    (quantised, DTensor) cannot be written entry by entry. Layers that FSDP2 manages go additive too,
+    decided at their first forward (see _resolve_sharded_modes): inside FSDP2 the whole weight exists
+    only transiently, in FSDP's own all-gather buffers.
+    """
     if config.mode != "auto":
         return config.mode
     w = module.weight
     plain = type(w) in (torch.Tensor, nn.Parameter) and w.is_contiguous() and w.is_floating_point()
     exact = type(module) in _linear_types()
     return "inplace" if plain and exact and id(w) not in shared else "additive"
+
+
+def _resolve_sharded_modes(model: nn.Module, args) -> None:
+    """Forward pre-hook: "auto" layers inside an FSDP2 module switch to additive before they run.
+
+    NeuroAda is attached before `fully_shard` (so that FSDP manages the deltas), hence "auto" cannot
+    see the sharding when it first picks a mode; the first forward after sharding does.
+    """
+    fsdp = _fsdp_module_type()
+    if fsdp is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return  # FSDP2 needs a process group: single-process runs never pay for the walk below
+    stack = [(model, False)]
+    while stack:
+        module, managed = stack.pop()
+        managed = managed or isinstance(module, fsdp)
+        if isinstance(module, NeuroAdaLayer):
+            if managed and getattr(module, AUTO_ATTR, False) and module.mode != "additive":
+                module.set_mode("additive")
+            continue
+        stack.extend((child, managed) for child in module.children())
+
+
+def _wrap(model: nn.Module, name: str, module: nn.Module, config: NeuroAdaConfig, shared: set[int]) -> NeuroAdaLayer:
+    if isinstance(module, NeuroAdaLayer):
+        return module
+    layer = NeuroAdaLayer(module, mode=_mode_for(module, config, shared))
+    setattr(layer, AUTO_ATTR, config.mode == "auto")
+    _set_module(model, name, layer)
+    if getattr(model, HOOK_ATTR, None) is None:
+        setattr(model, HOOK_ATTR, model.register_forward_pre_hook(_resolve_sharded_modes))
+    return layer
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -143,31 +220,39 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
     """Add a NeuroAda adapter to `model` (in place; returned for chaining). Only the deltas train.
 
     For selection="gradient", `calibration` is an iterable of batches and `loss_fn(model, batch)`
-    returns a scalar loss (default: `model(**batch).loss`); scores are accumulated one layer at a
-    time, so dense gradients are never held for more than one weight.
+    returns a scalar loss (default: `model(**batch).loss`); the score of an entry is |sum over the
+    batches of dloss/dW|. At most one layer's dense gradient exists at any time: one batch costs one
+    forward and backward, several batches one pass per batch and target layer.
+    Call before wrapping the model in FSDP2 (`fully_shard`); DDP may wrap it before or after.
+    Every input check happens before the model is touched: on a NeuroAdaError it is left as it was.
     """
     config = config or NeuroAdaConfig()
+    _check_adapter_name(adapter_name)
     configs = getattr(model, CONFIGS_ATTR, None) or {}
     if adapter_name in configs:
         raise NeuroAdaError(f"adapter {adapter_name!r} is already attached")
+    _refuse_sharded(model, "attach")
     names = find_targets(model, config)
+    modules = {name: model.get_submodule(name) for name in names}
+    for name, module in modules.items():
+        if isinstance(module, NeuroAdaLayer) and module.merged:
+            raise NeuroAdaError(f"{name} has merged adapters; unmerge before attaching another")
+        d_in = _canonical(module).shape[1]
+        if config.k > d_in:
+            raise NeuroAdaError(f"k={config.k} exceeds d_in={d_in}", tensor=name + ".weight", rule="3.4")
+    if config.selection == "gradient":
+        indices = _gradient_indices(model, modules, config.k, calibration, loss_fn)
+    else:
+        indices = {name: select(_canonical(m), config.k, config.selection, seed=config.seed, generator_offset=i)
+                   for i, (name, m) in enumerate(modules.items())}
     for p in model.parameters():
         p.requires_grad_(False)
-    scores = _gradient_scores(model, names, calibration, loss_fn) if config.selection == "gradient" else {}
     shared = _shared_weights(model)
     delta_dtype = getattr(torch, config.delta_dtype)
-    for i, name in enumerate(names):
-        module = model.get_submodule(name)
-        if not isinstance(module, NeuroAdaLayer):
-            module = NeuroAdaLayer(module, mode=_mode_for(module, config, shared))
-            _set_module(model, name, module)
-        if module.merged:
-            raise NeuroAdaError(f"{name} has merged adapters; unmerge before attaching another")
-        w = _canonical(module)
-        idx = select(w, config.k, config.selection, seed=config.seed, scores=scores.pop(name, None),
-                     generator_offset=i)
-        module.add_adapter(adapter_name, idx, val_dtype=delta_dtype, activate=True)
-        module.neuroada_val[adapter_name].requires_grad_(not config.inference_mode)
+    for name, module in modules.items():
+        layer = _wrap(model, name, module, config, shared)
+        layer.add_adapter(adapter_name, indices[name], val_dtype=delta_dtype, activate=True)
+        layer.neuroada_val[adapter_name].requires_grad_(not config.inference_mode)
     configs[adapter_name] = config
     setattr(model, CONFIGS_ATTR, configs)
     return model
@@ -178,27 +263,82 @@ def _default_loss(model, batch):
     return out.loss if hasattr(out, "loss") else out
 
 
-def _gradient_scores(model, names, calibration, loss_fn) -> dict[str, torch.Tensor]:
+def _gradient_indices(model, modules: dict[str, nn.Module], k: int, calibration, loss_fn) -> dict[str, torch.Tensor]:
+    """Top-k of |sum_b dloss_b/dW| per row for every target, holding one dense gradient at a time."""
     if calibration is None:
         raise NeuroAdaError("selection='gradient' needs calibration batches")
     batches = list(calibration)
+    if not batches:
+        raise NeuroAdaError("selection='gradient' got no calibration batches")
     loss_fn = loss_fn or _default_loss
-    scores = {}
-    was_training = model.training
+    weights = {name: (m.base_layer if isinstance(m, NeuroAdaLayer) else m).weight for name, m in modules.items()}
+    owners: dict[int, list[str]] = {}
+    for name, w in weights.items():
+        owners.setdefault(id(w), []).append(name)
+    indices: dict[str, torch.Tensor] = {}
+
+    def choose(names: list[str], grad: torch.Tensor | None) -> None:
+        for name in names:
+            w = weights[name]
+            g = torch.zeros_like(w, dtype=torch.float32) if grad is None else grad
+            g = g.t() if _layout(modules[name]) == "in_out" else g
+            indices[name] = topk_columns(g.abs(), k)
+
+    # a weight that requires grad cannot be written in place: score wrapped in-place layers additively
+    switched = [m for m in modules.values() if isinstance(m, NeuroAdaLayer) and m.mode == "inplace"]
+    was_training, flags = model.training, {id(p): p.requires_grad for p in model.parameters()}
     model.eval()
-    for name in names:  # one layer at a time: one dense gradient alive at most
-        module = model.get_submodule(name)
-        weight = (module.base_layer if isinstance(module, NeuroAdaLayer) else module).weight
-        weight.requires_grad_(True)
-        acc = torch.zeros_like(weight, dtype=torch.float32)
-        for batch in batches:
-            loss = loss_fn(model, batch)
-            (grad,) = torch.autograd.grad(loss, weight)
-            acc += grad.float().abs()
-        weight.requires_grad_(False)
-        scores[name] = acc.t() if _layout(module) == "in_out" else acc
-    model.train(was_training)
-    return scores
+    try:
+        for m in switched:
+            m.set_mode("additive")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if len(batches) == 1:
+            # one backward; AccumulateGrad runs as soon as a weight's gradient exists (autograd gives it
+            # top priority), and the hook turns it into indices and drops it before the next one is made
+            handles = []
+            for names in owners.values():
+                w = weights[names[0]]
+
+                def hook(p, names=names):
+                    choose(names, p.grad)
+                    p.grad = None
+
+                w.requires_grad_(True)
+                handles.append(w.register_post_accumulate_grad_hook(hook))
+            try:
+                loss_fn(model, batches[0]).backward()
+            finally:
+                for h in handles:
+                    h.remove()
+                for w in weights.values():
+                    w.requires_grad_(False)
+                    w.grad = None
+        else:
+            for names in owners.values():  # one weight at a time: recompute rather than keep gradients
+                w = weights[names[0]]
+                w.requires_grad_(True)
+                acc = None
+                try:
+                    for batch in batches:
+                        (g,) = torch.autograd.grad(loss_fn(model, batch), w, allow_unused=True)
+                        if g is not None:
+                            acc = g.float() if acc is None else acc.add_(g)
+                        del g
+                finally:
+                    w.requires_grad_(False)
+                choose(names, acc)
+                del acc
+        for names in owners.values():  # never reached by the gradient: all scores 0, lowest columns
+            if names[0] not in indices:
+                choose(names, None)
+    finally:
+        for m in switched:
+            m.set_mode("inplace")
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+        model.train(was_training)
+    return indices
 
 
 # -- introspection -----------------------------------------------------------------------------------
@@ -231,7 +371,10 @@ def base_state_names(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]
 
 # -- save --------------------------------------------------------------------------------------------
 def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: str | None = None) -> naf.Adapter:
-    """The named adapter as a neuroada_format.Adapter (values rounded to the file's value dtype)."""
+    """The named adapter as a neuroada_format.Adapter (values rounded to the file's value dtype).
+
+    Under FSDP2 the deltas are sharded: every rank must call this (it gathers them).
+    """
     configs = getattr(model, CONFIGS_ATTR, {})
     config = configs.get(adapter_name)
     if config is None:
@@ -243,7 +386,7 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
             continue
         key = name + ".weight"
         idx = to_numpy(layer.neuroada_idx[adapter_name])
-        val = layer.neuroada_val[adapter_name].detach().float().cpu().numpy().astype(VALUE_NUMPY[vdt])
+        val = _full(layer.neuroada_val[adapter_name].detach()).float().cpu().numpy().astype(VALUE_NUMPY[vdt])
         w0 = layer.neuroada_w0[adapter_name]
         targets[key] = naf.Target(
             key, idx.astype(np.int16 if layer.d_in <= 32768 else np.int32), val, (layer.d_out, layer.d_in),
@@ -256,16 +399,25 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
     selection = {"rule": config.selection, "tie_break": "lower-column", "seed": config.seed}
     if config.selection == "random":
         selection["generator"] = "torch.Generator(cpu).manual_seed(seed + target_number)"
+    if config.selection == "gradient":
+        selection["score"] = "abs(sum over calibration batches of dloss/dW)"
     return naf.Adapter(targets, base_name=base_name, base_revision=revision,
                        structure_hash=naf.structure_hash((n, d, s) for n, (d, s) in base_state_names(model).items()),
                        selection=selection)
 
 
-def save_adapter(model: nn.Module, path, adapter_name: str = "default", *, value_dtype: str | None = None) -> str:
+def save_adapter(model: nn.Module, path, adapter_name: str = "default", *, value_dtype: str | None = None,
+                 is_main_process: bool = True) -> str:
     """Write the adapter: a file path -> one .safetensors file; a folder -> PEFT-style layout
-    (adapter_config.json + adapter_model.safetensors). Returns the adapter file's path."""
+    (adapter_config.json + adapter_model.safetensors). Returns the adapter file's path.
+
+    Under FSDP2 call it on every rank (the deltas are gathered collectively) with
+    is_main_process=False on all but one; that one writes.
+    """
     path = os.fspath(path)
     adapter = to_adapter(model, adapter_name, value_dtype=value_dtype)
+    if not is_main_process:
+        return os.path.join(path, WEIGHTS_NAME) if not path.endswith(".safetensors") else path
     if path.endswith(".safetensors"):
         naf.save(adapter, path)
         return path
@@ -294,10 +446,12 @@ def _resolve(path) -> tuple[str, NeuroAdaConfig | None]:
 def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
     """Rules 4.1-4.3 against the model's own weights; raises before anything is touched.
 
-    Base values are read with every merged adapter unmerged (so a model serving a merged adapter can
-    still check a new one); the caller re-merges.
+    Every target's presence, shape and dtype (4.1, 4.2) is checked before any probe (4.3), so an
+    adapter for another architecture is reported as such. Base values are read as they are now: a
+    caller with merged adapters unmerges first (load_adapter does, and re-merges).
     """
     modules = dict(model.named_modules())
+    found = {}
     for key, t in sorted(adapter.targets.items()):
         mod_name = key[:-len(".weight")] if key.endswith(".weight") else None
         module = modules.get(mod_name) if mod_name else None
@@ -310,6 +464,9 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
             raise NeuroAdaError(f"model weight is {dtype}{list(w.shape)} ({_layout(module)}), adapter expects "
                                 f"{t.dtype}{list(t.shape)} ({t.layout})", path=adapter.path, tensor=key,
                                 rule="4.2")
+        found[key] = w
+    for key, w in found.items():
+        t = adapter.targets[key]
         idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
         probe = naf.probe_hash_from_values(w.detach().gather(1, idx).float().cpu().numpy())
         if probe != t.probe:
@@ -323,13 +480,18 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
 
     The file is validated (structure and content) and checked against the model's weights (shapes,
     dtypes, probe hash) before anything changes; on any problem the model is left exactly as it was.
+    Like PEFT, the base parameters are frozen afterwards, so with is_trainable=True only deltas train.
     """
+    _check_adapter_name(adapter_name)
+    if mode not in MODES:
+        raise NeuroAdaError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     file, cfg = _resolve(path)
     adapter = naf.load(file)
     naf.validate(adapter, strict=True)
     configs = getattr(model, CONFIGS_ATTR, None) or {}
     if adapter_name in configs:
         raise NeuroAdaError(f"adapter {adapter_name!r} is already loaded; delete it or pick another name")
+    _refuse_sharded(model, "load_adapter")
     merged = {name: list(layer.merged_adapters) for name, layer in layers(model).items() if layer.merged}
     for name in merged:
         model.get_submodule(name).unmerge()
@@ -346,15 +508,16 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
         delta_dtype = getattr(torch, config.delta_dtype)
         for key, t in adapter.targets.items():
             name = key[:-len(".weight")]
-            module = model.get_submodule(name)
-            if not isinstance(module, NeuroAdaLayer):
-                module = NeuroAdaLayer(module, mode=_mode_for(module, config, shared))
-                _set_module(model, name, module)
+            module = _wrap(model, name, model.get_submodule(name), config, shared)
             w = module.weight
             idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
             val = torch.from_numpy(np.asarray(t.values, dtype=np.float32)).to(device=w.device, dtype=delta_dtype)
             module.add_adapter(adapter_name, idx, val=val, val_dtype=delta_dtype, activate=True)
             module.neuroada_val[adapter_name].requires_grad_(is_trainable)
+        deltas = {id(v) for layer in layers(model).values() for v in layer.neuroada_val.values()}
+        for p in model.parameters():
+            if id(p) not in deltas:
+                p.requires_grad_(False)
         configs[adapter_name] = config
         setattr(model, CONFIGS_ATTR, configs)
     finally:
@@ -366,6 +529,17 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
 # -- merge -------------------------------------------------------------------------------------------
 def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
     """Write the (active, or named) deltas into the weights with the spec's rule: f32 sum, one rounding."""
+    shared = _shared_weights(model)
+    for name, layer in layers(model).items():
+        if not any(n in layer.neuroada_val for n in (adapter_names or layer.active_adapters)):
+            continue
+        if _is_sharded(layer.weight):
+            raise NeuroAdaError("cannot merge into a sharded (FSDP2) weight; save the adapter and merge it "
+                                "into the whole model or checkpoint", tensor=name + ".weight")
+        if id(layer.weight) in shared:
+            raise NeuroAdaError("the weight is shared with another module (tied weights): merging would change "
+                                "that module too; serve this adapter unmerged or untie the weight first",
+                                tensor=name + ".weight")
     for layer in layers(model).values():
         names = [n for n in (adapter_names or layer.active_adapters) if n in layer.neuroada_val]
         if names:
@@ -387,4 +561,8 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
         _set_module(model, name, layer.base_layer)
     if hasattr(model, CONFIGS_ATTR):
         delattr(model, CONFIGS_ATTR)
+    hook = getattr(model, HOOK_ATTR, None)
+    if hook is not None:
+        hook.remove()
+        delattr(model, HOOK_ATTR)
     return model

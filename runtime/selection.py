@@ -11,19 +11,34 @@ ROW_CHUNK_ENTRIES = 1 << 24
 
 
 def topk_columns(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row, columns of the k largest scores (NaN lowest, ties -> lower column), ascending, int64."""
+    """Per row, columns of the k largest scores, ascending, int64 (spec 5: ties -> lower column; NaN
+    ranks below every score, -Inf included).
+
+    Scores are compared in f32 (f64 when given f64): every bf16/f16/f32 value is exact in f32, so the
+    order is the numpy reference's, and no dense f64 copy of a large score matrix is made.
+    """
     d_out, d_in = scores.shape
+    if not 1 <= k <= d_in:
+        raise ValueError(f"k={k} must be within [1, d_in={d_in}]")
+    work = torch.float64 if scores.dtype == torch.float64 else torch.float32
     out = torch.empty((d_out, k), dtype=torch.int64, device=scores.device)
     rows = max(1, ROW_CHUNK_ENTRIES // d_in)
     for start in range(0, d_out, rows):
-        s = scores[start:start + rows].double()
-        s = torch.where(s == float("-inf"), torch.full_like(s, -1e300), s)  # below every f32 score
-        s = torch.nan_to_num(s, nan=float("-inf"), posinf=float("inf"))     # NaN ranks below -Inf
+        s = scores[start:start + rows].to(work)
+        nan = torch.isnan(s)
+        has_nan = bool(nan.any())
+        if has_nan:
+            s = s.masked_fill(nan, float("-inf"))
         kth = torch.topk(s, k, dim=1, sorted=True).values[:, -1:]
         greater = s > kth
         need = k - greater.sum(dim=1, keepdim=True)
         equal = s == kth
+        if has_nan:
+            equal &= ~nan  # real ties first (-Inf included), then NaNs, each from the left
         chosen = greater | (equal & (equal.cumsum(dim=1) <= need))
+        if has_nan:
+            need = need - (chosen & ~greater).sum(dim=1, keepdim=True)
+            chosen |= nan & (nan.cumsum(dim=1) <= need)
         out[start:start + s.shape[0]] = chosen.nonzero()[:, 1].view(-1, k)
     return out
 
@@ -33,12 +48,14 @@ def select(weight: torch.Tensor, k: int, rule: str, *, seed: int | None = None,
     """Indices [d_out, k] for a canonical [out, in] weight under one of the spec's rules."""
     with torch.no_grad():
         if rule == "magnitude":
-            return topk_columns(weight.float().abs(), k)
+            return topk_columns(weight.abs(), k)
         if rule == "reverse":
-            return topk_columns(-weight.float().abs(), k)
+            return topk_columns(weight.abs().neg_(), k)
         if rule == "random":
             g = torch.Generator(device="cpu").manual_seed(int(seed or 0) + generator_offset)
             return topk_columns(torch.rand(weight.shape, generator=g).to(weight.device), k)
         if rule == "gradient":
-            return topk_columns(scores.float().abs(), k)
+            if scores is None or tuple(scores.shape) != tuple(weight.shape):
+                raise ValueError("gradient selection needs scores shaped like the weight")
+            return topk_columns(scores.abs(), k)
     raise ValueError(f"unknown selection rule {rule!r}")

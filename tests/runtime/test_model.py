@@ -1,0 +1,257 @@
+"""attach(): which modules are targeted (PEFT's own selection is the reference), what becomes
+trainable, which mode "auto" picks, and that refused input leaves the model untouched."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from neuroada_format import NeuroAdaError
+from neuroada_format.runtime import (NeuroAdaConfig, NeuroAdaLayer, attach, print_trainable_parameters,
+                                     trainable_parameters)
+from neuroada_format.runtime.model import find_targets, layers
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest and immune to other processes' load on the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_llama(tie=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0,
+                                  eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+MODELS = {"llama": tiny_llama, "llama-tied": lambda: tiny_llama(tie=True), "gpt2": tiny_gpt2}
+
+
+def peft_targets(make, **kw):
+    """The module names PEFT's LoRA wraps for the same config, on a fresh copy of the model."""
+    pm = peft.get_peft_model(make(), peft.LoraConfig(r=1, **kw))
+    return {n.removeprefix("base_model.model.") for n in pm.targeted_module_names}
+
+
+def snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            [n for n, _ in model.named_modules()])
+
+
+def assert_untouched(model, snap):
+    state, grads, names = snap
+    assert [n for n, _ in model.named_modules()] == names
+    assert not layers(model)
+    now = model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+
+
+# -- target selection -----------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_all_linear_is_what_peft_selects(arch):
+    make = MODELS[arch]
+    ours = set(find_targets(make(), NeuroAdaConfig(target_modules="all-linear")))
+    assert ours == peft_targets(make, target_modules="all-linear")
+    assert "lm_head" not in ours and ours
+    kinds = {type(m) for n, m in make().named_modules() if n in ours}
+    assert kinds == ({Conv1D} if arch == "gpt2" else {nn.Linear})
+    assert set(find_targets(make(), NeuroAdaConfig(target_modules="ALL-LINEAR"))) == ours  # PEFT: any case
+
+
+SPECS = [
+    ("llama", dict(target_modules=["q_proj", "v_proj"])),
+    ("llama", dict(target_modules=["self_attn.q_proj"])),                    # dotted suffix
+    ("llama", dict(target_modules=["model.layers.1.mlp.down_proj"])),        # exact full name
+    ("llama", dict(target_modules=r"model\.layers\.0\..*_proj")),            # regex, full match
+    ("llama", dict(target_modules=r".*\.(k|o)_proj")),
+    ("llama", dict(target_modules="all-linear", exclude_modules=["down_proj", "self_attn.k_proj"])),
+    ("llama", dict(target_modules=r".*proj", exclude_modules=r"model\.layers\.1\..*")),
+    ("llama-tied", dict(target_modules=["lm_head", "q_proj"])),              # the head when named
+    ("gpt2", dict(target_modules=["c_attn"])),
+    ("gpt2", dict(target_modules="all-linear", exclude_modules=["c_proj"])),  # attn.c_proj and mlp.c_proj
+]
+
+
+@pytest.mark.parametrize("arch,spec", SPECS, ids=[f"{a}-{i}" for i, (a, _) in enumerate(SPECS)])
+def test_target_and_exclude_modules_follow_peft(arch, spec):
+    make = MODELS[arch]
+    assert set(find_targets(make(), NeuroAdaConfig(**spec))) == peft_targets(make, **spec)
+
+
+def test_matching_is_not_a_substring_or_search():
+    model = tiny_llama()
+    # "attn.q_proj" is a substring of "self_attn.q_proj" but not a dotted suffix
+    with pytest.raises(NeuroAdaError, match="no module matches"):
+        find_targets(model, NeuroAdaConfig(target_modules=["attn.q_proj"]))
+    # a regex must match the whole name: "layers\.0\..*proj" alone matches nothing
+    with pytest.raises(NeuroAdaError, match="no module matches"):
+        find_targets(model, NeuroAdaConfig(target_modules=r"layers\.0\..*proj"))
+    assert find_targets(model, NeuroAdaConfig(target_modules=r".*layers\.0\..*q_proj")) == \
+        ["model.layers.0.self_attn.q_proj"]
+
+
+@pytest.mark.parametrize("spec", [["mlp"], ["q_proj", "input_layernorm"], r"model\.embed_tokens", r".*"])
+def test_non_linear_target_is_refused_and_model_untouched(spec):
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(NeuroAdaError, match="nn.Linear and transformers Conv1D"):
+        attach(model, NeuroAdaConfig(k=2, target_modules=spec))
+    assert_untouched(model, snap)
+
+
+@pytest.mark.parametrize("bad", [dict(config=NeuroAdaConfig(k=65)), dict(adapter_name="a.b"), dict(adapter_name=""),
+                                 dict(config=NeuroAdaConfig(target_modules=["nothing"]))])
+def test_refused_attach_leaves_model_untouched(bad):
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(NeuroAdaError) as err:
+        attach(model, **bad)
+    if "config" in bad and bad["config"].k == 65:
+        assert err.value.rule == "3.4" and err.value.tensor.endswith(".weight")
+    assert_untouched(model, snap)
+
+
+def test_second_adapter_same_name_refused():
+    model = attach(tiny_llama(), NeuroAdaConfig(k=1))
+    with pytest.raises(NeuroAdaError, match="already attached"):
+        attach(model, NeuroAdaConfig(k=1))
+
+
+def test_already_wrapped_layers_are_targets_again_and_head_stays_out():
+    model = attach(tiny_llama(), NeuroAdaConfig(k=1))
+    attach(model, NeuroAdaConfig(k=2), "second")
+    assert all({"default", "second"} <= set(l.neuroada_idx.keys()) for l in layers(model).values())
+    assert not any(isinstance(m, NeuroAdaLayer) for n, m in model.named_modules() if ".base_layer" in n)
+    assert "lm_head" not in layers(model)
+
+
+# -- what trains -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,k", [("llama", 3), ("gpt2", 2), ("llama-tied", 1)])
+def test_exactly_k_times_sum_of_d_out_trainable(arch, k, capsys):
+    model = MODELS[arch]()
+    total_before = sum(p.numel() for p in model.parameters())
+    names = find_targets(model, NeuroAdaConfig())
+    d_out = 0
+    for n in names:
+        m = model.get_submodule(n)
+        d_out += m.weight.shape[1] if isinstance(m, Conv1D) else m.weight.shape[0]
+    attach(model, NeuroAdaConfig(k=k))
+    trainable, total = trainable_parameters(model)
+    assert trainable == k * d_out
+    assert total == total_before + k * d_out
+    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable_names == {n + ".neuroada_val.default" for n in names}
+    for layer in layers(model).values():
+        val = layer.neuroada_val["default"]
+        assert val.shape == (layer.d_out, k) and val.dtype == torch.float32 and not val.any()
+        assert not layer.base_layer.weight.requires_grad
+    print_trainable_parameters(model)
+    out = capsys.readouterr().out.strip()
+    m = re.fullmatch(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: ([\d.]+)", out)
+    assert m, out
+    assert int(m[1].replace(",", "")) == k * d_out
+    assert int(m[2].replace(",", "")) == total_before + k * d_out
+    assert float(m[3]) == pytest.approx(100 * k * d_out / (total_before + k * d_out), abs=1e-4)
+
+
+def test_inference_mode_and_bf16_deltas():
+    model = attach(tiny_llama(), NeuroAdaConfig(k=2, delta_dtype="bfloat16", inference_mode=True))
+    assert trainable_parameters(model)[0] == 0
+    assert {l.neuroada_val["default"].dtype for l in layers(model).values()} == {torch.bfloat16}
+
+
+def test_conv1d_and_linear_selection_use_the_canonical_rows():
+    import neuroada_format as naf
+
+    for make in (tiny_llama, tiny_gpt2):
+        base = make()
+        model = attach(copy.deepcopy(base), NeuroAdaConfig(k=3))
+        for name, layer in layers(model).items():
+            w = base.get_submodule(name).weight.detach()
+            canon = w.t() if isinstance(layer.base_layer, Conv1D) else w
+            assert layer.transposed == isinstance(layer.base_layer, Conv1D)
+            assert torch.equal(layer.neuroada_idx["default"], torch.from_numpy(naf.select_indices(canon.numpy(), 3)))
+
+
+# -- mode="auto" -----------------------------------------------------------------------------------
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.plain = nn.Linear(8, 8)
+        self.sub = ScaledLinear(8, 8)
+        self.strided = nn.Linear(8, 8)
+        self.strided.weight = nn.Parameter(torch.randn(8, 8).t())  # a transposed view: not contiguous
+        self.a = nn.Linear(8, 8, bias=False)
+        self.b = nn.Linear(8, 8, bias=False)
+        self.b.weight = self.a.weight  # shared
+
+    def forward(self, x):
+        return self.b(self.a(self.strided(self.sub(self.plain(x)))))
+
+
+def test_auto_mode_rule():
+    model = attach(Toy(), NeuroAdaConfig(k=2, target_modules=["plain", "sub", "strided", "a", "b"]))
+    modes = {n: l.mode for n, l in layers(model).items()}
+    assert modes == {"plain": "inplace", "sub": "additive", "strided": "additive", "a": "additive", "b": "additive"}
+    forced = attach(Toy(), NeuroAdaConfig(k=2, target_modules=["plain", "a"], mode="additive"))
+    assert {l.mode for l in layers(forced).values()} == {"additive"}
+
+
+def test_tied_head_is_additive_under_auto():
+    model = attach(tiny_llama(tie=True), NeuroAdaConfig(k=2, target_modules=["lm_head", "q_proj"]))
+    modes = {n: l.mode for n, l in layers(model).items()}
+    assert modes.pop("lm_head") == "additive"
+    assert set(modes.values()) == {"inplace"}
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_zero_deltas_change_nothing():
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    base = tiny_llama()
+    with torch.no_grad():
+        want = base(ids).logits
+        for mode in ("inplace", "additive"):
+            model = attach(copy.deepcopy(base), NeuroAdaConfig(k=2, mode=mode))
+            got = model(ids).logits
+            assert torch.equal(got, want) if mode == "inplace" else torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [dict(target_modules=5), dict(exclude_modules=[1]), dict(k=True), dict(k=0),
+                                 dict(save_dtype="F64"), dict(selection="largest"), dict(mode="sideways"),
+                                 dict(delta_dtype="float64")])
+def test_config_refuses_bad_values(bad):
+    with pytest.raises(NeuroAdaError):
+        NeuroAdaConfig(**bad)
+
+
+def test_config_accepts_peft_collection_forms():
+    assert NeuroAdaConfig(target_modules={"v_proj", "q_proj"}).target_modules == ["q_proj", "v_proj"]
+    assert NeuroAdaConfig(target_modules=("q_proj",), exclude_modules=("x",)).exclude_modules == ["x"]
+    assert NeuroAdaConfig(target_modules=None).to_dict()["target_modules"] is None

@@ -1,0 +1,277 @@
+"""save_adapter / load_adapter / merge: real files checked by the format core against the model's own
+state dict, refusals that leave the model bit-identical, and merges equal to the spec's reference."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import neuroada_format as naf
+from neuroada_format import NeuroAdaError
+from neuroada_format.runtime import (NeuroAdaConfig, attach, load_adapter, merge, merge_and_unload, save_adapter,
+                                     trainable_parameters, unmerge)
+from neuroada_format.runtime.model import layers, to_numpy
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest and immune to other processes' load on the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def tiny_llama(seed=0, dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=100)
+    cfg.update(kw)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).to(dtype).eval()
+    model.config._name_or_path = "tiny/llama"
+    return model
+
+
+def tiny_gpt2(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0,
+                                  eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg).to(dtype).eval()
+
+
+def with_deltas(model, k=3, seed=1, name="default", **cfg):
+    """Attach and give the deltas values, as a few training steps would (but fast and reproducible)."""
+    attach(model, NeuroAdaConfig(k=k, **cfg), name)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers(model).values():
+            v = layer.neuroada_val[name]
+            v.copy_(torch.randn(v.shape, generator=g) * 0.05)
+    return model
+
+
+def numpy_state(model):
+    return {k: to_numpy(v) for k, v in model.state_dict().items()}
+
+
+def state_bits(model):
+    return {k: to_numpy(v).tobytes() for k, v in model.state_dict().items()}
+
+
+def base_bits(model):
+    """The base tensors' bits under their original names (wrappers and deltas left out)."""
+    return {k.replace(".base_layer", ""): v for k, v in state_bits(model).items() if ".neuroada_" not in k}
+
+
+def ids(vocab=100):
+    return torch.randint(0, vocab, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+# -- save ------------------------------------------------------------------------------------------
+def test_save_single_file_and_peft_style_folder(tmp_path):
+    base = tiny_llama()
+    base_np = numpy_state(base)
+    model = with_deltas(copy.deepcopy(base), k=3, target_modules=r".*\.(q|v|down)_proj")
+    file = save_adapter(model, tmp_path / "a.safetensors")
+    folder = tmp_path / "folder"
+    weights = save_adapter(model, folder)
+    assert file == os.fspath(tmp_path / "a.safetensors")
+    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert weights == os.fspath(folder / "adapter_model.safetensors")
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # atomic writes left nothing behind
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "NEUROADA"
+    assert cfg["base_model_name_or_path"] == "tiny/llama"
+    assert cfg["target_modules"] == r".*\.(q|v|down)_proj" and cfg["k"] == 3
+    assert {"exclude_modules", "selection", "revision", "inference_mode", "save_dtype"} <= set(cfg)
+
+    for path in (file, weights):
+        report = naf.validate(path, base=naf.ArrayBase(base_np), check_selection=True)
+        assert report.ok and not report.problems, report.problems  # structure hash matches too (no 4.5)
+        adapter = naf.load(path)
+        assert adapter.base_name == "tiny/llama"
+        assert sorted(adapter.targets) == sorted(n + ".weight" for n in layers(model))
+        for key, t in adapter.targets.items():
+            layer = layers(model)[key[:-len(".weight")]]
+            assert t.layout == "out_in" and t.dtype == "F32" and t.k == 3 and t.value_dtype == "BF16"
+            assert t.index_dtype == "I16"
+            want = layer.neuroada_val["default"].detach().to(torch.bfloat16)
+            assert np.array_equal(np.asarray(t.values).view(np.uint16), to_numpy(want).view(np.uint16))
+    a, b = naf.load(file), naf.load(weights)
+    for key in a.targets:
+        assert np.array_equal(a.targets[key].indices, b.targets[key].indices)
+        assert np.array_equal(a.targets[key].values.view(np.uint16), b.targets[key].values.view(np.uint16))
+
+
+def test_save_gpt2_conv1d_records_in_out_layout(tmp_path):
+    base = tiny_gpt2()
+    model = with_deltas(copy.deepcopy(base), k=2)
+    path = save_adapter(model, tmp_path / "g.safetensors", value_dtype="F16")
+    naf.validate(path, base=naf.ArrayBase(numpy_state(base)), check_selection=True, strict=True)
+    t = naf.load(path).targets["transformer.h.0.attn.c_attn.weight"]
+    assert t.layout == "in_out" and t.shape == (96, 32) and t.value_dtype == "F16"
+
+
+# -- load ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("form", ["file", "folder"])
+def test_load_adapter_accepts_file_and_folder(tmp_path, form):
+    base = tiny_llama()
+    model = with_deltas(copy.deepcopy(base), k=2, exclude_modules=["o_proj"])
+    target = tmp_path / "a.safetensors" if form == "file" else tmp_path / "folder"
+    save_adapter(model, target)
+    fresh = load_adapter(copy.deepcopy(base), target)
+    assert set(layers(fresh)) == set(layers(model))
+    assert trainable_parameters(fresh)[0] == 0
+    for name, layer in layers(fresh).items():
+        src = layers(model)[name]
+        assert torch.equal(layer.neuroada_idx["default"], src.neuroada_idx["default"])
+        rounded = src.neuroada_val["default"].detach().to(torch.bfloat16).float()  # the file keeps BF16 values
+        assert torch.equal(layer.neuroada_val["default"], rounded)
+    cfg = fresh.neuroada_configs["default"]
+    assert cfg.k == 2 and cfg.inference_mode
+    if form == "folder":
+        assert cfg.exclude_modules == ["o_proj"]
+    with torch.no_grad():  # the loaded (bf16-rounded) deltas act like the saved ones
+        torch.testing.assert_close(fresh(ids()).logits, model(ids()).logits, atol=2e-3, rtol=0)
+    trainable = load_adapter(copy.deepcopy(base), target, "t", is_trainable=True)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == \
+        {n + ".neuroada_val.t" for n in layers(model)}
+
+
+def test_load_refuses_bad_names_and_files(tmp_path):
+    model = with_deltas(tiny_llama(), k=1)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    with pytest.raises(NeuroAdaError, match="already"):
+        load_adapter(model, path)
+    with pytest.raises(NeuroAdaError, match="adapter name"):
+        load_adapter(tiny_llama(), path, "x.y")
+    with pytest.raises(NeuroAdaError, match="mode"):
+        load_adapter(tiny_llama(), path, mode="sideways")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NeuroAdaError) as err:
+        load_adapter(tiny_llama(), tmp_path / "empty")
+    assert err.value.rule == "1.1"
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    os.link(path, lora / "adapter_model.safetensors")
+    fresh = tiny_llama()
+    with pytest.raises(NeuroAdaError, match="peft_type 'LORA'"):
+        load_adapter(fresh, lora)
+    assert not layers(fresh)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(NeuroAdaError) as err:
+        load_adapter(tiny_llama(), tmp_path / "plain.safetensors")
+    assert err.value.rule == "2.1"
+
+
+MISMATCHES = {
+    "other-weights": (lambda: tiny_llama(seed=9), "4.3"),
+    "other-shapes": (lambda: tiny_llama(intermediate_size=96), "4.2"),
+    "other-dtype": (lambda: tiny_llama(dtype=torch.bfloat16), "4.2"),
+    "missing-module": (lambda: tiny_llama(num_hidden_layers=1), "4.1"),
+}
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["plain", "other-adapter-merged"])
+@pytest.mark.parametrize("case", sorted(MISMATCHES))
+def test_mismatching_model_is_refused_and_left_exactly_as_it_was(tmp_path, case, merged):
+    path = save_adapter(with_deltas(tiny_llama(), k=2), tmp_path / "a.safetensors")
+    make, rule = MISMATCHES[case]
+    target = make()
+    if merged:
+        with_deltas(target, k=1, seed=4, name="serving", target_modules=["q_proj", "up_proj"])
+        merge(target)
+    bits = state_bits(target)
+    modules = [(n, type(m)) for n, m in target.named_modules()]
+    merged_before = {n: list(l.merged_adapters) for n, l in layers(target).items()}
+    grads = {n: p.requires_grad for n, p in target.named_parameters()}
+    with pytest.raises(NeuroAdaError) as err:
+        load_adapter(target, path)
+    assert err.value.rule == rule and err.value.tensor and err.value.path == os.fspath(path)
+    assert state_bits(target) == bits
+    assert [(n, type(m)) for n, m in target.named_modules()] == modules
+    assert {n: list(l.merged_adapters) for n, l in layers(target).items()} == merged_before
+    assert {n: p.requires_grad for n, p in target.named_parameters()} == grads
+    assert list(getattr(target, "neuroada_configs", {})) == (["serving"] if merged else [])
+
+
+def test_load_next_to_a_merged_adapter_keeps_it_merged(tmp_path):
+    base = tiny_llama()
+    path = save_adapter(with_deltas(copy.deepcopy(base), k=2, seed=2), tmp_path / "b.safetensors")
+    model = with_deltas(copy.deepcopy(base), k=1, seed=4, name="serving", target_modules=["q_proj"])
+    merge(model)
+    merged_bits = base_bits(model)
+    load_adapter(model, path, "b")
+    assert all(l.merged_adapters == ["serving"] for n, l in layers(model).items() if n.endswith("q_proj"))
+    assert base_bits(model) == merged_bits  # the merged weights, same bits as before
+
+
+# -- merge -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_merge_unmerge_is_bit_exact(make):
+    base = make()
+    model = with_deltas(copy.deepcopy(base), k=3)
+    x = ids(64)
+    original = state_bits(base)
+    with torch.no_grad():
+        trained = model(x).logits
+        merge(model)
+        merged_state = base_bits(model)
+        assert torch.equal(model(x).logits, trained)  # in-place training forward == merged model
+        changed = [k for k in original if merged_state[k] != original[k]]
+        assert sorted(changed) == sorted(n + ".weight" for n in layers(model))
+        merge(model)  # merging again changes nothing
+        assert base_bits(model) == merged_state
+        unmerge(model)
+        assert torch.equal(model(x).logits, trained)
+    assert base_bits(model) == original
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_merge_and_unload_equals_the_spec_reference(tmp_path, make, dtype):
+    base = make(dtype=DTYPES[dtype])
+    base_np = numpy_state(base)
+    model = with_deltas(copy.deepcopy(base), k=3)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    adapter = naf.load(path)
+
+    def check(merged, adapter):
+        sd = merged.state_dict()
+        assert list(sd) == list(base.state_dict())
+        assert not layers(merged) and not hasattr(merged, "neuroada_configs")
+        assert not merged._forward_pre_hooks
+        for key, arr in base_np.items():
+            got = to_numpy(sd[key])
+            t = adapter.targets.get(key)
+            want = arr if t is None else naf.merge_weight(arr, [t], t.layout)
+            assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), key
+        assert any(to_numpy(sd[k]).tobytes() != base_np[k].tobytes() for k in adapter.targets)
+
+    # a fresh base with the file loaded
+    check(merge_and_unload(load_adapter(copy.deepcopy(base), path)), adapter)
+    # the trained model itself, saved with its exact (f32) deltas
+    exact = save_adapter(model, tmp_path / "exact.safetensors", value_dtype="F32")
+    check(merge_and_unload(model), naf.load(exact))
+
+
+def test_merge_refuses_tied_weight():
+    model = with_deltas(tiny_llama(tie_word_embeddings=True), k=1, target_modules=["lm_head", "q_proj"])
+    bits = state_bits(model)
+    with pytest.raises(NeuroAdaError, match="shared") as err:
+        merge(model)
+    assert err.value.tensor == "lm_head.weight"
+    assert state_bits(model) == bits and not any(l.merged for l in layers(model).values())
