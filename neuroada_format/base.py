@@ -77,15 +77,11 @@ class ArrayBase:
 INDEX_CAP = 50_000_000  # a 405B model's index json is well under 1 MB
 
 
-def _shard_name(folder: str, name, index_path: str) -> str:
-    """A shard must be a plain file name whose real path stays inside the checkpoint folder."""
-    bad = (not isinstance(name, str) or name in ("", ".", "..") or "\0" in name or "/" in name
-           or "\\" in name or os.path.isabs(name))
-    if not bad:
-        real = os.path.realpath(os.path.join(folder, name))
-        bad = os.path.commonpath([real, os.path.realpath(folder)]) != os.path.realpath(folder)
-    if bad:
-        raise NeuroAdaError(f"weight_map entry {name!r} is not a file inside the folder",
+def _shard_name(name, index_path: str) -> str:
+    """A shard must be a plain file name in the folder (it may be a symlink, as in the HF cache)."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "\0" in name or "/" in name
+            or "\\" in name or os.path.isabs(name)):
+        raise NeuroAdaError(f"weight_map entry {name!r} is not a file name inside the folder",
                             path=index_path, rule="1.6")
     return name
 
@@ -110,7 +106,7 @@ def open_base(base) -> Checkpoint | ArrayBase:
             wm = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(wm, dict):
                 raise NeuroAdaError("index json has no weight_map object", path=index_path, rule="1.6")
-            weight_map = {k: _shard_name(path, v, index_path) for k, v in wm.items()}
+            weight_map = {k: _shard_name(v, index_path) for k, v in wm.items()}
             files = {s: SafetensorsFile(os.path.join(path, s), unknown_dtypes=True)
                      for s in sorted(set(weight_map.values()))}
             for key, shard in weight_map.items():
@@ -120,7 +116,8 @@ def open_base(base) -> Checkpoint | ArrayBase:
             return Checkpoint(files, weight_map, path, index)
         single = os.path.join(path, SINGLE_FILE)
         if not os.path.isfile(single):
-            candidates = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            candidates = sorted(f for f in os.listdir(path)
+                                if f.endswith(".safetensors") and not f.startswith("."))
             if len(candidates) != 1:
                 raise NeuroAdaError(f"no {SINGLE_FILE} or {INDEX_FILE} in the folder", path=path, rule="1.6")
             single = os.path.join(path, candidates[0])

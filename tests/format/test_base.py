@@ -253,15 +253,16 @@ def test_hostile_index_json(case, small_model, tmp_path, craft):
     assert "Traceback" not in str(info.value) and "\n" not in str(info.value)
 
 
-def test_symlinked_shard_leaving_the_folder_is_refused(small_model, tmp_path, craft):
+def test_hf_cache_snapshot_with_shards_linking_outside_the_folder_opens(small_model, tmp_path, craft):
+    """The Hugging Face cache links snapshots/<rev>/<shard> to ../../blobs/<sha>: a legitimate base."""
     arrays, adapter = small_model
-    folder = craft.base(tmp_path / "m", arrays, shards=2)
-    outside = craft.base(tmp_path / "elsewhere", arrays)
-    os.symlink(os.path.join(outside, "model.safetensors"), os.path.join(folder, "link.safetensors"))
-    _index(folder, {name: "link.safetensors" for name in arrays})
-    with pytest.raises(naf.NeuroAdaError) as info:
-        naf.validate(adapter, base=folder)
-    assert info.value.rule == "1.6"
+    blobs = craft.base(tmp_path / "blobs", arrays)
+    snapshot = tmp_path / "snapshots" / "rev"
+    snapshot.mkdir(parents=True)
+    os.symlink(os.path.relpath(os.path.join(blobs, "model.safetensors"), snapshot),
+               snapshot / "model-00001-of-00001.safetensors")
+    _index(os.fspath(snapshot), {name: "model-00001-of-00001.safetensors" for name in arrays})
+    assert naf.validate(adapter, base=snapshot).ok
 
 
 def test_base_may_hold_dtypes_this_reader_does_not_know(small_model, tmp_path, craft):

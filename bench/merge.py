@@ -1,0 +1,345 @@
+"""Benchmark `neuroada-merge` against copying the checkpoint, on a synthetic Llama-shaped bf16 model.
+
+Builds (in a temporary folder, deleted afterwards) a ~1.7 GB checkpoint shaped like TinyLlama (hidden
+2048, intermediate 5632, 4 KV heads of 64, vocab 32000; 16 layers by default) in 4 shards with an index
+json and side files, plus a k=20 and a k=1 adapter over all seven projections of every layer. Then, in
+the same run, alternating the order each round, it times as separate processes (wall clock and max RSS
+from wait4): copying the folder (shutil.copytree, and copytree + fsync of every file, since a merge
+fsyncs its output), `neuroada-merge` into a new folder, `--in-place`, and `--revert`. Medians of
+--rounds rounds; the page cache is warm for every contender alike and `sync` runs before each timing.
+
+    python bench/merge.py [--layers 16] [--rounds 3] [--workdir DIR] [--no-results]
+
+Prints a table and replaces the "## Converters: merge" section of bench/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import ml_dtypes
+import numpy as np
+
+import neuroada_format as naf
+
+HIDDEN, INTER, KV, VOCAB = 2048, 5632, 256, 32000
+SECTION = "## Converters: merge"
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+PROJECTIONS = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (KV, HIDDEN),
+               "self_attn.v_proj": (KV, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
+               "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN), "mlp.down_proj": (HIDDEN, INTER)}
+
+
+def shapes(layers: int) -> dict[str, tuple[int, ...]]:
+    out = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,),
+           "lm_head.weight": (VOCAB, HIDDEN)}
+    for i in range(layers):
+        for proj, shape in PROJECTIONS.items():
+            out[f"model.layers.{i}.{proj}.weight"] = shape
+        out[f"model.layers.{i}.input_layernorm.weight"] = (HIDDEN,)
+        out[f"model.layers.{i}.post_attention_layernorm.weight"] = (HIDDEN,)
+    return out
+
+
+def random_bf16(rng, shape) -> np.ndarray:
+    """Weight-like bf16 values (|w| in ~[0.008, 0.12], random sign) straight from random bits: fast."""
+    bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
+    return ((bits & 0x81FF) | 0x3C00).view(ml_dtypes.bfloat16)
+
+
+def random_indices(rng, d_out: int, d_in: int, k: int) -> np.ndarray:
+    """Strictly increasing columns per row: one random column in each of k equal strides."""
+    stride = d_in // k
+    return (np.arange(k, dtype=np.int64) * stride)[None, :] + rng.integers(0, stride, size=(d_out, k))
+
+
+def build(folder: str, layers: int, shards: int = 4) -> tuple[str, dict[int, str], int]:
+    """Write the checkpoint and the k=20 / k=1 adapters; returns (base, {k: adapter path}, bytes)."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    base = os.path.join(folder, "base")
+    os.makedirs(base)
+    spec = shapes(layers)
+    names = list(spec)
+    total = sum(math.prod(s) * 2 for s in spec.values())
+    per_shard, groups, current, size = total / shards, [], [], 0
+    for n in names:  # contiguous groups of about equal size, as HF's sharding does
+        current.append(n)
+        size += math.prod(spec[n]) * 2
+        if size >= per_shard * (len(groups) + 1) and len(groups) < shards - 1:
+            groups.append(current)
+            current = []
+    groups.append(current)
+    weight_map, targets = {}, {20: {}, 1: {}}
+    for s, group in enumerate(groups):
+        shard = f"model-{s + 1:05d}-of-{len(groups):05d}.safetensors"
+        arrays = {n: random_bf16(rng, spec[n]) for n in group}
+        save_file(arrays, os.path.join(base, shard), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, shard))
+        for n in group:
+            if n.endswith("_proj.weight"):
+                w = arrays[n]
+                for k in targets:
+                    idx = random_indices(rng, w.shape[0], w.shape[1], k)
+                    vals = (rng.standard_normal(idx.shape) * 0.01).astype(ml_dtypes.bfloat16)
+                    targets[k][n] = naf.Target.from_weight(n, w, idx, vals)
+        del arrays
+    with open(os.path.join(base, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    with open(os.path.join(base, "config.json"), "w") as f:
+        json.dump({"model_type": "llama", "hidden_size": HIDDEN, "intermediate_size": INTER,
+                   "num_hidden_layers": layers, "num_key_value_heads": KV // 64, "vocab_size": VOCAB}, f)
+    with open(os.path.join(base, "tokenizer.json"), "w") as f:
+        f.write("{}")
+    structure = naf.open_base(base).structure_hash()
+    adapters = {}
+    for k, ts in targets.items():
+        path = os.path.join(folder, f"k{k}.safetensors")
+        naf.save(naf.Adapter(ts, base_name="synthetic-llama", structure_hash=structure), path)
+        adapters[k] = path
+    return base, adapters, total
+
+
+# Children are started by this small launcher, not by the benchmark itself: a child's max RSS (wait4)
+# includes whatever its parent had mapped when it forked, and the benchmark holds the model it built.
+LAUNCHER = """
+import json, os, subprocess, sys, tempfile, time
+for line in sys.stdin:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        child = subprocess.Popen(json.loads(line), stdout=out, stderr=err)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - started
+        out.seek(0)
+        err.seek(0)
+        print(json.dumps({"wall": wall, "rss_kib": usage.ru_maxrss, "rc": os.waitstatus_to_exitcode(status),
+                          "out": out.read().decode(), "err": err.read().decode()}), flush=True)
+"""
+
+
+class Launcher:
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", LAUNCHER], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+
+    def timed(self, cmd: list[str]) -> tuple[float, float, str]:
+        """(wall seconds, max RSS MiB, stdout) of one child process, after a sync."""
+        os.sync()
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        r = json.loads(self.proc.stdout.readline())
+        if r["rc"] != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed ({r['rc']}): {r['err'].strip()}")
+        return r["wall"], r["rss_kib"] / 1024, r["out"]
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+COPY = "import shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])"
+COPY_FSYNC = ("import os, shutil, sys; shutil.copytree(sys.argv[1], sys.argv[2])\n"
+              "for here, _, names in os.walk(sys.argv[2]):\n"
+              "    for n in names:\n"
+              "        fd = os.open(os.path.join(here, n), os.O_RDONLY); os.fsync(fd); os.close(fd)")
+
+
+def run(layers: int, rounds: int, workdir: str | None) -> dict:
+    load_before = os.getloadavg()[0]
+    launcher = Launcher()
+    timed = launcher.timed
+    folder = tempfile.mkdtemp(prefix="neuroada-bench-merge-", dir=workdir)
+    try:
+        t0 = time.perf_counter()
+        base, adapters, total = build(folder, layers)
+        mib = {k: os.path.getsize(p) / 2**20 for k, p in adapters.items()}
+        print(f"built {total / 2**30:.2f} GiB checkpoint ({layers} layers, {len(os.listdir(base)) - 3} shards) "
+              f"and adapters k=20 {mib[20]:.1f} MiB, k=1 {mib[1]:.1f} MiB in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+        exe = shutil.which("neuroada-merge", path=os.path.dirname(sys.executable)) or "neuroada-merge"
+        work = os.path.join(folder, "work")
+        shutil.copytree(base, work)
+        dst = os.path.join(folder, "out")
+        journal = os.path.join(folder, "journal.safetensors")
+
+        def copy():
+            return timed([sys.executable, "-c", COPY, base, dst])
+
+        def copy_fsync():
+            return timed([sys.executable, "-c", COPY_FSYNC, base, dst])
+
+        def merge(k):
+            return lambda: timed([exe, "--base", base, "--adapter", adapters[k], "--out", dst, "--json"])
+
+        def in_place(k):
+            return lambda: timed([exe, "--base", work, "--adapter", adapters[k], "--in-place", "--journal", journal,
+                                  "--json"])
+
+        def revert():
+            return timed([exe, "--revert", journal, "--json"])
+
+        def startup():
+            return timed([exe, "--version"])
+
+        def cleanup():
+            if os.path.exists(dst):
+                shutil.rmtree(dst)
+
+        samples: dict[str, list] = {}
+        groups = [[("copytree", copy)], [("copytree+fsync", copy_fsync)], [("merge k=20", merge(20))],
+                  [("merge k=1", merge(1))], [("in-place k=20", in_place(20)), ("revert k=20", revert)],
+                  [("in-place k=1", in_place(1)), ("revert k=1", revert)], [("startup (--version)", startup)]]
+        copy()  # warm-up, untimed: page cache, .pyc files
+        cleanup()
+        for r in range(rounds):
+            order = groups[::-1] if r % 2 else groups
+            order = order[r % len(order):] + order[:r % len(order)]
+            for group in order:
+                for name, fn in group:
+                    wall, rss, text = fn()
+                    inner = json.loads(text).get("seconds") if text.startswith("{") else None
+                    samples.setdefault(name, []).append((wall, rss, inner))
+                cleanup()
+                if os.path.exists(journal):
+                    os.unlink(journal)
+        # the in-place/revert pairs must have left the working copy exactly as the base
+        for name in os.listdir(base):
+            if name.endswith(".safetensors"):
+                with open(os.path.join(base, name), "rb") as a, open(os.path.join(work, name), "rb") as b:
+                    assert a.read() == b.read(), f"revert did not restore {name}"
+        where = breakdown(base, adapters[20], dst)
+    finally:
+        launcher.close()
+        shutil.rmtree(folder, ignore_errors=True)
+    rows = {}
+    for name, vals in samples.items():
+        inner = [v[2] for v in vals if v[2] is not None]
+        rows[name] = {"wall_s": statistics.median(v[0] for v in vals), "rss_mib": max(v[1] for v in vals),
+                      "inner_s": statistics.median(inner) if inner else None, "n": len(vals)}
+    return {"rows": rows, "bytes": total, "layers": layers, "rounds": rounds, "breakdown": where,
+            "load": (load_before, os.getloadavg()[0])}
+
+
+def breakdown(base: str, adapter: str, out: str) -> dict[str, float]:
+    """Where one k=20 merge spends its time (one in-process run under cProfile; shares are what matter)."""
+    import cProfile
+    import pstats
+
+    from neuroada_format.converters.safetensors_merge import merge_safetensors
+
+    os.sync()
+    profile = cProfile.Profile()
+    started = time.perf_counter()
+    profile.runcall(merge_safetensors, base, [(adapter, 1.0)], out)
+    total = time.perf_counter() - started
+    shutil.rmtree(out)
+    stats = pstats.Stats(profile).stats
+
+    def own(name):  # time inside built-ins of this name
+        return sum(v[2] for k, v in stats.items() if k[2] == name)
+
+    def cumulative(name, file_suffix=""):
+        return max((v[3] for k, v in stats.items() if k[2] == name and k[0].endswith(file_suffix)), default=0.0)
+
+    return {
+        "total": total,
+        "validation (incl. probe hashes)": cumulative("check_adapters"),
+        "merged_values (format core)": cumulative("merged_values"),
+        "  of which np.unique": cumulative("unique", "_arraysetops_impl.py"),
+        "kernel copy (sendfile)": own("<built-in method posix.sendfile>"),
+        "populating write maps (madvise)": own("<method 'madvise' of 'mmap.mmap' objects>"),
+        "waiting for fsync": own("<method 'acquire' of '_thread.lock' objects>"),
+    }
+
+
+def table(result: dict) -> str:
+    rows = result["rows"]
+    copy = rows["copytree"]["wall_s"]
+    copy_sync = rows["copytree+fsync"]["wall_s"]
+    lines = ["| operation | wall s (median) | in-process s | / copytree | / copytree+fsync | max RSS MiB |",
+             "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        inner = f"{r['inner_s']:.3f}" if r["inner_s"] is not None else "-"
+        lines.append(f"| {name} | {r['wall_s']:.3f} | {inner} | {r['wall_s'] / copy:.2f} | "
+                     f"{r['wall_s'] / copy_sync:.2f} | {r['rss_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def breakdown_text(result: dict) -> str:
+    where = result["breakdown"]
+    total = where["total"]
+    return "; ".join(f"{name.strip()} {sec:.2f} s ({sec / total:.0%})" if name != "total" else f"total {sec:.2f} s"
+                     for name, sec in where.items())
+
+
+def write_section(result: dict, text_table: str) -> None:
+    rows = result["rows"]
+    copy = rows["copytree"]["wall_s"]
+    m20, m1 = rows["merge k=20"]["wall_s"], rows["merge k=1"]["wall_s"]
+    i20, i1 = rows["in-place k=20"]["wall_s"], rows["in-place k=1"]["wall_s"]
+    body = [
+        SECTION, "",
+        f"`python bench/merge.py --layers {result['layers']} --rounds {result['rounds']}` "
+        f"({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}): synthetic Llama-shaped bf16 checkpoint of "
+        f"{result['bytes'] / 2**30:.2f} GiB in 4 shards (hidden 2048, intermediate 5632, {result['layers']} layers), "
+        "k=20 and k=1 adapters on all 7 projections of every layer. Each operation runs as its own process "
+        "(wall clock includes interpreter start-up; \"in-process\" is the merge's own timer), page cache warm, "
+        f"`sync` before each, median of {result['rounds']}, order alternated; max RSS from wait4.", "",
+        text_table, "",
+        f"- merge / copytree: k=20 {m20 / copy:.2f}, k=1 {m1 / copy:.2f} (bar <= 1.3); the merge also fsyncs "
+        "its output, which copytree does not (see the copytree+fsync column).",
+        f"- in-place / copytree: k=20 {i20 / copy:.3f}, k=1 {i1 / copy:.3f} (bar <= 0.02).",
+        f"- where one k=20 merge spends its time (in-process, cProfile): {breakdown_text(result)}.",
+        f"- 1-minute load average {result['load'][0]:.1f} before and {result['load'][1]:.1f} after the run "
+        f"({os.cpu_count()} cores shared with other jobs): absolute times are noisy, ratios less so.",
+        "- Why the bars are missed here: with a warm page cache copytree is a kernel memcpy that never waits "
+        "for the disk, while a merge also fsyncs what it writes (durable before the rename), validates, and "
+        "computes the merged values. Per-row top-k touches every 4 KiB page of every targeted tensor even at "
+        "k=1 (a bf16 row of 2048 columns is one page), so an in-place patch dirties and writes back nearly all "
+        "targeted pages: it saves disk space and the untargeted tensors, not I/O, and cannot approach 2% of a "
+        "copy. np.unique in the core's merged_values (numpy 2.4 hashes; a sort is ~40x faster on these "
+        "arrays) is the largest single cost of k=20 merges.", "",
+    ]
+    section = "\n".join(body)
+    existing = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
+    start = existing.find(SECTION + "\n")
+    if start < 0:
+        new = existing.rstrip("\n") + "\n\n" + section
+    else:
+        end = existing.find("\n## ", start + len(SECTION))
+        new = existing[:start] + section + (existing[end + 1:] if end >= 0 else "")
+    tmp = RESULTS + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new.rstrip("\n") + "\n")
+    os.replace(tmp, RESULTS)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workdir", default=None, help="parent folder for the temporary data (default: $TMPDIR)")
+    ap.add_argument("--no-results", action="store_true", help="do not touch bench/RESULTS.md")
+    args = ap.parse_args()
+    result = run(args.layers, args.rounds, args.workdir)
+    text = table(result)
+    print(text)
+    print("k=20 merge breakdown:", breakdown_text(result))
+    if not args.no_results:
+        write_section(result, text)
+        print(f"wrote the '{SECTION[3:]}' section of {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

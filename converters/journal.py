@@ -1,0 +1,239 @@
+"""The revert journal of an in-place merge: what `neuroada-merge --revert` needs to undo it bit for bit.
+
+Written (atomically, fsynced, folder fsynced) before the first byte of the base changes. It is a
+safetensors file, so it is inspectable with any safetensors reader and never unpickled:
+
+    __metadata__ = {"format": "neuroada-journal", "neuroada-journal": <one JSON document>}
+    document = {
+      "format": "neuroada-journal", "version": "1", "created": "<UTC ISO-8601>",
+      "root": "<absolute folder holding the patched files>",
+      "adapters": [{"path": ..., "scale": ...}, ...],            # for the record only
+      "files": {"<path relative to root>": {"size": <bytes>, "header_sha256": "<hex>"}},
+      "tensors": {"<tensor name>": {"file": "<relative path>", "dtype": "BF16|F16|F32",
+                                    "offset": <absolute byte offset of the tensor's data>,
+                                    "count": <elements in the tensor>}}
+    }
+    tensors, per touched tensor T:
+      positions/T  U32 (I64 when the tensor has 2**32 elements or more): sorted flat element offsets
+      original/T   the base's dtype: the values before the merge
+      merged/T     the base's dtype: the values the merge wrote
+
+`header_sha256` covers the file's first 8 + N bytes (length prefix and JSON header), which a merge
+never changes: a revert refuses files whose header differs (another checkpoint, a re-saved file).
+Keeping the merged values too lets a revert prove each position still holds either the merged value
+(restore it) or the original (already reverted, or never reached by a killed merge) and refuse
+anything else, such as a later merge on top that has not been reverted yet. That makes a revert
+idempotent and safe after a SIGKILL at any point of the merge.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from neuroada_format import NeuroAdaError
+from neuroada_format.container import SafetensorsFile, strict_json
+from neuroada_format.dtypes import BASE_DTYPES
+
+from .progress import bar
+from .safetensors_merge import (Mismatch, fsync_dir, fsync_path, map_tensor, pause_for_tests, remove, temp_sibling,
+                               worth_populating)
+
+FORMAT = "neuroada-journal"
+VERSION = "1"
+POSITION_PREFIX, ORIGINAL_PREFIX, MERGED_PREFIX = "positions/", "original/", "merged/"
+
+
+@dataclass
+class JournalEntry:
+    tensor: str
+    file: str              # relative to the journal's root
+    dtype: str
+    offset: int
+    count: int
+    positions: np.ndarray  # flat element offsets, sorted
+    original: np.ndarray
+    merged: np.ndarray
+
+
+def position_dtype(count: int) -> np.dtype:
+    """U32 positions where every element offset fits (all but the largest tensors), else I64."""
+    return np.dtype("<u4") if count <= 1 << 32 else np.dtype("<i8")
+
+
+def header_sha256(path: str) -> str:
+    """sha256 of a safetensors file's length prefix and header (what a merge never changes)."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise NeuroAdaError("file is shorter than a safetensors header", path=path, rule="1.1")
+        (n,) = struct.unpack("<Q", prefix)
+        header = f.read(min(n, 100_000_000))
+    return hashlib.sha256(prefix + header).hexdigest()
+
+
+def write_journal(path: str, root: str, files: list[str], entries: list[JournalEntry], *,
+                  adapters: list[dict]) -> None:
+    """Write the journal atomically: temporary sibling, fsync, rename (never over an existing file)."""
+    from safetensors.numpy import save_file
+
+    doc = {
+        "format": FORMAT, "version": VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "root": os.path.abspath(root), "adapters": adapters,
+        "files": {rel: {"size": os.path.getsize(os.path.join(root, rel)),
+                        "header_sha256": header_sha256(os.path.join(root, rel))} for rel in files},
+        "tensors": {e.tensor: {"file": e.file, "dtype": e.dtype, "offset": int(e.offset), "count": int(e.count)}
+                    for e in entries},
+    }
+    tensors = {}
+    for e in entries:
+        tensors[POSITION_PREFIX + e.tensor] = np.ascontiguousarray(e.positions, dtype=position_dtype(e.count))
+        tensors[ORIGINAL_PREFIX + e.tensor] = np.ascontiguousarray(e.original)
+        tensors[MERGED_PREFIX + e.tensor] = np.ascontiguousarray(e.merged)
+    tmp = temp_sibling(path)
+    try:
+        save_file(tensors, tmp, metadata={"format": FORMAT, FORMAT: json.dumps(doc, separators=(",", ":"))})
+        fsync_path(tmp)
+        if os.path.lexists(path):
+            raise NeuroAdaError("journal already exists", path=path)
+        os.rename(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            remove(tmp)
+        raise
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+@dataclass
+class Journal:
+    path: str
+    doc: dict
+    file: SafetensorsFile
+
+    def entries(self) -> list[JournalEntry]:
+        out = []
+        for name, t in sorted(self.doc["tensors"].items(), key=lambda kv: (kv[1]["file"], kv[1]["offset"])):
+            out.append(JournalEntry(name, t["file"], t["dtype"], t["offset"], t["count"],
+                                    self.file.array(POSITION_PREFIX + name), self.file.array(ORIGINAL_PREFIX + name),
+                                    self.file.array(MERGED_PREFIX + name)))
+        return out
+
+
+def _malformed(path: str, why: str) -> NeuroAdaError:
+    return NeuroAdaError(f"not a usable neuroada merge journal: {why}", path=path)
+
+
+def read_journal(path) -> Journal:
+    """Open and check a journal (structure and self-consistency; the files are checked by revert)."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise NeuroAdaError("no such journal file", path=path, rule="1.1")
+    st = SafetensorsFile(path)
+    meta = st.metadata or {}
+    if meta.get("format") != FORMAT or FORMAT not in meta:
+        raise _malformed(path, "its __metadata__ has no neuroada-journal document")
+    try:
+        doc = strict_json(meta[FORMAT])
+    except (ValueError, RecursionError) as exc:
+        raise _malformed(path, f"document is not JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise _malformed(path, "document is not a journal")
+    if doc.get("version") != VERSION:
+        raise _malformed(path, f"version {doc.get('version')!r} is not {VERSION!r}")
+    files, tensors, root = doc.get("files"), doc.get("tensors"), doc.get("root")
+    if not isinstance(root, str) or not isinstance(files, dict) or not isinstance(tensors, dict):
+        raise _malformed(path, "root, files or tensors missing")
+    for rel, f in files.items():
+        if (os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/") or not isinstance(f, dict)
+                or not isinstance(f.get("size"), int) or not isinstance(f.get("header_sha256"), str)):
+            raise _malformed(path, f"file entry {rel!r} is invalid")
+    for name, t in tensors.items():
+        ok = (isinstance(t, dict) and t.get("file") in files and t.get("dtype") in BASE_DTYPES
+              and all(isinstance(t.get(k), int) and t[k] >= 0 for k in ("offset", "count")))
+        names = (POSITION_PREFIX + name, ORIGINAL_PREFIX + name, MERGED_PREFIX + name)
+        if not ok or not all(n in st.tensors for n in names):
+            raise _malformed(path, f"entry of tensor {name!r} is invalid")
+        pos, orig, merged = (st.tensors[n] for n in names)
+        n = pos.shape[0] if len(pos.shape) == 1 else -1
+        if (pos.dtype not in ("U32", "I64") or orig.dtype != t["dtype"] or merged.dtype != t["dtype"]
+                or not (pos.shape == orig.shape == merged.shape == (n,))):
+            raise _malformed(path, f"arrays of tensor {name!r} are inconsistent")
+        p = st.array(names[0])
+        if p.size and (int(p.min()) < 0 or int(p.max()) >= t["count"]):
+            raise _malformed(path, f"positions of tensor {name!r} fall outside the tensor")
+    return Journal(path, doc, st)
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.dtype(f"<u{a.dtype.itemsize}"))
+
+
+def revert(journal, *, base=None, progress: bool = False) -> dict:
+    """Restore the files a journal describes to their pre-merge bytes; harmless to run twice.
+
+    base: where the checkpoint lives now, if it moved since the merge (folder, or the file itself).
+    Nothing is written unless every file matches the journal (header hash, size, and each position
+    holding either its merged or its original value).
+    """
+    started = time.perf_counter()
+    j = read_journal(journal)
+    if base is None:
+        root = j.doc["root"]
+    else:
+        base = os.path.abspath(os.fspath(base))
+        root = base if os.path.isdir(base) else os.path.dirname(base)
+    paths = {}
+    for rel, f in j.doc["files"].items():
+        path = os.path.join(root, rel)
+        if not os.path.isfile(path):
+            raise NeuroAdaError("file named by the journal is missing", path=path)
+        if os.path.islink(path):
+            raise NeuroAdaError("is a symlink; a revert would write through it into the shared file", path=path)
+        if os.path.getsize(path) != f["size"] or header_sha256(path) != f["header_sha256"]:
+            raise Mismatch(f"this file is not the one journal {j.path} was written for (its header differs)",
+                           path=path)
+        paths[rel] = path
+    headers = {rel: SafetensorsFile(p) for rel, p in paths.items()}
+    entries = j.entries()
+    todo, already = [], 0
+    for e in entries:
+        info = headers[e.file].tensors.get(e.tensor)
+        if (info is None or info.dtype != e.dtype or headers[e.file].absolute_offset(e.tensor) != e.offset
+                or int(np.prod(info.shape)) != e.count):
+            raise Mismatch("tensor does not match the journal", path=paths[e.file], tensor=e.tensor)
+        region = map_tensor(paths[e.file], e.dtype, e.offset, (e.count,))
+        current = _bits(region[np.asarray(e.positions, dtype=np.int64)])
+        del region
+        is_original = current == _bits(np.asarray(e.original))
+        unknown = ~(is_original | (current == _bits(np.asarray(e.merged))))
+        if unknown.any():
+            raise Mismatch(f"{int(unknown.sum())} values are neither the merged nor the original ones: the file "
+                           "changed after this merge (revert later in-place merges first, newest first)",
+                           path=paths[e.file], tensor=e.tensor)
+        if is_original.all():
+            already += 1
+        else:
+            todo.append(e)
+    restored = 0
+    with bar(len(todo), "revert", enabled=progress, unit="tensor") as pbar:
+        for e in todo:
+            region = map_tensor(paths[e.file], e.dtype, e.offset, (e.count,), writable=True,
+                                populate=worth_populating(e.positions.size, e.count * e.original.itemsize))
+            region[np.asarray(e.positions, dtype=np.int64)] = e.original
+            del region  # unmaps; the fsync below writes the dirtied pages
+            restored += int(e.positions.size)
+            pbar.update(1)
+            pause_for_tests()
+    for rel in sorted({e.file for e in todo}):
+        fsync_path(paths[rel])
+    return {
+        "mode": "revert", "journal": j.path, "base": root, "targets": len(entries),
+        "targets_restored": len(todo), "targets_already_original": already, "values_restored": restored,
+        "seconds": round(time.perf_counter() - started, 3),
+    }

@@ -1,0 +1,587 @@
+"""Merge NeuroAda adapters into a safetensors checkpoint: into a new copy, or in place with a revert journal.
+
+A merge changes d_out*k values per target and never a size or a header, so the output is built as
+"the kernel copies every file (sendfile), then the touched values are written through a memory map of
+the copy at the tensor's absolute offset". Peak memory stays at the adapters plus one tensor's touched
+values, and wall time at about a copy; nothing is ever re-serialised, so every other byte (headers,
+`__metadata__`, index json, tokenizer files, subfolders) is carried over exactly.
+
+Safety rules this module keeps:
+- BASE is only opened and mapped read-only, unless `merge_in_place` is asked for.
+- Every adapter is validated against BASE before anything is written (`verify=False` skips only the
+  value checks that read the base, i.e. the probe hash and structure hash; keys, shapes, dtypes and
+  the adapters' own structure/content are always checked, because merging without them writes garbage).
+- OUT is built in a temporary sibling `<OUT>.tmp-<host>-<pid>-<random>`, fsynced, then renamed (an
+  existing OUT, with overwrite=True, is swapped atomically with renameat2(RENAME_EXCHANGE) where the
+  OS has it). A SIGKILL can leave such a sibling behind, never a partial OUT; the next merge to the same
+  OUT deletes the siblings whose process (on this host) is gone.
+- In place: a revert journal (see journal.py) is written and fsynced before the first byte of BASE
+  changes; symlinked or hard-linked files are refused (patching them would change the shared copy).
+
+NEUROADA_TEST_SLOWDOWN (seconds) makes every step sleep; it exists only so the fault-injection tests
+can SIGKILL a merge mid-way, and is never set in normal use.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import math
+import mmap
+import os
+import re
+import secrets
+import shutil
+import socket
+import stat
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from neuroada_format import (Adapter, ArrayBase, Checkpoint, Delta, NeuroAdaError, load, merged_values, open_base,
+                             validate)
+from neuroada_format.dtypes import NUMPY_DTYPES
+from neuroada_format.layout import stored_shape
+
+from .progress import bar
+
+SLOWDOWN_ENV = "NEUROADA_TEST_SLOWDOWN"
+TMP_MARK = ".tmp-"
+JOURNAL_PREFIX = ".neuroada-journal-"
+COPY_CHUNK = 64 << 20
+
+
+class Mismatch(NeuroAdaError):
+    """An adapter does not belong to the base, or a journal to the files (the CLI's exit code 1)."""
+
+    @classmethod
+    def of(cls, exc: NeuroAdaError) -> "Mismatch":
+        return cls(exc.detail, path=exc.path, tensor=exc.tensor, rule=exc.rule)
+
+
+def pause_for_tests() -> None:
+    """Test-only hook (see module docstring): widen the window between steps for fault injection."""
+    delay = os.environ.get(SLOWDOWN_ENV)
+    if delay:
+        time.sleep(float(delay))
+
+
+# -- mapping tensors ---------------------------------------------------------------------------------
+_MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 22, 23  # Linux >= 5.14; older kernels just fault lazily
+
+
+def map_tensor(path: str, dtype: str, offset: int, shape, *, writable: bool = False,
+               populate: bool | None = None) -> np.ndarray:
+    """One tensor of a file as an array over its own shared map, unmapped when the array is dropped.
+
+    populate (default: when writable): fault the whole map in with one madvise instead of one fault
+    per 4 KiB page. Writes need it: a merge touches nearly every page of a target and write faults
+    come one page at a time (patching a 1 GB copy got ~3x faster here). Reads do not: the kernel
+    maps 16 pages per read fault, which beat populating. A populated writable map dirties every
+    page, so in-place patches populate only where they likely touch every page anyway (see
+    `worth_populating`). Read-only maps can never write the file.
+    """
+    dt = NUMPY_DTYPES[dtype]
+    count = math.prod(shape)
+    if count == 0:
+        return np.empty(shape, dtype=dt)
+    start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with open(path, "r+b" if writable else "rb") as f:
+        mm = mmap.mmap(f.fileno(), offset - start + count * dt.itemsize, offset=start,
+                       access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
+    if (writable if populate is None else populate) and hasattr(mm, "madvise") and sys.platform.startswith("linux"):
+        try:
+            mm.madvise(_MADV_POPULATE_WRITE if writable else _MADV_POPULATE_READ)
+        except OSError:
+            pass
+    return np.frombuffer(mm, dtype=dt, count=count, offset=offset - start).reshape(shape)
+
+
+def worth_populating(values: int, nbytes: int) -> bool:
+    """Whether patching `values` spread over every row of a tensor likely dirties all of its pages."""
+    return values >= nbytes // mmap.PAGESIZE
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+@dataclass
+class _Base:
+    path: str              # absolute path as given (file or folder)
+    root: str | None       # the folder, when the base is a folder
+    ck: Checkpoint
+
+
+@dataclass
+class _Touch:
+    """One base tensor the merge changes, with every adapter's contribution to it."""
+    name: str
+    file: str              # absolute path of the base file holding it
+    rel: str               # that file's path relative to the base folder (or its name)
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int            # absolute byte offset of the tensor's data in the file
+    layout: str
+    deltas: list[Delta] = field(default_factory=list)
+
+    def region(self, path: str, *, writable: bool = False, populate: bool | None = None) -> np.ndarray:
+        """The tensor inside `path` (the base, or a copy of its file), mapped."""
+        return map_tensor(path, self.dtype, self.offset, self.shape, writable=writable, populate=populate)
+
+
+class _MappedBase(ArrayBase):
+    """The checkpoint, with each tensor mapped afresh per access and unmapped when dropped.
+
+    Validation reads the values at every adapter position, i.e. nearly every page of a targeted
+    tensor; through the checkpoint's one long-lived map those pages would all stay resident and the
+    peak RSS would grow to the size of the model. Short-lived maps keep it at one tensor.
+    """
+
+    def __init__(self, ck: Checkpoint):
+        super().__init__({}, ck.path)
+        self.ck = ck
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.ck
+
+    def keys(self):
+        return self.ck.keys()
+
+    def info(self, name: str):
+        return self.ck.info(name)
+
+    def array(self, name: str) -> np.ndarray:
+        st = self.ck.file_of(name)
+        t = st.tensors[name]
+        return map_tensor(st.path, t.dtype, st.absolute_offset(name), t.shape)
+
+    def structure_hash(self) -> str:
+        return self.ck.structure_hash()
+
+
+def normalise_adapters(adapters) -> list[tuple[Adapter, float]]:
+    """(Adapter or path, scale) pairs (a bare Adapter or path means scale 1), scales finite in f32."""
+    result = []
+    for item in adapters:
+        adapter, scale = item if isinstance(item, tuple) else (item, 1.0)
+        if not isinstance(adapter, Adapter):
+            adapter = load(adapter)
+        scale = float(scale)
+        if not math.isfinite(scale) or not np.isfinite(np.float32(scale)):
+            raise NeuroAdaError(f"scale {scale!r} is not a finite f32 number", path=adapter.path)
+        result.append((adapter, scale))
+    if not result:
+        raise NeuroAdaError("no adapter to merge")
+    return result
+
+
+def _described(adapters) -> list[dict]:
+    return [{"path": os.path.abspath(a.path) if a.path else None, "scale": s} for a, s in adapters]
+
+
+def open_checkpoint(base) -> _Base:
+    path = os.path.abspath(os.fspath(base))
+    if not os.path.exists(path):
+        raise NeuroAdaError("no such file or folder", path=path, rule="1.1")
+    ck = open_base(path)
+    if not isinstance(ck, Checkpoint):
+        raise NeuroAdaError("the base must be a safetensors file or folder", path=path)
+    return _Base(path, path if os.path.isdir(path) else None, ck)
+
+
+def check_adapters(adapters: list[tuple[Adapter, float]], base: _Base, verify: bool) -> list[str]:
+    """Validate every adapter (against the base values when verify); raise Mismatch, return warnings."""
+    mapped = _MappedBase(base.ck)
+    warnings = []
+    for adapter, _ in adapters:
+        report = validate(adapter, base=mapped if verify else None)
+        try:
+            report.raise_if_invalid()
+            if not verify:
+                _check_fits(adapter, base.ck)
+        except NeuroAdaError as exc:
+            raise Mismatch.of(exc) from None
+        warnings += [f"{adapter.path or '<adapter>'}: {p['tensor'] + ': ' if p['tensor'] else ''}"
+                     f"rule {p['rule']}: {p['message']}" for p in report.problems if p["severity"] == "warning"]
+    return warnings
+
+
+def _check_fits(adapter: Adapter, ck: Checkpoint) -> None:
+    """Rules 4.1/4.2 from the headers alone: what --no-verify still needs to merge safely."""
+    for name, t in sorted(adapter.targets.items()):
+        if name not in ck:
+            raise NeuroAdaError("target is not a tensor of the base", path=adapter.path, tensor=name, rule="4.1")
+        dtype, shape = ck.info(name)
+        want = stored_shape(t.shape, t.layout)
+        if tuple(shape) != want or dtype != t.dtype:
+            raise NeuroAdaError(f"base tensor is {dtype}{list(shape)}, adapter expects {t.dtype}{list(want)} "
+                                f"({t.layout})", path=adapter.path, tensor=name, rule="4.2")
+
+
+def plan(adapters: list[tuple[Adapter, float]], base: _Base) -> list[_Touch]:
+    """The touched tensors in file/offset order, each with its deltas in the adapters' order."""
+    touches: dict[str, _Touch] = {}
+    for adapter, scale in adapters:
+        for name, t in sorted(adapter.targets.items()):
+            found = touches.get(name)
+            if found is None:
+                st = base.ck.file_of(name)
+                info = st.tensors[name]
+                rel = os.path.relpath(st.path, base.root) if base.root else os.path.basename(st.path)
+                found = touches[name] = _Touch(name, st.path, rel, info.dtype, info.shape,
+                                               st.absolute_offset(name), t.layout)
+            elif found.layout != t.layout:
+                raise Mismatch(f"adapters disagree on the layout of this target ({found.layout} vs {t.layout})",
+                               path=adapter.path, tensor=name, rule="4.2")
+            found.deltas.append(Delta(t.indices, t.values, scale))
+    return sorted(touches.values(), key=lambda t: (t.rel, t.offset))
+
+
+def merge_into(region: np.ndarray, touch: _Touch) -> int:
+    """Write the merged values into `region` (a writable map of the tensor); returns values touched."""
+    positions, values = merged_values(region, touch.deltas, touch.layout)
+    region.reshape(-1)[positions] = values
+    return int(positions.size)
+
+
+# -- files -------------------------------------------------------------------------------------------
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+
+
+def temp_sibling(path: str) -> str:
+    """A fresh name beside `path` that stale-sibling cleanup can attribute to this host and process."""
+    return f"{path}{TMP_MARK}{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_siblings(path: str) -> list[str]:
+    """Delete `<path>.tmp-*` siblings left by killed merges of this host; returns what was removed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(name + TMP_MARK) + r"(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]+$")
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry)
+        if not m or m["host"] != _host_tag():
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        remove(os.path.join(folder, entry))
+        removed.append(os.path.join(folder, entry))
+    return removed
+
+
+def remove(path: str) -> None:
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new entry durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(src: str, dst: str, flags: int) -> bool:
+    """Linux renameat2; False where the OS or file system lacks it (callers fall back)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), dst)
+
+
+def publish(tmp: str, out: str, overwrite: bool) -> None:
+    """Rename the finished temporary sibling to OUT (atomically replacing OUT when overwrite)."""
+    if os.path.lexists(out):
+        if not overwrite:
+            raise NeuroAdaError("output already exists; pass --overwrite to replace it", path=out)
+        if os.path.isdir(tmp) and not os.path.islink(out):
+            if not _renameat2(tmp, out, _RENAME_EXCHANGE):
+                old = temp_sibling(out)
+                os.rename(out, old)
+                os.rename(tmp, out)
+                tmp = old
+            remove(tmp)  # now the previous OUT
+        else:
+            os.replace(tmp, out)
+    elif not _renameat2(tmp, out, _RENAME_NOREPLACE):
+        os.rename(tmp, out)
+    fsync_dir(os.path.dirname(out))
+
+
+def _send(src_fd: int, dst_fd: int, size: int, progress) -> None:
+    """Copy `size` bytes in the kernel (sendfile), in chunks so progress and interruption stay responsive."""
+    pos = 0
+    use_sendfile = hasattr(os, "sendfile") and sys.platform.startswith("linux")
+    while pos < size:
+        n = min(COPY_CHUNK, size - pos)
+        if use_sendfile:
+            try:
+                sent = os.sendfile(dst_fd, src_fd, pos, n)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSOCK):
+                    raise
+                use_sendfile = False
+                continue
+        else:
+            data = os.pread(src_fd, n, pos)
+            sent = len(data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(dst_fd, view):]
+        if sent == 0:
+            raise OSError(errno.EIO, "file shrank while being copied")
+        pos += sent
+        progress.update(sent)
+        pause_for_tests()
+
+
+def copy_file(src: str, dst: str, progress) -> int:
+    """Copy one file's bytes and permission bits to a new `dst` (never overwrites); returns its size."""
+    with open(src, "rb") as fi:
+        info = os.fstat(fi.fileno())
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        try:
+            _send(fi.fileno(), fd, info.st_size, progress)
+            if hasattr(os, "fchmod"):
+                os.fchmod(fd, stat.S_IMODE(info.st_mode))
+        finally:
+            os.close(fd)
+    return info.st_size
+
+
+def _tree(root: str) -> tuple[list[str], list[str]]:
+    """Folders and files under root (relative, following symlinks once), minus our journals."""
+    dirs, files, seen = [], [], set()
+    for here, subdirs, names in os.walk(root, followlinks=True):
+        st = os.stat(here)
+        if (st.st_dev, st.st_ino) in seen:
+            subdirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        rel_here = os.path.relpath(here, root)
+        for d in sorted(subdirs):
+            dirs.append(os.path.normpath(os.path.join(rel_here, d)))
+        subdirs.sort()
+        for n in sorted(names):
+            if n.startswith(JOURNAL_PREFIX):
+                continue  # journals describe BASE's in-place merges, not the new checkpoint
+            full = os.path.join(here, n)
+            if os.path.isfile(full):  # regular files and symlinks to them (HF cache snapshots)
+                files.append(os.path.normpath(os.path.join(rel_here, n)))
+    return dirs, files
+
+
+# -- merge into a new checkpoint ---------------------------------------------------------------------
+def _check_destination(base: _Base, out: str, overwrite: bool) -> None:
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise NeuroAdaError("the output's parent folder does not exist", path=out)
+    if os.path.normcase(os.path.realpath(out)) == os.path.normcase(os.path.realpath(base.path)):
+        raise NeuroAdaError("the output is the base; use --in-place to patch the base", path=out)
+    if base.root and os.path.commonpath([os.path.realpath(out), os.path.realpath(base.root)]) == \
+            os.path.realpath(base.root):
+        raise NeuroAdaError("the output lies inside the base folder", path=out)
+    if os.path.lexists(out):
+        if not overwrite:
+            raise NeuroAdaError("output already exists; pass --overwrite to replace it", path=out)
+        if os.path.isdir(out) != bool(base.root):
+            kind = "a folder" if os.path.isdir(out) else "a file"
+            raise NeuroAdaError(f"output exists and is {kind}, but the base is "
+                                f"{'a folder' if base.root else 'a file'}", path=out)
+
+
+def merge_safetensors(base, adapters, out, *, verify: bool = True, overwrite: bool = False,
+                      progress: bool = False) -> dict:
+    """Write BASE + adapters to a new checkpoint OUT of the same kind (folder or file); returns a summary.
+
+    adapters: (Adapter or path, scale) pairs, merged with the spec's rule in the given order.
+    """
+    started = time.perf_counter()
+    adapters = normalise_adapters(adapters)
+    b = open_checkpoint(base)
+    out = os.path.abspath(os.fspath(out))
+    _check_destination(b, out, overwrite)
+    warnings = check_adapters(adapters, b, verify)
+    touches = plan(adapters, b)
+    stale = remove_stale_siblings(out)
+    if b.root:
+        dirs, files = _tree(b.root)
+        sources = {rel: os.path.join(b.root, rel) for rel in files}
+    else:
+        dirs, files = [], [os.path.basename(b.path)]
+        sources = {files[0]: b.path}
+    by_file: dict[str, list[_Touch]] = {}
+    for t in touches:
+        by_file.setdefault(t.rel, []).append(t)
+    total = sum(os.path.getsize(p) for p in sources.values())
+    tmp = temp_sibling(out)
+    touched = written = 0
+    try:
+        with ThreadPoolExecutor(max_workers=1) as syncer, \
+                bar(total, f"merge -> {os.path.basename(out)}", enabled=progress) as pbar:
+            pending = []
+            if b.root:
+                os.mkdir(tmp, 0o700)
+                for d in dirs:
+                    os.makedirs(os.path.join(tmp, d), exist_ok=True)
+            for rel in files:
+                dst = os.path.join(tmp, rel) if b.root else tmp
+                written += copy_file(sources[rel], dst, pbar)
+                for t in by_file.get(rel, ()):
+                    region = t.region(dst, writable=True)
+                    touched += merge_into(region, t)
+                    del region  # unmaps; the file's fsync below writes the dirtied pages
+                    pause_for_tests()
+                pending.append(syncer.submit(fsync_path, dst))  # overlaps with the next file's copy
+            for f in pending:
+                f.result()
+        if b.root:
+            for d in sorted(dirs, key=lambda d: -d.count(os.sep)):
+                fsync_dir(os.path.join(tmp, d))
+            os.chmod(tmp, stat.S_IMODE(os.stat(b.root).st_mode))
+            fsync_dir(tmp)
+        pause_for_tests()
+        publish(tmp, out, overwrite)
+    except BaseException:
+        if os.path.lexists(tmp):
+            remove(tmp)
+        raise
+    return {
+        "mode": "copy", "base": b.path, "output": out,
+        "adapters": _described(adapters),
+        "verified": verify, "targets": len(touches), "values_touched": touched,
+        "files": len(files), "bytes_written": written,
+        "seconds": round(time.perf_counter() - started, 3),
+        "removed_stale": stale, "warnings": warnings,
+    }
+
+
+# -- merge in place ----------------------------------------------------------------------------------
+def _refuse_shared(path: str) -> None:
+    if os.path.islink(path):
+        raise NeuroAdaError(f"is a symlink (to {os.path.realpath(path)}), e.g. into a Hugging Face cache; "
+                            "patching it would change the shared file: copy the checkpoint first "
+                            "(cp -rL) or merge into a new folder with --out", path=path)
+    links = os.stat(path).st_nlink
+    if links > 1:
+        raise NeuroAdaError(f"has {links} hard links; patching it would change every copy: copy the "
+                            "checkpoint first or merge into a new folder with --out", path=path)
+    if not os.access(path, os.W_OK):
+        raise NeuroAdaError("is not writable", path=path)
+
+
+def default_journal_path(base: _Base) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    if base.root:
+        stem = os.path.join(base.root, f"{JOURNAL_PREFIX}{stamp}")
+    else:
+        folder, name = os.path.split(base.path)
+        stem = os.path.join(folder, f"{JOURNAL_PREFIX}{name}-{stamp}")
+    path, n = stem + ".safetensors", 1
+    while os.path.lexists(path):
+        n += 1
+        path = f"{stem}-{n}.safetensors"
+    return path
+
+
+def merge_in_place(base, adapters, *, journal=None, verify: bool = True, progress: bool = False) -> dict:
+    """Patch BASE's files through a memory map, after writing a revert journal; returns a summary."""
+    from .journal import JournalEntry, position_dtype, write_journal
+
+    started = time.perf_counter()
+    adapters = normalise_adapters(adapters)
+    b = open_checkpoint(base)
+    warnings = check_adapters(adapters, b, verify)
+    touches = plan(adapters, b)
+    files = sorted({t.file for t in touches})
+    for f in files:
+        _refuse_shared(f)
+    journal = os.path.abspath(os.fspath(journal)) if journal else default_journal_path(b)
+    if os.path.lexists(journal):
+        raise NeuroAdaError("journal already exists; it may be needed to revert an earlier merge", path=journal)
+    if not os.path.isdir(os.path.dirname(journal)):
+        raise NeuroAdaError("the journal's parent folder does not exist", path=journal)
+    remove_stale_siblings(journal)
+
+    entries = []
+    for t in touches:
+        region = t.region(t.file)
+        positions, merged = merged_values(region, t.deltas, t.layout)
+        original = region.reshape(-1)[positions]
+        del region
+        count = int(math.prod(t.shape))
+        entries.append(JournalEntry(t.name, t.rel, t.dtype, t.offset, count,
+                                    positions.astype(position_dtype(count)), original, merged))
+    root = b.root or os.path.dirname(b.path)
+    write_journal(journal, root, [os.path.relpath(f, root) for f in files], entries,
+                  adapters=_described(adapters))
+    pause_for_tests()
+
+    touched = 0
+    by_path = {t.name: t for t in touches}
+    with bar(len(entries), "merge in place", enabled=progress, unit="tensor") as pbar:
+        for e in entries:
+            t = by_path[e.tensor]
+            region = t.region(t.file, writable=True,
+                              populate=worth_populating(e.positions.size, e.count * e.merged.itemsize))
+            region.reshape(-1)[e.positions] = e.merged
+            del region
+            touched += int(e.positions.size)
+            pbar.update(1)
+            pause_for_tests()
+    for f in files:
+        fsync_path(f)
+    itemsizes = {t.name: NUMPY_DTYPES[t.dtype].itemsize for t in touches}
+    return {
+        "mode": "in-place", "base": b.path, "output": b.path, "journal": journal,
+        "adapters": _described(adapters),
+        "verified": verify, "targets": len(touches), "values_touched": touched,
+        "files": len(files), "bytes_written": sum(e.positions.size * itemsizes[e.tensor] for e in entries),
+        "journal_bytes": os.path.getsize(journal),
+        "seconds": round(time.perf_counter() - started, 3), "warnings": warnings,
+    }
