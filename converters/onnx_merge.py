@@ -33,6 +33,7 @@ from neuroada_format.layout import canonical_shape, canonical_view, stored_shape
 from neuroada_format.merge import Delta
 
 from .progress import bar
+from .safetensors_merge import fsync_dir
 
 try:  # the converters need onnx; the format core does not
     import onnx
@@ -538,19 +539,6 @@ def _fsync(path: str) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _patch_file(path: str, ext_offset: int, dtype, shape, positions, values) -> None:
     mm = np.memmap(path, dtype=dtype, mode="r+", offset=ext_offset, shape=shape)
     mm.reshape(-1)[positions] = values
@@ -701,7 +689,7 @@ def _write_in_place(model: OnnxModel, patches) -> None:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
 
 def _write_copy(model: OnnxModel, patches, out: str, external_files: list[str]) -> None:
@@ -759,7 +747,7 @@ def _write_copy(model: OnnxModel, patches, out: str, external_files: list[str]) 
         for tmp in temps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def _commit(out: str, onnx_tmp: str, data: dict[str, str]) -> None:

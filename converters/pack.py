@@ -26,7 +26,7 @@ import numpy as np
 
 import neuroada_format.metadata as _metadata
 from neuroada_format import Adapter, NeuroAdaError, Target, open_base, topk_columns, validate
-from neuroada_format.dtypes import (BASE_DTYPES, INDEX_DTYPES, NUMPY_DTYPES, VALUE_DTYPES, dtype_name,
+from neuroada_format.dtypes import (BASE_DTYPES, INDEX_DTYPES, NUMPY_DTYPES, VALUE_DTYPES,
                                     index_dtype_for, nonfinite_mask)
 from neuroada_format.layout import canonical_view
 from neuroada_format.selection import select_indices

@@ -5,7 +5,6 @@ model.safetensors.index.json), or an in-memory mapping of names to numpy arrays.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 

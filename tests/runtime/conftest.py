@@ -9,6 +9,15 @@ import torch
 import torch.nn.functional as F
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest and immune to other processes' load on the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def rand_idx(d_out, d_in, k, gen=None, device="cpu"):
     """[d_out, k] strictly increasing distinct columns per row."""
     noise = torch.rand(d_out, d_in, generator=gen)

@@ -23,14 +23,6 @@ from neuroada_format.runtime.selection import select, topk_columns
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is fastest and immune to other processes' load on the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 TIED_VALUES = [0.0, 0.5, -0.5, 1.0, -1.0, 2.0, -2.0, 1e-3]
 SPECIALS = [float("nan"), float("inf"), float("-inf")]
