@@ -85,8 +85,11 @@ def _report(summary: dict, as_json: bool) -> None:
                    f"({summary['values_restored']:,} values; {summary['targets_already_original']} already "
                    f"original) from {summary['journal']}{took}")
         return
-    line = (f"merged {summary.get('targets', '?')} tensors ({summary.get('values_touched', 0):,} values) from "
-            f"{len(summary.get('adapters') or [])} adapter(s) into {summary.get('output')}{took}")
+    targets = summary.get("targets", "?")
+    count = len(targets) if isinstance(targets, dict) else targets  # ONNX summaries list each target
+    output = summary.get("output") or summary.get("out") or summary.get("base")
+    line = (f"merged {count} tensors ({summary.get('values_touched', 0):,} values) from "
+            f"{len(summary.get('adapters') or [])} adapter(s) into {output}{took}")
     if summary.get("journal"):
         line += f"; revert with: neuroada-merge --revert {summary['journal']}"
     click.echo(line)
