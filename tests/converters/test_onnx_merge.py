@@ -530,3 +530,38 @@ def test_gemm_transb0_transpose_node_and_external_constant(tmp_path):
     w2 = naf.merge_weight(w_tr, [(b.targets["layers.1.fc.weight"], 3.0)])
     x = rng.standard_normal((2, 6)).astype(np.float32)
     np.testing.assert_allclose(run_ort(out, x), x @ w1 @ w2.T + const, rtol=1e-5, atol=1e-6)
+
+
+# -- adapters trained by the runtime (the issue's end-to-end bar) ------------------------------------
+@pytest.mark.parametrize("which", ["llama", "bert"])
+def test_runtime_trained_adapter_merged_into_onnx_matches_runtime(which, llama, bert, tmp_path):
+    """Train deltas with the runtime, save, merge into the exported ONNX: onnxruntime == runtime merge."""
+    from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, merge, save_adapter
+
+    model, state, path = {"llama": llama, "bert": bert}[which]
+    vocab = model.config.vocab_size
+    shape = (2, 8) if which == "llama" else (2, 6)   # the exports have static shapes
+    student = copy.deepcopy(model)
+    attach(student, NeuroAdaConfig(k=3, target_modules="all-linear"))
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=5e-2)
+    ids = torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(5))
+    student.train()
+    for _ in range(3):
+        out = LogitsOnly(student)(ids)
+        loss = out.float().pow(2).mean() if which == "bert" else torch.nn.functional.cross_entropy(
+            out.reshape(-1, vocab), ids.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    file = save_adapter(student, tmp_path / "trained.safetensors")
+    merged_path = tmp_path / "merged.onnx"
+    merge_onnx(path, [(naf.load(file), 1.0)], os.fspath(merged_path))
+
+    served = load_adapter(copy.deepcopy(model), file).eval()   # what users ship: the saved file
+    merge(served)
+    test_ids = np.random.default_rng(7).integers(0, vocab, shape).astype(np.int64)
+    with torch.no_grad():
+        want = LogitsOnly(served)(torch.from_numpy(test_ids)).numpy()
+        base = LogitsOnly(model)(torch.from_numpy(test_ids)).numpy()
+    close(run_ort(merged_path, test_ids), want)
+    assert np.abs(want - base).max() > 1e-4 * np.abs(want).max()   # training moved the outputs
