@@ -11,7 +11,7 @@ from .errors import NeuroAdaError
 
 RULES = ("magnitude", "reverse", "random", "gradient")
 TIE_BREAK = "lower-column"
-ROW_CHUNK_ENTRIES = 1 << 24
+ROW_CHUNK_ENTRIES = 1 << 20  # several f64/bool temporaries per chunk: keep them small
 
 
 def topk_columns(scores: np.ndarray, k: int) -> np.ndarray:

@@ -1,0 +1,50 @@
+"""bench/train.py must keep running: its --smoke mode drives every method and the real-run checks on a
+tiny model in one child process, and its RESULTS.md writer must touch only its own section."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPT = os.path.join(ROOT, "bench", "train.py")
+
+
+def load_train():
+    spec = importlib.util.spec_from_file_location("bench_train", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_parent_does_not_import_torch():
+    code = f"import runpy, sys; runpy.run_path({SCRIPT!r}, run_name='x'); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_replace_section_keeps_the_others(tmp_path):
+    train = load_train()
+    path = tmp_path / "RESULTS.md"
+    train.replace_section("## B", "new b", str(path))  # created when missing
+    assert path.read_text() == "# Benchmark results\n\n## B\n\nnew b\n"
+    path.write_text("# Benchmark results\n\n## A\n\na text\n\n## B\n\nold b\nmore\n\n## C\n\nc text\n")
+    train.replace_section("## B", "new b\n", str(path))
+    assert path.read_text() == "# Benchmark results\n\n## A\n\na text\n\n## B\n\nnew b\n\n## C\n\nc text\n"
+    train.replace_section("## C", "new c", str(path))
+    assert path.read_text().endswith("## B\n\nnew b\n\n## C\n\nnew c\n")
+
+
+def test_smoke_runs_every_method_and_the_real_checks():
+    out = subprocess.run([sys.executable, SCRIPT, "--smoke"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    train = load_train()
+    for label in train.LABELS.values():
+        assert label in out.stdout
+    assert "failed" not in out.stdout
+    assert ": valid, problems: none" in out.stdout
+    assert "max abs diff 0;" in out.stdout and "bit for bit: True" in out.stdout
+    assert "wrote" not in out.stdout  # --smoke never touches RESULTS.md
