@@ -13,6 +13,7 @@ from .config import NeuroAdaConfig
 from .layer import NeuroAdaLayer
 from .model import (
     attach,
+    layers,
     load_adapter,
     merge,
     merge_and_unload,
@@ -34,6 +35,7 @@ __all__ = [
     "merge_and_unload",
     "print_trainable_parameters",
     "trainable_parameters",
+    "layers",
     "kernels",
     "Pattern",
     "Overlay",
@@ -42,4 +44,28 @@ __all__ = [
     "inplace_sparse_delta_linear",
     "additive_sparse_delta",
     "NeuroAdaLayer",
+]
+
+from .multi import (  # noqa: E402
+    BASE_ADAPTER,
+    ServingLayer,
+    adapter_batch,
+    add_weighted_adapter,
+    delete_adapter,
+    list_adapters,
+    merged_adapter,
+    set_adapter,
+    stop_serving,
+)
+
+__all__ += [
+    "BASE_ADAPTER",
+    "ServingLayer",
+    "adapter_batch",
+    "add_weighted_adapter",
+    "delete_adapter",
+    "list_adapters",
+    "merged_adapter",
+    "set_adapter",
+    "stop_serving",
 ]

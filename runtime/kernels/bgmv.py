@@ -1,0 +1,338 @@
+"""Mixed-batch sparse deltas: one call adds, to every token, the delta of the adapter its sequence uses.
+
+For token ``t`` of a sequence that uses adapter slot ``a`` (``-1``: the plain base, nothing added)::
+
+    y[t, i] += sum_j val[a, i, j] * x[t, idx[a, i, j]]          (summed in f32, rounded once into y)
+
+It is Punica's BGMV with a gather in place of the low-rank product. ``AdapterStack`` holds one layer's
+adapters; the stacked ``[n, d_out, K]`` tensors (k padded to the largest K with zero values) exist
+for the all-sequences gather and the Triton kernel, built only when one of those runs.
+
+Three implementations, equal up to summation order:
+
+* ``bgmv_reference``: dense deltas, token masks (the specification; tests only);
+* ``bgmv_add_cpu_`` (stock torch, also runs on CUDA): with k=1, or for small problems (decoding), one
+  gather ``x[t, idx[a(t)]]`` for all sequences through an index expanded over the tokens; otherwise
+  (prefill, k>1) one product per adapter present on the sequences that use it -- ``embedding_bag``
+  over ``x^T``, vectorised over the tokens (measured faster here than a CSR ``spmm``, which degrades
+  sharply past a few hundred tokens);
+* Triton (CUDA, or the interpreter in tests): one program per (sequence, block of output rows, tile of
+  tokens); it loads the sequence's adapter id once, its ``idx``/``val`` rows once, and gathers ``x`` for
+  each token. Every load is masked and upcast; the kernel writes f32 and torch does any rounding.
+
+Triton is imported (and the kernel decorated, which is when ``TRITON_INTERPRET`` is read) on first use
+only, so importing this module never pays for triton.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import get_backend
+from .reference import acc_dtype, dense_delta
+
+__all__ = ["AdapterStack", "seq_groups", "bgmv_reference", "bgmv_add_", "bgmv_add_cpu_", "bgmv_add_triton_",
+           "triton_available"]
+
+# Above this many gathered elements (tokens x d_out x K, K > 1) the all-sequences gather gives way to one
+# product per adapter present: its [T, d_out, K] intermediate stops paying for the saved calls. With K = 1
+# the intermediate is no larger than the output, so the gather always wins.
+GATHER_MAX = 1 << 18
+PATH: str | None = None  # force "gather" or "grouped" (tests, measurements)
+SLICE_ADD_MIN = 1 << 15  # elements per sequence above which deltas are added sequence by sequence
+
+
+class AdapterStack:
+    """One layer's adapters, slot ``a`` = ``idxs[a]`` (int64 ``[d_out, k_a]``) and ``vals[a]``.
+
+    Values are a snapshot for serving (detached); callers rebuild the stack when an adapter changes.
+    """
+
+    def __init__(self, idxs: Sequence[torch.Tensor], vals: Sequence[torch.Tensor], d_in: int):
+        if not idxs or len(idxs) != len(vals):
+            raise ValueError("need one val per idx and at least one adapter")
+        d_out = idxs[0].shape[0]
+        for i, v in zip(idxs, vals):
+            if i.dim() != 2 or i.shape[0] != d_out or tuple(v.shape) != tuple(i.shape) or i.dtype != torch.int64:
+                raise ValueError("every adapter needs int64 idx and val of one shape [d_out, k]")
+        self.idxs = tuple(i.contiguous() for i in idxs)
+        self.vals = tuple(v.detach() for v in vals)
+        self.n, self.d_out, self.d_in = len(idxs), int(d_out), int(d_in)
+        self.ks = tuple(int(i.shape[1]) for i in idxs)
+        self.k = max(self.ks)
+        self.acc = acc_dtype(*self.vals)
+        self.device = self.idxs[0].device
+        self._idx = self._val = None
+        self._vals_acc: dict = {}
+
+    def val_acc(self, slot: int, dtype: torch.dtype) -> torch.Tensor:
+        v = self._vals_acc.get((slot, dtype))
+        if v is None:
+            v = self.vals[slot].to(dtype).contiguous()
+            self._vals_acc[(slot, dtype)] = v
+        return v
+
+    @property
+    def idx(self) -> torch.Tensor:
+        """``[n, d_out, K]``; a short row repeats its last column (its padded values are zero)."""
+        if self._idx is None:
+            out = torch.empty(self.n, self.d_out, self.k, dtype=torch.int64, device=self.device)
+            for a, i in enumerate(self.idxs):
+                out[a, :, :i.shape[1]] = i
+                if i.shape[1] < self.k:
+                    out[a, :, i.shape[1]:] = i[:, -1:]
+            self._idx = out
+        return self._idx
+
+    @property
+    def val(self) -> torch.Tensor:
+        """``[n, d_out, K]`` in the accumulation dtype, zero in the padding."""
+        if self._val is None:
+            out = torch.zeros(self.n, self.d_out, self.k, dtype=self.acc, device=self.device)
+            for a, v in enumerate(self.vals):
+                out[a, :, :v.shape[1]] = v
+            self._val = out
+        return self._val
+
+    def __repr__(self) -> str:
+        return f"AdapterStack(n={self.n}, d_out={self.d_out}, d_in={self.d_in}, k={self.ks})"
+
+
+def _token_ids(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
+    return ids if seq_len == 1 else ids.repeat_interleave(seq_len)
+
+
+def seq_groups(ids: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+    """``[(slot, sequence indices)]`` per adapter present (None: every sequence); base ones left out.
+
+    Reads ids on the host, so callers serving many layers compute it once per batch.
+    """
+    seq = ids.tolist()
+    out = []
+    for slot in sorted(set(seq)):
+        if slot < 0:
+            continue
+        members = [b for b, s in enumerate(seq) if s == slot]
+        rows = None if len(members) == len(seq) else torch.tensor(members, dtype=torch.int64, device=ids.device)
+        out.append((slot, rows))
+    return out
+
+
+# -- reference -------------------------------------------------------------------------------------------
+def bgmv_reference(x: torch.Tensor, ids: torch.Tensor, stack: AdapterStack, *, seq_len: int = 1) -> torch.Tensor:
+    """The delta ``[T, d_out]`` in f32 (f64 for f64 inputs), from dense per-adapter deltas."""
+    acc = acc_dtype(x, *stack.vals)
+    tok = _token_ids(ids, seq_len)
+    out = torch.zeros(x.shape[0], stack.d_out, dtype=acc, device=x.device)
+    for a in range(stack.n):
+        m = tok == a
+        if bool(m.any()):
+            D = dense_delta(stack.idxs[a], stack.vals[a], stack.d_in, dtype=acc)
+            out[m] = x[m].to(acc) @ D.t()
+    return out
+
+
+# -- stock torch -----------------------------------------------------------------------------------------
+def _add_seqs_(y3: torch.Tensor, seqs: torch.Tensor | None, delta: torch.Tensor) -> None:
+    """y3[seqs] = round_y(y3[seqs] + delta), delta in the accumulation dtype: one rounding.
+
+    index_add_ over dim 0 runs as a scatter_add whose inner loop strides across sequences; for long
+    sequences adding slice by slice (contiguous runs of S x d_out) was about 3x faster here, and over
+    token rows of a [T, d_out] view it was far slower still.
+    """
+    same = y3.dtype == delta.dtype
+    if seqs is None:
+        if same:
+            y3.add_(delta)
+        else:
+            y3.copy_(y3.to(delta.dtype).add_(delta))
+    elif delta.shape[1] * delta.shape[2] >= SLICE_ADD_MIN:
+        for i, b in enumerate(seqs.tolist()):
+            if same:
+                y3[b].add_(delta[i])
+            else:
+                y3[b].copy_(y3[b].to(delta.dtype).add_(delta[i]))
+    elif same:
+        y3.index_add_(0, seqs, delta)
+    else:
+        y3.index_copy_(0, seqs, y3.index_select(0, seqs).to(delta.dtype).add_(delta).to(y3.dtype))
+
+
+def _slot_delta(x: torch.Tensor, stack: AdapterStack, slot: int, acc: torch.dtype) -> torch.Tensor:
+    """``S_a(x)`` ``[T, d_out]`` (contiguous) for tokens ``x [T, d_in]`` that all use one adapter."""
+    idx, k = stack.idxs[slot], stack.ks[slot]
+    val = stack.val_acc(slot, acc)
+    if k == 1:  # a column gather: each token reads d_out entries of its own (cached) row
+        return x.index_select(1, idx[:, 0]).to(acc).mul_(val[:, 0])
+    # rows of x^T hold one input feature for all tokens: embedding_bag sums k of them per output row,
+    # vectorised over the tokens
+    xt = x.to(acc).t().contiguous()
+    return F.embedding_bag(idx, xt, per_sample_weights=val, mode="sum").t().contiguous()
+
+
+def _gather_path(y3, x3, ids, stack, acc) -> None:
+    """Every sequence at once: gather ``x[t, idx[a(t)]]`` through an index expanded over the tokens."""
+    B, S, _ = x3.shape
+    live = ids >= 0
+    seqs = None
+    if not bool(live.all()):
+        seqs = live.nonzero().view(-1)
+        ids, x3 = ids.index_select(0, seqs), x3.index_select(0, seqs)
+        B = ids.shape[0]
+    K = stack.k
+    cols = stack.idx.index_select(0, ids).view(B, 1, stack.d_out * K).expand(B, S, stack.d_out * K)
+    g = torch.gather(x3, 2, cols).to(acc)
+    v = stack.val.to(acc).index_select(0, ids)
+    if K == 1:
+        if seqs is None and y3.dtype == acc:
+            y3.addcmul_(g, v.view(B, 1, stack.d_out))  # one fused pass over y
+            return
+        delta = g.mul_(v.view(B, 1, stack.d_out))
+    else:
+        delta = torch.einsum("bsik,bik->bsi", g.view(B, S, stack.d_out, K), v)
+    _add_seqs_(y3, seqs, delta)
+
+
+def _grouped_path(y3, x3, stack, groups, acc) -> None:
+    """One product per adapter present, on the sequences that use it."""
+    B, S, d_in = x3.shape
+    for slot, seqs in groups:
+        xs = x3 if seqs is None else x3.index_select(0, seqs)
+        delta = _slot_delta(xs.reshape(-1, d_in), stack, slot, acc)
+        _add_seqs_(y3, seqs, delta.view(xs.shape[0], S, stack.d_out))
+
+
+def bgmv_add_cpu_(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, stack: AdapterStack, *, seq_len: int = 1,
+                  groups: list | None = None, path: str | None = None) -> torch.Tensor:
+    """Stock-torch path (differentiable in ``x``). ``groups``: ``seq_groups(ids)`` if known; ``path``:
+    "gather" | "grouped" | None (gather for k=1 or small problems, grouped otherwise; see PATH)."""
+    acc = acc_dtype(x, *stack.vals)
+    T, B = x.shape[0], ids.shape[0]
+    if T == 0:
+        return y
+    if B * seq_len != T:
+        raise ValueError(f"{B} sequences of {seq_len} tokens != {T} tokens")
+    x3 = x.reshape(B, seq_len, stack.d_in)
+    y3 = y.view(B, seq_len, stack.d_out)
+    path = path or PATH
+    if path is None:
+        path = "gather" if stack.k == 1 or T * stack.d_out * stack.k <= GATHER_MAX else "grouped"
+    if path == "gather":
+        _gather_path(y3, x3, ids, stack, acc)
+    else:
+        _grouped_path(y3, x3, stack, seq_groups(ids) if groups is None else groups, acc)
+    return y
+
+
+# -- Triton ----------------------------------------------------------------------------------------------
+tl = None  # triton.language, bound on first use (the kernel body below resolves it as a global)
+_jit = None
+_triton_state: bool | None = None
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernel can be decorated here (triton importable)."""
+    global tl, _jit, _triton_state
+    if _triton_state is None:
+        try:
+            import triton
+            import triton.language as language
+        except Exception:  # pragma: no cover - depends on the install
+            _triton_state = False
+            return False
+        tl = language
+        _jit = triton.jit(_bgmv_kernel)
+        _triton_state = True
+    return _triton_state
+
+
+def _bgmv_kernel(x_ptr, ids_ptr, idx_ptr, val_ptr, y_ptr, out_ptr, S, d_out, K,
+                 s_xt, s_xc, s_ia, s_ir, s_va, s_vr, s_yt, s_yr,
+                 ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
+    # program (b, rb, tb): sequence b, output rows rb*BLOCK_R.., tokens tb*BLOCK_T.. of that sequence
+    b = tl.program_id(0)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    j = tl.arange(0, BLOCK_K)
+    a = tl.load(ids_ptr + b)
+    used = a >= 0
+    a_safe = tl.where(used, a, 0)
+    rm = r < d_out
+    m2 = rm[:, None] & (j < K)[None, :] & used
+    cols = tl.load(idx_ptr + a_safe * s_ia + r[:, None] * s_ir + j[None, :], mask=m2, other=0)
+    v = tl.load(val_ptr + a_safe * s_va + r[:, None] * s_vr + j[None, :], mask=m2, other=0).to(ACC)
+    for tt in range(0, BLOCK_T):
+        pos = tl.program_id(2) * BLOCK_T + tt
+        tok = b * S + pos
+        inside = pos < S
+        xv = tl.load(x_ptr + tok * s_xt + cols * s_xc, mask=m2 & inside, other=0).to(ACC)
+        s = tl.sum(xv * v, axis=1)
+        ym = rm & inside
+        yv = tl.load(y_ptr + tok * s_yt + r * s_yr, mask=ym, other=0).to(ACC)
+        tl.store(out_ptr + tok * d_out + r, yv + s, mask=ym)
+
+
+def _pow2(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def bgmv_add_triton_(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, stack: AdapterStack, *,
+                     seq_len: int = 1, block_r: int | None = None, block_t: int = 16) -> torch.Tensor:
+    """Triton path: ``out = f32(y) + delta`` per program, then torch rounds into ``y`` (no-op for f32)."""
+    if not triton_available():
+        raise RuntimeError("triton is not installed")
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    for t in (x, y, ids):
+        if not t.is_cuda and not interpret:
+            raise RuntimeError("the Triton bgmv kernel got a CPU tensor; set TRITON_INTERPRET=1 before its first "
+                               "use to run it in the interpreter")
+    T = x.shape[0]
+    B = ids.shape[0]
+    if T == 0:
+        return y
+    if B * seq_len != T:
+        raise ValueError(f"{B} sequences of {seq_len} tokens != {T} tokens")
+    acc = acc_dtype(x, *stack.vals)
+    out = y if (y.dtype == acc and y.is_contiguous()) else torch.empty(T, stack.d_out, dtype=acc, device=y.device)
+    bk = _pow2(stack.k)
+    br = _pow2(block_r or max(1, min(128, 2048 // bk)))
+    bt = _pow2(max(1, min(block_t, seq_len)))
+    idx, val = stack.idx, stack.val
+    grid = ((B, (stack.d_out + br - 1) // br, (seq_len + bt - 1) // bt))
+    _jit[grid](
+        x, ids.to(torch.int64).contiguous(), idx, val, y, out, seq_len, stack.d_out, stack.k,
+        x.stride(0), x.stride(1), idx.stride(0), idx.stride(1), val.stride(0), val.stride(1),
+        y.stride(0), y.stride(1),
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, BLOCK_R=br, BLOCK_K=bk, BLOCK_T=bt,
+    )
+    if out is not y:
+        y.copy_(out)  # torch rounds (RNE)
+    return y
+
+
+# -- dispatch --------------------------------------------------------------------------------------------
+def bgmv_add_(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, stack: AdapterStack, *, seq_len: int = 1,
+              groups: list | None = None) -> torch.Tensor:
+    """Add the mixed-batch delta into ``y [T, d_out]`` in place (and return it).
+
+    ``x [T, d_in]``; ``ids [T // seq_len]`` int: the adapter slot of each run of ``seq_len`` tokens
+    (``-1`` = base). The backend follows ``kernels.get_backend()``: CUDA tensors go to Triton unless
+    autograd needs a graph through ``x`` (the Triton path has no backward), everything else to torch.
+    """
+    name = get_backend()
+    if name == "reference":
+        delta = bgmv_reference(x, ids, stack, seq_len=seq_len)
+        _add_seqs_(y.view(ids.shape[0], seq_len, stack.d_out), None, delta.view(ids.shape[0], seq_len, -1))
+        return y
+    needs_graph = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
+    if name == "triton" or (name == "auto" and x.is_cuda and not needs_graph and triton_available()):
+        if needs_graph:
+            raise RuntimeError("the Triton bgmv kernel has no backward; run under torch.no_grad()")
+        return bgmv_add_triton_(y, x, ids, stack, seq_len=seq_len)
+    return bgmv_add_cpu_(y, x, ids, stack, seq_len=seq_len, groups=groups)

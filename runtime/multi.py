@@ -1,0 +1,362 @@
+"""Serve many adapters on one base model.
+
+* merged: ``set_adapter(model, "math")`` puts the base values back at the previous adapter's entries
+  and writes ``round(w0 + val)`` at the new one's: O(touched entries), no dense work, no new tensors,
+  so compiled graphs and CUDA graphs stay valid; ``set_adapter(model, None)`` (or ``"__base__"``)
+  serves the plain base, bit for bit.
+* mixed: ``with adapter_batch(model, ["math", "__base__", "cs"]): model.generate(...)`` gives every
+  sequence its own adapter. Weights cannot hold several adapters at once, so inside the block the base
+  weights are restored and each layer adds ``S_a(x)`` per sequence (``kernels.bgmv``); on exit the
+  merged adapter comes back.
+* ``add_weighted_adapter(model, ["a", "b"], [0.7, 0.3], "combo")``: ``neuroada-pack --combine``'s rule
+  in memory.
+
+Layers being served are switched to ``ServingLayer`` (a NeuroAdaLayer subclass, same state) whose
+forward reads no adapter names: NeuroAdaLayer.forward branches on ``active_adapters`` and
+``merged_adapters``, which torch.compile guards on, so switching adapters would recompile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from types import SimpleNamespace
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from neuroada_format import NeuroAdaError
+from neuroada_format.dtypes import NUMPY_DTYPES, nonfinite_mask
+
+from . import kernels
+from .config import NeuroAdaConfig
+from .kernels.bgmv import AdapterStack, bgmv_add_, seq_groups
+from .kernels.reference import acc_dtype
+from .layer import NeuroAdaLayer
+from .model import CONFIGS_ATTR, layers
+
+__all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
+           "stop_serving", "adapter_batch", "add_weighted_adapter"]
+
+BASE_ADAPTER = "__base__"
+MIXED_ATTR = "_neuroada_adapter_batch"  # on the model while an adapter_batch block runs
+_STACK_ATTR = "_neuroada_stack"
+_SAME_ATTR = "_neuroada_same_positions"
+_MERGED_ATTR = "_neuroada_merged_values"
+
+
+class ServingLayer(NeuroAdaLayer):
+    """A NeuroAdaLayer whose weights ``set_adapter`` / ``adapter_batch`` manage: forward = base layer
+    (holding the merged adapter, if any), plus the per-sequence deltas inside ``adapter_batch``."""
+
+    _neuroada_mixed = None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        mixed = self._neuroada_mixed
+        return y if mixed is None else mixed(self, x, y)
+
+
+# -- bookkeeping ------------------------------------------------------------------------------------------
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters on the model, in the order they were attached or loaded."""
+    names = list(getattr(model, CONFIGS_ATTR, None) or {})
+    for layer in layers(model).values():
+        for n in layer.neuroada_val.keys():
+            if n not in names:
+                names.append(n)
+    return names
+
+
+def _check_known(model: nn.Module, names, *, allow_base: bool) -> list[str]:
+    known = list_adapters(model)
+    for n in names:
+        if allow_base and n in (None, BASE_ADAPTER):
+            continue
+        if n not in known:
+            raise NeuroAdaError(f"no adapter named {n!r} (have: {', '.join(known) or 'none'})")
+    return known
+
+
+def _refuse_in_batch(model: nn.Module, what: str) -> None:
+    if getattr(model, MIXED_ATTR, None) is not None:
+        raise RuntimeError(f"{what} inside an adapter_batch block; leave the block first")
+
+
+def _forget_caches(layer: NeuroAdaLayer) -> None:
+    layer.__dict__.pop(_STACK_ATTR, None)
+    layer.__dict__.pop(_SAME_ATTR, None)
+    layer.__dict__.pop(_MERGED_ATTR, None)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove an adapter everywhere; where it was merged the weights return to the base bit for bit."""
+    _refuse_in_batch(model, "delete_adapter")
+    _check_known(model, [adapter_name], allow_base=False)
+    for layer in layers(model).values():
+        if adapter_name in layer.merged_adapters:
+            rest = [n for n in layer.merged_adapters if n != adapter_name]
+            layer.unmerge()
+            if rest:
+                layer.merge(rest)
+        if adapter_name in layer.neuroada_val:
+            layer.delete_adapter(adapter_name)
+        _forget_caches(layer)
+    configs = getattr(model, CONFIGS_ATTR, None)
+    if configs:
+        configs.pop(adapter_name, None)
+
+
+def _serve(layer: NeuroAdaLayer) -> None:
+    if type(layer) is NeuroAdaLayer:
+        layer.__class__ = ServingLayer
+    elif not isinstance(layer, ServingLayer):
+        raise TypeError(f"cannot serve a {type(layer).__name__} (a NeuroAdaLayer subclass) with set_adapter/"
+                        "adapter_batch")
+
+
+def stop_serving(model: nn.Module) -> None:
+    """Give the layers back their own forward (e.g. to train); merged weights stay merged."""
+    _refuse_in_batch(model, "stop_serving")
+    for layer in layers(model).values():
+        if type(layer) is ServingLayer:
+            layer.__class__ = NeuroAdaLayer
+            layer.active_adapters = list(layer.merged_adapters)
+
+
+# -- merged serving ---------------------------------------------------------------------------------------
+def _same_positions(layer: NeuroAdaLayer, a: str, b: str) -> bool:
+    """Whether two adapters touch the same entries (e.g. both magnitude top-k with one k); cached."""
+    ia, ib = layer.neuroada_idx[a], layer.neuroada_idx[b]
+    cache = layer.__dict__.setdefault(_SAME_ATTR, {})
+    hit = cache.get((a, b))
+    if hit is not None and hit[0] is ia and hit[1] is ib and hit[2] == (ia._version, ib._version):
+        return hit[3]
+    same = ia.shape == ib.shape and bool(torch.equal(ia, ib))
+    cache[(a, b)] = (ia, ib, (ia._version, ib._version), same)
+    return same
+
+
+def _merged_values(layer: NeuroAdaLayer, name: str) -> torch.Tensor:
+    """``round_W(f32(w0) + f32(val))`` for one adapter, in the order of its flat positions; cached, so a
+    switch is one write per weight (each extra mid-sized op cost a thread wake-up on a busy machine)."""
+    val, w0 = layer.neuroada_val[name], layer.neuroada_w0[name]
+    cache = layer.__dict__.setdefault(_MERGED_ATTR, {})
+    hit = cache.get(name)
+    if hit is not None and hit[0] is val and hit[1] is w0 and hit[2] == (val._version, w0._version):
+        return hit[3]
+    acc = acc_dtype(w0, val)
+    values = (w0.reshape(-1).to(acc) + val.detach().reshape(-1).to(acc)).to(layer.weight.dtype)
+    cache[name] = (val, w0, (val._version, w0._version), values)
+    return values
+
+
+def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
+    """Serve ``want`` (at most one adapter) merged. Same merge rule and bits as ``layer.merge``."""
+    current = layer.merged_adapters
+    if current == want:
+        return
+    if current and not (len(current) == 1 and len(want) == 1 and _same_positions(layer, current[0], want[0])):
+        layer.unmerge()  # put the originals back; skipped when the new adapter overwrites the same entries
+    if want:
+        kernels.put_(layer.base_layer.weight.detach(), layer.pattern(want[0]).flat, _merged_values(layer, want[0]))
+    layer.merged_adapters = list(want)
+
+
+def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
+    """Serve one adapter merged into the weights (None or "__base__": the plain base).
+
+    Costs O(entries of the old and new adapter); the weight tensors stay the same objects.
+    Layers the adapter does not target serve their base weights.
+    """
+    _refuse_in_batch(model, "set_adapter")
+    _check_known(model, [adapter_name], allow_base=True)
+    target = None if adapter_name in (None, BASE_ADAPTER) else adapter_name
+    with torch.no_grad():
+        for layer in layers(model).values():
+            _serve(layer)
+            want = [target] if target is not None and target in layer.neuroada_val else []
+            _switch(layer, want)
+            layer.active_adapters = list(want)
+
+
+def merged_adapter(model: nn.Module) -> str | None:
+    """The adapter set_adapter serves (None: the base); raises if layers disagree (merged by hand)."""
+    merged = {tuple(layer.merged_adapters) for layer in layers(model).values() if layer.merged_adapters}
+    if not merged:
+        return None
+    if len(merged) == 1 and len(next(iter(merged))) == 1:
+        return next(iter(merged))[0]
+    raise NeuroAdaError(f"layers hold different merged adapters: {sorted(merged)}")
+
+
+# -- mixed batches ----------------------------------------------------------------------------------------
+def _stack(layer: NeuroAdaLayer, order: Sequence[str]):
+    """The layer's adapters stacked in model order, cached until an idx/val tensor changes."""
+    names = [n for n in order if n in layer.neuroada_val]
+    key = [(n, layer.neuroada_idx[n], layer.neuroada_idx[n]._version, layer.neuroada_val[n],
+            layer.neuroada_val[n]._version) for n in names]
+    hit = layer.__dict__.get(_STACK_ATTR)
+    if hit is not None and len(hit[0]) == len(key) and all(
+            a[0] == b[0] and a[1] is b[1] and a[2] == b[2] and a[3] is b[3] and a[4] == b[4]
+            for a, b in zip(hit[0], key)):
+        return hit[1], hit[2]
+    stack = AdapterStack([k[1] for k in key], [k[3] for k in key], layer.d_in) if names else None
+    slots = {n: i for i, n in enumerate(names)}
+    layer.__dict__[_STACK_ATTR] = (key, stack, slots)
+    return stack, slots
+
+
+class _Sequences:
+    """Each sequence's adapter slot for one slot layout, shared by every layer with that layout (the
+    grouping by adapter is read on the host once per block, not once per layer and step)."""
+
+    def __init__(self, slots: tuple[int, ...], device):
+        self.ids = torch.tensor(slots, dtype=torch.int64, device=device)
+        self.n = len(slots)
+        self.groups = seq_groups(self.ids)
+
+
+class _MixedForward:
+    def __init__(self, stack, seqs: _Sequences):
+        self.stack, self.seqs = stack, seqs
+
+    def __call__(self, layer: NeuroAdaLayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n = self.seqs.n
+        if x.dim() < 2 or x.shape[0] != n:
+            raise NeuroAdaError(f"adapter_batch was given {n} adapter names but a layer got a batch of shape "
+                                f"{tuple(x.shape)}; the first dimension must be the sequences (beam search or "
+                                f"num_return_sequences > 1 multiply it: repeat each name to match)")
+        x2 = x.reshape(-1, x.shape[-1])
+        seq_len = x2.shape[0] // n
+        y2 = y.reshape(-1, y.shape[-1])
+        bgmv_add_(y2, x2, self.seqs.ids, self.stack, seq_len=seq_len, groups=self.seqs.groups)
+        return y2.view(y.shape)
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Run the block's forwards (and generate) with sequence b using ``adapter_names[b]``.
+
+    ``None`` or ``"__base__"`` is the plain base. Inside, the weights are the base's and each layer
+    adds the sparse delta of every sequence's adapter (y = base(x) + S_a(x), f32 sums, one rounding);
+    the adapter merged before the block is merged again after it. Inference only: no gradient
+    reaches adapter values (gradients with respect to inputs do include the deltas on the torch path).
+    """
+    _refuse_in_batch(model, "adapter_batch")
+    names = list(adapter_names)
+    if not names:
+        raise NeuroAdaError("adapter_batch needs one adapter name per sequence, got none")
+    order = _check_known(model, names, allow_base=True)
+    all_layers = layers(model)
+    previous = {name: (type(layer), list(layer.merged_adapters)) for name, layer in all_layers.items()}
+    for name, layer in all_layers.items():
+        if not isinstance(layer, ServingLayer) and type(layer) is not NeuroAdaLayer:
+            raise TypeError(f"{name}: cannot serve a {type(layer).__name__} in adapter_batch")
+    shared: dict = {}
+    try:
+        setattr(model, MIXED_ATTR, names)
+        with torch.no_grad():
+            for name, layer in all_layers.items():
+                layer.unmerge()
+                _serve(layer)
+                stack, slots = _stack(layer, order)
+                seq_slots = tuple(slots.get(n, -1) for n in names)
+                if stack is None or max(seq_slots) < 0:
+                    continue  # no sequence uses an adapter here: the base layer alone
+                key = (seq_slots, stack.device)
+                if key not in shared:
+                    shared[key] = _Sequences(seq_slots, stack.device)
+                layer._neuroada_mixed = _MixedForward(stack, shared[key])
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, layer in all_layers.items():
+                layer.__dict__.pop("_neuroada_mixed", None)
+                cls, merged = previous[name]
+                layer.__class__ = cls
+                if layer.merged_adapters != merged:
+                    layer.unmerge()
+                    if merged:
+                        layer.merge(merged)
+        model.__dict__.pop(MIXED_ATTR, None)
+
+
+# -- combining --------------------------------------------------------------------------------------------
+def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Sequence[float],
+                         adapter_name: str) -> None:
+    """A new adapter ``sum_a w_a * A_a`` by ``neuroada-pack --combine``'s rule, in memory.
+
+    Per row the union of positions; values summed in f32 in the given order, each term
+    ``f32(f32(w) * f32(v))``; rounded once to the inputs' common file value dtype (F32 if they
+    differ); short rows padded with +0.0 at their lowest unused columns so k is fixed per target.
+    The arithmetic is converters.pack's own. Nothing changes on the model if anything is refused.
+    """
+    from neuroada_format.converters.pack import _union_target  # the CLI's arithmetic, not a copy
+
+    _refuse_in_batch(model, "add_weighted_adapter")
+    adapters, weights = list(adapters), [float(w) for w in weights]
+    if not adapters or len(adapters) != len(weights):
+        raise NeuroAdaError(f"need one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_ADAPTER:
+        raise NeuroAdaError(f"adapter name {adapter_name!r} must be a non-empty string without '.', not "
+                            f"{BASE_ADAPTER!r}")
+    known = _check_known(model, adapters, allow_base=False)
+    if adapter_name in known:
+        raise NeuroAdaError(f"adapter {adapter_name!r} exists; delete it or pick another name")
+    for w in weights:
+        if not math.isfinite(w):
+            raise NeuroAdaError(f"weight {w} is not finite")
+    configs = getattr(model, CONFIGS_ATTR, None) or {}
+    dtypes = {getattr(configs.get(a), "save_dtype", "F32") for a in adapters}
+    value_dtype = dtypes.pop() if len(dtypes) == 1 else "F32"
+
+    new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    all_layers = layers(model)
+    for name, layer in all_layers.items():
+        parts = [(SimpleNamespace(indices=layer.neuroada_idx[a].cpu().numpy(),
+                                  values=layer.neuroada_val[a].detach().float().cpu().numpy()), w)
+                 for a, w in zip(adapters, weights) if a in layer.neuroada_val]
+        if not parts:
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, by name
+            idx, vals = _union_target(name + ".weight", parts, layer.d_out, layer.d_in)
+            rounded = vals.astype(NUMPY_DTYPES[value_dtype])
+        if nonfinite_mask(rounded).any():
+            raise NeuroAdaError(f"a combined value overflows {value_dtype}", tensor=name + ".weight", rule="3.7")
+        dev = layer.weight.device
+        new[name] = (torch.from_numpy(np.ascontiguousarray(idx)).to(dev),
+                     torch.from_numpy(rounded.astype(np.float32)).to(dev))
+    lead = configs.get(adapters[0])
+    config = NeuroAdaConfig(
+        k=max(t[0].shape[1] for t in new.values()), target_modules=sorted(new),
+        save_dtype=value_dtype, delta_dtype=getattr(lead, "delta_dtype", "float32"), inference_mode=True,
+        base_model_name_or_path=getattr(lead, "base_model_name_or_path", None),
+        revision=getattr(lead, "revision", None))
+    config.selection = "union"  # a spec rule NeuroAdaConfig does not accept for selecting (nothing to select)
+
+    merged = {name: list(layer.merged_adapters) for name, layer in all_layers.items() if layer.merged_adapters}
+    added: list[NeuroAdaLayer] = []
+    ok = False
+    try:
+        with torch.no_grad():
+            for name in merged:
+                all_layers[name].unmerge()  # w0 must be read from the base values
+            dtype = getattr(torch, config.delta_dtype)
+            for name, (idx, val) in new.items():
+                layer = all_layers[name]
+                layer.add_adapter(adapter_name, idx, val=val.to(dtype), val_dtype=dtype, activate=False)
+                layer.neuroada_val[adapter_name].requires_grad_(False)
+                added.append(layer)
+        configs[adapter_name] = config
+        setattr(model, CONFIGS_ATTR, configs)
+        ok = True
+    finally:
+        with torch.no_grad():
+            if not ok:
+                for layer in added:
+                    layer.delete_adapter(adapter_name)
+            for name, names in merged.items():
+                all_layers[name].merge(names)

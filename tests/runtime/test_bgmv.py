@@ -1,0 +1,128 @@
+"""Mixed-batch kernels: the stock-torch paths against the dense reference, and the Triton kernel under
+the interpreter (in a child process, see bgmv_triton_cases.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from neuroada_format.runtime import kernels
+from neuroada_format.runtime.kernels import bgmv
+from neuroada_format.runtime.kernels.bgmv import AdapterStack, bgmv_add_, bgmv_add_cpu_, bgmv_reference
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def make_stack(gen, d_out=11, d_in=17, ks=(1, 4, 2), val_dtype=torch.float32):
+    idxs = [rand_idx(d_out, d_in, k, gen) for k in ks]
+    vals = [torch.randn(d_out, k, generator=gen).to(val_dtype) for k in ks]
+    return AdapterStack(idxs, vals, d_in)
+
+
+def rand_idx(d_out, d_in, k, gen):
+    return torch.rand(d_out, d_in, generator=gen).topk(k, 1).indices.sort(1).values
+
+
+def expected(y, x, ids, stack, seq_len):
+    delta = bgmv_reference(x, ids, stack, seq_len=seq_len)
+    return (y.to(delta.dtype) + delta).to(y.dtype)
+
+
+def test_stack_pads_short_rows_with_zero_values(gen):
+    st = make_stack(gen)
+    assert st.idx.shape == st.val.shape == (3, 11, 4)
+    assert torch.equal(st.idx[1], st.idxs[1]) and torch.equal(st.val[1], st.vals[1])
+    assert torch.equal(st.idx[0, :, 1:], st.idxs[0][:, -1:].expand(11, 3))  # repeats a column it uses
+    assert not st.val[0, :, 1:].any() and not st.val[2, :, 2:].any()
+    with pytest.raises(ValueError):
+        AdapterStack([st.idxs[0]], [st.vals[1]], 17)
+
+
+@pytest.mark.parametrize("path", ["gather", "grouped"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("seq_len", [1, 5])
+@pytest.mark.parametrize("ks", [(1, 4, 2), (1, 1)])
+@pytest.mark.parametrize("slices", [False, True])
+def test_cpu_paths_match_reference(gen, monkeypatch, path, dtype, seq_len, ks, slices):
+    monkeypatch.setattr(bgmv, "SLICE_ADD_MIN", 0 if slices else 1 << 30)  # per-sequence adds / index_add_
+    st = make_stack(gen, ks=ks, val_dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    for ids in ([0, -1, 1, 1, 0, -1], [1, 1, 1], [-1, -1], [1], [0, 1]):
+        ids = torch.tensor(ids)
+        T = len(ids) * seq_len
+        x = torch.randn(T, st.d_in, generator=gen).to(dtype)
+        y = torch.randn(T, st.d_out, generator=gen).to(dtype)
+        got = bgmv_add_cpu_(y.clone(), x, ids, st, seq_len=seq_len, path=path)
+        want = expected(y, x, ids, st, seq_len)
+        if dtype == torch.bfloat16:  # one rounding of a sum whose terms were added in another order
+            torch.testing.assert_close(got, want, rtol=8e-3, atol=8e-3)
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        base = (ids.repeat_interleave(seq_len) < 0)
+        assert torch.equal(got[base], y[base])  # base tokens untouched, bit for bit
+
+
+@pytest.mark.parametrize("path", [None, "gather", "grouped"])
+def test_precomputed_groups_and_strided_tensors(gen, path):
+    st = make_stack(gen)
+    ids = torch.tensor([2, 0, 2, -1])
+    seq_len = 3
+    x = torch.randn(12, 2 * st.d_in, generator=gen)[:, ::2]  # non-contiguous rows
+    y_full = torch.randn(12, 2 * st.d_out, generator=gen)
+    y = y_full[:, 1::2]
+    want = expected(y, x, ids, st, seq_len)
+    groups = bgmv.seq_groups(ids)
+    assert [(slot, rows.tolist()) for slot, rows in groups] == [(0, [1]), (2, [0, 2])]
+    assert bgmv.seq_groups(torch.tensor([1, 1])) == [(1, None)]
+    got = bgmv_add_cpu_(y, x, ids, st, seq_len=seq_len, groups=groups, path=path)
+    assert got is y
+    torch.testing.assert_close(y_full[:, 1::2], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["gather", "grouped"])
+def test_gradient_flows_to_inputs(gen, path):
+    st = make_stack(gen, val_dtype=torch.float64)
+    ids = torch.tensor([1, -1, 0, 1])
+    x = torch.randn(8, st.d_in, generator=gen, dtype=torch.float64)
+    gy = torch.randn(8, st.d_out, generator=gen, dtype=torch.float64)
+    grads = []
+    for fn in ("cpu", "reference"):
+        xx = x.clone().requires_grad_(True)
+        y = xx @ torch.ones(st.d_in, st.d_out, dtype=torch.float64)  # a stand-in for the base layer
+        if fn == "cpu":
+            out = bgmv_add_cpu_(y, xx, ids, st, seq_len=2, path=path)
+        else:
+            out = y + bgmv_reference(xx, ids, st, seq_len=2)
+        (gx,) = torch.autograd.grad(out, xx, gy)
+        grads.append(gx)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
+def test_dispatch_follows_backend(gen):
+    st = make_stack(gen)
+    ids = torch.tensor([0, 2, -1])
+    x = torch.randn(6, st.d_in, generator=gen)
+    y = torch.randn(6, st.d_out, generator=gen)
+    want = expected(y, x, ids, st, 2)
+    for backend in ("reference", "cpu", "auto"):
+        with kernels.use_backend(backend):
+            torch.testing.assert_close(bgmv_add_(y.clone(), x, ids, st, seq_len=2), want, rtol=1e-6, atol=1e-6)
+    empty = torch.empty(0, st.d_in)
+    assert bgmv_add_cpu_(torch.empty(0, st.d_out), empty, torch.empty(0, dtype=torch.int64), st).shape == (0, st.d_out)
+
+
+def test_triton_kernel_under_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env.pop("NEUROADA_KERNELS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-p", "no:cacheprovider", "-rs",
+         os.path.join(HERE, "bgmv_triton_cases.py")],
+        env=env, capture_output=True, text=True, timeout=300, cwd=os.path.dirname(os.path.dirname(HERE)),
+    )
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, tail

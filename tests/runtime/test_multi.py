@@ -1,0 +1,339 @@
+"""Many adapters on one tiny Llama: merged switching (bit-exact, also under torch.compile without
+recompiling), mixed-adapter batches and generation, weighted combinations, refusals that change nothing.
+
+The adapters are real files written by save_adapter from models built in-process; the references are
+the format core's merge rule and per-sequence runs with the adapter merged.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import neuroada_format as naf  # noqa: E402
+from neuroada_format import NeuroAdaError  # noqa: E402
+from neuroada_format.runtime import (  # noqa: E402
+    NeuroAdaConfig,
+    NeuroAdaLayer,
+    ServingLayer,
+    adapter_batch,
+    add_weighted_adapter,
+    attach,
+    delete_adapter,
+    list_adapters,
+    load_adapter,
+    merge_and_unload,
+    merged_adapter,
+    save_adapter,
+    set_adapter,
+    stop_serving,
+)
+from neuroada_format.runtime.kernels import bgmv  # noqa: E402
+from neuroada_format.runtime.model import layers, to_numpy  # noqa: E402
+
+VOCAB = 100
+# name -> (k, target_modules): different k, and one adapter that leaves the attention alone
+SPECS = {"math": (1, "all-linear"), "cs": (3, "all-linear"), "code": (2, ["gate_proj", "up_proj", "down_proj"])}
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """A base model and three adapter files for it (random deltas, BF16 values on disk)."""
+    folder = tmp_path_factory.mktemp("zoo")
+    base = tiny_llama()
+    files = {}
+    for i, (name, (k, targets)) in enumerate(SPECS.items()):
+        m = copy.deepcopy(base)
+        attach(m, NeuroAdaConfig(k=k, target_modules=targets), name)
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for layer in layers(m).values():
+                layer.neuroada_val[name].normal_(0, 0.05, generator=g)
+        files[name] = save_adapter(m, os.path.join(folder, f"{name}.safetensors"), name)
+    other = tiny_llama(seed=1)  # same shapes, other weights
+    attach(other, NeuroAdaConfig(k=1), "alien")
+    files["alien"] = save_adapter(other, os.path.join(folder, "alien.safetensors"), "alien")
+    arrays = {k: to_numpy(v).copy() for k, v in base.state_dict().items()}
+    return base, files, arrays, folder
+
+
+def served(zoo, names=("math", "cs", "code")):
+    base, files, _, _ = zoo
+    model = copy.deepcopy(base)
+    for n in names:
+        load_adapter(model, files[n], n)
+    return model
+
+
+def base_weights(model):
+    """The wrapped model's weights under their original names."""
+    return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if ".neuroada_" not in k}
+
+
+def bits(t):
+    return t.detach().contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def snapshot(model):
+    """Everything observable about the model's adapter state, bit for bit."""
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(bits(v).numpy().tobytes())
+    per_layer = {n: (type(layer).__name__, list(layer.merged_adapters), list(layer.active_adapters),
+                     sorted(layer.neuroada_val.keys())) for n, layer in layers(model).items()}
+    return h.hexdigest(), list_adapters(model), per_layer
+
+
+def check_merged(model, zoo, name):
+    """Every weight equals the format core's merge of `name`'s file into the base (or the base itself)."""
+    _, files, arrays, _ = zoo
+    adapter = naf.load(files[name]) if name is not None else None
+    for key, w in base_weights(model).items():
+        want = arrays[key]
+        if adapter is not None and key in adapter.targets:
+            want = naf.merge_weight(want, [adapter.targets[key]])
+        assert np.array_equal(to_numpy(w).view(np.uint32), want.view(np.uint32)), (name, key)
+
+
+def ids_batch(n, length=7, seed=3):
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+# -- merged switching --------------------------------------------------------------------------------------
+def test_set_adapter_writes_the_merge_rule_and_restores_the_base(zoo):
+    model = served(zoo)
+    assert list_adapters(model) == ["math", "cs", "code"]
+    ptrs = {k: w.data_ptr() for k, w in base_weights(model).items()}
+    for name in ["math", "cs", None, "code", "__base__", "cs", "math", "code", "math", None]:
+        set_adapter(model, name)
+        check_merged(model, zoo, None if name == "__base__" else name)
+        assert merged_adapter(model) == (None if name == "__base__" else name)
+    assert {k: w.data_ptr() for k, w in base_weights(model).items()} == ptrs  # same tensors throughout
+    assert all(type(layer) is ServingLayer for layer in layers(model).values())
+    # the code adapter leaves attention unmerged, and the layers say so
+    set_adapter(model, "code")
+    attn = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert attn.merged_adapters == [] and model.get_submodule("model.layers.0.mlp.up_proj").merged_adapters == ["code"]
+
+
+def test_set_adapter_outputs_equal_a_merged_model(zoo):
+    base, files, _, _ = zoo
+    model = served(zoo)
+    ids = ids_batch(3)
+    with torch.no_grad():
+        for name in ("cs", "math"):
+            ref = merge_and_unload(load_adapter(copy.deepcopy(base), files[name], name))
+            set_adapter(model, name)
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+        set_adapter(model, None)
+        assert torch.equal(model(ids).logits, base(ids).logits)
+        stop_serving(model)  # back to NeuroAdaLayer.forward: nothing merged, nothing active
+        assert all(type(layer) is NeuroAdaLayer for layer in layers(model).values())
+        assert torch.equal(model(ids).logits, base(ids).logits)
+
+
+def test_compiled_model_switches_without_recompiling(zoo):
+    model = served(zoo)
+    ids = ids_batch(2)
+    refs = {}
+    with torch.no_grad():
+        for name in ("math", "cs", "code", None):
+            set_adapter(model, name)
+            refs[name] = model(ids).logits
+        torch._dynamo.reset()
+        set_adapter(model, "math")
+        compiled = torch.compile(model, backend="eager")
+        assert torch.equal(compiled(ids).logits, refs["math"])
+        with torch._dynamo.config.patch(error_on_recompile=True):  # any recompilation raises
+            for name in ("cs", None, "code", "math", "__base__", "cs"):
+                set_adapter(model, name)
+                assert torch.equal(compiled(ids).logits, refs[None if name == "__base__" else name]), name
+    torch._dynamo.reset()
+
+
+# -- mixed batches -----------------------------------------------------------------------------------------
+NAMES = ["math", "__base__", "cs", "code", "math", None]
+
+
+def alone(model, ids, names):
+    """Each sequence run by itself with its adapter merged."""
+    out = []
+    for b, name in enumerate(names):
+        set_adapter(model, name)
+        out.append(model(ids[b:b + 1]).logits)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("path", ["gather", "grouped"])
+def test_adapter_batch_forward_equals_each_sequence_alone(zoo, monkeypatch, path):
+    monkeypatch.setattr(bgmv, "PATH", path)
+    model = served(zoo)
+    ids = ids_batch(len(NAMES))
+    with torch.no_grad():
+        want = alone(model, ids, NAMES)
+        set_adapter(model, "cs")
+        before = snapshot(model)
+        with adapter_batch(model, NAMES):
+            assert merged_adapter(model) is None  # the base weights, plus per-sequence deltas
+            got = model(ids).logits
+        assert snapshot(model) == before  # "cs" merged again, bit for bit; classes and lists as they were
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[0], got[1], atol=1e-3)  # the deltas do change the outputs
+
+
+def test_adapter_batch_generate_greedy_tokens_equal(zoo):
+    model = served(zoo)
+    ids = ids_batch(len(NAMES), length=5, seed=8)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = []
+        for b, name in enumerate(NAMES):
+            set_adapter(model, name)
+            want.append(model.generate(ids[b:b + 1], **kw))
+        set_adapter(model, None)
+        with adapter_batch(model, NAMES):  # prefill [B, 5], then KV-cached steps of [B, 1]
+            got = model.generate(ids, **kw)
+    assert torch.equal(got, torch.cat(want))
+    assert len({tuple(r.tolist()) for r in got[:, 5:]}) > 1
+
+
+def test_adapter_batch_on_unserved_layers_and_gpt2_conv1d(zoo):
+    # a GPT-2 (Conv1D, stored [in, out]) whose layers never went through set_adapter
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    for i, name in enumerate(("a", "b")):
+        attach(model, NeuroAdaConfig(k=2), name)
+        with torch.no_grad():
+            for layer in layers(model).values():
+                layer.neuroada_val[name].normal_(0, 0.1, generator=torch.Generator().manual_seed(i))
+    ids = ids_batch(3)
+    names = ["b", "a", None]
+    with torch.no_grad():
+        with adapter_batch(model, names):
+            got = model(ids).logits
+        assert all(type(layer) is NeuroAdaLayer for layer in layers(model).values())
+        want = alone(model, ids, names)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_batch_refusals_leave_the_model_alone(zoo):
+    model = served(zoo)
+    set_adapter(model, "math")
+    before = snapshot(model)
+    with pytest.raises(NeuroAdaError, match="no adapter named 'nope'"):
+        with adapter_batch(model, ["math", "nope"]):
+            pass
+    with pytest.raises(NeuroAdaError, match="one adapter name per sequence"):
+        with adapter_batch(model, []):
+            pass
+    assert snapshot(model) == before
+    with torch.no_grad(), pytest.raises(NeuroAdaError, match="2 adapter names"):
+        with adapter_batch(model, ["math", "cs"]):
+            model(ids_batch(3))  # e.g. beam search multiplied the batch
+    assert snapshot(model) == before
+    with adapter_batch(model, ["cs"]):
+        for call in (lambda: set_adapter(model, "cs"), lambda: delete_adapter(model, "cs"),
+                     lambda: adapter_batch(model, ["cs"]).__enter__(),
+                     lambda: add_weighted_adapter(model, ["cs"], [1.0], "x")):
+            with pytest.raises(RuntimeError, match="adapter_batch"):
+                call()
+    assert snapshot(model) == before
+
+
+# -- loading, deleting, combining --------------------------------------------------------------------------
+def test_bad_third_adapter_is_refused_and_changes_nothing(zoo, tmp_path):
+    _, files, _, _ = zoo
+    model = served(zoo, names=("math", "cs"))
+    set_adapter(model, "math")
+    before = snapshot(model)
+    raw = open(files["code"], "rb").read()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(raw[:-7])
+    for path, rule in ((files["alien"], "4.3"), (str(truncated), "1.4")):
+        with pytest.raises(NeuroAdaError) as err:
+            load_adapter(model, path, "third")
+        assert err.value.rule == rule
+        assert snapshot(model) == before
+    with pytest.raises(NeuroAdaError, match="already loaded"):
+        load_adapter(model, files["code"], "cs")
+    assert snapshot(model) == before
+    load_adapter(model, files["code"], "code")  # a good one still loads, and "math" stays merged
+    check_merged(model, zoo, "math")
+    set_adapter(model, "code")
+    check_merged(model, zoo, "code")
+
+
+def test_delete_adapter(zoo):
+    model = served(zoo)
+    set_adapter(model, "cs")
+    delete_adapter(model, "cs")
+    check_merged(model, zoo, None)
+    assert list_adapters(model) == ["math", "code"]
+    assert all("cs" not in layer.neuroada_val for layer in layers(model).values())
+    with pytest.raises(NeuroAdaError, match="no adapter named 'cs'"):
+        set_adapter(model, "cs")
+    with pytest.raises(NeuroAdaError):
+        delete_adapter(model, "cs")
+    set_adapter(model, "math")
+    delete_adapter(model, "code")  # not the merged one: "math" stays
+    check_merged(model, zoo, "math")
+
+
+def test_add_weighted_adapter_is_packs_combine(zoo, tmp_path):
+    from neuroada_format.converters.pack import combine
+
+    _, files, arrays, _ = zoo
+    model = served(zoo)
+    set_adapter(model, "code")
+    add_weighted_adapter(model, ["math", "cs"], [0.7, 0.3], "combo")
+    assert list_adapters(model) == ["math", "cs", "code", "combo"]
+    check_merged(model, zoo, "code")  # still served as before
+    path = save_adapter(model, tmp_path / "combo.safetensors", "combo")
+    report = naf.validate(path, base=arrays)
+    assert report.ok and not report.problems, report.problems
+    mine = naf.load(path)
+    packed = combine([(naf.load(files["math"]), 0.7), (naf.load(files["cs"]), 0.3)], arrays)
+    assert sorted(mine.targets) == sorted(packed.targets)
+    for key, t in packed.targets.items():
+        assert 3 <= t.k <= 4  # the union of k=1 and k=3 positions, padded per target
+        assert np.array_equal(mine.targets[key].indices, t.indices)
+        assert np.array_equal(mine.targets[key].values.view(np.uint16), t.values.view(np.uint16))
+        assert mine.targets[key].probe == t.probe
+    assert mine.selection["rule"] == "union"
+    set_adapter(model, "combo")
+    for key, w in base_weights(model).items():
+        want = naf.merge_weight(arrays[key], [packed.targets[key]]) if key in packed.targets else arrays[key]
+        assert np.array_equal(to_numpy(w).view(np.uint32), want.view(np.uint32)), key
+
+
+def test_add_weighted_adapter_refusals(zoo):
+    model = served(zoo)
+    set_adapter(model, "math")
+    before = snapshot(model)
+    for adapters, weights, name, match in (
+        (["math", "nope"], [1, 1], "x", "no adapter named 'nope'"),
+        (["math"], [1, 2], "x", "one weight per adapter"),
+        (["math", "cs"], [1, float("nan")], "x", "not finite"),
+        (["math"], [1], "cs", "exists"),
+        (["math"], [1], "__base__", "must be a non-empty string"),
+        (["math", "cs"], [1e39, 1.0], "x", "overflows"),  # finite in f64, not in f32
+    ):
+        with pytest.raises(NeuroAdaError, match=match):
+            add_weighted_adapter(model, adapters, weights, name)
+        assert snapshot(model) == before
