@@ -162,7 +162,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--eval-items", type=int, default=None, help="held-out items (default 64, quick 24)")
-    ap.add_argument("--work", default=None, help="folder for the artefacts (default: a temporary one)")
+    ap.add_argument("--work", default=None,
+                    help="folder for the artefacts, kept (default: a temporary one, removed at the end)")
     ap.add_argument("--cache", default=None, help="SmolLM2 safetensors cache folder")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None,
@@ -262,7 +263,11 @@ def main(argv=None) -> int:
     width = max(len(r[0]) for r in rows)
     for label, value in rows:
         print(f"  {label:<{width}}  {value}")
-    print(f"\nartefacts in {work}")
+    if args.work:
+        print(f"\nartefacts in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)  # ~1.6 GB of checkpoints and ONNX data
+        print("\n(artefacts removed; pass --work DIR to keep them)")
     ok = hf_diff == 0.0 and ort_rel <= ONNX_RTOL
     if not ok:
         print("FAILED: the merged results do not agree with the runtime", file=sys.stderr)
