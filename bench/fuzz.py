@@ -420,7 +420,7 @@ def crash_site(tb: str) -> str:
 
 
 def report(res) -> str:
-    from validate import table  # bench/validate.py: same table format
+    from results_md import table
 
     stages = list(res["counts"])
     keys = sorted({k for c in res["counts"].values() for k in c},
@@ -466,7 +466,7 @@ def main(argv=None):
     for i, outcome, steps in res["inconsistent"][:5]:
         print(f"disagreement: case {i} {outcome} after {'; '.join(steps)}")
     if not args.no_write:
-        from validate import replace_section
+        from results_md import replace_section
 
         replace_section(SECTION, "`python bench/fuzz.py --n " + f"{args.n}`\n\n" + text)
         print(f"\nwrote {SECTION!r} in bench/RESULTS.md")

@@ -192,24 +192,6 @@ def real_lines(real: dict) -> list[str]:
     ]
 
 
-def replace_section(heading: str, body: str, path: str = RESULTS) -> None:
-    """Swap in this benchmark's section, leaving every other section of RESULTS.md as it was."""
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmark results\n"
-    lines = text.rstrip("\n").split("\n")
-    block = [heading, "", *body.strip("\n").split("\n")]
-    if heading in (line.strip() for line in lines):
-        start = [line.strip() for line in lines].index(heading)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = lines[end:]
-        lines = lines[:start] + block + ([""] if tail else []) + tail
-    else:
-        lines = lines + [""] + block
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-
-
 def verdict_lines(verdict) -> list[str]:
     return [f"- {'PASS' if ok else ('MISS' if ok is False else 'n/a')}: {claim} ({numbers})"
             for claim, ok, numbers in verdict]
@@ -447,6 +429,8 @@ def main(argv=None) -> int:
     meta = describe(runs, facts)
     print_report(results, real, meta)
     if not args.no_write and methods:
+        from results_md import replace_section  # bench/ is sys.path[0] when run as a script
+
         replace_section(SECTION, section_body(results, real or {"error": "skipped (--skip-real)"}, meta))
         print(f"\nwrote {SECTION!r} in {RESULTS}")
     failed = sorted({m for _, s, _ in results for m, r in s.items() if "error" in r})

@@ -11,11 +11,12 @@ for the all-sequences gather and the Triton kernel, built only when one of those
 Three implementations, equal up to summation order:
 
 * ``bgmv_reference``: dense deltas, token masks (the specification; tests only);
-* ``bgmv_add_cpu_`` (stock torch, also runs on CUDA): with k=1, or for small problems (decoding), one
-  gather ``x[t, idx[a(t)]]`` for all sequences through an index expanded over the tokens; otherwise
-  (prefill, k>1) one product per adapter present on the sequences that use it -- ``embedding_bag``
-  over ``x^T``, vectorised over the tokens (measured faster here than a CSR ``spmm``, which degrades
-  sharply past a few hundred tokens);
+* ``bgmv_add_cpu_`` (stock torch, also runs on CUDA): for decoding steps and small problems, one
+  gather ``x[t, idx[a(t)]]`` for all sequences through an index expanded over the tokens; for long
+  sequences with k=1, one column ``index_select`` per sequence into a shared buffer and one fused
+  multiply-add; with k>1, one product per adapter present on the sequences that use it --
+  ``embedding_bag`` over ``x^T``, vectorised over the tokens (measured faster here than a CSR ``spmm``,
+  which degrades sharply past a few hundred tokens). None loops over tokens;
 * Triton (CUDA, or the interpreter in tests): one program per (sequence, block of output rows, tile of
   tokens); it loads the sequence's adapter id once, its ``idx``/``val`` rows once, and gathers ``x`` for
   each token. Every load is masked and upcast; the kernel writes f32 and torch does any rounding.
@@ -68,6 +69,14 @@ class AdapterStack:
         self.device = self.idxs[0].device
         self._idx = self._val = None
         self._vals_acc: dict = {}
+        self._cols: dict = {}
+
+    def col(self, slot: int) -> torch.Tensor:
+        """The single column per row of a k=1 adapter, contiguous."""
+        c = self._cols.get(slot)
+        if c is None:
+            c = self._cols[slot] = self.idxs[slot][:, 0].contiguous()
+        return c
 
     def val_acc(self, slot: int, dtype: torch.dtype) -> torch.Tensor:
         v = self._vals_acc.get((slot, dtype))
@@ -197,6 +206,29 @@ def _gather_path(y3, x3, ids, stack, acc) -> None:
     _add_seqs_(y3, seqs, delta)
 
 
+def _rows_path(y3, x3, ids, stack, acc) -> None:
+    """k=1, long sequences: each sequence's columns ``x[b][:, idx[a(b)]]`` by one ``index_select``
+    into a shared buffer, then one fused multiply-add. On the bench model this cost a third of the
+    expanded-index gather's overhead (whose kernel is slow per element), so it is worth B small calls."""
+    B, S, _ = x3.shape
+    live = [(b, a) for b, a in enumerate(ids.tolist()) if a >= 0]
+    if not live:
+        return
+    if torch.is_grad_enabled() and x3.requires_grad:  # out= has no autograd
+        g = torch.stack([x3[b].index_select(1, stack.col(a)) for b, a in live])
+    else:
+        g = torch.empty(len(live), S, stack.d_out, dtype=x3.dtype, device=x3.device)
+        for i, (b, a) in enumerate(live):
+            torch.index_select(x3[b], 1, stack.col(a), out=g[i])
+    slots = torch.tensor([a for _, a in live], dtype=torch.int64, device=x3.device)
+    v = stack.val.to(acc).index_select(0, slots).view(len(live), 1, stack.d_out)
+    if len(live) == B and y3.dtype == acc:
+        y3.addcmul_(g.to(acc), v)  # one fused pass over y
+        return
+    seqs = None if len(live) == B else torch.tensor([b for b, _ in live], dtype=torch.int64, device=x3.device)
+    _add_seqs_(y3, seqs, g.to(acc).mul_(v))
+
+
 def _grouped_path(y3, x3, stack, groups, acc) -> None:
     """One product per adapter present, on the sequences that use it."""
     B, S, d_in = x3.shape
@@ -209,7 +241,8 @@ def _grouped_path(y3, x3, stack, groups, acc) -> None:
 def bgmv_add_cpu_(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, stack: AdapterStack, *, seq_len: int = 1,
                   groups: list | None = None, path: str | None = None) -> torch.Tensor:
     """Stock-torch path (differentiable in ``x``). ``groups``: ``seq_groups(ids)`` if known; ``path``:
-    "gather" | "grouped" | None (gather for k=1 or small problems, grouped otherwise; see PATH)."""
+    "gather" | "rows" (k=1 only) | "grouped" | None: gather for decoding steps and small problems,
+    else rows for k=1 and grouped for k>1 (see PATH)."""
     acc = acc_dtype(x, *stack.vals)
     T, B = x.shape[0], ids.shape[0]
     if T == 0:
@@ -220,9 +253,14 @@ def bgmv_add_cpu_(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, stack: Ad
     y3 = y.view(B, seq_len, stack.d_out)
     path = path or PATH
     if path is None:
-        path = "gather" if stack.k == 1 or T * stack.d_out * stack.k <= GATHER_MAX else "grouped"
+        if seq_len == 1 or T * stack.d_out * stack.k <= GATHER_MAX:
+            path = "gather"
+        else:
+            path = "rows" if stack.k == 1 else "grouped"
     if path == "gather":
         _gather_path(y3, x3, ids, stack, acc)
+    elif path == "rows" and stack.k == 1:
+        _rows_path(y3, x3, ids, stack, acc)
     else:
         _grouped_path(y3, x3, stack, seq_groups(ids) if groups is None else groups, acc)
     return y

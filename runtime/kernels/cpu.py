@@ -10,18 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from .pattern import Pattern, as_pattern
+from .pattern import as_pattern, weight_pattern
 from .reference import acc_dtype
 
 __all__ = ["scatter_", "restore_", "put_", "sampled_rowdot", "gather_matvec", "gather_matvec_t"]
-
-
-def _weight_pattern(W: torch.Tensor, idx, transposed: bool) -> Pattern:
-    p = as_pattern(idx, W.shape[0] if transposed else W.shape[1], transposed=transposed)
-    stored = (p.d_in, p.d_out) if p.transposed else (p.d_out, p.d_in)
-    if tuple(W.shape) != stored:
-        raise ValueError(f"weight of shape {tuple(W.shape)} does not match pattern {p} (stored {stored})")
-    return p
 
 
 def put_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -34,14 +26,14 @@ def put_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Ten
 
 def scatter_(W: torch.Tensor, idx, w0: torch.Tensor, val: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
     """W[i, idx[i, j]] = round_W(f32(w0) + f32(val)); O(d_out * k)."""
-    p = _weight_pattern(W, idx, transposed)
+    p = weight_pattern(W, idx, transposed)
     acc = acc_dtype(w0, val)
     return put_(W, p.flat, (w0.reshape(-1).to(acc) + val.reshape(-1).to(acc)).to(W.dtype))
 
 
 def restore_(W: torch.Tensor, idx, w0: torch.Tensor, *, transposed: bool = False) -> torch.Tensor:
     """Put the original values back, bit for bit."""
-    p = _weight_pattern(W, idx, transposed)
+    p = weight_pattern(W, idx, transposed)
     return put_(W, p.flat, w0)
 
 

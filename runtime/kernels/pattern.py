@@ -154,3 +154,12 @@ def as_pattern(idx, d_in: int | None = None, *, transposed: bool = False) -> Pat
     if d_in is None:
         raise ValueError("d_in is required when idx is a plain tensor")
     return Pattern(idx, d_in, transposed=transposed)
+
+
+def weight_pattern(W: torch.Tensor, idx, transposed: bool) -> Pattern:
+    """The pattern of ``idx`` for a stored weight W, checking that W has the shape it describes."""
+    p = as_pattern(idx, W.shape[0] if transposed else W.shape[1], transposed=transposed)
+    stored = (p.d_in, p.d_out) if p.transposed else (p.d_out, p.d_in)
+    if tuple(W.shape) != stored:
+        raise ValueError(f"weight of shape {tuple(W.shape)} does not match pattern {p} (stored {stored})")
+    return p

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .pattern import Pattern, as_pattern
+from .pattern import as_pattern, weight_pattern
 from .reference import acc_dtype
 
 try:  # keep the package importable where triton is absent
@@ -132,14 +132,6 @@ if AVAILABLE:
         tl.store(out_ptr + t * d_in + c, acc, mask=tm)
 
 
-def _weight_pattern(W: torch.Tensor, idx, transposed: bool) -> Pattern:
-    p = as_pattern(idx, W.shape[0] if transposed else W.shape[1], transposed=transposed)
-    stored = (p.d_in, p.d_out) if p.transposed else (p.d_out, p.d_in)
-    if tuple(W.shape) != stored:
-        raise ValueError(f"weight of shape {tuple(W.shape)} does not match pattern {p} (stored {stored})")
-    return p
-
-
 def put_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor, *, block: int = 1024) -> torch.Tensor:
     """Write already-rounded ``values`` at flat positions of the contiguous W (bit moves only)."""
     _check(W, flat)
@@ -157,7 +149,7 @@ def put_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor, *, block: in
 
 def scatter_(W: torch.Tensor, idx, w0: torch.Tensor, val: torch.Tensor, *, transposed: bool = False,
              block: int = 1024) -> torch.Tensor:
-    p = _weight_pattern(W, idx, transposed)
+    p = weight_pattern(W, idx, transposed)
     _check(W, w0, val)
     n = p.nnz
     acc = acc_dtype(w0, val)
@@ -169,7 +161,7 @@ def scatter_(W: torch.Tensor, idx, w0: torch.Tensor, val: torch.Tensor, *, trans
 
 
 def restore_(W: torch.Tensor, idx, w0: torch.Tensor, *, transposed: bool = False, block: int = 1024) -> torch.Tensor:
-    p = _weight_pattern(W, idx, transposed)
+    p = weight_pattern(W, idx, transposed)
     return put_(W, p.flat, w0, block=block)
 
 
