@@ -20,7 +20,8 @@ def put_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Ten
     """Write ``values`` (already rounded to W's dtype) at flat positions of the contiguous W."""
     if not W.is_contiguous():
         raise ValueError("in-place sparse writes need a contiguous weight; use the additive mode")
-    W.view(-1).scatter_(0, flat, values.reshape(-1).to(W.dtype))  # 2-3x faster than index_put_ here
+    # index_put_ costs O(entries); scatter_ costs ~100 ms on an 11008x4096 weight whatever k is
+    W.view(-1).index_put_((flat,), values.reshape(-1).to(W.dtype))
     return W
 
 
