@@ -42,7 +42,7 @@ def test_stack_pads_short_rows_with_zero_values(gen):
         AdapterStack([st.idxs[0]], [st.vals[1]], 17)
 
 
-@pytest.mark.parametrize("path", ["gather", "grouped"])
+@pytest.mark.parametrize("path", ["gather", "rows", "grouped"])  # rows serves k=1 stacks (else grouped)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("seq_len", [1, 5])
 @pytest.mark.parametrize("ks", [(1, 4, 2), (1, 1)])
@@ -65,9 +65,10 @@ def test_cpu_paths_match_reference(gen, monkeypatch, path, dtype, seq_len, ks, s
         assert torch.equal(got[base], y[base])  # base tokens untouched, bit for bit
 
 
-@pytest.mark.parametrize("path", [None, "gather", "grouped"])
-def test_precomputed_groups_and_strided_tensors(gen, path):
-    st = make_stack(gen)
+@pytest.mark.parametrize("path", [None, "gather", "rows", "grouped"])
+@pytest.mark.parametrize("ks", [(1, 4, 2), (1, 1, 1)])
+def test_precomputed_groups_and_strided_tensors(gen, path, ks):
+    st = make_stack(gen, ks=ks)
     ids = torch.tensor([2, 0, 2, -1])
     seq_len = 3
     x = torch.randn(12, 2 * st.d_in, generator=gen)[:, ::2]  # non-contiguous rows
@@ -82,9 +83,10 @@ def test_precomputed_groups_and_strided_tensors(gen, path):
     torch.testing.assert_close(y_full[:, 1::2], want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("path", ["gather", "grouped"])
-def test_gradient_flows_to_inputs(gen, path):
-    st = make_stack(gen, val_dtype=torch.float64)
+@pytest.mark.parametrize("path", ["gather", "rows", "grouped"])
+@pytest.mark.parametrize("ks", [(1, 4, 2), (1, 1, 1)])
+def test_gradient_flows_to_inputs(gen, path, ks):
+    st = make_stack(gen, ks=ks, val_dtype=torch.float64)
     ids = torch.tensor([1, -1, 0, 1])
     x = torch.randn(8, st.d_in, generator=gen, dtype=torch.float64)
     gy = torch.randn(8, st.d_out, generator=gen, dtype=torch.float64)

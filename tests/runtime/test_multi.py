@@ -212,13 +212,15 @@ def test_adapter_batch_generate_greedy_tokens_equal(zoo):
     assert len({tuple(r.tolist()) for r in got[:, 5:]}) > 1
 
 
-def test_adapter_batch_on_unserved_layers_and_gpt2_conv1d(zoo):
+@pytest.mark.parametrize("k, path", [(2, None), (1, "rows")])
+def test_adapter_batch_on_unserved_layers_and_gpt2_conv1d(zoo, monkeypatch, k, path):
     # a GPT-2 (Conv1D, stored [in, out]) whose layers never went through set_adapter
+    monkeypatch.setattr(bgmv, "PATH", path)
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32)
     model = transformers.GPT2LMHeadModel(cfg).eval()
     for i, name in enumerate(("a", "b")):
-        attach(model, NeuroAdaConfig(k=2), name)
+        attach(model, NeuroAdaConfig(k=k), name)
         with torch.no_grad():
             for layer in layers(model).values():
                 layer.neuroada_val[name].normal_(0, 0.1, generator=torch.Generator().manual_seed(i))
