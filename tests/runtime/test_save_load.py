@@ -267,3 +267,12 @@ def test_merge_refuses_tied_weight():
         merge(model)
     assert err.value.tensor == "lm_head.weight"
     assert state_bits(model) == bits and not any(l.merged for l in layers(model).values())
+
+
+def test_structure_hash_of_a_tied_model_matches_its_saved_checkpoint(tmp_path):
+    """save_pretrained stores tied lm_head/embeddings once; the adapter's structure hash must agree."""
+    model = tiny_llama(tie_word_embeddings=True)
+    model.save_pretrained(tmp_path / "base")
+    attach(model, NeuroAdaConfig(k=2, target_modules=["q_proj"]))
+    report = naf.validate(save_adapter(model, tmp_path / "a.safetensors"), base=tmp_path / "base")
+    assert report.ok and report.problems == []   # no rule 4.5 warning
