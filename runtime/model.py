@@ -365,14 +365,15 @@ def base_state_names(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]
     A tensor tied to an earlier one (lm_head.weight sharing the embeddings) is listed once, under its
     first name, as save_pretrained stores it, so the structure hash matches the saved checkpoint.
     """
-    out, seen = {}, set()
-    for name, t in model.state_dict(keep_vars=True).items():
-        if ".neuroada_" in name:
+    first: dict[int, str] = {}
+    tied = set()
+    for name, p in model.named_parameters(remove_duplicate=False):  # a tied parameter is one object
+        if first.setdefault(id(p), name) != name:
+            tied.add(name)
+    out = {}
+    for name, t in model.state_dict().items():
+        if ".neuroada_" in name or name in tied:
             continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
-        if key is not None and key in seen:
-            continue
-        seen.add(key)
         out[name.replace(BASE_LAYER, "")] = (TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape))
     return out
 
