@@ -34,8 +34,8 @@ import warnings
 import torch
 from torch import nn
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "RESULTS.md")
+from results_md import RESULTS, replace_section  # bench/ is sys.path[0] when run as a script
+
 SECTION = "## Multi-adapter serving"
 THREADS = 2
 
@@ -46,26 +46,8 @@ SHORT = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 
 
 # -- output ----------------------------------------------------------------------------------------------
-def replace_section(heading: str, body: str, path: str = RESULTS) -> None:
-    """Swap in this benchmark's section, leaving every other section of RESULTS.md as it was."""
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmark results\n"
-    lines = text.rstrip("\n").split("\n")
-    block = [heading, "", *body.strip("\n").split("\n")]
-    stripped = [line.strip() for line in lines]
-    if heading in stripped:
-        start = stripped.index(heading)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = lines[end:]
-        lines = lines[:start] + block + ([""] if tail else []) + tail
-    else:
-        lines = lines + [""] + block
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-
-
 def table(rows) -> str:
+    """Like results_md.table, but cells may be numbers."""
     head, *rest = rows
     out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     return "\n".join(out + ["| " + " | ".join(str(c) for c in r) + " |" for r in rest])
@@ -218,8 +200,6 @@ def bench_switch(n_layers: int, peft_reps: int, ours_reps: int) -> dict:
         "merge_reproducible": h_k1a == h_k1a_again, "n_switches_checked": len(sequence) + 8,
         "load_start": load_start, "load_end": load_end,
     }
-    del peft_model, lora, ours, linears, peft_linears
-    gc.collect()
     return result
 
 
@@ -329,13 +309,14 @@ def switch_rows(sw: dict, label: str) -> list[list]:
 
 def report(sw: dict | None, thp: dict | None, mx: dict | None, meta: dict) -> tuple[str, list[tuple[bool, str]]]:
     lines = [f"`python bench/multitask.py{' --thp' if thp else ''}`, {meta['date']}; torch {meta['torch']}, peft "
-             f"{meta['peft']}, {THREADS} threads (`torch.set_num_threads`) on a {os.cpu_count()}-core virtual machine "
-             f"shared with other engineers' runs; {meta['wall_s']:.0f} s in all. Each part runs in its own process.", ""]
+             f"{meta['peft']}, {THREADS} threads (`torch.set_num_threads`) on a {os.cpu_count()}-core virtual "
+             f"machine shared with other engineers' runs; {meta['wall_s']:.0f} s in all. Each part runs in its own "
+             "process.", ""]
     bars: list[tuple[bool, str]] = []
     if sw is not None:
         peft = sw["peft_s"]
-        rows = [["switch (4 Llama-7B decoder layers, 28 bf16 linears)", "median wall", "median CPU", "runs",
-                 "wall vs PEFT"], *switch_rows(sw, "")]
+        what = f"switch ({sw['n_layers']} Llama-7B decoder layers, {7 * sw['n_layers']} bf16 linears)"
+        rows = [[what, "median wall", "median CPU", "runs", "wall vs PEFT"], *switch_rows(sw, "")]
         if thp is not None:
             rows += switch_rows(thp, " (THP)")
         thp_load = f" (THP run: {thp['load_start']} / {thp['load_end']})" if thp else ""
@@ -345,11 +326,11 @@ def report(sw: dict | None, thp: dict | None, mx: dict | None, meta: dict) -> tu
                   f"one PEFT switch, then {sw['ours_n']['k=1, same positions'] // sw['peft_n']} NeuroAda switches "
                   f"per pair. CPU = process time (both threads), wall = elapsed.", "", table(rows), ""]
         if thp is not None:
-            lines += ["(THP) rows: the same run with `THP_MEM_ALLOC_ENABLE=1` (PyTorch's CPU allocator backs large "
-                      "tensors with transparent huge pages). A switch writes d_out*k scattered entries, one or more "
-                      "per row of every weight, so with 4 KB pages nearly every write is a TLB miss (a two-level page "
-                      "walk in this VM); PEFT's dense sweeps are not affected that way.", ""]
-        lines += [f"sha256 of all 28 weights: base {sw['hash_base']}, after {sw['n_switches_checked']} further "
+            lines += ["(THP) rows: the same part in a process with `THP_MEM_ALLOC_ENABLE=1` (PyTorch's CPU allocator "
+                      "backs large tensors with transparent huge pages), which shortens the page walks of scattered "
+                      "writes and of dense sweeps alike.", ""]
+        lines += [f"sha256 of all {7 * sw['n_layers']} weights: base {sw['hash_base']}, after "
+                  f"{sw['n_switches_checked']} further "
                   f"random switches and `set_adapter(None)` {sw['hash_end']}; re-merging k1_a after them gives "
                   f"the same bits as its first merge: {sw['merge_reproducible']}.", ""]
         for pair, s in sw["ours_s"].items():

@@ -119,10 +119,13 @@ def test_set_adapter_writes_the_merge_rule_and_restores_the_base(zoo):
     model = served(zoo)
     assert list_adapters(model) == ["math", "cs", "code"]
     ptrs = {k: w.data_ptr() for k, w in base_weights(model).items()}
+    q = model.get_submodule("model.layers.1.self_attn.q_proj").base_layer.weight
     for name in ["math", "cs", None, "code", "__base__", "cs", "math", "code", "math", None]:
+        version = q._version
         set_adapter(model, name)
         check_merged(model, zoo, None if name == "__base__" else name)
         assert merged_adapter(model) == (None if name == "__base__" else name)
+        assert q._version > version or name in ("code", "__base__")  # in-place writes are tracked
     assert {k: w.data_ptr() for k, w in base_weights(model).items()} == ptrs  # same tensors throughout
     assert all(type(layer) is ServingLayer for layer in layers(model).values())
     # the code adapter leaves attention unmerged, and the layers say so
