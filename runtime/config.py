@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from neuroada_format import NeuroAdaError
 
-SELECTIONS = ("magnitude", "reverse", "random", "gradient")
+SELECTIONS = ("magnitude", "reverse", "random", "gradient")  # the rules attach can compute
+RECORDED_SELECTIONS = SELECTIONS + ("delta", "union", "custom")  # spec rules a loaded adapter may carry
 MODES = ("auto", "inplace", "additive")
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -38,7 +39,7 @@ class NeuroAdaConfig:
     def __post_init__(self):
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise NeuroAdaError(f"k must be a positive integer, got {self.k!r}", rule="3.4")
-        if self.selection not in SELECTIONS:
+        if self.selection not in RECORDED_SELECTIONS:
             raise NeuroAdaError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}",
                                 rule="2.2")
         if self.selection == "random" and self.seed is None:

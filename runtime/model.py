@@ -19,7 +19,7 @@ from torch import nn
 import neuroada_format as naf
 from neuroada_format import NeuroAdaError
 
-from .config import CONFIG_NAME, MODES, WEIGHTS_NAME, NeuroAdaConfig
+from .config import CONFIG_NAME, MODES, SELECTIONS, WEIGHTS_NAME, NeuroAdaConfig
 from .layer import NeuroAdaLayer
 from .selection import select, topk_columns
 
@@ -231,6 +231,9 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
     configs = getattr(model, CONFIGS_ATTR, None) or {}
     if adapter_name in configs:
         raise NeuroAdaError(f"adapter {adapter_name!r} is already attached")
+    if config.selection not in SELECTIONS:
+        raise NeuroAdaError(f"attach selects with one of {', '.join(SELECTIONS)}; {config.selection!r} only "
+                            f"describes an adapter built from others (load it with load_adapter)", rule="2.2")
     _refuse_sharded(model, "attach")
     names = find_targets(model, config)
     modules = {name: model.get_submodule(name) for name in names}
@@ -487,6 +490,9 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
                  mode: str = "auto") -> nn.Module:
     """Load an adapter file or PEFT-style folder onto `model` under `adapter_name`.
 
+    As with PEFT, loading does not change what is served: the adapter becomes active only when none
+    is (the first one loaded); pick another with multi.set_adapter. The file's selection record and
+    value dtype are kept, so save_adapter writes back what was read.
     The file is validated (structure and content) and checked against the model's weights (shapes,
     dtypes, probe hash) before anything changes; on any problem the model is left exactly as it was.
     Like PEFT, the base parameters are frozen afterwards, so with is_trainable=True only deltas train.
@@ -510,8 +516,12 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
         config = cfg or NeuroAdaConfig(k=max(ks), target_modules=sorted(k[:-7] for k in adapter.targets),
                                        base_model_name_or_path=adapter.base_name, revision=adapter.base_revision)
         config.inference_mode = not is_trainable
-        if adapter.selection.get("rule") in ("magnitude", "reverse", "random", "gradient"):
+        if cfg is None:
             config.selection = adapter.selection["rule"]
+            seed = adapter.selection.get("seed")
+            config.seed = seed if isinstance(seed, int) else config.seed
+            vdts = {t.value_dtype for t in adapter.targets.values()}
+            config.save_dtype = vdts.pop() if len(vdts) == 1 else "F32"
         config.mode = mode
         shared = _shared_weights(model)
         delta_dtype = getattr(torch, config.delta_dtype)
@@ -521,7 +531,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
             w = module.weight
             idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
             val = torch.from_numpy(np.asarray(t.values, dtype=np.float32)).to(device=w.device, dtype=delta_dtype)
-            module.add_adapter(adapter_name, idx, val=val, val_dtype=delta_dtype, activate=True)
+            module.add_adapter(adapter_name, idx, val=val, val_dtype=delta_dtype, activate=None)
             module.neuroada_val[adapter_name].requires_grad_(is_trainable)
         deltas = {id(v) for layer in layers(model).values() for v in layer.neuroada_val.values()}
         for p in model.parameters():

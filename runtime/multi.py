@@ -363,8 +363,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
         k=max(t[0].shape[1] for t in new.values()), target_modules=sorted(new),
         save_dtype=value_dtype, delta_dtype=getattr(lead, "delta_dtype", "float32"), inference_mode=True,
         base_model_name_or_path=getattr(lead, "base_model_name_or_path", None),
-        revision=getattr(lead, "revision", None))
-    config.selection = "union"  # a spec rule NeuroAdaConfig does not accept for selecting (nothing to select)
+        revision=getattr(lead, "revision", None), selection="union")
 
     merged = {name: list(layer.merged_adapters) for name, layer in all_layers.items() if layer.merged_adapters}
     added: list[NeuroAdaLayer] = []

@@ -342,3 +342,51 @@ def test_add_weighted_adapter_refusals(zoo):
         with pytest.raises(NeuroAdaError, match=match):
             add_weighted_adapter(model, adapters, weights, name)
         assert snapshot(model) == before
+
+
+def test_loading_more_adapters_does_not_change_what_is_served(zoo):
+    """As PEFT's load_adapter: the first adapter loaded becomes active, later ones wait for set_adapter."""
+    base, files, _, _ = zoo
+    model = copy.deepcopy(base)
+    ids = ids_batch(2)
+    with torch.no_grad():
+        load_adapter(model, files["math"], "math")
+        first = model(ids).logits
+        load_adapter(model, files["cs"], "cs")
+        load_adapter(model, files["code"], "code")
+        again = model(ids).logits
+    assert torch.equal(first, again)  # not the sum of three adapters
+    assert all(layer.active_adapters == ["math"] for layer in layers(model).values())
+    set_adapter(model, "cs")
+    check_merged(model, zoo, "cs")
+
+
+def test_a_combined_adapter_folder_round_trips(zoo, tmp_path):
+    """A 'union' adapter saved as a PEFT folder reloads, and saving it again keeps its record and bits."""
+    base, _, arrays, _ = zoo
+    model = served(zoo)
+    add_weighted_adapter(model, ["math", "cs"], [0.5, 0.5], "combo")
+    first = save_adapter(model, tmp_path / "combo", "combo")
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tmp_path / "combo", "combo")
+    again = save_adapter(fresh, tmp_path / "again.safetensors", "combo")
+    a, b = naf.load(first), naf.load(again)
+    assert b.selection["rule"] == "union" and a.selection == b.selection
+    for key, t in a.targets.items():
+        assert b.targets[key].value_dtype == t.value_dtype
+        assert np.array_equal(b.targets[key].indices, t.indices)
+        assert np.array_equal(b.targets[key].values.view(np.uint8), t.values.view(np.uint8))
+    with pytest.raises(NeuroAdaError, match="only describes an adapter built from others"):
+        attach(copy.deepcopy(base), NeuroAdaConfig(k=1, selection="union"))
+
+
+def test_a_file_keeps_its_value_dtype_and_seed_through_load_and_save(zoo, tmp_path):
+    base, _, _, _ = zoo
+    m = copy.deepcopy(base)
+    attach(m, NeuroAdaConfig(k=2, selection="random", seed=7, save_dtype="F16"), "r")
+    path = save_adapter(m, tmp_path / "r.safetensors", "r")
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, path, "r")
+    again = naf.load(save_adapter(fresh, tmp_path / "again.safetensors", "r"))
+    assert again.selection["rule"] == "random" and again.selection["seed"] == 7
+    assert {t.value_dtype for t in again.targets.values()} == {"F16"}
