@@ -215,6 +215,20 @@ def _layout(module: nn.Module) -> str:
 
 
 # -- attach ------------------------------------------------------------------------------------------
+def _release_free_heap() -> None:
+    """Hand the heap that selection freed back to the OS (glibc keeps it resident otherwise: measured
+    100-250 MB on a 109M model, which training then reuses unevenly and carries into its peak RSS).
+    No-op off glibc; costs a few milliseconds."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name: str = "default", *,
            calibration: Iterable | None = None, loss_fn: Callable | None = None) -> nn.Module:
     """Add a NeuroAda adapter to `model` (in place; returned for chaining). Only the deltas train.
@@ -258,6 +272,8 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
         layer.neuroada_val[adapter_name].requires_grad_(not config.inference_mode)
     configs[adapter_name] = config
     setattr(model, CONFIGS_ATTR, configs)
+    del indices
+    _release_free_heap()
     return model
 
 

@@ -56,6 +56,19 @@ def test_torch_selection_equals_numpy_reference(case, rule):
     assert got.dtype == np.int64 and (np.diff(got, axis=1) > 0).all()
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=weights(), rule=st.sampled_from(["magnitude", "reverse"]), rows=st.integers(1, 4))
+def test_selection_in_row_blocks_equals_numpy_reference(case, rule, rows):
+    """Blocks of a few rows: tie-free blocks take the fast path, tied ones the exact tie-break."""
+    from neuroada_format.runtime import selection
+
+    w, k = case
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(selection, "ROW_CHUNK_ENTRIES", rows * w.shape[1])
+        got = select(w, k, rule).numpy()
+    np.testing.assert_array_equal(got, naf.select_indices(to_numpy(w), k, rule))
+
+
 def test_all_tied_row_takes_the_lowest_columns():
     w = torch.full((3, 10), 0.25, dtype=torch.bfloat16)
     assert select(w, 4, "magnitude").tolist() == [[0, 1, 2, 3]] * 3
