@@ -217,7 +217,7 @@ def _widest(dtypes) -> str:
     return dtypes.pop() if len(dtypes) == 1 else "F32"
 
 
-def _union_target(name, parts, d_out, d_in):
+def union_target(name, parts, d_out, d_in):
     """Row-wise union of positions and the f32 sums, padded to the longest row: (indices, f32 values)."""
     keys = [np.arange(d_out, dtype=np.int64)[:, None] * d_in + np.asarray(t.indices, dtype=np.int64)
             for t, _ in parts]
@@ -287,7 +287,7 @@ def combine(adapters_with_weights, base, *, value_dtype: str | None = None, veri
                                     rule="4.2")
         if name not in b:
             raise NeuroAdaError("target is not a tensor of the base", tensor=name, rule="4.1")
-        idx, vals = _union_target(name, parts, *first.shape)
+        idx, vals = union_target(name, parts, *first.shape)
         with np.errstate(over="ignore"):
             values = vals.astype(NUMPY_DTYPES[vdt])
         if nonfinite_mask(values).any():

@@ -34,8 +34,9 @@ import shutil
 import socket
 import stat
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -353,7 +354,11 @@ def publish(tmp: str, out: str, overwrite: bool) -> None:
     fsync_dir(os.path.dirname(out))
 
 
-def _send(src_fd: int, dst_fd: int, size: int, progress) -> None:
+class _Stopped(Exception):
+    """A copy worker was told to stop because another one failed (the failure is what gets raised)."""
+
+
+def _send(src_fd: int, dst_fd: int, size: int, progress, stop: threading.Event | None = None) -> None:
     """Copy `size` bytes in the kernel (sendfile), in chunks so progress and interruption stay responsive."""
     pos = 0
     use_sendfile = hasattr(os, "sendfile") and sys.platform.startswith("linux")
@@ -378,15 +383,23 @@ def _send(src_fd: int, dst_fd: int, size: int, progress) -> None:
         pos += sent
         progress.update(sent)
         pause_for_tests()
+        if stop is not None and stop.is_set():
+            raise _Stopped
 
 
-def copy_file(src: str, dst: str, progress) -> int:
+def copy_workers(files: int) -> int:
+    """Threads for copying files side by side: one per core, at most 4 (the page cache's bandwidth,
+    not the cores, is the limit beyond that), never more than there are files."""
+    return max(1, min(files, os.cpu_count() or 1, 4))
+
+
+def copy_file(src: str, dst: str, progress, stop: threading.Event | None = None) -> int:
     """Copy one file's bytes and permission bits to a new `dst` (never overwrites); returns its size."""
     with open(src, "rb") as fi:
         info = os.fstat(fi.fileno())
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
         try:
-            _send(fi.fileno(), fd, info.st_size, progress)
+            _send(fi.fileno(), fd, info.st_size, progress, stop)
             if hasattr(os, "fchmod"):
                 os.fchmod(fd, stat.S_IMODE(info.st_mode))
         finally:
@@ -458,28 +471,49 @@ def merge_safetensors(base, adapters, out, *, verify: bool = True, overwrite: bo
     by_file: dict[str, list[_Touch]] = {}
     for t in touches:
         by_file.setdefault(t.rel, []).append(t)
-    total = sum(os.path.getsize(p) for p in sources.values())
+    sizes = {rel: os.path.getsize(p) for rel, p in sources.items()}
     tmp = temp_sibling(out)
     touched = written = 0
+    stop = threading.Event()
     try:
-        with ThreadPoolExecutor(max_workers=1) as syncer, \
-                bar(total, f"merge -> {os.path.basename(out)}", enabled=progress) as pbar:
-            pending = []
-            if b.root:
-                os.mkdir(tmp, 0o700)
-                for d in dirs:
-                    os.makedirs(os.path.join(tmp, d), exist_ok=True)
-            for rel in files:
+        if b.root:
+            os.mkdir(tmp, 0o700)
+            for d in dirs:
+                os.makedirs(os.path.join(tmp, d), exist_ok=True)
+        with bar(sum(sizes.values()), f"merge -> {os.path.basename(out)}", enabled=progress) as pbar:
+
+            def write_one(rel: str) -> tuple[int, int]:
                 dst = os.path.join(tmp, rel) if b.root else tmp
-                written += copy_file(sources[rel], dst, pbar)
+                size = copy_file(sources[rel], dst, pbar, stop)
+                count = 0
                 for t in by_file.get(rel, ()):
+                    if stop.is_set():
+                        raise _Stopped
                     region = t.region(dst, writable=True)
-                    touched += merge_into(region, t)
-                    del region  # unmaps; the file's fsync below writes the dirtied pages
+                    count += merge_into(region, t)
+                    del region  # unmaps; the fsync below writes the dirtied pages
                     pause_for_tests()
-                pending.append(syncer.submit(fsync_path, dst))  # overlaps with the next file's copy
-            for f in pending:
-                f.result()
+                fsync_path(dst)
+                return size, count
+
+            # files are independent: copy and patch them side by side (largest first), so a sharded
+            # checkpoint keeps every core busy while a single-threaded cp would use one
+            order = sorted(files, key=lambda rel: -sizes[rel])
+            with ThreadPoolExecutor(max_workers=copy_workers(len(files))) as pool:
+                futures = [pool.submit(write_one, rel) for rel in order]
+                try:
+                    wait(futures, return_when=FIRST_EXCEPTION)
+                    for f in futures:
+                        if f.done() and f.exception() is not None:
+                            raise f.exception()  # the first failure, while the others still run
+                    for f in futures:
+                        size, count = f.result()
+                        written += size
+                        touched += count
+                except BaseException:
+                    stop.set()  # the other workers stop at their next chunk; nobody writes into tmp after this
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
         if b.root:
             for d in sorted(dirs, key=lambda d: -d.count(os.sep)):
                 fsync_dir(os.path.join(tmp, d))

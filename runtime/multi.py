@@ -323,7 +323,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     differ); short rows padded with +0.0 at their lowest unused columns so k is fixed per target.
     The arithmetic is converters.pack's own. Nothing changes on the model if anything is refused.
     """
-    from neuroada_format.converters.pack import _union_target  # the CLI's arithmetic, not a copy
+    from neuroada_format.converters.pack import union_target  # the CLI's arithmetic, not a copy
 
     _refuse_in_batch(model, "add_weighted_adapter")
     adapters, weights = list(adapters), [float(w) for w in weights]
@@ -351,7 +351,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
         if not parts:
             continue
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, by name
-            idx, vals = _union_target(name + ".weight", parts, layer.d_out, layer.d_in)
+            idx, vals = union_target(name + ".weight", parts, layer.d_out, layer.d_in)
             rounded = vals.astype(NUMPY_DTYPES[value_dtype])
         if nonfinite_mask(rounded).any():
             raise NeuroAdaError(f"a combined value overflows {value_dtype}", tensor=name + ".weight", rule="3.7")

@@ -339,6 +339,32 @@ def test_stale_siblings_of_dead_merges_are_removed(tmp_path, rng):
     assert siblings(out) == sorted(os.path.basename(p) for p in (live, foreign))
 
 
+def test_a_failing_file_stops_the_other_copies_and_leaves_nothing(tmp_path, rng, monkeypatch):
+    """Files are copied side by side; when one fails, the others stop and the temporary folder goes."""
+    from neuroada_format.converters import safetensors_merge as sm
+
+    arrays = llama_arrays(rng, conv1d=False)
+    base = write_checkpoint(tmp_path / "base", arrays, shards=3)
+    out = tmp_path / "out"
+    before = tree_digest(base)
+    monkeypatch.setattr(sm, "copy_workers", lambda files: 2)
+    real = sm.copy_file
+    seen = []
+
+    def flaky(src, dst, progress, stop=None):
+        seen.append(os.path.basename(src))
+        if src.endswith("config.json"):
+            raise OSError(28, "No space left on device", dst)
+        return real(src, dst, progress, stop)
+
+    monkeypatch.setattr(sm, "copy_file", flaky)
+    with pytest.raises(OSError, match="No space left"):
+        merge_safetensors(base, [(make_adapter(rng, arrays, targets_of(arrays), 2), 1.0)], out)
+    assert not os.path.lexists(out) and siblings(out) == []
+    assert tree_digest(base) == before
+    assert len(seen) >= 2  # several files were under way
+
+
 # -- in place and revert -----------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["file", "sharded"])
 def test_in_place_then_revert_is_bit_exact_and_idempotent(tmp_path, rng, kind):
