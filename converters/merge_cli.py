@@ -59,7 +59,7 @@ def _load_adapters(specs) -> list:
     return adapters
 
 
-def _merge_onnx(base, adapters, out, *, verify, in_place, progress) -> dict:
+def _merge_onnx(base, adapters, out, *, verify, in_place, progress, durable) -> dict:
     try:
         from .onnx_merge import merge_onnx
     except ImportError as exc:
@@ -68,7 +68,7 @@ def _merge_onnx(base, adapters, out, *, verify, in_place, progress) -> dict:
                                 "(neuroada_format.converters.onnx_merge is missing)", path=base) from None
         raise NeuroAdaError(f"ONNX merging needs the onnx extra (pip install 'neuroada-format[onnx]'): {exc}",
                             path=base) from None
-    return merge_onnx(base, adapters, out, verify=verify, in_place=in_place, progress=progress)
+    return merge_onnx(base, adapters, out, verify=verify, in_place=in_place, progress=progress, durable=durable)
 
 
 def _report(summary: dict, as_json: bool) -> None:
@@ -109,13 +109,18 @@ def _report(summary: dict, as_json: bool) -> None:
               help="Undo an --in-place merge with its journal (--base if the checkpoint moved).")
 @click.option("--no-verify", is_flag=True, help="Skip the checks that read base values (probe hash); "
                                                  "names, shapes and dtypes are still checked.")
+@click.option("--fsync", "durable", is_flag=True,
+              help="Flush what is written to disk before it appears under its name, so it also survives a "
+                   "power cut (like cp, the default leaves write-back to the kernel; a killed merge never "
+                   "leaves a partial OUT either way). The --in-place journal is always flushed.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.version_option(package_name="neuroada-format")
-def command(base, adapter_specs, out, overwrite, in_place, journal, revert_journal, no_verify, as_json):
+def command(base, adapter_specs, out, overwrite, in_place, journal, revert_journal, no_verify, durable, as_json):
     """Merge NeuroAda adapters into BASE (a new copy, or in place), or revert an in-place merge."""
     if revert_journal:
-        if adapter_specs or out or in_place or overwrite or journal:
-            raise click.UsageError("--revert takes only a journal (and --base if the checkpoint moved)")
+        if adapter_specs or out or in_place or overwrite or journal or durable:
+            raise click.UsageError("--revert takes only a journal (and --base if the checkpoint moved); "
+                                   "it always flushes what it restores")
         from .journal import revert
 
         _report(revert(revert_journal, base=base, progress=True), as_json)
@@ -139,15 +144,16 @@ def command(base, adapter_specs, out, overwrite, in_place, journal, revert_journ
             raise click.UsageError("--journal applies to safetensors bases only")
         if out and os.path.lexists(out) and not overwrite:
             raise NeuroAdaError("output already exists; pass --overwrite to replace it", path=out)
-        summary = _merge_onnx(base, adapters, out, verify=verify, in_place=in_place, progress=True)
+        summary = _merge_onnx(base, adapters, out, verify=verify, in_place=in_place, progress=True, durable=durable)
     elif in_place:
         from .safetensors_merge import merge_in_place
 
-        summary = merge_in_place(base, adapters, journal=journal, verify=verify, progress=True)
+        summary = merge_in_place(base, adapters, journal=journal, verify=verify, progress=True, durable=durable)
     else:
         from .safetensors_merge import merge_safetensors
 
-        summary = merge_safetensors(base, adapters, out, verify=verify, overwrite=overwrite, progress=True)
+        summary = merge_safetensors(base, adapters, out, verify=verify, overwrite=overwrite, progress=True,
+                                    durable=durable)
     _report(summary, as_json)
     return 0
 

@@ -534,7 +534,9 @@ def _default_mode(path: str) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def _fsync(path: str) -> None:
+def _fsync(path: str, durable: bool = True) -> None:
+    if not durable:
+        return
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
@@ -547,7 +549,7 @@ def _patch_file(path: str, ext_offset: int, dtype, shape, positions, values) -> 
 
 
 def merge_onnx(base: str, adapters, out: str | None, *, verify: bool = True, in_place: bool = False,
-               progress: bool = False) -> dict:
+               progress: bool = False, durable: bool = False) -> dict:
     """Merge `adapters` [(Adapter, scale), ...] into the ONNX model `base`, writing `out`.
 
     Values follow the spec's merge rule exactly (neuroada_format.merged_values: f32 sum over adapters
@@ -556,7 +558,8 @@ def merge_onnx(base: str, adapters, out: str | None, *, verify: bool = True, in_
     data files are written beside `out` under temporary names and put in place by rename (see
     `_commit`). in_place patches the base itself: external data files are patched at the tensors'
     offsets (not atomic: a crash mid-way leaves some tensors merged), an inline model is rewritten
-    atomically. Returns a JSON-able summary.
+    atomically. durable: fsync what is written before it is renamed into place (survives a power
+    cut; the renames alone already survive a killed process). Returns a JSON-able summary.
     """
     start = time.perf_counter()
     base = os.fspath(base)
@@ -614,11 +617,11 @@ def merge_onnx(base: str, adapters, out: str | None, *, verify: bool = True, in_
             if os.stat(f).st_nlink > 1:
                 raise NeuroAdaError("file has other hard links; patching it in place would change them too",
                                     path=f)
-        _write_in_place(model, patches)
+        _write_in_place(model, patches, durable)
     else:
-        _write_copy(model, patches, out, external_files)
+        _write_copy(model, patches, out, external_files, durable)
     return {
-        "base": base, "out": out, "in_place": in_place, "verified": verify,
+        "base": base, "out": out, "in_place": in_place, "verified": verify, "durable": durable,
         "adapters": [{"path": a.path, "scale": s} for a, s in pairs],
         "external_data": bool(model.external_tensors),
         "targets": summary_targets,
@@ -662,7 +665,7 @@ def _set_inline(tensor, values_dtype, positions, values) -> None:
     tensor.raw_data = arr.reshape(shape).tobytes()
 
 
-def _write_in_place(model: OnnxModel, patches) -> None:
+def _write_in_place(model: OnnxModel, patches, durable: bool) -> None:
     inline = False
     for name, (positions, values) in patches.items():
         if name in model.external:
@@ -673,7 +676,7 @@ def _write_in_place(model: OnnxModel, patches) -> None:
             _set_inline(model.initializers[name], values.dtype, positions, values)
             inline = True
     for f in {model.external[n].file for n in patches if n in model.external}:
-        _fsync(f)
+        _fsync(f, durable)
     if inline:
         folder = os.path.dirname(os.path.abspath(model.path))
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
@@ -683,16 +686,18 @@ def _write_in_place(model: OnnxModel, patches) -> None:
             with open(tmp, "wb") as f:
                 f.write(model.proto.SerializeToString())
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             os.replace(tmp, model.path)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
-        fsync_dir(folder)
+        if durable:
+            fsync_dir(folder)
 
 
-def _write_copy(model: OnnxModel, patches, out: str, external_files: list[str]) -> None:
+def _write_copy(model: OnnxModel, patches, out: str, external_files: list[str], durable: bool) -> None:
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise NeuroAdaError("output folder does not exist", path=out)
@@ -735,25 +740,27 @@ def _write_copy(model: OnnxModel, patches, out: str, external_files: list[str]) 
                 if e.key == "location":
                     e.value = new_names[ext.file]
         for tmp in data_temps.values():
-            _fsync(tmp)
+            _fsync(tmp, durable)
         onnx_tmp = temp(".onnx")
         with open(onnx_tmp, "wb") as f:
             f.write(model.proto.SerializeToString())
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         _commit(out, onnx_tmp, {os.path.join(folder, new_names[f]): tmp for f, tmp in data_temps.items()})
         temps.clear()
     finally:
         for tmp in temps:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    fsync_dir(folder)
+    if durable:
+        fsync_dir(folder)
 
 
 def _commit(out: str, onnx_tmp: str, data: dict[str, str]) -> None:
     """Put a model and its data files in place so `out` never names a graph with someone else's data.
 
-    Order: every file is complete and fsynced under a temporary name; an existing `out` is removed;
+    Order: every file is complete (and fsynced, when durable) under a temporary name; an existing `out` is removed;
     the data files are renamed into place; the .onnx is renamed last. A reader that opens `out`
     therefore finds either no model or the new model with its own data (readers that already had the
     old files open keep them: rename and unlink never change an open file). A crash in between leaves

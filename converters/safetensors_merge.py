@@ -11,12 +11,16 @@ Safety rules this module keeps:
 - Every adapter is validated against BASE before anything is written (`verify=False` skips only the
   value checks that read the base, i.e. the probe hash and structure hash; keys, shapes, dtypes and
   the adapters' own structure/content are always checked, because merging without them writes garbage).
-- OUT is built in a temporary sibling `<OUT>.tmp-<host>-<pid>-<random>`, fsynced, then renamed (an
-  existing OUT, with overwrite=True, is swapped atomically with renameat2(RENAME_EXCHANGE) where the
-  OS has it). A SIGKILL can leave such a sibling behind, never a partial OUT; the next merge to the same
-  OUT deletes the siblings whose process (on this host) is gone.
+- OUT is built in a temporary sibling `<OUT>.tmp-<host>-<pid>-<random>`, then renamed (an existing
+  OUT, with overwrite=True, is swapped atomically with renameat2(RENAME_EXCHANGE) where the OS has it).
+  A SIGKILL can leave such a sibling behind, never a partial OUT; the next merge to the same OUT
+  deletes the siblings whose process (on this host) is gone.
+- Durability is opt-in (`durable=True`, the CLI's --fsync): the files and folders are then fsynced
+  before the rename, so OUT survives a power cut too. Like cp and save_pretrained, the default leaves
+  write-back to the kernel: fsync doubled a warm-cache merge's time here (bench/merge.py), and a
+  killed or crashed process never needs it (its writes are already in the page cache).
 - In place: a revert journal (see journal.py) is written and fsynced before the first byte of BASE
-  changes; symlinked or hard-linked files are refused (patching them would change the shared copy).
+  changes, whatever `durable` says; symlinked or hard-linked files are refused (patching them would change the shared copy).
 
 NEUROADA_TEST_SLOWDOWN (seconds) makes every step sleep; it exists only so the fault-injection tests
 can SIGKILL a merge mid-way, and is never set in normal use.
@@ -335,7 +339,7 @@ def _renameat2(src: str, dst: str, flags: int) -> bool:
     raise OSError(err, os.strerror(err), dst)
 
 
-def publish(tmp: str, out: str, overwrite: bool) -> None:
+def publish(tmp: str, out: str, overwrite: bool, durable: bool = True) -> None:
     """Rename the finished temporary sibling to OUT (atomically replacing OUT when overwrite)."""
     if os.path.lexists(out):
         if not overwrite:
@@ -351,7 +355,8 @@ def publish(tmp: str, out: str, overwrite: bool) -> None:
             os.replace(tmp, out)
     elif not _renameat2(tmp, out, _RENAME_NOREPLACE):
         os.rename(tmp, out)
-    fsync_dir(os.path.dirname(out))
+    if durable:
+        fsync_dir(os.path.dirname(out))
 
 
 class _Stopped(Exception):
@@ -387,9 +392,29 @@ def _send(src_fd: int, dst_fd: int, size: int, progress, stop: threading.Event |
             raise _Stopped
 
 
+def run_side_by_side(fn, items, workers: int, stop: threading.Event) -> list:
+    """[fn(item) for item in items] on `workers` threads (inline for one); the first failure sets
+    `stop`, waits for the others to return, and is raised."""
+    if workers <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(fn, item) for item in items]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+            for f in futures:
+                if f.done() and f.exception() is not None:
+                    raise f.exception()
+            return [f.result() for f in futures]
+        except BaseException:
+            stop.set()  # the others stop at their next chunk, so nobody writes after this returns
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
 def copy_workers(files: int) -> int:
     """Threads for copying files side by side: one per core, at most 4 (the page cache's bandwidth,
-    not the cores, is the limit beyond that), never more than there are files."""
+    not the cores, is the limit beyond that), never more than there are files. Side by side because
+    files are independent, so a sharded checkpoint keeps every core busy where cp would use one."""
     return max(1, min(files, os.cpu_count() or 1, 4))
 
 
@@ -449,10 +474,11 @@ def _check_destination(base: _Base, out: str, overwrite: bool) -> None:
 
 
 def merge_safetensors(base, adapters, out, *, verify: bool = True, overwrite: bool = False,
-                      progress: bool = False) -> dict:
+                      progress: bool = False, durable: bool = False) -> dict:
     """Write BASE + adapters to a new checkpoint OUT of the same kind (folder or file); returns a summary.
 
     adapters: (Adapter or path, scale) pairs, merged with the spec's rule in the given order.
+    durable: fsync every file and folder before OUT appears (see the module docstring).
     """
     started = time.perf_counter()
     adapters = normalise_adapters(adapters)
@@ -491,36 +517,25 @@ def merge_safetensors(base, adapters, out, *, verify: bool = True, overwrite: bo
                         raise _Stopped
                     region = t.region(dst, writable=True)
                     count += merge_into(region, t)
-                    del region  # unmaps; the fsync below writes the dirtied pages
+                    del region  # unmaps; the kernel (or the fsync below) writes the dirtied pages
                     pause_for_tests()
-                fsync_path(dst)
+                if durable:
+                    fsync_path(dst)
                 return size, count
 
-            # files are independent: copy and patch them side by side (largest first), so a sharded
-            # checkpoint keeps every core busy while a single-threaded cp would use one
-            order = sorted(files, key=lambda rel: -sizes[rel])
-            with ThreadPoolExecutor(max_workers=copy_workers(len(files))) as pool:
-                futures = [pool.submit(write_one, rel) for rel in order]
-                try:
-                    wait(futures, return_when=FIRST_EXCEPTION)
-                    for f in futures:
-                        if f.done() and f.exception() is not None:
-                            raise f.exception()  # the first failure, while the others still run
-                    for f in futures:
-                        size, count = f.result()
-                        written += size
-                        touched += count
-                except BaseException:
-                    stop.set()  # the other workers stop at their next chunk; nobody writes into tmp after this
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
+            order = sorted(files, key=lambda rel: -sizes[rel])  # largest first: the last to finish is short
+            for size, count in run_side_by_side(write_one, order, copy_workers(len(files)), stop):
+                written += size
+                touched += count
         if b.root:
-            for d in sorted(dirs, key=lambda d: -d.count(os.sep)):
-                fsync_dir(os.path.join(tmp, d))
+            if durable:
+                for d in sorted(dirs, key=lambda d: -d.count(os.sep)):
+                    fsync_dir(os.path.join(tmp, d))
             os.chmod(tmp, stat.S_IMODE(os.stat(b.root).st_mode))
-            fsync_dir(tmp)
+            if durable:
+                fsync_dir(tmp)
         pause_for_tests()
-        publish(tmp, out, overwrite)
+        publish(tmp, out, overwrite, durable)
     except BaseException:
         if os.path.lexists(tmp):
             remove(tmp)
@@ -528,7 +543,7 @@ def merge_safetensors(base, adapters, out, *, verify: bool = True, overwrite: bo
     return {
         "mode": "copy", "base": b.path, "output": out,
         "adapters": _described(adapters),
-        "verified": verify, "targets": len(touches), "values_touched": touched,
+        "verified": verify, "durable": durable, "targets": len(touches), "values_touched": touched,
         "files": len(files), "bytes_written": written,
         "seconds": round(time.perf_counter() - started, 3),
         "removed_stale": stale, "warnings": warnings,
@@ -563,8 +578,12 @@ def default_journal_path(base: _Base) -> str:
     return path
 
 
-def merge_in_place(base, adapters, *, journal=None, verify: bool = True, progress: bool = False) -> dict:
-    """Patch BASE's files through a memory map, after writing a revert journal; returns a summary."""
+def merge_in_place(base, adapters, *, journal=None, verify: bool = True, progress: bool = False,
+                   durable: bool = False) -> dict:
+    """Patch BASE's files through a memory map, after writing a revert journal; returns a summary.
+
+    The journal is always fsynced first; durable also fsyncs the patched files at the end.
+    """
     from .journal import JournalEntry, position_dtype, write_journal
 
     started = time.perf_counter()
@@ -608,13 +627,14 @@ def merge_in_place(base, adapters, *, journal=None, verify: bool = True, progres
             touched += int(e.positions.size)
             pbar.update(1)
             pause_for_tests()
-    for f in files:
-        fsync_path(f)
+    if durable:
+        for f in files:
+            fsync_path(f)
     itemsizes = {t.name: NUMPY_DTYPES[t.dtype].itemsize for t in touches}
     return {
         "mode": "in-place", "base": b.path, "output": b.path, "journal": journal,
         "adapters": _described(adapters),
-        "verified": verify, "targets": len(touches), "values_touched": touched,
+        "verified": verify, "durable": durable, "targets": len(touches), "values_touched": touched,
         "files": len(files), "bytes_written": sum(e.positions.size * itemsizes[e.tensor] for e in entries),
         "journal_bytes": os.path.getsize(journal),
         "seconds": round(time.perf_counter() - started, 3), "warnings": warnings,

@@ -53,6 +53,7 @@ def test_merge_json_summary_and_output(capsys, tmp_path, model):
     summary = json.loads(out)
     assert summary["output"] == os.fspath(tmp_path / "out") and summary["targets"] == len(B.targets_of(model[3]))
     assert summary["adapters"] == [{"path": a, "scale": 1.0}, {"path": b, "scale": 0.5}]
+    assert summary["durable"] is False  # --fsync is opt-in
     for key in ("values_touched", "bytes_written", "seconds"):
         assert summary[key] > 0
     adapters = [(naf.load(a), 1.0), (naf.load(b), 0.5)]
@@ -118,6 +119,7 @@ def test_wrong_journal_exits_1_and_a_non_journal_exits_2(capsys, tmp_path, model
     (["--base", "{base}", "--adapter", "{a}", "--bogus"], "No such option"),
     (["--revert", "{tmp}/nope.safetensors"], "no such journal"),
     (["--revert", "{a}", "--adapter", "{a}"], "--revert takes only"),
+    (["--revert", "{a}", "--fsync"], "--revert takes only"),
 ])
 def test_usage_and_io_errors_exit_2(capsys, tmp_path, model, args, needle):
     base, a, _, _ = model
@@ -165,17 +167,17 @@ def test_onnx_bases_are_dispatched_lazily(capsys, tmp_path, model, monkeypatch):
     (tmp_path / "m.onnx").write_bytes(b"onnx")
     calls = []
 
-    def fake_merge_onnx(base, adapters, out, *, verify=True, in_place=False, progress=False):
-        calls.append((base, [s for _, s in adapters], out, verify, in_place))
+    def fake_merge_onnx(base, adapters, out, *, verify=True, in_place=False, progress=False, durable=False):
+        calls.append((base, [s for _, s in adapters], out, verify, in_place, durable))
         return {"mode": "copy", "output": out, "targets": 1, "values_touched": 3, "adapters": [{}], "seconds": 0.1}
 
     monkeypatch.setitem(sys.modules, "neuroada_format.converters.onnx_merge",
                         types.SimpleNamespace(merge_onnx=fake_merge_onnx))
     code, out, err = cli(capsys, "--base", tmp_path / "m.onnx", "--adapter", f"{a}:2", "--out", tmp_path / "o.onnx",
-                         "--no-verify", "--json")
+                         "--no-verify", "--fsync", "--json")
     assert code == 0, err
     assert json.loads(out)["values_touched"] == 3
-    assert calls == [(os.fspath(tmp_path / "m.onnx"), [2.0], os.fspath(tmp_path / "o.onnx"), False, False)]
+    assert calls == [(os.fspath(tmp_path / "m.onnx"), [2.0], os.fspath(tmp_path / "o.onnx"), False, False, True)]
     monkeypatch.setitem(sys.modules, "neuroada_format.converters.onnx_merge", None)  # as if the module were absent
     code, _, err = cli(capsys, "--base", tmp_path / "m.onnx", "--adapter", a, "--out", tmp_path / "o2.onnx")
     assert code == 2 and "ONNX" in one_error_line(err)

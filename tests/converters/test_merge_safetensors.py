@@ -365,6 +365,33 @@ def test_a_failing_file_stops_the_other_copies_and_leaves_nothing(tmp_path, rng,
     assert len(seen) >= 2  # several files were under way
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced files through /proc")
+@pytest.mark.parametrize("durable", [False, True])
+def test_outputs_are_fsynced_only_when_asked_the_journal_always(tmp_path, rng, monkeypatch, durable):
+    arrays = llama_arrays(rng, conv1d=False)
+    base = write_checkpoint(tmp_path / "base", arrays, shards=2)
+    adapter = make_adapter(rng, arrays, targets_of(arrays), 2)
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    summary = merge_safetensors(base, [(adapter, 1.0)], tmp_path / "out", durable=durable)
+    assert summary["durable"] is durable
+    files = {f for f in tree_digest(base)}
+    assert ({os.path.basename(f) for f in files} <= set(synced)) is durable
+    assert (len(synced) > 0) is durable
+    synced.clear()
+    summary = merge_in_place(base, [(adapter, 1.0)], durable=durable)
+    journal = os.path.basename(summary["journal"])
+    assert any(n.startswith(journal) for n in synced)  # written under a temporary name, then renamed
+    shards = {os.path.basename(f) for f in files if f.endswith(".safetensors")}
+    assert (shards <= set(synced)) is durable
+
+
 # -- in place and revert -----------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["file", "sharded"])
 def test_in_place_then_revert_is_bit_exact_and_idempotent(tmp_path, rng, kind):
