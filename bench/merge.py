@@ -325,7 +325,7 @@ def write_section(result: dict, text_table: str) -> None:
         "targeted tensor even at k=1 (a bf16 row of 2048 columns is one page), so an in-place patch faults in "
         "and dirties nearly every targeted page (about 0.3 million here) and the kernel writes all of them "
         "back: it saves disk space and the untouched tensors, not page work, and stays a sizeable fraction of "
-        "a copy whatever the code does.", "",
+        "a copy whatever the code does.", "", "",
     ]
     section = "\n".join(body)
     existing = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
