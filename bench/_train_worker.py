@@ -142,6 +142,17 @@ SETUPS = {
 }
 
 
+def train_step(model, opt, ids):
+    """The measured step (also bench/gpu.py's): zero_grad, forward with the LM loss, backward, AdamW step."""
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    if opt is not None:
+        opt.step()
+    return loss
+
+
 def bench_method(method: str, size: str, warmup: int, steps: int) -> dict:
     """Build, set up `method`, run warm-up + measured AdamW steps; memory and times of this process."""
     shape = SIZES[size]
@@ -167,12 +178,7 @@ def bench_method(method: str, size: str, warmup: int, steps: int) -> dict:
     times, cpu_times, losses = [], [], []
     for i in range(warmup + steps):
         start, cpu_start = time.perf_counter(), time.process_time()
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
+        loss = train_step(model, opt, ids)
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         losses.append(loss.item())
         if i >= warmup:
@@ -242,10 +248,7 @@ def real_run(size: str) -> dict:
     t_train = time.perf_counter()
     for _ in range(cfg["steps"]):
         ids = sample_bigram(probs, cfg["batch"], cfg["seq"], gen)
-        opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
+        loss = train_step(model, opt, ids)
         sched.step()
         losses.append(loss.item())
     train_s = time.perf_counter() - t_train

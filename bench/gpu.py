@@ -69,12 +69,7 @@ def child_bench(method: str, size: str, dtype_name: str, warmup: int, steps: int
     for i in range(warmup + steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
+        loss = tw.train_step(model, opt, ids)
         end.record()
         end.synchronize()
         losses.append(loss.item())

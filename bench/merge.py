@@ -31,10 +31,10 @@ import ml_dtypes
 import numpy as np
 
 import neuroada_format as naf
+from results_md import RESULTS, replace_section  # bench/ is sys.path[0] when run as a script
 
 HIDDEN, INTER, KV, VOCAB = 2048, 5632, 256, 32000
 SECTION = "## Converters: merge"
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 PROJECTIONS = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (KV, HIDDEN),
                "self_attn.v_proj": (KV, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
                "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN), "mlp.down_proj": (HIDDEN, INTER)}
@@ -299,7 +299,6 @@ def write_section(result: dict, text_table: str) -> None:
     def verdict(ok):
         return "PASS" if ok else "MISS"
     body = [
-        SECTION, "",
         f"`python bench/merge.py --layers {result['layers']} --rounds {result['rounds']}` "
         f"({time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}): synthetic Llama-shaped bf16 checkpoint of "
@@ -325,20 +324,9 @@ def write_section(result: dict, text_table: str) -> None:
         "targeted tensor even at k=1 (a bf16 row of 2048 columns is one page), so an in-place patch faults in "
         "and dirties nearly every targeted page (about 0.3 million here) and the kernel writes all of them "
         "back: it saves disk space and the untouched tensors, not page work, and stays a sizeable fraction of "
-        "a copy whatever the code does.", "", "",
+        "a copy whatever the code does.",
     ]
-    section = "\n".join(body)
-    existing = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
-    start = existing.find(SECTION + "\n")
-    if start < 0:
-        new = existing.rstrip("\n") + "\n\n" + section
-    else:
-        end = existing.find("\n## ", start + len(SECTION))
-        new = existing[:start] + section + (existing[end + 1:] if end >= 0 else "")
-    tmp = RESULTS + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(new.rstrip("\n") + "\n")
-    os.replace(tmp, RESULTS)
+    replace_section(SECTION, "\n".join(body), RESULTS)
 
 
 def main() -> None:

@@ -41,8 +41,8 @@ from neuroada_format.container import SafetensorsFile, strict_json
 from neuroada_format.dtypes import BASE_DTYPES
 
 from .progress import bar
-from .safetensors_merge import (Mismatch, fsync_dir, fsync_path, map_tensor, pause_for_tests, remove, temp_sibling,
-                               worth_populating)
+from .safetensors_merge import (Mismatch, fsync_dir, fsync_path, map_tensor, patch_values, pause_for_tests, remove,
+                               temp_sibling)
 
 FORMAT = "neuroada-journal"
 VERSION = "1"
@@ -223,10 +223,7 @@ def revert(journal, *, base=None, progress: bool = False) -> dict:
     restored = 0
     with bar(len(todo), "revert", enabled=progress, unit="tensor") as pbar:
         for e in todo:
-            region = map_tensor(paths[e.file], e.dtype, e.offset, (e.count,), writable=True,
-                                populate=worth_populating(e.positions.size, e.count * e.original.itemsize))
-            region[np.asarray(e.positions, dtype=np.int64)] = e.original
-            del region  # unmaps; the fsync below writes the dirtied pages
+            patch_values(paths[e.file], e.dtype, e.offset, e.count, e.positions, e.original)
             restored += int(e.positions.size)
             pbar.update(1)
             pause_for_tests()

@@ -26,7 +26,7 @@ import numpy as np
 
 import neuroada_format.metadata as _metadata
 from neuroada_format import Adapter, NeuroAdaError, Target, open_base, topk_columns, validate
-from neuroada_format.dtypes import (BASE_DTYPES, INDEX_DTYPES, NUMPY_DTYPES, VALUE_DTYPES,
+from neuroada_format.dtypes import (BASE_DTYPES, INDEX_DTYPES, NUMPY_DTYPES, VALUE_DTYPES, common_value_dtype,
                                     index_dtype_for, nonfinite_mask)
 from neuroada_format.layout import canonical_view
 from neuroada_format.selection import select_indices
@@ -212,11 +212,6 @@ def extract(base, finetuned, k: int, positions: str = "delta", targets=None, *, 
 
 
 # -- combine ---------------------------------------------------------------------------------------
-def _widest(dtypes) -> str:
-    dtypes = set(dtypes)
-    return dtypes.pop() if len(dtypes) == 1 else "F32"
-
-
 def union_target(name, parts, d_out, d_in):
     """Row-wise union of positions and the f32 sums, padded to the longest row: (indices, f32 values)."""
     keys = [np.arange(d_out, dtype=np.int64)[:, None] * d_in + np.asarray(t.indices, dtype=np.int64)
@@ -273,7 +268,7 @@ def combine(adapters_with_weights, base, *, value_dtype: str | None = None, veri
                 if p["rule"] == "4.5":
                     raise NeuroAdaError("the adapter was made for a base with a different structure hash",
                                         path=a.path or f"adapter #{i}", rule="4.5")
-    vdt = value_dtype or _widest(t.value_dtype for a, _ in pairs for t in a.targets.values())
+    vdt = value_dtype or common_value_dtype(t.value_dtype for a, _ in pairs for t in a.targets.values())
     _check_value_dtype(vdt)
     names = sorted({n for a, _ in pairs for n in a.targets})
     targets = {}

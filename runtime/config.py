@@ -40,7 +40,7 @@ class NeuroAdaConfig:
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise NeuroAdaError(f"k must be a positive integer, got {self.k!r}", rule="3.4")
         if self.selection not in RECORDED_SELECTIONS:
-            raise NeuroAdaError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}",
+            raise NeuroAdaError(f"selection must be one of {', '.join(RECORDED_SELECTIONS)}, got {self.selection!r}",
                                 rule="2.2")
         if self.selection == "random" and self.seed is None:
             self.seed = 0

@@ -18,6 +18,7 @@ from torch import nn
 
 import neuroada_format as naf
 from neuroada_format import NeuroAdaError
+from neuroada_format.dtypes import common_value_dtype
 
 from .config import CONFIG_NAME, MODES, SELECTIONS, WEIGHTS_NAME, NeuroAdaConfig
 from .layer import NeuroAdaLayer
@@ -536,8 +537,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
             config.selection = adapter.selection["rule"]
             seed = adapter.selection.get("seed")
             config.seed = seed if isinstance(seed, int) else config.seed
-            vdts = {t.value_dtype for t in adapter.targets.values()}
-            config.save_dtype = vdts.pop() if len(vdts) == 1 else "F32"
+            config.save_dtype = common_value_dtype(t.value_dtype for t in adapter.targets.values())
         config.mode = mode
         shared = _shared_weights(model)
         delta_dtype = getattr(torch, config.delta_dtype)

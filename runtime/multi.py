@@ -28,12 +28,11 @@ import torch
 from torch import nn
 
 from neuroada_format import NeuroAdaError
-from neuroada_format.dtypes import NUMPY_DTYPES, nonfinite_mask
+from neuroada_format.dtypes import NUMPY_DTYPES, common_value_dtype, nonfinite_mask
 
 from . import kernels
 from .config import NeuroAdaConfig
 from .kernels.bgmv import AdapterStack, bgmv_add_, seq_groups
-from .kernels.reference import acc_dtype
 from .layer import NeuroAdaLayer
 from .model import CONFIGS_ATTR, layers
 
@@ -140,39 +139,16 @@ def _same_positions(layer: NeuroAdaLayer, a: str, b: str) -> bool:
 
 
 def _merged_values(layer: NeuroAdaLayer, name: str) -> torch.Tensor:
-    """``round_W(f32(w0) + f32(val))`` for one adapter, in the order of its flat positions; cached, so a
-    switch is one write per weight (each extra mid-sized op cost a thread wake-up on a busy machine)."""
+    """The adapter's merged entries (the Overlay's rule), in the order of its flat positions; cached, so
+    a switch is one write per weight (each extra mid-sized op cost a thread wake-up on a busy machine)."""
     val, w0 = layer.neuroada_val[name], layer.neuroada_w0[name]
     cache = layer.__dict__.setdefault(_MERGED_ATTR, {})
     hit = cache.get(name)
     if hit is not None and hit[0] is val and hit[1] is w0 and hit[2] == (val._version, w0._version):
         return hit[3]
-    acc = acc_dtype(w0, val)
-    values = (w0.reshape(-1).to(acc) + val.detach().reshape(-1).to(acc)).to(layer.weight.dtype)
+    values = layer.overlay([name]).values([val.detach()], layer.weight.dtype)
     cache[name] = (val, w0, (val._version, w0._version), values)
     return values
-
-
-_INT_VIEWS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _write_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> None:
-    """Move the bits of ``values`` (W's dtype) to flat positions of the contiguous W.
-
-    On CPU through numpy's fancy assignment: torch's index_put_ runs as an OpenMP region, and on a
-    machine whose cores are busy each region waited ~8 ms for its second thread (measured: 224 ms
-    for the 28 writes of a switch instead of ~3 ms), while the writes themselves are single-pass and
-    memory-bound. W's version counter is bumped as for any in-place write.
-    """
-    if W.device.type != "cpu":
-        kernels.put_(W, flat, values)
-        return
-    if not W.is_contiguous():
-        raise ValueError("in-place sparse writes need a contiguous weight")
-    ity = _INT_VIEWS[W.element_size()]
-    target = W.detach().view(-1).view(ity).numpy()
-    target[flat.numpy()] = values.detach().reshape(-1).to(W.dtype).view(ity).numpy()
-    torch.autograd.graph.increment_version(W)
 
 
 def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
@@ -185,11 +161,11 @@ def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
     if len(current) == 1:
         if not (len(want) == 1 and _same_positions(layer, current[0], want[0])):
             # put the originals back; skipped when the new adapter overwrites the same entries
-            _write_(W, layer.pattern(current[0]).flat, layer.neuroada_w0[current[0]])
+            kernels.put_(W, layer.pattern(current[0]).flat, layer.neuroada_w0[current[0]])
     elif current:
         layer.unmerge()
     if want:
-        _write_(W, layer.pattern(want[0]).flat, _merged_values(layer, want[0]))
+        kernels.put_(W, layer.pattern(want[0]).flat, _merged_values(layer, want[0]))
     layer.merged_adapters = list(want)
 
 
@@ -339,8 +315,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
         if not math.isfinite(w):
             raise NeuroAdaError(f"weight {w} is not finite")
     configs = getattr(model, CONFIGS_ATTR, None) or {}
-    dtypes = {getattr(configs.get(a), "save_dtype", "F32") for a in adapters}
-    value_dtype = dtypes.pop() if len(dtypes) == 1 else "F32"
+    value_dtype = common_value_dtype(getattr(configs.get(a), "save_dtype", "F32") for a in adapters)
 
     new: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     all_layers = layers(model)

@@ -31,9 +31,9 @@ import os
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import get_backend
+from .cpu import bag_rows
 from .reference import acc_dtype, dense_delta
 
 __all__ = ["AdapterStack", "seq_groups", "bgmv_reference", "bgmv_add_", "bgmv_add_cpu_", "bgmv_add_triton_",
@@ -177,10 +177,7 @@ def _slot_delta(x: torch.Tensor, stack: AdapterStack, slot: int, acc: torch.dtyp
     val = stack.val_acc(slot, acc)
     if k == 1:  # a column gather: each token reads d_out entries of its own (cached) row
         return x.index_select(1, idx[:, 0]).to(acc).mul_(val[:, 0])
-    # rows of x^T hold one input feature for all tokens: embedding_bag sums k of them per output row,
-    # vectorised over the tokens
-    xt = x.to(acc).t().contiguous()
-    return F.embedding_bag(idx, xt, per_sample_weights=val, mode="sum").t().contiguous()
+    return bag_rows(x.to(acc), idx, val).t().contiguous()  # vectorised over the tokens
 
 
 def _gather_path(y3, x3, ids, stack, acc) -> None:

@@ -15,15 +15,30 @@ import torch.nn.functional as F
 from .pattern import as_pattern, weight_pattern
 from .reference import acc_dtype
 
-__all__ = ["scatter_", "restore_", "put_", "sampled_rowdot", "gather_matvec", "gather_matvec_t"]
+__all__ = ["scatter_", "restore_", "put_", "sampled_rowdot", "gather_matvec", "gather_matvec_t", "bag_rows"]
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def put_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Write ``values`` (already rounded to W's dtype) at flat positions of the contiguous W."""
+    """Write ``values`` (already rounded to W's dtype) at flat positions of the contiguous W.
+
+    On CPU the bits move through numpy's fancy assignment, one single-threaded pass: torch's
+    index_put_ is an OpenMP region, and on a machine whose cores were busy each one waited ~8 ms for
+    its second thread (a 28-weight adapter switch took 224 ms instead of ~3 ms). index_put_ stays for
+    other devices and inside torch.compile. Either way O(entries) (scatter_ costs ~100 ms on an
+    11008x4096 weight whatever k is) and W's version counter moves as for any in-place write.
+    """
     if not W.is_contiguous():
         raise ValueError("in-place sparse writes need a contiguous weight; use the additive mode")
-    # index_put_ costs O(entries); scatter_ costs ~100 ms on an 11008x4096 weight whatever k is
-    W.view(-1).index_put_((flat,), values.reshape(-1).to(W.dtype))
+    values = values.reshape(-1).to(W.dtype)
+    if W.device.type == "cpu" and not torch.compiler.is_compiling():
+        bits = _BITS[W.element_size()]
+        W.detach().view(-1).view(bits).numpy()[flat.numpy()] = values.detach().view(bits).numpy()
+        torch.autograd.graph.increment_version(W)
+    else:
+        W.view(-1).index_put_((flat,), values)
     return W
 
 
@@ -61,10 +76,13 @@ def gather_matvec(x: torch.Tensor, idx, val: torch.Tensor) -> torch.Tensor:
     acc = acc_dtype(x, val)
     if x.shape[0] == 0:
         return torch.zeros(0, p.d_out, dtype=acc, device=x.device)
-    # a row of x^T holds one input feature for every token: each output row is a bag of k such rows
-    xt = x.to(acc).t().contiguous()
-    bags = p.col.view(p.d_out, p.k)
-    return F.embedding_bag(bags, xt, per_sample_weights=val.to(acc).reshape(p.d_out, p.k), mode="sum").t()
+    return bag_rows(x.to(acc), p.col.view(p.d_out, p.k), val.to(acc).reshape(p.d_out, p.k)).t()
+
+
+def bag_rows(x: torch.Tensor, idx: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+    """``S(x)^T [d_out, T]`` for ``x [T, d_in]`` and ``idx``/``val [d_out, k]`` (one dtype): a row of
+    ``x^T`` holds one input feature for every token, and each output row is a weighted bag of k of them."""
+    return F.embedding_bag(idx, x.t().contiguous(), per_sample_weights=val, mode="sum")
 
 
 def gather_matvec_t(grad_y: torch.Tensor, idx, val: torch.Tensor, d_in: int | None = None) -> torch.Tensor:
