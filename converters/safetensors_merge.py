@@ -8,9 +8,13 @@ values, and wall time at about a copy; nothing is ever re-serialised, so every o
 
 Safety rules this module keeps:
 - BASE is only opened and mapped read-only, unless `merge_in_place` is asked for.
-- Every adapter is validated against BASE before anything is written (`verify=False` skips only the
-  value checks that read the base, i.e. the probe hash and structure hash; keys, shapes, dtypes and
-  the adapters' own structure/content are always checked, because merging without them writes garbage).
+- Every adapter is validated before a value is patched (`verify=False` skips only the checks that
+  read the base, i.e. the probe hash and structure hash; keys, shapes, dtypes and the adapters' own
+  structure/content are always checked, because merging without them writes garbage). The header
+  and content rules run first, and each adapter's smallest target is probed in BASE; every other
+  target's probe hash is checked from the copy, in the same read that computes its merged values
+  and before they are written (the copy holds BASE's bytes, so this is the same check at half the
+  page work). A mismatch anywhere removes the temporary sibling: OUT never appears.
 - OUT is built in a temporary sibling `<OUT>.tmp-<host>-<pid>-<random>`, then renamed (an existing
   OUT, with overwrite=True, is swapped atomically with renameat2(RENAME_EXCHANGE) where the OS has it).
   A SIGKILL can leave such a sibling behind, never a partial OUT; the next merge to the same OUT
@@ -45,10 +49,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from neuroada_format import (Adapter, ArrayBase, Checkpoint, Delta, NeuroAdaError, load, merged_values, open_base,
-                             validate)
+from neuroada_format import (Adapter, ArrayBase, Checkpoint, Delta, MergePlan, NeuroAdaError, Target, load, open_base,
+                             plan_merge, validate)
 from neuroada_format.dtypes import NUMPY_DTYPES
 from neuroada_format.layout import stored_shape
+from neuroada_format.validate import PROBE_MISMATCH, probe_mismatch
 
 from .progress import bar
 
@@ -137,6 +142,7 @@ class _Touch:
     offset: int            # absolute byte offset of the tensor's data in the file
     layout: str
     deltas: list[Delta] = field(default_factory=list)
+    sources: list[tuple[str | None, Target]] = field(default_factory=list)  # (adapter path, target) per delta
 
     def region(self, path: str, *, writable: bool = False, populate: bool | None = None) -> np.ndarray:
         """The tensor inside `path` (the base, or a copy of its file), mapped."""
@@ -203,12 +209,17 @@ def open_checkpoint(base) -> _Base:
     return _Base(path, path if os.path.isdir(path) else None, ck)
 
 
-def check_adapters(adapters: list[tuple[Adapter, float]], base: _Base, verify: bool) -> list[str]:
-    """Validate every adapter (against the base values when verify); raise Mismatch, return warnings."""
+def check_adapters(adapters: list[tuple[Adapter, float]], base: _Base, verify: bool, *,
+                   probes: bool = True) -> list[str]:
+    """Validate every adapter (against the base when verify); raise Mismatch, return warnings.
+
+    probes=False leaves the probe hashes (rule 4.3) to `prepare`, which reads the same base values
+    for the merge anyway; everything else, including the base's names, shapes and dtypes, is checked here.
+    """
     mapped = _MappedBase(base.ck)
     warnings = []
     for adapter, _ in adapters:
-        report = validate(adapter, base=mapped if verify else None)
+        report = validate(adapter, base=mapped if verify else None, probes=probes)
         try:
             report.raise_if_invalid()
             if not verify:
@@ -248,14 +259,32 @@ def plan(adapters: list[tuple[Adapter, float]], base: _Base) -> list[_Touch]:
                 raise Mismatch(f"adapters disagree on the layout of this target ({found.layout} vs {t.layout})",
                                path=adapter.path, tensor=name, rule="4.2")
             found.deltas.append(Delta(t.indices, t.values, scale))
+            found.sources.append((adapter.path, t))
     return sorted(touches.values(), key=lambda t: (t.rel, t.offset))
 
 
-def merge_into(region: np.ndarray, touch: _Touch) -> int:
-    """Write the merged values into `region` (a writable map of the tensor); returns values touched."""
-    positions, values = merged_values(region, touch.deltas, touch.layout)
-    region.reshape(-1)[positions] = values
-    return int(positions.size)
+def prepare(touch: _Touch, verify: bool, region: np.ndarray | None = None) -> MergePlan:
+    """The touch's merge worked out from `region` (default: a short-lived read-only map of BASE; a
+    byte-identical copy works as well), whose touched values are read once for both the merge and,
+    when verify, every adapter's probe hash (rule 4.3)."""
+    if region is None:
+        region = touch.region(touch.file)
+    plan = plan_merge(region, touch.deltas, touch.layout, checked=True)  # check_adapters ran rules 3.x
+    if verify:
+        for i, (path, target) in enumerate(touch.sources):
+            if probe_mismatch(target, plan.originals_of(i)):
+                raise Mismatch(PROBE_MISMATCH, path=path, tensor=touch.name, rule="4.3")
+    return plan
+
+
+def first_probes(adapters: list[tuple[Adapter, float]], touches: list[_Touch]) -> None:
+    """Check each adapter's smallest target against BASE at once (milliseconds), so a merge onto the
+    wrong base fails before the copy starts rather than after a whole file; `prepare` checks the rest."""
+    by_name = {t.name: t for t in touches}
+    for adapter, _ in adapters:
+        if adapter.targets:
+            smallest = min(adapter.targets.values(), key=lambda t: (t.d_out * t.k, t.name))
+            prepare(by_name[smallest.name], True)
 
 
 # -- files -------------------------------------------------------------------------------------------
@@ -494,8 +523,10 @@ def merge_safetensors(base, adapters, out, *, verify: bool = True, overwrite: bo
     b = open_checkpoint(base)
     out = os.path.abspath(os.fspath(out))
     _check_destination(b, out, overwrite)
-    warnings = check_adapters(adapters, b, verify)
+    warnings = check_adapters(adapters, b, verify, probes=False)  # probes: in prepare, from the merge's read
     touches = plan(adapters, b)
+    if verify:
+        first_probes(adapters, touches)
     stale = remove_stale_siblings(out)
     if b.root:
         dirs, files = _tree(b.root)
@@ -524,9 +555,14 @@ def merge_safetensors(base, adapters, out, *, verify: bool = True, overwrite: bo
                 for t in by_file.get(rel, ()):
                     if stop.is_set():
                         raise _Stopped
+                    # one populated writable map of the copy serves the read (merge inputs and probe
+                    # hashes: the copy holds BASE's bytes) and the write, so BASE's pages are not
+                    # mapped a second time
                     region = t.region(dst, writable=True)
-                    count += merge_into(region, t)
-                    del region  # unmaps; the kernel (or the fsync below) writes the dirtied pages
+                    p = prepare(t, verify, region)
+                    region.reshape(-1)[p.positions] = p.merged
+                    count += int(p.positions.size)
+                    del region  # unmaps; the kernel (or the fsync below) writes the dirtied pages back
                     pause_for_tests()
                 if durable:
                     fsync_path(dst)
@@ -598,7 +634,7 @@ def merge_in_place(base, adapters, *, journal=None, verify: bool = True, progres
     started = time.perf_counter()
     adapters = normalise_adapters(adapters)
     b = open_checkpoint(base)
-    warnings = check_adapters(adapters, b, verify)
+    warnings = check_adapters(adapters, b, verify, probes=False)  # probes: in prepare below
     touches = plan(adapters, b)
     files = sorted({t.file for t in touches})
     for f in files:
@@ -612,13 +648,10 @@ def merge_in_place(base, adapters, *, journal=None, verify: bool = True, progres
 
     entries = []
     for t in touches:
-        region = t.region(t.file)
-        positions, merged = merged_values(region, t.deltas, t.layout)
-        original = region.reshape(-1)[positions]
-        del region
+        p = prepare(t, verify)  # one read of the base: merged values, journal originals, probe hashes
         count = int(math.prod(t.shape))
         entries.append(JournalEntry(t.name, t.rel, t.dtype, t.offset, count,
-                                    positions.astype(position_dtype(count)), original, merged))
+                                    p.positions.astype(position_dtype(count)), p.originals, p.merged))
     root = b.root or os.path.dirname(b.path)
     write_journal(journal, root, [os.path.relpath(f, root) for f in files], entries,
                   adapters=_described(adapters))

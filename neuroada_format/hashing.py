@@ -9,7 +9,7 @@ import hashlib
 
 import numpy as np
 
-from .layout import canonical_view
+from .layout import canonical_view, flat_positions
 
 ROW_CHUNK_ENTRIES = 1 << 22  # hash in chunks so a huge target never needs one big f32 copy
 
@@ -25,17 +25,23 @@ def probe_hash_from_values(values: np.ndarray) -> str:
 def probe_hash(weight: np.ndarray, indices: np.ndarray, layout: str = "out_in") -> str:
     """sha256 of f32(W[r, idx[r, j]]) in canonical (row-major over [d_out, k]) order, little-endian.
 
-    Reads only the probed entries (row/column indexing works on memory maps and transposed views
-    without copying the weight).
+    Reads only the probed entries, never a copy of the weight: a flat `take` where the stored weight
+    is contiguous (a memory map: about twice as fast), row/column indexing otherwise.
     """
-    canon = canonical_view(np.asarray(weight), layout)
+    stored = np.asarray(weight)
+    canon = canonical_view(stored, layout)
+    flat = stored.reshape(-1) if stored.flags.c_contiguous else None
     d_out, k = indices.shape
     h = hashlib.sha256()
     rows_per_chunk = max(1, ROW_CHUNK_ENTRIES // max(k, 1))
     for start in range(0, d_out, rows_per_chunk):
         idx = np.asarray(indices[start:start + rows_per_chunk], dtype=np.int64)
-        rows = np.arange(start, start + idx.shape[0], dtype=np.int64)[:, None]
-        h.update(np.ascontiguousarray(canon[rows, idx], dtype="<f4").tobytes())
+        if flat is not None:
+            probed = flat.take(flat_positions(idx, canon.shape, layout, first_row=start))
+        else:
+            rows = np.arange(start, start + idx.shape[0], dtype=np.int64)[:, None]
+            probed = canon[rows, idx]
+        h.update(np.ascontiguousarray(probed, dtype="<f4").tobytes())
     return "sha256:" + h.hexdigest()
 
 

@@ -20,10 +20,13 @@ def stored_shape(shape, layout: str) -> tuple[int, int]:
     return (d_out, d_in) if layout == "out_in" else (d_in, d_out)
 
 
-def flat_positions(indices: np.ndarray, shape, layout: str) -> np.ndarray:
-    """Element offsets (int64) into the stored weight of every adapter entry, in canonical order."""
+def flat_positions(indices: np.ndarray, shape, layout: str, first_row: int = 0) -> np.ndarray:
+    """Element offsets (int64) into the stored weight of every adapter entry, in canonical order.
+
+    `indices` may be a block of rows starting at canonical row `first_row`.
+    """
     d_out, d_in = shape
-    rows = np.arange(indices.shape[0], dtype=np.int64)[:, None]
+    rows = np.arange(first_row, first_row + indices.shape[0], dtype=np.int64)[:, None]
     cols = indices.astype(np.int64, copy=False)
     if layout == "out_in":
         return (rows * d_in + cols).reshape(-1)

@@ -17,12 +17,19 @@ from .base import open_base
 from .container import Problems
 from .dtypes import BASE_DTYPES, I16_MAX_D_IN, INDEX_DTYPES, VALUE_DTYPES, dtype_name, nonfinite_mask
 from .errors import NeuroAdaError
-from .hashing import probe_hash
+from .hashing import probe_hash, probe_hash_from_values
 from .layout import canonical_view, stored_shape
 from .metadata import METADATA_KEY, parse_document
 from .selection import select_indices
 
 CHUNK_ENTRIES = 1 << 21
+PROBE_MISMATCH = ("probe hash differs: the base values at the adapter's positions are not the ones it was "
+                  "made for (different base or revision)")
+
+
+def probe_mismatch(target: Target, probed: np.ndarray) -> bool:
+    """Rule 4.3 from base values already read at the target's positions (canonical order)."""
+    return probe_hash_from_values(probed) != target.probe
 
 
 @dataclass
@@ -52,11 +59,13 @@ class Report:
 
 
 def validate(adapter, base=None, *, strict: bool = False, check_selection: bool = False,
-             path: str | None = None) -> Report:
+             path: str | None = None, probes: bool = True) -> Report:
     """Check an adapter (object or file path), optionally against a base; strict=True raises on errors.
 
     A path that cannot be parsed is reported, not raised (unless strict). A base that cannot be
     opened raises NeuroAdaError: that is an I/O problem of the caller, not a defect of the adapter.
+    probes=False leaves rule 4.3 to a caller that reads the probed values anyway (a merge gathers
+    them once for both, see `probe_mismatch`).
     """
     if isinstance(adapter, Adapter):
         path = path or adapter.path
@@ -72,7 +81,7 @@ def validate(adapter, base=None, *, strict: bool = False, check_selection: bool 
         if base is not None:
             b = open_base(base)
             report.checked_base = getattr(b, "path", None)
-            _check_against_base(adapter, b, p, check_selection, skip=broken)
+            _check_against_base(adapter, b, p, check_selection, skip=broken, probes=probes)
     if strict:
         report.raise_if_invalid()
     return report
@@ -154,7 +163,7 @@ def _check_content(t: Target, p: Problems) -> bool:
 
 
 def _check_against_base(adapter: Adapter, base, p: Problems, check_selection: bool,
-                        skip: set[str] = frozenset()) -> None:
+                        skip: set[str] = frozenset(), probes: bool = True) -> None:
     """Rules 4.1-4.5: the adapter belongs to this base (targets in `skip` have bad indices: no probe)."""
     for name, t in sorted(adapter.targets.items()):
         if name not in base:
@@ -169,12 +178,11 @@ def _check_against_base(adapter: Adapter, base, p: Problems, check_selection: bo
         if dtype not in BASE_DTYPES:
             p.error("4.2", f"base dtype {dtype} is not F32, F16 or BF16", tensor=name)
             continue
-        if name in skip:
+        if name in skip or not (probes or check_selection):
             continue
         weight = base.array(name)
-        if probe_hash(weight, np.asarray(t.indices), t.layout) != t.probe:
-            p.error("4.3", "probe hash differs: the base values at the adapter's positions are not the "
-                           "ones it was made for (different base or revision)", tensor=name)
+        if probes and probe_hash(weight, np.asarray(t.indices), t.layout) != t.probe:
+            p.error("4.3", PROBE_MISMATCH, tensor=name)
             continue
         rule = adapter.selection.get("rule")
         if check_selection and rule in ("magnitude", "reverse"):
