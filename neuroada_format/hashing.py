@@ -14,12 +14,27 @@ from .layout import canonical_view, flat_positions
 ROW_CHUNK_ENTRIES = 1 << 22  # hash in chunks so a huge target never needs one big f32 copy
 
 
+class ProbeHash:
+    """The probe hash fed piece by piece, in canonical order, by readers that stream a weight."""
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+
+    def update(self, values: np.ndarray) -> None:
+        self._sha.update(np.ascontiguousarray(values, dtype="<f4"))
+
+    def digest(self) -> str:
+        return "sha256:" + self._sha.hexdigest()
+
+
 def probe_hash_from_values(values: np.ndarray) -> str:
     """The probe hash from the probed base values themselves ([d_out, k] in canonical order).
 
     A runtime that kept the original values at the adapter's positions (w0) hashes them directly.
     """
-    return "sha256:" + hashlib.sha256(np.ascontiguousarray(values, dtype="<f4").tobytes()).hexdigest()
+    h = ProbeHash()
+    h.update(values)
+    return h.digest()
 
 
 def probe_hash(weight: np.ndarray, indices: np.ndarray, layout: str = "out_in") -> str:
@@ -32,7 +47,7 @@ def probe_hash(weight: np.ndarray, indices: np.ndarray, layout: str = "out_in") 
     canon = canonical_view(stored, layout)
     flat = stored.reshape(-1) if stored.flags.c_contiguous else None
     d_out, k = indices.shape
-    h = hashlib.sha256()
+    h = ProbeHash()
     rows_per_chunk = max(1, ROW_CHUNK_ENTRIES // max(k, 1))
     for start in range(0, d_out, rows_per_chunk):
         idx = np.asarray(indices[start:start + rows_per_chunk], dtype=np.int64)
@@ -41,8 +56,8 @@ def probe_hash(weight: np.ndarray, indices: np.ndarray, layout: str = "out_in") 
         else:
             rows = np.arange(start, start + idx.shape[0], dtype=np.int64)[:, None]
             probed = canon[rows, idx]
-        h.update(np.ascontiguousarray(probed, dtype="<f4").tobytes())
-    return "sha256:" + h.hexdigest()
+        h.update(probed)
+    return h.digest()
 
 
 def structure_hash(entries) -> str:

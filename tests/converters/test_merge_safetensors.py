@@ -206,6 +206,37 @@ def test_merge_is_the_reference_byte_for_byte(tmp_path, rng, dtype, kind, severa
         assert f.metadata()["format"] == "pt"
 
 
+@pytest.mark.parametrize("block,chunk", [(1, 7), (300, 64), (4096, 1000)])
+def test_blockwise_streaming_matches_the_reference(tmp_path, rng, monkeypatch, block, chunk):
+    """Touched tensors stream through the buffer in row blocks (out_in) or whole (Conv1D), with reads
+    and writes split into IO_CHUNK pieces; tiny sizes force every boundary: a block of one row, blocks
+    that split a tensor unevenly, calls that split a row. Several adapters, every dtype and layout."""
+    from neuroada_format.converters import safetensors_merge as sm
+
+    monkeypatch.setattr(sm, "BLOCK_BYTES", block)
+    monkeypatch.setattr(sm, "IO_CHUNK", chunk)
+    for dtype in ("F32", "BF16"):
+        arrays = llama_arrays(rng, dtype)
+        base = write_checkpoint(tmp_path / f"base-{dtype}-{block}", arrays, shards=2)
+        adapters = _three_adapters(rng, arrays)
+        out = tmp_path / f"out-{dtype}-{block}"
+        merge_safetensors(base, adapters, out)
+        for rel in os.listdir(base):
+            if rel.endswith(".safetensors"):
+                assert open(out / rel, "rb").read() == expected_bytes(os.path.join(base, rel), adapters), rel
+        # and a changed value in a later block of a big target is still caught (rule 4.3)
+        victim = "model.layers.1.mlp.down_proj.weight"
+        t = adapters[0][0].targets[victim]
+        bad = dict(arrays)
+        bad[victim] = arrays[victim].copy()
+        r = t.d_out - 1
+        bad[victim][r, int(t.indices[r, 0])] += np.asarray(1, arrays[victim].dtype)
+        base2 = write_checkpoint(tmp_path / f"bad-{dtype}-{block}", bad, shards=2)
+        with pytest.raises(Mismatch, match="rule 4.3") as info:
+            merge_safetensors(base2, adapters[:1], tmp_path / f"never-{dtype}-{block}")
+        assert info.value.tensor == victim and not (tmp_path / f"never-{dtype}-{block}").exists()
+
+
 def test_merged_checkpoint_loads_in_transformers(tmp_path, rng):
     """A merged folder is still a checkpoint transformers accepts, with the merged values."""
     torch = pytest.importorskip("torch")
@@ -298,6 +329,27 @@ def test_verification_failure_writes_nothing(tmp_path, rng, failure):
     assert not (tmp_path / "j.safetensors").exists()
 
 
+def test_wrong_base_fails_before_copying_a_tampered_target_while_copying(tmp_path, rng, monkeypatch):
+    """Each adapter's smallest target is probed in BASE before any copy; every other target is probed
+    from its copy, before its values are written. Both stop the merge with rule 4.3 and no OUT."""
+    from neuroada_format.converters import safetensors_merge as sm
+
+    copied = []
+    real = sm.copy_file
+    monkeypatch.setattr(sm, "copy_file", lambda src, *a, **k: copied.append(src) or real(src, *a, **k))
+    base, adapter, _ = _apply_verification_failure(tmp_path, rng, "wrong base")
+    with pytest.raises(Mismatch, match="rule 4.3"):
+        merge_safetensors(base, [(adapter, 1.0)], tmp_path / "out")
+    assert copied == [] and siblings(tmp_path / "out") == []
+    shutil.rmtree(base)
+    base, adapter, victim = _apply_verification_failure(tmp_path, rng, "tampered value")
+    assert victim != min(adapter.targets.values(), key=lambda t: t.d_out * t.k).name
+    with pytest.raises(Mismatch, match="rule 4.3") as info:
+        merge_safetensors(base, [(adapter, 1.0)], tmp_path / "out")
+    assert info.value.tensor == victim and copied  # found in a copy
+    assert not (tmp_path / "out").exists() and siblings(tmp_path / "out") == []
+
+
 def test_no_verify_skips_only_the_value_checks(tmp_path, rng):
     base, adapter, victim = _apply_verification_failure(tmp_path, rng, "tampered value")
     summary = merge_safetensors(base, [(adapter, 1.0)], tmp_path / "out", verify=False)
@@ -351,11 +403,11 @@ def test_a_failing_file_stops_the_other_copies_and_leaves_nothing(tmp_path, rng,
     real = sm.copy_file
     seen = []
 
-    def flaky(src, dst, progress, stop=None):
+    def flaky(src, dst, progress, stop=None, **kwargs):
         seen.append(os.path.basename(src))
         if src.endswith("config.json"):
             raise OSError(28, "No space left on device", dst)
-        return real(src, dst, progress, stop)
+        return real(src, dst, progress, stop, **kwargs)
 
     monkeypatch.setattr(sm, "copy_file", flaky)
     with pytest.raises(OSError, match="No space left"):
