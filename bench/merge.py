@@ -325,7 +325,7 @@ def write_section(result: dict, text_table: str) -> None:
         "(bar <= 1.3; both without fsync, as cp).",
         f"- durable: merge k=20 --fsync / copytree+fsync: {d20 / copy_sync:.2f} (no bar; the price of surviving a "
         f"power cut is the disk write-back, {copy_sync / copy:.2f}x a warm-cache copytree here; fsync times on this "
-        "shared virtual disk swing by 2-3x between runs, e.g. 0.8-1.9 s for the same merge today).",
+        "shared virtual disk swing by 2-4x between runs: 0.9-3.5 s for the same merge and 0.9-1.3 s for copytree+fsync today).",
         f"- {verdict(max(i20, i1) <= 0.02 * copy)}: in-place / copytree: k=20 {i20 / copy:.3f}, k=1 {i1 / copy:.3f} "
         "(bar <= 0.02).",
         f"- where one k=20 merge spends its time (in-process, cProfile, one copy worker): {breakdown_text(result)}. "

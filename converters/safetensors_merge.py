@@ -650,15 +650,15 @@ def merge_safetensors(base, adapters, out, *, verify: bool = True, overwrite: bo
 
             def write_one(rel: str) -> tuple[int, int]:
                 dst = os.path.join(tmp, rel) if b.root else tmp
-                size, count = copy_file(sources[rel], dst, pbar, stop, touches=by_file.get(rel, ()), verify=verify)
-                if durable:
-                    fsync_path(dst)
-                return size, count
+                return copy_file(sources[rel], dst, pbar, stop, touches=by_file.get(rel, ()), verify=verify)
 
             order = sorted(files, key=lambda rel: -sizes[rel])  # largest first: the last to finish is short
             for size, count in run_side_by_side(write_one, order, copy_workers(len(files)), stop):
                 written += size
                 touched += count
+        if durable:  # after every copy: an fsync while another file is being written waits for it too
+            for rel in order:
+                fsync_path(os.path.join(tmp, rel) if b.root else tmp)
         if b.root:
             if durable:
                 for d in sorted(dirs, key=lambda d: -d.count(os.sep)):
