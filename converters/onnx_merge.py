@@ -28,9 +28,10 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from neuroada_format import Adapter, ArrayBase, NeuroAdaError, merged_values, probe_hash, validate
+from neuroada_format import Adapter, ArrayBase, MergePlan, NeuroAdaError, Target, plan_merge, probe_hash, validate
 from neuroada_format.layout import canonical_shape, canonical_view, stored_shape
 from neuroada_format.merge import Delta
+from neuroada_format.validate import probe_mismatch
 
 from .progress import bar
 from .safetensors_merge import fsync_dir
@@ -552,9 +553,9 @@ def merge_onnx(base: str, adapters, out: str | None, *, verify: bool = True, in_
                progress: bool = False, durable: bool = False) -> dict:
     """Merge `adapters` [(Adapter, scale), ...] into the ONNX model `base`, writing `out`.
 
-    Values follow the spec's merge rule exactly (neuroada_format.merged_values: f32 sum over adapters
+    Values follow the spec's merge rule exactly (neuroada_format.plan_merge: f32 sum over adapters
     in order, one rounding to the initializer's dtype). Nothing is written before every target is
-    resolved and (with verify) validated against the model. Out of place, the model and its external
+    resolved and (with verify) validated against the model, its probe hashes included. Out of place, the model and its external
     data files are written beside `out` under temporary names and put in place by rename (see
     `_commit`). in_place patches the base itself: external data files are patched at the tensors'
     offsets (not atomic: a crash mid-way leaves some tensors merged), an inline model is rewritten
@@ -590,19 +591,21 @@ def merge_onnx(base: str, adapters, out: str | None, *, verify: bool = True, in_
             t = adapter.targets[target]
             summary_targets.setdefault(target, {**res.to_dict(), "adapters": []})["adapters"].append(ai)
             for name, layout in res.initializers():
-                entry = plan.setdefault(name, {"layout": layout, "deltas": [], "targets": []})
+                entry = plan.setdefault(name, {"layout": layout, "deltas": [], "sources": []})
                 entry["deltas"].append(Delta(t.indices, t.values, scale))
-                entry["targets"].append(target)
+                entry["sources"].append((adapter.path or f"adapter #{ai}", t))
 
-    # 2. the merged values, computed from the (read-only) base
+    # 2. the merged values, computed from the (read-only) base; one read also gives the probe hashes
     patches = {}
     touched = 0
     with bar(len(plan), "merge", enabled=progress, unit="tensor") as pbar:
         for name in sorted(plan):
             entry = plan[name]
-            positions, values = merged_values(model.array(name), entry["deltas"], entry["layout"])
-            patches[name] = (positions, values)
-            touched += int(positions.size)
+            merge_plan = plan_merge(model.array(name), entry["deltas"], entry["layout"], checked=verify)
+            if verify:
+                _probe_check(name, merge_plan, entry["sources"])
+            patches[name] = (merge_plan.positions, merge_plan.merged)
+            touched += int(merge_plan.positions.size)
             pbar.update(1)
 
     # 3. write
@@ -632,10 +635,10 @@ def merge_onnx(base: str, adapters, out: str | None, *, verify: bool = True, in_
 
 
 def _verify(model: OnnxModel, adapter: Adapter, resolutions: dict[str, Resolution], label: str) -> None:
-    """validate()'s rules 1-3 on the adapter, then 4.2/4.3 against each resolved initializer as stored.
+    """validate()'s rules 1-3 on the adapter, then 4.2 against each resolved initializer as stored.
 
-    Same checks as validate(adapter, base=OnnxBase(...)), but the probe is read in the initializer's own
-    orientation: a transposed view would make probe_hash copy the whole tensor.
+    The probe hashes (4.3) are checked by `_probe_check` from the values the merge reads anyway, in the
+    initializer's own orientation (a transposed view would make probe_hash copy the whole tensor).
     """
     validate(adapter, strict=True, path=label)
     for target, res in sorted(resolutions.items()):
@@ -646,10 +649,15 @@ def _verify(model: OnnxModel, adapter: Adapter, resolutions: dict[str, Resolutio
                 raise NeuroAdaError(f"initializer {name!r} is {dtype}{list(model.shape(name))} ({layout}), the adapter "
                                     f"expects {t.dtype}{list(stored_shape(t.shape, layout))}", path=label,
                                     tensor=target, rule="4.2")
-            if probe_hash(model.array(name), np.asarray(t.indices), layout) != t.probe:
-                raise NeuroAdaError(f"probe hash differs at initializer {name!r}: the model's values at the "
-                                    f"adapter's positions are not the ones it was made for (different base or "
-                                    f"revision, or already merged)", path=label, tensor=target, rule="4.3")
+
+
+def _probe_check(name: str, plan: MergePlan, sources: list[tuple[str, Target]]) -> None:
+    """Rule 4.3 for every adapter merged into initializer `name`, from its merge plan's originals."""
+    for i, (label, t) in enumerate(sources):
+        if probe_mismatch(t, plan.originals_of(i)):
+            raise NeuroAdaError(f"probe hash differs at initializer {name!r}: the model's values at the "
+                                f"adapter's positions are not the ones it was made for (different base or "
+                                f"revision, or already merged)", path=label, tensor=t.name, rule="4.3")
 
 
 def _set_inline(tensor, values_dtype, positions, values) -> None:
