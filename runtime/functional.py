@@ -162,7 +162,8 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
             else:
                 xc, bc = x, bias
             y = _with_overlay(overlay, weight, vals, cast, lambda W: _linear(xc, W, bc, overlay.transposed))
-        ctx.save_for_backward(xc, *vals)
+        # x is needed only for grad_val: a frozen adapter (x needing a gradient for layers below) keeps none
+        ctx.save_for_backward(xc if any(ctx.needs_input_grad[4:]) else None, *vals)
         ctx.weight = weight  # a reference, not a saved tensor (see module docstring)
         ctx.weight_version = weight._version
         ctx.overlay = overlay
@@ -212,8 +213,9 @@ class AdditiveSparseDelta(torch.autograd.Function):
     def forward(ctx, x, val, pattern: Pattern, out_dtype):
         with torch.autocast(x.device.type, enabled=False):
             s = kernels.gather_matvec(x.reshape(-1, pattern.d_in), pattern, val)
-        ctx.save_for_backward(x, val)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, val)  # x: for grad_val only
         ctx.pattern = pattern
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
         return s.to(out_dtype or x.dtype).reshape(x.shape[:-1] + (pattern.d_out,))
 
     @staticmethod
@@ -223,7 +225,7 @@ class AdditiveSparseDelta(torch.autograd.Function):
         g2 = grad_s.reshape(-1, p.d_out)
         grad_x = grad_val = None
         if ctx.needs_input_grad[0]:
-            grad_x = kernels.gather_matvec_t(g2, p, val).to(x.dtype).reshape(x.shape)
+            grad_x = kernels.gather_matvec_t(g2, p, val).to(ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             grad_val = kernels.sampled_rowdot(g2, x.reshape(-1, p.d_in), p).to(val.dtype)
         return grad_x, grad_val, None, None

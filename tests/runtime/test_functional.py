@@ -241,3 +241,29 @@ def test_weight_changed_between_forward_and_backward_is_refused(rt, gen):
         W.mul_(1.0)
     with pytest.raises(RuntimeError, match="modified in place"):
         y.sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["inplace", "additive"])
+@pytest.mark.parametrize("trained", [True, False])
+def test_input_is_saved_only_for_grad_val(rt, gen, mode, trained):
+    """x is kept for backward only when some delta trains; a frozen adapter under a graph that needs
+    grad_x (layers below still train) keeps no copy of x, and grad_x is unchanged."""
+    Wc, W, ov, vals = setup(rt, gen, 8, 6, 2)
+    vals = [v.detach().requires_grad_(trained) for v in vals]
+    x = torch.randn(4, 6, dtype=torch.float64, generator=gen).requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if mode == "inplace":
+            y = inplace_sparse_delta_linear(x, W, None, ov, vals)
+        else:
+            y = additive_sparse_delta(x, ov.patterns[0], vals[0])
+    assert any(t is x for t in saved) == trained
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    dense = torch.zeros_like(Wc).scatter_(1, ov.patterns[0].idx, vals[0].detach())
+    want_w = (Wc + dense) if mode == "inplace" else dense
+    torch.testing.assert_close(gx, torch.ones(4, 8, dtype=torch.float64) @ want_w)
