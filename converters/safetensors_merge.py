@@ -5,8 +5,9 @@ each file in which the touched tensors are patched on the way: untouched bytes a
 kernel (sendfile), and a touched tensor passes through a small buffer a block of rows at a time, its
 merged values written into the block before the block is written out. Each base value is read once,
 from memory the copy reads anyway (no map, no page faults), so a merge costs about a copy (files are
-copied side by side, one thread per core). Peak memory stays at the adapters plus a few MB of
-buffers; nothing is ever re-serialised, so every other byte (headers, `__metadata__`, index json,
+copied side by side, one thread per core). Peak memory stays at the adapters plus one 4 MB buffer
+per copy thread (a whole tensor for the Conv1D layout, whose canonical rows are stored columns);
+nothing is ever re-serialised, so every other byte (headers, `__metadata__`, index json,
 tokenizer files, subfolders) is carried over exactly.
 
 Safety rules this module keeps:
