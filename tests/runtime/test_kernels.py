@@ -32,6 +32,17 @@ def test_sampled_rowdot_matches_dense(rt, gen, dtype, k):
                                reference.sampled_rowdot(gy_wide[:, ::2], x, p), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block", [1, 11, 40, 1 << 20])  # a token per block .. all tokens in one
+def test_sampled_rowdot_k1_token_blocks(rt, gen, monkeypatch, block):
+    """The k=1 path reduces over blocks of tokens; every block size gives the dense answer."""
+    monkeypatch.setattr(cpu, "ROWDOT_BLOCK", block)
+    T, d_out, d_in = 19, 11, 17
+    gy = torch.randn(T, d_out, generator=gen)
+    x = torch.randn(T, d_in, generator=gen)
+    p = Pattern(rt.rand_idx(d_out, d_in, 1, gen), d_in)
+    torch.testing.assert_close(cpu.sampled_rowdot(gy, x, p), reference.sampled_rowdot(gy, x, p), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 def test_gather_matvec_and_transpose_match_dense(rt, gen, dtype):
     T, d_out, d_in, k = 9, 14, 10, 3
