@@ -174,7 +174,7 @@ def run_child(job: str, dtype_name: str, args) -> list[dict]:
 
 
 def report(results: dict, checks: list[dict], meta: dict) -> str:
-    import train
+    import results_md
 
     lines = [f"`python bench/gpu.py --size {meta['size']}`, {meta['date']}; {meta['gpu']}, torch {meta['torch']}; "
              f"Llama shape {SIZES[meta['size']]}; {meta['warmup']} warm-up + {meta['steps']} measured steps per "
@@ -200,7 +200,7 @@ def report(results: dict, checks: list[dict], meta: dict) -> str:
                          f"{r['peak_steps_mb']:.0f}", f"{r['step_s'] * 1e3:.1f}",
                          f"{r['peak_mb'] / floor['peak_mb']:.2f}x" if ok else "-",
                          f"{r['step_s'] / floor['step_s']:.2f}x" if ok else "-"])
-        lines += ["", f"**{dtype_name} base**", "", train.md_table(rows)]
+        lines += ["", f"**{dtype_name} base**", "", results_md.table(rows)]
     return "\n".join(lines)
 
 
@@ -257,10 +257,10 @@ def main(argv=None) -> int:
     body = report(results, checks, meta)
     print("\n" + body)
     if not args.no_write:
-        import train
+        import results_md
 
-        train.replace_section(SECTION, body)
-        print(f"\nwrote {SECTION!r} in {train.RESULTS}")
+        results_md.replace_section(SECTION, body)
+        print(f"\nwrote {SECTION!r} in {results_md.RESULTS}")
     return 0
 
 

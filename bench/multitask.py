@@ -34,7 +34,7 @@ import warnings
 import torch
 from torch import nn
 
-from results_md import RESULTS, replace_section  # bench/ is sys.path[0] when run as a script
+from results_md import RESULTS, replace_section, table  # bench/ is sys.path[0] when run as a script
 
 SECTION = "## Multi-adapter serving"
 THREADS = 2
@@ -46,13 +46,6 @@ SHORT = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 
 
 # -- output ----------------------------------------------------------------------------------------------
-def table(rows) -> str:
-    """Like results_md.table, but cells may be numbers."""
-    head, *rest = rows
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    return "\n".join(out + ["| " + " | ".join(str(c) for c in r) + " |" for r in rest])
-
-
 def load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 

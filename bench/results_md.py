@@ -27,8 +27,9 @@ def replace_section(heading: str, body: str, path: str = RESULTS) -> None:
     os.replace(tmp, path)
 
 
-def table(rows: list[list[str]]) -> str:
+def table(rows: list[list]) -> str:
+    """A markdown table: the first row is the header; cells are shown with str()."""
     head, *rest = rows
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rest]
+    lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(map(str, r)) + " |" for r in rest]
     return "\n".join(lines)

@@ -134,12 +134,6 @@ def verdicts(s: dict[str, dict]) -> list[tuple[str, bool | None, str]]:
 
 
 # -- output ---------------------------------------------------------------------------------------------
-def md_table(rows: list[list[str]]) -> str:
-    head, *rest = rows
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rest])
-
-
 def method_rows(s: dict[str, dict]) -> list[list[str]]:
     floor = s.get("floor", {})
     rows = [["method", "trainable params", "peak RSS MB", "RSS delta over model build MB", "peak during steps MB",
@@ -242,6 +236,8 @@ def reading_lines(results: list[tuple[Config, dict, list]]) -> list[str]:
 
 
 def section_body(results: list[tuple[Config, dict, list]], real, meta) -> str:
+    from results_md import table  # bench/ is sys.path[0] when run as a script
+
     lines = [
         f"`python bench/train.py{(' ' + meta['argv']) if meta['argv'] else ''}`; {meta['date']}; "
         f"torch {meta['torch']}; {os.cpu_count()} CPU cores shared with other engineers' runs (load average "
@@ -255,14 +251,14 @@ def section_body(results: list[tuple[Config, dict, list]], real, meta) -> str:
     ]
     for config, s, verdict in results:
         lines += ["", f"**{config.label}** ({config.rounds} round{'s' if config.rounds > 1 else ''}):", "",
-                  md_table(method_rows(s)), "", "Bar" + (" (diagnostic only)" if config.diagnostic else "") + ":",
+                  table(method_rows(s)), "", "Bar" + (" (diagnostic only)" if config.diagnostic else "") + ":",
                   "", *verdict_lines(verdict)]
     config, s = setup_source(results)
     lines += [
         "",
         f"Setup ({config.label}):",
         "",
-        md_table(setup_rows(s)),
+        table(setup_rows(s)),
         "",
         "Columns: *peak RSS* = the process's high-water mark over build, setup and steps "
         "(`ru_maxrss`; the kernel mark is reset after setup to read *peak during steps* on its own, and the "

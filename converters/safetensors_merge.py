@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from neuroada_format import (Adapter, ArrayBase, Checkpoint, Delta, MergePlan, NeuroAdaError, Target, load, open_base,
+from neuroada_format import (Adapter, Checkpoint, Delta, MergePlan, NeuroAdaError, Target, load, open_base,
                              plan_merge, validate)
 from neuroada_format.dtypes import NUMPY_DTYPES
 from neuroada_format.hashing import ProbeHash
@@ -164,36 +164,6 @@ class _Touch:
         return map_tensor(path, self.dtype, self.offset, self.shape, writable=writable, populate=populate)
 
 
-class _MappedBase(ArrayBase):
-    """The checkpoint, with each tensor mapped afresh per access and unmapped when dropped.
-
-    Validation reads the values at every adapter position, i.e. nearly every page of a targeted
-    tensor; through the checkpoint's one long-lived map those pages would all stay resident and the
-    peak RSS would grow to the size of the model. Short-lived maps keep it at one tensor.
-    """
-
-    def __init__(self, ck: Checkpoint):
-        super().__init__({}, ck.path)
-        self.ck = ck
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.ck
-
-    def keys(self):
-        return self.ck.keys()
-
-    def info(self, name: str):
-        return self.ck.info(name)
-
-    def array(self, name: str) -> np.ndarray:
-        st = self.ck.file_of(name)
-        t = st.tensors[name]
-        return map_tensor(st.path, t.dtype, st.absolute_offset(name), t.shape)
-
-    def structure_hash(self) -> str:
-        return self.ck.structure_hash()
-
-
 def normalise_adapters(adapters) -> list[tuple[Adapter, float]]:
     """(Adapter or path, scale) pairs (a bare Adapter or path means scale 1), scales finite in f32."""
     result = []
@@ -224,17 +194,15 @@ def open_checkpoint(base) -> _Base:
     return _Base(path, path if os.path.isdir(path) else None, ck)
 
 
-def check_adapters(adapters: list[tuple[Adapter, float]], base: _Base, verify: bool, *,
-                   probes: bool = True) -> list[str]:
-    """Validate every adapter (against the base when verify); raise Mismatch, return warnings.
+def check_adapters(adapters: list[tuple[Adapter, float]], base: _Base, verify: bool) -> list[str]:
+    """Validate every adapter (against the base's headers when verify); raise Mismatch, return warnings.
 
-    probes=False leaves the probe hashes (rule 4.3) to the merge, which reads the same base values
-    anyway (`_merge_tensor`, `prepare`); everything else, including the base's names, shapes and dtypes, is checked here.
+    The probe hashes (rule 4.3) are left to the merge, which reads the same base values anyway
+    (`_merge_tensor`, `prepare`), so nothing here reads a tensor's data.
     """
-    mapped = _MappedBase(base.ck)
     warnings = []
     for adapter, _ in adapters:
-        report = validate(adapter, base=mapped if verify else None, probes=probes)
+        report = validate(adapter, base=base.ck if verify else None, probes=False)
         try:
             report.raise_if_invalid()
             if not verify:
@@ -284,10 +252,14 @@ def prepare(touch: _Touch, verify: bool) -> MergePlan:
     region = touch.region(touch.file)
     plan = plan_merge(region, touch.deltas, touch.layout, checked=True)  # check_adapters ran rules 3.x
     if verify:
-        for i, (path, target) in enumerate(touch.sources):
+        for i, (_, target) in enumerate(touch.sources):
             if probe_mismatch(target, plan.originals_of(i)):
-                raise Mismatch(PROBE_MISMATCH, path=path, tensor=touch.name, rule="4.3")
+                raise _probe_failed(touch, i)
     return plan
+
+
+def _probe_failed(touch: _Touch, i: int) -> Mismatch:
+    return Mismatch(PROBE_MISMATCH, path=touch.sources[i][0], tensor=touch.name, rule="4.3")
 
 
 def first_probes(adapters: list[tuple[Adapter, float]], touches: list[_Touch]) -> None:
@@ -418,11 +390,10 @@ def _send(src_fd: int, dst_fd: int, start: int, end: int, progress, stop: thread
     """Copy bytes [start, end) to the same offsets in the kernel (sendfile), in chunks so progress and
     interruption stay responsive."""
     pos = start
-    size = end
     os.lseek(dst_fd, start, os.SEEK_SET)
     use_sendfile = hasattr(os, "sendfile") and sys.platform.startswith("linux")
-    while pos < size:
-        n = min(COPY_CHUNK, size - pos)
+    while pos < end:
+        n = min(COPY_CHUNK, end - pos)
         if use_sendfile:
             try:
                 sent = os.sendfile(dst_fd, src_fd, pos, n)
@@ -514,7 +485,7 @@ def _merge_tensor(src_fd: int, dst_fd: int, t: _Touch, verify: bool, buffer: np.
     """
     dt = NUMPY_DTYPES[t.dtype]
     rows, cols = t.shape
-    row_bytes = cols * dt.itemsize
+    row_bytes = t.row_bytes
     per_block = _rows_per_block(t)
     hashes = [ProbeHash() for _ in t.deltas] if verify else None
     count = 0
@@ -537,9 +508,8 @@ def _merge_tensor(src_fd: int, dst_fd: int, t: _Touch, verify: bool, buffer: np.
         if stop is not None and stop.is_set():
             raise _Stopped
     for i, h in enumerate(hashes or ()):
-        path, target = t.sources[i]
-        if h.digest() != target.probe:
-            raise Mismatch(PROBE_MISMATCH, path=path, tensor=t.name, rule="4.3")
+        if h.digest() != t.sources[i][1].probe:
+            raise _probe_failed(t, i)
     return count
 
 
@@ -624,7 +594,7 @@ def merge_safetensors(base, adapters, out, *, verify: bool = True, overwrite: bo
     b = open_checkpoint(base)
     out = os.path.abspath(os.fspath(out))
     _check_destination(b, out, overwrite)
-    warnings = check_adapters(adapters, b, verify, probes=False)  # probes: from the merge's own read
+    warnings = check_adapters(adapters, b, verify)
     touches = plan(adapters, b)
     if verify:
         first_probes(adapters, touches)
@@ -722,7 +692,7 @@ def merge_in_place(base, adapters, *, journal=None, verify: bool = True, progres
     started = time.perf_counter()
     adapters = normalise_adapters(adapters)
     b = open_checkpoint(base)
-    warnings = check_adapters(adapters, b, verify, probes=False)  # probes: in prepare below
+    warnings = check_adapters(adapters, b, verify)
     touches = plan(adapters, b)
     files = sorted({t.file for t in touches})
     for f in files:

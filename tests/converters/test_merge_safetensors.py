@@ -331,7 +331,7 @@ def test_verification_failure_writes_nothing(tmp_path, rng, failure):
 
 def test_wrong_base_fails_before_copying_a_tampered_target_while_copying(tmp_path, rng, monkeypatch):
     """Each adapter's smallest target is probed in BASE before any copy; every other target is probed
-    from its copy, before its values are written. Both stop the merge with rule 4.3 and no OUT."""
+    from the read that copies and merges it. Both stop the merge with rule 4.3 and no OUT."""
     from neuroada_format.converters import safetensors_merge as sm
 
     copied = []
@@ -346,7 +346,7 @@ def test_wrong_base_fails_before_copying_a_tampered_target_while_copying(tmp_pat
     assert victim != min(adapter.targets.values(), key=lambda t: t.d_out * t.k).name
     with pytest.raises(Mismatch, match="rule 4.3") as info:
         merge_safetensors(base, [(adapter, 1.0)], tmp_path / "out")
-    assert info.value.tensor == victim and copied  # found in a copy
+    assert info.value.tensor == victim and copied  # found while copying
     assert not (tmp_path / "out").exists() and siblings(tmp_path / "out") == []
 
 
