@@ -1,7 +1,16 @@
-"""The one exception type the library raises for bad input.
+"""The one exception family the library raises for bad input, and the exit codes the CLIs map it to.
 
 Every message names the file, the tensor (when there is one) and the spec rule that was broken, so a
 user can look the rule up in spec/SPEC.md and a CLI can print the message as a single line.
+
+Exit codes, the same for every command (`neuroada`, `neuroada-merge`, `neuroada-pack`):
+
+| code | meaning |
+|---|---|
+| 0 | done / valid |
+| 1 | invalid input: an adapter, base, journal or config breaks a rule (NeuroAdaError) |
+| 2 | usage or I/O: bad arguments, a missing or unreadable path, an output that exists, a busy lock, a full disk (NeuroAdaUsageError, OSError) |
+| 130 | interrupted (Ctrl-C) |
 """
 from __future__ import annotations
 
@@ -28,3 +37,25 @@ class NeuroAdaError(Exception):
         parts.append(self.detail)
         text = ": ".join(parts).replace("\n", " ")
         return text.encode("utf-8", "backslashreplace").decode("utf-8")  # printable whatever the input
+
+
+class NeuroAdaUsageError(NeuroAdaError):
+    """The input could not be used for reasons other than its content: a missing path, a wrong option,
+    an output that already exists, a lock held by another run. Exit code 2 rather than 1."""
+
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def exit_code(exc: BaseException) -> int:
+    """The CLI exit code for an exception (see the table in the module docstring)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, NeuroAdaUsageError) or isinstance(exc, OSError):
+        return EXIT_USAGE
+    if isinstance(exc, NeuroAdaError):
+        return EXIT_INVALID
+    return EXIT_USAGE
