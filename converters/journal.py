@@ -36,15 +36,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from neuroada_format import NeuroAdaError
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.container import SafetensorsFile, strict_json
 from neuroada_format.dtypes import BASE_DTYPES
 
+from neuroada_format.durable import fsync_path, write_file
+
+from .backend import Mismatch, pause_for_tests
 from .progress import bar
-from .safetensors_merge import (Mismatch, fsync_dir, fsync_path, map_tensor, patch_values, pause_for_tests, remove,
-                               temp_sibling)
+from .tensor_map import map_tensor, patch_values
 
 FORMAT = "neuroada-journal"
+JOURNAL_PREFIX = ".neuroada-journal-"   # default journal names; a merge's copy of a folder leaves them out
 VERSION = "1"
 POSITION_PREFIX, ORIGINAL_PREFIX, MERGED_PREFIX = "positions/", "original/", "merged/"
 
@@ -79,7 +82,8 @@ def header_sha256(path: str) -> str:
 
 def write_journal(path: str, root: str, files: list[str], entries: list[JournalEntry], *,
                   adapters: list[dict]) -> None:
-    """Write the journal atomically: temporary sibling, fsync, rename (never over an existing file)."""
+    """Write the journal durably (neuroada_format.durable: temporary sibling, fsync, rename, folder
+    fsync), never over an existing file."""
     from safetensors.numpy import save_file
 
     doc = {
@@ -96,18 +100,8 @@ def write_journal(path: str, root: str, files: list[str], entries: list[JournalE
         tensors[POSITION_PREFIX + e.tensor] = np.ascontiguousarray(e.positions, dtype=position_dtype(e.count))
         tensors[ORIGINAL_PREFIX + e.tensor] = np.ascontiguousarray(e.original)
         tensors[MERGED_PREFIX + e.tensor] = np.ascontiguousarray(e.merged)
-    tmp = temp_sibling(path)
-    try:
-        save_file(tensors, tmp, metadata={"format": FORMAT, FORMAT: json.dumps(doc, separators=(",", ":"))})
-        fsync_path(tmp)
-        if os.path.lexists(path):
-            raise NeuroAdaError("journal already exists", path=path)
-        os.rename(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            remove(tmp)
-        raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    meta = {"format": FORMAT, FORMAT: json.dumps(doc, separators=(",", ":"))}
+    write_file(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=False, durable=True)
 
 
 @dataclass
@@ -133,11 +127,12 @@ def read_journal(path) -> Journal:
     """Open and check a journal (structure and self-consistency; the files are checked by revert)."""
     path = os.path.abspath(os.fspath(path))
     if not os.path.isfile(path):
-        raise NeuroAdaError("no such journal file", path=path, rule="1.1")
+        raise NeuroAdaUsageError("no such journal file", path=path, rule="1.1")
     st = SafetensorsFile(path)
     meta = st.metadata or {}
-    if meta.get("format") != FORMAT or FORMAT not in meta:
-        raise _malformed(path, "its __metadata__ has no neuroada-journal document")
+    if meta.get("format") != FORMAT or FORMAT not in meta:  # some other file given as a journal: usage
+        raise NeuroAdaUsageError("not a neuroada merge journal: its __metadata__ has no neuroada-journal "
+                                 "document", path=path)
     try:
         doc = strict_json(meta[FORMAT])
     except (ValueError, RecursionError) as exc:
@@ -192,9 +187,9 @@ def revert(journal, *, base=None, progress: bool = False) -> dict:
     for rel, f in j.doc["files"].items():
         path = os.path.join(root, rel)
         if not os.path.isfile(path):
-            raise NeuroAdaError("file named by the journal is missing", path=path)
+            raise NeuroAdaUsageError("file named by the journal is missing", path=path)
         if os.path.islink(path):
-            raise NeuroAdaError("is a symlink; a revert would write through it into the shared file", path=path)
+            raise NeuroAdaUsageError("is a symlink; a revert would write through it into the shared file", path=path)
         if os.path.getsize(path) != f["size"] or header_sha256(path) != f["header_sha256"]:
             raise Mismatch(f"this file is not the one journal {j.path} was written for (its header differs)",
                            path=path)

@@ -18,23 +18,22 @@ weight) are refused; an in-place merge of external data is not atomic (verify fi
 from __future__ import annotations
 
 import ast
-import math
 import os
 import shutil
-import tempfile
-import time
 from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
 
-from neuroada_format import Adapter, ArrayBase, MergePlan, NeuroAdaError, Target, plan_merge, probe_hash, validate
+from neuroada_format import (Adapter, ArrayBase, MergePlan, NeuroAdaError, NeuroAdaUsageError, Target, plan_merge,
+                             probe_hash, validate)
+from neuroada_format.durable import (default_mode, fsync_path, publish, remove, remove_stale_siblings, temp_sibling,
+                                     write_file)
 from neuroada_format.layout import canonical_shape, canonical_view, stored_shape
 from neuroada_format.merge import Delta
 from neuroada_format.validate import probe_mismatch
 
-from .progress import bar
-from .safetensors_merge import fsync_dir
+from .backend import Backend, MergeSummary, Resolved, Written, merge
 
 try:  # the converters need onnx; the format core does not
     import onnx
@@ -527,111 +526,105 @@ def open_onnx_base(path, adapter: Adapter, *, strict: bool = False) -> OnnxBase:
     return OnnxBase(model, adapter, resolutions, unresolved)
 
 
-# -- merging ---------------------------------------------------------------------------------------
-def _default_mode(path: str) -> None:
-    """mkstemp creates 0600 files; give outputs the permissions a plain open() would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+# -- the backend -----------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """Per initializer: its stored layout, the deltas merged into it and where each came from."""
+    entries: dict          # initializer -> {"layout", "deltas", "sources"}
+    resolutions: dict      # target -> Resolution.to_dict() + {"adapters": [i, ...]}
+    patches: dict | None = None   # initializer -> (positions, merged values), filled by plan()
+    touched: int = 0
 
 
-def _fsync(path: str, durable: bool = True) -> None:
-    if not durable:
-        return
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+class OnnxBackend(Backend):
+    """ONNX models, inline or with external data (see the module docstring for how targets are found)."""
+
+    format = "onnx"
+    supports_in_place = True
+
+    def open(self, path: str) -> OnnxModel:
+        return OnnxModel(path)
+
+    def inputs(self, view: OnnxModel) -> list[str]:
+        return [view.path] + sorted({ext.file for _, ext in view.external_tensors})
+
+    def companions(self, view: OnnxModel, out: str) -> list[str]:
+        return list(_data_names(view, out).values())
+
+    def resolve(self, view: OnnxModel, adapters, *, verify: bool) -> Resolved:
+        """Every target resolved (and with verify, validated against the model) before anything is read."""
+        entries: dict[str, dict] = {}
+        resolutions = {}
+        for ai, (adapter, scale) in enumerate(adapters):
+            found = resolve_targets(view.path, adapter, _model=view)
+            if verify:
+                _verify(view, adapter, found, adapter.path or f"adapter #{ai}")
+            for target, res in found.items():
+                t = adapter.targets[target]
+                resolutions.setdefault(target, {**res.to_dict(), "adapters": []})["adapters"].append(ai)
+                for name, layout in res.initializers():
+                    entry = entries.setdefault(name, {"layout": layout, "deltas": [], "sources": []})
+                    entry["deltas"].append(Delta(t.indices, t.values, scale))
+                    entry["sources"].append((adapter.path or f"adapter #{ai}", t))
+        return Resolved(_Plan(entries, resolutions), len(resolutions))
+
+    def plan(self, view: OnnxModel, resolved: Resolved, *, verify: bool, in_place: bool) -> _Plan:
+        """The merged values, computed from the (read-only) base; one read also gives the probe hashes."""
+        plan: _Plan = resolved.data
+        plan.patches = {}
+        for name in sorted(plan.entries):
+            entry = plan.entries[name]
+            merge_plan = plan_merge(view.array(name), entry["deltas"], entry["layout"], checked=verify)
+            if verify:
+                _probe_check(name, merge_plan, entry["sources"])
+            plan.patches[name] = (merge_plan.positions, merge_plan.merged)
+            plan.touched += int(merge_plan.positions.size)
+        if in_place:
+            _check_patchable(view, plan.patches)
+        return plan
+
+    def write(self, view: OnnxModel, plan: _Plan, out: str, *, overwrite: bool, durable: bool,
+              progress: bool) -> Written:
+        files, written, stale = _write_copy(view, plan.patches, out, overwrite, durable)
+        return Written(plan.touched, files, written, removed_stale=stale, details=self._details(view, plan))
+
+    def write_in_place(self, view: OnnxModel, plan: _Plan, *, journal, durable: bool, progress: bool) -> Written:
+        if journal is not None:
+            raise NeuroAdaUsageError("a revert journal applies to safetensors bases only", path=view.path)
+        files = _write_in_place(view, plan.patches, durable)
+        itemsize = {n: FLOAT_TYPES[view.initializers[n].data_type][1].itemsize for n in plan.patches}
+        return Written(plan.touched, files, sum(p.size * itemsize[n] for n, (p, _) in plan.patches.items()),
+                       details=self._details(view, plan))
+
+    @staticmethod
+    def _details(view: OnnxModel, plan: _Plan) -> dict:
+        return {"external_data": bool(view.external_tensors), "initializers": len(plan.patches),
+                "resolutions": plan.resolutions}
 
 
-def _patch_file(path: str, ext_offset: int, dtype, shape, positions, values) -> None:
-    mm = np.memmap(path, dtype=dtype, mode="r+", offset=ext_offset, shape=shape)
-    mm.reshape(-1)[positions] = values
-    mm.flush()
-    del mm
+BACKEND = OnnxBackend()
 
 
 def merge_onnx(base: str, adapters, out: str | None, *, verify: bool = True, in_place: bool = False,
-               progress: bool = False, durable: bool = False) -> dict:
+               progress: bool = False, durable: bool = False, overwrite: bool = False) -> MergeSummary:
     """Merge `adapters` [(Adapter, scale), ...] into the ONNX model `base`, writing `out`.
 
     Values follow the spec's merge rule exactly (neuroada_format.plan_merge: f32 sum over adapters
     in order, one rounding to the initializer's dtype). Nothing is written before every target is
-    resolved and (with verify) validated against the model, its probe hashes included. Out of place, the model and its external
-    data files are written beside `out` under temporary names and put in place by rename (see
-    `_commit`). in_place patches the base itself: external data files are patched at the tensors'
-    offsets (not atomic: a crash mid-way leaves some tensors merged), an inline model is rewritten
-    atomically. durable: fsync what is written before it is renamed into place (survives a power
-    cut; the renames alone already survive a killed process). Returns a JSON-able summary.
+    resolved and (with verify) validated against the model, its probe hashes included. Out of place,
+    the model and its external data files are written beside `out` under temporary names and put in
+    place by rename (see `_commit`); an existing `out` or data file is replaced only with overwrite.
+    in_place patches the base itself: external data files are patched at the tensors' offsets (not
+    atomic: a crash mid-way leaves some tensors merged), an inline model is rewritten atomically.
+    durable: fsync what is written before it is renamed into place (survives a power cut; the
+    renames alone already survive a killed process).
     """
-    start = time.perf_counter()
-    base = os.fspath(base)
-    pairs = [(a, 1.0) if isinstance(a, Adapter) else (a[0], float(a[1])) for a in adapters]
-    if not pairs:
-        raise NeuroAdaError("no adapters to merge", path=base, rule="4.1")
-    for a, scale in pairs:
-        if not math.isfinite(scale):
-            raise NeuroAdaError(f"scale {scale} is not finite", path=a.path)
     if in_place:
         if out is not None and os.path.abspath(out) != os.path.abspath(base):
-            raise NeuroAdaError("in_place merges write the base itself; give no separate output", path=base)
-        out = base
-    elif out is None or os.path.abspath(out) == os.path.abspath(base):
-        raise NeuroAdaError("output would overwrite the base model; choose another path or ask for in_place",
-                            path=base)
-    out = os.fspath(out)
-    model = OnnxModel(base)
-
-    # 1. resolve and verify everything before touching any file
-    plan: dict[str, dict] = {}     # initializer -> {"layout", "deltas", "targets"}
-    summary_targets = {}
-    for ai, (adapter, scale) in enumerate(pairs):
-        resolutions = resolve_targets(base, adapter, _model=model)
-        if verify:
-            _verify(model, adapter, resolutions, adapter.path or f"adapter #{ai}")
-        for target, res in resolutions.items():
-            t = adapter.targets[target]
-            summary_targets.setdefault(target, {**res.to_dict(), "adapters": []})["adapters"].append(ai)
-            for name, layout in res.initializers():
-                entry = plan.setdefault(name, {"layout": layout, "deltas": [], "sources": []})
-                entry["deltas"].append(Delta(t.indices, t.values, scale))
-                entry["sources"].append((adapter.path or f"adapter #{ai}", t))
-
-    # 2. the merged values, computed from the (read-only) base; one read also gives the probe hashes
-    patches = {}
-    touched = 0
-    with bar(len(plan), "merge", enabled=progress, unit="tensor") as pbar:
-        for name in sorted(plan):
-            entry = plan[name]
-            merge_plan = plan_merge(model.array(name), entry["deltas"], entry["layout"], checked=verify)
-            if verify:
-                _probe_check(name, merge_plan, entry["sources"])
-            patches[name] = (merge_plan.positions, merge_plan.merged)
-            touched += int(merge_plan.positions.size)
-            pbar.update(1)
-
-    # 3. write
-    external_files = sorted({ext.file for _, ext in model.external_tensors})
-    if in_place:
-        files = {model.external[n].file for n in patches if n in model.external}
-        if any(n not in model.external for n in patches):      # inline tensors: the .onnx is rewritten
-            if os.path.islink(model.path):
-                raise NeuroAdaError("model is a symbolic link; merge into a copy instead", path=model.path)
-            files.add(model.path)
-        for f in sorted(files):
-            if os.stat(f).st_nlink > 1:
-                raise NeuroAdaError("file has other hard links; patching it in place would change them too",
-                                    path=f)
-        _write_in_place(model, patches, durable)
-    else:
-        _write_copy(model, patches, out, external_files, durable)
-    return {
-        "base": base, "out": out, "in_place": in_place, "verified": verify, "durable": durable,
-        "adapters": [{"path": a.path, "scale": s} for a, s in pairs],
-        "external_data": bool(model.external_tensors),
-        "targets": summary_targets,
-        "initializers": len(patches),
-        "values_touched": touched,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
+            raise NeuroAdaUsageError("in_place merges write the base itself; give no separate output", path=base)
+        out = None
+    return merge(base, adapters, out, in_place=in_place, verify=verify, overwrite=overwrite, progress=progress,
+                 durable=durable, format="onnx")
 
 
 def _verify(model: OnnxModel, adapter: Adapter, resolutions: dict[str, Resolution], label: str) -> None:
@@ -660,6 +653,14 @@ def _probe_check(name: str, plan: MergePlan, sources: list[tuple[str, Target]]) 
                                 f"revision, or already merged)", path=label, tensor=t.name, rule="4.3")
 
 
+# -- writing ---------------------------------------------------------------------------------------
+def _patch_file(path: str, ext_offset: int, dtype, shape, positions, values) -> None:
+    mm = np.memmap(path, dtype=dtype, mode="r+", offset=ext_offset, shape=shape)
+    mm.reshape(-1)[positions] = values
+    mm.flush()
+    del mm
+
+
 def _set_inline(tensor, values_dtype, positions, values) -> None:
     """Patch an inline initializer, storing it as raw little-endian bytes (typed fields are cleared)."""
     shape = tuple(int(d) for d in tensor.dims)
@@ -673,7 +674,21 @@ def _set_inline(tensor, values_dtype, positions, values) -> None:
     tensor.raw_data = arr.reshape(shape).tobytes()
 
 
-def _write_in_place(model: OnnxModel, patches, durable: bool) -> None:
+def _check_patchable(model: OnnxModel, patches) -> None:
+    """In place: refuse files that patching would change for someone else (symlinks, hard links)."""
+    files = {model.external[n].file for n in patches if n in model.external}
+    if any(n not in model.external for n in patches):      # inline tensors: the .onnx is rewritten
+        if os.path.islink(model.path):
+            raise NeuroAdaUsageError("model is a symbolic link; merge into a copy instead", path=model.path)
+        files.add(model.path)
+    for f in sorted(files):
+        if os.stat(f).st_nlink > 1:
+            raise NeuroAdaUsageError("file has other hard links; patching it in place would change them too",
+                                     path=f)
+
+
+def _write_in_place(model: OnnxModel, patches, durable: bool) -> int:
+    """Patch external data at the tensors' offsets; rewrite an inline model atomically. Returns files."""
     inline = False
     for name, (positions, values) in patches.items():
         if name in model.external:
@@ -683,58 +698,48 @@ def _write_in_place(model: OnnxModel, patches, durable: bool) -> None:
         else:
             _set_inline(model.initializers[name], values.dtype, positions, values)
             inline = True
-    for f in {model.external[n].file for n in patches if n in model.external}:
-        _fsync(f, durable)
+    data_files = {model.external[n].file for n in patches if n in model.external}
+    if durable:
+        for f in data_files:
+            fsync_path(f)
     if inline:
-        folder = os.path.dirname(os.path.abspath(model.path))
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
-        os.close(fd)
-        try:
-            os.chmod(tmp, os.stat(model.path).st_mode & 0o7777)
+        payload = model.proto.SerializeToString()
+
+        def serialise(tmp):
             with open(tmp, "wb") as f:
-                f.write(model.proto.SerializeToString())
-                f.flush()
-                if durable:
-                    os.fsync(f.fileno())
-            os.replace(tmp, model.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        if durable:
-            fsync_dir(folder)
+                f.write(payload)
+
+        write_file(model.path, serialise, overwrite=True, durable=durable,
+                   mode=os.stat(model.path).st_mode & 0o7777)
+    return len(data_files) + int(inline)
 
 
-def _write_copy(model: OnnxModel, patches, out: str, external_files: list[str], durable: bool) -> None:
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise NeuroAdaError("output folder does not exist", path=out)
-    if os.path.isdir(out):
-        raise NeuroAdaError("output is a folder; give the .onnx file to write", path=out)
-    stem = os.path.basename(out)
+def _data_names(model: OnnxModel, out: str) -> dict[str, str]:
+    """Base data file -> the path its copy gets beside `out` (`<out>.data`, or `<out>.<i>.data`)."""
+    external_files = sorted({ext.file for _, ext in model.external_tensors})
+    folder, stem = os.path.split(os.path.abspath(out))
     if len(external_files) == 1:
-        new_names = {external_files[0]: f"{stem}.data"}
-    else:
-        new_names = {f: f"{stem}.{i}.data" for i, f in enumerate(external_files)}
-    base_files = {os.path.realpath(model.path)} | {os.path.realpath(f) for f in external_files}
-    for target in [out] + [os.path.join(folder, n) for n in new_names.values()]:
-        if os.path.realpath(target) in base_files:
-            raise NeuroAdaError("output would overwrite a file of the base model; choose another name",
-                                path=target)
+        return {external_files[0]: os.path.join(folder, f"{stem}.data")}
+    return {f: os.path.join(folder, f"{stem}.{i}.data") for i, f in enumerate(external_files)}
+
+
+def _write_copy(model: OnnxModel, patches, out: str, overwrite: bool, durable: bool) -> tuple[int, int, list]:
+    """Copy the model and its data files beside `out`, patched; returns (files, bytes, stale removed)."""
+    new_names = _data_names(model, out)
+    stale = [p for final in [out, *new_names.values()] for p in remove_stale_siblings(final)]
     temps: list[str] = []
 
-    def temp(suffix):
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-        os.close(fd)
+    def temp(final):
+        tmp = temp_sibling(final)
         temps.append(tmp)
-        _default_mode(tmp)
         return tmp
 
     try:
         data_temps = {}
-        for f in external_files:
-            tmp = temp(".data")
+        for f, final in new_names.items():
+            tmp = temp(final)
             shutil.copyfile(f, tmp)
+            os.chmod(tmp, default_mode())
             data_temps[f] = tmp
         for name, (positions, values) in patches.items():
             if name in model.external:
@@ -746,36 +751,38 @@ def _write_copy(model: OnnxModel, patches, out: str, external_files: list[str], 
         for tensor, ext in model.external_tensors:
             for e in tensor.external_data:
                 if e.key == "location":
-                    e.value = new_names[ext.file]
-        for tmp in data_temps.values():
-            _fsync(tmp, durable)
-        onnx_tmp = temp(".onnx")
+                    e.value = os.path.basename(new_names[ext.file])
+        if durable:
+            for tmp in data_temps.values():
+                fsync_path(tmp)
+        onnx_tmp = temp(out)
         with open(onnx_tmp, "wb") as f:
             f.write(model.proto.SerializeToString())
             f.flush()
             if durable:
                 os.fsync(f.fileno())
-        _commit(out, onnx_tmp, {os.path.join(folder, new_names[f]): tmp for f, tmp in data_temps.items()})
+        os.chmod(onnx_tmp, default_mode())
+        written = sum(os.path.getsize(t) for t in temps)
+        _commit(out, onnx_tmp, {new_names[f]: tmp for f, tmp in data_temps.items()}, overwrite, durable)
         temps.clear()
     finally:
         for tmp in temps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    if durable:
-        fsync_dir(folder)
+            if os.path.lexists(tmp):
+                remove(tmp)
+    return len(new_names) + 1, written, stale
 
 
-def _commit(out: str, onnx_tmp: str, data: dict[str, str]) -> None:
+def _commit(out: str, onnx_tmp: str, data: dict[str, str], overwrite: bool, durable: bool) -> None:
     """Put a model and its data files in place so `out` never names a graph with someone else's data.
 
-    Order: every file is complete (and fsynced, when durable) under a temporary name; an existing `out` is removed;
-    the data files are renamed into place; the .onnx is renamed last. A reader that opens `out`
-    therefore finds either no model or the new model with its own data (readers that already had the
-    old files open keep them: rename and unlink never change an open file). A crash in between leaves
-    no `out` at all, never an old graph next to new data; running the merge again repairs it.
+    Order: every file is complete (and fsynced, when durable) under a temporary name; an existing `out`
+    is removed (overwrite only); the data files are published; the .onnx is published last. A reader
+    that opens `out` therefore finds either no model or the new model with its own data (readers that
+    already had the old files open keep them). A crash in between leaves no `out` at all, never an old
+    graph next to new data; running the merge again repairs it.
     """
-    if data and os.path.lexists(out):
+    if data and overwrite and os.path.lexists(out):
         os.unlink(out)
     for final, tmp in data.items():
-        os.replace(tmp, final)
-    os.replace(onnx_tmp, out)
+        publish(tmp, final, overwrite=overwrite, durable=False)
+    publish(onnx_tmp, out, overwrite=overwrite, durable=durable)

@@ -29,6 +29,7 @@ from neuroada_format import Adapter, NeuroAdaError, Target, open_base, topk_colu
 from neuroada_format.dtypes import (BASE_DTYPES, INDEX_DTYPES, NUMPY_DTYPES, VALUE_DTYPES, common_value_dtype,
                                     index_dtype_for, nonfinite_mask)
 from neuroada_format.layout import canonical_view
+from neuroada_format.merge import union_target
 from neuroada_format.selection import select_indices
 
 from .progress import bar
@@ -212,35 +213,6 @@ def extract(base, finetuned, k: int, positions: str = "delta", targets=None, *, 
 
 
 # -- combine ---------------------------------------------------------------------------------------
-def union_target(name, parts, d_out, d_in):
-    """Row-wise union of positions and the f32 sums, padded to the longest row: (indices, f32 values)."""
-    keys = [np.arange(d_out, dtype=np.int64)[:, None] * d_in + np.asarray(t.indices, dtype=np.int64)
-            for t, _ in parts]
-    union, inverse = np.unique(np.concatenate([x.reshape(-1) for x in keys]), return_inverse=True)
-    acc = np.zeros(union.size, dtype=np.float32)
-    offset = 0
-    for (t, w), key in zip(parts, keys):
-        n = key.size
-        acc[inverse[offset:offset + n]] += np.float32(w) * np.asarray(t.values).reshape(-1).astype(np.float32)
-        offset += n
-    rows, cols = union // d_in, union % d_in
-    counts = np.bincount(rows, minlength=d_out)
-    k = int(counts.max())
-    # the k - count lowest unused columns of each row lie below 2k (or d_in): mark the used ones there
-    width = min(2 * k, d_in)
-    used = np.zeros((d_out, width), dtype=bool)
-    low = cols < width
-    used[rows[low], cols[low]] = True
-    free = ~used
-    pad = free & (np.cumsum(free, axis=1) <= (k - counts)[:, None])
-    pad_rows, pad_cols = np.nonzero(pad)
-    all_rows = np.concatenate([rows, pad_rows])
-    all_cols = np.concatenate([cols, pad_cols])
-    all_vals = np.concatenate([acc, np.zeros(pad_rows.size, dtype=np.float32)])
-    order = np.lexsort((all_cols, all_rows))
-    return all_cols[order].reshape(d_out, k), all_vals[order].reshape(d_out, k)
-
-
 def combine(adapters_with_weights, base, *, value_dtype: str | None = None, verify: bool = True,
             base_name: str | None = None) -> Adapter:
     """sum_a w_a * A_a as one adapter (see the module docstring for the exact arithmetic).
@@ -327,7 +299,7 @@ def repack(adapter: Adapter, value_dtype: str | None = None, index_dtype: str | 
         if nonfinite_mask(values).any() and not nonfinite_mask(np.asarray(t.values)).any():
             raise NeuroAdaError(f"a value overflows {vdt}", tensor=name, rule="3.7")
         targets[name] = Target(name, np.asarray(t.indices).astype(NUMPY_DTYPES[idt]), values, t.shape, t.layout,
-                               t.dtype, t.probe)
+                               t.dtype, t.probe, dict(t.extra))  # unknown per-target fields carried verbatim
     version = adapter.version
     if _minor(version) < _minor(_metadata.VERSION):
         version = _metadata.VERSION

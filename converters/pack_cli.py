@@ -1,8 +1,14 @@
 """`neuroada-pack`: extract an adapter from a dense fine-tune, combine adapters, or repack one.
 
-Exit codes: 0 written; 1 the inputs are unusable (an invalid adapter, adapters or checkpoints that do
-not belong together); 2 usage or I/O error. Every error is one line on stderr; `--json` prints the
-summary on stdout.
+Exit codes are the table of neuroada_format.errors (cli_common.py): 0 written; 1 the inputs break a
+rule (an invalid adapter or base, adapters or checkpoints that do not belong together); 2 usage or
+I/O error; 130 interrupted. Every error is one line on stderr; `--json` prints the summary on stdout.
+Adapter inputs are files or adapter folders. The output follows the one overwrite rule
+(neuroada_format.durable.check_output): an existing -o needs --overwrite, and -o may never be, hold
+or lie inside an input.
+
+Each mode is one function below (`_extract`, `_combine`, `_repack`) returning (summary, text); a new
+mode is one more option, one more function and one more branch in `cli`.
 """
 from __future__ import annotations
 
@@ -12,13 +18,12 @@ import sys
 
 import click
 
-from neuroada_format import NeuroAdaError, load
 from neuroada_format import save as naf_save
+from neuroada_format.durable import check_output
 
 from . import pack
-
-EXIT_INPUT = 1
-EXIT_USAGE = 2
+from .backend import load_adapter_file
+from .cli_common import parse_scaled, printable, run_command
 
 HELP = """Build NeuroAda adapters.
 
@@ -42,29 +47,14 @@ By default every 2-D F32/F16/BF16 tensor named *.weight is a target except embed
 """
 
 
-def _fail(message: str, code: int):
-    click.echo(f"error: {message}", err=True)
-    sys.exit(code)
-
-
 def _need(paths: dict):
     for what, path in paths.items():
         if path is not None and not os.path.exists(path):
             raise click.UsageError(f"{what} {path}: no such file or folder")
 
 
-def _parse_source(text: str) -> tuple[str, float]:
-    path, sep, weight = text.rpartition(":")
-    if sep and path:
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return text, 1.0
-
-
 def _file_summary(out: str, adapter) -> dict:
-    return {"out": out, "targets": len(adapter.targets),
+    return {"output": out, "targets": len(adapter.targets),
             "entries": int(sum(t.indices.size for t in adapter.targets.values())),
             "bytes": os.path.getsize(out)}
 
@@ -89,19 +79,14 @@ def _file_summary(out: str, adapter) -> dict:
 @click.option("--repack", "repack_path", metavar="ADAPTER", help="Rewrite ADAPTER with other dtypes.")
 @click.option("--base-name", help="Base model name recorded in the adapter (extract: default BASE's folder or "
                                    "file name; combine: default the first adapter's).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing -o (never an input).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def cli(sources, base, finetuned, k, out, positions, targets, layout_in_out, value_dtype, index_dtype,
-        do_combine, repack_path, base_name, as_json):
-    progress = not as_json
+        do_combine, repack_path, base_name, overwrite, as_json):
     if repack_path is not None:
         if do_combine or sources or base or finetuned or k or targets:
             raise click.UsageError("--repack takes only -o, --value-dtype and --index-dtype")
-        _need({"adapter": repack_path})
-        adapter = pack.repack(load(repack_path), value_dtype, index_dtype)
-        naf_save(adapter, out)
-        summary = {"mode": "repack", "source": repack_path, "version": adapter.version,
-                   **_file_summary(out, adapter)}
-        text = f"wrote {out}: {summary['targets']} targets, spec {adapter.version}, {summary['bytes']:,} bytes"
+        summary, text = _repack(repack_path, out, overwrite, value_dtype, index_dtype)
     elif do_combine:
         if not sources:
             raise click.UsageError("--combine needs at least one ADAPTER[:WEIGHT]")
@@ -109,15 +94,7 @@ def cli(sources, base, finetuned, k, out, positions, targets, layout_in_out, val
             raise click.UsageError("--combine needs --base (see --help: the new positions' probe is read from it)")
         if finetuned or k or targets or index_dtype:
             raise click.UsageError("--finetuned, -k, --targets and --index-dtype do not apply to --combine")
-        parsed = [_parse_source(s) for s in sources]
-        _need({"base": base, **{f"adapter #{i + 1}": p for i, (p, _) in enumerate(parsed)}})
-        adapters = [(load(p), w) for p, w in parsed]
-        combined = pack.combine(adapters, base, value_dtype=value_dtype, base_name=base_name)
-        naf_save(combined, out)
-        summary = {"mode": "combine", "sources": [{"path": p, "weight": w} for p, w in parsed],
-                   "k": {n: t.k for n, t in sorted(combined.targets.items())}, **_file_summary(out, combined)}
-        text = (f"wrote {out}: {len(parsed)} adapters combined into {summary['targets']} targets, "
-                f"{summary['entries']:,} entries, {summary['bytes']:,} bytes")
+        summary, text = _combine(sources, base, out, overwrite, value_dtype, base_name)
     else:
         if sources:
             raise click.UsageError(f"unexpected argument {sources[0]!r} (did you mean --combine?)")
@@ -126,45 +103,65 @@ def cli(sources, base, finetuned, k, out, positions, targets, layout_in_out, val
         missing = [opt for opt, v in (("--base", base), ("--finetuned", finetuned), ("-k", k)) if not v]
         if missing:
             raise click.UsageError(f"extraction needs {', '.join(missing)} (or use --combine / --repack)")
-        _need({"base": base, "finetuned": finetuned})
-        for p in (base, finetuned):
-            if os.path.abspath(p) == os.path.abspath(out):
-                raise click.UsageError("-o would overwrite an input checkpoint")
-        adapter, report = pack.extract(base, finetuned, k, positions, targets, layout_in_out=layout_in_out,
-                                       value_dtype=value_dtype or "BF16",
-                                       base_name=base_name or os.path.basename(os.path.normpath(base)),
-                                       progress=progress)
-        naf_save(adapter, out)
-        summary = {"mode": "extract", **_file_summary(out, adapter), "report": report}
-        worst = sorted(report["targets"].items(), key=lambda kv: -kv[1]["rel_error"])[:5]
-        lines = [f"wrote {out}: {summary['targets']} targets, k={k} ({positions}), {summary['entries']:,} "
-                 f"entries, {summary['bytes']:,} bytes",
-                 f"relative error ||D - D_k|| / ||D||: {report['rel_error']:.4g} overall, "
-                 f"{report['rel_error_stored']:.4g} with {report['value_dtype']} values"]
-        if report["unchanged"]:
-            lines.append(f"{len(report['unchanged'])} selected tensors are unchanged in the fine-tune (left out)")
-        lines += [f"  {r['rel_error']:.4g}  {name}" for name, r in worst]
-        text = "\n".join(lines)
-    click.echo(json.dumps(summary, indent=2) if as_json else text)
+        summary, text = _extract(base, finetuned, k, positions, targets, layout_in_out, value_dtype, base_name,
+                                 out, overwrite, progress=not as_json)
+    click.echo(json.dumps(summary, indent=2) if as_json else "\n".join(printable(line) for line in text.split("\n")))
+
+
+def _output(out: str, inputs, overwrite: bool) -> str:
+    """-o under the one overwrite rule (checked before any work: never after minutes of extraction)."""
+    return check_output(out, inputs=inputs, overwrite=overwrite, kind="file")
+
+
+def _repack(source, out, overwrite, value_dtype, index_dtype):
+    original = load_adapter_file(source)
+    out = _output(out, [original.path], overwrite)
+    adapter = pack.repack(original, value_dtype, index_dtype)
+    naf_save(adapter, out)
+    summary = {"mode": "repack", "source": source, "version": adapter.version, **_file_summary(out, adapter)}
+    return summary, f"wrote {out}: {summary['targets']} targets, spec {adapter.version}, {summary['bytes']:,} bytes"
+
+
+def _combine(sources, base, out, overwrite, value_dtype, base_name):
+    parsed = [parse_scaled(s) for s in sources]
+    _need({"base": base})
+    adapters = [(load_adapter_file(p), w) for p, w in parsed]
+    out = _output(out, [base] + [a.path for a, _ in adapters], overwrite)
+    combined = pack.combine(adapters, base, value_dtype=value_dtype, base_name=base_name)
+    naf_save(combined, out)
+    summary = {"mode": "combine", "sources": [{"path": p, "weight": w} for p, w in parsed],
+               "k": {n: t.k for n, t in sorted(combined.targets.items())}, **_file_summary(out, combined)}
+    return summary, (f"wrote {out}: {len(parsed)} adapters combined into {summary['targets']} targets, "
+                     f"{summary['entries']:,} entries, {summary['bytes']:,} bytes")
+
+
+def _extract(base, finetuned, k, positions, targets, layout_in_out, value_dtype, base_name, out, overwrite, *,
+             progress):
+    _need({"base": base, "finetuned": finetuned})
+    out = _output(out, [base, finetuned], overwrite)
+    adapter, report = pack.extract(base, finetuned, k, positions, targets, layout_in_out=layout_in_out,
+                                   value_dtype=value_dtype or "BF16",
+                                   base_name=base_name or os.path.basename(os.path.normpath(base)),
+                                   progress=progress)
+    naf_save(adapter, out)
+    summary = {"mode": "extract", **_file_summary(out, adapter), "report": report}
+    worst = sorted(report["targets"].items(), key=lambda kv: -kv[1]["rel_error"])[:5]
+    lines = [f"wrote {out}: {summary['targets']} targets, k={k} ({positions}), {summary['entries']:,} "
+             f"entries, {summary['bytes']:,} bytes",
+             f"relative error ||D - D_k|| / ||D||: {report['rel_error']:.4g} overall, "
+             f"{report['rel_error_stored']:.4g} with {report['value_dtype']} values"]
+    if report["unchanged"]:
+        lines.append(f"{len(report['unchanged'])} selected tensors are unchanged in the fine-tune (left out)")
+    if report["not_in_finetuned"]:
+        lines.append(f"{len(report['not_in_finetuned'])} selected tensors are missing from the fine-tune (left "
+                     f"out), e.g. {report['not_in_finetuned'][0]}")
+    lines += [f"  {r['rel_error']:.4g}  {name}" for name, r in worst]
+    return summary, "\n".join(lines)
 
 
 def main(argv=None):
-    """Entry point: click parses, our handler turns every failure into one line and an exit code."""
-    try:
-        cli.main(args=argv, prog_name="neuroada-pack", standalone_mode=False)
-    except click.exceptions.Exit as exc:      # --help
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:       # usage errors: one line, not click's three
-        _fail(exc.format_message().replace("\n", " "), EXIT_USAGE)
-    except click.exceptions.Abort:
-        _fail("aborted", 130)
-    except NeuroAdaError as exc:
-        _fail(str(exc), EXIT_INPUT)
-    except OSError as exc:
-        _fail(f"{exc.filename or ''}: {exc.strerror or exc}", EXIT_USAGE)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
-    sys.exit(0)
+    """Entry point: click parses, cli_common turns every failure into one line and an exit code."""
+    sys.exit(run_command(cli, argv, "neuroada-pack"))
 
 
 if __name__ == "__main__":

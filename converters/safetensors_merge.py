@@ -1,4 +1,5 @@
-"""Merge NeuroAda adapters into a safetensors checkpoint: into a new copy, or in place with a revert journal.
+"""The safetensors backend: merge adapters into a checkpoint (a file, or a Hugging Face folder, sharded
+or not), into a new copy or in place with a revert journal.
 
 A merge changes d_out*k values per target and never a size or a header, so the output is a copy of
 each file in which the touched tensors are patched on the way: untouched bytes are copied by the
@@ -10,8 +11,8 @@ per copy thread (a whole tensor for the Conv1D layout, whose canonical rows are 
 nothing is ever re-serialised, so every other byte (headers, `__metadata__`, index json,
 tokenizer files, subfolders) is carried over exactly.
 
-Safety rules this module keeps:
-- BASE is only opened and mapped read-only, unless `merge_in_place` is asked for.
+Safety rules this module keeps (the rest, common to every format, are the driver's: backend.py):
+- BASE is only opened and mapped read-only, unless an in-place merge is asked for.
 - Every adapter is validated before OUT can appear (`verify=False` skips only the checks that read
   the base, i.e. the probe hash and structure hash; keys, shapes, dtypes and the adapters' own
   structure/content are always checked, because merging without them writes garbage). The header
@@ -19,31 +20,19 @@ Safety rules this module keeps:
   fails before anything is copied; every other target's probe hash is computed from the same read
   that merges it and compared once the tensor is through. A mismatch anywhere removes the temporary
   sibling: OUT never appears.
-- OUT is built in a temporary sibling `<OUT>.tmp-<host>-<pid>-<random>`, then renamed (an existing
-  OUT, with overwrite=True, is swapped atomically with renameat2(RENAME_EXCHANGE) where the OS has it).
-  A SIGKILL can leave such a sibling behind, never a partial OUT; the next merge to the same OUT
-  deletes the siblings whose process (on this host) is gone.
-- Durability is opt-in (`durable=True`, the CLI's --fsync): the files and folders are then fsynced
-  before the rename, so OUT survives a power cut too. Like cp and save_pretrained, the default leaves
-  write-back to the kernel: fsync doubled a warm-cache merge's time here (bench/merge.py), and a
-  killed or crashed process never needs it (its writes are already in the page cache).
+- OUT is built in a temporary sibling and published by neuroada_format.durable (atomic rename; an
+  existing OUT, with overwrite, is swapped whole). Durability is opt-in (`durable=True`, the CLI's
+  --fsync): like cp and save_pretrained, the default leaves write-back to the kernel: fsync doubled
+  a warm-cache merge's time here (bench/merge.py), and a killed process never needs it.
 - In place: a revert journal (see journal.py) is written and fsynced before the first byte of BASE
-  changes, whatever `durable` says; symlinked or hard-linked files are refused (patching them would change the shared copy).
-
-NEUROADA_TEST_SLOWDOWN (seconds) makes every step sleep; it exists only so the fault-injection tests
-can SIGKILL a merge mid-way, and is never set in normal use.
+  changes, whatever `durable` says; symlinked or hard-linked files are refused (patching them would
+  change the shared copy).
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import math
-import mmap
 import os
-import re
-import secrets
-import shutil
-import socket
 import stat
 import sys
 import threading
@@ -53,82 +42,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from neuroada_format import (Adapter, Checkpoint, Delta, MergePlan, NeuroAdaError, Target, load, open_base,
-                             plan_merge, validate)
+from neuroada_format import (Adapter, Checkpoint, Delta, MergePlan, NeuroAdaError, NeuroAdaUsageError, Target,
+                             open_base, plan_merge, validate)
 from neuroada_format.dtypes import NUMPY_DTYPES
+from neuroada_format.durable import (default_mode, fsync_dir, fsync_path, publish, remove, remove_stale_siblings,
+                                     temp_sibling)
 from neuroada_format.hashing import ProbeHash
 from neuroada_format.layout import stored_shape
 from neuroada_format.validate import PROBE_MISMATCH, probe_mismatch
 
+from . import backend as _backend
+from .backend import SLOWDOWN_ENV, Backend, Mismatch, Resolved, Written, pause_for_tests  # noqa: F401
+from .journal import JOURNAL_PREFIX, JournalEntry, position_dtype, write_journal
 from .progress import bar
+from .tensor_map import map_tensor, patch_values
 
-SLOWDOWN_ENV = "NEUROADA_TEST_SLOWDOWN"
-TMP_MARK = ".tmp-"
-JOURNAL_PREFIX = ".neuroada-journal-"
 COPY_CHUNK = 64 << 20   # one sendfile call
 BLOCK_BYTES = 4 << 20   # rows of a touched tensor read, merged and written at a time
 IO_CHUNK = 1 << 20      # one read or write call through the buffer (larger calls were erratic here)
-
-
-class Mismatch(NeuroAdaError):
-    """An adapter does not belong to the base, or a journal to the files (the CLI's exit code 1)."""
-
-    @classmethod
-    def of(cls, exc: NeuroAdaError) -> "Mismatch":
-        return cls(exc.detail, path=exc.path, tensor=exc.tensor, rule=exc.rule)
-
-
-def pause_for_tests() -> None:
-    """Test-only hook (see module docstring): widen the window between steps for fault injection."""
-    delay = os.environ.get(SLOWDOWN_ENV)
-    if delay:
-        time.sleep(float(delay))
-
-
-# -- mapping tensors ---------------------------------------------------------------------------------
-_MADV_POPULATE_READ, _MADV_POPULATE_WRITE = 22, 23  # Linux >= 5.14; older kernels just fault lazily
-
-
-def map_tensor(path: str, dtype: str, offset: int, shape, *, writable: bool = False,
-               populate: bool | None = None) -> np.ndarray:
-    """One tensor of a file as an array over its own shared map, unmapped when the array is dropped.
-
-    populate (default: when writable): fault the whole map in with one madvise instead of one fault
-    per 4 KiB page. Writes need it: an in-place merge touches nearly every page of a target and write
-    faults come one page at a time (patching a 1 GB file got ~3x faster here). Reads do not: the kernel
-    maps 16 pages per read fault, which beat populating. A populated writable map dirties every
-    page, so in-place patches populate only where they likely touch every page anyway (see
-    `worth_populating`). Read-only maps can never write the file.
-    """
-    dt = NUMPY_DTYPES[dtype]
-    count = math.prod(shape)
-    if count == 0:
-        return np.empty(shape, dtype=dt)
-    start = offset - offset % mmap.ALLOCATIONGRANULARITY
-    with open(path, "r+b" if writable else "rb") as f:
-        mm = mmap.mmap(f.fileno(), offset - start + count * dt.itemsize, offset=start,
-                       access=mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ)
-    if (writable if populate is None else populate) and hasattr(mm, "madvise") and sys.platform.startswith("linux"):
-        try:
-            mm.madvise(_MADV_POPULATE_WRITE if writable else _MADV_POPULATE_READ)
-        except OSError:
-            pass
-    return np.frombuffer(mm, dtype=dt, count=count, offset=offset - start).reshape(shape)
-
-
-def worth_populating(values: int, nbytes: int) -> bool:
-    """Whether patching `values` spread over every row of a tensor likely dirties all of its pages."""
-    return values >= nbytes // mmap.PAGESIZE
-
-
-def patch_values(path: str, dtype: str, offset: int, count: int, positions: np.ndarray, values: np.ndarray) -> None:
-    """Write `values` at flat `positions` of the tensor at `offset` in `path`, through a map of it
-    (populated first where the patch likely dirties every page); the kernel writes the pages back."""
-    region = map_tensor(path, dtype, offset, (count,), writable=True,
-                        populate=worth_populating(positions.size, count * values.itemsize))
-    region[np.asarray(positions, dtype=np.int64)] = values
-    del region  # unmaps
-
 
 # -- inputs ------------------------------------------------------------------------------------------
 @dataclass
@@ -164,33 +95,14 @@ class _Touch:
         return map_tensor(path, self.dtype, self.offset, self.shape, writable=writable, populate=populate)
 
 
-def normalise_adapters(adapters) -> list[tuple[Adapter, float]]:
-    """(Adapter or path, scale) pairs (a bare Adapter or path means scale 1), scales finite in f32."""
-    result = []
-    for item in adapters:
-        adapter, scale = item if isinstance(item, tuple) else (item, 1.0)
-        if not isinstance(adapter, Adapter):
-            adapter = load(adapter)
-        scale = float(scale)
-        if not math.isfinite(scale) or not np.isfinite(np.float32(scale)):
-            raise NeuroAdaError(f"scale {scale!r} is not a finite f32 number", path=adapter.path)
-        result.append((adapter, scale))
-    if not result:
-        raise NeuroAdaError("no adapter to merge")
-    return result
-
-
-def _described(adapters) -> list[dict]:
-    return [{"path": os.path.abspath(a.path) if a.path else None, "scale": s} for a, s in adapters]
-
 
 def open_checkpoint(base) -> _Base:
     path = os.path.abspath(os.fspath(base))
     if not os.path.exists(path):
-        raise NeuroAdaError("no such file or folder", path=path, rule="1.1")
+        raise NeuroAdaUsageError("no such file or folder", path=path, rule="1.1")
     ck = open_base(path)
     if not isinstance(ck, Checkpoint):
-        raise NeuroAdaError("the base must be a safetensors file or folder", path=path)
+        raise NeuroAdaUsageError("the base must be a safetensors file or folder", path=path)
     return _Base(path, path if os.path.isdir(path) else None, ck)
 
 
@@ -226,7 +138,7 @@ def _check_fits(adapter: Adapter, ck: Checkpoint) -> None:
                                 f"({t.layout})", path=adapter.path, tensor=name, rule="4.2")
 
 
-def plan(adapters: list[tuple[Adapter, float]], base: _Base) -> list[_Touch]:
+def touches_of(adapters: list[tuple[Adapter, float]], base: _Base) -> list[_Touch]:
     """The touched tensors in file/offset order, each with its deltas in the adapters' order."""
     touches: dict[str, _Touch] = {}
     for adapter, scale in adapters:
@@ -272,116 +184,7 @@ def first_probes(adapters: list[tuple[Adapter, float]], touches: list[_Touch]) -
             prepare(by_name[smallest.name], True)
 
 
-# -- files -------------------------------------------------------------------------------------------
-def _host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
-
-
-def temp_sibling(path: str) -> str:
-    """A fresh name beside `path` that stale-sibling cleanup can attribute to this host and process."""
-    return f"{path}{TMP_MARK}{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_siblings(path: str) -> list[str]:
-    """Delete `<path>.tmp-*` siblings left by killed merges of this host; returns what was removed."""
-    folder, name = os.path.split(os.path.abspath(path))
-    pattern = re.compile(re.escape(name + TMP_MARK) + r"(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]+$")
-    removed = []
-    try:
-        entries = os.listdir(folder)
-    except OSError:
-        return removed
-    for entry in entries:
-        m = pattern.match(entry)
-        if not m or m["host"] != _host_tag():
-            continue
-        pid = int(m["pid"])
-        if pid == os.getpid() or _alive(pid):
-            continue
-        remove(os.path.join(folder, entry))
-        removed.append(os.path.join(folder, entry))
-    return removed
-
-
-def remove(path: str) -> None:
-    if os.path.islink(path) or os.path.isfile(path):
-        os.unlink(path)
-    elif os.path.isdir(path):
-        shutil.rmtree(path)
-
-
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str) -> None:
-    """Make a rename or a new entry durable (a no-op where folders cannot be opened, e.g. Windows)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
-
-
-def _renameat2(src: str, dst: str, flags: int) -> bool:
-    """Linux renameat2; False where the OS or file system lacks it (callers fall back)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd = -100
-    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), dst)
-
-
-def publish(tmp: str, out: str, overwrite: bool, durable: bool = True) -> None:
-    """Rename the finished temporary sibling to OUT (atomically replacing OUT when overwrite)."""
-    if os.path.lexists(out):
-        if not overwrite:
-            raise NeuroAdaError("output already exists; pass --overwrite to replace it", path=out)
-        if os.path.isdir(tmp) and not os.path.islink(out):
-            if not _renameat2(tmp, out, _RENAME_EXCHANGE):
-                old = temp_sibling(out)
-                os.rename(out, old)
-                os.rename(tmp, out)
-                tmp = old
-            remove(tmp)  # now the previous OUT
-        else:
-            os.replace(tmp, out)
-    elif not _renameat2(tmp, out, _RENAME_NOREPLACE):
-        os.rename(tmp, out)
-    if durable:
-        fsync_dir(os.path.dirname(out))
-
-
+# -- copying files -----------------------------------------------------------------------------------
 class _Stopped(Exception):
     """A copy worker was told to stop because another one failed (the failure is what gets raised)."""
 
@@ -562,42 +365,105 @@ def _tree(root: str) -> tuple[list[str], list[str]]:
                 files.append(os.path.normpath(os.path.join(rel_here, n)))
     return dirs, files
 
-
-# -- merge into a new checkpoint ---------------------------------------------------------------------
-def _check_destination(base: _Base, out: str, overwrite: bool) -> None:
-    parent = os.path.dirname(out)
-    if not os.path.isdir(parent):
-        raise NeuroAdaError("the output's parent folder does not exist", path=out)
-    if os.path.normcase(os.path.realpath(out)) == os.path.normcase(os.path.realpath(base.path)):
-        raise NeuroAdaError("the output is the base; use --in-place to patch the base", path=out)
-    if base.root and os.path.commonpath([os.path.realpath(out), os.path.realpath(base.root)]) == \
-            os.path.realpath(base.root):
-        raise NeuroAdaError("the output lies inside the base folder", path=out)
-    if os.path.lexists(out):
-        if not overwrite:
-            raise NeuroAdaError("output already exists; pass --overwrite to replace it", path=out)
-        if os.path.isdir(out) != bool(base.root):
-            kind = "a folder" if os.path.isdir(out) else "a file"
-            raise NeuroAdaError(f"output exists and is {kind}, but the base is "
-                                f"{'a folder' if base.root else 'a file'}", path=out)
+# -- merge in place ----------------------------------------------------------------------------------
+def _refuse_shared(path: str) -> None:
+    if os.path.islink(path):
+        raise NeuroAdaUsageError(f"is a symlink (to {os.path.realpath(path)}), e.g. into a Hugging Face cache; "
+                            "patching it would change the shared file: copy the checkpoint first "
+                            "(cp -rL) or merge into a new folder with --out", path=path)
+    links = os.stat(path).st_nlink
+    if links > 1:
+        raise NeuroAdaUsageError(f"has {links} hard links; patching it would change every copy: copy the "
+                            "checkpoint first or merge into a new folder with --out", path=path)
+    if not os.access(path, os.W_OK):
+        raise NeuroAdaUsageError("is not writable", path=path)
 
 
-def merge_safetensors(base, adapters, out, *, verify: bool = True, overwrite: bool = False,
-                      progress: bool = False, durable: bool = False) -> dict:
-    """Write BASE + adapters to a new checkpoint OUT of the same kind (folder or file); returns a summary.
+def default_journal_path(base: _Base) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    if base.root:
+        stem = os.path.join(base.root, f"{JOURNAL_PREFIX}{stamp}")
+    else:
+        folder, name = os.path.split(base.path)
+        stem = os.path.join(folder, f"{JOURNAL_PREFIX}{name}-{stamp}")
+    path, n = stem + ".safetensors", 1
+    while os.path.lexists(path):
+        n += 1
+        path = f"{stem}-{n}.safetensors"
+    return path
 
-    adapters: (Adapter or path, scale) pairs, merged with the spec's rule in the given order.
-    durable: fsync every file and folder before OUT appears (see the module docstring).
-    """
-    started = time.perf_counter()
-    adapters = normalise_adapters(adapters)
-    b = open_checkpoint(base)
-    out = os.path.abspath(os.fspath(out))
-    _check_destination(b, out, overwrite)
-    warnings = check_adapters(adapters, b, verify)
-    touches = plan(adapters, b)
-    if verify:
-        first_probes(adapters, touches)
+
+
+# -- the backend -------------------------------------------------------------------------------------
+@dataclass
+class _CopyPlan:
+    touches: list[_Touch]
+    verify: bool           # check every probe hash as the copy reads the values
+
+
+@dataclass
+class _InPlacePlan:
+    touches: list[_Touch]
+    files: list[str]
+    entries: list[JournalEntry]
+    adapters: list[dict]
+
+
+class SafetensorsBackend(Backend):
+    """Safetensors files and Hugging Face folders (sharded or not); copies, or in place with a journal."""
+
+    format = "safetensors"
+    supports_in_place = True
+
+    def open(self, path: str) -> _Base:
+        return open_checkpoint(path)
+
+    def inputs(self, view: _Base) -> list[str]:
+        return [view.path] + sorted({st.path for st in view.ck.files.values()})
+
+    def output_kind(self, view: _Base) -> str:
+        return "folder" if view.root else "file"
+
+    def base_path(self, view: _Base) -> str:
+        return view.path
+
+    def resolve(self, view: _Base, adapters, *, verify: bool) -> Resolved:
+        warnings = check_adapters(adapters, view, verify)
+        touches = touches_of(adapters, view)
+        return Resolved((touches, adapters), len(touches), warnings)
+
+    def plan(self, view: _Base, resolved: Resolved, *, verify: bool, in_place: bool):
+        touches, adapters = resolved.data
+        if not in_place:
+            if verify:
+                first_probes(adapters, touches)  # the copy checks every other probe as it goes
+            return _CopyPlan(touches, verify)
+        files = sorted({t.file for t in touches})
+        for f in files:
+            _refuse_shared(f)
+        entries = []
+        for t in touches:
+            p = prepare(t, verify)  # one read of the base: merged values, journal originals, probe hashes
+            count = int(math.prod(t.shape))
+            entries.append(JournalEntry(t.name, t.rel, t.dtype, t.offset, count,
+                                        p.positions.astype(position_dtype(count)), p.originals, p.merged))
+        return _InPlacePlan(touches, files, entries, _backend.described(adapters))
+
+    def write(self, view: _Base, plan: _CopyPlan, out: str, *, overwrite: bool, durable: bool,
+              progress: bool) -> Written:
+        return _write_copy(view, plan.touches, out, verify=plan.verify, overwrite=overwrite, durable=durable,
+                           progress=progress)
+
+    def write_in_place(self, view: _Base, plan: _InPlacePlan, *, journal, durable: bool, progress: bool) -> Written:
+        return _write_in_place(view, plan, journal, durable=durable, progress=progress)
+
+
+BACKEND = SafetensorsBackend()
+
+
+def _write_copy(b: _Base, touches: list[_Touch], out: str, *, verify: bool, overwrite: bool, durable: bool,
+                progress: bool) -> Written:
+    """Copy every file of the base into a temporary sibling of OUT, merging on the way, and publish it."""
     stale = remove_stale_siblings(out)
     if b.root:
         dirs, files = _tree(b.root)
@@ -638,100 +504,59 @@ def merge_safetensors(base, adapters, out, *, verify: bool = True, overwrite: bo
             if durable:
                 fsync_dir(tmp)
         pause_for_tests()
-        publish(tmp, out, overwrite, durable)
+        publish(tmp, out, overwrite=overwrite, durable=durable)
     except BaseException:
         if os.path.lexists(tmp):
             remove(tmp)
         raise
-    return {
-        "mode": "copy", "base": b.path, "output": out,
-        "adapters": _described(adapters),
-        "verified": verify, "durable": durable, "targets": len(touches), "values_touched": touched,
-        "files": len(files), "bytes_written": written,
-        "seconds": round(time.perf_counter() - started, 3),
-        "removed_stale": stale, "warnings": warnings,
-    }
+    return Written(values_touched=touched, files=len(files), bytes_written=written, removed_stale=stale)
 
 
-# -- merge in place ----------------------------------------------------------------------------------
-def _refuse_shared(path: str) -> None:
-    if os.path.islink(path):
-        raise NeuroAdaError(f"is a symlink (to {os.path.realpath(path)}), e.g. into a Hugging Face cache; "
-                            "patching it would change the shared file: copy the checkpoint first "
-                            "(cp -rL) or merge into a new folder with --out", path=path)
-    links = os.stat(path).st_nlink
-    if links > 1:
-        raise NeuroAdaError(f"has {links} hard links; patching it would change every copy: copy the "
-                            "checkpoint first or merge into a new folder with --out", path=path)
-    if not os.access(path, os.W_OK):
-        raise NeuroAdaError("is not writable", path=path)
-
-
-def default_journal_path(base: _Base) -> str:
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    if base.root:
-        stem = os.path.join(base.root, f"{JOURNAL_PREFIX}{stamp}")
-    else:
-        folder, name = os.path.split(base.path)
-        stem = os.path.join(folder, f"{JOURNAL_PREFIX}{name}-{stamp}")
-    path, n = stem + ".safetensors", 1
-    while os.path.lexists(path):
-        n += 1
-        path = f"{stem}-{n}.safetensors"
-    return path
-
-
-def merge_in_place(base, adapters, *, journal=None, verify: bool = True, progress: bool = False,
-                   durable: bool = False) -> dict:
-    """Patch BASE's files through a memory map, after writing a revert journal; returns a summary.
-
-    The journal is always fsynced first; durable also fsyncs the patched files at the end.
-    """
-    from .journal import JournalEntry, position_dtype, write_journal
-
-    started = time.perf_counter()
-    adapters = normalise_adapters(adapters)
-    b = open_checkpoint(base)
-    warnings = check_adapters(adapters, b, verify)
-    touches = plan(adapters, b)
-    files = sorted({t.file for t in touches})
-    for f in files:
-        _refuse_shared(f)
+def _write_in_place(b: _Base, plan: _InPlacePlan, journal, *, durable: bool, progress: bool) -> Written:
+    """Write the revert journal (always fsynced), then patch BASE's files through a memory map."""
     journal = os.path.abspath(os.fspath(journal)) if journal else default_journal_path(b)
     if os.path.lexists(journal):
-        raise NeuroAdaError("journal already exists; it may be needed to revert an earlier merge", path=journal)
+        raise NeuroAdaUsageError("journal already exists; it may be needed to revert an earlier merge",
+                                 path=journal)
     if not os.path.isdir(os.path.dirname(journal)):
-        raise NeuroAdaError("the journal's parent folder does not exist", path=journal)
+        raise NeuroAdaUsageError("the journal's parent folder does not exist", path=journal)
     remove_stale_siblings(journal)
-
-    entries = []
-    for t in touches:
-        p = prepare(t, verify)  # one read of the base: merged values, journal originals, probe hashes
-        count = int(math.prod(t.shape))
-        entries.append(JournalEntry(t.name, t.rel, t.dtype, t.offset, count,
-                                    p.positions.astype(position_dtype(count)), p.originals, p.merged))
     root = b.root or os.path.dirname(b.path)
-    write_journal(journal, root, [os.path.relpath(f, root) for f in files], entries,
-                  adapters=_described(adapters))
+    write_journal(journal, root, [os.path.relpath(f, root) for f in plan.files], plan.entries,
+                  adapters=plan.adapters)
     pause_for_tests()
-
     touched = 0
-    by_path = {t.name: t for t in touches}
-    with bar(len(entries), "merge in place", enabled=progress, unit="tensor") as pbar:
-        for e in entries:
-            patch_values(by_path[e.tensor].file, e.dtype, e.offset, e.count, e.positions, e.merged)
+    by_name = {t.name: t for t in plan.touches}
+    with bar(len(plan.entries), "merge in place", enabled=progress, unit="tensor") as pbar:
+        for e in plan.entries:
+            patch_values(by_name[e.tensor].file, e.dtype, e.offset, e.count, e.positions, e.merged)
             touched += int(e.positions.size)
             pbar.update(1)
             pause_for_tests()
     if durable:
-        for f in files:
+        for f in plan.files:
             fsync_path(f)
-    itemsizes = {t.name: NUMPY_DTYPES[t.dtype].itemsize for t in touches}
-    return {
-        "mode": "in-place", "base": b.path, "output": b.path, "journal": journal,
-        "adapters": _described(adapters),
-        "verified": verify, "durable": durable, "targets": len(touches), "values_touched": touched,
-        "files": len(files), "bytes_written": sum(e.positions.size * itemsizes[e.tensor] for e in entries),
-        "journal_bytes": os.path.getsize(journal),
-        "seconds": round(time.perf_counter() - started, 3), "warnings": warnings,
-    }
+    itemsizes = {t.name: NUMPY_DTYPES[t.dtype].itemsize for t in plan.touches}
+    return Written(values_touched=touched, files=len(plan.files),
+                   bytes_written=sum(e.positions.size * itemsizes[e.tensor] for e in plan.entries),
+                   journal=journal, details={"journal_bytes": os.path.getsize(journal)})
+
+
+# -- the library's entry points (the CLI goes through backend.merge too) -----------------------------
+def merge_safetensors(base, adapters, out, *, verify: bool = True, overwrite: bool = False,
+                      progress: bool = False, durable: bool = False) -> _backend.MergeSummary:
+    """Write BASE + adapters to a new checkpoint OUT of the same kind (folder or file).
+
+    adapters: (Adapter or path, scale) pairs, merged with the spec's rule in the given order.
+    durable: fsync every file and folder before OUT appears (see the module docstring).
+    """
+    return _backend.merge(base, adapters, out, verify=verify, overwrite=overwrite, progress=progress,
+                          durable=durable, format="safetensors")
+
+
+def merge_in_place(base, adapters, *, journal=None, verify: bool = True, progress: bool = False,
+                   durable: bool = False) -> _backend.MergeSummary:
+    """Patch BASE's files through a memory map, after writing a revert journal (always fsynced);
+    durable also fsyncs the patched files at the end."""
+    return _backend.merge(base, adapters, in_place=True, journal=journal, verify=verify, progress=progress,
+                          durable=durable, format="safetensors")

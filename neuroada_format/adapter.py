@@ -9,12 +9,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .container import Problems, SafetensorsFile
+from .durable import write_file
 from .dtypes import INDEX_DTYPES, I16_MAX_D_IN, NUMPY_DTYPES, VALUE_DTYPES, dtype_name, index_dtype_for
 from .errors import NeuroAdaError
 from .hashing import probe_hash
@@ -261,19 +261,6 @@ def _kept_index_dtype(t: Target) -> str:
 
 
 def atomic_write(path: str, write) -> None:
-    """Run write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any saved file
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Run write(tmp_path) on a temporary file beside `path`, fsync it, then rename it over `path`
+    (neuroada_format.durable: the one durable-write path every writer shares)."""
+    write_file(path, write, overwrite=True, durable=True)

@@ -156,3 +156,39 @@ def merge_weight_(weight: np.ndarray, deltas: Sequence, layout: str = "out_in") 
 def unmerge_weight_(weight: np.ndarray, saved: Saved) -> None:
     """Write the original values back: bit-exact, whatever rounding the merge did."""
     weight.reshape(-1)[saved.positions] = saved.originals
+
+
+def union_target(name, parts, d_out, d_in):
+    """One target of sum_a w_a * A_a: the row-wise union of positions and the f32 sums, padded with +0.0
+    at each row's lowest unused columns to the longest row (k is fixed per target): (indices, f32 values).
+
+    parts: [(target with canonical [d_out, k_a] indices and values, weight)]. Each term is
+    f32(f32(w) * f32(v)), summed in f32 in the given order, exactly as rule M forms it; rounding to a
+    value dtype is the caller's (neuroada-pack --combine and the runtime's add_weighted_adapter share
+    this, so both give the same adapter).
+    """
+    keys = [np.arange(d_out, dtype=np.int64)[:, None] * d_in + np.asarray(t.indices, dtype=np.int64)
+            for t, _ in parts]
+    union, inverse = np.unique(np.concatenate([x.reshape(-1) for x in keys]), return_inverse=True)
+    acc = np.zeros(union.size, dtype=np.float32)
+    offset = 0
+    for (t, w), key in zip(parts, keys):
+        n = key.size
+        acc[inverse[offset:offset + n]] += np.float32(w) * np.asarray(t.values).reshape(-1).astype(np.float32)
+        offset += n
+    rows, cols = union // d_in, union % d_in
+    counts = np.bincount(rows, minlength=d_out)
+    k = int(counts.max())
+    # the k - count lowest unused columns of each row lie below 2k (or d_in): mark the used ones there
+    width = min(2 * k, d_in)
+    used = np.zeros((d_out, width), dtype=bool)
+    low = cols < width
+    used[rows[low], cols[low]] = True
+    free = ~used
+    pad = free & (np.cumsum(free, axis=1) <= (k - counts)[:, None])
+    pad_rows, pad_cols = np.nonzero(pad)
+    all_rows = np.concatenate([rows, pad_rows])
+    all_cols = np.concatenate([cols, pad_cols])
+    all_vals = np.concatenate([acc, np.zeros(pad_rows.size, dtype=np.float32)])
+    order = np.lexsort((all_cols, all_rows))
+    return all_cols[order].reshape(d_out, k), all_vals[order].reshape(d_out, k)

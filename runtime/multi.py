@@ -299,7 +299,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     differ); short rows padded with +0.0 at their lowest unused columns so k is fixed per target.
     The arithmetic is converters.pack's own. Nothing changes on the model if anything is refused.
     """
-    from neuroada_format.converters.pack import union_target  # the CLI's arithmetic, not a copy
+    from neuroada_format.merge import union_target  # the format core's arithmetic, shared with neuroada-pack
 
     _refuse_in_batch(model, "add_weighted_adapter")
     adapters, weights = list(adapters), [float(w) for w in weights]

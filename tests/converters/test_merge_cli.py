@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import neuroada_format as naf
-from neuroada_format.converters.merge_cli import parse_adapter_spec, run
+from neuroada_format.converters.cli_common import parse_scaled as parse_adapter_spec
+from neuroada_format.converters.merge_cli import run
 
 _spec = importlib.util.spec_from_file_location("_merge_builders", Path(__file__).with_name("test_merge_safetensors.py"))
 B = importlib.util.module_from_spec(_spec)
@@ -163,24 +164,42 @@ def test_adapter_spec_scales(tmp_path, monkeypatch):
 
 
 def test_onnx_bases_are_dispatched_lazily(capsys, tmp_path, model, monkeypatch):
+    """Backends are picked by the registry (by suffix) and imported only when used."""
+    from neuroada_format.converters.backend import Backend, Resolved, Written
+
     _, a, _, _ = model
     (tmp_path / "m.onnx").write_bytes(b"onnx")
     calls = []
 
-    def fake_merge_onnx(base, adapters, out, *, verify=True, in_place=False, progress=False, durable=False):
-        calls.append((base, [s for _, s in adapters], out, verify, in_place, durable))
-        return {"mode": "copy", "output": out, "targets": 1, "values_touched": 3, "adapters": [{}], "seconds": 0.1}
+    class Fake(Backend):
+        format = "onnx"
 
-    monkeypatch.setitem(sys.modules, "neuroada_format.converters.onnx_merge",
-                        types.SimpleNamespace(merge_onnx=fake_merge_onnx))
+        def open(self, path):
+            return types.SimpleNamespace(path=path)
+
+        def inputs(self, view):
+            return [view.path]
+
+        def resolve(self, view, adapters, *, verify):
+            calls.append(("resolve", [s for _, s in adapters], verify))
+            return Resolved(None, 1)
+
+        def plan(self, view, resolved, *, verify, in_place):
+            return None
+
+        def write(self, view, plan, out, *, overwrite, durable, progress):
+            calls.append(("write", out, durable))
+            return Written(values_touched=3, files=1, bytes_written=4)
+
+    monkeypatch.setitem(sys.modules, "neuroada_format.converters.onnx_merge", types.SimpleNamespace(BACKEND=Fake()))
     code, out, err = cli(capsys, "--base", tmp_path / "m.onnx", "--adapter", f"{a}:2", "--out", tmp_path / "o.onnx",
                          "--no-verify", "--fsync", "--json")
     assert code == 0, err
-    assert json.loads(out)["values_touched"] == 3
-    assert calls == [(os.fspath(tmp_path / "m.onnx"), [2.0], os.fspath(tmp_path / "o.onnx"), False, False, True)]
+    assert json.loads(out)["values_touched"] == 3 and json.loads(out)["format"] == "onnx"
+    assert calls == [("resolve", [2.0], False), ("write", os.fspath(tmp_path / "o.onnx"), True)]
     monkeypatch.setitem(sys.modules, "neuroada_format.converters.onnx_merge", None)  # as if the module were absent
     code, _, err = cli(capsys, "--base", tmp_path / "m.onnx", "--adapter", a, "--out", tmp_path / "o2.onnx")
-    assert code == 2 and "ONNX" in one_error_line(err)
+    assert code == 2 and "onnx" in one_error_line(err)
 
 
 def test_console_script_end_to_end(tmp_path, model):

@@ -109,7 +109,7 @@ def initializer(path, name):
 
 def assert_initializers_match(out, summary, ref_state):
     """The merged initializers are byte-identical to the reference merge (transposed as stored)."""
-    for target, info in summary["targets"].items():
+    for target, info in summary.details["resolutions"].items():
         for name, layout in [(info["initializer"], info["layout"])] + [
                 (c["initializer"], c["layout"]) for c in info.get("copies", [])]:
             got = initializer(out, name)
@@ -176,11 +176,11 @@ def test_llama_external_data_matches_torch(llama, tmp_path):
     out = tmp_path / "merged.onnx"
     summary = merge_onnx(path, [(adapter, 1.0)], os.fspath(out))
 
-    assert summary["external_data"] and len(summary["targets"]) == 15
-    json.dumps(summary)                                                       # JSON-able
-    assert {t["how"] for t in summary["targets"].values()} == {"scope"}
-    assert {t["layout"] for t in summary["targets"].values()} == {"in_out"}   # MatMul stores [in, out]
-    assert summary["values_touched"] == sum(t.indices.size for t in adapter.targets.values())
+    assert summary.details["external_data"] and len(summary.details["resolutions"]) == 15 == summary.targets
+    json.dumps(summary.to_dict())                                                       # JSON-able
+    assert {t["how"] for t in summary.details["resolutions"].values()} == {"scope"}
+    assert {t["layout"] for t in summary.details["resolutions"].values()} == {"in_out"}   # MatMul stores [in, out]
+    assert summary.values_touched == sum(t.indices.size for t in adapter.targets.values())
     assert sorted(os.listdir(tmp_path)) == ["merged.onnx", "merged.onnx.data"]
     assert digest(*sorted(data_files)) == before                                # base untouched
 
@@ -204,11 +204,11 @@ def test_bert_inline_two_adapters_match_torch(bert, tmp_path):
     out = tmp_path / "bert-merged.onnx"
     summary = merge_onnx(path, pairs, os.fspath(out))
 
-    hows = {t: info["how"] for t, info in summary["targets"].items()}
+    hows = {t: info["how"] for t, info in summary.details["resolutions"].items()}
     assert hows["pooler.dense.weight"] == "name"                      # Gemm(transB=1), original name
-    assert summary["targets"]["pooler.dense.weight"]["layout"] == "out_in"
+    assert summary.details["resolutions"]["pooler.dense.weight"]["layout"] == "out_in"
     assert hows["encoder.layer.0.attention.self.query.weight"] == "scope"
-    assert not summary["external_data"] and os.listdir(tmp_path) == ["bert-merged.onnx"]
+    assert not summary.details["external_data"] and os.listdir(tmp_path) == ["bert-merged.onnx"]
 
     ref = reference_state(state, pairs)
     assert_initializers_match(out, summary, ref)
@@ -223,7 +223,7 @@ def test_gemm_f32_inference_and_f16_bf16_weights(mlp, tmp_path):
     adapter = make_adapter(state, ["0.weight", "2.weight"], k=3)
     out = tmp_path / "f32.onnx"
     summary = merge_onnx(path, [(adapter, 2.0)], os.fspath(out))
-    assert {(t["how"], t["layout"]) for t in summary["targets"].values()} == {("name", "out_in")}
+    assert {(t["how"], t["layout"]) for t in summary.details["resolutions"].values()} == {("name", "out_in")}
     ref = reference_state(state, [(adapter, 2.0)])
     assert_initializers_match(out, summary, ref)
     x = np.random.default_rng(5).standard_normal((3, 16)).astype(np.float32)
@@ -254,8 +254,8 @@ def test_in_place_external_and_inline(llama, bert, tmp_path):
             shutil.copy(os.path.join(os.path.dirname(path), f), work / f)
         target = os.fspath(work / os.path.basename(path))
         summary = merge_onnx(target, [(adapter, 1.0)], None, in_place=True)
-        assert summary["in_place"] and summary["out"] == target
-        for info in expected["targets"].values():
+        assert summary.mode == "in-place" and summary.output == os.path.abspath(target)
+        for info in expected.details["resolutions"].values():
             got = initializer(target, info["initializer"])
             assert got.tobytes() == initializer(tmp_path / f"{name}-copy.onnx", info["initializer"]).tobytes()
         with pytest.raises(naf.NeuroAdaError, match="probe"):   # merged already: the probe no longer fits
@@ -279,15 +279,22 @@ def test_wrong_adapter_refused_before_writing(llama, tmp_path):
 def test_output_may_not_overwrite_base(llama, tmp_path):
     _, state, path = llama
     adapter = make_adapter(state, linear_names(state)[:1])
-    with pytest.raises(naf.NeuroAdaError, match="overwrite the base"):
-        merge_onnx(path, [(adapter, 1.0)], path)
-    with pytest.raises(naf.NeuroAdaError, match="overwrite a file of the base"):
-        merge_onnx(path, [(adapter, 1.0)], path + ".data")
-    # an existing output is replaced, together with its data file
+    for overwrite in (False, True):
+        with pytest.raises(naf.NeuroAdaUsageError, match="the output is the input"):
+            merge_onnx(path, [(adapter, 1.0)], path, overwrite=overwrite)
+        with pytest.raises(naf.NeuroAdaUsageError, match="the output is the input"):
+            merge_onnx(path, [(adapter, 1.0)], path + ".data", overwrite=overwrite)
+    # an existing output is replaced, together with its data file, only when asked (issue 13: merge_onnx
+    # itself used to replace it silently)
     out = os.fspath(tmp_path / "m.onnx")
     merge_onnx(path, [(adapter, 1.0)], out)
-    merge_onnx(path, [(adapter, 2.0)], out)
+    before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
+    with pytest.raises(naf.NeuroAdaUsageError, match="already exists"):
+        merge_onnx(path, [(adapter, 2.0)], out)
+    assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
+    merge_onnx(path, [(adapter, 2.0)], out, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
+    assert (tmp_path / "m.onnx.data").read_bytes() != before["m.onnx.data"]
 
 
 @pytest.fixture(scope="module")

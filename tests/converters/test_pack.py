@@ -302,7 +302,9 @@ def test_cli_extract_combine_repack(tmp_path, rng, capsys, craft):
     assert code == 0 and err == ""
     summary = json.loads(stdout)
     assert summary["mode"] == "extract" and summary["targets"] == 4 and summary["report"]["rel_error"] == 0.0
-    code, stdout, _ = run(capsys, "--base", bdir, "--finetuned", fdir, "-k", "2", "-o", out)
+    code, stdout, err = run(capsys, "--base", bdir, "--finetuned", fdir, "-k", "2", "-o", out)
+    assert code == 2 and "already exists" in err  # the one overwrite rule: replacing needs --overwrite
+    code, stdout, _ = run(capsys, "--base", bdir, "--finetuned", fdir, "-k", "2", "-o", out, "--overwrite")
     assert code == 0 and stdout.startswith(f"wrote {out}: 4 targets")
 
     naf.save(truth, tmp_path / "t.safetensors")
@@ -313,8 +315,10 @@ def test_cli_extract_combine_repack(tmp_path, rng, capsys, craft):
     c = naf.load(comb)
     assert all(np.abs(np.asarray(t.values, np.float32)).max() < 1e-2 for t in c.targets.values())
 
-    code, stdout, _ = run(capsys, "--repack", comb, "--value-dtype", "F16", "-o", comb)  # in place is fine
-    assert code == 0 and {t.value_dtype for t in naf.load(comb).targets.values()} == {"F16"}
+    code, stdout, err = run(capsys, "--repack", comb, "--value-dtype", "F16", "-o", comb, "--overwrite")
+    assert code == 2 and "is the input" in err  # -o never replaces an input, even with --overwrite
+    code, stdout, _ = run(capsys, "--repack", comb, "--value-dtype", "F16", "-o", comb + ".f16")
+    assert code == 0 and {t.value_dtype for t in naf.load(comb + ".f16").targets.values()} == {"F16"}
 
     # usage errors: exit 2, one line
     for argv, msg in ((["--base", bdir, "--finetuned", fdir, "-o", out], "extraction needs -k"),
@@ -330,9 +334,9 @@ def test_cli_extract_combine_repack(tmp_path, rng, capsys, craft):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 5)
     other = craft.base(tmp_path / "other", {n: w + BF16.type(0.25) if w.ndim == 2 else w for n, w in base.items()})
-    for argv, msg in ((["--repack", os.fspath(garbage), "-o", out], "rule 1.1"),
-                      (["--combine", out, "--base", other, "-o", comb], "rule 4.3"),
-                      (["--base", bdir, "--finetuned", bdir, "-k", "1", "-o", out], "equals the base")):
+    for argv, msg in ((["--repack", os.fspath(garbage), "-o", out, "--overwrite"], "rule 1.1"),
+                      (["--combine", out, "--base", other, "-o", comb, "--overwrite"], "rule 4.3"),
+                      (["--base", bdir, "--finetuned", bdir, "-k", "1", "-o", out, "--overwrite"], "equals the base")):
         code, stdout, err = run(capsys, *argv)
         assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and msg in err, (argv, err)
 
@@ -346,4 +350,4 @@ def test_console_script_is_installed(tmp_path):
         pytest.skip("neuroada-pack not installed in this environment")
     r = subprocess.run([exe, "--repack", os.fspath(tmp_path / "nope.safetensors"), "-o", "x"],
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such file" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such adapter file" in r.stderr

@@ -1,0 +1,272 @@
+"""The one seam every merge converter goes through: a small backend interface, a registry by format,
+and the driver (`merge`) that runs the steps in the same order for every format.
+
+A merge is four steps, always in this order, and nothing is written before the last one:
+
+    view     = backend.open(base)                        # read-only view of the base; refuses bad files
+    resolved = backend.resolve(view, adapters, verify)   # which base tensor each target is; rules 4.x
+    plan     = backend.plan(view, resolved, verify, in_place)  # the merge worked out (may read values)
+    counts   = backend.write(view, plan, out, ...) | backend.write_in_place(view, plan, ...)
+
+The driver does everything that is the same for all formats: it parses and checks the adapters
+(`normalise_adapters`), applies the one overwrite rule (`neuroada_format.durable.check_output`) with
+the inputs and companion files the backend names, times the run, and returns one `MergeSummary`.
+Backends write only through `neuroada_format.durable` (temporary sibling, mode, fsync, atomic
+publish, stale-sibling cleanup), so those guarantees hold for every format at once.
+
+How to add a backend (e.g. GGUF):
+1. One new file, `converters/<format>_merge.py`, defining a `Backend` subclass and `BACKEND = ThatClass()`.
+   - `open(path)`: a read-only view; raise NeuroAdaError (content, exit 1) or NeuroAdaUsageError
+     (missing path, exit 2). `inputs(view)`: every file and folder the merge reads (the overwrite
+     rule refuses an OUT that aliases, contains or lies inside one). `output_kind(view)`: "file" or
+     "folder". `companions(view, out)`: other paths a write to `out` creates beside it.
+   - `resolve(view, adapters, verify)`: map target names to the base's tensors, validate the
+     adapters against them (shapes, dtypes; with verify the probe hashes, rule 4.3, may be left to
+     `plan`), return any object plus `targets` count and `warnings` (a `Resolved`).
+   - `plan(view, resolved, verify, in_place)`: the merge, computed with `neuroada_format.plan_merge`
+     (rule M: never re-implement the arithmetic); refuse before anything is written.
+   - `write(view, plan, out, overwrite, durable, progress)` -> `Written`: build OUT under
+     `durable.temp_sibling(out)` and `durable.publish` it. `write_in_place(...)` only if
+     `supports_in_place` (else the driver refuses --in-place with a usage error).
+2. One registration: a line in `REGISTRY` below (format name, module, file suffixes). Formats are
+   picked by suffix, then the folder/fallback backend; `merge(..., format=...)` overrides.
+Nothing else changes: the CLI, the summary, the overwrite rule and exit codes come with the seam.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import time
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from neuroada_format import Adapter, NeuroAdaError, NeuroAdaUsageError, load
+from neuroada_format.durable import check_output
+from neuroada_format.folder import adapter_paths
+
+SLOWDOWN_ENV = "NEUROADA_TEST_SLOWDOWN"
+
+
+class Mismatch(NeuroAdaError):
+    """An adapter does not belong to the base, or a journal to the files (exit code 1)."""
+
+    @classmethod
+    def of(cls, exc: NeuroAdaError) -> "Mismatch":
+        return cls(exc.detail, path=exc.path, tensor=exc.tensor, rule=exc.rule)
+
+
+def pause_for_tests() -> None:
+    """Test-only hook: NEUROADA_TEST_SLOWDOWN (seconds) makes every write step sleep, so the
+    fault-injection tests can SIGKILL a merge mid-way. Never set in normal use."""
+    delay = os.environ.get(SLOWDOWN_ENV)
+    if delay:
+        time.sleep(float(delay))
+
+
+# -- adapters as given -------------------------------------------------------------------------------
+def finite_scale(scale, path=None) -> float:
+    """A scale as a float that is finite in f32 (the merge rule multiplies in f32)."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise NeuroAdaUsageError(f"scale {scale!r} is not a number", path=path) from None
+    with np.errstate(over="ignore"):
+        if not math.isfinite(value) or not np.isfinite(np.float32(value)):
+            raise NeuroAdaUsageError(f"scale {scale!r} is not a finite f32 number", path=path)
+    return value
+
+
+def load_adapter_file(path) -> Adapter:
+    """An adapter from a file or an adapter folder (the one resolver, neuroada_format.folder)."""
+    file, _ = adapter_paths(path)
+    return load(file)
+
+
+def normalise_adapters(adapters) -> list[tuple[Adapter, float]]:
+    """(Adapter or path, scale) pairs (a bare Adapter or path means scale 1), scales finite in f32."""
+    result = []
+    for item in adapters:
+        adapter, scale = item if isinstance(item, tuple) else (item, 1.0)
+        if not isinstance(adapter, Adapter):
+            adapter = load_adapter_file(adapter)
+        result.append((adapter, finite_scale(scale, adapter.path)))
+    if not result:
+        raise NeuroAdaUsageError("no adapter to merge")
+    return result
+
+
+def described(adapters) -> list[dict]:
+    return [{"path": os.path.abspath(a.path) if a.path else None, "scale": s} for a, s in adapters]
+
+
+# -- what a backend returns --------------------------------------------------------------------------
+@dataclass
+class Resolved:
+    """The outcome of `resolve`: backend data for `plan`, the number of base tensors touched, warnings."""
+    data: Any
+    targets: int
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Written:
+    """What a write did (the backend's part of the summary)."""
+    values_touched: int
+    files: int
+    bytes_written: int
+    journal: str | None = None
+    removed_stale: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class MergeSummary:
+    """The one summary of a merge, whatever the format. `details` holds what only one format has
+    (ONNX: how each target was found; in place: the journal's size)."""
+    mode: str                # "copy" | "in-place"
+    format: str              # the backend's name: "safetensors", "onnx", ...
+    base: str
+    output: str
+    adapters: list[dict]     # [{"path", "scale"}] in merge order
+    verified: bool
+    durable: bool
+    targets: int             # base tensors changed
+    values_touched: int
+    files: int               # files written (copy) or patched (in place)
+    bytes_written: int
+    seconds: float
+    journal: str | None = None
+    warnings: list[str] = field(default_factory=list)
+    removed_stale: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-able (the CLI's --json)."""
+        return asdict(self)
+
+
+# -- the interface -----------------------------------------------------------------------------------
+class Backend(ABC):
+    """One base format. See the module docstring for what each step must do."""
+
+    format: str = ""
+    supports_in_place: bool = False
+
+    @abstractmethod
+    def open(self, path: str) -> Any:
+        """A read-only view of the base at `path`."""
+
+    @abstractmethod
+    def inputs(self, view) -> list[str]:
+        """Every file or folder of the base that the merge reads."""
+
+    def output_kind(self, view) -> str:
+        return "file"
+
+    def companions(self, view, out: str) -> list[str]:
+        return []
+
+    @abstractmethod
+    def resolve(self, view, adapters: list[tuple[Adapter, float]], *, verify: bool) -> Resolved:
+        """Map every target to the base and validate the adapters against it."""
+
+    @abstractmethod
+    def plan(self, view, resolved: Resolved, *, verify: bool, in_place: bool) -> Any:
+        """Work the merge out; refuse (probe hashes, rule 4.3) before anything is written."""
+
+    @abstractmethod
+    def write(self, view, plan, out: str, *, overwrite: bool, durable: bool, progress: bool) -> Written:
+        """Build OUT under a temporary sibling and publish it."""
+
+    def write_in_place(self, view, plan, *, journal: str | None, durable: bool, progress: bool) -> Written:
+        raise NeuroAdaUsageError(f"{self.format} bases cannot be merged in place; use --out")
+
+    def base_path(self, view) -> str:
+        return os.path.abspath(view.path)
+
+
+# -- the registry ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Registration:
+    module: str                      # converters/<module>.py, defining BACKEND
+    suffixes: tuple[str, ...] = ()   # file suffixes it claims (lower case)
+    fallback: bool = False           # claims folders and files no suffix claims
+    extra: str | None = None         # the pip extra its dependencies come with
+
+
+REGISTRY: dict[str, Registration] = {
+    "onnx": Registration("onnx_merge", suffixes=(".onnx",), extra="onnx"),
+    "safetensors": Registration("safetensors_merge", suffixes=(".safetensors",), fallback=True),
+    "gguf": Registration("gguf_merge", suffixes=(".gguf",), extra="dev"),
+}
+
+
+def format_of(path) -> str:
+    """The registered format that claims `path` (by suffix; folders and other files: the fallback)."""
+    name = os.fspath(path).lower()
+    if not os.path.isdir(name):
+        for fmt, reg in REGISTRY.items():
+            if name.endswith(reg.suffixes) if reg.suffixes else False:
+                return fmt
+    return next(fmt for fmt, reg in REGISTRY.items() if reg.fallback)
+
+
+def backend(fmt: str) -> Backend:
+    """The registered backend of a format, imported on first use (optional dependencies stay optional)."""
+    reg = REGISTRY.get(fmt)
+    if reg is None:
+        raise NeuroAdaUsageError(f"unknown base format {fmt!r}; known: {', '.join(REGISTRY)}")
+    try:
+        module = importlib.import_module(f"{__package__}.{reg.module}")
+    except ImportError as exc:
+        if exc.name and exc.name.endswith(reg.module):
+            raise NeuroAdaUsageError(f"{fmt} bases are not supported by this installation "
+                                     f"({__package__}.{reg.module} is missing)") from None
+        hint = f" (pip install 'neuroada-format[{reg.extra}]')" if reg.extra else ""
+        raise NeuroAdaUsageError(f"{fmt} merging needs a package that is not installed{hint}: {exc}") from None
+    return module.BACKEND
+
+
+# -- the driver --------------------------------------------------------------------------------------
+def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, verify: bool = True,
+          overwrite: bool = False, durable: bool = False, progress: bool = False,
+          format: str | None = None) -> MergeSummary:
+    """Merge `adapters` into `base`: into a new OUT (same format), or in place (with a revert journal
+    where the backend keeps one). adapters: (Adapter or path, scale) pairs, summed in this order.
+
+    verify=False skips only the checks that read base values (probe hashes); names, shapes and
+    dtypes are always checked. durable: fsync before anything appears under its name.
+    """
+    started = time.perf_counter()
+    base = os.path.abspath(os.fspath(base))
+    if not os.path.lexists(base):
+        raise NeuroAdaUsageError("no such file or folder", path=base, rule="1.1")
+    if in_place == (out is not None):
+        raise NeuroAdaUsageError("give exactly one of an output and in_place")
+    if journal is not None and not in_place:
+        raise NeuroAdaUsageError("a journal goes with in_place")
+    impl = backend(format or format_of(base))
+    if in_place and not impl.supports_in_place:
+        raise NeuroAdaUsageError(f"{impl.format} bases cannot be merged in place; use --out", path=base)
+    adapters = normalise_adapters(adapters)
+    view = impl.open(base)
+    if not in_place:
+        inputs = impl.inputs(view) + [a.path for a, _ in adapters if a.path]
+        out = check_output(out, inputs=inputs, overwrite=overwrite, kind=impl.output_kind(view),
+                           companions=impl.companions(view, os.path.abspath(os.fspath(out))))
+    resolved = impl.resolve(view, adapters, verify=verify)
+    plan = impl.plan(view, resolved, verify=verify, in_place=in_place)
+    if in_place:
+        done = impl.write_in_place(view, plan, journal=journal, durable=durable, progress=progress)
+    else:
+        done = impl.write(view, plan, out, overwrite=overwrite, durable=durable, progress=progress)
+    return MergeSummary(
+        mode="in-place" if in_place else "copy", format=impl.format, base=impl.base_path(view),
+        output=impl.base_path(view) if in_place else out, adapters=described(adapters), verified=verify,
+        durable=durable, targets=resolved.targets, values_touched=done.values_touched, files=done.files,
+        bytes_written=done.bytes_written, seconds=round(time.perf_counter() - started, 3), journal=done.journal,
+        warnings=resolved.warnings, removed_stale=done.removed_stale, details=done.details)

@@ -1,0 +1,88 @@
+"""What every converter command shares: the one `PATH[:SCALE]` reading, adapter inputs (files or
+folders), escaping file-derived text, and the one way a failure becomes a line and an exit code.
+
+Exit codes come from `neuroada_format.errors.exit_code` (the table every command uses): 0 done;
+1 invalid input (NeuroAdaError: a file breaks a rule, an adapter does not belong to the base);
+2 usage or I/O (NeuroAdaUsageError, click usage errors, OSError) and internal errors; 130 interrupted.
+A failure is one `error: ...` line on stderr, never a traceback (NEUROADA_DEBUG=1 shows one for
+internal errors).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import click
+
+from neuroada_format import Adapter, NeuroAdaError
+from neuroada_format.errors import EXIT_INTERRUPTED, EXIT_USAGE, exit_code
+
+from .backend import finite_scale, load_adapter_file
+
+_SCALE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def parse_scaled(spec: str) -> tuple[str, float]:
+    """'PATH' or 'PATH:SCALE' -> (path, scale); the one reading every command uses.
+
+    Only a trailing ':<decimal number>' is a scale (paths may contain ':'), and the whole string is a
+    path when it names an existing file or folder and the part before the colon does not. A scale
+    must be finite in f32 (NeuroAdaUsageError otherwise).
+    """
+    spec = os.fspath(spec)
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and _SCALE.match(tail) and (os.path.exists(head) or not os.path.exists(spec)):
+        return head, finite_scale(tail, head)
+    return spec, 1.0
+
+
+def load_scaled(specs) -> list[tuple[Adapter, float]]:
+    """Adapters from 'PATH[:SCALE]' arguments; PATH is an adapter file or an adapter folder."""
+    adapters = []
+    for spec in specs:
+        path, scale = parse_scaled(spec)
+        adapters.append((load_adapter_file(path), scale))
+    return adapters
+
+
+def printable(text) -> str:
+    """Text safe for a terminal: control characters (newlines, ANSI escapes) shown as \\xNN escapes."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
+def fail(message) -> None:
+    """Print one error line (whitespace collapsed, control characters escaped)."""
+    click.echo("error: " + printable(" ".join(str(message).split())), err=True)
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, NeuroAdaError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}"
+    return f"internal error: {type(exc).__name__}: {exc} (set NEUROADA_DEBUG=1 for a traceback)"
+
+
+def run_command(command: click.Command, argv, prog_name: str) -> int:
+    """Run a click command; every failure becomes one stderr line and its exit code (never a traceback)."""
+    try:
+        code = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Exit as exc:        # --help, --version
+        return exc.exit_code
+    except click.ClickException as exc:         # usage errors: one line, not click's three
+        fail(exc.format_message())
+        return EXIT_USAGE
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        fail("interrupted")
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        raise
+    except Exception as exc:
+        internal = not isinstance(exc, (NeuroAdaError, OSError))
+        if internal and os.environ.get("NEUROADA_DEBUG"):
+            raise
+        fail(_message(exc))
+        return exit_code(exc)
+    return code if isinstance(code, int) else 0

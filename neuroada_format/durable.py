@@ -1,0 +1,251 @@
+"""Durable writes: the one place that puts a new file or folder under a user's name.
+
+Every writer (adapter `save`, `neuroada-pack`, the merge backends, the in-place journal) goes through
+here, so each guarantee is kept once:
+
+- Nothing appears half-written: output is built under a temporary sibling `<OUT>.tmp-<host>-<pid>-<hex>`
+  and renamed into place (`publish`). A killed writer leaves such a sibling, never a partial OUT; the
+  next write to the same OUT deletes the siblings whose process (on this host) is gone
+  (`remove_stale_siblings`).
+- New files get the permissions a plain `open()` would give (0666 less the umask, `default_mode`),
+  not the 0600 of a private temporary file.
+- Durability is the caller's choice (`durable`): fsync the data, then the folder after the rename, so
+  the result also survives a power cut. A killed process never needs it (its writes are already in
+  the page cache); a journal always asks for it.
+- One overwrite rule (`check_output`): an existing OUT is replaced only when asked, and never when
+  OUT is, contains or lies inside an input (replacing it would destroy what is being read), whatever
+  `overwrite` says. Checked on real paths, so symlinks and `..` do not get around it.
+
+Standard library only: the numpy-free core imports this too.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import secrets
+import shutil
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterable
+
+from .errors import NeuroAdaUsageError
+
+TMP_MARK = ".tmp-"
+
+
+# -- temporary siblings ------------------------------------------------------------------------------
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+
+
+def temp_sibling(path: str) -> str:
+    """A fresh name beside `path` that stale-sibling cleanup can attribute to this host and process."""
+    return f"{os.path.abspath(path)}{TMP_MARK}{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_siblings(path: str) -> list[str]:
+    """Delete `<path>.tmp-*` siblings left by killed writers of this host; returns what was removed."""
+    folder, name = os.path.split(os.path.abspath(path))
+    pattern = re.compile(re.escape(name + TMP_MARK) + r"(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]+$")
+    removed = []
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry)
+        if not m or m["host"] != _host_tag():
+            continue
+        pid = int(m["pid"])
+        if pid == os.getpid() or _alive(pid):
+            continue
+        remove(os.path.join(folder, entry))
+        removed.append(os.path.join(folder, entry))
+    return removed
+
+
+def remove(path: str) -> None:
+    """Remove a file, a symlink (not what it points to) or a folder tree."""
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.isdir(path):
+        shutil.rmtree(path)
+
+
+# -- permissions and flushing ------------------------------------------------------------------------
+_UMASK_LOCK = threading.Lock()
+
+
+def default_mode(executable: bool = False) -> int:
+    """The mode a plain open() (or mkdir, with executable) would create: 0666/0777 less the umask."""
+    with _UMASK_LOCK:  # reading the umask means setting it; keep other threads out of the gap
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return (0o777 if executable else 0o666) & ~umask
+
+
+def fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new entry durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# -- publishing --------------------------------------------------------------------------------------
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(src: str, dst: str, flags: int) -> bool:
+    """Linux renameat2; False where the OS or file system lacks it (callers fall back)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    if err == errno.EEXIST:
+        raise _exists(dst)
+    raise OSError(err, os.strerror(err), dst)
+
+
+def _exists(path: str) -> NeuroAdaUsageError:
+    return NeuroAdaUsageError("output already exists; pass --overwrite to replace it", path=path)
+
+
+def publish(tmp: str, out: str, *, overwrite: bool, durable: bool) -> None:
+    """Rename the finished temporary sibling `tmp` to `out`.
+
+    Without overwrite an `out` that appeared meanwhile is never replaced (renameat2 NOREPLACE where
+    the OS has it). With overwrite a file is replaced by one rename; a folder is swapped with
+    renameat2(RENAME_EXCHANGE) and the old one deleted afterwards, so `out` always names a whole tree.
+    """
+    if os.path.lexists(out):
+        if not overwrite:
+            raise _exists(out)
+        if os.path.isdir(tmp) and not os.path.islink(out):
+            if not _renameat2(tmp, out, _RENAME_EXCHANGE):
+                old = temp_sibling(out)
+                os.rename(out, old)
+                os.rename(tmp, out)
+                tmp = old
+            remove(tmp)  # now the previous OUT
+        else:
+            os.replace(tmp, out)
+    elif not _renameat2(tmp, out, _RENAME_NOREPLACE):
+        os.rename(tmp, out)
+    if durable:
+        fsync_dir(os.path.dirname(os.path.abspath(out)))
+
+
+def write_file(path, write: Callable[[str], None], *, overwrite: bool = True, durable: bool = True,
+               mode: int | None = None) -> None:
+    """Write one file atomically: `write(tmp)` fills a temporary sibling, which gets `mode` (default:
+    what open() would give), is fsynced when durable, and is published under `path`.
+
+    On any failure (or interrupt) the sibling is removed and `path` is untouched.
+    """
+    path = os.path.abspath(os.fspath(path))
+    remove_stale_siblings(path)
+    tmp = temp_sibling(path)
+    try:
+        write(tmp)
+        os.chmod(tmp, default_mode() if mode is None else mode)
+        if durable:
+            fsync_path(tmp)
+        publish(tmp, path, overwrite=overwrite, durable=durable)
+    except BaseException:
+        if os.path.lexists(tmp):
+            remove(tmp)
+        raise
+
+
+# -- the overwrite rule ------------------------------------------------------------------------------
+def _real(path: str) -> str:
+    return os.path.normcase(os.path.realpath(path))
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether real path `path` is `folder` or lies below it."""
+    try:
+        return os.path.commonpath([path, folder]) == folder
+    except ValueError:  # different drives
+        return False
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(out, *, inputs: Iterable = (), overwrite: bool = False, kind: str | None = None,
+                 companions: Iterable = ()) -> str:
+    """The one overwrite rule every writer applies before it starts; returns OUT as an absolute path.
+
+    - OUT's parent folder must exist.
+    - OUT (and each companion: other files the write will put beside it, e.g. ONNX external data)
+      may not be, hold, or lie inside any input, nor be a hard link to one, even with overwrite.
+    - An existing OUT or companion is replaced only with overwrite, and OUT only by one of the same
+      `kind` ("file" or "folder", when given).
+    All refusals are NeuroAdaUsageError (exit 2); nothing has been written when they are raised.
+    """
+    out = os.path.abspath(os.fspath(out))
+    if not os.path.isdir(os.path.dirname(out)):
+        raise NeuroAdaUsageError("the output's parent folder does not exist", path=out)
+    inputs = [os.path.abspath(os.fspath(p)) for p in inputs if p is not None]
+    for target in [out, *(os.path.abspath(os.fspath(c)) for c in companions)]:
+        real = _real(target)
+        for src in inputs:
+            real_src = _real(src)
+            what = "the output" if target == out else f"the output's companion file {target}"
+            if real == real_src or (os.path.lexists(target) and _same_file(target, src)):
+                raise NeuroAdaUsageError(f"{what} is the input {src}; write elsewhere (or use --in-place "
+                                         f"where offered)", path=target)
+            if _inside(real_src, real):
+                raise NeuroAdaUsageError(f"{what} would contain the input {src}, which writing it would "
+                                         f"destroy; write elsewhere", path=target)
+            if _inside(real, real_src):
+                raise NeuroAdaUsageError(f"{what} lies inside the input {src}; write elsewhere", path=target)
+        if os.path.lexists(target) and not overwrite:
+            raise _exists(target)
+    if kind is not None and os.path.lexists(out):
+        is_dir = os.path.isdir(out)
+        if is_dir != (kind == "folder"):
+            raise NeuroAdaUsageError(f"output exists and is {'a folder' if is_dir else 'a file'}, but this "
+                                     f"writes {'a folder' if kind == 'folder' else 'a file'}", path=out)
+    return out
