@@ -325,10 +325,32 @@ def build() -> dict:
     vec("base_wrong_shape", "valid/magnitude_bf16.safetensors", "the base tensor is [8, 17], the "
         "adapter expects [8, 16] (4.2); structure differs (4.5)", valid=False, errors=["4.2"],
         warnings=["4.5"], base="bases/wrong_shape.safetensors")
-    put("bases/wrong_dtype.safetensors", Base({**base.arrays, Q: base.arrays[Q].astype(np.float32)}).file())
-    vec("base_wrong_dtype", "valid/magnitude_bf16.safetensors", "the base tensor is F32, the adapter "
-        "was made for BF16 (4.2); structure differs (4.5)", valid=False, errors=["4.2"], warnings=["4.5"],
-        base="bases/wrong_dtype.safetensors")
+    # -- spec 1.1 (section 14): identity on values, not encoding --------------------------------------
+    upcast = Base({**base.arrays, Q: base.arrays[Q].astype(np.float32)})
+    UP = put("bases/upcast_f32.safetensors", upcast.file())
+    vec("base_upcast_same_values", "valid/magnitude_bf16.safetensors", "1.1: the base tensor is the F32 upcast "
+        "of the BF16 values the adapter was made on: the same base (warning 4.6, not error 4.2); structure "
+        "differs (4.5)", valid=True, warnings=["4.5", "4.6"], base=UP)
+    made_on_upcast = [target(upcast, Q, 4, value_dtype="F32", seed=21)]
+    valid("made_on_f32_upcast", made_on_upcast, "1.1: made on the F32 upcast copy (dtype F32, F32 values)",
+          base_rel=UP, base_obj=upcast)
+    vec("made_on_f32_upcast_vs_bf16", "valid/made_on_f32_upcast.safetensors", "1.1: the adapter made on the F32 "
+        "upcast belongs to the BF16 checkpoint it was upcast from (warning 4.6); structure differs (4.5)",
+        valid=True, warnings=["4.5", "4.6"], base=B, check_selection=True)
+    fine = Base({**base.arrays, Q: (base.arrays[Q].astype(np.float32) * np.float32(1 + 2 ** -12))})
+    FINE = put("bases/fine_f32.safetensors", fine.file())
+    made_on_fine = [target(fine, Q, 4, value_dtype="F32", seed=22)]
+    valid("made_on_f32_fine", made_on_fine, "1.1: made on F32 values that BF16 cannot hold", base_rel=FINE,
+          base_obj=fine)
+    vec("made_on_f32_fine_vs_bf16_rounding", "valid/made_on_f32_fine.safetensors", "1.1: against the BF16 "
+        "rounding of the F32 values it was made on: different values, so not the same base (4.3); dtype "
+        "differs (4.6), structure differs (4.5)", valid=False, errors=["4.3"], warnings=["4.5", "4.6"], base=B)
+    identity_merges = [
+        ("coarser_bf16_base", B, "valid/made_on_f32_upcast.safetensors", "1.1: an adapter made on F32 values "
+         "merged into the BF16 checkpoint holding them: rule M rounds once to BF16 (not the F32 merge)"),
+        ("finer_f32_base", UP, "valid/magnitude_bf16.safetensors", "1.1: a BF16-made adapter merged into the "
+         "F32 upcast: rule M in F32, the exact F32 sums"),
+    ]
     put("bases/extra_tensor.safetensors",
         Base({**base.arrays, "lm_head.weight": randn((5, 16), "BF16", 20)}).file())
     vec("base_extra_tensor", "valid/magnitude_bf16.safetensors", "the base has one more tensor: the "
@@ -575,6 +597,17 @@ def build() -> dict:
         rel = put(f"merge/{name}_expected.safetensors", container(list(merged.items())))
         merges.append({"name": name, "base": MB,
                        "adapters": [{"file": f"merge/adapter_{a}.safetensors", "scale": s} for a, s in plan],
+                       "expected": rel, "description": desc})
+
+    bases_by_rel = {B: base, UP: upcast}
+    adapters_by_rel = {"valid/made_on_f32_upcast.safetensors": made_on_upcast,
+                       "valid/magnitude_bf16.safetensors": mag}
+    for name, base_rel, adapter_rel, desc in identity_merges:
+        b = bases_by_rel[base_rel]
+        targets = {t.name: t for t in adapters_by_rel[adapter_rel]}
+        merged = {n: (merge_weight(w, [(targets[n], 1.0)]) if n in targets else w) for n, w in b.arrays.items()}
+        rel = put(f"merge/{name}_expected.safetensors", container(list(merged.items())))
+        merges.append({"name": name, "base": base_rel, "adapters": [{"file": adapter_rel, "scale": 1.0}],
                        "expected": rel, "description": desc})
 
     manifest = {

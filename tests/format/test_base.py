@@ -58,14 +58,30 @@ def test_4_1_missing_key(form, small_model, tmp_path, craft):
 
 
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("change", ["shape", "transposed", "dtype", "int8"])
+@pytest.mark.parametrize("change", ["shape", "transposed", "int8"])
 def test_4_2_shape_or_dtype_mismatch(form, change, small_model, tmp_path, craft):
     arrays, adapter = small_model
     w = arrays[UP]
-    arrays[UP] = {"shape": w[:-1], "transposed": np.ascontiguousarray(w.T), "dtype": w.astype(np.float16),
+    arrays[UP] = {"shape": w[:-1], "transposed": np.ascontiguousarray(w.T),
                   "int8": w.astype(np.float32).astype(np.int8)}[change]
     report = naf.validate(adapter, base=materialise(form, arrays, tmp_path, craft))
     assert error_rules(report) == [("4.2", UP)]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_4_6_same_values_in_another_dtype_belong_to_the_base(form, dtype, small_model, tmp_path, craft):
+    """Spec 1.1: identity is on values. The bf16 values upcast (f32) or re-typed exactly (f16) are the
+    same base: valid, with warning 4.6; values that change in the cast fail the probe (4.3)."""
+    arrays, adapter = small_model
+    w = arrays[UP]
+    arrays[UP] = w.astype(dtype)
+    assert np.array_equal(arrays[UP].astype(np.float32), w.astype(np.float32))
+    report = naf.validate(adapter, base=materialise(form, arrays, tmp_path, craft))
+    assert error_rules(report) == [] and ("4.6", UP) in [(p["rule"], p["tensor"]) for p in report.problems]
+    arrays[UP] = (w.astype(np.float32) * np.float32(1 + 2 ** -12)).astype(np.float32)
+    report = naf.validate(adapter, base=materialise(form, arrays, tmp_path, craft))
+    assert error_rules(report) == [("4.3", UP)]
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -142,7 +158,7 @@ def test_in_out_layout_against_a_conv1d_style_base(rng, craft, tmp_path):
 def test_several_problems_against_one_base(small_model):
     arrays, adapter = small_model
     del arrays[Q]
-    arrays[UP] = arrays[UP].astype(np.float32)
+    arrays[UP] = arrays[UP][:-1]
     w = arrays["model.layers.0.mlp.down_proj.weight"].copy()
     t = adapter.targets["model.layers.0.mlp.down_proj.weight"]
     w[0, int(t.indices[0, 0])] += ml_dtypes.bfloat16(1.0)
