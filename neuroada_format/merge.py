@@ -176,9 +176,18 @@ def union_target(name, parts, d_out, d_in):
         n = key.size
         acc[inverse[offset:offset + n]] += np.float32(w) * np.asarray(t.values).reshape(-1).astype(np.float32)
         offset += n
-    rows, cols = union // d_in, union % d_in
+    return padded_rows(union, acc, d_out, d_in)
+
+
+def padded_rows(positions, values, d_out, d_in):
+    """[d_out, k] (indices, f32 values) from distinct flat positions r * d_in + c and their values:
+    k is the longest row (at least 1); shorter rows get +0.0 at their lowest unused
+    columns (spec 4.5). Used by union_target and by imports of flat sparse formats (PEFT)."""
+    positions = np.asarray(positions, dtype=np.int64)
+    values = np.asarray(values, dtype=np.float32)
+    rows, cols = positions // d_in, positions % d_in
     counts = np.bincount(rows, minlength=d_out)
-    k = int(counts.max())
+    k = max(1, int(counts.max()) if counts.size else 1)
     # the k - count lowest unused columns of each row lie below 2k (or d_in): mark the used ones there
     width = min(2 * k, d_in)
     used = np.zeros((d_out, width), dtype=bool)
@@ -189,6 +198,6 @@ def union_target(name, parts, d_out, d_in):
     pad_rows, pad_cols = np.nonzero(pad)
     all_rows = np.concatenate([rows, pad_rows])
     all_cols = np.concatenate([cols, pad_cols])
-    all_vals = np.concatenate([acc, np.zeros(pad_rows.size, dtype=np.float32)])
+    all_vals = np.concatenate([values, np.zeros(pad_rows.size, dtype=np.float32)])
     order = np.lexsort((all_cols, all_rows))
     return all_cols[order].reshape(d_out, k), all_vals[order].reshape(d_out, k)

@@ -1,0 +1,535 @@
+"""PEFT interop: ours -> stock PEFT Super-Tuning -> ours, bit for bit, with real PEFT and real files.
+
+Every PEFT side here is PEFT 0.21.2 itself (`PeftModel.from_pretrained`, `get_peft_model`,
+`save_pretrained`, `merge_and_unload`); the base models are tiny Llamas saved as real HF folders.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import neuroada_format as naf
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
+from neuroada_format.converters import peft_interop as pi
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, merge_and_unload, save_adapter  # noqa: E402
+from neuroada_format.runtime.model import layers, to_numpy  # noqa: E402
+
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """No hub: PEFT and transformers would retry a network lookup for a local folder name otherwise."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def tiny_llama(seed=0, dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=100)
+    cfg.update(kw)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).to(dtype).eval()
+
+
+def save_base(model, folder):
+    model.save_pretrained(folder)
+    return os.fspath(folder)
+
+
+def reload(base_dir, dtype=torch.float32):
+    """The base as a user has it: read from its folder (a model cast with .to(bf16) also casts its rotary
+    buffers, so it is not the same model as one loaded in bf16; every side of a comparison reloads)."""
+    return transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
+
+
+def with_deltas(model, k=3, seed=1, **cfg):
+    """Attach NeuroAda and give the deltas values, as training would (reproducible, fast)."""
+    attach(model, NeuroAdaConfig(k=k, **cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers(model).values():
+            v = layer.neuroada_val["default"]
+            v.copy_(torch.randn(v.shape, generator=g) * 0.05)
+    return model
+
+
+def ids():
+    return torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(3))
+
+
+def bits(t):
+    t = t.detach().contiguous()
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb)
+    return [k for k in sa if not (sa[k].dtype == sb[k].dtype and torch.equal(bits(sa[k]), bits(sb[k])))]
+
+
+def file_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def tree_bytes(folder):
+    return {name: file_bytes(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
+
+
+# -- the round trip of the issue -------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_ours_to_peft_to_ours_is_exact(tmp_path, dtype):
+    base = tiny_llama(dtype=DTYPES[dtype])
+    with torch.no_grad():   # -0.0 base values where export padding lands: padding must keep them -0.0
+        base.model.layers[0].mlp.down_proj.weight[0, :] = -0.0
+        base.model.layers[1].self_attn.q_proj.weight[0, :] = -0.0
+    base_dir = save_base(base, tmp_path / "base")
+    base = reload(base_dir, DTYPES[dtype])
+    model = with_deltas(copy.deepcopy(base), k=3, target_modules="all-linear")
+    ours_file = save_adapter(model, tmp_path / "ours.safetensors")    # BF16 values
+    before = file_bytes(ours_file)
+
+    summary = pi.to_peft(ours_file, tmp_path / "peft", base=base_dir, base_model_name_or_path=base_dir)
+    out = tmp_path / "peft"
+    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+    assert file_bytes(ours_file) == before                               # input untouched
+
+    # PEFT's own reading of the folder: its config class, one sparsity, counts by its own formula
+    config = peft.PeftConfig.from_pretrained(os.fspath(out))
+    assert type(config).__name__ == "SupertuningConfig" and config.save_precomputed_indices and config.r is None
+    assert config.sparsity == summary["sparsity"]
+    adapter = naf.load(ours_file)
+    from safetensors.numpy import load_file
+    stored = load_file(os.fspath(out / "adapter_model.safetensors"))
+    for name, t in adapter.targets.items():
+        key = "base_model.model." + name[:-len(".weight")]
+        idx, val = stored[key + ".supertuning_indices"], stored[key + ".supertuning_values"]
+        assert idx.dtype == np.int32 and val.dtype == np.float32
+        assert idx.size == int(t.d_out * t.d_in * (1 - config.sparsity)) >= t.d_out * t.k
+        assert np.unique(idx).size == idx.size                           # padding never collides
+        n = t.d_out * t.k
+        assert (val[n:].view(np.uint32) == 0x80000000).all()             # padding is -0.0
+        assert np.array_equal(val[:n], np.asarray(t.values).astype(np.float32).reshape(-1))
+    # the sparsity is the tightest one: a hair more and some target would not fit
+    tighter = 1 - max(t.k / t.d_in for t in adapter.targets.values()) + 1e-9
+    assert any(pi.peft_count(t.d_out * t.d_in, tighter) < t.d_out * t.k for t in adapter.targets.values())
+
+    # stock PEFT loads it; its logits and its merged weights are ours bit for bit
+    peft_model = peft.PeftModel.from_pretrained(reload(base_dir, DTYPES[dtype]), os.fspath(out)).eval()
+    ours = merge_and_unload(load_adapter(copy.deepcopy(base), ours_file)).eval()
+    with torch.no_grad():
+        a, b = peft_model(ids()).logits, ours(ids()).logits
+    assert torch.equal(bits(a), bits(b)), (a - b).abs().max()
+    with torch.no_grad():
+        base_logits = base(ids()).logits
+    assert not torch.equal(a, base_logits)                               # the adapter does something
+    assert same_state(peft_model.merge_and_unload(), ours) == []
+    assert same_state(ours, base) != []
+
+    # and back: the same indices, values, dtypes and document, so the same file, byte for byte
+    back, report = pi.import_peft(out, base_dir)
+    assert report["exact_round_trip"]
+    naf.save(back, tmp_path / "back.safetensors")
+    assert file_bytes(tmp_path / "back.safetensors") == before
+    for name, t in adapter.targets.items():
+        u = back.targets[name]
+        assert u.indices.dtype == t.indices.dtype and u.indices.tobytes() == np.asarray(t.indices).tobytes()
+        assert u.values.dtype == t.values.dtype and u.values.tobytes() == np.asarray(t.values).tobytes()
+
+
+def test_auto_peft_model_finds_the_base_by_name(tmp_path):
+    base = tiny_llama()
+    base_dir = save_base(base, tmp_path / "base")
+    model = with_deltas(copy.deepcopy(base), k=2, target_modules=["q_proj", "v_proj", "down_proj"])
+    ours_file = save_adapter(model, tmp_path / "ours.safetensors")
+    pi.to_peft(ours_file, tmp_path / "peft", base=base_dir, base_model_name_or_path=base_dir,
+               task_type="CAUSAL_LM")
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(os.fspath(tmp_path / "peft")).eval()
+    ours = merge_and_unload(load_adapter(copy.deepcopy(base), ours_file)).eval()
+    with torch.no_grad():
+        assert torch.equal(auto(ids()).logits, ours(ids()).logits)
+
+
+def test_mixed_k_f32_values_and_i32_indices_round_trip(tmp_path):
+    """Different k per target (the sparsity is set by the largest k / d_in), F32 values, I32 indices."""
+    base = tiny_llama(seed=4)
+    base_dir = save_base(base, tmp_path / "base")
+    sd = {k: to_numpy(v) for k, v in base.state_dict().items()}
+    rng = np.random.default_rng(0)
+    targets = {}
+    for name, k in (("model.layers.0.self_attn.q_proj.weight", 5), ("model.layers.0.mlp.down_proj.weight", 1),
+                    ("model.layers.1.mlp.up_proj.weight", 64), ("model.layers.1.self_attn.k_proj.weight", 2)):
+        w = sd[name]
+        idx = naf.select_indices(w, k)
+        vals = (rng.standard_normal(idx.shape) * 0.1).astype(np.float32)
+        t = naf.Target.from_weight(name, w, idx, vals, value_dtype="F32")
+        if name.endswith("k_proj.weight"):
+            t.indices = t.indices.astype(np.int32)
+        targets[name] = t
+    naf.save(naf.Adapter(targets, base_name="tiny", structure_hash=naf.open_base(base_dir).structure_hash()),
+             tmp_path / "a.safetensors")
+    original = file_bytes(tmp_path / "a.safetensors")
+    summary = pi.to_peft(tmp_path / "a.safetensors", tmp_path / "peft", base=base_dir)
+    assert summary["sparsity"] == 0.0          # up_proj uses every column (k = d_in = 64)
+
+    merged = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, t in targets.items():
+            w = merged.get_parameter(name)
+            w.copy_(torch.from_numpy(naf.merge_weight(to_numpy(w), [t])))
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), os.fspath(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        assert torch.equal(peft_model(ids()).logits, merged(ids()).logits)
+    back = pi.from_peft(tmp_path / "peft", base_dir)
+    naf.save(back, tmp_path / "back.safetensors")
+    assert file_bytes(tmp_path / "back.safetensors") == original
+
+
+# -- PEFT's own adapters -> ours --------------------------------------------------------------------
+def peft_native(tmp_path, dtype=torch.float32, sparsity=0.97, targets=("q_proj", "v_proj", "down_proj")):
+    """A real Super-Tuning adapter written by PEFT (random nonzero values), and its base folder."""
+    base = tiny_llama(seed=7, dtype=dtype)
+    base_dir = save_base(base, tmp_path / "base")
+    torch.manual_seed(11)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.SupertuningConfig(
+        target_modules=list(targets), sparsity=sparsity, init_weights=False))
+    pm.save_pretrained(tmp_path / "peft")
+    return base, base_dir, os.fspath(tmp_path / "peft")
+
+
+def merged_with(base, adapter):
+    """The base with the adapter merged by the format core's reference rule (spec section 8)."""
+    out = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, t in adapter.targets.items():
+            w = out.get_parameter(name)
+            merged = naf.merge_weight(to_numpy(w), [t])
+            w.view(torch.int16 if w.dtype == torch.bfloat16 else w.dtype).copy_(
+                torch.from_numpy(merged.view(np.int16) if w.dtype == torch.bfloat16 else merged))
+    return out
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_peft_native_adapter_imports_and_merges_like_peft(tmp_path, dtype):
+    base, base_dir, folder = peft_native(tmp_path, DTYPES[dtype])
+    peft_merged = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).merge_and_unload()
+    adapter, report = pi.import_peft(folder, base_dir)
+    assert not report["exact_round_trip"]
+    assert adapter.selection["rule"] == "custom" and "Super-Tuning" in adapter.extra["description"]
+    assert any(r["padding"] for r in report["targets"].values())      # global top-|W|: uneven rows
+    for t in adapter.targets.values():
+        assert t.value_dtype == t.dtype == {"f32": "F32", "bf16": "BF16"}[dtype]
+    naf.save(adapter, tmp_path / "imported.safetensors")
+    assert naf.validate(tmp_path / "imported.safetensors", base=base_dir).ok
+    ours = merged_with(base, naf.load(tmp_path / "imported.safetensors"))
+    assert same_state(ours, peft_merged) == []
+    # the runtime applies it the same way
+    rt = merge_and_unload(load_adapter(copy.deepcopy(base), tmp_path / "imported.safetensors"))
+    assert same_state(rt, peft_merged) == []
+    # and it exports back to a folder PEFT reads with the same result (other padding, same merge)
+    pi.to_peft(tmp_path / "imported.safetensors", tmp_path / "again", base=base_dir)
+    again = peft.PeftModel.from_pretrained(copy.deepcopy(base), os.fspath(tmp_path / "again")).eval()
+    with torch.no_grad():
+        assert torch.equal(bits(again(ids()).logits), bits(peft_merged(ids()).logits))
+
+
+def test_import_value_dtype_is_exact_or_refused(tmp_path):
+    base, base_dir, folder = peft_native(tmp_path)
+    with pytest.raises(NeuroAdaError, match="not exact in BF16"):
+        pi.from_peft(folder, base_dir, value_dtype="BF16")
+    rounded = pi.from_peft(folder, base_dir, value_dtype="BF16", round_values=True)
+    assert all(t.value_dtype == "BF16" for t in rounded.targets.values())
+    exact = pi.from_peft(folder, base_dir)
+    for name, t in exact.targets.items():
+        want = np.asarray(t.values).astype(np.float32).astype(ml_dtypes.bfloat16)     # RNE
+        assert np.array_equal(np.asarray(rounded.targets[name].values).view(np.uint16), want.view(np.uint16))
+
+
+def rewrite(folder, *, config=None, tensors=None, metadata="keep"):
+    """Edit a PEFT folder in place (tests only): new config keys and/or new tensors."""
+    from safetensors.numpy import load_file, save_file
+    from safetensors import safe_open
+
+    cpath = os.path.join(folder, "adapter_config.json")
+    wpath = os.path.join(folder, "adapter_model.safetensors")
+    if config is not None:
+        doc = json.loads(open(cpath).read())
+        doc.update(config)
+        with open(cpath, "w") as f:
+            json.dump(doc, f)
+    if tensors is not None:
+        with safe_open(wpath, "np") as f:
+            meta = f.metadata()
+        current = load_file(wpath)
+        new = tensors(current)
+        save_file(new, wpath, metadata={"format": "pt"} if metadata == "drop" else meta)
+
+
+def test_padding_changed_by_training_falls_back_to_exact_merge(tmp_path):
+    """A folder we exported whose padding entries were then trained: no exact round trip, but the
+    import still merges exactly as PEFT does (the padding positions become real entries)."""
+    base = tiny_llama()
+    base_dir = save_base(base, tmp_path / "base")
+    model = with_deltas(copy.deepcopy(base), k=2, target_modules=["q_proj", "down_proj"])
+    ours_file = save_adapter(model, tmp_path / "ours.safetensors")
+    pi.to_peft(ours_file, tmp_path / "peft", base=base_dir)
+    folder = os.fspath(tmp_path / "peft")
+
+    def train_padding(t):
+        for key in t:
+            if key.endswith("values"):
+                v = t[key].copy()
+                v[-3:] = [0.25, -0.5, 0.125]
+                t[key] = v
+        return t
+
+    rewrite(folder, tensors=train_padding)
+    adapter, report = pi.import_peft(folder, base_dir)
+    assert not report["exact_round_trip"]
+    peft_merged = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).merge_and_unload()
+    assert same_state(merged_with(base, adapter), peft_merged) == []
+
+
+def test_negative_zero_entries_are_dropped_and_change_nothing(tmp_path):
+    base, base_dir, folder = peft_native(tmp_path)
+
+    def some_neg_zero(t):
+        for key in t:
+            if key.endswith("values"):
+                v = t[key].copy()
+                v[::2] = -0.0
+                t[key] = v
+        return t
+
+    rewrite(folder, tensors=some_neg_zero)
+    adapter, report = pi.import_peft(folder, base_dir)
+    assert all(r["dropped_negative_zero"] > 0 for r in report["targets"].values())
+    peft_merged = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).merge_and_unload()
+    assert same_state(merged_with(base, adapter), peft_merged) == []
+
+
+# -- refusals --------------------------------------------------------------------------------------
+@pytest.fixture
+def exported(tmp_path):
+    base = tiny_llama()
+    base_dir = save_base(base, tmp_path / "base")
+    model = with_deltas(copy.deepcopy(base), k=2, target_modules=["q_proj", "down_proj"])
+    ours_file = save_adapter(model, tmp_path / "ours.safetensors")
+    pi.to_peft(ours_file, tmp_path / "peft", base=base_dir)
+    return base_dir, os.fspath(tmp_path / "peft"), ours_file
+
+
+def first_key(t, suffix):
+    return sorted(k for k in t if k.endswith(suffix))[0]
+
+
+def set_entry(suffix, i, value, metadata="keep"):
+    def edit(t):
+        key = first_key(t, suffix)
+        a = t[key].copy()
+        a[i] = value if not callable(value) else value(a)
+        t[key] = a
+        return t
+    return edit
+
+
+@pytest.mark.parametrize("case, error, match", [
+    ("lora", NeuroAdaError, r"peft_type is 'LORA'"),
+    ("neuroada", NeuroAdaError, r"NeuroAda folder"),
+    ("supra", NeuroAdaError, r"Supra"),
+    ("modules_to_save", NeuroAdaError, r"modules_to_save"),
+    ("no_indices", NeuroAdaError, r"save_precomputed_indices"),
+    ("bad_sparsity", NeuroAdaError, r"sparsity"),
+    ("sparsity_changed", NeuroAdaError, r"rule 4.2: .*another shape"),
+    ("config_not_json", NeuroAdaError, r"not a readable PEFT config"),
+    ("no_config", NeuroAdaUsageError, r"no adapter_config.json"),
+    ("no_weights", NeuroAdaUsageError, r"no adapter_model.safetensors"),
+    ("pickle_only", NeuroAdaUsageError, r"pickle"),
+    ("truncated", NeuroAdaError, r"rule 1\.[14]"),
+    ("out_of_range", NeuroAdaError, r"rule 3.5"),
+    ("negative", NeuroAdaError, r"rule 3.5"),
+    ("duplicate", NeuroAdaError, r"rule 3.6"),
+    ("nan", NeuroAdaError, r"rule 3.7"),
+    ("lora_tensor", NeuroAdaError, r"Supra \(LoRA\) part"),
+    ("foreign_tensor", NeuroAdaError, r"not a Super-Tuning tensor"),
+    ("values_missing", NeuroAdaError, r"no supertuning_values"),
+    ("int16_indices", NeuroAdaError, r"expected 1-D I32"),
+    ("not_a_folder", NeuroAdaUsageError, r"no such PEFT adapter folder"),
+])
+def test_hostile_folders_are_refused(exported, tmp_path, case, error, match):
+    base_dir, folder, _ = exported
+    wpath = os.path.join(folder, "adapter_model.safetensors")
+    if case == "lora":
+        rewrite(folder, config={"peft_type": "LORA"})
+    elif case == "neuroada":
+        rewrite(folder, config={"peft_type": "NEUROADA"})
+    elif case == "supra":
+        rewrite(folder, config={"r": 4, "lora_alpha": 8})
+    elif case == "modules_to_save":
+        rewrite(folder, config={"modules_to_save": ["lm_head"]})
+    elif case == "no_indices":
+        rewrite(folder, config={"save_precomputed_indices": False})
+    elif case == "bad_sparsity":
+        rewrite(folder, config={"sparsity": "0.9"})
+    elif case == "sparsity_changed":
+        rewrite(folder, config={"sparsity": 0.5})
+    elif case == "config_not_json":
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            f.write('{"peft_type": "SUPERTUNING", "peft_type": "LORA"}')   # duplicate key
+    elif case == "no_config":
+        os.unlink(os.path.join(folder, "adapter_config.json"))
+    elif case == "no_weights":
+        os.unlink(wpath)
+    elif case == "pickle_only":
+        os.rename(wpath, os.path.join(folder, "adapter_model.bin"))
+    elif case == "truncated":
+        data = file_bytes(wpath)
+        with open(wpath, "wb") as f:
+            f.write(data[:-5])
+    elif case == "out_of_range":
+        rewrite(folder, tensors=set_entry("indices", 0, 64 * 128))  # down_proj: 64 x 128
+    elif case == "negative":
+        rewrite(folder, tensors=set_entry("indices", 0, -1))
+    elif case == "duplicate":
+        rewrite(folder, tensors=set_entry("indices", 1, lambda a: a[0]))
+    elif case == "nan":
+        rewrite(folder, tensors=set_entry("values", 0, np.nan))
+    elif case == "lora_tensor":
+        rewrite(folder, tensors=lambda t: {**t, "base_model.model.model.layers.0.self_attn.q_proj"
+                                                ".supertuning_lora_A.weight": np.zeros((2, 64), np.float32)})
+    elif case == "foreign_tensor":
+        rewrite(folder, tensors=lambda t: {**t, "lm_head.weight": np.zeros((2, 2), np.float32)})
+    elif case == "values_missing":
+        rewrite(folder, tensors=lambda t: {k: v for k, v in t.items() if k != first_key(t, "values")})
+    elif case == "int16_indices":
+        rewrite(folder, tensors=lambda t: {k: (v.astype(np.int16) if k.endswith("indices") else v)
+                                           for k, v in t.items()})
+    elif case == "not_a_folder":
+        folder = os.path.join(folder, "nope")
+    before = tree_bytes(folder) if os.path.isdir(folder) else None
+    with pytest.raises(error, match=match) as exc:
+        pi.from_peft(folder, base_dir)
+    assert type(exc.value) is error
+    if before is not None:
+        assert tree_bytes(folder) == before        # inputs are never touched
+
+
+def test_another_base_is_refused(exported, tmp_path):
+    _, folder, _ = exported
+    other = save_base(tiny_llama(seed=99), tmp_path / "other")                 # same shapes, other values
+    with pytest.raises(NeuroAdaError, match=r"rule 4.3"):
+        pi.from_peft(folder, other)
+    smaller = save_base(tiny_llama(hidden_size=32, num_attention_heads=2, num_key_value_heads=1),
+                        tmp_path / "smaller")
+    with pytest.raises(NeuroAdaError, match=r"rule 4.2"):
+        pi.from_peft(folder, smaller)
+    shallow = save_base(tiny_llama(num_hidden_layers=1), tmp_path / "shallow")
+    with pytest.raises(NeuroAdaError, match=r"rule 4.1"):
+        pi.from_peft(folder, shallow)
+
+
+def test_export_refusals_and_overwrite(exported, tmp_path):
+    base_dir, folder, ours_file = exported
+    before = tree_bytes(folder)
+    with pytest.raises(NeuroAdaUsageError, match="exists"):
+        pi.to_peft(ours_file, folder, base=base_dir)
+    assert tree_bytes(folder) == before
+    pi.to_peft(ours_file, folder, base=base_dir, overwrite=True, base_model_name_or_path="x/y")
+    assert json.loads(open(os.path.join(folder, "adapter_config.json")).read())["base_model_name_or_path"] == "x/y"
+    assert not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
+    # an output that is, or holds, the input is refused even with overwrite
+    with pytest.raises(NeuroAdaUsageError):
+        pi.to_peft(ours_file, tmp_path, base=base_dir, overwrite=True)
+    # another base: the probe hashes say no before anything is written
+    other = save_base(tiny_llama(seed=5), tmp_path / "other")
+    with pytest.raises(NeuroAdaError, match="rule 4.3"):
+        pi.to_peft(ours_file, tmp_path / "never", base=other)
+    assert not os.path.exists(tmp_path / "never")
+
+
+def test_export_refuses_what_peft_cannot_apply_exactly(tmp_path):
+    # F32 values on a BF16 base: PEFT rounds each value to BF16 before adding; the spec adds in f32
+    base = tiny_llama(dtype=torch.bfloat16)
+    base_dir = save_base(base, tmp_path / "base")
+    model = with_deltas(copy.deepcopy(base), k=2, target_modules=["q_proj"])
+    f32 = save_adapter(model, tmp_path / "f32.safetensors", value_dtype="F32")
+    with pytest.raises(NeuroAdaError, match="not exact in the base dtype BF16"):
+        pi.to_peft(f32, tmp_path / "p", base=base_dir)
+    summary = pi.to_peft(f32, tmp_path / "p", base=base_dir, allow_inexact=True)
+    assert summary["inexact_values"] > 0
+    # GPT-2's Conv1D is stored [in, out]; PEFT Super-Tuning wraps nn.Linear only
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64,
+                                                                n_positions=32)).eval()
+    g = with_deltas(gpt2, k=2)
+    gfile = save_adapter(g, tmp_path / "gpt2.safetensors")
+    with pytest.raises(NeuroAdaError, match="nn.Linear only"):
+        pi.to_peft(gfile, tmp_path / "g")
+    assert not os.path.exists(tmp_path / "g")
+
+
+def test_sparsity_choice_is_exact_for_awkward_shapes():
+    for shapes in ([(4096, 4096, 20)], [(3, 7, 1), (5, 11, 2), (13, 17, 3)], [(1, 1, 1)], [(10, 10, 10)],
+                   [(576, 576, 20), (192, 576, 20), (576, 1536, 20), (1536, 576, 20)], [(7, 1000003, 1)]):
+        s = pi.choose_sparsity((d_out * d_in, d_out * k) for d_out, d_in, k in shapes)
+        assert 0.0 <= s < 1.0
+        assert all(pi.peft_count(d_out * d_in, s) >= d_out * k for d_out, d_in, k in shapes)
+        # the target with the largest k / d_in gets no padding at all (none can be spared)
+        d_out, d_in, k = max(shapes, key=lambda x: x[2] / x[1])
+        assert pi.peft_count(d_out * d_in, s) == d_out * k
+        assert s == float(repr(s)) and len(repr(s)) <= 12      # a plain decimal in the config
+
+
+def test_lowest_free_positions():
+    used = np.array([0, 1, 5, 6, 9], dtype=np.int64)
+    assert pi._lowest_free(used, 6).tolist() == [2, 3, 4, 7, 8, 10]
+    assert pi._lowest_free(np.array([], dtype=np.int64), 3).tolist() == [0, 1, 2]
+
+
+# -- PEFT and transformers must not mistake our adapter folder for one of theirs -------------------
+def test_peft_does_not_mistake_our_folder_for_its_own(tmp_path):
+    from neuroada_format.folder import CONFIG_NAME, WEIGHTS_NAME
+
+    base = tiny_llama()
+    model = with_deltas(copy.deepcopy(base), k=2, target_modules=["q_proj"])
+    folder = tmp_path / "ours"
+    save_adapter(model, folder)
+    if "adapter_config.json" in os.listdir(folder):
+        # save_adapter still writes the legacy PEFT-like layout: lay the folder out as folder.py names it
+        os.rename(folder / "adapter_model.safetensors", folder / WEIGHTS_NAME)
+        os.rename(folder / "adapter_config.json", folder / CONFIG_NAME)
+    assert sorted(os.listdir(folder)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
+    where = os.fspath(folder)
+
+    loaders = {
+        "PeftConfig.from_pretrained": lambda: peft.PeftConfig.from_pretrained(where),
+        "PeftModel.from_pretrained": lambda: peft.PeftModel.from_pretrained(copy.deepcopy(base), where),
+        "AutoPeftModelForCausalLM": lambda: peft.AutoPeftModelForCausalLM.from_pretrained(where),
+        "model.load_adapter": lambda: copy.deepcopy(base).load_adapter(where),
+        "AutoModelForCausalLM": lambda: transformers.AutoModelForCausalLM.from_pretrained(where),
+    }
+    for label, load in loaders.items():
+        with pytest.raises(Exception) as exc:
+            load()
+        assert not isinstance(exc.value, KeyError), (label, exc.value)
+        assert isinstance(exc.value, (ValueError, OSError)), (label, repr(exc.value))
+        text = str(exc.value)
+        assert "adapter_config.json" in text or "not found" in text or "Unrecognized model" in text, (label, text)
+    # ...and our own loaders still take it
+    assert naf.load(folder / WEIGHTS_NAME).targets
+    loaded = load_adapter(copy.deepcopy(base), folder)
+    assert layers(loaded)
