@@ -1,17 +1,22 @@
-"""NeuroAdaConfig: what to adapt and how, saved as adapter_config.json the way PEFT users expect."""
+"""NeuroAdaConfig: what to adapt and how, saved as neuroada_config.json with PEFT's key names.
+
+The file name and the absence of a `peft_type` key are deliberate: PEFT and transformers pick up any
+folder with an `adapter_config.json` (or a config naming a `peft_type`) and then fail on a method they
+do not know. Legacy configs (`adapter_config.json`, `peft_type: "NEUROADA"`) are still read.
+"""
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+import tempfile
+from dataclasses import asdict, dataclass, fields
 
-from neuroada_format import NeuroAdaError
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
+from neuroada_format.folder import CONFIG_NAME, LEGACY_CONFIG_NAME, WEIGHTS_NAME  # noqa: F401  (one definition)
 
 SELECTIONS = ("magnitude", "reverse", "random", "gradient")  # the rules attach can compute
 RECORDED_SELECTIONS = SELECTIONS + ("delta", "union", "custom")  # spec rules a loaded adapter may carry
 MODES = ("auto", "inplace", "additive")
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 @dataclass
@@ -34,24 +39,23 @@ class NeuroAdaConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
-    peft_type: str = field(default="NEUROADA", init=False)
 
     def __post_init__(self):
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise NeuroAdaError(f"k must be a positive integer, got {self.k!r}", rule="3.4")
+            raise NeuroAdaUsageError(f"k must be a positive integer, got {self.k!r}", rule="3.4")
         if self.selection not in RECORDED_SELECTIONS:
-            raise NeuroAdaError(f"selection must be one of {', '.join(RECORDED_SELECTIONS)}, got {self.selection!r}",
+            raise NeuroAdaUsageError(f"selection must be one of {', '.join(RECORDED_SELECTIONS)}, got {self.selection!r}",
                                 rule="2.2")
         if self.selection == "random" and self.seed is None:
             self.seed = 0
         if self.mode not in MODES:
-            raise NeuroAdaError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+            raise NeuroAdaUsageError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.delta_dtype not in ("float32", "bfloat16", "float16"):
-            raise NeuroAdaError(f"delta_dtype must be float32, bfloat16 or float16, got {self.delta_dtype!r}")
+            raise NeuroAdaUsageError(f"delta_dtype must be float32, bfloat16 or float16, got {self.delta_dtype!r}")
         self.target_modules = _module_spec("target_modules", self.target_modules)
         self.exclude_modules = _module_spec("exclude_modules", self.exclude_modules)
         if self.save_dtype not in ("BF16", "F16", "F32"):
-            raise NeuroAdaError(f"save_dtype must be BF16, F16 or F32, got {self.save_dtype!r}", rule="3.3")
+            raise NeuroAdaUsageError(f"save_dtype must be BF16, F16 or F32, got {self.save_dtype!r}", rule="3.3")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,15 +65,35 @@ class NeuroAdaConfig:
         names = {f.name for f in fields(cls) if f.init}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def save_pretrained(self, folder) -> None:
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, folder) -> str:
+        """Write `folder/neuroada_config.json` atomically; returns its path."""
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+        path = os.path.join(folder, CONFIG_NAME)
+        fd, tmp = tempfile.mkstemp(prefix=CONFIG_NAME + ".tmp-", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.to_json())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
 
     @classmethod
     def from_pretrained(cls, folder) -> "NeuroAdaConfig":
-        path = os.path.join(folder, CONFIG_NAME)
+        """Read a folder's config (new or legacy name) or a config file path."""
+        folder = os.fspath(folder)
+        if os.path.isdir(folder):
+            path = os.path.join(folder, CONFIG_NAME)
+            if not os.path.exists(path):
+                path = os.path.join(folder, LEGACY_CONFIG_NAME)
+        else:
+            path = folder
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
@@ -92,5 +116,5 @@ def _module_spec(field_name: str, spec):
         return spec
     if isinstance(spec, (list, tuple, set, frozenset)) and all(isinstance(s, str) for s in spec):
         return sorted(spec) if isinstance(spec, (set, frozenset)) else list(spec)
-    raise NeuroAdaError(f"{field_name} must be a string (regex or 'all-linear'), a list of names or None, "
+    raise NeuroAdaUsageError(f"{field_name} must be a string (regex or 'all-linear'), a list of names or None, "
                         f"got {spec!r}")

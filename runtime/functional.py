@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
+
 from . import kernels
 from .kernels.pattern import Pattern
 from .kernels.reference import acc_dtype
@@ -47,13 +49,13 @@ class Overlay:
     def __init__(self, patterns: Sequence[Pattern], w0s: Sequence[torch.Tensor]):
         patterns, w0s = tuple(patterns), tuple(w0s)
         if not patterns or len(patterns) != len(w0s):
-            raise ValueError("need one w0 per pattern and at least one pattern")
+            raise NeuroAdaUsageError("need one w0 per pattern and at least one pattern")
         p0 = patterns[0]
         for p, w in zip(patterns, w0s):
             if (p.d_out, p.d_in, p.transposed) != (p0.d_out, p0.d_in, p0.transposed):
-                raise ValueError("all patterns of an overlay must describe the same weight")
+                raise NeuroAdaUsageError("all patterns of an overlay must describe the same weight")
             if tuple(w.shape) != (p.d_out, p.k):
-                raise ValueError(f"w0 shape {tuple(w.shape)} != {(p.d_out, p.k)}")
+                raise NeuroAdaUsageError(f"w0 shape {tuple(w.shape)} != {(p.d_out, p.k)}")
         self.patterns, self.w0s = patterns, w0s
         self._w0_versions = tuple(w._version for w in w0s)
         self.d_out, self.d_in, self.transposed = p0.d_out, p0.d_in, p0.transposed
@@ -89,7 +91,7 @@ class Overlay:
         """Write the merged entries into the stored W. ``via``: round to that dtype first, then to
         W's (what autocast does to a merged weight of dtype ``via``)."""
         if len(vals) != len(self.patterns):
-            raise ValueError("one val per adapter expected")
+            raise NeuroAdaUsageError("one val per adapter expected")
         if via is None and self.invs is None:
             kernels.scatter_(W, self.patterns[0], self.w0s[0], vals[0], transposed=self.transposed)
         else:
@@ -178,7 +180,8 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
         ov: Overlay = ctx.overlay
         if ctx.weight._version != ctx.weight_version:
             # e.g. merge()/load_state_dict between forward and backward: re-scattering would be wrong
-            raise RuntimeError("the base weight was modified in place between forward and backward")
+            raise NeuroAdaError("the base weight was modified in place between forward and backward (merge, "
+                                "load_state_dict or an optimizer touched it); run backward first")
         cast = ctx.cast
         grad_x = grad_b = None
         gy2 = grad_y.reshape(-1, ov.d_out)
@@ -235,7 +238,8 @@ def inplace_sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: tor
                                 overlay: Overlay, vals: Sequence[torch.Tensor]) -> torch.Tensor:
     """``linear(x, W + Delta, b)``; W is stored ``[in, out]`` when ``overlay.transposed`` (Conv1D)."""
     if weight.requires_grad:
-        raise ValueError("the base weight must be frozen (requires_grad=False) for in-place sparse deltas")
+        raise NeuroAdaUsageError("the base weight must be frozen (requires_grad=False) for in-place sparse deltas; "
+                                 "use the additive mode to train it too")
     return InplaceSparseDeltaLinear.apply(x, weight, bias, overlay, *vals)
 
 

@@ -13,6 +13,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
+
 from .functional import Overlay, additive_sparse_delta, inplace_sparse_delta_linear, merge_, unmerge_
 from .kernels.pattern import Pattern
 
@@ -70,7 +72,8 @@ class NeuroAdaLayer(nn.Module):
             self.transposed = True
             self.d_in, self.d_out = base_layer.weight.shape
         else:
-            raise TypeError(f"NeuroAdaLayer wraps nn.Linear or transformers Conv1D, not {type(base_layer).__name__}")
+            raise NeuroAdaUsageError(f"NeuroAdaLayer wraps nn.Linear or transformers Conv1D, not "
+                                     f"{type(base_layer).__name__}")
         self.base_layer = base_layer
         base_layer.weight.requires_grad_(False)
         self.neuroada_val = nn.ParameterDict()
@@ -82,14 +85,24 @@ class NeuroAdaLayer(nn.Module):
         self.disable_adapters = False
         self._patterns: dict[str, Pattern] = {}
         self._overlays: dict[tuple, Overlay] = {}
+        self._loading: dict | None = None  # set by _load_from_state_dict for the post-load hook
+        self.register_load_state_dict_post_hook(_after_load)
+
+    def __getstate__(self):
+        """Copies and pickles carry no caches: patterns and overlays hold tensors derived from idx/w0
+        (a CSR among them, which cannot be deep-copied) and are rebuilt on first use."""
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.update(_patterns={}, _overlays={}, _loading=None)
+        return state
 
     # -- configuration -------------------------------------------------------------------------
 
     def set_mode(self, mode: str) -> None:
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}")
+            raise NeuroAdaUsageError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "inplace" and type(self.base_layer) not in (nn.Linear, _conv1d_type()):
-            raise ValueError("inplace mode needs an exact nn.Linear or Conv1D base (its forward is mirrored)")
+            raise NeuroAdaUsageError("inplace mode needs an exact nn.Linear or Conv1D base (its forward is mirrored)")
         self.mode = mode
 
     @property
@@ -114,22 +127,22 @@ class NeuroAdaLayer(nn.Module):
         (or ``val``). ``w0`` is read from the current weight, so the layer must not be merged.
         Activates the adapter when none is active (or when ``activate`` says so)."""
         if "." in name or not name:
-            raise ValueError(f"bad adapter name {name!r}")
+            raise NeuroAdaUsageError(f"adapter name {name!r} must be a non-empty string without '.'")
         if name in self.neuroada_val:
-            raise ValueError(f"adapter {name!r} exists")
+            raise NeuroAdaUsageError(f"adapter {name!r} exists")
         if self.merged:
-            raise RuntimeError("unmerge before adding an adapter: w0 must be read from the original weight")
+            raise NeuroAdaUsageError("unmerge before adding an adapter: w0 must be read from the original weight")
         W = self._canonical_weight()
         idx = torch.as_tensor(idx).to(device=W.device, dtype=torch.int64).contiguous()
         if idx.dim() != 2 or idx.shape[0] != self.d_out:
-            raise ValueError(f"idx must be [{self.d_out}, k], got {tuple(idx.shape)}")
+            raise NeuroAdaError(f"idx must be [{self.d_out}, k], got {tuple(idx.shape)}", rule="3.4")
         pattern = Pattern(idx, self.d_in, transposed=self.transposed)  # validates range and order
         w0 = W.detach().gather(1, idx).contiguous()
         if val is None:
             v = torch.zeros(idx.shape, dtype=val_dtype, device=W.device)
         else:
             if tuple(val.shape) != tuple(idx.shape):
-                raise ValueError(f"val shape {tuple(val.shape)} != idx shape {tuple(idx.shape)}")
+                raise NeuroAdaError(f"val shape {tuple(val.shape)} != idx shape {tuple(idx.shape)}", rule="3.4")
             v = val.detach().to(device=W.device).clone()
         self.neuroada_idx[name] = idx
         self.neuroada_w0[name] = w0
@@ -140,7 +153,7 @@ class NeuroAdaLayer(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
-            raise RuntimeError(f"adapter {name!r} is merged; unmerge first")
+            raise NeuroAdaUsageError(f"adapter {name!r} is merged; unmerge first")
         del self.neuroada_val[name]
         del self.neuroada_idx[name]
         del self.neuroada_w0[name]
@@ -151,10 +164,59 @@ class NeuroAdaLayer(nn.Module):
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         names = [names] if isinstance(names, str) else list(names)
-        for n in names:
-            if n not in self.neuroada_val:
-                raise KeyError(n)
+        self._require(names)
         self.active_adapters = names
+
+    def _require(self, names) -> None:
+        missing = [n for n in names if n not in self.neuroada_val]
+        if missing:
+            raise NeuroAdaUsageError(f"no adapter named {missing[0]!r} in this layer "
+                                     f"(have: {', '.join(self.neuroada_val) or 'none'})")
+
+    # -- state_dict loading ---------------------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Loading may replace idx, w0, val or the base weight; the derived state is fixed afterwards
+        (``_after_load``). A merged layer is unmerged first and merged again after, so a state taken
+        merged or unmerged loads the same way: the weight's selected entries are always re-derived
+        from ``w0`` (the original) rather than trusted from the file."""
+        keys = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
+        for name in list(self.neuroada_idx.keys()):  # bad indices are refused before anything changes
+            idx = state_dict.get(f"{prefix}neuroada_idx.{name}")
+            if idx is not None and tuple(idx.shape) == tuple(self.neuroada_idx[name].shape):
+                try:
+                    Pattern(idx.to(torch.int64), self.d_in)
+                except NeuroAdaError as exc:
+                    raise NeuroAdaError(exc.detail, tensor=f"{prefix}neuroada_idx.{name}", rule=exc.rule) from None
+        merged = list(self.merged_adapters)
+        self.unmerge()
+        try:
+            if "base_layer.weight" not in keys and _is_plain(self.base_layer.weight):
+                self._check_w0(state_dict, prefix)
+        except NeuroAdaError:
+            if merged:
+                self.merge(merged)
+            raise
+        self._loading = {"merged": merged, "keys": keys}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _check_w0(self, state_dict, prefix) -> None:
+        """A w0 from a state without the weight must describe this very base: restoring it around
+        every GEMM would otherwise write another model's values into the weight."""
+        W = self._canonical_weight().detach()
+        for name in list(self.neuroada_w0.keys()):
+            w0 = state_dict.get(f"{prefix}neuroada_w0.{name}")
+            if w0 is None:
+                continue
+            idx = state_dict.get(f"{prefix}neuroada_idx.{name}", self.neuroada_idx[name])
+            ok = (tuple(w0.shape) == tuple(idx.shape) and idx.dtype == torch.int64
+                  and bool(((idx >= 0) & (idx < self.d_in)).all()))
+            if not ok or not torch.equal(W.gather(1, idx.to(W.device)), w0.to(device=W.device, dtype=W.dtype)):
+                raise NeuroAdaError("the state's original entries (neuroada_w0) differ from this model's weights: "
+                                    "it was saved from other base weights", tensor=f"{prefix}neuroada_w0.{name}",
+                                    rule="4.3")
 
     # -- cached index structures --------------------------------------------------------------
 
@@ -186,9 +248,7 @@ class NeuroAdaLayer(nn.Module):
         new = [n for n in names if n not in self.merged_adapters]
         if not new:
             return
-        for n in new:
-            if n not in self.neuroada_val:
-                raise KeyError(n)
+        self._require(new)
         W = self.base_layer.weight
         if self.merged_adapters:
             unmerge_(W, self.overlay(self.merged_adapters))
@@ -226,3 +286,31 @@ class NeuroAdaLayer(nn.Module):
     def extra_repr(self) -> str:
         ks = {n: self.neuroada_idx[n].shape[1] for n in self.neuroada_idx.keys()}
         return f"mode={self.mode}, d_out={self.d_out}, d_in={self.d_in}, transposed={self.transposed}, k={ks}"
+
+
+def _is_plain(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter) and t.device.type != "meta"
+
+
+@torch.no_grad()
+def _after_load(layer: NeuroAdaLayer, incompatible_keys) -> None:
+    """Post-load hook: originals back at the selected entries, w0 re-read where the state had none,
+    caches dropped, and the adapters that were merged before the load merged again."""
+    info, layer._loading = getattr(layer, "_loading", None), None
+    if info is None:
+        return
+    keys = info["keys"]
+    W = layer._canonical_weight()
+    layer._patterns.clear()
+    layer._overlays.clear()
+    if _is_plain(W):
+        names = list(layer.neuroada_idx.keys())
+        for n in names:  # w0 given: it is the original; write it back over whatever the weight holds
+            if f"neuroada_w0.{n}" in keys:
+                W.scatter_(1, layer.neuroada_idx[n], layer.neuroada_w0[n].to(W.dtype))
+        for n in names:  # w0 not given: read it from the (now original) weight at the current idx
+            if f"neuroada_w0.{n}" not in keys:
+                layer.neuroada_w0[n].copy_(W.gather(1, layer.neuroada_idx[n]))
+    merged = [n for n in info["merged"] if n in layer.neuroada_val]
+    if merged:
+        layer.merge(merged)

@@ -6,6 +6,7 @@ own state_dict key, so `neuroada-merge` can apply them to the checkpoint with no
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -17,17 +18,21 @@ import torch
 from torch import nn
 
 import neuroada_format as naf
-from neuroada_format import NeuroAdaError
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.dtypes import common_value_dtype
+from neuroada_format.folder import WEIGHTS_NAME, adapter_paths
 
-from .config import CONFIG_NAME, MODES, SELECTIONS, WEIGHTS_NAME, NeuroAdaConfig
+from .config import MODES, SELECTIONS, NeuroAdaConfig
 from .layer import NeuroAdaLayer
 from .selection import select, topk_columns
 
 CONFIGS_ATTR = "neuroada_configs"
 AUTO_ATTR = "_neuroada_auto_mode"       # set on layers whose mode was chosen by mode="auto"
 HOOK_ATTR = "_neuroada_sharding_hook"   # the model's forward pre-hook that re-resolves "auto" under FSDP2
+HF_ATTR = "_neuroada_hf_hooks"         # the model's load_state_dict hooks (see _install_hf)
 BASE_LAYER = ".base_layer"
+STATE_FILE = "model.safetensors"        # what Trainer resumes from: the trainable state, nothing else
+STATE_MARKER = "_neuroada_trainable_state"  # a key saying "this state holds what trains, not the base"
 TORCH_DTYPE_NAMES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -69,15 +74,15 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def _refuse_sharded(model: nn.Module, what: str) -> None:
     fsdp = _fsdp_module_type()
     if fsdp is not None and any(isinstance(m, fsdp) for m in model.modules()):
-        raise NeuroAdaError(f"{what} must happen before fully_shard (FSDP2): the deltas have to exist when "
+        raise NeuroAdaUsageError(f"{what} must happen before fully_shard (FSDP2): the deltas have to exist when "
                             "the model is sharded so that FSDP manages them")
     if any(_is_sharded(p) for p in model.parameters()):
         raise NeuroAdaError(f"{what} needs whole weights, but some are sharded DTensors")
 
 
 def _check_adapter_name(name) -> None:
-    if not isinstance(name, str) or not name or "." in name:
-        raise NeuroAdaError(f"adapter name {name!r} must be a non-empty string without '.'")
+    if not isinstance(name, str) or not name or "." in name or "/" in name or "\\" in name:
+        raise NeuroAdaUsageError(f"adapter name {name!r} must be a non-empty string without '.', '/' or '\\'")
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -113,33 +118,91 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def find_targets(model: nn.Module, config: NeuroAdaConfig) -> list[str]:
-    """Module names to adapt, with PEFT's target_modules / exclude_modules semantics."""
+def _foreign_wrappers(model: nn.Module) -> dict[str, str]:
+    """Modules of other adapter libraries that keep the original layer inside them, by name -> the
+    attribute holding it: PEFT's tuner layers (`base_layer`) and ModulesToSaveWrapper (`original_module`).
+    Everything else inside them (lora_A, lora_B, the trainable copies) is that library's adapter."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, NeuroAdaLayer):
+            continue
+        for attr in ("base_layer", "original_module"):
+            if isinstance(getattr(m, attr, None), nn.Module) and attr in m._modules:
+                out[name] = attr
+                break
+    return out
+
+
+def _in_foreign_adapter(name: str, wrappers: dict[str, str]) -> bool:
+    """True for a module or tensor that belongs to another library's adapter (off the original's path)."""
+    for w, attr in wrappers.items():
+        head = w + "." if w else ""
+        if name.startswith(head) and name != w:
+            rest = name[len(head):]
+            if rest != attr and not rest.startswith(attr + "."):
+                return True
+    return False
+
+
+def _peft_prefix(model: nn.Module) -> str:
+    """"base_model.model." for a PeftModel (its names wrap the transformers model's), else ""."""
+    peft = sys.modules.get("peft")
+    kinds = tuple(k for k in (getattr(peft, "PeftModel", None), getattr(peft, "PeftMixedModel", None)) if k)
+    return "base_model.model." if kinds and isinstance(model, kinds) else ""
+
+
+def plain_name(model: nn.Module, name: str) -> str:
+    """A module or tensor name as the plain base model has it: wrappers' `base_layer` steps (ours and
+    PEFT's) and a PeftModel's prefix removed. Adapter files are keyed by these names."""
+    prefix = _peft_prefix(model)
+    if prefix and name.startswith(prefix):
+        name = name[len(prefix):]
+    return ".".join(part for part in name.split(".") if part != "base_layer")
+
+
+def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear layer NeuroAda may adapt (or already adapts), by module name: NeuroAdaLayers, and
+    plain linears that are neither inside one nor part of another library's adapter."""
     linear = _linear_types()
-    heads = _output_head_names(model)
+    wrappers = _foreign_wrappers(model)
+    ours = [n for n, m in model.named_modules() if isinstance(m, NeuroAdaLayer)]
+    out = {}
+    for name, m in model.named_modules():
+        if not name or _in_foreign_adapter(name, wrappers):
+            continue
+        if any(name.startswith(n + ".") for n in ours):
+            continue  # the inside of a NeuroAdaLayer
+        if isinstance(m, NeuroAdaLayer) or (isinstance(m, linear) and name not in wrappers):
+            out[name] = m
+    return out
+
+
+def find_targets(model: nn.Module, config: NeuroAdaConfig) -> list[str]:
+    """Module names to adapt, with PEFT's target_modules / exclude_modules semantics.
+
+    Names are matched as the plain base model has them (see plain_name), so on a model carrying PEFT
+    LoRA "q_proj" means the original linear inside PEFT's wrapper; LoRA's own layers are never targets.
+    """
+    heads = {plain_name(model, n) for n in _output_head_names(model)}
     all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
+    wrappers = _foreign_wrappers(model)
+    candidates = _adaptable(model)
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, NeuroAdaLayer) or not name:
+        if not name or name in candidates or _in_foreign_adapter(name, wrappers) or name in wrappers:
             continue
-        if BASE_LAYER[1:] in name.split("."):
-            continue  # the inside of an already wrapped layer
-        if all_linear:
-            hit = isinstance(m, linear) and name not in heads
-        else:
-            hit = _matches(name, config.target_modules)
-        if hit and not _matches(name, config.exclude_modules):
-            if not isinstance(m, linear):
-                raise NeuroAdaError(f"target module {name} is a {type(m).__name__}; NeuroAda adapts "
+        plain = plain_name(model, name)
+        if not all_linear and _matches(plain, config.target_modules) and not _matches(plain, config.exclude_modules):
+            if not any(plain_name(model, c) == plain for c in candidates):
+                raise NeuroAdaUsageError(f"target module {name} is a {type(m).__name__}; NeuroAda adapts "
                                     "nn.Linear and transformers Conv1D layers")
+    for name, m in candidates.items():
+        plain = plain_name(model, name)
+        hit = plain not in heads if all_linear else _matches(plain, config.target_modules)
+        if hit and not _matches(plain, config.exclude_modules):
             out.append(name)
-    # modules already wrapped by an earlier attach are targets too when they match
-    for name, m in layers(model).items():
-        if (all_linear and name not in heads) or (not all_linear and _matches(name, config.target_modules)):
-            if not _matches(name, config.exclude_modules):
-                out.append(name)
     if not out:
-        raise NeuroAdaError(f"no module matches target_modules={config.target_modules!r}")
+        raise NeuroAdaUsageError(f"no module matches target_modules={config.target_modules!r}")
     return sorted(set(out))
 
 
@@ -150,12 +213,19 @@ def _shared_weights(model: nn.Module) -> set[int]:
     return {k for k, n in seen.items() if n > 1}
 
 
-def _mode_for(module: nn.Module, config: NeuroAdaConfig, shared: set[int]) -> str:
+def _inside_foreign(model: nn.Module, name: str) -> bool:
+    parent = name.rpartition(".")[0]
+    return parent in _foreign_wrappers(model) if "." in name else False
+
+
+def _mode_for(module: nn.Module, config: NeuroAdaConfig, shared: set[int], foreign: bool = False) -> str:
     """In place where the weight is a plain, contiguous, unshared tensor of an exact Linear/Conv1D.
 
     Anything else is additive: a weight shared with another module (tied embeddings) would see the
     deltas written into it, a Linear subclass may not run the GEMM we mirror, and a tensor subclass
-    (quantised, DTensor) cannot be written entry by entry. Layers that FSDP2 manages go additive too,
+    (quantised, DTensor) cannot be written entry by entry. A linear inside PEFT's wrapper is additive
+    as well: PEFT merges LoRA into that very weight, which restoring w0 around a GEMM would undo.
+    Layers that FSDP2 manages go additive too,
     decided at their first forward (see _resolve_sharded_modes): inside FSDP2 the whole weight exists
     only transiently, in FSDP's own all-gather buffers.
     """
@@ -164,7 +234,7 @@ def _mode_for(module: nn.Module, config: NeuroAdaConfig, shared: set[int]) -> st
     w = module.weight
     plain = type(w) in (torch.Tensor, nn.Parameter) and w.is_contiguous() and w.is_floating_point()
     exact = type(module) in _linear_types()
-    return "inplace" if plain and exact and id(w) not in shared else "additive"
+    return "inplace" if plain and exact and id(w) not in shared and not foreign else "additive"
 
 
 def _resolve_sharded_modes(model: nn.Module, args) -> None:
@@ -190,7 +260,7 @@ def _resolve_sharded_modes(model: nn.Module, args) -> None:
 def _wrap(model: nn.Module, name: str, module: nn.Module, config: NeuroAdaConfig, shared: set[int]) -> NeuroAdaLayer:
     if isinstance(module, NeuroAdaLayer):
         return module
-    layer = NeuroAdaLayer(module, mode=_mode_for(module, config, shared))
+    layer = NeuroAdaLayer(module, mode=_mode_for(module, config, shared, _inside_foreign(model, name)))
     setattr(layer, AUTO_ATTR, config.mode == "auto")
     _set_module(model, name, layer)
     if getattr(model, HOOK_ATTR, None) is None:
@@ -245,26 +315,25 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
     _check_adapter_name(adapter_name)
     configs = getattr(model, CONFIGS_ATTR, None) or {}
     if adapter_name in configs:
-        raise NeuroAdaError(f"adapter {adapter_name!r} is already attached")
+        raise NeuroAdaUsageError(f"adapter {adapter_name!r} is already attached")
     if config.selection not in SELECTIONS:
-        raise NeuroAdaError(f"attach selects with one of {', '.join(SELECTIONS)}; {config.selection!r} only "
+        raise NeuroAdaUsageError(f"attach selects with one of {', '.join(SELECTIONS)}; {config.selection!r} only "
                             f"describes an adapter built from others (load it with load_adapter)", rule="2.2")
     _refuse_sharded(model, "attach")
     names = find_targets(model, config)
     modules = {name: model.get_submodule(name) for name in names}
     for name, module in modules.items():
         if isinstance(module, NeuroAdaLayer) and module.merged:
-            raise NeuroAdaError(f"{name} has merged adapters; unmerge before attaching another")
+            raise NeuroAdaUsageError(f"{name} has merged adapters; unmerge before attaching another")
         d_in = _canonical(module).shape[1]
         if config.k > d_in:
-            raise NeuroAdaError(f"k={config.k} exceeds d_in={d_in}", tensor=name + ".weight", rule="3.4")
+            raise NeuroAdaUsageError(f"k={config.k} exceeds d_in={d_in}", tensor=name + ".weight", rule="3.4")
     if config.selection == "gradient":
         indices = _gradient_indices(model, modules, config.k, calibration, loss_fn)
     else:
         indices = {name: select(_canonical(m), config.k, config.selection, seed=config.seed, generator_offset=i)
                    for i, (name, m) in enumerate(modules.items())}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    _freeze(model, keep_deltas=False)
     shared = _shared_weights(model)
     delta_dtype = getattr(torch, config.delta_dtype)
     for name, module in modules.items():
@@ -273,9 +342,23 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
         layer.neuroada_val[adapter_name].requires_grad_(not config.inference_mode)
     configs[adapter_name] = config
     setattr(model, CONFIGS_ATTR, configs)
+    _install_hf(model)
     del indices
     _release_free_heap()
     return model
+
+
+def _freeze(model: nn.Module, *, keep_deltas: bool) -> None:
+    """Freeze the base model, as PEFT's get_peft_model does. Parameters of another library's adapter
+    (PEFT's lora_A/lora_B, modules_to_save copies) keep their requires_grad: training both at once is
+    what a user attaching NeuroAda to a LoRA model means. NeuroAda's own other adapters keep theirs
+    when `keep_deltas` (load_adapter), else freeze (attach trains the new adapter only)."""
+    wrappers = _foreign_wrappers(model)
+    deltas = {id(v) for layer in layers(model).values() for v in layer.neuroada_val.values()} if keep_deltas else set()
+    for name, p in model.named_parameters():
+        if id(p) in deltas or _in_foreign_adapter(name, wrappers):
+            continue
+        p.requires_grad_(False)
 
 
 def _default_loss(model, batch):
@@ -286,10 +369,10 @@ def _default_loss(model, batch):
 def _gradient_indices(model, modules: dict[str, nn.Module], k: int, calibration, loss_fn) -> dict[str, torch.Tensor]:
     """Top-k of |sum_b dloss_b/dW| per row for every target, holding one dense gradient at a time."""
     if calibration is None:
-        raise NeuroAdaError("selection='gradient' needs calibration batches")
+        raise NeuroAdaUsageError("selection='gradient' needs calibration batches")
     batches = list(calibration)
     if not batches:
-        raise NeuroAdaError("selection='gradient' got no calibration batches")
+        raise NeuroAdaUsageError("selection='gradient' got no calibration batches")
     loss_fn = loss_fn or _default_loss
     weights = {name: (m.base_layer if isinstance(m, NeuroAdaLayer) else m).weight for name, m in modules.items()}
     owners: dict[int, list[str]] = {}
@@ -384,18 +467,25 @@ def base_state_names(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]
 
     A tensor tied to an earlier one (lm_head.weight sharing the embeddings) is listed once, under its
     first name, as save_pretrained stores it, so the structure hash matches the saved checkpoint.
+    NeuroAda's tensors and another library's adapter tensors (PEFT's lora_A/B) are not the base's.
     """
     first: dict[int, str] = {}
     tied = set()
     for name, p in model.named_parameters(remove_duplicate=False):  # a tied parameter is one object
         if first.setdefault(id(p), name) != name:
             tied.add(name)
+    wrappers = _foreign_wrappers(model)
     out = {}
     for name, t in model.state_dict().items():
-        if ".neuroada_" in name or name in tied:
+        if ".neuroada_" in name or name in tied or _in_foreign_adapter(name, wrappers):
             continue
-        out[name.replace(BASE_LAYER, "")] = (TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape))
+        out[plain_name(model, name)] = (TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape))
     return out
+
+
+def _modules_by_key(model: nn.Module) -> dict[str, str]:
+    """Adapter target key (the base's weight name) -> module name, for every adaptable linear."""
+    return {plain_name(model, name) + ".weight": name for name in _adaptable(model)}
 
 
 # -- save --------------------------------------------------------------------------------------------
@@ -407,13 +497,13 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
     configs = getattr(model, CONFIGS_ATTR, {})
     config = configs.get(adapter_name)
     if config is None:
-        raise NeuroAdaError(f"no adapter named {adapter_name!r} (have: {', '.join(configs) or 'none'})")
+        raise NeuroAdaUsageError(f"no adapter named {adapter_name!r} (have: {', '.join(configs) or 'none'})")
     vdt = value_dtype or config.save_dtype
     targets = {}
     for name, layer in layers(model).items():
         if adapter_name not in layer.neuroada_val:
             continue
-        key = name + ".weight"
+        key = plain_name(model, name) + ".weight"
         idx = to_numpy(layer.neuroada_idx[adapter_name])
         val = _full(layer.neuroada_val[adapter_name].detach()).float().cpu().numpy().astype(VALUE_NUMPY[vdt])
         w0 = layer.neuroada_w0[adapter_name]
@@ -437,39 +527,126 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
 
 def save_adapter(model: nn.Module, path, adapter_name: str = "default", *, value_dtype: str | None = None,
                  is_main_process: bool = True) -> str:
-    """Write the adapter: a file path -> one .safetensors file; a folder -> PEFT-style layout
-    (adapter_config.json + adapter_model.safetensors). Returns the adapter file's path.
+    """Write the adapter: a path ending in .safetensors -> that one file; any other path -> a folder
+    with neuroada_config.json + neuroada_model.safetensors (neuroada_format.folder's layout, which PEFT
+    does not mistake for one of its own). Returns the adapter file's path.
 
     Under FSDP2 call it on every rank (the deltas are gathered collectively) with
     is_main_process=False on all but one; that one writes.
     """
     path = os.fspath(path)
     adapter = to_adapter(model, adapter_name, value_dtype=value_dtype)
+    single = path.endswith(".safetensors")
+    file = path if single else os.path.join(path, WEIGHTS_NAME)
     if not is_main_process:
-        return os.path.join(path, WEIGHTS_NAME) if not path.endswith(".safetensors") else path
-    if path.endswith(".safetensors"):
+        return file
+    if single:
         naf.save(adapter, path)
         return path
     os.makedirs(path, exist_ok=True)
     config = getattr(model, CONFIGS_ATTR)[adapter_name]
     cfg = NeuroAdaConfig.from_dict({**config.to_dict(), "base_model_name_or_path": adapter.base_name,
                                     "revision": adapter.base_revision})
-    file = os.path.join(path, WEIGHTS_NAME)
     naf.save(adapter, file)
     cfg.save_pretrained(path)
     return file
 
 
+# -- Hugging Face integration: save_pretrained, Trainer checkpoints, state_dict loading ---------------
+def trainable_state(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """What training changes, under the model's own state_dict keys: every adapter's indices and
+    deltas (exact, in their training dtype) and any other parameter that requires grad (PEFT's LoRA,
+    a head the user unfroze). The frozen base and w0 (read back from the base) are left out."""
+    sd = model.state_dict() if state_dict is None else state_dict
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    out = {}
+    for key, t in sd.items():
+        if ".neuroada_idx." in key or ".neuroada_val." in key or key in trainable:
+            out[key] = _full(t).detach().cpu().contiguous()
+    return out
+
+
+def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool = True, state_dict: dict | None = None,
+                    selected_adapters: list[str] | None = None, push_to_hub: bool = False, **kwargs) -> None:
+    """`model.save_pretrained` of an attached model (attach installs it on the instance), and so what
+    transformers.Trainer's save_model and periodic checkpoints write:
+
+    - each adapter in the format (`neuroada_config.json` + `neuroada_model.safetensors`; "default" in
+      the folder itself, any other in a sub-folder of its name, as PEFT does), loadable with load_adapter;
+    - `model.safetensors`: the trainable state (see trainable_state), exact, which Trainer's resume and
+      load_best_model_at_end load with `model.load_state_dict(..., strict=False)`.
+
+    No config.json is written: `from_pretrained` on the folder raises instead of building a model
+    whose base weights are random. Adapter-sized, like a PEFT checkpoint.
+    """
+    if push_to_hub:
+        raise NeuroAdaUsageError("save_pretrained(push_to_hub=True) is not supported for an attached model; "
+                                 "save the folder and upload it yourself")
+    folder = os.fspath(save_directory)
+    if os.path.isfile(folder):
+        raise NeuroAdaUsageError("save_pretrained needs a folder, not a file", path=folder)
+    configs = getattr(model, CONFIGS_ATTR, None) or {}
+    names = list(configs) if selected_adapters is None else list(selected_adapters)
+    for name in names:
+        if name not in configs:
+            raise NeuroAdaUsageError(f"no adapter named {name!r} (have: {', '.join(configs) or 'none'})")
+    state = trainable_state(model, state_dict)
+    for name in names:
+        save_adapter(model, folder if name == "default" else os.path.join(folder, name), name,
+                     is_main_process=is_main_process)
+    if not is_main_process:
+        return
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    state[STATE_MARKER] = torch.zeros(1, dtype=torch.uint8)
+    out = os.path.join(folder, STATE_FILE)
+    tmp = out + f".tmp-{os.getpid()}"
+    try:
+        save_file(state, tmp, metadata={"format": "pt", "neuroada_trainable_state": "1"})
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """A state marked as trainable state (save_pretrained's model.safetensors) holds no base by design."""
+    if state_dict.pop(prefix + STATE_MARKER, None) is not None:
+        module.__dict__["_neuroada_partial_load"] = True
+
+
+def _state_post_hook(module, incompatible_keys) -> None:
+    """w0 is never missing (it is read back from the base); nor is the base when a trainable state loads."""
+    partial = module.__dict__.pop("_neuroada_partial_load", False)
+    keep = [k for k in incompatible_keys.missing_keys if ".neuroada_w0." not in k
+            and (not partial or ".neuroada_" in k)]
+    incompatible_keys.missing_keys[:] = keep
+
+
+def _install_hf(model: nn.Module) -> None:
+    """Make the HF entry points save and load the adapter: a per-instance save_pretrained (a partial of
+    a module-level function, so copies and pickles keep it) and load_state_dict hooks on the model."""
+    if callable(getattr(model, "save_pretrained", None)):
+        model.__dict__["save_pretrained"] = functools.partial(save_pretrained, model)
+    if getattr(model, HF_ATTR, None) is None:
+        setattr(model, HF_ATTR, (model.register_load_state_dict_pre_hook(_state_pre_hook),
+                                 model.register_load_state_dict_post_hook(_state_post_hook)))
+
+
+def _uninstall_hf(model: nn.Module) -> None:
+    model.__dict__.pop("save_pretrained", None)
+    for handle in getattr(model, HF_ATTR, None) or ():
+        handle.remove()
+    if HF_ATTR in model.__dict__:
+        delattr(model, HF_ATTR)
+
+
 # -- load --------------------------------------------------------------------------------------------
 def _resolve(path) -> tuple[str, NeuroAdaConfig | None]:
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        file = os.path.join(path, WEIGHTS_NAME)
-        cfg = NeuroAdaConfig.from_pretrained(path) if os.path.exists(os.path.join(path, CONFIG_NAME)) else None
-        if not os.path.exists(file):
-            raise NeuroAdaError(f"no {WEIGHTS_NAME} in the folder", path=path, rule="1.1")
-        return file, cfg
-    return path, None
+    file, config = adapter_paths(path)
+    return file, NeuroAdaConfig.from_pretrained(config) if config else None
 
 
 def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
@@ -479,12 +656,11 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
     adapter for another architecture is reported as such. Base values are read as they are now: a
     caller with merged adapters unmerges first (load_adapter does, and re-merges).
     """
-    modules = dict(model.named_modules())
+    by_key = _modules_by_key(model)
     found = {}
     for key, t in sorted(adapter.targets.items()):
-        mod_name = key[:-len(".weight")] if key.endswith(".weight") else None
-        module = modules.get(mod_name) if mod_name else None
-        if module is None or not isinstance(module, (NeuroAdaLayer, *_linear_types())):
+        module = model.get_submodule(by_key[key]) if key in by_key else None
+        if module is None:
             raise NeuroAdaError("no linear layer of the model has this weight", path=adapter.path,
                                 tensor=key, rule="4.1")
         w = _canonical(module)
@@ -517,13 +693,13 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
     """
     _check_adapter_name(adapter_name)
     if mode not in MODES:
-        raise NeuroAdaError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise NeuroAdaUsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     file, cfg = _resolve(path)
     adapter = naf.load(file)
     naf.validate(adapter, strict=True)
     configs = getattr(model, CONFIGS_ATTR, None) or {}
     if adapter_name in configs:
-        raise NeuroAdaError(f"adapter {adapter_name!r} is already loaded; delete it or pick another name")
+        raise NeuroAdaUsageError(f"adapter {adapter_name!r} is already loaded; delete it or pick another name")
     _refuse_sharded(model, "load_adapter")
     merged = {name: list(layer.merged_adapters) for name, layer in layers(model).items() if layer.merged}
     for name in merged:
@@ -542,20 +718,19 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
         config.mode = mode
         shared = _shared_weights(model)
         delta_dtype = getattr(torch, config.delta_dtype)
+        by_key = _modules_by_key(model)
         for key, t in adapter.targets.items():
-            name = key[:-len(".weight")]
+            name = by_key[key]
             module = _wrap(model, name, model.get_submodule(name), config, shared)
             w = module.weight
             idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
             val = torch.from_numpy(np.asarray(t.values, dtype=np.float32)).to(device=w.device, dtype=delta_dtype)
             module.add_adapter(adapter_name, idx, val=val, val_dtype=delta_dtype, activate=None)
             module.neuroada_val[adapter_name].requires_grad_(is_trainable)
-        deltas = {id(v) for layer in layers(model).values() for v in layer.neuroada_val.values()}
-        for p in model.parameters():
-            if id(p) not in deltas:
-                p.requires_grad_(False)
+        _freeze(model, keep_deltas=True)
         configs[adapter_name] = config
         setattr(model, CONFIGS_ATTR, configs)
+        _install_hf(model)
     finally:
         for name, names in merged.items():
             model.get_submodule(name).merge(names)
@@ -601,4 +776,5 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
     if hook is not None:
         hook.remove()
         delattr(model, HOOK_ATTR)
+    _uninstall_hf(model)
     return model

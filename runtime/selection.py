@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
+
 # Scores are made and ranked a block of rows at a time, so no temporary is larger than ~1 MB: a dense
 # copy per weight (11 MB for one Llama MLP matrix) raised glibc's mmap threshold and left ~230 MB of
 # free heap resident after attach, which training then grew on (measured: +10% peak RSS at k=1).
@@ -23,7 +25,7 @@ def topk_columns(scores: torch.Tensor, k: int, transform=None) -> torch.Tensor:
     """
     d_out, d_in = scores.shape
     if not 1 <= k <= d_in:
-        raise ValueError(f"k={k} must be within [1, d_in={d_in}]")
+        raise NeuroAdaError(f"k={k} must be within [1, d_in={d_in}]", rule="3.4")
     work = torch.float64 if scores.dtype == torch.float64 else torch.float32
     out = torch.empty((d_out, k), dtype=torch.int64, device=scores.device)
     rows = max(1, ROW_CHUNK_ENTRIES // d_in)
@@ -64,6 +66,6 @@ def select(weight: torch.Tensor, k: int, rule: str, *, seed: int | None = None,
             return topk_columns(torch.rand(weight.shape, generator=g).to(weight.device), k)
         if rule == "gradient":
             if scores is None or tuple(scores.shape) != tuple(weight.shape):
-                raise ValueError("gradient selection needs scores shaped like the weight")
+                raise NeuroAdaUsageError("gradient selection needs scores shaped like the weight")
             return topk_columns(scores, k, torch.abs)
-    raise ValueError(f"unknown selection rule {rule!r}")
+    raise NeuroAdaUsageError(f"unknown selection rule {rule!r}", rule="2.2")

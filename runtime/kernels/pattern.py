@@ -10,6 +10,8 @@ import warnings
 
 import torch
 
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
+
 __all__ = ["Pattern", "as_pattern", "sparse_csr"]
 
 
@@ -41,9 +43,9 @@ class Pattern:
 
     def __init__(self, idx: torch.Tensor, d_in: int, *, transposed: bool = False, validate: bool = True):
         if idx.dim() != 2:
-            raise ValueError(f"idx must be [d_out, k], got shape {tuple(idx.shape)}")
+            raise NeuroAdaError(f"idx must be [d_out, k], got shape {tuple(idx.shape)}", rule="3.4")
         if idx.dtype != torch.int64:
-            raise TypeError(f"idx must be int64, got {idx.dtype}")
+            raise NeuroAdaError(f"idx must be int64, got {idx.dtype}")
         self.idx = idx
         self.version = idx._version
         self.d_out, self.k = idx.shape
@@ -57,6 +59,15 @@ class Pattern:
         self._zeros = {}
         self._csc = None
 
+    _CACHES = ("_flat", "_crow", "_zeros", "_csc")
+
+    def __getstate__(self):
+        """Derived index structures are caches: rebuilt on demand, never copied or pickled (a CSR
+        tensor cannot be deep-copied at all)."""
+        state = self.__dict__.copy()
+        state.update(_flat=None, _crow=None, _zeros={}, _csc=None)
+        return state
+
     def check(self) -> None:
         """Reject indices the sparse structures silently rely on (range, strictly increasing rows)."""
         idx = self._idx_c
@@ -65,9 +76,9 @@ class Pattern:
         bad_range = (idx < 0).any() | (idx >= self.d_in).any()
         bad_order = (idx[:, 1:] <= idx[:, :-1]).any() if self.k > 1 else torch.zeros((), dtype=torch.bool)
         if bool(bad_range):
-            raise ValueError(f"idx has columns outside [0, {self.d_in})")
+            raise NeuroAdaError(f"idx has columns outside [0, {self.d_in})", rule="3.5")
         if bool(bad_order):
-            raise ValueError("idx rows must be strictly increasing")
+            raise NeuroAdaError("idx rows must be strictly increasing", rule="3.6")
 
     def is_current(self, idx: torch.Tensor) -> bool:
         return idx is self.idx and idx._version == self.version
@@ -152,7 +163,7 @@ def as_pattern(idx, d_in: int | None = None, *, transposed: bool = False) -> Pat
     if isinstance(idx, Pattern):
         return idx
     if d_in is None:
-        raise ValueError("d_in is required when idx is a plain tensor")
+        raise NeuroAdaUsageError("d_in is required when idx is a plain tensor")
     return Pattern(idx, d_in, transposed=transposed)
 
 
@@ -161,5 +172,6 @@ def weight_pattern(W: torch.Tensor, idx, transposed: bool) -> Pattern:
     p = as_pattern(idx, W.shape[0] if transposed else W.shape[1], transposed=transposed)
     stored = (p.d_in, p.d_out) if p.transposed else (p.d_out, p.d_in)
     if tuple(W.shape) != stored:
-        raise ValueError(f"weight of shape {tuple(W.shape)} does not match pattern {p} (stored {stored})")
+        raise NeuroAdaError(f"weight of shape {tuple(W.shape)} does not match pattern {p} (stored {stored})",
+                            rule="4.2")
     return p

@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from neuroada_format import NeuroAdaError
 from neuroada_format.runtime import kernels
 from neuroada_format.runtime.kernels import Pattern, cpu, reference
 
@@ -98,13 +99,13 @@ def test_bf16_scatter_rounds_like_ml_dtypes(w_bits, vals):
 
 
 def test_pattern_validation_and_layouts(rt, gen):
-    with pytest.raises(ValueError, match="strictly increasing"):
+    with pytest.raises(NeuroAdaError, match="strictly increasing"):
         Pattern(torch.tensor([[1, 1]]), 4)
-    with pytest.raises(ValueError, match="strictly increasing"):
+    with pytest.raises(NeuroAdaError, match="strictly increasing"):
         Pattern(torch.tensor([[2, 1]]), 4)
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(NeuroAdaError, match="outside"):
         Pattern(torch.tensor([[0, 4]]), 4)
-    with pytest.raises(TypeError):
+    with pytest.raises(NeuroAdaError):
         Pattern(torch.tensor([[0, 1]], dtype=torch.int32), 4)
     idx = torch.tensor([[0, 2], [1, 3], [0, 3]])
     p = Pattern(idx, 4)

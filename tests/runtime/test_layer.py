@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from neuroada_format import NeuroAdaError
 from neuroada_format.runtime import NeuroAdaLayer
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -114,21 +115,21 @@ def test_disable_delete_and_errors(rt, gen):
     layer.disable_adapters = True
     assert torch.equal(layer(x), base(x)) and not layer.merged  # disabling unmerges
     layer.disable_adapters = False
-    with pytest.raises(ValueError):
+    with pytest.raises(NeuroAdaError):
         layer.add_adapter("default", rt.rand_idx(12, 10, 2, gen))
-    with pytest.raises(ValueError):
+    with pytest.raises(NeuroAdaError):
         layer.add_adapter("x.y", rt.rand_idx(12, 10, 2, gen))
-    with pytest.raises(ValueError):
+    with pytest.raises(NeuroAdaError):
         layer.add_adapter("bad", torch.tensor([[1, 0]] * 12))
     layer.merge()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(NeuroAdaError):
         layer.add_adapter("late", rt.rand_idx(12, 10, 2, gen))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(NeuroAdaError):
         layer.delete_adapter("default")
     layer.unmerge()
     layer.delete_adapter("default")
     assert torch.equal(layer(x), base(x)) and len(layer.neuroada_idx) == 0
-    with pytest.raises(TypeError):
+    with pytest.raises(NeuroAdaError):
         NeuroAdaLayer(nn.Conv2d(2, 2, 1))
 
 

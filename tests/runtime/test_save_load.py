@@ -69,7 +69,7 @@ def ids(vocab=100):
 
 
 # -- save ------------------------------------------------------------------------------------------
-def test_save_single_file_and_peft_style_folder(tmp_path):
+def test_save_single_file_and_folder(tmp_path):
     base = tiny_llama()
     base_np = numpy_state(base)
     model = with_deltas(copy.deepcopy(base), k=3, target_modules=r".*\.(q|v|down)_proj")
@@ -77,12 +77,13 @@ def test_save_single_file_and_peft_style_folder(tmp_path):
     folder = tmp_path / "folder"
     weights = save_adapter(model, folder)
     assert file == os.fspath(tmp_path / "a.safetensors")
-    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert weights == os.fspath(folder / "adapter_model.safetensors")
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # atomic writes left nothing behind
+    assert sorted(os.listdir(folder)) == ["neuroada_config.json", "neuroada_model.safetensors"]  # not PEFT's names
+    assert weights == os.fspath(folder / "neuroada_model.safetensors")
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # atomic writes left nothing behind
+    assert not [f for f in os.listdir(folder) if ".tmp" in f]
 
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "NEUROADA"
+    cfg = json.loads((folder / "neuroada_config.json").read_text())
+    assert "peft_type" not in cfg  # nothing PEFT would take for one of its own methods
     assert cfg["base_model_name_or_path"] == "tiny/llama"
     assert cfg["target_modules"] == r".*\.(q|v|down)_proj" and cfg["k"] == 3
     assert {"exclude_modules", "selection", "revision", "inference_mode", "save_dtype"} <= set(cfg)
@@ -140,6 +141,24 @@ def test_load_adapter_accepts_file_and_folder(tmp_path, form):
         {n + ".neuroada_val.t" for n in layers(model)}
 
 
+def test_legacy_peft_style_folder_still_loads(tmp_path):
+    """Folders written before the neuroada_* names (adapter_config.json with peft_type NEUROADA)."""
+    base = tiny_llama()
+    model = with_deltas(copy.deepcopy(base), k=2, exclude_modules=["o_proj"])
+    new = tmp_path / "new"
+    save_adapter(model, new)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    cfg = json.loads((new / "neuroada_config.json").read_text())
+    (legacy / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "NEUROADA"}))
+    os.link(new / "neuroada_model.safetensors", legacy / "adapter_model.safetensors")
+    a, b = load_adapter(copy.deepcopy(base), new), load_adapter(copy.deepcopy(base), legacy)
+    assert b.neuroada_configs["default"] == a.neuroada_configs["default"]
+    assert b.neuroada_configs["default"].exclude_modules == ["o_proj"]
+    with torch.no_grad():
+        assert torch.equal(a(ids()).logits, b(ids()).logits)
+
+
 def test_load_refuses_bad_names_and_files(tmp_path):
     model = with_deltas(tiny_llama(), k=1)
     path = save_adapter(model, tmp_path / "a.safetensors")
@@ -158,7 +177,7 @@ def test_load_refuses_bad_names_and_files(tmp_path):
     (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     os.link(path, lora / "adapter_model.safetensors")
     fresh = tiny_llama()
-    with pytest.raises(NeuroAdaError, match="peft_type 'LORA'"):
+    with pytest.raises(NeuroAdaError, match="peft_type 'LORA'.*--from-peft"):
         load_adapter(fresh, lora)
     assert not layers(fresh)
     from safetensors.torch import save_file

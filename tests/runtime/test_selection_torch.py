@@ -78,7 +78,7 @@ def test_all_tied_row_takes_the_lowest_columns():
 def test_topk_columns_keeps_f64_precision_and_rejects_bad_k():
     s = torch.tensor([[1.0, 1.0 + 1e-12, 1.0]], dtype=torch.float64)  # equal in f32, not in f64
     assert topk_columns(s, 1).tolist() == [[1]]
-    with pytest.raises(ValueError):
+    with pytest.raises(NeuroAdaError):
         topk_columns(s, 4)
 
 
