@@ -85,6 +85,17 @@ def _shard_name(name, index_path: str) -> str:
     return name
 
 
+def _open_gguf(path: str):
+    """A GGUF file (llama.cpp) as a base: the converters' strict reader, keyed by Hugging Face names and
+    de-quantized to the values the probe hash covers (spec section 15). Imported on demand: gguf is optional."""
+    try:
+        from neuroada_format.converters.gguf_merge import open_gguf_base
+    except ImportError as exc:
+        raise NeuroAdaError(f"GGUF bases need the gguf package (pip install gguf): {exc}", path=path,
+                            rule="1.6") from None
+    return open_gguf_base(path)
+
+
 def open_base(base) -> Checkpoint | ArrayBase:
     """Open a base given as a path (file or HF folder) or a mapping of name -> numpy array."""
     if all(hasattr(base, a) for a in ("__contains__", "info", "array")):
@@ -123,6 +134,8 @@ def open_base(base) -> Checkpoint | ArrayBase:
         path = single
     if not os.path.exists(path):
         raise NeuroAdaError("no such file or folder", path=path, rule="1.1")
+    if path.lower().endswith(".gguf"):
+        return _open_gguf(path)
     if path.endswith(".onnx"):
         raise NeuroAdaError("ONNX bases are read by the converters (neuroada-merge), not by the format "
                             "core", path=path, rule="1.6")

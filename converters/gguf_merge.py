@@ -1,0 +1,741 @@
+"""GGUF bases (llama.cpp): a strict reader, the Hugging Face -> GGUF target mapping, a de-quantized base
+view for validation, and the merge backend (spec/SPEC.md section 14).
+
+Why a reader of our own: gguf-py's GGUFReader builds Python objects for every metadata element and
+trusts counts and offsets, so a hostile file can make it allocate without bound or hang. This reader
+walks the header with explicit bounds (every count is checked against the bytes left before anything is
+read), decodes only the few keys the merge needs and keeps the rest as raw bytes, which the output
+carries over unchanged. gguf-py supplies the tables: type sizes, the per-architecture name map and the
+block codecs (`gguf.quants`), which are what transformers' GGUF loader decodes with too.
+
+Targets keep their Hugging Face names. `model.layers.0.self_attn.q_proj.weight` maps to `blk.0.attn_q.weight`
+through gguf's TensorNameMap; for the Llama family llama.cpp's converter permuted the rows of attn_q and
+attn_k (rope layout), so an adapter's row r lands on GGUF row `inverse[r]` of that permutation.
+
+Merging keeps each tensor's encoding unless told otherwise: F32/F16/BF16 tensors get rule M bit for bit;
+Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 tensors get the rule-M values re-encoded block by block, only in blocks that hold a
+touched value (every other block stays byte-identical); types gguf-py can only decode (K-quants, IQ) are
+refused unless `requant` names a type to re-encode them into. `target_type` re-encodes every touched
+tensor (e.g. F16, to keep the merge exact up to F16 rounding). Metadata and tokenizer bytes are copied
+verbatim; when no tensor changes type the output is a byte copy with patched blocks.
+"""
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError, plan_merge
+from neuroada_format.durable import write_file
+from neuroada_format.hashing import probe_hash_from_values
+from neuroada_format.layout import flat_positions
+from neuroada_format.merge import Delta
+from neuroada_format.validate import PROBE_MISMATCH, validate
+
+from .backend import Backend, Mismatch, Resolved, Written, pause_for_tests
+
+try:
+    import gguf
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants as gquants
+except ImportError as exc:  # pragma: no cover - the registry turns this into a usage error
+    raise ImportError("GGUF bases need the gguf package (pip install gguf)", name="gguf") from exc
+
+RULE = "1.6"  # a base can be opened; for GGUF files spec section 15.1 says what that checks
+MAGIC = b"GGUF"
+VERSIONS = (2, 3)
+MAX_DIMS = 4
+MAX_NAME = 1024            # llama.cpp allows 64; anything longer than this is not a tensor name
+MAX_KEY = 65535
+MAX_ARRAY_DEPTH = 2        # arrays of arrays occur; deeper nesting does not
+MAX_SCALAR_STRING = 1 << 20  # decoded string values (architecture, names); arrays of strings are only walked
+
+FLOAT_TYPES = {QT.F32: "F32", QT.F16: "F16", QT.BF16: "BF16"}
+BLOCK_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1)  # gguf-py encodes and decodes these
+ENCODABLE = tuple(FLOAT_TYPES) + BLOCK_TYPES
+DECODE_ONLY_OK = True  # every type in GGML_QUANT_SIZES that gguf.quants can decode is readable
+
+# value type -> (struct code, size); 8 = string, 9 = array
+_SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
+            6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
+_STRING, _ARRAY = 8, 9
+
+# Architectures whose linear targets we map, and whether llama.cpp's converter permutes attn_q/attn_k rows.
+ARCHS = {"llama": True, "qwen2": False, "qwen3": False}
+
+
+def qtype(name) -> QT:
+    """A GGML type from its name (`--requant Q8_0`), refused clearly when unknown or not encodable."""
+    try:
+        t = QT[str(name).upper()]
+    except KeyError:
+        raise NeuroAdaUsageError(f"unknown GGUF tensor type {name!r}; encodable: "
+                                 f"{', '.join(x.name for x in ENCODABLE)}") from None
+    if t not in ENCODABLE:
+        raise NeuroAdaUsageError(f"gguf-py cannot encode {t.name}; encodable: {', '.join(x.name for x in ENCODABLE)}")
+    return t
+
+
+# -- the strict reader --------------------------------------------------------------------------------
+@dataclass
+class TensorInfo:
+    name: str
+    type: QT
+    ne: tuple[int, ...]     # GGUF order: ne[0] is the fastest-varying (d_in for a linear weight)
+    offset: int             # relative to the data section
+    nbytes: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The numpy (row-major) shape: [d_out, d_in] for a linear weight."""
+        return tuple(reversed(self.ne))
+
+
+@dataclass
+class GGUFFile:
+    """A parsed GGUF file: header fields, tensor table, and where everything lies. Data is read lazily."""
+    path: str
+    version: int
+    size: int
+    kv: dict                       # key -> decoded scalar/string, or ("array", type, count)
+    infos_start: int               # byte where the tensor table begins (after the key/value pairs)
+    infos_end: int
+    alignment: int
+    data_start: int
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+    def err(self, msg: str, tensor: str | None = None) -> NeuroAdaError:
+        return NeuroAdaError(msg, path=self.path, tensor=tensor, rule=RULE)
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as a read-only uint8 map."""
+        t = self.tensors[name]
+        if t.nbytes == 0:
+            return np.zeros(0, np.uint8)
+        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_start + t.offset, shape=(t.nbytes,))
+
+    def blocks(self, name: str) -> np.ndarray:
+        """The tensor's bytes as [n_blocks, type_size] (one row per block; floats: one element per block)."""
+        t = self.tensors[name]
+        _, type_size = GGML_QUANT_SIZES[t.type]
+        return self.raw(name).reshape(-1, type_size)
+
+    def decode(self, name: str) -> np.ndarray:
+        """The tensor's values in numpy shape: F32/F16/BF16 as stored (a map), other types de-quantized to f32."""
+        t = self.tensors[name]
+        raw = self.raw(name)
+        if t.type in FLOAT_TYPES:
+            return raw.view(_numpy_dtype(t.type)).reshape(t.shape)
+        try:
+            return gquants.dequantize(np.asarray(raw), t.type).reshape(t.shape)
+        except NotImplementedError:
+            raise self.err(f"gguf-py cannot decode tensor type {t.type.name}", name) from None
+
+
+class _Cursor:
+    """Bounded little-endian reads over the file's bytes: every read checks it fits before reading."""
+
+    def __init__(self, buf, path: str):
+        self.buf, self.pos, self.path = buf, 0, path
+        self.size = len(buf)
+
+    def fail(self, msg: str, tensor=None):
+        raise NeuroAdaError(msg, path=self.path, tensor=tensor, rule=RULE)
+
+    def need(self, n: int, what: str):
+        if n < 0 or n > self.size - self.pos:
+            self.fail(f"truncated: {what} needs {n} bytes at offset {self.pos}, the file has {self.size}")
+
+    def scalar(self, code: str, size: int, what: str):
+        self.need(size, what)
+        v = struct.unpack_from(code, self.buf, self.pos)[0]
+        self.pos += size
+        return v
+
+    def u32(self, what):
+        return self.scalar("<I", 4, what)
+
+    def u64(self, what):
+        return self.scalar("<Q", 8, what)
+
+    def string(self, what: str, cap: int, decode: bool = True):
+        n = self.u64(f"{what} length")
+        if n > cap:
+            self.fail(f"{what} is {n} bytes long (limit {cap})")
+        self.need(n, what)
+        start = self.pos
+        self.pos += n
+        if not decode:
+            return None
+        try:
+            return self.buf[start:start + n].decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"{what} is not UTF-8")
+
+    def _skip_strings(self, count: int, key: str) -> None:
+        """Walk `count` length-prefixed strings (a vocabulary: ~50k of them), checking each fits."""
+        buf, pos, size, unpack = self.buf, self.pos, self.size, struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            if pos + 8 > size:
+                break
+            pos += 8 + unpack(buf, pos)[0]
+            if pos > size:
+                break
+        else:
+            self.pos = pos
+            return
+        self.fail(f"truncated: array {key!r} runs past the end of the file")
+
+    def value(self, vtype: int, key: str, depth: int = 0):
+        if vtype in _SCALARS:
+            code, size = _SCALARS[vtype]
+            return self.scalar(code, size, f"value of {key!r}")
+        if vtype == _STRING:
+            return self.string(f"string value of {key!r}", self.size)
+        if vtype == _ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                self.fail(f"metadata {key!r}: arrays nested deeper than {MAX_ARRAY_DEPTH}")
+            etype = self.u32(f"array type of {key!r}")
+            count = self.u64(f"array length of {key!r}")
+            if etype in _SCALARS:
+                size = _SCALARS[etype][1]
+                self.need(count * size, f"array {key!r} of {count} elements")  # lying counts stop here
+                self.pos += count * size
+            elif etype in (_STRING, _ARRAY):
+                least = 8 if etype == _STRING else 12  # every element takes at least this many bytes
+                self.need(count * least, f"array {key!r} of {count} elements")
+                if etype == _STRING:
+                    self._skip_strings(count, key)
+                else:
+                    for _ in range(count):
+                        self.value(_ARRAY, key, depth + 1)
+            else:
+                self.fail(f"metadata {key!r}: unknown array element type {etype}")
+            return ("array", etype, count)
+        self.fail(f"metadata {key!r}: unknown value type {vtype}")
+
+
+def read_gguf(path) -> GGUFFile:
+    """Parse and check a GGUF file's header and tensor table (rule 1.7); nothing of the data is read."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise NeuroAdaUsageError("no such file", path=path, rule="1.1")
+    if os.path.isdir(path):
+        raise NeuroAdaUsageError("a GGUF base is one file, not a folder", path=path)
+    size = os.path.getsize(path)
+    if size < 24:
+        raise NeuroAdaError(f"truncated: {size} bytes is shorter than a GGUF header", path=path, rule=RULE)
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        return _parse(buf, path, size)
+    finally:
+        buf.close()
+
+
+def _parse(buf, path: str, size: int) -> GGUFFile:
+    c = _Cursor(buf, path)
+    if buf[:4] != MAGIC:
+        c.fail("not a GGUF file (no 'GGUF' magic)")
+    c.pos = 4
+    version = c.u32("version")
+    if version not in VERSIONS:
+        swapped = struct.unpack("<I", struct.pack(">I", version))[0]
+        hint = " (a big-endian file: not supported)" if swapped in VERSIONS else ""
+        c.fail(f"GGUF version {version} is not one of {VERSIONS}{hint}")
+    n_tensors = c.u64("tensor count")
+    n_kv = c.u64("metadata count")
+    # each key/value pair takes at least 8+1+4+1 bytes, each tensor entry at least 8+1+4+8+4+8
+    if n_kv * 14 > size - c.pos:
+        c.fail(f"claims {n_kv} metadata pairs, more than {size} bytes can hold")
+    if n_tensors * 33 > size - c.pos:
+        c.fail(f"claims {n_tensors} tensors, more than {size} bytes can hold")
+    kv = {}
+    for _ in range(n_kv):
+        key = c.string("metadata key", MAX_KEY)
+        if key in kv:
+            c.fail(f"metadata key {key!r} appears twice")
+        vtype = c.u32(f"type of {key!r}")
+        start = c.pos
+        value = c.value(vtype, key)
+        if vtype == _STRING and len(value) > MAX_SCALAR_STRING:
+            value = None
+        kv[key] = value if vtype != _ARRAY else value
+        del start
+    infos_start = c.pos
+    alignment = kv.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 \
+            or alignment & (alignment - 1) or alignment > (1 << 20):
+        c.fail(f"general.alignment {alignment!r} is not a power of two up to 2^20")
+    tensors: dict[str, TensorInfo] = {}
+    for i in range(n_tensors):
+        name = c.string(f"name of tensor {i}", MAX_NAME)
+        if name in tensors:
+            c.fail("tensor name appears twice", name)
+        n_dims = c.u32("dimension count")
+        if not 1 <= n_dims <= MAX_DIMS:
+            c.fail(f"{n_dims} dimensions (1 to {MAX_DIMS} allowed)", name)
+        ne = tuple(c.u64("dimension") for _ in range(n_dims))
+        raw_type = c.u32("tensor type")
+        offset = c.u64("tensor offset")
+        try:
+            t = QT(raw_type)
+        except ValueError:
+            c.fail(f"unknown tensor type {raw_type}", name)
+        if t not in GGML_QUANT_SIZES:
+            c.fail(f"tensor type {t.name} has no known block size", name)
+        block, type_size = GGML_QUANT_SIZES[t]
+        if any(d == 0 for d in ne) or math.prod(ne) >= 1 << 62:
+            c.fail(f"dimensions {list(ne)} are empty or too large", name)
+        if ne[0] % block:
+            c.fail(f"first dimension {ne[0]} is not a multiple of the {t.name} block size {block}", name)
+        if offset % alignment:
+            c.fail(f"data offset {offset} is not a multiple of the alignment {alignment}", name)
+        tensors[name] = TensorInfo(name, t, ne, offset, math.prod(ne) // block * type_size)
+    infos_end = c.pos
+    data_start = -(-infos_end // alignment) * alignment
+    data_size = size - data_start
+    end = 0
+    for t in sorted(tensors.values(), key=lambda t: t.offset):
+        if t.offset < end:
+            c.fail(f"data at offset {t.offset} overlaps the previous tensor's (ends at {end})", t.name)
+        end = t.offset + t.nbytes
+        if data_start + end > size:
+            c.fail(f"data [{t.offset}, {end}) runs past the end of the file ({max(data_size, 0)} data bytes): "
+                   f"truncated or a lying offset", t.name)
+    return GGUFFile(path, version, size, kv, infos_start, infos_end, alignment, data_start, tensors)
+
+
+# -- Hugging Face names -> GGUF tensors ---------------------------------------------------------------
+def rope_permutation(n_rows: int, n_head: int) -> np.ndarray:
+    """perm with gguf_row[i] = hf_row[perm[i]], as llama.cpp's converter permutes q/k for rope."""
+    if n_head <= 0 or n_rows % (2 * n_head):
+        raise NeuroAdaError(f"{n_rows} rows do not split into {n_head} heads of two rope halves", rule="4.2")
+    return np.arange(n_rows).reshape(n_head, 2, n_rows // n_head // 2).swapaxes(1, 2).reshape(-1)
+
+
+@dataclass
+class Mapped:
+    """Where one target lives in the GGUF file and how its rows are ordered there."""
+    target: str
+    gguf_name: str
+    perm: np.ndarray | None   # gguf row i holds HF row perm[i]; None: same order
+    inverse: np.ndarray | None
+
+    def gguf_rows(self, hf_rows: np.ndarray | None = None) -> np.ndarray:
+        """The adapter rows in GGUF row order (to reorder [d_out, k] arrays)."""
+        return self.perm
+
+
+class GGUFBase:
+    """The base interface (like neuroada_format.base.Checkpoint) over a GGUF file, keyed by Hugging Face
+    names: `info` gives the dtype of the values the file represents (the stored float type, or F32 for a
+    block-quantized tensor, which decodes exactly to f32) and the canonical [d_out, d_in] shape;
+    `array` gives those values in Hugging Face row order (the rope permutation undone).
+
+    There is no `structure_hash`: the spec defines it over safetensors names and dtypes, which a GGUF
+    file does not have, so warning 4.5 does not apply.
+    """
+
+    def __init__(self, file: GGUFFile):
+        self.file = file
+        self.path = file.path
+        arch = file.kv.get("general.architecture")
+        if not isinstance(arch, str):
+            raise file.err("general.architecture is missing or not a string")
+        self.arch = arch
+        self._map = None
+        self._resolved: dict[str, Mapped | None] = {}
+
+    # name mapping
+    def _name_map(self):
+        if self._map is None:
+            if self.arch not in ARCHS:
+                raise NeuroAdaError(f"architecture {self.arch!r} has no Hugging Face name mapping here "
+                                    f"(supported: {', '.join(ARCHS)})", path=self.path, rule="4.1")
+            arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.arch)
+            blocks = self.file.kv.get(f"{self.arch}.block_count")
+            if not isinstance(blocks, int) or not 0 < blocks < 100_000:
+                raise self.file.err(f"{self.arch}.block_count is missing or not a small integer")
+            self._map = gguf.TensorNameMap(arch_enum, blocks)
+        return self._map
+
+    def _heads(self, key: str, default=None) -> int:
+        v = self.file.kv.get(f"{self.arch}.{key}", default)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise self.file.err(f"{self.arch}.{key} is missing or not a positive integer")
+        return v
+
+    def resolve(self, name: str) -> Mapped | None:
+        """The GGUF tensor of a Hugging Face target name (or of a GGUF name itself); None when absent."""
+        if name in self._resolved:
+            return self._resolved[name]
+        found = None
+        if name in self.file.tensors:
+            found = Mapped(name, name, None, None)
+        else:
+            gname = self._name_map().get_name(name, try_suffixes=(".weight", ".bias"))
+            if gname is not None and gname in self.file.tensors:
+                perm = None
+                if ARCHS[self.arch] and (".attn_q." in gname or ".attn_k." in gname):
+                    n_head = self._heads("attention.head_count")
+                    if ".attn_k." in gname:
+                        n_head = self._heads("attention.head_count_kv", n_head)
+                    perm = rope_permutation(self.file.tensors[gname].shape[0], n_head)
+                found = Mapped(name, gname, perm, None if perm is None else np.argsort(perm))
+        self._resolved[name] = found
+        return found
+
+    # the base interface
+    def __contains__(self, name: str) -> bool:
+        return self.resolve(name) is not None
+
+    def keys(self):
+        return self.file.tensors.keys()
+
+    def encoding(self, name: str) -> str:
+        return self.file.tensors[self.resolve(name).gguf_name].type.name
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        t = self.file.tensors[self.resolve(name).gguf_name]
+        return FLOAT_TYPES.get(t.type, "F32"), t.shape
+
+    def array(self, name: str) -> np.ndarray:
+        m = self.resolve(name)
+        values = self.file.decode(m.gguf_name)
+        return values if m.perm is None else values[m.inverse]
+
+
+def open_gguf_base(path) -> GGUFBase:
+    """A GGUF file as a base for `neuroada_format.validate` (rules 4.1-4.4 on de-quantized values)."""
+    return GGUFBase(read_gguf(path))
+
+
+# -- quantisation-aware re-encoding of touched blocks -------------------------------------------------
+# Blocks whose layout we write ourselves, so the scale/min can be chosen: (levels low, high, affine?).
+_GRID = {QT.Q4_1: (0, 15, True), QT.Q4_0: (-8, 7, False), QT.Q8_0: (-128, 127, False)}
+
+
+def _f16(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+
+
+def _grid_eval(x, w, d, m, lo, hi):
+    """Levels, decoded values and weighted squared error of blocks x [B, n] under scales d [B] / mins m [B]."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = np.where(d == 0, 0, 1 / d).astype(np.float32)
+    q = np.clip(np.rint((x - m[:, None]) * inv[:, None]), lo, hi).astype(np.float32)
+    dec = d[:, None] * q + m[:, None]
+    err = (w * (dec - x) ** 2).sum(axis=1)
+    err = np.where(np.isfinite(err), err, np.inf)
+    return q, err
+
+
+def _pack(t: QT, d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Block bytes for Q4_1 / Q4_0 / Q8_0 from f16-exact scales, mins and integer levels."""
+    n = q.shape[0]
+    dh = d.astype(np.float16).view(np.uint8).reshape(n, 2)
+    if t == QT.Q8_0:
+        return np.concatenate([dh, q.astype(np.int8).view(np.uint8)], axis=1)
+    stored = (q - (-8 if t == QT.Q4_0 else 0)).astype(np.uint8).reshape(n, 2, -1)
+    nib = stored[:, 0, :] | (stored[:, 1, :] << np.uint8(4))
+    parts = [dh] + ([m.astype(np.float16).view(np.uint8).reshape(n, 2)] if t == QT.Q4_1 else []) + [nib]
+    return np.concatenate(parts, axis=1)
+
+
+def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None, touched: np.ndarray | None = None,
+                  *, method: str = "search", touched_weight: float = 1.0) -> np.ndarray:
+    """Encode f32 blocks [B, block_size] as type t; returns [B, type_size] bytes.
+
+    method "naive": gguf-py's reference quantiser (min/max scaling). "search" (Q4_1, Q4_0, Q8_0): per
+    block the scale/min with the least squared error against `target` among the naive one, the block's
+    original one (`original` bytes; it keeps untouched values exact), a grid around them and least-squares
+    refinements; `touched` [B, n] marks the values that carry a delta (weighted by touched_weight).
+    Other types always use the naive quantiser.
+    """
+    target = np.ascontiguousarray(target, dtype=np.float32)
+    naive = gquants.quantize(target, t).reshape(target.shape[0], -1)
+    if method == "naive" or t not in _GRID:
+        return naive
+    lo, hi, affine = _GRID[t]
+    w = np.ones_like(target) if touched is None else np.where(touched, np.float32(touched_weight), np.float32(1))
+    B = target.shape[0]
+    cands = []  # (d, m) pairs, f16-exact
+
+    def from_bytes(b):
+        d = b[:, :2].copy().view(np.float16).astype(np.float32).reshape(B)
+        m = b[:, 2:4].copy().view(np.float16).astype(np.float32).reshape(B) if affine else np.zeros(B, np.float32)
+        return d, m
+    cands.append(from_bytes(naive))
+    if original is not None:
+        cands.append(from_bytes(np.asarray(original)))
+    d0, m0 = cands[0]
+    for f in (0.96, 0.98, 0.99, 1.01, 1.02, 1.04):
+        cands.append((_f16(d0 * f), m0 if not affine else m0))
+        if affine:
+            for g in (-0.25, 0.25):
+                cands.append((_f16(d0 * f), _f16(m0 + g * d0)))
+    best_err = np.full(B, np.inf, np.float32)
+    best_d = np.zeros(B, np.float32)
+    best_m = np.zeros(B, np.float32)
+
+    def consider(d, m):
+        q, err = _grid_eval(target, w, d, m, lo, hi)
+        better = err < best_err
+        best_err[better], best_d[better], best_m[better] = err[better], d[better], m[better]
+        return q
+    for d, m in cands:
+        consider(d, m)
+    for _ in range(4):  # least squares for (d, m) with the levels fixed, then re-level
+        q, _ = _grid_eval(target, w, best_d, best_m, lo, hi)
+        sw, sq, sqq = w.sum(1), (w * q).sum(1), (w * q * q).sum(1)
+        sx, sqx = (w * target).sum(1), (w * q * target).sum(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if affine:
+                det = sw * sqq - sq * sq
+                d = np.where(det != 0, (sw * sqx - sq * sx) / det, best_d)
+                m = np.where(det != 0, (sx - d * sq) / sw, best_m)
+            else:
+                d = np.where(sqq != 0, sqx / sqq, best_d)
+                m = np.zeros(B, np.float32)
+        consider(_f16(d), _f16(m))
+    q, _ = _grid_eval(target, w, best_d, best_m, lo, hi)
+    return _pack(t, best_d, best_m, q)
+
+
+# -- the merge backend --------------------------------------------------------------------------------
+@dataclass
+class _TensorPlan:
+    info: TensorInfo
+    out_type: QT
+    positions: np.ndarray                     # sorted flat positions (GGUF order) the adapters touch
+    patch: tuple[np.ndarray, np.ndarray] | None = None  # (unit indices, bytes [n, unit]) when the type is kept
+    data: bytes | None = None                  # the whole tensor's new bytes when its type changes
+
+
+@dataclass
+class _Plan:
+    tensors: dict[str, _TensorPlan]
+    touched: int
+
+
+class GGUFBackend(Backend):
+    """neuroada-merge into a GGUF file (copy only: a GGUF is not patched in place)."""
+
+    format = "gguf"
+
+    def __init__(self, *, requant=None, target_type=None, encoder: str = "search", touched_weight: float = 1.0):
+        self.requant = None if requant is None else qtype(requant)
+        self.target_type = None if target_type is None else qtype(target_type)
+        if encoder not in ("search", "naive"):
+            raise NeuroAdaUsageError(f"unknown encoder {encoder!r} (search, naive)")
+        self.encoder = encoder
+        self.touched_weight = float(touched_weight)
+
+    def open(self, path: str) -> GGUFBase:
+        return open_gguf_base(path)
+
+    def inputs(self, view: GGUFBase) -> list[str]:
+        return [view.path]
+
+    def resolve(self, view: GGUFBase, adapters, *, verify: bool) -> Resolved:
+        by_tensor: dict[str, list] = {}
+        for adapter, scale in adapters:
+            report = validate(adapter, view, probes=False)  # rules 3.x and 4.1/4.2 through the view
+            report.raise_if_invalid()
+            for name, t in adapter.targets.items():
+                if t.layout != "out_in":
+                    raise Mismatch(f"GGUF stores linear weights as [d_out, d_in]; a {t.layout} target has no "
+                                   f"mapping", path=view.path, tensor=name, rule="4.2")
+                by_tensor.setdefault(view.resolve(name).gguf_name, []).append((name, t, scale, adapter))
+        warnings = []
+        coarse = sorted(g for g in by_tensor if self._out_type(view, view.file.tensors[g]) in BLOCK_TYPES)
+        if coarse:
+            t = self._out_type(view, view.file.tensors[coarse[0]])
+            warnings.append(f"{len(coarse)} touched tensors are block-quantized (e.g. {coarse[0]}: {t.name}); their "
+                            f"merged values are re-encoded, not exact (spec section 15.3); --target-type F16 keeps them")
+        return Resolved(by_tensor, len(by_tensor), warnings)
+
+    def _out_type(self, view: GGUFBase, info: TensorInfo) -> QT:
+        if self.target_type is not None:
+            return self.target_type
+        if info.type in ENCODABLE:
+            return info.type
+        if self.requant is not None:
+            return self.requant
+        raise NeuroAdaUsageError(f"tensor type {info.type.name} can be read but not re-encoded by gguf-py; "
+                                 f"name a type for the touched tensors with --requant (e.g. Q8_0 or F16)",
+                                 path=view.path, tensor=info.name)
+
+    def plan(self, view: GGUFBase, resolved: Resolved, *, verify: bool, in_place: bool) -> _Plan:
+        plans, touched = {}, 0
+        for gname, entries in resolved.data.items():
+            info = view.file.tensors[gname]
+            out_type = self._out_type(view, info)
+            if out_type in BLOCK_TYPES and info.ne[0] % GGML_QUANT_SIZES[out_type][0]:
+                raise NeuroAdaUsageError(f"rows of {info.ne[0]} values do not split into {out_type.name} blocks",
+                                         path=view.path, tensor=gname)
+            mapped = view.resolve(entries[0][0])
+            deltas = []
+            for name, t, scale, _ in entries:
+                idx, val = np.asarray(t.indices), np.asarray(t.values)
+                if mapped.perm is not None:  # adapter rows into GGUF row order
+                    idx, val = idx[mapped.perm], val[mapped.perm]
+                deltas.append(Delta(idx, val, scale))
+            weight = view.file.decode(gname)  # float types: the stored map; block types: exact f32 decode
+            mp = plan_merge(weight, deltas, checked=True)
+            if verify:
+                for i, (name, t, _, adapter) in enumerate(entries):
+                    probed = mp.originals_of(i).reshape(t.indices.shape)
+                    if mapped.inverse is not None:
+                        probed = probed[mapped.inverse]
+                    if probe_hash_from_values(probed) != t.probe:
+                        raise Mismatch(PROBE_MISMATCH, path=adapter.path, tensor=name, rule="4.3")
+            touched += mp.positions.size
+            tp = _TensorPlan(info, out_type, mp.positions)
+            if out_type == info.type and info.type in FLOAT_TYPES:
+                tp.patch = (mp.positions, mp.merged.view(np.uint8).reshape(mp.positions.size, -1))
+            elif out_type == info.type:
+                block = GGML_QUANT_SIZES[info.type][0]
+                ids = np.unique(mp.positions // block)
+                values = np.array(weight.reshape(-1, block)[ids], dtype=np.float32)
+                mask = np.zeros(values.shape, bool)
+                where = np.searchsorted(ids, mp.positions // block)
+                values[where, mp.positions % block] = mp.merged
+                mask[where, mp.positions % block] = True
+                new = encode_blocks(info.type, values, view.file.blocks(gname)[ids], mask, method=self.encoder,
+                                    touched_weight=self.touched_weight)
+                tp.patch = (ids, new)
+            else:
+                full = np.array(weight, dtype=np.float32).reshape(-1)
+                full[mp.positions] = mp.merged
+                if out_type in FLOAT_TYPES:
+                    tp.data = full.astype(_numpy_dtype(out_type)).tobytes()
+                else:
+                    block = GGML_QUANT_SIZES[out_type][0]
+                    tp.data = encode_blocks(out_type, full.reshape(-1, block), method=self.encoder).tobytes()
+            plans[gname] = tp
+        return _Plan(plans, touched)
+
+    def write(self, view: GGUFBase, plan: _Plan, out: str, *, overwrite: bool, durable: bool,
+              progress: bool) -> Written:
+        f = view.file
+        retyped = any(tp.data is not None for tp in plan.tensors.values())
+        written = {"bytes": 0}
+
+        def fill(tmp: str) -> None:
+            if retyped:
+                written["bytes"] = _write_retyped(f, plan, tmp)
+            else:
+                _copy(f.path, tmp)
+                written["bytes"] = f.size
+                with open(tmp, "r+b") as fh:
+                    for gname, tp in plan.tensors.items():
+                        pause_for_tests()
+                        unit = tp.patch[1].shape[1]
+                        base = f.data_start + tp.info.offset
+                        _patch_runs(fh, base, unit, tp.patch[0], tp.patch[1])
+        write_file(out, fill, overwrite=overwrite, durable=durable)
+        blocks = sum(int(tp.patch[0].size) for tp in plan.tensors.values() if tp.patch is not None)
+        return Written(plan.touched, 1, written["bytes"], details={
+            "retyped": {g: tp.out_type.name for g, tp in plan.tensors.items() if tp.data is not None},
+            "units_rewritten": blocks, "encoder": self.encoder})
+
+
+def _numpy_dtype(t: QT) -> np.dtype:
+    from neuroada_format.dtypes import NUMPY_DTYPES
+    return NUMPY_DTYPES[FLOAT_TYPES[t]]
+
+
+def _copy(src: str, dst: str) -> None:
+    """A kernel-side copy (copy_file_range/sendfile where the OS has them)."""
+    import shutil
+    with open(src, "rb") as a, open(dst, "wb") as b:
+        shutil.copyfileobj(a, b, 1 << 24) if not hasattr(os, "copy_file_range") else _cfr(a, b)
+
+
+def _cfr(a, b) -> None:
+    size = os.fstat(a.fileno()).st_size
+    done = 0
+    while done < size:
+        n = os.copy_file_range(a.fileno(), b.fileno(), size - done, done, done)
+        if n == 0:
+            raise OSError("copy_file_range wrote nothing")
+        done += n
+
+
+def _patch_runs(fh, base: int, unit: int, ids: np.ndarray, data: np.ndarray) -> None:
+    """Write units (blocks or elements) at sorted indices, one pwrite per run of consecutive units."""
+    if ids.size == 0:
+        return
+    breaks = np.nonzero(np.diff(ids) != 1)[0] + 1
+    starts = np.concatenate([[0], breaks])
+    ends = np.concatenate([breaks, [ids.size]])
+    buf = np.ascontiguousarray(data, dtype=np.uint8)
+    for s, e in zip(starts, ends):
+        os.pwrite(fh.fileno(), buf[s:e].tobytes(), base + int(ids[s]) * unit)
+
+
+def _write_retyped(f: GGUFFile, plan: _Plan, tmp: str) -> int:
+    """A new file: header and metadata bytes verbatim, a new tensor table, data re-laid out aligned."""
+    with open(f.path, "rb") as src:
+        head = src.read(f.infos_start)
+    table, layout, offset = bytearray(), [], 0
+    for name, info in f.tensors.items():
+        tp = plan.tensors.get(name)
+        t = tp.out_type if tp is not None and tp.data is not None else info.type
+        nbytes = len(tp.data) if tp is not None and tp.data is not None else info.nbytes
+        enc = name.encode("utf-8")
+        table += struct.pack("<Q", len(enc)) + enc + struct.pack("<I", len(info.ne))
+        table += b"".join(struct.pack("<Q", d) for d in info.ne) + struct.pack("<IQ", int(t), offset)
+        layout.append((name, offset, nbytes))
+        offset = -(-(offset + nbytes) // f.alignment) * f.alignment
+    header = head + bytes(table)
+    data_start = -(-len(header) // f.alignment) * f.alignment
+    with open(tmp, "wb") as out, open(f.path, "rb") as src:
+        out.write(header + b"\0" * (data_start - len(header)))
+        for name, off, nbytes in layout:
+            pause_for_tests()
+            out.seek(data_start + off)
+            tp = plan.tensors.get(name)
+            if tp is not None and tp.data is not None:
+                out.write(tp.data)
+                continue
+            chunk = np.array(f.raw(name))
+            if tp is not None:  # type kept: patch its units in the copy
+                unit = tp.patch[1].shape[1]
+                chunk.reshape(-1, unit)[tp.patch[0]] = tp.patch[1]
+            out.write(chunk.tobytes())
+        end = data_start + offset
+        out.truncate(end)
+    return end
+
+
+BACKEND = GGUFBackend()
+
+
+_SWAP = threading.Lock()
+
+
+def merge_gguf(base, adapters, out, *, requant=None, target_type=None, encoder: str = "search",
+               touched_weight: float = 1.0, verify: bool = True, overwrite: bool = False, durable: bool = False):
+    """Merge adapters into a GGUF file with the GGUF-only options, through the seam's driver.
+
+    The driver (`converters.backend.merge`) runs the registered BACKEND; a configured backend stands in
+    for it for the duration of one call (serialised by a lock).
+    """
+    from . import backend as seam
+    global BACKEND
+    impl = GGUFBackend(requant=requant, target_type=target_type, encoder=encoder, touched_weight=touched_weight)
+    with _SWAP:
+        default, BACKEND = BACKEND, impl
+        try:
+            return seam.merge(base, adapters, out, verify=verify, overwrite=overwrite, durable=durable,
+                              format="gguf")
+        finally:
+            BACKEND = default

@@ -1,0 +1,527 @@
+"""GGUF bases: tiny generated Llama-shaped files of every supported type, merged and read back.
+
+The files are written with gguf-py's GGUFWriter the way llama.cpp's converter writes them (q/k rows
+permuted for rope), so the mapping and the permutation are checked against an independent reader:
+transformers' GGUF loader (`from_pretrained(dir, gguf_file=...)`). Hostile files are built by editing
+the bytes of a valid one.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import struct
+import time
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGMLQuantizationType as QT, quants  # noqa: E402
+
+import neuroada_format as naf  # noqa: E402
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError  # noqa: E402
+from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters.backend import SLOWDOWN_ENV  # noqa: E402
+from neuroada_format.errors import exit_code  # noqa: E402
+
+HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 256, 2, 4, 2, 64
+TARGETS = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
+           "model.layers.0.self_attn.v_proj.weight", "model.layers.1.mlp.down_proj.weight",
+           "model.layers.0.mlp.up_proj.weight"]
+
+
+def hf_arrays(seed=0) -> dict[str, np.ndarray]:
+    """A tiny Llama state dict (Hugging Face names, f32, [out, in])."""
+    rng = np.random.default_rng(seed)
+    a = {"model.embed_tokens.weight": rng.standard_normal((VOCAB, HIDDEN)) * 0.05,
+         "model.norm.weight": 1 + rng.standard_normal(HIDDEN) * 0.01}
+    hd = HIDDEN // HEADS
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        a[p + "input_layernorm.weight"] = 1 + rng.standard_normal(HIDDEN) * 0.01
+        a[p + "post_attention_layernorm.weight"] = 1 + rng.standard_normal(HIDDEN) * 0.01
+        for name, shape in (("self_attn.q_proj", (HIDDEN, HIDDEN)), ("self_attn.k_proj", (KV_HEADS * hd, HIDDEN)),
+                            ("self_attn.v_proj", (KV_HEADS * hd, HIDDEN)), ("self_attn.o_proj", (HIDDEN, HIDDEN)),
+                            ("mlp.gate_proj", (INTER, HIDDEN)), ("mlp.up_proj", (INTER, HIDDEN)),
+                            ("mlp.down_proj", (HIDDEN, INTER))):
+            a[p + name + ".weight"] = rng.standard_normal(shape) * 0.05
+    return {k: v.astype(np.float32) for k, v in a.items()}
+
+
+def llama_cpp_permute(w, n_head, n_head_kv):
+    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute, written out independently of gm."""
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path, arrays, matrix_type=QT.Q4_1, *, types: dict | None = None, raw: dict | None = None):
+    """A llama-arch GGUF of the arrays: 2-D projections as matrix_type (or types[name]), the rest F32."""
+    import ml_dtypes
+    tmap = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, LAYERS)
+    w = gguf.GGUFWriter(os.fspath(path), "llama")
+    w.add_block_count(LAYERS)
+    w.add_context_length(64)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(INTER)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(VOCAB)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}" for i in range(VOCAB)])
+    w.add_token_scores([0.0] * VOCAB)
+    w.add_token_types([1] * VOCAB)
+    for k, a in arrays.items():
+        g = tmap.get_name(k, try_suffixes=(".weight",))
+        if "q_proj" in k:
+            a = llama_cpp_permute(a, HEADS, HEADS)
+        elif "k_proj" in k:
+            a = llama_cpp_permute(a, HEADS, KV_HEADS)
+        t = (types or {}).get(k, matrix_type if a.ndim == 2 and "embed" not in k else QT.F32)
+        if raw and k in raw:
+            data = raw[k]
+            w.add_tensor(g, data, raw_shape=data.shape, raw_dtype=t)
+        elif t == QT.F32:
+            w.add_tensor(g, a)
+        elif t == QT.F16:
+            w.add_tensor(g, a.astype(np.float16))
+        elif t == QT.BF16:
+            q = a.astype(ml_dtypes.bfloat16).view(np.uint8).reshape(a.shape[0], -1)
+            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=QT.BF16)
+        else:
+            q = quants.quantize(a, t)
+            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def make_adapter(base, k=4, seed=1, value_dtype="F32", targets=TARGETS, scale=0.02) -> naf.Adapter:
+    """A magnitude-selected adapter made against the base's values (as the view presents them)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for n in targets:
+        W = base.array(n)
+        idx = naf.select_indices(W, k)
+        vals = (rng.standard_normal(idx.shape) * scale).astype(np.float32)
+        out[n] = naf.Target.from_weight(n, W, idx, vals, value_dtype=value_dtype)
+    return naf.Adapter(out, base_name="tiny-llama")
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    def build(matrix_type=QT.Q4_1, **kw):
+        path = write_gguf(tmp_path / f"base-{matrix_type.name}.gguf", hf_arrays(), matrix_type, **kw)
+        return path, gm.open_gguf_base(path)
+    return build
+
+
+def merged_view(path):
+    return gm.open_gguf_base(path)
+
+
+ALL_TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
+
+
+# -- reading ------------------------------------------------------------------------------------------
+def test_view_matches_transformers_loader(tiny, tmp_path):
+    """Our de-quantized, un-permuted view equals what transformers' GGUF loader builds, bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    path, view = tiny(QT.Q4_1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    sd = model.state_dict()
+    for name in TARGETS + ["model.layers.0.self_attn.k_proj.weight", "model.norm.weight"]:
+        np.testing.assert_array_equal(view.array(name), sd[name].numpy(), err_msg=name)
+    assert view.encoding(TARGETS[0]) == "Q4_1" and view.info(TARGETS[0]) == ("F32", (HIDDEN, HIDDEN))
+
+
+def test_rope_permutation_matches_transformers_reverse():
+    """Our perm and transformers' _reverse_permute_weights are inverse to each other."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+    w = np.arange(32 * 3, dtype=np.float32).reshape(32, 3)
+    for n_head, n_kv in ((4, 4), (8, 2)):
+        permuted = llama_cpp_permute(w, n_head, n_kv)
+        perm = gm.rope_permutation(32, n_kv)
+        np.testing.assert_array_equal(permuted, w[perm])
+        back = LlamaTensorProcessor()._reverse_permute_weights(permuted, n_head, n_kv)
+        np.testing.assert_array_equal(back, w)
+
+
+# -- merging: every type --------------------------------------------------------------------------------
+@pytest.mark.parametrize("qt", ALL_TYPES, ids=lambda t: t.name)
+def test_merge_keeps_type_untouched_bytes_and_metadata(tiny, tmp_path, qt):
+    path, view = tiny(qt)
+    adapter = make_adapter(view)
+    naf.validate(adapter, view, strict=True)
+    out = tmp_path / "merged.gguf"
+    summary = gm.merge_gguf(path, [adapter], out)
+    assert summary.format == "gguf" and summary.targets == len(TARGETS)
+    src, dst = gm.read_gguf(path), gm.read_gguf(out)
+    raw_src, raw_dst = path.read_bytes(), out.read_bytes()
+    assert len(raw_src) == len(raw_dst)
+    assert raw_src[:src.data_start] == raw_dst[:dst.data_start]  # metadata, tokenizer, tensor table
+    touched_gguf = {merged_view(out).resolve(n).gguf_name for n in TARGETS}
+    for name, info in src.tensors.items():
+        a, b = src.blocks(name), dst.blocks(name)
+        if name not in touched_gguf:
+            assert np.array_equal(a, b), name
+            continue
+        # every block without a touched value is byte-identical
+        hf = next(n for n in TARGETS if view.resolve(n).gguf_name == name)
+        m = view.resolve(hf)
+        t = adapter.targets[hf]
+        idx = np.asarray(t.indices) if m.perm is None else np.asarray(t.indices)[m.perm]
+        pos = (np.arange(idx.shape[0])[:, None] * info.ne[0] + idx).reshape(-1)
+        block = gguf.GGML_QUANT_SIZES[qt][0]
+        touched = np.zeros(a.shape[0], bool)
+        touched[pos // block] = True
+        assert np.array_equal(a[~touched], b[~touched]), name
+        if qt in gm.FLOAT_TYPES:  # rule M, bit for bit
+            want = naf.merge_weight(view.array(hf), [t])
+            got = merged_view(out).array(hf)
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8), err_msg=name)
+        else:  # re-encoded touched blocks: closer to the rule-M values than the base was
+            want = naf.merge_weight(view.array(hf), [t])
+            got = merged_view(out).array(hf)
+            assert np.linalg.norm(got - want) < np.linalg.norm(view.array(hf) - want), name
+
+
+def test_merged_file_through_transformers_is_exact_for_float_targets(tiny, tmp_path):
+    """q/k permutation end to end: transformers reads our F32-target merge as the runtime merge, exactly."""
+    transformers = pytest.importorskip("transformers")
+    path, view = tiny(QT.Q4_1)
+    adapter = make_adapter(view, k=6)
+    out = tmp_path / "m" / "merged.gguf"
+    out.parent.mkdir()
+    gm.merge_gguf(path, [(adapter, 1.0)], out, target_type="F32")
+    sd = transformers.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).state_dict()
+    for name, t in adapter.targets.items():
+        np.testing.assert_array_equal(sd[name].numpy(), naf.merge_weight(view.array(name), [t]), err_msg=name)
+    # untouched tensors: as before
+    np.testing.assert_array_equal(sd["model.layers.0.self_attn.o_proj.weight"].numpy(),
+                                  view.array("model.layers.0.self_attn.o_proj.weight"))
+
+
+def test_two_adapters_and_scales_follow_rule_m(tiny, tmp_path):
+    path, view = tiny(QT.F16)
+    a, b = make_adapter(view, seed=1), make_adapter(view, seed=2, k=3, value_dtype="BF16")
+    out = tmp_path / "m.gguf"
+    gm.merge_gguf(path, [(a, 0.5), (b, -1.0)], out)
+    for name in TARGETS:
+        want = naf.merge_weight(view.array(name), [(a.targets[name], 0.5), (b.targets[name], -1.0)])
+        np.testing.assert_array_equal(merged_view(out).array(name).view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.parametrize("target_type", ["F16", "BF16", "Q8_0", "Q4_1"])
+def test_target_type_retypes_touched_tensors_only(tiny, tmp_path, target_type):
+    path, view = tiny(QT.Q4_1)
+    adapter = make_adapter(view)
+    out = tmp_path / "m.gguf"
+    s = gm.merge_gguf(path, [adapter], out, target_type=target_type)
+    src, dst = gm.read_gguf(path), gm.read_gguf(out)
+    assert src.kv.keys() == dst.kv.keys() and src.alignment == dst.alignment
+    with open(path, "rb") as f:
+        head = f.read(src.infos_start)
+    assert out.read_bytes()[:src.infos_start] == head  # key/value section verbatim
+    retyped = set(s.details["retyped"]) if target_type != "Q4_1" else set()
+    for name, info in src.tensors.items():
+        if name in retyped:
+            assert dst.tensors[name].type.name == target_type
+        else:
+            assert dst.tensors[name].type == info.type
+            if name not in {view.resolve(n).gguf_name for n in TARGETS}:
+                assert np.array_equal(src.blocks(name), dst.blocks(name))
+    mv = merged_view(out)
+    for name, t in adapter.targets.items():
+        want = naf.merge_weight(view.array(name), [t])
+        tol = {"F16": 0.01, "BF16": 0.1, "Q8_0": 0.1, "Q4_1": 0.6}[target_type]  # whole-tensor rounding
+        err = np.linalg.norm(mv.array(name).astype(np.float32) - want) / np.linalg.norm(want - view.array(name))
+        assert err < tol, (name, err)
+
+
+def test_search_encoder_beats_naive_on_touched_blocks(tiny, tmp_path):
+    path, view = tiny(QT.Q4_1)
+    adapter = make_adapter(view, k=8, scale=0.01)
+    errs = {}
+    for enc in ("naive", "search"):
+        out = tmp_path / f"{enc}.gguf"
+        gm.merge_gguf(path, [adapter], out, encoder=enc)
+        mv = merged_view(out)
+        errs[enc] = sum(np.linalg.norm(mv.array(n) - naf.merge_weight(view.array(n), [t])) ** 2
+                        for n, t in adapter.targets.items())
+    assert errs["search"] < 0.8 * errs["naive"], errs
+
+
+@pytest.mark.parametrize("qt", [QT.Q4_1, QT.Q4_0, QT.Q8_0], ids=lambda t: t.name)
+def test_packing_round_trips_through_gguf_dequantize(qt):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((50, 32)) * 0.05).astype(np.float32)
+    orig = quants.quantize(x, qt)
+    target = x.copy()
+    target[:, ::7] += 0.01
+    mask = np.zeros_like(x, bool)
+    mask[:, ::7] = True
+    packed = gm.encode_blocks(qt, target, orig, mask)
+    assert packed.shape == orig.shape and packed.dtype == np.uint8
+    dec = quants.dequantize(packed, qt)
+    naive = quants.dequantize(quants.quantize(target, qt), qt)
+    assert np.square(dec - target).sum() <= np.square(naive - target).sum() * (1 + 1e-6)
+
+
+def test_decode_only_type_needs_requant(tiny, tmp_path):
+    """Q4_K can be read but not written by gguf-py: refused without --requant, re-encoded with it."""
+    rng = np.random.default_rng(5)
+    down = "model.layers.1.mlp.down_proj.weight"  # [64, 256]: one Q4_K super-block per row
+    blocks = rng.integers(0, 256, size=(HIDDEN, 144), dtype=np.uint8)
+    blocks[:, 0:2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+    blocks[:, 2:4] = np.frombuffer(np.float16(0.001).tobytes(), np.uint8)
+    path, view = tiny(QT.Q4_1, types={down: QT.Q4_K}, raw={down: blocks})
+    assert view.encoding(down) == "Q4_K"
+    adapter = make_adapter(view, targets=[down, TARGETS[0]])
+    with pytest.raises(NeuroAdaUsageError, match="Q4_K.*--requant") as exc:
+        gm.merge_gguf(path, [adapter], tmp_path / "no.gguf")
+    assert exc.value.tensor == "blk.1.ffn_down.weight" and exit_code(exc.value) == 2
+    assert not (tmp_path / "no.gguf").exists()
+    s = gm.merge_gguf(path, [adapter], tmp_path / "q8.gguf", requant="Q8_0")
+    assert s.details["retyped"] == {"blk.1.ffn_down.weight": "Q8_0"}
+    dst = gm.read_gguf(tmp_path / "q8.gguf")
+    assert dst.tensors["blk.0.attn_q.weight"].type == QT.Q4_1  # encodable: kept
+    full = view.array(down).copy()
+    t = adapter.targets[down]
+    full = naf.merge_weight(full, [t])
+    naive = quants.dequantize(quants.quantize(full, QT.Q8_0), QT.Q8_0)
+    got = merged_view(tmp_path / "q8.gguf").array(down)
+    assert np.square(got - full).sum() <= np.square(naive - full).sum()  # the search encoder
+    gm.merge_gguf(path, [adapter], tmp_path / "q8n.gguf", requant="Q8_0", encoder="naive")
+    np.testing.assert_array_equal(merged_view(tmp_path / "q8n.gguf").array(down), naive)  # gguf-py's own
+
+
+# -- identity ---------------------------------------------------------------------------------------------
+def test_adapter_from_the_dequantized_copy_validates_against_the_gguf(tiny, tmp_path):
+    """Base identity on values: an adapter made on the f32 de-quantized copy belongs to the Q4_1 file."""
+    path, view = tiny(QT.Q4_1)
+    copy = {n: view.array(n) for n in TARGETS}
+    adapter = make_adapter(naf.ArrayBase(copy))
+    assert naf.validate(adapter, view).ok
+    other_path = write_gguf(tmp_path / "other.gguf", hf_arrays(seed=9), QT.Q4_1)
+    report = naf.validate(adapter, gm.open_gguf_base(other_path))
+    assert {p["rule"] for p in report.errors} == {"4.3"}
+    with pytest.raises(NeuroAdaError, match="probe hash") as exc:
+        gm.merge_gguf(other_path, [adapter], tmp_path / "x.gguf")
+    assert exc.value.rule == "4.3" and not (tmp_path / "x.gguf").exists()
+
+
+def test_unmapped_target_and_shape_are_refused(tiny, tmp_path):
+    import dataclasses
+    path, view = tiny(QT.F16)
+    ghost = make_adapter(view)
+    t = ghost.targets.pop(TARGETS[0])
+    ghost.targets["model.layers.9.self_attn.q_proj.weight"] = dataclasses.replace(
+        t, name="model.layers.9.self_attn.q_proj.weight")
+    with pytest.raises(NeuroAdaError) as exc:
+        gm.merge_gguf(path, [ghost], tmp_path / "x.gguf")
+    assert exc.value.rule == "4.1" and exit_code(exc.value) == 1
+    wide = make_adapter(view)
+    t = wide.targets[TARGETS[0]]
+    wide.targets[TARGETS[0]] = dataclasses.replace(t, shape=(t.shape[0], t.shape[1] * 2))
+    with pytest.raises(NeuroAdaError) as exc:
+        gm.merge_gguf(path, [wide], tmp_path / "x.gguf")
+    assert exc.value.rule == "4.2" and not (tmp_path / "x.gguf").exists()
+
+
+# -- hostile files -----------------------------------------------------------------------------------------
+def _mutate(src, dst, fn):
+    data = bytearray(src.read_bytes())
+    fn(data)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def _tensor_info_offset(path, name):
+    """Where the tensor table entry of `name` starts (its name length field)."""
+    data = path.read_bytes()
+    enc = name.encode()
+    at = data.find(struct.pack("<Q", len(enc)) + enc)
+    assert at > 0
+    return at, len(enc)
+
+
+def _kv_offset(path, key):
+    data = path.read_bytes()
+    enc = key.encode()
+    at = data.find(struct.pack("<Q", len(enc)) + enc)
+    assert at > 0
+    return at + 8 + len(enc)  # the value type field
+
+
+@pytest.fixture
+def valid_file(tiny):
+    path, _ = tiny(QT.Q4_1)
+    return path
+
+
+def _hostile_cases(path: "os.PathLike"):
+    size = os.path.getsize(path)
+    f = gm.read_gguf(path)
+    q_at, q_len = _tensor_info_offset(path, "blk.0.attn_q.weight")
+    q_type = q_at + 8 + q_len + 4 + 8 * 2
+    q_off = q_type + 4
+    tok = _kv_offset(path, "tokenizer.ggml.tokens")
+    arch = _kv_offset(path, "llama.block_count")
+    yield "truncated header", lambda d: d.__delitem__(slice(20, None)), "truncated"
+    yield "truncated in metadata", lambda d: d.__delitem__(slice(f.infos_start - 10, None)), "truncated"
+    yield "truncated in tensor table", lambda d: d.__delitem__(slice(f.infos_end - 3, None)), "truncated"
+    yield "truncated data", lambda d: d.__delitem__(slice(size - 100, None)), "past the end"
+    yield "bad magic", lambda d: d.__setitem__(slice(0, 4), b"GGML"), "magic"
+    yield "version 1", lambda d: d.__setitem__(slice(4, 8), struct.pack("<I", 1)), "version"
+    yield "big endian", lambda d: d.__setitem__(slice(4, 8), struct.pack(">I", 3)), "big-endian"
+    yield "lying tensor count", lambda d: d.__setitem__(slice(8, 16), struct.pack("<Q", 1 << 60)), "tensors"
+    yield "lying metadata count", lambda d: d.__setitem__(slice(16, 24), struct.pack("<Q", 1 << 58)), "metadata pairs"
+    yield "one tensor too many", lambda d: d.__setitem__(slice(8, 16), struct.pack("<Q", len(f.tensors) + 1)), ""
+    yield "huge metadata array", lambda d: d.__setitem__(slice(tok + 8, tok + 16), struct.pack("<Q", 1 << 62)), "array"
+    yield "unknown value type", lambda d: d.__setitem__(slice(arch, arch + 4), struct.pack("<I", 99)), "unknown value type"
+    yield "unknown tensor type", lambda d: d.__setitem__(slice(q_type, q_type + 4), struct.pack("<I", 250)), "unknown tensor type"
+    yield "lying offset", lambda d: d.__setitem__(slice(q_off, q_off + 8), struct.pack("<Q", 1 << 40)), "past the end"
+    yield "misaligned offset", lambda d: d.__setitem__(slice(q_off, q_off + 8), struct.pack("<Q", 8)), "alignment"
+    yield "overlapping offset", lambda d: d.__setitem__(slice(q_off, q_off + 8), struct.pack("<Q", 0)), "overlaps"
+    yield "too many dims", lambda d: d.__setitem__(slice(q_at + 8 + q_len, q_at + 12 + q_len), struct.pack("<I", 9)), "dimensions"
+    yield "huge dim", lambda d: d.__setitem__(slice(q_at + 12 + q_len, q_at + 20 + q_len), struct.pack("<Q", 1 << 63)), ""
+    yield "huge key length", lambda d: d.__setitem__(slice(24, 32), struct.pack("<Q", 1 << 40)), "long"
+
+
+def test_hostile_files_are_refused_quickly(valid_file, tmp_path):
+    names = []
+    for i, (label, fn, match) in enumerate(_hostile_cases(valid_file)):
+        bad = _mutate(valid_file, tmp_path / f"bad{i}.gguf", fn)
+        started = time.perf_counter()
+        with pytest.raises(NeuroAdaError) as exc:
+            gm.open_gguf_base(bad)
+        assert time.perf_counter() - started < 2.0, label
+        err = exc.value
+        assert type(err) is NeuroAdaError and exit_code(err) == 1, label
+        assert err.rule == "1.6" and str(bad) in str(err), (label, str(err))
+        assert match.lower() in str(err).lower(), (label, str(err))
+        names.append(label)
+    assert len(names) >= 18
+
+
+def test_random_truncations_and_byte_flips_never_crash(valid_file, tmp_path):
+    """Every prefix length class and random header corruption: our error or a valid parse, nothing else."""
+    data = valid_file.read_bytes()
+    f = gm.read_gguf(valid_file)
+    rng = np.random.default_rng(11)
+    bad = tmp_path / "fuzz.gguf"
+    cuts = list(range(0, 64)) + list(rng.integers(0, len(data), 60))
+    for cut in cuts:
+        bad.write_bytes(data[:int(cut)])
+        with pytest.raises(NeuroAdaError):
+            gm.read_gguf(bad)
+    for _ in range(150):
+        d = bytearray(data)
+        for _ in range(int(rng.integers(1, 4))):
+            d[int(rng.integers(0, f.data_start))] = int(rng.integers(0, 256))
+        bad.write_bytes(bytes(d))
+        try:
+            gm.read_gguf(bad)
+        except NeuroAdaError:
+            pass
+
+
+def test_missing_base_is_a_usage_error(tmp_path):
+    with pytest.raises(NeuroAdaUsageError) as exc:
+        gm.open_gguf_base(tmp_path / "nope.gguf")
+    assert exit_code(exc.value) == 2
+
+
+def test_output_rules(tiny, tmp_path):
+    path, view = tiny(QT.Q8_0)
+    adapter = make_adapter(view)
+    out = tmp_path / "m.gguf"
+    gm.merge_gguf(path, [adapter], out)
+    with pytest.raises(NeuroAdaUsageError, match="exists"):
+        gm.merge_gguf(path, [adapter], out)
+    with pytest.raises(NeuroAdaUsageError):
+        gm.merge_gguf(path, [adapter], path, overwrite=True)  # never over its own input
+    before = path.read_bytes()
+    gm.merge_gguf(path, [adapter], out, overwrite=True)
+    assert path.read_bytes() == before
+    with pytest.raises(NeuroAdaUsageError, match="Q4_K|encode"):
+        gm.merge_gguf(path, [adapter], tmp_path / "k.gguf", target_type="Q4_K")
+
+
+# -- kill -9 --------------------------------------------------------------------------------------------------
+def _child(base, adapter, out, target_type):
+    os.environ[SLOWDOWN_ENV] = "0.05"
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    gm.merge_gguf(base, [adapter], out, target_type=target_type)
+    os._exit(0)
+
+
+@pytest.mark.skipif(os.name != "posix" or "fork" not in multiprocessing.get_all_start_methods(),
+                    reason="needs fork and SIGKILL")
+@pytest.mark.parametrize("target_type", [None, "F16"])
+def test_kill_during_merge_leaves_no_partial_output(tiny, tmp_path, target_type):
+    path, view = tiny(QT.Q4_1)
+    adapter_path = tmp_path / "a.safetensors"
+    naf.save(make_adapter(view), adapter_path)
+    out = tmp_path / "out.gguf"
+    before = path.read_bytes()
+    rng = np.random.default_rng(2)
+    killed_any = False
+    for _ in range(4):
+        child = multiprocessing.get_context("fork").Process(
+            target=_child, args=(path, adapter_path, out, target_type))
+        child.start()
+        child.join(float(rng.uniform(0.05, 0.2)))
+        if child.is_alive():
+            os.kill(child.pid, signal.SIGKILL)
+            child.join()
+            killed_any = True
+            assert not out.exists()
+        else:
+            assert child.exitcode == 0
+            out.unlink()
+        assert path.read_bytes() == before
+    assert killed_any
+    gm.merge_gguf(path, [adapter_path], out, target_type=target_type)  # cleans the dead siblings
+    assert out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith("out.gguf.tmp-")]
+
+
+# -- the command lines ----------------------------------------------------------------------------------------
+def test_cli_merge_and_validate_against_a_gguf(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from neuroada_format.cli import main as neuroada
+    from neuroada_format.converters.merge_cli import run as merge_run
+    path, view = tiny(QT.Q4_1)
+    copy = naf.ArrayBase({n: view.array(n) for n in TARGETS})
+    adapter = tmp_path / "a.safetensors"
+    naf.save(make_adapter(copy), adapter)
+    res = CliRunner().invoke(neuroada, ["validate", os.fspath(adapter), "--base", os.fspath(path), "--json"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "m.gguf"
+    assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(adapter), "--out", os.fspath(out),
+                      "--json"]) == 0
+    assert gm.read_gguf(out).tensors.keys() == gm.read_gguf(path).tensors.keys()
+    assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(adapter), "--out", os.fspath(out)]) == 2
+    other = write_gguf(tmp_path / "other.gguf", hf_arrays(seed=4), QT.Q4_1)
+    res = CliRunner().invoke(neuroada, ["validate", os.fspath(adapter), "--base", os.fspath(other)])
+    assert res.exit_code == 1 and "4.3" in res.output
+    assert merge_run(["--base", os.fspath(other), "--adapter", os.fspath(adapter), "--out",
+                      os.fspath(tmp_path / "x.gguf")]) == 1
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(path.read_bytes()[:100])
+    res = CliRunner().invoke(neuroada, ["validate", os.fspath(adapter), "--base", os.fspath(bad)])
+    assert res.exit_code == 1 and "rule 1.6" in res.output and "Traceback" not in res.output
+    assert merge_run(["--base", os.fspath(bad), "--adapter", os.fspath(adapter), "--out",
+                      os.fspath(tmp_path / "y.gguf")]) == 1
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
