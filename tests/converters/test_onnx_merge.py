@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import neuroada_format as naf  # noqa: E402
+from neuroada_format.converters.backend import MergeSummary  # noqa: E402
 from neuroada_format.converters.onnx_merge import (  # noqa: E402
     OnnxModel, merge_onnx, open_onnx_base, resolve_targets)
 
@@ -294,7 +295,15 @@ def test_output_may_not_overwrite_base(llama, tmp_path):
     assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == before
     merge_onnx(path, [(adapter, 2.0)], out, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["m.onnx", "m.onnx.data"]
+    assert isinstance(merge_onnx(path, [(adapter, 2.0)], out, overwrite=True), MergeSummary)
     assert (tmp_path / "m.onnx.data").read_bytes() != before["m.onnx.data"]
+    # issue 13 item 11: `--out x.onnx` never replaces an unrelated x.onnx.data without overwrite
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "x.onnx.data").write_bytes(b"someone else's data")
+    with pytest.raises(naf.NeuroAdaUsageError, match="already exists"):
+        merge_onnx(path, [(adapter, 1.0)], os.fspath(other / "x.onnx"))
+    assert os.listdir(other) == ["x.onnx.data"] and (other / "x.onnx.data").read_bytes() == b"someone else's data"
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,263 @@
+"""The converter seam: backend registry, one summary, one overwrite rule, one exit-code table, adapter
+folders wherever an adapter file is accepted. Real checkpoints in tmp folders, real CLI processes."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import neuroada_format as naf
+from neuroada_format import durable
+from neuroada_format.converters import backend as seam
+from neuroada_format.converters import pack_cli
+from neuroada_format.converters.cli_common import parse_scaled, printable
+from neuroada_format.converters.merge_cli import run as merge_run
+from neuroada_format.folder import CONFIG_NAME, WEIGHTS_NAME
+
+_spec = importlib.util.spec_from_file_location("_merge_builders", Path(__file__).with_name("test_merge_safetensors.py"))
+B = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(B)
+
+VECTORS = Path(__file__).resolve().parents[2] / "spec" / "vectors"
+
+
+@pytest.fixture
+def model(tmp_path):
+    """(base folder, adapter file, adapter folder, arrays)."""
+    rng = np.random.default_rng(7)
+    arrays = B.llama_arrays(rng, conv1d=False)
+    base = B.write_checkpoint(tmp_path / "base", arrays)
+    adapter = B.make_adapter(rng, arrays, B.targets_of(arrays), 3)
+    naf.save(adapter, tmp_path / "a.safetensors")
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    naf.save(adapter, folder / WEIGHTS_NAME)
+    (folder / CONFIG_NAME).write_text(json.dumps({"k": 3}))
+    return base, os.fspath(tmp_path / "a.safetensors"), os.fspath(folder), arrays
+
+
+def merge_cli(capsys, *args):
+    code = merge_run([os.fspath(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def pack_run(capsys, *args):
+    with pytest.raises(SystemExit) as exc:
+        pack_cli.main([os.fspath(a) for a in args])
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def tree(root) -> dict:
+    root = Path(root)
+    return {os.fspath(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# -- registry and summary ----------------------------------------------------------------------------
+def test_registry_picks_backends_by_format(tmp_path):
+    (tmp_path / "m.ONNX").write_bytes(b"")
+    assert seam.format_of(tmp_path / "m.ONNX") == "onnx"
+    assert seam.format_of(tmp_path / "x.safetensors") == "safetensors"
+    assert seam.format_of(tmp_path) == "safetensors"                 # folders: the fallback backend
+    for fmt in seam.REGISTRY:
+        impl = seam.backend(fmt)
+        assert isinstance(impl, seam.Backend) and impl.format == fmt
+    with pytest.raises(naf.NeuroAdaUsageError, match="unknown base format"):
+        seam.backend("pickle")
+
+
+def test_one_summary_type_for_copies_and_in_place(model, tmp_path):
+    base, a, _, _ = model
+    copy = seam.merge(base, [(a, 1.0)], tmp_path / "out")
+    in_place = seam.merge(base, [(a, 1.0)], in_place=True)
+    fields = {f.name for f in dataclasses.fields(seam.MergeSummary)}
+    for s in (copy, in_place):
+        assert isinstance(s, seam.MergeSummary) and set(s.to_dict()) == fields
+        json.dumps(s.to_dict())
+        assert isinstance(s.targets, int) and s.targets == len(B.targets_of(model[3]))
+    assert (copy.mode, copy.output, copy.format) == ("copy", os.fspath(tmp_path / "out"), "safetensors")
+    assert (in_place.mode, in_place.output) == ("in-place", base) and os.path.isfile(in_place.journal)
+
+
+# -- one overwrite rule ------------------------------------------------------------------------------
+def test_check_output_refuses_aliases_containers_and_insides(tmp_path):
+    src = tmp_path / "par" / "ck"
+    src.mkdir(parents=True)
+    (src / "model.safetensors").write_bytes(b"x")
+    os.link(src / "model.safetensors", tmp_path / "hard.safetensors")
+    os.symlink(src, tmp_path / "link")
+    cases = {
+        "is the input": [src, tmp_path / "link", tmp_path / "hard.safetensors"],
+        "would contain": [tmp_path / "par", tmp_path],
+        "lies inside": [src / "model.safetensors", src / "new", tmp_path / "link" / "new"],
+    }
+    for needle, outs in cases.items():
+        for out in outs:
+            for overwrite in (False, True):
+                with pytest.raises(naf.NeuroAdaUsageError, match=needle):
+                    durable.check_output(out, inputs=[src, src / "model.safetensors"], overwrite=overwrite)
+    with pytest.raises(naf.NeuroAdaUsageError, match="parent folder"):
+        durable.check_output(tmp_path / "no" / "out", inputs=[src])
+    (tmp_path / "x.onnx.data").write_bytes(b"unrelated")
+    with pytest.raises(naf.NeuroAdaUsageError, match="already exists"):
+        durable.check_output(tmp_path / "x.onnx", inputs=[src], companions=[tmp_path / "x.onnx.data"])
+    assert durable.check_output(tmp_path / "x.onnx", inputs=[src], companions=[tmp_path / "x.onnx.data"],
+                                overwrite=True) == os.fspath(tmp_path / "x.onnx")
+
+
+def test_merge_out_containing_the_base_is_refused_even_with_overwrite(model, tmp_path, capsys):
+    """Issue 13 item 2: `--out PARENT --overwrite` used to delete BASE and everything beside it."""
+    base, a, _, _ = model
+    par = tmp_path / "par"
+    par.mkdir()
+    shutil.move(base, par / "ck")
+    (par / "notes.txt").write_text("mine")
+    before = tree(par)
+    code, _, err = merge_cli(capsys, "--base", par / "ck", "--adapter", a, "--out", par, "--overwrite")
+    assert code == 2 and "would contain the input" in one_line(err)
+    assert tree(par) == before
+
+
+def test_pack_never_replaces_an_input(model, tmp_path, capsys):
+    """Issue 13 item 1: -o inside the base folder, or equal to an input, is refused (exit 2, nothing written)."""
+    base, a, _, _ = model
+    ft = tmp_path / "ft"
+    shutil.copytree(base, ft)
+    before = tree(base)
+    target = os.path.join(base, sorted(n for n in os.listdir(base) if n.endswith(".safetensors"))[0])
+    for extra in ([], ["--overwrite"]):
+        code, _, err = pack_run(capsys, "--base", base, "--finetuned", ft, "-k", "2", "-o", target, *extra)
+        assert code == 2 and "input" in one_line(err)
+        code, _, err = pack_run(capsys, "--combine", a, "--base", base, "-o", a, *extra)
+        assert code == 2 and "is the input" in one_line(err)
+    assert tree(base) == before
+
+
+# -- adapter folders (issue 11 item 4) ---------------------------------------------------------------
+def test_merge_accepts_an_adapter_folder(model, tmp_path, capsys):
+    base, a, folder, _ = model
+    code, out, err = merge_cli(capsys, "--base", base, "--adapter", f"{folder}:0.5", "--out", tmp_path / "o1", "--json")
+    assert code == 0, err
+    assert json.loads(out)["adapters"] == [{"path": os.path.join(folder, WEIGHTS_NAME), "scale": 0.5}]
+    code, _, err = merge_cli(capsys, "--base", base, "--adapter", f"{a}:0.5", "--out", tmp_path / "o2")
+    assert code == 0, err
+    assert tree(tmp_path / "o1") == tree(tmp_path / "o2")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _, err = merge_cli(capsys, "--base", base, "--adapter", empty, "--out", tmp_path / "o3")
+    assert code == 2 and "not an adapter folder" in one_line(err)
+
+
+def test_pack_accepts_adapter_folders(model, tmp_path, capsys):
+    base, a, folder, _ = model
+    code, out, err = pack_run(capsys, "--combine", f"{folder}:0.5", f"{a}:0.5", "--base", base,
+                              "-o", tmp_path / "c.safetensors", "--json")
+    assert code == 0, err
+    assert json.loads(out)["output"] == os.fspath(tmp_path / "c.safetensors")
+    code, _, err = pack_run(capsys, "--repack", folder, "--value-dtype", "F32", "-o", tmp_path / "r.safetensors")
+    assert code == 0, err
+    assert {t.value_dtype for t in naf.load(tmp_path / "r.safetensors").targets.values()} == {"F32"}
+
+
+# -- --repack keeps unknown fields (issue 11 item 7) -------------------------------------------------
+def test_repack_keeps_per_target_unknown_fields(tmp_path, capsys):
+    src = VECTORS / "valid" / "minor_1_7_unknown_fields.safetensors"
+    original = naf.load(src)
+    extras = {n: t.extra for n, t in original.targets.items()}
+    assert any(extras.values())  # the vector has per-target unknown fields ({'quantization': None})
+    code, _, err = pack_run(capsys, "--repack", src, "--value-dtype", "F32", "-o", tmp_path / "r.safetensors")
+    assert code == 0, err
+    repacked = naf.load(tmp_path / "r.safetensors")
+    assert {n: t.extra for n, t in repacked.targets.items()} == extras
+    assert repacked.version == original.version and repacked.extra == original.extra
+
+
+# -- one PATH:SCALE reading --------------------------------------------------------------------------
+def test_scale_reading_is_shared_and_strict(tmp_path, capsys, model):
+    base, a, _, _ = model
+    assert parse_scaled(f"{a}:-0.5") == (a, -0.5)
+    assert parse_scaled(f"{a}:inf") == (f"{a}:inf", 1.0)   # not a decimal: part of the path
+    with pytest.raises(naf.NeuroAdaUsageError, match="finite f32"):
+        parse_scaled(f"{a}:1e39")
+    for run in (lambda: merge_cli(capsys, "--base", base, "--adapter", f"{a}:1e39", "--out", tmp_path / "o"),
+                lambda: pack_run(capsys, "--combine", f"{a}:1e39", "--base", base, "-o", tmp_path / "c")):
+        code, _, err = run()
+        assert code == 2 and "finite f32" in one_line(err)   # one line: no numpy RuntimeWarning before it
+
+
+# -- one exit-code table, no traceback ---------------------------------------------------------------
+def _broken_base(tmp_path, base) -> Path:
+    """Rule 1.6: a folder whose index json is not JSON."""
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    (broken / "model.safetensors.index.json").write_text("{not json")
+    return broken
+
+
+def _script(name: str) -> str:
+    exe = shutil.which(name, path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip(f"{name} is not installed")
+    return exe
+
+
+def test_a_broken_base_gives_the_same_exit_code_from_every_command(model, tmp_path):
+    base, a, _, _ = model
+    broken = _broken_base(tmp_path, base)
+    runs = {
+        "validate": [_script("neuroada"), "validate", a, "--base", broken],
+        "merge": [_script("neuroada-merge"), "--base", broken, "--adapter", a, "--out", tmp_path / "o"],
+        "pack extract": [_script("neuroada-pack"), "--base", broken, "--finetuned", base, "-k", "1",
+                         "-o", tmp_path / "x.safetensors"],
+        "pack combine": [_script("neuroada-pack"), "--combine", a, "--base", broken, "-o", tmp_path / "c.safetensors"],
+    }
+    codes = {}
+    for what, argv in runs.items():
+        r = subprocess.run([os.fspath(x) for x in argv], capture_output=True, text=True, timeout=120)
+        assert "Traceback" not in r.stderr, (what, r.stderr)
+        codes[what] = r.returncode
+        assert "rule 1.6" in r.stdout + r.stderr, (what, r.stdout, r.stderr)
+    assert set(codes.values()) == {naf.errors.EXIT_INVALID}, codes
+    assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "x.safetensors")
+
+
+def test_unexpected_errors_are_one_internal_error_line(model, tmp_path, capsys, monkeypatch):
+    base, a, _, _ = model
+
+    def boom(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.delenv("NEUROADA_DEBUG", raising=False)
+    monkeypatch.setattr("neuroada_format.converters.merge_cli.merge", boom)
+    code, _, err = merge_cli(capsys, "--base", base, "--adapter", a, "--out", tmp_path / "o")
+    assert code == naf.errors.exit_code(RecursionError()) and "internal error: RecursionError" in one_line(err)
+    monkeypatch.setattr(pack_cli.pack, "combine", boom)
+    code, _, err = pack_run(capsys, "--combine", a, "--base", base, "-o", tmp_path / "c.safetensors")
+    assert code == naf.errors.exit_code(RecursionError()) and "internal error: RecursionError" in one_line(err)
+    monkeypatch.setattr(pack_cli.pack, "combine", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    code, _, err = pack_run(capsys, "--combine", a, "--base", base, "-o", tmp_path / "c.safetensors")
+    assert code == naf.errors.EXIT_INTERRUPTED and "interrupted" in one_line(err)
+
+
+def test_file_derived_text_cannot_drive_the_terminal(model, tmp_path, capsys):
+    base, _, _, _ = model
+    evil = tmp_path / "evil\x1b[2J\nerror: forged.safetensors"
+    evil.write_bytes(b"\x00" * 4)
+    code, _, err = merge_cli(capsys, "--base", base, "--adapter", evil, "--out", tmp_path / "o")
+    assert code == 1 and "\x1b" not in err and err.count("\n") == 1
+    assert printable("a\x1b[2Jb\nc") in (r"a\x1b[2Jb\nc", r"a\x1b[2Jb\x0ac")
