@@ -1,4 +1,5 @@
-"""`neuroada-pack`: extract an adapter from a dense fine-tune, combine adapters, or repack one.
+"""`neuroada-pack`: extract an adapter from a dense fine-tune, combine adapters, repack one, or convert
+to and from PEFT Super-Tuning folders (converters/peft_interop.py).
 
 Exit codes are the table of neuroada_format.errors (cli_common.py): 0 written; 1 the inputs break a
 rule (an invalid adapter or base, adapters or checkpoints that do not belong together); 2 usage or
@@ -7,8 +8,8 @@ Adapter inputs are files or adapter folders. The output follows the one overwrit
 (neuroada_format.durable.check_output): an existing -o needs --overwrite, and -o may never be, hold
 or lie inside an input.
 
-Each mode is one function below (`_extract`, `_combine`, `_repack`) returning (summary, text); a new
-mode is one more option, one more function and one more branch in `cli`.
+Each mode is one function below (`_extract`, `_combine`, `_repack`, `_to_peft`, `_from_peft`) returning
+(summary, text); a new mode is one more option, one more function and one more branch in `cli`.
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ import click
 
 from neuroada_format import save as naf_save
 from neuroada_format.durable import check_output
+from neuroada_format.folder import adapter_paths
 
-from . import pack
+from . import pack, peft_interop
 from .backend import load_adapter_file
 from .cli_common import parse_scaled, printable, run_command
 
@@ -36,6 +38,10 @@ Combine (one adapter equal to a weighted sum; weights default to 1):
 \b
 Repack (other dtypes, current spec version):
   neuroada-pack --repack A.safetensors --value-dtype F16 -o OUT.safetensors
+\b
+PEFT (a Super-Tuning folder stock PEFT loads with PeftModel.from_pretrained, and back):
+  neuroada-pack --to peft ADAPTER [--base BASE] -o PEFT_DIR
+  neuroada-pack --from-peft PEFT_DIR --base BASE -o OUT.safetensors
 
 BASE and FT are safetensors checkpoints: a file or a Hugging Face folder, sharded or not. --combine
 needs --base because the union of positions has new entries whose probe hash (the base values the
@@ -79,11 +85,32 @@ def _file_summary(out: str, adapter) -> dict:
 @click.option("--repack", "repack_path", metavar="ADAPTER", help="Rewrite ADAPTER with other dtypes.")
 @click.option("--base-name", help="Base model name recorded in the adapter (extract: default BASE's folder or "
                                    "file name; combine: default the first adapter's).")
+@click.option("--to", "to_format", type=click.Choice(["peft"]),
+              help="Export ADAPTER (file or folder) to a PEFT Super-Tuning folder; --base checks it first.")
+@click.option("--from-peft", "peft_dir", metavar="PEFT_DIR", help="Import a PEFT Super-Tuning folder (needs --base).")
+@click.option("--allow-inexact", is_flag=True,
+              help="--to peft: export values that PEFT would round to the base dtype before adding.")
+@click.option("--round-values", is_flag=True, help="--from-peft: round values to --value-dtype (RNE) "
+                                                   "instead of refusing values that are not exact in it.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing -o (never an input).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def cli(sources, base, finetuned, k, out, positions, targets, layout_in_out, value_dtype, index_dtype,
-        do_combine, repack_path, base_name, overwrite, as_json):
-    if repack_path is not None:
+        do_combine, repack_path, base_name, to_format, peft_dir, allow_inexact, round_values, overwrite, as_json):
+    if (allow_inexact and not to_format) or (round_values and not peft_dir):
+        raise click.UsageError("--allow-inexact goes with --to peft, --round-values with --from-peft")
+    if to_format or peft_dir:
+        if (to_format and peft_dir) or do_combine or repack_path or finetuned or k or targets or index_dtype:
+            raise click.UsageError("--to peft / --from-peft take only ADAPTER or PEFT_DIR, --base, -o, --base-name "
+                                   "and their own flags")
+        if to_format and len(sources) != 1:
+            raise click.UsageError("--to peft needs exactly one ADAPTER")
+        if to_format and value_dtype:
+            raise click.UsageError("--to peft writes F32 values (PEFT's own); --value-dtype does not apply")
+        if peft_dir and (sources or not base):
+            raise click.UsageError("--from-peft needs --base (the probe hashes are read from it) and no ADAPTER")
+        summary, text = (_to_peft(sources[0], base, out, overwrite, base_name, allow_inexact) if to_format else
+                         _from_peft(peft_dir, base, out, overwrite, value_dtype, round_values, base_name))
+    elif repack_path is not None:
         if do_combine or sources or base or finetuned or k or targets:
             raise click.UsageError("--repack takes only -o, --value-dtype and --index-dtype")
         summary, text = _repack(repack_path, out, overwrite, value_dtype, index_dtype)
@@ -133,6 +160,32 @@ def _combine(sources, base, out, overwrite, value_dtype, base_name):
                "k": {n: t.k for n, t in sorted(combined.targets.items())}, **_file_summary(out, combined)}
     return summary, (f"wrote {out}: {len(parsed)} adapters combined into {summary['targets']} targets, "
                      f"{summary['entries']:,} entries, {summary['bytes']:,} bytes")
+
+
+def _to_peft(source, base, out, overwrite, base_name, allow_inexact):
+    if base:
+        _need({"base": base})
+    s = peft_interop.to_peft(source, out, base=base, base_model_name_or_path=base_name, overwrite=overwrite,
+                             allow_inexact=allow_inexact)
+    summary = {"mode": "to-peft", "source": source, **s}
+    return summary, (f"wrote {out}: {s['targets']} targets, sparsity {s['sparsity']!r}, {s['entries']:,} entries + "
+                     f"{s['peft_entries'] - s['entries']:,} padding, {s['peft_file_bytes']:,} bytes "
+                     f"({s['peft_file_bytes'] / max(1, os.path.getsize(adapter_paths(source)[0])):.2f}x the adapter)"
+                     + (f"; {s['inexact_values']:,} values PEFT rounds to the base dtype" if s["inexact_values"]
+                        else ""))
+
+
+def _from_peft(folder, base, out, overwrite, value_dtype, round_values, base_name):
+    _need({"base": base, "PEFT folder": folder})
+    out = _output(out, [folder, base], overwrite)
+    adapter, report = peft_interop.import_peft(folder, base, value_dtype=value_dtype, round_values=round_values,
+                                               base_name=base_name)
+    naf_save(adapter, out)
+    summary = {"mode": "from-peft", "source": folder, **report, **_file_summary(out, adapter)}
+    how = ("the exported adapter, exactly" if report["exact_round_trip"] else
+           f"k up to {max(t.k for t in adapter.targets.values())}, rows padded per spec 4.5")
+    return summary, (f"wrote {out}: {summary['targets']} targets ({how}), {summary['entries']:,} entries, "
+                     f"{summary['bytes']:,} bytes")
 
 
 def _extract(base, finetuned, k, positions, targets, layout_in_out, value_dtype, base_name, out, overwrite, *,

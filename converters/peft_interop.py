@@ -160,8 +160,8 @@ def peft_tensors(adapter: Adapter, *, allow_inexact: bool = False):
         if inexact.any() and not allow_inexact:
             i = int(np.argmax(inexact))
             raise NeuroAdaError(
-                f"{int(inexact.sum())} values (first: row {i // t.k}, slot {i % t.k}, {vals[i]!r}) are not exact "
-                f"in the base dtype {t.dtype}; PEFT casts each value to the base dtype before adding, so its "
+                f"{int(inexact.sum())} values (first: row {i // t.k}, slot {i % t.k}, {float(vals[i])!r}) are not "
+                f"exact in the base dtype {t.dtype}; PEFT casts each value to the base dtype before adding, so its "
                 f"merge would differ from the spec's (f32 add, one rounding). Repack the values to {t.dtype} "
                 f"first, or allow an inexact export", tensor=name)
         numel = t.d_out * t.d_in
@@ -333,8 +333,8 @@ def _to_value_dtype(values_f32, dtype, round_values, path, name):
         bad = ~_exact_in(values_f32, dtype)
         if bad.any():
             i = int(np.argmax(bad))
-            raise NeuroAdaError(f"{int(bad.sum())} values (first: {values_f32[i]!r}) are not exact in {dtype}; "
-                                f"choose F32 values, or allow rounding (RNE)", path=path, tensor=name)
+            raise NeuroAdaError(f"{int(bad.sum())} values (first: {float(values_f32[i])!r}) are not exact in "
+                                f"{dtype}; choose F32 values, or allow rounding (RNE)", path=path, tensor=name)
     return out
 
 
@@ -435,8 +435,8 @@ def import_peft(folder, base, *, value_dtype: str | None = None, round_values: b
                                 rule="3.6")
         bad = nonfinite_mask(vals)
         if bad.any():
-            raise NeuroAdaError(f"value {vals[int(np.argmax(bad))]!r} is not finite", path=path, tensor=name,
-                                rule="3.7")
+            raise NeuroAdaError(f"value {float(vals[int(np.argmax(bad))])!r} is not finite", path=path,
+                                tensor=name, rule="3.7")
         info[name] = (flat, vals, d_out, d_in, dtype)
 
     doc, dtypes = _embedded(st)

@@ -533,3 +533,71 @@ def test_peft_does_not_mistake_our_folder_for_its_own(tmp_path):
     assert naf.load(folder / WEIGHTS_NAME).targets
     loaded = load_adapter(copy.deepcopy(base), folder)
     assert layers(loaded)
+
+
+# -- neuroada-pack --to peft / --from-peft ---------------------------------------------------------
+def pack(capsys, *argv):
+    from neuroada_format.converters.pack_cli import main
+
+    capsys.readouterr()     # drop what building the models printed
+    with pytest.raises(SystemExit) as exc:
+        main([os.fspath(a) for a in argv])
+    out, err = capsys.readouterr()
+    return exc.value.code, out, err
+
+
+def test_cli_round_trip_and_exit_codes(tmp_path, capsys):
+    base = tiny_llama()
+    base_dir = save_base(base, tmp_path / "base")
+    model = with_deltas(copy.deepcopy(base), k=2, target_modules=["q_proj", "v_proj", "down_proj"])
+    ours = save_adapter(model, tmp_path / "ours.safetensors")
+    before = file_bytes(ours)
+    peft_dir, back = tmp_path / "peft", tmp_path / "back.safetensors"
+
+    code, out, err = pack(capsys, "--to", "peft", ours, "--base", base_dir, "-o", peft_dir, "--base-name", base_dir)
+    assert code == 0 and not err and out.startswith(f"wrote {peft_dir}: 6 targets, sparsity ")
+    loaded = peft.PeftModel.from_pretrained(reload(base_dir), os.fspath(peft_dir)).eval()
+    merged = merge_and_unload(load_adapter(reload(base_dir), ours)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids()).logits, merged(ids()).logits)
+    code, out, err = pack(capsys, "--from-peft", peft_dir, "--base", base_dir, "-o", back, "--json")
+    assert code == 0 and not err
+    summary = json.loads(out)
+    assert summary["mode"] == "from-peft" and summary["exact_round_trip"] and summary["targets"] == 6
+    assert file_bytes(back) == before
+
+    # failures: one line on stderr, the exit code of the table (1 content, 2 usage/IO), no output written
+    lora = tmp_path / "lora"
+    os.mkdir(lora)
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    (lora / "adapter_model.safetensors").write_bytes(b"")
+    cases = [
+        (2, ["--to", "peft", ours, "--base", base_dir, "-o", peft_dir], "already exists"),
+        (2, ["--to", "peft", ours, "-o", tmp_path], "input"),                          # -o holds the input
+        (2, ["--to", "peft", tmp_path / "nope.safetensors", "-o", tmp_path / "p2"], "no such adapter"),
+        (2, ["--to", "peft", ours, "--value-dtype", "BF16", "-o", tmp_path / "p3"], "--value-dtype"),
+        (2, ["--from-peft", peft_dir, "-o", tmp_path / "x.safetensors"], "needs --base"),
+        (2, ["--from-peft", tmp_path / "nope", "--base", base_dir, "-o", tmp_path / "x.safetensors"], "no such"),
+        (2, ["--from-peft", peft_dir, "--base", base_dir, "-o", back], "already exists"),
+        (2, ["--from-peft", peft_dir, "--base", base_dir, "-o", peft_dir / "x.safetensors"], "input"),
+        (2, ["--to", "peft", ours, "--round-values", "-o", tmp_path / "p4"], "--round-values"),
+        (1, ["--from-peft", lora, "--base", base_dir, "-o", tmp_path / "x.safetensors"], "peft_type is 'LORA'"),
+        (1, ["--from-peft", peft_dir, "--base", save_base(tiny_llama(seed=9), tmp_path / "other"),
+             "-o", tmp_path / "x.safetensors"], "rule 4.3"),
+    ]
+    for code_wanted, argv, text in cases:
+        code, out, err = pack(capsys, *argv)
+        assert code == code_wanted, (argv, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and text in err, (argv, err)
+        assert "Traceback" not in err
+    assert not os.path.exists(tmp_path / "x.safetensors") and not os.path.exists(tmp_path / "p2")
+    assert file_bytes(ours) == before
+    # rounding on request: a PEFT-native folder to BF16 values
+    _, native_base, native = peft_native(tmp_path / "native")
+    code, out, err = pack(capsys, "--from-peft", native, "--base", native_base, "--value-dtype", "BF16",
+                          "-o", tmp_path / "n.safetensors")
+    assert code == 1 and "not exact in BF16" in err
+    code, out, err = pack(capsys, "--from-peft", native, "--base", native_base, "--value-dtype", "BF16",
+                          "--round-values", "-o", tmp_path / "n.safetensors")
+    assert code == 0 and "rows padded per spec 4.5" in out
+    assert naf.validate(tmp_path / "n.safetensors", base=native_base).ok
