@@ -1,15 +1,20 @@
-"""Which k columns of each row get a delta: the spec's selection rules and their tie-break.
+"""Which k columns of each row get a delta: the registry of the spec's selection rules (section 5).
 
-All rules reduce to "the k highest scores per row, ties to the lower column", so one exact top-k
-routine serves magnitude, reverse, random and gradient selection; results are sorted ascending.
+Every rule a file may record (`selection.rule`) is one entry of `RULES`. The rules this library can
+compute reduce to "the k highest scores per row, ties to the lower column", so each entry is just a
+score function and one exact top-k routine serves them all; results are sorted ascending. Rules
+marked `checkable` depend on the base values alone, so a validator can re-derive them (rule 4.4).
+A new rule is one entry here plus its row in SPEC.md section 5 (and the schema's enum).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import NeuroAdaError
 
-RULES = ("magnitude", "reverse", "random", "gradient")
 TIE_BREAK = "lower-column"
 ROW_CHUNK_ENTRIES = 1 << 20  # several f64/bool temporaries per chunk: keep them small
 
@@ -39,25 +44,57 @@ def topk_columns(scores: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True)
+class Rule:
+    """One selection rule: how its scores are made (None: recorded only, not computable from the base
+    and a seed/scores, e.g. positions taken from a fine-tune) and whether rule 4.4 re-derives it."""
+    name: str
+    scores: Callable | None = None   # (canonical weight, seed, scores) -> [d_out, d_in] scores
+    checkable: bool = False
+    needs: str | None = None         # "seed" | "scores": what select_indices must be given
+
+
+def _magnitude(weight, seed, scores):
+    return np.abs(np.asarray(weight, dtype=np.float32))
+
+
+def _reverse(weight, seed, scores):
+    return -np.abs(np.asarray(weight, dtype=np.float32))
+
+
+def _random(weight, seed, scores):
+    return np.random.default_rng(seed).random(np.shape(weight))
+
+
+def _gradient(weight, seed, scores):
+    if np.shape(scores) != np.shape(weight):
+        raise NeuroAdaError("gradient selection needs scores shaped like the weight", rule="2.2")
+    return np.abs(np.asarray(scores, dtype=np.float64))
+
+
+RULES: dict[str, Rule] = {r.name: r for r in (
+    Rule("magnitude", _magnitude, checkable=True),      # largest |W|: NeuroAda's own
+    Rule("reverse", _reverse, checkable=True),          # smallest |W|
+    Rule("random", _random, needs="seed"),              # numpy PCG64 seeded: reproducible with numpy only
+    Rule("gradient", _gradient, needs="scores"),        # largest |scores| (e.g. accumulated |grad|)
+    Rule("delta"),                                      # largest |W_ft - W| (neuroada-pack extract)
+    Rule("union"),                                      # union of several adapters' positions (combine)
+    Rule("custom"),                                     # anything else; say how in a field of your own
+)}
+COMPUTABLE = tuple(name for name, r in RULES.items() if r.scores is not None)
+CHECKABLE = frozenset(name for name, r in RULES.items() if r.checkable)
+
+
 def select_indices(weight: np.ndarray, k: int, rule: str = "magnitude", *, seed: int | None = None,
                    scores: np.ndarray | None = None) -> np.ndarray:
-    """Indices [d_out, k] (int64, ascending per row) of a canonical [out, in] weight under a rule.
-
-    magnitude: largest |W|; reverse: smallest |W|; random: uniform from numpy's PCG64 seeded by `seed`
-    (reproducible with this library only); gradient: largest `scores` (e.g. accumulated |grad|).
-    """
-    if rule == "magnitude":
-        return topk_columns(np.abs(np.asarray(weight, dtype=np.float32)), k)
-    if rule == "reverse":
-        return topk_columns(-np.abs(np.asarray(weight, dtype=np.float32)), k)
-    if rule == "random":
-        if seed is None:
-            raise NeuroAdaError("random selection needs a seed", rule="2.2")
-        rng = np.random.default_rng(seed)
-        return topk_columns(rng.random(np.shape(weight)), k)
-    if rule == "gradient":
-        if scores is None or np.shape(scores) != np.shape(weight):
-            raise NeuroAdaError("gradient selection needs scores shaped like the weight", rule="2.2")
-        return topk_columns(np.abs(np.asarray(scores, dtype=np.float64)), k)
-    raise NeuroAdaError(f"unknown selection rule {rule!r}; expected one of {', '.join(RULES)}",
-                        rule="2.2")
+    """Indices [d_out, k] (int64, ascending per row) of a canonical [out, in] weight under a rule of
+    `RULES` that can be computed (magnitude, reverse, random with `seed`, gradient with `scores`)."""
+    entry = RULES.get(rule)
+    if entry is None or entry.scores is None:
+        raise NeuroAdaError(f"unknown selection rule {rule!r}; expected one of {', '.join(COMPUTABLE)}",
+                            rule="2.2")
+    if entry.needs == "seed" and seed is None:
+        raise NeuroAdaError(f"{rule} selection needs a seed", rule="2.2")
+    if entry.needs == "scores" and scores is None:
+        raise NeuroAdaError(f"{rule} selection needs scores shaped like the weight", rule="2.2")
+    return topk_columns(entry.scores(weight, seed, scores), k)

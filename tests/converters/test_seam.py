@@ -261,3 +261,25 @@ def test_file_derived_text_cannot_drive_the_terminal(model, tmp_path, capsys):
     code, _, err = merge_cli(capsys, "--base", base, "--adapter", evil, "--out", tmp_path / "o")
     assert code == 1 and "\x1b" not in err and err.count("\n") == 1
     assert printable("a\x1b[2Jb\nc") in (r"a\x1b[2Jb\nc", r"a\x1b[2Jb\x0ac")
+
+
+# -- the selection-rule registry ---------------------------------------------------------------------
+def test_selection_registry_is_what_the_spec_allows():
+    """A new rule is one registry entry plus the spec: the schema's enum and the fast metadata check
+    must name exactly the registry's rules."""
+    import neuroada_format.metadata as metadata
+    from neuroada_format.selection import CHECKABLE, COMPUTABLE, RULES, select_indices
+
+    schema = json.loads((VECTORS.parent / "schema" / "metadata-v1.schema.json").read_text())
+    assert set(schema["properties"]["selection"]["properties"]["rule"]["enum"]) == set(RULES)
+    assert set(metadata._RULES) == set(RULES)
+    assert CHECKABLE == {"magnitude", "reverse"} and set(COMPUTABLE) == {"magnitude", "reverse", "random", "gradient"}
+    w = np.array([[0.5, -2.0, 1.0, 0.0]], np.float32)
+    assert select_indices(w, 2, "magnitude").tolist() == [[1, 2]]
+    assert select_indices(w, 2, "reverse").tolist() == [[0, 3]]
+    assert select_indices(w, 1, "gradient", scores=np.array([[0, 0, 0, -9.0]])).tolist() == [[3]]
+    assert select_indices(w, 2, "random", seed=1).tolist() == select_indices(w, 2, "random", seed=1).tolist()
+    for rule, kwargs, needle in (("delta", {}, "unknown selection rule"), ("random", {}, "needs a seed"),
+                                 ("gradient", {}, "needs scores")):
+        with pytest.raises(naf.NeuroAdaError, match=needle):
+            select_indices(w, 1, rule, **kwargs)
