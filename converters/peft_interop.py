@@ -21,7 +21,9 @@ Import (`import_peft` / `from_peft`): the base is needed (to know d_in and to co
 hashes). With our embedded document and entries that still fit it, the original adapter comes back
 exactly. Otherwise entries are grouped by row: the value taken is the one PEFT applies
 (`val.to(base dtype)`), -0.0 entries are dropped (identities), k is the longest row and shorter rows
-are padded per spec 4.5 (+0.0 at the lowest unused columns). Duplicate positions, out-of-range
+are padded per spec 4.5 (+0.0 at the lowest unused columns); the merge is then PEFT's bit for bit,
+except that a -0.0 base value under a padding entry becomes +0.0 (equal as a number; the report
+counts them). Duplicate positions, out-of-range
 positions, non-finite values, Supra (LoRA) parts, `modules_to_save` and folders without stored
 indices are refused. numpy + safetensors only; torch and peft are never imported here.
 """
@@ -450,7 +452,7 @@ def import_peft(folder, base, *, value_dtype: str | None = None, round_values: b
             idx = (flat[:n] % d_in).reshape(d_out, k)
             f32 = vals[:n].reshape(d_out, k)
             idt, vdt = dtypes[name]
-            dropped = padded = 0
+            dropped = padded = flips = 0
         else:
             applied = _applied(vals, dtype)
             keep = applied.view(np.uint32) != NEG_ZERO_F32      # -0.0 adds nothing, in PEFT and in ours
@@ -458,6 +460,11 @@ def import_peft(folder, base, *, value_dtype: str | None = None, round_values: b
             idx, f32 = padded_rows(flat[keep], applied[keep], d_out, d_in)
             padded = idx.size - int(keep.sum())
             idt, vdt = index_dtype_for(d_in), dtype
+            # +0.0 padding (spec 4.5) turns a -0.0 base value into +0.0 where PEFT leaves it: say where
+            every = (np.arange(d_out, dtype=np.int64)[:, None] * d_in + idx).reshape(-1)
+            pad_at = every[~np.isin(every, flat[keep])]
+            probed = np.asarray(weight).reshape(-1)[pad_at].astype(np.float32)
+            flips = int((probed.view(np.uint32) == NEG_ZERO_F32).sum())
         vdt = value_dtype or vdt
         values = _to_value_dtype(f32.reshape(-1), vdt, round_values, path, name).reshape(f32.shape)
         idx = np.ascontiguousarray(idx, dtype=NUMPY_DTYPES[idt])
@@ -471,7 +478,7 @@ def import_peft(folder, base, *, value_dtype: str | None = None, round_values: b
             target.extra = {k: v for k, v in entry.items() if k not in ("shape", "layout", "dtype", "k", "probe")}
         targets[name] = target
         report[name] = {"k": target.k, "entries": int(flat.size), "dropped_negative_zero": dropped,
-                        "padding": padded}
+                        "padding": padded, "negative_zero_base_at_padding": flips}
     if exact:
         adapter = _adapter_from_document(doc, targets)
     else:

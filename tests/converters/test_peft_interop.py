@@ -24,7 +24,7 @@ peft = pytest.importorskip("peft")
 from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, merge_and_unload, save_adapter  # noqa: E402
 from neuroada_format.runtime.model import layers, to_numpy  # noqa: E402
 
-DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
 @pytest.fixture(autouse=True)
@@ -100,7 +100,8 @@ def test_ours_to_peft_to_ours_is_exact(tmp_path, dtype):
     base_dir = save_base(base, tmp_path / "base")
     base = reload(base_dir, DTYPES[dtype])
     model = with_deltas(copy.deepcopy(base), k=3, target_modules="all-linear")
-    ours_file = save_adapter(model, tmp_path / "ours.safetensors")    # BF16 values
+    # BF16 values (the default); on an F16 base F16 values, since PEFT adds each value as an F16
+    ours_file = save_adapter(model, tmp_path / "ours.safetensors", value_dtype="F16" if dtype == "f16" else None)
     before = file_bytes(ours_file)
 
     summary = pi.to_peft(ours_file, tmp_path / "peft", base=base_dir, base_model_name_or_path=base_dir)
@@ -233,7 +234,7 @@ def test_peft_native_adapter_imports_and_merges_like_peft(tmp_path, dtype):
     assert adapter.selection["rule"] == "custom" and "Super-Tuning" in adapter.extra["description"]
     assert any(r["padding"] for r in report["targets"].values())      # global top-|W|: uneven rows
     for t in adapter.targets.values():
-        assert t.value_dtype == t.dtype == {"f32": "F32", "bf16": "BF16"}[dtype]
+        assert t.value_dtype == t.dtype == {"f32": "F32", "bf16": "BF16", "f16": "F16"}[dtype]
     naf.save(adapter, tmp_path / "imported.safetensors")
     assert naf.validate(tmp_path / "imported.safetensors", base=base_dir).ok
     ours = merged_with(base, naf.load(tmp_path / "imported.safetensors"))
@@ -246,6 +247,29 @@ def test_peft_native_adapter_imports_and_merges_like_peft(tmp_path, dtype):
     again = peft.PeftModel.from_pretrained(copy.deepcopy(base), os.fspath(tmp_path / "again")).eval()
     with torch.no_grad():
         assert torch.equal(bits(again(ids()).logits), bits(peft_merged(ids()).logits))
+
+
+def test_negative_zero_base_under_import_padding_is_reported(tmp_path):
+    """Rows PEFT left empty are padded with +0.0 (spec 4.5): a -0.0 base value there becomes +0.0,
+    equal as a number; the report says how many, and nothing else differs from PEFT's merge."""
+    base = tiny_llama(seed=7)
+    with torch.no_grad():
+        base.model.layers[0].self_attn.q_proj.weight[3, :] = -0.0     # no |W| there: PEFT picks none of it
+    base_dir = save_base(base, tmp_path / "base")
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.SupertuningConfig(target_modules=["q_proj"], sparsity=0.97,
+                                                                         init_weights=False))
+    pm.save_pretrained(tmp_path / "peft")
+    peft_merged = peft.PeftModel.from_pretrained(copy.deepcopy(base), os.fspath(tmp_path / "peft")).merge_and_unload()
+    adapter, report = pi.import_peft(tmp_path / "peft", base_dir)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    t = adapter.targets[name]
+    assert report["targets"][name]["negative_zero_base_at_padding"] == t.k            # row 3: all padding
+    ours = merged_with(base, adapter)
+    assert same_state(ours, peft_merged) == [name]
+    a, b = ours.get_parameter(name), peft_merged.get_parameter(name)
+    assert torch.equal(a, b)                                   # as numbers: -0.0 == +0.0
+    differ = (bits(a) != bits(b)).nonzero().tolist()
+    assert differ == [[3, c] for c in range(t.k)]             # only the padded -0.0 entries of row 3
 
 
 def test_import_value_dtype_is_exact_or_refused(tmp_path):
