@@ -532,10 +532,6 @@ def test_peft_does_not_mistake_our_folder_for_its_own(tmp_path):
     model = with_deltas(copy.deepcopy(base), k=2, target_modules=["q_proj"])
     folder = tmp_path / "ours"
     save_adapter(model, folder)
-    if "adapter_config.json" in os.listdir(folder):
-        # save_adapter still writes the legacy PEFT-like layout: lay the folder out as folder.py names it
-        os.rename(folder / "adapter_model.safetensors", folder / WEIGHTS_NAME)
-        os.rename(folder / "adapter_config.json", folder / CONFIG_NAME)
     assert sorted(os.listdir(folder)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
     where = os.fspath(folder)
 
