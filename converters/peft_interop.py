@@ -40,6 +40,7 @@ from neuroada_format import (Adapter, NeuroAdaError, NeuroAdaUsageError, Target,
                              validate)
 from neuroada_format.container import Problems, SafetensorsFile, strict_json
 from neuroada_format.dtypes import BASE_DTYPES, NUMPY_DTYPES, VALUE_DTYPES, index_dtype_for, nonfinite_mask
+from neuroada_format.folder import WEIGHTS_NAME as NEUROADA_WEIGHTS
 from neuroada_format.folder import adapter_paths
 from neuroada_format.merge import padded_rows
 from neuroada_format.metadata import METADATA_KEY, parse_document
@@ -250,7 +251,9 @@ def to_peft(adapter, out_dir, *, base=None, base_model_name_or_path=None, revisi
 def _read_config(folder: str) -> dict:
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise NeuroAdaUsageError(f"no {CONFIG_NAME} in the folder: not a PEFT adapter folder", path=folder)
+        ours = os.path.exists(os.path.join(folder, NEUROADA_WEIGHTS))
+        hint = " (it is a NeuroAda adapter folder: use it as it is)" if ours else ""
+        raise NeuroAdaUsageError(f"no {CONFIG_NAME} in the folder: not a PEFT adapter folder{hint}", path=folder)
     try:
         with open(path, "rb") as f:
             raw = f.read(CONFIG_CAP + 1)

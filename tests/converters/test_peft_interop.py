@@ -549,6 +549,8 @@ def test_peft_does_not_mistake_our_folder_for_its_own(tmp_path):
         assert isinstance(exc.value, (ValueError, OSError)), (label, repr(exc.value))
         text = str(exc.value)
         assert "adapter_config.json" in text or "not found" in text or "Unrecognized model" in text, (label, text)
+    with pytest.raises(NeuroAdaUsageError, match="NeuroAda adapter folder: use it as it is"):
+        pi.from_peft(folder, save_base(base, tmp_path / "base"))
     # ...and our own loaders still take it
     assert naf.load(folder / WEIGHTS_NAME).targets
     loaded = load_adapter(copy.deepcopy(base), folder)
