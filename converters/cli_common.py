@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import click
 
@@ -65,10 +66,28 @@ def _message(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {exc} (set NEUROADA_DEBUG=1 for a traceback)"
 
 
+def _one_line_warning():
+    """A showwarning that prints each kind of warning once, as one `warning: ...` line (Python's own
+    format is two lines with a source path, and a merge may raise the same warning once per block)."""
+    seen = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = printable(" ".join(str(message).split()))
+        key = (category, re.sub(r"\d+", "N", text))
+        if key not in seen:
+            seen.add(key)
+            click.echo(f"warning: {text}", err=True)
+
+    return show
+
+
 def run_command(command: click.Command, argv, prog_name: str) -> int:
     """Run a click command; every failure becomes one stderr line and its exit code (never a traceback)."""
     try:
-        code = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = _one_line_warning()
+            code = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as exc:        # --help, --version
         return exc.exit_code
     except click.ClickException as exc:         # usage errors: one line, not click's three

@@ -40,7 +40,7 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.container import SafetensorsFile, strict_json
 from neuroada_format.dtypes import BASE_DTYPES
 
-from neuroada_format.durable import fsync_path, write_file
+from neuroada_format.durable import fsync_path, write_bytes
 
 from .backend import Mismatch, pause_for_tests
 from .progress import bar
@@ -84,7 +84,7 @@ def write_journal(path: str, root: str, files: list[str], entries: list[JournalE
                   adapters: list[dict]) -> None:
     """Write the journal durably (neuroada_format.durable: temporary sibling, fsync, rename, folder
     fsync), never over an existing file."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     doc = {
         "format": FORMAT, "version": VERSION,
@@ -101,7 +101,8 @@ def write_journal(path: str, root: str, files: list[str], entries: list[JournalE
         tensors[ORIGINAL_PREFIX + e.tensor] = np.ascontiguousarray(e.original)
         tensors[MERGED_PREFIX + e.tensor] = np.ascontiguousarray(e.merged)
     meta = {"format": FORMAT, FORMAT: json.dumps(doc, separators=(",", ":"))}
-    write_file(path, lambda tmp: save_file(tensors, tmp, metadata=meta), overwrite=False, durable=True)
+    # serialised in memory (adapter-sized) and written by us, so a full disk is an OSError naming the file
+    write_bytes(path, save(tensors, metadata=meta), overwrite=False, durable=True)
 
 
 @dataclass

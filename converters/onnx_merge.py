@@ -148,6 +148,16 @@ class OnnxModel:
             raise NeuroAdaError(f"not a readable ONNX model: {exc}", path=self.path, rule="1.1") from None
         graph = self.proto.graph
         self.initializers = {t.name: t for t in graph.initializer}
+        if len(self.initializers) != len(graph.initializer):  # onnx.checker refuses these too
+            seen, dup = set(), None
+            for t in graph.initializer:
+                if t.name in seen:
+                    dup = t.name
+                    break
+                seen.add(t.name)
+            raise NeuroAdaError("the graph has two initializers of this name; which one a runtime uses is not "
+                                "defined, so a merge could patch the copy it ignores", path=self.path, tensor=dup,
+                                rule="1.6")
         self.external: dict[str, _External] = {}        # main-graph initializers stored outside
         self.external_tensors: list[tuple] = []          # every external tensor: (TensorProto, _External)
         for t in _all_tensors(graph):

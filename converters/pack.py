@@ -75,7 +75,7 @@ def _model_type(base) -> str | None:
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
             return json.load(f).get("model_type")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # unreadable: no model type, as if absent
         return None
 
 

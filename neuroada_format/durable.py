@@ -187,10 +187,25 @@ def write_file(path, write: Callable[[str], None], *, overwrite: bool = True, du
         if durable:
             fsync_path(tmp)
         publish(tmp, path, overwrite=overwrite, durable=durable)
+    except OSError as exc:
+        if os.path.lexists(tmp):
+            remove(tmp)
+        if exc.filename is None:  # file objects' errors name no file: say which one (e.g. a full disk)
+            raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
+        raise
     except BaseException:
         if os.path.lexists(tmp):
             remove(tmp)
         raise
+
+
+def write_bytes(path, data: bytes, *, overwrite: bool = True, durable: bool = True, mode: int | None = None) -> None:
+    """`write_file` for content already in memory; write errors (ENOSPC) come back as OSError naming `path`."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    write_file(path, write, overwrite=overwrite, durable=durable, mode=mode)
 
 
 # -- the overwrite rule ------------------------------------------------------------------------------

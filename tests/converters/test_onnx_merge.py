@@ -581,3 +581,26 @@ def test_runtime_trained_adapter_merged_into_onnx_matches_runtime(which, llama, 
         base = LogitsOnly(model)(torch.from_numpy(test_ids)).numpy()
     close(run_ort(merged_path, test_ids), want)
     assert np.abs(want - base).max() > 1e-4 * np.abs(want).max()   # training moved the outputs
+
+
+def test_duplicate_initializer_names_are_refused(tmp_path, capsys):
+    """Issue 13 item 9: onnxruntime computes with the first copy; a merge must not patch the last one."""
+    from neuroada_format.converters.merge_cli import run
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 6)).astype(np.float32)
+    nodes = [scoped(helper.make_node("MatMul", ["x", "enc.fc.weight"], ["y"], name="m"), "enc.fc")]
+    path = graph_model(tmp_path / "dup.onnx", {"enc.fc.weight": w}, nodes)
+    model = onnx.load(path)
+    copy_ = numpy_helper.from_array(w * 2, "enc.fc.weight")
+    model.graph.initializer.append(copy_)
+    onnx.save(model, path)
+    a = adapter_for("enc.fc.weight", w, "in_out")
+    with pytest.raises(naf.NeuroAdaError, match="rule 1.6.*two initializers"):
+        merge_onnx(path, [(a, 1.0)], os.fspath(tmp_path / "out.onnx"))
+    naf.save(a, tmp_path / "a.safetensors")
+    code = run(["--base", path, "--adapter", os.fspath(tmp_path / "a.safetensors"), "--out",
+                os.fspath(tmp_path / "out.onnx")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "two initializers" in err
+    assert not os.path.exists(tmp_path / "out.onnx")

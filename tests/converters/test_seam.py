@@ -283,3 +283,31 @@ def test_selection_registry_is_what_the_spec_allows():
                                  ("gradient", {}, "needs scores")):
         with pytest.raises(naf.NeuroAdaError, match=needle):
             select_indices(w, 1, rule, **kwargs)
+
+
+# -- smaller hardening that the shared paths give every command --------------------------------------
+def test_write_errors_name_the_file_and_leave_nothing(tmp_path):
+    target = tmp_path / "journal.safetensors"
+
+    def full(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left") as info:
+        durable.write_file(target, full)
+    assert info.value.filename == os.fspath(target) and os.listdir(tmp_path) == []
+
+
+def test_overflow_warning_is_one_line(model, tmp_path, capsys):
+    base, _, _, arrays = model
+    rng = np.random.default_rng(1)
+    name = B.targets_of(arrays)[0]
+    adapter = B.make_adapter(rng, arrays, [name], 2, value_dtype="F32")
+    t = adapter.targets[name]
+    huge = naf.Target(name, t.indices, np.full(t.values.shape, 3.4e38, np.float32), t.shape, t.layout, t.dtype, t.probe)
+    naf.save(naf.Adapter({name: huge}), tmp_path / "huge.safetensors")
+    code, _, err = merge_cli(capsys, "--base", base, "--adapter", tmp_path / "huge.safetensors", "--out", tmp_path / "o")
+    assert code == 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: merge overflowed"), err
