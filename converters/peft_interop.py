@@ -149,8 +149,11 @@ def _peft_config(sparsity: float, modules: list[str], base_model_name_or_path, r
     }
 
 
-def peft_tensors(adapter: Adapter, *, allow_inexact: bool = False):
-    """(sparsity, {PEFT key: array}, per-target stats) for an adapter (no file is written)."""
+def peft_tensors(adapter: Adapter, *, allow_inexact: bool = False, base_dtypes: dict | None = None):
+    """(sparsity, {PEFT key: array}, per-target stats) for an adapter (no file is written).
+
+    base_dtypes: the dtype of each target's tensor in the base PEFT will load (PEFT casts values to
+    it); by default the dtype the adapter records."""
     modules = {name: _module_of(name, t.layout) for name, t in adapter.targets.items()}
     for name, t in adapter.targets.items():
         if t.d_out * t.d_in > INT32_MAX:
@@ -159,13 +162,14 @@ def peft_tensors(adapter: Adapter, *, allow_inexact: bool = False):
     tensors, stats = {}, {}
     for name, t in sorted(adapter.targets.items()):
         vals = np.asarray(t.values).astype(np.float32).reshape(-1)   # BF16/F16/F32 -> F32 is exact
-        inexact = ~_exact_in(vals, t.dtype)
+        dtype = (base_dtypes or {}).get(name, t.dtype)
+        inexact = ~_exact_in(vals, dtype)
         if inexact.any() and not allow_inexact:
             i = int(np.argmax(inexact))
             raise NeuroAdaError(
                 f"{int(inexact.sum())} values (first: row {i // t.k}, slot {i % t.k}, {float(vals[i])!r}) are not "
-                f"exact in the base dtype {t.dtype}; PEFT casts each value to the base dtype before adding, so its "
-                f"merge would differ from the spec's (f32 add, one rounding). Repack the values to {t.dtype} "
+                f"exact in the base dtype {dtype}; PEFT casts each value to the base dtype before adding, so its "
+                f"merge would differ from the spec's (f32 add, one rounding). Repack the values to {dtype} "
                 f"first, or allow an inexact export", tensor=name)
         numel = t.d_out * t.d_in
         real = (np.arange(t.d_out, dtype=np.int64)[:, None] * t.d_in
@@ -221,7 +225,11 @@ def to_peft(adapter, out_dir, *, base=None, base_model_name_or_path=None, revisi
     validate(adapter, base=base, strict=True)           # content rules (and the base, when given)
     if base is not None and not hasattr(base, "array") and not isinstance(base, dict):
         inputs.append(os.fspath(base))
-    sparsity, tensors, stats = peft_tensors(adapter, allow_inexact=allow_inexact)
+    base_dtypes = None
+    if base is not None:
+        b = open_base(base)
+        base_dtypes = {name: b.info(name)[0] for name in adapter.targets}
+    sparsity, tensors, stats = peft_tensors(adapter, allow_inexact=allow_inexact, base_dtypes=base_dtypes)
     modules = sorted(_module_of(name, t.layout) for name, t in adapter.targets.items())
     config = _peft_config(sparsity, modules,
                           adapter.base_name if base_model_name_or_path is None else base_model_name_or_path,
@@ -361,11 +369,11 @@ def _fits_embedded(doc, dtypes, targets_info) -> bool:
     declared = doc["targets"]
     if set(declared) != set(targets_info):
         return False
-    for name, (flat, vals, d_out, d_in, base_dtype) in targets_info.items():
+    for name, (flat, vals, d_out, d_in, _) in targets_info.items():
         entry = declared[name]
         k = entry["k"]
         pair = dtypes.get(name)
-        if (entry["shape"] != [d_out, d_in] or entry["layout"] != "out_in" or entry["dtype"] != base_dtype
+        if (entry["shape"] != [d_out, d_in] or entry["layout"] != "out_in"
                 or not (isinstance(pair, list) and len(pair) == 2 and pair[0] in ("I16", "I32")
                         and pair[1] in VALUE_DTYPES) or d_out * k > flat.size):
             return False

@@ -623,3 +623,17 @@ def test_cli_round_trip_and_exit_codes(tmp_path, capsys):
                           "--round-values", "-o", tmp_path / "n.safetensors")
     assert code == 0 and "rows padded per spec 4.5" in out
     assert naf.validate(tmp_path / "n.safetensors", base=native_base).ok
+
+
+def test_export_checks_exactness_against_the_base_peft_will_load(tmp_path):
+    """An adapter made on an F32 copy of a BF16 model (spec section 14) with F32 values: fine for an F32
+    base, but PEFT on the BF16 base would round every value first, so that export is refused."""
+    bf16 = tiny_llama(dtype=torch.bfloat16)
+    bf16_dir = save_base(bf16, tmp_path / "bf16")
+    f32_dir = save_base(reload(bf16_dir, torch.float32), tmp_path / "f32")      # the exact upcast
+    model = with_deltas(reload(f32_dir), k=2, target_modules=["q_proj"])
+    adapter = save_adapter(model, tmp_path / "a.safetensors", value_dtype="F32")
+    pi.to_peft(adapter, tmp_path / "ok", base=f32_dir)
+    with pytest.raises(NeuroAdaError, match="not exact in the base dtype BF16"):
+        pi.to_peft(adapter, tmp_path / "no", base=bf16_dir)
+    assert not os.path.exists(tmp_path / "no")
