@@ -153,7 +153,7 @@ def test_ours_to_peft_to_ours_is_exact(tmp_path, dtype):
         assert u.values.dtype == t.values.dtype and u.values.tobytes() == np.asarray(t.values).tobytes()
 
 
-def test_auto_peft_model_finds_the_base_by_name(tmp_path):
+def test_auto_peft_model_and_transformers_load_adapter_take_the_export(tmp_path):
     base = tiny_llama()
     base_dir = save_base(base, tmp_path / "base")
     model = with_deltas(copy.deepcopy(base), k=2, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -161,9 +161,12 @@ def test_auto_peft_model_finds_the_base_by_name(tmp_path):
     pi.to_peft(ours_file, tmp_path / "peft", base=base_dir, base_model_name_or_path=base_dir,
                task_type="CAUSAL_LM")
     auto = peft.AutoPeftModelForCausalLM.from_pretrained(os.fspath(tmp_path / "peft")).eval()
-    ours = merge_and_unload(load_adapter(copy.deepcopy(base), ours_file)).eval()
+    hf = reload(base_dir)
+    hf.load_adapter(os.fspath(tmp_path / "peft"))          # transformers' own PEFT integration
+    ours = merge_and_unload(load_adapter(reload(base_dir), ours_file)).eval()
     with torch.no_grad():
         assert torch.equal(auto(ids()).logits, ours(ids()).logits)
+        assert torch.equal(hf(ids()).logits, ours(ids()).logits)
 
 
 def test_mixed_k_f32_values_and_i32_indices_round_trip(tmp_path):
