@@ -10,7 +10,9 @@ A merge is four steps, always in this order, and nothing is written before the l
 
 The driver does everything that is the same for all formats: it parses and checks the adapters
 (`normalise_adapters`), applies the one overwrite rule (`neuroada_format.durable.check_output`) with
-the inputs and companion files the backend names, times the run, and returns one `MergeSummary`.
+the inputs and companion files the backend names, holds the lock rule's lock on the base
+(`durable.checkpoint_lock`: exclusive in place, shared for a copy) from the first read to the last
+write, times the run, and returns one `MergeSummary`.
 Backends write only through `neuroada_format.durable` (temporary sibling, mode, fsync, atomic
 publish, stale-sibling cleanup), so those guarantees hold for every format at once.
 
@@ -45,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from neuroada_format import Adapter, NeuroAdaError, NeuroAdaUsageError, load
-from neuroada_format.durable import check_output
+from neuroada_format.durable import check_output, checkpoint_lock
 from neuroada_format.folder import adapter_paths
 
 SLOWDOWN_ENV = "NEUROADA_TEST_SLOWDOWN"
@@ -188,6 +190,12 @@ class Backend(ABC):
     def base_path(self, view) -> str:
         return os.path.abspath(view.path)
 
+    def lock_folder(self, view) -> str:
+        """The folder the lock rule (neuroada_format.durable.checkpoint_lock) locks: the base folder, or
+        the folder holding a single-file base (the root an in-place journal records)."""
+        path = self.base_path(view)
+        return path if os.path.isdir(path) else os.path.dirname(path)
+
 
 # -- the registry ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -258,12 +266,13 @@ def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, ver
         inputs = impl.inputs(view) + [a.path for a, _ in adapters if a.path]
         out = check_output(out, inputs=inputs, overwrite=overwrite, kind=impl.output_kind(view),
                            companions=impl.companions(view, os.path.abspath(os.fspath(out))))
-    resolved = impl.resolve(view, adapters, verify=verify)
-    plan = impl.plan(view, resolved, verify=verify, in_place=in_place)
-    if in_place:
-        done = impl.write_in_place(view, plan, journal=journal, durable=durable, progress=progress)
-    else:
-        done = impl.write(view, plan, out, overwrite=overwrite, durable=durable, progress=progress)
+    with checkpoint_lock(impl.lock_folder(view), exclusive=in_place):  # held from the first read to the last write
+        resolved = impl.resolve(view, adapters, verify=verify)
+        plan = impl.plan(view, resolved, verify=verify, in_place=in_place)
+        if in_place:
+            done = impl.write_in_place(view, plan, journal=journal, durable=durable, progress=progress)
+        else:
+            done = impl.write(view, plan, out, overwrite=overwrite, durable=durable, progress=progress)
     return MergeSummary(
         mode="in-place" if in_place else "copy", format=impl.format, base=impl.base_path(view),
         output=impl.base_path(view) if in_place else out, adapters=described(adapters), verified=verify,

@@ -40,7 +40,7 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.container import SafetensorsFile, strict_json
 from neuroada_format.dtypes import BASE_DTYPES
 
-from neuroada_format.durable import fsync_path, write_bytes
+from neuroada_format.durable import checkpoint_lock, fsync_path, write_bytes
 
 from .backend import Mismatch, pause_for_tests
 from .progress import bar
@@ -184,6 +184,13 @@ def revert(journal, *, base=None, progress: bool = False) -> dict:
     else:
         base = os.path.abspath(os.fspath(base))
         root = base if os.path.isdir(base) else os.path.dirname(base)
+    if not os.path.isdir(root):
+        raise NeuroAdaUsageError("the folder named by the journal is missing (pass --base if it moved)", path=root)
+    with checkpoint_lock(root, exclusive=True):  # the lock an in-place merge holds: never interleave
+        return _revert(j, root, started, progress)
+
+
+def _revert(j: Journal, root: str, started: float, progress: bool) -> dict:
     paths = {}
     for rel, f in j.doc["files"].items():
         path = os.path.join(root, rel)

@@ -12,6 +12,9 @@ here, so each guarantee is kept once:
 - Durability is the caller's choice (`durable`): fsync the data, then the folder after the rename, so
   the result also survives a power cut. A killed process never needs it (its writes are already in
   the page cache); a journal always asks for it.
+- One lock rule (`checkpoint_lock`): an in-place merge or revert holds an exclusive lock on the folder
+  of the files it patches, for the whole operation; a copy holds a shared one while it reads. A run
+  that cannot get its lock at once is refused (never waits, never interleaves).
 - One overwrite rule (`check_output`): an existing OUT is replaced only when asked, and never when
   OUT is, contains or lies inside an input (replacing it would destroy what is being read), whatever
   `overwrite` says. Checked on real paths, so symlinks and `..` do not get around it.
@@ -30,6 +33,12 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, in-place runs are not serialised
+    fcntl = None
 
 from .errors import NeuroAdaUsageError
 
@@ -264,3 +273,36 @@ def check_output(out, *, inputs: Iterable = (), overwrite: bool = False, kind: s
             raise NeuroAdaUsageError(f"output exists and is {'a folder' if is_dir else 'a file'}, but this "
                                      f"writes {'a folder' if kind == 'folder' else 'a file'}", path=out)
     return out
+
+
+# -- the lock rule -----------------------------------------------------------------------------------
+@contextmanager
+def checkpoint_lock(folder, *, exclusive: bool):
+    """Hold an advisory lock (flock) on `folder` for the duration: exclusive for runs that change the
+    files in it (in-place merge, revert), shared for runs that only read them (a merge into a copy).
+
+    Refused at once with NeuroAdaUsageError (exit 2) when another run holds a conflicting lock, so
+    two in-place merges can never interleave. Where the file system has no locks (some network
+    mounts) or the OS none (Windows), nothing is locked.
+    """
+    folder = os.path.abspath(os.fspath(folder))
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:
+            fd = None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except BlockingIOError:
+                doing = "an in-place merge or revert" if exclusive else "a merge reading it"
+                raise NeuroAdaUsageError(f"busy: another run holds the lock on this checkpoint folder, so "
+                                         f"{doing} must wait; try again when it has finished", path=folder) from None
+            except OSError:
+                pass  # no locks here (e.g. ENOLCK on a network mount)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock

@@ -311,3 +311,58 @@ def test_overflow_warning_is_one_line(model, tmp_path, capsys):
     assert code == 0
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: merge overflowed"), err
+
+
+# -- the lock rule (issue 13 item 3) -----------------------------------------------------------------
+def test_in_place_runs_are_refused_while_the_checkpoint_is_locked(model, tmp_path):
+    base, a, _, _ = model
+    before = tree(base)
+    with durable.checkpoint_lock(base, exclusive=False):      # e.g. a merge copying from this base
+        with pytest.raises(naf.NeuroAdaUsageError, match="busy"):
+            seam.merge(base, [(a, 1.0)], in_place=True)
+        seam.merge(base, [(a, 1.0)], tmp_path / "copy")        # readers share the lock
+    assert tree(base) == before
+    journal = seam.merge(base, [(a, 1.0)], in_place=True, journal=tmp_path / "j.safetensors").journal
+    from neuroada_format.converters.journal import revert
+    with durable.checkpoint_lock(base, exclusive=True):
+        with pytest.raises(naf.NeuroAdaUsageError, match="busy"):
+            revert(journal)
+        with pytest.raises(naf.NeuroAdaUsageError, match="busy"):
+            seam.merge(base, [(a, 1.0)], tmp_path / "copy2")
+    revert(journal)
+    assert tree(base) == before
+
+
+def _race_child(argv, slowdown):
+    os.environ[seam.SLOWDOWN_ENV] = slowdown
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os._exit(merge_run(argv))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs fork")
+def test_two_in_place_merges_racing_one_wins_one_is_refused(model, tmp_path):
+    """Both used to exit 0 and leave a mix of the two merges that neither revert restored."""
+    import multiprocessing
+
+    base, a, _, arrays = model
+    b = tmp_path / "b.safetensors"
+    naf.save(B.make_adapter(np.random.default_rng(5), arrays, B.targets_of(arrays), 4), b)
+    before = tree(base)
+    ctx = multiprocessing.get_context("fork")
+    children = [ctx.Process(target=_race_child, args=(["--base", base, "--adapter", os.fspath(ad), "--in-place",
+                                                        "--journal", os.fspath(tmp_path / f"j{i}.safetensors")],
+                                                       "0.05"))
+                for i, ad in enumerate((a, b))]
+    for c in children:
+        c.start()
+    for c in children:
+        c.join(120)
+    codes = sorted(c.exitcode for c in children)
+    assert codes == [0, 2], codes
+    winner = next(i for i, c in enumerate(children) if c.exitcode == 0)
+    assert not (tmp_path / f"j{1 - winner}.safetensors").exists()
+    from neuroada_format.converters.journal import revert
+    revert(tmp_path / f"j{winner}.safetensors")
+    assert tree(base) == before
