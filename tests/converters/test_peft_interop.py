@@ -66,6 +66,20 @@ def with_deltas(model, k=3, seed=1, **cfg):
     return model
 
 
+def train_a_little(model, steps=2):
+    """A few real optimizer steps on the deltas (the runtime's own forward/backward)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        x = ids()
+        loss = model(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
 def ids():
     return torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(3))
 
@@ -100,6 +114,7 @@ def test_ours_to_peft_to_ours_is_exact(tmp_path, dtype):
     base_dir = save_base(base, tmp_path / "base")
     base = reload(base_dir, DTYPES[dtype])
     model = with_deltas(copy.deepcopy(base), k=3, target_modules="all-linear")
+    train_a_little(model)
     # BF16 values (the default); on an F16 base F16 values, since PEFT adds each value as an F16
     ours_file = save_adapter(model, tmp_path / "ours.safetensors", value_dtype="F16" if dtype == "f16" else None)
     before = file_bytes(ours_file)
@@ -141,6 +156,13 @@ def test_ours_to_peft_to_ours_is_exact(tmp_path, dtype):
     assert not torch.equal(a, base_logits)                               # the adapter does something
     assert same_state(peft_model.merge_and_unload(), ours) == []
     assert same_state(ours, base) != []
+    # neuroada-merge's checkpoint gives the same logits too
+    from neuroada_format.converters.merge_cli import main as merge_main
+    with pytest.raises(SystemExit) as exc:
+        merge_main(["--base", base_dir, "--adapter", os.fspath(ours_file), "--out", os.fspath(tmp_path / "merged")])
+    assert exc.value.code == 0
+    with torch.no_grad():
+        assert torch.equal(bits(reload(tmp_path / "merged", DTYPES[dtype])(ids()).logits), bits(a))
 
     # and back: the same indices, values, dtypes and document, so the same file, byte for byte
     back, report = pi.import_peft(out, base_dir)
