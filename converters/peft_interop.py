@@ -217,14 +217,18 @@ def to_peft(adapter, out_dir, *, base=None, base_model_name_or_path=None, revisi
     """
     from safetensors.numpy import save_file
 
+    from neuroada_format import durable
+
     inputs = []
     if not isinstance(adapter, Adapter):
         file, _ = adapter_paths(adapter)
         inputs.append(file)
         adapter = load(file)
-    validate(adapter, base=base, strict=True)           # content rules (and the base, when given)
     if base is not None and not hasattr(base, "array") and not isinstance(base, dict):
         inputs.append(os.fspath(base))
+    # the overwrite rule before any work (and again when publishing)
+    durable.check_output(out_dir, inputs=inputs, overwrite=overwrite, kind="folder")
+    validate(adapter, base=base, strict=True)           # content rules (and the base, when given)
     base_dtypes = None
     if base is not None:
         b = open_base(base)
