@@ -10,13 +10,16 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .container import SafetensorsFile, strict_json
+from .container import SafetensorsFile
 from .dtypes import dtype_name
-from .errors import NeuroAdaError
+from .errors import NeuroAdaError, NeuroAdaUsageError
 from .hashing import structure_hash
+from .jsonparse import MAX_JSON_BYTES, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+CONFIG_CAP = 16 << 20  # a Hugging Face config.json is kilobytes; id2label tables reach a megabyte
 
 
 class Checkpoint:
@@ -73,7 +76,7 @@ class ArrayBase:
         return structure_hash((name, *self.info(name)) for name in self.arrays)
 
 
-INDEX_CAP = 50_000_000  # a 405B model's index json is well under 1 MB
+INDEX_CAP = MAX_JSON_BYTES  # the one JSON limit (jsonparse); a 405B model's index json is under 1 MB
 
 
 def _shard_name(name, index_path: str) -> str:
@@ -83,6 +86,25 @@ def _shard_name(name, index_path: str) -> str:
         raise NeuroAdaError(f"weight_map entry {name!r} is not a file name inside the folder",
                             path=index_path, rule="1.6")
     return name
+
+
+def model_config(base) -> dict | None:
+    """The `config.json` beside a base (in its folder, or beside a base file), or None when there is none.
+
+    Read the one safe way (safe_io: regular files only; jsonparse: the one parser and its limits), so
+    a FIFO raises NeuroAdaUsageError and a hostile text (100,000 levels deep, NaN) NeuroAdaError
+    rule 1.6, never a hang or a RecursionError. A JSON value that is not an object counts as none.
+    """
+    path = getattr(base, "path", base)
+    if not isinstance(path, (str, os.PathLike)) or not os.path.exists(path):
+        return None  # an in-memory base ("<memory>") has no folder
+    path = os.fspath(path)
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    config = os.path.join(folder, CONFIG_FILE)
+    if not os.path.lexists(config):
+        return None
+    doc = read_json(config, rule="1.6", what="model config", cap=CONFIG_CAP)
+    return doc if isinstance(doc, dict) else None
 
 
 def _open_gguf(path: str):
@@ -105,14 +127,8 @@ def open_base(base) -> Checkpoint | ArrayBase:
     path = os.fspath(base)
     if os.path.isdir(path):
         index_path = os.path.join(path, INDEX_FILE)
-        if os.path.isfile(index_path):
-            if os.path.getsize(index_path) > INDEX_CAP:
-                raise NeuroAdaError(f"index json is larger than {INDEX_CAP} bytes", path=index_path, rule="1.6")
-            try:
-                with open(index_path, encoding="utf-8") as f:
-                    index = strict_json(f.read())
-            except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-                raise NeuroAdaError(f"not a valid index json: {exc}", path=index_path, rule="1.6") from None
+        if os.path.lexists(index_path):  # present: it is read (safe_io refuses a FIFO, a device, a dangling link)
+            index = read_json(index_path, rule="1.6", what="index json", cap=INDEX_CAP)
             wm = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(wm, dict):
                 raise NeuroAdaError("index json has no weight_map object", path=index_path, rule="1.6")
@@ -125,15 +141,15 @@ def open_base(base) -> Checkpoint | ArrayBase:
                                         path=index_path, rule="1.6")
             return Checkpoint(files, weight_map, path, index)
         single = os.path.join(path, SINGLE_FILE)
-        if not os.path.isfile(single):
+        if not os.path.lexists(single):
             candidates = sorted(f for f in os.listdir(path)
                                 if f.endswith(".safetensors") and not f.startswith("."))
             if len(candidates) != 1:
                 raise NeuroAdaError(f"no {SINGLE_FILE} or {INDEX_FILE} in the folder", path=path, rule="1.6")
             single = os.path.join(path, candidates[0])
         path = single
-    if not os.path.exists(path):
-        raise NeuroAdaError("no such file or folder", path=path, rule="1.1")
+    if not os.path.lexists(path):
+        raise NeuroAdaUsageError("no such file or folder", path=path, rule="1.1")
     if path.lower().endswith(".gguf"):
         return _open_gguf(path)
     if path.endswith(".onnx"):

@@ -1,11 +1,13 @@
-"""The `neuroada` command: validate and inspect adapter files.
+"""The `neuroada` command: validate and inspect adapters (a file, or a folder save_adapter wrote).
 
-Exit codes: 0 valid / done, 1 invalid adapter, 2 usage or I/O error. Errors are one line, never a
-traceback; `--json` prints a machine-readable report instead.
+Exit codes come from `errors.exit_code`, the table every command shares: 0 valid / done, 1 invalid
+input (the adapter, or the base it is checked against, breaks a rule), 2 usage or I/O (a missing or
+unreadable path, a FIFO or device, a bad option), 130 interrupted. A failure is one `error: ...` line
+on stderr, never a traceback (NEUROADA_DEBUG=1 shows one for internal errors); every file-derived
+string is printed through `errors.printable`. `--json` prints a machine-readable report instead.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -14,62 +16,74 @@ import click
 import numpy as np
 
 from .adapter import load
-from .errors import NeuroAdaError
+from .errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_USAGE, NeuroAdaError, exit_code, printable
+from .folder import adapter_paths
 from .validate import validate
 
-EXIT_INVALID = 1
-EXIT_USAGE = 2
+
+def _fail(message: str) -> None:
+    click.echo("error: " + printable(" ".join(str(message).split())), err=True)
 
 
-def one_line_errors(func):
-    """Turn our errors and I/O failures into a single stderr line and exit code 2."""
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, NeuroAdaError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.filename}: {exc.strerror or exc}" if exc.filename else f"{exc.strerror or exc}"
+    return f"internal error: {type(exc).__name__}: {exc} (set NEUROADA_DEBUG=1 for a traceback)"
 
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
+
+class _OneLineGroup(click.Group):
+    """A click group whose every failure is one stderr line and an exit code from the shared table."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            return func(*args, **kwargs)
-        except NeuroAdaError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(EXIT_USAGE)
-        except OSError as exc:
-            click.echo(f"error: {exc.filename or ''}: {exc.strerror or exc}", err=True)
-            sys.exit(EXIT_USAGE)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:  # --help, --version
+            code = exc.exit_code
+        except click.ClickException as exc:  # usage errors: one line, not click's three
+            _fail(exc.format_message())
+            code = EXIT_USAGE
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            _fail("interrupted")
+            code = EXIT_INTERRUPTED
+        except SystemExit:
+            raise
+        except Exception as exc:
+            if not isinstance(exc, (NeuroAdaError, OSError)) and os.environ.get("NEUROADA_DEBUG"):
+                raise
+            _fail(_message(exc))
+            code = exit_code(exc)
+        sys.exit(code if isinstance(code, int) else 0)
 
-    return wrapper
 
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="neuroada-format")
 def main():
     """NeuroAda sparse-delta adapters: validate, inspect (and merge/pack via neuroada-merge/-pack)."""
 
 
 @main.command("validate")
-@click.argument("adapter", type=click.Path(dir_okay=False))
+@click.argument("adapter", type=click.Path())
 @click.option("--base", type=click.Path(), help="Base model: a .safetensors file or a Hugging Face folder.")
 @click.option("--check-selection", is_flag=True,
               help="Also check magnitude/reverse indices are the base's top-k (reads whole rows).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@one_line_errors
 def validate_cmd(adapter, base, check_selection, as_json):
-    """Check ADAPTER against every rule of the spec (and against BASE when given)."""
-    if not os.path.exists(adapter):
-        raise NeuroAdaError("no such file", path=adapter, rule="1.1")
-    report = validate(adapter, base=base, check_selection=check_selection)
+    """Check ADAPTER (a file or an adapter folder) against every rule of the spec (and BASE when given)."""
+    file, _ = adapter_paths(adapter)
+    report = validate(file, base=base, check_selection=check_selection)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        click.echo(json.dumps(report.to_dict(), indent=2))  # ensure_ascii: every control is escaped
     else:
         for p in report.problems:
             where = f"{p['tensor']}: " if p["tensor"] else ""
-            click.echo(f"{p['severity']}: {adapter}: {where}rule {p['rule']}: {p['message']}",
+            click.echo(printable(f"{p['severity']}: {file}: {where}rule {p['rule']}: {p['message']}"),
                        err=p["severity"] == "error")
         if report.ok:
             against = f" against {base}" if base else ""
-            click.echo(f"valid: {adapter}{against}")
-    sys.exit(0 if report.ok else EXIT_INVALID)
+            click.echo(printable(f"valid: {file}{against}"))
+    return 0 if report.ok else EXIT_INVALID
 
 
 def _stats(values: np.ndarray) -> dict:
@@ -105,35 +119,35 @@ def describe(adapter) -> dict:
 
 
 @main.command("inspect")
-@click.argument("adapter", type=click.Path(dir_okay=False))
+@click.argument("adapter", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
-@one_line_errors
 def inspect_cmd(adapter, as_json):
-    """Describe ADAPTER: targets, shapes, k, dtypes, bytes, value statistics, base identity."""
-    try:
-        info = describe(load(adapter))
-    except NeuroAdaError as exc:
-        click.echo(f"invalid: {exc}", err=True)
-        sys.exit(EXIT_INVALID if os.path.exists(adapter) else EXIT_USAGE)
+    """Describe ADAPTER (a file or an adapter folder): targets, shapes, k, dtypes, bytes, value
+    statistics, base identity."""
+    file, _ = adapter_paths(adapter)
+    info = describe(load(file))
     if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
+        click.echo(json.dumps(info, indent=2))  # ensure_ascii: every control is escaped
+        return 0
     b = info["base"]
-    click.echo(f"{info['path']}: NeuroAda spec {info['version']}, {len(info['targets'])} targets, "
-               f"{info['entries']:,} entries, {info['file_bytes']:,} bytes")
-    click.echo(f"base: {b['name'] or '-'} @ {b['revision'] or '-'}  structure {b['structure_hash'] or '-'}")
+    out = printable  # every string below may come from the file
+    click.echo(out(f"{info['path']}: NeuroAda spec {info['version']}, {len(info['targets'])} targets, "
+                   f"{info['entries']:,} entries, {info['file_bytes']:,} bytes"))
+    click.echo(out(f"base: {b['name'] or '-'} @ {b['revision'] or '-'}  structure {b['structure_hash'] or '-'}"))
     sel = info["selection"]
-    click.echo(f"selection: {sel.get('rule')} (tie-break {sel.get('tie_break')}"
-               f"{', seed ' + str(sel['seed']) if sel.get('seed') is not None else ''})")
+    click.echo(out(f"selection: {sel.get('rule')} (tie-break {sel.get('tie_break')}"
+                   f"{', seed ' + str(sel['seed']) if sel.get('seed') is not None else ''})"))
     header = f"{'target':<48} {'shape':>13} {'layout':>6} {'k':>4} {'idx':>4} {'val':>4} {'bytes':>10} " \
              f"{'mean|v|':>9} {'nonzero':>7}"
     click.echo(header)
     for t in info["targets"]:
         shape = "x".join(map(str, t["shape"]))
         mean = t["values"]["mean_abs"]
-        click.echo(f"{t['name'][-48:]:<48} {shape:>13} {t['layout']:>6} {t['k']:>4} {t['index_dtype']:>4} "
-                   f"{t['value_dtype']:>4} {t['bytes']:>10,} {mean if mean is not None else 0:>9.2e} "
-                   f"{t['values']['nonzero']:>7.1%}")
+        name = out(t["name"])
+        click.echo(out(f"{name[-48:]:<48} {shape:>13} {t['layout']:>6} {t['k']:>4} {t['index_dtype']:>4} "
+                       f"{t['value_dtype']:>4} {t['bytes']:>10,} {mean if mean is not None else 0:>9.2e} "
+                       f"{t['values']['nonzero']:>7.1%}"))
+    return 0
 
 
 if __name__ == "__main__":

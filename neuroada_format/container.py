@@ -7,7 +7,6 @@ the safetensors library (see adapter.save).
 """
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
@@ -17,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .dtypes import NUMPY_DTYPES
-from .errors import NeuroAdaError
+from .errors import NeuroAdaError, NeuroAdaUsageError
+from .jsonparse import strict_json  # noqa: F401  (re-exported: the one parser, see jsonparse)
+from .safe_io import open_regular
 
 HEADER_CAP = 100_000_000  # same cap as the reference safetensors reader
 TENSOR_FIELDS = {"dtype", "shape", "data_offsets"}
@@ -60,24 +61,6 @@ class Problems:
         return any(p["severity"] == "error" for p in self.items)
 
 
-def _no_duplicates(pairs):
-    obj = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
-        obj[key] = value
-    return obj
-
-
-def _no_constants(name):
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
-def strict_json(text: str):
-    """json.loads that refuses duplicate keys and NaN/Infinity (both are ambiguous across parsers)."""
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-
-
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -93,15 +76,15 @@ class SafetensorsFile:
         self.metadata: dict[str, str] | None = None
         self._mmap = None
         self.valid = False
-        try:
-            with open(self.path, "rb") as f:
+        with open_regular(self.path, rule="1.1") as f:  # regular files only: a FIFO never blocks us
+            try:
                 self.file_size = os.fstat(f.fileno()).st_size
                 self._parse(f, p)
                 if self.valid and self.file_size > 0:
                     self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in the path
-            raise NeuroAdaError(f"cannot read file: {getattr(exc, 'strerror', None) or exc}",
-                                path=self.path, rule="1.1") from None
+            except OSError as exc:
+                raise NeuroAdaUsageError(f"cannot read file: {exc.strerror or exc}", path=self.path,
+                                         rule="1.1") from None
 
     # -- parsing -------------------------------------------------------------------------------------
     def _parse(self, f, p: Problems) -> None:
@@ -114,13 +97,13 @@ class SafetensorsFile:
                            f"{self.file_size - 8})]")
             return
         raw = f.read(n)
+        if len(raw) != n:  # the file shrank since fstat
+            p.error("1.1", f"file ended after {8 + len(raw)} bytes, inside the {n}-byte header")
+            return
         try:
             header = strict_json(raw.decode("utf-8"))
         except UnicodeDecodeError:
             p.error("1.2", "header is not valid UTF-8")
-            return
-        except RecursionError:
-            p.error("1.2", "header JSON is nested too deeply")
             return
         except ValueError as exc:
             p.error("1.2", f"header is not valid JSON: {exc}")
@@ -165,16 +148,19 @@ class SafetensorsFile:
             p.error("1.3", "entry must have exactly the fields dtype, shape, data_offsets", tensor=name)
             return None
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str):  # (a list or object is not even hashable)
+            p.error("1.3", f"dtype {dtype!r:.80} is not a string", tensor=name)
+            return None
         known = dtype in NUMPY_DTYPES
-        if not known and not (self.unknown_dtypes and isinstance(dtype, str) and dtype.isalnum()):
-            p.error("1.3", f"unknown dtype {dtype!r}", tensor=name)
+        if not known and not (self.unknown_dtypes and dtype.isascii() and dtype.isalnum()):
+            p.error("1.3", f"unknown dtype {dtype!r:.80}", tensor=name)
             return None
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            p.error("1.3", f"shape {shape!r} is not a list of non-negative integers", tensor=name)
+            p.error("1.3", f"shape {shape!r:.80} is not a list of non-negative integers", tensor=name)
             return None
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(_is_int(o) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
-            p.error("1.3", f"data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end",
+            p.error("1.3", f"data_offsets {offsets!r:.80} is not [begin, end] with 0 <= begin <= end",
                     tensor=name)
             return None
         expected = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize if known else offsets[1] - offsets[0]

@@ -14,6 +14,32 @@ Exit codes, the same for every command (`neuroada`, `neuroada-merge`, `neuroada-
 """
 from __future__ import annotations
 
+import re
+
+# What `printable` escapes (spec section 11.1): C0 controls and DEL (newlines, ESC starting ANSI
+# sequences), C1 controls (U+0080-U+009F, CSI included), the bidirectional controls that reorder what
+# a terminal shows (U+061C, U+200E, U+200F, U+202A-U+202E, U+2066-U+2069), the line and paragraph
+# separators U+2028/U+2029, and lone surrogates (text that cannot be encoded).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+                          "\u2028\u2029\ud800-\udfff]")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match) -> str:
+    ch = match.group()
+    code = ord(ch)
+    return _SHORT.get(ch) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def printable(text) -> str:
+    """`text` made safe to print on one line of a terminal: every character listed above is written
+    as a Python-style escape (\\n, \\x1b, \\u202e); everything else, backslashes included, is kept.
+
+    Use it on every file-derived string (paths, tensor and target names, metadata text) before it is
+    printed; NeuroAdaError messages already are.
+    """
+    return _UNPRINTABLE.sub(_escape, str(text))
+
 
 class NeuroAdaError(Exception):
     """A file, tensor or argument breaks a rule of the NeuroAda adapter spec (or cannot be read)."""
@@ -35,8 +61,7 @@ class NeuroAdaError(Exception):
         if self.rule:
             parts.append(f"rule {self.rule}")
         parts.append(self.detail)
-        text = ": ".join(parts).replace("\n", " ")
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")  # printable whatever the input
+        return printable(": ".join(parts))  # one line, no terminal controls, whatever the input
 
 
 class NeuroAdaUsageError(NeuroAdaError):

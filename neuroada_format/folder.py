@@ -8,53 +8,75 @@ layout (`adapter_config.json` with `peft_type: "NEUROADA"` + `adapter_model.safe
 """
 from __future__ import annotations
 
-import json
 import os
 
 from .errors import NeuroAdaError, NeuroAdaUsageError
+from .jsonparse import read_json
+from .safe_io import check_regular
 
 CONFIG_NAME = "neuroada_config.json"
 WEIGHTS_NAME = "neuroada_model.safetensors"
 LEGACY_CONFIG_NAME = "adapter_config.json"
 LEGACY_WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_CAP = 1 << 20  # a training configuration is a few hundred bytes
+
+
+def read_config(path) -> dict:
+    """An adapter folder's configuration file as a dict, read the one safe way (regular files only,
+    at most CONFIG_CAP bytes, the one JSON parser and its limits: jsonparse).
+
+    NeuroAdaUsageError when it cannot be read (missing, a FIFO, a device), NeuroAdaError when it is
+    not a JSON object. The runtime's config loader and the converters read configs through this.
+    """
+    path = os.fspath(path)
+    doc = read_json(path, rule=None, what="adapter config", cap=CONFIG_CAP)
+    if not isinstance(doc, dict):
+        raise NeuroAdaError(f"adapter config is a JSON {type(doc).__name__}, not an object", path=path)
+    return doc
 
 
 def _legacy_peft_type(folder: str) -> str | None:
     """The peft_type of a legacy/PEFT adapter_config.json in `folder`, or None when there is none."""
     path = os.path.join(folder, LEGACY_CONFIG_NAME)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.loads(f.read(1 << 20))
-    except (OSError, ValueError, RecursionError):
-        return "?"
-    kind = doc.get("peft_type") if isinstance(doc, dict) else None
+    kind = read_config(path).get("peft_type")
     return kind if isinstance(kind, str) else "?"
+
+
+def _present(path: str) -> bool:
+    """True when something is at `path`; then it must be a regular file (or a link to one)."""
+    if not os.path.lexists(path):
+        return False
+    check_regular(path)
+    return True
 
 
 def adapter_paths(path) -> tuple[str, str | None]:
     """(adapter file, config file or None) for an adapter file or an adapter folder.
 
-    Raises NeuroAdaUsageError (rule 1.1) when there is no adapter there, and says so plainly when the
-    folder is a PEFT adapter of another method (import those with `neuroada-pack --from-peft`).
+    Raises NeuroAdaUsageError (rule 1.1) when there is no adapter there, when what is there is not a
+    regular file (a FIFO, a device, a socket: see safe_io), and says so plainly when the folder is a
+    PEFT adapter of another method (import those with `neuroada-pack --from-peft`). Symbolic links
+    to regular files and folders are followed.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             raise NeuroAdaUsageError("no such adapter file or folder", path=path, rule="1.1")
+        check_regular(path)
         return path, None
     weights = os.path.join(path, WEIGHTS_NAME)
-    if os.path.exists(weights):
+    if _present(weights):
         config = os.path.join(path, CONFIG_NAME)
-        return weights, config if os.path.exists(config) else None
+        return weights, config if _present(config) else None
     kind = _legacy_peft_type(path)
     legacy = os.path.join(path, LEGACY_WEIGHTS_NAME)
-    if kind == "NEUROADA" or (kind is None and os.path.exists(legacy)):
-        if not os.path.exists(legacy):
+    if kind == "NEUROADA" or (kind is None and _present(legacy)):
+        if not _present(legacy):
             raise NeuroAdaUsageError(f"no {LEGACY_WEIGHTS_NAME} in the adapter folder", path=path, rule="1.1")
         return legacy, os.path.join(path, LEGACY_CONFIG_NAME) if kind else None
     if kind is not None:
-        raise NeuroAdaUsageError(f"this is a PEFT adapter (peft_type {kind!r}), not a NeuroAda one; convert it "
-                                 "with `neuroada-pack --from-peft`", path=path, rule="1.1")
+        raise NeuroAdaUsageError(f"this is a PEFT adapter (peft_type {kind!r:.80}), not a NeuroAda one; convert "
+                                 "it with `neuroada-pack --from-peft`", path=path, rule="1.1")
     raise NeuroAdaUsageError(f"no {WEIGHTS_NAME} in the folder: not an adapter folder", path=path, rule="1.1")

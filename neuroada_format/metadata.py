@@ -10,7 +10,8 @@ import re
 from functools import lru_cache
 from importlib import resources
 
-from .container import Problems, strict_json
+from .container import Problems
+from .jsonparse import strict_json
 
 FORMAT_NAME = "neuroada"
 METADATA_KEY = "neuroada"
@@ -39,10 +40,7 @@ def parse_document(metadata: dict | None, p: Problems) -> dict | None:
         p.error("2.1", f"__metadata__ has no {METADATA_KEY!r} entry: not a NeuroAda adapter")
         return None
     try:
-        doc = strict_json(metadata[METADATA_KEY])
-    except RecursionError:
-        p.error("2.2", "metadata JSON is nested too deeply")
-        return None
+        doc = strict_json(metadata[METADATA_KEY])  # the one parser and its limits (jsonparse)
     except ValueError as exc:
         p.error("2.2", f"metadata is not valid JSON: {exc}")
         return None

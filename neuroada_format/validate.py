@@ -98,7 +98,7 @@ def _check_in_memory(adapter: Adapter, p: Problems) -> None:
     doc = adapter.document()
     try:
         text = json.dumps(doc)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         p.error("2.2", f"metadata is not JSON-serialisable: {exc}")
         return
     if parse_document({METADATA_KEY: text}, p) is None:
@@ -197,5 +197,5 @@ def _check_against_base(adapter: Adapter, base, p: Problems, check_selection: bo
     if adapter.structure_hash is not None and hasattr(base, "structure_hash"):
         actual = base.structure_hash()
         if actual != adapter.structure_hash:
-            p.warning("4.5", "base structure hash differs (other tensors, names, dtypes or shapes); the "
-                             "targets themselves matched")
+            matched = "; the targets themselves matched" if not p.has_errors else ""
+            p.warning("4.5", f"base structure hash differs (other tensors, names, dtypes or shapes){matched}")

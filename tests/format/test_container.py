@@ -117,7 +117,7 @@ def test_strict_json():
 
 def test_error_message_is_one_line_with_file_tensor_and_rule():
     err = naf.NeuroAdaError("two\nlines", path="/x/a.safetensors", tensor="values/w", rule="3.7")
-    assert str(err) == "/x/a.safetensors: values/w: rule 3.7: two lines"
+    assert str(err) == "/x/a.safetensors: values/w: rule 3.7: two\\nlines"  # escaped (errors.printable)
     assert str(naf.NeuroAdaError("plain")) == "plain"
     assert isinstance(err, Exception) and err.detail == "two\nlines"
     assert naf.NeuroAdaError("m", path=os.path.join("a", "b")).path == os.path.join("a", "b")

@@ -233,6 +233,6 @@ def test_cli_exit_codes_on_vectors():
     assert broken.exit_code == 1 and "rule 1.1" in broken.stderr
 
     unreadable_base = _run(_path("valid/magnitude_bf16.safetensors"), "--base",
-                           _path("bases/index_escapes_folder"))
-    assert unreadable_base.exit_code == 2 and "rule 1.6" in unreadable_base.stderr
+                           _path("bases/index_escapes_folder"))  # a base breaking rule 1.6: invalid input
+    assert unreadable_base.exit_code == 1 and "rule 1.6" in unreadable_base.stderr
     assert "Traceback" not in unreadable_base.output

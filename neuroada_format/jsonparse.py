@@ -1,0 +1,101 @@
+"""The one JSON parser, with one set of limits, for every JSON text the project reads.
+
+Safetensors headers, the adapter metadata document, checkpoint index files and configuration files
+(neuroada_config.json, adapter_config.json, a base's config.json) all go through `strict_json`, so a
+text is accepted by every tool or by none: `neuroada validate` cannot call valid what a merge, a pack
+or `load_adapter` later refuses (spec section 11.1 lists the limits):
+
+- at most MAX_JSON_BYTES (100,000,000) bytes, the safetensors header cap;
+- nesting at most MAX_DEPTH (64) arrays/objects deep: deep enough for any real document (a header
+  is 3 deep, the metadata document 4, Hugging Face configs under 10), shallow enough that nothing
+  downstream (copying, re-serialising) can hit Python's recursion limit;
+- no key twice in one object, no NaN/Infinity/-Infinity constants, no number that overflows to
+  infinity (1e999), no integer literal of more than MAX_INT_DIGITS (4300) digits.
+
+Every refusal is a ValueError, whatever the cause (a RecursionError inside the parser included).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from .errors import NeuroAdaError
+
+MAX_JSON_BYTES = 100_000_000
+MAX_DEPTH = 64
+MAX_INT_DIGITS = 4300  # Python's own default limit for int('...'), made explicit
+
+
+def _no_duplicates(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _no_constants(name):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} overflows to infinity")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"integer of {len(text)} digits (more than {MAX_INT_DIGITS})")
+    return int(text)
+
+
+_CONTAINERS = (dict, list)
+
+
+def depth(value) -> int:
+    """Nesting depth: 0 for a scalar, 1 + the deepest member for an array or object (iterative)."""
+    deepest = 0
+    stack = [(value, 1)] if type(value) in _CONTAINERS else []
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        members = node.values() if type(node) is dict else node
+        if dict in (kinds := set(map(type, members))) or list in kinds:  # C-speed skip of scalar runs
+            stack.extend((m, level + 1) for m in members if type(m) in _CONTAINERS)
+    return deepest
+
+
+def strict_json(text, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_DEPTH):
+    """Parse one JSON text (str, or bytes in UTF-8) under the limits above; ValueError when refused."""
+    if len(text) > max_bytes:
+        raise ValueError(f"JSON text of {len(text):,} bytes is larger than {max_bytes:,}")
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        text = bytes(text).decode("utf-8")  # UnicodeDecodeError is a ValueError
+    try:
+        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants,
+                           parse_float=_finite_float, parse_int=_bounded_int)
+    except RecursionError:
+        raise ValueError(f"nested more than {max_depth} levels deep") from None
+    if depth(value) > max_depth:
+        raise ValueError(f"nested more than {max_depth} levels deep")
+    return value
+
+
+def read_json(path, *, rule: str | None, what: str = "JSON file", cap: int = MAX_JSON_BYTES):
+    """Parse a JSON file through `safe_io` (regular files only) and `strict_json`.
+
+    NeuroAdaUsageError when the path cannot be read (missing, a FIFO or device: exit 2), NeuroAdaError
+    with `rule` when the text is refused (exit 1). Use this for every config and index file.
+    """
+    from .safe_io import read_regular
+
+    path = os.fspath(path)
+    data = read_regular(path, cap, rule=rule, what=what)
+    try:
+        return strict_json(data, max_bytes=cap)
+    except ValueError as exc:
+        raise NeuroAdaError(f"{what} is not valid JSON: {exc}", path=path, rule=rule) from None
