@@ -34,6 +34,7 @@ from neuroada_format.merge import Delta
 from neuroada_format.validate import probe_mismatch
 
 from .backend import Backend, MergeSummary, Resolved, Written, merge
+from .tensor_map import patch_values
 
 try:  # the converters need onnx; the format core does not
     import onnx
@@ -664,11 +665,11 @@ def _probe_check(name: str, plan: MergePlan, sources: list[tuple[str, Target]]) 
 
 
 # -- writing ---------------------------------------------------------------------------------------
-def _patch_file(path: str, ext_offset: int, dtype, shape, positions, values) -> None:
-    mm = np.memmap(path, dtype=dtype, mode="r+", offset=ext_offset, shape=shape)
-    mm.reshape(-1)[positions] = values
-    mm.flush()
-    del mm
+def _patch_external(model: OnnxModel, path: str, name: str, positions, values) -> None:
+    """Patch initializer `name` inside data file `path` (the base's, or a copy) at its offset."""
+    ext = model.external[name]
+    patch_values(path, FLOAT_TYPES[model.initializers[name].data_type][0], ext.offset,
+                 int(np.prod(model.shape(name))), positions, values)
 
 
 def _set_inline(tensor, values_dtype, positions, values) -> None:
@@ -702,9 +703,7 @@ def _write_in_place(model: OnnxModel, patches, durable: bool) -> int:
     inline = False
     for name, (positions, values) in patches.items():
         if name in model.external:
-            ext = model.external[name]
-            _patch_file(ext.file, ext.offset, FLOAT_TYPES[model.initializers[name].data_type][1],
-                        model.shape(name), positions, values)
+            _patch_external(model, model.external[name].file, name, positions, values)
         else:
             _set_inline(model.initializers[name], values.dtype, positions, values)
             inline = True
@@ -753,9 +752,7 @@ def _write_copy(model: OnnxModel, patches, out: str, overwrite: bool, durable: b
             data_temps[f] = tmp
         for name, (positions, values) in patches.items():
             if name in model.external:
-                ext = model.external[name]
-                _patch_file(data_temps[ext.file], ext.offset, FLOAT_TYPES[model.initializers[name].data_type][1],
-                            model.shape(name), positions, values)
+                _patch_external(model, data_temps[model.external[name].file], name, positions, values)
             else:
                 _set_inline(model.initializers[name], values.dtype, positions, values)
         for tensor, ext in model.external_tensors:
@@ -768,10 +765,9 @@ def _write_copy(model: OnnxModel, patches, out: str, overwrite: bool, durable: b
         onnx_tmp = temp(out)
         with open(onnx_tmp, "wb") as f:
             f.write(model.proto.SerializeToString())
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
         os.chmod(onnx_tmp, default_mode())
+        if durable:
+            fsync_path(onnx_tmp)
         written = sum(os.path.getsize(t) for t in temps)
         _commit(out, onnx_tmp, {new_names[f]: tmp for f, tmp in data_temps.items()}, overwrite, durable)
         temps.clear()
