@@ -185,6 +185,25 @@ def peft_tensors(adapter: Adapter, *, allow_inexact: bool = False, base_dtypes: 
     return sparsity, tensors, stats
 
 
+def _write_safetensors(path: str, tensors: dict, metadata: dict) -> None:
+    """A safetensors file with sorted keys, so that one adapter always gives the same bytes (the
+    safetensors library orders `__metadata__` by a randomly seeded hash map). Layout per spec 2.1."""
+    kinds = {"i": ("I32", "<i4"), "f": ("F32", "<f4")}       # PEFT's int32 indices and f32 values
+    header, offset, arrays = {"__metadata__": dict(sorted(metadata.items()))}, 0, []
+    for name in sorted(tensors):
+        dtype, layout = kinds[tensors[name].dtype.kind]
+        a = np.ascontiguousarray(tensors[name], dtype=layout)
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-(8 + len(text)) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for a in arrays:
+            f.write(a.tobytes())
+
+
 def _write_folder(out: str, files: dict, *, overwrite: bool, inputs) -> None:
     """Write {name: write(path)} into a temporary sibling folder and rename it to `out` as a whole."""
     from neuroada_format import durable
@@ -215,8 +234,6 @@ def to_peft(adapter, out_dir, *, base=None, base_model_name_or_path=None, revisi
     folder is only written for the model it belongs to. `base_model_name_or_path` / `revision`
     default to the adapter's recorded base identity (PEFT's loaders use them to find the base).
     """
-    from safetensors.numpy import save_file
-
     from neuroada_format import durable
 
     inputs = []
@@ -248,7 +265,7 @@ def to_peft(adapter, out_dir, *, base=None, base_model_name_or_path=None, revisi
             f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     _write_folder(os.fspath(out_dir), {
-        WEIGHTS_NAME: lambda path: save_file(tensors, path, metadata=metadata),
+        WEIGHTS_NAME: lambda path: _write_safetensors(path, tensors, metadata),
         CONFIG_NAME: write_config,
     }, overwrite=overwrite, inputs=inputs)
     peft_bytes = os.path.getsize(os.path.join(out_dir, WEIGHTS_NAME))

@@ -607,6 +607,14 @@ def test_cli_round_trip_and_exit_codes(tmp_path, capsys):
     merged = merge_and_unload(load_adapter(reload(base_dir), ours)).eval()
     with torch.no_grad():
         assert torch.equal(loaded(ids()).logits, merged(ids()).logits)
+    save_adapter(model, tmp_path / "ours_folder")          # an adapter folder works the same
+    code, out, err = pack(capsys, "--to", "peft", tmp_path / "ours_folder", "-o", tmp_path / "peft2")
+    assert code == 0 and not err
+    # the same adapter gives the same bytes; the configs differ only in the name given with --base-name
+    weights = "adapter_model.safetensors"
+    assert file_bytes(tmp_path / "peft2" / weights) == file_bytes(peft_dir / weights)
+    c1, c2 = (json.loads((d / "adapter_config.json").read_text()) for d in (peft_dir, tmp_path / "peft2"))
+    assert c1.pop("base_model_name_or_path") == base_dir and c2.pop("base_model_name_or_path") is None and c1 == c2
     code, out, err = pack(capsys, "--from-peft", peft_dir, "--base", base_dir, "-o", back, "--json")
     assert code == 0 and not err
     summary = json.loads(out)
