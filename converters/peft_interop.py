@@ -23,9 +23,10 @@ exactly. Otherwise entries are grouped by row: the value taken is the one PEFT a
 (`val.to(base dtype)`), -0.0 entries are dropped (identities), k is the longest row and shorter rows
 are padded per spec 4.5 (+0.0 at the lowest unused columns); the merge is then PEFT's bit for bit,
 except that a -0.0 base value under a padding entry becomes +0.0 (equal as a number; the report
-counts them). Duplicate positions, out-of-range
-positions, non-finite values, Supra (LoRA) parts, `modules_to_save` and folders without stored
-indices are refused. numpy + safetensors only; torch and peft are never imported here.
+counts them). Duplicate positions, out-of-range positions, non-finite values, Supra (LoRA) parts,
+`modules_to_save` and folders without stored indices are refused.
+
+numpy only (the format core's strict reader parses PEFT's file too): torch and peft are never imported.
 """
 from __future__ import annotations
 
