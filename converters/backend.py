@@ -30,6 +30,8 @@ How to add a backend (e.g. GGUF):
    - `write(view, plan, out, overwrite, durable, progress)` -> `Written`: build OUT under
      `durable.temp_sibling(out)` and `durable.publish` it. `write_in_place(...)` only if
      `supports_in_place` (else the driver refuses --in-place with a usage error).
+   - Options of its own (e.g. a target encoding): override `configured(**options)` to return a new
+     instance; they arrive from `merge(..., options={...})` and the CLI's `--option KEY=VALUE`.
 2. One registration: a line in `REGISTRY` below (format name, module, file suffixes). Formats are
    picked by suffix, then the folder/fallback backend; `merge(..., format=...)` overrides.
 Nothing else changes: the CLI, the summary, the overwrite rule and exit codes come with the seam.
@@ -187,6 +189,13 @@ class Backend(ABC):
     def write_in_place(self, view, plan, *, journal: str | None, durable: bool, progress: bool) -> Written:
         raise NeuroAdaUsageError(f"{self.format} bases cannot be merged in place; use --out")
 
+    def configured(self, **options) -> "Backend":
+        """This backend with format-specific options (`merge(..., options=)`, the CLI's --option KEY=VALUE);
+        a backend that takes some returns a new configured instance. The default takes none."""
+        if options:
+            raise NeuroAdaUsageError(f"{self.format} merges take no options (got {', '.join(sorted(options))})")
+        return self
+
     def base_path(self, view) -> str:
         return os.path.abspath(view.path)
 
@@ -223,8 +232,9 @@ def format_of(path) -> str:
     return next(fmt for fmt, reg in REGISTRY.items() if reg.fallback)
 
 
-def backend(fmt: str) -> Backend:
-    """The registered backend of a format, imported on first use (optional dependencies stay optional)."""
+def backend(fmt: str, options: dict | None = None) -> Backend:
+    """The registered backend of a format, imported on first use (optional dependencies stay optional),
+    configured with `options` when given."""
     reg = REGISTRY.get(fmt)
     if reg is None:
         raise NeuroAdaUsageError(f"unknown base format {fmt!r}; known: {', '.join(REGISTRY)}")
@@ -236,18 +246,20 @@ def backend(fmt: str) -> Backend:
                                      f"({__package__}.{reg.module} is missing)") from None
         hint = f" (pip install 'neuroada-format[{reg.extra}]')" if reg.extra else ""
         raise NeuroAdaUsageError(f"{fmt} merging needs a package that is not installed{hint}: {exc}") from None
-    return module.BACKEND
+    return module.BACKEND.configured(**options) if options else module.BACKEND
 
 
 # -- the driver --------------------------------------------------------------------------------------
 def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, verify: bool = True,
           overwrite: bool = False, durable: bool = False, progress: bool = False,
-          format: str | None = None) -> MergeSummary:
+          format: str | None = None, options: dict | None = None) -> MergeSummary:
     """Merge `adapters` into `base`: into a new OUT (same format), or in place (with a revert journal
     where the backend keeps one). adapters: (Adapter or path, scale) pairs, summed in this order.
 
     verify=False skips only the checks that read base values (probe hashes); names, shapes and
-    dtypes are always checked. durable: fsync before anything appears under its name.
+    dtypes are always checked. durable: fsync before anything appears under its name. format: a
+    registered format name (default: picked from BASE by `format_of`); options: format-specific
+    settings passed to the backend's `configured`.
     """
     started = time.perf_counter()
     base = os.path.abspath(os.fspath(base))
@@ -257,7 +269,7 @@ def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, ver
         raise NeuroAdaUsageError("give exactly one of an output and in_place")
     if journal is not None and not in_place:
         raise NeuroAdaUsageError("a journal goes with in_place")
-    impl = backend(format or format_of(base))
+    impl = backend(format or format_of(base), options)
     if in_place and not impl.supports_in_place:
         raise NeuroAdaUsageError(f"{impl.format} bases cannot be merged in place; use --out", path=base)
     adapters = normalise_adapters(adapters)

@@ -16,12 +16,11 @@ import warnings
 import click
 
 from neuroada_format import Adapter, NeuroAdaError
-from neuroada_format.errors import EXIT_INTERRUPTED, EXIT_USAGE, exit_code
+from neuroada_format.errors import EXIT_INTERRUPTED, EXIT_USAGE, exit_code, printable  # noqa: F401 (re-export)
 
 from .backend import finite_scale, load_adapter_file
 
 _SCALE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def parse_scaled(spec: str) -> tuple[str, float]:
@@ -45,11 +44,6 @@ def load_scaled(specs) -> list[tuple[Adapter, float]]:
         path, scale = parse_scaled(spec)
         adapters.append((load_adapter_file(path), scale))
     return adapters
-
-
-def printable(text) -> str:
-    """Text safe for a terminal: control characters (newlines, ANSI escapes) shown as \\xNN escapes."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
 
 
 def fail(message) -> None:

@@ -41,6 +41,7 @@ from neuroada_format.container import SafetensorsFile, strict_json
 from neuroada_format.dtypes import BASE_DTYPES
 
 from neuroada_format.durable import checkpoint_lock, fsync_path, write_bytes
+from neuroada_format.safe_io import open_regular
 
 from .backend import Mismatch, pause_for_tests
 from .progress import bar
@@ -71,7 +72,7 @@ def position_dtype(count: int) -> np.dtype:
 
 def header_sha256(path: str) -> str:
     """sha256 of a safetensors file's length prefix and header (what a merge never changes)."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         prefix = f.read(8)
         if len(prefix) < 8:
             raise NeuroAdaError("file is shorter than a safetensors header", path=path, rule="1.1")

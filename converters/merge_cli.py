@@ -62,12 +62,15 @@ def _report(summary, as_json: bool) -> None:
               help="Flush what is written to disk before it appears under its name, so it also survives a "
                    "power cut (like cp, the default leaves write-back to the kernel; a killed merge never "
                    "leaves a partial OUT either way). The --in-place journal is always flushed.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="A setting of BASE's format backend (repeatable), e.g. requant=Q8_0 for GGUF.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.version_option(package_name="neuroada-format")
-def command(base, adapter_specs, out, overwrite, in_place, journal, revert_journal, no_verify, durable, as_json):
+def command(base, adapter_specs, out, overwrite, in_place, journal, revert_journal, no_verify, durable, options,
+            as_json):
     """Merge NeuroAda adapters into BASE (a new copy, or in place), or revert an in-place merge."""
     if revert_journal:
-        if adapter_specs or out or in_place or overwrite or journal or durable:
+        if adapter_specs or out or in_place or overwrite or journal or durable or options:
             raise click.UsageError("--revert takes only a journal (and --base if the checkpoint moved); "
                                    "it always flushes what it restores")
         from .journal import revert
@@ -84,8 +87,14 @@ def command(base, adapter_specs, out, overwrite, in_place, journal, revert_journ
         raise click.UsageError("--journal goes with --in-place")
     if overwrite and in_place:
         raise click.UsageError("--overwrite goes with --out")
+    settings = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.UsageError(f"--option {item!r} is not KEY=VALUE")
+        settings[key.replace("-", "_")] = value
     summary = merge(base, load_scaled(adapter_specs), out, in_place=in_place, journal=journal,
-                    verify=not no_verify, overwrite=overwrite, durable=durable, progress=True)
+                    verify=not no_verify, overwrite=overwrite, durable=durable, progress=True, options=settings)
     _report(summary, as_json)
     return 0
 

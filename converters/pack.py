@@ -16,7 +16,6 @@ fields of the document are carried over unchanged).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -28,6 +27,7 @@ import neuroada_format.metadata as _metadata
 from neuroada_format import Adapter, NeuroAdaError, Target, open_base, topk_columns, validate
 from neuroada_format.dtypes import (BASE_DTYPES, INDEX_DTYPES, NUMPY_DTYPES, VALUE_DTYPES, common_value_dtype,
                                     index_dtype_for, nonfinite_mask)
+from neuroada_format.jsonparse import read_json
 from neuroada_format.layout import canonical_view
 from neuroada_format.merge import union_target
 from neuroada_format.selection import select_indices
@@ -72,11 +72,15 @@ def _model_type(base) -> str | None:
         return None
     if not os.path.isdir(folder):
         folder = os.path.dirname(folder)
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            return json.load(f).get("model_type")
-    except (OSError, ValueError, AttributeError, RecursionError):  # unreadable: no model type, as if absent
+    config = os.path.join(folder, "config.json")
+    if not os.path.exists(config):
         return None
+    try:  # the core's one JSON reader: regular files only, bounded depth and size
+        doc = read_json(config, rule=None, what="config.json")
+    except NeuroAdaError:  # unreadable or refused: no model type, as if absent (layout falls back to out_in)
+        return None
+    kind = doc.get("model_type") if isinstance(doc, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def layout_rule(layout_in_out, base) -> Callable[[str], str]:

@@ -49,6 +49,7 @@ from neuroada_format.durable import (default_mode, fsync_dir, fsync_path, publis
                                      temp_sibling)
 from neuroada_format.hashing import ProbeHash
 from neuroada_format.layout import stored_shape
+from neuroada_format.safe_io import open_regular
 from neuroada_format.validate import PROBE_MISMATCH, probe_mismatch
 
 from . import backend as _backend
@@ -325,7 +326,7 @@ def copy_file(src: str, dst: str, progress, stop: threading.Event | None = None,
     (`_merge_tensor`). Both write each byte of `dst` once, in order.
     """
     touches = sorted(touches, key=lambda t: t.offset)
-    with open(src, "rb") as fi:
+    with open_regular(src, rule=None) as fi:  # never blocks on a FIFO swapped in
         info = os.fstat(fi.fileno())
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
         try:

@@ -366,3 +366,30 @@ def test_two_in_place_merges_racing_one_wins_one_is_refused(model, tmp_path):
     from neuroada_format.converters.journal import revert
     revert(tmp_path / f"j{winner}.safetensors")
     assert tree(base) == before
+
+
+def test_backend_options_reach_a_configured_backend(model, tmp_path, capsys):
+    base, a, _, _ = model
+    code, _, err = merge_cli(capsys, "--base", base, "--adapter", a, "--out", tmp_path / "o", "--option", "requant=Q8_0")
+    assert code == 2 and "safetensors merges take no options (got requant)" in one_line(err)
+    code, _, err = merge_cli(capsys, "--base", base, "--adapter", a, "--out", tmp_path / "o", "--option", "nokey")
+    assert code == 2 and "KEY=VALUE" in one_line(err)
+    seen = []
+
+    class Configurable(type(seam.backend("safetensors"))):
+        def configured(self, **options):
+            seen.append(options)
+            return self
+
+    monkey = Configurable()
+    orig = seam.backend
+
+    def fake(fmt, options=None):
+        return monkey.configured(**options) if options else orig(fmt)
+
+    seam_backend, seam.backend = seam.backend, fake
+    try:
+        summary = seam.merge(base, [(a, 1.0)], tmp_path / "o2", options={"level": "3"})
+    finally:
+        seam.backend = seam_backend
+    assert seen == [{"level": "3"}] and summary.values_touched > 0
