@@ -67,7 +67,7 @@ def _file_summary(out: str, adapter) -> dict:
 
 @click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("sources", nargs=-1, metavar="[ADAPTER[:WEIGHT]]...")
-@click.option("--base", help="Base checkpoint (extract, combine).")
+@click.option("--base", help="Base checkpoint (extract, combine, --from-peft; --to peft checks against it).")
 @click.option("--finetuned", help="Dense fine-tuned checkpoint of the same architecture (extract).")
 @click.option("-k", type=click.IntRange(min=1), help="Entries per row (extract).")
 @click.option("-o", "--out", required=True, help="Adapter file to write (atomically).")
@@ -84,7 +84,8 @@ def _file_summary(out: str, adapter) -> dict:
 @click.option("--combine", "do_combine", is_flag=True, help="Combine the ADAPTER[:WEIGHT] arguments.")
 @click.option("--repack", "repack_path", metavar="ADAPTER", help="Rewrite ADAPTER with other dtypes.")
 @click.option("--base-name", help="Base model name recorded in the adapter (extract: default BASE's folder or "
-                                   "file name; combine: default the first adapter's).")
+                                   "file name; combine: default the first adapter's; --to peft: PEFT's "
+                                   "base_model_name_or_path, default the adapter's).")
 @click.option("--to", "to_format", type=click.Choice(["peft"]),
               help="Export ADAPTER (file or folder) to a PEFT Super-Tuning folder; --base checks it first.")
 @click.option("--from-peft", "peft_dir", metavar="PEFT_DIR", help="Import a PEFT Super-Tuning folder (needs --base).")
