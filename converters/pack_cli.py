@@ -70,7 +70,7 @@ def _file_summary(out: str, adapter) -> dict:
 @click.option("--base", help="Base checkpoint (extract, combine, --from-peft; --to peft checks against it).")
 @click.option("--finetuned", help="Dense fine-tuned checkpoint of the same architecture (extract).")
 @click.option("-k", type=click.IntRange(min=1), help="Entries per row (extract).")
-@click.option("-o", "--out", required=True, help="Adapter file to write (atomically).")
+@click.option("-o", "--out", required=True, help="Adapter file (--to peft: folder) to write (atomically).")
 @click.option("--positions", type=click.Choice(["delta", "magnitude"]), default="delta", show_default=True,
               help="delta: largest |FT - BASE| per row (best approximation); magnitude: the base's top-k |W| "
                    "(NeuroAda's positions).")
