@@ -11,7 +11,8 @@ safetensors file, so it is inspectable with any safetensors reader and never unp
       "files": {"<path relative to root>": {"size": <bytes>, "header_sha256": "<hex>"}},
       "tensors": {"<tensor name>": {"file": "<relative path>", "dtype": "BF16|F16|F32",
                                     "offset": <absolute byte offset of the tensor's data>,
-                                    "count": <elements in the tensor>}}
+                                    "count": <elements in the tensor>,
+                                    "sha256": "<hex of positions/T + original/T + merged/T bytes>"}}
     }
     tensors, per touched tensor T:
       positions/T  U32 (I64 when the tensor has 2**32 elements or more): sorted flat element offsets
@@ -23,7 +24,10 @@ never changes: a revert refuses files whose header differs (another checkpoint, 
 Keeping the merged values too lets a revert prove each position still holds either the merged value
 (restore it) or the original (already reverted, or never reached by a killed merge) and refuse
 anything else, such as a later merge on top that has not been reverted yet. That makes a revert
-idempotent and safe after a SIGKILL at any point of the merge.
+idempotent and safe after a SIGKILL at any point of the merge. The `sha256` of each tensor's three
+arrays is checked before a revert touches anything, so a journal whose data bytes were damaged (a
+flipped bit in `original/T`) is refused instead of writing wrong values back (journals written before
+the checksum existed have none and are read as before).
 """
 from __future__ import annotations
 
@@ -70,6 +74,14 @@ def position_dtype(count: int) -> np.dtype:
     return np.dtype("<u4") if count <= 1 << 32 else np.dtype("<i8")
 
 
+def entry_sha256(positions: np.ndarray, original: np.ndarray, merged: np.ndarray) -> str:
+    """The checksum of one tensor's journal arrays, as stored (little-endian bytes, in this order)."""
+    h = hashlib.sha256()
+    for a in (positions, original, merged):
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
 def header_sha256(path: str) -> str:
     """sha256 of a safetensors file's length prefix and header (what a merge never changes)."""
     with open_regular(path) as f:
@@ -93,7 +105,9 @@ def write_journal(path: str, root: str, files: list[str], entries: list[JournalE
         "root": os.path.abspath(root), "adapters": adapters,
         "files": {rel: {"size": os.path.getsize(os.path.join(root, rel)),
                         "header_sha256": header_sha256(os.path.join(root, rel))} for rel in files},
-        "tensors": {e.tensor: {"file": e.file, "dtype": e.dtype, "offset": int(e.offset), "count": int(e.count)}
+        "tensors": {e.tensor: {"file": e.file, "dtype": e.dtype, "offset": int(e.offset), "count": int(e.count),
+                               "sha256": entry_sha256(np.asarray(e.positions, dtype=position_dtype(e.count)),
+                                                      e.original, e.merged)}
                     for e in entries},
     }
     tensors = {}
@@ -164,6 +178,10 @@ def read_journal(path) -> Journal:
         p = st.array(names[0])
         if p.size and (int(p.min()) < 0 or int(p.max()) >= t["count"]):
             raise _malformed(path, f"positions of tensor {name!r} fall outside the tensor")
+        if "sha256" in t and (not isinstance(t["sha256"], str)
+                              or entry_sha256(p, st.array(names[1]), st.array(names[2])) != t["sha256"]):
+            raise _malformed(path, f"the data of tensor {name!r} is damaged (its sha256 differs); the base was "
+                                   "not touched")
     return Journal(path, doc, st)
 
 

@@ -393,3 +393,31 @@ def test_backend_options_reach_a_configured_backend(model, tmp_path, capsys):
     finally:
         seam.backend = seam_backend
     assert seen == [{"level": "3"}] and summary.values_touched > 0
+
+
+# -- damaged journals (issue 13 item 4) ---------------------------------------------------------------
+def test_a_journal_with_damaged_data_is_refused_before_the_base_is_touched(model, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from neuroada_format.converters.journal import revert
+
+    base, a, _, _ = model
+    pristine = tree(base)
+    journal = seam.merge(base, [(a, 1.0)], in_place=True, journal=tmp_path / "j.safetensors").journal
+    merged = tree(base)
+    good = Path(journal).read_bytes()
+    header_len = int.from_bytes(good[:8], "little")
+    header = json.loads(good[8:8 + header_len])
+    name = next(k for k in header if k.startswith("original/"))
+    start = 8 + header_len + header[name]["data_offsets"][0]
+    damaged = bytearray(good)
+    damaged[start] ^= 0x01                                    # one bit of one original value
+    Path(journal).write_bytes(bytes(damaged))
+    with safe_open(journal, "np") as f:                      # still a well-formed safetensors file
+        assert name in f.keys()
+    code, _, err = merge_cli(capsys, "--revert", journal)
+    assert code == 1 and "damaged" in one_line(err)
+    assert tree(base) == merged                               # nothing was written back
+    Path(journal).write_bytes(good)                           # the genuine journal still works
+    revert(journal)
+    assert tree(base) == pristine
