@@ -42,6 +42,7 @@ from neuroada_format import (Adapter, NeuroAdaError, NeuroAdaUsageError, Target,
 from neuroada_format.container import Problems, SafetensorsFile, strict_json
 from neuroada_format.dtypes import BASE_DTYPES, NUMPY_DTYPES, VALUE_DTYPES, index_dtype_for, nonfinite_mask
 from neuroada_format.folder import WEIGHTS_NAME as NEUROADA_WEIGHTS
+from neuroada_format.jsonparse import read_json
 from neuroada_format.folder import adapter_paths
 from neuroada_format.merge import padded_rows
 from neuroada_format.metadata import METADATA_KEY, parse_document
@@ -280,18 +281,11 @@ def to_peft(adapter, out_dir, *, base=None, base_model_name_or_path=None, revisi
 # -- import ----------------------------------------------------------------------------------------
 def _read_config(folder: str) -> dict:
     path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         ours = os.path.exists(os.path.join(folder, NEUROADA_WEIGHTS))
         hint = " (it is a NeuroAda adapter folder: use it as it is)" if ours else ""
         raise NeuroAdaUsageError(f"no {CONFIG_NAME} in the folder: not a PEFT adapter folder{hint}", path=folder)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(CONFIG_CAP + 1)
-        if len(raw) > CONFIG_CAP:
-            raise ValueError(f"larger than {CONFIG_CAP} bytes")
-        config = strict_json(raw.decode("utf-8"))
-    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
-        raise NeuroAdaError(f"not a readable PEFT config: {exc}", path=path) from None
+    config = read_json(path, rule=None, what="PEFT config", cap=CONFIG_CAP)   # regular files only, JSON limits
     if not isinstance(config, dict):
         raise NeuroAdaError("not a PEFT config (not a JSON object)", path=path)
     kind = config.get("peft_type")
@@ -318,7 +312,7 @@ def _read_config(folder: str) -> dict:
 def _read_entries(folder: str):
     """(file, {module: (flat indices int64, values f32)}) from adapter_model.safetensors."""
     path = os.path.join(folder, WEIGHTS_NAME)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         bin_hint = (" (adapter_model.bin is a pickle, which is never read: re-save with safe_serialization)"
                     if os.path.exists(os.path.join(folder, "adapter_model.bin")) else "")
         raise NeuroAdaUsageError(f"no {WEIGHTS_NAME} in the PEFT folder{bin_hint}", path=folder)

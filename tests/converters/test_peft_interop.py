@@ -405,7 +405,9 @@ def set_entry(suffix, i, value, metadata="keep"):
     ("no_indices", NeuroAdaError, r"save_precomputed_indices"),
     ("bad_sparsity", NeuroAdaError, r"sparsity"),
     ("sparsity_changed", NeuroAdaError, r"rule 4.2: .*another shape"),
-    ("config_not_json", NeuroAdaError, r"not a readable PEFT config"),
+    ("config_not_json", NeuroAdaError, r"PEFT config is not valid JSON"),
+    ("config_fifo", NeuroAdaUsageError, r"adapter_config.json"),
+    ("weights_fifo", NeuroAdaUsageError, r"adapter_model.safetensors"),
     ("no_config", NeuroAdaUsageError, r"no adapter_config.json"),
     ("no_weights", NeuroAdaUsageError, r"no adapter_model.safetensors"),
     ("pickle_only", NeuroAdaUsageError, r"pickle"),
@@ -440,6 +442,10 @@ def test_hostile_folders_are_refused(exported, tmp_path, case, error, match):
     elif case == "config_not_json":
         with open(os.path.join(folder, "adapter_config.json"), "w") as f:
             f.write('{"peft_type": "SUPERTUNING", "peft_type": "LORA"}')   # duplicate key
+    elif case in ("config_fifo", "weights_fifo"):      # a named pipe would block a plain open() forever
+        name = "adapter_config.json" if case == "config_fifo" else "adapter_model.safetensors"
+        os.unlink(os.path.join(folder, name))
+        os.mkfifo(os.path.join(folder, name))
     elif case == "no_config":
         os.unlink(os.path.join(folder, "adapter_config.json"))
     elif case == "no_weights":
@@ -470,7 +476,7 @@ def test_hostile_folders_are_refused(exported, tmp_path, case, error, match):
                                            for k, v in t.items()})
     elif case == "not_a_folder":
         folder = os.path.join(folder, "nope")
-    before = tree_bytes(folder) if os.path.isdir(folder) else None
+    before = tree_bytes(folder) if os.path.isdir(folder) and "fifo" not in case else None
     with pytest.raises(error, match=match) as exc:
         pi.from_peft(folder, base_dir)
     assert type(exc.value) is error
