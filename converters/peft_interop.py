@@ -39,6 +39,7 @@ import numpy as np
 
 from neuroada_format import (Adapter, NeuroAdaError, NeuroAdaUsageError, Target, load, open_base, probe_hash,
                              validate)
+from neuroada_format.adapter import from_document
 from neuroada_format.container import Problems, SafetensorsFile, strict_json
 from neuroada_format.dtypes import BASE_DTYPES, NUMPY_DTYPES, VALUE_DTYPES, index_dtype_for, nonfinite_mask
 from neuroada_format.folder import WEIGHTS_NAME as NEUROADA_WEIGHTS
@@ -405,20 +406,6 @@ def _fits_embedded(doc, dtypes, targets_info) -> bool:
     return True
 
 
-def _adapter_from_document(doc: dict, targets: dict) -> Adapter:
-    known = {"format", "version", "selection", "targets"}
-    extra = {k: v for k, v in doc.items() if k not in known}
-    for section, managed in (("base", ("name", "revision", "structure_hash")), ("merge", ("rule",))):
-        unknown = {k: v for k, v in doc[section].items() if k not in managed}
-        if unknown:
-            extra[section] = unknown
-        else:
-            extra.pop(section)
-    return Adapter(targets, base_name=doc["base"]["name"], base_revision=doc["base"]["revision"],
-                   structure_hash=doc["base"]["structure_hash"], selection=doc["selection"],
-                   version=doc["version"], extra=extra)
-
-
 def import_peft(folder, base, *, value_dtype: str | None = None, round_values: bool = False,
                 base_name: str | None = None) -> tuple[Adapter, dict]:
     """(Adapter, report) from a PEFT Super-Tuning folder and the base it was trained on.
@@ -507,7 +494,7 @@ def import_peft(folder, base, *, value_dtype: str | None = None, round_values: b
         report[name] = {"k": target.k, "entries": int(flat.size), "dropped_negative_zero": dropped,
                         "padding": padded, "negative_zero_base_at_padding": flips}
     if exact:
-        adapter = _adapter_from_document(doc, targets)
+        adapter = from_document(doc, targets)
     else:
         adapter = Adapter(targets, base_name=base_name or config.get("base_model_name_or_path"),
                           base_revision=config.get("revision") if isinstance(config.get("revision"), str) else None,

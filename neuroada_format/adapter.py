@@ -138,6 +138,12 @@ def read(path, problems: Problems) -> Adapter | None:
             targets[name] = t
     if problems.has_errors:
         return None
+    return from_document(doc, targets, path)
+
+
+def from_document(doc: dict, targets: dict, path: str | None = None) -> Adapter:
+    """The Adapter a checked metadata document describes, with its targets; unknown fields of a newer
+    minor are kept for re-saving (also used by importers that carry a document, e.g. PEFT interop)."""
     known = {"format", "version", "selection", "targets"}
     extra = {k: v for k, v in doc.items() if k not in known}
     for section, managed in (("base", ("name", "revision", "structure_hash")), ("merge", ("rule",))):
