@@ -44,7 +44,7 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.container import SafetensorsFile, strict_json
 from neuroada_format.dtypes import BASE_DTYPES
 
-from neuroada_format.durable import checkpoint_lock, fsync_path, write_bytes
+from neuroada_format.durable import checkpoint_lock, fsync_path, reserve, write_bytes
 from neuroada_format.safe_io import open_regular
 
 from .backend import Mismatch, pause_for_tests
@@ -229,6 +229,8 @@ def _revert(j: Journal, root: str, started: float, progress: bool) -> dict:
         if (info is None or info.dtype != e.dtype or headers[e.file].absolute_offset(e.tensor) != e.offset
                 or int(np.prod(info.shape)) != e.count):
             raise Mismatch("tensor does not match the journal", path=paths[e.file], tensor=e.tensor)
+        # disk blocks first: a full disk is an error here, never a SIGBUS from the map below
+        reserve(paths[e.file], e.offset, e.count * np.dtype(e.original.dtype).itemsize)
         region = map_tensor(paths[e.file], e.dtype, e.offset, (e.count,))
         current = _bits(region[np.asarray(e.positions, dtype=np.int64)])
         del region

@@ -27,8 +27,8 @@ import numpy as np
 
 from neuroada_format import (Adapter, ArrayBase, MergePlan, NeuroAdaError, NeuroAdaUsageError, Target, plan_merge,
                              probe_hash, validate)
-from neuroada_format.durable import (default_mode, fsync_path, publish, remove, remove_stale_siblings, temp_sibling,
-                                     write_file)
+from neuroada_format.durable import (default_mode, fsync_path, publish, remove, remove_stale_siblings, reserve,
+                                     temp_sibling, write_file)
 from neuroada_format.layout import canonical_shape, canonical_view, stored_shape
 from neuroada_format.merge import Delta
 from neuroada_format.validate import probe_mismatch
@@ -583,6 +583,11 @@ class OnnxBackend(Backend):
         """The merged values, computed from the (read-only) base; one read also gives the probe hashes."""
         plan: _Plan = resolved.data
         plan.patches = {}
+        if in_place:  # disk blocks first: a full disk fails here, cleanly, never as a SIGBUS from a map
+            for name in plan.entries:
+                if name in view.external:
+                    ext = view.external[name]
+                    reserve(ext.file, ext.offset, ext.nbytes)
         for name in sorted(plan.entries):
             entry = plan.entries[name]
             merge_plan = plan_merge(view.array(name), entry["deltas"], entry["layout"], checked=verify)

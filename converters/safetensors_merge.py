@@ -46,7 +46,7 @@ from neuroada_format import (Adapter, Checkpoint, Delta, MergePlan, NeuroAdaErro
                              open_base, plan_merge, validate)
 from neuroada_format.dtypes import NUMPY_DTYPES
 from neuroada_format.durable import (default_mode, fsync_dir, fsync_path, publish, remove, remove_stale_siblings,
-                                     temp_sibling)
+                                     reserve, temp_sibling)
 from neuroada_format.hashing import ProbeHash
 from neuroada_format.layout import stored_shape
 from neuroada_format.safe_io import open_regular
@@ -442,6 +442,8 @@ class SafetensorsBackend(Backend):
         files = sorted({t.file for t in touches})
         for f in files:
             _refuse_shared(f)
+        for t in touches:  # disk blocks first: a full disk fails here, cleanly, never as a SIGBUS from a map
+            reserve(t.file, t.offset, t.nbytes)
         entries = []
         for t in touches:
             p = prepare(t, verify)  # one read of the base: merged values, journal originals, probe hashes

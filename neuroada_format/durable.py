@@ -128,6 +128,29 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def reserve(path, offset: int, length: int) -> None:
+    """Make sure the byte range [offset, offset + length) of an existing file has disk blocks, so
+    writing it through a memory map cannot fail: a store into a hole of a sparse file on a full file
+    system is a SIGBUS, which no caller can turn into an error. Never changes data or size (fallocate
+    mode 0 only allocates holes). A full disk raises OSError(ENOSPC) naming the file, before anything
+    is written; file systems that cannot allocate ahead are left as they are.
+    """
+    if length <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+    try:
+        length = min(length, os.fstat(fd).st_size - offset)  # inside the file only: never extend it
+        if length <= 0:
+            return
+        os.posix_fallocate(fd, offset, length)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS, getattr(errno, "ENOTSUP", -1)):
+            return
+        raise OSError(exc.errno, exc.strerror or str(exc), os.fspath(path)) from None
+    finally:
+        os.close(fd)
+
+
 # -- publishing --------------------------------------------------------------------------------------
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 

@@ -421,3 +421,48 @@ def test_a_journal_with_damaged_data_is_refused_before_the_base_is_touched(model
     Path(journal).write_bytes(good)                           # the genuine journal still works
     revert(journal)
     assert tree(base) == pristine
+
+
+# -- full disks (issue 13 item 8) ---------------------------------------------------------------------
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (root only; skipped elsewhere)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", os.fspath(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", os.fspath(mnt)], capture_output=True)
+
+
+def _sparse_base(path: Path, rows: int, cols: int) -> np.ndarray:
+    """A safetensors file with one F32 tensor of zeros whose data is a hole (no disk blocks)."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [rows, cols], "data_offsets": [0, rows * cols * 4]}})
+    header += " " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header.encode())
+        f.truncate(8 + len(header) + rows * cols * 4)
+    return np.zeros((rows, cols), np.float32)
+
+
+def test_in_place_merge_on_a_full_disk_fails_cleanly(tiny_tmpfs, tmp_path):
+    """Patching a sparse base through a map on a full file system used to die of SIGBUS (exit 135)."""
+    base = tiny_tmpfs / "model.safetensors"
+    w = _sparse_base(base, 1024, 1024)                      # 4 MiB of hole on a 1 MiB file system
+    assert os.stat(base).st_blocks * 512 < 1 << 20
+    idx = naf.select_indices(w, 1)
+    target = naf.Target.from_weight("w", w, idx, np.full(idx.shape, 0.5, np.float32), value_dtype="F32")
+    naf.save(naf.Adapter({"w": target}), tmp_path / "a.safetensors")
+    before = base.read_bytes()
+    for argv in (["--in-place", "--journal", tmp_path / "j.safetensors"],):
+        r = subprocess.run([os.fspath(x) for x in [_script("neuroada-merge"), "--base", base, "--adapter",
+                                                   tmp_path / "a.safetensors", *argv]],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (r.returncode, r.stderr)
+        assert "No space left on device" in one_line(r.stderr) and os.fspath(base) in r.stderr
+    assert base.read_bytes() == before and not (tmp_path / "j.safetensors").exists()
