@@ -49,7 +49,7 @@ from neuroada_format.durable import (default_mode, fsync_dir, fsync_path, publis
                                      reserve, temp_sibling)
 from neuroada_format.hashing import ProbeHash
 from neuroada_format.layout import stored_shape
-from neuroada_format.safe_io import open_regular
+from neuroada_format.safe_io import kind_of, open_regular
 from neuroada_format.validate import PROBE_MISMATCH, probe_mismatch
 
 from . import backend as _backend
@@ -346,24 +346,41 @@ def copy_file(src: str, dst: str, progress, stop: threading.Event | None = None,
 
 
 def _tree(root: str) -> tuple[list[str], list[str]]:
-    """Folders and files under root (relative, following symlinks once), minus our journals."""
-    dirs, files, seen = [], [], set()
-    for here, subdirs, names in os.walk(root, followlinks=True):
-        st = os.stat(here)
-        if (st.st_dev, st.st_ino) in seen:
-            subdirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
+    """Folders and files under root (relative), minus our journals: what a merge into a copy copies.
+
+    The copy rule: regular files are copied, and so are symbolic links to regular files, as their
+    content (the Hugging Face cache stores every file of a snapshot as a link to a blob). Refused,
+    before anything is written: a symbolic link to a folder (following it would copy what it points
+    to, say a home folder, into an OUT that users publish), a dangling link, anything that is not a
+    regular file (FIFO, device, socket), and a folder that cannot be listed (never skipped silently).
+    """
+    def refuse(exc: OSError):
+        raise exc
+
+    dirs, files = [], []
+    for here, subdirs, names in os.walk(root, followlinks=False, onerror=refuse):
         rel_here = os.path.relpath(here, root)
         for d in sorted(subdirs):
+            full = os.path.join(here, d)
+            if os.path.islink(full):
+                raise NeuroAdaUsageError(f"is a symbolic link to a folder ({os.path.realpath(full)}); a merge does "
+                                         "not follow it, as that would copy what it points to into the output: "
+                                         "replace it by a copy of the folder, or remove it", path=full)
             dirs.append(os.path.normpath(os.path.join(rel_here, d)))
         subdirs.sort()
         for n in sorted(names):
             if n.startswith(JOURNAL_PREFIX):
                 continue  # journals describe BASE's in-place merges, not the new checkpoint
             full = os.path.join(here, n)
-            if os.path.isfile(full):  # regular files and symlinks to them (HF cache snapshots)
-                files.append(os.path.normpath(os.path.join(rel_here, n)))
+            try:
+                mode = os.stat(full).st_mode
+            except FileNotFoundError:
+                raise NeuroAdaUsageError("is a dangling symbolic link; remove it or restore its target",
+                                         path=full) from None
+            if not stat.S_ISREG(mode):
+                raise NeuroAdaUsageError(f"is a {kind_of(mode)}, not a regular file; a merge copies only regular "
+                                         "files: remove it from the checkpoint folder", path=full)
+            files.append(os.path.normpath(os.path.join(rel_here, n)))
     return dirs, files
 
 # -- merge in place ----------------------------------------------------------------------------------

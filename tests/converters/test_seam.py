@@ -466,3 +466,28 @@ def test_in_place_merge_on_a_full_disk_fails_cleanly(tiny_tmpfs, tmp_path):
         assert r.returncode == 2, (r.returncode, r.stderr)
         assert "No space left on device" in one_line(r.stderr) and os.fspath(base) in r.stderr
     assert base.read_bytes() == before and not (tmp_path / "j.safetensors").exists()
+
+
+# -- what a copy copies (issue 13 item 10) ------------------------------------------------------------
+def test_a_copy_follows_file_links_and_refuses_folder_links_and_special_files(model, tmp_path, capsys):
+    base, a, _, _ = model
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "id_rsa").write_text("private")
+    blob = tmp_path / "blob.txt"
+    blob.write_text("tokenizer")
+    os.symlink(blob, Path(base) / "tokenizer.txt")            # file links: copied as content (HF cache)
+    code, _, err = merge_cli(capsys, "--base", base, "--adapter", a, "--out", tmp_path / "o1")
+    assert code == 0, err
+    out_file = tmp_path / "o1" / "tokenizer.txt"
+    assert not out_file.is_symlink() and out_file.read_text() == "tokenizer"
+    cases = {"extras": lambda p: os.symlink(secret, p), "dangling": lambda p: os.symlink(tmp_path / "nope", p),
+             "pipe": lambda p: os.mkfifo(p)}
+    for name, make in cases.items():
+        make(Path(base) / name)
+        code, _, err = merge_cli(capsys, "--base", base, "--adapter", a, "--out", tmp_path / f"o-{name}")
+        line = one_line(err)
+        assert code == 2 and os.path.join(base, name) in line, line
+        assert {"extras": "link to a folder", "dangling": "dangling", "pipe": "FIFO"}[name] in line
+        assert not (tmp_path / f"o-{name}").exists() and B.siblings(tmp_path / f"o-{name}") == []
+        os.unlink(Path(base) / name)
