@@ -93,15 +93,15 @@ def open_regular(path, *, rule: str | None = "1.1") -> io.BufferedReader:
 def read_regular(path, cap: int, *, rule: str | None = "1.1", what: str = "file") -> bytes:
     """The whole content of a small regular file, refused (NeuroAdaError, `rule`) beyond `cap` bytes.
 
-    Reads at most cap + 1 bytes whatever the file claims, so a file that grows, or a /proc-style file
-    whose size reads 0, cannot make us read more.
+    Reads the size fstat reports and no more: a file that grows meanwhile cannot make us read past
+    the cap, and a pseudo-file that reports 0 bytes (/proc) is never read, so cannot block.
     """
     path = os.fspath(path)
     with open_regular(path, rule=rule) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > cap:
+            raise NeuroAdaError(f"{what} is larger than {cap:,} bytes", path=path, rule=rule)
         try:
-            data = f.read(cap + 1)
+            return f.read(size) if size else b""
         except OSError as exc:
             raise _refuse(path, exc.strerror or str(exc), rule) from None
-    if len(data) > cap:
-        raise NeuroAdaError(f"{what} is larger than {cap:,} bytes", path=path, rule=rule)
-    return data

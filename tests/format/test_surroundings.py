@@ -472,3 +472,12 @@ def test_fifo_made_by_mode_bits_is_still_refused(tmp_path):
     path = tmp_path / "made.safetensors"
     os.mknod(path, stat.S_IFIFO | 0o600)
     refused(lambda: naf.load(path), NeuroAdaUsageError, contains="FIFO")
+
+
+def test_json_files_are_size_capped_before_reading(tmp_path):
+    huge = tmp_path / "adapter_config.json"
+    with open(huge, "wb") as f:
+        f.truncate(4 << 30)  # 4 GiB, sparse: refused from its size, nothing is read
+    refused(lambda: read_config(huge), NeuroAdaError, contains="larger than")
+    if os.path.exists("/proc/self/status"):  # a pseudo-file reports 0 bytes: read as empty, never blocks
+        refused(lambda: read_json("/proc/self/status", rule="1.6"), NeuroAdaError, rule="1.6")
