@@ -491,3 +491,64 @@ def test_a_copy_follows_file_links_and_refuses_folder_links_and_special_files(mo
         assert {"extras": "link to a folder", "dangling": "dangling", "pipe": "FIFO"}[name] in line
         assert not (tmp_path / f"o-{name}").exists() and B.siblings(tmp_path / f"o-{name}") == []
         os.unlink(Path(base) / name)
+
+
+# -- one parser: a file is valid everywhere or nowhere (issue 13 items 6, 7) ---------------------------
+def _rewrite(src: str, dst: Path, edit) -> str:
+    """Copy an adapter file with its JSON header edited by `edit(header dict, metadata text) -> text`."""
+    raw = Path(src).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    text = edit(header, header["__metadata__"]["neuroada"])
+    text += " " * (-len(text) % 8)
+    dst.write_bytes(len(text).to_bytes(8, "little") + text.encode() + raw[8 + n:])
+    return os.fspath(dst)
+
+
+def _with_doc(header, doc_text, extra: str) -> str:
+    header = dict(header)
+    header["__metadata__"] = dict(header["__metadata__"], neuroada=doc_text[:-1] + extra + "}")
+    return json.dumps(header)
+
+
+def _dtype_not_string(header, doc_text) -> str:
+    name = next(k for k in header if k.startswith("indices/"))
+    header[name]["dtype"] = [header[name]["dtype"]]
+    return json.dumps(header)
+
+
+def test_hostile_adapters_get_the_same_verdict_from_every_command(model, tmp_path, capsys):
+    from neuroada_format.cli import main as neuroada_main
+
+    base, a, _, _ = model
+    files = {
+        "dtype not a string": _rewrite(a, tmp_path / "d.safetensors", _dtype_not_string),
+        "nested 700 deep": _rewrite(a, tmp_path / "n.safetensors",
+                                    lambda h, d: _with_doc(h, d, ',"x":' + "[" * 700 + "]" * 700)),
+        "1e999": _rewrite(a, tmp_path / "i.safetensors", lambda h, d: _with_doc(h, d, ',"x":1e999')),
+    }
+    for what, path in files.items():
+        with pytest.raises(SystemExit) as exc:
+            neuroada_main(["validate", path])
+        validate_code = exc.value.code
+        capsys.readouterr()
+        merge_code, _, merge_err = merge_cli(capsys, "--base", base, "--adapter", path, "--out", tmp_path / "o")
+        pack_code, _, pack_err = pack_run(capsys, "--repack", path, "-o", tmp_path / "r.safetensors")
+        assert validate_code == merge_code == pack_code == naf.errors.EXIT_INVALID, (what, validate_code,
+                                                                                      merge_err, pack_err)
+        for err in (merge_err, pack_err):
+            assert "internal error" not in one_line(err), (what, err)
+        assert not (tmp_path / "o").exists() and not (tmp_path / "r.safetensors").exists()
+
+
+def test_extract_says_which_targets_the_fine_tune_lacks(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    arrays = B.llama_arrays(rng, conv1d=False)
+    base = B.write_checkpoint(tmp_path / "base", arrays, shards=1)
+    tuned = {n: (w + np.asarray(0.5, w.dtype) if w.ndim == 2 else w) for n, w in arrays.items()}
+    missing = B.targets_of(arrays)[0]
+    del tuned[missing]
+    ft = B.write_checkpoint(tmp_path / "ft", tuned, shards=1)
+    code, out, err = pack_run(capsys, "--base", base, "--finetuned", ft, "-k", "1", "-o", tmp_path / "x.safetensors")
+    assert code == 0, err
+    assert "1 selected tensors are missing from the fine-tune" in out and missing in out
