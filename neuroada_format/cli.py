@@ -42,7 +42,10 @@ class _OneLineGroup(click.Group):
         except click.exceptions.Exit as exc:  # --help, --version
             code = exc.exit_code
         except click.ClickException as exc:  # usage errors: one line, not click's three
-            _fail(exc.format_message())
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `neuroada`: the help, as click shows it
+                exc.show()
+            else:
+                _fail(exc.format_message())
             code = EXIT_USAGE
         except (click.exceptions.Abort, KeyboardInterrupt):
             _fail("interrupted")

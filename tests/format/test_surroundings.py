@@ -466,6 +466,15 @@ def test_cli_internal_error_is_one_line(world, monkeypatch):
     r = CliRunner().invoke(cli_module.main, ["validate", world["good"], "--no-such-option"])
     assert r.exit_code == 2 and "no-such-option" in one_error_line(r)
 
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "validate", interrupted)
+    r = CliRunner().invoke(cli_module.main, ["validate", world["good"]])
+    assert r.exit_code == 130 and "interrupted" in r.stderr and "Traceback" not in r.output
+    r = CliRunner().invoke(cli_module.main, [])
+    assert r.exit_code == 2 and "Usage: " in r.stderr  # bare `neuroada`: click's help, as click shows it
+
 
 def test_fifo_made_by_mode_bits_is_still_refused(tmp_path):
     """mknod with S_IFIFO (another way to make one) goes the same way."""
