@@ -490,3 +490,31 @@ def test_json_files_are_size_capped_before_reading(tmp_path):
     refused(lambda: read_config(huge), NeuroAdaError, contains="larger than")
     if os.path.exists("/proc/self/status"):  # a pseudo-file reports 0 bytes: read as empty, never blocks
         refused(lambda: read_json("/proc/self/status", rule="1.6"), NeuroAdaError, rule="1.6")
+
+
+def _tool(name):
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    if not os.path.exists(path):
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+@pytest.mark.parametrize("case", ["deep", "inf", "dtype", "fifo"])
+def test_every_tool_refuses_alike(world, craft, small_model, raw_file, tmp_path, case):
+    """Item 7's promise across processes: `neuroada validate`, `neuroada-merge` and `neuroada-pack`
+    give the same line and the same exit code for the same hostile adapter (one parser, one reader)."""
+    if case == "fifo":
+        path, code = world["fifo"], 2
+    elif case == "dtype":
+        path, code = raw_file(_with_dtype(craft, small_model, ["I16"])), 1
+    else:
+        path, code = raw_file(_adapter_with_extra(craft, small_model, _nested(700) if case == "deep" else "1e999")), 1
+    lines = set()
+    for argv in ([*_script(), "validate", path],
+                 [_tool("neuroada-merge"), "--base", world["base"], "--adapter", path, "--out", tmp_path / "m"],
+                 [_tool("neuroada-pack"), "--combine", path, "--base", world["base"], "-o", tmp_path / "c.safetensors"]):
+        r = subprocess.run(list(map(os.fspath, argv)), capture_output=True, text=True, timeout=300)
+        assert r.returncode == code and "Traceback" not in r.stderr, (argv[0], r.stderr)
+        lines.add(one_error_line(r))
+    assert len(lines) == 1, lines
+    assert not os.path.exists(tmp_path / "m") and not os.path.exists(tmp_path / "c.safetensors")
