@@ -30,6 +30,7 @@ from neuroada_format import (Adapter, ArrayBase, MergePlan, NeuroAdaError, Neuro
 from neuroada_format.durable import (default_mode, fsync_path, publish, remove, remove_stale_siblings, reserve,
                                      temp_sibling, write_file)
 from neuroada_format.layout import canonical_shape, canonical_view, stored_shape
+from neuroada_format.safe_io import open_regular
 from neuroada_format.merge import Delta
 from neuroada_format.validate import probe_mismatch
 
@@ -140,11 +141,12 @@ class OnnxModel:
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise NeuroAdaError("no such ONNX file", path=self.path, rule="1.1")
         self.dir = os.path.dirname(os.path.abspath(self.path))
         try:
-            self.proto = onnx.load(self.path, load_external_data=False)
+            with open_regular(self.path, rule="1.1") as f:  # a FIFO or device is refused, never opened to block
+                self.proto = onnx.load(f, load_external_data=False)
+        except NeuroAdaError:
+            raise
         except Exception as exc:  # onnx raises DecodeError and friends
             raise NeuroAdaError(f"not a readable ONNX model: {exc}", path=self.path, rule="1.1") from None
         graph = self.proto.graph

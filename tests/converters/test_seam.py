@@ -552,3 +552,24 @@ def test_extract_says_which_targets_the_fine_tune_lacks(tmp_path, capsys):
     code, out, err = pack_run(capsys, "--base", base, "--finetuned", ft, "-k", "1", "-o", tmp_path / "x.safetensors")
     assert code == 0, err
     assert "1 selected tensors are missing from the fine-tune" in out and missing in out
+
+
+# -- special files never hang a command (issue 13 item 5) ----------------------------------------------
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifos_anywhere_are_refused_not_waited_on(model, tmp_path):
+    base, a, _, _ = model
+    fifo_st, fifo_onnx, fifo_j = tmp_path / "f.safetensors", tmp_path / "f.onnx", tmp_path / "j.safetensors"
+    for p in (fifo_st, fifo_onnx, fifo_j):
+        os.mkfifo(p)
+    merge, pack = _script("neuroada-merge"), _script("neuroada-pack")
+    runs = [[merge, "--base", fifo_st, "--adapter", a, "--out", tmp_path / "o1"],
+            [merge, "--base", fifo_onnx, "--adapter", a, "--out", tmp_path / "o2.onnx"],
+            [merge, "--base", base, "--adapter", fifo_st, "--out", tmp_path / "o3"],
+            [merge, "--revert", fifo_j],
+            [pack, "--repack", fifo_st, "-o", tmp_path / "r.safetensors"],
+            [pack, "--base", base, "--finetuned", fifo_st, "-k", "1", "-o", tmp_path / "x.safetensors"],
+            [pack, "--combine", fifo_st, "--base", base, "-o", tmp_path / "c.safetensors"]]
+    for argv in runs:
+        r = subprocess.run([os.fspath(x) for x in argv], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (argv, r.returncode, r.stderr)
+        one_line(r.stderr)
