@@ -76,7 +76,7 @@ class NeuroAdaConfig:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(self.to_json())
-            os.chmod(tmp, 0o644)
+            os.chmod(tmp, default_file_mode())
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -108,6 +108,13 @@ class NeuroAdaConfig:
             raise NeuroAdaError(exc.detail, path=path, rule=exc.rule) from None
         except TypeError as exc:
             raise NeuroAdaError(f"bad adapter config: {exc}", path=path) from None
+
+
+def default_file_mode() -> int:
+    """What a plain open() would create: 0666 less the umask (a temporary file starts at 0600)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _module_spec(field_name: str, spec):

@@ -181,7 +181,15 @@ class NeuroAdaLayer(nn.Module):
         (``_after_load``). A merged layer is unmerged first and merged again after, so a state taken
         merged or unmerged loads the same way: the weight's selected entries are always re-derived
         from ``w0`` (the original) rather than trusted from the file."""
-        keys = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
+        if self._loading is None:  # not prepared already by the model's own hook (see model.py)
+            self._loading = {"merged": self.prepare_load(state_dict, prefix)}
+        self._loading["keys"] = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def prepare_load(self, state_dict, prefix: str) -> list[str]:
+        """Check this layer's entries of a state dict, then unmerge; returns the adapters that were
+        merged (to merge again after the load). Raises NeuroAdaError before changing anything."""
         for name in list(self.neuroada_idx.keys()):  # bad indices are refused before anything changes
             idx = state_dict.get(f"{prefix}neuroada_idx.{name}")
             if idx is not None and tuple(idx.shape) == tuple(self.neuroada_idx[name].shape):
@@ -192,15 +200,13 @@ class NeuroAdaLayer(nn.Module):
         merged = list(self.merged_adapters)
         self.unmerge()
         try:
-            if "base_layer.weight" not in keys and _is_plain(self.base_layer.weight):
+            if f"{prefix}base_layer.weight" not in state_dict and _is_plain(self.base_layer.weight):
                 self._check_w0(state_dict, prefix)
         except NeuroAdaError:
             if merged:
                 self.merge(merged)
             raise
-        self._loading = {"merged": merged, "keys": keys}
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        return merged
 
     def _check_w0(self, state_dict, prefix) -> None:
         """A w0 from a state without the weight must describe this very base: restoring it around

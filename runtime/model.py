@@ -22,7 +22,7 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.dtypes import common_value_dtype
 from neuroada_format.folder import WEIGHTS_NAME, adapter_paths
 
-from .config import MODES, SELECTIONS, NeuroAdaConfig
+from .config import MODES, SELECTIONS, NeuroAdaConfig, default_file_mode
 from .layer import NeuroAdaLayer
 from .selection import select, topk_columns
 
@@ -576,8 +576,9 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
     - `model.safetensors`: the trainable state (see trainable_state), exact, which Trainer's resume and
       load_best_model_at_end load with `model.load_state_dict(..., strict=False)`.
 
-    No config.json is written: `from_pretrained` on the folder raises instead of building a model
-    whose base weights are random. Adapter-sized, like a PEFT checkpoint.
+    Adapter-sized, like a PEFT checkpoint. Nothing in it lets `from_pretrained` build a model with
+    random base weights: there is no config.json (AutoModel*.from_pretrained raises), and with a config
+    passed in, the guard tensor in model.safetensors makes the load fail on a size mismatch.
     """
     if push_to_hub:
         raise NeuroAdaUsageError("save_pretrained(push_to_hub=True) is not supported for an attached model; "
@@ -599,11 +600,18 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
-    state[STATE_MARKER] = torch.zeros(1, dtype=torch.uint8)
+    # A guard against transformers: from_pretrained(folder, config=...) would load this file, find every
+    # base weight missing and initialise them at random with a warning. Under one real base name the
+    # file holds a tensor of an impossible shape, so that load fails (size mismatch) instead; our own
+    # load_state_dict hook drops it, named by the marker.
+    guard = next(k for k in base_state_names(model) if k not in state)
+    state[guard] = torch.zeros(0, dtype=torch.uint8)
+    state[STATE_MARKER] = torch.tensor(list(guard.encode("utf-8")), dtype=torch.uint8)
     out = os.path.join(folder, STATE_FILE)
     tmp = out + f".tmp-{os.getpid()}"
     try:
         save_file(state, tmp, metadata={"format": "pt", "neuroada_trainable_state": "1"})
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):
@@ -612,9 +620,27 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
 
 
 def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    """A state marked as trainable state (save_pretrained's model.safetensors) holds no base by design."""
-    if state_dict.pop(prefix + STATE_MARKER, None) is not None:
+    """A state marked as trainable state (save_pretrained's model.safetensors) holds no base by design;
+    its guard tensor (see save_pretrained) is not a weight."""
+    marker = state_dict.pop(prefix + STATE_MARKER, None)
+    if marker is not None:
+        guard = bytes(marker.to(torch.uint8).tolist()).decode("utf-8", "replace")
+        state_dict.pop(prefix + guard, None)
         module.__dict__["_neuroada_partial_load"] = True
+    # every layer checks its part before any loads, so a refused state changes nothing
+    prepared = []
+    try:
+        for name, layer in layers(module).items():
+            layer_prefix = f"{prefix}{name}."
+            if layer._loading is None and any(k.startswith(layer_prefix) for k in state_dict):
+                layer._loading = {"merged": layer.prepare_load(state_dict, layer_prefix)}
+                prepared.append(layer)
+    except NeuroAdaError:
+        for layer in prepared:
+            merged, layer._loading = layer._loading["merged"], None
+            if merged:
+                layer.merge(merged)
+        raise
 
 
 def _state_post_hook(module, incompatible_keys) -> None:

@@ -1,0 +1,413 @@
+"""The Hugging Face stack as a PEFT user drives it: save_pretrained / Trainer checkpoints (killed with
+SIGKILL and resumed), from_pretrained on what we write, copies and pickles at every point of training,
+state_dict round trips, model.to, PEFT LoRA underneath, and one error family."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import neuroada_format as naf
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
+from neuroada_format.runtime import (NeuroAdaConfig, NeuroAdaLayer, attach, load_adapter, merge, save_adapter,
+                                     trainable_parameters, unmerge)
+from neuroada_format.runtime.model import layers, to_numpy
+
+transformers = pytest.importorskip("transformers")
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "hf_trainer_worker.py"
+
+
+def tiny_llama(seed=0, dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=100)
+    cfg.update(kw)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).to(dtype).eval()
+
+
+def ids(seed=3):
+    return torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, x=None):
+    with torch.no_grad():
+        return model(ids() if x is None else x).logits
+
+
+def train_step(model, opt, x=None):
+    x = ids(5) if x is None else x
+    model.train()
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+    return loss.item()
+
+
+def bits(model):
+    return {k: to_numpy(v).tobytes() for k, v in model.state_dict().items()}
+
+
+# -- bug 1: save_pretrained / from_pretrained ------------------------------------------------------------
+def test_save_pretrained_writes_the_adapter_and_from_pretrained_refuses(tmp_path):
+    base = tiny_llama()
+    model = attach(copy.deepcopy(base), NeuroAdaConfig(k=2))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train_step(model, opt)
+    model.save_pretrained(tmp_path / "ck")
+    files = sorted(os.listdir(tmp_path / "ck"))
+    assert files == ["model.safetensors", "neuroada_config.json", "neuroada_model.safetensors"]
+    assert "config.json" not in files and "adapter_config.json" not in files
+    base_bytes = sum(t.numel() * t.element_size() for t in base.state_dict().values())
+    for f in ("model.safetensors", "neuroada_model.safetensors"):
+        assert (tmp_path / "ck" / f).stat().st_size < 0.1 * base_bytes  # adapter-sized
+    # from_pretrained cannot build a model from it, so nothing random is ever served: no config.json, and
+    # with the base's config given, the guard tensor fails the load (not a warning and random weights).
+    # (LlamaForCausalLM.from_pretrained(folder) with no config at all is not tried: transformers 5 then
+    # builds a default-size 7B Llama before it reads any weight.)
+    with pytest.raises(ValueError, match="config.json"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    for cls in (transformers.AutoModelForCausalLM, transformers.LlamaForCausalLM):
+        with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+            cls.from_pretrained(tmp_path / "ck", config=base.config)
+    from safetensors.torch import load_file
+
+    with pytest.raises(RuntimeError, match="size mismatch"):  # nor does a plain model take it by accident
+        copy.deepcopy(base).load_state_dict(load_file(tmp_path / "ck" / "model.safetensors"), strict=False)
+    # PEFT does not take it for one of its adapters either
+    peft = pytest.importorskip("peft")
+    with pytest.raises(Exception) as err:
+        peft.PeftConfig.from_pretrained(tmp_path / "ck")
+    assert not isinstance(err.value, KeyError)
+    # the adapter loads onto a fresh base and gives the same logits (exact: the trainable state is f32)
+    fresh = load_adapter(copy.deepcopy(base), tmp_path / "ck")
+    torch.testing.assert_close(logits(fresh), logits(model), atol=2e-3, rtol=0)
+    again = attach(copy.deepcopy(base), NeuroAdaConfig(k=2))
+    missing, unexpected = again.load_state_dict(load_file(tmp_path / "ck" / "model.safetensors"), strict=True)
+    assert not missing and not unexpected  # a trainable state: the base is not missing, by design
+    assert torch.equal(logits(again), logits(model))
+
+
+def test_save_pretrained_of_several_adapters_and_a_merged_and_unloaded_model(tmp_path):
+    base = tiny_llama()
+    model = attach(copy.deepcopy(base), NeuroAdaConfig(k=1))
+    attach(model, NeuroAdaConfig(k=2, target_modules=["q_proj"]), "math")
+    model.save_pretrained(tmp_path / "two")
+    assert sorted(os.listdir(tmp_path / "two" / "math")) == ["neuroada_config.json", "neuroada_model.safetensors"]
+    assert naf.load(tmp_path / "two" / "math" / "neuroada_model.safetensors").targets.keys() == \
+        {n + ".weight" for n, l in layers(model).items() if "math" in l.neuroada_val}
+    with pytest.raises(NeuroAdaUsageError, match="push"):
+        model.save_pretrained(tmp_path / "x", push_to_hub=True)
+    from neuroada_format.runtime import merge_and_unload
+
+    plain = merge_and_unload(model)
+    assert "save_pretrained" not in plain.__dict__ and not plain._load_state_dict_post_hooks
+    plain.save_pretrained(tmp_path / "plain")  # an ordinary transformers checkpoint again
+    assert (tmp_path / "plain" / "config.json").exists()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    assert torch.equal(logits(reloaded), logits(plain))
+
+
+def test_trainable_state_from_another_base_is_refused(tmp_path):
+    model = attach(tiny_llama(), NeuroAdaConfig(k=2))
+    with torch.no_grad():
+        for layer in layers(model).values():
+            layer.neuroada_val["default"].fill_(0.01)
+    other = attach(tiny_llama(seed=5), NeuroAdaConfig(k=2))
+    before = bits(other)
+    with pytest.raises(NeuroAdaError) as err:
+        other.load_state_dict({k: v for k, v in model.state_dict().items() if ".neuroada_" in k}, strict=False)
+    assert err.value.rule == "4.3" and "neuroada_w0" in err.value.tensor
+    bad = {k: v for k, v in model.state_dict().items() if ".neuroada_idx." in k}
+    first = sorted(bad)[0]
+    bad[first] = bad[first].flip(1)  # descending rows
+    with pytest.raises(NeuroAdaError, match="strictly increasing"):
+        other.load_state_dict(bad, strict=False)
+    assert bits(other) == before
+
+
+# -- the Trainer, killed and resumed -------------------------------------------------------------------
+def _run(args, **kw):
+    env = dict(os.environ, PYTHONHASHSEED="0", OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(WORKER), *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, **kw)
+
+
+def _losses(log, after=0):
+    return [(e["step"], e[k]) for e in log["log_history"] for k in ("loss", "eval_loss") if k in e and e["step"] > after]
+
+
+def test_trainer_checkpoints_kill_minus_9_and_resume_bit_for_bit(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    b.mkdir()
+    straight = _run([a, "--final", tmp_path / "a-final", "--log", tmp_path / "a.json"])
+    killed = _run([b, "--pause-at", 7])
+    deadline = time.monotonic() + 120
+    while not (b / "paused-7").exists():
+        assert killed.poll() is None, killed.stdout.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "the run never reached step 7"
+        time.sleep(0.05)
+    assert sorted(p.name for p in b.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    os.kill(killed.pid, signal.SIGKILL)  # a real kill -9 in the middle of training
+    assert killed.wait(30) == -signal.SIGKILL
+    out, _ = straight.communicate(timeout=300)
+    assert straight.returncode == 0, out.decode()[-3000:]
+    resumed = _run([b, "--resume", "--final", tmp_path / "b-final", "--log", tmp_path / "b.json"])
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out.decode()[-3000:]
+
+    log_a, log_b = (json.loads((tmp_path / f"{x}.json").read_text()) for x in "ab")
+    assert len(_losses(log_a, after=6)) == 8  # six training losses and two evaluations after the resume point
+    assert _losses(log_b, after=6) == _losses(log_a, after=6)  # the same losses, bit for bit
+    assert _losses(log_b) == _losses(log_a)
+    # the same final adapter bytes (and trainable state); the final model is the best checkpoint's
+    for f in ("neuroada_model.safetensors", "model.safetensors", "neuroada_config.json"):
+        assert (tmp_path / "a-final" / f).read_bytes() == (tmp_path / "b-final" / f).read_bytes(), f
+    best = Path(log_a["best_model_checkpoint"])
+    assert Path(log_b["best_model_checkpoint"]).name == best.name
+    assert (best / "neuroada_model.safetensors").read_bytes() == \
+        (tmp_path / "a-final" / "neuroada_model.safetensors").read_bytes()
+    # every checkpoint holds the adapter, adapter-sized, and nothing from_pretrained could misread
+    model_bytes = log_a["model_bytes"]
+    for ck in [*a.glob("checkpoint-*"), *b.glob("checkpoint-*")]:
+        names = set(os.listdir(ck))
+        assert {"neuroada_model.safetensors", "neuroada_config.json", "model.safetensors", "optimizer.pt",
+                "trainer_state.json", "rng_state.pth"} <= names
+        assert not names & {"config.json", "adapter_config.json", "adapter_model.safetensors"}
+        for f in ("model.safetensors", "neuroada_model.safetensors", "optimizer.pt"):
+            assert (ck / f).stat().st_size < 0.1 * model_bytes, (ck, f)
+        assert naf.validate(ck / "neuroada_model.safetensors").ok
+    assert len(list(a.glob("checkpoint-*"))) <= 2  # save_total_limit (the best one is kept)
+    sys.path.insert(0, str(HERE))
+    try:
+        import hf_trainer_worker
+    finally:
+        sys.path.remove(str(HERE))
+    base = hf_trainer_worker.tiny_llama()
+    final = load_adapter(copy.deepcopy(base), tmp_path / "a-final")
+    with pytest.raises(ValueError):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a-final")
+    assert trainable_parameters(final)[0] == 0 and len(layers(final)) == 14
+    x = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1))
+    exact = attach(copy.deepcopy(base), NeuroAdaConfig(k=2))
+    from safetensors.torch import load_file
+
+    exact.load_state_dict(load_file(tmp_path / "a-final" / "model.safetensors"))
+    torch.testing.assert_close(logits(final, x), logits(exact, x), atol=2e-3, rtol=0)  # BF16 file vs f32 state
+
+
+# -- bug 2: copies, pickles, state_dict round trips, .to at every point of training ---------------------
+def _points(model, opt):
+    """Yield a label at each point of a training step; the model is in that state while the caller checks."""
+    yield "attached"
+    x = ids(5)
+    model.train()
+    loss = model(input_ids=x, labels=x).loss
+    yield "after-forward"  # a graph is alive and holds references to the layers
+    loss.backward()
+    model.eval()
+    yield "after-backward"  # gradients on the deltas, the CSR caches built
+    opt.step()
+    yield "after-step"
+    merge(model)
+    yield "merged"
+    unmerge(model)
+    yield "unmerged"
+
+
+@pytest.mark.parametrize("mode", ["inplace", "additive"])
+def test_copies_pickles_and_state_round_trips_at_every_point(tmp_path, mode):
+    base = tiny_llama()
+    model = attach(copy.deepcopy(base), NeuroAdaConfig(k=2, mode=mode))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    seen = []
+    for point in _points(model, opt):
+        seen.append(point)
+        want = logits(model)
+        c = copy.deepcopy(model)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        p = torch.load(buf, weights_only=False)
+        for other in (c, p):
+            assert torch.equal(logits(other), want), point
+            assert [l.merged_adapters for l in layers(other).values()] == \
+                [l.merged_adapters for l in layers(model).values()]
+            assert "save_pretrained" in other.__dict__  # the adapter-saving override travels along
+            other.save_pretrained(tmp_path / f"{point}-{id(other)}")
+        # a fresh attached model takes the state dict, merged or not, and behaves the same
+        fresh = attach(copy.deepcopy(base), NeuroAdaConfig(k=2, mode=mode))
+        fresh.load_state_dict(model.state_dict())
+        if mode == "inplace" or not any(l.merged for l in layers(model).values()):
+            assert torch.equal(logits(fresh), want), point  # the in-place forward is the merged model's
+        else:  # an additive forward and a merged weight round differently
+            torch.testing.assert_close(logits(fresh), want, rtol=1e-5, atol=1e-5)
+        assert not any(l.merged for l in layers(fresh).values())
+        unmerge(fresh)
+        assert {k: v for k, v in bits(fresh).items() if "neuroada_val" not in k} == \
+            {k: v for k, v in bits(attach(copy.deepcopy(base), NeuroAdaConfig(k=2, mode=mode))).items()
+             if "neuroada_val" not in k}  # the base (and w0) came back exactly
+        # loading into itself, merged or not, changes nothing
+        own = model.state_dict()
+        own = {k: v.clone() for k, v in own.items()}
+        if point != "after-forward":  # between forward and backward a weight must not be rewritten
+            model.load_state_dict(own)
+            assert torch.equal(logits(model), want), point
+    assert seen == ["attached", "after-forward", "after-backward", "after-step", "merged", "unmerged"]
+    # and training goes on in a copy as in the original (torch's Parameter deepcopy drops .grad: zero first)
+    opt.zero_grad(set_to_none=True)
+    c = copy.deepcopy(model)
+    opt_c = torch.optim.AdamW([p for p in c.parameters() if p.requires_grad], lr=1e-2)
+    opt_c.load_state_dict(copy.deepcopy(opt.state_dict()))  # (load_state_dict shares same-dtype tensors)
+    assert train_step(c, opt_c) == train_step(model, opt)
+    assert torch.equal(logits(c), logits(model))
+
+
+def test_to_dtype_keeps_working_and_unmerges_exactly():
+    base = tiny_llama()
+    model = attach(copy.deepcopy(base), NeuroAdaConfig(k=2))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train_step(model, opt)
+    want = logits(model)
+    model.to(torch.bfloat16)
+    assert all(l.neuroada_w0["default"].dtype == torch.bfloat16 for l in layers(model).values())
+    got = logits(model)
+    assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() < 0.5
+    merged_free = logits(model)
+    merge(model)
+    assert torch.equal(logits(model), merged_free)  # in-place forward == merged model, in bf16 too
+    unmerge(model)
+    ref = copy.deepcopy(base).to(torch.bfloat16)
+    for name, layer in layers(model).items():
+        assert torch.equal(layer.weight, ref.get_submodule(name).weight)
+    model.to(torch.float32)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    assert np.isfinite(train_step(model, opt))
+
+
+# -- bug 3: PEFT LoRA underneath --------------------------------------------------------------------------
+def test_attach_on_a_peft_lora_model_adapts_the_base_linears_and_keeps_lora_training(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    lora = peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), lora)
+    lora_params = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert lora_params and all(".lora_" in n for n in lora_params)
+    attach(pm, NeuroAdaConfig(k=2))  # "all-linear"
+    names = sorted(layers(pm))
+    assert len(names) == 14 and not [n for n in names if "lora_" in n]  # never LoRA's own layers
+    assert "base_model.model.model.layers.0.self_attn.q_proj.base_layer" in names  # the linear inside PEFT's
+    assert isinstance(pm.get_submodule("base_model.model.model.layers.0.self_attn.q_proj.base_layer"), NeuroAdaLayer)
+    assert layers(pm)["base_model.model.model.layers.0.self_attn.q_proj.base_layer"].mode == "additive"
+    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert lora_params <= trainable  # LoRA keeps training
+    assert trainable - lora_params == {n + ".neuroada_val.default" for n in names}
+    x = ids(5)
+    pm.train()
+    pm(input_ids=x, labels=x).loss.backward()
+    assert all(pm.get_parameter(n).grad is not None and pm.get_parameter(n).grad.any() for n in trainable)
+    # the adapter is keyed by the plain base's names and valid against it
+    path = save_adapter(pm, tmp_path / "a.safetensors")
+    base_np = {k: to_numpy(v) for k, v in base.state_dict().items()}
+    report = naf.validate(path, base=naf.ArrayBase(base_np), check_selection=True, strict=True)
+    assert report.ok and not report.problems
+    assert "model.layers.0.self_attn.q_proj.weight" in naf.load(path).targets
+    # ... and loads onto a plain base or onto another LoRA model
+    assert len(layers(load_adapter(copy.deepcopy(base), path))) == 14
+    other = load_adapter(peft.get_peft_model(copy.deepcopy(base), lora), path)
+    assert len(layers(other)) == 14
+    # names are matched as PEFT matches them: "q_proj" is the linear inside PEFT's wrapper
+    only_q = attach(peft.get_peft_model(copy.deepcopy(base), lora), NeuroAdaConfig(k=1, target_modules=["q_proj"]))
+    assert sorted(layers(only_q)) == [f"base_model.model.model.layers.{i}.self_attn.q_proj.base_layer" for i in (0, 1)]
+    # the trainable state Trainer resumes from holds LoRA too
+    pm.save_pretrained(tmp_path / "ck")
+    from safetensors.torch import load_file
+
+    state = load_file(tmp_path / "ck" / "model.safetensors")
+    assert lora_params <= set(state)
+
+
+def test_attach_on_lora_injected_into_a_plain_model():
+    """peft.inject_adapter_in_model (what transformers' model.add_adapter does): LoRA inside a plain model."""
+    peft = pytest.importorskip("peft")
+    model = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["q_proj"]), tiny_llama())
+    lora_params = {n for n, p in model.named_parameters() if p.requires_grad}
+    attach(model, NeuroAdaConfig(k=1))
+    assert not [n for n in layers(model) if "lora_" in n] and len(layers(model)) == 14
+    assert lora_params <= {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+# -- bug 6: Trainer(bf16=True) leaves autocast on the model's forward --------------------------------------
+def test_bf16_trainer_autocast_is_visible_and_removable(tmp_path):
+    """accelerate wraps model.forward in autocast for mixed precision and leaves it there after
+    training (PEFT models get the same). In-process logits are then bf16-autocast logits; removing the
+    wrapper (accelerate's extract_model_from_parallel(keep_fp32_wrapper=False), or reloading) gives the
+    plain f32 ones. Documented in the README; here: the saved adapter is the same either way."""
+    base = tiny_llama()
+    model = attach(copy.deepcopy(base), NeuroAdaConfig(k=2))
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 100, (8,), generator=g) for _ in range(8)]
+    data = [{"input_ids": r, "labels": r} for r in rows]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
+                                          learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                                          bf16=True, disable_tqdm=True, logging_strategy="no")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    wrapped = logits(model)
+    from accelerate.utils import extract_model_from_parallel
+
+    plain = extract_model_from_parallel(model, keep_fp32_wrapper=False)
+    assert plain is model
+    unwrapped = logits(model)
+    assert not torch.equal(wrapped, unwrapped)  # autocast was on before
+    trainer.save_model(tmp_path / "final")
+    fresh = attach(copy.deepcopy(base), NeuroAdaConfig(k=2))
+    from safetensors.torch import load_file
+
+    fresh.load_state_dict(load_file(tmp_path / "final" / "model.safetensors"))
+    assert torch.equal(logits(fresh), unwrapped)  # a reload equals the model without the wrapper
+
+
+# -- bug 7: one error family --------------------------------------------------------------------------------
+def test_runtime_errors_are_ours():
+    from neuroada_format.runtime.kernels import Pattern
+    from neuroada_format.runtime.selection import select, topk_columns
+
+    layer = NeuroAdaLayer(torch.nn.Linear(8, 4))
+    layer.add_adapter("a", torch.tensor([[0, 1]] * 4))
+    cases = [
+        lambda: NeuroAdaLayer(torch.nn.Conv2d(2, 2, 1)),
+        lambda: layer.set_mode("sideways"),
+        lambda: layer.add_adapter("a", torch.tensor([[0, 1]] * 4)),
+        lambda: layer.add_adapter("b", torch.tensor([[1, 0]] * 4)),
+        lambda: layer.add_adapter("c", torch.tensor([[0, 9]] * 4)),
+        lambda: layer.add_adapter("d", torch.tensor([[0, 1]] * 3)),
+        lambda: layer.set_adapter("nope"),
+        lambda: layer.merge(["nope"]),
+        lambda: Pattern(torch.tensor([[0, 1]], dtype=torch.int32), 4),
+        lambda: topk_columns(torch.zeros(2, 3), 4),
+        lambda: select(torch.zeros(2, 3), 1, "loudest"),
+        lambda: attach(tiny_llama(), NeuroAdaConfig(k=1, target_modules=["mlp"])),
+        lambda: NeuroAdaConfig(k=0),
+    ]
+    for i, case in enumerate(cases):
+        with pytest.raises(NeuroAdaError) as err:
+            case()
+        assert type(err.value).__module__ == "neuroada_format.errors", i
+    layer.merge(["a"])
+    with pytest.raises(NeuroAdaUsageError, match="unmerge"):
+        layer.delete_adapter("a")
