@@ -144,7 +144,8 @@ class OnnxModel:
         self.dir = os.path.dirname(os.path.abspath(self.path))
         try:
             with open_regular(self.path, rule="1.1") as f:  # a FIFO or device is refused, never opened to block
-                self.proto = onnx.load(f, load_external_data=False)
+                data = f.read()
+            self.proto = onnx.load_model_from_string(data)  # external data stays outside (read lazily)
         except NeuroAdaError:
             raise
         except Exception as exc:  # onnx raises DecodeError and friends
