@@ -95,6 +95,49 @@ def container(tensors, metadata: dict | None = None, *, pad: bool = True, header
     return raw_file(header, b"".join(chunks), pad=pad)
 
 
+# -- raw GGUF writing (spec section 15) -----------------------------------------------------------------
+GGUF_F32, GGUF_F16, GGUF_Q4_1 = 0, 1, 3
+GGUF_U32, GGUF_STR = 4, 8
+
+
+def gguf_file(kv, tensors, alignment: int = 32) -> bytes:
+    """A little-endian GGUF v3 file: kv = [(key, type, value)], tensors = [(name, type, ne, raw bytes)]."""
+    def string(text: str) -> bytes:
+        raw = text.encode("utf-8")
+        return struct.pack("<Q", len(raw)) + raw
+
+    out = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)))
+    for key, vtype, value in kv:
+        out += string(key) + struct.pack("<I", vtype)
+        out += string(value) if vtype == GGUF_STR else struct.pack("<I", value)
+    offset, data = 0, bytearray()
+    for name, ttype, ne, raw in tensors:
+        out += string(name) + struct.pack("<I", len(ne)) + b"".join(struct.pack("<Q", d) for d in ne)
+        out += struct.pack("<IQ", ttype, offset)
+        data += raw + b"\0" * (-len(raw) % alignment)
+        offset = len(data)
+    out += b"\0" * (-len(out) % alignment)
+    return bytes(out + data)
+
+
+def q4_1(x: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """Rows of 32 f32 values as Q4_1 blocks (f16 scale d, f16 minimum m, 16 bytes of 4-bit levels, low
+    nibbles first) and the values they decode to: fl32(fl32(d) * q) + fl32(m), per spec section 15.2."""
+    blocks = x.reshape(-1, 32).astype(np.float32)
+    d = ((blocks.max(1) - blocks.min(1)) / 15).astype(np.float16)
+    m = blocks.min(1).astype(np.float16)
+    d32, m32 = d.astype(np.float32)[:, None], m.astype(np.float32)[:, None]
+    q = np.clip(np.rint((blocks - m32) / d32), 0, 15).astype(np.uint8)
+    nib = q[:, :16] | (q[:, 16:] << np.uint8(4))
+    raw = b"".join(d[i].tobytes() + m[i].tobytes() + nib[i].tobytes() for i in range(len(blocks)))
+    return raw, ((d32 * q.astype(np.float32)) + m32).reshape(x.shape)
+
+
+def rope_perm(rows: int, heads: int) -> np.ndarray:
+    """llama.cpp's q/k row order: GGUF row i holds Hugging Face row perm[i] (spec section 15.2)."""
+    return np.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(-1)
+
+
 # -- adapters ----------------------------------------------------------------------------------------
 class Base:
     """A tiny base checkpoint: ordered name -> array (stored layout)."""
@@ -571,6 +614,40 @@ def build() -> dict:
     ninf = val0.astype(np.float32)
     ninf[1, 1] = -np.inf
     content("3.7_neg_inf_f32", idx0, ninf, "3.7", "-Inf as an F32 value")
+
+    # ---- GGUF bases (spec section 15): names, the rope row order, Q4_1 decoding -----------------------
+    gq_raw, gq = q4_1(randn((8, 32), "F32", 31, scale=0.1))      # GGUF row order
+    gk_raw, gk = q4_1(randn((4, 32), "F32", 32, scale=0.1))
+    g_down = randn((8, 32), "F16", 33, scale=0.1)
+    gguf_bytes = gguf_file(
+        [("general.architecture", GGUF_STR, "llama"), ("general.alignment", GGUF_U32, 32),
+         ("llama.block_count", GGUF_U32, 1), ("llama.attention.head_count", GGUF_U32, 2),
+         ("llama.attention.head_count_kv", GGUF_U32, 1)],
+        [("blk.0.attn_q.weight", GGUF_Q4_1, (32, 8), gq_raw), ("blk.0.attn_k.weight", GGUF_Q4_1, (32, 4), gk_raw),
+         ("blk.0.ffn_down.weight", GGUF_F16, (32, 8), g_down.tobytes()),
+         ("output_norm.weight", GGUF_F32, (32,), np.ones(32, np.float32).tobytes())])
+    GG = put("bases/tiny_llama.gguf", gguf_bytes)
+    QH, KH, DH = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                  "model.layers.0.mlp.down_proj.weight")
+    hf = Base({QH: gq[np.argsort(rope_perm(8, 2))], KH: gk[np.argsort(rope_perm(4, 1))], DH: g_down})
+    gguf_targets = [target(hf, QH, 3, value_dtype="F32", seed=41), target(hf, KH, 2, value_dtype="F32", seed=42),
+                    target(hf, DH, 2, value_dtype="BF16", seed=43)]
+    valid("gguf_llama_q4_1", gguf_targets, "1.1: a GGUF base (section 15): Hugging Face names mapped to blk.0.*, "
+          "attn_q/attn_k rows in llama.cpp's rope order, Q4_1 decoded to F32, an F16 tensor as is",
+          doc=document(gguf_targets, None), base_rel=GG, base_obj=None)
+    unpermuted = Base({QH: gq})  # rows as the file stores them: the adapter misses the rope permutation
+    bad = [target(unpermuted, QH, 3, value_dtype="F32", seed=41)]
+    rel = put("invalid/gguf_rows_not_permuted.safetensors", adapter_file(bad, document(bad, None)))
+    vec("gguf_rows_not_permuted", rel, "made on attn_q's rows in file order, not Hugging Face order: the "
+        "probed values differ (4.3)", valid=False, errors=["4.3"], base=GG)
+    up = Base({DH: g_down.astype(np.float32)})
+    upt = [target(up, DH, 2, value_dtype="F32", seed=44)]
+    rel = put("valid/gguf_made_on_f32_copy.safetensors", adapter_file(upt, document(upt, None)))
+    vec("gguf_made_on_f32_copy", rel, "1.1: made on an F32 copy of the file's F16 tensor: the same values "
+        "(warning 4.6)", valid=True, warnings=["4.6"], base=GG)
+    vec("gguf_truncated_base", "valid/gguf_llama_q4_1.safetensors", "the GGUF base ends inside its header "
+        "(200 of its bytes): it cannot be opened (1.6)", valid=False, errors=["1.6"],
+        base=put("bases/truncated.gguf", gguf_bytes[:200]), base_unreadable=True)
 
     # ---- merge vectors -----------------------------------------------------------------------------
     mb = merge_base()
