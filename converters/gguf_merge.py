@@ -349,6 +349,7 @@ class GGUFBase:
             raise file.err("general.architecture is missing or not a string")
         self.arch = arch
         self._map = None
+        self._reverse = None
         self._resolved: dict[str, Mapped | None] = {}
 
     # name mapping
@@ -394,8 +395,23 @@ class GGUFBase:
     def __contains__(self, name: str) -> bool:
         return self.resolve(name) is not None
 
-    def keys(self):
-        return self.file.tensors.keys()
+    def keys(self) -> list[str]:
+        """Every tensor, by its Hugging Face name where the architecture's table has one (so that
+        `neuroada-pack --base model.gguf` pairs it with a fine-tuned checkpoint), else its GGUF name."""
+        if self.arch not in ARCHS:
+            return list(self.file.tensors)
+        if self._reverse is None:  # gguf's table lists many aliases per tensor; transformers' start with model.
+            self._reverse = {}
+            for key, (_, gname) in self._name_map().mapping.items():
+                if key.startswith(("model.", "lm_head")) and gname not in self._reverse:
+                    self._reverse[gname] = key
+        out = []
+        for g in self.file.tensors:
+            stem, _, suffix = g.rpartition(".")
+            hf = self._reverse.get(stem)
+            name = f"{hf}.{suffix}" if hf else g
+            out.append(name if self.resolve(name) is not None and self.resolve(name).gguf_name == g else g)
+        return out
 
     def encoding(self, name: str) -> str:
         return self.file.tensors[self.resolve(name).gguf_name].type.name

@@ -564,3 +564,24 @@ def test_cli_merge_and_validate_against_a_gguf(tiny, tmp_path):
     assert merge_run(["--base", os.fspath(bad), "--adapter", os.fspath(adapter), "--out",
                       os.fspath(tmp_path / "y.gguf")]) == 1
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+
+
+def test_pack_against_a_gguf_base(tiny, tmp_path):
+    """neuroada-pack --base model.gguf: the base's tensors carry their Hugging Face names, so a fine-tuned
+    checkpoint pairs with them; the adapter extracted belongs to the GGUF (validated, merged)."""
+    from neuroada_format.converters.pack import extract
+    path, view = tiny(QT.Q4_1)
+    assert set(TARGETS) <= set(view.keys()) and "model.embed_tokens.weight" in view.keys()
+    rng = np.random.default_rng(6)
+    tuned = {}
+    for n in TARGETS:
+        w = np.array(view.array(n), dtype=np.float32)
+        w[:, :5] += rng.standard_normal((w.shape[0], 5)).astype(np.float32) * 0.01
+        tuned[n] = w
+    adapter, report = extract(path, tuned, k=5, targets=TARGETS, value_dtype="F32")
+    assert sorted(adapter.targets) == sorted(TARGETS)
+    assert naf.validate(adapter, path).ok
+    out = tmp_path / "m.gguf"
+    gm.merge_gguf(path, [adapter], out, target_type="F32")
+    for n in TARGETS:
+        np.testing.assert_allclose(merged_view(out).array(n), tuned[n], atol=1e-6)
