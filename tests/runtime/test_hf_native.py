@@ -230,6 +230,20 @@ def _points(model, opt):
 
 
 @pytest.mark.parametrize("mode", ["inplace", "additive"])
+def test_deepcopy_after_backward(mode):
+    """The bug as a user met it: a CSR cached on the pattern made deepcopy raise after any backward."""
+    model = attach(tiny_llama(), NeuroAdaConfig(k=2, mode=mode))
+    x = ids(5)
+    model(input_ids=x, labels=x).loss.backward()
+    c = copy.deepcopy(model)  # NotImplementedError: Cannot access storage of SparseCsrTensorImpl (before)
+    assert all(not l._patterns and not l._overlays for l in layers(c).values())  # caches are not copied
+    assert torch.equal(logits(c), logits(model))
+    import pickle
+
+    assert torch.equal(logits(pickle.loads(pickle.dumps(model))), logits(model))
+
+
+@pytest.mark.parametrize("mode", ["inplace", "additive"])
 def test_copies_pickles_and_state_round_trips_at_every_point(tmp_path, mode):
     base = tiny_llama()
     model = attach(copy.deepcopy(base), NeuroAdaConfig(k=2, mode=mode))
