@@ -213,11 +213,6 @@ def _shared_weights(model: nn.Module) -> set[int]:
     return {k for k, n in seen.items() if n > 1}
 
 
-def _inside_foreign(model: nn.Module, name: str) -> bool:
-    parent = name.rpartition(".")[0]
-    return parent in _foreign_wrappers(model) if "." in name else False
-
-
 def _mode_for(module: nn.Module, config: NeuroAdaConfig, shared: set[int], foreign: bool = False) -> str:
     """In place where the weight is a plain, contiguous, unshared tensor of an exact Linear/Conv1D.
 
@@ -257,10 +252,12 @@ def _resolve_sharded_modes(model: nn.Module, args) -> None:
         stack.extend((child, managed) for child in module.children())
 
 
-def _wrap(model: nn.Module, name: str, module: nn.Module, config: NeuroAdaConfig, shared: set[int]) -> NeuroAdaLayer:
+def _wrap(model: nn.Module, name: str, module: nn.Module, config: NeuroAdaConfig, shared: set[int],
+          wrappers: dict[str, str]) -> NeuroAdaLayer:
     if isinstance(module, NeuroAdaLayer):
         return module
-    layer = NeuroAdaLayer(module, mode=_mode_for(module, config, shared, _inside_foreign(model, name)))
+    foreign = name.rpartition(".")[0] in wrappers  # the original layer inside PEFT's wrapper
+    layer = NeuroAdaLayer(module, mode=_mode_for(module, config, shared, foreign))
     setattr(layer, AUTO_ATTR, config.mode == "auto")
     _set_module(model, name, layer)
     if getattr(model, HOOK_ATTR, None) is None:
@@ -334,10 +331,10 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
         indices = {name: select(_canonical(m), config.k, config.selection, seed=config.seed, generator_offset=i)
                    for i, (name, m) in enumerate(modules.items())}
     _freeze(model, keep_deltas=False)
-    shared = _shared_weights(model)
+    shared, wrappers = _shared_weights(model), _foreign_wrappers(model)
     delta_dtype = getattr(torch, config.delta_dtype)
     for name, module in modules.items():
-        layer = _wrap(model, name, module, config, shared)
+        layer = _wrap(model, name, module, config, shared, wrappers)
         layer.add_adapter(adapter_name, indices[name], val_dtype=delta_dtype, activate=True)
         layer.neuroada_val[adapter_name].requires_grad_(not config.inference_mode)
     configs[adapter_name] = config
@@ -604,8 +601,9 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
     # base weight missing and initialise them at random with a warning. Under one real base name the
     # file holds a tensor of an impossible shape, so that load fails (size mismatch) instead; our own
     # load_state_dict hook drops it, named by the marker.
-    guard = next(k for k in base_state_names(model) if k not in state)
-    state[guard] = torch.zeros(0, dtype=torch.uint8)
+    guard = next((k for k in base_state_names(model) if k not in state), "")
+    if guard:  # (none when every base tensor trains: the state is then a whole model)
+        state[guard] = torch.zeros(0, dtype=torch.uint8)
     state[STATE_MARKER] = torch.tensor(list(guard.encode("utf-8")), dtype=torch.uint8)
     out = os.path.join(folder, STATE_FILE)
     tmp = out + f".tmp-{os.getpid()}"
@@ -623,10 +621,11 @@ def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_
     """A state marked as trainable state (save_pretrained's model.safetensors) holds no base by design;
     its guard tensor (see save_pretrained) is not a weight."""
     marker = state_dict.pop(prefix + STATE_MARKER, None)
+    module.__dict__["_neuroada_partial_load"] = marker is not None
     if marker is not None:
         guard = bytes(marker.to(torch.uint8).tolist()).decode("utf-8", "replace")
-        state_dict.pop(prefix + guard, None)
-        module.__dict__["_neuroada_partial_load"] = True
+        if guard:
+            state_dict.pop(prefix + guard, None)
     # every layer checks its part before any loads, so a refused state changes nothing
     prepared = []
     try:
@@ -744,10 +743,10 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
         config.mode = mode
         shared = _shared_weights(model)
         delta_dtype = getattr(torch, config.delta_dtype)
-        by_key = _modules_by_key(model)
+        by_key, wrappers = _modules_by_key(model), _foreign_wrappers(model)
         for key, t in adapter.targets.items():
             name = by_key[key]
-            module = _wrap(model, name, model.get_submodule(name), config, shared)
+            module = _wrap(model, name, model.get_submodule(name), config, shared, wrappers)
             w = module.weight
             idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
             val = torch.from_numpy(np.asarray(t.values, dtype=np.float32)).to(device=w.device, dtype=delta_dtype)
