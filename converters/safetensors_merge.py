@@ -45,8 +45,8 @@ import numpy as np
 from neuroada_format import (Adapter, Checkpoint, Delta, MergePlan, NeuroAdaError, NeuroAdaUsageError, Target,
                              open_base, plan_merge, validate)
 from neuroada_format.dtypes import NUMPY_DTYPES
-from neuroada_format.durable import (default_mode, fsync_dir, fsync_path, publish, remove, remove_stale_siblings,
-                                     reserve, temp_sibling)
+from neuroada_format.durable import (fsync_dir, fsync_path, publish, remove, remove_stale_siblings, reserve,
+                                     temp_sibling)
 from neuroada_format.hashing import ProbeHash
 from neuroada_format.layout import stored_shape
 from neuroada_format.safe_io import kind_of, open_regular
