@@ -32,9 +32,14 @@ How to add a backend (e.g. GGUF):
      `supports_in_place` (else the driver refuses --in-place with a usage error).
    - Options of its own (e.g. a target encoding): override `configured(**options)` to return a new
      instance; they arrive from `merge(..., options={...})` and the CLI's `--option KEY=VALUE`.
+   - Read user paths only through `neuroada_format.safe_io` (regular files only: a FIFO never hangs a
+     merge); before patching a file in place through a map, `durable.reserve` its ranges (a full
+     disk is then an error, not a SIGBUS).
 2. One registration: a line in `REGISTRY` below (format name, module, file suffixes). Formats are
    picked by suffix, then the folder/fallback backend; `merge(..., format=...)` overrides.
-Nothing else changes: the CLI, the summary, the overwrite rule and exit codes come with the seam.
+Nothing else changes: the CLI, the summary, the overwrite and lock rules and exit codes come with the
+seam. (`neuroada validate --base` and `neuroada-pack` read bases through the core's `open_base`, not
+through this seam: a format they should read needs a base view there too.)
 """
 from __future__ import annotations
 
