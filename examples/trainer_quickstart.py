@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     scale = want.abs().max().item()
     sizes = {f: os.path.getsize(os.path.join(final, f)) for f in sorted(os.listdir(final))
              if f.endswith(".safetensors")}
-    base_bytes = sum(t.numel() * t.element_size() for k, t in fresh.state_dict().items() if ".neuroada_" not in k)
+    base_bytes = sum(t.numel() * t.element_size() for n, t in fresh.named_parameters() if ".neuroada_" not in n)
     print(f"trained {trainer.state.global_step} steps, final loss {result.training_loss:.4f}")
     print(f"saved {final}: " + ", ".join(f"{f} {n / 1e6:.2f} MB" for f, n in sizes.items())
           + f" (base model {base_bytes / 1e6:.1f} MB)")

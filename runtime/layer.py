@@ -217,8 +217,9 @@ class NeuroAdaLayer(nn.Module):
             if w0 is None:
                 continue
             idx = state_dict.get(f"{prefix}neuroada_idx.{name}", self.neuroada_idx[name])
-            ok = (tuple(w0.shape) == tuple(idx.shape) and idx.dtype == torch.int64
+            ok = (tuple(w0.shape) == tuple(idx.shape) and not idx.is_floating_point()
                   and bool(((idx >= 0) & (idx < self.d_in)).all()))
+            idx = idx.to(torch.int64)
             if not ok or not torch.equal(W.gather(1, idx.to(W.device)), w0.to(device=W.device, dtype=W.dtype)):
                 raise NeuroAdaError("the state's original entries (neuroada_w0) differ from this model's weights: "
                                     "it was saved from other base weights", tensor=f"{prefix}neuroada_w0.{name}",

@@ -558,7 +558,10 @@ def trainable_state(model: nn.Module, state_dict: dict | None = None) -> dict[st
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     out = {}
     for key, t in sd.items():
-        if ".neuroada_idx." in key or ".neuroada_val." in key or key in trainable:
+        if ".neuroada_idx." in key:  # columns < d_in: int16 or int32 on disk (loading converts back)
+            t = _full(t).detach().cpu()
+            out[key] = t.to(torch.int16 if t.numel() == 0 or int(t.max()) < 32768 else torch.int32).contiguous()
+        elif ".neuroada_val." in key or key in trainable:
             out[key] = _full(t).detach().cpu().contiguous()
     return out
 
