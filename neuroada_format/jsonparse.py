@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 from .errors import NeuroAdaError
 
@@ -48,12 +49,14 @@ def _finite_float(text: str) -> float:
 
 
 def _bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise ValueError(f"integer of {len(text)} digits (more than {MAX_INT_DIGITS})")
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        raise ValueError(f"integer of {digits} digits (more than {MAX_INT_DIGITS})")
     return int(text)
 
 
 _CONTAINERS = (dict, list)
+_LONG_DIGITS = re.compile(r"[0-9]{%d}" % (MAX_INT_DIGITS + 1))
 
 
 def depth(value, stop: int | None = None) -> int:
@@ -84,9 +87,12 @@ def strict_json(text, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_D
         raise ValueError(f"JSON text of {len(text):,} bytes is larger than {max_bytes:,}")
     if isinstance(text, (bytes, bytearray, memoryview)):
         text = bytes(text).decode("utf-8")  # UnicodeDecodeError is a ValueError
+    # Only a text holding a run of more than MAX_INT_DIGITS digits can hold such an integer: the
+    # others skip the per-integer hook (a 100 MB header of integers parses 3x faster without it).
+    bounded = _bounded_int if _LONG_DIGITS.search(text) else None
     try:
         value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants,
-                           parse_float=_finite_float, parse_int=_bounded_int)
+                           parse_float=_finite_float, parse_int=bounded)
     except RecursionError:
         raise ValueError(f"nested more than {max_depth} levels deep") from None
     if depth(value, stop=max_depth) > max_depth:
