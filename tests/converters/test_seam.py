@@ -573,3 +573,46 @@ def test_fifos_anywhere_are_refused_not_waited_on(model, tmp_path):
         r = subprocess.run([os.fspath(x) for x in argv], capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (argv, r.returncode, r.stderr)
         one_line(r.stderr)
+
+
+# -- kill -9 during a pack write ----------------------------------------------------------------------
+def _pack_child(argv):
+    import time as _time
+
+    real = durable.publish
+
+    def slow_publish(*args, **kwargs):  # the temporary sibling is complete: die before it is published
+        _time.sleep(30)
+        return real(*args, **kwargs)
+
+    durable.publish = slow_publish
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    try:
+        pack_cli.main(argv)
+    except SystemExit as exc:
+        os._exit(exc.code or 0)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs fork and SIGKILL")
+def test_a_killed_pack_leaves_no_output_and_the_next_run_cleans_up(model, tmp_path):
+    import multiprocessing
+    import signal
+    import time
+
+    base, a, _, _ = model
+    out = tmp_path / "c.safetensors"
+    argv = ["--combine", a, "--base", base, "-o", os.fspath(out)]
+    child = multiprocessing.get_context("fork").Process(target=_pack_child, args=(argv,))
+    child.start()
+    deadline = time.monotonic() + 60
+    while not B.siblings(out) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    assert B.siblings(out) and not out.exists()          # a sibling, never a partial output
+    with pytest.raises(SystemExit) as exc:
+        pack_cli.main(argv)
+    assert exc.value.code == 0 and out.exists() and B.siblings(out) == []
+    assert naf.validate(naf.load(out)).ok
