@@ -237,9 +237,10 @@ def _adapter_with_extra(craft, small_model, raw_text: str) -> bytes:
     return craft.adapter(targets, metadata={"neuroada": meta})
 
 
-ACCEPTED = [_nested(MAX_DEPTH - 1), "1e308", "-0.0", "9" * 4300, '{"a": [1, {"b": null}]}']
+ACCEPTED = [_nested(MAX_DEPTH - 1), "1e308", "-0.0", "9" * 4300, "-" + "9" * 4300, '"' + "9" * 5000 + '"',
+            '{"a": [1, {"b": null}]}']
 REFUSED = [_nested(MAX_DEPTH), _nested(600), _nested(900), _nested(100_000), "1e999", "-1e999",
-           "9" * 4301, "[NaN]", '{"a": 1, "a": 2}']
+           "9" * 4301, "-" + "9" * 4301, "[NaN]", '{"a": 1, "a": 2}']
 
 
 @pytest.mark.parametrize("text", ACCEPTED + REFUSED, ids=lambda t: t[:12] + f"..{len(t)}")
