@@ -47,9 +47,11 @@ from neuroada_format.runtime import (  # noqa: E402
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CHECK_PROMPTS = 4
 ONNX_RTOL = 1e-4
-# Chosen on a validation split carved from the training words (the held-out words played no part).
-NEUROADA_LR = 2e-3
-LORA_LR = 2e-3
+# Learning rates: the best on a validation split carved from the training words (8 per group; the
+# held-out words played no part) at 16 steps of 8: k=20 from {5e-3, 1e-2}, k=1 {2e-2, 5e-2} (sparser
+# deltas want larger steps, as in the paper), LoRA {5e-3, 1e-2} (1e-2 diverged; 2e-3 needed 24 steps).
+NEUROADA_LR = 1e-2
+COMPARE = {"k=1": 5e-2, "lora": 5e-3}  # what else trains on the same batches, and its learning rate
 
 
 # -- measuring ----------------------------------------------------------------------------------------
@@ -181,6 +183,36 @@ def ort_last_logits(session):
     return last_logits
 
 
+def train_fresh(kind: str, base_dir, tokenizer, encoded, plan, held_out, *, lr: float, seed: int,
+                work: Path) -> tuple[Result, list[float]]:
+    """A freshly loaded base model with `kind` ("k=N" NeuroAda or "lora": PEFT LoRA r=8, alpha 16, on the
+    same projections) trained on `plan`, scored on `held_out`, its adapter saved under `work`."""
+    model, _ = smollm2.load(base_dir, verbose=False)
+    torch.manual_seed(seed)
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        name = "PEFT LoRA r=8"
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=PROJECTIONS))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    else:
+        k = int(kind.removeprefix("k="))
+        name = f"NeuroAda k={k}"
+        attach(model, NeuroAdaConfig(k=k, target_modules=PROJECTIONS, base_model_name_or_path=smollm2.MODEL_NAME))
+        trainable, _ = trainable_parameters(model)
+    losses, seconds, extra_mb = train(model, tokenizer, encoded, plan, lr=lr, desc=name)
+    acc = accuracy(tasks.torch_last_logits(model), tokenizer, held_out)
+    if kind == "lora":
+        model.save_pretrained(work / "lora")
+        file = work / "lora" / "adapter_model.safetensors"
+    else:
+        file = Path(save_adapter(model, work / f"adapter-{kind.replace('=', '')}"))
+    size = file.stat().st_size
+    print(f"   held-out accuracy {acc:.1%}", flush=True)
+    return Result(name + (" (runtime)" if kind != "lora" else ""), acc, trainable, f"adapter {megabytes(size)}",
+                  size, seconds, extra_mb), losses
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent
     r = subprocess.run([str(exe / args[0]), *args[1:]], capture_output=True, text=True)
@@ -211,7 +243,7 @@ def _colour(name: str) -> str:
     """One colour per method wherever it appears; its merged forms in a lighter shade of NeuroAda's."""
     if name.startswith("untuned"):
         return "#9e9e9e"
-    if name.startswith("merged"):
+    if "merged" in name:
         return "#7fb2dc"
     if "LoRA" in name:
         return "#f28e2b"
@@ -285,13 +317,14 @@ def table(results: list[Result]) -> list[str]:
 # -- main -------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer steps, no LoRA comparison (the CI form)")
-    ap.add_argument("--steps", type=int, default=None, help="training steps (default 40, quick 24)")
+    ap.add_argument("--quick", action="store_true", help="fewer steps, no comparisons (the CI form)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default 16, quick 12)")
     ap.add_argument("-k", type=int, default=20, help="deltas per neuron (default 20)")
     ap.add_argument("--lr", type=float, default=NEUROADA_LR, help="NeuroAda learning rate")
-    ap.add_argument("--lora-lr", type=float, default=LORA_LR, help="LoRA learning rate")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--no-lora", action="store_true", help="skip the PEFT LoRA r=8 comparison")
+    ap.add_argument("--compare", default=None,
+                    help="comma-separated models also trained on the same batches, from: "
+                         f"{', '.join(COMPARE)} (default: all; quick: none)")
     ap.add_argument("--work", default=None,
                     help="folder for the artefacts, kept (default: a temporary one, removed at the end)")
     ap.add_argument("--cache", default=None, help="SmolLM2 safetensors cache folder (the ONNX cache goes "
@@ -302,8 +335,12 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: all cores, or 1 when the machine is already busy)")
     args = ap.parse_args(argv)
-    steps = args.steps or (24 if args.quick else 40)
-    with_lora = not (args.quick or args.no_lora)
+    steps = args.steps or (12 if args.quick else 16)
+    compare = [c for c in (args.compare if args.compare is not None else
+                           "" if args.quick else ",".join(COMPARE)).split(",") if c]
+    unknown = [c for c in compare if c not in COMPARE]
+    if unknown:
+        ap.error(f"--compare: unknown {', '.join(unknown)} (choose from {', '.join(COMPARE)})")
     torch.manual_seed(args.seed)
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
@@ -388,30 +425,23 @@ def main(argv=None) -> int:
         acc_ort = accuracy(ort_last_logits(session), tokenizer, held_out)
         del session
     merged_bytes = folder_bytes(merged_dir)
-    results.append(Result("merged checkpoint (transformers)", acc_hf, file=f"safetensors {megabytes(merged_bytes)}",
+    results.append(Result(f"k={args.k} merged, transformers", acc_hf, file=f"safetensors {megabytes(merged_bytes)}",
                           file_bytes=merged_bytes, check=f"max |diff| {hf_diff:.1e}"))
     onnx_bytes = merged_onnx.stat().st_size + Path(str(merged_onnx) + ".data").stat().st_size
-    results.append(Result("merged ONNX (onnxruntime)", acc_ort, file=f"onnx {megabytes(onnx_bytes)}",
+    results.append(Result(f"k={args.k} merged, onnxruntime", acc_ort, file=f"onnx {megabytes(onnx_bytes)}",
                           file_bytes=onnx_bytes, check=f"max rel diff {ort_rel:.1e} (bar {ONNX_RTOL:g})"))
 
-    lora_losses = None
-    if with_lora:
-        with stage(f"PEFT LoRA r=8 on the same {steps} batches"):
-            from peft import LoraConfig, get_peft_model
-
-            base, _ = smollm2.load(base_dir, verbose=False)
-            torch.manual_seed(args.seed)
-            lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                   target_modules=PROJECTIONS))
-            lora_trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
-            lora_losses, lora_s, lora_mb = train(lora, tokenizer, encoded, plan, lr=args.lora_lr,
-                                                 desc="LoRA r=8")
-            acc_lora = accuracy(tasks.torch_last_logits(lora), tokenizer, held_out)
-            lora.save_pretrained(work / "lora")
-        lora_bytes = os.path.getsize(work / "lora" / "adapter_model.safetensors")
-        results.append(Result("PEFT LoRA r=8", acc_lora, lora_trainable, f"adapter {megabytes(lora_bytes)}",
-                              lora_bytes, lora_s, lora_mb))
-        del lora, base
+    # A further artefact (e.g. a merged GGUF) is one more stage here that appends its Result.
+    curves = {f"NeuroAda k={args.k}": losses}
+    sizes = {f"NeuroAda k={args.k}\nadapter": adapter_bytes}
+    for kind in compare:
+        with stage(f"{kind}: a fresh model trained on the same {steps} batches"):
+            result, kind_losses = train_fresh(kind, base_dir, tokenizer, encoded, plan, held_out,
+                                              lr=COMPARE[kind], seed=args.seed, work=work)
+        results.append(result)
+        short = result.name.removesuffix(" (runtime)")
+        curves[short] = kind_losses
+        sizes[short + "\nadapter"] = result.file_bytes
     total_s = time.perf_counter() - t_start
 
     print("\n== stage times ==")
@@ -422,19 +452,15 @@ def main(argv=None) -> int:
     print(f"\n== {title} ==")
     for line in table(results):
         print(line)
-    print(f"  base model parameters {total - trainable:,}; NeuroAda trains {100 * trainable / (total - trainable):.3f}%"
+    print(f"  base model parameters {total - trainable:,}; NeuroAda k={args.k} trains "
+          f"{100 * trainable / (total - trainable):.3f}%"
           f"; loss {np.mean(losses[:5]):.3f} -> {np.mean(losses[-5:]):.3f}")
     print(f"  wall time {total_s:.0f} s on {threads} thread(s); peak RSS {stage.peak_all():,.0f} MB")
 
-    curves = {f"NeuroAda k={args.k}": losses}
     accs = {"untuned": acc_before, f"NeuroAda k={args.k}": acc_after}
-    sizes = {f"NeuroAda k={args.k}\nadapter": adapter_bytes}
-    if lora_losses is not None:
-        curves["LoRA r=8"] = lora_losses
-        accs["LoRA r=8"] = acc_lora
-        sizes["LoRA r=8\nadapter"] = lora_bytes
-    accs.update({"merged ckpt": acc_hf, "merged ONNX": acc_ort})
-    sizes["merged\ncheckpoint"] = merged_bytes
+    accs.update({r.name.removesuffix(" (runtime)"): r.accuracy for r in results[len(results) - len(compare):]})
+    accs.update({f"k={args.k} merged ckpt": acc_hf, f"k={args.k} merged ONNX": acc_ort})
+    sizes[f"k={args.k} merged\ncheckpoint"] = merged_bytes
     png = write_plot(args.plot, curves, accs, sizes, title, chance=1 / len(tasks.WORD_GROUPS))
     print(f"\npicture: {png.resolve()}")
     if args.work:
