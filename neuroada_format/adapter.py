@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .container import Problems, SafetensorsFile
-from .durable import write_file
+from .durable import write_bytes, write_file
 from .dtypes import INDEX_DTYPES, I16_MAX_D_IN, NUMPY_DTYPES, VALUE_DTYPES, dtype_name, index_dtype_for
 from .errors import NeuroAdaError
 from .hashing import probe_hash
@@ -221,7 +221,7 @@ def save(adapter: Adapter, path, *, value_dtype: str | None = None, index_dtype:
     allows it (I16/I32 indices; BF16/F16/F32 values); other integer indices get I16 where it fits.
     With check=True (the default) the adapter is validated first, so no invalid file is ever written.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save as serialize
 
     from .validate import validate
 
@@ -256,7 +256,9 @@ def save(adapter: Adapter, path, *, value_dtype: str | None = None, index_dtype:
         tensors[INDICES_PREFIX + name] = t.indices
         tensors[VALUES_PREFIX + name] = t.values
     meta = {METADATA_KEY: json.dumps(out.document(), sort_keys=True, separators=(",", ":"))}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    # serialised in memory (an adapter is small) so that a write error, a full disk above all, is an
+    # OSError naming the file rather than safetensors' own exception
+    write_bytes(path, serialize(tensors, metadata=meta), overwrite=True, durable=True)
 
 
 def _kept_index_dtype(t: Target) -> str:

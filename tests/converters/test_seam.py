@@ -468,6 +468,23 @@ def test_in_place_merge_on_a_full_disk_fails_cleanly(tiny_tmpfs, tmp_path):
     assert base.read_bytes() == before and not (tmp_path / "j.safetensors").exists()
 
 
+def test_pack_output_on_a_full_disk_names_the_file(tiny_tmpfs, tmp_path):
+    """`neuroada-pack -o` on a full file system printed safetensors' own exception as an internal error."""
+    w = np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32)
+    idx = naf.select_indices(w, 64)
+    target = naf.Target.from_weight("w", w, idx, np.full(idx.shape, 0.5, np.float32), value_dtype="F32")
+    src = tmp_path / "a.safetensors"
+    naf.save(naf.Adapter({"w": target}), src)               # 384 KiB of tensors
+    (tiny_tmpfs / "filler").write_bytes(b"x" * (900 << 10))  # leaves ~100 KiB free
+    out = tiny_tmpfs / "b.safetensors"
+    r = subprocess.run([_script("neuroada-pack"), "--repack", os.fspath(src), "-o", os.fspath(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    line = one_line(r.stderr)
+    assert "No space left on device" in line and os.fspath(out) in line, line
+    assert not out.exists() and B.siblings(out) == []
+
+
 # -- what a copy copies (issue 13 item 10) ------------------------------------------------------------
 def test_a_copy_follows_file_links_and_refuses_folder_links_and_special_files(model, tmp_path, capsys):
     base, a, _, _ = model
