@@ -469,7 +469,7 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
     the largest touched change exactly, a grid around them and least-squares refinements; `touched`
     [B, n] marks the values that carry a delta, weighted by touched_weight (a lost delta costs more
     than noise on untouched values: on SmolLM2 Q4_1, weights 1 / 10 / 100 / 1000 kept 14% / 56% / 78% /
-    74% of the adapter's logit change, bench/gguf.py). Other types always use the naive quantiser.
+    74% of the adapter's logit change, bench/gguf_retention.py). Other types always use the naive quantiser.
     """
     target = np.ascontiguousarray(target, dtype=np.float32)
     if original is not None:  # blocks whose original encoding already holds the target stay as they are
