@@ -611,7 +611,8 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
     out = os.path.join(folder, STATE_FILE)
     tmp = out + f".tmp-{os.getpid()}"
     try:
-        save_file(state, tmp, metadata={"format": "pt", "neuroada_trainable_state": "1"})
+        # one metadata key only: safetensors writes them from a hash map, in an order that varies by process
+        save_file(state, tmp, metadata={"format": "pt"})
         os.chmod(tmp, default_file_mode())
         os.replace(tmp, out)
     except BaseException:
