@@ -6,7 +6,8 @@ four groups (north, south, east, west) a word belongs to. The untuned model can 
 must apply the rule to 64 held-out words it never saw in training. The adapter is saved, validated
 against the base checkpoint and merged by `neuroada-merge` into a safetensors checkpoint and an ONNX
 model; transformers and onnxruntime load the merged results, must agree with the runtime, and are
-scored too. PEFT LoRA r=8 trains on the same batches for the same number of steps, for comparison.
+scored too. NeuroAda k=1 and PEFT LoRA r=8 train fresh copies on the same batches, for comparison
+(not in --quick).
 A table at the end shows trainable parameters, file sizes, time, peak memory and held-out accuracy per
 model, and a PNG beside it draws the loss curves, the accuracies and the file sizes.
 
@@ -16,6 +17,8 @@ model, and a PNG beside it draws the loss curves, the accuracies and the file si
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import os
 import random
 import resource
@@ -73,6 +76,16 @@ def peak_rss_mb() -> float:
     """Peak RSS since the last reset_peak_rss (VmHWM), else since the process started (getrusage)."""
     peak = _status_mb("VmHWM")
     return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_free_heap() -> None:
+    """Hand freed heap back to the system (glibc), so RSS growth measured next is what the code needs,
+    not what an earlier stage happened to leave mapped."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def reset_peak_rss() -> float:
@@ -148,9 +161,9 @@ def train(model, tokenizer, encoded, plan, *, lr: float, desc: str) -> tuple[lis
     """
     from tqdm import tqdm
 
+    release_free_heap()
     rss0 = reset_peak_rss()
     t0 = time.perf_counter()
-
     steps = len(plan)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
