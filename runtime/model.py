@@ -119,15 +119,20 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 
 def _foreign_wrappers(model: nn.Module) -> dict[str, str]:
-    """Modules of other adapter libraries that keep the original layer inside them, by name -> the
-    attribute holding it: PEFT's tuner layers (`base_layer`) and ModulesToSaveWrapper (`original_module`).
-    Everything else inside them (lora_A, lora_B, the trainable copies) is that library's adapter."""
+    """PEFT's modules that keep the original layer inside them, by name -> the attribute holding it:
+    tuner layers (LoRA's Linear etc., `base_layer`) and ModulesToSaveWrapper (`original_module`).
+    Everything else inside them (lora_A, lora_B, the trainable copies) is PEFT's adapter. Looked up,
+    not imported: when PEFT was never loaded, no module can be one of its wrappers."""
+    tuners, utils = sys.modules.get("peft.tuners.tuners_utils"), sys.modules.get("peft.utils.other")
+    kinds = [(getattr(tuners, "BaseTunerLayer", None), "base_layer"),
+             (getattr(utils, "AuxiliaryTrainingWrapper", None), "original_module")]
+    kinds = [(k, attr) for k, attr in kinds if k is not None]
     out = {}
+    if not kinds:
+        return out
     for name, m in model.named_modules():
-        if isinstance(m, NeuroAdaLayer):
-            continue
-        for attr in ("base_layer", "original_module"):
-            if isinstance(getattr(m, attr, None), nn.Module) and attr in m._modules:
+        for kind, attr in kinds:
+            if isinstance(m, kind) and isinstance(m._modules.get(attr), nn.Module):
                 out[name] = attr
                 break
     return out
@@ -157,7 +162,7 @@ def plain_name(model: nn.Module, name: str) -> str:
     prefix = _peft_prefix(model)
     if prefix and name.startswith(prefix):
         name = name[len(prefix):]
-    return ".".join(part for part in name.split(".") if part != "base_layer")
+    return ".".join(part for part in name.split(".") if part not in ("base_layer", "original_module"))
 
 
 def _adaptable(model: nn.Module) -> dict[str, nn.Module]:

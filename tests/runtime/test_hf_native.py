@@ -355,6 +355,21 @@ def test_attach_on_a_peft_lora_model_adapts_the_base_linears_and_keeps_lora_trai
     assert lora_params <= set(state)
 
 
+def test_peft_modules_to_save_keeps_training_and_its_head_is_no_target(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                  modules_to_save=["lm_head"]))
+    before = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert "base_model.model.lm_head.modules_to_save.default.weight" in before
+    attach(pm, NeuroAdaConfig(k=1))
+    assert not [n for n in layers(pm) if "lm_head" in n]  # "all-linear" leaves the head out, copies included
+    assert before <= {n for n, p in pm.named_parameters() if p.requires_grad}
+    path = save_adapter(pm, tmp_path / "a.safetensors")
+    report = naf.validate(path, base=naf.ArrayBase({k: to_numpy(v) for k, v in base.state_dict().items()}))
+    assert report.ok and not report.problems  # structure hash of the plain base (no 4.5 warning)
+
+
 def test_attach_on_lora_injected_into_a_plain_model():
     """peft.inject_adapter_in_model (what transformers' model.add_adapter does): LoRA inside a plain model."""
     peft = pytest.importorskip("peft")
