@@ -230,6 +230,8 @@ def main(argv=None) -> int:
                     f"{np.abs(l_qrt - l_rt).max():.2f}), a different solution of the same task.")
         gguf_row("trained through the Q4_1 grid: GGUF Q4_1 (search keeps the grid)", "Q4_1", qat, l_qrt,
                  encoder="search")
+    check = transformers_check(gguf_file, adapter, originals, names)
+    print("   " + check, flush=True)
     timing = merge_timing(gguf_file, adapter, view, names)
     if not args.no_qat and args.calibration_steps:
         cal_file = CACHE / f"k20-s{args.steps}-seed{args.seed}-q41cal{args.calibration_steps}.safetensors"
@@ -269,6 +271,8 @@ def main(argv=None) -> int:
         "the goal; training through the quantizer from the start did (100% at the original size, 98.4% "
         "accuracy against 100%), snapping a trained adapter did not.",
         "",
+        check,
+        "",
         "Merge time against copying the file (warm cache, verification on; goal <= 1.3x for F16 targets):",
         "",
         table(timing),
@@ -278,6 +282,22 @@ def main(argv=None) -> int:
     if not args.no_write:
         replace_section(HEADING, text)
     return 0
+
+
+def transformers_check(gguf_file, adapter, originals, names) -> str:
+    """An independent reader: transformers' GGUF loader on our merge with F32 targets against the runtime
+    merge (rule M on the de-quantized weights), weight by weight; exact is the expectation."""
+    from transformers import AutoModelForCausalLM
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        out = Path(tmp) / "merged-f32.gguf"
+        gm.merge_gguf(gguf_file, [adapter], out, target_type="F32")
+        sd = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=out.name).state_dict()
+    exact = sum(np.array_equal(sd[n].numpy(), naf.merge_weight(originals[n].numpy(), [adapter.targets[n]]))
+                for n in names)
+    worst = max(float(np.abs(sd[n].numpy() - naf.merge_weight(originals[n].numpy(), [adapter.targets[n]])).max())
+                for n in names)
+    return (f"Independent reader: transformers' GGUF loader on the merge with F32 targets equals the runtime merge "
+            f"bit for bit on {exact} of {len(names)} targets (max |diff| {worst:g}).")
 
 
 def _best_of(fn, n=3) -> float:
