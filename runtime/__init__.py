@@ -21,6 +21,7 @@ from .model import (
     save_adapter,
     to_adapter,
     trainable_parameters,
+    trainable_state,
     unmerge,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "merge_and_unload",
     "print_trainable_parameters",
     "trainable_parameters",
+    "trainable_state",
     "layers",
     "kernels",
     "Pattern",
