@@ -25,7 +25,6 @@ import math
 import mmap
 import os
 import struct
-import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,7 +68,7 @@ ARCHS = {"llama": True, "qwen2": False, "qwen3": False}
 def qtype(name) -> QT:
     """A GGML type from its name (`--requant Q8_0`), refused clearly when unknown or not encodable."""
     try:
-        t = QT[str(name).upper()]
+        t = name if isinstance(name, QT) else QT[str(name).upper()]
     except KeyError:
         raise NeuroAdaUsageError(f"unknown GGUF tensor type {name!r}; encodable: "
                                  f"{', '.join(x.name for x in ENCODABLE)}") from None
@@ -593,6 +592,18 @@ class GGUFBackend(Backend):
         self.encoder = encoder
         self.touched_weight = float(touched_weight)
 
+    def configured(self, **options) -> "GGUFBackend":
+        """A GGUF backend with its own options: requant, target_type, encoder, touched_weight
+        (`merge(..., options=)`, or `neuroada-merge --option requant=Q8_0` on the command line)."""
+        known = {"requant", "target_type", "encoder", "touched_weight"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise NeuroAdaUsageError(f"GGUF merges take the options {', '.join(sorted(known))}; "
+                                     f"unknown: {', '.join(unknown)}")
+        kept = {"requant": self.requant, "target_type": self.target_type, "encoder": self.encoder,
+                "touched_weight": self.touched_weight}
+        return GGUFBackend(**{**kept, **options})
+
     def open(self, path: str) -> GGUFBase:
         return open_gguf_base(path)
 
@@ -771,23 +782,10 @@ def _write_retyped(f: GGUFFile, plan: _Plan, tmp: str) -> int:
 BACKEND = GGUFBackend()
 
 
-_SWAP = threading.Lock()
-
-
 def merge_gguf(base, adapters, out, *, requant=None, target_type=None, encoder: str = "search",
                touched_weight: float = 100.0, verify: bool = True, overwrite: bool = False, durable: bool = False):
-    """Merge adapters into a GGUF file with the GGUF-only options, through the seam's driver.
-
-    The driver (`converters.backend.merge`) runs the registered BACKEND; a configured backend stands in
-    for it for the duration of one call (serialised by a lock).
-    """
+    """Merge adapters into a GGUF file with the GGUF-only options, through the seam's driver."""
     from . import backend as seam
-    global BACKEND
-    impl = GGUFBackend(requant=requant, target_type=target_type, encoder=encoder, touched_weight=touched_weight)
-    with _SWAP:
-        default, BACKEND = BACKEND, impl
-        try:
-            return seam.merge(base, adapters, out, verify=verify, overwrite=overwrite, durable=durable,
-                              format="gguf")
-        finally:
-            BACKEND = default
+    options = {"requant": requant, "target_type": target_type, "encoder": encoder, "touched_weight": touched_weight}
+    return seam.merge(base, adapters, out, verify=verify, overwrite=overwrite, durable=durable, format="gguf",
+                      options=options)

@@ -566,6 +566,27 @@ def test_cli_merge_and_validate_against_a_gguf(tiny, tmp_path):
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
 
 
+def test_cli_options_reach_the_gguf_backend(tiny, tmp_path):
+    """--option KEY=VALUE configures the registered GGUF backend (no module state changes)."""
+    from neuroada_format.converters.merge_cli import run as merge_run
+    path, view = tiny(QT.Q4_1)
+    copy = naf.ArrayBase({n: view.array(n) for n in TARGETS})
+    adapter = tmp_path / "a.safetensors"
+    naf.save(make_adapter(copy), adapter)
+    out = tmp_path / "f16.gguf"
+    assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(adapter), "--out", os.fspath(out),
+                      "--option", "target_type=F16"]) == 0
+    assert {gm.read_gguf(out).tensors[g].type.name for g in (view.resolve(n).gguf_name for n in TARGETS)} == {"F16"}
+    api = tmp_path / "api.gguf"
+    gm.merge_gguf(path, [adapter], api, target_type="F16")
+    assert api.read_bytes() == out.read_bytes()
+    assert gm.BACKEND.target_type is None                       # the registered backend is unchanged
+    for bad in (["--option", "colour=blue"], ["--option", "target_type=Q4_K"]):
+        assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(adapter), "--out",
+                          os.fspath(tmp_path / "x.gguf"), *bad]) == 2
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_pack_against_a_gguf_base(tiny, tmp_path):
     """neuroada-pack --base model.gguf: the base's tensors carry their Hugging Face names, so a fine-tuned
     checkpoint pairs with them; the adapter extracted belongs to the GGUF (validated, merged)."""
