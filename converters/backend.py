@@ -277,10 +277,12 @@ def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, ver
     impl = backend(format or format_of(base), options)
     if in_place and not impl.supports_in_place:
         raise NeuroAdaUsageError(f"{impl.format} bases cannot be merged in place; use --out", path=base)
+    given = [item[0] if isinstance(item, tuple) else item for item in adapters]
     adapters = normalise_adapters(adapters)
     view = impl.open(base)
-    if not in_place:
-        inputs = impl.inputs(view) + [a.path for a, _ in adapters if a.path]
+    if not in_place:  # an adapter folder as given is an input too (its config is not in a.path)
+        inputs = impl.inputs(view) + [a.path for a, _ in adapters if a.path] + \
+            [os.fspath(g) for g in given if not isinstance(g, Adapter)]
         out = check_output(out, inputs=inputs, overwrite=overwrite, kind=impl.output_kind(view),
                            companions=impl.companions(view, os.path.abspath(os.fspath(out))))
     with checkpoint_lock(impl.lock_folder(view), exclusive=in_place):  # held from the first read to the last write

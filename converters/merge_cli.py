@@ -19,7 +19,7 @@ import sys
 import click
 
 from .backend import MergeSummary, merge
-from .cli_common import load_scaled, printable, run_command
+from .cli_common import parse_scaled, printable, run_command
 
 
 def _report(summary, as_json: bool) -> None:
@@ -93,7 +93,8 @@ def command(base, adapter_specs, out, overwrite, in_place, journal, revert_journ
         if not sep or not key:
             raise click.UsageError(f"--option {item!r} is not KEY=VALUE")
         settings[key.replace("-", "_")] = value
-    summary = merge(base, load_scaled(adapter_specs), out, in_place=in_place, journal=journal,
+    # paths, not loaded adapters: the seam counts an adapter folder as given among the inputs OUT may not touch
+    summary = merge(base, [parse_scaled(spec) for spec in adapter_specs], out, in_place=in_place, journal=journal,
                     verify=not no_verify, overwrite=overwrite, durable=durable, progress=True, options=settings)
     _report(summary, as_json)
     return 0

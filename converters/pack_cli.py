@@ -143,7 +143,7 @@ def _output(out: str, inputs, overwrite: bool) -> str:
 
 def _repack(source, out, overwrite, value_dtype, index_dtype):
     original = load_adapter_file(source)
-    out = _output(out, [original.path], overwrite)
+    out = _output(out, [source, original.path], overwrite)  # source: an adapter folder is an input as a whole
     adapter = pack.repack(original, value_dtype, index_dtype)
     naf_save(adapter, out)
     summary = {"mode": "repack", "source": source, "version": adapter.version, **_file_summary(out, adapter)}
@@ -154,7 +154,7 @@ def _combine(sources, base, out, overwrite, value_dtype, base_name):
     parsed = [parse_scaled(s) for s in sources]
     _need({"base": base})
     adapters = [(load_adapter_file(p), w) for p, w in parsed]
-    out = _output(out, [base] + [a.path for a, _ in adapters], overwrite)
+    out = _output(out, [base] + [p for p, _ in parsed] + [a.path for a, _ in adapters], overwrite)
     combined = pack.combine(adapters, base, value_dtype=value_dtype, base_name=base_name)
     naf_save(combined, out)
     summary = {"mode": "combine", "sources": [{"path": p, "weight": w} for p, w in parsed],

@@ -242,7 +242,7 @@ def to_peft(adapter, out_dir, *, base=None, base_model_name_or_path=None, revisi
     inputs = []
     if not isinstance(adapter, Adapter):
         file, _ = adapter_paths(adapter)
-        inputs.append(file)
+        inputs += [file, os.fspath(adapter)]  # the folder as given is an input as a whole
         adapter = load(file)
     if base is not None and not hasattr(base, "array") and not isinstance(base, dict):
         inputs.append(os.fspath(base))
