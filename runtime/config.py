@@ -12,7 +12,7 @@ import tempfile
 from dataclasses import asdict, dataclass, fields
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
-from neuroada_format.folder import CONFIG_NAME, LEGACY_CONFIG_NAME, WEIGHTS_NAME  # noqa: F401  (one definition)
+from neuroada_format.folder import CONFIG_NAME, LEGACY_CONFIG_NAME, WEIGHTS_NAME, read_config  # noqa: F401  (one definition)
 
 SELECTIONS = ("magnitude", "reverse", "random", "gradient")  # the rules attach can compute
 RECORDED_SELECTIONS = SELECTIONS + ("delta", "union", "custom")  # spec rules a loaded adapter may carry
@@ -94,13 +94,9 @@ class NeuroAdaConfig:
                 path = os.path.join(folder, LEGACY_CONFIG_NAME)
         else:
             path = folder
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise NeuroAdaError(f"cannot read adapter config: {exc}", path=path) from None
-        if not isinstance(d, dict) or d.get("peft_type", "NEUROADA") != "NEUROADA":
-            kind = d.get("peft_type") if isinstance(d, dict) else type(d).__name__
+        d = read_config(path)  # regular files only, the one JSON parser and its limits (never a RecursionError)
+        if d.get("peft_type", "NEUROADA") != "NEUROADA":
+            kind = d.get("peft_type")
             raise NeuroAdaError(f"not a NeuroAda adapter config (peft_type {kind!r})", path=path)
         try:
             return cls.from_dict(d)

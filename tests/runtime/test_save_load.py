@@ -188,6 +188,35 @@ def test_load_refuses_bad_names_and_files(tmp_path):
     assert err.value.rule == "2.1"
 
 
+@pytest.mark.parametrize("case", ["deep", "fifo", "infinity"])
+def test_hostile_adapter_config_is_one_error(tmp_path, case):
+    """Issue 13 item 14: a 100,000-deep neuroada_config.json raised RecursionError; a FIFO config must
+    not block; a config is read by the one JSON parser with its limits, like every other JSON text."""
+    import signal
+
+    model = with_deltas(tiny_llama(), k=1)
+    folder = tmp_path / "a"
+    save_adapter(model, folder)
+    cfg = folder / "neuroada_config.json"
+    cfg.unlink()
+    if case == "deep":
+        cfg.write_text('{"k": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    elif case == "infinity":
+        cfg.write_text('{"k": 1, "seed": 1e999}')
+    else:
+        os.mkfifo(cfg)
+    fresh = tiny_llama()
+    signal.alarm(20)                                       # a blocked open would hang the suite otherwise
+    try:
+        with pytest.raises(NeuroAdaError):
+            load_adapter(fresh, folder)
+        with pytest.raises(NeuroAdaError):
+            NeuroAdaConfig.from_pretrained(folder)
+    finally:
+        signal.alarm(0)
+    assert not layers(fresh)
+
+
 MISMATCHES = {
     "other-weights": (lambda: tiny_llama(seed=9), "4.3"),
     "other-shapes": (lambda: tiny_llama(intermediate_size=96), "4.2"),
