@@ -213,6 +213,27 @@ def train_fresh(kind: str, base_dir, tokenizer, encoded, plan, held_out, *, lr: 
                   size, seconds, extra_mb), losses
 
 
+def start_onnx_export(base_dir: Path, work: Path) -> tuple[subprocess.Popen, Path]:
+    """`smollm2.py --onnx` in a second process on one thread, its output to a log under `work`."""
+    log = work / "onnx-export.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(Path(smollm2.__file__)), "--cache", str(base_dir), "--onnx"],
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return proc, log
+
+
+def finish_onnx_export(exporter: tuple[subprocess.Popen, Path], base_dir: Path) -> Path:
+    proc, log = exporter
+    if proc.wait() != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        raise SystemExit(f"the ONNX export failed (exit {proc.returncode}): {' | '.join(tail)}")
+    path = smollm2.cached_onnx(base_dir, base_dir.parent)
+    if path is None:
+        raise SystemExit(f"the ONNX export finished but left no cached model; see {log}")
+    print(f"   {path}", flush=True)
+    return path
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent
     r = subprocess.run([str(exe / args[0]), *args[1:]], capture_output=True, text=True)
@@ -353,9 +374,13 @@ def main(argv=None) -> int:
     with stage("load SmolLM2-135M-Instruct"):
         base_dir = smollm2.ensure_cache(args.cache)
         model, tokenizer = smollm2.load(base_dir)
-    with stage("export the base model to ONNX (cached after the first run)"):
-        base_onnx = smollm2.ensure_onnx(base_dir, base_dir.parent)
-        print(f"   {base_onnx}", flush=True)
+    with stage("the base model's ONNX export (cached after the first run)"):
+        base_onnx = smollm2.cached_onnx(base_dir, base_dir.parent)
+        exporter = None
+        if base_onnx is None:  # the first run: export in a second process while this one trains
+            exporter = start_onnx_export(base_dir, work)
+            torch.set_num_threads(max(1, threads - 1))
+        print(f"   {base_onnx or 'not cached yet: exporting in the background (one time, ~2 min)'}", flush=True)
     train_set, held_out = tasks.word_group_task(seed=args.seed)
     encoded = [tasks.encode_choice(tokenizer, it) for it in train_set]
     plan = batches(len(encoded), args.batch, steps, args.seed)
@@ -398,6 +423,10 @@ def main(argv=None) -> int:
     print(f"   held-out accuracy {acc_after:.1%}", flush=True)
     del model
 
+    if exporter is not None:
+        with stage("wait for the background ONNX export"):
+            base_onnx = finish_onnx_export(exporter, base_dir)
+            torch.set_num_threads(threads)
     with stage("neuroada-merge into a safetensors checkpoint and an ONNX model"):
         merged_dir, merged_onnx = work / "merged", work / "merged.onnx"
         for out in (merged_dir, merged_onnx, work / "merged.onnx.data"):

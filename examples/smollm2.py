@@ -172,6 +172,17 @@ def export_onnx(model, path: str | os.PathLike) -> None:
                           dynamic_shapes={"input_ids": dict(enumerate(dims))}, external_data=True, verbose=False)
 
 
+def _onnx_folder(checkpoint, root) -> tuple[Path, dict]:
+    key, record = export_key(checkpoint)
+    return (Path(root) if root else cache_root()) / "onnx" / key[:24], record
+
+
+def cached_onnx(checkpoint: str | os.PathLike, root: str | os.PathLike | None = None) -> Path | None:
+    """The cached export of `checkpoint` when there is one (see ensure_onnx), else None."""
+    path = _onnx_folder(checkpoint, root)[0] / ONNX_FILE
+    return path if path.is_file() else None
+
+
 def ensure_onnx(checkpoint: str | os.PathLike, root: str | os.PathLike | None = None, *,
                 verbose: bool = True) -> Path:
     """The ONNX export of the float32 safetensors `checkpoint`, made once; returns the .onnx path.
@@ -180,9 +191,7 @@ def ensure_onnx(checkpoint: str | os.PathLike, root: str | os.PathLike | None = 
     is written to a temporary folder and renamed into place, so a folder under its key is complete;
     when two runs race, the first rename wins and the other's copy is dropped.
     """
-    key, record = export_key(checkpoint)
-    base = Path(root) if root else cache_root()
-    folder = base / "onnx" / key[:24]
+    folder, record = _onnx_folder(checkpoint, root)
     if (folder / ONNX_FILE).is_file():
         return folder / ONNX_FILE
     import torch

@@ -122,7 +122,9 @@ def checkpoint(tmp_path):
 def test_onnx_export_is_cached_under_its_key(tmp_path, checkpoint, monkeypatch):
     ort = pytest.importorskip("onnxruntime")
     root = tmp_path / "cache"
+    assert smollm2.cached_onnx(checkpoint, root) is None
     path = smollm2.ensure_onnx(checkpoint, root, verbose=False)
+    assert smollm2.cached_onnx(checkpoint, root) == path
     key, record = smollm2.export_key(checkpoint)
     assert path == root / "onnx" / key[:24] / smollm2.ONNX_FILE
     assert path.with_name(path.name + ".data").is_file()
