@@ -50,3 +50,16 @@ def test_smoke_runs_every_method_and_the_real_checks():
     assert ": valid, problems: none" in out.stdout
     assert "max abs diff 0;" in out.stdout and "bit for bit: True" in out.stdout
     assert "wrote" not in out.stdout  # --smoke never touches RESULTS.md
+
+
+def test_surroundings_smoke(tmp_path):
+    """bench/surroundings.py must keep running: two cases of each class through the real CLIs, no bug found,
+    RESULTS.md untouched."""
+    script = os.path.join(ROOT, "bench", "surroundings.py")
+    out = subprocess.run([sys.executable, script, "--n", "16", "--no-write", "--work", os.fspath(tmp_path / "w")],
+                         capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for cls in ("special", "symlink", "alias", "readonly", "full", "concurrent", "kill", "journal"):
+        assert f"| {cls} |" in out.stdout
+    assert "Cases with a bug: 0." in out.stdout and "HANG" not in out.stdout
+    assert "wrote" not in out.stdout
