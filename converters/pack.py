@@ -273,7 +273,13 @@ def combine(adapters_with_weights, base, *, value_dtype: str | None = None, veri
                    selection={"rule": "union", "tie_break": "lower-column"},
                    extra={"created_by": f"{CREATED_BY} combine",
                           "description": "weighted sum of " + ", ".join(
-                              f"{os.path.basename(a.path) if a.path else 'adapter'} x {w:g}" for a, w in pairs)})
+                              f"{file_label(a.path) if a.path else 'adapter'} x {w:g}" for a, w in pairs)})
+
+
+def file_label(path) -> str:
+    """A path's last component as metadata text: a name holding bytes that are not UTF-8 (Python keeps them as
+    lone surrogates) gets U+FFFD for them, since metadata must be valid Unicode (rule 2.2)."""
+    return os.fsencode(os.path.basename(os.path.normpath(os.fspath(path)))).decode("utf-8", "replace")
 
 
 # -- repack ----------------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ def _extract(base, finetuned, k, positions, targets, layout_in_out, value_dtype,
     out = _output(out, [base, finetuned], overwrite)
     adapter, report = pack.extract(base, finetuned, k, positions, targets, layout_in_out=layout_in_out,
                                    value_dtype=value_dtype or "BF16",
-                                   base_name=base_name or os.path.basename(os.path.normpath(base)),
+                                   base_name=base_name or pack.file_label(base),
                                    progress=progress)
     naf_save(adapter, out)
     summary = {"mode": "extract", **_file_summary(out, adapter), "report": report}
