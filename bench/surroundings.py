@@ -22,7 +22,8 @@ every writing command, damaged journals.
 Commands run as child processes: by default forked from this process after it imported the CLIs (the
 CLI's own `main` with the argv, exactly what the entry point calls, ~30x faster than a fresh
 interpreter, which also lets kill -9 land inside the write rather than in the imports); a random
-tenth (and every case with --exec) runs the installed entry-point scripts instead.
+tenth (with --exec: all but the kill and race runs, which need the fork's timing) runs the installed
+entry-point scripts instead.
 
     python bench/surroundings.py                 # 1,000 cases, writes "## Tools: hostile surroundings"
     python bench/surroundings.py --n 60 --no-write
@@ -60,10 +61,9 @@ WORK = os.path.join(HERE, "_work", "surroundings")
 SECTION = "## Tools: hostile surroundings"
 BIN = os.path.dirname(sys.executable)
 BF16 = ml_dtypes.bfloat16
-CLASSES = ["special", "symlink", "alias", "readonly", "full", "concurrent", "kill", "journal"]
 SLOWDOWNS = ["0", "0.003", "0.02"]   # NEUROADA_TEST_SLOWDOWN seconds per write step in kill cases
 WEIGHTS = {"special": 3, "symlink": 3, "alias": 3, "readonly": 1, "full": 2, "concurrent": 2, "kill": 4,
-           "journal": 2}
+           "journal": 2, "names": 2}
 
 
 # -- the tiny world --------------------------------------------------------------------------------
@@ -251,7 +251,8 @@ class Case:
         self.outcome = None
         self.runs: list[str] = []
         self.mounts: list[str] = []
-        self.errs: list[str] = []
+        self.errs: list[str] = []   # whole stderr of each run
+        self.last_stdout = ""
 
     def p(self, *parts) -> str:
         return os.path.join(self.w, *parts)
@@ -273,8 +274,9 @@ class Case:
             self.bug(f"HANG: {proc.tool} {' '.join(proc.argv)}")
             return None
         err = proc.stderr()
+        self.last_stdout = proc.stdout()
         self.bench.last_error = err.strip().splitlines()[-1] if err.strip() else ""
-        self.errs.append(self.bench.last_error)
+        self.errs.append(err)
         if rc < 0:
             self.bug(f"killed by signal {-rc}: {proc.tool}")
         elif rc not in (0, 1, 2):
@@ -933,8 +935,9 @@ def case_kill(c: Case, rng):
         base_rel = None
     before = c.snap()
     proc = c.start(tool, argv, env=slow, exec_=False)
-    # a random moment of the run (the test slowdown stretches each write step, so kills land between them too)
-    time.sleep(float(rng.uniform(0, c.bench.durations[name, slow[SLOWDOWN_ENV]])))
+    # a random moment of the run, mostly its second half where the writing is (the first is imports, parsing and
+    # reading); the test slowdown stretches each write step, so kills land between them too
+    time.sleep(float(rng.uniform(0.0 if rng.random() < 0.2 else 0.45, 1.05) * c.bench.durations[name, slow[SLOWDOWN_ENV]]))
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGKILL)
     rc = proc.wait(30)
@@ -951,8 +954,10 @@ def case_kill(c: Case, rng):
             c.outcome = "killed revert: re-run"
         elif not os.path.exists(j):
             c.outcome = "killed: no journal yet"
+        elif [p for p in diff(pristine, after) if inside(p, [base_rel])]:
+            c.outcome = "killed: BASE patched, reverted"
         else:
-            c.outcome = "killed: journal written, reverted"
+            c.outcome = "killed: journal written, BASE untouched"
     if base_rel is None:   # an output writer: inputs untouched, OUT absent or complete, siblings only beside OUT
         c.unchanged(before, except_=["out"] + [p for p in after if p.startswith("out.tmp-")])
         if os.path.lexists(out):
@@ -1046,8 +1051,63 @@ def case_journal(c: Case, rng):
     c.revert_all([j], pristine, base_rel)
 
 
+ODD = {"newline and ANSI": "x\n\x1b[2Jerror: forged", "bidi override": "x\u202egpj.exe", "C1 CSI": "x\x9b31m",
+       "undecodable byte": os.fsdecode(b"x\xff\xfe"), "spaces and quotes": "my \"model\" 'v2'",
+       "250 characters": "n" * 250}
+SHOWN_RAW = [chr(i) for i in range(32) if chr(i) not in "\n"] + ["\x7f", "\x9b", "\u202e"]
+
+
+def case_names(c: Case, rng):
+    """Hostile file names (SPEC 11.1: every file-derived string escaped when printed): the command works as it
+    would with a plain name, and neither stdout nor stderr carries a raw control character."""
+    kind = pick(rng, sorted(ODD))
+    where = pick(rng, ["base folder", "adapter file", "OUT", "adapter folder", "missing adapter"])
+    c.label = f"{kind} as {where}"
+    odd = ODD[kind]
+    base, a, af, out = c.p("base"), c.p("a.safetensors"), c.p("afolder"), c.p("out")
+    if where == "base folder":
+        os.rename(base, c.p(odd)); base = c.p(odd)
+    elif where == "adapter file":
+        name = odd[:230] + ".safetensors"
+        os.rename(a, c.p(name)); a = c.p(name)
+    elif where == "adapter folder":
+        os.rename(af, c.p(odd)); af = c.p(odd)
+    elif where == "OUT":
+        out = c.p(odd)
+    else:
+        a = c.p(odd[:230] + ".safetensors")
+    cmds = {"validate": ("neuroada", ["validate", a, "--base", base]), "inspect": ("neuroada", ["inspect", a]),
+            "merge copy": ("neuroada-merge", ["--base", base, "--adapter", a, "--out", out]),
+            "merge folder adapter": ("neuroada-merge", ["--base", base, "--adapter", af, "--out", out]),
+            "pack combine": ("neuroada-pack", ["--combine", a, af, "--base", base, "-o", out]),
+            "pack to peft": ("neuroada-pack", ["--to", "peft", af, "-o", out]),
+            "pack extract": ("neuroada-pack", ["--base", base, "--finetuned", c.p("ft"), "-k", "2", "-o", out]),
+            "in-place": ("neuroada-merge", ["--base", base, "--adapter", a, "--in-place", "--journal", c.p("j.safetensors")])}
+    name = pick(rng, sorted(cmds))
+    tool, argv = cmds[name]
+    c.label += f": {name}"
+    long_out = kind == "250 characters" and where == "OUT"   # the temporary sibling's name may not fit
+    allowed = (2,) if where == "missing adapter" and a in argv else ((0, 2) if long_out else (0,))
+    before = c.snap()
+    proc = c.start(tool, argv)
+    rc = c.finish(proc, allowed=allowed)
+    c.outcome = "HANG" if rc is None else f"exit {rc}"
+    raw = [ch for ch in SHOWN_RAW if ch in c.last_stdout + c.errs[-1]]
+    if raw:
+        c.bug(f"raw control characters printed: {raw}")
+    if rc is None:
+        return
+    if name == "in-place" and rc == 0:
+        c.revert_all([c.p("j.safetensors")], before, os.path.relpath(base, c.w))
+    elif rc == 0 and ("-o" in argv or "--out" in argv):
+        c.temp_left(c.unchanged(before, except_=[os.path.relpath(out, c.w)]))
+    else:
+        c.temp_left(c.unchanged(before))
+
+
 CASES = {"special": case_special, "symlink": case_symlink, "alias": case_alias, "readonly": case_readonly,
-         "full": case_full, "concurrent": case_concurrent, "kill": case_kill, "journal": case_journal}
+         "full": case_full, "concurrent": case_concurrent, "kill": case_kill, "journal": case_journal,
+         "names": case_names}
 
 
 # -- the bench ---------------------------------------------------------------------------------------
@@ -1192,8 +1252,9 @@ def report(res) -> str:
              f"SPEC 11.4/11.5: exit code from the table and the one the case allows, one `error:` line and no "
              f"traceback, every input byte-identical (BASE restored bit for bit by `--revert` after an in-place "
              f"merge), no partial OUT or temporary sibling, OUT valid and sharing no inode with an input. "
-             f"Wall {res['wall']:.0f} s; {res['exec'] * 100:.0f}% of runs through the installed entry points, the "
-             f"rest forked after import; tmpfs classes {'run as root' if res['root'] else 'skipped (not root)'}.",
+             f"Wall {res['wall']:.0f} s; about {res['exec'] * 100:.0f}% of the runs (not kills and races) through the "
+             f"installed entry points, the others forked after the CLIs were imported; read-only and full file "
+             f"systems {'on tmpfs mounts (root)' if res['root'] else 'skipped (not root)'}.",
              "kill -9 landings: " + ", ".join(f"{o} {v}" for o, v in sorted(kills.items())) + ".",
              f"Cases with a bug: {total_bugs}."]
     if res["bugs"]:

@@ -56,10 +56,10 @@ def test_surroundings_smoke(tmp_path):
     """bench/surroundings.py must keep running: two cases of each class through the real CLIs, no bug found,
     RESULTS.md untouched."""
     script = os.path.join(ROOT, "bench", "surroundings.py")
-    out = subprocess.run([sys.executable, script, "--n", "16", "--no-write", "--work", os.fspath(tmp_path / "w")],
+    out = subprocess.run([sys.executable, script, "--n", "18", "--no-write", "--work", os.fspath(tmp_path / "w")],
                          capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for cls in ("special", "symlink", "alias", "readonly", "full", "concurrent", "kill", "journal"):
+    for cls in ("special", "symlink", "alias", "readonly", "full", "concurrent", "kill", "journal", "names"):
         assert f"| {cls} |" in out.stdout
     assert "Cases with a bug: 0." in out.stdout and "HANG" not in out.stdout
     assert "wrote" not in out.stdout
