@@ -774,8 +774,33 @@ def case_readonly(c: Case, rng):
     if not mount_tmpfs(c, mnt, "2m"):
         c.outcome, c.label = "skipped (needs root)", "read-only tmpfs"
         return
-    what = pick(rng, ["OUT on a read-only fs", "in-place base on a read-only fs", "journal on a read-only fs"])
+    what = pick(rng, ["OUT on a read-only fs", "in-place base on a read-only fs", "journal on a read-only fs",
+                      "BASE on a read-only fs, written elsewhere", "revert with its journal on a read-only fs"])
     c.label = what
+    if what == "BASE on a read-only fs, written elsewhere":   # reading (and its shared lock) needs no write access
+        shutil.copytree(c.p("base"), os.path.join(mnt, "base"))
+        subprocess.run(["mount", "-o", "remount,ro", mnt], check=True)
+        name = pick(rng, ["merge copy", "pack extract", "pack combine"])
+        tool, argv, out, k = writers(c, base=os.path.join(mnt, "base"))[name]
+        before, before_ro = c.snap(), snapshot(mnt)
+        rc = c.run(tool, argv, allowed=(0,))
+        c.outcome = "HANG" if rc is None else f"exit {rc}"
+        if rc == 0:
+            c.temp_left(c.unchanged(before, except_=["out"]))
+            c.check_output(out, k, before)
+        return
+    if what == "revert with its journal on a read-only fs":
+        j = os.path.join(mnt, "j.safetensors")
+        pristine = c.snap()
+        if c.run("neuroada-merge", ["--base", c.p("base"), "--adapter", c.p("a.safetensors"), "--in-place",
+                                    "--journal", j], allowed=(0,), exec_=False) != 0:
+            return
+        subprocess.run(["mount", "-o", "remount,ro", mnt], check=True)
+        rc = c.run("neuroada-merge", ["--revert", j], allowed=(0,))
+        c.outcome = "HANG" if rc is None else f"exit {rc}"
+        if rc is not None:
+            c.revert_all([], pristine, "base")
+        return
     if what == "OUT on a read-only fs":
         name = pick(rng, sorted(writers(c)))
         tool, argv, out, k = writers(c, out=os.path.join(mnt, "out"))[name]
@@ -820,8 +845,31 @@ def case_full(c: Case, rng):
         c.outcome, c.label = "skipped (needs root)", "full tmpfs"
         return
     leave = int(pick(rng, [0, 0, 4096, 8192, 16384, 65536]))
-    what = pick(rng, ["OUT on a full fs", "OUT on a full fs", "in-place journal on a full fs"])
+    what = pick(rng, ["OUT on a full fs", "OUT on a full fs", "in-place journal on a full fs",
+                      "in-place, BASE and its default journal on a full fs"])
     c.label = f"{what} ({leave // 1024} KiB free)"
+    if what.startswith("in-place, BASE"):
+        base = os.path.join(mnt, "base")
+        shutil.copytree(c.p("base"), base)
+        fill(mnt, leave)
+        before_m = snapshot(mnt)
+        rc = c.run("neuroada-merge", ["--base", base, "--adapter", c.p("a.safetensors"), "--in-place"], allowed=(0, 2))
+        c.outcome = "HANG" if rc is None else f"exit {rc}"
+        journals = [os.path.join(base, n) for n in os.listdir(base) if n.startswith(".neuroada-journal-")]
+        if rc == 0:
+            if len(journals) != 1:
+                c.bug(f"in-place exit 0 but journals: {journals}")
+            for j in journals:
+                c.run("neuroada-merge", ["--revert", j], allowed=(0,), exec_=False)
+                os.unlink(j)
+            if diff(before_m, snapshot(mnt)):
+                c.bug(f"full fs: base not restored by --revert: {diff(before_m, snapshot(mnt))[:4]}")
+        elif rc is not None:
+            if diff(before_m, snapshot(mnt)):
+                c.bug(f"full fs: failed in-place left {diff(before_m, snapshot(mnt))[:4]}")
+            if "No space left" not in c.bench.last_error:
+                c.bug(f"full fs error does not say 'No space left': {c.bench.last_error[:160]}")
+        return
     if what == "OUT on a full fs":
         name = pick(rng, sorted(writers(c)))
         tool, argv, out, k = writers(c, out=os.path.join(mnt, "out"))[name]
