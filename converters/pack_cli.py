@@ -145,7 +145,7 @@ def _repack(source, out, overwrite, value_dtype, index_dtype):
     original = load_adapter_file(source)
     out = _output(out, [source, original.path], overwrite)  # source: an adapter folder is an input as a whole
     adapter = pack.repack(original, value_dtype, index_dtype)
-    naf_save(adapter, out)
+    naf_save(adapter, out, overwrite=overwrite)
     summary = {"mode": "repack", "source": source, "version": adapter.version, **_file_summary(out, adapter)}
     return summary, f"wrote {out}: {summary['targets']} targets, spec {adapter.version}, {summary['bytes']:,} bytes"
 
@@ -156,7 +156,7 @@ def _combine(sources, base, out, overwrite, value_dtype, base_name):
     adapters = [(load_adapter_file(p), w) for p, w in parsed]
     out = _output(out, [base] + [p for p, _ in parsed] + [a.path for a, _ in adapters], overwrite)
     combined = pack.combine(adapters, base, value_dtype=value_dtype, base_name=base_name)
-    naf_save(combined, out)
+    naf_save(combined, out, overwrite=overwrite)
     summary = {"mode": "combine", "sources": [{"path": p, "weight": w} for p, w in parsed],
                "k": {n: t.k for n, t in sorted(combined.targets.items())}, **_file_summary(out, combined)}
     return summary, (f"wrote {out}: {len(parsed)} adapters combined into {summary['targets']} targets, "
@@ -181,7 +181,7 @@ def _from_peft(folder, base, out, overwrite, value_dtype, round_values, base_nam
     out = _output(out, [folder, base], overwrite)
     adapter, report = peft_interop.import_peft(folder, base, value_dtype=value_dtype, round_values=round_values,
                                                base_name=base_name)
-    naf_save(adapter, out)
+    naf_save(adapter, out, overwrite=overwrite)
     summary = {"mode": "from-peft", "source": folder, **report, **_file_summary(out, adapter)}
     how = ("the exported adapter, exactly" if report["exact_round_trip"] else
            f"k up to {max(t.k for t in adapter.targets.values())}, rows padded per spec 4.5")
@@ -197,7 +197,7 @@ def _extract(base, finetuned, k, positions, targets, layout_in_out, value_dtype,
                                    value_dtype=value_dtype or "BF16",
                                    base_name=base_name or pack.file_label(base),
                                    progress=progress)
-    naf_save(adapter, out)
+    naf_save(adapter, out, overwrite=overwrite)
     summary = {"mode": "extract", **_file_summary(out, adapter), "report": report}
     worst = sorted(report["targets"].items(), key=lambda kv: -kv[1]["rel_error"])[:5]
     lines = [f"wrote {out}: {summary['targets']} targets, k={k} ({positions}), {summary['entries']:,} "

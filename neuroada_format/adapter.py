@@ -214,8 +214,11 @@ def load(path) -> Adapter:
 
 # -- writing -----------------------------------------------------------------------------------------
 def save(adapter: Adapter, path, *, value_dtype: str | None = None, index_dtype: str | None = None,
-         check: bool = True) -> None:
+         check: bool = True, overwrite: bool = True) -> None:
     """Write an adapter atomically (temporary file in the same folder, then rename).
+
+    overwrite=False never replaces a file that exists when the rename happens (one that another run
+    wrote after the caller checked), so of two writers racing to one new path only one succeeds.
 
     value_dtype / index_dtype convert on the way out. None keeps what the arrays have when the spec
     allows it (I16/I32 indices; BF16/F16/F32 values); other integer indices get I16 where it fits.
@@ -258,7 +261,7 @@ def save(adapter: Adapter, path, *, value_dtype: str | None = None, index_dtype:
     meta = {METADATA_KEY: json.dumps(out.document(), sort_keys=True, separators=(",", ":"))}
     # serialised in memory (an adapter is small) so that a write error, a full disk above all, is an
     # OSError naming the file rather than safetensors' own exception
-    write_bytes(path, serialize(tensors, metadata=meta), overwrite=True, durable=True)
+    write_bytes(path, serialize(tensors, metadata=meta), overwrite=overwrite, durable=True)
 
 
 def _kept_index_dtype(t: Target) -> str:
