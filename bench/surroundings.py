@@ -279,7 +279,7 @@ class Case:
         self.errs.append(err)
         if rc < 0:
             self.bug(f"killed by signal {-rc}: {proc.tool}")
-        elif rc not in (0, 1, 2):
+        elif rc not in (0, 1, 2, 130):
             self.bug(f"exit {rc} not in the table: {err.strip()[-200:]}")
         elif rc not in allowed:
             self.bug(f"exit {rc}, expected {sorted(allowed)}: {err.strip()[-200:]}")
@@ -905,8 +905,11 @@ def case_full(c: Case, rng):
 
 
 def case_concurrent(c: Case, rng):
-    what = pick(rng, ["two in-place", "in-place vs revert", "copy vs in-place", "two copies", "revert vs revert"])
+    what = pick(rng, ["two in-place", "in-place vs revert", "copy vs in-place", "two copies", "revert vs revert",
+                      "two writers, one OUT"])
     c.label = what
+    if what == "two writers, one OUT":
+        return race_one_out(c, rng)
     slow = {SLOWDOWN_ENV: str(pick(rng, ["0.005", "0.01", "0.03"]))}
     base = c.p("base")
     pristine = c.snap()
@@ -962,6 +965,28 @@ def case_concurrent(c: Case, rng):
         c.bug(f"refused run does not say busy: {errs}")
 
 
+def race_one_out(c: Case, rng):
+    """Two runs of one writer to the same OUT: without --overwrite exactly one wins (the other: exists, exit 2);
+    with it both may win, and OUT is one whole result. No sibling is left either way."""
+    name = pick(rng, sorted(writers(c)))
+    overwrite = bool(rng.integers(0, 2))
+    c.label = f"two writers, one OUT: {name}{' --overwrite' if overwrite else ''}"
+    tool, argv, out, kind = writers(c)[name]
+    argv = argv + (["--overwrite"] if overwrite else [])
+    before = c.snap()
+    procs = [c.start(tool, argv, exec_=False) for _ in range(2)]
+    codes = [c.finish(p, allowed=(0, 2)) for p in procs]
+    c.outcome = "HANG" if None in codes else "exits " + "+".join(map(str, sorted(codes)))
+    if None in codes:
+        return
+    if 0 not in codes:
+        c.bug(f"neither writer succeeded: {c.errs[-2:]}")
+    if not overwrite and codes == [0, 0]:
+        c.bug("both writers exited 0 without --overwrite: one output was silently replaced")
+    c.temp_left(c.unchanged(before, except_=["out"]))
+    c.check_output(out, kind, before)
+
+
 def case_kill(c: Case, rng):
     names = sorted(writers(c)) + ["in-place", "in-place file", "revert"]
     name = pick(rng, names)
@@ -981,19 +1006,39 @@ def case_kill(c: Case, rng):
     else:
         tool, argv, out, kind = writers(c)[name]
         base_rel = None
+    sig = signal.SIGINT if rng.random() < 0.25 else signal.SIGKILL   # Ctrl-C: exit 130, one line, cleaned up
+    if sig == signal.SIGINT:
+        c.label += " (SIGINT)"
     before = c.snap()
     proc = c.start(tool, argv, env=slow, exec_=False)
     # a random moment of the run, mostly its second half where the writing is (the first is imports, parsing and
     # reading); the test slowdown stretches each write step, so kills land between them too
     time.sleep(float(rng.uniform(0.0 if rng.random() < 0.2 else 0.45, 1.05) * c.bench.durations[name, slow[SLOWDOWN_ENV]]))
     with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, sig)
     rc = proc.wait(30)
-    proc.cleanup()
+    if rc is None:
+        proc.kill()
+        c.bug("HANG after SIGINT")
     c.outcome = "killed" if rc == -signal.SIGKILL else f"finished first (exit {rc})"
-    if rc not in (0, -signal.SIGKILL):
-        c.bug(f"exit {rc} before the kill")
     after = c.snap()
+    if sig == signal.SIGINT:
+        err = [ln for ln in proc.stderr().splitlines() if ln.strip()]
+        c.outcome = "interrupted (130)" if rc == 130 else f"finished first (exit {rc})"
+        if rc == -signal.SIGINT:
+            c.outcome = "interrupted (130)"   # killed by the signal before Python's handler was installed
+        elif rc == 130 and (len(err) != 1 or "interrupted" not in err[0]):
+            c.bug(f"SIGINT: stderr is not one 'interrupted' line: {err[-3:]}")
+        elif rc not in (0, 130):
+            c.bug(f"SIGINT: exit {rc}: {err[-2:]}")
+        elif rc == 130 and "Traceback" in proc.stderr():
+            c.bug("SIGINT: traceback")
+        left = [p for p in after if ".tmp-" in os.path.basename(p)]
+        if rc in (0, 130) and left:
+            c.bug(f"SIGINT: temporary siblings left (an interrupted writer cleans up): {left[:3]}")
+    elif rc not in (0, -signal.SIGKILL):
+        c.bug(f"exit {rc} before the kill")
+    proc.cleanup()
     if rc == -signal.SIGKILL:
         if base_rel is None:
             c.outcome = "killed: OUT complete" if os.path.lexists(out) else (
