@@ -191,10 +191,15 @@ class Proc:
                 except BaseException:  # noqa: BLE001 - what the interpreter would print
                     traceback.print_exc()
                     code = 1
+                signal.signal(signal.SIGINT, signal.SIG_IGN)   # a late Ctrl-C must not unwind into the bench
                 sys.stdout.flush()
                 sys.stderr.flush()
             finally:
-                os._exit(code)
+                while True:   # whatever is raised here (a late KeyboardInterrupt), the child ends here
+                    try:
+                        os._exit(code)
+                    except BaseException:  # noqa: BLE001
+                        pass
         self.pid = pid
         self.code = None
 
@@ -1013,7 +1018,13 @@ def case_kill(c: Case, rng):
     proc = c.start(tool, argv, env=slow, exec_=False)
     # a random moment of the run, mostly its second half where the writing is (the first is imports, parsing and
     # reading); the test slowdown stretches each write step, so kills land between them too
-    time.sleep(float(rng.uniform(0.0 if rng.random() < 0.2 else 0.45, 1.05) * c.bench.durations[name, slow[SLOWDOWN_ENV]]))
+    key = name, slow[SLOWDOWN_ENV]
+    delay = float(rng.uniform(0.0 if rng.random() < 0.2 else 0.4, 0.95) * c.bench.durations[key])
+    t0 = time.perf_counter()
+    if proc.wait(delay) is not None:   # done before the signal: learn how long this run really takes
+        c.bench.durations[key] = 0.5 * c.bench.durations[key] + 0.5 * (time.perf_counter() - t0)
+    else:
+        c.bench.durations[key] *= 1.02
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, sig)
     rc = proc.wait(30)
