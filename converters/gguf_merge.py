@@ -66,7 +66,7 @@ ARCHS = {"llama": True, "qwen2": False, "qwen3": False}
 
 
 def qtype(name) -> QT:
-    """A GGML type from its name (`--requant Q8_0`), refused clearly when unknown or not encodable."""
+    """A GGML type from its name (`--option requant=Q8_0`), refused clearly when unknown or not encodable."""
     try:
         t = name if isinstance(name, QT) else QT[str(name).upper()]
     except KeyError:
@@ -625,7 +625,8 @@ class GGUFBackend(Backend):
         if coarse:
             t = self._out_type(view, view.file.tensors[coarse[0]])
             warnings.append(f"{len(coarse)} touched tensors are block-quantized (e.g. {coarse[0]}: {t.name}); their "
-                            f"merged values are re-encoded, not exact (spec section 15.3); --target-type F16 keeps them")
+                            f"merged values are re-encoded, not exact (spec section 15.3); "
+                            f"--option target_type=F16 keeps them exact")
         return Resolved(by_tensor, len(by_tensor), warnings)
 
     def _out_type(self, view: GGUFBase, info: TensorInfo) -> QT:
@@ -636,7 +637,7 @@ class GGUFBackend(Backend):
         if self.requant is not None:
             return self.requant
         raise NeuroAdaUsageError(f"tensor type {info.type.name} can be read but not re-encoded by gguf-py; "
-                                 f"name a type for the touched tensors with --requant (e.g. Q8_0 or F16)",
+                                 f"name a type for the touched tensors with --option requant=Q8_0 (or F16)",
                                  path=view.path, tensor=info.name)
 
     def plan(self, view: GGUFBase, resolved: Resolved, *, verify: bool, in_place: bool) -> _Plan:

@@ -6,7 +6,9 @@ four groups (north, south, east, west) a word belongs to. The untuned model can 
 must apply the rule to 64 held-out words it never saw in training. The adapter is saved, validated
 against the base checkpoint and merged by `neuroada-merge` into a safetensors checkpoint and an ONNX
 model; transformers and onnxruntime load the merged results, must agree with the runtime, and are
-scored too. NeuroAda k=1 and PEFT LoRA r=8 train fresh copies on the same batches, for comparison
+scored too. The adapter is also validated against, and merged into, the original Q4_1 GGUF file that
+llama.cpp runs (the touched blocks re-encoded; a Q8_0 variant too, not in --quick), read back and scored
+with its retention: the fraction of the adapter's logit change that survives the 4-bit encoding. NeuroAda k=1 and PEFT LoRA r=8 train fresh copies on the same batches, for comparison
 (not in --quick).
 A table at the end shows trainable parameters, file sizes, time, peak memory and held-out accuracy per
 model, and a PNG beside it draws the loss curves, the accuracies and the file sizes.
@@ -323,6 +325,26 @@ def write_plot(path: str | os.PathLike, losses: dict[str, list[float]], accuraci
 
 
 # -- the table -----------------------------------------------------------------------------------------
+def gguf_check(model, merged_gguf: Path, enc, tokenizer, held_out, runtime_logits, untuned_logits):
+    """Accuracy and retention of a merged GGUF file, read back (de-quantized) into `model`'s targets.
+
+    retention = 1 - ||l_gguf - l_runtime|| / ||l_runtime - l_untuned|| over the real positions of the check
+    prompts: the fraction of the adapter's logit change that survives the file's encoding (1: all of it).
+    """
+    from neuroada_format.converters import gguf_merge
+
+    view = gguf_merge.open_gguf_base(merged_gguf)
+    with torch.no_grad():
+        for name in (n + ".weight" for n, m in model.named_modules() if n.split(".")[-1] in PROJECTIONS):
+            model.get_parameter(name).copy_(torch.from_numpy(np.asarray(view.array(name), dtype=np.float32)))
+        logits = model(**enc).logits.float().numpy()
+    real = enc["attention_mask"].numpy().astype(bool)
+    change = np.linalg.norm(runtime_logits[real] - untuned_logits[real])
+    retention = 1.0 - float(np.linalg.norm(logits[real] - runtime_logits[real]) / change)
+    worst = float(np.abs(logits[real] - runtime_logits[real]).max())
+    return accuracy(tasks.torch_last_logits(model), tokenizer, held_out), retention, worst
+
+
 def table(results: list[Result]) -> list[str]:
     header = ("model", "trainable params", "file", "train", "train +RSS", "held-out acc", "vs runtime")
     rows = [header]
@@ -391,6 +413,9 @@ def main(argv=None) -> int:
 
     with stage("evaluate the untuned model"):
         acc_before = accuracy(tasks.torch_last_logits(model), tokenizer, held_out)
+        enc = tokenizer(check_prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            untuned_logits = model(**enc).logits.float().numpy()  # the zero of the GGUF retention
     results.append(Result("untuned", acc_before))
     print(f"   held-out accuracy {acc_before:.1%} (chance 25%)", flush=True)
 
@@ -413,7 +438,6 @@ def main(argv=None) -> int:
         unmerge(model)
         merge(model, ["saved"])
         acc_after = accuracy(tasks.torch_last_logits(model), tokenizer, held_out)
-        enc = tokenizer(check_prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.inference_mode():
             ref = model(**enc).logits.float().numpy()
             ref_single = [model(input_ids=tokenizer([p], return_tensors="pt", add_special_tokens=False)
@@ -442,7 +466,6 @@ def main(argv=None) -> int:
         with torch.inference_mode():
             hf_diff = float(np.abs(hf(**enc).logits.float().numpy() - ref).max())
         acc_hf = accuracy(tasks.torch_last_logits(hf), tokenizer, held_out)
-        del hf
         import onnxruntime as ort
 
         session = ort.InferenceSession(str(merged_onnx), providers=["CPUExecutionProvider"])
@@ -460,7 +483,31 @@ def main(argv=None) -> int:
     results.append(Result(f"k={args.k} merged, onnxruntime", acc_ort, file=f"onnx {megabytes(onnx_bytes)}",
                           file_bytes=onnx_bytes, check=f"max rel diff {ort_rel:.1e} (bar {ONNX_RTOL:g})"))
 
-    # A further artefact (e.g. a merged GGUF) is one more stage here that appends its Result.
+    with stage("neuroada-merge into the original Q4_1 GGUF (llama.cpp's file), read it back"):
+        gguf_in, merged_gguf = smollm2.gguf_path(), work / "merged.gguf"
+        if merged_gguf.exists():
+            merged_gguf.unlink()
+        # the adapter was trained on the de-quantized copy: it belongs to the GGUF too (spec 1.1, section 14)
+        run_cli("neuroada", "validate", adapter_file, "--base", str(gguf_in))
+        run_cli("neuroada-merge", "--base", str(gguf_in), "--adapter", adapter_file, "--out", str(merged_gguf))
+        acc_gguf, gguf_retention, gguf_max = gguf_check(hf, merged_gguf, enc, tokenizer, held_out, ref,
+                                                        untuned_logits)
+        gguf_rows = [("Q4_1", merged_gguf, acc_gguf, gguf_retention, gguf_max)]
+        if not args.quick:  # the same merge with the touched tensors re-encoded at 8 bits: larger, closer
+            q8 = work / "merged-q8_0.gguf"
+            if q8.exists():
+                q8.unlink()
+            run_cli("neuroada-merge", "--base", str(gguf_in), "--adapter", adapter_file, "--out", str(q8),
+                    "--option", "target_type=Q8_0")
+            gguf_rows.append(("touched Q8_0", q8, *gguf_check(hf, q8, enc, tokenizer, held_out, ref, untuned_logits)))
+        del hf
+    for label, path, acc, kept, worst in gguf_rows:
+        size = path.stat().st_size
+        results.append(Result(f"k={args.k} merged, GGUF {label}", acc,
+                              file=f"gguf {megabytes(size)} ({size / gguf_in.stat().st_size:.2f}x Q4_1)",
+                              file_bytes=size, check=f"retention {kept:.1%}, max |diff| {worst:.1f}"))
+
+    # A further artefact is one more stage here that appends its Result.
     curves = {f"NeuroAda k={args.k}": losses}
     sizes = {f"NeuroAda k={args.k}\nadapter": adapter_bytes}
     for kind in compare:
@@ -490,8 +537,10 @@ def main(argv=None) -> int:
 
     accs = {"untuned": acc_before, f"NeuroAda k={args.k}": acc_after}
     accs.update({r.name.removesuffix(" (runtime)"): r.accuracy for r in results[len(results) - len(compare):]})
-    accs.update({f"k={args.k} merged ckpt": acc_hf, f"k={args.k} merged ONNX": acc_ort})
+    accs.update({f"k={args.k} merged ckpt": acc_hf, f"k={args.k} merged ONNX": acc_ort,
+                 f"k={args.k} merged GGUF Q4_1": acc_gguf})
     sizes[f"k={args.k} merged\ncheckpoint"] = merged_bytes
+    sizes[f"k={args.k} merged\nGGUF Q4_1"] = merged_gguf.stat().st_size
     png = write_plot(args.plot, curves, accs, sizes, title, chance=1 / len(tasks.WORD_GROUPS))
     print(f"\npicture: {png.resolve()}")
     if args.work:

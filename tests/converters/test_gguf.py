@@ -324,7 +324,7 @@ def test_decode_only_type_needs_requant(tiny, tmp_path):
     path, view = tiny(QT.Q4_1, types={down: QT.Q4_K}, raw={down: blocks})
     assert view.encoding(down) == "Q4_K"
     adapter = make_adapter(view, targets=[down, TARGETS[0]])
-    with pytest.raises(NeuroAdaUsageError, match="Q4_K.*--requant") as exc:
+    with pytest.raises(NeuroAdaUsageError, match="Q4_K.*requant=") as exc:
         gm.merge_gguf(path, [adapter], tmp_path / "no.gguf")
     assert exc.value.tensor == "blk.1.ffn_down.weight" and exit_code(exc.value) == 2
     assert not (tmp_path / "no.gguf").exists()
