@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
+from neuroada_format.durable import write_bytes
 from neuroada_format.folder import CONFIG_NAME, LEGACY_CONFIG_NAME, WEIGHTS_NAME, read_config  # noqa: F401  (one definition)
 
 SELECTIONS = ("magnitude", "reverse", "random", "gradient")  # the rules attach can compute
@@ -72,16 +72,7 @@ class NeuroAdaConfig:
         """Write `folder/neuroada_config.json` atomically; returns its path."""
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, CONFIG_NAME)
-        fd, tmp = tempfile.mkstemp(prefix=CONFIG_NAME + ".tmp-", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-            os.chmod(tmp, default_file_mode())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_bytes(path, self.to_json().encode("utf-8"), overwrite=True, durable=False)
         return path
 
     @classmethod
@@ -104,13 +95,6 @@ class NeuroAdaConfig:
             raise NeuroAdaError(exc.detail, path=path, rule=exc.rule) from None
         except TypeError as exc:
             raise NeuroAdaError(f"bad adapter config: {exc}", path=path) from None
-
-
-def default_file_mode() -> int:
-    """What a plain open() would create: 0666 less the umask (a temporary file starts at 0600)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _module_spec(field_name: str, spec):

@@ -20,9 +20,10 @@ from torch import nn
 import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.dtypes import common_value_dtype
+from neuroada_format.durable import write_file
 from neuroada_format.folder import WEIGHTS_NAME, adapter_paths
 
-from .config import MODES, SELECTIONS, NeuroAdaConfig, default_file_mode
+from .config import MODES, SELECTIONS, NeuroAdaConfig
 from .layer import NeuroAdaLayer
 from .selection import select, topk_columns
 
@@ -614,16 +615,8 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
         state[guard] = torch.zeros(0, dtype=torch.uint8)
     state[STATE_MARKER] = torch.tensor(list(guard.encode("utf-8")), dtype=torch.uint8)
     out = os.path.join(folder, STATE_FILE)
-    tmp = out + f".tmp-{os.getpid()}"
-    try:
-        # one metadata key only: safetensors writes them from a hash map, in an order that varies by process
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # one metadata key only: safetensors writes them from a hash map, in an order that varies by process
+    write_file(out, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}), overwrite=True, durable=False)
 
 
 def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
