@@ -297,7 +297,8 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     Per row the union of positions; values summed in f32 in the given order, each term
     ``f32(f32(w) * f32(v))``; rounded once to the inputs' common file value dtype (F32 if they
     differ); short rows padded with +0.0 at their lowest unused columns so k is fixed per target.
-    The arithmetic is converters.pack's own. Nothing changes on the model if anything is refused.
+    The arithmetic is the format core's (neuroada_format.merge.union_target), shared with neuroada-pack
+    --combine. Nothing changes on the model if anything is refused.
     """
     from neuroada_format.merge import union_target  # the format core's arithmetic, shared with neuroada-pack
 
