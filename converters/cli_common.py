@@ -80,6 +80,9 @@ def run_command(command: click.Command, argv, prog_name: str) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
+            # interpreter diagnostics, not messages for users: a Ctrl-C landing between open() and `with`
+            # leaves a file object that the garbage collector reports as "unclosed file"
+            warnings.simplefilter("ignore", ResourceWarning)
             warnings.showwarning = _one_line_warning()
             code = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as exc:        # --help, --version
