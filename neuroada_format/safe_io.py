@@ -84,10 +84,14 @@ def open_regular(path, *, rule: str | None = "1.1") -> io.BufferedReader:
         if fcntl is not None and _OPEN_FLAGS & getattr(os, "O_NONBLOCK", 0):
             flags = fcntl.fcntl(fd, fcntl.F_GETFL)
             fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
-        return open(fd, "rb", closefd=True)
+        reader = open(fd, "rb", closefd=True)
     except BaseException:
-        os.close(fd)
+        try:   # a Ctrl-C inside open() may have closed fd already: the interrupt, not EBADF, is what to report
+            os.close(fd)
+        except OSError:
+            pass
         raise
+    return reader
 
 
 def read_regular(path, cap: int, *, rule: str | None = "1.1", what: str = "file") -> bytes:
