@@ -1322,6 +1322,23 @@ def bench_run(n: int, seed: int, timeout: float, exec_fraction: float, scratch: 
             "wall": time.perf_counter() - t0, "root": bench.can_mount, "exec": exec_fraction}
 
 
+# What this suite found on its first runs (2026-12-02), each fixed with a targeted test, so a reader of the
+# counts knows what a zero in the BUG column has already been worth.
+FOUND = [
+    "an adapter *folder* was not an input as a whole: `-o ADAPTER_FOLDER/neuroada_config.json --overwrite` replaced "
+    "the adapter's config from merge, --combine and --repack (exit 0, data loss), and outputs inside the folder were "
+    "written (tests/converters/test_adapter_folder_inputs.py)",
+    "two `neuroada-pack` runs to one new `-o` both exited 0, one output silently replaced: the adapter writer renamed "
+    "with overwrite after the early check (tests/converters/test_publish_race.py)",
+    "an input name that is not UTF-8 made --combine and extract write a lone surrogate into metadata and refuse "
+    "their own output (exit 1, rule 2.2) (tests/converters/test_odd_names.py)",
+    "Ctrl-C inside `open_regular`'s open() became `error: Bad file descriptor` (exit 2) instead of `interrupted` "
+    "(tests/format/test_safe_io_interrupt.py)",
+    "Ctrl-C between open() and `with` printed `warning: unclosed file` before `error: interrupted` "
+    "(tests/converters/test_cli_warnings.py)",
+]
+
+
 def group(outcome: str) -> str:
     if outcome.startswith("killed"):
         return "killed"
@@ -1360,7 +1377,9 @@ def report(res) -> str:
              f"installed entry points, the others forked after the CLIs were imported; read-only and full file "
              f"systems {'on tmpfs mounts (root)' if res['root'] else 'skipped (not root)'}.",
              "kill -9 landings: " + ", ".join(f"{o} {v}" for o, v in sorted(kills.items())) + ".",
-             f"Cases with a bug: {total_bugs}."]
+             f"Cases with a bug: {total_bugs}.", "",
+             "Defects this suite found on its first runs, each since fixed with a targeted test:", "",
+             *(f"- {f}" for f in FOUND)]
     if res["bugs"]:
         kinds = collections.Counter((b["cls"], b["label"], b["bugs"][0][:120]) for b in res["bugs"])
         lines += ["", "Bugs (class, variant, first finding):", ""]
