@@ -239,8 +239,10 @@ def finish_onnx_export(exporter: tuple[subprocess.Popen, Path], base_dir: Path) 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent
     r = subprocess.run([str(exe / args[0]), *args[1:]], capture_output=True, text=True)
-    print(f"   $ {' '.join(args)}\n   -> exit {r.returncode}: {(r.stdout + r.stderr).strip()[-300:]}",
-          flush=True)
+    said = (r.stdout.strip().splitlines() or [""])[-1]  # the command's summary line, whole
+    print(f"   $ {' '.join(args)}\n   -> exit {r.returncode}: {said}", flush=True)
+    for line in r.stderr.strip().splitlines()[-3:]:      # warnings and errors, one line each
+        print(f"      {line}", flush=True)
     if r.returncode != 0:
         raise SystemExit(f"{args[0]} failed with exit {r.returncode}")
     return r
