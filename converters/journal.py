@@ -26,8 +26,8 @@ Keeping the merged values too lets a revert prove each position still holds eith
 anything else, such as a later merge on top that has not been reverted yet. That makes a revert
 idempotent and safe after a SIGKILL at any point of the merge. The `sha256` of each tensor's three
 arrays is checked before a revert touches anything, so a journal whose data bytes were damaged (a
-flipped bit in `original/T`) is refused instead of writing wrong values back (journals written before
-the checksum existed have none and are read as before).
+flipped bit in `original/T`) is refused instead of writing wrong values back. The checksum is required:
+a journal without one (from before it existed, or with it edited out) is refused, not trusted.
 """
 from __future__ import annotations
 
@@ -178,8 +178,10 @@ def read_journal(path) -> Journal:
         p = st.array(names[0])
         if p.size and (int(p.min()) < 0 or int(p.max()) >= t["count"]):
             raise _malformed(path, f"positions of tensor {name!r} fall outside the tensor")
-        if "sha256" in t and (not isinstance(t["sha256"], str)
-                              or entry_sha256(p, st.array(names[1]), st.array(names[2])) != t["sha256"]):
+        if not isinstance(t.get("sha256"), str):
+            raise _malformed(path, f"entry of tensor {name!r} has no sha256, so its data cannot be checked (a "
+                                   "journal from before checksums: revert it with the release that wrote it)")
+        if entry_sha256(p, st.array(names[1]), st.array(names[2])) != t["sha256"]:
             raise _malformed(path, f"the data of tensor {name!r} is damaged (its sha256 differs); the base was "
                                    "not touched")
     return Journal(path, doc, st)

@@ -423,6 +423,31 @@ def test_a_journal_with_damaged_data_is_refused_before_the_base_is_touched(model
     assert tree(base) == pristine
 
 
+def test_a_journal_whose_checksums_were_removed_is_refused(model, tmp_path, capsys):
+    """Editing the sha256 fields out (and the data) must not turn the check off."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from neuroada_format.converters.journal import FORMAT
+
+    base, a, _, _ = model
+    journal = seam.merge(base, [(a, 1.0)], in_place=True, journal=tmp_path / "j.safetensors").journal
+    merged = tree(base)
+    with safe_open(journal, "np") as f:
+        meta = f.metadata()
+        arrays = {k: f.get_tensor(k) for k in f.keys()}
+    doc = json.loads(meta[FORMAT])
+    for entry in doc["tensors"].values():
+        del entry["sha256"]
+    name = next(k for k in arrays if k.startswith("original/"))
+    arrays[name] = arrays[name].copy()
+    arrays[name].view(np.uint8)[0] ^= 0x01                    # and one original value altered
+    save_file(arrays, journal, metadata={**meta, FORMAT: json.dumps(doc)})
+    code, _, err = merge_cli(capsys, "--revert", journal)
+    assert code == 1 and "no sha256" in one_line(err)
+    assert tree(base) == merged
+
+
 # -- full disks (issue 13 item 8) ---------------------------------------------------------------------
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
