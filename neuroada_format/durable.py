@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import os
 import re
 import secrets
@@ -50,9 +51,24 @@ def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
 
 
+_NAME_MAX = 255   # bytes in one path component on every common file system
+_SUFFIX_ROOM = 64  # TMP_MARK + host tag (<= 32) + pid + hex, with room to spare
+
+
+def _tmp_stem(name: str) -> str:
+    """`name`, or a shortened one that is still unique to it, so that `<stem>.tmp-...` fits in a path
+    component: a legal 230-character OUT must not fail because its temporary sibling's name is too long."""
+    raw = os.fsencode(name)
+    if len(raw) <= _NAME_MAX - _SUFFIX_ROOM:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    return os.fsdecode(raw[:_NAME_MAX - _SUFFIX_ROOM - 17]) + "~" + digest
+
+
 def temp_sibling(path: str) -> str:
     """A fresh name beside `path` that stale-sibling cleanup can attribute to this host and process."""
-    return f"{os.path.abspath(path)}{TMP_MARK}{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f"{_tmp_stem(name)}{TMP_MARK}{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def _alive(pid: int) -> bool:
@@ -68,7 +84,7 @@ def _alive(pid: int) -> bool:
 def remove_stale_siblings(path: str) -> list[str]:
     """Delete `<path>.tmp-*` siblings left by killed writers of this host; returns what was removed."""
     folder, name = os.path.split(os.path.abspath(path))
-    pattern = re.compile(re.escape(name + TMP_MARK) + r"(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]+$")
+    pattern = re.compile(re.escape(_tmp_stem(name) + TMP_MARK) + r"(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]+$")
     removed = []
     try:
         entries = os.listdir(folder)

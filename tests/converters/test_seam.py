@@ -448,6 +448,22 @@ def test_a_journal_whose_checksums_were_removed_is_refused(model, tmp_path, caps
     assert tree(base) == merged
 
 
+def test_a_long_but_legal_output_name_is_written_and_its_dead_siblings_cleaned(model, tmp_path):
+    """An OUT of 240 characters is legal; its temporary sibling (OUT + .tmp-host-pid-hex) was not."""
+    _, a, _, _ = model
+    out = tmp_path / ("x" * 236 + ".safetensors")
+    assert len(out.name) == 248
+    r = subprocess.run([_script("neuroada-pack"), "--repack", os.fspath(a), "-o", os.fspath(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert naf.load(out).document() == naf.load(a).document()
+    dead = durable.temp_sibling(out).replace(f"-{os.getpid()}-", "-999999999-")  # a writer that is gone
+    assert len(os.path.basename(dead)) <= 255
+    Path(dead).write_bytes(b"half")
+    assert durable.remove_stale_siblings(out) == [dead] and sorted(p.name for p in tmp_path.iterdir()
+                                                                     if p.name.startswith("xxx")) == [out.name]
+
+
 # -- full disks (issue 13 item 8) ---------------------------------------------------------------------
 @pytest.fixture
 def tiny_tmpfs(tmp_path):
