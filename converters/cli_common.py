@@ -15,10 +15,10 @@ import warnings
 
 import click
 
-from neuroada_format import Adapter, NeuroAdaError
+from neuroada_format import NeuroAdaError
 from neuroada_format.errors import EXIT_INTERRUPTED, EXIT_USAGE, exit_code, printable  # noqa: F401 (re-export)
 
-from .backend import finite_scale, load_adapter_file
+from .backend import finite_scale
 
 _SCALE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
@@ -35,15 +35,6 @@ def parse_scaled(spec: str) -> tuple[str, float]:
     if sep and head and _SCALE.match(tail) and (os.path.exists(head) or not os.path.exists(spec)):
         return head, finite_scale(tail, head)
     return spec, 1.0
-
-
-def load_scaled(specs) -> list[tuple[Adapter, float]]:
-    """Adapters from 'PATH[:SCALE]' arguments; PATH is an adapter file or an adapter folder."""
-    adapters = []
-    for spec in specs:
-        path, scale = parse_scaled(spec)
-        adapters.append((load_adapter_file(path), scale))
-    return adapters
 
 
 def fail(message) -> None:

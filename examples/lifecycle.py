@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import smollm2  # noqa: E402
 import tasks  # noqa: E402
 
+from neuroada_format.durable import write_file  # noqa: E402
 from neuroada_format.runtime import (  # noqa: E402
     NeuroAdaConfig,
     attach,
@@ -316,13 +317,10 @@ def write_plot(path: str | os.PathLike, losses: dict[str, list[float]], accuraci
     if title:
         fig.suptitle(title, fontsize=10, y=1.02)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight")
-        os.replace(tmp, path)
+    try:  # the library's own atomic write: a temporary sibling renamed into place
+        write_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight"), durable=False)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 
