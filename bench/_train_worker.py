@@ -131,6 +131,17 @@ def setup_neuroada(model, k):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
+def lora_matched_k(model, r=8) -> int:
+    """The NeuroAda k whose count k * sum(d_out) is nearest PEFT LoRA r's r * sum(d_in + d_out) over the
+    seven projections: the parameter-matched comparison (about 15 on Llama shapes with intermediate ~2.7x hidden)."""
+    rows = both = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in PROJECTIONS:
+            d_out, d_in = module.weight.shape
+            rows, both = rows + d_out, both + d_out + d_in
+    return max(1, round(r * both / rows))
+
+
 SETUPS = {
     "floor": setup_floor,
     "full": setup_full,
@@ -139,6 +150,7 @@ SETUPS = {
     "supertuning": setup_supertuning,
     "neuroada1": lambda m: setup_neuroada(m, 1),
     "neuroada20": lambda m: setup_neuroada(m, 20),
+    "neuroada_matched": lambda m: setup_neuroada(m, lora_matched_k(m)),  # LoRA r=8's trainable count
 }
 
 
