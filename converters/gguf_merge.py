@@ -17,7 +17,14 @@ Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 tensors get the rule-M values re-encoded block by block
 touched value (every other block stays byte-identical); types gguf-py can only decode (K-quants, IQ) are
 refused unless `requant` names a type to re-encode them into. `target_type` re-encodes every touched
 tensor (e.g. F16, to keep the merge exact up to F16 rounding). Metadata and tokenizer bytes are copied
-verbatim; when no tensor changes type the output is a byte copy with patched blocks.
+verbatim.
+
+When no tensor changes type (the usual merge) the output has the input's layout exactly, so it is
+written as safetensors merges are: untouched bytes copied by the kernel (sendfile), each touched tensor
+read through a buffer a block of rows at a time, merged (quantized blocks: decoded, merged, the touched
+ones re-encoded) and written out by a writer thread while the next block is merged; the probe hashes are
+checked from that same read. That costs about a copy of the file (bench/merge.py). A merge that changes
+types lays the file out anew and works each tensor out whole first.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import math
 import mmap
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,9 +41,12 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError, plan_merge
 from neuroada_format.durable import write_file
 from neuroada_format.hashing import probe_hash_from_values
 from neuroada_format.merge import Delta
+from neuroada_format.safe_io import open_regular
 from neuroada_format.validate import PROBE_MISMATCH, validate
 
 from .backend import Backend, Mismatch, Resolved, Written, pause_for_tests
+from .progress import bar
+from .safetensors_merge import _read_exactly, _send, _write_exactly  # the one kernel copy and buffered I/O
 
 try:
     import gguf
@@ -564,19 +575,29 @@ def block_grid(view: GGUFBase, name: str):
 
 
 # -- the merge backend --------------------------------------------------------------------------------
+BLOCK_BYTES = 4 << 20       # rows of a touched float tensor read, merged and written at a time
+BLOCK_VALUES = 1 << 16      # values of a touched block-quantized tensor decoded and re-encoded at a time:
+                            # the encoder's temporaries stay in the CPU cache (whole tensors made it 2x slower)
+
+
 @dataclass
 class _TensorPlan:
     info: TensorInfo
     out_type: QT
-    positions: np.ndarray                     # sorted flat positions (GGUF order) the adapters touch
-    patch: tuple[np.ndarray, np.ndarray] | None = None  # (unit indices, bytes [n, unit]) when the type is kept
-    data: bytes | None = None                  # the whole tensor's new bytes when its type changes
+    deltas: list[Delta]                       # in GGUF row order
+    sources: list[tuple]                      # per delta: (hf name, target, adapter), for its probe hash
+    inverse: np.ndarray | None                # GGUF row -> canonical row order (None: the same)
+    positions: np.ndarray | None = None       # retyping only: sorted flat positions (GGUF order) touched
+    patch: tuple[np.ndarray, np.ndarray] | None = None  # retyping only: (unit ids, bytes) of a kept-type tensor
+    data: bytes | None = None                  # retyping only: the whole tensor's new bytes
 
 
 @dataclass
 class _Plan:
     tensors: dict[str, _TensorPlan]
     touched: int
+    streamed: bool                            # no tensor changes type: copy and merge on the way
+    verify: bool
 
 
 class GGUFBackend(Backend):
@@ -641,7 +662,11 @@ class GGUFBackend(Backend):
                                  path=view.path, tensor=info.name)
 
     def plan(self, view: GGUFBase, resolved: Resolved, *, verify: bool, in_place: bool) -> _Plan:
-        plans, touched = {}, 0
+        """When every touched tensor keeps its type (the usual merge) nothing is read here but each
+        adapter's smallest target (its probe hash, so a wrong base fails before the copy starts): the
+        write merges every tensor as it copies it and checks the other probe hashes from that same read.
+        A merge that changes types works every tensor out here (the file is laid out anew)."""
+        plans = {}
         for gname, entries in resolved.data.items():
             info = view.file.tensors[gname]
             out_type = self._out_type(view, info)
@@ -655,62 +680,60 @@ class GGUFBackend(Backend):
                 if mapped.perm is not None:  # adapter rows into GGUF row order
                     idx, val = idx[mapped.perm], val[mapped.perm]
                 deltas.append(Delta(idx, val, scale))
-            weight = view.file.decode(gname)  # float types: the stored map; block types: exact f32 decode
-            mp = plan_merge(weight, deltas, checked=True)
+            plans[gname] = _TensorPlan(info, out_type, deltas, [(n, t, a) for n, t, _, a in entries], mapped.inverse)
+        streamed = all(tp.out_type == tp.info.type for tp in plans.values())
+        if streamed:
             if verify:
-                for i, (name, t, _, adapter) in enumerate(entries):
-                    probed = mp.originals_of(i).reshape(t.indices.shape)
-                    if mapped.inverse is not None:
-                        probed = probed[mapped.inverse]
-                    if probe_hash_from_values(probed) != t.probe:
-                        raise Mismatch(PROBE_MISMATCH, path=adapter.path, tensor=name, rule="4.3")
-            touched += mp.positions.size
-            tp = _TensorPlan(info, out_type, mp.positions)
-            if out_type == info.type and info.type in FLOAT_TYPES:
-                tp.patch = (mp.positions, mp.merged.view(np.uint8).reshape(mp.positions.size, -1))
-            elif out_type == info.type:
-                block = GGML_QUANT_SIZES[info.type][0]
-                ids = np.unique(mp.positions // block)
-                values = np.array(weight.reshape(-1, block)[ids], dtype=np.float32)
-                mask = np.zeros(values.shape, bool)
-                where = np.searchsorted(ids, mp.positions // block)
-                values[where, mp.positions % block] = mp.merged
-                mask[where, mp.positions % block] = True
-                new = encode_blocks(info.type, values, view.file.blocks(gname)[ids], mask, method=self.encoder,
-                                    touched_weight=self.touched_weight)
-                tp.patch = (ids, new)
+                _first_probes(view, plans)
+            return _Plan(plans, 0, True, verify)
+        touched = 0
+        for gname, tp in plans.items():
+            touched += self._plan_whole(view, tp, verify)
+        return _Plan(plans, touched, False, verify)
+
+    def _plan_whole(self, view: GGUFBase, tp: _TensorPlan, verify: bool) -> int:
+        """One tensor of a merge that changes types: merged values, checked probes, the new bytes."""
+        info, out_type, gname = tp.info, tp.out_type, tp.info.name
+        weight = view.file.decode(gname)  # float types: the stored map; block types: exact f32 decode
+        mp = plan_merge(weight, tp.deltas, checked=True)
+        if verify:
+            _check_probes(tp, [mp.originals_of(i) for i in range(len(tp.deltas))])
+        tp.positions = mp.positions
+        if out_type == info.type and info.type in FLOAT_TYPES:
+            tp.patch = (mp.positions, mp.merged.view(np.uint8).reshape(mp.positions.size, -1))
+        elif out_type == info.type:
+            block = GGML_QUANT_SIZES[info.type][0]
+            ids, new = _reencode(info.type, weight.reshape(-1, block), view.file.blocks(gname), mp, block,
+                                 self.encoder, self.touched_weight)
+            tp.patch = (ids, new)
+        else:
+            full = np.array(weight, dtype=np.float32).reshape(-1)
+            full[mp.positions] = mp.merged
+            if out_type in FLOAT_TYPES:
+                tp.data = full.astype(_numpy_dtype(out_type)).tobytes()
             else:
-                full = np.array(weight, dtype=np.float32).reshape(-1)
-                full[mp.positions] = mp.merged
-                if out_type in FLOAT_TYPES:
-                    tp.data = full.astype(_numpy_dtype(out_type)).tobytes()
-                else:
-                    block = GGML_QUANT_SIZES[out_type][0]
-                    tp.data = encode_blocks(out_type, full.reshape(-1, block), method=self.encoder).tobytes()
-            plans[gname] = tp
-        return _Plan(plans, touched)
+                block = GGML_QUANT_SIZES[out_type][0]
+                tp.data = encode_blocks(out_type, full.reshape(-1, block), method=self.encoder).tobytes()
+        return int(mp.positions.size)
 
     def write(self, view: GGUFBase, plan: _Plan, out: str, *, overwrite: bool, durable: bool,
               progress: bool) -> Written:
         f = view.file
-        retyped = any(tp.data is not None for tp in plan.tensors.values())
-        written = {"bytes": 0}
+        counts = {"bytes": 0, "values": plan.touched, "units": 0}
 
         def fill(tmp: str) -> None:
-            if retyped:
-                written["bytes"] = _write_retyped(f, plan, tmp)
+            if plan.streamed:
+                with bar(f.size, f"merge -> {os.path.basename(out)}", enabled=progress) as pbar:
+                    counts["values"], counts["units"] = _write_streamed(f, plan, tmp, self.encoder,
+                                                                        self.touched_weight, pbar)
+                counts["bytes"] = f.size
             else:
-                _copy(f.path, tmp)
-                written["bytes"] = f.size
-                for gname, tp in plan.tensors.items():
-                    pause_for_tests()
-                    _patch_units(tmp, f.data_start + tp.info.offset, tp.info.nbytes, tp.patch[1].shape[1],
-                                 tp.patch[0], tp.patch[1])
+                counts["bytes"] = _write_retyped(f, plan, tmp)
+                counts["units"] = sum(int(tp.patch[0].size) for tp in plan.tensors.values() if tp.patch is not None)
         write_file(out, fill, overwrite=overwrite, durable=durable)
-        blocks = sum(int(tp.patch[0].size) for tp in plan.tensors.values() if tp.patch is not None)
-        return Written(plan.touched, 1, written["bytes"], details={
+        return Written(counts["values"], 1, counts["bytes"], details={
             "retyped": {g: tp.out_type.name for g, tp in plan.tensors.items() if tp.data is not None},
-            "units_rewritten": blocks, "encoder": self.encoder})
+            "units_rewritten": counts["units"], "encoder": self.encoder})
 
 
 def _numpy_dtype(t: QT) -> np.dtype:
@@ -718,31 +741,179 @@ def _numpy_dtype(t: QT) -> np.dtype:
     return NUMPY_DTYPES[FLOAT_TYPES[t]]
 
 
-def _copy(src: str, dst: str) -> None:
-    """A kernel-side copy (copy_file_range/sendfile where the OS has them)."""
-    import shutil
-    with open(src, "rb") as a, open(dst, "wb") as b:
-        shutil.copyfileobj(a, b, 1 << 24) if not hasattr(os, "copy_file_range") else _cfr(a, b)
+def _check_probes(tp: _TensorPlan, originals: list[np.ndarray]) -> None:
+    """Rule 4.3 for every adapter's target in this tensor: originals[i] are delta i's base values in GGUF
+    row order ([d_out, k] once reshaped); the probe hash covers them in canonical (Hugging Face) order."""
+    for values, (name, t, adapter) in zip(originals, tp.sources):
+        probed = np.asarray(values).reshape(t.indices.shape)
+        if tp.inverse is not None:
+            probed = probed[tp.inverse]
+        if probe_hash_from_values(probed) != t.probe:
+            raise Mismatch(PROBE_MISMATCH, path=adapter.path, tensor=name, rule="4.3")
 
 
-def _cfr(a, b) -> None:
-    size = os.fstat(a.fileno()).st_size
-    done = 0
-    while done < size:
-        n = os.copy_file_range(a.fileno(), b.fileno(), size - done, done, done)
-        if n == 0:
-            raise OSError("copy_file_range wrote nothing")
-        done += n
+def _first_probes(view: GGUFBase, plans: dict[str, _TensorPlan]) -> None:
+    """Each adapter's smallest target checked against the base at once (reading that tensor only), so a
+    merge onto the wrong base fails in milliseconds; the write checks every target as it copies it."""
+    smallest: dict[int, tuple] = {}
+    for tp in plans.values():
+        for i, (name, t, adapter) in enumerate(tp.sources):
+            key = (t.d_out * t.k, name)
+            if id(adapter) not in smallest or key < smallest[id(adapter)][0]:
+                smallest[id(adapter)] = (key, tp, i)
+    for _, tp, i in smallest.values():
+        weight = view.file.decode(tp.info.name)
+        mp = plan_merge(weight, [tp.deltas[i]], checked=True)
+        _check_probes(_TensorPlan(tp.info, tp.out_type, [tp.deltas[i]], [tp.sources[i]], tp.inverse),
+                      [mp.originals_of(0)])
 
 
-def _patch_units(path: str, offset: int, nbytes: int, unit: int, ids: np.ndarray, data: np.ndarray) -> None:
-    """Write units (blocks or elements) of `unit` bytes at indices `ids` of the tensor at `offset`, through
-    a shared map of the file (one pwrite per unit was 50x a copy of the file)."""
-    if ids.size == 0:
-        return
-    region = np.memmap(path, dtype=np.uint8, mode="r+", offset=offset, shape=(nbytes,))
-    region.reshape(-1, unit)[ids] = np.asarray(data, dtype=np.uint8).reshape(ids.size, unit)
-    del region  # unmapped; the kernel writes the pages back (write_file fsyncs the file when durable)
+def _reencode(t: QT, values: np.ndarray, blocks: np.ndarray, mp, block: int, encoder: str,
+              touched_weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """The blocks holding a merged value, re-encoded: (block ids, their new bytes [n, type_size]).
+    values: the decoded tensor (or rows of it) as [n_blocks, block]; blocks: its bytes, one row per block;
+    mp: its MergePlan. Every other block is left as it is."""
+    which = mp.positions // block
+    if which.size:  # positions are sorted, so their blocks are too: distinct ones without a sort
+        keep = np.empty(which.size, bool)
+        keep[0] = True
+        np.not_equal(which[1:], which[:-1], out=keep[1:])
+        ids = which[keep]
+    else:
+        ids = which
+    target = np.array(values[ids], dtype=np.float32)
+    mask = np.zeros(target.shape, bool)
+    where = np.searchsorted(ids, which)
+    target[where, mp.positions % block] = mp.merged
+    mask[where, mp.positions % block] = True
+    return ids, encode_blocks(t, target, np.asarray(blocks[ids]), mask, method=encoder, touched_weight=touched_weight)
+
+
+def _write_streamed(f: GGUFFile, plan: _Plan, tmp: str, encoder: str, touched_weight: float, pbar) -> tuple[int, int]:
+    """The output when no tensor changes type: the input's layout exactly (header, metadata, tensor table,
+    alignment, offsets), so untouched bytes are copied by the kernel (sendfile) and each touched tensor
+    passes through a buffer a block of rows at a time, merged on the way (as safetensors_merge does).
+
+    One writer thread does every write, in file order, while this thread reads and merges the next
+    block into the other of two buffers: the merge arithmetic hides behind the copy (both system calls
+    release the GIL). Returns (values merged, units rewritten: elements of float tensors, blocks of
+    quantized ones).
+    """
+    touched = sorted(plan.tensors.values(), key=lambda tp: tp.info.offset)
+    per_rows = {tp.info.name: _rows_per_chunk(tp.info) for tp in touched}
+    size = max((per_rows[tp.info.name] * _row_bytes(tp.info) for tp in touched), default=0)
+    values = units = 0
+    with open_regular(f.path, rule=RULE) as src:  # never blocks on a FIFO swapped in since the parse
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        writer = _Writer(fd, size)
+        try:
+            pos = 0
+            for tp in touched:
+                start = f.data_start + tp.info.offset
+                writer.send(src.fileno(), pos, start, pbar)
+                v, u = _stream_tensor(src.fileno(), writer, start, tp, per_rows[tp.info.name], plan.verify,
+                                      encoder, touched_weight, pbar)
+                values, units = values + v, units + u
+                pos = start + tp.info.nbytes
+                pause_for_tests()
+            writer.send(src.fileno(), pos, f.size, pbar)
+            writer.finish()
+        finally:
+            writer.close()
+            os.close(fd)
+    return values, units
+
+
+class _Writer:
+    """Writes to `fd` on one worker thread, in the order asked; two buffers for blocks of rows, so one is
+    filled while the other is written. A failed write is raised here at the next buffer or at finish();
+    close() drops what is still queued and waits for the write under way (never a write after close)."""
+
+    def __init__(self, fd: int, size: int):
+        self.fd = fd
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="gguf-merge-write")
+        self.buffers = [[np.empty(size, np.uint8), None] for _ in range(2)]
+        self.turn = 0
+        self.pending = []
+
+    def send(self, src_fd: int, start: int, end: int, pbar) -> None:
+        if end > start:
+            self.pending.append(self.pool.submit(_send, src_fd, self.fd, start, end, pbar))
+
+    def buffer(self) -> np.ndarray:
+        """The next buffer, once its previous write is done."""
+        slot = self.buffers[self.turn]
+        self.turn ^= 1
+        if slot[1] is not None:
+            slot[1].result()
+            slot[1] = None
+        return slot
+
+    def write(self, slot, nbytes: int, pos: int) -> None:
+        slot[1] = self.pool.submit(_write_exactly, self.fd, memoryview(slot[0])[:nbytes], pos)
+        self.pending.append(slot[1])
+        if len(self.pending) > 64:  # done ones: drop them, raising any failure
+            self.pending = [p for p in self.pending if not p.done() or p.result()]
+
+    def finish(self) -> None:
+        for p in self.pending:
+            p.result()
+        self.pending = []
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _row_bytes(info: TensorInfo) -> int:
+    block, type_size = GGML_QUANT_SIZES[info.type]
+    return info.ne[0] // block * type_size
+
+
+def _rows_per_chunk(info: TensorInfo) -> int:
+    rows = info.shape[0]
+    if info.type in FLOAT_TYPES:
+        return min(rows, max(1, BLOCK_BYTES // _row_bytes(info)))
+    return min(rows, max(1, BLOCK_VALUES // info.ne[0]))
+
+
+def _stream_tensor(src_fd: int, writer: _Writer, start: int, tp: _TensorPlan, per: int, verify: bool,
+                   encoder: str, touched_weight: float, pbar) -> tuple[int, int]:
+    """Copy one touched tensor through the writer's buffers, `per` rows at a time: float rows get rule M
+    written into them; quantized rows are decoded, merged, and their touched blocks re-encoded
+    (`_reencode`), every other block's bytes left as read. The probe hashes are checked from the same
+    read, at the end (a mismatch stops the merge before the file can be published)."""
+    info = tp.info
+    rows, row_bytes = info.shape[0], _row_bytes(info)
+    block, unit = GGML_QUANT_SIZES[info.type]
+    floats = info.type in FLOAT_TYPES
+    originals = [np.empty(d.indices.shape, np.float32) for d in tp.deltas] if verify else None
+    values = units = 0
+    for r0 in range(0, rows, per):
+        r1 = min(rows, r0 + per)
+        nbytes = (r1 - r0) * row_bytes
+        slot = writer.buffer()
+        chunk = slot[0][:nbytes]
+        _read_exactly(src_fd, memoryview(chunk), start + r0 * row_bytes)
+        weight = chunk.view(_numpy_dtype(info.type)) if floats else _decode(chunk, info.type)
+        weight = weight.reshape(r1 - r0, info.ne[0])
+        mp = plan_merge(weight, [Delta(d.indices[r0:r1], d.values[r0:r1], d.scale) for d in tp.deltas], checked=True)
+        if originals is not None:
+            for i, o in enumerate(originals):
+                o[r0:r1] = mp.originals_of(i).reshape(r1 - r0, -1)
+        if floats:
+            weight.reshape(-1)[mp.positions] = mp.merged
+            units += int(mp.positions.size)
+        else:
+            ids, new = _reencode(info.type, weight.reshape(-1, block), chunk.reshape(-1, unit), mp, block, encoder,
+                                 touched_weight)
+            chunk.reshape(-1, unit)[ids] = new
+            units += int(ids.size)
+        values += int(mp.positions.size)
+        writer.write(slot, nbytes, start + r0 * row_bytes)
+        pbar.update(nbytes)
+    if originals is not None:
+        _check_probes(tp, originals)
+    return values, units
 
 
 def _write_retyped(f: GGUFFile, plan: _Plan, tmp: str) -> int:

@@ -1,0 +1,172 @@
+"""The GGUF merge's streaming write: when no tensor changes type, the output keeps the input's layout
+byte for byte outside the touched tensors, and each touched tensor (copied through a buffer a block of
+rows at a time, merged on the way) holds exactly what merging the whole tensor at once gives.
+
+The reference here is the whole-tensor merge written out from the public pieces (decode the tensor,
+rule M through `plan_merge`, re-encode the blocks that hold a touched value with `encode_blocks`), i.e.
+what the merge did before it streamed; the chunk sizes are made tiny so tensors split into many blocks
+of rows, with a short last one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT  # noqa: E402
+
+import neuroada_format as naf  # noqa: E402
+from neuroada_format import NeuroAdaError  # noqa: E402
+from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.merge import Delta, plan_merge  # noqa: E402
+
+from test_gguf import ALL_TYPES, TARGETS, hf_arrays, make_adapter, write_gguf  # noqa: E402
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Blocks of a few rows (the defaults hold a whole tiny tensor in one block)."""
+    monkeypatch.setattr(gm, "BLOCK_BYTES", 1000)    # floats: 3 rows of 64 F32, 7 of 64 F16, 1 of 256 F32
+    monkeypatch.setattr(gm, "BLOCK_VALUES", 200)    # quantized: 3 rows of 64, 1 row of 256
+
+
+def whole_tensor_reference(path, adapters, *, encoder="search", touched_weight=100.0) -> bytes:
+    """The merged file as the whole-tensor merge makes it: every touched tensor decoded at once, merged
+    with rule M, its float values written / its touched blocks re-encoded, patched into a copy."""
+    view = gm.open_gguf_base(path)
+    f = view.file
+    data = bytearray(open(path, "rb").read())
+    by_tensor = {}
+    for adapter, scale in adapters:
+        for name, t in adapter.targets.items():
+            by_tensor.setdefault(view.resolve(name).gguf_name, []).append((name, t, scale))
+    for gname, entries in by_tensor.items():
+        info = f.tensors[gname]
+        m = view.resolve(entries[0][0])
+        deltas = []
+        for _, t, scale in entries:
+            idx, val = np.asarray(t.indices), np.asarray(t.values)
+            if m.perm is not None:
+                idx, val = idx[m.perm], val[m.perm]
+            deltas.append(Delta(idx, val, scale))
+        weight = np.array(f.decode(gname))
+        mp = plan_merge(weight, deltas)
+        start = f.data_start + info.offset
+        if info.type in gm.FLOAT_TYPES:
+            weight.reshape(-1)[mp.positions] = mp.merged
+            data[start:start + info.nbytes] = weight.tobytes()
+            continue
+        block, unit = GGML_QUANT_SIZES[info.type]
+        ids = np.unique(mp.positions // block)
+        values = np.array(weight.reshape(-1, block)[ids], dtype=np.float32)
+        mask = np.zeros(values.shape, bool)
+        where = np.searchsorted(ids, mp.positions // block)
+        values[where, mp.positions % block] = mp.merged
+        mask[where, mp.positions % block] = True
+        blocks = np.array(f.blocks(gname))
+        blocks[ids] = gm.encode_blocks(info.type, values, blocks[ids], mask, method=encoder,
+                                       touched_weight=touched_weight)
+        data[start:start + info.nbytes] = blocks.tobytes()
+    return bytes(data)
+
+
+def touched_ranges(path, adapter):
+    view = gm.open_gguf_base(path)
+    f = view.file
+    return sorted((f.data_start + f.tensors[g].offset, f.data_start + f.tensors[g].offset + f.tensors[g].nbytes)
+                  for g in {view.resolve(n).gguf_name for n in adapter.targets})
+
+
+@pytest.mark.parametrize("qt", ALL_TYPES, ids=lambda t: t.name)
+def test_streamed_merge_equals_the_whole_tensor_merge(tmp_path, small_chunks, qt):
+    path = write_gguf(tmp_path / "base.gguf", hf_arrays(), qt)
+    view = gm.open_gguf_base(path)
+    a, b = make_adapter(view, k=5, seed=3), make_adapter(view, k=3, seed=4, value_dtype="BF16")
+    out = tmp_path / "m.gguf"
+    s = gm.merge_gguf(path, [(a, 0.75), (b, -1.0)], out)
+    got, want = out.read_bytes(), whole_tensor_reference(path, [(a, 0.75), (b, -1.0)])
+    assert got == want
+    assert s.details["retyped"] == {} and s.bytes_written == os.path.getsize(path)
+    assert s.values_touched == sum(plan_merge(np.zeros(t.shape, np.float32),
+                                              [a.targets[n], b.targets[n]]).positions.size
+                                   for n, t in a.targets.items())
+
+
+@pytest.mark.parametrize("qt", [QT.F16, QT.Q4_1], ids=lambda t: t.name)
+def test_layout_is_the_input_s_and_untouched_bytes_are_identical(tmp_path, small_chunks, qt):
+    """Header, metadata, tensor table, padding and every byte outside the touched tensors: the input's."""
+    path = write_gguf(tmp_path / "base.gguf", hf_arrays(), qt)
+    adapter = make_adapter(gm.open_gguf_base(path), k=4)
+    out = tmp_path / "m.gguf"
+    gm.merge_gguf(path, [adapter], out)
+    src, dst = gm.read_gguf(path), gm.read_gguf(out)
+    assert (src.data_start, src.alignment, src.size) == (dst.data_start, dst.alignment, dst.size)
+    assert {n: (t.type, t.ne, t.offset, t.nbytes) for n, t in src.tensors.items()} == \
+        {n: (t.type, t.ne, t.offset, t.nbytes) for n, t in dst.tensors.items()}
+    a, b = path.read_bytes(), out.read_bytes()
+    pos = 0
+    for start, end in touched_ranges(path, adapter):
+        assert a[pos:start] == b[pos:start]
+        assert a[start:end] != b[start:end]
+        pos = end
+    assert a[pos:] == b[pos:]
+
+
+def test_search_and_naive_encoders_and_weights_stream_the_same(tmp_path, small_chunks):
+    path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q4_0)
+    adapter = make_adapter(gm.open_gguf_base(path), k=6, scale=0.01)
+    for encoder, weight in (("naive", 100.0), ("search", 1.0), ("search", 1000.0)):
+        out = tmp_path / f"{encoder}-{weight}.gguf"
+        gm.merge_gguf(path, [adapter], out, encoder=encoder, touched_weight=weight)
+        assert out.read_bytes() == whole_tensor_reference(path, [(adapter, 1.0)], encoder=encoder,
+                                                          touched_weight=weight)
+
+
+def test_a_wrong_probe_found_while_streaming_leaves_nothing(tmp_path, small_chunks):
+    """Only each adapter's smallest target is probed before the copy; a wrong probe hash on any other
+    target is found as its tensor is copied, and the temporary file is removed: OUT never appears."""
+    path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.F16)
+    adapter = make_adapter(gm.open_gguf_base(path))
+    big = max(adapter.targets.values(), key=lambda t: t.d_out * t.k)
+    adapter.targets[big.name] = dataclasses.replace(big, probe="sha256:" + "0" * 64)
+    out = tmp_path / "m.gguf"
+    with pytest.raises(NeuroAdaError) as exc:
+        gm.merge_gguf(path, [adapter], out)
+    assert exc.value.rule == "4.3" and exc.value.tensor == big.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.gguf"]
+    gm.merge_gguf(path, [adapter], out, verify=False)  # without verification: merged as asked
+    assert out.read_bytes() == whole_tensor_reference(path, [(adapter, 1.0)])
+
+
+def test_a_failed_write_in_the_writer_thread_is_raised_and_leaves_nothing(tmp_path, small_chunks, monkeypatch):
+    path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q8_0)
+    adapter = make_adapter(gm.open_gguf_base(path))
+    calls = {"n": 0}
+    real = gm._write_exactly
+
+    def full_disk(fd, view, pos):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, view, pos)
+    monkeypatch.setattr(gm, "_write_exactly", full_disk)
+    out = tmp_path / "m.gguf"
+    with pytest.raises(OSError) as exc:
+        gm.merge_gguf(path, [adapter], out)
+    assert exc.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.gguf"]
+
+
+def test_deltas_on_the_grid_keep_block_bytes_when_streamed(tmp_path, small_chunks):
+    """A delta of zero leaves every block as it was: the streamed output is the input, byte for byte."""
+    path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q4_1)
+    view = gm.open_gguf_base(path)
+    zero = naf.Adapter({n: dataclasses.replace(t, values=np.zeros_like(np.asarray(t.values)))
+                        for n, t in make_adapter(view).targets.items()})
+    out = tmp_path / "m.gguf"
+    gm.merge_gguf(path, [zero], out)
+    assert out.read_bytes() == path.read_bytes()
