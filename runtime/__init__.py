@@ -71,3 +71,7 @@ __all__ += [
     "set_adapter",
     "stop_serving",
 ]
+
+from .quant_grid import QuantGrid, grid_types, remove_grid, train_on_grid  # noqa: E402
+
+__all__ += ["QuantGrid", "train_on_grid", "remove_grid", "grid_types"]

@@ -245,6 +245,14 @@ class NeuroAdaLayer(nn.Module):
             self._overlays[names] = ov
         return ov
 
+    def delta(self, name: str) -> torch.Tensor:
+        """The deltas the forward, merge and save use: ``neuroada_val``, or where runtime/quant_grid.py
+        registered a quantization grid for the adapter, their snap to it (straight-through gradient)."""
+        val, grids = self.neuroada_val[name], self._modules.get("neuroada_grid")
+        if grids is None or name not in grids:
+            return val
+        return grids[name](val, self.neuroada_idx[name], self.neuroada_w0[name])
+
     # -- merge ----------------------------------------------------------------------------------
 
     def merge(self, adapter_names: Sequence[str] | None = None) -> None:
@@ -260,7 +268,7 @@ class NeuroAdaLayer(nn.Module):
         if self.merged_adapters:
             unmerge_(W, self.overlay(self.merged_adapters))
         allnames = self.merged_adapters + new
-        merge_(W, self.overlay(allnames), [self.neuroada_val[n] for n in allnames])
+        merge_(W, self.overlay(allnames), [self.delta(n) for n in allnames])
         self.merged_adapters = allnames
 
     def unmerge(self) -> None:
@@ -283,11 +291,11 @@ class NeuroAdaLayer(nn.Module):
         if self.mode == "inplace":
             return inplace_sparse_delta_linear(
                 x, self.base_layer.weight, self.base_layer.bias, self.overlay(active),
-                [self.neuroada_val[n] for n in active],
+                [self.delta(n) for n in active],
             )
         y = self.base_layer(x, *args, **kwargs)
         for n in active:
-            y = y + additive_sparse_delta(x, self.pattern(n), self.neuroada_val[n], out_dtype=y.dtype)
+            y = y + additive_sparse_delta(x, self.pattern(n), self.delta(n), out_dtype=y.dtype)
         return y
 
     def extra_repr(self) -> str:

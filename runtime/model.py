@@ -508,7 +508,7 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
             continue
         key = plain_name(model, name) + ".weight"
         idx = to_numpy(layer.neuroada_idx[adapter_name])
-        val = _full(layer.neuroada_val[adapter_name].detach()).float().cpu().numpy().astype(VALUE_NUMPY[vdt])
+        val = _full(layer.delta(adapter_name).detach()).float().cpu().numpy().astype(VALUE_NUMPY[vdt])
         w0 = layer.neuroada_w0[adapter_name]
         targets[key] = naf.Target(
             key, idx.astype(np.int16 if layer.d_in <= 32768 else np.int32), val, (layer.d_out, layer.d_in),

@@ -1,0 +1,236 @@
+"""Training through a GGUF file's quantization grid, so the adapter survives a merge into that file exactly.
+
+A 4-bit GGUF block holds 32 values as `d * q + m` (integer q in [0, 15], scale d and minimum m in f16).
+Merging trained deltas into such a file means re-encoding the blocks that hold them, and a learned delta is
+usually smaller than half a 4-bit step, so most of it is lost (bench/RESULTS.md, "GGUF merge: retention":
+about 77% of the adapter's logit change kept on SmolLM2 Q4_1). Training *through* the grid instead snaps
+each delta so that `w0 + delta` is a value the block already represents (its scale and minimum kept),
+with a straight-through gradient: the optimizer updates the unsnapped deltas, the forward and the
+gradient see the snapped ones. The merge into the file then changes only the blocks' 4-bit levels and
+is exact: the merged file decodes to the runtime's merge bit for bit, every other block byte-identical.
+
+    from neuroada_format.runtime import attach, train_on_grid, remove_grid
+    attach(model, NeuroAdaConfig(k=20))        # model: the GGUF's de-quantized weights
+    train_on_grid(model, "model.Q4_1.gguf")    # then any loop, or transformers.Trainer, unchanged
+    ...
+    model.save_pretrained("out")               # the adapter file holds the on-grid deltas (F32 values)
+    # neuroada-merge --base model.Q4_1.gguf --adapter out --out merged.gguf   (exact, same size)
+
+While a grid is on, `save_adapter` / `save_pretrained` / Trainer's save_model, `to_adapter` and `merge`
+use the snapped deltas (`NeuroAdaLayer.delta`); the trainable state in Trainer checkpoints keeps the
+unsnapped ones, which is what resuming needs (call `train_on_grid` again on the rebuilt model). The
+adapter's `save_dtype` becomes F32 while the grid is on: a snapped delta `d * (q - q0)` needs up to 15
+significant bits. The grids come from converters/gguf_merge.py (`block_grid`, the Hugging Face -> GGUF
+name map and llama.cpp's q/k row order); that module and the gguf package are imported only when a grid
+is registered. Not covered: mixed-batch serving and `add_weighted_adapter` (runtime/multi.py) read the
+unsnapped deltas; call `remove_grid(model, snap=True)` first to make the snapped ones the adapter's own.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
+
+from .layer import NeuroAdaLayer
+
+__all__ = ["QuantGrid", "train_on_grid", "remove_grid", "grid_types"]
+
+GRID_ATTR = "neuroada_grid"                   # each layer's nn.ModuleDict: adapter name -> QuantGrid
+SAVED_CONFIGS_ATTR = "_neuroada_grid_configs"  # the model's adapter configs as they were before the grid
+
+
+class QuantGrid(nn.Module):
+    """One layer's block grid: per block a scale and a minimum (f16 values, kept as their int16 bits so
+    that `model.to(dtype)` cannot round them), levels [lo, hi], `block` values per block along d_in.
+
+    Called with an adapter's (val, idx, w0) it returns the deltas with `w0 + delta` on the grid: forward
+    value exactly the snapped delta, gradient passed straight through to `val`.
+    """
+
+    def __init__(self, scale: np.ndarray, minimum: np.ndarray, lo: int, hi: int, block: int, qtype: str):
+        super().__init__()
+        self.register_buffer("scale_bits", _f16_bits(scale), persistent=False)
+        self.register_buffer("minimum_bits", _f16_bits(minimum), persistent=False)
+        self.lo, self.hi, self.block, self.qtype = int(lo), int(hi), int(block), str(qtype)
+
+    def _at(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scale and minimum of the block holding each selected entry, f32 [d_out, k]."""
+        blk = idx // self.block
+        d = self.scale_bits.view(torch.float16).float().gather(1, blk)
+        m = self.minimum_bits.view(torch.float16).float().gather(1, blk)
+        return d, m
+
+    @torch.no_grad()
+    def levels(self, w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The nearest level q of values w [d_out, k] at idx, and its value d * q + m (f32, as gguf-py decodes)."""
+        d, m = self._at(idx)
+        q = torch.where(d == 0, 0.0, torch.round((w.float() - m) / torch.where(d == 0, 1.0, d)))
+        q = q.clamp(self.lo, self.hi)
+        return q, d * q + m
+
+    @torch.no_grad()
+    def snap(self, val: torch.Tensor, idx: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+        """The on-grid deltas (no gradient): w0 + snap(val) is the grid value nearest to w0 + val."""
+        w0f = w0.float()
+        _, value = self.levels(w0f + val.float(), idx)
+        return (value - w0f).to(val.dtype)
+
+    def forward(self, val: torch.Tensor, idx: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+        snapped = self.snap(val, idx, w0)
+        if not (torch.is_grad_enabled() and val.requires_grad):
+            return snapped
+        return snapped + (val - val.detach())  # value: snapped (+0 exactly); gradient: 1 (straight through)
+
+    def extra_repr(self) -> str:
+        return f"{self.qtype}, levels [{self.lo}, {self.hi}], block {self.block}"
+
+
+def _f16_bits(x: np.ndarray) -> torch.Tensor:
+    """f16-exact f32 values as the int16 bits of their f16 encoding."""
+    h = np.ascontiguousarray(np.asarray(x, dtype=np.float32).astype(np.float16))
+    return torch.from_numpy(h.view(np.int16).copy())
+
+
+def _gguf_view(path):
+    """converters/gguf_merge's view of a GGUF file (imported here: the runtime must import without gguf)."""
+    try:
+        from neuroada_format.converters import gguf_merge
+    except ImportError as exc:
+        raise NeuroAdaUsageError(f"training through a GGUF grid needs the gguf package (pip install gguf): {exc}",
+                                 path=os.fspath(path)) from None
+    return gguf_merge, gguf_merge.open_gguf_base(path)
+
+
+def _adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, NeuroAdaLayer]:
+    from .model import layers
+
+    found = {n: layer for n, layer in layers(model).items() if adapter_name in layer.neuroada_val}
+    if not found:
+        raise NeuroAdaUsageError(f"no attached layer holds an adapter named {adapter_name!r}")
+    return found
+
+
+def train_on_grid(model: nn.Module, gguf_path, adapter_name: str = "default") -> dict[str, str]:
+    """Snap `adapter_name`'s deltas to the quantization grid of `gguf_path` (the model's base as a GGUF
+    file: its weights must be that file's de-quantized values) in every layer whose GGUF tensor is
+    block-quantized with a grid `converters.gguf_merge.block_grid` knows (Q4_0, Q4_1, Q8_0).
+
+    Layers whose tensor is F32/F16/BF16 stay plain (those merge exactly anyway), as do other block types
+    (their merge re-encodes with gguf-py's own quantizer). Returns {target: GGUF type} of every adapted
+    layer; the snapping ones are those whose type is in `QuantGrid`'s set (see `grid_types`).
+
+    Refused before anything changes: a file that is not this model's base (a target without a GGUF tensor,
+    another shape, or selected weights that are not the file's values: NeuroAdaError), a merged layer,
+    deltas that are not float32 or a weight in another layout (NeuroAdaUsageError).
+    """
+    found = _adapter_layers(model, adapter_name)
+    from .model import CONFIGS_ATTR, _is_sharded, plain_name
+
+    gm, view = _gguf_view(gguf_path)
+    path = view.path
+    planned: dict[str, tuple[NeuroAdaLayer, QuantGrid | None]] = {}
+    types: dict[str, str] = {}
+    for name, layer in found.items():
+        key = plain_name(model, name) + ".weight"
+        if layer.merged:
+            raise NeuroAdaUsageError(f"{name} is merged; unmerge before training on a grid", tensor=key)
+        val = layer.neuroada_val[adapter_name]
+        if val.dtype != torch.float32:
+            raise NeuroAdaUsageError(f"deltas in {val.dtype} cannot hold on-grid values exactly; train them in "
+                                     f"float32 (delta_dtype='float32', the default)", tensor=key)
+        if _is_sharded(layer.weight):
+            raise NeuroAdaUsageError("register the grid before sharding the model (FSDP2)", tensor=key)
+        if layer.transposed:
+            raise NeuroAdaUsageError("GGUF stores linear weights as [d_out, d_in]; a transposed (Conv1D) layer "
+                                     "has no GGUF tensor", path=path, tensor=key)
+        mapped = view.resolve(key)
+        if mapped is None:
+            raise NeuroAdaError(f"the GGUF file has no tensor for {key}: it is not this model's base",
+                                path=path, tensor=key, rule="4.1")
+        info = view.file.tensors[mapped.gguf_name]
+        if tuple(info.shape) != (layer.d_out, layer.d_in):
+            raise NeuroAdaError(f"{mapped.gguf_name} is {list(info.shape)}, the model's weight is "
+                                f"{[layer.d_out, layer.d_in]}: not this model's base", path=path, tensor=key,
+                                rule="4.2")
+        idx, w0 = layer.neuroada_idx[adapter_name], layer.neuroada_w0[adapter_name]
+        types[key] = info.type.name
+        try:
+            grid = QuantGrid(*gm.block_grid(view, key), qtype=info.type.name).to(w0.device)
+        except NeuroAdaUsageError:  # no grid for this type (float, Q5_x, K-quants): the layer stays plain
+            grid = None
+        if grid is not None:
+            _, on_grid = grid.levels(w0, idx)
+            same = torch.equal(on_grid, w0.float())
+        else:
+            rows = np.arange(layer.d_out)[:, None]
+            want = np.asarray(view.array(key))[rows, idx.cpu().numpy()]
+            same = np.array_equal(want.astype(np.float32), w0.detach().float().cpu().numpy())
+        if not same:
+            raise NeuroAdaError(f"the model's weights at the selected entries are not the values of "
+                                f"{mapped.gguf_name} ({info.type.name}): the GGUF is not this model's base "
+                                f"(the model must hold its de-quantized weights)", path=path, tensor=key,
+                                rule="4.3")
+        planned[name] = (layer, grid)
+    # checked everything: now change the model
+    for layer, grid in planned.values():
+        grids = layer._modules.get(GRID_ATTR)
+        if grid is None:
+            if grids is not None and adapter_name in grids:
+                del grids[adapter_name]
+                if not len(grids):
+                    del layer._modules[GRID_ATTR]
+            continue
+        if grids is None:
+            grids = nn.ModuleDict()
+            layer.add_module(GRID_ATTR, grids)
+        grids[adapter_name] = grid
+    configs = getattr(model, CONFIGS_ATTR, None) or {}
+    if adapter_name in configs:
+        saved = model.__dict__.setdefault(SAVED_CONFIGS_ATTR, {})
+        saved.setdefault(adapter_name, configs[adapter_name])
+        configs[adapter_name] = dataclasses.replace(configs[adapter_name], save_dtype="F32")
+    return types
+
+
+def grid_types(model: nn.Module, adapter_name: str = "default") -> dict[str, str]:
+    """{layer name: GGUF type} of the layers whose `adapter_name` deltas are snapped to a grid now."""
+    from .model import layers
+
+    out = {}
+    for name, layer in layers(model).items():
+        grids = layer._modules.get(GRID_ATTR)
+        if grids is not None and adapter_name in grids:
+            out[name] = grids[adapter_name].qtype
+    return out
+
+
+def remove_grid(model: nn.Module, adapter_name: str = "default", *, snap: bool = False) -> None:
+    """Back to plain deltas. With snap=True the snapped values are written into the deltas first, so the
+    adapter keeps its on-grid values everywhere (serving, combining) and its F32 save dtype; without, the
+    unsnapped deltas and the save dtype from before the grid come back."""
+    from .model import CONFIGS_ATTR
+
+    for layer in _adapter_layers(model, adapter_name).values():
+        grids = layer._modules.get(GRID_ATTR)
+        if grids is None or adapter_name not in grids:
+            continue
+        if snap:
+            with torch.no_grad():
+                val = layer.neuroada_val[adapter_name]
+                val.copy_(grids[adapter_name].snap(val, layer.neuroada_idx[adapter_name],
+                                                   layer.neuroada_w0[adapter_name]))
+        del grids[adapter_name]
+        if not len(grids):
+            del layer._modules[GRID_ATTR]
+    saved = model.__dict__.get(SAVED_CONFIGS_ATTR, {})
+    before = saved.pop(adapter_name, None)
+    if not saved:
+        model.__dict__.pop(SAVED_CONFIGS_ATTR, None)
+    configs = getattr(model, CONFIGS_ATTR, None) or {}
+    if before is not None and adapter_name in configs and not snap:
+        configs[adapter_name] = before

@@ -1,0 +1,329 @@
+"""Training through a GGUF file's quantization grid (runtime/quant_grid.py): the adapter merges into the
+4-bit file exactly.
+
+A tiny Llama is written to a Q4_1 / Q8_0 GGUF the way llama.cpp's converter writes it (test_gguf's
+generator: q/k rows permuted for rope), loaded with transformers' own GGUF loader (the model holds the
+file's de-quantized weights), trained a few steps through the grid with a plain loop or
+transformers.Trainer, saved, and merged back into the file with `neuroada-merge`. The merged file, read
+back, must equal the runtime's merge bit for bit, with every block that holds no changed value
+byte-identical.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "converters"))
+from test_gguf import hf_arrays, write_gguf  # noqa: E402  (the tiny GGUF generator)
+
+import neuroada_format as naf  # noqa: E402
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError  # noqa: E402
+from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
+from neuroada_format.runtime import (  # noqa: E402
+    NeuroAdaConfig,
+    attach,
+    grid_types,
+    merge,
+    remove_grid,
+    save_adapter,
+    train_on_grid,
+    unmerge,
+)
+from neuroada_format.runtime.model import CONFIGS_ATTR, layers  # noqa: E402
+
+QT = gguf.GGMLQuantizationType
+F16_TARGET = "model.layers.0.mlp.up_proj.weight"  # one projection stored as F16: it must stay plain
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    """{type name: GGUF path} for Q4_1 and Q8_0 files of the same weights (one F16 projection each)."""
+    tmp = tmp_path_factory.mktemp("grid")
+    return {t.name: write_gguf(tmp / f"base-{t.name}.gguf", hf_arrays(), t, types={F16_TARGET: QT.F16})
+            for t in (QT.Q4_1, QT.Q8_0)}
+
+
+_MODELS: dict = {}
+
+
+def load(path):
+    """The GGUF's de-quantized weights, read by transformers' GGUF loader, in a plain model (as the main job's
+    safetensors cache gives them; Trainer refuses a model that still carries the GGUF quantizer). Cached
+    per file, deep-copied."""
+    path = Path(path)
+    if path not in _MODELS:
+        read = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                                 dtype=torch.float32)
+        config = copy.deepcopy(read.config)
+        del config.quantization_config
+        plain = type(read)(config).eval()
+        plain.load_state_dict(read.state_dict())
+        _MODELS[path] = plain
+    return copy.deepcopy(_MODELS[path])
+
+
+def batch(seed=0):
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "labels": ids}
+
+
+def train(model, steps=6, lr=1e-2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for s in range(steps):
+        model(**batch(s % 2)).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def attached(path, k=4):
+    model = attach(load(path), NeuroAdaConfig(k=k))
+    return model, train_on_grid(model, path)
+
+
+def deltas(model):
+    return {n: l.delta("default").detach().clone() for n, l in layers(model).items()}
+
+
+def check_merged_file(base, merged_path, model):
+    """The merged GGUF decodes to the runtime merge on every gridded target, bit for bit; blocks with no
+    changed value are byte-identical; every touched block keeps its scale and minimum."""
+    view, mv = gm.open_gguf_base(base), gm.open_gguf_base(merged_path)
+    snapped = deltas(model)
+    merge(model)
+    try:
+        gridded = grid_types(model)
+        assert gridded
+        for name, layer in layers(model).items():
+            key = name + ".weight"
+            if name in gridded:
+                np.testing.assert_array_equal(mv.array(key), layer.weight.detach().numpy(), err_msg=key)
+            mapped = view.resolve(key)
+            src = np.asarray(view.file.blocks(mapped.gguf_name))
+            dst = np.asarray(mv.file.blocks(mapped.gguf_name))
+            if name not in gridded:
+                continue
+            block = gm.GGML_QUANT_SIZES[view.file.tensors[mapped.gguf_name].type][0]
+            idx = layer.neuroada_idx["default"].numpy()
+            changed = snapped[name].numpy() != 0
+            inverse = np.arange(layer.d_out) if mapped.inverse is None else mapped.inverse  # HF row -> GGUF row
+            rows = np.broadcast_to(inverse[:, None], idx.shape)
+            n_per_row = layer.d_in // block
+            holds = np.zeros(src.shape[0], bool)
+            holds[(rows * n_per_row + idx // block)[changed]] = True
+            assert holds.any() and not holds.all()
+            assert np.array_equal(src[~holds], dst[~holds]), key                  # byte-identical
+            head = 4 if gridded[name] == "Q4_1" else 2
+            assert np.array_equal(src[:, :head], dst[:, :head]), key              # scales (and minima) kept
+            assert not np.array_equal(src[holds], dst[holds]), key                # the levels did change
+    finally:
+        unmerge(model)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_trained_on_grid_merges_into_the_gguf_exactly(bases, tmp_path, qtype):
+    base = bases[qtype]
+    model, types = attached(base)
+    assert types[F16_TARGET] == "F16" and {t for k, t in types.items() if k != F16_TARGET} == {qtype}
+    assert set(grid_types(model)) == {k.removesuffix(".weight") for k in types if k != F16_TARGET}
+    train(model)
+    snapped = deltas(model)
+    assert sum(int((v != 0).sum()) for v in snapped.values()) > 100           # the deltas crossed grid steps
+    for name, layer in layers(model).items():                                  # w0 + delta is on the grid
+        if name in grid_types(model):
+            grid = layer.neuroada_grid["default"]
+            w = layer.neuroada_w0["default"] + snapped[name]
+            assert torch.equal(grid.levels(w, layer.neuroada_idx["default"])[1], w), name
+    model.save_pretrained(tmp_path / "out")                                    # what Trainer's save_model writes
+    adapter = naf.load(tmp_path / "out" / "neuroada_model.safetensors")
+    assert {str(t.values.dtype) for t in adapter.targets.values()} == {"float32"}
+    for name, v in snapped.items():                                            # the file holds the snapped deltas
+        np.testing.assert_array_equal(np.asarray(adapter.targets[name + ".weight"].values), v.numpy())
+    out = tmp_path / "merged.gguf"
+    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(tmp_path / "out"),
+                      "--out", os.fspath(out)]) == 0
+    assert out.stat().st_size == base.stat().st_size
+    check_merged_file(base, out, model)
+    # the F16 projection merged by the spec's rule (rounded to F16), as for any float tensor
+    view, mv = gm.open_gguf_base(base), gm.open_gguf_base(out)
+    np.testing.assert_array_equal(mv.array(F16_TARGET),
+                                  naf.merge_weight(view.array(F16_TARGET), [adapter.targets[F16_TARGET]]))
+
+
+def test_forward_is_the_snapped_model_and_gradients_pass_straight_through(bases):
+    base = bases["Q4_1"]
+    model, _ = attached(base)
+    layer = next(l for n, l in layers(model).items() if n in grid_types(model))
+    val = layer.neuroada_val["default"]
+    with torch.no_grad():  # latent deltas a third of a step: the snapped ones are all zero
+        d, _ = layer.neuroada_grid["default"]._at(layer.neuroada_idx["default"])
+        val.copy_(d / 3)
+    assert not layer.delta("default").any()
+    x = torch.randn(3, layer.d_in)
+    plain = layer.base_layer(x)
+    y = layer(x)
+    assert torch.equal(y, plain)                                # the forward sees the snapped (zero) deltas
+    y.square().sum().backward()
+    assert val.grad is not None and val.grad.abs().sum() > 0   # ... and the gradient still reaches val
+    # the gradient is the one of the snapped point (straight through): the plain layer's at the same deltas
+    ref = copy.deepcopy(layer)
+    remove_grid_layer = ref._modules.pop("neuroada_grid")
+    assert remove_grid_layer is not None
+    with torch.no_grad():
+        ref.neuroada_val["default"].zero_()
+    ref.neuroada_val["default"].grad = None
+    ref(x).square().sum().backward()
+    torch.testing.assert_close(val.grad, ref.neuroada_val["default"].grad)
+
+    train(model, steps=4)
+    y_train = model(input_ids=batch()["input_ids"]).logits
+    merge(model)
+    y_merged = model(input_ids=batch()["input_ids"]).logits
+    unmerge(model)
+    assert torch.equal(y_train, y_merged)                       # training forward == the merged model
+
+
+def test_trainer_path(bases, tmp_path):
+    """transformers.Trainer unchanged: it trains through the grid and its save_model writes on-grid deltas."""
+    base = bases["Q4_1"]
+    model, _ = attached(base)
+    data = [batch(i) for i in range(4)]
+    data = [{"input_ids": d["input_ids"][j], "labels": d["labels"][j]} for d in data for j in range(2)]
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return data[i]
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
+        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0, data_seed=0,
+        dataloader_num_workers=0, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=DS())
+    trainer.train()
+    assert trainer.state.global_step == 4
+    trainer.save_model(str(tmp_path / "final"))
+    snapped = deltas(model)
+    assert sum(int((v != 0).sum()) for v in snapped.values()) > 0
+    adapter = naf.load(tmp_path / "final" / "neuroada_model.safetensors")
+    for name, v in snapped.items():
+        np.testing.assert_array_equal(np.asarray(adapter.targets[name + ".weight"].values), v.numpy())
+    out = tmp_path / "merged.gguf"
+    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(tmp_path / "final"),
+                      "--out", os.fspath(out)]) == 0
+    check_merged_file(base, out, model)
+
+
+def test_wrong_base_is_refused_and_nothing_changes(bases, tmp_path):
+    model = attach(load(bases["Q4_1"]), NeuroAdaConfig(k=4))
+    train(model, steps=2)
+    before = copy.deepcopy(model)
+    other = write_gguf(tmp_path / "other.gguf", hf_arrays(seed=9), QT.Q4_1)
+    with pytest.raises(NeuroAdaError, match="not this model's base") as exc:
+        train_on_grid(model, other)
+    assert exc.value.rule == "4.3" and not isinstance(exc.value, NeuroAdaUsageError)
+    assert grid_types(model) == {} and getattr(model, CONFIGS_ATTR)["default"].save_dtype == "BF16"
+
+    small = hf_arrays()  # another shape: a model with a wider MLP is not this file's model
+    wider = {k: (np.concatenate([v, v], axis=0) if k.endswith("up_proj.weight") else v) for k, v in small.items()}
+    with pytest.raises(NeuroAdaError, match="not this model's base") as exc:
+        train_on_grid(model, write_gguf(tmp_path / "wider.gguf", wider, QT.Q4_1))
+    assert exc.value.rule == "4.2"
+
+    with pytest.raises(NeuroAdaUsageError):
+        train_on_grid(model, tmp_path / "missing.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all, just bytes")
+    with pytest.raises(NeuroAdaError):
+        train_on_grid(model, tmp_path / "junk.gguf")
+    with pytest.raises(NeuroAdaUsageError, match="no attached layer"):
+        train_on_grid(model, bases["Q4_1"], adapter_name="other")
+    merge(model)
+    with pytest.raises(NeuroAdaUsageError, match="merged"):
+        train_on_grid(model, bases["Q4_1"])
+    unmerge(model)
+    bf = attach(load(bases["Q4_1"]), NeuroAdaConfig(k=2, delta_dtype="bfloat16"))
+    with pytest.raises(NeuroAdaUsageError, match="float32"):
+        train_on_grid(bf, bases["Q4_1"])
+    x = batch()["input_ids"]
+    assert torch.equal(model(input_ids=x).logits, before(input_ids=x).logits)
+
+
+def test_remove_grid_restores_plain_behaviour(bases, tmp_path):
+    base = bases["Q4_1"]
+    model, _ = attached(base)
+    cfg = getattr(model, CONFIGS_ATTR)["default"]
+    assert cfg.save_dtype == "F32"
+    train(model, steps=3)
+    latent = {n: l.neuroada_val["default"].detach().clone() for n, l in layers(model).items()}
+    snapped = deltas(model)
+    assert any(not torch.equal(latent[n], snapped[n]) for n in latent)
+    x = batch()["input_ids"]
+    on_grid_logits = model(input_ids=x).logits
+
+    plain = copy.deepcopy(model)
+    remove_grid(plain)
+    assert grid_types(plain) == {} and not any("neuroada_grid" in n for n, _ in plain.named_modules())
+    assert getattr(plain, CONFIGS_ATTR)["default"].save_dtype == "BF16"
+    for n, l in layers(plain).items():
+        assert l.delta("default") is l.neuroada_val["default"]
+        assert torch.equal(l.neuroada_val["default"], latent[n])
+    fresh = attach(load(base), NeuroAdaConfig(k=4))   # the plain runtime with the same (latent) deltas
+    with torch.no_grad():
+        for n, l in layers(fresh).items():
+            l.neuroada_val["default"].copy_(latent[n])
+    assert torch.equal(plain(input_ids=x).logits, fresh(input_ids=x).logits)
+
+    baked = copy.deepcopy(model)
+    remove_grid(baked, snap=True)                      # the snapped values become the adapter's own
+    assert grid_types(baked) == {} and getattr(baked, CONFIGS_ATTR)["default"].save_dtype == "F32"
+    for n, l in layers(baked).items():
+        assert torch.equal(l.neuroada_val["default"], snapped[n])
+    assert torch.equal(baked(input_ids=x).logits, on_grid_logits)
+    save_adapter(baked, tmp_path / "baked.safetensors")
+    out = tmp_path / "merged.gguf"
+    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(tmp_path / "baked.safetensors"),
+                      "--out", os.fspath(out)]) == 0
+    train_on_grid(baked, base)  # on-grid deltas: the grid changes nothing, the merge is exact
+    check_merged_file(base, out, baked)
+
+
+def test_copies_and_pickles_keep_the_grid(bases):
+    model, _ = attached(bases["Q4_1"])
+    train(model, steps=2)
+    x = batch()["input_ids"]
+    want = model(input_ids=x).logits
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert grid_types(other) == grid_types(model)
+        assert torch.equal(other(input_ids=x).logits, want)
+    state = model.state_dict()
+    assert not any("neuroada_grid" in k for k in state)   # the grid is derived from the file, never saved
+    half = copy.deepcopy(model).to(torch.float64).to(torch.float32)  # dtype moves leave the f16 grid exact
+    assert torch.equal(half(input_ids=x).logits, want)
+
+
+def test_runtime_imports_without_gguf():
+    """The runtime never needs gguf until a grid is registered; then the refusal is ours."""
+    code = ("import sys; sys.modules['gguf'] = None\n"
+            "import neuroada_format.runtime as rt\n"
+            "from neuroada_format import NeuroAdaUsageError\n"
+            "import torch\n"
+            "m = rt.attach(torch.nn.Sequential(torch.nn.Linear(8, 8)), rt.NeuroAdaConfig(k=2, target_modules=['0']))\n"
+            "try:\n    rt.train_on_grid(m, 'x.gguf')\nexcept NeuroAdaUsageError as e:\n    print('refused:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "refused:" in r.stdout and "gguf" in r.stdout
