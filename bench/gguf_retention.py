@@ -41,7 +41,7 @@ import smollm2  # noqa: E402
 import tasks  # noqa: E402
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
-from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, save_adapter  # noqa: E402
+from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, save_adapter, train_on_grid  # noqa: E402
 
 sys.path.insert(0, str(HERE))
 from results_md import replace_section, table  # noqa: E402
@@ -80,56 +80,12 @@ def attach_k20(model) -> None:
                                  base_model_name_or_path=smollm2.MODEL_NAME))
 
 
-def train_through_grid(model, tokenizer, encoded, plan, lr, grid) -> None:
-    """lifecycle.train's loop through the quantizer: the forward (and so the gradient) sees each delta
-    snapped to its block's grid; the optimizer updates the unsnapped values (straight-through)."""
-    layers = {n + ".weight": m for n, m in model.named_modules() if hasattr(m, "neuroada_val")}
-    params = [(layers[n].neuroada_val["default"], grid[n]) for n in layers]
-    opt = torch.optim.AdamW([p for p, _ in params], lr=lr, weight_decay=0.0)
-    steps = len(plan)
-    warmup = max(1, int(0.1 * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup))))
-    model.train()
-    for step, idx in enumerate(plan):
-        latent = [p.data.clone() for p, _ in params]
-        for p, snap in params:
-            p.data = snap(p.data)
-        loss = tasks.response_loss(model, tasks.collate([encoded[i] for i in idx], tokenizer.pad_token_id))
-        loss.backward()
-        for (p, _), lat in zip(params, latent):
-            p.data = lat
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 10 == 0:
-            print(f"   step {step} loss {loss.item():.3f}", flush=True)
-    for p, snap in params:
-        p.data = snap(p.data)
-    model.eval()
-
-
-def q41_projectors(view, model) -> dict:
-    """name -> function snapping a [d_out, k] delta so that w0 + delta is on the block's Q4_1 grid."""
-    out = {}
-    for n, m in model.named_modules():
-        if not hasattr(m, "neuroada_val"):
-            continue
-        name = n + ".weight"
-        d, mn, lo, hi, block = gm.block_grid(view, name)
-        idx = m.neuroada_idx["default"].cpu().numpy()
-        blk = idx // block
-        rows = np.arange(idx.shape[0])[:, None]
-        dd = torch.from_numpy(d[rows, blk])
-        mm = torch.from_numpy(mn[rows, blk])
-        w0 = m.neuroada_w0["default"].float()
-
-        def snap(v, dd=dd, mm=mm, w0=w0, lo=lo, hi=hi):
-            inv = torch.where(dd == 0, torch.zeros_like(dd), 1 / dd)
-            q = torch.clamp(torch.round((w0 + v.float() - mm) * inv), lo, hi)
-            return ((dd * q + mm) - w0).to(v.dtype)
-        out[name] = snap
-    return out
+def train_through_grid(model, tokenizer, encoded, plan, lr, gguf_file) -> None:
+    """lifecycle.train through the quantizer, with the runtime's public API: train_on_grid snaps each delta
+    to the grid of its block in `gguf_file` in the forward (the gradient passes straight through to the
+    unsnapped values), and an adapter saved afterwards holds the snapped, on-grid deltas."""
+    train_on_grid(model, gguf_file)
+    lifecycle.train(model, tokenizer, encoded, plan, lr=lr, desc="k=20 through the Q4_1 grid")
 
 
 def main(argv=None) -> int:
@@ -215,8 +171,8 @@ def main(argv=None) -> int:
         if not qat_file.exists():
             print(f"-- training through the Q4_1 grid ({args.steps} steps)", flush=True)
             trainee, _ = smollm2.load()
-            attach_k20(trainee)  # the projectors need the attached layers (w0, idx)
-            train_through_grid(trainee, tokenizer, encoded, plan, args.lr, q41_projectors(view, trainee))
+            attach_k20(trainee)
+            train_through_grid(trainee, tokenizer, encoded, plan, args.lr, gguf_file)
             save_adapter(trainee, qat_file, value_dtype="F32")
             del trainee
         qat = naf.load(qat_file)
@@ -239,8 +195,7 @@ def main(argv=None) -> int:
             print(f"-- the trained adapter, {args.calibration_steps} more steps through the Q4_1 grid", flush=True)
             trainee, _ = smollm2.load()
             load_adapter(trainee, adapter_file, is_trainable=True)
-            train_through_grid(trainee, tokenizer, encoded, plan[-args.calibration_steps:], args.lr / 4,
-                               q41_projectors(view, trainee))
+            train_through_grid(trainee, tokenizer, encoded, plan[-args.calibration_steps:], args.lr / 4, gguf_file)
             save_adapter(trainee, cal_file, value_dtype="F32")
             del trainee
         cal = naf.load(cal_file)
