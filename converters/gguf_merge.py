@@ -450,10 +450,19 @@ def _grid_eval(x, w, d, m, lo, hi):
     """Levels, decoded values and weighted squared error of blocks x [B, n] under scales d [B] / mins m [B]."""
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.where(d == 0, 0, 1 / d).astype(np.float32)
-    q = np.clip(np.rint((x - m[:, None]) * inv[:, None]), lo, hi).astype(np.float32)
-    dec = d[:, None] * q + m[:, None]
-    err = (w * (dec - x) ** 2).sum(axis=1)
-    err = np.where(np.isfinite(err), err, np.inf)
+    # the same f32 operations as np.clip(np.rint((x - m) * inv), lo, hi) and (w * (d * q + m - x) ** 2).sum(1),
+    # in place: this runs ~17 times per block and its temporaries were most of a Q4_1 merge's time
+    q = np.subtract(x, m[:, None])
+    q *= inv[:, None]
+    np.rint(q, out=q)
+    np.clip(q, lo, hi, out=q)
+    dec = np.multiply(d[:, None], q)
+    dec += m[:, None]
+    dec -= x
+    np.square(dec, out=dec)
+    dec *= w
+    err = dec.sum(axis=1)
+    err[~np.isfinite(err)] = np.inf
     return q, err
 
 
@@ -470,7 +479,8 @@ def _pack(t: QT, d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None, touched: np.ndarray | None = None,
-                  *, method: str = "search", touched_weight: float = 1.0) -> np.ndarray:
+                  *, method: str = "search", touched_weight: float = 1.0,
+                  decoded: np.ndarray | None = None) -> np.ndarray:
     """Encode f32 blocks [B, block_size] as type t; returns [B, type_size] bytes.
 
     method "naive": gguf-py's reference quantiser (min/max scaling). "search" (Q4_1, Q4_0, Q8_0): per
@@ -480,18 +490,21 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
     [B, n] marks the values that carry a delta, weighted by touched_weight (a lost delta costs more
     than noise on untouched values: on SmolLM2 Q4_1, weights 1 / 10 / 100 / 1000 kept 14% / 56% / 78% /
     74% of the adapter's logit change, bench/gguf_retention.py). Other types always use the naive quantiser.
+    `decoded`: the original blocks' values [B, n] when the caller has decoded them already (the merge has).
     """
     target = np.ascontiguousarray(target, dtype=np.float32)
     if original is not None:  # blocks whose original encoding already holds the target stay as they are
         original = np.asarray(original)
-        held = (_decode(original, t).reshape(target.shape) == target).all(axis=1)
+        if decoded is None:
+            decoded = _decode(original, t).reshape(target.shape)
+        held = (decoded == target).all(axis=1)
         if held.any():
             out = original.copy()
             if not held.all():
                 rest = ~held
                 out[rest] = encode_blocks(t, target[rest], original[rest],
                                           None if touched is None else touched[rest], method=method,
-                                          touched_weight=touched_weight)
+                                          touched_weight=touched_weight, decoded=decoded[rest])
             return out
     naive = gquants.quantize(target.reshape(-1), t).reshape(target.shape[0], -1)  # 1-D: one call, not one per row
     if method == "naive" or t not in _GRID:
@@ -512,7 +525,7 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
         # the original grid moved just enough to put each block's largest touched change exactly on it:
         # by the minimum (scale kept) or by the scale (minimum kept)
         od, om = cands[1]
-        before = _decode(original, t).reshape(target.shape)
+        before = decoded
         j = np.argmax(np.where(touched, np.abs(target - before), -1), axis=1)
         xt = target[np.arange(B), j]
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -781,12 +794,14 @@ def _reencode(t: QT, values: np.ndarray, blocks: np.ndarray, mp, block: int, enc
         ids = which[keep]
     else:
         ids = which
-    target = np.array(values[ids], dtype=np.float32)
+    before = np.array(values[ids], dtype=np.float32)
+    target = before.copy()
     mask = np.zeros(target.shape, bool)
     where = np.searchsorted(ids, which)
     target[where, mp.positions % block] = mp.merged
     mask[where, mp.positions % block] = True
-    return ids, encode_blocks(t, target, np.asarray(blocks[ids]), mask, method=encoder, touched_weight=touched_weight)
+    return ids, encode_blocks(t, target, np.asarray(blocks[ids]), mask, method=encoder, touched_weight=touched_weight,
+                              decoded=before)
 
 
 def _write_streamed(f: GGUFFile, plan: _Plan, tmp: str, encoder: str, touched_weight: float, pbar) -> tuple[int, int]:

@@ -170,3 +170,25 @@ def test_deltas_on_the_grid_keep_block_bytes_when_streamed(tmp_path, small_chunk
     out = tmp_path / "m.gguf"
     gm.merge_gguf(path, [zero], out)
     assert out.read_bytes() == path.read_bytes()
+
+
+def test_grid_evaluation_in_place_is_the_plain_formula():
+    """The encoder's inner step, written in place for speed, gives the plain formula's bits (levels and
+    errors), also for zero scales and blocks whose error overflows."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((300, 32)) * 0.05).astype(np.float32)
+    x[7] = 3e38
+    w = np.where(rng.random(x.shape) < 0.1, np.float32(100), np.float32(1))
+    d = (np.abs(rng.standard_normal(300)) * 0.01).astype(np.float32)
+    d[:5] = 0
+    m = (rng.standard_normal(300) * 0.05).astype(np.float32)
+    for lo, hi in ((0, 15), (-8, 7), (-128, 127)):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            inv = np.where(d == 0, 0, 1 / d).astype(np.float32)
+            q = np.clip(np.rint((x - m[:, None]) * inv[:, None]), lo, hi).astype(np.float32)
+            err = (w * (d[:, None] * q + m[:, None] - x) ** 2).sum(axis=1)
+            err = np.where(np.isfinite(err), err, np.inf)
+            got_q, got_err = gm._grid_eval(x, w, d, m, lo, hi)
+        assert got_q.dtype == np.float32 and got_err.dtype == np.float32
+        np.testing.assert_array_equal(got_q, q)
+        np.testing.assert_array_equal(got_err, err)
