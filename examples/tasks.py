@@ -249,7 +249,7 @@ def generate_responses(model, tokenizer, examples: Sequence[Example], *, batch_s
             for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
                 enc = tokenizer([prompts[i] for i in chunk], return_tensors="pt", padding=True,
-                                add_special_tokens=False)
+                                add_special_tokens=False).to(model.device)
                 gen = model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                      num_beams=1)
