@@ -19,12 +19,12 @@ refused unless `requant` names a type to re-encode them into. `target_type` re-e
 tensor (e.g. F16, to keep the merge exact up to F16 rounding). Metadata and tokenizer bytes are copied
 verbatim.
 
-When no tensor changes type (the usual merge) the output has the input's layout exactly, so it is
-written as safetensors merges are: untouched bytes copied by the kernel (sendfile), each touched tensor
-read through a buffer a block of rows at a time, merged (quantized blocks: decoded, merged, the touched
-ones re-encoded) and written out by a writer thread while the next block is merged; the probe hashes are
-checked from that same read. That costs about a copy of the file (bench/merge.py). A merge that changes
-types lays the file out anew and works each tensor out whole first.
+When no tensor changes type (the usual merge) the output has the input's layout exactly: the kernel
+copies the file (sendfile), then each touched tensor is read from the input a block of rows at a time,
+merged (quantized blocks: decoded, merged, only the touched ones re-encoded), and the merged values or
+blocks are stored into the copy through a map; the probe hashes are checked from that same read. That
+costs little more than copying the file (bench/merge.py). A merge that changes types lays the file out
+anew and works each tensor out whole first.
 """
 from __future__ import annotations
 
@@ -32,13 +32,12 @@ import math
 import mmap
 import os
 import struct
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError, plan_merge
-from neuroada_format.durable import write_file
+from neuroada_format.durable import reserve, write_file
 from neuroada_format.hashing import probe_hash_from_values
 from neuroada_format.merge import Delta
 from neuroada_format.safe_io import open_regular
@@ -46,7 +45,7 @@ from neuroada_format.validate import PROBE_MISMATCH, validate
 
 from .backend import Backend, Mismatch, Resolved, Written, pause_for_tests
 from .progress import bar
-from .safetensors_merge import _read_exactly, _send, _write_exactly  # the one kernel copy and buffered I/O
+from .safetensors_merge import _read_exactly, _send  # the one kernel copy and buffered read
 
 try:
     import gguf
@@ -806,77 +805,38 @@ def _reencode(t: QT, values: np.ndarray, blocks: np.ndarray, mp, block: int, enc
 
 def _write_streamed(f: GGUFFile, plan: _Plan, tmp: str, encoder: str, touched_weight: float, pbar) -> tuple[int, int]:
     """The output when no tensor changes type: the input's layout exactly (header, metadata, tensor table,
-    alignment, offsets), so untouched bytes are copied by the kernel (sendfile) and each touched tensor
-    passes through a buffer a block of rows at a time, merged on the way (as safetensors_merge does).
+    alignment, offsets). The whole file is copied by the kernel (sendfile), then each touched tensor is
+    read from the input a block of rows at a time into a buffer, merged, and its merged values (float
+    types) or re-encoded blocks (quantized) are stored into the copy through a map of that tensor.
 
-    One writer thread does every write, in file order, while this thread reads and merges the next
-    block into the other of two buffers: the merge arithmetic hides behind the copy (both system calls
-    release the GIL). Returns (values merged, units rewritten: elements of float tensors, blocks of
-    quantized ones).
+    Why not write the touched tensors out of the buffer instead, as safetensors_merge does: on this
+    machine write() from user memory swung between 1x and 10x the kernel copy's time for the same bytes,
+    while the kernel copy plus a store of the merged values into pages already in the page cache cost
+    about 1.25x the copy (bench/merge.py). Returns (values merged, units rewritten: elements of float
+    tensors, blocks of quantized ones).
     """
     touched = sorted(plan.tensors.values(), key=lambda tp: tp.info.offset)
     per_rows = {tp.info.name: _rows_per_chunk(tp.info) for tp in touched}
-    size = max((per_rows[tp.info.name] * _row_bytes(tp.info) for tp in touched), default=0)
+    buffer = np.empty(max((per_rows[tp.info.name] * _row_bytes(tp.info) for tp in touched), default=0), np.uint8)
     values = units = 0
     with open_regular(f.path, rule=RULE) as src:  # never blocks on a FIFO swapped in since the parse
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-        writer = _Writer(fd, size)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
         try:
-            pos = 0
-            for tp in touched:
-                start = f.data_start + tp.info.offset
-                writer.send(src.fileno(), pos, start, pbar)
-                v, u = _stream_tensor(src.fileno(), writer, start, tp, per_rows[tp.info.name], plan.verify,
-                                      encoder, touched_weight, pbar)
-                values, units = values + v, units + u
-                pos = start + tp.info.nbytes
-                pause_for_tests()
-            writer.send(src.fileno(), pos, f.size, pbar)
-            writer.finish()
+            _send(src.fileno(), fd, 0, f.size, pbar)
         finally:
-            writer.close()
             os.close(fd)
+        for tp in touched:
+            start = f.data_start + tp.info.offset
+            reserve(tmp, start, tp.info.nbytes)  # disk blocks first: a full disk is an error, never a SIGBUS
+            region = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=start, shape=(tp.info.nbytes,))
+            try:
+                v, u = _merge_tensor(src.fileno(), start, region, tp, per_rows[tp.info.name], buffer, plan.verify,
+                                     encoder, touched_weight)
+            finally:
+                del region  # unmapped; the kernel writes the pages back (write_file fsyncs when durable)
+            values, units = values + v, units + u
+            pause_for_tests()
     return values, units
-
-
-class _Writer:
-    """Writes to `fd` on one worker thread, in the order asked; two buffers for blocks of rows, so one is
-    filled while the other is written. A failed write is raised here at the next buffer or at finish();
-    close() drops what is still queued and waits for the write under way (never a write after close)."""
-
-    def __init__(self, fd: int, size: int):
-        self.fd = fd
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="gguf-merge-write")
-        self.buffers = [[np.empty(size, np.uint8), None] for _ in range(2)]
-        self.turn = 0
-        self.pending = []
-
-    def send(self, src_fd: int, start: int, end: int, pbar) -> None:
-        if end > start:
-            self.pending.append(self.pool.submit(_send, src_fd, self.fd, start, end, pbar))
-
-    def buffer(self) -> np.ndarray:
-        """The next buffer, once its previous write is done."""
-        slot = self.buffers[self.turn]
-        self.turn ^= 1
-        if slot[1] is not None:
-            slot[1].result()
-            slot[1] = None
-        return slot
-
-    def write(self, slot, nbytes: int, pos: int) -> None:
-        slot[1] = self.pool.submit(_write_exactly, self.fd, memoryview(slot[0])[:nbytes], pos)
-        self.pending.append(slot[1])
-        if len(self.pending) > 64:  # done ones: drop them, raising any failure
-            self.pending = [p for p in self.pending if not p.done() or p.result()]
-
-    def finish(self) -> None:
-        for p in self.pending:
-            p.result()
-        self.pending = []
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _row_bytes(info: TensorInfo) -> int:
@@ -891,12 +851,13 @@ def _rows_per_chunk(info: TensorInfo) -> int:
     return min(rows, max(1, BLOCK_VALUES // info.ne[0]))
 
 
-def _stream_tensor(src_fd: int, writer: _Writer, start: int, tp: _TensorPlan, per: int, verify: bool,
-                   encoder: str, touched_weight: float, pbar) -> tuple[int, int]:
-    """Copy one touched tensor through the writer's buffers, `per` rows at a time: float rows get rule M
-    written into them; quantized rows are decoded, merged, and their touched blocks re-encoded
-    (`_reencode`), every other block's bytes left as read. The probe hashes are checked from the same
-    read, at the end (a mismatch stops the merge before the file can be published)."""
+def _merge_tensor(src_fd: int, start: int, region: np.ndarray, tp: _TensorPlan, per: int, buffer: np.ndarray,
+                  verify: bool, encoder: str, touched_weight: float) -> tuple[int, int]:
+    """Merge one touched tensor, `per` rows at a time: the rows are read from the input into `buffer`;
+    float rows get rule M, and the merged values are stored at their positions in `region` (the tensor in
+    the output); quantized rows are decoded and merged, and only the blocks holding a touched value are
+    re-encoded (`_reencode`) and stored, so every other block keeps its bytes. The probe hashes are
+    checked from the same read, at the end (a mismatch stops the merge before the file is published)."""
     info = tp.info
     rows, row_bytes = info.shape[0], _row_bytes(info)
     block, unit = GGML_QUANT_SIZES[info.type]
@@ -905,10 +866,9 @@ def _stream_tensor(src_fd: int, writer: _Writer, start: int, tp: _TensorPlan, pe
     values = units = 0
     for r0 in range(0, rows, per):
         r1 = min(rows, r0 + per)
-        nbytes = (r1 - r0) * row_bytes
-        slot = writer.buffer()
-        chunk = slot[0][:nbytes]
-        _read_exactly(src_fd, memoryview(chunk), start + r0 * row_bytes)
+        a, b = r0 * row_bytes, r1 * row_bytes
+        chunk = buffer[:b - a]
+        _read_exactly(src_fd, memoryview(chunk), start + a)
         weight = chunk.view(_numpy_dtype(info.type)) if floats else _decode(chunk, info.type)
         weight = weight.reshape(r1 - r0, info.ne[0])
         mp = plan_merge(weight, [Delta(d.indices[r0:r1], d.values[r0:r1], d.scale) for d in tp.deltas], checked=True)
@@ -916,16 +876,14 @@ def _stream_tensor(src_fd: int, writer: _Writer, start: int, tp: _TensorPlan, pe
             for i, o in enumerate(originals):
                 o[r0:r1] = mp.originals_of(i).reshape(r1 - r0, -1)
         if floats:
-            weight.reshape(-1)[mp.positions] = mp.merged
+            region[a:b].view(weight.dtype)[mp.positions] = mp.merged
             units += int(mp.positions.size)
         else:
             ids, new = _reencode(info.type, weight.reshape(-1, block), chunk.reshape(-1, unit), mp, block, encoder,
                                  touched_weight)
-            chunk.reshape(-1, unit)[ids] = new
+            region[a:b].reshape(-1, unit)[ids] = new
             units += int(ids.size)
         values += int(mp.positions.size)
-        writer.write(slot, nbytes, start + r0 * row_bytes)
-        pbar.update(nbytes)
     if originals is not None:
         _check_probes(tp, originals)
     return values, units

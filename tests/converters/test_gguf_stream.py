@@ -1,6 +1,6 @@
-"""The GGUF merge's streaming write: when no tensor changes type, the output keeps the input's layout
-byte for byte outside the touched tensors, and each touched tensor (copied through a buffer a block of
-rows at a time, merged on the way) holds exactly what merging the whole tensor at once gives.
+"""The GGUF merge's copy-then-store write: when no tensor changes type, the output keeps the input's
+layout byte for byte outside the touched tensors, and each touched tensor (read a block of rows at a
+time, merged, stored into the kernel's copy) holds exactly what merging the whole tensor at once gives.
 
 The reference here is the whole-tensor merge written out from the public pieces (decode the tensor,
 rule M through `plan_merge`, re-encode the blocks that hold a touched value with `encode_blocks`), i.e.
@@ -142,22 +142,24 @@ def test_a_wrong_probe_found_while_streaming_leaves_nothing(tmp_path, small_chun
     assert out.read_bytes() == whole_tensor_reference(path, [(adapter, 1.0)])
 
 
-def test_a_failed_write_in_the_writer_thread_is_raised_and_leaves_nothing(tmp_path, small_chunks, monkeypatch):
+def test_a_full_disk_while_merging_is_raised_and_leaves_nothing(tmp_path, small_chunks, monkeypatch):
+    """The copy's touched ranges get their disk blocks before they are stored into through a map; a full
+    disk there is an OSError (never a SIGBUS), and the temporary file is removed."""
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q8_0)
     adapter = make_adapter(gm.open_gguf_base(path))
     calls = {"n": 0}
-    real = gm._write_exactly
+    real = gm.reserve
 
-    def full_disk(fd, view, pos):
+    def full_disk(p, offset, length):
         calls["n"] += 1
-        if calls["n"] == 5:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, view, pos)
-    monkeypatch.setattr(gm, "_write_exactly", full_disk)
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", os.fspath(p))
+        return real(p, offset, length)
+    monkeypatch.setattr(gm, "reserve", full_disk)
     out = tmp_path / "m.gguf"
     with pytest.raises(OSError) as exc:
         gm.merge_gguf(path, [adapter], out)
-    assert exc.value.errno == errno.ENOSPC
+    assert exc.value.errno == errno.ENOSPC and calls["n"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.gguf"]
 
 
