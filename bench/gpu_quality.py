@@ -108,10 +108,12 @@ def child_main(spec_file: str) -> int:
 
     import _train_worker as tw
     from neuroada_format.runtime import kernels
+    from neuroada_format.runtime.kernels import triton as triton_kernels
 
     spec = json.loads(Path(spec_file).read_text())
     finetune.log(f"NeuroAda kernels: {kernels.get_backend()}"
-                 + (" (interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else ""))
+                 + (" (interpreter)" if os.environ.get("TRITON_INTERPRET") == "1" else "")
+                 + f"; Triton kernels available: {triton_kernels.AVAILABLE}")
     status = 0
     for run in spec["runs"]:
         argv = list(run["argv"])
@@ -279,6 +281,8 @@ def main(argv=None) -> int:
     runs = [{"name": n, "argv": finetune_argv(n, args, steps, work / n), "cache": args.cache} for n in names]
     # one child per run on the GPU (concurrent); one child for all of them in the smoke (one import)
     groups = [runs] if args.cpu_smoke else [[r] for r in runs]
+    # GPU: the kernels' own dispatch (Triton for CUDA tensors; bench/gpu.py is where they are checked and
+    # timed). Smoke: Triton forced, CPU tensors through the interpreter.
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.cpu_smoke:
         env.update(TRITON_INTERPRET="1", NEUROADA_KERNELS="triton")
