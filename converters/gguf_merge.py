@@ -608,7 +608,7 @@ class _TensorPlan:
 class _Plan:
     tensors: dict[str, _TensorPlan]
     touched: int
-    streamed: bool                            # no tensor changes type: copy and merge on the way
+    same_layout: bool                         # no tensor changes type: the input's layout, copied and patched
     verify: bool
 
 
@@ -693,8 +693,8 @@ class GGUFBackend(Backend):
                     idx, val = idx[mapped.perm], val[mapped.perm]
                 deltas.append(Delta(idx, val, scale))
             plans[gname] = _TensorPlan(info, out_type, deltas, [(n, t, a) for n, t, _, a in entries], mapped.inverse)
-        streamed = all(tp.out_type == tp.info.type for tp in plans.values())
-        if streamed:
+        same_layout = all(tp.out_type == tp.info.type for tp in plans.values())
+        if same_layout:
             if verify:
                 _first_probes(view, plans)
             return _Plan(plans, 0, True, verify)
@@ -734,9 +734,9 @@ class GGUFBackend(Backend):
         counts = {"bytes": 0, "values": plan.touched, "units": 0}
 
         def fill(tmp: str) -> None:
-            if plan.streamed:
+            if plan.same_layout:
                 with bar(f.size, f"merge -> {os.path.basename(out)}", enabled=progress) as pbar:
-                    counts["values"], counts["units"] = _write_streamed(f, plan, tmp, self.encoder,
+                    counts["values"], counts["units"] = _write_same_layout(f, plan, tmp, self.encoder,
                                                                         self.touched_weight, pbar)
                 counts["bytes"] = f.size
             else:
@@ -803,17 +803,17 @@ def _reencode(t: QT, values: np.ndarray, blocks: np.ndarray, mp, block: int, enc
                               decoded=before)
 
 
-def _write_streamed(f: GGUFFile, plan: _Plan, tmp: str, encoder: str, touched_weight: float, pbar) -> tuple[int, int]:
+def _write_same_layout(f: GGUFFile, plan: _Plan, tmp: str, encoder: str, touched_weight: float, pbar) -> tuple[int, int]:
     """The output when no tensor changes type: the input's layout exactly (header, metadata, tensor table,
     alignment, offsets). The whole file is copied by the kernel (sendfile), then each touched tensor is
     read from the input a block of rows at a time into a buffer, merged, and its merged values (float
     types) or re-encoded blocks (quantized) are stored into the copy through a map of that tensor.
 
-    Why not write the touched tensors out of the buffer instead, as safetensors_merge does: on this
-    machine write() from user memory swung between 1x and 10x the kernel copy's time for the same bytes,
-    while the kernel copy plus a store of the merged values into pages already in the page cache cost
-    about 1.25x the copy (bench/merge.py). Returns (values merged, units rewritten: elements of float
-    tensors, blocks of quantized ones).
+    Why not write the touched tensors out of the buffer instead, as safetensors_merge does: on the
+    development VM write() from user memory swung between 1x and 10x the kernel copy's time for the same
+    bytes, while storing the merged values into the copy's pages (already in the page cache) added about
+    a quarter of a copy for F16 targets (bench/merge.py). Returns (values merged, units rewritten:
+    elements of float tensors, blocks of quantized ones).
     """
     touched = sorted(plan.tensors.values(), key=lambda tp: tp.info.offset)
     per_rows = {tp.info.name: _rows_per_chunk(tp.info) for tp in touched}
