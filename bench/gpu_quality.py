@@ -117,12 +117,11 @@ def child_main(spec_file: str) -> int:
     status = 0
     for run in spec["runs"]:
         argv = list(run["argv"])
-        base_load = tiny_load if spec["smoke"] else finetune.smollm2.load
-        load = None if not spec["smoke"] else tiny_load
-        if "matched" in argv:
-            model, tokenizer = base_load(None if spec["smoke"] else run.get("cache"))
-            argv[argv.index("matched")] = str(tw.lora_matched_k(model))
-            load = lambda _cache, loaded=(model, tokenizer): loaded  # noqa: E731
+        load = tiny_load if spec["smoke"] else None  # None: finetune.run loads SmolLM2 itself
+        if "matched" in argv:  # k from the model's own shapes: load it here once and hand it over
+            loaded = (load or finetune.smollm2.load)(run.get("cache"))
+            argv[argv.index("matched")] = str(tw.lora_matched_k(loaded[0]))
+            load = lambda _cache, loaded=loaded: loaded  # noqa: E731
         args = finetune.parse_args(argv)
         sys.argv = ["finetune.py", *argv]  # what results.json records as the command
         finetune.log(f"{run['name']}: python examples/finetune.py {shlex.join(argv)}")
@@ -187,6 +186,7 @@ def use_bundle(folder: Path, args) -> None:
         while chunk := f.read(2**24):
             digest.update(chunk)
     if digest.hexdigest() != manifest["sha256"]:
+        target.unlink()  # the next try joins the parts again
         raise ValueError(f"{target}: sha256 {digest.hexdigest()} is not the bundle's {manifest['sha256']}")
     sys.path.insert(0, str(target.parent.parent))
     args.data = args.data or str(folder / "data")

@@ -163,6 +163,8 @@ def test_from_bundle_joins_the_parts_checks_them_and_refuses_a_missing_one(tmp_p
     found.write_bytes(payload[:-1] + b"x")  # a damaged join is refused, not used
     with pytest.raises(ValueError, match="sha256"):
         mod.use_bundle(ok, mod.parse_args([]))
+    mod.use_bundle(ok, mod.parse_args([]))  # the damaged copy was dropped: joined again from the parts
+    assert found.read_bytes() == payload
 
     short = tmp_path / "short"
     short.mkdir()
