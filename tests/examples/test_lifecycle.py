@@ -221,3 +221,52 @@ def test_peak_rss_sees_an_allocation_after_a_reset():
     assert lifecycle.reset_peak_rss() < peak and lifecycle.peak_rss_mb() < peak   # the counter restarted
     assert max(lifecycle._FOLDED) >= peak - 2                           # and the old peak is kept (the
     # kernel's RSS counters are per-thread caches, exact to a few pages only)
+
+
+# -- the GGUF output: trained through the Q4_1 grid -----------------------------------------------------
+def test_grid_trained_adapter_keeps_all_of_its_change_in_the_q4_1_gguf(tmp_path, tokenizer):
+    """The main job's GGUF stage on a tiny Llama written to a Q4_1 file: trained (lifecycle.train) through
+    the file's grid, merged with neuroada-merge and read back by lifecycle.gguf_check, it keeps 100% of the
+    adapter's logit change, exactly."""
+    pytest.importorskip("gguf")
+    sys.path.insert(0, str(ROOT / "tests" / "converters"))
+    from test_gguf import write_gguf  # the tiny GGUF generator (llama.cpp's layout: q/k rows permuted)
+
+    from neuroada_format.converters import gguf_merge
+    from neuroada_format.converters.merge_cli import run as merge_run
+    from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, merge, save_adapter, train_on_grid
+
+    source = _tiny_llama(len(tokenizer))
+    path = write_gguf(tmp_path / "base.gguf", {k: v.numpy() for k, v in source.state_dict().items()})
+    view = gguf_merge.open_gguf_base(path)
+
+    def dequantized():
+        model = _tiny_llama(len(tokenizer))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(torch.from_numpy(np.asarray(view.array(name), dtype=np.float32)))
+        return model
+
+    train_set, held_out = tasks.word_group_task()
+    encoded = [tasks.encode_choice(tokenizer, it) for it in train_set]
+    enc = tokenizer([it.prompt for it in held_out[:4]], return_tensors="pt", padding=True, add_special_tokens=False)
+    plain = dequantized()
+    with torch.no_grad():
+        untuned = plain(**enc).logits.float().numpy()
+
+    model = attach(dequantized(), NeuroAdaConfig(k=4, target_modules=lifecycle.PROJECTIONS))
+    types = train_on_grid(model, path)
+    assert set(types.values()) == {"Q4_1"} and len(types) == 14
+    lifecycle.train(model, tokenizer, encoded, lifecycle.batches(len(encoded), 8, 4, 0), lr=3e-2, desc="grid")
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter)
+    served = load_adapter(dequantized(), adapter)  # the reference is the saved file, merged (as in the job)
+    merge(served)
+    with torch.no_grad():
+        ref = served(**enc).logits.float().numpy()
+    assert np.abs(ref - untuned).max() > 1e-3                             # the adapter changed the model
+    out = tmp_path / "merged.gguf"
+    assert merge_run(["--base", str(path), "--adapter", str(adapter), "--out", str(out)]) == 0
+    acc, retention, worst = lifecycle.gguf_check(plain, out, enc, tokenizer, held_out, ref, untuned)
+    assert retention == 1.0 and worst == 0.0
+    assert out.stat().st_size == path.stat().st_size
