@@ -45,14 +45,18 @@ from neuroada_format.runtime.model import CONFIGS_ATTR, layers  # noqa: E402
 
 QT = gguf.GGMLQuantizationType
 F16_TARGET = "model.layers.0.mlp.up_proj.weight"  # one projection stored as F16: it must stay plain
+Q5_TARGET = "model.layers.1.self_attn.o_proj.weight"  # one as Q5_1, a block type without a grid here: plain too
+PLAIN = {F16_TARGET: "F16", Q5_TARGET: "Q5_1"}
 
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    """{type name: GGUF path} for Q4_1 and Q8_0 files of the same weights (one F16 projection each)."""
+    """{type name: GGUF path} for Q4_1, Q4_0 and Q8_0 files of the same weights (one F16 and one Q5_1
+    projection each)."""
     tmp = tmp_path_factory.mktemp("grid")
-    return {t.name: write_gguf(tmp / f"base-{t.name}.gguf", hf_arrays(), t, types={F16_TARGET: QT.F16})
-            for t in (QT.Q4_1, QT.Q8_0)}
+    return {t.name: write_gguf(tmp / f"base-{t.name}.gguf", hf_arrays(), t,
+                               types={F16_TARGET: QT.F16, Q5_TARGET: QT.Q5_1})
+            for t in (QT.Q4_1, QT.Q4_0, QT.Q8_0)}
 
 
 _MODELS: dict = {}
@@ -133,12 +137,12 @@ def check_merged_file(base, merged_path, model):
         unmerge(model)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q4_0", "Q8_0"])
 def test_trained_on_grid_merges_into_the_gguf_exactly(bases, tmp_path, qtype):
     base = bases[qtype]
     model, types = attached(base)
-    assert types[F16_TARGET] == "F16" and {t for k, t in types.items() if k != F16_TARGET} == {qtype}
-    assert set(grid_types(model)) == {k.removesuffix(".weight") for k in types if k != F16_TARGET}
+    assert {k: types[k] for k in PLAIN} == PLAIN and {t for k, t in types.items() if k not in PLAIN} == {qtype}
+    assert set(grid_types(model)) == {k.removesuffix(".weight") for k in types if k not in PLAIN}
     train(model)
     snapped = deltas(model)
     assert sum(int((v != 0).sum()) for v in snapped.values()) > 100           # the deltas crossed grid steps
