@@ -32,6 +32,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -803,17 +804,19 @@ def _reencode(t: QT, values: np.ndarray, blocks: np.ndarray, mp, block: int, enc
                               decoded=before)
 
 
-def _write_same_layout(f: GGUFFile, plan: _Plan, tmp: str, encoder: str, touched_weight: float, pbar) -> tuple[int, int]:
+def _write_same_layout(f: GGUFFile, plan: _Plan, tmp: str, encoder: str, touched_weight: float,
+                       pbar) -> tuple[int, int]:
     """The output when no tensor changes type: the input's layout exactly (header, metadata, tensor table,
-    alignment, offsets). The whole file is copied by the kernel (sendfile), then each touched tensor is
-    read from the input a block of rows at a time into a buffer, merged, and its merged values (float
-    types) or re-encoded blocks (quantized) are stored into the copy through a map of that tensor.
+    alignment, offsets). The kernel copies the whole file (sendfile, on a thread of its own) while this
+    thread reads each touched tensor from the input a block of rows at a time and merges it; once the copy
+    has passed a block, its merged values (float types) or re-encoded blocks (quantized) are stored into
+    the copy through a map of that tensor.
 
-    Why not write the touched tensors out of the buffer instead, as safetensors_merge does: on the
+    Why not write the touched tensors out of a buffer instead, as safetensors_merge does: on the
     development VM write() from user memory swung between 1x and 10x the kernel copy's time for the same
-    bytes, while storing the merged values into the copy's pages (already in the page cache) added about
-    a quarter of a copy for F16 targets (bench/merge.py). Returns (values merged, units rewritten:
-    elements of float tensors, blocks of quantized ones).
+    bytes, while storing the merged values into the copy's pages (already in the page cache) cost a
+    fraction of a copy (bench/merge.py). Returns (values merged, units rewritten: elements of float
+    tensors, blocks of quantized ones).
     """
     touched = sorted(plan.tensors.values(), key=lambda tp: tp.info.offset)
     per_rows = {tp.info.name: _rows_per_chunk(tp.info) for tp in touched}
@@ -822,21 +825,68 @@ def _write_same_layout(f: GGUFFile, plan: _Plan, tmp: str, encoder: str, touched
     with open_regular(f.path, rule=RULE) as src:  # never blocks on a FIFO swapped in since the parse
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
         try:
-            _send(src.fileno(), fd, 0, f.size, pbar)
-        finally:
+            os.ftruncate(fd, f.size)  # its size first, so the touched range can be mapped once, now
+            lo = f.data_start + touched[0].info.offset if touched else 0
+            hi = max((f.data_start + tp.info.offset + tp.info.nbytes for tp in touched), default=0)
+            reserve(tmp, lo, hi - lo)  # disk blocks first: a full disk is an error, never a SIGBUS
+            region = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=lo, shape=(hi - lo,)) if touched else None
+        except BaseException:
             os.close(fd)
-        for tp in touched:
-            start = f.data_start + tp.info.offset
-            reserve(tmp, start, tp.info.nbytes)  # disk blocks first: a full disk is an error, never a SIGBUS
-            region = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=start, shape=(tp.info.nbytes,))
-            try:
-                v, u = _merge_tensor(src.fileno(), start, region, tp, per_rows[tp.info.name], buffer, plan.verify,
-                                     encoder, touched_weight)
-            finally:
-                del region  # unmapped; the kernel writes the pages back (write_file fsyncs when durable)
-            values, units = values + v, units + u
-            pause_for_tests()
+            raise
+        copy = _Copy(src.fileno(), fd, f.size, pbar)
+        try:
+            for tp in touched:
+                start = f.data_start + tp.info.offset
+                v, u = _merge_tensor(src.fileno(), start, region[start - lo:start - lo + tp.info.nbytes], tp,
+                                     per_rows[tp.info.name], buffer, plan.verify, encoder, touched_weight, copy)
+                values, units = values + v, units + u
+                pause_for_tests()
+            copy.wait_for(f.size)
+        finally:
+            copy.stop()
+            os.close(fd)
+            del region  # unmapped; the kernel writes the pages back (write_file fsyncs when durable)
     return values, units
+
+
+class _Copy:
+    """The kernel copy of the whole input (`_send`) on a thread, reporting how far it has got, so the
+    merge can compute while the kernel copies. A failed copy is raised by `wait_for`; `stop` ends it
+    (between chunks of the copy) and waits for the thread."""
+
+    def __init__(self, src_fd: int, dst_fd: int, size: int, pbar):
+        self.done, self.error, self.pbar = 0, None, pbar
+        self.cond = threading.Condition()
+        self.halt = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(src_fd, dst_fd, size), name="gguf-merge-copy",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, src_fd, dst_fd, size):
+        try:
+            _send(src_fd, dst_fd, 0, size, self, self.halt)
+        except BaseException as exc:  # handed to the merging thread
+            with self.cond:
+                self.error = exc
+                self.cond.notify_all()
+
+    def update(self, n: int) -> None:  # _send's progress callback
+        self.pbar.update(n)
+        with self.cond:
+            self.done += n
+            self.cond.notify_all()
+
+    def wait_for(self, end: int) -> None:
+        """Return once bytes [0, end) of the output are written."""
+        with self.cond:
+            while self.done < end and self.error is None:
+                self.cond.wait()
+            if self.error is not None:
+                raise self.error
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.thread.join()
 
 
 def _row_bytes(info: TensorInfo) -> int:
@@ -852,13 +902,15 @@ def _rows_per_chunk(info: TensorInfo) -> int:
 
 
 def _merge_tensor(src_fd: int, start: int, region: np.ndarray, tp: _TensorPlan, per: int, buffer: np.ndarray,
-                  verify: bool, encoder: str, touched_weight: float) -> tuple[int, int]:
+                  verify: bool, encoder: str, touched_weight: float, copy: _Copy) -> tuple[int, int]:
     """Merge one touched tensor, `per` rows at a time: the rows are read from the input into `buffer`;
-    float rows get rule M, and the merged values are stored at their positions in `region` (the tensor in
-    the output); quantized rows are decoded and merged, and only the blocks holding a touched value are
-    re-encoded (`_reencode`) and stored, so every other block keeps its bytes. The probe hashes are
-    checked from the same read, at the end (a mismatch stops the merge before the file is published)."""
+    float rows get rule M, and the merged values are stored at their positions in `region` (the tensor
+    in the output, mapped; once the copy has written it); quantized rows are decoded and merged,
+    and only the blocks holding a touched value are re-encoded (`_reencode`) and stored, so every other
+    block keeps its bytes. The probe hashes are checked from the same read, at the end (a mismatch stops
+    the merge before the file is published)."""
     info = tp.info
+    copied = False
     rows, row_bytes = info.shape[0], _row_bytes(info)
     block, unit = GGML_QUANT_SIZES[info.type]
     floats = info.type in FLOAT_TYPES
@@ -875,12 +927,16 @@ def _merge_tensor(src_fd: int, start: int, region: np.ndarray, tp: _TensorPlan, 
         if originals is not None:
             for i, o in enumerate(originals):
                 o[r0:r1] = mp.originals_of(i).reshape(r1 - r0, -1)
+        if not floats:
+            ids, new = _reencode(info.type, weight.reshape(-1, block), chunk.reshape(-1, unit), mp, block, encoder,
+                                 touched_weight)
+        if not copied:  # the first store: the copy must have written the tensor's bytes
+            copy.wait_for(start + info.nbytes)
+            copied = True
         if floats:
             region[a:b].view(weight.dtype)[mp.positions] = mp.merged
             units += int(mp.positions.size)
         else:
-            ids, new = _reencode(info.type, weight.reshape(-1, block), chunk.reshape(-1, unit), mp, block, encoder,
-                                 touched_weight)
             region[a:b].reshape(-1, unit)[ids] = new
             units += int(ids.size)
         values += int(mp.positions.size)

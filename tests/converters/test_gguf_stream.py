@@ -24,7 +24,7 @@ from neuroada_format import NeuroAdaError  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
 from neuroada_format.merge import Delta, plan_merge  # noqa: E402
 
-from test_gguf import ALL_TYPES, TARGETS, hf_arrays, make_adapter, write_gguf  # noqa: E402
+from test_gguf import ALL_TYPES, hf_arrays, make_adapter, write_gguf  # noqa: E402
 
 
 @pytest.fixture
@@ -143,8 +143,8 @@ def test_a_wrong_probe_found_while_streaming_leaves_nothing(tmp_path, small_chun
 
 
 def test_a_full_disk_while_merging_is_raised_and_leaves_nothing(tmp_path, small_chunks, monkeypatch):
-    """The copy's touched ranges get their disk blocks before they are stored into through a map; a full
-    disk there is an OSError (never a SIGBUS), and the temporary file is removed."""
+    """The output's touched range gets its disk blocks before anything is stored into it through a map; a
+    full disk there is an OSError (never a SIGBUS), and the temporary file is removed."""
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q8_0)
     adapter = make_adapter(gm.open_gguf_base(path))
     calls = {"n": 0}
@@ -152,14 +152,33 @@ def test_a_full_disk_while_merging_is_raised_and_leaves_nothing(tmp_path, small_
 
     def full_disk(p, offset, length):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 1:
             raise OSError(errno.ENOSPC, "No space left on device", os.fspath(p))
         return real(p, offset, length)
     monkeypatch.setattr(gm, "reserve", full_disk)
     out = tmp_path / "m.gguf"
     with pytest.raises(OSError) as exc:
         gm.merge_gguf(path, [adapter], out)
-    assert exc.value.errno == errno.ENOSPC and calls["n"] == 3
+    assert exc.value.errno == errno.ENOSPC and calls["n"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.gguf"]
+
+
+def test_a_failed_kernel_copy_is_raised_and_leaves_nothing(tmp_path, small_chunks, monkeypatch):
+    """The kernel copy runs on a thread of its own; its failure (here the input shrinking under it) reaches
+    the merge as that OSError, and the temporary file is removed."""
+    path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.F16)
+    adapter = make_adapter(gm.open_gguf_base(path))
+
+    def shrinking(src_fd, dst_fd, start, end, progress, stop=None):
+        half = (start + end) // 2
+        os.sendfile(dst_fd, src_fd, start, half - start)
+        progress.update(half - start)
+        raise OSError(errno.EIO, "file shrank while being copied")
+    monkeypatch.setattr(gm, "_send", shrinking)
+    out = tmp_path / "m.gguf"
+    with pytest.raises(OSError, match="shrank") as exc:
+        gm.merge_gguf(path, [adapter], out)
+    assert exc.value.errno == errno.EIO
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.gguf"]
 
 
