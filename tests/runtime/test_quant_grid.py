@@ -200,10 +200,7 @@ def test_forward_is_the_snapped_model_and_gradients_pass_straight_through(bases)
     assert torch.equal(y_train, y_merged)                       # training forward == the merged model
 
 
-def test_trainer_path(bases, tmp_path):
-    """transformers.Trainer unchanged: it trains through the grid and its save_model writes on-grid deltas."""
-    base = bases["Q4_1"]
-    model, _ = attached(base)
+def run_trainer(model, out_dir, resume=None):
     data = [batch(i) for i in range(4)]
     data = [{"input_ids": d["input_ids"][j], "labels": d["labels"][j]} for d in data for j in range(2)]
 
@@ -215,12 +212,25 @@ def test_trainer_path(bases, tmp_path):
             return data[i]
 
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
-        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0, data_seed=0,
-        dataloader_num_workers=0, disable_tqdm=True)
+        output_dir=str(out_dir), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
+        report_to=[], save_strategy="steps", save_steps=2, logging_strategy="no", use_cpu=True, seed=0,
+        data_seed=0, dataloader_num_workers=0, disable_tqdm=True)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=DS())
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     assert trainer.state.global_step == 4
+    return trainer
+
+
+def test_trainer_path(bases, tmp_path):
+    """transformers.Trainer unchanged: it trains through the grid, its save_model writes on-grid deltas, and
+    a run resumed from a checkpoint (model rebuilt, grid registered again) ends where an unbroken one does."""
+    base = bases["Q4_1"]
+    model, _ = attached(base)
+    trainer = run_trainer(model, tmp_path / "run")
+    again, _ = attached(base)
+    run_trainer(again, tmp_path / "resumed", resume=str(tmp_path / "run" / "checkpoint-2"))
+    for (n, a), b in zip(layers(model).items(), layers(again).values()):
+        assert torch.equal(a.neuroada_val["default"], b.neuroada_val["default"]), n   # the unsnapped state too
     trainer.save_model(str(tmp_path / "final"))
     snapped = deltas(model)
     assert sum(int((v != 0).sum()) for v in snapped.values()) > 0
