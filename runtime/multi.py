@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuroada_format import NeuroAdaError
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.dtypes import NUMPY_DTYPES, common_value_dtype, nonfinite_mask
 
 from . import kernels
@@ -81,7 +81,7 @@ def _check_known(model: nn.Module, names, *, allow_base: bool) -> list[str]:
 
 def _refuse_in_batch(model: nn.Module, what: str) -> None:
     if getattr(model, MIXED_ATTR, None) is not None:
-        raise RuntimeError(f"{what} inside an adapter_batch block; leave the block first")
+        raise NeuroAdaUsageError(f"{what} inside an adapter_batch block; leave the block first")
 
 
 def _forget_caches(layer: NeuroAdaLayer) -> None:
@@ -258,7 +258,7 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
     previous = {name: (type(layer), list(layer.merged_adapters)) for name, layer in all_layers.items()}
     for name, layer in all_layers.items():
         if not isinstance(layer, ServingLayer) and type(layer) is not NeuroAdaLayer:
-            raise TypeError(f"{name}: cannot serve a {type(layer).__name__} in adapter_batch")
+            raise NeuroAdaUsageError(f"{name}: cannot serve a {type(layer).__name__} in adapter_batch")
     shared: dict = {}
     try:
         setattr(model, MIXED_ATTR, names)

@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from neuroada_format import NeuroAdaUsageError
+
 from . import cpu, reference
 from .pattern import Pattern, as_pattern
 
@@ -40,7 +42,7 @@ _triton_failed = False
 def get_backend() -> str:
     name = _forced or os.environ.get("NEUROADA_KERNELS", "auto") or "auto"
     if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
+        raise NeuroAdaUsageError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
     return name
 
 
@@ -48,7 +50,7 @@ def set_backend(name: str | None) -> None:
     """Force a backend for this process (``None`` returns to the env var / auto)."""
     global _forced
     if name is not None and name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
+        raise NeuroAdaUsageError(f"unknown kernel backend {name!r}; expected one of {BACKENDS}")
     _forced = name
 
 
@@ -87,7 +89,7 @@ def _impl(t: torch.Tensor):
     if name == "triton":
         mod = _triton()
         if mod is None:
-            raise RuntimeError("NEUROADA_KERNELS=triton but triton cannot be imported")
+            raise NeuroAdaUsageError("NEUROADA_KERNELS=triton but triton cannot be imported")
         return mod
     if t.is_cuda:
         mod = _triton()

@@ -32,6 +32,8 @@ from typing import Sequence
 
 import torch
 
+from neuroada_format import NeuroAdaUsageError
+
 from . import get_backend
 from .cpu import bag_rows
 from .reference import acc_dtype, dense_delta
@@ -55,11 +57,11 @@ class AdapterStack:
 
     def __init__(self, idxs: Sequence[torch.Tensor], vals: Sequence[torch.Tensor], d_in: int):
         if not idxs or len(idxs) != len(vals):
-            raise ValueError("need one val per idx and at least one adapter")
+            raise NeuroAdaUsageError("need one val per idx and at least one adapter")
         d_out = idxs[0].shape[0]
         for i, v in zip(idxs, vals):
             if i.dim() != 2 or i.shape[0] != d_out or tuple(v.shape) != tuple(i.shape) or i.dtype != torch.int64:
-                raise ValueError("every adapter needs int64 idx and val of one shape [d_out, k]")
+                raise NeuroAdaUsageError("every adapter needs int64 idx and val of one shape [d_out, k]")
         self.idxs = tuple(i.contiguous() for i in idxs)
         self.vals = tuple(v.detach() for v in vals)
         self.n, self.d_out, self.d_in = len(idxs), int(d_out), int(d_in)
@@ -261,7 +263,7 @@ def bgmv_add_cpu_(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, stack: Ad
     if T == 0:
         return y
     if B * seq_len != T:
-        raise ValueError(f"{B} sequences of {seq_len} tokens != {T} tokens")
+        raise NeuroAdaUsageError(f"{B} sequences of {seq_len} tokens != {T} tokens")
     x3 = x.reshape(B, seq_len, stack.d_in)
     y3 = y.view(B, seq_len, stack.d_out)
     path = path or PATH
@@ -337,18 +339,18 @@ def bgmv_add_triton_(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, stack:
                      seq_len: int = 1, block_r: int | None = None, block_t: int = 16) -> torch.Tensor:
     """Triton path: ``out = f32(y) + delta`` per program, then torch rounds into ``y`` (no-op for f32)."""
     if not triton_available():
-        raise RuntimeError("triton is not installed")
+        raise NeuroAdaUsageError("triton is not installed")
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     for t in (x, y, ids):
         if not t.is_cuda and not interpret:
-            raise RuntimeError("the Triton bgmv kernel got a CPU tensor; set TRITON_INTERPRET=1 before its first "
+            raise NeuroAdaUsageError("the Triton bgmv kernel got a CPU tensor; set TRITON_INTERPRET=1 before its first "
                                "use to run it in the interpreter")
     T = x.shape[0]
     B = ids.shape[0]
     if T == 0:
         return y
     if B * seq_len != T:
-        raise ValueError(f"{B} sequences of {seq_len} tokens != {T} tokens")
+        raise NeuroAdaUsageError(f"{B} sequences of {seq_len} tokens != {T} tokens")
     acc = acc_dtype(x, *stack.vals)
     out = y if (y.dtype == acc and y.is_contiguous()) else torch.empty(T, stack.d_out, dtype=acc, device=y.device)
     bk = _pow2(stack.k)
@@ -384,6 +386,6 @@ def bgmv_add_(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, stack: Adapte
     needs_graph = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)
     if name == "triton" or (name == "auto" and x.is_cuda and not needs_graph and triton_available()):
         if needs_graph:
-            raise RuntimeError("the Triton bgmv kernel has no backward; run under torch.no_grad()")
+            raise NeuroAdaUsageError("the Triton bgmv kernel has no backward; run under torch.no_grad()")
         return bgmv_add_triton_(y, x, ids, stack, seq_len=seq_len)
     return bgmv_add_cpu_(y, x, ids, stack, seq_len=seq_len, groups=groups)

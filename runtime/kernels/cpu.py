@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from neuroada_format import NeuroAdaUsageError
+
 from .pattern import as_pattern, weight_pattern
 from .reference import acc_dtype
 
@@ -31,7 +33,7 @@ def put_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Ten
     11008x4096 weight whatever k is) and W's version counter moves as for any in-place write.
     """
     if not W.is_contiguous():
-        raise ValueError("in-place sparse writes need a contiguous weight; use the additive mode")
+        raise NeuroAdaUsageError("in-place sparse writes need a contiguous weight; use the additive mode")
     values = values.reshape(-1).to(W.dtype)
     if W.device.type == "cpu" and not torch.compiler.is_compiling():
         bits = _BITS[W.element_size()]

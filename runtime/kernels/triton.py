@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from neuroada_format import NeuroAdaUsageError
+
 from .pattern import as_pattern, weight_pattern
 from .reference import acc_dtype
 
@@ -35,10 +37,10 @@ _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def _check(*tensors: torch.Tensor) -> None:
     if not AVAILABLE:
-        raise RuntimeError("triton is not installed")
+        raise NeuroAdaUsageError("triton is not installed")
     for t in tensors:
         if not t.is_cuda and not INTERPRET:
-            raise RuntimeError(
+            raise NeuroAdaUsageError(
                 "Triton kernels got a CPU tensor; set TRITON_INTERPRET=1 before importing "
                 "neuroada_format.runtime.kernels.triton to run them in the interpreter"
             )
@@ -136,7 +138,7 @@ def put_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor, *, block: in
     """Write already-rounded ``values`` at flat positions of the contiguous W (bit moves only)."""
     _check(W, flat)
     if not W.is_contiguous():
-        raise ValueError("in-place sparse writes need a contiguous weight; use the additive mode")
+        raise NeuroAdaUsageError("in-place sparse writes need a contiguous weight; use the additive mode")
     n = flat.numel()
     if n == 0:
         return W

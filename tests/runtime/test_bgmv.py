@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from neuroada_format import NeuroAdaUsageError
 from neuroada_format.runtime import kernels
 from neuroada_format.runtime.kernels import bgmv
 from neuroada_format.runtime.kernels.bgmv import AdapterStack, bgmv_add_, bgmv_add_cpu_, bgmv_reference
@@ -38,7 +39,7 @@ def test_stack_pads_short_rows_with_zero_values(gen):
     assert torch.equal(st.idx[1], st.idxs[1]) and torch.equal(st.val[1], st.vals[1])
     assert torch.equal(st.idx[0, :, 1:], st.idxs[0][:, -1:].expand(11, 3))  # repeats a column it uses
     assert not st.val[0, :, 1:].any() and not st.val[2, :, 2:].any()
-    with pytest.raises(ValueError):
+    with pytest.raises(NeuroAdaUsageError):
         AdapterStack([st.idxs[0]], [st.vals[1]], 17)
 
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from neuroada_format import NeuroAdaError
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.runtime import kernels
 from neuroada_format.runtime.kernels import Pattern, cpu, reference
 
@@ -136,9 +136,9 @@ def test_dispatch_switches(monkeypatch, rt, gen):
     monkeypatch.setenv("NEUROADA_KERNELS", "reference")
     assert kernels._impl(x) is reference
     monkeypatch.setenv("NEUROADA_KERNELS", "nonsense")
-    with pytest.raises(ValueError):
+    with pytest.raises(NeuroAdaUsageError):
         kernels.get_backend()
-    with pytest.raises(ValueError):
+    with pytest.raises(NeuroAdaUsageError):
         kernels.set_backend("nonsense")
 
 
@@ -151,7 +151,7 @@ def test_triton_module_imports_without_gpu(rt, gen):
         pytest.skip("only meaningful on a CPU-only machine without TRITON_INTERPRET")
     assert os.environ.get("TRITON_INTERPRET", "0") != "1"
     p = Pattern(rt.rand_idx(4, 5, 2, gen), 5)
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+    with pytest.raises(NeuroAdaUsageError, match="TRITON_INTERPRET"):
         tk.sampled_rowdot(torch.zeros(3, 4), torch.zeros(3, 5), p)
-    with kernels.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+    with kernels.use_backend("triton"), pytest.raises(NeuroAdaUsageError, match="TRITON_INTERPRET"):
         kernels.gather_matvec(torch.zeros(3, 5), p, torch.zeros(4, 2))

@@ -18,7 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import neuroada_format as naf  # noqa: E402
-from neuroada_format import NeuroAdaError  # noqa: E402
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError  # noqa: E402
 from neuroada_format.runtime import (  # noqa: E402
     NeuroAdaConfig,
     NeuroAdaLayer,
@@ -256,7 +256,7 @@ def test_adapter_batch_refusals_leave_the_model_alone(zoo):
         for call in (lambda: set_adapter(model, "cs"), lambda: delete_adapter(model, "cs"),
                      lambda: adapter_batch(model, ["cs"]).__enter__(),
                      lambda: add_weighted_adapter(model, ["cs"], [1.0], "x")):
-            with pytest.raises(RuntimeError, match="adapter_batch"):
+            with pytest.raises(NeuroAdaUsageError, match="adapter_batch"):
                 call()
     assert snapshot(model) == before
 
