@@ -7,7 +7,8 @@ about 77% of the adapter's logit change kept on SmolLM2 Q4_1). Training *through
 each delta so that `w0 + delta` is a value the block already represents (its scale and minimum kept),
 with a straight-through gradient: the optimizer updates the unsnapped deltas, the forward and the
 gradient see the snapped ones. The merge into the file then changes only the blocks' 4-bit levels and
-is exact: the merged file decodes to the runtime's merge bit for bit, every other block byte-identical.
+is exact: the merged file decodes to the runtime's merge value for value (a Q4_0 zero may come back as -0.0),
+every other block byte-identical.
 
     from neuroada_format.runtime import attach, train_on_grid, remove_grid
     attach(model, NeuroAdaConfig(k=20))        # model: the GGUF's de-quantized weights
@@ -22,8 +23,8 @@ unsnapped ones, which is what resuming needs (call `train_on_grid` again on the 
 adapter's `save_dtype` becomes F32 while the grid is on: a snapped delta `d * (q - q0)` needs up to 15
 significant bits. The grids come from converters/gguf_merge.py (`block_grid`, the Hugging Face -> GGUF
 name map and llama.cpp's q/k row order); that module and the gguf package are imported only when a grid
-is registered. Not covered: mixed-batch serving and `add_weighted_adapter` (runtime/multi.py) read the
-unsnapped deltas; call `remove_grid(model, snap=True)` first to make the snapped ones the adapter's own.
+is registered. Not covered: `set_adapter`, mixed-batch serving and `add_weighted_adapter` (runtime/multi.py)
+read the unsnapped deltas; call `remove_grid(model, snap=True)` first to make the snapped ones the adapter's own.
 """
 from __future__ import annotations
 
