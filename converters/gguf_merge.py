@@ -829,23 +829,30 @@ def _write_same_layout(f: GGUFFile, plan: _Plan, tmp: str, encoder: str, touched
             lo = f.data_start + touched[0].info.offset if touched else 0
             hi = max((f.data_start + tp.info.offset + tp.info.nbytes for tp in touched), default=0)
             reserve(tmp, lo, hi - lo)  # disk blocks first: a full disk is an error, never a SIGBUS
-            region = np.memmap(tmp, dtype=np.uint8, mode="r+", offset=lo, shape=(hi - lo,)) if touched else None
+            base = lo - lo % mmap.ALLOCATIONGRANULARITY
+            mapped = mmap.mmap(fd, hi - base, offset=base) if touched else None
         except BaseException:
             os.close(fd)
             raise
         copy = _Copy(src.fileno(), fd, f.size, pbar)
         try:
             for tp in touched:
-                start = f.data_start + tp.info.offset
-                v, u = _merge_tensor(src.fileno(), start, region[start - lo:start - lo + tp.info.nbytes], tp,
-                                     per_rows[tp.info.name], buffer, plan.verify, encoder, touched_weight, copy)
+                start, end = f.data_start + tp.info.offset, f.data_start + tp.info.offset + tp.info.nbytes
+                region = np.frombuffer(mapped, np.uint8, count=end - start, offset=start - base)
+                v, u = _merge_tensor(src.fileno(), start, region, tp, per_rows[tp.info.name], buffer, plan.verify,
+                                     encoder, touched_weight, copy)
                 values, units = values + v, units + u
+                del region
+                # the tensor's pages leave this process's map (they stay in the page cache, dirty): the
+                # resident size stays at one tensor's, not the whole touched range's
+                first = (start - base) // mmap.PAGESIZE * mmap.PAGESIZE
+                mapped.madvise(mmap.MADV_DONTNEED, first, end - base - first)
                 pause_for_tests()
             copy.wait_for(f.size)
         finally:
             copy.stop()
             os.close(fd)
-            del region  # unmapped; the kernel writes the pages back (write_file fsyncs when durable)
+            mapped = None  # unmapped once no view is left; the kernel writes the pages back
     return values, units
 
 
