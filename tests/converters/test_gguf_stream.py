@@ -213,3 +213,32 @@ def test_grid_evaluation_in_place_is_the_plain_formula():
         assert got_q.dtype == np.float32 and got_err.dtype == np.float32
         np.testing.assert_array_equal(got_q, q)
         np.testing.assert_array_equal(got_err, err)
+
+
+def test_an_interrupt_mid_merge_stops_the_copy_thread_and_leaves_nothing(tmp_path, small_chunks, monkeypatch):
+    """Ctrl-C while a tensor is merged: the kernel copy's thread is stopped and joined, the temporary file
+    removed, and the interrupt (not some other error) is what the caller sees."""
+    import threading
+    path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.F16)
+    adapter = make_adapter(gm.open_gguf_base(path))
+    real, calls = gm._merge_tensor, {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(gm, "_merge_tensor", interrupted)
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(KeyboardInterrupt):
+        gm.merge_gguf(path, [adapter], tmp_path / "m.gguf")
+    assert not [t for t in threading.enumerate() if t.name == "gguf-merge-copy" and t.name not in before]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.gguf"]
+
+
+def test_durable_merge_writes_the_same_file(tmp_path):
+    path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q4_1)
+    adapter = make_adapter(gm.open_gguf_base(path))
+    gm.merge_gguf(path, [adapter], tmp_path / "a.gguf")
+    gm.merge_gguf(path, [adapter], tmp_path / "b.gguf", durable=True)
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
