@@ -845,8 +845,9 @@ def _write_same_layout(f: GGUFFile, plan: _Plan, tmp: str, encoder: str, touched
                 del region
                 # the tensor's pages leave this process's map (they stay in the page cache, dirty): the
                 # resident size stays at one tensor's, not the whole touched range's
-                first = (start - base) // mmap.PAGESIZE * mmap.PAGESIZE
-                mapped.madvise(mmap.MADV_DONTNEED, first, end - base - first)
+                if hasattr(mmap, "MADV_DONTNEED"):  # (not on Windows)
+                    first = (start - base) // mmap.PAGESIZE * mmap.PAGESIZE
+                    mapped.madvise(mmap.MADV_DONTNEED, first, end - base - first)
                 pause_for_tests()
             copy.wait_for(f.size)
         finally:
