@@ -130,6 +130,7 @@ class Written:
     journal: str | None = None
     removed_stale: list[str] = field(default_factory=list)
     details: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what only the write could tell (added to resolve's)
 
 
 @dataclass
@@ -297,4 +298,4 @@ def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, ver
         output=impl.base_path(view) if in_place else out, adapters=described(adapters), verified=verify,
         durable=durable, targets=resolved.targets, values_touched=done.values_touched, files=done.files,
         bytes_written=done.bytes_written, seconds=round(time.perf_counter() - started, 3), journal=done.journal,
-        warnings=resolved.warnings, removed_stale=done.removed_stale, details=done.details)
+        warnings=resolved.warnings + done.warnings, removed_stale=done.removed_stale, details=done.details)

@@ -14,10 +14,13 @@ attn_k (rope layout), so an adapter's row r lands on GGUF row `inverse[r]` of th
 
 Merging keeps each tensor's encoding unless told otherwise: F32/F16/BF16 tensors get rule M bit for bit;
 Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 tensors get the rule-M values re-encoded block by block, only in blocks that hold a
-touched value (every other block stays byte-identical); types gguf-py can only decode (K-quants, IQ) are
-refused unless `requant` names a type to re-encode them into. `target_type` re-encodes every touched
-tensor (e.g. F16, to keep the merge exact up to F16 rounding). Metadata and tokenizer bytes are copied
-verbatim.
+touched value (every other block stays byte-identical). A Q8_0/Q4_0/Q4_1 block whose rule-M values all lie
+on its original grid (deltas trained through it: runtime train_on_grid) is packed on that grid with its
+own scale and minimum, exactly and without the least-error search; the summary counts those blocks and
+the re-encoded ones, and only re-encoded blocks are warned about. Types gguf-py can only decode
+(K-quants, IQ) are refused unless `requant` names a type to re-encode them into. `target_type`
+re-encodes every touched tensor (e.g. F16, to keep the merge exact up to F16 rounding). Metadata and
+tokenizer bytes are copied verbatim.
 
 When no tensor changes type (the usual merge) the output has the input's layout exactly: the kernel
 copies the file (sendfile), then each touched tensor is read from the input a block of rows at a time,
@@ -469,13 +472,69 @@ def _grid_eval(x, w, d, m, lo, hi):
 def _pack(t: QT, d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Block bytes for Q4_1 / Q4_0 / Q8_0 from f16-exact scales, mins and integer levels."""
     n = q.shape[0]
-    dh = d.astype(np.float16).view(np.uint8).reshape(n, 2)
+    parts = [d.astype(np.float16).view(np.uint8).reshape(n, 2)]
+    if t == QT.Q4_1:
+        parts.append(m.astype(np.float16).view(np.uint8).reshape(n, 2))
+    return np.concatenate(parts + [_level_bytes(t, q)], axis=1)
+
+
+def _head(t: QT) -> int:
+    """Bytes of a Q4_1 / Q4_0 / Q8_0 block before its levels: the f16 scale (and Q4_1's f16 minimum)."""
+    return 4 if t == QT.Q4_1 else 2
+
+
+def _level_bytes(t: QT, q: np.ndarray) -> np.ndarray:
+    """The level part of Q4_1 / Q4_0 / Q8_0 blocks from integer levels q [B, block] (in [lo, hi])."""
+    n = q.shape[0]
     if t == QT.Q8_0:
-        return np.concatenate([dh, q.astype(np.int8).view(np.uint8)], axis=1)
+        return q.astype(np.int8).view(np.uint8)
     stored = (q - (-8 if t == QT.Q4_0 else 0)).astype(np.uint8).reshape(n, 2, -1)
-    nib = stored[:, 0, :] | (stored[:, 1, :] << np.uint8(4))
-    parts = [dh] + ([m.astype(np.float16).view(np.uint8).reshape(n, 2)] if t == QT.Q4_1 else []) + [nib]
-    return np.concatenate(parts, axis=1)
+    return stored[:, 0, :] | (stored[:, 1, :] << np.uint8(4))
+
+
+def _levels(t: QT, blocks: np.ndarray) -> np.ndarray:
+    """The integer levels [B, block] (f32) of Q4_1 / Q4_0 / Q8_0 block bytes: `_level_bytes` undone."""
+    body = np.asarray(blocks)[:, _head(t):]
+    if t == QT.Q8_0:
+        return np.ascontiguousarray(body).view(np.int8).astype(np.float32)
+    q = np.concatenate([body & np.uint8(15), body >> np.uint8(4)], axis=1).astype(np.float32)
+    return q - 8 if t == QT.Q4_0 else q
+
+
+def on_original_grid(t: QT, target: np.ndarray, original: np.ndarray, decoded: np.ndarray):
+    """Which blocks' values all lie on their original grid, and those blocks packed on it.
+
+    target: the wanted values [B, block] (f32); original: the blocks' bytes [B, type_size]; decoded:
+    their values now. A block is on its grid when some integer levels in [lo, hi] under its own scale
+    and minimum decode, by the formula of gguf-py's decoder (the reader's), to exactly `target`: bit
+    for bit but for the sign of a zero, which a Q4_0/Q8_0 zero level takes from its scale. Such a block is packed
+    with its original scale/minimum bytes and the new levels (values that did not change keep their
+    levels, so a block with no change keeps its bytes): exact, and no search. Q5_0/Q5_1 have no grid
+    here; for them (and any type) a block whose decoded values equal `target` counts as on its grid.
+    Returns (on [B] bool, bytes [B, type_size]: valid where `on`).
+    """
+    target = np.asarray(target, np.float32)
+    original = np.asarray(original)
+    same = decoded == target
+    if t not in _GRID:
+        return same.all(axis=1), original
+    lo, hi, affine = _GRID[t]
+    head = _head(t)
+    h = np.ascontiguousarray(original[:, :head])
+    d = h[:, :2].copy().view(np.float16).astype(np.float32)                 # [B, 1]
+    m = h[:, 2:4].copy().view(np.float16).astype(np.float32) if affine else np.float32(0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        q = np.subtract(target, m)
+        q /= np.where(d == 0, np.float32(1), d)                              # as the runtime's grid (QuantGrid)
+    np.rint(q, out=q)
+    q[~np.isfinite(q)] = lo                                                  # NaN/inf targets: never on a grid
+    np.clip(q, lo, hi, out=q)
+    np.copyto(q, _levels(t, original), where=same)                           # unchanged values keep their levels
+    dec = d * q  # gguf-py's decoders' own f32 arithmetic: d * q (+ m); a test checks it against theirs
+    if affine:
+        dec += m
+    on = (dec == target).all(axis=1)
+    return on, np.concatenate([h, _level_bytes(t, q)], axis=1)
 
 
 def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None, touched: np.ndarray | None = None,
@@ -603,6 +662,8 @@ class _TensorPlan:
     positions: np.ndarray | None = None       # retyping only: sorted flat positions (GGUF order) touched
     patch: tuple[np.ndarray, np.ndarray] | None = None  # retyping only: (unit ids, bytes) of a kept-type tensor
     data: bytes | None = None                  # retyping only: the whole tensor's new bytes
+    on_grid: int = 0                           # kept block type: touched blocks packed on their original grid
+    reencoded: int = 0                         # kept block type: touched blocks the encoder re-encoded
 
 
 @dataclass
@@ -654,12 +715,13 @@ class GGUFBackend(Backend):
                     raise Mismatch(f"GGUF stores linear weights as [d_out, d_in]; a {t.layout} target has no "
                                    f"mapping", path=view.path, tensor=name, rule="4.2")
                 by_tensor.setdefault(view.resolve(name).gguf_name, []).append((name, t, scale, adapter))
-        warnings = []
-        coarse = sorted(g for g in by_tensor if self._out_type(view, view.file.tensors[g]) in BLOCK_TYPES)
-        if coarse:
-            t = self._out_type(view, view.file.tensors[coarse[0]])
-            warnings.append(f"{len(coarse)} touched tensors are block-quantized (e.g. {coarse[0]}: {t.name}); their "
-                            f"merged values are re-encoded, not exact (spec section 15.3); "
+        warnings = []  # tensors that keep their block type are counted as they are written (`write`)
+        retyped = sorted(g for g in by_tensor if self._out_type(view, view.file.tensors[g]) in BLOCK_TYPES
+                         and self._out_type(view, view.file.tensors[g]) != view.file.tensors[g].type)
+        if retyped:
+            t = self._out_type(view, view.file.tensors[retyped[0]])
+            warnings.append(f"{len(retyped)} touched tensors are re-encoded into a block type (e.g. {retyped[0]}: "
+                            f"{t.name}); their merged values are not exact (spec section 15.3); "
                             f"--option target_type=F16 keeps them exact")
         return Resolved(by_tensor, len(by_tensor), warnings)
 
@@ -716,8 +778,9 @@ class GGUFBackend(Backend):
             tp.patch = (mp.positions, mp.merged.view(np.uint8).reshape(mp.positions.size, -1))
         elif out_type == info.type:
             block = GGML_QUANT_SIZES[info.type][0]
-            ids, new = _reencode(info.type, weight.reshape(-1, block), view.file.blocks(gname), mp, block,
-                                 self.encoder, self.touched_weight)
+            ids, new, tp.on_grid = _reencode(info.type, weight.reshape(-1, block), view.file.blocks(gname), mp,
+                                             block, self.encoder, self.touched_weight)
+            tp.reencoded = int(ids.size) - tp.on_grid
             tp.patch = (ids, new)
         else:
             full = np.array(weight, dtype=np.float32).reshape(-1)
@@ -744,9 +807,27 @@ class GGUFBackend(Backend):
                 counts["bytes"] = _write_retyped(f, plan, tmp)
                 counts["units"] = sum(int(tp.patch[0].size) for tp in plan.tensors.values() if tp.patch is not None)
         write_file(out, fill, overwrite=overwrite, durable=durable)
-        return Written(counts["values"], 1, counts["bytes"], details={
-            "retyped": {g: tp.out_type.name for g, tp in plan.tensors.items() if tp.data is not None},
-            "units_rewritten": counts["units"], "encoder": self.encoder})
+        details = {"retyped": {g: tp.out_type.name for g, tp in plan.tensors.items() if tp.data is not None},
+                   "units_rewritten": counts["units"], "encoder": self.encoder}
+        warnings = []
+        kept = [tp for tp in plan.tensors.values() if tp.out_type == tp.info.type and tp.info.type in BLOCK_TYPES]
+        if kept:
+            on, off = sum(tp.on_grid for tp in kept), sum(tp.reencoded for tp in kept)
+            details.update(blocks_on_grid=on, blocks_reencoded=off)
+            types = "/".join(sorted({tp.info.type.name for tp in kept}))
+            if off:
+                worst = max(kept, key=lambda tp: tp.reencoded)
+                warnings.append(
+                    f"{off:,} of {on + off:,} touched blocks in {sum(tp.reencoded > 0 for tp in kept)} of {len(kept)} "
+                    f"block-quantized tensors (most in {worst.info.name}: {worst.info.type.name}) were re-encoded: "
+                    f"their merged values are off the block's grid, so they are not exact (spec section 15.3); "
+                    f"{on:,} were packed exactly on their original grid; --option target_type=F16 keeps every "
+                    f"value exact, and training through the grid (runtime train_on_grid) keeps them on it")
+                details["note"] = f"{types} targets: {off:,} of {on + off:,} touched blocks re-encoded, not exact"
+            else:
+                details["note"] = (f"{types} targets exact: all {on:,} touched blocks packed on their original "
+                                   f"grid")
+        return Written(counts["values"], 1, counts["bytes"], details=details, warnings=warnings)
 
 
 def _numpy_dtype(t: QT) -> np.dtype:
@@ -782,10 +863,12 @@ def _first_probes(view: GGUFBase, plans: dict[str, _TensorPlan]) -> None:
 
 
 def _reencode(t: QT, values: np.ndarray, blocks: np.ndarray, mp, block: int, encoder: str,
-              touched_weight: float) -> tuple[np.ndarray, np.ndarray]:
-    """The blocks holding a merged value, re-encoded: (block ids, their new bytes [n, type_size]).
-    values: the decoded tensor (or rows of it) as [n_blocks, block]; blocks: its bytes, one row per block;
-    mp: its MergePlan. Every other block is left as it is."""
+              touched_weight: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """The blocks holding a merged value, re-encoded: (block ids, their new bytes [n, type_size], how many
+    of them were packed exactly on their original grid). values: the decoded tensor (or rows of it) as
+    [n_blocks, block]; blocks: its bytes, one row per block; mp: its MergePlan. Blocks whose merged values
+    all lie on their original grid are packed on it (`on_original_grid`: exact, no search); the others
+    go to `encode_blocks`. Every other block is left as it is."""
     which = mp.positions // block
     if which.size:  # positions are sorted, so their blocks are too: distinct ones without a sort
         keep = np.empty(which.size, bool)
@@ -795,13 +878,20 @@ def _reencode(t: QT, values: np.ndarray, blocks: np.ndarray, mp, block: int, enc
     else:
         ids = which
     before = np.array(values[ids], dtype=np.float32)
+    original = np.asarray(blocks[ids])
     target = before.copy()
-    mask = np.zeros(target.shape, bool)
     where = np.searchsorted(ids, which)
     target[where, mp.positions % block] = mp.merged
+    on, out = on_original_grid(t, target, original, before)
+    if on.all():
+        return ids, out, int(ids.size)
+    rest = ~on
+    mask = np.zeros(target.shape, bool)
     mask[where, mp.positions % block] = True
-    return ids, encode_blocks(t, target, np.asarray(blocks[ids]), mask, method=encoder, touched_weight=touched_weight,
-                              decoded=before)
+    out = out.copy() if out is original else out
+    out[rest] = encode_blocks(t, target[rest], original[rest], mask[rest], method=encoder,
+                              touched_weight=touched_weight, decoded=before[rest])
+    return ids, out, int(on.sum())
 
 
 def _write_same_layout(f: GGUFFile, plan: _Plan, tmp: str, encoder: str, touched_weight: float,
@@ -936,8 +1026,9 @@ def _merge_tensor(src_fd: int, start: int, region: np.ndarray, tp: _TensorPlan, 
             for i, o in enumerate(originals):
                 o[r0:r1] = mp.originals_of(i).reshape(r1 - r0, -1)
         if not floats:
-            ids, new = _reencode(info.type, weight.reshape(-1, block), chunk.reshape(-1, unit), mp, block, encoder,
-                                 touched_weight)
+            ids, new, on = _reencode(info.type, weight.reshape(-1, block), chunk.reshape(-1, unit), mp, block,
+                                     encoder, touched_weight)
+            tp.on_grid, tp.reencoded = tp.on_grid + on, tp.reencoded + int(ids.size) - on
         if not copied:  # the first store: the copy must have written the tensor's bytes
             copy.wait_for(start + info.nbytes)
             copied = True

@@ -38,6 +38,8 @@ def _report(summary, as_json: bool) -> None:
         return
     line = (f"merged {summary['targets']} tensors ({summary['values_touched']:,} values) from "
             f"{len(summary['adapters'])} adapter(s) into {summary['output']}{took}")
+    if (summary.get("details") or {}).get("note"):  # a backend's one-line remark (GGUF: exact or re-encoded)
+        line += f"; {summary['details']['note']}"
     if summary["journal"]:
         line += f"; revert with: neuroada-merge --revert {summary['journal']}"
     click.echo(printable(line))

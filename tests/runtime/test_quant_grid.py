@@ -11,6 +11,7 @@ byte-identical.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import pickle
 import subprocess
@@ -138,7 +139,7 @@ def check_merged_file(base, merged_path, model):
 
 
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q4_0", "Q8_0"])
-def test_trained_on_grid_merges_into_the_gguf_exactly(bases, tmp_path, qtype):
+def test_trained_on_grid_merges_into_the_gguf_exactly(bases, tmp_path, qtype, capsys):
     base = bases[qtype]
     model, types = attached(base)
     assert {k: types[k] for k in PLAIN} == PLAIN and {t for k, t in types.items() if k not in PLAIN} == {qtype}
@@ -157,8 +158,19 @@ def test_trained_on_grid_merges_into_the_gguf_exactly(bases, tmp_path, qtype):
     for name, v in snapped.items():                                            # the file holds the snapped deltas
         np.testing.assert_array_equal(np.asarray(adapter.targets[name + ".weight"].values), v.numpy())
     out = tmp_path / "merged.gguf"
+    capsys.readouterr()
     assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(tmp_path / "out"),
-                      "--out", os.fspath(out)]) == 0
+                      "--out", os.fspath(out), "--json"]) == 0
+    said = capsys.readouterr()
+    details = json.loads(said.out)["details"]
+    # every gridded block packed on its grid; only the Q5_1 projection (no grid: re-encoded) is warned about
+    q5 = gm.open_gguf_base(base).resolve(Q5_TARGET).gguf_name
+    n_q5 = gm.read_gguf(base).tensors[q5].nbytes // gm.GGML_QUANT_SIZES[QT.Q5_1][1]
+    assert 0 < details["blocks_reencoded"] <= n_q5
+    total = details["blocks_on_grid"] + details["blocks_reencoded"]
+    assert said.err.count("warning:") == 1
+    assert f"{details['blocks_reencoded']:,} of {total:,} touched blocks in 1 of " in said.err
+    assert f"{q5}: Q5_1" in said.err
     assert out.stat().st_size == base.stat().st_size
     check_merged_file(base, out, model)
     # the F16 projection merged by the spec's rule (rounded to F16), as for any float tensor
