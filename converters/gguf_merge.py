@@ -492,49 +492,54 @@ def _level_bytes(t: QT, q: np.ndarray) -> np.ndarray:
     return stored[:, 0, :] | (stored[:, 1, :] << np.uint8(4))
 
 
-def _levels(t: QT, blocks: np.ndarray) -> np.ndarray:
-    """The integer levels [B, block] (f32) of Q4_1 / Q4_0 / Q8_0 block bytes: `_level_bytes` undone."""
-    body = np.asarray(blocks)[:, _head(t):]
-    if t == QT.Q8_0:
-        return np.ascontiguousarray(body).view(np.int8).astype(np.float32)
-    q = np.concatenate([body & np.uint8(15), body >> np.uint8(4)], axis=1).astype(np.float32)
-    return q - 8 if t == QT.Q4_0 else q
+def on_original_grid(t: QT, original: np.ndarray, decoded: np.ndarray, blk: np.ndarray, col: np.ndarray,
+                     values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which blocks' merged values all lie on their original grid, and those blocks packed on it.
 
-
-def on_original_grid(t: QT, target: np.ndarray, original: np.ndarray, decoded: np.ndarray):
-    """Which blocks' values all lie on their original grid, and those blocks packed on it.
-
-    target: the wanted values [B, block] (f32); original: the blocks' bytes [B, type_size]; decoded:
-    their values now. A block is on its grid when some integer levels in [lo, hi] under its own scale
-    and minimum decode, by the formula of gguf-py's decoder (the reader's), to exactly `target`: bit
-    for bit but for the sign of a zero, which a Q4_0/Q8_0 zero level takes from its scale. Such a block is packed
-    with its original scale/minimum bytes and the new levels (values that did not change keep their
-    levels, so a block with no change keeps its bytes): exact, and no search. Q5_0/Q5_1 have no grid
-    here; for them (and any type) a block whose decoded values equal `target` counts as on its grid.
-    Returns (on [B] bool, bytes [B, type_size]: valid where `on`).
+    original: the blocks' bytes [B, type_size]; decoded: their values [B, block]; the merged values
+    `values` go to block `blk`, position `col` (distinct pairs; every other value stays). A block is on
+    its grid when every value takes an integer level in [lo, hi] that its own scale and minimum decode,
+    by the formula of gguf-py's decoder (the reader's: d * q (+ m) in f32), to exactly that value: bit
+    for bit but for the sign of a zero, which a Q4_0/Q8_0 zero level takes from its scale. Such a block
+    keeps its bytes but for the levels of the values that changed: exact, and no search. Only the
+    merged values are looked at (the others keep their levels, so they decode as before), which is a
+    small part of the blocks' values. Q5_0/Q5_1 have no grid here: for them a block is on its grid only
+    when no value changed. Returns (on [B] bool, bytes [B, type_size], valid where `on`).
     """
-    target = np.asarray(target, np.float32)
-    original = np.asarray(original)
-    same = decoded == target
+    values = np.asarray(values, np.float32)
+    on = ~np.isnan(decoded).any(axis=1)  # a NaN never decodes to itself (== is false)
+    out = np.array(original)
+    same = values == decoded[blk, col]  # unchanged: keeps its level
     if t not in _GRID:
-        return same.all(axis=1), original
+        on[blk[~same]] = False
+        return on, out
     lo, hi, affine = _GRID[t]
     head = _head(t)
-    h = np.ascontiguousarray(original[:, :head])
-    d = h[:, :2].copy().view(np.float16).astype(np.float32)                 # [B, 1]
-    m = h[:, 2:4].copy().view(np.float16).astype(np.float32) if affine else np.float32(0)
+    d = np.ascontiguousarray(out[:, :2]).view(np.float16).reshape(-1).astype(np.float32)[blk]
+    m = np.ascontiguousarray(out[:, 2:4]).view(np.float16).reshape(-1).astype(np.float32)[blk] if affine else None
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        q = np.subtract(target, m)
-        q /= np.where(d == 0, np.float32(1), d)                              # as the runtime's grid (QuantGrid)
+        q = values - m if affine else values.copy()
+        q /= np.where(d == 0, np.float32(1), d)  # as the runtime's grid (QuantGrid) rounds
     np.rint(q, out=q)
-    q[~np.isfinite(q)] = lo                                                  # NaN/inf targets: never on a grid
+    q[~np.isfinite(q)] = lo  # NaN/inf values: never on a grid (checked below)
     np.clip(q, lo, hi, out=q)
-    np.copyto(q, _levels(t, original), where=same)                           # unchanged values keep their levels
-    dec = d * q  # gguf-py's decoders' own f32 arithmetic: d * q (+ m); a test checks it against theirs
+    dec = d * q
     if affine:
         dec += m
-    on = (dec == target).all(axis=1)
-    return on, np.concatenate([h, _level_bytes(t, q)], axis=1)
+    on[blk[~((dec == values) | same)]] = False
+    changed = ~same
+    b, c, q = blk[changed], col[changed], q[changed]
+    if t == QT.Q8_0:
+        out[b, head + c] = q.astype(np.int8).view(np.uint8)
+        return on, out
+    stored = (q - (-8 if t == QT.Q4_0 else 0)).astype(np.uint8)
+    half = decoded.shape[1] // 2  # value j sits in byte j % half: the low nibble for j < half, else the high
+    low = c < half
+    bl, byl = b[low], head + c[low]
+    out[bl, byl] = (out[bl, byl] & np.uint8(0xF0)) | stored[low]
+    bh, byh = b[~low], head + c[~low] - half  # after the low nibbles: a byte may hold two changed values
+    out[bh, byh] = (out[bh, byh] & np.uint8(0x0F)) | (stored[~low] << np.uint8(4))
+    return on, out
 
 
 def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None, touched: np.ndarray | None = None,
@@ -879,19 +884,22 @@ def _reencode(t: QT, values: np.ndarray, blocks: np.ndarray, mp, block: int, enc
         ids = which
     before = np.array(values[ids], dtype=np.float32)
     original = np.asarray(blocks[ids])
+    where, col = np.searchsorted(ids, which), mp.positions % block
+    on, out = on_original_grid(t, original, before, where, col, mp.merged)
+    n_on = int(on.sum())
+    if n_on == ids.size:
+        return ids, out, n_on
     target = before.copy()
-    where = np.searchsorted(ids, which)
-    target[where, mp.positions % block] = mp.merged
-    on, out = on_original_grid(t, target, original, before)
-    if on.all():
-        return ids, out, int(ids.size)
-    rest = ~on
+    target[where, col] = mp.merged
     mask = np.zeros(target.shape, bool)
-    mask[where, mp.positions % block] = True
-    out = out.copy() if out is original else out
+    mask[where, col] = True
+    if n_on == 0:  # (an adapter not trained on the grid: no copies of the blocks for the encoder)
+        return ids, encode_blocks(t, target, original, mask, method=encoder, touched_weight=touched_weight,
+                                  decoded=before), 0
+    rest = ~on
     out[rest] = encode_blocks(t, target[rest], original[rest], mask[rest], method=encoder,
                               touched_weight=touched_weight, decoded=before[rest])
-    return ids, out, int(on.sum())
+    return ids, out, n_on
 
 
 def _write_same_layout(f: GGUFFile, plan: _Plan, tmp: str, encoder: str, touched_weight: float,

@@ -65,11 +65,30 @@ def touched_blocks(view, adapter) -> dict[str, np.ndarray]:
 
 
 # -- the grid test itself ---------------------------------------------------------------------------------
+def levels(qt, blocks) -> np.ndarray:
+    """The integer levels [B, 32] of Q4_1 / Q4_0 / Q8_0 blocks, read off their bytes (llama.cpp's layout:
+    value j in the low nibble of byte j for j < 16, in the high nibble of byte j - 16 after that)."""
+    head = 4 if qt == QT.Q4_1 else 2
+    body = blocks[:, head:]
+    if qt == QT.Q8_0:
+        return body.copy().view(np.int8).astype(np.float32)
+    q = np.concatenate([body & 15, body >> 4], axis=1).astype(np.float32)
+    return q - 8 if qt == QT.Q4_0 else q
+
+
+def at(target, mask):
+    """(block, column, value) of the masked entries: what the merge hands `on_original_grid`."""
+    b, c = np.nonzero(mask)
+    return b, c, target[b, c]
+
+
 @pytest.mark.parametrize("qt", GRID_TYPES, ids=lambda t: t.name)
-def test_on_original_grid_agrees_with_the_reader(qt):
+@pytest.mark.parametrize("given", ["changed", "every"])
+def test_on_original_grid_agrees_with_the_reader(qt, given):
     """Blocks moved along their own grid are found on it and packed so that gguf-py decodes them to the
-    target bit for bit with the original scale/minimum bytes; blocks off it (a value between levels, a
-    NaN) are not; a block with no change keeps its bytes, even with a zero scale."""
+    target bit for bit with the original scale/minimum bytes; blocks off it (a value between levels, past
+    the last level, a NaN) are not; a block with no change keeps its bytes, even with a zero scale.
+    given: the merge hands over its touched values, changed or not; either way the answer is the same."""
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((64, 32)) * 0.05).astype(np.float32)
     x[5] = 0.0                                           # an all-zero block: scale 0, every level decodes to m
@@ -80,21 +99,25 @@ def test_on_original_grid_agrees_with_the_reader(qt):
     head = 4 if affine else 2
     d = orig[:, :2].copy().view(np.float16).astype(np.float32)
     m = orig[:, 2:4].copy().view(np.float16).astype(np.float32) if affine else np.float32(0)
-    q = gm._levels(qt, orig)
+    q = levels(qt, orig)
     np.testing.assert_array_equal(d * q + m, dec)        # the levels as gguf-py decodes them
-    moved = np.clip(q + rng.integers(-3, 4, q.shape) * (rng.random(q.shape) < 0.2), lo, hi)
+    moved = np.clip(q + rng.integers(-3, 4, q.shape) * (rng.random(q.shape) < 0.3), lo, hi)
     target = (d * moved + m).astype(np.float32)
     target[:8] = dec[:8]                                  # no change at all (5: zero scale)
+    target[40, [2, 18]] = d[40, 0] * np.float32([lo, hi]) + (m[40, 0] if affine else 0)  # both nibbles of a byte
     off = np.zeros(64, bool)
     off[[10, 20, 30]] = True
     target[10, 3] += d[10, 0] * 0.5 + 1e-3               # between two levels
     target[20, 7] = np.nan
     target[30, 0] = d[30, 0] * (hi + 2) + (m[30, 0] if affine else 0)  # past the last level
-    on, packed = gm.on_original_grid(qt, target, orig, dec)
+    mask = np.ones_like(target, bool) if given == "every" else target != dec
+    on, packed = gm.on_original_grid(qt, orig, dec, *at(target, mask))
     np.testing.assert_array_equal(on, ~off)
     np.testing.assert_array_equal(gm._decode(packed[on], qt).reshape(-1, 32), target[on])  # the reader's values
-    assert np.array_equal(packed[on][:, :head], orig[on][:, :head])                      # scale/minimum bytes kept
+    assert np.array_equal(packed[:, :head], orig[:, :head])                              # scale/minimum bytes kept
     assert np.array_equal(packed[:8], orig[:8])                                          # unchanged: same bytes
+    keep = (target == dec)[on]                                                           # unchanged values: same level
+    assert np.array_equal(levels(qt, packed[on])[keep], q[on][keep])
 
 
 def test_a_zero_level_keeps_its_sign_from_the_scale():
@@ -106,12 +129,23 @@ def test_a_zero_level_keeps_its_sign_from_the_scale():
     x[0, 1] = -0.5
     orig = quants.quantize(x, QT.Q4_0)
     assert orig[:, :2].copy().view(np.float16)[0, 0] < 0
-    dec = quants.dequantize(orig, QT.Q4_0)
+    dec = quants.dequantize(orig, QT.Q4_0).reshape(1, 32)
     target = dec.copy()
     target[0, 1] = 0.0
-    on, packed = gm.on_original_grid(QT.Q4_0, target, orig, dec)
+    on, packed = gm.on_original_grid(QT.Q4_0, orig, dec, np.array([0]), np.array([1]), np.float32([0.0]))
     back = gm._decode(packed, QT.Q4_0).reshape(target.shape)
     assert on.all() and np.array_equal(back, target) and np.signbit(back[0, 1])
+
+
+def test_blocks_without_a_grid_are_on_it_only_unchanged():
+    """Q5_1 (no grid here): a block whose values did not change is kept, any change goes to the encoder."""
+    x = (np.random.default_rng(2).standard_normal((4, 32)) * 0.05).astype(np.float32)
+    orig = quants.quantize(x, QT.Q5_1)
+    dec = quants.dequantize(orig, QT.Q5_1).reshape(4, 32)
+    target = dec.copy()
+    target[1, 4] += 0.01
+    on, packed = gm.on_original_grid(QT.Q5_1, orig, dec, *at(target, np.ones_like(target, bool)))
+    assert on.tolist() == [True, False, True, True] and np.array_equal(packed[on], orig[on])
 
 
 # -- merges --------------------------------------------------------------------------------------------------
