@@ -58,6 +58,7 @@ sys.path.insert(1, str(HERE))
 
 import finetune  # noqa: E402  (imports no torch at module level)
 import tasks  # noqa: E402
+from gpu import cuda_problem  # noqa: E402  (bench/gpu.py: the same reasons to refuse)
 
 SECTION = "## Real model: SmolLM2-135M (CUDA)"
 EVAL = "boolq,piqa,ARC-Easy"
@@ -193,20 +194,6 @@ def use_bundle(folder: Path, args) -> None:
 
 
 # -- parent -------------------------------------------------------------------------------------------------
-def cuda_problem() -> str | None:
-    try:
-        import torch
-    except ImportError as exc:
-        return f"torch cannot be imported ({exc})"
-    if not torch.cuda.is_available():
-        return f"no CUDA device is available to torch {torch.__version__}"
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        return f"triton cannot be imported ({exc})"
-    return None
-
-
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=float, default=1.0, help="passes over commonsense_15k's train split")
