@@ -504,14 +504,16 @@ def on_original_grid(t: QT, original: np.ndarray, decoded: np.ndarray, blk: np.n
     keeps its bytes but for the levels of the values that changed: exact, and no search. Only the
     merged values are looked at (the others keep their levels, so they decode as before), which is a
     small part of the blocks' values. Q5_0/Q5_1 have no grid here: for them a block is on its grid only
-    when no value changed. Returns (on [B] bool, bytes [B, type_size], valid where `on`).
+    when no value changed. Returns (on [B] bool, bytes [B, type_size]: the blocks packed on their grid
+    where `on`, elsewhere left as they were).
     """
     values = np.asarray(values, np.float32)
-    on = ~np.isnan(decoded).any(axis=1)  # a NaN never decodes to itself (== is false)
+    on = np.ones(len(original), bool)
     out = np.array(original)
     same = values == decoded[blk, col]  # unchanged: keeps its level
     if t not in _GRID:
         on[blk[~same]] = False
+        on[on] = ~np.isnan(decoded[on]).any(axis=1)  # a NaN never decodes to itself (== is false)
         return on, out
     lo, hi, affine = _GRID[t]
     head = _head(t)
@@ -527,7 +529,8 @@ def on_original_grid(t: QT, original: np.ndarray, decoded: np.ndarray, blk: np.n
     if affine:
         dec += m
     on[blk[~((dec == values) | same)]] = False
-    changed = ~same
+    on[on] = ~np.isnan(decoded[on]).any(axis=1)  # a NaN never decodes to itself (== is false)
+    changed = ~same & on[blk]  # levels to write: the changed values of the blocks on their grid
     b, c, q = blk[changed], col[changed], q[changed]
     if t == QT.Q8_0:
         out[b, head + c] = q.astype(np.int8).view(np.uint8)

@@ -94,19 +94,21 @@ def test_on_original_grid_agrees_with_the_reader(qt, given):
     x[5] = 0.0                                           # an all-zero block: scale 0, every level decodes to m
     x[6, :16] = 0.0
     orig = quants.quantize(x, qt)
-    dec = quants.dequantize(orig, qt).astype(np.float32)
+    orig[50, :2] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)  # a NaN scale: every value NaN
+    dec = quants.dequantize(orig, qt).astype(np.float32).reshape(64, 32)
     lo, hi, affine = gm._GRID[qt]
     head = 4 if affine else 2
     d = orig[:, :2].copy().view(np.float16).astype(np.float32)
     m = orig[:, 2:4].copy().view(np.float16).astype(np.float32) if affine else np.float32(0)
     q = levels(qt, orig)
-    np.testing.assert_array_equal(d * q + m, dec)        # the levels as gguf-py decodes them
+    np.testing.assert_array_equal(d * q + m, dec)        # the levels as gguf-py decodes them (NaN too)
     moved = np.clip(q + rng.integers(-3, 4, q.shape) * (rng.random(q.shape) < 0.3), lo, hi)
     target = (d * moved + m).astype(np.float32)
     target[:8] = dec[:8]                                  # no change at all (5: zero scale)
     target[40, [2, 18]] = d[40, 0] * np.float32([lo, hi]) + (m[40, 0] if affine else 0)  # both nibbles of a byte
     off = np.zeros(64, bool)
-    off[[10, 20, 30]] = True
+    off[[10, 20, 30, 50]] = True
+    target[50] = dec[50]
     target[10, 3] += d[10, 0] * 0.5 + 1e-3               # between two levels
     target[20, 7] = np.nan
     target[30, 0] = d[30, 0] * (hi + 2) + (m[30, 0] if affine else 0)  # past the last level
