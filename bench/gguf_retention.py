@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         qat_note = (f" Its logit change is not the plain adapter's: measured against the plain adapter's "
                     f"runtime merge it holds {r_vs_main:.1%} of that change (max |logit diff| "
                     f"{np.abs(l_qrt - l_rt).max():.2f}), a different solution of the same task.")
-        gguf_row("trained through the Q4_1 grid: GGUF Q4_1 (search keeps the grid)", "Q4_1", qat, l_qrt,
+        gguf_row("trained through the Q4_1 grid: GGUF Q4_1 (packed on the original grid)", "Q4_1", qat, l_qrt,
                  encoder="search")
     check = transformers_check(gguf_file, adapter, originals, names)
     print("   " + check, flush=True)
