@@ -751,7 +751,8 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
             module = _wrap(model, name, model.get_submodule(name), config, shared, wrappers)
             w = module.weight
             idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
-            val = torch.from_numpy(np.asarray(t.values, dtype=np.float32)).to(device=w.device, dtype=delta_dtype)
+            # np.array copies: F32 values (on-grid adapters) come straight from a read-only map
+            val = torch.from_numpy(np.array(t.values, dtype=np.float32)).to(device=w.device, dtype=delta_dtype)
             module.add_adapter(adapter_name, idx, val=val, val_dtype=delta_dtype, activate=None)
             module.neuroada_val[adapter_name].requires_grad_(is_trainable)
         _freeze(model, keep_deltas=True)

@@ -141,6 +141,25 @@ def test_load_adapter_accepts_file_and_folder(tmp_path, form):
         {n + ".neuroada_val.t" for n in layers(model)}
 
 
+def test_f32_values_load_without_warnings_and_train(tmp_path):
+    """F32 values (what train_on_grid saves) are read from a read-only map: loading must copy them, with
+    no 'non-writable' warning, and a trainable load must take optimizer steps."""
+    import warnings
+
+    base = tiny_llama()
+    model = with_deltas(copy.deepcopy(base), k=2)
+    save_adapter(model, tmp_path / "a", value_dtype="F32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh = load_adapter(copy.deepcopy(base), tmp_path / "a", is_trainable=True)
+    for name, layer in layers(fresh).items():
+        assert torch.equal(layer.neuroada_val["default"], layers(model)[name].neuroada_val["default"])
+    opt = torch.optim.SGD([p for p in fresh.parameters() if p.requires_grad], lr=0.1)
+    fresh(ids(), labels=ids()).loss.backward()
+    opt.step()
+    assert naf.load(tmp_path / "a" / "neuroada_model.safetensors").targets  # the file is untouched and valid
+
+
 def test_legacy_peft_style_folder_still_loads(tmp_path):
     """Folders written before the neuroada_* names (adapter_config.json with peft_type NEUROADA)."""
     base = tiny_llama()
