@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,7 +201,10 @@ def train_fresh(kind: str, base_dir, tokenizer, encoded, plan, held_out, *, lr: 
         from peft import LoraConfig, get_peft_model
 
         name = "PEFT LoRA r=8"
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=PROJECTIONS))
+        with warnings.catch_warnings():  # peft 0.21 calls a transformers method deprecated in 5.x: not ours to fix
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                     target_modules=PROJECTIONS))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     else:
         k = int(kind.removeprefix("k="))
