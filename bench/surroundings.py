@@ -539,6 +539,25 @@ def case_special(c: Case, rng):
         c.temp_left(c.unchanged(before))
 
 
+def write_through_link(c: Case, rng, link: str, target: str):
+    """One writer run with BASE named through the symlink `link` (to `target`): a copy, an extract, a
+    combine, or an in-place merge reverted and checked. Returns (writer, OUT or None)."""
+    name = pick(rng, ["merge copy", "pack extract", "pack combine", "in-place"])
+    if name == "in-place":
+        before = c.snap()
+        rc = c.run("neuroada-merge", ["--base", c.p(link), "--adapter", c.p("a.safetensors"), "--in-place",
+                                      "--journal", c.p("j.safetensors")], allowed=(0, 2))
+        c.outcome = f"exit {rc}"
+        if rc == 0:
+            c.revert_all([c.p("j.safetensors")], before, target)
+        elif rc is not None:
+            c.unchanged(before)
+        return name, None
+    tool, argv, out, k = writers(c, base=c.p(link))[name]
+    refused_cleanly(c, tool, argv, c.snap(), allowed=(), out=out, kind=k, may_succeed=True)
+    return name, out
+
+
 def case_symlink(c: Case, rng):
     kind = pick(rng, ["base folder is a link", "base file is a link", "adapter is a link", "shard leaves the folder",
                       "link to a folder inside BASE", "dangling link inside BASE", "OUT is a link to a folder",
@@ -547,36 +566,12 @@ def case_symlink(c: Case, rng):
     c.label = kind
     if kind == "base folder is a link":
         os.symlink(c.p("base"), c.p("lbase"))
-        name = pick(rng, ["merge copy", "pack extract", "pack combine", "in-place"])
-        if name == "in-place":
-            before = c.snap()
-            rc = c.run("neuroada-merge", ["--base", c.p("lbase"), "--adapter", c.p("a.safetensors"), "--in-place",
-                                          "--journal", c.p("j.safetensors")], allowed=(0, 2))
-            c.outcome = f"exit {rc}"
-            if rc == 0:
-                c.revert_all([c.p("j.safetensors")], before, "base")
-            elif rc is not None:
-                c.unchanged(before)
-            return
-        tool, argv, out, k = writers(c, base=c.p("lbase"))[name]
-        refused_cleanly(c, tool, argv, c.snap(), allowed=(), out=out, kind=k, may_succeed=True)
+        name, out = write_through_link(c, rng, "lbase", "base")
         if c.outcome == "exit 0" and name == "merge copy" and not os.path.isdir(out):
             c.bug("OUT of a linked base folder is not a folder")
     elif kind == "base file is a link":
         os.symlink(c.p("base.safetensors"), c.p("lbase.safetensors"))
-        name = pick(rng, ["merge copy", "pack extract", "pack combine", "in-place"])
-        if name == "in-place":
-            before = c.snap()
-            rc = c.run("neuroada-merge", ["--base", c.p("lbase.safetensors"), "--adapter", c.p("a.safetensors"),
-                                          "--in-place", "--journal", c.p("j.safetensors")], allowed=(0, 2))
-            c.outcome = f"exit {rc}"
-            if rc == 0:
-                c.revert_all([c.p("j.safetensors")], before, "base.safetensors")
-            elif rc is not None:
-                c.unchanged(before)
-            return
-        tool, argv, out, k = writers(c, base=c.p("lbase.safetensors"))[name]
-        refused_cleanly(c, tool, argv, c.snap(), allowed=(), out=out, kind=k, may_succeed=True)
+        write_through_link(c, rng, "lbase.safetensors", "base.safetensors")
     elif kind in ("adapter is a link", "adapter folder is a link"):
         src = "a.safetensors" if kind == "adapter is a link" else "afolder"
         os.symlink(c.p(src), c.p("outside", "la"))

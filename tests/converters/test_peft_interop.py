@@ -24,6 +24,8 @@ peft = pytest.importorskip("peft")
 from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, merge_and_unload, save_adapter  # noqa: E402
 from neuroada_format.runtime.model import layers, to_numpy  # noqa: E402
 
+from tiny_hf import tiny_llama  # noqa: E402  (tests/tiny_hf.py)
+
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
@@ -34,14 +36,6 @@ def _offline(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def tiny_llama(seed=0, dtype=torch.float32, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=100)
-    cfg.update(kw)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).to(dtype).eval()
 
 
 def save_base(model, folder):

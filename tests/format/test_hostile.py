@@ -7,10 +7,8 @@ multiple of the file size (tracemalloc also sees numpy's buffers).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import struct
 import tracemalloc
 
@@ -21,23 +19,11 @@ import pytest
 import neuroada_format as naf
 from neuroada_format.dtypes import NUMPY_DTYPES
 
+from deadline import deadline  # tests/deadline.py
+
 CONTENT_RULES = ("3.5", "3.6", "3.7")
 ALLOC_SLACK = 2 << 20  # JSON parsing, jsonschema and exception objects, whatever the file size
 D_OUT, D_IN, K = 4, 40, 3
-
-
-@contextlib.contextmanager
-def deadline(seconds=5):
-    def fire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def good_target(**overrides):

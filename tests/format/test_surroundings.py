@@ -9,10 +9,8 @@ cases in real subprocesses with a timeout (a FIFO that is opened would block the
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import stat
 import subprocess
@@ -29,28 +27,16 @@ from neuroada_format.errors import exit_code, printable
 from neuroada_format.folder import adapter_paths, read_config
 from neuroada_format.jsonparse import MAX_DEPTH, read_json, strict_json
 
+from deadline import deadline  # tests/deadline.py
+
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX special files")
 
 UP = "model.layers.0.mlp.up_proj.weight"
 
 
-@contextlib.contextmanager
-def deadline(seconds=10):
-    def fire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s: something blocked")
-
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def refused(call, kind=NeuroAdaError, rule=None, contains=None):
     """call() raises exactly our error of `kind` (usage errors are NeuroAdaErrors too), without hanging."""
-    with deadline(), pytest.raises(NeuroAdaError) as info:
+    with deadline(10), pytest.raises(NeuroAdaError) as info:
         call()
     err = info.value
     assert isinstance(err, kind), (type(err), err)
@@ -248,7 +234,7 @@ def test_validate_and_load_and_rewrite_agree(craft, small_model, raw_file, tmp_p
     """A file is valid to `validate` exactly when `load` reads it and a re-save (what merge, pack and
     load_adapter do with the document) succeeds; refused files give rule 2.2 in both."""
     path = raw_file(_adapter_with_extra(craft, small_model, text))
-    with deadline():
+    with deadline(10):
         report = naf.validate(path)
     if text in ACCEPTED:
         assert report.ok, report.problems

@@ -26,16 +26,10 @@ from neuroada_format.runtime.model import layers, to_numpy
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_hf import tiny_llama  # noqa: E402  (tests/tiny_hf.py)
+
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "hf_trainer_worker.py"
-
-
-def tiny_llama(seed=0, dtype=torch.float32, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=100)
-    cfg.update(kw)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).to(dtype).eval()
 
 
 def ids(seed=3):
