@@ -22,11 +22,11 @@ the re-encoded ones, and only re-encoded blocks are warned about. Types gguf-py 
 re-encodes every touched tensor (e.g. F16, to keep the merge exact up to F16 rounding). Metadata and
 tokenizer bytes are copied verbatim.
 
-When no tensor changes type (the usual merge) the output has the input's layout exactly: the kernel
-copies the file (sendfile), then each touched tensor is read from the input a block of rows at a time,
-merged (quantized blocks: decoded, merged, only the touched ones re-encoded), and the merged values or
-blocks are stored into the copy through a map; the probe hashes are checked from that same read. That
-costs little more than copying the file (bench/merge.py). A merge that changes types lays the file out
+When no tensor changes type (the usual merge) the output has the input's layout exactly and every byte
+is written once: the kernel copies the untouched ranges (sendfile), while each touched tensor is read
+from the input a block of rows at a time, merged (quantized blocks: decoded, merged, only the touched
+ones re-encoded), patched in the buffer and written at its offset; the probe hashes are checked from
+that same read. That costs about what copying the file does (bench/merge.py). A merge that changes types lays the file out
 anew and works each tensor out whole first.
 """
 from __future__ import annotations
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError, plan_merge
-from neuroada_format.durable import reserve, write_file
+from neuroada_format.durable import write_file
 from neuroada_format.hashing import probe_hash_from_values
 from neuroada_format.merge import Delta
 from neuroada_format.safe_io import open_regular
@@ -908,90 +908,73 @@ def _reencode(t: QT, values: np.ndarray, blocks: np.ndarray, mp, block: int, enc
 def _write_same_layout(f: GGUFFile, plan: _Plan, tmp: str, encoder: str, touched_weight: float,
                        pbar) -> tuple[int, int]:
     """The output when no tensor changes type: the input's layout exactly (header, metadata, tensor table,
-    alignment, offsets). The kernel copies the whole file (sendfile, on a thread of its own) while this
-    thread reads each touched tensor from the input a block of rows at a time and merges it; once the copy
-    has passed a block, its merged values (float types) or re-encoded blocks (quantized) are stored into
-    the copy through a map of that tensor.
+    alignment, offsets). Every byte is written once: the kernel copies the ranges no adapter touches
+    (sendfile, on a thread of its own), while this thread reads each touched tensor a block of rows at a
+    time into one buffer, patches the merged values (float types) or re-encoded blocks (quantized) into
+    it, and writes the block at its offset.
 
-    Why not write the touched tensors out of a buffer instead, as safetensors_merge does: on the
-    development VM write() from user memory swung between 1x and 10x the kernel copy's time for the same
-    bytes, while storing the merged values into the copy's pages (already in the page cache) cost a
-    fraction of a copy (bench/merge.py). Returns (values merged, units rewritten: elements of float
-    tensors, blocks of quantized ones).
+    Why not copy the whole file and store the merged values into the copy through a map (what this did
+    before): the touched bytes were then written twice, and every stored page cost a write fault and an
+    unmap; on 2 loaded cores that work no longer hides behind the copy (bench/merge.py's GGUF rows).
+    Returns (values merged, units rewritten: elements of float tensors, blocks of quantized ones).
     """
     touched = sorted(plan.tensors.values(), key=lambda tp: tp.info.offset)
     per_rows = {tp.info.name: _rows_per_chunk(tp.info) for tp in touched}
     buffer = np.empty(max((per_rows[tp.info.name] * _row_bytes(tp.info) for tp in touched), default=0), np.uint8)
+    gaps, pos = [], 0
+    for tp in touched:
+        start = f.data_start + tp.info.offset
+        if start > pos:
+            gaps.append((pos, start))
+        pos = start + tp.info.nbytes
+    if pos < f.size:
+        gaps.append((pos, f.size))
     values = units = 0
     with open_regular(f.path, rule=RULE) as src:  # never blocks on a FIFO swapped in since the parse
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-        try:
-            os.ftruncate(fd, f.size)  # its size first, so the touched range can be mapped once, now
-            lo = f.data_start + touched[0].info.offset if touched else 0
-            hi = max((f.data_start + tp.info.offset + tp.info.nbytes for tp in touched), default=0)
-            reserve(tmp, lo, hi - lo)  # disk blocks first: a full disk is an error, never a SIGBUS
-            base = lo - lo % mmap.ALLOCATIONGRANULARITY
-            mapped = mmap.mmap(fd, hi - base, offset=base) if touched else None
-        except BaseException:
-            os.close(fd)
-            raise
-        copy = _Copy(src.fileno(), fd, f.size, pbar)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
+        copy = _Copy(src.fileno(), fd, gaps, pbar)
         try:
             for tp in touched:
-                start, end = f.data_start + tp.info.offset, f.data_start + tp.info.offset + tp.info.nbytes
-                region = np.frombuffer(mapped, np.uint8, count=end - start, offset=start - base)
-                v, u = _merge_tensor(src.fileno(), start, region, tp, per_rows[tp.info.name], buffer, plan.verify,
-                                     encoder, touched_weight, copy)
+                v, u = _merge_tensor(src.fileno(), fd, f.data_start + tp.info.offset, tp, per_rows[tp.info.name],
+                                     buffer, plan.verify, encoder, touched_weight, copy)
                 values, units = values + v, units + u
-                del region
-                # the tensor's pages leave this process's map (they stay in the page cache, dirty): the
-                # resident size stays at one tensor's, not the whole touched range's
-                if hasattr(mmap, "MADV_DONTNEED"):  # (not on Windows)
-                    first = (start - base) // mmap.PAGESIZE * mmap.PAGESIZE
-                    mapped.madvise(mmap.MADV_DONTNEED, first, end - base - first)
                 pause_for_tests()
-            copy.wait_for(f.size)
+            copy.wait()
         finally:
             copy.stop()
             os.close(fd)
-            mapped = None  # unmapped once no view is left; the kernel writes the pages back
     return values, units
 
 
 class _Copy:
-    """The kernel copy of the whole input (`_send`) on a thread, reporting how far it has got, so the
-    merge can compute while the kernel copies. A failed copy is raised by `wait_for`; `stop` ends it
-    (between chunks of the copy) and waits for the thread."""
+    """The kernel copy of the untouched ranges (`_send`) on a thread, so the merge computes while the
+    kernel copies. A failed copy is raised by `wait`; `stop` ends it (between chunks of the copy) and
+    waits for the thread."""
 
-    def __init__(self, src_fd: int, dst_fd: int, size: int, pbar):
-        self.done, self.error, self.pbar = 0, None, pbar
-        self.cond = threading.Condition()
+    def __init__(self, src_fd: int, dst_fd: int, ranges: list[tuple[int, int]], pbar):
+        self.error, self.pbar = None, pbar
+        self.lock = threading.Lock()
         self.halt = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(src_fd, dst_fd, size), name="gguf-merge-copy",
+        self.thread = threading.Thread(target=self._run, args=(src_fd, dst_fd, ranges), name="gguf-merge-copy",
                                        daemon=True)
         self.thread.start()
 
-    def _run(self, src_fd, dst_fd, size):
+    def _run(self, src_fd, dst_fd, ranges):
         try:
-            _send(src_fd, dst_fd, 0, size, self, self.halt)
+            for start, end in ranges:
+                _send(src_fd, dst_fd, start, end, self, self.halt)
         except BaseException as exc:  # handed to the merging thread
-            with self.cond:
-                self.error = exc
-                self.cond.notify_all()
+            self.error = exc
 
     def update(self, n: int) -> None:  # _send's progress callback
-        self.pbar.update(n)
-        with self.cond:
-            self.done += n
-            self.cond.notify_all()
+        with self.lock:
+            self.pbar.update(n)
 
-    def wait_for(self, end: int) -> None:
-        """Return once bytes [0, end) of the output are written."""
-        with self.cond:
-            while self.done < end and self.error is None:
-                self.cond.wait()
-            if self.error is not None:
-                raise self.error
+    def wait(self) -> None:
+        """Return once every range is copied; raise the copy's failure."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
     def stop(self) -> None:
         self.halt.set()
@@ -1010,16 +993,22 @@ def _rows_per_chunk(info: TensorInfo) -> int:
     return min(rows, max(1, BLOCK_VALUES // info.ne[0]))
 
 
-def _merge_tensor(src_fd: int, start: int, region: np.ndarray, tp: _TensorPlan, per: int, buffer: np.ndarray,
-                  verify: bool, encoder: str, touched_weight: float, copy: _Copy) -> tuple[int, int]:
+def _write_at(fd: int, data: np.ndarray, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _merge_tensor(src_fd: int, dst_fd: int, start: int, tp: _TensorPlan, per: int, buffer: np.ndarray,
+                  verify: bool, encoder: str, touched_weight: float, progress) -> tuple[int, int]:
     """Merge one touched tensor, `per` rows at a time: the rows are read from the input into `buffer`;
-    float rows get rule M, and the merged values are stored at their positions in `region` (the tensor
-    in the output, mapped; once the copy has written it); quantized rows are decoded and merged,
-    and only the blocks holding a touched value are re-encoded (`_reencode`) and stored, so every other
-    block keeps its bytes. The probe hashes are checked from the same read, at the end (a mismatch stops
-    the merge before the file is published)."""
+    float rows get rule M and the merged values are patched in; quantized rows are decoded and merged,
+    and only the blocks holding a touched value are re-encoded (`_reencode`) and patched in, so every
+    other block keeps its bytes; the buffer is then written at the rows' offset in the output. The probe
+    hashes are checked from the same read, at the end (a mismatch stops the merge before the file is
+    published)."""
     info = tp.info
-    copied = False
     rows, row_bytes = info.shape[0], _row_bytes(info)
     block, unit = GGML_QUANT_SIZES[info.type]
     floats = info.type in FLOAT_TYPES
@@ -1036,19 +1025,17 @@ def _merge_tensor(src_fd: int, start: int, region: np.ndarray, tp: _TensorPlan, 
         if originals is not None:
             for i, o in enumerate(originals):
                 o[r0:r1] = mp.originals_of(i).reshape(r1 - r0, -1)
-        if not floats:
+        if floats:
+            weight.reshape(-1)[mp.positions] = mp.merged  # weight is a view of chunk
+            units += int(mp.positions.size)
+        else:
             ids, new, on = _reencode(info.type, weight.reshape(-1, block), chunk.reshape(-1, unit), mp, block,
                                      encoder, touched_weight)
             tp.on_grid, tp.reencoded = tp.on_grid + on, tp.reencoded + int(ids.size) - on
-        if not copied:  # the first store: the copy must have written the tensor's bytes
-            copy.wait_for(start + info.nbytes)
-            copied = True
-        if floats:
-            region[a:b].view(weight.dtype)[mp.positions] = mp.merged
-            units += int(mp.positions.size)
-        else:
-            region[a:b].reshape(-1, unit)[ids] = new
+            chunk.reshape(-1, unit)[ids] = new
             units += int(ids.size)
+        _write_at(dst_fd, chunk, start + a)
+        progress.update(b - a)
         values += int(mp.positions.size)
     if originals is not None:
         _check_probes(tp, originals)

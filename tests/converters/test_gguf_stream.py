@@ -1,6 +1,7 @@
-"""The GGUF merge's copy-then-store write: when no tensor changes type, the output keeps the input's
-layout byte for byte outside the touched tensors, and each touched tensor (read a block of rows at a
-time, merged, stored into the kernel's copy) holds exactly what merging the whole tensor at once gives.
+"""The GGUF merge's streamed write: when no tensor changes type, the output keeps the input's layout
+byte for byte outside the touched tensors (copied by the kernel), and each touched tensor (read a block
+of rows at a time, merged, written at its offset) holds exactly what merging the whole tensor at once
+gives.
 
 The reference here is the whole-tensor merge written out from the public pieces (decode the tensor,
 rule M through `plan_merge`, re-encode the blocks that hold a touched value with `encode_blocks`), i.e.
@@ -143,23 +144,27 @@ def test_a_wrong_probe_found_while_streaming_leaves_nothing(tmp_path, small_chun
 
 
 def test_a_full_disk_while_merging_is_raised_and_leaves_nothing(tmp_path, small_chunks, monkeypatch):
-    """The output's touched range gets its disk blocks before anything is stored into it through a map; a
-    full disk there is an OSError (never a SIGBUS), and the temporary file is removed."""
+    """The disk fills up while a touched tensor is written (the third block of rows: the kernel copy has
+    started, one tensor is written already): the OSError reaches the caller, the copy thread is stopped
+    and the temporary file is removed."""
+    import threading
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q8_0)
     adapter = make_adapter(gm.open_gguf_base(path))
     calls = {"n": 0}
-    real = gm.reserve
+    real = os.pwrite
 
-    def full_disk(p, offset, length):
+    def full_disk(fd, data, offset):
         calls["n"] += 1
-        if calls["n"] == 1:
-            raise OSError(errno.ENOSPC, "No space left on device", os.fspath(p))
-        return real(p, offset, length)
-    monkeypatch.setattr(gm, "reserve", full_disk)
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+    monkeypatch.setattr(gm.os, "pwrite", full_disk)
+    before = {t.ident for t in threading.enumerate()}
     out = tmp_path / "m.gguf"
     with pytest.raises(OSError) as exc:
         gm.merge_gguf(path, [adapter], out)
-    assert exc.value.errno == errno.ENOSPC and calls["n"] == 1
+    assert exc.value.errno == errno.ENOSPC and calls["n"] == 3
+    assert not [t for t in threading.enumerate() if t.name == "gguf-merge-copy" and t.ident not in before]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.gguf"]
 
 
