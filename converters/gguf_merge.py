@@ -23,17 +23,18 @@ re-encodes every touched tensor (e.g. F16, to keep the merge exact up to F16 rou
 tokenizer bytes are copied verbatim.
 
 When no tensor changes type (the usual merge) the output has the input's layout exactly and every byte
-is written once: the kernel copies the untouched ranges (sendfile), while each touched tensor is read
-from the input a block of rows at a time, merged (quantized blocks: decoded, merged, only the touched
-ones re-encoded), patched in the buffer and written at its offset; the probe hashes are checked from
-that same read. That costs about what copying the file does (bench/merge.py). A merge that changes types lays the file out
-anew and works each tensor out whole first.
+is written once, in file order: the kernel copies the untouched ranges (sendfile), each touched tensor
+is read from the input a block of rows at a time, merged (quantized blocks: decoded, merged, only the
+touched ones re-encoded), patched in the buffer and written at its offset; the probe hashes are checked
+from that same read. That costs about what copying the file does (bench/merge.py). A merge that changes
+types lays the file out anew and works each tensor out whole first.
 """
 from __future__ import annotations
 
 import math
 import mmap
 import os
+import queue
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -906,78 +907,103 @@ def _reencode(t: QT, values: np.ndarray, blocks: np.ndarray, mp, block: int, enc
 
 
 def _write_same_layout(f: GGUFFile, plan: _Plan, tmp: str, encoder: str, touched_weight: float,
-                       pbar) -> tuple[int, int]:
+                       progress) -> tuple[int, int]:
     """The output when no tensor changes type: the input's layout exactly (header, metadata, tensor table,
-    alignment, offsets). Every byte is written once: the kernel copies the ranges no adapter touches
-    (sendfile, on a thread of its own), while this thread reads each touched tensor a block of rows at a
-    time into one buffer, patches the merged values (float types) or re-encoded blocks (quantized) into
-    it, and writes the block at its offset.
+    alignment, offsets), written once, front to back by one `_Writer`: the kernel copies each untouched
+    range (sendfile), and each touched tensor is read a block of rows at a time into a buffer, its merged
+    values (float types) or re-encoded blocks (quantized) are patched in, and the writer writes the block
+    at its offset while this thread merges the next one.
 
-    Why not copy the whole file and store the merged values into the copy through a map (what this did
-    before): the touched bytes were then written twice, and every stored page cost a write fault and an
-    unmap; on 2 loaded cores that work no longer hides behind the copy (bench/merge.py's GGUF rows).
+    Why one writer in file order: on the development VM's ext4, a thread copying the untouched ranges
+    while another wrote the merged ones made the same merge 2x slower (median), and copying the whole
+    file first then storing the merged values into it through a map wrote the touched bytes twice.
     Returns (values merged, units rewritten: elements of float tensors, blocks of quantized ones).
     """
     touched = sorted(plan.tensors.values(), key=lambda tp: tp.info.offset)
     per_rows = {tp.info.name: _rows_per_chunk(tp.info) for tp in touched}
-    buffer = np.empty(max((per_rows[tp.info.name] * _row_bytes(tp.info) for tp in touched), default=0), np.uint8)
-    gaps, pos = [], 0
-    for tp in touched:
-        start = f.data_start + tp.info.offset
-        if start > pos:
-            gaps.append((pos, start))
-        pos = start + tp.info.nbytes
-    if pos < f.size:
-        gaps.append((pos, f.size))
-    values = units = 0
+    size = max((per_rows[tp.info.name] * _row_bytes(tp.info) for tp in touched), default=0)
+    values = units = pos = 0
     with open_regular(f.path, rule=RULE) as src:  # never blocks on a FIFO swapped in since the parse
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-        copy = _Copy(src.fileno(), fd, gaps, pbar)
+        writer = _Writer(src.fileno(), fd, size, progress)
         try:
             for tp in touched:
-                v, u = _merge_tensor(src.fileno(), fd, f.data_start + tp.info.offset, tp, per_rows[tp.info.name],
-                                     buffer, plan.verify, encoder, touched_weight, copy)
-                values, units = values + v, units + u
+                start = f.data_start + tp.info.offset
+                if start > pos:
+                    writer.copy(pos, start)
+                v, u = _merge_tensor(src.fileno(), start, tp, per_rows[tp.info.name], writer, plan.verify,
+                                     encoder, touched_weight)
+                values, units, pos = values + v, units + u, start + tp.info.nbytes
                 pause_for_tests()
-            copy.wait()
+            if pos < f.size:
+                writer.copy(pos, f.size)
+            writer.finish()
         finally:
-            copy.stop()
+            writer.stop()
             os.close(fd)
     return values, units
 
 
-class _Copy:
-    """The kernel copy of the untouched ranges (`_send`) on a thread, so the merge computes while the
-    kernel copies. A failed copy is raised by `wait`; `stop` ends it (between chunks of the copy) and
-    waits for the thread."""
+class _Writer:
+    """The output's one writer, on a thread of its own, in file order: untouched ranges by the kernel
+    (`_send`), merged blocks of rows from buffers handed over by `write`. Two buffers rotate, so the
+    merge of one block overlaps the write of the one before. A failed write is raised by the next
+    `buffer` or by `finish`; `stop` drops what is queued and waits for the thread."""
 
-    def __init__(self, src_fd: int, dst_fd: int, ranges: list[tuple[int, int]], pbar):
-        self.error, self.pbar = None, pbar
-        self.lock = threading.Lock()
+    def __init__(self, src_fd: int, dst_fd: int, buffer_bytes: int, progress, buffers: int = 2):
+        self.src_fd, self.dst_fd, self.progress = src_fd, dst_fd, progress
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(buffers if buffer_bytes else 0):
+            self.free.put(np.empty(buffer_bytes, np.uint8))
+        self.error: BaseException | None = None
         self.halt = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(src_fd, dst_fd, ranges), name="gguf-merge-copy",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self._run, name="gguf-merge-writer", daemon=True)
         self.thread.start()
 
-    def _run(self, src_fd, dst_fd, ranges):
+    def _run(self) -> None:
         try:
-            for start, end in ranges:
-                _send(src_fd, dst_fd, start, end, self, self.halt)
+            while (job := self.jobs.get()) is not None and not self.halt.is_set():
+                if job[0] == "copy":
+                    _send(self.src_fd, self.dst_fd, job[1], job[2], self.progress, self.halt)
+                else:
+                    _, buf, n, offset = job
+                    _write_at(self.dst_fd, buf[:n], offset)
+                    self.progress.update(n)
+                    self.free.put(buf)
         except BaseException as exc:  # handed to the merging thread
             self.error = exc
+            self.free.put(None)  # wakes a `buffer` call waiting for a free one
 
-    def update(self, n: int) -> None:  # _send's progress callback
-        with self.lock:
-            self.pbar.update(n)
-
-    def wait(self) -> None:
-        """Return once every range is copied; raise the copy's failure."""
-        self.thread.join()
+    def _raise(self) -> None:
         if self.error is not None:
             raise self.error
 
+    def buffer(self) -> np.ndarray:
+        """A free buffer (waits while both are being written)."""
+        self._raise()
+        buf = self.free.get()
+        if buf is None:
+            self._raise()
+        return buf
+
+    def copy(self, start: int, end: int) -> None:
+        self._raise()
+        self.jobs.put(("copy", start, end))
+
+    def write(self, buf: np.ndarray, n: int, offset: int) -> None:
+        """Write buf[:n] at offset; buf is not touched again until `buffer` returns it."""
+        self.jobs.put(("write", buf, n, offset))
+
+    def finish(self) -> None:
+        """Wait for everything queued; raise a failed write."""
+        self.jobs.put(None)
+        self.thread.join()
+        self._raise()
+
     def stop(self) -> None:
         self.halt.set()
+        self.jobs.put(None)
         self.thread.join()
 
 
@@ -993,21 +1019,26 @@ def _rows_per_chunk(info: TensorInfo) -> int:
     return min(rows, max(1, BLOCK_VALUES // info.ne[0]))
 
 
+WRITE_BYTES = 64 << 10  # one pwrite; see _write_at
+
+
 def _write_at(fd: int, data: np.ndarray, offset: int) -> None:
+    """pwrite in 64 KiB pieces: on the development VM (ext4, Linux 6.18) one 4 MiB pwrite per block of
+    rows made writing a file 3-7x slower than sendfile of the same bytes, 64-128 KiB pieces as fast."""
     view = memoryview(data).cast("B")
     while view:
-        n = os.pwrite(fd, view, offset)
+        n = os.pwrite(fd, view[:WRITE_BYTES], offset)
         view, offset = view[n:], offset + n
 
 
-def _merge_tensor(src_fd: int, dst_fd: int, start: int, tp: _TensorPlan, per: int, buffer: np.ndarray,
-                  verify: bool, encoder: str, touched_weight: float, progress) -> tuple[int, int]:
-    """Merge one touched tensor, `per` rows at a time: the rows are read from the input into `buffer`;
-    float rows get rule M and the merged values are patched in; quantized rows are decoded and merged,
-    and only the blocks holding a touched value are re-encoded (`_reencode`) and patched in, so every
-    other block keeps its bytes; the buffer is then written at the rows' offset in the output. The probe
-    hashes are checked from the same read, at the end (a mismatch stops the merge before the file is
-    published)."""
+def _merge_tensor(src_fd: int, start: int, tp: _TensorPlan, per: int, writer: _Writer, verify: bool, encoder: str,
+                  touched_weight: float) -> tuple[int, int]:
+    """Merge one touched tensor, `per` rows at a time: the rows are read from the input into a buffer of
+    the writer's; float rows get rule M and the merged values are patched in; quantized rows are decoded
+    and merged, and only the blocks holding a touched value are re-encoded (`_reencode`) and patched in,
+    so every other block keeps its bytes; the writer then writes the buffer at the rows' offset. The
+    probe hashes are checked from the same read, at the end (a mismatch stops the merge before the file
+    is published)."""
     info = tp.info
     rows, row_bytes = info.shape[0], _row_bytes(info)
     block, unit = GGML_QUANT_SIZES[info.type]
@@ -1017,7 +1048,8 @@ def _merge_tensor(src_fd: int, dst_fd: int, start: int, tp: _TensorPlan, per: in
     for r0 in range(0, rows, per):
         r1 = min(rows, r0 + per)
         a, b = r0 * row_bytes, r1 * row_bytes
-        chunk = buffer[:b - a]
+        buf = writer.buffer()
+        chunk = buf[:b - a]
         _read_exactly(src_fd, memoryview(chunk), start + a)
         weight = chunk.view(_numpy_dtype(info.type)) if floats else _decode(chunk, info.type)
         weight = weight.reshape(r1 - r0, info.ne[0])
@@ -1034,8 +1066,8 @@ def _merge_tensor(src_fd: int, dst_fd: int, start: int, tp: _TensorPlan, per: in
             tp.on_grid, tp.reencoded = tp.on_grid + on, tp.reencoded + int(ids.size) - on
             chunk.reshape(-1, unit)[ids] = new
             units += int(ids.size)
-        _write_at(dst_fd, chunk, start + a)
-        progress.update(b - a)
+        del chunk, weight
+        writer.write(buf, b - a, start + a)
         values += int(mp.positions.size)
     if originals is not None:
         _check_probes(tp, originals)
