@@ -18,7 +18,7 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from .functional import Overlay, additive_sparse_delta, inplace_sparse_delta_linear, merge_, unmerge_
 from .kernels.pattern import Pattern
 
-__all__ = ["NeuroAdaLayer", "MODES"]
+__all__ = ["NeuroAdaLayer", "MODES", "check_adapter_name"]
 
 MODES = ("inplace", "additive")
 
@@ -49,6 +49,23 @@ class _BufferDict(nn.Module):
 
     def keys(self):
         return self._buffers.keys()
+
+
+_CONTAINERS: tuple = ()
+
+
+def check_adapter_name(name) -> None:
+    """Adapter names become attribute names of torch containers (``neuroada_val.<name>``), so refuse the ones
+    torch would refuse (a dot, or an attribute the container already has: ``copy``, ``keys``, ``train``...)
+    with our error, before anything is added, rather than torch's KeyError halfway through."""
+    global _CONTAINERS
+    if not isinstance(name, str) or not name or any(c in name for c in "./\\"):
+        raise NeuroAdaUsageError(f"adapter name {name!r} must be a non-empty string without '.', '/' or '\\'")
+    if not _CONTAINERS:
+        _CONTAINERS = (nn.ParameterDict(), _BufferDict())
+    if any(hasattr(c, name) for c in _CONTAINERS):
+        raise NeuroAdaUsageError(f"adapter name {name!r} is taken by torch (an attribute of the containers that hold "
+                                 "adapters, like ParameterDict.copy or Module.train); pick another")
 
 
 class NeuroAdaLayer(nn.Module):
@@ -126,8 +143,7 @@ class NeuroAdaLayer(nn.Module):
         """Register ``idx`` (canonical ``[d_out, k]``, rows strictly increasing) with zero deltas
         (or ``val``). ``w0`` is read from the current weight, so the layer must not be merged.
         Activates the adapter when none is active (or when ``activate`` says so)."""
-        if "." in name or not name:
-            raise NeuroAdaUsageError(f"adapter name {name!r} must be a non-empty string without '.'")
+        check_adapter_name(name)
         if name in self.neuroada_val:
             raise NeuroAdaUsageError(f"adapter {name!r} exists")
         if self.merged:

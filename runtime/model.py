@@ -24,7 +24,7 @@ from neuroada_format.durable import write_file
 from neuroada_format.folder import WEIGHTS_NAME, adapter_paths
 
 from .config import MODES, SELECTIONS, NeuroAdaConfig
-from .layer import NeuroAdaLayer
+from .layer import NeuroAdaLayer, check_adapter_name
 from .selection import select, topk_columns
 
 CONFIGS_ATTR = "neuroada_configs"
@@ -79,11 +79,6 @@ def _refuse_sharded(model: nn.Module, what: str) -> None:
                             "the model is sharded so that FSDP manages them")
     if any(_is_sharded(p) for p in model.parameters()):
         raise NeuroAdaError(f"{what} needs whole weights, but some are sharded DTensors")
-
-
-def _check_adapter_name(name) -> None:
-    if not isinstance(name, str) or not name or "." in name or "/" in name or "\\" in name:
-        raise NeuroAdaUsageError(f"adapter name {name!r} must be a non-empty string without '.', '/' or '\\'")
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -315,7 +310,7 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
     Every input check happens before the model is touched: on a NeuroAdaError it is left as it was.
     """
     config = config or NeuroAdaConfig()
-    _check_adapter_name(adapter_name)
+    check_adapter_name(adapter_name)
     configs = getattr(model, CONFIGS_ATTR, None) or {}
     if adapter_name in configs:
         raise NeuroAdaUsageError(f"adapter {adapter_name!r} is already attached")
@@ -718,7 +713,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
     dtypes, probe hash) before anything changes; on any problem the model is left exactly as it was.
     Like PEFT, the base parameters are frozen afterwards, so with is_trainable=True only deltas train.
     """
-    _check_adapter_name(adapter_name)
+    check_adapter_name(adapter_name)
     if mode not in MODES:
         raise NeuroAdaUsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     file, cfg = _resolve(path)

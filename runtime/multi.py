@@ -33,7 +33,7 @@ from neuroada_format.dtypes import NUMPY_DTYPES, common_value_dtype, nonfinite_m
 from . import kernels
 from .config import NeuroAdaConfig
 from .kernels.bgmv import AdapterStack, bgmv_add_, seq_groups
-from .layer import NeuroAdaLayer
+from .layer import NeuroAdaLayer, check_adapter_name
 from .model import CONFIGS_ATTR, layers
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
@@ -141,14 +141,22 @@ def _same_positions(layer: NeuroAdaLayer, a: str, b: str) -> bool:
 def _merged_values(layer: NeuroAdaLayer, name: str) -> torch.Tensor:
     """The adapter's merged entries (the Overlay's rule), in the order of its flat positions; cached, so
     a switch is one write per weight (each extra mid-sized op cost a thread wake-up on a busy machine)."""
-    val, w0 = layer.neuroada_val[name], layer.neuroada_w0[name]
+    val, w0, grid = layer.neuroada_val[name], layer.neuroada_w0[name], _grid(layer, name)
     cache = layer.__dict__.setdefault(_MERGED_ATTR, {})
     hit = cache.get(name)
-    if hit is not None and hit[0] is val and hit[1] is w0 and hit[2] == (val._version, w0._version):
+    if (hit is not None and hit[0] is val and hit[1] is w0 and hit[2] == (val._version, w0._version)
+            and hit[4] is grid):
         return hit[3]
-    values = layer.overlay([name]).values([val.detach()], layer.weight.dtype)
-    cache[name] = (val, w0, (val._version, w0._version), values)
+    values = layer.overlay([name]).values([layer.delta(name).detach()], layer.weight.dtype)
+    cache[name] = (val, w0, (val._version, w0._version), values, grid)
     return values
+
+
+def _grid(layer: NeuroAdaLayer, name: str):
+    """The quantization grid train_on_grid registered for the adapter (None: plain deltas). Part of the
+    cache keys here: what a layer serves is ``layer.delta``, the deltas snapped to that grid."""
+    grids = layer._modules.get("neuroada_grid")
+    return grids[name] if grids is not None and name in grids else None
 
 
 def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
@@ -201,13 +209,13 @@ def _stack(layer: NeuroAdaLayer, order: Sequence[str]):
     """The layer's adapters stacked in model order, cached until an idx/val tensor changes."""
     names = [n for n in order if n in layer.neuroada_val]
     key = [(n, layer.neuroada_idx[n], layer.neuroada_idx[n]._version, layer.neuroada_val[n],
-            layer.neuroada_val[n]._version) for n in names]
+            layer.neuroada_val[n]._version, _grid(layer, n)) for n in names]
     hit = layer.__dict__.get(_STACK_ATTR)
     if hit is not None and len(hit[0]) == len(key) and all(
-            a[0] == b[0] and a[1] is b[1] and a[2] == b[2] and a[3] is b[3] and a[4] == b[4]
+            a[0] == b[0] and a[1] is b[1] and a[2] == b[2] and a[3] is b[3] and a[4] == b[4] and a[5] is b[5]
             for a, b in zip(hit[0], key)):
         return hit[1], hit[2]
-    stack = AdapterStack([k[1] for k in key], [k[3] for k in key], layer.d_in) if names else None
+    stack = AdapterStack([k[1] for k in key], [layer.delta(n) for n in names], layer.d_in) if names else None
     slots = {n: i for i, n in enumerate(names)}
     layer.__dict__[_STACK_ATTR] = (key, stack, slots)
     return stack, slots
@@ -306,9 +314,9 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     adapters, weights = list(adapters), [float(w) for w in weights]
     if not adapters or len(adapters) != len(weights):
         raise NeuroAdaError(f"need one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_ADAPTER:
-        raise NeuroAdaError(f"adapter name {adapter_name!r} must be a non-empty string without '.', not "
-                            f"{BASE_ADAPTER!r}")
+    check_adapter_name(adapter_name)
+    if adapter_name == BASE_ADAPTER:
+        raise NeuroAdaUsageError(f"adapter name {adapter_name!r} is reserved for the plain base")
     known = _check_known(model, adapters, allow_base=False)
     if adapter_name in known:
         raise NeuroAdaError(f"adapter {adapter_name!r} exists; delete it or pick another name")
@@ -322,7 +330,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     all_layers = layers(model)
     for name, layer in all_layers.items():
         parts = [(SimpleNamespace(indices=layer.neuroada_idx[a].cpu().numpy(),
-                                  values=layer.neuroada_val[a].detach().float().cpu().numpy()), w)
+                                  values=layer.delta(a).detach().float().cpu().numpy()), w)
                  for a, w in zip(adapters, weights) if a in layer.neuroada_val]
         if not parts:
             continue

@@ -23,8 +23,8 @@ unsnapped ones, which is what resuming needs (call `train_on_grid` again on the 
 adapter's `save_dtype` becomes F32 while the grid is on: a snapped delta `d * (q - q0)` needs up to 15
 significant bits. The grids come from converters/gguf_merge.py (`block_grid`, the Hugging Face -> GGUF
 name map and llama.cpp's q/k row order); that module and the gguf package are imported only when a grid
-is registered. Not covered: `set_adapter`, mixed-batch serving and `add_weighted_adapter` (runtime/multi.py)
-read the unsnapped deltas; call `remove_grid(model, snap=True)` first to make the snapped ones the adapter's own.
+is registered. Serving several adapters (runtime/multi.py: `set_adapter`, mixed batches,
+`add_weighted_adapter`) reads the snapped deltas too, through the same `NeuroAdaLayer.delta`.
 """
 from __future__ import annotations
 

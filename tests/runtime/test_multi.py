@@ -336,7 +336,8 @@ def test_add_weighted_adapter_refusals(zoo):
         (["math"], [1, 2], "x", "one weight per adapter"),
         (["math", "cs"], [1, float("nan")], "x", "not finite"),
         (["math"], [1], "cs", "exists"),
-        (["math"], [1], "__base__", "must be a non-empty string"),
+        (["math"], [1], "__base__", "reserved for the plain base"),
+        (["math"], [1], "copy", "taken by torch"),  # ParameterDict.copy (was a KeyError from torch)
         (["math", "cs"], [1e39, 1.0], "x", "overflows"),  # finite in f64, not in f32
     ):
         with pytest.raises(NeuroAdaError, match=match):

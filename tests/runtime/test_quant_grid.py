@@ -34,11 +34,14 @@ from neuroada_format.converters import gguf_merge as gm  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import (  # noqa: E402
     NeuroAdaConfig,
+    adapter_batch,
+    add_weighted_adapter,
     attach,
     grid_types,
     merge,
     remove_grid,
     save_adapter,
+    set_adapter,
     train_on_grid,
     unmerge,
 )
@@ -326,6 +329,42 @@ def test_remove_grid_restores_plain_behaviour(bases, tmp_path):
                       "--out", os.fspath(out)]) == 0
     train_on_grid(baked, base)  # on-grid deltas: the grid changes nothing, the merge is exact
     check_merged_file(base, out, baked)
+
+
+def test_serving_paths_serve_the_snapped_deltas(bases):
+    """set_adapter, a mixed batch and add_weighted_adapter serve what merge and the forward serve while a
+    grid is on: the deltas snapped to it, not the latent ones."""
+    model, _ = attached(bases["Q4_1"])
+    train(model, steps=4)
+    latent = {n: l.neuroada_val["default"].detach().clone() for n, l in layers(model).items()}
+    snapped = deltas(model)
+    assert any(not torch.equal(latent[n], snapped[n]) for n in latent)   # else this test shows nothing
+    ids = batch()["input_ids"]
+    with torch.no_grad():
+        merge(model)
+        want = model(input_ids=ids).logits
+        unmerge(model)
+        plain = copy.deepcopy(model)
+        remove_grid(plain)
+        latent_logits = plain(input_ids=ids).logits
+        assert not torch.allclose(want, latent_logits, atol=1e-4)
+
+        set_adapter(model, "default")
+        assert torch.equal(model(input_ids=ids).logits, want)            # merged with the merge's bits
+        set_adapter(model, None)
+        with adapter_batch(model, ["default", None]):
+            mixed = model(input_ids=ids).logits
+        torch.testing.assert_close(mixed[0], want[0], atol=1e-5, rtol=1e-5)  # base(x) + S(x): not bit-equal
+        set_adapter(model, None)
+        with adapter_batch(model, ["default", "default"]):
+            assert torch.allclose(model(input_ids=ids).logits, want, atol=1e-5)
+
+    add_weighted_adapter(model, ["default"], [1.0], "combined")
+    for n, l in layers(model).items():
+        order = torch.argsort(l.neuroada_idx["combined"], dim=1)
+        got = torch.gather(l.neuroada_val["combined"].detach(), 1, order)
+        assert torch.equal(torch.gather(l.neuroada_idx["combined"], 1, order), l.neuroada_idx["default"]), n
+        assert torch.equal(got, snapped[n]), n
 
 
 def test_copies_and_pickles_keep_the_grid(bases):

@@ -185,6 +185,11 @@ def test_load_refuses_bad_names_and_files(tmp_path):
         load_adapter(model, path)
     with pytest.raises(NeuroAdaError, match="adapter name"):
         load_adapter(tiny_llama(), path, "x.y")
+    for taken in ("copy", "keys", "train", "forward"):  # attributes of the adapter containers
+        fresh = tiny_llama()
+        with pytest.raises(NeuroAdaError, match="taken by torch"):
+            load_adapter(fresh, path, taken)
+        assert not layers(fresh)
     with pytest.raises(NeuroAdaError, match="mode"):
         load_adapter(tiny_llama(), path, mode="sideways")
     (tmp_path / "empty").mkdir()
