@@ -72,7 +72,30 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if _is_sharded(t) else t
 
 
+FSDP1_REFUSED = ("FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel) flattens the deltas into one parameter with "
+                 "the frozen base weights, so the base would get gradients and the deltas could not be read back; "
+                 "shard with FSDP2 instead (torch.distributed.fsdp.fully_shard after attach; accelerate and "
+                 "Trainer: fsdp_version 2)")
+
+
+def _fsdp1_managed(t: torch.Tensor) -> bool:
+    """A parameter FSDP1 flattened, or (inside its forward) a view into one of its flat parameters."""
+    return bool(getattr(t, "_fsdp_flattened", False) or getattr(getattr(t, "_base", None), "_is_flat_param", False))
+
+
+def _refuse_fsdp1(model: nn.Module, what: str) -> None:
+    """The model is, holds or sits inside an FSDP1 wrapper (its parameters are flattened)."""
+    mod = sys.modules.get("torch.distributed.fsdp")
+    if mod is None:
+        return  # FSDP1 was never imported: nothing can be flattened by it
+    for m in model.modules():
+        if (isinstance(m, mod.FullyShardedDataParallel) or _fsdp1_managed(getattr(m, "weight", None))
+                or any(_fsdp1_managed(p) for p in m.parameters(recurse=False))):
+            raise NeuroAdaUsageError(f"{what}: {FSDP1_REFUSED}")
+
+
 def _refuse_sharded(model: nn.Module, what: str) -> None:
+    _refuse_fsdp1(model, what)
     fsdp = _fsdp_module_type()
     if fsdp is not None and any(isinstance(m, fsdp) for m in model.modules()):
         raise NeuroAdaUsageError(f"{what} must happen before fully_shard (FSDP2): the deltas have to exist when "
@@ -241,12 +264,14 @@ def _resolve_sharded_modes(model: nn.Module, args) -> None:
     """
     fsdp = _fsdp_module_type()
     if fsdp is None or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return  # FSDP2 needs a process group: single-process runs never pay for the walk below
+        return  # FSDP needs a process group: single-process runs never pay for the walk below
     stack = [(model, False)]
     while stack:
         module, managed = stack.pop()
         managed = managed or isinstance(module, fsdp)
         if isinstance(module, NeuroAdaLayer):
+            if _fsdp1_managed(module.base_layer.weight):
+                raise NeuroAdaUsageError(f"forward: {FSDP1_REFUSED}")
             if managed and getattr(module, AUTO_ATTR, False) and module.mode != "additive":
                 module.set_mode("additive")
             continue
@@ -496,6 +521,7 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
     config = configs.get(adapter_name)
     if config is None:
         raise NeuroAdaUsageError(f"no adapter named {adapter_name!r} (have: {', '.join(configs) or 'none'})")
+    _refuse_fsdp1(model, "saving the adapter")
     vdt = value_dtype or config.save_dtype
     targets = {}
     for name, layer in layers(model).items():

@@ -1,7 +1,7 @@
 """One rank of test_distributed.py: train a tiny Llama's deltas on half the global batch under DDP or
 FSDP2 (CPU, gloo), then save the gathered adapter (rank 0 writes) and a JSON report of what ran.
 
-Run as `python dist_worker.py {ddp,fsdp} OUT_DIR` with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set.
+Run as `python dist_worker.py {ddp,fsdp,fsdp1} OUT_DIR` with RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set.
 The test imports build_model / global_batch / train from here for its single-process reference.
 """
 
@@ -61,6 +61,9 @@ def main(kind: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    if kind == "fsdp1":
+        fsdp1(out, rank)
+        return
     model = attach(build_model(), config())  # before any wrapping or sharding
     report = {"modes_at_attach": sorted({l.mode for l in layers(model).values()})}
     if kind == "ddp":
@@ -90,6 +93,36 @@ def main(kind: str, out: str) -> None:
                 report[what + "_refused"] = str(exc)
     # every rank takes part (FSDP2 gathers the sharded deltas); rank 0 writes
     save_adapter(model, os.path.join(out, "adapter.safetensors"), value_dtype="F32", is_main_process=rank == 0)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def fsdp1(out: str, rank: int) -> None:
+    """FSDP1 flattens deltas and base weights together: every NeuroAda entry point refuses it with one
+    error that names FSDP2, and nothing is written."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from neuroada_format import NeuroAdaUsageError
+    from neuroada_format.runtime import attach, save_adapter
+
+    report = {}
+    model = attach(build_model(), config())
+    wrapped = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
+    late = build_model()
+    FullyShardedDataParallel(late, use_orig_params=True, device_id=torch.device("cpu"))
+    calls = (("forward", lambda: wrapped(input_ids=global_batch())),
+             ("save", lambda: save_adapter(model, os.path.join(out, "adapter.safetensors"))),
+             ("attach_after", lambda: attach(late, config())))
+    for what, call in calls:
+        try:
+            call()
+            report[what] = None
+        except NeuroAdaUsageError as exc:
+            report[what] = str(exc)
+    report["written"] = sorted(os.listdir(out))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(report, f)
     dist.barrier()

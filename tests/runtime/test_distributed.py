@@ -112,3 +112,14 @@ def test_fsdp2_matches_single_process_and_goes_additive(tmp_path, reference):
         assert "sharded" in rep["merge_refused"]
         assert "before fully_shard" in rep["attach_refused"]
     assert (reports[0]["losses"][0] + reports[1]["losses"][0]) / 2 == pytest.approx(reference[1][0], rel=1e-5)
+
+
+def test_fsdp1_is_refused_with_one_error_that_names_fsdp2(tmp_path):
+    """FSDP1 would flatten the deltas with the frozen base (the base then gets gradients, the deltas cannot be
+    read back): the first forward, saving and attaching to an FSDP1-wrapped model each raise our usage
+    error naming FSDP2, instead of torch's or a broken adapter file."""
+    reports = launch("fsdp1", tmp_path)
+    for rep in reports:
+        for what in ("forward", "save", "attach_after"):
+            assert rep[what] is not None and "FSDP2" in rep[what] and "fully_shard" in rep[what], (what, rep[what])
+        assert "adapter.safetensors" not in rep["written"]
