@@ -37,7 +37,6 @@ import stat
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -226,6 +225,8 @@ def run_side_by_side(fn, items, workers: int, stop: threading.Event) -> list:
     `stop`, waits for the others to return, and is raised."""
     if workers <= 1:
         return [fn(item) for item in items]
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait  # here: one worker never needs it
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(fn, item) for item in items]
         try:

@@ -27,10 +27,10 @@ import ctypes
 import errno
 import hashlib
 import os
+import platform
 import re
 import secrets
 import shutil
-import socket
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -48,7 +48,7 @@ TMP_MARK = ".tmp-"
 
 # -- temporary siblings ------------------------------------------------------------------------------
 def _host_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:32] or "host"
+    return re.sub(r"[^A-Za-z0-9_]", "_", platform.node())[:32] or "host"
 
 
 _NAME_MAX = 255   # bytes in one path component on every common file system
