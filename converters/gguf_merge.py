@@ -50,7 +50,7 @@ from neuroada_format.validate import PROBE_MISMATCH, validate
 
 from .backend import Backend, Mismatch, Resolved, Written, pause_for_tests
 from .progress import bar
-from .safetensors_merge import _read_exactly, _send  # the one kernel copy and buffered read
+from .safetensors_merge import _read_exactly, _send, _write_exactly  # the one kernel copy and buffered I/O
 
 try:
     import gguf
@@ -968,7 +968,7 @@ class _Writer:
                     _send(self.src_fd, self.dst_fd, job[1], job[2], self.progress, self.halt)
                 else:
                     _, buf, n, offset = job
-                    _write_at(self.dst_fd, buf[:n], offset)
+                    _write_exactly(self.dst_fd, memoryview(buf[:n]), offset)
                     self.progress.update(n)
                     self.free.put(buf)
         except BaseException as exc:  # handed to the merging thread
@@ -1017,18 +1017,6 @@ def _rows_per_chunk(info: TensorInfo) -> int:
     if info.type in FLOAT_TYPES:
         return min(rows, max(1, BLOCK_BYTES // _row_bytes(info)))
     return min(rows, max(1, BLOCK_VALUES // info.ne[0]))
-
-
-WRITE_BYTES = 64 << 10  # one pwrite; see _write_at
-
-
-def _write_at(fd: int, data: np.ndarray, offset: int) -> None:
-    """pwrite in 64 KiB pieces: on the development VM (ext4, Linux 6.18) one 4 MiB pwrite per block of
-    rows made writing a file 3-7x slower than sendfile of the same bytes, 64-128 KiB pieces as fast."""
-    view = memoryview(data).cast("B")
-    while view:
-        n = os.pwrite(fd, view[:WRITE_BYTES], offset)
-        view, offset = view[n:], offset + n
 
 
 def _merge_tensor(src_fd: int, start: int, tp: _TensorPlan, per: int, writer: _Writer, verify: bool, encoder: str,

@@ -209,12 +209,13 @@ def test_merge_is_the_reference_byte_for_byte(tmp_path, rng, dtype, kind, severa
 @pytest.mark.parametrize("block,chunk", [(1, 7), (300, 64), (4096, 1000)])
 def test_blockwise_streaming_matches_the_reference(tmp_path, rng, monkeypatch, block, chunk):
     """Touched tensors stream through the buffer in row blocks (out_in) or whole (Conv1D), with reads
-    and writes split into IO_CHUNK pieces; tiny sizes force every boundary: a block of one row, blocks
+    and writes split into IO_CHUNK / WRITE_CHUNK pieces; tiny sizes force every boundary: a block of one row, blocks
     that split a tensor unevenly, calls that split a row. Several adapters, every dtype and layout."""
     from neuroada_format.converters import safetensors_merge as sm
 
     monkeypatch.setattr(sm, "BLOCK_BYTES", block)
     monkeypatch.setattr(sm, "IO_CHUNK", chunk)
+    monkeypatch.setattr(sm, "WRITE_CHUNK", chunk + 3)
     for dtype in ("F32", "BF16"):
         arrays = llama_arrays(rng, dtype)
         base = write_checkpoint(tmp_path / f"base-{dtype}-{block}", arrays, shards=2)
