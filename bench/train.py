@@ -69,10 +69,10 @@ class Config:
 
 
 # -- running children -----------------------------------------------------------------------------------
-def run_child(jobs: list[str], args, config: Config) -> list[dict]:
+def run_child(jobs: list[str], args, config: Config, steps: int | None = None) -> list[dict]:
     """Start this script as a worker for `jobs`; one JSON record per job, or an {"error"} record."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", ",".join(jobs), args.size, str(args.warmup),
-           str(args.steps), args.real_size, str(config.threads)]
+           str(args.steps if steps is None else steps), args.real_size, str(config.threads)]
     env = dict(os.environ, OMP_NUM_THREADS=str(config.threads), MKL_NUM_THREADS=str(config.threads), **config.env)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
@@ -249,7 +249,63 @@ def reading_lines(results: list[tuple[Config, dict, list]]) -> list[str]:
     return out
 
 
-def section_body(results: list[tuple[Config, dict, list]], real, meta) -> str:
+PAIRED = ("floor", "lora8", "neuroada1", "neuroada_matched", "neuroada20")
+
+
+def paired_summary(rec: dict) -> dict[str, dict]:
+    """Per method: median step, and the median (and quartiles) over cycles of its step / the floor's and
+    / LoRA's step in the same cycle."""
+    t = rec["times"]
+    out = {}
+    for m in rec["methods"]:
+        row = {"step_s": statistics.median(t[m])}
+        for ref in ("floor", "lora8"):
+            if ref in t:
+                r = [a / b for a, b in zip(t[m], t[ref])]
+                q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+                row[ref] = (statistics.median(r), q[0], q[2])
+        out[m] = row
+    return out
+
+
+def paired_verdicts(p: dict[str, dict]) -> list[tuple[str, bool | None, str]]:
+    """Issue 14's time goals, on the paired ratios."""
+    out = []
+
+    def claim(text, m, ref, bar):
+        if m in p and ref in p[m]:
+            r = p[m][ref][0]
+            out.append((text, r <= bar, f"{r:.3f}x"))
+    claim("goal: NeuroAda k=20 step <= LoRA r=8", "neuroada20", "lora8", 1.0)
+    claim("goal: NeuroAda k=20 step <= 1.25x floor", "neuroada20", "floor", 1.25)
+    claim("goal: NeuroAda k=1 step <= 1.05x floor", "neuroada1", "floor", 1.05)
+    claim("parameter-matched NeuroAda step <= LoRA r=8", "neuroada_matched", "lora8", 1.0)
+    return out
+
+
+def paired_lines(paired: dict) -> list[str]:
+    from results_md import table
+
+    lines = []
+    for label, rec in paired.items():
+        if "error" in rec:
+            lines += ["", f"**Paired, {label}**: not measured ({rec['error']})"]
+            continue
+        p = paired_summary(rec)
+        rows = [["method", "median step s", "step / floor's in the same cycle (median, quartiles)",
+                 "step / LoRA r=8's in the same cycle"]]
+        for m in rec["methods"]:
+            f = p[m].get("floor")
+            lo = p[m].get("lora8")
+            rows.append([LABELS[m], f"{p[m]['step_s']:.3f}", f"{f[0]:.3f}x ({f[1]:.3f}-{f[2]:.3f})" if f else "-",
+                         f"{lo[0]:.3f}x" if lo else "-"])
+        n = rec["cycles"]
+        lines += ["", f"**Paired, {label}**: {n} cycle{'s' if n != 1 else ''}, every model in one process, one step of "
+                  "each per cycle (order rotated):", "", table(rows), "", *verdict_lines(paired_verdicts(p))]
+    return lines
+
+
+def section_body(results: list[tuple[Config, dict, list]], real, meta, paired: dict | None = None) -> str:
     from results_md import table  # bench/ is sys.path[0] when run as a script
 
     lines = [
@@ -267,6 +323,13 @@ def section_body(results: list[tuple[Config, dict, list]], real, meta) -> str:
         lines += ["", f"**{config.label}** ({config.rounds} round{'s' if config.rounds > 1 else ''}):", "",
                   table(method_rows(s)), "", "Bar" + (" (diagnostic only)" if config.diagnostic else "") + ":",
                   "", *verdict_lines(verdict)]
+    if paired:
+        lines += ["", "Paired timing: the tables above give each method its own process (so its memory is its "
+                  "own), and a slow spell of this shared machine hits one process and not the next: the same "
+                  "2-thread floor measured 0.785 s and 0.900 s in back-to-back processes on 2026-12-02. Below, "
+                  "the methods' models live in one process and take one step each in turn, so a spell hits a "
+                  "whole cycle; each step is divided by the floor's (and LoRA's) step of its own cycle.",
+                  *paired_lines(paired)]
     config, s = setup_source(results)
     lines += [
         "",
@@ -337,6 +400,9 @@ def parse_args(argv=None):
     ap.add_argument("--live-rounds", type=int, default=1,
                     help="rounds of the pinned-mmap-threshold diagnostic (1 thread); 0 skips it")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    ap.add_argument("--paired-cycles", type=int, default=15,
+                    help="cycles of the paired timing (every model in one process, steps interleaved) per thread "
+                         "count; 0 skips it")
     ap.add_argument("--skip-real", action="store_true", help="skip the real training run")
     ap.add_argument("--real-only", action="store_true", help="only the real training run")
     ap.add_argument("--smoke", action="store_true",
@@ -366,11 +432,16 @@ def collect(args, methods: list[str]) -> tuple[dict, dict | None, dict]:
     load_start = " ".join(f"{x:.2f}" for x in os.getloadavg())
     runs: dict[str, dict[str, list[dict]]] = {c.label: {m: [] for m in methods} for c in args.configs}
     real = None
+    paired: dict[str, dict] = {}
     if args.smoke:  # one process for everything: the point is to exercise the code, not to measure
         config = args.configs[0]
-        for r in run_child(methods + ([] if args.skip_real else ["real"]), args, config):
+        pm = [m for m in PAIRED if m in methods]
+        extra = ["paired=" + "+".join(pm)] if args.paired_cycles > 0 and "floor" in pm and len(pm) > 1 else []
+        for r in run_child(methods + extra + ([] if args.skip_real else ["real"]), args, config):
             if r["method"] == "real":
                 real = r
+            elif r["method"] == "paired" or r["method"].startswith("paired="):
+                paired[config.label] = r
             else:
                 runs[config.label][r["method"]].append(r)
     else:
@@ -385,11 +456,21 @@ def collect(args, methods: list[str]) -> tuple[dict, dict | None, dict]:
                     shown = rec.get("error") or (f"{rec['median_step_s']:.3f} s/step "
                                                  f"(cpu {rec['median_cpu_step_s']:.3f}), peak {rec['peak_mb']:.0f} MB")
                     print(f"round {rnd + 1}  {config.label[:40]:<40}  {m:<12} {shown}", flush=True)
+        pm = [m for m in PAIRED if m in methods]
+        if args.paired_cycles > 0 and "floor" in pm and len(pm) > 1:
+            for config in args.configs:
+                if config.diagnostic:
+                    continue
+                (rec,) = run_child(["paired=" + "+".join(pm)], args, config, steps=args.paired_cycles)
+                paired[config.label] = rec
+                print(f"paired  {config.label[:40]:<40}  " + (rec.get("error") or ", ".join(
+                    f"{m} {v['floor'][0]:.3f}x" for m, v in paired_summary(rec).items())), flush=True)
         if not args.skip_real:
             (real,) = run_child(["real"], args, Config("real", 1, 1))
     facts = {"argv": args.argv, "date": datetime.date.today().isoformat(), "load_start": load_start,
              "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg()), "wall_s": time.perf_counter() - started,
-             "warmup": args.warmup, "steps": args.steps, "configs": [asdict(c) for c in args.configs]}
+             "warmup": args.warmup, "steps": args.steps, "configs": [asdict(c) for c in args.configs],
+             "paired": paired}
     return runs, real, facts
 
 
@@ -437,11 +518,14 @@ def main(argv=None) -> int:
         s = summarize(runs[config.label])
         results.append((config, s, verdicts(s)))
     meta = describe(runs, facts)
+    paired = facts.get("paired") or {}
     print_report(results, real, meta)
+    if paired:
+        print("\n".join(paired_lines(paired)))
     if not args.no_write and methods:
         from results_md import replace_section  # bench/ is sys.path[0] when run as a script
 
-        replace_section(SECTION, section_body(results, real or {"error": "skipped (--skip-real)"}, meta))
+        replace_section(SECTION, section_body(results, real or {"error": "skipped (--skip-real)"}, meta, paired))
         print(f"\nwrote {SECTION!r} in {RESULTS}")
     failed = sorted({m for _, s, _ in results for m, r in s.items() if "error" in r})
     if real is not None and ("error" in real or not (

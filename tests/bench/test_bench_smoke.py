@@ -50,6 +50,7 @@ def test_smoke_runs_every_method_and_the_real_checks():
     assert ": valid, problems: none" in out.stdout
     assert "max abs diff 0;" in out.stdout and "bit for bit: True" in out.stdout
     assert "wrote" not in out.stdout  # --smoke never touches RESULTS.md
+    assert "**Paired, smoke" in out.stdout and "goal: NeuroAda k=1 step <= 1.05x floor" in out.stdout
 
 
 def test_surroundings_smoke(tmp_path):
