@@ -206,14 +206,15 @@ def merged_adapter(model: nn.Module) -> str | None:
 
 # -- mixed batches ----------------------------------------------------------------------------------------
 def _stack(layer: NeuroAdaLayer, order: Sequence[str]):
-    """The layer's adapters stacked in model order, cached until an idx/val tensor changes."""
+    """The layer's adapters stacked in model order, cached until an idx/val/w0 tensor or a grid changes (a
+    snapped delta depends on w0)."""
     names = [n for n in order if n in layer.neuroada_val]
     key = [(n, layer.neuroada_idx[n], layer.neuroada_idx[n]._version, layer.neuroada_val[n],
-            layer.neuroada_val[n]._version, _grid(layer, n)) for n in names]
+            layer.neuroada_val[n]._version, _grid(layer, n), layer.neuroada_w0[n]._version) for n in names]
     hit = layer.__dict__.get(_STACK_ATTR)
     if hit is not None and len(hit[0]) == len(key) and all(
             a[0] == b[0] and a[1] is b[1] and a[2] == b[2] and a[3] is b[3] and a[4] == b[4] and a[5] is b[5]
-            for a, b in zip(hit[0], key)):
+            and a[6] == b[6] for a, b in zip(hit[0], key)):
         return hit[1], hit[2]
     stack = AdapterStack([k[1] for k in key], [layer.delta(n) for n in names], layer.d_in) if names else None
     slots = {n: i for i, n in enumerate(names)}
