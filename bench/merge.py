@@ -11,12 +11,14 @@ from wait4): copying the folder (shutil.copytree, and copytree + fsync of every 
 
     python bench/merge.py [--layers 16] [--rounds 5] [--workdir DIR] [--no-results]
 
-GGUF (`--gguf-layers N`, default 2; 0 skips it): two llama.cpp files of the same shapes, written with
+GGUF (`--gguf-layers N`, default 8; 0 skips it): two llama.cpp files of the same shapes, written with
 gguf-py's GGUFWriter (token_embd and output Q8_0, norms F32, a 32000-token vocabulary), one with the
 seven projections as F16 (the merge patches them bit for bit) and one with them as Q4_1 (the merge
 re-encodes the blocks that hold a touched value), each with a k=20 adapter made against it. Timed the
-same way against copying the .gguf file (shutil.copyfile in its own process); the Q4_1 rows (the
-search encoder and `--option encoder=naive`) take seconds each, so they run min(--rounds, 3) times.
+same way against copying the .gguf file (shutil.copyfile in its own process, which also prints its own
+timer, so the merge's `--json` seconds compare like with like); the Q4_1 rows (the search encoder and
+`--option encoder=naive`) take seconds each, so they run min(--rounds, 3) times. The copy's time swings
+most on this VM: use --rounds 11 for the GGUF rows.
 `--formats gguf` runs only these rows and replaces only their part of the section.
 
 Prints a table and replaces the "## Converters: merge" section of bench/RESULTS.md.
