@@ -484,12 +484,16 @@ def _head(t: QT) -> int:
     return 4 if t == QT.Q4_1 else 2
 
 
+def _nibbles(t: QT, q: np.ndarray) -> np.ndarray:
+    """Q4_0 / Q4_1 integer levels (in [lo, hi]) as the unsigned 4-bit values the block stores."""
+    return (q - (-8 if t == QT.Q4_0 else 0)).astype(np.uint8)
+
+
 def _level_bytes(t: QT, q: np.ndarray) -> np.ndarray:
     """The level part of Q4_1 / Q4_0 / Q8_0 blocks from integer levels q [B, block] (in [lo, hi])."""
-    n = q.shape[0]
     if t == QT.Q8_0:
         return q.astype(np.int8).view(np.uint8)
-    stored = (q - (-8 if t == QT.Q4_0 else 0)).astype(np.uint8).reshape(n, 2, -1)
+    stored = _nibbles(t, q).reshape(q.shape[0], 2, -1)
     return stored[:, 0, :] | (stored[:, 1, :] << np.uint8(4))
 
 
@@ -512,31 +516,32 @@ def on_original_grid(t: QT, original: np.ndarray, decoded: np.ndarray, blk: np.n
     on = np.ones(len(original), bool)
     out = np.array(original)
     same = values == decoded[blk, col]  # unchanged: keeps its level
-    if t not in _GRID:
-        on[blk[~same]] = False
-        on[on] = ~np.isnan(decoded[on]).any(axis=1)  # a NaN never decodes to itself (== is false)
-        return on, out
-    lo, hi, affine = _GRID[t]
-    head = _head(t)
-    d = np.ascontiguousarray(out[:, :2]).view(np.float16).reshape(-1).astype(np.float32)[blk]
-    m = np.ascontiguousarray(out[:, 2:4]).view(np.float16).reshape(-1).astype(np.float32)[blk] if affine else None
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        q = values - m if affine else values.copy()
-        q /= np.where(d == 0, np.float32(1), d)  # as the runtime's grid (QuantGrid) rounds
-    np.rint(q, out=q)
-    q[~np.isfinite(q)] = lo  # NaN/inf values: never on a grid (checked below)
-    np.clip(q, lo, hi, out=q)
-    dec = d * q
-    if affine:
-        dec += m
-    on[blk[~((dec == values) | same)]] = False
+    kept = same  # values that decode exactly from the block's own grid
+    if t in _GRID:
+        lo, hi, affine = _GRID[t]
+        d = np.ascontiguousarray(out[:, :2]).view(np.float16).reshape(-1).astype(np.float32)[blk]
+        m = np.ascontiguousarray(out[:, 2:4]).view(np.float16).reshape(-1).astype(np.float32)[blk] if affine else None
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            q = values - m if affine else values.copy()
+            q /= np.where(d == 0, np.float32(1), d)  # as the runtime's grid (QuantGrid) rounds
+        np.rint(q, out=q)
+        q[~np.isfinite(q)] = lo  # NaN/inf values: never on a grid (checked below)
+        np.clip(q, lo, hi, out=q)
+        dec = d * q
+        if affine:
+            dec += m
+        kept = kept | (dec == values)
+    on[blk[~kept]] = False
     on[on] = ~np.isnan(decoded[on]).any(axis=1)  # a NaN never decodes to itself (== is false)
+    if t not in _GRID:
+        return on, out
+    head = _head(t)
     changed = ~same & on[blk]  # levels to write: the changed values of the blocks on their grid
     b, c, q = blk[changed], col[changed], q[changed]
     if t == QT.Q8_0:
         out[b, head + c] = q.astype(np.int8).view(np.uint8)
         return on, out
-    stored = (q - (-8 if t == QT.Q4_0 else 0)).astype(np.uint8)
+    stored = _nibbles(t, q)
     half = decoded.shape[1] // 2  # value j sits in byte j % half: the low nibble for j < half, else the high
     low = c < half
     bl, byl = b[low], head + c[low]

@@ -21,6 +21,7 @@ from .kernels.pattern import Pattern
 __all__ = ["NeuroAdaLayer", "MODES", "check_adapter_name"]
 
 MODES = ("inplace", "additive")
+GRID_ATTR = "neuroada_grid"  # a layer's nn.ModuleDict of quantization grids (runtime/quant_grid.py), by adapter
 
 
 def _conv1d_type():
@@ -261,13 +262,18 @@ class NeuroAdaLayer(nn.Module):
             self._overlays[names] = ov
         return ov
 
+    def grid(self, name: str):
+        """The quantization grid runtime/quant_grid.py registered for the adapter, or None (plain deltas)."""
+        grids = self._modules.get(GRID_ATTR)
+        return grids[name] if grids is not None and name in grids else None
+
     def delta(self, name: str) -> torch.Tensor:
         """The deltas the forward, merge and save use: ``neuroada_val``, or where runtime/quant_grid.py
         registered a quantization grid for the adapter, their snap to it (straight-through gradient)."""
-        val, grids = self.neuroada_val[name], self._modules.get("neuroada_grid")
-        if grids is None or name not in grids:
+        val, grid = self.neuroada_val[name], self.grid(name)
+        if grid is None:
             return val
-        return grids[name](val, self.neuroada_idx[name], self.neuroada_w0[name])
+        return grid(val, self.neuroada_idx[name], self.neuroada_w0[name])
 
     # -- merge ----------------------------------------------------------------------------------
 

@@ -140,8 +140,9 @@ def _same_positions(layer: NeuroAdaLayer, a: str, b: str) -> bool:
 
 def _merged_values(layer: NeuroAdaLayer, name: str) -> torch.Tensor:
     """The adapter's merged entries (the Overlay's rule), in the order of its flat positions; cached, so
-    a switch is one write per weight (each extra mid-sized op cost a thread wake-up on a busy machine)."""
-    val, w0, grid = layer.neuroada_val[name], layer.neuroada_w0[name], _grid(layer, name)
+    a switch is one write per weight (each extra mid-sized op cost a thread wake-up on a busy machine). The
+    grid is part of the key: what a layer serves is ``layer.delta``, snapped to the grid if there is one."""
+    val, w0, grid = layer.neuroada_val[name], layer.neuroada_w0[name], layer.grid(name)
     cache = layer.__dict__.setdefault(_MERGED_ATTR, {})
     hit = cache.get(name)
     if (hit is not None and hit[0] is val and hit[1] is w0 and hit[2] == (val._version, w0._version)
@@ -150,13 +151,6 @@ def _merged_values(layer: NeuroAdaLayer, name: str) -> torch.Tensor:
     values = layer.overlay([name]).values([layer.delta(name).detach()], layer.weight.dtype)
     cache[name] = (val, w0, (val._version, w0._version), values, grid)
     return values
-
-
-def _grid(layer: NeuroAdaLayer, name: str):
-    """The quantization grid train_on_grid registered for the adapter (None: plain deltas). Part of the
-    cache keys here: what a layer serves is ``layer.delta``, the deltas snapped to that grid."""
-    grids = layer._modules.get("neuroada_grid")
-    return grids[name] if grids is not None and name in grids else None
 
 
 def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
@@ -210,7 +204,7 @@ def _stack(layer: NeuroAdaLayer, order: Sequence[str]):
     snapped delta depends on w0)."""
     names = [n for n in order if n in layer.neuroada_val]
     key = [(n, layer.neuroada_idx[n], layer.neuroada_idx[n]._version, layer.neuroada_val[n],
-            layer.neuroada_val[n]._version, _grid(layer, n), layer.neuroada_w0[n]._version) for n in names]
+            layer.neuroada_val[n]._version, layer.grid(n), layer.neuroada_w0[n]._version) for n in names]
     hit = layer.__dict__.get(_STACK_ATTR)
     if hit is not None and len(hit[0]) == len(key) and all(
             a[0] == b[0] and a[1] is b[1] and a[2] == b[2] and a[3] is b[3] and a[4] == b[4] and a[5] is b[5]

@@ -37,11 +37,10 @@ from torch import nn
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
-from .layer import NeuroAdaLayer
+from .layer import GRID_ATTR, NeuroAdaLayer
 
 __all__ = ["QuantGrid", "train_on_grid", "remove_grid", "grid_types"]
 
-GRID_ATTR = "neuroada_grid"                   # each layer's nn.ModuleDict: adapter name -> QuantGrid
 SAVED_CONFIGS_ATTR = "_neuroada_grid_configs"  # the model's adapter configs as they were before the grid
 
 
@@ -81,18 +80,16 @@ class QuantGrid(nn.Module):
     @torch.no_grad()
     def levels(self, w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The nearest level q of values w [d_out, k] at idx, and its value d * q + m (f32, as gguf-py decodes)."""
-        d, m, div = self._at(idx)
+        d, m, div = self._at(idx)  # (in place on temporaries: 210 layers of a small model pay per op)
         q = (w.float() - m).div_(div).round_().clamp_(self.lo, self.hi)
         return q, q * d + m
 
     @torch.no_grad()
     def snap(self, val: torch.Tensor, idx: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
-        """The on-grid deltas (no gradient): w0 + snap(val) is the grid value nearest to w0 + val.
-        (In place on temporaries: 210 layers of a small model pay per op, not per element.)"""
-        d, m, div = self._at(idx)
+        """The on-grid deltas (no gradient): w0 + snap(val) is the grid value nearest to w0 + val."""
         w0f = w0.float()
-        q = (w0f + val.float()).sub_(m).div_(div).round_().clamp_(self.lo, self.hi)
-        return q.mul_(d).add_(m).sub_(w0f).to(val.dtype)
+        _, value = self.levels(w0f + val.float(), idx)
+        return value.sub_(w0f).to(val.dtype)
 
     def forward(self, val: torch.Tensor, idx: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
         snapped = self.snap(val, idx, w0)
@@ -217,9 +214,9 @@ def grid_types(model: nn.Module, adapter_name: str = "default") -> dict[str, str
 
     out = {}
     for name, layer in layers(model).items():
-        grids = layer._modules.get(GRID_ATTR)
-        if grids is not None and adapter_name in grids:
-            out[name] = grids[adapter_name].qtype
+        grid = layer.grid(adapter_name)
+        if grid is not None:
+            out[name] = grid.qtype
     return out
 
 
@@ -230,14 +227,14 @@ def remove_grid(model: nn.Module, adapter_name: str = "default", *, snap: bool =
     from .model import CONFIGS_ATTR
 
     for layer in _adapter_layers(model, adapter_name).values():
-        grids = layer._modules.get(GRID_ATTR)
-        if grids is None or adapter_name not in grids:
+        grid = layer.grid(adapter_name)
+        if grid is None:
             continue
         if snap:
             with torch.no_grad():
                 val = layer.neuroada_val[adapter_name]
-                val.copy_(grids[adapter_name].snap(val, layer.neuroada_idx[adapter_name],
-                                                   layer.neuroada_w0[adapter_name]))
+                val.copy_(grid.snap(val, layer.neuroada_idx[adapter_name], layer.neuroada_w0[adapter_name]))
+        grids = layer._modules[GRID_ATTR]
         del grids[adapter_name]
         if not len(grids):
             del layer._modules[GRID_ATTR]
