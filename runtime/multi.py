@@ -7,7 +7,8 @@
 * mixed: ``with adapter_batch(model, ["math", "__base__", "cs"]): model.generate(...)`` gives every
   sequence its own adapter. Weights cannot hold several adapters at once, so inside the block the base
   weights are restored and each layer adds ``S_a(x)`` per sequence (``kernels.bgmv``); on exit the
-  merged adapter comes back.
+  merged adapter comes back. For k=1 adapters in f32 on CPU the layer writes ``S_a(x)`` first and the
+  GEMM accumulates onto it (``bgmv_linear_cpu``), which saves a pass over the output.
 * ``add_weighted_adapter(model, ["a", "b"], [0.7, 0.3], "combo")``: ``neuroada-pack --combine``'s rule
   in memory.
 
@@ -32,8 +33,8 @@ from neuroada_format.dtypes import NUMPY_DTYPES, common_value_dtype, nonfinite_m
 
 from . import kernels
 from .config import NeuroAdaConfig
-from .kernels.bgmv import AdapterStack, bgmv_add_, seq_groups
-from .layer import NeuroAdaLayer, check_adapter_name
+from .kernels.bgmv import AdapterStack, bgmv_add_, bgmv_linear_cpu, seq_groups
+from .layer import NeuroAdaLayer, _conv1d_type, check_adapter_name
 from .model import CONFIGS_ATTR, layers
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
@@ -44,6 +45,7 @@ MIXED_ATTR = "_neuroada_adapter_batch"  # on the model while an adapter_batch bl
 _STACK_ATTR = "_neuroada_stack"
 _SAME_ATTR = "_neuroada_same_positions"
 _MERGED_ATTR = "_neuroada_merged_values"
+FUSED = True  # False: mixed batches always add the delta to the base layer's output (tests, measurements)
 
 
 class ServingLayer(NeuroAdaLayer):
@@ -53,9 +55,10 @@ class ServingLayer(NeuroAdaLayer):
     _neuroada_mixed = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
         mixed = self._neuroada_mixed
-        return y if mixed is None else mixed(self, x, y)
+        if mixed is None:
+            return self.base_layer(x, *args, **kwargs)
+        return mixed(self, x, args, kwargs)
 
 
 # -- bookkeeping ------------------------------------------------------------------------------------------
@@ -226,11 +229,15 @@ class _Sequences:
         self.groups = seq_groups(self.ids)
 
 
+def _exact_linears() -> tuple:
+    return (nn.Linear, _conv1d_type())
+
+
 class _MixedForward:
     def __init__(self, stack, seqs: _Sequences):
         self.stack, self.seqs = stack, seqs
 
-    def __call__(self, layer: NeuroAdaLayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: NeuroAdaLayer, x: torch.Tensor, args, kwargs) -> torch.Tensor:
         n = self.seqs.n
         if x.dim() < 2 or x.shape[0] != n:
             raise NeuroAdaError(f"adapter_batch was given {n} adapter names but a layer got a batch of shape "
@@ -238,9 +245,26 @@ class _MixedForward:
                                 f"num_return_sequences > 1 multiply it: repeat each name to match)")
         x2 = x.reshape(-1, x.shape[-1])
         seq_len = x2.shape[0] // n
+        if not args and not kwargs and self._fused(layer, x):
+            base = layer.base_layer
+            y2 = bgmv_linear_cpu(x2, base.weight, base.bias, self.seqs.ids, self.stack, seq_len=seq_len,
+                                 transposed=layer.transposed)
+            return y2.view(x.shape[:-1] + (layer.d_out,))
+        y = layer.base_layer(x, *args, **kwargs)
         y2 = y.reshape(-1, y.shape[-1])
         bgmv_add_(y2, x2, self.seqs.ids, self.stack, seq_len=seq_len, groups=self.seqs.groups)
         return y2.view(y.shape)
+
+    def _fused(self, layer: NeuroAdaLayer, x: torch.Tensor) -> bool:
+        """Whether ``kernels.bgmv.bgmv_linear_cpu`` computes this layer: K = 1, f32 throughout on CPU, a plain
+        Linear/Conv1D (whose forward it reproduces), no autocast and no graph to record."""
+        W, b = layer.base_layer.weight, layer.base_layer.bias
+        return (FUSED and self.stack.k == 1 and x.device.type == "cpu" and x.dtype == torch.float32
+                and W.dtype == torch.float32 and self.stack.acc == torch.float32
+                and (b is None or b.dtype == torch.float32) and type(layer.base_layer) in _exact_linears()
+                and kernels.get_backend() in ("auto", "cpu")
+                and not (torch.is_grad_enabled() and (x.requires_grad or W.requires_grad))
+                and not torch.is_autocast_enabled("cpu"))
 
 
 @contextlib.contextmanager

@@ -104,6 +104,27 @@ def test_gradient_flows_to_inputs(gen, path, ks):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("seq_len", [1, 4])
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_with_the_delta_written_first_matches_base_plus_reference(gen, seq_len, transposed, bias):
+    st = make_stack(gen, ks=(1, 1, 1))
+    W = torch.randn(st.d_out, st.d_in, generator=gen)
+    stored = W.t().contiguous() if transposed else W  # Conv1D keeps [in, out]
+    b = torch.randn(st.d_out, generator=gen) if bias else None
+    for ids in ([0, -1, 2, 2, 1], [1, 1, 1], [-1, -1], [2]):
+        ids = torch.tensor(ids)
+        T = len(ids) * seq_len
+        x = torch.randn(T, 2 * st.d_in, generator=gen)[:, ::2]  # strided rows are read as they are
+        base = torch.nn.functional.linear(x, W, b)
+        got = bgmv.bgmv_linear_cpu(x, stored, b, ids, st, seq_len=seq_len, transposed=transposed)
+        torch.testing.assert_close(got, expected(base, x, ids, st, seq_len), rtol=1e-6, atol=1e-6)
+        on_base = ids.repeat_interleave(seq_len) < 0
+        torch.testing.assert_close(got[on_base], base[on_base], rtol=1e-6, atol=1e-6)
+    with pytest.raises(NeuroAdaUsageError):  # K > 1 stacks keep bgmv_add_ on the base output
+        bgmv.bgmv_linear_cpu(x, stored, b, ids, make_stack(gen), seq_len=seq_len)
+
+
 def test_dispatch_follows_backend(gen):
     st = make_stack(gen)
     ids = torch.tensor([0, 2, -1])

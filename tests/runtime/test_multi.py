@@ -35,6 +35,7 @@ from neuroada_format.runtime import (  # noqa: E402
     set_adapter,
     stop_serving,
 )
+from neuroada_format.runtime import multi  # noqa: E402
 from neuroada_format.runtime.kernels import bgmv  # noqa: E402
 from neuroada_format.runtime.model import layers, to_numpy  # noqa: E402
 
@@ -199,6 +200,52 @@ def test_adapter_batch_forward_equals_each_sequence_alone(zoo, monkeypatch, path
     assert not torch.allclose(got[0], got[1], atol=1e-3)  # the deltas do change the outputs
 
 
+def test_k1_adapters_run_as_one_gemm_onto_the_delta(monkeypatch):
+    """k=1 stacks in f32 on CPU: each layer gathers the delta into its output and the GEMM adds onto it
+    (kernels.bgmv.bgmv_linear_cpu); forward and greedy tokens equal each sequence served merged, alone. With
+    a graph to record (x requires grad) the layer falls back to base + delta, and the gradient holds the deltas."""
+    model = tiny_llama()
+    for i, name in enumerate(("a", "b", "c")):
+        attach(model, NeuroAdaConfig(k=1, inference_mode=True), name)
+        with torch.no_grad():
+            for layer in layers(model).values():
+                layer.neuroada_val[name].normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+    calls = []
+    real = multi.bgmv_linear_cpu
+    monkeypatch.setattr(multi, "bgmv_linear_cpu", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    names = ["b", None, "a", "c", "b"]
+    ids = ids_batch(len(names))
+    with torch.no_grad():
+        want = alone(model, ids, names)
+        set_adapter(model, None)
+        with adapter_batch(model, names):
+            got = model(ids).logits
+        assert calls and len(calls) % len(layers(model)) == 0  # every layer, once per forward
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got[0], got[1], atol=1e-3)
+
+        kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+        want_tokens = []
+        for b, name in enumerate(names):
+            set_adapter(model, name)
+            want_tokens.append(model.generate(ids[b:b + 1], **kw))
+        set_adapter(model, None)
+        with adapter_batch(model, names):
+            assert torch.equal(model.generate(ids, **kw), torch.cat(want_tokens))
+
+    # a graph through the inputs: base + delta on the torch path (the fused GEMM has no autograd)
+    calls.clear()
+    emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    with adapter_batch(model, names):
+        out = model(inputs_embeds=emb).logits
+    assert not calls
+    torch.testing.assert_close(out.detach(), want, rtol=1e-5, atol=1e-5)
+    (g_mixed,) = torch.autograd.grad(out[0].sum(), emb)
+    set_adapter(model, names[0])
+    (g_alone,) = torch.autograd.grad(model(inputs_embeds=emb[:1]).logits.sum(), emb)
+    torch.testing.assert_close(g_mixed[0], g_alone[0], rtol=1e-4, atol=1e-5)
+
+
 def test_adapter_batch_generate_greedy_tokens_equal(zoo):
     model = served(zoo)
     ids = ids_batch(len(NAMES), length=5, seed=8)
@@ -215,10 +262,11 @@ def test_adapter_batch_generate_greedy_tokens_equal(zoo):
     assert len({tuple(r.tolist()) for r in got[:, 5:]}) > 1
 
 
-@pytest.mark.parametrize("k, path", [(2, None), (1, "rows")])
-def test_adapter_batch_on_unserved_layers_and_gpt2_conv1d(zoo, monkeypatch, k, path):
-    # a GPT-2 (Conv1D, stored [in, out]) whose layers never went through set_adapter
+@pytest.mark.parametrize("k, path, fused", [(2, None, True), (1, "rows", False), (1, None, True)])
+def test_adapter_batch_on_unserved_layers_and_gpt2_conv1d(zoo, monkeypatch, k, path, fused):
+    # a GPT-2 (Conv1D, stored [in, out], with biases) whose layers never went through set_adapter
     monkeypatch.setattr(bgmv, "PATH", path)
+    monkeypatch.setattr(multi, "FUSED", fused)
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32)
     model = transformers.GPT2LMHeadModel(cfg).eval()
