@@ -39,6 +39,9 @@ __all__ = [
 ]
 
 
+COMPACT_MAX = 1 / 3  # share of the input columns below which only the used ones are kept for backward
+
+
 class Overlay:
     """All active adapters' entries of one weight, deduplicated.
 
@@ -59,6 +62,7 @@ class Overlay:
                 raise NeuroAdaUsageError(f"w0 shape {tuple(w.shape)} != {(p.d_out, p.k)}")
         self.patterns, self.w0s = patterns, w0s
         self._w0_versions = tuple(w._version for w in w0s)
+        self._compact = None
         self.d_out, self.d_in, self.transposed = p0.d_out, p0.d_in, p0.transposed
         if len(patterns) == 1:
             self.flat, self.invs, self.w0 = p0.flat, None, w0s[0].reshape(-1)
@@ -69,6 +73,24 @@ class Overlay:
             for i, w in zip(self.invs, w0s):
                 w0u[i] = w.reshape(-1)  # shared slots receive equal originals
             self.flat, self.w0 = u, w0u
+
+    def compact(self) -> tuple[torch.Tensor, tuple[Pattern, ...]] | None:
+        """``(cols, patterns)`` when the adapters read at most ``COMPACT_MAX`` of the input columns, else None.
+
+        Only ``x[:, cols]`` is needed for ``grad_val``, so such a layer keeps that for backward instead of
+        ``x``; ``patterns`` index into it. With k=1 a projection whose input is much wider than its output
+        (a Llama down_proj reads about 31% of its columns) keeps a third of what it would. The bound is low
+        because sibling layers (q, k, v) share one saved ``x`` that their compact copies would each replace.
+        """
+        if self._compact is None:
+            cols = torch.unique(torch.cat([p.idx.reshape(-1) for p in self.patterns]))  # sorted
+            if cols.numel() <= COMPACT_MAX * self.d_in:
+                pats = tuple(Pattern(torch.searchsorted(cols, p.idx).contiguous(), cols.numel(), validate=False)
+                             for p in self.patterns)  # searchsorted keeps each row's order: still valid
+                self._compact = (cols, pats)
+            else:
+                self._compact = False
+        return self._compact or None
 
     def is_current(self, patterns: Sequence[Pattern], w0s: Sequence[torch.Tensor]) -> bool:
         return (
@@ -173,8 +195,17 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
             else:
                 xc, bc = x, bias
             y = _with_overlay(overlay, weight, vals, cast, lambda W: _linear(xc, W, bc, overlay.transposed))
-        # x is needed only for grad_val: a frozen adapter (x needing a gradient for layers below) keeps none
-        ctx.save_for_backward(xc if any(ctx.needs_input_grad[4:]) else None, *vals)
+        # x is needed only for grad_val: a frozen adapter (x needing a gradient for layers below) keeps none,
+        # and a layer whose adapters read few input columns keeps only those (Overlay.compact)
+        saved, ctx.patterns = None, overlay.patterns
+        if any(ctx.needs_input_grad[4:]):
+            compact = overlay.compact()
+            if compact is None:
+                saved = xc
+            else:
+                saved = xc.reshape(-1, overlay.d_in).index_select(1, compact[0])
+                ctx.patterns = compact[1]
+        ctx.save_for_backward(saved, *vals)
         ctx.weight = weight  # a reference, not a saved tensor (see module docstring)
         ctx.weight_version = weight._version
         ctx.overlay = overlay
@@ -208,8 +239,8 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
         for a, v in enumerate(vals):
             if ctx.needs_input_grad[4 + a]:
                 if x2 is None:
-                    x2 = xc.reshape(-1, ov.d_in)
-                grad_vals.append(kernels.sampled_rowdot(gy2, x2, ov.patterns[a]).to(v.dtype))
+                    x2 = xc.reshape(-1, xc.shape[-1])
+                grad_vals.append(kernels.sampled_rowdot(gy2, x2, ctx.patterns[a]).to(v.dtype))
             else:
                 grad_vals.append(None)
         return (grad_x, None, grad_b, None, *grad_vals)

@@ -44,6 +44,64 @@ def test_gradcheck_inplace(rt, gen, backend, transposed):
     assert torch.equal(W, before)
 
 
+def saved_widths(fn):
+    """Run fn() and return the last dim of every tensor autograd saved for backward."""
+    widths = []
+
+    def pack(t):
+        widths.append(t.shape[-1] if t.dim() else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return widths
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_few_columns_keep_only_those_for_backward(rt, gen, backend, transposed):
+    """A layer whose adapters read at most a third of the input columns (k=1 on a wide input, like a Llama
+    down_proj) keeps x[:, those columns] for grad_val instead of x; gradients are unchanged."""
+    d_out, d_in = 3, 40  # at most 12 columns of 40 in use
+    Wc, W, ov, vals = setup(rt, gen, d_out, d_in, k=2, transposed=transposed, n_adapters=2)
+    cols, pats = ov.compact()
+    assert torch.equal(cols, torch.unique(torch.cat([p.idx.reshape(-1) for p in ov.patterns])))
+    for p, q in zip(ov.patterns, pats):
+        assert torch.equal(cols[q.idx], p.idx) and q.d_in == cols.numel()
+    b = torch.randn(d_out, dtype=torch.float64, generator=gen).requires_grad_(True)
+    x = torch.randn(2, 4, d_in, dtype=torch.float64, generator=gen).requires_grad_(True)
+    with kernels.use_backend(backend):
+        widths = saved_widths(lambda: inplace_sparse_delta_linear(x, W, b, ov, vals))
+        assert cols.numel() in widths and d_in not in widths  # only the used columns were kept
+        assert torch.autograd.gradcheck(lambda x, b, v1, v2: inplace_sparse_delta_linear(x, W, b, ov, [v1, v2]),
+                                        (x, b, *vals))
+    # against the mask-based formulation, one adapter, f32
+    Wc, W, ov, vals = setup(rt, gen, d_out, d_in, k=1, dtype=torch.float32, transposed=transposed)
+    assert ov.compact() is not None
+    x = torch.randn(5, d_in, generator=gen).requires_grad_(True)
+    y = inplace_sparse_delta_linear(x, W, None, ov, vals)
+    y_ref, grads = rt.masked_dense(x, Wc, None, ov.patterns[0].idx, vals[0])
+    gy = torch.randn(y.shape, generator=gen)
+    gx, gv = torch.autograd.grad(y, (x, vals[0]), gy)
+    gx_ref, gv_ref = grads(gy)
+    if not transposed:  # the reference runs the canonical layout's GEMM
+        assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gv, gv_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_many_columns_keep_x_itself(rt, gen):
+    # siblings (q, k, v) share one saved x; a compact copy each would cost more than that x
+    Wc, W, ov, vals = setup(rt, gen, d_out=12, d_in=12, k=1)
+    assert ov.compact() is None
+    x = torch.randn(5, 12, generator=gen, dtype=torch.float64).requires_grad_(True)
+    assert 12 in saved_widths(lambda: inplace_sparse_delta_linear(x, W, None, ov, vals))
+    frozen = [v.detach() for v in vals]  # nothing to train: no x kept at all
+    x2 = torch.randn(5, 12, generator=gen, dtype=torch.float64).requires_grad_(True)
+    assert 12 not in saved_widths(lambda: inplace_sparse_delta_linear(x2, W, None, ov, frozen))
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_gradcheck_additive(rt, gen, backend):
     Wc, W, ov, vals = setup(rt, gen, k=3)
