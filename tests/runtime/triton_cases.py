@@ -85,12 +85,13 @@ def test_scatter_restore_bits(gen, dtype, transposed):
 
 
 @pytest.mark.parametrize("mode", ["inplace", "additive"])
-def test_autograd_end_to_end(gen, mode):
-    d_out, d_in, k = 12, 8, 2
+@pytest.mark.parametrize("d_out, d_in, k", [(12, 8, 2), (3, 40, 1)], ids=["x-kept", "columns-kept"])
+def test_autograd_end_to_end(gen, mode, d_out, d_in, k):
     W = torch.randn(d_out, d_in, generator=gen).to(DEV)
     idx = rand_idx(d_out, d_in, k, gen)
     p = Pattern(idx, d_in)
     ov = Overlay([p], [W.gather(1, idx)])
+    assert (ov.compact() is not None) == (d_in == 40)  # the second shape saves only the used columns (Overlay.compact)
     x = torch.randn(2, 5, d_in, generator=gen).to(DEV)
     val = torch.randn(d_out, k, generator=gen).to(DEV)
     out = {}
