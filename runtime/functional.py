@@ -83,7 +83,7 @@ class Overlay:
         because sibling layers (q, k, v) share one saved ``x`` that their compact copies would each replace.
         """
         if self._compact is None:
-            cols = torch.unique(torch.cat([p.idx.reshape(-1) for p in self.patterns]))  # sorted
+            cols = torch.unique(torch.cat([p.col for p in self.patterns]))  # sorted
             if cols.numel() <= COMPACT_MAX * self.d_in:
                 pats = tuple(Pattern(torch.searchsorted(cols, p.idx).contiguous(), cols.numel(), validate=False)
                              for p in self.patterns)  # searchsorted keeps each row's order: still valid
