@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ from .safe_io import open_regular
 
 HEADER_CAP = 100_000_000  # same cap as the reference safetensors reader
 TENSOR_FIELDS = {"dtype", "shape", "data_offsets"}
+# a dtype a newer safetensors may add (F6_E2M3, F4...): tolerated on a base's non-target tensors if it looks like one
+_DTYPE_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,31}")
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,7 @@ class SafetensorsFile:
             p.error("1.3", f"dtype {dtype!r:.80} is not a string", tensor=name)
             return None
         known = dtype in NUMPY_DTYPES
-        if not known and not (self.unknown_dtypes and dtype.isascii() and dtype.isalnum()):
+        if not known and not (self.unknown_dtypes and _DTYPE_NAME.fullmatch(dtype)):
             p.error("1.3", f"unknown dtype {dtype!r:.80}", tensor=name)
             return None
         if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):

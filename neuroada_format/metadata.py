@@ -18,7 +18,7 @@ METADATA_KEY = "neuroada"
 VERSION = "1.0"
 SUPPORTED_MAJOR = 1
 MERGE_RULE = "add-f32-round-once"
-_VERSION_RE = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")
+_VERSION_RE = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")  # fullmatch: "$" would let "1.0\n" through
 
 
 @lru_cache(maxsize=1)
@@ -51,7 +51,7 @@ def parse_document(metadata: dict | None, p: Problems) -> dict | None:
         p.error("2.2", f"metadata format is {doc.get('format')!r}, expected {FORMAT_NAME!r}")
         return None
     version = doc.get("version")
-    match = _VERSION_RE.match(version) if isinstance(version, str) else None
+    match = _VERSION_RE.fullmatch(version) if isinstance(version, str) else None
     if not match:
         p.error("2.3", f"version {version!r} is not MAJOR.MINOR")
         return None
@@ -132,6 +132,15 @@ def _strict_types(doc: dict, p: Problems) -> bool:
     except UnicodeEncodeError:
         p.error("2.2", "metadata contains text that is not valid Unicode (a lone surrogate escape)")
         return False
+    # The schema's patterns are ECMA-262 regexes, whose "$" ends the text; Python's (what jsonschema uses)
+    # also matches before a final newline, so "sha256:<hex>\n" would pass it.
+    hashes = [("base/structure_hash", None, doc["base"]["structure_hash"])]
+    hashes += [(f"targets/{name}/probe", name, entry["probe"]) for name, entry in doc["targets"].items()]
+    for where, tensor, value in hashes:
+        if value is not None and not _SHA256.fullmatch(value):
+            p.error("2.2", f"metadata {where}: {value!r:.80} is not 'sha256:' and 64 lowercase hex digits",
+                    tensor=tensor)
+            ok = False
     seed = doc["selection"].get("seed")
     if seed is not None and not _is_int(seed):
         p.error("2.2", f"metadata selection/seed: {seed!r} is not an integer")

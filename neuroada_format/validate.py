@@ -76,12 +76,14 @@ def validate(adapter, base=None, *, strict: bool = False, check_selection: bool 
         p = Problems(path, strict=False)
         adapter = read(path, p)
     report = Report(path, p.items)
+    # the tiers of spec section 7: structure, content, base; each runs only when the ones before found no error
     if adapter is not None and not p.has_errors:
-        broken = {name for name, t in sorted(adapter.targets.items()) if not _check_content(t, p)}
-        if base is not None:
+        for _, t in sorted(adapter.targets.items()):
+            _check_content(t, p)
+        if base is not None and not p.has_errors:
             b = open_base(base)
             report.checked_base = getattr(b, "path", None)
-            _check_against_base(adapter, b, p, check_selection, skip=broken, probes=probes)
+            _check_against_base(adapter, b, p, check_selection, probes=probes)
     if strict:
         report.raise_if_invalid()
     return report
@@ -162,9 +164,8 @@ def _check_content(t: Target, p: Problems) -> bool:
     return not (bad_range or bad_order or bad_value)
 
 
-def _check_against_base(adapter: Adapter, base, p: Problems, check_selection: bool,
-                        skip: set[str] = frozenset(), probes: bool = True) -> None:
-    """Rules 4.1-4.5: the adapter belongs to this base (targets in `skip` have bad indices: no probe)."""
+def _check_against_base(adapter: Adapter, base, p: Problems, check_selection: bool, probes: bool = True) -> None:
+    """Rules 4.1-4.5: the adapter belongs to this base (its indices are known to be in range)."""
     for name, t in sorted(adapter.targets.items()):
         if name not in base:
             p.error("4.1", "target is not a tensor of the base", tensor=name)
@@ -181,7 +182,7 @@ def _check_against_base(adapter: Adapter, base, p: Problems, check_selection: bo
         if dtype != t.dtype:  # spec 1.1: identity is on values (the probe hash decides), not encoding
             p.warning("4.6", f"base tensor is {dtype}, the adapter was made on {t.dtype} values; a merge "
                              f"rounds to {dtype}", tensor=name)
-        if name in skip or not (probes or check_selection):
+        if not (probes or check_selection):
             continue
         weight = base.array(name)
         if probes and probe_hash(weight, np.asarray(t.indices), t.layout) != t.probe:

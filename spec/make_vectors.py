@@ -481,6 +481,10 @@ def build() -> dict:
     assert "NaN" in nan_text
     invalid("1.2_nan_constant", raw_file(nan_text, data), "1.2",
             "the header uses the non-standard JSON constant NaN")
+    sur_text = json.dumps(hdr, separators=(",", ":"), ensure_ascii=False).replace('"values/w"', '"values/w\\ud800"', 1)
+    invalid("1.2_lone_surrogate", raw_file(sur_text, data), "1.2",
+            "a tensor name holding the escape \\ud800 alone: valid JSON syntax, but no Unicode text "
+            "(there is no UTF-8 form to hash or write back)")
 
     def header_variant(mutate, payload=data):
         h = json.loads(json.dumps(hdr))
@@ -557,6 +561,10 @@ def build() -> dict:
         ("2.3_older_major", ["version"], "0.9", "version 0.9: not a major this reader knows"),
         ("2.3_no_minor", ["version"], "1", "version '1' is not MAJOR.MINOR"),
         ("2.3_leading_zero", ["version"], "1.07", "version '1.07' (leading zero)"),
+        ("2.3_final_newline", ["version"], "1.0\n", "version '1.0' and a newline (a regex whose '$' "
+         "matches before a final newline, as Python's does, would let it through)"),
+        ("2.2_probe_final_newline", ["targets", "w", "probe"], tiny_t[0].probe + "\n",
+         "a probe hash and a newline (the schema's patterns are ECMA-262 regexes: '$' ends the text)"),
     ]
     for name, path, value, desc in schema_cases:
         invalid(name, with_doc(set_path(path, value)), name.split("_")[0], desc)

@@ -167,14 +167,17 @@ def test_several_problems_against_one_base(small_model):
     assert error_rules(report) == [("4.1", Q), ("4.2", UP), ("4.3", "model.layers.0.mlp.down_proj.weight")]
 
 
-def test_content_and_base_problems_are_reported_together(small_model):
+def test_a_content_error_stops_the_base_tier(small_model):
+    """Spec section 7: a tier runs only when the tiers before it found no error."""
     arrays, adapter = small_model
+    del arrays[Q]
+    assert error_rules(naf.validate(adapter, base=arrays)) == [("4.1", Q)]
     t = adapter.targets[UP]
     val = np.array(t.values)
     val[0, 0] = np.nan
     adapter.targets[UP] = naf.Target(UP, t.indices, val, t.shape, t.layout, t.dtype, t.probe)
-    del arrays[Q]
-    assert error_rules(naf.validate(adapter, base=arrays)) == [("3.7", UP), ("4.1", Q)]
+    report = naf.validate(adapter, base=arrays)
+    assert error_rules(report) == [("3.7", UP)] and report.checked_base is None
 
 
 @pytest.mark.parametrize("layout", ["out_in", "in_out"])
@@ -286,10 +289,13 @@ def test_base_may_hold_dtypes_this_reader_does_not_know(small_model, tmp_path, c
     arrays, adapter = small_model
     header, data = craft.entries({name: (craft_dtype_name(a), a.shape, a.tobytes()) for name, a in arrays.items()})
     header["model.future.weight"] = {"dtype": "F4", "shape": [4, 4], "data_offsets": [len(data), len(data) + 8]}
+    header["model.future6.weight"] = {"dtype": "F6_E2M3", "shape": [4, 4],  # a name with an underscore too
+                                      "data_offsets": [len(data) + 8, len(data) + 20]}
     path = tmp_path / "model.safetensors"
-    path.write_bytes(craft.raw({"__metadata__": {"format": "pt"}, **header}, data + b"\0" * 8))
+    path.write_bytes(craft.raw({"__metadata__": {"format": "pt"}, **header}, data + b"\0" * 20))
     assert naf.validate(adapter, base=path).ok
     assert open_base(path).info("model.future.weight") == ("F4", (4, 4))
+    assert open_base(path).info("model.future6.weight") == ("F6_E2M3", (4, 4))
     future = naf.Target("model.future.weight", np.tile(np.array([0, 1], np.int16), (4, 1)),
                         np.zeros((4, 2), ml_dtypes.bfloat16), (4, 4), probe="sha256:" + "0" * 64)
     report = naf.validate(naf.Adapter({future.name: future}), base=path)
@@ -304,7 +310,7 @@ def craft_dtype_name(a):
 
 @pytest.mark.parametrize("case, rule", [
     ("missing", "1.1"), ("empty_folder", "1.6"), ("two_files", "1.6"), ("onnx", "1.6"), ("corrupt", "1.1"),
-    ("not_safetensors", "1.2"),
+    ("not_safetensors", "1.2"), ("lone_surrogate_name", "1.2"),
 ])
 def test_bases_that_cannot_be_opened_raise(case, rule, small_model, tmp_path, craft):
     arrays, adapter = small_model
@@ -322,6 +328,9 @@ def test_bases_that_cannot_be_opened_raise(case, rule, small_model, tmp_path, cr
     elif case == "corrupt":
         base = tmp_path / "model.safetensors"
         base.write_bytes(b"\x00" * 5)
+    elif case == "lone_surrogate_name":  # valid JSON, but a name that is no text (it could not be hashed)
+        base = tmp_path / "model.safetensors"
+        base.write_bytes(craft.raw('{"w\\ud800": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4))
     else:
         base = tmp_path / "model.safetensors"
         base.write_bytes(b"\x04\x00\x00\x00\x00\x00\x00\x00nope")

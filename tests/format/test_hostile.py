@@ -144,7 +144,7 @@ def test_header_length_bombs(length, craft, raw_file):
 @pytest.mark.parametrize("header", [
     b"{not json}   ", b"\xff\xfe{}    ", b'{"a": "\xc3\x28"}', b"[" * 100_000, b"{" * 50_000,
     b'["a", 1]', b'"just a string"', b"12345678", b"null    ", b"{}garbage", b'{"a": NaN}',
-    b'{"a": 1, "a": 1}',
+    b'{"a": 1, "a": 1}', b'{"\\ud800": 1}', b'{"a": "x\\uDFFFy"}',
 ])
 def test_header_that_is_not_a_json_object(header, craft, raw_file):
     assert_rejected(raw_file(craft.raw(header)), "1.2")
@@ -299,6 +299,26 @@ def test_metadata_schema_violations(change, craft, raw_file):
                                     _set("selection", "seed", 7.0)], ids=["k", "shape", "seed"])
 def test_integral_floats_are_not_integers(change, craft, raw_file):
     assert_rejected(raw_file(with_doc(craft, change)), "2.2")
+
+
+def test_lone_surrogate_in_a_tensor_name(craft, raw_file):
+    """Valid JSON syntax, but no Unicode text: it could not be hashed or written back (safetensors refuses it)."""
+    data = file_from(craft)
+    (n,) = struct.unpack("<Q", data[:8])
+    text = data[8:8 + n].decode().replace('"values/w"', '"values/w\\ud800"')
+    assert_rejected(raw_file(craft.raw(text, data[8 + n:])), "1.2")
+
+
+@pytest.mark.parametrize("where", ["version", "probe", "structure_hash"])
+def test_a_final_newline_does_not_slip_past_a_pattern(where, craft, raw_file):
+    """The schema's regexes are ECMA-262 ones, whose "$" ends the text; Python's also matches before a final newline."""
+    change = {"version": _set("version", "1.0\n"), "probe": _set("targets", "w", "probe", "sha256:" + "ab" * 32 + "\n"),
+              "structure_hash": _set("base", "structure_hash", "sha256:" + "ab" * 32 + "\n")}[where]
+    assert_rejected(raw_file(with_doc(craft, change)), "2.3" if where == "version" else "2.2")
+
+
+def test_lone_surrogate_in_the_metadata(craft, raw_file):
+    assert_rejected(raw_file(with_doc(craft, _set("base", "name", "m\ud800"))), "2.2")
 
 
 def test_metadata_target_name_too_long(craft, raw_file):
