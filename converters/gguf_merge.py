@@ -234,14 +234,12 @@ class _Cursor:
 def read_gguf(path) -> GGUFFile:
     """Parse and check a GGUF file's header and tensor table (rule 1.7); nothing of the data is read."""
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise NeuroAdaUsageError("no such file", path=path, rule="1.1")
     if os.path.isdir(path):
-        raise NeuroAdaUsageError("a GGUF base is one file, not a folder", path=path)
-    size = os.path.getsize(path)
-    if size < 24:
-        raise NeuroAdaError(f"truncated: {size} bytes is shorter than a GGUF header", path=path, rule=RULE)
-    with open(path, "rb") as f:
+        raise NeuroAdaUsageError("a GGUF base is one file, not a folder", path=path, rule="1.1")
+    with open_regular(path, rule="1.1") as f:  # a FIFO or device is refused, never opened in a way that blocks
+        size = os.fstat(f.fileno()).st_size  # of what was opened, not of what the path names now
+        if size < 24:
+            raise NeuroAdaError(f"truncated: {size} bytes is shorter than a GGUF header", path=path, rule=RULE)
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
         return _parse(buf, path, size)
@@ -1069,7 +1067,7 @@ def _merge_tensor(src_fd: int, start: int, tp: _TensorPlan, per: int, writer: _W
 
 def _write_retyped(f: GGUFFile, plan: _Plan, tmp: str) -> int:
     """A new file: header and metadata bytes verbatim, a new tensor table, data re-laid out aligned."""
-    with open(f.path, "rb") as src:
+    with open_regular(f.path) as src:
         head = src.read(f.infos_start)
     table, layout, offset = bytearray(), [], 0
     for name, info in f.tensors.items():
@@ -1083,7 +1081,7 @@ def _write_retyped(f: GGUFFile, plan: _Plan, tmp: str) -> int:
         offset = -(-(offset + nbytes) // f.alignment) * f.alignment
     header = head + bytes(table)
     data_start = -(-len(header) // f.alignment) * f.alignment
-    with open(tmp, "wb") as out, open(f.path, "rb") as src:
+    with open(tmp, "wb") as out, open_regular(f.path) as src:
         out.write(header + b"\0" * (data_start - len(header)))
         for name, off, nbytes in layout:
             pause_for_tests()

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
 import struct
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -23,7 +25,10 @@ import neuroada_format as naf  # noqa: E402
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
 from neuroada_format.converters.backend import SLOWDOWN_ENV  # noqa: E402
+from neuroada_format import safe_io  # noqa: E402
 from neuroada_format.errors import exit_code  # noqa: E402
+
+from deadline import deadline  # noqa: E402  (tests/deadline.py)
 
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 256, 2, 4, 2, 64
 TARGETS = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
@@ -477,6 +482,33 @@ def test_missing_base_is_a_usage_error(tmp_path):
     with pytest.raises(NeuroAdaUsageError) as exc:
         gm.open_gguf_base(tmp_path / "nope.gguf")
     assert exit_code(exc.value) == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_fifo_or_folder_named_gguf_is_refused_without_blocking(tmp_path, valid_file):
+    """Spec 11.4: a base is checked before it is opened and the opened descriptor again, and nothing is opened
+    in a way that can block; a path swapped for a FIFO after the check is refused, not waited on."""
+    fifo = tmp_path / "x.gguf"
+    os.mkfifo(fifo)
+    folder = tmp_path / "dir.gguf"
+    folder.mkdir()
+    for path in (fifo, folder):
+        with deadline(), pytest.raises(NeuroAdaUsageError) as exc:
+            gm.open_gguf_base(path)
+        assert exc.value.rule == "1.1" and exit_code(exc.value) == 2
+    swapped = tmp_path / "swapped.gguf"
+    shutil.copyfile(valid_file, swapped)
+    real_check = safe_io.check_regular
+
+    def check_then_swap(path, **kw):
+        st = real_check(path, **kw)
+        os.remove(path)
+        os.mkfifo(path)
+        return st
+
+    with mock.patch.object(safe_io, "check_regular", check_then_swap), deadline(), \
+            pytest.raises(NeuroAdaUsageError, match="FIFO"):
+        gm.read_gguf(swapped)
 
 
 def test_output_rules(tiny, tmp_path):
