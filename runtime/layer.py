@@ -55,6 +55,9 @@ class _BufferDict(nn.Module):
 _CONTAINERS: tuple = ()
 
 
+BASE_ADAPTER = "__base__"  # the name set_adapter / adapter_batch give the plain base
+
+
 def check_adapter_name(name) -> None:
     """Adapter names become attribute names of torch containers (``neuroada_val.<name>``), so refuse the ones
     torch would refuse (a dot, or an attribute the container already has: ``copy``, ``keys``, ``train``...)
@@ -62,6 +65,9 @@ def check_adapter_name(name) -> None:
     global _CONTAINERS
     if not isinstance(name, str) or not name or any(c in name for c in "./\\"):
         raise NeuroAdaUsageError(f"adapter name {name!r} must be a non-empty string without '.', '/' or '\\'")
+    if name == BASE_ADAPTER:
+        raise NeuroAdaUsageError(f"adapter name {name!r} is reserved for the plain base (set_adapter and "
+                                 "adapter_batch read it so)")
     if not _CONTAINERS:
         _CONTAINERS = (nn.ParameterDict(), _BufferDict())
     if any(hasattr(c, name) for c in _CONTAINERS):

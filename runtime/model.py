@@ -291,6 +291,19 @@ def _wrap(model: nn.Module, name: str, module: nn.Module, config: NeuroAdaConfig
     return layer
 
 
+def _serving(layer: NeuroAdaLayer) -> bool:
+    from .multi import ServingLayer  # (multi builds on this module)
+
+    return isinstance(layer, ServingLayer)
+
+
+def _unserve(layer: NeuroAdaLayer) -> None:
+    """A layer set_adapter served becomes a plain NeuroAdaLayer again; what was merged stays merged and active."""
+    if _serving(layer):
+        layer.__class__ = NeuroAdaLayer
+        layer.active_adapters = list(layer.merged_adapters)
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -345,9 +358,11 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
     _refuse_sharded(model, "attach")
     names = find_targets(model, config)
     modules = {name: model.get_submodule(name) for name in names}
+    for name, layer in layers(model).items():  # every layer: a merged one would keep serving its adapter
+        if layer.merged:
+            raise NeuroAdaUsageError(f"{name} has merged adapters; unmerge (or set_adapter(model, None)) before "
+                                     "attaching another")
     for name, module in modules.items():
-        if isinstance(module, NeuroAdaLayer) and module.merged:
-            raise NeuroAdaUsageError(f"{name} has merged adapters; unmerge before attaching another")
         d_in = _canonical(module).shape[1]
         if config.k > d_in:
             raise NeuroAdaUsageError(f"k={config.k} exceeds d_in={d_in}", tensor=name + ".weight", rule="3.4")
@@ -361,8 +376,13 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
     delta_dtype = getattr(torch, config.delta_dtype)
     for name, module in modules.items():
         layer = _wrap(model, name, module, config, shared, wrappers)
-        layer.add_adapter(adapter_name, indices[name], val_dtype=delta_dtype, activate=True)
+        layer.add_adapter(adapter_name, indices[name], val_dtype=delta_dtype, activate=False)
         layer.neuroada_val[adapter_name].requires_grad_(not config.inference_mode)
+    # As PEFT's set_adapter after add_adapter: the new adapter alone is active (and trains) on the plain base,
+    # so it saves and reloads as what was trained; layers served by set_adapter get their own forward back.
+    for layer in layers(model).values():
+        _unserve(layer)
+        layer.active_adapters = [adapter_name] if adapter_name in layer.neuroada_val else []
     configs[adapter_name] = config
     setattr(model, CONFIGS_ATTR, configs)
     _install_hf(model)
@@ -749,7 +769,12 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
     if adapter_name in configs:
         raise NeuroAdaUsageError(f"adapter {adapter_name!r} is already loaded; delete it or pick another name")
     _refuse_sharded(model, "load_adapter")
-    merged = {name: list(layer.merged_adapters) for name, layer in layers(model).items() if layer.merged}
+    existing = layers(model)
+    merged = {name: list(layer.merged_adapters) for name, layer in existing.items() if layer.merged}
+    # As PEFT: loading never changes what is served. The adapter becomes active only on a model where no
+    # adapter is (the first one loaded), in every layer it targets; on a model set_adapter serves, it waits.
+    served = any(_serving(layer) for layer in existing.values())
+    activate = not served and not any(layer.active_adapters or layer.merged for layer in existing.values())
     for name in merged:
         model.get_submodule(name).unmerge()
     try:
@@ -774,8 +799,12 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
             idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
             # np.array copies: F32 values (on-grid adapters) come straight from a read-only map
             val = torch.from_numpy(np.array(t.values, dtype=np.float32)).to(device=w.device, dtype=delta_dtype)
-            module.add_adapter(adapter_name, idx, val=val, val_dtype=delta_dtype, activate=None)
+            module.add_adapter(adapter_name, idx, val=val, val_dtype=delta_dtype, activate=activate)
             module.neuroada_val[adapter_name].requires_grad_(is_trainable)
+            if served and not _serving(module):  # wrapped just now: it serves the base like its peers
+                from .multi import ServingLayer
+
+                module.__class__ = ServingLayer
         _freeze(model, keep_deltas=True)
         configs[adapter_name] = config
         setattr(model, CONFIGS_ATTR, configs)
@@ -787,19 +816,23 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
 
 
 # -- merge -------------------------------------------------------------------------------------------
+def refuse_unmergeable(name: str, layer: NeuroAdaLayer, shared: set[int]) -> None:
+    """Merging (merge, set_adapter) writes into the weight itself: refused where that changes something else."""
+    if _is_sharded(layer.weight):
+        raise NeuroAdaError("cannot merge into a sharded (FSDP2) weight; save the adapter and merge it "
+                            "into the whole model or checkpoint", tensor=name + ".weight")
+    if id(layer.weight) in shared:
+        raise NeuroAdaError("the weight is shared with another module (tied weights): merging would change "
+                            "that module too; serve this adapter unmerged (adapter_batch) or untie the weight "
+                            "first", tensor=name + ".weight")
+
+
 def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
     """Write the (active, or named) deltas into the weights with the spec's rule: f32 sum, one rounding."""
     shared = _shared_weights(model)
     for name, layer in layers(model).items():
-        if not any(n in layer.neuroada_val for n in (adapter_names or layer.active_adapters)):
-            continue
-        if _is_sharded(layer.weight):
-            raise NeuroAdaError("cannot merge into a sharded (FSDP2) weight; save the adapter and merge it "
-                                "into the whole model or checkpoint", tensor=name + ".weight")
-        if id(layer.weight) in shared:
-            raise NeuroAdaError("the weight is shared with another module (tied weights): merging would change "
-                                "that module too; serve this adapter unmerged or untie the weight first",
-                                tensor=name + ".weight")
+        if any(n in layer.neuroada_val for n in (adapter_names or layer.active_adapters)):
+            refuse_unmergeable(name, layer, shared)
     for layer in layers(model).values():
         names = [n for n in (adapter_names or layer.active_adapters) if n in layer.neuroada_val]
         if names:
@@ -808,8 +841,10 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Restore every merged weight to its original bits."""
+    """Restore every merged weight to its original bits; the adapters stay active, applied unmerged (as in
+    PEFT), also where set_adapter had merged them."""
     for layer in layers(model).values():
+        _unserve(layer)
         layer.unmerge()
     return model
 

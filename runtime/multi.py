@@ -34,13 +34,12 @@ from neuroada_format.dtypes import NUMPY_DTYPES, common_value_dtype, nonfinite_m
 from . import kernels
 from .config import NeuroAdaConfig
 from .kernels.bgmv import AdapterStack, bgmv_add_, bgmv_linear_cpu, seq_groups
-from .layer import NeuroAdaLayer, _conv1d_type, check_adapter_name
-from .model import CONFIGS_ATTR, layers
+from .layer import BASE_ADAPTER, NeuroAdaLayer, _conv1d_type, check_adapter_name
+from .model import CONFIGS_ATTR, _shared_weights, _unserve, layers, refuse_unmergeable
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
            "stop_serving", "adapter_batch", "add_weighted_adapter"]
 
-BASE_ADAPTER = "__base__"
 MIXED_ATTR = "_neuroada_adapter_batch"  # on the model while an adapter_batch block runs
 _STACK_ATTR = "_neuroada_stack"
 _SAME_ATTR = "_neuroada_same_positions"
@@ -87,6 +86,18 @@ def _refuse_in_batch(model: nn.Module, what: str) -> None:
         raise NeuroAdaUsageError(f"{what} inside an adapter_batch block; leave the block first")
 
 
+def _state(t: torch.Tensor) -> tuple:
+    """What a cache built from ``t`` depends on. ``model.to(dtype)`` swaps a parameter's storage without moving
+    its version (``param.data = ...``), so the storage and dtype are part of it, not the object and version only."""
+    return t, t._version, t.data_ptr(), t.dtype, t.device
+
+
+def _same_state(a: list[tuple], b: list[tuple]) -> bool:
+    return len(a) == len(b) and all(len(x) == len(y) and all(
+        u is v or (not isinstance(u, torch.Tensor) and type(u) is type(v) and u == v) for u, v in zip(x, y))
+        for x, y in zip(a, b))
+
+
 def _forget_caches(layer: NeuroAdaLayer) -> None:
     layer.__dict__.pop(_STACK_ATTR, None)
     layer.__dict__.pop(_SAME_ATTR, None)
@@ -123,21 +134,20 @@ def stop_serving(model: nn.Module) -> None:
     """Give the layers back their own forward (e.g. to train); merged weights stay merged."""
     _refuse_in_batch(model, "stop_serving")
     for layer in layers(model).values():
-        if type(layer) is ServingLayer:
-            layer.__class__ = NeuroAdaLayer
-            layer.active_adapters = list(layer.merged_adapters)
+        _unserve(layer)
 
 
 # -- merged serving ---------------------------------------------------------------------------------------
 def _same_positions(layer: NeuroAdaLayer, a: str, b: str) -> bool:
     """Whether two adapters touch the same entries (e.g. both magnitude top-k with one k); cached."""
     ia, ib = layer.neuroada_idx[a], layer.neuroada_idx[b]
+    key = [_state(ia), _state(ib)]
     cache = layer.__dict__.setdefault(_SAME_ATTR, {})
     hit = cache.get((a, b))
-    if hit is not None and hit[0] is ia and hit[1] is ib and hit[2] == (ia._version, ib._version):
-        return hit[3]
+    if hit is not None and _same_state(hit[0], key):
+        return hit[1]
     same = ia.shape == ib.shape and bool(torch.equal(ia, ib))
-    cache[(a, b)] = (ia, ib, (ia._version, ib._version), same)
+    cache[(a, b)] = (key, same)
     return same
 
 
@@ -145,14 +155,14 @@ def _merged_values(layer: NeuroAdaLayer, name: str) -> torch.Tensor:
     """The adapter's merged entries (the Overlay's rule), in the order of its flat positions; cached, so
     a switch is one write per weight (each extra mid-sized op cost a thread wake-up on a busy machine). The
     grid is part of the key: what a layer serves is ``layer.delta``, snapped to the grid if there is one."""
-    val, w0, grid = layer.neuroada_val[name], layer.neuroada_w0[name], layer.grid(name)
+    key = [(layer.grid(name), layer.weight.dtype, *_state(layer.neuroada_val[name]),
+            *_state(layer.neuroada_w0[name]))]
     cache = layer.__dict__.setdefault(_MERGED_ATTR, {})
     hit = cache.get(name)
-    if (hit is not None and hit[0] is val and hit[1] is w0 and hit[2] == (val._version, w0._version)
-            and hit[4] is grid):
-        return hit[3]
+    if hit is not None and _same_state(hit[0], key):
+        return hit[1]
     values = layer.overlay([name]).values([layer.delta(name).detach()], layer.weight.dtype)
-    cache[name] = (val, w0, (val._version, w0._version), values, grid)
+    cache[name] = (key, values)
     return values
 
 
@@ -183,8 +193,14 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
     _refuse_in_batch(model, "set_adapter")
     _check_known(model, [adapter_name], allow_base=True)
     target = None if adapter_name in (None, BASE_ADAPTER) else adapter_name
+    all_layers = layers(model)
+    if target is not None:
+        shared = _shared_weights(model)
+        for name, layer in all_layers.items():  # before any weight changes
+            if target in layer.neuroada_val:
+                refuse_unmergeable(name, layer, shared)
     with torch.no_grad():
-        for layer in layers(model).values():
+        for layer in all_layers.values():
             _serve(layer)
             want = [target] if target is not None and target in layer.neuroada_val else []
             _switch(layer, want)
@@ -206,14 +222,13 @@ def _stack(layer: NeuroAdaLayer, order: Sequence[str]):
     """The layer's adapters stacked in model order, cached until an idx/val/w0 tensor or a grid changes (a
     snapped delta depends on w0)."""
     names = [n for n in order if n in layer.neuroada_val]
-    key = [(n, layer.neuroada_idx[n], layer.neuroada_idx[n]._version, layer.neuroada_val[n],
-            layer.neuroada_val[n]._version, layer.grid(n), layer.neuroada_w0[n]._version) for n in names]
+    key = [(n, layer.grid(n), *_state(layer.neuroada_idx[n]), *_state(layer.neuroada_val[n]),
+            *_state(layer.neuroada_w0[n])) for n in names]
     hit = layer.__dict__.get(_STACK_ATTR)
-    if hit is not None and len(hit[0]) == len(key) and all(
-            a[0] == b[0] and a[1] is b[1] and a[2] == b[2] and a[3] is b[3] and a[4] == b[4] and a[5] is b[5]
-            and a[6] == b[6] for a, b in zip(hit[0], key)):
+    if hit is not None and _same_state(hit[0], key):
         return hit[1], hit[2]
-    stack = AdapterStack([k[1] for k in key], [layer.delta(n) for n in names], layer.d_in) if names else None
+    stack = (AdapterStack([layer.neuroada_idx[n] for n in names], [layer.delta(n) for n in names], layer.d_in)
+             if names else None)
     slots = {n: i for i, n in enumerate(names)}
     layer.__dict__[_STACK_ATTR] = (key, stack, slots)
     return stack, slots
@@ -334,8 +349,6 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     if not adapters or len(adapters) != len(weights):
         raise NeuroAdaError(f"need one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
     check_adapter_name(adapter_name)
-    if adapter_name == BASE_ADAPTER:
-        raise NeuroAdaUsageError(f"adapter name {adapter_name!r} is reserved for the plain base")
     known = _check_known(model, adapters, allow_base=False)
     if adapter_name in known:
         raise NeuroAdaError(f"adapter {adapter_name!r} exists; delete it or pick another name")

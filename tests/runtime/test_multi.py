@@ -439,3 +439,142 @@ def test_a_file_keeps_its_value_dtype_and_seed_through_load_and_save(zoo, tmp_pa
     again = naf.load(save_adapter(fresh, tmp_path / "again.safetensors", "r"))
     assert again.selection["rule"] == "random" and again.selection["seed"] == 7
     assert {t.value_dtype for t in again.targets.values()} == {"F16"}
+
+
+# -- which adapter is active: one answer for the whole model (as PEFT) ------------------------------------
+def test_a_later_adapter_with_more_targets_waits_too(zoo):
+    """The first adapter leaves the attention alone; the second targets it: loading it must not switch it on
+    in the layers the first one left free (that would serve a mix nobody trained)."""
+    base, files, _, _ = zoo
+    model = copy.deepcopy(base)
+    ids = ids_batch(2)
+    with torch.no_grad():
+        load_adapter(model, files["code"], "code")
+        first = model(ids).logits
+        load_adapter(model, files["math"], "math")
+        assert torch.equal(model(ids).logits, first)
+    assert {n: l.active_adapters for n, l in layers(model).items()} == {
+        n: (["code"] if "mlp" in n else []) for n in layers(model)}
+
+
+def test_loading_onto_a_served_model_waits_and_serves_the_base_in_new_layers(zoo):
+    base, files, _, _ = zoo
+    model = copy.deepcopy(base)
+    load_adapter(model, files["code"], "code")
+    set_adapter(model, None)
+    ids = ids_batch(2)
+    with torch.no_grad():
+        plain = model(ids).logits
+        load_adapter(model, files["math"], "math")  # wraps the attention projections now
+        assert torch.equal(model(ids).logits, plain)
+    assert all(type(l) is ServingLayer and l.active_adapters == [] for l in layers(model).values())
+    set_adapter(model, "math")
+    check_merged(model, zoo, "math")
+
+
+def test_a_second_attach_trains_alone_and_reloads_as_trained(zoo, tmp_path):
+    base, _, _, _ = zoo
+    model = attach(copy.deepcopy(base), NeuroAdaConfig(k=1))
+    with torch.no_grad():
+        for layer in layers(model).values():
+            layer.neuroada_val["default"].fill_(0.2)
+    attach(model, NeuroAdaConfig(k=2, target_modules=["q_proj", "v_proj"], save_dtype="F32"), "second")
+    assert {n: l.active_adapters for n, l in layers(model).items()} == {
+        n: (["second"] if n.endswith(("q_proj", "v_proj")) else []) for n in layers(model)}
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [
+        n for n in dict(model.named_parameters()) if n.endswith("neuroada_val.second")]
+    ids = ids_batch(2)
+    model(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.5 * p.grad
+        trained = model(ids).logits
+    model.save_pretrained(tmp_path / "ckpt")
+    again = load_adapter(copy.deepcopy(base), tmp_path / "ckpt" / "second")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, trained) and not torch.equal(base(ids).logits, trained)
+
+
+def test_attach_after_set_adapter_trains_the_new_adapter(zoo):
+    base, files, _, _ = zoo
+    model = copy.deepcopy(base)
+    load_adapter(model, files["math"], "math")
+    set_adapter(model, "math")
+    with pytest.raises(NeuroAdaUsageError, match="merged adapters"):
+        attach(model, NeuroAdaConfig(k=1), "new")
+    set_adapter(model, None)
+    attach(model, NeuroAdaConfig(k=1), "new")
+    assert all(type(l) is NeuroAdaLayer and l.active_adapters == ["new"] for l in layers(model).values())
+    ids = ids_batch(2)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(l.neuroada_val["new"].grad is not None for l in layers(model).values())
+
+
+def test_unmerge_after_set_adapter_keeps_the_adapter_applied(zoo):
+    """As merge + unmerge (and PEFT): unmerge restores the weights, the active adapter stays applied unmerged."""
+    from neuroada_format.runtime import unmerge
+
+    model = served(zoo)
+    ids = ids_batch(2)
+    set_adapter(model, "cs")
+    with torch.no_grad():
+        want = model(ids).logits
+        unmerge(model)
+        got = model(ids).logits
+    assert all(not l.merged and l.active_adapters == (["cs"] if "cs" in l.neuroada_val else [])
+               for l in layers(model).values())
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)  # unmerged: the same sum, another rounding
+    check_merged(model, zoo, None)
+
+
+def test_set_adapter_refuses_a_tied_weight_and_changes_nothing(tmp_path):
+    tied = tiny_llama()
+    tied.config.tie_word_embeddings = True
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    m = attach(copy.deepcopy(tied), NeuroAdaConfig(k=2, target_modules=["lm_head"]))
+    with torch.no_grad():
+        layers(m)["lm_head"].neuroada_val["default"].normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    path = save_adapter(m, tmp_path / "head.safetensors")
+    model = load_adapter(copy.deepcopy(tied), path, "head")
+    before = snapshot(model)
+    with pytest.raises(NeuroAdaError, match="shared with another module") as err:
+        set_adapter(model, "head")
+    assert err.value.tensor == "lm_head.weight" and snapshot(model) == before
+
+
+def test_cached_stacks_follow_a_dtype_change(zoo):
+    """model.to(dtype) swaps parameter storage without moving versions: the serving caches must notice."""
+    model = served(zoo)
+    names = ["math", "cs", None]
+    ids = ids_batch(3)
+    with torch.no_grad(), adapter_batch(model, names):
+        model(ids)  # caches built in f32
+    set_adapter(model, "cs")
+    set_adapter(model, None)
+    model.to(torch.bfloat16)
+    fresh = copy.deepcopy(model)
+    for layer in layers(fresh).values():
+        multi._forget_caches(layer)
+    with torch.no_grad():
+        with adapter_batch(model, names):
+            got = model(ids).logits
+        with adapter_batch(fresh, names):
+            want = fresh(ids).logits
+        assert torch.equal(got, want)
+        set_adapter(model, "cs")
+        set_adapter(fresh, "cs")
+        assert all(torch.equal(a.base_layer.weight, b.base_layer.weight)
+                   for a, b in zip(layers(model).values(), layers(fresh).values()))
+
+
+@pytest.mark.parametrize("how", ["attach", "load_adapter"])
+def test_the_base_name_is_reserved(zoo, how):
+    base, files, _, _ = zoo
+    model = copy.deepcopy(base)
+    with pytest.raises(NeuroAdaUsageError, match="reserved"):
+        if how == "attach":
+            attach(model, NeuroAdaConfig(k=1), "__base__")
+        else:
+            load_adapter(model, files["math"], "__base__")
+    assert layers(model) == {}
