@@ -47,6 +47,7 @@ from neuroada_format.dtypes import NUMPY_DTYPES
 from neuroada_format.durable import (fsync_dir, fsync_path, publish, remove, remove_stale_siblings, reserve,
                                      temp_sibling)
 from neuroada_format.hashing import ProbeHash
+from neuroada_format.merge import overflow_unreported
 from neuroada_format.layout import stored_shape
 from neuroada_format.safe_io import kind_of, open_regular
 from neuroada_format.validate import PROBE_MISMATCH, probe_mismatch
@@ -183,7 +184,8 @@ def first_probes(adapters: list[tuple[Adapter, float]], touches: list[_Touch]) -
     for adapter, _ in adapters:
         if adapter.targets:
             smallest = min(adapter.targets.values(), key=lambda t: (t.d_out * t.k, t.name))
-            prepare(by_name[smallest.name], True)
+            with overflow_unreported():  # the copy merges it again
+                prepare(by_name[smallest.name], True)
 
 
 # -- copying files -----------------------------------------------------------------------------------
@@ -523,7 +525,9 @@ def _write_copy(b: _Base, touches: list[_Touch], out: str, *, verify: bool, over
             if durable:
                 for d in sorted(dirs, key=lambda d: -d.count(os.sep)):
                     fsync_dir(os.path.join(tmp, d))
-            os.chmod(tmp, stat.S_IMODE(os.stat(b.root).st_mode))
+            # BASE's mode, but always the owner's to manage: a read-only base folder (0555, as in a shared
+            # cache) must not give an output that a later --overwrite or a cleanup can no longer remove
+            os.chmod(tmp, stat.S_IMODE(os.stat(b.root).st_mode) | stat.S_IRWXU)
             if durable:
                 fsync_dir(tmp)
         pause_for_tests()

@@ -31,6 +31,7 @@ import platform
 import re
 import secrets
 import shutil
+import stat
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -42,6 +43,7 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, in-place r
     fcntl = None
 
 from .errors import NeuroAdaUsageError
+from .safe_io import kind_of
 
 TMP_MARK = ".tmp-"
 
@@ -103,11 +105,34 @@ def remove_stale_siblings(path: str) -> list[str]:
 
 
 def remove(path: str) -> None:
-    """Remove a file, a symlink (not what it points to) or a folder tree."""
+    """Remove a file, a symlink (not what it points to) or a folder tree, read-only folders in it included
+    (ours to remove: a temporary sibling or a replaced output, e.g. one copied from a 0555 base folder)."""
     if os.path.islink(path) or os.path.isfile(path):
         os.unlink(path)
     elif os.path.isdir(path):
-        shutil.rmtree(path)
+        shutil.rmtree(path, onerror=_writable_and_retry)
+
+
+def _writable_and_retry(func, path, exc_info) -> None:
+    """rmtree's error hook: where a folder's mode forbids listing or unlinking, give its owner the right, retry."""
+    if not isinstance(exc_info[1], PermissionError):
+        raise exc_info[1]
+    folder = path if func in (os.open, os.scandir, os.listdir, os.rmdir) and os.path.isdir(path) else \
+        os.path.dirname(path)
+    for target in {folder, os.path.dirname(path)}:
+        try:
+            if not os.path.islink(target):
+                os.chmod(target, stat.S_IMODE(os.lstat(target).st_mode) | stat.S_IRWXU)
+        except OSError:
+            pass
+    if func in (os.open, os.scandir, os.listdir):  # the folder could not be read: walk it again
+        shutil.rmtree(path, onerror=_raise)
+    else:
+        func(path)
+
+
+def _raise(func, path, exc_info) -> None:
+    raise exc_info[1]
 
 
 # -- permissions and flushing ------------------------------------------------------------------------
@@ -204,6 +229,9 @@ def publish(tmp: str, out: str, *, overwrite: bool, durable: bool) -> None:
     if os.path.lexists(out):
         if not overwrite:
             raise _exists(out)
+        mode = os.lstat(out).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+            raise NeuroAdaUsageError(f"output exists and is a {kind_of(mode)}, which is never replaced", path=out)
         if os.path.isdir(tmp) and not os.path.islink(out):
             if not _renameat2(tmp, out, _RENAME_EXCHANGE):
                 old = temp_sibling(out)
@@ -256,6 +284,22 @@ def write_bytes(path, data: bytes, *, overwrite: bool = True, durable: bool = Tr
     write_file(path, write, overwrite=overwrite, durable=durable, mode=mode)
 
 
+_WRITE_SIDE = frozenset(getattr(errno, name) for name in ("ENOSPC", "EFBIG", "EDQUOT") if hasattr(errno, name))
+
+
+@contextmanager
+def naming_write_errors(out):
+    """A full disk or file-size limit met while writing OUT is reported on OUT: sendfile, pwrite and file
+    objects name no file, shutil.copyfile names its source, and a temporary sibling's name means nothing
+    to the user (spec 11.5: every write error names the file)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _WRITE_SIDE and exc.filename != os.fspath(out):
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), os.fspath(out)) from exc
+        raise
+
+
 # -- the overwrite rule ------------------------------------------------------------------------------
 def _real(path: str) -> str:
     return os.path.normcase(os.path.realpath(path))
@@ -284,7 +328,9 @@ def check_output(out, *, inputs: Iterable = (), overwrite: bool = False, kind: s
     - OUT (and each companion: other files the write will put beside it, e.g. ONNX external data)
       may not be, hold, or lie inside any input, nor be a hard link to one, even with overwrite.
     - An existing OUT or companion is replaced only with overwrite, and OUT only by one of the same
-      `kind` ("file" or "folder", when given).
+      `kind` ("file" or "folder", when given); never a FIFO, device or socket (`--out /dev/null
+      --overwrite` run as root would replace the device), nor a symbolic link (the rename that
+      publishes OUT would replace the link, not what it names, or fail after all the work for a folder).
     All refusals are NeuroAdaUsageError (exit 2); nothing has been written when they are raised.
     """
     out = os.path.abspath(os.fspath(out))
@@ -304,14 +350,52 @@ def check_output(out, *, inputs: Iterable = (), overwrite: bool = False, kind: s
                                          f"destroy; write elsewhere", path=target)
             if _inside(real, real_src):
                 raise NeuroAdaUsageError(f"{what} lies inside the input {src}; write elsewhere", path=target)
-        if os.path.lexists(target) and not overwrite:
-            raise _exists(target)
+        for src in inputs:  # after the direct checks: a file given as an input is named as such
+            linked = _hard_link_into(target, src)
+            if linked:
+                what = "the output" if target == out else f"the output's companion file {target}"
+                raise NeuroAdaUsageError(f"{what} is a hard link to the input file {linked}; write elsewhere",
+                                         path=target)
+        if os.path.lexists(target):
+            if not overwrite:
+                raise _exists(target)
+            _refuse_replacing(target, "the output" if target == out else f"the output's companion file {target}")
     if kind is not None and os.path.lexists(out):
         is_dir = os.path.isdir(out)
         if is_dir != (kind == "folder"):
             raise NeuroAdaUsageError(f"output exists and is {'a folder' if is_dir else 'a file'}, but this "
                                      f"writes {'a folder' if kind == 'folder' else 'a file'}", path=out)
     return out
+
+
+def _hard_link_into(target: str, folder: str) -> str | None:
+    """A file of the input folder `folder` that the existing file `target` is a hard link to, if any."""
+    try:
+        st = os.stat(target)
+    except OSError:
+        return None
+    if st.st_nlink < 2 or not stat.S_ISREG(st.st_mode) or not os.path.isdir(folder):
+        return None
+    for here, _, names in os.walk(folder):
+        for name in names:
+            try:
+                other = os.stat(os.path.join(here, name))
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return os.path.join(here, name)
+    return None
+
+
+def _refuse_replacing(target: str, what: str) -> None:
+    mode = os.lstat(target).st_mode
+    if stat.S_ISLNK(mode):
+        raise NeuroAdaUsageError(f"{what} is a symbolic link (to {os.readlink(target)}); publishing replaces the "
+                                 "link itself, not what it names: give the real path, or remove the link",
+                                 path=target)
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise NeuroAdaUsageError(f"{what} exists and is a {kind_of(mode)}, which --overwrite never replaces",
+                                 path=target)
 
 
 # -- the lock rule -----------------------------------------------------------------------------------

@@ -313,6 +313,33 @@ def test_overflow_warning_is_one_line(model, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("warning: merge overflowed"), err
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+def test_overflow_warnings_add_up_to_what_the_output_holds(model, tmp_path, capsys, in_place):
+    """One warning per tensor or block, deduplicated into one line, showed the first count only; the total comes
+    last, counted once per merged tensor (the early probe check merges one tensor a second time)."""
+    base, _, _, arrays = model
+    rng = np.random.default_rng(1)
+    names = B.targets_of(arrays)[:3]
+    adapter = B.make_adapter(rng, arrays, names, 2, value_dtype="F32")
+    huge = {n: naf.Target(n, t.indices, np.full(t.values.shape, 3.4e38, np.float32), t.shape, t.layout, t.dtype,
+                          t.probe) for n, t in adapter.targets.items()}
+    naf.save(naf.Adapter(huge), tmp_path / "huge.safetensors")
+    if in_place:
+        shutil.copytree(base, tmp_path / "work")
+        args = ["--base", tmp_path / "work", "--adapter", tmp_path / "huge.safetensors", "--in-place"]
+        merged = tmp_path / "work"
+    else:
+        args = ["--base", base, "--adapter", tmp_path / "huge.safetensors", "--out", tmp_path / "o"]
+        merged = tmp_path / "o"
+    code, _, err = merge_cli(capsys, *args)
+    assert code == 0
+    lines = err.strip().splitlines()
+    held = sum(int((~np.isfinite(naf.open_base(merged).array(n).astype(np.float32))).sum()) for n in names)
+    assert held == sum(t.values.size for t in huge.values())
+    assert len(lines) == 2 and lines[0].startswith("warning: merge overflowed"), err
+    assert lines[1] == f"warning: in all, the merge overflowed the BF16 range at {held} positions (over 3 tensors or blocks)"
+
+
 # -- the lock rule (issue 13 item 3) -----------------------------------------------------------------
 def test_in_place_runs_are_refused_while_the_checkpoint_is_locked(model, tmp_path):
     base, a, _, _ = model
@@ -674,3 +701,129 @@ def test_a_killed_pack_leaves_no_output_and_the_next_run_cleans_up(model, tmp_pa
         pack_cli.main(argv)
     assert exc.value.code == 0 and out.exists() and B.siblings(out) == []
     assert naf.validate(naf.load(out)).ok
+
+
+# -- outputs that are not plain files or folders (found by an attacker's audit) -------------------------
+def test_overwrite_never_replaces_a_fifo_socket_or_symbolic_link(model, tmp_path, capsys):
+    """`--out /dev/null --overwrite`, run as root, replaced the device with a regular file; a link to a folder
+    failed only after the whole merge, and a link to a file was silently replaced by the output."""
+    import socket
+
+    base, a, _, _ = model
+    special = tmp_path / "special"
+    special.mkdir()
+    os.mkfifo(special / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(os.fspath(special / "sock"))
+    (special / "elsewhere").mkdir()
+    os.symlink("elsewhere", special / "dirlink")
+    (special / "file").write_bytes(b"mine")
+    os.symlink("file", special / "filelink")
+    before = {n: os.lstat(special / n) for n in os.listdir(special)}
+    try:
+        for name, needle in (("fifo", "FIFO"), ("sock", "socket"), ("dirlink", "symbolic link"),
+                             ("filelink", "symbolic link")):
+            out = special / name
+            code, _, err = merge_cli(capsys, "--base", base, "--adapter", a, "--out", out, "--overwrite")
+            assert code == 2 and needle in one_line(err), err
+            code, _, err = pack_run(capsys, "--repack", a, "-o", out, "--overwrite")
+            assert code == 2 and needle in one_line(err), err
+            with pytest.raises(naf.NeuroAdaUsageError, match=needle):
+                durable.check_output(out, overwrite=True)
+    finally:
+        sock.close()
+    after = {n: os.lstat(special / n) for n in os.listdir(special)}
+    assert {n: (s.st_ino, s.st_mode) for n, s in after.items()} == {n: (s.st_ino, s.st_mode) for n, s in before.items()}
+    assert (special / "file").read_bytes() == b"mine" and os.listdir(special / "elsewhere") == []
+    # the last guard, for writers that publish without check_output (save_adapter...)
+    with pytest.raises(naf.NeuroAdaUsageError, match="FIFO"):
+        durable.write_bytes(special / "fifo", b"x")
+    assert sorted(os.listdir(special)) == sorted(before)
+
+
+def test_pack_output_hard_linked_to_a_file_of_the_base_folder_is_refused(model, tmp_path, capsys):
+    base, a, _, _ = model
+    shard = sorted(n for n in os.listdir(base) if n.endswith(".safetensors"))[0]
+    alias = tmp_path / "alias.safetensors"
+    os.link(os.path.join(base, shard), alias)
+    before = tree(base)
+    code, _, err = pack_run(capsys, "--combine", a, "--base", base, "-o", alias, "--overwrite")
+    assert code == 2 and "hard link to the input file" in one_line(err), err
+    assert tree(base) == before and os.path.samefile(alias, os.path.join(base, shard))
+
+
+def _as_unprivileged(argv: list, **kw) -> subprocess.CompletedProcess:
+    """Run argv where file permissions apply: as root, without any capability (setpriv); else as is."""
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root without setpriv: file permissions would not apply")
+        argv = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", *argv]
+    return subprocess.run([os.fspath(x) for x in argv], capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_a_read_only_base_folder_gives_outputs_that_can_be_replaced(model, tmp_path):
+    """The copy took the base folder's mode (0555): a later --overwrite published, then failed to delete the old
+    output, and every run after that failed on the undeletable leftover."""
+    base, a, _, _ = model
+    os.chmod(base, 0o555)
+    out = tmp_path / "merged"
+    merge = [_script("neuroada-merge"), "--base", base, "--adapter", a, "--out", out]
+    try:
+        for extra in ([], ["--overwrite"], ["--overwrite"]):
+            r = _as_unprivileged(merge + extra)
+            assert r.returncode == 0 and r.stderr == "", r.stderr
+            assert B.siblings(out) == [] and os.stat(out).st_mode & 0o700 == 0o700
+    finally:
+        os.chmod(base, 0o755)
+
+
+def test_remove_deletes_trees_with_read_only_and_unreadable_folders(tmp_path):
+    top = tmp_path / "t"
+    (top / "ro" / "deep").mkdir(parents=True)
+    (top / "ro" / "deep" / "f").write_bytes(b"x")
+    (top / "ro" / "g").write_bytes(b"y")
+    (top / "closed").mkdir()
+    (top / "closed" / "h").write_bytes(b"z")
+    os.chmod(top / "ro" / "deep", 0o555)
+    os.chmod(top / "ro", 0o555)
+    os.chmod(top / "closed", 0)
+    os.chmod(top, 0o555)
+    os.chmod(tmp_path, 0o755)
+    code = f"from neuroada_format import durable; durable.remove({os.fspath(top)!r})"
+    r = _as_unprivileged([sys.executable, "-c", code])
+    assert r.returncode == 0 and not top.exists(), r.stderr
+
+
+def test_write_errors_name_the_output(tmp_path):
+    """sendfile and pwrite name no file, and shutil.copyfile names its source even when the destination's
+    disk is full: a full disk or a file-size limit met while writing OUT is reported on OUT."""
+    import errno
+
+    out = tmp_path / "out"
+    for raised in (OSError(errno.ENOSPC, "No space left on device"),
+                   OSError(errno.EFBIG, "File too large", "/the/base/model.onnx.data")):
+        with pytest.raises(OSError) as info, durable.naming_write_errors(out):
+            raise raised
+        assert info.value.filename == os.fspath(out) and info.value.errno == raised.errno
+    with pytest.raises(OSError) as info, durable.naming_write_errors(out):  # a read error keeps its own name
+        raise OSError(errno.EIO, "Input/output error", "/the/base")
+    assert info.value.filename == "/the/base"
+
+
+def test_merge_and_to_peft_on_a_full_disk_name_the_output(tiny_tmpfs, tmp_path):
+    w = np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32)
+    idx = naf.select_indices(w, 64)
+    target = naf.Target.from_weight("lin.weight", w, idx, np.full(idx.shape, 0.5, np.float32), value_dtype="F32")
+    src = tmp_path / "a.safetensors"
+    naf.save(naf.Adapter({"lin.weight": target}), src)
+    base = tmp_path / "base.safetensors"
+    B.write_checkpoint(tmp_path / "b", {"lin.weight": w}, shards=1, extras=False)
+    shutil.copyfile(tmp_path / "b" / "model.safetensors", base)   # 1 MiB: larger than what is left
+    (tiny_tmpfs / "filler").write_bytes(b"x" * (900 << 10))  # ~100 KiB left
+    for argv, out in (([_script("neuroada-merge"), "--base", base, "--adapter", src, "--out"], tiny_tmpfs / "m.safetensors"),
+                      ([_script("neuroada-pack"), "--to", "peft", src, "-o"], tiny_tmpfs / "peft")):
+        r = subprocess.run([os.fspath(x) for x in [*argv, out]], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (r.returncode, r.stderr)
+        line = one_line(r.stderr)
+        assert "No space left on device" in line and os.fspath(out) in line, line
+        assert not out.exists() and B.siblings(out) == []
