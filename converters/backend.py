@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from neuroada_format import Adapter, NeuroAdaError, NeuroAdaUsageError, load
-from neuroada_format.durable import check_output, checkpoint_lock
+from neuroada_format.durable import check_output, checkpoint_lock, naming_write_errors
 from neuroada_format.folder import adapter_paths
 
 SLOWDOWN_ENV = "NEUROADA_TEST_SLOWDOWN"
@@ -290,9 +290,11 @@ def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, ver
         resolved = impl.resolve(view, adapters, verify=verify)
         plan = impl.plan(view, resolved, verify=verify, in_place=in_place)
         if in_place:
-            done = impl.write_in_place(view, plan, journal=journal, durable=durable, progress=progress)
+            with naming_write_errors(impl.base_path(view)):
+                done = impl.write_in_place(view, plan, journal=journal, durable=durable, progress=progress)
         else:
-            done = impl.write(view, plan, out, overwrite=overwrite, durable=durable, progress=progress)
+            with naming_write_errors(out):
+                done = impl.write(view, plan, out, overwrite=overwrite, durable=durable, progress=progress)
     return MergeSummary(
         mode="in-place" if in_place else "copy", format=impl.format, base=impl.base_path(view),
         output=impl.base_path(view) if in_place else out, adapters=described(adapters), verified=verify,

@@ -16,6 +16,7 @@ import warnings
 import click
 
 from neuroada_format import NeuroAdaError
+from neuroada_format.merge import MergeOverflowWarning
 from neuroada_format.errors import EXIT_INTERRUPTED, EXIT_USAGE, exit_code, printable  # noqa: F401 (re-export)
 
 from .backend import finite_scale
@@ -51,19 +52,31 @@ def _message(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {exc} (set NEUROADA_DEBUG=1 for a traceback)"
 
 
-def _one_line_warning():
+class _OneLineWarnings:
     """A showwarning that prints each kind of warning once, as one `warning: ...` line (Python's own
-    format is two lines with a source path, and a merge may raise the same warning once per block)."""
-    seen = set()
+    format is two lines with a source path, and a merge may raise the same warning once per block).
+    Overflow counts come once per tensor or block: the first is shown at once, the total at the end."""
 
-    def show(message, category, filename, lineno, file=None, line=None):
+    def __init__(self):
+        self.seen: set = set()
+        self.overflow: dict[str, list[int]] = {}  # dtype -> [warnings, positions]
+
+    def show(self, message, category, filename, lineno, file=None, line=None):
+        if isinstance(message, MergeOverflowWarning):
+            n = self.overflow.setdefault(message.dtype, [0, 0])
+            n[0] += 1
+            n[1] += message.positions
         text = printable(" ".join(str(message).split()))
         key = (category, re.sub(r"\d+", "N", text))
-        if key not in seen:
-            seen.add(key)
+        if key not in self.seen:
+            self.seen.add(key)
             click.echo(f"warning: {text}", err=True)
 
-    return show
+    def finish(self) -> None:
+        for dtype, (count, positions) in self.overflow.items():
+            if count > 1:
+                click.echo(f"warning: in all, the merge overflowed the {dtype} range at {positions} positions "
+                           f"(over {count} tensors or blocks)", err=True)
 
 
 def run_command(command: click.Command, argv, prog_name: str) -> int:
@@ -74,8 +87,12 @@ def run_command(command: click.Command, argv, prog_name: str) -> int:
             # interpreter diagnostics, not messages for users: a Ctrl-C landing between open() and `with`
             # leaves a file object that the garbage collector reports as "unclosed file"
             warnings.simplefilter("ignore", ResourceWarning)
-            warnings.showwarning = _one_line_warning()
-            code = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+            shown = _OneLineWarnings()
+            warnings.showwarning = shown.show
+            try:
+                code = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+            finally:
+                shown.finish()
     except click.exceptions.Exit as exc:        # --help, --version
         return exc.exit_code
     except click.ClickException as exc:         # usage errors: one line, not click's three

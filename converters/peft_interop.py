@@ -215,14 +215,15 @@ def _write_folder(out: str, files: dict, *, overwrite: bool, inputs) -> None:
     durable.remove_stale_siblings(out)
     tmp = durable.temp_sibling(out)
     try:
-        os.mkdir(tmp, durable.default_mode(executable=True))
-        for name, write in files.items():
-            path = os.path.join(tmp, name)
-            write(path)
-            os.chmod(path, durable.default_mode())
-            durable.fsync_path(path)
-        durable.fsync_dir(tmp)
-        durable.publish(tmp, out, overwrite=overwrite, durable=True)
+        with durable.naming_write_errors(out):
+            os.mkdir(tmp, durable.default_mode(executable=True))
+            for name, write in files.items():
+                path = os.path.join(tmp, name)
+                write(path)
+                os.chmod(path, durable.default_mode())
+                durable.fsync_path(path)
+            durable.fsync_dir(tmp)
+            durable.publish(tmp, out, overwrite=overwrite, durable=True)
     except BaseException:
         if os.path.lexists(tmp):
             durable.remove(tmp)

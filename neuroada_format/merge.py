@@ -7,6 +7,7 @@ Unmerge writes the kept originals back, so it is exact whatever the rounding did
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -123,9 +124,26 @@ def plan_merge(weight: np.ndarray, deltas: Sequence, layout: str = "out_in", *, 
         merged = acc.astype(NUMPY_DTYPES[base_dtype])
     overflow = nonfinite_mask(merged) & ~nonfinite_mask(originals)
     if overflow.any():
-        warnings.warn(f"merge overflowed the {base_dtype} range at {int(overflow.sum())} positions "
-                      "(the rule rounds them to +-Inf)", RuntimeWarning, stacklevel=3)
+        warnings.warn(MergeOverflowWarning(base_dtype, int(overflow.sum())), stacklevel=3)
     return MergePlan(union, originals, merged, locations)
+
+
+class MergeOverflowWarning(RuntimeWarning):
+    """Merged values beyond the base dtype's range (rounded to +-Inf by the rule); one per tensor or block,
+    with the count kept as a number so a tool can report the total."""
+
+    def __init__(self, dtype: str, positions: int):
+        super().__init__(f"merge overflowed the {dtype} range at {positions} positions (the rule rounds them to +-Inf)")
+        self.dtype, self.positions = dtype, positions
+
+
+@contextlib.contextmanager
+def overflow_unreported():
+    """For a pass that only checks (probe hashes) and merges the same values again later: its overflow
+    warning would be counted twice. Not thread-safe (warning filters are global): call it before workers start."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MergeOverflowWarning)
+        yield
 
 
 def merged_values(weight: np.ndarray, deltas: Sequence, layout: str = "out_in"):
