@@ -8,7 +8,8 @@ safetensors file, so it is inspectable with any safetensors reader and never unp
       "format": "neuroada-journal", "version": "1", "created": "<UTC ISO-8601>",
       "root": "<absolute folder holding the patched files>",
       "adapters": [{"path": ..., "scale": ...}, ...],            # for the record only
-      "files": {"<path relative to root>": {"size": <bytes>, "header_sha256": "<hex>"}},
+      "files": {"<path relative to root>": {"size": <bytes>, "header_sha256": "<hex>"
+                                            [, "layout_file": "<path relative to root>"]}},
       "tensors": {"<tensor name>": {"file": "<relative path>", "dtype": "BF16|F16|F32",
                                     "offset": <absolute byte offset of the tensor's data>,
                                     "count": <elements in the tensor>,
@@ -21,6 +22,9 @@ safetensors file, so it is inspectable with any safetensors reader and never unp
 
 `header_sha256` covers the file's first 8 + N bytes (length prefix and JSON header), which a merge
 never changes: a revert refuses files whose header differs (another checkpoint, a re-saved file).
+A file whose layout is described elsewhere (an ONNX model's external data file: raw bytes, the
+offsets are in the `.onnx`) names that file in `layout_file`, and `header_sha256` is then the
+sha256 of the whole layout file, which an in-place merge of external data never changes either.
 Keeping the merged values too lets a revert prove each position still holds either the merged value
 (restore it) or the original (already reverted, or never reached by a killed merge) and refuse
 anything else, such as a later merge on top that has not been reverted yet. That makes a revert
@@ -42,7 +46,7 @@ import numpy as np
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.container import SafetensorsFile, strict_json
-from neuroada_format.dtypes import BASE_DTYPES
+from neuroada_format.dtypes import BASE_DTYPES, NUMPY_DTYPES
 
 from neuroada_format.durable import checkpoint_lock, fsync_path, reserve, write_bytes
 from neuroada_format.safe_io import open_regular
@@ -93,18 +97,33 @@ def header_sha256(path: str) -> str:
     return hashlib.sha256(prefix + header).hexdigest()
 
 
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open_regular(path) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_entry(root: str, rel: str, layout: str | None) -> dict:
+    size = os.path.getsize(os.path.join(root, rel))
+    if layout is None:
+        return {"size": size, "header_sha256": header_sha256(os.path.join(root, rel))}
+    return {"size": size, "header_sha256": file_sha256(os.path.join(root, layout)), "layout_file": layout}
+
+
 def write_journal(path: str, root: str, files: list[str], entries: list[JournalEntry], *,
-                  adapters: list[dict]) -> None:
+                  adapters: list[dict], layouts: dict[str, str] | None = None) -> None:
     """Write the journal durably (neuroada_format.durable: temporary sibling, fsync, rename, folder
-    fsync), never over an existing file."""
+    fsync), never over an existing file. `layouts`: data file -> the file holding its layout (ONNX)."""
     from safetensors.numpy import save
 
+    layouts = layouts or {}
     doc = {
         "format": FORMAT, "version": VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "root": os.path.abspath(root), "adapters": adapters,
-        "files": {rel: {"size": os.path.getsize(os.path.join(root, rel)),
-                        "header_sha256": header_sha256(os.path.join(root, rel))} for rel in files},
+        "files": {rel: _file_entry(root, rel, layouts.get(rel)) for rel in files},
         "tensors": {e.tensor: {"file": e.file, "dtype": e.dtype, "offset": int(e.offset), "count": int(e.count),
                                "sha256": entry_sha256(np.asarray(e.positions, dtype=position_dtype(e.count)),
                                                       e.original, e.merged)}
@@ -160,9 +179,12 @@ def read_journal(path) -> Journal:
     files, tensors, root = doc.get("files"), doc.get("tensors"), doc.get("root")
     if not isinstance(root, str) or not isinstance(files, dict) or not isinstance(tensors, dict):
         raise _malformed(path, "root, files or tensors missing")
+    def plain(rel) -> bool:
+        return isinstance(rel, str) and not os.path.isabs(rel) and ".." not in rel.replace("\\", "/").split("/")
+
     for rel, f in files.items():
-        if (os.path.isabs(rel) or ".." in rel.replace("\\", "/").split("/") or not isinstance(f, dict)
-                or not isinstance(f.get("size"), int) or not isinstance(f.get("header_sha256"), str)):
+        if (not plain(rel) or not isinstance(f, dict) or not isinstance(f.get("size"), int)
+                or not isinstance(f.get("header_sha256"), str) or not plain(f.get("layout_file", ""))):
             raise _malformed(path, f"file entry {rel!r} is invalid")
     for name, t in tensors.items():
         ok = (isinstance(t, dict) and t.get("file") in files and t.get("dtype") in BASE_DTYPES
@@ -219,17 +241,28 @@ def _revert(j: Journal, root: str, started: float, progress: bool) -> dict:
             raise NeuroAdaUsageError("file named by the journal is missing", path=path)
         if os.path.islink(path):
             raise NeuroAdaUsageError("is a symlink; a revert would write through it into the shared file", path=path)
-        if os.path.getsize(path) != f["size"] or header_sha256(path) != f["header_sha256"]:
+        layout = f.get("layout_file")
+        if layout is None:
+            same = os.path.getsize(path) == f["size"] and header_sha256(path) == f["header_sha256"]
+        else:  # raw data whose offsets another file holds (ONNX external data): that file must be the same
+            layout_path = os.path.join(root, layout)
+            same = (os.path.getsize(path) == f["size"] and os.path.isfile(layout_path)
+                    and file_sha256(layout_path) == f["header_sha256"])
+        if not same:
             raise Mismatch(f"this file is not the one journal {j.path} was written for (its header differs)",
                            path=path)
         paths[rel] = path
-    headers = {rel: SafetensorsFile(p) for rel, p in paths.items()}
+    headers = {rel: SafetensorsFile(p) for rel, p in paths.items() if "layout_file" not in j.doc["files"][rel]}
     entries = j.entries()
     todo, already = [], 0
     for e in entries:
-        info = headers[e.file].tensors.get(e.tensor)
-        if (info is None or info.dtype != e.dtype or headers[e.file].absolute_offset(e.tensor) != e.offset
-                or int(np.prod(info.shape)) != e.count):
+        if e.file in headers:
+            info = headers[e.file].tensors.get(e.tensor)
+            fits = (info is not None and info.dtype == e.dtype and headers[e.file].absolute_offset(e.tensor) == e.offset
+                    and int(np.prod(info.shape)) == e.count)
+        else:  # the layout file's hash matched: the journal's offsets are its offsets; still never past the end
+            fits = e.offset + e.count * NUMPY_DTYPES[e.dtype].itemsize <= j.doc["files"][e.file]["size"]
+        if not fits:
             raise Mismatch("tensor does not match the journal", path=paths[e.file], tensor=e.tensor)
         # disk blocks first: a full disk is an error here, never a SIGBUS from the map below
         reserve(paths[e.file], e.offset, e.count * np.dtype(e.original.dtype).itemsize)

@@ -13,13 +13,16 @@ the graph computes what the merged PyTorch model computes.
 
 Limits: targets are main-graph initializers in F32/F16/BF16 (quantized graphs are refused: merge the
 float model, then quantize); two targets of one adapter that land on one tensor (both names of a tied
-weight) are refused; an in-place merge of external data is not atomic (verify first, keep a copy).
+weight) are refused. An in-place merge patches external data only (an inline initializer would mean
+rewriting the whole .onnx: merge into a copy), after writing the revert journal that `neuroada-merge
+--revert` undoes it with, bit for bit, even after a crash mid-way (converters/journal.py).
 """
 from __future__ import annotations
 
 import ast
 import os
 import shutil
+import time
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -28,13 +31,14 @@ import numpy as np
 from neuroada_format import (Adapter, ArrayBase, MergePlan, NeuroAdaError, NeuroAdaUsageError, Target, plan_merge,
                              probe_hash, validate)
 from neuroada_format.durable import (default_mode, fsync_path, publish, remove, remove_stale_siblings, reserve,
-                                     temp_sibling, write_file)
+                                     temp_sibling)
 from neuroada_format.layout import canonical_shape, canonical_view, stored_shape
-from neuroada_format.safe_io import open_regular
+from neuroada_format.safe_io import check_regular, open_regular
 from neuroada_format.merge import Delta
 from neuroada_format.validate import probe_mismatch
 
-from .backend import Backend, MergeSummary, Resolved, Written, merge
+from .backend import Backend, MergeSummary, Resolved, Written, described, merge, pause_for_tests
+from .journal import JOURNAL_PREFIX, JournalEntry, position_dtype, write_journal
 from .tensor_map import patch_values
 
 try:  # the converters need onnx; the format core does not
@@ -103,8 +107,11 @@ def _safe_location(model_dir: str, location: str, model_path: str, tensor: str) 
         real_dir = os.path.realpath(model_dir)
         if os.path.realpath(full) != os.path.normpath(os.path.join(real_dir, location)):
             bad = "is or passes through a symbolic link"
-        elif not os.path.isfile(full):
+        elif not os.path.lexists(full):
             bad = "does not exist"
+        elif not os.path.isfile(full):  # a FIFO or device would block or never end: a usage error, as elsewhere
+            check_regular(full, rule="1.6")
+            bad = "is not a regular file"
         else:
             return full
     raise NeuroAdaError(f"external data location {location!r} {bad}; refusing to read or copy it",
@@ -547,6 +554,8 @@ class _Plan:
     entries: dict          # initializer -> {"layout", "deltas", "sources"}
     resolutions: dict      # target -> Resolution.to_dict() + {"adapters": [i, ...]}
     patches: dict | None = None   # initializer -> (positions, merged values), filled by plan()
+    originals: dict | None = None  # in place: initializer -> the values the merge replaces (for the journal)
+    adapters: list | None = None   # what the journal records of the adapters (backend.described)
     touched: int = 0
 
 
@@ -580,7 +589,7 @@ class OnnxBackend(Backend):
                     entry = entries.setdefault(name, {"layout": layout, "deltas": [], "sources": []})
                     entry["deltas"].append(Delta(t.indices, t.values, scale))
                     entry["sources"].append((adapter.path or f"adapter #{ai}", t))
-        return Resolved(_Plan(entries, resolutions), len(resolutions))
+        return Resolved(_Plan(entries, resolutions, adapters=described(adapters)), len(resolutions))
 
     def plan(self, view: OnnxModel, resolved: Resolved, *, verify: bool, in_place: bool) -> _Plan:
         """The merged values, computed from the (read-only) base; one read also gives the probe hashes."""
@@ -597,6 +606,9 @@ class OnnxBackend(Backend):
             if verify:
                 _probe_check(name, merge_plan, entry["sources"])
             plan.patches[name] = (merge_plan.positions, merge_plan.merged)
+            if in_place:
+                plan.originals = plan.originals or {}
+                plan.originals[name] = merge_plan.originals
             plan.touched += int(merge_plan.positions.size)
         if in_place:
             _check_patchable(view, plan.patches)
@@ -608,12 +620,10 @@ class OnnxBackend(Backend):
         return Written(plan.touched, files, written, removed_stale=stale, details=self._details(view, plan))
 
     def write_in_place(self, view: OnnxModel, plan: _Plan, *, journal, durable: bool, progress: bool) -> Written:
-        if journal is not None:
-            raise NeuroAdaUsageError("a revert journal applies to safetensors bases only", path=view.path)
-        files = _write_in_place(view, plan.patches, durable)
+        journal, files = _write_in_place(view, plan, journal, durable)
         itemsize = {n: FLOAT_TYPES[view.initializers[n].data_type][1].itemsize for n in plan.patches}
         return Written(plan.touched, files, sum(p.size * itemsize[n] for n, (p, _) in plan.patches.items()),
-                       details=self._details(view, plan))
+                       journal=journal, details={**self._details(view, plan), "journal_bytes": os.path.getsize(journal)})
 
     @staticmethod
     def _details(view: OnnxModel, plan: _Plan) -> dict:
@@ -625,7 +635,7 @@ BACKEND = OnnxBackend()
 
 
 def merge_onnx(base: str, adapters, out: str | None, *, verify: bool = True, in_place: bool = False,
-               progress: bool = False, durable: bool = False, overwrite: bool = False) -> MergeSummary:
+               progress: bool = False, durable: bool = False, overwrite: bool = False, journal=None) -> MergeSummary:
     """Merge `adapters` [(Adapter, scale), ...] into the ONNX model `base`, writing `out`.
 
     Values follow the spec's merge rule exactly (neuroada_format.plan_merge: f32 sum over adapters
@@ -633,8 +643,9 @@ def merge_onnx(base: str, adapters, out: str | None, *, verify: bool = True, in_
     resolved and (with verify) validated against the model, its probe hashes included. Out of place,
     the model and its external data files are written beside `out` under temporary names and put in
     place by rename (see `_commit`); an existing `out` or data file is replaced only with overwrite.
-    in_place patches the base itself: external data files are patched at the tensors' offsets (not
-    atomic: a crash mid-way leaves some tensors merged), an inline model is rewritten atomically.
+    in_place patches the base's external data files at the tensors' offsets, after writing a revert
+    journal (`journal` in the summary; a crash mid-way leaves some tensors merged, which the revert
+    undoes); inline initializers are refused in place.
     durable: fsync what is written before it is renamed into place (survives a power cut; the
     renames alone already survive a killed process).
     """
@@ -643,7 +654,7 @@ def merge_onnx(base: str, adapters, out: str | None, *, verify: bool = True, in_
             raise NeuroAdaUsageError("in_place merges write the base itself; give no separate output", path=base)
         out = None
     return merge(base, adapters, out, in_place=in_place, verify=verify, overwrite=overwrite, progress=progress,
-                 durable=durable, format="onnx")
+                 durable=durable, format="onnx", journal=journal)
 
 
 def _verify(model: OnnxModel, adapter: Adapter, resolutions: dict[str, Resolution], label: str) -> None:
@@ -694,41 +705,60 @@ def _set_inline(tensor, values_dtype, positions, values) -> None:
 
 
 def _check_patchable(model: OnnxModel, patches) -> None:
-    """In place: refuse files that patching would change for someone else (symlinks, hard links)."""
-    files = {model.external[n].file for n in patches if n in model.external}
-    if any(n not in model.external for n in patches):      # inline tensors: the .onnx is rewritten
-        if os.path.islink(model.path):
-            raise NeuroAdaUsageError("model is a symbolic link; merge into a copy instead", path=model.path)
-        files.add(model.path)
+    """In place: only external data, in files nobody else shares (no symlinks, no other hard links).
+
+    An inline initializer lives inside the serialised model, which a merge would rewrite as a whole: no
+    offsets for a revert journal to restore, and merging into a copy (--out) costs the same."""
+    inline = sorted(n for n in patches if n not in model.external)
+    if inline:
+        raise NeuroAdaUsageError(f"initializer {inline[0]!r} is stored inside the .onnx file, which an in-place merge "
+                                 "would rewrite whole, with no revert journal: merge into a copy (--out), which "
+                                 "costs the same, or save the model with external data", path=model.path)
+    files = {model.external[n].file for n in patches}
     for f in sorted(files):
         if os.stat(f).st_nlink > 1:
             raise NeuroAdaUsageError("file has other hard links; patching it in place would change them too",
                                      path=f)
 
 
-def _write_in_place(model: OnnxModel, patches, durable: bool) -> int:
-    """Patch external data at the tensors' offsets; rewrite an inline model atomically. Returns files."""
-    inline = False
-    for name, (positions, values) in patches.items():
-        if name in model.external:
-            _patch_external(model, model.external[name].file, name, positions, values)
-        else:
-            _set_inline(model.initializers[name], values.dtype, positions, values)
-            inline = True
-    data_files = {model.external[n].file for n in patches if n in model.external}
+def _write_in_place(model: OnnxModel, plan: _Plan, journal, durable: bool) -> tuple[str, int]:
+    """Write the revert journal (always fsynced; the .onnx is each data file's layout file), then patch the
+    external data at the tensors' offsets. Returns (journal, files patched)."""
+    root, name = os.path.split(model.path)
+    journal = os.path.abspath(os.fspath(journal)) if journal else _default_journal(root, name)
+    if os.path.lexists(journal):
+        raise NeuroAdaUsageError("journal already exists; it may be needed to revert an earlier merge", path=journal)
+    if not os.path.isdir(os.path.dirname(journal)):
+        raise NeuroAdaUsageError("the journal's parent folder does not exist", path=journal)
+    remove_stale_siblings(journal)
+    entries = []
+    for tensor, (positions, values) in sorted(plan.patches.items()):
+        ext = model.external[tensor]
+        count = int(np.prod(model.shape(tensor)))
+        entries.append(JournalEntry(tensor, os.path.relpath(ext.file, root),
+                                    FLOAT_TYPES[model.initializers[tensor].data_type][0], ext.offset, count,
+                                    positions.astype(position_dtype(count)), plan.originals[tensor], values))
+    files = sorted({e.file for e in entries})
+    write_journal(journal, root, files, entries, adapters=plan.adapters,
+                  layouts=dict.fromkeys(files, name))
+    pause_for_tests()
+    for e in entries:
+        patch_values(os.path.join(root, e.file), e.dtype, e.offset, e.count, e.positions, e.merged)
+        pause_for_tests()
     if durable:
-        for f in data_files:
-            fsync_path(f)
-    if inline:
-        payload = model.proto.SerializeToString()
+        for f in files:
+            fsync_path(os.path.join(root, f))
+    return journal, len(files)
 
-        def serialise(tmp):
-            with open(tmp, "wb") as f:
-                f.write(payload)
 
-        write_file(model.path, serialise, overwrite=True, durable=durable,
-                   mode=os.stat(model.path).st_mode & 0o7777)
-    return len(data_files) + int(inline)
+def _default_journal(folder: str, model_name: str) -> str:
+    stem = os.path.join(folder, f"{JOURNAL_PREFIX}{model_name}-{time.strftime('%Y%m%dT%H%M%S')}")
+    path, n = stem + ".safetensors", 1
+    while os.path.lexists(path):
+        n += 1
+        path = f"{stem}-{n}.safetensors"
+    return path
+
 
 
 def _data_names(model: OnnxModel, out: str) -> dict[str, str]:

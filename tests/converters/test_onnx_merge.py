@@ -22,8 +22,11 @@ transformers = pytest.importorskip("transformers")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from deadline import deadline  # noqa: E402  (tests/deadline.py)
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters.backend import MergeSummary  # noqa: E402
+from neuroada_format.converters.journal import JOURNAL_PREFIX, revert  # noqa: E402
+from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.converters.onnx_merge import (  # noqa: E402
     OnnxModel, merge_onnx, open_onnx_base, resolve_targets)
 
@@ -243,24 +246,62 @@ def test_gemm_f32_inference_and_f16_bf16_weights(mlp, tmp_path):
         onnx.checker.check_model(os.fspath(out))
 
 
-def test_in_place_external_and_inline(llama, bert, tmp_path):
+def _copy_model(path, work):
     import shutil
 
-    for name, (_, state, path) in (("llama", llama), ("bert", bert)):
-        adapter = make_adapter(state, linear_names(state)[:4], k=2, seed=9)
-        expected = merge_onnx(path, [(adapter, 1.0)], os.fspath(tmp_path / f"{name}-copy.onnx"))
-        work = tmp_path / name
-        work.mkdir()
-        for f in os.listdir(os.path.dirname(path)):
-            shutil.copy(os.path.join(os.path.dirname(path), f), work / f)
-        target = os.fspath(work / os.path.basename(path))
-        summary = merge_onnx(target, [(adapter, 1.0)], None, in_place=True)
-        assert summary.mode == "in-place" and summary.output == os.path.abspath(target)
-        for info in expected.details["resolutions"].values():
-            got = initializer(target, info["initializer"])
-            assert got.tobytes() == initializer(tmp_path / f"{name}-copy.onnx", info["initializer"]).tobytes()
-        with pytest.raises(naf.NeuroAdaError, match="probe"):   # merged already: the probe no longer fits
-            merge_onnx(target, [(adapter, 1.0)], None, in_place=True)
+    work.mkdir()
+    for f in os.listdir(os.path.dirname(path)):
+        shutil.copy(os.path.join(os.path.dirname(path), f), work / f)
+    return os.fspath(work / os.path.basename(path))
+
+
+def _folder_bytes(folder) -> dict:
+    return {f: (folder / f).read_bytes() for f in sorted(os.listdir(folder)) if not f.startswith(JOURNAL_PREFIX)}
+
+
+def test_in_place_external_data_writes_a_journal_and_reverts_bit_for_bit(llama, tmp_path):
+    _, state, path = llama
+    adapter = make_adapter(state, linear_names(state)[:4], k=2, seed=9)
+    expected = merge_onnx(path, [(adapter, 1.0)], os.fspath(tmp_path / "copy.onnx"))
+    target = _copy_model(path, tmp_path / "work")
+    before = _folder_bytes(tmp_path / "work")
+    summary = merge_onnx(target, [(adapter, 1.0)], None, in_place=True)
+    assert summary.mode == "in-place" and summary.output == os.path.abspath(target)
+    assert summary.journal and os.path.dirname(summary.journal) == os.fspath(tmp_path / "work")
+    for info in expected.details["resolutions"].values():
+        got = initializer(target, info["initializer"])
+        assert got.tobytes() == initializer(tmp_path / "copy.onnx", info["initializer"]).tobytes()
+    assert _folder_bytes(tmp_path / "work") != before
+    with pytest.raises(naf.NeuroAdaError, match="probe"):   # merged already: the probe no longer fits
+        merge_onnx(target, [(adapter, 1.0)], None, in_place=True)
+    for _ in range(2):  # idempotent
+        assert merge_run(["--revert", summary.journal]) == 0
+        assert _folder_bytes(tmp_path / "work") == before
+
+
+def test_in_place_revert_refuses_a_changed_model_file(llama, tmp_path):
+    _, state, path = llama
+    adapter = make_adapter(state, linear_names(state)[:2], k=2, seed=9)
+    target = _copy_model(path, tmp_path / "work")
+    summary = merge_onnx(target, [(adapter, 1.0)], None, in_place=True, journal=os.fspath(tmp_path / "j.safetensors"))
+    merged = _folder_bytes(tmp_path / "work")
+    with open(target, "ab") as f:  # another model now describes the data's layout
+        f.write(b"\0")
+    with pytest.raises(naf.NeuroAdaError, match="not the one journal"):
+        revert(summary.journal)
+    after = _folder_bytes(tmp_path / "work")
+    assert {k: v for k, v in after.items() if not k.endswith(".onnx")} == \
+        {k: v for k, v in merged.items() if not k.endswith(".onnx")}
+
+
+def test_in_place_inline_model_is_refused_before_writing(bert, tmp_path):
+    _, state, path = bert
+    adapter = make_adapter(state, linear_names(state)[:4], k=2, seed=9)
+    target = _copy_model(path, tmp_path / "work")
+    before = _folder_bytes(tmp_path / "work")
+    with pytest.raises(naf.NeuroAdaUsageError, match="inside the .onnx file.*--out"):
+        merge_onnx(target, [(adapter, 1.0)], None, in_place=True)
+    assert _folder_bytes(tmp_path / "work") == before and os.listdir(tmp_path / "work") == list(before)
 
 
 def test_wrong_adapter_refused_before_writing(llama, tmp_path):
@@ -437,7 +478,7 @@ def test_ambiguous_and_missing_targets_refused(tmp_path):
     assert os.listdir(tmp_path) == ["amb.onnx", "same.onnx"]
 
 
-@pytest.mark.parametrize("location", ["../evil.data", "/ABS", "link.data"])
+@pytest.mark.parametrize("location", ["../evil.data", "/ABS", "link.data", "fifo.data", "folder.data"])
 def test_hostile_external_locations_refused(tmp_path, location):
     folder = tmp_path / "model"
     folder.mkdir()
@@ -448,6 +489,10 @@ def test_hostile_external_locations_refused(tmp_path, location):
         location = os.fspath(outside)
     if location == "link.data":
         os.symlink(outside, folder / "link.data")
+    if location == "fifo.data":
+        os.mkfifo(folder / location)
+    if location == "folder.data":
+        (folder / location).mkdir()
     path = os.fspath(folder / "m.onnx")
     nodes = [scoped(helper.make_node("MatMul", ["x", "fc.weight"], ["y"]), "fc")]
     inits = [numpy_helper.from_array(w, "fc.weight")]
@@ -462,8 +507,13 @@ def test_hostile_external_locations_refused(tmp_path, location):
     with open(path, "wb") as f:
         f.write(helper.make_model(graph).SerializeToString())
     adapter = adapter_for("fc.weight", w, "in_out")
-    with pytest.raises(naf.NeuroAdaError, match=r"rule 1\.6: external data location .* (absolute|'\.\.'|symbolic)"):
-        merge_onnx(path, [(adapter, 1.0)], os.fspath(tmp_path / "out.onnx"))
+    if location in ("fifo.data", "folder.data"):  # a usage error (exit 2), as for every other special file
+        with deadline(), pytest.raises(naf.NeuroAdaUsageError, match=r"rule 1\.6: .*not a regular file but a "
+                                                                     r"(FIFO|directory)"):
+            merge_onnx(path, [(adapter, 1.0)], os.fspath(tmp_path / "out.onnx"))
+    else:
+        with pytest.raises(naf.NeuroAdaError, match=r"rule 1\.6: external data location .* (absolute|'\.\.'|symbolic)"):
+            merge_onnx(path, [(adapter, 1.0)], os.fspath(tmp_path / "out.onnx"))
     assert not (tmp_path / "out.onnx").exists()
 
 
