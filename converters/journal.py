@@ -73,6 +73,17 @@ class JournalEntry:
     merged: np.ndarray
 
 
+def default_path(folder: str, name: str | None = None) -> str:
+    """A free journal name in `folder`: .neuroada-journal-[<name>-]<time>[-n].safetensors (a merge's copy of a
+    folder leaves such files out)."""
+    stem = os.path.join(folder, f"{JOURNAL_PREFIX}{name + '-' if name else ''}{time.strftime('%Y%m%dT%H%M%S')}")
+    path, n = stem + ".safetensors", 1
+    while os.path.lexists(path):
+        n += 1
+        path = f"{stem}-{n}.safetensors"
+    return path
+
+
 def position_dtype(count: int) -> np.dtype:
     """U32 positions where every element offset fits (all but the largest tensors), else I64."""
     return np.dtype("<u4") if count <= 1 << 32 else np.dtype("<i8")

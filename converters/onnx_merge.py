@@ -22,7 +22,6 @@ from __future__ import annotations
 import ast
 import os
 import shutil
-import time
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -38,7 +37,7 @@ from neuroada_format.merge import Delta
 from neuroada_format.validate import probe_mismatch
 
 from .backend import Backend, MergeSummary, Resolved, Written, described, merge, pause_for_tests
-from .journal import JOURNAL_PREFIX, JournalEntry, position_dtype, write_journal
+from .journal import JournalEntry, default_path, position_dtype, write_journal
 from .tensor_map import patch_values
 
 try:  # the converters need onnx; the format core does not
@@ -725,7 +724,7 @@ def _write_in_place(model: OnnxModel, plan: _Plan, journal, durable: bool) -> tu
     """Write the revert journal (always fsynced; the .onnx is each data file's layout file), then patch the
     external data at the tensors' offsets. Returns (journal, files patched)."""
     root, name = os.path.split(model.path)
-    journal = os.path.abspath(os.fspath(journal)) if journal else _default_journal(root, name)
+    journal = os.path.abspath(os.fspath(journal)) if journal else default_path(root, name)
     if os.path.lexists(journal):
         raise NeuroAdaUsageError("journal already exists; it may be needed to revert an earlier merge", path=journal)
     if not os.path.isdir(os.path.dirname(journal)):
@@ -750,14 +749,6 @@ def _write_in_place(model: OnnxModel, plan: _Plan, journal, durable: bool) -> tu
             fsync_path(os.path.join(root, f))
     return journal, len(files)
 
-
-def _default_journal(folder: str, model_name: str) -> str:
-    stem = os.path.join(folder, f"{JOURNAL_PREFIX}{model_name}-{time.strftime('%Y%m%dT%H%M%S')}")
-    path, n = stem + ".safetensors", 1
-    while os.path.lexists(path):
-        n += 1
-        path = f"{stem}-{n}.safetensors"
-    return path
 
 
 

@@ -36,7 +36,6 @@ import os
 import stat
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,7 +53,7 @@ from neuroada_format.validate import PROBE_MISMATCH, probe_mismatch
 
 from . import backend as _backend
 from .backend import SLOWDOWN_ENV, Backend, Mismatch, Resolved, Written, pause_for_tests  # noqa: F401
-from .journal import JOURNAL_PREFIX, JournalEntry, position_dtype, write_journal
+from .journal import JOURNAL_PREFIX, JournalEntry, default_path, position_dtype, write_journal
 from .progress import bar
 from .tensor_map import map_tensor, patch_values
 
@@ -403,17 +402,7 @@ def _refuse_shared(path: str) -> None:
 
 
 def default_journal_path(base: _Base) -> str:
-    stamp = time.strftime("%Y%m%dT%H%M%S")
-    if base.root:
-        stem = os.path.join(base.root, f"{JOURNAL_PREFIX}{stamp}")
-    else:
-        folder, name = os.path.split(base.path)
-        stem = os.path.join(folder, f"{JOURNAL_PREFIX}{name}-{stamp}")
-    path, n = stem + ".safetensors", 1
-    while os.path.lexists(path):
-        n += 1
-        path = f"{stem}-{n}.safetensors"
-    return path
+    return default_path(base.root) if base.root else default_path(*os.path.split(base.path))
 
 
 
