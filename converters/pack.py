@@ -19,12 +19,13 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 
 import neuroada_format.metadata as _metadata
-from neuroada_format import Adapter, NeuroAdaError, Target, open_base, topk_columns, validate
+from neuroada_format import Adapter, NeuroAdaError, NeuroAdaUsageError, Target, open_base, topk_columns, validate
 from neuroada_format.dtypes import (BASE_DTYPES, INDEX_DTYPES, NUMPY_DTYPES, VALUE_DTYPES, common_value_dtype,
                                     index_dtype_for, nonfinite_mask)
 from neuroada_format.jsonparse import read_json
@@ -60,7 +61,7 @@ def _name_filter(targets) -> Callable[[str], bool]:
         try:
             rx = re.compile(targets)
         except re.error as exc:
-            raise NeuroAdaError(f"--targets {targets!r} is not a regular expression: {exc}") from None
+            raise NeuroAdaUsageError(f"--targets {targets!r} is not a regular expression: {exc}") from None
         return lambda name: rx.search(name) is not None
     wanted = set(targets)
     return lambda name: name in wanted
@@ -95,7 +96,7 @@ def layout_rule(layout_in_out, base) -> Callable[[str], str]:
     try:
         rx = re.compile(layout_in_out)
     except re.error as exc:
-        raise NeuroAdaError(f"--layout-in-out {layout_in_out!r} is not a regular expression: {exc}") from None
+        raise NeuroAdaUsageError(f"--layout-in-out {layout_in_out!r} is not a regular expression: {exc}") from None
     return lambda name: "in_out" if rx.search(name) else "out_in"
 
 
@@ -222,7 +223,8 @@ def combine(adapters_with_weights, base, *, value_dtype: str | None = None, veri
     """sum_a w_a * A_a as one adapter (see the module docstring for the exact arithmetic).
 
     Every input is validated against `base` (verify=False skips that when the caller already did),
-    inputs declaring different structure hashes are refused, and a target must have the same shape,
+    a structure hash that differs from the base's is a warning (the probes decide, as in validate), and
+    the result records the base's; a target must have the same shape,
     layout and base dtype in every input. value_dtype None keeps the inputs' common value dtype (F32
     if they differ).
     """
@@ -231,19 +233,20 @@ def combine(adapters_with_weights, base, *, value_dtype: str | None = None, veri
         raise NeuroAdaError("nothing to combine")
     b = open_base(base)
     hashes = {a.structure_hash for a, _ in pairs if a.structure_hash is not None}
-    if len(hashes) > 1:
+    if len(hashes) > 1 and not verify:  # unchecked, nothing else says they belong to one base
         raise NeuroAdaError("the adapters declare different base structure hashes: they were made for different "
                             "bases", rule="4.5")
     for i, (a, w) in enumerate(pairs):
         if not math.isfinite(w):
             raise NeuroAdaError(f"weight {w} is not finite", path=a.path)
-        if verify:
+        if verify:  # the probe hashes decide (rules 4.1-4.3); a structure hash that differs is a warning (4.5),
+            # as in validate and merge: e.g. an adapter made on an F32 copy of this BF16 checkpoint (spec 14)
             report = validate(a, base=b, path=a.path or f"adapter #{i}")
             report.raise_if_invalid()
             for p in report.problems:
                 if p["rule"] == "4.5":
-                    raise NeuroAdaError("the adapter was made for a base with a different structure hash",
-                                        path=a.path or f"adapter #{i}", rule="4.5")
+                    warnings.warn(f"{file_label(a.path) if a.path else f'adapter #{i}'}: rule 4.5: {p['message']}",
+                                  RuntimeWarning, stacklevel=2)
     vdt = value_dtype or common_value_dtype(t.value_dtype for a, _ in pairs for t in a.targets.values())
     _check_value_dtype(vdt)
     names = sorted({n for a, _ in pairs for n in a.targets})
@@ -268,8 +271,8 @@ def combine(adapters_with_weights, base, *, value_dtype: str | None = None, veri
                                            value_dtype=vdt)
     lead = pairs[0][0]
     return Adapter(targets, base_name=base_name or lead.base_name, base_revision=lead.base_revision,
-                   structure_hash=(hashes.pop() if hashes else
-                                   (b.structure_hash() if hasattr(b, "structure_hash") else None)),
+                   structure_hash=(b.structure_hash() if hasattr(b, "structure_hash") else
+                                   hashes.pop() if len(hashes) == 1 else None),
                    selection={"rule": "union", "tie_break": "lower-column"},
                    extra={"created_by": f"{CREATED_BY} combine",
                           "description": "weighted sum of " + ", ".join(

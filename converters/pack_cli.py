@@ -18,6 +18,7 @@ import os
 import sys
 
 import click
+from click.core import ParameterSource
 
 from neuroada_format import save as naf_save
 from neuroada_format.durable import check_output
@@ -99,6 +100,11 @@ def cli(sources, base, finetuned, k, out, positions, targets, layout_in_out, val
         do_combine, repack_path, base_name, to_format, peft_dir, allow_inexact, round_values, overwrite, as_json):
     if (allow_inexact and not to_format) or (round_values and not peft_dir):
         raise click.UsageError("--allow-inexact goes with --to peft, --round-values with --from-peft")
+    extracting = not (to_format or peft_dir or repack_path is not None or do_combine)
+    given = click.get_current_context().get_parameter_source
+    for option, name in (("positions", "--positions"), ("layout_in_out", "--layout-in-out")):
+        if not extracting and given(option) is not ParameterSource.DEFAULT:
+            raise click.UsageError(f"{name} applies to extraction (--base with --finetuned) only")
     if to_format or peft_dir:
         if (to_format and peft_dir) or do_combine or repack_path or finetuned or k or targets or index_dtype:
             raise click.UsageError("--to peft / --from-peft take only ADAPTER or PEFT_DIR, --base, -o, --base-name "
@@ -112,7 +118,7 @@ def cli(sources, base, finetuned, k, out, positions, targets, layout_in_out, val
         summary, text = (_to_peft(sources[0], base, out, overwrite, base_name, allow_inexact) if to_format else
                          _from_peft(peft_dir, base, out, overwrite, value_dtype, round_values, base_name))
     elif repack_path is not None:
-        if do_combine or sources or base or finetuned or k or targets:
+        if do_combine or sources or base or finetuned or k or targets or base_name:
             raise click.UsageError("--repack takes only -o, --value-dtype and --index-dtype")
         summary, text = _repack(repack_path, out, overwrite, value_dtype, index_dtype)
     elif do_combine:

@@ -242,8 +242,11 @@ def test_combine_refusals(two_adapters, rng):
     with pytest.raises(naf.NeuroAdaError, match="rule 4.3"):
         pack.combine([(a, 1.0), (stranger, 1.0)], bdir)
     moved = naf.Adapter(dict(b.targets), structure_hash="sha256:" + "1" * 64)
-    with pytest.raises(naf.NeuroAdaError, match="different base structure hashes"):
-        pack.combine([(a, 1.0), (moved, 1.0)], bdir)
+    with pytest.raises(naf.NeuroAdaError, match="different base structure hashes"):  # unchecked: nothing to go on
+        pack.combine([(a, 1.0), (moved, 1.0)], bdir, verify=False)
+    with pytest.warns(RuntimeWarning, match="rule 4.5"):  # checked: the probes decide, as in validate and merge
+        combined = pack.combine([(a, 1.0), (moved, 1.0)], bdir)
+    assert combined.structure_hash == naf.open_base(bdir).structure_hash() and naf.validate(combined, base=bdir).ok
     name = LINEAR[1]
     t = b.targets[name]
     reshaped = naf.Adapter({name: naf.Target(name, t.indices[:8], t.values[:8], (8, t.d_in), t.layout, t.dtype,
@@ -326,7 +329,15 @@ def test_cli_extract_combine_repack(tmp_path, rng, capsys, craft):
                       (["--base", bdir, "--finetuned", fdir + "-nope", "-k", "1", "-o", out], "no such file"),
                       (["--repack", comb, "-k", "2", "-o", out], "--repack takes only"),
                       (["-k", "0", "-o", out], "0 is not in the range"),
-                      (["stray.safetensors", "-o", out], "did you mean --combine")):
+                      (["stray.safetensors", "-o", out], "did you mean --combine"),
+                      (["--repack", comb, "--base-name", "x", "-o", out], "--repack takes only"),
+                      (["--repack", comb, "--positions", "magnitude", "-o", out], "--positions applies to extraction"),
+                      (["--combine", out, "--base", bdir, "--layout-in-out", "none", "-o", comb],
+                       "--layout-in-out applies to extraction"),
+                      (["--base", bdir, "--finetuned", fdir, "-k", "1", "--targets", "(", "-o", out + ".new"],
+                       "is not a regular expression"),
+                      (["--base", bdir, "--finetuned", fdir, "-k", "1", "--layout-in-out", "(", "-o", out + ".new"],
+                       "is not a regular expression")):
         code, stdout, err = run(capsys, *argv)
         assert code == 2 and stdout == "" and err.count("\n") == 1 and msg in err, (argv, err)
 

@@ -608,8 +608,9 @@ def test_cli_round_trip_and_exit_codes(tmp_path, capsys):
     with torch.no_grad():
         assert torch.equal(loaded(ids()).logits, merged(ids()).logits)
     save_adapter(model, tmp_path / "ours_folder")          # an adapter folder works the same
-    code, out, err = pack(capsys, "--to", "peft", tmp_path / "ours_folder", "-o", tmp_path / "peft2")
+    code, out, err = pack(capsys, "--to", "peft", tmp_path / "ours_folder", "-o", tmp_path / "peft2", "--json")
     assert code == 0 and not err
+    assert json.loads(out)["output"] == os.fspath(tmp_path / "peft2")  # the key every mode's summary uses
     # the same adapter gives the same bytes; the configs differ only in the name given with --base-name
     weights = "adapter_model.safetensors"
     assert file_bytes(tmp_path / "peft2" / weights) == file_bytes(peft_dir / weights)
