@@ -389,7 +389,10 @@ class GGUFBase:
                     n_head = self._heads("attention.head_count")
                     if ".attn_k." in gname:
                         n_head = self._heads("attention.head_count_kv", n_head)
-                    perm = rope_permutation(self.file.tensors[gname].shape[0], n_head)
+                    try:
+                        perm = rope_permutation(self.file.tensors[gname].shape[0], n_head)
+                    except NeuroAdaError as exc:  # say which file and tensor, as every other base error does
+                        raise NeuroAdaError(exc.detail, path=self.file.path, tensor=gname, rule=exc.rule) from None
                 found = Mapped(name, gname, perm, None if perm is None else np.argsort(perm))
         self._resolved[name] = found
         return found
@@ -792,7 +795,7 @@ class GGUFBackend(Backend):
         elif out_type == info.type:
             block = GGML_QUANT_SIZES[info.type][0]
             ids, new, tp.on_grid = _reencode(info.type, weight.reshape(-1, block), view.file.blocks(gname), mp,
-                                             block, self.encoder, self.touched_weight)
+                                             block, self.encoder, self.touched_weight, (view.file.path, gname))
             tp.reencoded = int(ids.size) - tp.on_grid
             tp.patch = (ids, new)
         else:
@@ -876,13 +879,36 @@ def _first_probes(view: GGUFBase, plans: dict[str, _TensorPlan]) -> None:
                       [mp.originals_of(0)])
 
 
+# The largest |merged value| a block of each type can encode: its scale (and minimum) are stored as F16 (at most
+# 65504), times the largest level for the symmetric types; a type with a minimum needs the value itself in range.
+_F16_MAX = 65504.0
+BLOCK_VALUE_MAX = {QT.Q8_0: _F16_MAX * 127, QT.Q4_0: _F16_MAX * 8, QT.Q5_0: _F16_MAX * 16, QT.Q4_1: _F16_MAX,
+                   QT.Q5_1: _F16_MAX}
+
+
+def _refuse_unencodable(t: QT, mp, where: tuple[str, str]) -> None:
+    """A merged value beyond what the block type holds cannot be encoded (the scale would overflow to Inf and
+    the whole block, untouched values included, would decode to zeros or NaN): refused, with the way out."""
+    limit = BLOCK_VALUE_MAX.get(t)
+    if limit is None or not mp.merged.size:
+        return
+    with np.errstate(invalid="ignore"):
+        big = np.abs(mp.merged.astype(np.float32))
+    bad = ~(big <= limit)  # NaN and Inf too
+    if bad.any():
+        raise NeuroAdaError(f"{int(bad.sum())} merged values reach {float(np.nanmax(big)):.4g}, beyond what a {t.name} "
+                            f"block can encode (F16 scales: |value| up to {limit:.4g}); merge with a smaller scale, or "
+                            "re-type the tensor with --option target_type=F32", path=where[0], tensor=where[1])
+
+
 def _reencode(t: QT, values: np.ndarray, blocks: np.ndarray, mp, block: int, encoder: str,
-              touched_weight: float) -> tuple[np.ndarray, np.ndarray, int]:
+              touched_weight: float, where: tuple[str, str]) -> tuple[np.ndarray, np.ndarray, int]:
     """The blocks holding a merged value, re-encoded: (block ids, their new bytes [n, type_size], how many
     of them were packed exactly on their original grid). values: the decoded tensor (or rows of it) as
     [n_blocks, block]; blocks: its bytes, one row per block; mp: its MergePlan. Blocks whose merged values
     all lie on their original grid are packed on it (`on_original_grid`: exact, no search); the others
-    go to `encode_blocks`. Every other block is left as it is."""
+    go to `encode_blocks`. Every other block is left as it is. where: (file, tensor) for errors."""
+    _refuse_unencodable(t, mp, where)
     which = mp.positions // block
     if which.size:  # positions are sorted, so their blocks are too: distinct ones without a sort
         keep = np.empty(which.size, bool)
@@ -937,7 +963,7 @@ def _write_same_layout(f: GGUFFile, plan: _Plan, tmp: str, encoder: str, touched
                 if start > pos:
                     writer.copy(pos, start)
                 v, u = _merge_tensor(src.fileno(), start, tp, per_rows[tp.info.name], writer, plan.verify,
-                                     encoder, touched_weight)
+                                     encoder, touched_weight, f.path)
                 values, units, pos = values + v, units + u, start + tp.info.nbytes
                 pause_for_tests()
             if pos < f.size:
@@ -1025,7 +1051,7 @@ def _rows_per_chunk(info: TensorInfo) -> int:
 
 
 def _merge_tensor(src_fd: int, start: int, tp: _TensorPlan, per: int, writer: _Writer, verify: bool, encoder: str,
-                  touched_weight: float) -> tuple[int, int]:
+                  touched_weight: float, path: str) -> tuple[int, int]:
     """Merge one touched tensor, `per` rows at a time: the rows are read from the input into a buffer of
     the writer's; float rows get rule M and the merged values are patched in; quantized rows are decoded
     and merged, and only the blocks holding a touched value are re-encoded (`_reencode`) and patched in,
@@ -1055,7 +1081,7 @@ def _merge_tensor(src_fd: int, start: int, tp: _TensorPlan, per: int, writer: _W
             units += int(mp.positions.size)
         else:
             ids, new, on = _reencode(info.type, weight.reshape(-1, block), chunk.reshape(-1, unit), mp, block,
-                                     encoder, touched_weight)
+                                     encoder, touched_weight, (path, info.name))
             tp.on_grid, tp.reencoded = tp.on_grid + on, tp.reencoded + int(ids.size) - on
             chunk.reshape(-1, unit)[ids] = new
             units += int(ids.size)

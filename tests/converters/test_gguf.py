@@ -638,3 +638,38 @@ def test_pack_against_a_gguf_base(tiny, tmp_path):
     gm.merge_gguf(path, [adapter], out, target_type="F32")
     for n in TARGETS:
         np.testing.assert_allclose(merged_view(out).array(n), tuned[n], atol=1e-6)
+
+
+@pytest.mark.parametrize("qt", [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1], ids=lambda t: t.name)
+def test_merged_values_a_block_cannot_hold_are_refused(tiny, tmp_path, qt, capsys):
+    """A block's scale (and minimum) are F16: past them the encoder wrote all-zero or NaN blocks, untouched
+    values included, with exit 0 and numpy's overflow messages leaking as warning lines."""
+    from neuroada_format.converters.merge_cli import run as merge_run
+
+    path, view = tiny(qt)
+    adapter = tmp_path / "a.safetensors"
+    naf.save(make_adapter(view, targets=TARGETS[:1], scale=1.0), adapter)
+    limit = gm.BLOCK_VALUE_MAX[qt]
+    out = tmp_path / "m.gguf"
+    assert merge_run(["--base", os.fspath(path), "--adapter", f"{adapter}:{limit:g}", "--out", os.fspath(out)]) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"beyond what a {qt.name} block can encode" in lines[0], err
+    assert os.fspath(path) in lines[0] and "attn_q" in lines[0] and "target_type" in lines[0]
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith("m.gguf.tmp-")]
+    # a scale that stays in range merges, every value finite
+    assert merge_run(["--base", os.fspath(path), "--adapter", f"{adapter}:100", "--out", os.fspath(out)]) == 0
+    assert "overflow" not in capsys.readouterr().err
+    merged = gm.open_gguf_base(out).array(TARGETS[0])
+    assert np.isfinite(merged).all()
+
+
+def test_heads_that_do_not_split_the_rows_name_the_file_and_tensor(tmp_path):
+    path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.F32)
+    data = bytearray(path.read_bytes())
+    at = _kv_offset(path, "llama.attention.head_count") + 4  # past the value's type
+    data[at:at + 4] = struct.pack("<I", 5)  # 5 heads: the rows do not split
+    path.write_bytes(bytes(data))
+    with pytest.raises(NeuroAdaError) as exc:
+        gm.open_gguf_base(path).resolve(TARGETS[0])
+    assert exc.value.path == os.fspath(path) and exc.value.tensor == "blk.0.attn_q.weight" and exc.value.rule == "4.2"
