@@ -289,9 +289,8 @@ def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, ver
     with checkpoint_lock(impl.lock_folder(view), exclusive=in_place):  # held from the first read to the last write
         resolved = impl.resolve(view, adapters, verify=verify)
         plan = impl.plan(view, resolved, verify=verify, in_place=in_place)
-        if in_place:
-            with naming_write_errors(impl.base_path(view)):
-                done = impl.write_in_place(view, plan, journal=journal, durable=durable, progress=progress)
+        if in_place:  # (its errors name the journal or the patched file themselves)
+            done = impl.write_in_place(view, plan, journal=journal, durable=durable, progress=progress)
         else:
             with naming_write_errors(out):
                 done = impl.write(view, plan, out, overwrite=overwrite, durable=durable, progress=progress)

@@ -89,10 +89,8 @@ def run_command(command: click.Command, argv, prog_name: str) -> int:
             warnings.simplefilter("ignore", ResourceWarning)
             shown = _OneLineWarnings()
             warnings.showwarning = shown.show
-            try:
-                code = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
-            finally:
-                shown.finish()
+            code = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+            shown.finish()  # (not after a failure: its one error line says all, and no output was written)
     except click.exceptions.Exit as exc:        # --help, --version
         return exc.exit_code
     except click.ClickException as exc:         # usage errors: one line, not click's three

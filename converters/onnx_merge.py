@@ -230,7 +230,8 @@ class OnnxModel:
             if int(np.prod(shape)) == 0:
                 arr = np.empty(shape, dt)
             else:
-                arr = np.memmap(ext.file, dtype=dt, mode="r", offset=ext.offset, shape=shape)
+                with open_regular(ext.file, rule="1.6") as f:  # never blocks on a FIFO swapped in since the check
+                    arr = np.memmap(f, dtype=dt, mode="r", offset=ext.offset, shape=shape)
         elif t.HasField("raw_data"):
             arr = np.frombuffer(t.raw_data, dtype=dt).reshape(shape)
         else:

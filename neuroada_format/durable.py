@@ -110,29 +110,41 @@ def remove(path: str) -> None:
     if os.path.islink(path) or os.path.isfile(path):
         os.unlink(path)
     elif os.path.isdir(path):
-        shutil.rmtree(path, onerror=_writable_and_retry)
+        shutil.rmtree(path, onerror=_forcing(os.path.abspath(path)))
 
 
-def _writable_and_retry(func, path, exc_info) -> None:
-    """rmtree's error hook: where a folder's mode forbids listing or unlinking, give its owner the right, retry."""
-    if not isinstance(exc_info[1], PermissionError):
-        raise exc_info[1]
-    folder = path if func in (os.open, os.scandir, os.listdir, os.rmdir) and os.path.isdir(path) else \
-        os.path.dirname(path)
-    for target in {folder, os.path.dirname(path)}:
-        try:
-            if not os.path.islink(target):
-                os.chmod(target, stat.S_IMODE(os.lstat(target).st_mode) | stat.S_IRWXU)
-        except OSError:
-            pass
-    if func in (os.open, os.scandir, os.listdir):  # the folder could not be read: walk it again
-        shutil.rmtree(path, onerror=_raise)
-    else:
-        func(path)
+def _owner_rwx(folder: str) -> bool:
+    """Give a folder's owner read, write and search rights; False if nothing could be changed."""
+    try:
+        mode = stat.S_IMODE(os.lstat(folder).st_mode)
+        if stat.S_ISLNK(os.lstat(folder).st_mode) or mode & stat.S_IRWXU == stat.S_IRWXU:
+            return False
+        os.chmod(folder, mode | stat.S_IRWXU)
+        return True
+    except OSError:
+        return False
 
 
-def _raise(func, path, exc_info) -> None:
-    raise exc_info[1]
+def _forcing(top: str):
+    """rmtree's error hook for the tree at `top`: where a folder's mode forbids listing, searching or unlinking,
+    give its owner the rights and remove what failed, subtree included (rmtree skips an entry it could not
+    open or stat). Folders above `top` are the user's: never changed."""
+    def retry(func, path, exc_info):
+        exc = exc_info[1]
+        if not isinstance(exc, PermissionError):
+            raise exc
+        path = os.path.abspath(path)
+        changed = path != top and _owner_rwx(os.path.dirname(path))
+        if os.path.isdir(path) and not os.path.islink(path):
+            changed = _owner_rwx(path) or changed
+            if not changed:
+                raise exc
+            shutil.rmtree(path, onerror=retry)
+        elif not changed:
+            raise exc
+        elif os.path.lexists(path):
+            os.unlink(path)
+    return retry
 
 
 # -- permissions and flushing ------------------------------------------------------------------------
@@ -359,7 +371,8 @@ def check_output(out, *, inputs: Iterable = (), overwrite: bool = False, kind: s
         if os.path.lexists(target):
             if not overwrite:
                 raise _exists(target)
-            _refuse_replacing(target, "the output" if target == out else f"the output's companion file {target}")
+            _refuse_replacing(target, "the output" if target == out else f"the output's companion file {target}",
+                              folder_ok=target == out)
     if kind is not None and os.path.lexists(out):
         is_dir = os.path.isdir(out)
         if is_dir != (kind == "folder"):
@@ -387,8 +400,11 @@ def _hard_link_into(target: str, folder: str) -> str | None:
     return None
 
 
-def _refuse_replacing(target: str, what: str) -> None:
+def _refuse_replacing(target: str, what: str, *, folder_ok: bool) -> None:
     mode = os.lstat(target).st_mode
+    if stat.S_ISDIR(mode) and not folder_ok:  # a companion is a file: a folder there would fail after all the work
+        raise NeuroAdaUsageError(f"{what} exists and is a folder, which --overwrite never replaces by a file",
+                                 path=target)
     if stat.S_ISLNK(mode):
         raise NeuroAdaUsageError(f"{what} is a symbolic link (to {os.readlink(target)}); publishing replaces the "
                                  "link itself, not what it names: give the real path, or remove the link",

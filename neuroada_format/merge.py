@@ -136,6 +136,9 @@ class MergeOverflowWarning(RuntimeWarning):
         super().__init__(f"merge overflowed the {dtype} range at {positions} positions (the rule rounds them to +-Inf)")
         self.dtype, self.positions = dtype, positions
 
+    def __reduce__(self):  # (args holds the message; rebuild from the fields)
+        return type(self), (self.dtype, self.positions)
+
 
 @contextlib.contextmanager
 def overflow_unreported():

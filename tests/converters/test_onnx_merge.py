@@ -654,3 +654,39 @@ def test_duplicate_initializer_names_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and "two initializers" in err
     assert not os.path.exists(tmp_path / "out.onnx")
+
+
+def test_a_folder_where_the_data_file_goes_is_refused_before_any_work(llama, tmp_path):
+    """The old output used to be deleted, then the rename of the data file failed (EISDIR) after the merge."""
+    _, state, path = llama
+    adapter = make_adapter(state, linear_names(state)[:2], k=2, seed=9)
+    out = tmp_path / "o.onnx"
+    merge_onnx(path, [(adapter, 1.0)], os.fspath(out))
+    os.remove(tmp_path / "o.onnx.data")
+    (tmp_path / "o.onnx.data").mkdir()
+    before = out.read_bytes()
+    with pytest.raises(naf.NeuroAdaUsageError, match="companion file .* is a folder"):
+        merge_onnx(path, [(adapter, 1.0)], os.fspath(out), overwrite=True)
+    assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["o.onnx", "o.onnx.data"]
+
+
+def test_external_data_swapped_for_a_fifo_after_the_check_is_refused_not_waited_on(llama, tmp_path):
+    from unittest import mock
+
+    from neuroada_format import safe_io
+
+    _, state, path = llama
+    target = _copy_model(path, tmp_path / "work")
+    model = OnnxModel(target)
+    name = next(n for n in model.external)
+    real_check = safe_io.check_regular
+
+    def check_then_swap(p, **kw):
+        st = real_check(p, **kw)
+        os.remove(p)
+        os.mkfifo(p)
+        return st
+
+    with mock.patch.object(safe_io, "check_regular", check_then_swap), deadline(), \
+            pytest.raises(naf.NeuroAdaUsageError, match="FIFO"):
+        model.array(name)

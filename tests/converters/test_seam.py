@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -784,6 +785,9 @@ def test_remove_deletes_trees_with_read_only_and_unreadable_folders(tmp_path):
     (top / "ro" / "g").write_bytes(b"y")
     (top / "closed").mkdir()
     (top / "closed" / "h").write_bytes(b"z")
+    (top / "noexec" / "sub").mkdir(parents=True)   # readable, not searchable: its entries cannot be stat'ed
+    (top / "noexec" / "sub" / "f").write_bytes(b"w")
+    os.chmod(top / "noexec", 0o444)
     os.chmod(top / "ro" / "deep", 0o555)
     os.chmod(top / "ro", 0o555)
     os.chmod(top / "closed", 0)
@@ -792,6 +796,7 @@ def test_remove_deletes_trees_with_read_only_and_unreadable_folders(tmp_path):
     code = f"from neuroada_format import durable; durable.remove({os.fspath(top)!r})"
     r = _as_unprivileged([sys.executable, "-c", code])
     assert r.returncode == 0 and not top.exists(), r.stderr
+    assert stat.S_IMODE(os.stat(tmp_path).st_mode) == 0o755  # the folder above is the user's: left alone
 
 
 def test_write_errors_name_the_output(tmp_path):

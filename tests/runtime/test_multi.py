@@ -551,8 +551,13 @@ def test_cached_stacks_follow_a_dtype_change(zoo):
         with adapter_batch(fresh, names):
             want = fresh(ids).logits
         assert torch.equal(got, want)
+        # (a stale f32 stack cast on the fly could round the same: check what the caches hold)
+        stacks = [layer.__dict__[multi._STACK_ATTR][1] for layer in layers(model).values()]
+        assert all(v.dtype == torch.bfloat16 for st in stacks for v in st.vals)
         set_adapter(model, "cs")
         set_adapter(fresh, "cs")
+        assert all(multi._merged_values(layer, "cs").dtype == torch.bfloat16
+                   for layer in layers(model).values() if "cs" in layer.neuroada_val)
         assert all(torch.equal(a.base_layer.weight, b.base_layer.weight)
                    for a, b in zip(layers(model).values(), layers(fresh).values()))
 
