@@ -44,9 +44,10 @@ PEFT (a Super-Tuning folder stock PEFT loads with PeftModel.from_pretrained, and
   neuroada-pack --to peft ADAPTER [--base BASE] -o PEFT_DIR
   neuroada-pack --from-peft PEFT_DIR --base BASE -o OUT.safetensors
 
-BASE and FT are safetensors checkpoints: a file or a Hugging Face folder, sharded or not (BASE may
-also be a .gguf file). --combine
-needs --base because the union of positions has new entries whose probe hash (the base values the
+BASE and FT are safetensors checkpoints: a file or a Hugging Face folder, sharded or not; BASE may
+also be a .gguf file.
+
+--combine needs --base because the union of positions has new entries whose probe hash (the base values the
 adapter is tied to) must be read from the base, and because each input is checked against it so
 adapters made for different bases are refused.
 
