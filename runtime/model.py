@@ -28,6 +28,7 @@ from .layer import NeuroAdaLayer, check_adapter_name
 from .selection import select, topk_columns
 
 CONFIGS_ATTR = "neuroada_configs"
+MIXED_ATTR = "_neuroada_adapter_batch"  # on the model while a multi.adapter_batch block runs
 AUTO_ATTR = "_neuroada_auto_mode"       # set on layers whose mode was chosen by mode="auto"
 HOOK_ATTR = "_neuroada_sharding_hook"   # the model's forward pre-hook that re-resolves "auto" under FSDP2
 HF_ATTR = "_neuroada_hf_hooks"         # the model's load_state_dict hooks (see _install_hf)
@@ -291,6 +292,13 @@ def _wrap(model: nn.Module, name: str, module: nn.Module, config: NeuroAdaConfig
     return layer
 
 
+def _refuse_in_batch(model: nn.Module, what: str) -> None:
+    """adapter_batch adds per-sequence deltas to the weights it found and puts its state back on exit: anything
+    that changes weights, classes or active adapters meanwhile would give wrong rows and an inconsistent end."""
+    if getattr(model, MIXED_ATTR, None) is not None:
+        raise NeuroAdaUsageError(f"{what} inside an adapter_batch block; leave the block first")
+
+
 def _serving(layer: NeuroAdaLayer) -> bool:
     from .multi import ServingLayer  # (multi builds on this module)
 
@@ -349,6 +357,7 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
     """
     config = config or NeuroAdaConfig()
     check_adapter_name(adapter_name)
+    _refuse_in_batch(model, "attach")
     configs = getattr(model, CONFIGS_ATTR, None) or {}
     if adapter_name in configs:
         raise NeuroAdaUsageError(f"adapter {adapter_name!r} is already attached")
@@ -760,6 +769,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
     Like PEFT, the base parameters are frozen afterwards, so with is_trainable=True only deltas train.
     """
     check_adapter_name(adapter_name)
+    _refuse_in_batch(model, "load_adapter")
     if mode not in MODES:
         raise NeuroAdaUsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     file, cfg = _resolve(path)
@@ -829,6 +839,12 @@ def refuse_unmergeable(name: str, layer: NeuroAdaLayer, shared: set[int]) -> Non
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
     """Write the (active, or named) deltas into the weights with the spec's rule: f32 sum, one rounding."""
+    _refuse_in_batch(model, "merge")
+    if adapter_names is not None:  # every name must exist somewhere, as for set_adapter (checked before any write)
+        known = {n for layer in layers(model).values() for n in layer.neuroada_val.keys()}
+        unknown = [n for n in adapter_names if n not in known]
+        if unknown:
+            raise NeuroAdaError(f"no adapter named {unknown[0]!r} (have: {', '.join(sorted(known)) or 'none'})")
     shared = _shared_weights(model)
     for name, layer in layers(model).items():
         if any(n in layer.neuroada_val for n in (adapter_names or layer.active_adapters)):
@@ -843,6 +859,7 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
 def unmerge(model: nn.Module) -> nn.Module:
     """Restore every merged weight to its original bits; the adapters stay active, applied unmerged (as in
     PEFT), also where set_adapter had merged them."""
+    _refuse_in_batch(model, "unmerge")
     for layer in layers(model).values():
         _unserve(layer)
         layer.unmerge()

@@ -35,12 +35,12 @@ from . import kernels
 from .config import NeuroAdaConfig
 from .kernels.bgmv import AdapterStack, bgmv_add_, bgmv_linear_cpu, seq_groups
 from .layer import BASE_ADAPTER, NeuroAdaLayer, _conv1d_type, check_adapter_name
-from .model import CONFIGS_ATTR, _shared_weights, _unserve, layers, refuse_unmergeable
+from .model import (CONFIGS_ATTR, MIXED_ATTR, _refuse_in_batch, _shared_weights, _unserve, layers,
+                    refuse_unmergeable)
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
            "stop_serving", "adapter_batch", "add_weighted_adapter"]
 
-MIXED_ATTR = "_neuroada_adapter_batch"  # on the model while an adapter_batch block runs
 _STACK_ATTR = "_neuroada_stack"
 _SAME_ATTR = "_neuroada_same_positions"
 _MERGED_ATTR = "_neuroada_merged_values"
@@ -79,11 +79,6 @@ def _check_known(model: nn.Module, names, *, allow_base: bool) -> list[str]:
         if n not in known:
             raise NeuroAdaError(f"no adapter named {n!r} (have: {', '.join(known) or 'none'})")
     return known
-
-
-def _refuse_in_batch(model: nn.Module, what: str) -> None:
-    if getattr(model, MIXED_ATTR, None) is not None:
-        raise NeuroAdaUsageError(f"{what} inside an adapter_batch block; leave the block first")
 
 
 def _state(t: torch.Tensor) -> tuple:

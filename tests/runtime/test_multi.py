@@ -300,13 +300,32 @@ def test_adapter_batch_refusals_leave_the_model_alone(zoo):
         with adapter_batch(model, ["math", "cs"]):
             model(ids_batch(3))  # e.g. beam search multiplied the batch
     assert snapshot(model) == before
+    from neuroada_format.runtime import merge, unmerge
+
+    _, files, _, _ = zoo
     with adapter_batch(model, ["cs"]):
         for call in (lambda: set_adapter(model, "cs"), lambda: delete_adapter(model, "cs"),
                      lambda: adapter_batch(model, ["cs"]).__enter__(),
-                     lambda: add_weighted_adapter(model, ["cs"], [1.0], "x")):
+                     lambda: add_weighted_adapter(model, ["cs"], [1.0], "x"),
+                     # these change weights, classes or active adapters under the block too
+                     lambda: merge(model, ["code"]), lambda: unmerge(model), lambda: merge_and_unload(model),
+                     lambda: attach(model, NeuroAdaConfig(k=1), "new"),
+                     lambda: load_adapter(model, files["alien"], "alien")):
             with pytest.raises(NeuroAdaUsageError, match="adapter_batch"):
                 call()
     assert snapshot(model) == before
+
+
+def test_merge_refuses_an_unknown_name_before_writing(zoo):
+    from neuroada_format.runtime import merge
+
+    model = served(zoo)
+    set_adapter(model, "math")
+    before = snapshot(model)
+    for names in (["nope"], ["cs", "nope"]):
+        with pytest.raises(NeuroAdaError, match="no adapter named 'nope'"):
+            merge(model, names)
+        assert snapshot(model) == before
 
 
 # -- loading, deleting, combining --------------------------------------------------------------------------
