@@ -37,6 +37,7 @@ import os
 import queue
 import struct
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,7 +45,7 @@ import numpy as np
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError, plan_merge
 from neuroada_format.durable import write_file
 from neuroada_format.hashing import probe_hash_from_values
-from neuroada_format.merge import overflow_unreported
+from neuroada_format.merge import MergeOverflowWarning, overflow_unreported
 from neuroada_format.merge import Delta
 from neuroada_format.safe_io import open_regular
 from neuroada_format.validate import PROBE_MISMATCH, validate
@@ -802,7 +803,12 @@ class GGUFBackend(Backend):
             full = np.array(weight, dtype=np.float32).reshape(-1)
             full[mp.positions] = mp.merged
             if out_type in FLOAT_TYPES:
-                tp.data = full.astype(_numpy_dtype(out_type)).tobytes()
+                with np.errstate(over="ignore"):
+                    data = full.astype(_numpy_dtype(out_type))
+                over = int((~np.isfinite(data[mp.positions].astype(np.float32)) & np.isfinite(mp.merged)).sum())
+                if over:  # as for a base of that type: the rule rounds them to +-Inf, and says so
+                    warnings.warn(MergeOverflowWarning(out_type.name, over), stacklevel=2)
+                tp.data = data.tobytes()
             else:
                 block = GGML_QUANT_SIZES[out_type][0]
                 tp.data = encode_blocks(out_type, full.reshape(-1, block), method=self.encoder).tobytes()

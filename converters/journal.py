@@ -49,7 +49,7 @@ from neuroada_format.container import SafetensorsFile, strict_json
 from neuroada_format.dtypes import BASE_DTYPES, NUMPY_DTYPES
 
 from neuroada_format.durable import checkpoint_lock, fsync_path, reserve, write_bytes
-from neuroada_format.safe_io import open_regular
+from neuroada_format.safe_io import check_regular, open_regular
 
 from .backend import Mismatch, pause_for_tests
 from .progress import bar
@@ -172,8 +172,10 @@ def _malformed(path: str, why: str) -> NeuroAdaError:
 def read_journal(path) -> Journal:
     """Open and check a journal (structure and self-consistency; the files are checked by revert)."""
     path = os.path.abspath(os.fspath(path))
-    if not os.path.isfile(path):
-        raise NeuroAdaUsageError("no such journal file", path=path, rule="1.1")
+    try:
+        check_regular(path, rule=None)
+    except NeuroAdaUsageError as exc:  # missing, a folder or a FIFO: said as such (exit 2)
+        raise NeuroAdaUsageError(f"no usable journal: {exc.detail}", path=path) from None
     st = SafetensorsFile(path)
     meta = st.metadata or {}
     if meta.get("format") != FORMAT or FORMAT not in meta:  # some other file given as a journal: usage
@@ -233,18 +235,21 @@ def revert(journal, *, base=None, progress: bool = False) -> dict:
     """
     started = time.perf_counter()
     j = read_journal(journal)
+    layout_file = None
     if base is None:
         root = j.doc["root"]
     else:
         base = os.path.abspath(os.fspath(base))
         root = base if os.path.isdir(base) else os.path.dirname(base)
+        if not os.path.isdir(base) and any("layout_file" in f for f in j.doc["files"].values()):
+            layout_file = base  # an ONNX model given by its (new) name
     if not os.path.isdir(root):
         raise NeuroAdaUsageError("the folder named by the journal is missing (pass --base if it moved)", path=root)
     with checkpoint_lock(root, exclusive=True):  # the lock an in-place merge holds: never interleave
-        return _revert(j, root, started, progress)
+        return _revert(j, root, started, progress, layout_file)
 
 
-def _revert(j: Journal, root: str, started: float, progress: bool) -> dict:
+def _revert(j: Journal, root: str, started: float, progress: bool, layout_file: str | None = None) -> dict:
     paths = {}
     for rel, f in j.doc["files"].items():
         path = os.path.join(root, rel)
@@ -254,14 +259,18 @@ def _revert(j: Journal, root: str, started: float, progress: bool) -> dict:
             raise NeuroAdaUsageError("is a symlink; a revert would write through it into the shared file", path=path)
         layout = f.get("layout_file")
         if layout is None:
-            same = os.path.getsize(path) == f["size"] and header_sha256(path) == f["header_sha256"]
-        else:  # raw data whose offsets another file holds (ONNX external data): that file must be the same
-            layout_path = os.path.join(root, layout)
-            same = (os.path.getsize(path) == f["size"] and os.path.isfile(layout_path)
-                    and file_sha256(layout_path) == f["header_sha256"])
-        if not same:
-            raise Mismatch(f"this file is not the one journal {j.path} was written for (its header differs)",
-                           path=path)
+            if os.path.getsize(path) != f["size"] or header_sha256(path) != f["header_sha256"]:
+                raise Mismatch(f"this file is not the one journal {j.path} was written for (its header differs)",
+                               path=path)
+        else:
+            if os.path.getsize(path) != f["size"]:
+                raise Mismatch(f"this file is not the one journal {j.path} was written for (its size differs)",
+                               path=path)  # raw data whose offsets another file holds (ONNX external data): that file must be the same
+            layout_path = layout_file or os.path.join(root, layout)
+            check_regular(layout_path, rule=None)  # missing, renamed or a FIFO: a usage error naming it
+            if file_sha256(layout_path) != f["header_sha256"]:
+                raise Mismatch(f"the model file describing {rel}'s layout differs from the one journal {j.path} "
+                               "recorded (re-exported or edited since the merge)", path=layout_path)
         paths[rel] = path
     headers = {rel: SafetensorsFile(p) for rel, p in paths.items() if "layout_file" not in j.doc["files"][rel]}
     entries = j.entries()

@@ -610,6 +610,7 @@ class OnnxBackend(Backend):
                 plan.originals = plan.originals or {}
                 plan.originals[name] = merge_plan.originals
             plan.touched += int(merge_plan.positions.size)
+        _refuse_shared_bytes(view, plan.patches)
         if in_place:
             _check_patchable(view, plan.patches)
         return plan
@@ -704,6 +705,23 @@ def _set_inline(tensor, values_dtype, positions, values) -> None:
     tensor.raw_data = arr.reshape(shape).tobytes()
 
 
+def _refuse_shared_bytes(model: OnnxModel, patches) -> None:
+    """Two initializers whose external bytes overlap are one storage: merging one would change the other (and
+    each merge, worked out from the original bytes, would overwrite the other's). Refused unless they are the
+    very same range given the very same merge."""
+    spans = sorted((os.path.realpath(e.file), e.offset, e.offset + e.nbytes, n)
+                   for n, e in model.external.items() if e.nbytes)
+    for (fa, a0, a1, na), (fb, b0, b1, nb) in zip(spans, spans[1:]):
+        if fa != fb or b0 >= a1 or (na not in patches and nb not in patches):
+            continue
+        same = (a0, a1) == (b0, b1) and na in patches and nb in patches and all(
+            np.array_equal(x, y) for x, y in zip(patches[na], patches[nb]))
+        if not same:
+            raise NeuroAdaError(f"initializers {na!r} and {nb!r} share bytes of {os.path.basename(fa)} "
+                                f"([{a0}, {a1}) and [{b0}, {b1})): merging one would change the other",
+                                path=model.path, tensor=na if na in patches else nb, rule="4.2")
+
+
 def _check_patchable(model: OnnxModel, patches) -> None:
     """In place: only external data, in files nobody else shares (no symlinks, no other hard links).
 
@@ -716,6 +734,9 @@ def _check_patchable(model: OnnxModel, patches) -> None:
                                  "costs the same, or save the model with external data", path=model.path)
     files = {model.external[n].file for n in patches}
     for f in sorted(files):
+        if os.path.samefile(f, model.path):  # the journal checks the .onnx is unchanged on revert: it must be
+            raise NeuroAdaUsageError("the external data lives in the .onnx file itself, which a revert journal needs "
+                                     "unchanged: merge into a copy (--out)", path=model.path)
         if os.stat(f).st_nlink > 1:
             raise NeuroAdaUsageError("file has other hard links; patching it in place would change them too",
                                      path=f)

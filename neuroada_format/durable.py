@@ -278,7 +278,7 @@ def write_file(path, write: Callable[[str], None], *, overwrite: bool = True, du
     except OSError as exc:
         if os.path.lexists(tmp):
             remove(tmp)
-        if exc.filename is None:  # file objects' errors name no file: say which one (e.g. a full disk)
+        if exc.filename is None or exc.filename == tmp:  # say which file: the one the user named, not our sibling
             raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
         raise
     except BaseException:
@@ -307,7 +307,8 @@ def naming_write_errors(out):
     try:
         yield
     except OSError as exc:
-        if exc.errno in _WRITE_SIDE and exc.filename != os.fspath(out):
+        temporary = isinstance(exc.filename, str) and TMP_MARK in os.path.basename(exc.filename)
+        if (exc.errno in _WRITE_SIDE and exc.filename != os.fspath(out)) or temporary:
             raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), os.fspath(out)) from exc
         raise
 

@@ -117,8 +117,9 @@ def plan_merge(weight: np.ndarray, deltas: Sequence, layout: str = "out_in", *, 
     locations = []
     for d, pos in zip(ds, positions):
         loc = slice(None) if pos is union else np.searchsorted(union, pos)
-        term = np.float32(d.scale) * np.asarray(d.values).reshape(-1).astype(np.float32)
-        acc[loc] += term  # positions within one adapter are unique, so fancy += is exact
+        with np.errstate(over="ignore"):  # an Inf here is counted below as an overflow of the result
+            term = np.float32(d.scale) * np.asarray(d.values).reshape(-1).astype(np.float32)
+            acc[loc] += term  # positions within one adapter are unique, so fancy += is exact
         locations.append(loc)
     with np.errstate(over="ignore"):
         merged = acc.astype(NUMPY_DTYPES[base_dtype])

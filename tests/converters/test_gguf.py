@@ -673,3 +673,22 @@ def test_heads_that_do_not_split_the_rows_name_the_file_and_tensor(tmp_path):
     with pytest.raises(NeuroAdaError) as exc:
         gm.open_gguf_base(path).resolve(TARGETS[0])
     assert exc.value.path == os.fspath(path) and exc.value.tensor == "blk.0.attn_q.weight" and exc.value.rule == "4.2"
+
+
+@pytest.mark.parametrize("target_type, scale", [("F16", "1e6"), ("F32", "3e38")])
+def test_retyped_targets_report_overflow_as_a_float_base_does(tiny, tmp_path, capsys, target_type, scale):
+    """Re-typing to F16 wrote +-Inf with only numpy's 'overflow encountered in cast' (no file, no count), and a
+    huge scale let 'overflow encountered in multiply' through next to the proper warning."""
+    from neuroada_format.converters.merge_cli import run as merge_run
+
+    path, view = tiny(QT.Q8_0)
+    adapter = tmp_path / "a.safetensors"
+    naf.save(make_adapter(view, targets=TARGETS[:1], scale=1.0), adapter)
+    out = tmp_path / "m.gguf"
+    assert merge_run(["--base", os.fspath(path), "--adapter", f"{adapter}:{scale}", "--out", os.fspath(out),
+                      "--option", f"target_type={target_type}"]) == 0
+    err = capsys.readouterr().err
+    assert "encountered" not in err, err
+    merged = gm.open_gguf_base(out).array(TARGETS[0])
+    n = int((~np.isfinite(np.asarray(merged, np.float32))).sum())
+    assert n > 0 and f"merge overflowed the {target_type} range at {n} positions" in err, err

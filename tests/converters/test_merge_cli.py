@@ -118,7 +118,7 @@ def test_wrong_journal_exits_1_and_a_non_journal_exits_2(capsys, tmp_path, model
     (["--base", "{base}", "--adapter", "{a}", "--out", "{base}"], "use --in-place"),
     (["--base", "{base}", "--adapter", "{a}", "--out", "{tmp}/no/such/dir"], "parent folder does not exist"),
     (["--base", "{base}", "--adapter", "{a}", "--bogus"], "No such option"),
-    (["--revert", "{tmp}/nope.safetensors"], "no such journal"),
+    (["--revert", "{tmp}/nope.safetensors"], "no usable journal: cannot read: no such file"),
     (["--revert", "{a}", "--adapter", "{a}"], "--revert takes only"),
     (["--revert", "{a}", "--fsync"], "--revert takes only"),
 ])

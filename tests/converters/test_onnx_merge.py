@@ -287,8 +287,9 @@ def test_in_place_revert_refuses_a_changed_model_file(llama, tmp_path):
     merged = _folder_bytes(tmp_path / "work")
     with open(target, "ab") as f:  # another model now describes the data's layout
         f.write(b"\0")
-    with pytest.raises(naf.NeuroAdaError, match="not the one journal"):
+    with pytest.raises(naf.NeuroAdaError, match="layout differs from the one journal .* recorded") as exc:
         revert(summary.journal)
+    assert exc.value.path == target
     after = _folder_bytes(tmp_path / "work")
     assert {k: v for k, v in after.items() if not k.endswith(".onnx")} == \
         {k: v for k, v in merged.items() if not k.endswith(".onnx")}
@@ -690,3 +691,75 @@ def test_external_data_swapped_for_a_fifo_after_the_check_is_refused_not_waited_
     with mock.patch.object(safe_io, "check_regular", check_then_swap), deadline(), \
             pytest.raises(naf.NeuroAdaUsageError, match="FIFO"):
         model.array(name)
+
+
+def _external_model(folder, weights: dict, locations: dict) -> str:
+    """A MatMul chain whose initializers are external at {name: (location, offset)}; the bytes are written by the
+    caller. Returns the model path."""
+    inits, nodes, prev = [], [], "x"
+    for i, (name, w) in enumerate(weights.items()):
+        t = numpy_helper.from_array(w, name)
+        t.ClearField("raw_data")
+        t.data_location = TensorProto.EXTERNAL
+        location, offset = locations[name]
+        for k, v in (("location", location), ("offset", str(offset)), ("length", str(w.nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        inits.append(t)
+        nodes.append(scoped(helper.make_node("MatMul", [prev, name], [f"h{i}"]), name.rsplit(".", 1)[0]))
+        prev = f"h{i}"
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, None)], initializer=inits)
+    path = os.fspath(folder / "m.onnx")
+    with open(path, "wb") as f:
+        f.write(helper.make_model(graph).SerializeToString())
+    return path
+
+
+def test_initializers_sharing_external_bytes_are_refused(tmp_path):
+    """Each merge was worked out from the shared original bytes, then both were written over each other: a wrong
+    copy, and an in-place merge that its own journal could not revert."""
+    w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    (tmp_path / "a.data").write_bytes(w.tobytes())
+    path = _external_model(tmp_path, {"fc0.weight": w, "fc1.weight": w},
+                           {"fc0.weight": ("a.data", 0), "fc1.weight": ("a.data", 0)})
+    adapter = adapter_for("fc0.weight", w, "in_out")
+    before = (tmp_path / "a.data").read_bytes()
+    for kw in ({"out": os.fspath(tmp_path / "out.onnx")}, {"out": None, "in_place": True}):
+        with pytest.raises(naf.NeuroAdaError, match="rule 4.2: initializers 'fc0.weight' and 'fc1.weight' share bytes"):
+            merge_onnx(path, [(adapter, 1.0)], **kw)
+    assert (tmp_path / "a.data").read_bytes() == before and not (tmp_path / "out.onnx").exists()
+
+
+def test_in_place_refuses_external_data_inside_the_model_file(tmp_path):
+    w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    blob = numpy_helper.from_array(np.frombuffer(w.tobytes(), np.uint8).copy(), "blob")
+    path = _external_model(tmp_path, {"fc0.weight": w}, {"fc0.weight": ("m.onnx", 10 ** 11)})
+    model = onnx.load(path, load_external_data=False)
+    model.graph.initializer.append(blob)
+    data = model.SerializeToString()
+    offset = data.find(w.tobytes())   # the same length of digits: the offset does not move the bytes
+    model.graph.initializer[0].external_data[1].value = str(offset).zfill(12)
+    data = model.SerializeToString()
+    assert data.find(w.tobytes()) == offset
+    with open(path, "wb") as f:
+        f.write(data)
+    with pytest.raises(naf.NeuroAdaUsageError, match="lives in the .onnx file itself"):
+        merge_onnx(path, [(adapter_for("fc0.weight", w, "in_out"), 1.0)], None, in_place=True)
+    assert open(path, "rb").read() == data
+
+
+def test_revert_names_a_missing_model_file_and_takes_its_new_name(llama, tmp_path):
+    _, state, path = llama
+    adapter = make_adapter(state, linear_names(state)[:2], k=2, seed=9)
+    target = _copy_model(path, tmp_path / "work")
+    before = _folder_bytes(tmp_path / "work")
+    summary = merge_onnx(target, [(adapter, 1.0)], None, in_place=True, journal=os.fspath(tmp_path / "j.safetensors"))
+    renamed = tmp_path / "work" / "renamed.onnx"
+    os.rename(target, renamed)
+    with pytest.raises(naf.NeuroAdaUsageError, match="no such file") as exc:
+        revert(summary.journal)
+    assert exc.value.path == target
+    revert(summary.journal, base=renamed)
+    os.rename(renamed, target)
+    assert _folder_bytes(tmp_path / "work") == before
