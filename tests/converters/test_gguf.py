@@ -13,7 +13,6 @@ import shutil
 import signal
 import struct
 import time
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -25,10 +24,10 @@ import neuroada_format as naf  # noqa: E402
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
 from neuroada_format.converters.backend import SLOWDOWN_ENV  # noqa: E402
-from neuroada_format import safe_io  # noqa: E402
 from neuroada_format.errors import exit_code  # noqa: E402
 
 from deadline import deadline  # noqa: E402  (tests/deadline.py)
+from races import fifo_after_check  # noqa: E402  (tests/races.py)
 
 HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 256, 2, 4, 2, 64
 TARGETS = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight",
@@ -498,16 +497,7 @@ def test_fifo_or_folder_named_gguf_is_refused_without_blocking(tmp_path, valid_f
         assert exc.value.rule == "1.1" and exit_code(exc.value) == 2
     swapped = tmp_path / "swapped.gguf"
     shutil.copyfile(valid_file, swapped)
-    real_check = safe_io.check_regular
-
-    def check_then_swap(path, **kw):
-        st = real_check(path, **kw)
-        os.remove(path)
-        os.mkfifo(path)
-        return st
-
-    with mock.patch.object(safe_io, "check_regular", check_then_swap), deadline(), \
-            pytest.raises(NeuroAdaUsageError, match="FIFO"):
+    with fifo_after_check(), deadline(), pytest.raises(NeuroAdaUsageError, match="FIFO"):
         gm.read_gguf(swapped)
 
 

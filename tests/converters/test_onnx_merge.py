@@ -672,24 +672,13 @@ def test_a_folder_where_the_data_file_goes_is_refused_before_any_work(llama, tmp
 
 
 def test_external_data_swapped_for_a_fifo_after_the_check_is_refused_not_waited_on(llama, tmp_path):
-    from unittest import mock
-
-    from neuroada_format import safe_io
+    from races import fifo_after_check
 
     _, state, path = llama
     target = _copy_model(path, tmp_path / "work")
     model = OnnxModel(target)
     name = next(n for n in model.external)
-    real_check = safe_io.check_regular
-
-    def check_then_swap(p, **kw):
-        st = real_check(p, **kw)
-        os.remove(p)
-        os.mkfifo(p)
-        return st
-
-    with mock.patch.object(safe_io, "check_regular", check_then_swap), deadline(), \
-            pytest.raises(naf.NeuroAdaUsageError, match="FIFO"):
+    with fifo_after_check(), deadline(), pytest.raises(naf.NeuroAdaUsageError, match="FIFO"):
         model.array(name)
 
 
