@@ -805,9 +805,14 @@ class GGUFBackend(Backend):
             if out_type in FLOAT_TYPES:
                 with np.errstate(over="ignore"):
                     data = full.astype(_numpy_dtype(out_type))
-                over = int((~np.isfinite(data[mp.positions].astype(np.float32)) & np.isfinite(mp.merged)).sum())
-                if over:  # as for a base of that type: the rule rounds them to +-Inf, and says so
-                    warnings.warn(MergeOverflowWarning(out_type.name, over), stacklevel=2)
+                lost = ~np.isfinite(data.astype(np.float32)) & np.isfinite(full)
+                touched = int(lost[mp.positions].sum())
+                if int(lost.sum()) > touched:  # base values the adapter never touched: not ours to turn into Inf
+                    raise NeuroAdaError(f"{int(lost.sum()) - touched} values of the base that the adapter does not "
+                                        f"touch lie beyond the {out_type.name} range; re-type it to F32 instead",
+                                        path=view.path, tensor=info.name)
+                if touched:  # as for a base of that type: the rule rounds them to +-Inf, and says so
+                    warnings.warn(MergeOverflowWarning(out_type.name, touched), stacklevel=2)
                 tp.data = data.tobytes()
             else:
                 block = GGML_QUANT_SIZES[out_type][0]

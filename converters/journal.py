@@ -241,8 +241,9 @@ def revert(journal, *, base=None, progress: bool = False) -> dict:
     else:
         base = os.path.abspath(os.fspath(base))
         root = base if os.path.isdir(base) else os.path.dirname(base)
-        if not os.path.isdir(base) and any("layout_file" in f for f in j.doc["files"].values()):
-            layout_file = base  # an ONNX model given by its (new) name
+        if (not os.path.isdir(base) and os.path.relpath(base, root) not in j.doc["files"]
+                and any("layout_file" in f for f in j.doc["files"].values())):
+            layout_file = base  # an ONNX model given by its (new) name (a data file given names only the folder)
     if not os.path.isdir(root):
         raise NeuroAdaUsageError("the folder named by the journal is missing (pass --base if it moved)", path=root)
     with checkpoint_lock(root, exclusive=True):  # the lock an in-place merge holds: never interleave

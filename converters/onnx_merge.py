@@ -706,20 +706,26 @@ def _set_inline(tensor, values_dtype, positions, values) -> None:
 
 
 def _refuse_shared_bytes(model: OnnxModel, patches) -> None:
-    """Two initializers whose external bytes overlap are one storage: merging one would change the other (and
-    each merge, worked out from the original bytes, would overwrite the other's). Refused unless they are the
-    very same range given the very same merge."""
-    spans = sorted((os.path.realpath(e.file), e.offset, e.offset + e.nbytes, n)
-                   for n, e in model.external.items() if e.nbytes)
-    for (fa, a0, a1, na), (fb, b0, b1, nb) in zip(spans, spans[1:]):
-        if fa != fb or b0 >= a1 or (na not in patches and nb not in patches):
-            continue
-        same = (a0, a1) == (b0, b1) and na in patches and nb in patches and all(
-            np.array_equal(x, y) for x, y in zip(patches[na], patches[nb]))
-        if not same:
-            raise NeuroAdaError(f"initializers {na!r} and {nb!r} share bytes of {os.path.basename(fa)} "
-                                f"([{a0}, {a1}) and [{b0}, {b1})): merging one would change the other",
-                                path=model.path, tensor=na if na in patches else nb, rule="4.2")
+    """Two external tensors whose bytes overlap are one storage: merging an initializer would change the other
+    (a Constant, a subgraph's tensor, another initializer, whose own merge, worked out from the original bytes,
+    would then overwrite it). Refused where a patched initializer is involved, unless both are the very same
+    range given the very same merge."""
+    patched = {id(model.initializers[n]): n for n in patches if n in model.external}
+    spans = sorted(((os.path.realpath(e.file), e.offset, e.offset + e.nbytes, t.name or "(unnamed)"), id(t))
+                   for t, e in model.external_tensors if e.nbytes)
+    open_spans: list = []  # earlier spans of the current file that may still reach the next one
+    for (f, a, b, name), key in spans:
+        open_spans = [o for o in open_spans if o[0] == f and o[2] > a]
+        for _, a0, b0, name0, key0 in open_spans:
+            if key0 not in patched and key not in patched:
+                continue
+            same = ((a0, b0) == (a, b) and key0 in patched and key in patched
+                    and all(np.array_equal(x, y) for x, y in zip(patches[patched[key0]], patches[patched[key]])))
+            if not same:
+                raise NeuroAdaError(f"{name0!r} and {name!r} share bytes of {os.path.basename(f)} ([{a0}, {b0}) and "
+                                    f"[{a}, {b})): merging one would change the other", path=model.path,
+                                    tensor=patched.get(key0) or patched.get(key), rule="4.2")
+        open_spans.append((f, a, b, name, key))
 
 
 def _check_patchable(model: OnnxModel, patches) -> None:

@@ -307,7 +307,9 @@ def naming_write_errors(out):
     try:
         yield
     except OSError as exc:
-        temporary = isinstance(exc.filename, str) and TMP_MARK in os.path.basename(exc.filename)
+        ours = _tmp_stem(os.path.basename(os.fspath(out))) + TMP_MARK  # our temporary sibling, or a file in it
+        temporary = isinstance(exc.filename, str) and any(
+            part.startswith(ours) for part in os.path.normpath(exc.filename).split(os.sep))
         if (exc.errno in _WRITE_SIDE and exc.filename != os.fspath(out)) or temporary:
             raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), os.fspath(out)) from exc
         raise

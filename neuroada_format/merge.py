@@ -117,7 +117,7 @@ def plan_merge(weight: np.ndarray, deltas: Sequence, layout: str = "out_in", *, 
     locations = []
     for d, pos in zip(ds, positions):
         loc = slice(None) if pos is union else np.searchsorted(union, pos)
-        with np.errstate(over="ignore"):  # an Inf here is counted below as an overflow of the result
+        with np.errstate(over="ignore", invalid="ignore"):  # Inf (or NaN: Inf - Inf) is counted below as overflow
             term = np.float32(d.scale) * np.asarray(d.values).reshape(-1).astype(np.float32)
             acc[loc] += term  # positions within one adapter are unique, so fancy += is exact
         locations.append(loc)
@@ -134,7 +134,7 @@ class MergeOverflowWarning(RuntimeWarning):
     with the count kept as a number so a tool can report the total."""
 
     def __init__(self, dtype: str, positions: int):
-        super().__init__(f"merge overflowed the {dtype} range at {positions} positions (the rule rounds them to +-Inf)")
+        super().__init__(f"merge overflowed the {dtype} range at {positions} positions (the rule rounds them to +-Inf; NaN where opposite overflows meet)")
         self.dtype, self.positions = dtype, positions
 
     def __reduce__(self):  # (args holds the message; rebuild from the fields)
@@ -196,7 +196,8 @@ def union_target(name, parts, d_out, d_in):
     offset = 0
     for (t, w), key in zip(parts, keys):
         n = key.size
-        acc[inverse[offset:offset + n]] += np.float32(w) * np.asarray(t.values).reshape(-1).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # callers refuse a non-finite result, naming it
+            acc[inverse[offset:offset + n]] += np.float32(w) * np.asarray(t.values).reshape(-1).astype(np.float32)
         offset += n
     return padded_rows(union, acc, d_out, d_in)
 

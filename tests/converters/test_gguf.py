@@ -682,3 +682,24 @@ def test_retyped_targets_report_overflow_as_a_float_base_does(tiny, tmp_path, ca
     merged = gm.open_gguf_base(out).array(TARGETS[0])
     n = int((~np.isfinite(np.asarray(merged, np.float32))).sum())
     assert n > 0 and f"merge overflowed the {target_type} range at {n} positions" in err, err
+
+
+def test_retyping_refuses_base_values_the_target_type_cannot_hold(tmp_path, capsys):
+    """An untouched base value beyond F16 became Inf with exit 0 and no word: the adapter did not do it."""
+    from neuroada_format.converters.merge_cli import run as merge_run
+
+    name = "model.layers.0.mlp.up_proj.weight"
+    arrays = hf_arrays()
+    adapter = make_adapter(naf.ArrayBase(arrays), targets=[name], scale=1.0)
+    row = np.asarray(adapter.targets[name].indices)[0]
+    free = next(c for c in range(arrays[name].shape[1]) if c not in row)
+    arrays[name] = arrays[name].copy()
+    arrays[name][0, free] = 1e6  # in range for F32, not for F16; not an adapter position
+    path = write_gguf(tmp_path / "base.gguf", arrays, QT.F32)
+    naf.save(adapter, tmp_path / "a.safetensors")
+    out = tmp_path / "m.gguf"
+    assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(tmp_path / "a.safetensors"), "--out",
+                      os.fspath(out), "--option", "target_type=F16"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 values of the base that the adapter does not touch lie beyond the F16 range" in err[0]
+    assert "blk.0.ffn_up.weight" in err[0] and not out.exists()

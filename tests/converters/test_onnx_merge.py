@@ -715,7 +715,7 @@ def test_initializers_sharing_external_bytes_are_refused(tmp_path):
     adapter = adapter_for("fc0.weight", w, "in_out")
     before = (tmp_path / "a.data").read_bytes()
     for kw in ({"out": os.fspath(tmp_path / "out.onnx")}, {"out": None, "in_place": True}):
-        with pytest.raises(naf.NeuroAdaError, match="rule 4.2: initializers 'fc0.weight' and 'fc1.weight' share bytes"):
+        with pytest.raises(naf.NeuroAdaError, match="rule 4.2: 'fc0.weight' and 'fc1.weight' share bytes"):
             merge_onnx(path, [(adapter, 1.0)], **kw)
     assert (tmp_path / "a.data").read_bytes() == before and not (tmp_path / "out.onnx").exists()
 
@@ -752,3 +752,30 @@ def test_revert_names_a_missing_model_file_and_takes_its_new_name(llama, tmp_pat
     revert(summary.journal, base=renamed)
     os.rename(renamed, target)
     assert _folder_bytes(tmp_path / "work") == before
+
+
+def test_shared_bytes_are_found_past_a_neighbour(tmp_path):
+    """Only neighbours in offset order were compared: a long unmerged span reaching past a short one to the merged
+    initializer was missed, and the merge changed it."""
+    w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    big = np.zeros(256, np.float32)              # [0, 1024)
+    mid = np.zeros(16, np.float32)               # [4, 68)
+    (tmp_path / "a.data").write_bytes(np.concatenate([big]).tobytes())
+    raw = bytearray((tmp_path / "a.data").read_bytes())
+    raw[512:768] = w.tobytes()                   # fc0.weight at [512, 768), inside big
+    (tmp_path / "a.data").write_bytes(bytes(raw))
+    path = _external_model(tmp_path, {"fc0.weight": w}, {"fc0.weight": ("a.data", 512)})
+    model = onnx.load(path, load_external_data=False)
+    for name, arr, offset in (("big", big, 0), ("mid", mid, 4)):   # unused initializers, stored in the same file
+        t = numpy_helper.from_array(arr, name)
+        t.ClearField("raw_data")
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", "a.data"), ("offset", str(offset)), ("length", str(arr.nbytes))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        model.graph.initializer.append(t)
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    with pytest.raises(naf.NeuroAdaError, match="'big' and 'fc0.weight' share bytes"):
+        merge_onnx(path, [(adapter_for("fc0.weight", w, "in_out"), 1.0)], os.fspath(tmp_path / "out.onnx"))
+    assert not (tmp_path / "out.onnx").exists()
