@@ -45,8 +45,7 @@ import numpy as np
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError, plan_merge
 from neuroada_format.durable import write_file
 from neuroada_format.hashing import probe_hash_from_values
-from neuroada_format.merge import MergeOverflowWarning, overflow_unreported
-from neuroada_format.merge import Delta
+from neuroada_format.merge import Delta, MergeOverflowWarning, overflow_unreported
 from neuroada_format.safe_io import open_regular
 from neuroada_format.validate import PROBE_MISMATCH, validate
 

@@ -48,7 +48,7 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.container import SafetensorsFile, strict_json
 from neuroada_format.dtypes import BASE_DTYPES, NUMPY_DTYPES
 
-from neuroada_format.durable import checkpoint_lock, fsync_path, reserve, write_bytes
+from neuroada_format.durable import checkpoint_lock, fsync_path, remove_stale_siblings, reserve, write_bytes
 from neuroada_format.safe_io import check_regular, open_regular
 
 from .backend import Mismatch, pause_for_tests
@@ -82,6 +82,19 @@ def default_path(folder: str, name: str | None = None) -> str:
         n += 1
         path = f"{stem}-{n}.safetensors"
     return path
+
+
+def claim_path(journal, default: str) -> str:
+    """The journal an in-place merge will write (`journal` as given, else `default`), refused before anything is
+    written if it exists (it may be needed to revert an earlier merge) or its folder does not; stale siblings of
+    killed writers are cleaned."""
+    journal = os.path.abspath(os.fspath(journal)) if journal else default
+    if os.path.lexists(journal):
+        raise NeuroAdaUsageError("journal already exists; it may be needed to revert an earlier merge", path=journal)
+    if not os.path.isdir(os.path.dirname(journal)):
+        raise NeuroAdaUsageError("the journal's parent folder does not exist", path=journal)
+    remove_stale_siblings(journal)
+    return journal
 
 
 def position_dtype(count: int) -> np.dtype:
@@ -263,10 +276,10 @@ def _revert(j: Journal, root: str, started: float, progress: bool, layout_file: 
             if os.path.getsize(path) != f["size"] or header_sha256(path) != f["header_sha256"]:
                 raise Mismatch(f"this file is not the one journal {j.path} was written for (its header differs)",
                                path=path)
-        else:
+        else:  # raw data whose offsets another file holds (ONNX external data): that file must be the same
             if os.path.getsize(path) != f["size"]:
                 raise Mismatch(f"this file is not the one journal {j.path} was written for (its size differs)",
-                               path=path)  # raw data whose offsets another file holds (ONNX external data): that file must be the same
+                               path=path)
             layout_path = layout_file or os.path.join(root, layout)
             check_regular(layout_path, rule=None)  # missing, renamed or a FIFO: a usage error naming it
             if file_sha256(layout_path) != f["header_sha256"]:

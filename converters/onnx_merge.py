@@ -37,7 +37,7 @@ from neuroada_format.merge import Delta
 from neuroada_format.validate import probe_mismatch
 
 from .backend import Backend, MergeSummary, Resolved, Written, described, merge, pause_for_tests
-from .journal import JournalEntry, default_path, position_dtype, write_journal
+from .journal import JournalEntry, claim_path, default_path, position_dtype, write_journal
 from .tensor_map import patch_values
 
 try:  # the converters need onnx; the format core does not
@@ -624,7 +624,8 @@ class OnnxBackend(Backend):
         journal, files = _write_in_place(view, plan, journal, durable)
         itemsize = {n: FLOAT_TYPES[view.initializers[n].data_type][1].itemsize for n in plan.patches}
         return Written(plan.touched, files, sum(p.size * itemsize[n] for n, (p, _) in plan.patches.items()),
-                       journal=journal, details={**self._details(view, plan), "journal_bytes": os.path.getsize(journal)})
+                       journal=journal,
+                       details={**self._details(view, plan), "journal_bytes": os.path.getsize(journal)})
 
     @staticmethod
     def _details(view: OnnxModel, plan: _Plan) -> dict:
@@ -752,12 +753,7 @@ def _write_in_place(model: OnnxModel, plan: _Plan, journal, durable: bool) -> tu
     """Write the revert journal (always fsynced; the .onnx is each data file's layout file), then patch the
     external data at the tensors' offsets. Returns (journal, files patched)."""
     root, name = os.path.split(model.path)
-    journal = os.path.abspath(os.fspath(journal)) if journal else default_path(root, name)
-    if os.path.lexists(journal):
-        raise NeuroAdaUsageError("journal already exists; it may be needed to revert an earlier merge", path=journal)
-    if not os.path.isdir(os.path.dirname(journal)):
-        raise NeuroAdaUsageError("the journal's parent folder does not exist", path=journal)
-    remove_stale_siblings(journal)
+    journal = claim_path(journal, default_path(root, name))
     entries = []
     for tensor, (positions, values) in sorted(plan.patches.items()):
         ext = model.external[tensor]
@@ -776,8 +772,6 @@ def _write_in_place(model: OnnxModel, plan: _Plan, journal, durable: bool) -> tu
         for f in files:
             fsync_path(os.path.join(root, f))
     return journal, len(files)
-
-
 
 
 def _data_names(model: OnnxModel, out: str) -> dict[str, str]:

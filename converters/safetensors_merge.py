@@ -53,7 +53,7 @@ from neuroada_format.validate import PROBE_MISMATCH, probe_mismatch
 
 from . import backend as _backend
 from .backend import SLOWDOWN_ENV, Backend, Mismatch, Resolved, Written, pause_for_tests  # noqa: F401
-from .journal import JOURNAL_PREFIX, JournalEntry, default_path, position_dtype, write_journal
+from .journal import JOURNAL_PREFIX, JournalEntry, claim_path, default_path, position_dtype, write_journal
 from .progress import bar
 from .tensor_map import map_tensor, patch_values
 
@@ -530,13 +530,7 @@ def _write_copy(b: _Base, touches: list[_Touch], out: str, *, verify: bool, over
 
 def _write_in_place(b: _Base, plan: _InPlacePlan, journal, *, durable: bool, progress: bool) -> Written:
     """Write the revert journal (always fsynced), then patch BASE's files through a memory map."""
-    journal = os.path.abspath(os.fspath(journal)) if journal else default_journal_path(b)
-    if os.path.lexists(journal):
-        raise NeuroAdaUsageError("journal already exists; it may be needed to revert an earlier merge",
-                                 path=journal)
-    if not os.path.isdir(os.path.dirname(journal)):
-        raise NeuroAdaUsageError("the journal's parent folder does not exist", path=journal)
-    remove_stale_siblings(journal)
+    journal = claim_path(journal, default_journal_path(b))
     root = b.root or os.path.dirname(b.path)
     write_journal(journal, root, [os.path.relpath(f, root) for f in plan.files], plan.entries,
                   adapters=plan.adapters)

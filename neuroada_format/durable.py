@@ -116,10 +116,10 @@ def remove(path: str) -> None:
 def _owner_rwx(folder: str) -> bool:
     """Give a folder's owner read, write and search rights; False if nothing could be changed."""
     try:
-        mode = stat.S_IMODE(os.lstat(folder).st_mode)
-        if stat.S_ISLNK(os.lstat(folder).st_mode) or mode & stat.S_IRWXU == stat.S_IRWXU:
+        st = os.lstat(folder)
+        if stat.S_ISLNK(st.st_mode) or st.st_mode & stat.S_IRWXU == stat.S_IRWXU:
             return False
-        os.chmod(folder, mode | stat.S_IRWXU)
+        os.chmod(folder, stat.S_IMODE(st.st_mode) | stat.S_IRWXU)
         return True
     except OSError:
         return False
@@ -354,9 +354,9 @@ def check_output(out, *, inputs: Iterable = (), overwrite: bool = False, kind: s
     inputs = [os.path.abspath(os.fspath(p)) for p in inputs if p is not None]
     for target in [out, *(os.path.abspath(os.fspath(c)) for c in companions)]:
         real = _real(target)
+        what = "the output" if target == out else f"the output's companion file {target}"
         for src in inputs:
             real_src = _real(src)
-            what = "the output" if target == out else f"the output's companion file {target}"
             if real == real_src or (os.path.lexists(target) and _same_file(target, src)):
                 raise NeuroAdaUsageError(f"{what} is the input {src}; write elsewhere (or use --in-place "
                                          f"where offered)", path=target)
@@ -368,14 +368,12 @@ def check_output(out, *, inputs: Iterable = (), overwrite: bool = False, kind: s
         for src in inputs:  # after the direct checks: a file given as an input is named as such
             linked = _hard_link_into(target, src)
             if linked:
-                what = "the output" if target == out else f"the output's companion file {target}"
                 raise NeuroAdaUsageError(f"{what} is a hard link to the input file {linked}; write elsewhere",
                                          path=target)
         if os.path.lexists(target):
             if not overwrite:
                 raise _exists(target)
-            _refuse_replacing(target, "the output" if target == out else f"the output's companion file {target}",
-                              folder_ok=target == out)
+            _refuse_replacing(target, what, folder_ok=target == out)
     if kind is not None and os.path.lexists(out):
         is_dir = os.path.isdir(out)
         if is_dir != (kind == "folder"):

@@ -104,7 +104,8 @@ def strict_json(text, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_D
         raise ValueError(f"nested more than {max_depth} levels deep") from None
     if depth(value, stop=max_depth) > max_depth:
         raise ValueError(f"nested more than {max_depth} levels deep")
-    if _SURROGATE_ESCAPE.search(text) or (not text.isascii() and _SURROGATE.search(text)):  # rare: only then walk the value (pairs decode to one character)
+    # rare: only then walk the value (a high-low pair decodes to one character and passes)
+    if _SURROGATE_ESCAPE.search(text) or (not text.isascii() and _SURROGATE.search(text)):
         try:
             json.dumps(value, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:

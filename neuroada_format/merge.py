@@ -134,7 +134,8 @@ class MergeOverflowWarning(RuntimeWarning):
     with the count kept as a number so a tool can report the total."""
 
     def __init__(self, dtype: str, positions: int):
-        super().__init__(f"merge overflowed the {dtype} range at {positions} positions (the rule rounds them to +-Inf; NaN where opposite overflows meet)")
+        super().__init__(f"merge overflowed the {dtype} range at {positions} positions (the rule rounds them to "
+                         "+-Inf; NaN where opposite overflows meet)")
         self.dtype, self.positions = dtype, positions
 
     def __reduce__(self):  # (args holds the message; rebuild from the fields)

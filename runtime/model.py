@@ -811,10 +811,10 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
             val = torch.from_numpy(np.array(t.values, dtype=np.float32)).to(device=w.device, dtype=delta_dtype)
             module.add_adapter(adapter_name, idx, val=val, val_dtype=delta_dtype, activate=activate)
             module.neuroada_val[adapter_name].requires_grad_(is_trainable)
-            if served and not _serving(module):  # wrapped just now: it serves the base like its peers
-                from .multi import ServingLayer
+            if served:  # a layer wrapped just now serves the base like its peers
+                from .multi import _serve
 
-                module.__class__ = ServingLayer
+                _serve(module)
         _freeze(model, keep_deltas=True)
         configs[adapter_name] = config
         setattr(model, CONFIGS_ATTR, configs)
@@ -841,10 +841,9 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
     """Write the (active, or named) deltas into the weights with the spec's rule: f32 sum, one rounding."""
     _refuse_in_batch(model, "merge")
     if adapter_names is not None:  # every name must exist somewhere, as for set_adapter (checked before any write)
-        known = {n for layer in layers(model).values() for n in layer.neuroada_val.keys()}
-        unknown = [n for n in adapter_names if n not in known]
-        if unknown:
-            raise NeuroAdaError(f"no adapter named {unknown[0]!r} (have: {', '.join(sorted(known)) or 'none'})")
+        from .multi import _check_known  # (multi builds on this module)
+
+        _check_known(model, adapter_names, allow_base=False)
     shared = _shared_weights(model)
     for name, layer in layers(model).items():
         if any(n in layer.neuroada_val for n in (adapter_names or layer.active_adapters)):
