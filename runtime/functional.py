@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
 from . import kernels
+from .kernels.cache import outside_inference, version
 from .kernels.pattern import Pattern
 from .kernels.reference import acc_dtype
 
@@ -61,17 +62,18 @@ class Overlay:
             if tuple(w.shape) != (p.d_out, p.k):
                 raise NeuroAdaUsageError(f"w0 shape {tuple(w.shape)} != {(p.d_out, p.k)}")
         self.patterns, self.w0s = patterns, w0s
-        self._w0_versions = tuple(w._version for w in w0s)
+        self._w0_versions = tuple(version(w) for w in w0s)
         self._compact = None
         self.d_out, self.d_in, self.transposed = p0.d_out, p0.d_in, p0.transposed
         if len(patterns) == 1:
             self.flat, self.invs, self.w0 = p0.flat, None, w0s[0].reshape(-1)
         else:
-            u, inv = torch.unique(torch.cat([p.flat for p in patterns]), sorted=True, return_inverse=True)
-            self.invs = tuple(inv.split([p.nnz for p in patterns]))
-            w0u = torch.empty(u.numel(), dtype=w0s[0].dtype, device=u.device)
-            for i, w in zip(self.invs, w0s):
-                w0u[i] = w.reshape(-1)  # shared slots receive equal originals
+            with outside_inference():
+                u, inv = torch.unique(torch.cat([p.flat for p in patterns]), sorted=True, return_inverse=True)
+                self.invs = tuple(inv.split([p.nnz for p in patterns]))
+                w0u = torch.empty(u.numel(), dtype=w0s[0].dtype, device=u.device)
+                for i, w in zip(self.invs, w0s):
+                    w0u[i] = w.reshape(-1)  # shared slots receive equal originals
             self.flat, self.w0 = u, w0u
 
     def compact(self) -> tuple[torch.Tensor, tuple[Pattern, ...]] | None:
@@ -83,20 +85,21 @@ class Overlay:
         because sibling layers (q, k, v) share one saved ``x`` that their compact copies would each replace.
         """
         if self._compact is None:
-            cols = torch.unique(torch.cat([p.col for p in self.patterns]))  # sorted
-            if cols.numel() <= COMPACT_MAX * self.d_in:
-                pats = tuple(Pattern(torch.searchsorted(cols, p.idx).contiguous(), cols.numel(), validate=False)
-                             for p in self.patterns)  # searchsorted keeps each row's order: still valid
-                self._compact = (cols, pats)
-            else:
-                self._compact = False
+            with outside_inference():
+                cols = torch.unique(torch.cat([p.col for p in self.patterns]))  # sorted
+                if cols.numel() <= COMPACT_MAX * self.d_in:
+                    pats = tuple(Pattern(torch.searchsorted(cols, p.idx).contiguous(), cols.numel(), validate=False)
+                                 for p in self.patterns)  # searchsorted keeps each row's order: still valid
+                    self._compact = (cols, pats)
+                else:
+                    self._compact = False
         return self._compact or None
 
     def is_current(self, patterns: Sequence[Pattern], w0s: Sequence[torch.Tensor]) -> bool:
         return (
             len(patterns) == len(self.patterns)
             and all(a is b for a, b in zip(patterns, self.patterns))
-            and all(a is b and a._version == v for a, b, v in zip(w0s, self.w0s, self._w0_versions))
+            and all(a is b and version(a) == v for a, b, v in zip(w0s, self.w0s, self._w0_versions))
         )
 
     def values(self, vals: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -207,7 +210,7 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
                 ctx.patterns = compact[1]
         ctx.save_for_backward(saved, *vals)
         ctx.weight = weight  # a reference, not a saved tensor (see module docstring)
-        ctx.weight_version = weight._version
+        ctx.weight_version = version(weight)
         ctx.overlay = overlay
         ctx.cast = cast
         ctx.x_dtype = x.dtype
@@ -218,7 +221,7 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         xc, *vals = ctx.saved_tensors
         ov: Overlay = ctx.overlay
-        if ctx.weight._version != ctx.weight_version:
+        if version(ctx.weight) != ctx.weight_version:
             # e.g. merge()/load_state_dict between forward and backward: re-scattering would be wrong
             raise NeuroAdaError("the base weight was modified in place between forward and backward (merge, "
                                 "load_state_dict or an optimizer touched it); run backward first")

@@ -16,6 +16,7 @@ from torch import nn
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
 from .functional import Overlay, additive_sparse_delta, inplace_sparse_delta_linear, merge_, unmerge_
+from .kernels.cache import outside_inference
 from .kernels.pattern import Pattern
 
 __all__ = ["NeuroAdaLayer", "MODES", "check_adapter_name"]
@@ -156,17 +157,21 @@ class NeuroAdaLayer(nn.Module):
         if self.merged:
             raise NeuroAdaUsageError("unmerge before adding an adapter: w0 must be read from the original weight")
         W = self._canonical_weight()
-        idx = torch.as_tensor(idx).to(device=W.device, dtype=torch.int64).contiguous()
-        if idx.dim() != 2 or idx.shape[0] != self.d_out:
-            raise NeuroAdaError(f"idx must be [{self.d_out}, k], got {tuple(idx.shape)}", rule="3.4")
-        pattern = Pattern(idx, self.d_in, transposed=self.transposed)  # validates range and order
-        w0 = W.detach().gather(1, idx).contiguous()
-        if val is None:
-            v = torch.zeros(idx.shape, dtype=val_dtype, device=W.device)
-        else:
-            if tuple(val.shape) != tuple(idx.shape):
-                raise NeuroAdaError(f"val shape {tuple(val.shape)} != idx shape {tuple(idx.shape)}", rule="3.4")
-            v = val.detach().to(device=W.device).clone()
+        # ordinary tensors even when called in torch.inference_mode(): the adapter outlives the block and may train
+        with outside_inference():
+            idx = torch.as_tensor(idx).to(device=W.device, dtype=torch.int64).contiguous()
+            if idx.is_inference():
+                idx = idx.clone()
+            if idx.dim() != 2 or idx.shape[0] != self.d_out:
+                raise NeuroAdaError(f"idx must be [{self.d_out}, k], got {tuple(idx.shape)}", rule="3.4")
+            pattern = Pattern(idx, self.d_in, transposed=self.transposed)  # validates range and order
+            w0 = W.detach().gather(1, idx).contiguous()
+            if val is None:
+                v = torch.zeros(idx.shape, dtype=val_dtype, device=W.device)
+            else:
+                if tuple(val.shape) != tuple(idx.shape):
+                    raise NeuroAdaError(f"val shape {tuple(val.shape)} != idx shape {tuple(idx.shape)}", rule="3.4")
+                v = val.detach().to(device=W.device).clone()
         self.neuroada_idx[name] = idx
         self.neuroada_w0[name] = w0
         self.neuroada_val[name] = nn.Parameter(v)

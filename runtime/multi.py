@@ -34,6 +34,7 @@ from neuroada_format.dtypes import NUMPY_DTYPES, common_value_dtype, nonfinite_m
 from . import kernels
 from .config import NeuroAdaConfig
 from .kernels.bgmv import AdapterStack, bgmv_add_, bgmv_linear_cpu, seq_groups
+from .kernels.cache import outside_inference, version
 from .layer import BASE_ADAPTER, NeuroAdaLayer, _conv1d_type, check_adapter_name
 from .model import (CONFIGS_ATTR, MIXED_ATTR, _refuse_in_batch, _shared_weights, _unserve, layers,
                     refuse_unmergeable)
@@ -84,7 +85,7 @@ def _check_known(model: nn.Module, names, *, allow_base: bool) -> list[str]:
 def _state(t: torch.Tensor) -> tuple:
     """What a cache built from ``t`` depends on. ``model.to(dtype)`` swaps a parameter's storage without moving
     its version (``param.data = ...``), so the storage and dtype are part of it, not the object and version only."""
-    return t, t._version, t.data_ptr(), t.dtype, t.device
+    return t, version(t), t.data_ptr(), t.dtype, t.device
 
 
 def _same_state(a: list[tuple], b: list[tuple]) -> bool:
@@ -156,7 +157,8 @@ def _merged_values(layer: NeuroAdaLayer, name: str) -> torch.Tensor:
     hit = cache.get(name)
     if hit is not None and _same_state(hit[0], key):
         return hit[1]
-    values = layer.overlay([name]).values([layer.delta(name).detach()], layer.weight.dtype)
+    with outside_inference():
+        values = layer.overlay([name]).values([layer.delta(name).detach()], layer.weight.dtype)
     cache[name] = (key, values)
     return values
 
@@ -222,8 +224,9 @@ def _stack(layer: NeuroAdaLayer, order: Sequence[str]):
     hit = layer.__dict__.get(_STACK_ATTR)
     if hit is not None and _same_state(hit[0], key):
         return hit[1], hit[2]
-    stack = (AdapterStack([layer.neuroada_idx[n] for n in names], [layer.delta(n) for n in names], layer.d_in)
-             if names else None)
+    with outside_inference():
+        stack = (AdapterStack([layer.neuroada_idx[n] for n in names], [layer.delta(n) for n in names], layer.d_in)
+                 if names else None)
     slots = {n: i for i, n in enumerate(names)}
     layer.__dict__[_STACK_ATTR] = (key, stack, slots)
     return stack, slots
@@ -234,7 +237,8 @@ class _Sequences:
     grouping by adapter is read on the host once per block, not once per layer and step)."""
 
     def __init__(self, slots: tuple[int, ...], device):
-        self.ids = torch.tensor(slots, dtype=torch.int64, device=device)
+        with outside_inference():
+            self.ids = torch.tensor(slots, dtype=torch.int64, device=device)
         self.n = len(slots)
         self.groups = seq_groups(self.ids)
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
+from .kernels.cache import outside_inference, version
 from .layer import GRID_ATTR, NeuroAdaLayer
 
 __all__ = ["QuantGrid", "train_on_grid", "remove_grid", "grid_types"]
@@ -54,21 +55,23 @@ class QuantGrid(nn.Module):
 
     def __init__(self, scale: np.ndarray, minimum: np.ndarray, lo: int, hi: int, block: int, qtype: str):
         super().__init__()
-        self.register_buffer("scale_bits", _f16_bits(scale), persistent=False)
-        self.register_buffer("minimum_bits", _f16_bits(minimum), persistent=False)
+        with outside_inference():  # kept after an inference block: ordinary tensors
+            self.register_buffer("scale_bits", _f16_bits(scale), persistent=False)
+            self.register_buffer("minimum_bits", _f16_bits(minimum), persistent=False)
         self.lo, self.hi, self.block, self.qtype = int(lo), int(hi), int(block), str(qtype)
 
     def _at(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Scale, minimum and divisor (the scale, 1 where it is 0) of the block holding each selected
         entry, f32 [d_out, k]; cached while idx is the same, unchanged tensor."""
-        key = (idx, idx._version, self.scale_bits.device)
+        key = (idx, version(idx), self.scale_bits.device)
         hit = self.__dict__.get("_cache")
         if hit is not None and hit[0][0] is key[0] and hit[0][1:] == key[1:]:
             return hit[1]
-        blk = idx // self.block
-        d = self.scale_bits.gather(1, blk).view(torch.float16).float()
-        m = self.minimum_bits.gather(1, blk).view(torch.float16).float()
-        at = (d, m, torch.where(d == 0, 1.0, d))  # a zero scale: every level decodes to m
+        with outside_inference():
+            blk = idx // self.block
+            d = self.scale_bits.gather(1, blk).view(torch.float16).float()
+            m = self.minimum_bits.gather(1, blk).view(torch.float16).float()
+            at = (d, m, torch.where(d == 0, 1.0, d))  # a zero scale: every level decodes to m
         self.__dict__["_cache"] = (key, at)
         return at
 

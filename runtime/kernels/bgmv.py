@@ -38,6 +38,7 @@ import torch
 from neuroada_format import NeuroAdaUsageError
 
 from . import get_backend
+from .cache import outside_inference, version
 from .cpu import bag_rows
 from .reference import acc_dtype, dense_delta
 
@@ -65,8 +66,9 @@ class AdapterStack:
         for i, v in zip(idxs, vals):
             if i.dim() != 2 or i.shape[0] != d_out or tuple(v.shape) != tuple(i.shape) or i.dtype != torch.int64:
                 raise NeuroAdaUsageError("every adapter needs int64 idx and val of one shape [d_out, k]")
-        self.idxs = tuple(i.contiguous() for i in idxs)
-        self.vals = tuple(v.detach() for v in vals)
+        with outside_inference():
+            self.idxs = tuple(i.contiguous() for i in idxs)
+            self.vals = tuple(v.detach() for v in vals)
         self.n, self.d_out, self.d_in = len(idxs), int(d_out), int(d_in)
         self.ks = tuple(int(i.shape[1]) for i in idxs)
         self.k = max(self.ks)
@@ -81,13 +83,15 @@ class AdapterStack:
         """The single column per row of a k=1 adapter, contiguous."""
         c = self._cols.get(slot)
         if c is None:
-            c = self._cols[slot] = self.idxs[slot][:, 0].contiguous()
+            with outside_inference():
+                c = self._cols[slot] = self.idxs[slot][:, 0].contiguous()
         return c
 
     def val_acc(self, slot: int, dtype: torch.dtype) -> torch.Tensor:
         v = self._vals_acc.get((slot, dtype))
         if v is None:
-            v = self.vals[slot].to(dtype).contiguous()
+            with outside_inference():
+                v = self.vals[slot].to(dtype).contiguous()
             self._vals_acc[(slot, dtype)] = v
         return v
 
@@ -95,11 +99,12 @@ class AdapterStack:
     def idx(self) -> torch.Tensor:
         """``[n, d_out, K]``; a short row repeats its last column (its padded values are zero)."""
         if self._idx is None:
-            out = torch.empty(self.n, self.d_out, self.k, dtype=torch.int64, device=self.device)
-            for a, i in enumerate(self.idxs):
-                out[a, :, :i.shape[1]] = i
-                if i.shape[1] < self.k:
-                    out[a, :, i.shape[1]:] = i[:, -1:]
+            with outside_inference():
+                out = torch.empty(self.n, self.d_out, self.k, dtype=torch.int64, device=self.device)
+                for a, i in enumerate(self.idxs):
+                    out[a, :, :i.shape[1]] = i
+                    if i.shape[1] < self.k:
+                        out[a, :, i.shape[1]:] = i[:, -1:]
             self._idx = out
         return self._idx
 
@@ -107,9 +112,10 @@ class AdapterStack:
     def val(self) -> torch.Tensor:
         """``[n, d_out, K]`` in the accumulation dtype, zero in the padding."""
         if self._val is None:
-            out = torch.zeros(self.n, self.d_out, self.k, dtype=self.acc, device=self.device)
-            for a, v in enumerate(self.vals):
-                out[a, :, :v.shape[1]] = v
+            with outside_inference():
+                out = torch.zeros(self.n, self.d_out, self.k, dtype=self.acc, device=self.device)
+                for a, v in enumerate(self.vals):
+                    out[a, :, :v.shape[1]] = v
             self._val = out
         return self._val
 
@@ -119,18 +125,19 @@ class AdapterStack:
         a decoding step calls every layer with the same ids, and re-deriving this per layer and token
         was a fifth of generation's overhead here."""
         hit = self._plan
-        if hit is not None and hit[0] is ids and hit[1] == ids._version and hit[2] == acc:
+        if hit is not None and hit[0] is ids and hit[1] == version(ids) and hit[2] == acc:
             return hit[3]
-        live = ids >= 0
-        seqs = None
-        sel = ids
-        if not bool(live.all()):
-            seqs = live.nonzero().view(-1)
-            sel = ids.index_select(0, seqs)
-        cols = self.idx.index_select(0, sel).view(sel.shape[0], self.d_out * self.k)
-        vals = self.val.to(acc).index_select(0, sel)
+        with outside_inference():
+            live = ids >= 0
+            seqs = None
+            sel = ids
+            if not bool(live.all()):
+                seqs = live.nonzero().view(-1)
+                sel = ids.index_select(0, seqs)
+            cols = self.idx.index_select(0, sel).view(sel.shape[0], self.d_out * self.k)
+            vals = self.val.to(acc).index_select(0, sel)
         plan = (seqs, cols, vals)
-        self._plan = (ids, ids._version, acc, plan)
+        self._plan = (ids, version(ids), acc, plan)
         return plan
 
     def __repr__(self) -> str:

@@ -38,7 +38,8 @@ def put_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Ten
     if W.device.type == "cpu" and not torch.compiler.is_compiling():
         bits = _BITS[W.element_size()]
         W.detach().view(-1).view(bits).numpy()[flat.numpy()] = values.detach().view(bits).numpy()
-        torch.autograd.graph.increment_version(W)
+        if not W.is_inference():  # an inference tensor keeps no version to move
+            torch.autograd.graph.increment_version(W)
     else:
         W.view(-1).index_put_((flat,), values)
     return W

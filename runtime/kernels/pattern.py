@@ -12,6 +12,8 @@ import torch
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
+from .cache import outside_inference, version
+
 __all__ = ["Pattern", "as_pattern", "sparse_csr"]
 
 
@@ -47,11 +49,12 @@ class Pattern:
         if idx.dtype != torch.int64:
             raise NeuroAdaError(f"idx must be int64, got {idx.dtype}")
         self.idx = idx
-        self.version = idx._version
+        self.version = version(idx)
         self.d_out, self.k = idx.shape
         self.d_in = int(d_in)
         self.transposed = bool(transposed)
-        self._idx_c = idx.contiguous()
+        with outside_inference():
+            self._idx_c = idx.contiguous()
         if validate:
             self.check()
         self._flat = None
@@ -81,7 +84,7 @@ class Pattern:
             raise NeuroAdaError("idx rows must be strictly increasing", rule="3.6")
 
     def is_current(self, idx: torch.Tensor) -> bool:
-        return idx is self.idx and idx._version == self.version
+        return idx is self.idx and version(idx) == self.version
 
     @property
     def shape(self):
@@ -108,18 +111,20 @@ class Pattern:
     def flat(self) -> torch.Tensor:
         """Positions of the entries in the contiguous *stored* weight, in CSR order."""
         if self._flat is None:
-            r = torch.arange(self.d_out, device=self.device).unsqueeze(1)
-            if self.transposed:
-                f = self._idx_c * self.d_out + r
-            else:
-                f = r * self.d_in + self._idx_c
-            self._flat = f.reshape(-1)
+            with outside_inference():
+                r = torch.arange(self.d_out, device=self.device).unsqueeze(1)
+                if self.transposed:
+                    f = self._idx_c * self.d_out + r
+                else:
+                    f = r * self.d_in + self._idx_c
+                self._flat = f.reshape(-1)
         return self._flat
 
     @property
     def crow(self) -> torch.Tensor:
         if self._crow is None:
-            self._crow = torch.arange(0, self.nnz + 1, self.k, device=self.device, dtype=torch.int64)
+            with outside_inference():
+                self._crow = torch.arange(0, self.nnz + 1, self.k, device=self.device, dtype=torch.int64)
         return self._crow
 
     def csr(self, values: torch.Tensor) -> torch.Tensor:
@@ -130,7 +135,8 @@ class Pattern:
         """The bare sampling pattern for ``sampled_addmm`` (values are ignored with beta=0)."""
         t = self._zeros.get(dtype)
         if t is None:
-            t = self.csr(torch.zeros(self.nnz, dtype=dtype, device=self.device))
+            with outside_inference():
+                t = self.csr(torch.zeros(self.nnz, dtype=dtype, device=self.device))
             self._zeros[dtype] = t
         return t
 
@@ -139,14 +145,15 @@ class Pattern:
         """``(colptr [d_in+1], rows [nnz], perm [nnz])``: entries grouped by input column, rows
         ascending inside a column; ``perm`` maps each back to its CSR slot (to permute ``val``)."""
         if self._csc is None:
-            col = self.col
-            # stable sort by column keeps rows ascending within a column
-            perm = torch.argsort(col, stable=True)
-            counts = torch.bincount(col, minlength=self.d_in)
-            colptr = torch.zeros(self.d_in + 1, dtype=torch.int64, device=self.device)
-            torch.cumsum(counts, 0, out=colptr[1:])
-            rows = torch.div(perm, self.k, rounding_mode="floor") if self.k > 0 else perm
-            self._csc = (colptr, rows.contiguous(), perm)
+            with outside_inference():
+                col = self.col
+                # stable sort by column keeps rows ascending within a column
+                perm = torch.argsort(col, stable=True)
+                counts = torch.bincount(col, minlength=self.d_in)
+                colptr = torch.zeros(self.d_in + 1, dtype=torch.int64, device=self.device)
+                torch.cumsum(counts, 0, out=colptr[1:])
+                rows = torch.div(perm, self.k, rounding_mode="floor") if self.k > 0 else perm
+                self._csc = (colptr, rows.contiguous(), perm)
         return self._csc
 
     def csc_matrix(self, values: torch.Tensor) -> torch.Tensor:
