@@ -82,10 +82,27 @@ def _check_known(model: nn.Module, names, *, allow_base: bool) -> list[str]:
     return known
 
 
+class _Storage:
+    """Which storage a tensor holds, and where in it. ``model.to(dtype)`` swaps a parameter's storage without
+    moving its version (``param.data = ...``), and a caching allocator (CUDA's) can give the new storage the
+    address just freed, so an address proves nothing. The storage object is held instead: while a cache keeps
+    it alive, no other storage can be that object."""
+
+    __slots__ = ("storage", "where")
+
+    def __init__(self, t: torch.Tensor):
+        self.storage = t.untyped_storage()
+        self.where = (self.storage._cdata, t.storage_offset())
+
+    def __eq__(self, other) -> bool:
+        return type(other) is _Storage and self.where == other.where
+
+    __hash__ = None
+
+
 def _state(t: torch.Tensor) -> tuple:
-    """What a cache built from ``t`` depends on. ``model.to(dtype)`` swaps a parameter's storage without moving
-    its version (``param.data = ...``), so the storage and dtype are part of it, not the object and version only."""
-    return t, version(t), t.data_ptr(), t.dtype, t.device
+    """What a cache built from ``t`` depends on: the object, its version, its storage (see _Storage) and dtype."""
+    return t, version(t), _Storage(t), t.dtype, t.device
 
 
 def _same_state(a: list[tuple], b: list[tuple]) -> bool:

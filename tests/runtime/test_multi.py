@@ -581,6 +581,42 @@ def test_cached_stacks_follow_a_dtype_change(zoo):
                    for a, b in zip(layers(model).values(), layers(fresh).values()))
 
 
+def test_serving_caches_are_not_fooled_by_a_reused_address(zoo):
+    """A caching allocator (CUDA's) hands a freed block straight to the next tensor of its size, so after
+    ``model.half().float()`` a parameter can hold a new storage at its old address, with an unchanged version.
+    Emulated here: a second storage over the same memory, given new values without a version bump."""
+    model = served(zoo)
+    ids = ids_batch(2)
+    set_adapter(model, "cs")  # caches filled
+    set_adapter(model, None)
+    with torch.no_grad(), adapter_batch(model, ["cs", "math"]):
+        model(ids)
+    for layer in layers(model).values():
+        if "cs" in layer.neuroada_val:
+            v = layer.neuroada_val["cs"]
+            same_memory = torch.from_numpy(v.detach().numpy())
+            assert same_memory.data_ptr() == v.data_ptr()
+            before = v._version
+            v.data = same_memory
+            same_memory.numpy()[...] *= 3  # numpy writes move no version
+            assert v._version == before
+    fresh = copy.deepcopy(model)
+    for layer in layers(fresh).values():
+        multi._forget_caches(layer)
+    with torch.no_grad():
+        for m in (model, fresh):
+            set_adapter(m, "cs")
+        assert all(torch.equal(a.base_layer.weight, b.base_layer.weight)
+                   for a, b in zip(layers(model).values(), layers(fresh).values()))
+        for m in (model, fresh):
+            set_adapter(m, None)
+        with adapter_batch(model, ["cs", "math"]):
+            got = model(ids).logits
+        with adapter_batch(fresh, ["cs", "math"]):
+            want = fresh(ids).logits
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("how", ["attach", "load_adapter"])
 def test_the_base_name_is_reserved(zoo, how):
     base, files, _, _ = zoo
