@@ -264,16 +264,35 @@ def _exact_linears() -> tuple:
     return (nn.Linear, _conv1d_type())
 
 
+class _Tokens:
+    """The token count per sequence of the model call in progress, read from its ``input_ids`` or
+    ``inputs_embeds`` by a pre-hook: a layer given its input flattened to ``[sequences x tokens, d]`` (OPT's
+    MLP) is served only when that count says the rows are every sequence's tokens in order."""
+
+    def __init__(self):
+        self.seq_len = None
+
+    def capture(self, module, args, kwargs) -> None:
+        t = kwargs.get("input_ids")
+        if t is None:
+            t = kwargs.get("inputs_embeds")
+        if t is None and args and isinstance(args[0], torch.Tensor):
+            t = args[0]
+        self.seq_len = int(t.shape[1]) if isinstance(t, torch.Tensor) and t.dim() >= 2 else None
+
+
 class _MixedForward:
-    def __init__(self, stack, seqs: _Sequences):
-        self.stack, self.seqs = stack, seqs
+    def __init__(self, stack, seqs: _Sequences, tokens: _Tokens):
+        self.stack, self.seqs, self.tokens = stack, seqs, tokens
 
     def __call__(self, layer: NeuroAdaLayer, x: torch.Tensor, args, kwargs) -> torch.Tensor:
         n = self.seqs.n
-        if x.dim() < 2 or x.shape[0] != n:
-            raise NeuroAdaError(f"adapter_batch was given {n} adapter names but a layer got a batch of shape "
-                                f"{tuple(x.shape)}; the first dimension must be the sequences (beam search or "
-                                f"num_return_sequences > 1 multiply it: repeat each name to match)")
+        if x.dim() < 2 or (x.shape[0] != n and not (x.dim() == 2 and self.tokens.seq_len is not None
+                                                    and x.shape[0] == n * self.tokens.seq_len)):
+            raise NeuroAdaError(
+                f"adapter_batch was given {n} adapter names but a layer got input of shape {tuple(x.shape)}: its "
+                f"first dimension must be the sequences, or (2-D) their tokens in order; beam search and "
+                f"num_return_sequences > 1 multiply the sequences: repeat each name to match")
         x2 = x.reshape(-1, x.shape[-1])
         seq_len = x2.shape[0] // n
         if not args and not kwargs and self._fused(layer, x):
@@ -318,6 +337,8 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
         if not isinstance(layer, ServingLayer) and type(layer) is not NeuroAdaLayer:
             raise NeuroAdaUsageError(f"{name}: cannot serve a {type(layer).__name__} in adapter_batch")
     shared: dict = {}
+    tokens = _Tokens()
+    hook = model.register_forward_pre_hook(tokens.capture, with_kwargs=True)
     try:
         setattr(model, MIXED_ATTR, names)
         with torch.no_grad():
@@ -331,9 +352,10 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
                 key = (seq_slots, stack.device)
                 if key not in shared:
                     shared[key] = _Sequences(seq_slots, stack.device)
-                layer._neuroada_mixed = _MixedForward(stack, shared[key])
+                layer._neuroada_mixed = _MixedForward(stack, shared[key], tokens)
         yield model
     finally:
+        hook.remove()
         with torch.no_grad():
             for name, layer in all_layers.items():
                 layer.__dict__.pop("_neuroada_mixed", None)

@@ -285,6 +285,43 @@ def test_adapter_batch_on_unserved_layers_and_gpt2_conv1d(zoo, monkeypatch, k, p
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_adapter_batch_serves_layers_given_flattened_tokens(k):
+    """OPT's MLP gets its input as [sequences x tokens, d]: rows are every sequence's tokens in order, which the
+    block reads off the model call's input_ids; any other row count is refused, not served to the wrong rows."""
+    torch.manual_seed(0)
+    cfg = transformers.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                                 vocab_size=VOCAB, word_embed_proj_dim=32, max_position_embeddings=64)
+    model = transformers.OPTForCausalLM(cfg).eval()
+    for i, name in enumerate(("a", "b")):
+        attach(model, NeuroAdaConfig(k=k), name)
+        with torch.no_grad():
+            for layer in layers(model).values():
+                layer.neuroada_val[name].normal_(0, 0.2, generator=torch.Generator().manual_seed(i))
+    ids = ids_batch(3, length=5)
+    names = ["b", None, "a"]
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=1)
+    with torch.no_grad():
+        with adapter_batch(model, names):
+            got = model(ids).logits
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+            with pytest.raises(NeuroAdaError, match="repeat each name"):
+                model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=2, num_return_sequences=2, **kw)
+            fc1 = model.model.decoder.layers[0].fc1
+            with pytest.raises(NeuroAdaError, match="first dimension must be the sequences"):
+                fc1(torch.zeros(3 * 5 + 3, 32))  # not 3 sequences x 5 tokens
+        want = alone(model, ids, names)
+        want_gen = []
+        for b, name in enumerate(names):
+            set_adapter(model, name)
+            want_gen.append(model.generate(ids[b:b + 1], attention_mask=torch.ones_like(ids[b:b + 1]), **kw))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gen, torch.cat(want_gen))
+    with torch.no_grad():
+        set_adapter(model, None)
+        assert not torch.allclose(got[0], model(ids[:1]).logits[0], atol=1e-3)  # the adapters do change the output
+
+
 def test_adapter_batch_refusals_leave_the_model_alone(zoo):
     model = served(zoo)
     set_adapter(model, "math")
