@@ -508,10 +508,9 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
+    """PEFT's line: every parameter counted once in "all" (frozen adapters' deltas and an unfrozen head too)."""
     trainable, total = trainable_parameters(model)
-    base = total - sum(p.numel() for layer in layers(model).values() for p in layer.neuroada_val.values())
-    print(f"trainable params: {trainable:,} || all params: {base + trainable:,} || "
-          f"trainable%: {100 * trainable / max(base + trainable, 1):.4f}")
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}")
 
 
 def base_state_names(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:

@@ -164,6 +164,17 @@ def test_exactly_k_times_sum_of_d_out_trainable(arch, k, capsys):
     assert int(m[1].replace(",", "")) == k * d_out
     assert int(m[2].replace(",", "")) == total_before + k * d_out
     assert float(m[3]) == pytest.approx(100 * k * d_out / (total_before + k * d_out), abs=1e-4)
+    # an unfrozen head counts once; a second adapter's attach freezes the first, whose deltas still count
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(True)
+    attach(model, NeuroAdaConfig(k=1), "second")
+    head.weight.requires_grad_(True)
+    trainable, total = trainable_parameters(model)
+    assert total == total_before + (k + 1) * d_out and trainable == d_out + head.weight.numel()
+    print_trainable_parameters(model)
+    m = re.fullmatch(r"trainable params: ([\d,]+) \|\| all params: ([\d,]+) \|\| trainable%: ([\d.]+)",
+                     capsys.readouterr().out.strip())
+    assert (int(m[1].replace(",", "")), int(m[2].replace(",", ""))) == (trainable, total)
 
 
 def test_inference_mode_and_bf16_deltas():
