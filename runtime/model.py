@@ -127,6 +127,8 @@ def _matches(name: str, spec) -> bool:
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
+    """The output head "all-linear" leaves out: the output embeddings, else (classification models, whose head is
+    not one) modules named as PEFT's sequence-classification heads are, ``score`` or ``classifier``."""
     names = set()
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -134,7 +136,7 @@ def _output_head_names(model: nn.Module) -> set[str]:
         if head is not None and m is head:
             names.add(name)
     if not names:
-        names.update(n for n, _ in model.named_modules() if n.split(".")[-1] in ("lm_head", "score"))
+        names.update(n for n, _ in model.named_modules() if n.split(".")[-1] in ("lm_head", "score", "classifier"))
     return names
 
 
@@ -223,7 +225,8 @@ def find_targets(model: nn.Module, config: NeuroAdaConfig) -> list[str]:
                                     "nn.Linear and transformers Conv1D layers")
     for name, m in candidates.items():
         plain = plain_name(model, name)
-        hit = plain not in heads if all_linear else _matches(plain, config.target_modules)
+        in_head = plain in heads or any(plain.startswith(h + ".") for h in heads)  # RoBERTa's head is two linears
+        hit = not in_head if all_linear else _matches(plain, config.target_modules)
         if hit and not _matches(plain, config.exclude_modules):
             out.append(name)
     if not out:

@@ -70,6 +70,28 @@ def test_all_linear_is_what_peft_selects(arch):
     assert set(find_targets(make(), NeuroAdaConfig(target_modules="ALL-LINEAR"))) == ours  # PEFT: any case
 
 
+def tiny_classifier(kind):
+    torch.manual_seed(0)
+    if kind == "bert":
+        cfg = transformers.BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      vocab_size=64, num_labels=3)
+        return transformers.BertForSequenceClassification(cfg).eval()
+    cfg = transformers.RobertaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     vocab_size=64, num_labels=3)
+    return transformers.RobertaForSequenceClassification(cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_all_linear_leaves_a_classification_head_out(kind):
+    """A classifier is not an output embedding; like PEFT for SEQ_CLS, "all-linear" leaves it (and, RoBERTa's being
+    two linears, everything inside it) to be trained whole, not given k deltas per row of a random init."""
+    ours = set(find_targets(tiny_classifier(kind), NeuroAdaConfig(target_modules="all-linear")))
+    assert ours and not any(n == "classifier" or n.startswith("classifier.") for n in ours)
+    assert "bert.encoder.layer.0.attention.self.query" in ours or "roberta.encoder.layer.0.attention.self.query" in ours
+    if kind == "bert":
+        assert ours == peft_targets(lambda: tiny_classifier(kind), target_modules="all-linear", task_type="SEQ_CLS")
+
+
 SPECS = [
     ("llama", dict(target_modules=["q_proj", "v_proj"])),
     ("llama", dict(target_modules=["self_attn.q_proj"])),                    # dotted suffix
