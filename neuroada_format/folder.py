@@ -79,4 +79,6 @@ def adapter_paths(path) -> tuple[str, str | None]:
     if kind is not None:
         raise NeuroAdaUsageError(f"this is a PEFT adapter (peft_type {kind!r:.80}), not a NeuroAda one; convert "
                                  "it with `neuroada-pack --from-peft`", path=path, rule="1.1")
-    raise NeuroAdaUsageError(f"no {WEIGHTS_NAME} in the folder: not an adapter folder", path=path, rule="1.1")
+    inside = sorted(e.name for e in os.scandir(path) if e.is_dir() and _present(os.path.join(e.path, WEIGHTS_NAME)))
+    hint = f" (adapters saved by name are in its sub-folders: {', '.join(inside)[:200]})" if inside else ""
+    raise NeuroAdaUsageError(f"no {WEIGHTS_NAME} in the folder: not an adapter folder{hint}", path=path, rule="1.1")

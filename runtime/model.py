@@ -10,6 +10,7 @@ import functools
 import os
 import re
 import sys
+import warnings
 from typing import Callable, Iterable
 
 import ml_dtypes
@@ -728,6 +729,30 @@ def _resolve(path) -> tuple[str, NeuroAdaConfig | None]:
     return file, NeuroAdaConfig.from_pretrained(config) if config else None
 
 
+def _warn_unloaded_state(path) -> None:
+    """A save_pretrained folder's model.safetensors may hold trained tensors that are no adapter's (a head the
+    user unfroze, PEFT's LoRA): load_adapter reads only the adapter, so say what it leaves and how to load it."""
+    state = os.path.join(os.fspath(path), STATE_FILE)
+    if not os.path.isdir(path) or not os.path.isfile(state):
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(state, framework="np") as f:
+            keys = list(f.keys())
+            if STATE_MARKER not in keys:
+                return  # not our trainable state (a plain model file): not ours to interpret
+            guard = bytes(f.get_tensor(STATE_MARKER).astype(np.uint8).tolist()).decode("utf-8", "replace")
+    except Exception:  # unreadable: the adapter itself loaded; this is only advice
+        return
+    extra = [k for k in keys if ".neuroada_" not in k and k not in (STATE_MARKER, guard)]
+    if extra:
+        warnings.warn(f"{state} also holds {len(extra)} trained tensor(s) that are not adapter deltas "
+                      f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}), e.g. a head you unfroze; "
+                      f"load_adapter loads only the adapter. To use them too: "
+                      f"model.load_state_dict(safetensors.torch.load_file(path), strict=False)", stacklevel=3)
+
+
 def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
     """Rules 4.1-4.3 against the model's own weights; raises before anything is touched.
 
@@ -824,6 +849,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
     finally:
         for name, names in merged.items():
             model.get_submodule(name).merge(names)
+    _warn_unloaded_state(path)
     return model
 
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,37 @@ def test_save_pretrained_of_several_adapters_and_a_merged_and_unloaded_model(tmp
     assert (tmp_path / "plain" / "config.json").exists()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
     assert torch.equal(logits(reloaded), logits(plain))
+
+
+def test_load_adapter_says_what_a_folder_holds_besides_the_adapter(tmp_path):
+    """A head unfrozen next to the adapter is saved in model.safetensors; load_adapter reads the adapter only, so
+    it warns, naming the tensors and the call that loads them, and that call gives the trained model back."""
+    base = tiny_llama()
+    model = attach(copy.deepcopy(base), NeuroAdaConfig(k=2, target_modules=["q_proj", "v_proj"]))
+    model.lm_head.weight.requires_grad_(True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        train_step(model, opt)
+    model.save_pretrained(tmp_path / "ck")
+    served = copy.deepcopy(base)
+    with pytest.warns(UserWarning, match=r"1 trained tensor\(s\) that are not adapter deltas \(lm_head.weight\)"):
+        load_adapter(served, tmp_path / "ck")
+    assert not torch.allclose(logits(served), logits(model))  # the head was not loaded
+    from safetensors.torch import load_file
+
+    served.load_state_dict(load_file(tmp_path / "ck" / "model.safetensors"), strict=False)
+    assert torch.equal(logits(served), logits(model))
+    plain = attach(copy.deepcopy(base), NeuroAdaConfig(k=2, target_modules=["q_proj"]))
+    plain.save_pretrained(tmp_path / "plain")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapter(copy.deepcopy(base), tmp_path / "plain")  # nothing else there: no warning
+    # an adapter saved by name lives in a sub-folder, which the error for the parent names
+    attach(plain, NeuroAdaConfig(k=1), "math")
+    plain.save_pretrained(tmp_path / "named", selected_adapters=["math"])
+    with pytest.raises(NeuroAdaUsageError, match="sub-folders: math"):
+        load_adapter(copy.deepcopy(base), tmp_path / "named")
+    load_adapter(copy.deepcopy(base), tmp_path / "named" / "math")
 
 
 def test_trainable_state_from_another_base_is_refused(tmp_path):
