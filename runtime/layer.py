@@ -321,7 +321,8 @@ class NeuroAdaLayer(nn.Module):
         active = [n for n in self.active_adapters if n in self.neuroada_val]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
-        if self.mode == "inplace":
+        self.check_in_memory(active)
+        if self.mode == "inplace" and not has_hooks(self.base_layer):
             return inplace_sparse_delta_linear(
                 x, self.base_layer.weight, self.base_layer.bias, self.overlay(active),
                 [self.delta(n) for n in active],
@@ -331,9 +332,27 @@ class NeuroAdaLayer(nn.Module):
             y = y + additive_sparse_delta(x, self.pattern(n), self.delta(n), out_dtype=y.dtype)
         return y
 
+    def check_in_memory(self, names: Iterable[str]) -> None:
+        """Refuse adapter tensors on the meta device. accelerate's offloading (cpu_offload, a device_map with
+        "cpu"/"disk" entries) loads weights in hooks around module calls; adapter tensors are read, never
+        called, so they would stay on meta and serve garbage."""
+        for n in names:
+            if self.neuroada_val[n].is_meta or self.neuroada_idx[n].is_meta or self.neuroada_w0[n].is_meta:
+                raise NeuroAdaUsageError(f"adapter {n!r}: its tensors are on the meta device (offloaded, e.g. by "
+                                         "accelerate's cpu_offload or a device_map with 'cpu'/'disk' entries); "
+                                         "keep NeuroAda layers in memory, or merge_and_unload before offloading")
+
     def extra_repr(self) -> str:
         ks = {n: self.neuroada_idx[n].shape[1] for n in self.neuroada_idx.keys()}
         return f"mode={self.mode}, d_out={self.d_out}, d_in={self.d_in}, transposed={self.transposed}, k={ks}"
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs more than its class's forward: hooks (accelerate's offloading loads the
+    weight in one, user hooks read or change the output) or a forward patched onto the instance. The in-place
+    path runs the GEMM itself, so such a module is served additively: ``base_layer(x) + S(x)``."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
+                or module._backward_hooks or "forward" in module.__dict__)
 
 
 def _is_plain(t: torch.Tensor) -> bool:

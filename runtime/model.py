@@ -25,7 +25,7 @@ from neuroada_format.durable import write_file
 from neuroada_format.folder import WEIGHTS_NAME, adapter_paths
 
 from .config import MODES, SELECTIONS, NeuroAdaConfig
-from .layer import NeuroAdaLayer, check_adapter_name
+from .layer import NeuroAdaLayer, check_adapter_name, has_hooks
 from .selection import select, topk_columns
 
 CONFIGS_ATTR = "neuroada_configs"
@@ -248,7 +248,8 @@ def _mode_for(module: nn.Module, config: NeuroAdaConfig, shared: set[int], forei
     Anything else is additive: a weight shared with another module (tied embeddings) would see the
     deltas written into it, a Linear subclass may not run the GEMM we mirror, and a tensor subclass
     (quantised, DTensor) cannot be written entry by entry. A linear inside PEFT's wrapper is additive
-    as well: PEFT merges LoRA into that very weight, which restoring w0 around a GEMM would undo.
+    as well: PEFT merges LoRA into that very weight, which restoring w0 around a GEMM would undo. So is a
+    module with hooks (see layer.has_hooks; one hooked later goes additive at each forward that finds hooks).
     Layers that FSDP2 manages go additive too,
     decided at their first forward (see _resolve_sharded_modes): inside FSDP2 the whole weight exists
     only transiently, in FSDP's own all-gather buffers.
@@ -258,7 +259,8 @@ def _mode_for(module: nn.Module, config: NeuroAdaConfig, shared: set[int], forei
     w = module.weight
     plain = type(w) in (torch.Tensor, nn.Parameter) and w.is_contiguous() and w.is_floating_point()
     exact = type(module) in _linear_types()
-    return "inplace" if plain and exact and id(w) not in shared and not foreign else "additive"
+    ok = plain and exact and id(w) not in shared and not foreign and not has_hooks(module)
+    return "inplace" if ok else "additive"
 
 
 def _resolve_sharded_modes(model: nn.Module, args) -> None:

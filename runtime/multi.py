@@ -35,7 +35,7 @@ from . import kernels
 from .config import NeuroAdaConfig
 from .kernels.bgmv import AdapterStack, bgmv_add_, bgmv_linear_cpu, seq_groups
 from .kernels.cache import outside_inference, version
-from .layer import BASE_ADAPTER, NeuroAdaLayer, _conv1d_type, check_adapter_name
+from .layer import BASE_ADAPTER, NeuroAdaLayer, _conv1d_type, check_adapter_name, has_hooks
 from .model import (CONFIGS_ATTR, MIXED_ATTR, _refuse_in_batch, _shared_weights, _unserve, layers,
                     refuse_unmergeable)
 
@@ -236,6 +236,7 @@ def _stack(layer: NeuroAdaLayer, order: Sequence[str]):
     """The layer's adapters stacked in model order, cached until an idx/val/w0 tensor or a grid changes (a
     snapped delta depends on w0)."""
     names = [n for n in order if n in layer.neuroada_val]
+    layer.check_in_memory(names)
     key = [(n, layer.grid(n), *_state(layer.neuroada_idx[n]), *_state(layer.neuroada_val[n]),
             *_state(layer.neuroada_w0[n])) for n in names]
     hit = layer.__dict__.get(_STACK_ATTR)
@@ -312,6 +313,7 @@ class _MixedForward:
         return (FUSED and self.stack.k == 1 and x.device.type == "cpu" and x.dtype == torch.float32
                 and W.dtype == torch.float32 and self.stack.acc == torch.float32
                 and (b is None or b.dtype == torch.float32) and type(layer.base_layer) in _exact_linears()
+                and not has_hooks(layer.base_layer)
                 and kernels.get_backend() in ("auto", "cpu")
                 and not (torch.is_grad_enabled() and (x.requires_grad or W.requires_grad))
                 and not torch.is_autocast_enabled("cpu"))

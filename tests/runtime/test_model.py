@@ -279,3 +279,66 @@ def test_config_accepts_peft_collection_forms():
     assert NeuroAdaConfig(target_modules={"v_proj", "q_proj"}).target_modules == ["q_proj", "v_proj"]
     assert NeuroAdaConfig(target_modules=("q_proj",), exclude_modules=("x",)).exclude_modules == ["x"]
     assert NeuroAdaConfig(target_modules=None).to_dict()["target_modules"] is None
+
+
+# -- modules with hooks --------------------------------------------------------------------------------------
+def _randomized(model, name="default", std=0.05):
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in layers(model).values():
+            v = layer.neuroada_val[name]
+            v.copy_(torch.randn(v.shape, generator=g) * std)
+    return model
+
+
+@pytest.mark.parametrize("when", ["before attach", "after attach"])
+def test_hooks_on_a_wrapped_linear_run_on_every_path(when):
+    """The in-place path runs the GEMM itself, so a hooked linear (accelerate's offloading, activation capture) is
+    served additively, base_layer(x) + S(x), as PEFT's LoRA serves it: its hooks run unmerged as merged."""
+    from neuroada_format.runtime import adapter_batch, merge, unmerge
+
+    model = tiny_llama()
+    seen = []
+
+    def hook(module, args, out):
+        seen.append(out.detach().clone())
+
+    q = model.model.layers[0].self_attn.q_proj
+    if when == "before attach":
+        q.register_forward_hook(hook)
+    attach(model, NeuroAdaConfig(k=2))
+    _randomized(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    if when == "after attach":
+        layer.base_layer.register_forward_hook(hook)
+    assert layer.mode == ("additive" if when == "before attach" else "inplace")
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    model.train()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert len(seen) == 1 and layer.neuroada_val["default"].grad.abs().sum() > 0  # the deltas still train
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        merge(model)
+        merged = model(ids).logits
+        unmerge(model)
+        with adapter_batch(model, ["default", None]):
+            model(ids)
+    assert len(seen) == 4
+    torch.testing.assert_close(unmerged, merged, rtol=1e-5, atol=1e-5)
+
+
+def test_offloaded_adapter_tensors_are_refused_not_served():
+    accelerate = pytest.importorskip("accelerate")
+    from neuroada_format.runtime import adapter_batch
+
+    model = _randomized(attach(tiny_llama(), NeuroAdaConfig(k=2)))
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with pytest.raises(NeuroAdaError, match="meta device"):
+            model(ids)
+        with pytest.raises(NeuroAdaError, match="meta device"):
+            with adapter_batch(model, ["default", None]):
+                model(ids)
