@@ -219,6 +219,10 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        if torch.is_grad_enabled():  # create_graph=True: this backward's own ops would need a graph through W's writes
+            raise NeuroAdaUsageError("a second derivative through the in-place mode (backward or autograd.grad with "
+                                     "create_graph=True, e.g. a gradient penalty) is not supported; attach with "
+                                     "mode='additive' for that")
         xc, *vals = ctx.saved_tensors
         ov: Overlay = ctx.overlay
         if version(ctx.weight) != ctx.weight_version:

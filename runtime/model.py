@@ -378,9 +378,15 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
             raise NeuroAdaUsageError(f"{name} has merged adapters; unmerge (or set_adapter(model, None)) before "
                                      "attaching another")
     for name, module in modules.items():
+        _check_base_weight(module.weight, name + ".weight", "attach selects positions from it")
         d_in = _canonical(module).shape[1]
         if config.k > d_in:
             raise NeuroAdaUsageError(f"k={config.k} exceeds d_in={d_in}", tensor=name + ".weight", rule="3.4")
+        if module.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            # refused now, not at save_adapter after the training: the format describes F32, F16 and BF16 bases
+            raise NeuroAdaUsageError(f"the adapter format describes F32, F16 and BF16 base weights, this one is "
+                                     f"{module.weight.dtype}: convert the model (e.g. model.float()) before attaching",
+                                     tensor=name + ".weight")
     if config.selection == "gradient":
         indices = _gradient_indices(model, modules, config.k, calibration, loss_fn)
     else:
@@ -755,6 +761,12 @@ def _warn_unloaded_state(path) -> None:
                       f"model.load_state_dict(safetensors.torch.load_file(path), strict=False)", stacklevel=3)
 
 
+def _check_base_weight(w: torch.Tensor, tensor: str, why: str) -> None:
+    if w.is_meta:
+        raise NeuroAdaUsageError(f"the base weight is on the meta device, and {why}: load the model's weights first "
+                                 "(from_pretrained, or to_empty + load_state_dict)", tensor=tensor)
+
+
 def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
     """Rules 4.1-4.3 against the model's own weights; raises before anything is touched.
 
@@ -770,6 +782,7 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
             raise NeuroAdaError("no linear layer of the model has this weight", path=adapter.path,
                                 tensor=key, rule="4.1")
         w = _canonical(module)
+        _check_base_weight(w, key, "the adapter is checked against its values (probe hash)")
         dtype = TORCH_DTYPE_NAMES.get(w.dtype)
         # spec 1.1: the dtype may differ (identity is on values: the probe hash below decides)
         if tuple(w.shape) != tuple(t.shape) or dtype is None or _layout(module) != t.layout:

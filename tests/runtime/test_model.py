@@ -342,3 +342,50 @@ def test_offloaded_adapter_tensors_are_refused_not_served():
         with pytest.raises(NeuroAdaError, match="meta device"):
             with adapter_batch(model, ["default", None]):
                 model(ids)
+
+
+@pytest.mark.parametrize("mode", ["inplace", "additive"])
+def test_second_derivatives_work_additively_and_are_refused_in_place(mode):
+    """A gradient penalty differentiates the backward itself; the in-place backward writes into W, which no graph
+    can record, so it says to use the additive mode, whose second derivative equals a dense reference's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 8))
+    attach(net, NeuroAdaConfig(k=2, target_modules=["0"], mode=mode))
+    layer = net[0]
+    with torch.no_grad():
+        layer.neuroada_val["default"].normal_(0, 0.1)
+    x = torch.randn(4, 16, requires_grad=True)
+    gx, = torch.autograd.grad((net(x) ** 2).sum(), x, create_graph=False)  # first order: fine either way
+    if mode == "inplace":
+        with pytest.raises(NeuroAdaError, match="mode='additive'"):
+            torch.autograd.grad((net(x) ** 2).sum(), x, create_graph=True)
+        return
+    gx, = torch.autograd.grad((net(x) ** 2).sum(), x, create_graph=True)
+    (gx ** 2).sum().backward()
+    got = layer.neuroada_val["default"].grad
+    idx, val = layer.neuroada_idx["default"], layer.neuroada_val["default"].detach().clone().requires_grad_(True)
+    W = layer.base_layer.weight.detach()
+    Weff = W.scatter(1, idx, W.gather(1, idx) + val)
+    y = torch.nn.functional.linear(x, Weff, layer.base_layer.bias.detach())
+    rgx, = torch.autograd.grad((y ** 2).sum(), x, create_graph=True)
+    (rgx ** 2).sum().backward()
+    torch.testing.assert_close(got, val.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_attach_and_load_refuse_bases_the_format_cannot_describe(tmp_path):
+    from neuroada_format import NeuroAdaUsageError
+    from neuroada_format.runtime import load_adapter, save_adapter
+
+    model = tiny_llama().double()
+    snap = snapshot(model)
+    with pytest.raises(NeuroAdaUsageError, match="F32, F16 and BF16 base weights, this one is torch.float64"):
+        attach(model, NeuroAdaConfig(k=1))
+    assert_untouched(model, snap)
+    saved = save_adapter(attach(tiny_llama(), NeuroAdaConfig(k=1)), tmp_path / "a.safetensors")
+    with torch.device("meta"):
+        meta = tiny_llama()
+    snap = snapshot(meta)
+    for call in (lambda: attach(meta, NeuroAdaConfig(k=1, selection="random")), lambda: load_adapter(meta, saved)):
+        with pytest.raises(NeuroAdaUsageError, match="meta device"):
+            call()
+        assert [n for n, _ in meta.named_modules()] == snap[2] and not layers(meta)
