@@ -795,7 +795,11 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
         idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
         probe = naf.probe_hash_from_values(w.detach().gather(1, idx).float().cpu().numpy())
         if probe != t.probe:
-            raise NeuroAdaError("probe hash differs: this adapter was made for other base weights",
+            have = TORCH_DTYPE_NAMES.get(w.dtype)
+            hint = (f" (or for these weights before they became {have}: it was made on {t.dtype} values, which {have} "
+                    f"rounds; load it onto the {t.dtype} model and merge_and_unload, then convert)"
+                    if have != t.dtype else "")
+            raise NeuroAdaError(f"probe hash differs: this adapter was made for other base weights{hint}",
                                 path=adapter.path, tensor=key, rule="4.3")
 
 
