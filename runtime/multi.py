@@ -285,6 +285,10 @@ class _Tokens:
 class _MixedForward:
     def __init__(self, stack, seqs: _Sequences, tokens: _Tokens):
         self.stack, self.seqs, self.tokens = stack, seqs, tokens
+        # what _fused needs that cannot change during the block, looked up once (a decoding step calls every
+        # layer with a handful of tokens, where each check costs about as much as the gather it guards)
+        self.k1_f32 = stack.k == 1 and stack.acc == torch.float32
+        self.exact = _exact_linears()
 
     def __call__(self, layer: NeuroAdaLayer, x: torch.Tensor, args, kwargs) -> torch.Tensor:
         n = self.seqs.n
@@ -296,25 +300,24 @@ class _MixedForward:
                 f"num_return_sequences > 1 multiply the sequences: repeat each name to match")
         x2 = x.reshape(-1, x.shape[-1])
         seq_len = x2.shape[0] // n
-        if not args and not kwargs and self._fused(layer, x):
-            base = layer.base_layer
+        base = layer.base_layer
+        if not args and not kwargs and self._fused(base, x):
             y2 = bgmv_linear_cpu(x2, base.weight, base.bias, self.seqs.ids, self.stack, seq_len=seq_len,
                                  transposed=layer.transposed)
             return y2.view(x.shape[:-1] + (layer.d_out,))
-        y = layer.base_layer(x, *args, **kwargs)
+        y = base(x, *args, **kwargs)
         y2 = y.reshape(-1, y.shape[-1])
         bgmv_add_(y2, x2, self.seqs.ids, self.stack, seq_len=seq_len, groups=self.seqs.groups)
         return y2.view(y.shape)
 
-    def _fused(self, layer: NeuroAdaLayer, x: torch.Tensor) -> bool:
+    def _fused(self, base: nn.Module, x: torch.Tensor) -> bool:
         """Whether ``kernels.bgmv.bgmv_linear_cpu`` computes this layer: K = 1, f32 throughout on CPU, a plain
-        Linear/Conv1D (whose forward it reproduces), no autocast and no graph to record."""
-        W, b = layer.base_layer.weight, layer.base_layer.bias
-        return (FUSED and self.stack.k == 1 and x.device.type == "cpu" and x.dtype == torch.float32
-                and W.dtype == torch.float32 and self.stack.acc == torch.float32
-                and (b is None or b.dtype == torch.float32) and type(layer.base_layer) in _exact_linears()
-                and not has_hooks(layer.base_layer)
-                and kernels.get_backend() in ("auto", "cpu")
+        Linear/Conv1D without hooks (whose forward it reproduces), no autocast and no graph to record."""
+        if not (self.k1_f32 and FUSED and x.dtype == torch.float32 and x.device.type == "cpu"):
+            return False
+        W, b = base.weight, base.bias
+        return (W.dtype == torch.float32 and (b is None or b.dtype == torch.float32) and type(base) in self.exact
+                and not has_hooks(base) and kernels.get_backend() in ("auto", "cpu")
                 and not (torch.is_grad_enabled() and (x.requires_grad or W.requires_grad))
                 and not torch.is_autocast_enabled("cpu"))
 
