@@ -6,10 +6,11 @@ Linear weights to `val_N` and stores them transposed for MatMul. So each target 
 `/model/layers.0/.../MatMul` node names, and only when none of those says anything, (4) by matching the
 adapter's probe hash against candidate initializers. Every stage that fires must agree on one weight.
 
-Tied weights: an optimised export may hold a tied embedding twice (the table for Gather and a
-constant-folded transposed copy for the head's MatMul). Initializers that evidence points to and that
-are exact copies of each other (in canonical orientation) are one weight: all copies get the merge, so
-the graph computes what the merged PyTorch model computes.
+Tied weights are refused: a target whose weight is also an embedding table (an initializer that a
+Gather reads, such as a tied head's) would change the embeddings too, which the adapter was never trained
+with (the runtime serves such an adapter unmerged, and a tied safetensors checkpoint has no head tensor
+to merge into). Initializers that evidence points to and that are exact copies of each other (in
+canonical orientation) are one weight, and all copies get the merge.
 
 Limits: targets are main-graph initializers in F32/F16/BF16 (quantized graphs are refused: merge the
 float model, then quantize); two targets of one adapter that land on one tensor (both names of a tied
@@ -31,7 +32,7 @@ from neuroada_format import (Adapter, ArrayBase, MergePlan, NeuroAdaError, Neuro
                              probe_hash, validate)
 from neuroada_format.durable import (default_mode, fsync_path, publish, remove, remove_stale_siblings, reserve,
                                      temp_sibling)
-from neuroada_format.layout import canonical_shape, canonical_view, stored_shape
+from neuroada_format.layout import canonical_view, stored_shape
 from neuroada_format.safe_io import check_regular, open_regular
 from neuroada_format.merge import Delta
 from neuroada_format.validate import probe_mismatch
@@ -427,7 +428,8 @@ class _Resolver:
             res = Resolution(first, layout, how, tuple(copies))
         else:
             res = self._probe(target, t, canon)
-        return self._with_tied_copies(res)
+        self._refuse_tied(res, target)
+        return res
 
     def _probe(self, target, t, canon) -> Resolution:
         """Last resort: the initializers whose values at the adapter's positions hash to its probe."""
@@ -454,23 +456,14 @@ class _Resolver:
                               f"{list(canon)}, {t.dtype}){hint}", target)
         return Resolution(hits[0][0], hits[0][1], "probe")
 
-    def _with_tied_copies(self, res: Resolution) -> Resolution:
-        """An embedding table may have a constant-folded copy feeding the (tied) head: merge both."""
-        if not any(n.op_type == "Gather" for n, _ in self.m.consumers.get(res.initializer, [])):
-            return res
-        known = {n for n, _ in res.initializers()}
-        canon = canonical_shape(self.m.shape(res.initializer), res.layout)
-        extra = []
-        for n in self.m.nodes:
-            if n.op_type not in ("MatMul", "Gemm"):
-                continue
-            name, layout = self.m.usage(n)
-            if (isinstance(name, str) and layout and name not in known and self.m.dtype(name)
-                    and self.m.shape(name) == stored_shape(canon, layout)
-                    and self._same_weight(res.initializer, res.layout, name, layout)):
-                extra.append((name, layout, "tied-copy"))
-                known.add(name)
-        return Resolution(res.initializer, res.layout, res.how, res.copies + tuple(extra)) if extra else res
+    def _refuse_tied(self, res: Resolution, target: str) -> None:
+        """A linear's weight that a Gather also reads is an embedding table tied to it (see the module docstring)."""
+        for name, _ in res.initializers():
+            if any(n.op_type == "Gather" for n, _ in self.m.consumers.get(name, [])):
+                raise self._error(f"initializer {name!r} is also an embedding table (a Gather reads it: tied "
+                                  f"weights); merging would change the embeddings too, which the adapter was not "
+                                  f"trained with. Serve this adapter unmerged (the runtime adds it to the head)",
+                                  target)
 
 
 def resolve_targets(model_path, adapter: Adapter, *, _model: OnnxModel | None = None) -> dict[str, Resolution]:
