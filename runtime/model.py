@@ -454,8 +454,13 @@ def _gradient_indices(model, modules: dict[str, nn.Module], k: int, calibration,
     # a weight that requires grad cannot be written in place: score wrapped in-place layers additively
     switched = [m for m in modules.values() if isinstance(m, NeuroAdaLayer) and m.mode == "inplace"]
     was_training, flags = model.training, {id(p): p.requires_grad for p in model.parameters()}
+    # the new adapter trains alone on the plain base (see attach), so the base alone is scored: adapters
+    # already attached are switched off for the calibration passes
+    active = {layer: layer.active_adapters for layer in layers(model).values()}
     model.eval()
     try:
+        for layer in active:
+            layer.active_adapters = []
         for m in switched:
             m.set_mode("additive")
         for p in model.parameters():
@@ -500,6 +505,8 @@ def _gradient_indices(model, modules: dict[str, nn.Module], k: int, calibration,
             if names[0] not in indices:
                 choose(names, None)
     finally:
+        for layer, names in active.items():
+            layer.active_adapters = names
         for m in switched:
             m.set_mode("inplace")
         for p in model.parameters():

@@ -223,6 +223,31 @@ def test_gradient_selection_matches_dense_full_model_gradient(n_batches, n_layer
         {n for n, _ in model.named_parameters() if ".neuroada_val." in n}
 
 
+@pytest.mark.parametrize("n_batches", [1, 2])
+def test_gradient_selection_of_a_second_adapter_scores_the_plain_base(n_batches):
+    """A second attach trains alone on the plain base, so it is scored there: an adapter already attached (with
+    deltas large enough to move every gradient) changes neither its columns nor its own state."""
+    base = tiny_llama(layers_=2)
+    batches = calib_batches(n_batches)
+    want = dense_reference(base, batches, k=3)
+    model = attach(copy.deepcopy(base), NeuroAdaConfig(k=4), "first")
+    with torch.no_grad():
+        for layer in layers(model).values():
+            layer.neuroada_val["first"].normal_(0, 1.0, generator=torch.Generator().manual_seed(2))
+    attach(model, NeuroAdaConfig(k=3, selection="gradient"), "second", calibration=batches)
+    for n, layer in layers(model).items():
+        np.testing.assert_array_equal(layer.neuroada_idx["second"].numpy(), want[n], err_msg=n)
+        assert layer.active_adapters == ["second"]
+    # and with "first" active, the scores would have differed: the check above is not vacuous
+    shifted = copy.deepcopy(base)
+    with torch.no_grad():
+        for n, layer in layers(model).items():
+            w = shifted.get_submodule(n).weight
+            w.scatter_add_(1, layer.neuroada_idx["first"], layer.neuroada_val["first"].to(w.dtype))
+    other = dense_reference(shifted, batches, k=3)
+    assert any(not np.array_equal(other[n], want[n]) for n in want)
+
+
 def test_meter_sees_a_full_dense_gradient():
     """The meter is honest: a plain backward that keeps every target's gradient is caught."""
     model = tiny_llama(layers_=3)
