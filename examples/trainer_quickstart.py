@@ -123,7 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = {f: os.path.getsize(os.path.join(final, f)) for f in sorted(os.listdir(final))
              if f.endswith(".safetensors")}
     base_bytes = sum(t.numel() * t.element_size() for n, t in fresh.named_parameters() if ".neuroada_" not in n)
-    print(f"trained {trainer.state.global_step} steps, final loss {result.training_loss:.4f}")
+    logged = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    last = f"last logged loss {logged[-1]:.4f}, " if logged else ""
+    print(f"trained {trainer.state.global_step} steps, {last}mean training loss of this run "
+          f"{result.training_loss:.4f}")
     print(f"saved {final}: " + ", ".join(f"{f} {n / 1e6:.2f} MB" for f, n in sizes.items())
           + f" (base model {base_bytes / 1e6:.1f} MB)")
     print(f"reloaded with load_adapter: max |logit diff| {diff:.2e} of max |logit| {scale:.1f} "

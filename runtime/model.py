@@ -576,7 +576,14 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
             continue
         key = plain_name(model, name) + ".weight"
         idx = to_numpy(layer.neuroada_idx[adapter_name])
-        val = _full(layer.delta(adapter_name).detach()).float().cpu().numpy().astype(VALUE_NUMPY[vdt])
+        val32 = _full(layer.delta(adapter_name).detach()).float().cpu().numpy()
+        with np.errstate(over="ignore"):
+            val = val32.astype(VALUE_NUMPY[vdt])
+        bad = np.isfinite(val32) & ~np.isfinite(val.astype(np.float32))
+        if bad.any():
+            r, c = (int(i[0]) for i in np.nonzero(bad))
+            raise NeuroAdaError(f"delta {val32[r, c]:g} at row {r}, slot {c} overflows {vdt}: save with "
+                                f"value_dtype='F32' (or save_dtype='F32' in the config)", tensor=key, rule="3.7")
         w0 = layer.neuroada_w0[adapter_name]
         targets[key] = naf.Target(
             key, idx.astype(np.int16 if layer.d_in <= 32768 else np.int32), val, (layer.d_out, layer.d_in),

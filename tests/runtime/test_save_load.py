@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -352,3 +353,18 @@ def test_structure_hash_of_a_tied_model_matches_its_saved_checkpoint(tmp_path):
     attach(model, NeuroAdaConfig(k=2, target_modules=["q_proj"]))
     report = naf.validate(save_adapter(model, tmp_path / "a.safetensors"), base=tmp_path / "base")
     assert report.ok and report.problems == []   # no rule 4.5 warning
+
+
+def test_a_delta_the_save_dtype_cannot_hold_is_named_before_anything_is_written(tmp_path):
+    model = with_deltas(tiny_llama(), k=2)
+    attach(model, NeuroAdaConfig(k=1, save_dtype="F16"), "small")
+    layer = next(iter(layers(model).values()))
+    with torch.no_grad():
+        layer.neuroada_val["small"][3, 0] = 1e5  # beyond F16's 65504
+    out = tmp_path / "a.safetensors"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy "overflow encountered" on the way
+        with pytest.raises(NeuroAdaError, match=r"delta 100000 at row 3, slot 0 overflows F16: save with value_dtype='F32'"):
+            save_adapter(model, out, "small")
+    assert not out.exists()
+    save_adapter(model, out, "small", value_dtype="F32")
