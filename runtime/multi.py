@@ -267,8 +267,9 @@ def _exact_linears() -> tuple:
 
 class _Tokens:
     """The token count per sequence of the model call in progress, read from its ``input_ids`` or
-    ``inputs_embeds`` by a pre-hook: a layer given its input flattened to ``[sequences x tokens, d]`` (OPT's
-    MLP) is served only when that count says the rows are every sequence's tokens in order."""
+    ``inputs_embeds`` by a pre-hook and forgotten by a hook when the call returns: a layer given its input
+    flattened to ``[sequences x tokens, d]`` (OPT's MLP) is served only when that count says the rows are every
+    sequence's tokens in order (a submodule called on its own, such as an encoder, gets no count)."""
 
     def __init__(self):
         self.seq_len = None
@@ -280,6 +281,9 @@ class _Tokens:
         if t is None and args and isinstance(args[0], torch.Tensor):
             t = args[0]
         self.seq_len = int(t.shape[1]) if isinstance(t, torch.Tensor) and t.dim() >= 2 else None
+
+    def forget(self, *_) -> None:
+        self.seq_len = None
 
 
 class _MixedForward:
@@ -343,7 +347,8 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
             raise NeuroAdaUsageError(f"{name}: cannot serve a {type(layer).__name__} in adapter_batch")
     shared: dict = {}
     tokens = _Tokens()
-    hook = model.register_forward_pre_hook(tokens.capture, with_kwargs=True)
+    hooks = (model.register_forward_pre_hook(tokens.capture, with_kwargs=True),
+             model.register_forward_hook(tokens.forget, always_call=True))
     try:
         setattr(model, MIXED_ATTR, names)
         with torch.no_grad():
@@ -360,7 +365,8 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
                 layer._neuroada_mixed = _MixedForward(stack, shared[key], tokens)
         yield model
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
         with torch.no_grad():
             for name, layer in all_layers.items():
                 layer.__dict__.pop("_neuroada_mixed", None)

@@ -310,6 +310,9 @@ def test_adapter_batch_serves_layers_given_flattened_tokens(k):
             fc1 = model.model.decoder.layers[0].fc1
             with pytest.raises(NeuroAdaError, match="first dimension must be the sequences"):
                 fc1(torch.zeros(3 * 5 + 3, 32))  # not 3 sequences x 5 tokens
+            model(ids)
+            with pytest.raises(NeuroAdaError, match="first dimension must be the sequences"):
+                fc1(torch.zeros(3 * 5, 32))  # the right count, but no model call in progress says what the rows are
         want = alone(model, ids, names)
         want_gen = []
         for b, name in enumerate(names):
