@@ -363,7 +363,7 @@ def _bgmv_kernel(x_ptr, ids_ptr, idx_ptr, val_ptr, y_ptr, out_ptr, S, d_out, K,
     v = tl.load(val_ptr + a_safe * s_va + r[:, None] * s_vr + j[None, :], mask=m2, other=0).to(ACC)
     for tt in range(0, BLOCK_T):
         pos = tl.program_id(2) * BLOCK_T + tt
-        tok = b * S + pos
+        tok = (b * S + pos).to(tl.int64)  # tok x stride passes 2^31 on long batches of wide layers
         inside = pos < S
         xv = tl.load(x_ptr + tok * s_xt + cols * s_xc, mask=m2 & inside, other=0).to(ACC)
         s = tl.sum(xv * v, axis=1)

@@ -85,7 +85,7 @@ if AVAILABLE:
         cols = tl.load(idx_ptr + r[:, None] * k + j[None, :], mask=m2, other=0)
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC)
         for t0 in range(0, T, BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
+            t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)  # t x stride passes 2^31 past ~195k tokens of 11008
             tm = t < T
             g = tl.load(gy_ptr + t[:, None] * s_gt + r[None, :] * s_gi,
                         mask=tm[:, None] & rm[None, :], other=0).to(ACC)
@@ -98,7 +98,7 @@ if AVAILABLE:
     def _gather_kernel(x_ptr, idx_ptr, val_ptr, out_ptr, T, d_out, k,
                        s_xt, s_xc,
                        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # see _rowdot_kernel
         r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         j = tl.arange(0, BLOCK_K)
         tm = t < T
@@ -117,7 +117,7 @@ if AVAILABLE:
                         ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
         # one program = one input column c x a token tile: reduce its CSC segment in a fixed order
         c = tl.program_id(0)
-        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        t = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # see _rowdot_kernel
         tm = t < T
         start = tl.load(colptr_ptr + c)
         end = tl.load(colptr_ptr + c + 1)
@@ -146,6 +146,10 @@ def put_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor, *, block: in
     src = values.reshape(-1).to(W.dtype).contiguous().view(ity)
     flat = flat.reshape(-1).contiguous()
     _store_bits_kernel[(triton.cdiv(n, block),)](W.view(-1).view(ity), flat, src, n, BLOCK=block)
+    # a raw-pointer store moves no version: do it by hand, as for any in-place write (merge between a forward
+    # and its backward must be caught). The in-place training path passes weight.data, whose counter is its own.
+    if not W.is_inference() and not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(W)
     return W
 
 

@@ -107,3 +107,23 @@ def test_autograd_end_to_end(gen, mode, d_out, d_in, k):
         out[backend] = (y.detach(), xx.grad, vv.grad)
     for a, b in zip(out["reference"], out["triton"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_put_moves_the_version_like_any_in_place_write(gen):
+    """merge() between a forward and its backward must be caught: the Triton store is a raw pointer write,
+    so put_ bumps the weight's version by hand, as the torch paths do."""
+    from neuroada_format import NeuroAdaError
+    from neuroada_format.runtime.functional import merge_
+
+    W = torch.randn(6, 10, generator=gen).to(DEV)
+    idx = rand_idx(6, 10, 2, gen)
+    ov = Overlay([Pattern(idx, 10)], [W.gather(1, idx)])
+    v0 = W._version
+    tk.put_(W, ov.flat, W.view(-1)[ov.flat] + 1)
+    assert W._version > v0
+    val = torch.zeros(6, 2, device=DEV, requires_grad=True)
+    with kernels.use_backend("triton"):
+        y = inplace_sparse_delta_linear(torch.randn(3, 10, generator=gen).to(DEV), W, None, ov, [val])
+        merge_(W, ov, [val])
+        with pytest.raises(NeuroAdaError, match="modified in place between forward and backward"):
+            y.sum().backward()
