@@ -19,7 +19,7 @@ import psutil
 import torch
 
 # every child imports every library up front, so all methods start from the same resident baseline
-from peft import LoraConfig, SupertuningConfig, get_peft_model
+from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import neuroada_format as naf
@@ -121,6 +121,9 @@ def supertuning_sparsity(model, k=1) -> float:
 
 
 def setup_supertuning(model):
+    # imported here: a peft without Super-Tuning (older images, bench/gpu.py's machine) fails this method only
+    from peft import SupertuningConfig
+
     cfg = SupertuningConfig(sparsity=supertuning_sparsity(model), target_modules=PROJECTIONS)
     model = get_peft_model(model, cfg)
     return model, [p for p in model.parameters() if p.requires_grad]
