@@ -8,6 +8,7 @@ unmerge exact (bit for bit) instead of a lossy subtraction.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Iterable, Sequence
 
 import torch
@@ -320,6 +321,12 @@ class NeuroAdaLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         active = [n for n in self.active_adapters if n in self.neuroada_val]
         if self.merged or not active:
+            if self.merged and self.training and torch.is_grad_enabled() and any(
+                    self.neuroada_val[n].requires_grad for n in self.merged_adapters if n in self.neuroada_val):
+                # the merged weight is a constant to autograd: an optimizer step would silently change nothing
+                warnings.warn(f"adapter(s) {', '.join(self.merged_adapters)} are merged into the weights, so their "
+                              f"deltas get no gradient from this forward (as in PEFT); unmerge(model) to train them",
+                              stacklevel=2)
             return self.base_layer(x, *args, **kwargs)
         self.check_in_memory(active)
         if self.mode == "inplace" and not has_hooks(self.base_layer):

@@ -389,3 +389,26 @@ def test_attach_and_load_refuse_bases_the_format_cannot_describe(tmp_path):
         with pytest.raises(NeuroAdaUsageError, match="meta device"):
             call()
         assert [n for n, _ in meta.named_modules()] == snap[2] and not layers(meta)
+
+
+def test_training_a_merged_adapter_warns_and_unmerge_trains_it():
+    """Merged, the deltas are folded into a constant weight: a training step would silently change nothing."""
+    from neuroada_format.runtime import merge, set_adapter, stop_serving, unmerge
+
+    model = _randomized(attach(tiny_llama(), NeuroAdaConfig(k=2)))
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    model.train()
+    for serve in (lambda: merge(model), lambda: (set_adapter(model, "default"), stop_serving(model))):
+        serve()
+        with pytest.warns(UserWarning, match="merged into the weights.*unmerge"):
+            loss = model(input_ids=ids, labels=ids).loss
+        assert not loss.requires_grad  # (with anything else trainable, a step would run and skip the deltas)
+        with torch.no_grad():  # evaluating a merged model is what merging is for: no warning
+            import warnings as w
+            with w.catch_warnings():
+                w.simplefilter("error")
+                model(input_ids=ids)
+        unmerge(model)
+        model(input_ids=ids, labels=ids).loss.backward()
+        assert all(l.neuroada_val["default"].grad.abs().sum() > 0 for l in layers(model).values())
+        model.zero_grad(set_to_none=True)
