@@ -117,6 +117,10 @@ class NeuroAdaLayer(nn.Module):
     def __getstate__(self):
         """Copies and pickles carry no caches: patterns and overlays hold tensors derived from idx/w0
         (a CSR among them, which cannot be deep-copied) and are rebuilt on first use."""
+        if "_neuroada_mixed" in self.__dict__:  # see multi.adapter_batch: the block's state lives in the layers
+            raise NeuroAdaUsageError("copying a model inside an adapter_batch block is not supported: its layers hold "
+                                     "the block's per-sequence state, which only the block puts back; copy it before "
+                                     "or after the block")
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = dict(state)
         state.update(_patterns={}, _overlays={}, _loading=None)
@@ -219,6 +223,15 @@ class NeuroAdaLayer(nn.Module):
     def prepare_load(self, state_dict, prefix: str) -> list[str]:
         """Check this layer's entries of a state dict, then unmerge; returns the adapters that were
         merged (to merge again after the load). Raises NeuroAdaError before changing anything."""
+        for name in list(self.neuroada_idx.keys()):
+            # torch refuses a size mismatch only after loading every other tensor: refuse it first
+            for kind, have in (("idx", self.neuroada_idx[name]), ("val", self.neuroada_val[name]),
+                               ("w0", self.neuroada_w0[name])):
+                got = state_dict.get(f"{prefix}neuroada_{kind}.{name}")
+                if got is not None and tuple(got.shape) != tuple(have.shape):
+                    raise NeuroAdaError(f"shape {list(got.shape)} in the state, {list(have.shape)} in the model (an "
+                                        f"adapter attached with another k?); nothing was loaded",
+                                        tensor=f"{prefix}neuroada_{kind}.{name}", rule="4.2")
         for name in list(self.neuroada_idx.keys()):  # bad indices are refused before anything changes
             idx = state_dict.get(f"{prefix}neuroada_idx.{name}")
             if idx is not None and tuple(idx.shape) == tuple(self.neuroada_idx[name].shape):

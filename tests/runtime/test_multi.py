@@ -667,3 +667,16 @@ def test_the_base_name_is_reserved(zoo, how):
         else:
             load_adapter(model, files["math"], "__base__")
     assert layers(model) == {}
+
+
+def test_copying_inside_a_block_is_refused_and_the_block_still_exits_cleanly(zoo):
+    """A copy taken inside adapter_batch would keep the block's per-sequence state with nothing to put it back."""
+    model = served(zoo)
+    set_adapter(model, "math")
+    before = snapshot(model)
+    with torch.no_grad(), adapter_batch(model, ["cs", None]):
+        with pytest.raises(NeuroAdaUsageError, match="inside an adapter_batch block"):
+            copy.deepcopy(model)
+        model(ids_batch(2))
+    assert snapshot(model) == before
+    copy.deepcopy(model)  # outside the block: fine

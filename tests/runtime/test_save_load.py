@@ -368,3 +368,23 @@ def test_a_delta_the_save_dtype_cannot_hold_is_named_before_anything_is_written(
             save_adapter(model, out, "small")
     assert not out.exists()
     save_adapter(model, out, "small", value_dtype="F32")
+
+
+def test_a_state_of_another_shape_is_refused_before_any_tensor_loads(tmp_path):
+    """torch refuses a size mismatch only after loading every other tensor; an adapter re-attached with another k
+    is refused first, so the other adapters' deltas are not half-replaced."""
+    src = with_deltas(tiny_llama(), k=2, name="a")
+    attach(src, NeuroAdaConfig(k=1), "b")
+    with torch.no_grad():
+        for layer in layers(src).values():
+            layer.neuroada_val["b"].fill_(0.5)
+    src.save_pretrained(tmp_path / "ck")
+    dst = attach(tiny_llama(), NeuroAdaConfig(k=3), "a")
+    attach(dst, NeuroAdaConfig(k=1), "b")
+    bits = state_bits(dst)
+    from safetensors.torch import load_file
+
+    with pytest.raises(NeuroAdaError, match=r"shape \[\d+, 2\] in the state, \[\d+, 3\] in the model") as err:
+        dst.load_state_dict(load_file(tmp_path / "ck" / "model.safetensors"), strict=False)
+    assert err.value.rule == "4.2" and err.value.tensor.endswith("neuroada_idx.a")
+    assert state_bits(dst) == bits
