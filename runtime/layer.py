@@ -270,6 +270,7 @@ class NeuroAdaLayer(nn.Module):
     # -- cached index structures --------------------------------------------------------------
 
     def pattern(self, name: str) -> Pattern:
+        self.ordinary([name])
         idx = self.neuroada_idx[name]
         p = self._patterns.get(name)
         if p is None or not p.is_current(idx):  # .to(device) or load_state_dict replaced/rewrote idx
@@ -279,7 +280,7 @@ class NeuroAdaLayer(nn.Module):
 
     def overlay(self, names: Iterable[str]) -> Overlay:
         names = tuple(names)
-        pats = [self.pattern(n) for n in names]
+        pats = [self.pattern(n) for n in names]  # (makes idx and w0 ordinary, see ordinary())
         w0s = [self.neuroada_w0[n] for n in names]
         ov = self._overlays.get(names)
         if ov is None or not ov.is_current(pats, w0s):
@@ -334,12 +335,7 @@ class NeuroAdaLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         active = [n for n in self.active_adapters if n in self.neuroada_val]
         if self.merged or not active:
-            if self.merged and self.training and torch.is_grad_enabled() and any(
-                    self.neuroada_val[n].requires_grad for n in self.merged_adapters if n in self.neuroada_val):
-                # the merged weight is a constant to autograd: an optimizer step would silently change nothing
-                warnings.warn(f"adapter(s) {', '.join(self.merged_adapters)} are merged into the weights, so their "
-                              f"deltas get no gradient from this forward (as in PEFT); unmerge(model) to train them",
-                              stacklevel=2)
+            self.warn_if_training_merged()
             return self.base_layer(x, *args, **kwargs)
         self.check_in_memory(active)
         if self.mode == "inplace" and not has_hooks(self.base_layer):
@@ -351,6 +347,26 @@ class NeuroAdaLayer(nn.Module):
         for n in active:
             y = y + additive_sparse_delta(x, self.pattern(n), self.delta(n), out_dtype=y.dtype)
         return y
+
+    def warn_if_training_merged(self) -> None:
+        """A merged weight is a constant to autograd: a training step would silently leave the deltas as they are.
+        (Training mode and grad mode are tested first: a compiled serving forward then guards on nothing that
+        set_adapter changes, so switching adapters does not recompile.)"""
+        if self.training and torch.is_grad_enabled() and self.merged and any(
+                self.neuroada_val[n].requires_grad for n in self.merged_adapters if n in self.neuroada_val):
+            warnings.warn(f"adapter(s) {', '.join(self.merged_adapters)} are merged into the weights, so their deltas "
+                          f"get no gradient from this forward (as in PEFT); unmerge(model) to train them", stacklevel=3)
+
+    def ordinary(self, names: Iterable[str]) -> None:
+        """Make these adapters' idx and w0 ordinary tensors if they became inference tensors (``model.half()``
+        inside ``torch.inference_mode()``): they are the runtime's own, derived from the base, and a cache never
+        trusts an inference tensor (kernels/cache), so every forward would rebuild its patterns and overlays."""
+        for n in names:
+            for buffers in (self.neuroada_idx, self.neuroada_w0):
+                t = buffers[n]
+                if t.is_inference():
+                    with outside_inference():
+                        buffers[n] = t.clone()
 
     def check_in_memory(self, names: Iterable[str]) -> None:
         """Refuse adapter tensors on the meta device. accelerate's offloading (cpu_offload, a device_map with

@@ -810,9 +810,10 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
         probe = naf.probe_hash_from_values(w.detach().gather(1, idx).float().cpu().numpy())
         if probe != t.probe:
             have = TORCH_DTYPE_NAMES.get(w.dtype)
+            # F32 holds every F16/BF16 value: only a narrower (or other 16-bit) model can have rounded them
             hint = (f" (or for these weights before they became {have}: it was made on {t.dtype} values, which {have} "
                     f"rounds; load it onto the {t.dtype} model and merge_and_unload, then convert)"
-                    if have != t.dtype else "")
+                    if have != t.dtype and have != "F32" else "")
             raise NeuroAdaError(f"probe hash differs: this adapter was made for other base weights{hint}",
                                 path=adapter.path, tensor=key, rule="4.3")
 

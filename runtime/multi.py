@@ -57,6 +57,7 @@ class ServingLayer(NeuroAdaLayer):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         mixed = self._neuroada_mixed
         if mixed is None:
+            self.warn_if_training_merged()  # set_adapter serves merged: its deltas get no gradient
             return self.base_layer(x, *args, **kwargs)
         return mixed(self, x, args, kwargs)
 
@@ -153,6 +154,7 @@ def stop_serving(model: nn.Module) -> None:
 # -- merged serving ---------------------------------------------------------------------------------------
 def _same_positions(layer: NeuroAdaLayer, a: str, b: str) -> bool:
     """Whether two adapters touch the same entries (e.g. both magnitude top-k with one k); cached."""
+    layer.ordinary([a, b])
     ia, ib = layer.neuroada_idx[a], layer.neuroada_idx[b]
     key = [_state(ia), _state(ib)]
     cache = layer.__dict__.setdefault(_SAME_ATTR, {})
@@ -168,6 +170,7 @@ def _merged_values(layer: NeuroAdaLayer, name: str) -> torch.Tensor:
     """The adapter's merged entries (the Overlay's rule), in the order of its flat positions; cached, so
     a switch is one write per weight (each extra mid-sized op cost a thread wake-up on a busy machine). The
     grid is part of the key: what a layer serves is ``layer.delta``, snapped to the grid if there is one."""
+    layer.ordinary([name])
     key = [(layer.grid(name), layer.weight.dtype, *_state(layer.neuroada_val[name]),
             *_state(layer.neuroada_w0[name]))]
     cache = layer.__dict__.setdefault(_MERGED_ATTR, {})
@@ -237,6 +240,7 @@ def _stack(layer: NeuroAdaLayer, order: Sequence[str]):
     snapped delta depends on w0)."""
     names = [n for n in order if n in layer.neuroada_val]
     layer.check_in_memory(names)
+    layer.ordinary(names)
     key = [(n, layer.grid(n), *_state(layer.neuroada_idx[n]), *_state(layer.neuroada_val[n]),
             *_state(layer.neuroada_w0[n])) for n in names]
     hit = layer.__dict__.get(_STACK_ATTR)
@@ -268,8 +272,9 @@ def _exact_linears() -> tuple:
 class _Tokens:
     """The token count per sequence of the model call in progress, read from its ``input_ids`` or
     ``inputs_embeds`` by a pre-hook and forgotten by a hook when the call returns: a layer given its input
-    flattened to ``[sequences x tokens, d]`` (OPT's MLP) is served only when that count says the rows are every
-    sequence's tokens in order (a submodule called on its own, such as an encoder, gets no count)."""
+    flattened to ``[sequences x tokens, d]`` (OPT's MLP) is served only when its row count is the sequences times
+    that count, and read as sequence-major, as transformers flattens (a submodule called on its own, such as an
+    encoder, gets no count)."""
 
     def __init__(self):
         self.seq_len = None

@@ -195,3 +195,13 @@ def test_inference_tensors_the_user_made_are_never_served_stale(files, path):
         second = _forward(model, ids, path)
     assert torch.equal(first, want[0]) and torch.equal(second, want[1])
     assert not torch.equal(first, second)
+    # the runtime's own idx and w0 were made ordinary again, so their caches hold from then on
+    for layer in layers(model).values():
+        assert not layer.neuroada_idx["three"].is_inference() and not layer.neuroada_w0["three"].is_inference()
+    if path == "unmerged":
+        layer = next(iter(layers(model).values()))
+        with torch.inference_mode():
+            model(ids)
+            ov = layer._overlays[("three",)]
+            model(ids)
+        assert layer._overlays[("three",)] is ov

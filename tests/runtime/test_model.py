@@ -398,7 +398,8 @@ def test_training_a_merged_adapter_warns_and_unmerge_trains_it():
     model = _randomized(attach(tiny_llama(), NeuroAdaConfig(k=2)))
     ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
     model.train()
-    for serve in (lambda: merge(model), lambda: (set_adapter(model, "default"), stop_serving(model))):
+    for serve in (lambda: merge(model), lambda: (set_adapter(model, "default"), stop_serving(model)),
+                  lambda: set_adapter(model, "default")):
         serve()
         with pytest.warns(UserWarning, match="merged into the weights.*unmerge"):
             loss = model(input_ids=ids, labels=ids).loss

@@ -277,6 +277,14 @@ def test_mismatching_model_is_refused_and_left_exactly_as_it_was(tmp_path, case,
     assert list(getattr(target, "neuroada_configs", {})) == (["serving"] if merged else [])
 
 
+def test_the_dtype_hint_is_only_given_where_the_model_could_have_rounded(tmp_path):
+    """A BF16-made adapter on other F32 weights: F32 would hold the BF16 values, so the weights differ; no hint."""
+    path = save_adapter(with_deltas(tiny_llama(dtype=torch.bfloat16), k=2), tmp_path / "a.safetensors")
+    with pytest.raises(NeuroAdaError) as err:
+        load_adapter(tiny_llama(seed=9), path)
+    assert err.value.rule == "4.3" and "before they became" not in str(err.value)
+
+
 def test_load_next_to_a_merged_adapter_keeps_it_merged(tmp_path):
     base = tiny_llama()
     path = save_adapter(with_deltas(copy.deepcopy(base), k=2, seed=2), tmp_path / "b.safetensors")
