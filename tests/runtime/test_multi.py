@@ -262,6 +262,16 @@ def test_adapter_batch_generate_greedy_tokens_equal(zoo):
     assert len({tuple(r.tolist()) for r in got[:, 5:]}) > 1
 
 
+def with_adapters_a_b(model, k, std):
+    """Adapters "a" and "b" attached to every linear of `model`, random deltas (seeded per adapter)."""
+    for i, name in enumerate(("a", "b")):
+        attach(model, NeuroAdaConfig(k=k), name)
+        with torch.no_grad():
+            for layer in layers(model).values():
+                layer.neuroada_val[name].normal_(0, std, generator=torch.Generator().manual_seed(i))
+    return model
+
+
 @pytest.mark.parametrize("k, path, fused", [(2, None, True), (1, "rows", False), (1, None, True)])
 def test_adapter_batch_on_unserved_layers_and_gpt2_conv1d(zoo, monkeypatch, k, path, fused):
     # a GPT-2 (Conv1D, stored [in, out], with biases) whose layers never went through set_adapter
@@ -269,12 +279,7 @@ def test_adapter_batch_on_unserved_layers_and_gpt2_conv1d(zoo, monkeypatch, k, p
     monkeypatch.setattr(multi, "FUSED", fused)
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=32)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    for i, name in enumerate(("a", "b")):
-        attach(model, NeuroAdaConfig(k=k), name)
-        with torch.no_grad():
-            for layer in layers(model).values():
-                layer.neuroada_val[name].normal_(0, 0.1, generator=torch.Generator().manual_seed(i))
+    model = with_adapters_a_b(transformers.GPT2LMHeadModel(cfg).eval(), k, std=0.1)
     ids = ids_batch(3)
     names = ["b", "a", None]
     with torch.no_grad():
@@ -292,12 +297,7 @@ def test_adapter_batch_serves_layers_given_flattened_tokens(k):
     torch.manual_seed(0)
     cfg = transformers.OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
                                  vocab_size=VOCAB, word_embed_proj_dim=32, max_position_embeddings=64)
-    model = transformers.OPTForCausalLM(cfg).eval()
-    for i, name in enumerate(("a", "b")):
-        attach(model, NeuroAdaConfig(k=k), name)
-        with torch.no_grad():
-            for layer in layers(model).values():
-                layer.neuroada_val[name].normal_(0, 0.2, generator=torch.Generator().manual_seed(i))
+    model = with_adapters_a_b(transformers.OPTForCausalLM(cfg).eval(), k, std=0.2)
     ids = ids_batch(3, length=5)
     names = ["b", None, "a"]
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=1)
