@@ -324,6 +324,8 @@ class _MixedForward:
         Linear/Conv1D without hooks (whose forward it reproduces), no autocast and no graph to record."""
         if not (self.k1_f32 and FUSED and x.dtype == torch.float32 and x.device.type == "cpu"):
             return False
+        if torch.compiler.is_compiling():  # its out= writes cannot be traced with symbolic shapes
+            return False
         W, b = base.weight, base.bias
         return (W.dtype == torch.float32 and (b is None or b.dtype == torch.float32) and type(base) in self.exact
                 and not has_hooks(base) and kernels.get_backend() in ("auto", "cpu")

@@ -170,6 +170,22 @@ def test_compiled_model_switches_without_recompiling(zoo):
     torch._dynamo.reset()
 
 
+def test_a_compiled_model_serves_mixed_batches():
+    """torch.compile traces adapter_batch's stock-torch path (the fused CPU path for K = 1 stacks writes through
+    out=, which symbolic shapes cannot trace): the compiled model gives the eager rows, block after block."""
+    model = with_adapters_a_b(tiny_llama(), k=1, std=0.05)
+    ids = ids_batch(2, length=6)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        for names in (["a", "b"], ["b", None], ["a", "b"], ["b", "a"]):
+            with adapter_batch(model, names):
+                want = model(ids).logits
+                got = compiled(ids).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
 # -- mixed batches -----------------------------------------------------------------------------------------
 NAMES = ["math", "__base__", "cs", "code", "math", None]
 
