@@ -223,8 +223,8 @@ class NeuroAdaLayer(nn.Module):
     def prepare_load(self, state_dict, prefix: str) -> list[str]:
         """Check this layer's entries of a state dict, then unmerge; returns the adapters that were
         merged (to merge again after the load). Raises NeuroAdaError before changing anything."""
-        for name in list(self.neuroada_idx.keys()):
-            # torch refuses a size mismatch only after loading every other tensor: refuse it first
+        for name in list(self.neuroada_idx.keys()):  # bad shapes and indices are refused before anything changes
+            # (torch refuses a size mismatch only after loading every other tensor)
             for kind, have in (("idx", self.neuroada_idx[name]), ("val", self.neuroada_val[name]),
                                ("w0", self.neuroada_w0[name])):
                 got = state_dict.get(f"{prefix}neuroada_{kind}.{name}")
@@ -232,9 +232,8 @@ class NeuroAdaLayer(nn.Module):
                     raise NeuroAdaError(f"shape {list(got.shape)} in the state, {list(have.shape)} in the model (an "
                                         f"adapter attached with another k?); nothing was loaded",
                                         tensor=f"{prefix}neuroada_{kind}.{name}", rule="4.2")
-        for name in list(self.neuroada_idx.keys()):  # bad indices are refused before anything changes
             idx = state_dict.get(f"{prefix}neuroada_idx.{name}")
-            if idx is not None and tuple(idx.shape) == tuple(self.neuroada_idx[name].shape):
+            if idx is not None:
                 try:
                     Pattern(idx.to(torch.int64), self.d_in)
                 except NeuroAdaError as exc:
@@ -270,23 +269,30 @@ class NeuroAdaLayer(nn.Module):
     # -- cached index structures --------------------------------------------------------------
 
     def pattern(self, name: str) -> Pattern:
-        self.ordinary([name])
         idx = self.neuroada_idx[name]
         p = self._patterns.get(name)
-        if p is None or not p.is_current(idx):  # .to(device) or load_state_dict replaced/rewrote idx
-            p = Pattern(idx, self.d_in, transposed=self.transposed)
+        if p is None or not p.is_current(idx):  # .to(device), offloading or load_state_dict replaced/rewrote idx
+            self._refresh([name])
+            p = Pattern(self.neuroada_idx[name], self.d_in, transposed=self.transposed)
             self._patterns[name] = p
         return p
 
     def overlay(self, names: Iterable[str]) -> Overlay:
         names = tuple(names)
-        pats = [self.pattern(n) for n in names]  # (makes idx and w0 ordinary, see ordinary())
+        pats = [self.pattern(n) for n in names]
         w0s = [self.neuroada_w0[n] for n in names]
         ov = self._overlays.get(names)
         if ov is None or not ov.is_current(pats, w0s):
-            ov = Overlay(pats, w0s)
+            self._refresh(names)
+            ov = Overlay(pats, [self.neuroada_w0[n] for n in names])
             self._overlays[names] = ov
         return ov
+
+    def _refresh(self, names: Iterable[str]) -> None:
+        """Before a cache is rebuilt (only then: a forward that hits its caches pays nothing): refuse offloaded
+        adapter tensors and make inference-tensor idx/w0 ordinary (see check_in_memory and ordinary)."""
+        self.check_in_memory(names)
+        self.ordinary(names)
 
     def grid(self, name: str):
         """The quantization grid runtime/quant_grid.py registered for the adapter, or None (plain deltas)."""
@@ -337,15 +343,15 @@ class NeuroAdaLayer(nn.Module):
         if self.merged or not active:
             self.warn_if_training_merged()
             return self.base_layer(x, *args, **kwargs)
-        self.check_in_memory(active)
+        vals = [self.delta(n) for n in active]
+        if any(v.is_meta for v in vals):  # offloaded parameters (idx and w0 are buffers: checked in _refresh)
+            self.check_in_memory(active)
         if self.mode == "inplace" and not has_hooks(self.base_layer):
-            return inplace_sparse_delta_linear(
-                x, self.base_layer.weight, self.base_layer.bias, self.overlay(active),
-                [self.delta(n) for n in active],
-            )
+            return inplace_sparse_delta_linear(x, self.base_layer.weight, self.base_layer.bias, self.overlay(active),
+                                               vals)
         y = self.base_layer(x, *args, **kwargs)
-        for n in active:
-            y = y + additive_sparse_delta(x, self.pattern(n), self.delta(n), out_dtype=y.dtype)
+        for n, v in zip(active, vals):
+            y = y + additive_sparse_delta(x, self.pattern(n), v, out_dtype=y.dtype)
         return y
 
     def warn_if_training_merged(self) -> None:

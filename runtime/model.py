@@ -20,7 +20,7 @@ from torch import nn
 
 import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
-from neuroada_format.dtypes import common_value_dtype
+from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
 from neuroada_format.durable import write_file
 from neuroada_format.folder import WEIGHTS_NAME, adapter_paths
 
@@ -579,7 +579,7 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
         val32 = _full(layer.delta(adapter_name).detach()).float().cpu().numpy()
         with np.errstate(over="ignore"):
             val = val32.astype(VALUE_NUMPY[vdt])
-        bad = np.isfinite(val32) & ~np.isfinite(val.astype(np.float32))
+        bad = nonfinite_mask(val) & np.isfinite(val32)  # finite deltas the value dtype cannot hold
         if bad.any():
             r, c = (int(i[0]) for i in np.nonzero(bad))
             raise NeuroAdaError(f"delta {val32[r, c]:g} at row {r}, slot {c} overflows {vdt}: save with "
@@ -694,13 +694,18 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
     write_file(out, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}), overwrite=True, durable=False)
 
 
+def _guard_name(marker) -> str:
+    """The base tensor name save_pretrained's guard took, from the marker's bytes (a torch or numpy uint8 array)."""
+    return bytes(int(b) & 0xFF for b in marker.tolist()).decode("utf-8", "replace")
+
+
 def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """A state marked as trainable state (save_pretrained's model.safetensors) holds no base by design;
     its guard tensor (see save_pretrained) is not a weight."""
     marker = state_dict.pop(prefix + STATE_MARKER, None)
     module.__dict__["_neuroada_partial_load"] = marker is not None
     if marker is not None:
-        guard = bytes(marker.to(torch.uint8).tolist()).decode("utf-8", "replace")
+        guard = _guard_name(marker)
         if guard:
             state_dict.pop(prefix + guard, None)
     # every layer checks its part before any loads, so a refused state changes nothing
@@ -764,7 +769,7 @@ def _warn_unloaded_state(path) -> None:
             keys = list(f.keys())
             if STATE_MARKER not in keys:
                 return  # not our trainable state (a plain model file): not ours to interpret
-            guard = bytes(f.get_tensor(STATE_MARKER).astype(np.uint8).tolist()).decode("utf-8", "replace")
+            guard = _guard_name(f.get_tensor(STATE_MARKER))
     except Exception:  # unreadable: the adapter itself loaded; this is only advice
         return
     extra = [k for k in keys if ".neuroada_" not in k and k not in (STATE_MARKER, guard)]

@@ -239,8 +239,7 @@ def _stack(layer: NeuroAdaLayer, order: Sequence[str]):
     """The layer's adapters stacked in model order, cached until an idx/val/w0 tensor or a grid changes (a
     snapped delta depends on w0)."""
     names = [n for n in order if n in layer.neuroada_val]
-    layer.check_in_memory(names)
-    layer.ordinary(names)
+    layer._refresh(names)  # once per block entry, before the key reads idx and w0
     key = [(n, layer.grid(n), *_state(layer.neuroada_idx[n]), *_state(layer.neuroada_val[n]),
             *_state(layer.neuroada_w0[n])) for n in names]
     hit = layer.__dict__.get(_STACK_ATTR)
