@@ -350,9 +350,14 @@ def triton_available() -> bool:
 def _bgmv_kernel(x_ptr, ids_ptr, idx_ptr, val_ptr, y_ptr, out_ptr, S, d_out, K,
                  s_xt, s_xc, s_ia, s_ir, s_va, s_vr, s_yt, s_yr,
                  ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
-    # program (b, rb, tb): sequence b, output rows rb*BLOCK_R.., tokens tb*BLOCK_T.. of that sequence
-    b = tl.program_id(0)
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    # program (b, rb, tb): sequence b, output rows rb*BLOCK_R.., tokens tb*BLOCK_T.. of that sequence, read
+    # from one flat grid axis (axis 1 would stop at 65,535 row blocks: a wide head at K >= 2048)
+    pid = tl.program_id(0)
+    n_t = tl.cdiv(S, BLOCK_T)
+    n_r = tl.cdiv(d_out, BLOCK_R)
+    tb = pid % n_t
+    b = pid // (n_t * n_r)
+    r = ((pid // n_t) % n_r) * BLOCK_R + tl.arange(0, BLOCK_R)
     j = tl.arange(0, BLOCK_K)
     a = tl.load(ids_ptr + b)
     used = a >= 0
@@ -362,7 +367,7 @@ def _bgmv_kernel(x_ptr, ids_ptr, idx_ptr, val_ptr, y_ptr, out_ptr, S, d_out, K,
     cols = tl.load(idx_ptr + a_safe * s_ia + r[:, None] * s_ir + j[None, :], mask=m2, other=0)
     v = tl.load(val_ptr + a_safe * s_va + r[:, None] * s_vr + j[None, :], mask=m2, other=0).to(ACC)
     for tt in range(0, BLOCK_T):
-        pos = tl.program_id(2) * BLOCK_T + tt
+        pos = tb * BLOCK_T + tt
         tok = (b * S + pos).to(tl.int64)  # tok x stride passes 2^31 on long batches of wide layers
         inside = pos < S
         xv = tl.load(x_ptr + tok * s_xt + cols * s_xc, mask=m2 & inside, other=0).to(ACC)
@@ -401,8 +406,9 @@ def bgmv_add_triton_(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, stack:
     br = _pow2(block_r or max(1, min(128, 2048 // bk)))
     bt = _pow2(max(1, min(block_t, seq_len)))
     idx, val = stack.idx, stack.val
-    grid = ((B, (stack.d_out + br - 1) // br, (seq_len + bt - 1) // bt))
-    _jit[grid](
+    from .triton import flat_grid
+
+    _jit[flat_grid(B, (stack.d_out + br - 1) // br, (seq_len + bt - 1) // bt)](
         x, ids.to(torch.int64).contiguous(), idx, val, y, out, seq_len, stack.d_out, stack.k,
         x.stride(0), x.stride(1), idx.stride(0), idx.stride(1), val.stride(0), val.stride(1),
         y.stride(0), y.stride(1),

@@ -54,6 +54,24 @@ def _pow2(n: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(max(int(n), 1)))
 
 
+GRID_MAX = 2**31 - 1  # CUDA's limit on grid axis 0; axes 1 and 2 stop at 65,535
+
+
+def flat_grid(*counts: int) -> tuple[int]:
+    """A flat, one-axis launch grid of ``prod(counts)`` programs, which the kernel splits back itself.
+
+    Putting row blocks on axis 1 would cap a launch at 65,535 of them: a 128k-row vocabulary head at
+    k >= 129 (one row per program) would not launch at all. Axis 0 takes 2^31 - 1.
+    """
+    n = 1
+    for c in counts:
+        n *= int(c)
+    if n > GRID_MAX:
+        raise NeuroAdaUsageError(f"a launch of {n} programs exceeds CUDA's grid limit ({GRID_MAX}); split the "
+                                 "input into fewer tokens per call")
+    return (n,)
+
+
 if AVAILABLE:
 
     @triton.jit
@@ -98,8 +116,11 @@ if AVAILABLE:
     def _gather_kernel(x_ptr, idx_ptr, val_ptr, out_ptr, T, d_out, k,
                        s_xt, s_xc,
                        ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # see _rowdot_kernel
-        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        # one flat grid (see flat_grid): program = token tile pid % n_t x row block pid // n_t
+        pid = tl.program_id(0)
+        n_t = tl.cdiv(T, BLOCK_T)
+        t = ((pid % n_t) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # see _rowdot_kernel
+        r = (pid // n_t) * BLOCK_R + tl.arange(0, BLOCK_R)
         j = tl.arange(0, BLOCK_K)
         tm = t < T
         rm = r < d_out
@@ -115,9 +136,12 @@ if AVAILABLE:
     def _segment_kernel(gy_ptr, colptr_ptr, rows_ptr, perm_ptr, val_ptr, out_ptr, T, d_in,
                         s_gt, s_gi,
                         ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr):
-        # one program = one input column c x a token tile: reduce its CSC segment in a fixed order
-        c = tl.program_id(0)
-        t = (tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # see _rowdot_kernel
+        # one program = one input column c x a token tile: reduce its CSC segment in a fixed order.
+        # One flat grid (see flat_grid): column pid // n_t, token tile pid % n_t
+        pid = tl.program_id(0)
+        n_t = tl.cdiv(T, BLOCK_T)
+        c = pid // n_t
+        t = ((pid % n_t) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)  # see _rowdot_kernel
         tm = t < T
         start = tl.load(colptr_ptr + c)
         end = tl.load(colptr_ptr + c + 1)
@@ -145,7 +169,7 @@ def put_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor, *, block: in
     ity = _INT_VIEW[W.element_size()]
     src = values.reshape(-1).to(W.dtype).contiguous().view(ity)
     flat = flat.reshape(-1).contiguous()
-    _store_bits_kernel[(triton.cdiv(n, block),)](W.view(-1).view(ity), flat, src, n, BLOCK=block)
+    _store_bits_kernel[flat_grid(triton.cdiv(n, block))](W.view(-1).view(ity), flat, src, n, BLOCK=block)
     # a raw-pointer store moves no version: do it by hand, as for any in-place write (merge between a forward
     # and its backward must be caught). The in-place training path passes weight.data, whose counter is its own.
     if not W.is_inference() and not torch.compiler.is_compiling():
@@ -161,7 +185,7 @@ def scatter_(W: torch.Tensor, idx, w0: torch.Tensor, val: torch.Tensor, *, trans
     acc = acc_dtype(w0, val)
     tmp = torch.empty(n, dtype=acc, device=W.device)
     if n:
-        _add_kernel[(triton.cdiv(n, block),)](w0.reshape(-1).contiguous(), val.reshape(-1).contiguous(), tmp, n,
+        _add_kernel[flat_grid(triton.cdiv(n, block))](w0.reshape(-1).contiguous(), val.reshape(-1).contiguous(), tmp, n,
                                                ACC=_tl_acc(acc), BLOCK=block)
     return put_(W, p.flat, tmp.to(W.dtype), block=block)  # torch rounds (RNE); the kernel only moves bits
 
@@ -192,7 +216,7 @@ def sampled_rowdot(grad_y: torch.Tensor, x: torch.Tensor, idx, *, block_r: int |
     bk = _pow2(p.k)
     bt = _pow2(min(block_t, T))
     br = _pow2(block_r or _rows_per_program(bk, bt, 64))
-    _rowdot_kernel[(triton.cdiv(p.d_out, br),)](
+    _rowdot_kernel[flat_grid(triton.cdiv(p.d_out, br))](
         grad_y, x, p.idx.contiguous(), out, T, p.d_out, p.k,
         grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1),
         ACC=_tl_acc(acc), BLOCK_R=br, BLOCK_K=bk, BLOCK_T=bt,
@@ -212,8 +236,7 @@ def gather_matvec(x: torch.Tensor, idx, val: torch.Tensor, *, block_t: int = 16,
     bk = _pow2(p.k)
     bt = _pow2(min(block_t, T))
     br = _pow2(block_r or _rows_per_program(bk, bt, 128))
-    grid = (triton.cdiv(T, bt), triton.cdiv(p.d_out, br))
-    _gather_kernel[grid](
+    _gather_kernel[flat_grid(triton.cdiv(T, bt), triton.cdiv(p.d_out, br))](
         x, p.idx.contiguous(), val.contiguous(), out, T, p.d_out, p.k,
         x.stride(0), x.stride(1),
         ACC=_tl_acc(acc), BLOCK_T=bt, BLOCK_R=br, BLOCK_K=bk,
@@ -232,8 +255,7 @@ def gather_matvec_t(grad_y: torch.Tensor, idx, val: torch.Tensor, d_in: int | No
         return out
     colptr, rows, perm = p.csc
     bt = _pow2(min(block_t, T))
-    grid = (p.d_in, triton.cdiv(T, bt))
-    _segment_kernel[grid](
+    _segment_kernel[flat_grid(p.d_in, triton.cdiv(T, bt))](
         grad_y, colptr, rows, perm, val.contiguous(), out, T, p.d_in,
         grad_y.stride(0), grad_y.stride(1),
         ACC=_tl_acc(acc), BLOCK_T=bt, BLOCK_E=block_e,

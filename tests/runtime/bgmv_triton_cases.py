@@ -70,3 +70,25 @@ def test_noncontiguous_output_and_dispatch(gen):
         got = bgmv.bgmv_add_(y, x, ids, st, seq_len=2)
     assert got is y
     torch.testing.assert_close(y, want, rtol=1e-6, atol=1e-6)
+
+
+def test_launch_uses_one_flat_grid_axis(gen, monkeypatch):
+    """(sequence, row block, token tile) comes from axis 0 alone: axis 1 would cap a launch at 65,535 row blocks
+    (a wide head at K >= 2048 runs one row per program). Tails in all three split dimensions still match."""
+    grids = []
+    real = bgmv._jit
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return real[grid]
+
+    monkeypatch.setattr(bgmv, "_jit", Recorder())
+    st = stack(gen, d_out=11)
+    ids = torch.tensor([1, -1, 2], device=DEV)
+    x = torch.randn(15, st.d_in, generator=gen).to(DEV)
+    y = torch.randn(15, st.d_out, generator=gen).to(DEV)
+    want = y + bgmv.bgmv_reference(x, ids, st, seq_len=5)
+    got = bgmv.bgmv_add_triton_(y.clone(), x, ids, st, seq_len=5, block_r=4, block_t=2)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert grids == [(3 * 3 * 3,)]  # 3 sequences x 3 row blocks x 3 token tiles

@@ -16,6 +16,7 @@ tk = pytest.importorskip("neuroada_format.runtime.kernels.triton")
 if not tk.AVAILABLE:
     pytest.skip("triton not installed", allow_module_level=True)
 
+from neuroada_format import NeuroAdaUsageError  # noqa: E402
 from neuroada_format.runtime import kernels  # noqa: E402
 from neuroada_format.runtime.functional import Overlay, additive_sparse_delta, inplace_sparse_delta_linear  # noqa: E402
 from neuroada_format.runtime.kernels import Pattern, reference  # noqa: E402
@@ -127,3 +128,46 @@ def test_put_moves_the_version_like_any_in_place_write(gen):
         merge_(W, ov, [val])
         with pytest.raises(NeuroAdaError, match="modified in place between forward and backward"):
             y.sum().backward()
+
+
+def test_every_launch_uses_one_flat_grid_axis(gen, monkeypatch):
+    """CUDA caps grid axes 1 and 2 at 65,535 programs: a 128k-row head at k >= 129 runs one row per program and
+    would not launch with row blocks on axis 1. Every kernel therefore launches on axis 0 alone and splits the
+    program id itself; the results must still match the references with tails in both split dimensions."""
+    grids = []
+
+    class Recorder:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            grids.append((self.fn.__name__ if hasattr(self.fn, "__name__") else str(self.fn), tuple(grid)))
+            return self.fn[grid]
+
+    for name in ("_store_bits_kernel", "_add_kernel", "_rowdot_kernel", "_gather_kernel", "_segment_kernel"):
+        monkeypatch.setattr(tk, name, Recorder(getattr(tk, name)))
+    T, d_out, d_in, k = 23, 21, 17, 3
+    p = Pattern(rand_idx(d_out, d_in, k, gen), d_in)
+    x = torch.randn(T, d_in, generator=gen).to(DEV)
+    gy = torch.randn(T, d_out, generator=gen).to(DEV)
+    val = torch.randn(d_out, k, generator=gen).to(DEV)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tk.gather_matvec(x, p, val, block_t=4, block_r=4), reference.gather_matvec(x, p, val),
+                               **tol)
+    torch.testing.assert_close(tk.gather_matvec_t(gy, p, val, block_t=4, block_e=2),
+                               reference.gather_matvec_t(gy, p, val), **tol)
+    torch.testing.assert_close(tk.sampled_rowdot(gy, x, p, block_r=4, block_t=4), reference.sampled_rowdot(gy, x, p),
+                               **tol)
+    W = torch.randn(d_out, d_in, generator=gen).to(DEV)
+    tk.scatter_(W, p, W.gather(1, p.idx), val, block=8)
+    assert len(grids) >= 5
+    assert all(len(g) == 1 for _, g in grids), grids
+    # the multi-axis launches have as many programs as before: (6 token tiles x 6 row blocks), (17 columns x 6 tiles)
+    assert grids[0][1] == (36,) and grids[1][1] == (17 * 6,), grids
+
+
+def test_flat_grid_takes_a_wide_head_and_names_the_limit():
+    # a 256k-row vocabulary head at k = 256, 8192 tokens: one row per program, far past 65,535 row blocks
+    assert tk.flat_grid(8192 // 16, 256_000) == (512 * 256_000,)
+    with pytest.raises(NeuroAdaUsageError, match="grid limit"):
+        tk.flat_grid(2**16, 2**16)
