@@ -26,6 +26,7 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
 from . import kernels
 from .kernels.cache import outside_inference, version
+from .kernels import reference
 from .kernels.pattern import Pattern
 from .kernels.reference import acc_dtype
 
@@ -35,6 +36,7 @@ __all__ = [
     "AdditiveSparseDelta",
     "inplace_sparse_delta_linear",
     "additive_sparse_delta",
+    "transforms_active",
     "merge_",
     "unmerge_",
 ]
@@ -253,20 +255,44 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
         return (grad_x, None, grad_b, None, *grad_vals)
 
 
+def transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, functional_call inside one) wraps this call."""
+    return torch._C._are_functorch_transforms_active()
+
+
 class AdditiveSparseDelta(torch.autograd.Function):
     """``S(x) = x Delta^T`` as its own autograd node, to be added to an untouched ``base(x)``.
 
     ``apply(x, val, pattern, out_dtype)``; sums run in f32 whatever the dtypes of ``x`` and ``val``.
+    torch.func transforms it too (``setup_context``, :meth:`vmap`): per-sample gradients and meta-learning
+    run through this node, and the runtime sends a layer here whenever a transform is active.
     """
 
     @staticmethod
-    def forward(ctx, x, val, pattern: Pattern, out_dtype):
+    def forward(x, val, pattern: Pattern, out_dtype):
         with _no_autocast(x.device.type):
             s = kernels.gather_matvec(x.reshape(-1, pattern.d_in), pattern, val)
+        return s.to(out_dtype or x.dtype).reshape(x.shape[:-1] + (pattern.d_out,))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        # a separate setup_context is what lets torch.func (grad, vmap, jacrev) transform this node
+        x, val, pattern, _ = inputs
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, val)  # x: for grad_val only
         ctx.pattern = pattern
         ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
-        return s.to(out_dtype or x.dtype).reshape(x.shape[:-1] + (pattern.d_out,))
+
+    @staticmethod
+    def vmap(info, in_dims, x, val, pattern, out_dtype):
+        # S is applied token by token, so a batch of inputs is just more tokens; a batch of deltas is one node each
+        x_dim, val_dim = in_dims[0], in_dims[1]
+        if val_dim is None:
+            out = AdditiveSparseDelta.apply(x.movedim(x_dim, 0), val, pattern, out_dtype)
+            return out, 0
+        xs = [None] * info.batch_size if x_dim is None else x.movedim(x_dim, 0).unbind(0)
+        outs = [AdditiveSparseDelta.apply(x if xb is None else xb, vb, pattern, out_dtype)
+                for xb, vb in zip(xs, val.movedim(val_dim, 0).unbind(0))]
+        return torch.stack(outs), 0
 
     @staticmethod
     def backward(ctx, grad_s):
@@ -274,16 +300,22 @@ class AdditiveSparseDelta(torch.autograd.Function):
         p: Pattern = ctx.pattern
         g2 = grad_s.reshape(-1, p.d_out)
         grad_x = grad_val = None
+        # under a torch.func transform the backward itself is transformed: its sparse (CSR) products cannot be,
+        # so it takes the dense references (a [d_out, d_in] product per layer, as full fine-tuning computes)
+        impl = reference if transforms_active() else kernels
         if ctx.needs_input_grad[0]:
-            grad_x = kernels.gather_matvec_t(g2, p, val).to(ctx.x_dtype).reshape(ctx.x_shape)
+            grad_x = impl.gather_matvec_t(g2, p, val).to(ctx.x_dtype).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            grad_val = kernels.sampled_rowdot(g2, x.reshape(-1, p.d_in), p).to(val.dtype)
+            grad_val = impl.sampled_rowdot(g2, x.reshape(-1, p.d_in), p).to(val.dtype)
         return grad_x, grad_val, None, None
 
 
 def inplace_sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                 overlay: Overlay, vals: Sequence[torch.Tensor]) -> torch.Tensor:
     """``linear(x, W + Delta, b)``; W is stored ``[in, out]`` when ``overlay.transposed`` (Conv1D)."""
+    if transforms_active():
+        raise NeuroAdaUsageError("a torch.func transform (grad, vmap, jacrev, ...) cannot run through writes into the "
+                                 "weight; use the additive mode (NeuroAdaLayer serves it that way by itself)")
     if weight.requires_grad:
         raise NeuroAdaUsageError("the base weight must be frozen (requires_grad=False) for in-place sparse deltas; "
                                  "use the additive mode to train it too")

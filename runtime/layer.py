@@ -16,7 +16,8 @@ from torch import nn
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
-from .functional import Overlay, additive_sparse_delta, inplace_sparse_delta_linear, merge_, unmerge_
+from .functional import (Overlay, additive_sparse_delta, inplace_sparse_delta_linear, merge_, transforms_active,
+                         unmerge_)
 from .kernels.cache import outside_inference
 from .kernels.pattern import Pattern
 
@@ -346,7 +347,7 @@ class NeuroAdaLayer(nn.Module):
         vals = [self.delta(n) for n in active]
         if any(v.is_meta for v in vals):  # offloaded parameters (idx and w0 are buffers: checked in _refresh)
             self.check_in_memory(active)
-        if self.mode == "inplace" and not has_hooks(self.base_layer):
+        if self.mode == "inplace" and not has_hooks(self.base_layer) and not transforms_active():
             return inplace_sparse_delta_linear(x, self.base_layer.weight, self.base_layer.bias, self.overlay(active),
                                                vals)
         y = self.base_layer(x, *args, **kwargs)
