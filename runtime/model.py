@@ -222,8 +222,9 @@ def find_targets(model: nn.Module, config: NeuroAdaConfig) -> list[str]:
         plain = plain_name(model, name)
         if not all_linear and _matches(plain, config.target_modules) and not _matches(plain, config.exclude_modules):
             if not any(plain_name(model, c) == plain for c in candidates):
-                raise NeuroAdaUsageError(f"target module {name} is a {type(m).__name__}; NeuroAda adapts "
-                                    "nn.Linear and transformers Conv1D layers")
+                cls = type(m)
+                raise NeuroAdaUsageError(f"target module {name} is a {cls.__module__}.{cls.__qualname__}; NeuroAda "
+                                         "adapts nn.Linear and transformers Conv1D layers with float weights")
     for name, m in candidates.items():
         plain = plain_name(model, name)
         in_head = plain in heads or any(plain.startswith(h + ".") for h in heads)  # RoBERTa's head is two linears
@@ -379,14 +380,14 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
                                      "attaching another")
     for name, module in modules.items():
         _check_base_weight(module.weight, name + ".weight", "attach selects positions from it")
-        d_in = _canonical(module).shape[1]
-        if config.k > d_in:
-            raise NeuroAdaUsageError(f"k={config.k} exceeds d_in={d_in}", tensor=name + ".weight", rule="3.4")
         if module.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             # refused now, not at save_adapter after the training: the format describes F32, F16 and BF16 bases
             raise NeuroAdaUsageError(f"the adapter format describes F32, F16 and BF16 base weights, this one is "
                                      f"{module.weight.dtype}: convert the model (e.g. model.float()) before attaching",
                                      tensor=name + ".weight")
+        d_in = _canonical(module).shape[1]
+        if config.k > d_in:
+            raise NeuroAdaUsageError(f"k={config.k} exceeds d_in={d_in}", tensor=name + ".weight", rule="3.4")
     if config.selection == "gradient":
         indices = _gradient_indices(model, modules, config.k, calibration, loss_fn)
     else:
@@ -784,6 +785,15 @@ def _check_base_weight(w: torch.Tensor, tensor: str, why: str) -> None:
     if w.is_meta:
         raise NeuroAdaUsageError(f"the base weight is on the meta device, and {why}: load the model's weights first "
                                  "(from_pretrained, or to_empty + load_state_dict)", tensor=tensor)
+    if not w.is_floating_point():
+        # bitsandbytes' 4-bit weights are packed uint8 [n, 1], its 8-bit ones int8: selecting or merging on those
+        # integers would pick meaningless entries (or fail on a shape of d_in = 1), and model.float() does not
+        # unpack them
+        kind = type(w).__name__ if type(w) not in (torch.Tensor, nn.Parameter) else "tensor"
+        raise NeuroAdaUsageError(f"the base weight holds quantized integers ({kind} {w.dtype}{list(w.shape)}), and "
+                                 f"{why}: NeuroAda selects and merges on float weights, so load the model unquantized "
+                                 "(e.g. torch_dtype=torch.bfloat16 without a quantization_config); for a llama.cpp "
+                                 "GGUF base, train on its de-quantized copy (see train_on_grid)", tensor=tensor)
 
 
 def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
