@@ -485,6 +485,23 @@ def build() -> dict:
     invalid("1.2_lone_surrogate", raw_file(sur_text, data), "1.2",
             "a tensor name holding the escape \\ud800 alone: valid JSON syntax, but no Unicode text "
             "(there is no UTF-8 form to hash or write back)")
+    hdr_text = json.dumps(hdr, separators=(",", ":"), ensure_ascii=False)
+
+    def hdr_replace(old, new):
+        assert hdr_text.count(old) == 1, old
+        return raw_file(hdr_text.replace(old, new), data)
+
+    # the JSON limits of section 11.1, where a reader without them would report another rule (1.3)
+    invalid("1.2_depth_65", raw_file(hdr_text[:-1] + ',"z":' + "[" * 64 + "]" * 64 + "}", data), "1.2",
+            "the header nests 65 levels deep (the header object, then 64 arrays), one more than the limit")
+    invalid("1.2_number_overflow", hdr_replace('"BF16","shape":[2,2]', '"BF16","shape":[2,1e999]'), "1.2",
+            "a shape holding 1e999, a number that overflows binary64 to infinity")
+    invalid("1.2_infinity_constant", hdr_replace('"data_offsets":[8,16]', '"data_offsets":[8,Infinity]'), "1.2",
+            "the header uses the non-standard JSON constant Infinity")
+    vec("header_json_whitespace", put("valid/header_json_whitespace.safetensors",
+                                      raw_file("\n\t " + hdr_text + "\r\n\t", data)),
+        "the header JSON is preceded and followed by JSON whitespace (LF, tab, space; CR, LF, tab, then the "
+        "space padding): readers MUST accept any JSON whitespace around the object", valid=True, base=BT)
 
     def header_variant(mutate, payload=data):
         h = json.loads(json.dumps(hdr))
@@ -574,6 +591,36 @@ def build() -> dict:
         doc["targets"] = [{"key": "w", "encoding": "bitmap"}]    # whatever 2.0 may do, 1.x must not guess
     invalid("2.3_newer_major_new_layout", with_doc(newer_major), "2.3",
             "version 2.0 whose targets no longer follow the 1.x schema: refused as 2.3, not as 2.2")
+    invalid("2.3_missing_version", with_doc(set_path(["version"], DELETE)), "2.3",
+            "no version member: 2.3 (the version is checked before the schema), not 2.2")
+    invalid("2.3_version_number", with_doc(set_path(["version"], 1.0)), "2.3",
+            "version given as the JSON number 1.0, not the string \"1.0\": 2.3, not 2.2")
+
+    # the document's own JSON: integers without fraction or exponent, the limits of section 11.1
+    tiny_text = dumps(tiny_doc)
+
+    def doc_text(old, new):
+        assert tiny_text.count(old) == 1, old
+        return container(tensors_of(tiny_t), {"neuroada": tiny_text.replace(old, new)})
+
+    invalid("2.2_k_float", doc_text('"k":2', '"k":2.0'), "2.2",
+            "k written 2.0: JSON Schema's 'integer' accepts it, the spec does not (integers have no fraction)")
+    invalid("2.2_shape_exponent", doc_text('"shape":[2,8]', '"shape":[2,8e0]'), "2.2",
+            "a target shape written [2, 8e0] (an exponent: not an integer literal)")
+    invalid("2.2_seed_float", doc_text('"rule":"magnitude"', '"rule":"random","seed":1234.0'), "2.2",
+            "random selection with the seed written 1234.0")
+    deep = '"x":' + "[" * 63 + "]" * 63
+    vec("document_depth_64", put("valid/document_depth_64.safetensors", doc_text('"created_by"', deep + ',"created_by"')),
+        "an unknown member nests the document exactly 64 levels deep (the document object, then 63 arrays): "
+        "the limit itself is allowed", valid=True, base=BT)
+    invalid("2.2_depth_65", doc_text('"created_by"', '"x":[' + deep[4:] + '],"created_by"'), "2.2",
+            "an unknown member nests the document 65 levels deep, one more than the limit")
+    vec("document_long_integer", put("valid/document_long_integer.safetensors",
+                                     doc_text('"created_by"', '"x":1' + "0" * 400 + ',"created_by"')),
+        "an unknown member holds a 401-digit integer literal (10^400): integers are not converted to binary64, "
+        "so it does not overflow; only numbers with a fraction or exponent can (1e999)", valid=True, base=BT)
+    invalid("2.2_integer_4301_digits", doc_text('"created_by"', '"x":' + "9" * 4301 + ',"created_by"'), "2.2",
+            "an unknown member holds an integer literal of 4301 digits, over the 4300-digit limit")
 
     # 3.1 tensor names
     invalid("3.1_unknown_tensor", with_tensors([ih, vh, ("lora_A.weight", np.zeros((1, 2), np.float32))]),
