@@ -408,6 +408,16 @@ def build() -> dict:
         check_selection=True)
     vec("magnitude_not_topk_unchecked", rel, "the same file without the selection check: valid (the "
         "probe hash matches the positions actually used)", valid=True, base=B)
+    not_bottom = select_indices(base.arrays[Q], 3, "reverse")
+    not_bottom[4] = select_indices(base.arrays[Q], 3, "magnitude")[4]
+    bad_rev = [target(base, Q, 3, indices=not_bottom, seed=23)]
+    rel = put("invalid/reverse_not_bottomk.safetensors", adapter_file(bad_rev, document(bad_rev, base, rule="reverse")))
+    vec("reverse_not_bottomk", rel, "declares reverse selection but row 4 holds the row's top-3 |W| instead of "
+        "its bottom-3: rule 4.4 when selection is checked", valid=False, errors=["4.4"], base=B, check_selection=True)
+    vec("base_wrong_shape_other_dtype", "valid/made_on_f32_upcast.safetensors", "an adapter made on F32 values "
+        "against a BF16 base tensor of the wrong shape: 4.2 only, no dtype warning 4.6 (a 4.2 failure stops "
+        "the target's later checks); structure differs (4.5)", valid=False, errors=["4.2"], warnings=["4.5"],
+        base="bases/wrong_shape.safetensors")
 
     # bases whose checkpoint index is hostile or broken (1.6): validate raises when opening the base
     def bad_index(folder, index_obj, desc, raw_text=None):
@@ -642,6 +652,18 @@ def build() -> dict:
     invalid("3.3_values_f64", with_tensors([ih, ("values/w", val0.astype(np.float32).astype("<f8"))]),
             "3.3", "F64 values")
     invalid("3.3_values_i8", with_tensors([ih, ("values/w", np.ones((2, 2), "i1"))]), "3.3", "I8 values")
+    # which checks stop which (section 7): 3.2, 3.3 and 3.4 are independent; container errors stop the rest
+    invalid("3.2_3.3_3.4_one_target", with_tensors([("indices/w", idx0.astype("<i8")),
+                                                    ("values/w", val0.astype(np.float32).astype("<f8")[:, :1])]),
+            "3.2", "one target with I64 indices, F64 values and a [2, 1] values tensor: all three rules are "
+            "reported (none of 3.2, 3.3, 3.4 stops the others)", more=("3.3", "3.4"))
+
+    def bad_entry_and_document(h):
+        h["indices/w"]["align"] = 8
+        h["__metadata__"]["neuroada"] = h["__metadata__"]["neuroada"].replace('"format":"neuroada"', '"format":"x"')
+    invalid("1.3_stops_metadata_checks", header_variant(bad_entry_and_document), "1.3",
+            "a tensor entry with an extra field (1.3) and a document whose format is 'x': only 1.3 is reported, "
+            "since the metadata (2.x) is checked only when the container (1.1-1.5) has no error")
     # 3.4 shapes and k
     invalid("3.4_k_exceeds_d_in", with_doc(lambda d: d["targets"]["w"].update(shape=[2, 1]),
                                            [ih, vh]), "3.4", "k=2 but the metadata says d_in=1")
