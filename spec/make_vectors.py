@@ -437,6 +437,26 @@ def build() -> dict:
               "the index lists a tensor its shard lacks")
     bad_index("index_not_json", None, "the index file is not JSON", raw_text='{"weight_map": {')
 
+    # which file of a base folder is read (rule 1.6): the index first, then model.safetensors, then the one
+    # .safetensors file whose name does not start with '.'
+    put("bases/index_and_single/model.safetensors", Base(changed_arrays).file())
+    put("bases/index_and_single/model-00001-of-00001.safetensors", base.file())
+    put("bases/index_and_single/model.safetensors.index.json", (json.dumps(
+        {"weight_map": {n: "model-00001-of-00001.safetensors" for n in sorted(names)}}, indent=2) + "\n").encode())
+    vec("base_folder_index_first", "valid/magnitude_bf16.safetensors", "a base folder with both an index and "
+        "model.safetensors: the index is read (its shard is the base; model.safetensors holds a changed value, "
+        "so reading it would give 4.3)", valid=True, base="bases/index_and_single")
+    put("bases/dot_file/weights.safetensors", base.file())
+    put("bases/dot_file/._weights.safetensors", b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + b"\0" * 16)
+    vec("base_folder_dot_file", "valid/magnitude_bf16.safetensors", "a base folder without index or "
+        "model.safetensors, holding weights.safetensors and a macOS '._weights.safetensors' companion: names "
+        "starting with '.' are not counted, so the one .safetensors file is the base", valid=True,
+        base="bases/dot_file")
+    vec("base_truncated", "valid/magnitude_bf16.safetensors", "the base file ends 64 bytes before its last "
+        "tensor's data (an interrupted download): the base cannot be opened, and the container rule it breaks "
+        "(1.4) is reported", valid=False, errors=["1.4"], base=put("bases/truncated.safetensors", base.file()[:-64]),
+        base_unreadable=True)
+
     # ---- invalid adapters, one rule each -----------------------------------------------------------
     tiny_t = [target(tiny, "w", 2, seed=22)]
     tiny_doc = document(tiny_t, tiny)

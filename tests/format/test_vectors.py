@@ -67,10 +67,12 @@ def test_validate_matches_manifest(vector):
 
 
 def _files():
-    """One case per distinct adapter file; structural expectations do not depend on the base."""
+    """One case per distinct adapter file; structural expectations do not depend on the base (vectors
+    whose base is unreadable list the base's rule, not the adapter's, so they are left out)."""
     seen = {}
     for v in MANIFEST["vectors"]:
-        seen.setdefault(v["file"], v)
+        if not v["expected"].get("base_unreadable"):
+            seen.setdefault(v["file"], v)
     return [pytest.param(v, id=f) for f, v in seen.items()]
 
 
