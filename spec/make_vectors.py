@@ -773,6 +773,33 @@ def build() -> dict:
                        "adapters": [{"file": f"merge/adapter_{a}.safetensors", "scale": s} for a, s in plan],
                        "expected": rel, "description": desc})
 
+    # subnormals (a flush-to-zero merger fails), NaN and -0.0 kept at untouched positions (a dense merger
+    # fails), a scale that binary32 cannot hold (a merger multiplying by the binary64 scale fails)
+    sb = special_base()
+    SB = put("bases/merge_special.safetensors", sb.file())
+    special = special_adapters(sb)
+    special_plans = [
+        ("subnormals", "subnormal", 0.5, "adapter subnormal at scale 0.5: subnormal base values, terms and "
+         "results in BF16, F32 and F16 (ties to even among subnormals; a flush-to-zero or denormals-are-zero "
+         "merger differs), and NaN payloads (signalling ones included) and -0.0 kept at untouched positions "
+         "of the touched tensors"),
+        ("scale_not_binary32", "scaled", 0.1, "adapter scaled at scale 0.1, which binary32 cannot hold: the "
+         "scale is the nearest binary64 to 0.1, rounded to binary32 (0x3DCCCCCD) before it multiplies; "
+         "multiplying by the binary64 scale, fusing the multiply-add or accumulating in binary64 gives "
+         "other F32 results"),
+    ]
+    for label, targets in special.items():
+        rel = put(f"merge/adapter_{label}.safetensors", adapter_file(targets, document(targets, sb, rule="custom")))
+        vec(f"merge_adapter_{label}", rel, f"merge input adapter {label}", valid=True, base=SB)
+    for name, label, scale, desc in special_plans:
+        targets = {t.name: t for t in special[label]}
+        merged = {n: (merge_weight(w, [(targets[n], scale)]) if n in targets else w) for n, w in sb.arrays.items()}
+        check_special(name, merged)
+        rel = put(f"merge/{name}_expected.safetensors", container(list(merged.items())))
+        merges.append({"name": name, "base": SB,
+                       "adapters": [{"file": f"merge/adapter_{label}.safetensors", "scale": scale}],
+                       "expected": rel, "description": desc})
+
     bases_by_rel = {B: base, UP: upcast}
     adapters_by_rel = {"valid/made_on_f32_upcast.safetensors": made_on_upcast,
                        "valid/magnitude_bf16.safetensors": mag}
@@ -796,6 +823,67 @@ def build() -> dict:
 
 
 DELETE = object()
+
+
+def bits(values, dtype: str, shape) -> np.ndarray:
+    """An array of `dtype` from its bit patterns (so NaN payloads and subnormals are exactly what is written)."""
+    raw = np.array(values, np.uint32 if dtype == "F32" else np.uint16)
+    return raw.view(DT[dtype]).reshape(shape)
+
+
+def special_base() -> Base:
+    """Touched positions hold subnormals and near-ties; untouched ones NaNs (signalling too) and -0.0."""
+    return Base({
+        "s.bf16.weight": bits([0x0040, 0x0001, 0x7FA1, 0x8000,
+                               0x0080, 0x3F80, 0xFFC3, 0x0100], "BF16", (2, 4)),
+        "s.f32.weight": bits([0x00400000, 0x00000001, 0x7FA00001, 0x80000000,
+                              0x00800000, 0x3F800000, 0xFF800000, 0x00000003], "F32", (2, 4)),
+        "s.f16.weight": bits([0x0001, 0x0400, 0x7C01,
+                              0x0003, 0x8000, 0x7E05], "F16", (2, 3)),
+        "s.scale.weight": bits([0xBD6812D0, 0xB9DA7E9A, 0x3F800000, 0x40000000,
+                                0xBD36B064, 0xBE052042, 0x3F000000, 0xC0000000], "F32", (2, 4)),
+    })
+
+
+def special_adapters(sb: Base) -> dict:
+    """F32 values (subnormal ones included: they are finite) on the special base."""
+    def t(name, idx, value_bits):
+        return target(sb, name, len(idx[0]), indices=idx, value_dtype="F32", values=bits(value_bits, "F32", (2, 2)))
+    subnormal = [
+        # x 0.5: 2^-127 + 2^-128; 2^-133 + 2^-134 (a BF16 tie: even 0x0002); 2^-126 - 2^-127; 2^-125 - (2^-125 - 2^-133)
+        t("s.bf16.weight", [[0, 1], [0, 3]], [0x00400000, 0x00010000, 0x80800000, 0x817F0000]),
+        # x 0.5: 2^-127 + 2^-128; 2^-149 + fl32(1.5 * 2^-149) = 2^-149 + 2^-148 (a subnormal product tie); 2^-126 - 2^-127;
+        # 3 * 2^-149 - 2^-149
+        t("s.f32.weight", [[0, 1], [0, 3]], [0x00400000, 0x00000003, 0x80800000, 0x80000002]),
+        # x 0.5: 2^-24 + 2^-25 (an F16 subnormal tie: even 0x0002); 2^-14 - 2^-15 (subnormal); 3 * 2^-24 + 2^-25
+        # (tie: even 0x0004); -0.0 + 2^-25 (half the least F16 subnormal: a tie, to even +0.0)
+        t("s.f16.weight", [[0, 1], [0, 1]], [0x33800000, 0xB8800000, 0x33800000, 0x33800000]),
+    ]
+    scaled = [t("s.scale.weight", [[0, 1], [0, 1]], [0x3F476AF3, 0xBE1921BC, 0x3F73F2DF, 0x3F71EA6C])]
+    return {"subnormal": subnormal, "scaled": scaled}
+
+
+def check_special(name: str, merged: dict) -> None:
+    """The bits the special merges are meant to produce (so a change of the generator cannot lose a case)."""
+    def u(n):
+        a = merged[n]
+        return a.view(np.uint32 if a.dtype == DT["F32"] else np.uint16).reshape(-1).tolist()
+    if name == "subnormals":
+        assert u("s.bf16.weight") == [0x0060, 0x0002, 0x7FA1, 0x8000, 0x0040, 0x3F80, 0xFFC3, 0x0001]
+        assert u("s.f32.weight") == [0x00600000, 0x00000003, 0x7FA00001, 0x80000000,
+                                     0x00400000, 0x3F800000, 0xFF800000, 0x00000002]
+        assert u("s.f16.weight") == [0x0002, 0x0200, 0x7C01, 0x0004, 0x0000, 0x7E05]
+    else:
+        assert u("s.scale.weight") == [0x3CADFD6C, 0xBC7BD6BC, 0x3F800000, 0x40000000,
+                                       0x3D4FA102, 0xBD11705A, 0x3F000000, 0xC0000000]
+        s64, s32 = 0.1, np.float32(0.1)
+        w = merged["s.scale.weight"]   # each wrong reading of the rule changes some result
+        base = special_base().arrays["s.scale.weight"]
+        vals = bits([0x3F476AF3, 0xBE1921BC, 0x3F73F2DF, 0x3F71EA6C], "F32", (2, 2))
+        for wrong in (lambda b, v: np.float32(b + np.float32(s64 * np.float64(v))),
+                      lambda b, v: np.float32(np.float64(b) + np.float64(s32) * np.float64(v)),
+                      lambda b, v: np.float32(np.float64(b) + s64 * np.float64(v))):
+            assert any(wrong(base[r, c], vals[r, c]) != w[r, c] for r in range(2) for c in range(2))
 
 
 def merge_base() -> Base:
