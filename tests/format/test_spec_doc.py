@@ -176,3 +176,42 @@ def test_stated_sizes_follow_the_formula():
     size = _adapter_bytes(llama405b, 126, 20)
     assert f"{size:,}" in section(10)
     assert f"{size / 1e9:.2f} GB" in section(10)
+
+
+# -- GGUF block decoding (section 15.2) ---------------------------------------------------------------
+def _spec_decode(kind: str, block: bytes) -> np.ndarray:
+    """Section 15.2's table, written from the text: d, m binary16; n_i nibbles (low first); h_i bits of qh."""
+    f16 = lambda b: np.frombuffer(b, "<f2")[0].astype(np.float32)  # noqa: E731
+    d = f16(block[:2])
+    if kind == "Q8_0":
+        return np.array([np.float32(d * np.float32(q)) for q in np.frombuffer(block[2:], np.int8)], np.float32)
+    m = f16(block[2:4]) if kind in ("Q4_1", "Q5_1") else None
+    rest = block[4:] if m is not None else block[2:]
+    qh = int.from_bytes(rest[:4], "little") if kind.startswith("Q5") else 0
+    qs = rest[4:] if kind.startswith("Q5") else rest
+    out = []
+    for i in range(32):
+        n = qs[i] & 0x0F if i < 16 else qs[i - 16] >> 4
+        n |= ((qh >> i) & 1) << 4
+        q = n - {"Q4_0": 8, "Q5_0": 16}.get(kind, 0)
+        v = np.float32(d * np.float32(q))
+        out.append(v if m is None else np.float32(v + m))
+    return np.array(out, np.float32)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_gguf_block_formulas_match_gguf_py(kind):
+    gguf = pytest.importorskip("gguf")
+    qt = gguf.GGMLQuantizationType[kind]
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qt]
+    assert block_size == 32
+    rng = np.random.default_rng(5)
+    raw = rng.integers(0, 256, (64, type_size), dtype=np.uint8)
+    scales = rng.uniform(-2, 2, (64, 2)).astype(np.float16)
+    raw[:, :2] = scales[:, :1].view(np.uint8)          # finite d (and m), some subnormal or negative
+    if kind in ("Q4_1", "Q5_1"):
+        raw[:, 2:4] = scales[:, 1:].view(np.uint8)
+    raw[0, :2] = np.array([1], np.uint16).view(np.uint8)  # the least binary16 subnormal as d
+    want = gguf.quants.dequantize(raw.reshape(-1), qt).reshape(64, 32)
+    got = np.stack([_spec_decode(kind, raw[b].tobytes()) for b in range(64)])
+    assert got.view(np.uint32).tolist() == want.view(np.uint32).tolist()
