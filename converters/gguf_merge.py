@@ -385,7 +385,11 @@ class GGUFBase:
             gname = self._name_map().get_name(name, try_suffixes=(".weight", ".bias"))
             if gname is not None and gname in self.file.tensors:
                 perm = None
-                if ARCHS[self.arch] and (".attn_q." in gname or ".attn_k." in gname):
+                # llama.cpp's converter permutes exactly the Hugging Face q_proj/k_proj tensors (by their name's
+                # ending); aliases already stored in rope order (q_proj_no_perm, Meta's attention.wq) are not
+                stem = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
+                if ARCHS[self.arch] and stem.endswith(("q_proj", "k_proj")) and (
+                        ".attn_q." in gname or ".attn_k." in gname):
                     n_head = self._heads("attention.head_count")
                     if ".attn_k." in gname:
                         n_head = self._heads("attention.head_count_kv", n_head)

@@ -703,3 +703,16 @@ def test_retyping_refuses_base_values_the_target_type_cannot_hold(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "1 values of the base that the adapter does not touch lie beyond the F16 range" in err[0]
     assert "blk.0.ffn_up.weight" in err[0] and not out.exists()
+
+
+def test_rope_order_aliases_are_not_permuted(tiny):
+    """gguf-py maps `q_proj_no_perm` (a checkpoint already in rope order) and Meta's `attention.wq` to attn_q too;
+    llama.cpp's converter permutes only the keys ending in q_proj/k_proj, so only those are un-permuted here
+    (a permuted alias would have put each delta on another head's row)."""
+    _, view = tiny()
+    assert view.resolve("model.layers.0.self_attn.q_proj.weight").perm is not None
+    assert view.resolve("model.layers.1.self_attn.k_proj.weight").perm is not None
+    for alias in ("model.layers.0.self_attn.q_proj_no_perm.weight", "model.layers.1.self_attn.k_proj_no_perm.weight",
+                  "layers.0.attention.wq.weight"):
+        m = view.resolve(alias)
+        assert m is not None and m.gguf_name.split(".")[2] in ("attn_q", "attn_k") and m.perm is None, alias
