@@ -68,6 +68,13 @@ def check_adapter_name(name) -> None:
     global _CONTAINERS
     if not isinstance(name, str) or not name or any(c in name for c in "./\\"):
         raise NeuroAdaUsageError(f"adapter name {name!r} must be a non-empty string without '.', '/' or '\\'")
+    # save_pretrained writes every adapter but "default" to a sub-folder of its name: refuse, up front, what no
+    # file system takes as a folder name, instead of a save that stops halfway after the training
+    if any(ord(c) < 32 or ord(c) == 127 for c in name) or len(name.encode("utf-8", "surrogatepass")) > 255:
+        raise NeuroAdaUsageError(f"adapter name {name!r} must be a folder name save_pretrained can write: no control "
+                                 "characters, at most 255 bytes of UTF-8")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in name):
+        raise NeuroAdaUsageError(f"adapter name {name!r} holds a lone surrogate, which no file name can")
     if name == BASE_ADAPTER:
         raise NeuroAdaUsageError(f"adapter name {name!r} is reserved for the plain base (set_adapter and "
                                  "adapter_batch read it so)")

@@ -191,6 +191,19 @@ def test_load_refuses_bad_names_and_files(tmp_path):
         with pytest.raises(NeuroAdaError, match="taken by torch"):
             load_adapter(fresh, path, taken)
         assert not layers(fresh)
+    # names save_pretrained could not write as a sub-folder (it stopped halfway, after the earlier adapters' folders)
+    for unwritable in ("a\x00b", "tab\tname", "x" * 256, "é" * 128, "\ud800"):
+        fresh = tiny_llama()
+        with pytest.raises(NeuroAdaError, match="adapter name"):
+            load_adapter(fresh, path, unwritable)
+        with pytest.raises(NeuroAdaError, match="adapter name"):
+            attach(fresh, NeuroAdaConfig(k=1), unwritable)
+        assert not layers(fresh)
+    longest = "é" * 127  # 254 bytes: a folder name every common file system takes
+    fresh = load_adapter(tiny_llama(), path, "default")
+    load_adapter(fresh, path, longest)
+    fresh.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / longest / "neuroada_model.safetensors").is_file()
     with pytest.raises(NeuroAdaError, match="mode"):
         load_adapter(tiny_llama(), path, mode="sideways")
     (tmp_path / "empty").mkdir()
