@@ -65,20 +65,19 @@ class ServingLayer(NeuroAdaLayer):
 # -- bookkeeping ------------------------------------------------------------------------------------------
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters on the model, in the order they were attached or loaded."""
-    names = list(getattr(model, CONFIGS_ATTR, None) or {})
+    names = dict.fromkeys(getattr(model, CONFIGS_ATTR, None) or {})  # ordered, O(1) membership: O(layers x n)
     for layer in layers(model).values():
-        for n in layer.neuroada_val.keys():
-            if n not in names:
-                names.append(n)
-    return names
+        names.update(dict.fromkeys(layer.neuroada_val.keys()))
+    return list(names)
 
 
 def _check_known(model: nn.Module, names, *, allow_base: bool) -> list[str]:
     known = list_adapters(model)
+    have = set(known)
     for n in names:
         if allow_base and n in (None, BASE_ADAPTER):
             continue
-        if n not in known:
+        if n not in have:
             raise NeuroAdaError(f"no adapter named {n!r} (have: {', '.join(known) or 'none'})")
     return known
 
@@ -235,22 +234,33 @@ def merged_adapter(model: nn.Module) -> str | None:
 
 
 # -- mixed batches ----------------------------------------------------------------------------------------
-def _stack(layer: NeuroAdaLayer, order: Sequence[str]):
-    """The layer's adapters stacked in model order, cached until an idx/val/w0 tensor or a grid changes (a
-    snapped delta depends on w0)."""
-    names = [n for n in order if n in layer.neuroada_val]
+STACKS_KEPT = 4  # stacks cached per layer, one per set of adapters a block used (most recent kept)
+
+
+def _stack(layer: NeuroAdaLayer, used: Sequence[str]):
+    """The layer's adapters among ``used`` (model order) stacked, cached until an idx/val/w0 tensor or a grid
+    changes (a snapped delta depends on w0).
+
+    Only the adapters the block uses: entering a block then costs what they cost, however many are loaded, and
+    the stack's K is theirs, so a loaded adapter with a larger k that no sequence uses does not pad a batch of
+    k=1 adapters off its fused path (nor change its bits)."""
+    names = [n for n in used if n in layer.neuroada_val]
+    if not names:
+        return None, {}
     layer._refresh(names)  # once per block entry, before the key reads idx and w0
     key = [(n, layer.grid(n), *_state(layer.neuroada_idx[n]), *_state(layer.neuroada_val[n]),
             *_state(layer.neuroada_w0[n])) for n in names]
-    hit = layer.__dict__.get(_STACK_ATTR)
-    if hit is not None and _same_state(hit[0], key):
-        return hit[1], hit[2]
-    with outside_inference():
-        stack = (AdapterStack([layer.neuroada_idx[n] for n in names], [layer.delta(n) for n in names], layer.d_in)
-                 if names else None)
-    slots = {n: i for i, n in enumerate(names)}
-    layer.__dict__[_STACK_ATTR] = (key, stack, slots)
-    return stack, slots
+    cache = layer.__dict__.setdefault(_STACK_ATTR, {})
+    hit = cache.pop(tuple(names), None)
+    if hit is None or not _same_state(hit[0], key):
+        with outside_inference():
+            stack = AdapterStack([layer.neuroada_idx[n] for n in names], [layer.delta(n) for n in names],
+                                 layer.d_in)
+        hit = (key, stack, {n: i for i, n in enumerate(names)})
+    cache[tuple(names)] = hit  # most recently used last
+    while len(cache) > STACKS_KEPT:
+        del cache[next(iter(cache))]
+    return hit[1], hit[2]
 
 
 class _Sequences:
@@ -346,6 +356,8 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
     if not names:
         raise NeuroAdaError("adapter_batch needs one adapter name per sequence, got none")
     order = _check_known(model, names, allow_base=True)
+    in_batch = set(names)
+    used = [n for n in order if n in in_batch]  # model order, so a set of adapters always stacks the same way
     all_layers = layers(model)
     previous = {name: (type(layer), list(layer.merged_adapters)) for name, layer in all_layers.items()}
     for name, layer in all_layers.items():
@@ -361,7 +373,7 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
             for name, layer in all_layers.items():
                 _switch(layer, [])
                 _serve(layer)
-                stack, slots = _stack(layer, order)
+                stack, slots = _stack(layer, used)
                 seq_slots = tuple(slots.get(n, -1) for n in names)
                 if stack is None or max(seq_slots) < 0:
                     continue  # no sequence uses an adapter here: the base layer alone

@@ -107,7 +107,7 @@ def test_caches_built_inside_inference_mode_are_kept_and_reused(files):
     with torch.inference_mode():
         with adapter_batch(model, ["one", "three", "one", None]):
             model(ids)
-            stacks = {n: layer.__dict__["_neuroada_stack"][1] for n, layer in layers(model).items()}
+            stacks = {n: list(layer.__dict__["_neuroada_stack"].values())[-1][1] for n, layer in layers(model).items()}
             plans = {n: s._plan[3] for n, s in stacks.items() if s._plan is not None}
             model(ids)
             assert plans and all(stacks[n]._plan[3] is p for n, p in plans.items())

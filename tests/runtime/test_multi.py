@@ -627,7 +627,7 @@ def test_cached_stacks_follow_a_dtype_change(zoo):
             want = fresh(ids).logits
         assert torch.equal(got, want)
         # (a stale f32 stack cast on the fly could round the same: check what the caches hold)
-        stacks = [layer.__dict__[multi._STACK_ATTR][1] for layer in layers(model).values()]
+        stacks = [st for layer in layers(model).values() for _, st, _ in layer.__dict__[multi._STACK_ATTR].values()]
         assert all(v.dtype == torch.bfloat16 for st in stacks for v in st.vals)
         set_adapter(model, "cs")
         set_adapter(fresh, "cs")
@@ -696,3 +696,35 @@ def test_copying_inside_a_block_is_refused_and_the_block_still_exits_cleanly(zoo
         model(ids_batch(2))
     assert snapshot(model) == before
     copy.deepcopy(model)  # outside the block: fine
+
+
+def test_a_block_stacks_only_the_adapters_its_sequences_use(zoo):
+    """Entering adapter_batch costs what the used adapters cost, however many are loaded, and an adapter no sequence
+    uses cannot change the batch: "cs" (k=3) loaded but unused left a batch of k=1 "math" rows padded to K=3, off the
+    fused K=1 path and 1e-7 away from the same batch on a model without "cs" (found by the many-adapters audit)."""
+    _, files, _, _ = zoo
+    ids = torch.randint(0, VOCAB, (4, 7), generator=torch.Generator().manual_seed(3))
+    names = ["math", None, "math", "math"]
+    alone, crowded = served(zoo, ["math"]), served(zoo, ["math", "cs", "code"])
+    for i in range(5):  # more adapters loaded under other names, none of them used
+        load_adapter(crowded, files["cs"], f"cs{i}")
+    with torch.no_grad():
+        with adapter_batch(alone, names):
+            want = alone(ids).logits
+        with adapter_batch(crowded, names):
+            got = crowded(ids).logits
+            mixed = [layer._neuroada_mixed for layer in layers(crowded).values()]
+            assert all(m.stack.n == 1 and m.stack.k == 1 and m.k1_f32 for m in mixed)
+    assert torch.equal(got, want)
+    # a block using other adapters gets its own stack; going back reuses the first one
+    first = {n: list(layer.__dict__[multi._STACK_ATTR].values())[-1][1] for n, layer in layers(crowded).items()}
+    with torch.no_grad():
+        with adapter_batch(crowded, ["cs", "cs3", "math", None]):
+            crowded(ids)
+            assert {m.stack.n for m in (layer._neuroada_mixed for layer in layers(crowded).values())
+                    if m is not None} == {3}  # cs, cs3 and math: "code" and the other copies are left out
+        with adapter_batch(crowded, names):
+            assert torch.equal(crowded(ids).logits, want)
+    assert all(list(layer.__dict__[multi._STACK_ATTR].values())[-1][1] is first[n]
+               for n, layer in layers(crowded).items())
+    assert list_adapters(crowded) == ["math", "cs", "code", *(f"cs{i}" for i in range(5))]
