@@ -16,7 +16,7 @@ import numpy as np
 from .container import Problems, SafetensorsFile
 from .durable import write_bytes, write_file
 from .dtypes import INDEX_DTYPES, I16_MAX_D_IN, NUMPY_DTYPES, VALUE_DTYPES, dtype_name, index_dtype_for
-from .errors import NeuroAdaError
+from .errors import NeuroAdaError, NeuroAdaUsageError
 from .hashing import probe_hash
 from .layout import LAYOUTS, canonical_view
 from .metadata import FORMAT_NAME, MERGE_RULE, METADATA_KEY, VERSION, parse_document
@@ -59,13 +59,21 @@ class Target:
 
     @classmethod
     def from_weight(cls, name: str, weight: np.ndarray, indices: np.ndarray, values=None, *,
-                    layout: str = "out_in", value_dtype: str = "BF16") -> "Target":
-        """A target for a base weight (as stored), recording its shape, dtype and probe hash."""
+                    layout: str = "out_in", value_dtype: str | None = None) -> "Target":
+        """A target for a base weight (as stored), recording its shape, dtype and probe hash.
+
+        ``values`` keep their dtype unless ``value_dtype`` (BF16, F16, F32) is given: then they are rounded to it
+        (nearest, ties to even), so F32 deltas can be saved as the format's usual BF16 without a separate cast.
+        Without values, zeros of ``value_dtype`` (BF16 by default)."""
         weight = np.asarray(weight)
         canon = canonical_view(weight, layout)
         indices = np.ascontiguousarray(indices, dtype=NUMPY_DTYPES[index_dtype_for(canon.shape[1])])
+        if value_dtype is not None and value_dtype not in ("BF16", "F16", "F32"):
+            raise NeuroAdaUsageError(f"value_dtype must be BF16, F16 or F32, got {value_dtype!r}")
         if values is None:
-            values = np.zeros(indices.shape, dtype=NUMPY_DTYPES[value_dtype])
+            values = np.zeros(indices.shape, dtype=NUMPY_DTYPES[value_dtype or "BF16"])
+        elif value_dtype is not None:
+            values = np.asarray(values).astype(NUMPY_DTYPES[value_dtype])
         return cls(name, indices, np.ascontiguousarray(values), (int(canon.shape[0]), int(canon.shape[1])),
                    layout, dtype_name(weight.dtype), probe_hash(weight, indices, layout))
 

@@ -312,3 +312,21 @@ def test_atomic_write_helper_cleans_up(tmp_path):
     assert _listing(tmp_path) == []
     naf.atomic_write(os.fspath(dest), lambda tmp: open(tmp, "wb").write(b"done"))
     assert dest.read_bytes() == b"done" and _listing(tmp_path) == ["x.bin"]
+
+
+def test_from_weight_rounds_given_values_to_value_dtype_only_when_asked():
+    """value_dtype applied only to the zeros of an empty target, so F32 deltas passed with value_dtype="BF16" were
+    silently saved as F32 (twice the bytes, and not what was asked)."""
+    import ml_dtypes
+
+    w = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    idx = naf.select_indices(w, 2)
+    vals = np.array([[1 + 2**-9, -3.0], [2**-130, 65504.0], [0.1, -0.0], [1e-3, 7.0]], dtype=np.float32)
+    kept = naf.Target.from_weight("w", w, idx, vals)
+    assert kept.value_dtype == "F32" and np.array_equal(kept.values, vals)
+    rounded = naf.Target.from_weight("w", w, idx, vals, value_dtype="BF16")
+    assert rounded.value_dtype == "BF16"
+    assert np.array_equal(rounded.values.view(np.uint16), vals.astype(ml_dtypes.bfloat16).view(np.uint16))
+    assert naf.Target.from_weight("w", w, idx, value_dtype="F16").values.dtype == np.float16
+    with pytest.raises(naf.NeuroAdaUsageError, match="value_dtype"):
+        naf.Target.from_weight("w", w, idx, vals, value_dtype="F64")
