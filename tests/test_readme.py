@@ -117,4 +117,6 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert type(ns["model"]).__name__ == "PeftModel" and ns["model"].peft_config["default"].peft_type == "SUPERTUNING"
 
     run(4, values=np.zeros((W.shape[0], 20), dtype=np.float32))  # builds an adapter for one weight, saved over it
-    assert naf.load("task.safetensors").targets.keys() == {"model.layers.0.mlp.down_proj.weight"}
+    saved = naf.load("task.safetensors")
+    assert saved.targets.keys() == {"model.layers.0.mlp.down_proj.weight"}
+    assert saved.targets["model.layers.0.mlp.down_proj.weight"].value_dtype == "BF16"
