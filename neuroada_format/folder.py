@@ -35,6 +35,55 @@ def read_config(path) -> dict:
     return doc
 
 
+SELECTIONS = ("magnitude", "reverse", "random", "gradient")  # the rules the runtime's attach can compute
+RECORDED_SELECTIONS = SELECTIONS + ("delta", "union", "custom")  # spec rules a loaded adapter may carry
+MODES = ("auto", "inplace", "additive")
+
+
+def module_spec(field_name: str, spec):
+    """PEFT's forms of target_modules / exclude_modules: None, a regex string, or a collection of names (kept
+    as a sorted list in JSON)."""
+    if spec is None or isinstance(spec, str):
+        return spec
+    if isinstance(spec, (list, tuple, set, frozenset)) and all(isinstance(s, str) for s in spec):
+        return sorted(spec) if isinstance(spec, (set, frozenset)) else list(spec)
+    raise NeuroAdaUsageError(f"{field_name} must be a string (regex or 'all-linear'), a list of names or None, "
+                             f"got {spec!r}")
+
+
+def check_config_fields(d: dict) -> None:
+    """The rules for the fields of a training configuration (runtime.NeuroAdaConfig applies them to its own;
+    adapter_paths to a folder's file, so every command refuses the config load_adapter would refuse)."""
+    k = d.get("k", 1)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise NeuroAdaUsageError(f"k must be a positive integer, got {k!r}", rule="3.4")
+    selection = d.get("selection", "magnitude")
+    if selection not in RECORDED_SELECTIONS:
+        raise NeuroAdaUsageError(f"selection must be one of {', '.join(RECORDED_SELECTIONS)}, got {selection!r}",
+                                 rule="2.2")
+    if d.get("mode", "auto") not in MODES:
+        raise NeuroAdaUsageError(f"mode must be one of {', '.join(MODES)}, got {d.get('mode')!r}")
+    if d.get("delta_dtype", "float32") not in ("float32", "bfloat16", "float16"):
+        raise NeuroAdaUsageError(f"delta_dtype must be float32, bfloat16 or float16, got {d.get('delta_dtype')!r}")
+    module_spec("target_modules", d.get("target_modules"))
+    module_spec("exclude_modules", d.get("exclude_modules"))
+    if d.get("save_dtype", "BF16") not in ("BF16", "F16", "F32"):
+        raise NeuroAdaUsageError(f"save_dtype must be BF16, F16 or F32, got {d.get('save_dtype')!r}", rule="3.3")
+
+
+def read_folder_config(path) -> dict:
+    """A folder's configuration file, read (read_config) and checked (check_config_fields): NeuroAdaError naming
+    the file when it breaks a rule, as for any other input file."""
+    d = read_config(path)
+    if d.get("peft_type", "NEUROADA") != "NEUROADA":
+        raise NeuroAdaError(f"not a NeuroAda adapter config (peft_type {d.get('peft_type')!r})", path=path)
+    try:
+        check_config_fields(d)
+    except NeuroAdaError as exc:
+        raise NeuroAdaError(exc.detail, path=path, rule=exc.rule) from None
+    return d
+
+
 def _legacy_peft_type(folder: str) -> str | None:
     """The peft_type of a legacy/PEFT adapter_config.json in `folder`, or None when there is none."""
     path = os.path.join(folder, LEGACY_CONFIG_NAME)
@@ -52,13 +101,19 @@ def _present(path: str) -> bool:
     return True
 
 
+def _checked(config: str) -> str:
+    read_folder_config(config)
+    return config
+
+
 def adapter_paths(path) -> tuple[str, str | None]:
     """(adapter file, config file or None) for an adapter file or an adapter folder.
 
     Raises NeuroAdaUsageError (rule 1.1) when there is no adapter there, when what is there is not a
     regular file (a FIFO, a device, a socket: see safe_io), and says so plainly when the folder is a
     PEFT adapter of another method (import those with `neuroada-pack --from-peft`). Symbolic links
-    to regular files and folders are followed.
+    to regular files and folders are followed. A folder's config is checked (read_folder_config): a
+    malformed one is refused by every command, as load_adapter refuses it.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -69,13 +124,13 @@ def adapter_paths(path) -> tuple[str, str | None]:
     weights = os.path.join(path, WEIGHTS_NAME)
     if _present(weights):
         config = os.path.join(path, CONFIG_NAME)
-        return weights, config if _present(config) else None
+        return weights, _checked(config) if _present(config) else None
     kind = _legacy_peft_type(path)
     legacy = os.path.join(path, LEGACY_WEIGHTS_NAME)
     if kind == "NEUROADA" or (kind is None and _present(legacy)):
         if not _present(legacy):
             raise NeuroAdaUsageError(f"no {LEGACY_WEIGHTS_NAME} in the adapter folder", path=path, rule="1.1")
-        return legacy, os.path.join(path, LEGACY_CONFIG_NAME) if kind else None
+        return legacy, _checked(os.path.join(path, LEGACY_CONFIG_NAME)) if kind else None
     if kind is not None:
         raise NeuroAdaUsageError(f"this is a PEFT adapter (peft_type {kind!r:.80}), not a NeuroAda one; convert "
                                  "it with `neuroada-pack --from-peft`", path=path, rule="1.1")

@@ -10,13 +10,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 
-from neuroada_format import NeuroAdaError, NeuroAdaUsageError
+from neuroada_format import NeuroAdaError
 from neuroada_format.durable import write_bytes
-from neuroada_format.folder import CONFIG_NAME, LEGACY_CONFIG_NAME, WEIGHTS_NAME, read_config  # noqa: F401  (one definition)
-
-SELECTIONS = ("magnitude", "reverse", "random", "gradient")  # the rules attach can compute
-RECORDED_SELECTIONS = SELECTIONS + ("delta", "union", "custom")  # spec rules a loaded adapter may carry
-MODES = ("auto", "inplace", "additive")
+from neuroada_format.folder import (CONFIG_NAME, LEGACY_CONFIG_NAME, MODES, RECORDED_SELECTIONS,  # noqa: F401
+                                    SELECTIONS, WEIGHTS_NAME, check_config_fields, module_spec, read_folder_config)
 
 
 @dataclass
@@ -41,21 +38,11 @@ class NeuroAdaConfig:
     inference_mode: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise NeuroAdaUsageError(f"k must be a positive integer, got {self.k!r}", rule="3.4")
-        if self.selection not in RECORDED_SELECTIONS:
-            raise NeuroAdaUsageError(f"selection must be one of {', '.join(RECORDED_SELECTIONS)}, got {self.selection!r}",
-                                rule="2.2")
+        check_config_fields(asdict(self))  # one set of rules, shared with the format core's folder reader
         if self.selection == "random" and self.seed is None:
             self.seed = 0
-        if self.mode not in MODES:
-            raise NeuroAdaUsageError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if self.delta_dtype not in ("float32", "bfloat16", "float16"):
-            raise NeuroAdaUsageError(f"delta_dtype must be float32, bfloat16 or float16, got {self.delta_dtype!r}")
-        self.target_modules = _module_spec("target_modules", self.target_modules)
-        self.exclude_modules = _module_spec("exclude_modules", self.exclude_modules)
-        if self.save_dtype not in ("BF16", "F16", "F32"):
-            raise NeuroAdaUsageError(f"save_dtype must be BF16, F16 or F32, got {self.save_dtype!r}", rule="3.3")
+        self.target_modules = module_spec("target_modules", self.target_modules)
+        self.exclude_modules = module_spec("exclude_modules", self.exclude_modules)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,23 +72,10 @@ class NeuroAdaConfig:
                 path = os.path.join(folder, LEGACY_CONFIG_NAME)
         else:
             path = folder
-        d = read_config(path)  # regular files only, the one JSON parser and its limits (never a RecursionError)
-        if d.get("peft_type", "NEUROADA") != "NEUROADA":
-            kind = d.get("peft_type")
-            raise NeuroAdaError(f"not a NeuroAda adapter config (peft_type {kind!r})", path=path)
+        d = read_folder_config(path)  # regular files only, the one JSON parser and its limits, the field rules
         try:
             return cls.from_dict(d)
         except NeuroAdaError as exc:
             raise NeuroAdaError(exc.detail, path=path, rule=exc.rule) from None
         except TypeError as exc:
             raise NeuroAdaError(f"bad adapter config: {exc}", path=path) from None
-
-
-def _module_spec(field_name: str, spec):
-    """PEFT's forms: None, a regex string, or a collection of names (kept as a sorted list in JSON)."""
-    if spec is None or isinstance(spec, str):
-        return spec
-    if isinstance(spec, (list, tuple, set, frozenset)) and all(isinstance(s, str) for s in spec):
-        return sorted(spec) if isinstance(spec, (set, frozenset)) else list(spec)
-    raise NeuroAdaUsageError(f"{field_name} must be a string (regex or 'all-linear'), a list of names or None, "
-                        f"got {spec!r}")

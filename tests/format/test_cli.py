@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -227,3 +228,27 @@ def test_real_process_unprintable_target_name(tmp_path, craft):
     path.write_bytes(craft.adapter(targets))
     r = _process("inspect", os.fspath(path))
     assert "Traceback" not in r.stderr and r.returncode in (0, 1, 2)
+
+
+@pytest.mark.parametrize("config, says", [
+    ('{"k": 2,', "not valid JSON"),
+    ('{"k": -1}', "rule 3.4: k must be a positive integer"),
+    ('{"k": 2, "save_dtype": "F64"}', "rule 3.3: save_dtype"),
+    ('{"k": 2, "target_modules": 7}', "target_modules must be"),
+    ('[1, 2]', "not an object"),
+    ('{"peft_type": "LORA"}', "not a NeuroAda adapter config"),
+])
+def test_a_folder_whose_config_load_adapter_would_refuse_is_invalid_everywhere(files, tmp_path, config, says):
+    """`neuroada validate folder/` said "valid" (exit 0) for a config load_adapter refuses, and neuroada-merge merged
+    it: the CLIs read only the .safetensors file. Every command now checks a folder's config by the same rules."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(files["good"], folder / "neuroada_model.safetensors")
+    (folder / "neuroada_config.json").write_text('{"k": 2, "target_modules": ["up_proj"], "save_dtype": "BF16"}')
+    assert run("validate", str(folder)).exit_code == 0
+    (folder / "neuroada_config.json").write_text(config)
+    for cmd in ("validate", "inspect"):
+        r = run(cmd, str(folder))
+        assert r.exit_code == 1 and r.stdout == "", (cmd, r.stdout)
+        line = one_line(r.stderr)
+        assert line.startswith(f"error: {folder / 'neuroada_config.json'}: ") and says in line, line
