@@ -796,6 +796,14 @@ def _check_base_weight(w: torch.Tensor, tensor: str, why: str) -> None:
                                  "GGUF base, train on its de-quantized copy (see train_on_grid)", tensor=tensor)
 
 
+def _module_at(model: nn.Module, key: str) -> nn.Module | None:
+    """The module a weight key names (``a.b.weight`` -> ``a.b``), whatever its type, or None."""
+    try:
+        return model.get_submodule(key.rsplit(".", 1)[0]) if key.endswith(".weight") else None
+    except AttributeError:
+        return None
+
+
 def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
     """Rules 4.1-4.3 against the model's own weights; raises before anything is touched.
 
@@ -808,8 +816,11 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
     for key, t in sorted(adapter.targets.items()):
         module = model.get_submodule(by_key[key]) if key in by_key else None
         if module is None:
-            raise NeuroAdaError("no linear layer of the model has this weight", path=adapter.path,
-                                tensor=key, rule="4.1")
+            other = _module_at(model, key)
+            what = (f"the model's {key.rsplit('.', 1)[0]} is a {type(other).__module__}.{type(other).__qualname__}, "
+                    "not a linear layer with float weights" if other is not None else
+                    "no linear layer of the model has this weight")
+            raise NeuroAdaError(what, path=adapter.path, tensor=key, rule="4.1")
         w = _canonical(module)
         _check_base_weight(w, key, "the adapter is checked against its values (probe hash)")
         dtype = TORCH_DTYPE_NAMES.get(w.dtype)

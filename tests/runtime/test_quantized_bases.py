@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from neuroada_format import NeuroAdaUsageError
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, save_adapter
 from neuroada_format.runtime.model import layers
 
@@ -34,7 +34,7 @@ def test_an_integer_weight_is_refused_at_attach_whatever_k():
         assert same(net, before)
 
 
-def test_torch_ao_quantized_linears_are_named_when_targeted_and_skipped_by_all_linear():
+def test_torch_ao_quantized_linears_are_named_when_targeted_and_skipped_by_all_linear(tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     with warnings.catch_warnings():
@@ -45,6 +45,11 @@ def test_torch_ao_quantized_linears_are_named_when_targeted_and_skipped_by_all_l
     with pytest.raises(NeuroAdaUsageError, match="no module matches"):
         attach(q, NeuroAdaConfig(k=1, target_modules="all-linear"))
     assert not layers(q)
+    # an adapter made on the float model names the quantized module it cannot load into
+    attach(net, NeuroAdaConfig(k=1, target_modules=["0"]))
+    save_adapter(net, tmp_path / "a")
+    with pytest.raises(NeuroAdaError, match=r"rule 4\.1: the model's 0 is a torch\.ao\.nn\.quantized.*not a linear"):
+        load_adapter(q, tmp_path / "a")
 
 
 def bnb_model(kind: str, seed=0):
