@@ -8,7 +8,11 @@
   sequence its own adapter. Weights cannot hold several adapters at once, so inside the block the base
   weights are restored and each layer adds ``S_a(x)`` per sequence (``kernels.bgmv``); on exit the
   merged adapter comes back. For k=1 adapters in f32 on CPU the layer writes ``S_a(x)`` first and the
-  GEMM accumulates onto it (``bgmv_linear_cpu``), which saves a pass over the output.
+  GEMM accumulates onto it (``bgmv_linear_cpu``), which saves a pass over the output. Under torch.compile a
+  layer runs the same ops on every sequence and selects by masks built at block entry (``bgmv_add_static`` /
+  ``bgmv_linear_static``): no host reads, no shapes that depend on who uses which adapter, so the compiled
+  graph serves every later block of the same shapes, with the eager gather and fused paths' bits (the kernel
+  backend setting and the Triton kernel are for eager forwards).
 * ``add_weighted_adapter(model, ["a", "b"], [0.7, 0.3], "combo")``: ``neuroada-pack --combine``'s rule
   in memory.
 
@@ -33,7 +37,8 @@ from neuroada_format.dtypes import NUMPY_DTYPES, common_value_dtype, nonfinite_m
 
 from . import kernels
 from .config import NeuroAdaConfig
-from .kernels.bgmv import AdapterStack, bgmv_add_, bgmv_linear_cpu, seq_groups
+from .kernels.bgmv import (AdapterStack, SeqMask, bgmv_add_, bgmv_add_static, bgmv_linear_cpu,
+                           bgmv_linear_static, seq_groups)
 from .kernels.cache import outside_inference, version
 from .layer import BASE_ADAPTER, NeuroAdaLayer, _conv1d_type, check_adapter_name, has_hooks
 from .model import (CONFIGS_ATTR, MIXED_ATTR, _refuse_in_batch, _shared_weights, _unserve, layers,
@@ -272,6 +277,7 @@ class _Sequences:
             self.ids = torch.tensor(slots, dtype=torch.int64, device=device)
         self.n = len(slots)
         self.groups = seq_groups(self.ids)
+        self.mask = SeqMask(self.ids)  # what a compiled forward reads instead (tensors, no Python data)
 
 
 def _exact_linears() -> tuple:
@@ -307,6 +313,7 @@ class _MixedForward:
         # layer with a handful of tokens, where each check costs about as much as the gather it guards)
         self.k1_f32 = stack.k == 1 and stack.acc == torch.float32
         self.exact = _exact_linears()
+        stack.idx, stack.val  # noqa: B018 -- built here, eagerly: a compiled forward only reads them
 
     def __call__(self, layer: NeuroAdaLayer, x: torch.Tensor, args, kwargs) -> torch.Tensor:
         n = self.seqs.n
@@ -319,7 +326,18 @@ class _MixedForward:
         x2 = x.reshape(-1, x.shape[-1])
         seq_len = x2.shape[0] // n
         base = layer.base_layer
-        if not args and not kwargs and self._fused(base, x):
+        fused = not args and not kwargs and self._fused(base, x)
+        if torch.compiler.is_compiling():
+            # the same ops on every sequence, selected by tensors built at block entry: no host reads, no shapes
+            # that depend on the assignment, so another block of the same shapes reuses the compiled graph
+            mask = self.seqs.mask
+            if fused:
+                y2 = bgmv_linear_static(x2, base.weight, base.bias, mask, self.stack, seq_len=seq_len,
+                                        transposed=layer.transposed)
+                return y2.view(x.shape[:-1] + (layer.d_out,))
+            y = base(x, *args, **kwargs)
+            return bgmv_add_static(y, x2, mask, self.stack, seq_len=seq_len)
+        if fused:
             y2 = bgmv_linear_cpu(x2, base.weight, base.bias, self.seqs.ids, self.stack, seq_len=seq_len,
                                  transposed=layer.transposed)
             return y2.view(x.shape[:-1] + (layer.d_out,))
@@ -330,10 +348,9 @@ class _MixedForward:
 
     def _fused(self, base: nn.Module, x: torch.Tensor) -> bool:
         """Whether ``kernels.bgmv.bgmv_linear_cpu`` computes this layer: K = 1, f32 throughout on CPU, a plain
-        Linear/Conv1D without hooks (whose forward it reproduces), no autocast and no graph to record."""
+        Linear/Conv1D without hooks (whose forward it reproduces), no autocast and no graph to record. (A compiled
+        forward computes it with ``bgmv_linear_static``: its out= writes cannot be traced with symbolic shapes.)"""
         if not (self.k1_f32 and FUSED and x.dtype == torch.float32 and x.device.type == "cpu"):
-            return False
-        if torch.compiler.is_compiling():  # its out= writes cannot be traced with symbolic shapes
             return False
         W, b = base.weight, base.bias
         return (W.dtype == torch.float32 and (b is None or b.dtype == torch.float32) and type(base) in self.exact

@@ -43,7 +43,7 @@ from .cpu import bag_rows
 from .reference import acc_dtype, dense_delta
 
 __all__ = ["AdapterStack", "seq_groups", "bgmv_reference", "bgmv_add_", "bgmv_add_cpu_", "bgmv_add_triton_",
-           "bgmv_linear_cpu", "triton_available"]
+           "bgmv_linear_cpu", "SeqMask", "bgmv_add_static", "bgmv_linear_static", "triton_available"]
 
 # Above this many gathered elements (tokens x d_out x K, K > 1) the all-sequences gather gives way to one
 # product per adapter present: its [T, d_out, K] intermediate stops paying for the saved calls. With K = 1
@@ -323,6 +323,70 @@ def bgmv_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if bias is not None:
         y.add_(bias)
     return y.addmm_(x, weight if transposed else weight.t())
+
+
+# -- torch.compile ---------------------------------------------------------------------------------------
+class SeqMask:
+    """What the static forms below read of one batch's adapter assignment, computed once, eagerly, per block:
+    ``sel [B]`` (each sequence's slot, 0 for the plain base: a valid row to gather), ``live [B, 1, 1]`` (whether
+    it uses an adapter) and ``all_live`` (0-dim: whether every sequence does). Tensors only: a compiled forward
+    reads them as graph inputs, so another assignment of the same batch size is new data, not a new graph."""
+
+    def __init__(self, ids: torch.Tensor):
+        with outside_inference():
+            live = ids >= 0
+            self.sel = ids.clamp(min=0)
+            self.live = live.view(-1, 1, 1)
+            self.all_live = live.all()
+
+
+def _static_gather(x3: torch.Tensor, sel: torch.Tensor, stack: AdapterStack, acc: torch.dtype):
+    """``(g [B, S, d_out*K], v [B, d_out, K])``: every sequence's gathered inputs and values, with ``_gather_path``'s
+    ops; a base sequence reads slot 0 (its rows are dropped by the caller)."""
+    B, S = x3.shape[0], x3.shape[1]
+    width = stack.d_out * stack.k
+    cols = stack.idx.index_select(0, sel).view(B, 1, width)
+    v = stack.val.to(acc).index_select(0, sel)
+    return torch.gather(x3, 2, cols.expand(B, S, width)), v
+
+
+def bgmv_add_static(y: torch.Tensor, x: torch.Tensor, mask: SeqMask, stack: AdapterStack, *,
+                    seq_len: int = 1) -> torch.Tensor:
+    """``bgmv_add_`` for torch.compile: returns ``y`` plus the mixed-batch delta as a new tensor (no in-place
+    writes, no host reads, shapes that depend on no adapter assignment). Same ops and roundings as the eager
+    gather path (``_gather_path`` + ``_add_seqs_``), computed for every sequence and selected by ``mask.live``,
+    so it gives the eager gather path's bits; the eager grouped path (K > 1, long sequences) sums in another
+    order. The stacked ``stack.idx`` / ``stack.val`` must exist before tracing (``adapter_batch`` builds them)."""
+    acc = acc_dtype(x, *stack.vals)
+    B, d_out, K = mask.sel.shape[0], stack.d_out, stack.k
+    x3, y3 = x.reshape(B, seq_len, stack.d_in), y.reshape(B, seq_len, d_out)
+    g, v = _static_gather(x3, mask.sel, stack, acc)
+    g = g.to(acc)
+    if K == 1:
+        delta = g * v.view(B, 1, d_out)
+        if y3.dtype == acc:  # eager fuses the multiply-add (one rounding) only when every sequence uses an adapter
+            out = torch.where(mask.all_live, torch.addcmul(y3, g, v.view(B, 1, d_out)), y3 + delta)
+            return torch.where(mask.live, out, y3).view(y.shape)
+    else:
+        delta = torch.einsum("bsik,bik->bsi", g.view(B, seq_len, d_out, K), v)
+    out = y3 + delta if y3.dtype == acc else (y3.to(acc) + delta).to(y3.dtype)
+    return torch.where(mask.live, out, y3).view(y.shape)
+
+
+def bgmv_linear_static(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mask: SeqMask,
+                       stack: AdapterStack, *, seq_len: int = 1, transposed: bool = False) -> torch.Tensor:
+    """``bgmv_linear_cpu`` for torch.compile: the delta (zero for base sequences), plus the bias, then the GEMM
+    accumulated onto it by ``addmm``: the eager fused path's ops and bits, without its ``out=`` writes (which
+    cannot be traced with symbolic shapes)."""
+    B, d_out = mask.sel.shape[0], stack.d_out
+    if stack.k != 1:
+        raise NeuroAdaUsageError("bgmv_linear_static needs K = 1")
+    g, v = _static_gather(x.reshape(B, seq_len, stack.d_in), mask.sel, stack, x.dtype)
+    y = torch.where(mask.live, g * v.view(B, 1, d_out), torch.zeros((), dtype=x.dtype, device=x.device))
+    y = y.view(B * seq_len, d_out)
+    if bias is not None:
+        y = y + bias
+    return torch.addmm(y, x, weight if transposed else weight.t())
 
 
 # -- Triton ----------------------------------------------------------------------------------------------

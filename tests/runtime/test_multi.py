@@ -171,8 +171,9 @@ def test_compiled_model_switches_without_recompiling(zoo):
 
 
 def test_a_compiled_model_serves_mixed_batches():
-    """torch.compile traces adapter_batch's stock-torch path (the fused CPU path for K = 1 stacks writes through
-    out=, which symbolic shapes cannot trace): the compiled model gives the eager rows, block after block."""
+    """torch.compile traces adapter_batch's static forms (kernels.bgmv.bgmv_linear_static / bgmv_add_static: the
+    eager fused CPU path for K = 1 stacks writes through out=, which symbolic shapes cannot trace): the compiled model
+    gives the eager rows, block after block."""
     model = with_adapters_a_b(tiny_llama(), k=1, std=0.05)
     ids = ids_batch(2, length=6)
     torch._dynamo.reset()
@@ -183,6 +184,72 @@ def test_a_compiled_model_serves_mixed_batches():
                 want = model(ids).logits
                 got = compiled(ids).logits
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+# blocks of one batch size, every kind of assignment: all on adapters, some on the base, one adapter for all
+COMPILE_BLOCKS = (["a", "b", None], ["b", None, "a"], ["a", "a", "a"], [None, "b", "b"], ["b", "a", "a"],
+                  [None, None, "a"])
+
+
+@pytest.mark.parametrize("ks, fused", [((1, 1), True), ((1, 1), False), ((1, 3), True)],
+                         ids=["k1-fused", "k1-addcmul", "k1-and-k3"])
+def test_compiled_adapter_batch_reuses_one_graph_across_blocks(monkeypatch, ks, fused):
+    """Each block gives its layers new per-sequence state; a compiled forward reads it as tensors (the masks built at
+    block entry), so after the first block later blocks of the same shapes run the same graph: any recompilation
+    raises. The whole model is one graph (fullgraph: no break), and the logits are the eager block's bit for bit,
+    whichever eager path the layer takes (the fused K = 1 GEMM, the fused multiply-add when every sequence uses an
+    adapter, the padded K = 3 stack)."""
+    monkeypatch.setattr(multi, "FUSED", fused)
+    model = tiny_llama()
+    for i, (name, k) in enumerate(zip(("a", "b"), ks)):
+        attach(model, NeuroAdaConfig(k=k), name)
+        with torch.no_grad():
+            for layer in layers(model).values():
+                layer.neuroada_val[name].normal_(0, 0.05, generator=torch.Generator().manual_seed(i))
+    ids = ids_batch(3, length=6)
+    with torch.no_grad():
+        want = []
+        for names in COMPILE_BLOCKS:
+            with adapter_batch(model, names):
+                want.append(model(ids).logits)
+        assert not torch.equal(want[0], want[1])  # the assignments do change the logits
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        with adapter_batch(model, COMPILE_BLOCKS[0]):  # warm-up: the one compilation
+            assert torch.equal(compiled(ids).logits, want[0])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for names, w in zip(COMPILE_BLOCKS[1:], want[1:]):
+                with adapter_batch(model, names):
+                    assert torch.equal(compiled(ids).logits, w), names
+    torch._dynamo.reset()
+
+
+def test_compiled_forward_generates_in_adapter_batch_without_recompiling():
+    """transformers' way to compile generation (model.forward = torch.compile(model.forward)): the first block compiles
+    the prefill and the decoding step, later blocks with other assignments reuse them, and the greedy tokens are the
+    eager block's."""
+    model = with_adapters_a_b(tiny_llama(), k=2, std=0.05)
+    ids = ids_batch(3, length=5, seed=8)
+    kw = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    blocks = COMPILE_BLOCKS[:4]
+    with torch.no_grad():
+        want = []
+        for names in blocks:
+            with adapter_batch(model, names):
+                want.append(model.generate(ids, **kw))
+        assert len({tuple(w[:, 5:].reshape(-1).tolist()) for w in want}) > 1
+        torch._dynamo.reset()
+        model.forward = torch.compile(model.forward, backend="eager", fullgraph=True)
+        try:
+            with adapter_batch(model, blocks[0]):
+                assert torch.equal(model.generate(ids, **kw), want[0])
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                for names, w in zip(blocks[1:], want[1:]):
+                    with adapter_batch(model, names):
+                        assert torch.equal(model.generate(ids, **kw), w), names
+        finally:
+            del model.forward
     torch._dynamo.reset()
 
 
