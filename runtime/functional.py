@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
 from . import kernels
-from .kernels.cache import outside_inference, version
 from .kernels import reference
+from .kernels.cache import cache_here, outside_inference, version
 from .kernels.pattern import Pattern
 from .kernels.reference import acc_dtype
 
@@ -64,7 +64,7 @@ class Overlay:
             if tuple(w.shape) != (p.d_out, p.k):
                 raise NeuroAdaUsageError(f"w0 shape {tuple(w.shape)} != {(p.d_out, p.k)}")
         self.patterns, self.w0s = patterns, w0s
-        self._w0_versions = tuple(version(w) for w in w0s)
+        self._w0_versions = tuple(version(w) if cache_here() else None for w in w0s)  # None: made in a trace
         self._compact = None
         self.d_out, self.d_in, self.transposed = p0.d_out, p0.d_in, p0.transposed
         if len(patterns) == 1:
@@ -85,7 +85,10 @@ class Overlay:
         ``x``; ``patterns`` index into it. With k=1 a projection whose input is much wider than its output
         (a Llama down_proj reads about 31% of its columns) keeps a third of what it would. The bound is low
         because sibling layers (q, k, v) share one saved ``x`` that their compact copies would each replace.
+        A torch.compile trace does not work it out (how many columns is data: a graph break) and keeps ``x``.
         """
+        if not cache_here():
+            return None
         if self._compact is None:
             with outside_inference():
                 cols = torch.unique(torch.cat([p.col for p in self.patterns]))  # sorted
@@ -212,7 +215,7 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
                 ctx.patterns = compact[1]
         ctx.save_for_backward(saved, *vals)
         ctx.weight = weight  # a reference, not a saved tensor (see module docstring)
-        ctx.weight_version = version(weight)
+        ctx.weight_version = version(weight) if cache_here() else None  # a trace cannot read a version
         ctx.overlay = overlay
         ctx.cast = cast
         ctx.x_dtype = x.dtype
@@ -227,7 +230,7 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
                                      "mode='additive' for that")
         xc, *vals = ctx.saved_tensors
         ov: Overlay = ctx.overlay
-        if version(ctx.weight) != ctx.weight_version:
+        if ctx.weight_version is not None and version(ctx.weight) != ctx.weight_version:
             # e.g. merge()/load_state_dict between forward and backward: re-scattering would be wrong
             raise NeuroAdaError("the base weight was modified in place between forward and backward (merge, "
                                 "load_state_dict or an optimizer touched it); run backward first")

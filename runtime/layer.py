@@ -18,7 +18,7 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
 from .functional import (Overlay, additive_sparse_delta, inplace_sparse_delta_linear, merge_, transforms_active,
                          unmerge_)
-from .kernels.cache import outside_inference
+from .kernels.cache import cache_here, outside_inference
 from .kernels.pattern import Pattern
 
 __all__ = ["NeuroAdaLayer", "MODES", "check_adapter_name"]
@@ -278,6 +278,9 @@ class NeuroAdaLayer(nn.Module):
 
     def pattern(self, name: str) -> Pattern:
         idx = self.neuroada_idx[name]
+        if not cache_here():  # a torch.compile trace: derived from the live idx in the graph, nothing cached
+            self.check_in_memory([name])
+            return Pattern(idx, self.d_in, transposed=self.transposed, validate=False)  # checked where idx entered
         p = self._patterns.get(name)
         if p is None or not p.is_current(idx):  # .to(device), offloading or load_state_dict replaced/rewrote idx
             self._refresh([name])
@@ -289,6 +292,8 @@ class NeuroAdaLayer(nn.Module):
         names = tuple(names)
         pats = [self.pattern(n) for n in names]
         w0s = [self.neuroada_w0[n] for n in names]
+        if not cache_here():  # as in pattern()
+            return Overlay(pats, w0s)
         ov = self._overlays.get(names)
         if ov is None or not ov.is_current(pats, w0s):
             self._refresh(names)

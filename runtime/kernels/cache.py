@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 
-__all__ = ["version", "outside_inference"]
+__all__ = ["version", "cache_here", "outside_inference"]
 
 
 def version(t: torch.Tensor):
@@ -24,6 +24,20 @@ def version(t: torch.Tensor):
     return object() if t.is_inference() else t._version
 
 
+def cache_here() -> bool:
+    """Whether the runtime's caches of derived index structures are used here: not inside a torch.compile trace.
+
+    A trace cannot read whether a cache is current (a version is a data-dependent value, an inference-tensor test
+    a graph break), and a trace that filled a cache would change what its graph was guarded on (the cache was
+    empty), so the next call would compile again. So a traced forward derives what it needs from the live idx and
+    w0 inside the graph (index arithmetic, cheap next to the layer's product) and keeps nothing: it never serves
+    a stale structure, and guards on no cache. Eager forwards use and fill the caches as before."""
+    return not torch.compiler.is_compiling()
+
+
 def outside_inference():
-    """Create ordinary tensors even inside ``torch.inference_mode()`` (a no-op outside it)."""
+    """Create ordinary tensors even inside ``torch.inference_mode()`` (a no-op outside it, and inside a
+    torch.compile trace, which cannot test for inference mode: a graph break)."""
+    if not cache_here():
+        return contextlib.nullcontext()
     return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()

@@ -12,7 +12,7 @@ import torch
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
-from .cache import outside_inference, version
+from .cache import cache_here, outside_inference, version
 
 __all__ = ["Pattern", "as_pattern", "sparse_csr"]
 
@@ -49,7 +49,7 @@ class Pattern:
         if idx.dtype != torch.int64:
             raise NeuroAdaError(f"idx must be int64, got {idx.dtype}")
         self.idx = idx
-        self.version = version(idx)
+        self.version = version(idx) if cache_here() else None  # None: made in a trace, for it alone (cache_here)
         self.d_out, self.k = idx.shape
         self.d_in = int(d_in)
         self.transposed = bool(transposed)

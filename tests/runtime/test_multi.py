@@ -187,6 +187,101 @@ def test_a_compiled_model_serves_mixed_batches():
     torch._dynamo.reset()
 
 
+_BUILT: list = []  # module globals: dynamo replays a traced append to a global list, not to a closure's list
+_CHECKED: list = []
+
+
+def _patterns_while_compiling(m):
+    """Record, for every Pattern built and every Pattern.check call, whether it ran inside a torch.compile trace
+    (the recording is Python state the trace reads: a compiled graph made while it runs guards on it)."""
+    from neuroada_format.runtime.kernels.pattern import Pattern
+
+    _BUILT.clear()
+    _CHECKED.clear()
+    real_init, real_check = Pattern.__init__, Pattern.check
+
+    def init(self, *args, **kwargs):
+        _BUILT.append(torch.compiler.is_compiling())
+        real_init(self, *args, **kwargs)
+
+    def check(self):
+        _CHECKED.append(torch.compiler.is_compiling())
+        return real_check(self)
+
+    m.setattr(Pattern, "__init__", init)
+    m.setattr(Pattern, "check", check)
+    return _BUILT, _CHECKED
+
+
+@pytest.mark.parametrize("mode", ["inplace", "additive"])
+def test_a_compiled_forward_builds_patterns_in_one_graph(zoo, monkeypatch, mode):
+    """A model served without set_adapter (NeuroAdaLayer.forward), copied (a copy, like a load_state_dict, starts
+    without its index patterns): the compiled forward derives the patterns inside the graph with no graph break, at
+    Pattern.check (whose answer is data) or at the cache checks around it (versions and inference-tensor tests,
+    which a trace cannot read), so fullgraph=True compiles; logits equal eager's, under no_grad and inference_mode,
+    and the next calls reuse the graph (the trace neither reads nor fills the caches, so it guards on none). The
+    indices were checked where they entered (load_adapter); an eager rebuild still checks them."""
+    base, files, _, _ = zoo
+    loaded = load_adapter(copy.deepcopy(base), files["cs"], "cs", mode=mode)
+    ids = ids_batch(2)
+    with torch.no_grad():
+        want = copy.deepcopy(loaded)(ids).logits
+    with monkeypatch.context() as m:
+        built, checked = _patterns_while_compiling(m)
+        model = copy.deepcopy(loaded)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            assert torch.equal(torch.compile(model, backend="eager", fullgraph=True)(ids).logits, want)
+        assert True in built and True not in checked  # built inside the trace, never checked there
+    for ctx in (torch.no_grad, torch.inference_mode):
+        model = copy.deepcopy(loaded)
+        assert all(not layer._patterns and layer.active_adapters == ["cs"] for layer in layers(model).values())
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        with ctx():
+            assert torch.equal(compiled(ids).logits, want)
+        assert all(not layer._patterns and not layer._overlays for layer in layers(model).values())  # none kept
+        with torch._dynamo.config.patch(error_on_recompile=True), ctx():
+            for _ in range(2):
+                assert torch.equal(compiled(ids).logits, want)
+    torch._dynamo.reset()
+    with monkeypatch.context() as m:
+        built, checked = _patterns_while_compiling(m)
+        q = model.get_submodule("model.layers.0.self_attn.q_proj")
+        q.neuroada_idx["cs"] = q.neuroada_idx["cs"].flip(1)  # descending rows: refused by the eager rebuild
+        with torch.no_grad(), pytest.raises(NeuroAdaError, match="strictly increasing"):
+            model(ids)
+        assert checked and set(checked) == {False}
+
+
+def test_a_compiled_training_step_is_one_graph_for_k1(zoo, monkeypatch):
+    """Training through a compiled model whose patterns are rebuilt during the step: a k = 1 adapter trains as one
+    graph, forward and backward (fullgraph), the loss and the deltas' gradients are eager's, the base weights are
+    back, and Pattern.check never runs inside the trace (it used to, and broke the graph there). (For k > 1 the
+    backward's sampled product uses a sparse CSR tensor, which dynamo cannot trace: each layer call then runs
+    outside the graph, with eager's results.)"""
+    base, files, _, _ = zoo
+    loaded = load_adapter(copy.deepcopy(base), files["math"], "math", is_trainable=True).train()
+    ids = ids_batch(2)
+
+    def step(model, run):
+        loss = run(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    want_loss, want_grads = step(ref := copy.deepcopy(loaded), ref)
+    built, checked = _patterns_while_compiling(monkeypatch)
+    model = copy.deepcopy(loaded)
+    assert all(not layer._patterns for layer in layers(model).values())
+    torch._dynamo.reset()
+    loss, grads = step(model, torch.compile(model, backend="eager", fullgraph=True))
+    torch._dynamo.reset()
+    assert torch.equal(loss, want_loss) and grads.keys() == want_grads.keys() and len(grads) == len(layers(model))
+    assert all(torch.equal(grads[n], want_grads[n]) for n in grads)
+    assert True in built and True not in checked
+    assert all(torch.equal(a, b) for a, b in zip(base_weights(model).values(), base_weights(ref).values()))
+
+
 # blocks of one batch size, every kind of assignment: all on adapters, some on the base, one adapter for all
 COMPILE_BLOCKS = (["a", "b", None], ["b", None, "a"], ["a", "a", "a"], [None, "b", "b"], ["b", "a", "a"],
                   [None, None, "a"])
