@@ -239,30 +239,42 @@ def merged_adapter(model: nn.Module) -> str | None:
 
 
 # -- mixed batches ----------------------------------------------------------------------------------------
-STACKS_KEPT = 4  # stacks cached per layer, one per set of adapters a block used (most recent kept)
+STACKS_KEPT = 4  # stacks cached per layer, one per member set (most recent kept)
 
 
-def _stack(layer: NeuroAdaLayer, used: Sequence[str]):
-    """The layer's adapters among ``used`` (model order) stacked, cached until an idx/val/w0 tensor or a grid
-    changes (a snapped delta depends on w0).
+def _key(layer: NeuroAdaLayer, n: str) -> tuple:
+    return (n, layer.grid(n), *_state(layer.neuroada_idx[n]), *_state(layer.neuroada_val[n]),
+            *_state(layer.neuroada_w0[n]))
 
-    Only the adapters the block uses: entering a block then costs what they cost, however many are loaded, and
-    the stack's K is theirs, so a loaded adapter with a larger k that no sequence uses does not pad a batch of
-    k=1 adapters off its fused path (nor change its bits)."""
-    names = [n for n in used if n in layer.neuroada_val]
-    if not names:
+
+def _stack(layer: NeuroAdaLayer, order: Sequence[str], used: Sequence[str]):
+    """The stack of the layer's adapters that a block using ``used`` needs, cached until an idx/val/w0 tensor or a
+    grid of a used adapter changes (a snapped delta depends on w0).
+
+    Its members are every loaded adapter (model order) whose k is at most the largest k of the used ones: a block
+    using only k=1 adapters gets a K = 1 stack (the fused path, and the bits of the same rows served alone) even when
+    a k=8 adapter is loaded, while the members do not depend on which adapters of that k a block uses, so a compiled
+    forward sees one stack shape for every such block. Only the used adapters' state is checked at entry (an
+    unused member's slot is never read; when a block uses it, its changed state rebuilds the stack), so entering a
+    block costs what its adapters cost, however many are loaded."""
+    ks = {n: t.shape[1] for n, t in layer.neuroada_idx._buffers.items()}  # one pass: this runs per layer and block
+    held = [n for n in used if n in ks]
+    if not held:
         return None, {}
-    layer._refresh(names)  # once per block entry, before the key reads idx and w0
-    key = [(n, layer.grid(n), *_state(layer.neuroada_idx[n]), *_state(layer.neuroada_val[n]),
-            *_state(layer.neuroada_w0[n])) for n in names]
+    k = max(ks[n] for n in held)
+    members = tuple(n for n in order if ks.get(n, k + 1) <= k)
+    layer._refresh(held)  # once per block entry, before the key reads idx and w0
+    now = {n: _key(layer, n) for n in held}
     cache = layer.__dict__.setdefault(_STACK_ATTR, {})
-    hit = cache.pop(tuple(names), None)
-    if hit is None or not _same_state(hit[0], key):
+    hit = cache.pop(members, None)
+    if hit is None or not all(_same_state([hit[0][n]], [now[n]]) for n in held):
+        layer._refresh(members)
+        keys = {n: now.get(n) or _key(layer, n) for n in members}
         with outside_inference():
-            stack = AdapterStack([layer.neuroada_idx[n] for n in names], [layer.delta(n) for n in names],
+            stack = AdapterStack([layer.neuroada_idx[n] for n in members], [layer.delta(n) for n in members],
                                  layer.d_in)
-        hit = (key, stack, {n: i for i, n in enumerate(names)})
-    cache[tuple(names)] = hit  # most recently used last
+        hit = (keys, stack, {n: i for i, n in enumerate(members)})
+    cache[members] = hit  # most recently used last
     while len(cache) > STACKS_KEPT:
         del cache[next(iter(cache))]
     return hit[1], hit[2]
@@ -390,7 +402,7 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
             for name, layer in all_layers.items():
                 _switch(layer, [])
                 _serve(layer)
-                stack, slots = _stack(layer, used)
+                stack, slots = _stack(layer, order, used)
                 seq_slots = tuple(slots.get(n, -1) for n in names)
                 if stack is None or max(seq_slots) < 0:
                     continue  # no sequence uses an adapter here: the base layer alone

@@ -294,7 +294,8 @@ def test_compiled_adapter_batch_reuses_one_graph_across_blocks(monkeypatch, ks, 
     block entry), so after the first block later blocks of the same shapes run the same graph: any recompilation
     raises. The whole model is one graph (fullgraph: no break), and the logits are the eager block's bit for bit,
     whichever eager path the layer takes (the fused K = 1 GEMM, the fused multiply-add when every sequence uses an
-    adapter, the padded K = 3 stack)."""
+    adapter, the padded K = 3 stack). A stack holds the adapters of k up to the largest a block uses, so with k=1
+    and k=3 adapters the blocks using only the k=1 one have a graph of their own (warmed up too)."""
     monkeypatch.setattr(multi, "FUSED", fused)
     model = tiny_llama()
     for i, (name, k) in enumerate(zip(("a", "b"), ks)):
@@ -313,6 +314,9 @@ def test_compiled_adapter_batch_reuses_one_graph_across_blocks(monkeypatch, ks, 
         compiled = torch.compile(model, backend="eager", fullgraph=True)
         with adapter_batch(model, COMPILE_BLOCKS[0]):  # warm-up: the one compilation
             assert torch.equal(compiled(ids).logits, want[0])
+        if ks[0] != ks[1]:  # blocks using only the k=1 adapter get its K = 1 stack (fused): their own graph
+            with adapter_batch(model, COMPILE_BLOCKS[2]):
+                assert torch.equal(compiled(ids).logits, want[2])
         with torch._dynamo.config.patch(error_on_recompile=True):
             for names, w in zip(COMPILE_BLOCKS[1:], want[1:]):
                 with adapter_batch(model, names):
@@ -861,9 +865,9 @@ def test_copying_inside_a_block_is_refused_and_the_block_still_exits_cleanly(zoo
 
 
 def test_a_block_stacks_only_the_adapters_its_sequences_use(zoo):
-    """Entering adapter_batch costs what the used adapters cost, however many are loaded, and an adapter no sequence
-    uses cannot change the batch: "cs" (k=3) loaded but unused left a batch of k=1 "math" rows padded to K=3, off the
-    fused K=1 path and 1e-7 away from the same batch on a model without "cs" (found by the many-adapters audit)."""
+    """An adapter of larger k that no sequence uses cannot change the batch: "cs" (k=3) loaded but unused left a batch
+    of k=1 "math" rows padded to K=3, off the fused K=1 path and 1e-7 away from the same batch on a model without
+    "cs" (found by the many-adapters audit). A block's stack holds the loaded adapters of k up to its largest."""
     _, files, _, _ = zoo
     ids = torch.randint(0, VOCAB, (4, 7), generator=torch.Generator().manual_seed(3))
     names = ["math", None, "math", "math"]
@@ -878,13 +882,13 @@ def test_a_block_stacks_only_the_adapters_its_sequences_use(zoo):
             mixed = [layer._neuroada_mixed for layer in layers(crowded).values()]
             assert all(m.stack.n == 1 and m.stack.k == 1 and m.k1_f32 for m in mixed)
     assert torch.equal(got, want)
-    # a block using other adapters gets its own stack; going back reuses the first one
+    # a block using a k=3 adapter gets the stack of every adapter of k <= 3; going back reuses the first one
     first = {n: list(layer.__dict__[multi._STACK_ATTR].values())[-1][1] for n, layer in layers(crowded).items()}
     with torch.no_grad():
         with adapter_batch(crowded, ["cs", "cs3", "math", None]):
             crowded(ids)
             assert {m.stack.n for m in (layer._neuroada_mixed for layer in layers(crowded).values())
-                    if m is not None} == {3}  # cs, cs3 and math: "code" and the other copies are left out
+                    if m is not None} == {7, 8}  # every adapter of k <= 3: "code" (k=2) holds only the MLP
         with adapter_batch(crowded, names):
             assert torch.equal(crowded(ids).logits, want)
     assert all(list(layer.__dict__[multi._STACK_ATTR].values())[-1][1] is first[n]
