@@ -224,7 +224,7 @@ class Registration:
 REGISTRY: dict[str, Registration] = {
     "onnx": Registration("onnx_merge", suffixes=(".onnx",), extra="onnx"),
     "safetensors": Registration("safetensors_merge", suffixes=(".safetensors",), fallback=True),
-    "gguf": Registration("gguf_merge", suffixes=(".gguf",), extra="dev"),
+    "gguf": Registration("gguf_merge", suffixes=(".gguf",), extra="gguf"),
 }
 
 

@@ -55,8 +55,9 @@ def _report(summary, as_json: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT (atomically).")
 @click.option("--in-place", is_flag=True, help="Patch BASE itself after writing a revert journal.")
 @click.option("--journal", metavar="J", help="Where --in-place writes its revert journal "
-                                             "(default: .neuroada-journal-<time>.safetensors inside a BASE folder, beside a BASE "
-                                             "file; a dot-file, which merges of that folder leave out).")
+                                             "(default: .neuroada-journal-<time>.safetensors inside a BASE folder, "
+                                             ".neuroada-journal-<file>-<time>.safetensors beside a BASE file; dot-files, "
+                                             "which merges of a folder leave out).")
 @click.option("--revert", "revert_journal", metavar="JOURNAL",
               help="Undo an --in-place merge with its journal (--base if the checkpoint moved).")
 @click.option("--no-verify", is_flag=True, help="Skip the checks that read base values (probe hash); "

@@ -68,11 +68,12 @@ def check_adapter_name(name) -> None:
     global _CONTAINERS
     if not isinstance(name, str) or not name or any(c in name for c in "./\\"):
         raise NeuroAdaUsageError(f"adapter name {name!r} must be a non-empty string without '.', '/' or '\\'")
-    # save_pretrained writes every adapter but "default" to a sub-folder of its name: refuse, up front, what no
-    # file system takes as a folder name, instead of a save that stops halfway after the training
+    # save_pretrained writes every adapter but "default" to a sub-folder of its name: refuse, up front, what is not
+    # a folder name on common file systems (NUL nowhere, control characters not on Windows, over 255 bytes not on
+    # ext4 or APFS), instead of a save that stops halfway after the training, or a folder that cannot be copied
     if any(ord(c) < 32 or ord(c) == 127 for c in name) or len(name.encode("utf-8", "surrogatepass")) > 255:
-        raise NeuroAdaUsageError(f"adapter name {name!r} must be a folder name save_pretrained can write: no control "
-                                 "characters, at most 255 bytes of UTF-8")
+        raise NeuroAdaUsageError(f"adapter name {name!r} must be a portable folder name, as save_pretrained writes it: "
+                                 "no control characters, at most 255 bytes of UTF-8")
     if any(0xD800 <= ord(c) <= 0xDFFF for c in name):
         raise NeuroAdaUsageError(f"adapter name {name!r} holds a lone surrogate, which no file name can")
     if name == BASE_ADAPTER:

@@ -817,9 +817,14 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
         module = model.get_submodule(by_key[key]) if key in by_key else None
         if module is None:
             other = _module_at(model, key)
-            what = (f"the model's {key.rsplit('.', 1)[0]} is a {type(other).__module__}.{type(other).__qualname__}, "
-                    "not a linear layer with float weights" if other is not None else
-                    "no linear layer of the model has this weight")
+            if other is not None and not isinstance(other, _linear_types()):
+                what = (f"the model's {key.rsplit('.', 1)[0]} is a {type(other).__module__}."
+                        f"{type(other).__qualname__}, not a linear layer with float weights")
+            elif hasattr(model, "_orig_mod"):  # torch.compile's wrapper prefixes every name with _orig_mod.
+                what = ("no linear layer of the model has this weight: this is a torch.compile'd model; load "
+                        "adapters into the model before compiling it (or into model._orig_mod)")
+            else:
+                what = "no linear layer of the model has this weight"
             raise NeuroAdaError(what, path=adapter.path, tensor=key, rule="4.1")
         w = _canonical(module)
         _check_base_weight(w, key, "the adapter is checked against its values (probe hash)")

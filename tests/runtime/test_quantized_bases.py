@@ -80,3 +80,16 @@ def test_bitsandbytes_layers_are_refused_at_attach_and_load(kind, tmp_path):
     with pytest.raises(NeuroAdaUsageError, match="quantized integers"):
         load_adapter(q, tmp_path / "a")
     assert not layers(q)
+
+
+def test_a_compiled_model_is_told_to_load_before_compiling(tmp_path):
+    """torch.compile's wrapper prefixes every module name with _orig_mod., so an adapter's keys find no layer; the
+    4.1 error says why instead of calling a float Linear "not a linear layer"."""
+    from tiny_hf import tiny_llama
+
+    plain = tiny_llama()
+    attach(plain, NeuroAdaConfig(k=1, target_modules=["q_proj"]))
+    save_adapter(plain, tmp_path / "a")
+    compiled = torch.compile(tiny_llama(), backend="eager")
+    with pytest.raises(NeuroAdaError, match="rule 4.1: no linear layer.*torch.compile'd model.*before compiling"):
+        load_adapter(compiled, tmp_path / "a")

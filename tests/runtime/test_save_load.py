@@ -191,7 +191,8 @@ def test_load_refuses_bad_names_and_files(tmp_path):
         with pytest.raises(NeuroAdaError, match="taken by torch"):
             load_adapter(fresh, path, taken)
         assert not layers(fresh)
-    # names save_pretrained could not write as a sub-folder (it stopped halfway, after the earlier adapters' folders)
+    # names that are no portable folder name for save_pretrained's sub-folders (a NUL or one over 255 bytes made it
+    # stop halfway, after the earlier adapters' folders; control characters are refused by Windows)
     for unwritable in ("a\x00b", "tab\tname", "x" * 256, "é" * 128, "\ud800"):
         fresh = tiny_llama()
         with pytest.raises(NeuroAdaError, match="adapter name"):
