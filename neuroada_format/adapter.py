@@ -63,22 +63,19 @@ class Target:
         """A target for a base weight (as stored), recording its shape, dtype and probe hash.
 
         ``values`` keep their dtype unless ``value_dtype`` (BF16, F16, F32) is given: then they are rounded to it
-        (nearest, ties to even, from float32: float64 values are rounded to float32 first, as numpy, ml_dtypes
-        and torch do, which can differ from one direct rounding by a step in rare near-ties), so F32 deltas can
-        be saved as the format's usual BF16 without a separate cast.
+        as numpy's ``astype`` does (nearest, ties to even; float64 reaches BF16 through float32, as in ml_dtypes
+        and torch, which can differ from one direct rounding by a step in rare near-ties), so F32 deltas can be
+        saved as the format's usual BF16 without a separate cast.
         Without values, zeros of ``value_dtype`` (BF16 by default)."""
         weight = np.asarray(weight)
         canon = canonical_view(weight, layout)
         indices = np.ascontiguousarray(indices, dtype=NUMPY_DTYPES[index_dtype_for(canon.shape[1])])
-        if value_dtype is not None and value_dtype not in ("BF16", "F16", "F32"):
-            raise NeuroAdaUsageError(f"value_dtype must be BF16, F16 or F32, got {value_dtype!r}")
+        if value_dtype is not None and value_dtype not in VALUE_DTYPES:
+            raise NeuroAdaUsageError(f"value_dtype must be one of {', '.join(VALUE_DTYPES)}, got {value_dtype!r}")
         if values is None:
             values = np.zeros(indices.shape, dtype=NUMPY_DTYPES[value_dtype or "BF16"])
         elif value_dtype is not None:
-            values = np.asarray(values)
-            if values.dtype == np.float64:
-                values = values.astype(np.float32)  # what astype does anyway, made explicit (see above)
-            values = values.astype(NUMPY_DTYPES[value_dtype])
+            values = np.asarray(values).astype(NUMPY_DTYPES[value_dtype])
         return cls(name, indices, np.ascontiguousarray(values), (int(canon.shape[0]), int(canon.shape[1])),
                    layout, dtype_name(weight.dtype), probe_hash(weight, indices, layout))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from .dtypes import VALUE_DTYPES
 from .errors import NeuroAdaError, NeuroAdaUsageError
 from .jsonparse import read_json
 from .safe_io import check_regular
@@ -67,8 +68,9 @@ def check_config_fields(d: dict) -> None:
         raise NeuroAdaUsageError(f"delta_dtype must be float32, bfloat16 or float16, got {d.get('delta_dtype')!r}")
     module_spec("target_modules", d.get("target_modules"))
     module_spec("exclude_modules", d.get("exclude_modules"))
-    if d.get("save_dtype", "BF16") not in ("BF16", "F16", "F32"):
-        raise NeuroAdaUsageError(f"save_dtype must be BF16, F16 or F32, got {d.get('save_dtype')!r}", rule="3.3")
+    if d.get("save_dtype", "BF16") not in VALUE_DTYPES:
+        raise NeuroAdaUsageError(f"save_dtype must be one of {', '.join(VALUE_DTYPES)}, got {d.get('save_dtype')!r}",
+                                 rule="3.3")
 
 
 def read_folder_config(path) -> dict:
@@ -101,11 +103,6 @@ def _present(path: str) -> bool:
     return True
 
 
-def _checked(config: str) -> str:
-    read_folder_config(config)
-    return config
-
-
 def adapter_paths(path) -> tuple[str, str | None]:
     """(adapter file, config file or None) for an adapter file or an adapter folder.
 
@@ -115,7 +112,17 @@ def adapter_paths(path) -> tuple[str, str | None]:
     to regular files and folders are followed. A folder's config is checked (read_folder_config): a
     malformed one is refused by every command, as load_adapter refuses it.
     """
-    path = os.fspath(path)
+    file, config, _ = adapter_config(path)
+    return file, config
+
+
+def adapter_config(path) -> tuple[str, str | None, dict | None]:
+    """adapter_paths plus the folder's config as read and checked (None without one), for callers that use it."""
+    file, config = _locate(os.fspath(path))
+    return file, config, read_folder_config(config) if config else None
+
+
+def _locate(path: str) -> tuple[str, str | None]:
     if not os.path.isdir(path):
         if not os.path.lexists(path):
             raise NeuroAdaUsageError("no such adapter file or folder", path=path, rule="1.1")
@@ -124,13 +131,13 @@ def adapter_paths(path) -> tuple[str, str | None]:
     weights = os.path.join(path, WEIGHTS_NAME)
     if _present(weights):
         config = os.path.join(path, CONFIG_NAME)
-        return weights, _checked(config) if _present(config) else None
+        return weights, config if _present(config) else None
     kind = _legacy_peft_type(path)
     legacy = os.path.join(path, LEGACY_WEIGHTS_NAME)
     if kind == "NEUROADA" or (kind is None and _present(legacy)):
         if not _present(legacy):
             raise NeuroAdaUsageError(f"no {LEGACY_WEIGHTS_NAME} in the adapter folder", path=path, rule="1.1")
-        return legacy, _checked(os.path.join(path, LEGACY_CONFIG_NAME)) if kind else None
+        return legacy, os.path.join(path, LEGACY_CONFIG_NAME) if kind else None
     if kind is not None:
         raise NeuroAdaUsageError(f"this is a PEFT adapter (peft_type {kind!r:.80}), not a NeuroAda one; convert "
                                  "it with `neuroada-pack --from-peft`", path=path, rule="1.1")

@@ -72,7 +72,11 @@ class NeuroAdaConfig:
                 path = os.path.join(folder, LEGACY_CONFIG_NAME)
         else:
             path = folder
-        d = read_folder_config(path)  # regular files only, the one JSON parser and its limits, the field rules
+        return cls.from_checked(read_folder_config(path), path)
+
+    @classmethod
+    def from_checked(cls, d: dict, path) -> "NeuroAdaConfig":
+        """From a config read_folder_config returned (the one JSON reader and its limits, the field rules)."""
         try:
             return cls.from_dict(d)
         except NeuroAdaError as exc:

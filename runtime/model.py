@@ -22,7 +22,7 @@ import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
 from neuroada_format.durable import write_file
-from neuroada_format.folder import WEIGHTS_NAME, adapter_paths
+from neuroada_format.folder import WEIGHTS_NAME, adapter_config
 
 from .config import MODES, SELECTIONS, NeuroAdaConfig
 from .layer import NeuroAdaLayer, check_adapter_name, has_hooks
@@ -753,8 +753,8 @@ def _uninstall_hf(model: nn.Module) -> None:
 
 # -- load --------------------------------------------------------------------------------------------
 def _resolve(path) -> tuple[str, NeuroAdaConfig | None]:
-    file, config = adapter_paths(path)
-    return file, NeuroAdaConfig.from_pretrained(config) if config else None
+    file, config, doc = adapter_config(path)  # the config is read and checked once, here
+    return file, NeuroAdaConfig.from_checked(doc, config) if config else None
 
 
 def _warn_unloaded_state(path) -> None:

@@ -11,6 +11,7 @@ set it before the first import to run these kernels on CPU tensors.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -63,9 +64,7 @@ def flat_grid(*counts: int) -> tuple[int]:
     Putting row blocks on axis 1 would cap a launch at 65,535 of them: a 128k-row vocabulary head at
     k >= 129 (one row per program) would not launch at all. Axis 0 takes 2^31 - 1.
     """
-    n = 1
-    for c in counts:
-        n *= int(c)
+    n = math.prod(int(c) for c in counts)
     if n > GRID_MAX:
         raise NeuroAdaUsageError(f"a launch of {n} programs exceeds CUDA's grid limit ({GRID_MAX}); split the "
                                  "input into fewer tokens per call")
