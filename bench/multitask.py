@@ -14,7 +14,10 @@
     count of --threads (default 2, then 1). Issue 14's goals are judged on per-round ratios and reported
     apart from the bars: k=1 <= 1.05x base, k=20 <= PEFT, generation <= 1.05x base.
 
-    python bench/multitask.py              # both parts; writes "## Multi-adapter serving" in RESULTS.md
+(c) Memory: resident bytes per adapter as N k=20 adapters are loaded, served by set_adapter and stacked for a
+    mixed batch, on (a)'s layers, next to PEFT LoRA r=8 adapters.
+
+    python bench/multitask.py              # all parts; writes "## Multi-adapter serving" in RESULTS.md
     python bench/multitask.py --no-write   # print only
 """
 from __future__ import annotations
@@ -294,6 +297,79 @@ def bench_mixed(reps: int, gen_reps: int, new_tokens: int) -> dict:
 
 
 # -- report ----------------------------------------------------------------------------------------------
+# -- (c) resident memory per adapter ---------------------------------------------------------------------
+def rss() -> int:
+    import psutil
+
+    gc.collect()
+    return psutil.Process().memory_info().rss
+
+
+def bench_memory(n_layers: int, n_adapters: int) -> dict:
+    """Resident bytes that serving many adapters costs, stage by stage, on (a)'s 7B-shaped bf16 layers: N k=20
+    adapters with one set of positions (as magnitude selection with one k gives: each its own idx tensor, as
+    load_adapter makes them), then set_adapter through all of them, then an adapter_batch over 4. PEFT LoRA r=8
+    for scale: the bytes of its weights on the same shapes (PEFT keeps adapter weights in f32 by default)."""
+    from peft import LoraConfig, get_peft_model
+
+    from neuroada_format.runtime import NeuroAdaLayer, adapter_batch, set_adapter
+    from neuroada_format.runtime.model import layers
+
+    gen = torch.Generator().manual_seed(0)
+    linears = build_linears(n_layers, gen)
+    ours = Holder(linears)
+    for name in list(linears):
+        parent = ours.get_submodule(name.rsplit(".", 1)[0])
+        setattr(parent, name.rsplit(".", 1)[1], NeuroAdaLayer(linears[name], mode="inplace"))
+    idx = {name: stratified_idx(layer.d_out, layer.d_in, 20, gen) for name, layer in layers(ours).items()}
+    names = [f"task{i}" for i in range(n_adapters)]
+    entries = sum(i.numel() for i in idx.values())
+    stages = {"start": rss()}
+    for a in names:
+        for name, layer in layers(ours).items():
+            val = (torch.randn(idx[name].shape, generator=gen) * 1e-2).to(torch.bfloat16).float()
+            layer.add_adapter(a, idx[name].clone(), val=val, activate=False)
+    stages["loaded"] = rss()
+    for a in names + [None]:
+        set_adapter(ours, a)
+    stages["after set_adapter through all"] = rss()
+    with adapter_batch(ours, names[:4]):
+        pass  # entering builds every layer's stack
+    stages["after an adapter_batch"] = rss()
+    # PEFT's adapters by their tensors' bytes: the memory freed above would be reused without growing the RSS
+    lora = Holder({n: nn.Linear(*reversed(shape), bias=False, dtype=torch.bfloat16, device="meta")
+                   for n, shape in ((f"layers.{i}.{p}", s) for i in range(n_layers) for p, s in PROJ_7B.items())})
+    cfg = dict(r=8, lora_alpha=16, target_modules=SHORT, lora_dropout=0.0)
+    peft_model = get_peft_model(lora, LoraConfig(**cfg), adapter_name=names[0])
+    peft_model.add_adapter(names[1], LoraConfig(**cfg))
+    lora_bytes = sum(p.numel() * 4 for n, p in peft_model.named_parameters() if "lora_" in n) / 2  # f32, as PEFT keeps
+    return {"n_layers": n_layers, "n_adapters": n_adapters, "entries": entries, "stages": stages,
+            "lora_bytes": lora_bytes}
+
+
+def memory_lines(mem: dict) -> list[str]:
+    n, e, st = mem["n_adapters"], mem["entries"], mem["stages"]
+    rows = [["stage", "resident growth per adapter", "bytes per entry"]]
+    prev = st["start"]
+    for stage, value in st.items():
+        if stage == "start":
+            continue
+        grow = (value - prev) / n
+        rows.append([stage, f"{grow / 2**20:.1f} MB", f"{grow / e:.1f}"])
+        prev = value
+    total = (prev - st["start"]) / n
+    rows.append(["all of the above", f"{total / 2**20:.1f} MB", f"{total / e:.1f}"])
+    rows.append(["on disk (int16 index + BF16 value, spec 4.2-4.3)", f"{4 * e / 2**20:.1f} MB", "4.0"])
+    rows.append(["PEFT LoRA r=8, its f32 weights", f"{mem['lora_bytes'] / 2**20:.1f} MB", "-"])
+    return [f"**(c) Resident memory per adapter.** {n} NeuroAda k=20 adapters ({e:,} entries each, one set of "
+            f"positions, as magnitude selection with one k gives) on (a)'s {mem['n_layers']} 7B-shaped bf16 layers; "
+            "growth of the process's resident size after each stage, per adapter (`psutil`).", "",
+            table(rows), "",
+            "Loaded, each adapter holds its int64 index, f32 values and the base's original entries (bf16), 14 "
+            "bytes per entry. set_adapter keeps positions and merged values for the last 2 adapters it served "
+            "(not for each), and a mixed batch stacks shared positions once and every adapter's values in f32.", ""]
+
+
 def switch_rows(sw: dict, label: str) -> list[list]:
     peft = sw["peft_s"]
     rows = [[f"PEFT LoRA r=8: `unmerge_adapter()` + `merge_adapter([other])`{label}", ms(peft), ms(sw["peft_cpu"]),
@@ -304,7 +380,8 @@ def switch_rows(sw: dict, label: str) -> list[list]:
     return rows
 
 
-def report(sw: dict | None, thp: dict | None, mxs: list[dict], meta: dict) -> tuple[str, list[tuple[bool, str]]]:
+def report(sw: dict | None, thp: dict | None, mxs: list[dict], meta: dict, mem: dict | None = None
+           ) -> tuple[str, list[tuple[bool, str]]]:
     threads = ", ".join(str(mx["threads"]) for mx in mxs) or str(THREADS)
     lines = [f"`python bench/multitask.py{' --thp' if thp else ''}`, {meta['date']}; torch {meta['torch']}, peft "
              f"{meta['peft']}, {threads} threads (`torch.set_num_threads`) on a {os.cpu_count()}-core virtual "
@@ -337,6 +414,8 @@ def report(sw: dict | None, thp: dict | None, mxs: list[dict], meta: dict) -> tu
                                            f"({100 * s / peft:.3f}%)"))
         bars.append((sw["base_restored"] and sw["merge_reproducible"] and (thp is None or thp["base_restored"]),
                      "base restored bit for bit after every switch sequence (hashes)"))
+    if mem is not None:
+        lines += memory_lines(mem)
     for mx in mxs:
         f, g = mx["fwd"], mx["gen"]
         c, paired, gp = mx["fwd_cpu"], mx["paired"], mx["gen_paired"]
@@ -389,7 +468,7 @@ def child(part: str, args, threads: int = THREADS) -> dict:
         env.pop("THP_MEM_ALLOC_ENABLE", None)
     cmd = [sys.executable, os.path.abspath(__file__), "--child", part, "--layers", str(args.layers),
            "--peft-reps", str(args.peft_reps), "--ours-reps", str(args.ours_reps), "--reps", str(args.reps),
-           "--gen-reps", str(args.gen_reps), "--new-tokens", str(args.new_tokens),
+           "--gen-reps", str(args.gen_reps), "--new-tokens", str(args.new_tokens), "--adapters", str(args.adapters),
            "--child-threads", str(threads)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -411,7 +490,9 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--threads", default="2,1", help="thread counts for the mixed part, one process each "
                                                       "(the switch part runs at 2)")
-    ap.add_argument("--child", choices=["switch", "switch-thp", "mixed"], help=argparse.SUPPRESS)
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--adapters", type=int, default=8, help="adapters for the memory part")
+    ap.add_argument("--child", choices=["switch", "switch-thp", "mixed", "memory"], help=argparse.SUPPRESS)
     ap.add_argument("--child-threads", type=int, default=THREADS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.child_threads)
@@ -419,6 +500,8 @@ def main(argv=None) -> int:
     if args.child:
         if args.child == "mixed":
             out = bench_mixed(args.reps, args.gen_reps, args.new_tokens)
+        elif args.child == "memory":
+            out = bench_memory(args.layers, args.adapters)
         else:
             out = bench_switch(args.layers, args.peft_reps, args.ours_reps)
             out["thp"] = args.child == "switch-thp"
@@ -430,9 +513,10 @@ def main(argv=None) -> int:
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "peft": peft.__version__}
     sw = None if args.skip_switch else child("switch", args)
     thp = child("switch-thp", args) if args.thp and not args.skip_switch else None
+    mem = None if args.skip_memory else child("memory", args)
     mxs = [] if args.skip_mixed else [child("mixed", args, int(t)) for t in args.threads.split(",")]
     meta["wall_s"] = time.perf_counter() - t0
-    body, bars = report(sw, thp, mxs, meta)
+    body, bars = report(sw, thp, mxs, meta, mem)
     print(SECTION + "\n\n" + body)
     if not args.no_write and sw is not None and mxs:
         replace_section(SECTION, body)

@@ -39,6 +39,7 @@ __all__ = [
     "transforms_active",
     "merge_",
     "unmerge_",
+    "merged_values",
 ]
 
 
@@ -109,13 +110,11 @@ class Overlay:
 
     def values(self, vals: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """The merged entries, ``round_dtype(f32(w0) + sum f32(val))``, in ``flat`` order."""
-        acc = acc_dtype(self.w0, *vals)
         if self.invs is None:
-            s = self.w0.to(acc) + vals[0].reshape(-1).to(acc)
-        else:
-            s = self.w0.to(acc).clone()
-            for i, v in zip(self.invs, vals):
-                s.index_add_(0, i, v.reshape(-1).to(acc))  # no duplicates inside one adapter: deterministic
+            return merged_values(self.w0, vals[0], dtype)
+        s = self.w0.to(acc_dtype(self.w0, *vals)).clone()
+        for i, v in zip(self.invs, vals):
+            s.index_add_(0, i, v.reshape(-1).to(s.dtype))  # no duplicates inside one adapter: deterministic
         return s.to(dtype)
 
     def apply_(self, W: torch.Tensor, vals: Sequence[torch.Tensor], *, via: torch.dtype | None = None) -> None:
@@ -131,6 +130,13 @@ class Overlay:
 
     def restore_(self, W: torch.Tensor) -> None:
         kernels.put_(W, self.flat, self.w0)
+
+
+def merged_values(w0: torch.Tensor, val: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One adapter's merged entries, ``round_dtype(f32(w0) + f32(val))`` flattened: the Overlay's rule, for callers
+    that keep no Overlay (set_adapter's bounded cache)."""
+    acc = acc_dtype(w0, val)
+    return (w0.reshape(-1).to(acc) + val.reshape(-1).to(acc)).to(dtype)
 
 
 def _autocast_on(dev: str) -> bool:

@@ -37,6 +37,7 @@ from neuroada_format.dtypes import NUMPY_DTYPES, common_value_dtype, nonfinite_m
 
 from . import kernels
 from .config import NeuroAdaConfig
+from .functional import merged_values
 from .kernels.bgmv import (AdapterStack, SeqMask, bgmv_add_, bgmv_add_static, bgmv_linear_cpu,
                            bgmv_linear_static, seq_groups)
 from .kernels.cache import outside_inference, version
@@ -170,21 +171,30 @@ def _same_positions(layer: NeuroAdaLayer, a: str, b: str) -> bool:
     return same
 
 
-def _merged_values(layer: NeuroAdaLayer, name: str) -> torch.Tensor:
-    """The adapter's merged entries (the Overlay's rule), in the order of its flat positions; cached, so
-    a switch is one write per weight (each extra mid-sized op cost a thread wake-up on a busy machine). The
-    grid is part of the key: what a layer serves is ``layer.delta``, snapped to the grid if there is one."""
+SWITCH_KEPT = 2  # adapters per layer whose positions and merged values set_adapter keeps (toggling two is free)
+
+
+def _merged_entries(layer: NeuroAdaLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(flat positions, merged values)`` of the adapter (the Overlay's rule, in its flat order), so a switch is
+    one write per weight (each extra mid-sized op cost a thread wake-up on a busy machine). Kept for the last
+    SWITCH_KEPT adapters served, not for all: they cost 12 bytes per entry (f32 base), three times what the
+    adapter takes on disk, and a server visiting 50 adapters would hold that for each. The grid is part of the
+    key: what a layer serves is ``layer.delta``, snapped to the grid if there is one."""
     layer.ordinary([name])
-    key = [(layer.grid(name), layer.weight.dtype, *_state(layer.neuroada_val[name]),
-            *_state(layer.neuroada_w0[name]))]
+    key = [(layer.grid(name), layer.weight.dtype, *_state(layer.neuroada_idx[name]),
+            *_state(layer.neuroada_val[name]), *_state(layer.neuroada_w0[name]))]
     cache = layer.__dict__.setdefault(_MERGED_ATTR, {})
-    hit = cache.get(name)
-    if hit is not None and _same_state(hit[0], key):
-        return hit[1]
-    with outside_inference():
-        values = layer.overlay([name]).values([layer.delta(name).detach()], layer.weight.dtype)
-    cache[name] = (key, values)
-    return values
+    hit = cache.pop(name, None)
+    if hit is None or not _same_state(hit[0], key):
+        layer.check_in_memory([name])
+        with outside_inference():
+            flat = layer.pattern(name).positions()
+            values = merged_values(layer.neuroada_w0[name], layer.delta(name).detach(), layer.weight.dtype)
+        hit = (key, flat, values)
+    cache[name] = hit  # most recently served last
+    while len(cache) > SWITCH_KEPT:
+        del cache[next(iter(cache))]
+    return hit[1], hit[2]
 
 
 def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
@@ -197,11 +207,11 @@ def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
     if len(current) == 1:
         if not (len(want) == 1 and _same_positions(layer, current[0], want[0])):
             # put the originals back; skipped when the new adapter overwrites the same entries
-            kernels.put_(W, layer.pattern(current[0]).flat, layer.neuroada_w0[current[0]])
+            kernels.put_(W, _merged_entries(layer, current[0])[0], layer.neuroada_w0[current[0]])
     elif current:
         layer.unmerge()
     if want:
-        kernels.put_(W, layer.pattern(want[0]).flat, _merged_values(layer, want[0]))
+        kernels.put_(W, *_merged_entries(layer, want[0]))
     layer.merged_adapters = list(want)
 
 

@@ -97,8 +97,17 @@ class AdapterStack:
 
     @property
     def idx(self) -> torch.Tensor:
-        """``[n, d_out, K]``; a short row repeats its last column (its padded values are zero)."""
+        """``[n, d_out, K]``; a short row repeats its last column (its padded values are zero).
+
+        Adapters selected by magnitude with one k on one base share their positions (the top-k of the same
+        weights), and a server loads dozens of them: then the stack is one copy of ``[d_out, K]`` seen n times (a
+        stride-0 view, which every reader indexes by slot) instead of n int64 copies, 8 bytes per entry each."""
         if self._idx is None:
+            first = self.idxs[0]
+            if all(i is first or (i.shape == first.shape and torch.equal(i, first)) for i in self.idxs[1:]):
+                with outside_inference():  # a copy: the stack must not follow later writes into an adapter's idx
+                    self._idx = first.clone().unsqueeze(0).expand(self.n, self.d_out, self.k)
+                return self._idx
             with outside_inference():
                 out = torch.empty(self.n, self.d_out, self.k, dtype=torch.int64, device=self.device)
                 for a, i in enumerate(self.idxs):

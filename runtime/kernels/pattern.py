@@ -109,16 +109,21 @@ class Pattern:
 
     @property
     def flat(self) -> torch.Tensor:
-        """Positions of the entries in the contiguous *stored* weight, in CSR order."""
+        """Positions of the entries in the contiguous *stored* weight, in CSR order (kept: training and
+        merging write them twice per layer and step)."""
         if self._flat is None:
             with outside_inference():
-                r = torch.arange(self.d_out, device=self.device).unsqueeze(1)
-                if self.transposed:
-                    f = self._idx_c * self.d_out + r
-                else:
-                    f = r * self.d_in + self._idx_c
-                self._flat = f.reshape(-1)
+                self._flat = self.positions()
         return self._flat
+
+    def positions(self) -> torch.Tensor:
+        """``flat``, without keeping it when it is not kept already: for callers with a bounded cache of their own
+        (set_adapter keeps the last adapters it served, not 8 bytes per entry of every adapter it ever served)."""
+        if self._flat is not None:
+            return self._flat
+        r = torch.arange(self.d_out, device=self.device).unsqueeze(1)
+        f = self._idx_c * self.d_out + r if self.transposed else r * self.d_in + self._idx_c
+        return f.reshape(-1)
 
     @property
     def crow(self) -> torch.Tensor:

@@ -64,3 +64,19 @@ def test_surroundings_smoke(tmp_path):
         assert f"| {cls} |" in out.stdout
     assert "Cases with a bug: 0." in out.stdout and "HANG" not in out.stdout
     assert "wrote" not in out.stdout
+
+
+def test_multitask_memory_part_runs():
+    """bench/multitask.py's memory part must keep running (one 7B-shaped layer, 2 adapters): its table prints a
+    per-entry size for every stage, and loading alone costs what an adapter's tensors hold (int64 index, f32
+    values, bf16 originals: 14 bytes per entry), not the copies the serving caches used to keep."""
+    script = os.path.join(ROOT, "bench", "multitask.py")
+    out = subprocess.run([sys.executable, script, "--skip-switch", "--skip-mixed", "--no-write", "--layers", "1",
+                          "--adapters", "2"], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[3].strip() for line in out.stdout.splitlines()
+            if line.startswith("| ") and line.count("|") == 4}
+    for stage in ("loaded", "after set_adapter through all", "after an adapter_batch", "all of the above"):
+        float(rows[stage])
+    assert 10 <= float(rows["loaded"]) <= 20
+    assert "wrote" not in out.stdout

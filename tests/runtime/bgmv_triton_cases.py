@@ -59,6 +59,19 @@ def test_kernel_matches_reference(gen, dtype, seq_len):
         assert torch.equal(bits(got[base]), bits(y[base]))
 
 
+def test_stack_sharing_positions(gen):
+    """Adapters with one set of positions stack it once (a stride-0 slot axis): the kernel reads it by stride."""
+    idx = torch.rand(10, 13, generator=gen).topk(3, 1).indices.sort(1).values.to(DEV)
+    st = bgmv.AdapterStack([idx, idx.clone()], [torch.randn(10, 3, generator=gen).to(DEV) for _ in range(2)], 13)
+    assert st.idx.stride(0) == 0
+    ids = torch.tensor([1, -1, 0], device=DEV)
+    x = torch.randn(6, 13, generator=gen).to(DEV)
+    y = torch.randn(6, 10, generator=gen).to(DEV)
+    want = (y + bgmv.bgmv_reference(x, ids, st, seq_len=2)).float()
+    got = bgmv.bgmv_add_triton_(y.clone(), x, ids, st, seq_len=2, block_r=4, block_t=2)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_noncontiguous_output_and_dispatch(gen):
     st = stack(gen)
     ids = torch.tensor([2, 2, 0], device=DEV)

@@ -43,6 +43,41 @@ def test_stack_pads_short_rows_with_zero_values(gen):
         AdapterStack([st.idxs[0]], [st.vals[1]], 17)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_adapters_sharing_positions_stack_them_once(gen, k):
+    """Magnitude top-k adapters of one base share their positions: the stack holds one copy of them, seen by
+    every slot, and serves exactly what a stack of n copies serves, on every path and in the static forms."""
+    d_out, d_in = 11, 17
+    idx = rand_idx(d_out, d_in, k, gen)
+    idxs = [idx, idx.clone(), idx]
+    st = AdapterStack(idxs, [torch.randn(d_out, k, generator=gen) for _ in idxs], d_in)
+    assert st.idx.shape == (3, d_out, k) and st.idx.stride(0) == 0
+    assert st.idx.untyped_storage().nbytes() == d_out * k * 8
+    copies = AdapterStack(idxs, st.vals, d_in)
+    copies._idx = st.idx.contiguous()  # what the stack held before: n copies
+    W = torch.randn(d_out, d_in, generator=gen)
+    for seq_len in (1, 5):
+        for ids in ([0, -1, 1, 2, 0, -1], [2, 2], [-1]):
+            ids = torch.tensor(ids)
+            T = len(ids) * seq_len
+            x = torch.randn(T, d_in, generator=gen)
+            y = torch.randn(T, d_out, generator=gen)
+            for path in ("gather", "rows", "grouped"):
+                got = bgmv_add_cpu_(y.clone(), x, ids, st, seq_len=seq_len, path=path)
+                assert torch.equal(got, bgmv_add_cpu_(y.clone(), x, ids, copies, seq_len=seq_len, path=path))
+            mask = bgmv.SeqMask(ids)
+            assert torch.equal(bgmv.bgmv_add_static(y, x, mask, st, seq_len=seq_len),
+                               bgmv.bgmv_add_static(y, x, mask, copies, seq_len=seq_len))
+            if k == 1:
+                assert torch.equal(bgmv.bgmv_linear_cpu(x, W, None, ids, st, seq_len=seq_len),
+                                   bgmv.bgmv_linear_cpu(x, W, None, ids, copies, seq_len=seq_len))
+    before = st.idx.clone()
+    idx[:, -1:] = d_in - 1 - idx[:, -1:]  # a later write into an adapter's idx does not reach a built stack
+    assert torch.equal(st.idx, before)
+    other = rand_idx(d_out, d_in, k, gen)
+    assert AdapterStack([idx, other], [st.vals[0], st.vals[1]], d_in).idx.stride(0) == d_out * k  # not shared
+
+
 @pytest.mark.parametrize("path", ["gather", "rows", "grouped"])  # rows serves k=1 stacks (else grouped)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("seq_len", [1, 5])

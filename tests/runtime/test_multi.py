@@ -135,6 +135,31 @@ def test_set_adapter_writes_the_merge_rule_and_restores_the_base(zoo):
     assert attn.merged_adapters == [] and model.get_submodule("model.layers.0.mlp.up_proj").merged_adapters == ["code"]
 
 
+def test_set_adapter_keeps_switch_caches_for_the_last_adapters_only(zoo):
+    """A server visiting many adapters keeps positions and merged values (12 bytes per entry on an f32 base, three
+    times the file) for the last SWITCH_KEPT it served, not for each; one served again after that gets the same
+    bits, and a mixed batch over adapters of one set of positions stacks those positions once per layer."""
+    base, files, _, _ = zoo
+    model = copy.deepcopy(base)
+    names = [f"t{i}" for i in range(5)]
+    for n in names:
+        load_adapter(model, files["cs"], n)  # one file under five names: the same positions, like magnitude top-k
+    for n in names + ["t0", None, "t0"]:
+        set_adapter(model, n)
+        check_merged(model, zoo, None if n is None else "cs")
+    for layer in layers(model).values():
+        assert list(layer.__dict__[multi._MERGED_ATTR]) == ["t4", "t0"][-multi.SWITCH_KEPT:]
+        assert all(layer._patterns[n]._flat is None for n in names)  # no per-adapter positions kept elsewhere
+    with torch.no_grad(), adapter_batch(model, ["t1", None, "t3"]):
+        got = model(ids_batch(3)).logits
+    for layer in layers(model).values():
+        stack = list(layer.__dict__[multi._STACK_ATTR].values())[-1][1]
+        assert stack.n == 5 and stack.idx.stride(0) == 0
+    set_adapter(model, "t1")
+    with torch.no_grad():
+        torch.testing.assert_close(got[0], model(ids_batch(3)).logits[0], rtol=1e-5, atol=1e-5)
+
+
 def test_set_adapter_outputs_equal_a_merged_model(zoo):
     base, files, _, _ = zoo
     model = served(zoo)
@@ -797,7 +822,7 @@ def test_cached_stacks_follow_a_dtype_change(zoo):
         assert all(v.dtype == torch.bfloat16 for st in stacks for v in st.vals)
         set_adapter(model, "cs")
         set_adapter(fresh, "cs")
-        assert all(multi._merged_values(layer, "cs").dtype == torch.bfloat16
+        assert all(multi._merged_entries(layer, "cs")[1].dtype == torch.bfloat16
                    for layer in layers(model).values() if "cs" in layer.neuroada_val)
         assert all(torch.equal(a.base_layer.weight, b.base_layer.weight)
                    for a, b in zip(layers(model).values(), layers(fresh).values()))
