@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import warnings
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -90,10 +90,9 @@ def _refuse_fsdp1(model: nn.Module, what: str) -> None:
     mod = sys.modules.get("torch.distributed.fsdp")
     if mod is None:
         return  # FSDP1 was never imported: nothing can be flattened by it
-    for m in model.modules():
-        if (isinstance(m, mod.FullyShardedDataParallel) or _fsdp1_managed(getattr(m, "weight", None))
-                or any(_fsdp1_managed(p) for p in m.parameters(recurse=False))):
-            raise NeuroAdaUsageError(f"{what}: {FSDP1_REFUSED}")
+    if (any(isinstance(m, mod.FullyShardedDataParallel) or _fsdp1_managed(getattr(m, "weight", None))
+            for m in model.modules()) or any(_fsdp1_managed(p) for _, p in _base_parameters(model))):
+        raise NeuroAdaUsageError(f"{what}: {FSDP1_REFUSED}")
 
 
 def _refuse_sharded(model: nn.Module, what: str) -> None:
@@ -102,7 +101,7 @@ def _refuse_sharded(model: nn.Module, what: str) -> None:
     if fsdp is not None and any(isinstance(m, fsdp) for m in model.modules()):
         raise NeuroAdaUsageError(f"{what} must happen before fully_shard (FSDP2): the deltas have to exist when "
                             "the model is sharded so that FSDP manages them")
-    if any(_is_sharded(p) for p in model.parameters()):
+    if any(_is_sharded(p) for _, p in _base_parameters(model)):
         raise NeuroAdaError(f"{what} needs whole weights, but some are sharded DTensors")
 
 
@@ -117,6 +116,25 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 def layers(model: nn.Module) -> dict[str, NeuroAdaLayer]:
     """Every NeuroAdaLayer of the model by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, NeuroAdaLayer)}
+
+
+def _base_parameters(model: nn.Module, remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+    """``model.named_parameters()`` less NeuroAda's deltas (each layer's ``neuroada_val``). load_adapter's checks
+    walk these on every call, so a load costs what the base and its own adapter cost, not what the adapters loaded
+    before hold (hundreds, when one base serves many tasks). The sharding checks see no less: FSDP1, FSDP2 and
+    tensor parallelism reach a layer's deltas only with the layer itself, whose class or base weight they change."""
+    containers, seen = set(), set()
+    for prefix, m in model.named_modules(remove_duplicate=remove_duplicate):
+        if isinstance(m, NeuroAdaLayer):
+            containers.add(id(m.neuroada_val))  # named_modules yields a layer before its children
+        if id(m) in containers:
+            continue
+        for name, p in m._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            if remove_duplicate:
+                seen.add(id(p))
+            yield (prefix + "." if prefix else "") + name, p
 
 
 def _matches(name: str, spec) -> bool:
@@ -237,8 +255,9 @@ def find_targets(model: nn.Module, config: NeuroAdaConfig) -> list[str]:
 
 
 def _shared_weights(model: nn.Module) -> set[int]:
+    """Ids of the parameters registered more than once (tied weights). Deltas are left out: none is ever tied."""
     seen: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
+    for _, p in _base_parameters(model, remove_duplicate=False):
         seen[id(p)] = seen.get(id(p), 0) + 1
     return {k for k, n in seen.items() if n > 1}
 
@@ -417,13 +436,12 @@ def _freeze(model: nn.Module, *, keep_deltas: bool) -> None:
     """Freeze the base model, as PEFT's get_peft_model does. Parameters of another library's adapter
     (PEFT's lora_A/lora_B, modules_to_save copies) keep their requires_grad: training both at once is
     what a user attaching NeuroAda to a LoRA model means. NeuroAda's own other adapters keep theirs
-    when `keep_deltas` (load_adapter), else freeze (attach trains the new adapter only)."""
+    when `keep_deltas` (load_adapter: their parameters are not even walked), else freeze (attach trains the
+    new adapter only)."""
     wrappers = _foreign_wrappers(model)
-    deltas = {id(v) for layer in layers(model).values() for v in layer.neuroada_val.values()} if keep_deltas else set()
-    for name, p in model.named_parameters():
-        if id(p) in deltas or _in_foreign_adapter(name, wrappers):
-            continue
-        p.requires_grad_(False)
+    for name, p in _base_parameters(model) if keep_deltas else model.named_parameters():
+        if not _in_foreign_adapter(name, wrappers):
+            p.requires_grad_(False)
 
 
 def _default_loss(model, batch):

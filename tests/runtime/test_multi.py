@@ -680,6 +680,67 @@ def test_loading_more_adapters_does_not_change_what_is_served(zoo, order):
     check_merged(model, zoo, "cs")
 
 
+class _Reads(dict):
+    """A container's ``_parameters`` / ``_buffers`` that logs each read: an entry by name, or ``"<walk>"`` for any
+    iteration (``named_parameters``, ``state_dict`` and ``ParameterDict.values`` all read through these)."""
+
+    def __init__(self, entries, log):
+        super().__init__(entries)
+        self.log = log
+
+    def __getitem__(self, key):
+        self.log.append(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.log.append(key)
+        return super().get(key, default)
+
+    def __iter__(self):
+        self.log.append("<walk>")
+        return super().__iter__()
+
+    def items(self):
+        self.log.append("<walk>")
+        return super().items()
+
+    def values(self):
+        self.log.append("<walk>")
+        return super().values()
+
+    def keys(self):
+        self.log.append("<walk>")
+        return super().keys()
+
+
+@pytest.mark.parametrize("serve", [False, True])
+def test_loading_an_adapter_reads_none_of_the_adapters_loaded_before(zoo, serve):
+    """A load's work must not grow with the adapters already loaded: its checks walked every parameter of the
+    model (sharding, freezing, tied weights), each loaded adapter's deltas included, so a load onto a small Llama
+    took ~8 ms with one adapter loaded and ~65 ms with 512. It may read only the adapter it loads and, on a model
+    set_adapter serves, the merged one (unmerged while the new one reads the base, then merged again). The
+    load still freezes the whole base and leaves every delta's requires_grad as it was."""
+    base, files, _, _ = zoo
+    model = copy.deepcopy(base)
+    load_adapter(model, files["math"], "math", is_trainable=True)
+    load_adapter(model, files["cs"], "cs")
+    if serve:
+        set_adapter(model, "cs")
+    model.lm_head.weight.requires_grad_(True)  # unfrozen by hand: a load freezes the base again
+    log = []
+    for layer in layers(model).values():
+        layer.neuroada_val._parameters = _Reads(layer.neuroada_val._parameters, log)
+        for buffers in (layer.neuroada_idx, layer.neuroada_w0):
+            buffers._buffers = _Reads(buffers._buffers, log)
+    load_adapter(model, files["code"], "more", is_trainable=True)
+    assert set(log) <= ({"more", "cs"} if serve else {"more"}), sorted(set(log))
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert {n for n, g in grads.items() if g} == {n for n in grads if ".neuroada_val.math" in n
+                                                  or ".neuroada_val.more" in n}
+    if serve:
+        check_merged(model, zoo, "cs")
+
+
 def test_a_combined_adapter_folder_round_trips(zoo, tmp_path):
     """A 'union' adapter saved as a PEFT folder reloads, and saving it again keeps its record and bits."""
     base, _, arrays, _ = zoo
