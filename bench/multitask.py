@@ -365,9 +365,10 @@ def memory_lines(mem: dict) -> list[str]:
             f"positions, as magnitude selection with one k gives) on (a)'s {mem['n_layers']} 7B-shaped bf16 layers; "
             "growth of the process's resident size after each stage, per adapter (`psutil`).", "",
             table(rows), "",
-            "Loaded, each adapter holds its int64 index, f32 values and the base's original entries (bf16), 14 "
-            "bytes per entry. set_adapter keeps positions and merged values for the last 2 adapters it served "
-            "(not for each), and a mixed batch stacks shared positions once and every adapter's values in f32.", ""]
+            "Loaded, each adapter holds its f32 values; adapters with one set of positions share one int64 index "
+            "and one copy of the base's original entries (bf16), 10 bytes per entry between them (a first adapter "
+            "costs 14). set_adapter keeps positions and merged values for the last 2 adapters it served (not for "
+            "each), and a mixed batch stacks shared positions once and every adapter's values in f32.", ""]
 
 
 def switch_rows(sw: dict, label: str) -> list[list]:

@@ -7,8 +7,11 @@ unmerge exact (bit for bit) instead of a lossy subtraction.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import sys
 import warnings
+from collections import Counter
 from typing import Iterable, Sequence
 
 import torch
@@ -21,7 +24,7 @@ from .functional import (Overlay, additive_sparse_delta, inplace_sparse_delta_li
 from .kernels.cache import cache_here, outside_inference
 from .kernels.pattern import Pattern
 
-__all__ = ["NeuroAdaLayer", "MODES", "check_adapter_name"]
+__all__ = ["NeuroAdaLayer", "MODES", "check_adapter_name", "own_state_read"]
 
 MODES = ("inplace", "additive")
 GRID_ATTR = "neuroada_grid"  # a layer's nn.ModuleDict of quantization grids (runtime/quant_grid.py), by adapter
@@ -121,7 +124,9 @@ class NeuroAdaLayer(nn.Module):
         self._patterns: dict[str, Pattern] = {}
         self._overlays: dict[tuple, Overlay] = {}
         self._loading: dict | None = None  # set by _load_from_state_dict for the post-load hook
+        self._twins: dict[tuple, str] = {}  # positions key -> an adapter holding them (see _twin)
         self.register_load_state_dict_post_hook(_after_load)
+        self.register_state_dict_post_hook(_distinct_state)
 
     def __getstate__(self):
         """Copies and pickles carry no caches: patterns and overlays hold tensors derived from idx/w0
@@ -134,6 +139,25 @@ class NeuroAdaLayer(nn.Module):
         state = dict(state)
         state.update(_patterns={}, _overlays={}, _loading=None)
         return state
+
+    def __setstate__(self, state):
+        state.setdefault("_twins", {})  # layers pickled before adapters could share positions
+        super().__setstate__(state)
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.half()``, ``.cuda()``... convert each buffer on its own: adapters that shared their idx and
+        w0 (see _twin) share the converted ones again, instead of each keeping a copy."""
+        groups = {}
+        for kind in (self.neuroada_idx, self.neuroada_w0):
+            for n, t in kind._buffers.items():
+                groups.setdefault((id(kind), id(t)), []).append(n)
+        out = super()._apply(fn, recurse)
+        for (kind_id, _), names in groups.items():
+            kind = self.neuroada_idx if kind_id == id(self.neuroada_idx) else self.neuroada_w0
+            for n in names[1:]:
+                if n in kind._buffers and names[0] in kind._buffers:
+                    kind._buffers[n] = kind._buffers[names[0]]
+        return out
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -180,6 +204,10 @@ class NeuroAdaLayer(nn.Module):
                 raise NeuroAdaError(f"idx must be [{self.d_out}, k], got {tuple(idx.shape)}", rule="3.4")
             pattern = Pattern(idx, self.d_in, transposed=self.transposed)  # validates range and order
             w0 = W.detach().gather(1, idx).contiguous()
+            twin = self._twin(idx, w0)
+            if twin is not None:  # the same positions and originals as an adapter here: hold one copy of them
+                idx, w0 = self.neuroada_idx[twin], self.neuroada_w0[twin]
+                pattern = self.pattern(twin)
             if val is None:
                 v = torch.zeros(idx.shape, dtype=val_dtype, device=W.device)
             else:
@@ -190,15 +218,53 @@ class NeuroAdaLayer(nn.Module):
         self.neuroada_w0[name] = w0
         self.neuroada_val[name] = nn.Parameter(v)
         self._patterns[name] = pattern  # built on the very tensor now registered as the buffer
+        self._twins.setdefault(_positions_key(idx), name)
         if activate or (activate is None and not self.active_adapters):
             self.active_adapters.append(name)
+
+    # -- adapters with one set of positions --------------------------------------------------------
+
+    def _twin(self, idx: torch.Tensor, w0: torch.Tensor) -> str | None:
+        """An adapter of this layer with these very positions and originals, or None.
+
+        Magnitude top-k with one k selects the same entries of one base for every task, and a server loads dozens
+        of such adapters: they share one ``idx`` and one ``w0`` tensor (12 of the 14-16 bytes an entry costs in
+        memory), each keeping its own values. Sharing is invisible: a state loaded into one of them gives it its own
+        copies first (``_load_from_state_dict``), and ``state_dict`` hands out copies (safetensors refuses tensors
+        that share memory). Found through a content key, so a load costs the same with hundreds loaded."""
+        name = self._twins.get(_positions_key(idx))
+        if name is None or name not in self.neuroada_idx:
+            return None
+        i, w = self.neuroada_idx[name], self.neuroada_w0[name]
+        if (i.shape != idx.shape or i.device != idx.device or i.is_inference() or w.dtype != w0.dtype
+                or not torch.equal(i, idx) or not torch.equal(w, w0)):
+            return None
+        return name
+
+    def _unshare(self, names: Iterable[str]) -> None:
+        """Give these adapters their own idx and w0 (before anything is written into them)."""
+        held = Counter(id(t) for b in (self.neuroada_idx, self.neuroada_w0) for t in b._buffers.values())
+        for n in names:
+            idx, w0 = self.neuroada_idx[n], self.neuroada_w0[n]
+            if held[id(idx)] > 1 or held[id(w0)] > 1:
+                with outside_inference():
+                    self.neuroada_idx[n], self.neuroada_w0[n] = idx.clone(), w0.clone()
+                self._patterns.pop(n, None)
+                self._overlays = {k: v for k, v in self._overlays.items() if n not in k}
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise NeuroAdaUsageError(f"adapter {name!r} is merged; unmerge first")
+        idx = self.neuroada_idx[name]
         del self.neuroada_val[name]
         del self.neuroada_idx[name]
         del self.neuroada_w0[name]
+        for key in [k for k, n in self._twins.items() if n == name]:  # another holder of the same tensors, if any
+            heir = next((n for n, t in self.neuroada_idx._buffers.items() if t is idx), None)
+            if heir is None:
+                del self._twins[key]
+            else:
+                self._twins[key] = heir
         self._patterns.pop(name, None)
         self._overlays = {k: v for k, v in self._overlays.items() if name not in k}
         if name in self.active_adapters:
@@ -226,6 +292,9 @@ class NeuroAdaLayer(nn.Module):
         if self._loading is None:  # not prepared already by the model's own hook (see model.py)
             self._loading = {"merged": self.prepare_load(state_dict, prefix)}
         self._loading["keys"] = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
+        # torch copies into the buffers: an adapter sharing positions with others gets its own first
+        self._unshare([n for n in self.neuroada_idx.keys() if f"neuroada_idx.{n}" in self._loading["keys"]
+                       or f"neuroada_w0.{n}" in self._loading["keys"]])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -401,6 +470,42 @@ class NeuroAdaLayer(nn.Module):
     def extra_repr(self) -> str:
         ks = {n: self.neuroada_idx[n].shape[1] for n in self.neuroada_idx.keys()}
         return f"mode={self.mode}, d_out={self.d_out}, d_in={self.d_in}, transposed={self.transposed}, k={ks}"
+
+
+def _positions_key(idx: torch.Tensor) -> tuple:
+    """A cheap key for finding adapters with equal ``idx`` (equality is then checked in full)."""
+    if idx.numel() == 0:
+        return tuple(idx.shape), str(idx.device), 0, 0
+    return tuple(idx.shape), str(idx.device), int(idx.sum()), int(idx[:, 0].mul(idx[:, -1]).sum())
+
+
+_OWN_READ = contextvars.ContextVar("neuroada_own_state_read", default=False)
+
+
+@contextlib.contextmanager
+def own_state_read():
+    """Around the runtime's own ``state_dict()`` reads that take names or make their own copies (saving an adapter):
+    shared idx and w0 are then not copied, which with dozens of adapters loaded would copy each one's."""
+    token = _OWN_READ.set(True)
+    try:
+        yield
+    finally:
+        _OWN_READ.reset(token)
+
+
+def _distinct_state(layer: NeuroAdaLayer, state_dict, prefix, local_metadata) -> None:
+    """State-dict post-hook: an adapter's idx or w0 shared with another one's (see NeuroAdaLayer._twin) is handed
+    out as a copy, so every consumer sees the tensors it would without sharing (safetensors' save_file refuses
+    shared memory; accelerate drops one of the names)."""
+    if _OWN_READ.get():
+        return
+    seen = set()
+    for kind in ("neuroada_idx", "neuroada_w0"):
+        for name, t in getattr(layer, kind)._buffers.items():
+            key = f"{prefix}{kind}.{name}"
+            if key in state_dict and id(t) in seen:
+                state_dict[key] = t.detach().clone()
+            seen.add(id(t))
 
 
 def has_hooks(module: nn.Module) -> bool:

@@ -25,7 +25,7 @@ from neuroada_format.durable import write_file
 from neuroada_format.folder import WEIGHTS_NAME, adapter_config
 
 from .config import MODES, SELECTIONS, NeuroAdaConfig
-from .layer import NeuroAdaLayer, check_adapter_name, has_hooks
+from .layer import NeuroAdaLayer, check_adapter_name, has_hooks, own_state_read
 from .selection import select, topk_columns
 
 CONFIGS_ATTR = "neuroada_configs"
@@ -565,7 +565,9 @@ def base_state_names(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]
             tied.add(name)
     wrappers = _foreign_wrappers(model)
     out = {}
-    for name, t in model.state_dict().items():
+    with own_state_read():
+        state = model.state_dict()
+    for name, t in state.items():
         if ".neuroada_" in name or name in tied or _in_foreign_adapter(name, wrappers):
             continue
         out[plain_name(model, name)] = (TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape))
@@ -654,7 +656,10 @@ def trainable_state(model: nn.Module, state_dict: dict | None = None) -> dict[st
     """What training changes, under the model's own state_dict keys: every adapter's indices and
     deltas (exact, in their training dtype) and any other parameter that requires grad (PEFT's LoRA,
     a head the user unfroze). The frozen base and w0 (read back from the base) are left out."""
-    sd = model.state_dict() if state_dict is None else state_dict
+    if state_dict is None:
+        with own_state_read():  # idx is converted (a copy) below, w0 left out
+            state_dict = model.state_dict()
+    sd = state_dict
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     out = {}
     for key, t in sd.items():

@@ -166,7 +166,7 @@ def _same_positions(layer: NeuroAdaLayer, a: str, b: str) -> bool:
     hit = cache.get((a, b))
     if hit is not None and _same_state(hit[0], key):
         return hit[1]
-    same = ia.shape == ib.shape and bool(torch.equal(ia, ib))
+    same = ia is ib or (ia.shape == ib.shape and bool(torch.equal(ia, ib)))
     cache[(a, b)] = (key, same)
     return same
 
