@@ -228,8 +228,8 @@ class NeuroAdaLayer(nn.Module):
         """An adapter of this layer with these very positions and originals, or None.
 
         Magnitude top-k with one k selects the same entries of one base for every task, and a server loads dozens
-        of such adapters: they share one ``idx`` and one ``w0`` tensor (12 of the 14-16 bytes an entry costs in
-        memory), each keeping its own values. Sharing is invisible: a state loaded into one of them gives it its own
+        of such adapters: they share one ``idx`` and one ``w0`` tensor (10-12 of the 14-16 bytes an entry costs in
+        memory, bf16 or f32 base), each keeping its own values. Sharing is invisible: a state loaded into one of them gives it its own
         copies first (``_load_from_state_dict``), and ``state_dict`` hands out copies (safetensors refuses tensors
         that share memory). Found through a content key, so a load costs the same with hundreds loaded."""
         name = self._twins.get(_positions_key(idx))
