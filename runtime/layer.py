@@ -111,6 +111,9 @@ _CONTAINERS: tuple = ()
 
 
 BASE_ADAPTER = "__base__"  # the name set_adapter / adapter_batch give the plain base
+# runtime/multi.py's per-layer serving caches (mixed-batch stacks, same-positions answers, set_adapter's merged
+# entries), kept in the layer's __dict__; derived from idx/val/w0 and rebuilt on first use, so never copied
+SERVING_CACHES = ("_neuroada_stack", "_neuroada_same_positions", "_neuroada_merged_values")
 
 
 def check_adapter_name(name) -> None:
@@ -178,13 +181,14 @@ class NeuroAdaLayer(nn.Module):
 
     def __getstate__(self):
         """Copies and pickles carry no caches: patterns and overlays hold tensors derived from idx/w0
-        (a CSR among them, which cannot be deep-copied) and are rebuilt on first use."""
+        (a CSR among them, which cannot be deep-copied) and are rebuilt on first use; so do the serving caches,
+        whose keys hold storage objects (multi._Storage), which pickle and torch.save refuse."""
         if "_neuroada_mixed" in self.__dict__:  # see multi.adapter_batch: the block's state lives in the layers
             raise NeuroAdaUsageError("copying a model inside an adapter_batch block is not supported: its layers hold "
                                      "the block's per-sequence state, which only the block puts back; copy it before "
                                      "or after the block")
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = dict(state)
+        state = {k: v for k, v in state.items() if k not in SERVING_CACHES}
         state.update(_patterns={}, _overlays={}, _loading=None)
         return state
 
