@@ -21,7 +21,7 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
 from .functional import (Overlay, additive_sparse_delta, inplace_sparse_delta_linear, merge_, transforms_active,
                          unmerge_)
-from .kernels.cache import cache_here, outside_inference
+from .kernels.cache import aliases, cache_here, outside_inference, storage_of
 from .kernels.pattern import Pattern
 
 __all__ = ["NeuroAdaLayer", "MODES", "check_adapter_name", "own_state_read"]
@@ -37,7 +37,40 @@ def _conv1d_type():
 
 
 class _BufferDict(nn.Module):
-    """Named buffers, so state_dict keys read ``<layer>.neuroada_idx.<adapter>`` like PEFT's."""
+    """Named buffers, so state_dict keys read ``<layer>.neuroada_idx.<adapter>`` like PEFT's.
+
+    Adapters with one set of positions hold aliases of one tensor (see NeuroAdaLayer._twin): distinct tensor
+    objects over one storage, so that ``named_buffers``, ``torch.func.functional_call`` and every other reader
+    still sees one tensor per adapter. The container keeps that invisible wherever it is read or written, also
+    when a caller goes through it directly (``layer.neuroada_idx.load_state_dict(...)``): a state loaded into an
+    entry gives it its own copy first, and ``state_dict`` hands out a copy of an entry whose storage an earlier
+    entry already gave (safetensors refuses shared memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_state_dict_post_hook(_distinct_state)
+
+    def __getstate__(self):
+        """Aliases are pickled as one tensor object (pickle keeps one copy of an object, not of a storage),
+        which __setstate__ turns into aliases again: a copy shares what the original shared."""
+        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
+        first, buffers = {}, type(self._buffers)()
+        for n, t in self._buffers.items():
+            if t is not None and t.numel():
+                t = first.setdefault((storage_of(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype), t)
+            buffers[n] = t
+        state["_buffers"] = buffers
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        seen = set()
+        for n, t in self._buffers.items():  # one object under several names (see __getstate__): aliases of it
+            if t is not None and id(t) in seen:
+                self._buffers[n] = t.detach()
+            seen.add(id(t))
+        if _distinct_state not in self._state_dict_hooks.values():  # pickled before adapters could share
+            self.register_state_dict_post_hook(_distinct_state)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._buffers[name]
@@ -57,11 +90,30 @@ class _BufferDict(nn.Module):
     def keys(self):
         return self._buffers.keys()
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # torch copies a loaded tensor into the buffer: an entry sharing its storage with another gets its own first
+        self.unshare([n for n in self._buffers if prefix + n in state_dict])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def unshare(self, names: Iterable[str]) -> None:
+        """Give these entries their own copy where their storage is another entry's too."""
+        held = Counter(storage_of(t) for t in self._buffers.values() if t is not None)
+        for n in names:
+            t = self._buffers[n]
+            if t is not None and held[storage_of(t)] > 1:
+                with outside_inference():
+                    self._buffers[n] = t.clone()
+
 
 _CONTAINERS: tuple = ()
 
 
 BASE_ADAPTER = "__base__"  # the name set_adapter / adapter_batch give the plain base
+# runtime/multi.py's per-layer serving caches (mixed-batch stacks, same-positions answers, set_adapter's merged
+# entries), kept in the layer's __dict__; derived from idx/val/w0 and rebuilt on first use, so never copied
+SERVING_CACHES = ("_neuroada_stack", "_neuroada_same_positions", "_neuroada_merged_values")
 
 
 def check_adapter_name(name) -> None:
@@ -126,17 +178,17 @@ class NeuroAdaLayer(nn.Module):
         self._loading: dict | None = None  # set by _load_from_state_dict for the post-load hook
         self._twins: dict[tuple, str] = {}  # positions key -> an adapter holding them (see _twin)
         self.register_load_state_dict_post_hook(_after_load)
-        self.register_state_dict_post_hook(_distinct_state)
 
     def __getstate__(self):
         """Copies and pickles carry no caches: patterns and overlays hold tensors derived from idx/w0
-        (a CSR among them, which cannot be deep-copied) and are rebuilt on first use."""
+        (a CSR among them, which cannot be deep-copied) and are rebuilt on first use; so do the serving caches,
+        whose keys hold storage objects (multi._Storage), which pickle and torch.save refuse."""
         if "_neuroada_mixed" in self.__dict__:  # see multi.adapter_batch: the block's state lives in the layers
             raise NeuroAdaUsageError("copying a model inside an adapter_batch block is not supported: its layers hold "
                                      "the block's per-sequence state, which only the block puts back; copy it before "
                                      "or after the block")
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = dict(state)
+        state = {k: v for k, v in state.items() if k not in SERVING_CACHES}
         state.update(_patterns={}, _overlays={}, _loading=None)
         return state
 
@@ -147,16 +199,20 @@ class NeuroAdaLayer(nn.Module):
     def _apply(self, fn, recurse=True):
         """``.to()``, ``.half()``, ``.cuda()``... convert each buffer on its own: adapters that shared their idx and
         w0 (see _twin) share the converted ones again, instead of each keeping a copy."""
-        groups = {}
+        groups = []
         for kind in (self.neuroada_idx, self.neuroada_w0):
+            held = {}
             for n, t in kind._buffers.items():
-                groups.setdefault((id(kind), id(t)), []).append(n)
+                if t is not None and t.numel():
+                    held.setdefault((storage_of(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype), []).append(n)
+            groups += [(kind, names) for names in held.values() if len(names) > 1]
         out = super()._apply(fn, recurse)
-        for (kind_id, _), names in groups.items():
-            kind = self.neuroada_idx if kind_id == id(self.neuroada_idx) else self.neuroada_w0
+        for kind, names in groups:
+            first = kind._buffers.get(names[0])
             for n in names[1:]:
-                if n in kind._buffers and names[0] in kind._buffers:
-                    kind._buffers[n] = kind._buffers[names[0]]
+                t = kind._buffers.get(n)
+                if first is not None and t is not None and not aliases(t, first):
+                    kind._buffers[n] = first.detach()  # a distinct tensor object over the same storage
         return out
 
     # -- configuration -------------------------------------------------------------------------
@@ -206,8 +262,10 @@ class NeuroAdaLayer(nn.Module):
             w0 = W.detach().gather(1, idx).contiguous()
             twin = self._twin(idx, w0)
             if twin is not None:  # the same positions and originals as an adapter here: hold one copy of them
-                idx, w0 = self.neuroada_idx[twin], self.neuroada_w0[twin]
+                # aliases, not the twin's tensor objects: each adapter still has a tensor of its own (named_buffers,
+                # functional_call and the like see one per adapter), only the storage is one
                 pattern = self.pattern(twin)
+                idx, w0 = self.neuroada_idx[twin].detach(), self.neuroada_w0[twin].detach()
             if val is None:
                 v = torch.zeros(idx.shape, dtype=val_dtype, device=W.device)
             else:
@@ -229,9 +287,10 @@ class NeuroAdaLayer(nn.Module):
 
         Magnitude top-k with one k selects the same entries of one base for every task, and a server loads dozens
         of such adapters: they share one ``idx`` and one ``w0`` tensor (10-12 of the 14-16 bytes an entry costs in
-        memory, bf16 or f32 base), each keeping its own values. Sharing is invisible: a state loaded into one of them gives it its own
-        copies first (``_load_from_state_dict``), and ``state_dict`` hands out copies (safetensors refuses tensors
-        that share memory). Found through a content key, so a load costs the same with hundreds loaded."""
+        memory, bf16 or f32 base), each keeping its own values. They hold aliases (distinct tensor objects over one storage, sharing a
+        version counter), and sharing is invisible: a state loaded into one of them gives it its own copies first,
+        and ``state_dict`` hands out copies (safetensors refuses tensors that share memory), both done by the
+        containers (_BufferDict). Found through a content key, so a load costs the same with hundreds loaded."""
         name = self._twins.get(_positions_key(idx))
         if name is None or name not in self.neuroada_idx:
             return None
@@ -241,17 +300,6 @@ class NeuroAdaLayer(nn.Module):
             return None
         return name
 
-    def _unshare(self, names: Iterable[str]) -> None:
-        """Give these adapters their own idx and w0 (before anything is written into them)."""
-        held = Counter(id(t) for b in (self.neuroada_idx, self.neuroada_w0) for t in b._buffers.values())
-        for n in names:
-            idx, w0 = self.neuroada_idx[n], self.neuroada_w0[n]
-            if held[id(idx)] > 1 or held[id(w0)] > 1:
-                with outside_inference():
-                    self.neuroada_idx[n], self.neuroada_w0[n] = idx.clone(), w0.clone()
-                self._patterns.pop(n, None)
-                self._overlays = {k: v for k, v in self._overlays.items() if n not in k}
-
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
             raise NeuroAdaUsageError(f"adapter {name!r} is merged; unmerge first")
@@ -260,7 +308,7 @@ class NeuroAdaLayer(nn.Module):
         del self.neuroada_idx[name]
         del self.neuroada_w0[name]
         for key in [k for k, n in self._twins.items() if n == name]:  # another holder of the same tensors, if any
-            heir = next((n for n, t in self.neuroada_idx._buffers.items() if t is idx), None)
+            heir = next((n for n, t in self.neuroada_idx._buffers.items() if aliases(t, idx)), None)
             if heir is None:
                 del self._twins[key]
             else:
@@ -292,9 +340,7 @@ class NeuroAdaLayer(nn.Module):
         if self._loading is None:  # not prepared already by the model's own hook (see model.py)
             self._loading = {"merged": self.prepare_load(state_dict, prefix)}
         self._loading["keys"] = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
-        # torch copies into the buffers: an adapter sharing positions with others gets its own first
-        self._unshare([n for n in self.neuroada_idx.keys() if f"neuroada_idx.{n}" in self._loading["keys"]
-                       or f"neuroada_w0.{n}" in self._loading["keys"]])
+        # (an adapter sharing positions with others gets its own copy of what is loaded: see _BufferDict)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
@@ -493,19 +539,27 @@ def own_state_read():
         _OWN_READ.reset(token)
 
 
-def _distinct_state(layer: NeuroAdaLayer, state_dict, prefix, local_metadata) -> None:
-    """State-dict post-hook: an adapter's idx or w0 shared with another one's (see NeuroAdaLayer._twin) is handed
-    out as a copy, so every consumer sees the tensors it would without sharing (safetensors' save_file refuses
-    shared memory; accelerate drops one of the names)."""
+def _distinct_state(module: nn.Module, state_dict, prefix, local_metadata) -> None:
+    """State-dict post-hook of the containers of idx and w0: an entry whose storage an earlier entry already gave
+    (an adapter's idx or w0 shared with another one's, see NeuroAdaLayer._twin) is handed out as a copy, so every
+    consumer sees the tensors it would without sharing (safetensors' save_file refuses shared memory; accelerate
+    drops one of the names). (Layers pickled by the release that shared tensor objects call it as their own hook.)"""
     if _OWN_READ.get():
         return
+    if isinstance(module, NeuroAdaLayer):  # that release's layer-level hook: its containers' entries
+        for kind in ("neuroada_idx", "neuroada_w0"):
+            _distinct_state(getattr(module, kind), state_dict, f"{prefix}{kind}.", local_metadata)
+        return
     seen = set()
-    for kind in ("neuroada_idx", "neuroada_w0"):
-        for name, t in getattr(layer, kind)._buffers.items():
-            key = f"{prefix}{kind}.{name}"
-            if key in state_dict and id(t) in seen:
-                state_dict[key] = t.detach().clone()
-            seen.add(id(t))
+    for name, t in module._buffers.items():
+        key = prefix + name
+        got = state_dict.get(key)
+        if got is None or t is None:
+            continue
+        where = storage_of(got)
+        if where in seen:
+            state_dict[key] = got.detach().clone()
+        seen.add(where)
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -514,6 +568,16 @@ def has_hooks(module: nn.Module) -> bool:
     path runs the GEMM itself, so such a module is served additively: ``base_layer(x) + S(x)``."""
     return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_pre_hooks
                 or module._backward_hooks or "forward" in module.__dict__)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (torch.equal calls -0.0 and 0.0 equal, and NaN unequal to itself)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.is_floating_point():
+        ity = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, b = a.contiguous().view(ity), b.contiguous().view(ity)
+    return bool(torch.equal(a, b))
 
 
 def _is_plain(t: torch.Tensor) -> bool:
@@ -538,7 +602,10 @@ def _after_load(layer: NeuroAdaLayer, incompatible_keys) -> None:
                 W.scatter_(1, layer.neuroada_idx[n], layer.neuroada_w0[n].to(W.dtype))
         for n in names:  # w0 not given: read it from the (now original) weight at the current idx
             if f"neuroada_w0.{n}" not in keys:
-                layer.neuroada_w0[n].copy_(W.gather(1, layer.neuroada_idx[n]))
+                now, w0 = W.gather(1, layer.neuroada_idx[n]), layer.neuroada_w0[n]
+                if not _same_bits(now, w0):  # new positions or a new base: written into this adapter's w0 alone
+                    layer.neuroada_w0.unshare([n])  # (a twin that kept its idx keeps its originals)
+                    layer.neuroada_w0[n].copy_(now)
     merged = [n for n in info["merged"] if n in layer.neuroada_val]
     if merged:
         layer.merge(merged)

@@ -41,16 +41,14 @@ from .functional import merged_values
 from .kernels.bgmv import (AdapterStack, SeqMask, bgmv_add_, bgmv_add_static, bgmv_linear_cpu,
                            bgmv_linear_static, seq_groups)
 from .kernels.cache import outside_inference, version
-from .layer import BASE_ADAPTER, NeuroAdaLayer, _conv1d_type, check_adapter_name, has_hooks
+from .layer import BASE_ADAPTER, SERVING_CACHES, NeuroAdaLayer, _conv1d_type, check_adapter_name, has_hooks
 from .model import (CONFIGS_ATTR, MIXED_ATTR, _refuse_in_batch, _shared_weights, _unserve, layers,
                     refuse_unmergeable)
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
            "stop_serving", "adapter_batch", "add_weighted_adapter"]
 
-_STACK_ATTR = "_neuroada_stack"
-_SAME_ATTR = "_neuroada_same_positions"
-_MERGED_ATTR = "_neuroada_merged_values"
+_STACK_ATTR, _SAME_ATTR, _MERGED_ATTR = SERVING_CACHES  # in the layer's __dict__; copies and pickles drop them
 FUSED = True  # False: mixed batches always add the delta to the base layer's output (tests, measurements)
 
 

@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 
-__all__ = ["version", "cache_here", "outside_inference"]
+__all__ = ["version", "cache_here", "outside_inference", "storage_of", "aliases"]
 
 
 def version(t: torch.Tensor):
@@ -41,3 +41,17 @@ def outside_inference():
     if not cache_here():
         return contextlib.nullcontext()
     return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
+
+
+def storage_of(t: torch.Tensor):
+    """Which storage a tensor holds: equal for aliases (views, ``detach()``), whatever their Python objects; an
+    empty tensor holds nothing to share and answers for itself."""
+    return t.untyped_storage()._cdata if t.numel() else id(t)
+
+
+def aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors are the same elements of one storage (an adapter's idx or w0 and its twin's: see
+    NeuroAdaLayer._twin). While ``b`` is alive no other storage can be its storage, so this is no address guess."""
+    return a is b or (a.numel() > 0 and storage_of(a) == storage_of(b) and a.storage_offset() == b.storage_offset()
+                      and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+                      and a.device == b.device)

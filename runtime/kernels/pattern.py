@@ -12,7 +12,7 @@ import torch
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
-from .cache import cache_here, outside_inference, version
+from .cache import aliases, cache_here, outside_inference, version
 
 __all__ = ["Pattern", "as_pattern", "sparse_csr"]
 
@@ -84,7 +84,11 @@ class Pattern:
             raise NeuroAdaError("idx rows must be strictly increasing", rule="3.6")
 
     def is_current(self, idx: torch.Tensor) -> bool:
-        return idx is self.idx and version(idx) == self.version
+        """Whether the pattern describes ``idx`` as it is now: this very tensor, or an alias of it (adapters with one
+        set of positions hold aliases of one idx and share its pattern, see NeuroAdaLayer._twin), unchanged."""
+        if idx is self.idx:
+            return version(idx) == self.version
+        return aliases(idx, self.idx) and version(idx) == self.version and version(self.idx) == self.version
 
     @property
     def shape(self):

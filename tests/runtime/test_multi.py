@@ -950,6 +950,37 @@ def test_copying_inside_a_block_is_refused_and_the_block_still_exits_cleanly(zoo
     copy.deepcopy(model)  # outside the block: fine
 
 
+def test_a_served_model_pickles_and_saves_whole(zoo):
+    """set_adapter's and adapter_batch's caches live in the layers; their keys hold storage objects (see
+    multi._Storage), which pickle refused ("UntypedStorage has no attribute 'dtype'") and torch.save too ("Cannot
+    save multiple tensors or storages that view the same data as different types"), so a model could not be
+    pickled or torch.save'd once it had served. Copies carry no caches: the copy rebuilds them and serves the
+    same bits."""
+    import io
+    import pickle
+
+    model = served(zoo)
+    set_adapter(model, "cs")
+    with torch.no_grad(), adapter_batch(model, ["math", None, "code"]):
+        mixed = model(ids_batch(3)).logits
+    set_adapter(model, "math")
+    with torch.no_grad():
+        want = {n: (set_adapter(model, n), model(ids_batch(3)).logits)[1] for n in ("cs", "math", None, "code")}
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for copied in (pickle.loads(pickle.dumps(model)), torch.load(buf, weights_only=False)):
+        assert all(multi._MERGED_ATTR not in layer.__dict__ and multi._STACK_ATTR not in layer.__dict__
+                   for layer in layers(copied).values())
+        assert merged_adapter(copied) == "code"
+        with torch.no_grad():
+            for n, logits in want.items():
+                set_adapter(copied, n)
+                assert torch.equal(copied(ids_batch(3)).logits, logits), n
+            with adapter_batch(copied, ["math", None, "code"]):
+                assert torch.equal(copied(ids_batch(3)).logits, mixed)
+
+
 def test_a_block_stacks_only_the_adapters_its_sequences_use(zoo):
     """An adapter of larger k that no sequence uses cannot change the batch: "cs" (k=3) loaded but unused left a batch
     of k=1 "math" rows padded to K=3, off the fused K=1 path and 1e-7 away from the same batch on a model without
