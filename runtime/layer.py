@@ -287,10 +287,11 @@ class NeuroAdaLayer(nn.Module):
 
         Magnitude top-k with one k selects the same entries of one base for every task, and a server loads dozens
         of such adapters: they share one ``idx`` and one ``w0`` tensor (10-12 of the 14-16 bytes an entry costs in
-        memory, bf16 or f32 base), each keeping its own values. They hold aliases (distinct tensor objects over one storage, sharing a
-        version counter), and sharing is invisible: a state loaded into one of them gives it its own copies first,
-        and ``state_dict`` hands out copies (safetensors refuses tensors that share memory), both done by the
-        containers (_BufferDict). Found through a content key, so a load costs the same with hundreds loaded."""
+        memory, bf16 or f32 base), each keeping its own values. They hold aliases (distinct tensor objects over one
+        storage, sharing a version counter), and sharing is invisible: a state loaded into one of them gives it its
+        own copies first, and ``state_dict`` hands out copies (safetensors refuses tensors that share memory), both
+        done by the containers (_BufferDict). Found through a content key, so a load costs the same with hundreds
+        loaded."""
         name = self._twins.get(_positions_key(idx))
         if name is None or name not in self.neuroada_idx:
             return None
