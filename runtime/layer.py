@@ -204,7 +204,8 @@ class NeuroAdaLayer(nn.Module):
             held = {}
             for n, t in kind._buffers.items():
                 if t is not None and t.numel():
-                    held.setdefault((storage_of(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype), []).append(n)
+                    where = (storage_of(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+                    held.setdefault(where, []).append(n)
             groups += [(kind, names) for names in held.values() if len(names) > 1]
         out = super()._apply(fn, recurse)
         for kind, names in groups:

@@ -45,8 +45,13 @@ def outside_inference():
 
 def storage_of(t: torch.Tensor):
     """Which storage a tensor holds: equal for aliases (views, ``detach()``), whatever their Python objects; an
-    empty tensor holds nothing to share and answers for itself."""
-    return t.untyped_storage()._cdata if t.numel() else id(t)
+    empty tensor, or one without a storage of its own (a wrapper subclass such as DTensor), answers for itself."""
+    if not t.numel():
+        return id(t)
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+        return id(t)
 
 
 def aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
