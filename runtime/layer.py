@@ -545,12 +545,8 @@ def _distinct_state(module: nn.Module, state_dict, prefix, local_metadata) -> No
     """State-dict post-hook of the containers of idx and w0: an entry whose storage an earlier entry already gave
     (an adapter's idx or w0 shared with another one's, see NeuroAdaLayer._twin) is handed out as a copy, so every
     consumer sees the tensors it would without sharing (safetensors' save_file refuses shared memory; accelerate
-    drops one of the names). (Layers pickled by the release that shared tensor objects call it as their own hook.)"""
+    drops one of the names)."""
     if _OWN_READ.get():
-        return
-    if isinstance(module, NeuroAdaLayer):  # that release's layer-level hook: its containers' entries
-        for kind in ("neuroada_idx", "neuroada_w0"):
-            _distinct_state(getattr(module, kind), state_dict, f"{prefix}{kind}.", local_metadata)
         return
     seen = set()
     for name, t in module._buffers.items():
