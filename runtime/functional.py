@@ -28,7 +28,7 @@ from . import kernels
 from .kernels import reference
 from .kernels.cache import cache_here, outside_inference, version
 from .kernels.pattern import Pattern
-from .kernels.reference import acc_dtype
+from .kernels.reference import acc_dtype, rounded_values
 
 __all__ = [
     "Overlay",
@@ -39,7 +39,6 @@ __all__ = [
     "transforms_active",
     "merge_",
     "unmerge_",
-    "merged_values",
 ]
 
 
@@ -111,7 +110,7 @@ class Overlay:
     def values(self, vals: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """The merged entries, ``round_dtype(f32(w0) + sum f32(val))``, in ``flat`` order."""
         if self.invs is None:
-            return merged_values(self.w0, vals[0], dtype)
+            return rounded_values(self.w0, vals[0].reshape(-1), dtype)
         s = self.w0.to(acc_dtype(self.w0, *vals)).clone()
         for i, v in zip(self.invs, vals):
             s.index_add_(0, i, v.reshape(-1).to(s.dtype))  # no duplicates inside one adapter: deterministic
@@ -130,13 +129,6 @@ class Overlay:
 
     def restore_(self, W: torch.Tensor) -> None:
         kernels.put_(W, self.flat, self.w0)
-
-
-def merged_values(w0: torch.Tensor, val: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One adapter's merged entries, ``round_dtype(f32(w0) + f32(val))`` flattened: the Overlay's rule, for callers
-    that keep no Overlay (set_adapter's bounded cache)."""
-    acc = acc_dtype(w0, val)
-    return (w0.reshape(-1).to(acc) + val.reshape(-1).to(acc)).to(dtype)
 
 
 def _autocast_on(dev: str) -> bool:

@@ -21,8 +21,9 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
 from .functional import (Overlay, additive_sparse_delta, inplace_sparse_delta_linear, merge_, transforms_active,
                          unmerge_)
-from .kernels.cache import aliases, cache_here, outside_inference, storage_of
+from .kernels.cache import alias_key, aliases, cache_here, outside_inference, storage_of
 from .kernels.pattern import Pattern
+from .kernels.reference import INT_VIEW
 
 __all__ = ["NeuroAdaLayer", "MODES", "check_adapter_name", "own_state_read"]
 
@@ -56,9 +57,8 @@ class _BufferDict(nn.Module):
         state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
         first, buffers = {}, type(self._buffers)()
         for n, t in self._buffers.items():
-            if t is not None and t.numel():
-                t = first.setdefault((storage_of(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype), t)
-            buffers[n] = t
+            key = None if t is None else alias_key(t)
+            buffers[n] = t if key is None else first.setdefault(key, t)
         state["_buffers"] = buffers
         return state
 
@@ -203,9 +203,9 @@ class NeuroAdaLayer(nn.Module):
         for kind in (self.neuroada_idx, self.neuroada_w0):
             held = {}
             for n, t in kind._buffers.items():
-                if t is not None and t.numel():
-                    where = (storage_of(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
-                    held.setdefault(where, []).append(n)
+                key = None if t is None else alias_key(t)
+                if key is not None:
+                    held.setdefault(key, []).append(n)
             groups += [(kind, names) for names in held.values() if len(names) > 1]
         out = super()._apply(fn, recurse)
         for kind, names in groups:
@@ -549,10 +549,10 @@ def _distinct_state(module: nn.Module, state_dict, prefix, local_metadata) -> No
     if _OWN_READ.get():
         return
     seen = set()
-    for name, t in module._buffers.items():
+    for name in module._buffers:
         key = prefix + name
         got = state_dict.get(key)
-        if got is None or t is None:
+        if got is None:
             continue
         where = storage_of(got)
         if where in seen:
@@ -573,7 +573,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if a.is_floating_point():
-        ity = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        ity = INT_VIEW[a.element_size()]
         a, b = a.contiguous().view(ity), b.contiguous().view(ity)
     return bool(torch.equal(a, b))
 

@@ -659,10 +659,9 @@ def trainable_state(model: nn.Module, state_dict: dict | None = None) -> dict[st
     if state_dict is None:
         with own_state_read():  # idx is converted (a copy) below, w0 left out
             state_dict = model.state_dict()
-    sd = state_dict
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     out = {}
-    for key, t in sd.items():
+    for key, t in state_dict.items():
         if ".neuroada_idx." in key:  # columns < d_in: int16 or int32 on disk (loading converts back)
             t = _full(t).detach().cpu()
             out[key] = t.to(torch.int16 if t.numel() == 0 or int(t.max()) < 32768 else torch.int32).contiguous()

@@ -37,10 +37,10 @@ from neuroada_format.dtypes import NUMPY_DTYPES, common_value_dtype, nonfinite_m
 
 from . import kernels
 from .config import NeuroAdaConfig
-from .functional import merged_values
 from .kernels.bgmv import (AdapterStack, SeqMask, bgmv_add_, bgmv_add_static, bgmv_linear_cpu,
                            bgmv_linear_static, seq_groups)
 from .kernels.cache import outside_inference, version
+from .kernels.reference import rounded_values
 from .layer import BASE_ADAPTER, SERVING_CACHES, NeuroAdaLayer, _conv1d_type, check_adapter_name, has_hooks
 from .model import (CONFIGS_ATTR, MIXED_ATTR, _refuse_in_batch, _shared_weights, _unserve, layers,
                     refuse_unmergeable)
@@ -115,6 +115,14 @@ def _same_state(a: list[tuple], b: list[tuple]) -> bool:
         for x, y in zip(a, b))
 
 
+def _keep_recent(cache: dict, key, value, kept: int) -> None:
+    """``cache[key] = value`` as the most recently used entry, keeping the last ``kept`` (dicts keep insertion order)."""
+    cache.pop(key, None)
+    cache[key] = value
+    while len(cache) > kept:
+        del cache[next(iter(cache))]
+
+
 def _forget_caches(layer: NeuroAdaLayer) -> None:
     layer.__dict__.pop(_STACK_ATTR, None)
     layer.__dict__.pop(_SAME_ATTR, None)
@@ -182,16 +190,15 @@ def _merged_entries(layer: NeuroAdaLayer, name: str) -> tuple[torch.Tensor, torc
     key = [(layer.grid(name), layer.weight.dtype, *_state(layer.neuroada_idx[name]),
             *_state(layer.neuroada_val[name]), *_state(layer.neuroada_w0[name]))]
     cache = layer.__dict__.setdefault(_MERGED_ATTR, {})
-    hit = cache.pop(name, None)
+    hit = cache.get(name)
     if hit is None or not _same_state(hit[0], key):
         layer.check_in_memory([name])
         with outside_inference():
             flat = layer.pattern(name).positions()
-            values = merged_values(layer.neuroada_w0[name], layer.delta(name).detach(), layer.weight.dtype)
+            values = rounded_values(layer.neuroada_w0[name].reshape(-1), layer.delta(name).detach().reshape(-1),
+                                    layer.weight.dtype)
         hit = (key, flat, values)
-    cache[name] = hit  # most recently served last
-    while len(cache) > SWITCH_KEPT:
-        del cache[next(iter(cache))]
+    _keep_recent(cache, name, hit, SWITCH_KEPT)
     return hit[1], hit[2]
 
 
@@ -274,7 +281,7 @@ def _stack(layer: NeuroAdaLayer, order: Sequence[str], used: Sequence[str]):
     layer._refresh(held)  # once per block entry, before the key reads idx and w0
     now = {n: _key(layer, n) for n in held}
     cache = layer.__dict__.setdefault(_STACK_ATTR, {})
-    hit = cache.pop(members, None)
+    hit = cache.get(members)
     if hit is None or not all(_same_state([hit[0][n]], [now[n]]) for n in held):
         layer._refresh(members)
         keys = {n: now.get(n) or _key(layer, n) for n in members}
@@ -282,9 +289,7 @@ def _stack(layer: NeuroAdaLayer, order: Sequence[str], used: Sequence[str]):
             stack = AdapterStack([layer.neuroada_idx[n] for n in members], [layer.delta(n) for n in members],
                                  layer.d_in)
         hit = (keys, stack, {n: i for i, n in enumerate(members)})
-    cache[members] = hit  # most recently used last
-    while len(cache) > STACKS_KEPT:
-        del cache[next(iter(cache))]
+    _keep_recent(cache, members, hit, STACKS_KEPT)
     return hit[1], hit[2]
 
 

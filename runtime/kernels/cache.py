@@ -16,7 +16,7 @@ import contextlib
 
 import torch
 
-__all__ = ["version", "cache_here", "outside_inference", "storage_of", "aliases"]
+__all__ = ["version", "cache_here", "outside_inference", "storage_of", "alias_key", "aliases"]
 
 
 def version(t: torch.Tensor):
@@ -54,9 +54,17 @@ def storage_of(t: torch.Tensor):
         return id(t)
 
 
+def alias_key(t: torch.Tensor) -> tuple | None:
+    """Equal for tensors that are the same elements of one storage (an adapter's idx or w0 and its twin's: see
+    NeuroAdaLayer._twin); None for an empty tensor, which shares nothing. Compared while both tensors are alive, no
+    other storage can be either one's, so this is no address guess."""
+    if not t.numel():
+        return None
+    return storage_of(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t.device
+
+
 def aliases(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors are the same elements of one storage (an adapter's idx or w0 and its twin's: see
-    NeuroAdaLayer._twin). While ``b`` is alive no other storage can be its storage, so this is no address guess."""
-    return a is b or (a.numel() > 0 and storage_of(a) == storage_of(b) and a.storage_offset() == b.storage_offset()
-                      and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-                      and a.device == b.device)
+    if a is b:
+        return True
+    key = alias_key(a)
+    return key is not None and key == alias_key(b)

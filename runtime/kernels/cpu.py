@@ -15,12 +15,9 @@ import torch.nn.functional as F
 from neuroada_format import NeuroAdaUsageError
 
 from .pattern import as_pattern, weight_pattern
-from .reference import acc_dtype
+from .reference import INT_VIEW, acc_dtype
 
 __all__ = ["scatter_", "restore_", "put_", "sampled_rowdot", "gather_matvec", "gather_matvec_t", "bag_rows"]
-
-
-_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def put_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -36,7 +33,7 @@ def put_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Ten
         raise NeuroAdaUsageError("in-place sparse writes need a contiguous weight; use the additive mode")
     values = values.reshape(-1).to(W.dtype)
     if W.device.type == "cpu" and not torch.compiler.is_compiling():
-        bits = _BITS[W.element_size()]
+        bits = INT_VIEW[W.element_size()]
         W.detach().view(-1).view(bits).numpy()[flat.numpy()] = values.detach().view(bits).numpy()
         if not W.is_inference():  # an inference tensor keeps no version to move
             torch.autograd.graph.increment_version(W)

@@ -11,6 +11,7 @@ import torch
 from .pattern import as_pattern
 
 __all__ = [
+    "INT_VIEW",
     "acc_dtype",
     "rounded_values",
     "merged_weight",
@@ -22,6 +23,11 @@ __all__ = [
     "gather_matvec_t",
     "dense_delta",
 ]
+
+
+# element size -> the int dtype a float tensor's bits are viewed as (bit-exact writes and comparisons: -0.0 is not
+# 0.0, and a NaN equals itself)
+INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:

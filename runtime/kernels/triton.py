@@ -19,7 +19,7 @@ import torch
 from neuroada_format import NeuroAdaUsageError
 
 from .pattern import as_pattern, weight_pattern
-from .reference import acc_dtype
+from .reference import INT_VIEW, acc_dtype
 
 try:  # keep the package importable where triton is absent
     import triton
@@ -32,9 +32,6 @@ AVAILABLE = triton is not None
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 __all__ = ["AVAILABLE", "INTERPRET", "scatter_", "restore_", "put_", "sampled_rowdot", "gather_matvec", "gather_matvec_t"]
-
-_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
 
 def _check(*tensors: torch.Tensor) -> None:
     if not AVAILABLE:
@@ -165,7 +162,7 @@ def put_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor, *, block: in
     n = flat.numel()
     if n == 0:
         return W
-    ity = _INT_VIEW[W.element_size()]
+    ity = INT_VIEW[W.element_size()]
     src = values.reshape(-1).to(W.dtype).contiguous().view(ity)
     flat = flat.reshape(-1).contiguous()
     _store_bits_kernel[flat_grid(triton.cdiv(n, block))](W.view(-1).view(ity), flat, src, n, BLOCK=block)
