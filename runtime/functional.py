@@ -152,8 +152,57 @@ def _no_autocast(dev: str):
     return torch.autocast(dev, enabled=False) if _autocast_on(dev) else contextlib.nullcontext()
 
 
+class _Overlaid:
+    """W with merged entries, as the compiled forms of ``_linear`` / ``_linear_grad_input`` receive it."""
+
+    def __init__(self, W, flat, merged, w0):
+        self.W, self.flat, self.merged, self.w0 = W, flat, merged, w0
+
+
+@torch.library.custom_op("neuroada::overlay_linear", mutates_args=())
+def _overlay_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, flat: torch.Tensor,
+                    merged: torch.Tensor, w0: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``linear(x, W')``, W' = W with ``merged`` at ``flat``: written, multiplied, restored, as the eager path does.
+
+    One operator for torch.compile. Traced op by op, the two writes into W (a graph input) became copies of the whole
+    weight, in forward and again in backward: dense work on every adapted layer, what the in-place mode exists to
+    avoid. W holds its own values again when the operator returns, so it is declared to mutate nothing, and the writes
+    go through ``W.data``, whose version counter is its own: the compiled graphs save W for their backward, and a
+    second forward before that backward (gradient accumulation) must not look like a change to it."""
+    Wd = W.data
+    kernels.put_(Wd, flat, merged)
+    try:
+        return _linear(x, Wd, b, transposed)
+    finally:
+        kernels.put_(Wd, flat, w0)
+
+
+@_overlay_linear.register_fake
+def _(x, W, b, flat, merged, w0, transposed):
+    return x.new_empty(x.shape[:-1] + (W.shape[1] if transposed else W.shape[0],))
+
+
+@torch.library.custom_op("neuroada::overlay_linear_grad_input", mutates_args=())
+def _overlay_linear_grad_input(g: torch.Tensor, W: torch.Tensor, flat: torch.Tensor, merged: torch.Tensor,
+                               w0: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``grad_x`` through W' (see ``_overlay_linear``)."""
+    Wd = W.data
+    kernels.put_(Wd, flat, merged)
+    try:
+        return _linear_grad_input(g, Wd, transposed)
+    finally:
+        kernels.put_(Wd, flat, w0)
+
+
+@_overlay_linear_grad_input.register_fake
+def _(g, W, flat, merged, w0, transposed):
+    return g.new_empty(g.shape[:-1] + (W.shape[0] if transposed else W.shape[1],))
+
+
 def _linear(x, W, b, transposed):
     # mirror nn.Linear / transformers' Conv1D exactly, so outputs match the merged model bit for bit
+    if isinstance(W, _Overlaid):
+        return _overlay_linear(x, W.W, b, W.flat, W.merged, W.w0, transposed)
     if not transposed:
         return F.linear(x, W, b)
     x2 = x.reshape(-1, x.shape[-1])
@@ -162,6 +211,8 @@ def _linear(x, W, b, transposed):
 
 
 def _linear_grad_input(g, W, transposed):
+    if isinstance(W, _Overlaid):
+        return _overlay_linear_grad_input(g, W.W, W.flat, W.merged, W.w0, transposed)
     return g @ (W.t() if transposed else W)
 
 
@@ -174,6 +225,8 @@ def _with_overlay(overlay: Overlay, weight: torch.Tensor, vals, cast, fn):
     """
     W = weight.data  # untracked storage alias: no version bump on the user's parameter
     if cast is None or W.dtype == cast:
+        if not cache_here():  # a torch.compile trace: the writes, the product and the restore as one operator
+            return fn(_Overlaid(W, overlay.flat, overlay.values(vals, W.dtype), overlay.w0))
         overlay.apply_(W, vals)
         try:
             return fn(W)

@@ -115,7 +115,24 @@ def put_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Ten
 
 def sampled_rowdot(grad_y: torch.Tensor, x: torch.Tensor, idx) -> torch.Tensor:
     """``[d_out, k]``: ``sum_t grad_y[t, i] x[t, idx[i, j]]`` in f32 (f64 for f64 inputs)."""
+    if torch.compiler.is_compiling():
+        p = as_pattern(idx, x.shape[-1])
+        if p.k > 1:  # k = 1 is plain index ops, which the compiler traces (and fuses); k > 1 is opaque to it
+            return _sampled_rowdot_op(grad_y, x, p.idx)
     return _impl(x).sampled_rowdot(grad_y, x, idx)
+
+
+@torch.library.custom_op("neuroada::sampled_rowdot", mutates_args=())
+def _sampled_rowdot_op(grad_y: torch.Tensor, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``sampled_rowdot`` as one operator that torch.compile keeps whole: the k > 1 kernels (a sparse CSR product, a
+    Triton launch) cannot be traced, and a backward that calls them would otherwise leave the graph at every adapted
+    layer. Runs the same dispatch as eager, so a compiled step's gradients are eager's."""
+    return _impl(x).sampled_rowdot(grad_y, x, Pattern(idx, x.shape[-1], validate=False)).contiguous()
+
+
+@_sampled_rowdot_op.register_fake
+def _(grad_y, x, idx):
+    return x.new_empty(idx.shape, dtype=reference.acc_dtype(grad_y, x))
 
 
 def gather_matvec(x: torch.Tensor, idx, val: torch.Tensor) -> torch.Tensor:
@@ -125,4 +142,19 @@ def gather_matvec(x: torch.Tensor, idx, val: torch.Tensor) -> torch.Tensor:
 
 def gather_matvec_t(grad_y: torch.Tensor, idx, val: torch.Tensor, d_in: int | None = None) -> torch.Tensor:
     """``S^T(grad_y) [T, d_in]``, reduced per input column (deterministic, no atomics)."""
+    if torch.compiler.is_compiling():  # grouping entries by column has a data-dependent shape (bincount)
+        p = as_pattern(idx, d_in)
+        return _gather_matvec_t_op(grad_y, p.idx, val, p.d_in)
     return _impl(grad_y).gather_matvec_t(grad_y, idx, val, d_in)
+
+
+@torch.library.custom_op("neuroada::gather_matvec_t", mutates_args=())
+def _gather_matvec_t_op(grad_y: torch.Tensor, idx: torch.Tensor, val: torch.Tensor, d_in: int) -> torch.Tensor:
+    """``gather_matvec_t`` as one operator for torch.compile (see ``_sampled_rowdot_op``); contiguous, as its fake
+    says (the CPU path returns a transposed view, which its caller's reshape copies anyway)."""
+    return _impl(grad_y).gather_matvec_t(grad_y, Pattern(idx, d_in, validate=False), val, d_in).contiguous()
+
+
+@_gather_matvec_t_op.register_fake
+def _(grad_y, idx, val, d_in):
+    return grad_y.new_empty(grad_y.shape[0], d_in, dtype=reference.acc_dtype(grad_y, val))

@@ -326,3 +326,28 @@ def test_input_is_saved_only_for_grad_val(rt, gen, mode, trained):
     dense = torch.zeros_like(Wc).scatter_(1, ov.patterns[0].idx, vals[0].detach())
     want_w = (Wc + dense) if mode == "inplace" else dense
     torch.testing.assert_close(gx, torch.ones(4, 8, dtype=torch.float64) @ want_w)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_form_of_the_inplace_linear(rt, gen, transposed, bias):
+    """What a torch.compile trace runs in place of write / GEMM / restore (neuroada::overlay_linear and
+    overlay_linear_grad_input): torch's operator checks pass (schema, fake shapes and strides; W is declared
+    unmutated, and is its own bits again when each returns), and the results are the eager function's bit for bit."""
+    from neuroada_format.runtime.functional import _overlay_linear, _overlay_linear_grad_input
+
+    Wc, W, ov, vals = setup(rt, gen, d_out=9, d_in=5, k=2, dtype=torch.float32, transposed=transposed)
+    b = torch.randn(9, generator=gen) if bias else None
+    x = torch.randn(3, 4, 5, generator=gen)
+    g = torch.randn(3, 4, 9, generator=gen)
+    before = W.clone()
+    merged = ov.values([v.detach() for v in vals], W.dtype)
+    args = (ov.flat, merged, ov.w0, transposed)
+    torch.library.opcheck(_overlay_linear, (x, W, b, *args))
+    torch.library.opcheck(_overlay_linear_grad_input, (g, W, *args))
+    assert torch.equal(W, before)
+    xr = x.clone().requires_grad_(True)
+    y = inplace_sparse_delta_linear(xr, W, b, ov, [v.detach() for v in vals])
+    (gx,) = torch.autograd.grad(y, xr, g)
+    assert torch.equal(_overlay_linear(x, W, b, *args), y)
+    assert torch.equal(_overlay_linear_grad_input(g, W, *args), gx)

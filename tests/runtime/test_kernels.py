@@ -120,6 +120,23 @@ def test_pattern_validation_and_layouts(rt, gen):
     assert not p.is_current(idx)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compile_operators_pass_opcheck_and_match_the_kernels(rt, gen, dtype):
+    """The operators torch.compile sees in place of the k > 1 kernels (neuroada::sampled_rowdot,
+    neuroada::gather_matvec_t): their schemas, fake implementations (shape, dtype, strides) and results pass torch's
+    own operator checks, and they return exactly what the eager dispatch does."""
+    T, d_out, d_in, k = 9, 14, 10, 3
+    idx = rt.rand_idx(d_out, d_in, k, gen)
+    gy = torch.randn(T, d_out, generator=gen).to(dtype)
+    x = torch.randn(T, d_in, generator=gen).to(dtype)
+    val = torch.randn(d_out, k, generator=gen).to(dtype)
+    torch.library.opcheck(kernels._sampled_rowdot_op, (gy, x, idx))
+    torch.library.opcheck(kernels._gather_matvec_t_op, (gy, idx, val, d_in))
+    p = Pattern(idx, d_in)
+    assert torch.equal(kernels._sampled_rowdot_op(gy, x, idx), kernels.sampled_rowdot(gy, x, p))
+    assert torch.equal(kernels._gather_matvec_t_op(gy, idx, val, d_in), kernels.gather_matvec_t(gy, p, val))
+
+
 def test_empty_token_batch(rt, gen):
     p = Pattern(rt.rand_idx(5, 6, 2, gen), 6)
     assert cpu.sampled_rowdot(torch.zeros(0, 5), torch.zeros(0, 6), p).abs().sum() == 0
