@@ -206,10 +206,11 @@ def bench_method(method: str, size: str, warmup: int, steps: int) -> dict:
             "median_cpu_step_s": statistics.median(cpu_times), "losses": losses, "modes": modes}
 
 
-def bench_paired(methods: list[str], size: str, warmup: int, cycles: int) -> dict:
+def bench_paired(methods: list[str], size: str, warmup: int, cycles: int, compiled: bool = False) -> dict:
     """Every method's model in this one process, one step of each in turn per cycle (order rotated). A slow
     spell on the shared machine then hits every method of a cycle alike and the per-cycle ratios cancel it,
-    where separate processes each meet their own spells. Times only: the models share one heap."""
+    where separate processes each meet their own spells. Times only: the models share one heap.
+    ``compiled``: each model runs through ``torch.compile`` (inductor, default settings); the warm-up compiles."""
     shape = SIZES[size]
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=gen)
@@ -218,7 +219,9 @@ def bench_paired(methods: list[str], size: str, warmup: int, cycles: int) -> dic
         model, params = SETUPS[method](build_llama(**shape))
         model.train()
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0) if params else None
-        for _ in range(warmup):
+        if compiled:
+            model = torch.compile(model)
+        for _ in range(max(warmup, 2 if compiled else 0)):
             train_step(model, opt, ids)
         runs[method] = (model, opt)
     times = {m: [] for m in methods}
@@ -228,7 +231,7 @@ def bench_paired(methods: list[str], size: str, warmup: int, cycles: int) -> dic
             start = time.perf_counter()
             train_step(model, opt, ids)
             times[method].append(time.perf_counter() - start)
-    return {"method": "paired", "methods": methods, "cycles": cycles, "times": times}
+    return {"method": "paired", "methods": methods, "cycles": cycles, "times": times, "compiled": compiled}
 
 
 def _neuroada_layers(model):
@@ -322,14 +325,16 @@ def real_run(size: str) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    """argv: jobs (comma-separated method names, "real" and/or "paired=a+b+..."), size, warmup, steps (cycles
-    for a paired job), real size, threads."""
+    """argv: jobs (comma-separated method names, "real" and/or "paired=a+b+..." / "paired-compiled=a+b+..."), size,
+    warmup, steps (cycles for a paired job), real size, threads."""
     jobs, size, warmup, steps, real_size, threads = argv
     env = {"torch": torch.__version__, "threads": int(threads)}
     for job in jobs.split(","):
-        if job.startswith("paired="):  # paired=floor+lora8+...: steps interleaved in this one process
+        if job.startswith(("paired=", "paired-compiled=")):  # paired=floor+lora8+...: steps interleaved in one process
             torch.set_num_threads(int(threads))
-            result = {**env, **bench_paired(job[len("paired="):].split("+"), size, int(warmup), int(steps))}
+            kind, names = job.split("=", 1)
+            result = {**env, **bench_paired(names.split("+"), size, int(warmup), int(steps),
+                                            compiled=kind == "paired-compiled")}
         elif job == "real":
             # a correctness run, not a timing: one thread cannot stall on a descheduled sibling
             torch.set_num_threads(1)

@@ -25,6 +25,8 @@ own weights) and merged == unmerged outputs.
     python bench/train.py                  # everything (~40 min on 2 busy shared cores); writes RESULTS.md
     python bench/train.py --rounds 1 --threads 1 --live-rounds 0 --skip-real --no-write
     python bench/train.py --smoke          # tiny model, one child, seconds: keeps the script from rotting
+    python bench/train.py --rounds 0 --paired-cycles 0 --skip-real --no-write   # only the compiled paired timing
+The paired timings (one process, steps interleaved) run once eagerly and once with every model under torch.compile.
 
 Replaces only the "## Runtime: training step (CPU)" section of bench/RESULTS.md.
 """
@@ -403,6 +405,9 @@ def parse_args(argv=None):
     ap.add_argument("--paired-cycles", type=int, default=15,
                     help="cycles of the paired timing (every model in one process, steps interleaved) per thread "
                          "count; 0 skips it")
+    ap.add_argument("--compiled-cycles", type=int, default=10,
+                    help="cycles of the same paired timing with every model under torch.compile (inductor) per thread "
+                         "count; 0 skips it (not in --smoke: compiling takes minutes)")
     ap.add_argument("--skip-real", action="store_true", help="skip the real training run")
     ap.add_argument("--real-only", action="store_true", help="only the real training run")
     ap.add_argument("--smoke", action="store_true",
@@ -464,6 +469,15 @@ def collect(args, methods: list[str]) -> tuple[dict, dict | None, dict]:
                 (rec,) = run_child(["paired=" + "+".join(pm)], args, config, steps=args.paired_cycles)
                 paired[config.label] = rec
                 print(f"paired  {config.label[:40]:<40}  " + (rec.get("error") or ", ".join(
+                    f"{m} {v['floor'][0]:.3f}x" for m, v in paired_summary(rec).items())), flush=True)
+        if args.compiled_cycles > 0 and "floor" in pm and len(pm) > 1:
+            for config in args.configs:
+                if config.diagnostic:
+                    continue
+                label = f"{config.label}, every model under torch.compile (inductor)"
+                (rec,) = run_child(["paired-compiled=" + "+".join(pm)], args, config, steps=args.compiled_cycles)
+                paired[label] = rec
+                print(f"paired  {label[:40]:<40}  " + (rec.get("error") or ", ".join(
                     f"{m} {v['floor'][0]:.3f}x" for m, v in paired_summary(rec).items())), flush=True)
         if not args.skip_real:
             (real,) = run_child(["real"], args, Config("real", 1, 1))
@@ -527,7 +541,8 @@ def main(argv=None) -> int:
 
         replace_section(SECTION, section_body(results, real or {"error": "skipped (--skip-real)"}, meta, paired))
         print(f"\nwrote {SECTION!r} in {RESULTS}")
-    failed = sorted({m for _, s, _ in results for m, r in s.items() if "error" in r})
+    failed = sorted({m for _, s, _ in results for m, r in s.items() if r.get("error", "not run") != "not run"})
+    failed += [f"paired ({label})" for label, rec in paired.items() if "error" in rec]
     if real is not None and ("error" in real or not (
             real["valid"] and real["unmerge_exact"] and real["merge_max_abs_diff"] == 0)):
         failed.append("real")

@@ -3,6 +3,7 @@ tiny model in one child process, and the shared RESULTS.md writer must touch onl
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -80,3 +81,15 @@ def test_multitask_memory_part_runs():
         float(rows[stage])
     assert 10 <= float(rows["loaded"]) <= 20
     assert "wrote" not in out.stdout
+
+
+def test_compiled_paired_timing_runs():
+    """bench/train.py's compiled paired job must keep running (tiny model, one cycle): every model compiles and
+    steps through torch.compile's default (inductor) backend."""
+    worker = os.path.join(ROOT, "bench", "_train_worker.py")
+    out = subprocess.run([sys.executable, worker, "paired-compiled=floor+neuroada20", "tiny", "1", "1", "tiny", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rec["compiled"] is True and rec["methods"] == ["floor", "neuroada20"]
+    assert all(len(rec["times"][m]) == 1 and rec["times"][m][0] > 0 for m in rec["methods"])
