@@ -22,7 +22,7 @@ live tensors instead of what the allocator keeps. A second part trains NeuroAda 
 steps on a fixed random bigram language, then checks the saved adapter (validate against the model's
 own weights) and merged == unmerged outputs.
 
-    python bench/train.py                  # everything (~40 min on 2 busy shared cores); writes RESULTS.md
+    python bench/train.py                  # everything (~55 min on 2 busy shared cores); writes RESULTS.md
     python bench/train.py --rounds 1 --threads 1 --live-rounds 0 --skip-real --no-write
     python bench/train.py --smoke          # tiny model, one child, seconds: keeps the script from rotting
     python bench/train.py --rounds 0 --paired-cycles 0 --skip-real --no-write   # only the compiled paired timing
