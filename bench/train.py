@@ -25,7 +25,7 @@ own weights) and merged == unmerged outputs.
     python bench/train.py                  # everything (~55 min on 2 busy shared cores); writes RESULTS.md
     python bench/train.py --rounds 1 --threads 1 --live-rounds 0 --skip-real --no-write
     python bench/train.py --smoke          # tiny model, one child, seconds: keeps the script from rotting
-    python bench/train.py --rounds 0 --paired-cycles 0 --skip-real --no-write   # only the compiled paired timing
+    python bench/train.py --rounds 0 --live-rounds 0 --paired-cycles 0 --skip-real --no-write  # compiled paired only
 The paired timings (one process, steps interleaved) run once eagerly and once with every model under torch.compile.
 
 Replaces only the "## Runtime: training step (CPU)" section of bench/RESULTS.md.
