@@ -462,20 +462,16 @@ def collect(args, methods: list[str]) -> tuple[dict, dict | None, dict]:
                                                  f"(cpu {rec['median_cpu_step_s']:.3f}), peak {rec['peak_mb']:.0f} MB")
                     print(f"round {rnd + 1}  {config.label[:40]:<40}  {m:<12} {shown}", flush=True)
         pm = [m for m in PAIRED if m in methods]
-        if args.paired_cycles > 0 and "floor" in pm and len(pm) > 1:
+        kinds = (("paired", args.paired_cycles, ""),
+                 ("paired-compiled", args.compiled_cycles, ", every model under torch.compile (inductor)"))
+        for job, cycles, suffix in kinds:
+            if cycles <= 0 or "floor" not in pm or len(pm) < 2:
+                continue
             for config in args.configs:
                 if config.diagnostic:
                     continue
-                (rec,) = run_child(["paired=" + "+".join(pm)], args, config, steps=args.paired_cycles)
-                paired[config.label] = rec
-                print(f"paired  {config.label[:40]:<40}  " + (rec.get("error") or ", ".join(
-                    f"{m} {v['floor'][0]:.3f}x" for m, v in paired_summary(rec).items())), flush=True)
-        if args.compiled_cycles > 0 and "floor" in pm and len(pm) > 1:
-            for config in args.configs:
-                if config.diagnostic:
-                    continue
-                label = f"{config.label}, every model under torch.compile (inductor)"
-                (rec,) = run_child(["paired-compiled=" + "+".join(pm)], args, config, steps=args.compiled_cycles)
+                label = config.label + suffix
+                (rec,) = run_child([f"{job}=" + "+".join(pm)], args, config, steps=cycles)
                 paired[label] = rec
                 print(f"paired  {label[:40]:<40}  " + (rec.get("error") or ", ".join(
                     f"{m} {v['floor'][0]:.3f}x" for m, v in paired_summary(rec).items())), flush=True)

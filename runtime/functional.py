@@ -152,33 +152,33 @@ def _no_autocast(dev: str):
     return torch.autocast(dev, enabled=False) if _autocast_on(dev) else contextlib.nullcontext()
 
 
-class _Overlaid:
-    """W with merged entries, as the compiled forms of ``_linear`` / ``_linear_grad_input`` receive it."""
-
-    def __init__(self, W, flat, merged, w0):
-        self.W, self.flat, self.merged, self.w0 = W, flat, merged, w0
-
-
-@torch.library.custom_op("neuroada::overlay_linear", mutates_args=())
-def _overlay_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, flat: torch.Tensor,
-                    merged: torch.Tensor, w0: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """``linear(x, W')``, W' = W with ``merged`` at ``flat``: written, multiplied, restored, as the eager path does.
-
-    One operator for torch.compile. Traced op by op, the two writes into W (a graph input) became copies of the whole
-    weight, in forward and again in backward: dense work on every adapted layer, what the in-place mode exists to
-    avoid. W holds its own values again when the operator returns, so it is declared to mutate nothing, and the writes
-    go through ``W.data``, whose version counter is its own: the compiled graphs save W for their backward, and a
-    second forward before that backward (gradient accumulation) must not look like a change to it."""
+@contextlib.contextmanager
+def _written(W: torch.Tensor, flat: torch.Tensor, merged: torch.Tensor, w0: torch.Tensor):
+    """W with ``merged`` at ``flat`` inside the block, its own values again after it. The writes go through
+    ``W.data``, whose version counter is its own: compiled graphs save W for their backward, and a second forward
+    before that backward (two passes summed into one loss) must not look like a change to it."""
     Wd = W.data
     kernels.put_(Wd, flat, merged)
     try:
-        return _linear(x, Wd, b, transposed)
+        yield Wd
     finally:
         kernels.put_(Wd, flat, w0)
 
 
+@torch.library.custom_op("neuroada::overlay_linear", mutates_args=())
+def _overlay_linear(x: torch.Tensor, b: torch.Tensor | None, W: torch.Tensor, flat: torch.Tensor,
+                    merged: torch.Tensor, w0: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``linear(x, W', b)``, W' = W with ``merged`` at ``flat``: written, multiplied, restored, as the eager path does.
+
+    One operator for torch.compile. Traced op by op, the two writes into W (a graph input) became copies of the whole
+    weight, in forward and again in backward: dense work on every adapted layer, what the in-place mode exists to
+    avoid. W holds its own values again when the operator returns, so it is declared to mutate nothing."""
+    with _written(W, flat, merged, w0) as Wd:
+        return _linear(x, Wd, b, transposed)
+
+
 @_overlay_linear.register_fake
-def _(x, W, b, flat, merged, w0, transposed):
+def _(x, b, W, flat, merged, w0, transposed):
     return x.new_empty(x.shape[:-1] + (W.shape[1] if transposed else W.shape[0],))
 
 
@@ -186,12 +186,8 @@ def _(x, W, b, flat, merged, w0, transposed):
 def _overlay_linear_grad_input(g: torch.Tensor, W: torch.Tensor, flat: torch.Tensor, merged: torch.Tensor,
                                w0: torch.Tensor, transposed: bool) -> torch.Tensor:
     """``grad_x`` through W' (see ``_overlay_linear``)."""
-    Wd = W.data
-    kernels.put_(Wd, flat, merged)
-    try:
+    with _written(W, flat, merged, w0) as Wd:
         return _linear_grad_input(g, Wd, transposed)
-    finally:
-        kernels.put_(Wd, flat, w0)
 
 
 @_overlay_linear_grad_input.register_fake
@@ -201,8 +197,6 @@ def _(g, W, flat, merged, w0, transposed):
 
 def _linear(x, W, b, transposed):
     # mirror nn.Linear / transformers' Conv1D exactly, so outputs match the merged model bit for bit
-    if isinstance(W, _Overlaid):
-        return _overlay_linear(x, W.W, b, W.flat, W.merged, W.w0, transposed)
     if not transposed:
         return F.linear(x, W, b)
     x2 = x.reshape(-1, x.shape[-1])
@@ -211,22 +205,21 @@ def _linear(x, W, b, transposed):
 
 
 def _linear_grad_input(g, W, transposed):
-    if isinstance(W, _Overlaid):
-        return _overlay_linear_grad_input(g, W.W, W.flat, W.merged, W.w0, transposed)
     return g @ (W.t() if transposed else W)
 
 
-def _with_overlay(overlay: Overlay, weight: torch.Tensor, vals, cast, fn):
+def _with_overlay(overlay: Overlay, weight: torch.Tensor, vals, cast, fn, traced):
     """Run ``fn(W')`` where W' is the weight with the overlay written, in the autocast dtype if any.
 
-    Same dtype: write into the frozen weight itself and restore it. Autocast to another dtype: the
-    GEMM would use a cast copy anyway, so write into that copy (rounded to the base dtype first,
-    then to the autocast dtype, exactly what autocast does to a merged weight) and leave W alone.
+    Same dtype: write into the frozen weight itself and restore it; inside a torch.compile trace, ``traced(W, flat,
+    merged, w0)`` does the same as one operator. Autocast to another dtype: the GEMM would use a cast copy anyway, so
+    write into that copy (rounded to the base dtype first, then to the autocast dtype, exactly what autocast does to
+    a merged weight) and leave W alone.
     """
     W = weight.data  # untracked storage alias: no version bump on the user's parameter
     if cast is None or W.dtype == cast:
-        if not cache_here():  # a torch.compile trace: the writes, the product and the restore as one operator
-            return fn(_Overlaid(W, overlay.flat, overlay.values(vals, W.dtype), overlay.w0))
+        if not cache_here():
+            return traced(W, overlay.flat, overlay.values(vals, W.dtype), overlay.w0)
         overlay.apply_(W, vals)
         try:
             return fn(W)
@@ -253,7 +246,9 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
                 xc, bc = x.to(cast), (None if bias is None else bias.to(cast))
             else:
                 xc, bc = x, bias
-            y = _with_overlay(overlay, weight, vals, cast, lambda W: _linear(xc, W, bc, overlay.transposed))
+            t = overlay.transposed
+            y = _with_overlay(overlay, weight, vals, cast, lambda W: _linear(xc, W, bc, t),
+                              lambda *w: _overlay_linear(xc, bc, *w, t))
         # x is needed only for grad_val: a frozen adapter (x needing a gradient for layers below) keeps none,
         # and a layer whose adapters read few input columns keeps only those (Overlay.compact)
         saved, ctx.patterns = None, overlay.patterns
@@ -293,7 +288,9 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
                 g = grad_y if cast is None else grad_y.to(cast)
                 if cast is None and g.dtype != ctx.weight.dtype:
                     g = g.to(ctx.weight.dtype)
-                grad_x = _with_overlay(ov, ctx.weight, vals, cast, lambda W: _linear_grad_input(g, W, ov.transposed))
+                t = ov.transposed
+                grad_x = _with_overlay(ov, ctx.weight, vals, cast, lambda W: _linear_grad_input(g, W, t),
+                                       lambda *w: _overlay_linear_grad_input(g, *w, t))
             grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             grad_b = gy2.to(acc_dtype(gy2)).sum(0).to(ctx.bias_dtype)
