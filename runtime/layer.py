@@ -342,9 +342,26 @@ class NeuroAdaLayer(nn.Module):
         if self._loading is None:  # not prepared already by the model's own hook (see model.py)
             self._loading = {"merged": self.prepare_load(state_dict, prefix)}
         self._loading["keys"] = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
+        self._widen_held(state_dict, prefix)
         # (an adapter sharing positions with others gets its own copy of what is loaded: see _BufferDict)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _widen_held(self, state_dict, prefix: str) -> None:
+        """Frozen values held in a narrower dtype than the state brings (load_adapter holds an inference adapter in
+        its file's BF16) are widened to it, up to f32, before torch copies the state in: loading save_pretrained's
+        exact f32 state after load_adapter gives the trained values back, not their BF16 rounding. Trainable values
+        keep the dtype their config chose (delta_dtype), as any parameter does."""
+        for name, val in self.neuroada_val.items():
+            got = state_dict.get(f"{prefix}neuroada_val.{name}")
+            if got is None or val.requires_grad or not got.is_floating_point():
+                continue
+            wide = torch.promote_types(val.dtype, got.dtype)
+            if wide == torch.float64 and val.dtype != torch.float64:
+                wide = torch.float32
+            if wide != val.dtype:
+                with outside_inference():
+                    val.data = val.data.to(wide)
 
     def prepare_load(self, state_dict, prefix: str) -> list[str]:
         """Check this layer's entries of a state dict, then unmerge; returns the adapters that were

@@ -42,9 +42,24 @@ TORCH_DTYPE_NAMES = {
     torch.bool: "BOOL",
 }
 VALUE_NUMPY = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32}
+VALUE_TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 # -- helpers -----------------------------------------------------------------------------------------
+def held_values(values: np.ndarray, value_dtype: str, trainable: torch.dtype | None) -> torch.Tensor:
+    """A loaded adapter's values as the runtime holds them (a copy: F32 values may come from a read-only map).
+
+    ``trainable`` (the config's delta_dtype): master values for the optimizer. Otherwise the file's own dtype,
+    which holds them exactly: every consumer (merge, set_adapter, mixed batches, the training forward) sums
+    ``f32(w0) + f32(val)``, so the bits served are the same as from f32 copies, and a server that loads dozens of
+    BF16 adapters holds 2 bytes per value instead of 4."""
+    if trainable is not None:
+        return torch.from_numpy(np.array(values, dtype=np.float32)).to(trainable)
+    if value_dtype == "BF16":  # numpy has no bfloat16 torch can read: move the bits as int16
+        return torch.from_numpy(np.array(values, dtype=ml_dtypes.bfloat16).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(values, dtype=VALUE_NUMPY[value_dtype]))
+
+
 def _linear_types() -> tuple[type, ...]:
     try:
         from transformers.pytorch_utils import Conv1D
@@ -877,7 +892,9 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
 
     As with PEFT, loading does not change what is served: the adapter becomes active only when none
     is (the first one loaded); pick another with multi.set_adapter. The file's selection record and
-    value dtype are kept, so save_adapter writes back what was read.
+    value dtype are kept, so save_adapter writes back what was read. Loaded for inference (is_trainable=False,
+    the default) the values stay in that dtype, which holds them exactly (BF16: half the memory of f32 copies);
+    trainable, they become the config's delta_dtype master values.
     The file is validated (structure and content) and checked against the model's weights (shapes,
     dtypes, probe hash) before anything changes; on any problem the model is left exactly as it was.
     Like PEFT, the base parameters are frozen afterwards, so with is_trainable=True only deltas train.
@@ -921,9 +938,8 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
             module = _wrap(model, name, model.get_submodule(name), config, shared, wrappers)
             w = module.weight
             idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
-            # np.array copies: F32 values (on-grid adapters) come straight from a read-only map
-            val = torch.from_numpy(np.array(t.values, dtype=np.float32)).to(device=w.device, dtype=delta_dtype)
-            module.add_adapter(adapter_name, idx, val=val, val_dtype=delta_dtype, activate=activate)
+            val = held_values(t.values, t.value_dtype, delta_dtype if is_trainable else None).to(w.device)
+            module.add_adapter(adapter_name, idx, val=val, val_dtype=val.dtype, activate=activate)
             module.neuroada_val[adapter_name].requires_grad_(is_trainable)
             if served:  # a layer wrapped just now serves the base like its peers
                 from .multi import _serve

@@ -42,7 +42,7 @@ from .kernels.bgmv import (AdapterStack, SeqMask, bgmv_add_, bgmv_add_static, bg
 from .kernels.cache import outside_inference, version
 from .kernels.reference import rounded_values
 from .layer import BASE_ADAPTER, SERVING_CACHES, NeuroAdaLayer, _conv1d_type, check_adapter_name, has_hooks
-from .model import (CONFIGS_ATTR, MIXED_ATTR, _refuse_in_batch, _shared_weights, _unserve, layers,
+from .model import (CONFIGS_ATTR, MIXED_ATTR, VALUE_TORCH, _refuse_in_batch, _shared_weights, _unserve, layers,
                     refuse_unmergeable)
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
@@ -497,7 +497,7 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
         with torch.no_grad():
             for name in merged:
                 all_layers[name].unmerge()  # w0 must be read from the base values
-            dtype = getattr(torch, config.delta_dtype)
+            dtype = VALUE_TORCH[value_dtype]  # an inference adapter: held in its value dtype, as load_adapter does
             for name, (idx, val) in new.items():
                 layer = all_layers[name]
                 layer.add_adapter(adapter_name, idx, val=val.to(dtype), val_dtype=dtype, activate=False)

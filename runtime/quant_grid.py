@@ -156,7 +156,8 @@ def train_on_grid(model: nn.Module, gguf_path, adapter_name: str = "default") ->
         val = layer.neuroada_val[adapter_name]
         if val.dtype != torch.float32:
             raise NeuroAdaUsageError(f"deltas in {val.dtype} cannot hold on-grid values exactly; train them in "
-                                     f"float32 (delta_dtype='float32', the default)", tensor=key)
+                                     f"float32 (delta_dtype='float32', the default; an adapter loaded for "
+                                     f"inference holds its file's dtype: load it with is_trainable=True)", tensor=key)
         if _is_sharded(layer.weight):
             raise NeuroAdaUsageError("register the grid before sharding the model (FSDP2)", tensor=key)
         if layer.transposed:

@@ -88,6 +88,10 @@ class AdapterStack:
         return c
 
     def val_acc(self, slot: int, dtype: torch.dtype) -> torch.Tensor:
+        """``vals[slot]`` in ``dtype``, contiguous: a row of the stacked ``val`` when that exists and fits (adapters
+        held in BF16 would otherwise get a second f32 copy each), else a copy kept for the next call."""
+        if self._val is not None and dtype == self.acc and self.ks[slot] == self.k:
+            return self._val[slot]
         v = self._vals_acc.get((slot, dtype))
         if v is None:
             with outside_inference():
