@@ -327,8 +327,9 @@ def bench_memory(n_layers: int, n_adapters: int) -> dict:
     stages = {"start": rss()}
     for a in names:
         for name, layer in layers(ours).items():
-            val = (torch.randn(idx[name].shape, generator=gen) * 1e-2).to(torch.bfloat16).float()
-            layer.add_adapter(a, idx[name].clone(), val=val, activate=False)
+            # held in BF16, the file's value dtype, as load_adapter holds an adapter loaded for inference
+            val = (torch.randn(idx[name].shape, generator=gen) * 1e-2).to(torch.bfloat16)
+            layer.add_adapter(a, idx[name].clone(), val=val, val_dtype=torch.bfloat16, activate=False)
     stages["loaded"] = rss()
     for a in names + [None]:
         set_adapter(ours, a)
@@ -365,10 +366,12 @@ def memory_lines(mem: dict) -> list[str]:
             f"positions, as magnitude selection with one k gives) on (a)'s {mem['n_layers']} 7B-shaped bf16 layers; "
             "growth of the process's resident size after each stage, per adapter (`psutil`).", "",
             table(rows), "",
-            "Loaded, each adapter holds its f32 values; adapters with one set of positions share one int64 index "
-            "and one copy of the base's original entries (bf16), 10 bytes per entry between them (a first adapter "
-            "costs 14). set_adapter keeps positions and merged values for the last 2 adapters it served (not for "
-            "each), and a mixed batch stacks shared positions once and every adapter's values in f32.", ""]
+            "Loaded for inference, each adapter holds its values in the file's BF16 (load_adapter with "
+            "is_trainable=False; trainable ones are f32 masters); adapters with one set of positions share one int64 "
+            "index and one copy of the base's original entries (bf16), 10 bytes per entry between them (a first "
+            "adapter costs 12). set_adapter keeps positions and merged values for the last 2 adapters it served (not "
+            "for each), and a mixed batch stacks shared positions once and every adapter's values in f32 (the "
+            "per-adapter reads are rows of that stack).", ""]
 
 
 def switch_rows(sw: dict, label: str) -> list[list]:
