@@ -200,12 +200,61 @@ def _rows_per_program(bk: int, bt: int, cap: int) -> int:
     return max(1, min(cap, _TILE // (bk * bt)))
 
 
+# f32 elements of one [rows, d_in] block of the dense product in _rowdot_dense (64 MB): bounds the
+# transient whatever the layer's width, e.g. 3 blocks for a 7B down_proj (d_in 11008).
+DENSE_BLOCK = 1 << 24
+# False: the gather kernel for every input (bench/gpu.py's side-by-side rows of the two paths)
+DENSE_ROWDOT = True
+# None until the first CUDA call finds out whether torch.mm takes out_dtype (torch >= 2.8 on CUDA)
+_mm_out_dtype: bool | None = None
+
+
+def _product_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` in f32 from 16-bit operands: every product is exact and the sums are f32's, as in the reference."""
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())  # the interpreter's CPU tensors (tests)
+
+
+def _dense_ok(grad_y: torch.Tensor, x: torch.Tensor) -> bool:
+    global _mm_out_dtype
+    if not (DENSE_ROWDOT and grad_y.is_cuda and x.dtype == grad_y.dtype and x.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    if _mm_out_dtype is None:
+        try:
+            a = torch.ones(16, 16, dtype=x.dtype, device=x.device)
+            _mm_out_dtype = bool((torch.mm(a, a, out_dtype=torch.float32) == 16).all())
+        except (TypeError, RuntimeError, NotImplementedError):
+            _mm_out_dtype = False
+    return _mm_out_dtype
+
+
+def _rowdot_dense(grad_y: torch.Tensor, x: torch.Tensor, p) -> torch.Tensor:
+    """All of ``grad_y^T x`` on the tensor cores, then k entries of each row kept (a block of rows at a time).
+
+    The product does ~d_in/k times the arithmetic of the gather kernel below, which reads only the k
+    sampled columns, but at tensor-core rates, like full fine-tuning's weight gradient. On an H200
+    (bench/gpu.py, 1B-shaped Llama, batch 4 x 512, bf16) the gather kernel made a k=20 step 3.97x the
+    frozen floor (2.26x PEFT LoRA r=8), the dense product 3.16x (1.44x LoRA) at the same peak memory;
+    two runs on two hosts (bench/RESULTS.md). fp32 inputs keep the gather kernel: no tensor cores there.
+    """
+    out = torch.empty(p.d_out, p.k, dtype=torch.float32, device=x.device)
+    rows = max(1, DENSE_BLOCK // max(p.d_in, 1))
+    for r0 in range(0, p.d_out, rows):
+        r1 = min(p.d_out, r0 + rows)
+        torch.gather(_product_f32(grad_y[:, r0:r1].t(), x), 1, p.idx[r0:r1], out=out[r0:r1])
+    return out
+
+
 def sampled_rowdot(grad_y: torch.Tensor, x: torch.Tensor, idx, *, block_r: int | None = None,
-                   block_t: int = 32) -> torch.Tensor:
+                   block_t: int = 32, dense: bool | None = None) -> torch.Tensor:
+    """``dense=None`` takes the dense product for 16-bit CUDA inputs (see _rowdot_dense), the gather kernel otherwise."""
     p = as_pattern(idx, x.shape[-1])
     _check(grad_y, x, p.idx)
     acc = acc_dtype(grad_y, x)
     T = grad_y.shape[0]
+    if T and p.nnz and (dense if dense is not None else _dense_ok(grad_y, x)):
+        return _rowdot_dense(grad_y, x, p)
     out = torch.zeros(p.d_out, p.k, dtype=acc, device=x.device)
     if T == 0 or p.nnz == 0:
         return out

@@ -52,6 +52,24 @@ def test_sampled_rowdot(gen, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_sampled_rowdot_dense_product(gen, dtype, monkeypatch):
+    """The dense-product path (16-bit CUDA inputs by default) against the reference, in blocks of rows."""
+    T, d_out, d_in, k = 37, 19, 13, 3
+    gy = torch.randn(T, 2 * d_out, generator=gen).to(dtype).to(DEV)[:, ::2]  # strided
+    x = torch.randn(T, d_in, generator=gen).to(dtype).to(DEV)
+    p = Pattern(rand_idx(d_out, d_in, k, gen), d_in)
+    want = reference.sampled_rowdot(gy, x, p)
+    for block in (tk.DENSE_BLOCK, 5 * d_in, 1):  # one block; 4 blocks with a tail; one row per block
+        monkeypatch.setattr(tk, "DENSE_BLOCK", block)
+        got = tk.sampled_rowdot(gy, x, p, dense=True)
+        assert got.dtype == torch.float32 and got.shape == (d_out, k)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the default path: the dense product for 16-bit CUDA inputs only
+    assert tk._dense_ok(gy, x) == (DEV == "cuda" and dtype != torch.float32)
+    torch.testing.assert_close(tk.sampled_rowdot(gy, x, p), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_gather_and_segment_reduce(gen, dtype):
     T, d_out, d_in, k = 21, 34, 9, 2
     idx = rand_idx(d_out, d_in - 1, 1, gen) + 1
