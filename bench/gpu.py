@@ -1,7 +1,8 @@
 """bench/train.py's training-step comparison on one CUDA GPU, where NeuroAda runs on the Triton kernels.
 
-    python bench/gpu.py                       # the prepared run: 1B-shaped Llama, bf16 base, 10 processes
-    python bench/gpu.py --dtypes bf16,fp32    # and an fp32 base (7 more processes, about twice the time)
+    python bench/gpu.py                       # the prepared run: 1B-shaped Llama, bf16 base, 11 processes
+    python bench/gpu.py --dtypes bf16,fp32    # and an fp32 base (10 more processes, about twice the time)
+    python bench/gpu.py --profile /tmp/prof   # and each method's ops by host and device time (torch.profiler)
     python bench/gpu.py --methods all --size 7b   # every method; LLaMA-7B shape (fp32 full FT needs > 100 GB)
     python bench/gpu.py --cpu-smoke           # no GPU: tiny shapes, Triton interpreter on CPU (the test's run)
 
@@ -14,13 +15,13 @@ steps alone after `reset_peak_memory_stats`), time is CUDA events around each fu
 forward, backward, AdamW step), median over the measured steps. NeuroAda methods force the Triton
 backend (a broken triton fails loudly instead of falling back), whose deltas' gradient is the dense
 product on the tensor cores for a bf16 base; "-gather" rows take the kernel that reads only the k
-sampled columns instead; "neuroada20-torch" is k=20 on the stock-torch sparse ops; "neuroada_matched"
+sampled columns instead; "-torch" rows run on the stock-torch sparse ops; "neuroada_matched"
 is the k whose trainable count k * sum(d_out) is nearest PEFT LoRA r=8's (computed from the model: 15
 on these shapes). Without CUDA it prints one line and exits 2.
 
 Time on one H200 (2026-12-04, torch 2.11): the check and 7 methods took 114 s on one host (call 148 s
 with installs); on a slower host 10-25 s a process, so the check and 6 methods filled a --budget of
-190 s. The default 9 methods take about 3-4 minutes; --budget (default 285 s) caps the run anyway: a
+190 s. The default 10 methods take about 3-4 minutes on the faster host; --budget (default 285 s) caps the run anyway: a
 method that would start after the budget is reported as skipped, and no child runs past the remaining
 budget.
 
@@ -50,9 +51,9 @@ SIZES = {
 CHECK_SHAPE = {"cuda": dict(hidden=256, inter=688, layers=2, heads=8, vocab=128, batch=2, seq=64),
                "cpu": dict(hidden=32, inter=64, layers=2, heads=2, vocab=64, batch=1, seq=8)}
 METHODS = ("floor", "full", "mask1", "lora8", "supertuning", "neuroada1", "neuroada20", "neuroada_matched",
-           "neuroada1-gather", "neuroada20-gather", "neuroada20-torch")
+           "neuroada1-gather", "neuroada20-gather", "neuroada1-torch", "neuroada20-torch")
 DEFAULT_METHODS = ("floor", "full", "lora8", "neuroada1", "neuroada20", "neuroada_matched", "neuroada1-gather",
-                   "neuroada20-gather", "neuroada20-torch")
+                   "neuroada20-gather", "neuroada1-torch", "neuroada20-torch")
 LABELS = {
     "floor": "frozen, backward through activations only (floor)",
     "full": "full fine-tuning",
@@ -64,6 +65,7 @@ LABELS = {
     "neuroada_matched": "NeuroAda k={k} (Triton; LoRA r=8's count)",
     "neuroada1-gather": "NeuroAda k=1 (Triton; gradient by the gather kernel)",
     "neuroada20-gather": "NeuroAda k=20 (Triton; gradient by the gather kernel)",
+    "neuroada1-torch": "NeuroAda k=1 (stock torch sparse ops)",
     "neuroada20-torch": "NeuroAda k=20 (stock torch sparse ops)",
 }
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
@@ -92,7 +94,28 @@ def _reset_peak(dev: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def child_bench(method: str, size: str, dtype_name: str, warmup: int, steps: int, dev: str) -> dict:
+def write_profile(path: str, run_step, dev: str, steps: int = 3) -> None:
+    """torch.profiler over a few more steps: the ops by their own host time, and on CUDA by device time.
+
+    A step whose device work is small is bound by what the host does per layer (Python, dispatch,
+    launches); the first table shows that, the second what the GPU spends."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            run_step()
+        _sync(dev)
+    ka = prof.key_averages()
+    parts = [f"{steps} steps; ops by self CPU time", ka.table(sort_by="self_cpu_time_total", row_limit=30)]
+    if dev == "cuda":
+        parts += ["ops by self device time", ka.table(sort_by="self_device_time_total", row_limit=30)]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(parts) + "\n")
+
+
+def child_bench(method: str, size: str, dtype_name: str, warmup: int, steps: int, dev: str,
+                profile_dir: str = "") -> dict:
     import torch
 
     import _train_worker as tw
@@ -142,6 +165,9 @@ def child_bench(method: str, size: str, dtype_name: str, warmup: int, steps: int
         if i >= warmup:
             times.append(elapsed)
     peak_steps = _peak_mb(dev)
+    if profile_dir:
+        write_profile(os.path.join(profile_dir, f"{method}-{dtype_name}.txt"),
+                      lambda: tw.train_step(model, opt, ids), dev)
     modes = sorted({layer.mode for layer in tw._neuroada_layers(model)})
     return {"method": method, "dtype": dtype_name, "trainable": sum(p.numel() for p in params),
             "base_mb": base_mb, "peak_mb": None if dev != "cuda" else max(peak_setup, peak_steps),
@@ -202,17 +228,17 @@ def child_check(dev: str) -> list[dict]:
 
 
 def child_main(argv: list[str]) -> None:
-    """argv: jobs (comma-separated: "check" and/or methods), size, dtype, warmup, steps, device."""
+    """argv: jobs (comma-separated: "check" and/or methods), size, dtype, warmup, steps, device, profile dir or ""."""
     import torch
 
-    jobs, size, dtype_name, warmup, steps, dev = argv
+    jobs, size, dtype_name, warmup, steps, dev, profile_dir = argv
     sys.path.insert(0, HERE)
     env = {"torch": torch.__version__,
            "gpu": torch.cuda.get_device_name() if dev == "cuda" else "CPU (Triton interpreter)"}
     for job in jobs.split(","):
         try:
             recs = child_check(dev) if job == "check" else \
-                [child_bench(job, size, dtype_name, int(warmup), int(steps), dev)]
+                [child_bench(job, size, dtype_name, int(warmup), int(steps), dev, profile_dir)]
         except torch.cuda.OutOfMemoryError:
             recs = [{"method": job, "dtype": dtype_name, "error": "CUDA out of memory"}]
         for r in recs:
@@ -239,7 +265,7 @@ def cuda_problem() -> str | None:
 def run_child(jobs: list[str], dtype_name: str, args, timeout: float) -> list[dict]:
     """Run `jobs` in one fresh process; one record per job (an error record for each job that printed none)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", ",".join(jobs), args.size, dtype_name,
-           str(args.warmup), str(args.steps), args.device]
+           str(args.warmup), str(args.steps), args.device, args.profile or ""]
     env = dict(os.environ)
     if args.device == "cpu":
         env["TRITON_INTERPRET"] = "1"  # read when the kernels are imported: must be set before the child starts
@@ -318,6 +344,8 @@ def parse_args(argv=None):
     ap.add_argument("--budget", type=int, default=285, help="seconds for the whole run; methods that would "
                     "start later are reported as skipped")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--profile", metavar="DIR", help="also profile 3 more steps of each method (torch.profiler) "
+                    "and write DIR/<method>-<dtype>.txt: where the time of a step goes, host and device")
     ap.add_argument("--cpu-smoke", action="store_true", help="no GPU: tiny shapes, CPU tensors through the Triton "
                     "interpreter (TRITON_INTERPRET=1), every job in one child, memory not measured, never writes")
     args = ap.parse_args(argv)
@@ -335,6 +363,9 @@ def main(argv=None) -> int:
     if bad:
         print(f"bench/gpu.py: unknown dtype/method: {', '.join(bad)}", file=sys.stderr)
         return 2
+    if args.profile:
+        args.profile = os.path.abspath(args.profile)
+        os.makedirs(args.profile, exist_ok=True)
     if not args.cpu_smoke:
         problem = cuda_problem()
         if problem:

@@ -67,7 +67,7 @@ def test_both_prepared_commands_run_under_the_interpreter(tmp_path):
     write_task_zips(tmp_path / "data")
     before = open(RESULTS, "rb").read() if os.path.exists(RESULTS) else None
     procs = {
-        "gpu": subprocess.Popen([sys.executable, GPU, "--cpu-smoke"], cwd=ROOT, env=_env(), text=True,
+        "gpu": subprocess.Popen([sys.executable, GPU, "--cpu-smoke", "--profile", str(tmp_path / "prof")], cwd=ROOT, env=_env(), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE),
         "quality": subprocess.Popen([sys.executable, QUALITY, "--cpu-smoke", "--data", str(tmp_path / "data"),
                                      "--work", str(tmp_path / "work")], cwd=ROOT, env=_env(), text=True,
@@ -93,9 +93,16 @@ def test_both_prepared_commands_run_under_the_interpreter(tmp_path):
                 "| PEFT LoRA r=8 | 8,704 |", "| NeuroAda k=1 (Triton) | 576 |", "| NeuroAda k=20 (Triton) | 11,520 |",
                 # the matched row: k = round(8 * sum(d_in + d_out) / sum(d_out)) on the tiny shape = 15
                 "| NeuroAda k=15 (Triton; LoRA r=8's count) | 8,640 |",
+                "| NeuroAda k=1 (Triton; gradient by the gather kernel) | 576 |",
+                "| NeuroAda k=20 (Triton; gradient by the gather kernel) | 11,520 |",
+                "| NeuroAda k=1 (stock torch sparse ops) | 576 |",
                 "| NeuroAda k=20 (stock torch sparse ops) | 11,520 |"):
         assert row in table, table
     assert "failed" not in table and "wrote" not in out
+    gpu_mod = _load(GPU)
+    for method in gpu_mod.DEFAULT_METHODS:  # --profile: one table of ops per method
+        text = (tmp_path / "prof" / f"{method}-bf16.txt").read_text()
+        assert "ops by self CPU time" in text and "aten::" in text, text[:2000]
 
     rc, out, err = outs["quality"]
     log = "".join(p.read_text() for p in (tmp_path / "work").glob("log-*.txt"))
