@@ -221,9 +221,11 @@ def _dense_ok(grad_y: torch.Tensor, x: torch.Tensor) -> bool:
     if not (DENSE_ROWDOT and grad_y.is_cuda and x.dtype == grad_y.dtype and x.dtype in (torch.bfloat16, torch.float16)):
         return False
     if _mm_out_dtype is None:
+        if torch.compiler.is_compiling():  # no probing inside a trace: the kernel until an eager call has looked
+            return False
         try:
             a = torch.ones(16, 16, dtype=x.dtype, device=x.device)
-            _mm_out_dtype = bool((torch.mm(a, a, out_dtype=torch.float32) == 16).all())
+            _mm_out_dtype = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
         except (TypeError, RuntimeError, NotImplementedError):
             _mm_out_dtype = False
     return _mm_out_dtype
@@ -238,12 +240,10 @@ def _rowdot_dense(grad_y: torch.Tensor, x: torch.Tensor, p) -> torch.Tensor:
     frozen floor (2.26x PEFT LoRA r=8), the dense product 3.16x (1.44x LoRA) at the same peak memory;
     two runs on two hosts (bench/RESULTS.md). fp32 inputs keep the gather kernel: no tensor cores there.
     """
-    out = torch.empty(p.d_out, p.k, dtype=torch.float32, device=x.device)
     rows = max(1, DENSE_BLOCK // max(p.d_in, 1))
-    for r0 in range(0, p.d_out, rows):
-        r1 = min(p.d_out, r0 + rows)
-        torch.gather(_product_f32(grad_y[:, r0:r1].t(), x), 1, p.idx[r0:r1], out=out[r0:r1])
-    return out
+    blocks = [_product_f32(grad_y[:, r0:r0 + rows].t(), x).gather(1, p.idx[r0:r0 + rows])
+              for r0 in range(0, p.d_out, rows)]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
 def sampled_rowdot(grad_y: torch.Tensor, x: torch.Tensor, idx, *, block_r: int | None = None,
