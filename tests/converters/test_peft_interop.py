@@ -21,10 +21,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, merge_and_unload, save_adapter  # noqa: E402
+from neuroada_format.runtime import load_adapter, merge_and_unload, save_adapter  # noqa: E402
 from neuroada_format.runtime.model import layers, to_numpy  # noqa: E402
 
-from tiny_hf import tiny_llama  # noqa: E402  (tests/tiny_hf.py)
+from tiny_hf import tiny_llama, with_deltas  # noqa: E402  (tests/tiny_hf.py)
 
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
@@ -47,17 +47,6 @@ def reload(base_dir, dtype=torch.float32):
     """The base as a user has it: read from its folder (a model cast with .to(bf16) also casts its rotary
     buffers, so it is not the same model as one loaded in bf16; every side of a comparison reloads)."""
     return transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
-
-
-def with_deltas(model, k=3, seed=1, **cfg):
-    """Attach NeuroAda and give the deltas values, as training would (reproducible, fast)."""
-    attach(model, NeuroAdaConfig(k=k, **cfg))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in layers(model).values():
-            v = layer.neuroada_val["default"]
-            v.copy_(torch.randn(v.shape, generator=g) * 0.05)
-    return model
 
 
 def train_a_little(model, steps=2):

@@ -12,26 +12,19 @@ import numpy as np
 import pytest
 import torch
 
-from neuroada_format.runtime import (NeuroAdaConfig, adapter_batch, add_weighted_adapter, attach, load_adapter,
-                                     merge_and_unload, save_adapter, set_adapter)
+from neuroada_format.runtime import (adapter_batch, add_weighted_adapter, load_adapter, merge_and_unload, save_adapter,
+                                     set_adapter)
 from neuroada_format.runtime.kernels.bgmv import AdapterStack
 from neuroada_format.runtime.model import layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_hf import tiny_llama  # noqa: E402  (tests/tiny_hf.py)
+from tiny_hf import tiny_llama, with_deltas  # noqa: E402  (tests/tiny_hf.py)
 
 IDS = torch.randint(0, 100, (4, 9), generator=torch.Generator().manual_seed(5))
 
 
 def trained(seed: int, k: int = 3, **cfg):
-    """A model whose deltas hold f32 values off the BF16 grid, as training leaves them."""
-    model = attach(tiny_llama(), NeuroAdaConfig(k=k, **cfg))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in layers(model).values():
-            v = layer.neuroada_val["default"]
-            v.copy_(torch.randn(v.shape, generator=g) * 0.05)
-    return model
+    return with_deltas(tiny_llama(), k=k, seed=seed, **cfg)
 
 
 @pytest.fixture(scope="module")
