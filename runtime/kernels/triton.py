@@ -205,8 +205,8 @@ def _rows_per_program(bk: int, bt: int, cap: int) -> int:
 DENSE_BLOCK = 1 << 24
 # False: the gather kernel for every input (bench/gpu.py's side-by-side rows of the two paths)
 DENSE_ROWDOT = True
-# None until the first CUDA call finds out whether torch.mm takes out_dtype (torch >= 2.8 on CUDA)
-_mm_out_dtype: bool | None = None
+# per input dtype, once an eager CUDA call has found out: does torch.mm take out_dtype (torch >= 2.8 on CUDA)
+_mm_out_dtype: dict[torch.dtype, bool] = {}
 
 
 def _product_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -217,18 +217,17 @@ def _product_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _dense_ok(grad_y: torch.Tensor, x: torch.Tensor) -> bool:
-    global _mm_out_dtype
     if not (DENSE_ROWDOT and grad_y.is_cuda and x.dtype == grad_y.dtype and x.dtype in (torch.bfloat16, torch.float16)):
         return False
-    if _mm_out_dtype is None:
+    if x.dtype not in _mm_out_dtype:
         if torch.compiler.is_compiling():  # no probing inside a trace: the kernel until an eager call has looked
             return False
         try:
             a = torch.ones(16, 16, dtype=x.dtype, device=x.device)
-            _mm_out_dtype = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+            _mm_out_dtype[x.dtype] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
         except (TypeError, RuntimeError, NotImplementedError):
-            _mm_out_dtype = False
-    return _mm_out_dtype
+            _mm_out_dtype[x.dtype] = False
+    return _mm_out_dtype[x.dtype]
 
 
 def _rowdot_dense(grad_y: torch.Tensor, x: torch.Tensor, p) -> torch.Tensor:
