@@ -67,8 +67,8 @@ def test_both_prepared_commands_run_under_the_interpreter(tmp_path):
     write_task_zips(tmp_path / "data")
     before = open(RESULTS, "rb").read() if os.path.exists(RESULTS) else None
     procs = {
-        "gpu": subprocess.Popen([sys.executable, GPU, "--cpu-smoke", "--profile", str(tmp_path / "prof")], cwd=ROOT, env=_env(), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE),
+        "gpu": subprocess.Popen([sys.executable, GPU, "--cpu-smoke", "--profile", str(tmp_path / "prof")], cwd=ROOT,
+                                env=_env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE),
         "quality": subprocess.Popen([sys.executable, QUALITY, "--cpu-smoke", "--data", str(tmp_path / "data"),
                                      "--work", str(tmp_path / "work")], cwd=ROOT, env=_env(), text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE),
