@@ -21,9 +21,9 @@ on these shapes). Without CUDA it prints one line and exits 2.
 
 Time on one H200 (2026-12-04, torch 2.11): the check and 7 methods took 114 s on one host (call 148 s
 with installs); on a slower host 10-25 s a process, so the check and 6 methods filled a --budget of
-190 s. The default 10 methods take about 3-4 minutes on the faster host; --budget (default 285 s) caps the run anyway: a
-method that would start after the budget is reported as skipped, and no child runs past the remaining
-budget.
+190 s. The default 10 methods take about 3-4 minutes on the faster host; --budget (default 285 s)
+caps the run anyway: a method that would start after the budget is reported as skipped, and no child
+runs past the remaining budget.
 
 Replaces only the "## Runtime: training step (CUDA)" section of bench/RESULTS.md (never in --cpu-smoke).
 """
@@ -125,8 +125,9 @@ def child_bench(method: str, size: str, dtype_name: str, warmup: int, steps: int
     shape = SIZES[size]
     # "cpu" = the stock-torch sparse paths (they run on CUDA tensors too); NeuroAda otherwise on Triton,
     # forced so that a broken triton raises instead of falling back
-    kernels.set_backend("cpu" if method.endswith("-torch") else "triton")
-    if method.endswith("-gather"):  # the deltas' gradient by the kernel that reads only the k sampled columns
+    setup, _, variant = method.partition("-")  # "neuroada20-torch" -> the neuroada20 setup, the "torch" variant
+    kernels.set_backend("cpu" if variant == "torch" else "triton")
+    if variant == "gather":  # the deltas' gradient by the kernel that reads only the k sampled columns
         from neuroada_format.runtime.kernels import triton as tk
 
         tk.DENSE_ROWDOT = False
@@ -139,7 +140,7 @@ def child_bench(method: str, size: str, dtype_name: str, warmup: int, steps: int
     if method == "neuroada_matched":
         extra["k"] = tw.lora_matched_k(model)
     t0 = time.perf_counter()
-    model, params = tw.SETUPS[method.removesuffix("-torch").removesuffix("-gather")](model)
+    model, params = tw.SETUPS[setup](model)
     model.train()
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0) if params else None
     _sync(dev)

@@ -178,7 +178,7 @@ def evaluate(model, tokenizer, sets: dict, args) -> tuple[dict, dict]:
     return results, responses
 
 
-def merged_checkpoint_check(model, tokenizer, sets, out: Path, args) -> dict:
+def merged_checkpoint_check(model, tokenizer, sets, responses, out: Path, args) -> dict:
     """save_adapter, merge_and_unload, save_pretrained, reload with transformers: same greedy answers?"""
     import torch
     from transformers import AutoModelForCausalLM
@@ -187,10 +187,14 @@ def merged_checkpoint_check(model, tokenizer, sets, out: Path, args) -> dict:
     # Both sides answer the same items in the same batches: generation sorts a set by length before
     # batching, so a prefix of a set is padded differently than inside the full evaluation, and under
     # bf16 autocast that alone flips answers of a model that is near a coin flip between two labels.
+    # A whole set keeps the evaluation's answers; only a prefix is answered again.
     subsets = {name: ex[:len(ex) if args.check_limit is None else min(args.check_limit, len(ex))]
                for name, ex in sets.items()}
     before = {}
     for name, examples in subsets.items():
+        if len(examples) == len(sets[name]):
+            before[name] = responses[name]
+            continue
         with autocast(args):
             before[name] = tasks.generate_responses(model, tokenizer, examples, batch_size=args.eval_batch,
                                                     max_new_tokens=args.max_new_tokens,
@@ -266,7 +270,7 @@ def run(args, load=None) -> dict:
     res["peak_rss_mb"] = peak_rss_mb()
     res["peak_cuda_mb"] = peak_cuda_mb()
     if args.method == "neuroada" and sets and not args.no_check:
-        res["merged_check"] = merged_checkpoint_check(model, tokenizer, sets, out, args)
+        res["merged_check"] = merged_checkpoint_check(model, tokenizer, sets, responses, out, args)
     res["total_wall_s"] = time.perf_counter() - t_start
     with open(out / "responses.json", "w", encoding="utf-8") as f:
         json.dump(responses, f, indent=1)

@@ -203,8 +203,9 @@ def _rows_per_program(bk: int, bt: int, cap: int) -> int:
 # f32 elements of one [rows, d_in] block of the dense product in _rowdot_dense (64 MB): bounds the
 # transient whatever the layer's width, e.g. 3 blocks for a 7B down_proj (d_in 11008).
 DENSE_BLOCK = 1 << 24
-# False: the gather kernel for every input (bench/gpu.py's side-by-side rows of the two paths)
-DENSE_ROWDOT = True
+# None: the dense product for 16-bit CUDA inputs (when torch.mm takes out_dtype); False: the gather kernel
+# for every input (bench/gpu.py's side-by-side rows); True: the product for any same-dtype, non-f64 pair (tests)
+DENSE_ROWDOT: bool | None = None
 # per input dtype, once an eager CUDA call has found out: does torch.mm take out_dtype (torch >= 2.8 on CUDA)
 _mm_out_dtype: dict[torch.dtype, bool] = {}
 
@@ -217,7 +218,9 @@ def _product_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _dense_ok(grad_y: torch.Tensor, x: torch.Tensor) -> bool:
-    if not (DENSE_ROWDOT and grad_y.is_cuda and x.dtype == grad_y.dtype and x.dtype in (torch.bfloat16, torch.float16)):
+    if DENSE_ROWDOT is not None:
+        return DENSE_ROWDOT and x.dtype == grad_y.dtype and x.dtype != torch.float64
+    if not (grad_y.is_cuda and x.dtype == grad_y.dtype and x.dtype in (torch.bfloat16, torch.float16)):
         return False
     if x.dtype not in _mm_out_dtype:
         if torch.compiler.is_compiling():  # no probing inside a trace: the kernel until an eager call has looked
@@ -246,13 +249,13 @@ def _rowdot_dense(grad_y: torch.Tensor, x: torch.Tensor, p) -> torch.Tensor:
 
 
 def sampled_rowdot(grad_y: torch.Tensor, x: torch.Tensor, idx, *, block_r: int | None = None,
-                   block_t: int = 32, dense: bool | None = None) -> torch.Tensor:
-    """``dense=None`` takes the dense product for 16-bit CUDA inputs (see _rowdot_dense), the gather kernel otherwise."""
+                   block_t: int = 32) -> torch.Tensor:
+    """The dense product for 16-bit CUDA inputs (see _rowdot_dense and DENSE_ROWDOT), the gather kernel otherwise."""
     p = as_pattern(idx, x.shape[-1])
     _check(grad_y, x, p.idx)
     acc = acc_dtype(grad_y, x)
     T = grad_y.shape[0]
-    if T and p.nnz and (dense if dense is not None else _dense_ok(grad_y, x)):
+    if T and p.nnz and _dense_ok(grad_y, x):
         return _rowdot_dense(grad_y, x, p)
     out = torch.zeros(p.d_out, p.k, dtype=acc, device=x.device)
     if T == 0 or p.nnz == 0:

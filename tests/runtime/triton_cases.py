@@ -59,12 +59,14 @@ def test_sampled_rowdot_dense_product(gen, dtype, monkeypatch):
     x = torch.randn(T, d_in, generator=gen).to(dtype).to(DEV)
     p = Pattern(rand_idx(d_out, d_in, k, gen), d_in)
     want = reference.sampled_rowdot(gy, x, p)
+    monkeypatch.setattr(tk, "DENSE_ROWDOT", True)
     for block in (tk.DENSE_BLOCK, 5 * d_in, 1):  # one block; 4 blocks with a tail; one row per block
         monkeypatch.setattr(tk, "DENSE_BLOCK", block)
-        got = tk.sampled_rowdot(gy, x, p, dense=True)
+        got = tk.sampled_rowdot(gy, x, p)
         assert got.dtype == torch.float32 and got.shape == (d_out, k)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # the default path: the dense product for 16-bit CUDA inputs only
+    monkeypatch.setattr(tk, "DENSE_ROWDOT", None)
     assert tk._dense_ok(gy, x) == (DEV == "cuda" and dtype != torch.float32)
     torch.testing.assert_close(tk.sampled_rowdot(gy, x, p), want, rtol=1e-5, atol=1e-5)
 
