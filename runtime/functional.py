@@ -28,7 +28,7 @@ from . import kernels
 from .kernels import reference
 from .kernels.cache import cache_here, outside_inference, version
 from .kernels.pattern import Pattern
-from .kernels.reference import acc_dtype, rounded_values
+from .kernels.reference import INT_VIEW, acc_dtype, rounded_values
 
 __all__ = [
     "Overlay",
@@ -66,6 +66,7 @@ class Overlay:
         self.patterns, self.w0s = patterns, w0s
         self._w0_versions = tuple(version(w) if cache_here() else None for w in w0s)  # None: made in a trace
         self._compact = None
+        self._bits = None  # (flat, w0) as numpy integer arrays, for the CPU writes of written()
         self.d_out, self.d_in, self.transposed = p0.d_out, p0.d_in, p0.transposed
         if len(patterns) == 1:
             self.flat, self.invs, self.w0 = p0.flat, None, w0s[0].reshape(-1)
@@ -130,6 +131,17 @@ class Overlay:
     def restore_(self, W: torch.Tensor) -> None:
         kernels.put_(W, self.flat, self.w0)
 
+    def written(self, W: torch.Tensor, merged: torch.Tensor):
+        """``W`` with ``merged`` (in W's dtype, ``flat`` order) written inside the block, ``w0`` back after it:
+        the training forward's and backward's writes (see ``_written``); on CPU through numpy arrays of ``flat``
+        and ``w0`` made once per overlay (they share memory with its tensors)."""
+        arrays = None
+        if _numpy_writes(W) and self.w0.dtype == W.dtype:  # w0's dtype is fixed for an overlay: a cast makes a new one
+            if self._bits is None:
+                self._bits = (self.flat.numpy(), self.w0.view(INT_VIEW[W.element_size()]).numpy())
+            arrays = self._bits
+        return _written(W, self.flat, merged, self.w0, arrays)
+
 
 def _autocast_on(dev: str) -> bool:
     try:
@@ -152,17 +164,51 @@ def _no_autocast(dev: str):
     return torch.autocast(dev, enabled=False) if _autocast_on(dev) else contextlib.nullcontext()
 
 
+def _numpy_writes(W: torch.Tensor) -> bool:
+    """Whether ``_written`` moves the bits through numpy (CPU tensors): torch's ``index_put_`` is an OpenMP region
+    past 32k entries, and on a machine whose cores were busy each call waited ~8 ms for its second thread. (Never
+    called in a torch.compile trace: there the writes are inside an operator, which a trace does not enter.)"""
+    return W.device.type == "cpu"
+
+
 @contextlib.contextmanager
-def _written(W: torch.Tensor, flat: torch.Tensor, merged: torch.Tensor, w0: torch.Tensor):
-    """W with ``merged`` at ``flat`` inside the block, its own values again after it. The writes go through
+def _written(W: torch.Tensor, flat: torch.Tensor, merged: torch.Tensor, w0: torch.Tensor, arrays=None):
+    """``W.data`` with ``merged`` at ``flat`` inside the block, its own values ``w0`` again after it, however the
+    block exits. ``arrays``: ``(flat, w0)`` as numpy integer arrays, when the caller keeps them.
+
+    Every training forward and backward does this once per adapted layer, so it is the bare bit moves through
+    integer views: numpy fancy assignments on CPU, one ``index_put_`` each elsewhere (a stock op: a Triton launch
+    costs more host time than the move itself). The general ``kernels.put_`` checks, dispatches and converts every
+    operand per call: host time, which is what a GPU step of small layers waits on. The writes go through
     ``W.data``, whose version counter is its own: compiled graphs save W for their backward, and a second forward
     before that backward (two passes summed into one loss) must not look like a change to it."""
     Wd = W.data
-    kernels.put_(Wd, flat, merged)
+    if not Wd.is_contiguous():
+        raise NeuroAdaUsageError("in-place sparse writes need a contiguous weight; use the additive mode")
+    if merged.dtype != Wd.dtype or w0.dtype != Wd.dtype:  # a weight cast after attach: the general path converts
+        kernels.put_(Wd, flat, merged)
+        try:
+            yield Wd
+        finally:
+            kernels.put_(Wd, flat, w0)
+        return
+    bits = INT_VIEW[Wd.element_size()]
+    merged = merged.reshape(-1).contiguous().view(bits)
+    if _numpy_writes(Wd):
+        flat_np, w0_np = arrays or (flat.numpy(), w0.reshape(-1).contiguous().view(bits).numpy())
+        wb = Wd.view(-1).view(bits).numpy()
+        wb[flat_np] = merged.numpy()
+        try:
+            yield Wd
+        finally:
+            wb[flat_np] = w0_np
+        return
+    wb = Wd.view(-1).view(bits)
+    wb.index_put_((flat,), merged)
     try:
         yield Wd
     finally:
-        kernels.put_(Wd, flat, w0)
+        wb.index_put_((flat,), w0.reshape(-1).view(bits))
 
 
 @torch.library.custom_op("neuroada::overlay_linear", mutates_args=())
@@ -208,7 +254,7 @@ def _linear_grad_input(g, W, transposed):
     return g @ (W.t() if transposed else W)
 
 
-def _with_overlay(overlay: Overlay, weight: torch.Tensor, vals, cast, fn, traced):
+def _with_overlay(overlay: Overlay, weight: torch.Tensor, vals, cast, fn, traced, merged=None):
     """Run ``fn(W')`` where W' is the weight with the overlay written, in the autocast dtype if any.
 
     Same dtype: write into the frozen weight itself and restore it; inside a torch.compile trace, ``traced(W, flat,
@@ -218,13 +264,12 @@ def _with_overlay(overlay: Overlay, weight: torch.Tensor, vals, cast, fn, traced
     """
     W = weight.data  # untracked storage alias: no version bump on the user's parameter
     if cast is None or W.dtype == cast:
+        if merged is None or merged.dtype != W.dtype:
+            merged = overlay.values(vals, W.dtype)
         if not cache_here():
-            return traced(W, overlay.flat, overlay.values(vals, W.dtype), overlay.w0)
-        overlay.apply_(W, vals)
-        try:
+            return traced(W, overlay.flat, merged, overlay.w0)
+        with overlay.written(W, merged):
             return fn(W)
-        finally:
-            overlay.restore_(W)
     Wc = W.to(cast)
     overlay.apply_(Wc, vals, via=W.dtype)
     return fn(Wc)
@@ -247,8 +292,10 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
             else:
                 xc, bc = x, bias
             t = overlay.transposed
+            # the merged entries, made once for forward and backward (eager only: a trace keeps no tensors on ctx)
+            merged = overlay.values(vals, weight.dtype) if cache_here() and cast in (None, weight.dtype) else None
             y = _with_overlay(overlay, weight, vals, cast, lambda W: _linear(xc, W, bc, t),
-                              lambda *w: _overlay_linear(xc, bc, *w, t))
+                              lambda *w: _overlay_linear(xc, bc, *w, t), merged)
         # x is needed only for grad_val: a frozen adapter (x needing a gradient for layers below) keeps none,
         # and a layer whose adapters read few input columns keeps only those (Overlay.compact)
         saved, ctx.patterns = None, overlay.patterns
@@ -263,6 +310,7 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
         ctx.weight = weight  # a reference, not a saved tensor (see module docstring)
         ctx.weight_version = version(weight) if cache_here() else None  # a trace cannot read a version
         ctx.overlay = overlay
+        ctx.merged = merged
         ctx.cast = cast
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -290,7 +338,7 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
                     g = g.to(ctx.weight.dtype)
                 t = ov.transposed
                 grad_x = _with_overlay(ov, ctx.weight, vals, cast, lambda W: _linear_grad_input(g, W, t),
-                                       lambda *w: _overlay_linear_grad_input(g, *w, t))
+                                       lambda *w: _overlay_linear_grad_input(g, *w, t), ctx.merged)
             grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             grad_b = gy2.to(acc_dtype(gy2)).sum(0).to(ctx.bias_dtype)

@@ -32,13 +32,22 @@ INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """f32 accumulation, widened to f64 when any operand is f64 (so float64 gradcheck is exact)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    for t in tensors:
+        if t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def rounded_values(w0: torch.Tensor, val: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``round_dtype(f32(w0) + f32(val))``: one addition in f32, one rounding -- the merge rule."""
+    """``round_dtype(f32(w0) + f32(val))``: one addition in f32, one rounding -- the merge rule.
+
+    Where one operand already has the accumulation dtype, type promotion widens the other (exactly) inside the
+    addition: the same sum without a converted copy, one op fewer per layer and step on the training path."""
     acc = acc_dtype(w0, val)
-    return (w0.to(acc) + val.to(acc)).to(dtype)
+    if w0.dtype != acc and val.dtype != acc:
+        val = val.to(acc)
+    s = torch.add(w0, val)
+    return s if s.dtype == dtype else s.to(dtype)
 
 
 def _rc(p, W: torch.Tensor):

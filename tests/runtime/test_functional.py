@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from neuroada_format import NeuroAdaError
-from neuroada_format.runtime import kernels
+from neuroada_format.runtime import functional, kernels
 from neuroada_format.runtime.functional import (
     Overlay,
     additive_sparse_delta,
@@ -149,6 +149,51 @@ def test_inplace_forward_bit_identical_to_merged(rt, gen, dtype, val_dtype):
     y.sum().backward()
     assert val.grad.dtype == val_dtype and x.grad.dtype == dtype
     assert torch.equal(x.grad, torch.ones_like(y) @ Wm)
+
+
+def _bits(t):
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+@pytest.mark.parametrize("writes", ["numpy", "index_put_"])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_training_writes_move_bits_and_always_put_them_back(rt, gen, monkeypatch, writes, wdtype):
+    """The writes of the training forward and backward: numpy on CPU, index_put_ on other devices (forced here on
+    CPU). Merged bits inside, the base's own bits after (a -0.0 and a NaN with a payload among the selected
+    entries), also when the product raises; gradients as the merged model's."""
+    if writes == "index_put_":
+        monkeypatch.setattr(functional, "_numpy_writes", lambda W: False)
+    d_out, d_in, k = 16, 24, 3
+    Wc = torch.randn(d_out, d_in, generator=gen).to(wdtype)
+    idx = rt.rand_idx(d_out, d_in, k, gen)
+    Wc[0, idx[0, 0]] = -0.0
+    nan = _bits(Wc)[1]
+    nan[idx[1, 1]] = _bits(torch.tensor(float("nan"), dtype=wdtype)) + 3  # a NaN other than the default one
+    W = Wc.clone()
+    ov = Overlay([Pattern(idx, d_in)], [_bits(Wc).gather(1, idx).view(wdtype)])  # (a bf16 gather drops NaN payloads)
+    val = (torch.randn(d_out, k, generator=gen) * 0.1).to(torch.float64 if wdtype == torch.float64 else
+                                                           torch.float32).requires_grad_(True)
+    x = torch.randn(5, d_in, generator=gen).to(wdtype).requires_grad_(True)
+    y = inplace_sparse_delta_linear(x, W, None, ov, [val])
+    Wm = rt.merged_canonical(Wc, idx, val)
+    assert torch.equal(_bits(W), _bits(Wc))
+    assert torch.equal(y.nan_to_num(7.0), F.linear(x, Wm).nan_to_num(7.0))  # the NaN entry gives a NaN column
+    y.sum().backward()
+    assert torch.equal(_bits(W), _bits(Wc))
+    g = torch.ones_like(y)
+    assert torch.equal(x.grad.nan_to_num(7.0), (g @ Wm).nan_to_num(7.0))
+    ref = kernels.reference.sampled_rowdot(g, x.detach(), idx).to(val.dtype)
+    assert torch.allclose(val.grad, ref, rtol=1e-5, atol=1e-6)
+    inside = []
+
+    def failing_product(x, W, b, transposed):  # the product fails while the merged entries are written
+        inside.append(torch.equal(W.nan_to_num(7.0), Wm.nan_to_num(7.0)))
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(functional, "_linear", failing_product)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        inplace_sparse_delta_linear(x, W, None, ov, [val])
+    assert inside == [True] and torch.equal(_bits(W), _bits(Wc))
 
 
 def test_conv1d_layout(rt, gen):
