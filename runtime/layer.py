@@ -483,21 +483,22 @@ class NeuroAdaLayer(nn.Module):
     # -- forward --------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        base = self.base_layer  # each attribute read through nn.Module costs host time, which small layers feel
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        active = [n for n in self.active_adapters if n in self.neuroada_val]
-        if self.merged or not active:
+            return base(x, *args, **kwargs)
+        held = self.neuroada_val
+        active = [n for n in self.active_adapters if n in held]
+        if self.merged_adapters or not active:
             self.warn_if_training_merged()
-            return self.base_layer(x, *args, **kwargs)
+            return base(x, *args, **kwargs)
         vals = [self.delta(n) for n in active]
         if any(v.is_meta for v in vals):  # offloaded parameters (idx and w0 are buffers: checked in _refresh)
             self.check_in_memory(active)
-        if self.mode == "inplace" and not has_hooks(self.base_layer) and not transforms_active():
-            return inplace_sparse_delta_linear(x, self.base_layer.weight, self.base_layer.bias, self.overlay(active),
-                                               vals)
-        y = self.base_layer(x, *args, **kwargs)
+        if self.mode == "inplace" and not has_hooks(base) and not transforms_active():
+            return inplace_sparse_delta_linear(x, base.weight, base.bias, self.overlay(active), vals)
+        y = base(x, *args, **kwargs)
         for n, v in zip(active, vals):
             y = y + additive_sparse_delta(x, self.pattern(n), v, out_dtype=y.dtype)
         return y
