@@ -33,6 +33,9 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 SIZES = {
     "bench": dict(hidden=1024, inter=2752, layers=8, heads=16, vocab=4000, batch=2, seq=128),
     "tiny": dict(hidden=64, inter=128, layers=2, heads=4, vocab=100, batch=2, seq=16),
+    # the bench model's 56 adapted layers at shapes where a step is host time (Python, dispatch, small ops): what a
+    # GPU step of small layers waits on, measurable without a GPU
+    "host": dict(hidden=64, inter=172, layers=8, heads=4, vocab=100, batch=2, seq=16),
 }
 REAL_SIZES = {
     "real": dict(hidden=256, inter=688, layers=4, heads=8, vocab=128, batch=16, seq=64, steps=300, lr=1e-2),
@@ -325,16 +328,16 @@ def real_run(size: str) -> dict:
 
 
 def main(argv: list[str]) -> None:
-    """argv: jobs (comma-separated method names, "real" and/or "paired=a+b+..." / "paired-compiled=a+b+..."), size,
-    warmup, steps (cycles for a paired job), real size, threads."""
+    """argv: jobs (comma-separated method names, "real" and/or "paired=a+b+...", "paired-compiled=a+b+...",
+    "paired-host=a+b+..." (at SIZES["host"])), size, warmup, steps (cycles for a paired job), real size, threads."""
     jobs, size, warmup, steps, real_size, threads = argv
     env = {"torch": torch.__version__, "threads": int(threads)}
     for job in jobs.split(","):
-        if job.startswith(("paired=", "paired-compiled=")):  # paired=floor+lora8+...: steps interleaved in one process
-            torch.set_num_threads(int(threads))
+        if job.startswith(("paired=", "paired-compiled=", "paired-host=")):  # paired=floor+lora8+...: steps
+            torch.set_num_threads(int(threads))                                 # interleaved in one process
             kind, names = job.split("=", 1)
-            result = {**env, **bench_paired(names.split("+"), size, int(warmup), int(steps),
-                                            compiled=kind == "paired-compiled")}
+            result = {**env, **bench_paired(names.split("+"), "host" if kind == "paired-host" else size, int(warmup),
+                                            int(steps), compiled=kind == "paired-compiled")}
         elif job == "real":
             # a correctness run, not a timing: one thread cannot stall on a descheduled sibling
             torch.set_num_threads(1)
