@@ -300,8 +300,9 @@ def paired_lines(paired: dict) -> list[str]:
         for m in rec["methods"]:
             f = p[m].get("floor")
             lo = p[m].get("lora8")
-            rows.append([LABELS[m], f"{p[m]['step_s']:.3f}", f"{f[0]:.3f}x ({f[1]:.3f}-{f[2]:.3f})" if f else "-",
-                         f"{lo[0]:.3f}x" if lo else "-"])
+            step = p[m]["step_s"]
+            rows.append([LABELS[m], f"{step:.3f}" if step >= 0.1 else f"{step:.4f}",
+                         f"{f[0]:.3f}x ({f[1]:.3f}-{f[2]:.3f})" if f else "-", f"{lo[0]:.3f}x" if lo else "-"])
         n = rec["cycles"]
         host = label.endswith(HOST_SUFFIX)  # the goals are about the real shapes: none is judged at these
         lines += ["", f"**Paired, {label}**: {n} cycle{'s' if n != 1 else ''}, every model in one process, one step of "
