@@ -62,7 +62,7 @@ def test_adapters_sharing_positions_stack_them_once(gen, k):
             T = len(ids) * seq_len
             x = torch.randn(T, d_in, generator=gen)
             y = torch.randn(T, d_out, generator=gen)
-            for path in ("gather", "rows", "grouped"):
+            for path in ("gather", "rows", "seqs", "grouped"):
                 got = bgmv_add_cpu_(y.clone(), x, ids, st, seq_len=seq_len, path=path)
                 assert torch.equal(got, bgmv_add_cpu_(y.clone(), x, ids, copies, seq_len=seq_len, path=path))
             mask = bgmv.SeqMask(ids)
@@ -78,7 +78,7 @@ def test_adapters_sharing_positions_stack_them_once(gen, k):
     assert AdapterStack([idx, other], [st.vals[0], st.vals[1]], d_in).idx.stride(0) == d_out * k  # not shared
 
 
-@pytest.mark.parametrize("path", ["gather", "rows", "grouped"])  # rows serves k=1 stacks (else grouped)
+@pytest.mark.parametrize("path", ["gather", "rows", "seqs", "grouped"])  # rows serves k=1 stacks (else grouped)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("seq_len", [1, 5])
 @pytest.mark.parametrize("ks", [(1, 4, 2), (1, 1)])
@@ -101,7 +101,7 @@ def test_cpu_paths_match_reference(gen, monkeypatch, path, dtype, seq_len, ks, s
         assert torch.equal(got[base], y[base])  # base tokens untouched, bit for bit
 
 
-@pytest.mark.parametrize("path", [None, "gather", "rows", "grouped"])
+@pytest.mark.parametrize("path", [None, "gather", "rows", "seqs", "grouped"])
 @pytest.mark.parametrize("ks", [(1, 4, 2), (1, 1, 1)])
 def test_precomputed_groups_and_strided_tensors(gen, path, ks):
     st = make_stack(gen, ks=ks)
@@ -119,7 +119,7 @@ def test_precomputed_groups_and_strided_tensors(gen, path, ks):
     torch.testing.assert_close(y_full[:, 1::2], want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("path", ["gather", "rows", "grouped"])
+@pytest.mark.parametrize("path", ["gather", "rows", "seqs", "grouped"])
 @pytest.mark.parametrize("ks", [(1, 4, 2), (1, 1, 1)])
 def test_gradient_flows_to_inputs(gen, path, ks):
     st = make_stack(gen, ks=ks, val_dtype=torch.float64)
