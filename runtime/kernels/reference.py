@@ -46,6 +46,8 @@ def rounded_values(w0: torch.Tensor, val: torch.Tensor, dtype: torch.dtype) -> t
     acc = acc_dtype(w0, val)
     if w0.dtype != acc and val.dtype != acc:
         val = val.to(acc)
+    if w0.dim() == 0 or val.dim() == 0:  # a zero-dim operand does not decide the result's dtype: convert both
+        w0, val = w0.to(acc), val.to(acc)
     s = torch.add(w0, val)
     return s if s.dtype == dtype else s.to(dtype)
 

@@ -98,6 +98,21 @@ def test_bf16_scatter_rounds_like_ml_dtypes(w_bits, vals):
     assert np.array_equal(got[~nan], w[~nan]) and np.isnan(W.float().numpy()[nan]).all()
 
 
+@pytest.mark.parametrize("w0_dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("val_dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shapes", [((40,), (40,)), ((), (40,)), ((40,), ())])
+def test_rounded_values_one_addition_in_the_accumulation_dtype(gen, w0_dtype, val_dtype, shapes):
+    """The merge rule, whichever operand type promotion would widen (zero-dim operands included, which do not
+    decide a result's dtype), against converting both operands first."""
+    w0 = (torch.randn(shapes[0], generator=gen, dtype=torch.float64) * 3).to(w0_dtype)
+    val = (torch.randn(shapes[1], generator=gen, dtype=torch.float64) * 0.01).to(val_dtype)
+    acc = torch.float64 if torch.float64 in (w0_dtype, val_dtype) else torch.float32
+    for out in (w0_dtype, torch.float32, torch.bfloat16):
+        got = reference.rounded_values(w0, val, out)
+        want = (w0.to(acc) + val.to(acc)).to(out)
+        assert got.dtype == out and torch.equal(got, want)
+
+
 def test_pattern_validation_and_layouts(rt, gen):
     with pytest.raises(NeuroAdaError, match="strictly increasing"):
         Pattern(torch.tensor([[1, 1]]), 4)
