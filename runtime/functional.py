@@ -193,22 +193,22 @@ def _written(W: torch.Tensor, flat: torch.Tensor, merged: torch.Tensor, w0: torc
             kernels.put_(Wd, flat, w0)
         return
     bits = INT_VIEW[Wd.element_size()]
-    merged = merged.reshape(-1).contiguous().view(bits)
-    if _numpy_writes(Wd):
-        flat_np, w0_np = arrays or (flat.numpy(), w0.reshape(-1).contiguous().view(bits).numpy())
-        wb = Wd.view(-1).view(bits).numpy()
-        wb[flat_np] = merged.numpy()
+    merged = merged.view(bits)  # same-size dtypes: a view whatever the strides
+    if _numpy_writes(Wd):  # (numpy reshapes cost less host time than torch's)
+        flat_np, w0_np = arrays or (flat.numpy(), w0.view(bits).numpy().reshape(-1))
+        wb = Wd.view(bits).numpy().reshape(-1)
+        wb[flat_np] = merged.numpy().reshape(-1)
         try:
             yield Wd
         finally:
             wb[flat_np] = w0_np
         return
     wb = Wd.view(-1).view(bits)
-    wb.index_put_((flat,), merged)
+    wb.index_put_((flat,), merged.reshape(-1))
     try:
         yield Wd
     finally:
-        wb.index_put_((flat,), w0.reshape(-1).view(bits))
+        wb.index_put_((flat,), w0.view(bits).reshape(-1))
 
 
 @torch.library.custom_op("neuroada::overlay_linear", mutates_args=())
@@ -339,7 +339,8 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
                 t = ov.transposed
                 grad_x = _with_overlay(ov, ctx.weight, vals, cast, lambda W: _linear_grad_input(g, W, t),
                                        lambda *w: _overlay_linear_grad_input(g, *w, t), ctx.merged)
-            grad_x = grad_x.to(ctx.x_dtype)
+            if grad_x.dtype != ctx.x_dtype:
+                grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             grad_b = gy2.to(acc_dtype(gy2)).sum(0).to(ctx.bias_dtype)
         grad_vals = []
@@ -348,7 +349,8 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
             if ctx.needs_input_grad[4 + a]:
                 if x2 is None:
                     x2 = xc.reshape(-1, xc.shape[-1])
-                grad_vals.append(kernels.sampled_rowdot(gy2, x2, ctx.patterns[a]).to(v.dtype))
+                gv = kernels.sampled_rowdot(gy2, x2, ctx.patterns[a])
+                grad_vals.append(gv if gv.dtype == v.dtype else gv.to(v.dtype))
             else:
                 grad_vals.append(None)
         return (grad_x, None, grad_b, None, *grad_vals)

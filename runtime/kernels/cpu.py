@@ -86,7 +86,9 @@ def _rowdot_k1(grad_y: torch.Tensor, x: torch.Tensor, p, acc: torch.dtype) -> to
     T = grad_y.shape[0]
     rows = max(1, ROWDOT_BLOCK // p.d_out)
     if T <= rows:  # one block (the usual case): no accumulator, three ops (host time counts on small layers)
-        return x.index_select(1, p.col).to(acc).mul_(grad_y.to(acc)).sum(0).view(p.d_out, 1)
+        g = x.index_select(1, p.col)
+        return (g if g.dtype == acc else g.to(acc)).mul_(grad_y if grad_y.dtype == acc else grad_y.to(acc)
+                                                         ).sum(0).view(p.d_out, 1)
     out = torch.zeros(p.d_out, dtype=acc, device=x.device)
     for s in range(0, T, rows):
         g = x[s:s + rows].index_select(1, p.col).to(acc)
