@@ -234,7 +234,8 @@ def bench_paired(methods: list[str], size: str, warmup: int, cycles: int, compil
             start = time.perf_counter()
             train_step(model, opt, ids)
             times[method].append(time.perf_counter() - start)
-    return {"method": "paired", "methods": methods, "cycles": cycles, "times": times, "compiled": compiled}
+    return {"method": "paired", "methods": methods, "cycles": cycles, "times": times, "compiled": compiled,
+            "size": size}
 
 
 def _neuroada_layers(model):

@@ -304,7 +304,7 @@ def paired_lines(paired: dict) -> list[str]:
             rows.append([LABELS[m], f"{step:.3f}" if step >= 0.1 else f"{step:.4f}",
                          f"{f[0]:.3f}x ({f[1]:.3f}-{f[2]:.3f})" if f else "-", f"{lo[0]:.3f}x" if lo else "-"])
         n = rec["cycles"]
-        host = label.endswith(HOST_SUFFIX)  # the goals are about the real shapes: none is judged at these
+        host = rec.get("size") == "host"  # the goals are about the real shapes: none is judged at these
         lines += ["", f"**Paired, {label}**: {n} cycle{'s' if n != 1 else ''}, every model in one process, one step of "
                   "each per cycle (order rotated):", "", table(rows), "",
                   *(["(Hidden 64, intermediate 172, 8 layers, batch 2 x 16: the same 56 adapted layers as above, "
@@ -463,7 +463,7 @@ def collect(args, methods: list[str]) -> tuple[dict, dict | None, dict]:
         for r in run_child(methods + extra + ([] if args.skip_real else ["real"]), args, config):
             if r["method"] == "real":
                 real = r
-            elif r["method"] == "paired" or r["method"].startswith("paired"):
+            elif r["method"].startswith("paired"):  # its record, or the error record of its job
                 paired[labels.pop(0)] = r
             else:
                 runs[config.label][r["method"]].append(r)

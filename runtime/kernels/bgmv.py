@@ -277,14 +277,8 @@ def _seqs_path(y3, x3, ids, stack, acc) -> None:
     with 64-token sequences 6.8 against 9.8-10.2; with 16-token ones the calls' overhead made it slower (12.0 vs
     9.7), hence SEQS_MIN."""
     for b, a in enumerate(ids.tolist()):
-        if a < 0:
-            continue
-        delta = bag_rows(x3[b].to(acc), stack.idxs[a], stack.val_acc(a, acc)).t().contiguous()
-        yb = y3[b]
-        if yb.dtype == acc:
-            yb.add_(delta)
-        else:
-            yb.copy_(yb.to(acc).add_(delta))
+        if a >= 0:
+            _add_seqs_(y3[b], None, _slot_delta(x3[b], stack, a, acc))
 
 
 def _grouped_path(y3, x3, stack, groups, acc) -> None:
