@@ -88,25 +88,32 @@ if AVAILABLE:
         tl.store(out_ptr + offs, a + b, mask=m)
 
     @triton.jit
-    def _rowdot_kernel(gy_ptr, x_ptr, idx_ptr, out_ptr, T, d_out, k,
+    def _rowdot_kernel(gy_ptr, x_ptr, idx_ptr, out_ptr, T, d_out, k, n_r, t_span,
                        s_gt, s_gi, s_xt, s_xc,
                        ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr):
-        # one program = BLOCK_R rows x all k entries; march over the tokens in tiles
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        # one flat grid (see flat_grid): program = row block pid % n_r x token span pid // n_r, BLOCK_R rows x all
+        # k entries, marching over its span's tokens in tiles. Each span writes its partial sums to its own
+        # [d_out, k] slice of out; the host adds the slices in a fixed order (no atomics: deterministic)
+        pid = tl.program_id(0)
+        span = pid // n_r
+        r = (pid % n_r) * BLOCK_R + tl.arange(0, BLOCK_R)
         j = tl.arange(0, BLOCK_K)
         rm = r < d_out
         m2 = rm[:, None] & (j < k)[None, :]
         cols = tl.load(idx_ptr + r[:, None] * k + j[None, :], mask=m2, other=0)
         acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC)
-        for t0 in range(0, T, BLOCK_T):
-            t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)  # t x stride passes 2^31 past ~195k tokens of 11008
-            tm = t < T
+        t_lo = span.to(tl.int64) * t_span
+        t_hi = tl.minimum(t_lo + t_span, T)
+        for t0 in range(0, t_span, BLOCK_T):  # bounds from arguments, not from program ids (the interpreter's rule)
+            t = t_lo + t0 + tl.arange(0, BLOCK_T)  # int64: t x stride passes 2^31 past ~195k tokens of 11008
+            tm = t < t_hi
             g = tl.load(gy_ptr + t[:, None] * s_gt + r[None, :] * s_gi,
                         mask=tm[:, None] & rm[None, :], other=0).to(ACC)
             xv = tl.load(x_ptr + t[:, None, None] * s_xt + cols[None, :, :] * s_xc,
                          mask=tm[:, None, None] & m2[None, :, :], other=0).to(ACC)
             acc += tl.sum(g[:, :, None] * xv, axis=0)
-        tl.store(out_ptr + r[:, None] * k + j[None, :], acc, mask=m2)
+        base = span.to(tl.int64) * d_out * k
+        tl.store(out_ptr + base + r[:, None] * k + j[None, :], acc, mask=m2)
 
     @triton.jit
     def _gather_kernel(x_ptr, idx_ptr, val_ptr, out_ptr, T, d_out, k,
@@ -248,8 +255,27 @@ def _rowdot_dense(grad_y: torch.Tensor, x: torch.Tensor, p) -> torch.Tensor:
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
+# programs per streaming multiprocessor that the rowdot kernel aims for: with one program per 64 rows at k=1, a
+# 5632-row layer started 88 programs on an H200's 132 SMs, each walking every token (132 us a call, about three
+# times the dense product's device time; bench/RESULTS.md, CUDA section). Splitting the tokens into spans fills the
+# GPU; the spans' partial sums are then added in a fixed order.
+ROWDOT_PROGRAMS_PER_SM = 4
+_sm_count: dict[int, int] = {}
+
+
+def _token_spans(n_r: int, T: int, bt: int, device: torch.device) -> int:
+    """How many token spans the rowdot kernel splits T into: 1 under the interpreter (no SMs to fill)."""
+    if device.type != "cuda":
+        return 1
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _sm_count:
+        _sm_count[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    want = triton.cdiv(ROWDOT_PROGRAMS_PER_SM * _sm_count[i], n_r)
+    return max(1, min(want, triton.cdiv(T, bt)))
+
+
 def sampled_rowdot(grad_y: torch.Tensor, x: torch.Tensor, idx, *, block_r: int | None = None,
-                   block_t: int = 32) -> torch.Tensor:
+                   block_t: int = 32, token_spans: int | None = None) -> torch.Tensor:
     """The dense product for 16-bit CUDA inputs (see _rowdot_dense and DENSE_ROWDOT), the gather kernel otherwise."""
     p = as_pattern(idx, x.shape[-1])
     _check(grad_y, x, p.idx)
@@ -257,18 +283,23 @@ def sampled_rowdot(grad_y: torch.Tensor, x: torch.Tensor, idx, *, block_r: int |
     T = grad_y.shape[0]
     if T and p.nnz and _dense_ok(grad_y, x):
         return _rowdot_dense(grad_y, x, p)
-    out = torch.zeros(p.d_out, p.k, dtype=acc, device=x.device)
     if T == 0 or p.nnz == 0:
-        return out
+        return torch.zeros(p.d_out, p.k, dtype=acc, device=x.device)
     bk = _pow2(p.k)
     bt = _pow2(min(block_t, T))
     br = _pow2(block_r or _rows_per_program(bk, bt, 64))
-    _rowdot_kernel[flat_grid(triton.cdiv(p.d_out, br))](
-        grad_y, x, p.idx.contiguous(), out, T, p.d_out, p.k,
+    n_r = triton.cdiv(p.d_out, br)
+    spans = token_spans if token_spans is not None else _token_spans(n_r, T, bt, x.device)
+    t_span = triton.cdiv(triton.cdiv(T, max(1, spans)), bt) * bt  # whole tiles per span
+    spans = triton.cdiv(T, t_span)
+    # every entry is written (each span stores all its rows), so no zero fill
+    out = torch.empty(spans, p.d_out, p.k, dtype=acc, device=x.device)
+    _rowdot_kernel[flat_grid(n_r, spans)](
+        grad_y, x, p.idx.contiguous(), out, T, p.d_out, p.k, n_r, t_span,
         grad_y.stride(0), grad_y.stride(1), x.stride(0), x.stride(1),
         ACC=_tl_acc(acc), BLOCK_R=br, BLOCK_K=bk, BLOCK_T=bt,
     )
-    return out
+    return out[0] if spans == 1 else out.sum(0)
 
 
 def gather_matvec(x: torch.Tensor, idx, val: torch.Tensor, *, block_t: int = 16,

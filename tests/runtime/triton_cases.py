@@ -45,10 +45,22 @@ def test_sampled_rowdot(gen, dtype):
     x = torch.randn(T, d_in, generator=gen).to(dtype).to(DEV)
     p = Pattern(rand_idx(d_out, d_in, k, gen), d_in)
     want = reference.sampled_rowdot(gy, x, p)
-    for kw in ({}, {"block_r": 8, "block_t": 16}):  # one program, then several with tails
+    # one program; several with tails; token spans with a short last span (37 = 16 + 16 + 5), more spans asked
+    # for than there are tiles (capped at one per tile)
+    for kw in ({}, {"block_r": 8, "block_t": 16}, {"block_r": 8, "block_t": 8, "token_spans": 3},
+               {"block_t": 16, "token_spans": 100}):
         got = tk.sampled_rowdot(gy, x, p, **kw)
-        assert got.dtype == torch.float32
+        assert got.dtype == torch.float32 and got.shape == (d_out, k)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the spans' partial sums are added in a fixed order: the same bits every time
+    again = [tk.sampled_rowdot(gy, x, p, block_t=8, token_spans=3) for _ in range(2)]
+    assert torch.equal(again[0], again[1])
+    if DEV == "cpu":  # no SMs to fill under the interpreter
+        assert tk._token_spans(1, 10_000, 32, x.device) == 1
+    else:  # enough programs for every SM, never more spans than token tiles
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        assert tk._token_spans(2, 10_000, 32, x.device) * 2 >= sms
+        assert tk._token_spans(1, 40, 32, x.device) == 2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
