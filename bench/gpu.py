@@ -14,8 +14,9 @@ CUDA caching allocator's `torch.cuda.max_memory_allocated()` (peak over setup an
 steps alone after `reset_peak_memory_stats`), time is CUDA events around each full step (zero_grad,
 forward, backward, AdamW step), median over the measured steps. NeuroAda methods force the Triton
 backend (a broken triton fails loudly instead of falling back), whose deltas' gradient is the dense
-product on the tensor cores for a bf16 base; "-gather" rows take the kernel that reads only the k
-sampled columns instead; "-torch" rows run on the stock-torch sparse ops; "neuroada_matched"
+product on the tensor cores for a bf16 base from k=2 on, and at k=1 the kernel that reads only the k
+sampled columns; "-gather" rows take that kernel at any k, "-dense" rows the product at any k (the
+side-by-side for each default); "-torch" rows run on the stock-torch sparse ops; "neuroada_matched"
 is the k whose trainable count k * sum(d_out) is nearest PEFT LoRA r=8's (computed from the model: 15
 on these shapes). Without CUDA it prints one line and exits 2.
 
@@ -51,8 +52,8 @@ SIZES = {
 CHECK_SHAPE = {"cuda": dict(hidden=256, inter=688, layers=2, heads=8, vocab=128, batch=2, seq=64),
                "cpu": dict(hidden=32, inter=64, layers=2, heads=2, vocab=64, batch=1, seq=8)}
 METHODS = ("floor", "full", "mask1", "lora8", "supertuning", "neuroada1", "neuroada20", "neuroada_matched",
-           "neuroada1-gather", "neuroada20-gather", "neuroada1-torch", "neuroada20-torch")
-DEFAULT_METHODS = ("floor", "full", "lora8", "neuroada1", "neuroada20", "neuroada_matched", "neuroada1-gather",
+           "neuroada1-dense", "neuroada20-gather", "neuroada1-torch", "neuroada20-torch")
+DEFAULT_METHODS = ("floor", "full", "lora8", "neuroada1", "neuroada20", "neuroada_matched", "neuroada1-dense",
                    "neuroada20-gather", "neuroada1-torch", "neuroada20-torch")
 LABELS = {
     "floor": "frozen, backward through activations only (floor)",
@@ -63,7 +64,7 @@ LABELS = {
     "neuroada1": "NeuroAda k=1 (Triton)",
     "neuroada20": "NeuroAda k=20 (Triton)",
     "neuroada_matched": "NeuroAda k={k} (Triton; LoRA r=8's count)",
-    "neuroada1-gather": "NeuroAda k=1 (Triton; gradient by the gather kernel)",
+    "neuroada1-dense": "NeuroAda k=1 (Triton; gradient by the dense product)",
     "neuroada20-gather": "NeuroAda k=20 (Triton; gradient by the gather kernel)",
     "neuroada1-torch": "NeuroAda k=1 (stock torch sparse ops)",
     "neuroada20-torch": "NeuroAda k=20 (stock torch sparse ops)",
@@ -127,10 +128,10 @@ def child_bench(method: str, size: str, dtype_name: str, warmup: int, steps: int
     # forced so that a broken triton raises instead of falling back
     setup, _, variant = method.partition("-")  # "neuroada20-torch" -> the neuroada20 setup, the "torch" variant
     kernels.set_backend("cpu" if variant == "torch" else "triton")
-    if variant == "gather":  # the deltas' gradient by the kernel that reads only the k sampled columns
-        from neuroada_format.runtime.kernels import triton as tk
+    if variant in ("gather", "dense"):  # the deltas' gradient by the kernel that reads only the k sampled columns,
+        from neuroada_format.runtime.kernels import triton as tk  # or by the dense product, whatever k is
 
-        tk.DENSE_ROWDOT = False
+        tk.DENSE_ROWDOT = variant == "dense"
     with torch.device(dev):
         model = tw.build_llama(**shape).to(dtype)
     _sync(dev)

@@ -210,9 +210,15 @@ def _rows_per_program(bk: int, bt: int, cap: int) -> int:
 # f32 elements of one [rows, d_in] block of the dense product in _rowdot_dense (64 MB): bounds the
 # transient whatever the layer's width, e.g. 3 blocks for a 7B down_proj (d_in 11008).
 DENSE_BLOCK = 1 << 24
-# None: the dense product for 16-bit CUDA inputs (when torch.mm takes out_dtype); False: the gather kernel
-# for every input (bench/gpu.py's side-by-side rows); True: the product for any same-dtype, non-f64 pair (tests)
+# None: the dense product for 16-bit CUDA inputs at k >= DENSE_MIN_K (when torch.mm takes out_dtype); False: the
+# gather kernel for every input; True: the product for any same-dtype, non-f64 pair at any k (tests, and
+# bench/gpu.py's side-by-side rows)
 DENSE_ROWDOT: bool | None = None
+# k=1 keeps the gather kernel: on an H200 (bench/gpu.py, bf16, 1B-shaped Llama, batch 4 x 512, one process each) a
+# k=1 step took 71.0 ms with it and 80.7 ms with the product, the step being host time (the product is two stock
+# launches plus slicing, the kernel one launch, and since 0ca72fe no zero fill). At k=20 the product won (3.16x the
+# floor against the kernel's 3.97x, two runs on two hosts).
+DENSE_MIN_K = 2
 # per input dtype, once an eager CUDA call has found out: does torch.mm take out_dtype (torch >= 2.8 on CUDA)
 _mm_out_dtype: dict[torch.dtype, bool] = {}
 
@@ -224,10 +230,11 @@ def _product_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())  # the interpreter's CPU tensors (tests)
 
 
-def _dense_ok(grad_y: torch.Tensor, x: torch.Tensor) -> bool:
+def _dense_ok(grad_y: torch.Tensor, x: torch.Tensor, k: int) -> bool:
     if DENSE_ROWDOT is not None:
         return DENSE_ROWDOT and x.dtype == grad_y.dtype and x.dtype != torch.float64
-    if not (grad_y.is_cuda and x.dtype == grad_y.dtype and x.dtype in (torch.bfloat16, torch.float16)):
+    if k < DENSE_MIN_K or not (grad_y.is_cuda and x.dtype == grad_y.dtype
+                               and x.dtype in (torch.bfloat16, torch.float16)):
         return False
     if x.dtype not in _mm_out_dtype:
         if torch.compiler.is_compiling():  # no probing inside a trace: the kernel until an eager call has looked
@@ -276,12 +283,13 @@ def _token_spans(n_r: int, T: int, bt: int, device: torch.device) -> int:
 
 def sampled_rowdot(grad_y: torch.Tensor, x: torch.Tensor, idx, *, block_r: int | None = None,
                    block_t: int = 32, token_spans: int | None = None) -> torch.Tensor:
-    """The dense product for 16-bit CUDA inputs (see _rowdot_dense and DENSE_ROWDOT), the gather kernel otherwise."""
+    """The dense product for 16-bit CUDA inputs at k >= 2 (see _rowdot_dense, DENSE_ROWDOT and DENSE_MIN_K), the gather
+    kernel otherwise."""
     p = as_pattern(idx, x.shape[-1])
     _check(grad_y, x, p.idx)
     acc = acc_dtype(grad_y, x)
     T = grad_y.shape[0]
-    if T and p.nnz and _dense_ok(grad_y, x):
+    if T and p.nnz and _dense_ok(grad_y, x, p.k):
         return _rowdot_dense(grad_y, x, p)
     if T == 0 or p.nnz == 0:
         return torch.zeros(p.d_out, p.k, dtype=acc, device=x.device)

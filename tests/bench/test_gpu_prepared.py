@@ -93,7 +93,7 @@ def test_both_prepared_commands_run_under_the_interpreter(tmp_path):
                 "| PEFT LoRA r=8 | 8,704 |", "| NeuroAda k=1 (Triton) | 576 |", "| NeuroAda k=20 (Triton) | 11,520 |",
                 # the matched row: k = round(8 * sum(d_in + d_out) / sum(d_out)) on the tiny shape = 15
                 "| NeuroAda k=15 (Triton; LoRA r=8's count) | 8,640 |",
-                "| NeuroAda k=1 (Triton; gradient by the gather kernel) | 576 |",
+                "| NeuroAda k=1 (Triton; gradient by the dense product) | 576 |",
                 "| NeuroAda k=20 (Triton; gradient by the gather kernel) | 11,520 |",
                 "| NeuroAda k=1 (stock torch sparse ops) | 576 |",
                 "| NeuroAda k=20 (stock torch sparse ops) | 11,520 |"):

@@ -77,10 +77,13 @@ def test_sampled_rowdot_dense_product(gen, dtype, monkeypatch):
         got = tk.sampled_rowdot(gy, x, p)
         assert got.dtype == torch.float32 and got.shape == (d_out, k)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # the default path: the dense product for 16-bit CUDA inputs only
+    # the default path: the dense product for 16-bit CUDA inputs from k=2 on, the gather kernel at k=1
     monkeypatch.setattr(tk, "DENSE_ROWDOT", None)
-    assert tk._dense_ok(gy, x) == (DEV == "cuda" and dtype != torch.float32)
+    assert tk._dense_ok(gy, x, k) == (DEV == "cuda" and dtype != torch.float32)
+    assert not tk._dense_ok(gy, x, 1)
     torch.testing.assert_close(tk.sampled_rowdot(gy, x, p), want, rtol=1e-5, atol=1e-5)
+    p1 = Pattern(p.idx[:, :1].contiguous(), d_in)
+    torch.testing.assert_close(tk.sampled_rowdot(gy, x, p1), reference.sampled_rowdot(gy, x, p1), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
