@@ -89,6 +89,13 @@ class AdapterStack:
                 c = self._cols[slot] = self.idxs[slot][:, 0].contiguous()
         return c
 
+    def shared_col(self) -> torch.Tensor | None:
+        """``[d_out]``: the one column per row that every adapter of a K = 1 stack reads, when they share their
+        positions (see ``idx``); None otherwise."""
+        if self.k != 1 or self.idx.stride(0) != 0:
+            return None
+        return self.col(0)
+
     def val_acc(self, slot: int, dtype: torch.dtype) -> torch.Tensor:
         """``vals[slot]`` in ``dtype``, contiguous: a row of the stacked ``val`` when that exists and fits (adapters
         held in BF16 would otherwise get a second f32 copy each), else a copy kept for the next call."""
@@ -339,7 +346,11 @@ def bgmv_linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     x3, y3 = x.reshape(B, seq_len, stack.d_in), y.view(B, seq_len, d_out)
     seqs, cols, v = stack.gather_plan(ids, y.dtype)
     if seqs is None and seq_len == 1:  # a decoding step: a plain 2-D gather (the expanded 3-D one costs ~30% more)
-        torch.gather(x, 1, cols, out=y)
+        shared = stack.shared_col()
+        if shared is not None:  # one [d_out] index for every sequence instead of B rows of it (read from memory
+            torch.index_select(x, 1, shared, out=y)  # each step, after the weights have pushed them out of cache)
+        else:
+            torch.gather(x, 1, cols, out=y)
         y.mul_(v.view(B, d_out))
     elif seqs is None:
         torch.gather(x3, 2, cols.view(B, 1, d_out).expand(B, seq_len, d_out), out=y3)

@@ -56,6 +56,9 @@ def test_adapters_sharing_positions_stack_them_once(gen, k):
     copies = AdapterStack(idxs, st.vals, d_in)
     copies._idx = st.idx.contiguous()  # what the stack held before: n copies
     W = torch.randn(d_out, d_in, generator=gen)
+    # a decoding step of a shared K = 1 stack reads one [d_out] column index (bgmv_linear_cpu); the copies take
+    # the per-sequence gather, and both must give the same bits below
+    assert (st.shared_col() is not None) == (k == 1) and copies.shared_col() is None
     for seq_len in (1, 5):
         for ids in ([0, -1, 1, 2, 0, -1], [2, 2], [-1]):
             ids = torch.tensor(ids)
