@@ -276,6 +276,8 @@ def _token_spans(n_r: int, T: int, bt: int, device: torch.device) -> int:
         return 1
     i = device.index if device.index is not None else torch.cuda.current_device()
     if i not in _sm_count:
+        if torch.compiler.is_compiling():  # no device query inside a trace: one span until an eager call has looked
+            return 1
         _sm_count[i] = torch.cuda.get_device_properties(i).multi_processor_count
     want = triton.cdiv(ROWDOT_PROGRAMS_PER_SM * _sm_count[i], n_r)
     return max(1, min(want, triton.cdiv(T, bt)))
