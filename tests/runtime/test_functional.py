@@ -151,10 +151,6 @@ def test_inplace_forward_bit_identical_to_merged(rt, gen, dtype, val_dtype):
     assert torch.equal(x.grad, torch.ones_like(y) @ Wm)
 
 
-def _bits(t):
-    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
-
-
 @pytest.mark.parametrize("writes", ["numpy", "index_put_"])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_training_writes_move_bits_and_always_put_them_back(rt, gen, monkeypatch, writes, wdtype):
@@ -167,19 +163,19 @@ def test_training_writes_move_bits_and_always_put_them_back(rt, gen, monkeypatch
     Wc = torch.randn(d_out, d_in, generator=gen).to(wdtype)
     idx = rt.rand_idx(d_out, d_in, k, gen)
     Wc[0, idx[0, 0]] = -0.0
-    nan = _bits(Wc)[1]
-    nan[idx[1, 1]] = _bits(torch.tensor(float("nan"), dtype=wdtype)) + 3  # a NaN other than the default one
+    nan = rt.bits(Wc)[1]
+    nan[idx[1, 1]] = rt.bits(torch.tensor(float("nan"), dtype=wdtype)) + 3  # a NaN other than the default one
     W = Wc.clone()
-    ov = Overlay([Pattern(idx, d_in)], [_bits(Wc).gather(1, idx).view(wdtype)])  # (a bf16 gather drops NaN payloads)
+    ov = Overlay([Pattern(idx, d_in)], [rt.bits(Wc).gather(1, idx).view(wdtype)])  # (a bf16 gather drops NaN payloads)
     val = (torch.randn(d_out, k, generator=gen) * 0.1).to(torch.float64 if wdtype == torch.float64 else
                                                            torch.float32).requires_grad_(True)
     x = torch.randn(5, d_in, generator=gen).to(wdtype).requires_grad_(True)
     y = inplace_sparse_delta_linear(x, W, None, ov, [val])
     Wm = rt.merged_canonical(Wc, idx, val)
-    assert torch.equal(_bits(W), _bits(Wc))
+    assert torch.equal(rt.bits(W), rt.bits(Wc))
     assert torch.equal(y.nan_to_num(7.0), F.linear(x, Wm).nan_to_num(7.0))  # the NaN entry gives a NaN column
     y.sum().backward()
-    assert torch.equal(_bits(W), _bits(Wc))
+    assert torch.equal(rt.bits(W), rt.bits(Wc))
     g = torch.ones_like(y)
     assert torch.equal(x.grad.nan_to_num(7.0), (g @ Wm).nan_to_num(7.0))
     ref = kernels.reference.sampled_rowdot(g, x.detach(), idx).to(val.dtype)
@@ -193,7 +189,7 @@ def test_training_writes_move_bits_and_always_put_them_back(rt, gen, monkeypatch
     monkeypatch.setattr(functional, "_linear", failing_product)
     with pytest.raises(RuntimeError, match="out of memory"):
         inplace_sparse_delta_linear(x, W, None, ov, [val])
-    assert inside == [True] and torch.equal(_bits(W), _bits(Wc))
+    assert inside == [True] and torch.equal(rt.bits(W), rt.bits(Wc))
 
 
 def test_conv1d_layout(rt, gen):
