@@ -26,7 +26,7 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
 from . import kernels
 from .kernels import reference
-from .kernels.cache import aliases, cache_here, outside_inference, version
+from .kernels.cache import cache_here, outside_inference, version
 from .kernels.pattern import Pattern
 from .kernels.reference import INT_VIEW, acc_dtype, rounded_values
 
@@ -275,25 +275,6 @@ def _with_overlay(overlay: Overlay, weight: torch.Tensor, vals, cast, fn, traced
     return fn(Wc)
 
 
-_last_transposed: tuple | None = None  # (x, its version, x^T contiguous): see _transposed_for_backward
-
-
-def _transposed_for_backward(x2: torch.Tensor) -> torch.Tensor:
-    """``x2 [T, d_in]`` as a row-major ``[d_in, T]`` for the backward's sampled product (kernels.takes_transposed_x).
-
-    Made here, in the forward, x is still in cache (in the backward it is cold: 2-3x the copy's time on CPU), and
-    sibling layers reading one x (q, k and v; gate and up) get the one copy the first of them made: the last copy is
-    kept with the x it came from. Holding that x means no other tensor can have its memory while they are compared,
-    so equal elements of one storage at one version are the same values. The backward lets go of it."""
-    global _last_transposed
-    last = _last_transposed
-    if last is not None and aliases(last[0], x2) and version(x2) == last[1]:
-        return last[2]
-    xt = x2.t().contiguous()
-    _last_transposed = (x2, version(x2), xt)
-    return xt
-
-
 class InplaceSparseDeltaLinear(torch.autograd.Function):
     """``y = linear(x, W + Delta, b)`` computed by writing Delta into W around the GEMM.
 
@@ -310,25 +291,21 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
                 xc, bc = x.to(cast), (None if bias is None else bias.to(cast))
             else:
                 xc, bc = x, bias
-            # x is needed only for grad_val: a frozen adapter (x needing a gradient for layers below) keeps none, a
-            # layer whose adapters read few input columns keeps only those (Overlay.compact). Copies are made before
-            # the GEMM, while x is still in cache.
-            saved, ctx.patterns, ctx.x_transposed = None, overlay.patterns, False
-            if any(ctx.needs_input_grad[4:]):
-                compact = overlay.compact()
-                if compact is None:
-                    saved = xc
-                    ks = [p.k for p, need in zip(overlay.patterns, ctx.needs_input_grad[4:]) if need]
-                    if cache_here() and not xc.is_inference() and kernels.takes_transposed_x(xc, ks):
-                        saved, ctx.x_transposed = _transposed_for_backward(xc.reshape(-1, overlay.d_in)), True
-                else:
-                    saved = xc.reshape(-1, overlay.d_in).index_select(1, compact[0])
-                    ctx.patterns = compact[1]
             t = overlay.transposed
             # the merged entries, made once for forward and backward (eager only: a trace keeps no tensors on ctx)
             merged = overlay.values(vals, weight.dtype) if cache_here() and cast in (None, weight.dtype) else None
             y = _with_overlay(overlay, weight, vals, cast, lambda W: _linear(xc, W, bc, t),
                               lambda *w: _overlay_linear(xc, bc, *w, t), merged)
+        # x is needed only for grad_val: a frozen adapter (x needing a gradient for layers below) keeps none,
+        # and a layer whose adapters read few input columns keeps only those (Overlay.compact)
+        saved, ctx.patterns = None, overlay.patterns
+        if any(ctx.needs_input_grad[4:]):
+            compact = overlay.compact()
+            if compact is None:
+                saved = xc
+            else:
+                saved = xc.reshape(-1, overlay.d_in).index_select(1, compact[0])
+                ctx.patterns = compact[1]
         ctx.save_for_backward(saved, *vals)
         ctx.weight = weight  # a reference, not a saved tensor (see module docstring)
         ctx.weight_version = version(weight) if cache_here() else None  # a trace cannot read a version
@@ -345,8 +322,6 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
             raise NeuroAdaUsageError("a second derivative through the in-place mode (backward or autograd.grad with "
                                      "create_graph=True, e.g. a gradient penalty) is not supported; attach with "
                                      "mode='additive' for that")
-        global _last_transposed
-        _last_transposed = None  # the forward's shared x^T (the graph keeps what it saved)
         xc, *vals = ctx.saved_tensors
         ov: Overlay = ctx.overlay
         if ctx.weight_version is not None and version(ctx.weight) != ctx.weight_version:
@@ -356,17 +331,6 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
         cast = ctx.cast
         grad_x = grad_b = None
         gy2 = grad_y.reshape(-1, ov.d_out)
-        # grad_val first, while grad_y is still in cache from the op that made it (the dense GEMM below streams W)
-        grad_vals = []
-        x2 = None
-        for a, v in enumerate(vals):
-            if ctx.needs_input_grad[4 + a]:
-                if x2 is None:
-                    x2 = xc.t() if ctx.x_transposed else xc.reshape(-1, xc.shape[-1])
-                gv = kernels.sampled_rowdot(gy2, x2, ctx.patterns[a])
-                grad_vals.append(gv if gv.dtype == v.dtype else gv.to(v.dtype))
-            else:
-                grad_vals.append(None)
         if ctx.needs_input_grad[0]:
             with _no_autocast(grad_y.device.type):
                 g = grad_y if cast is None else grad_y.to(cast)
@@ -379,6 +343,16 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
                 grad_x = grad_x.to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             grad_b = gy2.to(acc_dtype(gy2)).sum(0).to(ctx.bias_dtype)
+        grad_vals = []
+        x2 = None
+        for a, v in enumerate(vals):
+            if ctx.needs_input_grad[4 + a]:
+                if x2 is None:
+                    x2 = xc.reshape(-1, xc.shape[-1])
+                gv = kernels.sampled_rowdot(gy2, x2, ctx.patterns[a])
+                grad_vals.append(gv if gv.dtype == v.dtype else gv.to(v.dtype))
+            else:
+                grad_vals.append(None)
         return (grad_x, None, grad_b, None, *grad_vals)
 
 

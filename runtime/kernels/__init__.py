@@ -29,7 +29,6 @@ __all__ = [
     "restore_",
     "put_",
     "sampled_rowdot",
-    "takes_transposed_x",
     "gather_matvec",
     "gather_matvec_t",
 ]
@@ -121,13 +120,6 @@ def sampled_rowdot(grad_y: torch.Tensor, x: torch.Tensor, idx) -> torch.Tensor:
         if p.k > 1:  # k = 1 is plain index ops, which the compiler traces (and fuses); k > 1 is opaque to it
             return _sampled_rowdot_op(grad_y, x, p.idx)
     return _impl(x).sampled_rowdot(grad_y, x, idx)
-
-
-def takes_transposed_x(x: torch.Tensor, ks) -> bool:
-    """Whether ``sampled_rowdot`` would copy ``x [T, d_in]`` into a row-major ``[d_in, T]`` itself, for trainable
-    patterns of sizes ``ks`` (the stock-torch path at k > 1). A caller that has x sooner, and warm in cache, may
-    then make that copy ``xt`` once for every layer reading the same x and pass ``xt.t()``: any view is valid input."""
-    return _impl(x) is cpu and cpu.takes_transposed_x(x, ks)
 
 
 @torch.library.custom_op("neuroada::sampled_rowdot", mutates_args=())

@@ -17,9 +17,7 @@ from neuroada_format import NeuroAdaUsageError
 from .pattern import as_pattern, weight_pattern
 from .reference import INT_VIEW, acc_dtype
 
-__all__ = [
-    "scatter_", "restore_", "put_", "sampled_rowdot", "takes_transposed_x", "gather_matvec", "gather_matvec_t", "bag_rows",
-]
+__all__ = ["scatter_", "restore_", "put_", "sampled_rowdot", "gather_matvec", "gather_matvec_t", "bag_rows"]
 
 
 def put_(W: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -74,20 +72,10 @@ def sampled_rowdot(grad_y: torch.Tensor, x: torch.Tensor, idx) -> torch.Tensor:
     # and no 10x stalls at 2 threads when the d_out x T rows outgrow the cache). One pass converts too.
     # (Copying a block of tokens at a time made no measurable difference to peak RSS, and cost time
     # at 2 threads: each call is an OpenMP region.)
-    # A caller that had x earlier (the training forward, where x is still in cache and sibling layers share it)
-    # passes the transpose of such a copy, which goes in as it is (see takes_transposed_x).
     gyt = torch.empty(grad_y.shape[1], grad_y.shape[0], dtype=acc, device=grad_y.device).copy_(grad_y.t())
-    xt = x.t()
-    if x.dtype != acc or not xt.is_contiguous():
-        xt = torch.empty(x.shape[1], x.shape[0], dtype=acc, device=x.device).copy_(xt)
+    xt = torch.empty(x.shape[1], x.shape[0], dtype=acc, device=x.device).copy_(x.t())
     out = torch.sparse.sampled_addmm(p.csr_zeros(acc), gyt, xt.t(), beta=0.0, alpha=1.0)
     return out.values().view(p.d_out, p.k)
-
-
-def takes_transposed_x(x: torch.Tensor, ks) -> bool:
-    """Whether ``sampled_rowdot`` would copy ``x`` into a row-major [d_in, T] for patterns of sizes ``ks`` (every
-    k > 1, x already in its accumulation dtype); handed ``xt.t()`` for such an ``xt``, it copies nothing."""
-    return bool(ks) and min(ks) > 1 and x.dtype == acc_dtype(x)
 
 
 def _rowdot_k1(grad_y: torch.Tensor, x: torch.Tensor, p, acc: torch.dtype) -> torch.Tensor:
