@@ -37,7 +37,7 @@ from neuroada_format.dtypes import NUMPY_DTYPES, common_value_dtype, nonfinite_m
 
 from . import kernels
 from .config import NeuroAdaConfig
-from .kernels.bgmv import (AdapterStack, SeqMask, bgmv_add_, bgmv_add_static, bgmv_linear_cpu,
+from .kernels.bgmv import (AdapterStack, InputsT, SeqMask, bgmv_add_, bgmv_add_static, bgmv_linear_cpu,
                            bgmv_linear_static, seq_groups)
 from .kernels.cache import outside_inference, version
 from .kernels.reference import rounded_values
@@ -303,6 +303,7 @@ class _Sequences:
         self.n = len(slots)
         self.groups = seq_groups(self.ids)
         self.mask = SeqMask(self.ids)  # what a compiled forward reads instead (tensors, no Python data)
+        self.inputs_t = InputsT()  # sequences' x^T, shared by sibling layers (q, k, v) of this block
 
 
 def _exact_linears() -> tuple:
@@ -368,7 +369,8 @@ class _MixedForward:
             return y2.view(x.shape[:-1] + (layer.d_out,))
         y = base(x, *args, **kwargs)
         y2 = y.reshape(-1, y.shape[-1])
-        bgmv_add_(y2, x2, self.seqs.ids, self.stack, seq_len=seq_len, groups=self.seqs.groups)
+        bgmv_add_(y2, x2, self.seqs.ids, self.stack, seq_len=seq_len, groups=self.seqs.groups,
+                  inputs_t=self.seqs.inputs_t)
         return y2.view(y.shape)
 
     def _fused(self, base: nn.Module, x: torch.Tensor) -> bool:

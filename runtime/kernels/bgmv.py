@@ -35,15 +35,16 @@ import os
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from neuroada_format import NeuroAdaUsageError
 
 from . import get_backend
-from .cache import outside_inference, version
+from .cache import aliases, outside_inference, version
 from .cpu import bag_rows
 from .reference import acc_dtype, dense_delta
 
-__all__ = ["AdapterStack", "seq_groups", "bgmv_reference", "bgmv_add_", "bgmv_add_cpu_", "bgmv_add_triton_",
+__all__ = ["AdapterStack", "InputsT", "seq_groups", "bgmv_reference", "bgmv_add_", "bgmv_add_cpu_", "bgmv_add_triton_",
            "bgmv_linear_cpu", "SeqMask", "bgmv_add_static", "bgmv_linear_static", "triton_available"]
 
 # Above this many gathered elements (tokens x d_out x K, K > 1) the all-sequences gather gives way to one
@@ -276,16 +277,54 @@ def _rows_path(y3, x3, ids, stack, acc) -> None:
     _add_seqs_(y3, seqs, g.to(acc).mul_(v))
 
 
-def _seqs_path(y3, x3, ids, stack, acc) -> None:
-    """K > 1, long sequences: one product per sequence, with its own adapter. Against one product per adapter on the
-    sequences that use it this skips gathering those sequences (a copy of their inputs) and the product's [d_out, T]
-    result is a sequence long, small enough to stay in cache through its transpose and add. On the bench model's
-    shapes (8 x 128 tokens, k=20, 1 thread) an MLP projection's delta took 8.0-8.3 ms against 9.5-12.4 ms, and
-    with 64-token sequences 6.8 against 9.8-10.2; with 16-token ones the calls' overhead made it slower (12.0 vs
-    9.7), hence SEQS_MIN."""
+class InputsT:
+    """Every sequence's ``x^T [d_in, S]``, as ``_seqs_path`` reads them, made by one copy per layer input and kept
+    for the next layer that reads the same input (q, k and v; gate and up) within one adapter_batch block.
+
+    The last copy is kept with the x it came from: holding that x means no other tensor can have its memory while
+    they are compared, so equal elements of one storage at one version are the same values (an inference tensor
+    has no version: it gets a copy per layer)."""
+
+    def __init__(self):
+        self._last = None
+
+    def __call__(self, x3: torch.Tensor, acc: torch.dtype) -> list[torch.Tensor]:
+        last = self._last
+        if last is not None and last[1] == acc and aliases(last[0], x3) and last[2] == version(x3):
+            return last[3]
+        # A sequence at a time, each its own tensor: a 2-D transposed copy takes torch's blocked path (4x faster here
+        # at 1024 wide than one copy of the 3-D transpose), and a sequence's buffer is small enough to come back
+        # from the heap; one [B, d_in, S] buffer was a fresh mapping per layer, page faults and all (2.6x the time).
+        same = x3.dtype == acc
+        xt3 = [x3[b].t().contiguous() if same else x3[b].t().to(acc, memory_format=torch.contiguous_format)
+               for b in range(x3.shape[0])]
+        self._last = (x3, acc, version(x3), xt3)
+        return xt3
+
+
+def _seqs_path(y3, x3, ids, stack, acc, inputs_t: InputsT | None = None) -> None:
+    """K > 1, long sequences: one product per sequence, with its own adapter, ``embedding_bag`` over that sequence's
+    ``x^T`` (shared by sibling layers through ``inputs_t``); each [d_out, S] result is still in cache when it is
+    added, transposed, into its sequence's output. Per-sequence copies of x^T and of each result were two thirds of
+    the delta's time on the bench model (8 x 128 tokens, 4 adapters, k=20, 2 threads); sharing the first and adding
+    the second as a strided view is measured in bench/RESULTS.md. (Against one product per adapter on the sequences
+    that use it, which gathers those sequences first, it was faster from 64 tokens a sequence; shorter ones pay
+    more for the calls, hence SEQS_MIN.)"""
+    xt3 = inputs_t(x3, acc) if inputs_t is not None else InputsT()(x3, acc)
+    same = y3.dtype == acc
+    # The result goes in transposed: as a strided view where two threads share the add (the blocked 2-D copy is one
+    # thread's), as a contiguous copy where there is only one (the strided add ran 1.6-1.9x that copy and add)
+    blocked = torch.get_num_threads() == 1
     for b, a in enumerate(ids.tolist()):
-        if a >= 0:
-            _add_seqs_(y3[b], None, _slot_delta(x3[b], stack, a, acc))
+        if a < 0:
+            continue
+        d = F.embedding_bag(stack.idxs[a], xt3[b], per_sample_weights=stack.val_acc(a, acc), mode="sum").t()
+        if blocked:
+            d = d.contiguous()
+        if same:
+            y3[b].add_(d)
+        else:
+            y3[b].copy_(y3[b].to(acc).add_(d))
 
 
 def _grouped_path(y3, x3, stack, groups, acc) -> None:
@@ -298,8 +337,9 @@ def _grouped_path(y3, x3, stack, groups, acc) -> None:
 
 
 def bgmv_add_cpu_(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, stack: AdapterStack, *, seq_len: int = 1,
-                  groups: list | None = None, path: str | None = None) -> torch.Tensor:
-    """Stock-torch path (differentiable in ``x``). ``groups``: ``seq_groups(ids)`` if known; ``path``:
+                  groups: list | None = None, path: str | None = None, inputs_t: InputsT | None = None) -> torch.Tensor:
+    """Stock-torch path (differentiable in ``x``). ``groups``: ``seq_groups(ids)`` if known; ``inputs_t``: the
+    block's shared ``InputsT``, if any; ``path``:
     "gather" | "rows" (k=1 only) | "seqs" | "grouped" | None: gather for decoding steps and small problems,
     else rows for k=1, seqs for k>1 on sequences of SEQS_MIN tokens or more, grouped for shorter ones (see PATH)."""
     acc = acc_dtype(x, *stack.vals)
@@ -321,7 +361,7 @@ def bgmv_add_cpu_(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, stack: Ad
     elif path == "rows" and stack.k == 1:
         _rows_path(y3, x3, ids, stack, acc)
     elif path == "seqs":
-        _seqs_path(y3, x3, ids, stack, acc)
+        _seqs_path(y3, x3, ids, stack, acc, inputs_t)
     else:
         _grouped_path(y3, x3, stack, seq_groups(ids) if groups is None else groups, acc)
     return y
@@ -525,7 +565,7 @@ def bgmv_add_triton_(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, stack:
 
 # -- dispatch --------------------------------------------------------------------------------------------
 def bgmv_add_(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, stack: AdapterStack, *, seq_len: int = 1,
-              groups: list | None = None) -> torch.Tensor:
+              groups: list | None = None, inputs_t: InputsT | None = None) -> torch.Tensor:
     """Add the mixed-batch delta into ``y [T, d_out]`` in place (and return it).
 
     ``x [T, d_in]``; ``ids [T // seq_len]`` int: the adapter slot of each run of ``seq_len`` tokens
@@ -542,4 +582,4 @@ def bgmv_add_(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, stack: Adapte
         if needs_graph:
             raise NeuroAdaUsageError("the Triton bgmv kernel has no backward; run under torch.no_grad()")
         return bgmv_add_triton_(y, x, ids, stack, seq_len=seq_len)
-    return bgmv_add_cpu_(y, x, ids, stack, seq_len=seq_len, groups=groups)
+    return bgmv_add_cpu_(y, x, ids, stack, seq_len=seq_len, groups=groups, inputs_t=inputs_t)

@@ -104,6 +104,37 @@ def test_cpu_paths_match_reference(gen, monkeypatch, path, dtype, seq_len, ks, s
         assert torch.equal(got[base], y[base])  # base tokens untouched, bit for bit
 
 
+def test_sibling_layers_share_the_sequences_transposes(gen):
+    """The long-sequence K > 1 path transposes each sequence's x once for the layers reading that x (q, k, v): a
+    block's InputsT hands the second layer the first one's copies, an x changed in place gets new ones, and results
+    are the unshared path's bits, at one thread (contiguous adds) as at two (strided ones)."""
+    a, b = make_stack(gen, ks=(4, 2, 3)), make_stack(gen, ks=(2, 2, 5))
+    assert a.d_in == b.d_in
+    ids, seq_len = torch.tensor([2, 0, -1, 1]), 3
+    x = torch.randn(ids.numel() * seq_len, a.d_in, generator=gen)
+    ys = [torch.randn(x.shape[0], st.d_out, generator=gen) for st in (a, b)]
+    shared = bgmv.InputsT()
+    got = [bgmv_add_cpu_(y.clone(), x, ids, st, seq_len=seq_len, path="seqs", inputs_t=shared)
+           for y, st in zip(ys, (a, b))]
+    first = shared._last[3]
+    assert bgmv_add_cpu_(ys[1].clone(), x, ids, b, seq_len=seq_len, path="seqs", inputs_t=shared) is not None
+    assert shared._last[3] is first  # the same copies, again
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for g, y, st in zip(got, ys, (a, b)):
+                assert torch.equal(g, bgmv_add_cpu_(y.clone(), x, ids, st, seq_len=seq_len, path="seqs"))
+    finally:
+        torch.set_num_threads(threads)
+    for g, y, st in zip(got, ys, (a, b)):
+        torch.testing.assert_close(g, expected(y, x, ids, st, seq_len), rtol=1e-6, atol=1e-6)
+    x.mul_(2.0)
+    again = bgmv_add_cpu_(ys[0].clone(), x, ids, a, seq_len=seq_len, path="seqs", inputs_t=shared)
+    assert shared._last[3] is not first
+    torch.testing.assert_close(again, expected(ys[0], x, ids, a, seq_len), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("path", [None, "gather", "rows", "seqs", "grouped"])
 @pytest.mark.parametrize("ks", [(1, 4, 2), (1, 1, 1)])
 def test_precomputed_groups_and_strided_tensors(gen, path, ks):
