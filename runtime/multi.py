@@ -303,7 +303,6 @@ class _Sequences:
         self.n = len(slots)
         self.groups = seq_groups(self.ids)
         self.mask = SeqMask(self.ids)  # what a compiled forward reads instead (tensors, no Python data)
-        self.inputs_t = InputsT()  # sequences' x^T, shared by sibling layers (q, k, v) of this block
 
 
 def _exact_linears() -> tuple:
@@ -315,10 +314,12 @@ class _Tokens:
     ``inputs_embeds`` by a pre-hook and forgotten by a hook when the call returns: a layer given its input
     flattened to ``[sequences x tokens, d]`` (OPT's MLP) is served only when its row count is the sequences times
     that count, and read as sequence-major, as transformers flattens (a submodule called on its own, such as an
-    encoder, gets no count)."""
+    encoder, gets no count). It also holds the call's ``InputsT``: sequences' transposed inputs, shared by sibling
+    layers (q, k, v), let go of when the call returns (a generation's later steps take another path)."""
 
     def __init__(self):
         self.seq_len = None
+        self.inputs_t = InputsT()
 
     def capture(self, module, args, kwargs) -> None:
         t = kwargs.get("input_ids")
@@ -330,6 +331,7 @@ class _Tokens:
 
     def forget(self, *_) -> None:
         self.seq_len = None
+        self.inputs_t.clear()
 
 
 class _MixedForward:
@@ -370,7 +372,7 @@ class _MixedForward:
         y = base(x, *args, **kwargs)
         y2 = y.reshape(-1, y.shape[-1])
         bgmv_add_(y2, x2, self.seqs.ids, self.stack, seq_len=seq_len, groups=self.seqs.groups,
-                  inputs_t=self.seqs.inputs_t)
+                  inputs_t=self.tokens.inputs_t)
         return y2.view(y.shape)
 
     def _fused(self, base: nn.Module, x: torch.Tensor) -> bool:

@@ -464,9 +464,20 @@ def alone(model, ids, names):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("path", ["gather", "grouped"])
+@pytest.mark.parametrize("path", ["gather", "grouped", "seqs"])
 def test_adapter_batch_forward_equals_each_sequence_alone(zoo, monkeypatch, path):
     monkeypatch.setattr(bgmv, "PATH", path)
+    calls, made = [], []
+    real_call = bgmv.InputsT.__call__
+
+    def spy(self, x3, acc):
+        out = real_call(self, x3, acc)
+        calls.append(self)
+        if not any(out is m for m in made):
+            made.append(out)
+        return out
+
+    monkeypatch.setattr(bgmv.InputsT, "__call__", spy)
     model = served(zoo)
     ids = ids_batch(len(NAMES))
     with torch.no_grad():
@@ -476,6 +487,8 @@ def test_adapter_batch_forward_equals_each_sequence_alone(zoo, monkeypatch, path
         with adapter_batch(model, NAMES):
             assert merged_adapter(model) is None  # the base weights, plus per-sequence deltas
             got = model(ids).logits
+            if path == "seqs":  # q, k and v read one input: its transposes were made once, and let go of after the call
+                assert len(made) < len(calls) and calls[0]._last is None
         assert snapshot(model) == before  # "cs" merged again, bit for bit; classes and lists as they were
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(got[0], got[1], atol=1e-3)  # the deltas do change the outputs
