@@ -279,7 +279,8 @@ def _rows_path(y3, x3, ids, stack, acc) -> None:
 
 class InputsT:
     """Every sequence's ``x^T [d_in, S]``, as ``_seqs_path`` reads them, made by one copy per layer input and kept
-    for the next layer that reads the same input (q, k and v; gate and up) within one adapter_batch block.
+    for the next layer that reads the same input (q, k and v; gate and up) within one model call (adapter_batch
+    clears it when the call returns).
 
     The last copy is kept with the x it came from: holding that x means no other tensor can have its memory while
     they are compared, so equal elements of one storage at one version are the same values (an inference tensor
