@@ -44,8 +44,8 @@ from .cache import aliases, outside_inference, version
 from .cpu import bag_rows
 from .reference import acc_dtype, dense_delta
 
-__all__ = ["AdapterStack", "InputsT", "seq_groups", "bgmv_reference", "bgmv_add_", "bgmv_add_cpu_", "bgmv_add_triton_",
-           "bgmv_linear_cpu", "SeqMask", "bgmv_add_static", "bgmv_linear_static", "triton_available"]
+__all__ = ["AdapterStack", "InputsT", "seq_groups", "bgmv_reference", "bgmv_add_", "bgmv_add_cpu_",
+           "bgmv_add_triton_", "bgmv_linear_cpu", "SeqMask", "bgmv_add_static", "bgmv_linear_static", "triton_available"]
 
 # Above this many gathered elements (tokens x d_out x K, K > 1) the all-sequences gather gives way to one
 # product per adapter present: its [T, d_out, K] intermediate stops paying for the saved calls. With K = 1
@@ -314,8 +314,7 @@ def _seqs_path(y3, x3, ids, stack, acc, inputs_t: InputsT | None = None) -> None
     the second as a strided view is measured in bench/RESULTS.md. (Against one product per adapter on the sequences
     that use it, which gathers those sequences first, it was faster from 64 tokens a sequence; shorter ones pay
     more for the calls, hence SEQS_MIN.)"""
-    xt3 = inputs_t(x3, acc) if inputs_t is not None else InputsT()(x3, acc)
-    same = y3.dtype == acc
+    xt3 = (inputs_t or InputsT())(x3, acc)
     # The result goes in transposed: as a strided view where two threads share the add (the blocked 2-D copy is one
     # thread's), as a contiguous copy where there is only one (the strided add ran 1.6-1.9x that copy and add)
     blocked = torch.get_num_threads() == 1
@@ -323,12 +322,7 @@ def _seqs_path(y3, x3, ids, stack, acc, inputs_t: InputsT | None = None) -> None
         if a < 0:
             continue
         d = F.embedding_bag(stack.idxs[a], xt3[b], per_sample_weights=stack.val_acc(a, acc), mode="sum").t()
-        if blocked:
-            d = d.contiguous()
-        if same:
-            y3[b].add_(d)
-        else:
-            y3[b].copy_(y3[b].to(acc).add_(d))
+        _add_seqs_(y3[b], None, d.contiguous() if blocked else d)
 
 
 def _grouped_path(y3, x3, stack, groups, acc) -> None:
@@ -343,7 +337,7 @@ def _grouped_path(y3, x3, stack, groups, acc) -> None:
 def bgmv_add_cpu_(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, stack: AdapterStack, *, seq_len: int = 1,
                   groups: list | None = None, path: str | None = None, inputs_t: InputsT | None = None) -> torch.Tensor:
     """Stock-torch path (differentiable in ``x``). ``groups``: ``seq_groups(ids)`` if known; ``inputs_t``: the
-    block's shared ``InputsT``, if any; ``path``:
+    model call's shared ``InputsT``, if any; ``path``:
     "gather" | "rows" (k=1 only) | "seqs" | "grouped" | None: gather for decoding steps and small problems,
     else rows for k=1, seqs for k>1 on sequences of SEQS_MIN tokens or more, grouped for shorter ones (see PATH)."""
     acc = acc_dtype(x, *stack.vals)
