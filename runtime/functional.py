@@ -136,7 +136,7 @@ class Overlay:
         the training forward's and backward's writes (see ``_written``); on CPU through numpy arrays of ``flat``
         and ``w0`` made once per overlay (they share memory with its tensors)."""
         arrays = None
-        if _numpy_writes(W) and self.w0.dtype == W.dtype:  # w0's dtype is fixed for an overlay: a cast makes a new one
+        if W.device.type == "cpu" and self.w0.dtype == W.dtype:  # an overlay's w0 keeps its dtype (a cast: new overlay)
             if self._bits is None:
                 self._bits = (self.flat.numpy(), self.w0.view(INT_VIEW[W.element_size()]).numpy())
             arrays = self._bits
@@ -164,11 +164,21 @@ def _no_autocast(dev: str):
     return torch.autocast(dev, enabled=False) if _autocast_on(dev) else contextlib.nullcontext()
 
 
-def _numpy_writes(W: torch.Tensor) -> bool:
-    """Whether ``_written`` moves the bits through numpy (CPU tensors): torch's ``index_put_`` is an OpenMP region
-    past 32k entries, and on a machine whose cores were busy each call waited ~8 ms for its second thread. (Never
-    called in a torch.compile trace: there the writes are inside an operator, which a trace does not enter.)"""
-    return W.device.type == "cpu"
+PARALLEL_WRITE_MIN = 8192  # entries from which a CPU write goes through index_put_ when torch has several threads
+
+
+def _numpy_writes(W: torch.Tensor, entries: int) -> bool:
+    """Whether ``_written`` moves the bits through numpy (CPU tensors) rather than ``index_put_``.
+
+    Each written entry is a cache miss that usually goes to memory (~15 ns on the bench machine against ~5 ns from
+    cache): at k=20 about 100 ms of a CPU step of the bench model. numpy moves them on one thread with the least host
+    time; ``index_put_`` splits a large write across torch's threads. Measured side by side in one process (bench
+    model, steps interleaved): with 2 threads, index_put_ for every write took a k=20 step to 0.93x, but a k=1 step
+    (writes of 1-3k entries) to 1.01x; with 1 thread, index_put_ took a k=20 step to 1.015x. Hence numpy below
+    ``PARALLEL_WRITE_MIN`` entries or on one thread. index_put_ is an OpenMP region, which waits for every thread: on
+    a machine whose cores were busy a call once waited ~8 ms for its second one. (Never called in a torch.compile
+    trace: there the writes are inside an operator, which a trace does not enter.)"""
+    return W.device.type == "cpu" and (entries < PARALLEL_WRITE_MIN or torch.get_num_threads() < 2)
 
 
 @contextlib.contextmanager
@@ -177,9 +187,10 @@ def _written(W: torch.Tensor, flat: torch.Tensor, merged: torch.Tensor, w0: torc
     block exits. ``arrays``: ``(flat, w0)`` as numpy integer arrays, when the caller keeps them.
 
     Every training forward and backward does this once per adapted layer, so it is the bare bit moves through
-    integer views: numpy fancy assignments on CPU, one ``index_put_`` each elsewhere (a stock op: a Triton launch
-    costs more host time than the move itself). The general ``kernels.put_`` checks, dispatches and converts every
-    operand per call: host time, which is what a GPU step of small layers waits on. The writes go through
+    integer views: numpy fancy assignments or ``index_put_`` on CPU (``_numpy_writes``), one ``index_put_`` each
+    elsewhere (a stock op: a Triton launch costs more host time than the move itself). The general ``kernels.put_``
+    checks, dispatches and converts every operand per call: host time, which is what a GPU step of small layers
+    waits on. The writes go through
     ``W.data``, whose version counter is its own: compiled graphs save W for their backward, and a second forward
     before that backward (two passes summed into one loss) must not look like a change to it."""
     Wd = W.data
@@ -194,7 +205,7 @@ def _written(W: torch.Tensor, flat: torch.Tensor, merged: torch.Tensor, w0: torc
         return
     bits = INT_VIEW[Wd.element_size()]
     merged = merged.view(bits)  # same-size dtypes: a view whatever the strides
-    if _numpy_writes(Wd):  # (numpy reshapes cost less host time than torch's)
+    if _numpy_writes(Wd, flat.numel()):  # (numpy reshapes cost less host time than torch's)
         flat_np, w0_np = arrays or (flat.numpy(), w0.view(bits).numpy().reshape(-1))
         wb = Wd.view(bits).numpy().reshape(-1)
         wb[flat_np] = merged.numpy().reshape(-1)
