@@ -187,6 +187,32 @@ def test_a_write_large_enough_for_threads_keeps_merged_outputs_and_restores_the_
     assert torch.equal(y, want_y) and torch.equal(x.grad, want_gx)
 
 
+def test_backward_reads_the_kept_merged_entries_only_if_no_later_forward_rewrote_them(rt, gen):
+    """The forward hands its merged entries to its backward in one buffer per overlay (no fresh tensor per layer and
+    step). A second forward with other deltas before the first backward (a quantization grid's snap of a changed
+    value is a new tensor, which autograd does not guard) rewrites it: the first backward then recomputes its own."""
+    d_out, d_in, k = 16, 24, 3
+    Wc, W, ov, vals = setup(rt, gen, d_out, d_in, k, dtype=torch.float32)
+    other = (vals[0].detach() + 0.5).requires_grad_(True)
+    x = torch.randn(5, d_in, generator=gen).requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y1 = inplace_sparse_delta_linear(x, W, None, ov, vals)
+    buf = ov._kept
+    y2 = inplace_sparse_delta_linear(x2, W, None, ov, [other])
+    assert ov._kept is buf  # the same buffer, now holding the second forward's entries
+    y1.sum().backward()
+    y2.sum().backward()
+    g = torch.ones(5, d_out)
+    assert torch.equal(x.grad, g @ rt.merged_canonical(Wc, ov.patterns[0].idx, vals[0]))
+    assert torch.equal(x2.grad, g @ rt.merged_canonical(Wc, ov.patterns[0].idx, other))
+    y3 = inplace_sparse_delta_linear(x, W, None, ov, vals)  # a later step: the same buffer again
+    y3.sum().backward()
+    assert ov._kept is buf and torch.equal(rt.bits(W), rt.bits(Wc))
+    _, W2, ov2, vals2 = setup(rt, gen, d_out, d_in, k, dtype=torch.float32)
+    inplace_sparse_delta_linear(x.detach(), W2, None, ov2, vals2).sum().backward()
+    assert ov2._kept is None  # x needs no gradient: backward never runs the product through W' again
+
+
 @pytest.mark.parametrize("writes", ["numpy", "index_put_"])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_training_writes_move_bits_and_always_put_them_back(rt, gen, monkeypatch, writes, wdtype):
