@@ -212,9 +212,9 @@ def _written(W: torch.Tensor, flat: torch.Tensor, merged: torch.Tensor, w0: torc
     integer views: numpy fancy assignments or ``index_put_`` on CPU (``_numpy_writes``), one ``index_put_`` each
     elsewhere (a stock op: a Triton launch costs more host time than the move itself). The general ``kernels.put_``
     checks, dispatches and converts every operand per call: host time, which is what a GPU step of small layers
-    waits on. The writes go through
-    ``W.data``, whose version counter is its own: compiled graphs save W for their backward, and a second forward
-    before that backward (two passes summed into one loss) must not look like a change to it."""
+    waits on. The writes go through ``W.data``, whose version counter is its own: compiled graphs save W for their
+    backward, and a second forward before that backward (two passes summed into one loss) must not look like a change
+    to it."""
     Wd = W.data
     if not Wd.is_contiguous():
         raise NeuroAdaUsageError("in-place sparse writes need a contiguous weight; use the additive mode")
