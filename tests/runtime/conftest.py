@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -57,10 +58,21 @@ def same_bits(a, b):
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 
+@contextlib.contextmanager
+def threads(n):
+    """torch's intra-op thread count set to ``n`` inside the block, the previous one back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def rt():
     return SimpleNamespace(rand_idx=rand_idx, merged_canonical=merged_canonical, masked_dense=masked_dense,
-                           bits=bits, same_bits=same_bits)
+                           bits=bits, same_bits=same_bits, threads=threads)
 
 
 @pytest.fixture

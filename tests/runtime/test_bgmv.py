@@ -104,7 +104,7 @@ def test_cpu_paths_match_reference(gen, monkeypatch, path, dtype, seq_len, ks, s
         assert torch.equal(got[base], y[base])  # base tokens untouched, bit for bit
 
 
-def test_sibling_layers_share_the_sequences_transposes(gen):
+def test_sibling_layers_share_the_sequences_transposes(rt, gen):
     """The long-sequence K > 1 path transposes each sequence's x once for the layers reading that x (q, k, v): a
     block's InputsT hands the second layer the first one's copies, an x changed in place gets new ones, and results
     are the unshared path's bits, at one thread (contiguous adds) as at two (strided ones)."""
@@ -119,14 +119,10 @@ def test_sibling_layers_share_the_sequences_transposes(gen):
     first = shared._last[3]
     assert bgmv_add_cpu_(ys[1].clone(), x, ids, b, seq_len=seq_len, path="seqs", inputs_t=shared) is not None
     assert shared._last[3] is first  # the same copies, again
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
+    for n in (1, 2):
+        with rt.threads(n):
             for g, y, st in zip(got, ys, (a, b)):
                 assert torch.equal(g, bgmv_add_cpu_(y.clone(), x, ids, st, seq_len=seq_len, path="seqs"))
-    finally:
-        torch.set_num_threads(threads)
     for g, y, st in zip(got, ys, (a, b)):
         torch.testing.assert_close(g, expected(y, x, ids, st, seq_len), rtol=1e-6, atol=1e-6)
     x.mul_(2.0)

@@ -151,19 +151,15 @@ def test_inplace_forward_bit_identical_to_merged(rt, gen, dtype, val_dtype):
     assert torch.equal(x.grad, torch.ones_like(y) @ Wm)
 
 
-def test_cpu_writes_go_parallel_only_when_large_and_threads_allow():
+def test_cpu_writes_go_parallel_only_when_large_and_threads_allow(rt):
     """numpy (one thread, least host time) unless the write is large enough for index_put_ to split it and torch has
     more than one thread; other devices always take index_put_."""
     big, small = functional.PARALLEL_WRITE_MIN, functional.PARALLEL_WRITE_MIN - 1
     W = torch.zeros(2, 2)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with rt.threads(2):
         assert not functional._numpy_writes(W, big) and functional._numpy_writes(W, small)
-        torch.set_num_threads(1)
+    with rt.threads(1):
         assert functional._numpy_writes(W, big) and functional._numpy_writes(W, small)
-    finally:
-        torch.set_num_threads(before)
     assert not functional._numpy_writes(torch.zeros(2, 2, device="meta"), small)
 
 
@@ -173,16 +169,12 @@ def test_a_write_large_enough_for_threads_keeps_merged_outputs_and_restores_the_
     k = functional.PARALLEL_WRITE_MIN // d_out
     Wc, W, ov, vals = setup(rt, gen, d_out, d_in, k, dtype=torch.float32)
     x = torch.randn(3, d_in, generator=gen).requires_grad_(True)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with rt.threads(2):
         assert not functional._numpy_writes(W, ov.flat.numel())
         y = inplace_sparse_delta_linear(x, W, None, ov, vals)
         y.sum().backward()
         Wm = rt.merged_canonical(Wc, ov.patterns[0].idx, vals[0])
         want_y, want_gx = F.linear(x, Wm), torch.ones_like(y) @ Wm  # (a GEMM's bits depend on the thread count)
-    finally:
-        torch.set_num_threads(before)
     assert torch.equal(rt.bits(W), rt.bits(Wc))
     assert torch.equal(y, want_y) and torch.equal(x.grad, want_gx)
 
