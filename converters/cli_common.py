@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import warnings
 
 import click
@@ -89,7 +90,11 @@ def run_command(command: click.Command, argv, prog_name: str) -> int:
             warnings.simplefilter("ignore", ResourceWarning)
             shown = _OneLineWarnings()
             warnings.showwarning = shown.show
-            code = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+            # the context by hand, not command.main(): main() answers a Ctrl-C by printing an empty line to
+            # stderr before its Abort, and the interruption must be the one line below
+            args = list(sys.argv[1:] if argv is None else argv)
+            with command.make_context(prog_name, args) as ctx:
+                code = command.invoke(ctx)
             shown.finish()  # (not after a failure: its one error line says all, and no output was written)
     except click.exceptions.Exit as exc:        # --help, --version
         return exc.exit_code

@@ -694,6 +694,18 @@ class _Plan:
     verify: bool
 
 
+def _touched_weight(value) -> float:
+    """The encoder's weight on delta-carrying values: a finite number > 0 (1 weighs them like the rest); anything
+    else would silently make the search ignore or invert what it is there to keep."""
+    try:
+        w = float(value)
+    except (TypeError, ValueError):
+        w = math.nan
+    if not (math.isfinite(w) and w > 0):
+        raise NeuroAdaUsageError(f"--option touched_weight must be a finite number > 0, got {value!r}")
+    return w
+
+
 class GGUFBackend(Backend):
     """neuroada-merge into a GGUF file (copy only: a GGUF is not patched in place)."""
 
@@ -705,7 +717,7 @@ class GGUFBackend(Backend):
         if encoder not in ("search", "naive"):
             raise NeuroAdaUsageError(f"unknown encoder {encoder!r} (search, naive)")
         self.encoder = encoder
-        self.touched_weight = float(touched_weight)
+        self.touched_weight = _touched_weight(touched_weight)
 
     def configured(self, **options) -> "GGUFBackend":
         """A GGUF backend with its own options: requant, target_type, encoder, touched_weight
@@ -743,6 +755,11 @@ class GGUFBackend(Backend):
             warnings.append(f"{len(retyped)} touched tensors are re-encoded into a block type (e.g. {retyped[0]}: "
                             f"{t.name}); their merged values are not exact (spec section 15.3); "
                             f"--option target_type=F16 keeps them exact")
+        if self.requant is not None and (self.target_type is not None
+                                         or all(view.file.tensors[g].type in ENCODABLE for g in by_tensor)):
+            warnings.append(f"requant={self.requant.name} applies only to tensor types gguf-py cannot re-encode, and no "
+                            f"touched tensor has one: it changes nothing (--option target_type= sets the type of "
+                            f"every touched tensor)")
         return Resolved(by_tensor, len(by_tensor), warnings)
 
     def _out_type(self, view: GGUFBase, info: TensorInfo) -> QT:

@@ -603,10 +603,39 @@ def test_cli_options_reach_the_gguf_backend(tiny, tmp_path):
     gm.merge_gguf(path, [adapter], api, target_type="F16")
     assert api.read_bytes() == out.read_bytes()
     assert gm.BACKEND.target_type is None                       # the registered backend is unchanged
-    for bad in (["--option", "colour=blue"], ["--option", "target_type=Q4_K"]):
+    bads = [["--option", "colour=blue"], ["--option", "target_type=Q4_K"]]
+    bads += [["--option", f"touched_weight={w}"] for w in ("abc", "nan", "inf", "-inf", "1e400", "-5", "0", "")]
+    for bad in bads:
         assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(adapter), "--out",
-                          os.fspath(tmp_path / "x.gguf"), *bad]) == 2
+                          os.fspath(tmp_path / "x.gguf"), *bad]) == 2, bad
     assert not (tmp_path / "x.gguf").exists()
+    with pytest.raises(NeuroAdaUsageError, match="touched_weight must be a finite number > 0, got 'nan'"):
+        gm.merge_gguf(path, [adapter], tmp_path / "x.gguf", touched_weight="nan")
+
+
+def test_touched_weight_error_is_one_line(tiny, tmp_path, capsys):
+    """A bad --option touched_weight is a usage error in one line, not an internal error."""
+    from neuroada_format.converters.merge_cli import run as merge_run
+    path, view = tiny(QT.Q4_1)
+    adapter = tmp_path / "a.safetensors"
+    naf.save(make_adapter(naf.ArrayBase({n: view.array(n) for n in TARGETS})), adapter)
+    capsys.readouterr()
+    assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(adapter), "--out",
+                      os.fspath(tmp_path / "x.gguf"), "--option", "touched_weight=abc"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --option touched_weight must be a finite number > 0, got 'abc'\n", err
+
+
+def test_requant_that_changes_nothing_is_said(tiny, tmp_path, capsys):
+    """requant only names the type for tensors gguf-py cannot re-encode: on a Q4_1 base it has no effect, and the
+    merge says so instead of ignoring the option silently."""
+    path, view = tiny(QT.Q4_1)
+    adapter = tmp_path / "a.safetensors"
+    naf.save(make_adapter(naf.ArrayBase({n: view.array(n) for n in TARGETS})), adapter)
+    said = gm.merge_gguf(path, [adapter], tmp_path / "r.gguf", requant="F32").warnings
+    assert any("requant=F32 applies only to tensor types gguf-py cannot re-encode" in w for w in said), said
+    assert not any("requant" in w for w in gm.merge_gguf(path, [adapter], tmp_path / "plain.gguf").warnings)
+    assert (tmp_path / "r.gguf").read_bytes() == (tmp_path / "plain.gguf").read_bytes()
 
 
 def test_pack_against_a_gguf_base(tiny, tmp_path):
