@@ -153,8 +153,8 @@ def open_base(base) -> Checkpoint | ArrayBase:
     if path.lower().endswith(".gguf"):
         return _open_gguf(path)
     if path.endswith(".onnx"):
-        raise NeuroAdaError("ONNX bases are read by the converters (neuroada-merge), not by the format "
-                            "core", path=path, rule="1.6")
+        raise NeuroAdaUsageError("ONNX bases are read by the converters (neuroada-merge), not by the format "
+                                 "core", path=path, rule="1.6")
     st = SafetensorsFile(path, unknown_dtypes=True)
     name = os.path.basename(path)
     return Checkpoint({name: st}, {k: name for k in st.tensors}, path)

@@ -38,7 +38,11 @@ class _OneLineGroup(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            # the context by hand, not click's main(): that answers a Ctrl-C by printing an empty line to stderr
+            # before its Abort, and the interruption must be the one line below
+            args = list(sys.argv[1:] if args is None else args)
+            with self.make_context(prog_name or "neuroada", args, **extra) as ctx:
+                code = self.invoke(ctx)
         except click.exceptions.Exit as exc:  # --help, --version
             code = exc.exit_code
         except click.ClickException as exc:  # usage errors: one line, not click's three
@@ -75,6 +79,8 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def validate_cmd(adapter, base, check_selection, as_json):
     """Check ADAPTER (a file or an adapter folder) against every rule of the spec (and BASE when given)."""
+    if check_selection and not base:
+        raise click.UsageError("--check-selection compares the indices with a base's top-k: it needs --base")
     file, _ = adapter_paths(adapter)
     report = validate(file, base=base, check_selection=check_selection)
     if as_json:

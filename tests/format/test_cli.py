@@ -67,6 +67,33 @@ def test_validate_valid(files):
     assert run("validate", files["good"], "--base", files["base"], "--check-selection").exit_code == 0
 
 
+def test_check_selection_without_a_base_is_a_usage_error(files):
+    """--check-selection compares with a base's top-k: without --base it used to pass silently, checking nothing."""
+    r = run("validate", files["good"], "--check-selection")
+    assert r.exit_code == 2 and r.stdout == ""
+    assert one_line(r.stderr) == "error: --check-selection compares the indices with a base's top-k: it needs --base"
+
+
+def test_an_onnx_base_is_a_usage_error(files, tmp_path):
+    """The format core does not read ONNX: that is the wrong command (exit 2), not an invalid adapter (exit 1)."""
+    onnx = tmp_path / "m.onnx"
+    onnx.write_bytes(b"not read")
+    r = run("validate", files["good"], "--base", os.fspath(onnx))
+    assert r.exit_code == 2 and "neuroada-merge" in one_line(r.stderr)
+
+
+def test_interrupt_is_exactly_one_line(files, monkeypatch):
+    """click's own main() prints an empty line before its Abort; the command prints only its one line."""
+    import neuroada_format.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "validate", interrupted)
+    r = run("validate", files["good"])
+    assert r.exit_code == 130 and r.stderr == "error: interrupted\n" and r.stdout == ""
+
+
 @pytest.mark.parametrize("which, rule", [("nan", "3.7"), ("truncated", "1.4")])
 def test_validate_invalid_exits_1_with_one_line(files, which, rule):
     r = run("validate", files[which])
