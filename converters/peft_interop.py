@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from decimal import ROUND_FLOOR, Decimal
 
@@ -311,6 +312,40 @@ def _read_config(folder: str) -> dict:
     return config
 
 
+def _strings(value, field: str, path: str) -> str | list[str] | None:
+    """A config field that PEFT reads as one regex or a list of module names."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise NeuroAdaError(f"{field} is {value!r}: expected a string or a list of strings", path=path)
+
+
+def _selected_by(config: dict, path: str):
+    """Which modules PEFT wraps under this config, matched as PEFT 0.21.2 matches target_modules (a regex the
+    whole module name must match, or names a module name equals or ends with after a dot): only those receive
+    the file's values when PEFT loads the folder; values stored for any other module are skipped. (Super-Tuning's
+    config has no exclude_modules or layers_to_transform: PEFT ignores those keys in its file, and so do we.)"""
+    targets = config.get("target_modules")
+    if not (targets is None or isinstance(targets, str)
+            or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise NeuroAdaError(f"target_modules is {targets!r}: expected a string or a list of strings", path=path)
+    if isinstance(targets, str) and targets != "all-linear":  # "all-linear": every linear layer, which the file names
+        try:
+            re.compile(targets)
+        except re.error as exc:
+            raise NeuroAdaError(f"target_modules {targets!r} is not a regular expression: {exc}", path=path) from None
+
+    def selects(key: str) -> bool:
+        if targets is None:
+            return False
+        if isinstance(targets, str):
+            return targets == "all-linear" or re.fullmatch(targets, key) is not None
+        return key in targets or any(key.endswith("." + t) for t in targets)
+
+    return selects
+
+
 def _read_entries(folder: str):
     """(file, {module: (flat indices int64, values f32)}) from adapter_model.safetensors."""
     path = os.path.join(folder, WEIGHTS_NAME)
@@ -422,8 +457,15 @@ def import_peft(folder, base, *, value_dtype: str | None = None, round_values: b
         raise NeuroAdaUsageError(f"value dtype {value_dtype!r} is not one of {', '.join(VALUE_DTYPES)}")
     config = _read_config(folder)
     sparsity = float(config["sparsity"])
+    selects = _selected_by(config, os.path.join(folder, CONFIG_NAME))
     st, entries = _read_entries(folder)
     path = st.path
+    ignored = sorted(m for m in entries if not selects(m))
+    if ignored:
+        raise NeuroAdaError(f"the file holds values for {len(ignored)} module(s) that the config's target_modules does "
+                            f"not select, e.g. {ignored[0]!r}: PEFT "
+                            f"loads the folder without applying them, so no adapter can merge as it does; fix "
+                            f"{CONFIG_NAME} or the file", path=os.path.join(folder, CONFIG_NAME))
     b = open_base(base)
     info = {}
     for module, (flat, vals) in sorted(entries.items()):

@@ -404,6 +404,12 @@ def set_entry(suffix, i, value, metadata="keep"):
     ("values_missing", NeuroAdaError, r"no supertuning_values"),
     ("int16_indices", NeuroAdaError, r"expected 1-D I32"),
     ("not_a_folder", NeuroAdaUsageError, r"no such PEFT adapter folder"),
+    # values for modules PEFT would not wrap (it loads the folder and skips them): no adapter merges as PEFT does
+    ("target_narrowed", NeuroAdaError, r"adapter_config.json: .*does not select, e.g. 'model.layers.0.mlp.down_proj'"),
+    ("target_regex_narrowed", NeuroAdaError, r"does not select, e.g. 'model.layers.0.mlp.down_proj'"),
+    ("no_targets", NeuroAdaError, r"does not select"),
+    ("targets_not_strings", NeuroAdaError, r"target_modules is \[1\]: expected a string or a list of strings"),
+    ("targets_bad_regex", NeuroAdaError, r"target_modules '\(' is not a regular expression"),
 ])
 def test_hostile_folders_are_refused(exported, tmp_path, case, error, match):
     base_dir, folder, _ = exported
@@ -459,12 +465,40 @@ def test_hostile_folders_are_refused(exported, tmp_path, case, error, match):
                                            for k, v in t.items()})
     elif case == "not_a_folder":
         folder = os.path.join(folder, "nope")
+    elif case == "target_narrowed":
+        rewrite(folder, config={"target_modules": ["q_proj"]})
+    elif case == "target_regex_narrowed":
+        rewrite(folder, config={"target_modules": r".*\.q_proj"})
+    elif case == "no_targets":
+        rewrite(folder, config={"target_modules": None})
+    elif case == "targets_not_strings":
+        rewrite(folder, config={"target_modules": [1]})
+    elif case == "targets_bad_regex":
+        rewrite(folder, config={"target_modules": "("})
     before = tree_bytes(folder) if os.path.isdir(folder) and "fifo" not in case else None
     with pytest.raises(error, match=match) as exc:
         pi.from_peft(folder, base_dir)
     assert type(exc.value) is error
     if before is not None:
         assert tree_bytes(folder) == before        # inputs are never touched
+
+
+@pytest.mark.parametrize("config", [
+    {"target_modules": r"model\.layers\.\d+\.(self_attn\.q_proj|mlp\.down_proj)"},
+    {"target_modules": ["q_proj", "down_proj", "up_proj"]},  # up_proj wrapped with nothing loaded: zero deltas
+    # keys a Super-Tuning config does not have: PEFT warns and ignores them, so excluded modules still load
+    {"exclude_modules": ["down_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+])
+def test_other_spellings_of_the_same_targets_import(exported, tmp_path, config):
+    """A config whose target_modules selects the file's modules another way (a regex, a longer list) is what PEFT
+    applies in full: it imports, and merges as PEFT's own load does."""
+    base_dir, folder, ours_file = exported
+    rewrite(folder, config=config)
+    base = reload(base_dir)
+    peft_merged = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).merge_and_unload()
+    adapter = pi.from_peft(folder, base_dir)
+    assert sorted(adapter.targets) == sorted(naf.load(ours_file).targets)
+    assert same_state(merged_with(base, adapter), peft_merged) == []
 
 
 def test_another_base_is_refused(exported, tmp_path):
