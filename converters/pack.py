@@ -110,7 +110,7 @@ def _rows_per_chunk(d_in: int) -> int:
     return max(1, CHUNK_ENTRIES // max(d_in, 1))
 
 
-def _extract_target(name, w0, w1, layout, k, positions, vdt):
+def _extract_target(name, w0, w1, layout, k, positions, vdt, where=None):
     """Indices, f32 values and error sums of one target, streamed over row chunks."""
     c0, c1 = canonical_view(w0, layout), canonical_view(w1, layout)
     d_out, d_in = c0.shape
@@ -122,7 +122,7 @@ def _extract_target(name, w0, w1, layout, k, positions, vdt):
         base_rows = np.asarray(c0[start:stop], dtype=np.float32)
         delta = np.asarray(c1[start:stop], dtype=np.float32) - base_rows
         if nonfinite_mask(delta).any():
-            raise NeuroAdaError("fine-tuned minus base has non-finite entries", tensor=name, rule="3.7")
+            raise NeuroAdaError("fine-tuned minus base has non-finite entries", path=where, tensor=name, rule="3.7")
         if positions == "delta":
             sel = topk_columns(np.abs(delta), k)
         else:
@@ -171,10 +171,11 @@ def extract(base, finetuned, k: int, positions: str = "delta", targets=None, *, 
             continue
         fdtype, fshape = f.info(name)
         if tuple(fshape) != tuple(shape):
-            raise NeuroAdaError(f"shape {list(fshape)} in the fine-tune, {list(shape)} in the base", tensor=name,
-                                rule="4.2")
+            raise NeuroAdaError(f"shape {list(fshape)} in the fine-tune, {list(shape)} in the base",
+                                path=getattr(f, "path", None), tensor=name, rule="4.2")
         if fdtype not in BASE_DTYPES:
-            raise NeuroAdaError(f"fine-tuned tensor is {fdtype}, not F32, F16 or BF16", tensor=name, rule="4.2")
+            raise NeuroAdaError(f"fine-tuned tensor is {fdtype}, not F32, F16 or BF16", path=getattr(f, "path", None),
+                                tensor=name, rule="4.2")
         chosen.append(name)
     if not chosen:
         raise NeuroAdaError("no tensor of the base matches the target filter (2-D F32/F16/BF16 tensors present "
@@ -187,8 +188,10 @@ def extract(base, finetuned, k: int, positions: str = "delta", targets=None, *, 
             layout = layout_of(name)
             d_in = w0.shape[1] if layout == "out_in" else w0.shape[0]
             if k > d_in:
-                raise NeuroAdaError(f"k={k} exceeds d_in={d_in}", tensor=name, rule="3.4")
-            idx, vals, total, rest, stored = _extract_target(name, w0, w1, layout, k, positions, value_dtype)
+                raise NeuroAdaError(f"k={k} exceeds d_in={d_in}", path=getattr(b, "path", None), tensor=name,
+                                    rule="3.4")
+            idx, vals, total, rest, stored = _extract_target(name, w0, w1, layout, k, positions, value_dtype,
+                                                             getattr(f, "path", None))
             pbar.update(1)
             if total == 0.0:
                 unchanged.append(name)
@@ -250,6 +253,7 @@ def combine(adapters_with_weights, base, *, value_dtype: str | None = None, veri
     vdt = value_dtype or common_value_dtype(t.value_dtype for a, _ in pairs for t in a.targets.values())
     _check_value_dtype(vdt)
     names = sorted({n for a, _ in pairs for n in a.targets})
+    owner = {id(t): a.path for a, _ in pairs for t in a.targets.values()}  # the file an error names
     targets = {}
     for name in names:
         parts = [(a.targets[name], w) for a, w in pairs if name in a.targets]
@@ -257,16 +261,16 @@ def combine(adapters_with_weights, base, *, value_dtype: str | None = None, veri
         for t, _ in parts[1:]:
             if (t.shape, t.layout, t.dtype) != (first.shape, first.layout, first.dtype):
                 raise NeuroAdaError(f"target is {t.dtype}{list(t.shape)} {t.layout} in one adapter and "
-                                    f"{first.dtype}{list(first.shape)} {first.layout} in another", tensor=name,
-                                    rule="4.2")
+                                    f"{first.dtype}{list(first.shape)} {first.layout} in another",
+                                    path=owner[id(t)], tensor=name, rule="4.2")
         if name not in b:
-            raise NeuroAdaError("target is not a tensor of the base", tensor=name, rule="4.1")
+            raise NeuroAdaError("target is not a tensor of the base", path=owner[id(first)], tensor=name, rule="4.1")
         idx, vals = union_target(name, parts, *first.shape)
         with np.errstate(over="ignore"):
             values = vals.astype(NUMPY_DTYPES[vdt])
         if nonfinite_mask(values).any():
-            raise NeuroAdaError(f"a combined value overflows {vdt}; use a wider value dtype", tensor=name,
-                                rule="3.7")
+            raise NeuroAdaError(f"the weighted sum of {len(parts)} adapters' values overflows {vdt}; use a wider value "
+                                f"dtype", path=owner[id(first)], tensor=name, rule="3.7")
         targets[name] = Target.from_weight(name, b.array(name), idx, values, layout=first.layout,
                                            value_dtype=vdt)
     lead = pairs[0][0]
@@ -305,12 +309,12 @@ def repack(adapter: Adapter, value_dtype: str | None = None, index_dtype: str | 
     for name, t in adapter.targets.items():
         idt = index_dtype or t.index_dtype
         if idt == "I16" and index_dtype_for(t.d_in) == "I32":
-            raise NeuroAdaError(f"d_in={t.d_in} needs I32 indices", tensor=name, rule="3.2")
+            raise NeuroAdaError(f"d_in={t.d_in} needs I32 indices", path=adapter.path, tensor=name, rule="3.2")
         vdt = value_dtype or t.value_dtype
         with np.errstate(over="ignore"):
             values = np.asarray(t.values).astype(NUMPY_DTYPES[vdt])
         if nonfinite_mask(values).any() and not nonfinite_mask(np.asarray(t.values)).any():
-            raise NeuroAdaError(f"a value overflows {vdt}", tensor=name, rule="3.7")
+            raise NeuroAdaError(f"a value overflows {vdt}", path=adapter.path, tensor=name, rule="3.7")
         targets[name] = Target(name, np.asarray(t.indices).astype(NUMPY_DTYPES[idt]), values, t.shape, t.layout,
                                t.dtype, t.probe, dict(t.extra))  # unknown per-target fields carried verbatim
     version = adapter.version

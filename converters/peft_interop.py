@@ -123,13 +123,13 @@ def _exact_in(values_f32: np.ndarray, dtype: str) -> np.ndarray:
 
 
 # -- export ----------------------------------------------------------------------------------------
-def _module_of(name: str, layout: str) -> str:
+def _module_of(name: str, layout: str, path=None) -> str:
     if layout != "out_in":
         raise NeuroAdaError("PEFT Super-Tuning wraps torch.nn.Linear only; this target is stored [in, out] "
-                            "(GPT-2 Conv1D) and cannot be exported", tensor=name)
+                            "(GPT-2 Conv1D) and cannot be exported", path=path, tensor=name, rule="16")
     if not name.endswith(".weight") or name == ".weight":
         raise NeuroAdaError("PEFT addresses a module's weight as <module>.weight; this target name does not "
-                            "end in .weight", tensor=name)
+                            "end in .weight", path=path, tensor=name, rule="16")
     return name[:-len(".weight")]
 
 
@@ -158,10 +158,11 @@ def peft_tensors(adapter: Adapter, *, allow_inexact: bool = False, base_dtypes: 
 
     base_dtypes: the dtype of each target's tensor in the base PEFT will load (PEFT casts values to
     it); by default the dtype the adapter records."""
-    modules = {name: _module_of(name, t.layout) for name, t in adapter.targets.items()}
+    modules = {name: _module_of(name, t.layout, adapter.path) for name, t in adapter.targets.items()}
     for name, t in adapter.targets.items():
         if t.d_out * t.d_in > INT32_MAX:
-            raise NeuroAdaError(f"{t.d_out} x {t.d_in} positions do not fit PEFT's int32 flat indices", tensor=name)
+            raise NeuroAdaError(f"{t.d_out} x {t.d_in} positions do not fit PEFT's int32 flat indices",
+                                path=adapter.path, tensor=name, rule="16")
     sparsity = choose_sparsity((t.d_out * t.d_in, t.d_out * t.k) for t in adapter.targets.values())
     tensors, stats = {}, {}
     for name, t in sorted(adapter.targets.items()):
@@ -174,7 +175,8 @@ def peft_tensors(adapter: Adapter, *, allow_inexact: bool = False, base_dtypes: 
                 f"{int(inexact.sum())} values (first: row {i // t.k}, slot {i % t.k}, {float(vals[i])!r}) are not "
                 f"exact in the base dtype {dtype}; PEFT casts each value to the base dtype before adding, so its "
                 f"merge would differ from the spec's (f32 add, one rounding). Repack the values to {dtype} "
-                f"first, or allow an inexact export", tensor=name)
+                f"first (neuroada-pack --repack --value-dtype {dtype}), or allow an inexact export "
+                f"(--allow-inexact)", path=adapter.path, tensor=name, rule="16")
         numel = t.d_out * t.d_in
         real = (np.arange(t.d_out, dtype=np.int64)[:, None] * t.d_in
                 + np.asarray(t.indices, dtype=np.int64)).reshape(-1)       # ascending: rows strictly increase

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tracemalloc
@@ -362,3 +363,47 @@ def test_console_script_is_installed(tmp_path):
     r = subprocess.run([exe, "--repack", os.fspath(tmp_path / "nope.safetensors"), "-o", "x"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no such adapter file" in r.stderr
+
+
+@pytest.mark.parametrize("case", ["k_too_large", "nonfinite_finetune", "finetune_shape", "combine_overflow",
+                                  "repack_overflow", "to_peft_inexact", "to_peft_in_out"])
+def test_cli_errors_name_the_file_the_tensor_and_the_rule(tmp_path, rng, capsys, craft, case):
+    """Each refusal is one line naming the file it is about (the fine-tune, the base or the adapter), the tensor
+    and the rule; several used to name only the tensor."""
+    base = llama_like(rng, BF16)
+    bdir = craft.base(tmp_path / "base", base)
+    up = "model.layers.0.mlp.up_proj.weight"
+    p = {n: os.fspath(tmp_path / f"{n}.safetensors") for n in ("a", "out")}
+    if case in ("k_too_large", "nonfinite_finetune", "finetune_shape"):
+        ft = finetune_with(base, sparse_adapter(rng, base, LINEAR, 2))
+        if case == "nonfinite_finetune":
+            ft[up] = ft[up].copy()
+            ft[up][3, 4] = np.inf
+        if case == "finetune_shape":
+            ft[up] = np.zeros((24, 8), BF16)
+        fdir = craft.base(tmp_path / "ft", ft)
+        argv = ["--base", bdir, "--finetuned", fdir, "-k", "100" if case == "k_too_large" else "2", "-o", p["out"]]
+        where, rule = (bdir, "3.4") if case == "k_too_large" else (fdir, "3.7" if case == "nonfinite_finetune" else "4.2")
+    elif case in ("combine_overflow", "repack_overflow"):
+        a = sparse_adapter(rng, base, [up], 2, value_dtype="F32")
+        for t in a.targets.values():
+            np.asarray(t.values)[:] = 3e38
+        naf.save(a, p["a"])
+        argv = (["--combine", p["a"], p["a"], "--base", bdir, "-o", p["out"]] if case == "combine_overflow" else
+                ["--repack", p["a"], "--value-dtype", "F16", "-o", p["out"]])
+        where, rule = p["a"], "3.7"
+    else:
+        layout = {up: "in_out"} if case == "to_peft_in_out" else None
+        a = sparse_adapter(rng, base, [up], 2, value_dtype="F32", layout=layout)
+        naf.save(a, p["a"])
+        argv = ["--to", "peft", p["a"], "--base", bdir, "-o", os.fspath(tmp_path / "peft")]
+        where, rule = p["a"], "16"
+    tensor = "model.layers.0.mlp.down_proj.weight" if case == "k_too_large" else up  # the first too narrow
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and out == "", (code, out, err)
+    # (a folder with one checkpoint file is named by that file)
+    assert err.count("\n") == 1 and re.match(rf"error: {re.escape(where)}(/model\.safetensors)?: {tensor}: rule {rule}: ",
+                                              err), err
+    if case == "to_peft_inexact":
+        assert "--allow-inexact" in err
+    assert not os.path.exists(p["out"]) and not os.path.exists(tmp_path / "peft")
