@@ -17,6 +17,7 @@ valid because the original values are always back in place when control leaves t
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Sequence
 
 import torch
@@ -203,6 +204,21 @@ def _numpy_writes(W: torch.Tensor, entries: int) -> bool:
     return W.device.type == "cpu" and (entries < PARALLEL_WRITE_MIN or torch.get_num_threads() < 2)
 
 
+_WEIGHT_LOCKS: dict[int, threading.Lock] = {}
+
+
+def _weight_lock(W: torch.Tensor) -> threading.Lock:
+    """One lock per weight storage, held from a write to its restore: a forward on another thread (a server answering
+    requests in a thread pool) must not multiply with the weight while it holds, or has lost, this call's entries.
+    Calls of one layer then take turns; different layers still run side by side. Keyed by address: a lock left
+    behind by a freed weight is at worst shared by a later one, which costs a wait, never a wrong result."""
+    key = W.data_ptr()
+    lock = _WEIGHT_LOCKS.get(key)
+    if lock is None:
+        lock = _WEIGHT_LOCKS.setdefault(key, threading.Lock())  # atomic under the GIL: one lock per key
+    return lock
+
+
 @contextlib.contextmanager
 def _written(W: torch.Tensor, flat: torch.Tensor, merged: torch.Tensor, w0: torch.Tensor, arrays=None):
     """``W.data`` with ``merged`` at ``flat`` inside the block, its own values ``w0`` again after it, however the
@@ -215,33 +231,34 @@ def _written(W: torch.Tensor, flat: torch.Tensor, merged: torch.Tensor, w0: torc
     waits on. The writes go through ``W.data``, whose version counter is its own: compiled graphs save W for their
     backward, and a second forward before that backward (two passes summed into one loss) must not look like a change
     to it."""
-    Wd = W.data
-    if not Wd.is_contiguous():
-        raise NeuroAdaUsageError("in-place sparse writes need a contiguous weight; use the additive mode")
-    if merged.dtype != Wd.dtype or w0.dtype != Wd.dtype:  # a weight cast after attach: the general path converts
-        kernels.put_(Wd, flat, merged)
+    with _weight_lock(W):
+        Wd = W.data
+        if not Wd.is_contiguous():
+            raise NeuroAdaUsageError("in-place sparse writes need a contiguous weight; use the additive mode")
+        if merged.dtype != Wd.dtype or w0.dtype != Wd.dtype:  # a weight cast after attach: the general path converts
+            kernels.put_(Wd, flat, merged)
+            try:
+                yield Wd
+            finally:
+                kernels.put_(Wd, flat, w0)
+            return
+        bits = INT_VIEW[Wd.element_size()]
+        merged = merged.view(bits)  # same-size dtypes: a view whatever the strides
+        if _numpy_writes(Wd, flat.numel()):  # (numpy reshapes cost less host time than torch's)
+            flat_np, w0_np = arrays or (flat.numpy(), w0.view(bits).numpy().reshape(-1))
+            wb = Wd.view(bits).numpy().reshape(-1)
+            wb[flat_np] = merged.numpy().reshape(-1)
+            try:
+                yield Wd
+            finally:
+                wb[flat_np] = w0_np
+            return
+        wb = Wd.view(-1).view(bits)
+        wb.index_put_((flat,), merged.reshape(-1))
         try:
             yield Wd
         finally:
-            kernels.put_(Wd, flat, w0)
-        return
-    bits = INT_VIEW[Wd.element_size()]
-    merged = merged.view(bits)  # same-size dtypes: a view whatever the strides
-    if _numpy_writes(Wd, flat.numel()):  # (numpy reshapes cost less host time than torch's)
-        flat_np, w0_np = arrays or (flat.numpy(), w0.view(bits).numpy().reshape(-1))
-        wb = Wd.view(bits).numpy().reshape(-1)
-        wb[flat_np] = merged.numpy().reshape(-1)
-        try:
-            yield Wd
-        finally:
-            wb[flat_np] = w0_np
-        return
-    wb = Wd.view(-1).view(bits)
-    wb.index_put_((flat,), merged.reshape(-1))
-    try:
-        yield Wd
-    finally:
-        wb.index_put_((flat,), w0.view(bits).reshape(-1))
+            wb.index_put_((flat,), w0.view(bits).reshape(-1))
 
 
 @torch.library.custom_op("neuroada::overlay_linear", mutates_args=())
@@ -468,10 +485,12 @@ def additive_sparse_delta(x: torch.Tensor, pattern: Pattern, val: torch.Tensor, 
 @torch.no_grad()
 def merge_(weight: torch.Tensor, overlay: Overlay, vals: Sequence[torch.Tensor]) -> None:
     """Write the merged entries permanently (a tracked in-place write: W's version moves)."""
-    overlay.apply_(weight.detach(), [v.detach() for v in vals])
+    with _weight_lock(weight):
+        overlay.apply_(weight.detach(), [v.detach() for v in vals])
 
 
 @torch.no_grad()
 def unmerge_(weight: torch.Tensor, overlay: Overlay) -> None:
     """Put ``w0`` back; exact, whatever was merged."""
-    overlay.restore_(weight.detach())
+    with _weight_lock(weight):
+        overlay.restore_(weight.detach())
