@@ -360,7 +360,10 @@ def check_output(out, *, inputs: Iterable = (), overwrite: bool = False, kind: s
             if real == real_src or (os.path.lexists(target) and _same_file(target, src)):
                 raise NeuroAdaUsageError(f"{what} is the input {src}; write elsewhere (or use --in-place "
                                          f"where offered)", path=target)
-            if _inside(real_src, real):
+            # the input's own directory entry counts too: a symbolic link given as the input, kept inside OUT, would
+            # vanish with OUT even though what it names lies elsewhere
+            entry = os.path.join(_real(os.path.dirname(src)), os.path.normcase(os.path.basename(src)))
+            if _inside(real_src, real) or _inside(entry, real):
                 raise NeuroAdaUsageError(f"{what} would contain the input {src}, which writing it would "
                                          f"destroy; write elsewhere", path=target)
             if _inside(real, real_src):

@@ -121,6 +121,21 @@ def test_check_output_refuses_aliases_containers_and_insides(tmp_path):
                                 overwrite=True) == os.fspath(tmp_path / "x.onnx")
 
 
+def test_an_input_given_through_a_link_inside_out_is_kept(model, tmp_path, capsys):
+    """`--base holder/b --out holder --overwrite`, holder/b a link to the real base: the base's data lay elsewhere,
+    but replacing holder deleted the path the user had given; OUT may not hold an input's own directory entry."""
+    base, a, _, _ = model
+    holder = tmp_path / "holder"
+    holder.mkdir()
+    os.symlink(base, holder / "b")
+    code, _, err = merge_cli(capsys, "--base", holder / "b", "--adapter", a, "--out", holder, "--overwrite")
+    assert code == 2 and "would contain the input" in one_line(err)
+    assert os.path.islink(holder / "b") and os.path.isdir(holder / "b")
+    with pytest.raises(naf.NeuroAdaUsageError, match="would contain"):
+        durable.check_output(holder, inputs=[holder / "b"], overwrite=True)
+    assert durable.check_output(tmp_path / "elsewhere", inputs=[holder / "b"]) == os.fspath(tmp_path / "elsewhere")
+
+
 def test_merge_out_containing_the_base_is_refused_even_with_overwrite(model, tmp_path, capsys):
     """Issue 13 item 2: `--out PARENT --overwrite` used to delete BASE and everything beside it."""
     base, a, _, _ = model
