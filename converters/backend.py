@@ -281,6 +281,13 @@ def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, ver
     given = [item[0] if isinstance(item, tuple) else item for item in adapters]
     adapters = normalise_adapters(adapters)
     view = impl.open(base)
+    if not in_place:
+        named = os.fspath(out).lower()
+        other = next((fmt for fmt, reg in REGISTRY.items() if reg.suffixes and named.endswith(reg.suffixes)), None)
+        if other is not None and other != impl.format:  # a GGUF written as m.safetensors would be read as one
+            raise NeuroAdaUsageError(f"the output is written in the base's format ({impl.format}), but its name "
+                                     f"ends in {REGISTRY[other].suffixes[0]}; name it for what it holds",
+                                     path=os.path.abspath(os.fspath(out)))
     if not in_place:  # an adapter folder as given is an input too (its config is not in a.path)
         inputs = impl.inputs(view) + [a.path for a, _ in adapters if a.path] + \
             [os.fspath(g) for g in given if not isinstance(g, Adapter)]

@@ -74,7 +74,7 @@ def command(base, adapter_specs, out, overwrite, in_place, journal, revert_journ
             as_json):
     """Merge NeuroAda adapters into BASE (a new copy, or in place), or revert an in-place merge."""
     if revert_journal:
-        if adapter_specs or out or in_place or overwrite or journal or durable or options:
+        if adapter_specs or out or in_place or overwrite or journal or durable or options or no_verify:
             raise click.UsageError("--revert takes only a journal (and --base if the checkpoint moved); "
                                    "it always flushes what it restores")
         from .journal import revert

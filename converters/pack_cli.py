@@ -69,6 +69,7 @@ def _file_summary(out: str, adapter) -> dict:
 
 
 @click.command(help=HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="neuroada-format")
 @click.argument("sources", nargs=-1, metavar="[ADAPTER[:WEIGHT]]...")
 @click.option("--base", help="Base checkpoint (extract, combine, --from-peft; --to peft checks against it).")
 @click.option("--finetuned", help="Dense fine-tuned checkpoint of the same architecture (extract).")

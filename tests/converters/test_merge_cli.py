@@ -121,13 +121,17 @@ def test_wrong_journal_exits_1_and_a_non_journal_exits_2(capsys, tmp_path, model
     (["--revert", "{tmp}/nope.safetensors"], "no usable journal: cannot read: no such file"),
     (["--revert", "{a}", "--adapter", "{a}"], "--revert takes only"),
     (["--revert", "{a}", "--fsync"], "--revert takes only"),
+    (["--revert", "{a}", "--no-verify"], "--revert takes only"),   # was accepted and ignored
+    # the output is the base's format: a name another format claims would be read as that format
+    (["--base", "{base}", "--adapter", "{a}", "--out", "{tmp}/o.gguf"], "its name ends in .gguf"),
+    (["--base", "{base}", "--adapter", "{a}", "--out", "{tmp}/o.ONNX"], "its name ends in .onnx"),
 ])
 def test_usage_and_io_errors_exit_2(capsys, tmp_path, model, args, needle):
     base, a, _, _ = model
     args = [x.format(base=base, a=a, tmp=tmp_path) for x in args]
     code, out, err = cli(capsys, *args)
     assert code == 2 and needle in one_error_line(err)
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.gguf").exists()
 
 
 def test_existing_output_needs_overwrite(capsys, tmp_path, model):

@@ -407,3 +407,8 @@ def test_cli_errors_name_the_file_the_tensor_and_the_rule(tmp_path, rng, capsys,
     if case == "to_peft_inexact":
         assert "--allow-inexact" in err
     assert not os.path.exists(p["out"]) and not os.path.exists(tmp_path / "peft")
+
+
+def test_version_like_the_other_commands(capsys):
+    code, out, err = run(capsys, "--version")
+    assert code == 0 and out.startswith("neuroada-pack, version ") and err == ""
