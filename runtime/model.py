@@ -655,6 +655,7 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default", *, value
     if not is_main_process:
         return file
     if single:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as for the folder form
         naf.save(adapter, path)
         return path
     os.makedirs(path, exist_ok=True)

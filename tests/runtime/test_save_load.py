@@ -82,6 +82,9 @@ def test_save_single_file_and_folder(tmp_path):
     assert weights == os.fspath(folder / "neuroada_model.safetensors")
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # atomic writes left nothing behind
     assert not [f for f in os.listdir(folder) if ".tmp" in f]
+    # missing parent folders are made for the single file as for the folder (as save_pretrained does)
+    nested = save_adapter(model, tmp_path / "new" / "deeper" / "a.safetensors")
+    assert open(nested, "rb").read() == open(file, "rb").read()
 
     cfg = json.loads((folder / "neuroada_config.json").read_text())
     assert "peft_type" not in cfg  # nothing PEFT would take for one of its own methods
