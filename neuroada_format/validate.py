@@ -140,7 +140,7 @@ def _check_content(t: Target, p: Problems) -> None:
                 r, j = np.argwhere(out)[0]
                 bad_range = (start + r, j, int(idx[r, j]))
         if bad_order is None and k > 1:
-            steps = np.diff(idx.astype(np.int32), axis=1) <= 0
+            steps = np.diff(idx.astype(np.int64), axis=1) <= 0
             if steps.any():
                 r, j = np.argwhere(steps)[0]
                 bad_order = (start + r, j, int(idx[r, j]), int(idx[r, j + 1]))

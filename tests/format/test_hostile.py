@@ -433,6 +433,19 @@ def test_bad_indices(index_dtype, case, rule, craft, raw_file):
     assert f"row {row}" in str(err)
 
 
+@pytest.mark.parametrize("pair, rules", [
+    ((2**31 - 1, -2**31), {"3.5", "3.6"}),  # a decrease whose difference overflows int32
+    ((-2**31, 2**31 - 1), {"3.5"}),         # an increase whose difference overflows int32
+    ((-1, 2**31 - 1), {"3.5"}),
+])
+def test_order_check_does_not_overflow_at_the_int32_extremes(pair, rules, craft, raw_file):
+    t = good_target()
+    idx = t["indices"][:, 1:].astype(craft.dtypes["I32"])  # k=2, so the row is exactly the pair
+    idx[2] = pair
+    path = raw_file(with_target(craft, indices=idx, values=t["values"][:, 1:], k=2))
+    assert {p["rule"] for p in naf.validate(path).errors} == rules
+
+
 def test_out_of_range_hides_nothing_else(craft, raw_file):
     """An out-of-range index that also breaks the order is reported under both rules."""
     idx = good_target()["indices"].copy()
