@@ -127,7 +127,7 @@ def _extract_target(name, w0, w1, layout, k, positions, vdt, where=None):
             sel = topk_columns(np.abs(delta), k)
         else:
             sel = select_indices(base_rows, k, "magnitude")
-        v = np.take_along_axis(delta, sel, axis=1)
+        v = np.take_along_axis(delta, sel, axis=1) + np.float32(0.0)  # -0.0 -> +0.0: padding is all-zero bits (4.5)
         idx[start:stop], vals[start:stop] = sel, v
         d64 = delta.astype(np.float64)
         total += float(np.square(d64).sum())

@@ -94,6 +94,26 @@ def test_extract_recovers_exactly_sparse_finetune(tmp_path, rng, dtype, craft):
         assert np.all(np.abs(merged - ft[name].astype(np.float32)) <= tol + 1e-12)
 
 
+def test_extract_pads_with_positive_zero(tmp_path, rng, craft):
+    """A fine-tune that turns +0.0 into -0.0 gives -0.0 differences; stored, they must be +0.0 (rule 4.5)."""
+    base = llama_like(rng)
+    name = LINEAR[0]
+    base[name][:, :6] = 0.0
+    ft = dict(base)
+    ft[name] = base[name].copy()
+    ft[name][:, :6] = -0.0          # no numeric change: every delta of these columns is -0.0
+    ft[name][0, 10] += 0.25         # one real change, so the tensor is not "unchanged"
+    bdir, fdir = craft.base(tmp_path / "b", base), craft.base(tmp_path / "f", ft)
+    adapter, _ = pack.extract(bdir, fdir, 3, targets=[name])
+    t = adapter.targets[name]
+    vals = np.asarray(t.values, np.float32)
+    zero = vals == 0
+    assert zero.sum() == t.indices.size - 1
+    assert not np.signbit(vals[zero]).any()
+    assert np.asarray(t.indices[1]).tolist() == [0, 1, 2]      # padding at the lowest columns
+    assert naf.validate(adapter, base=bdir, strict=True).ok
+
+
 def test_extract_reports_error_of_dense_finetune(tmp_path, rng, craft):
     base = llama_like(rng)
     ft = {n: (w + rng.standard_normal(w.shape).astype(F32) * 0.01 if w.ndim == 2 else w) for n, w in base.items()}
