@@ -41,7 +41,7 @@ Repack (other dtypes, current spec version):
   neuroada-pack --repack A.safetensors --value-dtype F16 -o OUT.safetensors
 \b
 PEFT (a Super-Tuning folder stock PEFT loads with PeftModel.from_pretrained, and back):
-  neuroada-pack --to peft ADAPTER [--base BASE] -o PEFT_DIR
+  neuroada-pack --to peft ADAPTER [--base BASE] [--task-type T] -o PEFT_DIR
   neuroada-pack --from-peft PEFT_DIR --base BASE -o OUT.safetensors
 
 BASE and FT are safetensors checkpoints: a file or a Hugging Face folder, sharded or not; BASE may
@@ -93,6 +93,10 @@ def _file_summary(out: str, adapter) -> dict:
 @click.option("--to", "to_format", type=click.Choice(["peft"]),
               help="Export ADAPTER (file or folder) to a PEFT Super-Tuning folder; --base checks it first.")
 @click.option("--from-peft", "peft_dir", metavar="PEFT_DIR", help="Import a PEFT Super-Tuning folder (needs --base).")
+@click.option("--task-type", type=click.Choice(["auto", "none", *peft_interop.TASK_TYPES]), default="auto",
+              show_default=True,
+              help="--to peft: PEFT's task_type (AutoPeftModelForCausalLM needs CAUSAL_LM). auto: from BASE's "
+                   "config.json architectures (GPT2LMHeadModel, LlamaForCausalLM: CAUSAL_LM), else none.")
 @click.option("--allow-inexact", is_flag=True,
               help="--to peft: export values that PEFT would round to the base dtype before adding.")
 @click.option("--round-values", is_flag=True, help="--from-peft: round values to --value-dtype (RNE) "
@@ -100,11 +104,14 @@ def _file_summary(out: str, adapter) -> dict:
 @click.option("--overwrite", is_flag=True, help="Replace an existing -o (never an input).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def cli(sources, base, finetuned, k, out, positions, targets, layout_in_out, value_dtype, index_dtype,
-        do_combine, repack_path, base_name, to_format, peft_dir, allow_inexact, round_values, overwrite, as_json):
+        do_combine, repack_path, base_name, to_format, peft_dir, task_type, allow_inexact, round_values, overwrite,
+        as_json):
     if (allow_inexact and not to_format) or (round_values and not peft_dir):
         raise click.UsageError("--allow-inexact goes with --to peft, --round-values with --from-peft")
     extracting = not (to_format or peft_dir or repack_path is not None or do_combine)
     given = click.get_current_context().get_parameter_source
+    if not to_format and given("task_type") is not ParameterSource.DEFAULT:
+        raise click.UsageError("--task-type goes with --to peft")
     for option, name in (("positions", "--positions"), ("layout_in_out", "--layout-in-out")):
         if not extracting and given(option) is not ParameterSource.DEFAULT:
             raise click.UsageError(f"{name} applies to extraction (--base with --finetuned) only")
@@ -118,7 +125,8 @@ def cli(sources, base, finetuned, k, out, positions, targets, layout_in_out, val
             raise click.UsageError("--to peft writes F32 values (PEFT's own); --value-dtype does not apply")
         if peft_dir and (sources or not base):
             raise click.UsageError("--from-peft needs --base (the probe hashes are read from it) and no ADAPTER")
-        summary, text = (_to_peft(sources[0], base, out, overwrite, base_name, allow_inexact) if to_format else
+        summary, text = (_to_peft(sources[0], base, out, overwrite, base_name, task_type, allow_inexact)
+                         if to_format else
                          _from_peft(peft_dir, base, out, overwrite, value_dtype, round_values, base_name))
     elif repack_path is not None:
         if do_combine or sources or base or finetuned or k or targets or base_name:
@@ -172,13 +180,14 @@ def _combine(sources, base, out, overwrite, value_dtype, base_name):
                      f"{summary['entries']:,} entries, {summary['bytes']:,} bytes")
 
 
-def _to_peft(source, base, out, overwrite, base_name, allow_inexact):
+def _to_peft(source, base, out, overwrite, base_name, task_type, allow_inexact):
     if base:
         _need({"base": base})
     s = peft_interop.to_peft(source, out, base=base, base_model_name_or_path=base_name, overwrite=overwrite,
-                             allow_inexact=allow_inexact)
+                             task_type=None if task_type == "none" else task_type, allow_inexact=allow_inexact)
     summary = {"mode": "to-peft", "source": source, **s}
-    return summary, (f"wrote {out}: {s['targets']} targets, sparsity {s['sparsity']!r}, {s['entries']:,} entries + "
+    return summary, (f"wrote {out}: {s['targets']} targets, task_type {s['task_type'] or 'none'}, "
+                     f"sparsity {s['sparsity']!r}, {s['entries']:,} entries + "
                      f"{s['peft_entries'] - s['entries']:,} padding, {s['peft_file_bytes']:,} bytes "
                      f"({s['peft_file_bytes'] / max(1, os.path.getsize(adapter_paths(source)[0])):.2f}x the adapter)"
                      + (f"; {s['inexact_values']:,} values PEFT rounds to the base dtype" if s["inexact_values"]

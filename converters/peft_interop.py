@@ -60,6 +60,11 @@ CONFIG_CAP = 1 << 20              # an adapter_config.json is a few hundred byte
 INT32_MAX = 2 ** 31 - 1
 NEG_ZERO_F32 = np.uint32(0x80000000)
 CREATED_BY = "neuroada-pack --from-peft"
+# PEFT's TaskType values; AutoPeftModelFor* and PeftModel pick their wrapper class from it
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# a transformers class name's ending -> the task type it implies (config.json "architectures")
+_ARCH_TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+               ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))
 
 
 def peft_count(numel: int, sparsity: float) -> int:
@@ -233,14 +238,31 @@ def _write_folder(out: str, files: dict, *, overwrite: bool, inputs) -> None:
         raise
 
 
-def to_peft(adapter, out_dir, *, base=None, base_model_name_or_path=None, revision=None, task_type=None,
+def task_type_of(base) -> str | None:
+    """The PEFT task type a base's config.json `architectures` implies (GPT2LMHeadModel: CAUSAL_LM), or None."""
+    from neuroada_format.base import model_config
+
+    config = model_config(base) if base is not None and not isinstance(base, dict) else None
+    archs = config.get("architectures") if config else None
+    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+        return None
+    return next((task for ending, task in _ARCH_TASKS if archs[0].endswith(ending)), None)
+
+
+def to_peft(adapter, out_dir, *, base=None, base_model_name_or_path=None, revision=None, task_type="auto",
             overwrite: bool = False, allow_inexact: bool = False) -> dict:
     """Write `adapter` (an Adapter, file or folder) as a PEFT Super-Tuning folder; returns a summary.
 
     With `base` the adapter is first validated against it (keys, shapes, dtypes, probe hashes), so a
     folder is only written for the model it belongs to. `base_model_name_or_path` / `revision`
     default to the adapter's recorded base identity (PEFT's loaders use them to find the base).
+    task_type: one of TASK_TYPES, None, or "auto" (from the base's config.json, else None); without
+    one, `AutoPeftModelForCausalLM` refuses the folder, while `PeftModel.from_pretrained` takes it.
     """
+    if task_type == "auto":
+        task_type = task_type_of(base)
+    elif task_type is not None and task_type not in TASK_TYPES:
+        raise NeuroAdaUsageError(f"task type {task_type!r} is not one of PEFT's: {', '.join(TASK_TYPES)}")
     from neuroada_format import durable
 
     inputs = []
@@ -276,7 +298,7 @@ def to_peft(adapter, out_dir, *, base=None, base_model_name_or_path=None, revisi
         CONFIG_NAME: write_config,
     }, overwrite=overwrite, inputs=inputs)
     peft_bytes = os.path.getsize(os.path.join(out_dir, WEIGHTS_NAME))
-    return {"output": os.fspath(out_dir), "targets": len(adapter.targets), "sparsity": sparsity,
+    return {"output": os.fspath(out_dir), "targets": len(adapter.targets), "sparsity": sparsity, "task_type": task_type,
             "entries": sum(s["entries"] for s in stats.values()),
             "peft_entries": sum(s["peft_entries"] for s in stats.values()),
             "inexact_values": sum(s["inexact_values"] for s in stats.values()),

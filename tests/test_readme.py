@@ -114,7 +114,10 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     proc = subprocess.run([os.path.join(bin_dir, argv[0]), *argv[1:]], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run(5)
-    assert type(ns["model"]).__name__ == "PeftModel" and ns["model"].peft_config["default"].peft_type == "SUPERTUNING"
+    import peft
+    # --base set task_type from the folder's config, so PEFT wraps it as a causal LM
+    assert type(ns["model"]) is peft.PeftModelForCausalLM
+    assert ns["model"].peft_config["default"].peft_type == "SUPERTUNING"
 
     run(4, values=np.zeros((W.shape[0], 20), dtype=np.float32))  # builds an adapter for one weight, saved over it
     saved = naf.load("task.safetensors")

@@ -163,8 +163,11 @@ def test_auto_peft_model_and_transformers_load_adapter_take_the_export(tmp_path)
     base_dir = save_base(base, tmp_path / "base")
     model = with_deltas(copy.deepcopy(base), k=2, target_modules=["q_proj", "v_proj", "down_proj"])
     ours_file = save_adapter(model, tmp_path / "ours.safetensors")
-    pi.to_peft(ours_file, tmp_path / "peft", base=base_dir, base_model_name_or_path=base_dir,
-               task_type="CAUSAL_LM")
+    with pytest.raises(NeuroAdaUsageError, match="not one of PEFT's"):
+        pi.to_peft(ours_file, tmp_path / "peft", base=base_dir, task_type="causal_lm")
+    assert pi.task_type_of(base_dir) == "CAUSAL_LM" and pi.task_type_of(ours_file) is None
+    summary = pi.to_peft(ours_file, tmp_path / "peft", base=base_dir, base_model_name_or_path=base_dir)
+    assert summary["task_type"] == "CAUSAL_LM"                          # the default: from the base's config
     auto = peft.AutoPeftModelForCausalLM.from_pretrained(os.fspath(tmp_path / "peft")).eval()
     hf = reload(base_dir)
     hf.load_adapter(os.fspath(tmp_path / "peft"))          # transformers' own PEFT integration
@@ -625,7 +628,7 @@ def test_cli_round_trip_and_exit_codes(tmp_path, capsys):
     peft_dir, back = tmp_path / "peft", tmp_path / "back.safetensors"
 
     code, out, err = pack(capsys, "--to", "peft", ours, "--base", base_dir, "-o", peft_dir, "--base-name", base_dir)
-    assert code == 0 and not err and out.startswith(f"wrote {peft_dir}: 6 targets, sparsity ")
+    assert code == 0 and not err and out.startswith(f"wrote {peft_dir}: 6 targets, task_type CAUSAL_LM, sparsity ")
     loaded = peft.PeftModel.from_pretrained(reload(base_dir), os.fspath(peft_dir)).eval()
     merged = merge_and_unload(load_adapter(reload(base_dir), ours)).eval()
     with torch.no_grad():
@@ -638,7 +641,17 @@ def test_cli_round_trip_and_exit_codes(tmp_path, capsys):
     weights = "adapter_model.safetensors"
     assert file_bytes(tmp_path / "peft2" / weights) == file_bytes(peft_dir / weights)
     c1, c2 = (json.loads((d / "adapter_config.json").read_text()) for d in (peft_dir, tmp_path / "peft2"))
-    assert c1.pop("base_model_name_or_path") == base_dir and c2.pop("base_model_name_or_path") is None and c1 == c2
+    assert c1.pop("base_model_name_or_path") == base_dir and c2.pop("base_model_name_or_path") is None
+    assert c1.pop("task_type") == "CAUSAL_LM" and c2.pop("task_type") is None and c1 == c2   # from --base's config
+    # what the task type is for: AutoPeftModelForCausalLM takes the folder from the command line as it is
+    auto = peft.AutoPeftModelForCausalLM.from_pretrained(os.fspath(peft_dir)).eval()
+    with torch.no_grad():
+        assert torch.equal(auto(ids()).logits, merged(ids()).logits)
+    for flag, want in (("none", None), ("SEQ_CLS", "SEQ_CLS")):
+        code, out, err = pack(capsys, "--to", "peft", ours, "--base", base_dir, "--task-type", flag,
+                              "-o", tmp_path / f"peft-{flag}")
+        assert code == 0 and not err
+        assert json.loads((tmp_path / f"peft-{flag}" / "adapter_config.json").read_text())["task_type"] == want
     code, out, err = pack(capsys, "--from-peft", peft_dir, "--base", base_dir, "-o", back, "--json")
     assert code == 0 and not err
     summary = json.loads(out)
@@ -660,6 +673,9 @@ def test_cli_round_trip_and_exit_codes(tmp_path, capsys):
         (2, ["--from-peft", peft_dir, "--base", base_dir, "-o", back], "already exists"),
         (2, ["--from-peft", peft_dir, "--base", base_dir, "-o", peft_dir / "x.safetensors"], "input"),
         (2, ["--to", "peft", ours, "--round-values", "-o", tmp_path / "p4"], "--round-values"),
+        (2, ["--from-peft", peft_dir, "--base", base_dir, "--task-type", "CAUSAL_LM", "-o", tmp_path / "x.safetensors"],
+         "--task-type goes with --to peft"),
+        (2, ["--to", "peft", ours, "--task-type", "causal", "-o", tmp_path / "p5"], "--task-type"),
         (1, ["--from-peft", lora, "--base", base_dir, "-o", tmp_path / "x.safetensors"], "peft_type is 'LORA'"),
         (1, ["--from-peft", peft_dir, "--base", save_base(tiny_llama(seed=9), tmp_path / "other"),
              "-o", tmp_path / "x.safetensors"], "rule 4.3"),
