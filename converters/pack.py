@@ -290,11 +290,6 @@ def file_label(path) -> str:
 
 
 # -- repack ----------------------------------------------------------------------------------------
-def _minor(version: str) -> tuple[int, int]:
-    major, minor = version.split(".")
-    return int(major), int(minor)
-
-
 def repack(adapter: Adapter, value_dtype: str | None = None, index_dtype: str | None = None) -> Adapter:
     """A copy with converted dtypes (values rounded to nearest even) at the current spec minor version.
 
@@ -318,7 +313,7 @@ def repack(adapter: Adapter, value_dtype: str | None = None, index_dtype: str | 
         targets[name] = Target(name, np.asarray(t.indices).astype(NUMPY_DTYPES[idt]), values, t.shape, t.layout,
                                t.dtype, t.probe, dict(t.extra))  # unknown per-target fields carried verbatim
     version = adapter.version
-    if _minor(version) < _minor(_metadata.VERSION):
+    if _metadata.version_key(version) < _metadata.version_key(_metadata.VERSION):
         version = _metadata.VERSION
     return Adapter(targets, adapter.base_name, adapter.base_revision, adapter.structure_hash,
                    dict(adapter.selection), version, dict(adapter.extra), adapter.path)

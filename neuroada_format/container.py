@@ -68,6 +68,28 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _byte_count(shape, itemsize: int, stored: int) -> int:
+    """prod(shape) * itemsize, or any number > stored as soon as the product passes it: a header may hold
+    thousands of 4300-digit dimensions, whose full product would take hours to compute."""
+    if 0 in shape:
+        return 0
+    n = itemsize
+    for d in shape:
+        n *= d
+        if n > stored:
+            return n
+    return n
+
+
+def _shown(x, digits: int = 40):
+    """x for a message; integers too long to print (Python refuses over 4300 digits) by their size."""
+    if isinstance(x, list):
+        return "[" + ", ".join(str(_shown(d, digits)) for d in x[:8]) + (", ..." if len(x) > 8 else "") + "]"
+    if isinstance(x, int) and x.bit_length() > digits * 3.33:
+        return f"<an integer of about {int(x.bit_length() * 0.30103)} digits>"
+    return x
+
+
 class SafetensorsFile:
     """One safetensors file: header parsed and checked, tensors available as read-only numpy views."""
 
@@ -166,10 +188,12 @@ class SafetensorsFile:
             p.error("1.3", f"data_offsets {offsets!r:.80} is not [begin, end] with 0 <= begin <= end",
                     tensor=name)
             return None
-        expected = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize if known else offsets[1] - offsets[0]
-        if offsets[1] - offsets[0] != expected:
-            p.error("1.3", f"{offsets[1] - offsets[0]} bytes stored but shape {shape} of {dtype} "
-                           f"needs {expected}", tensor=name)
+        stored = offsets[1] - offsets[0]
+        expected = _byte_count(shape, NUMPY_DTYPES[dtype].itemsize, stored) if known else stored
+        if stored != expected:
+            needs = "more" if expected > stored else _shown(expected)
+            p.error("1.3", f"{_shown(stored)} bytes stored but shape {_shown(shape)} of {dtype} needs {needs}",
+                    tensor=name)
             return None
         return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
 

@@ -252,6 +252,56 @@ def test_newer_major_version_says_upgrade(craft, raw_file):
     assert "upgrade" in str(err)
 
 
+def test_a_major_version_too_long_for_int(craft, raw_file):
+    """More than 4300 digits: Python's int() refuses it, so the reader must compare it as text."""
+    err = assert_rejected(raw_file(with_doc(craft, lambda d: d.update(version="2" * 4301 + ".0"))), "2.3")
+    assert "a newer major version" in str(err) and len(str(err)) < 400
+    key = naf.metadata.version_key
+    assert key("1." + "9" * 5000) > key("1.0") > key("0.99") and key("10.0") > key("9.9")
+
+
+def _set_shape(shape, begin_end=(0, 1)):
+    def edit(header):
+        header["indices/w"] = {"dtype": "U8", "shape": shape, "data_offsets": list(begin_end)}
+    return edit
+
+
+def test_huge_dimensions_are_a_rule_not_a_crash(craft, raw_file):
+    """A byte count longer than Python will print (10^4299 squared) is rule 1.3 with a readable message."""
+    path = raw_file(file_from(craft, edit_header=_set_shape([10 ** 4299, 10 ** 4299])))
+    err = assert_rejected(path, "1.3")
+    assert "digits" in str(err) and len(str(err)) < 600
+
+
+def test_many_huge_dimensions_are_refused_quickly(craft, raw_file):
+    """1000 dimensions of 4300 digits (4 MB of header): the byte count stops once past what is stored, and
+    the scan for over-long integers is linear (both were quadratic: minutes to hours)."""
+    path = raw_file(file_from(craft, edit_header=_set_shape([int("9" * 4300)] * 1000)))
+    assert_rejected(path, "1.3")
+
+
+def test_many_schema_errors_cost_no_more_than_the_first_twenty(craft, raw_file):
+    """20,000 targets with a bad layout: 20 are reported, and the rest are not collected (sorting every
+    error once held ~3.5 KB a target, far past this file's memory bound)."""
+    def peak_of(layout):
+        doc = good_doc()
+        entry = dict(doc["targets"]["w"], layout=layout)
+        doc["targets"] = {f"t{i}": entry for i in range(20_000)}
+        path = raw_file(file_from(craft, tensors={}, doc=doc))
+        tracemalloc.start()
+        try:
+            with deadline():
+                report = naf.validate(path)
+            return tracemalloc.get_traced_memory()[1], report
+        finally:
+            tracemalloc.stop()
+
+    valid_peak, _ = peak_of("out_in")       # schema-valid (then refused for its missing tensors)
+    peak, report = peak_of("sideways")
+    assert [p["rule"] for p in report.errors] == ["2.2"] * 20
+    assert peak < 1.5 * valid_peak, (peak, valid_peak)
+
+
 def _del(*keys):
     def change(doc):
         node = doc
