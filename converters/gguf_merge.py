@@ -348,9 +348,8 @@ class GGUFBase:
         self.file = file
         self.path = file.path
         arch = file.kv.get("general.architecture")
-        if not isinstance(arch, str):
-            raise file.err("general.architecture is missing or not a string")
-        self.arch = arch
+        # optional until a key must be mapped: a file's own tensor names work without it (section 15.2)
+        self.arch = arch if isinstance(arch, str) else None
         self._map = None
         self._reverse = None
         self._resolved: dict[str, Mapped | None] = {}
@@ -358,6 +357,10 @@ class GGUFBase:
     # name mapping
     def _name_map(self):
         if self._map is None:
+            if self.arch is None:
+                raise NeuroAdaError(f"general.architecture is missing or not a string, so only the file's own "
+                                    f"tensor names can be targets (a Hugging Face key needs llama, qwen2 or "
+                                    f"qwen3's name table)", path=self.path, rule="4.1")
             if self.arch not in ARCHS:
                 raise NeuroAdaError(f"architecture {self.arch!r} has no Hugging Face name mapping here "
                                     f"(supported: {', '.join(ARCHS)})", path=self.path, rule="4.1")
@@ -422,6 +425,10 @@ class GGUFBase:
             name = f"{hf}.{suffix}" if hf else g
             out.append(name if self.resolve(name) is not None and self.resolve(name).gguf_name == g else g)
         return out
+
+    def storage_name(self, name: str) -> str:
+        """The GGUF tensor a key names: a file name and its Hugging Face key (or two aliases) may name one."""
+        return self.resolve(name).gguf_name
 
     def encoding(self, name: str) -> str:
         return self.file.tensors[self.resolve(name).gguf_name].type.name

@@ -164,38 +164,60 @@ def _check_content(t: Target, p: Problems) -> None:
 
 
 def _check_against_base(adapter: Adapter, base, p: Problems, check_selection: bool, probes: bool = True) -> None:
-    """Rules 4.1-4.5: the adapter belongs to this base (its indices are known to be in range)."""
+    """Rules 4.1-4.5: the adapter belongs to this base (its indices are known to be in range).
+
+    What the base says of one target (a GGUF base: an architecture without a name table, heads that do not
+    split the rows) is reported against that target, as every other base rule is, not raised."""
+    storage_name = getattr(base, "storage_name", None)  # a base where several keys name one tensor (GGUF)
+    stored_as: dict[str, str] = {}
     for name, t in sorted(adapter.targets.items()):
-        if name not in base:
-            p.error("4.1", "target is not a tensor of the base", tensor=name)
-            continue
-        dtype, shape = base.info(name)
-        want = stored_shape(t.shape, t.layout)
-        if tuple(shape) != want:
-            p.error("4.2", f"base tensor is {dtype}{list(shape)}, adapter expects {t.dtype}{list(want)} "
-                           f"({t.layout})", tensor=name)
-            continue
-        if dtype not in BASE_DTYPES:
-            p.error("4.2", f"base dtype {dtype} is not F32, F16 or BF16", tensor=name)
-            continue
-        if dtype != t.dtype:  # spec 1.1: identity is on values (the probe hash decides), not encoding
-            p.warning("4.6", f"base tensor is {dtype}, the adapter was made on {t.dtype} values; a merge "
-                             f"rounds to {dtype}", tensor=name)
-        if not (probes or check_selection):
-            continue
-        weight = base.array(name)
-        if probes and probe_hash(weight, np.asarray(t.indices), t.layout) != t.probe:
-            p.error("4.3", PROBE_MISMATCH, tensor=name)
-            continue
-        rule = adapter.selection.get("rule")
-        if check_selection and rule in ("magnitude", "reverse"):
-            expected = select_indices(canonical_view(weight, t.layout), t.k, rule)
-            rows = np.nonzero((expected != np.asarray(t.indices)).any(axis=1))[0]
-            if rows.size:
-                p.error("4.4", f"{rows.size} rows (first: {rows[0]}) are not the base's {rule} top-{t.k} "
-                               f"under the lower-column tie-break", tensor=name)
+        try:
+            _check_target_against_base(name, t, adapter, base, p, check_selection, probes)
+            if storage_name is not None and name in base:
+                stored = storage_name(name)
+                if stored in stored_as:  # a merge would add both deltas to one tensor
+                    p.error("4.1", f"names the same base tensor {stored!r} as target {stored_as[stored]!r}",
+                            tensor=name)
+                stored_as.setdefault(stored, name)
+        except NeuroAdaError as exc:
+            if not (exc.rule or "").startswith("4."):
+                raise  # the base file itself is unreadable: the caller's I/O problem, as open_base says
+            where = f" (base tensor {exc.tensor})" if exc.tensor not in (None, name) else ""
+            p.error(exc.rule, exc.detail + where, tensor=name)
     if adapter.structure_hash is not None and hasattr(base, "structure_hash"):
         actual = base.structure_hash()
         if actual != adapter.structure_hash:
             matched = "; the targets themselves matched" if not p.has_errors else ""
             p.warning("4.5", f"base structure hash differs (other tensors, names, dtypes or shapes){matched}")
+
+
+def _check_target_against_base(name: str, t: Target, adapter: Adapter, base, p: Problems, check_selection: bool,
+                               probes: bool) -> None:
+    if name not in base:
+        p.error("4.1", "target is not a tensor of the base", tensor=name)
+        return
+    dtype, shape = base.info(name)
+    want = stored_shape(t.shape, t.layout)
+    if tuple(shape) != want:
+        p.error("4.2", f"base tensor is {dtype}{list(shape)}, adapter expects {t.dtype}{list(want)} "
+                       f"({t.layout})", tensor=name)
+        return
+    if dtype not in BASE_DTYPES:
+        p.error("4.2", f"base dtype {dtype} is not F32, F16 or BF16", tensor=name)
+        return
+    if dtype != t.dtype:  # spec 1.1: identity is on values (the probe hash decides), not encoding
+        p.warning("4.6", f"base tensor is {dtype}, the adapter was made on {t.dtype} values; a merge "
+                         f"rounds to {dtype}", tensor=name)
+    if not (probes or check_selection):
+        return
+    weight = base.array(name)
+    if probes and probe_hash(weight, np.asarray(t.indices), t.layout) != t.probe:
+        p.error("4.3", PROBE_MISMATCH, tensor=name)
+        return
+    rule = adapter.selection.get("rule")
+    if check_selection and rule in ("magnitude", "reverse"):
+        expected = select_indices(canonical_view(weight, t.layout), t.k, rule)
+        rows = np.nonzero((expected != np.asarray(t.indices)).any(axis=1))[0]
+        if rows.size:
+            p.error("4.4", f"{rows.size} rows (first: {rows[0]}) are not the base's {rule} top-{t.k} "
+                           f"under the lower-column tie-break", tensor=name)

@@ -745,3 +745,58 @@ def test_rope_order_aliases_are_not_permuted(tiny):
                   "layers.0.attention.wq.weight"):
         m = view.resolve(alias)
         assert m is not None and m.gguf_name.split(".")[2] in ("attn_q", "attn_k") and m.perm is None, alias
+
+
+# -- what a GGUF base says of one target ------------------------------------------------------------------
+def _rename_key(path, key, new_key):
+    """The same file with one metadata key renamed in place (same length)."""
+    assert len(key) == len(new_key)
+    data = bytearray(path.read_bytes())
+    at = data.find(struct.pack("<Q", len(key)) + key.encode())
+    assert at > 0
+    data[at + 8:at + 8 + len(key)] = new_key.encode()
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_base_errors_of_one_target_are_reported_against_it(tiny, tmp_path):
+    """Heads that do not split the rows (4.2) and an architecture without a name table (4.1) concern the
+    targets that need them: validate reports them against those targets and goes on with the rest."""
+    path, view = tiny(QT.F32)
+    adapter = make_adapter(view)
+    data = bytearray(path.read_bytes())
+    at = _kv_offset(path, "llama.attention.head_count") + 4
+    data[at:at + 4] = struct.pack("<I", 5)
+    bad_heads = tmp_path / "heads.gguf"
+    bad_heads.write_bytes(bytes(data))
+    report = naf.validate(adapter, gm.open_gguf_base(bad_heads))
+    by_target = {p["tensor"]: p for p in report.errors}
+    assert set(by_target) == {TARGETS[0]}  # q_proj needs head_count (k_proj reads head_count_kv); the rest pass
+    assert by_target[TARGETS[0]]["rule"] == "4.2" and "blk.0.attn_q.weight" in by_target[TARGETS[0]]["message"]
+
+    shutil.copy(path, tmp_path / "no-arch.gguf")
+    no_arch = _rename_key(tmp_path / "no-arch.gguf", "general.architecture", "general.architectur_")
+    view = gm.open_gguf_base(no_arch)  # opens: the file's own tensor names need no architecture
+    report = naf.validate(adapter, view)
+    assert {p["rule"] for p in report.errors} == {"4.1"} and len(report.errors) == len(TARGETS)
+    assert "general.architecture" in report.errors[0]["message"]
+    by_gguf_name = make_adapter(view, targets=["blk.0.attn_v.weight", "blk.1.ffn_down.weight"])
+    assert naf.validate(by_gguf_name, view).ok
+    gm.merge_gguf(no_arch, [by_gguf_name], tmp_path / "merged.gguf")
+    merged = gm.open_gguf_base(tmp_path / "merged.gguf")
+    assert not np.array_equal(merged.array("blk.0.attn_v.weight"), view.array("blk.0.attn_v.weight"))
+
+
+def test_two_targets_naming_one_gguf_tensor_are_refused(tiny, tmp_path):
+    """A Hugging Face key and the GGUF name it maps to are one tensor: merging both would add two deltas."""
+    path, view = tiny(QT.F16)
+    hf = make_adapter(view, targets=["model.layers.0.self_attn.v_proj.weight"])
+    alias = make_adapter(view, targets=["blk.0.attn_v.weight"], seed=2)
+    both = naf.Adapter({**hf.targets, **alias.targets}, base_name="tiny-llama")
+    report = naf.validate(both, view)
+    assert [(p["rule"], p["tensor"]) for p in report.errors] == [("4.1", "model.layers.0.self_attn.v_proj.weight")]
+    assert "blk.0.attn_v.weight" in report.errors[0]["message"]
+    with pytest.raises(NeuroAdaError) as exc:
+        gm.merge_gguf(path, [both], tmp_path / "x.gguf")
+    assert exc.value.rule == "4.1" and not (tmp_path / "x.gguf").exists()
+    gm.merge_gguf(path, [hf, alias], tmp_path / "two.gguf")  # two adapters on one tensor add, as rule M says
