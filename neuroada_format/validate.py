@@ -115,6 +115,9 @@ def _check_in_memory(adapter: Adapter, p: Problems) -> None:
             p.error("3.2", f"index dtype {idt} is not I16 or I32", tensor=name)
         elif idt == "I16" and t.d_in > I16_MAX_D_IN:
             p.error("3.2", f"d_in={t.d_in} needs I32 indices", tensor=name)
+        elif idt == "I32" and t.d_in <= I16_MAX_D_IN:  # as `read` warns of the file this would write
+            p.warning("3.2", f"I32 indices where I16 suffices (d_in={t.d_in}); files are larger than needed",
+                      tensor=name)
         if vdt not in VALUE_DTYPES:
             p.error("3.3", f"value dtype {vdt} is not BF16, F16 or F32", tensor=name)
         for label, arr in (("indices", t.indices), ("values", t.values)):

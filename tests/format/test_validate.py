@@ -131,6 +131,10 @@ def test_i32_where_i16_suffices_is_a_warning(tmp_path, small_model):
     assert {p["rule"] for p in report.problems} == {"3.2"}
     assert all(p["severity"] == "warning" for p in report.problems)
     naf.load(path)  # warnings never stop a load
+    name, t = next(iter(adapter.targets.items()))
+    replace_target(adapter, name, indices=np.asarray(t.indices).astype(np.int32))
+    report = naf.validate(adapter)  # the same warning before the file is written
+    assert report.ok and [(p["rule"], p["severity"]) for p in report.problems] == [("3.2", "warning")]
 
 
 # -- in-memory adapters get the same structure rules as files -------------------------------------------
