@@ -25,7 +25,8 @@ def topk_columns(scores: np.ndarray, k: int) -> np.ndarray:
     Exact and vectorised: partition finds the k-th largest score, then the ties at that score are
     filled from the left, which is the documented tie-break (bf16 weights tie often).
     """
-    scores = np.asarray(scores)
+    if not isinstance(scores, _RowwiseScores):
+        scores = np.asarray(scores)
     d_out, d_in = scores.shape
     if not 1 <= k <= d_in:
         raise NeuroAdaError(f"k={k} must be within [1, d_in={d_in}]", rule="3.4")
@@ -44,6 +45,18 @@ def topk_columns(scores: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+class _RowwiseScores:
+    """Scores made a row chunk at a time as `topk_columns` asks for them: |W| of a whole base tensor in f32
+    would double a validator's memory on a large embedding (2 GB for 128256 x 4096)."""
+
+    def __init__(self, weight, fn):
+        self.weight, self.fn = weight, fn
+        self.shape = np.shape(weight)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.fn(np.asarray(self.weight[rows], dtype=np.float32))
+
+
 @dataclass(frozen=True)
 class Rule:
     """One selection rule: how its scores are made (None: recorded only, not computable from the base
@@ -55,11 +68,11 @@ class Rule:
 
 
 def _magnitude(weight, seed, scores):
-    return np.abs(np.asarray(weight, dtype=np.float32))
+    return _RowwiseScores(weight, np.abs)
 
 
 def _reverse(weight, seed, scores):
-    return -np.abs(np.asarray(weight, dtype=np.float32))
+    return _RowwiseScores(weight, lambda w: -np.abs(w))
 
 
 def _random(weight, seed, scores):
