@@ -800,3 +800,44 @@ def test_two_targets_naming_one_gguf_tensor_are_refused(tiny, tmp_path):
         gm.merge_gguf(path, [both], tmp_path / "x.gguf")
     assert exc.value.rule == "4.1" and not (tmp_path / "x.gguf").exists()
     gm.merge_gguf(path, [hf, alias], tmp_path / "two.gguf")  # two adapters on one tensor add, as rule M says
+
+
+@pytest.mark.parametrize("qt", ALL_TYPES + [QT.Q4_K])
+def test_probed_values_decode_only_their_blocks(tiny, qt):
+    """The probe reads the adapter's positions (q_proj's rows un-permuted) and equals the whole decoding there;
+    Q4_K (decode only, 256-value super-blocks) stands for the types gguf-py cannot write."""
+    down = "model.layers.1.mlp.down_proj.weight"  # [64, 256]: one Q4_K super-block per row
+    if qt == QT.Q4_K:
+        blocks = np.random.default_rng(5).integers(0, 256, size=(HIDDEN, 144), dtype=np.uint8)
+        blocks[:, 0:4] = np.frombuffer(np.float16([0.002, 0.001]).tobytes(), np.uint8)
+        _, view = tiny(QT.Q8_0, types={down: QT.Q4_K}, raw={down: blocks})
+    else:
+        _, view = tiny(qt)
+    adapter = make_adapter(view, k=5)
+    for name, t in adapter.targets.items():
+        rows = np.arange(t.d_out)[:, None]
+        assert np.array_equal(view.probed(name, t.indices), view.array(name)[rows, t.indices]), name
+    assert naf.validate(adapter, view).ok
+
+
+def test_validating_against_a_large_quantized_tensor_decodes_only_the_probes(tmp_path):
+    """A 4096 x 4096 Q8_0 tensor (64 MB of f32 once decoded): validate reads the d_out * k probed values."""
+    import tracemalloc
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4096, 4096), dtype=np.float32)
+    writer = gguf.GGUFWriter(os.fspath(tmp_path / "big.gguf"), "llama")
+    q = quants.quantize(w, QT.Q8_0)
+    writer.add_tensor("blk.0.ffn_up.weight", q, raw_shape=q.shape, raw_dtype=QT.Q8_0)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    view = gm.open_gguf_base(tmp_path / "big.gguf")
+    adapter = make_adapter(view, k=1, targets=["blk.0.ffn_up.weight"])
+    tracemalloc.start()
+    try:
+        report = naf.validate(adapter, view)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report.ok and peak < 8 << 20, peak
+    wrong = naf.Adapter({n: naf.Target(n, t.indices, t.values, t.shape, t.layout, t.dtype, "sha256:" + "0" * 64)
+                         for n, t in adapter.targets.items()})
+    assert [p["rule"] for p in naf.validate(wrong, view).errors] == ["4.3"]
