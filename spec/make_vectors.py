@@ -549,6 +549,10 @@ def build() -> dict:
             "a non-integer dimension (2.0)")
     invalid("1.3_offsets_not_pair", header_variant(lambda h: h["values/w"].update(data_offsets=[8])),
             "1.3", "data_offsets with one number")
+    invalid("1.3_byte_count_of_8600_digits",
+            header_variant(lambda h: h["values/w"].update(shape=[10 ** 4299, 10 ** 4299])), "1.3",
+            "dimensions of 4300 digits (the most an integer may have): the byte count, 8600 digits, is "
+            "not what data_offsets span; a reader must not fail on it otherwise (Python refuses to print it)")
     invalid("1.3_byte_count_mismatch", header_variant(lambda h: h["values/w"].update(shape=[2, 3])), "1.3",
             "shape [2, 3] of BF16 needs 12 bytes but data_offsets span 8")
 
@@ -606,6 +610,8 @@ def build() -> dict:
         ("2.2_seed_string", ["selection", "seed"], "42", "a seed given as a string"),
         ("2.3_newer_major", ["version"], "2.0", "version 2.0: a 1.x reader MUST refuse it with a clear message"),
         ("2.3_older_major", ["version"], "0.9", "version 0.9: not a major this reader knows"),
+        ("2.3_major_of_4301_digits", ["version"], "2" * 4301 + ".0", "a major version of 4301 digits (more "
+         "than an integer may have elsewhere): a newer major, compared as text"),
         ("2.3_no_minor", ["version"], "1", "version '1' is not MAJOR.MINOR"),
         ("2.3_leading_zero", ["version"], "1.07", "version '1.07' (leading zero)"),
         ("2.3_final_newline", ["version"], "1.0\n", "version '1.0' and a newline (a regex whose '$' "
@@ -702,6 +708,17 @@ def build() -> dict:
     content("3.5_negative_index", [[-1, 5], [0, 6]], val0, "3.5", "index -1 (rows are still increasing)")
     content("3.6_duplicate_index", [[5, 5], [0, 6]], val0, "3.6", "the same column twice in a row")
     content("3.6_unsorted", [[5, 1], [0, 6]], val0, "3.6", "a row in decreasing order")
+    # I32 columns at the int32 extremes: the order check is on the integers, a difference computed in int32
+    # overflows (2^31-1 then -2^31 would pass as increasing, -1 then 2^31-1 fail)
+    for name, row, errors, desc in (
+            ("3.6_i32_extremes_decreasing", [2147483647, -2147483648], ["3.5", "3.6"],
+             "I32 row [2^31-1, -2^31]: out of range (3.5) and decreasing (3.6)"),
+            ("3.5_i32_extremes_increasing", [-1, 2147483647], ["3.5"],
+             "I32 row [-1, 2^31-1]: out of range (3.5) but increasing (no 3.6)")):
+        rel = put(f"invalid/{name}.safetensors",
+                  with_tensors([("indices/w", np.array([row, [0, 6]], "<i4")), vh]))
+        vec(name, rel, desc + "; I32 where I16 suffices is warning 3.2", valid=False, errors=errors,
+            warnings=["3.2"])
     nan_v = val0.copy()
     nan_v[1, 0] = np.float32("nan")
     content("3.7_nan_bf16", idx0, nan_v, "3.7", "a NaN BF16 value")
@@ -742,6 +759,21 @@ def build() -> dict:
     rel = put("valid/gguf_made_on_f32_copy.safetensors", adapter_file(upt, document(upt, None)))
     vec("gguf_made_on_f32_copy", rel, "1.1: made on an F32 copy of the file's F16 tensor: the same values "
         "(warning 4.6)", valid=True, warnings=["4.6"], base=GG)
+    down_by_gguf_name = Base({"blk.0.ffn_down.weight": g_down})
+    twice = [target(hf, DH, 2, value_dtype="BF16", seed=43),
+             target(down_by_gguf_name, "blk.0.ffn_down.weight", 2, value_dtype="BF16", seed=45)]
+    rel = put("invalid/gguf_one_tensor_twice.safetensors", adapter_file(twice, document(twice, None)))
+    vec("gguf_one_tensor_twice", rel, "two targets naming one GGUF tensor (blk.0.ffn_down.weight by its own name "
+        "and by its Hugging Face key): 4.1, since a merge would add both", valid=False, errors=["4.1"], base=GG)
+    GN = put("bases/no_architecture.gguf", gguf_file(
+        [("general.alignment", GGUF_U32, 32)], [("blk.0.ffn_down.weight", GGUF_F16, (32, 8), g_down.tobytes())]))
+    own = [twice[1]]
+    rel = put("valid/gguf_own_names.safetensors", adapter_file(own, document(own, None)))
+    vec("gguf_no_architecture_own_names", rel, "1.1: a GGUF base without general.architecture; a target named "
+        "by the file's own tensor name needs no name table", valid=True, base=GN)
+    vec("gguf_no_architecture_hf_names", "valid/gguf_llama_q4_1.safetensors", "the same base and Hugging Face "
+        "keys: without general.architecture there is no table to map them (4.1 for each)", valid=False,
+        errors=["4.1"], base=GN)
     vec("gguf_truncated_base", "valid/gguf_llama_q4_1.safetensors", "the GGUF base ends inside its header "
         "(200 of its bytes): it cannot be opened (1.6)", valid=False, errors=["1.6"],
         base=put("bases/truncated.gguf", gguf_bytes[:200]), base_unreadable=True)
