@@ -48,6 +48,7 @@ import math
 import os
 import time
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -180,6 +181,11 @@ class Backend(ABC):
     def companions(self, view, out: str) -> list[str]:
         return []
 
+    def claim_output(self, view, out: str):
+        """A context held from before the overwrite check to the end of the write. Nothing by default (one
+        rename publishes OUT); a backend publishing several files returns `durable.output_lock(out)`."""
+        return nullcontext()
+
     @abstractmethod
     def resolve(self, view, adapters: list[tuple[Adapter, float]], *, verify: bool) -> Resolved:
         """Map every target to the base and validate the adapters against it."""
@@ -288,19 +294,21 @@ def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, ver
             raise NeuroAdaUsageError(f"the output is written in the base's format ({impl.format}), but its name "
                                      f"ends in {REGISTRY[other].suffixes[0]}; name it for what it holds",
                                      path=os.path.abspath(os.fspath(out)))
-    if not in_place:  # an adapter folder as given is an input too (its config is not in a.path)
-        inputs = impl.inputs(view) + [a.path for a, _ in adapters if a.path] + \
-            [os.fspath(g) for g in given if not isinstance(g, Adapter)]
-        out = check_output(out, inputs=inputs, overwrite=overwrite, kind=impl.output_kind(view),
-                           companions=impl.companions(view, os.path.abspath(os.fspath(out))))
-    with checkpoint_lock(impl.lock_folder(view), exclusive=in_place):  # held from the first read to the last write
-        resolved = impl.resolve(view, adapters, verify=verify)
-        plan = impl.plan(view, resolved, verify=verify, in_place=in_place)
-        if in_place:  # (its errors name the journal or the patched file themselves)
-            done = impl.write_in_place(view, plan, journal=journal, durable=durable, progress=progress)
-        else:
-            with naming_write_errors(out):
-                done = impl.write(view, plan, out, overwrite=overwrite, durable=durable, progress=progress)
+    claim = nullcontext() if in_place else impl.claim_output(view, os.path.abspath(os.fspath(out)))
+    with claim:  # before the overwrite check: a killed run's half-published files are cleaned first
+        if not in_place:  # an adapter folder as given is an input too (its config is not in a.path)
+            inputs = impl.inputs(view) + [a.path for a, _ in adapters if a.path] + \
+                [os.fspath(g) for g in given if not isinstance(g, Adapter)]
+            out = check_output(out, inputs=inputs, overwrite=overwrite, kind=impl.output_kind(view),
+                               companions=impl.companions(view, os.path.abspath(os.fspath(out))))
+        with checkpoint_lock(impl.lock_folder(view), exclusive=in_place):  # from the first read to the last write
+            resolved = impl.resolve(view, adapters, verify=verify)
+            plan = impl.plan(view, resolved, verify=verify, in_place=in_place)
+            if in_place:  # (its errors name the journal or the patched file themselves)
+                done = impl.write_in_place(view, plan, journal=journal, durable=durable, progress=progress)
+            else:
+                with naming_write_errors(out):
+                    done = impl.write(view, plan, out, overwrite=overwrite, durable=durable, progress=progress)
     return MergeSummary(
         mode="in-place" if in_place else "copy", format=impl.format, base=impl.base_path(view),
         output=impl.base_path(view) if in_place else out, adapters=described(adapters), verified=verify,

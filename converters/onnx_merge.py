@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import os
+from contextlib import contextmanager
 import shutil
 from dataclasses import dataclass
 
@@ -30,8 +31,8 @@ import numpy as np
 
 from neuroada_format import (Adapter, ArrayBase, MergePlan, NeuroAdaError, NeuroAdaUsageError, Target, plan_merge,
                              probe_hash, validate)
-from neuroada_format.durable import (default_mode, fsync_path, publish, remove, remove_stale_siblings, reserve,
-                                     temp_sibling)
+from neuroada_format.durable import (OutputClaim, default_mode, fsync_path, output_lock, publish, remove,
+                                     remove_stale_siblings, reserve, temp_sibling)
 from neuroada_format.layout import canonical_view, stored_shape
 from neuroada_format.safe_io import check_regular, open_regular
 from neuroada_format.merge import Delta
@@ -567,6 +568,16 @@ class OnnxBackend(Backend):
     def companions(self, view: OnnxModel, out: str) -> list[str]:
         return list(_data_names(view, out).values())
 
+    @contextmanager
+    def claim_output(self, view: OnnxModel, out: str):
+        """The .onnx and its data files are two renames (see `_commit`): hold OUT's lock for the whole write."""
+        with output_lock(out) as claim:
+            view.claim = claim
+            try:
+                yield claim
+            finally:
+                view.claim = None
+
     def resolve(self, view: OnnxModel, adapters, *, verify: bool) -> Resolved:
         """Every target resolved (and with verify, validated against the model) before anything is read."""
         entries: dict[str, dict] = {}
@@ -610,8 +621,10 @@ class OnnxBackend(Backend):
 
     def write(self, view: OnnxModel, plan: _Plan, out: str, *, overwrite: bool, durable: bool,
               progress: bool) -> Written:
-        files, written, stale = _write_copy(view, plan.patches, out, overwrite, durable)
-        return Written(plan.touched, files, written, removed_stale=stale, details=self._details(view, plan))
+        claim = getattr(view, "claim", None) or OutputClaim(out, None)
+        files, written, stale = _write_copy(view, plan.patches, out, overwrite, durable, claim)
+        return Written(plan.touched, files, written, removed_stale=claim.removed + stale,
+                       details=self._details(view, plan))
 
     def write_in_place(self, view: OnnxModel, plan: _Plan, *, journal, durable: bool, progress: bool) -> Written:
         journal, files = _write_in_place(view, plan, journal, durable)
@@ -776,7 +789,8 @@ def _data_names(model: OnnxModel, out: str) -> dict[str, str]:
     return {f: os.path.join(folder, f"{stem}.{i}.data") for i, f in enumerate(external_files)}
 
 
-def _write_copy(model: OnnxModel, patches, out: str, overwrite: bool, durable: bool) -> tuple[int, int, list]:
+def _write_copy(model: OnnxModel, patches, out: str, overwrite: bool, durable: bool,
+                claim: OutputClaim) -> tuple[int, int, list]:
     """Copy the model and its data files beside `out`, patched; returns (files, bytes, stale removed)."""
     new_names = _data_names(model, out)
     stale = [p for final in [out, *new_names.values()] for p in remove_stale_siblings(final)]
@@ -813,7 +827,7 @@ def _write_copy(model: OnnxModel, patches, out: str, overwrite: bool, durable: b
         if durable:
             fsync_path(onnx_tmp)
         written = sum(os.path.getsize(t) for t in temps)
-        _commit(out, onnx_tmp, {new_names[f]: tmp for f, tmp in data_temps.items()}, overwrite, durable)
+        _commit(out, onnx_tmp, {new_names[f]: tmp for f, tmp in data_temps.items()}, overwrite, durable, claim)
         temps.clear()
     finally:
         for tmp in temps:
@@ -822,17 +836,22 @@ def _write_copy(model: OnnxModel, patches, out: str, overwrite: bool, durable: b
     return len(new_names) + 1, written, stale
 
 
-def _commit(out: str, onnx_tmp: str, data: dict[str, str], overwrite: bool, durable: bool) -> None:
+def _commit(out: str, onnx_tmp: str, data: dict[str, str], overwrite: bool, durable: bool,
+            claim: OutputClaim) -> None:
     """Put a model and its data files in place so `out` never names a graph with someone else's data.
 
     Order: every file is complete (and fsynced, when durable) under a temporary name; an existing `out`
     is removed (overwrite only); the data files are published; the .onnx is published last. A reader
     that opens `out` therefore finds either no model or the new model with its own data (readers that
-    already had the old files open keep them). A crash in between leaves no `out` at all, never an old
-    graph next to new data; running the merge again repairs it.
+    already had the old files open keep them). Two runs writing one `out` cannot interleave these renames
+    (one would pair its .onnx with the other's data): the caller holds `out`'s output lock (`claim`), in
+    which the data files are recorded before the first rename, so a run killed in between leaves no `out`
+    and files the next run to `out` removes (instead of refusing them as an existing output).
     """
+    claim.pending(data)
     if data and overwrite and os.path.lexists(out):
         os.unlink(out)
     for final, tmp in data.items():
         publish(tmp, final, overwrite=overwrite, durable=False)
     publish(onnx_tmp, out, overwrite=overwrite, durable=durable)
+    claim.done()

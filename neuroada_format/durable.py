@@ -14,7 +14,10 @@ here, so each guarantee is kept once:
   the page cache); a journal always asks for it.
 - One lock rule (`checkpoint_lock`): an in-place merge or revert holds an exclusive lock on the folder
   of the files it patches, for the whole operation; a copy holds a shared one while it reads. A run
-  that cannot get its lock at once is refused (never waits, never interleaves).
+  that cannot get its lock at once is refused (never waits, never interleaves). A write that publishes
+  several files under one OUT (an ONNX model and its external data) also holds `output_lock` on OUT, so
+  two such writes never pair one's model with the other's data, and one killed between its renames does
+  not block the next.
 - One overwrite rule (`check_output`): an existing OUT is replaced only when asked, and never when
   OUT is, contains or lies inside an input (replacing it would destroy what is being read), whatever
   `overwrite` says. Checked on real paths, so symlinks and `..` do not get around it.
@@ -26,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import hashlib
+import json
 import os
 import platform
 import re
@@ -449,3 +453,118 @@ def checkpoint_lock(folder, *, exclusive: bool):
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock
+
+
+LOCK_MARK = ".neuroada-lock"
+
+
+def output_lock_path(out) -> str:
+    """The lock file of OUT: a hidden `.<name>.neuroada-lock` beside it, removed when the write ends."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(out)))
+    return os.path.join(folder, f".{_tmp_stem(name)}{LOCK_MARK}")
+
+
+class OutputClaim:
+    """What `output_lock` yields: `pending(paths)` records the files a multi-file publish is about to put
+    in place, `done()` says OUT itself is published; `removed`: files of a killed earlier run cleaned up."""
+
+    def __init__(self, out: str, fd: int | None):
+        self.out, self._fd, self.removed, self._pending = out, fd, [], False
+
+    def _record(self, names: list[str]) -> None:
+        if self._fd is None:
+            return
+        data = json.dumps(names).encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+        os.fsync(self._fd)  # a few bytes: the next run must find the record whatever happens to this one
+
+    def pending(self, paths: Iterable) -> None:
+        """Before the first rename: these files (beside OUT) may be left without OUT if this run dies."""
+        self._record([os.path.basename(p) for p in paths])
+        self._pending = True
+
+    def done(self) -> None:
+        self._pending = False
+
+    def _recover(self) -> None:
+        """An unheld lock file that records pending files is a run killed mid-publish: without OUT, the
+        files it names are that run's (or the data of the OUT it had removed, with overwrite), so remove
+        them; with OUT, the publish had finished. Either way the record is cleared."""
+        raw = os.pread(self._fd, 1 << 20, 0)
+        try:
+            names = json.loads(raw) if raw else []
+        except ValueError:  # a record cut short: nothing it names is trusted
+            names = []
+        if not isinstance(names, list):
+            names = []
+        folder = os.path.dirname(self.out)
+        if names and not os.path.lexists(self.out):
+            for name in names:
+                if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+                    continue
+                path = os.path.join(folder, name)
+                if os.path.isfile(path) and not os.path.islink(path):
+                    os.unlink(path)
+                    self.removed.append(path)
+        if raw:
+            os.ftruncate(self._fd, 0)
+
+
+@contextmanager
+def output_lock(out):
+    """Hold an exclusive lock on OUT's lock file (`output_lock_path`) while a run writes OUT as several files.
+
+    Refused at once with NeuroAdaUsageError (exit 2) while another run holds it (never waits, as
+    `checkpoint_lock`). The lock file records the files a publish is about to rename into place
+    (`OutputClaim.pending`), so that a run killed between its renames (an ONNX data file published, its
+    model not) is told apart from a user's own files: the next run removes that run's files before the
+    overwrite check, instead of refusing them as an existing output. The lock file is removed when the
+    write ends (kept, with its record, if it failed mid-publish). Where there are no locks, nothing is
+    locked or recovered.
+    """
+    out = os.path.abspath(os.fspath(out))
+    path = output_lock_path(out)
+    if fcntl is None or not os.path.isdir(os.path.dirname(out)):
+        yield OutputClaim(out, None)  # no locks, or no folder: the overwrite check says so
+        return
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        try:
+            fd = os.open(path, flags, default_mode())
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise NeuroAdaUsageError("the output's lock file is a symbolic link; remove it", path=path) from None
+            raise OSError(exc.errno, exc.strerror or str(exc), path) from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise NeuroAdaUsageError("the output's lock file is not a regular file; remove it", path=path)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise NeuroAdaUsageError("busy: another run is writing this output; try again when it has finished",
+                                     path=out) from None
+        except OSError:  # no locks here (e.g. ENOLCK on a network mount)
+            os.close(fd)
+            yield OutputClaim(out, None)
+            return
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the previous holder may have removed the file between our open and our lock: lock the new one
+            same = os.path.samestat(os.fstat(fd), os.lstat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    claim = OutputClaim(out, fd)
+    try:
+        claim._recover()
+        yield claim
+    finally:
+        try:
+            if not claim._pending:
+                os.unlink(path)  # while still locked: a run that opened it meanwhile sees it gone and retries
+        finally:
+            os.close(fd)

@@ -787,3 +787,89 @@ def test_shared_bytes_are_found_past_a_neighbour(tmp_path):
     with pytest.raises(naf.NeuroAdaError, match="'big' and 'fc0.weight' share bytes"):
         merge_onnx(path, [(adapter_for("fc0.weight", w, "in_out"), 1.0)], os.fspath(tmp_path / "out.onnx"))
     assert not (tmp_path / "out.onnx").exists()
+
+
+# -- publishing a model and its data (two renames) --------------------------------------------------
+def _two_bases(tmp_path):
+    """Two models of one 8x8 weight stored at different offsets of their data files, and an adapter for it."""
+    w = np.random.default_rng(5).standard_normal((8, 8)).astype(np.float32)
+    paths = []
+    for name, pad in (("a", 0), ("b", 16)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "w.data").write_bytes(np.zeros(pad, np.float32).tobytes() + w.tobytes())
+        paths.append(_external_model(folder, {"fc0.weight": w}, {"fc0.weight": ("w.data", pad * 4)}))
+    return paths, adapter_for("fc0.weight", w, "in_out")
+
+
+def test_two_overwriting_runs_never_pair_one_model_with_the_others_data(tmp_path, monkeypatch):
+    """Audit: run B published its pair between run A's data rename and A's .onnx rename, leaving A's .onnx
+    (offset 0) over B's data (weight at offset 64). Now OUT is locked for the whole write: B is refused."""
+    from neuroada_format.converters import onnx_merge
+
+    (base_a, base_b), adapter = _two_bases(tmp_path)
+    (tmp_path / "ref").mkdir()
+    merge_onnx(base_a, [(adapter, 1.0)], os.fspath(tmp_path / "ref" / "m.onnx"))
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    real, refused = onnx_merge.publish, []
+
+    def other_run_between_the_renames(tmp, final, **kw):
+        real(tmp, final, **kw)
+        if final.endswith(".data") and not refused:
+            try:
+                merge_onnx(base_b, [(adapter, 2.0)], os.fspath(out), overwrite=True)
+                refused.append(False)
+            except naf.NeuroAdaUsageError as exc:
+                refused.append("busy" in str(exc))
+
+    monkeypatch.setattr(onnx_merge, "publish", other_run_between_the_renames)
+    merge_onnx(base_a, [(adapter, 1.0)], os.fspath(out), overwrite=True)
+    assert refused == [True]
+    assert sorted(os.listdir(out.parent)) == ["m.onnx", "m.onnx.data"]
+    assert digest(out, tmp_path / "out" / "m.onnx.data") == \
+        digest(tmp_path / "ref" / "m.onnx", tmp_path / "ref" / "m.onnx.data")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_run_killed_between_its_renames_does_not_block_the_next(tmp_path, overwrite):
+    """Audit: SIGKILL after the data file's rename, before the .onnx's, left m.onnx.data without m.onnx, and the
+    rerun was refused ("already exists"). The lock file records the pending files, so the rerun removes them."""
+    import signal
+
+    from neuroada_format.converters import onnx_merge
+
+    (base, _), adapter = _two_bases(tmp_path)
+    naf.save(adapter, tmp_path / "ad.safetensors")
+    (tmp_path / "ref").mkdir()
+    merge_onnx(base, [(adapter, 1.0)], os.fspath(tmp_path / "ref" / "m.onnx"))
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    argv = ["--base", base, "--adapter", os.fspath(tmp_path / "ad.safetensors"), "--out", os.fspath(out)]
+    if overwrite:  # an older merge that the killed run was replacing
+        merge_onnx(base, [(adapter, 3.0)], os.fspath(out))
+    pid = os.fork()
+    if pid == 0:  # the child dies right after its data rename
+        try:
+            real = onnx_merge.publish
+
+            def die_after_data(tmp, final, **kw):
+                real(tmp, final, **kw)
+                if final.endswith(".data"):
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            onnx_merge.publish = die_after_data
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+            merge_run(argv + (["--overwrite"] if overwrite else []))
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert not out.exists() and (out.parent / "m.onnx.data").exists()
+    assert merge_run(argv) == 0
+    assert sorted(os.listdir(out.parent)) == ["m.onnx", "m.onnx.data"]
+    assert digest(out, out.parent / "m.onnx.data") == digest(tmp_path / "ref" / "m.onnx", tmp_path / "ref" / "m.onnx.data")
+    # a data file nobody recorded is still the user's: refused without --overwrite, as before
+    os.remove(out)
+    with pytest.raises(naf.NeuroAdaUsageError, match="already exists"):
+        merge_onnx(base, [(adapter, 1.0)], os.fspath(out))
