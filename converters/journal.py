@@ -242,31 +242,41 @@ def _bits(a: np.ndarray) -> np.ndarray:
 def revert(journal, *, base=None, progress: bool = False) -> dict:
     """Restore the files a journal describes to their pre-merge bytes; harmless to run twice.
 
-    base: where the checkpoint lives now, if it moved since the merge (folder, or the file itself).
+    base: where the checkpoint lives now, if it moved since the merge (folder, or the file itself: a
+    journal of one file reverts that file under the name given; one of several refuses a file it lacks).
     Nothing is written unless every file matches the journal (header hash, size, and each position
     holding either its merged or its original value).
     """
     started = time.perf_counter()
     j = read_journal(journal)
-    layout_file = None
+    layout_file, renamed = None, {}
     if base is None:
         root = j.doc["root"]
     else:
         base = os.path.abspath(os.fspath(base))
         root = base if os.path.isdir(base) else os.path.dirname(base)
-        if (not os.path.isdir(base) and os.path.relpath(base, root) not in j.doc["files"]
-                and any("layout_file" in f for f in j.doc["files"].values())):
-            layout_file = base  # an ONNX model given by its (new) name (a data file given names only the folder)
+        files = j.doc["files"]
+        if not os.path.isdir(base) and os.path.relpath(base, root) not in files:
+            if any("layout_file" in f for f in files.values()):
+                layout_file = base  # an ONNX model given by its (new) name (a data file given names only the folder)
+            elif len(files) == 1:
+                renamed = {next(iter(files)): base}  # the one file, under the name the user gave (never another)
+            else:
+                raise NeuroAdaUsageError(f"journal {j.path} describes {len(files)} files ({', '.join(sorted(files))}) "
+                                         "and --base names a file that is none of them: give the checkpoint's "
+                                         "folder", path=base)
     if not os.path.isdir(root):
         raise NeuroAdaUsageError("the folder named by the journal is missing (pass --base if it moved)", path=root)
     with checkpoint_lock(root, exclusive=True):  # the lock an in-place merge holds: never interleave
-        return _revert(j, root, started, progress, layout_file)
+        return _revert(j, root, started, progress, layout_file, renamed)
 
 
-def _revert(j: Journal, root: str, started: float, progress: bool, layout_file: str | None = None) -> dict:
+def _revert(j: Journal, root: str, started: float, progress: bool, layout_file: str | None = None,
+            renamed: dict | None = None) -> dict:
+    """renamed: journal file -> the path --base gave it (a single-file base that moved or was renamed)."""
     paths = {}
     for rel, f in j.doc["files"].items():
-        path = os.path.join(root, rel)
+        path = (renamed or {}).get(rel) or os.path.join(root, rel)
         if not os.path.isfile(path):
             raise NeuroAdaUsageError("file named by the journal is missing", path=path)
         if os.path.islink(path):

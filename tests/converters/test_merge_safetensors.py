@@ -522,6 +522,35 @@ def test_revert_refuses_other_files(tmp_path, rng):
         read_journal(tmp_path / "a.safetensors")
 
 
+def test_revert_base_file_is_the_file_reverted(tmp_path, rng):
+    """Audit: `--revert J --base backup.safetensors` for a single-file base reverted model.safetensors (the name the
+    journal recorded, in backup's folder) and left backup merged. The one file is now mapped to the name given;
+    a file that is none of a sharded journal's files is refused."""
+    arrays = llama_arrays(rng)
+    base = os.fspath(tmp_path / "model.safetensors")
+    save_file(arrays, base, metadata={"format": "pt"})
+    pristine = tree_digest(base)["model.safetensors"]
+    journal = merge_in_place(base, [(make_adapter(rng, arrays, targets_of(arrays), 3), 1.0)]).journal
+    merged = tree_digest(base)["model.safetensors"]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    backup = moved / "backup.safetensors"
+    shutil.copyfile(base, backup)
+    shutil.copyfile(base, moved / "model.safetensors")  # the journal's name, in the folder of the file given
+    revert(journal, base=backup)
+    assert tree_digest(backup)["backup.safetensors"] == pristine
+    assert tree_digest(moved / "model.safetensors")["model.safetensors"] == merged
+    assert tree_digest(base)["model.safetensors"] == merged
+
+    folder = write_checkpoint(tmp_path / "sharded", arrays, shards=2, extras=False)
+    journal = merge_in_place(folder, [(make_adapter(rng, arrays, targets_of(arrays), 3), 1.0)]).journal
+    before = tree_digest(folder)
+    shutil.copyfile(os.path.join(folder, "model-00001-of-00002.safetensors"), tmp_path / "sharded" / "other.safetensors")
+    with pytest.raises(naf.NeuroAdaUsageError, match="describes 2 files .* none of them"):
+        revert(journal, base=tmp_path / "sharded" / "other.safetensors")
+    assert {k: v for k, v in tree_digest(folder).items() if k != "other.safetensors"} == before
+
+
 @pytest.mark.parametrize("layout", ["single file", "shards"])
 def test_in_place_refuses_symlinked_and_hard_linked_files(tmp_path, rng, layout):
     """A Hugging Face cache snapshot links to shared blobs: patching through the link is refused."""
