@@ -235,6 +235,17 @@ def read_journal(path) -> Journal:
     return Journal(path, doc, st)
 
 
+def refuse_shared(path: str, doing: str, hint: str) -> None:
+    """Refuse writing `path` in place when it has other names (a symlink to a shared file, e.g. a Hugging Face
+    cache blob, or other hard links): `doing` it would change every copy (used by in-place merges and revert)."""
+    if os.path.islink(path):
+        raise NeuroAdaUsageError(f"is a symlink (to {os.path.realpath(path)}), e.g. into a Hugging Face cache; "
+                                 f"{doing} would change the shared file: {hint}", path=path)
+    links = os.stat(path).st_nlink
+    if links > 1:
+        raise NeuroAdaUsageError(f"has {links} hard links; {doing} would change every copy: {hint}", path=path)
+
+
 def _bits(a: np.ndarray) -> np.ndarray:
     return a.view(np.dtype(f"<u{a.dtype.itemsize}"))
 
@@ -323,6 +334,9 @@ def _revert(j: Journal, root: str, started: float, progress: bool, layout_file: 
             already += 1
         else:
             todo.append(e)
+    for rel in sorted({e.file for e in todo}):  # before the first write: a file to restore may have no other name
+        refuse_shared(paths[rel], "reverting it in place", "break the link first (cp the file to a new name, "
+                      "then mv that back over it), then revert")
     restored = 0
     with bar(len(todo), "revert", enabled=progress, unit="tensor") as pbar:
         for e in todo:

@@ -53,7 +53,8 @@ from neuroada_format.validate import PROBE_MISMATCH, probe_mismatch
 
 from . import backend as _backend
 from .backend import SLOWDOWN_ENV, Backend, Mismatch, Resolved, Written, pause_for_tests  # noqa: F401
-from .journal import JOURNAL_PREFIX, JournalEntry, claim_path, default_path, position_dtype, write_journal
+from .journal import (JOURNAL_PREFIX, JournalEntry, claim_path, default_path, position_dtype, refuse_shared,
+                      write_journal)
 from .progress import bar
 from .tensor_map import map_tensor, patch_values
 
@@ -389,14 +390,7 @@ def _tree(root: str) -> tuple[list[str], list[str]]:
 
 # -- merge in place ----------------------------------------------------------------------------------
 def _refuse_shared(path: str) -> None:
-    if os.path.islink(path):
-        raise NeuroAdaUsageError(f"is a symlink (to {os.path.realpath(path)}), e.g. into a Hugging Face cache; "
-                            "patching it would change the shared file: copy the checkpoint first "
-                            "(cp -rL) or merge into a new folder with --out", path=path)
-    links = os.stat(path).st_nlink
-    if links > 1:
-        raise NeuroAdaUsageError(f"has {links} hard links; patching it would change every copy: copy the "
-                            "checkpoint first or merge into a new folder with --out", path=path)
+    refuse_shared(path, "patching it", "copy the checkpoint first (cp -rL) or merge into a new folder with --out")
     if not os.access(path, os.W_OK):
         raise NeuroAdaUsageError("is not writable", path=path)
 

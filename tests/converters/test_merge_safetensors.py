@@ -551,6 +551,31 @@ def test_revert_base_file_is_the_file_reverted(tmp_path, rng):
     assert {k: v for k, v in tree_digest(folder).items() if k != "other.safetensors"} == before
 
 
+def test_revert_refuses_a_hard_linked_file(tmp_path, rng, capsys):
+    """Audit: --revert patched a shard with another hard link (linked after the merge, e.g. into a snapshot),
+    so the other name changed too. It is refused before anything is written, as the in-place merge is."""
+    from neuroada_format.converters.merge_cli import run
+
+    arrays = llama_arrays(rng)
+    base = write_checkpoint(tmp_path / "base", arrays, shards=2, extras=False)
+    pristine = tree_digest(base)
+    journal = merge_in_place(base, [(make_adapter(rng, arrays, targets_of(arrays), 3), 1.0)]).journal
+    merged = tree_digest(base)
+    shard = os.path.join(base, "model-00001-of-00002.safetensors")
+    os.link(shard, tmp_path / "elsewhere.safetensors")
+    assert run(["--revert", journal]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has 2 hard links" in err and shard in err
+    assert tree_digest(base) == merged and tree_digest(tmp_path / "elsewhere.safetensors") == \
+        {"elsewhere.safetensors": merged["model-00001-of-00002.safetensors"]}
+    shutil.copyfile(shard, shard + ".copy")  # the way out the message gives
+    os.replace(shard + ".copy", shard)
+    revert(journal)
+    assert tree_digest(base) == pristine
+    assert tree_digest(tmp_path / "elsewhere.safetensors")["elsewhere.safetensors"] == \
+        merged["model-00001-of-00002.safetensors"]
+
+
 @pytest.mark.parametrize("layout", ["single file", "shards"])
 def test_in_place_refuses_symlinked_and_hard_linked_files(tmp_path, rng, layout):
     """A Hugging Face cache snapshot links to shared blobs: patching through the link is refused."""
