@@ -579,13 +579,13 @@ class OnnxBackend(Backend):
                 view.claim = None
 
     def resolve(self, view: OnnxModel, adapters, *, verify: bool) -> Resolved:
-        """Every target resolved (and with verify, validated against the model) before anything is read."""
+        """Every target resolved and validated against the model (names, shapes, dtypes: rule 4.2, with or
+        without verify, as for safetensors) before any value is read; verify adds only the probe hashes (plan)."""
         entries: dict[str, dict] = {}
         resolutions = {}
         for ai, (adapter, scale) in enumerate(adapters):
             found = resolve_targets(view.path, adapter, _model=view)
-            if verify:
-                _verify(view, adapter, found, adapter.path or f"adapter #{ai}")
+            _verify(view, adapter, found, adapter.path or f"adapter #{ai}")
             for target, res in found.items():
                 t = adapter.targets[target]
                 resolutions.setdefault(target, {**res.to_dict(), "adapters": []})["adapters"].append(ai)
@@ -606,7 +606,7 @@ class OnnxBackend(Backend):
                     reserve(ext.file, ext.offset, ext.nbytes)
         for name in sorted(plan.entries):
             entry = plan.entries[name]
-            merge_plan = plan_merge(view.array(name), entry["deltas"], entry["layout"], checked=verify)
+            merge_plan = plan_merge(view.array(name), entry["deltas"], entry["layout"], checked=True)  # resolve ran 3.x
             if verify:
                 _probe_check(name, merge_plan, entry["sources"])
             plan.patches[name] = (merge_plan.positions, merge_plan.merged)
@@ -648,7 +648,8 @@ def merge_onnx(base: str, adapters, out: str | None, *, verify: bool = True, in_
 
     Values follow the spec's merge rule exactly (neuroada_format.plan_merge: f32 sum over adapters
     in order, one rounding to the initializer's dtype). Nothing is written before every target is
-    resolved and (with verify) validated against the model, its probe hashes included. Out of place,
+    resolved and validated against the model (shapes and dtypes always; verify=False skips only the
+    probe hashes, which read the model's values). Out of place,
     the model and its external data files are written beside `out` under temporary names and put in
     place by rename (see `_commit`); an existing `out` or data file is replaced only with overwrite.
     in_place patches the base's external data files at the tensors' offsets, after writing a revert
@@ -666,7 +667,8 @@ def merge_onnx(base: str, adapters, out: str | None, *, verify: bool = True, in_
 
 
 def _verify(model: OnnxModel, adapter: Adapter, resolutions: dict[str, Resolution], label: str) -> None:
-    """validate()'s rules 1-3 on the adapter, then 4.2 against each resolved initializer as stored.
+    """validate()'s rules 1-3 on the adapter, then 4.2 against each resolved initializer as stored: always, as
+    merging an adapter made for another dtype or shape writes garbage (--no-verify skips only rule 4.3).
 
     The probe hashes (4.3) are checked by `_probe_check` from the values the merge reads anyway, in the
     initializer's own orientation (a transposed view would make probe_hash copy the whole tensor).

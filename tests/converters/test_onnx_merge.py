@@ -873,3 +873,24 @@ def test_a_run_killed_between_its_renames_does_not_block_the_next(tmp_path, over
     os.remove(out)
     with pytest.raises(naf.NeuroAdaUsageError, match="already exists"):
         merge_onnx(base, [(adapter, 1.0)], os.fspath(out))
+
+
+def test_no_verify_skips_only_the_probe_hashes(tmp_path, capsys):
+    """Audit: with --no-verify the ONNX backend skipped rule 4.2 as well, so a BF16 adapter was merged into an F32
+    initializer (exit 0). As for safetensors, names, shapes and dtypes are always checked; --no-verify skips only
+    the probe hashes (rule 4.3)."""
+    w = np.random.default_rng(6).standard_normal((8, 8)).astype(np.float32)
+    (tmp_path / "w.data").write_bytes(w.tobytes())
+    path = _external_model(tmp_path, {"fc0.weight": w}, {"fc0.weight": ("w.data", 0)})
+    naf.save(adapter_for("fc0.weight", w.astype(BF16), "in_out"), tmp_path / "bf16.safetensors")
+    naf.save(adapter_for("fc0.weight", w + np.float32(0.5), "in_out"), tmp_path / "other.safetensors")
+    out = os.fspath(tmp_path / "o.onnx")
+    for extra in ([], ["--no-verify"]):
+        assert merge_run(["--base", path, "--adapter", os.fspath(tmp_path / "bf16.safetensors"), "--out", out,
+                          *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "rule 4.2" in err and "F32[8, 8]" in err and "BF16[8, 8]" in err, err
+        assert not os.path.exists(out)
+    other = ["--base", path, "--adapter", os.fspath(tmp_path / "other.safetensors"), "--out", out]
+    assert merge_run(other) == 1 and "rule 4.3" in capsys.readouterr().err
+    assert merge_run(other + ["--no-verify"]) == 0 and os.path.exists(out)
