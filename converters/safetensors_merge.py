@@ -505,11 +505,14 @@ def _write_copy(b: _Base, touches: list[_Touch], out: str, *, verify: bool, over
             for rel in order:
                 fsync_path(os.path.join(tmp, rel) if b.root else tmp)
         if b.root:
-            if durable:
-                for d in sorted(dirs, key=lambda d: -d.count(os.sep)):
+            # BASE's modes, subfolders' too (a private 0700 subfolder must not come out 0755), after their files
+            # are in (a 0555 one could not take them) and always the owner's to manage: a read-only base folder
+            # (0555, as in a shared cache) must not give an output that a later --overwrite or a cleanup can no
+            # longer remove
+            for d in sorted(dirs, key=lambda d: -d.count(os.sep)):
+                os.chmod(os.path.join(tmp, d), stat.S_IMODE(os.stat(os.path.join(b.root, d)).st_mode) | stat.S_IRWXU)
+                if durable:
                     fsync_dir(os.path.join(tmp, d))
-            # BASE's mode, but always the owner's to manage: a read-only base folder (0555, as in a shared
-            # cache) must not give an output that a later --overwrite or a cleanup can no longer remove
             os.chmod(tmp, stat.S_IMODE(os.stat(b.root).st_mode) | stat.S_IRWXU)
             if durable:
                 fsync_dir(tmp)

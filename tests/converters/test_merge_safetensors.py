@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import struct
 import subprocess
 import sys
@@ -204,6 +205,34 @@ def test_merge_is_the_reference_byte_for_byte(tmp_path, rng, dtype, kind, severa
     with safe_open(os.path.join(out, "model.safetensors" if kind == "folder" else
                                 "model-00001-of-00003.safetensors"), framework="np") as f:
         assert f.metadata()["format"] == "pt"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_copy_keeps_the_modes_of_subfolders_and_their_files(tmp_path, rng):
+    """Audit: subfolders of a copied base folder came out with the umask's mode (a 0750 sub/ as 0755, a 0500
+    sub/deep as 0755); files kept theirs. Folders now keep BASE's bits, plus the owner's rwx as the top folder
+    does (so the output stays removable), set after their files are in."""
+    arrays = llama_arrays(rng)
+    base = write_checkpoint(tmp_path / "base", arrays, shards=2)
+    deep = tmp_path / "base" / "sub" / "deep"
+    deep.mkdir()
+    (deep / "x.txt").write_text("x")
+    modes = {"sub/deep/x.txt": 0o400, "sub/notes.txt": 0o640, "model-00001-of-00002.safetensors": 0o600,
+             "sub/deep": 0o500, "sub": 0o750}
+    for rel, mode in modes.items():
+        os.chmod(os.path.join(base, rel), mode)
+    out = tmp_path / "out"
+    try:
+        adapter = make_adapter(rng, arrays, targets_of(arrays), 3)
+        merge_safetensors(base, [(adapter, 1.0)], out)
+        got = {rel: stat.S_IMODE(os.stat(out / rel).st_mode) for rel in modes}
+        assert got == {**modes, "sub/deep": 0o700}, {k: oct(v) for k, v in got.items()}
+        merge_safetensors(base, [(adapter, 0.5)], out, overwrite=True)  # the old output is still removable
+        assert stat.S_IMODE(os.stat(out / "sub").st_mode) == 0o750
+    finally:
+        for folder in (deep, out / "sub" / "deep"):
+            if folder.exists():
+                os.chmod(folder, 0o700)
 
 
 @pytest.mark.parametrize("block,chunk", [(1, 7), (300, 64), (4096, 1000)])
