@@ -8,8 +8,9 @@ BASE is any format registered in backend.py (safetensors file or folder, ONNX, .
 file or an adapter folder. Exit codes are the table of neuroada_format.errors (cli_common.py): 0 done;
 1 an input breaks a rule (an invalid adapter, one that does not belong to the base, a broken base or
 journal); 2 usage or I/O error; 130 interrupted. Every error is one stderr line, never a traceback.
-A merge killed mid-way leaves no OUT, only `OUT.tmp-<host>-<pid>-<hex>` siblings, which the next
-merge to the same OUT deletes.
+A merge killed mid-way leaves no OUT, only `OUT.tmp-<host>-<pid>-<hex>` siblings (and, for an ONNX model with
+external data, its output lock `.OUT.neuroada-lock` and the data files it had published), which the next merge
+to the same OUT deletes.
 """
 from __future__ import annotations
 
