@@ -465,46 +465,51 @@ def output_lock_path(out) -> str:
 
 
 class OutputClaim:
-    """What `output_lock` yields: `pending(paths)` records the files a multi-file publish is about to put
-    in place, `done()` says OUT itself is published; `removed`: files of a killed earlier run cleaned up."""
+    """What `output_lock` yields: `pending({final: tmp})` records the files a multi-file publish is about to
+    rename into place, `done()` says OUT itself is published; `removed`: files of a killed earlier run cleaned up."""
 
     def __init__(self, out: str, fd: int | None):
         self.out, self._fd, self.removed, self._pending = out, fd, [], False
 
-    def _record(self, names: list[str]) -> None:
+    def pending(self, renames: dict) -> None:
+        """Before the first rename of {final path: finished temporary}: each final name with its temporary's
+        inode (a rename keeps it), so the next run removes only files this run put there, never a file someone
+        else created under the same name."""
+        self._pending = True
         if self._fd is None:
             return
-        data = json.dumps(names).encode()
+        record = []
+        for final, tmp in renames.items():
+            st = os.stat(tmp)
+            record.append([os.path.basename(final), st.st_dev, st.st_ino])
         os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, data, 0)
+        os.pwrite(self._fd, json.dumps(record).encode(), 0)
         os.fsync(self._fd)  # a few bytes: the next run must find the record whatever happens to this one
-
-    def pending(self, paths: Iterable) -> None:
-        """Before the first rename: these files (beside OUT) may be left without OUT if this run dies."""
-        self._record([os.path.basename(p) for p in paths])
-        self._pending = True
 
     def done(self) -> None:
         self._pending = False
 
     def _recover(self) -> None:
-        """An unheld lock file that records pending files is a run killed mid-publish: without OUT, the
-        files it names are that run's (or the data of the OUT it had removed, with overwrite), so remove
-        them; with OUT, the publish had finished. Either way the record is cleared."""
+        """An unheld lock file holding a record is a run that died (or failed) mid-publish: without OUT, the
+        recorded files that are still the very files it renamed (same inode) are its leftovers, so remove them;
+        with OUT, its publish had finished. Either way the record is cleared."""
         raw = os.pread(self._fd, 1 << 20, 0)
         try:
-            names = json.loads(raw) if raw else []
+            record = json.loads(raw) if raw else []
         except ValueError:  # a record cut short: nothing it names is trusted
-            names = []
-        if not isinstance(names, list):
-            names = []
+            record = []
         folder = os.path.dirname(self.out)
-        if names and not os.path.lexists(self.out):
-            for name in names:
-                if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+        if isinstance(record, list) and not os.path.lexists(self.out):
+            for item in record:
+                if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                        and os.path.basename(item[0]) == item[0] and item[0] not in ("", ".", "..")):
                     continue
-                path = os.path.join(folder, name)
-                if os.path.isfile(path) and not os.path.islink(path):
+                path = os.path.join(folder, item[0])
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and [st.st_dev, st.st_ino] == item[1:]:
                     os.unlink(path)
                     self.removed.append(path)
         if raw:
@@ -516,7 +521,7 @@ def output_lock(out):
     """Hold an exclusive lock on OUT's lock file (`output_lock_path`) while a run writes OUT as several files.
 
     Refused at once with NeuroAdaUsageError (exit 2) while another run holds it (never waits, as
-    `checkpoint_lock`). The lock file records the files a publish is about to rename into place
+    `checkpoint_lock`). The lock file records the files a publish is about to rename into place, by inode
     (`OutputClaim.pending`), so that a run killed between its renames (an ONNX data file published, its
     model not) is told apart from a user's own files: the next run removes that run's files before the
     overwrite check, instead of refusing them as an existing output. The lock file is removed when the

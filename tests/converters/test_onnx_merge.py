@@ -894,3 +894,30 @@ def test_no_verify_skips_only_the_probe_hashes(tmp_path, capsys):
     other = ["--base", path, "--adapter", os.fspath(tmp_path / "other.safetensors"), "--out", out]
     assert merge_run(other) == 1 and "rule 4.3" in capsys.readouterr().err
     assert merge_run(other + ["--no-verify"]) == 0 and os.path.exists(out)
+
+
+def test_a_data_file_another_writer_put_in_place_is_never_taken_for_a_killed_runs(tmp_path, monkeypatch):
+    """The lock file's record names the data files by inode: a file someone else created under that name while a
+    run was failing (its rename refused: 'already exists') is theirs, and the next run refuses it, not removes it."""
+    from neuroada_format.converters import onnx_merge
+
+    (base, _), adapter = _two_bases(tmp_path)
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    real = onnx_merge.publish
+
+    def someone_else_first(tmp, final, **kw):
+        if final.endswith(".data"):
+            with open(final, "wb") as f:
+                f.write(b"someone else's data")
+        real(tmp, final, **kw)
+
+    monkeypatch.setattr(onnx_merge, "publish", someone_else_first)
+    with pytest.raises(naf.NeuroAdaUsageError, match="already exists"):
+        merge_onnx(base, [(adapter, 1.0)], os.fspath(out))
+    monkeypatch.setattr(onnx_merge, "publish", real)
+    with pytest.raises(naf.NeuroAdaUsageError, match="already exists"):
+        merge_onnx(base, [(adapter, 1.0)], os.fspath(out))
+    assert (out.parent / "m.onnx.data").read_bytes() == b"someone else's data" and not out.exists()
+    merge_onnx(base, [(adapter, 1.0)], os.fspath(out), overwrite=True)
+    assert sorted(os.listdir(out.parent)) == ["m.onnx", "m.onnx.data"]
