@@ -110,6 +110,15 @@ def _refuse_fsdp1(model: nn.Module, what: str) -> None:
         raise NeuroAdaUsageError(f"{what}: {FSDP1_REFUSED}")
 
 
+def _refuse_ddp(model: nn.Module, what: str) -> None:
+    """DDP prefixes every name with ``module.`` (targets and adapter keys would not match the plain model's) and
+    all-reduces only the parameters it saw when built (deltas added later would train apart on each rank)."""
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules()):
+        raise NeuroAdaUsageError(f"{what} on a DistributedDataParallel-wrapped model: {what} before wrapping in DDP "
+                                 "(call it on the plain model, then wrap that in DistributedDataParallel); DDP "
+                                 "prefixes every name with 'module.' and syncs only the parameters it was built with")
+
+
 def _refuse_sharded(model: nn.Module, what: str) -> None:
     _refuse_fsdp1(model, what)
     fsdp = _fsdp_module_type()
@@ -393,12 +402,13 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
     returns a scalar loss (default: `model(**batch).loss`); the score of an entry is |sum over the
     batches of dloss/dW|. At most one layer's dense gradient exists at any time: one batch costs one
     forward and backward, several batches one pass per batch and target layer.
-    Call before wrapping the model in FSDP2 (`fully_shard`); DDP may wrap it before or after.
+    Call before wrapping the model in DDP or FSDP2 (`fully_shard`): a DDP-wrapped model is refused.
     Every input check happens before the model is touched: on a NeuroAdaError it is left as it was.
     """
     config = config or NeuroAdaConfig()
     check_adapter_name(adapter_name)
     _refuse_in_batch(model, "attach")
+    _refuse_ddp(model, "attach")
     configs = getattr(model, CONFIGS_ATTR, None) or {}
     if adapter_name in configs:
         raise NeuroAdaUsageError(f"adapter {adapter_name!r} is already attached")
@@ -902,6 +912,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
     """
     check_adapter_name(adapter_name)
     _refuse_in_batch(model, "load_adapter")
+    _refuse_ddp(model, "load_adapter")
     if mode not in MODES:
         raise NeuroAdaUsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     file, cfg = _resolve(path)

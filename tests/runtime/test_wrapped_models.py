@@ -1,0 +1,48 @@
+"""Wrappers that rename every module: DistributedDataParallel (``module.``). Attached or loaded through one, targets
+and adapter keys carry the prefix (a saved adapter no longer fits the plain model) and DDP never syncs the deltas,
+which did not exist when it was built; both are refused before the model is touched, saying to attach first."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from neuroada_format import NeuroAdaUsageError
+from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, save_adapter
+from neuroada_format.runtime.model import layers
+from tiny_hf import tiny_llama
+
+if not torch.distributed.is_available():
+    pytest.skip("torch.distributed is not available", allow_module_level=True)
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A gloo process group of world size 1 (a file store: no port to pick), destroyed afterwards."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=(tmp_path / "store").as_uri())
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_attach_and_load_on_a_ddp_wrapped_model_are_refused(one_rank, tmp_path):
+    plain = attach(tiny_llama(), NeuroAdaConfig(k=1, target_modules=["q_proj"]))
+    save_adapter(plain, tmp_path / "a")
+    model = tiny_llama()
+    wrapped = DistributedDataParallel(model)
+    before = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    with pytest.raises(NeuroAdaUsageError, match="attach on a DistributedDataParallel-wrapped model: attach before "
+                                                 "wrapping in DDP"):
+        attach(wrapped, NeuroAdaConfig(k=1))
+    with pytest.raises(NeuroAdaUsageError, match="load_adapter before wrapping in DDP"):
+        load_adapter(wrapped, tmp_path / "a")
+    after = wrapped.state_dict()
+    assert not layers(wrapped) and after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    # the order the message asks for works: attach (here load) on the plain model, then wrap it
+    load_adapter(model, tmp_path / "a", is_trainable=True)
+    assert len(layers(DistributedDataParallel(model))) == 2
