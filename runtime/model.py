@@ -119,6 +119,16 @@ def _refuse_ddp(model: nn.Module, what: str) -> None:
                                  "prefixes every name with 'module.' and syncs only the parameters it was built with")
 
 
+def _refuse_compiled(model: nn.Module) -> None:
+    """torch.compile's wrapper prefixes every name with ``_orig_mod.``: attached through it, the adapter's keys would
+    fit no plain model (load_adapter says the same when an adapter's keys miss, see check_against_model)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # never imported: nothing can be compiled
+    compiled = getattr(eval_frame, "OptimizedModule", None)
+    if compiled is not None and any(isinstance(m, compiled) for m in model.modules()):
+        raise NeuroAdaUsageError("attach on a torch.compile'd model (its wrapper prefixes every name with _orig_mod.): "
+                                 "attach to the model before compiling it (or to model._orig_mod)")
+
+
 def _refuse_sharded(model: nn.Module, what: str) -> None:
     _refuse_fsdp1(model, what)
     fsdp = _fsdp_module_type()
@@ -409,6 +419,7 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
     check_adapter_name(adapter_name)
     _refuse_in_batch(model, "attach")
     _refuse_ddp(model, "attach")
+    _refuse_compiled(model)
     configs = getattr(model, CONFIGS_ATTR, None) or {}
     if adapter_name in configs:
         raise NeuroAdaUsageError(f"adapter {adapter_name!r} is already attached")

@@ -1,6 +1,7 @@
-"""Wrappers that rename every module: DistributedDataParallel (``module.``). Attached or loaded through one, targets
-and adapter keys carry the prefix (a saved adapter no longer fits the plain model) and DDP never syncs the deltas,
-which did not exist when it was built; both are refused before the model is touched, saying to attach first."""
+"""Wrappers that rename every module: DistributedDataParallel (``module.``) and torch.compile (``_orig_mod.``).
+Attached through one, targets and adapter keys carry the prefix (a saved adapter no longer fits the plain model), and
+DDP never syncs the deltas, which did not exist when it was built; refused before the model is touched, saying to
+attach first."""
 
 from __future__ import annotations
 
@@ -46,3 +47,17 @@ def test_attach_and_load_on_a_ddp_wrapped_model_are_refused(one_rank, tmp_path):
     # the order the message asks for works: attach (here load) on the plain model, then wrap it
     load_adapter(model, tmp_path / "a", is_trainable=True)
     assert len(layers(DistributedDataParallel(model))) == 2
+
+
+def test_attach_on_a_compiled_model_is_refused(tmp_path):
+    """Before, attach adapted '_orig_mod.model...' layers and save_adapter wrote those keys."""
+    model = tiny_llama()
+    compiled = torch.compile(model, backend="eager")
+    with pytest.raises(NeuroAdaUsageError, match=r"attach on a torch.compile'd model \(its wrapper prefixes every "
+                                                 r"name with _orig_mod.\): attach to the model before compiling it "
+                                                 r"\(or to model._orig_mod\)"):
+        attach(compiled, NeuroAdaConfig(k=1))
+    assert not layers(model)
+    attach(compiled._orig_mod, NeuroAdaConfig(k=1, target_modules=["q_proj"]))  # what the message offers
+    assert sorted(layers(compiled)) == ["_orig_mod.model.layers.0.self_attn.q_proj",
+                                        "_orig_mod.model.layers.1.self_attn.q_proj"]
