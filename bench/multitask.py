@@ -369,9 +369,9 @@ def memory_lines(mem: dict) -> list[str]:
             "Loaded for inference, each adapter holds its values in the file's BF16 (load_adapter with "
             "is_trainable=False; trainable ones are f32 masters); adapters with one set of positions share one int64 "
             "index and one copy of the base's original entries (bf16), 10 bytes per entry between them (a first "
-            "adapter costs 12). set_adapter keeps positions and merged values for the last 2 adapters it served (not "
-            "for each), and a mixed batch stacks shared positions once and every adapter's values in f32 (the "
-            "per-adapter reads are rows of that stack).", ""]
+            "adapter costs 12). set_adapter keeps positions for the last 2 adapters it served (not for each; merged "
+            "values are computed at each switch), and a mixed batch stacks shared positions once and every "
+            "adapter's values in f32 (the per-adapter reads are rows of that stack).", ""]
 
 
 def switch_rows(sw: dict, label: str) -> list[list]:

@@ -177,29 +177,39 @@ def _same_positions(layer: NeuroAdaLayer, a: str, b: str) -> bool:
     return same
 
 
-SWITCH_KEPT = 2  # adapters per layer whose positions and merged values set_adapter keeps (toggling two is free)
+SWITCH_KEPT = 2  # adapters per layer whose flat positions set_adapter keeps (toggling two reuses them)
 
 
-def _merged_entries(layer: NeuroAdaLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(flat positions, merged values)`` of the adapter (the Overlay's rule, in its flat order), so a switch is
-    one write per weight (each extra mid-sized op cost a thread wake-up on a busy machine). Kept for the last
-    SWITCH_KEPT adapters served, not for all: they cost 12 bytes per entry (f32 base), three times what the
-    adapter takes on disk, and a server visiting 50 adapters would hold that for each. The grid is part of the
-    key: what a layer serves is ``layer.delta``, snapped to the grid if there is one."""
+def _positions(layer: NeuroAdaLayer, name: str) -> torch.Tensor:
+    """The adapter's flat positions in the stored weight (the Overlay's flat order), kept for the last SWITCH_KEPT
+    adapters served, not for all: 8 bytes per entry, twice what the adapter takes on disk."""
     layer.ordinary([name])
-    key = [(layer.grid(name), layer.weight.dtype, *_state(layer.neuroada_idx[name]),
-            *_state(layer.neuroada_val[name]), *_state(layer.neuroada_w0[name]))]
+    key = [_state(layer.neuroada_idx[name])]
     cache = layer.__dict__.setdefault(_MERGED_ATTR, {})
     hit = cache.get(name)
     if hit is None or not _same_state(hit[0], key):
         layer.check_in_memory([name])
         with outside_inference():
-            flat = layer.pattern(name).positions()
-            values = rounded_values(layer.neuroada_w0[name].reshape(-1), layer.delta(name).detach().reshape(-1),
-                                    layer.weight.dtype)
-        hit = (key, flat, values)
+            hit = (key, layer.pattern(name).positions())
     _keep_recent(cache, name, hit, SWITCH_KEPT)
-    return hit[1], hit[2]
+    return hit[1]
+
+
+def _merged_entries(layer: NeuroAdaLayer, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(flat positions, merged values)`` of the adapter, so a switch is one write per weight (each extra
+    mid-sized op cost a thread wake-up on a busy machine).
+
+    The merged values are computed at every switch from val and w0 as they are now, never kept: an optimizer, an
+    EMA or merging code that writes them through ``.data`` moves no version counter (``.data`` is a new tensor
+    with its own), so values kept under a version key were served stale. The sum costs a fraction of the write it
+    feeds (one Llama-7B decoder layer in BF16, k=20, same positions, 1 thread: 15.4 -> 16.9 ms a switch). What a
+    layer serves is ``layer.delta``, snapped to the adapter's grid if there is one."""
+    flat = _positions(layer, name)
+    layer.check_in_memory([name])
+    with outside_inference():
+        values = rounded_values(layer.neuroada_w0[name].reshape(-1), layer.delta(name).detach().reshape(-1),
+                                layer.weight.dtype)
+    return flat, values
 
 
 def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
@@ -212,7 +222,7 @@ def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
     if len(current) == 1:
         if not (len(want) == 1 and _same_positions(layer, current[0], want[0])):
             # put the originals back; skipped when the new adapter overwrites the same entries
-            kernels.put_(W, _merged_entries(layer, current[0])[0], layer.neuroada_w0[current[0]])
+            kernels.put_(W, _positions(layer, current[0]), layer.neuroada_w0[current[0]])
     elif current:
         layer.unmerge()
     if want:
@@ -263,15 +273,15 @@ def _key(layer: NeuroAdaLayer, n: str) -> tuple:
 
 
 def _stack(layer: NeuroAdaLayer, order: Sequence[str], used: Sequence[str]):
-    """The stack of the layer's adapters that a block using ``used`` needs, cached until an idx/val/w0 tensor or a
-    grid of a used adapter changes (a snapped delta depends on w0).
+    """The stack of the layer's adapters that a block using ``used`` needs, cached until an idx/val/w0 tensor, a
+    grid or the delta values of a used adapter change (a snapped delta depends on w0).
 
     Its members are every loaded adapter (model order) whose k is at most the largest k of the used ones: a block
     using only k=1 adapters gets a K = 1 stack (the fused path, and the bits of the same rows served alone) even when
     a k=8 adapter is loaded, while the members do not depend on which adapters of that k a block uses, so a compiled
-    forward sees one stack shape for every such block. Only the used adapters' state is checked at entry (an
-    unused member's slot is never read; when a block uses it, its changed state rebuilds the stack), so entering a
-    block costs what its adapters cost, however many are loaded."""
+    forward sees one stack shape for every such block. Only the used adapters' state (key and values, see _holds) is
+    checked at entry (an unused member's slot is never read; when a block uses it, its changed state rebuilds the
+    stack), so entering a block costs what its adapters cost, however many are loaded."""
     ks = {n: t.shape[1] for n, t in layer.neuroada_idx._buffers.items()}  # one pass: this runs per layer and block
     held = [n for n in used if n in ks]
     if not held:
@@ -282,7 +292,8 @@ def _stack(layer: NeuroAdaLayer, order: Sequence[str], used: Sequence[str]):
     now = {n: _key(layer, n) for n in held}
     cache = layer.__dict__.setdefault(_STACK_ATTR, {})
     hit = cache.get(members)
-    if hit is None or not all(_same_state([hit[0][n]], [now[n]]) for n in held):
+    if (hit is None or not all(_same_state([hit[0][n]], [now[n]]) for n in held)
+            or not all(_holds(layer, hit[1], hit[2][n], n) for n in held)):
         layer._refresh(members)
         keys = {n: now.get(n) or _key(layer, n) for n in members}
         with outside_inference():
@@ -291,6 +302,19 @@ def _stack(layer: NeuroAdaLayer, order: Sequence[str], used: Sequence[str]):
         hit = (keys, stack, {n: i for i, n in enumerate(members)})
     _keep_recent(cache, members, hit, STACKS_KEPT)
     return hit[1], hit[2]
+
+
+_INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _holds(layer: NeuroAdaLayer, stack: AdapterStack, slot: int, name: str) -> bool:
+    """Whether the stack's copy of the adapter's values is its delta as it is now, bit for bit. val and w0 (which a
+    grid's snap reads) written through ``.data`` move no version counter, so the key alone kept serving the values
+    of the first block; this reads the block's own adapters once per entry, not every adapter loaded."""
+    held = stack.val[slot, :, :stack.ks[slot]]
+    now = layer.delta(name).detach().to(held.dtype)
+    bits = _INT_OF[held.element_size()]
+    return held.shape == now.shape and torch.equal(held.view(bits), now.view(bits))
 
 
 class _Sequences:

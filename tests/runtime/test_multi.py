@@ -137,9 +137,9 @@ def test_set_adapter_writes_the_merge_rule_and_restores_the_base(zoo):
 
 
 def test_set_adapter_keeps_switch_caches_for_the_last_adapters_only(zoo):
-    """A server visiting many adapters keeps positions and merged values (12 bytes per entry on an f32 base, three
-    times the file) for the last SWITCH_KEPT it served, not for each; one served again after that gets the same
-    bits, and a mixed batch over adapters of one set of positions stacks those positions once per layer."""
+    """A server visiting many adapters keeps flat positions (8 bytes per entry, twice the file; merged values are
+    computed at each switch) for the last SWITCH_KEPT it served, not for each; one served again after that gets the
+    same bits, and a mixed batch over adapters of one set of positions stacks those positions once per layer."""
     base, files, _, _ = zoo
     model = copy.deepcopy(base)
     names = [f"t{i}" for i in range(5)]
@@ -1011,6 +1011,50 @@ def test_serving_caches_are_not_fooled_by_a_reused_address(zoo):
         with adapter_batch(model, ["cs", "math"]):
             got = model(ids).logits
         with adapter_batch(fresh, ["cs", "math"]):
+            want = fresh(ids).logits
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("edit", ["val", "rebase"])
+def test_switches_after_edits_through_data_serve_the_new_values(zoo, edit):
+    """Optimizers, EMAs and merging code write through ``p.data``: a new tensor on the same storage with a version
+    counter of its own, so the parameter's version does not move. set_adapter's merged values and adapter_batch's
+    stacks were kept under version keys and served the values of their first use. "val": every delta moved (an
+    optimizer step); "rebase": the base weights scaled and each adapter's originals (w0) re-read, as code merging
+    something into the base does. The reference is a copy without caches."""
+    model = served(zoo)
+    ids = ids_batch(3)
+    for name in ("math", "cs", "code", None):  # every cache filled
+        set_adapter(model, name)
+    with torch.no_grad(), adapter_batch(model, ["math", "cs", None]):
+        model(ids)
+    versions = {n: (layer.base_layer.weight._version, {a: v._version for a, v in layer.neuroada_val.items()})
+                for n, layer in layers(model).items()}
+    for layer in layers(model).values():
+        if edit == "val":
+            for v in layer.neuroada_val.values():
+                v.data.add_(0.125)
+        else:
+            W = layer.base_layer.weight
+            W.data.mul_(1.5)  # exact in f32: only the exponent moves
+            for a in layer.neuroada_w0.keys():
+                layer.neuroada_w0[a].data.copy_(W.data.gather(1, layer.neuroada_idx[a]))
+    assert versions == {n: (layer.base_layer.weight._version, {a: v._version for a, v in layer.neuroada_val.items()})
+                        for n, layer in layers(model).items()}  # what the caches were keyed on did not move
+    fresh = copy.deepcopy(model)
+    for layer in layers(fresh).values():
+        multi._forget_caches(layer)
+    with torch.no_grad():
+        for name in ("cs", "math", None, "code"):
+            for m in (model, fresh):
+                set_adapter(m, name)
+            assert all(torch.equal(bits(a.base_layer.weight), bits(b.base_layer.weight))
+                       for a, b in zip(layers(model).values(), layers(fresh).values())), name
+        for m in (model, fresh):
+            set_adapter(m, None)
+        with adapter_batch(model, ["math", "cs", None]):
+            got = model(ids).logits
+        with adapter_batch(fresh, ["math", "cs", None]):
             want = fresh(ids).logits
         assert torch.equal(got, want)
 
