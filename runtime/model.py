@@ -129,6 +129,21 @@ def _refuse_compiled(model: nn.Module) -> None:
                                  "attach to the model before compiling it (or to model._orig_mod)")
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel and torch.compile wrappers. Saving reads names, and theirs carry
+    ``module.`` / ``_orig_mod.`` prefixes that are no key of the base (attach refuses the wrappers; saving through
+    them, after attaching in the right order, is what training scripts do)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    compiled = getattr(eval_frame, "OptimizedModule", ())
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif compiled and isinstance(model, compiled):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def _refuse_sharded(model: nn.Module, what: str) -> None:
     _refuse_fsdp1(model, what)
     fsdp = _fsdp_module_type()
@@ -621,6 +636,7 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
 
     Under FSDP2 the deltas are sharded: every rank must call this (it gathers them).
     """
+    model = unwrapped(model)
     configs = getattr(model, CONFIGS_ATTR, {})
     config = configs.get(adapter_name)
     if config is None:
@@ -670,6 +686,7 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default", *, value
     is_main_process=False on all but one; that one writes.
     """
     path = os.fspath(path)
+    model = unwrapped(model)
     adapter = to_adapter(model, adapter_name, value_dtype=value_dtype)
     single = path.endswith(".safetensors")
     file = path if single else os.path.join(path, WEIGHTS_NAME)
@@ -725,6 +742,7 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
         raise NeuroAdaUsageError("save_pretrained(push_to_hub=True) is not supported for an attached model; "
                                  "save the folder and upload it yourself")
     folder = os.fspath(save_directory)
+    model = unwrapped(model)
     if os.path.isfile(folder):
         raise NeuroAdaUsageError("save_pretrained needs a folder, not a file", path=folder)
     configs = getattr(model, CONFIGS_ATTR, None) or {}

@@ -61,3 +61,22 @@ def test_attach_on_a_compiled_model_is_refused(tmp_path):
     attach(compiled._orig_mod, NeuroAdaConfig(k=1, target_modules=["q_proj"]))  # what the message offers
     assert sorted(layers(compiled)) == ["_orig_mod.model.layers.0.self_attn.q_proj",
                                         "_orig_mod.model.layers.1.self_attn.q_proj"]
+
+
+def test_saving_through_ddp_or_compile_writes_the_plain_keys(one_rank, tmp_path):
+    """Attach first, then wrap (the order attach asks for): saving through the wrapper is what a training script
+    does. Before, save_adapter(DDP(m)) said "no adapter named 'default' (have: none)" and save_adapter on the
+    compiled model wrote '_orig_mod.'-prefixed keys that fit no base."""
+    import neuroada_format as naf
+    from neuroada_format.runtime import to_adapter
+
+    model = attach(tiny_llama(), NeuroAdaConfig(k=1, target_modules=["q_proj"]))
+    want = sorted(naf.load(save_adapter(model, tmp_path / "plain.safetensors")).targets)
+    assert want == ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    for label, wrapper in (("ddp", DistributedDataParallel(model)), ("compiled", torch.compile(model, backend="eager")),
+                           ("both", torch.compile(DistributedDataParallel(model), backend="eager"))):
+        assert sorted(naf.load(save_adapter(wrapper, tmp_path / f"{label}.safetensors")).targets) == want, label
+        assert sorted(to_adapter(wrapper).targets) == want, label
+    torch.compile(model, backend="eager").save_pretrained(tmp_path / "folder")  # Trainer's save_model, compiled
+    assert sorted(naf.load(tmp_path / "folder" / "neuroada_model.safetensors").targets) == want
+    assert len(layers(load_adapter(tiny_llama(), tmp_path / "compiled.safetensors"))) == 2
