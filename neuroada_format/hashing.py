@@ -60,8 +60,13 @@ def probe_hash(weight: np.ndarray, indices: np.ndarray, layout: str = "out_in") 
     return h.digest()
 
 
-def structure_hash(entries) -> str:
-    """sha256 over sorted "name<TAB>DTYPE<TAB>d0,d1,...<LF>" lines for (name, dtype, shape) entries."""
-    lines = sorted(f"{name}\t{dtype}\t{','.join(str(int(d)) for d in shape)}\n"
-                   for name, dtype, shape in entries)
+def structure_hash(entries) -> str | None:
+    """sha256 over sorted "name<TAB>DTYPE<TAB>d0,d1,...<LF>" lines for (name, dtype, shape) entries; None
+    when a name holds a TAB or LF, whose lines could spell another base's (spec 6.2: such a base has none)."""
+    lines = []
+    for name, dtype, shape in entries:
+        if "\t" in name or "\n" in name:
+            return None
+        lines.append(f"{name}\t{dtype}\t{','.join(str(int(d)) for d in shape)}\n")
+    lines.sort()
     return "sha256:" + hashlib.sha256("".join(lines).encode("utf-8")).hexdigest()

@@ -358,3 +358,17 @@ def test_structure_hash_definition():
     want = "sha256:" + hashlib.sha256(text.encode()).hexdigest()
     assert naf.structure_hash(entries) == want == naf.structure_hash(reversed(entries))
     assert naf.structure_hash([("a", "BF16", (4,))]) != naf.structure_hash([("a", "BF16", (4, 1))])
+
+
+def test_a_name_with_tab_or_lf_has_no_structure_hash(small_model):
+    """One tensor named "a<TAB>F32<TAB>1<LF>b" makes the very lines of two tensors a and b: the hash would be
+    theirs. Such a base has none, so an adapter recording a's and b's hash gets warning 4.5 against it."""
+    honest = [("a", "F32", (1,)), ("b", "F32", (2,))]
+    forged = [("a\tF32\t1\nb", "F32", (2,))]
+    assert naf.structure_hash(honest) is not None
+    assert naf.structure_hash(forged) is None and naf.structure_hash([("x\ty", "F32", (1,))]) is None
+    base, adapter = small_model
+    f32 = np.float32
+    adapter.structure_hash = naf.ArrayBase({**base, "x": np.zeros(1, f32), "y": np.zeros(2, f32)}).structure_hash()
+    report = naf.validate(adapter, {**base, "x\tF32\t1\ny": np.zeros(2, f32)})  # before: the same hash
+    assert report.ok and [p["rule"] for p in report.problems] == ["4.5"]
