@@ -786,6 +786,7 @@ def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_
         guard = _guard_name(marker)
         if guard:
             state_dict.pop(prefix + guard, None)
+        _check_state_adapters(module, state_dict, prefix)
     # every layer checks its part before any loads, so a refused state changes nothing
     prepared = []
     try:
@@ -800,6 +801,33 @@ def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_
             if merged:
                 layer.merge(merged)
         raise
+
+
+def _check_state_adapters(module: nn.Module, state_dict, prefix: str) -> None:
+    """A trainable state (save_pretrained's model.safetensors) must fit the model's adapters. Loaded with strict=False
+    (Trainer's resume and load_best_model_at_end) a mismatch is otherwise only a logged warning: an adapter attached
+    under another name or on other targets would go on training from zero deltas, with the saved optimizer state
+    (same parameter count) applied to them. So the state must name at least one of the model's adapters, and each
+    adapter both have must have the same tensors in both. Adapters only one side has are left alone (a server that
+    loaded some of a folder's adapters, then the state for its unfrozen head)."""
+    have, model_names = set(), set()
+    for name, layer in layers(module).items():
+        for adapter in layer.neuroada_idx.keys():
+            model_names.add(adapter)
+            have.update(f"{prefix}{name}.neuroada_{kind}.{adapter}" for kind in ("idx", "val"))
+    got = {k for k in state_dict if k.startswith(prefix) and (".neuroada_idx." in k or ".neuroada_val." in k)}
+    names = {k.rsplit(".", 1)[1] for k in got}
+    both = names & model_names
+    unexpected = sorted(k for k in got - have if k.rsplit(".", 1)[1] in both)
+    missing = sorted(k for k in have - got if k.rsplit(".", 1)[1] in both)
+    if (names and not both) or unexpected or missing:
+        parts = [f"{len(v)} {what} (e.g. {v[0]})" for v, what in ((unexpected, "not in the model"),
+                                                                  (missing, "missing from the state")) if v]
+        detail = f"adapter tensors {'; '.join(parts)}. " if parts else ""
+        raise NeuroAdaError(f"this trainable state does not fit the model's adapters: {detail}The state holds adapter(s) "
+                            f"{', '.join(sorted(names))}, the model has {', '.join(sorted(model_names)) or 'none'}: "
+                            f"build the model as for the run that saved it (same attach config and adapter name); "
+                            f"nothing was loaded", rule="4.1")
 
 
 def _state_post_hook(module, incompatible_keys) -> None:

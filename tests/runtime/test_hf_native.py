@@ -466,3 +466,64 @@ def test_runtime_errors_are_ours():
     layer.merge(["a"])
     with pytest.raises(NeuroAdaUsageError, match="unmerge"):
         layer.delete_adapter("a")
+
+
+def test_trainer_resume_into_a_model_attached_otherwise_is_refused(tmp_path):
+    """Trainer resumes with load_state_dict(strict=False), where unmatched keys are only a logged warning: a model
+    rebuilt with another adapter name (or narrower targets) resumed from zero deltas with the saved AdamW state
+    applied to them. A trainable state that does not fit the model's adapters is now refused before anything loads;
+    one rebuilt as before still resumes, and an adapter the state does not name (a server's others) is left alone."""
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 100, (8,), generator=g) for _ in range(8)]
+    data = [{"input_ids": r, "labels": r} for r in rows]
+
+    def trainer(model, steps):
+        args = transformers.TrainingArguments(str(tmp_path / "run"), max_steps=steps, save_steps=2, learning_rate=1e-2,
+                                              per_device_train_batch_size=2, report_to=[], use_cpu=True, seed=0,
+                                              disable_tqdm=True)
+        return transformers.Trainer(model=model, args=args, train_dataset=data)
+
+    trainer(attach(tiny_llama(), NeuroAdaConfig(k=2), "task"), 2).train()
+    ck = tmp_path / "run" / "checkpoint-2"
+    for name, cfg in (("default", NeuroAdaConfig(k=2)), ("task", NeuroAdaConfig(k=2, target_modules=["q_proj"])),
+                      ("task", NeuroAdaConfig(k=2, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                                   "up_proj", "down_proj", "lm_head"]))):
+        model = attach(tiny_llama(), cfg, name)
+        before = bits(model)
+        with pytest.raises(NeuroAdaError, match="does not fit the model's adapters") as err:
+            trainer(model, 3).train(resume_from_checkpoint=str(ck))
+        assert "nothing was loaded" in str(err.value)
+        assert bits(model) == before
+    model = attach(tiny_llama(), NeuroAdaConfig(k=2), "task")
+    attach(model, NeuroAdaConfig(k=1, target_modules=["q_proj"]), "other")  # not in the state: left alone
+    from safetensors.torch import load_file
+
+    state = load_file(ck / "model.safetensors")
+    model.load_state_dict(state, strict=False)
+    assert all(torch.equal(layer.neuroada_val["task"], state[f"{n}.neuroada_val.task"]) for n, layer in layers(model).items()
+               if "task" in layer.neuroada_val)
+    resumed = attach(tiny_llama(), NeuroAdaConfig(k=2), "task")
+    trainer(resumed, 3).train(resume_from_checkpoint=str(ck))
+    assert all(layer.neuroada_val["task"].abs().sum() > 0 for layer in layers(resumed).values())
+
+
+def test_a_state_naming_more_adapters_than_loaded_still_gives_the_head(tmp_path):
+    """The README's recipe for a head unfrozen next to the adapters (load_adapter, then load_state_dict of
+    model.safetensors) keeps working when the folder holds adapters the served model did not load: the state is
+    refused only where it does not fit an adapter both have."""
+    model = attach(tiny_llama(), NeuroAdaConfig(k=2, target_modules=["q_proj", "v_proj"]))
+    attach(model, NeuroAdaConfig(k=1, target_modules=["q_proj"]), "b")
+    model.lm_head.weight.requires_grad_(True)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.01)
+        for layer in layers(model).values():
+            for v in layer.neuroada_val.values():
+                v.fill_(0.01)
+    model.save_pretrained(tmp_path / "ck")
+    served = tiny_llama()
+    with pytest.warns(UserWarning, match="not adapter deltas"):
+        load_adapter(served, tmp_path / "ck")
+    from safetensors.torch import load_file
+
+    served.load_state_dict(load_file(tmp_path / "ck" / "model.safetensors"), strict=False)
+    assert torch.equal(served.lm_head.weight, model.lm_head.weight)
