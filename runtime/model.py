@@ -278,6 +278,12 @@ def find_targets(model: nn.Module, config: NeuroAdaConfig) -> list[str]:
     Names are matched as the plain base model has them (see plain_name), so on a model carrying PEFT
     LoRA "q_proj" means the original linear inside PEFT's wrapper; LoRA's own layers are never targets.
     """
+    for field in ("target_modules", "exclude_modules"):
+        spec = getattr(config, field)
+        if not isinstance(spec, str) and spec is not None and any(s.lower() == "all-linear" for s in spec):
+            # a list entry matches module names, so ["all-linear", "q_proj"] silently adapted q_proj alone
+            raise NeuroAdaUsageError(f"{field}={spec!r}: 'all-linear' is a shorthand only as the whole value, "
+                                     f"{field}='all-linear' (a string); in a list it would be matched as a module name")
     heads = {plain_name(model, n) for n in _output_head_names(model)}
     all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear"
     wrappers = _foreign_wrappers(model)

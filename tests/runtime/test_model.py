@@ -124,6 +124,19 @@ def test_matching_is_not_a_substring_or_search():
         ["model.layers.0.self_attn.q_proj"]
 
 
+
+@pytest.mark.parametrize("spec", [dict(target_modules=["all-linear"]), dict(target_modules=["all-linear", "q_proj"]),
+                                  dict(target_modules=("ALL-LINEAR",)), dict(exclude_modules=["all-linear"])])
+def test_all_linear_inside_a_list_is_refused_as_a_shorthand(spec):
+    """"all-linear" is a shorthand only as the whole string; inside a list it was matched as a module name, so
+    ["all-linear", "q_proj"] silently adapted q_proj alone (and ["all-linear"] said only "no module matches")."""
+    model = tiny_llama()
+    snap = snapshot(model)
+    with pytest.raises(NeuroAdaError, match="'all-linear' is a shorthand only as the whole value"):
+        attach(model, NeuroAdaConfig(k=2, **spec))
+    assert_untouched(model, snap)
+
+
 @pytest.mark.parametrize("spec", [["mlp"], ["q_proj", "input_layernorm"], r"model\.embed_tokens", r".*"])
 def test_non_linear_target_is_refused_and_model_untouched(spec):
     model = tiny_llama()
