@@ -756,6 +756,7 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
     for name in names:
         if name not in configs:
             raise NeuroAdaUsageError(f"no adapter named {name!r} (have: {', '.join(configs) or 'none'})")
+    _refuse_model_weights(folder)
     state = trainable_state(model, state_dict)
     for name in names:
         save_adapter(model, folder if name == "default" else os.path.join(folder, name), name,
@@ -776,6 +777,32 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
     out = os.path.join(folder, STATE_FILE)
     # one metadata key only: safetensors writes them from a hash map, in an order that varies by process
     write_file(out, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}), overwrite=True, durable=False)
+
+
+def _refuse_model_weights(folder: str) -> None:
+    """save_pretrained writes the trainable state as model.safetensors: into a folder that holds a model's own weights
+    (the base model's folder, where a PEFT user might save an adapter beside it) that would replace the base weights
+    with an adapter-sized file, or shadow sharded/.bin ones for from_pretrained. Refused before anything is written;
+    a model.safetensors this function wrote before (a checkpoint saved again) is overwritten as usual."""
+    for name in ("model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"):
+        if os.path.exists(os.path.join(folder, name)):
+            raise NeuroAdaUsageError(f"the folder holds a model's weights ({name}), and save_pretrained writes "
+                                     f"{STATE_FILE} (the adapters' trainable state), which from_pretrained would read "
+                                     f"instead of them: save the adapter into another folder", path=folder)
+    state = os.path.join(folder, STATE_FILE)
+    if not os.path.lexists(state):
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(state, framework="np") as f:
+            ours = STATE_MARKER in f.keys()
+    except Exception:
+        ours = False
+    if not ours:
+        raise NeuroAdaUsageError(f"{STATE_FILE} in this folder is not a trainable state save_pretrained wrote (a "
+                                 f"model's weights?), and saving would replace it with the adapters' trainable state: "
+                                 f"save the adapter into another folder (or remove that file first)", path=folder)
 
 
 def _guard_name(marker) -> str:

@@ -527,3 +527,23 @@ def test_a_state_naming_more_adapters_than_loaded_still_gives_the_head(tmp_path)
 
     served.load_state_dict(load_file(tmp_path / "ck" / "model.safetensors"), strict=False)
     assert torch.equal(served.lm_head.weight, model.lm_head.weight)
+
+
+@pytest.mark.parametrize("shard", [None, "100KB"])
+def test_save_pretrained_into_the_base_models_folder_is_refused(tmp_path, shard):
+    """save_pretrained writes the trainable state as model.safetensors: saved into the base model's own folder (a
+    PEFT habit: PEFT writes only adapter_model.safetensors there) it replaced the base weights with an adapter-sized
+    file, or shadowed a sharded base for from_pretrained. Now refused before anything is written; saving a folder
+    save_pretrained wrote before (a checkpoint) again still works."""
+    folder = tmp_path / "base"
+    tiny_llama().save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert ("model.safetensors.index.json" in before) == bool(shard)
+    model = attach(transformers.AutoModelForCausalLM.from_pretrained(folder), NeuroAdaConfig(k=2))
+    with pytest.raises(NeuroAdaUsageError, match="save the adapter into another folder"):
+        model.save_pretrained(folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    transformers.AutoModelForCausalLM.from_pretrained(folder)  # the base still loads
+    model.save_pretrained(tmp_path / "ck")
+    model.save_pretrained(tmp_path / "ck")  # its own trainable state is overwritten as before
+    load_adapter(transformers.AutoModelForCausalLM.from_pretrained(folder), tmp_path / "ck")
