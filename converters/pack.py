@@ -134,7 +134,8 @@ def _extract_target(name, w0, w1, layout, k, positions, vdt, where=None):
         np.put_along_axis(d64, sel, 0.0, axis=1)
         r = float(np.square(d64).sum())
         rest += r
-        rounded = v.astype(NUMPY_DTYPES[vdt]).astype(np.float64)
+        with np.errstate(over="ignore"):  # a value beyond vdt's range is refused by extract, not warned about here
+            rounded = v.astype(NUMPY_DTYPES[vdt]).astype(np.float64)
         stored += r + float(np.square(v.astype(np.float64) - rounded).sum())
     return idx, vals, total, rest, stored
 
@@ -196,8 +197,12 @@ def extract(base, finetuned, k: int, positions: str = "delta", targets=None, *, 
             if total == 0.0:
                 unchanged.append(name)
                 continue
-            out_targets[name] = Target.from_weight(name, w0, idx, vals.astype(NUMPY_DTYPES[value_dtype]),
-                                                   layout=layout, value_dtype=value_dtype)
+            with np.errstate(over="ignore"):
+                values = vals.astype(NUMPY_DTYPES[value_dtype])
+            if nonfinite_mask(values).any():  # the input's fault: name the fine-tune, not the output being written
+                raise NeuroAdaError(f"a fine-tuned minus base value overflows {value_dtype}; use a wider --value-dtype",
+                                    path=getattr(f, "path", None), tensor=name, rule="3.7")
+            out_targets[name] = Target.from_weight(name, w0, idx, values, layout=layout, value_dtype=value_dtype)
             for i, x in enumerate((total, rest, stored)):
                 sums[i] += x
             report_targets[name] = {"shape": list(out_targets[name].shape), "layout": layout, "k": int(k),

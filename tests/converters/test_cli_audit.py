@@ -1,0 +1,54 @@
+"""Refusals found by auditing the commands as a user runs them (console scripts in a subprocess, real files)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+Q = "model.layers.0.self_attn.q_proj.weight"
+UP = "model.layers.0.mlp.up_proj.weight"
+
+
+def tool(name: str) -> str:
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+def cli(name: str, *args, cwd=None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([tool(name), *map(os.fspath, args)], capture_output=True, text=True, timeout=120,
+                          cwd=cwd, **kw)
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    return r.stderr
+
+
+def checkpoint(path, dtype=BF16, *, seed=0, delta=None) -> dict:
+    rng = np.random.default_rng(seed)
+    arrays = {Q: (rng.standard_normal((16, 16)) * 0.05).astype(dtype),
+              UP: (rng.standard_normal((24, 16)) * 0.05).astype(dtype),
+              "model.norm.weight": np.ones(16, dtype)}
+    if delta is not None:
+        arrays = {n: (a.astype(np.float32) + (delta if n == Q else 0)).astype(a.dtype) for n, a in arrays.items()}
+    save_file(arrays, os.fspath(path))
+    return arrays
+
+
+def test_extract_value_overflowing_the_value_dtype_names_the_finetune(tmp_path):
+    """A fine-tune whose deltas do not fit --value-dtype F16 used to print numpy's 'overflow encountered in cast'
+    warning and then blame the output file being written ('value inf ... is not finite'), not the fine-tune; it is
+    now one line naming the fine-tune, the tensor and rule 3.7, as combine and repack already did."""
+    checkpoint(tmp_path / "base.safetensors")
+    checkpoint(tmp_path / "ft.safetensors", delta=1e6)
+    out = tmp_path / "out.safetensors"
+    r = cli("neuroada-pack", "--base", tmp_path / "base.safetensors", "--finetuned", tmp_path / "ft.safetensors",
+            "-k", "2", "--value-dtype", "F16", "-o", out)
+    assert r.returncode == 1, r
+    line = one_error_line(r)
+    assert line.startswith(f"error: {tmp_path / 'ft.safetensors'}: {Q}: rule 3.7: ") and "F16" in line, line
+    assert not out.exists()
