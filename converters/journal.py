@@ -73,9 +73,19 @@ class JournalEntry:
     merged: np.ndarray
 
 
+# 255 bytes per path component, less the prefix, "-<time>", "-<n>" (room for 5 digits) and ".safetensors"
+_JOURNAL_NAME_ROOM = 255 - len(JOURNAL_PREFIX) - len("-20261206T002451") - len("-99999") - len(".safetensors")
+
+
 def default_path(folder: str, name: str | None = None) -> str:
     """A free journal name in `folder`: .neuroada-journal-[<name>-]<time>[-n].safetensors (a merge's copy of a
-    folder leaves such files out)."""
+    folder leaves such files out). A long <name> is shortened (keeping a digest of it) so that the journal's name
+    fits in one path component: a base file with a legal 250-character name must not make the merge fail."""
+    if name and len(os.fsencode(name)) > _JOURNAL_NAME_ROOM:
+        raw, cut = os.fsencode(name), _JOURNAL_NAME_ROOM - 17
+        while cut and raw[cut] & 0xC0 == 0x80:  # never inside a UTF-8 character
+            cut -= 1
+        name = os.fsdecode(raw[:cut]) + "~" + hashlib.sha256(raw).hexdigest()[:16]
     stem = os.path.join(folder, f"{JOURNAL_PREFIX}{name + '-' if name else ''}{time.strftime('%Y%m%dT%H%M%S')}")
     path, n = stem + ".safetensors", 1
     while os.path.lexists(path):

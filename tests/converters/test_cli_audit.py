@@ -52,3 +52,31 @@ def test_extract_value_overflowing_the_value_dtype_names_the_finetune(tmp_path):
     line = one_error_line(r)
     assert line.startswith(f"error: {tmp_path / 'ft.safetensors'}: {Q}: rule 3.7: ") and "F16" in line, line
     assert not out.exists()
+
+
+def test_in_place_merge_of_a_base_file_with_a_long_name(tmp_path):
+    """The default journal beside a base file is .neuroada-journal-<file>-<time>.safetensors: for a legal base file
+    name of 250 bytes that is longer than a path component may be, so the in-place merge failed with 'File name too
+    long' on a file the user never named. The <file> part is now shortened (with a digest of the name)."""
+    import neuroada_format as naf
+
+    rng = np.random.default_rng(5)
+    for stem in ("x" * 238, "é" * 119):  # 250 bytes with .safetensors; the second is cut on a character boundary
+        base = tmp_path / f"{stem}.safetensors"
+        arrays = checkpoint(base)
+        w = arrays[Q]
+        idx = np.sort(np.argsort(-np.abs(w.astype(np.float32)), axis=1)[:, :2], axis=1)
+        adapter = tmp_path / "a.safetensors"
+        naf.save(naf.Adapter({Q: naf.Target.from_weight(Q, w, idx, (rng.standard_normal((16, 2)) * 0.01).astype(BF16),
+                                                         layout="out_in", value_dtype="BF16")}, base_name="t"), adapter)
+        before = base.read_bytes()
+        r = cli("neuroada-merge", "--base", base, "--adapter", adapter, "--in-place")
+        assert r.returncode == 0, r.stderr
+        journals = [p for p in os.listdir(tmp_path) if p.startswith(".neuroada-journal-")]
+        assert len(journals) == 1 and len(os.fsencode(journals[0])) <= 255, journals
+        journals[0].encode("utf-8")  # a whole name, not a cut character
+        assert base.read_bytes() != before
+        r = cli("neuroada-merge", "--revert", tmp_path / journals[0])
+        assert r.returncode == 0, r.stderr
+        assert base.read_bytes() == before
+        os.remove(tmp_path / journals[0])
