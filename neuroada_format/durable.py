@@ -356,6 +356,7 @@ def check_output(out, *, inputs: Iterable = (), overwrite: bool = False, kind: s
     if not os.path.isdir(os.path.dirname(out)):
         raise NeuroAdaUsageError("the output's parent folder does not exist", path=out)
     inputs = [os.path.abspath(os.fspath(p)) for p in inputs if p is not None]
+    inputs += _linked_entries(inputs)
     for target in [out, *(os.path.abspath(os.fspath(c)) for c in companions)]:
         real = _real(target)
         what = "the output" if target == out else f"the output's companion file {target}"
@@ -387,6 +388,19 @@ def check_output(out, *, inputs: Iterable = (), overwrite: bool = False, kind: s
             raise NeuroAdaUsageError(f"output exists and is {'a folder' if is_dir else 'a file'}, but this "
                                      f"writes {'a folder' if kind == 'folder' else 'a file'}", path=out)
     return out
+
+
+def _linked_entries(inputs: list) -> list:
+    """The symbolic links inside input folders: a Hugging Face cache snapshot's files are links into its blobs/
+    folder, so the data an input folder holds may lie elsewhere, and writing OUT there (a blob as -o, or blobs/ as
+    an -o folder with --overwrite) would destroy the input although OUT is neither in nor around the folder."""
+    found = []
+    for src in inputs:
+        if not os.path.isdir(src):
+            continue
+        for here, dirs, names in os.walk(src):
+            found += [os.path.join(here, n) for n in dirs + names if os.path.islink(os.path.join(here, n))]
+    return found
 
 
 def _hard_link_into(target: str, folder: str) -> str | None:

@@ -80,3 +80,34 @@ def test_in_place_merge_of_a_base_file_with_a_long_name(tmp_path):
         assert r.returncode == 0, r.stderr
         assert base.read_bytes() == before
         os.remove(tmp_path / journals[0])
+
+
+def test_pack_never_writes_over_the_files_a_symlinked_base_folder_holds(tmp_path):
+    """A Hugging Face cache snapshot is a folder of symbolic links into blobs/. The overwrite rule compared -o only
+    with the folder as given, so `-o blobs/<shard blob> --overwrite` (extract, combine, --from-peft) replaced the base's
+    weights, and `--to peft -o blobs --overwrite` deleted every blob of the base (exit 0 both times). The links inside
+    an input folder now count as inputs too."""
+    import neuroada_format as naf
+
+    blobs, snap = tmp_path / "blobs", tmp_path / "snap"
+    blobs.mkdir(), snap.mkdir()
+    arrays = checkpoint(blobs / "abc123")
+    (snap / "model.safetensors").symlink_to("../blobs/abc123")
+    checkpoint(tmp_path / "ft.safetensors", delta=0.01)
+    w = arrays[Q]
+    idx = np.sort(np.argsort(-np.abs(w.astype(np.float32)), axis=1)[:, :2], axis=1)
+    naf.save(naf.Adapter({Q: naf.Target.from_weight(Q, w, idx, np.full((16, 2), 0.5, BF16), layout="out_in",
+                                                     value_dtype="BF16")}, base_name="t"), tmp_path / "a.safetensors")
+    before = (blobs / "abc123").read_bytes()
+    runs = [("--base", snap, "--finetuned", tmp_path / "ft.safetensors", "-k", "2", "-o", blobs / "abc123"),
+            ("--combine", tmp_path / "a.safetensors", "--base", snap, "-o", blobs / "abc123"),
+            ("--to", "peft", tmp_path / "a.safetensors", "--base", snap, "-o", blobs)]
+    for args in runs:
+        r = cli("neuroada-pack", *args, "--overwrite")
+        assert r.returncode == 2, (args, r)
+        line = one_error_line(r)
+        assert os.fspath(snap / "model.safetensors") in line, line
+        assert sorted(os.listdir(blobs)) == ["abc123"] and (blobs / "abc123").read_bytes() == before
+    # a new file beside the blobs is no input: still written
+    r = cli("neuroada-pack", *runs[0][:-1], blobs / "new.safetensors")
+    assert r.returncode == 0, r.stderr
