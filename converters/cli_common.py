@@ -101,8 +101,9 @@ def run_command(command: click.Command, argv, prog_name: str) -> int:
     except click.ClickException as exc:         # usage errors: one line, not click's three
         fail(exc.format_message())
         return EXIT_USAGE
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        fail("interrupted")
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        # an interrupt may say what it left behind (an in-place merge: the journal that reverts it)
+        fail("interrupted" + (f": {exc}" if isinstance(exc, KeyboardInterrupt) and str(exc) else ""))
         return EXIT_INTERRUPTED
     except SystemExit:
         raise

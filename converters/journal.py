@@ -40,6 +40,7 @@ import json
 import os
 import struct
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +93,20 @@ def default_path(folder: str, name: str | None = None) -> str:
         n += 1
         path = f"{stem}-{n}.safetensors"
     return path
+
+
+@contextmanager
+def patching(base, journal: str):
+    """Around the in-place patch that follows a written journal: an interruption or I/O error there leaves BASE
+    partly merged, so its one error line says so and gives the revert command (the default journal is a hidden
+    file the user never named; 'interrupted' alone left a half-merged base and no hint)."""
+    hint = f"{base} is partly merged; revert with: neuroada-merge --revert {journal}"
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(hint) from None
+    except OSError as exc:
+        raise OSError(exc.errno, f"{exc.strerror or exc}; {hint}", exc.filename) from exc
 
 
 def claim_path(journal, default: str) -> str:

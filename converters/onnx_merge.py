@@ -39,7 +39,7 @@ from neuroada_format.merge import Delta
 from neuroada_format.validate import probe_mismatch
 
 from .backend import Backend, MergeSummary, Resolved, Written, described, merge, pause_for_tests
-from .journal import JournalEntry, claim_path, default_path, position_dtype, write_journal
+from .journal import JournalEntry, claim_path, default_path, patching, position_dtype, write_journal
 from .tensor_map import patch_values
 
 try:  # the converters need onnx; the format core does not
@@ -773,12 +773,13 @@ def _write_in_place(model: OnnxModel, plan: _Plan, journal, durable: bool) -> tu
     write_journal(journal, root, files, entries, adapters=plan.adapters,
                   layouts=dict.fromkeys(files, name))
     pause_for_tests()
-    for e in entries:
-        patch_values(os.path.join(root, e.file), e.dtype, e.offset, e.count, e.positions, e.merged)
-        pause_for_tests()
-    if durable:
-        for f in files:
-            fsync_path(os.path.join(root, f))
+    with patching(model.path, journal):
+        for e in entries:
+            patch_values(os.path.join(root, e.file), e.dtype, e.offset, e.count, e.positions, e.merged)
+            pause_for_tests()
+        if durable:
+            for f in files:
+                fsync_path(os.path.join(root, f))
     return journal, len(files)
 
 

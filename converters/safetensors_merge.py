@@ -53,8 +53,8 @@ from neuroada_format.validate import PROBE_MISMATCH, probe_mismatch
 
 from . import backend as _backend
 from .backend import SLOWDOWN_ENV, Backend, Mismatch, Resolved, Written, pause_for_tests  # noqa: F401
-from .journal import (JOURNAL_PREFIX, JournalEntry, claim_path, default_path, position_dtype, refuse_shared,
-                      write_journal)
+from .journal import (JOURNAL_PREFIX, JournalEntry, claim_path, default_path, patching, position_dtype,
+                      refuse_shared, write_journal)
 from .progress import bar
 from .tensor_map import map_tensor, patch_values
 
@@ -534,15 +534,16 @@ def _write_in_place(b: _Base, plan: _InPlacePlan, journal, *, durable: bool, pro
     pause_for_tests()
     touched = 0
     by_name = {t.name: t for t in plan.touches}
-    with bar(len(plan.entries), "merge in place", enabled=progress, unit="tensor") as pbar:
+    with patching(b.root or b.path, journal), bar(len(plan.entries), "merge in place", enabled=progress,
+                                                   unit="tensor") as pbar:
         for e in plan.entries:
             patch_values(by_name[e.tensor].file, e.dtype, e.offset, e.count, e.positions, e.merged)
             touched += int(e.positions.size)
             pbar.update(1)
             pause_for_tests()
-    if durable:
-        for f in plan.files:
-            fsync_path(f)
+        if durable:
+            for f in plan.files:
+                fsync_path(f)
     itemsizes = {t.name: NUMPY_DTYPES[t.dtype].itemsize for t in plan.touches}
     return Written(values_touched=touched, files=len(plan.files),
                    bytes_written=sum(e.positions.size * itemsizes[e.tensor] for e in plan.entries),

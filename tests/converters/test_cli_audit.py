@@ -111,3 +111,41 @@ def test_pack_never_writes_over_the_files_a_symlinked_base_folder_holds(tmp_path
     # a new file beside the blobs is no input: still written
     r = cli("neuroada-pack", *runs[0][:-1], blobs / "new.safetensors")
     assert r.returncode == 0, r.stderr
+
+
+def test_interrupted_in_place_merge_says_how_to_revert(tmp_path):
+    """Ctrl-C during an in-place merge (after its journal is written) leaves BASE partly merged; the one error line
+    was 'error: interrupted', with no word of that nor of the journal, a hidden file the user never named (a rerun
+    then fails on the probe hash). The line now gives the revert command, and that command restores BASE."""
+    import signal
+    import time
+
+    import neuroada_format as naf
+
+    base = tmp_path / "model.safetensors"
+    arrays = checkpoint(base)
+    targets = {}
+    for name in (Q, UP):
+        w = arrays[name]
+        idx = np.sort(np.argsort(-np.abs(w.astype(np.float32)), axis=1)[:, :2], axis=1)
+        targets[name] = naf.Target.from_weight(name, w, idx, np.full((w.shape[0], 2), 0.5, BF16), layout="out_in",
+                                               value_dtype="BF16")
+    naf.save(naf.Adapter(targets, base_name="t"), tmp_path / "a.safetensors")
+    before = base.read_bytes()
+    env = dict(os.environ, NEUROADA_TEST_SLOWDOWN="1")  # the test hook: each write step sleeps
+    p = subprocess.Popen([tool("neuroada-merge"), "--base", os.fspath(base), "--adapter",
+                          os.fspath(tmp_path / "a.safetensors"), "--in-place"], env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while base.read_bytes() == before:  # the first tensor is patched: BASE is partly merged
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and out == "", (p.returncode, out, err)
+    assert err.count("\n") == 1 and err.startswith("error: interrupted: ") and "Traceback" not in err, err
+    journal = err.split("neuroada-merge --revert ", 1)[1].strip()
+    assert os.path.basename(journal).startswith(".neuroada-journal-") and os.path.exists(journal), err
+    r = cli("neuroada-merge", "--revert", journal)
+    assert r.returncode == 0, r.stderr
+    assert base.read_bytes() == before
