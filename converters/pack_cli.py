@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import ExitStack, contextmanager
 
 import click
 from click.core import ParameterSource
 
 from neuroada_format import save as naf_save
-from neuroada_format.durable import check_output
+from neuroada_format.durable import check_output, checkpoint_lock
 from neuroada_format.folder import adapter_paths
 
 from . import pack, peft_interop
@@ -60,6 +61,20 @@ def _need(paths: dict):
     for what, path in paths.items():
         if path is not None and not os.path.exists(path):
             raise click.UsageError(f"{what} {path}: no such file or folder")
+
+
+@contextmanager
+def _reading(*checkpoints):
+    """The lock rule's shared lock on each checkpoint read (its folder, or the folder of a single file), as a merge
+    into a copy takes: without it an extract run while an in-place merge patched the base read half-merged weights
+    and wrote, with exit 0, an adapter tied to a base that never existed. A busy checkpoint is refused at once."""
+    with ExitStack() as stack:
+        for path in checkpoints:
+            if path:
+                path = os.path.abspath(path)
+                stack.enter_context(checkpoint_lock(path if os.path.isdir(path) else os.path.dirname(path),
+                                                    exclusive=False))
+        yield
 
 
 def _file_summary(out: str, adapter) -> dict:
@@ -115,6 +130,8 @@ def cli(sources, base, finetuned, k, out, positions, targets, layout_in_out, val
     for option, name in (("positions", "--positions"), ("layout_in_out", "--layout-in-out")):
         if not extracting and given(option) is not ParameterSource.DEFAULT:
             raise click.UsageError(f"{name} applies to extraction (--base with --finetuned) only")
+    # held until the command's context closes, after the output is written
+    click.get_current_context().with_resource(_reading(base, finetuned if extracting else None))
     if to_format or peft_dir:
         if (to_format and peft_dir) or do_combine or repack_path or finetuned or k or targets or index_dtype:
             raise click.UsageError("--to peft / --from-peft take only ADAPTER or PEFT_DIR, --base, -o, --base-name "

@@ -149,3 +149,44 @@ def test_interrupted_in_place_merge_says_how_to_revert(tmp_path):
     r = cli("neuroada-merge", "--revert", journal)
     assert r.returncode == 0, r.stderr
     assert base.read_bytes() == before
+
+
+def test_pack_does_not_read_a_base_while_an_in_place_merge_patches_it(tmp_path):
+    """neuroada-pack took no lock on the checkpoints it reads: an extract run while an in-place merge patched the base
+    read half-merged weights and wrote (exit 0) an adapter whose probe hashes match neither the base nor the merged
+    model. It now takes the lock rule's shared lock, as a merge into a copy does, so it is refused as busy."""
+    import time
+
+    import neuroada_format as naf
+
+    folder = tmp_path / "base"
+    folder.mkdir()
+    arrays = checkpoint(folder / "model.safetensors")
+    checkpoint(tmp_path / "ft.safetensors", delta=0.01)
+    w = arrays[Q]
+    idx = np.sort(np.argsort(-np.abs(w.astype(np.float32)), axis=1)[:, :2], axis=1)
+    naf.save(naf.Adapter({Q: naf.Target.from_weight(Q, w, idx, np.full((16, 2), 0.5, BF16), layout="out_in",
+                                                     value_dtype="BF16")}, base_name="t"), tmp_path / "a.safetensors")
+    before = (folder / "model.safetensors").read_bytes()
+    env = dict(os.environ, NEUROADA_TEST_SLOWDOWN="1")  # the test hook: each write step of the merge sleeps
+    merge = subprocess.Popen([tool("neuroada-merge"), "--base", os.fspath(folder), "--adapter",
+                              os.fspath(tmp_path / "a.safetensors"), "--in-place", "--journal",
+                              os.fspath(tmp_path / "j.safetensors")], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "j.safetensors").exists():  # the journal is written: the lock is held, BASE patched next
+            assert merge.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        for args in (["--base", folder, "--finetuned", tmp_path / "ft.safetensors", "-k", "2"],
+                     ["--base", tmp_path / "ft.safetensors", "--finetuned", folder, "-k", "2"],
+                     ["--combine", tmp_path / "a.safetensors", "--base", folder]):
+            r = cli("neuroada-pack", *args, "-o", tmp_path / "out.safetensors")
+            assert r.returncode == 2, (args, r)
+            assert "busy" in one_error_line(r) and not (tmp_path / "out.safetensors").exists()
+    finally:
+        merge.communicate(timeout=60)
+    assert merge.returncode == 0 and (folder / "model.safetensors").read_bytes() != before
+    r = cli("neuroada-pack", "--base", folder, "--finetuned", tmp_path / "ft.safetensors", "-k", "2", "-o",
+            tmp_path / "out.safetensors")
+    assert r.returncode == 0, r.stderr
