@@ -16,6 +16,7 @@ import click
 import numpy as np
 
 from .adapter import load
+from .durable import checkpoint_lock
 from .errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_USAGE, NeuroAdaError, exit_code, printable
 from .folder import adapter_paths
 from .validate import validate
@@ -82,6 +83,10 @@ def validate_cmd(adapter, base, check_selection, as_json):
     if check_selection and not base:
         raise click.UsageError("--check-selection compares the indices with a base's top-k: it needs --base")
     file, _ = adapter_paths(adapter)
+    if base:  # the lock rule's shared lock, as every reader of a checkpoint takes: never judge a half-merged base
+        folder = os.path.abspath(base)
+        click.get_current_context().with_resource(
+            checkpoint_lock(folder if os.path.isdir(folder) else os.path.dirname(folder), exclusive=False))
     report = validate(file, base=base, check_selection=check_selection)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))  # ensure_ascii: every control is escaped

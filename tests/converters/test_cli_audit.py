@@ -190,3 +190,42 @@ def test_pack_does_not_read_a_base_while_an_in_place_merge_patches_it(tmp_path):
     r = cli("neuroada-pack", "--base", folder, "--finetuned", tmp_path / "ft.safetensors", "-k", "2", "-o",
             tmp_path / "out.safetensors")
     assert r.returncode == 0, r.stderr
+
+
+def test_validate_does_not_judge_a_base_while_an_in_place_merge_patches_it(tmp_path):
+    """`neuroada validate A --base B` run during an in-place merge of B read half-patched weights and reported the
+    adapter invalid for 'a different base or revision' (exit 1) although it was made for B. It now takes the shared
+    lock every reader of a checkpoint takes and says the base is busy (exit 2)."""
+    import time
+
+    import neuroada_format as naf
+
+    folder = tmp_path / "base"
+    folder.mkdir()
+    arrays = checkpoint(folder / "model.safetensors")
+    targets = {}
+    for name in (Q, UP):
+        w = arrays[name]
+        idx = np.sort(np.argsort(-np.abs(w.astype(np.float32)), axis=1)[:, :2], axis=1)
+        targets[name] = naf.Target.from_weight(name, w, idx, np.full((w.shape[0], 2), 0.5, BF16), layout="out_in",
+                                               value_dtype="BF16")
+    naf.save(naf.Adapter(targets, base_name="t"), tmp_path / "a.safetensors")
+    before = (folder / "model.safetensors").read_bytes()
+    env = dict(os.environ, NEUROADA_TEST_SLOWDOWN="1")  # the test hook: each write step of the merge sleeps
+    merge = subprocess.Popen([tool("neuroada-merge"), "--base", os.fspath(folder), "--adapter",
+                              os.fspath(tmp_path / "a.safetensors"), "--in-place", "--journal",
+                              os.fspath(tmp_path / "j.safetensors")], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while (folder / "model.safetensors").read_bytes() == before:  # one target patched, the other not yet
+            assert merge.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        r = cli("neuroada", "validate", tmp_path / "a.safetensors", "--base", folder)
+        assert r.returncode == 2 and "busy" in one_error_line(r), r
+    finally:
+        merge.communicate(timeout=60)
+    assert merge.returncode == 0
+    assert cli("neuroada-merge", "--revert", tmp_path / "j.safetensors").returncode == 0
+    r = cli("neuroada", "validate", tmp_path / "a.safetensors", "--base", folder)
+    assert r.returncode == 0 and r.stdout.startswith("valid: "), r
