@@ -376,8 +376,9 @@ def check_output(out, *, inputs: Iterable = (), overwrite: bool = False, kind: s
         for src in inputs:  # after the direct checks: a file given as an input is named as such
             linked = _hard_link_into(target, src)
             if linked:
-                raise NeuroAdaUsageError(f"{what} is a hard link to the input file {linked}; write elsewhere",
-                                         path=target)
+                how = ("a hard link to the input file" if os.stat(target).st_nlink > 1 else
+                       "the input file seen through another mount:")
+                raise NeuroAdaUsageError(f"{what} is {how} {linked}; write elsewhere", path=target)
         if os.path.lexists(target):
             if not overwrite:
                 raise _exists(target)
@@ -409,7 +410,9 @@ def _hard_link_into(target: str, folder: str) -> str | None:
         st = os.stat(target)
     except OSError:
         return None
-    if st.st_nlink < 2 or not stat.S_ISREG(st.st_mode) or not os.path.isdir(folder):
+    # not only st_nlink > 1: one file seen through two mounts (a bind mount, a container volume inside another)
+    # has a single link, and real paths cannot tell the two names apart either
+    if not stat.S_ISREG(st.st_mode) or not os.path.isdir(folder):
         return None
     for here, _, names in os.walk(folder):
         for name in names:

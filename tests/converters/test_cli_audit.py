@@ -229,3 +229,30 @@ def test_validate_does_not_judge_a_base_while_an_in_place_merge_patches_it(tmp_p
     assert cli("neuroada-merge", "--revert", tmp_path / "j.safetensors").returncode == 0
     r = cli("neuroada", "validate", tmp_path / "a.safetensors", "--base", folder)
     assert r.returncode == 0 and r.stdout.startswith("valid: "), r
+
+
+def test_pack_never_replaces_a_base_file_seen_through_another_mount(tmp_path):
+    """One folder mounted twice (a bind mount, a container volume inside another) shows each file under two real
+    paths with one link: the overwrite rule looked for the same inode in an input folder only when the file had
+    several hard links, so `-o OTHER_MOUNT/model.safetensors --overwrite` with --base FOLDER replaced the base's
+    weights (exit 0). Every file of an input folder is now compared by device and inode."""
+    import shutil
+
+    import pytest
+
+    folder, mount = tmp_path / "base", tmp_path / "mnt"
+    folder.mkdir(), mount.mkdir()
+    checkpoint(folder / "model.safetensors")
+    checkpoint(tmp_path / "ft.safetensors", delta=0.01)
+    if not shutil.which("mount") or subprocess.run(["mount", "--bind", os.fspath(folder), os.fspath(mount)],
+                                                   capture_output=True).returncode != 0:
+        pytest.skip("needs permission to bind-mount a folder")
+    try:
+        before = (folder / "model.safetensors").read_bytes()
+        r = cli("neuroada-pack", "--base", folder, "--finetuned", tmp_path / "ft.safetensors", "-k", "2", "-o",
+                mount / "model.safetensors", "--overwrite")
+        assert r.returncode == 2, r
+        assert os.fspath(folder / "model.safetensors") in one_error_line(r)
+        assert (folder / "model.safetensors").read_bytes() == before
+    finally:
+        subprocess.run(["umount", os.fspath(mount)], check=True)
