@@ -425,8 +425,38 @@ def _hard_link_into(target: str, folder: str) -> str | None:
     return None
 
 
+def _mount_points() -> list[str] | None:
+    """Every mount point of this process (Linux: /proc/self/mountinfo, bind mounts included), or None."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    unescape = re.compile(rb"\\([0-7]{3})")
+    return [os.fsdecode(unescape.sub(lambda m: bytes([int(m.group(1), 8)]), line.split(b" ")[4]))
+            for line in lines if len(line.split(b" ")) > 4]
+
+
+def _mount_inside(folder: str) -> str | None:
+    """A mount point strictly inside `folder` (real path), if any: replacing the folder removes its old tree, and
+    that removal would delete the mounted file system's files (a bind mount of an input among them)."""
+    points = _mount_points()
+    if points is not None:
+        return next((p for p in points if p != folder and _inside(os.path.normcase(p), folder)), None)
+    for here, dirs, _ in os.walk(folder):  # elsewhere: mounts of other devices
+        for d in dirs:
+            if os.path.ismount(os.path.join(here, d)):
+                return os.path.join(here, d)
+    return None
+
+
 def _refuse_replacing(target: str, what: str, *, folder_ok: bool) -> None:
     mode = os.lstat(target).st_mode
+    if stat.S_ISDIR(mode) and folder_ok:
+        mounted = _mount_inside(_real(target))
+        if mounted:
+            raise NeuroAdaUsageError(f"{what} holds a mount point ({mounted}); replacing it would delete the files "
+                                     f"of the file system mounted there: unmount it, or write elsewhere", path=target)
     if stat.S_ISDIR(mode) and not folder_ok:  # a companion is a file: a folder there would fail after all the work
         raise NeuroAdaUsageError(f"{what} exists and is a folder, which --overwrite never replaces by a file",
                                  path=target)

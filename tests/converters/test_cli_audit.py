@@ -256,3 +256,37 @@ def test_pack_never_replaces_a_base_file_seen_through_another_mount(tmp_path):
         assert (folder / "model.safetensors").read_bytes() == before
     finally:
         subprocess.run(["umount", os.fspath(mount)], check=True)
+
+
+def test_overwrite_never_deletes_across_a_mount_point_inside_out(tmp_path):
+    """--overwrite replaces an OUT folder by renaming the new one over it and deleting the old tree; that deletion
+    went into any file system mounted inside OUT: with the base bind-mounted at OUT/m, `neuroada-merge --base B
+    --out OUT --overwrite` emptied B and then failed with 'm: Device or resource busy'. An OUT folder holding a
+    mount point is now refused before any work, and nothing is deleted."""
+    import shutil
+
+    import pytest
+
+    import neuroada_format as naf
+
+    base, out = tmp_path / "base", tmp_path / "out"
+    base.mkdir(), (out / "m").mkdir(parents=True)
+    arrays = checkpoint(base / "model.safetensors")
+    w = arrays[Q]
+    idx = np.sort(np.argsort(-np.abs(w.astype(np.float32)), axis=1)[:, :2], axis=1)
+    naf.save(naf.Adapter({Q: naf.Target.from_weight(Q, w, idx, np.full((16, 2), 0.5, BF16), layout="out_in",
+                                                     value_dtype="BF16")}, base_name="t"), tmp_path / "a.safetensors")
+    if not shutil.which("mount") or subprocess.run(["mount", "--bind", os.fspath(base), os.fspath(out / "m")],
+                                                   capture_output=True).returncode != 0:
+        pytest.skip("needs permission to bind-mount a folder")
+    before = (base / "model.safetensors").read_bytes()
+    try:
+        for command, args in (("neuroada-merge", ["--base", base, "--adapter", tmp_path / "a.safetensors", "--out"]),
+                              ("neuroada-pack", ["--to", "peft", tmp_path / "a.safetensors", "-o"])):
+            r = cli(command, *args, out, "--overwrite")
+            assert r.returncode == 2, r
+            assert "mount point" in one_error_line(r) and os.fspath(out) in r.stderr
+            assert os.listdir(base) == ["model.safetensors"] and (base / "model.safetensors").read_bytes() == before
+    finally:
+        for mounted in (out / "m", *(p / "m" for p in tmp_path.iterdir() if ".tmp-" in p.name)):
+            subprocess.run(["umount", os.fspath(mounted)], capture_output=True)
