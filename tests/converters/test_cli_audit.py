@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import ml_dtypes
+import pytest
 import numpy as np
 from safetensors.numpy import save_file
 
@@ -290,3 +291,42 @@ def test_overwrite_never_deletes_across_a_mount_point_inside_out(tmp_path):
     finally:
         for mounted in (out / "m", *(p / "m" for p in tmp_path.iterdir() if ".tmp-" in p.name)):
             subprocess.run(["umount", os.fspath(mounted)], capture_output=True)
+
+
+SLOW_IMPORT = """
+import os, sys, time
+
+class _SlowNumpy:
+    '''Stands for a slow start-up: the first import of numpy sleeps, after saying so in a file.'''
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            sys.meta_path.remove(self)
+            open(os.environ["NEUROADA_TEST_IMPORTING"], "w").close()
+            time.sleep(60)
+        return None
+
+sys.meta_path.insert(0, _SlowNumpy())
+"""
+
+
+@pytest.mark.parametrize("script", ["neuroada", "neuroada-merge", "neuroada-pack"])
+def test_ctrl_c_while_the_command_is_still_importing(tmp_path, script):
+    """A console script imports its module (numpy, safetensors, click, ...: a second or more) before any of our code
+    runs, so a Ctrl-C in that second printed a Python traceback. It is now the one 'error: interrupted' line and
+    exit code 130, as a Ctrl-C later in the run gives."""
+    import signal
+    import time
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_IMPORT)
+    mark = tmp_path / "importing"
+    env = dict(os.environ, PYTHONPATH=os.fspath(hook), NEUROADA_TEST_IMPORTING=os.fspath(mark))
+    p = subprocess.Popen([tool(script), "--help"], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not mark.exists():
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert (p.returncode, out, err) == (130, "", "error: interrupted\n")
