@@ -3,7 +3,8 @@ folders), escaping file-derived text, and the one way a failure becomes a line a
 
 Exit codes come from `neuroada_format.errors.exit_code` (the table every command uses): 0 done;
 1 invalid input (NeuroAdaError: a file breaks a rule, an adapter does not belong to the base);
-2 usage or I/O (NeuroAdaUsageError, click usage errors, OSError) and internal errors; 130 interrupted.
+2 usage or I/O (NeuroAdaUsageError, click usage errors, OSError) and internal errors; 130 interrupted;
+141 stdout closed by its reader (`| head`), quietly.
 A failure is one `error: ...` line on stderr, never a traceback (NEUROADA_DEBUG=1 shows one for
 internal errors).
 """
@@ -18,7 +19,7 @@ import click
 
 from neuroada_format import NeuroAdaError
 from neuroada_format.merge import MergeOverflowWarning
-from neuroada_format.errors import EXIT_INTERRUPTED, EXIT_USAGE, exit_code, printable  # noqa: F401 (re-export)
+from neuroada_format.errors import EXIT_INTERRUPTED, EXIT_USAGE, exit_code, printable, stdout_gone  # noqa: F401 (re-export)
 
 from .backend import finite_scale
 
@@ -105,6 +106,8 @@ def run_command(command: click.Command, argv, prog_name: str) -> int:
         # an interrupt may say what it left behind (an in-place merge: the journal that reverts it)
         fail("interrupted" + (f": {exc}" if isinstance(exc, KeyboardInterrupt) and str(exc) else ""))
         return EXIT_INTERRUPTED
+    except BrokenPipeError:                     # the reader of stdout left (`| head`): end quietly, as Unix tools do
+        return stdout_gone()
     except SystemExit:
         raise
     except Exception as exc:

@@ -2,9 +2,10 @@
 
 Exit codes come from `errors.exit_code`, the table every command shares: 0 valid / done, 1 invalid
 input (the adapter, or the base it is checked against, breaks a rule), 2 usage or I/O (a missing or
-unreadable path, a FIFO or device, a bad option), 130 interrupted. A failure is one `error: ...` line
-on stderr, never a traceback (NEUROADA_DEBUG=1 shows one for internal errors); every file-derived
-string is printed through `errors.printable`. `--json` prints a machine-readable report instead.
+unreadable path, a FIFO or device, a bad option), 130 interrupted, 141 stdout closed by its reader
+(`| head`; quietly). A failure is one `error: ...` line on stderr, never a traceback (NEUROADA_DEBUG=1
+shows one for internal errors); every file-derived string is printed through `errors.printable`.
+`--json` prints a machine-readable report instead.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from .adapter import load
 from .durable import checkpoint_lock
-from .errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_USAGE, NeuroAdaError, exit_code, printable
+from .errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_USAGE, NeuroAdaError, exit_code, printable, stdout_gone
 from .folder import adapter_paths
 from .validate import validate
 
@@ -55,6 +56,8 @@ class _OneLineGroup(click.Group):
         except (click.exceptions.Abort, KeyboardInterrupt):
             _fail("interrupted")
             code = EXIT_INTERRUPTED
+        except BrokenPipeError:  # the reader of stdout left (`| head`): end quietly, as Unix tools do
+            code = stdout_gone()
         except SystemExit:
             raise
         except Exception as exc:

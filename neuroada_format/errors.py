@@ -11,10 +11,13 @@ Exit codes, the same for every command (`neuroada`, `neuroada-merge`, `neuroada-
 | 1 | invalid input: an adapter, base, journal or config breaks a rule (NeuroAdaError) |
 | 2 | usage or I/O: bad arguments, a missing or unreadable path, an output that exists, a busy lock, a full disk (NeuroAdaUsageError, OSError) |
 | 130 | interrupted (Ctrl-C) |
+| 141 | stdout closed by its reader (`... | head`): no message, as Unix tools end on SIGPIPE |
 """
 from __future__ import annotations
 
+import os
 import re
+import sys
 
 # What `printable` escapes (spec section 11.1): C0 controls and DEL (newlines, ESC starting ANSI
 # sequences), C1 controls (U+0080-U+009F, CSI included), the bidirectional controls that reorder what
@@ -73,6 +76,10 @@ EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+# 128 + SIGPIPE: what a shell reports for `cat`, `grep` or `yes` when the reader of their output leaves. Python
+# ignores SIGPIPE, so the write raises BrokenPipeError instead; Python's docs end with 1 there, but 1 here
+# means "invalid input", and 141 is the status pipelines (set -o pipefail) already expect from a closed pipe.
+EXIT_BROKEN_PIPE = 141
 
 
 def exit_code(exc: BaseException) -> int:
@@ -84,3 +91,16 @@ def exit_code(exc: BaseException) -> int:
     if isinstance(exc, NeuroAdaError):
         return EXIT_INVALID
     return EXIT_USAGE
+
+
+def stdout_gone() -> int:
+    """After a BrokenPipeError on stdout: point stdout at /dev/null (what is still buffered would fail again,
+    with a message, when Python flushes it at exit) and return the exit code. Nothing is printed: the reader
+    left on purpose (`| head`), as the Python docs' signal notes recommend."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no stdout to redirect
+        pass
+    return EXIT_BROKEN_PIPE

@@ -330,3 +330,29 @@ def test_ctrl_c_while_the_command_is_still_importing(tmp_path, script):
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert (p.returncode, out, err) == (130, "", "error: interrupted\n")
+
+
+def small_adapter(path) -> None:
+    import neuroada_format as naf
+
+    w = checkpoint(path.parent / "for-adapter.safetensors")[Q]
+    idx = np.sort(np.argsort(-np.abs(w.astype(np.float32)), axis=1)[:, :2], axis=1)
+    naf.save(naf.Adapter({Q: naf.Target.from_weight(Q, w, idx, np.full((16, 2), 0.5, BF16), layout="out_in",
+                                                     value_dtype="BF16")}, base_name="t"), path)
+
+
+@pytest.mark.parametrize("argv", [("neuroada", "validate", "--json", "A"), ("neuroada", "inspect", "A"),
+                                  ("neuroada", "--help"), ("neuroada-merge", "--help"), ("neuroada-pack", "--help")])
+def test_reader_of_stdout_leaving_early_ends_quietly(tmp_path, argv):
+    """`neuroada validate --json A | head -c 10`: when the reader of stdout has gone, the write fails with EPIPE
+    (Python ignores SIGPIPE). That was 'error: [Errno 32] Broken pipe' and exit 2; it is now what Unix tools do,
+    no message and the status of a SIGPIPE death, 141 (128 + 13)."""
+    small_adapter(tmp_path / "a.safetensors")
+    args = [os.fspath(tmp_path / "a.safetensors") if a == "A" else a for a in argv[1:]]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has left before the first write: every write fails, whatever the pipe's buffer
+    try:
+        r = subprocess.run([tool(argv[0]), *args], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (r.returncode, r.stderr) == (141, "")
