@@ -19,7 +19,7 @@ import click
 
 from neuroada_format import NeuroAdaError
 from neuroada_format.merge import MergeOverflowWarning
-from neuroada_format.errors import EXIT_INTERRUPTED, EXIT_USAGE, exit_code, printable, stdout_gone  # noqa: F401 (re-export)
+from neuroada_format.errors import EXIT_INTERRUPTED, EXIT_USAGE, exit_code, printable, shell_word, stdout_gone  # noqa: F401 (re-export)
 
 from .backend import finite_scale
 

@@ -48,6 +48,7 @@ import numpy as np
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.container import SafetensorsFile, strict_json
 from neuroada_format.dtypes import BASE_DTYPES, NUMPY_DTYPES
+from neuroada_format.errors import shell_word
 
 from neuroada_format.durable import checkpoint_lock, fsync_path, remove_stale_siblings, reserve, write_bytes
 from neuroada_format.safe_io import check_regular, open_regular
@@ -100,7 +101,7 @@ def patching(base, journal: str):
     """Around the in-place patch that follows a written journal: an interruption or I/O error there leaves BASE
     partly merged, so its one error line says so and gives the revert command (the default journal is a hidden
     file the user never named; 'interrupted' alone left a half-merged base and no hint)."""
-    hint = f"{base} is partly merged; revert with: neuroada-merge --revert {journal}"
+    hint = f"{base} is partly merged; revert with: neuroada-merge --revert {shell_word(journal)}"  # pasteable
     try:
         yield
     except KeyboardInterrupt:

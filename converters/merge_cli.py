@@ -20,7 +20,7 @@ import sys
 import click
 
 from .backend import MergeSummary, merge
-from .cli_common import parse_scaled, printable, run_command
+from .cli_common import parse_scaled, printable, run_command, shell_word
 
 
 def _report(summary, as_json: bool) -> None:
@@ -42,7 +42,7 @@ def _report(summary, as_json: bool) -> None:
     if (summary.get("details") or {}).get("note"):  # a backend's one-line remark (GGUF: exact or re-encoded)
         line += f"; {summary['details']['note']}"
     if summary["journal"]:
-        line += f"; revert with: neuroada-merge --revert {summary['journal']}"
+        line += f"; revert with: neuroada-merge --revert {shell_word(summary['journal'])}"  # pasteable
     click.echo(printable(line))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import sys
 
 # What `printable` escapes (spec section 11.1): C0 controls and DEL (newlines, ESC starting ANSI
@@ -42,6 +43,30 @@ def printable(text) -> str:
     printed; NeuroAdaError messages already are.
     """
     return _UNPRINTABLE.sub(_escape, str(text))
+
+
+def shell_word(path) -> str:
+    """`path` as one shell word that a user can paste from a printed command line (a path with spaces or
+    quotes used to break the pasted command). shlex.quote when that survives the one-line printing
+    (printable, and the whitespace runs the error lines collapse); otherwise $'...' quoting (bash, zsh,
+    POSIX 2024) with every other whitespace and every character printable() escapes written as an escape."""
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if not _UNPRINTABLE.search(text) and not re.search(r"\s", text.replace(" ", "")) and "  " not in text:
+        return shlex.quote(text)
+
+    def escape(ch: str) -> str:
+        code = ord(ch)
+        if ch in "\\'":
+            return "\\" + ch
+        if 0xDC80 <= code <= 0xDCFF:  # a byte that is no UTF-8 (os.fsdecode's surrogateescape): the byte itself
+            return f"\\x{code - 0xDC00:02x}"
+        if ch.isspace() or _UNPRINTABLE.match(ch):
+            return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}"
+        return ch
+
+    return "$'" + "".join(map(escape, text)) + "'"
 
 
 class NeuroAdaError(Exception):

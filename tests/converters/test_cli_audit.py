@@ -356,3 +356,68 @@ def test_reader_of_stdout_leaving_early_ends_quietly(tmp_path, argv):
     finally:
         os.close(write_end)
     assert (r.returncode, r.stderr) == (141, "")
+
+
+def in_place_pair(folder):
+    """A base file in `folder` and an adapter of two targets for it (a.safetensors beside it)."""
+    import neuroada_format as naf
+
+    folder.mkdir()
+    base = folder / "model.safetensors"
+    arrays = checkpoint(base)
+    targets = {}
+    for name in (Q, UP):
+        w = arrays[name]
+        idx = np.sort(np.argsort(-np.abs(w.astype(np.float32)), axis=1)[:, :2], axis=1)
+        targets[name] = naf.Target.from_weight(name, w, idx, np.full((w.shape[0], 2), 0.5, BF16), layout="out_in",
+                                               value_dtype="BF16")
+    naf.save(naf.Adapter(targets, base_name="t"), folder / "a.safetensors")
+    return base, folder / "a.safetensors"
+
+
+def test_revert_commands_are_printed_as_shell_words(tmp_path):
+    """The revert command an in-place merge prints (on success, and in the error line of an interrupted one) put the
+    journal's path in as it is: beside a base in "it's my model" the pasted command split at the space and left a
+    quote open. The path is now one shell word: the pasted command reverts."""
+    import shlex
+    import signal
+    import time
+
+    base, adapter = in_place_pair(tmp_path / "it's my model")
+    before = base.read_bytes()
+
+    def revert(hint: str) -> None:
+        argv = shlex.split(hint)
+        assert argv[:2] == ["neuroada-merge", "--revert"] and len(argv) == 3, hint
+        r = cli(*argv)
+        assert r.returncode == 0, r.stderr
+        assert base.read_bytes() == before
+
+    r = cli("neuroada-merge", "--base", base, "--adapter", adapter, "--in-place")
+    assert r.returncode == 0 and base.read_bytes() != before, r.stderr
+    revert(r.stdout.split("revert with: ", 1)[1].strip())
+
+    env = dict(os.environ, NEUROADA_TEST_SLOWDOWN="1")  # the test hook: each write step sleeps
+    p = subprocess.Popen([tool("neuroada-merge"), "--base", os.fspath(base), "--adapter", os.fspath(adapter),
+                          "--in-place"], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while base.read_bytes() == before:  # partly merged
+        assert p.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.count("\n") == 1, err
+    revert(err.split("revert with: ", 1)[1].strip())
+
+
+@pytest.mark.parametrize("name", ["plain.safetensors", "a b", "it's", "a  b", "tab\there", "new\nline", "esc\x1b[31m",
+                                  "back\\slash's", "nbsp\u00a0", "sep\u2028", "byte\udcff", "-dash"])
+def test_shell_word_survives_the_one_line_printing_and_a_real_shell(name):
+    """What a printed command line carries: after printable() and the whitespace collapse of an error line, bash
+    reads the word back as the very path."""
+    from neuroada_format.errors import printable, shell_word
+
+    word = shell_word(name)
+    assert " ".join(printable(word).split()) == word, word
+    r = subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == os.fsencode(name), (word, r)
