@@ -343,7 +343,8 @@ def check_output(out, *, inputs: Iterable = (), overwrite: bool = False, kind: s
                  companions: Iterable = ()) -> str:
     """The one overwrite rule every writer applies before it starts; returns OUT as an absolute path.
 
-    - OUT's parent folder must exist.
+    - OUT's parent folder must exist, and the names of OUT and its companions must fit in a path component
+      (`<out>.data` of a 251-byte OUT does not: found only at the last rename, after all the work).
     - OUT (and each companion: other files the write will put beside it, e.g. ONNX external data)
       may not be, hold, or lie inside any input, nor be a hard link to one, even with overwrite.
     - An existing OUT or companion is replaced only with overwrite, and OUT only by one of the same
@@ -355,9 +356,12 @@ def check_output(out, *, inputs: Iterable = (), overwrite: bool = False, kind: s
     out = os.path.abspath(os.fspath(out))
     if not os.path.isdir(os.path.dirname(out)):
         raise NeuroAdaUsageError("the output's parent folder does not exist", path=out)
+    companions = [os.path.abspath(os.fspath(c)) for c in companions]
+    for target in [out, *companions]:  # before any work: the rename that publishes it would fail at the very end
+        _check_name_length(target, "the output" if target == out else "the output's companion file")
     inputs = [os.path.abspath(os.fspath(p)) for p in inputs if p is not None]
     inputs += _linked_entries(inputs)
-    for target in [out, *(os.path.abspath(os.fspath(c)) for c in companions)]:
+    for target in [out, *companions]:
         real = _real(target)
         what = "the output" if target == out else f"the output's companion file {target}"
         for src in inputs:
@@ -389,6 +393,18 @@ def check_output(out, *, inputs: Iterable = (), overwrite: bool = False, kind: s
             raise NeuroAdaUsageError(f"output exists and is {'a folder' if is_dir else 'a file'}, but this "
                                      f"writes {'a folder' if kind == 'folder' else 'a file'}", path=out)
     return out
+
+
+def _check_name_length(path: str, what: str) -> None:
+    folder, name = os.path.split(path)
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = _NAME_MAX
+    size = len(os.fsencode(name))
+    if size > limit:
+        raise NeuroAdaUsageError(f"{what}'s name is {size} bytes, more than a file name may have here ({limit}); "
+                                 f"choose a shorter output name", path=path)
 
 
 def _linked_entries(inputs: list) -> list:

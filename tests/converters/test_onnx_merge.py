@@ -921,3 +921,32 @@ def test_a_data_file_another_writer_put_in_place_is_never_taken_for_a_killed_run
     assert (out.parent / "m.onnx.data").read_bytes() == b"someone else's data" and not out.exists()
     merge_onnx(base, [(adapter, 1.0)], os.fspath(out), overwrite=True)
     assert sorted(os.listdir(out.parent)) == ["m.onnx", "m.onnx.data"]
+
+
+def test_a_data_file_name_too_long_is_refused_before_anything_is_written(tmp_path):
+    """OUT may have a legal name whose external data file `<OUT>.data` does not fit in a path component (255 bytes).
+    That was found only by the last rename, after the data was copied and patched, and the run left its output lock
+    (with its publish record) behind. It is now refused by the overwrite rule, before the lock is kept or anything
+    is written: the folder holds nothing new."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((8, 6)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "onnx::MatMul_12"], ["y"], name="/model/layers.0/q_proj/MatMul")]
+    path = graph_model(tmp_path / "m.onnx", {"onnx::MatMul_12": w}, nodes, external={"onnx::MatMul_12": "m.onnx.data"})
+    naf.save(adapter_for("model.layers.0.q_proj.weight", w.T.copy(), "out_in"), tmp_path / "a.safetensors")
+    before = sorted(os.listdir(tmp_path))
+    out = tmp_path / ("x" * 250 + ".onnx")  # 255 bytes: legal; its .data is not
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "neuroada-merge"), "--base", path, "--adapter",
+                        os.fspath(tmp_path / "a.safetensors"), "--out", os.fspath(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert sorted(os.listdir(tmp_path)) == before  # no lock, no temporary
+    assert r.stderr.startswith(f"error: {out}.data: ") and "more than a file name may have" in r.stderr, r.stderr
+    # a name that fits is merged as usual, and leaves no lock either
+    r = subprocess.run([os.path.join(os.path.dirname(sys.executable), "neuroada-merge"), "--base", path, "--adapter",
+                        os.fspath(tmp_path / "a.safetensors"), "--out", os.fspath(tmp_path / ("x" * 245 + ".onnx"))],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert sorted(set(os.listdir(tmp_path)) - set(before)) == ["x" * 245 + ".onnx", "x" * 245 + ".onnx.data"]
