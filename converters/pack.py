@@ -26,6 +26,7 @@ import numpy as np
 
 import neuroada_format.metadata as _metadata
 from neuroada_format import Adapter, NeuroAdaError, NeuroAdaUsageError, Target, open_base, topk_columns, validate
+from neuroada_format.base import ArrayBase, Checkpoint
 from neuroada_format.dtypes import (BASE_DTYPES, INDEX_DTYPES, NUMPY_DTYPES, VALUE_DTYPES, common_value_dtype,
                                     index_dtype_for, nonfinite_mask)
 from neuroada_format.jsonparse import read_json
@@ -37,6 +38,8 @@ from .progress import bar
 
 CREATED_BY = "neuroada-pack"
 CHUNK_ENTRIES = 1 << 22       # rows are processed in chunks of about this many entries
+COMPARE_BYTES = 64 << 20      # bytes of a tensor outside the targets compared at a time
+SHOWN_NAMES = 3               # names a warning lists before "..."
 
 # What "the linear weights" means by default: 2-D float tensors named *.weight, minus embeddings,
 # output heads and norms. A head or an embedding is rarely what a sparse adapter should touch and is
@@ -106,6 +109,32 @@ def _check_value_dtype(value_dtype):
 
 
 # -- extract ---------------------------------------------------------------------------------------
+class ExtractWarning(UserWarning):
+    """A change in the fine-tune that the extracted adapter does not carry (the CLI prints it as one line)."""
+
+
+def _listed(names) -> str:
+    return ", ".join(names[:SHOWN_NAMES]) + (" ..." if len(names) > SHOWN_NAMES else "")
+
+
+def _stored_bytes(ckpt, name: str) -> np.ndarray:
+    """One tensor's stored bytes, flat: a view of the file's map for a safetensors checkpoint (read only as
+    compared), the array's own bytes for an in-memory one."""
+    if isinstance(ckpt, Checkpoint):
+        return ckpt.file_of(name).raw(name)
+    return np.ascontiguousarray(ckpt.array(name)).reshape(-1).view(np.uint8)
+
+
+def _differs(b, f, name: str) -> bool:
+    """Whether the fine-tune stores `name` otherwise than the base (or the base lacks it): dtype, shape, then
+    the bytes, COMPARE_BYTES at a time, so a large embedding is never held in memory."""
+    if name not in b or tuple(b.info(name)) != tuple(f.info(name)):
+        return True
+    x, y = _stored_bytes(b, name), _stored_bytes(f, name)
+    return any(not np.array_equal(x[i:i + COMPARE_BYTES], y[i:i + COMPARE_BYTES])
+               for i in range(0, x.size, COMPARE_BYTES))
+
+
 def _rows_per_chunk(d_in: int) -> int:
     return max(1, CHUNK_ENTRIES // max(d_in, 1))
 
@@ -147,6 +176,11 @@ def extract(base, finetuned, k: int, positions: str = "delta", targets=None, *, 
 
     targets: None (the linear weights, see DEFAULT_EXCLUDE), a regex (re.search) or a name list.
     Tensors whose delta is exactly zero are left out (listed under "unchanged").
+    What the adapter cannot carry is warned about (ExtractWarning) and listed: "changed_outside_targets", the
+    tensors that are no targets but differ from the base or exist only in the fine-tune (a fine-tuned lm_head or
+    norm), and "dtype_changed", the targets whose dtype differs ({name: {"base", "finetuned"}}: the adapter is
+    made for the base's dtype). Both compare safetensors or in-memory checkpoints only: a GGUF base's values are
+    de-quantized, so every tensor would differ ("changed_outside_targets" is then None).
     report["targets"][T]["rel_error"] = ||D - D_k||_F / ||D||_F with D_k the kept entries in f32;
     "rel_error_stored" also counts rounding the kept values to value_dtype.
     """
@@ -159,6 +193,8 @@ def extract(base, finetuned, k: int, positions: str = "delta", targets=None, *, 
     wanted = _name_filter(targets)
     layout_of = layout_rule(layout_in_out, b)
     chosen, skipped = [], {"not_in_finetuned": [], "not_float_2d": []}
+    comparable = all(isinstance(c, (Checkpoint, ArrayBase)) for c in (b, f))
+    dtype_changed = {}
     for name in sorted(b.keys()):
         if not wanted(name):
             continue
@@ -177,6 +213,8 @@ def extract(base, finetuned, k: int, positions: str = "delta", targets=None, *, 
         if fdtype not in BASE_DTYPES:
             raise NeuroAdaError(f"fine-tuned tensor is {fdtype}, not F32, F16 or BF16", path=getattr(f, "path", None),
                                 tensor=name, rule="4.2")
+        if comparable and fdtype != dtype:
+            dtype_changed[name] = {"base": dtype, "finetuned": fdtype}
         chosen.append(name)
     if not chosen:
         raise NeuroAdaError("no tensor of the base matches the target filter (2-D F32/F16/BF16 tensors present "
@@ -211,6 +249,22 @@ def extract(base, finetuned, k: int, positions: str = "delta", targets=None, *, 
     if not out_targets:
         raise NeuroAdaError(f"the fine-tune equals the base on all {len(chosen)} selected tensors: nothing to "
                             f"extract", path=getattr(f, "path", None))
+    # what the adapter leaves behind, said rather than lost without a word: one tensor at a time
+    targets_set = set(chosen)
+    outside = ([name for name in sorted(f.keys()) if name not in targets_set and _differs(b, f, name)]
+               if comparable else None)
+    if outside:
+        one = len(outside) == 1
+        warnings.warn(ExtractWarning(f"{len(outside)} tensor{'' if one else 's'} outside the targets "
+                                     f"differ{'s' if one else ''} from the base and {'is' if one else 'are'} not in "
+                                     f"the adapter: {_listed(outside)}"), stacklevel=2)
+    if dtype_changed:
+        shown = [f"{n} ({d['base']} in the base, {d['finetuned']} in the fine-tune)" for n, d in dtype_changed.items()]
+        one = len(dtype_changed) == 1
+        warnings.warn(ExtractWarning(f"{len(dtype_changed)} target{'' if one else 's'} {'has' if one else 'have'} "
+                                     f"another dtype in the fine-tune than in the base; the adapter is made for the "
+                                     f"base's dtype: {_listed(shown)}"),
+                      stacklevel=2)
     adapter = Adapter(out_targets, base_name=base_name, base_revision=base_revision,
                       structure_hash=b.structure_hash() if hasattr(b, "structure_hash") else None,
                       selection={"rule": positions, "tie_break": "lower-column"},
@@ -221,6 +275,7 @@ def extract(base, finetuned, k: int, positions: str = "delta", targets=None, *, 
         "rel_error": math.sqrt(sums[1] / sums[0]), "rel_error_stored": math.sqrt(sums[2] / sums[0]),
         "entries": int(sum(t.indices.size for t in out_targets.values())),
         "unchanged": unchanged, **skipped,
+        "changed_outside_targets": outside, "dtype_changed": dtype_changed,
     }
     return adapter, report
 

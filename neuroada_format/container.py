@@ -211,6 +211,14 @@ class SafetensorsFile:
         arr = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=self.data_start + info.begin)
         return arr.reshape(info.shape)
 
+    def raw(self, name: str) -> np.ndarray:
+        """A read-only, zero-copy view of one tensor's stored bytes (flat uint8), whatever its dtype."""
+        info = self.tensors[name]
+        if info.end == info.begin:
+            return np.empty(0, dtype=np.uint8)
+        return np.frombuffer(self._mmap, dtype=np.uint8, count=info.end - info.begin,
+                             offset=self.data_start + info.begin)
+
     def absolute_offset(self, name: str) -> int:
         """Byte offset of a tensor's data from the start of the file (for in-place patching)."""
         return self.data_start + self.tensors[name].begin

@@ -432,3 +432,68 @@ def test_cli_errors_name_the_file_the_tensor_and_the_rule(tmp_path, rng, capsys,
 def test_version_like_the_other_commands(capsys):
     code, out, err = run(capsys, "--version")
     assert code == 0 and out.startswith("neuroada-pack, version ") and err == ""
+
+
+def test_extract_says_what_the_adapter_does_not_carry(tmp_path, rng, craft):
+    """A fine-tune that also changed tensors outside the targets (lm_head, norms, the embedding) lost those changes
+    without a word, and a target stored in another dtype than the base's was not mentioned either. Each is now one
+    warning line (count and first names) and a report entry; a fine-tune that changed only targets gets neither."""
+    exe = os.path.join(os.path.dirname(sys.executable), "neuroada-pack")
+    up = "model.layers.0.mlp.up_proj.weight"
+    base = llama_like(rng, BF16)
+    only_targets = finetune_with(base, sparse_adapter(rng, base, LINEAR, 2))
+    ft = dict(only_targets)
+    outside = ["lm_head.weight", "model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
+               "model.norm.weight"]
+    for name in outside[:3]:
+        ft[name] = (base[name].astype(F32) + 0.5).astype(BF16)
+    ft["model.norm.weight"] = base["model.norm.weight"].copy()
+    ft["model.norm.weight"][7] = 2.0  # one entry is enough
+    ft[up] = ft[up].astype(F32)  # a target saved in another dtype
+    ft["model.extra.weight"] = np.ones((4, 4), BF16)  # only in the fine-tune
+    bdir = craft.base(tmp_path / "base", base)
+    runs = {}
+    for label, tensors in (("ft", ft), ("only_targets", only_targets)):
+        folder = craft.base(tmp_path / label, tensors, shards=2)
+        r = subprocess.run([exe, "--base", bdir, "--finetuned", folder, "-k", "2", "-o",
+                            os.fspath(tmp_path / f"{label}.safetensors"), "--json"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        runs[label] = (r.stderr, json.loads(r.stdout)["report"])
+
+    err, report = runs["ft"]
+    changed = sorted(outside + ["model.extra.weight"])
+    assert err.splitlines() == [
+        "warning: 5 tensors outside the targets differ from the base and are not in the adapter: "
+        "lm_head.weight, model.embed_tokens.weight, model.extra.weight ...",
+        f"warning: 1 target has another dtype in the fine-tune than in the base; the adapter is made for the base's "
+        f"dtype: {up} (BF16 in the base, F32 in the fine-tune)"], err
+    assert report["changed_outside_targets"] == changed
+    assert report["dtype_changed"] == {up: {"base": "BF16", "finetuned": "F32"}}
+    assert {"positions", "k", "value_dtype", "targets", "rel_error", "rel_error_stored", "entries", "unchanged",
+            "not_in_finetuned", "not_float_2d"} <= set(report)  # the keys it had
+    assert sorted(report["targets"]) == sorted(LINEAR)
+
+    err, report = runs["only_targets"]
+    assert err == "" and report["changed_outside_targets"] == [] and report["dtype_changed"] == {}
+
+
+def test_extract_compares_the_other_tensors_one_at_a_time(tmp_path, rng, craft):
+    """Comparing the tensors outside the targets reads them as extraction reads its targets: mapped, one at a
+    time, never a whole checkpoint in memory."""
+    base = {f"model.layers.{i}.post_norm.weight": (rng.standard_normal((128, 128)) * 0.05).astype(F32)
+            for i in range(64)}
+    base["model.layers.0.mlp.up_proj.weight"] = (rng.standard_normal((16, 16)) * 0.05).astype(F32)
+    ft = {n: w + np.float32(0.001) for n, w in base.items()}
+    bdir, fdir = craft.base(tmp_path / "b", base), craft.base(tmp_path / "f", ft)
+    one_checkpoint = sum(w.nbytes for w in base.values())
+    del base, ft
+    tracemalloc.start()
+    try:
+        with pytest.warns(pack.ExtractWarning, match="64 tensors outside the targets differ"):
+            _, report = pack.extract(bdir, fdir, 2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(report["changed_outside_targets"]) == 64
+    assert peak < one_checkpoint / 4, (peak, one_checkpoint)
