@@ -43,6 +43,9 @@ from neuroada_format import (Adapter, NeuroAdaError, NeuroAdaUsageError, Target,
 from neuroada_format.adapter import from_document
 from neuroada_format.container import Problems, SafetensorsFile, strict_json
 from neuroada_format.dtypes import BASE_DTYPES, NUMPY_DTYPES, VALUE_DTYPES, index_dtype_for, nonfinite_mask
+# PEFT's TaskType values (one list with the runtime's config); AutoPeftModelFor* and PeftModel pick their wrapper
+# class from it
+from neuroada_format.folder import TASK_TYPES
 from neuroada_format.folder import WEIGHTS_NAME as NEUROADA_WEIGHTS
 from neuroada_format.jsonparse import read_json
 from neuroada_format.folder import adapter_paths
@@ -60,8 +63,6 @@ CONFIG_CAP = 1 << 20              # an adapter_config.json is a few hundred byte
 INT32_MAX = 2 ** 31 - 1
 NEG_ZERO_F32 = np.uint32(0x80000000)
 CREATED_BY = "neuroada-pack --from-peft"
-# PEFT's TaskType values; AutoPeftModelFor* and PeftModel pick their wrapper class from it
-TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 # a transformers class name's ending -> the task type it implies (config.json "architectures")
 _ARCH_TASKS = (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"))

@@ -39,6 +39,49 @@ def read_config(path) -> dict:
 SELECTIONS = ("magnitude", "reverse", "random", "gradient")  # the rules the runtime's attach can compute
 RECORDED_SELECTIONS = SELECTIONS + ("delta", "union", "custom")  # spec rules a loaded adapter may carry
 MODES = ("auto", "inplace", "additive")
+# PEFT's TaskType values (peft.utils.peft_types.TaskType, checked as PeftConfig checks them): task_type is metadata
+# a PEFT user sets, kept in the config file and read back, never acted on (neuroada-pack --to peft writes it too)
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+_LAYERS_HINT = (r"adapt some layers only with a target_modules regex, e.g. target_modules=r'.*\.layers\.(0|1|2)\."
+                r"self_attn\.(q_proj|v_proj)' (it must fullmatch the module name)")
+_LORA_HINT = "it is a LoRA setting; NeuroAda trains k sparse deltas per output row (set k)"
+# Options of PEFT's LoraConfig (and PeftConfig) that NeuroAda does not implement, with what to do instead. A PEFT
+# user passes them out of habit: refused by name (NeuroAdaConfig's keywords, a config file's keys), never dropped,
+# since training without what they ask for would look like it worked.
+PEFT_UNSUPPORTED = {
+    "modules_to_save": "unfreeze those modules yourself after attach (module.requires_grad_(True)): save_pretrained "
+                       "keeps trained non-adapter tensors in model.safetensors",
+    "layers_to_transform": _LAYERS_HINT,
+    "layers_pattern": _LAYERS_HINT,
+    "rank_pattern": "an adapter has one k for all its targets; attach another adapter with its own k and "
+                    "target_modules for other modules",
+    "alpha_pattern": _LORA_HINT,
+    "r": _LORA_HINT,
+    "lora_alpha": _LORA_HINT,
+    "lora_dropout": _LORA_HINT,
+    "use_rslora": _LORA_HINT,
+    "use_dora": _LORA_HINT,
+    "init_lora_weights": "NeuroAda's deltas start at zero (the adapted model starts as the base)",
+    "bias": "NeuroAda adapts weights only; biases stay frozen (unfreeze them yourself after attach to train them)",
+    "fan_in_fan_out": "the layout is detected: transformers' Conv1D layers (GPT-2) are adapted as they are",
+    "lora_bias": _LORA_HINT,
+    "megatron_config": "Megatron layers are not adapted; NeuroAda wraps nn.Linear and transformers Conv1D",
+    "megatron_core": "Megatron layers are not adapted; NeuroAda wraps nn.Linear and transformers Conv1D",
+    "layer_replication": "replicate layers in the base model before attaching",
+    "trainable_token_indices": "unfreeze the embedding yourself after attach to train it",
+    "target_parameters": "NeuroAda targets modules (nn.Linear, Conv1D) by name, with target_modules",
+    "loftq_config": _LORA_HINT,
+    "eva_config": _LORA_HINT,
+    "corda_config": _LORA_HINT,
+    "use_qalora": _LORA_HINT,
+    "qalora_group_size": _LORA_HINT,
+}
+
+
+def unsupported_option(name: str) -> str:
+    """The message for a PEFT option NeuroAda does not implement (see PEFT_UNSUPPORTED)."""
+    return f"{name} is a PEFT option NeuroAda does not support: {PEFT_UNSUPPORTED[name]}"
 
 
 def module_spec(field_name: str, spec):
@@ -71,6 +114,13 @@ def check_config_fields(d: dict) -> None:
     if d.get("save_dtype", "BF16") not in VALUE_DTYPES:
         raise NeuroAdaUsageError(f"save_dtype must be one of {', '.join(VALUE_DTYPES)}, got {d.get('save_dtype')!r}",
                                  rule="3.3")
+    task_type = d.get("task_type")
+    if task_type is not None and task_type not in TASK_TYPES:
+        raise NeuroAdaUsageError(f"task_type must be one of {', '.join(TASK_TYPES)} (PEFT's TaskType) or None, "
+                                 f"got {task_type!r}")
+    for name in d:
+        if name in PEFT_UNSUPPORTED:
+            raise NeuroAdaUsageError(unsupported_option(name))
 
 
 def read_folder_config(path) -> dict:

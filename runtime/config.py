@@ -6,14 +6,23 @@ do not know. Legacy configs (`adapter_config.json`, `peft_type: "NEUROADA"`) are
 """
 from __future__ import annotations
 
+import difflib
+import enum
+import functools
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields
 
-from neuroada_format import NeuroAdaError
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.durable import write_bytes
 from neuroada_format.folder import (CONFIG_NAME, LEGACY_CONFIG_NAME, MODES, RECORDED_SELECTIONS,  # noqa: F401
-                                    SELECTIONS, WEIGHTS_NAME, check_config_fields, module_spec, read_folder_config)
+                                    PEFT_UNSUPPORTED, SELECTIONS, WEIGHTS_NAME, check_config_fields, module_spec,
+                                    read_folder_config, unsupported_option)
+
+# keys a config file may hold that are no field: the legacy layout's `peft_type: "NEUROADA"` (read_folder_config
+# refuses any other peft_type)
+FILE_ONLY_KEYS = ("peft_type",)
 
 
 @dataclass
@@ -24,6 +33,8 @@ class NeuroAdaConfig:
     name, a list matches a name exactly or as a dotted suffix, "all-linear" is every linear layer but
     the output head. `mode` "auto" writes deltas into the weights around each GEMM ("inplace") unless
     the weight must not be written (no plain writable tensor), where it adds a sparse term ("additive").
+    `task_type` is PEFT's metadata ("CAUSAL_LM", ...): checked, saved and read back, never acted on. PEFT options
+    NeuroAda does not implement (r, lora_alpha, modules_to_save, layers_to_transform, ...) are refused by name.
     """
     k: int = 1
     target_modules: str | list[str] | None = "all-linear"
@@ -36,8 +47,11 @@ class NeuroAdaConfig:
     base_model_name_or_path: str | None = None
     revision: str | None = None
     inference_mode: bool = False
+    task_type: str | None = None
 
     def __post_init__(self):
+        if isinstance(self.task_type, enum.Enum):  # peft.TaskType.CAUSAL_LM: kept as its plain string
+            self.task_type = self.task_type.value
         check_config_fields(asdict(self))  # one set of rules, shared with the format core's folder reader
         if self.selection == "random" and self.seed is None:
             self.seed = 0
@@ -48,8 +62,20 @@ class NeuroAdaConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "NeuroAdaConfig":
+    def from_dict(cls, d: dict, path=None) -> "NeuroAdaConfig":
+        """From a dict as to_dict writes it (`path`: the file it was read from, named in errors and warnings).
+
+        A PEFT option NeuroAda does not implement is refused; any other key that is no field (written by a newer
+        version) is left out with a warning naming it, so what a file asks for is never dropped unseen."""
         names = {f.name for f in fields(cls) if f.init}
+        where = f"{os.fspath(path)}: " if path is not None else ""
+        for key in d:
+            if key in PEFT_UNSUPPORTED:
+                raise NeuroAdaUsageError(unsupported_option(key), path=path)
+        unknown = [k for k in d if k not in names and k not in FILE_ONLY_KEYS]
+        if unknown:
+            warnings.warn(f"{where}NeuroAdaConfig ignores unknown key(s) {', '.join(map(repr, unknown))} (written by "
+                          f"a newer version of neuroada?)", stacklevel=2)
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_json(self) -> str:
@@ -78,8 +104,34 @@ class NeuroAdaConfig:
     def from_checked(cls, d: dict, path) -> "NeuroAdaConfig":
         """From a config read_folder_config returned (the one JSON reader and its limits, the field rules)."""
         try:
-            return cls.from_dict(d)
+            return cls.from_dict(d, path)
         except NeuroAdaError as exc:
             raise NeuroAdaError(exc.detail, path=path, rule=exc.rule) from None
         except TypeError as exc:
             raise NeuroAdaError(f"bad adapter config: {exc}", path=path) from None
+
+
+def _refuse_unknown_options(init):
+    """NeuroAdaConfig's __init__, refusing an option it does not have by name (a PEFT option NeuroAda does not
+    implement says so and what to do instead) rather than the dataclass's TypeError about an unexpected keyword."""
+    names = [f.name for f in fields(NeuroAdaConfig) if f.init]
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        for key in kwargs:
+            if key in PEFT_UNSUPPORTED:
+                raise NeuroAdaUsageError(unsupported_option(key))
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise NeuroAdaUsageError(f"NeuroAdaConfig has no option {key!r}{hint}; its options are "
+                                         f"{', '.join(names)}")
+        if len(args) > len(names):
+            raise NeuroAdaUsageError(f"NeuroAdaConfig takes at most {len(names)} positional arguments, got "
+                                     f"{len(args)}: pass options by name")
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+NeuroAdaConfig.__init__ = _refuse_unknown_options(NeuroAdaConfig.__init__)
