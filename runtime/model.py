@@ -738,7 +738,8 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
     - each adapter in the format (`neuroada_config.json` + `neuroada_model.safetensors`; "default" in
       the folder itself, any other in a sub-folder of its name, as PEFT does), loadable with load_adapter;
     - `model.safetensors`: the trainable state (see trainable_state), exact, which Trainer's resume and
-      load_best_model_at_end load with `model.load_state_dict(..., strict=False)`.
+      load_best_model_at_end load with `model.load_state_dict(..., strict=False)`; with `selected_adapters`, only
+      theirs of the adapters' deltas (loading it leaves the model's other adapters as they are).
 
     Adapter-sized, like a PEFT checkpoint. Nothing in it lets `from_pretrained` build a model with
     random base weights: there is no config.json (AutoModel*.from_pretrained raises), and with a config
@@ -758,6 +759,8 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
             raise NeuroAdaUsageError(f"no adapter named {name!r} (have: {', '.join(configs) or 'none'})")
     _refuse_model_weights(folder)
     state = trainable_state(model, state_dict)
+    if selected_adapters is not None:  # the other adapters' deltas are not saved: their training is not this save's
+        state = {k: v for k, v in state.items() if _state_adapter(k) in (None, *names)}
     for name in names:
         save_adapter(model, folder if name == "default" else os.path.join(folder, name), name,
                      is_main_process=is_main_process)
@@ -805,6 +808,13 @@ def _refuse_model_weights(folder: str) -> None:
                                  f"save the adapter into another folder (or remove that file first)", path=folder)
 
 
+def _state_adapter(key: str) -> str | None:
+    """The adapter a trainable-state key holds deltas or positions of (``<layer>.neuroada_val.<adapter>``), or None."""
+    if ".neuroada_idx." in key or ".neuroada_val." in key:
+        return key.rsplit(".", 1)[1]
+    return None
+
+
 def _guard_name(marker) -> str:
     """The base tensor name save_pretrained's guard took, from the marker's bytes (a torch or numpy uint8 array)."""
     return bytes(int(b) & 0xFF for b in marker.tolist()).decode("utf-8", "replace")
@@ -814,12 +824,12 @@ def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_
     """A state marked as trainable state (save_pretrained's model.safetensors) holds no base by design;
     its guard tensor (see save_pretrained) is not a weight."""
     marker = state_dict.pop(prefix + STATE_MARKER, None)
-    module.__dict__["_neuroada_partial_load"] = marker is not None
+    module.__dict__["_neuroada_partial_load"] = None
     if marker is not None:
         guard = _guard_name(marker)
         if guard:
             state_dict.pop(prefix + guard, None)
-        _check_state_adapters(module, state_dict, prefix)
+        module.__dict__["_neuroada_partial_load"] = _check_state_adapters(module, state_dict, prefix)
     # every layer checks its part before any loads, so a refused state changes nothing
     prepared = []
     try:
@@ -836,13 +846,14 @@ def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_
         raise
 
 
-def _check_state_adapters(module: nn.Module, state_dict, prefix: str) -> None:
+def _check_state_adapters(module: nn.Module, state_dict, prefix: str) -> set[str]:
     """A trainable state (save_pretrained's model.safetensors) must fit the model's adapters. Loaded with strict=False
     (Trainer's resume and load_best_model_at_end) a mismatch is otherwise only a logged warning: an adapter attached
     under another name or on other targets would go on training from zero deltas, with the saved optimizer state
     (same parameter count) applied to them. So the state must name at least one of the model's adapters, and each
     adapter both have must have the same tensors in both. Adapters only one side has are left alone (a server that
-    loaded some of a folder's adapters, then the state for its unfrozen head)."""
+    loaded some of a folder's adapters, then the state for its unfrozen head; a state save_pretrained wrote for
+    selected_adapters). Returns the adapters the state names."""
     have, model_names = set(), set()
     for name, layer in layers(module).items():
         for adapter in layer.neuroada_idx.keys():
@@ -861,13 +872,15 @@ def _check_state_adapters(module: nn.Module, state_dict, prefix: str) -> None:
                             f"{', '.join(sorted(names))}, the model has {', '.join(sorted(model_names)) or 'none'}: "
                             f"build the model as for the run that saved it (same attach config and adapter name); "
                             f"nothing was loaded", rule="4.1")
+    return names
 
 
 def _state_post_hook(module, incompatible_keys) -> None:
-    """w0 is never missing (it is read back from the base); nor is the base when a trainable state loads."""
-    partial = module.__dict__.pop("_neuroada_partial_load", False)
+    """w0 is never missing (it is read back from the base); nor, when a trainable state loads, is the base or an
+    adapter the state does not name (left alone, see _check_state_adapters), so strict loads of it work too."""
+    named = module.__dict__.pop("_neuroada_partial_load", None)
     keep = [k for k in incompatible_keys.missing_keys if ".neuroada_w0." not in k
-            and (not partial or ".neuroada_" in k)]
+            and (named is None or (".neuroada_" in k and _state_adapter(k) in (None, *named)))]
     incompatible_keys.missing_keys[:] = keep
 
 

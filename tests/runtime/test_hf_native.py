@@ -117,6 +117,48 @@ def test_save_pretrained_of_several_adapters_and_a_merged_and_unloaded_model(tmp
     assert torch.equal(logits(reloaded), logits(plain))
 
 
+def test_save_pretrained_of_selected_adapters_writes_only_their_trainable_state(tmp_path):
+    """selected_adapters wrote only the selected adapters' folders, but every adapter's deltas into model.safetensors.
+    Now only theirs (and trained tensors that are no adapter's, such as an unfrozen head), and that state reloads,
+    strict or not, leaving the other adapters as they are."""
+    from safetensors.torch import load_file
+
+    def build():
+        model = attach(tiny_llama(), NeuroAdaConfig(k=1))
+        attach(model, NeuroAdaConfig(k=2, target_modules=["q_proj"]), "math")
+        model.lm_head.weight.requires_grad_(True)
+        return model
+
+    model = build()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in layers(model).values():
+            for v in layer.neuroada_val.values():
+                v.copy_(torch.randn(v.shape, generator=g) * 0.05)
+        model.lm_head.weight.add_(0.01)
+    model.save_pretrained(tmp_path / "ck", selected_adapters=["math"])
+    assert sorted(os.listdir(tmp_path / "ck")) == ["math", "model.safetensors"]
+    state = load_file(tmp_path / "ck" / "model.safetensors")
+    adapters = {k.rsplit(".", 1)[1] for k in state if ".neuroada_" in k}
+    assert adapters == {"math"} and "lm_head.weight" in state
+    assert {k for k in state if ".neuroada_val." in k} == {f"{n}.neuroada_val.math" for n, layer in
+                                                          layers(model).items() if "math" in layer.neuroada_val}
+    for strict in (True, False):
+        again = build()
+        missing, unexpected = again.load_state_dict(state, strict=strict)
+        assert not missing and not unexpected
+        for name, layer in layers(again).items():
+            assert torch.equal(layer.neuroada_val["math"], layers(model)[name].neuroada_val["math"]) \
+                if "math" in layer.neuroada_val else True
+            assert not layer.neuroada_val["default"].any()  # not in the state: left as it was
+        assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+    served = load_adapter(tiny_llama(), tmp_path / "ck" / "math", "math")  # the folder saved with it fits the state
+    served.load_state_dict(state, strict=False)
+    model.save_pretrained(tmp_path / "all")  # no selection: every adapter, as before
+    assert {k.rsplit(".", 1)[1] for k in load_file(tmp_path / "all" / "model.safetensors") if ".neuroada_" in k} == \
+        {"default", "math"}
+
+
 def test_load_adapter_says_what_a_folder_holds_besides_the_adapter(tmp_path):
     """A head unfrozen next to the adapter is saved in model.safetensors; load_adapter reads the adapter only, so
     it warns, naming the tensors and the call that loads them, and that call gives the trained model back."""
