@@ -22,6 +22,7 @@ from .model import (
     to_adapter,
     trainable_parameters,
     trainable_state,
+    unload,
     unmerge,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "merge",
     "unmerge",
     "merge_and_unload",
+    "unload",
     "print_trainable_parameters",
     "trainable_parameters",
     "trainable_state",

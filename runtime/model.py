@@ -1114,6 +1114,19 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
     """Merge, then replace each NeuroAdaLayer by its base layer: a plain model with the original keys."""
     merge(model, adapter_names)
+    return _unload(model)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """PEFT's unload: every NeuroAdaLayer replaced by its base layer without merging (what was merged, by merge or
+    set_adapter, is unmerged first), so the model is the plain base again, its weights bit for bit as before attach.
+    The base parameters stay frozen, as PEFT leaves them."""
+    unmerge(model)
+    return _unload(model)
+
+
+def _unload(model: nn.Module) -> nn.Module:
+    """Put every layer's base layer back and drop what attach installed on the model (configs, hooks)."""
     for name, layer in layers(model).items():
         _set_module(model, name, layer.base_layer)
     if hasattr(model, CONFIGS_ATTR):

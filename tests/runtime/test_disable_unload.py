@@ -1,0 +1,75 @@
+"""PEFT's `model.unload()`: the plain base's outputs and weights, bit for bit, on a model in training (nonzero unmerged
+deltas, in place and additive), a merged one and one set_adapter serves."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from neuroada_format.runtime import (NeuroAdaConfig, NeuroAdaLayer, attach, load_adapter, merge, merge_and_unload,
+                                     save_adapter, set_adapter, unload)
+from neuroada_format.runtime.model import layers, to_numpy
+
+transformers = pytest.importorskip("transformers")
+
+from tiny_hf import tiny_llama, with_deltas  # noqa: E402  (tests/tiny_hf.py)
+
+
+def ids():
+    return torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(ids()).logits
+
+
+def bits(model):
+    return {k: to_numpy(v).tobytes() for k, v in model.state_dict().items()}
+
+
+def trained(base, mode):
+    """A model in training: deltas nonzero and unmerged, one adapter unfrozen."""
+    model = with_deltas(copy.deepcopy(base), k=2, mode=mode)
+    assert all(layer.mode == mode and not layer.merged for layer in layers(model).values())
+    return model
+
+
+def served(base, tmp_path):
+    """A server: two adapters loaded, one of them merged by set_adapter."""
+    for name, seed in (("a", 1), ("b", 2)):
+        save_adapter(with_deltas(copy.deepcopy(base), k=2, seed=seed), tmp_path / name)
+    model = load_adapter(copy.deepcopy(base), tmp_path / "a", "a")
+    load_adapter(model, tmp_path / "b", "b")
+    set_adapter(model, "b")
+    return model
+
+
+@pytest.mark.parametrize("kind", ["inplace", "additive", "merged", "served"])
+def test_unload_gives_the_plain_base_back_without_merging(kind, tmp_path):
+    base = tiny_llama()
+    want, base_bits = logits(base), bits(base)
+    model = served(base, tmp_path) if kind == "served" else trained(base, "inplace" if kind == "merged" else kind)
+    if kind == "merged":
+        merge(model)
+    assert not torch.equal(logits(model), want)
+    out = unload(model)
+    assert out is model
+    assert not any(isinstance(m, NeuroAdaLayer) for m in model.modules())
+    assert bits(model) == base_bits  # the same keys, and the weights bit for bit as before attach
+    assert torch.equal(logits(model), want)
+    assert "save_pretrained" not in model.__dict__ and not hasattr(model, "neuroada_configs")
+    assert not model._load_state_dict_pre_hooks and not model._forward_pre_hooks
+    attach(model, NeuroAdaConfig(k=1))  # a plain model again: it takes a new adapter
+    assert layers(model)
+
+
+def test_merge_and_unload_still_merges():
+    base = tiny_llama()
+    model = trained(base, "inplace")
+    adapted = logits(model)
+    plain = merge_and_unload(model)
+    assert not layers(plain) and bits(plain) != bits(base)
+    assert torch.allclose(logits(plain), adapted, atol=1e-5)
