@@ -46,7 +46,7 @@ from .model import (CONFIGS_ATTR, MIXED_ATTR, VALUE_TORCH, _refuse_in_batch, _sh
                     refuse_unmergeable)
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
-           "stop_serving", "adapter_batch", "add_weighted_adapter"]
+           "stop_serving", "adapter_batch", "disable_adapter", "add_weighted_adapter"]
 
 _STACK_ATTR, _SAME_ATTR, _MERGED_ATTR = SERVING_CACHES  # in the layer's __dict__; copies and pickles drop them
 FUSED = True  # False: mixed batches always add the delta to the base layer's output (tests, measurements)
@@ -460,12 +460,46 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
                 layer.__dict__.pop("_neuroada_mixed", None)
                 cls, merged = previous[name]
                 layer.__class__ = cls
-                if len(merged) <= 1:
-                    _switch(layer, merged)
-                elif layer.merged_adapters != merged:
-                    layer.unmerge()
-                    layer.merge(merged)
+                _remerge(layer, merged)
         model.__dict__.pop(MIXED_ATTR, None)
+
+
+def _remerge(layer: NeuroAdaLayer, merged: list[str]) -> None:
+    """Give a layer whose weight holds the base (or other merged adapters) ``merged`` back: set_adapter's write for
+    at most one adapter, else layer.merge's (the same rule and bits either way)."""
+    if len(merged) <= 1:
+        _switch(layer, merged)
+    elif layer.merged_adapters != merged:
+        layer.unmerge()
+        layer.merge(merged)
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """PEFT's ``with model.disable_adapter():``: the block's forwards are the plain base's, bit for bit; on exit
+    (also on an exception) every layer serves what it served before, merged or not.
+
+    Merged adapters (set_adapter's or merge's) are unmerged for the block, as set_adapter(model, None) does, and
+    merged again after it; unmerged ones (a model in training, its deltas nonzero) are switched off with the layers'
+    disable_adapters flag. No gradient reaches the deltas inside (a DPO reference pass, for instance).
+    """
+    _refuse_in_batch(model, "disable_adapter")
+    all_layers = layers(model)
+    previous = {name: (list(layer.merged_adapters), layer.disable_adapters) for name, layer in all_layers.items()}
+    try:
+        with torch.no_grad():
+            for layer in all_layers.values():
+                _switch(layer, [])
+                layer.disable_adapters = True
+        yield model
+    finally:
+        now = {id(layer) for layer in layers(model).values()}  # one unloaded inside the block is no longer ours
+        with torch.no_grad():
+            for name, layer in all_layers.items():
+                merged, disabled = previous[name]
+                layer.disable_adapters = disabled
+                if id(layer) in now:
+                    _remerge(layer, [n for n in merged if n in layer.neuroada_val])  # (one deleted inside stays out)
 
 
 # -- combining --------------------------------------------------------------------------------------------

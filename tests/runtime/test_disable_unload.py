@@ -1,5 +1,5 @@
-"""PEFT's `model.unload()`: the plain base's outputs and weights, bit for bit, on a model in training (nonzero unmerged
-deltas, in place and additive), a merged one and one set_adapter serves."""
+"""PEFT's `with model.disable_adapter():` and `model.unload()`: the plain base's outputs and weights, bit for bit, on
+a model in training (nonzero unmerged deltas, in place and additive), a merged one and one set_adapter serves."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import copy
 import pytest
 import torch
 
-from neuroada_format.runtime import (NeuroAdaConfig, NeuroAdaLayer, attach, load_adapter, merge, merge_and_unload,
-                                     save_adapter, set_adapter, unload)
+from neuroada_format.runtime import (NeuroAdaConfig, NeuroAdaLayer, adapter_batch, attach, disable_adapter,
+                                     load_adapter, merge, merge_and_unload, merged_adapter, save_adapter, set_adapter,
+                                     unload)
 from neuroada_format.runtime.model import layers, to_numpy
 
 transformers = pytest.importorskip("transformers")
@@ -45,6 +46,69 @@ def served(base, tmp_path):
     load_adapter(model, tmp_path / "b", "b")
     set_adapter(model, "b")
     return model
+
+
+@pytest.mark.parametrize("kind", ["inplace", "additive", "merged", "served"])
+def test_disable_adapter_gives_the_base_and_puts_the_adapter_back(kind, tmp_path):
+    base = tiny_llama()
+    want = logits(base)
+    model = served(base, tmp_path) if kind == "served" else trained(base, "inplace" if kind == "merged" else kind)
+    if kind == "merged":
+        merge(model)
+    adapted, before = logits(model), bits(model)
+    assert not torch.allclose(adapted, want)
+    with disable_adapter(model) as inside:
+        assert inside is model
+        assert torch.equal(logits(model), want)
+        if kind in ("inplace", "additive"):  # a training-mode forward inside depends on no delta (a reference pass)
+            model.train()
+            assert not model(input_ids=ids(), labels=ids()).loss.requires_grad
+            model.eval()
+    assert torch.equal(logits(model), adapted)
+    assert bits(model) == before  # merged weights are merged again, to the same bits
+    if kind in ("inplace", "additive"):  # and the deltas train again
+        model.train()
+        assert model(input_ids=ids(), labels=ids()).loss.requires_grad
+        model.eval()
+    with pytest.raises(RuntimeError, match="boom"):
+        with disable_adapter(model):
+            assert torch.equal(logits(model), want)
+            raise RuntimeError("boom")
+    assert torch.equal(logits(model), adapted) and bits(model) == before
+    if kind == "served":
+        assert merged_adapter(model) == "b"
+        with disable_adapter(model):  # adapter_batch inside the block serves the names it is given
+            with adapter_batch(model, ["a", "__base__"]):
+                assert torch.equal(model(ids()).logits[1], want[1])
+            assert torch.equal(logits(model), want)
+        assert torch.equal(logits(model), adapted)
+    if kind == "merged":
+        assert all(layer.merged_adapters == ["default"] for layer in layers(model).values())
+
+
+def test_what_the_block_removed_stays_removed(tmp_path):
+    """The exit puts back only what is still there: weights of a model unloaded inside the block are not written."""
+    from neuroada_format.runtime import delete_adapter
+
+    base = tiny_llama()
+    want, base_bits = logits(base), bits(base)
+    model = served(base, tmp_path)
+    with disable_adapter(model):
+        unload(model)
+    assert not layers(model) and bits(model) == base_bits and torch.equal(logits(model), want)
+    model = served(base, tmp_path)
+    with disable_adapter(model):
+        delete_adapter(model, "b")
+    assert merged_adapter(model) is None and torch.equal(logits(model), want)
+
+
+def test_disable_adapter_is_refused_inside_an_adapter_batch_block(tmp_path):
+    base = tiny_llama()
+    model = served(base, tmp_path)
+    with adapter_batch(model, ["a", "b"]):
+        with pytest.raises(Exception, match="inside an adapter_batch block"):
+            with disable_adapter(model):
+                pass
 
 
 @pytest.mark.parametrize("kind", ["inplace", "additive", "merged", "served"])
