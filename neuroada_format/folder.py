@@ -79,6 +79,27 @@ PEFT_UNSUPPORTED = {
 }
 
 
+# PEFT's own defaults for the options above, which ask for nothing NeuroAda lacks: a LoraConfig ported as it is
+# (modules_to_save=None, bias="none", ...) is accepted, and such a key is left out of the config
+PEFT_NOOP_DEFAULTS = {
+    "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {},
+    "alpha_pattern": {}, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+    "use_dora": False, "init_lora_weights": True, "lora_bias": False, "megatron_config": None,
+    "layer_replication": None, "trainable_token_indices": None, "target_parameters": None, "loftq_config": {},
+    "eva_config": None, "corda_config": None, "use_qalora": False,
+}
+
+
+def asks_nothing(name: str, value) -> bool:
+    """Whether PEFT option `name` is given its do-nothing default (PEFT_NOOP_DEFAULTS): dropped, not refused."""
+    if name not in PEFT_NOOP_DEFAULTS:
+        return False
+    default = PEFT_NOOP_DEFAULTS[name]
+    # 0 for lora_dropout's 0.0 is the default; 0 for a False flag, or 1 for init_lora_weights=True, is not
+    return value == default and isinstance(value, bool) == isinstance(default, bool) and \
+        (value is None) == (default is None)
+
+
 def unsupported_option(name: str) -> str:
     """The message for a PEFT option NeuroAda does not implement (see PEFT_UNSUPPORTED)."""
     return f"{name} is a PEFT option NeuroAda does not support: {PEFT_UNSUPPORTED[name]}"
@@ -119,7 +140,7 @@ def check_config_fields(d: dict) -> None:
         raise NeuroAdaUsageError(f"task_type must be one of {', '.join(TASK_TYPES)} (PEFT's TaskType) or None, "
                                  f"got {task_type!r}")
     for name in d:
-        if name in PEFT_UNSUPPORTED:
+        if name in PEFT_UNSUPPORTED and not asks_nothing(name, d[name]):
             raise NeuroAdaUsageError(unsupported_option(name))
 
 

@@ -18,7 +18,7 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.durable import write_bytes
 from neuroada_format.folder import (CONFIG_NAME, LEGACY_CONFIG_NAME, MODES, RECORDED_SELECTIONS,  # noqa: F401
                                     PEFT_UNSUPPORTED, SELECTIONS, WEIGHTS_NAME, check_config_fields, module_spec,
-                                    read_folder_config, unsupported_option)
+                                    asks_nothing, read_folder_config, unsupported_option)
 
 # keys a config file may hold that are no field: the legacy layout's `peft_type: "NEUROADA"` (read_folder_config
 # refuses any other peft_type)
@@ -34,7 +34,8 @@ class NeuroAdaConfig:
     the output head. `mode` "auto" writes deltas into the weights around each GEMM ("inplace") unless
     the weight must not be written (no plain writable tensor), where it adds a sparse term ("additive").
     `task_type` is PEFT's metadata ("CAUSAL_LM", ...): checked, saved and read back, never acted on. PEFT options
-    NeuroAda does not implement (r, lora_alpha, modules_to_save, layers_to_transform, ...) are refused by name.
+    NeuroAda does not implement (r, lora_alpha, modules_to_save, layers_to_transform, ...) are refused by name,
+    unless given PEFT's own do-nothing default (modules_to_save=None, bias="none", ...): those are left out.
     """
     k: int = 1
     target_modules: str | list[str] | None = "all-linear"
@@ -70,9 +71,9 @@ class NeuroAdaConfig:
         names = {f.name for f in fields(cls) if f.init}
         where = f"{os.fspath(path)}: " if path is not None else ""
         for key in d:
-            if key in PEFT_UNSUPPORTED:
+            if key in PEFT_UNSUPPORTED and not asks_nothing(key, d[key]):
                 raise NeuroAdaUsageError(unsupported_option(key), path=path)
-        unknown = [k for k in d if k not in names and k not in FILE_ONLY_KEYS]
+        unknown = [k for k in d if k not in names and k not in FILE_ONLY_KEYS and not asks_nothing(k, d[k])]
         if unknown:
             warnings.warn(f"{where}NeuroAdaConfig ignores unknown key(s) {', '.join(map(repr, unknown))} (written by "
                           f"a newer version of neuroada?)", stacklevel=2)
@@ -118,6 +119,7 @@ def _refuse_unknown_options(init):
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if not asks_nothing(k, v)}  # PEFT's defaults ask for nothing
         for key in kwargs:
             if key in PEFT_UNSUPPORTED:
                 raise NeuroAdaUsageError(unsupported_option(key))

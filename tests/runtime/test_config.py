@@ -51,8 +51,8 @@ def test_task_type_is_kept_saved_and_read_back(tmp_path):
 
 
 @pytest.mark.parametrize("option, value", [
-    ("r", 8), ("lora_alpha", 16), ("lora_dropout", 0.05), ("bias", "none"), ("fan_in_fan_out", False),
-    ("init_lora_weights", True), ("modules_to_save", ["lm_head"]), ("layers_to_transform", [0]),
+    ("r", 8), ("lora_alpha", 16), ("lora_dropout", 0.05), ("bias", "all"), ("fan_in_fan_out", True),
+    ("init_lora_weights", "gaussian"), ("modules_to_save", ["lm_head"]), ("layers_to_transform", [0]),
     ("layers_pattern", "layers"), ("rank_pattern", {"q_proj": 4}), ("alpha_pattern", {"q_proj": 8}),
     ("use_dora", True),
 ])
@@ -129,3 +129,28 @@ def test_config_copies_and_compares():
     assert copy.deepcopy(cfg) == cfg == pickle.loads(pickle.dumps(cfg))
     assert list(inspect.signature(NeuroAdaConfig).parameters)[:2] == ["k", "target_modules"]
     assert attach(tiny_llama(), cfg).neuroada_configs["default"] is cfg
+
+
+PEFT_DEFAULTS = dict(modules_to_save=None, layers_to_transform=None, bias="none", lora_dropout=0.0,
+                     fan_in_fan_out=False, init_lora_weights=True, rank_pattern={}, use_dora=False)
+
+
+def test_peft_options_at_their_do_nothing_defaults_are_accepted_and_left_out(tmp_path):
+    """A LoraConfig ported as it is (modules_to_save=None, bias='none', ...) asks for nothing NeuroAda lacks: the
+    keyword and a config file holding it are accepted, without a warning, and the key is not written back."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = NeuroAdaConfig(k=2, target_modules=["q_proj"], **{**PEFT_DEFAULTS, "lora_dropout": 0})
+        assert cfg == NeuroAdaConfig(k=2, target_modules=["q_proj"])
+        assert not set(PEFT_DEFAULTS) & set(cfg.to_dict())
+        path = cfg.save_pretrained(tmp_path)
+        with open(path) as f:
+            d = json.load(f)
+        d.update(PEFT_DEFAULTS)
+        with open(path, "w") as f:
+            json.dump(d, f)
+        assert NeuroAdaConfig.from_pretrained(tmp_path) == cfg
+    for option, value in (("fan_in_fan_out", 0), ("init_lora_weights", 1), ("modules_to_save", []),
+                          ("lora_dropout", False)):  # look alike, but not PEFT's default
+        with pytest.raises(NeuroAdaUsageError, match=f"^{option} is a PEFT option"):
+            NeuroAdaConfig(**{option: value})
