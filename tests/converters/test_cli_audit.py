@@ -88,17 +88,12 @@ def test_pack_never_writes_over_the_files_a_symlinked_base_folder_holds(tmp_path
     with the folder as given, so `-o blobs/<shard blob> --overwrite` (extract, combine, --from-peft) replaced the base's
     weights, and `--to peft -o blobs --overwrite` deleted every blob of the base (exit 0 both times). The links inside
     an input folder now count as inputs too."""
-    import neuroada_format as naf
-
     blobs, snap = tmp_path / "blobs", tmp_path / "snap"
     blobs.mkdir(), snap.mkdir()
     arrays = checkpoint(blobs / "abc123")
     (snap / "model.safetensors").symlink_to("../blobs/abc123")
     checkpoint(tmp_path / "ft.safetensors", delta=0.01)
-    w = arrays[Q]
-    idx = np.sort(np.argsort(-np.abs(w.astype(np.float32)), axis=1)[:, :2], axis=1)
-    naf.save(naf.Adapter({Q: naf.Target.from_weight(Q, w, idx, np.full((16, 2), 0.5, BF16), layout="out_in",
-                                                     value_dtype="BF16")}, base_name="t"), tmp_path / "a.safetensors")
+    adapter_for(arrays, tmp_path / "a.safetensors")
     before = (blobs / "abc123").read_bytes()
     runs = [("--base", snap, "--finetuned", tmp_path / "ft.safetensors", "-k", "2", "-o", blobs / "abc123"),
             ("--combine", tmp_path / "a.safetensors", "--base", snap, "-o", blobs / "abc123"),
@@ -114,33 +109,35 @@ def test_pack_never_writes_over_the_files_a_symlinked_base_folder_holds(tmp_path
     assert r.returncode == 0, r.stderr
 
 
+
+def slow_in_place_merge(base, adapter, *extra):
+    """neuroada-merge --in-place started with the test hook that makes each write step sleep, so a test can act
+    while it holds the lock or has patched part of BASE."""
+    env = dict(os.environ, NEUROADA_TEST_SLOWDOWN="1")
+    return subprocess.Popen([tool("neuroada-merge"), "--base", os.fspath(base), "--adapter", os.fspath(adapter),
+                             "--in-place", *map(os.fspath, extra)], env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def wait_until(done, proc):
+    """Poll `done()` while `proc` still runs (a minute at most)."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while not done():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+
 def test_interrupted_in_place_merge_says_how_to_revert(tmp_path):
     """Ctrl-C during an in-place merge (after its journal is written) leaves BASE partly merged; the one error line
     was 'error: interrupted', with no word of that nor of the journal, a hidden file the user never named (a rerun
     then fails on the probe hash). The line now gives the revert command, and that command restores BASE."""
     import signal
-    import time
 
-    import neuroada_format as naf
-
-    base = tmp_path / "model.safetensors"
-    arrays = checkpoint(base)
-    targets = {}
-    for name in (Q, UP):
-        w = arrays[name]
-        idx = np.sort(np.argsort(-np.abs(w.astype(np.float32)), axis=1)[:, :2], axis=1)
-        targets[name] = naf.Target.from_weight(name, w, idx, np.full((w.shape[0], 2), 0.5, BF16), layout="out_in",
-                                               value_dtype="BF16")
-    naf.save(naf.Adapter(targets, base_name="t"), tmp_path / "a.safetensors")
+    base, adapter = in_place_pair(tmp_path / "m")
     before = base.read_bytes()
-    env = dict(os.environ, NEUROADA_TEST_SLOWDOWN="1")  # the test hook: each write step sleeps
-    p = subprocess.Popen([tool("neuroada-merge"), "--base", os.fspath(base), "--adapter",
-                          os.fspath(tmp_path / "a.safetensors"), "--in-place"], env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while base.read_bytes() == before:  # the first tensor is patched: BASE is partly merged
-        assert p.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
+    p = slow_in_place_merge(base, adapter)
+    wait_until(lambda: base.read_bytes() != before, p)  # the first tensor is patched: BASE is partly merged
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130 and out == "", (p.returncode, out, err)
@@ -156,29 +153,16 @@ def test_pack_does_not_read_a_base_while_an_in_place_merge_patches_it(tmp_path):
     """neuroada-pack took no lock on the checkpoints it reads: an extract run while an in-place merge patched the base
     read half-merged weights and wrote (exit 0) an adapter whose probe hashes match neither the base nor the merged
     model. It now takes the lock rule's shared lock, as a merge into a copy does, so it is refused as busy."""
-    import time
-
-    import neuroada_format as naf
-
     folder = tmp_path / "base"
     folder.mkdir()
     arrays = checkpoint(folder / "model.safetensors")
     checkpoint(tmp_path / "ft.safetensors", delta=0.01)
-    w = arrays[Q]
-    idx = np.sort(np.argsort(-np.abs(w.astype(np.float32)), axis=1)[:, :2], axis=1)
-    naf.save(naf.Adapter({Q: naf.Target.from_weight(Q, w, idx, np.full((16, 2), 0.5, BF16), layout="out_in",
-                                                     value_dtype="BF16")}, base_name="t"), tmp_path / "a.safetensors")
+    adapter_for(arrays, tmp_path / "a.safetensors")
     before = (folder / "model.safetensors").read_bytes()
-    env = dict(os.environ, NEUROADA_TEST_SLOWDOWN="1")  # the test hook: each write step of the merge sleeps
-    merge = subprocess.Popen([tool("neuroada-merge"), "--base", os.fspath(folder), "--adapter",
-                              os.fspath(tmp_path / "a.safetensors"), "--in-place", "--journal",
-                              os.fspath(tmp_path / "j.safetensors")], env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    merge = slow_in_place_merge(folder, tmp_path / "a.safetensors", "--journal", tmp_path / "j.safetensors")
     try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "j.safetensors").exists():  # the journal is written: the lock is held, BASE patched next
-            assert merge.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        # the journal is written: the lock is held, BASE patched next
+        wait_until(lambda: (tmp_path / "j.safetensors").exists(), merge)
         for args in (["--base", folder, "--finetuned", tmp_path / "ft.safetensors", "-k", "2"],
                      ["--base", tmp_path / "ft.safetensors", "--finetuned", folder, "-k", "2"],
                      ["--combine", tmp_path / "a.safetensors", "--base", folder]):
@@ -197,31 +181,13 @@ def test_validate_does_not_judge_a_base_while_an_in_place_merge_patches_it(tmp_p
     """`neuroada validate A --base B` run during an in-place merge of B read half-patched weights and reported the
     adapter invalid for 'a different base or revision' (exit 1) although it was made for B. It now takes the shared
     lock every reader of a checkpoint takes and says the base is busy (exit 2)."""
-    import time
-
-    import neuroada_format as naf
-
     folder = tmp_path / "base"
-    folder.mkdir()
-    arrays = checkpoint(folder / "model.safetensors")
-    targets = {}
-    for name in (Q, UP):
-        w = arrays[name]
-        idx = np.sort(np.argsort(-np.abs(w.astype(np.float32)), axis=1)[:, :2], axis=1)
-        targets[name] = naf.Target.from_weight(name, w, idx, np.full((w.shape[0], 2), 0.5, BF16), layout="out_in",
-                                               value_dtype="BF16")
-    naf.save(naf.Adapter(targets, base_name="t"), tmp_path / "a.safetensors")
+    in_place_pair(folder, adapter=tmp_path / "a.safetensors")
     before = (folder / "model.safetensors").read_bytes()
-    env = dict(os.environ, NEUROADA_TEST_SLOWDOWN="1")  # the test hook: each write step of the merge sleeps
-    merge = subprocess.Popen([tool("neuroada-merge"), "--base", os.fspath(folder), "--adapter",
-                              os.fspath(tmp_path / "a.safetensors"), "--in-place", "--journal",
-                              os.fspath(tmp_path / "j.safetensors")], env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    merge = slow_in_place_merge(folder, tmp_path / "a.safetensors", "--journal", tmp_path / "j.safetensors")
     try:
-        deadline = time.monotonic() + 60
-        while (folder / "model.safetensors").read_bytes() == before:  # one target patched, the other not yet
-            assert merge.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        # one target patched, the other not yet
+        wait_until(lambda: (folder / "model.safetensors").read_bytes() != before, merge)
         r = cli("neuroada", "validate", tmp_path / "a.safetensors", "--base", folder)
         assert r.returncode == 2 and "busy" in one_error_line(r), r
     finally:
@@ -268,15 +234,10 @@ def test_overwrite_never_deletes_across_a_mount_point_inside_out(tmp_path):
 
     import pytest
 
-    import neuroada_format as naf
-
     base, out = tmp_path / "base", tmp_path / "out"
     base.mkdir(), (out / "m").mkdir(parents=True)
     arrays = checkpoint(base / "model.safetensors")
-    w = arrays[Q]
-    idx = np.sort(np.argsort(-np.abs(w.astype(np.float32)), axis=1)[:, :2], axis=1)
-    naf.save(naf.Adapter({Q: naf.Target.from_weight(Q, w, idx, np.full((16, 2), 0.5, BF16), layout="out_in",
-                                                     value_dtype="BF16")}, base_name="t"), tmp_path / "a.safetensors")
+    adapter_for(arrays, tmp_path / "a.safetensors")
     if not shutil.which("mount") or subprocess.run(["mount", "--bind", os.fspath(base), os.fspath(out / "m")],
                                                    capture_output=True).returncode != 0:
         pytest.skip("needs permission to bind-mount a folder")
@@ -358,21 +319,27 @@ def test_reader_of_stdout_leaving_early_ends_quietly(tmp_path, argv):
     assert (r.returncode, r.stderr) == (141, "")
 
 
-def in_place_pair(folder):
-    """A base file in `folder` and an adapter of two targets for it (a.safetensors beside it)."""
-    import neuroada_format as naf
-
+def in_place_pair(folder, adapter=None):
+    """A base file in `folder` and an adapter of two targets for it (`adapter`, by default a.safetensors beside it)."""
     folder.mkdir()
     base = folder / "model.safetensors"
     arrays = checkpoint(base)
+    adapter = adapter or folder / "a.safetensors"
+    adapter_for(arrays, adapter, (Q, UP))
+    return base, adapter
+
+
+def adapter_for(arrays, path, names=(Q,)):
+    """An adapter of k=2 magnitude positions and values 0.5 on `names` of the checkpoint `arrays`, saved at `path`."""
+    import neuroada_format as naf
+
     targets = {}
-    for name in (Q, UP):
+    for name in names:
         w = arrays[name]
         idx = np.sort(np.argsort(-np.abs(w.astype(np.float32)), axis=1)[:, :2], axis=1)
         targets[name] = naf.Target.from_weight(name, w, idx, np.full((w.shape[0], 2), 0.5, BF16), layout="out_in",
                                                value_dtype="BF16")
-    naf.save(naf.Adapter(targets, base_name="t"), folder / "a.safetensors")
-    return base, folder / "a.safetensors"
+    naf.save(naf.Adapter(targets, base_name="t"), path)
 
 
 def test_revert_commands_are_printed_as_shell_words(tmp_path):
@@ -381,7 +348,6 @@ def test_revert_commands_are_printed_as_shell_words(tmp_path):
     quote open. The path is now one shell word: the pasted command reverts."""
     import shlex
     import signal
-    import time
 
     base, adapter = in_place_pair(tmp_path / "it's my model")
     before = base.read_bytes()
@@ -397,13 +363,8 @@ def test_revert_commands_are_printed_as_shell_words(tmp_path):
     assert r.returncode == 0 and base.read_bytes() != before, r.stderr
     revert(r.stdout.split("revert with: ", 1)[1].strip())
 
-    env = dict(os.environ, NEUROADA_TEST_SLOWDOWN="1")  # the test hook: each write step sleeps
-    p = subprocess.Popen([tool("neuroada-merge"), "--base", os.fspath(base), "--adapter", os.fspath(adapter),
-                          "--in-place"], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while base.read_bytes() == before:  # partly merged
-        assert p.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
+    p = slow_in_place_merge(base, adapter)
+    wait_until(lambda: base.read_bytes() != before, p)  # partly merged
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and err.count("\n") == 1, err
