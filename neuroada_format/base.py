@@ -1,7 +1,8 @@
 """Base checkpoints as the validator and the converters see them: names -> lazily mapped arrays.
 
 A base is a single .safetensors file, a Hugging Face folder (model.safetensors, or shards listed in
-model.safetensors.index.json), or an in-memory mapping of names to numpy arrays.
+model.safetensors.index.json, never both: `_refuse_two_weight_sets`), or an in-memory mapping of names to numpy
+arrays.
 """
 from __future__ import annotations
 
@@ -118,6 +119,22 @@ def _open_gguf(path: str):
     return open_gguf_base(path)
 
 
+def _refuse_two_weight_sets(folder: str, single: str, weight_map: dict[str, str]) -> None:
+    """A folder holding both model.safetensors and an index json listing other files (typically a leftover of an
+    earlier save with another shard size) holds two sets of weights, and loaders disagree on which is the model:
+    transformers' from_pretrained loads model.safetensors whenever it is a file (modeling_utils checks
+    SAFE_WEIGHTS_NAME before SAFE_WEIGHTS_INDEX_NAME), loaders that follow the index load its shards. Whichever we
+    picked, a merge, a validation or an extraction could use other weights than the ones the model is loaded from
+    (and a merged copy would carry the unmerged set along), so the folder is refused, naming both files. An index
+    that lists model.safetensors alone names the same weights: no ambiguity. A model.safetensors that is no file
+    (a dangling link, a folder) is skipped, as transformers skips it, and the index is used."""
+    if os.path.isfile(single) and set(weight_map.values()) - {SINGLE_FILE}:
+        raise NeuroAdaUsageError(f"holds both {SINGLE_FILE} and {INDEX_FILE}, which lists other files: two sets of "
+                                 f"weights (transformers loads {SINGLE_FILE}, loaders following the index its "
+                                 f"shards), so which one is the model is ambiguous; remove the one that is a "
+                                 f"leftover of an earlier save", path=folder)
+
+
 def open_base(base) -> Checkpoint | ArrayBase:
     """Open a base given as a path (file or HF folder) or a mapping of name -> numpy array."""
     if all(hasattr(base, a) for a in ("__contains__", "info", "array")):
@@ -127,12 +144,14 @@ def open_base(base) -> Checkpoint | ArrayBase:
     path = os.fspath(base)
     if os.path.isdir(path):
         index_path = os.path.join(path, INDEX_FILE)
+        single = os.path.join(path, SINGLE_FILE)
         if os.path.lexists(index_path):  # present: it is read (safe_io refuses a FIFO, a device, a dangling link)
             index = read_json(index_path, rule="1.6", what="index json", cap=INDEX_CAP)
             wm = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(wm, dict):
                 raise NeuroAdaError("index json has no weight_map object", path=index_path, rule="1.6")
             weight_map = {k: _shard_name(v, index_path) for k, v in wm.items()}
+            _refuse_two_weight_sets(path, single, weight_map)
             files = {s: SafetensorsFile(os.path.join(path, s), unknown_dtypes=True)
                      for s in sorted(set(weight_map.values()))}
             for key, shard in weight_map.items():
@@ -140,7 +159,6 @@ def open_base(base) -> Checkpoint | ArrayBase:
                     raise NeuroAdaError(f"weight_map says {key!r} is in {shard}, which lacks it",
                                         path=index_path, rule="1.6")
             return Checkpoint(files, weight_map, path, index)
-        single = os.path.join(path, SINGLE_FILE)
         if not os.path.lexists(single):
             candidates = sorted(f for f in os.listdir(path)
                                 if f.endswith(".safetensors") and not f.startswith("."))

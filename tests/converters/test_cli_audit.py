@@ -382,3 +382,74 @@ def test_shell_word_survives_the_one_line_printing_and_a_real_shell(name):
     assert " ".join(printable(word).split()) == word, word
     r = subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True, timeout=60)
     assert r.returncode == 0 and r.stdout == os.fsencode(name), (word, r)
+
+
+def _two_weight_sets(folder, *, index_lists_single=False) -> dict:
+    """A checkpoint folder holding model.safetensors (seed 0) and an index json whose shards hold other weights
+    (seed 1), as an earlier save with another shard size leaves it; returns the shards' arrays."""
+    import json
+
+    folder.mkdir()
+    checkpoint(folder / "model.safetensors")
+    sharded = checkpoint(folder / "model-00001-of-00002.safetensors", seed=1)
+    if index_lists_single:
+        weight_map = dict.fromkeys(sharded, "model.safetensors")
+        os.unlink(folder / "model-00001-of-00002.safetensors")
+    else:
+        save_file({"model.norm.weight": sharded["model.norm.weight"]}, os.fspath(folder / "model-00002-of-00002.safetensors"))
+        save_file({n: a for n, a in sharded.items() if n != "model.norm.weight"},
+                  os.fspath(folder / "model-00001-of-00002.safetensors"))
+        weight_map = {n: "model-0000%d-of-00002.safetensors" % (2 if n == "model.norm.weight" else 1) for n in sharded}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return sharded
+
+
+def _adapter_for(arrays, path) -> None:
+    import neuroada_format as naf
+
+    w = arrays[Q]
+    idx = np.sort(np.argsort(-np.abs(w.astype(np.float32)), axis=1)[:, :2], axis=1)
+    naf.save(naf.Adapter({Q: naf.Target.from_weight(Q, w, idx, np.full((16, 2), 0.5, BF16), layout="out_in",
+                                                     value_dtype="BF16")}, base_name="t"), path)
+
+
+def _tree(folder) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_with_model_safetensors_and_an_index_of_other_shards_is_refused(tmp_path):
+    """A folder holding both model.safetensors and model.safetensors.index.json (with other shards) holds two sets of
+    weights. transformers' from_pretrained loads model.safetensors; we read the index's shards, so merge (copy and
+    --in-place), validate --base and extract all used weights transformers never loads, with exit 0 (the copy even
+    carried both sets along). Such a folder is now refused, naming both files, and nothing is written."""
+    base = tmp_path / "base"
+    sharded = _two_weight_sets(base)
+    _adapter_for(sharded, tmp_path / "a.safetensors")  # made for the shards: what the old reader picked
+    checkpoint(tmp_path / "ft.safetensors", seed=1, delta=0.01)
+    before = _tree(base)
+    runs = [("neuroada-merge", "--base", base, "--adapter", tmp_path / "a.safetensors", "--out", tmp_path / "out"),
+            ("neuroada-merge", "--base", base, "--adapter", tmp_path / "a.safetensors", "--in-place"),
+            ("neuroada", "validate", tmp_path / "a.safetensors", "--base", base),
+            ("neuroada-pack", "--base", base, "--finetuned", tmp_path / "ft.safetensors", "-k", "2",
+             "-o", tmp_path / "x.safetensors")]
+    for command, *args in runs:
+        r = cli(command, *args)
+        assert r.returncode == 2, (args, r)
+        line = one_error_line(r)
+        assert line.startswith(f"error: {base}: ") and "model.safetensors and model.safetensors.index.json" in line \
+            and "ambiguous" in line, line
+        assert _tree(base) == before
+        assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "base", "ft.safetensors"]
+
+
+def test_an_index_listing_only_model_safetensors_is_no_ambiguity(tmp_path):
+    """An index json whose weight_map names model.safetensors alone points at the same weights: still merged."""
+    base = tmp_path / "base"
+    _two_weight_sets(base, index_lists_single=True)
+    import safetensors.numpy
+
+    _adapter_for(safetensors.numpy.load_file(os.fspath(base / "model.safetensors")), tmp_path / "a.safetensors")
+    r = cli("neuroada-merge", "--base", base, "--adapter", tmp_path / "a.safetensors", "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    r = cli("neuroada", "validate", tmp_path / "a.safetensors", "--base", base)
+    assert r.returncode == 0, r.stderr
