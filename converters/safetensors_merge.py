@@ -9,7 +9,9 @@ from memory the copy reads anyway (no map, no page faults), so a merge costs abo
 copied side by side, one thread per core). Peak memory stays at the adapters plus one 4 MB buffer
 per copy thread (a whole tensor for the Conv1D layout, whose canonical rows are stored columns);
 nothing is ever re-serialised, so every other byte (headers, `__metadata__`, index json,
-tokenizer files, subfolders) is carried over exactly.
+tokenizer files, subfolders) is carried over exactly. A base folder's `.git`, `.hg` or `.svn` (a `git clone` of a
+Hub repository) is left out: the merged checkpoint is no commit of that repository, its LFS store would double
+the copy, and --overwrite refuses to delete a folder holding one (durable.refuse_deleting).
 
 Safety rules this module keeps (the rest, common to every format, are the driver's: backend.py):
 - BASE is only opened and mapped read-only, unless an in-place merge is asked for.
@@ -43,8 +45,8 @@ import numpy as np
 from neuroada_format import (Adapter, Checkpoint, Delta, MergePlan, NeuroAdaError, NeuroAdaUsageError, Target,
                              open_base, plan_merge, validate)
 from neuroada_format.dtypes import NUMPY_DTYPES
-from neuroada_format.durable import (fsync_dir, fsync_path, publish, remove, remove_stale_siblings, reserve,
-                                     temp_sibling)
+from neuroada_format.durable import (REPOSITORY_MARKS, fsync_dir, fsync_path, publish, remove, remove_stale_siblings,
+                                     reserve, temp_sibling)
 from neuroada_format.hashing import ProbeHash
 from neuroada_format.merge import overflow_unreported
 from neuroada_format.layout import stored_shape
@@ -351,7 +353,8 @@ def copy_file(src: str, dst: str, progress, stop: threading.Event | None = None,
 
 
 def _tree(root: str) -> tuple[list[str], list[str]]:
-    """Folders and files under root (relative), minus our journals: what a merge into a copy copies.
+    """Folders and files under root (relative), minus our journals and the folder's own .git, .hg or .svn: what a
+    merge into a copy copies.
 
     The copy rule: regular files are copied, and so are symbolic links to regular files, as their
     content (the Hugging Face cache stores every file of a snapshot as a link to a blob). Refused,
@@ -365,6 +368,9 @@ def _tree(root: str) -> tuple[list[str], list[str]]:
     dirs, files = [], []
     for here, subdirs, names in os.walk(root, followlinks=False, onerror=refuse):
         rel_here = os.path.relpath(here, root)
+        if rel_here == os.curdir:  # the base folder's own repository is left out (see the module docstring)
+            subdirs[:] = [d for d in subdirs if d not in REPOSITORY_MARKS]
+            names = [n for n in names if n not in REPOSITORY_MARKS]
         for d in sorted(subdirs):
             full = os.path.join(here, d)
             if os.path.islink(full):

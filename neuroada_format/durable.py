@@ -20,7 +20,9 @@ here, so each guarantee is kept once:
   not block the next.
 - One overwrite rule (`check_output`): an existing OUT is replaced only when asked, and never when
   OUT is, contains or lies inside an input (replacing it would destroy what is being read), whatever
-  `overwrite` says. Checked on real paths, so symlinks and `..` do not get around it.
+  `overwrite` says, nor when deleting OUT's old folder could delete what is no output of ours (`refuse_deleting`:
+  the root, the home folder, the working directory or a folder above them, a repository, a folder without
+  safetensors weights). Checked on real paths, so symlinks and `..` do not get around it.
 
 Standard library only: the numpy-free core imports this too.
 """
@@ -249,6 +251,8 @@ def publish(tmp: str, out: str, *, overwrite: bool, durable: bool) -> None:
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
             raise NeuroAdaUsageError(f"output exists and is a {kind_of(mode)}, which is never replaced", path=out)
         if os.path.isdir(tmp) and not os.path.islink(out):
+            if os.path.isdir(out):
+                refuse_deleting(out)  # check_output said so before the work; the old tree is deleted below
             if not _renameat2(tmp, out, _RENAME_EXCHANGE):
                 old = temp_sibling(out)
                 os.rename(out, old)
@@ -351,6 +355,7 @@ def check_output(out, *, inputs: Iterable = (), overwrite: bool = False, kind: s
       `kind` ("file" or "folder", when given); never a FIFO, device or socket (`--out /dev/null
       --overwrite` run as root would replace the device), nor a symbolic link (the rename that
       publishes OUT would replace the link, not what it names, or fail after all the work for a folder).
+    - An existing OUT folder is replaced only when it can be an earlier output of ours (`refuse_deleting`).
     All refusals are NeuroAdaUsageError (exit 2); nothing has been written when they are raised.
     """
     out = os.path.abspath(os.fspath(out))
@@ -392,7 +397,76 @@ def check_output(out, *, inputs: Iterable = (), overwrite: bool = False, kind: s
         if is_dir != (kind == "folder"):
             raise NeuroAdaUsageError(f"output exists and is {'a folder' if is_dir else 'a file'}, but this "
                                      f"writes {'a folder' if kind == 'folder' else 'a file'}", path=out)
+    if overwrite and os.path.isdir(out) and not os.path.islink(out):
+        refuse_deleting(out)
     return out
+
+
+# What every folder our tools write holds at its top: a merge into a copy copies the whole base folder, whose weights
+# open_base found there (model.safetensors, the index json of its shards, or a single *.safetensors), and a PEFT
+# folder holds adapter_model.safetensors.
+_WEIGHTS_SUFFIXES = (".safetensors", ".safetensors.index.json")
+# What no folder our tools write holds at its top: a merge into a copy leaves a base folder's own out (a `git clone`
+# of a Hub repository), so an earlier output is never taken for a repository.
+REPOSITORY_MARKS = (".git", ".hg", ".svn")
+
+
+def _homes() -> list[str]:
+    """The user's home folder, as $HOME says and as the password database says (sudo may keep either)."""
+    homes = [os.path.expanduser("~")]
+    try:
+        import pwd
+
+        homes.append(pwd.getpwuid(os.getuid()).pw_dir)
+    except (ImportError, KeyError, AttributeError):  # Windows; a uid without an entry (containers)
+        pass
+    return [_real(h) for h in homes if h and os.path.isabs(h)]
+
+
+def refuse_deleting(folder: str) -> None:
+    """Refuse (NeuroAdaUsageError, exit 2, nothing deleted) to replace the existing folder `folder`, whose old tree
+    --overwrite deletes, unless it can be a previous output of our tools. Refused, checked on real paths:
+
+    - the file system root, the user's home folder or a folder holding it, the current working directory or a
+      folder holding it (`--out ~`, `--out .`, `--out ..`);
+    - a folder holding a `.git`, `.hg` or `.svn` entry (`--out /some/project`: a repository; a merge into a copy
+      leaves a base folder's own out, so an earlier output never holds one);
+    - a folder that holds entries but no safetensors weights at its top (no `*.safetensors` file or
+      `*.safetensors.index.json`): no output of ours, since every folder our tools write holds one (a merge into a
+      copy copies the base folder, whose weights open_base found at its top; a PEFT folder holds
+      adapter_model.safetensors). Its other entries (tokenizer files, subfolders, anything copied from the base)
+      say nothing, as a copy carries the base folder's whole tree.
+
+    So a previous output of the same command (merge into a copy, `neuroada-pack --to peft`) is always replaced,
+    and so is an empty folder; what cannot be one is left to the user to delete.
+    """
+    real = _real(folder)
+    if os.path.dirname(real) == real:
+        raise NeuroAdaUsageError("the output is the file system root; --overwrite never deletes it: write elsewhere",
+                                 path=folder)
+    for home in _homes():
+        if _inside(home, real):
+            where = "is your home folder" if home == real else f"holds your home folder {home}"
+            raise NeuroAdaUsageError(f"the output {where}; --overwrite deletes the old folder with all it holds, so "
+                                     f"it never replaces that: write elsewhere", path=folder)
+    try:
+        cwd = _real(os.getcwd())
+    except OSError:  # the working directory was removed: nothing of it to protect
+        cwd = None
+    if cwd is not None and _inside(cwd, real):
+        where = "is the current working directory" if cwd == real else f"holds the current working directory {cwd}"
+        raise NeuroAdaUsageError(f"the output {where}; --overwrite deletes the old folder with all it holds, so it "
+                                 f"never replaces that: write elsewhere", path=folder)
+    entries = sorted(os.listdir(folder))
+    marks = [e for e in entries if e in REPOSITORY_MARKS]
+    if marks:
+        raise NeuroAdaUsageError(f"the output holds {marks[0]} (a repository); --overwrite deletes the old folder "
+                                 f"with all it holds, so it never replaces a repository: write elsewhere", path=folder)
+    if entries and not any(e.endswith(_WEIGHTS_SUFFIXES) for e in entries):
+        shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise NeuroAdaUsageError(f"the output holds {shown} but no safetensors weights, so it is no earlier output of "
+                                 f"this tool, and --overwrite would delete all it holds: write elsewhere, or remove "
+                                 f"the folder yourself", path=folder)
 
 
 def _check_name_length(path: str, what: str) -> None:

@@ -453,3 +453,154 @@ def test_an_index_listing_only_model_safetensors_is_no_ambiguity(tmp_path):
     assert r.returncode == 0, r.stderr
     r = cli("neuroada", "validate", tmp_path / "a.safetensors", "--base", base)
     assert r.returncode == 0, r.stderr
+
+
+def _overwrite_setup(tmp_path):
+    """A base folder with side files and a subfolder, and an adapter for it; returns (base, adapter)."""
+    base = tmp_path / "base"
+    (base / "sub").mkdir(parents=True)
+    arrays = checkpoint(base / "model.safetensors")
+    (base / "tokenizer.json").write_text("{}")
+    (base / "sub" / "notes.txt").write_text("carried over")
+    _adapter_for(arrays, tmp_path / "a.safetensors")
+    return base, tmp_path / "a.safetensors"
+
+
+def _precious(folder, *extra) -> dict:
+    """A folder that passes every other refusal (it holds safetensors weights) and files the user would miss."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.safetensors").write_bytes(b"not an output of ours")
+    (folder / "thesis.tex").write_text("years of work")
+    for name in extra:
+        (folder / name).mkdir()
+    return _tree(folder)
+
+
+def _refused(r, folder, needle) -> None:
+    assert r.returncode == 2, r
+    line = one_error_line(r)
+    assert line.startswith(f"error: {folder}: ") and needle in line, line
+
+
+def test_overwrite_never_deletes_the_home_folder_or_one_holding_it(tmp_path):
+    """`neuroada-merge ... --out ~ --overwrite` deleted the home folder's whole tree and put the merged checkpoint in
+    its place (exit 0); so did `neuroada-pack --to peft A -o ~ --overwrite`. Refused now, nothing deleted."""
+    base, adapter = _overwrite_setup(tmp_path)
+    home = tmp_path / "users" / "me"
+    before = _precious(home)
+    env = dict(os.environ, HOME=os.fspath(home))
+    for out, needle in ((home, "is your home folder"), (tmp_path / "users", f"holds your home folder {home}")):
+        for command, *args in (("neuroada-merge", "--base", base, "--adapter", adapter, "--out", out),
+                               ("neuroada-pack", "--to", "peft", adapter, "-o", out)):
+            r = cli(command, *args, "--overwrite", env=env)
+            _refused(r, out, needle)
+            assert _tree(home) == before and not any(".tmp-" in p for p in os.listdir(out.parent))
+
+
+def test_overwrite_never_deletes_the_working_directory_or_a_folder_holding_it(tmp_path):
+    """`--out . --overwrite` (or `--out ..`) deleted the working directory's tree, exit 0. Refused now."""
+    base, adapter = _overwrite_setup(tmp_path)
+    work = tmp_path / "project" / "work"
+    before = _precious(work)
+    for out, shown, needle in ((".", work, "is the current working directory"),
+                               (work, work, "is the current working directory"),
+                               ("..", tmp_path / "project", f"holds the current working directory {work}")):
+        for command, *args in (("neuroada-merge", "--base", base, "--adapter", adapter, "--out", out),
+                               ("neuroada-pack", "--to", "peft", adapter, "-o", out)):
+            r = cli(command, *args, "--overwrite", cwd=work)
+            _refused(r, shown, needle)
+            assert _tree(work) == before
+
+
+@pytest.mark.parametrize("mark", [".git", ".git-file", ".hg", ".svn"])
+def test_overwrite_never_deletes_a_repository(tmp_path, mark):
+    """`--out /some/project --overwrite` deleted a git repository, history included (exit 0). A folder holding .git
+    (a folder, or the file a linked work tree has), .hg or .svn is refused now."""
+    base, adapter = _overwrite_setup(tmp_path)
+    repo = tmp_path / "repo"
+    _precious(repo, *([mark] if mark != ".git-file" else []))
+    if mark == ".git-file":
+        (repo / ".git").write_text("gitdir: /elsewhere/.git/worktrees/repo\n")
+    before = _tree(repo)
+    for command, *args in (("neuroada-merge", "--base", base, "--adapter", adapter, "--out", repo),
+                           ("neuroada-pack", "--to", "peft", adapter, "-o", repo)):
+        r = cli(command, *args, "--overwrite")
+        _refused(r, repo, f"holds {mark.removesuffix('-file')} (a repository)")
+        assert _tree(repo) == before and sorted(os.listdir(repo)) == sorted(
+            [".git" if mark == ".git-file" else mark, "model.safetensors", "thesis.tex"])
+
+
+def test_overwrite_never_deletes_a_folder_without_safetensors_weights(tmp_path):
+    """A folder without a *.safetensors file or index json at its top is no output of ours (every folder our tools
+    write holds one), so --overwrite, which deletes all it holds, refuses it now instead of deleting it."""
+    base, adapter = _overwrite_setup(tmp_path)
+    docs = tmp_path / "docs"
+    (docs / "photos").mkdir(parents=True)
+    (docs / "letter.txt").write_text("keep me")
+    before = _tree(docs)
+    for command, *args in (("neuroada-merge", "--base", base, "--adapter", adapter, "--out", docs),
+                           ("neuroada-pack", "--to", "peft", adapter, "-o", docs)):
+        r = cli(command, *args, "--overwrite")
+        _refused(r, docs, "holds letter.txt, photos but no safetensors weights")
+        assert _tree(docs) == before and (docs / "photos").is_dir()
+
+
+def test_the_root_is_never_replaced():
+    """Every command's inputs lie inside /, which the input rule already refused, and on Linux / holds mount points
+    (/proc), which the mount rule refuses; refuse_deleting says so itself wherever neither applies."""
+    from neuroada_format import NeuroAdaUsageError
+    from neuroada_format.durable import check_output, refuse_deleting
+
+    with pytest.raises(NeuroAdaUsageError, match="the output is the file system root"):
+        refuse_deleting("/")
+    with pytest.raises(NeuroAdaUsageError, match="the output (is the file system root|holds a mount point)"):
+        check_output("/", overwrite=True)  # no input given: nothing else refuses it
+
+
+def test_overwrite_still_replaces_a_previous_output_of_the_same_command(tmp_path):
+    """The refusals above never block what --overwrite is for: replacing the command's own earlier output (a merged
+    copy of a base folder, with its side files and subfolders; a PEFT folder; an adapter file), or an empty folder."""
+    import safetensors.numpy
+
+    base, adapter = _overwrite_setup(tmp_path)
+    work = tmp_path / "work"
+    work.mkdir()
+    (tmp_path / "empty").mkdir()
+    checkpoint(tmp_path / "ft.safetensors", delta=0.01)
+    runs = [("neuroada-merge", "--base", base, "--adapter", adapter, "--out", "merged"),
+            ("neuroada-merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "empty"),
+            ("neuroada-pack", "--to", "peft", adapter, "-o", "peft"),
+            ("neuroada-pack", "--base", base, "--finetuned", tmp_path / "ft.safetensors", "-k", "2", "-o",
+             "x.safetensors")]
+    for command, *args in runs:
+        out = args[-1]
+        if out != tmp_path / "empty":
+            r = cli(command, *args, cwd=work)
+            assert r.returncode == 0, r.stderr
+        r = cli(command, *args, "--overwrite", cwd=work)
+        assert r.returncode == 0, (args, r.stderr)
+    assert sorted(os.listdir(work / "merged")) == ["model.safetensors", "sub", "tokenizer.json"]
+    assert sorted(os.listdir(tmp_path / "empty")) == ["model.safetensors", "sub", "tokenizer.json"]
+    assert (work / "merged" / "sub" / "notes.txt").read_text() == "carried over"
+    assert sorted(os.listdir(work / "peft")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert safetensors.numpy.load_file(os.fspath(work / "merged" / "model.safetensors"))[Q].shape == (16, 16)
+
+
+def test_a_merged_copy_of_a_cloned_repository_leaves_its_git_out_and_is_replaced(tmp_path):
+    """A base folder cloned from the Hub (`git clone`) holds .git: the merge into a copy carried it along (the LFS store
+    doubling the copy, the output posing as a commit of the repository), and the refusal of folders holding .git would
+    then block replacing that very output. The copy now leaves the base's .git out, so --overwrite replaces it."""
+    import shutil
+
+    base, adapter = _overwrite_setup(tmp_path)
+    if shutil.which("git"):
+        subprocess.run(["git", "init", "-q", os.fspath(base)], check=True, capture_output=True)
+    else:
+        (base / ".git" / "objects").mkdir(parents=True)
+    (base / ".gitattributes").write_text("*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
+    before = _tree(base)
+    for extra in ([], ["--overwrite"]):
+        r = cli("neuroada-merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "out", *extra)
+        assert r.returncode == 0, r.stderr
+        assert sorted(os.listdir(tmp_path / "out")) == [".gitattributes", "model.safetensors", "sub", "tokenizer.json"]
+    assert _tree(base) == before and (base / ".git").is_dir()
