@@ -637,6 +637,13 @@ def _modules_by_key(model: nn.Module) -> dict[str, str]:
 
 
 # -- save --------------------------------------------------------------------------------------------
+def layer_probe(layer: NeuroAdaLayer, adapter_name: str) -> str:
+    """The probe hash (spec 6.1) of the base values at the adapter's positions, from the originals the layer keeps
+    (w0, in the base's dtype): d_out*k values, never the weight. What the adapter file records per target and what
+    save_pretrained's trainable state records per layer and adapter."""
+    return naf.probe_hash_from_values(layer.neuroada_w0[adapter_name].detach().float().cpu().numpy())
+
+
 def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: str | None = None) -> naf.Adapter:
     """The named adapter as a neuroada_format.Adapter (values rounded to the file's value dtype).
 
@@ -663,11 +670,10 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
             r, c = (int(i[0]) for i in np.nonzero(bad))
             raise NeuroAdaError(f"delta {val32[r, c]:g} at row {r}, slot {c} overflows {vdt}: save with "
                                 f"value_dtype='F32' (or save_dtype='F32' in the config)", tensor=key, rule="3.7")
-        w0 = layer.neuroada_w0[adapter_name]
         targets[key] = naf.Target(
             key, idx.astype(np.int16 if layer.d_in <= 32768 else np.int32), val, (layer.d_out, layer.d_in),
             "in_out" if layer.transposed else "out_in", TORCH_DTYPE_NAMES[layer.weight.dtype],
-            naf.probe_hash_from_values(w0.detach().float().cpu().numpy()),
+            layer_probe(layer, adapter_name),
         )
     mcfg = getattr(model, "config", None)
     base_name = config.base_model_name_or_path or getattr(mcfg, "_name_or_path", None) or None
