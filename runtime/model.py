@@ -36,6 +36,9 @@ HF_ATTR = "_neuroada_hf_hooks"         # the model's load_state_dict hooks (see 
 BASE_LAYER = ".base_layer"
 STATE_FILE = "model.safetensors"        # what Trainer resumes from: the trainable state, nothing else
 STATE_MARKER = "_neuroada_trainable_state"  # a key saying "this state holds what trains, not the base"
+# keys "_neuroada_probe.<layer>.<adapter>" of a trainable state: the probe hash (spec 6.1) of the base values the
+# adapter trained on, as the bytes of its "sha256:<hex>" text, checked when the state is loaded (rule 4.3)
+STATE_PROBE = "_neuroada_probe"
 TORCH_DTYPE_NAMES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -641,7 +644,12 @@ def layer_probe(layer: NeuroAdaLayer, adapter_name: str) -> str:
     """The probe hash (spec 6.1) of the base values at the adapter's positions, from the originals the layer keeps
     (w0, in the base's dtype): d_out*k values, never the weight. What the adapter file records per target and what
     save_pretrained's trainable state records per layer and adapter."""
-    return naf.probe_hash_from_values(layer.neuroada_w0[adapter_name].detach().float().cpu().numpy())
+    return layer_probe_of(layer.neuroada_w0[adapter_name])
+
+
+def layer_probe_of(values: torch.Tensor) -> str:
+    """The probe hash of base values read at an adapter's positions ([d_out, k], canonical order)."""
+    return naf.probe_hash_from_values(values.detach().float().cpu().numpy())
 
 
 def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: str | None = None) -> naf.Adapter:
@@ -782,7 +790,14 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
     guard = next((k for k in base_state_names(model) if k not in state), "")
     if guard:  # (none when every base tensor trains: the state is then a whole model)
         state[guard] = torch.zeros(0, dtype=torch.uint8)
-    state[STATE_MARKER] = torch.tensor(list(guard.encode("utf-8")), dtype=torch.uint8)
+    state[STATE_MARKER] = _text_tensor(guard)
+    # the base each adapter trained on, per layer: loading onto another base (another model, revision or weights)
+    # is refused by the load hook, which recomputes it (see _check_state_probes). A tensor, not file metadata:
+    # Trainer's resume and load_best_model_at_end hand load_state_dict the tensors only.
+    for name, layer in layers(model).items():
+        for adapter in layer.neuroada_idx.keys():
+            if f"{name}.neuroada_idx.{adapter}" in state:
+                state[f"{STATE_PROBE}.{name}.{adapter}"] = _text_tensor(layer_probe(layer, adapter))
     out = os.path.join(folder, STATE_FILE)
     # one metadata key only: safetensors writes them from a hash map, in an order that varies by process
     write_file(out, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}), overwrite=True, durable=False)
@@ -821,15 +836,24 @@ def _state_adapter(key: str) -> str | None:
     return None
 
 
+def _text_tensor(text: str) -> torch.Tensor:
+    """A text as a uint8 tensor of its UTF-8 bytes: how the trainable state carries words (Trainer reads tensors only)."""
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
+
+
 def _guard_name(marker) -> str:
-    """The base tensor name save_pretrained's guard took, from the marker's bytes (a torch or numpy uint8 array)."""
+    """The text of a _text_tensor (a torch or numpy uint8 array): the marker's is the base tensor name save_pretrained's
+    guard took, a probe entry's the probe hash."""
     return bytes(int(b) & 0xFF for b in marker.tolist()).decode("utf-8", "replace")
 
 
 def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """A state marked as trainable state (save_pretrained's model.safetensors) holds no base by design;
-    its guard tensor (see save_pretrained) is not a weight."""
+    its guard tensor (see save_pretrained) is not a weight, nor are its probe hashes, which are checked against this
+    model's base (see _check_state_probes) and never reach torch (no unexpected keys)."""
     marker = state_dict.pop(prefix + STATE_MARKER, None)
+    head = f"{prefix}{STATE_PROBE}."
+    probes = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(head)]}
     module.__dict__["_neuroada_partial_load"] = None
     if marker is not None:
         guard = _guard_name(marker)
@@ -839,11 +863,14 @@ def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_
     # every layer checks its part before any loads, so a refused state changes nothing
     prepared = []
     try:
-        for name, layer in layers(module).items():
+        held = layers(module)
+        for name, layer in held.items():
             layer_prefix = f"{prefix}{name}."
             if layer._loading is None and any(k.startswith(layer_prefix) for k in state_dict):
                 layer._loading = {"merged": layer.prepare_load(state_dict, layer_prefix)}
                 prepared.append(layer)
+        if probes:  # after the shapes (4.2) and unmerged: the weights hold the base again
+            _check_state_probes(module, held, state_dict, prefix, probes)
     except NeuroAdaError:
         for layer in prepared:
             merged, layer._loading = layer._loading["merged"], None
@@ -879,6 +906,43 @@ def _check_state_adapters(module: nn.Module, state_dict, prefix: str) -> set[str
                             f"build the model as for the run that saved it (same attach config and adapter name); "
                             f"nothing was loaded", rule="4.1")
     return names
+
+
+def _check_state_probes(module: nn.Module, held: dict[str, NeuroAdaLayer], state_dict, prefix: str,
+                        probes: dict[str, torch.Tensor]) -> None:
+    """Rule 4.3 for a trainable state: each adapter's probe hash, recorded by save_pretrained, recomputed from this
+    model's base values at the state's positions. Without it a checkpoint resumed onto another base (the model name
+    or revision changed between runs, other weights of the same architecture) loaded silently and trained on, and the
+    adapter saved later would claim a base it never trained on. Reads d_out*k values per layer: the layer's originals
+    (w0) where the state's positions are the layer's own, else the unmerged weight at them. The values are hashed as
+    the base holds them (spec 14): a base widened exactly (BF16 -> F32) is the same base, one rounded is not."""
+    head = f"{prefix}{STATE_PROBE}."
+    for key, saved in sorted(probes.items()):
+        name, _, adapter = key[len(head):].rpartition(".")
+        layer = held.get(name)
+        idx = state_dict.get(f"{prefix}{name}.neuroada_idx.{adapter}")
+        if layer is None or adapter not in layer.neuroada_idx or idx is None:
+            continue  # an adapter the model does not have is left alone (see _check_state_adapters)
+        own = layer.neuroada_idx[adapter]
+        idx = idx.to(device=own.device, dtype=torch.int64)
+        if torch.equal(idx, own):
+            values = layer.neuroada_w0[adapter]
+            if values.is_meta:
+                continue  # offloaded (refused at the first forward, see NeuroAdaLayer.check_in_memory)
+        else:
+            w = layer._canonical_weight()
+            if type(w) not in (torch.Tensor, nn.Parameter) or w.is_meta:
+                continue  # sharded or offloaded: no whole weight to read the other positions from
+            values = w.detach().gather(1, idx.to(w.device))
+        if layer_probe_of(values) == _guard_name(saved):
+            continue
+        have = TORCH_DTYPE_NAMES.get(layer.weight.dtype)
+        hint = (f" (or from this base in a wider dtype, e.g. float32, whose values {have} rounds: the hash covers the "
+                f"values it trained on; then load the model in that dtype)" if have in ("F16", "BF16") else "")
+        raise NeuroAdaError(f"adapter {adapter!r}: the probe hash of the base values at its positions differs from the "
+                            f"one saved with it: the checkpoint was trained on another base model or revision: build "
+                            f"the model from the base it was trained on{hint}; nothing was loaded",
+                            tensor=plain_name(module, name) + ".weight", rule="4.3")
 
 
 def _state_post_hook(module, incompatible_keys) -> None:
@@ -930,7 +994,8 @@ def _warn_unloaded_state(path) -> None:
             guard = _guard_name(f.get_tensor(STATE_MARKER))
     except Exception:  # unreadable: the adapter itself loaded; this is only advice
         return
-    extra = [k for k in keys if ".neuroada_" not in k and k not in (STATE_MARKER, guard)]
+    extra = [k for k in keys if ".neuroada_" not in k and k not in (STATE_MARKER, guard)
+             and not k.startswith(STATE_PROBE + ".")]
     if extra:
         warnings.warn(f"{state} also holds {len(extra)} trained tensor(s) that are not adapter deltas "
                       f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}), e.g. a head you unfroze; "
