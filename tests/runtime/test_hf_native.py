@@ -549,6 +549,147 @@ def test_trainer_resume_into_a_model_attached_otherwise_is_refused(tmp_path):
     assert all(layer.neuroada_val["task"].abs().sum() > 0 for layer in layers(resumed).values())
 
 
+# -- the base a trainable state was trained on ---------------------------------------------------------
+PROBE = "_neuroada_probe."  # runtime.model.STATE_PROBE: "_neuroada_probe.<layer>.<adapter>" in model.safetensors
+
+
+def _rows(n=8):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": r, "labels": r} for r in (torch.randint(0, 100, (8,), generator=g) for _ in range(n))]
+
+
+def _trainer(model, out, steps, **kw):
+    data = _rows()
+    args = transformers.TrainingArguments(str(out), max_steps=steps, save_steps=2, learning_rate=1e-2,
+                                          per_device_train_batch_size=2, report_to=[], use_cpu=True, seed=0,
+                                          disable_tqdm=True, eval_strategy="steps", eval_steps=2,
+                                          load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                                          greater_is_better=False, **kw)
+    return transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:2])
+
+
+def _trained_state(model, path):
+    """`model` with deltas off zero, saved with save_pretrained; returns model.safetensors' state."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in layers(model).values():
+            for v in layer.neuroada_val.values():
+                v.copy_(torch.randn(v.shape, generator=g) * 0.05)
+    model.save_pretrained(path)
+    return load_file(path / "model.safetensors")
+
+
+def test_trainer_resume_onto_another_base_is_refused_and_onto_its_own_continues_exactly(tmp_path):
+    """Resumed onto another base (the model name or revision changed between runs, other weights of the same
+    architecture) a checkpoint loaded silently: the deltas and positions went on training on the wrong base. The
+    trainable state now holds each adapter's probe hash, recomputed from the model's base at load: another base is
+    refused before anything loads (other weights: other positions; a nudged revision: the same positions, other
+    values), the base it trained on resumes exactly, and load_best_model_at_end reloads the best checkpoint."""
+    straight = attach(tiny_llama(), NeuroAdaConfig(k=2))
+    _trainer(straight, tmp_path / "a", 4).train()
+    ck = tmp_path / "a" / "checkpoint-2"
+    nudged = tiny_llama()
+    with torch.no_grad():
+        for p in nudged.parameters():
+            p.mul_(0.5)  # every value differs, the magnitude order (the positions) does not
+    for other in (tiny_llama(seed=5), nudged):
+        model = attach(other, NeuroAdaConfig(k=2))
+        before = bits(model)
+        with pytest.raises(NeuroAdaError, match="the checkpoint was trained on another base model or revision: build "
+                                                "the model from the base it was trained on") as err:
+            _trainer(model, tmp_path / "b", 4).train(resume_from_checkpoint=str(ck))
+        assert err.value.rule == "4.3" and "adapter 'default'" in str(err.value) and "nothing was loaded" in str(err.value)
+        assert err.value.tensor.endswith(".weight") and "rounds" not in str(err.value)  # an F32 model: no dtype hint
+        assert bits(model) == before
+    assert all(torch.equal(a.neuroada_idx["default"], b.neuroada_idx["default"])
+               for a, b in zip(layers(straight).values(), layers(model).values()))  # the nudged base: same positions
+    resumed = attach(tiny_llama(), NeuroAdaConfig(k=2))
+    trainer = _trainer(resumed, tmp_path / "b", 4)
+    trainer.train(resume_from_checkpoint=str(ck))
+    assert Path(trainer.state.best_model_checkpoint).name in ("checkpoint-2", "checkpoint-4")
+    for name, layer in layers(resumed).items():
+        assert torch.equal(layer.neuroada_val["default"], layers(straight)[name].neuroada_val["default"]), name
+        assert layer.neuroada_val["default"].abs().sum() > 0
+
+
+def test_the_trainable_state_records_each_adapters_probe_hash_and_no_load_reports_it(tmp_path):
+    """One entry per layer and adapter saved, the probe hash the adapter file records for that target; popped by the
+    load hook, so a strict load reports nothing missing or unexpected, and load_adapter does not take the entries
+    for trained tensors it leaves."""
+    def build():
+        model = attach(tiny_llama(), NeuroAdaConfig(k=2))
+        attach(model, NeuroAdaConfig(k=1, target_modules=["q_proj"]), "math")
+        return model
+
+    model = build()
+    state = _trained_state(model, tmp_path / "ck")
+    probes = {k: bytes(v.tolist()).decode() for k, v in state.items() if k.startswith(PROBE)}
+    assert set(probes) == {f"{PROBE}{n}.{a}" for n, layer in layers(model).items() for a in layer.neuroada_idx.keys()}
+    for folder, adapter in ((tmp_path / "ck", "default"), (tmp_path / "ck" / "math", "math")):
+        for key, t in naf.load(folder / "neuroada_model.safetensors").targets.items():
+            assert probes[f"{PROBE}{key[:-len('.weight')]}.{adapter}"] == t.probe
+            assert state[f"{PROBE}{key[:-len('.weight')]}.{adapter}"].dtype == torch.uint8
+    for strict in (True, False):
+        again = build()
+        missing, unexpected = again.load_state_dict(state, strict=strict)
+        assert not missing and not unexpected
+        assert all(torch.equal(layer.neuroada_val[a], layers(model)[n].neuroada_val[a])
+                   for n, layer in layers(again).items() for a in layer.neuroada_val.keys())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "holds N trained tensor(s) that are not adapter deltas" would be an error
+        load_adapter(tiny_llama(), tmp_path / "ck")
+    model.save_pretrained(tmp_path / "math", selected_adapters=["math"])
+    from safetensors.torch import load_file
+
+    assert {k for k in load_file(tmp_path / "math" / "model.safetensors") if k.startswith(PROBE)} == \
+        {k for k in probes if k.endswith(".math")}
+
+
+def test_a_state_of_another_base_changes_nothing_and_one_without_probe_hashes_loads_as_before(tmp_path):
+    """Refused before any tensor loads, a merged model left merged; a state without the entries (as save_pretrained
+    wrote it before they existed) loads as it always did, unchecked."""
+    state = _trained_state(attach(tiny_llama(), NeuroAdaConfig(k=2)), tmp_path / "ck")
+    other = attach(tiny_llama(seed=5), NeuroAdaConfig(k=2))
+    with torch.no_grad():
+        for layer in layers(other).values():
+            layer.neuroada_val["default"].fill_(0.02)
+    merge(other)
+    before = bits(other)
+    with pytest.raises(NeuroAdaError, match="another base model or revision") as err:
+        other.load_state_dict(state, strict=False)
+    assert err.value.rule == "4.3"
+    assert bits(other) == before and all(layer.merged for layer in layers(other).values())
+    old = {k: v for k, v in state.items() if not k.startswith(PROBE)}
+    assert len(old) < len(state)
+    unmerge(other)
+    missing, unexpected = other.load_state_dict(old, strict=True)
+    assert not missing and not unexpected
+    assert all(torch.equal(layer.neuroada_val["default"], state[f"{n}.neuroada_val.default"])
+               for n, layer in layers(other).items())
+
+
+def test_a_base_in_another_dtype_is_the_same_base_only_where_it_holds_the_same_values(tmp_path):
+    """The probe hash covers the base values as the run held them (spec 14). Trained on F32 values and resumed in
+    BF16, which rounds them: refused (the adapter saved later would claim the rounded base), with a hint at the dtype.
+    Trained on BF16 and resumed in F32, which holds every BF16 value: the same base, it loads."""
+    state = _trained_state(attach(tiny_llama(), NeuroAdaConfig(k=2)), tmp_path / "f32")
+    narrow = attach(tiny_llama(dtype=torch.bfloat16), NeuroAdaConfig(k=2))
+    before = bits(narrow)
+    with pytest.raises(NeuroAdaError, match="another base model or revision") as err:
+        narrow.load_state_dict(state, strict=False)
+    assert err.value.rule == "4.3" and "whose values BF16 rounds" in str(err.value) and "load the model in that dtype" \
+        in str(err.value)
+    assert bits(narrow) == before
+    state = _trained_state(attach(tiny_llama(dtype=torch.bfloat16), NeuroAdaConfig(k=2)), tmp_path / "bf16")
+    wide = attach(tiny_llama(dtype=torch.bfloat16).float(), NeuroAdaConfig(k=2))
+    missing, unexpected = wide.load_state_dict(state, strict=True)
+    assert not missing and not unexpected
+    assert all(torch.equal(layer.neuroada_val["default"], state[f"{n}.neuroada_val.default"].float())
+               for n, layer in layers(wide).items())
+
+
 def test_a_state_naming_more_adapters_than_loaded_still_gives_the_head(tmp_path):
     """The README's recipe for a head unfrozen next to the adapters (load_adapter, then load_state_dict of
     model.safetensors) keeps working when the folder holds adapters the served model did not load: the state is
