@@ -129,10 +129,10 @@ def _refuse_two_weight_sets(folder: str, single: str, weight_map: dict[str, str]
     that lists model.safetensors alone names the same weights: no ambiguity. A model.safetensors that is no file
     (a dangling link, a folder) is skipped, as transformers skips it, and the index is used."""
     if os.path.isfile(single) and set(weight_map.values()) - {SINGLE_FILE}:
-        raise NeuroAdaUsageError(f"holds both {SINGLE_FILE} and {INDEX_FILE}, which lists other files: two sets of "
-                                 f"weights (transformers loads {SINGLE_FILE}, loaders following the index its "
-                                 f"shards), so which one is the model is ambiguous; remove the one that is a "
-                                 f"leftover of an earlier save", path=folder)
+        raise NeuroAdaError(f"holds both {SINGLE_FILE} and {INDEX_FILE}, which lists other files: two sets of "
+                            f"weights (transformers loads {SINGLE_FILE}, loaders following the index its shards), so "
+                            f"which one is the model is ambiguous; remove the one that is a leftover of an earlier "
+                            f"save", path=folder, rule="1.6")
 
 
 def open_base(base) -> Checkpoint | ArrayBase:

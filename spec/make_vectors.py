@@ -438,14 +438,21 @@ def build() -> dict:
     bad_index("index_not_json", None, "the index file is not JSON", raw_text='{"weight_map": {')
 
     # which file of a base folder is read (rule 1.6): the index first, then model.safetensors, then the one
-    # .safetensors file whose name does not start with '.'
+    # .safetensors file whose name does not start with '.'; model.safetensors beside an index of other files is 1.6
     put("bases/index_and_single/model.safetensors", Base(changed_arrays).file())
     put("bases/index_and_single/model-00001-of-00001.safetensors", base.file())
     put("bases/index_and_single/model.safetensors.index.json", (json.dumps(
         {"weight_map": {n: "model-00001-of-00001.safetensors" for n in sorted(names)}}, indent=2) + "\n").encode())
-    vec("base_folder_index_first", "valid/magnitude_bf16.safetensors", "a base folder with both an index and "
-        "model.safetensors: the index is read (its shard is the base; model.safetensors holds a changed value, "
-        "so reading it would give 4.3)", valid=True, base="bases/index_and_single")
+    vec("base_folder_index_and_single", "valid/magnitude_bf16.safetensors", "a base folder with both an index of "
+        "other shards and model.safetensors (holding a changed value): two sets of weights, and loaders disagree on "
+        "which is the model, so the base cannot be opened", valid=False, errors=["1.6"],
+        base="bases/index_and_single", base_unreadable=True)
+    put("bases/index_of_single/model.safetensors", base.file())
+    put("bases/index_of_single/model.safetensors.index.json", (json.dumps(
+        {"weight_map": {n: "model.safetensors" for n in sorted(names)}}, indent=2) + "\n").encode())
+    vec("base_folder_index_of_single", "valid/magnitude_bf16.safetensors", "a base folder whose index names "
+        "model.safetensors alone: one set of weights, read through the index", valid=True,
+        base="bases/index_of_single")
     put("bases/dot_file/weights.safetensors", base.file())
     put("bases/dot_file/._weights.safetensors", b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + b"\0" * 16)
     vec("base_folder_dot_file", "valid/magnitude_bf16.safetensors", "a base folder without index or "

@@ -421,7 +421,7 @@ def test_a_folder_with_model_safetensors_and_an_index_of_other_shards_is_refused
     """A folder holding both model.safetensors and model.safetensors.index.json (with other shards) holds two sets of
     weights. transformers' from_pretrained loads model.safetensors; we read the index's shards, so merge (copy and
     --in-place), validate --base and extract all used weights transformers never loads, with exit 0 (the copy even
-    carried both sets along). Such a folder is now refused, naming both files, and nothing is written."""
+    carried both sets along). Such a folder now breaks rule 1.6, naming both files, and nothing is written."""
     base = tmp_path / "base"
     sharded = _two_weight_sets(base)
     _adapter_for(sharded, tmp_path / "a.safetensors")  # made for the shards: what the old reader picked
@@ -434,7 +434,7 @@ def test_a_folder_with_model_safetensors_and_an_index_of_other_shards_is_refused
              "-o", tmp_path / "x.safetensors")]
     for command, *args in runs:
         r = cli(command, *args)
-        assert r.returncode == 2, (args, r)
+        assert r.returncode == 1, (args, r)  # the base breaks rule 1.6: invalid input
         line = one_error_line(r)
         assert line.startswith(f"error: {base}: ") and "model.safetensors and model.safetensors.index.json" in line \
             and "ambiguous" in line, line
