@@ -111,6 +111,8 @@ def exit_code(exc: BaseException) -> int:
     """The CLI exit code for an exception (see the table in the module docstring)."""
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED
+    if isinstance(exc, BrokenPipeError):  # an OSError, but the reader of stdout leaving is no failure of ours
+        return EXIT_BROKEN_PIPE
     if isinstance(exc, NeuroAdaUsageError) or isinstance(exc, OSError):
         return EXIT_USAGE
     if isinstance(exc, NeuroAdaError):

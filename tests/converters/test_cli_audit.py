@@ -302,6 +302,14 @@ def small_adapter(path) -> None:
                                                      value_dtype="BF16")}, base_name="t"), path)
 
 
+def test_exit_code_table_gives_a_closed_stdout_141():
+    """errors.exit_code is where the codes come from (its table says 141 for a closed stdout): a BrokenPipeError is
+    an OSError, which the table otherwise maps to 2."""
+    from neuroada_format.errors import exit_code
+
+    assert exit_code(BrokenPipeError()) == 141 and exit_code(OSError()) == 2
+
+
 @pytest.mark.parametrize("argv", [("neuroada", "validate", "--json", "A"), ("neuroada", "inspect", "A"),
                                   ("neuroada", "--help"), ("neuroada-merge", "--help"), ("neuroada-pack", "--help")])
 def test_reader_of_stdout_leaving_early_ends_quietly(tmp_path, argv):
