@@ -959,13 +959,29 @@ def _install_hf(model: nn.Module) -> None:
     a module-level function, so copies and pickles keep it) and load_state_dict hooks on the model."""
     if callable(getattr(model, "save_pretrained", None)):
         model.__dict__["save_pretrained"] = functools.partial(save_pretrained, model)
+    if callable(getattr(type(model), "resize_token_embeddings", None)):
+        model.__dict__["resize_token_embeddings"] = functools.partial(resize_token_embeddings, model)
     if getattr(model, HF_ATTR, None) is None:
         setattr(model, HF_ATTR, (model.register_load_state_dict_pre_hook(_state_pre_hook),
                                  model.register_load_state_dict_post_hook(_state_post_hook)))
 
 
+def resize_token_embeddings(model: nn.Module, *args, **kwargs):
+    """`model.resize_token_embeddings` of an attached model: refused, before anything changes, when the output head
+    is an adapted layer. transformers resized the input embeddings first, then failed on the head with a raw
+    TypeError (not an nn.Linear), leaving the model half resized; and a head of another shape would not fit the
+    positions its adapters index anyway. Otherwise transformers' own method."""
+    heads = getattr(model, "get_output_embeddings", lambda: None)()
+    if isinstance(heads, NeuroAdaLayer):
+        raise NeuroAdaUsageError("resize_token_embeddings would change the shape of the output head, which an adapter "
+                                 "adapts (its positions index the old rows): resize before attach, or leave the head "
+                                 "out of target_modules; nothing was resized")
+    return type(model).resize_token_embeddings(model, *args, **kwargs)
+
+
 def _uninstall_hf(model: nn.Module) -> None:
     model.__dict__.pop("save_pretrained", None)
+    model.__dict__.pop("resize_token_embeddings", None)
     for handle in getattr(model, HF_ATTR, None) or ():
         handle.remove()
     if HF_ATTR in model.__dict__:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from neuroada_format import NeuroAdaError
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.runtime import (NeuroAdaConfig, NeuroAdaLayer, attach, print_trainable_parameters,
                                      trainable_parameters)
 from neuroada_format.runtime.model import find_targets, layers
@@ -426,3 +426,22 @@ def test_training_a_merged_adapter_warns_and_unmerge_trains_it():
         model(input_ids=ids, labels=ids).loss.backward()
         assert all(l.neuroada_val["default"].grad.abs().sum() > 0 for l in layers(model).values())
         model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_resize_token_embeddings_of_an_adapted_head_is_refused_before_anything_changes(tie):
+    """With lm_head a target, transformers resized the input embeddings, then failed on the head with a raw TypeError
+    (not an nn.Linear): a half-resized model. Refused now before anything changes; with the head not adapted, the
+    resize is transformers' own and the adapted layers keep working."""
+    model = tiny_llama(tie=tie)
+    attach(model, NeuroAdaConfig(k=2, target_modules=["lm_head", "q_proj"]))
+    emb = model.get_input_embeddings().weight.detach().clone()
+    with pytest.raises(NeuroAdaUsageError, match="resize before attach"):
+        model.resize_token_embeddings(108)
+    assert torch.equal(model.get_input_embeddings().weight, emb) and model.config.vocab_size == 100
+
+    model = tiny_llama(tie=tie)
+    attach(model, NeuroAdaConfig(k=2, target_modules=["q_proj"]))
+    model.resize_token_embeddings(108)
+    assert model.config.vocab_size == 108 and len(layers(model)) == 2
+    assert model(input_ids=torch.tensor([[1, 107]])).logits.shape == (1, 2, 108)
