@@ -30,6 +30,7 @@ from .selection import select, topk_columns
 
 CONFIGS_ATTR = "neuroada_configs"
 MIXED_ATTR = "_neuroada_adapter_batch"  # on the model while a multi.adapter_batch block runs
+DISABLED_ATTR = "_neuroada_disabled"  # on the model while a multi.disable_adapter block runs
 AUTO_ATTR = "_neuroada_auto_mode"       # set on layers whose mode was chosen by mode="auto"
 HOOK_ATTR = "_neuroada_sharding_hook"   # the model's forward pre-hook that re-resolves "auto" under FSDP2
 HF_ATTR = "_neuroada_hf_hooks"         # the model's load_state_dict hooks (see _install_hf)
@@ -376,11 +377,16 @@ def _wrap(model: nn.Module, name: str, module: nn.Module, config: NeuroAdaConfig
     return layer
 
 
-def _refuse_in_batch(model: nn.Module, what: str) -> None:
+def _refuse_in_batch(model: nn.Module, what: str, *, disabled_ok: bool = False) -> None:
     """adapter_batch adds per-sequence deltas to the weights it found and puts its state back on exit: anything
-    that changes weights, classes or active adapters meanwhile would give wrong rows and an inconsistent end."""
+    that changes weights, classes or active adapters meanwhile would give wrong rows and an inconsistent end.
+    disable_adapter likewise puts back on exit what each layer served, which would silently undo such a change
+    (`disabled_ok`: a call that itself puts back what it changes, adapter_batch)."""
     if getattr(model, MIXED_ATTR, None) is not None:
         raise NeuroAdaUsageError(f"{what} inside an adapter_batch block; leave the block first")
+    if model.__dict__.get(DISABLED_ATTR) and not disabled_ok:
+        raise NeuroAdaUsageError(f"{what} inside a disable_adapter block, whose exit would undo it; leave the block "
+                                 f"first")
 
 
 def _serving(layer: NeuroAdaLayer) -> bool:
@@ -837,7 +843,8 @@ def _state_adapter(key: str) -> str | None:
 
 
 def _text_tensor(text: str) -> torch.Tensor:
-    """A text as a uint8 tensor of its UTF-8 bytes: how the trainable state carries words (Trainer reads tensors only)."""
+    """A text as a uint8 tensor of its UTF-8 bytes: how the trainable state carries words (Trainer reads tensors
+    only)."""
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
 
 
@@ -901,10 +908,10 @@ def _check_state_adapters(module: nn.Module, state_dict, prefix: str) -> set[str
         parts = [f"{len(v)} {what} (e.g. {v[0]})" for v, what in ((unexpected, "not in the model"),
                                                                   (missing, "missing from the state")) if v]
         detail = f"adapter tensors {'; '.join(parts)}. " if parts else ""
-        raise NeuroAdaError(f"this trainable state does not fit the model's adapters: {detail}The state holds adapter(s) "
-                            f"{', '.join(sorted(names))}, the model has {', '.join(sorted(model_names)) or 'none'}: "
-                            f"build the model as for the run that saved it (same attach config and adapter name); "
-                            f"nothing was loaded", rule="4.1")
+        raise NeuroAdaError(f"this trainable state does not fit the model's adapters: {detail}The state holds "
+                            f"adapter(s) {', '.join(sorted(names))}, the model has "
+                            f"{', '.join(sorted(model_names)) or 'none'}: build the model as for the run that saved "
+                            f"it (same attach config and adapter name); nothing was loaded", rule="4.1")
     return names
 
 
@@ -1200,6 +1207,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
     """Merge, then replace each NeuroAdaLayer by its base layer: a plain model with the original keys."""
+    _refuse_in_batch(model, "merge_and_unload")
     merge(model, adapter_names)
     return _unload(model)
 
@@ -1208,6 +1216,7 @@ def unload(model: nn.Module) -> nn.Module:
     """PEFT's unload: every NeuroAdaLayer replaced by its base layer without merging (what was merged, by merge or
     set_adapter, is unmerged first), so the model is the plain base again, its weights bit for bit as before attach.
     The base parameters stay frozen, as PEFT leaves them."""
+    _refuse_in_batch(model, "unload")
     unmerge(model)
     return _unload(model)
 

@@ -42,8 +42,8 @@ from .kernels.bgmv import (AdapterStack, InputsT, SeqMask, bgmv_add_, bgmv_add_s
 from .kernels.cache import outside_inference, version
 from .kernels.reference import rounded_values
 from .layer import BASE_ADAPTER, SERVING_CACHES, NeuroAdaLayer, _conv1d_type, check_adapter_name, has_hooks
-from .model import (CONFIGS_ATTR, MIXED_ATTR, VALUE_TORCH, _refuse_in_batch, _shared_weights, _unserve, layers,
-                    refuse_unmergeable)
+from .model import (CONFIGS_ATTR, DISABLED_ATTR, MIXED_ATTR, VALUE_TORCH, _refuse_in_batch, _shared_weights, _unserve,
+                    layers, refuse_unmergeable)
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
            "stop_serving", "adapter_batch", "disable_adapter", "add_weighted_adapter"]
@@ -421,7 +421,7 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
     the adapter merged before the block is merged again after it. Inference only: no gradient
     reaches adapter values (gradients with respect to inputs do include the deltas on the torch path).
     """
-    _refuse_in_batch(model, "adapter_batch")
+    _refuse_in_batch(model, "adapter_batch", disabled_ok=True)  # it puts back on exit what it changed
     names = list(adapter_names)
     if not names:
         raise NeuroAdaError("adapter_batch needs one adapter name per sequence, got none")
@@ -481,11 +481,15 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
 
     Merged adapters (set_adapter's or merge's) are unmerged for the block, as set_adapter(model, None) does, and
     merged again after it; unmerged ones (a model in training, its deltas nonzero) are switched off with the layers'
-    disable_adapters flag. No gradient reaches the deltas inside (a DPO reference pass, for instance).
+    disable_adapters flag. No gradient reaches the deltas inside (a DPO reference pass, for instance). What would
+    change the adapters meanwhile (set_adapter, attach, load_adapter, merge, unmerge, delete_adapter, unload) is
+    refused inside the block, whose exit would silently undo it; an adapter_batch block inside serves the names it is
+    given and puts back what it changed.
     """
     _refuse_in_batch(model, "disable_adapter")
     all_layers = layers(model)
     previous = {name: (list(layer.merged_adapters), layer.disable_adapters) for name, layer in all_layers.items()}
+    model.__dict__[DISABLED_ATTR] = True
     try:
         with torch.no_grad():
             for layer in all_layers.values():
@@ -493,6 +497,7 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
                 layer.disable_adapters = True
         yield model
     finally:
+        model.__dict__.pop(DISABLED_ATTR, None)
         now = {id(layer) for layer in layers(model).values()}  # one unloaded inside the block is no longer ours
         with torch.no_grad():
             for name, layer in all_layers.items():

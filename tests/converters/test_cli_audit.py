@@ -404,7 +404,8 @@ def _two_weight_sets(folder, *, index_lists_single=False) -> dict:
         weight_map = dict.fromkeys(sharded, "model.safetensors")
         os.unlink(folder / "model-00001-of-00002.safetensors")
     else:
-        save_file({"model.norm.weight": sharded["model.norm.weight"]}, os.fspath(folder / "model-00002-of-00002.safetensors"))
+        save_file({"model.norm.weight": sharded["model.norm.weight"]},
+                  os.fspath(folder / "model-00002-of-00002.safetensors"))
         save_file({n: a for n, a in sharded.items() if n != "model.norm.weight"},
                   os.fspath(folder / "model-00001-of-00002.safetensors"))
         weight_map = {n: "model-0000%d-of-00002.safetensors" % (2 if n == "model.norm.weight" else 1) for n in sharded}

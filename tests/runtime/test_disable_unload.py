@@ -86,20 +86,30 @@ def test_disable_adapter_gives_the_base_and_puts_the_adapter_back(kind, tmp_path
         assert all(layer.merged_adapters == ["default"] for layer in layers(model).values())
 
 
-def test_what_the_block_removed_stays_removed(tmp_path):
-    """The exit puts back only what is still there: weights of a model unloaded inside the block are not written."""
-    from neuroada_format.runtime import delete_adapter
+def test_what_would_change_the_adapters_is_refused_inside_the_block(tmp_path):
+    """The exit puts back what each layer served, so a set_adapter, unload or delete_adapter inside the block was
+    silently undone (or half undone). Each is refused now, naming the block, and the model is as before after it."""
+    from neuroada_format.runtime import add_weighted_adapter, delete_adapter, unmerge
 
     base = tiny_llama()
-    want, base_bits = logits(base), bits(base)
     model = served(base, tmp_path)
+    served_logits, base_logits = logits(model), logits(base)
+    calls = {"set_adapter": lambda: set_adapter(model, "a"), "unload": lambda: unload(model),
+             "merge_and_unload": lambda: merge_and_unload(model), "merge": lambda: merge(model),
+             "unmerge": lambda: unmerge(model), "delete_adapter": lambda: delete_adapter(model, "b"),
+             "attach": lambda: attach(model, NeuroAdaConfig(k=2), "c"),
+             "load_adapter": lambda: load_adapter(model, tmp_path / "a", "a2"),
+             "add_weighted_adapter": lambda: add_weighted_adapter(model, ["a", "b"], [0.5, 0.5], "ab")}
     with disable_adapter(model):
-        unload(model)
-    assert not layers(model) and bits(model) == base_bits and torch.equal(logits(model), want)
-    model = served(base, tmp_path)
-    with disable_adapter(model):
-        delete_adapter(model, "b")
-    assert merged_adapter(model) is None and torch.equal(logits(model), want)
+        for what, call in calls.items():
+            with pytest.raises(Exception, match=f"^{what} inside a disable_adapter block"):
+                call()
+        assert torch.equal(logits(model), base_logits)
+    assert merged_adapter(model) == "b" and torch.equal(logits(model), served_logits)
+    with disable_adapter(model):  # and the block can be entered again
+        assert torch.equal(logits(model), base_logits)
+    set_adapter(model, "a")  # outside the block, as before
+    assert merged_adapter(model) == "a"
 
 
 def test_disable_adapter_is_refused_inside_an_adapter_batch_block(tmp_path):
