@@ -16,6 +16,7 @@ from .dtypes import dtype_name
 from .errors import NeuroAdaError, NeuroAdaUsageError
 from .hashing import structure_hash
 from .jsonparse import MAX_JSON_BYTES, read_json
+from .metadata import METADATA_KEY
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -135,6 +136,17 @@ def _refuse_two_weight_sets(folder: str, single: str, weight_map: dict[str, str]
                             f"save", path=folder, rule="1.6")
 
 
+PEFT_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _refuse_adapter(st: SafetensorsFile, path: str) -> None:
+    """An adapter given as the base (the two arguments swapped, or the adapter's folder given twice) used to be read
+    as a checkpoint of a few tensors: every target was then 'not a tensor of the base', one line each."""
+    if st.metadata and METADATA_KEY in st.metadata:
+        raise NeuroAdaError("this is a NeuroAda adapter, not a base checkpoint (base and adapter given the other way "
+                            "round?)", path=path, rule="1.6")
+
+
 def open_base(base) -> Checkpoint | ArrayBase:
     """Open a base given as a path (file or HF folder) or a mapping of name -> numpy array."""
     if all(hasattr(base, a) for a in ("__contains__", "info", "array")):
@@ -164,6 +176,9 @@ def open_base(base) -> Checkpoint | ArrayBase:
                                 if f.endswith(".safetensors") and not f.startswith("."))
             if len(candidates) != 1:
                 raise NeuroAdaError(f"no {SINGLE_FILE} or {INDEX_FILE} in the folder", path=path, rule="1.6")
+            if candidates[0] == PEFT_ADAPTER_FILES[1] and os.path.lexists(os.path.join(path, PEFT_ADAPTER_FILES[0])):
+                raise NeuroAdaError(f"a PEFT adapter folder ({', '.join(PEFT_ADAPTER_FILES)}), not a base checkpoint",
+                                    path=path, rule="1.6")
             single = os.path.join(path, candidates[0])
         path = single
     if not os.path.lexists(path):
@@ -174,5 +189,6 @@ def open_base(base) -> Checkpoint | ArrayBase:
         raise NeuroAdaUsageError("ONNX bases are read by the converters (neuroada-merge), not by the format "
                                  "core", path=path, rule="1.6")
     st = SafetensorsFile(path, unknown_dtypes=True)
+    _refuse_adapter(st, path)
     name = os.path.basename(path)
     return Checkpoint({name: st}, {k: name for k in st.tensors}, path)

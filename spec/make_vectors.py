@@ -453,6 +453,15 @@ def build() -> dict:
     vec("base_folder_index_of_single", "valid/magnitude_bf16.safetensors", "a base folder whose index names "
         "model.safetensors alone: one set of weights, read through the index", valid=True,
         base="bases/index_of_single")
+    # an adapter given as the base (rule 1.6): the adapter file itself, and a PEFT adapter folder
+    vec("base_is_an_adapter", "valid/magnitude_bf16.safetensors", "the base is an adapter file (its metadata holds "
+        "the neuroada key): base and adapter given the other way round", valid=False, errors=["1.6"],
+        base="valid/magnitude_bf16.safetensors", base_unreadable=True)
+    put("bases/peft_adapter/adapter_model.safetensors", base.file())
+    put("bases/peft_adapter/adapter_config.json", b'{"peft_type": "LORA"}\n')
+    vec("base_folder_peft_adapter", "valid/magnitude_bf16.safetensors", "a base folder whose one .safetensors file "
+        "is adapter_model.safetensors beside adapter_config.json: a PEFT adapter folder, not a base", valid=False,
+        errors=["1.6"], base="bases/peft_adapter", base_unreadable=True)
     put("bases/dot_file/weights.safetensors", base.file())
     put("bases/dot_file/._weights.safetensors", b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + b"\0" * 16)
     vec("base_folder_dot_file", "valid/magnitude_bf16.safetensors", "a base folder without index or "

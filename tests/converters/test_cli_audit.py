@@ -613,3 +613,17 @@ def test_a_merged_copy_of_a_cloned_repository_leaves_its_git_out_and_is_replaced
         assert r.returncode == 0, r.stderr
         assert sorted(os.listdir(tmp_path / "out")) == [".gitattributes", "model.safetensors", "sub", "tokenizer.json"]
     assert _tree(base) == before and (base / ".git").is_dir()
+
+
+def test_an_adapter_given_as_the_base_is_named_as_such(tmp_path):
+    """Base and adapter given the other way round (or the adapter twice): the adapter was read as a checkpoint of a
+    few tensors, and every target came out as 'not a tensor of the base', one line each. One line now says it."""
+    base, adapter = in_place_pair(tmp_path / "m")
+    for command, *args in (("neuroada-merge", "--base", adapter, "--adapter", adapter, "--out", tmp_path / "o"),
+                           ("neuroada", "validate", adapter, "--base", adapter),
+                           ("neuroada-pack", "--base", adapter, "--finetuned", base, "-k", "2",
+                            "-o", tmp_path / "x.safetensors")):
+        r = cli(command, *args)
+        assert r.returncode == 1, (args, r)
+        assert "rule 1.6: this is a NeuroAda adapter, not a base checkpoint" in one_error_line(r)
+    assert sorted(os.listdir(tmp_path)) == ["m"]
