@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from neuroada_format import Adapter, NeuroAdaError, NeuroAdaUsageError, load
-from neuroada_format.durable import check_output, checkpoint_lock, naming_write_errors
+from neuroada_format.durable import check_output, checkpoint_folder, checkpoint_lock, naming_write_errors
 from neuroada_format.folder import adapter_paths
 
 SLOWDOWN_ENV = "NEUROADA_TEST_SLOWDOWN"
@@ -214,8 +214,7 @@ class Backend(ABC):
     def lock_folder(self, view) -> str:
         """The folder the lock rule (neuroada_format.durable.checkpoint_lock) locks: the base folder, or
         the folder holding a single-file base (the root an in-place journal records)."""
-        path = self.base_path(view)
-        return path if os.path.isdir(path) else os.path.dirname(path)
+        return checkpoint_folder(self.base_path(view))
 
 
 # -- the registry ------------------------------------------------------------------------------------

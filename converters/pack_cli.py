@@ -22,7 +22,7 @@ import click
 from click.core import ParameterSource
 
 from neuroada_format import save as naf_save
-from neuroada_format.durable import check_output, checkpoint_lock
+from neuroada_format.durable import check_output, checkpoint_folder, checkpoint_lock
 from neuroada_format.folder import adapter_paths
 
 from . import pack, peft_interop
@@ -71,9 +71,7 @@ def _reading(*checkpoints):
     with ExitStack() as stack:
         for path in checkpoints:
             if path:
-                path = os.path.abspath(path)
-                stack.enter_context(checkpoint_lock(path if os.path.isdir(path) else os.path.dirname(path),
-                                                    exclusive=False))
+                stack.enter_context(checkpoint_lock(checkpoint_folder(path), exclusive=False))
         yield
 
 

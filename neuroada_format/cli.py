@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 from .adapter import load
-from .durable import checkpoint_lock
+from .durable import checkpoint_folder, checkpoint_lock
 from .errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_USAGE, NeuroAdaError, exit_code, printable, stdout_gone
 from .folder import adapter_paths
 from .validate import validate
@@ -87,9 +87,7 @@ def validate_cmd(adapter, base, check_selection, as_json):
         raise click.UsageError("--check-selection compares the indices with a base's top-k: it needs --base")
     file, _ = adapter_paths(adapter)
     if base:  # the lock rule's shared lock, as every reader of a checkpoint takes: never judge a half-merged base
-        folder = os.path.abspath(base)
-        click.get_current_context().with_resource(
-            checkpoint_lock(folder if os.path.isdir(folder) else os.path.dirname(folder), exclusive=False))
+        click.get_current_context().with_resource(checkpoint_lock(checkpoint_folder(base), exclusive=False))
     report = validate(file, base=base, check_selection=check_selection)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))  # ensure_ascii: every control is escaped

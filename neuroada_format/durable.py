@@ -560,6 +560,13 @@ def _refuse_replacing(target: str, what: str, *, folder_ok: bool) -> None:
 
 
 # -- the lock rule -----------------------------------------------------------------------------------
+def checkpoint_folder(path) -> str:
+    """The folder checkpoint_lock locks for a checkpoint given by path: the folder itself, or the folder holding a
+    single-file checkpoint."""
+    path = os.path.abspath(os.fspath(path))
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
 @contextmanager
 def checkpoint_lock(folder, *, exclusive: bool):
     """Hold an advisory lock (flock) on `folder` for the duration: exclusive for runs that change the

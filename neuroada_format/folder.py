@@ -96,13 +96,16 @@ def asks_nothing(name: str, value) -> bool:
         return False
     default = PEFT_NOOP_DEFAULTS[name]
     # 0 for lora_dropout's 0.0 is the default; 0 for a False flag, or 1 for init_lora_weights=True, is not
-    return value == default and isinstance(value, bool) == isinstance(default, bool) and \
-        (value is None) == (default is None)
+    return value == default and isinstance(value, bool) == isinstance(default, bool)
 
 
-def unsupported_option(name: str) -> str:
-    """The message for a PEFT option NeuroAda does not implement (see PEFT_UNSUPPORTED)."""
-    return f"{name} is a PEFT option NeuroAda does not support: {PEFT_UNSUPPORTED[name]}"
+def refuse_peft_options(options: dict, path=None) -> None:
+    """Refuse the first PEFT option NeuroAda does not implement (PEFT_UNSUPPORTED) that asks for something, naming
+    it and what to do instead: NeuroAdaConfig's keywords and a config file's keys alike."""
+    for name, value in options.items():
+        if name in PEFT_UNSUPPORTED and not asks_nothing(name, value):
+            raise NeuroAdaUsageError(f"{name} is a PEFT option NeuroAda does not support: {PEFT_UNSUPPORTED[name]}",
+                                     path=path)
 
 
 def module_spec(field_name: str, spec):
@@ -139,9 +142,7 @@ def check_config_fields(d: dict) -> None:
     if task_type is not None and task_type not in TASK_TYPES:
         raise NeuroAdaUsageError(f"task_type must be one of {', '.join(TASK_TYPES)} (PEFT's TaskType) or None, "
                                  f"got {task_type!r}")
-    for name in d:
-        if name in PEFT_UNSUPPORTED and not asks_nothing(name, d[name]):
-            raise NeuroAdaUsageError(unsupported_option(name))
+    refuse_peft_options(d)
 
 
 def read_folder_config(path) -> dict:

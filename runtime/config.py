@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, fields
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.durable import write_bytes
 from neuroada_format.folder import (CONFIG_NAME, LEGACY_CONFIG_NAME, MODES, RECORDED_SELECTIONS,  # noqa: F401
-                                    PEFT_UNSUPPORTED, SELECTIONS, WEIGHTS_NAME, check_config_fields, module_spec,
-                                    asks_nothing, read_folder_config, unsupported_option)
+                                    SELECTIONS, WEIGHTS_NAME, asks_nothing, check_config_fields, module_spec,
+                                    read_folder_config, refuse_peft_options)
 
 # keys a config file may hold that are no field: the legacy layout's `peft_type: "NEUROADA"` (read_folder_config
 # refuses any other peft_type)
@@ -70,9 +70,7 @@ class NeuroAdaConfig:
         version) is left out with a warning naming it, so what a file asks for is never dropped unseen."""
         names = {f.name for f in fields(cls) if f.init}
         where = f"{os.fspath(path)}: " if path is not None else ""
-        for key in d:
-            if key in PEFT_UNSUPPORTED and not asks_nothing(key, d[key]):
-                raise NeuroAdaUsageError(unsupported_option(key), path=path)
+        refuse_peft_options(d, path)
         unknown = [k for k in d if k not in names and k not in FILE_ONLY_KEYS and not asks_nothing(k, d[k])]
         if unknown:
             warnings.warn(f"{where}NeuroAdaConfig ignores unknown key(s) {', '.join(map(repr, unknown))} (written by "
@@ -119,10 +117,9 @@ def _refuse_unknown_options(init):
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
+        refuse_peft_options(kwargs)
         kwargs = {k: v for k, v in kwargs.items() if not asks_nothing(k, v)}  # PEFT's defaults ask for nothing
         for key in kwargs:
-            if key in PEFT_UNSUPPORTED:
-                raise NeuroAdaUsageError(unsupported_option(key))
             if key not in names:
                 close = difflib.get_close_matches(key, names, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -848,7 +848,7 @@ def _text_tensor(text: str) -> torch.Tensor:
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
 
 
-def _guard_name(marker) -> str:
+def _tensor_text(marker) -> str:
     """The text of a _text_tensor (a torch or numpy uint8 array): the marker's is the base tensor name save_pretrained's
     guard took, a probe entry's the probe hash."""
     return bytes(int(b) & 0xFF for b in marker.tolist()).decode("utf-8", "replace")
@@ -863,7 +863,7 @@ def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_
     probes = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(head)]}
     module.__dict__["_neuroada_partial_load"] = None
     if marker is not None:
-        guard = _guard_name(marker)
+        guard = _tensor_text(marker)
         if guard:
             state_dict.pop(prefix + guard, None)
         module.__dict__["_neuroada_partial_load"] = _check_state_adapters(module, state_dict, prefix)
@@ -899,11 +899,11 @@ def _check_state_adapters(module: nn.Module, state_dict, prefix: str) -> set[str
         for adapter in layer.neuroada_idx.keys():
             model_names.add(adapter)
             have.update(f"{prefix}{name}.neuroada_{kind}.{adapter}" for kind in ("idx", "val"))
-    got = {k for k in state_dict if k.startswith(prefix) and (".neuroada_idx." in k or ".neuroada_val." in k)}
-    names = {k.rsplit(".", 1)[1] for k in got}
+    got = {k for k in state_dict if k.startswith(prefix) and _state_adapter(k)}
+    names = {_state_adapter(k) for k in got}
     both = names & model_names
-    unexpected = sorted(k for k in got - have if k.rsplit(".", 1)[1] in both)
-    missing = sorted(k for k in have - got if k.rsplit(".", 1)[1] in both)
+    unexpected = sorted(k for k in got - have if _state_adapter(k) in both)
+    missing = sorted(k for k in have - got if _state_adapter(k) in both)
     if (names and not both) or unexpected or missing:
         parts = [f"{len(v)} {what} (e.g. {v[0]})" for v, what in ((unexpected, "not in the model"),
                                                                   (missing, "missing from the state")) if v]
@@ -941,7 +941,7 @@ def _check_state_probes(module: nn.Module, held: dict[str, NeuroAdaLayer], state
             if type(w) not in (torch.Tensor, nn.Parameter) or w.is_meta:
                 continue  # sharded or offloaded: no whole weight to read the other positions from
             values = w.detach().gather(1, idx.to(w.device))
-        if layer_probe_of(values) == _guard_name(saved):
+        if layer_probe_of(values) == _tensor_text(saved):
             continue
         have = TORCH_DTYPE_NAMES.get(layer.weight.dtype)
         hint = (f" (or from this base in a wider dtype, e.g. float32, whose values {have} rounds: the hash covers the "
@@ -1014,7 +1014,7 @@ def _warn_unloaded_state(path) -> None:
             keys = list(f.keys())
             if STATE_MARKER not in keys:
                 return  # not our trainable state (a plain model file): not ours to interpret
-            guard = _guard_name(f.get_tensor(STATE_MARKER))
+            guard = _tensor_text(f.get_tensor(STATE_MARKER))
     except Exception:  # unreadable: the adapter itself loaded; this is only advice
         return
     extra = [k for k in keys if ".neuroada_" not in k and k not in (STATE_MARKER, guard)

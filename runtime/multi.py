@@ -496,15 +496,12 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
                 _switch(layer, [])
                 layer.disable_adapters = True
         yield model
-    finally:
+    finally:  # (nothing inside could unload a layer or delete an adapter: refused while DISABLED_ATTR is set)
         model.__dict__.pop(DISABLED_ATTR, None)
-        now = {id(layer) for layer in layers(model).values()}  # one unloaded inside the block is no longer ours
         with torch.no_grad():
             for name, layer in all_layers.items():
-                merged, disabled = previous[name]
-                layer.disable_adapters = disabled
-                if id(layer) in now:
-                    _remerge(layer, [n for n in merged if n in layer.neuroada_val])  # (one deleted inside stays out)
+                merged, layer.disable_adapters = previous[name]
+                _remerge(layer, merged)
 
 
 # -- combining --------------------------------------------------------------------------------------------
