@@ -77,8 +77,22 @@ _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4)
             6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
 _STRING, _ARRAY = 8, 9
 
-# Architectures whose linear targets we map, and whether llama.cpp's converter permutes attn_q/attn_k rows.
-ARCHS = {"llama": True, "qwen2": False, "qwen3": False}
+# Architectures whose Hugging Face keys we map (gguf-py's name table), and whether llama.cpp's converter permutes the
+# attn_q/attn_k rows. Only those whose converter stores every linear weight as the checkpoint holds it, apart from that
+# permutation: Llama (also Mistral, which llama.cpp writes as llama), Qwen2/3, Gemma 1-3 (their norm weights are stored
+# plus one, never a linear target) and Phi-3 (qkv_proj and gate_up_proj stay fused, as attn_qkv and ffn_up). Each is
+# checked end to end through transformers' GGUF loader (tests/converters/test_gguf_architectures.py); anything else is
+# refused rather than guessed.
+ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "gemma": False, "gemma2": False, "gemma3": False,
+         "phi3": False}
+
+# The Hugging Face key that transformers' model class of the architecture uses for a GGUF block tensor, where
+# gguf-py's table lists several aliases and its order picks another (Gemma's ffn_up lists gate_up_proj first, Phi-3's
+# up_proj): `keys()` must give the names a fine-tuned checkpoint of that architecture has.
+BLOCK_KEYS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj"}
+BLOCK_KEYS_OF = {"phi3": {**BLOCK_KEYS, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}
 
 
 def qtype(name) -> QT:
@@ -375,8 +389,8 @@ class GGUFBase:
         if self._map is None:
             if self.arch is None:
                 raise NeuroAdaError(f"general.architecture is missing or not a string, so only the file's own "
-                                    f"tensor names can be targets (a Hugging Face key needs llama, qwen2 or "
-                                    f"qwen3's name table)", path=self.path, rule="4.1")
+                                    f"tensor names can be targets (a Hugging Face key needs the name table of one "
+                                    f"of {', '.join(ARCHS)})", path=self.path, rule="4.1")
             if self.arch not in ARCHS:
                 raise NeuroAdaError(f"architecture {self.arch!r} has no Hugging Face name mapping here "
                                     f"(supported: {', '.join(ARCHS)})", path=self.path, rule="4.1")
@@ -434,6 +448,13 @@ class GGUFBase:
             for key, (_, gname) in self._name_map().mapping.items():
                 if key.startswith(("model.", "lm_head")) and gname not in self._reverse:
                     self._reverse[gname] = key
+            own = BLOCK_KEYS_OF.get(self.arch, BLOCK_KEYS)
+            for gname in list(self._reverse):
+                blk, _, layer_kind = gname.partition(".")[2].partition(".")
+                if gname.startswith("blk.") and layer_kind in own:
+                    key = f"model.layers.{blk}.{own[layer_kind]}"
+                    if self._name_map().get_name(key) == gname:  # the table agrees: never map to another tensor
+                        self._reverse[gname] = key
         out = []
         for g in self.file.tensors:
             stem, _, suffix = g.rpartition(".")

@@ -1,0 +1,245 @@
+"""GGUF bases of every architecture whose Hugging Face keys we map, end to end through transformers.
+
+For each architecture a tiny model is built from its transformers config and written to GGUF the way
+llama.cpp's converter writes that architecture (conversion/*.py in llama.cpp: gguf-py's name table; q/k rows
+permuted for rope only for `llama`, which is also how Mistral checkpoints are written; Gemma's norm weights plus
+one and no output head; Phi-3's fused qkv_proj and gate_up_proj kept fused). transformers' GGUF loader, an
+independent reader, must read each file back as the model it came from. Then the user's path: the model loaded
+from the GGUF, NeuroAda attached to every linear layer and trained deltas saved, `neuroada-merge` into the GGUF;
+transformers reads the merged file as the runtime's merged model.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from gguf import GGMLQuantizationType as QT, quants  # noqa: E402
+
+import neuroada_format as naf  # noqa: E402
+from neuroada_format import NeuroAdaError  # noqa: E402
+from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
+from neuroada_format.runtime import NeuroAdaConfig, attach, merge_and_unload, save_adapter  # noqa: E402
+
+from test_gguf import llama_cpp_permute  # noqa: E402  (same folder)
+
+VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 64, 64, 96, 2, 4, 2
+IDS = [[1, 5, 9, 3, 7, 11, 2, 40, 33, 8, 8, 60], [4, 4, 19, 27, 50, 3, 1, 9, 13, 62, 7, 5]]
+
+
+def _common(**kw):
+    return dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=64,
+                rms_norm_eps=1e-6, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw)
+
+
+# GGUF architecture -> (transformers model, config); head_dim is what transformers' loader assumes for the
+# architecture (it reads key_length only for Gemma), so the file and the model it reads back agree
+CASES = {
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**_common(tie_word_embeddings=False))),
+    "mistral-as-llama": lambda: transformers.MistralForCausalLM(
+        transformers.MistralConfig(**_common(tie_word_embeddings=False, head_dim=HIDDEN // HEADS))),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**_common(tie_word_embeddings=False))),
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(
+        transformers.Qwen3Config(**_common(tie_word_embeddings=False, head_dim=128))),
+    "gemma": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(**_common(head_dim=16))),
+    "gemma2": lambda: transformers.Gemma2ForCausalLM(
+        transformers.Gemma2Config(**_common(head_dim=16, sliding_window=32))),
+    "gemma3": lambda: transformers.Gemma3ForCausalLM(
+        transformers.Gemma3TextConfig(**_common(head_dim=16, sliding_window=32))),
+    "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(**_common(tie_word_embeddings=False))),
+}
+# gemma (1): llama.cpp writes it and we map it, but transformers' GGUF loader has no gemma (only gemma2+)
+READ_BY_TRANSFORMERS = [c for c in CASES if c != "gemma"]
+
+
+def gguf_arch(case: str) -> str:
+    return "llama" if case == "mistral-as-llama" else case
+
+
+def build(case: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return CASES[case]().float().eval()
+
+
+def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0):
+    """The model as llama.cpp's converter writes it: 2-D weights but the embedding as matrix_type, the rest F32."""
+    arch = gguf_arch(case)
+    cfg = model.config
+    tmap = gguf.TensorNameMap(getattr(gguf.MODEL_ARCH, arch.upper()), LAYERS)
+    w = gguf.GGUFWriter(os.fspath(path), arch)
+    w.add_block_count(LAYERS)
+    w.add_context_length(64)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(INTER)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or 10000.0))
+    if arch.startswith("gemma"):
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+        w.add_sliding_window(getattr(cfg, "sliding_window", None) or 32)
+    w.add_vocab_size(VOCAB)
+    w.add_pad_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"t{i}" for i in range(VOCAB)])
+    w.add_token_scores([0.0] * VOCAB)
+    w.add_token_types([1] * VOCAB)
+    tied = getattr(cfg, "tie_word_embeddings", False)
+    for key, t in model.state_dict().items():
+        if key == "lm_head.weight" and tied:
+            continue  # llama.cpp writes a tied head once, as token_embd
+        a = t.detach().numpy().astype(np.float32)
+        g = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+        assert g is not None, key
+        if arch == "llama" and key.endswith("q_proj.weight"):
+            a = llama_cpp_permute(a, HEADS, HEADS)
+        elif arch == "llama" and key.endswith("k_proj.weight"):
+            a = llama_cpp_permute(a, HEADS, KV_HEADS)
+        if arch.startswith("gemma") and key.endswith("norm.weight"):
+            a = a + 1  # llama.cpp stores Gemma's (1 + w) norm scale
+        if a.ndim == 2 and "embed" not in key and matrix_type != QT.F32:
+            q = quants.quantize(a, matrix_type)
+            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=matrix_type)
+        else:
+            w.add_tensor(g, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def linear_keys(model) -> list[str]:
+    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+
+
+def read_back(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                             dtype=torch.float32).eval()
+
+
+def logits(model) -> np.ndarray:
+    with torch.inference_mode():
+        return model(input_ids=torch.tensor(IDS), use_cache=False).logits.float().numpy()
+
+
+@pytest.mark.parametrize("case", READ_BY_TRANSFORMERS)
+def test_the_generated_file_is_the_model_for_transformers(case, tmp_path):
+    """The generator writes what llama.cpp writes: transformers' loader reads it back as the model, exactly (F32)."""
+    model = build(case)
+    path = write_like_llama_cpp(tmp_path / "m.gguf", case, model, QT.F32)
+    back = read_back(path)
+    # llama.cpp writes Mistral as llama, so transformers builds a Llama: same keys, same computation
+    assert type(back).__name__ == ("LlamaForCausalLM" if case == "mistral-as-llama" else type(model).__name__)
+    sd, sd_back = model.state_dict(), back.state_dict()
+    for key, t in sd.items():
+        assert torch.equal(t, sd_back[key]), key
+    np.testing.assert_array_equal(logits(back), logits(model))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_linear_weight_maps_to_its_values(case, tmp_path):
+    """Our view: every linear weight by its Hugging Face key, in Hugging Face row order; `keys()` gives those keys."""
+    model = build(case)
+    path = write_like_llama_cpp(tmp_path / "m.gguf", case, model, QT.F32)
+    view = gm.open_gguf_base(path)
+    keys = linear_keys(model)
+    assert keys and set(keys) <= set(view.keys())
+    for key in keys:
+        np.testing.assert_array_equal(view.array(key), model.state_dict()[key].numpy(), err_msg=key)
+    if case == "phi3":  # fused as in the checkpoint: one GGUF tensor each
+        assert view.storage_name("model.layers.0.self_attn.qkv_proj.weight") == "blk.0.attn_qkv.weight"
+        assert view.storage_name("model.layers.0.mlp.gate_up_proj.weight") == "blk.0.ffn_up.weight"
+        assert view.info("model.layers.0.mlp.gate_up_proj.weight")[1] == (2 * INTER, HIDDEN)
+
+
+@pytest.mark.parametrize("case", READ_BY_TRANSFORMERS)
+def test_adapter_trained_on_the_gguf_model_merges_into_the_gguf(case, tmp_path):
+    """A user's path: the GGUF loaded in transformers, NeuroAda on every linear layer, deltas saved, merged into the
+    GGUF. F32 targets: transformers reads the merged file as the runtime's merged model, bit for bit. Kept in Q8_0:
+    the touched blocks are re-encoded and the file keeps almost all of the adapter's change."""
+    base = write_like_llama_cpp(tmp_path / "base.gguf", case, build(case), QT.Q8_0)
+    model = read_back(base)
+    l_base = logits(model)
+    attach(model, NeuroAdaConfig(k=4, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "neuroada_val"):
+                v = m.neuroada_val["default"]
+                v.copy_(torch.randn(v.shape, generator=gen) * 0.05)
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter, value_dtype="F32")
+    report = naf.validate(os.fspath(adapter / "neuroada_model.safetensors"), gm.open_gguf_base(base))  # probe hashes against the file
+    assert report.ok, report.problems
+    merged_rt = merge_and_unload(model)
+    l_rt = logits(merged_rt)
+    assert np.linalg.norm(l_rt - l_base) > 0.05 * np.linalg.norm(l_base)  # the adapter changes the outputs
+
+    out = tmp_path / "f32" / "merged.gguf"
+    out.parent.mkdir()
+    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out),
+                      "--option", "target_type=F32"]) == 0
+    back = read_back(out)
+    sd_rt, sd_back = merged_rt.state_dict(), back.state_dict()
+    for key in linear_keys(merged_rt):
+        np.testing.assert_array_equal(sd_back[key].numpy(), sd_rt[key].numpy(), err_msg=key)
+    np.testing.assert_array_equal(logits(back), l_rt)
+
+    out_q = tmp_path / "q8" / "merged.gguf"
+    out_q.parent.mkdir()
+    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out_q)]) == 0
+    assert gm.read_gguf(out_q).tensors["blk.0.attn_output.weight"].type == QT.Q8_0
+    l_q = logits(read_back(out_q))
+    retention = 1 - np.linalg.norm(l_q - l_rt) / np.linalg.norm(l_rt - l_base)
+    assert retention > 0.95, retention
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_fine_tuned_checkpoint_pairs_with_the_gguf_base(case, tmp_path):
+    """neuroada-pack --base model.gguf: the checkpoint of a fine-tune of this architecture (its own Hugging Face keys,
+    fused ones for Phi-3) pairs with the GGUF's tensors, and the extracted adapter merges into the file as the tune."""
+    from neuroada_format.converters.pack import extract
+    model = build(case)
+    path = write_like_llama_cpp(tmp_path / "m.gguf", case, model, QT.F32)
+    rng = np.random.default_rng(3)
+    tuned = {key: t.detach().numpy().copy() for key, t in model.state_dict().items()}
+    keys = linear_keys(model)
+    for key in keys:
+        tuned[key][:, :3] += rng.standard_normal((tuned[key].shape[0], 3)).astype(np.float32) * 0.01
+    adapter, _ = extract(path, {k: tuned[k] for k in keys}, k=3, value_dtype="F32")
+    assert sorted(adapter.targets) == sorted(keys)
+    assert naf.validate(adapter, gm.open_gguf_base(path)).ok
+    out = tmp_path / "merged.gguf"
+    gm.merge_gguf(path, [adapter], out, target_type="F32")
+    merged = gm.open_gguf_base(out)
+    for key in keys:
+        np.testing.assert_allclose(merged.array(key), tuned[key], atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("arch", ["falcon", "starcoder2"])
+def test_an_architecture_without_a_mapping_is_refused_by_name(arch, tmp_path):
+    """Hugging Face keys on a GGUF of another architecture: rule 4.1 naming the architecture and the supported ones,
+    never a guess (its converter may reorder rows, as llama.cpp's does for Falcon's fused qkv)."""
+    path = tmp_path / "other.gguf"
+    w = gguf.GGUFWriter(os.fspath(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("blk.0.attn_output.weight", np.zeros((32, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    view = gm.open_gguf_base(path)
+    assert "blk.0.attn_output.weight" in view  # its own names still work
+    with pytest.raises(NeuroAdaError) as e:
+        view.resolve("model.layers.0.self_attn.o_proj.weight")
+    assert e.value.rule == "4.1" and repr(arch) in str(e.value) and "gemma3" in str(e.value)
