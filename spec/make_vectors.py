@@ -790,6 +790,46 @@ def build() -> dict:
     vec("gguf_no_architecture_hf_names", "valid/gguf_llama_q4_1.safetensors", "the same base and Hugging Face "
         "keys: without general.architecture there is no table to map them (4.1 for each)", valid=False,
         errors=["4.1"], base=GN)
+    # other architectures: no rope permutation (gemma2), fused projections kept fused (phi3)
+    g2q_raw, g2q = q4_1(randn((8, 32), "F32", 34, scale=0.1))      # Hugging Face row order: stored as is
+    G2 = put("bases/tiny_gemma2.gguf", gguf_file(
+        [("general.architecture", GGUF_STR, "gemma2"), ("general.alignment", GGUF_U32, 32),
+         ("gemma2.block_count", GGUF_U32, 1), ("gemma2.attention.head_count", GGUF_U32, 2),
+         ("gemma2.attention.head_count_kv", GGUF_U32, 1)],
+        [("blk.0.attn_q.weight", GGUF_Q4_1, (32, 8), g2q_raw)]))
+    g2 = [target(Base({QH: g2q}), QH, 3, value_dtype="F32", seed=46)]
+    rel = put("valid/gguf_gemma2_rows_as_stored.safetensors", adapter_file(g2, document(g2, None)))
+    vec("gguf_gemma2_rows_as_stored", rel, "1.1: a gemma2 GGUF base: attn_q holds the Hugging Face rows as they "
+        "are (the rope permutation is llama's only)", valid=True, base=G2)
+    g2p = [target(Base({QH: g2q[rope_perm(8, 2)]}), QH, 3, value_dtype="F32", seed=46)]
+    rel = put("invalid/gguf_gemma2_rows_permuted.safetensors", adapter_file(g2p, document(g2p, None)))
+    vec("gguf_gemma2_rows_permuted", rel, "made as if the gemma2 file's attn_q rows were in llama's rope order: "
+        "the probed values differ (4.3)", valid=False, errors=["4.3"], base=G2)
+    qkv = randn((16, 32), "F16", 35, scale=0.1)                      # q (8), k (4), v (4) rows stacked
+    gu_raw, gu = q4_1(randn((16, 32), "F32", 36, scale=0.1))       # gate (8), up (8) rows stacked
+    P3 = put("bases/tiny_phi3.gguf", gguf_file(
+        [("general.architecture", GGUF_STR, "phi3"), ("general.alignment", GGUF_U32, 32),
+         ("phi3.block_count", GGUF_U32, 1), ("phi3.attention.head_count", GGUF_U32, 2),
+         ("phi3.attention.head_count_kv", GGUF_U32, 1)],
+        [("blk.0.attn_qkv.weight", GGUF_F16, (32, 16), qkv.tobytes()),
+         ("blk.0.ffn_up.weight", GGUF_Q4_1, (32, 16), gu_raw)]))
+    QKV, GU = "model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"
+    fused = Base({QKV: qkv, GU: gu})
+    p3 = [target(fused, QKV, 2, value_dtype="BF16", seed=47), target(fused, GU, 3, value_dtype="F32", seed=48)]
+    rel = put("valid/gguf_phi3_fused.safetensors", adapter_file(p3, document(p3, None)))
+    vec("gguf_phi3_fused", rel, "1.1: a phi3 GGUF base: qkv_proj and gate_up_proj map to the fused attn_qkv and "
+        "ffn_up, rows as stored", valid=True, base=P3)
+    vec("gguf_phi3_split_keys", "valid/gguf_llama_q4_1.safetensors", "q_proj/k_proj/down_proj keys on the phi3 "
+        "file: no attn_q, attn_k or ffn_down tensor there (4.1 for each)", valid=False, errors=["4.1"], base=P3)
+    GF = put("bases/tiny_falcon.gguf", gguf_file(
+        [("general.architecture", GGUF_STR, "falcon"), ("general.alignment", GGUF_U32, 32),
+         ("falcon.block_count", GGUF_U32, 1)],
+        [("blk.0.ffn_down.weight", GGUF_F16, (32, 8), g_down.tobytes())]))
+    vec("gguf_unmapped_architecture", "valid/gguf_llama_q4_1.safetensors", "Hugging Face keys on a falcon GGUF: "
+        "an architecture without a name mapping here is refused, not guessed (4.1 for each)", valid=False,
+        errors=["4.1"], base=GF)
+    vec("gguf_unmapped_architecture_own_names", "valid/gguf_own_names.safetensors", "1.1: the falcon file's own "
+        "tensor name needs no mapping", valid=True, base=GF)
     vec("gguf_truncated_base", "valid/gguf_llama_q4_1.safetensors", "the GGUF base ends inside its header "
         "(200 of its bytes): it cannot be opened (1.6)", valid=False, errors=["1.6"],
         base=put("bases/truncated.gguf", gguf_bytes[:200]), base_unreadable=True)
