@@ -17,8 +17,10 @@ Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 tensors get the rule-M values re-encoded block by block
 touched value (every other block stays byte-identical). A Q8_0/Q4_0/Q4_1 block whose rule-M values all lie
 on its original grid (deltas trained through it: runtime train_on_grid) is packed on that grid with its
 own scale and minimum, exactly and without the least-error search; the summary counts those blocks and
-the re-encoded ones, and only re-encoded blocks are warned about. Types gguf-py can only decode
-(K-quants, IQ) are refused unless `requant` names a type to re-encode them into. `target_type`
+the re-encoded ones, and only re-encoded blocks are warned about. Q4_K/Q5_K/Q6_K tensors (llama.cpp's
+Q4_K_M and Q5_K_M files) are kept in their type the same way, super-block by super-block (gguf_kquants).
+Types gguf-py can only decode and we do not encode (Q2_K, Q3_K, IQ) are refused unless `requant` names a
+type to re-encode them into. `target_type`
 re-encodes every touched tensor (e.g. F16, to keep the merge exact up to F16 rounding). Metadata and
 tokenizer bytes are copied verbatim.
 
@@ -49,6 +51,7 @@ from neuroada_format.merge import Delta, MergeOverflowWarning
 from neuroada_format.safe_io import open_regular
 from neuroada_format.validate import PROBE_MISMATCH, validate
 
+from . import gguf_kquants as kq
 from .backend import Backend, Mismatch, Resolved, Written, pause_for_tests
 from .progress import bar
 from .safetensors_merge import _read_exactly, _send, _write_exactly  # the one kernel copy and buffered I/O
@@ -70,7 +73,8 @@ MAX_SCALAR_STRING = 1 << 20  # decoded string values (architecture, names); arra
 
 FLOAT_TYPES = {QT.F32: "F32", QT.F16: "F16", QT.BF16: "BF16"}
 BLOCK_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1)  # gguf-py encodes and decodes these
-ENCODABLE = tuple(FLOAT_TYPES) + BLOCK_TYPES
+ENCODABLE = tuple(FLOAT_TYPES) + BLOCK_TYPES  # types a tensor can be re-typed into (requant, target_type)
+KEPT = ENCODABLE + tuple(kq.K_TYPES)           # types a touched tensor can keep
 
 # value type -> (struct code, size); 8 = string, 9 = array
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
@@ -570,6 +574,8 @@ def on_original_grid(t: QT, original: np.ndarray, decoded: np.ndarray, blk: np.n
     when no value changed. Returns (on [B] bool, bytes [B, type_size]: the blocks packed on their grid
     where `on`, elsewhere left as they were).
     """
+    if t in kq.K_TYPES:
+        return kq.on_grid(t, original, decoded, blk, col, values)
     values = np.asarray(values, np.float32)
     on = np.ones(len(original), bool)
     out = np.array(original)
@@ -624,6 +630,8 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
     `decoded`: the original blocks' values [B, n] when the caller has decoded them already (the merge has).
     """
     target = np.ascontiguousarray(target, dtype=np.float32)
+    if t in kq.K_TYPES:  # no gguf-py encoder: ours, which keeps the original scales where they reach
+        return kq.encode(t, target, original, touched, touched_weight, decoded)
     if original is not None:  # blocks whose original encoding already holds the target stay as they are
         original = np.asarray(original)
         if decoded is None:
@@ -699,15 +707,21 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
 
 
 def block_grid(view: GGUFBase, name: str):
-    """The quantisation grid of a Q4_1 / Q4_0 / Q8_0 target in canonical (Hugging Face) row order:
+    """The quantisation grid of a Q4_1 / Q4_0 / Q8_0 / K-quant target in canonical (Hugging Face) row order:
     (d, m, lo, hi, block) with d, m [d_out, d_in / block] f32, so the representable values of row r,
     column c are `d[r, c // block] * q + m[r, c // block]` for integer q in [lo, hi]. For training
     through the quantizer: deltas that land on this grid survive a merge into the file exactly.
     """
     m_ = view.resolve(name)
     info = view.file.tensors[m_.gguf_name]
+    if info.type in kq.K_TYPES:  # a grid per sub-block (16 or 32 values) of each super-block
+        d, m, lo, hi, sub = kq.grid_of(info.type, np.asarray(view.file.blocks(m_.gguf_name)), info.shape[0])
+        if m_.inverse is not None:
+            d, m = d[m_.inverse], m[m_.inverse]
+        return d, m, lo, hi, sub
     if info.type not in _GRID:
-        raise NeuroAdaUsageError(f"{info.type.name} has no grid here (Q4_1, Q4_0, Q8_0)", path=view.path, tensor=name)
+        raise NeuroAdaUsageError(f"{info.type.name} has no grid here (Q4_1, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K)",
+                                 path=view.path, tensor=name)
     lo, hi, affine = _GRID[info.type]
     b = np.asarray(view.file.blocks(m_.gguf_name))
     d = b[:, :2].copy().view(np.float16).astype(np.float32).reshape(info.shape[0], -1)
@@ -808,7 +822,7 @@ class GGUFBackend(Backend):
                             f"{t.name}); their merged values are not exact (spec section 15.3); "
                             f"--option target_type=F16 keeps them exact")
         if self.requant is not None and (self.target_type is not None
-                                         or all(view.file.tensors[g].type in ENCODABLE for g in by_tensor)):
+                                         or all(view.file.tensors[g].type in KEPT for g in by_tensor)):
             warnings.append(f"requant={self.requant.name} applies only to tensor types gguf-py cannot re-encode, and no "
                             f"touched tensor has one: it changes nothing (--option target_type= sets the type of "
                             f"every touched tensor)")
@@ -817,11 +831,11 @@ class GGUFBackend(Backend):
     def _out_type(self, view: GGUFBase, info: TensorInfo) -> QT:
         if self.target_type is not None:
             return self.target_type
-        if info.type in ENCODABLE:
+        if info.type in KEPT:
             return info.type
         if self.requant is not None:
             return self.requant
-        raise NeuroAdaUsageError(f"tensor type {info.type.name} can be read but not re-encoded by gguf-py; "
+        raise NeuroAdaUsageError(f"tensor type {info.type.name} can be read but not re-encoded here; "
                                  f"name a type for the touched tensors with --option requant=Q8_0 (or F16)",
                                  path=view.path, tensor=info.name)
 
@@ -909,7 +923,7 @@ class GGUFBackend(Backend):
         details = {"retyped": {g: tp.out_type.name for g, tp in plan.tensors.items() if tp.data is not None},
                    "units_rewritten": counts["units"], "encoder": self.encoder}
         warnings = []
-        kept = [tp for tp in plan.tensors.values() if tp.out_type == tp.info.type and tp.info.type in BLOCK_TYPES]
+        kept = [tp for tp in plan.tensors.values() if tp.out_type == tp.info.type and tp.info.type not in FLOAT_TYPES]
         if kept:
             on, off = sum(tp.on_grid for tp in kept), sum(tp.reencoded for tp in kept)
             details.update(blocks_on_grid=on, blocks_reencoded=off)
@@ -964,7 +978,8 @@ def _first_probes(view: GGUFBase, plans: dict[str, _TensorPlan]) -> None:
 # 65504), times the largest level for the symmetric types; a type with a minimum needs the value itself in range.
 _F16_MAX = 65504.0
 BLOCK_VALUE_MAX = {QT.Q8_0: _F16_MAX * 127, QT.Q4_0: _F16_MAX * 8, QT.Q5_0: _F16_MAX * 16, QT.Q4_1: _F16_MAX,
-                   QT.Q5_1: _F16_MAX}
+                   QT.Q5_1: _F16_MAX, QT.Q6_K: _F16_MAX * 127 * 32, QT.Q4_K: _F16_MAX * 63 * 15,
+                   QT.Q5_K: _F16_MAX * 63 * 31}
 
 
 def _refuse_unencodable(t: QT, mp, where: tuple[str, str]) -> None:

@@ -1,6 +1,7 @@
 """Training through a GGUF file's quantization grid, so the adapter survives a merge into that file exactly.
 
-A 4-bit GGUF block holds 32 values as `d * q + m` (integer q in [0, 15], scale d and minimum m in f16).
+A 4-bit GGUF block holds 32 values as `d * q + m` (integer q in [0, 15], scale d and minimum m in f16; a
+K-quant sub-block of 16 or 32 values likewise, its scale and minimum f16 super-scales times small integers).
 Merging trained deltas into such a file means re-encoding the blocks that hold them, and a learned delta is
 usually smaller than half a 4-bit step, so most of it is lost (bench/RESULTS.md, "GGUF merge: retention":
 about 77% of the adapter's logit change kept on SmolLM2 Q4_1). Training *through* the grid instead snaps
@@ -21,7 +22,7 @@ While a grid is on, `save_adapter` / `save_pretrained` / Trainer's save_model, `
 use the snapped deltas (`NeuroAdaLayer.delta`); the trainable state in Trainer checkpoints keeps the
 unsnapped ones, which is what resuming needs (call `train_on_grid` again on the rebuilt model). The
 adapter's `save_dtype` becomes F32 while the grid is on: a snapped delta `d * (q - q0)` needs up to 15
-significant bits. The grids come from converters/gguf_merge.py (`block_grid`, the Hugging Face -> GGUF
+significant bits (more for a K-quant's sub-block scale). The grids come from converters/gguf_merge.py (`block_grid`, the Hugging Face -> GGUF
 name map and llama.cpp's q/k row order); that module and the gguf package are imported only when a grid
 is registered. Serving several adapters (runtime/multi.py: `set_adapter`, mixed batches,
 `add_weighted_adapter`) reads the snapped deltas too, through the same `NeuroAdaLayer.delta`.
@@ -46,7 +47,7 @@ SAVED_CONFIGS_ATTR = "_neuroada_grid_configs"  # the model's adapter configs as 
 
 
 class QuantGrid(nn.Module):
-    """One layer's block grid: per block a scale and a minimum (f16 values, kept as their int16 bits so
+    """One layer's block grid: per block a scale and a minimum (f32 values, kept as their int32 bits so
     that `model.to(dtype)` cannot round them), levels [lo, hi], `block` values per block along d_in.
 
     Called with an adapter's (val, idx, w0) it returns the deltas with `w0 + delta` on the grid: forward
@@ -56,8 +57,8 @@ class QuantGrid(nn.Module):
     def __init__(self, scale: np.ndarray, minimum: np.ndarray, lo: int, hi: int, block: int, qtype: str):
         super().__init__()
         with outside_inference():  # kept after an inference block: ordinary tensors
-            self.register_buffer("scale_bits", _f16_bits(scale), persistent=False)
-            self.register_buffer("minimum_bits", _f16_bits(minimum), persistent=False)
+            self.register_buffer("scale_bits", _f32_bits(scale), persistent=False)
+            self.register_buffer("minimum_bits", _f32_bits(minimum), persistent=False)
         self.lo, self.hi, self.block, self.qtype = int(lo), int(hi), int(block), str(qtype)
 
     def _at(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -69,8 +70,8 @@ class QuantGrid(nn.Module):
             return hit[1]
         with outside_inference():
             blk = idx // self.block
-            d = self.scale_bits.gather(1, blk).view(torch.float16).float()
-            m = self.minimum_bits.gather(1, blk).view(torch.float16).float()
+            d = self.scale_bits.gather(1, blk).view(torch.float32)
+            m = self.minimum_bits.gather(1, blk).view(torch.float32)
             at = (d, m, torch.where(d == 0, 1.0, d))  # a zero scale: every level decodes to m
         self.__dict__["_cache"] = (key, at)
         return at
@@ -104,10 +105,10 @@ class QuantGrid(nn.Module):
         return f"{self.qtype}, levels [{self.lo}, {self.hi}], block {self.block}"
 
 
-def _f16_bits(x: np.ndarray) -> torch.Tensor:
-    """f16-exact f32 values as the int16 bits of their f16 encoding."""
-    h = np.ascontiguousarray(np.asarray(x, dtype=np.float32).astype(np.float16))
-    return torch.from_numpy(h.view(np.int16).copy())
+def _f32_bits(x: np.ndarray) -> torch.Tensor:
+    """f32 values as the int32 bits of their encoding (a K-quant sub-block scale, an f16 super-scale times a
+    6- or 8-bit integer, needs up to 17 significant bits: more than f16 holds)."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x, dtype=np.float32)).view(np.int32).copy())
 
 
 def _gguf_view(path):
@@ -132,10 +133,10 @@ def _adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, NeuroAdaLa
 def train_on_grid(model: nn.Module, gguf_path, adapter_name: str = "default") -> dict[str, str]:
     """Snap `adapter_name`'s deltas to the quantization grid of `gguf_path` (the model's base as a GGUF
     file: its weights must be that file's de-quantized values) in every layer whose GGUF tensor is
-    block-quantized with a grid `converters.gguf_merge.block_grid` knows (Q4_0, Q4_1, Q8_0).
+    block-quantized with a grid `converters.gguf_merge.block_grid` knows (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K).
 
     Layers whose tensor is F32/F16/BF16 stay plain (those merge exactly anyway), as do other block types
-    (their merge re-encodes with gguf-py's own quantizer). Returns {target: GGUF type} of every adapted
+    (their merge re-encodes them). Returns {target: GGUF type} of every adapted
     layer; the snapping ones are those whose type is in `QuantGrid`'s set (see `grid_types`).
 
     Refused before anything changes: a file that is not this model's base (a target without a GGUF tensor,
@@ -176,7 +177,7 @@ def train_on_grid(model: nn.Module, gguf_path, adapter_name: str = "default") ->
         types[key] = info.type.name
         try:
             grid = QuantGrid(*gm.block_grid(view, key), qtype=info.type.name).to(w0.device)
-        except NeuroAdaUsageError:  # no grid for this type (float, Q5_x, K-quants): the layer stays plain
+        except NeuroAdaUsageError:  # no grid for this type (float, Q5_0/Q5_1, Q2_K, Q3_K): the layer stays plain
             grid = None
         if grid is not None:
             _, on_grid = grid.levels(w0, idx)

@@ -319,16 +319,15 @@ def test_packing_round_trips_through_gguf_dequantize(qt):
 
 
 def test_decode_only_type_needs_requant(tiny, tmp_path):
-    """Q4_K can be read but not written by gguf-py: refused without --requant, re-encoded with it."""
+    """Q3_K can be read (gguf-py decodes it) but not written: refused without --requant, re-encoded with it."""
     rng = np.random.default_rng(5)
-    down = "model.layers.1.mlp.down_proj.weight"  # [64, 256]: one Q4_K super-block per row
-    blocks = rng.integers(0, 256, size=(HIDDEN, 144), dtype=np.uint8)
-    blocks[:, 0:2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
-    blocks[:, 2:4] = np.frombuffer(np.float16(0.001).tobytes(), np.uint8)
-    path, view = tiny(QT.Q4_1, types={down: QT.Q4_K}, raw={down: blocks})
-    assert view.encoding(down) == "Q4_K"
+    down = "model.layers.1.mlp.down_proj.weight"  # [64, 256]: one Q3_K super-block per row
+    blocks = rng.integers(0, 256, size=(HIDDEN, 110), dtype=np.uint8)  # Q3_K: d is the last 2 bytes
+    blocks[:, 108:110] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+    path, view = tiny(QT.Q4_1, types={down: QT.Q3_K}, raw={down: blocks})
+    assert view.encoding(down) == "Q3_K"
     adapter = make_adapter(view, targets=[down, TARGETS[0]])
-    with pytest.raises(NeuroAdaUsageError, match="Q4_K.*requant=") as exc:
+    with pytest.raises(NeuroAdaUsageError, match="Q3_K.*requant=") as exc:
         gm.merge_gguf(path, [adapter], tmp_path / "no.gguf")
     assert exc.value.tensor == "blk.1.ffn_down.weight" and exit_code(exc.value) == 2
     assert not (tmp_path / "no.gguf").exists()
@@ -805,7 +804,7 @@ def test_two_targets_naming_one_gguf_tensor_are_refused(tiny, tmp_path):
 @pytest.mark.parametrize("qt", ALL_TYPES + [QT.Q4_K])
 def test_probed_values_decode_only_their_blocks(tiny, qt):
     """The probe reads the adapter's positions (q_proj's rows un-permuted) and equals the whole decoding there;
-    Q4_K (decode only, 256-value super-blocks) stands for the types gguf-py cannot write."""
+    Q4_K (256-value super-blocks) stands for the types gguf-py cannot write."""
     down = "model.layers.1.mlp.down_proj.weight"  # [64, 256]: one Q4_K super-block per row
     if qt == QT.Q4_K:
         blocks = np.random.default_rng(5).integers(0, 256, size=(HIDDEN, 144), dtype=np.uint8)

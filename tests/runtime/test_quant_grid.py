@@ -392,3 +392,40 @@ def test_runtime_imports_without_gguf():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "refused:" in r.stdout and "gguf" in r.stdout
+
+
+@pytest.mark.parametrize("ktype", ["Q4_K", "Q5_K", "Q6_K"])
+def test_trained_on_kquant_grids_merges_exactly(tmp_path, ktype, capsys):
+    """A K-quant projection (llama.cpp's Q4_K_M / Q5_K_M files): the grid is per sub-block of each super-block, and a
+    delta trained through it merges into the file exactly, with the super-block's scales kept (gguf_kquants)."""
+    from neuroada_format.converters import gguf_kquants as kq
+    t = QT[ktype]
+    arrays = hf_arrays()
+    downs = [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1)]  # [64, 256]: one super-block per row
+    raw = {n: kq.encode(t, arrays[n].reshape(-1, 256), None, None) for n in downs}
+    base = write_gguf(tmp_path / "base.gguf", arrays, QT.Q8_0, types={n: t for n in downs}, raw=raw)
+    model, types = attached(base)
+    assert {types[n] for n in downs} == {ktype}
+    assert {n + ".weight" for n in grid_types(model)} == set(types)                # every projection on a grid
+    train(model)
+    snapped = deltas(model)
+    assert all(int((snapped[n.removesuffix(".weight")] != 0).sum()) > 10 for n in downs)
+    model.save_pretrained(tmp_path / "out")
+    out = tmp_path / "merged.gguf"
+    capsys.readouterr()
+    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(tmp_path / "out"),
+                      "--out", os.fspath(out), "--json"]) == 0
+    said = capsys.readouterr()
+    details = json.loads(said.out)["details"]
+    assert details["blocks_reencoded"] == 0 and "warning:" not in said.err
+    view, mv = gm.open_gguf_base(base), gm.open_gguf_base(out)
+    merge(model)
+    try:
+        for name, layer in layers(model).items():
+            np.testing.assert_array_equal(mv.array(name + ".weight"), layer.weight.detach().numpy(), err_msg=name)
+    finally:
+        unmerge(model)
+    for n in downs:
+        g = view.resolve(n).gguf_name
+        a, b = kq.unpack(t, view.file.blocks(g)), kq.unpack(t, mv.file.blocks(g))
+        assert np.array_equal(a.d, b.d) and np.array_equal(a.sc, b.sc) and np.array_equal(a.mn, b.mn)

@@ -1,0 +1,175 @@
+"""K-quant GGUF tensors (Q4_K, Q5_K, Q6_K: llama.cpp's Q4_K_M / Q5_K_M files) kept in their type by a merge.
+
+gguf-py decodes these types but cannot encode them, so converters/gguf_kquants.py reads and writes their
+super-blocks itself. Checked here against gguf-py's decoder (the reference every reader shares, transformers'
+GGUF loader included): the byte layouts both ways, the encoder's error, a merge that keeps every untouched
+super-block byte for byte and re-encodes the touched ones closer to the merged values, deltas on the sub-block
+grids merged exactly, and a Q4_K_M-like file (Q4_K and Q6_K tensors) merged without any option.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants  # noqa: E402
+
+import neuroada_format as naf  # noqa: E402
+from neuroada_format.converters import gguf_kquants as kq  # noqa: E402
+from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
+
+from test_gguf import TARGETS, hf_arrays, make_adapter, write_gguf  # noqa: E402
+from test_gguf_grid_merge import snapped_adapter, touched_blocks  # noqa: E402
+
+K = [QT.Q4_K, QT.Q5_K, QT.Q6_K]
+# relative error of a fresh encoding of Gaussian weights: llama.cpp's own quantizers reach about 7% / 3.5% / 1.8%
+# on such data, so ours must be in that range (a wrong level or scale layout would be far off)
+FRESH_ERROR = {QT.Q4_K: 0.08, QT.Q5_K: 0.04, QT.Q6_K: 0.02}
+
+
+def random_superblocks(t, n, seed):
+    """Valid super-blocks of any content: random bytes with finite f16 super-scales."""
+    rng = np.random.default_rng(seed)
+    b = rng.integers(0, 256, (n, GGML_QUANT_SIZES[t][1]), dtype=np.uint8)
+    scales = (np.abs(rng.standard_normal((n, 2))) * 0.01).astype(np.float16).view(np.uint8).reshape(n, 4)
+    if t == QT.Q6_K:
+        b[:, -2:] = scales[:, :2]
+    else:
+        b[:, :4] = scales
+    return b
+
+
+@pytest.mark.parametrize("t", K, ids=lambda t: t.name)
+def test_layouts_round_trip_and_decode_as_gguf_py(t):
+    b = random_superblocks(t, 300, seed=1)
+    u = kq.unpack(t, b)
+    spec = kq.K_TYPES[t]
+    assert u.q.min() >= spec.lo and u.q.max() <= spec.hi and u.q.min() == spec.lo and u.q.max() == spec.hi
+    assert np.array_equal(kq.pack(t, u), b)
+    np.testing.assert_array_equal(kq.decode(t, u), quants.dequantize(b.reshape(-1), t).reshape(300, 256))
+    D, N = u.grid()  # the grid form decodes the same: one rounding, fl32(D * q + N)
+    q = u.q.reshape(300, -1, spec.sub).astype(np.float32)
+    np.testing.assert_array_equal((D[..., None] * q + N[..., None]).reshape(300, 256), kq.decode(t, u))
+
+
+@pytest.mark.parametrize("t", K, ids=lambda t: t.name)
+def test_fresh_encoding_error_is_that_of_the_type(t):
+    x = (np.random.default_rng(2).standard_normal((200, 256)) * 0.02).astype(np.float32)
+    enc = kq.encode(t, x, None, None)
+    assert enc.shape == (200, GGML_QUANT_SIZES[t][1])
+    dec = quants.dequantize(enc.reshape(-1), t).reshape(x.shape)
+    err = np.linalg.norm(dec - x) / np.linalg.norm(x)
+    assert FRESH_ERROR[t] / 2 < err < FRESH_ERROR[t], err
+    assert np.array_equal(kq.encode(t, dec, enc, None), enc)  # values already held: the same bytes
+
+
+@pytest.mark.parametrize("t", K, ids=lambda t: t.name)
+def test_touched_superblocks_keep_the_delta_and_untouched_subblocks_their_bytes(t):
+    """Two deltas of a typical size per super-block: the re-encoded block holds most of them (weighted 100, as the
+    merge weighs them), and sub-blocks without a change decode exactly as before."""
+    rng = np.random.default_rng(3)
+    base = kq.encode(t, (rng.standard_normal((300, 256)) * 0.02).astype(np.float32), None, None)
+    before = quants.dequantize(base.reshape(-1), t).reshape(300, 256)
+    target, mask = before.copy(), np.zeros(before.shape, bool)
+    for i in range(300):
+        c = rng.choice(256, 2, replace=False)
+        target[i, c] += (rng.standard_normal(2) * 0.005).astype(np.float32)
+        mask[i, c] = True
+    out = kq.encode(t, target, base, mask, touched_weight=100.0, decoded=before)
+    after = quants.dequantize(out.reshape(-1), t).reshape(300, 256)
+    kept = 1 - np.linalg.norm((after - target)[mask]) / np.linalg.norm((target - before)[mask])
+    assert kept > 0.85, kept
+    sub = kq.K_TYPES[t].sub
+    changed_sub = np.repeat(mask.reshape(300, -1, sub).any(-1), sub, axis=1)
+    fresh = np.array([not np.array_equal(kq.unpack(t, out[i:i + 1]).d, kq.unpack(t, base[i:i + 1]).d)
+                      for i in range(300)])
+    same_scales = ~fresh[:, None] & ~changed_sub
+    np.testing.assert_array_equal(after[same_scales], before[same_scales])
+    assert fresh.mean() < 0.2  # the original super-scales reach typical deltas
+
+
+def kquant_file(tmp_path, types, seed=0):
+    """The tiny Llama with some projections in K types (encoded by us from its f32 values), the rest Q8_0."""
+    arrays = hf_arrays(seed)
+    raw = {n: kq.encode(t, arrays[n].reshape(-1, 256), None, None) for n, t in types.items()}
+    raw = {n: b.reshape(arrays[n].shape[0], -1) for n, b in raw.items()}
+    return write_gguf(tmp_path / "base.gguf", arrays, QT.Q8_0, types=types, raw=raw)
+
+
+def test_a_q4_k_m_like_file_merges_without_options(tmp_path):
+    """Q4_K and Q6_K tensors keep their types: same size, metadata and tensor table, untouched super-blocks byte for
+    byte, touched ones re-encoded to hold most of the deltas (before: refused, asking for --option requant)."""
+    # the projections whose rows hold whole super-blocks: down_proj [64, 256]; the other tensors stay Q8_0
+    types = {"model.layers.0.mlp.down_proj.weight": QT.Q4_K, "model.layers.1.mlp.down_proj.weight": QT.Q6_K}
+    path = kquant_file(tmp_path, types)
+    view = gm.open_gguf_base(path)
+    adapter = make_adapter(view, k=4, scale=0.01, targets=list(types) + TARGETS[:2])
+    out = tmp_path / "merged.gguf"
+    assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(_saved(adapter, tmp_path)),
+                      "--out", os.fspath(out)]) == 0
+    src, dst = gm.read_gguf(path), gm.read_gguf(out)
+    raw_src, raw_dst = path.read_bytes(), out.read_bytes()
+    assert len(raw_src) == len(raw_dst) and raw_src[:src.data_start] == raw_dst[:dst.data_start]
+    holds = touched_blocks(view, adapter)
+    merged = gm.open_gguf_base(out)
+    for n, t in types.items():
+        g = view.resolve(n).gguf_name
+        assert dst.tensors[g].type == t
+        a, b = src.blocks(g), dst.blocks(g)
+        assert np.array_equal(a[~holds[g]], b[~holds[g]]), n
+        want = naf.merge_weight(view.array(n), [adapter.targets[n]])
+        touched = np.zeros(want.shape, bool)
+        touched[np.arange(want.shape[0])[:, None], adapter.targets[n].indices] = True
+        weight = np.where(touched, 100.0, 1.0)  # the merge's default touched_weight: what its encoder minimizes
+        assert (weight * (merged.array(n) - want) ** 2).sum() < 0.5 * (weight * (view.array(n) - want) ** 2).sum()
+        kept = 1 - np.linalg.norm((merged.array(n) - want)[touched]) / np.linalg.norm((view.array(n) - want)[touched])
+        assert kept > 0.5, (n, kept)
+    assert naf.validate(adapter, view).ok
+
+
+def _saved(adapter, tmp_path):
+    p = tmp_path / "adapter.safetensors"
+    naf.save(adapter, p)
+    return p
+
+
+@pytest.mark.parametrize("t", K, ids=lambda t: t.name)
+def test_deltas_on_the_subblock_grids_merge_exactly(tmp_path, t):
+    """Deltas trained through the grid (`block_grid` per sub-block, as train_on_grid snaps): every touched super-block
+    is packed on its own scales, the merged file decodes to the rule-M values bit for bit, nothing re-encoded."""
+    down, up = "model.layers.1.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight"
+    path = kquant_file(tmp_path, {down: t})
+    view = gm.open_gguf_base(path)
+    d, m, lo, hi, sub = gm.block_grid(view, down)
+    assert (lo, hi, sub) == (kq.K_TYPES[t].lo, kq.K_TYPES[t].hi, kq.K_TYPES[t].sub) and d.shape == (64, 256 // sub)
+    adapter = snapped_adapter(view, k=5, targets=[down, up])
+    s = gm.merge_gguf(path, [adapter], tmp_path / "m.gguf")
+    assert s.details["blocks_reencoded"] == 0 and s.details["blocks_on_grid"] > 0 and not s.warnings
+    merged = gm.open_gguf_base(tmp_path / "m.gguf")
+    for n in (down, up):
+        want = naf.merge_weight(view.array(n), [adapter.targets[n]])
+        np.testing.assert_array_equal(merged.array(n), want, err_msg=n)
+    # the super-scales and sub-block scales are the base's: only levels moved
+    a, b = kq.unpack(t, gm.read_gguf(path).blocks("blk.1.ffn_down.weight")), \
+        kq.unpack(t, gm.read_gguf(tmp_path / "m.gguf").blocks("blk.1.ffn_down.weight"))
+    assert np.array_equal(a.d, b.d) and np.array_equal(a.sc, b.sc) and np.array_equal(a.mn, b.mn)
+    assert not np.array_equal(a.q, b.q)
+
+
+def test_transformers_reads_a_merged_kquant_file_as_our_view(tmp_path):
+    """An independent reader: transformers' GGUF loader de-quantizes the merged Q4_K/Q6_K tensors to our values."""
+    transformers = pytest.importorskip("transformers")
+    down, up = "model.layers.1.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight"
+    path = kquant_file(tmp_path, {down: QT.Q6_K})
+    view = gm.open_gguf_base(path)
+    adapter = make_adapter(view, k=4, scale=0.01, targets=[down, up])
+    out = tmp_path / "m" / "merged.gguf"
+    out.parent.mkdir()
+    gm.merge_gguf(path, [adapter], out)
+    sd = transformers.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).state_dict()
+    merged = gm.open_gguf_base(out)
+    for n in (down, up):
+        np.testing.assert_array_equal(sd[n].numpy(), merged.array(n), err_msg=n)
