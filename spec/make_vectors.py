@@ -97,6 +97,7 @@ def container(tensors, metadata: dict | None = None, *, pad: bool = True, header
 
 # -- raw GGUF writing (spec section 15) -----------------------------------------------------------------
 GGUF_F32, GGUF_F16, GGUF_Q4_1 = 0, 1, 3
+GGUF_Q4_K, GGUF_Q5_K, GGUF_Q6_K = 12, 13, 14
 GGUF_U32, GGUF_STR = 4, 8
 
 
@@ -131,6 +132,45 @@ def q4_1(x: np.ndarray) -> tuple[bytes, np.ndarray]:
     nib = q[:, :16] | (q[:, 16:] << np.uint8(4))
     raw = b"".join(d[i].tobytes() + m[i].tobytes() + nib[i].tobytes() for i in range(len(blocks)))
     return raw, ((d32 * q.astype(np.float32)) + m32).reshape(x.shape)
+
+
+def k_superblocks(kind: str, rows: int, seed: int) -> tuple[bytes, np.ndarray]:
+    """`rows` random Q4_K / Q5_K / Q6_K super-blocks (any levels and sub-block scales, small f16 super-scales) and
+    the 256 values each decodes to, written out from spec section 15.2's text, one value at a time."""
+    rng = np.random.default_rng(seed)
+    size = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}[kind]
+    raw = rng.integers(0, 256, (rows, size), dtype=np.uint8)
+    supers = (np.abs(rng.standard_normal((rows, 2))) * 0.004).astype(np.float16)
+    out = np.zeros((rows, 256), np.float32)
+    for r in range(rows):
+        b = raw[r]
+        if kind == "Q6_K":
+            b[208:210] = np.frombuffer(supers[r, 0].tobytes(), np.uint8)
+            d = np.float32(supers[r, 0])
+            sc = b[192:208].view(np.int8)
+            for v in range(256):
+                c, l = divmod(v, 32)
+                half = c // 4
+                low = (int(b[64 * half + 32 * (c % 2) + l]) >> (4 * ((c // 2) % 2))) & 15
+                high = (int(b[128 + 32 * half + l]) >> (2 * (c % 4))) & 3
+                out[r, v] = np.float32(d * np.float32(sc[v // 16])) * np.float32((low | high << 4) - 32)
+            continue
+        b[0:4] = np.frombuffer(supers[r].tobytes(), np.uint8)
+        d, dmin = np.float32(supers[r, 0]), np.float32(supers[r, 1])
+        a, m_, c = b[4:8].astype(int), b[8:12].astype(int), b[12:16].astype(int)
+        sc = [a[j] & 63 for j in range(4)] + [(c[j] & 15) | (a[j] >> 6) << 4 for j in range(4)]
+        mn = [m_[j] & 63 for j in range(4)] + [(c[j] >> 4) | (m_[j] >> 6) << 4 for j in range(4)]
+        qs = b[-128:]
+        for v in range(256):
+            g, rest = divmod(v, 64)
+            h, l = divmod(rest, 32)
+            n = (int(qs[32 * g + l]) >> (4 * h)) & 15
+            if kind == "Q5_K":
+                n |= ((int(b[16 + l]) >> (2 * g + h)) & 1) << 4
+            s_ = v // 32
+            D, N = np.float32(d * np.float32(sc[s_])), np.float32(dmin * np.float32(mn[s_]))
+            out[r, v] = np.float32(D * np.float32(n)) - N
+    return raw.tobytes(), out
 
 
 def rope_perm(rows: int, heads: int) -> np.ndarray:
@@ -821,6 +861,24 @@ def build() -> dict:
         "ffn_up, rows as stored", valid=True, base=P3)
     vec("gguf_phi3_split_keys", "valid/gguf_llama_q4_1.safetensors", "q_proj/k_proj/down_proj keys on the phi3 "
         "file: no attn_q, attn_k or ffn_down tensor there (4.1 for each)", valid=False, errors=["4.1"], base=P3)
+    # K-quants (Q4_K_M / Q5_K_M files): super-blocks of 256, decoded per the spec's table, one row each
+    kraw = {kind: k_superblocks(kind, 4, seed) for kind, seed in (("Q4_K", 37), ("Q5_K", 38), ("Q6_K", 39))}
+    GK = put("bases/tiny_kquants.gguf", gguf_file(
+        [("general.architecture", GGUF_STR, "llama"), ("general.alignment", GGUF_U32, 32),
+         ("llama.block_count", GGUF_U32, 3)],
+        [(f"blk.{i}.ffn_down.weight", code, (256, 4), kraw[kind][0])
+         for i, (kind, code) in enumerate((("Q4_K", GGUF_Q4_K), ("Q5_K", GGUF_Q5_K), ("Q6_K", GGUF_Q6_K)))]))
+    KD = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(3)]
+    kbase = Base({KD[i]: kraw[kind][1] for i, kind in enumerate(("Q4_K", "Q5_K", "Q6_K"))})
+    kt = [target(kbase, n, 3, value_dtype="F32", seed=50 + i) for i, n in enumerate(KD)]
+    rel = put("valid/gguf_kquants.safetensors", adapter_file(kt, document(kt, None)))
+    vec("gguf_kquants", rel, "1.1: Q4_K, Q5_K and Q6_K tensors decoded as section 15.2's table says (probe hashes "
+        "over the decoded super-blocks)", valid=True, base=GK)
+    shifted = Base({n: a + np.float32(1e-3) for n, a in kbase.arrays.items()})
+    kb = [target(shifted, n, 3, value_dtype="F32", seed=50 + i) for i, n in enumerate(KD)]
+    rel = put("invalid/gguf_kquants_wrong_values.safetensors", adapter_file(kb, document(kb, None)))
+    vec("gguf_kquants_wrong_values", rel, "made on values 0.001 off the decoded Q4_K/Q5_K/Q6_K ones (4.3)",
+        valid=False, errors=["4.3"], base=GK)
     GF = put("bases/tiny_falcon.gguf", gguf_file(
         [("general.architecture", GGUF_STR, "falcon"), ("general.alignment", GGUF_U32, 32),
          ("falcon.block_count", GGUF_U32, 1)],
