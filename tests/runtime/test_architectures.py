@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 
+import neuroada_format as naf
 import pytest
 import torch
 
@@ -265,6 +266,29 @@ def test_generate_matches_merged(arch):
     torch.testing.assert_close(u_scores, scores, rtol=1e-4, atol=1e-4)  # other kernels (no cache): rounding only
     _, p_scores = run(unload(copy.deepcopy(model)))
     assert not torch.allclose(p_scores, scores)  # the adapter changes what is generated
+
+
+# -- the structure hash -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", NAMES)
+def test_structure_hash_is_the_saved_checkpoints(arch, tmp_path):
+    """The adapter's structure hash describes the checkpoint save_pretrained writes (no warning 4.5 against it), also
+    where transformers 5 saves tensors under other names than the model's (GPT-NeoX's lm_head is embed_out on disk,
+    MoE experts are split per expert): it used to be the model's names, so those adapters were always warned about."""
+    model = build(arch)
+    model.save_pretrained(tmp_path / "base")
+    attach(model, NeuroAdaConfig(k=2))
+    report = naf.validate(save_adapter(model, tmp_path / "a.safetensors"), base=tmp_path / "base")
+    assert report.ok and report.problems == []
+
+
+def test_structure_hash_through_peft_wrapper(tmp_path):
+    """The same on a PeftModel (names relative to the transformers model inside it)."""
+    model = build("gpt_neox")
+    model.save_pretrained(tmp_path / "base")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(target_modules=["query_key_value"], r=2))
+    attach(wrapped, NeuroAdaConfig(k=2, target_modules=["dense"]))
+    report = naf.validate(save_adapter(wrapped, tmp_path / "a.safetensors"), base=tmp_path / "base")
+    assert report.ok and report.problems == []
 
 
 # -- tied output head ------------------------------------------------------------------------------------------------
