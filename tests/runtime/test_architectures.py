@@ -24,8 +24,9 @@ peft = pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError  # noqa: E402
-from neuroada_format.runtime import (NeuroAdaConfig, NeuroAdaLayer, attach, disable_adapter, layers,  # noqa: E402
-                                     load_adapter, merge_and_unload, save_adapter, unload)
+from neuroada_format.runtime import (NeuroAdaConfig, NeuroAdaLayer, adapter_batch, attach,  # noqa: E402
+                                     disable_adapter, layers, load_adapter, merge_and_unload, save_adapter,
+                                     set_adapter, unload)
 
 T = transformers
 VOCAB = 96
@@ -289,6 +290,31 @@ def test_generate_matches_merged(arch):
     torch.testing.assert_close(u_scores, scores, rtol=1e-4, atol=1e-4)  # other kernels (no cache): rounding only
     _, p_scores = run(unload(copy.deepcopy(model)))
     assert not torch.allclose(p_scores, scores)  # the adapter changes what is generated
+
+
+@pytest.mark.parametrize("arch", NAMES)
+def test_adapter_batch_generates_what_each_adapter_does(arch):
+    """Two adapters served per sequence in one generate call (adapter_batch) give each sequence the tokens that
+    adapter gives served alone (set_adapter, merged). The scores agree to float rounding only: the mixed batch adds
+    each sequence's sparse term to the base product, set_adapter multiplies by the merged weight."""
+    batch = inputs(arch)
+    model = attach(build(arch), NeuroAdaConfig(k=2), "a")
+    train(model, batch, steps=2)
+    attach(model, NeuroAdaConfig(k=3), "b")
+    train(model, batch, steps=2)
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4,
+              min_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        with adapter_batch(model, ["a", "b"]):
+            mixed = model.generate(**kw)
+        for row, name in enumerate(("a", "b")):
+            set_adapter(model, name)
+            alone = model.generate(**kw)
+            assert same(mixed.sequences[row], alone.sequences[row])
+            got, want = torch.stack(mixed.scores)[:, row], torch.stack(alone.scores)[:, row]
+            finite = want.isfinite()  # min_new_tokens puts -inf at eos in both
+            assert torch.equal(finite, got.isfinite())
+            torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", NAMES)
