@@ -155,6 +155,9 @@ def test_explicit_target_list(arch):
     assert trainable == sorted(f"{n}.neuroada_val.default" for n in got)
     d_out = sum(layer.d_out for layer in layers(model).values())
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 2 * d_out
+    regex = r".*\." + ARCHS[arch][1][0]  # a string is a regex fullmatch, in both
+    want = peft_targets(build(arch), regex)
+    assert sorted(layers(attach(build(arch), NeuroAdaConfig(k=2, target_modules=regex)))) == want and want
 
 
 # -- 2. training ---------------------------------------------------------------------------------------------------
@@ -192,6 +195,41 @@ def test_gradient_checkpointing_trains_the_same_deltas(arch):
     tol = dict(rtol=0, atol=1e-6) if arch == "t5" else dict(rtol=0, atol=0)
     for name, layer in layers(plain).items():
         torch.testing.assert_close(layers(ckpt)[name].neuroada_val["default"], layer.neuroada_val["default"], **tol)
+
+
+class _Rows(torch.utils.data.Dataset):
+    def __init__(self, batch, n=8):
+        self.batch, self.n = batch, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {k: v[i % len(v)] for k, v in self.batch.items()}
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_seq2seq_trainer_resume(arch, tmp_path):
+    """Seq2SeqTrainer on an encoder-decoder (task SEQ_2_SEQ_LM): a run resumed from its step-2 checkpoint onto a
+    model rebuilt the same way ends with the uninterrupted run's deltas, bit for bit, and the saved folder loads."""
+    def run(resume=None):
+        model = attach(build(arch), NeuroAdaConfig(k=2, task_type="SEQ_2_SEQ_LM"))
+        args = T.Seq2SeqTrainingArguments(str(tmp_path / "run"), max_steps=4, save_steps=2, learning_rate=1e-2,
+                                          per_device_train_batch_size=2, report_to=[], use_cpu=True,
+                                          disable_tqdm=True, logging_strategy="no")
+        trainer = T.Seq2SeqTrainer(model=model, args=args, train_dataset=_Rows(inputs(arch)))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, model
+
+    trainer, whole = run()
+    trainer.save_model(str(tmp_path / "final"))
+    _, resumed = run(str(tmp_path / "run" / "checkpoint-2"))
+    for name, layer in layers(whole).items():
+        assert layer.neuroada_val["default"].abs().sum() > 0
+        assert torch.equal(layer.neuroada_val["default"], layers(resumed)[name].neuroada_val["default"]), name
+    served = load_adapter(build(arch), tmp_path / "final")
+    assert served.neuroada_configs["default"].task_type == "SEQ_2_SEQ_LM"
+    assert sorted(layers(served)) == sorted(layers(whole))
 
 
 # -- 3. merge, unload, disable_adapter -----------------------------------------------------------------------------
