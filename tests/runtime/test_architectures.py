@@ -369,6 +369,21 @@ def test_checkpoint_merge_equals_merge_and_unload(arch, tmp_path):
     assert same(logits(loaded, batch), logits(merge_and_unload(model), batch))
 
 
+@pytest.mark.parametrize("arch", NAMES)
+def test_peft_export_loads_in_stock_peft(arch, tmp_path):
+    """The adapter exported for PEFT (neuroada-pack --to peft, checked against the saved checkpoint) loads with
+    PeftModel.from_pretrained onto a fresh base and gives merge_and_unload's logits bit for bit (F32 base, F32
+    values: PEFT's f32 add is the spec's merge rule)."""
+    from neuroada_format.converters.peft_interop import to_peft
+
+    batch = inputs(arch)
+    build(arch).save_pretrained(tmp_path / "base")
+    model = trained(arch, NeuroAdaConfig(k=3, save_dtype="F32"))
+    to_peft(save_adapter(model, tmp_path / "a.safetensors"), tmp_path / "peft", base=tmp_path / "base")
+    loaded = peft.PeftModel.from_pretrained(build(arch), tmp_path / "peft").eval()
+    assert same(logits(loaded, batch), logits(merge_and_unload(model), batch))
+
+
 # -- the structure hash -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", NAMES)
 def test_structure_hash_is_the_saved_checkpoints(arch, tmp_path):
