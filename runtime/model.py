@@ -309,8 +309,29 @@ def find_targets(model: nn.Module, config: NeuroAdaConfig) -> list[str]:
         if hit and not _matches(plain, config.exclude_modules):
             out.append(name)
     if not out:
+        _refuse_parameter_targets(model, config)
         raise NeuroAdaUsageError(f"no module matches target_modules={config.target_modules!r}")
     return sorted(set(out))
+
+
+def _refuse_parameter_targets(model: nn.Module, config: NeuroAdaConfig) -> None:
+    """target_modules that name parameters, not modules: say so. transformers 5 holds the experts of MoE models
+    (Mixtral, Qwen2/3-MoE, ...) as 3D parameters of one module (``mlp.experts.gate_up_proj`` [experts, 2*ff, d]),
+    so the ``gate_up_proj`` / ``down_proj`` targets users carried over from per-expert linears matched nothing, and
+    were reported as matching no module at all."""
+    if config.target_modules is None or isinstance(config.target_modules, str) and \
+            config.target_modules.lower() == "all-linear":
+        return
+    for name, p in model.named_parameters():
+        plain = plain_name(model, name)
+        if _matches(plain, config.target_modules) and not _matches(plain, config.exclude_modules):
+            owner = name.rpartition(".")[0]
+            cls = type(model.get_submodule(owner)) if owner else type(model)
+            moe = (" (MoE experts held as one 3D tensor are not supported: target linear layers, e.g. the "
+                   "attention projections or a shared expert)") if p.dim() == 3 else ""
+            raise NeuroAdaUsageError(f"target_modules={config.target_modules!r} names the parameter {plain} "
+                                     f"({list(p.shape)}) of {owner or 'the model'} ({cls.__qualname__}), not a linear "
+                                     f"layer: NeuroAda adapts nn.Linear and transformers Conv1D modules{moe}")
 
 
 def _shared_weights(model: nn.Module) -> set[int]:

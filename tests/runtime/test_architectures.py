@@ -432,3 +432,15 @@ def test_non_linear_target_refused():
     with pytest.raises(NeuroAdaUsageError, match="input_layernorm"):
         attach(model, NeuroAdaConfig(k=2, target_modules=["input_layernorm"]))
     assert not layers(model)
+
+
+@pytest.mark.parametrize("targets, named", [(["gate_up_proj"], r"names the parameter model\.layers\.0\.mlp\.experts"
+                                                                r"\.gate_up_proj \(\[4, 32, 32\]\)"),
+                                            (["experts"], r"model\.layers\.0\.mlp\.experts is a .*Qwen2MoeExperts")])
+def test_moe_experts_refused_by_name(targets, named):
+    """transformers 5 holds MoE experts as 3D parameters of one module: targeting them is refused, naming the
+    parameter (it was "no module matches", as if the name were misspelt) or the module and its class."""
+    model = build("qwen2_moe")
+    with pytest.raises(NeuroAdaUsageError, match=named):
+        attach(model, NeuroAdaConfig(k=2, target_modules=targets))
+    assert not layers(model)
