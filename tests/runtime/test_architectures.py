@@ -255,6 +255,21 @@ def test_merge_unload_disable(arch):
     assert all(torch.equal(t, fresh[k]) for k, t in plain.state_dict().items())
 
 
+@pytest.mark.parametrize("arch", NAMES)
+def test_bf16_base(arch):
+    """A bf16 base (how these models are usually loaded): training leaves its weights bit-identical, and the in-place
+    forward writes bf16(w0 + delta), which is what merge writes, so merged logits equal the adapted ones exactly."""
+    batch = inputs(arch)
+    model = attach(build(arch).to(torch.bfloat16), NeuroAdaConfig(k=3))
+    before = base_weights(model)
+    train(model, batch, steps=2, lr=5e-2)
+    assert all(torch.equal(t, before[k]) for k, t in base_weights(model).items())
+    adapted = logits(model, batch)
+    assert adapted.dtype == torch.bfloat16
+    assert not same(adapted, logits(unload(copy.deepcopy(model)), batch))
+    assert same(logits(merge_and_unload(model), batch), adapted)
+
+
 # -- 4. save and load ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", NAMES)
 def test_save_adapter_and_load(arch, tmp_path):
