@@ -3,7 +3,9 @@
 Per architecture: what "all-linear" and explicit target lists adapt (against PEFT's own choice on the same model),
 training changes the loss and the deltas only, merge/unload/disable_adapter give the right outputs, save and load
 (adapter file and save_pretrained's trainable state) reproduce them on a fresh model and refuse another base, and
-greedy generation with the KV cache matches the merged model's.
+greedy generation with the KV cache matches the merged model's. Also: gradient checkpointing, bf16 bases,
+adapter_batch generation, Seq2SeqTrainer resume, the checkpoint merge (neuroada-merge's backend), the PEFT export,
+the structure hash against the saved checkpoint, tied heads, and refusals of targets that are no linear layer.
 
 Exactness: every adapted layer runs in the in-place mode (asserted), whose forward writes round(w0 + delta) into
 the weight around the GEMM, i.e. the very weight merge writes; the unmerged and merged models therefore run the same
