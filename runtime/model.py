@@ -309,8 +309,29 @@ def find_targets(model: nn.Module, config: NeuroAdaConfig) -> list[str]:
         if hit and not _matches(plain, config.exclude_modules):
             out.append(name)
     if not out:
+        _refuse_parameter_targets(model, config)
         raise NeuroAdaUsageError(f"no module matches target_modules={config.target_modules!r}")
     return sorted(set(out))
+
+
+def _refuse_parameter_targets(model: nn.Module, config: NeuroAdaConfig) -> None:
+    """target_modules that name parameters, not modules: say so. transformers 5 holds the experts of MoE models
+    (Mixtral, Qwen2/3-MoE, ...) as 3D parameters of one module (``mlp.experts.gate_up_proj`` [experts, 2*ff, d]),
+    so the ``gate_up_proj`` / ``down_proj`` targets users carried over from per-expert linears matched nothing, and
+    were reported as matching no module at all."""
+    if config.target_modules is None or isinstance(config.target_modules, str) and \
+            config.target_modules.lower() == "all-linear":
+        return
+    for name, p in model.named_parameters():
+        plain = plain_name(model, name)
+        if _matches(plain, config.target_modules) and not _matches(plain, config.exclude_modules):
+            owner = name.rpartition(".")[0]
+            cls = type(model.get_submodule(owner)) if owner else type(model)
+            moe = (" (MoE experts held as one 3D tensor are not supported: target linear layers, e.g. the "
+                   "attention projections or a shared expert)") if p.dim() == 3 else ""
+            raise NeuroAdaUsageError(f"target_modules={config.target_modules!r} names the parameter {plain} "
+                                     f"({list(p.shape)}) of {owner or 'the model'} ({cls.__qualname__}), not a linear "
+                                     f"layer: NeuroAda adapts nn.Linear and transformers Conv1D modules{moe}")
 
 
 def _shared_weights(model: nn.Module) -> set[int]:
@@ -640,6 +661,34 @@ def base_state_names(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]
     return out
 
 
+def saved_structure(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """base_state_names as transformers' save_pretrained writes them to the checkpoint: what the structure hash
+    (spec 6.2) describes, so that validating an adapter against the saved base gives no false warning 4.5.
+
+    transformers 5 keeps a "conversion mapping" between some models and their checkpoints, applied at load and
+    reverted at save: GPT-NeoX's ``lm_head.weight`` is ``embed_out.weight`` on disk, MoE experts held as one 3D
+    tensor are saved one linear per expert. Hashed under the model's names, every GPT-NeoX adapter was reported as
+    made for another structure. The same reversal is run here on meta tensors (names, dtypes and shapes, no data)."""
+    names = base_state_names(model)
+    hf = model.base_model.model if _peft_prefix(model) else model  # the model the plain names are relative to
+    utils = sys.modules.get("transformers.modeling_utils")
+    if utils is None or not isinstance(hf, utils.PreTrainedModel):
+        return names
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: checkpoint keys are the model's
+        return names
+    dtypes = {v: k for k, v in TORCH_DTYPE_NAMES.items()}
+    meta = {n: torch.empty(shape, dtype=dtypes[d], device="meta") for n, (d, shape) in names.items() if d in dtypes}
+    if len(meta) != len(names):
+        return names
+    try:
+        saved = revert_weight_conversion(hf, meta)
+    except Exception:  # a mapping that cannot run on meta tensors (custom code): the hash is only a warning's
+        return names
+    return {n: (TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for n, t in saved.items()}
+
+
 def _modules_by_key(model: nn.Module) -> dict[str, str]:
     """Adapter target key (the base's weight name) -> module name, for every adaptable linear."""
     return {plain_name(model, name) + ".weight": name for name in _adaptable(model)}
@@ -698,7 +747,7 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
     if config.selection == "gradient":
         selection["score"] = "abs(sum over calibration batches of dloss/dW)"
     return naf.Adapter(targets, base_name=base_name, base_revision=revision,
-                       structure_hash=naf.structure_hash((n, d, s) for n, (d, s) in base_state_names(model).items()),
+                       structure_hash=naf.structure_hash((n, d, s) for n, (d, s) in saved_structure(model).items()),
                        selection=selection)
 
 
