@@ -73,8 +73,8 @@ MAX_SCALAR_STRING = 1 << 20  # decoded string values (architecture, names); arra
 
 FLOAT_TYPES = {QT.F32: "F32", QT.F16: "F16", QT.BF16: "BF16"}
 BLOCK_TYPES = (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1)  # gguf-py encodes and decodes these
-ENCODABLE = tuple(FLOAT_TYPES) + BLOCK_TYPES  # types a tensor can be re-typed into (requant, target_type)
-KEPT = ENCODABLE + tuple(kq.K_TYPES)           # types a touched tensor can keep
+QUANT_TYPES = BLOCK_TYPES + tuple(kq.K_TYPES)    # block types we encode: gguf-py's, and K-quants (ours)
+ENCODABLE = tuple(FLOAT_TYPES) + QUANT_TYPES    # types a touched tensor keeps, or is re-typed into
 
 # value type -> (struct code, size); 8 = string, 9 = array
 _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
@@ -107,7 +107,8 @@ def qtype(name) -> QT:
         raise NeuroAdaUsageError(f"unknown GGUF tensor type {name!r}; encodable: "
                                  f"{', '.join(x.name for x in ENCODABLE)}") from None
     if t not in ENCODABLE:
-        raise NeuroAdaUsageError(f"gguf-py cannot encode {t.name}; encodable: {', '.join(x.name for x in ENCODABLE)}")
+        raise NeuroAdaUsageError(f"{t.name} can be decoded but not encoded here; encodable: "
+                                 f"{', '.join(x.name for x in ENCODABLE)}")
     return t
 
 
@@ -814,7 +815,7 @@ class GGUFBackend(Backend):
                                    f"mapping", path=view.path, tensor=name, rule="4.2")
                 by_tensor.setdefault(view.resolve(name).gguf_name, []).append((name, t, scale, adapter))
         warnings = []  # tensors that keep their block type are counted as they are written (`write`)
-        retyped = sorted(g for g in by_tensor if self._out_type(view, view.file.tensors[g]) in BLOCK_TYPES
+        retyped = sorted(g for g in by_tensor if self._out_type(view, view.file.tensors[g]) in QUANT_TYPES
                          and self._out_type(view, view.file.tensors[g]) != view.file.tensors[g].type)
         if retyped:
             t = self._out_type(view, view.file.tensors[retyped[0]])
@@ -822,16 +823,16 @@ class GGUFBackend(Backend):
                             f"{t.name}); their merged values are not exact (spec section 15.3); "
                             f"--option target_type=F16 keeps them exact")
         if self.requant is not None and (self.target_type is not None
-                                         or all(view.file.tensors[g].type in KEPT for g in by_tensor)):
-            warnings.append(f"requant={self.requant.name} applies only to tensor types gguf-py cannot re-encode, and no "
-                            f"touched tensor has one: it changes nothing (--option target_type= sets the type of "
-                            f"every touched tensor)")
+                                         or all(view.file.tensors[g].type in ENCODABLE for g in by_tensor)):
+            warnings.append(f"requant={self.requant.name} applies only to tensor types that cannot be re-encoded "
+                            f"here (Q2_K, Q3_K, IQ), and no touched tensor has one: it changes nothing "
+                            f"(--option target_type= sets the type of every touched tensor)")
         return Resolved(by_tensor, len(by_tensor), warnings)
 
     def _out_type(self, view: GGUFBase, info: TensorInfo) -> QT:
         if self.target_type is not None:
             return self.target_type
-        if info.type in KEPT:
+        if info.type in ENCODABLE:
             return info.type
         if self.requant is not None:
             return self.requant
@@ -848,7 +849,7 @@ class GGUFBackend(Backend):
         for gname, entries in resolved.data.items():
             info = view.file.tensors[gname]
             out_type = self._out_type(view, info)
-            if out_type in BLOCK_TYPES and info.ne[0] % GGML_QUANT_SIZES[out_type][0]:
+            if out_type in QUANT_TYPES and info.ne[0] % GGML_QUANT_SIZES[out_type][0]:
                 raise NeuroAdaUsageError(f"rows of {info.ne[0]} values do not split into {out_type.name} blocks",
                                          path=view.path, tensor=gname)
             mapped = view.resolve(entries[0][0])

@@ -512,7 +512,9 @@ def test_output_rules(tiny, tmp_path):
     before = path.read_bytes()
     gm.merge_gguf(path, [adapter], out, overwrite=True)
     assert path.read_bytes() == before
-    with pytest.raises(NeuroAdaUsageError, match="Q4_K|encode"):
+    with pytest.raises(NeuroAdaUsageError, match="Q3_K.*not encoded"):
+        gm.merge_gguf(path, [adapter], tmp_path / "k.gguf", target_type="Q3_K")
+    with pytest.raises(NeuroAdaUsageError, match="rows of 64 values do not split into Q4_K blocks"):
         gm.merge_gguf(path, [adapter], tmp_path / "k.gguf", target_type="Q4_K")
 
 
@@ -602,7 +604,7 @@ def test_cli_options_reach_the_gguf_backend(tiny, tmp_path):
     gm.merge_gguf(path, [adapter], api, target_type="F16")
     assert api.read_bytes() == out.read_bytes()
     assert gm.BACKEND.target_type is None                       # the registered backend is unchanged
-    bads = [["--option", "colour=blue"], ["--option", "target_type=Q4_K"]]
+    bads = [["--option", "colour=blue"], ["--option", "target_type=Q3_K"], ["--option", "target_type=Q4_K"]]
     bads += [["--option", f"touched_weight={w}"] for w in ("abc", "nan", "inf", "-inf", "1e400", "-5", "0", "")]
     for bad in bads:
         assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(adapter), "--out",
@@ -626,13 +628,13 @@ def test_touched_weight_error_is_one_line(tiny, tmp_path, capsys):
 
 
 def test_requant_that_changes_nothing_is_said(tiny, tmp_path, capsys):
-    """requant only names the type for tensors gguf-py cannot re-encode: on a Q4_1 base it has no effect, and the
-    merge says so instead of ignoring the option silently."""
+    """requant only names the type for tensors that cannot be re-encoded here: on a Q4_1 base it has no effect,
+    and the merge says so instead of ignoring the option silently."""
     path, view = tiny(QT.Q4_1)
     adapter = tmp_path / "a.safetensors"
     naf.save(make_adapter(naf.ArrayBase({n: view.array(n) for n in TARGETS})), adapter)
     said = gm.merge_gguf(path, [adapter], tmp_path / "r.gguf", requant="F32").warnings
-    assert any("requant=F32 applies only to tensor types gguf-py cannot re-encode" in w for w in said), said
+    assert any("requant=F32 applies only to tensor types that cannot be re-encoded here" in w for w in said), said
     assert not any("requant" in w for w in gm.merge_gguf(path, [adapter], tmp_path / "plain.gguf").warnings)
     assert (tmp_path / "r.gguf").read_bytes() == (tmp_path / "plain.gguf").read_bytes()
 

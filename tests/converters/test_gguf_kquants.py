@@ -173,3 +173,20 @@ def test_transformers_reads_a_merged_kquant_file_as_our_view(tmp_path):
     merged = gm.open_gguf_base(out)
     for n in (down, up):
         np.testing.assert_array_equal(sd[n].numpy(), merged.array(n), err_msg=n)
+
+
+@pytest.mark.parametrize("t", K, ids=lambda t: t.name)
+def test_touched_tensors_retyped_into_a_kquant(tmp_path, t):
+    """--option target_type=Q4_K (or Q5_K, Q6_K): each touched tensor encoded afresh in that type (the others keep
+    theirs), decoding near the rule-M values with the type's usual error; the file is laid out anew."""
+    down = "model.layers.1.mlp.down_proj.weight"
+    path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.F16)
+    view = gm.open_gguf_base(path)
+    adapter = make_adapter(view, k=4, targets=[down])
+    s = gm.merge_gguf(path, [adapter], tmp_path / "m.gguf", target_type=t.name)
+    assert s.details["retyped"] == {"blk.1.ffn_down.weight": t.name}
+    dst = gm.read_gguf(tmp_path / "m.gguf")
+    assert dst.tensors["blk.1.ffn_down.weight"].type == t and dst.tensors["blk.0.ffn_down.weight"].type == QT.F16
+    want = naf.merge_weight(view.array(down), [adapter.targets[down]])
+    err = np.linalg.norm(gm.open_gguf_base(tmp_path / "m.gguf").array(down) - want) / np.linalg.norm(want)
+    assert err < FRESH_ERROR[t], err
