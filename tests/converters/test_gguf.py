@@ -60,24 +60,29 @@ def llama_cpp_permute(w, n_head, n_head_kv):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, arrays, matrix_type=QT.Q4_1, *, types: dict | None = None, raw: dict | None = None):
-    """A llama-arch GGUF of the arrays: 2-D projections as matrix_type (or types[name]), the rest F32."""
-    import ml_dtypes
-    tmap = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, LAYERS)
-    w = gguf.GGUFWriter(os.fspath(path), "llama")
+def add_tiny_hparams(w, *, inter=INTER, rope_base=10000.0):
+    """The tiny test models' hyper-parameters and a placeholder tokenizer (tokens t0, t1, ...) on a GGUFWriter."""
     w.add_block_count(LAYERS)
     w.add_context_length(64)
     w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(INTER)
+    w.add_feed_forward_length(inter)
     w.add_head_count(HEADS)
     w.add_head_count_kv(KV_HEADS)
     w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(rope_base)
     w.add_vocab_size(VOCAB)
     w.add_tokenizer_model("llama")
     w.add_token_list([f"t{i}" for i in range(VOCAB)])
     w.add_token_scores([0.0] * VOCAB)
     w.add_token_types([1] * VOCAB)
+
+
+def write_gguf(path, arrays, matrix_type=QT.Q4_1, *, types: dict | None = None, raw: dict | None = None):
+    """A llama-arch GGUF of the arrays: 2-D projections as matrix_type (or types[name]), the rest F32."""
+    import ml_dtypes
+    tmap = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, LAYERS)
+    w = gguf.GGUFWriter(os.fspath(path), "llama")
+    add_tiny_hparams(w)
     for k, a in arrays.items():
         g = tmap.get_name(k, try_suffixes=(".weight",))
         if "q_proj" in k:

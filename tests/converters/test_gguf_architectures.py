@@ -26,9 +26,9 @@ from neuroada_format.converters import gguf_merge as gm  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import NeuroAdaConfig, attach, merge_and_unload, save_adapter  # noqa: E402
 
-from test_gguf import llama_cpp_permute  # noqa: E402  (same folder)
+from test_gguf import HEADS, HIDDEN, KV_HEADS, LAYERS, VOCAB, add_tiny_hparams, llama_cpp_permute  # noqa: E402
 
-VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS = 64, 64, 96, 2, 4, 2
+INTER = 96  # test_gguf's 256 would make Phi-3's fused gate_up 512 rows: no need here
 IDS = [[1, 5, 9, 3, 7, 11, 2, 40, 33, 8, 8, 60], [4, 4, 19, 27, 50, 3, 1, 9, 13, 62, 7, 5]]
 
 
@@ -73,26 +73,14 @@ def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0):
     cfg = model.config
     tmap = gguf.TensorNameMap(getattr(gguf.MODEL_ARCH, arch.upper()), LAYERS)
     w = gguf.GGUFWriter(os.fspath(path), arch)
-    w.add_block_count(LAYERS)
-    w.add_context_length(64)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(INTER)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or 10000.0))
+    add_tiny_hparams(w, inter=INTER, rope_base=float(getattr(cfg, "rope_theta", None) or 10000.0))
     if arch.startswith("gemma"):
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
         w.add_sliding_window(getattr(cfg, "sliding_window", None) or 32)
-    w.add_vocab_size(VOCAB)
     w.add_pad_token_id(0)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    w.add_tokenizer_model("llama")
-    w.add_token_list([f"t{i}" for i in range(VOCAB)])
-    w.add_token_scores([0.0] * VOCAB)
-    w.add_token_types([1] * VOCAB)
     tied = getattr(cfg, "tie_word_embeddings", False)
     for key, t in model.state_dict().items():
         if key == "lm_head.weight" and tied:
@@ -116,6 +104,16 @@ def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def random_deltas_(model, *, seed: int, scale: float) -> None:
+    """Every adapted layer's default deltas set to Gaussian values (as if trained), in place."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "neuroada_val"):
+                v = m.neuroada_val["default"]
+                v.copy_(torch.randn(v.shape, generator=gen) * scale)
 
 
 def linear_keys(model) -> list[str]:
@@ -171,15 +169,10 @@ def test_adapter_trained_on_the_gguf_model_merges_into_the_gguf(case, tmp_path):
     model = read_back(base)
     l_base = logits(model)
     attach(model, NeuroAdaConfig(k=4, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if hasattr(m, "neuroada_val"):
-                v = m.neuroada_val["default"]
-                v.copy_(torch.randn(v.shape, generator=gen) * 0.05)
+    random_deltas_(model, seed=1, scale=0.05)
     adapter = tmp_path / "adapter"
     save_adapter(model, adapter, value_dtype="F32")
-    report = naf.validate(os.fspath(adapter / "neuroada_model.safetensors"), gm.open_gguf_base(base))  # probe hashes against the file
+    report = naf.validate(os.fspath(adapter / "neuroada_model.safetensors"), gm.open_gguf_base(base))  # probes
     assert report.ok, report.problems
     merged_rt = merge_and_unload(model)
     l_rt = logits(merged_rt)

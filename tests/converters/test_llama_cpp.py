@@ -23,6 +23,7 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
 from test_gguf import VOCAB, hf_arrays, write_gguf  # noqa: E402  (same folder: the tiny GGUF generator)
+from test_gguf_architectures import random_deltas_  # noqa: E402
 
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import NeuroAdaConfig, attach, merge_and_unload, save_adapter  # noqa: E402
@@ -61,12 +62,7 @@ def merged(tmp_path_factory):
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp, gguf_file=base.name, dtype=torch.float32).eval()
     l_base = torch_logits(model)
     attach(model, NeuroAdaConfig(k=4, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in model.modules():
-            if hasattr(m, "neuroada_val"):
-                v = m.neuroada_val["default"]
-                v.copy_(torch.randn(v.shape, generator=gen) * 0.1)
+    random_deltas_(model, seed=0, scale=0.1)
     adapter = tmp / "adapter"
     save_adapter(model, adapter, value_dtype="F32")  # the runtime's f32 deltas, exactly
     l_rt = torch_logits(merge_and_unload(model))

@@ -141,6 +141,15 @@ def check_merged_file(base, merged_path, model):
         unmerge(model)
 
 
+def merged_json(base, adapter, out, capsys):
+    """neuroada-merge BASE + ADAPTER -> OUT with --json: (the summary's details, what it printed)."""
+    capsys.readouterr()
+    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out),
+                      "--json"]) == 0
+    said = capsys.readouterr()
+    return json.loads(said.out)["details"], said
+
+
 @pytest.mark.parametrize("qtype", ["Q4_1", "Q4_0", "Q8_0"])
 def test_trained_on_grid_merges_into_the_gguf_exactly(bases, tmp_path, qtype, capsys):
     base = bases[qtype]
@@ -161,11 +170,7 @@ def test_trained_on_grid_merges_into_the_gguf_exactly(bases, tmp_path, qtype, ca
     for name, v in snapped.items():                                            # the file holds the snapped deltas
         np.testing.assert_array_equal(np.asarray(adapter.targets[name + ".weight"].values), v.numpy())
     out = tmp_path / "merged.gguf"
-    capsys.readouterr()
-    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(tmp_path / "out"),
-                      "--out", os.fspath(out), "--json"]) == 0
-    said = capsys.readouterr()
-    details = json.loads(said.out)["details"]
+    details, said = merged_json(base, tmp_path / "out", out, capsys)
     # every gridded block packed on its grid; only the Q5_1 projection (no grid: re-encoded) is warned about
     q5 = gm.open_gguf_base(base).resolve(Q5_TARGET).gguf_name
     n_q5 = gm.read_gguf(base).tensors[q5].nbytes // gm.GGML_QUANT_SIZES[QT.Q5_1][1]
@@ -412,11 +417,7 @@ def test_trained_on_kquant_grids_merges_exactly(tmp_path, ktype, capsys):
     assert all(int((snapped[n.removesuffix(".weight")] != 0).sum()) > 10 for n in downs)
     model.save_pretrained(tmp_path / "out")
     out = tmp_path / "merged.gguf"
-    capsys.readouterr()
-    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(tmp_path / "out"),
-                      "--out", os.fspath(out), "--json"]) == 0
-    said = capsys.readouterr()
-    details = json.loads(said.out)["details"]
+    details, said = merged_json(base, tmp_path / "out", out, capsys)
     assert details["blocks_reencoded"] == 0 and "warning:" not in said.err
     view, mv = gm.open_gguf_base(base), gm.open_gguf_base(out)
     merge(model)
