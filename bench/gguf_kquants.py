@@ -34,11 +34,10 @@ import torch  # noqa: E402
 import lifecycle  # noqa: E402
 import smollm2  # noqa: E402
 import neuroada_format as naf  # noqa: E402
-from gguf_retention import LOGIT_PROMPTS, attach_k20, logits, retention, target_names, task  # noqa: E402
+from gguf_retention import LOGIT_PROMPTS, attach_k20, retention, score, target_names, task  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
 from neuroada_format.runtime import save_adapter, train_on_grid  # noqa: E402
 from results_md import replace_section, table  # noqa: E402
-import tasks  # noqa: E402
 
 HEADING = "## GGUF merge into K-quant files (bench/gguf_kquants.py)"
 CACHE = Path(os.environ.get("NEUROADA_CACHE") or Path.home() / ".cache" / "neuroada") / "bench-gguf"
@@ -95,11 +94,7 @@ def main(argv=None) -> int:
     originals = {n: model.get_parameter(n).detach().clone() for n in names}
 
     def evaluate(weights):
-        with torch.no_grad():
-            for n in names:
-                model.get_parameter(n).copy_(originals[n] if weights is None else torch.from_numpy(weights[n]))
-        return logits(model, tokenizer, prompts), lifecycle.accuracy(tasks.torch_last_logits(model), tokenizer,
-                                                                     held_out)
+        return score(model, tokenizer, names, originals, prompts, held_out, weights)
 
     adapters = {}
     for label, grid in (("plain", False), ("grid", True)):

@@ -68,6 +68,15 @@ def logits(model, tokenizer, prompts) -> np.ndarray:
     return out[enc["attention_mask"].bool()].numpy()
 
 
+def score(model, tokenizer, names, originals, prompts, held_out, weights: dict | None) -> tuple[np.ndarray, float]:
+    """The model with `weights` (name -> array; None: `originals`) in its target tensors: its logits on the prompts
+    and its accuracy on the held-out items."""
+    with torch.no_grad():
+        for n in names:
+            model.get_parameter(n).copy_(originals[n] if weights is None else torch.from_numpy(weights[n]))
+    return logits(model, tokenizer, prompts), lifecycle.accuracy(tasks.torch_last_logits(model), tokenizer, held_out)
+
+
 def target_names(model) -> list[str]:
     return [f"{n}.weight" for n, m in model.named_modules()
             if isinstance(m, torch.nn.Linear) and n.split(".")[-1] in lifecycle.PROJECTIONS]
@@ -119,11 +128,7 @@ def main(argv=None) -> int:
     originals = {n: model.get_parameter(n).detach().clone() for n in names}
 
     def evaluate(weights: dict | None) -> tuple[np.ndarray, float]:
-        with torch.no_grad():
-            for n in names:
-                model.get_parameter(n).copy_(originals[n] if weights is None else torch.from_numpy(weights[n]))
-        return logits(model, tokenizer, prompts), lifecycle.accuracy(tasks.torch_last_logits(model), tokenizer,
-                                                                     held_out)
+        return score(model, tokenizer, names, originals, prompts, held_out, weights)
 
     adapter_file = Path(args.adapter) if args.adapter else CACHE / f"k20-s{args.steps}-seed{args.seed}.safetensors"
     if not adapter_file.exists():

@@ -51,8 +51,24 @@ class Unpacked:
         return D, N
 
 
-def _f16(x) -> np.ndarray:
-    return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+def to_f16(x) -> np.ndarray:
+    """f32 values rounded to the nearest f16 (an overflow becomes +-Inf, without a warning): a stored scale."""
+    with np.errstate(over="ignore"):
+        return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
+
+
+def weighted_line_fit(w: np.ndarray, q: np.ndarray, x: np.ndarray, affine: bool):
+    """Weighted least squares of x ~ scale * q + offset per row of [n, k] (offset 0 unless affine), for levels q
+    already chosen: (scale [n], offset [n], ok [n]); rows with a singular system are not ok (their values are
+    meaningless). The refinement step of both block searches (gguf_merge's and the K-quants' below)."""
+    sw, sq, sqq = w.sum(1), (w * q).sum(1), (w * q * q).sum(1)
+    sx, sqx = (w * x).sum(1), (w * q * x).sum(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if affine:
+            det = sw * sqq - sq * sq
+            scale = (sw * sqx - sq * sx) / det
+            return scale, (sx - scale * sq) / sw, det != 0
+        return sqx / sqq, np.zeros(len(sw), np.float32), sqq != 0
 
 
 def _f16_bytes(x: np.ndarray) -> np.ndarray:
@@ -144,9 +160,9 @@ def levels(t: QT, D: np.ndarray, N: np.ndarray, x: np.ndarray) -> np.ndarray:
 
 # -- re-encoding touched super-blocks -----------------------------------------------------------------------
 def _fit_subblocks(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np.ndarray, sc: np.ndarray,
-                   mn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   mn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For sub-blocks x, w [m, sub] under fixed d, dmin [m]: the integers (sc, mn) [m] with the least weighted squared
-    error among the given ones and those around weighted least-squares fits (two rounds), and that error [m]."""
+    error among the given ones and those around weighted least-squares fits (two rounds)."""
     spec = K_TYPES[t]
     m = x.shape[0]
     rows = np.arange(m)
@@ -166,16 +182,13 @@ def _fit_subblocks(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np.
     best_err, q = best_err[:, 0], q[:, 0]
     for _ in range(2):
         # weighted least squares for x ~ A q - B with the current levels, as integers around A / d and B / dmin
-        sw, sq, sqq = w.sum(1), (w * q).sum(1), (w * q * q).sum(1)
-        sx, sqx = (w * x).sum(1), (w * q * x).sum(1)
+        A, offset, ok = weighted_line_fit(w, q, x, spec.affine)
         with np.errstate(divide="ignore", invalid="ignore"):
+            A = np.where(ok, A, best_sc * d)
             if spec.affine:
-                det = sw * sqq - sq * sq
-                A = np.where(det != 0, (sw * sqx - sq * sx) / det, best_sc * d)
-                B = np.where(det != 0, (A * sq - sx) / np.where(sw == 0, 1, sw), best_mn * dmin)
+                B = np.where(ok, -offset, best_mn * dmin)
                 mn0 = np.rint(np.where(dmin != 0, B / dmin, best_mn))
             else:
-                A = np.where(sqq != 0, sqx / sqq, best_sc * d)
                 mn0 = np.zeros(m, np.float32)
             sc0 = np.rint(np.where(d != 0, A / d, best_sc))
         sc0 = np.nan_to_num(sc0, nan=0.0, posinf=spec.sc_hi, neginf=spec.sc_lo)
@@ -195,10 +208,10 @@ def _fit_subblocks(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np.
         best_sc = np.where(better, sc_c[rows, j], best_sc)
         best_mn = np.where(better, mn_c[rows, j], best_mn)
         q = np.where(better[:, None], qc[rows, j], q)
-    return best_sc.astype(np.int64), best_mn.astype(np.int64), best_err
+    return best_sc.astype(np.int64), best_mn.astype(np.int64)
 
 
-def _fresh_super_scales(t: QT, x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _fresh_super_scales(t: QT, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A new (d, dmin) for super-blocks x [n, S, sub] and starting integers (sc, mn) [n, S]: each sub-block's range
     (min/max, the minimum clamped to <= 0 as llama.cpp does) expressed on f16 super-scales."""
     spec = K_TYPES[t]
@@ -207,8 +220,8 @@ def _fresh_super_scales(t: QT, x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray
         lo_v = np.minimum(x.min(-1), 0)
         scale = (x.max(-1) - lo_v) / levels_n
         minv = -lo_v
-        d = _f16(scale.max(-1) / spec.sc_hi)
-        dmin = _f16(minv.max(-1) / 63)
+        d = to_f16(scale.max(-1) / spec.sc_hi)
+        dmin = to_f16(minv.max(-1) / 63)
         with np.errstate(divide="ignore", invalid="ignore"):
             sc = np.rint(np.where(d[:, None] != 0, scale / d[:, None], 0))
             mn = np.rint(np.where(dmin[:, None] != 0, minv / dmin[:, None], 0))
@@ -216,7 +229,7 @@ def _fresh_super_scales(t: QT, x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray
     amax_i = np.abs(x).argmax(-1)
     peak = np.take_along_axis(x, amax_i[..., None], -1)[..., 0]
     scale = peak / -32  # the largest value takes level -32, the widest side, as llama.cpp's Q6_K does
-    d = _f16(np.abs(scale).max(-1) / 127)
+    d = to_f16(np.abs(scale).max(-1) / 127)
     with np.errstate(divide="ignore", invalid="ignore"):
         sc = np.rint(np.where(d[:, None] != 0, scale / d[:, None], 0))
     return d, np.zeros_like(d), np.clip(sc, spec.sc_lo, spec.sc_hi), np.zeros_like(sc)
@@ -245,7 +258,7 @@ def encode(t: QT, target: np.ndarray, original: np.ndarray | None, touched: np.n
         errors [r]."""
         b, s = np.nonzero(which)
         if b.size:
-            sc, mn, _ = _fit_subblocks(t, x[rows[b], s], ws[rows[b], s], u.d[b], u.dmin[b], u.sc[b, s], u.mn[b, s])
+            sc, mn = _fit_subblocks(t, x[rows[b], s], ws[rows[b], s], u.d[b], u.dmin[b], u.sc[b, s], u.mn[b, s])
             u.sc[b, s], u.mn[b, s] = sc, mn
         D, N = u.grid()
         u.q = levels(t, D, N, x[rows]).reshape(rows.size, QK_K).astype(np.int64)
@@ -255,7 +268,7 @@ def encode(t: QT, target: np.ndarray, original: np.ndarray | None, touched: np.n
         return e
 
     def fresh(rows: np.ndarray) -> tuple[Unpacked, np.ndarray]:
-        d, dmin, sc, mn = _fresh_super_scales(t, x[rows], ws[rows])
+        d, dmin, sc, mn = _fresh_super_scales(t, x[rows])
         u = Unpacked(d, dmin, sc.astype(np.int64), mn.astype(np.int64), np.zeros((rows.size, QK_K), np.int64))
         return u, refit(u, np.ones((rows.size, S), bool), rows)
 

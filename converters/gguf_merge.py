@@ -503,11 +503,6 @@ def open_gguf_base(path) -> GGUFBase:
 _GRID = {QT.Q4_1: (0, 15, True), QT.Q4_0: (-8, 7, False), QT.Q8_0: (-128, 127, False)}
 
 
-def _f16(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
-
-
 def _decode(blocks: np.ndarray, t: QT) -> np.ndarray:
     """gguf-py's decoding of [n, type_size] block bytes, as one 1-D call (2-D input is decoded row by row)."""
     return gquants.dequantize(np.ascontiguousarray(blocks).reshape(-1), t)
@@ -670,15 +665,15 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
         xt = target[np.arange(B), j]
         with np.errstate(divide="ignore", invalid="ignore"):
             q = np.clip(np.rint((xt - om) / od), lo, hi)
-            cands.append((od, _f16(xt - od * q) if affine else om))
+            cands.append((od, kq.to_f16(xt - od * q) if affine else om))
             q1 = np.where(q == 0, 1 if hi > 0 else -1, q)
-            cands.append((_f16(np.where(od != 0, (xt - om) / q1, od)), om))
+            cands.append((kq.to_f16(np.where(od != 0, (xt - om) / q1, od)), om))
     d0, m0 = cands[0]
     for f in (0.98, 1.02):
-        cands.append((_f16(d0 * f), m0 if not affine else m0))
+        cands.append((kq.to_f16(d0 * f), m0))
         if affine:
             for g in (-0.25, 0.25):
-                cands.append((_f16(d0 * f), _f16(m0 + g * d0)))
+                cands.append((kq.to_f16(d0 * f), kq.to_f16(m0 + g * d0)))
     best_err = np.full(B, np.inf, np.float32)
     best_d = np.zeros(B, np.float32)
     best_m = np.zeros(B, np.float32)
@@ -692,17 +687,8 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
         consider(d, m)
     for _ in range(3):  # least squares for (d, m) with the levels fixed, then re-level
         q, _ = _grid_eval(target, w, best_d, best_m, lo, hi)
-        sw, sq, sqq = w.sum(1), (w * q).sum(1), (w * q * q).sum(1)
-        sx, sqx = (w * target).sum(1), (w * q * target).sum(1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            if affine:
-                det = sw * sqq - sq * sq
-                d = np.where(det != 0, (sw * sqx - sq * sx) / det, best_d)
-                m = np.where(det != 0, (sx - d * sq) / sw, best_m)
-            else:
-                d = np.where(sqq != 0, sqx / sqq, best_d)
-                m = np.zeros(B, np.float32)
-        consider(_f16(d), _f16(m))
+        d, m, ok = kq.weighted_line_fit(w, q, target, affine)
+        consider(kq.to_f16(np.where(ok, d, best_d)), kq.to_f16(np.where(ok, m, best_m) if affine else m))
     q, _ = _grid_eval(target, w, best_d, best_m, lo, hi)
     return _pack(t, best_d, best_m, q)
 
@@ -716,21 +702,20 @@ def block_grid(view: GGUFBase, name: str):
     m_ = view.resolve(name)
     info = view.file.tensors[m_.gguf_name]
     if info.type in kq.K_TYPES:  # a grid per sub-block (16 or 32 values) of each super-block
-        d, m, lo, hi, sub = kq.grid_of(info.type, np.asarray(view.file.blocks(m_.gguf_name)), info.shape[0])
-        if m_.inverse is not None:
-            d, m = d[m_.inverse], m[m_.inverse]
-        return d, m, lo, hi, sub
-    if info.type not in _GRID:
+        d, m, lo, hi, block = kq.grid_of(info.type, np.asarray(view.file.blocks(m_.gguf_name)), info.shape[0])
+    elif info.type in _GRID:
+        lo, hi, affine = _GRID[info.type]
+        b = np.asarray(view.file.blocks(m_.gguf_name))
+        d = b[:, :2].copy().view(np.float16).astype(np.float32).reshape(info.shape[0], -1)
+        m = (b[:, 2:4].copy().view(np.float16).astype(np.float32).reshape(info.shape[0], -1) if affine
+             else np.zeros_like(d))
+        block = GGML_QUANT_SIZES[info.type][0]
+    else:
         raise NeuroAdaUsageError(f"{info.type.name} has no grid here (Q4_1, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K)",
                                  path=view.path, tensor=name)
-    lo, hi, affine = _GRID[info.type]
-    b = np.asarray(view.file.blocks(m_.gguf_name))
-    d = b[:, :2].copy().view(np.float16).astype(np.float32).reshape(info.shape[0], -1)
-    m = (b[:, 2:4].copy().view(np.float16).astype(np.float32).reshape(info.shape[0], -1) if affine
-         else np.zeros_like(d))
     if m_.inverse is not None:
         d, m = d[m_.inverse], m[m_.inverse]
-    return d, m, lo, hi, GGML_QUANT_SIZES[info.type][0]
+    return d, m, lo, hi, block
 
 
 # -- the merge backend --------------------------------------------------------------------------------
