@@ -28,7 +28,7 @@ _EXPORTS = {
     "Delta": "merge", "MergePlan": "merge", "Saved": "merge", "merge_weight": "merge", "merge_weight_": "merge",
     "merged_values": "merge", "plan_merge": "merge", "unmerge_weight_": "merge",
     "select_indices": "selection", "topk_columns": "selection",
-    "Report": "validate",
+    "Report": "validate", "version_for": "metadata",
 }
 
 __all__ = sorted([*_EXPORTS, "SPEC_VERSION", "validate"])

@@ -18,8 +18,15 @@ FORMAT_NAME = "neuroada"
 METADATA_KEY = "neuroada"
 VERSION = "1.0"
 SUPPORTED_MAJOR = 1
+MODULE_VERSION = "1.2"  # the first version that defines targets.T.module
 MERGE_RULE = "add-f32-round-once"
 _VERSION_RE = re.compile(r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)")  # fullmatch: "$" would let "1.0\n" through
+
+
+def version_for(targets) -> str:
+    """The version a new file is written as: the lowest that defines the fields it uses. A file whose targets
+    record no `module` is "1.0", byte for byte what earlier writers wrote."""
+    return MODULE_VERSION if any("module" in t.extra for t in targets) else VERSION
 
 
 def version_key(version: str) -> tuple:
@@ -128,7 +135,8 @@ def _plainly_valid(doc: dict) -> bool:
         shape = t.get("shape")
         if not (type(shape) is list and len(shape) == 2 and is_count(shape[0]) and is_count(shape[1])
                 and is_count(t.get("k")) and t.get("layout") in ("out_in", "in_out")
-                and t.get("dtype") in ("F32", "F16", "BF16") and is_str(t.get("probe"), _SHA256)):
+                and t.get("dtype") in ("F32", "F16", "BF16") and is_str(t.get("probe"), _SHA256)
+                and ("module" not in t or (is_str(t["module"]) and 1 <= len(t["module"]) <= 1024))):
             return False
     return True
 

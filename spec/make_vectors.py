@@ -355,6 +355,12 @@ def build() -> dict:
     valid("minor_1_7_unknown_fields", newer, "version 1.7 with unknown fields at every level: a 1.0 reader "
           "MUST accept it and ignore them", doc=doc17)
 
+    renamed = [target(base, Q, 2, seed=61)]
+    doc12 = document(renamed, base, version="1.2")
+    doc12["targets"][Q]["module"] = "model.text_model.layers.0.self_attn.q_proj"
+    valid("module_1_2", renamed, "version 1.2: a target records the module of the framework's model that holds the "
+          "tensor the checkpoint calls by its key (section 4.6); the key alone decides the base tensor", doc=doc12)
+
     anon = [target(base, DOWN, 1, value_dtype="BF16", seed=15)]
     anon_doc = document(anon, None, base_name=None, revision=None)
     valid("no_base_identity", anon, "base name, revision and structure_hash all null (no 4.5 check "
@@ -683,6 +689,10 @@ def build() -> dict:
         doc["targets"] = [{"key": "w", "encoding": "bitmap"}]    # whatever 2.0 may do, 1.x must not guess
     invalid("2.3_newer_major_new_layout", with_doc(newer_major), "2.3",
             "version 2.0 whose targets no longer follow the 1.x schema: refused as 2.3, not as 2.2")
+    invalid("2.2_module_not_a_string", with_doc(set_path(["targets", "w", "module"], 7)), "2.2",
+            "a target's module (defined since 1.2, section 4.6) is the number 7, not a string")
+    invalid("2.2_module_empty", with_doc(set_path(["targets", "w", "module"], "")), "2.2",
+            "a target's module is the empty string (1 to 1024 characters)")
     invalid("2.3_missing_version", with_doc(set_path(["version"], DELETE)), "2.3",
             "no version member: 2.3 (the version is checked before the schema), not 2.2")
     invalid("2.3_version_number", with_doc(set_path(["version"], 1.0)), "2.3",
