@@ -661,6 +661,19 @@ def base_state_names(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]
     return out
 
 
+def _hf_reverter(model: nn.Module):
+    """``(hf_model, revert_weight_conversion)`` when transformers 5 may save `model` under other names, else None."""
+    hf = model.base_model.model if _peft_prefix(model) else model  # the model the plain names are relative to
+    utils = sys.modules.get("transformers.modeling_utils")
+    if utils is None or not isinstance(hf, utils.PreTrainedModel):
+        return None
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: checkpoint keys are the model's
+        return None
+    return hf, revert_weight_conversion
+
+
 def saved_structure(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
     """base_state_names as transformers' save_pretrained writes them to the checkpoint: what the structure hash
     (spec 6.2) describes, so that validating an adapter against the saved base gives no false warning 4.5.
@@ -670,28 +683,68 @@ def saved_structure(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
     tensor are saved one linear per expert. Hashed under the model's names, every GPT-NeoX adapter was reported as
     made for another structure. The same reversal is run here on meta tensors (names, dtypes and shapes, no data)."""
     names = base_state_names(model)
-    hf = model.base_model.model if _peft_prefix(model) else model  # the model the plain names are relative to
-    utils = sys.modules.get("transformers.modeling_utils")
-    if utils is None or not isinstance(hf, utils.PreTrainedModel):
+    found = _hf_reverter(model)
+    if found is None:
         return names
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:  # transformers 4: checkpoint keys are the model's
-        return names
+    hf, revert = found
     dtypes = {v: k for k, v in TORCH_DTYPE_NAMES.items()}
     meta = {n: torch.empty(shape, dtype=dtypes[d], device="meta") for n, (d, shape) in names.items() if d in dtypes}
     if len(meta) != len(names):
         return names
     try:
-        saved = revert_weight_conversion(hf, meta)
+        saved = revert(hf, meta)
     except Exception:  # a mapping that cannot run on meta tensors (custom code): the hash is only a warning's
         return names
     return {n: (TORCH_DTYPE_NAMES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for n, t in saved.items()}
 
 
+def checkpoint_keys(model: nn.Module) -> dict[str, str]:
+    """Each adaptable weight's plain name -> its key in the checkpoint save_pretrained writes, where the two differ.
+
+    Spec 2.5 keys a target by the base tensor's key, and the base a converter merges into is that checkpoint:
+    transformers 5 holds Gemma 3's text layers as ``model.language_model.layers.N`` but saves (and the Hub's files
+    hold) ``language_model.model.layers.N``, and GPT-NeoX's head is ``embed_out`` on disk. Keyed by the model's
+    names, such an adapter could be loaded back but not merged into its own base's files (rule 4.1). Each weight
+    is reverted alone on a meta tensor; one the mapping cannot revert alone (experts fused across tensors, which
+    are not targets) keeps its name."""
+    found = _hf_reverter(model)
+    if found is None:
+        return {}
+    hf, revert = found
+    meta = {plain_name(model, name) + ".weight": torch.empty(tuple(m.weight.shape), dtype=m.weight.dtype,
+                                                             device="meta")
+            for name, m in _adaptable(model).items() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    try:
+        if set(revert(hf, dict(meta))) == set(meta):  # nothing renamed (nearly every model): one call
+            return {}
+    except Exception:
+        pass
+    out = {}
+    for key, t in meta.items():
+        try:
+            saved = list(revert(hf, {key: t}))
+        except Exception:
+            continue
+        if len(saved) == 1 and saved[0] != key:
+            out[key] = saved[0]
+    return out
+
+
 def _modules_by_key(model: nn.Module) -> dict[str, str]:
-    """Adapter target key (the base's weight name) -> module name, for every adaptable linear."""
-    return {plain_name(model, name) + ".weight": name for name in _adaptable(model)}
+    """Adapter target key -> module name, for every adaptable linear: under the base's weight name in the model
+    and, where transformers 5 saves it under another name, under that one too (checkpoint_keys)."""
+    out = {plain_name(model, name) + ".weight": name for name in _adaptable(model)}
+    for key, saved in checkpoint_keys(model).items():
+        out.setdefault(saved, out[key])
+    return out
+
+
+def _module_for(by_key: dict[str, str], key: str, target: naf.Target) -> str | None:
+    """The module an adapter's target is for: by its key, else by the module name a 1.2 file records."""
+    name = by_key.get(key)
+    if name is None and isinstance(target.extra.get("module"), str):
+        name = by_key.get(target.extra["module"] + ".weight")
+    return name
 
 
 # -- save --------------------------------------------------------------------------------------------
@@ -720,10 +773,12 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
     _refuse_fsdp1(model, "saving the adapter")
     vdt = value_dtype or config.save_dtype
     targets = {}
+    saved_keys = checkpoint_keys(model)
     for name, layer in layers(model).items():
         if adapter_name not in layer.neuroada_val:
             continue
-        key = plain_name(model, name) + ".weight"
+        module = plain_name(model, name)
+        key = saved_keys.get(module + ".weight", module + ".weight")
         idx = to_numpy(layer.neuroada_idx[adapter_name])
         val32 = _full(layer.delta(adapter_name).detach()).float().cpu().numpy()
         with np.errstate(over="ignore"):
@@ -737,6 +792,8 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
             key, idx.astype(np.int16 if layer.d_in <= 32768 else np.int32), val, (layer.d_out, layer.d_in),
             "in_out" if layer.transposed else "out_in", TORCH_DTYPE_NAMES[layer.weight.dtype],
             layer_probe(layer, adapter_name),
+            # (1.2) the checkpoint names this weight differently: keep the model's name for PEFT and for loading
+            extra={} if key == module + ".weight" else {"module": module},
         )
     mcfg = getattr(model, "config", None)
     base_name = config.base_model_name_or_path or getattr(mcfg, "_name_or_path", None) or None
@@ -748,7 +805,7 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
         selection["score"] = "abs(sum over calibration batches of dloss/dW)"
     return naf.Adapter(targets, base_name=base_name, base_revision=revision,
                        structure_hash=naf.structure_hash((n, d, s) for n, (d, s) in saved_structure(model).items()),
-                       selection=selection)
+                       selection=selection, version=naf.version_for(targets.values()))
 
 
 def save_adapter(model: nn.Module, path, adapter_name: str = "default", *, value_dtype: str | None = None,
@@ -1108,7 +1165,13 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
     by_key = _modules_by_key(model)
     found = {}
     for key, t in sorted(adapter.targets.items()):
-        module = model.get_submodule(by_key[key]) if key in by_key else None
+        name = _module_for(by_key, key, t)
+        module = None if name is None else model.get_submodule(name)
+        twin = next((k for k in found if _module_for(by_key, k, adapter.targets[k]) == name), None)
+        if module is not None and twin is not None:  # the model's name and the checkpoint's, both in one file
+            raise NeuroAdaError(f"targets {twin!r} and {key!r} name the same weight (one as the model holds it, one "
+                                "as its checkpoint stores it): its deltas would be added twice", path=adapter.path,
+                                tensor=key, rule="4.1")
         if module is None:
             other = _module_at(model, key)
             if other is not None and not isinstance(other, _linear_types()):
@@ -1179,7 +1242,9 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
     try:
         check_against_model(adapter, model)
         ks = {t.k for t in adapter.targets.values()}
-        config = cfg or NeuroAdaConfig(k=max(ks), target_modules=sorted(k[:-7] for k in adapter.targets),
+        by_key, wrappers = _modules_by_key(model), _foreign_wrappers(model)
+        modules = {key: _module_for(by_key, key, t) for key, t in adapter.targets.items()}
+        config = cfg or NeuroAdaConfig(k=max(ks), target_modules=sorted(plain_name(model, n) for n in modules.values()),
                                        base_model_name_or_path=adapter.base_name, revision=adapter.base_revision)
         config.inference_mode = not is_trainable
         if cfg is None:
@@ -1190,9 +1255,8 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
         config.mode = mode
         shared = _shared_weights(model)
         delta_dtype = getattr(torch, config.delta_dtype)
-        by_key, wrappers = _modules_by_key(model), _foreign_wrappers(model)
         for key, t in adapter.targets.items():
-            name = by_key[key]
+            name = modules[key]
             module = _wrap(model, name, model.get_submodule(name), config, shared, wrappers)
             w = module.weight
             idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
