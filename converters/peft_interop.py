@@ -50,7 +50,7 @@ from neuroada_format.folder import WEIGHTS_NAME as NEUROADA_WEIGHTS
 from neuroada_format.jsonparse import read_json
 from neuroada_format.folder import adapter_paths
 from neuroada_format.merge import padded_rows
-from neuroada_format.metadata import METADATA_KEY, parse_document
+from neuroada_format.metadata import METADATA_KEY, parse_document, version_for
 
 PEFT_TYPE = "SUPERTUNING"
 CONFIG_NAME = "adapter_config.json"
@@ -129,10 +129,14 @@ def _exact_in(values_f32: np.ndarray, dtype: str) -> np.ndarray:
 
 
 # -- export ----------------------------------------------------------------------------------------
-def _module_of(name: str, layout: str, path=None) -> str:
+def _module_of(name: str, layout: str, path=None, module=None) -> str:
+    """The PEFT module a target is for: the module a 1.2 file records (a checkpoint naming the weight otherwise,
+    SPEC 4.6), else the target's key without ``.weight``."""
     if layout != "out_in":
         raise NeuroAdaError("PEFT Super-Tuning wraps torch.nn.Linear only; this target is stored [in, out] "
                             "(GPT-2 Conv1D) and cannot be exported", path=path, tensor=name, rule="16")
+    if isinstance(module, str) and module:
+        return module
     if not name.endswith(".weight") or name == ".weight":
         raise NeuroAdaError("PEFT addresses a module's weight as <module>.weight; this target name does not "
                             "end in .weight", path=path, tensor=name, rule="16")
@@ -164,7 +168,8 @@ def peft_tensors(adapter: Adapter, *, allow_inexact: bool = False, base_dtypes: 
 
     base_dtypes: the dtype of each target's tensor in the base PEFT will load (PEFT casts values to
     it); by default the dtype the adapter records."""
-    modules = {name: _module_of(name, t.layout, adapter.path) for name, t in adapter.targets.items()}
+    modules = {name: _module_of(name, t.layout, adapter.path, t.extra.get("module"))
+               for name, t in adapter.targets.items()}
     for name, t in adapter.targets.items():
         if t.d_out * t.d_in > INT32_MAX:
             raise NeuroAdaError(f"{t.d_out} x {t.d_in} positions do not fit PEFT's int32 flat indices",
@@ -281,7 +286,7 @@ def to_peft(adapter, out_dir, *, base=None, base_model_name_or_path=None, revisi
         b = open_base(base)
         base_dtypes = {name: b.info(name)[0] for name in adapter.targets}
     sparsity, tensors, stats = peft_tensors(adapter, allow_inexact=allow_inexact, base_dtypes=base_dtypes)
-    modules = sorted(_module_of(name, t.layout) for name, t in adapter.targets.items())
+    modules = sorted(_module_of(name, t.layout, module=t.extra.get("module")) for name, t in adapter.targets.items())
     config = _peft_config(sparsity, modules,
                           adapter.base_name if base_model_name_or_path is None else base_model_name_or_path,
                           adapter.base_revision if revision is None else revision, task_type)
@@ -492,9 +497,13 @@ def import_peft(folder, base, *, value_dtype: str | None = None, round_values: b
                             f"loads the folder without applying them, so no adapter can merge as it does; fix "
                             f"{CONFIG_NAME} or the file", path=os.path.join(folder, CONFIG_NAME))
     b = open_base(base)
-    info = {}
+    doc, dtypes = _embedded(st)
+    # an exported 1.2 file knows the checkpoint's key of a module the checkpoint names otherwise (SPEC 4.6)
+    named = {entry["module"]: key for key, entry in (doc or {}).get("targets", {}).items()
+             if isinstance(entry.get("module"), str)}
+    info, renamed = {}, {}
     for module, (flat, vals) in sorted(entries.items()):
-        name = module + ".weight"
+        name = named.get(module, module + ".weight")
         if name not in b:
             raise NeuroAdaError(f"the base has no tensor {name!r} for PEFT module {module!r}: not the base this "
                                 f"adapter was trained on", path=path, tensor=name, rule="4.1")
@@ -522,8 +531,9 @@ def import_peft(folder, base, *, value_dtype: str | None = None, round_values: b
             raise NeuroAdaError(f"value {float(vals[int(np.argmax(bad))])!r} is not finite", path=path,
                                 tensor=name, rule="3.7")
         info[name] = (flat, vals, d_out, d_in, dtype)
+        if name != module + ".weight":
+            renamed[name] = module
 
-    doc, dtypes = _embedded(st)
     exact = doc is not None and _fits_embedded(doc, dtypes, info)
     targets, report = {}, {}
     for name, (flat, vals, d_out, d_in, dtype) in info.items():
@@ -558,6 +568,8 @@ def import_peft(folder, base, *, value_dtype: str | None = None, round_values: b
                 raise NeuroAdaError("the base values at the adapter's positions differ from those it was exported "
                                     "for (probe hash): another base", path=path, tensor=name, rule="4.3")
             target.extra = {k: v for k, v in entry.items() if k not in ("shape", "layout", "dtype", "k", "probe")}
+        elif name in renamed:
+            target.extra = {"module": renamed[name]}
         targets[name] = target
         report[name] = {"k": target.k, "entries": int(flat.size), "dropped_negative_zero": dropped,
                         "padding": padded, "negative_zero_base_at_padding": flips}
@@ -570,7 +582,8 @@ def import_peft(folder, base, *, value_dtype: str | None = None, round_values: b
                           selection={"rule": "custom", "tie_break": "lower-column"},
                           extra={"created_by": CREATED_BY,
                                  "description": f"imported from a PEFT Super-Tuning adapter (global top-|W| "
-                                                f"selection, sparsity {sparsity!r})"})
+                                                f"selection, sparsity {sparsity!r})"},
+                          version=version_for(targets.values()))
         if adapter.base_name is not None and not isinstance(adapter.base_name, str):
             adapter.base_name = None
     if base_name is not None:
