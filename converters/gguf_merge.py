@@ -98,6 +98,12 @@ BLOCK_KEYS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_
               "ffn_down": "mlp.down_proj"}
 BLOCK_KEYS_OF = {"phi3": {**BLOCK_KEYS, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}
 
+# Multimodal checkpoints whose text model llama.cpp writes as the architecture's GGUF (the vision tower goes to a
+# separate mmproj file): Gemma 3 4B and larger are Gemma3ForConditionalGeneration, saved with the text weights under
+# `language_model.model.` (transformers 5 holds them as `model.language_model.`), and llama.cpp drops the prefix.
+TEXT_PREFIXES = {"gemma3": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                            ("model.language_model.", "model."))}
+
 
 def qtype(name) -> QT:
     """A GGML type from its name (`--option requant=Q8_0`), refused clearly when unknown or not encodable."""
@@ -420,12 +426,14 @@ class GGUFBase:
         if name in self.file.tensors:
             found = Mapped(name, name, None, None)
         else:
-            gname = self._name_map().get_name(name, try_suffixes=(".weight", ".bias"))
+            text = next((new + name[len(old):] for old, new in TEXT_PREFIXES.get(self.arch, ())
+                         if name.startswith(old)), name)
+            gname = self._name_map().get_name(text, try_suffixes=(".weight", ".bias"))
             if gname is not None and gname in self.file.tensors:
                 perm = None
                 # llama.cpp's converter permutes exactly the Hugging Face q_proj/k_proj tensors (by their name's
                 # ending); aliases already stored in rope order (q_proj_no_perm, Meta's attention.wq) are not
-                stem = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
+                stem = text.rsplit(".", 1)[0] if text.endswith((".weight", ".bias")) else text
                 if ARCHS[self.arch] and stem.endswith(("q_proj", "k_proj")) and (
                         ".attn_q." in gname or ".attn_k." in gname):
                     n_head = self._heads("attention.head_count")

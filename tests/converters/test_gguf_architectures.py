@@ -236,3 +236,41 @@ def test_an_architecture_without_a_mapping_is_refused_by_name(arch, tmp_path):
     with pytest.raises(NeuroAdaError) as e:
         view.resolve("model.layers.0.self_attn.o_proj.weight")
     assert e.value.rule == "4.1" and repr(arch) in str(e.value) and "gemma3" in str(e.value)
+
+
+def test_gemma3_multimodal_adapter_merges_into_its_text_gguf(tmp_path):
+    """Gemma 3 4B and larger are Gemma3ForConditionalGeneration: an adapter trained on it is keyed by its checkpoint's
+    names (`language_model.model.layers.N...`), and llama.cpp writes the text model as a gemma3 GGUF with that prefix
+    dropped (the vision tower goes to a separate mmproj file). The adapter merges into that GGUF: transformers reads
+    the merged file's weights as the runtime's merged text weights, bit for bit. A vision tower target is refused (4.1)."""
+    text = build("gemma3")
+    vlm_config = transformers.Gemma3Config(
+        text_config=text.config.to_dict(), mm_tokens_per_image=4, image_token_index=VOCAB - 1,
+        boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14))
+    vlm = transformers.Gemma3ForConditionalGeneration(vlm_config).float().eval()
+    vlm.model.language_model.load_state_dict(text.model.state_dict())
+    base = write_like_llama_cpp(tmp_path / "base.gguf", "gemma3", text, QT.F32)
+    attach(vlm, NeuroAdaConfig(k=4, target_modules=r".*language_model\..*_proj"))
+    random_deltas_(vlm, seed=1, scale=0.05)
+    adapter = tmp_path / "adapter"
+    save_adapter(vlm, adapter, value_dtype="F32")
+    keys = naf.load(adapter / "neuroada_model.safetensors").targets
+    assert keys and all(k.startswith("language_model.model.layers.") for k in keys)
+    out = tmp_path / "merged.gguf"
+    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out)]) == 0
+    merged = merge_and_unload(vlm).model.language_model.state_dict()
+    back = read_back(out).state_dict()
+    changed = 0
+    for key in linear_keys(text):
+        np.testing.assert_array_equal(back[key].numpy(), merged[key[len("model."):]].numpy(), err_msg=key)
+        changed += not np.array_equal(back[key].numpy(), text.state_dict()[key].numpy())
+    assert changed == len(keys)
+
+    vision = transformers.Gemma3ForConditionalGeneration(vlm_config).float().eval()
+    attach(vision, NeuroAdaConfig(k=2, target_modules=r".*vision_tower.*\.q_proj"))
+    save_adapter(vision, tmp_path / "vision")
+    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(tmp_path / "vision"),
+                      "--out", os.fspath(tmp_path / "v.gguf")]) != 0
+    assert not (tmp_path / "v.gguf").exists()
