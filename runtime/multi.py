@@ -231,15 +231,26 @@ def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
 
 
 def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
-    """Serve one adapter merged into the weights (None or "__base__": the plain base).
+    """Make one adapter the active one (None or "__base__": the plain base).
 
-    Costs O(entries of the old and new adapter); the weight tensors stay the same objects.
-    Layers the adapter does not target serve their base weights.
+    An adapter loaded for inference is served merged into the weights: O(entries of the old and new adapter) to
+    switch, nothing per forward, the weight tensors stay the same objects. A trainable one (attached, or loaded
+    with is_trainable=True: its deltas require grad) is made active unmerged, so that it trains, as PEFT's
+    set_adapter before a training loop; its outputs are the merged ones bit for bit. Layers the adapter does not
+    target serve their base weights.
     """
     _refuse_in_batch(model, "set_adapter")
     _check_known(model, [adapter_name], allow_base=True)
     target = None if adapter_name in (None, BASE_ADAPTER) else adapter_name
     all_layers = layers(model)
+    if target is not None and any(target in layer.neuroada_val and layer.neuroada_val[target].requires_grad
+                                  for layer in all_layers.values()):
+        with torch.no_grad():
+            for layer in all_layers.values():
+                _unserve(layer)
+                layer.unmerge()
+                layer.active_adapters = [target] if target in layer.neuroada_val else []
+        return
     if target is not None:
         shared = _shared_weights(model)
         for name, layer in all_layers.items():  # before any weight changes

@@ -406,13 +406,12 @@ def test_attach_and_load_refuse_bases_the_format_cannot_describe(tmp_path):
 
 def test_training_a_merged_adapter_warns_and_unmerge_trains_it():
     """Merged, the deltas are folded into a constant weight: a training step would silently change nothing."""
-    from neuroada_format.runtime import merge, set_adapter, stop_serving, unmerge
+    from neuroada_format.runtime import merge, unmerge
 
     model = _randomized(attach(tiny_llama(), NeuroAdaConfig(k=2)))
     ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
     model.train()
-    for serve in (lambda: merge(model), lambda: (set_adapter(model, "default"), stop_serving(model)),
-                  lambda: set_adapter(model, "default")):
+    for serve in (lambda: merge(model), lambda: merge(model, ["default"])):
         serve()
         with pytest.warns(UserWarning, match="merged into the weights.*unmerge"):
             loss = model(input_ids=ids, labels=ids).loss
@@ -445,3 +444,41 @@ def test_resize_token_embeddings_of_an_adapted_head_is_refused_before_anything_c
     model.resize_token_embeddings(108)
     assert model.config.vocab_size == 108 and len(layers(model)) == 2
     assert model(input_ids=torch.tensor([[1, 107]])).logits.shape == (1, 2, 108)
+
+
+def test_set_adapter_on_a_trainable_adapter_trains_it(tmp_path):
+    """PEFT's habit: load an adapter trainable (or attach two), set_adapter to it, train. set_adapter used to serve
+    every adapter merged, so the training forward warned and backward failed (nothing required grad). A trainable
+    adapter is now made active unmerged and trains; its outputs are the merged ones bit for bit; an adapter loaded
+    for inference is still served merged, and switching between the two kinds works both ways."""
+    from neuroada_format.runtime import ServingLayer, load_adapter, save_adapter, set_adapter
+
+    base = _randomized(attach(tiny_llama(), NeuroAdaConfig(k=2)))
+    save_adapter(base, tmp_path / "a")
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama()
+    load_adapter(model, tmp_path / "a", "served")
+    load_adapter(model, tmp_path / "a", "tuned", is_trainable=True)
+    set_adapter(model, "served")
+    assert all(isinstance(l, ServingLayer) and l.merged_adapters == ["served"] for l in layers(model).values())
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    set_adapter(model, "tuned")
+    assert all(not isinstance(l, ServingLayer) and not l.merged and l.active_adapters == ["tuned"]
+               for l in layers(model).values())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want)  # unmerged in place: the merged bits
+    model.train()
+    import warnings as w
+    with w.catch_warnings():
+        w.simplefilter("error")
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert all(l.neuroada_val["tuned"].grad.abs().sum() > 0 for l in layers(model).values())
+    assert all(l.neuroada_val["served"].grad is None for l in layers(model).values())
+    model.eval()
+    set_adapter(model, "served")  # and back: merged serving of the other, the base untouched in between
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, want)
+    set_adapter(model, None)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, tiny_llama()(input_ids=ids).logits)
