@@ -333,8 +333,14 @@ def combine(adapters_with_weights, base, *, value_dtype: str | None = None, veri
                                 f"dtype", path=owner[id(first)], tensor=name, rule="3.7")
         targets[name] = Target.from_weight(name, b.array(name), idx, values, layout=first.layout,
                                            value_dtype=vdt)
+        modules = {t.extra["module"] for t, _ in parts if isinstance(t.extra.get("module"), str)}
+        if len(modules) > 1:
+            raise NeuroAdaError(f"the adapters record different modules for this tensor ({', '.join(sorted(modules))}"
+                                f"): made for different models", path=owner[id(first)], tensor=name, rule="4.1")
+        if modules:  # spec 4.6: the model's name for a renamed checkpoint key rides along
+            targets[name].extra = {"module": modules.pop()}
     lead = pairs[0][0]
-    return Adapter(targets, base_name=base_name or lead.base_name, base_revision=lead.base_revision,
+    return Adapter(targets, version=_metadata.version_for(targets.values()), base_name=base_name or lead.base_name, base_revision=lead.base_revision,
                    structure_hash=(b.structure_hash() if hasattr(b, "structure_hash") else
                                    hashes.pop() if len(hashes) == 1 else None),
                    selection={"rule": "union", "tie_break": "lower-column"},

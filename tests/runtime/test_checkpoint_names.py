@@ -203,3 +203,21 @@ def test_one_weight_named_twice_is_refused(case, setup, tmp_path):
     with pytest.raises(naf.NeuroAdaError, match=r"4\.1.*same weight|same weight.*4\.1"):
         load_adapter(model, tmp_path / "twice.safetensors")
     assert torch.equal(logits(model), before) and not any(".neuroada_" in n for n in model.state_dict())
+
+
+def test_combine_and_repack_keep_the_module(case, setup, tmp_path):
+    """neuroada-pack --combine and --repack carry each target's module (the combined adapter still exports to PEFT
+    under the model's names); two adapters recording different modules for one tensor are refused (4.1)."""
+    from neuroada_format.converters.pack import combine, repack
+
+    _, file, base = setup
+    module, key = CASES[case][2]
+    a = naf.load(file)
+    both = combine([(a, 0.5), (naf.load(file), 0.5)], base)
+    assert both.targets[key].extra == {"module": module} and both.version == "1.2"
+    packed = repack(a, value_dtype="BF16")
+    assert packed.targets[key].extra == {"module": module} and packed.version == "1.2"
+    other = naf.load(file)
+    other.targets[key].extra = {"module": "somewhere.else"}
+    with pytest.raises(naf.NeuroAdaError, match="different modules"):
+        combine([(a, 1.0), (other, 1.0)], base)
