@@ -704,9 +704,9 @@ def checkpoint_keys(model: nn.Module) -> dict[str, str]:
     Spec 2.5 keys a target by the base tensor's key, and the base a converter merges into is that checkpoint:
     transformers 5 holds Gemma 3's text layers as ``model.language_model.layers.N`` but saves (and the Hub's files
     hold) ``language_model.model.layers.N``, and GPT-NeoX's head is ``embed_out`` on disk. Keyed by the model's
-    names, such an adapter could be loaded back but not merged into its own base's files (rule 4.1). Each weight
-    is reverted alone on a meta tensor; one the mapping cannot revert alone (experts fused across tensors, which
-    are not targets) keeps its name."""
+    names, such an adapter could be loaded back but not merged into its own base's files (rule 4.1). The weights
+    go through transformers' own reversal once, as meta tensors; a tensor it splits or fuses (MoE experts, never
+    targets) keeps its name."""
     found = _hf_reverter(model)
     if found is None:
         return {}
@@ -714,20 +714,22 @@ def checkpoint_keys(model: nn.Module) -> dict[str, str]:
     meta = {plain_name(model, name) + ".weight": torch.empty(tuple(m.weight.shape), dtype=m.weight.dtype,
                                                              device="meta")
             for name, m in _adaptable(model).items() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    key_of = {id(t): key for key, t in meta.items()}
+    seen: dict[str, list[str]] = {}
     try:
-        if set(revert(hf, dict(meta))) == set(meta):  # nothing renamed (nearly every model): one call
-            return {}
-    except Exception:
-        pass
-    out = {}
-    for key, t in meta.items():
-        try:
-            saved = list(revert(hf, {key: t}))
-        except Exception:
-            continue
-        if len(saved) == 1 and saved[0] != key:
-            out[key] = saved[0]
-    return out
+        saved = list(revert(hf, dict(meta)).items())
+    except Exception:  # one at a time, so that a tensor the mapping cannot revert alone costs only its own name
+        saved = []
+        for key, t in meta.items():
+            try:
+                saved += list(revert(hf, {key: t}).items())
+            except Exception:
+                continue
+    # a rename hands the same tensor object on; a split or fused tensor is a new one (no key of ours)
+    for new, t in saved:
+        if id(t) in key_of:
+            seen.setdefault(key_of[id(t)], []).append(new)
+    return {key: news[0] for key, news in seen.items() if len(news) == 1 and news[0] != key}
 
 
 def _modules_by_key(model: nn.Module) -> dict[str, str]:
