@@ -121,6 +121,7 @@ def describe(adapter) -> dict:
             "name": name, "shape": list(t.shape), "layout": t.layout, "base_dtype": t.dtype, "k": t.k,
             "index_dtype": t.index_dtype, "value_dtype": t.value_dtype,
             "bytes": int(t.indices.nbytes + t.values.nbytes), "values": _stats(t.values),
+            **({"module": t.extra["module"]} if isinstance(t.extra.get("module"), str) else {}),  # spec 4.6
         })
     return {
         "path": adapter.path, "version": adapter.version,
@@ -163,6 +164,10 @@ def inspect_cmd(adapter, as_json):
         click.echo(out(f"{name[-48:]:<48} {shape:>13} {t['layout']:>6} {t['k']:>4} {t['index_dtype']:>4} "
                        f"{t['value_dtype']:>4} {t['bytes']:>10,} {mean if mean is not None else 0:>9.2e} "
                        f"{t['values']['nonzero']:>7.1%}"))
+    renamed = [t for t in info["targets"] if "module" in t]
+    if renamed:  # spec 4.6: keys are the checkpoint's; the model holds these weights under other names
+        click.echo(f"{len(renamed)} target(s) the model holds under another name (module), e.g. "
+                   + out(f"{renamed[0]['name']} -> {renamed[0]['module']}"))
     return 0
 
 

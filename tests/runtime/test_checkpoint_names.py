@@ -221,3 +221,17 @@ def test_combine_and_repack_keep_the_module(case, setup, tmp_path):
     other.targets[key].extra = {"module": "somewhere.else"}
     with pytest.raises(naf.NeuroAdaError, match="different modules"):
         combine([(a, 1.0), (other, 1.0)], base)
+
+
+def test_inspect_shows_the_module(case, setup):
+    """`neuroada inspect` says which targets the model holds under another name (and --json gives each module)."""
+    from click.testing import CliRunner
+
+    from neuroada_format.cli import main
+
+    _, file, _ = setup
+    module, key = CASES[case][2]
+    text = CliRunner().invoke(main, ["inspect", file])
+    assert text.exit_code == 0 and "spec 1.2" in text.output and "under another name" in text.output
+    data = json.loads(CliRunner().invoke(main, ["inspect", "--json", file]).output)
+    assert {t["name"]: t.get("module") for t in data["targets"]}[key] == module
