@@ -235,3 +235,18 @@ def test_inspect_shows_the_module(case, setup):
     assert text.exit_code == 0 and "spec 1.2" in text.output and "under another name" in text.output
     data = json.loads(CliRunner().invoke(main, ["inspect", "--json", file]).output)
     assert {t["name"]: t.get("module") for t in data["targets"]}[key] == module
+
+
+def test_all_linear_on_the_multimodal_model_is_peft_s():
+    """`all-linear` on Gemma3ForConditionalGeneration adapts exactly the modules PEFT's LoRA wraps (text layers, vision
+    tower and projector; not the head)."""
+    import copy
+
+    from neuroada_format.runtime.model import layers
+
+    model = build("gemma3_vlm")
+    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules="all-linear", r=2))
+    theirs = sorted(n[len("base_model.model."):] for n, m in wrapped.named_modules()
+                    if isinstance(m, peft.tuners.lora.LoraLayer))
+    ours = sorted(layers(attach(model, NeuroAdaConfig(k=1, target_modules="all-linear"))))
+    assert ours == theirs and any("vision_tower" in n for n in ours) and "lm_head" not in ours
