@@ -169,6 +169,23 @@ def _extract_target(name, w0, w1, layout, k, positions, vdt, where=None):
     return idx, vals, total, rest, stored
 
 
+def _renamed_in_finetune(b, f) -> dict[str, str]:
+    """Base key -> the fine-tune's key for the same tensor, where a GGUF base lists it under another name: a Gemma 3
+    multimodal checkpoint's `language_model.model.layers.N...` is the text GGUF's `blk.N...`, which `keys()` names
+    `model.layers.N...` (spec 15.2)."""
+    if not hasattr(b, "storage_name"):
+        return {}
+    base_keys = set(b.keys())
+    by_storage = {b.storage_name(k): k for k in base_keys}
+    out = {}
+    for k in f.keys():
+        if k not in base_keys and k in b:
+            key = by_storage.get(b.storage_name(k))
+            if key is not None and key not in f:
+                out[key] = k
+    return out
+
+
 def extract(base, finetuned, k: int, positions: str = "delta", targets=None, *, layout_in_out="auto",
             value_dtype: str = "BF16", base_name: str | None = None, base_revision: str | None = None,
             progress: bool = False) -> tuple[Adapter, dict]:
@@ -195,18 +212,20 @@ def extract(base, finetuned, k: int, positions: str = "delta", targets=None, *, 
     chosen, skipped = [], {"not_in_finetuned": [], "not_float_2d": []}
     comparable = all(isinstance(c, (Checkpoint, ArrayBase)) for c in (b, f))
     dtype_changed = {}
+    renamed = _renamed_in_finetune(b, f)
     for name in sorted(b.keys()):
-        if not wanted(name):
+        fname = name if name in f else renamed.get(name)
+        if not (wanted(name) or (fname is not None and wanted(fname))):
             continue
         dtype, shape = b.info(name)
         if len(shape) != 2 or dtype not in BASE_DTYPES:
             if targets is not None:
                 skipped["not_float_2d"].append(name)
             continue
-        if name not in f:
+        if fname is None:
             skipped["not_in_finetuned"].append(name)
             continue
-        fdtype, fshape = f.info(name)
+        fdtype, fshape = f.info(fname)
         if tuple(fshape) != tuple(shape):
             raise NeuroAdaError(f"shape {list(fshape)} in the fine-tune, {list(shape)} in the base",
                                 path=getattr(f, "path", None), tensor=name, rule="4.2")
@@ -215,15 +234,15 @@ def extract(base, finetuned, k: int, positions: str = "delta", targets=None, *, 
                                 tensor=name, rule="4.2")
         if comparable and fdtype != dtype:
             dtype_changed[name] = {"base": dtype, "finetuned": fdtype}
-        chosen.append(name)
+        chosen.append((name, fname))
     if not chosen:
         raise NeuroAdaError("no tensor of the base matches the target filter (2-D F32/F16/BF16 tensors present "
                             "in both checkpoints)", path=getattr(b, "path", None))
     out_targets, report_targets, unchanged = {}, {}, []
     sums = [0.0, 0.0, 0.0]
     with bar(len(chosen), "extract", enabled=progress, unit="tensor") as pbar:
-        for name in chosen:
-            w0, w1 = b.array(name), f.array(name)
+        for base_key, name in chosen:  # the target is keyed as the fine-tune's checkpoint names the tensor
+            w0, w1 = b.array(base_key), f.array(name)
             layout = layout_of(name)
             d_in = w0.shape[1] if layout == "out_in" else w0.shape[0]
             if k > d_in:
@@ -250,7 +269,7 @@ def extract(base, finetuned, k: int, positions: str = "delta", targets=None, *, 
         raise NeuroAdaError(f"the fine-tune equals the base on all {len(chosen)} selected tensors: nothing to "
                             f"extract", path=getattr(f, "path", None))
     # what the adapter leaves behind, said rather than lost without a word: one tensor at a time
-    targets_set = set(chosen)
+    targets_set = {name for _, name in chosen}
     outside = ([name for name in sorted(f.keys()) if name not in targets_set and _differs(b, f, name)]
                if comparable else None)
     if outside:

@@ -268,6 +268,18 @@ def test_gemma3_multimodal_adapter_merges_into_its_text_gguf(tmp_path):
         changed += not np.array_equal(back[key].numpy(), text.state_dict()[key].numpy())
     assert changed == len(keys)
 
+    # the other way: the fine-tuned checkpoint paired with the GGUF (neuroada-pack extract --base model.gguf); the
+    # targets keep the checkpoint's names, and the adapter equals the one trained (F32 values, the same positions)
+    tuned = vlm  # merge_and_unload above left the merged model
+    tuned.save_pretrained(tmp_path / "tuned")
+    from neuroada_format.converters.pack import extract
+    got, report = extract(base, tmp_path / "tuned", k=4, positions="delta", value_dtype="F32")
+    trained = naf.load(adapter / "neuroada_model.safetensors")
+    assert sorted(got.targets) == sorted(trained.targets) and report["not_in_finetuned"] == []
+    for key, t in trained.targets.items():
+        np.testing.assert_array_equal(got.targets[key].indices, t.indices, err_msg=key)
+    assert naf.validate(got, gm.open_gguf_base(base)).ok
+
     vision = transformers.Gemma3ForConditionalGeneration(vlm_config).float().eval()
     attach(vision, NeuroAdaConfig(k=2, target_modules=r".*vision_tower.*\.q_proj"))
     save_adapter(vision, tmp_path / "vision")
