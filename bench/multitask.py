@@ -142,11 +142,13 @@ def bench_switch(n_layers: int, peft_reps: int, ours_reps: int) -> dict:
         for adapter, idx in (("k1_a", idx1), ("k1_b", idx1), ("k20_a", idx20), ("k20_b", idx20), ("k20_c", idx20c)):
             val = (torch.randn(idx.shape, generator=gen) * 1e-2).to(torch.bfloat16).float()
             layer.add_adapter(adapter, idx, val=val, activate=False)
+            layer.neuroada_val[adapter].requires_grad_(False)  # served, as loaded for inference: set_adapter merges
             entries[adapter] = entries.get(adapter, 0) + idx.numel()
     build_s = time.perf_counter() - t0
 
     h_base = weights_hash(ours)
     set_adapter(ours, "k1_a")  # warm-up: index structures are built on first use
+    assert all(layer.merged_adapters == ["k1_a"] for layer in layers(ours).values())  # merged switching is timed
     h_k1a = weights_hash(ours)
     for a in ("k1_b", "k20_a", "k20_b", "k20_c", "k20_a", None):
         set_adapter(ours, a)
@@ -330,6 +332,7 @@ def bench_memory(n_layers: int, n_adapters: int) -> dict:
             # held in BF16, the file's value dtype, as load_adapter holds an adapter loaded for inference
             val = (torch.randn(idx[name].shape, generator=gen) * 1e-2).to(torch.bfloat16)
             layer.add_adapter(a, idx[name].clone(), val=val, val_dtype=torch.bfloat16, activate=False)
+            layer.neuroada_val[a].requires_grad_(False)
     stages["loaded"] = rss()
     for a in names + [None]:
         set_adapter(ours, a)

@@ -354,7 +354,12 @@ def test_serving_paths_serve_the_snapped_deltas(bases):
         latent_logits = plain(input_ids=ids).logits
         assert not torch.allclose(want, latent_logits, atol=1e-4)
 
-        set_adapter(model, "default")
+        set_adapter(model, "default")  # trainable: active unmerged, the snapped deltas written around each GEMM
+        assert torch.equal(model(input_ids=ids).logits, want)
+        for l in layers(model).values():
+            l.neuroada_val["default"].requires_grad_(False)
+        set_adapter(model, "default")  # frozen (as loaded for inference): served merged
+        assert all(l.merged_adapters == ["default"] for l in layers(model).values())
         assert torch.equal(model(input_ids=ids).logits, want)            # merged with the merge's bits
         set_adapter(model, None)
         with adapter_batch(model, ["default", None]):
