@@ -28,7 +28,8 @@ own weights) and merged == unmerged outputs.
     python bench/train.py --rounds 0 --live-rounds 0 --paired-cycles 0 --skip-real --no-write  # compiled paired only
 The paired timings (one process, steps interleaved) run once eagerly and once with every model under torch.compile.
 
-Replaces only the "## Runtime: training step (CPU)" section of bench/RESULTS.md.
+Replaces only the "## Runtime: training step (CPU)" section of bench/RESULTS.md; bench/train_notes.md (profiles
+and tries measured by hand, which a rerun does not repeat) goes in under the paired tables each time.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS.md")
 RAW = os.path.join(HERE, "_work", "train-results.json")
+NOTES = os.path.join(HERE, "train_notes.md")  # what was measured by hand between runs; kept under the tables
 SECTION = "## Runtime: training step (CPU)"
 METHODS = ("floor", "full", "mask1", "lora8", "supertuning", "neuroada1", "neuroada_matched", "neuroada20")
 LABELS = {
@@ -317,7 +319,8 @@ def section_body(results: list[tuple[Config, dict, list]], real, meta, paired: d
 
     lines = [
         f"`python bench/train.py{(' ' + meta['argv']) if meta['argv'] else ''}`; {meta['date']}; "
-        f"torch {meta['torch']}; {os.cpu_count()} CPU cores shared with other engineers' runs (load average "
+        f"torch {meta['torch']}; {os.cpu_count()} cores of {meta.get('cpu', 'an unrecorded CPU')} shared with other "
+        f"engineers' runs (load average "
         f"{meta['load_start']} at the start, {meta['load_end']} at the end); {meta['wall_s'] / 60:.0f} min in all.",
         "",
         f"LlamaForCausalLM from a config (hidden 1024, intermediate 2752, 8 layers, 16 heads, vocab 4000, "
@@ -341,6 +344,7 @@ def section_body(results: list[tuple[Config, dict, list]], real, meta, paired: d
                   "is: on an H200 NeuroAda k=1 and k=20 took about the same time, both behind LoRA "
                   "(the CUDA section below).",
                   *paired_lines(paired)]
+    lines += notes_lines()
     config, s = setup_source(results)
     lines += [
         "",
@@ -496,11 +500,36 @@ def collect(args, methods: list[str]) -> tuple[dict, dict | None, dict]:
                     f"{m} {v['floor'][0]:.3f}x" for m, v in paired_summary(rec).items())), flush=True)
         if not args.skip_real:
             (real,) = run_child(["real"], args, Config("real", 1, 1))
-    facts = {"argv": args.argv, "date": datetime.date.today().isoformat(), "load_start": load_start,
+    facts = {"argv": args.argv, "date": datetime.date.today().isoformat(), "cpu": cpu_model(),
+             "load_start": load_start,
              "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg()), "wall_s": time.perf_counter() - started,
              "warmup": args.warmup, "steps": args.steps, "configs": [asdict(c) for c in args.configs],
              "paired": paired}
     return runs, real, facts
+
+
+def cpu_model() -> str:
+    """The processor's name: the ratios here move with it (a cache miss costs what the memory system says)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def notes_lines() -> list[str]:
+    """bench/train_notes.md: profiles and tries a rerun does not repeat, kept when the section is rewritten."""
+    try:
+        with open(NOTES, encoding="utf-8") as f:
+            text = f.read().strip("\n")
+    except FileNotFoundError:
+        return []
+    return ["", *text.split("\n")]
 
 
 def describe(runs: dict, facts: dict) -> dict:

@@ -94,3 +94,14 @@ def test_compiled_paired_timing_runs():
     rec = json.loads(out.stdout.strip().splitlines()[-1])
     assert rec["compiled"] is True and rec["methods"] == ["floor", "neuroada20"]
     assert all(len(rec["times"][m]) == 1 and rec["times"][m][0] > 0 for m in rec["methods"])
+
+
+def test_section_keeps_the_hand_notes_and_names_the_cpu(tmp_path, monkeypatch):
+    """Rewriting the section must not drop bench/train_notes.md (profiles no rerun repeats), and the header names
+    the processor, since the ratios move with it."""
+    train = load_train()
+    with open(train.NOTES, encoding="utf-8") as f:
+        assert train.notes_lines() == ["", *f.read().strip("\n").split("\n")]
+    monkeypatch.setattr(train, "NOTES", str(tmp_path / "missing.md"))
+    assert train.notes_lines() == []
+    assert train.cpu_model().strip()
