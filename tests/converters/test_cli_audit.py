@@ -110,13 +110,22 @@ def test_pack_never_writes_over_the_files_a_symlinked_base_folder_holds(tmp_path
 
 
 
+def terminal_sigint() -> None:
+    """Popen's preexec_fn for the tests that press Ctrl-C: a command started from a terminal gets SIGINT at its default,
+    but a shell that runs this suite in the background (`cmd &`, nohup) hands its children SIGINT ignored, an ignored
+    signal stays ignored across exec, and Python then installs no KeyboardInterrupt handler at all."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def slow_in_place_merge(base, adapter, *extra):
     """neuroada-merge --in-place started with the test hook that makes each write step sleep, so a test can act
     while it holds the lock or has patched part of BASE."""
     env = dict(os.environ, NEUROADA_TEST_SLOWDOWN="1")
     return subprocess.Popen([tool("neuroada-merge"), "--base", os.fspath(base), "--adapter", os.fspath(adapter),
                              "--in-place", *map(os.fspath, extra)], env=env, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=terminal_sigint)
 
 
 def wait_until(done, proc):
@@ -283,7 +292,8 @@ def test_ctrl_c_while_the_command_is_still_importing(tmp_path, script):
     (hook / "sitecustomize.py").write_text(SLOW_IMPORT)
     mark = tmp_path / "importing"
     env = dict(os.environ, PYTHONPATH=os.fspath(hook), NEUROADA_TEST_IMPORTING=os.fspath(mark))
-    p = subprocess.Popen([tool(script), "--help"], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen([tool(script), "--help"], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=terminal_sigint)
     deadline = time.monotonic() + 60
     while not mark.exists():
         assert p.poll() is None and time.monotonic() < deadline, p.communicate()
