@@ -243,13 +243,14 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
     _check_known(model, [adapter_name], allow_base=True)
     target = None if adapter_name in (None, BASE_ADAPTER) else adapter_name
     all_layers = layers(model)
-    if target is not None and any(target in layer.neuroada_val and layer.neuroada_val[target].requires_grad
-                                  for layer in all_layers.values()):
+    trainable = target is not None and _trainable(model, target, all_layers)
+    if trainable:
         with torch.no_grad():
             for layer in all_layers.values():
                 _unserve(layer)
                 layer.unmerge()
                 layer.active_adapters = [target] if target in layer.neuroada_val else []
+        _train_only(all_layers, target)
         return
     if target is not None:
         shared = _shared_weights(model)
@@ -262,6 +263,25 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
             want = [target] if target is not None and target in layer.neuroada_val else []
             _switch(layer, want)
             layer.active_adapters = list(want)
+    _train_only(all_layers, None)
+
+
+def _trainable(model: nn.Module, name: str, all_layers: dict[str, NeuroAdaLayer]) -> bool:
+    """Whether ``name`` was made to train (attached, or loaded with is_trainable=True), from its config: its deltas'
+    requires_grad cannot say, since attaching another adapter or set_adapter to another one turns it off."""
+    config = (getattr(model, CONFIGS_ATTR, None) or {}).get(name)
+    if config is not None:
+        return not config.inference_mode
+    return any(name in layer.neuroada_val and layer.neuroada_val[name].requires_grad for layer in all_layers.values())
+
+
+def _train_only(all_layers: dict[str, NeuroAdaLayer], name: str | None) -> None:
+    """As PEFT's set_adapter: the active adapter's deltas require grad, every other adapter's do not (so an
+    optimizer built now, or print_trainable_parameters, sees the adapter that trains)."""
+    for layer in all_layers.values():
+        for n, val in layer.neuroada_val.items():
+            if val.requires_grad != (n == name):
+                val.requires_grad_(n == name)
 
 
 def merged_adapter(model: nn.Module) -> str | None:

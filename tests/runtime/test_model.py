@@ -446,6 +446,39 @@ def test_resize_token_embeddings_of_an_adapted_head_is_refused_before_anything_c
     assert model(input_ids=torch.tensor([[1, 107]])).logits.shape == (1, 2, 108)
 
 
+def test_set_adapter_back_to_an_attached_adapter_trains_it_again():
+    """PEFT's multi-task habit: attach A and train it, attach B and train it, set_adapter(A) and train A again.
+    Attaching B froze A's deltas, and set_adapter used to read "frozen" as "loaded for inference": A was served
+    merged and never trained again (silently, when anything else required grad). Trainability now comes from the
+    adapter's config, and, as in PEFT, only the active adapter's deltas require grad."""
+    from neuroada_format.runtime import merged_adapter, set_adapter
+
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    model = attach(tiny_llama(), NeuroAdaConfig(k=2))
+    attach(model, NeuroAdaConfig(k=1), "b")
+    set_adapter(model, "default")
+    assert merged_adapter(model) is None
+    model.lm_head.requires_grad_(True)  # something else trains too: the failure used to be silent
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.endswith("neuroada_val.default") for n in trainable)
+    assert not any(n.endswith("neuroada_val.b") for n in trainable)
+    assert trainable_parameters(model)[0] == model.lm_head.weight.numel() + sum(
+        l.neuroada_val["default"].numel() for l in layers(model).values())
+    before = {n: l.neuroada_val["default"].detach().clone() for n, l in layers(model).items()}
+    b_before = {n: l.neuroada_val["b"].detach().clone() for n, l in layers(model).items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert all(not torch.equal(before[n], l.neuroada_val["default"]) for n, l in layers(model).items())
+    assert all(torch.equal(b_before[n], l.neuroada_val["b"]) for n, l in layers(model).items())
+    set_adapter(model, "b")  # and the other way: b trains, default is frozen
+    assert all(l.neuroada_val["b"].requires_grad and not l.neuroada_val["default"].requires_grad
+               for l in layers(model).values())
+    set_adapter(model, None)  # the base: no adapter trains
+    assert not any(v.requires_grad for l in layers(model).values() for v in l.neuroada_val.values())
+
+
 def test_set_adapter_on_a_trainable_adapter_trains_it(tmp_path):
     """PEFT's habit: load an adapter trainable (or attach two), set_adapter to it, train. set_adapter used to serve
     every adapter merged, so the training forward warned and backward failed (nothing required grad). A trainable

@@ -822,7 +822,8 @@ def test_loading_an_adapter_reads_none_of_the_adapters_loaded_before(zoo, serve)
     load_adapter(model, files["code"], "more", is_trainable=True)
     assert set(log) <= ({"more", "cs"} if serve else {"more"}), sorted(set(log))
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    assert {n for n, g in grads.items() if g} == {n for n in grads if ".neuroada_val.math" in n
+    # (set_adapter to "cs" froze "math", as PEFT's set_adapter freezes the inactive adapters)
+    assert {n for n, g in grads.items() if g} == {n for n in grads if (".neuroada_val.math" in n and not serve)
                                                   or ".neuroada_val.more" in n}
     if serve:
         check_merged(model, zoo, "cs")
