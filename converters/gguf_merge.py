@@ -169,7 +169,8 @@ class GGUFFile:
         if t.type in FLOAT_TYPES:
             return raw.view(_numpy_dtype(t.type)).reshape(t.shape)
         try:
-            return gquants.dequantize(np.asarray(raw), t.type).reshape(t.shape)
+            with _quiet():  # a NaN/Inf block scale decodes to NaN/Inf: refused where a merge re-encodes the block
+                return gquants.dequantize(np.asarray(raw), t.type).reshape(t.shape)
         except NotImplementedError:
             raise self.err(f"gguf-py cannot decode tensor type {t.type.name}", name) from None
 
@@ -184,7 +185,8 @@ class GGUFFile:
         wanted = rows * (t.shape[1] // block) + cols // block
         unique, where = np.unique(wanted, return_inverse=True)
         try:
-            decoded = gquants.dequantize(np.asarray(self.blocks(name)[unique]), t.type).reshape(len(unique), block)
+            with _quiet():
+                decoded = gquants.dequantize(np.asarray(self.blocks(name)[unique]), t.type).reshape(len(unique), block)
         except NotImplementedError:
             raise self.err(f"gguf-py cannot decode tensor type {t.type.name}", name) from None
         return decoded[where.reshape(wanted.shape), cols % block].astype(np.float32, copy=False)
@@ -511,9 +513,18 @@ def open_gguf_base(path) -> GGUFBase:
 _GRID = {QT.Q4_1: (0, 15, True), QT.Q4_0: (-8, 7, False), QT.Q8_0: (-128, 127, False)}
 
 
+def _quiet():
+    """numpy's floating-point warnings off, for decoding blocks: gguf-py decodes a NaN or Inf block scale (a
+    damaged or hostile file) into NaN/Inf values with an 'invalid value encountered in multiply' RuntimeWarning,
+    which leaked as a stray line next to the real message. Non-finite base values are valid to read (spec section
+    8.1 merges a float base's NaN into a NaN); a merge that must re-encode them refuses them (`_refuse_nonfinite`)."""
+    return np.errstate(invalid="ignore", over="ignore", divide="ignore")
+
+
 def _decode(blocks: np.ndarray, t: QT) -> np.ndarray:
     """gguf-py's decoding of [n, type_size] block bytes, as one 1-D call (2-D input is decoded row by row)."""
-    return gquants.dequantize(np.ascontiguousarray(blocks).reshape(-1), t)
+    with _quiet():
+        return gquants.dequantize(np.ascontiguousarray(blocks).reshape(-1), t)
 
 
 def _grid_eval(x, w, d, m, lo, hi):
@@ -876,7 +887,8 @@ class GGUFBackend(Backend):
         elif out_type == info.type:
             block = GGML_QUANT_SIZES[info.type][0]
             ids, new, tp.on_grid = _reencode(info.type, weight.reshape(-1, block), view.file.blocks(gname), mp,
-                                             block, self.encoder, self.touched_weight, (view.file.path, gname))
+                                             block, self.encoder, self.touched_weight, (view.file.path, gname),
+                                             row_blocks=info.ne[0] // block)
             tp.reencoded = int(ids.size) - tp.on_grid
             tp.patch = (ids, new)
         else:
@@ -895,6 +907,7 @@ class GGUFBackend(Backend):
                     warnings.warn(MergeOverflowWarning(out_type.name, touched), stacklevel=2)
                 tp.data = data.tobytes()
             else:
+                _refuse_nonfinite_retyped(info, out_type, weight, view.file.path)
                 block = GGML_QUANT_SIZES[out_type][0]
                 tp.data = encode_blocks(out_type, full.reshape(-1, block), method=self.encoder).tobytes()
         return int(mp.positions.size)
@@ -970,6 +983,11 @@ def _first_probes(view: GGUFBase, plans: dict[str, _TensorPlan]) -> None:
 
 # The largest |merged value| a block of each type can encode: its scale (and minimum) are stored as F16 (at most
 # 65504), times the largest level for the symmetric types; a type with a minimum needs the value itself in range.
+# For Q4_1/Q5_1 that is sufficient, not necessary: d * q + m with F16 d and m reaches 16 * 65504 (Q5_1: 32 *), and a
+# block spanning [0, 9.8e5] encodes (m = 0, d = 65333), but whether a block fits depends on its spread (the encoders
+# here need min >= -65504 and max - min <= 15 * 65504, or 31 *) and on its untouched values, not on any one value:
+# a block of -5e5 and +5e5 stays under 16 * 65504 and cannot be encoded. So no per-value bound is exact; this one
+# never lets an unencodable block through, and refuses only bases whose scales are already at the F16 maximum.
 _F16_MAX = 65504.0
 BLOCK_VALUE_MAX = {QT.Q8_0: _F16_MAX * 127, QT.Q4_0: _F16_MAX * 8, QT.Q5_0: _F16_MAX * 16, QT.Q4_1: _F16_MAX,
                    QT.Q5_1: _F16_MAX, QT.Q6_K: _F16_MAX * 127 * 32, QT.Q4_K: _F16_MAX * 63 * 15,
@@ -991,14 +1009,57 @@ def _refuse_unencodable(t: QT, mp, where: tuple[str, str]) -> None:
                             "re-type the tensor with --option target_type=F32", path=where[0], tensor=where[1])
 
 
+def _scale_words(t: QT) -> str:
+    """What a block of type t stores as F16 and scales its levels by: a scale, and for some types a minimum."""
+    return "scale or minimum" if t in (QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K) else "scale"
+
+
+def _refuse_nonfinite(t: QT, before: np.ndarray, ids: np.ndarray, where: tuple[str, str], *, block0: int = 0,
+                      row_blocks: int = 0) -> None:
+    """Touched base blocks that decode to NaN or Inf cannot be re-encoded (no scale holds them, and a NaN never lies
+    on a grid): a damaged base, refused under rule 1.6 with the first such block, before the adapter's scale is
+    blamed (`_refuse_unencodable` saw the NaN-poisoned merged values as out of range). With finite F16 scales
+    every block type here decodes to finite values, so the cause is a NaN or Inf scale (or minimum) in the block.
+    before: the blocks' decoded values [n, block]; ids: their block numbers (plus block0: the first block of the
+    rows they were read with); row_blocks: blocks per row, to say where the block lies (0: not said)."""
+    bad = ~np.isfinite(before).all(axis=1)
+    if not bad.any():
+        return
+    first = int(block0 + ids[bad.argmax()])
+    n = before.shape[1]
+    at = f"block {first}" if not row_blocks else (f"block {first} (GGUF row {first // row_blocks}, columns "
+                                                  f"{first % row_blocks * n}-{first % row_blocks * n + n - 1})")
+    scales = _scale_words(t)
+    raise NeuroAdaError(f"base {t.name} {at} holds non-finite values (NaN/Inf: its F16 {scales} is NaN or Inf), and "
+                        f"the merge touches it: no block can re-encode them; the base file is damaged",
+                        path=where[0], tensor=where[1], rule=RULE)
+
+
+def _refuse_nonfinite_retyped(info: TensorInfo, out_type: QT, weight: np.ndarray, path: str) -> None:
+    """A tensor re-typed into a block type has every block encoded anew: a NaN/Inf base value (from a NaN or Inf
+    block scale, or stored so in a float tensor) would be written as a NaN scale with numpy's 'invalid value'
+    warnings and exit 0. Refused under rule 1.6, naming the first such position; F16/F32 carry them (section 8.1)."""
+    bad = ~np.isfinite(np.asarray(weight, dtype=np.float32).reshape(-1))
+    if not bad.any():
+        return
+    row, col = divmod(int(bad.argmax()), info.ne[0])
+    cause = (f"a {info.type.name} block's F16 {_scale_words(info.type)} is NaN or Inf" if info.type not in FLOAT_TYPES
+             else f"stored so in {info.type.name}")
+    raise NeuroAdaError(f"the base holds non-finite values (NaN/Inf: {cause}) at {int(bad.sum())} positions, first "
+                        f"GGUF row {row}, column {col}; re-encoding the tensor into {out_type.name} blocks cannot "
+                        f"hold them (re-type it to F16 or F32, which keep them)", path=path, tensor=info.name,
+                        rule=RULE)
+
+
 def _reencode(t: QT, values: np.ndarray, blocks: np.ndarray, mp, block: int, encoder: str,
-              touched_weight: float, where: tuple[str, str]) -> tuple[np.ndarray, np.ndarray, int]:
+              touched_weight: float, where: tuple[str, str], *, block0: int = 0,
+              row_blocks: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
     """The blocks holding a merged value, re-encoded: (block ids, their new bytes [n, type_size], how many
     of them were packed exactly on their original grid). values: the decoded tensor (or rows of it) as
     [n_blocks, block]; blocks: its bytes, one row per block; mp: its MergePlan. Blocks whose merged values
     all lie on their original grid are packed on it (`on_original_grid`: exact, no search); the others
-    go to `encode_blocks`. Every other block is left as it is. where: (file, tensor) for errors."""
-    _refuse_unencodable(t, mp, where)
+    go to `encode_blocks`. Every other block is left as it is. where: (file, tensor) for errors; block0 and
+    row_blocks: the number of the first block of `values` in the tensor and the blocks per row, for them."""
     which = mp.positions // block
     if which.size:  # positions are sorted, so their blocks are too: distinct ones without a sort
         keep = np.empty(which.size, bool)
@@ -1008,6 +1069,8 @@ def _reencode(t: QT, values: np.ndarray, blocks: np.ndarray, mp, block: int, enc
     else:
         ids = which
     before = np.array(values[ids], dtype=np.float32)
+    _refuse_nonfinite(t, before, ids, where, block0=block0, row_blocks=row_blocks)
+    _refuse_unencodable(t, mp, where)
     original = np.asarray(blocks[ids])
     where, col = np.searchsorted(ids, which), mp.positions % block
     on, out = on_original_grid(t, original, before, where, col, mp.merged)
@@ -1171,7 +1234,8 @@ def _merge_tensor(src_fd: int, start: int, tp: _TensorPlan, per: int, writer: _W
             units += int(mp.positions.size)
         else:
             ids, new, on = _reencode(info.type, weight.reshape(-1, block), chunk.reshape(-1, unit), mp, block,
-                                     encoder, touched_weight, (path, info.name))
+                                     encoder, touched_weight, (path, info.name), block0=r0 * (info.ne[0] // block),
+                                     row_blocks=info.ne[0] // block)
             tp.on_grid, tp.reencoded = tp.on_grid + on, tp.reencoded + int(ids.size) - on
             chunk.reshape(-1, unit)[ids] = new
             units += int(ids.size)
