@@ -21,6 +21,7 @@ rewriting the whole .onnx: merge into a copy), after writing the revert journal 
 from __future__ import annotations
 
 import ast
+import math
 import os
 from contextlib import contextmanager
 import shutil
@@ -94,6 +95,21 @@ class Resolution:
 
 
 # -- reading a model -------------------------------------------------------------------------------
+def _shown(value) -> str:
+    """A name as text for messages, whether protobuf gave str or (not valid UTF-8) bytes."""
+    return value if isinstance(value, str) else bytes(value).decode("utf-8", "backslashreplace")
+
+
+def _text(value, what: str, path: str, tensor: str | None = None) -> str:
+    """`value` as a str. ONNX is proto2, so protobuf parses a string field that is not valid UTF-8 and hands it
+    back as bytes; every name here is matched, joined and printed as text, so such a model is refused (rule
+    1.6) where it is read, rather than failing as a TypeError deep in a merge."""
+    if isinstance(value, str):
+        return value
+    raise NeuroAdaError(f"{what} {bytes(value)!r} is not valid UTF-8; refusing to read or copy the model",
+                        path=path, tensor=tensor, rule="1.6")
+
+
 def _safe_location(model_dir: str, location: str, model_path: str, tensor: str) -> str:
     """The data file of an external tensor, refusing anything that could reach outside the model folder."""
     bad = None
@@ -159,6 +175,8 @@ class OnnxModel:
         except Exception as exc:  # onnx raises DecodeError and friends
             raise NeuroAdaError(f"not a readable ONNX model: {exc}", path=self.path, rule="1.1") from None
         graph = self.proto.graph
+        for t in graph.initializer:
+            _text(t.name, "initializer name", self.path, _shown(t.name))
         self.initializers = {t.name: t for t in graph.initializer}
         if len(self.initializers) != len(graph.initializer):  # onnx.checker refuses these too
             seen, dup = set(), None
@@ -174,11 +192,17 @@ class OnnxModel:
         self.external_tensors: list[tuple] = []          # every external tensor: (TensorProto, _External)
         for t in _all_tensors(graph):
             if t.data_location == TensorProto.EXTERNAL:
+                _text(t.name, "external tensor name", self.path, _shown(t.name))
                 self.external_tensors.append((t, self._external_info(t)))
         for t, ext in self.external_tensors:
             if self.initializers.get(t.name) is t:
                 self.external[t.name] = ext
         self.nodes = list(graph.node)
+        for n in self.nodes:  # the resolver reads node names and scope metadata as text
+            _text(n.name, "node name", self.path)
+            for p in n.metadata_props:
+                _text(p.key, f"node {n.name!r}: metadata key", self.path)
+                _text(p.value, f"node {n.name!r}: metadata value", self.path)
         self.producer = {out: n for n in self.nodes for out in n.output}
         self.consumers: dict[str, list] = {}
         for n in self.nodes:
@@ -187,7 +211,10 @@ class OnnxModel:
         self._arrays: dict[str, np.ndarray] = {}
 
     def _external_info(self, t) -> _External:
-        entries = {e.key: e.value for e in t.external_data}
+        entries = {}
+        for e in t.external_data:
+            key = _text(e.key, "external data key", self.path, t.name)
+            entries[key] = _text(e.value, f"external data {key}", self.path, t.name)
         file = _safe_location(self.dir, entries.get("location", ""), self.path, t.name)
         try:
             offset = int(entries.get("offset", "0"))
@@ -234,12 +261,30 @@ class OnnxModel:
             else:
                 with open_regular(ext.file, rule="1.6") as f:  # never blocks on a FIFO swapped in since the check
                     arr = np.memmap(f, dtype=dt, mode="r", offset=ext.offset, shape=shape)
-        elif t.HasField("raw_data"):
-            arr = np.frombuffer(t.raw_data, dtype=dt).reshape(shape)
         else:
-            arr = numpy_helper.to_array(t).astype(dt, copy=False).reshape(shape)
+            arr = self._inline(t, name, dt).reshape(shape)
         self._arrays[name] = arr
         return arr
+
+    def _inline(self, t, name: str, dt: np.dtype) -> np.ndarray:
+        """An inline initializer's values, flat. They must fill its dims exactly: a truncated or emptied tensor, or
+        an external one whose data_location was flipped to DEFAULT (no inline data at all), is a broken model
+        (rule 1.6), not a reshape error."""
+        need = math.prod(int(d) for d in t.dims)
+        if t.HasField("raw_data"):
+            raw = t.raw_data
+            held, wanted = f"{len(raw)} bytes", f"{need * dt.itemsize} bytes"
+            ok = len(raw) == need * dt.itemsize
+        else:  # typed fields: float_data for F32, int32_data (one 16-bit pattern each) for F16/BF16
+            count = len(t.float_data if t.data_type == TensorProto.FLOAT else t.int32_data)
+            held, wanted, ok = f"{count} values", f"{need} values", count == need
+        if not ok or min(t.dims, default=0) < 0:
+            hint = "; it has external data entries, but data_location is not EXTERNAL" if t.external_data else ""
+            raise NeuroAdaError(f"inline data holds {held}, its dims {list(t.dims)} need {wanted}{hint}",
+                                path=self.path, tensor=name, rule="1.6")
+        if t.HasField("raw_data"):
+            return np.frombuffer(raw, dtype=dt)
+        return numpy_helper.to_array(t).astype(dt, copy=False).reshape(-1)
 
     def weight_of(self, node, index: int):
         """The initializer feeding input `index` of a node, through at most one 2-D Transpose, and
