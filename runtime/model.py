@@ -533,7 +533,23 @@ def _freeze(model: nn.Module, *, keep_deltas: bool) -> None:
 
 def _default_loss(model, batch):
     out = model(**batch) if isinstance(batch, dict) else model(batch)
-    return out.loss if hasattr(out, "loss") else out
+    if not hasattr(out, "loss"):
+        return out
+    if out.loss is None:  # a tokenizer's batch has no labels: the model computes no loss
+        raise NeuroAdaUsageError("selection='gradient' scores positions by the gradient of the loss, and the model "
+                                 "returned no loss for a calibration batch: give each batch 'labels' (for a causal "
+                                 "LM, labels=input_ids) or pass loss_fn=")
+    return out.loss
+
+
+def _calibration_loss(loss_fn, model, batch) -> torch.Tensor:
+    """loss_fn's value, checked: a non-scalar or non-tensor would fail deep in autograd with torch's words."""
+    loss = loss_fn(model, batch)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+        what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise NeuroAdaUsageError(f"selection='gradient' needs a scalar floating-point loss per calibration batch; "
+                                 f"the loss function returned {what}")
+    return loss.reshape(())
 
 
 def _gradient_indices(model, modules: dict[str, nn.Module], k: int, calibration, loss_fn) -> dict[str, torch.Tensor]:
@@ -585,7 +601,7 @@ def _gradient_indices(model, modules: dict[str, nn.Module], k: int, calibration,
                 w.requires_grad_(True)
                 handles.append(w.register_post_accumulate_grad_hook(hook))
             try:
-                loss_fn(model, batches[0]).backward()
+                _calibration_loss(loss_fn, model, batches[0]).backward()
             finally:
                 for h in handles:
                     h.remove()
@@ -599,7 +615,7 @@ def _gradient_indices(model, modules: dict[str, nn.Module], k: int, calibration,
                 acc = None
                 try:
                     for batch in batches:
-                        (g,) = torch.autograd.grad(loss_fn(model, batch), w, allow_unused=True)
+                        (g,) = torch.autograd.grad(_calibration_loss(loss_fn, model, batch), w, allow_unused=True)
                         if g is not None:
                             acc = g.float() if acc is None else acc.add_(g)
                         del g

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import neuroada_format as naf
-from neuroada_format import NeuroAdaError
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.runtime import NeuroAdaConfig, attach
 from neuroada_format.runtime.model import layers, to_numpy
 from neuroada_format.runtime.selection import select, topk_columns
@@ -303,3 +303,25 @@ def test_gradient_selection_needs_batches_and_leaves_model_alone():
     assert not layers(model) and not hasattr(model, "neuroada_configs")
     assert all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("n_batches", [1, 2])
+def test_gradient_selection_without_labels_says_so(n_batches):
+    """A calibration batch as a tokenizer returns it has no labels, so the model's loss is None: that used to end
+    in AttributeError ('NoneType' has no attribute 'backward') or TypeError; a loss_fn that returns a per-token
+    loss failed in autograd. Both are usage errors now, and the model is left as it was."""
+    model = tiny_llama()
+    before, mode = copy.deepcopy(model.state_dict()), model.training
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}] * n_batches
+    with pytest.raises(NeuroAdaUsageError, match="labels"):
+        attach(model, NeuroAdaConfig(k=2, selection="gradient"), calibration=batches)
+    with pytest.raises(NeuroAdaUsageError, match=r"scalar .*shape \(2, 6, 100\)"):
+        attach(model, NeuroAdaConfig(k=2, selection="gradient"), calibration=batches,
+               loss_fn=lambda m, b: m(**b).logits)
+    assert not layers(model) and not hasattr(model, "neuroada_configs")
+    assert all(p.requires_grad for p in model.parameters()) and model.training == mode
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    labelled = [dict(b, labels=ids) for b in batches]  # and with labels it selects
+    attach(model, NeuroAdaConfig(k=2, selection="gradient"), calibration=labelled)
+    assert layers(model)
