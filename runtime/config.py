@@ -30,8 +30,8 @@ class NeuroAdaConfig:
     """k deltas per output neuron of every targeted linear layer.
 
     target_modules / exclude_modules follow PEFT: a string is a regex that must `fullmatch` the module
-    name, a list matches a name exactly or as a dotted suffix, "all-linear" is every linear layer but
-    the output head. `mode` "auto" writes deltas into the weights around each GEMM ("inplace") unless
+    name, a list matches a name exactly or as a dotted suffix, "all-linear" (also None, PEFT's "the default
+    targets") is every linear layer but the output head. `mode` "auto" writes deltas into the weights around each GEMM ("inplace") unless
     the weight must not be written (no plain writable tensor), where it adds a sparse term ("additive").
     `task_type` is PEFT's metadata ("CAUSAL_LM", ...): checked, saved and read back, never acted on. PEFT options
     NeuroAda does not implement (r, lora_alpha, modules_to_save, layers_to_transform, ...) are refused by name,
@@ -56,6 +56,8 @@ class NeuroAdaConfig:
         check_config_fields(asdict(self))  # one set of rules, shared with the format core's folder reader
         if self.selection == "random" and self.seed is None:
             self.seed = 0
+        if self.target_modules is None:  # PEFT's None: the method's default targets (here every linear layer)
+            self.target_modules = "all-linear"
         self.target_modules = module_spec("target_modules", self.target_modules)
         self.exclude_modules = module_spec("exclude_modules", self.exclude_modules)
 

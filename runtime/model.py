@@ -516,7 +516,26 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
     _install_hf(model)
     del indices
     _release_free_heap()
+    _warn_frozen_head(model, config)
     return model
+
+
+# The new task heads PEFT adds to modules_to_save by itself for these task types (its defaults, by module name).
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+def _warn_frozen_head(model: nn.Module, config: NeuroAdaConfig) -> None:
+    """A classification model's head is new (randomly initialised) and PEFT trains it without being asked; here the
+    base is frozen, head included, and modules_to_save is not offered, so a classifier would silently train on a
+    random frozen head. Said once, at attach, naming the head and the one line that trains it."""
+    heads = TASK_HEADS.get(config.task_type or "", ())
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in heads and not isinstance(module, NeuroAdaLayer):
+            params = list(module.parameters())
+            if params and not any(p.requires_grad for p in params):
+                warnings.warn(f"task_type={config.task_type}: the head {name!r} is frozen with the base; PEFT trains it "
+                              f"(modules_to_save). To train it here: model.get_submodule({name!r}).requires_grad_(True) "
+                              f"(save_pretrained then keeps it in model.safetensors)", stacklevel=3)
 
 
 def _freeze(model: nn.Module, *, keep_deltas: bool) -> None:

@@ -515,3 +515,34 @@ def test_set_adapter_on_a_trainable_adapter_trains_it(tmp_path):
     set_adapter(model, None)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, tiny_llama()(input_ids=ids).logits)
+
+
+def test_a_classifier_is_told_its_new_head_is_frozen():
+    """task_type="SEQ_CLS": PEFT trains the new (random) head by itself (modules_to_save); here the base is frozen
+    with it, so attach warns, naming the head and the line that trains it. No warning once the head trains, nor
+    for a causal LM."""
+    import warnings as w
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, num_labels=3, pad_token_id=0)
+    model = transformers.LlamaForSequenceClassification(cfg)
+    with pytest.warns(UserWarning, match=r"head 'score' is frozen.*requires_grad_\(True\)"):
+        attach(model, NeuroAdaConfig(k=2, task_type="SEQ_CLS"))
+    assert "score" not in layers(model) and not model.score.weight.requires_grad
+    model.get_submodule("score").requires_grad_(True)  # as the warning says: it now trains beside the deltas
+    ids = torch.randint(1, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=torch.tensor([0, 2])).loss.backward()
+    assert model.score.weight.grad is not None
+    with w.catch_warnings():
+        w.simplefilter("error")
+        attach(tiny_llama(), NeuroAdaConfig(k=2, task_type="CAUSAL_LM"))
+        unfrozen = transformers.LlamaForSequenceClassification(cfg)
+        attach(unfrozen, NeuroAdaConfig(k=2, task_type="SEQ_CLS", target_modules=["q_proj", "score"]))  # adapted
+
+
+def test_target_modules_none_means_the_default_targets():
+    """PEFT reads target_modules=None as "the method's default targets"; it used to end in "no module matches
+    target_modules=None"."""
+    assert NeuroAdaConfig(k=1, target_modules=None).target_modules == "all-linear"
+    a, b = attach(tiny_llama(), NeuroAdaConfig(k=1, target_modules=None)), attach(tiny_llama(), NeuroAdaConfig(k=1))
+    assert sorted(layers(a)) == sorted(layers(b)) and layers(a)
