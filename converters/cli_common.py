@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 import re
 import sys
-import warnings
+from contextlib import contextmanager
 
 import click
 
 from neuroada_format import NeuroAdaError
-from neuroada_format.merge import MergeOverflowWarning
+# the one printer and warning handler of every command (the `neuroada` group's too)
+from neuroada_format.cli import StdoutError, echo, one_line_warnings
 from neuroada_format.errors import EXIT_INTERRUPTED, EXIT_USAGE, exit_code, printable, shell_word, stdout_gone  # noqa: F401 (re-export)
 
 from .backend import finite_scale
@@ -42,7 +43,7 @@ def parse_scaled(spec: str) -> tuple[str, float]:
 
 def fail(message) -> None:
     """Print one error line (whitespace collapsed, control characters escaped)."""
-    click.echo("error: " + printable(" ".join(str(message).split())), err=True)
+    echo("error: " + printable(" ".join(str(message).split())), err=True)
 
 
 def _message(exc: BaseException) -> str:
@@ -54,43 +55,36 @@ def _message(exc: BaseException) -> str:
     return f"internal error: {type(exc).__name__}: {exc} (set NEUROADA_DEBUG=1 for a traceback)"
 
 
-class _OneLineWarnings:
-    """A showwarning that prints each kind of warning once, as one `warning: ...` line (Python's own
-    format is two lines with a source path, and a merge may raise the same warning once per block).
-    Overflow counts come once per tensor or block: the first is shown at once, the total at the end."""
+def refuse_empty(*options) -> None:
+    """(name, value) pairs: a path option given as '' is a usage error naming it. `-o ''` became the working
+    directory (refused as 'the output would contain the input ...', never saying -o was empty), and `--out ''`
+    read as no --out at all."""
+    for name, value in options:
+        if value == "":
+            raise click.UsageError(f"{name} is empty: name a path")
 
-    def __init__(self):
-        self.seen: set = set()
-        self.overflow: dict[str, list[int]] = {}  # dtype -> [warnings, positions]
 
-    def show(self, message, category, filename, lineno, file=None, line=None):
-        if isinstance(message, MergeOverflowWarning):
-            n = self.overflow.setdefault(message.dtype, [0, 0])
-            n[0] += 1
-            n[1] += message.positions
-        text = printable(" ".join(str(message).split()))
-        key = (category, re.sub(r"\d+", "N", text))
-        if key not in self.seen:
-            self.seen.add(key)
-            click.echo(f"warning: {text}", err=True)
+def refuse_folder_syntax(name: str, out) -> None:
+    """A file output named with a trailing '/' is refused: the rename that publishes it dropped the slash and wrote
+    a regular file `newdir` where the user asked for a folder (`cp x newdir/` says 'Not a directory')."""
+    if out and os.fspath(out).endswith(("/", os.sep)):
+        raise click.UsageError(f"{name} {out}: a file output cannot end in '/' (this writes a file: name it)")
 
-    def finish(self) -> None:
-        for dtype, (count, positions) in self.overflow.items():
-            if count > 1:
-                click.echo(f"warning: in all, the merge overflowed the {dtype} range at {positions} positions "
-                           f"(over {count} tensors or blocks)", err=True)
+
+@contextmanager
+def reporting(done: str):
+    """Around the report of a finished write: stdout failing there (`> /dev/full`) says the report was lost and
+    what was done (`done`: 'OUT was written'), not a bare 'No space left on device' that read as OUT's disk."""
+    try:
+        yield
+    except StdoutError as exc:
+        raise StdoutError(exc.errno, f"{exc.strerror}; {done}") from None
 
 
 def run_command(command: click.Command, argv, prog_name: str) -> int:
     """Run a click command; every failure becomes one stderr line and its exit code (never a traceback)."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            # interpreter diagnostics, not messages for users: a Ctrl-C landing between open() and `with`
-            # leaves a file object that the garbage collector reports as "unclosed file"
-            warnings.simplefilter("ignore", ResourceWarning)
-            shown = _OneLineWarnings()
-            warnings.showwarning = shown.show
+        with one_line_warnings() as shown:  # (neuroada_format.cli: the `neuroada` group prints warnings the same way)
             # the context by hand, not command.main(): main() answers a Ctrl-C by printing an empty line to
             # stderr before its Abort, and the interruption must be the one line below
             args = list(sys.argv[1:] if argv is None else argv)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import time
 from contextlib import contextmanager
@@ -51,7 +52,7 @@ from neuroada_format.dtypes import BASE_DTYPES, NUMPY_DTYPES
 from neuroada_format.errors import shell_word
 
 from neuroada_format.durable import checkpoint_lock, fsync_path, remove_stale_siblings, reserve, write_bytes
-from neuroada_format.safe_io import check_regular, open_regular
+from neuroada_format.safe_io import check_regular, kind_of, open_regular
 
 from .backend import Mismatch, pause_for_tests
 from .progress import bar
@@ -116,6 +117,10 @@ def claim_path(journal, default: str) -> str:
     killed writers are cleaned."""
     journal = os.path.abspath(os.fspath(journal)) if journal else default
     if os.path.lexists(journal):
+        mode = os.stat(journal).st_mode if os.path.exists(journal) else stat.S_IFREG  # a dangling link: a name taken
+        if not stat.S_ISREG(mode):  # `--journal /dev/null` was 'may be needed to revert an earlier merge'
+            raise NeuroAdaUsageError(f"the journal path is a {kind_of(mode)}, not a new file; write it elsewhere",
+                                     path=journal)
         raise NeuroAdaUsageError("journal already exists; it may be needed to revert an earlier merge", path=journal)
     if not os.path.isdir(os.path.dirname(journal)):
         raise NeuroAdaUsageError("the journal's parent folder does not exist", path=journal)

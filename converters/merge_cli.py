@@ -15,27 +15,46 @@ to the same OUT deletes.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
 
-from .backend import MergeSummary, merge
-from .cli_common import parse_scaled, printable, run_command, shell_word
+from neuroada_format import NeuroAdaUsageError
+
+from .backend import MergeSummary, backend, format_of, merge
+from .cli_common import (echo, parse_scaled, printable, refuse_empty, refuse_folder_syntax, reporting, run_command,
+                         shell_word)
+
+
+def _done(summary: dict) -> str:
+    """What a finished run did, for an error line whose report could not be printed (the journal, above all)."""
+    if summary["mode"] == "revert":
+        return f"the revert from {summary['journal']} is done"
+    if summary["journal"]:
+        return (f"{summary['output']} was merged in place; revert with: neuroada-merge --revert "
+                f"{shell_word(summary['journal'])}")
+    return f"{summary['output']} was written"
 
 
 def _report(summary, as_json: bool) -> None:
     if isinstance(summary, MergeSummary):
         for w in summary.warnings:
-            click.echo(f"warning: {printable(w)}", err=True)
+            echo(f"warning: {printable(w)}", err=True)
         summary = summary.to_dict()
+    with reporting(_done(summary)):
+        _print(summary, as_json)
+
+
+def _print(summary: dict, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(summary, indent=2, default=str))
+        echo(json.dumps(summary, indent=2, default=str))
         return
     took = f" in {summary['seconds']:.2f} s"
     if summary["mode"] == "revert":
-        click.echo(printable(f"reverted {summary['targets_restored']} of {summary['targets']} tensors "
-                             f"({summary['values_restored']:,} values; {summary['targets_already_original']} "
-                             f"already original) from {summary['journal']}{took}"))
+        echo(printable(f"reverted {summary['targets_restored']} of {summary['targets']} tensors "
+                       f"({summary['values_restored']:,} values; {summary['targets_already_original']} "
+                       f"already original) from {summary['journal']}{took}"))
         return
     line = (f"merged {summary['targets']} tensors ({summary['values_touched']:,} values) from "
             f"{len(summary['adapters'])} adapter(s) into {summary['output']}{took}")
@@ -43,7 +62,42 @@ def _report(summary, as_json: bool) -> None:
         line += f"; {summary['details']['note']}"
     if summary["journal"]:
         line += f"; revert with: neuroada-merge --revert {shell_word(summary['journal'])}"  # pasteable
-    click.echo(printable(line))
+    echo(printable(line))
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _refuse_an_input_as_journal(journal: str, base: str, adapters, settings: dict) -> None:
+    """--journal naming an input (the adapter, a base shard, the base) is refused in the words of the overwrite rule:
+    claim_path's 'journal already exists; it may be needed to revert an earlier merge' sent the user looking for an
+    earlier merge. Only an existing path can be an input, and claim_path refuses every existing one anyway."""
+    if not os.path.lexists(journal):
+        return
+    # (imported here: at the top it loaded ml_dtypes' C extension before numpy, and a Ctrl-C during that import then
+    # ended in an ImportError traceback instead of _entry.py's one line)
+    from neuroada_format.folder import adapter_paths
+
+    inputs = [base]
+    try:
+        impl = backend(format_of(base), settings)
+        inputs += impl.inputs(impl.open(base))
+    except Exception:  # noqa: BLE001 - the merge that follows reports what is wrong with BASE, as without --journal
+        pass
+    for path, _ in adapters:
+        inputs.append(path)
+        try:
+            inputs += [p for p in adapter_paths(path) if p]
+        except Exception:  # noqa: BLE001 - the merge reports a bad adapter
+            pass
+    for src in inputs:
+        if _same(journal, src):
+            raise NeuroAdaUsageError(f"the journal is the input {os.path.abspath(src)}; write it elsewhere (or leave "
+                                     f"--journal out for a new file beside BASE)", path=os.path.abspath(journal))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,6 +128,7 @@ def _report(summary, as_json: bool) -> None:
 def command(base, adapter_specs, out, overwrite, in_place, journal, revert_journal, no_verify, durable, options,
             as_json):
     """Merge NeuroAda adapters into BASE (a new copy, or in place), or revert an in-place merge."""
+    refuse_empty(("--revert", revert_journal), ("--base", base), ("--out", out), ("--journal", journal))
     if revert_journal:
         if adapter_specs or out or in_place or overwrite or journal or durable or options or no_verify:
             raise click.UsageError("--revert takes only a journal (and --base if the checkpoint moved); "
@@ -92,14 +147,23 @@ def command(base, adapter_specs, out, overwrite, in_place, journal, revert_journ
         raise click.UsageError("--journal goes with --in-place")
     if overwrite and in_place:
         raise click.UsageError("--overwrite goes with --out")
+    if out and os.path.isfile(base):  # every file BASE gives a file OUT (a folder BASE gives a folder)
+        refuse_folder_syntax("--out", out)
+    refuse_folder_syntax("--journal", journal)
     settings = {}
     for item in options:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise click.UsageError(f"--option {item!r} is not KEY=VALUE")
-        settings[key.replace("-", "_")] = value
+        key = key.replace("-", "_")
+        if key in settings:  # the last one used to win silently (and a warning recommended the one overridden)
+            raise click.UsageError(f"--option {key} is given twice ({settings[key]!r} and {value!r}); give it once")
+        settings[key] = value
     # paths, not loaded adapters: the seam counts an adapter folder as given among the inputs OUT may not touch
-    summary = merge(base, [parse_scaled(spec) for spec in adapter_specs], out, in_place=in_place, journal=journal,
+    adapters = [parse_scaled(spec) for spec in adapter_specs]
+    if journal:
+        _refuse_an_input_as_journal(journal, base, adapters, settings)
+    summary = merge(base, adapters, out, in_place=in_place, journal=journal,
                     verify=not no_verify, overwrite=overwrite, durable=durable, progress=True, options=settings)
     _report(summary, as_json)
     return 0

@@ -27,7 +27,7 @@ from neuroada_format.folder import adapter_paths
 
 from . import pack, peft_interop
 from .backend import load_adapter_file
-from .cli_common import parse_scaled, printable, run_command
+from .cli_common import echo, parse_scaled, printable, refuse_empty, refuse_folder_syntax, reporting, run_command
 
 HELP = """Build NeuroAda adapters.
 
@@ -119,6 +119,10 @@ def _file_summary(out: str, adapter) -> dict:
 def cli(sources, base, finetuned, k, out, positions, targets, layout_in_out, value_dtype, index_dtype,
         do_combine, repack_path, base_name, to_format, peft_dir, task_type, allow_inexact, round_values, overwrite,
         as_json):
+    refuse_empty(("-o/--out", out), ("--base", base), ("--finetuned", finetuned), ("--repack", repack_path),
+                 ("--from-peft", peft_dir))
+    if not to_format:  # (--to peft writes a folder)
+        refuse_folder_syntax("-o/--out", out)
     if (allow_inexact and not to_format) or (round_values and not peft_dir):
         raise click.UsageError("--allow-inexact goes with --to peft, --round-values with --from-peft")
     extracting = not (to_format or peft_dir or repack_path is not None or do_combine)
@@ -165,7 +169,8 @@ def cli(sources, base, finetuned, k, out, positions, targets, layout_in_out, val
             raise click.UsageError(f"extraction needs {', '.join(missing)} (or use --combine / --repack)")
         summary, text = _extract(base, finetuned, k, positions, targets, layout_in_out, value_dtype, base_name,
                                  out, overwrite, progress=not as_json)
-    click.echo(json.dumps(summary, indent=2) if as_json else "\n".join(printable(line) for line in text.split("\n")))
+    with reporting(f"{os.path.abspath(out)} was written"):
+        echo(json.dumps(summary, indent=2) if as_json else "\n".join(printable(line) for line in text.split("\n")))
 
 
 def _output(out: str, inputs, overwrite: bool) -> str:

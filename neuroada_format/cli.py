@@ -5,13 +5,17 @@ input (the adapter, or the base it is checked against, breaks a rule), 2 usage o
 unreadable path, a FIFO or device, a bad option), 130 interrupted, 141 stdout closed by its reader
 (`| head`; quietly). A failure is one `error: ...` line on stderr, never a traceback (NEUROADA_DEBUG=1
 shows one for internal errors); every file-derived string is printed through `errors.printable`.
-`--json` prints a machine-readable report instead.
+`--json` prints a machine-readable report instead. The printer (`echo`: escapes what stdout cannot encode, says
+when stdout fails) and the one-line warnings here are every command's (converters/cli_common.py uses them).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+import warnings
+from contextlib import contextmanager
 
 import click
 import numpy as np
@@ -20,11 +24,78 @@ from .adapter import load
 from .durable import checkpoint_folder, checkpoint_lock
 from .errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_USAGE, NeuroAdaError, exit_code, printable, stdout_gone
 from .folder import adapter_paths
+from .merge import MergeOverflowWarning
 from .validate import validate
 
 
+class StdoutError(OSError):
+    """Writing the report to stdout failed (a full disk behind `> file`): not the command's own output."""
+
+
+def echo(text="", *, err: bool = False) -> None:
+    """click.echo of a report line, with what the stream cannot encode written as a backslash escape (as Python
+    writes stderr): a finished merge into an OUT named with a euro sign ended, on a latin-1 stdout, in 'internal
+    error: UnicodeEncodeError' and exit 2, with OUT written. A stdout that fails (`> /dev/full`) raises StdoutError
+    saying so: 'No space left on device' alone read as a full disk under the output."""
+    stream = sys.stderr if err else sys.stdout
+    encoding = getattr(stream, "encoding", None) or "utf-8"
+    try:
+        text = str(text).encode(encoding, "backslashreplace").decode(encoding)
+    except LookupError:  # an encoding name codecs does not know: leave it to the stream
+        pass
+    try:
+        click.echo(text, err=err)
+    except BrokenPipeError:  # the reader left (`| head`): each command's quiet 141
+        raise
+    except OSError as exc:
+        if err:
+            raise
+        stdout_gone()  # stdout at /dev/null: what is still buffered must not fail again, with a message, at exit
+        raise StdoutError(exc.errno, f"writing the report to stdout failed: {exc.strerror or exc}") from None
+
+
 def _fail(message: str) -> None:
-    click.echo("error: " + printable(" ".join(str(message).split())), err=True)
+    echo("error: " + printable(" ".join(str(message).split())), err=True)
+
+
+class OneLineWarnings:
+    """A showwarning that prints each kind of warning once, as one `warning: ...` line (Python's own
+    format is two lines with a source path, and a merge may raise the same warning once per block).
+    Overflow counts come once per tensor or block: the first is shown at once, the total at the end."""
+
+    def __init__(self):
+        self.seen: set = set()
+        self.overflow: dict[str, list[int]] = {}  # dtype -> [warnings, positions]
+
+    def show(self, message, category, filename, lineno, file=None, line=None):
+        if isinstance(message, MergeOverflowWarning):
+            n = self.overflow.setdefault(message.dtype, [0, 0])
+            n[0] += 1
+            n[1] += message.positions
+        text = printable(" ".join(str(message).split()))
+        key = (category, re.sub(r"\d+", "N", text))
+        if key not in self.seen:
+            self.seen.add(key)
+            echo(f"warning: {text}", err=True)
+
+    def finish(self) -> None:
+        for dtype, (count, positions) in self.overflow.items():
+            if count > 1:
+                echo(f"warning: in all, the merge overflowed the {dtype} range at {positions} positions "
+                     f"(over {count} tensors or blocks)", err=True)
+
+
+@contextmanager
+def one_line_warnings():
+    """Every command's warnings as OneLineWarnings lines (yielded: call its finish() after a success)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        # interpreter diagnostics, not messages for users: a Ctrl-C landing between open() and `with`
+        # leaves a file object that the garbage collector reports as "unclosed file"
+        warnings.simplefilter("ignore", ResourceWarning)
+        shown = OneLineWarnings()
+        warnings.showwarning = shown.show
+        yield shown
 
 
 def _message(exc: BaseException) -> str:
@@ -43,8 +114,12 @@ class _OneLineGroup(click.Group):
             # the context by hand, not click's main(): that answers a Ctrl-C by printing an empty line to stderr
             # before its Abort, and the interruption must be the one line below
             args = list(sys.argv[1:] if args is None else args)
-            with self.make_context(prog_name or "neuroada", args, **extra) as ctx:
-                code = self.invoke(ctx)
+            # the one-line warnings of neuroada-merge/-pack: a numpy RuntimeWarning met while reading a GGUF base
+            # was Python's two lines with a source path
+            with one_line_warnings() as shown:
+                with self.make_context(prog_name or "neuroada", args, **extra) as ctx:
+                    code = self.invoke(ctx)
+                shown.finish()
         except click.exceptions.Exit as exc:  # --help, --version
             code = exc.exit_code
         except click.ClickException as exc:  # usage errors: one line, not click's three
@@ -90,15 +165,15 @@ def validate_cmd(adapter, base, check_selection, as_json):
         click.get_current_context().with_resource(checkpoint_lock(checkpoint_folder(base), exclusive=False))
     report = validate(file, base=base, check_selection=check_selection)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))  # ensure_ascii: every control is escaped
+        echo(json.dumps(report.to_dict(), indent=2))  # ensure_ascii: every control is escaped
     else:
         for p in report.problems:
             where = f"{p['tensor']}: " if p["tensor"] else ""
-            click.echo(printable(f"{p['severity']}: {file}: {where}rule {p['rule']}: {p['message']}"),
-                       err=p["severity"] == "error")
+            echo(printable(f"{p['severity']}: {file}: {where}rule {p['rule']}: {p['message']}"),
+                 err=p["severity"] == "error")
         if report.ok:
             against = f" against {base}" if base else ""
-            click.echo(printable(f"valid: {file}{against}"))
+            echo(printable(f"valid: {file}{against}"))
     return 0 if report.ok else EXIT_INVALID
 
 
@@ -144,30 +219,30 @@ def inspect_cmd(adapter, as_json):
     file, _ = adapter_paths(adapter)
     info = describe(load(file))
     if as_json:
-        click.echo(json.dumps(info, indent=2))  # ensure_ascii: every control is escaped
+        echo(json.dumps(info, indent=2))  # ensure_ascii: every control is escaped
         return 0
     b = info["base"]
     out = printable  # every string below may come from the file
-    click.echo(out(f"{info['path']}: NeuroAda spec {info['version']}, {len(info['targets'])} targets, "
-                   f"{info['entries']:,} entries, {info['file_bytes']:,} bytes"))
-    click.echo(out(f"base: {b['name'] or '-'} @ {b['revision'] or '-'}  structure {b['structure_hash'] or '-'}"))
+    echo(out(f"{info['path']}: NeuroAda spec {info['version']}, {len(info['targets'])} targets, "
+             f"{info['entries']:,} entries, {info['file_bytes']:,} bytes"))
+    echo(out(f"base: {b['name'] or '-'} @ {b['revision'] or '-'}  structure {b['structure_hash'] or '-'}"))
     sel = info["selection"]
-    click.echo(out(f"selection: {sel.get('rule')} (tie-break {sel.get('tie_break')}"
-                   f"{', seed ' + str(sel['seed']) if sel.get('seed') is not None else ''})"))
+    echo(out(f"selection: {sel.get('rule')} (tie-break {sel.get('tie_break')}"
+             f"{', seed ' + str(sel['seed']) if sel.get('seed') is not None else ''})"))
     header = f"{'target':<48} {'shape':>13} {'layout':>6} {'k':>4} {'idx':>4} {'val':>4} {'bytes':>10} " \
              f"{'mean|v|':>9} {'nonzero':>7}"
-    click.echo(header)
+    echo(header)
     for t in info["targets"]:
         shape = "x".join(map(str, t["shape"]))
         mean = t["values"]["mean_abs"]
         name = out(t["name"])
-        click.echo(out(f"{name[-48:]:<48} {shape:>13} {t['layout']:>6} {t['k']:>4} {t['index_dtype']:>4} "
-                       f"{t['value_dtype']:>4} {t['bytes']:>10,} {mean if mean is not None else 0:>9.2e} "
-                       f"{t['values']['nonzero']:>7.1%}"))
+        echo(out(f"{name[-48:]:<48} {shape:>13} {t['layout']:>6} {t['k']:>4} {t['index_dtype']:>4} "
+                 f"{t['value_dtype']:>4} {t['bytes']:>10,} {mean if mean is not None else 0:>9.2e} "
+                 f"{t['values']['nonzero']:>7.1%}"))
     renamed = [t for t in info["targets"] if "module" in t]
     if renamed:  # spec 4.6: keys are the checkpoint's; the model holds these weights under other names
-        click.echo(f"{len(renamed)} target(s) the model holds under another name (module), e.g. "
-                   + out(f"{renamed[0]['name']} -> {renamed[0]['module']}"))
+        echo(f"{len(renamed)} target(s) the model holds under another name (module), e.g. "
+             + out(f"{renamed[0]['name']} -> {renamed[0]['module']}"))
     return 0
 
 
