@@ -253,12 +253,13 @@ def publish(tmp: str, out: str, *, overwrite: bool, durable: bool) -> None:
         if os.path.isdir(tmp) and not os.path.islink(out):
             if os.path.isdir(out):
                 refuse_deleting(out)  # check_output said so before the work; the old tree is deleted below
-            if not _renameat2(tmp, out, _RENAME_EXCHANGE):
-                old = temp_sibling(out)
-                os.rename(out, old)
-                os.rename(tmp, out)
-                tmp = old
-            remove(tmp)  # now the previous OUT
+            with _replacing(out):
+                if not _renameat2(tmp, out, _RENAME_EXCHANGE):
+                    old = temp_sibling(out)
+                    os.rename(out, old)
+                    os.rename(tmp, out)
+                    tmp = old
+                remove(tmp)  # now the previous OUT
         else:
             os.replace(tmp, out)
     elif not _renameat2(tmp, out, _RENAME_NOREPLACE):
@@ -399,7 +400,16 @@ def check_output(out, *, inputs: Iterable = (), overwrite: bool = False, kind: s
                                      f"writes {'a folder' if kind == 'folder' else 'a file'}", path=out)
     if overwrite and os.path.isdir(out) and not os.path.islink(out):
         refuse_deleting(out)
+        with _replacing(out):  # a run reading it now would be refused at the swap, after all the work: say so first
+            pass
     return out
+
+
+def _replacing(folder: str):
+    """The exclusive lock on an existing OUT folder that an overwrite swaps out and deletes. A merge copying from that
+    folder holds it shared, and opens its files by path one after the other: swapped meanwhile, it wrote a copy
+    with the old tree's shards and the new tree's config.json, which neither tree is."""
+    return checkpoint_lock(folder, exclusive=True, doing="replacing it (--overwrite)")
 
 
 # What every folder our tools write holds at its top: a merge into a copy copies the whole base folder, whose weights
@@ -568,7 +578,7 @@ def checkpoint_folder(path) -> str:
 
 
 @contextmanager
-def checkpoint_lock(folder, *, exclusive: bool):
+def checkpoint_lock(folder, *, exclusive: bool, doing: str | None = None):
     """Hold an advisory lock (flock) on `folder` for the duration: exclusive for runs that change the
     files in it (in-place merge, revert), shared for runs that only read them (a merge into a copy).
 
@@ -588,7 +598,7 @@ def checkpoint_lock(folder, *, exclusive: bool):
             try:
                 fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
             except BlockingIOError:
-                doing = "an in-place merge or revert" if exclusive else "a merge reading it"
+                doing = doing or ("an in-place merge or revert" if exclusive else "a merge reading it")
                 raise NeuroAdaUsageError(f"busy: another run holds the lock on this checkpoint folder, so "
                                          f"{doing} must wait; try again when it has finished", path=folder) from None
             except OSError:

@@ -376,6 +376,31 @@ def test_in_place_runs_are_refused_while_the_checkpoint_is_locked(model, tmp_pat
     assert tree(base) == before
 
 
+def test_overwrite_never_swaps_out_a_folder_a_merge_is_reading(model, tmp_path):
+    """A merge copying from X holds X's lock shared and opens X's files by path one after another; a second run
+    writing X with --overwrite swapped X meanwhile, and the reader wrote, exit 0, the old tree's shards beside the
+    new tree's config.json. Replacing X now takes its lock exclusively: refused as busy, before the work and (for a
+    reader that starts during the work) at the swap, and X is left whole."""
+    base, a, b, _ = model
+    x = tmp_path / "x"
+    seam.merge(base, [(a, 1.0)], x)
+    before = tree(x)
+    with durable.checkpoint_lock(x, exclusive=False):  # a merge reading x
+        with pytest.raises(naf.NeuroAdaUsageError, match=r"busy.*replacing it \(--overwrite\)"):
+            seam.merge(base, [(b, 2.0)], x, overwrite=True)
+        assert tree(x) == before and not [n for n in os.listdir(tmp_path) if ".tmp-" in n]  # no work left behind
+        out = durable.check_output(tmp_path / "y", overwrite=True)  # no reader of y yet: accepted
+    shutil.copytree(x, tmp_path / "y")
+    new = tmp_path / "new"
+    shutil.copytree(base, new)
+    with durable.checkpoint_lock(out, exclusive=False):  # a reader that started during the work
+        with pytest.raises(naf.NeuroAdaUsageError, match="busy"):
+            durable.publish(str(new), out, overwrite=True, durable=False)
+    assert tree(tmp_path / "y") == before and os.path.isdir(new)
+    seam.merge(base, [(b, 2.0)], x, overwrite=True)  # no reader: replaced
+    assert tree(x) != before
+
+
 def _race_child(argv, slowdown):
     os.environ[seam.SLOWDOWN_ENV] = slowdown
     null = os.open(os.devnull, os.O_WRONLY)
