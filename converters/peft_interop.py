@@ -45,7 +45,7 @@ from neuroada_format.container import Problems, SafetensorsFile, strict_json
 from neuroada_format.dtypes import BASE_DTYPES, NUMPY_DTYPES, VALUE_DTYPES, index_dtype_for, nonfinite_mask
 # PEFT's TaskType values (one list with the runtime's config); AutoPeftModelFor* and PeftModel pick their wrapper
 # class from it
-from neuroada_format.folder import TASK_TYPES
+from neuroada_format.folder import OTHER_PEFT_HINT, TASK_TYPES
 from neuroada_format.folder import WEIGHTS_NAME as NEUROADA_WEIGHTS
 from neuroada_format.jsonparse import read_json
 from neuroada_format.folder import adapter_paths
@@ -323,7 +323,7 @@ def _read_config(folder: str) -> dict:
         raise NeuroAdaError("not a PEFT config (not a JSON object)", path=path)
     kind = config.get("peft_type")
     if kind != PEFT_TYPE:
-        hint = " (this is a NeuroAda folder: use it as it is)" if kind == "NEUROADA" else ""
+        hint = " (this is a NeuroAda folder: use it as it is)" if kind == "NEUROADA" else f"; {OTHER_PEFT_HINT}"
         raise NeuroAdaError(f"peft_type is {kind!r}; only {PEFT_TYPE} (Super-Tuning) adapters can be imported{hint}",
                             path=path)
     if config.get("r") is not None:

@@ -158,6 +158,11 @@ def read_folder_config(path) -> dict:
     return d
 
 
+# What to do with another PEFT method's adapter (a LoRA): its delta is dense, so no file converts; its merged model does.
+OTHER_PEFT_HINT = ("to get a NeuroAda adapter from it, merge it with PEFT (merge_and_unload, save_pretrained) and "
+                   "extract from the merged model: neuroada-pack --base BASE --finetuned MERGED -k K -o OUT")
+
+
 def _legacy_peft_type(folder: str) -> str | None:
     """The peft_type of a legacy/PEFT adapter_config.json in `folder`, or None when there is none."""
     path = os.path.join(folder, LEGACY_CONFIG_NAME)
@@ -210,9 +215,12 @@ def _locate(path: str) -> tuple[str, str | None]:
         if not _present(legacy):
             raise NeuroAdaUsageError(f"no {LEGACY_WEIGHTS_NAME} in the adapter folder", path=path, rule="1.1")
         return legacy, os.path.join(path, LEGACY_CONFIG_NAME) if kind else None
+    if kind == "SUPERTUNING":  # PEFT's Super-Tuning holds NeuroAda's deltas: the one kind that converts
+        raise NeuroAdaUsageError("this is a PEFT Super-Tuning adapter, not a NeuroAda one; convert it with "
+                                 "`neuroada-pack --from-peft`", path=path, rule="1.1")
     if kind is not None:
-        raise NeuroAdaUsageError(f"this is a PEFT adapter (peft_type {kind!r:.80}), not a NeuroAda one; convert "
-                                 "it with `neuroada-pack --from-peft`", path=path, rule="1.1")
+        raise NeuroAdaUsageError(f"this is a PEFT adapter (peft_type {kind!r:.80}), not a NeuroAda one, and only "
+                                 f"Super-Tuning adapters convert; {OTHER_PEFT_HINT}", path=path, rule="1.1")
     inside = sorted(e.name for e in os.scandir(path) if e.is_dir() and _present(os.path.join(e.path, WEIGHTS_NAME)))
     hint = f" (adapters saved by name are in its sub-folders: {', '.join(inside)[:200]})" if inside else ""
     raise NeuroAdaUsageError(f"no {WEIGHTS_NAME} in the folder: not an adapter folder{hint}", path=path, rule="1.1")

@@ -845,6 +845,24 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
                        selection=selection, version=naf.version_for(targets.values()))
 
 
+def _check_save_path(path: str, single: bool) -> None:
+    """The kind of what already lies at `path` (or a parent) against what save_adapter writes there, said before any
+    work: OSError from deep in the write (IsADirectoryError at the rename, FileExistsError from makedirs) named
+    neither the rule nor what to do."""
+    if single and os.path.isdir(path):  # e.g. left by an earlier save to "task.safetensors/"
+        raise NeuroAdaUsageError("a folder exists at this path, and a path ending in .safetensors saves one file; "
+                                 "remove the folder or save elsewhere", path=path)
+    if not single and os.path.lexists(path) and not os.path.isdir(path):
+        raise NeuroAdaUsageError("a file exists at this path, and a path not ending in .safetensors saves a folder "
+                                 "(neuroada_config.json + neuroada_model.safetensors); save elsewhere, or to a "
+                                 ".safetensors path for one file", path=path)
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NeuroAdaUsageError(f"{parent} is a file, so no folder can be made under it", path=path)
+
+
 def save_adapter(model: nn.Module, path, adapter_name: str = "default", *, value_dtype: str | None = None,
                  is_main_process: bool = True) -> str:
     """Write the adapter: a path ending in .safetensors -> that one file; any other path -> a folder
@@ -855,9 +873,10 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default", *, value
     is_main_process=False on all but one; that one writes.
     """
     path = os.fspath(path)
+    single = path.endswith(".safetensors")
+    _check_save_path(path, single)
     model = unwrapped(model)
     adapter = to_adapter(model, adapter_name, value_dtype=value_dtype)
-    single = path.endswith(".safetensors")
     file = path if single else os.path.join(path, WEIGHTS_NAME)
     if not is_main_process:
         return file

@@ -381,8 +381,14 @@ def test_cli_accepts_adapter_folders(world, tmp_path, small_model):
     assert cli("validate", legacy).returncode == 0
     (tmp_path / "lora").mkdir()
     (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
-    r = cli("inspect", tmp_path / "lora")
-    assert r.returncode == 2 and "--from-peft" in one_error_line(r)
+    r = cli("inspect", tmp_path / "lora")  # a LoRA does not convert (it used to be told to use --from-peft, which refused)
+    line = one_error_line(r)
+    assert r.returncode == 2 and "--from-peft" not in line and "only Super-Tuning adapters convert" in line
+    assert "neuroada-pack --base BASE --finetuned MERGED" in line
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "adapter_config.json").write_text(json.dumps({"peft_type": "SUPERTUNING"}))
+    r = cli("inspect", tmp_path / "st")
+    assert r.returncode == 2 and "convert it with `neuroada-pack --from-peft`" in one_error_line(r)
     r = cli("validate", tmp_path / "nothing-here")
     assert r.returncode == 2 and "rule 1.1" in one_error_line(r)
 

@@ -291,7 +291,7 @@ def test_config_refuses_bad_values(bad):
 def test_config_accepts_peft_collection_forms():
     assert NeuroAdaConfig(target_modules={"v_proj", "q_proj"}).target_modules == ["q_proj", "v_proj"]
     assert NeuroAdaConfig(target_modules=("q_proj",), exclude_modules=("x",)).exclude_modules == ["x"]
-    assert NeuroAdaConfig(target_modules=None).to_dict()["target_modules"] is None
+    assert NeuroAdaConfig(target_modules=None).to_dict()["target_modules"] == "all-linear"  # PEFT: default targets
 
 
 # -- modules with hooks --------------------------------------------------------------------------------------
@@ -546,3 +546,23 @@ def test_target_modules_none_means_the_default_targets():
     assert NeuroAdaConfig(k=1, target_modules=None).target_modules == "all-linear"
     a, b = attach(tiny_llama(), NeuroAdaConfig(k=1, target_modules=None)), attach(tiny_llama(), NeuroAdaConfig(k=1))
     assert sorted(layers(a)) == sorted(layers(b)) and layers(a)
+
+
+def test_save_adapter_onto_a_path_of_the_other_kind_is_a_usage_error(tmp_path):
+    """A folder named *.safetensors (left by a save to 'task.safetensors/') or a plain file where a folder would go
+    raised IsADirectoryError / FileExistsError from deep in the write; both are refused up front, naming the path,
+    and what lies there is left alone."""
+    from neuroada_format.runtime import save_adapter
+
+    model = attach(tiny_llama(), NeuroAdaConfig(k=1, target_modules=["q_proj"]))
+    (tmp_path / "task.safetensors").mkdir()
+    (tmp_path / "notes").write_text("hello")
+    with pytest.raises(NeuroAdaUsageError, match="a folder exists at this path") as e:
+        save_adapter(model, tmp_path / "task.safetensors")
+    assert str(tmp_path / "task.safetensors") in str(e.value) and not list((tmp_path / "task.safetensors").iterdir())
+    with pytest.raises(NeuroAdaUsageError, match="a file exists at this path"):
+        save_adapter(model, tmp_path / "notes")
+    with pytest.raises(NeuroAdaUsageError, match="is a file, so no folder can be made"):
+        save_adapter(model, tmp_path / "notes" / "sub" / "a.safetensors")
+    assert (tmp_path / "notes").read_text() == "hello"
+    assert save_adapter(model, tmp_path / "task.safetensors" / "a.safetensors")  # inside the folder: fine
