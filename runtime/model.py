@@ -499,6 +499,10 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
     else:
         indices = {name: select(_canonical(m), config.k, config.selection, seed=config.seed, generator_offset=i)
                    for i, (name, m) in enumerate(modules.items())}
+    for layer in layers(model).values():  # the adapters trained so far stop training, and set_adapter may resume them
+        for val in layer.neuroada_val.values():
+            if val.requires_grad:
+                park(val)
     _freeze(model, keep_deltas=False)
     shared, wrappers = _shared_weights(model), _foreign_wrappers(model)
     delta_dtype = getattr(torch, config.delta_dtype)
@@ -536,6 +540,15 @@ def _warn_frozen_head(model: nn.Module, config: NeuroAdaConfig) -> None:
                 warnings.warn(f"task_type={config.task_type}: the head {name!r} is frozen with the base; PEFT trains it "
                               f"(modules_to_save). To train it here: model.get_submodule({name!r}).requires_grad_(True) "
                               f"(save_pretrained then keeps it in model.safetensors)", stacklevel=3)
+
+
+# Set on a trainable adapter's deltas when the runtime (not the user) turns their requires_grad off: attach of another
+# adapter, set_adapter to another one. set_adapter back makes such an adapter train again; one the user froze serves.
+PARKED = "neuroada_parked"
+
+
+def park(val: torch.Tensor) -> None:
+    setattr(val, PARKED, True)
 
 
 def _freeze(model: nn.Module, *, keep_deltas: bool) -> None:

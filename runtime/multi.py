@@ -42,8 +42,8 @@ from .kernels.bgmv import (AdapterStack, InputsT, SeqMask, bgmv_add_, bgmv_add_s
 from .kernels.cache import outside_inference, version
 from .kernels.reference import rounded_values
 from .layer import BASE_ADAPTER, SERVING_CACHES, NeuroAdaLayer, _conv1d_type, check_adapter_name, has_hooks
-from .model import (CONFIGS_ATTR, DISABLED_ATTR, MIXED_ATTR, VALUE_TORCH, _refuse_in_batch, _shared_weights, _unserve,
-                    layers, refuse_unmergeable)
+from .model import (CONFIGS_ATTR, DISABLED_ATTR, MIXED_ATTR, PARKED, VALUE_TORCH, _refuse_in_batch, _shared_weights,
+                    _unserve, layers, park, refuse_unmergeable)
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
            "stop_serving", "adapter_batch", "disable_adapter", "add_weighted_adapter"]
@@ -267,12 +267,15 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
 
 
 def _trainable(model: nn.Module, name: str, all_layers: dict[str, NeuroAdaLayer]) -> bool:
-    """Whether ``name`` was made to train (attached, or loaded with is_trainable=True), from its config: its deltas'
-    requires_grad cannot say, since attaching another adapter or set_adapter to another one turns it off."""
+    """Whether ``name`` trains when active: made to train (attached, or loaded with is_trainable=True: its config) and
+    not frozen by the user since. requires_grad alone cannot say: attaching another adapter, or set_adapter to
+    another one, turns it off too; those mark the deltas they freeze (PARKED), so set_adapter back turns it on."""
     config = (getattr(model, CONFIGS_ATTR, None) or {}).get(name)
-    if config is not None:
-        return not config.inference_mode
-    return any(name in layer.neuroada_val and layer.neuroada_val[name].requires_grad for layer in all_layers.values())
+    if config is not None and config.inference_mode:
+        return False
+    return any(name in layer.neuroada_val and (layer.neuroada_val[name].requires_grad
+                                               or getattr(layer.neuroada_val[name], PARKED, False))
+               for layer in all_layers.values())
 
 
 def _train_only(all_layers: dict[str, NeuroAdaLayer], name: str | None) -> None:
@@ -281,6 +284,7 @@ def _train_only(all_layers: dict[str, NeuroAdaLayer], name: str | None) -> None:
     for layer in all_layers.values():
         for n, val in layer.neuroada_val.items():
             if val.requires_grad != (n == name):
+                park(val) if val.requires_grad else setattr(val, PARKED, False)
                 val.requires_grad_(n == name)
 
 

@@ -477,6 +477,12 @@ def test_set_adapter_back_to_an_attached_adapter_trains_it_again():
                for l in layers(model).values())
     set_adapter(model, None)  # the base: no adapter trains
     assert not any(v.requires_grad for l in layers(model).values() for v in l.neuroada_val.values())
+    set_adapter(model, "default")  # parked by set_adapter, so it trains again
+    assert merged_adapter(model) is None and all(l.neuroada_val["default"].requires_grad for l in layers(model).values())
+    model.requires_grad_(False)  # frozen by the user: served merged, as an inference adapter
+    set_adapter(model, "b")
+    set_adapter(model, "default")
+    assert merged_adapter(model) == "default"
 
 
 def test_set_adapter_on_a_trainable_adapter_trains_it(tmp_path):
