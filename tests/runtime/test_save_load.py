@@ -219,7 +219,7 @@ def test_load_refuses_bad_names_and_files(tmp_path):
     (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
     os.link(path, lora / "adapter_model.safetensors")
     fresh = tiny_llama()
-    with pytest.raises(NeuroAdaError, match="peft_type 'LORA'.*--from-peft"):
+    with pytest.raises(NeuroAdaError, match="peft_type 'LORA'.*only Super-Tuning adapters convert.*--finetuned"):
         load_adapter(fresh, lora)
     assert not layers(fresh)
     from safetensors.torch import save_file
