@@ -9,7 +9,8 @@ each delta so that `w0 + delta` is a value the block already represents (its sca
 with a straight-through gradient: the optimizer updates the unsnapped deltas, the forward and the
 gradient see the snapped ones. The merge into the file then changes only the blocks' 4-bit levels and
 is exact: the merged file decodes to the runtime's merge value for value (a Q4_0 zero may come back as -0.0),
-every other block byte-identical.
+every other block byte-identical. An F16 or BF16 tensor's grid is its dtype (`FloatGrid`): the merge rounds
+`w0 + delta` to it, so the runtime, training on an f32 copy, rounds the same way; F32 tensors need nothing.
 
     from neuroada_format.runtime import attach, train_on_grid, remove_grid
     attach(model, NeuroAdaConfig(k=20))        # model: the GGUF's de-quantized weights
@@ -41,7 +42,7 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from .kernels.cache import outside_inference, version
 from .layer import GRID_ATTR, NeuroAdaLayer
 
-__all__ = ["QuantGrid", "train_on_grid", "remove_grid", "grid_types"]
+__all__ = ["QuantGrid", "FloatGrid", "train_on_grid", "remove_grid", "grid_types"]
 
 SAVED_CONFIGS_ATTR = "_neuroada_grid_configs"  # the model's adapter configs as they were before the grid
 
@@ -105,6 +106,46 @@ class QuantGrid(nn.Module):
         return f"{self.qtype}, levels [{self.lo}, {self.hi}], block {self.block}"
 
 
+class FloatGrid(nn.Module):
+    """An F16 or BF16 tensor's grid: the dtype's own values. `w0 + delta` (f32 sum) is rounded to the dtype
+    (round-to-nearest-even, as rule M rounds a merge into such a tensor; beyond its range, to its largest
+    finite value, as a block grid clamps its levels), so a model holding the tensor's values in f32 trains,
+    serves and merges what the file will hold. Same call as QuantGrid, straight-through gradient."""
+
+    DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16}
+
+    def __init__(self, qtype: str):
+        super().__init__()
+        self.qtype, self.dtype = str(qtype), self.DTYPES[qtype]
+
+    @torch.no_grad()
+    def levels(self, w: torch.Tensor, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Values w rounded to the dtype (as f32), twice: QuantGrid.levels' (level, value) with level = value."""
+        big = torch.finfo(self.dtype).max
+        value = w.float().clamp(-big, big).to(self.dtype).float()
+        return value, value
+
+    @torch.no_grad()
+    def snap(self, val: torch.Tensor, idx: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+        """The deltas d with f32(w0 + d) the dtype value nearest to w0 + val, so that the merge's rounding keeps
+        it. d = f32(value - w0) does, except where the value is a power of two and |w0| under 2^-13 of it (F16;
+        BF16: 2^-16), where there may be no such d at all: there the value is the dtype's next one toward zero
+        (always reachable). An infinite w0 gets d = 0 (w0 kept); a NaN stays NaN, as on a block grid."""
+        w0f = w0.float()
+        _, value = self.levels(w0f + val.float())
+        delta = value - w0f
+        # (the next value's bits: the magnitude's minus one; garbage where value is 0, never used there)
+        below = (value.to(self.dtype).view(torch.int16) - 1).view(self.dtype).float()
+        alt = below - w0f
+        alt = torch.where(w0f + alt == below, alt, 0.0)
+        return torch.where((w0f + delta == value) | value.isnan(), delta, alt).to(val.dtype)
+
+    forward = QuantGrid.forward
+
+    def extra_repr(self) -> str:
+        return self.qtype
+
+
 def _f32_bits(x: np.ndarray) -> torch.Tensor:
     """f32 values as the int32 bits of their encoding (a K-quant sub-block scale, an f16 super-scale times a
     6- or 8-bit integer, needs up to 17 significant bits: more than f16 holds)."""
@@ -133,11 +174,12 @@ def _adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, NeuroAdaLa
 def train_on_grid(model: nn.Module, gguf_path, adapter_name: str = "default") -> dict[str, str]:
     """Snap `adapter_name`'s deltas to the quantization grid of `gguf_path` (the model's base as a GGUF
     file: its weights must be that file's de-quantized values) in every layer whose GGUF tensor is
-    block-quantized with a grid `converters.gguf_merge.block_grid` knows (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K).
+    block-quantized with a grid `converters.gguf_merge.block_grid` knows (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K),
+    and to F16/BF16 values where it is F16/BF16 (`FloatGrid`: the merge rounds w0 + delta to that dtype).
 
-    Layers whose tensor is F32/F16/BF16 stay plain (those merge exactly anyway), as do other block types
-    (their merge re-encodes them). Returns {target: GGUF type} of every adapted
-    layer; the snapping ones are those whose type is in `QuantGrid`'s set (see `grid_types`).
+    Layers whose tensor is F32 stay plain (they merge exactly as they are), as do other block types (their
+    merge re-encodes them). Returns {target: GGUF type} of every adapted layer; the snapping ones are
+    those with a grid (see `grid_types`).
 
     Refused before anything changes: a file that is not this model's base (a target without a GGUF tensor,
     another shape, or selected weights that are not the file's values: NeuroAdaError), a merged layer,
@@ -148,7 +190,7 @@ def train_on_grid(model: nn.Module, gguf_path, adapter_name: str = "default") ->
 
     gm, view = _gguf_view(gguf_path)
     path = view.path
-    planned: dict[str, tuple[NeuroAdaLayer, QuantGrid | None]] = {}
+    planned: dict[str, tuple[NeuroAdaLayer, QuantGrid | FloatGrid | None]] = {}
     types: dict[str, str] = {}
     for name, layer in found.items():
         key = plain_name(model, name) + ".weight"
@@ -175,11 +217,14 @@ def train_on_grid(model: nn.Module, gguf_path, adapter_name: str = "default") ->
                                 rule="4.2")
         idx, w0 = layer.neuroada_idx[adapter_name], layer.neuroada_w0[adapter_name]
         types[key] = info.type.name
-        try:
-            grid = QuantGrid(*gm.block_grid(view, key), qtype=info.type.name).to(w0.device)
-        except NeuroAdaUsageError:  # no grid for this type (float, Q5_0/Q5_1, Q2_K, Q3_K): the layer stays plain
-            grid = None
-        if grid is not None:
+        if info.type.name in FloatGrid.DTYPES:
+            grid = FloatGrid(info.type.name)
+        else:
+            try:
+                grid = QuantGrid(*gm.block_grid(view, key), qtype=info.type.name).to(w0.device)
+            except NeuroAdaUsageError:  # no grid for this type (F32, Q5_0/Q5_1, Q2_K, Q3_K): the layer stays plain
+                grid = None
+        if isinstance(grid, QuantGrid):
             _, on_grid = grid.levels(w0, idx)
             same = torch.equal(on_grid, w0.float())
         else:

@@ -6,7 +6,8 @@ generator: q/k rows permuted for rope), loaded with transformers' own GGUF loade
 file's de-quantized weights), trained a few steps through the grid with a plain loop or
 transformers.Trainer, saved, and merged back into the file with `neuroada-merge`. The merged file, read
 back, must equal the runtime's merge bit for bit, with every block that holds no changed value
-byte-identical.
+byte-identical. F16 and BF16 tensors are snapped to their dtype (the merge rounds w0 + delta to it), so they
+decode to the runtime's merge too.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from neuroada_format.runtime import (  # noqa: E402
     attach,
     grid_types,
     merge,
+    merge_and_unload,
     remove_grid,
     save_adapter,
     set_adapter,
@@ -46,11 +48,13 @@ from neuroada_format.runtime import (  # noqa: E402
     unmerge,
 )
 from neuroada_format.runtime.model import CONFIGS_ATTR, layers  # noqa: E402
+from neuroada_format.runtime.quant_grid import FloatGrid  # noqa: E402
 
 QT = gguf.GGMLQuantizationType
-F16_TARGET = "model.layers.0.mlp.up_proj.weight"  # one projection stored as F16: it must stay plain
-Q5_TARGET = "model.layers.1.self_attn.o_proj.weight"  # one as Q5_1, a block type without a grid here: plain too
-PLAIN = {F16_TARGET: "F16", Q5_TARGET: "Q5_1"}
+F16_TARGET = "model.layers.0.mlp.up_proj.weight"  # one projection stored as F16: snapped to F16 values
+Q5_TARGET = "model.layers.1.self_attn.o_proj.weight"  # one as Q5_1, a block type without a grid here: plain
+OTHER = {F16_TARGET: "F16", Q5_TARGET: "Q5_1"}       # the targets of another type than the file's main one
+PLAIN = {Q5_TARGET}
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +123,11 @@ def check_merged_file(base, merged_path, model):
             key = name + ".weight"
             if name in gridded:
                 np.testing.assert_array_equal(mv.array(key), layer.weight.detach().numpy(), err_msg=key)
+            if name not in gridded or gridded[name] in FloatGrid.DTYPES:
+                continue
             mapped = view.resolve(key)
             src = np.asarray(view.file.blocks(mapped.gguf_name))
             dst = np.asarray(mv.file.blocks(mapped.gguf_name))
-            if name not in gridded:
-                continue
             block = gm.GGML_QUANT_SIZES[view.file.tensors[mapped.gguf_name].type][0]
             idx = layer.neuroada_idx["default"].numpy()
             changed = snapped[name].numpy() != 0
@@ -154,7 +158,7 @@ def merged_json(base, adapter, out, capsys):
 def test_trained_on_grid_merges_into_the_gguf_exactly(bases, tmp_path, qtype, capsys):
     base = bases[qtype]
     model, types = attached(base)
-    assert {k: types[k] for k in PLAIN} == PLAIN and {t for k, t in types.items() if k not in PLAIN} == {qtype}
+    assert {k: types[k] for k in OTHER} == OTHER and {t for k, t in types.items() if k not in OTHER} == {qtype}
     assert set(grid_types(model)) == {k.removesuffix(".weight") for k in types if k not in PLAIN}
     train(model)
     snapped = deltas(model)
@@ -181,7 +185,9 @@ def test_trained_on_grid_merges_into_the_gguf_exactly(bases, tmp_path, qtype, ca
     assert f"{q5}: Q5_1" in said.err
     assert out.stat().st_size == base.stat().st_size
     check_merged_file(base, out, model)
-    # the F16 projection merged by the spec's rule (rounded to F16), as for any float tensor
+    # the F16 projection merged by the spec's rule (rounded to F16), as for any float tensor: the runtime's
+    # merge (check_merged_file) because its deltas were snapped to F16 values
+    assert grid_types(model)[F16_TARGET.removesuffix(".weight")] == "F16"
     view, mv = gm.open_gguf_base(base), gm.open_gguf_base(out)
     np.testing.assert_array_equal(mv.array(F16_TARGET),
                                   naf.merge_weight(view.array(F16_TARGET), [adapter.targets[F16_TARGET]]))
@@ -435,3 +441,93 @@ def test_trained_on_kquant_grids_merges_exactly(tmp_path, ktype, capsys):
         g = view.resolve(n).gguf_name
         a, b = kq.unpack(t, view.file.blocks(g)), kq.unpack(t, mv.file.blocks(g))
         assert np.array_equal(a.d, b.d) and np.array_equal(a.sc, b.sc) and np.array_equal(a.mn, b.mn)
+
+
+def test_float_tensors_are_snapped_to_their_dtype_and_merge_exactly(tmp_path, capsys):
+    """F16 and BF16 projections of a Q4_1 file: the model holds their values in f32, the merge rounds
+    w0 + delta to the tensor's dtype, so train_on_grid snaps those layers to it. The merged file, read by gguf
+    and by transformers, is the runtime's merge_and_unload bit for bit (weights and logits) on every target:
+    F16, BF16, Q4_1 (unchanged) and F32 (plain: nothing to round)."""
+    f16, bf16, f32 = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight",
+                      "model.layers.1.self_attn.v_proj.weight")
+    (tmp_path / "base").mkdir()
+    base = write_gguf(tmp_path / "base" / "b.gguf", hf_arrays(), QT.Q4_1,
+                      types={f16: QT.F16, bf16: QT.BF16, f32: QT.F32})
+    model, types = attached(base)
+    assert (types[f16], types[bf16], types[f32]) == ("F16", "BF16", "F32")
+    gridded = {n + ".weight": t for n, t in grid_types(model).items()}
+    assert gridded == {k: t for k, t in types.items() if k != f32}          # F32 alone stays plain
+    train(model)
+    ids = batch()["input_ids"]
+    snapped, lay = deltas(model), layers(model)
+    for key, dt in ((f16, torch.float16), (bf16, torch.bfloat16)):
+        name = key.removesuffix(".weight")
+        w = lay[name].neuroada_w0["default"] + snapped[name]
+        assert torch.equal(w.to(dt).float(), w) and snapped[name].any(), key   # on the dtype's grid, and moved
+        latent = lay[name].neuroada_w0["default"] + lay[name].neuroada_val["default"].detach()
+        assert not torch.equal(latent.to(dt).float(), latent), key           # (the unsnapped deltas are not)
+    plain = copy.deepcopy(model)
+    remove_grid(plain)
+    model.save_pretrained(tmp_path / "out")
+    out = tmp_path / "merged" / "m.gguf"
+    out.parent.mkdir()
+    details, _ = merged_json(base, tmp_path / "out", out, capsys)
+    assert details["blocks_reencoded"] == 0
+    assert out.stat().st_size == base.stat().st_size
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        merged = merge_and_unload(model)
+        assert torch.equal(merged(input_ids=ids).logits, logits)             # training forward == the merge
+    want = merged.state_dict()
+    mv = gm.open_gguf_base(out)
+    for key in types:
+        got = np.asarray(mv.array(key)).astype(np.float32)
+        np.testing.assert_array_equal(got, want[key].numpy(), err_msg=key)
+    read = transformers.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32)
+    got = read.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in types)
+    with torch.no_grad():
+        assert torch.equal(read(input_ids=ids).logits, logits)               # the file serves the runtime's logits
+        # without the float grids (the latent deltas) the F16/BF16 merge would round off the runtime's values
+        unsnapped = merge_and_unload(plain).state_dict()
+    assert not torch.equal(unsnapped[f16], got[f16]) or not torch.equal(unsnapped[bf16], got[bf16])
+
+
+def test_float_grid_rounding_edges():
+    """FloatGrid rounds as rule M (round-to-nearest-even): f32(w0) + delta is that value, and the spec's merge of
+    the snapped deltas gives it back. Beyond the dtype's range it stops at the largest finite value; a power of
+    two that no f32 delta reaches from a tiny w0 of the other sign becomes the dtype's next value toward zero;
+    an infinite w0 stays; NaN stays NaN; the gradient passes straight through."""
+    import ml_dtypes
+
+    gen = torch.Generator().manual_seed(0)
+    cases = (("F16", torch.float16, np.float16, float.fromhex("-0x1.58p-19"), 4.0),
+             ("BF16", torch.bfloat16, ml_dtypes.bfloat16, float.fromhex("-0x1.6p-24"), 0.5))
+    for qtype, dt, npdt, tiny, power in cases:
+        grid = FloatGrid(qtype)
+        w0 = torch.randn(8, 64, generator=gen).to(dt).float()
+        w0[0, :4] = torch.tensor([0.0, -0.0, 1e-7, 1.0]).to(dt).float()    # zeros, a subnormal (F16)
+        val = torch.randn(8, 64, generator=gen) * 1e-3
+        val[0, 3] = 2.0 ** -11  # 1 + half an F16 step: a tie, to even (1)
+        idx = torch.arange(64).expand(8, 64).contiguous()
+        d = grid(val, idx, w0)
+        want = naf.merge_weight(w0.numpy().astype(npdt), [(idx.numpy(), val.numpy())])  # the spec's rounding
+        assert np.array_equal((w0 + d).numpy(), want.astype(np.float32)), qtype
+        assert np.array_equal(naf.merge_weight(w0.numpy().astype(npdt), [(idx.numpy(), d.numpy())]), want)
+
+        big = torch.finfo(dt).max
+        edge_w0 = torch.tensor([[big, 1.0, tiny, float("inf"), 1.0]]).to(dt).float()
+        edge_val = torch.tensor([[big, float("inf"), power - tiny, 1.0, float("nan")]])
+        e = grid.snap(edge_val, torch.arange(5)[None], edge_w0)
+        merged = edge_w0 + e
+        assert merged[0, 0] == big and merged[0, 1] == big                    # the largest finite value
+        c = torch.tensor(power, dtype=torch.float32) - edge_w0[0, 2]         # no f32 delta reaches the power
+        assert not any(edge_w0[0, 2] + x == power for x in (c, c.nextafter(c + 1), c.nextafter(c - 1)))
+        assert merged[0, 2] == torch.nextafter(torch.tensor(power, dtype=dt), torch.tensor(0.0, dtype=dt)).float()
+        assert e[0, 3] == 0 and merged[0, 3] == float("inf")                 # an infinite w0 stays
+        assert e[0, 4].isnan()
+        finite = merged[0, :4]
+        assert torch.equal(finite.to(dt).float(), finite)                     # every merged value in the dtype
+        v = val.clone().requires_grad_(True)
+        grid(v, idx, w0).sum().backward()
+        assert torch.equal(v.grad, torch.ones_like(v))
