@@ -166,8 +166,10 @@ def _adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, NeuroAdaLa
     from .model import layers
 
     found = {n: layer for n, layer in layers(model).items() if adapter_name in layer.neuroada_val}
-    if not found:
-        raise NeuroAdaUsageError(f"no attached layer holds an adapter named {adapter_name!r}")
+    if not found:  # name what there is: an adapter attached under another name is the usual cause
+        have = sorted({n for layer in layers(model).values() for n in layer.neuroada_val})
+        hint = f" (have: {', '.join(have)}; pass adapter_name=)" if have else " (attach one first)"
+        raise NeuroAdaUsageError(f"no attached layer holds an adapter named {adapter_name!r}{hint}")
     return found
 
 
