@@ -15,11 +15,13 @@ import numpy as np
 
 from .container import Problems, SafetensorsFile
 from .durable import write_bytes, write_file
-from .dtypes import INDEX_DTYPES, I16_MAX_D_IN, NUMPY_DTYPES, VALUE_DTYPES, dtype_name, index_dtype_for
+from .dtypes import (INDEX_DTYPES, I16_MAX_D_IN, NUMPY_DTYPES, VALUE_DTYPES, dtype_name, index_dtype_for,
+                     native)
 from .errors import NeuroAdaError, NeuroAdaUsageError
 from .hashing import probe_hash
-from .layout import LAYOUTS, canonical_view
-from .metadata import FORMAT_NAME, MERGE_RULE, METADATA_KEY, VERSION, parse_document
+from .layout import LAYOUTS, canonical_view, check_layout
+from .metadata import (_VERSION_RE, FORMAT_NAME, MERGE_RULE, METADATA_KEY, VERSION, parse_document, version_for,
+                       version_key)
 
 INDICES_PREFIX = "indices/"
 VALUES_PREFIX = "values/"
@@ -66,9 +68,24 @@ class Target:
         as numpy's ``astype`` does (nearest, ties to even; float64 reaches BF16 through float32, as in ml_dtypes
         and torch, which can differ from one direct rounding by a step in rare near-ties), so F32 deltas can be
         saved as the format's usual BF16 without a separate cast.
-        Without values, zeros of ``value_dtype`` (BF16 by default)."""
+        Without values, zeros of ``value_dtype`` (BF16 by default).
+
+        The weight must be 2-D and the indices integers in [0, d_in), [d_out, k] (rules 4.2, 3.2, 3.5, 3.4),
+        checked before hashing: a column past d_in used to hash the next row's value, a float was truncated,
+        and a big-endian weight is read as its native twin (same values)."""
+        check_layout(layout, tensor=name)
         weight = np.asarray(weight)
+        if weight.ndim != 2:
+            raise NeuroAdaError(f"weight has {weight.ndim} dimensions, expected 2", tensor=name, rule="4.2")
+        if not weight.dtype.isnative:
+            weight = weight.astype(native(weight.dtype))
+        try:
+            weight_dtype = dtype_name(weight.dtype)
+        except KeyError:
+            raise NeuroAdaError(f"weight dtype {weight.dtype} is not F32, F16 or BF16", tensor=name,
+                                rule="4.2") from None
         canon = canonical_view(weight, layout)
+        indices = _checked_indices(indices, canon.shape, name)
         indices = np.ascontiguousarray(indices, dtype=NUMPY_DTYPES[index_dtype_for(canon.shape[1])])
         if value_dtype is not None and value_dtype not in VALUE_DTYPES:
             raise NeuroAdaUsageError(f"value_dtype must be one of {', '.join(VALUE_DTYPES)}, got {value_dtype!r}")
@@ -77,11 +94,25 @@ class Target:
         elif value_dtype is not None:
             values = np.asarray(values).astype(NUMPY_DTYPES[value_dtype])
         return cls(name, indices, np.ascontiguousarray(values), (int(canon.shape[0]), int(canon.shape[1])),
-                   layout, dtype_name(weight.dtype), probe_hash(weight, indices, layout))
+                   layout, weight_dtype, probe_hash(weight, indices, layout))
 
     def entry(self) -> dict:
         return {**self.extra, "shape": list(self.shape), "layout": self.layout, "dtype": self.dtype,
                 "k": self.k, "probe": self.probe}
+
+
+def _checked_indices(indices, shape, name: str) -> np.ndarray:
+    """Indices for a weight of canonical `shape`: integers (3.2), [d_out, k] (3.4), in [0, d_in) (3.5)."""
+    idx = np.asarray(indices)
+    if idx.dtype.kind not in "iu":
+        raise NeuroAdaError(f"indices are {idx.dtype}, not integers", tensor=name, rule="3.2")
+    if idx.ndim != 2 or idx.shape[0] != shape[0]:
+        raise NeuroAdaError(f"indices of shape {list(idx.shape)} are not [d_out={shape[0]}, k]", tensor=name,
+                            rule="3.4")
+    if idx.size and (idx.min() < 0 or idx.max() >= shape[1]):
+        bad = idx[(idx < 0) | (idx >= shape[1])].flat[0]
+        raise NeuroAdaError(f"index {int(bad)} is outside [0, d_in={shape[1]})", tensor=name, rule="3.5")
+    return idx
 
 
 @dataclass
@@ -92,16 +123,28 @@ class Adapter:
     base_revision: str | None = None
     structure_hash: str | None = None
     selection: dict = field(default_factory=lambda: {"rule": "magnitude", "tie_break": "lower-column"})
-    version: str = VERSION
+    version: str = VERSION       # as read; a new one starts at 1.0 and `written_version` raises it as fields need
     # Unknown fields of a newer minor, kept on re-save: top-level keys, and "base"/"merge" sub-keys.
     extra: dict = field(default_factory=dict)
     path: str | None = None
+
+    def written_version(self) -> str:
+        """The version the document records: `version`, raised to the lowest that defines every field the
+        targets use (spec 3.4: "1.2" once a target records `module`). A document that was read keeps its own
+        (it can hold its fields); a new Adapter starts at "1.0", so saving one with `module` used to claim
+        1.0. A version that is no 1.x MAJOR.MINOR is kept as is, for validation to report (rule 2.3)."""
+        version = self.version
+        if isinstance(version, str) and _VERSION_RE.fullmatch(version) and version.split(".")[0] == "1":
+            needed = version_for(self.targets.values())
+            if version_key(needed) > version_key(version):
+                return needed
+        return version
 
     def document(self) -> dict:
         doc = copy.deepcopy(self.extra)
         doc.update({
             "format": FORMAT_NAME,
-            "version": self.version,
+            "version": self.written_version(),
             "base": {**doc.get("base", {}), "name": self.base_name, "revision": self.base_revision,
                      "structure_hash": self.structure_hash},
             "selection": dict(self.selection),
@@ -233,12 +276,15 @@ def save(adapter: Adapter, path, *, value_dtype: str | None = None, index_dtype:
     value_dtype / index_dtype convert on the way out. None keeps what the arrays have when the spec
     allows it (I16/I32 indices; BF16/F16/F32 values); other integer indices get I16 where it fits.
     With check=True (the default) the adapter is validated first, so no invalid file is ever written.
+    A path that cannot be written as a file (empty, a folder, a missing parent) is a NeuroAdaUsageError
+    naming it, raised before any work, as a FIFO or an existing file with overwrite=False are.
     """
     from safetensors.numpy import save as serialize
 
     from .validate import validate
 
     path = os.fspath(path)
+    _check_output_path(path)
     if value_dtype is not None and value_dtype not in VALUE_DTYPES:
         raise NeuroAdaError(f"value dtype {value_dtype!r} is not one of {VALUE_DTYPES}", path=path, rule="3.3")
     if index_dtype is not None and index_dtype not in INDEX_DTYPES:
@@ -248,9 +294,11 @@ def save(adapter: Adapter, path, *, value_dtype: str | None = None, index_dtype:
         if t.layout not in LAYOUTS:
             raise NeuroAdaError(f"layout {t.layout!r} is not one of {LAYOUTS}", path=path, tensor=name,
                                 rule="2.2")
-        idt = index_dtype or _kept_index_dtype(t)
-        vdt = value_dtype or dtype_name(t.values.dtype)
         idx = np.asarray(t.indices)
+        if idx.dtype.kind not in "iu":  # the cast below would truncate 1.9 to column 1
+            raise NeuroAdaError(f"indices are {idx.dtype}, not integers", path=path, tensor=name, rule="3.2")
+        idt = index_dtype or _kept_index_dtype(t)
+        vdt = value_dtype or _value_dtype_name(t.values)
         if idx.size and (idx.min() < 0 or idx.max() >= t.d_in):
             raise NeuroAdaError(f"index out of range [0, {t.d_in})", path=path, tensor=name, rule="3.5")
         values = np.asarray(t.values)
@@ -274,8 +322,37 @@ def save(adapter: Adapter, path, *, value_dtype: str | None = None, index_dtype:
     write_bytes(path, serialize(tensors, metadata=meta), overwrite=overwrite, durable=True)
 
 
+def _value_dtype_name(values) -> str:
+    """The safetensors name of the values' dtype, byte order aside (the cast on the way out writes
+    little-endian); numpy's name for one safetensors has none (refused by rule 3.3 right after)."""
+    dt = np.asarray(values).dtype
+    try:
+        return dtype_name(native(dt))
+    except KeyError:
+        return str(dt)
+
+
+def _check_output_path(path) -> None:
+    """Refuse, as a usage error naming the path, what the atomic write would only meet as a raw OSError
+    after all the work: an empty path (the current folder), a folder, a name ending in a separator (which
+    abspath would strip, writing a file where a folder was meant), a parent folder that does not exist."""
+    shown = os.fsdecode(path)
+    if not shown:
+        raise NeuroAdaUsageError("the output path is empty (it would name the current folder)", path="''")
+    if os.path.isdir(path):
+        raise NeuroAdaUsageError("output exists and is a folder; an adapter is one file: name a file in it",
+                                 path=shown)
+    if shown.endswith(("/", os.sep)):
+        raise NeuroAdaUsageError("the output names a folder (it ends in a separator); an adapter is one file",
+                                 path=shown)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise NeuroAdaUsageError("the output's parent folder does not exist", path=shown)
+
+
 def _kept_index_dtype(t: Target) -> str:
-    name = dtype_name(t.indices.dtype) if t.indices.dtype.kind == "i" else None
+    dt = np.asarray(t.indices).dtype
+    name = dtype_name(native(dt)) if dt.kind == "i" else None
     if name == "I32" or (name == "I16" and t.d_in <= I16_MAX_D_IN):
         return name
     return index_dtype_for(t.d_in)

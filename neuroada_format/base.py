@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .container import SafetensorsFile
-from .dtypes import dtype_name
+from .dtypes import dtype_label, native
 from .errors import NeuroAdaError, NeuroAdaUsageError
 from .hashing import structure_hash
 from .jsonparse import MAX_JSON_BYTES, read_json
@@ -67,12 +67,25 @@ class ArrayBase:
     def keys(self):
         return self.arrays.keys()
 
-    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+    def _get(self, name: str):
+        """The value under `name`, when it is an array (anything with a dtype and a shape): a list there used to
+        end a validation with an AttributeError; it is a base that cannot be used (rule 1.6), raised."""
         a = self.arrays[name]
-        return dtype_name(a.dtype), tuple(a.shape)
+        if not (hasattr(a, "dtype") and hasattr(a, "shape")):
+            raise NeuroAdaUsageError(f"the in-memory base holds a {type(a).__name__} under this name, not an "
+                                     "array", path=self.path, tensor=name, rule="1.6")
+        return a
+
+    def info(self, name: str) -> tuple[str, tuple[int, ...]]:
+        """(dtype, shape). The dtype is named whatever it is (dtype_label): a big-endian F32 is F32, and a
+        tensor safetensors has no name for (a complex rope table) no longer stops the structure hash."""
+        a = self._get(name)
+        return dtype_label(a.dtype), tuple(a.shape)
 
     def array(self, name: str) -> np.ndarray:
-        return np.asarray(self.arrays[name])
+        """The array in native byte order (a big-endian one is copied: it is read for a few probes)."""
+        a = np.asarray(self._get(name))
+        return a if a.dtype.isnative else a.astype(native(a.dtype))
 
     def structure_hash(self) -> str:
         return structure_hash((name, *self.info(name)) for name in self.arrays)

@@ -42,6 +42,33 @@ def dtype_name(dtype) -> str:
     raise KeyError(f"no safetensors dtype for numpy dtype {dt}")
 
 
+def native(dtype) -> np.dtype:
+    """`dtype` in this machine's byte order. A big-endian array (">f4") holds the same values as its
+    little-endian twin, but has no safetensors name of its own: callers that copy anyway convert to this."""
+    dt = np.dtype(dtype)
+    return dt if dt.isnative else dt.newbyteorder("=")
+
+
+# Names for dtypes of in-memory bases that safetensors spells but NUMPY_DTYPES leaves out on purpose (an
+# adapter or base file declaring them stays an unknown dtype, spec 2.2); used only to describe a base.
+_OTHER_NAMES = {np.dtype(np.complex64): "C64"}
+
+
+def dtype_label(dtype) -> str:
+    """What an in-memory base tensor's dtype is called in reports and the structure hash: its safetensors
+    name whatever the byte order, else numpy's name upper-cased ("COMPLEX128"), else str() for a dtype that
+    numpy does not know (a torch dtype). Never raises: a non-target buffer of any dtype (a complex rope
+    table) must not stop a validation, and a target of such a dtype is then refused by rule 4.2."""
+    try:
+        dt = native(dtype)
+    except TypeError:
+        return str(dtype)
+    try:
+        return dtype_name(dt)
+    except KeyError:
+        return _OTHER_NAMES.get(dt, dt.name.upper())
+
+
 def index_dtype_for(d_in: int) -> str:
     """The index dtype a writer uses: I16 whenever every column number fits."""
     return "I16" if d_in <= I16_MAX_D_IN else "I32"

@@ -9,7 +9,8 @@ import hashlib
 
 import numpy as np
 
-from .layout import canonical_view, flat_positions
+from .errors import NeuroAdaError
+from .layout import canonical_view, check_layout, flat_positions
 
 ROW_CHUNK_ENTRIES = 1 << 22  # hash in chunks so a huge target never needs one big f32 copy
 
@@ -42,15 +43,30 @@ def probe_hash(weight: np.ndarray, indices: np.ndarray, layout: str = "out_in") 
 
     Reads only the probed entries, never a copy of the weight: a flat `take` where the stored weight
     is contiguous (a memory map: about twice as fast), row/column indexing otherwise.
+
+    The indices must be integers in [0, d_in) (rules 3.2, 3.5), [d_out, k] (3.4): a flat take would
+    otherwise hash the next row's value for column d_in, and wrap a negative column, without an error.
     """
     stored = np.asarray(weight)
+    check_layout(layout)
+    if stored.ndim != 2:
+        raise NeuroAdaError(f"weight has {stored.ndim} dimensions, expected 2", rule="4.2")
     canon = canonical_view(stored, layout)
+    indices = np.asarray(indices)
+    if indices.dtype.kind not in "iu":
+        raise NeuroAdaError(f"indices are {indices.dtype}, not integers", rule="3.2")
+    if indices.ndim != 2 or indices.shape[0] != canon.shape[0]:
+        raise NeuroAdaError(f"indices of shape {list(indices.shape)} do not fit a weight with d_out="
+                            f"{canon.shape[0]}", rule="3.4")
+    d_in = canon.shape[1]
     flat = stored.reshape(-1) if stored.flags.c_contiguous else None
     d_out, k = indices.shape
     h = ProbeHash()
     rows_per_chunk = max(1, ROW_CHUNK_ENTRIES // max(k, 1))
     for start in range(0, d_out, rows_per_chunk):
         idx = np.asarray(indices[start:start + rows_per_chunk], dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= d_in):
+            raise NeuroAdaError(f"index out of range [0, {d_in})", rule="3.5")
         if flat is not None:
             probed = flat.take(flat_positions(idx, canon.shape, layout, first_row=start))
         else:

@@ -14,9 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .dtypes import NUMPY_DTYPES, dtype_name, nonfinite_mask
-from .errors import NeuroAdaError
-from .layout import flat_positions
+from .adapter import Target
+from .dtypes import NUMPY_DTYPES, dtype_name, native, nonfinite_mask
+from .errors import NeuroAdaError, NeuroAdaUsageError
+from .layout import LAYOUTS, check_layout, flat_positions, stored_shape
 
 
 @dataclass
@@ -35,15 +36,63 @@ class Saved:
 
 
 def _as_delta(item) -> Delta:
+    return _with_source(item)[0]
+
+
+def _with_source(item) -> tuple[Delta, Target | None]:
+    """The Delta an item stands for, and the Target it came from (whose layout and shape then bind the merge)."""
     if isinstance(item, Delta):
-        return item
+        return item, None
     if isinstance(item, tuple) and len(item) == 2 and hasattr(item[0], "indices"):
-        return Delta(item[0].indices, item[0].values, float(item[1]))
+        src = item[0] if isinstance(item[0], Target) else None
+        return Delta(item[0].indices, item[0].values, float(item[1])), src
     if hasattr(item, "indices") and hasattr(item, "values"):
-        return Delta(item.indices, item.values)
+        return Delta(item.indices, item.values), item if isinstance(item, Target) else None
     if isinstance(item, tuple) and len(item) in (2, 3):
-        return Delta(*item)
+        return Delta(*item), None
     raise TypeError(f"cannot use {type(item).__name__} as a delta")
+
+
+def _resolve(weight: np.ndarray, deltas: Sequence, layout: str | None) -> tuple[list, list, str]:
+    """The deltas, their source targets (or None) and the layout to merge in.
+
+    A Target records its layout and shape: merging it in the default layout used to transpose an in_out
+    target into a square weight silently, and a weight of another shape took it whenever the indices fit.
+    So layout=None means the targets' own layout (out_in for bare deltas); an explicit layout must be one
+    of LAYOUTS and agree with every target's; a target's stored shape must be the weight's (rule 4.2)."""
+    if layout is not None:
+        check_layout(layout)
+    pairs = [_with_source(d) for d in deltas]
+    sources = [src for _, src in pairs]
+    for src in sources:
+        if src is not None and src.layout not in LAYOUTS:  # as save refuses such a target
+            raise NeuroAdaError(f"layout {src.layout!r} is not one of {', '.join(LAYOUTS)}", tensor=src.name,
+                                rule="2.2")
+    recorded = {src.layout for src in sources if src is not None}
+    if layout is None:
+        if len(recorded) > 1:
+            raise NeuroAdaUsageError(f"the targets disagree on the layout ({', '.join(sorted(recorded))}); merge "
+                                     "them into the weight separately", tensor=_names(sources))
+        layout = recorded.pop() if recorded else "out_in"
+    for src in sources:
+        if src is None:
+            continue
+        if src.layout != layout:
+            raise NeuroAdaUsageError(f"layout={layout!r} was given, but the target records {src.layout!r}; "
+                                     "leave layout out to use the target's", tensor=src.name)
+        try:
+            want = stored_shape(src.shape, src.layout)
+        except (TypeError, ValueError):
+            raise NeuroAdaError(f"shape {src.shape!r} is not [d_out, d_in]", tensor=src.name, rule="2.2") from None
+        if tuple(weight.shape) != tuple(want):
+            raise NeuroAdaError(f"weight is {list(weight.shape)}, the target expects {list(want)} ({src.layout}, "
+                                f"canonical {list(src.shape)})", tensor=src.name, rule="4.2")
+    return [d for d, _ in pairs], sources, layout
+
+
+def _names(sources) -> str | None:
+    names = [src.name for src in sources if src is not None]
+    return ", ".join(names) or None
 
 
 def _sorted_union(positions: list[np.ndarray]) -> np.ndarray:
@@ -75,38 +124,49 @@ class MergePlan:
         return self.originals[self.locations[i]]
 
 
-def _check_delta(d: Delta, shape, content: bool) -> None:
+def _check_delta(d: Delta, shape, content: bool, name: str | None = None) -> None:
     if np.shape(d.indices) != np.shape(d.values) or np.ndim(d.indices) != 2 or np.shape(d.indices)[0] != shape[0]:
         raise NeuroAdaError(f"delta of shape {np.shape(d.indices)} does not fit a weight with "
-                            f"d_out={shape[0]}", rule="3.4")
+                            f"d_out={shape[0]}", tensor=name, rule="3.4")
+    idx = np.asarray(d.indices)
+    if idx.dtype.kind not in "iu":  # always (a dtype test is free): flat_positions would truncate 1.9 to column 1
+        raise NeuroAdaError(f"indices are {idx.dtype}, not integers", tensor=name, rule="3.2")
     if not content:
         return
-    idx = np.asarray(d.indices)
     if idx.size and (idx.min() < 0 or idx.max() >= shape[1]):
-        raise NeuroAdaError(f"index out of range [0, {shape[1]})", rule="3.5")
+        raise NeuroAdaError(f"index out of range [0, {shape[1]})", tensor=name, rule="3.5")
     if idx.shape[1] > 1 and (np.diff(idx.astype(np.int64), axis=1) <= 0).any():
-        raise NeuroAdaError("indices are not strictly increasing within a row", rule="3.6")
+        raise NeuroAdaError("indices are not strictly increasing within a row", tensor=name, rule="3.6")
     if nonfinite_mask(np.asarray(d.values)).any():
-        raise NeuroAdaError("delta values are not all finite", rule="3.7")
+        raise NeuroAdaError("delta values are not all finite", tensor=name, rule="3.7")
 
 
-def plan_merge(weight: np.ndarray, deltas: Sequence, layout: str = "out_in", *, checked: bool = False) -> MergePlan:
+def plan_merge(weight: np.ndarray, deltas: Sequence, layout: str | None = None, *,
+               checked: bool = False) -> MergePlan:
     """Rule M for one weight, reading each touched base value once.
 
+    layout=None: the layout the Targets among `deltas` record (out_in for bare Deltas); an explicit layout
+    must agree with them. A Target's stored shape must be the weight's (4.2).
     checked=True skips the content rules (3.5-3.7: index range and order, finite values) for callers
-    that validated the adapters already; shapes are always checked.
+    that validated the adapters already; shapes and the index dtype are always checked.
+    A big-endian weight is read in native order (the values are the same; only a copy is merged).
     """
     weight = np.asarray(weight)
     if weight.ndim != 2:
         raise NeuroAdaError(f"weight has {weight.ndim} dimensions, expected 2", rule="4.2")
-    base_dtype = dtype_name(weight.dtype)
+    if not weight.dtype.isnative:
+        weight = weight.astype(native(weight.dtype))
+    try:
+        base_dtype = dtype_name(weight.dtype)
+    except KeyError:
+        base_dtype = str(weight.dtype)
     if base_dtype not in ("F32", "F16", "BF16"):
         raise NeuroAdaError(f"cannot merge into a {base_dtype} weight (F32, F16, BF16 only)", rule="4.2")
+    ds, sources, layout = _resolve(weight, deltas, layout)
     shape = weight.shape if layout == "out_in" else weight.shape[::-1]
-    ds = [_as_delta(d) for d in deltas]
     positions = []
-    for d in ds:
-        _check_delta(d, shape, content=not checked)
+    for d, src in zip(ds, sources):
+        _check_delta(d, shape, content=not checked, name=None if src is None else src.name)
         if not np.isfinite(np.float32(d.scale)):
             raise NeuroAdaError(f"scale {d.scale} is not a finite f32")
         positions.append(flat_positions(np.asarray(d.indices), shape, layout))
@@ -151,26 +211,39 @@ def overflow_unreported():
         yield
 
 
-def merged_values(weight: np.ndarray, deltas: Sequence, layout: str = "out_in"):
+def merged_values(weight: np.ndarray, deltas: Sequence, layout: str | None = None):
     """Positions touched (sorted flat offsets) and the merged values there, in the weight's dtype."""
     plan = plan_merge(weight, deltas, layout)
     return plan.positions, plan.merged
 
 
-def merge_weight(weight: np.ndarray, deltas: Sequence, layout: str = "out_in") -> np.ndarray:
-    """A merged copy of `weight` (the input is never modified)."""
-    out = np.array(weight, copy=True)
+def merge_weight(weight: np.ndarray, deltas: Sequence, layout: str | None = None) -> np.ndarray:
+    """A merged copy of `weight` (the input is never modified), C-ordered and in native byte order.
+
+    C order because the positions are row-major offsets: a Fortran-ordered copy (of W.T, say) has no flat
+    view, and writing through reshape(-1) went to a temporary, returning the weight unmerged.
+    layout: as in plan_merge (None: the targets' own).
+    """
+    weight = np.asarray(weight)
     positions, values = merged_values(weight, deltas, layout)
+    out = np.array(weight, dtype=native(weight.dtype), order="C", copy=True)
     out.reshape(-1)[positions] = values
     return out
 
 
-def merge_weight_(weight: np.ndarray, deltas: Sequence, layout: str = "out_in") -> Saved:
-    """Merge into `weight` in place; returns what `unmerge_weight_` needs to restore it exactly."""
-    plan = plan_merge(weight, deltas, layout)
+def merge_weight_(weight: np.ndarray, deltas: Sequence, layout: str | None = None) -> Saved:
+    """Merge into `weight` in place; returns what `unmerge_weight_` needs to restore it exactly.
+
+    The weight must be a numpy array with a flat view (C-contiguous) that can be written: checked before
+    anything is computed, so a read-only map (a base's `array()`) is refused by rule 4.2, not by numpy."""
+    if not isinstance(weight, np.ndarray):
+        raise NeuroAdaUsageError(f"in-place merge needs a numpy array, not {type(weight).__name__}")
     flat = weight.reshape(-1)
-    if not np.shares_memory(flat, weight):
-        raise NeuroAdaError("in-place merge needs a contiguous, writable weight", rule="4.2")
+    if not np.shares_memory(flat, weight) or not weight.flags.writeable:
+        how = "read-only" if not weight.flags.writeable else "not contiguous"
+        raise NeuroAdaError(f"in-place merge needs a contiguous, writable weight (this one is {how}); "
+                            "merge_weight returns a merged copy", rule="4.2")
+    plan = plan_merge(weight, deltas, layout)
     saved = Saved(plan.positions, plan.originals)
     flat[plan.positions] = plan.merged
     return saved

@@ -73,22 +73,44 @@ def parse_document(metadata: dict | None, p: Problems) -> dict | None:
     if match.group(1) != str(SUPPORTED_MAJOR):  # compared as text: int() refuses over 4300 digits
         newer = "a newer" if version_key(version) > version_key(f"{SUPPORTED_MAJOR}.0") else "an older"
         shown = version if len(version) <= 40 else f"{version[:20]}... ({len(version)} characters)"
-        p.error("2.3", f"written for spec version {shown}, {newer} major version than this reader "
-                       f"supports ({SUPPORTED_MAJOR}.x); upgrade neuroada-format to read it")
+        if newer == "a newer":
+            p.error("2.3", f"written for spec version {shown}, a newer major version than this reader "
+                           f"supports ({SUPPORTED_MAJOR}.x); upgrade neuroada-format to read it")
+        else:  # no release reads it: upgrading cannot help
+            p.error("2.3", f"written for spec version {shown}, an older major version, which is not supported "
+                           f"(this reader reads {SUPPORTED_MAJOR}.x only)")
         return None
     if _plainly_valid(doc):
         return doc if _strict_types(doc, p) else None
     # the first 20 only: sorting them all cost ~100 us and ~3.5 KB a broken target (75 s at the header cap)
     errors = sorted(itertools.islice(_validator().iter_errors(doc), 20), key=lambda e: list(e.absolute_path))
     for err in errors:
-        where = "/".join(str(x) for x in err.absolute_path) or "(document)"
+        where = "/".join(_shorten(str(x)) for x in err.absolute_path) or "(document)"
         tensor = None
         if len(err.absolute_path) >= 2 and err.absolute_path[0] == "targets":
-            tensor = str(err.absolute_path[1])
-        p.error("2.2", f"metadata {where}: {err.message}", tensor=tensor)
+            tensor = _shorten(str(err.absolute_path[1]))
+        elif "propertyNames" in err.relative_schema_path and isinstance(err.instance, str):
+            tensor = _shorten(err.instance)  # a bad target key: name it (spec 7), shortened like the message
+        p.error("2.2", f"metadata {where}: {_short_message(err)}", tensor=tensor)
     if errors:
         return None
     return doc if _strict_types(doc, p) else None
+
+
+_SHOWN = 80  # characters of a key shown in a message: a 1,000,000-character key made a 1 MB one-line message
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= _SHOWN else f"{text[:_SHOWN]}... ({len(text):,} characters)"
+
+
+def _short_message(err) -> str:
+    """jsonschema's message, with a long string it quotes (a target key over 1024 characters) shortened."""
+    message = err.message
+    if isinstance(err.instance, str) and len(err.instance) > _SHOWN:
+        message = message.replace(repr(err.instance), repr(err.instance[:_SHOWN]) +
+                                  f"... ({len(err.instance):,} characters)")
+    return message if len(message) <= 4 * _SHOWN else f"{message[:4 * _SHOWN]}... ({len(message):,} characters)"
 
 
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")

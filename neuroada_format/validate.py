@@ -62,7 +62,9 @@ def validate(adapter, base=None, *, strict: bool = False, check_selection: bool 
              path: str | None = None, probes: bool = True) -> Report:
     """Check an adapter (object or file path), optionally against a base; strict=True raises on errors.
 
-    A path that cannot be parsed is reported, not raised (unless strict). A base that cannot be
+    A file that breaks a rule (a truncated or garbled one included) is reported, not raised (unless strict).
+    A path that names no readable file (missing, a folder, a FIFO) raises NeuroAdaUsageError rule 1.1, as
+    `load` does (spec 2.6/11.4: a usage error, not a defect of an adapter). A base that cannot be
     opened raises NeuroAdaError: that is an I/O problem of the caller, not a defect of the adapter.
     probes=False leaves rule 4.3 to a caller that reads the probed values anyway (a merge gathers
     them once for both, see `probe_mismatch`).
