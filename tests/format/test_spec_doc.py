@@ -215,3 +215,24 @@ def test_gguf_block_formulas_match_gguf_py(kind):
     want = gguf.quants.dequantize(raw.reshape(-1), qt).reshape(64, 32)
     got = np.stack([_spec_decode(kind, raw[b].tobytes()) for b in range(64)])
     assert got.view(np.uint32).tolist() == want.view(np.uint32).tolist()
+
+
+def test_the_tolerated_dtype_name_pattern_is_the_spec_s():
+    """SPEC 2.2 states the form of an unknown dtype a base reader tolerates; a second reader follows the text."""
+    stated = re.search(r"`(\[A-Z\]\[A-Z0-9_\]\{0,31\})`", SPEC)
+    assert stated and stated.group(1) == container._DTYPE_NAME.pattern
+    for name, ok in (("F6_E2M3", True), ("f6_e2m3", False), ("F4-E2M1", False)):  # SPEC's own examples
+        assert bool(container._DTYPE_NAME.fullmatch(name)) == ok
+
+
+def test_the_stated_tensor_order_of_safetensors_holds(tmp_path):
+    """SPEC 2.3's note on the order safetensors writes (readers must not depend on it; the note must be true)."""
+    assert "an adapter's F32 values before its I16 indices" in " ".join(SPEC.split())
+    W = np.arange(12, dtype=np.float32).reshape(3, 4)
+    t = naf.Target.from_weight("w", W, np.array([[1], [2], [3]]), np.ones((3, 1), np.float32), value_dtype="F32")
+    naf.save(naf.Adapter({"w": t}), tmp_path / "a.safetensors")
+    raw = (tmp_path / "a.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = {k: v for k, v in json.loads(raw[8:8 + n]).items() if k != "__metadata__"}
+    order = [header[k]["dtype"] for k in sorted(header, key=lambda k: header[k]["data_offsets"])]
+    assert order == ["F32", "I16"]
