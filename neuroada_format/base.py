@@ -187,8 +187,11 @@ def open_base(base) -> Checkpoint | ArrayBase:
         if not os.path.lexists(single):
             candidates = sorted(f for f in os.listdir(path)
                                 if f.endswith(".safetensors") and not f.startswith("."))
-            if len(candidates) != 1:
-                raise NeuroAdaError(f"no {SINGLE_FILE} or {INDEX_FILE} in the folder", path=path, rule="1.6")
+            if len(candidates) != 1:  # several: which one is the model cannot be guessed, so say they were seen
+                several = (f", and {len(candidates)} other .safetensors files ({', '.join(candidates[:4])[:200]}"
+                           f"{', ...' if len(candidates) > 4 else ''}): name the file" if candidates else "")
+                raise NeuroAdaError(f"no {SINGLE_FILE} or {INDEX_FILE} in the folder{several}", path=path,
+                                    rule="1.6")
             if candidates[0] == PEFT_ADAPTER_FILES[1] and os.path.lexists(os.path.join(path, PEFT_ADAPTER_FILES[0])):
                 raise NeuroAdaError(f"a PEFT adapter folder ({', '.join(PEFT_ADAPTER_FILES)}), not a base checkpoint",
                                     path=path, rule="1.6")

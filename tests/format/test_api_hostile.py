@@ -346,3 +346,17 @@ def test_validate_raises_a_usage_error_for_a_missing_path_as_documented(tmp_path
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
     assert [p["rule"] for p in naf.validate(empty).errors] == ["1.1"]  # a file that breaks a rule: reported
+
+
+def test_a_base_folder_with_several_candidate_files_names_them(tmp_path):
+    """Rule 1.6 was right but the message said only that model.safetensors and the index were missing, not that
+    two other files were there and the reader would not guess between them."""
+    from safetensors.numpy import save_file
+
+    for name in ("a.safetensors", "b.safetensors"):
+        save_file({"w": np.zeros((2, 2), np.float32)}, str(tmp_path / name))
+    with pytest.raises(naf.NeuroAdaError, match=r"2 other \.safetensors files \(a\.safetensors, b\.safetensors\)"
+                       r": name the file") as e:
+        naf.open_base(tmp_path)
+    assert e.value.rule == "1.6"
+    assert naf.open_base(tmp_path / "a.safetensors")  # naming one works
