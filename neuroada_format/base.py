@@ -14,6 +14,7 @@ import numpy as np
 from .container import SafetensorsFile
 from .dtypes import dtype_label, native
 from .errors import NeuroAdaError, NeuroAdaUsageError
+from .folder import STATE_MARKER
 from .hashing import structure_hash
 from .jsonparse import MAX_JSON_BYTES, read_json
 from .metadata import METADATA_KEY
@@ -158,6 +159,11 @@ def _refuse_adapter(st: SafetensorsFile, path: str) -> None:
     if st.metadata and METADATA_KEY in st.metadata:
         raise NeuroAdaError("this is a NeuroAda adapter, not a base checkpoint (base and adapter given the other way "
                             "round?)", path=path, rule="1.6")
+    if STATE_MARKER in st.tensors:  # a save_pretrained / Trainer checkpoint folder: its model.safetensors is the state
+        raise NeuroAdaError("this is a NeuroAda training checkpoint (save_pretrained or a Trainer checkpoint: the "
+                            "adapter and its trainable state), not a base checkpoint; give it as the adapter (base and "
+                            "adapter given the other way round?), or merge it into the base first", path=path,
+                            rule="1.6")
 
 
 def open_base(base) -> Checkpoint | ArrayBase:

@@ -23,7 +23,7 @@ import numpy as np
 from .adapter import load
 from .durable import checkpoint_folder, checkpoint_lock
 from .errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_USAGE, NeuroAdaError, exit_code, printable, stdout_gone
-from .folder import adapter_paths
+from .folder import TRAINED_EXTRAS_LOST, adapter_paths, warn_trained_extras
 from .merge import MergeOverflowWarning
 from .validate import validate
 
@@ -161,6 +161,7 @@ def validate_cmd(adapter, base, check_selection, as_json):
     if check_selection and not base:
         raise click.UsageError("--check-selection compares the indices with a base's top-k: it needs --base")
     file, _ = adapter_paths(adapter)
+    warn_trained_extras(adapter, TRAINED_EXTRAS_LOST)
     if base:  # the lock rule's shared lock, as every reader of a checkpoint takes: never judge a half-merged base
         click.get_current_context().with_resource(checkpoint_lock(checkpoint_folder(base), exclusive=False))
     report = validate(file, base=base, check_selection=check_selection)
@@ -217,6 +218,7 @@ def inspect_cmd(adapter, as_json):
     """Describe ADAPTER (a file or an adapter folder): targets, shapes, k, dtypes, bytes, value
     statistics, base identity."""
     file, _ = adapter_paths(adapter)
+    warn_trained_extras(adapter, TRAINED_EXTRAS_LOST)
     info = describe(load(file))
     if as_json:
         echo(json.dumps(info, indent=2))  # ensure_ascii: every control is escaped

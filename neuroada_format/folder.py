@@ -9,6 +9,7 @@ layout (`adapter_config.json` with `peft_type: "NEUROADA"` + `adapter_model.safe
 from __future__ import annotations
 
 import os
+import warnings
 
 from .dtypes import VALUE_DTYPES
 from .errors import NeuroAdaError, NeuroAdaUsageError
@@ -224,3 +225,54 @@ def _locate(path: str) -> tuple[str, str | None]:
     inside = sorted(e.name for e in os.scandir(path) if e.is_dir() and _present(os.path.join(e.path, WEIGHTS_NAME)))
     hint = f" (adapters saved by name are in its sub-folders: {', '.join(inside)[:200]})" if inside else ""
     raise NeuroAdaUsageError(f"no {WEIGHTS_NAME} in the folder: not an adapter folder{hint}", path=path, rule="1.1")
+
+
+# save_pretrained (and Trainer's checkpoints) put the runtime's trainable state beside the adapter: model.safetensors,
+# marked by STATE_MARKER. Besides the deltas it holds whatever else trained (a head the user unfroze, a LoRA under
+# the adapter), which no adapter carries: every reader of the folder says so (trained_extras).
+STATE_FILE = "model.safetensors"
+STATE_MARKER = "_neuroada_trainable_state"
+STATE_PROBE = "_neuroada_probe"
+
+
+def trained_extras(path) -> tuple[str, list[str]] | None:
+    """(state file, names) of the trained tensors a save_pretrained folder holds that are no adapter's; None when
+    there are none, the folder has no trainable state of ours, or it cannot be read (this is advice: what loads is
+    the adapter, checked on its own)."""
+    path = os.fspath(path)
+    state = os.path.join(path, STATE_FILE)
+    if not os.path.isdir(path) or not os.path.isfile(state):
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(state, framework="numpy") as f:
+            keys = list(f.keys())
+            if STATE_MARKER not in keys:
+                return None  # a plain model file: not ours to interpret
+            guard = bytes(int(b) & 0xFF for b in f.get_tensor(STATE_MARKER).tolist()).decode("utf-8", "replace")
+    except Exception:  # noqa: BLE001 - unreadable: the adapter is read and checked on its own
+        return None
+    extra = [k for k in keys if ".neuroada_" not in k and k not in (STATE_MARKER, guard)
+             and not k.startswith(STATE_PROBE + ".")]
+    return (state, extra) if extra else None
+
+
+def warn_trained_extras(path, consequence: str, stacklevel: int = 3) -> None:
+    """Warn, naming them, when the adapter folder `path` holds trained tensors that `consequence` says are lost."""
+    found = trained_extras(path)
+    if found:
+        state, extra = found
+        shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
+        warnings.warn(f"{state} also holds {len(extra)} trained tensor(s) that are not adapter deltas ({shown}), "
+                      f"e.g. a head you unfroze; {consequence}", stacklevel=stacklevel)
+
+
+def is_trainable_state(st) -> bool:
+    """Whether a parsed safetensors file (container.SafetensorsFile) is the runtime's trainable state."""
+    return STATE_MARKER in st.tensors
+
+
+# what a tool that reads an adapter folder says of those tensors (the runtime's load_adapter says how to load them)
+TRAINED_EXTRAS_LOST = ("this command reads only the adapter, so a merge or export of it keeps the base's values of "
+                       "those tensors")

@@ -22,7 +22,7 @@ import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
 from neuroada_format.durable import write_file
-from neuroada_format.folder import WEIGHTS_NAME, adapter_config
+from neuroada_format.folder import STATE_FILE, STATE_MARKER, STATE_PROBE, WEIGHTS_NAME, adapter_config, warn_trained_extras
 
 from .config import MODES, SELECTIONS, NeuroAdaConfig
 from .layer import NeuroAdaLayer, check_adapter_name, has_hooks, own_state_read
@@ -35,11 +35,10 @@ AUTO_ATTR = "_neuroada_auto_mode"       # set on layers whose mode was chosen by
 HOOK_ATTR = "_neuroada_sharding_hook"   # the model's forward pre-hook that re-resolves "auto" under FSDP2
 HF_ATTR = "_neuroada_hf_hooks"         # the model's load_state_dict hooks (see _install_hf)
 BASE_LAYER = ".base_layer"
-STATE_FILE = "model.safetensors"        # what Trainer resumes from: the trainable state, nothing else
-STATE_MARKER = "_neuroada_trainable_state"  # a key saying "this state holds what trains, not the base"
+# STATE_FILE: what Trainer resumes from, the trainable state, nothing else; STATE_MARKER: a key saying "this state
+# holds what trains, not the base" (neuroada_format.folder, where every reader of an adapter folder looks for them)
 # keys "_neuroada_probe.<layer>.<adapter>" of a trainable state: the probe hash (spec 6.1) of the base values the
 # adapter trained on, as the bytes of its "sha256:<hex>" text, checked when the state is loaded (rule 4.3)
-STATE_PROBE = "_neuroada_probe"
 TORCH_DTYPE_NAMES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -1179,26 +1178,8 @@ def _resolve(path) -> tuple[str, NeuroAdaConfig | None]:
 def _warn_unloaded_state(path) -> None:
     """A save_pretrained folder's model.safetensors may hold trained tensors that are no adapter's (a head the
     user unfroze, PEFT's LoRA): load_adapter reads only the adapter, so say what it leaves and how to load it."""
-    state = os.path.join(os.fspath(path), STATE_FILE)
-    if not os.path.isdir(path) or not os.path.isfile(state):
-        return
-    from safetensors import safe_open
-
-    try:
-        with safe_open(state, framework="np") as f:
-            keys = list(f.keys())
-            if STATE_MARKER not in keys:
-                return  # not our trainable state (a plain model file): not ours to interpret
-            guard = _tensor_text(f.get_tensor(STATE_MARKER))
-    except Exception:  # unreadable: the adapter itself loaded; this is only advice
-        return
-    extra = [k for k in keys if ".neuroada_" not in k and k not in (STATE_MARKER, guard)
-             and not k.startswith(STATE_PROBE + ".")]
-    if extra:
-        warnings.warn(f"{state} also holds {len(extra)} trained tensor(s) that are not adapter deltas "
-                      f"({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}), e.g. a head you unfroze; "
-                      f"load_adapter loads only the adapter. To use them too: "
-                      f"model.load_state_dict(safetensors.torch.load_file(path), strict=False)", stacklevel=3)
+    warn_trained_extras(path, "load_adapter loads only the adapter. To use them too: "
+                              "model.load_state_dict(safetensors.torch.load_file(path), strict=False)", stacklevel=4)
 
 
 def _check_base_weight(w: torch.Tensor, tensor: str, why: str) -> None:
