@@ -924,6 +924,18 @@ def trainable_state(model: nn.Module, state_dict: dict | None = None) -> dict[st
     return out
 
 
+def _warn_ignored_save_options(kwargs: dict) -> None:
+    """transformers' save_pretrained options that would change what is written, given to an attached model's: the
+    files here are fixed (adapter-sized safetensors, one state file), so they were ignored without a word; said now.
+    Options that change nothing here (token, safe_serialization=True, ...) pass quietly, as transformers' do."""
+    ignored = [f"{k}={kwargs[k]!r}" for k in ("variant", "max_shard_size", "save_function") if kwargs.get(k) is not None]
+    if kwargs.get("safe_serialization") is False:
+        ignored.append("safe_serialization=False (nothing here is ever pickled)")
+    if ignored:
+        warnings.warn(f"save_pretrained of an attached model writes the adapter files and one adapter-sized "
+                      f"model.safetensors; ignored: {', '.join(ignored)}", stacklevel=3)
+
+
 def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool = True, state_dict: dict | None = None,
                     selected_adapters: list[str] | None = None, push_to_hub: bool = False, **kwargs) -> None:
     """`model.save_pretrained` of an attached model (attach installs it on the instance), and so what
@@ -942,6 +954,7 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
     if push_to_hub:
         raise NeuroAdaUsageError("save_pretrained(push_to_hub=True) is not supported for an attached model; "
                                  "save the folder and upload it yourself")
+    _warn_ignored_save_options(kwargs)
     folder = os.fspath(save_directory)
     model = unwrapped(model)
     if os.path.isfile(folder):

@@ -572,3 +572,19 @@ def test_save_adapter_onto_a_path_of_the_other_kind_is_a_usage_error(tmp_path):
         save_adapter(model, tmp_path / "notes" / "sub" / "a.safetensors")
     assert (tmp_path / "notes").read_text() == "hello"
     assert save_adapter(model, tmp_path / "task.safetensors" / "a.safetensors")  # inside the folder: fine
+
+
+def test_save_pretrained_says_which_transformers_options_it_ignores(tmp_path):
+    """variant / max_shard_size / save_function / safe_serialization=False change what transformers writes; an
+    attached model's files are fixed, and they were ignored without a word. Options that change nothing pass
+    quietly (Trainer's own call warns about nothing)."""
+    import warnings as w
+
+    model = attach(tiny_llama(), NeuroAdaConfig(k=1, target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match=r"ignored: variant='v2', max_shard_size='1KB', safe_serialization=False"):
+        model.save_pretrained(tmp_path / "a", variant="v2", max_shard_size="1KB", safe_serialization=False)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["model.safetensors", "neuroada_config.json",
+                                                                 "neuroada_model.safetensors"]
+    with w.catch_warnings():
+        w.simplefilter("error")
+        model.save_pretrained(tmp_path / "b", safe_serialization=True, token=None, state_dict=None)
