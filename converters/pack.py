@@ -272,11 +272,21 @@ def extract(base, finetuned, k: int, positions: str = "delta", targets=None, *, 
     targets_set = {name for _, name in chosen}
     outside = ([name for name in sorted(f.keys()) if name not in targets_set and _differs(b, f, name)]
                if comparable else None)
-    if outside:
-        one = len(outside) == 1
-        warnings.warn(ExtractWarning(f"{len(outside)} tensor{'' if one else 's'} outside the targets "
+    # tensors the base lacks altogether (a fine-tune with added layers, another architecture) are said apart: "differ
+    # from the base" hid that 7 of 9 such tensors were linear weights the filter would have targeted
+    known = set(renamed.values())
+    only = [name for name in outside or () if name not in b and name not in known]
+    differing = [name for name in outside or () if name not in only]
+    if differing:
+        one = len(differing) == 1
+        warnings.warn(ExtractWarning(f"{len(differing)} tensor{'' if one else 's'} outside the targets "
                                      f"differ{'s' if one else ''} from the base and {'is' if one else 'are'} not in "
-                                     f"the adapter: {_listed(outside)}"), stacklevel=2)
+                                     f"the adapter: {_listed(differing)}"), stacklevel=2)
+    if only:
+        one = len(only) == 1
+        warnings.warn(ExtractWarning(f"{len(only)} tensor{'' if one else 's'} of the fine-tune {'is' if one else 'are'} "
+                                     f"not in the base at all (added layers, or another architecture?) and not in "
+                                     f"the adapter: {_listed(only)}"), stacklevel=2)
     if dtype_changed:
         shown = [f"{n} ({d['base']} in the base, {d['finetuned']} in the fine-tune)" for n, d in dtype_changed.items()]
         one = len(dtype_changed) == 1
@@ -294,7 +304,8 @@ def extract(base, finetuned, k: int, positions: str = "delta", targets=None, *, 
         "rel_error": math.sqrt(sums[1] / sums[0]), "rel_error_stored": math.sqrt(sums[2] / sums[0]),
         "entries": int(sum(t.indices.size for t in out_targets.values())),
         "unchanged": unchanged, **skipped,
-        "changed_outside_targets": outside, "dtype_changed": dtype_changed,
+        "changed_outside_targets": outside, "only_in_finetuned": only if comparable else None,
+        "dtype_changed": dtype_changed,
     }
     return adapter, report
 

@@ -464,11 +464,13 @@ def test_extract_says_what_the_adapter_does_not_carry(tmp_path, rng, craft):
     err, report = runs["ft"]
     changed = sorted(outside + ["model.extra.weight"])
     assert err.splitlines() == [
-        "warning: 5 tensors outside the targets differ from the base and are not in the adapter: "
-        "lm_head.weight, model.embed_tokens.weight, model.extra.weight ...",
+        "warning: 4 tensors outside the targets differ from the base and are not in the adapter: "
+        "lm_head.weight, model.embed_tokens.weight, model.layers.0.input_layernorm.weight ...",
+        "warning: 1 tensor of the fine-tune is not in the base at all (added layers, or another architecture?) and "
+        "not in the adapter: model.extra.weight",
         f"warning: 1 target has another dtype in the fine-tune than in the base; the adapter is made for the base's "
         f"dtype: {up} (BF16 in the base, F32 in the fine-tune)"], err
-    assert report["changed_outside_targets"] == changed
+    assert report["changed_outside_targets"] == changed and report["only_in_finetuned"] == ["model.extra.weight"]
     assert report["dtype_changed"] == {up: {"base": "BF16", "finetuned": "F32"}}
     assert {"positions", "k", "value_dtype", "targets", "rel_error", "rel_error_stored", "entries", "unchanged",
             "not_in_finetuned", "not_float_2d"} <= set(report)  # the keys it had
