@@ -23,7 +23,7 @@ from .functional import (Overlay, additive_sparse_delta, inplace_sparse_delta_li
                          unmerge_)
 from .kernels.cache import alias_key, aliases, cache_here, outside_inference, storage_of
 from .kernels.pattern import Pattern
-from .kernels.reference import INT_VIEW
+from .kernels.reference import INT_VIEW, gather_exact
 
 __all__ = ["NeuroAdaLayer", "MODES", "check_adapter_name", "own_state_read"]
 
@@ -260,7 +260,7 @@ class NeuroAdaLayer(nn.Module):
             if idx.dim() != 2 or idx.shape[0] != self.d_out:
                 raise NeuroAdaError(f"idx must be [{self.d_out}, k], got {tuple(idx.shape)}", rule="3.4")
             pattern = Pattern(idx, self.d_in, transposed=self.transposed)  # validates range and order
-            w0 = W.detach().gather(1, idx).contiguous()
+            w0 = gather_exact(W.detach(), idx).contiguous()
             twin = self._twin(idx, w0)
             if twin is not None:  # the same positions and originals as an adapter here: hold one copy of them
                 # aliases, not the twin's tensor objects: each adapter still has a tensor of its own (named_buffers,
@@ -404,7 +404,7 @@ class NeuroAdaLayer(nn.Module):
             ok = (tuple(w0.shape) == tuple(idx.shape) and not idx.is_floating_point()
                   and bool(((idx >= 0) & (idx < self.d_in)).all()))
             idx = idx.to(torch.int64)
-            if not ok or not torch.equal(W.gather(1, idx.to(W.device)), w0.to(device=W.device, dtype=W.dtype)):
+            if not ok or not _same_bits(gather_exact(W, idx.to(W.device)), w0.to(device=W.device, dtype=W.dtype)):
                 raise NeuroAdaError("the state's original entries (neuroada_w0) differ from this model's weights: "
                                     "it was saved from other base weights", tensor=f"{prefix}neuroada_w0.{name}",
                                     rule="4.3")
@@ -618,7 +618,7 @@ def _after_load(layer: NeuroAdaLayer, incompatible_keys) -> None:
                 W.scatter_(1, layer.neuroada_idx[n], layer.neuroada_w0[n].to(W.dtype))
         for n in names:  # w0 not given: read it from the (now original) weight at the current idx
             if f"neuroada_w0.{n}" not in keys:
-                now, w0 = W.gather(1, layer.neuroada_idx[n]), layer.neuroada_w0[n]
+                now, w0 = gather_exact(W, layer.neuroada_idx[n]), layer.neuroada_w0[n]
                 if not _same_bits(now, w0):  # new positions or a new base: written into this adapter's w0 alone
                     layer.neuroada_w0.unshare([n])  # (a twin that kept its idx keeps its originals)
                     layer.neuroada_w0[n].copy_(now)

@@ -25,6 +25,7 @@ from neuroada_format.durable import write_file
 from neuroada_format.folder import STATE_FILE, STATE_MARKER, STATE_PROBE, WEIGHTS_NAME, adapter_config, warn_trained_extras
 
 from .config import MODES, SELECTIONS, NeuroAdaConfig
+from .kernels.reference import gather_exact
 from .layer import NeuroAdaLayer, check_adapter_name, has_hooks, own_state_read
 from .selection import select, topk_columns
 
@@ -1127,7 +1128,7 @@ def _check_state_probes(module: nn.Module, held: dict[str, NeuroAdaLayer], state
             w = layer._canonical_weight()
             if type(w) not in (torch.Tensor, nn.Parameter) or w.is_meta:
                 continue  # sharded or offloaded: no whole weight to read the other positions from
-            values = w.detach().gather(1, idx.to(w.device))
+            values = gather_exact(w.detach(), idx.to(w.device))
         if layer_probe_of(values) == _tensor_text(saved):
             continue
         have = TORCH_DTYPE_NAMES.get(layer.weight.dtype)
@@ -1258,7 +1259,7 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
     for key, w in found.items():
         t = adapter.targets[key]
         idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
-        probe = naf.probe_hash_from_values(w.detach().gather(1, idx).float().cpu().numpy())
+        probe = naf.probe_hash_from_values(gather_exact(w.detach(), idx).float().cpu().numpy())
         if probe != t.probe:
             have = TORCH_DTYPE_NAMES.get(w.dtype)
             # F32 holds every F16/BF16 value: only a narrower (or other 16-bit) model can have rounded them

@@ -30,6 +30,16 @@ __all__ = [
 INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def gather_exact(W: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``W.gather(1, idx)`` bit for bit. On CPU, gathering bf16 rewrites a NaN's payload and sign (0x7fc1 came
+    back 0xffff): the original entries read that way were written back into the base by the next forward, and
+    the probe hash made from them no longer matched the base checkpoint. Through an integer view bits are bits."""
+    bits = INT_VIEW.get(W.element_size()) if W.is_floating_point() else None
+    if bits is None:
+        return W.gather(1, idx)
+    return W.view(bits).gather(1, idx).view(W.dtype)
+
+
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """f32 accumulation, widened to f64 when any operand is f64 (so float64 gradcheck is exact)."""
     for t in tensors:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import re
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -588,3 +589,23 @@ def test_save_pretrained_says_which_transformers_options_it_ignores(tmp_path):
     with w.catch_warnings():
         w.simplefilter("error")
         model.save_pretrained(tmp_path / "b", safe_serialization=True, token=None, state_dict=None)
+
+
+def test_a_bf16_nan_payload_in_the_base_survives_attach_forward_and_the_probe(tmp_path):
+    """torch's CPU gather rewrites a bf16 NaN (0x7fc1 came back 0xffff): attach read the original entries that way,
+    the first forward wrote them back into the base, and the probe hash was not the base's (validate: rule 4.3)."""
+    import neuroada_format as naf
+    from neuroada_format.runtime import save_adapter
+
+    lin = nn.Sequential(nn.Linear(4, 3, bias=False)).to(torch.bfloat16)
+    with torch.no_grad():
+        lin[0].weight.view(torch.int16)[1, 2] = 0x7FC1  # a quiet NaN with a payload
+    before = lin[0].weight.detach().view(torch.int16).clone()
+    base = {"0.weight": lin[0].weight.detach().float().numpy().astype(naf.dtypes.NUMPY_DTYPES["BF16"])}
+    base["0.weight"].view(np.int16)[...] = before.numpy()
+    attach(lin, NeuroAdaConfig(k=4))  # every column: the NaN is selected
+    with torch.no_grad():
+        lin(torch.ones(2, 4, dtype=torch.bfloat16))
+    assert torch.equal(lin[0].base_layer.weight.detach().view(torch.int16), before)
+    save_adapter(lin, tmp_path / "a.safetensors")
+    assert naf.validate(tmp_path / "a.safetensors", base=base).ok
