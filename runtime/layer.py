@@ -223,6 +223,9 @@ class NeuroAdaLayer(nn.Module):
             raise NeuroAdaUsageError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "inplace" and type(self.base_layer) not in (nn.Linear, _conv1d_type()):
             raise NeuroAdaUsageError("inplace mode needs an exact nn.Linear or Conv1D base (its forward is mirrored)")
+        if mode == "inplace" and not self.base_layer.weight.is_contiguous():  # said at attach, not at the first forward
+            raise NeuroAdaUsageError("inplace mode writes into the weight, which is not contiguous (a view with other "
+                                     "strides, e.g. a transpose); use mode='additive' (or 'auto', which picks it)")
         self.mode = mode
 
     @property

@@ -1352,6 +1352,11 @@ def refuse_unmergeable(name: str, layer: NeuroAdaLayer, shared: set[int]) -> Non
         raise NeuroAdaError("the weight is shared with another module (tied weights): merging would change "
                             "that module too; serve this adapter unmerged (adapter_batch) or untie the weight "
                             "first", tensor=name + ".weight")
+    if not layer.weight.is_contiguous():  # checked with the rest, before any layer is written: never half-merged
+        raise NeuroAdaUsageError("the weight is not contiguous (a view with other strides, e.g. a transpose), and "
+                                 "merging writes into its storage; serve this adapter unmerged, give the layer a "
+                                 "contiguous weight, or save the adapter and merge it with neuroada-merge",
+                                 tensor=name + ".weight")
 
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:

@@ -609,3 +609,29 @@ def test_a_bf16_nan_payload_in_the_base_survives_attach_forward_and_the_probe(tm
     assert torch.equal(lin[0].base_layer.weight.detach().view(torch.int16), before)
     save_adapter(lin, tmp_path / "a.safetensors")
     assert naf.validate(tmp_path / "a.safetensors", base=base).ok
+
+
+def test_a_non_contiguous_weight_is_said_up_front():
+    """A Linear whose weight is a transposed view: auto picks additive and trains it; mode='inplace' used to be
+    accepted and fail at the first forward; merge advised 'use the additive mode' (the mode in use) after the layers
+    before it were already merged. Both are refused before anything changes, naming the weight."""
+    from neuroada_format.runtime import merge
+
+    def model():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(6, 5), nn.Linear(6, 5))
+        m[1].weight = nn.Parameter(torch.randn(6, 5).t())  # same shape, other strides
+        return m
+
+    with pytest.raises(NeuroAdaUsageError, match="not contiguous"):
+        attach(model(), NeuroAdaConfig(k=2, target_modules=["0", "1"], mode="inplace"))
+    m = attach(model(), NeuroAdaConfig(k=2, target_modules=["0", "1"]))
+    assert [l.mode for l in layers(m).values()] == ["inplace", "additive"]
+    with torch.no_grad():
+        for l in layers(m).values():
+            l.neuroada_val["default"].fill_(0.25)
+    before = [l.weight.detach().clone() for l in layers(m).values()]
+    with pytest.raises(NeuroAdaUsageError, match=r"1\.weight.*not contiguous"):
+        merge(m)
+    assert all(not l.merged for l in layers(m).values())  # nothing half-merged
+    assert all(torch.equal(b, l.weight) for b, l in zip(before, layers(m).values()))
