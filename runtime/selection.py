@@ -1,4 +1,7 @@
-"""The spec's selection rules in torch, equal to neuroada_format.select_indices (tested against it).
+"""The spec's selection rules in torch: magnitude and reverse equal neuroada_format.select_indices (tested against
+it). "random" is the runtime's own draw (spec 5 leaves the generator to the implementation): a torch generator
+seeded with the config's seed plus the layer's position among the targets, so the same config and targets give the
+same columns, another target list other ones, and never numpy's columns of select_indices.
 
 torch.topk breaks ties arbitrarily, so it only finds the k-th largest score; the tie-break (lower
 column first) is then applied exactly, as in the numpy reference.
