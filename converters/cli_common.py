@@ -38,6 +38,9 @@ def parse_scaled(spec: str) -> tuple[str, float]:
     head, sep, tail = spec.rpartition(":")
     if sep and head and _SCALE.match(tail) and (os.path.exists(head) or not os.path.exists(spec)):
         return head, finite_scale(tail, head)
+    if sep and head and tail and os.path.exists(head) and not os.path.exists(spec):
+        # 'a.safetensors:nan' was 'no such adapter file or folder': the file is there, the scale is what is wrong
+        raise click.UsageError(f"{spec}: the scale {tail!r} after ':' is not a decimal number (e.g. 0.5, 2, 1e-3)")
     return spec, 1.0
 
 

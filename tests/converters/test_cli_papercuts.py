@@ -202,3 +202,14 @@ def test_an_empty_path_option_is_named(tmp_path, model, argv, name):
     r = cli(*[x.format(base=base, a=a) for x in argv], cwd=tmp_path)
     assert r.returncode == 2 and one_error_line(r) == f"error: {name} is empty: name a path\n", r.stderr
     assert B.tree_digest(base) == before
+
+
+def test_a_scale_that_is_no_decimal_is_named_not_taken_for_a_missing_file(tmp_path, model):
+    """'A.safetensors:nan' (or ':inf', ':0x10') said 'no such adapter file or folder' about a file that is there."""
+    base, a, _ = model
+    for scale in ("nan", "inf", "0x10", "1_0"):
+        r = cli("neuroada-merge", "--base", base, "--adapter", f"{a}:{scale}", "--out", tmp_path / "m")
+        assert r.returncode == 2 and f"the scale '{scale}' after ':' is not a decimal number" in one_error_line(r)
+        assert not (tmp_path / "m").exists()
+    r = cli("neuroada-merge", "--base", base, "--adapter", f"{a}:0.5", "--out", tmp_path / "m")
+    assert r.returncode == 0, r.stderr
