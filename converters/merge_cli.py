@@ -122,7 +122,8 @@ def _refuse_an_input_as_journal(journal: str, base: str, adapters, settings: dic
                    "power cut (like cp, the default leaves write-back to the kernel; a killed merge never "
                    "leaves a partial OUT either way). The --in-place journal is always flushed.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
-              help="A setting of BASE's format backend (repeatable), e.g. requant=Q8_0 for GGUF.")
+              help="A setting of BASE's format backend (repeatable). GGUF: target_type=F16|Q8_0|..., "
+                   "requant=Q8_0, encoder=search|naive, touched_weight=N (default 100).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.version_option(package_name="neuroada-format")
 def command(base, adapter_specs, out, overwrite, in_place, journal, revert_journal, no_verify, durable, options,

@@ -598,7 +598,8 @@ def checkpoint_lock(folder, *, exclusive: bool, doing: str | None = None):
             try:
                 fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
             except BlockingIOError:
-                doing = doing or ("an in-place merge or revert" if exclusive else "reading it (validate, a merge into a copy, an extraction)")
+                doing = doing or ("an in-place merge or revert" if exclusive
+                                  else "reading it (validate, a merge into a copy, an extraction)")
                 raise NeuroAdaUsageError(f"busy: another run holds the lock on this checkpoint folder, so "
                                          f"{doing} must wait; try again when it has finished", path=folder) from None
             except OSError:
