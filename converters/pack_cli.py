@@ -149,7 +149,7 @@ def cli(sources, base, finetuned, k, out, positions, targets, layout_in_out, val
                          _from_peft(peft_dir, base, out, overwrite, value_dtype, round_values, base_name))
     elif repack_path is not None:
         if do_combine or sources or base or finetuned or k or targets or base_name:
-            raise click.UsageError("--repack takes only -o, --value-dtype and --index-dtype")
+            raise click.UsageError("--repack takes only -o, --value-dtype, --index-dtype, --overwrite and --json")
         summary, text = _repack(repack_path, out, overwrite, value_dtype, index_dtype)
     elif do_combine:
         if not sources:
