@@ -17,7 +17,7 @@ from contextlib import contextmanager
 
 import click
 
-from neuroada_format import NeuroAdaError
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 # the one printer and warning handler of every command (the `neuroada` group's too)
 from neuroada_format.cli import StdoutError, echo, one_line_warnings
 from neuroada_format.errors import EXIT_INTERRUPTED, EXIT_USAGE, exit_code, printable, shell_word, stdout_gone  # noqa: F401 (re-export)
@@ -31,8 +31,8 @@ def parse_scaled(spec: str) -> tuple[str, float]:
     """'PATH' or 'PATH:SCALE' -> (path, scale); the one reading every command uses.
 
     Only a trailing ':<decimal number>' is a scale (paths may contain ':'), and the whole string is a
-    path when it names an existing file or folder and the part before the colon does not. A scale
-    must be finite in f32 (NeuroAdaUsageError otherwise).
+    path when it names an existing file or folder and the part before the colon does not. A scale must be
+    finite in f32, and an existing path followed by ':' and no decimal is a bad scale (NeuroAdaUsageError both).
     """
     spec = os.fspath(spec)
     head, sep, tail = spec.rpartition(":")
@@ -40,7 +40,8 @@ def parse_scaled(spec: str) -> tuple[str, float]:
         return head, finite_scale(tail, head)
     if sep and head and tail and os.path.exists(head) and not os.path.exists(spec):
         # 'a.safetensors:nan' was 'no such adapter file or folder': the file is there, the scale is what is wrong
-        raise click.UsageError(f"{spec}: the scale {tail!r} after ':' is not a decimal number (e.g. 0.5, 2, 1e-3)")
+        raise NeuroAdaUsageError(f"the scale {tail!r} after ':' is not a decimal number (e.g. 0.5, 2, 1e-3)",
+                                 path=spec)
     return spec, 1.0
 
 

@@ -114,7 +114,7 @@ def test_wrong_journal_exits_1_and_a_non_journal_exits_2(capsys, tmp_path, model
     (["--base", "{base}", "--adapter", "{a}", "--out", "{tmp}/o", "--journal", "{tmp}/j"], "--journal goes with"),
     (["--base", "{tmp}/nope", "--adapter", "{a}", "--out", "{tmp}/o"], "no such file"),
     (["--base", "{base}", "--adapter", "{tmp}/nope.safetensors", "--out", "{tmp}/o"], "no such adapter file"),
-    (["--base", "{base}", "--adapter", "{a}:nan", "--out", "{tmp}/o"], "no such adapter file"),
+    (["--base", "{base}", "--adapter", "{a}:nan", "--out", "{tmp}/o"], "is not a decimal number"),
     (["--base", "{base}", "--adapter", "{a}", "--out", "{base}"], "use --in-place"),
     (["--base", "{base}", "--adapter", "{a}", "--out", "{tmp}/no/such/dir"], "parent folder does not exist"),
     (["--base", "{base}", "--adapter", "{a}", "--bogus"], "No such option"),

@@ -207,7 +207,9 @@ def test_repack_keeps_per_target_unknown_fields(tmp_path, capsys):
 def test_scale_reading_is_shared_and_strict(tmp_path, capsys, model):
     base, a, _, _ = model
     assert parse_scaled(f"{a}:-0.5") == (a, -0.5)
-    assert parse_scaled(f"{a}:inf") == (f"{a}:inf", 1.0)   # not a decimal: part of the path
+    with pytest.raises(naf.NeuroAdaUsageError, match="not a decimal number"):  # the file is there: the scale is bad
+        parse_scaled(f"{a}:inf")
+    assert parse_scaled(f"{tmp_path}/none:inf") == (f"{tmp_path}/none:inf", 1.0)  # no such file: a path (said later)
     with pytest.raises(naf.NeuroAdaUsageError, match="finite f32"):
         parse_scaled(f"{a}:1e39")
     for run in (lambda: merge_cli(capsys, "--base", base, "--adapter", f"{a}:1e39", "--out", tmp_path / "o"),
