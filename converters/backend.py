@@ -97,6 +97,24 @@ def load_adapter_file(path) -> Adapter:
     return load(file)
 
 
+def _refuse_input_as_journal(journal, inputs, folders) -> None:
+    """--journal naming an input (the base, a shard, an adapter file, or a file of an adapter folder in `folders`) is
+    refused in the words of the overwrite rule: the journal's own check (claim_path) refuses every existing path as
+    'journal already exists; it may be needed to revert an earlier merge', which sent the user looking for one."""
+    journal = os.path.abspath(os.fspath(journal))
+    if not os.path.lexists(journal):
+        return
+    real = os.path.realpath(journal)
+    for folder in folders:
+        if os.path.isdir(folder) and os.path.dirname(real) == os.path.realpath(folder):
+            inputs = [*inputs, journal]  # one of the adapter folder's files: named as itself
+    for src in map(os.path.abspath, inputs):
+        if real == os.path.realpath(src) or (os.path.exists(src) and os.path.exists(journal)
+                                             and os.path.samefile(journal, src)):
+            raise NeuroAdaUsageError(f"the journal is the input {src}; write it elsewhere (or leave --journal out "
+                                     "for a new file beside BASE)", path=journal)
+
+
 def normalise_adapters(adapters) -> list[tuple[Adapter, float]]:
     """(Adapter or path, scale) pairs (a bare Adapter or path means scale 1), scales finite in f32."""
     result = []
@@ -294,6 +312,10 @@ def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, ver
             raise NeuroAdaUsageError(f"the output is written in the base's format ({impl.format}), but its name "
                                      f"ends in {REGISTRY[other].suffixes[0]}; name it for what it holds",
                                      path=os.path.abspath(os.fspath(out)))
+    if in_place and journal:
+        folders = [os.fspath(g) for g in given if not isinstance(g, Adapter)]
+        given_files = [a.path for a, _ in adapters if a.path]
+        _refuse_input_as_journal(journal, [os.fspath(base), *impl.inputs(view), *given_files, *folders], folders)
     claim = nullcontext() if in_place else impl.claim_output(view, os.path.abspath(os.fspath(out)))
     with claim:  # before the overwrite check: a killed run's half-published files are cleaned first
         if not in_place:  # an adapter folder as given is an input too (its config is not in a.path)

@@ -20,9 +20,7 @@ import sys
 
 import click
 
-from neuroada_format import NeuroAdaUsageError
-
-from .backend import MergeSummary, backend, format_of, merge
+from .backend import MergeSummary, merge
 from .cli_common import (echo, parse_scaled, printable, refuse_empty, refuse_folder_syntax, reporting, run_command,
                          shell_word)
 
@@ -63,41 +61,6 @@ def _print(summary: dict, as_json: bool) -> None:
     if summary["journal"]:
         line += f"; revert with: neuroada-merge --revert {shell_word(summary['journal'])}"  # pasteable
     echo(printable(line))
-
-
-def _same(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
-
-
-def _refuse_an_input_as_journal(journal: str, base: str, adapters, settings: dict) -> None:
-    """--journal naming an input (the adapter, a base shard, the base) is refused in the words of the overwrite rule:
-    claim_path's 'journal already exists; it may be needed to revert an earlier merge' sent the user looking for an
-    earlier merge. Only an existing path can be an input, and claim_path refuses every existing one anyway."""
-    if not os.path.lexists(journal):
-        return
-    # (imported here: at the top it loaded ml_dtypes' C extension before numpy, and a Ctrl-C during that import then
-    # ended in an ImportError traceback instead of _entry.py's one line)
-    from neuroada_format.folder import adapter_paths
-
-    inputs = [base]
-    try:
-        impl = backend(format_of(base), settings)
-        inputs += impl.inputs(impl.open(base))
-    except Exception:  # noqa: BLE001 - the merge that follows reports what is wrong with BASE, as without --journal
-        pass
-    for path, _ in adapters:
-        inputs.append(path)
-        try:
-            inputs += [p for p in adapter_paths(path) if p]
-        except Exception:  # noqa: BLE001 - the merge reports a bad adapter
-            pass
-    for src in inputs:
-        if _same(journal, src):
-            raise NeuroAdaUsageError(f"the journal is the input {os.path.abspath(src)}; write it elsewhere (or leave "
-                                     f"--journal out for a new file beside BASE)", path=os.path.abspath(journal))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -162,8 +125,6 @@ def command(base, adapter_specs, out, overwrite, in_place, journal, revert_journ
         settings[key] = value
     # paths, not loaded adapters: the seam counts an adapter folder as given among the inputs OUT may not touch
     adapters = [parse_scaled(spec) for spec in adapter_specs]
-    if journal:
-        _refuse_an_input_as_journal(journal, base, adapters, settings)
     summary = merge(base, adapters, out, in_place=in_place, journal=journal,
                     verify=not no_verify, overwrite=overwrite, durable=durable, progress=True, options=settings)
     _report(summary, as_json)

@@ -268,11 +268,6 @@ def warn_trained_extras(path, consequence: str, stacklevel: int = 3) -> None:
                       f"e.g. a head you unfroze; {consequence}", stacklevel=stacklevel)
 
 
-def is_trainable_state(st) -> bool:
-    """Whether a parsed safetensors file (container.SafetensorsFile) is the runtime's trainable state."""
-    return STATE_MARKER in st.tensors
-
-
 # what a tool that reads an adapter folder says of those tensors (the runtime's load_adapter says how to load them)
 TRAINED_EXTRAS_LOST = ("this command reads only the adapter, so a merge or export of it keeps the base's values of "
                        "those tensors")

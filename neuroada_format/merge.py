@@ -35,10 +35,6 @@ class Saved:
     originals: np.ndarray
 
 
-def _as_delta(item) -> Delta:
-    return _with_source(item)[0]
-
-
 def _with_source(item) -> tuple[Delta, Target | None]:
     """The Delta an item stands for, and the Target it came from (whose layout and shape then bind the merge)."""
     if isinstance(item, Delta):
