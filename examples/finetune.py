@@ -368,27 +368,39 @@ def _replace_section(path: Path, section: str) -> None:
     replace_section(heading, body, str(path))
 
 
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Every option's default in its help, once: not for flags, nor where the help already words its own default
+    (argparse's ArgumentDefaultsHelpFormatter printed "(default: None)" after those)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default is None or action.default is False or action.default == argparse.SUPPRESS
+                or "default" in text or isinstance(action, argparse._StoreConstAction)):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2", choices=["smollm2"])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_DefaultsHelp)
+    p.add_argument("--model", default="smollm2", choices=["smollm2"], help="the base model")
     p.add_argument("--cache", default=None, help=f"converted-model folder (default {smollm2.default_cache_dir()})")
     p.add_argument("--train", default="commonsense_15k", help="task zip to train on (its train split)")
     p.add_argument("--eval", default="boolq,piqa,ARC-Easy", help="comma-separated task zips (test splits)")
-    p.add_argument("--method", default="neuroada", choices=["neuroada", "lora", "none"])
+    p.add_argument("--method", default="neuroada", choices=["neuroada", "lora", "none"],
+                   help="what trains ('none': evaluate the base)")
     p.add_argument("-k", type=int, default=20, help="NeuroAda deltas per output neuron")
     p.add_argument("--lora-r", type=int, default=8, help="LoRA rank (alpha = 2r, dropout 0.05)")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    p.add_argument("--batch", type=int, default=8, help="training items a step")
     p.add_argument("--lr", type=float, default=None, help="default: 3e-3 NeuroAda k>1, 1e-2 k=1, 1e-3 LoRA")
     p.add_argument("--warmup", type=float, default=0.06, help="warmup fraction of a linear schedule")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
     p.add_argument("--max-len", type=int, default=256, help="tokens per training item (prompt cut from the left)")
     p.add_argument("--data", default=None, help=f"task zips folder (default {tasks.default_data_dir()})")
     p.add_argument("--eval-limit", type=int, default=200, help="items per eval set (fixed random subset)")
-    p.add_argument("--eval-seed", type=int, default=0)
-    p.add_argument("--eval-batch", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--eval-seed", type=int, default=0, help="seed of the eval subset")
+    p.add_argument("--eval-batch", type=int, default=16, help="prompts decoded together")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens decoded per answer")
     p.add_argument("--response-prefix", default="", help="text put after each prompt and counted as the start "
                    "of the response (e.g. 'the correct answer is' for the untuned model)")
     p.add_argument("--val", type=int, default=0, help="held-out items of the train set's validation split "
@@ -396,14 +408,14 @@ def parse_args(argv=None):
     p.add_argument("--check-limit", type=int, default=None, help="items per set for the merged-checkpoint "
                    "answer check (default: all eval items)")
     p.add_argument("--no-check", action="store_true", help="skip the merged-checkpoint check")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed (batch order, LoRA init)")
     p.add_argument("--threads", type=int, default=1, help="torch threads; on the shared 2-core machine 1 "
                    "thread ran training steps and decoding 2-5x faster than 2 (OpenMP waits on busy cores)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train and evaluate")
     p.add_argument("--autocast", default="none", choices=["none", "bf16"], help="bf16 autocast for forward "
                    "passes (training, held-out loss, decoding); weights and optimizer state stay fp32")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--out", default="/tmp/neuroada-finetune")
+    p.add_argument("--log-every", type=int, default=10, help="steps between loss lines")
+    p.add_argument("--out", default="/tmp/neuroada-finetune", help="run folder (results.json, responses.json, the adapter and merged checkpoint)")
     p.add_argument("--report", nargs="+", metavar="RUN_DIR", help="write the RESULTS.md section from these "
                    "runs' results.json and exit")
     p.add_argument("--notes", default=None, help="with --report: a file whose text is added under the table")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -192,3 +193,16 @@ def test_results_section_replaces_only_itself(tmp_path):
     path.write_text("# Benchmark results\n\n## A\n\na\n")
     finetune._replace_section(path, finetune.SECTION + "\n\nnew\n")
     assert path.read_text() == "# Benchmark results\n\n## A\n\na\n\n" + finetune.SECTION + "\n\nnew\n"
+
+
+def test_finetune_help_states_each_default_once(capsys):
+    """Every option with a default says it once; none says "(default: None)" after wording its own default."""
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for option in ("--steps STEPS optimizer steps (default: 100)", "--val VAL", "(default: 0)",
+                   "--batch BATCH training items a step (default: 8)"):
+        assert option in text
+    for segment in re.split(r" (?=--?[a-z])", text.split("options:", 1)[1]):
+        assert segment.count("default") <= 1, segment
