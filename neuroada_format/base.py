@@ -185,6 +185,8 @@ def open_base(base) -> Checkpoint | ArrayBase:
             _refuse_two_weight_sets(path, single, weight_map)
             files = {s: SafetensorsFile(os.path.join(path, s), unknown_dtypes=True)
                      for s in sorted(set(weight_map.values()))}
+            for shard, st in files.items():  # a shard is a base file like any other: no adapter (spec 2.6)
+                _refuse_adapter(st, os.path.join(path, shard))
             for key, shard in weight_map.items():
                 if key not in files[shard].tensors:
                     raise NeuroAdaError(f"weight_map says {key!r} is in {shard}, which lacks it",
@@ -207,7 +209,7 @@ def open_base(base) -> Checkpoint | ArrayBase:
         raise NeuroAdaUsageError("no such file or folder", path=path, rule="1.1")
     if path.lower().endswith(".gguf"):
         return _open_gguf(path)
-    if path.endswith(".onnx"):
+    if path.lower().endswith(".onnx"):  # in any letter case, as the converters claim ONNX files
         raise NeuroAdaUsageError("ONNX bases are read by the converters (neuroada-merge), not by the format "
                                  "core", path=path, rule="1.6")
     st = SafetensorsFile(path, unknown_dtypes=True)

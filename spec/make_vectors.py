@@ -514,6 +514,32 @@ def build() -> dict:
         "model.safetensors, holding weights.safetensors and a macOS '._weights.safetensors' companion: names "
         "starting with '.' are not counted, so the one .safetensors file is the base", valid=True,
         base="bases/dot_file")
+    # every safetensors file of a base is checked for being an adapter, a shard of an index included
+    put("bases/shard_is_adapter/model.safetensors", files["valid/magnitude_bf16.safetensors"])
+    put("bases/shard_is_adapter/model.safetensors.index.json", (json.dumps(
+        {"weight_map": {"indices/" + Q: "model.safetensors", "values/" + Q: "model.safetensors"}}, indent=2)
+        + "\n").encode())
+    vec("base_shard_is_an_adapter", "valid/magnitude_bf16.safetensors", "a base folder whose index names one "
+        "file, which is an adapter (its metadata holds the neuroada key): the same rule as an adapter given as "
+        "the base file", valid=False, errors=["1.6"], base="bases/shard_is_adapter", base_unreadable=True)
+
+    # a dtype the reader does not know, written as safetensors writes dtype names (section 2.2): tolerated on a
+    # tensor that is no target (its offsets checked, not its length), rule 4.2 on a target
+    def retyped(arrays: dict, name: str, dtype: str) -> bytes:
+        raw = Base(arrays).file()
+        n = struct.unpack("<Q", raw[:8])[0]
+        header = json.loads(raw[8:8 + n])
+        header[name]["dtype"] = dtype
+        return raw_file(header, raw[8 + n:])
+
+    vec("base_unknown_dtype_untargeted", "valid/magnitude_bf16.safetensors", "the base holds one more tensor, of "
+        "dtype F6_E2M3, which this reader need not know: tolerated (it is no target); the structure differs "
+        "(4.5)", valid=True, warnings=["4.5"], base=put("bases/unknown_dtype_untargeted.safetensors", retyped(
+            {**base.arrays, "extra.weight": np.zeros((4, 6), np.uint8)}, "extra.weight", "F6_E2M3")))
+    vec("base_unknown_dtype_target", "valid/magnitude_bf16.safetensors", "the target's base tensor has dtype "
+        "F6_E2M3 (its bytes left as they were): the base opens, and the target's values cannot be read as "
+        "binary32 (4.2); the structure differs (4.5)", valid=False, errors=["4.2"], warnings=["4.5"],
+        base=put("bases/unknown_dtype_target.safetensors", retyped(base.arrays, Q, "F6_E2M3")))
     vec("base_truncated", "valid/magnitude_bf16.safetensors", "the base file ends 64 bytes before its last "
         "tensor's data (an interrupted download): the base cannot be opened, and the container rule it breaks "
         "(1.4) is reported", valid=False, errors=["1.4"], base=put("bases/truncated.safetensors", base.file()[:-64]),

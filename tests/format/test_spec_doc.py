@@ -236,3 +236,30 @@ def test_the_stated_tensor_order_of_safetensors_holds(tmp_path):
     header = {k: v for k, v in json.loads(raw[8:8 + n]).items() if k != "__metadata__"}
     order = [header[k]["dtype"] for k in sorted(header, key=lambda k: header[k]["data_offsets"])]
     assert order == ["F32", "I16"]
+
+
+def test_gguf_names_file_is_gguf_py_s_table():
+    """spec/gguf-names.json writes out the name table SPEC 15.2 maps keys through (gguf-py's TensorNameMap), so a
+    reader without gguf-py maps the same keys: regenerated it equals the committed file, and expanded for three
+    blocks it is exactly the mapping the reference resolves GGUF names with."""
+    gguf = pytest.importorskip("gguf")
+    from importlib.metadata import version
+    names = json.loads((REPO / "spec" / "gguf-names.json").read_text(encoding="utf-8"))
+    if version("gguf") != names["gguf_py"]:
+        pytest.skip(f"the file is gguf-py {names['gguf_py']}'s table; installed {version('gguf')}")
+    import sys
+    sys.path.insert(0, str(REPO / "spec"))
+    try:
+        import make_gguf_names
+    finally:
+        sys.path.remove(str(REPO / "spec"))
+    assert make_gguf_names.document() == names
+    from neuroada_format.converters.gguf_merge import ARCHS
+    assert sorted(names["architectures"]) == sorted(ARCHS)
+    assert names["rope_permuted"] == sorted(a for a, p in ARCHS.items() if p)
+    for arch, table in names["architectures"].items():
+        tnm = gguf.TensorNameMap(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), 3)
+        expanded = {k.replace("{N}", str(n)): g.replace("{N}", str(n))
+                    for g, keys in table.items() for k in keys for n in range(3)}
+        assert expanded == {k: g for k, (_, g) in tnm.mapping.items()}, arch
+    assert "spec/gguf-names.json" in SPEC and "make_gguf_names.py" in SPEC
