@@ -26,7 +26,7 @@ import numpy as np
 
 import neuroada_format.metadata as _metadata
 from neuroada_format import Adapter, NeuroAdaError, NeuroAdaUsageError, Target, open_base, topk_columns, validate
-from neuroada_format.base import ArrayBase, Checkpoint
+from neuroada_format.base import ArrayBase, Checkpoint, absent_target
 from neuroada_format.dtypes import (BASE_DTYPES, INDEX_DTYPES, NUMPY_DTYPES, VALUE_DTYPES, common_value_dtype,
                                     index_dtype_for, nonfinite_mask)
 from neuroada_format.jsonparse import read_json
@@ -354,7 +354,7 @@ def combine(adapters_with_weights, base, *, value_dtype: str | None = None, veri
                                     f"{first.dtype}{list(first.shape)} {first.layout} in another",
                                     path=owner[id(t)], tensor=name, rule="4.2")
         if name not in b:
-            raise NeuroAdaError("target is not a tensor of the base", path=owner[id(first)], tensor=name, rule="4.1")
+            raise NeuroAdaError(absent_target(b, name), path=owner[id(first)], tensor=name, rule="4.1")
         idx, vals = union_target(name, parts, *first.shape)
         with np.errstate(over="ignore"):
             values = vals.astype(NUMPY_DTYPES[vdt])

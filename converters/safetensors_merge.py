@@ -44,6 +44,7 @@ import numpy as np
 
 from neuroada_format import (Adapter, Checkpoint, Delta, MergePlan, NeuroAdaError, NeuroAdaUsageError, Target,
                              open_base, plan_merge, validate)
+from neuroada_format.base import absent_target
 from neuroada_format.dtypes import NUMPY_DTYPES
 from neuroada_format.durable import (REPOSITORY_MARKS, fsync_dir, fsync_path, publish, remove, remove_stale_siblings,
                                      reserve, temp_sibling)
@@ -135,7 +136,7 @@ def _check_fits(adapter: Adapter, ck: Checkpoint) -> None:
     """Rules 4.1/4.2 from the headers alone: what --no-verify still needs to merge safely."""
     for name, t in sorted(adapter.targets.items()):
         if name not in ck:
-            raise NeuroAdaError("target is not a tensor of the base", path=adapter.path, tensor=name, rule="4.1")
+            raise NeuroAdaError(absent_target(ck, name), path=adapter.path, tensor=name, rule="4.1")
         dtype, shape = ck.info(name)
         want = stored_shape(t.shape, t.layout)
         if tuple(shape) != want or dtype != t.dtype:

@@ -150,6 +150,32 @@ def _refuse_two_weight_sets(folder: str, single: str, weight_map: dict[str, str]
                             f"save", path=folder, rule="1.6")
 
 
+# output heads that transformers ties to the input embeddings (GPT-2's, Falcon's, Llama's with tie_word_embeddings,
+# Whisper's proj_out, GPT-NeoX's embed_out): save_pretrained stores the shared tensor once, under the embedding's name
+TIED_HEADS = ("lm_head", "proj_out", "embed_out")
+
+
+def absent_target(base, name: str) -> str:
+    """Rule 4.1's message. A tied output head is not stored in the checkpoint, so a target on it (the runtime trains
+    one additively) used to read as a wrong base; say why it is absent and what to do."""
+    detail = "target is not a tensor of the base"
+    if not isinstance(base, Checkpoint) or name.rpartition(".")[0].rpartition(".")[2] not in TIED_HEADS:
+        return detail
+    folder = base.path if os.path.isdir(base.path) else os.path.dirname(base.path)
+    try:
+        config = read_json(os.path.join(folder, "config.json"), rule=None, what="model config", cap=1 << 20)
+        tied = config.get("tie_word_embeddings") is True or \
+            (config.get("text_config") or {}).get("tie_word_embeddings") is True
+    except (NeuroAdaError, AttributeError):
+        return detail
+    if not tied:
+        return detail
+    return (f"{detail}: this checkpoint ties the output head to the input embeddings (tie_word_embeddings in "
+            f"config.json), so the head is stored once, as the embedding, and a delta on it cannot be merged into "
+            f"the file without changing the embeddings too; serve the adapter unmerged (load_adapter), or train "
+            f"with the head untied or not targeted")
+
+
 PEFT_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .adapter import Adapter, Target, read
-from .base import open_base
+from .base import absent_target, open_base
 from .container import Problems
 from .dtypes import BASE_DTYPES, I16_MAX_D_IN, INDEX_DTYPES, VALUE_DTYPES, dtype_name, nonfinite_mask
 from .errors import NeuroAdaError
@@ -199,7 +199,7 @@ def _check_against_base(adapter: Adapter, base, p: Problems, check_selection: bo
 def _check_target_against_base(name: str, t: Target, adapter: Adapter, base, p: Problems, check_selection: bool,
                                probes: bool) -> None:
     if name not in base:
-        p.error("4.1", "target is not a tensor of the base", tensor=name)
+        p.error("4.1", absent_target(base, name), tensor=name)
         return
     dtype, shape = base.info(name)
     want = stored_shape(t.shape, t.layout)

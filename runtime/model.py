@@ -308,30 +308,35 @@ def find_targets(model: nn.Module, config: NeuroAdaConfig) -> list[str]:
         hit = not in_head if all_linear else _matches(plain, config.target_modules)
         if hit and not _matches(plain, config.exclude_modules):
             out.append(name)
+    if not all_linear:
+        _refuse_parameter_targets(model, config, candidates, wrappers, matched=bool(out))
     if not out:
-        _refuse_parameter_targets(model, config)
         raise NeuroAdaUsageError(f"no module matches target_modules={config.target_modules!r}")
     return sorted(set(out))
 
 
-def _refuse_parameter_targets(model: nn.Module, config: NeuroAdaConfig) -> None:
+def _refuse_parameter_targets(model: nn.Module, config: NeuroAdaConfig, candidates: dict[str, nn.Module],
+                              wrappers: dict[str, str], matched: bool) -> None:
     """target_modules that name parameters, not modules: say so. transformers 5 holds the experts of MoE models
     (Mixtral, Qwen2/3-MoE, ...) as 3D parameters of one module (``mlp.experts.gate_up_proj`` [experts, 2*ff, d]),
     so the ``gate_up_proj`` / ``down_proj`` targets users carried over from per-expert linears matched nothing, and
-    were reported as matching no module at all."""
-    if config.target_modules is None or isinstance(config.target_modules, str) and \
-            config.target_modules.lower() == "all-linear":
-        return
+    were reported as matching no module at all; beside a name that did match (``["q_proj", "down_proj"]``, a dense
+    layer's ``down_proj`` next to experts) they were dropped without a word, and the experts never trained."""
     for name, p in model.named_parameters():
+        owner = name.rpartition(".")[0]
+        if owner in candidates or any(owner.startswith(c + ".") for c in candidates) or \
+                _in_foreign_adapter(name, wrappers):
+            continue  # a linear layer's own weight or bias (or inside one of ours, or another library's adapter)
         plain = plain_name(model, name)
         if _matches(plain, config.target_modules) and not _matches(plain, config.exclude_modules):
-            owner = name.rpartition(".")[0]
             cls = type(model.get_submodule(owner)) if owner else type(model)
             moe = (" (MoE experts held as one 3D tensor are not supported: target linear layers, e.g. the "
                    "attention projections or a shared expert)") if p.dim() == 3 else ""
+            keep = (f"; to adapt only the linear layers it matches, add {plain!r} to exclude_modules"
+                    if matched else "")
             raise NeuroAdaUsageError(f"target_modules={config.target_modules!r} names the parameter {plain} "
                                      f"({list(p.shape)}) of {owner or 'the model'} ({cls.__qualname__}), not a linear "
-                                     f"layer: NeuroAda adapts nn.Linear and transformers Conv1D modules{moe}")
+                                     f"layer: NeuroAda adapts nn.Linear and transformers Conv1D modules{moe}{keep}")
 
 
 def _shared_weights(model: nn.Module) -> set[int]:

@@ -213,3 +213,27 @@ def test_a_scale_that_is_no_decimal_is_named_not_taken_for_a_missing_file(tmp_pa
         assert not (tmp_path / "m").exists()
     r = cli("neuroada-merge", "--base", base, "--adapter", f"{a}:0.5", "--out", tmp_path / "m")
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_target_on_a_tied_head_says_why_it_is_absent(tmp_path, tied):
+    """transformers' save_pretrained stores a tied output head once, as the embedding: an adapter the runtime trained
+    on the head (additively) was refused as if the base were the wrong model. Now rule 4.1 says the head is tied."""
+    import json
+
+    from safetensors.numpy import save_file
+    rng = np.random.default_rng(3)
+    emb = (rng.standard_normal((40, 16)) * 0.05).astype(np.float32)
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"model.embed_tokens.weight": emb}, os.fspath(base / "model.safetensors"))
+    (base / "config.json").write_text(json.dumps({"model_type": "llama", "tie_word_embeddings": tied}))
+    idx = np.sort(rng.permuted(np.tile(np.arange(16), (40, 1)), axis=1)[:, :2], axis=1)
+    target = naf.Target.from_weight("lm_head.weight", emb, idx, np.full((40, 2), 0.01, np.float32))
+    naf.save(naf.Adapter({"lm_head.weight": target}), tmp_path / "a.safetensors")
+    for r in (cli("neuroada-merge", "--base", base, "--adapter", tmp_path / "a.safetensors", "--out", tmp_path / "m"),
+              cli("neuroada", "validate", tmp_path / "a.safetensors", "--base", base)):
+        line = one_error_line(r)
+        assert r.returncode == 1 and "rule 4.1: target is not a tensor of the base" in line
+        assert ("ties the output head to the input embeddings" in line) == tied, line
+    assert not (tmp_path / "m").exists()

@@ -461,3 +461,18 @@ def test_moe_experts_refused_by_name(targets, named):
     with pytest.raises(NeuroAdaUsageError, match=named):
         attach(model, NeuroAdaConfig(k=2, target_modules=targets))
     assert not layers(model)
+
+
+def test_moe_experts_beside_matching_linears_are_refused_not_dropped():
+    """["q_proj", "down_proj"] on an MoE model matches the attention and the shared expert's linear, and the experts'
+    3D down_proj parameter: the experts used to be dropped without a word, so a user who carried the usual list over
+    believed they trained. Refused, naming the parameter and how to keep only the linears (exclude_modules)."""
+    model = build("qwen2_moe")
+    with pytest.raises(NeuroAdaUsageError, match=r"names the parameter model\.layers\.0\.mlp\.experts\.down_proj .*"
+                                                 r"add 'model\.layers\.0\.mlp\.experts\.down_proj' to exclude_modules"):
+        attach(model, NeuroAdaConfig(k=2, target_modules=["q_proj", "down_proj"]))
+    assert not layers(model)
+    with pytest.raises(NeuroAdaUsageError, match=r"names the parameter .*experts\.down_proj"):
+        attach(model, NeuroAdaConfig(k=2, target_modules=r".*\.(q_proj|down_proj)"))
+    attach(model, NeuroAdaConfig(k=2, target_modules=["q_proj", "down_proj"], exclude_modules=["experts.down_proj"]))
+    assert sorted(n.split(".", 3)[3] for n in layers(model)) == ["mlp.shared_expert.down_proj"] * 2 + ["self_attn.q_proj"] * 2
