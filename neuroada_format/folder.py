@@ -233,6 +233,7 @@ def _locate(path: str) -> tuple[str, str | None]:
 STATE_FILE = "model.safetensors"
 STATE_MARKER = "_neuroada_trainable_state"
 STATE_PROBE = "_neuroada_probe"
+STATE_TRAINING = "_neuroada_training"  # the adapters that trained when the state was saved (one per line)
 
 
 def trained_extras(path) -> tuple[str, list[str]] | None:
@@ -253,7 +254,7 @@ def trained_extras(path) -> tuple[str, list[str]] | None:
             guard = bytes(int(b) & 0xFF for b in f.get_tensor(STATE_MARKER).tolist()).decode("utf-8", "replace")
     except Exception:  # noqa: BLE001 - unreadable: the adapter is read and checked on its own
         return None
-    extra = [k for k in keys if ".neuroada_" not in k and k not in (STATE_MARKER, guard)
+    extra = [k for k in keys if ".neuroada_" not in k and k not in (STATE_MARKER, STATE_TRAINING, guard)
              and not k.startswith(STATE_PROBE + ".")]
     return (state, extra) if extra else None
 

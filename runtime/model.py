@@ -22,7 +22,8 @@ import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
 from neuroada_format.durable import write_file
-from neuroada_format.folder import STATE_FILE, STATE_MARKER, STATE_PROBE, WEIGHTS_NAME, adapter_config, warn_trained_extras
+from neuroada_format.folder import (STATE_FILE, STATE_MARKER, STATE_PROBE, STATE_TRAINING, WEIGHTS_NAME, adapter_config,
+                                    warn_trained_extras)
 
 from .config import MODES, SELECTIONS, NeuroAdaConfig
 from .kernels.reference import gather_exact
@@ -39,7 +40,8 @@ BASE_LAYER = ".base_layer"
 # STATE_FILE: what Trainer resumes from, the trainable state, nothing else; STATE_MARKER: a key saying "this state
 # holds what trains, not the base" (neuroada_format.folder, where every reader of an adapter folder looks for them)
 # keys "_neuroada_probe.<layer>.<adapter>" of a trainable state: the probe hash (spec 6.1) of the base values the
-# adapter trained on, as the bytes of its "sha256:<hex>" text, checked when the state is loaded (rule 4.3)
+# adapter trained on, as the bytes of its "sha256:<hex>" text, checked when the state is loaded (rule 4.3);
+# STATE_TRAINING: the adapters that trained, so that a resume into a model where another one is active is refused
 TORCH_DTYPE_NAMES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -997,6 +999,8 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
         for adapter in layer.neuroada_idx.keys():
             if f"{name}.neuroada_idx.{adapter}" in state:
                 state[f"{STATE_PROBE}.{name}.{adapter}"] = _text_tensor(layer_probe(layer, adapter))
+    saved = {_state_adapter(k) for k in state} - {None}
+    state[STATE_TRAINING] = _text_tensor("\n".join(sorted(_training_adapters(model) & saved)))
     out = os.path.join(folder, STATE_FILE)
     # one metadata key only: safetensors writes them from a hash map, in an order that varies by process
     write_file(out, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}), overwrite=True, durable=False)
@@ -1028,6 +1032,41 @@ def _refuse_model_weights(folder: str) -> None:
                                  f"save the adapter into another folder (or remove that file first)", path=folder)
 
 
+def _training_adapters(model: nn.Module) -> set[str]:
+    """The adapters whose deltas require grad (in any layer): the ones an optimizer built now would hold."""
+    return {a for layer in layers(model).values() for a, v in layer.neuroada_val.items() if v.requires_grad}
+
+
+def _check_state_training(module: nn.Module, saved, named: set[str]) -> None:
+    """A trainable state is loaded by Trainer's resume before the optimizer state saved with it: with another adapter
+    active than in the run that saved it (set_adapter left out when the model was rebuilt), the optimizer's moments,
+    checked by torch for their count only, went to that adapter's deltas, which trained on in silence (same k) or
+    crashed the process (another k). Compared over the adapters both sides have; a model training none (loading for
+    evaluation), or a state saved when none trained, is left alone."""
+    model_names = {a for layer in layers(module).values() for a in layer.neuroada_val.keys()}
+    was = set(filter(None, _tensor_text(saved).split("\n"))) & model_names
+    now = _training_adapters(module) & named
+    if now and was and now != was:
+        raise NeuroAdaError(f"this trainable state was saved while adapter(s) {', '.join(sorted(was)) or 'none'} "
+                            f"trained, and in this model {', '.join(sorted(now))} would: its optimizer state would "
+                            f"train the wrong deltas; make the same adapter(s) active as in the run that saved it "
+                            f"(set_adapter) before loading; nothing was loaded", rule="4.1")
+
+
+def _warn_delta_dtypes(module: nn.Module, state_dict, prefix: str) -> None:
+    """Deltas saved in one dtype and loaded into another (delta_dtype changed between runs) are rounded, and the
+    optimizer state saved with them no longer fits their dtype: said once, not refused (the values are usable)."""
+    for name, layer in layers(module).items():
+        for adapter, v in layer.neuroada_val.items():
+            got = state_dict.get(f"{prefix}{name}.neuroada_val.{adapter}")
+            if isinstance(got, torch.Tensor) and got.dtype != v.dtype:
+                warnings.warn(f"adapter {adapter!r}: the trainable state holds {str(got.dtype)[6:]} deltas and this "
+                              f"model's are {str(v.dtype)[6:]} (delta_dtype): loading converts them, and an optimizer "
+                              f"state saved with them does not fit; attach with the run's delta_dtype to resume "
+                              f"exactly", stacklevel=4)
+                return
+
+
 def _state_adapter(key: str) -> str | None:
     """The adapter a trainable-state key holds deltas or positions of (``<layer>.neuroada_val.<adapter>``), or None."""
     if ".neuroada_idx." in key or ".neuroada_val." in key:
@@ -1052,6 +1091,7 @@ def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_
     its guard tensor (see save_pretrained) is not a weight, nor are its probe hashes, which are checked against this
     model's base (see _check_state_probes) and never reach torch (no unexpected keys)."""
     marker = state_dict.pop(prefix + STATE_MARKER, None)
+    training = state_dict.pop(prefix + STATE_TRAINING, None)
     head = f"{prefix}{STATE_PROBE}."
     probes = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(head)]}
     module.__dict__["_neuroada_partial_load"] = None
@@ -1059,7 +1099,10 @@ def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_
         guard = _tensor_text(marker)
         if guard:
             state_dict.pop(prefix + guard, None)
-        module.__dict__["_neuroada_partial_load"] = _check_state_adapters(module, state_dict, prefix)
+        named = module.__dict__["_neuroada_partial_load"] = _check_state_adapters(module, state_dict, prefix)
+        if training is not None:
+            _check_state_training(module, training, named)
+        _warn_delta_dtypes(module, state_dict, prefix)
     # every layer checks its part before any loads, so a refused state changes nothing
     prepared = []
     try:

@@ -549,6 +549,53 @@ def test_trainer_resume_into_a_model_attached_otherwise_is_refused(tmp_path):
     assert all(layer.neuroada_val["task"].abs().sum() > 0 for layer in layers(resumed).values())
 
 
+def test_resume_with_another_adapter_active_is_refused(tmp_path):
+    """A checkpoint saved while 'default' trained (set_adapter back to it after attaching 'b'), resumed into a model
+    rebuilt without that set_adapter ('b' active): both adapters fit the state, so it loaded, and Trainer then gave
+    'default''s AdamW moments to 'b' (torch checks their count only): 'b' trained in silence, or the process crashed
+    in the fused step when the two k differ. Refused before anything loads; with the same adapter active it resumes.
+    Deltas of another dtype (delta_dtype changed) load with a warning."""
+    from neuroada_format.runtime import set_adapter
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": r, "labels": r} for r in (torch.randint(0, 100, (8,), generator=g) for _ in range(8))]
+
+    def build(active, k_b=2, **cfg):
+        model = attach(tiny_llama(), NeuroAdaConfig(k=2, **cfg))
+        attach(model, NeuroAdaConfig(k=k_b, **cfg), "b")
+        if active:
+            set_adapter(model, active)
+        return model
+
+    def trainer(model, steps):
+        args = transformers.TrainingArguments(str(tmp_path / "run"), max_steps=steps, save_steps=2, learning_rate=1e-2,
+                                              per_device_train_batch_size=2, report_to=[], use_cpu=True, seed=0,
+                                              disable_tqdm=True)
+        return transformers.Trainer(model=model, args=args, train_dataset=data)
+
+    trainer(build("default"), 2).train()
+    ck = tmp_path / "run" / "checkpoint-2"
+    from safetensors.torch import load_file
+
+    assert bytes(load_file(ck / "model.safetensors")["_neuroada_training"].tolist()) == b"default"
+    for k_b in (2, 3):
+        model = build(None, k_b)
+        before = bits(model)
+        with pytest.raises(NeuroAdaError, match=r"saved while adapter\(s\) default trained, and in this model b would"):
+            trainer(model, 3).train(resume_from_checkpoint=str(ck))
+        assert bits(model) == before
+    frozen = build(None)
+    frozen.requires_grad_(False)
+    frozen.load_state_dict(load_file(ck / "model.safetensors"), strict=False)  # evaluation: nothing trains, loads
+    resumed = build("default")
+    trainer(resumed, 3).train(resume_from_checkpoint=str(ck))
+    assert all(layer.neuroada_val["b"].abs().sum() == 0 for layer in layers(resumed).values())
+    assert all(layer.neuroada_val["default"].abs().sum() > 0 for layer in layers(resumed).values())
+    with pytest.warns(UserWarning, match=r"adapter 'default': the trainable state holds float32 deltas and this model's "
+                                         r"are bfloat16 \(delta_dtype\)"):
+        build("default", delta_dtype="bfloat16").load_state_dict(load_file(ck / "model.safetensors"), strict=False)
+
+
 # -- the base a trainable state was trained on ---------------------------------------------------------
 PROBE = "_neuroada_probe."  # runtime.model.STATE_PROBE: "_neuroada_probe.<layer>.<adapter>" in model.safetensors
 
