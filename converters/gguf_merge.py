@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError, plan_merge
-from neuroada_format.durable import write_file
+from neuroada_format.durable import derived_mode, write_file
 from neuroada_format.hashing import probe_hash_from_values
 from neuroada_format.merge import Delta, MergeOverflowWarning
 from neuroada_format.safe_io import open_regular
@@ -55,6 +55,7 @@ from . import gguf_kquants as kq
 from .backend import Backend, Mismatch, Resolved, Written, pause_for_tests
 from .progress import bar
 from .safetensors_merge import _read_exactly, _send, _write_exactly  # the one kernel copy and buffered I/O
+from .tensor_map import FileId, check_same_file, file_id, map_tensor
 
 try:
     import gguf
@@ -145,6 +146,7 @@ class GGUFFile:
     alignment: int
     data_start: int
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    file_id: FileId | None = None  # the file the header was read from (check_same_file when it is reopened)
 
     def err(self, msg: str, tensor: str | None = None) -> NeuroAdaError:
         return NeuroAdaError(msg, path=self.path, tensor=tensor, rule=RULE)
@@ -154,7 +156,17 @@ class GGUFFile:
         t = self.tensors[name]
         if t.nbytes == 0:
             return np.zeros(0, np.uint8)
-        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_start + t.offset, shape=(t.nbytes,))
+        return map_tensor(self.path, "U8", self.data_start + t.offset, (t.nbytes,), expected=self.file_id)
+
+    def reopen(self):
+        """The file again, for reading its data: refused when another file is under its name now."""
+        f = open_regular(self.path, rule=RULE)  # never blocks on a FIFO swapped in since the parse
+        try:
+            check_same_file(f.fileno(), self.file_id, self.path)
+        except BaseException:
+            f.close()
+            raise
+        return f
 
     def blocks(self, name: str) -> np.ndarray:
         """The tensor's bytes as [n_blocks, type_size] (one row per block; floats: one element per block)."""
@@ -285,10 +297,13 @@ def read_gguf(path) -> GGUFFile:
         if size < 24:
             raise NeuroAdaError(f"truncated: {size} bytes is shorter than a GGUF header", path=path, rule=RULE)
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        opened = file_id(f.fileno())
     try:
-        return _parse(buf, path, size)
+        parsed = _parse(buf, path, size)
     finally:
         buf.close()
+    parsed.file_id = opened
+    return parsed
 
 
 def _parse(buf, path: str, size: int) -> GGUFFile:
@@ -926,7 +941,7 @@ class GGUFBackend(Backend):
             else:
                 counts["bytes"] = _write_retyped(f, plan, tmp)
                 counts["units"] = sum(int(tp.patch[0].size) for tp in plan.tensors.values() if tp.patch is not None)
-        write_file(out, fill, overwrite=overwrite, durable=durable)
+        write_file(out, fill, overwrite=overwrite, durable=durable, mode=derived_mode(os.stat(f.path).st_mode))
         details = {"retyped": {g: tp.out_type.name for g, tp in plan.tensors.items() if tp.data is not None},
                    "units_rewritten": counts["units"], "encoder": self.encoder}
         warnings = []
@@ -1107,7 +1122,7 @@ def _write_same_layout(f: GGUFFile, plan: _Plan, tmp: str, encoder: str, touched
     per_rows = {tp.info.name: _rows_per_chunk(tp.info) for tp in touched}
     size = max((per_rows[tp.info.name] * _row_bytes(tp.info) for tp in touched), default=0)
     values = units = pos = 0
-    with open_regular(f.path, rule=RULE) as src:  # never blocks on a FIFO swapped in since the parse
+    with f.reopen() as src:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
         writer = _Writer(src.fileno(), fd, size, progress)
         try:
@@ -1249,7 +1264,7 @@ def _merge_tensor(src_fd: int, start: int, tp: _TensorPlan, per: int, writer: _W
 
 def _write_retyped(f: GGUFFile, plan: _Plan, tmp: str) -> int:
     """A new file: header and metadata bytes verbatim, a new tensor table, data re-laid out aligned."""
-    with open_regular(f.path) as src:
+    with f.reopen() as src:
         head = src.read(f.infos_start)
     table, layout, offset = bytearray(), [], 0
     for name, info in f.tensors.items():
@@ -1263,7 +1278,7 @@ def _write_retyped(f: GGUFFile, plan: _Plan, tmp: str) -> int:
         offset = -(-(offset + nbytes) // f.alignment) * f.alignment
     header = head + bytes(table)
     data_start = -(-len(header) // f.alignment) * f.alignment
-    with open(tmp, "wb") as out, open_regular(f.path) as src:
+    with open(tmp, "wb") as out, f.reopen() as src:
         out.write(header + b"\0" * (data_start - len(header)))
         for name, off, nbytes in layout:
             pause_for_tests()

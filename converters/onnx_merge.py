@@ -32,7 +32,7 @@ import numpy as np
 
 from neuroada_format import (Adapter, ArrayBase, MergePlan, NeuroAdaError, NeuroAdaUsageError, Target, plan_merge,
                              probe_hash, validate)
-from neuroada_format.durable import (OutputClaim, default_mode, fsync_path, output_lock, publish, remove,
+from neuroada_format.durable import (OutputClaim, derived_mode, fsync_path, output_lock, publish, remove,
                                      remove_stale_siblings, reserve, temp_sibling)
 from neuroada_format.layout import canonical_view, stored_shape
 from neuroada_format.safe_io import check_regular, open_regular
@@ -854,7 +854,7 @@ def _write_copy(model: OnnxModel, patches, out: str, overwrite: bool, durable: b
         for f, final in new_names.items():
             tmp = temp(final)
             shutil.copyfile(f, tmp)
-            os.chmod(tmp, default_mode())
+            os.chmod(tmp, derived_mode(os.stat(f).st_mode))
             data_temps[f] = tmp
         for name, (positions, values) in patches.items():
             if name in model.external:
@@ -871,7 +871,7 @@ def _write_copy(model: OnnxModel, patches, out: str, overwrite: bool, durable: b
         onnx_tmp = temp(out)
         with open(onnx_tmp, "wb") as f:
             f.write(model.proto.SerializeToString())
-        os.chmod(onnx_tmp, default_mode())
+        os.chmod(onnx_tmp, derived_mode(os.stat(model.path).st_mode))
         if durable:
             fsync_path(onnx_tmp)
         written = sum(os.path.getsize(t) for t in temps)

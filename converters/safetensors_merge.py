@@ -46,8 +46,8 @@ from neuroada_format import (Adapter, Checkpoint, Delta, MergePlan, NeuroAdaErro
                              open_base, plan_merge, validate)
 from neuroada_format.base import absent_target
 from neuroada_format.dtypes import NUMPY_DTYPES
-from neuroada_format.durable import (REPOSITORY_MARKS, fsync_dir, fsync_path, publish, remove, remove_stale_siblings,
-                                     reserve, temp_sibling)
+from neuroada_format.durable import (REPOSITORY_MARKS, derived_mode, fsync_dir, fsync_path, publish, remove,
+                                     remove_stale_siblings, reserve, temp_sibling)
 from neuroada_format.hashing import ProbeHash
 from neuroada_format.merge import overflow_unreported
 from neuroada_format.layout import stored_shape
@@ -59,7 +59,7 @@ from .backend import SLOWDOWN_ENV, Backend, Mismatch, Resolved, Written, pause_f
 from .journal import (JOURNAL_PREFIX, JournalEntry, claim_path, default_path, patching, position_dtype,
                       refuse_shared, write_journal)
 from .progress import bar
-from .tensor_map import map_tensor, patch_values
+from .tensor_map import FileId, check_same_file, file_id, map_tensor, patch_values, shrank
 
 COPY_CHUNK = 64 << 20   # one sendfile call
 BLOCK_BYTES = 4 << 20   # rows of a touched tensor read, merged and written at a time
@@ -73,6 +73,7 @@ class _Base:
     path: str              # absolute path as given (file or folder)
     root: str | None       # the folder, when the base is a folder
     ck: Checkpoint
+    ids: dict[str, FileId] = field(default_factory=dict)  # each file whose header was read: which file it was
 
 
 @dataclass
@@ -87,6 +88,7 @@ class _Touch:
     layout: str
     deltas: list[Delta] = field(default_factory=list)
     sources: list[tuple[str | None, Target]] = field(default_factory=list)  # (adapter path, target) per delta
+    expected: FileId | None = None  # the file whose header gave `offset` (check_same_file)
 
     @property
     def row_bytes(self) -> int:
@@ -98,7 +100,8 @@ class _Touch:
 
     def region(self, path: str, *, writable: bool = False, populate: bool | None = None) -> np.ndarray:
         """The tensor inside `path` (the base, or a copy of its file), mapped."""
-        return map_tensor(path, self.dtype, self.offset, self.shape, writable=writable, populate=populate)
+        return map_tensor(path, self.dtype, self.offset, self.shape, writable=writable, populate=populate,
+                          expected=self.expected if path == self.file else None)
 
 
 
@@ -109,7 +112,7 @@ def open_checkpoint(base) -> _Base:
     ck = open_base(path)
     if not isinstance(ck, Checkpoint):
         raise NeuroAdaUsageError("the base must be a safetensors file or folder", path=path)
-    return _Base(path, path if os.path.isdir(path) else None, ck)
+    return _Base(path, path if os.path.isdir(path) else None, ck, {st.path: file_id(st.path) for st in ck.files.values()})
 
 
 def check_adapters(adapters: list[tuple[Adapter, float]], base: _Base, verify: bool) -> list[str]:
@@ -155,7 +158,7 @@ def touches_of(adapters: list[tuple[Adapter, float]], base: _Base) -> list[_Touc
                 info = st.tensors[name]
                 rel = os.path.relpath(st.path, base.root) if base.root else os.path.basename(st.path)
                 found = touches[name] = _Touch(name, st.path, rel, info.dtype, info.shape,
-                                               st.absolute_offset(name), t.layout)
+                                               st.absolute_offset(name), t.layout, expected=base.ids.get(st.path))
             elif found.layout != t.layout:
                 raise Mismatch(f"adapters disagree on the layout of this target ({found.layout} vs {t.layout})",
                                path=adapter.path, tensor=name, rule="4.2")
@@ -219,7 +222,7 @@ def _send(src_fd: int, dst_fd: int, start: int, end: int, progress, stop: thread
             while view:
                 view = view[os.write(dst_fd, view):]
         if sent == 0:
-            raise OSError(errno.EIO, "file shrank while being copied")
+            raise shrank(src_fd)
         pos += sent
         progress.update(sent)
         pause_for_tests()
@@ -261,7 +264,7 @@ def _read_exactly(fd: int, view: memoryview, pos: int) -> None:
         n = os.preadv(fd, [view[got:got + IO_CHUNK]], pos + got) if hasattr(os, "preadv") else \
             _pread_into(fd, view[got:got + IO_CHUNK], pos + got)
         if n == 0:
-            raise OSError(errno.EIO, "file shrank while being copied")
+            raise shrank(fd)
         got += n
 
 
@@ -326,8 +329,8 @@ def _merge_tensor(src_fd: int, dst_fd: int, t: _Touch, verify: bool, buffer: np.
 
 
 def copy_file(src: str, dst: str, progress, stop: threading.Event | None = None, *,
-              touches: list[_Touch] = (), verify: bool = True) -> tuple[int, int]:
-    """Copy one file to a new `dst` (never overwrites) with its permission bits, merging `touches`
+              touches: list[_Touch] = (), verify: bool = True, expected: FileId | None = None) -> tuple[int, int]:
+    """Copy one file to a new `dst` (never overwrites) with its permission bits less the umask, merging `touches`
     (tensors of this file) on the way; returns (bytes, values merged).
 
     Untouched bytes go through the kernel (sendfile); touched tensors through a small buffer
@@ -335,6 +338,7 @@ def copy_file(src: str, dst: str, progress, stop: threading.Event | None = None,
     """
     touches = sorted(touches, key=lambda t: t.offset)
     with open_regular(src, rule=None) as fi:  # never blocks on a FIFO swapped in
+        check_same_file(fi.fileno(), expected, src)
         info = os.fstat(fi.fileno())
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
         try:
@@ -347,7 +351,7 @@ def copy_file(src: str, dst: str, progress, stop: threading.Event | None = None,
                 pause_for_tests()
             _send(fi.fileno(), fd, pos, info.st_size, progress, stop)
             if hasattr(os, "fchmod"):
-                os.fchmod(fd, stat.S_IMODE(info.st_mode))
+                os.fchmod(fd, derived_mode(info.st_mode))
         finally:
             os.close(fd)
     return info.st_size, count
@@ -486,6 +490,8 @@ def _write_copy(b: _Base, touches: list[_Touch], out: str, *, verify: bool, over
     else:
         dirs, files = [], [os.path.basename(b.path)]
         sources = {files[0]: b.path}
+    # which file each name is now (the headers' files as they were read): one replaced before it is copied is refused
+    expected = {rel: b.ids.get(p) or file_id(p) for rel, p in sources.items()}
     by_file: dict[str, list[_Touch]] = {}
     for t in touches:
         by_file.setdefault(t.rel, []).append(t)
@@ -502,7 +508,8 @@ def _write_copy(b: _Base, touches: list[_Touch], out: str, *, verify: bool, over
 
             def write_one(rel: str) -> tuple[int, int]:
                 dst = os.path.join(tmp, rel) if b.root else tmp
-                return copy_file(sources[rel], dst, pbar, stop, touches=by_file.get(rel, ()), verify=verify)
+                return copy_file(sources[rel], dst, pbar, stop, touches=by_file.get(rel, ()), verify=verify,
+                                 expected=expected[rel])
 
             order = sorted(files, key=lambda rel: -sizes[rel])  # largest first: the last to finish is short
             for size, count in run_side_by_side(write_one, order, copy_workers(len(files)), stop):
@@ -517,10 +524,10 @@ def _write_copy(b: _Base, touches: list[_Touch], out: str, *, verify: bool, over
             # (0555, as in a shared cache) must not give an output that a later --overwrite or a cleanup can no
             # longer remove
             for d in sorted(dirs, key=lambda d: -d.count(os.sep)):
-                os.chmod(os.path.join(tmp, d), stat.S_IMODE(os.stat(os.path.join(b.root, d)).st_mode) | stat.S_IRWXU)
+                os.chmod(os.path.join(tmp, d), derived_mode(os.stat(os.path.join(b.root, d)).st_mode) | stat.S_IRWXU)
                 if durable:
                     fsync_dir(os.path.join(tmp, d))
-            os.chmod(tmp, stat.S_IMODE(os.stat(b.root).st_mode) | stat.S_IRWXU)
+            os.chmod(tmp, derived_mode(os.stat(b.root).st_mode) | stat.S_IRWXU)
             if durable:
                 fsync_dir(tmp)
         pause_for_tests()
@@ -534,6 +541,9 @@ def _write_copy(b: _Base, touches: list[_Touch], out: str, *, verify: bool, over
 
 def _write_in_place(b: _Base, plan: _InPlacePlan, journal, *, durable: bool, progress: bool) -> Written:
     """Write the revert journal (always fsynced), then patch BASE's files through a memory map."""
+    for t in plan.touches:  # before the journal: a file replaced since its header was read is refused untouched
+        with open_regular(t.file, rule=None) as f:
+            check_same_file(f.fileno(), t.expected, t.file)
     journal = claim_path(journal, default_journal_path(b))
     root = b.root or os.path.dirname(b.path)
     write_journal(journal, root, [os.path.relpath(f, root) for f in plan.files], plan.entries,
@@ -544,7 +554,8 @@ def _write_in_place(b: _Base, plan: _InPlacePlan, journal, *, durable: bool, pro
     with patching(b.root or b.path, journal), bar(len(plan.entries), "merge in place", enabled=progress,
                                                    unit="tensor") as pbar:
         for e in plan.entries:
-            patch_values(by_name[e.tensor].file, e.dtype, e.offset, e.count, e.positions, e.merged)
+            t = by_name[e.tensor]
+            patch_values(t.file, e.dtype, e.offset, e.count, e.positions, e.merged, expected=t.expected)
             touched += int(e.positions.size)
             pbar.update(1)
             pause_for_tests()

@@ -8,7 +8,8 @@ here, so each guarantee is kept once:
   next write to the same OUT deletes the siblings whose process (on this host) is gone
   (`remove_stale_siblings`).
 - New files get the permissions a plain `open()` would give (0666 less the umask, `default_mode`),
-  not the 0600 of a private temporary file.
+  not the 0600 of a private temporary file; a merged copy of a base gets the base's, less the umask
+  (`derived_mode`), as `cp` gives.
 - Durability is the caller's choice (`durable`): fsync the data, then the folder after the rename, so
   the result also survives a power cut. A killed process never needs it (its writes are already in
   the page cache); a journal always asks for it.
@@ -163,6 +164,13 @@ def default_mode(executable: bool = False) -> int:
         umask = os.umask(0o022)
         os.umask(umask)
     return (0o777 if executable else 0o666) & ~umask
+
+
+def derived_mode(source_mode: int) -> int:
+    """The mode of a file (or folder) made from another, a merged copy of a base: the source's permission bits less
+    the umask, as `cp` gives. Every merge backend uses it, so that a private base (0600) never gives a readable
+    output, nor a private umask (077) a world-readable one."""
+    return stat.S_IMODE(source_mode) & default_mode(executable=True)
 
 
 def fsync_path(path: str) -> None:
@@ -571,10 +579,13 @@ def _refuse_replacing(target: str, what: str, *, folder_ok: bool) -> None:
 
 # -- the lock rule -----------------------------------------------------------------------------------
 def checkpoint_folder(path) -> str:
-    """The folder checkpoint_lock locks for a checkpoint given by path: the folder itself, or the folder holding a
-    single-file checkpoint."""
+    """The folder checkpoint_lock locks for a checkpoint given by path: the folder itself (a link to one locks the
+    folder it names: flock follows it), or the folder really holding a single-file checkpoint. A file named through a
+    symbolic link in another folder used to lock the link's folder, so a copy merge reading it and an in-place merge
+    patching it (by its real name, the only one it accepts) did not see each other: the copy mixed tensors from before
+    and after the patch."""
     path = os.path.abspath(os.fspath(path))
-    return path if os.path.isdir(path) else os.path.dirname(path)
+    return path if os.path.isdir(path) else os.path.dirname(os.path.realpath(path))
 
 
 @contextmanager
