@@ -117,12 +117,12 @@ def _listed(names) -> str:
     return ", ".join(names[:SHOWN_NAMES]) + (" ..." if len(names) > SHOWN_NAMES else "")
 
 
-def _stored_bytes(ckpt, name: str) -> np.ndarray:
-    """One tensor's stored bytes, flat: a view of the file's map for a safetensors checkpoint (read only as
-    compared), the array's own bytes for an in-memory one."""
+def _stored_bytes(ckpt, name: str, start: int, stop: int) -> np.ndarray:
+    """Bytes [start, stop) of one tensor as stored, flat: read from the file for a safetensors checkpoint, the
+    array's own bytes for an in-memory one."""
     if isinstance(ckpt, Checkpoint):
-        return ckpt.file_of(name).raw(name)
-    return np.ascontiguousarray(ckpt.array(name)).reshape(-1).view(np.uint8)
+        return ckpt.file_of(name).raw(name, start, stop)
+    return np.ascontiguousarray(ckpt.array(name)).reshape(-1).view(np.uint8)[start:stop]
 
 
 def _differs(b, f, name: str) -> bool:
@@ -130,9 +130,10 @@ def _differs(b, f, name: str) -> bool:
     the bytes, COMPARE_BYTES at a time, so a large embedding is never held in memory."""
     if name not in b or tuple(b.info(name)) != tuple(f.info(name)):
         return True
-    x, y = _stored_bytes(b, name), _stored_bytes(f, name)
-    return any(not np.array_equal(x[i:i + COMPARE_BYTES], y[i:i + COMPARE_BYTES])
-               for i in range(0, x.size, COMPARE_BYTES))
+    nbytes = f.file_of(name).tensors[name].nbytes if isinstance(f, Checkpoint) else np.asarray(f.array(name)).nbytes
+    return any(not np.array_equal(_stored_bytes(b, name, i, i + COMPARE_BYTES),
+                                  _stored_bytes(f, name, i, i + COMPARE_BYTES))
+               for i in range(0, nbytes, COMPARE_BYTES))
 
 
 def _rows_per_chunk(d_in: int) -> int:

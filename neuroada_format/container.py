@@ -1,17 +1,22 @@
-"""A strict, memory-mapped reader of the safetensors container (spec rules 1.x).
+"""A strict reader of the safetensors container (spec rules 1.x).
 
 We parse the header ourselves instead of going through `safetensors.safe_open` because we need
-(a) zero-copy numpy views over a single memory map, so a large adapter or base opens in milliseconds,
-and (b) every defect reported as a numbered rule with the file and tensor named. Writing goes through
-the safetensors library (see adapter.save).
+(a) lazy access, so a large adapter or base opens in milliseconds (only the header is read; a tensor's
+bytes are read when it is asked for, and no others), and (b) every defect reported as a numbered rule
+with the file and tensor named. Writing goes through the safetensors library (see adapter.save).
+
+Tensor bytes are read with positional reads on the descriptor the header was parsed from, never
+through a memory map: a file truncated in place while we read it (`cp` over it, a download restarting)
+turns into a short read and one NeuroAdaError (rule 1.4, the file named), where touching a mapped
+page past the new end killed the process with SIGBUS and no message at all.
 """
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import re
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +27,7 @@ from .jsonparse import strict_json  # noqa: F401  (re-exported: the one parser, 
 from .safe_io import open_regular
 
 HEADER_CAP = 100_000_000  # same cap as the reference safetensors reader
+READ_CHUNK = 1 << 30  # bytes per read call: Linux returns at most 0x7ffff000 per call, macOS refuses > INT_MAX
 TENSOR_FIELDS = {"dtype", "shape", "data_offsets"}
 # a dtype a newer safetensors may add (F6_E2M3, F4...): tolerated on a base's non-target tensors if it looks like one
 _DTYPE_NAME = re.compile(r"[A-Z][A-Z0-9_]{0,31}")
@@ -91,7 +97,14 @@ def _shown(x, digits: int = 40):
 
 
 class SafetensorsFile:
-    """One safetensors file: header parsed and checked, tensors available as read-only numpy views."""
+    """One safetensors file: header parsed and checked, tensors read on demand as read-only numpy arrays.
+
+    A valid file keeps the descriptor its header was read from open (as the memory map it replaces kept
+    one) until `close()`, `with` or garbage collection: tensors are read from that same file, even if the
+    path is renamed over meanwhile.
+    """
+
+    _file = None  # the open reader (valid files only); a class default so close() works on a half-built one
 
     def __init__(self, path, problems: Problems | None = None, *, unknown_dtypes: bool = False):
         self.path = os.fspath(path)
@@ -99,17 +112,43 @@ class SafetensorsFile:
         p = problems if problems is not None else Problems(self.path, strict=True)
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] | None = None
-        self._mmap = None
         self.valid = False
-        with open_regular(self.path, rule="1.1") as f:  # regular files only: a FIFO never blocks us
+        self._seek_lock = None  # only where the platform has no pread (Windows): seek + readinto under it
+        f = open_regular(self.path, rule="1.1")  # regular files only: a FIFO never blocks us
+        try:
             try:
                 self.file_size = os.fstat(f.fileno()).st_size
                 self._parse(f, p)
-                if self.valid and self.file_size > 0:
-                    self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             except OSError as exc:
                 raise NeuroAdaUsageError(f"cannot read file: {exc.strerror or exc}", path=self.path,
                                          rule="1.1") from None
+        except BaseException:
+            f.close()
+            raise
+        if self.valid and self.file_size > 0:
+            self._file = f
+            if not hasattr(os, "pread"):
+                self._seek_lock = threading.Lock()
+        else:
+            f.close()
+
+    def close(self) -> None:
+        """Close the file; reading a tensor afterwards raises ValueError. Idempotent."""
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: nothing sensible to report
+            pass
 
     # -- parsing -------------------------------------------------------------------------------------
     def _parse(self, f, p: Problems) -> None:
@@ -199,7 +238,10 @@ class SafetensorsFile:
 
     # -- access --------------------------------------------------------------------------------------
     def array(self, name: str) -> np.ndarray:
-        """A read-only, zero-copy view of one tensor."""
+        """One tensor as a fresh, read-only numpy array of its dtype (little-endian, as stored) and shape.
+
+        Read-only as the memory-map views it replaces were, so an in-place merge still refuses it
+        (merge_weight_). Reads this tensor's bytes only; a file that shrank meanwhile is rule 1.4."""
         info = self.tensors[name]
         if info.dtype not in NUMPY_DTYPES:
             raise NeuroAdaError(f"dtype {info.dtype} cannot be read by this version", path=self.path,
@@ -208,16 +250,60 @@ class SafetensorsFile:
         count = math.prod(info.shape)
         if count == 0:
             return np.empty(info.shape, dtype=dtype)
-        arr = np.frombuffer(self._mmap, dtype=dtype, count=count, offset=self.data_start + info.begin)
-        return arr.reshape(info.shape)
+        return self._read(info).view(dtype).reshape(info.shape)
 
-    def raw(self, name: str) -> np.ndarray:
-        """A read-only, zero-copy view of one tensor's stored bytes (flat uint8), whatever its dtype."""
+    def raw(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """One tensor's stored bytes (or bytes [start, stop) of them, to compare a large one a piece at a time) as a
+        fresh, read-only flat uint8 array, whatever its dtype."""
         info = self.tensors[name]
-        if info.end == info.begin:
+        stop = info.nbytes if stop is None else min(stop, info.nbytes)
+        if stop <= start:
             return np.empty(0, dtype=np.uint8)
-        return np.frombuffer(self._mmap, dtype=np.uint8, count=info.end - info.begin,
-                             offset=self.data_start + info.begin)
+        return self._read(info, start, stop)[...]  # a view, as before: .base is the buffer
+
+    def _read(self, info: TensorInfo, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Bytes [lo, hi) of `info` (all of them by default), read into a new buffer (returned read-only), checked
+        to be all there."""
+        f = self._file
+        if f is None:
+            raise ValueError(f"{self.path}: the file is closed")
+        hi = info.nbytes if hi is None else hi
+        buf = np.empty(hi - lo, dtype=np.uint8)
+        view = memoryview(buf)
+        start = self.data_start + info.begin + lo
+        got = 0
+        try:
+            while got < hi - lo:
+                n = self._read_at(f, view[got:got + READ_CHUNK], start + got)
+                if n == 0:
+                    break
+                got += n
+            now = os.fstat(f.fileno()).st_size if got < hi - lo else None
+        except OSError as exc:  # EIO from a failing disk, ESTALE on NFS: the file cannot be read (as in __init__)
+            raise NeuroAdaUsageError(f"cannot read file: {exc.strerror or exc}", path=self.path, tensor=info.name,
+                                     rule="1.1") from None
+        finally:
+            view.release()
+        if now is not None:
+            raise NeuroAdaError(f"the file ended at byte {start + got} while this tensor was read (its bytes are "
+                                f"{self.data_start + info.begin} to {self.data_start + info.end}; the file is now "
+                                f"{now} bytes, was "
+                                f"{self.file_size} when opened): it was truncated or rewritten while being read",
+                                path=self.path, tensor=info.name, rule="1.4")
+        buf.flags.writeable = False
+        return buf
+
+    def _read_at(self, f, view: memoryview, pos: int) -> int:
+        """One positional read into `view`; the number of bytes read (0 at the end of the file)."""
+        if hasattr(os, "preadv"):
+            return os.preadv(f.fileno(), [view], pos)
+        if hasattr(os, "pread"):
+            data = os.pread(f.fileno(), len(view), pos)
+            view[:len(data)] = data
+            return len(data)
+        with self._seek_lock:  # no pread: the shared file position needs the lock
+            f.seek(pos)
+            return f.readinto(view) or 0
 
     def absolute_offset(self, name: str) -> int:
         """Byte offset of a tensor's data from the start of the file (for in-place patching)."""

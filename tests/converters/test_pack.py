@@ -499,3 +499,26 @@ def test_extract_compares_the_other_tensors_one_at_a_time(tmp_path, rng, craft):
         tracemalloc.stop()
     assert len(report["changed_outside_targets"]) == 64
     assert peak < one_checkpoint / 4, (peak, one_checkpoint)
+
+
+def test_extract_compares_a_large_tensor_a_piece_at_a_time(tmp_path, rng, craft, monkeypatch):
+    """A tensor outside the targets (an embedding of 1-2 GB in a real model) is compared COMPARE_BYTES at a time,
+    read from the file piece by piece, never whole: both sides whole would be twice its size in memory."""
+    monkeypatch.setattr(pack, "COMPARE_BYTES", 16 << 10)
+    emb = (rng.standard_normal((1024, 512)) * 0.05).astype(F32)
+    base = {"model.embed_tokens.weight": emb,
+            "model.layers.0.mlp.up_proj.weight": (rng.standard_normal((16, 16)) * 0.05).astype(F32)}
+    ft = {n: w + np.float32(0.001) for n, w in base.items()}
+    ft["model.embed_tokens.weight"] = emb.copy()
+    ft["model.embed_tokens.weight"][-1, -1] += 1  # differs in its last piece only
+    bdir, fdir = craft.base(tmp_path / "b", base), craft.base(tmp_path / "f", ft)
+    del base, ft
+    tracemalloc.start()
+    try:
+        with pytest.warns(pack.ExtractWarning, match="model.embed_tokens.weight"):
+            _, report = pack.extract(bdir, fdir, 2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report["changed_outside_targets"] == ["model.embed_tokens.weight"]
+    assert peak < emb.nbytes / 4, (peak, emb.nbytes)
