@@ -114,6 +114,10 @@ BASE_ADAPTER = "__base__"  # the name set_adapter / adapter_batch give the plain
 # runtime/multi.py's per-layer serving caches (mixed-batch stacks, same-positions answers, set_adapter's merged
 # entries), kept in the layer's __dict__; derived from idx/val/w0 and rebuilt on first use, so never copied
 SERVING_CACHES = ("_neuroada_stack", "_neuroada_same_positions", "_neuroada_merged_values")
+# merged sets of adapters (ordered) whose positions and originals a layer keeps, the most recently used: a server
+# merging many combinations by hand kept one Overlay per combination ever seen (+58 MB for the 30 pairs of 6 adapters
+# on a small model); training and serving use one or two
+OVERLAYS_KEPT = 4
 
 
 def check_adapter_name(name) -> None:
@@ -433,10 +437,15 @@ class NeuroAdaLayer(nn.Module):
         if not cache_here():  # as in pattern()
             return Overlay(pats, w0s)
         ov = self._overlays.get(names)
+        if ov is not None and ov.is_current(pats, w0s) and next(reversed(self._overlays)) == names:
+            return ov  # the forward's path: the set in use is the most recent one
         if ov is None or not ov.is_current(pats, w0s):
             self._refresh(names)
             ov = Overlay(pats, [self.neuroada_w0[n] for n in names])
-            self._overlays[names] = ov
+        self._overlays.pop(names, None)  # the most recently used last; the oldest go
+        self._overlays[names] = ov
+        while len(self._overlays) > OVERLAYS_KEPT:
+            del self._overlays[next(iter(self._overlays))]
         return ov
 
     def _refresh(self, names: Iterable[str]) -> None:

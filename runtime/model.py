@@ -10,6 +10,7 @@ import functools
 import os
 import re
 import sys
+import threading
 import warnings
 from typing import Callable, Iterable, Iterator
 
@@ -32,6 +33,7 @@ from .selection import select, topk_columns
 
 CONFIGS_ATTR = "neuroada_configs"
 MIXED_ATTR = "_neuroada_adapter_batch"  # on the model while a multi.adapter_batch block runs
+MIXED_OWNER_ATTR = "_neuroada_adapter_batch_thread"  # the thread running it
 DISABLED_ATTR = "_neuroada_disabled"  # on the model while a multi.disable_adapter block runs
 AUTO_ATTR = "_neuroada_auto_mode"       # set on layers whose mode was chosen by mode="auto"
 HOOK_ATTR = "_neuroada_sharding_hook"   # the model's forward pre-hook that re-resolves "auto" under FSDP2
@@ -411,6 +413,11 @@ def _refuse_in_batch(model: nn.Module, what: str, *, disabled_ok: bool = False) 
     disable_adapter likewise puts back on exit what each layer served, which would silently undo such a change
     (`disabled_ok`: a call that itself puts back what it changes, adapter_batch)."""
     if getattr(model, MIXED_ATTR, None) is not None:
+        owner = model.__dict__.get(MIXED_OWNER_ATTR)
+        if owner is not None and owner != threading.get_ident():
+            raise NeuroAdaUsageError(f"{what} while another thread runs an adapter_batch block on this model; serve "
+                                     f"it from several threads through adapter_batch blocks only (they run one at a "
+                                     f"time), or give each thread its own model")
         raise NeuroAdaUsageError(f"{what} inside an adapter_batch block; leave the block first")
     if model.__dict__.get(DISABLED_ATTR) and not disabled_ok:
         raise NeuroAdaUsageError(f"{what} inside a disable_adapter block, whose exit would undo it; leave the block "

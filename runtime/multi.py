@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+import weakref
 from types import SimpleNamespace
 from typing import Iterator, Sequence
 
@@ -42,7 +44,7 @@ from .kernels.bgmv import (AdapterStack, InputsT, SeqMask, bgmv_add_, bgmv_add_s
 from .kernels.cache import outside_inference, version
 from .kernels.reference import rounded_values
 from .layer import BASE_ADAPTER, SERVING_CACHES, NeuroAdaLayer, _conv1d_type, check_adapter_name, has_hooks
-from .model import (CONFIGS_ATTR, DISABLED_ATTR, MIXED_ATTR, PARKED, VALUE_TORCH, _refuse_in_batch, _shared_weights,
+from .model import (CONFIGS_ATTR, DISABLED_ATTR, MIXED_ATTR, MIXED_OWNER_ATTR, PARKED, VALUE_TORCH, _refuse_in_batch, _shared_weights,
                     _unserve, layers, park, refuse_unmergeable)
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
@@ -163,21 +165,23 @@ def stop_serving(model: nn.Module) -> None:
 
 
 # -- merged serving ---------------------------------------------------------------------------------------
+SWITCH_KEPT = 2  # adapters per layer whose flat positions set_adapter keeps (toggling two reuses them)
+SAME_KEPT = 8    # switches (ordered pairs) per layer whose "same positions?" answer is kept
+
+
 def _same_positions(layer: NeuroAdaLayer, a: str, b: str) -> bool:
-    """Whether two adapters touch the same entries (e.g. both magnitude top-k with one k); cached."""
+    """Whether two adapters touch the same entries (e.g. both magnitude top-k with one k); cached for the last
+    SAME_KEPT switches (a server switching among n adapters would otherwise keep n^2 answers per layer, each with
+    the state of two index tensors: 1.5 GiB for 100 adapters on a 7B model)."""
     layer.ordinary([a, b])
     ia, ib = layer.neuroada_idx[a], layer.neuroada_idx[b]
     key = [_state(ia), _state(ib)]
     cache = layer.__dict__.setdefault(_SAME_ATTR, {})
     hit = cache.get((a, b))
-    if hit is not None and _same_state(hit[0], key):
-        return hit[1]
-    same = ia is ib or (ia.shape == ib.shape and bool(torch.equal(ia, ib)))
-    cache[(a, b)] = (key, same)
-    return same
-
-
-SWITCH_KEPT = 2  # adapters per layer whose flat positions set_adapter keeps (toggling two reuses them)
+    if hit is None or not _same_state(hit[0], key):
+        hit = (key, ia is ib or (ia.shape == ib.shape and bool(torch.equal(ia, ib))))
+    _keep_recent(cache, (a, b), hit, SAME_KEPT)
+    return hit[1]
 
 
 def _positions(layer: NeuroAdaLayer, name: str) -> torch.Tensor:
@@ -456,6 +460,20 @@ class _MixedForward:
                 and not torch.is_autocast_enabled("cpu"))
 
 
+# one lock per model for adapter_batch blocks (weakly keyed: a lock in the model's __dict__ would stop deepcopy and
+# pickling); _BLOCK_LOCKS_GUARD makes creating it atomic
+_BLOCK_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
+_BLOCK_LOCKS_GUARD = threading.Lock()
+
+
+def _block_lock(model: nn.Module) -> threading.Lock:
+    with _BLOCK_LOCKS_GUARD:
+        lock = _BLOCK_LOCKS.get(model)
+        if lock is None:
+            lock = _BLOCK_LOCKS[model] = threading.Lock()
+        return lock
+
+
 @contextlib.contextmanager
 def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
     """Run the block's forwards (and generate) with sequence b using ``adapter_names[b]``.
@@ -464,8 +482,22 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
     adds the sparse delta of every sequence's adapter (y = base(x) + S_a(x), f32 sums, one rounding);
     the adapter merged before the block is merged again after it. Inference only: no gradient
     reaches adapter values (gradients with respect to inputs do include the deltas on the torch path).
+
+    Blocks on one model run one at a time: a block another thread opens waits for the running one to end (its
+    state is the model's: two threads used to enter at once, and a quarter of their rows came out with the other
+    thread's adapters or none). A forward outside any block, meanwhile, sees the block's state: serve a model from
+    several threads through blocks only, or one model per thread.
     """
-    _refuse_in_batch(model, "adapter_batch", disabled_ok=True)  # it puts back on exit what it changed
+    if model.__dict__.get(MIXED_OWNER_ATTR) == threading.get_ident():
+        _refuse_in_batch(model, "adapter_batch")  # nested in this thread's own block: refused, never a deadlock
+    with _block_lock(model):
+        _refuse_in_batch(model, "adapter_batch", disabled_ok=True)  # it puts back on exit what it changed
+        with _adapter_batch_locked(model, adapter_names) as inside:
+            yield inside
+
+
+@contextlib.contextmanager
+def _adapter_batch_locked(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
     names = list(adapter_names)
     if not names:
         raise NeuroAdaError("adapter_batch needs one adapter name per sequence, got none")
@@ -483,6 +515,7 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
              model.register_forward_hook(tokens.forget, always_call=True))
     try:
         setattr(model, MIXED_ATTR, names)
+        model.__dict__[MIXED_OWNER_ATTR] = threading.get_ident()
         with torch.no_grad():
             for name, layer in all_layers.items():
                 _switch(layer, [])
@@ -506,6 +539,7 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
                 layer.__class__ = cls
                 _remerge(layer, merged)
         model.__dict__.pop(MIXED_ATTR, None)
+        model.__dict__.pop(MIXED_OWNER_ATTR, None)
 
 
 def _remerge(layer: NeuroAdaLayer, merged: list[str]) -> None:

@@ -161,6 +161,34 @@ def test_set_adapter_keeps_switch_caches_for_the_last_adapters_only(zoo):
         torch.testing.assert_close(got[0], model(ids_batch(3)).logits[0], rtol=1e-5, atol=1e-5)
 
 
+def test_switch_and_merge_caches_stay_bounded_whatever_the_history(zoo):
+    """A server switching among many adapters kept one "same positions?" answer per ordered pair of adapters and layer
+    (n^2: 1.5 GiB for 100 adapters on a 7B model), and one Overlay per combination merged by hand: both keep the most
+    recent few now, and what is served stays the merge rule's bits."""
+    from neuroada_format.runtime import merge, unmerge
+    from neuroada_format.runtime.layer import OVERLAYS_KEPT
+
+    base, files, _, _ = zoo
+    model = copy.deepcopy(base)
+    names = [f"t{i}" for i in range(7)]
+    for i, n in enumerate(names):
+        load_adapter(model, files["cs" if i % 2 else "math"], n)
+    order = [names[(i * 3) % 7] for i in range(40)] + [names[(i * 5 + 1) % 7] for i in range(40)]
+    for n in order:
+        set_adapter(model, n)
+    check_merged(model, zoo, "cs" if names.index(order[-1]) % 2 else "math")
+    for layer in layers(model).values():
+        assert len(layer.__dict__.get(multi._SAME_ATTR, {})) <= multi.SAME_KEPT
+    set_adapter(model, None)
+    for a in names[:4]:
+        for b in names[:4]:
+            if a != b:
+                merge(model, [a, b])
+                unmerge(model)
+    check_merged(model, zoo, None)
+    assert all(len(layer._overlays) <= OVERLAYS_KEPT for layer in layers(model).values())
+
+
 def test_set_adapter_outputs_equal_a_merged_model(zoo):
     base, files, _, _ = zoo
     model = served(zoo)

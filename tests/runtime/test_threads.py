@@ -78,3 +78,45 @@ def test_concurrent_training_steps_keep_the_base_and_the_forward(tmp_path):
         reference = [model(x).logits for x in inputs]
     assert _hammer(model, inputs, reference, calls=10, grad=True) == []
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_adapter_batch_blocks_from_two_threads_run_one_at_a_time(tmp_path):
+    """adapter_batch keeps its state on the model: two threads used to enter blocks at once (the check and the mark
+    were not atomic) and a quarter of their rows came out with the other thread's adapters or none, or were refused
+    as 'inside an adapter_batch block'. A block another thread opens now waits; every row equals one thread's."""
+    from neuroada_format.runtime import adapter_batch
+
+    files = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        files[name] = save_adapter(with_deltas(tiny_llama(), k=3, seed=seed), tmp_path / f"{name}.safetensors")
+    model = tiny_llama()
+    for name, path in files.items():
+        load_adapter(model, path, name)
+    x = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(5))
+    reference = {}
+    for name in files:
+        with torch.no_grad(), adapter_batch(model, [name, name]):
+            reference[name] = model(x).logits
+    assert not torch.equal(reference["a"], reference["b"])
+    wrong, failures = [], []
+    start = threading.Barrier(2)
+
+    def work(name):
+        try:
+            start.wait()
+            for _ in range(40):
+                with torch.no_grad(), adapter_batch(model, [name, name]):
+                    y = model(x).logits
+                if not torch.equal(y, reference[name]):
+                    wrong.append(name)
+        except Exception as exc:  # noqa: BLE001 - reported below, in the test's thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in files]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures and not wrong, (failures[:1], len(wrong))
+    from neuroada_format.runtime.model import MIXED_ATTR
+    assert getattr(model, MIXED_ATTR, None) is None
