@@ -767,9 +767,17 @@ class _TensorPlan:
     inverse: np.ndarray | None                # GGUF row -> canonical row order (None: the same)
     positions: np.ndarray | None = None       # retyping only: sorted flat positions (GGUF order) touched
     patch: tuple[np.ndarray, np.ndarray] | None = None  # retyping only: (unit ids, bytes) of a kept-type tensor
-    data: bytes | None = None                  # retyping only: the whole tensor's new bytes
     on_grid: int = 0                           # kept block type: touched blocks packed on their original grid
     reencoded: int = 0                         # kept block type: touched blocks the encoder re-encoded
+
+    @property
+    def retyped(self) -> bool:
+        return self.out_type != self.info.type
+
+    @property
+    def out_nbytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.out_type]
+        return math.prod(self.info.ne) // block * size
 
 
 @dataclass
@@ -890,13 +898,17 @@ class GGUFBackend(Backend):
         return _Plan(plans, touched, False, verify)
 
     def _plan_whole(self, view: GGUFBase, tp: _TensorPlan, verify: bool) -> int:
-        """One tensor of a merge that changes types: merged values, checked probes, the new bytes."""
+        """One tensor of a merge that changes types: merged values and checked probes; for a tensor that keeps its
+        type the units to patch. A re-typed tensor's new bytes are made as it is written (`_retyped_bytes`), one
+        tensor at a time: made here, all of them were held at once (a 7B file re-typed to F16: about 13 GB)."""
         info, out_type, gname = tp.info, tp.out_type, tp.info.name
         weight = view.file.decode(gname)  # float types: the stored map; block types: exact f32 decode
         mp = plan_merge(weight, tp.deltas, checked=True)
         if verify:
             _check_probes(tp, [mp.originals_of(i) for i in range(len(tp.deltas))])
         tp.positions = mp.positions
+        if tp.retyped:
+            return int(mp.positions.size)
         if out_type == info.type and info.type in FLOAT_TYPES:
             tp.patch = (mp.positions, mp.merged.view(np.uint8).reshape(mp.positions.size, -1))
         elif out_type == info.type:
@@ -906,26 +918,30 @@ class GGUFBackend(Backend):
                                              row_blocks=info.ne[0] // block)
             tp.reencoded = int(ids.size) - tp.on_grid
             tp.patch = (ids, new)
-        else:
-            full = np.array(weight, dtype=np.float32).reshape(-1)
-            full[mp.positions] = mp.merged
-            if out_type in FLOAT_TYPES:
-                with np.errstate(over="ignore"):
-                    data = full.astype(_numpy_dtype(out_type))
-                lost = ~np.isfinite(data.astype(np.float32)) & np.isfinite(full)
-                touched = int(lost[mp.positions].sum())
-                if int(lost.sum()) > touched:  # base values the adapter never touched: not ours to turn into Inf
-                    raise NeuroAdaError(f"{int(lost.sum()) - touched} values of the base that the adapter does not "
-                                        f"touch lie beyond the {out_type.name} range; re-type it to F32 instead",
-                                        path=view.path, tensor=info.name)
-                if touched:  # as for a base of that type: the rule rounds them to +-Inf, and says so
-                    warnings.warn(MergeOverflowWarning(out_type.name, touched), stacklevel=2)
-                tp.data = data.tobytes()
-            else:
-                _refuse_nonfinite_retyped(info, out_type, weight, view.file.path)
-                block = GGML_QUANT_SIZES[out_type][0]
-                tp.data = encode_blocks(out_type, full.reshape(-1, block), method=self.encoder).tobytes()
         return int(mp.positions.size)
+
+    def _retyped_bytes(self, view: GGUFBase, tp: _TensorPlan) -> bytes:
+        """A re-typed tensor's new bytes: its merged values (the merge worked out again, as planned) in the new type."""
+        info, out_type, gname = tp.info, tp.out_type, tp.info.name
+        weight = view.file.decode(gname)
+        mp = plan_merge(weight, tp.deltas, checked=True)
+        full = np.array(weight, dtype=np.float32).reshape(-1)
+        full[mp.positions] = mp.merged
+        if out_type in FLOAT_TYPES:
+            with np.errstate(over="ignore"):
+                data = full.astype(_numpy_dtype(out_type))
+            lost = ~np.isfinite(data.astype(np.float32)) & np.isfinite(full)
+            touched = int(lost[mp.positions].sum())
+            if int(lost.sum()) > touched:  # base values the adapter never touched: not ours to turn into Inf
+                raise NeuroAdaError(f"{int(lost.sum()) - touched} values of the base that the adapter does not "
+                                    f"touch lie beyond the {out_type.name} range; re-type it to F32 instead",
+                                    path=view.path, tensor=info.name)
+            if touched:  # as for a base of that type: the rule rounds them to +-Inf, and says so
+                warnings.warn(MergeOverflowWarning(out_type.name, touched), stacklevel=2)
+            return data.tobytes()
+        _refuse_nonfinite_retyped(info, out_type, weight, view.file.path)
+        block = GGML_QUANT_SIZES[out_type][0]
+        return encode_blocks(out_type, full.reshape(-1, block), method=self.encoder).tobytes()
 
     def write(self, view: GGUFBase, plan: _Plan, out: str, *, overwrite: bool, durable: bool,
               progress: bool) -> Written:
@@ -939,10 +955,10 @@ class GGUFBackend(Backend):
                                                                         self.touched_weight, pbar)
                 counts["bytes"] = f.size
             else:
-                counts["bytes"] = _write_retyped(f, plan, tmp)
+                counts["bytes"] = _write_retyped(f, plan, tmp, lambda tp: self._retyped_bytes(view, tp))
                 counts["units"] = sum(int(tp.patch[0].size) for tp in plan.tensors.values() if tp.patch is not None)
         write_file(out, fill, overwrite=overwrite, durable=durable, mode=derived_mode(os.stat(f.path).st_mode))
-        details = {"retyped": {g: tp.out_type.name for g, tp in plan.tensors.items() if tp.data is not None},
+        details = {"retyped": {g: tp.out_type.name for g, tp in plan.tensors.items() if tp.retyped},
                    "units_rewritten": counts["units"], "encoder": self.encoder}
         warnings = []
         kept = [tp for tp in plan.tensors.values() if tp.out_type == tp.info.type and tp.info.type not in FLOAT_TYPES]
@@ -1262,15 +1278,16 @@ def _merge_tensor(src_fd: int, start: int, tp: _TensorPlan, per: int, writer: _W
     return values, units
 
 
-def _write_retyped(f: GGUFFile, plan: _Plan, tmp: str) -> int:
-    """A new file: header and metadata bytes verbatim, a new tensor table, data re-laid out aligned."""
+def _write_retyped(f: GGUFFile, plan: _Plan, tmp: str, retyped_bytes) -> int:
+    """A new file: header and metadata bytes verbatim, a new tensor table, data re-laid out aligned. A re-typed
+    tensor's bytes come from `retyped_bytes(tensor plan)` as it is written, one tensor in memory at a time."""
     with f.reopen() as src:
         head = src.read(f.infos_start)
     table, layout, offset = bytearray(), [], 0
     for name, info in f.tensors.items():
         tp = plan.tensors.get(name)
-        t = tp.out_type if tp is not None and tp.data is not None else info.type
-        nbytes = len(tp.data) if tp is not None and tp.data is not None else info.nbytes
+        t = tp.out_type if tp is not None and tp.retyped else info.type
+        nbytes = tp.out_nbytes if tp is not None and tp.retyped else info.nbytes
         enc = name.encode("utf-8")
         table += struct.pack("<Q", len(enc)) + enc + struct.pack("<I", len(info.ne))
         table += b"".join(struct.pack("<Q", d) for d in info.ne) + struct.pack("<IQ", int(t), offset)
@@ -1284,8 +1301,11 @@ def _write_retyped(f: GGUFFile, plan: _Plan, tmp: str) -> int:
             pause_for_tests()
             out.seek(data_start + off)
             tp = plan.tensors.get(name)
-            if tp is not None and tp.data is not None:
-                out.write(tp.data)
+            if tp is not None and tp.retyped:
+                data = retyped_bytes(tp)
+                if len(data) != nbytes:  # the table was written with the size the type implies
+                    raise AssertionError(f"{name}: {len(data)} bytes, the table says {nbytes}")
+                out.write(data)
                 continue
             chunk = np.array(f.raw(name))
             if tp is not None:  # type kept: patch its units in the copy
