@@ -16,14 +16,17 @@ import numpy as np
 from .errors import NeuroAdaError
 
 TIE_BREAK = "lower-column"
-ROW_CHUNK_ENTRIES = 1 << 20  # several f64/bool temporaries per chunk: keep them small
+ROW_CHUNK_ENTRIES = 1 << 20  # several key/bool temporaries per chunk: keep them small
 
 
 def topk_columns(scores: np.ndarray, k: int) -> np.ndarray:
     """Per row, the columns of the k largest scores (NaN ranks lowest; ties -> lower column), ascending.
 
     Exact and vectorised: partition finds the k-th largest score, then the ties at that score are
-    filled from the left, which is the documented tie-break (bf16 weights tie often).
+    filled from the left, which is the documented tie-break (bf16 weights tie often). Scores of 32 bits
+    or fewer (|W| of any base, a fine-tune's |delta|) are ranked as int32 keys of the same order: half the
+    memory traffic of binary64 and an exact order, which made extraction and the selection check several
+    times faster than the copy they go with.
     """
     if not isinstance(scores, _RowwiseScores):
         scores = np.asarray(scores)
@@ -33,16 +36,35 @@ def topk_columns(scores: np.ndarray, k: int) -> np.ndarray:
     out = np.empty((d_out, k), dtype=np.int64)
     rows_per_chunk = max(1, ROW_CHUNK_ENTRIES // d_in)
     for start in range(0, d_out, rows_per_chunk):
-        s = np.asarray(scores[start:start + rows_per_chunk], dtype=np.float64)
-        s = np.where(s == -np.inf, -1e300, s)  # scores come from f32: -1e300 stays below all finite
-        s = np.where(np.isnan(s), -np.inf, s)    # and NaN ranks below even -Inf
+        s = _order_keys(np.asarray(scores[start:start + rows_per_chunk]))
         kth = np.partition(s, d_in - k, axis=1)[:, d_in - k][:, None]
         greater = s > kth
         need = k - greater.sum(axis=1, keepdims=True)
         equal = s == kth
-        chosen = greater | (equal & (np.cumsum(equal, axis=1) <= need))
-        out[start:start + s.shape[0]] = np.nonzero(chosen)[1].reshape(-1, k)
+        if not (equal.sum(axis=1, keepdims=True) == need).all():  # more ties at the k-th score than places left
+            equal &= np.cumsum(equal, axis=1, dtype=np.int32) <= need
+        out[start:start + s.shape[0]] = np.nonzero(greater | equal)[1].reshape(-1, k)
     return out
+
+
+_INT32_MIN = np.int32(np.iinfo(np.int32).min)
+
+
+def _order_keys(s: np.ndarray) -> np.ndarray:
+    """Keys whose order is the ranking's: NaN lowest (below -Inf), -0.0 equal to +0.0, otherwise the values'.
+
+    Floats of 32 bits or fewer become int32 (their binary32 bits, negatives' magnitude bits flipped, so the signed
+    integer order is the numeric one); anything else binary64 with -Inf moved below every finite value and NaN to
+    -Inf."""
+    if s.dtype.kind == "f" and s.dtype.itemsize <= 4 or s.dtype.name == "bfloat16":
+        f = s.astype(np.float32) + np.float32(0.0)  # exact widening; -0.0 + 0.0 is +0.0 (a tie, spec 5.1)
+        bits = f.view(np.int32)
+        keys = np.where(bits < 0, bits ^ np.int32(0x7FFFFFFF), bits)
+        keys[np.isnan(f)] = _INT32_MIN  # no number's key: that bit pattern is a NaN's
+        return keys
+    s = np.asarray(s, dtype=np.float64)
+    s = np.where(s == -np.inf, -1e300, s)  # scores come from f32: -1e300 stays below all finite
+    return np.where(np.isnan(s), -np.inf, s)  # and NaN ranks below even -Inf
 
 
 class _RowwiseScores:
