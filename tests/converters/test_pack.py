@@ -129,6 +129,14 @@ def test_extract_reports_error_of_dense_finetune(tmp_path, rng, craft):
         assert 0 < rep["targets"][name]["rel_error"] < 1
         assert rep["targets"][name]["rel_error"] <= rep_mag["targets"][name]["rel_error"]  # best k-sparse
         assert rep["targets"][name]["rel_error_stored"] >= rep["targets"][name]["rel_error"]
+        # with the values as the file stores them (BF16): an independent reference from the adapter written
+        t = delta.targets[name]
+        d64 = (d if t.layout == "out_in" else d.T).astype(np.float64)
+        approx = np.zeros_like(d64)
+        np.put_along_axis(approx, np.asarray(t.indices, np.int64), np.asarray(t.values, np.float64), axis=1)
+        want_stored = np.linalg.norm(d64 - approx) / np.linalg.norm(d64)
+        assert rep["targets"][name]["rel_error_stored"] == pytest.approx(want_stored, rel=1e-6)
+        assert want_stored > want * (1 + 1e-9)  # BF16 rounding of the kept values costs something here
     assert mag.selection["rule"] == "magnitude"
     assert naf.validate(mag, base=bdir, check_selection=True).ok          # NeuroAda's own positions
     assert 0 < rep["rel_error"] < rep_mag["rel_error"] < 1

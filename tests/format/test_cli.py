@@ -254,7 +254,10 @@ def test_real_process_unprintable_target_name(tmp_path, craft):
     path = tmp_path / "odd.safetensors"
     path.write_bytes(craft.adapter(targets))
     r = _process("inspect", os.fspath(path))
-    assert "Traceback" not in r.stderr and r.returncode in (0, 1, 2)
+    # a name that is no text (a lone surrogate escape) cannot be printed, hashed or matched: the header is refused
+    assert r.returncode == 1 and r.stdout == "", (r.returncode, r.stdout)
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"error: {path}: rule 1.2: ") and "lone surrogate" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("config, says", [
