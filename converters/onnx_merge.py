@@ -83,6 +83,7 @@ class Resolution:
     layout: str                  # as stored in ONNX: "out_in" ([d_out, d_in]) or "in_out"
     how: str                     # "name" | "scope" | "node-name" | "probe"
     copies: tuple = ()           # ((initializer, layout, how), ...) exact copies that get the merge too
+    dropped: str = ""            # the target's leading part the graph's name lacked ("model.decoder."), if any
 
     def initializers(self):
         return [(self.initializer, self.layout)] + [(n, lay) for n, lay, _ in self.copies]
@@ -91,6 +92,8 @@ class Resolution:
         d = {"initializer": self.initializer, "layout": self.layout, "how": self.how}
         if self.copies:
             d["copies"] = [{"initializer": n, "layout": lay, "how": h} for n, lay, h in self.copies]
+        if self.dropped:
+            d["dropped_prefix"] = self.dropped
         return d
 
 
@@ -331,6 +334,13 @@ def _suffix_match(a: str, b: str) -> bool:
     return a == b or a.endswith("." + b) or ("." in a and b.endswith("." + a))
 
 
+def _dropped(graph_name: str, target: str) -> str:
+    """The leading part of `target` that a matching graph name lacks ("model.decoder." for "layers.0.fc1"): such a
+    name says less than the target, since a model's parts name their layers alike (an encoder-only export's
+    "layers.0.fc1" is also the decoder's)."""
+    return target[: len(target) - len(graph_name)] if target.endswith("." + graph_name) else ""
+
+
 def _module_of(target: str) -> str | None:
     return target[: -len(".weight")] if target.endswith(".weight") else None
 
@@ -431,7 +441,7 @@ class _Resolver:
             if node.op_type == "Gather" and self.m.dtype(name) is None:
                 continue                    # an integer lookup table, not a weight
             self._check_float(name, target)
-            found.setdefault(name, (layout, how))
+            found.setdefault(name, (layout, how, _dropped(path, module)))
         return found
 
     def _same_weight(self, a: str, la: str, b: str, lb: str) -> bool:
@@ -455,7 +465,7 @@ class _Resolver:
             if layout is None or self.m.shape(name) != stored_shape(canon, layout):
                 raise self._error(f"initializer {name!r} has shape {list(self.m.shape(name))}, the adapter "
                                   f"expects [d_out, d_in] = {list(canon)} in either orientation", target, rule="4.2")
-            evidence[name] = (layout, "name")
+            evidence[name] = (layout, "name", _dropped(name, target))
         # (2) exporter scope metadata, (3) legacy node names
         module = _module_of(target)
         if module:
@@ -464,14 +474,14 @@ class _Resolver:
                     evidence.setdefault(name, v)
         if evidence:
             items = list(evidence.items())
-            first, (layout, how) = items[0]
+            first, (layout, how, dropped) = items[0]
             copies = []
-            for name, (lay, h) in items[1:]:
+            for name, (lay, h, _) in items[1:]:
                 if not self._same_weight(first, layout, name, lay):
                     raise self._error(f"ambiguous: {how} points to {first!r}, {h} to {name!r}, and they differ",
                                       target)
                 copies.append((name, lay, h))
-            res = Resolution(first, layout, how, tuple(copies))
+            res = Resolution(first, layout, how, tuple(copies), dropped)
         else:
             res = self._probe(target, t, canon)
         self._refuse_tied(res, target)
@@ -522,6 +532,12 @@ def resolve_targets(model_path, adapter: Adapter, *, _model: OnnxModel | None = 
         res = resolver.resolve(target, adapter.targets[target])
         for name, _ in res.initializers():
             if name in owner:
+                if res.dropped or out[owner[name]].dropped:
+                    raise NeuroAdaError(f"targets {owner[name]!r} and {target!r} both resolve to initializer {name!r}, "
+                                        f"found by names that lack their leading parts: this file holds one part of "
+                                        f"the model (an encoder- or decoder-only export?), whose layers are named as "
+                                        f"the other part's; merge an adapter of that part's targets only",
+                                        path=model.path, tensor=target, rule="4.1")
                 raise NeuroAdaError(f"targets {owner[name]!r} and {target!r} both resolve to initializer {name!r} "
                                     f"(tied weights); keep one of them in the adapter", path=model.path,
                                     tensor=target, rule="4.1")
@@ -631,6 +647,14 @@ class OnnxBackend(Backend):
         for ai, (adapter, scale) in enumerate(adapters):
             found = resolve_targets(view.path, adapter, _model=view)
             _verify(view, adapter, found, adapter.path or f"adapter #{ai}")
+            partial = sorted((t, r) for t, r in found.items() if r.dropped)
+            if partial and not verify:
+                target, r = partial[0]
+                raise NeuroAdaUsageError(f"{len(partial)} target(s) were found only by names that lack their leading "
+                                         f"part (e.g. {target!r} as {r.initializer!r}, without {r.dropped!r}): names "
+                                         f"alone cannot tell which part of a model a file holds (an encoder-only "
+                                         f"export names its layers as the decoder's), so the values must be checked: "
+                                         f"merge without --no-verify", path=adapter.path or f"adapter #{ai}")
             for target, res in found.items():
                 t = adapter.targets[target]
                 resolutions.setdefault(target, {**res.to_dict(), "adapters": []})["adapters"].append(ai)
@@ -653,7 +677,7 @@ class OnnxBackend(Backend):
             entry = plan.entries[name]
             merge_plan = plan_merge(view.array(name), entry["deltas"], entry["layout"], checked=True)  # resolve ran 3.x
             if verify:
-                _probe_check(name, merge_plan, entry["sources"])
+                _probe_check(name, merge_plan, entry["sources"], plan.resolutions)
             plan.patches[name] = (merge_plan.positions, merge_plan.merged)
             if in_place:
                 plan.originals = plan.originals or {}
@@ -729,13 +753,17 @@ def _verify(model: OnnxModel, adapter: Adapter, resolutions: dict[str, Resolutio
                                     tensor=target, rule="4.2")
 
 
-def _probe_check(name: str, plan: MergePlan, sources: list[tuple[str, Target]]) -> None:
+def _probe_check(name: str, plan: MergePlan, sources: list[tuple[str, Target]], resolutions: dict) -> None:
     """Rule 4.3 for every adapter merged into initializer `name`, from its merge plan's originals."""
     for i, (label, t) in enumerate(sources):
         if probe_mismatch(t, plan.originals_of(i)):
+            dropped = resolutions.get(t.name, {}).get("dropped_prefix")
+            why = (f"found by a name without {dropped!r}: does this file hold another part of the model, e.g. an "
+                   f"encoder-only export for a decoder adapter?" if dropped else
+                   "different base or revision, or already merged")
             raise NeuroAdaError(f"probe hash differs at initializer {name!r}: the model's values at the "
-                                f"adapter's positions are not the ones it was made for (different base or "
-                                f"revision, or already merged)", path=label, tensor=t.name, rule="4.3")
+                                f"adapter's positions are not the ones it was made for ({why})", path=label,
+                                tensor=t.name, rule="4.3")
 
 
 # -- writing ---------------------------------------------------------------------------------------

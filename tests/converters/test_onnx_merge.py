@@ -950,3 +950,34 @@ def test_a_data_file_name_too_long_is_refused_before_anything_is_written(tmp_pat
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert sorted(set(os.listdir(tmp_path)) - set(before)) == ["x" * 245 + ".onnx", "x" * 245 + ".onnx.data"]
+
+
+def test_a_name_lacking_the_targets_leading_part_needs_the_values_checked(tmp_path):
+    """An encoder-only export names its layers 'layers.0.fc1', as a decoder-only one does: a decoder adapter's
+    'model.decoder.layers.0.fc1.weight' matched the encoder's weight by name. With --no-verify the decoder's deltas
+    went into the encoder, exit 0; verified, the probe error blamed the base's revision. Now such a match needs the
+    values checked, and the probe error says what was matched how."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from neuroada_format import NeuroAdaError, NeuroAdaUsageError
+    from neuroada_format.converters.backend import merge
+
+    rng = np.random.default_rng(3)
+    encoder_w, decoder_w = (rng.standard_normal((8, 16)).astype(np.float32) for _ in range(2))  # [d_out, d_in]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "layers.0.fc1.weight"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                              [numpy_helper.from_array(np.ascontiguousarray(encoder_w.T), "layers.0.fc1.weight")])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "enc.onnx")
+    key = "model.decoder.layers.0.fc1.weight"
+    for made_on, name in ((decoder_w, "decoder"), (encoder_w, "same")):
+        idx = naf.select_indices(made_on, 2)
+        naf.save(naf.Adapter({key: naf.Target.from_weight(key, made_on, idx, np.full(idx.shape, 0.1, np.float32))}),
+                 tmp_path / f"{name}.safetensors")
+    with pytest.raises(NeuroAdaUsageError, match=r"without 'model\.decoder\.'.*merge without --no-verify"):
+        merge(tmp_path / "enc.onnx", [(tmp_path / "decoder.safetensors", 1.0)], tmp_path / "o1.onnx", verify=False)
+    with pytest.raises(NeuroAdaError, match=r"rule 4\.3: .*found by a name without 'model\.decoder\.'.*encoder-only"):
+        merge(tmp_path / "enc.onnx", [(tmp_path / "decoder.safetensors", 1.0)], tmp_path / "o2.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["decoder.safetensors", "enc.onnx", "same.safetensors"]
+    s = merge(tmp_path / "enc.onnx", [(tmp_path / "same.safetensors", 1.0)], tmp_path / "o3.onnx")  # values agree
+    assert s.details["resolutions"][key]["dropped_prefix"] == "model.decoder."
