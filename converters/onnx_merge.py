@@ -9,7 +9,9 @@ adapter's probe hash against candidate initializers. Every stage that fires must
 Tied weights are refused: a target whose weight is also an embedding table (an initializer that a
 Gather reads, such as a tied head's) would change the embeddings too, which the adapter was never trained
 with (the runtime serves such an adapter unmerged, and a tied safetensors checkpoint has no head tensor
-to merge into). Initializers that evidence points to and that are exact copies of each other (in
+to merge into). An export that gave the head its own copy of the table (the TorchScript exporter folds the
+transpose into a new initializer that no Gather reads) is merged into that copy: the head gets the deltas and
+the embeddings do not, which is what the runtime serves. Initializers that evidence points to and that are exact copies of each other (in
 canonical orientation) are one weight, and all copies get the merge.
 
 Limits: targets are main-graph initializers in F32/F16/BF16 (quantized graphs are refused: merge the
