@@ -488,6 +488,17 @@ def test_extract_says_what_the_adapter_does_not_carry(tmp_path, rng, craft):
     assert err == "" and report["changed_outside_targets"] == [] and report["dtype_changed"] == {}
 
 
+def _extract_peak(bdir, fdir, warned: str) -> tuple[dict, int]:
+    """extract(bdir, fdir, k=2)'s report and the peak of numpy/Python allocations it made; it must warn `warned`."""
+    tracemalloc.start()
+    try:
+        with pytest.warns(pack.ExtractWarning, match=warned):
+            _, report = pack.extract(bdir, fdir, 2)
+        return report, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_extract_compares_the_other_tensors_one_at_a_time(tmp_path, rng, craft):
     """Comparing the tensors outside the targets reads them as extraction reads its targets: mapped, one at a
     time, never a whole checkpoint in memory."""
@@ -498,13 +509,7 @@ def test_extract_compares_the_other_tensors_one_at_a_time(tmp_path, rng, craft):
     bdir, fdir = craft.base(tmp_path / "b", base), craft.base(tmp_path / "f", ft)
     one_checkpoint = sum(w.nbytes for w in base.values())
     del base, ft
-    tracemalloc.start()
-    try:
-        with pytest.warns(pack.ExtractWarning, match="64 tensors outside the targets differ"):
-            _, report = pack.extract(bdir, fdir, 2)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    report, peak = _extract_peak(bdir, fdir, "64 tensors outside the targets differ")
     assert len(report["changed_outside_targets"]) == 64
     assert peak < one_checkpoint / 4, (peak, one_checkpoint)
 
@@ -521,12 +526,6 @@ def test_extract_compares_a_large_tensor_a_piece_at_a_time(tmp_path, rng, craft,
     ft["model.embed_tokens.weight"][-1, -1] += 1  # differs in its last piece only
     bdir, fdir = craft.base(tmp_path / "b", base), craft.base(tmp_path / "f", ft)
     del base, ft
-    tracemalloc.start()
-    try:
-        with pytest.warns(pack.ExtractWarning, match="model.embed_tokens.weight"):
-            _, report = pack.extract(bdir, fdir, 2)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    report, peak = _extract_peak(bdir, fdir, "model.embed_tokens.weight")
     assert report["changed_outside_targets"] == ["model.embed_tokens.weight"]
     assert peak < emb.nbytes / 4, (peak, emb.nbytes)

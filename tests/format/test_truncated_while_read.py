@@ -151,13 +151,19 @@ def test_open_base_truncated_after_open(tmp_path, small_model, craft):
     assert info.value.rule == "1.4" and info.value.tensor == name and path in str(info.value)
 
 
-def test_validate_check_selection_api(tmp_path, small_model, craft, monkeypatch):
+def _adapter_and_base_cut_after_open(tmp_path, small_model, craft, monkeypatch) -> tuple[str, str, str]:
+    """(adapter, base folder, its file): the file is cut to 64 bytes right after its header is read."""
     arrays, adapter = small_model
     folder = craft.base(tmp_path / "base", arrays)
     good = os.fspath(tmp_path / "good.safetensors")
     naf.save(adapter, good)
     victim = os.path.join(folder, "model.safetensors")
     _truncate_after_open(monkeypatch, victim, size=64)
+    return good, folder, victim
+
+
+def test_validate_check_selection_api(tmp_path, small_model, craft, monkeypatch):
+    good, folder, victim = _adapter_and_base_cut_after_open(tmp_path, small_model, craft, monkeypatch)
     with pytest.raises(NeuroAdaError) as info:
         naf.validate(good, base=folder, check_selection=True)
     assert info.value.rule == "1.4" and victim in str(info.value)
@@ -166,12 +172,7 @@ def test_validate_check_selection_api(tmp_path, small_model, craft, monkeypatch)
 def test_validate_check_selection_cli_prints_one_error_line(tmp_path, small_model, craft, monkeypatch):
     from neuroada_format.cli import main
 
-    arrays, adapter = small_model
-    folder = craft.base(tmp_path / "base", arrays)
-    good = os.fspath(tmp_path / "good.safetensors")
-    naf.save(adapter, good)
-    victim = os.path.join(folder, "model.safetensors")
-    _truncate_after_open(monkeypatch, victim, size=64)
+    good, folder, victim = _adapter_and_base_cut_after_open(tmp_path, small_model, craft, monkeypatch)
     r = CliRunner().invoke(main, ["validate", good, "--base", folder, "--check-selection"])
     assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
     assert r.exit_code == 1, r.output
