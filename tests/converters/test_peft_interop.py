@@ -358,6 +358,37 @@ def test_negative_zero_entries_are_dropped_and_change_nothing(tmp_path):
     assert same_state(merged_with(base, adapter), peft_merged) == []
 
 
+def test_reordered_entries_are_no_exact_round_trip_and_still_merge_as_peft(exported):
+    """Our export with two entries of a row swapped (order and values), the document still beside them: not what
+    export writes, so not restored from the document (whose columns would then be out of order), but imported by
+    the general path, which merges exactly as PEFT does."""
+    base_dir, folder, ours_file = exported
+
+    def swap_first_two(t):
+        for key in t:
+            t[key] = t[key].copy()
+            t[key][[0, 1]] = t[key][[1, 0]]
+        return t
+
+    rewrite(folder, tensors=swap_first_two)
+    adapter, report = pi.import_peft(folder, base_dir)
+    assert not report["exact_round_trip"]
+    assert naf.validate(adapter, base=base_dir).ok
+    ours = naf.load(ours_file)
+    for name, t in ours.targets.items():
+        base = naf.open_base(base_dir).array(name)
+        assert np.array_equal(naf.merge_weight(base, [adapter.targets[name]]).view(np.uint32),
+                              naf.merge_weight(base, [t]).view(np.uint32)), name
+
+
+def test_a_value_beyond_the_chosen_value_dtype_is_refused(exported):
+    """Importing into a narrower value dtype than the values need: refused as rule 3.7, never an Inf in the file."""
+    base_dir, folder, _ = exported
+    rewrite(folder, tensors=set_entry("supertuning_values", 0, 1e6), metadata="drop")
+    with pytest.raises(NeuroAdaError, match=r"rule 3\.7: a value overflows F16"):
+        pi.import_peft(folder, base_dir, value_dtype="F16", round_values=True)
+
+
 # -- refusals --------------------------------------------------------------------------------------
 @pytest.fixture
 def exported(tmp_path):

@@ -729,6 +729,18 @@ def test_delete_adapter(zoo):
     check_merged(model, zoo, "math")
 
 
+def test_delete_one_of_two_merged_adapters_keeps_the_other_merged(zoo):
+    """merge(model, [a, b]) then delete_adapter(a): the weights must hold b alone, by the merge rule's bits (a
+    mutation that dropped re-merging the rest left the plain base, and no test noticed)."""
+    from neuroada_format.runtime import merge
+
+    model = served(zoo, ("math", "cs"))
+    merge(model, ["math", "cs"])
+    delete_adapter(model, "math")
+    check_merged(model, zoo, "cs")
+    assert all(layer.merged_adapters == ["cs"] for layer in layers(model).values())
+
+
 def test_add_weighted_adapter_is_packs_combine(zoo, tmp_path):
     from neuroada_format.converters.pack import combine
 
