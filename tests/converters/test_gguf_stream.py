@@ -143,6 +143,24 @@ def test_a_wrong_probe_found_while_streaming_leaves_nothing(tmp_path, small_chun
     assert out.read_bytes() == whole_tensor_reference(path, [(adapter, 1.0)])
 
 
+def test_a_wrong_base_fails_before_the_copy_starts(tmp_path, small_chunks, monkeypatch):
+    """Each adapter's smallest target is probed before anything is read or written beyond it: an adapter for another
+    base fails at once, not after the whole file went through the copy (a mutation dropping that check passed)."""
+    path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.F16)
+    adapter = make_adapter(gm.open_gguf_base(path))
+    small = min(adapter.targets.values(), key=lambda t: (t.d_out * t.k, t.name))
+    adapter.targets[small.name] = dataclasses.replace(small, probe="sha256:" + "0" * 64)
+
+    def no_copy(*args, **kw):
+        raise AssertionError("the copy started")
+
+    monkeypatch.setattr(gm, "_write_same_layout", no_copy)
+    with pytest.raises(NeuroAdaError) as exc:
+        gm.merge_gguf(path, [adapter], tmp_path / "m.gguf")
+    assert exc.value.rule == "4.3" and exc.value.tensor == small.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.gguf"]
+
+
 def test_a_full_disk_while_merging_is_raised_and_leaves_nothing(tmp_path, small_chunks, monkeypatch):
     """The disk fills up while a touched tensor is written (its third block of rows write, after the kernel
     copied the bytes before it): the OSError reaches the caller and the temporary file is removed."""
