@@ -112,7 +112,7 @@ def open_checkpoint(base) -> _Base:
     ck = open_base(path)
     if not isinstance(ck, Checkpoint):
         raise NeuroAdaUsageError("the base must be a safetensors file or folder", path=path)
-    return _Base(path, path if os.path.isdir(path) else None, ck, {st.path: file_id(st.path) for st in ck.files.values()})
+    return _Base(path, path if os.path.isdir(path) else None, ck, {st.path: st.file_id for st in ck.files.values()})
 
 
 def check_adapters(adapters: list[tuple[Adapter, float]], base: _Base, verify: bool) -> list[str]:

@@ -117,7 +117,9 @@ class SafetensorsFile:
         f = open_regular(self.path, rule="1.1")  # regular files only: a FIFO never blocks us
         try:
             try:
-                self.file_size = os.fstat(f.fileno()).st_size
+                st = os.fstat(f.fileno())
+                self.file_size = st.st_size
+                self.file_id = (st.st_dev, st.st_ino)  # the file the header came from (merges check reopens)
                 self._parse(f, p)
             except OSError as exc:
                 raise NeuroAdaUsageError(f"cannot read file: {exc.strerror or exc}", path=self.path,

@@ -236,6 +236,12 @@ STATE_PROBE = "_neuroada_probe"
 STATE_TRAINING = "_neuroada_training"  # the adapters that trained when the state was saved (one per line)
 
 
+def state_text(tensor) -> str:
+    """The text a trainable state carries as a uint8 tensor of its UTF-8 bytes (torch or numpy): the marker's guard
+    name, a probe hash, the adapters that trained (Trainer hands load_state_dict tensors only)."""
+    return bytes(int(b) & 0xFF for b in tensor.tolist()).decode("utf-8", "replace")
+
+
 def trained_extras(path) -> tuple[str, list[str]] | None:
     """(state file, names) of the trained tensors a save_pretrained folder holds that are no adapter's; None when
     there are none, the folder has no trainable state of ours, or it cannot be read (this is advice: what loads is
@@ -251,7 +257,7 @@ def trained_extras(path) -> tuple[str, list[str]] | None:
             keys = list(f.keys())
             if STATE_MARKER not in keys:
                 return None  # a plain model file: not ours to interpret
-            guard = bytes(int(b) & 0xFF for b in f.get_tensor(STATE_MARKER).tolist()).decode("utf-8", "replace")
+            guard = state_text(f.get_tensor(STATE_MARKER))
     except Exception:  # noqa: BLE001 - unreadable: the adapter is read and checked on its own
         return None
     extra = [k for k in keys if ".neuroada_" not in k and k not in (STATE_MARKER, STATE_TRAINING, guard)

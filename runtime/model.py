@@ -24,7 +24,7 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
 from neuroada_format.durable import write_file
 from neuroada_format.folder import (STATE_FILE, STATE_MARKER, STATE_PROBE, STATE_TRAINING, WEIGHTS_NAME, adapter_config,
-                                    warn_trained_extras)
+                                    state_text, warn_trained_extras)
 
 from .config import MODES, SELECTIONS, NeuroAdaConfig
 from .kernels.reference import gather_exact
@@ -1087,10 +1087,7 @@ def _text_tensor(text: str) -> torch.Tensor:
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
 
 
-def _tensor_text(marker) -> str:
-    """The text of a _text_tensor (a torch or numpy uint8 array): the marker's is the base tensor name save_pretrained's
-    guard took, a probe entry's the probe hash."""
-    return bytes(int(b) & 0xFF for b in marker.tolist()).decode("utf-8", "replace")
+_tensor_text = state_text  # the text of a _text_tensor: the guard's base tensor name, a probe hash, the adapters
 
 
 def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

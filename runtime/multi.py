@@ -44,8 +44,8 @@ from .kernels.bgmv import (AdapterStack, InputsT, SeqMask, bgmv_add_, bgmv_add_s
 from .kernels.cache import outside_inference, version
 from .kernels.reference import rounded_values
 from .layer import BASE_ADAPTER, SERVING_CACHES, NeuroAdaLayer, _conv1d_type, check_adapter_name, has_hooks
-from .model import (CONFIGS_ATTR, DISABLED_ATTR, MIXED_ATTR, MIXED_OWNER_ATTR, PARKED, VALUE_TORCH, _refuse_in_batch, _shared_weights,
-                    _unserve, layers, park, refuse_unmergeable)
+from .model import (CONFIGS_ATTR, DISABLED_ATTR, MIXED_ATTR, MIXED_OWNER_ATTR, PARKED, VALUE_TORCH, _refuse_in_batch,
+                    _shared_weights, _unserve, layers, park, refuse_unmergeable)
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
            "stop_serving", "adapter_batch", "disable_adapter", "add_weighted_adapter"]
