@@ -41,6 +41,7 @@ import os
 import stat
 import struct
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ from neuroada_format.container import SafetensorsFile, strict_json
 from neuroada_format.dtypes import BASE_DTYPES, NUMPY_DTYPES
 from neuroada_format.errors import shell_word
 
-from neuroada_format.durable import checkpoint_lock, fsync_path, remove_stale_siblings, reserve, write_bytes
+from neuroada_format.durable import checkpoint_lock, fsync_path, remove_stale_siblings, reserve, write_file
 from neuroada_format.safe_io import check_regular, kind_of, open_regular
 
 from .backend import Mismatch, pause_for_tests
@@ -65,12 +66,17 @@ POSITION_PREFIX, ORIGINAL_PREFIX, MERGED_PREFIX = "positions/", "original/", "me
 
 
 @dataclass
-class JournalEntry:
+class JournalTarget:
+    """One touched tensor as the journal's document records it (known before its arrays are worked out)."""
     tensor: str
     file: str              # relative to the journal's root
     dtype: str
     offset: int
     count: int
+
+
+@dataclass
+class JournalEntry(JournalTarget):
     positions: np.ndarray  # flat element offsets, sorted
     original: np.ndarray
     merged: np.ndarray
@@ -128,6 +134,9 @@ def claim_path(journal, default: str) -> str:
     return journal
 
 
+_POSITION_NAMES = {"<u4": "U32", "<i8": "I64"}
+
+
 def position_dtype(count: int) -> np.dtype:
     """U32 positions where every element offset fits (all but the largest tensors), else I64."""
     return np.dtype("<u4") if count <= 1 << 32 else np.dtype("<i8")
@@ -167,31 +176,68 @@ def _file_entry(root: str, rel: str, layout: str | None) -> dict:
     return {"size": size, "header_sha256": file_sha256(os.path.join(root, layout)), "layout_file": layout}
 
 
-def write_journal(path: str, root: str, files: list[str], entries: list[JournalEntry], *,
+def _header(doc: dict, layout: dict[str, tuple[str, int, int, int]]) -> bytes:
+    """The file's JSON header: the document in __metadata__, then name -> (dtype, elements, begin, end)."""
+    header = {"__metadata__": {"format": FORMAT, FORMAT: json.dumps(doc, separators=(",", ":"))}}
+    for name, (dtype, n, begin, end) in layout.items():
+        header[name] = {"dtype": dtype, "shape": [n], "data_offsets": [begin, end]}
+    return json.dumps(header, separators=(",", ":")).encode()
+
+
+def _array_names(tensor: str) -> tuple[str, str, str]:
+    return POSITION_PREFIX + tensor, ORIGINAL_PREFIX + tensor, MERGED_PREFIX + tensor
+
+
+def write_journal(path: str, root: str, files: list[str], targets: list[JournalTarget],
+                  arrays: Callable[[JournalTarget], tuple[np.ndarray, np.ndarray, np.ndarray]], *,
                   adapters: list[dict], layouts: dict[str, str] | None = None) -> None:
     """Write the journal durably (neuroada_format.durable: temporary sibling, fsync, rename, folder
-    fsync), never over an existing file. `layouts`: data file -> the file holding its layout (ONNX)."""
-    from safetensors.numpy import save
-
+    fsync), never over an existing file. `arrays(target)` gives one target's (positions, original, merged),
+    asked once per target in order and written at once, so memory holds one target's arrays, never the whole
+    journal (an in-place merge of a 7B at k=20 would otherwise hold ~0.8 GB). The header, which must come first
+    but holds each tensor's checksum and size, gets room sized for the largest values it could hold and is
+    written last, padded with spaces (which safetensors readers skip as JSON whitespace).
+    `layouts`: data file -> the file holding its layout (ONNX)."""
     layouts = layouts or {}
     doc = {
         "format": FORMAT, "version": VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "root": os.path.abspath(root), "adapters": adapters,
         "files": {rel: _file_entry(root, rel, layouts.get(rel)) for rel in files},
-        "tensors": {e.tensor: {"file": e.file, "dtype": e.dtype, "offset": int(e.offset), "count": int(e.count),
-                               "sha256": entry_sha256(np.asarray(e.positions, dtype=position_dtype(e.count)),
-                                                      e.original, e.merged)}
-                    for e in entries},
+        "tensors": {t.tensor: {"file": t.file, "dtype": t.dtype, "offset": int(t.offset), "count": int(t.count),
+                               "sha256": "0" * 64} for t in targets},
     }
-    tensors = {}
-    for e in entries:
-        tensors[POSITION_PREFIX + e.tensor] = np.ascontiguousarray(e.positions, dtype=position_dtype(e.count))
-        tensors[ORIGINAL_PREFIX + e.tensor] = np.ascontiguousarray(e.original)
-        tensors[MERGED_PREFIX + e.tensor] = np.ascontiguousarray(e.merged)
-    meta = {"format": FORMAT, FORMAT: json.dumps(doc, separators=(",", ":"))}
-    # serialised in memory (adapter-sized) and written by us, so a full disk is an OSError naming the file
-    write_bytes(path, save(tensors, metadata=meta), overwrite=False, durable=True)
+    itemsize = {t.tensor: NUMPY_DTYPES[t.dtype].itemsize for t in targets}
+    most = sum(t.count * (position_dtype(t.count).itemsize + 2 * itemsize[t.tensor]) for t in targets)
+    widest = {}  # every size and offset at its largest possible value: at least as many digits as the real ones
+    for t in targets:
+        pos, orig, merged = _array_names(t.tensor)
+        widest[pos] = (_POSITION_NAMES[position_dtype(t.count).str], t.count, most, most)
+        widest[orig] = widest[merged] = (t.dtype, t.count, most, most)
+    room = -(-(len(_header(doc, widest))) // 8) * 8
+
+    def write(tmp: str) -> None:
+        layout, at = {}, 0
+        with open(tmp, "wb") as f:
+            f.seek(8 + room)
+            for t in targets:
+                positions, original, merged = arrays(t)
+                parts = (np.ascontiguousarray(positions, dtype=position_dtype(t.count)),
+                         np.ascontiguousarray(original, dtype=NUMPY_DTYPES[t.dtype]),
+                         np.ascontiguousarray(merged, dtype=NUMPY_DTYPES[t.dtype]))
+                doc["tensors"][t.tensor]["sha256"] = entry_sha256(*parts)
+                for name, a, dtype in zip(_array_names(t.tensor), parts, (_POSITION_NAMES[parts[0].dtype.str],
+                                                                           t.dtype, t.dtype)):
+                    f.write(a.view(np.uint8).data)
+                    layout[name] = (dtype, a.size, at, at + a.nbytes)
+                    at += a.nbytes
+                del positions, original, merged, parts
+            header = _header(doc, layout)
+            assert len(header) <= room, "journal header outgrew its room"
+            f.seek(0)
+            f.write(struct.pack("<Q", room) + header + b" " * (room - len(header)))
+
+    write_file(path, write, overwrite=False, durable=True)
 
 
 @dataclass
@@ -200,13 +246,19 @@ class Journal:
     doc: dict
     file: SafetensorsFile
 
-    def entries(self) -> list[JournalEntry]:
-        out = []
-        for name, t in sorted(self.doc["tensors"].items(), key=lambda kv: (kv[1]["file"], kv[1]["offset"])):
-            out.append(JournalEntry(name, t["file"], t["dtype"], t["offset"], t["count"],
-                                    self.file.array(POSITION_PREFIX + name), self.file.array(ORIGINAL_PREFIX + name),
-                                    self.file.array(MERGED_PREFIX + name)))
-        return out
+    def targets(self) -> list[JournalTarget]:
+        """What the journal touched, in file and offset order."""
+        return [JournalTarget(name, t["file"], t["dtype"], t["offset"], t["count"])
+                for name, t in sorted(self.doc["tensors"].items(), key=lambda kv: (kv[1]["file"], kv[1]["offset"]))]
+
+    def entry(self, target: JournalTarget) -> JournalEntry:
+        """One target with its arrays, read from the file now: a caller holds one target's arrays at a time."""
+        return JournalEntry(target.tensor, target.file, target.dtype, target.offset, target.count,
+                            *(self.file.array(n) for n in _array_names(target.tensor)))
+
+    def entries(self) -> Iterator[JournalEntry]:
+        for target in self.targets():
+            yield self.entry(target)
 
 
 def _malformed(path: str, why: str) -> NeuroAdaError:
@@ -339,9 +391,9 @@ def _revert(j: Journal, root: str, started: float, progress: bool, layout_file: 
                                "recorded (re-exported or edited since the merge)", path=layout_path)
         paths[rel] = path
     headers = {rel: SafetensorsFile(p) for rel, p in paths.items() if "layout_file" not in j.doc["files"][rel]}
-    entries = j.entries()
+    targets = j.targets()
     todo, already = [], 0
-    for e in entries:
+    for e in j.entries():
         if e.file in headers:
             info = headers[e.file].tensors.get(e.tensor)
             fits = (info is not None and info.dtype == e.dtype and headers[e.file].absolute_offset(e.tensor) == e.offset
@@ -364,21 +416,22 @@ def _revert(j: Journal, root: str, started: float, progress: bool, layout_file: 
         if is_original.all():
             already += 1
         else:
-            todo.append(e)
-    for rel in sorted({e.file for e in todo}):  # before the first write: a file to restore may have no other name
+            todo.append(JournalTarget(e.tensor, e.file, e.dtype, e.offset, e.count))
+    for rel in sorted({t.file for t in todo}):  # before the first write: a file to restore may have no other name
         refuse_shared(paths[rel], "reverting it in place", "break the link first (cp the file to a new name, "
                       "then mv that back over it), then revert")
     restored = 0
     with bar(len(todo), "revert", enabled=progress, unit="tensor") as pbar:
-        for e in todo:
+        for target in todo:
+            e = j.entry(target)  # read again: one target's arrays in memory at a time
             patch_values(paths[e.file], e.dtype, e.offset, e.count, e.positions, e.original)
             restored += int(e.positions.size)
             pbar.update(1)
             pause_for_tests()
-    for rel in sorted({e.file for e in todo}):
+    for rel in sorted({t.file for t in todo}):
         fsync_path(paths[rel])
     return {
-        "mode": "revert", "journal": j.path, "base": root, "targets": len(entries),
+        "mode": "revert", "journal": j.path, "base": root, "targets": len(targets),
         "targets_restored": len(todo), "targets_already_original": already, "values_restored": restored,
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -845,8 +845,8 @@ def _write_in_place(model: OnnxModel, plan: _Plan, journal, durable: bool) -> tu
                                     FLOAT_TYPES[model.initializers[tensor].data_type][0], ext.offset, count,
                                     positions.astype(position_dtype(count)), plan.originals[tensor], values))
     files = sorted({e.file for e in entries})
-    write_journal(journal, root, files, entries, adapters=plan.adapters,
-                  layouts=dict.fromkeys(files, name))
+    write_journal(journal, root, files, entries, lambda e: (e.positions, e.original, e.merged),
+                  adapters=plan.adapters, layouts=dict.fromkeys(files, name))
     pause_for_tests()
     with patching(model.path, journal):
         for e in entries:

@@ -56,7 +56,7 @@ from neuroada_format.validate import PROBE_MISMATCH, probe_mismatch
 
 from . import backend as _backend
 from .backend import SLOWDOWN_ENV, Backend, Mismatch, Resolved, Written, pause_for_tests  # noqa: F401
-from .journal import (JOURNAL_PREFIX, JournalEntry, claim_path, default_path, patching, position_dtype,
+from .journal import (JOURNAL_PREFIX, JournalTarget, claim_path, default_path, patching, read_journal,
                       refuse_shared, write_journal)
 from .progress import bar
 from .tensor_map import FileId, check_same_file, file_id, map_tensor, patch_values, shrank
@@ -422,8 +422,8 @@ class _CopyPlan:
 class _InPlacePlan:
     touches: list[_Touch]
     files: list[str]
-    entries: list[JournalEntry]
     adapters: list[dict]
+    verify: bool
 
 
 class SafetensorsBackend(Backend):
@@ -460,13 +460,9 @@ class SafetensorsBackend(Backend):
             _refuse_shared(f)
         for t in touches:  # disk blocks first: a full disk fails here, cleanly, never as a SIGBUS from a map
             reserve(t.file, t.offset, t.nbytes)
-        entries = []
-        for t in touches:
-            p = prepare(t, verify)  # one read of the base: merged values, journal originals, probe hashes
-            count = int(math.prod(t.shape))
-            entries.append(JournalEntry(t.name, t.rel, t.dtype, t.offset, count,
-                                        p.positions.astype(position_dtype(count)), p.originals, p.merged))
-        return _InPlacePlan(touches, files, entries, _backend.described(adapters))
+        if verify:
+            first_probes(adapters, touches)  # the journal's writing checks every other probe, before any patch
+        return _InPlacePlan(touches, files, _backend.described(adapters), verify)
 
     def write(self, view: _Base, plan: _CopyPlan, out: str, *, overwrite: bool, durable: bool,
               progress: bool) -> Written:
@@ -546,25 +542,32 @@ def _write_in_place(b: _Base, plan: _InPlacePlan, journal, *, durable: bool, pro
             check_same_file(f.fileno(), t.expected, t.file)
     journal = claim_path(journal, default_journal_path(b))
     root = b.root or os.path.dirname(b.path)
-    write_journal(journal, root, [os.path.relpath(f, root) for f in plan.files], plan.entries,
+    by_name = {t.name: t for t in plan.touches}
+
+    def arrays(target: JournalTarget):
+        p = prepare(by_name[target.tensor], plan.verify)  # one read of the base: merged values, originals, probes
+        return p.positions, p.originals, p.merged
+
+    targets = [JournalTarget(t.name, t.rel, t.dtype, t.offset, math.prod(t.shape)) for t in plan.touches]
+    write_journal(journal, root, [os.path.relpath(f, root) for f in plan.files], targets, arrays,
                   adapters=plan.adapters)
     pause_for_tests()
-    touched = 0
-    by_name = {t.name: t for t in plan.touches}
-    with patching(b.root or b.path, journal), bar(len(plan.entries), "merge in place", enabled=progress,
+    touched = written = 0
+    written_journal = read_journal(journal)  # the merged values come back from it, one tensor at a time
+    with patching(b.root or b.path, journal), bar(len(targets), "merge in place", enabled=progress,
                                                    unit="tensor") as pbar:
-        for e in plan.entries:
-            t = by_name[e.tensor]
+        for target in targets:
+            e, t = written_journal.entry(target), by_name[target.tensor]
             patch_values(t.file, e.dtype, e.offset, e.count, e.positions, e.merged, expected=t.expected)
             touched += int(e.positions.size)
+            written += e.merged.nbytes
             pbar.update(1)
             pause_for_tests()
         if durable:
             for f in plan.files:
                 fsync_path(f)
-    itemsizes = {t.name: NUMPY_DTYPES[t.dtype].itemsize for t in plan.touches}
-    return Written(values_touched=touched, files=len(plan.files),
-                   bytes_written=sum(e.positions.size * itemsizes[e.tensor] for e in plan.entries),
+    written_journal.file.close()
+    return Written(values_touched=touched, files=len(plan.files), bytes_written=written,
                    journal=journal, details={"journal_bytes": os.path.getsize(journal)})
 
 

@@ -119,10 +119,10 @@ def terminal_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def slow_in_place_merge(base, adapter, *extra):
-    """neuroada-merge --in-place started with the test hook that makes each write step sleep, so a test can act
-    while it holds the lock or has patched part of BASE."""
-    env = dict(os.environ, NEUROADA_TEST_SLOWDOWN="1")
+def slow_in_place_merge(base, adapter, *extra, pause: float = 1):
+    """neuroada-merge --in-place started with the test hook that makes each write step sleep `pause` seconds, so a
+    test can act while it holds the lock or has patched part of BASE."""
+    env = dict(os.environ, NEUROADA_TEST_SLOWDOWN=str(pause))
     return subprocess.Popen([tool("neuroada-merge"), "--base", os.fspath(base), "--adapter", os.fspath(adapter),
                              "--in-place", *map(os.fspath, extra)], env=env, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, preexec_fn=terminal_sigint)
@@ -168,7 +168,8 @@ def test_pack_does_not_read_a_base_while_an_in_place_merge_patches_it(tmp_path):
     checkpoint(tmp_path / "ft.safetensors", delta=0.01)
     adapter_for(arrays, tmp_path / "a.safetensors")
     before = (folder / "model.safetensors").read_bytes()
-    merge = slow_in_place_merge(folder, tmp_path / "a.safetensors", "--journal", tmp_path / "j.safetensors")
+    # each pack run takes a few seconds on a loaded machine: the merge pauses long enough to outlast all three
+    merge = slow_in_place_merge(folder, tmp_path / "a.safetensors", "--journal", tmp_path / "j.safetensors", pause=8)
     try:
         # the journal is written: the lock is held, BASE patched next
         wait_until(lambda: (tmp_path / "j.safetensors").exists(), merge)
@@ -176,6 +177,7 @@ def test_pack_does_not_read_a_base_while_an_in_place_merge_patches_it(tmp_path):
                      ["--base", tmp_path / "ft.safetensors", "--finetuned", folder, "-k", "2"],
                      ["--combine", tmp_path / "a.safetensors", "--base", folder]):
             r = cli("neuroada-pack", *args, "-o", tmp_path / "out.safetensors")
+            assert merge.poll() is None, "the merge ended before this pack run did: the test proves nothing"
             assert r.returncode == 2, (args, r)
             assert "busy" in one_error_line(r) and not (tmp_path / "out.safetensors").exists()
     finally:
