@@ -34,7 +34,6 @@ types lays the file out anew and works each tensor out whole first.
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import queue
 import struct
@@ -54,8 +53,8 @@ from neuroada_format.validate import PROBE_MISMATCH, validate
 from . import gguf_kquants as kq
 from .backend import Backend, Mismatch, Resolved, Written, pause_for_tests
 from .progress import bar
-from .safetensors_merge import _read_exactly, _send, _write_exactly  # the one kernel copy and buffered I/O
-from .tensor_map import FileId, check_same_file, file_id, map_tensor
+from .safetensors_merge import _send, _write_exactly  # the one kernel copy and buffered I/O
+from .tensor_map import FileId, check_same_file, file_id, read_exactly, read_tensor, rows_at
 
 try:
     import gguf
@@ -152,11 +151,10 @@ class GGUFFile:
         return NeuroAdaError(msg, path=self.path, tensor=tensor, rule=RULE)
 
     def raw(self, name: str) -> np.ndarray:
-        """The tensor's bytes as a read-only uint8 map."""
+        """The tensor's bytes, read into memory (positional reads: a file truncated meanwhile is an error, never a
+        SIGBUS from a map)."""
         t = self.tensors[name]
-        if t.nbytes == 0:
-            return np.zeros(0, np.uint8)
-        return map_tensor(self.path, "U8", self.data_start + t.offset, (t.nbytes,), expected=self.file_id)
+        return read_tensor(self.path, "U8", self.data_start + t.offset, (t.nbytes,), expected=self.file_id)
 
     def reopen(self):
         """The file again, for reading its data: refused when another file is under its name now."""
@@ -175,7 +173,7 @@ class GGUFFile:
         return self.raw(name).reshape(-1, type_size)
 
     def decode(self, name: str) -> np.ndarray:
-        """The tensor's values in numpy shape: F32/F16/BF16 as stored (a map), other types de-quantized to f32."""
+        """The tensor's values in numpy shape: F32/F16/BF16 as stored, other types de-quantized to f32."""
         t = self.tensors[name]
         raw = self.raw(name)
         if t.type in FLOAT_TYPES:
@@ -186,20 +184,19 @@ class GGUFFile:
         except NotImplementedError:
             raise self.err(f"gguf-py cannot decode tensor type {t.type.name}", name) from None
 
-
     def values_at(self, name: str, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """f32 values at (rows[i, j], cols[i, j]) of a 2-D tensor, decoding only the blocks that hold them:
         a probe of d_out * k values should not de-quantize d_out * d_in (a 7B model's targets: ~26 GB of f32)."""
         t = self.tensors[name]
-        if t.type in FLOAT_TYPES:
-            return np.asarray(self.decode(name)[rows, cols], dtype=np.float32)
-        block, _ = GGML_QUANT_SIZES[t.type]
+        block, type_size = GGML_QUANT_SIZES[t.type]
         wanted = rows * (t.shape[1] // block) + cols // block
         unique, where = np.unique(wanted, return_inverse=True)
+        raw = rows_at(self.path, self.data_start + t.offset, type_size, unique, expected=self.file_id).reshape(-1)
+        if t.type in FLOAT_TYPES:  # one element per block
+            return raw.view(_numpy_dtype(t.type))[where.reshape(wanted.shape)].astype(np.float32)
         try:
             with _quiet():
                 # flat: given [n, type_size] rows, gguf-py decodes them in many small groups (5x slower here)
-                raw = np.asarray(self.blocks(name)[unique]).reshape(-1)
                 decoded = gquants.dequantize(raw, t.type).reshape(len(unique), block)
         except NotImplementedError:
             raise self.err(f"gguf-py cannot decode tensor type {t.type.name}", name) from None
@@ -207,11 +204,15 @@ class GGUFFile:
 
 
 class _Cursor:
-    """Bounded little-endian reads over the file's bytes: every read checks it fits before reading."""
+    """Bounded little-endian reads of the file's header: every read checks it fits in the file before reading.
+    The bytes come through positional reads of a window of the file (never a map: a file truncated while its
+    header is parsed is an error naming it, not a SIGBUS)."""
 
-    def __init__(self, buf, path: str):
-        self.buf, self.pos, self.path = buf, 0, path
-        self.size = len(buf)
+    WINDOW = 1 << 20
+
+    def __init__(self, fd: int, size: int, path: str):
+        self.fd, self.size, self.path, self.pos = fd, size, path, 0
+        self.start, self.window = 0, b""
 
     def fail(self, msg: str, tensor=None):
         raise NeuroAdaError(msg, path=self.path, tensor=tensor, rule=RULE)
@@ -220,9 +221,25 @@ class _Cursor:
         if n < 0 or n > self.size - self.pos:
             self.fail(f"truncated: {what} needs {n} bytes at offset {self.pos}, the file has {self.size}")
 
+    def at(self, pos: int, n: int) -> tuple[bytes, int]:
+        """The window holding bytes [pos, pos + n) of the file (read now unless it holds them already), and pos's
+        place in it. Callers checked the range is within the file's size when opened."""
+        if pos < self.start or pos + n > self.start + len(self.window):
+            want = min(max(n, self.WINDOW), self.size - pos)
+            parts, got = [], 0
+            while got < want:
+                part = os.pread(self.fd, want - got, pos + got)
+                if not part:
+                    self.fail(f"truncated while read: the file ended at byte {pos + got} (it was {self.size} bytes "
+                              "when opened; changed by another program?)")
+                parts.append(part)
+                got += len(part)
+            self.start, self.window = pos, b"".join(parts)
+        return self.window, pos - self.start
+
     def scalar(self, code: str, size: int, what: str):
         self.need(size, what)
-        v = struct.unpack_from(code, self.buf, self.pos)[0]
+        v = struct.unpack_from(code, *self.at(self.pos, size))[0]
         self.pos += size
         return v
 
@@ -241,18 +258,19 @@ class _Cursor:
         self.pos += n
         if not decode:
             return None
+        window, at = self.at(start, n)
         try:
-            return self.buf[start:start + n].decode("utf-8")
+            return window[at:at + n].decode("utf-8")
         except UnicodeDecodeError:
             self.fail(f"{what} is not UTF-8")
 
     def _skip_strings(self, count: int, key: str) -> None:
         """Walk `count` length-prefixed strings (a vocabulary: ~50k of them), checking each fits."""
-        buf, pos, size, unpack = self.buf, self.pos, self.size, struct.Struct("<Q").unpack_from
+        pos, size, unpack = self.pos, self.size, struct.Struct("<Q").unpack_from
         for _ in range(count):
             if pos + 8 > size:
                 break
-            pos += 8 + unpack(buf, pos)[0]
+            pos += 8 + unpack(*self.at(pos, 8))[0]
             if pos > size:
                 break
         else:
@@ -298,19 +316,14 @@ def read_gguf(path) -> GGUFFile:
         size = os.fstat(f.fileno()).st_size  # of what was opened, not of what the path names now
         if size < 24:
             raise NeuroAdaError(f"truncated: {size} bytes is shorter than a GGUF header", path=path, rule=RULE)
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        opened = file_id(f.fileno())
-    try:
-        parsed = _parse(buf, path, size)
-    finally:
-        buf.close()
-    parsed.file_id = opened
+        parsed = _parse(_Cursor(f.fileno(), size, path), path, size)
+        parsed.file_id = file_id(f.fileno())
     return parsed
 
 
-def _parse(buf, path: str, size: int) -> GGUFFile:
-    c = _Cursor(buf, path)
-    if buf[:4] != MAGIC:
+def _parse(c: _Cursor, path: str, size: int) -> GGUFFile:
+    window, at = c.at(0, 4)
+    if window[at:at + 4] != MAGIC:
         c.fail("not a GGUF file (no 'GGUF' magic)")
     c.pos = 4
     version = c.u32("version")
@@ -904,7 +917,7 @@ class GGUFBackend(Backend):
         type the units to patch. A re-typed tensor's new bytes are made as it is written (`_retyped_bytes`), one
         tensor at a time: made here, all of them were held at once (a 7B file re-typed to F16: about 13 GB)."""
         info, out_type, gname = tp.info, tp.out_type, tp.info.name
-        weight = view.file.decode(gname)  # float types: the stored map; block types: exact f32 decode
+        weight = view.file.decode(gname)  # float types: as stored; block types: exact f32 decode
         mp = plan_merge(weight, tp.deltas, checked=True)
         if verify:
             _check_probes(tp, [mp.originals_of(i) for i in range(len(tp.deltas))])
@@ -1255,7 +1268,7 @@ def _merge_tensor(src_fd: int, start: int, tp: _TensorPlan, per: int, writer: _W
         a, b = r0 * row_bytes, r1 * row_bytes
         buf = writer.buffer()
         chunk = buf[:b - a]
-        _read_exactly(src_fd, memoryview(chunk), start + a)
+        read_exactly(src_fd, memoryview(chunk), start + a)
         weight = chunk.view(_numpy_dtype(info.type)) if floats else _decode(chunk, info.type)
         weight = weight.reshape(r1 - r0, info.ne[0])
         mp = plan_merge(weight, [Delta(d.indices[r0:r1], d.values[r0:r1], d.scale) for d in tp.deltas], checked=True)

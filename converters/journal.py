@@ -57,7 +57,7 @@ from neuroada_format.safe_io import check_regular, kind_of, open_regular
 
 from .backend import Mismatch, pause_for_tests
 from .progress import bar
-from .tensor_map import map_tensor, patch_values
+from .tensor_map import patch_values, values_at
 
 FORMAT = "neuroada-journal"
 JOURNAL_PREFIX = ".neuroada-journal-"   # default journal names; a merge's copy of a folder leaves them out
@@ -404,9 +404,7 @@ def _revert(j: Journal, root: str, started: float, progress: bool, layout_file: 
             raise Mismatch("tensor does not match the journal", path=paths[e.file], tensor=e.tensor)
         # disk blocks first: a full disk is an error here, never a SIGBUS from the map below
         reserve(paths[e.file], e.offset, e.count * np.dtype(e.original.dtype).itemsize)
-        region = map_tensor(paths[e.file], e.dtype, e.offset, (e.count,))
-        current = _bits(region[np.asarray(e.positions, dtype=np.int64)])
-        del region
+        current = _bits(values_at(paths[e.file], e.dtype, e.offset, e.positions))
         is_original = current == _bits(np.asarray(e.original))
         unknown = ~(is_original | (current == _bits(np.asarray(e.merged))))
         if unknown.any():

@@ -14,7 +14,8 @@ Hub repository) is left out: the merged checkpoint is no commit of that reposito
 the copy, and --overwrite refuses to delete a folder holding one (durable.refuse_deleting).
 
 Safety rules this module keeps (the rest, common to every format, are the driver's: backend.py):
-- BASE is only opened and mapped read-only, unless an in-place merge is asked for.
+- BASE is only read (positional reads, never a map: a base truncated meanwhile is an error naming it, not a
+  SIGBUS), unless an in-place merge is asked for, which patches it through maps after writing its journal.
 - Every adapter is validated before OUT can appear (`verify=False` skips only the checks that read
   the base, i.e. the probe hash and structure hash; keys, shapes, dtypes and the adapters' own
   structure/content are always checked, because merging without them writes garbage). The header
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from neuroada_format import (Adapter, Checkpoint, Delta, MergePlan, NeuroAdaError, NeuroAdaUsageError, Target,
+from neuroada_format import (Adapter, Checkpoint, Delta, NeuroAdaError, NeuroAdaUsageError, Target,
                              open_base, plan_merge, validate)
 from neuroada_format.base import absent_target
 from neuroada_format.dtypes import NUMPY_DTYPES
@@ -59,11 +60,10 @@ from .backend import SLOWDOWN_ENV, Backend, Mismatch, Resolved, Written, pause_f
 from .journal import (JOURNAL_PREFIX, JournalTarget, claim_path, default_path, patching, read_journal,
                       refuse_shared, write_journal)
 from .progress import bar
-from .tensor_map import FileId, check_same_file, file_id, map_tensor, patch_values, shrank
+from .tensor_map import FileId, check_same_file, file_id, patch_values, read_exactly, shrank
 
 COPY_CHUNK = 64 << 20   # one sendfile call
 BLOCK_BYTES = 4 << 20   # rows of a touched tensor read, merged and written at a time
-IO_CHUNK = 1 << 20      # one read call through the buffer (larger calls were erratic here)
 WRITE_CHUNK = 64 << 10  # one write call: on this VM's ext4 (Linux 6.18) writing a file in 1 MiB pwrites took
 #                         1.5-3.5x as long as in 64 KiB ones, 4 MiB ones 3-7x as long as sendfile
 
@@ -97,12 +97,6 @@ class _Touch:
     @property
     def nbytes(self) -> int:
         return self.shape[0] * self.row_bytes
-
-    def region(self, path: str, *, writable: bool = False, populate: bool | None = None) -> np.ndarray:
-        """The tensor inside `path` (the base, or a copy of its file), mapped."""
-        return map_tensor(path, self.dtype, self.offset, self.shape, writable=writable, populate=populate,
-                          expected=self.expected if path == self.file else None)
-
 
 
 def open_checkpoint(base) -> _Base:
@@ -167,16 +161,22 @@ def touches_of(adapters: list[tuple[Adapter, float]], base: _Base) -> list[_Touc
     return sorted(touches.values(), key=lambda t: (t.rel, t.offset))
 
 
-def prepare(touch: _Touch, verify: bool) -> MergePlan:
-    """The touch's merge worked out from BASE (a short-lived read-only map), whose touched values are
-    read once for the merge, the journal's originals and, when verify, every probe hash (rule 4.3)."""
-    region = touch.region(touch.file)
-    plan = plan_merge(region, touch.deltas, touch.layout, checked=True)  # check_adapters ran rules 3.x
-    if verify:
-        for i, (_, target) in enumerate(touch.sources):
-            if probe_mismatch(target, plan.originals_of(i)):
-                raise _probe_failed(touch, i)
-    return plan
+def prepare(touch: _Touch, verify: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The touch's merge worked out from BASE a block of rows at a time, for an in-place merge's journal:
+    (positions, originals, merged) over the whole tensor, with every probe hash checked (rule 4.3) when verify.
+    Positional reads, not a map: a base truncated meanwhile is an error naming it, never a SIGBUS."""
+    buffer = np.empty(_rows_per_block(touch) * touch.row_bytes, np.uint8)
+    hashes = [ProbeHash() for _ in touch.deltas] if verify else None
+    parts = []
+    with open_regular(touch.file, rule=None) as f:
+        check_same_file(f.fileno(), touch.expected, touch.file)
+        for r0, _, plan in _merged_blocks(f.fileno(), touch, buffer, hashes):
+            parts.append((plan.positions + r0 * touch.shape[1], plan.originals, plan.merged))
+    _check_probes(touch, hashes)
+    if not parts:  # a tensor with no rows
+        return np.empty(0, np.int64), np.empty(0, NUMPY_DTYPES[touch.dtype]), np.empty(0, NUMPY_DTYPES[touch.dtype])
+    positions, originals, merged = (np.concatenate(column) for column in zip(*parts))
+    return positions, originals, merged
 
 
 def _probe_failed(touch: _Touch, i: int) -> Mismatch:
@@ -258,22 +258,6 @@ def copy_workers(files: int) -> int:
     return max(1, min(files, os.cpu_count() or 1, 4))
 
 
-def _read_exactly(fd: int, view: memoryview, pos: int) -> None:
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:got + IO_CHUNK]], pos + got) if hasattr(os, "preadv") else \
-            _pread_into(fd, view[got:got + IO_CHUNK], pos + got)
-        if n == 0:
-            raise shrank(fd)
-        got += n
-
-
-def _pread_into(fd: int, view: memoryview, pos: int) -> int:
-    data = os.pread(fd, len(view), pos)
-    view[:len(data)] = data
-    return len(data)
-
-
 def _write_exactly(fd: int, view: memoryview, pos: int) -> None:
     put = 0
     while put < len(view):
@@ -288,43 +272,53 @@ def _rows_per_block(t: _Touch) -> int:
     return min(t.shape[0], max(1, BLOCK_BYTES // max(t.row_bytes, 1)))
 
 
+def _merged_blocks(src_fd: int, t: _Touch, buffer: np.ndarray, hashes: list[ProbeHash] | None):
+    """Read `t` from `src_fd` a block of rows at a time into `buffer` and work out each block's merge (rows r0:r1
+    of every delta), feeding the probe hashes in canonical order; yields (r0, the block's bytes, its plan)."""
+    dt = NUMPY_DTYPES[t.dtype]
+    rows, cols = t.shape
+    row_bytes = t.row_bytes
+    per_block = _rows_per_block(t)
+    for r0 in range(0, rows, per_block):
+        r1 = min(rows, r0 + per_block)
+        raw = memoryview(buffer)[:(r1 - r0) * row_bytes]
+        read_exactly(src_fd, raw, t.offset + r0 * row_bytes)
+        block = buffer[:len(raw)].view(dt).reshape(r1 - r0, cols)
+        deltas = t.deltas if t.layout != "out_in" else \
+            [Delta(d.indices[r0:r1], d.values[r0:r1], d.scale) for d in t.deltas]
+        plan = plan_merge(block, deltas, t.layout, checked=True)  # check_adapters ran rules 3.x
+        for i, h in enumerate(hashes or ()):
+            h.update(plan.originals_of(i))
+        yield r0, raw, plan
+
+
+def _check_probes(t: _Touch, hashes: list[ProbeHash] | None) -> None:
+    for i, h in enumerate(hashes or ()):
+        if h.digest() != t.sources[i][1].probe:
+            raise _probe_failed(t, i)
+
+
 def _merge_tensor(src_fd: int, dst_fd: int, t: _Touch, verify: bool, buffer: np.ndarray, progress,
                   stop: threading.Event | None) -> int:
     """Copy one touched tensor through `buffer`, a block of rows at a time, writing the merged values
     into each block before it is written out; returns the values written.
 
-    Each block is its own small merge (rows r0:r1 of every delta), so the merge reads each base value
-    once, from memory the copy needs anyway: no map of either file and no page faults, which made this
-    path as fast as sendfile alone here. The probe hashes (rule 4.3) are fed block by block in
-    canonical order and compared at the end, before the file can be published.
+    Each block is its own small merge, so the merge reads each base value once, from memory the copy
+    needs anyway: no map of either file and no page faults, which made this path as fast as sendfile
+    alone here. The probe hashes (rule 4.3) are fed block by block and compared at the end, before the
+    file can be published.
     """
     dt = NUMPY_DTYPES[t.dtype]
-    rows, cols = t.shape
-    row_bytes = t.row_bytes
-    per_block = _rows_per_block(t)
     hashes = [ProbeHash() for _ in t.deltas] if verify else None
     count = 0
-    for r0 in range(0, rows, per_block):
-        r1 = min(rows, r0 + per_block)
-        nbytes = (r1 - r0) * row_bytes
-        raw = memoryview(buffer)[:nbytes]
-        _read_exactly(src_fd, raw, t.offset + r0 * row_bytes)
-        block = buffer[:nbytes].view(dt).reshape(r1 - r0, cols)
-        deltas = t.deltas if t.layout != "out_in" else \
-            [Delta(d.indices[r0:r1], d.values[r0:r1], d.scale) for d in t.deltas]
-        plan = plan_merge(block, deltas, t.layout, checked=True)  # check_adapters ran rules 3.x
-        if hashes:
-            for i, h in enumerate(hashes):
-                h.update(plan.originals_of(i))
-        block.reshape(-1)[plan.positions] = plan.merged
+    for r0, raw, plan in _merged_blocks(src_fd, t, buffer, hashes):
+        buffer[:len(raw)].view(dt)[plan.positions] = plan.merged
         count += int(plan.positions.size)
-        _write_exactly(dst_fd, raw, t.offset + r0 * row_bytes)
-        progress.update(nbytes)
+        _write_exactly(dst_fd, raw, t.offset + r0 * t.row_bytes)
+        progress.update(len(raw))
         if stop is not None and stop.is_set():
             raise _Stopped
-    for i, h in enumerate(hashes or ()):
-        if h.digest() != t.sources[i][1].probe:
-            raise _probe_failed(t, i)
+    _check_probes(t, hashes)
     return count
 
 
@@ -545,8 +539,7 @@ def _write_in_place(b: _Base, plan: _InPlacePlan, journal, *, durable: bool, pro
     by_name = {t.name: t for t in plan.touches}
 
     def arrays(target: JournalTarget):
-        p = prepare(by_name[target.tensor], plan.verify)  # one read of the base: merged values, originals, probes
-        return p.positions, p.originals, p.merged
+        return prepare(by_name[target.tensor], plan.verify)  # one read of the base: merged, originals, probes
 
     targets = [JournalTarget(t.name, t.rel, t.dtype, t.offset, math.prod(t.shape)) for t in plan.touches]
     write_journal(journal, root, [os.path.relpath(f, root) for f in plan.files], targets, arrays,

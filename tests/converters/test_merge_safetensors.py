@@ -240,10 +240,10 @@ def test_blockwise_streaming_matches_the_reference(tmp_path, rng, monkeypatch, b
     """Touched tensors stream through the buffer in row blocks (out_in) or whole (Conv1D), with reads
     and writes split into IO_CHUNK / WRITE_CHUNK pieces; tiny sizes force every boundary: a block of one row, blocks
     that split a tensor unevenly, calls that split a row. Several adapters, every dtype and layout."""
-    from neuroada_format.converters import safetensors_merge as sm
+    from neuroada_format.converters import safetensors_merge as sm, tensor_map
 
     monkeypatch.setattr(sm, "BLOCK_BYTES", block)
-    monkeypatch.setattr(sm, "IO_CHUNK", chunk)
+    monkeypatch.setattr(tensor_map, "IO_CHUNK", chunk)
     monkeypatch.setattr(sm, "WRITE_CHUNK", chunk + 3)
     for dtype in ("F32", "BF16"):
         arrays = llama_arrays(rng, dtype)
