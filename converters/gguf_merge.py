@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import os
 import queue
+import re
 import struct
 import threading
 import warnings
@@ -201,6 +202,9 @@ class GGUFFile:
         except NotImplementedError:
             raise self.err(f"gguf-py cannot decode tensor type {t.type.name}", name) from None
         return decoded[where.reshape(wanted.shape), cols % block].astype(np.float32, copy=False)
+
+
+_BLOCK_NAME = re.compile(r"blk\.(\d{1,5})\.")
 
 
 class _Cursor:
@@ -439,9 +443,12 @@ class GGUFBase:
                                     f"(supported: {', '.join(ARCHS)})", path=self.path, rule="4.1")
             arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.arch)
             blocks = self.file.kv.get(f"{self.arch}.block_count")
-            if not isinstance(blocks, int) or not 0 < blocks < 100_000:
+            if not isinstance(blocks, int) or isinstance(blocks, bool) or not 0 < blocks < 100_000:
                 raise self.file.err(f"{self.arch}.block_count is missing or not a small integer")
-            self._map = gguf.TensorNameMap(arch_enum, blocks)
+            # the table is built for every block (2 s and 90 MB per thousand): never for more than the file's tensors
+            # name, so a 4-byte count of 99,999 in a hostile file cannot take minutes and gigabytes
+            named = [int(m.group(1)) for m in map(_BLOCK_NAME.match, self.file.tensors) if m]
+            self._map = gguf.TensorNameMap(arch_enum, min(blocks, max(named, default=-1) + 1))
         return self._map
 
     def _heads(self, key: str, default=None) -> int:

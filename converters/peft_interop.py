@@ -33,7 +33,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import struct
+import threading
+from contextlib import contextmanager
 from decimal import ROUND_FLOOR, Decimal
 
 import numpy as np
@@ -377,6 +380,39 @@ def _selected_by(config: dict, path: str):
     return selects
 
 
+REGEX_SECONDS = 5.0  # matching a PEFT file's few hundred module names takes microseconds each
+
+
+class _RegexTooSlow(Exception):
+    pass
+
+
+@contextmanager
+def _regex_deadline(pattern, count: int, path: str):
+    """A target_modules regex from the folder is run on module names from the folder: a pattern that backtracks
+    without end (`(a|aa)*c` against a long name) would hang the tool, so its matching gets REGEX_SECONDS (Python's
+    regex engine checks signals). Only where a timer can be had: the main thread of a POSIX process."""
+    if (not isinstance(pattern, str) or not hasattr(signal, "setitimer")
+            or threading.current_thread() is not threading.main_thread()):
+        yield
+        return
+
+    def expired(signum, frame):
+        raise _RegexTooSlow
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, REGEX_SECONDS)
+    try:
+        yield
+    except _RegexTooSlow:
+        raise NeuroAdaError(f"target_modules {pattern[:80]!r} did not finish matching the file's {count} module names in "
+                            f"{REGEX_SECONDS:g} s (a regular expression that backtracks without end?)",
+                            path=path) from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _read_entries(folder: str):
     """(file, {module: (flat indices int64, values f32)}) from adapter_model.safetensors."""
     path = os.path.join(folder, WEIGHTS_NAME)
@@ -491,7 +527,8 @@ def import_peft(folder, base, *, value_dtype: str | None = None, round_values: b
     selects = _selected_by(config, os.path.join(folder, CONFIG_NAME))
     st, entries = _read_entries(folder)
     path = st.path
-    ignored = sorted(m for m in entries if not selects(m))
+    with _regex_deadline(config.get("target_modules"), len(entries), os.path.join(folder, CONFIG_NAME)):
+        ignored = sorted(m for m in entries if not selects(m))
     if ignored:
         raise NeuroAdaError(f"the file holds values for {len(ignored)} module(s) that the config's target_modules does "
                             f"not select, e.g. {ignored[0]!r}: PEFT "

@@ -316,8 +316,8 @@ def _with_overlay(overlay: Overlay, weight: torch.Tensor, vals, cast, fn, traced
     if cast is None or W.dtype == cast:
         if merged is None or merged.dtype != W.dtype:
             merged = overlay.values(vals, W.dtype)
-        if not cache_here():
-            return traced(W, overlay.flat, merged, overlay.w0)
+        if not cache_here():  # a trace: the parameter itself (detached), never `.data`, which torch.export would
+            return traced(weight.detach(), overlay.flat, merged, overlay.w0)  # lift as a fake constant
         with overlay.written(W, merged):
             return fn(W)
     Wc = W.to(cast)

@@ -500,6 +500,29 @@ def test_hostile_files_are_refused_quickly(valid_file, tmp_path):
     assert len(names) >= 18
 
 
+def test_a_huge_block_count_costs_only_the_blocks_the_file_names(valid_file, tmp_path):
+    """gguf-py's name table is built for every block the count claims (2 s and 90 MB a thousand): a 4-byte
+    block_count of 99,999 kept validate, merge and pack busy for minutes and gigabytes. The table now covers the
+    blocks the file's tensors name; a bool count is refused like any other non-integer."""
+    at = _kv_offset(valid_file, "llama.block_count")
+    assert struct.unpack_from("<I", valid_file.read_bytes(), at)[0] == 4  # a UINT32 value
+    huge = _mutate(valid_file, tmp_path / "huge.gguf", lambda d: d.__setitem__(slice(at + 4, at + 8),
+                                                                                 struct.pack("<I", 99_999)))
+    adapter = make_adapter(gm.open_gguf_base(valid_file), k=2)
+    started = time.perf_counter()
+    assert naf.validate(adapter, gm.open_gguf_base(huge)).ok
+    assert time.perf_counter() - started < 10
+    end = gm.read_gguf(valid_file).infos_end
+
+    def to_bool(d):  # type BOOL (7) and its one byte in place of UINT32 and its four; 3 bytes at the header's end
+        d[at:at + 8] = struct.pack("<I?", 7, True)  # keep the data where it was
+        d[end - 3:end - 3] = bytes(3)
+
+    as_bool = _mutate(valid_file, tmp_path / "bool.gguf", to_bool)
+    with pytest.raises(NeuroAdaError, match="block_count is missing or not a small integer"):
+        naf.validate(adapter, gm.open_gguf_base(as_bool))
+
+
 def test_random_truncations_and_byte_flips_never_crash(valid_file, tmp_path):
     """Every prefix length class and random header corruption: our error or a valid parse, nothing else."""
     data = valid_file.read_bytes()

@@ -517,6 +517,26 @@ def test_hostile_folders_are_refused(exported, tmp_path, case, error, match):
         assert tree_bytes(folder) == before        # inputs are never touched
 
 
+def test_a_target_regex_that_backtracks_without_end_is_refused_in_seconds(exported, monkeypatch):
+    """target_modules comes from the folder and is matched against module names from the folder: `(.|.)*!` against a
+    30-character name takes 2**30 steps (PEFT loading the folder would hang too). The matching gets a deadline."""
+    import signal
+    import time
+
+    base_dir, folder, _ = exported
+    handler = signal.getsignal(signal.SIGALRM)
+    rewrite(folder, config={"target_modules": "(.|.)*!"})
+    monkeypatch.setattr(pi, "REGEX_SECONDS", 0.5)
+    started = time.monotonic()
+    with pytest.raises(NeuroAdaError, match=r"adapter_config.json: target_modules '\(\.\|\.\)\*!' did not finish "
+                                            r"matching the file's 4 module names in 0.5 s"):
+        pi.from_peft(folder, base_dir)
+    assert time.monotonic() - started < 30
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and signal.getsignal(signal.SIGALRM) is handler
+    rewrite(folder, config={"target_modules": r".*\.(q_proj|down_proj)"})
+    assert pi.from_peft(folder, base_dir).targets  # a fine regex still imports (the timer is gone)
+
+
 @pytest.mark.parametrize("config", [
     {"target_modules": r"model\.layers\.\d+\.(self_attn\.q_proj|mlp\.down_proj)"},
     {"target_modules": ["q_proj", "down_proj", "up_proj"]},  # up_proj wrapped with nothing loaded: zero deltas

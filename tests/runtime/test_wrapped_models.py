@@ -80,3 +80,34 @@ def test_saving_through_ddp_or_compile_writes_the_plain_keys(one_rank, tmp_path)
     torch.compile(model, backend="eager").save_pretrained(tmp_path / "folder")  # Trainer's save_model, compiled
     assert sorted(naf.load(tmp_path / "folder" / "neuroada_model.safetensors").targets) == want
     assert len(layers(load_adapter(tiny_llama(), tmp_path / "compiled.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_of_an_unmerged_model_runs_the_adapter(strict):
+    """torch.export of an attached model (in-place mode, not merged) failed ("We found a fake tensor in the exported
+    program constant's list") or, strict, exported a program whose output was a FakeTensor: the traced branch handed
+    the operator `weight.data`, which export lifts as a constant. It hands over the parameter (detached) now."""
+    torch.manual_seed(0)
+    model = attach(tiny_llama(), NeuroAdaConfig(k=2, target_modules=["q_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    model.eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            return self.m(input_ids=ids, use_cache=False).logits
+
+    ids = torch.randint(0, model.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        eager = Logits(model)(ids)
+        exported = torch.export.export(Logits(model), (ids,), strict=strict).module()(ids)
+        again = Logits(model)(ids)
+    assert type(exported) is torch.Tensor
+    torch.testing.assert_close(exported, eager, rtol=0, atol=0)
+    torch.testing.assert_close(again, eager, rtol=0, atol=0)  # the base weights were restored after the trace
