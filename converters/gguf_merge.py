@@ -870,7 +870,7 @@ class GGUFBackend(Backend):
             t = self._out_type(view, view.file.tensors[retyped[0]])
             warnings.append(f"{len(retyped)} touched tensors are re-encoded into a block type (e.g. {retyped[0]}: "
                             f"{t.name}); their merged values are not exact (spec section 15.3); "
-                            f"--option target_type=F16 keeps them exact")
+                            f"--option target_type=F32 keeps them exact (F16 rounds each value of those tensors once)")
         if self.requant is not None and (self.target_type is not None
                                          or all(view.file.tensors[g].type in ENCODABLE for g in by_tensor)):
             warnings.append(f"requant={self.requant.name} applies only to tensor types that cannot be re-encoded "
@@ -994,8 +994,9 @@ class GGUFBackend(Backend):
                     f"{off:,} of {on + off:,} touched blocks in {sum(tp.reencoded > 0 for tp in kept)} of {len(kept)} "
                     f"block-quantized tensors (most in {worst.info.name}: {worst.info.type.name}) were re-encoded: "
                     f"their merged values are off the block's grid, so they are not exact (spec section 15.3); "
-                    f"{on:,} were packed exactly on their original grid; --option target_type=F16 keeps every "
-                    f"value exact, and training through the grid (runtime train_on_grid) keeps them on it")
+                    f"{on:,} were packed exactly on their original grid; --option target_type=F32 keeps every "
+                    f"value exact (F16 rounds each once), and training through the grid (runtime train_on_grid) "
+                    f"keeps them on it")
                 details["note"] = f"{types} targets: {off:,} of {on + off:,} touched blocks re-encoded, not exact"
             else:
                 details["note"] = (f"{types} targets exact: all {on:,} touched blocks packed on their original "

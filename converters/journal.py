@@ -372,7 +372,8 @@ def _revert(j: Journal, root: str, started: float, progress: bool, layout_file: 
     for rel, f in j.doc["files"].items():
         path = (renamed or {}).get(rel) or os.path.join(root, rel)
         if not os.path.isfile(path):
-            raise NeuroAdaUsageError("file named by the journal is missing", path=path)
+            raise NeuroAdaUsageError("file named by the journal is missing (pass --base with its new path if it moved)",
+                                     path=path)
         if os.path.islink(path):
             raise NeuroAdaUsageError("is a symlink; a revert would write through it into the shared file", path=path)
         layout = f.get("layout_file")

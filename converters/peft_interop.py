@@ -467,7 +467,8 @@ def _to_value_dtype(values_f32, dtype, round_values, path, name):
         if bad.any():
             i = int(np.argmax(bad))
             raise NeuroAdaError(f"{int(bad.sum())} values (first: {float(values_f32[i])!r}) are not exact in "
-                                f"{dtype}; choose F32 values, or allow rounding (RNE)", path=path, tensor=name)
+                                f"{dtype}; choose F32 values, or allow rounding (RNE) (neuroada-pack: --value-dtype F32, or "
+                                f"--round-values)", path=path, tensor=name)
     return out
 
 
@@ -573,6 +574,7 @@ def import_peft(folder, base, *, value_dtype: str | None = None, round_values: b
             renamed[name] = module
 
     exact = doc is not None and _fits_embedded(doc, dtypes, info)
+    same_values = True  # every value in the dtype the exported file had
     targets, report = {}, {}
     for name, (flat, vals, d_out, d_in, dtype) in info.items():
         weight = b.array(name)
@@ -597,6 +599,7 @@ def import_peft(folder, base, *, value_dtype: str | None = None, round_values: b
             flips = int((probed.view(np.uint32) == NEG_ZERO_F32).sum())
         vdt = value_dtype or vdt
         values = _to_value_dtype(f32.reshape(-1), vdt, round_values, path, name).reshape(f32.shape)
+        same_values = same_values and not (exact and vdt != dtypes[name][1])  # asked for in another dtype
         idx = np.ascontiguousarray(idx, dtype=NUMPY_DTYPES[idt])
         target = Target(name, idx, np.ascontiguousarray(values), (d_out, d_in), "out_in", dtype,
                         probe_hash(weight, idx))
@@ -627,7 +630,9 @@ def import_peft(folder, base, *, value_dtype: str | None = None, round_values: b
     if base_name is not None:
         adapter.base_name = base_name
     validate(adapter, strict=True, path=path)
-    return adapter, {"exact_round_trip": exact, "sparsity": sparsity, "targets": report}
+    # the exported adapter's document and positions, but values re-typed (--value-dtype F16 --round-values): not the
+    # file that was exported, which "exact round trip" promised
+    return adapter, {"exact_round_trip": exact and same_values, "sparsity": sparsity, "targets": report}
 
 
 def from_peft(folder, base, **kw) -> Adapter:

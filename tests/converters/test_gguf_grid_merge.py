@@ -9,6 +9,7 @@ exactly what the least-error encoder (`encode_blocks`) gives them, which is what
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -191,6 +192,13 @@ def test_off_grid_adapter_keeps_the_encoder_and_warns(tmp_path, small_chunks):
     assert s.details["blocks_on_grid"] == 0 and s.details["blocks_reencoded"] == n_touched
     (w,) = [w for w in s.warnings if "not exact" in w]
     assert f"{n_touched:,} of {n_touched:,} touched blocks" in w and f"in {len(TARGETS)} of {len(TARGETS)}" in w
+    # the advice, followed literally, keeps every value exact (it said F16, which rounds the de-quantized values)
+    advice = re.search(r"--option target_type=(\w+) keeps every value exact", w).group(1)
+    exact = tmp_path / "exact.gguf"
+    gm.merge_gguf(path, [adapter], exact, target_type=advice)
+    for name, t in adapter.targets.items():
+        want = naf.merge_weight(view.array(name), [t])
+        assert np.array_equal(gm.open_gguf_base(exact).array(name), want), name
     naive = tmp_path / "naive.gguf"
     gm.merge_gguf(path, [adapter], naive, encoder="naive")
     assert naive.read_bytes() == whole_tensor_reference(path, [(adapter, 1.0)], encoder="naive")
