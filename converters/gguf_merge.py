@@ -207,6 +207,22 @@ class GGUFFile:
 _BLOCK_NAME = re.compile(r"blk\.(\d{1,5})\.")
 
 
+def name_table(arch, blocks) -> "gguf.TensorNameMap":
+    """gguf-py's TensorNameMap of `arch` for the given block numbers only (its own covers 0..n-1, built whole).
+    Built as gguf-py builds it (tests/converters/test_gguf.py checks the two agree)."""
+    table = gguf.TensorNameMap(arch, 0)  # the names outside the blocks
+    config = {**table.block_mappings_cfg, **table.arch_block_mappings_cfg.get(arch, {})}
+    known = gguf.MODEL_TENSORS[arch]
+    for bid in blocks:
+        for tensor, keys in config.items():
+            if tensor in known:
+                name = gguf.TENSOR_NAMES[tensor].format(bid=bid)
+                table.mapping[name] = (tensor, name)
+                for key in keys:
+                    table.mapping[key.format(bid=bid)] = (tensor, name)
+    return table
+
+
 class _Cursor:
     """Bounded little-endian reads of the file's header: every read checks it fits in the file before reading.
     The bytes come through positional reads of a window of the file (never a map: a file truncated while its
@@ -445,10 +461,11 @@ class GGUFBase:
             blocks = self.file.kv.get(f"{self.arch}.block_count")
             if not isinstance(blocks, int) or isinstance(blocks, bool) or not 0 < blocks < 100_000:
                 raise self.file.err(f"{self.arch}.block_count is missing or not a small integer")
-            # the table is built for every block (2 s and 90 MB per thousand): never for more than the file's tensors
-            # name, so a 4-byte count of 99,999 in a hostile file cannot take minutes and gigabytes
-            named = [int(m.group(1)) for m in map(_BLOCK_NAME.match, self.file.tensors) if m]
-            self._map = gguf.TensorNameMap(arch_enum, min(blocks, max(named, default=-1) + 1))
+            # gguf-py builds its table for every block up to the count (2 s and 90 MB a thousand): ours covers the
+            # blocks the file's tensors name, so neither a 4-byte count of 99,999 nor one tensor named blk.99998.x
+            # in a hostile file costs more than the file's own size
+            named = {int(m.group(1)) for m in map(_BLOCK_NAME.match, self.file.tensors) if m}
+            self._map = name_table(arch_enum, sorted(b for b in named if b < blocks))
         return self._map
 
     def _heads(self, key: str, default=None) -> int:

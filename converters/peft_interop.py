@@ -391,9 +391,11 @@ class _RegexTooSlow(Exception):
 def _regex_deadline(pattern, count: int, path: str):
     """A target_modules regex from the folder is run on module names from the folder: a pattern that backtracks
     without end (`(a|aa)*c` against a long name) would hang the tool, so its matching gets REGEX_SECONDS (Python's
-    regex engine checks signals). Only where a timer can be had: the main thread of a POSIX process."""
+    regex engine checks signals). Only where a timer can be had: the main thread of a POSIX process whose own real
+    timer is not running (a caller's alarm, e.g. a test timeout, is its deadline: never disarmed or delayed)."""
     if (not isinstance(pattern, str) or not hasattr(signal, "setitimer")
-            or threading.current_thread() is not threading.main_thread()):
+            or threading.current_thread() is not threading.main_thread()
+            or signal.getitimer(signal.ITIMER_REAL)[0] > 0 or signal.getsignal(signal.SIGALRM) is None):
         yield
         return
 

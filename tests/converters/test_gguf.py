@@ -523,6 +523,20 @@ def test_a_huge_block_count_costs_only_the_blocks_the_file_names(valid_file, tmp
         naf.validate(adapter, gm.open_gguf_base(as_bool))
 
 
+def test_the_name_table_covers_the_named_blocks_as_gguf_py_would():
+    """One tensor named blk.99998.x in a 1 KB file made the capped table as costly as the count itself: the table
+    is built for the block numbers the file names, entry for entry what gguf-py's TensorNameMap builds."""
+    for arch in gm.ARCHS:
+        enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+        assert gm.name_table(enum, range(3)).mapping == gguf.TensorNameMap(enum, 3).mapping, arch
+    started = time.perf_counter()
+    table = gm.name_table(gguf.MODEL_ARCH.LLAMA, [99_998])
+    assert time.perf_counter() - started < 1.0
+    assert table.get_name("model.layers.99998.self_attn.q_proj.weight", try_suffixes=(".weight",)) == \
+        "blk.99998.attn_q.weight"
+    assert table.get_name("model.layers.0.self_attn.q_proj.weight", try_suffixes=(".weight",)) is None
+
+
 def test_random_truncations_and_byte_flips_never_crash(valid_file, tmp_path):
     """Every prefix length class and random header corruption: our error or a valid parse, nothing else."""
     data = valid_file.read_bytes()

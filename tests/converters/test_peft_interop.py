@@ -539,6 +539,16 @@ def test_a_target_regex_that_backtracks_without_end_is_refused_in_seconds(export
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and signal.getsignal(signal.SIGALRM) is handler
     rewrite(folder, config={"target_modules": r".*\.(q_proj|down_proj)"})
     assert pi.from_peft(folder, base_dir).targets  # a fine regex still imports (the timer is gone)
+    # a caller's own running timer (a test timeout) is its deadline: never disarmed, delayed or replaced
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 30)
+        assert pi.from_peft(folder, base_dir).targets
+        assert 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= 30 and not fired
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.mark.parametrize("config", [

@@ -493,20 +493,28 @@ def test_a_journal_with_damaged_data_is_refused_before_the_base_is_touched(model
     assert tree(base) == pristine
 
 
-def test_a_journal_whose_checksums_were_removed_is_refused(model, tmp_path, capsys):
-    """Editing the sha256 fields out (and the data) must not turn the check off."""
+def _journal_opened(model, tmp_path):
+    """(base, journal, the merged base's tree, the journal's __metadata__, its document, its arrays) after an
+    in-place merge, for tests that edit the journal and write it back."""
     from safetensors import safe_open
-    from safetensors.numpy import save_file
 
     from neuroada_format.converters.journal import FORMAT
 
     base, a, _, _ = model
     journal = seam.merge(base, [(a, 1.0)], in_place=True, journal=tmp_path / "j.safetensors").journal
-    merged = tree(base)
     with safe_open(journal, "np") as f:
         meta = f.metadata()
         arrays = {k: f.get_tensor(k) for k in f.keys()}
-    doc = json.loads(meta[FORMAT])
+    return base, journal, tree(base), meta, json.loads(meta[FORMAT]), arrays
+
+
+def test_a_journal_whose_checksums_were_removed_is_refused(model, tmp_path, capsys):
+    """Editing the sha256 fields out (and the data) must not turn the check off."""
+    from safetensors.numpy import save_file
+
+    from neuroada_format.converters.journal import FORMAT
+
+    base, journal, merged, meta, doc, arrays = _journal_opened(model, tmp_path)
     for entry in doc["tensors"].values():
         del entry["sha256"]
     name = next(k for k in arrays if k.startswith("original/"))
@@ -515,6 +523,26 @@ def test_a_journal_whose_checksums_were_removed_is_refused(model, tmp_path, caps
     save_file(arrays, journal, metadata={**meta, FORMAT: json.dumps(doc)})
     code, _, err = merge_cli(capsys, "--revert", journal)
     assert code == 1 and "no sha256" in one_line(err)
+    assert tree(base) == merged
+
+
+def test_a_journal_whose_positions_are_out_of_order_is_refused(model, tmp_path, capsys):
+    """Every reader of a journal's arrays (the revert's gather included) takes the positions as sorted; a journal
+    with its arrays permuted and its checksums recomputed was taken as valid and refused later with a misleading
+    'values are neither the merged nor the original ones'."""
+    from safetensors.numpy import save_file
+
+    from neuroada_format.converters.journal import FORMAT, entry_sha256
+
+    base, journal, merged, meta, doc, arrays = _journal_opened(model, tmp_path)
+    name = next(k[len("positions/"):] for k in arrays if k.startswith("positions/"))
+    order = np.arange(arrays["positions/" + name].size)[::-1]  # the same entries, reversed
+    for prefix in ("positions/", "original/", "merged/"):
+        arrays[prefix + name] = np.ascontiguousarray(arrays[prefix + name][order])
+    doc["tensors"][name]["sha256"] = entry_sha256(*(arrays[p + name] for p in ("positions/", "original/", "merged/")))
+    save_file(arrays, journal, metadata={**meta, FORMAT: json.dumps(doc)})
+    code, _, err = merge_cli(capsys, "--revert", journal)
+    assert code == 1 and "are not strictly increasing" in one_line(err)
     assert tree(base) == merged
 
 
