@@ -373,7 +373,8 @@ class InplaceSparseDeltaLinear(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: this backward's own ops would need a graph through W's writes
             raise NeuroAdaUsageError("a second derivative through the in-place mode (backward or autograd.grad with "
                                      "create_graph=True, e.g. a gradient penalty) is not supported; attach with "
-                                     "mode='additive' for that")
+                                     "mode='additive' for that (and, for a transformers model on CPU, an attention "
+                                     "with a second derivative: attn_implementation='eager')")
         xc, *vals = ctx.saved_tensors
         ov: Overlay = ctx.overlay
         if ctx.weight_version is not None and version(ctx.weight) != ctx.weight_version:

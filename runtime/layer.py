@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import sys
 import warnings
+import weakref
 from collections import Counter
 from typing import Iterable, Sequence
 
@@ -21,7 +22,7 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
 from .functional import (Overlay, additive_sparse_delta, inplace_sparse_delta_linear, merge_, transforms_active,
                          unmerge_)
-from .kernels.cache import alias_key, aliases, cache_here, outside_inference, storage_of
+from .kernels.cache import alias_key, aliases, cache_here, outside_inference, storage_of, version
 from .kernels.pattern import Pattern
 from .kernels.reference import INT_VIEW, gather_exact
 
@@ -181,6 +182,7 @@ class NeuroAdaLayer(nn.Module):
         self._overlays: dict[tuple, Overlay] = {}
         self._loading: dict | None = None  # set by _load_from_state_dict for the post-load hook
         self._twins: dict[tuple, str] = {}  # positions key -> an adapter holding them (see _twin)
+        self.parked: set[str] = set()  # trainable adapters the runtime paused (see model.park)
         self.register_load_state_dict_post_hook(_after_load)
 
     def __getstate__(self):
@@ -192,12 +194,13 @@ class NeuroAdaLayer(nn.Module):
                                      "the block's per-sequence state, which only the block puts back; copy it before "
                                      "or after the block")
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = {k: v for k, v in state.items() if k not in SERVING_CACHES}
-        state.update(_patterns={}, _overlays={}, _loading=None)
+        state = {k: v for k, v in state.items() if k not in SERVING_CACHES and k not in ("_w0_weight", "_w0_version")}
+        state.update(_patterns={}, _overlays={}, _loading=None)  # (the copy checks its w0 against its weight once)
         return state
 
     def __setstate__(self, state):
         state.setdefault("_twins", {})  # layers pickled before adapters could share positions
+        state.setdefault("parked", set())  # ... or kept their paused adapters
         super().__setstate__(state)
 
     def _apply(self, fn, recurse=True):
@@ -240,6 +243,23 @@ class NeuroAdaLayer(nn.Module):
     def bias(self):
         return self.base_layer.bias
 
+    def __setattr__(self, name: str, value) -> None:
+        """`weight` and `bias` are the base layer's: transformers' tie_weights sets ``lm_head.weight`` to the input
+        embeddings again (which failed on the property with a bare KeyError); a weight set this way is the one served
+        from then on, its originals read again (see reread_w0)."""
+        if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
+            old = self.base_layer.weight
+            if name == "weight" and (not isinstance(value, torch.Tensor) or value.shape != old.shape
+                                     or value.dtype != old.dtype or value.device != old.device):
+                what = (f"{type(value).__name__}" if not isinstance(value, torch.Tensor) else
+                        f"a {value.dtype} weight of shape {tuple(value.shape)} on {value.device}")
+                raise NeuroAdaUsageError(f"{what} cannot replace this adapted layer's {old.dtype} weight of shape "
+                                         f"{tuple(old.shape)} on {old.device}: its adapters index it and hold its "
+                                         f"values at their entries (move or convert the whole model instead)")
+            setattr(self.base_layer, name, value)
+        else:
+            super().__setattr__(name, value)
+
     @property
     def merged(self) -> bool:
         return bool(self.merged_adapters)
@@ -258,6 +278,7 @@ class NeuroAdaLayer(nn.Module):
             raise NeuroAdaUsageError(f"adapter {name!r} exists")
         if self.merged:
             raise NeuroAdaUsageError("unmerge before adding an adapter: w0 must be read from the original weight")
+        self.reread_w0()  # the adapters here already: an edit of the weight since they were added is theirs too
         W = self._canonical_weight()
         # ordinary tensors even when called in torch.inference_mode(): the adapter outlives the block and may train
         with outside_inference():
@@ -285,6 +306,7 @@ class NeuroAdaLayer(nn.Module):
         self.neuroada_val[name] = nn.Parameter(v)
         self._patterns[name] = pattern  # built on the very tensor now registered as the buffer
         self._twins.setdefault(_positions_key(idx), name)
+        self._matched()
         if activate or (activate is None and not self.active_adapters):
             self.active_adapters.append(name)
 
@@ -324,6 +346,7 @@ class NeuroAdaLayer(nn.Module):
                 self._twins[key] = heir
         self._patterns.pop(name, None)
         self._overlays = {k: v for k, v in self._overlays.items() if name not in k}
+        self.parked.discard(name)
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 
@@ -467,6 +490,45 @@ class NeuroAdaLayer(nn.Module):
             return val
         return grid(val, self.neuroada_idx[name], self.neuroada_w0[name])
 
+    # -- the originals ---------------------------------------------------------------------------
+    _w0_version = None  # the base weight's version when w0 last matched it (see reread_w0) ...
+    _w0_weight = staticmethod(lambda: None)  # ... and a weak reference to that weight (an id can be reused)
+
+    def reread_w0(self) -> None:
+        """w0 holds the base weight's values at the adapters' entries, read when they were added. A weight written
+        since (an edit under no_grad, an optimizer step on a base trained beside the deltas in the additive mode)
+        has other values there: the in-place forward would restore the old ones over the edit after one forward, and
+        a merge would write old + delta. So when the weight's version moved while nothing is merged (then the
+        weight holds the originals), w0 is read again. The runtime's own writes go through ``.data`` or numpy and
+        move no version, or are followed by `_matched`; a check costs one attribute read."""
+        W = self.base_layer.weight
+        if (self.merged_adapters or W.is_inference() or W.is_meta or not cache_here()
+                or (version(W) == self._w0_version and self._w0_weight() is W)):
+            return  # (an offloaded weight is read by its hooks at the forward: nothing to compare here)
+        if any(w.is_meta for w in self.neuroada_w0._buffers.values()):
+            return  # offloaded adapter tensors: refused by the forward (check_in_memory)
+        with torch.no_grad(), outside_inference():
+            Wc = self._canonical_weight().detach()
+            done: dict = {}  # w0 storage -> the positions read into it: twins share both, and stay shared
+            for n in list(self.neuroada_w0.keys()):
+                w0, idx = self.neuroada_w0[n], self.neuroada_idx[n]
+                key = alias_key(w0)
+                if key is not None and key in done and torch.equal(done[key], idx):
+                    continue  # a twin of an adapter read already: the shared originals are current
+                now = gather_exact(Wc, idx)
+                if not _same_bits(now, w0):
+                    if key is not None and key in done:  # shares originals but not positions: give it its own
+                        self.neuroada_w0.unshare([n])
+                    self.neuroada_w0[n].copy_(now)
+                if key is not None:
+                    done.setdefault(key, idx)
+        self._matched()
+
+    def _matched(self) -> None:
+        """The weight is as w0 describes it now (just read, merged or restored by us)."""
+        W = self.base_layer.weight
+        self._w0_version, self._w0_weight = (None if W.is_inference() else version(W)), weakref.ref(W)
+
     # -- merge ----------------------------------------------------------------------------------
 
     def merge(self, adapter_names: Sequence[str] | None = None) -> None:
@@ -478,12 +540,14 @@ class NeuroAdaLayer(nn.Module):
         if not new:
             return
         self._require(new)
+        self.reread_w0()
         W = self.base_layer.weight
         if self.merged_adapters:
             unmerge_(W, self.overlay(self.merged_adapters))
         allnames = self.merged_adapters + new
         merge_(W, self.overlay(allnames), [self.delta(n) for n in allnames])
         self.merged_adapters = allnames
+        self._matched()
 
     def unmerge(self) -> None:
         """Restore ``w0`` exactly."""
@@ -491,6 +555,7 @@ class NeuroAdaLayer(nn.Module):
             return
         unmerge_(self.base_layer.weight, self.overlay(self.merged_adapters))
         self.merged_adapters = []
+        self._matched()
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -505,6 +570,9 @@ class NeuroAdaLayer(nn.Module):
         if self.merged_adapters or not active:
             self.warn_if_training_merged()
             return base(x, *args, **kwargs)
+        W = base.weight  # (inlined: host time is felt on small layers; a trace reads no version)
+        if cache_here() and (version(W) != self._w0_version or self._w0_weight() is not W):
+            self.reread_w0()
         vals = [self.delta(n) for n in active]
         if any(v.is_meta for v in vals):  # offloaded parameters (idx and w0 are buffers: checked in _refresh)
             self.check_in_memory(active)
@@ -634,6 +702,7 @@ def _after_load(layer: NeuroAdaLayer, incompatible_keys) -> None:
                 if not _same_bits(now, w0):  # new positions or a new base: written into this adapter's w0 alone
                     layer.neuroada_w0.unshare([n])  # (a twin that kept its idx keeps its originals)
                     layer.neuroada_w0[n].copy_(now)
+    layer._matched()
     merged = [n for n in info["merged"] if n in layer.neuroada_val]
     if merged:
         layer.merge(merged)

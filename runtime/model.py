@@ -21,7 +21,7 @@ from torch import nn
 
 import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
-from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
+from neuroada_format.dtypes import BASE_DTYPES, common_value_dtype, nonfinite_mask
 from neuroada_format.durable import write_file
 from neuroada_format.folder import (STATE_FILE, STATE_MARKER, STATE_PROBE, STATE_TRAINING, WEIGHTS_NAME, adapter_config,
                                     state_text, warn_trained_extras)
@@ -336,7 +336,8 @@ def _refuse_parameter_targets(model: nn.Module, config: NeuroAdaConfig, candidat
             cls = type(model.get_submodule(owner)) if owner else type(model)
             moe = (" (MoE experts held as one 3D tensor are not supported: target linear layers, e.g. the "
                    "attention projections or a shared expert)") if p.dim() == 3 else ""
-            keep = (f"; to adapt only the linear layers it matches, add {plain!r} to exclude_modules"
+            suffix = ".".join(plain.split(".")[-2:])  # every layer's copy (one MoE block per decoder layer)
+            keep = (f"; to adapt only the linear layers it matches, add {suffix!r} to exclude_modules"
                     if matched else "")
             raise NeuroAdaUsageError(f"target_modules={config.target_modules!r} names the parameter {plain} "
                                      f"({list(p.shape)}) of {owner or 'the model'} ({cls.__qualname__}), not a linear "
@@ -494,6 +495,7 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
     _refuse_sharded(model, "attach")
     names = find_targets(model, config)
     modules = {name: model.get_submodule(name) for name in names}
+    _refuse_aliased(model, modules)
     for name, layer in layers(model).items():  # every layer: a merged one would keep serving its adapter
         if layer.merged:
             raise NeuroAdaUsageError(f"{name} has merged adapters; unmerge (or set_adapter(model, None)) before "
@@ -514,9 +516,9 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
         indices = {name: select(_canonical(m), config.k, config.selection, seed=config.seed, generator_offset=i)
                    for i, (name, m) in enumerate(modules.items())}
     for layer in layers(model).values():  # the adapters trained so far stop training, and set_adapter may resume them
-        for val in layer.neuroada_val.values():
+        for n, val in layer.neuroada_val.items():
             if val.requires_grad:
-                park(val)
+                park(layer, n)
     _freeze(model, keep_deltas=False)
     shared, wrappers = _shared_weights(model), _foreign_wrappers(model)
     delta_dtype = getattr(torch, config.delta_dtype)
@@ -556,13 +558,29 @@ def _warn_frozen_head(model: nn.Module, config: NeuroAdaConfig) -> None:
                               f"(save_pretrained then keeps it in model.safetensors)", stacklevel=3)
 
 
-# Set on a trainable adapter's deltas when the runtime (not the user) turns their requires_grad off: attach of another
-# adapter, set_adapter to another one. set_adapter back makes such an adapter train again; one the user froze serves.
-PARKED = "neuroada_parked"
+def _refuse_aliased(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """One linear registered under two names (``self.b = self.a``) is one module that named_modules lists once: it
+    would be wrapped under its first name only, and the forward through the other name would run without the delta
+    (silently; PEFT does the same). Refused before anything changes, naming both."""
+    names_of: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(module), []).append(name)
+    for name, module in modules.items():
+        others = [n for n in names_of.get(id(module), ()) if n != name]
+        if others:
+            raise NeuroAdaUsageError(f"this linear layer is also registered as {others[0]!r} (one module under "
+                                     f"{len(others) + 1} names): an adapter would reach it under one name only; give "
+                                     f"each use its own module, or leave it out (exclude_modules)",
+                                     tensor=name + ".weight")
 
 
-def park(val: torch.Tensor) -> None:
-    setattr(val, PARKED, True)
+def park(layer: NeuroAdaLayer, name: str) -> None:
+    """Mark a trainable adapter whose requires_grad the runtime (not the user) turns off: attach of another adapter,
+    set_adapter to another one. set_adapter back makes such an adapter train again; one the user froze serves. The
+    mark is the layer's (`parked`), which copies, pickles and load_state_dict(assign=True) keep: it was an attribute
+    of the delta Parameter, which deepcopy and assign=True drop, and a paused adapter then came back merged and
+    silently stopped training."""
+    layer.parked.add(name)
 
 
 def _freeze(model: nn.Module, *, keep_deltas: bool) -> None:
@@ -843,6 +861,11 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
             continue
         module = plain_name(model, name)
         key = saved_keys.get(module + ".weight", module + ".weight")
+        if layer.weight.dtype not in TORCH_DTYPE_NAMES or TORCH_DTYPE_NAMES[layer.weight.dtype] not in BASE_DTYPES:
+            # attach refuses such a base; a model converted after attach (model.double()) failed here on the schema
+            raise NeuroAdaUsageError(f"the adapter format describes F32, F16 and BF16 base weights, this one is "
+                                     f"{layer.weight.dtype} (converted after attach?): convert the model back (e.g. "
+                                     f"model.float()) before saving", tensor=key)
         idx = to_numpy(layer.neuroada_idx[adapter_name])
         val32 = _full(layer.delta(adapter_name).detach()).float().cpu().numpy()
         with np.errstate(over="ignore"):
@@ -913,8 +936,10 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default", *, value
         return path
     os.makedirs(path, exist_ok=True)
     config = getattr(model, CONFIGS_ATTR)[adapter_name]
+    # save_dtype: what the file holds (value_dtype= overrides the config's; recorded as BF16, a reload re-saved F32
+    # values rounded to BF16 without a word)
     cfg = NeuroAdaConfig.from_dict({**config.to_dict(), "base_model_name_or_path": adapter.base_name,
-                                    "revision": adapter.base_revision})
+                                    "revision": adapter.base_revision, "save_dtype": value_dtype or config.save_dtype})
     naf.save(adapter, file)
     cfg.save_pretrained(path)
     return file
@@ -1367,7 +1392,9 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
             config.selection = adapter.selection["rule"]
             seed = adapter.selection.get("seed")
             config.seed = seed if isinstance(seed, int) else config.seed
-            config.save_dtype = common_value_dtype(t.value_dtype for t in adapter.targets.values())
+        # saved again as read: the file's values decide (a folder's config from before save_adapter recorded them
+        # could say BF16 over F32 values)
+        config.save_dtype = common_value_dtype(t.value_dtype for t in adapter.targets.values())
         config.mode = mode
         shared = _shared_weights(model)
         delta_dtype = getattr(torch, config.delta_dtype)
@@ -1420,10 +1447,12 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
         _check_known(model, adapter_names, allow_base=False)
     shared = _shared_weights(model)
     for name, layer in layers(model).items():
-        if any(n in layer.neuroada_val for n in (adapter_names or layer.active_adapters)):
+        if any(n in layer.neuroada_val for n in (layer.active_adapters if adapter_names is None else adapter_names)):
             refuse_unmergeable(name, layer, shared)
     for layer in layers(model).values():
-        names = [n for n in (adapter_names or layer.active_adapters) if n in layer.neuroada_val]
+        # ([] merges nothing, as in PEFT; None: the active adapters)
+        names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names)
+                 if n in layer.neuroada_val]
         if names:
             layer.merge(names)
     return model

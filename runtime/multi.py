@@ -44,7 +44,7 @@ from .kernels.bgmv import (AdapterStack, InputsT, SeqMask, bgmv_add_, bgmv_add_s
 from .kernels.cache import outside_inference, version
 from .kernels.reference import rounded_values
 from .layer import BASE_ADAPTER, SERVING_CACHES, NeuroAdaLayer, _conv1d_type, check_adapter_name, has_hooks
-from .model import (CONFIGS_ATTR, DISABLED_ATTR, MIXED_ATTR, MIXED_OWNER_ATTR, PARKED, VALUE_TORCH, _refuse_in_batch,
+from .model import (CONFIGS_ATTR, DISABLED_ATTR, MIXED_ATTR, MIXED_OWNER_ATTR, VALUE_TORCH, _refuse_in_batch,
                     _shared_weights, _unserve, layers, park, refuse_unmergeable)
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
@@ -222,6 +222,7 @@ def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
     current = layer.merged_adapters
     if current == want:
         return
+    layer.reread_w0()  # (nothing merged: the weight may have been edited since w0 was read)
     W = layer.base_layer.weight
     if len(current) == 1:
         if not (len(want) == 1 and _same_positions(layer, current[0], want[0])):
@@ -232,6 +233,7 @@ def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
     if want:
         kernels.put_(W, *_merged_entries(layer, want[0]))
     layer.merged_adapters = list(want)
+    layer._matched()
 
 
 def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
@@ -244,6 +246,10 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
     target serve their base weights.
     """
     _refuse_in_batch(model, "set_adapter")
+    if adapter_name is not None and not isinstance(adapter_name, str):  # a list was a bare TypeError (unhashable)
+        raise NeuroAdaUsageError(f"set_adapter takes one adapter name (or None), not {type(adapter_name).__name__} "
+                                 f"{adapter_name!r:.80}: for several at once, merge(model, names) or "
+                                 f"add_weighted_adapter, or adapter_batch for one per sequence")
     _check_known(model, [adapter_name], allow_base=True)
     target = None if adapter_name in (None, BASE_ADAPTER) else adapter_name
     all_layers = layers(model)
@@ -273,12 +279,11 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
 def _trainable(model: nn.Module, name: str, all_layers: dict[str, NeuroAdaLayer]) -> bool:
     """Whether ``name`` trains when active: made to train (attached, or loaded with is_trainable=True: its config) and
     not frozen by the user since. requires_grad alone cannot say: attaching another adapter, or set_adapter to
-    another one, turns it off too; those mark the deltas they freeze (PARKED), so set_adapter back turns it on."""
+    another one, turns it off too; those mark the adapters they freeze (model.park), so set_adapter back turns it on."""
     config = (getattr(model, CONFIGS_ATTR, None) or {}).get(name)
     if config is not None and config.inference_mode:
         return False
-    return any(name in layer.neuroada_val and (layer.neuroada_val[name].requires_grad
-                                               or getattr(layer.neuroada_val[name], PARKED, False))
+    return any(name in layer.neuroada_val and (layer.neuroada_val[name].requires_grad or name in layer.parked)
                for layer in all_layers.values())
 
 
@@ -295,9 +300,9 @@ def _train_only(model: nn.Module, all_layers: dict[str, NeuroAdaLayer], name: st
             if n in vals and vals[n].requires_grad != (n == name):
                 val = vals[n]
                 if val.requires_grad:
-                    park(val)
+                    park(layer, n)
                 else:
-                    setattr(val, PARKED, False)
+                    layer.parked.discard(n)
                 val.requires_grad_(n == name)
 
 

@@ -15,6 +15,7 @@ disable_adapter and after unload are the base's bit for bit too (the weights hol
 from __future__ import annotations
 
 import copy
+import re
 
 import neuroada_format as naf
 import pytest
@@ -469,9 +470,14 @@ def test_moe_experts_beside_matching_linears_are_refused_not_dropped():
     believed they trained. Refused, naming the parameter and how to keep only the linears (exclude_modules)."""
     model = build("qwen2_moe")
     with pytest.raises(NeuroAdaUsageError, match=r"names the parameter model\.layers\.0\.mlp\.experts\.down_proj .*"
-                                                 r"add 'model\.layers\.0\.mlp\.experts\.down_proj' to exclude_modules"):
+                                                 r"add '(.*)' to exclude_modules") as refused:
         attach(model, NeuroAdaConfig(k=2, target_modules=["q_proj", "down_proj"]))
     assert not layers(model)
+    # the advice taken literally covers the experts of every layer (it named layer 0's alone, so each retry
+    # moved the refusal to the next MoE layer)
+    advice = re.search(r"add '(.*)' to exclude_modules", str(refused.value)).group(1)
+    assert advice == "experts.down_proj"
+    assert sum(".experts." in n for n, _ in model.named_parameters()) > 2  # experts in more than one layer
     with pytest.raises(NeuroAdaUsageError, match=r"names the parameter .*experts\.down_proj"):
         attach(model, NeuroAdaConfig(k=2, target_modules=r".*\.(q_proj|down_proj)"))
     attach(model, NeuroAdaConfig(k=2, target_modules=["q_proj", "down_proj"], exclude_modules=["experts.down_proj"]))

@@ -147,3 +147,60 @@ def test_bf16_master_values_and_state_reload(rt, gen):
     layer.load_state_dict(sd)
     p = layer.pattern("default")
     assert torch.equal(p.idx, sd["neuroada_idx.default"]) and p.is_current(layer.neuroada_idx["default"])
+
+
+@pytest.mark.parametrize("mode", ["inplace", "additive"])
+def test_a_base_weight_written_after_the_adapter_was_added_is_what_forward_and_merge_use(rt, gen, mode):
+    """w0 (the originals at the adapter's entries) was read once, at add_adapter. A weight edited since (under
+    no_grad, or stepped by an optimizer as a base trained beside the deltas in the additive mode) was served with
+    the old entries: the in-place forward wrote them back over the edit (every selected entry of a `W.mul_(2)` was
+    reverted after one forward), and merge wrote old + delta (0.059 away on an SGD-stepped q_proj). w0 is read
+    again when the weight's version moved while nothing is merged."""
+    layer = make_layer(rt, gen, mode=mode)
+    idx, val = layer.neuroada_idx["default"], layer.neuroada_val["default"].detach()
+    x = torch.randn(5, 10, generator=gen)
+    layer(x)  # a forward before the edit: caches built on the old originals
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    edited = layer.weight.detach().clone()
+    want = torch.nn.functional.linear(x, rt.merged_canonical(edited, idx, val), layer.base_layer.bias)
+    torch.testing.assert_close(layer(x), want, rtol=1e-6, atol=1e-6)
+    assert rt.same_bits(layer.weight, edited)  # the forward left the edit in place
+    layer.merge()
+    assert rt.same_bits(layer.weight, rt.merged_canonical(edited, idx, val))
+    layer.unmerge()
+    assert rt.same_bits(layer.weight, edited)
+    with torch.no_grad():  # edited again, then another adapter added (attach, load_adapter): the edit is kept
+        layer.weight.add_(1)
+    edited = layer.weight.detach().clone()
+    layer.add_adapter("other", rt.rand_idx(12, 10, 3, gen), activate=False)
+    want = torch.nn.functional.linear(x, rt.merged_canonical(edited, idx, val), layer.base_layer.bias)
+    torch.testing.assert_close(layer(x), want, rtol=1e-6, atol=1e-6)
+    assert rt.same_bits(layer.weight, edited)
+    if mode == "additive":  # the base trains beside the deltas: each step's weight is the one merged
+        layer.base_layer.weight.requires_grad_(True)
+        opt = torch.optim.SGD([layer.base_layer.weight, layer.neuroada_val["default"]], lr=0.5)
+        layer(x).square().sum().backward()
+        opt.step()
+        trained, val = layer.weight.detach().clone(), layer.neuroada_val["default"].detach()
+        assert not torch.equal(trained, edited)
+        layer.merge()
+        assert rt.same_bits(layer.weight, rt.merged_canonical(trained, idx, val))
+        layer.unmerge()
+        assert rt.same_bits(layer.weight, trained)
+
+
+def test_twins_keep_sharing_their_originals_when_the_weight_changes(rt, gen):
+    """Adapters with one set of positions hold one w0 (the memory a server with dozens of them saves); reading the
+    originals again after an edit keeps it one tensor."""
+    from neuroada_format.runtime.kernels.cache import storage_of
+
+    layer = make_layer(rt, gen, names=("a",))
+    for n in ("b", "c"):
+        layer.add_adapter(n, layer.neuroada_idx["a"].clone(), activate=False)
+    assert len({storage_of(layer.neuroada_w0[n]) for n in "abc"}) == 1
+    with torch.no_grad():
+        layer.weight.mul_(3)
+    layer(torch.randn(2, 10, generator=gen))
+    assert len({storage_of(layer.neuroada_w0[n]) for n in "abc"}) == 1
+    assert torch.equal(layer.neuroada_w0["c"], layer.weight.detach().gather(1, layer.neuroada_idx["a"]))

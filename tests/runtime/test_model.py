@@ -13,7 +13,7 @@ from torch import nn
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.runtime import (NeuroAdaConfig, NeuroAdaLayer, attach, print_trainable_parameters,
-                                     trainable_parameters)
+                                     save_adapter, trainable_parameters)
 from neuroada_format.runtime.model import find_targets, layers
 
 transformers = pytest.importorskip("transformers")
@@ -270,6 +270,38 @@ def test_tied_head_is_additive_under_auto():
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def test_tie_weights_on_an_attached_model_keeps_the_adapted_head_tied_and_served():
+    """transformers calls model.tie_weights() itself (after loading, Trainer, accelerate): with the tied head adapted
+    it set `lm_head.weight` on the NeuroAdaLayer and failed with a bare KeyError ("attribute 'weight' already
+    exists"). The layer hands weight/bias to its base layer; a weight of another shape is refused."""
+    model = attach(tiny_llama(tie=True), NeuroAdaConfig(k=2, target_modules=["lm_head", "q_proj"]))
+    _randomized(model)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(ids).logits
+        model.tie_weights()
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        assert torch.equal(model(ids).logits, before)
+    for other in (torch.zeros(3, 64), torch.zeros(100, 64, dtype=torch.bfloat16)):  # another shape or dtype
+        with pytest.raises(NeuroAdaUsageError, match=r"weight of shape \(\d+, 64\) on cpu cannot replace"):
+            model.lm_head.weight = nn.Parameter(other)
+    with pytest.raises(NeuroAdaUsageError, match=r"NoneType cannot replace"):
+        model.lm_head.weight = None
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_saving_after_converting_the_model_to_float64_is_a_clear_refusal(tmp_path):
+    """attach refuses an F64 base; model.double() after attach trained, then every save failed on the schema
+    ("rule 2.2: ... 'F64' is not one of ['F32','F16','BF16'] (and 13 more problems)")."""
+    model = attach(tiny_llama(), NeuroAdaConfig(k=2, target_modules=["q_proj"])).double()
+    for save in (lambda: save_adapter(model, tmp_path / "a.safetensors"), lambda: model.save_pretrained(tmp_path / "f")):
+        with pytest.raises(NeuroAdaUsageError, match=r"this one is torch.float64 \(converted after attach\?\): "
+                                                     r"convert the model back \(e.g. model.float\(\)\) before saving"):
+            save()
+    assert not (tmp_path / "a.safetensors").exists() and not list((tmp_path / "f").glob("*"))
+    save_adapter(model.float(), tmp_path / "a.safetensors")  # what the message says works
+
+
 def test_zero_deltas_change_nothing():
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
     base = tiny_llama()
@@ -484,6 +516,67 @@ def test_set_adapter_back_to_an_attached_adapter_trains_it_again():
     set_adapter(model, "b")
     set_adapter(model, "default")
     assert merged_adapter(model) == "default"
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save", "assign"])
+def test_a_paused_adapter_still_trains_again_after_the_model_is_copied(how):
+    """The pause (attach of another adapter froze A's deltas) was marked on the delta Parameter itself, which
+    copy.deepcopy and load_state_dict(assign=True) drop: set_adapter(copy, A) then served A merged, and the
+    training went on without a word, A's deltas never changing. The layer keeps the mark now."""
+    import io
+
+    from neuroada_format.runtime import merged_adapter, set_adapter
+
+    model = attach(tiny_llama(), NeuroAdaConfig(k=2, target_modules=["q_proj"]))
+    attach(model, NeuroAdaConfig(k=1, target_modules=["q_proj"]), "b")
+    if how == "deepcopy":
+        model = copy.deepcopy(model)
+    elif how == "torch.save":
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        model = torch.load(buf, weights_only=False)
+    else:
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    set_adapter(model, "default")
+    assert merged_adapter(model) is None
+    assert all(l.neuroada_val["default"].requires_grad and not l.neuroada_val["b"].requires_grad
+               for l in layers(model).values())
+
+
+def test_a_linear_registered_under_two_names_is_refused_naming_both():
+    """`self.b = self.a`: named_modules lists the module once, so it was wrapped as `a` only and the forward through
+    `b` ran without the delta (0.096 off a dense reference), and merge blamed 'tied weights'."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = self.a
+            self.c = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x)))
+
+    net = Twice()
+    with pytest.raises(NeuroAdaUsageError, match=r"a\.weight: this linear layer is also registered as 'b'"):
+        attach(net, NeuroAdaConfig(k=2, target_modules="all-linear"))
+    assert not layers(net) and net.a is net.b
+    attach(net, NeuroAdaConfig(k=2, target_modules=["c"]))  # what it says: leave it out
+    assert sorted(layers(net)) == ["c"]
+
+
+def test_merge_of_no_names_merges_nothing_and_set_adapter_of_a_list_is_refused():
+    """merge(model, []) merged the active adapters (`names or active`); PEFT merges nothing. set_adapter(model,
+    ["a"]) failed with a bare TypeError (unhashable list)."""
+    from neuroada_format.runtime import merge, set_adapter
+
+    model = _randomized(attach(tiny_llama(), NeuroAdaConfig(k=2, target_modules=["q_proj"])))
+    merge(model, [])
+    assert not any(l.merged_adapters for l in layers(model).values())
+    with pytest.raises(NeuroAdaUsageError, match=r"set_adapter takes one adapter name \(or None\), not list"):
+        set_adapter(model, ["default"])
+    merge(model)
+    assert all(l.merged_adapters == ["default"] for l in layers(model).values())
 
 
 def test_set_adapter_on_a_trainable_adapter_trains_it(tmp_path):

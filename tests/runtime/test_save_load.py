@@ -164,6 +164,21 @@ def test_f32_values_load_without_warnings_and_train(tmp_path):
     assert naf.load(tmp_path / "a" / "neuroada_model.safetensors").targets  # the file is untouched and valid
 
 
+@pytest.mark.parametrize("value_dtype", ["F32", "F16"])
+def test_a_folder_saved_in_another_value_dtype_is_saved_again_in_it(tmp_path, value_dtype):
+    """save_adapter(folder, value_dtype="F32") recorded the config's save_dtype (BF16) in neuroada_config.json,
+    and a load of the folder took the config's word: saved again, the F32 values came out rounded to BF16 (7e-5
+    away) without a word. The folder records the dtype written, and a load takes it from the values."""
+    base = tiny_llama()
+    save_adapter(with_deltas(copy.deepcopy(base), k=2), tmp_path / "a", value_dtype=value_dtype)
+    assert json.loads((tmp_path / "a" / "neuroada_config.json").read_text())["save_dtype"] == value_dtype
+    save_adapter(load_adapter(copy.deepcopy(base), tmp_path / "a"), tmp_path / "again")
+    first, again = (naf.load(tmp_path / d / "neuroada_model.safetensors") for d in ("a", "again"))
+    for name, t in first.targets.items():
+        u = again.targets[name]
+        assert u.value_dtype == value_dtype and np.asarray(u.values).tobytes() == np.asarray(t.values).tobytes()
+
+
 def test_legacy_peft_style_folder_still_loads(tmp_path):
     """Folders written before the neuroada_* names (adapter_config.json with peft_type NEUROADA)."""
     base = tiny_llama()
