@@ -15,8 +15,9 @@ safetensors file, so it is inspectable with any safetensors reader and never unp
                                     "count": <elements in the tensor>,
                                     "sha256": "<hex of positions/T + original/T + merged/T bytes>"}}
     }
-    tensors, per touched tensor T:
-      positions/T  U32 (I64 when the tensor has 2**32 elements or more): sorted flat element offsets
+    tensors, per touched tensor T (written a tensor at a time; the JSON header last, padded with spaces to the
+    room reserved for it, which every safetensors reader skips as whitespace):
+      positions/T  U32 (I64 when the tensor has 2**32 elements or more): strictly increasing flat element offsets
       original/T   the base's dtype: the values before the merge
       merged/T     the base's dtype: the values the merge wrote
 

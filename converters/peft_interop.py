@@ -308,7 +308,7 @@ def to_peft(adapter, out_dir, *, base=None, base_model_name_or_path=None, revisi
         CONFIG_NAME: write_config,
     }, overwrite=overwrite, inputs=inputs)
     peft_bytes = os.path.getsize(os.path.join(out_dir, WEIGHTS_NAME))
-    return {"output": os.fspath(out_dir), "targets": len(adapter.targets), "sparsity": sparsity, "task_type": task_type,
+    return {"output": os.path.abspath(out_dir), "targets": len(adapter.targets), "sparsity": sparsity, "task_type": task_type,
             "entries": sum(s["entries"] for s in stats.values()),
             "peft_entries": sum(s["peft_entries"] for s in stats.values()),
             "inexact_values": sum(s["inexact_values"] for s in stats.values()),

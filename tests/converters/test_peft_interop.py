@@ -684,7 +684,7 @@ def pack(capsys, *argv):
     return exc.value.code, out, err
 
 
-def test_cli_round_trip_and_exit_codes(tmp_path, capsys):
+def test_cli_round_trip_and_exit_codes(tmp_path, capsys, monkeypatch):
     base = tiny_llama()
     base_dir = save_base(base, tmp_path / "base")
     model = with_deltas(copy.deepcopy(base), k=2, target_modules=["q_proj", "v_proj", "down_proj"])
@@ -702,6 +702,12 @@ def test_cli_round_trip_and_exit_codes(tmp_path, capsys):
     code, out, err = pack(capsys, "--to", "peft", tmp_path / "ours_folder", "-o", tmp_path / "peft2", "--json")
     assert code == 0 and not err
     assert json.loads(out)["output"] == os.fspath(tmp_path / "peft2")  # the key every mode's summary uses
+    # a relative output as typed ('./x//y') is said as every mode says its output: the absolute path
+    monkeypatch.chdir(tmp_path)
+    code, out, err = pack(capsys, "--to", "peft", "ours_folder", "-o", ".//peft3", "--json")
+    assert code == 0 and json.loads(out)["output"] == os.fspath(tmp_path / "peft3")
+    code, out, err = pack(capsys, "--to", "peft", "ours_folder", "-o", "./peft4/")
+    assert code == 0 and out.startswith(f"wrote {tmp_path / 'peft4'}: ")
     # the same adapter gives the same bytes; the configs differ only in the name given with --base-name
     weights = "adapter_model.safetensors"
     assert file_bytes(tmp_path / "peft2" / weights) == file_bytes(peft_dir / weights)
