@@ -184,6 +184,7 @@ class NeuroAdaLayer(nn.Module):
         self._twins: dict[tuple, str] = {}  # positions key -> an adapter holding them (see _twin)
         self.parked: set[str] = set()  # trainable adapters the runtime paused (see model.park)
         self.register_load_state_dict_post_hook(_after_load)
+        self.register_state_dict_pre_hook(_current_w0)
 
     def __getstate__(self):
         """Copies and pickles carry no caches: patterns and overlays hold tensors derived from idx/w0
@@ -202,6 +203,8 @@ class NeuroAdaLayer(nn.Module):
         state.setdefault("_twins", {})  # layers pickled before adapters could share positions
         state.setdefault("parked", set())  # ... or kept their paused adapters
         super().__setstate__(state)
+        if _current_w0 not in self._state_dict_pre_hooks.values():  # pickled before it was registered
+            self.register_state_dict_pre_hook(_current_w0)
 
     def _apply(self, fn, recurse=True):
         """``.to()``, ``.half()``, ``.cuda()``... convert each buffer on its own: adapters that shared their idx and
@@ -248,6 +251,9 @@ class NeuroAdaLayer(nn.Module):
         embeddings again (which failed on the property with a bare KeyError); a weight set this way is the one served
         from then on, its originals read again (see reread_w0)."""
         if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
+            if self.merged_adapters:
+                raise NeuroAdaUsageError(f"cannot replace the {name} of a layer with merged adapters "
+                                         f"({', '.join(self.merged_adapters)}): unmerge first")
             old = self.base_layer.weight
             if name == "weight" and (not isinstance(value, torch.Tensor) or value.shape != old.shape
                                      or value.dtype != old.dtype or value.device != old.device):
@@ -502,11 +508,11 @@ class NeuroAdaLayer(nn.Module):
         weight holds the originals), w0 is read again. The runtime's own writes go through ``.data`` or numpy and
         move no version, or are followed by `_matched`; a check costs one attribute read."""
         W = self.base_layer.weight
-        if (self.merged_adapters or W.is_inference() or W.is_meta or not cache_here()
-                or (version(W) == self._w0_version and self._w0_weight() is W)):
+        if self.merged_adapters or W.is_meta or not self.weight_moved():
             return  # (an offloaded weight is read by its hooks at the forward: nothing to compare here)
-        if any(w.is_meta for w in self.neuroada_w0._buffers.values()):
-            return  # offloaded adapter tensors: refused by the forward (check_in_memory)
+        if not all(_is_plain(t) for d in (self.neuroada_w0, self.neuroada_idx) for t in d._buffers.values()):
+            return  # offloaded (refused by the forward: check_in_memory) or sharded adapter tensors
+        self.ordinary(list(self.neuroada_w0.keys()))  # (w0 made in inference mode cannot be written otherwise)
         with torch.no_grad(), outside_inference():
             Wc = self._canonical_weight().detach()
             done: dict = {}  # w0 storage -> the positions read into it: twins share both, and stay shared
@@ -523,6 +529,14 @@ class NeuroAdaLayer(nn.Module):
                 if key is not None:
                     done.setdefault(key, idx)
         self._matched()
+
+    def weight_moved(self) -> bool:
+        """Whether the base weight was written or replaced since w0 last matched it. A weight made in inference
+        mode has no version to read (edits to it are not seen), and a trace cannot read one: False there."""
+        W = self.base_layer.weight
+        if not _is_plain(W) or W.is_inference() or not cache_here():
+            return False  # (a sharded DTensor between FSDP2 steps is not the weight the forward reads)
+        return version(W) != self._w0_version or self._w0_weight() is not W
 
     def _matched(self) -> None:
         """The weight is as w0 describes it now (just read, merged or restored by us)."""
@@ -553,8 +567,12 @@ class NeuroAdaLayer(nn.Module):
         """Restore ``w0`` exactly."""
         if not self.merged_adapters:
             return
+        moved = self.weight_moved()  # edited while merged: the merged entries are lost, the others are read again
         unmerge_(self.base_layer.weight, self.overlay(self.merged_adapters))
         self.merged_adapters = []
+        if moved:
+            self._w0_version = None
+            self.reread_w0()
         self._matched()
 
     # -- forward --------------------------------------------------------------------------------
@@ -678,6 +696,12 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _is_plain(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, nn.Parameter) and t.device.type != "meta"
+
+
+def _current_w0(layer: NeuroAdaLayer, prefix: str, keep_vars: bool) -> None:
+    """State-dict pre-hook: a state taken after an edit of the base weight holds its originals as they are now
+    (not only once a forward has read them again)."""
+    layer.reread_w0()
 
 
 @torch.no_grad()

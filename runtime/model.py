@@ -859,6 +859,7 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
     for name, layer in layers(model).items():
         if adapter_name not in layer.neuroada_val:
             continue
+        layer.reread_w0()  # (a base edited since the last forward: its probe and grid are what is saved)
         module = plain_name(model, name)
         key = saved_keys.get(module + ".weight", module + ".weight")
         if layer.weight.dtype not in TORCH_DTYPE_NAMES or TORCH_DTYPE_NAMES[layer.weight.dtype] not in BASE_DTYPES:

@@ -222,14 +222,18 @@ def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
     current = layer.merged_adapters
     if current == want:
         return
-    layer.reread_w0()  # (nothing merged: the weight may have been edited since w0 was read)
+    moved = layer.weight_moved()  # an edit of the weight since w0 was read (while merged: lost at those entries)
     W = layer.base_layer.weight
     if len(current) == 1:
-        if not (len(want) == 1 and _same_positions(layer, current[0], want[0])):
+        if moved or not (len(want) == 1 and _same_positions(layer, current[0], want[0])):
             # put the originals back; skipped when the new adapter overwrites the same entries
             kernels.put_(W, _positions(layer, current[0]), layer.neuroada_w0[current[0]])
+            layer.merged_adapters = []
     elif current:
         layer.unmerge()
+    if moved and not layer.merged_adapters:
+        layer._w0_version = None  # (the restore above may have moved the version itself)
+        layer.reread_w0()
     if want:
         kernels.put_(W, *_merged_entries(layer, want[0]))
     layer.merged_adapters = list(want)
@@ -524,6 +528,7 @@ def _adapter_batch_locked(model: nn.Module, adapter_names: Sequence[str | None])
         with torch.no_grad():
             for name, layer in all_layers.items():
                 _switch(layer, [])
+                layer.reread_w0()  # (already unmerged: an edit since is what the stacked, snapped deltas start from)
                 _serve(layer)
                 stack, slots = _stack(layer, order, used)
                 seq_slots = tuple(slots.get(n, -1) for n in names)

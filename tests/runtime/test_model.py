@@ -565,6 +565,43 @@ def test_a_linear_registered_under_two_names_is_refused_naming_both():
     assert sorted(layers(net)) == ["c"]
 
 
+def test_serving_and_saving_follow_a_base_edited_while_an_adapter_is_served(tmp_path):
+    """An edit of the base while adapter a is served merged: switching away put a's originals back (the edit is lost
+    at a's own entries, which hold merged values) and marked the weight as matching every w0, so b was then served
+    from its stale originals. A state dict or to_adapter taken after an edit, before any forward, held the old
+    originals (and the model's own state refused to load back). Both read the weight as it is now."""
+    from neuroada_format.runtime import load_adapter, set_adapter, to_adapter
+
+    model = _randomized(attach(tiny_llama(), NeuroAdaConfig(k=2, target_modules=["q_proj"])))
+    save_adapter(model, tmp_path / "a.safetensors")
+    attach(model, NeuroAdaConfig(k=2, target_modules=["q_proj"], selection="random"), "b")
+    save_adapter(_randomized(model, "b"), tmp_path / "b.safetensors", "b")
+    served = load_adapter(tiny_llama(), tmp_path / "a.safetensors", "a")
+    load_adapter(served, tmp_path / "b.safetensors", "b")
+    q = served.model.layers[0].self_attn.q_proj
+    set_adapter(served, "a")
+    with torch.no_grad():
+        q.weight.add_(0.25)
+    set_adapter(served, None)
+    now = q.weight.detach().clone()
+    set_adapter(served, "b")
+    idx, val = q.neuroada_idx["b"], q.neuroada_val["b"].detach()
+    assert torch.equal(q.weight, now.scatter(1, idx, now.gather(1, idx) + val))
+    set_adapter(served, None)
+    with torch.no_grad():  # an edit, then a save and a state with no forward between
+        q.weight.mul_(2)
+    state = {k: v.clone() for k, v in served.state_dict().items()}
+    assert torch.equal(state["model.layers.0.self_attn.q_proj.neuroada_w0.b"], q.weight.detach().gather(1, idx))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    saved_first = to_adapter(served, "b").targets[key].probe
+    served(torch.zeros(1, 2, dtype=torch.long))
+    assert to_adapter(served, "b").targets[key].probe == saved_first  # the same with or without a forward
+    served.load_state_dict(state)  # the model's own state loads back
+    set_adapter(served, "a")
+    with pytest.raises(NeuroAdaUsageError, match=r"cannot replace the weight of a layer with merged adapters \(a\)"):
+        q.weight = nn.Parameter(q.weight.detach().clone())
+
+
 def test_merge_of_no_names_merges_nothing_and_set_adapter_of_a_list_is_refused():
     """merge(model, []) merged the active adapters (`names or active`); PEFT merges nothing. set_adapter(model,
     ["a"]) failed with a bare TypeError (unhashable list)."""
