@@ -1347,11 +1347,12 @@ def _write_retyped(f: GGUFFile, plan: _Plan, tmp: str, retyped_bytes) -> int:
                     raise AssertionError(f"{name}: {len(data)} bytes, the table says {nbytes}")
                 out.write(data)
                 continue
-            chunk = np.array(f.raw(name))
+            chunk = np.empty(nbytes, np.uint8)  # read from the file opened for the copy (type kept: same size)
+            read_exactly(src.fileno(), memoryview(chunk), f.data_start + f.tensors[name].offset)
             if tp is not None:  # type kept: patch its units in the copy
                 unit = tp.patch[1].shape[1]
                 chunk.reshape(-1, unit)[tp.patch[0]] = tp.patch[1]
-            out.write(chunk.tobytes())
+            out.write(chunk.data)
         end = data_start + offset
         out.truncate(end)
     return end

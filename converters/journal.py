@@ -50,7 +50,7 @@ import numpy as np
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.container import SafetensorsFile, strict_json
-from neuroada_format.dtypes import BASE_DTYPES, NUMPY_DTYPES
+from neuroada_format.dtypes import BASE_DTYPES, NUMPY_DTYPES, dtype_name
 from neuroada_format.errors import shell_word
 
 from neuroada_format.durable import checkpoint_lock, fsync_path, remove_stale_siblings, reserve, write_file
@@ -135,9 +135,6 @@ def claim_path(journal, default: str) -> str:
     return journal
 
 
-_POSITION_NAMES = {"<u4": "U32", "<i8": "I64"}
-
-
 def position_dtype(count: int) -> np.dtype:
     """U32 positions where every element offset fits (all but the largest tensors), else I64."""
     return np.dtype("<u4") if count <= 1 << 32 else np.dtype("<i8")
@@ -189,6 +186,11 @@ def _array_names(tensor: str) -> tuple[str, str, str]:
     return POSITION_PREFIX + tensor, ORIGINAL_PREFIX + tensor, MERGED_PREFIX + tensor
 
 
+def _array_dtypes(t: JournalTarget) -> tuple[np.dtype, np.dtype, np.dtype]:
+    """The numpy dtypes of a target's (positions, original, merged) arrays."""
+    return position_dtype(t.count), NUMPY_DTYPES[t.dtype], NUMPY_DTYPES[t.dtype]
+
+
 def write_journal(path: str, root: str, files: list[str], targets: list[JournalTarget],
                   arrays: Callable[[JournalTarget], tuple[np.ndarray, np.ndarray, np.ndarray]], *,
                   adapters: list[dict], layouts: dict[str, str] | None = None) -> None:
@@ -208,13 +210,11 @@ def write_journal(path: str, root: str, files: list[str], targets: list[JournalT
         "tensors": {t.tensor: {"file": t.file, "dtype": t.dtype, "offset": int(t.offset), "count": int(t.count),
                                "sha256": "0" * 64} for t in targets},
     }
-    itemsize = {t.tensor: NUMPY_DTYPES[t.dtype].itemsize for t in targets}
-    most = sum(t.count * (position_dtype(t.count).itemsize + 2 * itemsize[t.tensor]) for t in targets)
+    most = sum(t.count * sum(d.itemsize for d in _array_dtypes(t)) for t in targets)
     widest = {}  # every size and offset at its largest possible value: at least as many digits as the real ones
     for t in targets:
-        pos, orig, merged = _array_names(t.tensor)
-        widest[pos] = (_POSITION_NAMES[position_dtype(t.count).str], t.count, most, most)
-        widest[orig] = widest[merged] = (t.dtype, t.count, most, most)
+        for name, dtype in zip(_array_names(t.tensor), _array_dtypes(t)):
+            widest[name] = (dtype_name(dtype), t.count, most, most)
     room = -(-(len(_header(doc, widest))) // 8) * 8
 
     def write(tmp: str) -> None:
@@ -222,17 +222,13 @@ def write_journal(path: str, root: str, files: list[str], targets: list[JournalT
         with open(tmp, "wb") as f:
             f.seek(8 + room)
             for t in targets:
-                positions, original, merged = arrays(t)
-                parts = (np.ascontiguousarray(positions, dtype=position_dtype(t.count)),
-                         np.ascontiguousarray(original, dtype=NUMPY_DTYPES[t.dtype]),
-                         np.ascontiguousarray(merged, dtype=NUMPY_DTYPES[t.dtype]))
+                parts = [np.ascontiguousarray(a, dtype=d) for a, d in zip(arrays(t), _array_dtypes(t))]
                 doc["tensors"][t.tensor]["sha256"] = entry_sha256(*parts)
-                for name, a, dtype in zip(_array_names(t.tensor), parts, (_POSITION_NAMES[parts[0].dtype.str],
-                                                                           t.dtype, t.dtype)):
+                for name, a in zip(_array_names(t.tensor), parts):
                     f.write(a.view(np.uint8).data)
-                    layout[name] = (dtype, a.size, at, at + a.nbytes)
+                    layout[name] = (dtype_name(a.dtype), a.size, at, at + a.nbytes)
                     at += a.nbytes
-                del positions, original, merged, parts
+                del parts  # (one target's arrays in memory at a time)
             header = _header(doc, layout)
             if len(header) > room:  # cannot happen: every number in it was sized at its largest
                 raise RuntimeError(f"journal header of {len(header)} bytes outgrew its room of {room}")
@@ -267,8 +263,10 @@ def _malformed(path: str, why: str) -> NeuroAdaError:
     return NeuroAdaError(f"not a usable neuroada merge journal: {why}", path=path)
 
 
-def read_journal(path) -> Journal:
-    """Open and check a journal (structure and self-consistency; the files are checked by revert)."""
+def read_journal(path, *, check_data: bool = True) -> Journal:
+    """Open and check a journal (structure and self-consistency; the files are checked by revert). check_data=False
+    leaves the arrays unread (positions' range and order, checksums): for the merge that has just written them and
+    reads them back once to patch, where checking would read the whole journal a second time."""
     path = os.path.abspath(os.fspath(path))
     try:
         check_regular(path, rule=None)
@@ -300,7 +298,7 @@ def read_journal(path) -> Journal:
     for name, t in tensors.items():
         ok = (isinstance(t, dict) and t.get("file") in files and t.get("dtype") in BASE_DTYPES
               and all(isinstance(t.get(k), int) and t[k] >= 0 for k in ("offset", "count")))
-        names = (POSITION_PREFIX + name, ORIGINAL_PREFIX + name, MERGED_PREFIX + name)
+        names = _array_names(name)
         if not ok or not all(n in st.tensors for n in names):
             raise _malformed(path, f"entry of tensor {name!r} is invalid")
         pos, orig, merged = (st.tensors[n] for n in names)
@@ -308,6 +306,8 @@ def read_journal(path) -> Journal:
         if (pos.dtype not in ("U32", "I64") or orig.dtype != t["dtype"] or merged.dtype != t["dtype"]
                 or not (pos.shape == orig.shape == merged.shape == (n,))):
             raise _malformed(path, f"arrays of tensor {name!r} are inconsistent")
+        if not check_data:
+            continue
         p = st.array(names[0])
         if p.size and (int(p.min()) < 0 or int(p.max()) >= t["count"]):
             raise _malformed(path, f"positions of tensor {name!r} fall outside the tensor")
@@ -396,9 +396,9 @@ def _revert(j: Journal, root: str, started: float, progress: bool, layout_file: 
                                "recorded (re-exported or edited since the merge)", path=layout_path)
         paths[rel] = path
     headers = {rel: SafetensorsFile(p) for rel, p in paths.items() if "layout_file" not in j.doc["files"][rel]}
-    targets = j.targets()
     todo, already = [], 0
-    for e in j.entries():
+    for target in j.targets():
+        e = j.entry(target)
         if e.file in headers:
             info = headers[e.file].tensors.get(e.tensor)
             fits = (info is not None and info.dtype == e.dtype and headers[e.file].absolute_offset(e.tensor) == e.offset
@@ -419,7 +419,7 @@ def _revert(j: Journal, root: str, started: float, progress: bool, layout_file: 
         if is_original.all():
             already += 1
         else:
-            todo.append(JournalTarget(e.tensor, e.file, e.dtype, e.offset, e.count))
+            todo.append(target)
     for rel in sorted({t.file for t in todo}):  # before the first write: a file to restore may have no other name
         refuse_shared(paths[rel], "reverting it in place", "break the link first (cp the file to a new name, "
                       "then mv that back over it), then revert")
@@ -434,7 +434,7 @@ def _revert(j: Journal, root: str, started: float, progress: bool, layout_file: 
     for rel in sorted({t.file for t in todo}):
         fsync_path(paths[rel])
     return {
-        "mode": "revert", "journal": j.path, "base": root, "targets": len(targets),
+        "mode": "revert", "journal": j.path, "base": root, "targets": len(j.doc["tensors"]),
         "targets_restored": len(todo), "targets_already_original": already, "values_restored": restored,
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -206,8 +206,7 @@ def _to_peft(source, base, out, overwrite, base_name, task_type, allow_inexact):
     s = peft_interop.to_peft(source, out, base=base, base_model_name_or_path=base_name, overwrite=overwrite,
                              task_type=None if task_type == "none" else task_type, allow_inexact=allow_inexact)
     summary = {"mode": "to-peft", "source": source, **s}
-    out = os.path.abspath(out)  # said as every other mode says its output (the path as typed could read './p//x')
-    return summary, (f"wrote {out}: {s['targets']} targets, task_type {s['task_type'] or 'none'}, "
+    return summary, (f"wrote {s['output']}: {s['targets']} targets, task_type {s['task_type'] or 'none'}, "
                      f"sparsity {s['sparsity']!r}, {s['entries']:,} entries + "
                      f"{s['peft_entries'] - s['entries']:,} padding, {s['peft_file_bytes']:,} bytes "
                      f"({s['peft_file_bytes'] / max(1, os.path.getsize(adapter_paths(source)[0])):.2f}x the adapter)"

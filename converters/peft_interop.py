@@ -576,7 +576,6 @@ def import_peft(folder, base, *, value_dtype: str | None = None, round_values: b
             renamed[name] = module
 
     exact = doc is not None and _fits_embedded(doc, dtypes, info)
-    same_values = True  # every value in the dtype the exported file had
     targets, report = {}, {}
     for name, (flat, vals, d_out, d_in, dtype) in info.items():
         weight = b.array(name)
@@ -601,7 +600,6 @@ def import_peft(folder, base, *, value_dtype: str | None = None, round_values: b
             flips = int((probed.view(np.uint32) == NEG_ZERO_F32).sum())
         vdt = value_dtype or vdt
         values = _to_value_dtype(f32.reshape(-1), vdt, round_values, path, name).reshape(f32.shape)
-        same_values = same_values and not (exact and vdt != dtypes[name][1])  # asked for in another dtype
         idx = np.ascontiguousarray(idx, dtype=NUMPY_DTYPES[idt])
         target = Target(name, idx, np.ascontiguousarray(values), (d_out, d_in), "out_in", dtype,
                         probe_hash(weight, idx))
@@ -634,7 +632,8 @@ def import_peft(folder, base, *, value_dtype: str | None = None, round_values: b
     validate(adapter, strict=True, path=path)
     # the exported adapter's document and positions, but values re-typed (--value-dtype F16 --round-values): not the
     # file that was exported, which "exact round trip" promised
-    return adapter, {"exact_round_trip": exact and same_values, "sparsity": sparsity, "targets": report}
+    exact = exact and (value_dtype is None or all(dtypes[name][1] == value_dtype for name in info))
+    return adapter, {"exact_round_trip": exact, "sparsity": sparsity, "targets": report}
 
 
 def from_peft(folder, base, **kw) -> Adapter:

@@ -18,7 +18,7 @@ import numpy as np
 
 from neuroada_format import NeuroAdaUsageError
 from neuroada_format.dtypes import NUMPY_DTYPES
-from neuroada_format.safe_io import open_regular
+from neuroada_format.safe_io import open_regular, pread_into
 
 FileId = tuple[int, int]  # (st_dev, st_ino): which file a path named when its header was read
 
@@ -47,6 +47,7 @@ def shrank(fd: int) -> BaseException:
     return NeuroAdaUsageError("shrank while the merge was reading it (changed by another program?); nothing was "
                               "written: run again once it stays put", path=name)
 
+
 IO_CHUNK = 1 << 20  # one read call (larger calls were erratic here)
 READ_BLOCK = 4 << 20  # bytes of a tensor gathered from at a time
 
@@ -56,17 +57,10 @@ def read_exactly(fd: int, view: memoryview, pos: int) -> None:
     error naming it."""
     got = 0
     while got < len(view):
-        n = os.preadv(fd, [view[got:got + IO_CHUNK]], pos + got) if hasattr(os, "preadv") else \
-            _pread_into(fd, view[got:got + IO_CHUNK], pos + got)
+        n = pread_into(fd, view[got:got + IO_CHUNK], pos + got)
         if n == 0:
             raise shrank(fd)
         got += n
-
-
-def _pread_into(fd: int, view: memoryview, pos: int) -> int:
-    data = os.pread(fd, len(view), pos)
-    view[:len(data)] = data
-    return len(data)
 
 
 def read_tensor(path: str, dtype: str, offset: int, shape, *, expected: FileId | None = None) -> np.ndarray:

@@ -24,7 +24,7 @@ import numpy as np
 from .dtypes import NUMPY_DTYPES
 from .errors import NeuroAdaError, NeuroAdaUsageError
 from .jsonparse import strict_json  # noqa: F401  (re-exported: the one parser, see jsonparse)
-from .safe_io import open_regular
+from .safe_io import open_regular, pread_into
 
 HEADER_CAP = 100_000_000  # same cap as the reference safetensors reader
 READ_CHUNK = 1 << 30  # bytes per read call: Linux returns at most 0x7ffff000 per call, macOS refuses > INT_MAX
@@ -297,12 +297,8 @@ class SafetensorsFile:
 
     def _read_at(self, f, view: memoryview, pos: int) -> int:
         """One positional read into `view`; the number of bytes read (0 at the end of the file)."""
-        if hasattr(os, "preadv"):
-            return os.preadv(f.fileno(), [view], pos)
         if hasattr(os, "pread"):
-            data = os.pread(f.fileno(), len(view), pos)
-            view[:len(data)] = data
-            return len(data)
+            return pread_into(f.fileno(), view, pos)
         with self._seek_lock:  # no pread: the shared file position needs the lock
             f.seek(pos)
             return f.readinto(view) or 0

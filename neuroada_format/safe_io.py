@@ -109,3 +109,13 @@ def read_regular(path, cap: int, *, rule: str | None = "1.1", what: str = "file"
             return f.read(size) if size else b""
         except OSError as exc:
             raise _refuse(path, exc.strerror or str(exc), rule) from None
+
+
+def pread_into(fd: int, view: memoryview, pos: int) -> int:
+    """One positional read into `view` (the descriptor's offset untouched, so threads may share it); the number of
+    bytes read, 0 at the end of the file. Platforms without pread (Windows) need a seek under a lock instead."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], pos)
+    data = os.pread(fd, len(view), pos)
+    view[:len(data)] = data
+    return len(data)

@@ -500,15 +500,16 @@ class NeuroAdaLayer(nn.Module):
     _w0_version = None  # the base weight's version when w0 last matched it (see reread_w0) ...
     _w0_weight = staticmethod(lambda: None)  # ... and a weak reference to that weight (an id can be reused)
 
-    def reread_w0(self) -> None:
+    def reread_w0(self, *, force: bool = False) -> None:
         """w0 holds the base weight's values at the adapters' entries, read when they were added. A weight written
         since (an edit under no_grad, an optimizer step on a base trained beside the deltas in the additive mode)
         has other values there: the in-place forward would restore the old ones over the edit after one forward, and
         a merge would write old + delta. So when the weight's version moved while nothing is merged (then the
         weight holds the originals), w0 is read again. The runtime's own writes go through ``.data`` or numpy and
-        move no version, or are followed by `_matched`; a check costs one attribute read."""
+        move no version, or are followed by `_matched`; a check costs one attribute read. force: read them whatever
+        the version says (after a restore that may itself have moved it)."""
         W = self.base_layer.weight
-        if self.merged_adapters or W.is_meta or not self.weight_moved():
+        if self.merged_adapters or not _is_plain(W) or not (force or self.weight_moved()):
             return  # (an offloaded weight is read by its hooks at the forward: nothing to compare here)
         if not all(_is_plain(t) for d in (self.neuroada_w0, self.neuroada_idx) for t in d._buffers.values()):
             return  # offloaded (refused by the forward: check_in_memory) or sharded adapter tensors
@@ -571,8 +572,7 @@ class NeuroAdaLayer(nn.Module):
         unmerge_(self.base_layer.weight, self.overlay(self.merged_adapters))
         self.merged_adapters = []
         if moved:
-            self._w0_version = None
-            self.reread_w0()
+            self.reread_w0(force=True)
         self._matched()
 
     # -- forward --------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from torch import nn
 
 import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
-from neuroada_format.dtypes import BASE_DTYPES, common_value_dtype, nonfinite_mask
+from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
 from neuroada_format.durable import write_file
 from neuroada_format.folder import (STATE_FILE, STATE_MARKER, STATE_PROBE, STATE_TRAINING, WEIGHTS_NAME, adapter_config,
                                     state_text, warn_trained_extras)
@@ -502,11 +502,8 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
                                      "attaching another")
     for name, module in modules.items():
         _check_base_weight(module.weight, name + ".weight", "attach selects positions from it")
-        if module.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            # refused now, not at save_adapter after the training: the format describes F32, F16 and BF16 bases
-            raise NeuroAdaUsageError(f"the adapter format describes F32, F16 and BF16 base weights, this one is "
-                                     f"{module.weight.dtype}: convert the model (e.g. model.float()) before attaching",
-                                     tensor=name + ".weight")
+        # refused now, not at save_adapter after the training
+        _refuse_base_dtype(module.weight, name + ".weight", "convert the model (e.g. model.float()) before attaching")
         d_in = _canonical(module).shape[1]
         if config.k > d_in:
             raise NeuroAdaUsageError(f"k={config.k} exceeds d_in={d_in}", tensor=name + ".weight", rule="3.4")
@@ -556,6 +553,12 @@ def _warn_frozen_head(model: nn.Module, config: NeuroAdaConfig) -> None:
                 warnings.warn(f"task_type={config.task_type}: the head {name!r} is frozen with the base; PEFT trains it "
                               f"(modules_to_save). To train it here: model.get_submodule({name!r}).requires_grad_(True) "
                               f"(save_pretrained then keeps it in model.safetensors)", stacklevel=3)
+
+
+def _refuse_base_dtype(weight: torch.Tensor, tensor: str, advice: str, how: str = "") -> None:
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise NeuroAdaUsageError(f"the adapter format describes F32, F16 and BF16 base weights, this one is "
+                                 f"{weight.dtype}{how}: {advice}", tensor=tensor)
 
 
 def _refuse_aliased(model: nn.Module, modules: dict[str, nn.Module]) -> None:
@@ -862,11 +865,9 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
         layer.reread_w0()  # (a base edited since the last forward: its probe and grid are what is saved)
         module = plain_name(model, name)
         key = saved_keys.get(module + ".weight", module + ".weight")
-        if layer.weight.dtype not in TORCH_DTYPE_NAMES or TORCH_DTYPE_NAMES[layer.weight.dtype] not in BASE_DTYPES:
-            # attach refuses such a base; a model converted after attach (model.double()) failed here on the schema
-            raise NeuroAdaUsageError(f"the adapter format describes F32, F16 and BF16 base weights, this one is "
-                                     f"{layer.weight.dtype} (converted after attach?): convert the model back (e.g. "
-                                     f"model.float()) before saving", tensor=key)
+        # a model converted after attach (model.double()) failed here on the schema
+        _refuse_base_dtype(layer.weight, key, "convert the model back (e.g. model.float()) before saving",
+                           " (converted after attach?)")
         idx = to_numpy(layer.neuroada_idx[adapter_name])
         val32 = _full(layer.delta(adapter_name).detach()).float().cpu().numpy()
         with np.errstate(over="ignore"):
@@ -1077,7 +1078,7 @@ def _check_state_training(module: nn.Module, saved, named: set[str]) -> None:
     crashed the process (another k). Compared over the adapters both sides have; a model training none (loading for
     evaluation), or a state saved when none trained, is left alone."""
     model_names = {a for layer in layers(module).values() for a in layer.neuroada_val.keys()}
-    was = set(filter(None, _tensor_text(saved).split("\n"))) & model_names
+    was = set(filter(None, state_text(saved).split("\n"))) & model_names
     now = _training_adapters(module) & named
     if now and was and now != was:
         raise NeuroAdaError(f"this trainable state was saved while adapter(s) {', '.join(sorted(was)) or 'none'} "
@@ -1113,9 +1114,6 @@ def _text_tensor(text: str) -> torch.Tensor:
     return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
 
 
-_tensor_text = state_text  # the text of a _text_tensor: the guard's base tensor name, a probe hash, the adapters
-
-
 def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """A state marked as trainable state (save_pretrained's model.safetensors) holds no base by design;
     its guard tensor (see save_pretrained) is not a weight, nor are its probe hashes, which are checked against this
@@ -1126,7 +1124,7 @@ def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_
     probes = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(head)]}
     module.__dict__["_neuroada_partial_load"] = None
     if marker is not None:
-        guard = _tensor_text(marker)
+        guard = state_text(marker)
         if guard:
             state_dict.pop(prefix + guard, None)
         named = module.__dict__["_neuroada_partial_load"] = _check_state_adapters(module, state_dict, prefix)
@@ -1207,7 +1205,7 @@ def _check_state_probes(module: nn.Module, held: dict[str, NeuroAdaLayer], state
             if type(w) not in (torch.Tensor, nn.Parameter) or w.is_meta:
                 continue  # sharded or offloaded: no whole weight to read the other positions from
             values = gather_exact(w.detach(), idx.to(w.device))
-        if layer_probe_of(values) == _tensor_text(saved):
+        if layer_probe_of(values) == state_text(saved):
             continue
         have = TORCH_DTYPE_NAMES.get(layer.weight.dtype)
         hint = (f" (or from this base in a wider dtype, e.g. float32, whose values {have} rounds: the hash covers the "

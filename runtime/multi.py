@@ -221,6 +221,8 @@ def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
     several merged adapters (merged by hand) is left through ``layer.unmerge``."""
     current = layer.merged_adapters
     if current == want:
+        if not current:  # nothing merged: an edit since is what the next forward, block or switch starts from
+            layer.reread_w0()
         return
     moved = layer.weight_moved()  # an edit of the weight since w0 was read (while merged: lost at those entries)
     W = layer.base_layer.weight
@@ -232,8 +234,7 @@ def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
     elif current:
         layer.unmerge()
     if moved and not layer.merged_adapters:
-        layer._w0_version = None  # (the restore above may have moved the version itself)
-        layer.reread_w0()
+        layer.reread_w0(force=True)  # (the restore above may have moved the version itself)
     if want:
         kernels.put_(W, *_merged_entries(layer, want[0]))
     layer.merged_adapters = list(want)
@@ -528,7 +529,6 @@ def _adapter_batch_locked(model: nn.Module, adapter_names: Sequence[str | None])
         with torch.no_grad():
             for name, layer in all_layers.items():
                 _switch(layer, [])
-                layer.reread_w0()  # (already unmerged: an edit since is what the stacked, snapped deltas start from)
                 _serve(layer)
                 stack, slots = _stack(layer, order, used)
                 seq_slots = tuple(slots.get(n, -1) for n in names)
