@@ -57,6 +57,7 @@ import numpy as np
 from neuroada_format import Adapter, NeuroAdaError, NeuroAdaUsageError, load
 from neuroada_format.durable import check_output, checkpoint_folder, checkpoint_lock, naming_write_errors
 from neuroada_format.folder import TRAINED_EXTRAS_LOST, adapter_paths, warn_trained_extras
+from neuroada_format.errors import missing_extra
 
 SLOWDOWN_ENV = "NEUROADA_TEST_SLOWDOWN"
 
@@ -274,8 +275,9 @@ def backend(fmt: str, options: dict | None = None) -> Backend:
         if exc.name and exc.name.endswith(reg.module):
             raise NeuroAdaUsageError(f"{fmt} bases are not supported by this installation "
                                      f"({__package__}.{reg.module} is missing)") from None
-        hint = f" (pip install 'neuroada-format[{reg.extra}]')" if reg.extra else ""
-        raise NeuroAdaUsageError(f"{fmt} merging needs a package that is not installed{hint}: {exc}") from None
+        if reg.extra:
+            raise missing_extra(f"{fmt} merging needs", exc, reg.extra) from None
+        raise NeuroAdaUsageError(f"{fmt} merging needs a package that is not installed: {exc}") from None
     return module.BACKEND.configured(**options) if options else module.BACKEND
 
 

@@ -61,7 +61,8 @@ try:
     import gguf
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants as gquants
 except ImportError as exc:  # pragma: no cover - the registry turns this into a usage error
-    raise ImportError("GGUF bases need the gguf package (pip install gguf)", name="gguf") from exc
+    raise ImportError("GGUF bases need the gguf package: pip install 'neuroada-format[gguf]'",
+                      name=exc.name) from exc
 
 RULE = "1.6"  # a base can be opened; for GGUF files spec section 15.1 says what that checks
 MAGIC = b"GGUF"

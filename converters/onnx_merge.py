@@ -49,7 +49,8 @@ try:  # the converters need onnx; the format core does not
     import onnx
     from onnx import TensorProto, numpy_helper
 except ImportError as exc:  # pragma: no cover - exercised only without the [onnx] extra
-    raise ImportError("ONNX merges need the onnx package: pip install 'neuroada-format[onnx]'") from exc
+    raise ImportError("ONNX merges need the onnx package: pip install 'neuroada-format[onnx]'",
+                      name=exc.name) from exc
 
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 

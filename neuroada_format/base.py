@@ -13,7 +13,7 @@ import numpy as np
 
 from .container import SafetensorsFile
 from .dtypes import dtype_label, native
-from .errors import NeuroAdaError, NeuroAdaUsageError
+from .errors import NeuroAdaError, NeuroAdaUsageError, missing_extra
 from .folder import STATE_MARKER
 from .hashing import structure_hash
 from .jsonparse import MAX_JSON_BYTES, read_json
@@ -129,8 +129,7 @@ def _open_gguf(path: str):
     try:
         from neuroada_format.converters.gguf_merge import open_gguf_base
     except ImportError as exc:
-        raise NeuroAdaError(f"GGUF bases need the gguf package (pip install gguf): {exc}", path=path,
-                            rule="1.6") from None
+        raise missing_extra("GGUF bases need", exc, "gguf", path=path) from None
     return open_gguf_base(path)
 
 

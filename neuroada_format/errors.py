@@ -97,6 +97,14 @@ class NeuroAdaUsageError(NeuroAdaError):
     an output that already exists, a lock held by another run. Exit code 2 rather than 1."""
 
 
+def missing_extra(needs: str, exc: ImportError, extra: str, *, path: str | None = None) -> NeuroAdaUsageError:
+    """An optional dependency is not installed: a usage error (exit 2), never a verdict on the input file, naming
+    the missing module and the extra that installs it."""
+    module = (exc.name or extra).split(".")[0]
+    return NeuroAdaUsageError(f"{needs} the {module} package, which is not installed "
+                              f"(pip install 'neuroada-format[{extra}]')", path=path)
+
+
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2

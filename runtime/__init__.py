@@ -1,5 +1,11 @@
 """PyTorch runtime for NeuroAda: train sparse deltas on any model and apply them (installed as neuroada_format.runtime)."""
 
+try:  # the format core and the converters work without torch; this package is the one part that needs it
+    import torch  # noqa: F401
+except ImportError as exc:
+    raise ImportError("neuroada_format.runtime needs torch: pip install 'neuroada-format[torch]'",
+                      name=exc.name) from exc
+
 from . import kernels
 from .functional import (
     AdditiveSparseDelta,

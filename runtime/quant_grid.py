@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
+from neuroada_format.errors import missing_extra
 
 from .kernels.cache import outside_inference, version
 from .layer import GRID_ATTR, NeuroAdaLayer
@@ -157,8 +158,7 @@ def _gguf_view(path):
     try:
         from neuroada_format.converters import gguf_merge
     except ImportError as exc:
-        raise NeuroAdaUsageError(f"training through a GGUF grid needs the gguf package (pip install gguf): {exc}",
-                                 path=os.fspath(path)) from None
+        raise missing_extra("training through a GGUF grid needs", exc, "gguf", path=os.fspath(path)) from None
     return gguf_merge, gguf_merge.open_gguf_base(path)
 
 
