@@ -382,9 +382,21 @@ class _Sequences:
     def __init__(self, slots: tuple[int, ...], device):
         with outside_inference():
             self.ids = torch.tensor(slots, dtype=torch.int64, device=device)
-        self.n = len(slots)
+        self.slots, self.device, self.n = slots, device, len(slots)
         self.groups = seq_groups(self.ids)
         self.mask = SeqMask(self.ids)  # what a compiled forward reads instead (tensors, no Python data)
+        self._expanded: dict[int, _Sequences] = {}
+
+    def expanded(self, m: int) -> "_Sequences":
+        """Each sequence's slot ``m`` times in a row: the rows of a batch that generate expanded for beam search or
+        num_return_sequences (transformers repeats every input ``m`` times in place, ``repeat_interleave``, and its
+        beams stay within their input's rows); made once per ``m``."""
+        if m == 1:
+            return self
+        e = self._expanded.get(m)
+        if e is None:
+            e = self._expanded[m] = _Sequences(tuple(s for s in self.slots for _ in range(m)), self.device)
+        return e
 
 
 def _exact_linears() -> tuple:
@@ -400,7 +412,7 @@ class _Tokens:
     layers (q, k, v), let go of when the call returns (a generation's later steps take another path)."""
 
     def __init__(self):
-        self.seq_len = None
+        self.seq_len = self.rows = None
         self.inputs_t = InputsT()
 
     def capture(self, module, args, kwargs) -> None:
@@ -409,10 +421,11 @@ class _Tokens:
             t = kwargs.get("inputs_embeds")
         if t is None and args and isinstance(args[0], torch.Tensor):
             t = args[0]
-        self.seq_len = int(t.shape[1]) if isinstance(t, torch.Tensor) and t.dim() >= 2 else None
+        known = isinstance(t, torch.Tensor) and t.dim() >= 2
+        self.seq_len, self.rows = (int(t.shape[1]), int(t.shape[0])) if known else (None, None)
 
     def forget(self, *_) -> None:
-        self.seq_len = None
+        self.seq_len = self.rows = None
         self.inputs_t.clear()
 
 
@@ -425,22 +438,30 @@ class _MixedForward:
         self.exact = _exact_linears()
         stack.idx, stack.val  # noqa: B018 -- built here, eagerly: a compiled forward only reads them
 
+    def rows(self, x: torch.Tensor) -> _Sequences:
+        """Whose rows ``x`` holds: the block's sequences, each repeated ``m`` times in a row when generate expanded
+        the batch (beam search, num_return_sequences: see _Sequences.expanded), along the first dimension or, for
+        a 2-D input, as their tokens in order (sequence-major, known from the model call in progress)."""
+        n, lead, rows, seq_len = self.seqs.n, x.shape[0] if x.dim() >= 2 else 0, self.tokens.rows, self.tokens.seq_len
+        if x.dim() == 2 and seq_len is not None and rows and rows % n == 0 and lead == rows * seq_len:
+            return self.seqs.expanded(rows // n)  # tokens, flattened
+        if lead == n or (lead % n == 0 and rows in ((None, lead) if x.dim() > 2 else (lead,))):
+            return self.seqs.expanded(lead // n)  # (2-D rows a multiple of n with no call in progress: tokens? refused)
+        raise NeuroAdaError(
+            f"adapter_batch was given {n} adapter names but a layer got input of shape {tuple(x.shape)}: its first "
+            f"dimension must be the sequences (beam search and num_return_sequences repeat each one in place), "
+            f"or (2-D) their tokens in order")
+
     def __call__(self, layer: NeuroAdaLayer, x: torch.Tensor, args, kwargs) -> torch.Tensor:
-        n = self.seqs.n
-        if x.dim() < 2 or (x.shape[0] != n and not (x.dim() == 2 and self.tokens.seq_len is not None
-                                                    and x.shape[0] == n * self.tokens.seq_len)):
-            raise NeuroAdaError(
-                f"adapter_batch was given {n} adapter names but a layer got input of shape {tuple(x.shape)}: its "
-                f"first dimension must be the sequences, or (2-D) their tokens in order; beam search and "
-                f"num_return_sequences > 1 multiply the sequences: repeat each name to match")
+        seqs = self.rows(x)
         x2 = x.reshape(-1, x.shape[-1])
-        seq_len = x2.shape[0] // n
+        seq_len = x2.shape[0] // seqs.n
         base = layer.base_layer
         fused = not args and not kwargs and self._fused(base, x)
         if torch.compiler.is_compiling():
             # the same ops on every sequence, selected by tensors built at block entry: no host reads, no shapes
             # that depend on the assignment, so another block of the same shapes reuses the compiled graph
-            mask = self.seqs.mask
+            mask = seqs.mask
             if fused:
                 y2 = bgmv_linear_static(x2, base.weight, base.bias, mask, self.stack, seq_len=seq_len,
                                         transposed=layer.transposed)
@@ -448,12 +469,12 @@ class _MixedForward:
             y = base(x, *args, **kwargs)
             return bgmv_add_static(y, x2, mask, self.stack, seq_len=seq_len)
         if fused:
-            y2 = bgmv_linear_cpu(x2, base.weight, base.bias, self.seqs.ids, self.stack, seq_len=seq_len,
+            y2 = bgmv_linear_cpu(x2, base.weight, base.bias, seqs.ids, self.stack, seq_len=seq_len,
                                  transposed=layer.transposed)
             return y2.view(x.shape[:-1] + (layer.d_out,))
         y = base(x, *args, **kwargs)
         y2 = y.reshape(-1, y.shape[-1])
-        bgmv_add_(y2, x2, self.seqs.ids, self.stack, seq_len=seq_len, groups=self.seqs.groups,
+        bgmv_add_(y2, x2, seqs.ids, self.stack, seq_len=seq_len, groups=seqs.groups,
                   inputs_t=self.tokens.inputs_t)
         return y2.view(y.shape)
 

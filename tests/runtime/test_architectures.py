@@ -351,7 +351,8 @@ def test_generate_matches_merged(arch):
 @pytest.mark.parametrize("arch", NAMES)
 def test_adapter_batch_generates_what_each_adapter_does(arch):
     """Two adapters served per sequence in one generate call (adapter_batch) give each sequence the tokens that
-    adapter gives served alone (set_adapter, merged). The scores agree to float rounding only: the mixed batch adds
+    adapter gives served alone (set_adapter, merged), greedy and with beams (generate repeats each input's rows:
+    an encoder-decoder runs its encoder on the inputs and its decoder on the repeated rows, under the same names). The scores agree to float rounding only: the mixed batch adds
     each sequence's sparse term to the base product, set_adapter multiplies by the merged weight."""
     batch = inputs(arch)
     model = attach(build(arch), NeuroAdaConfig(k=2), "a")
@@ -360,13 +361,16 @@ def test_adapter_batch_generates_what_each_adapter_does(arch):
     train(model, batch, steps=2)
     kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4,
               min_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    beams = dict(kw, num_beams=2, num_return_sequences=2, output_scores=False)
     with torch.no_grad():
-        with adapter_batch(model, ["a", "b"]):
+        with adapter_batch(model, ["a", "b"]):  # one name per input, also when generate expands the rows (beams)
             mixed = model.generate(**kw)
+            mixed_beams = model.generate(**beams).sequences
         for row, name in enumerate(("a", "b")):
             set_adapter(model, name)
             alone = model.generate(**kw)
             assert same(mixed.sequences[row], alone.sequences[row])
+            assert same(mixed_beams[2 * row:2 * row + 2], model.generate(**beams).sequences[2 * row:2 * row + 2])
             got, want = torch.stack(mixed.scores)[:, row], torch.stack(alone.scores)[:, row]
             finite = want.isfinite()  # min_new_tokens puts -inf at eos in both
             assert torch.equal(finite, got.isfinite())

@@ -627,8 +627,7 @@ def test_adapter_batch_serves_layers_given_flattened_tokens(k):
         with adapter_batch(model, names):
             got = model(ids).logits
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-            with pytest.raises(NeuroAdaError, match="repeat each name"):
-                model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=2, num_return_sequences=2, **kw)
+            beams = model.generate(ids, attention_mask=torch.ones_like(ids), num_beams=2, num_return_sequences=2, **kw)
             fc1 = model.model.decoder.layers[0].fc1
             with pytest.raises(NeuroAdaError, match="first dimension must be the sequences"):
                 fc1(torch.zeros(3 * 5 + 3, 32))  # not 3 sequences x 5 tokens
@@ -636,12 +635,15 @@ def test_adapter_batch_serves_layers_given_flattened_tokens(k):
             with pytest.raises(NeuroAdaError, match="first dimension must be the sequences"):
                 fc1(torch.zeros(3 * 5, 32))  # the right count, but no model call in progress says what the rows are
         want = alone(model, ids, names)
-        want_gen = []
+        want_gen, want_beams = [], []
         for b, name in enumerate(names):
             set_adapter(model, name)
             want_gen.append(model.generate(ids[b:b + 1], attention_mask=torch.ones_like(ids[b:b + 1]), **kw))
+            want_beams.append(model.generate(ids[b:b + 1], attention_mask=torch.ones_like(ids[b:b + 1]), num_beams=2,
+                                             num_return_sequences=2, **kw))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(gen, torch.cat(want_gen))
+    assert torch.equal(beams, torch.cat(want_beams))  # generate's expanded rows, each input's beams in a row
     with torch.no_grad():
         set_adapter(model, None)
         assert not torch.allclose(got[0], model(ids[:1]).logits[0], atol=1e-3)  # the adapters do change the output
