@@ -596,6 +596,8 @@ class NeuroAdaLayer(nn.Module):
             self.check_in_memory(active)
         if self.mode == "inplace" and not has_hooks(base) and not transforms_active():
             return inplace_sparse_delta_linear(x, base.weight, base.bias, self.overlay(active), vals)
+        if x.is_nested:  # nn.TransformerEncoder's eval path with a padding mask: the sparse term reads flat rows
+            return torch.nested.as_nested_tensor([self(t, *args, **kwargs) for t in x.unbind()], layout=x.layout)
         y = base(x, *args, **kwargs)
         for n, v in zip(active, vals):
             y = y + additive_sparse_delta(x, self.pattern(n), v, out_dtype=y.dtype)

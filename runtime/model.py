@@ -306,11 +306,19 @@ def find_targets(model: nn.Module, config: NeuroAdaConfig) -> list[str]:
                 cls = type(m)
                 raise NeuroAdaUsageError(f"target module {name} is a {cls.__module__}.{cls.__qualname__}; NeuroAda "
                                          "adapts nn.Linear and transformers Conv1D layers with float weights")
+    bypassed = _bypassed_linears(model)
     for name, m in candidates.items():
         plain = plain_name(model, name)
         in_head = plain in heads or any(plain.startswith(h + ".") for h in heads)  # RoBERTa's head is two linears
         hit = not in_head if all_linear else _matches(plain, config.target_modules)
         if hit and not _matches(plain, config.exclude_modules):
+            if name in bypassed and not isinstance(m, NeuroAdaLayer):
+                if all_linear:
+                    continue  # (its in_proj_weight is a parameter, never a target: the attention is the base's)
+                raise NeuroAdaUsageError(
+                    f"target module {name} is the out_proj of an nn.MultiheadAttention, which reads its weight "
+                    f"itself and never calls it: a delta there would neither train nor apply before merging; leave "
+                    f"it out (exclude_modules=['out_proj'] or a target_modules that does not match it)")
             out.append(name)
     if not all_linear:
         _refuse_parameter_targets(model, config, candidates, wrappers, matched=bool(out))
@@ -402,10 +410,32 @@ def _wrap(model: nn.Module, name: str, module: nn.Module, config: NeuroAdaConfig
     foreign = name.rpartition(".")[0] in wrappers  # the original layer inside PEFT's wrapper
     layer = NeuroAdaLayer(module, mode=_mode_for(module, config, shared, foreign))
     setattr(layer, AUTO_ATTR, config.mode == "auto")
+    if any(isinstance(model.get_submodule(p), nn.TransformerEncoderLayer) for p in _ancestors(name)):
+        layer.register_forward_pre_hook(_no_fast_path)
     _set_module(model, name, layer)
     if getattr(model, HOOK_ATTR, None) is None:
         setattr(model, HOOK_ATTR, model.register_forward_pre_hook(_resolve_sharded_modes))
     return layer
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts))]  # "" is the model itself
+
+
+def _no_fast_path(module, args) -> None:
+    """Registered on layers inside an nn.TransformerEncoderLayer: in eval mode its fast path reads linear1/linear2's
+    weights itself (torch._transformer_encoder_layer_fwd) and never calls them, so every unmerged delta was left out
+    (0.54 off a merged copy); torch takes the plain path when any submodule has a hook. Does nothing itself."""
+    return None
+
+
+def _bypassed_linears(model: nn.Module) -> set[str]:
+    """Linears whose owner reads their weight itself and never calls them: nn.MultiheadAttention hands
+    ``out_proj.weight`` to F.multi_head_attention_forward (fast path or not, in training too), so a delta there would
+    neither train nor apply before a merge."""
+    return {f"{name}.out_proj".lstrip(".") for name, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention) and isinstance(getattr(m, "out_proj", None), nn.Linear)}
 
 
 def _refuse_in_batch(model: nn.Module, what: str, *, disabled_ok: bool = False) -> None:
@@ -1302,11 +1332,16 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
     adapter for another architecture is reported as such. Base values are read as they are now: a
     caller with merged adapters unmerges first (load_adapter does, and re-merges).
     """
-    by_key = _modules_by_key(model)
+    by_key, bypassed = _modules_by_key(model), _bypassed_linears(model)
     found = {}
     for key, t in sorted(adapter.targets.items()):
         name = _module_for(by_key, key, t)
         module = None if name is None else model.get_submodule(name)
+        if name in bypassed and not isinstance(module, NeuroAdaLayer):
+            raise NeuroAdaUsageError(f"the model's {name} is the out_proj of an nn.MultiheadAttention, which reads its "
+                                     "weight itself and never calls it: a runtime delta there would not apply; merge "
+                                     "this adapter into the checkpoint instead (neuroada-merge)", path=adapter.path,
+                                     tensor=key)
         twin = next((k for k in found if _module_for(by_key, k, adapter.targets[k]) == name), None)
         if module is not None and twin is not None:  # the model's name and the checkpoint's, both in one file
             raise NeuroAdaError(f"targets {twin!r} and {key!r} name the same weight (one as the model holds it, one "

@@ -13,7 +13,7 @@ from torch import nn
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.runtime import (NeuroAdaConfig, NeuroAdaLayer, attach, print_trainable_parameters,
-                                     save_adapter, trainable_parameters)
+                                     merge_and_unload, save_adapter, trainable_parameters)
 from neuroada_format.runtime.model import find_targets, layers
 
 transformers = pytest.importorskip("transformers")
@@ -765,3 +765,81 @@ def test_a_non_contiguous_weight_is_said_up_front():
         merge(m)
     assert all(not l.merged for l in layers(m).values())  # nothing half-merged
     assert all(torch.equal(b, l.weight) for b, l in zip(before, layers(m).values()))
+
+
+# -- torch's own transformer modules ---------------------------------------------------------------------------------
+class _VitBlock(nn.Module):
+    """The shape of torchvision's ViT encoder block: an nn.MultiheadAttention and an MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.mlp = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.mlp(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_multihead_attention_out_proj_is_never_a_target():
+    """nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward and never calls out_proj: its
+    delta had no effect before merging (1e-7 against 0.47 merged) and no gradient. all-linear leaves it out; naming it
+    is refused, and the model is left as it was."""
+    torch.manual_seed(0)
+    model = _VitBlock()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(NeuroAdaUsageError, match=r"attn\.out_proj is the out_proj of an nn\.MultiheadAttention.*"
+                                                 r"exclude_modules=\['out_proj'\]"):
+        attach(model, NeuroAdaConfig(k=2, target_modules=["out_proj", "mlp"]))
+    assert not layers(model) and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    attach(model, NeuroAdaConfig(k=2, target_modules="all-linear"))
+    assert list(layers(model)) == ["mlp"]
+    attach(model, NeuroAdaConfig(k=2, target_modules=["out_proj", "mlp"], exclude_modules=["out_proj"]), "b")
+    assert list(layers(model)) == ["mlp"]
+
+
+@pytest.mark.parametrize("mode", ["inplace", "additive"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_transformer_encoder_layer_serves_its_deltas_in_eval(mode, nested):
+    """In eval mode nn.TransformerEncoderLayer's fast path reads linear1/linear2's weights itself: every unmerged
+    delta was left out (0.54 off the merged model), so an evaluation during training saw the base. The adapted
+    layers carry a hook, which sends torch down its plain path; the unmerged model gives the merged one's output,
+    also through nn.TransformerEncoder's nested-tensor path (a padding mask)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    base = nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested).eval()
+    model = attach(copy.deepcopy(base), NeuroAdaConfig(k=2, target_modules=["linear1", "linear2"], mode=mode))
+    with torch.no_grad():
+        for lay in layers(model).values():
+            lay.neuroada_val["default"].normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2]) if nested else None
+    with torch.no_grad():
+        got = model(x, src_key_padding_mask=mask)
+        merged = merge_and_unload(copy.deepcopy(model))
+        want = merged(x, src_key_padding_mask=mask)
+        plain = base(x, src_key_padding_mask=mask)
+    assert (want - plain).abs().max() > 0.1  # the deltas matter
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    model.train()
+    loss = model(x, src_key_padding_mask=mask).sum()
+    loss.backward()
+    assert all(lay.neuroada_val["default"].grad.abs().sum() > 0 for lay in layers(model).values())
+
+
+def test_an_adapter_file_for_multihead_attention_out_proj_is_refused_by_load_adapter(tmp_path):
+    """An adapter made elsewhere (the numpy API, another tool) may target out_proj: the checkpoint merge applies it,
+    the runtime could not, so load_adapter says so and leaves the model alone."""
+    import neuroada_format as naf
+    from neuroada_format.runtime import load_adapter
+
+    torch.manual_seed(0)
+    model = _VitBlock()
+    w = model.attn.out_proj.weight.detach().numpy()
+    idx = naf.select_indices(w, 2)
+    target = naf.Target("attn.out_proj.weight", idx, np.full(idx.shape, 0.5, dtype=np.float32), w.shape, dtype="F32",
+                        probe=naf.probe_hash_from_values(np.take_along_axis(w, idx.astype(np.int64), 1)))
+    path = tmp_path / "a.safetensors"
+    naf.save(naf.Adapter({target.name: target}), path)
+    with pytest.raises(NeuroAdaUsageError, match=r"attn\.out_proj is the out_proj of an nn\.MultiheadAttention"):
+        load_adapter(model, path)
+    assert not layers(model)
