@@ -277,4 +277,5 @@ def warn_trained_extras(path, consequence: str, stacklevel: int = 3) -> None:
 
 # what a tool that reads an adapter folder says of those tensors (the runtime's load_adapter says how to load them)
 TRAINED_EXTRAS_LOST = ("this command reads only the adapter, so a merge or export of it keeps the base's values of "
-                       "those tensors")
+                       "those tensors (for a merged checkpoint loaded in Python: "
+                       "neuroada_format.runtime.load_trained_extras(model, ADAPTER_FOLDER) copies them in)")

@@ -24,7 +24,7 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
 from neuroada_format.durable import write_file
 from neuroada_format.folder import (STATE_FILE, STATE_MARKER, STATE_PROBE, STATE_TRAINING, WEIGHTS_NAME, adapter_config,
-                                    state_text, warn_trained_extras)
+                                    state_text, trained_extras, warn_trained_extras)
 
 from .config import MODES, SELECTIONS, NeuroAdaConfig
 from .kernels.reference import gather_exact
@@ -1299,7 +1299,34 @@ def _warn_unloaded_state(path) -> None:
     """A save_pretrained folder's model.safetensors may hold trained tensors that are no adapter's (a head the
     user unfroze, PEFT's LoRA): load_adapter reads only the adapter, so say what it leaves and how to load it."""
     warn_trained_extras(path, "load_adapter loads only the adapter. To use them too: "
-                              "model.load_state_dict(safetensors.torch.load_file(path), strict=False)", stacklevel=4)
+                              f"load_trained_extras(model, {os.fspath(path)!r})", stacklevel=4)
+
+
+def load_trained_extras(model: nn.Module, folder) -> list[str]:
+    """Copy into ``model`` the trained tensors a save_pretrained folder holds beside its adapters (a head you unfroze),
+    and return their names. For a model after load_adapter, and for a merged one (merge_and_unload, or the checkpoint
+    neuroada-merge wrote, loaded with from_pretrained), which holds the base's values of them: the state file itself
+    cannot be loaded into a model without the adapters (its guard entry fails on purpose), and its deltas are the
+    adapters'. Every name and shape is checked before anything is copied."""
+    found = trained_extras(folder)
+    if found is None:
+        return []
+    state, names = found
+    from safetensors import safe_open
+
+    own = model.state_dict(keep_vars=True)
+    with safe_open(state, framework="pt") as f:
+        tensors = {n: f.get_tensor(n) for n in names}
+    for n, t in tensors.items():
+        if n not in own:
+            raise NeuroAdaUsageError("the model has no tensor of this name", path=state, tensor=n)
+        if own[n].shape != t.shape:
+            raise NeuroAdaUsageError(f"the model holds it as {list(own[n].shape)}, the file as {list(t.shape)}",
+                                     path=state, tensor=n)
+    with torch.no_grad():
+        for n, t in tensors.items():
+            own[n].copy_(t)  # into the model's own tensor: its dtype and device stay
+    return names
 
 
 def _check_base_weight(w: torch.Tensor, tensor: str, why: str) -> None:

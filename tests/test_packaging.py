@@ -3,6 +3,7 @@ the sdist is the whole source release (spec text, vectors, tests with the exampl
 packager can build and test from it alone. Built with the installed setuptools, offline, in a separate process."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -13,8 +14,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def build(kind: str, out: Path) -> Path:
+    """Built in a copy of the checkout (setuptools leaves build/ and egg-info beside the sources)."""
+    src = out.parent / f"src-{kind}"
+    if not src.exists():
+        shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info",
+                                                                 "__pycache__", "_work", ".cache", ".hypothesis"))
     code = f"from setuptools import build_meta as b; print(b.build_{kind}({str(out)!r}))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=src, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return out / proc.stdout.strip().splitlines()[-1]
 

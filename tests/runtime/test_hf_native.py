@@ -21,8 +21,8 @@ import torch
 
 import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
-from neuroada_format.runtime import (NeuroAdaConfig, NeuroAdaLayer, attach, load_adapter, merge, save_adapter,
-                                     trainable_parameters, unmerge)
+from neuroada_format.runtime import (NeuroAdaConfig, NeuroAdaLayer, attach, load_adapter, load_trained_extras, merge,
+                                     merge_and_unload, save_adapter, trainable_parameters, unmerge)
 from neuroada_format.runtime.model import layers, to_numpy
 
 transformers = pytest.importorskip("transformers")
@@ -170,13 +170,33 @@ def test_load_adapter_says_what_a_folder_holds_besides_the_adapter(tmp_path):
         train_step(model, opt)
     model.save_pretrained(tmp_path / "ck")
     served = copy.deepcopy(base)
-    with pytest.warns(UserWarning, match=r"1 trained tensor\(s\) that are not adapter deltas \(lm_head.weight\)"):
+    with pytest.warns(UserWarning, match=r"1 trained tensor\(s\) that are not adapter deltas \(lm_head.weight\).*"
+                                         r"load_trained_extras\(model, "):
         load_adapter(served, tmp_path / "ck")
-    assert not torch.allclose(logits(served), logits(model))  # the head was not loaded
+    assert (logits(served) - logits(model)).abs().max() > 1e-2  # the head was not loaded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the whole state file said its f32 deltas were converted: they were not)
+        assert load_trained_extras(served, tmp_path / "ck") == ["lm_head.weight"]
+    assert torch.equal(served.lm_head.weight, model.lm_head.weight)
+    # the rest is the adapter as saved (BF16 values of the f32 deltas that trained)
+    torch.testing.assert_close(logits(served), logits(model), rtol=0, atol=1e-3)
+    # a merged model (as neuroada-merge's checkpoint loads) holds the base's head: the state file cannot go in (its
+    # guard fails on purpose), the extras can
+    merged = merge_and_unload(copy.deepcopy(model))
+    with torch.no_grad():
+        merged.lm_head.weight.copy_(base.lm_head.weight)
     from safetensors.torch import load_file
 
-    served.load_state_dict(load_file(tmp_path / "ck" / "model.safetensors"), strict=False)
-    assert torch.equal(logits(served), logits(model))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        merged.load_state_dict(load_file(tmp_path / "ck" / "model.safetensors"), strict=False)
+    assert load_trained_extras(merged, tmp_path / "ck") == ["lm_head.weight"]
+    assert torch.equal(logits(merged), logits(model))
+    other = torch.nn.Module()
+    other.lm_head = torch.nn.Linear(1, 1)
+    with pytest.raises(NeuroAdaUsageError, match=r"model.safetensors: lm_head.weight: the model holds it as \[1, 1\]"):
+        load_trained_extras(other, tmp_path / "ck")
+    with pytest.raises(NeuroAdaUsageError, match=r"lm_head.weight: the model has no tensor of this name"):
+        load_trained_extras(torch.nn.Linear(1, 1), tmp_path / "ck")
     plain = attach(copy.deepcopy(base), NeuroAdaConfig(k=2, target_modules=["q_proj"]))
     plain.save_pretrained(tmp_path / "plain")
     with warnings.catch_warnings():
