@@ -269,7 +269,9 @@ def _overlay_linear(x: torch.Tensor, b: torch.Tensor | None, W: torch.Tensor, fl
     One operator for torch.compile. Traced op by op, the two writes into W (a graph input) became copies of the whole
     weight, in forward and again in backward: dense work on every adapted layer, what the in-place mode exists to
     avoid. W holds its own values again when the operator returns, so it is declared to mutate nothing."""
-    with _written(W, flat, merged, w0) as Wd:
+    with _no_autocast(x.device.type), _written(W, flat, merged, w0) as Wd:  # (see _overlay_linear_grad_input)
+        if x.dtype != Wd.dtype:
+            return _linear(x.to(Wd.dtype), Wd, None if b is None else b.to(Wd.dtype), transposed).to(x.dtype)
         return _linear(x, Wd, b, transposed)
 
 
@@ -281,8 +283,12 @@ def _(x, b, W, flat, merged, w0, transposed):
 @torch.library.custom_op("neuroada::overlay_linear_grad_input", mutates_args=())
 def _overlay_linear_grad_input(g: torch.Tensor, W: torch.Tensor, flat: torch.Tensor, merged: torch.Tensor,
                                w0: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """``grad_x`` through W' (see ``_overlay_linear``)."""
-    with _written(W, flat, merged, w0) as Wd:
+    """``grad_x`` through W' (see ``_overlay_linear``). Both operators compute in the dtypes they are given, as
+    their fakes say: a compiled graph runs them inside the caller's autocast region, where the GEMM would otherwise
+    be cast (a bf16 grad_x against an f32 fake: the compiled backward failed, 'BFloat16 != float')."""
+    with _no_autocast(g.device.type), _written(W, flat, merged, w0) as Wd:
+        if g.dtype != Wd.dtype:
+            return _linear_grad_input(g.to(Wd.dtype), Wd, transposed).to(g.dtype)
         return _linear_grad_input(g, Wd, transposed)
 
 

@@ -308,6 +308,40 @@ def test_a_compiled_forward_builds_patterns_in_one_graph(zoo, monkeypatch, mode)
         assert checked and set(checked) == {False}
 
 
+@pytest.mark.parametrize("backward_inside", [False, True])
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_compiled_training_step_under_autocast(zoo, backend, backward_inside):
+    """Trainer(bf16=True, torch_compile=True) runs the forward under CPU autocast and the backward after it (the AMP
+    recipe). The compiled graph runs our write-multiply-restore operators inside the autocast region, where their
+    GEMMs were cast to bf16 against fakes that said f32: the backward failed ('BFloat16 != float'). They compute in
+    the dtypes they are given now; loss and gradients as eager's to bf16 rounding, the base weights untouched."""
+    base, files, _, _ = zoo
+    loaded = load_adapter(copy.deepcopy(base), files["cs"], "cs", is_trainable=True, mode="inplace").train()
+    ids = ids_batch(2)
+    before = {k: v.clone() for k, v in base_weights(loaded).items()}
+
+    def step(model, run):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = run(ids, labels=ids).loss
+            if backward_inside:
+                loss.backward()
+        if not backward_inside:
+            loss.backward()
+        return loss.detach().float(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    want_loss, want_grads = step(ref := copy.deepcopy(loaded), ref)
+    model = copy.deepcopy(loaded)
+    torch._dynamo.reset()
+    loss, grads = step(model, torch.compile(model, backend=backend))
+    torch._dynamo.reset()
+    torch.testing.assert_close(loss, want_loss, rtol=2e-2, atol=2e-2)
+    assert grads.keys() == want_grads.keys() and len(grads) == len(layers(model))
+    for n in grads:
+        scale = want_grads[n].abs().max()
+        assert scale > 0 and (grads[n] - want_grads[n]).abs().max() <= 0.05 * scale, n
+    assert all(torch.equal(before[k], v) for k, v in base_weights(model).items())
+
+
 @pytest.mark.parametrize("mode", ["inplace", "additive"])
 @pytest.mark.parametrize("name", ["math", "cs"])  # k = 1 and k = 3
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
