@@ -574,15 +574,19 @@ TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "s
 def _warn_frozen_head(model: nn.Module, config: NeuroAdaConfig) -> None:
     """A classification model's head is new (randomly initialised) and PEFT trains it without being asked; here the
     base is frozen, head included, and modules_to_save is not offered, so a classifier would silently train on a
-    random frozen head. Said once, at attach, naming the head and the one line that trains it."""
-    heads = TASK_HEADS.get(config.task_type or "", ())
+    random frozen head. Said once, at attach, naming the head and the one line that trains it. Without a task_type
+    every such head name counts: all-linear leaves the head out whatever the task_type (PEFT adapts it when none is
+    given), so nothing would train it at all."""
+    heads = TASK_HEADS.get(config.task_type) if config.task_type else {h for hs in TASK_HEADS.values() for h in hs}
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in heads and not isinstance(module, NeuroAdaLayer):
+        if name.rsplit(".", 1)[-1] in (heads or ()) and not isinstance(module, NeuroAdaLayer):
             params = list(module.parameters())
             if params and not any(p.requires_grad for p in params):
-                warnings.warn(f"task_type={config.task_type}: the head {name!r} is frozen with the base; PEFT trains it "
-                              f"(modules_to_save). To train it here: model.get_submodule({name!r}).requires_grad_(True) "
-                              f"(save_pretrained then keeps it in model.safetensors)", stacklevel=3)
+                why = (f"task_type={config.task_type}: " if config.task_type else
+                       "a classification head, new in a fine-tune: ")
+                warnings.warn(f"{why}the head {name!r} is frozen with the base; PEFT trains it (modules_to_save). To "
+                              f"train it here: model.get_submodule({name!r}).requires_grad_(True) (save_pretrained "
+                              f"then keeps it in model.safetensors)", stacklevel=3)
 
 
 def _refuse_base_dtype(weight: torch.Tensor, tensor: str, advice: str, how: str = "") -> None:

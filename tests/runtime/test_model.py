@@ -843,3 +843,30 @@ def test_an_adapter_file_for_multihead_attention_out_proj_is_refused_by_load_ada
     with pytest.raises(NeuroAdaUsageError, match=r"attn\.out_proj is the out_proj of an nn\.MultiheadAttention"):
         load_adapter(model, path)
     assert not layers(model)
+
+
+@pytest.mark.parametrize("task_type", [None, "SEQ_CLS", "CAUSAL_LM"])
+def test_a_frozen_classification_head_is_named_at_attach(task_type):
+    """A classifier's head is new (random) in a fine-tune; attach freezes it with the base. It said so only with
+    task_type='SEQ_CLS', yet all-linear leaves the head out whatever the task_type: without one, nothing trained it
+    and nothing was said. The warning names the head and the line that trains it; a causal LM's task says nothing."""
+    import warnings
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, num_labels=3)
+    model = transformers.BertForSequenceClassification(cfg)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        attach(model, NeuroAdaConfig(k=2, task_type=task_type))
+    said = [str(w.message) for w in seen if "frozen with the base" in str(w.message)]
+    if task_type == "CAUSAL_LM":
+        assert said == []
+        return
+    assert len(said) == 1 and "'classifier'" in said[0]
+    assert "model.get_submodule('classifier').requires_grad_(True)" in said[0]
+    assert "classifier" not in layers(model)
+    model.get_submodule("classifier").requires_grad_(True)  # the advice, followed: the head trains beside the deltas
+    out = model(input_ids=torch.randint(0, 64, (2, 5)), labels=torch.tensor([0, 2]))
+    out.loss.backward()
+    assert model.classifier.weight.grad is not None and model.classifier.weight.grad.abs().sum() > 0
