@@ -1356,6 +1356,9 @@ def _module_at(model: nn.Module, key: str) -> nn.Module | None:
         return None
 
 
+_NARROW = {"BF16": torch.bfloat16, "F16": torch.float16}
+
+
 def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
     """Rules 4.1-4.3 against the model's own weights; raises before anything is touched.
 
@@ -1405,9 +1408,17 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
         if probe != t.probe:
             have = TORCH_DTYPE_NAMES.get(w.dtype)
             # F32 holds every F16/BF16 value: only a narrower (or other 16-bit) model can have rounded them
-            hint = (f" (or for these weights before they became {have}: it was made on {t.dtype} values, which {have} "
-                    f"rounds; load it onto the {t.dtype} model and merge_and_unload, then convert)"
-                    if have != t.dtype and have != "F32" else "")
+            if have != t.dtype and have != "F32":
+                hint = (f" (or for these weights before they became {have}: it was made on {t.dtype} values, which "
+                        f"{have} rounds; load it onto the {t.dtype} model and merge_and_unload, then convert)")
+            elif t.dtype in _NARROW and naf.probe_hash_from_values(
+                    gather_exact(w.detach(), idx).to(_NARROW[t.dtype]).float().cpu().numpy()) == t.probe:
+                # made on these very weights, rounded: the model was cast after attach
+                hint = (f" (it was made on these weights cast to {t.dtype}: a model cast after attach, as "
+                        f"model.to({_NARROW[t.dtype]}) or Trainer's bf16_full_eval/fp16_full_eval do, rounds the "
+                        f"base the adapter records; load it onto the model cast the same way)")
+            else:
+                hint = ""
             raise NeuroAdaError(f"probe hash differs: this adapter was made for other base weights{hint}",
                                 path=adapter.path, tensor=key, rule="4.3")
 

@@ -428,3 +428,18 @@ def test_a_state_of_another_shape_is_refused_before_any_tensor_loads(tmp_path):
         dst.load_state_dict(load_file(tmp_path / "ck" / "model.safetensors"), strict=False)
     assert err.value.rule == "4.2" and err.value.tensor.endswith("neuroada_idx.a")
     assert state_bits(dst) == bits
+
+
+def test_an_adapter_saved_after_the_model_was_cast_says_so_on_the_original(tmp_path):
+    """Trainer's bf16_full_eval (or model.to(torch.bfloat16)) casts an attached model: the base the adapter records is
+    then the rounded one, and its probe hashes do not match the F32 checkpoint it came from. The refusal said only
+    'made for other base weights'; it now says what happened, and the cast model takes the adapter."""
+    model = with_deltas(tiny_llama(), k=2)
+    model.to(torch.bfloat16)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    with pytest.raises(NeuroAdaError) as err:
+        load_adapter(tiny_llama(), path)
+    assert err.value.rule == "4.3"
+    assert "it was made on these weights cast to BF16" in str(err.value)
+    assert "model.to(torch.bfloat16)" in str(err.value)
+    load_adapter(tiny_llama().to(torch.bfloat16), path)
