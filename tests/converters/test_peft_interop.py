@@ -549,6 +549,19 @@ def test_a_target_regex_that_backtracks_without_end_is_refused_in_seconds(export
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+    # off the main thread (a server importing adapters in a worker) signals cannot be used: it imports, undeadlined
+    import threading
+
+    got = []
+    worker = threading.Thread(target=lambda: got.append(pi.from_peft(folder, base_dir).targets))
+    worker.start()
+    worker.join(60)
+    assert got and got[0]
+    # a SIGALRM handler installed outside Python (getsignal says None) is left alone: no timer of ours is armed
+    armed = []
+    monkeypatch.setattr(signal, "getsignal", lambda sig: None)
+    monkeypatch.setattr(signal, "setitimer", lambda *a: armed.append(a))
+    assert pi.from_peft(folder, base_dir).targets and not armed
 
 
 @pytest.mark.parametrize("config", [

@@ -902,3 +902,56 @@ def test_merge_and_to_peft_on_a_full_disk_name_the_output(tiny_tmpfs, tmp_path):
         line = one_line(r.stderr)
         assert "No space left on device" in line and os.fspath(out) in line, line
         assert not out.exists() and B.siblings(out) == []
+
+
+def _dup(a):
+    a = a.copy()
+    if a.size > 1:
+        a[1] = a[0]
+    return a
+
+
+# each edit keeps the file a well-formed safetensors journal with matching checksums; what breaks is one rule of its
+# structure, which revert relies on and read_journal checks before the base is touched
+JOURNAL_EDITS = {
+    "a repeated position": (lambda arrays, doc, name: arrays.update(
+        {f"positions/{name}": _dup(arrays[f"positions/{name}"])}), "not strictly increasing"),
+    "a position at the tensor's end": (lambda arrays, doc, name: arrays.update(
+        {f"positions/{name}": np.append(arrays[f"positions/{name}"][:-1], doc["tensors"][name]["count"]).astype(
+            arrays[f"positions/{name}"].dtype)}), "fall outside the tensor"),
+    "a negative position": (lambda arrays, doc, name: arrays.update(
+        {f"positions/{name}": np.append(np.int64(-1), arrays[f"positions/{name}"][1:].astype(np.int64))}),
+        "fall outside the tensor"),
+    "float positions": (lambda arrays, doc, name: arrays.update(
+        {f"positions/{name}": arrays[f"positions/{name}"].astype(np.float32)}), "are inconsistent"),
+    "originals in another dtype than the document's": (lambda arrays, doc, name: arrays.update(
+        {f"original/{name}": arrays[f"original/{name}"].view(np.uint16).astype(np.float32)}), "are inconsistent"),
+    "a count that is not the tensor's": (lambda arrays, doc, name: doc["tensors"][name].update(
+        count=doc["tensors"][name]["count"] - 1), "tensor does not match the journal"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(JOURNAL_EDITS))
+def test_a_journal_breaking_a_structural_rule_is_refused_before_the_base_is_touched(model, tmp_path, capsys, edit):
+    """Each of read_journal's structural checks, by a journal edited to break only it (checksums recomputed): one
+    line, exit 1, nothing written back. Without them revert failed later with an IndexError, a read past the tensor
+    or 'neither merged nor original'."""
+    from safetensors.numpy import save_file
+
+    from neuroada_format.converters.journal import FORMAT, entry_sha256
+
+    base, journal, merged, meta, doc, arrays = _journal_opened(model, tmp_path)
+    name = next(k[len("positions/"):] for k in arrays if k.startswith("positions/") and arrays[k].size > 2)
+    change, says = JOURNAL_EDITS[edit]
+    change(arrays, doc, name)
+    try:
+        doc["tensors"][name]["sha256"] = entry_sha256(*(arrays[p + name] for p in ("positions/", "original/",
+                                                                                      "merged/")))
+    except Exception:  # noqa: BLE001 - (arrays of a kind the checksum cannot read: the structure check comes first)
+        pass
+    save_file(arrays, journal, metadata={**meta, FORMAT: json.dumps(doc)})
+    code, _, err = merge_cli(capsys, "--revert", journal)
+    line = one_line(err)
+    assert code == 1 and "Traceback" not in err, err
+    assert says in line, line
+    assert tree(base) == merged

@@ -66,6 +66,16 @@ def test_in_place_patch_of_a_base_cut_after_the_journal_is_refused_before_mappin
     assert os.path.getsize(victim) == 200  # never extended by the map, never written
 
 
+def test_in_place_patch_of_a_base_one_byte_short_is_refused_as_such(tmp_path, checkpoint, monkeypatch):
+    """The map's end check is exact: a file cut by one byte is 'shrank', not mmap's bare 'length is greater'."""
+    base, victim, adapter = checkpoint
+    size = os.path.getsize(victim)
+    _cut_once(monkeypatch, sm, "write_journal", victim, size - 1)
+    with pytest.raises(NeuroAdaUsageError, match="shrank while the merge was reading it"):
+        sm.merge_in_place(base, [(adapter, 1.0)], journal=tmp_path / "j.safetensors")
+    assert os.path.getsize(victim) == size - 1
+
+
 def test_revert_of_a_base_cut_after_its_checks(tmp_path, checkpoint, monkeypatch):
     base, victim, adapter = checkpoint
     journal = sm.merge_in_place(base, [(adapter, 1.0)]).journal

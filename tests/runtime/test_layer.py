@@ -204,3 +204,75 @@ def test_twins_keep_sharing_their_originals_when_the_weight_changes(rt, gen):
     layer(torch.randn(2, 10, generator=gen))
     assert len({storage_of(layer.neuroada_w0[n]) for n in "abc"}) == 1
     assert torch.equal(layer.neuroada_w0["c"], layer.weight.detach().gather(1, layer.neuroada_idx["a"]))
+
+
+# -- base edits around a merge (found by mutation: each passed with the re-read it pins removed) ------------------
+def _two_adapters():
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(10, 12)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(12, 10, generator=g))
+    layer = NeuroAdaLayer(lin, mode="inplace")
+    layer.add_adapter("a", torch.tensor([[0, 1, 2]] * 12), activate=True)
+    layer.add_adapter("b", torch.tensor([[5, 6, 7]] * 12), activate=False)
+    with torch.no_grad():
+        for n in "ab":
+            layer.neuroada_val[n].copy_(torch.randn(12, 3, generator=g) * 0.1)
+    return layer
+
+
+def test_an_edit_made_while_another_adapter_is_merged_reaches_the_next_one_served():
+    """Merge a, edit W, unmerge, serve b (other positions): b's originals are the edited weight's, and its in-place
+    forward leaves the edit in place (it wrote b's stale originals back over it)."""
+    layer = _two_adapters()
+    layer.merge(["a"])
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    layer.unmerge()
+    layer.active_adapters = ["b"]
+    assert torch.equal(layer.neuroada_w0["b"], layer.weight.detach().gather(1, layer.neuroada_idx["b"]))
+    edited = layer.weight.detach().clone()
+    layer(torch.randn(3, 10))
+    assert torch.equal(layer.weight.detach(), edited)
+
+
+def test_a_state_dict_taken_while_merged_does_not_take_the_merged_entries_for_originals():
+    """Merged, edited, state_dict, unmerge: the merged entries come back to their values from before the merge (a
+    re-read while merged took the merged values as originals and left the delta baked into the base)."""
+    layer = _two_adapters()
+    before = layer.weight.detach().clone()
+    layer.merge(["a"])
+    with torch.no_grad():
+        layer.weight.add_(1)
+    layer.state_dict()
+    layer.unmerge()
+    idx = layer.neuroada_idx["a"]
+    assert torch.equal(layer.weight.detach().gather(1, idx), before.gather(1, idx))
+
+
+def test_a_bias_assigned_to_an_adapted_layer_is_the_base_layers():
+    layer = _two_adapters()
+    bias = nn.Parameter(torch.full((12,), 3.0), requires_grad=False)
+    layer.bias = bias
+    assert layer.base_layer.bias is bias and layer.bias is bias
+    x = torch.randn(2, 10)
+    layer.active_adapters = []
+    torch.testing.assert_close(layer(x), x @ layer.weight.detach().t() + 3.0)
+
+
+def test_a_deleted_adapter_leaves_no_pause_behind(tmp_path):
+    """delete_adapter forgets a paused adapter's pause: a new adapter of that name that the user froze must not be
+    made trainable again by set_adapter."""
+    from neuroada_format.runtime import NeuroAdaConfig, attach, delete_adapter, layers, set_adapter
+    from tiny_hf import tiny_llama
+
+    model = attach(tiny_llama(), NeuroAdaConfig(k=1, target_modules=["q_proj"]), "a")
+    attach(model, NeuroAdaConfig(k=1, target_modules=["q_proj"]), "b")  # pauses a
+    assert all("a" in layer.parked for layer in layers(model).values())
+    delete_adapter(model, "a")
+    assert all("a" not in layer.parked for layer in layers(model).values())
+    attach(model, NeuroAdaConfig(k=1, target_modules=["q_proj"]), "a")
+    for layer in layers(model).values():
+        layer.neuroada_val["a"].requires_grad_(False)  # frozen by the user
+    set_adapter(model, "a")
+    assert not any(layer.neuroada_val["a"].requires_grad for layer in layers(model).values())
