@@ -116,6 +116,32 @@ def test_a_gguf_renamed_over_is_refused(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
 
 
+def test_a_gguf_renamed_over_between_two_tensor_reads_is_refused(tmp_path, monkeypatch):
+    """Each positional read checks that the file is still the one opened: a re-typed merge reads whole tensors
+    (read_tensor), and a file renamed over after the first read would otherwise give a merge of two files' tensors."""
+    G = _load("test_gguf")
+    from neuroada_format.converters import gguf_merge as gm
+
+    base = G.write_gguf(tmp_path / "m.gguf", G.hf_arrays(0))
+    G.write_gguf(tmp_path / "other.gguf", G.hf_arrays(1))
+    adapter = G.make_adapter(gm.open_gguf_base(base))
+    real = gm.read_tensor
+    calls = []
+
+    def read_then_swap(*args, **kw):
+        out = real(*args, **kw)
+        calls.append(1)
+        if len(calls) == 1:
+            os.replace(tmp_path / "other.gguf", base)
+        return out
+
+    monkeypatch.setattr(gm, "read_tensor", read_then_swap)
+    with pytest.raises(NeuroAdaUsageError, match="was replaced while the merge was reading") as err:
+        gm.merge_gguf(base, [(adapter, 1.0)], tmp_path / "out.gguf", target_type="F32")
+    assert err.value.path == os.fspath(base)
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
+
+
 def test_a_base_that_shrinks_is_named_not_the_output(tmp_path, two_versions, monkeypatch):
     old, _, adapter = two_versions
     base = Path(B.write_checkpoint(tmp_path / "old", old, shards=1, extras=False)) / "model.safetensors"
