@@ -282,3 +282,12 @@ def test_a_folder_whose_config_load_adapter_would_refuse_is_invalid_everywhere(f
         assert r.exit_code == 1 and r.stdout == "", (cmd, r.stdout)
         line = one_line(r.stderr)
         assert line.startswith(f"error: {folder / 'neuroada_config.json'}: ") and says in line, line
+
+
+def test_python_dash_m_is_the_neuroada_command(files):
+    ok = subprocess.run([sys.executable, "-m", "neuroada_format", "validate", files["good"]], capture_output=True,
+                        text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.startswith("valid: ")
+    gone = subprocess.run([sys.executable, "-m", "neuroada_format", "validate", files["missing"]], capture_output=True,
+                          text=True, timeout=60)
+    assert gone.returncode == 2 and "rule 1.1" in one_line(gone.stderr) and "Traceback" not in gone.stderr
