@@ -6,12 +6,12 @@ own state_dict key, so `neuroada-merge` can apply them to the checkpoint with no
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
 import sys
 import threading
 import warnings
+import weakref
 from typing import Callable, Iterable, Iterator
 
 import ml_dtypes
@@ -1259,13 +1259,33 @@ def _state_post_hook(module, incompatible_keys) -> None:
     incompatible_keys.missing_keys[:] = keep
 
 
+class _ModelMethod:
+    """``func(model, ...)`` kept in the model's own ``__dict__`` (transformers' methods are the class's), holding the
+    model weakly: a partial there was a reference cycle, so a deleted adapted model, its weights and GPU memory
+    included, lived on until the cyclic collector ran (never, under ``gc.freeze()``). A deep copy's method is the
+    copy's, and a pickle's the unpickled model's."""
+
+    def __init__(self, func, model: nn.Module):
+        self.func, self.model = func, weakref.ref(model)
+
+    def __call__(self, *args, **kwargs):
+        return self.func(self.model(), *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        model = self.model()
+        return _ModelMethod(self.func, memo.get(id(model), model))
+
+    def __reduce__(self):
+        return _ModelMethod, (self.func, self.model())
+
+
 def _install_hf(model: nn.Module) -> None:
-    """Make the HF entry points save and load the adapter: a per-instance save_pretrained (a partial of
-    a module-level function, so copies and pickles keep it) and load_state_dict hooks on the model."""
+    """Make the HF entry points save and load the adapter: a per-instance save_pretrained (see _ModelMethod) and
+    load_state_dict hooks on the model."""
     if callable(getattr(model, "save_pretrained", None)):
-        model.__dict__["save_pretrained"] = functools.partial(save_pretrained, model)
+        model.__dict__["save_pretrained"] = _ModelMethod(save_pretrained, model)
     if callable(getattr(type(model), "resize_token_embeddings", None)):
-        model.__dict__["resize_token_embeddings"] = functools.partial(resize_token_embeddings, model)
+        model.__dict__["resize_token_embeddings"] = _ModelMethod(resize_token_embeddings, model)
     if getattr(model, HF_ATTR, None) is None:
         setattr(model, HF_ATTR, (model.register_load_state_dict_pre_hook(_state_pre_hook),
                                  model.register_load_state_dict_post_hook(_state_post_hook)))

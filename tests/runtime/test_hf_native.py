@@ -797,3 +797,36 @@ def test_save_pretrained_into_the_base_models_folder_is_refused(tmp_path, shard)
     model.save_pretrained(tmp_path / "ck")
     model.save_pretrained(tmp_path / "ck")  # its own trainable state is overwritten as before
     load_adapter(transformers.AutoModelForCausalLM.from_pretrained(folder), tmp_path / "ck")
+
+
+def test_an_attached_model_is_freed_when_its_last_reference_goes(tmp_path):
+    """save_pretrained and resize_token_embeddings live in the model's __dict__; as partials of the model they made a
+    reference cycle, and a deleted model (its weights: GPU memory on a server) lived until the cyclic collector ran.
+    They hold the model weakly now; a deep copy's and an unpickled model's methods are their own."""
+    import gc
+    import io
+    import weakref
+
+    gc.disable()
+    try:
+        model = attach(tiny_llama(), NeuroAdaConfig(k=2))
+        gone = weakref.ref(model)
+        weight = weakref.ref(layers(model)["model.layers.0.mlp.up_proj"].base_layer.weight)
+        del model
+        assert gone() is None and weight() is None
+    finally:
+        gc.enable()
+    model = attach(tiny_llama(), NeuroAdaConfig(k=2))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in layers(twin).values():
+            layer.neuroada_val["default"].fill_(0.25)
+    twin.save_pretrained(tmp_path / "twin")
+    assert all((naf.load(tmp_path / "twin" / "neuroada_model.safetensors").targets[k].values == 0.25).all()
+               for k in naf.load(tmp_path / "twin" / "neuroada_model.safetensors").targets)
+    buffer = io.BytesIO()
+    torch.save(twin, buffer)
+    buffer.seek(0)
+    again = torch.load(buffer, weights_only=False)
+    assert again.save_pretrained.model() is again and twin.save_pretrained.model() is twin
+    assert model.save_pretrained.model() is model
