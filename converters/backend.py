@@ -307,35 +307,40 @@ def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, ver
     given = [item[0] if isinstance(item, tuple) else item for item in adapters]
     adapters = normalise_adapters(adapters)
     view = impl.open(base)
-    if not in_place:
-        named = os.fspath(out).lower()
-        other = next((fmt for fmt, reg in REGISTRY.items() if reg.suffixes and named.endswith(reg.suffixes)), None)
-        if other is not None and other != impl.format:  # a GGUF written as m.safetensors would be read as one
-            raise NeuroAdaUsageError(f"the output is written in the base's format ({impl.format}), but its name "
-                                     f"ends in {REGISTRY[other].suffixes[0]}; name it for what it holds",
-                                     path=os.path.abspath(os.fspath(out)))
-    if in_place and journal:
-        folders = [os.fspath(g) for g in given if not isinstance(g, Adapter)]
-        given_files = [a.path for a, _ in adapters if a.path]
-        _refuse_input_as_journal(journal, [os.fspath(base), *impl.inputs(view), *given_files, *folders], folders)
-    claim = nullcontext() if in_place else impl.claim_output(view, os.path.abspath(os.fspath(out)))
-    with claim:  # before the overwrite check: a killed run's half-published files are cleaned first
-        if not in_place:  # an adapter folder as given is an input too (its config is not in a.path)
-            inputs = impl.inputs(view) + [a.path for a, _ in adapters if a.path] + \
-                [os.fspath(g) for g in given if not isinstance(g, Adapter)]
-            out = check_output(out, inputs=inputs, overwrite=overwrite, kind=impl.output_kind(view),
-                               companions=impl.companions(view, os.path.abspath(os.fspath(out))))
-        with checkpoint_lock(impl.lock_folder(view), exclusive=in_place):  # from the first read to the last write
-            resolved = impl.resolve(view, adapters, verify=verify)
-            plan = impl.plan(view, resolved, verify=verify, in_place=in_place)
-            if in_place:  # (its errors name the journal or the patched file themselves)
-                done = impl.write_in_place(view, plan, journal=journal, durable=durable, progress=progress)
-            else:
-                with naming_write_errors(out):
-                    done = impl.write(view, plan, out, overwrite=overwrite, durable=durable, progress=progress)
-    return MergeSummary(
-        mode="in-place" if in_place else "copy", format=impl.format, base=impl.base_path(view),
-        output=impl.base_path(view) if in_place else out, adapters=described(adapters), verified=verify,
-        durable=durable, targets=resolved.targets, values_touched=done.values_touched, files=done.files,
-        bytes_written=done.bytes_written, seconds=round(time.perf_counter() - started, 3), journal=done.journal,
-        warnings=resolved.warnings + done.warnings, removed_stale=done.removed_stale, details=done.details)
+    try:  # the view's files closed when the merge ends, also when the caller keeps a refusal
+        if not in_place:
+            named = os.fspath(out).lower()
+            other = next((fmt for fmt, reg in REGISTRY.items() if reg.suffixes and named.endswith(reg.suffixes)), None)
+            if other is not None and other != impl.format:  # a GGUF written as m.safetensors would be read as one
+                raise NeuroAdaUsageError(f"the output is written in the base's format ({impl.format}), but its name "
+                                         f"ends in {REGISTRY[other].suffixes[0]}; name it for what it holds",
+                                         path=os.path.abspath(os.fspath(out)))
+        if in_place and journal:
+            folders = [os.fspath(g) for g in given if not isinstance(g, Adapter)]
+            given_files = [a.path for a, _ in adapters if a.path]
+            _refuse_input_as_journal(journal, [os.fspath(base), *impl.inputs(view), *given_files, *folders], folders)
+        claim = nullcontext() if in_place else impl.claim_output(view, os.path.abspath(os.fspath(out)))
+        with claim:  # before the overwrite check: a killed run's half-published files are cleaned first
+            if not in_place:  # an adapter folder as given is an input too (its config is not in a.path)
+                inputs = impl.inputs(view) + [a.path for a, _ in adapters if a.path] + \
+                    [os.fspath(g) for g in given if not isinstance(g, Adapter)]
+                out = check_output(out, inputs=inputs, overwrite=overwrite, kind=impl.output_kind(view),
+                                   companions=impl.companions(view, os.path.abspath(os.fspath(out))))
+            with checkpoint_lock(impl.lock_folder(view), exclusive=in_place):  # from the first read to the last write
+                resolved = impl.resolve(view, adapters, verify=verify)
+                plan = impl.plan(view, resolved, verify=verify, in_place=in_place)
+                if in_place:  # (its errors name the journal or the patched file themselves)
+                    done = impl.write_in_place(view, plan, journal=journal, durable=durable, progress=progress)
+                else:
+                    with naming_write_errors(out):
+                        done = impl.write(view, plan, out, overwrite=overwrite, durable=durable, progress=progress)
+        return MergeSummary(
+            mode="in-place" if in_place else "copy", format=impl.format, base=impl.base_path(view),
+            output=impl.base_path(view) if in_place else out, adapters=described(adapters), verified=verify,
+            durable=durable, targets=resolved.targets, values_touched=done.values_touched, files=done.files,
+            bytes_written=done.bytes_written, seconds=round(time.perf_counter() - started, 3), journal=done.journal,
+            warnings=resolved.warnings + done.warnings, removed_stale=done.removed_stale, details=done.details)
+    finally:
+        close = getattr(view, "close", None)
+        if callable(close):
+            close()

@@ -216,6 +216,10 @@ class OnnxModel:
                 self.consumers.setdefault(name, []).append((n, i))
         self._arrays: dict[str, np.ndarray] = {}
 
+    def close(self) -> None:
+        """Let go of the external data's maps (backend.merge calls it when the merge ends, a refusal included)."""
+        self._arrays.clear()
+
     def _external_info(self, t) -> _External:
         entries = {}
         for e in t.external_data:

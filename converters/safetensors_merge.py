@@ -75,6 +75,9 @@ class _Base:
     ck: Checkpoint
     ids: dict[str, FileId] = field(default_factory=dict)  # each file whose header was read: which file it was
 
+    def close(self) -> None:
+        self.ck.close()
+
 
 @dataclass
 class _Touch:

@@ -38,6 +38,18 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
+    def close(self) -> None:
+        """Close every file (they also close when the checkpoint is dropped; a caller keeping an exception whose
+        traceback holds it would keep them open). Idempotent."""
+        for st in self.files.values():
+            st.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def keys(self):
         return self.weight_map.keys()
 
@@ -208,14 +220,19 @@ def open_base(base) -> Checkpoint | ArrayBase:
                 raise NeuroAdaError("index json has no weight_map object", path=index_path, rule="1.6")
             weight_map = {k: _shard_name(v, index_path) for k, v in wm.items()}
             _refuse_two_weight_sets(path, single, weight_map)
-            files = {s: SafetensorsFile(os.path.join(path, s), unknown_dtypes=True)
-                     for s in sorted(set(weight_map.values()))}
-            for shard, st in files.items():  # a shard is a base file like any other: no adapter (spec 2.6)
-                _refuse_adapter(st, os.path.join(path, shard))
-            for key, shard in weight_map.items():
-                if key not in files[shard].tensors:
-                    raise NeuroAdaError(f"weight_map says {key!r} is in {shard}, which lacks it",
-                                        path=index_path, rule="1.6")
+            files: dict[str, SafetensorsFile] = {}
+            try:  # a refusal closes what it opened (a caller keeping the exception kept the files open)
+                for shard in sorted(set(weight_map.values())):
+                    files[shard] = SafetensorsFile(os.path.join(path, shard), unknown_dtypes=True)
+                for shard, st in files.items():  # a shard is a base file like any other: no adapter (spec 2.6)
+                    _refuse_adapter(st, os.path.join(path, shard))
+                for key, shard in weight_map.items():
+                    if key not in files[shard].tensors:
+                        raise NeuroAdaError(f"weight_map says {key!r} is in {shard}, which lacks it",
+                                            path=index_path, rule="1.6")
+            except BaseException:
+                Checkpoint(files, weight_map, path).close()
+                raise
             return Checkpoint(files, weight_map, path, index)
         if not os.path.lexists(single):
             candidates = sorted(f for f in os.listdir(path)
@@ -238,6 +255,10 @@ def open_base(base) -> Checkpoint | ArrayBase:
         raise NeuroAdaUsageError("ONNX bases are read by the converters (neuroada-merge), not by the format "
                                  "core", path=path, rule="1.6")
     st = SafetensorsFile(path, unknown_dtypes=True)
-    _refuse_adapter(st, path)
+    try:
+        _refuse_adapter(st, path)
+    except BaseException:
+        st.close()
+        raise
     name = os.path.basename(path)
     return Checkpoint({name: st}, {k: name for k in st.tensors}, path)

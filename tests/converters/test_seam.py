@@ -955,3 +955,34 @@ def test_a_journal_breaking_a_structural_rule_is_refused_before_the_base_is_touc
     assert code == 1 and "Traceback" not in err, err
     assert says in line, line
     assert tree(base) == merged
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_a_refused_merge_or_base_leaves_no_file_open_while_its_exception_is_kept(tmp_path):
+    """A server keeps exceptions (futures, error lists): each refused merge of a 2-shard base kept its 2 shards
+    open, an ONNX one its data map, and open_base given an adapter kept that file open, for as long as the exception
+    lived. The views are closed when the merge ends and a refused base when it is refused."""
+    rng = np.random.default_rng(5)
+    arrays = B.llama_arrays(rng, layers=1)
+    base = B.write_checkpoint(tmp_path / "base", arrays, shards=2)
+    other = {n: (a.astype(np.float32) * 2).astype(a.dtype) for n, a in arrays.items()}
+    mismatched = B.make_adapter(rng, other, B.targets_of(other), 2)  # made on other values: probe mismatch
+    good = B.make_adapter(rng, arrays, B.targets_of(arrays), 2)
+    naf.save(good, tmp_path / "a.safetensors")
+    (tmp_path / "exists").mkdir()
+    kept = []
+    before = _open_fds()
+    for _ in range(10):
+        for call in (lambda: seam.merge(base, [(mismatched, 1.0)], tmp_path / "out"),
+                     lambda: seam.merge(base, [(good, 1.0)], tmp_path / "exists"),
+                     lambda: seam.merge(base, [(mismatched, 1.0)], in_place=True),
+                     lambda: naf.open_base(tmp_path / "a.safetensors")):
+            with pytest.raises(naf.NeuroAdaError) as err:
+                call()
+            kept.append(err.value)
+    assert len(kept) == 40 and _open_fds() == before
+    assert not (tmp_path / "out").exists()
