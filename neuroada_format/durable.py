@@ -691,8 +691,8 @@ def output_lock(out):
     (`OutputClaim.pending`), so that a run killed between its renames (an ONNX data file published, its
     model not) is told apart from a user's own files: the next run removes that run's files before the
     overwrite check, instead of refusing them as an existing output. The lock file is removed when the
-    write ends (kept, with its record, if it failed mid-publish). Where there are no locks, nothing is
-    locked or recovered.
+    write ends; a run that fails mid-publish removes its published files itself, and only a killed one leaves
+    the lock file with its record. Where there are no locks, nothing is locked or recovered.
     """
     out = os.path.abspath(os.fspath(out))
     path = output_lock_path(out)
@@ -735,6 +735,12 @@ def output_lock(out):
         yield claim
     finally:
         try:
+            if claim._pending:  # failed mid-publish (an exception, a full disk, Ctrl-C): clean up now, as the next
+                try:            # run would (a pipeline writing many outputs never reruns this one)
+                    claim._recover()
+                    claim._pending = False
+                except OSError:
+                    pass  # the record stays for the next run
             if not claim._pending:
                 os.unlink(path)  # while still locked: a run that opened it meanwhile sees it gone and retries
         finally:

@@ -875,6 +875,35 @@ def test_a_run_killed_between_its_renames_does_not_block_the_next(tmp_path, over
         merge_onnx(base, [(adapter, 1.0)], os.fspath(out))
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_run_failing_between_its_renames_cleans_up_itself(tmp_path, monkeypatch, overwrite):
+    """A failure (not a kill) between the data file's rename and the .onnx's (a full disk, EACCES, Ctrl-C) left
+    OUT.onnx.data and the hidden lock file for a rerun to the same OUT to remove: a pipeline writing many outputs
+    collected two files per failure. The failing run removes what it published; a user's own file stays."""
+    from neuroada_format.converters import onnx_merge
+
+    (base, _), adapter = _two_bases(tmp_path)
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    (out.parent / "mine.txt").write_text("kept")
+    if overwrite:
+        merge_onnx(base, [(adapter, 3.0)], os.fspath(out))
+    real = onnx_merge.publish
+
+    def fail_after_data(tmp, final, **kw):
+        real(tmp, final, **kw)
+        if final.endswith(".data"):
+            raise OSError(28, "No space left on device", final)
+
+    monkeypatch.setattr(onnx_merge, "publish", fail_after_data)
+    with pytest.raises(OSError):
+        merge_onnx(base, [(adapter, 1.0)], os.fspath(out), overwrite=overwrite)
+    assert sorted(os.listdir(out.parent)) == ["mine.txt"]  # no data file, no lock file, no temporaries
+    monkeypatch.undo()
+    merge_onnx(base, [(adapter, 1.0)], os.fspath(out))
+    assert sorted(os.listdir(out.parent)) == ["m.onnx", "m.onnx.data", "mine.txt"]
+
+
 def test_no_verify_skips_only_the_probe_hashes(tmp_path, capsys):
     """Audit: with --no-verify the ONNX backend skipped rule 4.2 as well, so a BF16 adapter was merged into an F32
     initializer (exit 0). As for safetensors, names, shapes and dtypes are always checked; --no-verify skips only
