@@ -139,6 +139,9 @@ def check_config_fields(d: dict) -> None:
     if d.get("save_dtype", "BF16") not in VALUE_DTYPES:
         raise NeuroAdaUsageError(f"save_dtype must be one of {', '.join(VALUE_DTYPES)}, got {d.get('save_dtype')!r}",
                                  rule="3.3")
+    seed = d.get("seed")
+    if seed is not None and type(seed) is not int:  # (refused by the metadata's rule 2.2 at the save, after training)
+        raise NeuroAdaUsageError(f"seed must be an integer or None, got {seed!r}", rule="2.2")
     task_type = d.get("task_type")
     if task_type is not None and task_type not in TASK_TYPES:
         raise NeuroAdaUsageError(f"task_type must be one of {', '.join(TASK_TYPES)} (PEFT's TaskType) or None, "
@@ -242,13 +245,16 @@ def state_text(tensor) -> str:
     return bytes(int(b) & 0xFF for b in tensor.tolist()).decode("utf-8", "replace")
 
 
-def trained_extras(path) -> tuple[str, list[str]] | None:
+def trained_extras(path, *, strict: bool = False) -> tuple[str, list[str]] | None:
     """(state file, names) of the trained tensors a save_pretrained folder holds that are no adapter's; None when
-    there are none, the folder has no trainable state of ours, or it cannot be read (this is advice: what loads is
-    the adapter, checked on its own)."""
+    there are none, the folder has no trainable state of ours, or it cannot be read: this is advice, what loads is
+    the adapter, checked on its own. With ``strict`` (runtime.load_trained_extras, which loads them) the last two
+    are errors naming the path: a wrong path returned "nothing to load" and the trained head stayed untrained."""
     path = os.fspath(path)
     state = os.path.join(path, STATE_FILE)
     if not os.path.isdir(path) or not os.path.isfile(state):
+        if strict:
+            raise NeuroAdaUsageError(f"not a folder that save_pretrained wrote (no {STATE_FILE} in it)", path=path)
         return None
     try:
         from safetensors import safe_open
@@ -256,9 +262,16 @@ def trained_extras(path) -> tuple[str, list[str]] | None:
         with safe_open(state, framework="numpy") as f:
             keys = list(f.keys())
             if STATE_MARKER not in keys:
+                if strict:
+                    raise NeuroAdaUsageError("a model file, not the trainable state save_pretrained writes of an "
+                                             "attached model", path=state)
                 return None  # a plain model file: not ours to interpret
             guard = state_text(f.get_tensor(STATE_MARKER))
-    except Exception:  # noqa: BLE001 - unreadable: the adapter is read and checked on its own
+    except NeuroAdaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreadable: the adapter is read and checked on its own
+        if strict:
+            raise NeuroAdaError(f"cannot read the trainable state: {exc}", path=state) from None
         return None
     extra = [k for k in keys if ".neuroada_" not in k and k not in (STATE_MARKER, STATE_TRAINING, guard)
              and not k.startswith(STATE_PROBE + ".")]

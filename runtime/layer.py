@@ -146,6 +146,20 @@ def check_adapter_name(name) -> None:
                                  "adapters, like ParameterDict.copy or Module.train); pick another")
 
 
+def mode_problem(base_layer: nn.Module, mode: str) -> str | None:
+    """Why ``base_layer`` cannot run in ``mode``, or None. attach and load_adapter ask it of every target before
+    they change anything (a refusal found at the n-th layer left n-1 layers wrapped)."""
+    if mode not in MODES:
+        return f"mode must be one of {', '.join(MODES)}, got {mode!r}"
+    if mode == "inplace" and type(base_layer) not in (nn.Linear, _conv1d_type()):
+        return (f"inplace mode needs an exact nn.Linear or Conv1D base (its forward is mirrored), not "
+                f"{type(base_layer).__name__}; use mode='additive' (or 'auto', which picks it)")
+    if mode == "inplace" and not base_layer.weight.is_contiguous():  # said at attach, not at the first forward
+        return ("inplace mode writes into the weight, which is not contiguous (a view with other strides, e.g. a "
+                "transpose); use mode='additive' (or 'auto', which picks it)")
+    return None
+
+
 class NeuroAdaLayer(nn.Module):
     """Wraps ``nn.Linear`` or transformers' ``Conv1D`` (kept as ``base_layer``, like PEFT).
 
@@ -229,13 +243,9 @@ class NeuroAdaLayer(nn.Module):
     # -- configuration -------------------------------------------------------------------------
 
     def set_mode(self, mode: str) -> None:
-        if mode not in MODES:
-            raise NeuroAdaUsageError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode == "inplace" and type(self.base_layer) not in (nn.Linear, _conv1d_type()):
-            raise NeuroAdaUsageError("inplace mode needs an exact nn.Linear or Conv1D base (its forward is mirrored)")
-        if mode == "inplace" and not self.base_layer.weight.is_contiguous():  # said at attach, not at the first forward
-            raise NeuroAdaUsageError("inplace mode writes into the weight, which is not contiguous (a view with other "
-                                     "strides, e.g. a transpose); use mode='additive' (or 'auto', which picks it)")
+        problem = mode_problem(self.base_layer, mode)
+        if problem:
+            raise NeuroAdaUsageError(problem)
         self.mode = mode
 
     @property

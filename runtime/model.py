@@ -6,6 +6,7 @@ own state_dict key, so `neuroada-merge` can apply them to the checkpoint with no
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -22,13 +23,13 @@ from torch import nn
 import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
-from neuroada_format.durable import write_file
-from neuroada_format.folder import (STATE_FILE, STATE_MARKER, STATE_PROBE, STATE_TRAINING, WEIGHTS_NAME, adapter_config,
-                                    state_text, trained_extras, warn_trained_extras)
+from neuroada_format.durable import publish, remove, remove_stale_siblings, temp_sibling, write_bytes, write_file
+from neuroada_format.folder import (CONFIG_NAME, STATE_FILE, STATE_MARKER, STATE_PROBE, STATE_TRAINING, WEIGHTS_NAME,
+                                    adapter_config, state_text, trained_extras, warn_trained_extras)
 
 from .config import MODES, SELECTIONS, NeuroAdaConfig
 from .kernels.reference import gather_exact
-from .layer import NeuroAdaLayer, check_adapter_name, has_hooks, own_state_read
+from .layer import NeuroAdaLayer, check_adapter_name, has_hooks, mode_problem, own_state_read
 from .selection import select, topk_columns
 
 CONFIGS_ATTR = "neuroada_configs"
@@ -418,6 +419,59 @@ def _wrap(model: nn.Module, name: str, module: nn.Module, config: NeuroAdaConfig
     return layer
 
 
+def _check_modes(modules: dict[str, nn.Module], config: NeuroAdaConfig, shared: set[int],
+                 wrappers: dict[str, str]) -> None:
+    """Refuse, before anything changes, a target that cannot run in the mode asked for (see layer.mode_problem)."""
+    for name, module in modules.items():
+        if isinstance(module, NeuroAdaLayer):
+            continue  # already wrapped: it keeps its mode
+        foreign = name.rpartition(".")[0] in wrappers
+        problem = mode_problem(module, _mode_for(module, config, shared, foreign))
+        if problem:
+            raise NeuroAdaUsageError(problem, tensor=name + ".weight")
+
+
+@contextlib.contextmanager
+def _all_or_nothing(model: nn.Module, adapter_name: str, *, deltas: bool):
+    """Put back what attach or load_adapter changed if they fail part-way (Ctrl-C, a refusal only a layer can make,
+    out of memory): the wrapped layers, the new adapter, the frozen flags, the paused adapters, the served layers,
+    the configs and hooks. A failure half-way left a model serving part of the adapter, with its base frozen and
+    the adapter's name taken, so that the retry the error advised was refused too. ``deltas``: the call changes the
+    other adapters' requires_grad too (attach); else only the base's are recorded, so that a load reads none of the
+    adapters loaded before (see _base_parameters)."""
+    flags = [(p, p.requires_grad) for p in (model.parameters() if deltas else (p for _, p in _base_parameters(model)))]
+    before = {name: (layer, layer.__class__, list(layer.active_adapters), set(layer.parked))
+              for name, layer in layers(model).items()}
+    had = {attr: model.__dict__.get(attr, _MISSING) for attr in (CONFIGS_ATTR, HOOK_ATTR, HF_ATTR)}
+    hf_methods = {k: model.__dict__[k] for k in ("save_pretrained", "resize_token_embeddings") if k in model.__dict__}
+    try:
+        yield
+    except BaseException:
+        for name, layer in layers(model).items():
+            if adapter_name in layer.neuroada_val and adapter_name not in layer.merged_adapters:
+                layer.delete_adapter(adapter_name)
+            if name not in before:
+                _set_module(model, name, layer.base_layer)
+        for layer, cls, active, parked in before.values():
+            layer.__class__, layer.active_adapters, layer.parked = cls, active, parked
+        for p, requires_grad in flags:
+            p.requires_grad_(requires_grad)
+        hook = model.__dict__.get(HOOK_ATTR)
+        if had[HOOK_ATTR] is _MISSING and hook is not None:
+            hook.remove()
+        if had[HF_ATTR] is _MISSING:
+            _uninstall_hf(model)
+        for attr, value in had.items():
+            model.__dict__.pop(attr, None)
+            if value is not _MISSING:
+                model.__dict__[attr] = value
+        model.__dict__.update(hf_methods)
+        raise
+
+
+_MISSING = object()
+
+
 def _ancestors(name: str) -> list[str]:
     parts = name.split(".")
     return [".".join(parts[:i]) for i in range(len(parts))]  # "" is the model itself
@@ -511,7 +565,10 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
     Call before wrapping the model in DDP or FSDP2 (`fully_shard`): a DDP-wrapped model is refused.
     Every input check happens before the model is touched: on a NeuroAdaError it is left as it was.
     """
-    config = config or NeuroAdaConfig()
+    config = NeuroAdaConfig() if config is None else config
+    if not isinstance(config, NeuroAdaConfig):  # a dict failed later with a bare AttributeError
+        raise NeuroAdaUsageError(f"attach takes a NeuroAdaConfig, not {type(config).__name__}"
+                                 + (": NeuroAdaConfig(**that_dict)" if isinstance(config, dict) else ""))
     check_adapter_name(adapter_name)
     _refuse_in_batch(model, "attach")
     _refuse_ddp(model, "attach")
@@ -537,30 +594,33 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
         d_in = _canonical(module).shape[1]
         if config.k > d_in:
             raise NeuroAdaUsageError(f"k={config.k} exceeds d_in={d_in}", tensor=name + ".weight", rule="3.4")
+    shared, wrappers = _shared_weights(model), _foreign_wrappers(model)
+    _check_modes(modules, config, shared, wrappers)
     if config.selection == "gradient":
         indices = _gradient_indices(model, modules, config.k, calibration, loss_fn)
     else:
         indices = {name: select(_canonical(m), config.k, config.selection, seed=config.seed, generator_offset=i)
                    for i, (name, m) in enumerate(modules.items())}
-    for layer in layers(model).values():  # the adapters trained so far stop training, and set_adapter may resume them
-        for n, val in layer.neuroada_val.items():
-            if val.requires_grad:
-                park(layer, n)
-    _freeze(model, keep_deltas=False)
-    shared, wrappers = _shared_weights(model), _foreign_wrappers(model)
-    delta_dtype = getattr(torch, config.delta_dtype)
-    for name, module in modules.items():
-        layer = _wrap(model, name, module, config, shared, wrappers)
-        layer.add_adapter(adapter_name, indices[name], val_dtype=delta_dtype, activate=False)
-        layer.neuroada_val[adapter_name].requires_grad_(not config.inference_mode)
-    # As PEFT's set_adapter after add_adapter: the new adapter alone is active (and trains) on the plain base,
-    # so it saves and reloads as what was trained; layers served by set_adapter get their own forward back.
-    for layer in layers(model).values():
-        _unserve(layer)
-        layer.active_adapters = [adapter_name] if adapter_name in layer.neuroada_val else []
-    configs[adapter_name] = config
-    setattr(model, CONFIGS_ATTR, configs)
-    _install_hf(model)
+    with _all_or_nothing(model, adapter_name, deltas=True):
+        for layer in layers(model).values():  # the adapters trained so far stop training; set_adapter may resume them
+            for n, val in layer.neuroada_val.items():
+                if val.requires_grad:
+                    park(layer, n)
+        _freeze(model, keep_deltas=False)
+        delta_dtype = getattr(torch, config.delta_dtype)
+        for name, module in modules.items():
+            layer = _wrap(model, name, module, config, shared, wrappers)
+            layer.add_adapter(adapter_name, indices[name], val_dtype=delta_dtype, activate=False)
+            layer.neuroada_val[adapter_name].requires_grad_(not config.inference_mode)
+        # As PEFT's set_adapter after add_adapter: the new adapter alone is active (and trains) on the plain base,
+        # so it saves and reloads as what was trained; layers served by set_adapter get their own forward back.
+        for layer in layers(model).values():
+            _unserve(layer)
+            layer.active_adapters = [adapter_name] if adapter_name in layer.neuroada_val else []
+        configs = dict(configs)
+        configs[adapter_name] = config
+        setattr(model, CONFIGS_ATTR, configs)
+        _install_hf(model)
     del indices
     _release_free_heap()
     _warn_frozen_head(model, config)
@@ -891,6 +951,8 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
         raise NeuroAdaUsageError(f"no adapter named {adapter_name!r} (have: {', '.join(configs) or 'none'})")
     _refuse_fsdp1(model, "saving the adapter")
     vdt = value_dtype or config.save_dtype
+    if vdt not in VALUE_NUMPY:
+        raise NeuroAdaUsageError(f"value_dtype must be one of {', '.join(VALUE_NUMPY)}, got {vdt!r}", rule="3.3")
     targets = {}
     saved_keys = checkpoint_keys(model)
     for name, layer in layers(model).items():
@@ -958,27 +1020,83 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default", *, value
     Under FSDP2 call it on every rank (the deltas are gathered collectively) with
     is_main_process=False on all but one; that one writes.
     """
-    path = os.fspath(path)
+    path = _check_path_argument(path, "save_adapter")
     single = path.endswith(".safetensors")
     _check_save_path(path, single)
     model = unwrapped(model)
-    adapter = to_adapter(model, adapter_name, value_dtype=value_dtype)
+    prepared = _prepare_adapter(model, adapter_name, value_dtype)
     file = path if single else os.path.join(path, WEIGHTS_NAME)
-    if not is_main_process:
-        return file
-    if single:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as for the folder form
-        naf.save(adapter, path)
-        return path
-    os.makedirs(path, exist_ok=True)
+    if is_main_process:
+        _write_adapter(path, *prepared)
+    return file
+
+
+def _prepare_adapter(model: nn.Module, adapter_name: str, value_dtype: str | None):
+    """The adapter and, for a folder, its config, checked as the write will check them: every problem is found
+    before the first file is written (save_pretrained replaced default's files, then found b's deltas overflow
+    F16, leaving a folder whose adapter and state disagreed)."""
+    adapter = to_adapter(model, adapter_name, value_dtype=value_dtype)
+    naf.validate(adapter, strict=True)
     config = getattr(model, CONFIGS_ATTR)[adapter_name]
     # save_dtype: what the file holds (value_dtype= overrides the config's; recorded as BF16, a reload re-saved F32
     # values rounded to BF16 without a word)
     cfg = NeuroAdaConfig.from_dict({**config.to_dict(), "base_model_name_or_path": adapter.base_name,
                                     "revision": adapter.base_revision, "save_dtype": value_dtype or config.save_dtype})
-    naf.save(adapter, file)
-    cfg.save_pretrained(path)
-    return file
+    return adapter, cfg
+
+
+def _write_adapter(path: str, adapter: naf.Adapter, cfg: NeuroAdaConfig) -> None:
+    """One file (a path ending in .safetensors), or a folder's two. The folder's files are both written to temporary
+    siblings first and renamed after: a save failing half-way (a full disk, Ctrl-C) left new weights beside the old
+    config, which loaded without a word (load_adapter now refuses such a pair, which only kill -9 between the two
+    renames can still leave)."""
+    if path.endswith(".safetensors"):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as for the folder form
+        naf.save(adapter, path)
+        return
+    os.makedirs(path, exist_ok=True)
+    file, config_file = os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)
+    for f in (file, config_file):
+        remove_stale_siblings(f)
+    tmp_file, tmp_config = temp_sibling(file), temp_sibling(config_file)
+    try:
+        naf.save(adapter, tmp_file)
+        write_bytes(tmp_config, cfg.to_json().encode("utf-8"))
+        publish(tmp_file, file, overwrite=True, durable=True)
+        publish(tmp_config, config_file, overwrite=True, durable=True)
+    except BaseException:
+        for tmp in (tmp_file, tmp_config):
+            if os.path.lexists(tmp):
+                remove(tmp)
+        raise
+
+
+def name_list(names, what: str, *, base_ok: bool = False) -> list:
+    """A list of adapter names from ``names``: a str is refused (``merge(model, "ab")`` merged adapters a and b,
+    ``"math"`` was reported as "no adapter named 'm'"), as are a non-iterable and items that are not names (a bare
+    TypeError). ``base_ok``: None may stand for the base (adapter_batch)."""
+    if isinstance(names, str) or not hasattr(names, "__iter__"):
+        hint = f" (one adapter: [{names!r}])" if isinstance(names, str) else ""
+        raise NeuroAdaUsageError(f"{what} takes a list of adapter names, not {type(names).__name__} "
+                                 f"{names!r:.80}{hint}")
+    names = list(names)
+    for n in names:
+        if not isinstance(n, str) and not (base_ok and n is None):
+            raise NeuroAdaUsageError(f"{what}: adapter names are strings{' (or None, the base)' if base_ok else ''}, "
+                                     f"got {type(n).__name__} {n!r:.80}")
+    return names
+
+
+def _check_path_argument(path, what: str) -> str:
+    """A path argument as a str: None or a number raised a bare TypeError from os.fspath, '' a FileNotFoundError."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise NeuroAdaUsageError(f"{what} needs a path (str or os.PathLike), got {type(path).__name__}")
+    path = os.fspath(path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path:
+        raise NeuroAdaUsageError(f"{what} needs a path; got an empty one")
+    return path
 
 
 # -- Hugging Face integration: save_pretrained, Trainer checkpoints, state_dict loading ---------------
@@ -1036,7 +1154,7 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
     if os.path.isfile(folder):
         raise NeuroAdaUsageError("save_pretrained needs a folder, not a file", path=folder)
     configs = getattr(model, CONFIGS_ATTR, None) or {}
-    names = list(configs) if selected_adapters is None else list(selected_adapters)
+    names = list(configs) if selected_adapters is None else name_list(selected_adapters, "selected_adapters")
     for name in names:
         if name not in configs:
             raise NeuroAdaUsageError(f"no adapter named {name!r} (have: {', '.join(configs) or 'none'})")
@@ -1044,11 +1162,14 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
     state = trainable_state(model, state_dict)
     if selected_adapters is not None:  # the other adapters' deltas are not saved: their training is not this save's
         state = {k: v for k, v in state.items() if _state_adapter(k) in (None, *names)}
-    for name in names:
-        save_adapter(model, folder if name == "default" else os.path.join(folder, name), name,
-                     is_main_process=is_main_process)
+    paths = {name: folder if name == "default" else os.path.join(folder, name) for name in names}
+    for path in paths.values():
+        _check_save_path(path, single=False)
+    prepared = {name: _prepare_adapter(model, name, None) for name in names}  # all checked before any write
     if not is_main_process:
         return
+    for name, path in paths.items():
+        _write_adapter(path, *prepared[name])
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
@@ -1332,7 +1453,7 @@ def load_trained_extras(model: nn.Module, folder) -> list[str]:
     neuroada-merge wrote, loaded with from_pretrained), which holds the base's values of them: the state file itself
     cannot be loaded into a model without the adapters (its guard entry fails on purpose), and its deltas are the
     adapters'. Every name and shape is checked before anything is copied."""
-    found = trained_extras(folder)
+    found = trained_extras(_check_path_argument(folder, "load_trained_extras"), strict=True)
     if found is None:
         return []
     state, names = found
@@ -1461,9 +1582,11 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
     _refuse_ddp(model, "load_adapter")
     if mode not in MODES:
         raise NeuroAdaUsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    file, cfg = _resolve(path)
+    file, cfg = _resolve(_check_path_argument(path, "load_adapter"))
     adapter = naf.load(file)
     naf.validate(adapter, strict=True)
+    if cfg is not None:
+        _check_folder_pair(cfg, adapter, file)
     configs = getattr(model, CONFIGS_ATTR, None) or {}
     if adapter_name in configs:
         raise NeuroAdaUsageError(f"adapter {adapter_name!r} is already loaded; delete it or pick another name")
@@ -1493,28 +1616,50 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
         config.save_dtype = common_value_dtype(t.value_dtype for t in adapter.targets.values())
         config.mode = mode
         shared = _shared_weights(model)
+        _check_modes({name: model.get_submodule(name) for name in modules.values()}, config, shared, wrappers)
         delta_dtype = getattr(torch, config.delta_dtype)
-        for key, t in adapter.targets.items():
-            name = modules[key]
-            module = _wrap(model, name, model.get_submodule(name), config, shared, wrappers)
-            w = module.weight
-            idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
-            val = held_values(t.values, t.value_dtype, delta_dtype if is_trainable else None).to(w.device)
-            module.add_adapter(adapter_name, idx, val=val, val_dtype=val.dtype, activate=activate)
-            module.neuroada_val[adapter_name].requires_grad_(is_trainable)
-            if served:  # a layer wrapped just now serves the base like its peers
-                from .multi import _serve
+        with _all_or_nothing(model, adapter_name, deltas=False):
+            for key, t in adapter.targets.items():
+                name = modules[key]
+                module = _wrap(model, name, model.get_submodule(name), config, shared, wrappers)
+                w = module.weight
+                idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
+                val = held_values(t.values, t.value_dtype, delta_dtype if is_trainable else None).to(w.device)
+                module.add_adapter(adapter_name, idx, val=val, val_dtype=val.dtype, activate=activate)
+                module.neuroada_val[adapter_name].requires_grad_(is_trainable)
+                if served:  # a layer wrapped just now serves the base like its peers
+                    from .multi import _serve
 
-                _serve(module)
-        _freeze(model, keep_deltas=True)
-        configs[adapter_name] = config
-        setattr(model, CONFIGS_ATTR, configs)
-        _install_hf(model)
+                    _serve(module)
+            _freeze(model, keep_deltas=True)
+            configs = dict(configs)
+            configs[adapter_name] = config
+            setattr(model, CONFIGS_ATTR, configs)
+            _install_hf(model)
     finally:
         for name, names in merged.items():
             model.get_submodule(name).merge(names)
     _warn_unloaded_state(path)
     return model
+
+
+def _check_folder_pair(cfg: NeuroAdaConfig, adapter: naf.Adapter, file: str) -> None:
+    """A folder's config must describe its weights file: one replaced without the other (a save killed between its
+    two renames, a file copied in by hand) loaded without a word, and saving it again recorded the config's
+    selection for the file's positions."""
+    ks = {t.k for t in adapter.targets.values()}
+    rule, seed = adapter.selection.get("rule"), adapter.selection.get("seed")
+    said = []
+    if len(ks) == 1 and cfg.k not in ks:
+        said.append(f"k={cfg.k} against the file's k={ks.pop()}")
+    if rule != cfg.selection:
+        said.append(f"selection {cfg.selection!r} against the file's {rule!r}")
+    elif type(seed) is int and type(cfg.seed) is int and seed != cfg.seed:
+        said.append(f"seed {cfg.seed} against the file's {seed}")
+    if said:
+        raise NeuroAdaError(f"the folder's {CONFIG_NAME} does not describe its weights ({'; '.join(said)}): one was "
+                            "replaced without the other; save the adapter again, or load the .safetensors file itself",
+                            path=file, rule="2.2")
 
 
 # -- merge -------------------------------------------------------------------------------------------
@@ -1540,6 +1685,7 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
     if adapter_names is not None:  # every name must exist somewhere, as for set_adapter (checked before any write)
         from .multi import _check_known  # (multi builds on this module)
 
+        adapter_names = name_list(adapter_names, "merge")
         _check_known(model, adapter_names, allow_base=False)
     shared = _shared_weights(model)
     for name, layer in layers(model).items():

@@ -45,7 +45,7 @@ from .kernels.cache import outside_inference, version
 from .kernels.reference import rounded_values
 from .layer import BASE_ADAPTER, SERVING_CACHES, NeuroAdaLayer, _conv1d_type, check_adapter_name, has_hooks
 from .model import (CONFIGS_ATTR, DISABLED_ATTR, MIXED_ATTR, MIXED_OWNER_ATTR, VALUE_TORCH, _refuse_in_batch,
-                    _shared_weights, _unserve, layers, park, refuse_unmergeable)
+                    _shared_weights, _unserve, layers, name_list, park, refuse_unmergeable)
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
            "stop_serving", "adapter_batch", "disable_adapter", "add_weighted_adapter"]
@@ -134,6 +134,9 @@ def _forget_caches(layer: NeuroAdaLayer) -> None:
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove an adapter everywhere; where it was merged the weights return to the base bit for bit."""
     _refuse_in_batch(model, "delete_adapter")
+    if not isinstance(adapter_name, str):  # a list was a bare TypeError (unhashable)
+        raise NeuroAdaUsageError(f"delete_adapter takes one adapter name, not {type(adapter_name).__name__} "
+                                 f"{adapter_name!r:.80}")
     _check_known(model, [adapter_name], allow_base=False)
     for layer in layers(model).values():
         if adapter_name in layer.merged_adapters:
@@ -258,6 +261,10 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
     _check_known(model, [adapter_name], allow_base=True)
     target = None if adapter_name in (None, BASE_ADAPTER) else adapter_name
     all_layers = layers(model)
+    for name, layer in all_layers.items():  # found by _serve at the n-th layer, after n-1 had switched
+        if not isinstance(layer, ServingLayer) and type(layer) is not NeuroAdaLayer:
+            raise NeuroAdaUsageError(f"{name}: set_adapter cannot serve a {type(layer).__name__} (a NeuroAdaLayer "
+                                     "subclass); nothing was switched")
     trainable = target is not None and _trainable(model, target, all_layers)
     if trainable:
         with torch.no_grad():
@@ -529,7 +536,7 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
 
 @contextlib.contextmanager
 def _adapter_batch_locked(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
-    names = list(adapter_names)
+    names = name_list(adapter_names, "adapter_batch", base_ok=True)
     if not names:
         raise NeuroAdaError("adapter_batch needs one adapter name per sequence, got none")
     order = _check_known(model, names, allow_base=True)
@@ -627,7 +634,14 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     from neuroada_format.merge import union_target  # the format core's arithmetic, shared with neuroada-pack
 
     _refuse_in_batch(model, "add_weighted_adapter")
-    adapters, weights = list(adapters), [float(w) for w in weights]
+    adapters = name_list(adapters, "add_weighted_adapter")
+    if isinstance(weights, str) or not hasattr(weights, "__iter__"):
+        raise NeuroAdaUsageError(f"add_weighted_adapter takes a list of weights, not {type(weights).__name__}")
+    weights = list(weights)
+    for w in weights:  # float("x") was a bare ValueError, float(None) a TypeError
+        if isinstance(w, (str, bytes, bool)) or not isinstance(w, (int, float, np.number, torch.Tensor)):
+            raise NeuroAdaUsageError(f"add_weighted_adapter: weights are numbers, got {type(w).__name__} {w!r:.80}")
+    weights = [float(w) for w in weights]
     if not adapters or len(adapters) != len(weights):
         raise NeuroAdaError(f"need one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
     check_adapter_name(adapter_name)

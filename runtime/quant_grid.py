@@ -188,9 +188,9 @@ def train_on_grid(model: nn.Module, gguf_path, adapter_name: str = "default") ->
     deltas that are not float32 or a weight in another layout (NeuroAdaUsageError).
     """
     found = _adapter_layers(model, adapter_name)
-    from .model import CONFIGS_ATTR, _is_sharded, plain_name
+    from .model import CONFIGS_ATTR, _check_path_argument, _is_sharded, plain_name
 
-    gm, view = _gguf_view(gguf_path)
+    gm, view = _gguf_view(_check_path_argument(gguf_path, "train_on_grid"))
     path = view.path
     planned: dict[str, tuple[NeuroAdaLayer, QuantGrid | FloatGrid | None]] = {}
     types: dict[str, str] = {}

@@ -1,0 +1,332 @@
+"""A runtime call that fails leaves the model exactly as it was, and usable: attach and load_adapter change it in
+many steps (wrap, add, freeze, pause, serve), so a refusal only a layer can make, or Ctrl-C, part-way must put every
+step back. Found by an audit: a failure at the n-th target left n-1 layers wrapped and serving part of the adapter,
+the base frozen, and the adapter's name taken (the retry the error advised was refused)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from neuroada_format import NeuroAdaError, NeuroAdaUsageError
+from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, save_adapter, set_adapter
+from neuroada_format.runtime.layer import NeuroAdaLayer
+from neuroada_format.runtime.model import layers
+from tests.tiny_hf import tiny_llama, with_deltas
+
+IDS = torch.tensor([[1, 5, 9, 3, 7, 2]])
+
+
+class SubLinear(nn.Linear):
+    """A Linear subclass (as Falcon's FalconLinear): its forward is not mirrored, so in-place mode refuses it."""
+
+
+def _with_subclass(model, name="model.layers.1.mlp.down_proj"):
+    parent, _, child = name.rpartition(".")
+    old = model.get_submodule(name)
+    new = SubLinear(old.in_features, old.out_features, bias=False)
+    new.weight = old.weight
+    setattr(model.get_submodule(parent), child, new)
+    return model
+
+
+def _state(model):
+    """Everything a failed call must not change."""
+    return {
+        "params": {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)},
+        "grad": {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)},
+        "buffers": {n: b.detach().clone() for n, b in model.named_buffers(remove_duplicate=False)},
+        "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
+        "layers": {n: (type(l).__name__, list(l.active_adapters), list(l.merged_adapters), sorted(l.parked))
+                   for n, l in layers(model).items()},
+        "dict": sorted(k for k in model.__dict__ if "neuroada" in k or k in ("save_pretrained", "resize_token_embeddings")),
+        "hooks": sum(len(m._forward_pre_hooks) + len(m._load_state_dict_pre_hooks) + len(m._load_state_dict_post_hooks)
+                     for m in model.modules()),
+    }
+
+
+def _assert_same(a, b):
+    for key in ("params", "buffers"):
+        assert a[key].keys() == b[key].keys(), key
+        for n in a[key]:
+            assert torch.equal(a[key][n], b[key][n]), n
+    for key in ("grad", "modules", "layers", "dict", "hooks"):
+        assert a[key] == b[key], key
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture
+def adapter_file(tmp_path):
+    path = str(tmp_path / "a.safetensors")
+    save_adapter(with_deltas(_with_subclass(tiny_llama()), k=2, target_modules="all-linear"), path)
+    return path
+
+
+def test_attach_refuses_a_target_its_mode_cannot_run_before_changing_anything():
+    model = _with_subclass(tiny_llama())
+    before, logits = _state(model), _logits(model)
+    with pytest.raises(NeuroAdaUsageError, match=r"model\.layers\.1\.mlp\.down_proj\.weight.*SubLinear"):
+        attach(model, NeuroAdaConfig(k=2, target_modules="all-linear", mode="inplace"))
+    _assert_same(before, _state(model))
+    attach(model, NeuroAdaConfig(k=2, target_modules="all-linear"))  # the retry the message advises
+    assert torch.equal(_logits(model), logits)
+
+
+def test_load_adapter_refuses_a_target_its_mode_cannot_run_before_changing_anything(adapter_file):
+    model = _with_subclass(tiny_llama())
+    before, logits = _state(model), _logits(model)
+    with pytest.raises(NeuroAdaUsageError, match=r"down_proj\.weight.*SubLinear"):
+        load_adapter(model, adapter_file, mode="inplace")
+    _assert_same(before, _state(model))
+    assert torch.equal(_logits(model), logits)
+    load_adapter(model, adapter_file)
+    assert not torch.equal(_logits(model), logits)
+
+
+class _Interrupt:
+    """NeuroAdaLayer.add_adapter raising on its n-th call: a Ctrl-C (or out of memory) part-way through the loop."""
+
+    def __init__(self, monkeypatch, n, exc=KeyboardInterrupt):
+        self.calls, real = 0, NeuroAdaLayer.add_adapter
+
+        def add_adapter(layer, *args, **kwargs):
+            self.calls += 1
+            if self.calls == n:
+                raise exc()
+            return real(layer, *args, **kwargs)
+
+        monkeypatch.setattr(NeuroAdaLayer, "add_adapter", add_adapter)
+        self.undo = lambda: monkeypatch.setattr(NeuroAdaLayer, "add_adapter", real)
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, MemoryError])
+@pytest.mark.parametrize("setup", ["plain", "trained", "served"])
+def test_attach_interrupted_part_way_leaves_the_model_as_it_was(monkeypatch, setup, exc):
+    model = tiny_llama()
+    if setup != "plain":
+        with_deltas(model, k=2, target_modules=["q_proj", "v_proj"])  # trainable: attach would pause it
+    if setup == "served":
+        set_adapter(model, "default")
+    before, logits = _state(model), _logits(model)
+    stop = _Interrupt(monkeypatch, 5, exc)
+    with pytest.raises(exc):
+        attach(model, NeuroAdaConfig(k=3, target_modules="all-linear"), "new")
+    _assert_same(before, _state(model))
+    assert torch.equal(_logits(model), logits)
+    stop.undo()
+    attach(model, NeuroAdaConfig(k=3, target_modules="all-linear"), "new")  # the name is free, the call works
+    assert len(layers(model)) == 14
+
+
+@pytest.mark.parametrize("setup", ["plain", "trained", "served"])
+def test_load_adapter_interrupted_part_way_leaves_the_model_as_it_was(monkeypatch, adapter_file, setup):
+    model = _with_subclass(tiny_llama())
+    if setup != "plain":
+        with_deltas(model, k=2, target_modules=["q_proj", "v_proj"])
+    if setup == "served":
+        set_adapter(model, "default")
+    before, logits = _state(model), _logits(model)
+    stop = _Interrupt(monkeypatch, 6)
+    with pytest.raises(KeyboardInterrupt):
+        load_adapter(model, adapter_file, "b", is_trainable=True)
+    _assert_same(before, _state(model))
+    assert torch.equal(_logits(model), logits)
+    stop.undo()
+    load_adapter(model, adapter_file, "b", is_trainable=True)
+    set_adapter(model, "b")
+    reference = _with_subclass(tiny_llama())
+    load_adapter(reference, adapter_file)
+    assert torch.allclose(_logits(model), _logits(reference), atol=1e-6)
+
+
+def test_a_refusal_inside_the_loop_is_rolled_back_too(monkeypatch, adapter_file):
+    """Any NeuroAdaError a layer raises late (here injected) leaves nothing behind either."""
+    model = tiny_llama()
+    before = _state(model)
+    _Interrupt(monkeypatch, 3, lambda: NeuroAdaError("injected"))
+    with pytest.raises(NeuroAdaError, match="injected"):
+        attach(model, NeuroAdaConfig(k=1, target_modules="all-linear"))
+    _assert_same(before, _state(model))
+
+
+# -- saves ---------------------------------------------------------------------------------------------------------
+def _files(folder):
+    import os
+
+    out = {}
+    for root, _, names in os.walk(folder):
+        for n in names:
+            with open(os.path.join(root, n), "rb") as f:
+                out[os.path.relpath(os.path.join(root, n), folder)] = f.read()
+    return out
+
+
+def test_save_pretrained_checks_every_adapter_before_writing_any(tmp_path):
+    """b's deltas overflow F16 (its save dtype): found before default's files were replaced (they were, and the
+    checkpoint's adapter and trainable state then disagreed)."""
+    from neuroada_format.runtime.model import save_pretrained
+
+    model = with_deltas(tiny_llama(), k=2, target_modules=["q_proj"])
+    attach(model, NeuroAdaConfig(k=1, target_modules=["v_proj"], save_dtype="F16"), "b")
+    save_pretrained(model, tmp_path / "ckpt")
+    good = _files(tmp_path / "ckpt")
+    with torch.no_grad():
+        for layer in layers(model).values():
+            if "default" in layer.neuroada_val:
+                layer.neuroada_val["default"].add_(0.5)  # default trained on ...
+            if "b" in layer.neuroada_val:
+                layer.neuroada_val["b"].fill_(1e6)  # ... and b left F16's range
+    with pytest.raises(NeuroAdaError, match=r"rule 3\.7.*overflows F16"):
+        save_pretrained(model, tmp_path / "ckpt")
+    assert _files(tmp_path / "ckpt") == good
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, OSError])
+def test_a_folder_save_failing_at_its_config_leaves_the_old_pair(monkeypatch, tmp_path, exc):
+    from neuroada_format.runtime import model as model_module
+
+    old = with_deltas(tiny_llama(), k=2, target_modules="all-linear")
+    save_adapter(old, tmp_path / "task")
+    good = _files(tmp_path / "task")
+    new = tiny_llama()
+    attach(new, NeuroAdaConfig(k=3, target_modules=["q_proj"], selection="random", seed=7))
+    real = model_module.write_bytes
+
+    def failing(path, *args, **kwargs):
+        if str(path).rsplit("/", 1)[-1].startswith("neuroada_config.json.tmp"):
+            raise exc(28, "No space left on device") if exc is OSError else exc()
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(model_module, "write_bytes", failing)
+    with pytest.raises(exc):
+        save_adapter(new, tmp_path / "task")
+    assert _files(tmp_path / "task") == good  # no new weights beside the old config, no temporary files
+
+
+def test_load_adapter_refuses_a_folder_whose_config_does_not_describe_its_weights(tmp_path):
+    """What only kill -9 between a folder save's two renames (or a hand copy) can leave."""
+    import shutil
+
+    save_adapter(with_deltas(tiny_llama(), k=2, target_modules="all-linear"), tmp_path / "old")
+    new = tiny_llama()
+    attach(new, NeuroAdaConfig(k=3, target_modules=["q_proj"], selection="random", seed=7))
+    save_adapter(new, tmp_path / "new")
+    shutil.copy(tmp_path / "new" / "neuroada_model.safetensors", tmp_path / "old" / "neuroada_model.safetensors")
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(NeuroAdaError, match=r"does not describe its weights \(k=2 against the file's k=3; selection "
+                                            r"'magnitude' against the file's 'random'\)"):
+        load_adapter(model, tmp_path / "old")
+    _assert_same(before, _state(model))
+    load_adapter(model, tmp_path / "old" / "neuroada_model.safetensors")  # the file itself, as the message says
+
+
+def test_config_seed_must_be_an_integer():
+    for seed in ("x", 1.5, True):
+        with pytest.raises(NeuroAdaUsageError, match="seed must be an integer or None"):
+            NeuroAdaConfig(k=1, seed=seed)
+
+
+@pytest.mark.parametrize("path", [None, 5, ""])
+def test_save_and_load_need_a_path(tmp_path, path):
+    model = with_deltas(tiny_llama(), k=1, target_modules=["q_proj"])
+    with pytest.raises(NeuroAdaUsageError, match="needs a path"):
+        save_adapter(model, path)
+    with pytest.raises(NeuroAdaUsageError, match="needs a path"):
+        load_adapter(tiny_llama(), path)
+
+
+def test_an_unknown_value_dtype_is_refused_by_name(tmp_path):
+    from neuroada_format.runtime import to_adapter
+
+    model = with_deltas(tiny_llama(), k=1, target_modules=["q_proj"])
+    for call in (lambda: to_adapter(model, value_dtype="F8"), lambda: save_adapter(model, tmp_path / "a",
+                                                                                      value_dtype="F8")):
+        with pytest.raises(NeuroAdaUsageError, match="value_dtype must be one of BF16, F16, F32, got 'F8'"):
+            call()
+    assert not (tmp_path / "a").exists()
+
+
+# -- arguments of the wrong kind: our refusal, before anything changes ---------------------------------------------
+def _two_adapters():
+    model = with_deltas(tiny_llama(), k=1, target_modules=["q_proj"])
+    attach(model, NeuroAdaConfig(k=1, target_modules=["v_proj"]), "b")
+    return model
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: __import__("neuroada_format.runtime", fromlist=["merge"]).merge(m, "default"),
+     r"merge takes a list of adapter names, not str 'default' \(one adapter: \['default'\]\)"),
+    (lambda m: __import__("neuroada_format.runtime", fromlist=["merge"]).merge(m, 5), "not int 5"),
+    (lambda m: __import__("neuroada_format.runtime", fromlist=["merge_and_unload"]).merge_and_unload(m, "b"),
+     "merge takes a list"),
+    (lambda m: __import__("neuroada_format.runtime", fromlist=["delete_adapter"]).delete_adapter(m, ["b"]),
+     "delete_adapter takes one adapter name, not list"),
+    (lambda m: __import__("neuroada_format.runtime", fromlist=["x"]).add_weighted_adapter(m, ["default", "b"],
+                                                                                          ["x", 1], "c"),
+     "weights are numbers, got str 'x'"),
+    (lambda m: __import__("neuroada_format.runtime", fromlist=["x"]).add_weighted_adapter(m, "default", [1], "c"),
+     "add_weighted_adapter takes a list of adapter names"),
+    (lambda m: __import__("neuroada_format.runtime", fromlist=["x"]).adapter_batch(m, None).__enter__(),
+     "adapter_batch takes a list of adapter names, not NoneType"),
+    (lambda m: __import__("neuroada_format.runtime", fromlist=["x"]).adapter_batch(m, [1]).__enter__(),
+     r"adapter names are strings \(or None, the base\), got int 1"),
+    (lambda m: m.save_pretrained("unused", selected_adapters="default"), "selected_adapters takes a list"),
+    (lambda m: attach(m, {"k": 1}, "c"), r"attach takes a NeuroAdaConfig, not dict: NeuroAdaConfig\(\*\*that_dict\)"),
+])
+def test_arguments_of_the_wrong_kind_are_refused_by_name(tmp_path, monkeypatch, call, message):
+    """merge(model, "ab") merged adapters a and b (a str taken as its characters); the others were bare TypeErrors,
+    ValueErrors or AttributeErrors from deep inside."""
+    monkeypatch.chdir(tmp_path)
+    model = _two_adapters()
+    before, logits = _state(model), _logits(model)
+    with pytest.raises(NeuroAdaUsageError, match=message):
+        call(model)
+    _assert_same(before, _state(model))
+    assert torch.equal(_logits(model), logits)
+    assert not any(tmp_path.iterdir())
+
+
+def test_set_adapter_refuses_a_layer_it_cannot_serve_before_switching_any():
+    class OwnLayer(NeuroAdaLayer):
+        pass
+
+    model = _two_adapters()
+    last = list(layers(model).values())[-1]
+    last.__class__ = OwnLayer
+    before = _state(model)
+    with pytest.raises(NeuroAdaUsageError, match="cannot serve a OwnLayer.*nothing was switched"):
+        set_adapter(model, "b")
+    _assert_same(before, _state(model))
+
+
+def test_load_trained_extras_refuses_what_is_not_a_checkpoint(tmp_path):
+    """A typo, a file, a plain model file or a damaged state loaded nothing and returned [] (the trained head stayed
+    at its initial values without a word)."""
+    from safetensors.torch import save_file
+
+    from neuroada_format.runtime import load_trained_extras
+
+    model = with_deltas(tiny_llama(), k=1, target_modules=["q_proj"])
+    model.lm_head.weight.requires_grad_(True)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.25)  # as if trained
+    model.save_pretrained(tmp_path / "ckpt")
+    fresh = tiny_llama()
+    load_adapter(fresh, tmp_path / "ckpt")
+    assert load_trained_extras(fresh, tmp_path / "ckpt") == ["lm_head.weight"]
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
+    (tmp_path / "plain").mkdir()
+    save_file({"w": torch.zeros(2)}, tmp_path / "plain" / "model.safetensors")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    for path, message in ((tmp_path / "ckpt-typo", "not a folder that save_pretrained wrote"),
+                          (tmp_path / "ckpt" / "model.safetensors", "not a folder that save_pretrained wrote"),
+                          (tmp_path / "plain", "a model file, not the trainable state"),
+                          (tmp_path / "broken", "cannot read the trainable state")):
+        with pytest.raises(NeuroAdaError, match=message):
+            load_trained_extras(fresh, path)
