@@ -32,11 +32,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -261,6 +264,23 @@ def cuda_problem() -> str | None:
         import triton  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - any broken install
         return f"triton cannot be imported ({exc})"
+    return host_problem()
+
+
+def host_problem() -> str | None:
+    """What the GPU run needs besides torch+CUDA+triton, said before any child starts."""
+    # what every child imports first: missing, each child failed on its own and the run ended in "check: FAIL"
+    for module in ("neuroada_format.runtime", "transformers", "peft", "psutil", "ml_dtypes"):
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001
+            return f"{module} cannot be imported ({exc})"
+    # triton builds its launcher with a C compiler and the Python headers at the first launch
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        return "no C compiler (cc, gcc or clang; or $CC), which triton needs to build its launcher"
+    include = sysconfig.get_paths().get("include") or ""
+    if not os.path.isfile(os.path.join(include, "Python.h")):
+        return f"no Python.h under {include!r} (the Python development headers), which triton's launcher needs"
     return None
 
 

@@ -515,7 +515,7 @@ def _bgmv_kernel(x_ptr, ids_ptr, idx_ptr, val_ptr, y_ptr, out_ptr, S, d_out, K,
         xv = tl.load(x_ptr + tok * s_xt + cols * s_xc, mask=m2 & inside, other=0).to(ACC)
         s = tl.sum(xv * v, axis=1)
         ym = rm & inside
-        yv = tl.load(y_ptr + tok * s_yt + r * s_yr, mask=ym, other=0).to(ACC)
+        yv = tl.load(y_ptr + tok * s_yt + r.to(tl.int64) * s_yr, mask=ym, other=0).to(ACC)  # r x stride: 64-bit
         tl.store(out_ptr + tok * d_out + r, yv + s, mask=ym)
 
 

@@ -107,7 +107,7 @@ if AVAILABLE:
         for t0 in range(0, t_span, BLOCK_T):  # bounds from arguments, not from program ids (the interpreter's rule)
             t = t_lo + t0 + tl.arange(0, BLOCK_T)  # int64: t x stride passes 2^31 past ~195k tokens of 11008
             tm = t < t_hi
-            g = tl.load(gy_ptr + t[:, None] * s_gt + r[None, :] * s_gi,
+            g = tl.load(gy_ptr + t[:, None] * s_gt + r[None, :].to(tl.int64) * s_gi,  # (a column-major grad_y)
                         mask=tm[:, None] & rm[None, :], other=0).to(ACC)
             xv = tl.load(x_ptr + t[:, None, None] * s_xt + cols[None, :, :] * s_xc,
                          mask=tm[:, None, None] & m2[None, :, :], other=0).to(ACC)

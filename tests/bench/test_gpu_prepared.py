@@ -181,3 +181,18 @@ def test_from_bundle_joins_the_parts_checks_them_and_refuses_a_missing_one(tmp_p
     assert mod.main(["--cpu-smoke", "--from-bundle", str(short)]) == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1 and "1 of the model's 2 parts" in err
+
+
+def test_gpu_host_is_checked_before_any_child_starts(monkeypatch):
+    """A GPU host without a C compiler (triton builds its launcher with one), Python headers or one of the
+    children's imports is said in one line up front: each child used to fail on its own, ending in "check: FAIL"."""
+    spec = importlib.util.spec_from_file_location("neuroada_bench_gpu", GPU)
+    gpu = importlib.util.module_from_spec(spec)
+    monkeypatch.syspath_prepend(os.path.dirname(GPU))
+    spec.loader.exec_module(gpu)
+    assert gpu.host_problem() is None  # this machine has them all
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(gpu.shutil, "which", lambda name: None)
+    assert "no C compiler" in gpu.host_problem()
+    monkeypatch.setattr(gpu.importlib, "import_module", lambda name: (_ for _ in ()).throw(ImportError("gone")))
+    assert gpu.host_problem() == "neuroada_format.runtime cannot be imported (gone)"
