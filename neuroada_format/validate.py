@@ -15,7 +15,7 @@ import numpy as np
 from .adapter import Adapter, Target, read
 from .base import absent_target, open_base
 from .container import Problems
-from .dtypes import BASE_DTYPES, I16_MAX_D_IN, INDEX_DTYPES, VALUE_DTYPES, dtype_name, nonfinite_mask
+from .dtypes import BASE_DTYPES, I16_MAX_D_IN, INDEX_DTYPES, NUMPY_DTYPES, VALUE_DTYPES, dtype_name, nonfinite_mask
 from .errors import NeuroAdaError
 from .hashing import probe_hash, probe_hash_from_values
 from .layout import canonical_view, stored_shape
@@ -196,6 +196,23 @@ def _check_against_base(adapter: Adapter, base, p: Problems, check_selection: bo
             p.warning("4.5", f"base structure hash differs (other tensors, names, dtypes or shapes){matched}")
 
 
+def _rounded_hint(weight, t: Target, dtype: str) -> str:
+    """Rule 4.3's message where the adapter was made on these very values rounded to its narrower dtype (a model
+    loaded with torch_dtype=bfloat16 from an F32 checkpoint): "different base or revision" sent users looking for
+    another checkpoint. Worked out on the error path only, from the probed entries."""
+    if dtype == t.dtype or t.dtype not in ("BF16", "F16") or dtype != "F32":
+        return ""
+    canon = canonical_view(np.asarray(weight), t.layout)
+    idx = np.asarray(t.indices)
+    values = canon[np.arange(idx.shape[0])[:, None], idx].astype(np.float32)
+    with np.errstate(over="ignore"):
+        rounded = values.astype(NUMPY_DTYPES[t.dtype]).astype(np.float32)
+    if probe_hash_from_values(rounded) != t.probe:
+        return ""
+    return (f"; it was made on these weights rounded to {t.dtype} (the model loaded or cast to {t.dtype}): merge it "
+            f"into a {t.dtype} copy of the base, or train on the {dtype} weights")
+
+
 def _check_target_against_base(name: str, t: Target, adapter: Adapter, base, p: Problems, check_selection: bool,
                                probes: bool) -> None:
     if name not in base:
@@ -221,7 +238,7 @@ def _check_target_against_base(name: str, t: Target, adapter: Adapter, base, p: 
         return
     weight = base.array(name)
     if probes and probe_hash(weight, np.asarray(t.indices), t.layout) != t.probe:
-        p.error("4.3", PROBE_MISMATCH, tensor=name)
+        p.error("4.3", PROBE_MISMATCH + _rounded_hint(weight, t, dtype), tensor=name)
         return
     rule = adapter.selection.get("rule")
     if check_selection and rule in ("magnitude", "reverse"):

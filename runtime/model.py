@@ -419,6 +419,19 @@ def _wrap(model: nn.Module, name: str, module: nn.Module, config: NeuroAdaConfig
     return layer
 
 
+def _warn_zero_weights(modules: dict[str, nn.Module], indices: dict[str, torch.Tensor]) -> None:
+    """A target whose weight is all zeros (its top-1 |W| per row is 0): magnitude selection then picks columns 0..k-1
+    of every row, which says nothing. The usual cause is a model whose weights are loaded after attach (built on the
+    meta device, to_empty, then accelerate's load_checkpoint_in_model: the adapted layers' keys have moved, and the
+    loader only logs them as unused). Read from the selected entries only."""
+    zero = [name for name, m in modules.items() if not bool(gather_exact(_canonical(m).detach(), indices[name]).any())]
+    if zero:
+        warnings.warn(f"{len(zero)} of {len(modules)} target weights are all zeros ({zero[0]}.weight"
+                      f"{', ...' if len(zero) > 1 else ''}): magnitude selection picked columns 0..k-1 of every row. If "
+                      "the base weights are loaded after attach, load them before it (attach selects from the weights "
+                      "it finds, and a checkpoint's keys no longer reach the adapted layers)", stacklevel=3)
+
+
 def _check_modes(modules: dict[str, nn.Module], config: NeuroAdaConfig, shared: set[int],
                  wrappers: dict[str, str]) -> None:
     """Refuse, before anything changes, a target that cannot run in the mode asked for (see layer.mode_problem)."""
@@ -588,7 +601,7 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
             raise NeuroAdaUsageError(f"{name} has merged adapters; unmerge (or set_adapter(model, None)) before "
                                      "attaching another")
     for name, module in modules.items():
-        _check_base_weight(module.weight, name + ".weight", "attach selects positions from it")
+        _check_base_weight(module.weight, name + ".weight", "attach selects positions from it", module)
         # refused now, not at save_adapter after the training
         _refuse_base_dtype(module.weight, name + ".weight", "convert the model (e.g. model.float()) before attaching")
         d_in = _canonical(module).shape[1]
@@ -601,6 +614,8 @@ def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name:
     else:
         indices = {name: select(_canonical(m), config.k, config.selection, seed=config.seed, generator_offset=i)
                    for i, (name, m) in enumerate(modules.items())}
+    if config.selection == "magnitude":
+        _warn_zero_weights(modules, indices)
     with _all_or_nothing(model, adapter_name, deltas=True):
         for layer in layers(model).values():  # the adapters trained so far stop training; set_adapter may resume them
             for n, val in layer.neuroada_val.items():
@@ -950,6 +965,7 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
     if config is None:
         raise NeuroAdaUsageError(f"no adapter named {adapter_name!r} (have: {', '.join(configs) or 'none'})")
     _refuse_fsdp1(model, "saving the adapter")
+    _refuse_offloaded(model, [adapter_name])
     vdt = value_dtype or config.save_dtype
     if vdt not in VALUE_NUMPY:
         raise NeuroAdaUsageError(f"value_dtype must be one of {', '.join(VALUE_NUMPY)}, got {vdt!r}", rule="3.3")
@@ -991,6 +1007,21 @@ def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: 
     return naf.Adapter(targets, base_name=base_name, base_revision=revision,
                        structure_hash=naf.structure_hash((n, d, s) for n, (d, s) in saved_structure(model).items()),
                        selection=selection, version=naf.version_for(targets.values()))
+
+
+def _refuse_offloaded(model: nn.Module, names) -> None:
+    """Saving reads the adapters' tensors and the base's values at their positions (probe hashes): where accelerate
+    offloaded them (cpu_offload, disk_offload, dispatch_model with 'cpu'/'disk'), they are on the meta device between
+    calls and torch's "Cannot copy out of meta tensor" was all the user saw."""
+    for name, layer in layers(model).items():
+        held = [n for n in names if n in layer.neuroada_val]
+        if held and (layer.weight.is_meta or any(layer.neuroada_val[n].is_meta or layer.neuroada_idx[n].is_meta
+                                                 or layer.neuroada_w0[n].is_meta for n in held)):
+            raise NeuroAdaUsageError("the layer is offloaded (on the meta device between calls: accelerate's "
+                                     "cpu_offload, disk_offload or a device_map with 'cpu'/'disk' entries), and saving "
+                                     "reads its adapter and base values: save before offloading, or take accelerate's "
+                                     "hooks off first (accelerate.hooks.remove_hook_from_module(model, recurse=True) "
+                                     "puts offloaded weights back)", tensor=name + ".weight")
 
 
 def _check_save_path(path: str, single: bool) -> None:
@@ -1159,6 +1190,7 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
         if name not in configs:
             raise NeuroAdaUsageError(f"no adapter named {name!r} (have: {', '.join(configs) or 'none'})")
     _refuse_model_weights(folder)
+    _refuse_offloaded(model, names)
     state = trainable_state(model, state_dict)
     if selected_adapters is not None:  # the other adapters' deltas are not saved: their training is not this save's
         state = {k: v for k, v in state.items() if _state_adapter(k) in (None, *names)}
@@ -1286,10 +1318,18 @@ def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_
         if training is not None:
             _check_state_training(module, training, named)
         _warn_delta_dtypes(module, state_dict, prefix)
+    held = layers(module)
+    for name in held:  # a base checkpoint loaded after attach: torch would leave every adapted layer out in silence
+        for attr in ("weight", "bias"):
+            if f"{prefix}{name}.{attr}" in state_dict and f"{prefix}{name}.base_layer.{attr}" not in state_dict:
+                raise NeuroAdaUsageError(
+                    f"the state holds the base {attr} of an adapted layer under its plain name, which attach moved to "
+                    f"{name}.base_layer.{attr}: loading base weights after attach would leave every adapted layer "
+                    "out (strict=False says nothing), and attach selected the positions from the weights it found; "
+                    "load the base weights first, then attach", tensor=f"{prefix}{name}.{attr}")
     # every layer checks its part before any loads, so a refused state changes nothing
     prepared = []
     try:
-        held = layers(module)
         for name, layer in held.items():
             layer_prefix = f"{prefix}{name}."
             if layer._loading is None and any(k.startswith(layer_prefix) for k in state_dict):
@@ -1474,7 +1514,20 @@ def load_trained_extras(model: nn.Module, folder) -> list[str]:
     return names
 
 
-def _check_base_weight(w: torch.Tensor, tensor: str, why: str) -> None:
+def _offloaded(module: nn.Module | None) -> bool:
+    """Whether accelerate loads this module's weights in a hook around its calls (cpu_offload, disk_offload, a
+    device_map with "cpu"/"disk" entries): its parameters stay on the meta device between calls."""
+    hook = getattr(module, "_hf_hook", None)
+    return hook is not None and bool(getattr(hook, "offload", False) or getattr(hook, "weights_map", None) is not None
+                                     or type(hook).__name__ == "SequentialHook")
+
+
+def _check_base_weight(w: torch.Tensor, tensor: str, why: str, module: nn.Module | None = None) -> None:
+    if w.is_meta and _offloaded(module):
+        raise NeuroAdaUsageError(f"the base weight is offloaded by accelerate (a device_map with 'cpu'/'disk' "
+                                 f"entries, cpu_offload or disk_offload: it lives on the meta device between calls), "
+                                 f"and {why}: give the targeted layers room (max_memory), leave the offloaded "
+                                 "layers out of target_modules, or load the model without offloading", tensor=tensor)
     if w.is_meta:
         raise NeuroAdaUsageError(f"the base weight is on the meta device, and {why}: load the model's weights first "
                                  "(from_pretrained, or to_empty + load_state_dict)", tensor=tensor)
@@ -1534,7 +1587,7 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
                 what = "no linear layer of the model has this weight"
             raise NeuroAdaError(what, path=adapter.path, tensor=key, rule="4.1")
         w = _canonical(module)
-        _check_base_weight(w, key, "the adapter is checked against its values (probe hash)")
+        _check_base_weight(w, key, "the adapter is checked against its values (probe hash)", module)
         dtype = TORCH_DTYPE_NAMES.get(w.dtype)
         # spec 1.1: the dtype may differ (identity is on values: the probe hash below decides)
         if tuple(w.shape) != tuple(t.shape) or dtype is None or _layout(module) != t.layout:
@@ -1663,8 +1716,15 @@ def _check_folder_pair(cfg: NeuroAdaConfig, adapter: naf.Adapter, file: str) -> 
 
 
 # -- merge -------------------------------------------------------------------------------------------
-def refuse_unmergeable(name: str, layer: NeuroAdaLayer, shared: set[int]) -> None:
-    """Merging (merge, set_adapter) writes into the weight itself: refused where that changes something else."""
+def refuse_unmergeable(name: str, layer: NeuroAdaLayer, shared: set[int], names=()) -> None:
+    """Merging (merge, set_adapter) writes into the weight itself: refused where that changes something else, or
+    where the weight or the adapters' tensors are offloaded (found at the n-th layer, n-1 were merged already)."""
+    layer.check_in_memory(names)
+    if layer.weight.is_meta:
+        raise NeuroAdaUsageError("the base weight is offloaded (on the meta device, e.g. by accelerate's device_map "
+                                 "with 'cpu'/'disk' entries), and merging writes into it; nothing was merged: merge "
+                                 "before offloading, or save the adapter and merge it with neuroada-merge",
+                                 tensor=name + ".weight")
     if _is_sharded(layer.weight):
         raise NeuroAdaError("cannot merge into a sharded (FSDP2) weight; save the adapter and merge it "
                             "into the whole model or checkpoint", tensor=name + ".weight")
@@ -1689,8 +1749,10 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
         _check_known(model, adapter_names, allow_base=False)
     shared = _shared_weights(model)
     for name, layer in layers(model).items():
-        if any(n in layer.neuroada_val for n in (layer.active_adapters if adapter_names is None else adapter_names)):
-            refuse_unmergeable(name, layer, shared)
+        asked = layer.active_adapters if adapter_names is None else adapter_names
+        names = [n for n in asked if n in layer.neuroada_val]
+        if names:
+            refuse_unmergeable(name, layer, shared, names)
     for layer in layers(model).values():
         # ([] merges nothing, as in PEFT; None: the active adapters)
         names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names)

@@ -278,7 +278,7 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
         shared = _shared_weights(model)
         for name, layer in all_layers.items():  # before any weight changes
             if target in layer.neuroada_val:
-                refuse_unmergeable(name, layer, shared)
+                refuse_unmergeable(name, layer, shared, [target])
     with torch.no_grad():
         for layer in all_layers.values():
             _serve(layer)

@@ -84,6 +84,21 @@ def test_4_6_same_values_in_another_dtype_belong_to_the_base(form, dtype, small_
     assert error_rules(report) == [("4.3", UP)]
 
 
+def test_4_3_says_when_the_adapter_was_made_on_these_weights_rounded(small_model, tmp_path, craft):
+    """An adapter trained on a BF16 load of an F32 checkpoint fails the probe against that checkpoint (spec 14), and
+    "different base or revision" sent users looking for another checkpoint: the message says what happened."""
+    arrays, adapter = small_model
+    w = arrays[UP].astype(np.float32)
+    arrays[UP] = w * np.float32(1 + 2 ** -12)  # F32 values that round to the adapter's BF16 ones
+    assert np.array_equal(arrays[UP].astype(ml_dtypes.bfloat16).astype(np.float32), w)
+    report = naf.validate(adapter, base=materialise("file", arrays, tmp_path, craft))
+    assert error_rules(report) == [("4.3", UP)]
+    assert "made on these weights rounded to BF16" in report.errors[0]["message"]
+    arrays[UP] = w * np.float32(1 + 2 ** -6)  # values of another base: no such hint
+    report = naf.validate(adapter, base=materialise("file", arrays, tmp_path / "other", craft))
+    assert error_rules(report) == [("4.3", UP)] and "rounded" not in report.errors[0]["message"]
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_4_3_probe_catches_a_changed_probed_value_only(form, small_model, tmp_path, craft):
     arrays, adapter = small_model

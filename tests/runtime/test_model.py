@@ -390,6 +390,57 @@ def test_offloaded_adapter_tensors_are_refused_not_served():
                 model(ids)
 
 
+def test_an_offloaded_model_is_refused_by_merge_and_save_before_anything_changes(tmp_path):
+    """After accelerate offloads an attached model, merge_and_unload merged the layers before the first offloaded one
+    and then failed (half-merged), and save_adapter / save_pretrained failed on torch's "Cannot copy out of meta
+    tensor", naming nothing."""
+    accelerate = pytest.importorskip("accelerate")
+    from neuroada_format.runtime import merge_and_unload
+
+    model = _randomized(attach(tiny_llama(), NeuroAdaConfig(k=2)))
+    accelerate.dispatch_model(model, device_map={"model.embed_tokens": "cpu", "model.layers.0": "cpu",
+                                                 "model.layers.1": "disk", "model.norm": "cpu",
+                                                 "model.rotary_emb": "cpu", "lm_head": "cpu"},
+                              offload_dir=str(tmp_path / "offload"))
+    weights = {n: l.weight.detach().clone() for n, l in layers(model).items() if not l.weight.is_meta}
+    with pytest.raises(NeuroAdaError, match="meta device"):
+        merge_and_unload(model)
+    assert not any(l.merged for l in layers(model).values())
+    assert all(torch.equal(layers(model)[n].weight, w) for n, w in weights.items())
+    for save in (lambda: save_adapter(model, tmp_path / "a"), lambda: model.save_pretrained(tmp_path / "b")):
+        with pytest.raises(NeuroAdaError, match=r"model\.layers\.1\..*offloaded.*save before offloading"):
+            save()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_attach_to_an_offloaded_model_says_so(tmp_path):
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_llama()
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    with pytest.raises(NeuroAdaError, match="offloaded by accelerate.*max_memory"):
+        attach(model, NeuroAdaConfig(k=2))
+
+
+def test_base_weights_loaded_after_attach_are_refused_and_zero_weights_warned():
+    """Built on the meta device, to_empty, attach, then the checkpoint: the adapted layers' keys had moved (X.weight ->
+    X.base_layer.weight), so load_state_dict(strict=False) (and accelerate's loader, which only logs unused keys) left
+    every adapted layer at its empty values, and attach had selected columns 0..k-1 from them: training went on
+    without a word."""
+    source = tiny_llama()
+    with torch.device("meta"):
+        model = type(source)(source.config)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    with pytest.warns(UserWarning, match=r"14 of 14 target weights are all zeros .*load them before it"):
+        attach(model, NeuroAdaConfig(k=2))
+    with pytest.raises(NeuroAdaError, match=r"model\.layers\.0\.self_attn\.q_proj\.weight: the state holds the base "
+                                            r"weight of an adapted layer.*load the base weights first, then attach"):
+        model.load_state_dict(source.state_dict(), strict=False)
+    assert not model.model.embed_tokens.weight.any()  # refused before anything loaded
+
+
 @pytest.mark.parametrize("mode", ["inplace", "additive"])
 def test_second_derivatives_work_additively_and_are_refused_in_place(mode):
     """A gradient penalty differentiates the backward itself; the in-place backward writes into W, which no graph
