@@ -45,7 +45,7 @@ from .kernels.cache import outside_inference, version
 from .kernels.reference import rounded_values
 from .layer import BASE_ADAPTER, SERVING_CACHES, NeuroAdaLayer, _conv1d_type, check_adapter_name, has_hooks
 from .model import (CONFIGS_ATTR, DISABLED_ATTR, MIXED_ATTR, MIXED_OWNER_ATTR, VALUE_TORCH, _refuse_in_batch,
-                    _shared_weights, _unserve, layers, name_list, park, refuse_unmergeable)
+                    _shared_weights, _unserve, layers, name_list, park, refuse_unmergeable, uninterrupted)
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
            "stop_serving", "adapter_batch", "disable_adapter", "add_weighted_adapter"]
@@ -131,6 +131,7 @@ def _forget_caches(layer: NeuroAdaLayer) -> None:
     layer.__dict__.pop(_MERGED_ATTR, None)
 
 
+@uninterrupted()
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove an adapter everywhere; where it was merged the weights return to the base bit for bit."""
     _refuse_in_batch(model, "delete_adapter")
@@ -160,6 +161,7 @@ def _serve(layer: NeuroAdaLayer) -> None:
                         "adapter_batch")
 
 
+@uninterrupted()
 def stop_serving(model: nn.Module) -> None:
     """Give the layers back their own forward (e.g. to train); merged weights stay merged."""
     _refuse_in_batch(model, "stop_serving")
@@ -244,6 +246,7 @@ def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
     layer._matched()
 
 
+@uninterrupted()
 def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
     """Make one adapter the active one (None or "__base__": the plain base).
 

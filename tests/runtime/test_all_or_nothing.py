@@ -330,3 +330,51 @@ def test_load_trained_extras_refuses_what_is_not_a_checkpoint(tmp_path):
                           (tmp_path / "broken", "cannot read the trainable state")):
         with pytest.raises(NeuroAdaError, match=message):
             load_trained_extras(fresh, path)
+
+
+# -- Ctrl-C during the per-layer loops -----------------------------------------------------------------------------
+def _ctrl_c_at(monkeypatch, method, n):
+    """SIGINT sent to this process from inside the n-th call of NeuroAdaLayer.<method> (or multi.<function>): the
+    user's Ctrl-C part-way."""
+    import os
+    import signal
+
+    from neuroada_format.runtime import multi
+
+    owner = multi if method.startswith("_") else NeuroAdaLayer
+    calls, real = [0], getattr(owner, method)
+
+    def wrapped(layer, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(layer, *args, **kwargs)
+
+    monkeypatch.setattr(owner, method, wrapped)
+
+
+@pytest.mark.parametrize("call, method, check", [
+    ("delete", "delete_adapter", lambda m: all("b" not in l.neuroada_val for l in layers(m).values())),
+    ("merge", "merge", lambda m: all(l.merged for l in layers(m).values() if l.active_adapters)),
+    ("set_adapter", "_serve", lambda m: all(l.merged_adapters == ["b"] for l in layers(m).values()
+                                           if "b" in l.neuroada_val)),
+    ("unload", "unmerge", lambda m: not layers(m)),
+])
+def test_ctrl_c_in_a_per_layer_loop_waits_for_the_loop(monkeypatch, tmp_path, call, method, check):
+    """The interrupt is raised once every layer is done: the model is never left half switched (after a part-way
+    delete_adapter the adapter was still listed, and a save wrote 12 of its 14 targets without a word)."""
+    from neuroada_format.runtime import delete_adapter, list_adapters, merge, unload
+
+    model = with_deltas(tiny_llama(), k=1, target_modules="all-linear")
+    load_adapter(model, save_adapter(model, tmp_path / "a.safetensors"), "b")
+    if call == "unload":
+        merge(model)
+    _ctrl_c_at(monkeypatch, method, 3)
+    run = {"delete": lambda: delete_adapter(model, "b"), "merge": lambda: merge(model),
+           "set_adapter": lambda: set_adapter(model, "b"), "unload": lambda: unload(model)}[call]
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert check(model)
+    if call == "delete":
+        assert list_adapters(model) == ["default"]
+
