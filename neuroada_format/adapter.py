@@ -279,12 +279,23 @@ def save(adapter: Adapter, path, *, value_dtype: str | None = None, index_dtype:
     A path that cannot be written as a file (empty, a folder, a missing parent) is a NeuroAdaUsageError
     naming it, raised before any work, as a FIFO or an existing file with overwrite=False are.
     """
+    path = os.fspath(path)
+    _check_output_path(path)
+    data = encode(adapter, value_dtype=value_dtype, index_dtype=index_dtype, check=check, path=path)
+    # serialised in memory (an adapter is small) so that a write error, a full disk above all, is an
+    # OSError naming the file rather than safetensors' own exception
+    write_bytes(path, data, overwrite=overwrite, durable=True)
+
+
+def encode(adapter: Adapter, *, value_dtype: str | None = None, index_dtype: str | None = None, check: bool = True,
+           path=None) -> bytes:
+    """The bytes of the file :func:`save` writes (same conversions and checks; ``path`` only names it in errors), for
+    a writer that publishes several files together (the runtime's adapter folder)."""
     from safetensors.numpy import save as serialize
 
     from .validate import validate
 
-    path = os.fspath(path)
-    _check_output_path(path)
+    path = "<memory>" if path is None else os.fspath(path)
     if value_dtype is not None and value_dtype not in VALUE_DTYPES:
         raise NeuroAdaError(f"value dtype {value_dtype!r} is not one of {VALUE_DTYPES}", path=path, rule="3.3")
     if index_dtype is not None and index_dtype not in INDEX_DTYPES:
@@ -317,9 +328,7 @@ def save(adapter: Adapter, path, *, value_dtype: str | None = None, index_dtype:
         tensors[INDICES_PREFIX + name] = t.indices
         tensors[VALUES_PREFIX + name] = t.values
     meta = {METADATA_KEY: json.dumps(out.document(), sort_keys=True, separators=(",", ":"))}
-    # serialised in memory (an adapter is small) so that a write error, a full disk above all, is an
-    # OSError naming the file rather than safetensors' own exception
-    write_bytes(path, serialize(tensors, metadata=meta), overwrite=overwrite, durable=True)
+    return serialize(tensors, metadata=meta)
 
 
 def _value_dtype_name(values) -> str:

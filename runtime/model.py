@@ -23,8 +23,9 @@ from torch import nn
 
 import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
+from neuroada_format.adapter import encode as encode_adapter
 from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
-from neuroada_format.durable import publish, remove, remove_stale_siblings, temp_sibling, write_bytes, write_file
+from neuroada_format.durable import publish, remove, remove_stale_siblings, temp_sibling, write_file
 from neuroada_format.folder import (CONFIG_NAME, STATE_FILE, STATE_MARKER, STATE_PROBE, STATE_TRAINING, WEIGHTS_NAME,
                                     adapter_config, state_text, trained_extras, warn_trained_extras)
 
@@ -454,33 +455,40 @@ def _all_or_nothing(model: nn.Module, adapter_name: str, *, deltas: bool):
     other adapters' requires_grad too (attach); else only the base's are recorded, so that a load reads none of the
     adapters loaded before (see _base_parameters)."""
     flags = [(p, p.requires_grad) for p in (model.parameters() if deltas else (p for _, p in _base_parameters(model)))]
-    before = {name: (layer, layer.__class__, list(layer.active_adapters), set(layer.parked))
-              for name, layer in layers(model).items()}
+    before = {name: (layer, layer.__class__, list(layer.active_adapters), set(layer.parked),
+                     adapter_name in layer.neuroada_val) for name, layer in layers(model).items()}
     had = {attr: model.__dict__.get(attr, _MISSING) for attr in (CONFIGS_ATTR, HOOK_ATTR, HF_ATTR)}
     hf_methods = {k: model.__dict__[k] for k in ("save_pretrained", "resize_token_embeddings") if k in model.__dict__}
     try:
         yield
     except BaseException:
-        for name, layer in layers(model).items():
-            if adapter_name in layer.neuroada_val and adapter_name not in layer.merged_adapters:
-                layer.delete_adapter(adapter_name)
-            if name not in before:
-                _set_module(model, name, layer.base_layer)
-        for layer, cls, active, parked in before.values():
-            layer.__class__, layer.active_adapters, layer.parked = cls, active, parked
-        for p, requires_grad in flags:
-            p.requires_grad_(requires_grad)
-        hook = model.__dict__.get(HOOK_ATTR)
-        if had[HOOK_ATTR] is _MISSING and hook is not None:
-            hook.remove()
-        if had[HF_ATTR] is _MISSING:
-            _uninstall_hf(model)
-        for attr, value in had.items():
-            model.__dict__.pop(attr, None)
-            if value is not _MISSING:
-                model.__dict__[attr] = value
-        model.__dict__.update(hf_methods)
+        with uninterrupted():  # a second Ctrl-C must not cut the putting back short
+            _put_back(model, adapter_name, before, flags, had, hf_methods)
         raise
+
+
+def _put_back(model: nn.Module, adapter_name: str, before: dict, flags: list, had: dict, hf_methods: dict) -> None:
+    for name, layer in layers(model).items():
+        # only where this call added it: a model nested in another may hold an adapter of that name already
+        added = name not in before or not before[name][4]
+        if added and adapter_name in layer.neuroada_val and adapter_name not in layer.merged_adapters:
+            layer.delete_adapter(adapter_name)
+        if name not in before:
+            _set_module(model, name, layer.base_layer)
+    for layer, cls, active, parked, _ in before.values():
+        layer.__class__, layer.active_adapters, layer.parked = cls, active, parked
+    for p, requires_grad in flags:
+        p.requires_grad_(requires_grad)
+    hook = model.__dict__.get(HOOK_ATTR)
+    if had[HOOK_ATTR] is _MISSING and hook is not None:
+        hook.remove()
+    if had[HF_ATTR] is _MISSING:
+        _uninstall_hf(model)
+    for attr, value in had.items():
+        model.__dict__.pop(attr, None)
+        if value is not _MISSING:
+            model.__dict__[attr] = value
+    model.__dict__.update(hf_methods)
 
 
 _MISSING = object()
@@ -1059,7 +1067,7 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default", *, value
     prepared = _prepare_adapter(model, adapter_name, value_dtype)
     file = path if single else os.path.join(path, WEIGHTS_NAME)
     if is_main_process:
-        _write_adapter(path, *prepared)
+        _write_adapter(path, single, *prepared)
     return file
 
 
@@ -1077,27 +1085,34 @@ def _prepare_adapter(model: nn.Module, adapter_name: str, value_dtype: str | Non
     return adapter, cfg
 
 
-def _write_adapter(path: str, adapter: naf.Adapter, cfg: NeuroAdaConfig) -> None:
-    """One file (a path ending in .safetensors), or a folder's two. The folder's files are both written to temporary
-    siblings first and renamed after: a save failing half-way (a full disk, Ctrl-C) left new weights beside the old
-    config, which loaded without a word (load_adapter now refuses such a pair, which only kill -9 between the two
-    renames can still leave)."""
-    if path.endswith(".safetensors"):
+def _write_adapter(path: str, single: bool, adapter: naf.Adapter, cfg: NeuroAdaConfig) -> None:
+    """One file (``single``), or a folder's two. The folder's files are both written to temporary siblings first and
+    renamed after: a save failing half-way (a full disk, Ctrl-C) left new weights beside the old config, which loaded
+    without a word (load_adapter now refuses such a pair, which only kill -9 between the two renames can still
+    leave). The adapter was validated by _prepare_adapter."""
+    if single:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as for the folder form
-        naf.save(adapter, path)
+        naf.save(adapter, path, check=False)
         return
     os.makedirs(path, exist_ok=True)
     file, config_file = os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)
-    for f in (file, config_file):
-        remove_stale_siblings(f)
-    tmp_file, tmp_config = temp_sibling(file), temp_sibling(config_file)
+    contents = {file: encode_adapter(adapter, check=False, path=file), config_file: cfg.to_json().encode("utf-8")}
+    temps = {}
     try:
-        naf.save(adapter, tmp_file)
-        write_bytes(tmp_config, cfg.to_json().encode("utf-8"))
-        publish(tmp_file, file, overwrite=True, durable=True)
-        publish(tmp_config, config_file, overwrite=True, durable=True)
+        for out, data in contents.items():
+            remove_stale_siblings(out)  # (left by a killed save: siblings of the final names, never of a sibling)
+            tmp = temps[out] = temp_sibling(out)
+            try:
+                with open(tmp, "xb") as f:  # (mode: what open() gives, as every other write here)
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror or str(exc), out) from exc
+        for out, tmp in temps.items():
+            publish(tmp, out, overwrite=True, durable=True)
     except BaseException:
-        for tmp in (tmp_file, tmp_config):
+        for tmp in temps.values():
             if os.path.lexists(tmp):
                 remove(tmp)
         raise
@@ -1202,7 +1217,7 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
     if not is_main_process:
         return
     for name, path in paths.items():
-        _write_adapter(path, *prepared[name])
+        _write_adapter(path, False, *prepared[name])
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)

@@ -264,10 +264,6 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
     _check_known(model, [adapter_name], allow_base=True)
     target = None if adapter_name in (None, BASE_ADAPTER) else adapter_name
     all_layers = layers(model)
-    for name, layer in all_layers.items():  # found by _serve at the n-th layer, after n-1 had switched
-        if not isinstance(layer, ServingLayer) and type(layer) is not NeuroAdaLayer:
-            raise NeuroAdaUsageError(f"{name}: set_adapter cannot serve a {type(layer).__name__} (a NeuroAdaLayer "
-                                     "subclass); nothing was switched")
     trainable = target is not None and _trainable(model, target, all_layers)
     if trainable:
         with torch.no_grad():
@@ -277,6 +273,10 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
                 layer.active_adapters = [target] if target in layer.neuroada_val else []
         _train_only(model, all_layers, target)
         return
+    for name, layer in all_layers.items():  # found by _serve at the n-th layer, after n-1 had switched
+        if not isinstance(layer, ServingLayer) and type(layer) is not NeuroAdaLayer:
+            raise NeuroAdaUsageError(f"{name}: set_adapter cannot serve a {type(layer).__name__} (a NeuroAdaLayer "
+                                     "subclass) with an adapter loaded for inference; nothing was switched")
     if target is not None:
         shared = _shared_weights(model)
         for name, layer in all_layers.items():  # before any weight changes
@@ -641,10 +641,16 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     if isinstance(weights, str) or not hasattr(weights, "__iter__"):
         raise NeuroAdaUsageError(f"add_weighted_adapter takes a list of weights, not {type(weights).__name__}")
     weights = list(weights)
+    numbers = []
     for w in weights:  # float("x") was a bare ValueError, float(None) a TypeError
-        if isinstance(w, (str, bytes, bool)) or not isinstance(w, (int, float, np.number, torch.Tensor)):
-            raise NeuroAdaUsageError(f"add_weighted_adapter: weights are numbers, got {type(w).__name__} {w!r:.80}")
-    weights = [float(w) for w in weights]
+        try:
+            if isinstance(w, (str, bytes, bool, np.bool_)):
+                raise TypeError
+            numbers.append(float(w))  # int, float, Fraction, Decimal, numpy and torch scalars, one-element arrays
+        except (TypeError, ValueError, RuntimeError):  # (RuntimeError: a torch tensor of several elements)
+            raise NeuroAdaUsageError(f"add_weighted_adapter: weights are numbers, got {type(w).__name__} "
+                                     f"{w!r:.80}") from None
+    weights = numbers
     if not adapters or len(adapters) != len(weights):
         raise NeuroAdaError(f"need one weight per adapter, got {len(adapters)} adapters and {len(weights)} weights")
     check_adapter_name(adapter_name)
