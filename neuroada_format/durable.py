@@ -589,13 +589,14 @@ def checkpoint_folder(path) -> str:
 
 
 @contextmanager
-def checkpoint_lock(folder, *, exclusive: bool, doing: str | None = None):
+def checkpoint_lock(folder, *, exclusive: bool, doing: str | None = None, wait: bool = False):
     """Hold an advisory lock (flock) on `folder` for the duration: exclusive for runs that change the
     files in it (in-place merge, revert), shared for runs that only read them (a merge into a copy).
 
     Refused at once with NeuroAdaUsageError (exit 2) when another run holds a conflicting lock, so
-    two in-place merges can never interleave. Where the file system has no locks (some network
-    mounts) or the OS none (Windows), nothing is locked.
+    two in-place merges can never interleave; with ``wait`` the run waits its turn instead (the runtime's
+    saves: two ranks that both save one folder write one after the other). Where the file system has no
+    locks (some network mounts) or the OS none (Windows), nothing is locked.
     """
     folder = os.path.abspath(os.fspath(folder))
     fd = None
@@ -607,7 +608,7 @@ def checkpoint_lock(folder, *, exclusive: bool, doing: str | None = None):
     try:
         if fd is not None:
             try:
-                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 doing = doing or ("an in-place merge or revert" if exclusive
                                   else "reading it (validate, a merge into a copy, an extraction)")

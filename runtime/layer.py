@@ -567,10 +567,21 @@ class NeuroAdaLayer(nn.Module):
         self._require(new)
         self.reread_w0()
         W = self.base_layer.weight
-        if self.merged_adapters:
-            unmerge_(W, self.overlay(self.merged_adapters))
-        allnames = self.merged_adapters + new
-        merge_(W, self.overlay(allnames), [self.delta(n) for n in allnames])
+        old = list(self.merged_adapters)
+        allnames = old + new
+        overlay, deltas = self.overlay(allnames), [self.delta(n) for n in allnames]  # (before any write)
+        if old:
+            unmerge_(W, self.overlay(old))
+            self.merged_adapters = []
+            self._matched()
+        try:
+            merge_(W, overlay, deltas)
+        except BaseException:  # (e.g. out of memory) the weight said what merged_adapters says, always
+            unmerge_(W, overlay)
+            self._matched()
+            if old:
+                self.merge(old)
+            raise
         self.merged_adapters = allnames
         self._matched()
 

@@ -25,7 +25,7 @@ import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.adapter import encode as encode_adapter
 from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
-from neuroada_format.durable import publish, remove, remove_stale_siblings, temp_sibling, write_file
+from neuroada_format.durable import checkpoint_lock, publish, remove, remove_stale_siblings, temp_sibling, write_file
 from neuroada_format.folder import (CONFIG_NAME, STATE_FILE, STATE_MARKER, STATE_PROBE, STATE_TRAINING, WEIGHTS_NAME,
                                     adapter_config, state_text, trained_extras, warn_trained_extras)
 
@@ -1098,24 +1098,27 @@ def _write_adapter(path: str, single: bool, adapter: naf.Adapter, cfg: NeuroAdaC
     file, config_file = os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)
     contents = {file: encode_adapter(adapter, check=False, path=file), config_file: cfg.to_json().encode("utf-8")}
     temps = {}
-    try:
-        for out, data in contents.items():
-            remove_stale_siblings(out)  # (left by a killed save: siblings of the final names, never of a sibling)
-            tmp = temps[out] = temp_sibling(out)
-            try:
-                with open(tmp, "xb") as f:  # (mode: what open() gives, as every other write here)
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError as exc:
-                raise OSError(exc.errno, exc.strerror or str(exc), out) from exc
-        for out, tmp in temps.items():
-            publish(tmp, out, overwrite=True, durable=True)
-    except BaseException:
-        for tmp in temps.values():
-            if os.path.lexists(tmp):
-                remove(tmp)
-        raise
+    # two saves into one folder at once (every DDP rank calling save_pretrained) take turns: interleaved, one's
+    # weights were published beside the other's config
+    with checkpoint_lock(path, exclusive=True, wait=True):
+        try:
+            for out, data in contents.items():
+                remove_stale_siblings(out)  # (left by a killed save: siblings of the final names, never of a sibling)
+                tmp = temps[out] = temp_sibling(out)
+                try:
+                    with open(tmp, "xb") as f:  # (mode: what open() gives, as every other write here)
+                        f.write(data)
+                        f.flush()
+                        os.fsync(f.fileno())
+                except OSError as exc:
+                    raise OSError(exc.errno, exc.strerror or str(exc), out) from exc
+            for out, tmp in temps.items():
+                publish(tmp, out, overwrite=True, durable=True)
+        except BaseException:
+            for tmp in temps.values():
+                if os.path.lexists(tmp):
+                    remove(tmp)
+            raise
 
 
 def name_list(names, what: str, *, base_ok: bool = False) -> list:
@@ -1790,12 +1793,23 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
         names = [n for n in asked if n in layer.neuroada_val]
         if names:
             refuse_unmergeable(name, layer, shared, names)
-    for layer in layers(model).values():
-        # ([] merges nothing, as in PEFT; None: the active adapters)
-        names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names)
-                 if n in layer.neuroada_val]
-        if names:
-            layer.merge(names)
+    done = []
+    try:
+        for layer in layers(model).values():
+            # ([] merges nothing, as in PEFT; None: the active adapters)
+            names = [n for n in (layer.active_adapters if adapter_names is None else adapter_names)
+                     if n in layer.neuroada_val]
+            if names:
+                before = list(layer.merged_adapters)
+                layer.merge(names)
+                done.append((layer, before))
+    except BaseException:  # (e.g. out of memory at the n-th layer) the n-1 merged before it are put back
+        with uninterrupted():
+            for layer, before in reversed(done):
+                layer.unmerge()
+                if before:
+                    layer.merge(before)
+        raise
     return model
 
 

@@ -139,12 +139,23 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         raise NeuroAdaUsageError(f"delete_adapter takes one adapter name, not {type(adapter_name).__name__} "
                                  f"{adapter_name!r:.80}")
     _check_known(model, [adapter_name], allow_base=False)
+    done = []
+    try:  # the weights first (writes that can fail, e.g. out of memory: put back), then the bookkeeping
+        for layer in layers(model).values():
+            if adapter_name in layer.merged_adapters:
+                before = list(layer.merged_adapters)
+                layer.unmerge()
+                done.append((layer, before))
+                rest = [n for n in before if n != adapter_name]
+                if rest:
+                    layer.merge(rest)
+    except BaseException:
+        with uninterrupted():
+            for layer, before in reversed(done):
+                layer.unmerge()
+                layer.merge(before)
+        raise
     for layer in layers(model).values():
-        if adapter_name in layer.merged_adapters:
-            rest = [n for n in layer.merged_adapters if n != adapter_name]
-            layer.unmerge()
-            if rest:
-                layer.merge(rest)
         if adapter_name in layer.neuroada_val:
             layer.delete_adapter(adapter_name)
         _forget_caches(layer)
@@ -266,7 +277,7 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
     all_layers = layers(model)
     trainable = target is not None and _trainable(model, target, all_layers)
     if trainable:
-        with torch.no_grad():
+        with torch.no_grad(), _switched_back_on_failure(all_layers):
             for layer in all_layers.values():
                 _unserve(layer)
                 layer.unmerge()
@@ -282,13 +293,36 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
         for name, layer in all_layers.items():  # before any weight changes
             if target in layer.neuroada_val:
                 refuse_unmergeable(name, layer, shared, [target])
-    with torch.no_grad():
+    with torch.no_grad(), _switched_back_on_failure(all_layers):
         for layer in all_layers.values():
             _serve(layer)
             want = [target] if target is not None and target in layer.neuroada_val else []
             _switch(layer, want)
             layer.active_adapters = list(want)
     _train_only(model, all_layers, None)
+
+
+@contextlib.contextmanager
+def _switched_back_on_failure(all_layers: dict[str, NeuroAdaLayer]):
+    """A switch that fails at the n-th layer (e.g. out of memory) puts the n-1 before it and the n-th back as they
+    were: each step of ``_switch`` leaves the weight as ``merged_adapters`` says, so switching back is exact."""
+    before = {id(layer): (type(layer), list(layer.merged_adapters), list(layer.active_adapters))
+              for layer in all_layers.values()}
+    try:
+        yield
+    except BaseException:
+        with uninterrupted():
+            for layer in all_layers.values():
+                cls, merged, active = before[id(layer)]
+                if layer.merged_adapters != merged:
+                    if len(merged) <= 1:
+                        _switch(layer, merged)
+                    else:
+                        layer.unmerge()
+                        layer.merge(merged)
+                layer.active_adapters = active
+                layer.__class__ = cls
+        raise
 
 
 def _trainable(model: nn.Module, name: str, all_layers: dict[str, NeuroAdaLayer]) -> bool:

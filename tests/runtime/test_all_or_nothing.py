@@ -483,3 +483,113 @@ def test_save_pretrained_writes_a_folder_whatever_its_name(tmp_path):
     fresh = tiny_llama()
     load_adapter(fresh, tmp_path / "run.safetensors")
     assert torch.allclose(_logits(fresh), _logits(model), atol=1e-4)  # (the file's values are BF16)
+
+
+# -- other failures part-way (e.g. out of memory at the n-th layer) ------------------------------------------------
+def _fail_at(monkeypatch, owner, name, n, exc=MemoryError):
+    """``owner.name`` raising on its n-th call, as an allocation that fails at the n-th layer."""
+    calls, real = [0], getattr(owner, name)
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise exc("out of memory (injected)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+def _served(tmp_path):
+    """"default" trainable on every linear, "b" (its copy) and "c" (k=2: other positions) loaded for inference."""
+    model = with_deltas(tiny_llama(), k=1, target_modules="all-linear")
+    path = save_adapter(model, tmp_path / "b.safetensors")
+    load_adapter(model, path, "b")
+    load_adapter(model, save_adapter(with_deltas(tiny_llama(), k=2, target_modules="all-linear", seed=3),
+                                     tmp_path / "c.safetensors"), "c")
+    return model
+
+
+def test_merge_failing_at_a_layer_puts_back_the_layers_before_it(monkeypatch, tmp_path):
+    from neuroada_format.runtime import layer as layer_module, merge
+
+    model = _served(tmp_path)
+    merge(model, ["b"])  # the 3rd layer's merge unmerges "b" first, then fails to write both
+    before, logits = _state(model), _logits(model)
+    _fail_at(monkeypatch, layer_module, "merge_", 3)
+    with pytest.raises(MemoryError):
+        merge(model, ["default"])
+    _assert_same(before, _state(model))
+    assert torch.equal(_logits(model), logits)
+    monkeypatch.undo()
+    merge(model, ["default"])  # the retry works
+    assert all(l.merged_adapters == ["b", "default"] for l in layers(model).values())
+
+
+@pytest.mark.parametrize("to, owner, name", [
+    ("c", "multi", "_merged_entries"),        # inference adapter at other positions: "b" restored, then it fails
+    ("default", "layer", "unmerge"),          # a trainable adapter: unmerged, made active
+])
+def test_set_adapter_failing_at_a_layer_switches_every_layer_back(monkeypatch, tmp_path, to, owner, name):
+    from neuroada_format.runtime import multi
+
+    model = _served(tmp_path)
+    set_adapter(model, "b")
+    before, logits = _state(model), _logits(model)
+    _fail_at(monkeypatch, multi if owner == "multi" else NeuroAdaLayer, name, 3)
+    with pytest.raises(MemoryError):
+        set_adapter(model, to)
+    _assert_same(before, _state(model))
+    assert torch.equal(_logits(model), logits)
+    monkeypatch.undo()
+    set_adapter(model, to)
+    assert all(l.active_adapters == [to] for l in layers(model).values())
+
+
+def test_delete_adapter_failing_at_a_layer_keeps_the_adapter_everywhere(monkeypatch, tmp_path):
+    from neuroada_format.runtime import delete_adapter, list_adapters, merge
+
+    model = _served(tmp_path)
+    merge(model, ["default", "b"])
+    before, logits = _state(model), _logits(model)
+    _fail_at(monkeypatch, NeuroAdaLayer, "merge", 3)  # re-merging "default" after taking "b" out, 3rd layer
+    with pytest.raises(MemoryError):
+        delete_adapter(model, "b")
+    _assert_same(before, _state(model))
+    assert torch.equal(_logits(model), logits)
+    assert list_adapters(model) == ["default", "b", "c"]
+    monkeypatch.undo()
+    delete_adapter(model, "b")
+    assert list_adapters(model) == ["default", "c"]
+    assert all(l.merged_adapters == ["default"] for l in layers(model).values())
+
+
+def test_two_saves_into_one_folder_at_once_take_turns(monkeypatch, tmp_path):
+    """Every DDP rank calling save_pretrained, or two jobs given one output: the second save waits for the first
+    (interleaved, the first's config was published over the second's weights: a pair load_adapter refuses)."""
+    import threading
+
+    from neuroada_format.runtime import model as model_module
+    from neuroada_format.runtime.model import WEIGHTS_NAME
+
+    one, two = (with_deltas(tiny_llama(), k=k, target_modules=["q_proj"]) for k in (1, 2))
+    first_weights_out, second_done = threading.Event(), threading.Event()
+    real = model_module.publish
+
+    def publish(tmp, out, **kwargs):
+        real(tmp, out, **kwargs)
+        if threading.current_thread().name == "first" and out.endswith(WEIGHTS_NAME):
+            first_weights_out.set()
+            second_done.wait(2)  # without the lock the second save runs to its end here
+
+    monkeypatch.setattr(model_module, "publish", publish)
+    first = threading.Thread(target=save_adapter, args=(one, tmp_path / "task"), name="first")
+    first.start()
+    assert first_weights_out.wait(60)
+    second = threading.Thread(target=lambda: (save_adapter(two, tmp_path / "task"), second_done.set()))
+    second.start()
+    first.join(60)
+    second.join(60)
+    fresh = tiny_llama()
+    load_adapter(fresh, tmp_path / "task")  # refused as a mismatched pair before the lock
+    assert all(l.neuroada_val["default"].shape[1] == 2 for l in layers(fresh).values())  # the second, whole
+    assert sorted(p.name for p in (tmp_path / "task").iterdir()) == ["neuroada_config.json", WEIGHTS_NAME]
