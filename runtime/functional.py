@@ -204,18 +204,24 @@ def _numpy_writes(W: torch.Tensor, entries: int) -> bool:
     return W.device.type == "cpu" and (entries < PARALLEL_WRITE_MIN or torch.get_num_threads() < 2)
 
 
-_WEIGHT_LOCKS: dict[int, threading.Lock] = {}
+_WEIGHT_LOCKS: dict[int, threading.RLock] = {}
 
 
-def _weight_lock(W: torch.Tensor) -> threading.Lock:
+def weight_lock(W: torch.Tensor) -> threading.RLock:
     """One lock per weight storage, held from a write to its restore: a forward on another thread (a server answering
     requests in a thread pool) must not multiply with the weight while it holds, or has lost, this call's entries.
-    Calls of one layer then take turns; different layers still run side by side. Keyed by address: a lock left
+    Calls of one layer then take turns; different layers still run side by side. Reentrant: a layer holds it around
+    its own state changes (merge, unmerge, a switch, re-reading w0) and the writes inside, so that a forward on
+    another thread never reads the weight between a write and the state that describes it (w0 was re-read from a
+    weight another thread had merged, and unmerge then "restored" merged values). Keyed by address: a lock left
     behind by a freed weight is at worst shared by a later one, which costs a wait, never a wrong result."""
-    key = W.data_ptr()
+    try:
+        key = W.data_ptr()
+    except (RuntimeError, NotImplementedError):  # (a tensor without storage of its own, e.g. a DTensor)
+        key = id(W)
     lock = _WEIGHT_LOCKS.get(key)
     if lock is None:
-        lock = _WEIGHT_LOCKS.setdefault(key, threading.Lock())  # atomic under the GIL: one lock per key
+        lock = _WEIGHT_LOCKS.setdefault(key, threading.RLock())  # atomic under the GIL: one lock per key
     return lock
 
 
@@ -231,7 +237,7 @@ def _written(W: torch.Tensor, flat: torch.Tensor, merged: torch.Tensor, w0: torc
     waits on. The writes go through ``W.data``, whose version counter is its own: compiled graphs save W for their
     backward, and a second forward before that backward (two passes summed into one loss) must not look like a change
     to it."""
-    with _weight_lock(W):
+    with weight_lock(W):
         Wd = W.data
         if not Wd.is_contiguous():
             raise NeuroAdaUsageError("in-place sparse writes need a contiguous weight; use the additive mode")
@@ -492,12 +498,12 @@ def additive_sparse_delta(x: torch.Tensor, pattern: Pattern, val: torch.Tensor, 
 @torch.no_grad()
 def merge_(weight: torch.Tensor, overlay: Overlay, vals: Sequence[torch.Tensor]) -> None:
     """Write the merged entries permanently (a tracked in-place write: W's version moves)."""
-    with _weight_lock(weight):
+    with weight_lock(weight):
         overlay.apply_(weight.detach(), [v.detach() for v in vals])
 
 
 @torch.no_grad()
 def unmerge_(weight: torch.Tensor, overlay: Overlay) -> None:
     """Put ``w0`` back; exact, whatever was merged."""
-    with _weight_lock(weight):
+    with weight_lock(weight):
         overlay.restore_(weight.detach())

@@ -21,7 +21,7 @@ from torch import nn
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
 from .functional import (Overlay, additive_sparse_delta, inplace_sparse_delta_linear, merge_, transforms_active,
-                         unmerge_)
+                         unmerge_, weight_lock)
 from .kernels.cache import alias_key, aliases, cache_here, outside_inference, storage_of, version
 from .kernels.pattern import Pattern
 from .kernels.reference import INT_VIEW, gather_exact
@@ -284,16 +284,33 @@ class NeuroAdaLayer(nn.Module):
         W = self.base_layer.weight
         return W.t() if self.transposed else W
 
+    def base_values(self, idx: torch.Tensor) -> torch.Tensor:
+        """The base weight's own values at ``idx`` (canonical ``[d_out, k]``, int64, on the weight's device), also
+        while adapters are merged: at their entries, their originals. load_adapter unmerged a served model for the
+        whole load, and requests on other threads meanwhile got the plain base."""
+        W = self.base_layer.weight
+        with weight_lock(W):  # (never read while another thread's forward has its entries written)
+            vals = gather_exact(self._canonical_weight().detach(), idx)
+            if self.merged_adapters:
+                ov = self.overlay(self.merged_adapters)
+                r = torch.arange(self.d_out, device=idx.device).unsqueeze(1)
+                pos = (idx * self.d_out + r if self.transposed else r * self.d_in + idx).reshape(-1)
+                flat, order = ov.flat.sort()
+                j = torch.searchsorted(flat, pos).clamp_(max=flat.numel() - 1)
+                hit = flat[j] == pos
+                vals.view(-1)[hit] = ov.w0.reshape(-1)[order][j[hit]].to(vals.dtype)
+        return vals
+
     def add_adapter(self, name: str, idx: torch.Tensor, *, val: torch.Tensor | None = None,
                     val_dtype: torch.dtype = torch.float32, activate: bool | None = None) -> None:
         """Register ``idx`` (canonical ``[d_out, k]``, rows strictly increasing) with zero deltas
-        (or ``val``). ``w0`` is read from the current weight, so the layer must not be merged.
+        (or ``val``). ``w0``: the base's values there (``base_values``: merged adapters stay merged).
         Activates the adapter when none is active (or when ``activate`` says so)."""
         check_adapter_name(name)
         if name in self.neuroada_val:
             raise NeuroAdaUsageError(f"adapter {name!r} exists")
-        if self.merged:
-            raise NeuroAdaUsageError("unmerge before adding an adapter: w0 must be read from the original weight")
+        if self.merged and activate:  # (a merged layer's forward serves the merged adapters alone)
+            raise NeuroAdaUsageError("unmerge before adding an active adapter: a merged layer serves what is merged")
         self.reread_w0()  # the adapters here already: an edit of the weight since they were added is theirs too
         W = self._canonical_weight()
         # ordinary tensors even when called in torch.inference_mode(): the adapter outlives the block and may train
@@ -304,7 +321,7 @@ class NeuroAdaLayer(nn.Module):
             if idx.dim() != 2 or idx.shape[0] != self.d_out:
                 raise NeuroAdaError(f"idx must be [{self.d_out}, k], got {tuple(idx.shape)}", rule="3.4")
             pattern = Pattern(idx, self.d_in, transposed=self.transposed)  # validates range and order
-            w0 = gather_exact(W.detach(), idx).contiguous()
+            w0 = self.base_values(idx).contiguous()
             twin = self._twin(idx, w0)
             if twin is not None:  # the same positions and originals as an adapter here: hold one copy of them
                 # aliases, not the twin's tensor objects: each adapter still has a tensor of its own (named_buffers,
@@ -519,8 +536,14 @@ class NeuroAdaLayer(nn.Module):
         move no version, or are followed by `_matched`; a check costs one attribute read. force: read them whatever
         the version says (after a restore that may itself have moved it)."""
         W = self.base_layer.weight
-        if self.merged_adapters or not _is_plain(W) or not (force or self.weight_moved()):
+        if not _is_plain(W):
             return  # (an offloaded weight is read by its hooks at the forward: nothing to compare here)
+        with weight_lock(W):  # (decided and read while no other thread's forward holds its entries written)
+            self._reread_w0(W, force)
+
+    def _reread_w0(self, W: torch.Tensor, force: bool) -> None:
+        if self.merged_adapters or not (force or self.weight_moved()):
+            return
         if not all(_is_plain(t) for d in (self.neuroada_w0, self.neuroada_idx) for t in d._buffers.values()):
             return  # offloaded (refused by the forward: check_in_memory) or sharded adapter tensors
         self.ordinary(list(self.neuroada_w0.keys()))  # (w0 made in inference mode cannot be written otherwise)
@@ -561,7 +584,10 @@ class NeuroAdaLayer(nn.Module):
         (default: active) adapters plus any already merged, recomputed from the originals so that
         merging in steps gives the same bits as merging at once."""
         names = list(self.active_adapters if adapter_names is None else adapter_names)
-        new = [n for n in names if n not in self.merged_adapters]
+        with weight_lock(self.base_layer.weight):  # (see functional.weight_lock)
+            self._merge([n for n in names if n not in self.merged_adapters])
+
+    def _merge(self, new: list[str]) -> None:
         if not new:
             return
         self._require(new)
@@ -580,13 +606,17 @@ class NeuroAdaLayer(nn.Module):
             unmerge_(W, overlay)
             self._matched()
             if old:
-                self.merge(old)
+                self._merge(old)
             raise
         self.merged_adapters = allnames
         self._matched()
 
     def unmerge(self) -> None:
         """Restore ``w0`` exactly."""
+        with weight_lock(self.base_layer.weight):
+            self._unmerge()
+
+    def _unmerge(self) -> None:
         if not self.merged_adapters:
             return
         moved = self.weight_moved()  # edited while merged: the merged entries are lost, the others are read again
@@ -616,7 +646,12 @@ class NeuroAdaLayer(nn.Module):
         if any(v.is_meta for v in vals):  # offloaded parameters (idx and w0 are buffers: checked in _refresh)
             self.check_in_memory(active)
         if self.mode == "inplace" and not has_hooks(base) and not transforms_active():
-            return inplace_sparse_delta_linear(x, base.weight, base.bias, self.overlay(active), vals)
+            if torch.compiler.is_compiling():
+                return inplace_sparse_delta_linear(x, base.weight, base.bias, self.overlay(active), vals)
+            with weight_lock(W):  # merged by another thread since the check above: its writes are what we serve
+                if self.merged_adapters:
+                    return base(x, *args, **kwargs)
+                return inplace_sparse_delta_linear(x, base.weight, base.bias, self.overlay(active), vals)
         if x.is_nested:  # nn.TransformerEncoder's eval path with a padding mask: the sparse term reads flat rows
             return torch.nested.as_nested_tensor([self(t, *args, **kwargs) for t in x.unbind()], layout=x.layout)
         y = base(x, *args, **kwargs)

@@ -7,6 +7,7 @@ own state_dict key, so `neuroada-merge` can apply them to the checkpoint with no
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -153,6 +154,35 @@ def unwrapped(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+# one lock per model (weakly keyed: a lock in the model's __dict__ would stop deepcopy and pickling)
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_MODEL_LOCKS_GUARD = threading.Lock()  # (makes creating one atomic)
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """Held by every call that changes a model's adapters or what it serves (attach, load_adapter, merge, unmerge,
+    set_adapter, delete_adapter, ...) and for the whole of an adapter_batch or disable_adapter block: a server's
+    threads take turns. Two set_adapter calls at once left a weight holding both adapters' entries while the layer
+    recorded one (the base never came back), and a call checked for an open block just before another thread
+    opened one. Reentrant: calls made inside a block by its own thread get through to their own refusal."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
+def serialized(func):
+    """``func(model, ...)`` run holding ``model_lock``; waiting for it can be interrupted (Ctrl-C)."""
+    @functools.wraps(func)
+    def call(model, *args, **kwargs):
+        if not isinstance(model, nn.Module):  # (the call refuses it by name)
+            return func(model, *args, **kwargs)
+        with model_lock(unwrapped(model)):
+            return func(model, *args, **kwargs)
+    return call
 
 
 def _refuse_sharded(model: nn.Module, what: str) -> None:
@@ -576,6 +606,7 @@ def _release_free_heap() -> None:
         pass
 
 
+@serialized
 def attach(model: nn.Module, config: NeuroAdaConfig | None = None, adapter_name: str = "default", *,
            calibration: Iterable | None = None, loss_fn: Callable | None = None) -> nn.Module:
     """Add a NeuroAda adapter to `model` (in place; returned for chaining). Only the deltas train.
@@ -1576,8 +1607,8 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
     """Rules 4.1-4.3 against the model's own weights; raises before anything is touched.
 
     Every target's presence, shape and dtype (4.1, 4.2) is checked before any probe (4.3), so an
-    adapter for another architecture is reported as such. Base values are read as they are now: a
-    caller with merged adapters unmerges first (load_adapter does, and re-merges).
+    adapter for another architecture is reported as such. Base values are the base's own: at the entries of
+    merged adapters, their originals (``NeuroAdaLayer.base_values``).
     """
     by_key, bypassed = _modules_by_key(model), _bypassed_linears(model)
     found = {}
@@ -1613,11 +1644,12 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
             raise NeuroAdaError(f"model weight is {dtype}{list(w.shape)} ({_layout(module)}), adapter expects "
                                 f"{t.dtype}{list(t.shape)} ({t.layout})", path=adapter.path, tensor=key,
                                 rule="4.2")
-        found[key] = w
-    for key, w in found.items():
+        found[key] = w, module
+    for key, (w, module) in found.items():
         t = adapter.targets[key]
         idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
-        probe = naf.probe_hash_from_values(gather_exact(w.detach(), idx).float().cpu().numpy())
+        values = module.base_values(idx) if isinstance(module, NeuroAdaLayer) else gather_exact(w.detach(), idx)
+        probe = naf.probe_hash_from_values(values.float().cpu().numpy())
         if probe != t.probe:
             have = TORCH_DTYPE_NAMES.get(w.dtype)
             # F32 holds every F16/BF16 value: only a narrower (or other 16-bit) model can have rounded them
@@ -1625,7 +1657,7 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
                 hint = (f" (or for these weights before they became {have}: it was made on {t.dtype} values, which "
                         f"{have} rounds; load it onto the {t.dtype} model and merge_and_unload, then convert)")
             elif t.dtype in _NARROW and naf.probe_hash_from_values(
-                    gather_exact(w.detach(), idx).to(_NARROW[t.dtype]).float().cpu().numpy()) == t.probe:
+                    values.to(_NARROW[t.dtype]).float().cpu().numpy()) == t.probe:
                 # made on these very weights, rounded: the model was cast after attach
                 hint = (f" (it was made on these weights cast to {t.dtype}: a model cast after attach, as "
                         f"model.to({_NARROW[t.dtype]}) or Trainer's bf16_full_eval/fp16_full_eval do, rounds the "
@@ -1636,6 +1668,7 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
                                 path=adapter.path, tensor=key, rule="4.3")
 
 
+@serialized
 def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_trainable: bool = False,
                  mode: str = "auto") -> nn.Module:
     """Load an adapter file or PEFT-style folder onto `model` under `adapter_name`.
@@ -1664,53 +1697,47 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
         raise NeuroAdaUsageError(f"adapter {adapter_name!r} is already loaded; delete it or pick another name")
     _refuse_sharded(model, "load_adapter")
     existing = layers(model)
-    merged = {name: list(layer.merged_adapters) for name, layer in existing.items() if layer.merged}
-    # As PEFT: loading never changes what is served. The adapter becomes active only on a model where no
-    # adapter is (the first one loaded), in every layer it targets; on a model set_adapter serves, it waits.
+    # As PEFT: loading never changes what is served, not even while it loads (merged adapters stay merged: the base
+    # is read around them). The adapter becomes active only on a model where no adapter is (the first one loaded),
+    # in every layer it targets; on a model set_adapter serves, it waits.
     served = any(_serving(layer) for layer in existing.values())
     activate = not served and not any(layer.active_adapters or layer.merged for layer in existing.values())
-    for name in merged:
-        model.get_submodule(name).unmerge()
-    try:
-        check_against_model(adapter, model)
-        ks = {t.k for t in adapter.targets.values()}
-        by_key, wrappers = _modules_by_key(model), _foreign_wrappers(model)
-        modules = {key: _module_for(by_key, key, t) for key, t in adapter.targets.items()}
-        config = cfg or NeuroAdaConfig(k=max(ks), target_modules=sorted(plain_name(model, n) for n in modules.values()),
-                                       base_model_name_or_path=adapter.base_name, revision=adapter.base_revision)
-        config.inference_mode = not is_trainable
-        if cfg is None:
-            config.selection = adapter.selection["rule"]
-            seed = adapter.selection.get("seed")
-            config.seed = seed if isinstance(seed, int) else config.seed
-        # saved again as read: the file's values decide (a folder's config from before save_adapter recorded them
-        # could say BF16 over F32 values)
-        config.save_dtype = common_value_dtype(t.value_dtype for t in adapter.targets.values())
-        config.mode = mode
-        shared = _shared_weights(model)
-        _check_modes({name: model.get_submodule(name) for name in modules.values()}, config, shared, wrappers)
-        delta_dtype = getattr(torch, config.delta_dtype)
-        with _all_or_nothing(model, adapter_name, deltas=False):
-            for key, t in adapter.targets.items():
-                name = modules[key]
-                module = _wrap(model, name, model.get_submodule(name), config, shared, wrappers)
-                w = module.weight
-                idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
-                val = held_values(t.values, t.value_dtype, delta_dtype if is_trainable else None).to(w.device)
-                module.add_adapter(adapter_name, idx, val=val, val_dtype=val.dtype, activate=activate)
-                module.neuroada_val[adapter_name].requires_grad_(is_trainable)
-                if served:  # a layer wrapped just now serves the base like its peers
-                    from .multi import _serve
+    check_against_model(adapter, model)
+    ks = {t.k for t in adapter.targets.values()}
+    by_key, wrappers = _modules_by_key(model), _foreign_wrappers(model)
+    modules = {key: _module_for(by_key, key, t) for key, t in adapter.targets.items()}
+    config = cfg or NeuroAdaConfig(k=max(ks), target_modules=sorted(plain_name(model, n) for n in modules.values()),
+                                   base_model_name_or_path=adapter.base_name, revision=adapter.base_revision)
+    config.inference_mode = not is_trainable
+    if cfg is None:
+        config.selection = adapter.selection["rule"]
+        seed = adapter.selection.get("seed")
+        config.seed = seed if isinstance(seed, int) else config.seed
+    # saved again as read: the file's values decide (a folder's config from before save_adapter recorded them
+    # could say BF16 over F32 values)
+    config.save_dtype = common_value_dtype(t.value_dtype for t in adapter.targets.values())
+    config.mode = mode
+    shared = _shared_weights(model)
+    _check_modes({name: model.get_submodule(name) for name in modules.values()}, config, shared, wrappers)
+    delta_dtype = getattr(torch, config.delta_dtype)
+    with _all_or_nothing(model, adapter_name, deltas=False):
+        for key, t in adapter.targets.items():
+            name = modules[key]
+            module = _wrap(model, name, model.get_submodule(name), config, shared, wrappers)
+            w = module.weight
+            idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
+            val = held_values(t.values, t.value_dtype, delta_dtype if is_trainable else None).to(w.device)
+            module.add_adapter(adapter_name, idx, val=val, val_dtype=val.dtype, activate=activate)
+            module.neuroada_val[adapter_name].requires_grad_(is_trainable)
+            if served:  # a layer wrapped just now serves the base like its peers
+                from .multi import _serve
 
-                    _serve(module)
-            _freeze(model, keep_deltas=True)
-            configs = dict(configs)
-            configs[adapter_name] = config
-            setattr(model, CONFIGS_ATTR, configs)
-            _install_hf(model)
-    finally:
-        for name, names in merged.items():
-            model.get_submodule(name).merge(names)
+                _serve(module)
+        _freeze(model, keep_deltas=True)
+        configs = dict(configs)
+        configs[adapter_name] = config
+        setattr(model, CONFIGS_ATTR, configs)
+        _install_hf(model)
     _warn_unloaded_state(path)
     return model
 
@@ -1778,6 +1805,7 @@ def refuse_unmergeable(name: str, layer: NeuroAdaLayer, shared: set[int], names=
                                  tensor=name + ".weight")
 
 
+@serialized
 @uninterrupted()
 def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
     """Write the (active, or named) deltas into the weights with the spec's rule: f32 sum, one rounding."""
@@ -1813,6 +1841,7 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
     return model
 
 
+@serialized
 @uninterrupted()
 def unmerge(model: nn.Module) -> nn.Module:
     """Restore every merged weight to its original bits; the adapters stay active, applied unmerged (as in
@@ -1824,6 +1853,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+@serialized
 @uninterrupted()
 def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
     """Merge, then replace each NeuroAdaLayer by its base layer: a plain model with the original keys."""
@@ -1832,6 +1862,7 @@ def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -
     return _unload(model)
 
 
+@serialized
 @uninterrupted()
 def unload(model: nn.Module) -> nn.Module:
     """PEFT's unload: every NeuroAdaLayer replaced by its base layer without merging (what was merged, by merge or

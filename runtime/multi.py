@@ -41,11 +41,13 @@ from . import kernels
 from .config import NeuroAdaConfig
 from .kernels.bgmv import (AdapterStack, InputsT, SeqMask, bgmv_add_, bgmv_add_static, bgmv_linear_cpu,
                            bgmv_linear_static, seq_groups)
+from .functional import weight_lock
 from .kernels.cache import outside_inference, version
 from .kernels.reference import rounded_values
 from .layer import BASE_ADAPTER, SERVING_CACHES, NeuroAdaLayer, _conv1d_type, check_adapter_name, has_hooks
 from .model import (CONFIGS_ATTR, DISABLED_ATTR, MIXED_ATTR, MIXED_OWNER_ATTR, VALUE_TORCH, _refuse_in_batch,
-                    _shared_weights, _unserve, layers, name_list, park, refuse_unmergeable, uninterrupted)
+                    _shared_weights, _unserve, layers, model_lock, name_list, park, refuse_unmergeable, serialized,
+                    uninterrupted, unwrapped)
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
            "stop_serving", "adapter_batch", "disable_adapter", "add_weighted_adapter"]
@@ -131,6 +133,7 @@ def _forget_caches(layer: NeuroAdaLayer) -> None:
     layer.__dict__.pop(_MERGED_ATTR, None)
 
 
+@serialized
 @uninterrupted()
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove an adapter everywhere; where it was merged the weights return to the base bit for bit."""
@@ -172,6 +175,7 @@ def _serve(layer: NeuroAdaLayer) -> None:
                         "adapter_batch")
 
 
+@serialized
 @uninterrupted()
 def stop_serving(model: nn.Module) -> None:
     """Give the layers back their own forward (e.g. to train); merged weights stay merged."""
@@ -235,6 +239,11 @@ def _merged_entries(layer: NeuroAdaLayer, name: str) -> tuple[torch.Tensor, torc
 def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
     """Serve ``want`` (at most one adapter) merged, with ``layer.merge``'s rule and bits; a state of
     several merged adapters (merged by hand) is left through ``layer.unmerge``."""
+    with weight_lock(layer.base_layer.weight):  # (see functional.weight_lock)
+        _switch_locked(layer, want)
+
+
+def _switch_locked(layer: NeuroAdaLayer, want: list[str]) -> None:
     current = layer.merged_adapters
     if current == want:
         if not current:  # nothing merged: an edit since is what the next forward, block or switch starts from
@@ -257,6 +266,7 @@ def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
     layer._matched()
 
 
+@serialized
 @uninterrupted()
 def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
     """Make one adapter the active one (None or "__base__": the plain base).
@@ -535,20 +545,6 @@ class _MixedForward:
                 and not torch.is_autocast_enabled("cpu"))
 
 
-# one lock per model for adapter_batch blocks (weakly keyed: a lock in the model's __dict__ would stop deepcopy and
-# pickling); _BLOCK_LOCKS_GUARD makes creating it atomic
-_BLOCK_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.Lock]" = weakref.WeakKeyDictionary()
-_BLOCK_LOCKS_GUARD = threading.Lock()
-
-
-def _block_lock(model: nn.Module) -> threading.Lock:
-    with _BLOCK_LOCKS_GUARD:
-        lock = _BLOCK_LOCKS.get(model)
-        if lock is None:
-            lock = _BLOCK_LOCKS[model] = threading.Lock()
-        return lock
-
-
 @contextlib.contextmanager
 def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
     """Run the block's forwards (and generate) with sequence b using ``adapter_names[b]``.
@@ -565,7 +561,7 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
     """
     if model.__dict__.get(MIXED_OWNER_ATTR) == threading.get_ident():
         _refuse_in_batch(model, "adapter_batch")  # nested in this thread's own block: refused, never a deadlock
-    with _block_lock(model):
+    with model_lock(unwrapped(model)):
         _refuse_in_batch(model, "adapter_batch", disabled_ok=True)  # it puts back on exit what it changed
         with _adapter_batch_locked(model, adapter_names) as inside:
             yield inside
@@ -639,6 +635,13 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     refused inside the block, whose exit would silently undo it; an adapter_batch block inside serves the names it is
     given and puts back what it changed.
     """
+    with model_lock(unwrapped(model)):  # held for the block: another thread's switch or block waits for its end
+        with _disabled(model) as inside:
+            yield inside
+
+
+@contextlib.contextmanager
+def _disabled(model: nn.Module) -> Iterator[nn.Module]:
     _refuse_in_batch(model, "disable_adapter")
     all_layers = layers(model)
     previous = {name: (list(layer.merged_adapters), layer.disable_adapters) for name, layer in all_layers.items()}
@@ -658,6 +661,7 @@ def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # -- combining --------------------------------------------------------------------------------------------
+@serialized
 def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Sequence[float],
                          adapter_name: str) -> None:
     """A new adapter ``sum_a w_a * A_a`` by ``neuroada-pack --combine``'s rule, in memory.

@@ -101,6 +101,8 @@ def test_conv1d_layer_and_state_dict(rt, gen):
     layer.merge()
     assert torch.equal(conv.weight.t(), rt.merged_canonical(orig.t(), idx, layer.neuroada_val["default"]))
     assert torch.equal(conv(x), y)
+    # the originals of a layer with merged adapters: read around them (Conv1D's transposed positions)
+    assert torch.equal(layer.base_values(idx), orig.t().gather(1, idx))
     layer.unmerge()
     assert torch.equal(conv.weight, orig)
     assert set(layer.state_dict()) == {"base_layer.weight", "base_layer.bias", "neuroada_val.default",
@@ -111,6 +113,7 @@ def test_disable_delete_and_errors(rt, gen):
     layer = make_layer(rt, gen)
     base = layer.base_layer
     x = torch.randn(3, 10, generator=gen)
+    orig = base.weight.detach().clone()
     layer.merge()
     layer.disable_adapters = True
     assert torch.equal(layer(x), base(x)) and not layer.merged  # disabling unmerges
@@ -122,11 +125,19 @@ def test_disable_delete_and_errors(rt, gen):
     with pytest.raises(NeuroAdaError):
         layer.add_adapter("bad", torch.tensor([[1, 0]] * 12))
     layer.merge()
-    with pytest.raises(NeuroAdaError):
-        layer.add_adapter("late", rt.rand_idx(12, 10, 2, gen))
+    late = rt.rand_idx(12, 10, 2, gen)
+    with pytest.raises(NeuroAdaError, match="unmerge before adding an active adapter"):
+        layer.add_adapter("late", late, activate=True)
+    late[:, 0] = layer.neuroada_idx["default"][:, 0]  # (one column where "default" is merged, one maybe not)
+    late = late.sort(dim=1).values
+    layer.add_adapter("late", late)  # waits, as load_adapter's on a served model: its originals read around the merge
+    assert layer.active_adapters == ["default"] and layer.merged
+    assert torch.equal(layer.neuroada_w0["late"], orig.gather(1, late))
     with pytest.raises(NeuroAdaError):
         layer.delete_adapter("default")
     layer.unmerge()
+    assert torch.equal(layer.neuroada_w0["late"], orig.gather(1, late))
+    layer.delete_adapter("late")
     layer.delete_adapter("default")
     assert torch.equal(layer(x), base(x)) and len(layer.neuroada_idx) == 0
     with pytest.raises(NeuroAdaError):

@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("transformers")
 
 from neuroada_format.runtime import load_adapter, save_adapter  # noqa: E402
+from neuroada_format.runtime.layer import NeuroAdaLayer  # noqa: E402
 from neuroada_format.runtime.model import layers  # noqa: E402
 from tiny_hf import tiny_llama, with_deltas  # noqa: E402
 
@@ -120,3 +121,225 @@ def test_adapter_batch_blocks_from_two_threads_run_one_at_a_time(tmp_path):
     assert not failures and not wrong, (failures[:1], len(wrong))
     from neuroada_format.runtime.model import MIXED_ATTR
     assert getattr(model, MIXED_ATTR, None) is None
+
+
+# -- switches on one thread, forwards or other switches on another (found by the thread-safety audit) ---------------
+def _two_served(tmp_path):
+    """A model serving "a" (k=3) merged; "b" (k=6, other positions) loaded; ``base``: the weights before any merge."""
+    from neuroada_format.runtime import set_adapter
+
+    model = tiny_llama()
+    for name, seed, k in (("a", 1, 3), ("b", 2, 6)):
+        load_adapter(model, save_adapter(with_deltas(tiny_llama(), k=k, seed=seed),
+                                         tmp_path / f"{name}.safetensors"), name)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    set_adapter(model, "a")
+    return model, base
+
+
+def test_a_forward_never_reads_a_weight_another_thread_is_merging(monkeypatch):
+    """merge wrote the weight before recording it; a forward on another thread in between saw "nothing merged, weight
+    moved" and read the merged values as the originals: unmerge then never gave the base back."""
+    from neuroada_format.runtime import layer as layer_module
+
+    target = next(iter(layers(with_deltas(tiny_llama(), k=3)).values()))
+    assert target.mode == "inplace"
+    base, w0 = target.weight.detach().clone(), target.neuroada_w0["default"].clone()
+    written, forward_done = threading.Event(), threading.Event()
+    real = layer_module.merge_
+
+    def merge_(W, overlay, vals):
+        real(W, overlay, vals)
+        if threading.current_thread().name == "merging":
+            written.set()
+            forward_done.wait(1)  # without the lock the other thread's forward runs here
+
+    monkeypatch.setattr(layer_module, "merge_", merge_)
+    merging = threading.Thread(target=target.merge, name="merging")
+    merging.start()
+    assert written.wait(30)
+
+    def forward():
+        with torch.no_grad():
+            target(torch.randn(2, target.d_in))
+        forward_done.set()
+
+    other = threading.Thread(target=forward)
+    other.start()
+    merging.join(30)
+    other.join(30)
+    assert forward_done.is_set()
+    assert torch.equal(target.neuroada_w0["default"], w0)
+    target.unmerge()
+    assert torch.equal(target.weight, base)
+
+
+def test_two_set_adapter_calls_at_once_take_turns(monkeypatch, tmp_path):
+    """Two requests switching one model at once: both wrote their entries into a weight that recorded one of them,
+    and set_adapter(model, None) left the other's there for good; or, a layer at a time, each switched some layers."""
+    from neuroada_format.runtime import multi, set_adapter
+
+    model, base = _two_served(tmp_path)
+    paused, second_done, calls = threading.Event(), threading.Event(), []
+    real = multi._serve
+
+    def serve(layer):
+        if threading.current_thread().name == "first":
+            calls.append(layer)
+            if len(calls) == 2:
+                paused.set()  # the first switch, between its first and second layer
+                second_done.wait(1)
+        return real(layer)
+
+    monkeypatch.setattr(multi, "_serve", serve)
+    first = threading.Thread(target=set_adapter, args=(model, "b"), name="first")
+    first.start()
+    assert paused.wait(30)
+    second = threading.Thread(target=lambda: (set_adapter(model, "a"), second_done.set()))
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert second_done.is_set()
+    assert all(l.merged_adapters == ["a"] for l in layers(model).values())  # the second ran after the first
+    set_adapter(model, None)
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters())
+
+
+def test_loading_an_adapter_never_changes_what_is_served_meanwhile(monkeypatch, tmp_path):
+    """load_adapter unmerged a served model for the whole load: requests on other threads got the plain base."""
+    from neuroada_format.runtime import set_adapter
+
+    model, base = _two_served(tmp_path)
+    x = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference = model(x).logits
+    seen, real = [], NeuroAdaLayer.add_adapter
+
+    def add_adapter(layer, *args, **kwargs):
+        with torch.no_grad():
+            seen.append(torch.equal(model(x).logits, reference))  # what a request gets during the load
+        return real(layer, *args, **kwargs)
+
+    monkeypatch.setattr(NeuroAdaLayer, "add_adapter", add_adapter)
+    # "c": the positions of "a" (magnitude, k=3), other values; "d": k=5, overlapping them in part
+    paths = {n: save_adapter(with_deltas(tiny_llama(), k=k, seed=s), tmp_path / f"{n}.safetensors")
+             for n, k, s in (("c", 3, 7), ("d", 5, 8))}
+    for name, path in paths.items():
+        load_adapter(model, path, name)
+    monkeypatch.undo()
+    assert seen and all(seen)
+    fresh = tiny_llama()  # nothing merged: the originals read straight from the weight
+    for name, path in paths.items():
+        load_adapter(fresh, path, name)
+        for n, layer in layers(fresh).items():
+            assert torch.equal(layers(model)[n].neuroada_w0[name], layer.neuroada_w0[name]), (name, n)
+    set_adapter(model, "c")
+    set_adapter(fresh, "c")
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, fresh(x).logits)
+    set_adapter(model, None)
+    assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if n in base)
+
+
+def test_a_disable_adapter_block_and_another_threads_adapter_batch_take_turns(tmp_path):
+    """Each block puts back on exit what it found on entry: overlapping on two threads, one put its state back over
+    the other's, and the model served the base instead of "a" afterwards."""
+    import time
+
+    from neuroada_format.runtime import adapter_batch, disable_adapter
+
+    model, _ = _two_served(tmp_path)
+    x = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference = model(x).logits
+    order, entered = [], threading.Event()
+
+    def disabled():
+        with disable_adapter(model):
+            entered.set()
+            time.sleep(0.3)
+            order.append("disable_adapter block ends")
+
+    other = threading.Thread(target=disabled)
+    other.start()
+    assert entered.wait(30)
+    with torch.no_grad(), adapter_batch(model, ["b", "a"]):
+        order.append("adapter_batch block runs")
+    other.join(30)
+    assert order == ["disable_adapter block ends", "adapter_batch block runs"]  # (the other thread's end, too)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reference)
+
+
+def test_a_forward_that_started_before_a_merge_serves_what_was_merged(monkeypatch):
+    """A forward that found the layer unmerged, then wrote its entries after another thread merged it, put the
+    originals back under a layer that recorded them merged: it served the base from then on."""
+    target = next(iter(layers(with_deltas(tiny_llama(), k=3)).values()))
+    base, x = target.weight.detach().clone(), torch.randn(2, target.d_in)
+    with torch.no_grad():
+        reference = target(x)  # the in-place mode's output is the merged layer's, bit for bit
+    paused, merged, out = threading.Event(), threading.Event(), []
+    real = NeuroAdaLayer.delta
+
+    def delta(layer, name):
+        if threading.current_thread().name == "forward" and not paused.is_set():
+            paused.set()  # past the forward's "merged?" check, before its write
+            merged.wait(30)
+        return real(layer, name)
+
+    monkeypatch.setattr(NeuroAdaLayer, "delta", delta)
+
+    def forward():
+        with torch.no_grad():
+            out.append(target(x))
+
+    other = threading.Thread(target=forward, name="forward")
+    other.start()
+    assert paused.wait(30)
+    target.merge()
+    merged.set()
+    other.join(30)
+    assert torch.equal(out[0], reference)
+    with torch.no_grad():
+        assert torch.equal(target(x), reference)  # still merged
+    target.unmerge()
+    assert torch.equal(target.weight, base)
+
+
+def test_set_adapter_waits_for_a_forward_holding_its_entries_in_the_weight(monkeypatch, tmp_path):
+    """A trained adapter served unmerged writes its entries around each product; set_adapter to an adapter at the same
+    positions, meanwhile, wrote its own there, and the forward's restore then took them out of a layer that recorded
+    them merged."""
+    from neuroada_format.runtime import functional, set_adapter
+
+    model = with_deltas(tiny_llama(), k=3)
+    load_adapter(model, save_adapter(with_deltas(tiny_llama(), k=3, seed=5), tmp_path / "b.safetensors"), "b")
+    twin = tiny_llama()
+    load_adapter(twin, tmp_path / "b.safetensors", "b")
+    set_adapter(twin, "b")
+    x = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        reference = twin(x).logits
+    inside, switched = threading.Event(), threading.Event()
+    real = functional._linear
+
+    def linear(*args):
+        if threading.current_thread().name == "forward" and not inside.is_set():
+            inside.set()  # the first layer's entries are in its weight
+            switched.wait(1)  # without the lock the switch runs here
+        return real(*args)
+
+    monkeypatch.setattr(functional, "_linear", linear)
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    other = threading.Thread(target=forward, name="forward")
+    other.start()
+    assert inside.wait(30)
+    set_adapter(model, "b")
+    switched.set()
+    other.join(30)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, reference)
