@@ -365,6 +365,17 @@ def test_load_trained_extras_refuses_what_is_not_a_checkpoint(tmp_path):
 
 
 # -- Ctrl-C during the per-layer loops -----------------------------------------------------------------------------
+@pytest.fixture
+def python_sigint():
+    """Python's own SIGINT handler, whatever pytest was started with (a job run with `&` in a non-interactive shell
+    starts with SIGINT ignored: the signals these tests send did nothing, and they failed on a correct tree)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _ctrl_c_at(monkeypatch, method, n):
     """SIGINT sent to this process from inside the n-th call of NeuroAdaLayer.<method> (or multi.<function>): the
     user's Ctrl-C part-way."""
@@ -392,7 +403,7 @@ def _ctrl_c_at(monkeypatch, method, n):
                                            if "b" in l.neuroada_val)),
     ("unload", "unmerge", lambda m: not layers(m)),
 ])
-def test_ctrl_c_in_a_per_layer_loop_waits_for_the_loop(monkeypatch, tmp_path, call, method, check):
+def test_ctrl_c_in_a_per_layer_loop_waits_for_the_loop(monkeypatch, tmp_path, call, method, check, python_sigint):
     """The interrupt is raised once every layer is done: the model is never left half switched (after a part-way
     delete_adapter the adapter was still listed, and a save wrote 12 of its 14 targets without a word)."""
     from neuroada_format.runtime import delete_adapter, list_adapters, merge, unload
@@ -426,7 +437,7 @@ def test_a_failed_attach_never_removes_an_adapter_that_was_there(monkeypatch):
     assert all(torch.equal(layers(inner)[n].neuroada_val["default"], v) for n, v in values.items())
 
 
-def test_a_second_ctrl_c_while_putting_back_still_puts_everything_back(monkeypatch):
+def test_a_second_ctrl_c_while_putting_back_still_puts_everything_back(monkeypatch, python_sigint):
     import os
     import signal
 
@@ -593,3 +604,183 @@ def test_two_saves_into_one_folder_at_once_take_turns(monkeypatch, tmp_path):
     load_adapter(fresh, tmp_path / "task")  # refused as a mismatched pair before the lock
     assert all(l.neuroada_val["default"].shape[1] == 2 for l in layers(fresh).values())  # the second, whole
     assert sorted(p.name for p in (tmp_path / "task").iterdir()) == ["neuroada_config.json", WEIGHTS_NAME]
+
+
+# -- pinned by the mutation audit of the above ---------------------------------------------------------------------
+def test_a_layer_merge_failing_after_its_write_puts_the_weight_back(monkeypatch, tmp_path):
+    from neuroada_format.runtime import layer as layer_module, merge
+
+    model = _served(tmp_path)
+    before, logits = _state(model), _logits(model)
+    real, calls = layer_module.merge_, [0]
+
+    def written_then_failed(W, overlay, deltas):
+        real(W, overlay, deltas)
+        calls[0] += 1
+        if calls[0] == 3:
+            raise MemoryError("injected after the write")
+
+    monkeypatch.setattr(layer_module, "merge_", written_then_failed)
+    with pytest.raises(MemoryError):
+        merge(model, ["default"])
+    _assert_same(before, _state(model))
+    assert torch.equal(_logits(model), logits)
+
+
+def test_set_adapter_failing_puts_back_several_merged_adapters(monkeypatch, tmp_path):
+    from neuroada_format.runtime import merge, multi
+
+    model = _served(tmp_path)
+    merge(model, ["default", "b"])  # merged by hand: two adapters per layer, which a switch back must merge again
+    before, logits = _state(model), _logits(model)
+    _fail_at(monkeypatch, multi, "_merged_entries", 3)
+    with pytest.raises(MemoryError):
+        set_adapter(model, "c")
+    _assert_same(before, _state(model))
+    assert torch.equal(_logits(model), logits)
+
+
+def test_save_validates_the_adapter_it_writes(tmp_path):
+    """The writes skip naf.save's own check (save_adapter validated before): a duplicated index must still stop it."""
+    model = with_deltas(tiny_llama(), k=2, target_modules=["q_proj"])
+    layer = next(iter(layers(model).values()))
+    with torch.no_grad():
+        layer.neuroada_idx["default"][0, 1] = layer.neuroada_idx["default"][0, 0]
+    with pytest.raises(NeuroAdaError, match="3.6"):
+        save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a" / "neuroada_model.safetensors").exists()
+
+
+def test_save_pretrained_checks_every_adapters_path_before_writing(tmp_path):
+    model = with_deltas(tiny_llama(), k=2, target_modules=["q_proj"])
+    attach(model, NeuroAdaConfig(k=1, target_modules=["v_proj"]), "b")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "b").write_text("a file where b's folder goes")
+    with pytest.raises(NeuroAdaUsageError):
+        model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["b"]
+
+
+def test_merge_from_a_worker_thread():
+    """Ctrl-C is held back on the main thread only; elsewhere signal.signal raises, and merge must not."""
+    import threading
+
+    from neuroada_format.runtime import merge
+
+    model = with_deltas(tiny_llama(), k=1, target_modules=["q_proj"])
+    errors = []
+
+    def run():
+        try:
+            merge(model)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(60)
+    assert errors == [] and all(l.merged for l in layers(model).values())
+
+
+@pytest.mark.parametrize("setup", ["plain", "attached", "load"])
+def test_a_failure_in_the_last_step_of_attach_or_load_puts_everything_back(monkeypatch, tmp_path, setup):
+    """_install_hf (the model's save_pretrained and friends) is the last step: failing there must undo it too."""
+    from neuroada_format.runtime import model as model_module
+
+    model = tiny_llama() if setup == "plain" else with_deltas(tiny_llama(), k=2, target_modules=["q_proj"])
+    path = save_adapter(model, tmp_path / "a.safetensors") if setup == "load" else None
+    before, configs = _state(model), dict(getattr(model, "neuroada_configs", {}))
+    real = model_module._install_hf
+
+    def failing(m):
+        real(m)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model_module, "_install_hf", failing)
+    with pytest.raises(KeyboardInterrupt):
+        if setup == "load":
+            load_adapter(model, path, "b")
+        else:
+            attach(model, NeuroAdaConfig(k=1, target_modules=["v_proj"]), "new")
+    _assert_same(before, _state(model))
+    assert dict(getattr(model, "neuroada_configs", {})) == configs
+    if setup == "plain":
+        assert "save_pretrained" not in model.__dict__
+
+
+def test_a_second_in_place_adapter_on_wrapped_layers():
+    model = with_deltas(tiny_llama(), k=2, target_modules=["q_proj"], mode="inplace")
+    attach(model, NeuroAdaConfig(k=1, target_modules=["q_proj"], mode="inplace"), "b")
+    assert all("b" in l.neuroada_val for l in layers(model).values())
+
+
+def test_a_base_bias_under_its_plain_name_is_refused():
+    model = attach(tiny_llama(attention_bias=True), NeuroAdaConfig(k=2, target_modules=["q_proj"]))
+    state = {k: v for k, v in tiny_llama(attention_bias=True).state_dict().items() if k.endswith("q_proj.bias")}
+    with pytest.raises(NeuroAdaUsageError, match="base bias"):
+        model.load_state_dict(state, strict=False)
+
+
+@pytest.mark.parametrize("what", ["base weight", "adapter originals"])
+def test_merge_refuses_one_offloaded_tensor_before_merging_any(what):
+    from neuroada_format.runtime import merge
+
+    model = with_deltas(tiny_llama(), k=2, target_modules=["q_proj"])
+    layer = layers(model)["model.layers.1.self_attn.q_proj"]
+    if what == "base weight":
+        layer.base_layer.weight = nn.Parameter(torch.empty_like(layer.base_layer.weight, device="meta"),
+                                               requires_grad=False)
+    else:
+        layer.neuroada_w0["default"] = torch.empty_like(layer.neuroada_w0["default"], device="meta")
+    with pytest.raises(NeuroAdaUsageError, match="offloaded" if what == "base weight" else "meta device"):
+        merge(model)
+    assert not any(l.merged for l in layers(model).values())
+
+
+def test_save_refuses_a_layer_whose_base_weight_alone_is_offloaded(tmp_path):
+    model = with_deltas(tiny_llama(), k=2, target_modules=["q_proj"])
+    layer = layers(model)["model.layers.1.self_attn.q_proj"]
+    layer.base_layer.weight = nn.Parameter(torch.empty_like(layer.base_layer.weight, device="meta"),
+                                           requires_grad=False)
+    with pytest.raises(NeuroAdaUsageError, match="save before offloading"):
+        save_adapter(model, tmp_path / "a")
+
+
+def test_a_path_whose_fspath_is_bytes(tmp_path):
+    class BytesPath:
+        def __fspath__(self):
+            return str(tmp_path / "a.safetensors").encode()
+
+    assert save_adapter(with_deltas(tiny_llama(), k=1, target_modules=["q_proj"]), BytesPath()) == \
+        str(tmp_path / "a.safetensors")
+
+
+def test_train_on_grid_needs_a_path():
+    from neuroada_format.runtime.quant_grid import train_on_grid
+
+    with pytest.raises(NeuroAdaUsageError, match="train_on_grid needs a path"):
+        train_on_grid(with_deltas(tiny_llama(), k=1, target_modules=["q_proj"]), None)
+
+
+def test_a_folder_whose_config_names_another_seed_is_refused(tmp_path):
+    import json
+
+    model = attach(tiny_llama(), NeuroAdaConfig(k=2, target_modules=["q_proj"], selection="random", seed=7))
+    save_adapter(model, tmp_path / "a")
+    config = tmp_path / "a" / "neuroada_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "seed": 8}))
+    with pytest.raises(NeuroAdaError, match="seed 8 against the file's 7"):
+        load_adapter(tiny_llama(), tmp_path / "a")
+
+
+def test_a_layer_offloaded_under_several_accelerate_hooks_is_named():
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = tiny_llama()
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    add_hook_to_module(q_proj, ModelHook(), append=True)  # now a SequentialHook holding the offload hook
+    assert type(q_proj._hf_hook).__name__ == "SequentialHook"
+    with pytest.raises(NeuroAdaError, match="offloaded by accelerate"):
+        attach(model, NeuroAdaConfig(k=2, target_modules=["q_proj"]))
