@@ -1668,7 +1668,6 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
                                 path=adapter.path, tensor=key, rule="4.3")
 
 
-@serialized
 def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_trainable: bool = False,
                  mode: str = "auto") -> nn.Module:
     """Load an adapter file or PEFT-style folder onto `model` under `adapter_name`.
@@ -1683,7 +1682,9 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
     Like PEFT, the base parameters are frozen afterwards, so with is_trainable=True only deltas train.
     """
     check_adapter_name(adapter_name)
-    _refuse_in_batch(model, "load_adapter")
+    if not isinstance(model, nn.Module):
+        raise NeuroAdaUsageError(f"load_adapter loads into a torch model, not {type(model).__name__}")
+    _refuse_in_batch(model, "load_adapter")  # (said before reading the file; checked again under the lock)
     _refuse_ddp(model, "load_adapter")
     if mode not in MODES:
         raise NeuroAdaUsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -1692,52 +1693,54 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
     naf.validate(adapter, strict=True)
     if cfg is not None:
         _check_folder_pair(cfg, adapter, file)
-    configs = getattr(model, CONFIGS_ATTR, None) or {}
-    if adapter_name in configs:
-        raise NeuroAdaUsageError(f"adapter {adapter_name!r} is already loaded; delete it or pick another name")
-    _refuse_sharded(model, "load_adapter")
-    existing = layers(model)
-    # As PEFT: loading never changes what is served, not even while it loads (merged adapters stay merged: the base
-    # is read around them). The adapter becomes active only on a model where no adapter is (the first one loaded),
-    # in every layer it targets; on a model set_adapter serves, it waits.
-    served = any(_serving(layer) for layer in existing.values())
-    activate = not served and not any(layer.active_adapters or layer.merged for layer in existing.values())
-    check_against_model(adapter, model)
-    ks = {t.k for t in adapter.targets.values()}
-    by_key, wrappers = _modules_by_key(model), _foreign_wrappers(model)
-    modules = {key: _module_for(by_key, key, t) for key, t in adapter.targets.items()}
-    config = cfg or NeuroAdaConfig(k=max(ks), target_modules=sorted(plain_name(model, n) for n in modules.values()),
-                                   base_model_name_or_path=adapter.base_name, revision=adapter.base_revision)
-    config.inference_mode = not is_trainable
-    if cfg is None:
-        config.selection = adapter.selection["rule"]
-        seed = adapter.selection.get("seed")
-        config.seed = seed if isinstance(seed, int) else config.seed
-    # saved again as read: the file's values decide (a folder's config from before save_adapter recorded them
-    # could say BF16 over F32 values)
-    config.save_dtype = common_value_dtype(t.value_dtype for t in adapter.targets.values())
-    config.mode = mode
-    shared = _shared_weights(model)
-    _check_modes({name: model.get_submodule(name) for name in modules.values()}, config, shared, wrappers)
-    delta_dtype = getattr(torch, config.delta_dtype)
-    with _all_or_nothing(model, adapter_name, deltas=False):
-        for key, t in adapter.targets.items():
-            name = modules[key]
-            module = _wrap(model, name, model.get_submodule(name), config, shared, wrappers)
-            w = module.weight
-            idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
-            val = held_values(t.values, t.value_dtype, delta_dtype if is_trainable else None).to(w.device)
-            module.add_adapter(adapter_name, idx, val=val, val_dtype=val.dtype, activate=activate)
-            module.neuroada_val[adapter_name].requires_grad_(is_trainable)
-            if served:  # a layer wrapped just now serves the base like its peers
-                from .multi import _serve
+    with model_lock(unwrapped(model)):  # (the file is read and validated before: switches wait for less)
+        _refuse_in_batch(model, "load_adapter")
+        configs = getattr(model, CONFIGS_ATTR, None) or {}
+        if adapter_name in configs:
+            raise NeuroAdaUsageError(f"adapter {adapter_name!r} is already loaded; delete it or pick another name")
+        _refuse_sharded(model, "load_adapter")
+        existing = layers(model)
+        # As PEFT: loading never changes what is served, not even while it loads (merged adapters stay merged: the base
+        # is read around them). The adapter becomes active only on a model where no adapter is (the first one loaded),
+        # in every layer it targets; on a model set_adapter serves, it waits.
+        served = any(_serving(layer) for layer in existing.values())
+        activate = not served and not any(layer.active_adapters or layer.merged for layer in existing.values())
+        check_against_model(adapter, model)
+        ks = {t.k for t in adapter.targets.values()}
+        by_key, wrappers = _modules_by_key(model), _foreign_wrappers(model)
+        modules = {key: _module_for(by_key, key, t) for key, t in adapter.targets.items()}
+        config = cfg or NeuroAdaConfig(k=max(ks), target_modules=sorted(plain_name(model, n) for n in modules.values()),
+                                       base_model_name_or_path=adapter.base_name, revision=adapter.base_revision)
+        config.inference_mode = not is_trainable
+        if cfg is None:
+            config.selection = adapter.selection["rule"]
+            seed = adapter.selection.get("seed")
+            config.seed = seed if isinstance(seed, int) else config.seed
+        # saved again as read: the file's values decide (a folder's config from before save_adapter recorded them
+        # could say BF16 over F32 values)
+        config.save_dtype = common_value_dtype(t.value_dtype for t in adapter.targets.values())
+        config.mode = mode
+        shared = _shared_weights(model)
+        _check_modes({name: model.get_submodule(name) for name in modules.values()}, config, shared, wrappers)
+        delta_dtype = getattr(torch, config.delta_dtype)
+        with _all_or_nothing(model, adapter_name, deltas=False):
+            for key, t in adapter.targets.items():
+                name = modules[key]
+                module = _wrap(model, name, model.get_submodule(name), config, shared, wrappers)
+                w = module.weight
+                idx = torch.from_numpy(np.asarray(t.indices, dtype=np.int64)).to(w.device)
+                val = held_values(t.values, t.value_dtype, delta_dtype if is_trainable else None).to(w.device)
+                module.add_adapter(adapter_name, idx, val=val, val_dtype=val.dtype, activate=activate)
+                module.neuroada_val[adapter_name].requires_grad_(is_trainable)
+                if served:  # a layer wrapped just now serves the base like its peers
+                    from .multi import _serve
 
-                _serve(module)
-        _freeze(model, keep_deltas=True)
-        configs = dict(configs)
-        configs[adapter_name] = config
-        setattr(model, CONFIGS_ATTR, configs)
-        _install_hf(model)
+                    _serve(module)
+            _freeze(model, keep_deltas=True)
+            configs = dict(configs)
+            configs[adapter_name] = config
+            setattr(model, CONFIGS_ATTR, configs)
+            _install_hf(model)
     _warn_unloaded_state(path)
     return model
 
