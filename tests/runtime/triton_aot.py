@@ -6,11 +6,13 @@ dtypes, some casts), and the CUDA half of the project is first run as one prepar
 that does not compile would waste it. The launches are the runtime's own (its launch code called with CPU tensors,
 each kernel swapped for a recorder), bound by Triton's own binder, so the signatures, constants and alignment
 hints are those a real launch would compile; triton.compile then goes through ptxas (bundled with the wheel).
-Prints one line per compilation and exits 1 if any failed.
+Each kernel's TTIR is also read for strides multiplied in 32 bits (``narrow_strides``). Prints one line per
+compilation and exits 1 if any failed.
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -76,8 +78,25 @@ def capture() -> None:
                 os.environ["TRITON_INTERPRET"] = "1"  # (bgmv's own CPU-tensor check reads it at the call)
                 try:
                     bgmv.bgmv_add_triton_(y, x, torch.tensor([0, -1, len(ks) - 1]), stack, seq_len=7)
+                    y_cm = torch.randn(d_out, 3 * 7).to(xd).t()  # a column-major y: r x its row stride
+                    bgmv.bgmv_add_triton_(y_cm, x, torch.tensor([0, -1, len(ks) - 1]), stack, seq_len=7)
                 finally:
                     os.environ.pop("TRITON_INTERPRET", None)
+
+
+# Strides multiplied in 32 bits on purpose: the row strides of one adapter's own [d_out, k] idx and val (r * k stays
+# below d_out * d_in). Every other stride multiplies a token or row number in 64 bits: an activation passes 2^31
+# elements past ~195k tokens of 11008 (r * s_gi and r * s_yr were 32-bit once, wrong addresses for a column-major
+# grad_y or y).
+NARROW_OK = {"s_ir", "s_vr"}
+
+
+def narrow_strides(ttir: str, signature: dict) -> list[str]:
+    """TTIR lines that splat or multiply a runtime i32 stride argument without widening it to i64 first."""
+    strides = [k for k, v in signature.items() if k.startswith("s_") and v == "i32" and k not in NARROW_OK]
+    return [line.strip() for line in ttir.splitlines()
+            if ("tt.splat" in line or "arith.muli" in line) and "i64" not in line
+            and any(re.search(rf"%{name}\b", line) for name in strides)]
 
 
 def compile_all(targets=(90, 80)) -> int:
@@ -96,7 +115,11 @@ def compile_all(targets=(90, 80)) -> int:
                 continue
             seen.add(key)
             try:
-                triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+                compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                          options=options.__dict__)
+                narrow = narrow_strides(compiled.asm["ttir"], signature)
+                if narrow:
+                    raise AssertionError(f"a stride multiplied in 32 bits: {narrow[0][:200]}")
                 print(f"ok   sm_{cc} {fn.__name__} {label}", flush=True)
             except Exception as exc:  # noqa: BLE001 - reported, then the exit status says it
                 failed += 1
