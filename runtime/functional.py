@@ -17,6 +17,7 @@ valid because the original values are always back in place when control leaves t
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from typing import Sequence
 
@@ -205,6 +206,8 @@ def _numpy_writes(W: torch.Tensor, entries: int) -> bool:
 
 
 _WEIGHT_LOCKS: dict[int, threading.RLock] = {}
+if hasattr(os, "register_at_fork"):  # a forked child has one thread: locks held by the parent's others never free
+    os.register_at_fork(after_in_child=_WEIGHT_LOCKS.clear)
 
 
 def weight_lock(W: torch.Tensor) -> threading.RLock:
@@ -267,6 +270,17 @@ def _written(W: torch.Tensor, flat: torch.Tensor, merged: torch.Tensor, w0: torc
             wb.index_put_((flat,), w0.view(bits).reshape(-1))
 
 
+@contextlib.contextmanager
+def _written_over_now(W: torch.Tensor, flat: torch.Tensor, merged: torch.Tensor):
+    """``_written``, putting back what the weight holds at ``flat`` when the block starts instead of ``w0``: the
+    compiled path's operators. Their frame checked "not merged" when it started (its guards); another thread's merge
+    since then was taken out again by the restore of w0, and the layer said merged over the plain base."""
+    with weight_lock(W):
+        now = W.data.reshape(-1).index_select(0, flat)
+        with _written(W, flat, merged, now) as Wd:
+            yield Wd
+
+
 @torch.library.custom_op("neuroada::overlay_linear", mutates_args=())
 def _overlay_linear(x: torch.Tensor, b: torch.Tensor | None, W: torch.Tensor, flat: torch.Tensor,
                     merged: torch.Tensor, w0: torch.Tensor, transposed: bool) -> torch.Tensor:
@@ -275,7 +289,7 @@ def _overlay_linear(x: torch.Tensor, b: torch.Tensor | None, W: torch.Tensor, fl
     One operator for torch.compile. Traced op by op, the two writes into W (a graph input) became copies of the whole
     weight, in forward and again in backward: dense work on every adapted layer, what the in-place mode exists to
     avoid. W holds its own values again when the operator returns, so it is declared to mutate nothing."""
-    with _no_autocast(x.device.type), _written(W, flat, merged, w0) as Wd:  # (see _overlay_linear_grad_input)
+    with _no_autocast(x.device.type), _written_over_now(W, flat, merged) as Wd:  # (see _overlay_linear_grad_input)
         if x.dtype != Wd.dtype:
             return _linear(x.to(Wd.dtype), Wd, None if b is None else b.to(Wd.dtype), transposed).to(x.dtype)
         return _linear(x, Wd, b, transposed)
@@ -292,7 +306,7 @@ def _overlay_linear_grad_input(g: torch.Tensor, W: torch.Tensor, flat: torch.Ten
     """``grad_x`` through W' (see ``_overlay_linear``). Both operators compute in the dtypes they are given, as
     their fakes say: a compiled graph runs them inside the caller's autocast region, where the GEMM would otherwise
     be cast (a bf16 grad_x against an f32 fake: the compiled backward failed, 'BFloat16 != float')."""
-    with _no_autocast(g.device.type), _written(W, flat, merged, w0) as Wd:
+    with _no_autocast(g.device.type), _written_over_now(W, flat, merged) as Wd:
         if g.dtype != Wd.dtype:
             return _linear_grad_input(g.to(Wd.dtype), Wd, transposed).to(g.dtype)
         return _linear_grad_input(g, Wd, transposed)

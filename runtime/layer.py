@@ -170,6 +170,9 @@ class NeuroAdaLayer(nn.Module):
 
     adapter_layer_names = ("neuroada_val",)
     other_param_names = ("neuroada_idx", "neuroada_w0")
+    # odd while merge, unmerge or a switch writes the weight, one more after: an additive forward on another thread
+    # that saw it move ran through a switch (base(x) may have read merged entries) and is done again under the lock
+    _writes = 0
 
     def __init__(self, base_layer: nn.Module, mode: str = "inplace"):
         super().__init__()
@@ -309,7 +312,8 @@ class NeuroAdaLayer(nn.Module):
         check_adapter_name(name)
         if name in self.neuroada_val:
             raise NeuroAdaUsageError(f"adapter {name!r} exists")
-        if self.merged and activate:  # (a merged layer's forward serves the merged adapters alone)
+        if self.merged and (activate or (activate is None and not self.active_adapters)):
+            # (a merged layer's forward serves the merged adapters alone)
             raise NeuroAdaUsageError("unmerge before adding an active adapter: a merged layer serves what is merged")
         self.reread_w0()  # the adapters here already: an edit of the weight since they were added is theirs too
         W = self._canonical_weight()
@@ -584,8 +588,17 @@ class NeuroAdaLayer(nn.Module):
         (default: active) adapters plus any already merged, recomputed from the originals so that
         merging in steps gives the same bits as merging at once."""
         names = list(self.active_adapters if adapter_names is None else adapter_names)
-        with weight_lock(self.base_layer.weight):  # (see functional.weight_lock)
+        with weight_lock(self.base_layer.weight), self.writing():  # (see functional.weight_lock)
             self._merge([n for n in names if n not in self.merged_adapters])
+
+    @contextlib.contextmanager
+    def writing(self):
+        """Marks a write of the weight for forwards on other threads (``_writes``); held under the weight lock."""
+        self._writes += 1
+        try:
+            yield
+        finally:
+            self._writes += 1
 
     def _merge(self, new: list[str]) -> None:
         if not new:
@@ -613,7 +626,7 @@ class NeuroAdaLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Restore ``w0`` exactly."""
-        with weight_lock(self.base_layer.weight):
+        with weight_lock(self.base_layer.weight), self.writing():
             self._unmerge()
 
     def _unmerge(self) -> None:
@@ -634,6 +647,7 @@ class NeuroAdaLayer(nn.Module):
             if self.merged:
                 self.unmerge()
             return base(x, *args, **kwargs)
+        seen = None if torch.compiler.is_compiling() else self._writes  # (read before "merged?": see _writes)
         held = self.neuroada_val
         active = [n for n in self.active_adapters if n in held]
         if self.merged_adapters or not active:
@@ -646,7 +660,7 @@ class NeuroAdaLayer(nn.Module):
         if any(v.is_meta for v in vals):  # offloaded parameters (idx and w0 are buffers: checked in _refresh)
             self.check_in_memory(active)
         if self.mode == "inplace" and not has_hooks(base) and not transforms_active():
-            if torch.compiler.is_compiling():
+            if seen is None:  # compiled: the operator itself keeps another thread's merge (_written_over_now)
                 return inplace_sparse_delta_linear(x, base.weight, base.bias, self.overlay(active), vals)
             with weight_lock(W):  # merged by another thread since the check above: its writes are what we serve
                 if self.merged_adapters:
@@ -654,7 +668,16 @@ class NeuroAdaLayer(nn.Module):
                 return inplace_sparse_delta_linear(x, base.weight, base.bias, self.overlay(active), vals)
         if x.is_nested:  # nn.TransformerEncoder's eval path with a padding mask: the sparse term reads flat rows
             return torch.nested.as_nested_tensor([self(t, *args, **kwargs) for t in x.unbind()], layout=x.layout)
-        y = base(x, *args, **kwargs)
+        y = self._additive(x, args, kwargs, active, vals)
+        if seen is None or (seen % 2 == 0 and self._writes == seen):  # (compiled: a trace would guard on _writes,
+            return y                                                   # a recompilation at every switch)
+        with weight_lock(W):  # another thread merged or switched meanwhile: what it left, read whole
+            if self.merged_adapters:
+                return base(x, *args, **kwargs)
+            return self._additive(x, args, kwargs, active, [self.delta(n) for n in active])
+
+    def _additive(self, x: torch.Tensor, args, kwargs, active: list[str], vals: list[torch.Tensor]) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
         for n, v in zip(active, vals):
             y = y + additive_sparse_delta(x, self.pattern(n), v, out_dtype=y.dtype)
         return y

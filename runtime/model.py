@@ -161,6 +161,18 @@ _MODEL_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.
 _MODEL_LOCKS_GUARD = threading.Lock()  # (makes creating one atomic)
 
 
+def _new_model_locks() -> None:
+    """In a forked child: a lock the parent's other threads held (a block running there) would never be freed, and
+    the child's calls waited forever (they were refused at once before the locks: that refusal is what it gets)."""
+    global _MODEL_LOCKS_GUARD
+    _MODEL_LOCKS_GUARD = threading.Lock()
+    _MODEL_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_model_locks)
+
+
 def model_lock(model: nn.Module) -> threading.RLock:
     """Held by every call that changes a model's adapters or what it serves (attach, load_adapter, merge, unmerge,
     set_adapter, delete_adapter, ...) and for the whole of an adapter_batch or disable_adapter block: a server's
@@ -549,7 +561,8 @@ def _refuse_in_batch(model: nn.Module, what: str, *, disabled_ok: bool = False) 
     that changes weights, classes or active adapters meanwhile would give wrong rows and an inconsistent end.
     disable_adapter likewise puts back on exit what each layer served, which would silently undo such a change
     (`disabled_ok`: a call that itself puts back what it changes, adapter_batch)."""
-    if getattr(model, MIXED_ATTR, None) is not None:
+    model = unwrapped(model)  # (the state is on the model, also when a call or block got its compiled wrapper)
+    if model.__dict__.get(MIXED_ATTR) is not None:
         owner = model.__dict__.get(MIXED_OWNER_ATTR)
         if owner is not None and owner != threading.get_ident():
             raise NeuroAdaUsageError(f"{what} while another thread runs an adapter_batch block on this model; serve "

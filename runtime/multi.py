@@ -239,7 +239,7 @@ def _merged_entries(layer: NeuroAdaLayer, name: str) -> tuple[torch.Tensor, torc
 def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
     """Serve ``want`` (at most one adapter) merged, with ``layer.merge``'s rule and bits; a state of
     several merged adapters (merged by hand) is left through ``layer.unmerge``."""
-    with weight_lock(layer.base_layer.weight):  # (see functional.weight_lock)
+    with weight_lock(layer.base_layer.weight), layer.writing():  # (see functional.weight_lock)
         _switch_locked(layer, want)
 
 
@@ -559,7 +559,7 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
     thread's adapters or none). A forward outside any block, meanwhile, sees the block's state: serve a model from
     several threads through blocks only, or one model per thread.
     """
-    if model.__dict__.get(MIXED_OWNER_ATTR) == threading.get_ident():
+    if unwrapped(model).__dict__.get(MIXED_OWNER_ATTR) == threading.get_ident():
         _refuse_in_batch(model, "adapter_batch")  # nested in this thread's own block: refused, never a deadlock
     with model_lock(unwrapped(model)):
         _refuse_in_batch(model, "adapter_batch", disabled_ok=True)  # it puts back on exit what it changed
@@ -585,8 +585,9 @@ def _adapter_batch_locked(model: nn.Module, adapter_names: Sequence[str | None])
     hooks = (model.register_forward_pre_hook(tokens.capture, with_kwargs=True),
              model.register_forward_hook(tokens.forget, always_call=True))
     try:
-        setattr(model, MIXED_ATTR, names)
-        model.__dict__[MIXED_OWNER_ATTR] = threading.get_ident()
+        state = unwrapped(model)  # (the model, also when given as its torch.compile wrapper)
+        state.__dict__[MIXED_ATTR] = names
+        state.__dict__[MIXED_OWNER_ATTR] = threading.get_ident()
         with torch.no_grad():
             for name, layer in all_layers.items():
                 _switch(layer, [])
@@ -609,8 +610,8 @@ def _adapter_batch_locked(model: nn.Module, adapter_names: Sequence[str | None])
                 cls, merged = previous[name]
                 layer.__class__ = cls
                 _remerge(layer, merged)
-        model.__dict__.pop(MIXED_ATTR, None)
-        model.__dict__.pop(MIXED_OWNER_ATTR, None)
+        unwrapped(model).__dict__.pop(MIXED_ATTR, None)
+        unwrapped(model).__dict__.pop(MIXED_OWNER_ATTR, None)
 
 
 def _remerge(layer: NeuroAdaLayer, merged: list[str]) -> None:
@@ -645,7 +646,7 @@ def _disabled(model: nn.Module) -> Iterator[nn.Module]:
     _refuse_in_batch(model, "disable_adapter")
     all_layers = layers(model)
     previous = {name: (list(layer.merged_adapters), layer.disable_adapters) for name, layer in all_layers.items()}
-    model.__dict__[DISABLED_ATTR] = True
+    unwrapped(model).__dict__[DISABLED_ATTR] = True  # (on the model, also when given as a compiled wrapper)
     try:
         with torch.no_grad():
             for layer in all_layers.values():
@@ -653,7 +654,7 @@ def _disabled(model: nn.Module) -> Iterator[nn.Module]:
                 layer.disable_adapters = True
         yield model
     finally:  # (nothing inside could unload a layer or delete an adapter: refused while DISABLED_ATTR is set)
-        model.__dict__.pop(DISABLED_ATTR, None)
+        unwrapped(model).__dict__.pop(DISABLED_ATTR, None)
         with torch.no_grad():
             for name, layer in all_layers.items():
                 merged, layer.disable_adapters = previous[name]

@@ -130,6 +130,10 @@ def test_disable_delete_and_errors(rt, gen):
         layer.add_adapter("late", late, activate=True)
     late[:, 0] = layer.neuroada_idx["default"][:, 0]  # (one column where "default" is merged, one maybe not)
     late = late.sort(dim=1).values
+    active, layer.active_adapters = layer.active_adapters, []
+    with pytest.raises(NeuroAdaError, match="unmerge before adding an active adapter"):
+        layer.add_adapter("late", late)  # (with none active, the first adapter added becomes active)
+    layer.active_adapters = active
     layer.add_adapter("late", late)  # waits, as load_adapter's on a served model: its originals read around the merge
     assert layer.active_adapters == ["default"] and layer.merged
     assert torch.equal(layer.neuroada_w0["late"], orig.gather(1, late))

@@ -343,3 +343,115 @@ def test_set_adapter_waits_for_a_forward_holding_its_entries_in_the_weight(monke
     other.join(30)
     with torch.no_grad():
         assert torch.equal(model(x).logits, reference)
+
+
+# -- found by the review of the above ---------------------------------------------------------------------------------
+def test_the_compiled_paths_operators_keep_a_merge_made_after_their_frame_started():
+    """A compiled forward checks "not merged" in its guards, when its frame starts; its operator then wrote the
+    adapter's entries and put w0 back, over a merge another thread made meanwhile: the layer said merged over the
+    plain base (298 of 300 rounds of a compiled server thread against merge/unmerge)."""
+    target = next(iter(layers(with_deltas(tiny_llama(), k=3)).values()))
+    W, ov = target.weight, target.overlay(["default"])
+    entries = ov.values([target.delta("default").detach()], W.dtype)
+    target.merge()
+    merged = W.detach().clone()
+    x, g = torch.randn(3, target.d_in), torch.randn(3, target.d_out)
+    with torch.no_grad():
+        y = torch.ops.neuroada.overlay_linear(x, None, W, ov.flat, entries, ov.w0, False)
+        gx = torch.ops.neuroada.overlay_linear_grad_input(g, W, ov.flat, entries, ov.w0, False)
+    assert torch.equal(W, merged)
+    assert torch.equal(y, torch.nn.functional.linear(x, merged)) and torch.equal(gx, g @ merged)
+    target.unmerge()
+    with torch.no_grad():
+        torch.ops.neuroada.overlay_linear(x, None, W, ov.flat, entries, ov.w0, False)
+    assert torch.equal(target.weight, target.base_layer.weight) and not torch.equal(W, merged)  # w0 back, unmerged
+
+
+def test_an_additive_forward_running_through_a_merge_adds_no_delta_twice(monkeypatch):
+    """The additive mode read "not merged", then the merged weight, and added the delta on top."""
+    target = next(iter(layers(with_deltas(tiny_llama(), k=3, mode="additive")).values()))
+    x = torch.randn(2, target.d_in)
+    with torch.no_grad():
+        reference = target(x)
+    paused, merged, out = threading.Event(), threading.Event(), []
+    real = NeuroAdaLayer.delta
+
+    def delta(layer, name):
+        if threading.current_thread().name == "forward" and not paused.is_set():
+            paused.set()  # past the "merged?" check, before the base layer reads the weight
+            merged.wait(30)
+        return real(layer, name)
+
+    monkeypatch.setattr(NeuroAdaLayer, "delta", delta)
+
+    def forward():
+        with torch.no_grad():
+            out.append(target(x))
+
+    other = threading.Thread(target=forward, name="forward")
+    other.start()
+    assert paused.wait(30)
+    target.merge()
+    merged.set()
+    other.join(30)
+    assert (out[0] - reference).abs().max() < 1e-5  # the merged layer's output (one rounding apart), not twice
+
+
+def test_a_forked_child_is_refused_not_stuck_on_a_lock_its_parents_thread_held(tmp_path):
+    """The child inherits the locks, held by a thread it does not have: its set_adapter waited forever."""
+    import os
+
+    from neuroada_format.runtime import adapter_batch, set_adapter
+
+    model, _ = _two_served(tmp_path)
+    inside, leave = threading.Event(), threading.Event()
+
+    def block():
+        with adapter_batch(model, ["a"]):
+            inside.set()
+            leave.wait(60)
+
+    holder = threading.Thread(target=block)
+    holder.start()
+    assert inside.wait(30)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: refused at once, exit 0; anything else, exit 1 (a hang: killed below)
+            code = 1
+            try:
+                set_adapter(model, "b")
+            except Exception as exc:  # noqa: BLE001
+                code = 0 if "another thread runs an adapter_batch block" in str(exc) else 1
+            os._exit(code)
+        for _ in range(600):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            threading.Event().wait(0.05)
+        else:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the child's set_adapter hung")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        leave.set()
+        holder.join(30)
+
+
+def test_blocks_opened_on_a_compiled_wrapper_keep_their_state_on_the_model(tmp_path):
+    """adapter_batch(torch.compile(model)) left its mark on the model after the block (every later set_adapter was
+    refused as inside a block), and a disable_adapter block on the wrapper did not refuse set_adapter on the model."""
+    from neuroada_format import NeuroAdaUsageError
+    from neuroada_format.runtime import adapter_batch, disable_adapter, set_adapter
+
+    model, _ = _two_served(tmp_path)
+    compiled = torch.compile(model)  # (nothing runs: no compilation)
+    with adapter_batch(compiled, ["a", "b"]):
+        with pytest.raises(NeuroAdaUsageError, match="inside an adapter_batch block"):
+            set_adapter(model, "b")
+    set_adapter(model, "b")
+    with disable_adapter(compiled):
+        with pytest.raises(NeuroAdaUsageError, match="inside a disable_adapter block"):
+            set_adapter(model, "a")
+    set_adapter(compiled, "a")
+    assert all(l.merged_adapters == ["a"] for l in layers(model).values())
