@@ -271,19 +271,15 @@ def test_a_disable_adapter_block_and_another_threads_adapter_batch_take_turns(tm
         assert torch.equal(model(x).logits, reference)
 
 
-def test_a_forward_that_started_before_a_merge_serves_what_was_merged(monkeypatch):
-    """A forward that found the layer unmerged, then wrote its entries after another thread merged it, put the
-    originals back under a layer that recorded them merged: it served the base from then on."""
-    target = next(iter(layers(with_deltas(tiny_llama(), k=3)).values()))
-    base, x = target.weight.detach().clone(), torch.randn(2, target.d_in)
-    with torch.no_grad():
-        reference = target(x)  # the in-place mode's output is the merged layer's, bit for bit
+def _forward_through_a_merge(monkeypatch, target, x):
+    """``target(x)`` on another thread, paused past its "merged?" check (before its write, or before the base layer
+    reads the weight) while this thread merges the layer; its output."""
     paused, merged, out = threading.Event(), threading.Event(), []
     real = NeuroAdaLayer.delta
 
     def delta(layer, name):
         if threading.current_thread().name == "forward" and not paused.is_set():
-            paused.set()  # past the forward's "merged?" check, before its write
+            paused.set()
             merged.wait(30)
         return real(layer, name)
 
@@ -299,7 +295,17 @@ def test_a_forward_that_started_before_a_merge_serves_what_was_merged(monkeypatc
     target.merge()
     merged.set()
     other.join(30)
-    assert torch.equal(out[0], reference)
+    return out[0]
+
+
+def test_a_forward_that_started_before_a_merge_serves_what_was_merged(monkeypatch):
+    """A forward that found the layer unmerged, then wrote its entries after another thread merged it, put the
+    originals back under a layer that recorded them merged: it served the base from then on."""
+    target = next(iter(layers(with_deltas(tiny_llama(), k=3)).values()))
+    base, x = target.weight.detach().clone(), torch.randn(2, target.d_in)
+    with torch.no_grad():
+        reference = target(x)  # the in-place mode's output is the merged layer's, bit for bit
+    assert torch.equal(_forward_through_a_merge(monkeypatch, target, x), reference)
     with torch.no_grad():
         assert torch.equal(target(x), reference)  # still merged
     target.unmerge()
@@ -373,28 +379,7 @@ def test_an_additive_forward_running_through_a_merge_adds_no_delta_twice(monkeyp
     x = torch.randn(2, target.d_in)
     with torch.no_grad():
         reference = target(x)
-    paused, merged, out = threading.Event(), threading.Event(), []
-    real = NeuroAdaLayer.delta
-
-    def delta(layer, name):
-        if threading.current_thread().name == "forward" and not paused.is_set():
-            paused.set()  # past the "merged?" check, before the base layer reads the weight
-            merged.wait(30)
-        return real(layer, name)
-
-    monkeypatch.setattr(NeuroAdaLayer, "delta", delta)
-
-    def forward():
-        with torch.no_grad():
-            out.append(target(x))
-
-    other = threading.Thread(target=forward, name="forward")
-    other.start()
-    assert paused.wait(30)
-    target.merge()
-    merged.set()
-    other.join(30)
-    assert (out[0] - reference).abs().max() < 1e-5  # the merged layer's output (one rounding apart), not twice
+    assert (_forward_through_a_merge(monkeypatch, target, x) - reference).abs().max() < 1e-5  # the merged layer's output (one rounding apart), not twice
 
 
 def test_a_forked_child_is_refused_not_stuck_on_a_lock_its_parents_thread_held(tmp_path):
