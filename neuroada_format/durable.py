@@ -284,6 +284,16 @@ def write_file(path, write: Callable[[str], None], *, overwrite: bool = True, du
     On any failure (or interrupt) the sibling is removed and `path` is untouched.
     """
     path = os.path.abspath(os.fspath(path))
+    tmp = _filled_sibling(path, write, durable=durable, mode=mode)
+    try:
+        publish(tmp, path, overwrite=overwrite, durable=durable)
+    except BaseException as exc:
+        _named_after(exc, path, tmp)
+
+
+def _filled_sibling(path: str, write: Callable[[str], None], *, durable: bool, mode: int | None) -> str:
+    """A temporary sibling of `path` filled by `write(tmp)`, given its mode and fsynced when durable; removed again
+    on any failure. Left-overs of killed writers of `path` are removed first."""
     remove_stale_siblings(path)
     tmp = temp_sibling(path)
     try:
@@ -291,26 +301,47 @@ def write_file(path, write: Callable[[str], None], *, overwrite: bool = True, du
         os.chmod(tmp, default_mode() if mode is None else mode)
         if durable:
             fsync_path(tmp)
-        publish(tmp, path, overwrite=overwrite, durable=durable)
-    except OSError as exc:
-        if os.path.lexists(tmp):
-            remove(tmp)
-        if exc.filename is None or exc.filename == tmp:  # say which file: the one the user named, not our sibling
-            raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
-        raise
+    except BaseException as exc:
+        _named_after(exc, path, tmp)
+    return tmp
+
+
+def _named_after(exc: BaseException, path: str, tmp: str):
+    """Remove `tmp` and raise `exc` again, an OSError naming `path`, the file the user named, not our sibling."""
+    if os.path.lexists(tmp):
+        remove(tmp)
+    if isinstance(exc, OSError) and (exc.filename is None or exc.filename == tmp):
+        raise OSError(exc.errno, exc.strerror or str(exc), path) from exc
+    raise exc
+
+
+def write_files(contents: dict, *, durable: bool = True) -> None:
+    """Several files published together (`contents`: path -> bytes), replacing what is there: every one is
+    written to its temporary sibling before any is renamed, so a failure while writing (a full disk, Ctrl-C)
+    leaves all of them as they were. Only a failure between the renames leaves some replaced."""
+    temps = {}
+    try:
+        for path, data in contents.items():
+            temps[path] = _filled_sibling(os.path.abspath(os.fspath(path)), _writer(data), durable=durable, mode=None)
+        for path, tmp in temps.items():
+            publish(tmp, os.path.abspath(os.fspath(path)), overwrite=True, durable=durable)
     except BaseException:
-        if os.path.lexists(tmp):
-            remove(tmp)
+        for tmp in temps.values():
+            if os.path.lexists(tmp):
+                remove(tmp)
         raise
+
+
+def _writer(data: bytes) -> Callable[[str], None]:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return write
 
 
 def write_bytes(path, data: bytes, *, overwrite: bool = True, durable: bool = True, mode: int | None = None) -> None:
     """`write_file` for content already in memory; write errors (ENOSPC) come back as OSError naming `path`."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    write_file(path, write, overwrite=overwrite, durable=durable, mode=mode)
+    write_file(path, _writer(data), overwrite=overwrite, durable=durable, mode=mode)
 
 
 _WRITE_SIDE = frozenset(getattr(errno, name) for name in ("ENOSPC", "EFBIG", "EDQUOT") if hasattr(errno, name))

@@ -200,7 +200,7 @@ def _rounded_hint(weight, t: Target, dtype: str) -> str:
     """Rule 4.3's message where the adapter was made on these very values rounded to its narrower dtype (a model
     loaded with torch_dtype=bfloat16 from an F32 checkpoint): "different base or revision" sent users looking for
     another checkpoint. Worked out on the error path only, from the probed entries."""
-    if dtype == t.dtype or t.dtype not in ("BF16", "F16") or dtype != "F32":
+    if dtype != "F32" or t.dtype not in ("BF16", "F16"):
         return ""
     canon = canonical_view(np.asarray(weight), t.layout)
     idx = np.asarray(t.indices)

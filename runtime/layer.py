@@ -588,17 +588,19 @@ class NeuroAdaLayer(nn.Module):
         (default: active) adapters plus any already merged, recomputed from the originals so that
         merging in steps gives the same bits as merging at once."""
         names = list(self.active_adapters if adapter_names is None else adapter_names)
-        with weight_lock(self.base_layer.weight), self.writing():  # (see functional.weight_lock)
+        with self.writing():
             self._merge([n for n in names if n not in self.merged_adapters])
 
     @contextlib.contextmanager
     def writing(self):
-        """Marks a write of the weight for forwards on other threads (``_writes``); held under the weight lock."""
-        self._writes += 1
-        try:
-            yield
-        finally:
+        """A change of the weight and of the state describing it (merge, unmerge, a switch): under the weight's lock
+        (see functional.weight_lock), and marked for additive forwards on other threads (``_writes``)."""
+        with weight_lock(self.base_layer.weight):
             self._writes += 1
+            try:
+                yield
+            finally:
+                self._writes += 1
 
     def _merge(self, new: list[str]) -> None:
         if not new:
@@ -626,7 +628,7 @@ class NeuroAdaLayer(nn.Module):
 
     def unmerge(self) -> None:
         """Restore ``w0`` exactly."""
-        with weight_lock(self.base_layer.weight), self.writing():
+        with self.writing():
             self._unmerge()
 
     def _unmerge(self) -> None:

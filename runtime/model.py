@@ -26,7 +26,7 @@ import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.adapter import encode as encode_adapter
 from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
-from neuroada_format.durable import checkpoint_lock, publish, remove, remove_stale_siblings, temp_sibling, write_file
+from neuroada_format.durable import checkpoint_lock, write_file, write_files
 from neuroada_format.folder import (CONFIG_NAME, STATE_FILE, STATE_MARKER, STATE_PROBE, STATE_TRAINING, WEIGHTS_NAME,
                                     adapter_config, state_text, trained_extras, warn_trained_extras)
 
@@ -1141,28 +1141,10 @@ def _write_adapter(path: str, single: bool, adapter: naf.Adapter, cfg: NeuroAdaC
     os.makedirs(path, exist_ok=True)
     file, config_file = os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)
     contents = {file: encode_adapter(adapter, check=False, path=file), config_file: cfg.to_json().encode("utf-8")}
-    temps = {}
     # two saves into one folder at once (every DDP rank calling save_pretrained) take turns: interleaved, one's
     # weights were published beside the other's config
     with checkpoint_lock(path, exclusive=True, wait=True):
-        try:
-            for out, data in contents.items():
-                remove_stale_siblings(out)  # (left by a killed save: siblings of the final names, never of a sibling)
-                tmp = temps[out] = temp_sibling(out)
-                try:
-                    with open(tmp, "xb") as f:  # (mode: what open() gives, as every other write here)
-                        f.write(data)
-                        f.flush()
-                        os.fsync(f.fileno())
-                except OSError as exc:
-                    raise OSError(exc.errno, exc.strerror or str(exc), out) from exc
-            for out, tmp in temps.items():
-                publish(tmp, out, overwrite=True, durable=True)
-        except BaseException:
-            for tmp in temps.values():
-                if os.path.lexists(tmp):
-                    remove(tmp)
-            raise
+        write_files(contents)
 
 
 def name_list(names, what: str, *, base_ok: bool = False) -> list:
@@ -1581,8 +1563,8 @@ def _offloaded(module: nn.Module | None) -> bool:
     """Whether accelerate loads this module's weights in a hook around its calls (cpu_offload, disk_offload, a
     device_map with "cpu"/"disk" entries): its parameters stay on the meta device between calls."""
     hook = getattr(module, "_hf_hook", None)
-    return hook is not None and bool(getattr(hook, "offload", False) or getattr(hook, "weights_map", None) is not None
-                                     or type(hook).__name__ == "SequentialHook")
+    return any(getattr(h, "offload", False) or getattr(h, "weights_map", None) is not None
+               for h in getattr(hook, "hooks", (hook,)) if h is not None)  # (a SequentialHook holds several)
 
 
 def _check_base_weight(w: torch.Tensor, tensor: str, why: str, module: nn.Module | None = None) -> None:
@@ -1848,13 +1830,18 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module
                 layer.merge(names)
                 done.append((layer, before))
     except BaseException:  # (e.g. out of memory at the n-th layer) the n-1 merged before it are put back
-        with uninterrupted():
-            for layer, before in reversed(done):
-                layer.unmerge()
-                if before:
-                    layer.merge(before)
+        merged_back(done)
         raise
     return model
+
+
+def merged_back(done: list) -> None:
+    """Undo a loop's merges part-way: ``done`` lists ``(layer, what it had merged before)``, last undone first."""
+    with uninterrupted():  # (a second Ctrl-C must not cut it short)
+        for layer, before in reversed(done):
+            layer.unmerge()
+            if before:
+                layer.merge(before)
 
 
 @serialized

@@ -41,12 +41,11 @@ from . import kernels
 from .config import NeuroAdaConfig
 from .kernels.bgmv import (AdapterStack, InputsT, SeqMask, bgmv_add_, bgmv_add_static, bgmv_linear_cpu,
                            bgmv_linear_static, seq_groups)
-from .functional import weight_lock
 from .kernels.cache import outside_inference, version
 from .kernels.reference import rounded_values
 from .layer import BASE_ADAPTER, SERVING_CACHES, NeuroAdaLayer, _conv1d_type, check_adapter_name, has_hooks
 from .model import (CONFIGS_ATTR, DISABLED_ATTR, MIXED_ATTR, MIXED_OWNER_ATTR, VALUE_TORCH, _refuse_in_batch,
-                    _shared_weights, _unserve, layers, model_lock, name_list, park, refuse_unmergeable, serialized,
+                    _shared_weights, _unserve, layers, merged_back, model_lock, name_list, park, refuse_unmergeable, serialized,
                     uninterrupted, unwrapped)
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
@@ -153,10 +152,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
                 if rest:
                     layer.merge(rest)
     except BaseException:
-        with uninterrupted():
-            for layer, before in reversed(done):
-                layer.unmerge()
-                layer.merge(before)
+        merged_back(done)
         raise
     for layer in layers(model).values():
         if adapter_name in layer.neuroada_val:
@@ -239,7 +235,7 @@ def _merged_entries(layer: NeuroAdaLayer, name: str) -> tuple[torch.Tensor, torc
 def _switch(layer: NeuroAdaLayer, want: list[str]) -> None:
     """Serve ``want`` (at most one adapter) merged, with ``layer.merge``'s rule and bits; a state of
     several merged adapters (merged by hand) is left through ``layer.unmerge``."""
-    with weight_lock(layer.base_layer.weight), layer.writing():  # (see functional.weight_lock)
+    with layer.writing():
         _switch_locked(layer, want)
 
 
@@ -325,11 +321,7 @@ def _switched_back_on_failure(all_layers: dict[str, NeuroAdaLayer]):
             for layer in all_layers.values():
                 cls, merged, active = before[id(layer)]
                 if layer.merged_adapters != merged:
-                    if len(merged) <= 1:
-                        _switch(layer, merged)
-                    else:
-                        layer.unmerge()
-                        layer.merge(merged)
+                    _remerge(layer, merged)
                 layer.active_adapters = active
                 layer.__class__ = cls
         raise
@@ -584,8 +576,8 @@ def _adapter_batch_locked(model: nn.Module, adapter_names: Sequence[str | None])
     tokens = _Tokens()
     hooks = (model.register_forward_pre_hook(tokens.capture, with_kwargs=True),
              model.register_forward_hook(tokens.forget, always_call=True))
+    state = unwrapped(model)  # (the model, also when given as its torch.compile wrapper)
     try:
-        state = unwrapped(model)  # (the model, also when given as its torch.compile wrapper)
         state.__dict__[MIXED_ATTR] = names
         state.__dict__[MIXED_OWNER_ATTR] = threading.get_ident()
         with torch.no_grad():
@@ -610,8 +602,8 @@ def _adapter_batch_locked(model: nn.Module, adapter_names: Sequence[str | None])
                 cls, merged = previous[name]
                 layer.__class__ = cls
                 _remerge(layer, merged)
-        unwrapped(model).__dict__.pop(MIXED_ATTR, None)
-        unwrapped(model).__dict__.pop(MIXED_OWNER_ATTR, None)
+        state.__dict__.pop(MIXED_ATTR, None)
+        state.__dict__.pop(MIXED_OWNER_ATTR, None)
 
 
 def _remerge(layer: NeuroAdaLayer, merged: list[str]) -> None:

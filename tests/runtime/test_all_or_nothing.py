@@ -579,12 +579,12 @@ def test_two_saves_into_one_folder_at_once_take_turns(monkeypatch, tmp_path):
     (interleaved, the first's config was published over the second's weights: a pair load_adapter refuses)."""
     import threading
 
-    from neuroada_format.runtime import model as model_module
+    from neuroada_format import durable
     from neuroada_format.runtime.model import WEIGHTS_NAME
 
     one, two = (with_deltas(tiny_llama(), k=k, target_modules=["q_proj"]) for k in (1, 2))
     first_weights_out, second_done = threading.Event(), threading.Event()
-    real = model_module.publish
+    real = durable.publish
 
     def publish(tmp, out, **kwargs):
         real(tmp, out, **kwargs)
@@ -592,7 +592,7 @@ def test_two_saves_into_one_folder_at_once_take_turns(monkeypatch, tmp_path):
             first_weights_out.set()
             second_done.wait(2)  # without the lock the second save runs to its end here
 
-    monkeypatch.setattr(model_module, "publish", publish)
+    monkeypatch.setattr(durable, "publish", publish)
     first = threading.Thread(target=save_adapter, args=(one, tmp_path / "task"), name="first")
     first.start()
     assert first_weights_out.wait(60)
