@@ -319,6 +319,12 @@ def write_files(contents: dict, *, durable: bool = True) -> None:
     """Several files published together (`contents`: path -> bytes), replacing what is there: every one is
     written to its temporary sibling before any is renamed, so a failure while writing (a full disk, Ctrl-C)
     leaves all of them as they were. Only a failure between the renames leaves some replaced."""
+    for path in contents:  # a destination no rename can replace is refused before anything is written
+        if os.path.lexists(path):
+            mode = os.lstat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+                raise NeuroAdaUsageError(f"output exists and is a {kind_of(mode)}, which is never replaced",
+                                         path=os.path.abspath(os.fspath(path)))
     temps = {}
     try:
         for path, data in contents.items():

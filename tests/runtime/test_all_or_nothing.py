@@ -784,3 +784,22 @@ def test_a_layer_offloaded_under_several_accelerate_hooks_is_named():
     assert type(q_proj._hf_hook).__name__ == "SequentialHook"
     with pytest.raises(NeuroAdaError, match="offloaded by accelerate"):
         attach(model, NeuroAdaConfig(k=2, target_modules=["q_proj"]))
+
+
+@pytest.mark.parametrize("what", ["fifo", "folder"])
+def test_a_folder_save_whose_config_cannot_be_replaced_changes_nothing(tmp_path, what):
+    """A FIFO (or a folder) where the config goes was refused only at its rename, after the new weights had replaced
+    the old ones: a pair load_adapter refuses."""
+    import os
+
+    from neuroada_format import NeuroAdaUsageError
+
+    save_adapter(with_deltas(tiny_llama(), k=2, target_modules="all-linear"), tmp_path / "task")
+    config = tmp_path / "task" / "neuroada_config.json"
+    config.unlink()
+    os.mkfifo(config) if what == "fifo" else config.mkdir()
+    weights = (tmp_path / "task" / "neuroada_model.safetensors").read_bytes()
+    with pytest.raises(NeuroAdaUsageError, match="never replaced"):
+        save_adapter(with_deltas(tiny_llama(), k=3, target_modules="all-linear"), tmp_path / "task")
+    assert sorted(os.listdir(tmp_path / "task")) == ["neuroada_config.json", "neuroada_model.safetensors"]
+    assert (tmp_path / "task" / "neuroada_model.safetensors").read_bytes() == weights  # (no temporary files left)
