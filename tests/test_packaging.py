@@ -35,8 +35,9 @@ def test_wheel_and_sdist(tmp_path):
     with tarfile.open(build("sdist", tmp_path / "s")) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
-    wanted = {n for n in tracked if n.split("/")[0] in ("spec", "tests", "examples", "bench", "runtime", "converters",
-                                                          "neuroada_format")} | {"LICENSE", "README.md", "pyproject.toml"}
+    wanted = {n for n in tracked if n.split("/")[0] in ("spec", "docs", "tests", "examples", "bench", "runtime",
+                                                          "converters", "neuroada_format")}
+    wanted |= {"LICENSE", "README.md", "pyproject.toml"}
     if tracked:  # (a git checkout: every tracked file of those folders is in the sdist)
         assert wanted - names == set()
     assert not any("__pycache__" in n or n.endswith(".pyc") or n.startswith("bench/_work") for n in names)

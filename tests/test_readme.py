@@ -123,3 +123,32 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     saved = naf.load("task.safetensors")
     assert saved.targets.keys() == {"model.layers.0.mlp.down_proj.weight"}
     assert saved.targets["model.layers.0.mlp.down_proj.weight"].value_dtype == "BF16"
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation but hyphens dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_relative_link_of_the_docs_leads_somewhere():
+    """The README is short and sends readers to docs/ for the details: a link that leads nowhere strands them."""
+    root = os.path.dirname(HERE)
+    pages = [README, os.path.join(root, "bench", "README.md")]
+    pages += sorted(os.path.join(root, "docs", n) for n in os.listdir(os.path.join(root, "docs")) if n.endswith(".md"))
+    checked = 0
+    for page in pages:
+        with open(page, encoding="utf-8") as f:
+            text = f.read()
+        text = re.sub(r"```.*?```", "", text, flags=re.S)  # (code blocks hold no links)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # (an absolute URL: not checked offline)
+            path, _, anchor = target.partition("#")
+            where = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+            assert os.path.exists(where), f"{os.path.relpath(page, root)}: link to {target!r} leads nowhere"
+            if anchor:
+                with open(where, encoding="utf-8") as f:
+                    anchors = {_anchor(h) for h in re.findall(r"^#+ (.*)$", f.read(), flags=re.M)}
+                assert anchor in anchors, f"{os.path.relpath(page, root)}: no heading for {target!r}"
+            checked += 1
+    assert checked >= 15  # (the README's table of pages alone has 8)
