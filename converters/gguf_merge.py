@@ -85,12 +85,13 @@ _STRING, _ARRAY = 8, 9
 
 # Architectures whose Hugging Face keys we map (gguf-py's name table), and whether llama.cpp's converter permutes the
 # attn_q/attn_k rows. Only those whose converter stores every linear weight as the checkpoint holds it, apart from that
-# permutation: Llama (also Mistral, which llama.cpp writes as llama), Qwen2/3, Gemma 1-3 (their norm weights are stored
-# plus one, never a linear target) and Phi-3 (qkv_proj and gate_up_proj stay fused, as attn_qkv and ffn_up). Each is
+# permutation: Llama (also Mistral, which llama.cpp writes as llama), Qwen2/3, Qwen2-MoE and Qwen3-MoE (their 3-D
+# experts are no targets; see ONE_ROW), Gemma 1-3 (their norm weights are stored plus one, never a linear target) and
+# Phi-3 (qkv_proj and gate_up_proj stay fused, as attn_qkv and ffn_up). Each is
 # checked end to end through transformers' GGUF loader (tests/converters/test_gguf_architectures.py); anything else is
 # refused rather than guessed.
-ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "gemma": False, "gemma2": False, "gemma3": False,
-         "phi3": False}
+ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwen3moe": False, "gemma": False,
+         "gemma2": False, "gemma3": False, "phi3": False}
 
 # The Hugging Face key that transformers' model class of the architecture uses for a GGUF block tensor, where
 # gguf-py's table lists several aliases and its order picks another (Gemma's ffn_up lists gate_up_proj first, Phi-3's
@@ -103,6 +104,11 @@ BLOCK_KEYS_OF = {"phi3": {**BLOCK_KEYS, "attn_qkv": "self_attn.qkv_proj", "ffn_u
 # Multimodal checkpoints whose text model llama.cpp writes as the architecture's GGUF (the vision tower goes to a
 # separate mmproj file): Gemma 3 4B and larger are Gemma3ForConditionalGeneration, saved with the text weights under
 # `language_model.model.` (transformers 5 holds them as `model.language_model.`), and llama.cpp drops the prefix.
+# Linear weights of one output row that llama.cpp stores 1-D: Qwen2-MoE's shared-expert gate, nn.Linear(hidden, 1),
+# is blk.N.ffn_gate_inp_shexp [hidden] (transformers' GGUF loader reads it back as [1, hidden]). Seen as [1, n] once a
+# target resolves to it; the file keeps its 1-D layout.
+ONE_ROW = ("ffn_gate_inp_shexp",)
+
 TEXT_PREFIXES = {"gemma3": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                             ("model.language_model.", "model."))}
 
@@ -128,11 +134,12 @@ class TensorInfo:
     ne: tuple[int, ...]     # GGUF order: ne[0] is the fastest-varying (d_in for a linear weight)
     offset: int             # relative to the data section
     nbytes: int
+    one_row: bool = False   # a 1-D tensor holding a linear weight of one output row (ONE_ROW): shape [1, n]
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The numpy (row-major) shape: [d_out, d_in] for a linear weight."""
-        return tuple(reversed(self.ne))
+        return (1, self.ne[0]) if self.one_row else tuple(reversed(self.ne))
 
 
 @dataclass
@@ -501,6 +508,10 @@ class GGUFBase:
                     except NeuroAdaError as exc:  # say which file and tensor, as every other base error does
                         raise NeuroAdaError(exc.detail, path=self.file.path, tensor=gname, rule=exc.rule) from None
                 found = Mapped(name, gname, perm, None if perm is None else np.argsort(perm))
+        if found is not None:
+            info = self.file.tensors[found.gguf_name]
+            if len(info.ne) == 1 and found.gguf_name.split(".")[-2] in ONE_ROW:
+                info.one_row = True
         self._resolved[name] = found
         return found
 

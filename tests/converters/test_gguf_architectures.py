@@ -53,6 +53,14 @@ CASES = {
     "gemma3": lambda: transformers.Gemma3ForCausalLM(
         transformers.Gemma3TextConfig(**_common(head_dim=16, sliding_window=32))),
     "phi3": lambda: transformers.Phi3ForCausalLM(transformers.Phi3Config(**_common(tie_word_embeddings=False))),
+    # MoE: the experts are 3-D parameters, no linear layers (NeuroAda adapts the attention and the shared expert);
+    # the expert sizes are transformers' defaults, which its GGUF loader assumes (it reads no expert length), and
+    # Qwen3-MoE's loader normalizes the top-k weights as llama.cpp does
+    "qwen2moe": lambda: transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+        **_common(tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2))),
+    "qwen3moe": lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        **_common(tie_word_embeddings=False, head_dim=128, num_experts=4, num_experts_per_tok=2,
+                  norm_topk_prob=True))),
 }
 # gemma (1): llama.cpp writes it and we map it, but transformers' GGUF loader has no gemma (only gemma2+)
 READ_BY_TRANSFORMERS = [c for c in CASES if c != "gemma"]
@@ -78,6 +86,13 @@ def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0):
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
         w.add_sliding_window(getattr(cfg, "sliding_window", None) or 32)
+    if arch.endswith("moe"):
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if arch == "qwen3moe":
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
     w.add_pad_token_id(0)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
@@ -86,8 +101,15 @@ def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0):
         if key == "lm_head.weight" and tied:
             continue  # llama.cpp writes a tied head once, as token_embd
         a = t.detach().numpy().astype(np.float32)
+        if key.endswith("mlp.experts.gate_up_proj"):  # llama.cpp splits the fused experts: gate, then up
+            half, blk = a.shape[1] // 2, key.split(".")[2]
+            w.add_tensor(f"blk.{blk}.ffn_gate_exps.weight", np.ascontiguousarray(a[:, :half]))
+            w.add_tensor(f"blk.{blk}.ffn_up_exps.weight", np.ascontiguousarray(a[:, half:]))
+            continue
         g = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
         assert g is not None, key
+        if g.endswith("ffn_gate_inp_shexp.weight"):
+            a = a.reshape(-1)  # Qwen2-MoE's [1, hidden] shared-expert gate, stored as one row (transformers reads it so)
         if arch == "llama" and key.endswith("q_proj.weight"):
             a = llama_cpp_permute(a, HEADS, HEADS)
         elif arch == "llama" and key.endswith("k_proj.weight"):
@@ -182,6 +204,8 @@ def test_adapter_trained_on_the_gguf_model_merges_into_the_gguf(case, tmp_path):
     out.parent.mkdir()
     assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out),
                       "--option", "target_type=F32"]) == 0
+    if case == "qwen2moe":  # the one-row shared-expert gate keeps its 1-D layout (transformers reads only that)
+        assert gm.read_gguf(out).tensors["blk.0.ffn_gate_inp_shexp.weight"].ne == (HIDDEN,)
     back = read_back(out)
     sd_rt, sd_back = merged_rt.state_dict(), back.state_dict()
     for key in linear_keys(merged_rt):
