@@ -86,12 +86,18 @@ _STRING, _ARRAY = 8, 9
 # Architectures whose Hugging Face keys we map (gguf-py's name table), and whether llama.cpp's converter permutes the
 # attn_q/attn_k rows. Only those whose converter stores every linear weight as the checkpoint holds it, apart from that
 # permutation: Llama (also Mistral, which llama.cpp writes as llama), Qwen2/3, Qwen2-MoE and Qwen3-MoE (their 3-D
-# experts are no targets; see ONE_ROW), Gemma 1-3 (their norm weights are stored plus one, never a linear target) and
-# Phi-3 (qkv_proj and gate_up_proj stay fused, as attn_qkv and ffn_up). Each is
+# experts are no targets; see ONE_ROW), Gemma 1-3 (their norm weights are stored plus one, never a linear target),
+# Phi-3 (qkv_proj and gate_up_proj stay fused, as attn_qkv and ffn_up) and GPT-2 (see TRANSPOSED). Each is
 # checked end to end through transformers' GGUF loader (tests/converters/test_gguf_architectures.py); anything else is
 # refused rather than guessed.
 ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwen3moe": False, "gemma": False,
-         "gemma2": False, "gemma3": False, "phi3": False}
+         "gemma2": False, "gemma3": False, "phi3": False, "gpt2": False}
+
+# GPT-2's checkpoint holds its linear weights as Conv1D [d_in, d_out] (the adapter's `in_out` layout); llama.cpp's
+# converter transposes them to [d_out, d_in], the canonical orientation. Such a tensor is presented in the
+# checkpoint's orientation (info, array), so validation compares it with the adapter as stored, while the merge works
+# on canonical positions, which the file stores as they are.
+TRANSPOSED = {"gpt2": ("attn_qkv", "attn_output", "ffn_up", "ffn_down")}
 
 # The Hugging Face key that transformers' model class of the architecture uses for a GGUF block tensor, where
 # gguf-py's table lists several aliases and its order picks another (Gemma's ffn_up lists gate_up_proj first, Phi-3's
@@ -99,7 +105,12 @@ ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwen
 BLOCK_KEYS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
               "ffn_down": "mlp.down_proj"}
-BLOCK_KEYS_OF = {"phi3": {**BLOCK_KEYS, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}}
+BLOCK_KEYS_OF = {"phi3": {**BLOCK_KEYS, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+                 "gpt2": {"attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_up": "mlp.c_fc",
+                          "ffn_down": "mlp.c_proj", "attn_norm": "ln_1", "ffn_norm": "ln_2"}}
+# ... and the prefixes of that class's keys: its blocks' and those of every key `keys()` lists
+BLOCK_PREFIX = {"gpt2": "transformer.h."}
+KEY_PREFIXES = {"gpt2": ("transformer.", "lm_head")}
 
 # Multimodal checkpoints whose text model llama.cpp writes as the architecture's GGUF (the vision tower goes to a
 # separate mmproj file): Gemma 3 4B and larger are Gemma3ForConditionalGeneration, saved with the text weights under
@@ -433,6 +444,7 @@ class Mapped:
     gguf_name: str
     perm: np.ndarray | None   # gguf row i holds HF row perm[i]; None: same order
     inverse: np.ndarray | None
+    transposed: bool = False  # the checkpoint holds this weight as [d_in, d_out] (TRANSPOSED)
 
 
 class GGUFBase:
@@ -507,7 +519,8 @@ class GGUFBase:
                         perm = rope_permutation(self.file.tensors[gname].shape[0], n_head)
                     except NeuroAdaError as exc:  # say which file and tensor, as every other base error does
                         raise NeuroAdaError(exc.detail, path=self.file.path, tensor=gname, rule=exc.rule) from None
-                found = Mapped(name, gname, perm, None if perm is None else np.argsort(perm))
+                found = Mapped(name, gname, perm, None if perm is None else np.argsort(perm),
+                               text.endswith(".weight") and gname.split(".")[-2] in TRANSPOSED.get(self.arch, ()))
         if found is not None:
             info = self.file.tensors[found.gguf_name]
             if len(info.ne) == 1 and found.gguf_name.split(".")[-2] in ONE_ROW:
@@ -526,14 +539,15 @@ class GGUFBase:
             return list(self.file.tensors)
         if self._reverse is None:  # gguf's table lists many aliases per tensor; transformers' start with model.
             self._reverse = {}
+            prefixes = KEY_PREFIXES.get(self.arch, ("model.", "lm_head"))
             for key, (_, gname) in self._name_map().mapping.items():
-                if key.startswith(("model.", "lm_head")) and gname not in self._reverse:
+                if key.startswith(prefixes) and gname not in self._reverse:
                     self._reverse[gname] = key
             own = BLOCK_KEYS_OF.get(self.arch, BLOCK_KEYS)
             for gname in list(self._reverse):
                 blk, _, layer_kind = gname.partition(".")[2].partition(".")
                 if gname.startswith("blk.") and layer_kind in own:
-                    key = f"model.layers.{blk}.{own[layer_kind]}"
+                    key = f"{BLOCK_PREFIX.get(self.arch, 'model.layers.')}{blk}.{own[layer_kind]}"
                     if self._name_map().get_name(key) == gname:  # the table agrees: never map to another tensor
                         self._reverse[gname] = key
         out = []
@@ -560,13 +574,15 @@ class GGUFBase:
         return self.file.tensors[self.resolve(name).gguf_name].type.name
 
     def info(self, name: str) -> tuple[str, tuple[int, ...]]:
-        t = self.file.tensors[self.resolve(name).gguf_name]
-        return FLOAT_TYPES.get(t.type, "F32"), t.shape
+        m = self.resolve(name)
+        t = self.file.tensors[m.gguf_name]
+        return FLOAT_TYPES.get(t.type, "F32"), (t.shape[::-1] if m.transposed else t.shape)
 
     def array(self, name: str) -> np.ndarray:
         m = self.resolve(name)
         values = self.file.decode(m.gguf_name)
-        return values if m.perm is None else values[m.inverse]
+        values = values if m.perm is None else values[m.inverse]
+        return values.T if m.transposed else values
 
 
 def open_gguf_base(path) -> GGUFBase:
@@ -888,10 +904,12 @@ class GGUFBackend(Backend):
             report = validate(adapter, view, probes=False)  # rules 3.x and 4.1/4.2 through the view
             report.raise_if_invalid()
             for name, t in adapter.targets.items():
-                if t.layout != "out_in":
-                    raise Mismatch(f"GGUF stores linear weights as [d_out, d_in]; a {t.layout} target has no "
-                                   f"mapping", path=view.path, tensor=name, rule="4.2")
-                by_tensor.setdefault(view.resolve(name).gguf_name, []).append((name, t, scale, adapter))
+                mapped = view.resolve(name)
+                if t.layout != ("in_out" if mapped.transposed else "out_in"):  # (validate compared the shapes only)
+                    raise Mismatch(f"GGUF stores {mapped.gguf_name} as [d_out, d_in], which the checkpoint holds "
+                                   f"{'transposed' if mapped.transposed else 'as it is'}; a {t.layout} target has "
+                                   f"no mapping", path=view.path, tensor=name, rule="4.2")
+                by_tensor.setdefault(mapped.gguf_name, []).append((name, t, scale, adapter))
         warnings = []  # tensors that keep their block type are counted as they are written (`write`)
         retyped = sorted(g for g in by_tensor if self._out_type(view, view.file.tensors[g]) in QUANT_TYPES
                          and self._out_type(view, view.file.tensors[g]) != view.file.tensors[g].type)

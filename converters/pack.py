@@ -71,6 +71,9 @@ def _name_filter(targets) -> Callable[[str], bool]:
 
 
 def _model_type(base) -> str | None:
+    arch = getattr(base, "arch", None)  # a GGUF base names its architecture itself (llama.cpp's gpt2 is GPT-2's)
+    if isinstance(arch, str):
+        return arch
     folder = getattr(base, "path", None)
     if not folder:
         return None
@@ -88,7 +91,7 @@ def _model_type(base) -> str | None:
 
 
 def layout_rule(layout_in_out, base) -> Callable[[str], str]:
-    """name -> "in_out" | "out_in". "auto": Conv1D names in a GPT-2-family folder (config.json model_type);
+    """name -> "in_out" | "out_in". "auto": Conv1D names in a GPT-2-family folder (config.json model_type) or GGUF;
     "none": all out_in; otherwise a regex (re.search) naming the in_out tensors."""
     if layout_in_out in (None, "none", ""):
         return lambda name: "out_in"

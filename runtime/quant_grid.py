@@ -205,13 +205,14 @@ def train_on_grid(model: nn.Module, gguf_path, adapter_name: str = "default") ->
                                      f"inference holds its file's dtype: load it with is_trainable=True)", tensor=key)
         if _is_sharded(layer.weight):
             raise NeuroAdaUsageError("register the grid before sharding the model (FSDP2)", tensor=key)
-        if layer.transposed:
-            raise NeuroAdaUsageError("GGUF stores linear weights as [d_out, d_in]; a transposed (Conv1D) layer "
-                                     "has no GGUF tensor", path=path, tensor=key)
         mapped = view.resolve(key)
         if mapped is None:
             raise NeuroAdaError(f"the GGUF file has no tensor for {key}: it is not this model's base",
                                 path=path, tensor=key, rule="4.1")
+        if layer.transposed != mapped.transposed:  # (GPT-2's Conv1D weights are stored transposed: gguf_merge)
+            raise NeuroAdaUsageError(f"GGUF stores {mapped.gguf_name} as [d_out, d_in], which a "
+                                     f"{'transposed (Conv1D)' if layer.transposed else 'linear'} layer's weight "
+                                     f"is not", path=path, tensor=key)
         info = view.file.tensors[mapped.gguf_name]
         if tuple(info.shape) != (layer.d_out, layer.d_in):
             raise NeuroAdaError(f"{mapped.gguf_name} is {list(info.shape)}, the model's weight is "
@@ -230,8 +231,7 @@ def train_on_grid(model: nn.Module, gguf_path, adapter_name: str = "default") ->
             _, on_grid = grid.levels(w0, idx)
             same = torch.equal(on_grid, w0.float())
         else:
-            rows = np.arange(layer.d_out)[:, None]
-            want = np.asarray(view.array(key))[rows, idx.cpu().numpy()]
+            want = view.probed(key, idx.cpu().numpy())  # canonical [d_out, k], whatever the stored orientation
             same = np.array_equal(want.astype(np.float32), w0.detach().float().cpu().numpy())
         if not same:
             raise NeuroAdaError(f"the model's weights at the selected entries are not the values of "

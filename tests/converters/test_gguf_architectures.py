@@ -61,6 +61,10 @@ CASES = {
     "qwen3moe": lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
         **_common(tie_word_embeddings=False, head_dim=128, num_experts=4, num_experts_per_tok=2,
                   norm_topk_prob=True))),
+    # Conv1D weights ([d_in, d_out] in the checkpoint, transposed by llama.cpp); transformers' loader reads no
+    # position count or inner size, so those are GPT2Config's defaults
+    "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, bos_token_id=1, eos_token_id=2)),
 }
 # gemma (1): llama.cpp writes it and we map it, but transformers' GGUF loader has no gemma (only gemma2+)
 READ_BY_TRANSFORMERS = [c for c in CASES if c != "gemma"]
@@ -93,13 +97,15 @@ def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0):
     if arch == "qwen3moe":
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
+    if arch == "gpt2":
+        w.add_layer_norm_eps(cfg.layer_norm_epsilon)
     w.add_pad_token_id(0)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     tied = getattr(cfg, "tie_word_embeddings", False)
     for key, t in model.state_dict().items():
-        if key == "lm_head.weight" and tied:
-            continue  # llama.cpp writes a tied head once, as token_embd
+        if key == "lm_head.weight" and tied and arch != "gpt2":
+            continue  # llama.cpp writes a tied head once, as token_embd (GPT-2's as output too)
         a = t.detach().numpy().astype(np.float32)
         if key.endswith("mlp.experts.gate_up_proj"):  # llama.cpp splits the fused experts: gate, then up
             half, blk = a.shape[1] // 2, key.split(".")[2]
@@ -110,6 +116,8 @@ def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0):
         assert g is not None, key
         if g.endswith("ffn_gate_inp_shexp.weight"):
             a = a.reshape(-1)  # Qwen2-MoE's [1, hidden] shared-expert gate, stored as one row (transformers reads it so)
+        if arch == "gpt2" and a.ndim == 2 and key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            a = np.ascontiguousarray(a.T)  # Conv1D [d_in, d_out] stored as [d_out, d_in]
         if arch == "llama" and key.endswith("q_proj.weight"):
             a = llama_cpp_permute(a, HEADS, HEADS)
         elif arch == "llama" and key.endswith("k_proj.weight"):
@@ -139,12 +147,16 @@ def random_deltas_(model, *, seed: int, scale: float) -> None:
 
 
 def linear_keys(model) -> list[str]:
-    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    kinds = (torch.nn.Linear, transformers.pytorch_utils.Conv1D)
+    return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, kinds) and n != "lm_head"]
 
 
 def read_back(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                             dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                              dtype=torch.float32).eval()
+    for p in model.parameters():  # transformers' GPT-2 reader keeps the Conv1D weights as transposed views, which
+        p.data = p.data.contiguous()  # an in-place merge refuses (it says so): the user's model after .contiguous()
+    return model
 
 
 def logits(model) -> np.ndarray:
@@ -232,7 +244,10 @@ def test_a_fine_tuned_checkpoint_pairs_with_the_gguf_base(case, tmp_path):
     tuned = {key: t.detach().numpy().copy() for key, t in model.state_dict().items()}
     keys = linear_keys(model)
     for key in keys:
-        tuned[key][:, :3] += rng.standard_normal((tuned[key].shape[0], 3)).astype(np.float32) * 0.01
+        if case == "gpt2":  # Conv1D [d_in, d_out]: the first 3 input columns of every output row
+            tuned[key][:3] += rng.standard_normal((3, tuned[key].shape[1])).astype(np.float32) * 0.01
+        else:
+            tuned[key][:, :3] += rng.standard_normal((tuned[key].shape[0], 3)).astype(np.float32) * 0.01
     adapter, _ = extract(path, {k: tuned[k] for k in keys}, k=3, value_dtype="F32")
     assert sorted(adapter.targets) == sorted(keys)
     assert naf.validate(adapter, gm.open_gguf_base(path)).ok
@@ -310,3 +325,35 @@ def test_gemma3_multimodal_adapter_merges_into_its_text_gguf(tmp_path):
     assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(tmp_path / "vision"),
                       "--out", os.fspath(tmp_path / "v.gguf")]) != 0
     assert not (tmp_path / "v.gguf").exists()
+
+
+def test_gpt2_trains_on_its_q8_0_grid_and_merges_exactly(tmp_path):
+    """GPT-2's Conv1D weights, which llama.cpp stores transposed, train through the file's Q8_0 grid like any linear:
+    the merged file decodes to the runtime's merged model exactly (no block re-encoded), in the checkpoint's
+    orientation. A GPT-2 checkpoint's Conv1D key given with an `out_in` adapter is refused (4.2)."""
+    from neuroada_format.runtime import train_on_grid
+    base = write_like_llama_cpp(tmp_path / "base.gguf", "gpt2", build("gpt2"), QT.Q8_0)
+    model = read_back(base)
+    keys = linear_keys(model)
+    attach(model, NeuroAdaConfig(k=4, target_modules="all-linear"))
+    types = train_on_grid(model, base)
+    assert set(types) == set(keys) and set(types.values()) == {"Q8_0"}
+    random_deltas_(model, seed=2, scale=0.05)
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter)  # the snapped deltas, in F32
+    merged_rt = merge_and_unload(model)
+    out = tmp_path / "merged.gguf"
+    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out)]) == 0
+    view = gm.open_gguf_base(out)
+    for key in types:
+        assert view.info(key)[1] == tuple(merged_rt.state_dict()[key].shape)  # [d_in, d_out], as the checkpoint
+        np.testing.assert_array_equal(view.array(key), merged_rt.state_dict()[key].numpy(), err_msg=key)
+    np.testing.assert_array_equal(logits(read_back(out)), logits(merged_rt))
+
+    key = "transformer.h.0.attn.c_proj.weight"  # square: only the layout tells the orientations apart
+    w = gm.open_gguf_base(base).array(key)
+    idx = naf.select_indices(w.T, k=2, rule="magnitude")
+    wrong = naf.Target.from_weight(key, w.T.copy(), idx, np.zeros(idx.shape, np.float32), value_dtype="F32")
+    with pytest.raises(NeuroAdaError) as e:
+        gm.merge_gguf(base, [naf.Adapter({key: wrong})], tmp_path / "wrong.gguf")
+    assert e.value.rule == "4.2" and "transposed" in str(e.value)
