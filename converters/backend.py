@@ -36,7 +36,8 @@ How to add a backend (e.g. GGUF):
      merge); before patching a file in place through a map, `durable.reserve` its ranges (a full
      disk is then an error, not a SIGBUS).
 2. One registration: a line in `REGISTRY` below (format name, module, file suffixes). Formats are
-   picked by suffix, then the folder/fallback backend; `merge(..., format=...)` overrides.
+   picked by suffix, then the folder/fallback backend (a folder of ONNX models: `folder_kind`);
+   `merge(..., format=...)` overrides.
 Nothing else changes: the CLI, the summary, the overwrite and lock rules and exit codes come with the
 seam. (`neuroada validate --base` and `neuroada-pack` read bases through the core's `open_base`, not
 through this seam: a format they should read needs a base view there too.)
@@ -186,6 +187,7 @@ class Backend(ABC):
 
     format: str = ""
     supports_in_place: bool = False
+    no_in_place: str | None = None   # why --in-place is refused, when the generic sentence says too little
 
     @abstractmethod
     def open(self, path: str) -> Any:
@@ -250,17 +252,46 @@ REGISTRY: dict[str, Registration] = {
     "onnx": Registration("onnx_merge", suffixes=(".onnx",), extra="onnx"),
     "safetensors": Registration("safetensors_merge", suffixes=(".safetensors",), fallback=True),
     "gguf": Registration("gguf_merge", suffixes=(".gguf",), extra="gguf"),
+    # a folder of ONNX models (an Optimum export: encoder_model.onnx, decoder_model.onnx, ...): see `folder_kind`
+    "onnx-folder": Registration("onnx_folder_merge", extra="onnx"),
 }
+
+_FOLDER_WEIGHTS = (".safetensors", ".safetensors.index.json")
+
+
+def folder_kind(path) -> str:
+    """What a folder base is, from the names at its top (dot-files, such as our journals, never count): ONNX models
+    (`*.onnx`, any letter case) and no safetensors weights is an ONNX export ("onnx-folder"); anything else is a
+    safetensors checkpoint, as before (its reader says what is missing). Both kinds at once is refused: which one
+    to merge cannot be guessed, and merging the one kind would copy the other unmerged."""
+    try:
+        names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+    except OSError:
+        return next(fmt for fmt, reg in REGISTRY.items() if reg.fallback)  # its reader reports what is wrong
+    models = [n for n in names if n.lower().endswith(".onnx")]
+    weights = [n for n in names if n.endswith(_FOLDER_WEIGHTS)]
+    if models and weights:
+        raise NeuroAdaUsageError(f"the folder holds both safetensors weights ({weights[0]}) and ONNX models "
+                                 f"({models[0]}); which to merge is ambiguous: give a folder that holds one kind, "
+                                 f"or the file itself", path=os.path.abspath(os.fspath(path)))
+    if models:
+        return "onnx-folder"
+    return next(fmt for fmt, reg in REGISTRY.items() if reg.fallback)
 
 
 def format_of(path) -> str:
-    """The registered format that claims `path` (by suffix; folders and other files: the fallback)."""
+    """The registered format that claims `path` by its suffix (folders and other files: the fallback)."""
     name = os.fspath(path).lower()
     if not os.path.isdir(name):
         for fmt, reg in REGISTRY.items():
             if name.endswith(reg.suffixes) if reg.suffixes else False:
                 return fmt
     return next(fmt for fmt, reg in REGISTRY.items() if reg.fallback)
+
+
+def base_format(path) -> str:
+    """The format of a base as `merge` reads it: a folder by what it holds (`folder_kind`), a file by `format_of`."""
+    return folder_kind(path) if os.path.isdir(path) else format_of(path)
 
 
 def backend(fmt: str, options: dict | None = None) -> Backend:
@@ -290,7 +321,7 @@ def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, ver
 
     verify=False skips only the checks that read base values (probe hashes); names, shapes and
     dtypes are always checked. durable: fsync before anything appears under its name. format: a
-    registered format name (default: picked from BASE by `format_of`); options: format-specific
+    registered format name (default: picked from BASE by `base_format`); options: format-specific
     settings passed to the backend's `configured`.
     """
     started = time.perf_counter()
@@ -301,9 +332,10 @@ def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, ver
         raise NeuroAdaUsageError("give exactly one of an output and in_place")
     if journal is not None and not in_place:
         raise NeuroAdaUsageError("a journal goes with in_place")
-    impl = backend(format or format_of(base), options)
+    impl = backend(format or base_format(base), options)
     if in_place and not impl.supports_in_place:
-        raise NeuroAdaUsageError(f"{impl.format} bases cannot be merged in place; use --out", path=base)
+        raise NeuroAdaUsageError(impl.no_in_place or f"{impl.format} bases cannot be merged in place; use --out",
+                                 path=base)
     given = [item[0] if isinstance(item, tuple) else item for item in adapters]
     adapters = normalise_adapters(adapters)
     view = impl.open(base)

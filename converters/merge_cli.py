@@ -4,8 +4,9 @@
     neuroada-merge --base BASE --adapter A --in-place [--journal J]
     neuroada-merge --revert J
 
-BASE is any format registered in backend.py (safetensors file or folder, ONNX, ...); an adapter is a
-file or an adapter folder. Exit codes are the table of neuroada_format.errors (cli_common.py): 0 done;
+BASE is any format registered in backend.py (safetensors file or folder, ONNX file, a folder of ONNX models such
+as an Optimum encoder-decoder export, GGUF); a folder is an ONNX export when it holds .onnx models and no
+safetensors weights at its top (both at once is refused). An adapter is a file or an adapter folder. Exit codes are the table of neuroada_format.errors (cli_common.py): 0 done;
 1 an input breaks a rule (an invalid adapter, one that does not belong to the base, a broken base or
 journal); 2 usage or I/O error; 130 interrupted. Every error is one stderr line, never a traceback.
 A merge killed mid-way leaves no OUT, only `OUT.tmp-<host>-<pid>-<hex>` siblings (and, for an ONNX model with
@@ -64,8 +65,9 @@ def _print(summary: dict, as_json: bool) -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--base", metavar="BASE", help="Base checkpoint: a Hugging Face folder, a .safetensors file, or "
-                                             "an .onnx model or a llama.cpp .gguf file.")
+@click.option("--base", metavar="BASE", help="Base checkpoint: a Hugging Face folder, a .safetensors file, "
+                                             "an .onnx model, a folder of .onnx models (an Optimum export: all "
+                                             "merged at once) or a llama.cpp .gguf file.")
 @click.option("--adapter", "adapter_specs", multiple=True, metavar="PATH[:SCALE]",
               help="Adapter file or folder, optionally with a scale (repeat to merge several, summed in this "
                    "order).")

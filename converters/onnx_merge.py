@@ -79,6 +79,10 @@ def _type_name(data_type: int) -> str:
         return f"type {data_type}"
 
 
+class NotFound(NeuroAdaError):
+    """No initializer of the model holds the target (rule 4.1): what a folder of models reads as "not in this file"."""
+
+
 @dataclass(frozen=True)
 class Resolution:
     """Where a target lives in the graph: initializer, its stored orientation, and the evidence used."""
@@ -515,8 +519,8 @@ class _Resolver:
                 ops = sorted({n.op_type for n in self.quant_nodes})
                 hint = (f"; the model contains quantized operators ({', '.join(ops)}): NeuroAda merges need the "
                         f"float model")
-            raise self._error(f"no initializer found by name, exporter scope, node name or probe hash (shape "
-                              f"{list(canon)}, {t.dtype}){hint}", target)
+            raise NotFound(f"no initializer found by name, exporter scope, node name or probe hash (shape "
+                           f"{list(canon)}, {t.dtype}){hint}", path=self.m.path, tensor=target, rule="4.1")
         return Resolution(hits[0][0], hits[0][1], "probe")
 
     def _refuse_tied(self, res: Resolution, target: str) -> None:

@@ -458,9 +458,9 @@ def _replacing(folder: str):
 
 
 # What every folder our tools write holds at its top: a merge into a copy copies the whole base folder, whose weights
-# open_base found there (model.safetensors, the index json of its shards, or a single *.safetensors), and a PEFT
-# folder holds adapter_model.safetensors.
-_WEIGHTS_SUFFIXES = (".safetensors", ".safetensors.index.json")
+# open_base found there (model.safetensors, the index json of its shards, or a single *.safetensors), a PEFT
+# folder holds adapter_model.safetensors, and a merged ONNX export folder its *.onnx models.
+_WEIGHTS_SUFFIXES = (".safetensors", ".safetensors.index.json", ".onnx")
 # What no folder our tools write holds at its top: a merge into a copy leaves a base folder's own out (a `git clone`
 # of a Hub repository), so an earlier output is never taken for a repository.
 REPOSITORY_MARKS = (".git", ".hg", ".svn")
@@ -486,10 +486,10 @@ def refuse_deleting(folder: str) -> None:
       folder holding it (`--out ~`, `--out .`, `--out ..`);
     - a folder holding a `.git`, `.hg` or `.svn` entry (`--out /some/project`: a repository; a merge into a copy
       leaves a base folder's own out, so an earlier output never holds one);
-    - a folder that holds entries but no safetensors weights at its top (no `*.safetensors` file or
-      `*.safetensors.index.json`): no output of ours, since every folder our tools write holds one (a merge into a
-      copy copies the base folder, whose weights open_base found at its top; a PEFT folder holds
-      adapter_model.safetensors). Its other entries (tokenizer files, subfolders, anything copied from the base)
+    - a folder that holds entries but no safetensors weights or ONNX models at its top (no `*.safetensors` file,
+      `*.safetensors.index.json` or `*.onnx`): no output of ours, since every folder our tools write holds one (a
+      merge into a copy copies the base folder, whose weights open_base found at its top; a PEFT folder holds
+      adapter_model.safetensors; a merged ONNX export folder its models). Its other entries (tokenizer files, subfolders, anything copied from the base)
       say nothing, as a copy carries the base folder's whole tree.
 
     So a previous output of the same command (merge into a copy, `neuroada-pack --to peft`) is always replaced,
@@ -519,7 +519,7 @@ def refuse_deleting(folder: str) -> None:
                                  f"with all it holds, so it never replaces a repository: write elsewhere", path=folder)
     if entries and not any(e.endswith(_WEIGHTS_SUFFIXES) for e in entries):
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise NeuroAdaUsageError(f"the output holds {shown} but no safetensors weights, so it is no earlier output of "
+        raise NeuroAdaUsageError(f"the output holds {shown} but no safetensors weights or ONNX models, so it is no earlier output of "
                                  f"this tool, and --overwrite would delete all it holds: write elsewhere, or remove "
                                  f"the folder yourself", path=folder)
 
