@@ -401,3 +401,97 @@ def test_a_target_found_twice_inside_one_model_is_refused_naming_the_file(tmp_pa
     assert code == 1 and err.count("\n") == 1, err
     assert f"{folder / 'decoder_model.onnx'}: {key}: rule 4.1: ambiguous: 2 initializers match" in err
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "export"]
+
+
+def test_models_with_external_data_are_patched_in_the_copy_only(exports, tmp_path, capsys):
+    """Large exports keep their weights in data files beside the .onnx (decoder_model.onnx_data): the copy's data
+    file is merged, the .onnx copied as it is, the input's data file untouched."""
+    _, merged, cfg, folder, adapter = exports["bart"]
+    work = tmp_path / "export"
+    shutil.copytree(folder, work)
+    for name in ("decoder_model.onnx", "encoder_model.onnx"):
+        model = onnx.load(os.fspath(work / name))
+        onnx.save_model(model, os.fspath(work / name), save_as_external_data=True, location=f"{name}_data",
+                        size_threshold=0)
+    before = _tree_digest(work)
+    code, out, err = _cli(capsys, "--base", work, "--adapter", adapter, "--out", tmp_path / "o")
+    assert code == 0, err
+    after = _tree_digest(tmp_path / "o")
+    assert sorted(after) == sorted(before) and _tree_digest(work) == before
+    for name in ("decoder_model.onnx", "encoder_model.onnx"):
+        assert after[name] == before[name] and after[f"{name}_data"] != before[f"{name}_data"]
+    got, want = _run_all(tmp_path / "o", merged, cfg)
+    for name in want:
+        assert float(np.abs(got[name] - want[name]).max()) <= 2e-6 * float(np.abs(want[name]).max()), name
+
+
+def _external(name, array, location, dims):
+    t = numpy_helper.from_array(np.zeros(0, np.float32), name)
+    t.ClearField("raw_data")
+    t.dims[:] = dims
+    t.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(array.nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def test_a_data_file_another_model_reads_differently_is_refused(tmp_path, capsys):
+    """Two models of the folder read one data file: merging the weight in the one would change the other's tensor
+    (which holds no target), so the merge is refused before anything is written."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((8, 6)).astype(np.float32)   # [d_out, d_in]; MatMul reads it as [in, out]
+    folder = tmp_path / "export"
+    folder.mkdir()
+    np.ascontiguousarray(w.T).tofile(folder / "shared.data")
+    a = helper.make_graph([helper.make_node("MatMul", ["x", "fc1.weight"], ["y"])], "a",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                          [_external("fc1.weight", w, "shared.data", [6, 8])])
+    b = helper.make_graph([helper.make_node("Add", ["x", "c"], ["y"])], "b",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [48])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [48])],
+                          [_external("c", w, "shared.data", [48])])
+    for name, g in (("decoder_model.onnx", a), ("other.onnx", b)):
+        onnx.save_model(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), os.fspath(folder / name))
+    idx = naf.select_indices(w, 2)
+    naf.save(naf.Adapter({"fc1.weight": naf.Target.from_weight("fc1.weight", w, idx,
+                                                                np.full(idx.shape, 0.1, np.float32))}),
+             tmp_path / "a.safetensors")
+    code, _, err = _cli(capsys, "--base", folder, "--adapter", tmp_path / "a.safetensors", "--out", tmp_path / "o")
+    assert code == 1 and err.count("\n") == 1, err
+    assert "other.onnx reads bytes of 'shared.data'" in err and "rule 4.2" in err
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "export"]
+
+
+def test_a_merge_killed_mid_way_leaves_no_output_and_the_next_one_cleans_up(exports, tmp_path):
+    """SIGKILL while the copy is being written (the test-only slowdown makes each write step sleep): no OUT, the
+    input as it was, and the next merge to OUT removes the dead run's temporary sibling."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from neuroada_format.converters.backend import SLOWDOWN_ENV
+
+    _, _, _, folder, adapter = exports["t5"]
+    before = _tree_digest(folder)
+    out = tmp_path / "o"
+    argv = [sys.executable, "-c", "from neuroada_format.converters.merge_cli import main; main()",
+            "--base", os.fspath(folder), "--adapter", os.fspath(adapter), "--out", os.fspath(out)]
+    child = subprocess.Popen(argv, env={**os.environ, SLOWDOWN_ENV: "0.5"}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not any(n.startswith("o.tmp-") for n in os.listdir(tmp_path)):   # the copy has begun
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        time.sleep(0.3)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    left = os.listdir(tmp_path)
+    assert not out.exists() and len(left) == 1 and left[0].startswith("o.tmp-")
+    assert _tree_digest(folder) == before
+    assert merge_run([*argv[3:]]) == 0
+    assert os.listdir(tmp_path) == ["o"] and _tree_digest(out)["config.json"] == before["config.json"]
