@@ -282,7 +282,7 @@ def folder_kind(path) -> str:
 def format_of(path) -> str:
     """The registered format that claims `path` by its suffix (folders and other files: the fallback)."""
     name = os.fspath(path).lower()
-    if not os.path.isdir(name):
+    if not os.path.isdir(path):  # (the path as given: a folder `Ck.ONNX` is no ONNX model)
         for fmt, reg in REGISTRY.items():
             if name.endswith(reg.suffixes) if reg.suffixes else False:
                 return fmt

@@ -6,7 +6,8 @@
 
 BASE is any format registered in backend.py (safetensors file or folder, ONNX file, a folder of ONNX models such
 as an Optimum encoder-decoder export, GGUF); a folder is an ONNX export when it holds .onnx models and no
-safetensors weights at its top (both at once is refused). An adapter is a file or an adapter folder. Exit codes are the table of neuroada_format.errors (cli_common.py): 0 done;
+safetensors weights at its top (both at once is refused). An adapter is a file or an adapter folder. Exit codes
+are the table of neuroada_format.errors (cli_common.py): 0 done;
 1 an input breaks a rule (an invalid adapter, one that does not belong to the base, a broken base or
 journal); 2 usage or I/O error; 130 interrupted. Every error is one stderr line, never a traceback.
 A merge killed mid-way leaves no OUT, only `OUT.tmp-<host>-<pid>-<hex>` siblings (and, for an ONNX model with

@@ -489,8 +489,8 @@ def refuse_deleting(folder: str) -> None:
     - a folder that holds entries but no safetensors weights or ONNX models at its top (no `*.safetensors` file,
       `*.safetensors.index.json` or `*.onnx`): no output of ours, since every folder our tools write holds one (a
       merge into a copy copies the base folder, whose weights open_base found at its top; a PEFT folder holds
-      adapter_model.safetensors; a merged ONNX export folder its models). Its other entries (tokenizer files, subfolders, anything copied from the base)
-      say nothing, as a copy carries the base folder's whole tree.
+      adapter_model.safetensors; a merged ONNX export folder its models). Its other entries (tokenizer files,
+      subfolders, anything copied from the base) say nothing, as a copy carries the base folder's whole tree.
 
     So a previous output of the same command (merge into a copy, `neuroada-pack --to peft`) is always replaced,
     and so is an empty folder; what cannot be one is left to the user to delete.
@@ -519,9 +519,9 @@ def refuse_deleting(folder: str) -> None:
                                  f"with all it holds, so it never replaces a repository: write elsewhere", path=folder)
     if entries and not any(e.endswith(_WEIGHTS_SUFFIXES) for e in entries):
         shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-        raise NeuroAdaUsageError(f"the output holds {shown} but no safetensors weights or ONNX models, so it is no earlier output of "
-                                 f"this tool, and --overwrite would delete all it holds: write elsewhere, or remove "
-                                 f"the folder yourself", path=folder)
+        raise NeuroAdaUsageError(f"the output holds {shown} but no safetensors weights or ONNX models, so it is no "
+                                 f"earlier output of this tool, and --overwrite would delete all it holds: write "
+                                 f"elsewhere, or remove the folder yourself", path=folder)
 
 
 def _check_name_length(path: str, what: str) -> None:

@@ -986,3 +986,12 @@ def test_a_refused_merge_or_base_leaves_no_file_open_while_its_exception_is_kept
             kept.append(err.value)
     assert len(kept) == 40 and _open_fds() == before
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_named_like_a_model_file_is_a_folder(tmp_path):
+    """format_of looked for the lower-cased path on disk: a folder `Ck.ONNX` was taken for an ONNX model."""
+    from neuroada_format.converters.backend import format_of
+    folder = tmp_path / "Ck.ONNX"
+    folder.mkdir()
+    assert format_of(folder) == "safetensors"  # (the fallback: a folder's reader says what it holds)
+    assert format_of(tmp_path / "model.ONNX") == "onnx"
