@@ -145,6 +145,15 @@ def _safe_location(model_dir: str, location: str, model_path: str, tensor: str) 
                         path=model_path, tensor=tensor, rule="1.6")
 
 
+def _subgraph_nodes(nodes):
+    """Every node inside the subgraphs of `nodes`, at any depth."""
+    for node in nodes:
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from g.node
+                yield from _subgraph_nodes(g.node)
+
+
 def _all_tensors(graph):
     """Initializers and tensor attributes of a graph and its subgraphs (any of them may be external)."""
     yield from graph.initializer
@@ -218,6 +227,12 @@ class OnnxModel:
         for n in self.nodes:
             for i, name in enumerate(n.input):
                 self.consumers.setdefault(name, []).append((n, i))
+        # ... and the nodes of every subgraph (If/Loop bodies, which read the main graph's initializers by name:
+        # Optimum's decoder_model_merged.onnx keeps its whole decoder in the two branches of one If)
+        self.inner_consumers: dict[str, list] = {}
+        for n in _subgraph_nodes(graph.node):
+            for i, name in enumerate(n.input):
+                self.inner_consumers.setdefault(name, []).append((n, i))
         self._arrays: dict[str, np.ndarray] = {}
 
     def close(self) -> None:
@@ -526,7 +541,8 @@ class _Resolver:
     def _refuse_tied(self, res: Resolution, target: str) -> None:
         """A linear's weight that a Gather also reads is an embedding table tied to it (see the module docstring)."""
         for name, _ in res.initializers():
-            if any(n.op_type == "Gather" for n, _ in self.m.consumers.get(name, [])):
+            readers = self.m.consumers.get(name, []) + self.m.inner_consumers.get(name, [])
+            if any(n.op_type == "Gather" for n, _ in readers):
                 raise self._error(f"initializer {name!r} is also an embedding table (a Gather reads it: tied "
                                   f"weights); merging would change the embeddings too, which the adapter was not "
                                   f"trained with. Serve this adapter unmerged (the runtime adds it to the head)",

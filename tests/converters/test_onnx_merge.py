@@ -388,6 +388,33 @@ def test_a_tied_head_is_refused_like_every_other_backend(tied, tmp_path):
     close(run_ort(out, ids), want)
 
 
+
+def test_a_tied_head_inside_if_branches_is_refused_too(tied, tmp_path):
+    """Optimum's decoder_model_merged.onnx keeps the whole decoder in the two branches of one If, which read the main
+    graph's initializers: the Gather that makes the head's weight an embedding table is inside them."""
+    model, state, path = tied
+    g = onnx.load(os.fspath(path)).graph
+
+    def branch(name):
+        return helper.make_graph(copy.deepcopy(list(g.node)), name, [], copy.deepcopy(list(g.output)))
+
+    flag = helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])
+    node = helper.make_node("If", ["use_cache_branch"], ["logits_merged"], then_branch=branch("a"),
+                            else_branch=branch("b"))
+    graph = helper.make_graph([node], "merged", [*g.input, flag],
+                              [helper.make_tensor_value_info("logits_merged", TensorProto.FLOAT, None)],
+                              list(g.initializer))
+    merged = tmp_path / "decoder_model_merged.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=list(onnx.load(os.fspath(path)).opset_import)),
+                    os.fspath(merged))
+    adapter = make_adapter(state, ["lm_head.weight", "model.layers.0.mlp.up_proj.weight"], k=3)
+    with pytest.raises(naf.NeuroAdaError, match="embedding table") as err:
+        merge_onnx(merged, [(adapter, 1.0)], os.fspath(tmp_path / "out.onnx"))
+    assert err.value.tensor == "lm_head.weight" and not (tmp_path / "out.onnx").exists()
+    body = make_adapter(state, ["model.layers.0.mlp.up_proj.weight"], k=3)  # the other linears still merge
+    merge_onnx(merged, [(body, 1.0)], os.fspath(tmp_path / "body.onnx"))
+
+
 # -- hand-built graphs -----------------------------------------------------------------------------
 def graph_model(path, weights: dict, nodes, inputs=("x",), external=None, dtype=TensorProto.FLOAT):
     """A MatMul-chain model; weights {name: array}; external: {name: location} stores those outside."""
