@@ -87,11 +87,11 @@ _STRING, _ARRAY = 8, 9
 # attn_q/attn_k rows. Only those whose converter stores every linear weight as the checkpoint holds it, apart from that
 # permutation: Llama (also Mistral, which llama.cpp writes as llama), Qwen2/3, Qwen2-MoE and Qwen3-MoE (their 3-D
 # experts are no targets; see ONE_ROW), Gemma 1-3 (their norm weights are stored plus one, never a linear target),
-# Phi-3 (qkv_proj and gate_up_proj stay fused, as attn_qkv and ffn_up) and GPT-2 (see TRANSPOSED). Each is
+# Phi-3 (qkv_proj and gate_up_proj stay fused, as attn_qkv and ffn_up), StarCoder2 and GPT-2 (see TRANSPOSED). Each is
 # checked end to end through transformers' GGUF loader (tests/converters/test_gguf_architectures.py); anything else is
 # refused rather than guessed.
 ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwen3moe": False, "gemma": False,
-         "gemma2": False, "gemma3": False, "phi3": False, "gpt2": False}
+         "gemma2": False, "gemma3": False, "phi3": False, "gpt2": False, "starcoder2": False}
 
 # GPT-2's checkpoint holds its linear weights as Conv1D [d_in, d_out] (the adapter's `in_out` layout); llama.cpp's
 # converter transposes them to [d_out, d_in], the canonical orientation. Such a tensor is presented in the
@@ -107,7 +107,8 @@ BLOCK_KEYS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_
               "ffn_down": "mlp.down_proj"}
 BLOCK_KEYS_OF = {"phi3": {**BLOCK_KEYS, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
                  "gpt2": {"attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_up": "mlp.c_fc",
-                          "ffn_down": "mlp.c_proj", "attn_norm": "ln_1", "ffn_norm": "ln_2"}}
+                          "ffn_down": "mlp.c_proj", "attn_norm": "ln_1", "ffn_norm": "ln_2"},
+                 "starcoder2": {**BLOCK_KEYS, "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}}
 # ... and the prefixes of that class's keys: its blocks' and those of every key `keys()` lists
 BLOCK_PREFIX = {"gpt2": "transformer.h."}
 KEY_PREFIXES = {"gpt2": ("transformer.", "lm_head")}
