@@ -331,17 +331,18 @@ def test_gemma3_multimodal_adapter_merges_into_its_text_gguf(tmp_path):
     assert not (tmp_path / "v.gguf").exists()
 
 
-def test_gpt2_trains_on_its_q8_0_grid_and_merges_exactly(tmp_path):
-    """GPT-2's Conv1D weights, which llama.cpp stores transposed, train through the file's Q8_0 grid like any linear:
-    the merged file decodes to the runtime's merged model exactly (no block re-encoded), in the checkpoint's
-    orientation. A GPT-2 checkpoint's Conv1D key given with an `out_in` adapter is refused (4.2)."""
+@pytest.mark.parametrize("case", ["llama", "phi3", "qwen2moe", "gpt2"])
+def test_training_on_the_q8_0_grid_merges_exactly(case, tmp_path):
+    """Every layout the mapping knows trains through the file's Q8_0 grid like any linear (llama's rope-permuted q/k,
+    Phi-3's fused qkv, Qwen2-MoE's one-row shared-expert gate, GPT-2's Conv1D weights stored transposed): the merged
+    file decodes to the runtime's merged model exactly (no block re-encoded), in the checkpoint's orientation."""
     from neuroada_format.runtime import train_on_grid
-    base = write_like_llama_cpp(tmp_path / "base.gguf", "gpt2", build("gpt2"), QT.Q8_0)
+    base = write_like_llama_cpp(tmp_path / "base.gguf", case, build(case), QT.Q8_0)
     model = read_back(base)
     keys = linear_keys(model)
     attach(model, NeuroAdaConfig(k=4, target_modules="all-linear"))
     types = train_on_grid(model, base)
-    assert set(types) == set(keys) and set(types.values()) == {"Q8_0"}
+    assert set(types) == set(keys) and set(types.values()) <= {"Q8_0", "F32"}  # (1-D tensors stay F32)
     random_deltas_(model, seed=2, scale=0.05)
     adapter = tmp_path / "adapter"
     save_adapter(model, adapter)  # the snapped deltas, in F32
@@ -350,10 +351,15 @@ def test_gpt2_trains_on_its_q8_0_grid_and_merges_exactly(tmp_path):
     assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out)]) == 0
     view = gm.open_gguf_base(out)
     for key in types:
-        assert view.info(key)[1] == tuple(merged_rt.state_dict()[key].shape)  # [d_in, d_out], as the checkpoint
+        assert view.info(key)[1] == tuple(merged_rt.state_dict()[key].shape), key  # as the checkpoint holds it
         np.testing.assert_array_equal(view.array(key), merged_rt.state_dict()[key].numpy(), err_msg=key)
     np.testing.assert_array_equal(logits(read_back(out)), logits(merged_rt))
 
+
+def test_a_gpt2_conv1d_key_with_an_out_in_adapter_is_refused(tmp_path):
+    """GPT-2's checkpoint holds its Conv1D weights as [d_in, d_out]: an `out_in` target on such a key is refused
+    (4.2), also for the square c_proj, whose shape alone would not tell the orientations apart."""
+    base = write_like_llama_cpp(tmp_path / "base.gguf", "gpt2", build("gpt2"), QT.Q8_0)
     key = "transformer.h.0.attn.c_proj.weight"  # square: only the layout tells the orientations apart
     w = gm.open_gguf_base(base).array(key)
     idx = naf.select_indices(w.T, k=2, rule="magnitude")
