@@ -111,7 +111,7 @@ def base_weights(model):
 def peft_targets(model, target_modules):
     """The module names PEFT's LoRA wraps for this target_modules on a copy of the model, as layers: PEFT 0.22's
     all-linear also wraps MoE routers and fused experts by their parameters (ParamWrapper, around modules that are no
-    linear layers), which NeuroAda leaves out (README); those are not counted, and must be nothing else."""
+    linear layers), which NeuroAda leaves out (docs/runtime.md); those are not counted, and must be nothing else."""
     wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules=target_modules, r=2))
     prefix = "base_model.model."
     by_parameter = getattr(peft.tuners.lora, "ParamWrapper", ())

@@ -473,7 +473,7 @@ def test_bf16_trainer_autocast_is_visible_and_removable(tmp_path):
     """accelerate wraps model.forward in autocast for mixed precision and leaves it there after
     training (PEFT models get the same). In-process logits are then bf16-autocast logits; removing the
     wrapper (accelerate's extract_model_from_parallel(keep_fp32_wrapper=False), or reloading) gives the
-    plain f32 ones. Documented in the README; here: the saved adapter is the same either way."""
+    plain f32 ones. Documented in docs/trainer.md; here: the saved adapter is the same either way."""
     base = tiny_llama()
     model = attach(copy.deepcopy(base), NeuroAdaConfig(k=2))
     g = torch.Generator().manual_seed(0)
@@ -758,7 +758,7 @@ def test_a_base_in_another_dtype_is_the_same_base_only_where_it_holds_the_same_v
 
 
 def test_a_state_naming_more_adapters_than_loaded_still_gives_the_head(tmp_path):
-    """The README's recipe for a head unfrozen next to the adapters (load_adapter, then load_state_dict of
+    """docs/trainer.md's recipe for a head unfrozen next to the adapters (load_adapter, then load_state_dict of
     model.safetensors) keeps working when the folder holds adapters the served model did not load: the state is
     refused only where it does not fit an adapter both have."""
     model = attach(tiny_llama(), NeuroAdaConfig(k=2, target_modules=["q_proj", "v_proj"]))
