@@ -87,11 +87,13 @@ _STRING, _ARRAY = 8, 9
 # attn_q/attn_k rows. Only those whose converter stores every linear weight as the checkpoint holds it, apart from that
 # permutation: Llama (also Mistral, which llama.cpp writes as llama), Qwen2/3, Qwen2-MoE and Qwen3-MoE (their 3-D
 # experts are no targets; see ONE_ROW), Gemma 1-3 (their norm weights are stored plus one, never a linear target),
-# Phi-3 (qkv_proj and gate_up_proj stay fused, as attn_qkv and ffn_up), StarCoder2 and GPT-2 (see TRANSPOSED). Each is
+# Phi-3 (qkv_proj and gate_up_proj stay fused, as attn_qkv and ffn_up), StarCoder2, StableLM, Nemotron (norms plus one,
+# as Gemma's) and GPT-2 (see TRANSPOSED). Each is
 # checked end to end through transformers' GGUF loader (tests/converters/test_gguf_architectures.py); anything else is
 # refused rather than guessed.
 ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwen3moe": False, "gemma": False,
-         "gemma2": False, "gemma3": False, "phi3": False, "gpt2": False, "starcoder2": False}
+         "gemma2": False, "gemma3": False, "phi3": False, "gpt2": False, "starcoder2": False,
+         "stablelm": False, "nemotron": False}
 
 # GPT-2's checkpoint holds its linear weights as Conv1D [d_in, d_out] (the adapter's `in_out` layout); llama.cpp's
 # converter transposes them to [d_out, d_in], the canonical orientation. Such a tensor is presented in the

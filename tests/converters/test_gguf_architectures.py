@@ -61,6 +61,10 @@ CASES = {
     "qwen3moe": lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
         **_common(tie_word_embeddings=False, head_dim=128, num_experts=4, num_experts_per_tok=2,
                   norm_topk_prob=True))),
+    "stablelm": lambda: transformers.StableLmForCausalLM(transformers.StableLmConfig(
+        **_common(tie_word_embeddings=False))),
+    "nemotron": lambda: transformers.NemotronForCausalLM(transformers.NemotronConfig(
+        **_common(tie_word_embeddings=False, norm_eps=1e-6))),  # (its loader reads the eps into norm_eps)
     "starcoder2": lambda: transformers.Starcoder2ForCausalLM(transformers.Starcoder2Config(
         **_common(tie_word_embeddings=False, use_bias=True))),
     # Conv1D weights ([d_in, d_out] in the checkpoint, transposed by llama.cpp); transformers' loader reads no
@@ -103,6 +107,8 @@ def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0):
         w.add_layer_norm_eps(cfg.layer_norm_epsilon)
     if arch == "starcoder2":
         w.add_layer_norm_eps(cfg.norm_epsilon)
+    if arch == "stablelm":
+        w.add_layer_norm_eps(cfg.layer_norm_eps)
     w.add_pad_token_id(0)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
@@ -126,8 +132,8 @@ def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0):
             a = llama_cpp_permute(a, HEADS, HEADS)
         elif arch == "llama" and key.endswith("k_proj.weight"):
             a = llama_cpp_permute(a, HEADS, KV_HEADS)
-        if arch.startswith("gemma") and key.endswith("norm.weight"):
-            a = a + 1  # llama.cpp stores Gemma's (1 + w) norm scale
+        if (arch.startswith("gemma") or arch == "nemotron") and key.endswith("norm.weight"):
+            a = a + 1  # llama.cpp stores Gemma's (1 + w) norm scale, and Nemotron's (LayerNorm1P)
         if a.ndim == 2 and "embed" not in key and matrix_type != QT.F32:
             q = quants.quantize(a, matrix_type)
             w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=matrix_type)
