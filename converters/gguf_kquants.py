@@ -152,10 +152,14 @@ def decode(t: QT, u: Unpacked) -> np.ndarray:
 def levels(t: QT, D: np.ndarray, N: np.ndarray, x: np.ndarray) -> np.ndarray:
     """The nearest level of each value x [n, S, sub] on its sub-block's grid (D, N [n, S])."""
     spec = K_TYPES[t]
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        q = np.rint((x - N[..., None]) / np.where(D == 0, np.float32(1), D)[..., None])
-    q[~np.isfinite(q)] = spec.lo
-    return np.clip(q, spec.lo, spec.hi)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # in place: the search's hot loop
+        q = np.subtract(x, N[..., None])
+        q /= np.where(D == 0, np.float32(1), D)[..., None]
+        np.rint(q, out=q)
+    finite = np.isfinite(q)
+    if not finite.all():
+        q[~finite] = spec.lo
+    return np.clip(q, spec.lo, spec.hi, out=q)
 
 
 # -- re-encoding touched super-blocks -----------------------------------------------------------------------
@@ -170,10 +174,15 @@ def _fit_subblocks(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np.
     def err_of(sc_c, mn_c):  # [m, C] candidates -> errors [m, C]
         D = (d[:, None] * sc_c).astype(np.float32)
         N = -(dmin[:, None] * mn_c).astype(np.float32)
-        q = levels(t, D, N, np.broadcast_to(x[:, None, :], (m, D.shape[1], x.shape[1])))
-        dec = (D[..., None] * q + N[..., None]).astype(np.float32)
+        q = levels(t, D, N, x[:, None, :])
+        # w * (D * q + N - x) ** 2 in place: the same f32 operations without four [m, C, sub] temporaries
+        dec = np.multiply(D[..., None], q)
         with np.errstate(over="ignore", invalid="ignore"):
-            e = (w[:, None, :] * (dec - x[:, None, :]) ** 2).sum(-1)
+            dec += N[..., None]
+            dec -= x[:, None, :]
+            np.square(dec, out=dec)
+            dec *= w[:, None, :]
+            e = dec.sum(-1)
         e[~np.isfinite(e)] = np.inf
         return e, q
 
