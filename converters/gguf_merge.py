@@ -613,21 +613,25 @@ def _decode(blocks: np.ndarray, t: QT) -> np.ndarray:
 
 
 def _grid_eval(x, w, d, m, lo, hi):
-    """Levels, decoded values and weighted squared error of blocks x [B, n] under scales d [B] / mins m [B]."""
+    """Levels, decoded values and weighted squared error of blocks x [n, B] (one block per column) under scales d [B]
+    / mins m [B] (None: no minimum, as for Q4_0 / Q8_0, whose m = +0 changes no level and no error)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.where(d == 0, 0, 1 / d).astype(np.float32)
-    # the same f32 operations as np.clip(np.rint((x - m) * inv), lo, hi) and (w * (d * q + m - x) ** 2).sum(1),
-    # in place: this runs ~17 times per block and its temporaries were most of a Q4_1 merge's time
-    q = np.subtract(x, m[:, None])
-    q *= inv[:, None]
+    # the same f32 operations as np.clip(np.rint((x - m) * inv), lo, hi) and (w * (d * q + m - x) ** 2).sum over a
+    # block, in place and down the columns: this runs ~10 times per block; its temporaries and numpy's per-row sums
+    # of 32 values were most of a Q4_1 merge's time
+    q = np.multiply(x, inv) if m is None else np.subtract(x, m)
+    if m is not None:
+        q *= inv
     np.rint(q, out=q)
     np.clip(q, lo, hi, out=q)
-    dec = np.multiply(d[:, None], q)
-    dec += m[:, None]
+    dec = np.multiply(d, q)
+    if m is not None:
+        dec += m
     dec -= x
     np.square(dec, out=dec)
     dec *= w
-    err = dec.sum(axis=1)
+    err = kq.column_sums(dec)
     err[~np.isfinite(err)] = np.inf
     return q, err
 
@@ -762,14 +766,15 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
         cands.append(from_bytes(np.asarray(original)))
     if original is not None and touched is not None:
         # the original grid moved just enough to put each block's largest touched change exactly on it:
-        # by the minimum (scale kept) or by the scale (minimum kept)
+        # by the minimum (scale kept; Q4_0 / Q8_0 have none, so that is the original grid again) or by the scale
         od, om = cands[1]
         before = decoded
         j = np.argmax(np.where(touched, np.abs(target - before), -1), axis=1)
         xt = target[np.arange(B), j]
         with np.errstate(divide="ignore", invalid="ignore"):
             q = np.clip(np.rint((xt - om) / od), lo, hi)
-            cands.append((od, kq.to_f16(xt - od * q) if affine else om))
+            if affine:
+                cands.append((od, kq.to_f16(xt - od * q)))
             q1 = np.where(q == 0, 1 if hi > 0 else -1, q)
             cands.append((kq.to_f16(np.where(od != 0, (xt - om) / q1, od)), om))
     d0, m0 = cands[0]
@@ -778,23 +783,41 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
         if affine:
             for g in (-0.25, 0.25):
                 cands.append((kq.to_f16(d0 * f), kq.to_f16(m0 + g * d0)))
+    x, wt = np.ascontiguousarray(target.T), np.ascontiguousarray(w.T)  # one block per column (`_grid_eval`)
     best_err = np.full(B, np.inf, np.float32)
     best_d = np.zeros(B, np.float32)
     best_m = np.zeros(B, np.float32)
+    best_q = np.zeros_like(x)  # the levels of the best grid (of blocks that have one: finite error)
 
     def consider(d, m):
-        q, err = _grid_eval(target, w, d, m, lo, hi)
+        """Keep each block's grid (d, m) where its error is less than the best so far."""
+        q, err = _grid_eval(x, wt, d, m if affine else None, lo, hi)
         better = err < best_err
-        best_err[better], best_d[better], best_m[better] = err[better], d[better], m[better]
-        return q
+        for best, new in ((best_q, q), (best_err, err), (best_d, d), (best_m, m)):
+            np.copyto(best, new, where=better)
     for d, m in cands:
         consider(d, m)
-    for _ in range(3):  # least squares for (d, m) with the levels fixed, then re-level
-        q, _ = _grid_eval(target, w, best_d, best_m, lo, hi)
-        d, m, ok = kq.weighted_line_fit(w, q, target, affine)
-        consider(kq.to_f16(np.where(ok, d, best_d)), kq.to_f16(np.where(ok, m, best_m) if affine else m))
-    q, _ = _grid_eval(target, w, best_d, best_m, lo, hi)
-    return _pack(t, best_d, best_m, q)
+    # least squares for (d, m) with the levels fixed, then re-level; only blocks whose grid moved in the round
+    # before: the others would fit the same grid from the same levels, and it is no better than itself
+    sw, sx = kq.column_sums(wt), kq.column_sums(wt * x)
+    rows = np.arange(B)
+    for r in range(3):
+        x_, w_, q_ = (x, wt, best_q) if r == 0 else (x[:, rows], wt[:, rows], best_q[:, rows])
+        d, m, ok = kq.weighted_line_fit(w_, q_, x_, affine, sw[rows], sx[rows])
+        bd, bm = best_d[rows], best_m[rows]
+        d = kq.to_f16(np.where(ok, d, bd))
+        m = kq.to_f16(np.where(ok, m, bm)) if affine else m
+        new = np.flatnonzero((d.view(np.uint32) != bd.view(np.uint32)) | (m.view(np.uint32) != bm.view(np.uint32)))
+        d, m, rows = d[new], m[new], rows[new]
+        q, err = _grid_eval(x_[:, new], w_[:, new], d, m if affine else None, lo, hi)
+        better = err < best_err[rows]
+        rows = rows[better]
+        best_q[:, rows], best_err[rows], best_d[rows], best_m[rows] = q[:, better], err[better], d[better], m[better]
+    never = np.isinf(best_err)  # no grid with a finite error: (d, m) stay 0, their levels as _grid_eval makes them
+    if never.any():
+        best_q[:, never] = _grid_eval(x[:, never], wt[:, never], best_d[never], best_m[never] if affine else None,
+                                      lo, hi)[0]
+    return _pack(t, best_d, best_m, best_q.T)
 
 
 def block_grid(view: GGUFBase, name: str):

@@ -213,25 +213,42 @@ def test_deltas_on_the_grid_keep_block_bytes_when_streamed(tmp_path, small_chunk
 
 
 def test_grid_evaluation_in_place_is_the_plain_formula():
-    """The encoder's inner step, written in place for speed, gives the plain formula's bits (levels and
-    errors), also for zero scales and blocks whose error overflows."""
+    """The encoder's inner step, written in place and one block per column for speed, gives the plain formula's
+    bits (levels and errors), also for zero scales, blocks whose error overflows, and without a minimum (Q4_0 /
+    Q8_0: the formula's m = 0)."""
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((300, 32)) * 0.05).astype(np.float32)
     x[7] = 3e38
+    x[8, ::2] = -0.0
     w = np.where(rng.random(x.shape) < 0.1, np.float32(100), np.float32(1))
     d = (np.abs(rng.standard_normal(300)) * 0.01).astype(np.float32)
     d[:5] = 0
-    m = (rng.standard_normal(300) * 0.05).astype(np.float32)
-    for lo, hi in ((0, 15), (-8, 7), (-128, 127)):
+    d[5] = -0.0
+    for lo, hi, m in ((0, 15, (rng.standard_normal(300) * 0.05).astype(np.float32)), (-8, 7, None),
+                      (-128, 127, None)):
+        mm = np.zeros(300, np.float32) if m is None else m
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             inv = np.where(d == 0, 0, 1 / d).astype(np.float32)
-            q = np.clip(np.rint((x - m[:, None]) * inv[:, None]), lo, hi).astype(np.float32)
-            err = (w * (d[:, None] * q + m[:, None] - x) ** 2).sum(axis=1)
+            q = np.clip(np.rint((x - mm[:, None]) * inv[:, None]), lo, hi).astype(np.float32)
+            err = (w * (d[:, None] * q + mm[:, None] - x) ** 2).sum(axis=1)
             err = np.where(np.isfinite(err), err, np.inf)
-            got_q, got_err = gm._grid_eval(x, w, d, m, lo, hi)
+            got_q, got_err = gm._grid_eval(np.ascontiguousarray(x.T), np.ascontiguousarray(w.T), d, m, lo, hi)
         assert got_q.dtype == np.float32 and got_err.dtype == np.float32
-        np.testing.assert_array_equal(got_q, q)
-        np.testing.assert_array_equal(got_err, err)
+        assert got_q.T.tobytes() == q.tobytes() and got_err.tobytes() == err.tobytes()
+
+
+def test_column_sums_are_numpys_row_sums_bit_for_bit():
+    """The searches sum blocks down the columns of their transpose (kq.column_sums): the same bits as numpy's sum
+    of each row, for the block and sub-block sizes (32, 16) and a few more, with zeros of both signs, values of
+    every magnitude, Inf and NaN."""
+    from neuroada_format.converters import gguf_kquants as kq
+    rng = np.random.default_rng(6)
+    for n in (8, 16, 24, 32, 64, 128):
+        a = (rng.standard_normal((20000, n)) * np.exp2(rng.integers(-30, 30, (20000, n)))).astype(np.float32)
+        a[:50] = -0.0
+        a[50:100, ::3] = 0.0
+        a[100, 3], a[101, 5], a[102, 7] = np.inf, -np.inf, np.nan
+        assert kq.column_sums(np.ascontiguousarray(a.T)).tobytes() == a.sum(axis=1).tobytes(), n
 
 
 def test_an_interrupt_mid_merge_leaves_nothing_and_no_thread(tmp_path, small_chunks, monkeypatch):
