@@ -847,8 +847,10 @@ def block_grid(view: GGUFBase, name: str):
 
 # -- the merge backend --------------------------------------------------------------------------------
 BLOCK_BYTES = 4 << 20       # rows of a touched float tensor read, merged and written at a time
-BLOCK_VALUES = 1 << 16      # values of a touched block-quantized tensor decoded and re-encoded at a time:
-                            # the encoder's temporaries stay in the CPU cache (whole tensors made it 2x slower)
+BLOCK_VALUES = 1 << 18      # values of a touched block-quantized tensor decoded and re-encoded at a time: enough
+                            # touched blocks that the encoders' steps are long operations, few enough that their
+                            # temporaries stay in the CPU cache (against 1 << 16, merges 10-30% faster; 1 << 20
+                            # made Q4_K 20% slower, and whole tensors made the encoder before 2x slower)
 
 
 @dataclass
