@@ -13,6 +13,7 @@ decoder, which makes (D_s, N_s) a grid like Q4_1's (d, m) one, per sub-block.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,7 +78,9 @@ def weighted_line_fit(w: np.ndarray, q: np.ndarray, x: np.ndarray, affine: bool,
     meaningless). The refinement step of both block searches (gguf_merge's and the K-quants' below). sw, sx: the
     sums of w and w * x per column, when the caller has them (they do not depend on the levels)."""
     wq = w * q
-    sq, sqq, sqx = column_sums(wq), column_sums(wq * q), column_sums(wq * x)
+    t = wq * q
+    sq, sqq = column_sums(wq), column_sums(t)
+    sqx = column_sums(np.multiply(wq, x, out=t))
     if sw is None:
         sw, sx = column_sums(w), column_sums(w * x)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -171,11 +174,11 @@ def levels(t: QT, D: np.ndarray, N: np.ndarray, x: np.ndarray) -> np.ndarray:
     return _levels(t, D[..., None], N[..., None], x)
 
 
-def _levels(t: QT, D: np.ndarray, N: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """`levels` for D, N and x in any layout that broadcasts."""
+def _levels(t: QT, D: np.ndarray, N: np.ndarray, x: np.ndarray, out=None) -> np.ndarray:
+    """`levels` for D, N and x in any layout that broadcasts (into `out`, shaped as the result, if given)."""
     spec = K_TYPES[t]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # in place: the search's hot loop
-        q = np.subtract(x, N)
+        q = np.subtract(x, N, out=out)
         q /= np.where(D == 0, np.float32(1), D)
         np.rint(q, out=q)
     finite = np.isfinite(q)
@@ -194,14 +197,16 @@ def _fit_subblocks(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np.
     # one sub-block per column: every step below is a long operation, and the sums over a sub-block are
     # column_sums (numpy's per-row sums of 16 or 32 values and its broadcasts over them were most of the time)
     x, w = np.ascontiguousarray(x.T), np.ascontiguousarray(w.T)
+    scratch = np.empty((2, x.size * (9 if spec.affine else 3)), np.float32)  # reused: fresh ones cost page faults
 
     def err_of(cols, sc_c, mn_c):  # sub-blocks `cols`, [C, c] candidates -> errors [C, c], levels [sub, C, c]
         D = (d[cols] * sc_c).astype(np.float32)
         N = -(dmin[cols] * mn_c).astype(np.float32)
         xc = x[:, None, cols]
-        q = _levels(t, D, N, xc)
+        shape = (x.shape[0],) + D.shape
+        q = _levels(t, D, N, xc, scratch[0, :math.prod(shape)].reshape(shape))  # valid until the next call
         # w * (D * q + N - x) ** 2 in place: the same f32 operations without [sub, C, c] temporaries
-        dec = np.multiply(D, q)
+        dec = np.multiply(D, q, out=scratch[1, :math.prod(shape)].reshape(shape))
         with np.errstate(over="ignore", invalid="ignore"):
             dec += N
             dec -= xc
@@ -212,13 +217,14 @@ def _fit_subblocks(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np.
         return e, q
 
     best_sc, best_mn = sc.astype(np.float32), mn.astype(np.float32)
-    every = np.arange(m)
+    every = slice(None)  # (all sub-blocks: views, not copies)
     best_err, q = err_of(every, best_sc[None], best_mn[None])
-    best_err, q = best_err[0], q[:, 0]
+    best_err, q = best_err[0], q[:, 0].copy()
     steps = np.array([-1, 0, 1], np.float32)
     cols = every  # sub-blocks whose best moved: a sub-block that did not would fit the same candidates again
     for _ in range(2):
-        if not cols.size:
+        size = m if cols is every else cols.size
+        if not size:
             break
         # weighted least squares for x ~ A q - B with the current levels, as integers around A / d and B / dmin
         dc, dminc, bsc, bmn = d[cols], dmin[cols], best_sc[cols], best_mn[cols]
@@ -229,7 +235,7 @@ def _fit_subblocks(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np.
                 B = np.where(ok, -offset, bmn * dminc)
                 mn0 = np.rint(np.where(dminc != 0, B / dminc, bmn))
             else:
-                mn0 = np.zeros(cols.size, np.float32)
+                mn0 = np.zeros(size, np.float32)
             sc0 = np.rint(np.where(dc != 0, A / dc, bsc))
         sc0 = np.nan_to_num(sc0, nan=0.0, posinf=spec.sc_hi, neginf=spec.sc_lo)
         mn0 = np.nan_to_num(mn0, nan=0.0, posinf=63, neginf=0)
@@ -237,14 +243,14 @@ def _fit_subblocks(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np.
         if spec.affine:
             mn_c = np.clip(mn0[None, None, :] + steps[None, :, None], 0, 63)
         else:
-            mn_c = np.zeros((1, 1, cols.size), np.float32)
+            mn_c = np.zeros((1, 1, size), np.float32)
         sc_c, mn_c = np.broadcast_arrays(sc_c, mn_c)
-        sc_c, mn_c = sc_c.reshape(-1, cols.size), mn_c.reshape(-1, cols.size)
+        sc_c, mn_c = sc_c.reshape(-1, size), mn_c.reshape(-1, size)
         e, qc = err_of(cols, sc_c, mn_c)
         j = np.argmin(e, axis=0)
-        at = np.arange(cols.size)
+        at = np.arange(size)
         better = e[j, at] < best_err[cols]
-        moved, jm = cols[better], j[better]
+        moved, jm = (at if cols is every else cols)[better], j[better]
         best_err[moved] = e[jm, at[better]]
         best_sc[moved], best_mn[moved] = sc_c[jm, at[better]], mn_c[jm, at[better]]
         q[:, moved] = qc[:, jm, at[better]]

@@ -612,20 +612,22 @@ def _decode(blocks: np.ndarray, t: QT) -> np.ndarray:
         return gquants.dequantize(np.ascontiguousarray(blocks).reshape(-1), t)
 
 
-def _grid_eval(x, w, d, m, lo, hi):
+def _grid_eval(x, w, d, m, lo, hi, out=(None, None)):
     """Levels, decoded values and weighted squared error of blocks x [n, B] (one block per column) under scales d [B]
-    / mins m [B] (None: no minimum, as for Q4_0 / Q8_0, whose m = +0 changes no level and no error)."""
+    / mins m [B] (None: no minimum, as for Q4_0 / Q8_0, whose m = +0 changes no level and no error). out: two arrays
+    shaped as x for the levels and a scratch, reused across calls (fresh ones of a few hundred KiB cost more page
+    faults than arithmetic)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.where(d == 0, 0, 1 / d).astype(np.float32)
     # the same f32 operations as np.clip(np.rint((x - m) * inv), lo, hi) and (w * (d * q + m - x) ** 2).sum over a
     # block, in place and down the columns: this runs ~10 times per block; its temporaries and numpy's per-row sums
     # of 32 values were most of a Q4_1 merge's time
-    q = np.multiply(x, inv) if m is None else np.subtract(x, m)
+    q = np.multiply(x, inv, out=out[0]) if m is None else np.subtract(x, m, out=out[0])
     if m is not None:
         q *= inv
     np.rint(q, out=q)
     np.clip(q, lo, hi, out=q)
-    dec = np.multiply(d, q)
+    dec = np.multiply(d, q, out=out[1])
     if m is not None:
         dec += m
     dec -= x
@@ -789,9 +791,11 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
     best_m = np.zeros(B, np.float32)
     best_q = np.zeros_like(x)  # the levels of the best grid (of blocks that have one: finite error)
 
+    scratch = (np.empty_like(x), np.empty_like(x))
+
     def consider(d, m):
         """Keep each block's grid (d, m) where its error is less than the best so far."""
-        q, err = _grid_eval(x, wt, d, m if affine else None, lo, hi)
+        q, err = _grid_eval(x, wt, d, m if affine else None, lo, hi, scratch)
         better = err < best_err
         for best, new in ((best_q, q), (best_err, err), (best_d, d), (best_m, m)):
             np.copyto(best, new, where=better)
@@ -807,9 +811,10 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
         bd, bm = best_d[rows], best_m[rows]
         d = kq.to_f16(np.where(ok, d, bd))
         m = kq.to_f16(np.where(ok, m, bm)) if affine else m
-        new = np.flatnonzero((d.view(np.uint32) != bd.view(np.uint32)) | (m.view(np.uint32) != bm.view(np.uint32)))
-        d, m, rows = d[new], m[new], rows[new]
-        q, err = _grid_eval(x_[:, new], w_[:, new], d, m if affine else None, lo, hi)
+        if r > 0:  # (in the first round nearly every grid changes: all are evaluated, without copies)
+            new = np.flatnonzero((d.view(np.uint32) != bd.view(np.uint32)) | (m.view(np.uint32) != bm.view(np.uint32)))
+            d, m, rows, x_, w_ = d[new], m[new], rows[new], x_[:, new], w_[:, new]
+        q, err = _grid_eval(x_, w_, d, m if affine else None, lo, hi, scratch if r == 0 else (None, None))
         better = err < best_err[rows]
         rows = rows[better]
         best_q[:, rows], best_err[rows], best_d[rows], best_m[rows] = q[:, better], err[better], d[better], m[better]
