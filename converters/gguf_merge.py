@@ -612,21 +612,26 @@ def _decode(blocks: np.ndarray, t: QT) -> np.ndarray:
         return gquants.dequantize(np.ascontiguousarray(blocks).reshape(-1), t)
 
 
-def _grid_eval(x, w, d, m, lo, hi, out=(None, None)):
-    """Levels, decoded values and weighted squared error of blocks x [n, B] (one block per column) under scales d [B]
-    / mins m [B] (None: no minimum, as for Q4_0 / Q8_0, whose m = +0 changes no level and no error). out: two arrays
-    shaped as x for the levels and a scratch, reused across calls (fresh ones of a few hundred KiB cost more page
-    faults than arithmetic)."""
+def _grid_levels(x, d, m, lo, hi, out=None):
+    """The levels of blocks x [n, B] (one block per column) on grids d [B] / m [B] (None: no minimum, as for Q4_0 /
+    Q8_0, whose m = +0 changes no level): np.clip(np.rint((x - m) * inv), lo, hi), into `out` if given."""
     with np.errstate(divide="ignore", invalid="ignore"):
         inv = np.where(d == 0, 0, 1 / d).astype(np.float32)
-    # the same f32 operations as np.clip(np.rint((x - m) * inv), lo, hi) and (w * (d * q + m - x) ** 2).sum over a
-    # block, in place and down the columns: this runs ~10 times per block; its temporaries and numpy's per-row sums
-    # of 32 values were most of a Q4_1 merge's time
-    q = np.multiply(x, inv, out=out[0]) if m is None else np.subtract(x, m, out=out[0])
+    q = np.multiply(x, inv, out=out) if m is None else np.subtract(x, m, out=out)
     if m is not None:
         q *= inv
     np.rint(q, out=q)
-    np.clip(q, lo, hi, out=q)
+    return np.clip(q, lo, hi, out=q)
+
+
+def _grid_eval(x, w, d, m, lo, hi, out=(None, None)):
+    """Levels (`_grid_levels`) and weighted squared error of blocks x [n, B] under grids d / m. out: two arrays shaped
+    as x for the levels and a scratch, reused across calls (fresh ones of a few hundred KiB cost more page faults
+    than the arithmetic on them)."""
+    # the same f32 operations as (w * (d * q + m - x) ** 2).sum over a block, in place and down the columns: this
+    # runs ~10 times per block; its temporaries and numpy's per-row sums of 32 values were most of a Q4_1 merge's
+    # time (with m = +0 left out: it turns a -0 into +0, which squares the same)
+    q = _grid_levels(x, d, m, lo, hi, out[0])
     dec = np.multiply(d, q, out=out[1])
     if m is not None:
         dec += m
@@ -789,18 +794,17 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
     best_err = np.full(B, np.inf, np.float32)
     best_d = np.zeros(B, np.float32)
     best_m = np.zeros(B, np.float32)
-    best_q = np.zeros_like(x)  # the levels of the best grid (of blocks that have one: finite error)
-
     scratch = (np.empty_like(x), np.empty_like(x))
 
     def consider(d, m):
         """Keep each block's grid (d, m) where its error is less than the best so far."""
-        q, err = _grid_eval(x, wt, d, m if affine else None, lo, hi, scratch)
+        _, err = _grid_eval(x, wt, d, m if affine else None, lo, hi, scratch)
         better = err < best_err
-        for best, new in ((best_q, q), (best_err, err), (best_d, d), (best_m, m)):
+        for best, new in ((best_err, err), (best_d, d), (best_m, m)):
             np.copyto(best, new, where=better)
     for d, m in cands:
         consider(d, m)
+    best_q = _grid_levels(x, best_d, best_m if affine else None, lo, hi)  # (once: cheaper than keeping each best)
     # least squares for (d, m) with the levels fixed, then re-level; only blocks whose grid moved in the round
     # before: the others would fit the same grid from the same levels, and it is no better than itself
     sw, sx = kq.column_sums(wt), kq.column_sums(wt * x)
@@ -818,10 +822,6 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
         better = err < best_err[rows]
         rows = rows[better]
         best_q[:, rows], best_err[rows], best_d[rows], best_m[rows] = q[:, better], err[better], d[better], m[better]
-    never = np.isinf(best_err)  # no grid with a finite error: (d, m) stay 0, their levels as _grid_eval makes them
-    if never.any():
-        best_q[:, never] = _grid_eval(x[:, never], wt[:, never], best_d[never], best_m[never] if affine else None,
-                                      lo, hi)[0]
     return _pack(t, best_d, best_m, best_q.T)
 
 
