@@ -300,32 +300,34 @@ def encode(t: QT, target: np.ndarray, original: np.ndarray | None, touched: np.n
     x = target.reshape(B, S, spec.sub)
     ws = w.reshape(B, S, spec.sub)
 
-    def refit(u: Unpacked, which: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Refit the sub-blocks `which` [r, S] of u (super-blocks `rows` of the target) in place; their weighted
-        errors [r]."""
+    def refit(u: Unpacked, which: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+        """Refit the sub-blocks `which` [r, S] of u (super-blocks `rows` of the target, None: all, without copies)
+        in place; their weighted errors [r]."""
+        xr, wr, tr = (x, w, target) if rows is None else (x[rows], w[rows], target[rows])
         b, s = np.nonzero(which)
         if b.size:
-            sc, mn = _fit_subblocks(t, x[rows[b], s], ws[rows[b], s], u.d[b], u.dmin[b], u.sc[b, s], u.mn[b, s])
+            sc, mn = _fit_subblocks(t, xr[b, s], wr.reshape(xr.shape)[b, s], u.d[b], u.dmin[b], u.sc[b, s],
+                                    u.mn[b, s])
             u.sc[b, s], u.mn[b, s] = sc, mn
         D, N = u.grid()
-        u.q = levels(t, D, N, x[rows]).reshape(rows.size, QK_K).astype(np.int64)
+        u.q = levels(t, D, N, xr).reshape(len(tr), QK_K).astype(np.int64)
         with np.errstate(over="ignore", invalid="ignore"):
-            e = (w[rows] * (decode(t, u) - target[rows]) ** 2).sum(1)
+            e = (wr * (decode(t, u) - tr) ** 2).sum(1)
         e[~np.isfinite(e)] = np.inf
         return e
 
-    def fresh(rows: np.ndarray) -> tuple[Unpacked, np.ndarray]:
-        d, dmin, sc, mn = _fresh_super_scales(t, x[rows])
-        u = Unpacked(d, dmin, sc.astype(np.int64), mn.astype(np.int64), np.zeros((rows.size, QK_K), np.int64))
-        return u, refit(u, np.ones((rows.size, S), bool), rows)
+    def fresh(rows: np.ndarray | None) -> tuple[Unpacked, np.ndarray]:
+        d, dmin, sc, mn = _fresh_super_scales(t, x if rows is None else x[rows])
+        u = Unpacked(d, dmin, sc.astype(np.int64), mn.astype(np.int64), np.zeros((len(d), QK_K), np.int64))
+        return u, refit(u, np.ones((len(d), S), bool), rows)
 
     if original is None:
-        return pack(t, fresh(np.arange(B))[0])
+        return pack(t, fresh(None)[0])
     kept = unpack(t, original)
     before = decode(t, kept) if decoded is None else np.asarray(decoded, np.float32)
     changed = (before != target).reshape(B, S, spec.sub).any(-1)
     q_before = kept.q.copy()
-    err_kept = refit(kept, changed, np.arange(B))
+    err_kept = refit(kept, changed, None)
     same = np.repeat(~changed, spec.sub, axis=1)  # unchanged sub-blocks keep their exact levels
     kept.q[same] = q_before[same]
     out = pack(t, kept)
