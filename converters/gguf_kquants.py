@@ -122,19 +122,18 @@ def unpack(t: QT, blocks: np.ndarray) -> Unpacked:
         d = b[:, 208:210].copy().view(np.float16).astype(np.float32).reshape(n)
         low = ((ql.reshape(n, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 15).reshape(n, 8, 32)
         high = ((qh.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3).reshape(n, 8, 32)
-        q = (low.astype(np.int64) | (high.astype(np.int64) << 4)).reshape(n, QK_K) - 32
+        q = (low | (high << np.uint8(4))).reshape(n, QK_K).astype(np.int64) - 32  # 6 bits: exact in uint8
         return Unpacked(d, np.zeros(n, np.float32), sc, np.zeros_like(sc), q)
     d = b[:, 0:2].copy().view(np.float16).astype(np.float32).reshape(n)
     dmin = b[:, 2:4].copy().view(np.float16).astype(np.float32).reshape(n)
     sc, mn = _scales_4k(b[:, 4:16])
     qs = b[:, -128:]
     q = ((qs.reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 15).reshape(n, QK_K)
-    q = q.astype(np.int64)
     if t == QT.Q5_K:
         qh = b[:, 16:48]
         high = ((qh.reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1).reshape(n, QK_K)
-        q |= high.astype(np.int64) << 4
-    return Unpacked(d, dmin, sc, mn, q)
+        q |= high << np.uint8(4)  # 5 bits: exact in uint8
+    return Unpacked(d, dmin, sc, mn, q.astype(np.int64))
 
 
 def pack(t: QT, u: Unpacked) -> np.ndarray:
