@@ -726,6 +726,20 @@ def on_original_grid(t: QT, original: np.ndarray, decoded: np.ndarray, blk: np.n
     return on, out
 
 
+def _naive_grid(t: QT, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The f16 scale and minimum [B] that gguf-py's quantizer gives blocks target [B, 32] of Q4_1 / Q4_0 / Q8_0, by
+    its own f32 steps, without the levels it would also pack (a tenth of the search's time): Q4_1 (max - min) / 15
+    and min, Q4_0 the value of largest magnitude / -8, Q8_0 the largest magnitude / 127. Checked byte for byte
+    against gguf-py's blocks in the tests."""
+    if t == QT.Q4_1:
+        top, low = target.max(axis=-1), target.min(axis=-1)
+        return kq.to_f16((top - low) / 15), kq.to_f16(low)
+    if t == QT.Q4_0:
+        peak = np.take_along_axis(target, abs(target).argmax(axis=-1)[:, None], axis=-1)[:, 0]
+        return kq.to_f16(peak / -8), np.zeros(len(target), np.float32)
+    return kq.to_f16(abs(target).max(axis=1) / 127), np.zeros(len(target), np.float32)
+
+
 def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None, touched: np.ndarray | None = None,
                   *, method: str = "search", touched_weight: float = 1.0,
                   decoded: np.ndarray | None = None) -> np.ndarray:
@@ -756,9 +770,8 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
                                           None if touched is None else touched[rest], method=method,
                                           touched_weight=touched_weight, decoded=decoded[rest])
             return out
-    naive = gquants.quantize(target.reshape(-1), t).reshape(target.shape[0], -1)  # 1-D: one call, not one per row
     if method == "naive" or t not in _GRID:
-        return naive
+        return gquants.quantize(target.reshape(-1), t).reshape(target.shape[0], -1)  # 1-D: one call, not one per row
     lo, hi, affine = _GRID[t]
     w = np.ones_like(target) if touched is None else np.where(touched, np.float32(touched_weight), np.float32(1))
     B = target.shape[0]
@@ -768,7 +781,7 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
         d = b[:, :2].copy().view(np.float16).astype(np.float32).reshape(B)
         m = b[:, 2:4].copy().view(np.float16).astype(np.float32).reshape(B) if affine else np.zeros(B, np.float32)
         return d, m
-    cands.append(from_bytes(naive))
+    cands.append(_naive_grid(t, target))
     if original is not None:
         cands.append(from_bytes(np.asarray(original)))
     if original is not None and touched is not None:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 gguf = pytest.importorskip("gguf")
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT  # noqa: E402
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants  # noqa: E402
 
 import neuroada_format as naf  # noqa: E402
 from neuroada_format import NeuroAdaError  # noqa: E402
@@ -235,6 +235,25 @@ def test_grid_evaluation_in_place_is_the_plain_formula():
             got_q, got_err = gm._grid_eval(np.ascontiguousarray(x.T), np.ascontiguousarray(w.T), d, m, lo, hi)
         assert got_q.dtype == np.float32 and got_err.dtype == np.float32
         assert got_q.T.tobytes() == q.tobytes() and got_err.tobytes() == err.tobytes()
+
+
+@pytest.mark.parametrize("qt", [QT.Q4_1, QT.Q4_0, QT.Q8_0], ids=lambda t: t.name)
+def test_naive_grid_is_gguf_pys_bit_for_bit(qt):
+    """The search's first candidate (gm._naive_grid) is the scale and minimum of gguf-py's own blocks, also for
+    zeros of both signs, equal values, a tie for the largest magnitude and blocks whose scale overflows F16."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((20000, 32)) * np.exp2(rng.integers(-30, 20, (20000, 1)))).astype(np.float32)
+    x[:50], x[50:100], x[100:150, ::2], x[150:200] = -0.0, 0.0, -0.0, x[150:200, :1]
+    x[200:250, 5] = -x[200:250].max(axis=1)
+    x[250, 0], x[251, 0] = 3e38, -3e38
+    with np.errstate(over="ignore", invalid="ignore"):
+        b = quants.quantize(x.reshape(-1), qt).reshape(len(x), -1)
+    d, m = gm._naive_grid(qt, x)
+    assert d.astype(np.float16).tobytes() == b[:, :2].tobytes()
+    if qt == QT.Q4_1:
+        assert m.astype(np.float16).tobytes() == b[:, 2:4].tobytes()
+    else:
+        assert not m.any()
 
 
 def test_column_sums_are_numpys_row_sums_bit_for_bit():
