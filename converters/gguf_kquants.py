@@ -62,7 +62,7 @@ def column_sums(a: np.ndarray) -> np.ndarray:
     """a [n, ...] summed over its first axis, bit for bit as numpy sums n contiguous values (8 <= n <= 128, n a
     multiple of 8: eight running sums, a tree of them, added to 0), so that .sum over rows of 16 or 32 values can be
     done down the columns of their transpose: long operations instead of one short reduction per row (numpy's row
-    sums of 32 values were a quarter of the block search's time)."""
+    sums of 32 values were a quarter of the time of each candidate grid's evaluation)."""
     r = a[0:8].copy()
     for i in range(8, a.shape[0], 8):
         r += a[i:i + 8]

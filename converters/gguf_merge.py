@@ -628,9 +628,9 @@ def _grid_eval(x, w, d, m, lo, hi, out=(None, None)):
     """Levels (`_grid_levels`) and weighted squared error of blocks x [n, B] under grids d / m. out: two arrays shaped
     as x for the levels and a scratch, reused across calls (fresh ones of a few hundred KiB cost more page faults
     than the arithmetic on them)."""
-    # the same f32 operations as (w * (d * q + m - x) ** 2).sum over a block, in place and down the columns: this
-    # runs ~10 times per block; its temporaries and numpy's per-row sums of 32 values were most of a Q4_1 merge's
-    # time (with m = +0 left out: it turns a -0 into +0, which squares the same)
+    # the same f32 operations as (w * (d * q + m - x) ** 2).sum over a block, in place and down the columns (with
+    # m = +0 left out: it turns a -0 into +0, which squares the same): this runs ~10 times per block and was, with
+    # its temporaries, most of a Q4_1 merge's time
     q = _grid_levels(x, d, m, lo, hi, out[0])
     dec = np.multiply(d, q, out=out[1])
     if m is not None:
