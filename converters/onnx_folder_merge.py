@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import stat
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError, probe_hash, validate
-from neuroada_format.durable import (derived_mode, fsync_dir, fsync_path, publish, remove, remove_stale_siblings,
-                                     temp_sibling)
+from neuroada_format.durable import (copy_folder_modes, derived_mode, fsync_path, publish, remove,
+                                     remove_stale_siblings, temp_sibling)
 from neuroada_format.layout import stored_shape
 from neuroada_format.merge import Delta
 
@@ -262,14 +261,7 @@ class OnnxFolderBackend(Backend):
                 written += os.path.getsize(os.path.join(tmp, rel))
                 if durable:
                     fsync_path(os.path.join(tmp, rel))
-            # the base's folder modes, always the owner's to manage (as a safetensors folder copy does)
-            for d in sorted(view.dirs, key=lambda d: -d.count(os.sep)):
-                os.chmod(os.path.join(tmp, d), derived_mode(os.stat(os.path.join(view.path, d)).st_mode) | stat.S_IRWXU)
-                if durable:
-                    fsync_dir(os.path.join(tmp, d))
-            os.chmod(tmp, derived_mode(os.stat(view.path).st_mode) | stat.S_IRWXU)
-            if durable:
-                fsync_dir(tmp)
+            copy_folder_modes(tmp, view.path, view.dirs, durable=durable)  # (as a safetensors folder copy does)
             pause_for_tests()
             publish(tmp, out, overwrite=overwrite, durable=durable)
         except BaseException:

@@ -47,7 +47,7 @@ from neuroada_format import (Adapter, Checkpoint, Delta, NeuroAdaError, NeuroAda
                              open_base, plan_merge, validate)
 from neuroada_format.base import absent_target
 from neuroada_format.dtypes import NUMPY_DTYPES
-from neuroada_format.durable import (REPOSITORY_MARKS, derived_mode, fsync_dir, fsync_path, publish, remove,
+from neuroada_format.durable import (REPOSITORY_MARKS, copy_folder_modes, derived_mode, fsync_path, publish, remove,
                                      remove_stale_siblings, reserve, temp_sibling)
 from neuroada_format.hashing import ProbeHash
 from neuroada_format.merge import overflow_unreported
@@ -512,17 +512,7 @@ def _write_copy(b: _Base, touches: list[_Touch], out: str, *, verify: bool, over
             for rel in order:
                 fsync_path(os.path.join(tmp, rel) if b.root else tmp)
         if b.root:
-            # BASE's modes, subfolders' too (a private 0700 subfolder must not come out 0755), after their files
-            # are in (a 0555 one could not take them) and always the owner's to manage: a read-only base folder
-            # (0555, as in a shared cache) must not give an output that a later --overwrite or a cleanup can no
-            # longer remove
-            for d in sorted(dirs, key=lambda d: -d.count(os.sep)):
-                os.chmod(os.path.join(tmp, d), derived_mode(os.stat(os.path.join(b.root, d)).st_mode) | stat.S_IRWXU)
-                if durable:
-                    fsync_dir(os.path.join(tmp, d))
-            os.chmod(tmp, derived_mode(os.stat(b.root).st_mode) | stat.S_IRWXU)
-            if durable:
-                fsync_dir(tmp)
+            copy_folder_modes(tmp, b.root, dirs, durable=durable)
         pause_for_tests()
         publish(tmp, out, overwrite=overwrite, durable=durable)
     except BaseException:

@@ -173,6 +173,20 @@ def derived_mode(source_mode: int) -> int:
     return stat.S_IMODE(source_mode) & default_mode(executable=True)
 
 
+def copy_folder_modes(tmp: str, source: str, dirs, *, durable: bool) -> None:
+    """Give a folder copy under construction (`tmp`, holding `dirs` relative to both) the source folder's modes, its
+    subfolders' too (a private 0700 subfolder must not come out 0755), once their files are in (a 0555 one could not
+    take them), and always the owner's to manage: a read-only source (0555, as in a shared cache) must not give an
+    output that a later --overwrite or a cleanup can no longer remove. Deepest first; durable: each fsynced."""
+    for d in sorted(dirs, key=lambda d: -d.count(os.sep)):
+        os.chmod(os.path.join(tmp, d), derived_mode(os.stat(os.path.join(source, d)).st_mode) | stat.S_IRWXU)
+        if durable:
+            fsync_dir(os.path.join(tmp, d))
+    os.chmod(tmp, derived_mode(os.stat(source).st_mode) | stat.S_IRWXU)
+    if durable:
+        fsync_dir(tmp)
+
+
 def fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -9,7 +9,6 @@ folder is run in onnxruntime and compared with the runtime's merge_and_unload.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,8 @@ from neuroada_format.converters import onnx_folder_merge  # noqa: E402
 from neuroada_format.converters.backend import base_format, merge  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import NeuroAdaConfig, attach, merge_and_unload, save_adapter  # noqa: E402
+
+from test_onnx_hostile_initializers import tree  # noqa: E402  (every file of a folder with its digest)
 
 BATCH, SRC, TGT, PAST = 2, 5, 3, 4   # static shapes: the exports are traced at these
 NAMES = {  # each file's input names (the exporter drops those a graph does not use)
@@ -132,16 +133,6 @@ def _run_all(folder, model, cfg, seed=7):
     return got, want
 
 
-def _tree_digest(folder) -> dict:
-    out = {}
-    for here, _, names in os.walk(folder):
-        for n in names:
-            p = os.path.join(here, n)
-            with open(p, "rb") as f:
-                out[os.path.relpath(p, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return out
-
-
 def _build(kind, folder):
     torch.manual_seed(0)
     if kind == "t5":
@@ -193,14 +184,14 @@ def _cli(capsys, *args):
 @pytest.mark.parametrize("kind", ["t5", "bart"])
 def test_an_export_folder_is_merged_whole_and_matches_merge_and_unload(exports, kind, tmp_path, capsys):
     base, merged, cfg, folder, adapter = exports[kind]
-    before = _tree_digest(folder)
+    before = tree(folder)
     assert base_format(folder) == "onnx-folder"
     code, out, err = _cli(capsys, "--base", folder, "--adapter", adapter, "--out", tmp_path / "merged", "--json")
     assert code == 0, err
     summary = json.loads(out)
     assert summary["format"] == "onnx-folder" and summary["targets"] == len(naf.load(adapter).targets)
-    assert _tree_digest(folder) == before                                    # the input is only read
-    after = _tree_digest(tmp_path / "merged")
+    assert tree(folder) == before                                    # the input is only read
+    after = tree(tmp_path / "merged")
     assert sorted(after) == sorted(before)
     for name in ("config.json", "generation_config.json", "tokenizer.json"):
         assert after[name] == before[name]                                   # carried as they are
@@ -251,12 +242,12 @@ def test_a_target_in_no_model_is_refused_naming_it_and_nothing_is_written(export
     shutil.copytree(folder, work)
     os.remove(work / "decoder_model.onnx")
     os.remove(work / "decoder_with_past_model.onnx")
-    before = _tree_digest(work)
+    before = tree(work)
     code, out, err = _cli(capsys, "--base", work, "--adapter", adapter, "--out", tmp_path / "o")
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "rule 4.1" in err and "model.decoder." in err and "found in none of the folder's 1 ONNX models" in err
     assert os.fspath(work) in err
-    assert not (tmp_path / "o").exists() and _tree_digest(work) == before
+    assert not (tmp_path / "o").exists() and tree(work) == before
     assert sorted(os.listdir(tmp_path)) == ["encoder-only"]
 
 
@@ -282,17 +273,17 @@ def test_outputs_aliasing_the_input_are_refused(exports, tmp_path, capsys):
     _, _, _, folder, adapter = exports["t5"]
     work = tmp_path / "export"
     shutil.copytree(folder, work)
-    before = _tree_digest(work)
+    before = tree(work)
     for out, words in ((work / "merged", "lies inside the input"), (work, "is the input"),
                        (tmp_path, "would contain the input")):
         code, _, err = _cli(capsys, "--base", work, "--adapter", adapter, "--out", out, "--overwrite")
         assert code == 2 and err.count("\n") == 1 and words in err, (out, err)
-    assert _tree_digest(work) == before and sorted(os.listdir(tmp_path)) == ["export"]
+    assert tree(work) == before and sorted(os.listdir(tmp_path)) == ["export"]
 
 
 def test_a_failure_before_publishing_leaves_no_output_and_the_input_intact(exports, tmp_path, monkeypatch):
     _, _, _, folder, adapter = exports["t5"]
-    before = _tree_digest(folder)
+    before = tree(folder)
     calls = []
 
     def failing_publish(tmp, out, **kw):
@@ -303,19 +294,19 @@ def test_a_failure_before_publishing_leaves_no_output_and_the_input_intact(expor
     with pytest.raises(OSError, match="No space left"):
         merge(folder, [(adapter, 1.0)], tmp_path / "o")
     assert calls and "decoder_with_past_model.onnx" in calls[0]
-    assert os.listdir(tmp_path) == [] and _tree_digest(folder) == before
+    assert os.listdir(tmp_path) == [] and tree(folder) == before
 
 
 def test_overwrite_replaces_an_earlier_output_and_folder_kinds_are_unambiguous(exports, tmp_path, capsys):
     _, _, _, folder, adapter = exports["t5"]
     out = tmp_path / "o"
     assert _cli(capsys, "--base", folder, "--adapter", adapter, "--out", out)[0] == 0
-    first = _tree_digest(out)
+    first = tree(out)
     code, _, err = _cli(capsys, "--base", folder, "--adapter", adapter, "--out", out)
     assert code == 2 and "--overwrite" in err
     code, _, err = _cli(capsys, "--base", folder, "--adapter", adapter, "--out", out, "--overwrite")
     assert code == 0, err
-    assert _tree_digest(out) == first
+    assert tree(out) == first
 
     code, _, err = _cli(capsys, "--base", folder, "--adapter", adapter, "--in-place")
     assert code == 2 and err.count("\n") == 1 and "merged into a copy (--out FOLDER), not in place" in err, err
@@ -413,11 +404,11 @@ def test_models_with_external_data_are_patched_in_the_copy_only(exports, tmp_pat
         model = onnx.load(os.fspath(work / name))
         onnx.save_model(model, os.fspath(work / name), save_as_external_data=True, location=f"{name}_data",
                         size_threshold=0)
-    before = _tree_digest(work)
+    before = tree(work)
     code, out, err = _cli(capsys, "--base", work, "--adapter", adapter, "--out", tmp_path / "o")
     assert code == 0, err
-    after = _tree_digest(tmp_path / "o")
-    assert sorted(after) == sorted(before) and _tree_digest(work) == before
+    after = tree(tmp_path / "o")
+    assert sorted(after) == sorted(before) and tree(work) == before
     for name in ("decoder_model.onnx", "encoder_model.onnx"):
         assert after[name] == before[name] and after[f"{name}_data"] != before[f"{name}_data"]
     got, want = _run_all(tmp_path / "o", merged, cfg)
@@ -475,7 +466,7 @@ def test_a_merge_killed_mid_way_leaves_no_output_and_the_next_one_cleans_up(expo
     from neuroada_format.converters.backend import SLOWDOWN_ENV
 
     _, _, _, folder, adapter = exports["t5"]
-    before = _tree_digest(folder)
+    before = tree(folder)
     out = tmp_path / "o"
     argv = [sys.executable, "-c", "from neuroada_format.converters.merge_cli import main; main()",
             "--base", os.fspath(folder), "--adapter", os.fspath(adapter), "--out", os.fspath(out)]
@@ -492,6 +483,6 @@ def test_a_merge_killed_mid_way_leaves_no_output_and_the_next_one_cleans_up(expo
         child.wait()
     left = os.listdir(tmp_path)
     assert not out.exists() and len(left) == 1 and left[0].startswith("o.tmp-")
-    assert _tree_digest(folder) == before
+    assert tree(folder) == before
     assert merge_run([*argv[3:]]) == 0
-    assert os.listdir(tmp_path) == ["o"] and _tree_digest(out)["config.json"] == before["config.json"]
+    assert os.listdir(tmp_path) == ["o"] and tree(out)["config.json"] == before["config.json"]
