@@ -115,14 +115,14 @@ BLOCK_KEYS_OF = {"phi3": {**BLOCK_KEYS, "attn_qkv": "self_attn.qkv_proj", "ffn_u
 BLOCK_PREFIX = {"gpt2": "transformer.h."}
 KEY_PREFIXES = {"gpt2": ("transformer.", "lm_head")}
 
+# Linear weights of one output row that llama.cpp stores 1-D: Qwen2-MoE's shared-expert gate, nn.Linear(hidden, 1),
+# is blk.N.ffn_gate_inp_shexp.weight [hidden] (transformers' GGUF loader reads it back as [1, hidden]). Seen as
+# [1, n] (TensorInfo.shape); the file keeps its 1-D layout.
+ONE_ROW = ("ffn_gate_inp_shexp",)
+
 # Multimodal checkpoints whose text model llama.cpp writes as the architecture's GGUF (the vision tower goes to a
 # separate mmproj file): Gemma 3 4B and larger are Gemma3ForConditionalGeneration, saved with the text weights under
 # `language_model.model.` (transformers 5 holds them as `model.language_model.`), and llama.cpp drops the prefix.
-# Linear weights of one output row that llama.cpp stores 1-D: Qwen2-MoE's shared-expert gate, nn.Linear(hidden, 1),
-# is blk.N.ffn_gate_inp_shexp [hidden] (transformers' GGUF loader reads it back as [1, hidden]). Seen as [1, n] once a
-# target resolves to it; the file keeps its 1-D layout.
-ONE_ROW = ("ffn_gate_inp_shexp",)
-
 TEXT_PREFIXES = {"gemma3": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                             ("model.language_model.", "model."))}
 
@@ -148,12 +148,13 @@ class TensorInfo:
     ne: tuple[int, ...]     # GGUF order: ne[0] is the fastest-varying (d_in for a linear weight)
     offset: int             # relative to the data section
     nbytes: int
-    one_row: bool = False   # a 1-D tensor holding a linear weight of one output row (ONE_ROW): shape [1, n]
 
     @property
     def shape(self) -> tuple[int, ...]:
-        """The numpy (row-major) shape: [d_out, d_in] for a linear weight."""
-        return (1, self.ne[0]) if self.one_row else tuple(reversed(self.ne))
+        """The numpy (row-major) shape: [d_out, d_in] for a linear weight ([1, n] for the 1-D ones of ONE_ROW)."""
+        if len(self.ne) == 1 and self.name.endswith(".weight") and self.name.split(".")[-2] in ONE_ROW:
+            return 1, self.ne[0]
+        return tuple(reversed(self.ne))
 
 
 @dataclass
@@ -524,10 +525,6 @@ class GGUFBase:
                         raise NeuroAdaError(exc.detail, path=self.file.path, tensor=gname, rule=exc.rule) from None
                 found = Mapped(name, gname, perm, None if perm is None else np.argsort(perm),
                                text.endswith(".weight") and gname.split(".")[-2] in TRANSPOSED.get(self.arch, ()))
-        if found is not None:
-            info = self.file.tensors[found.gguf_name]
-            if len(info.ne) == 1 and found.gguf_name.split(".")[-2] in ONE_ROW:
-                info.one_row = True
         self._resolved[name] = found
         return found
 

@@ -36,12 +36,11 @@ import numpy as np
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError, probe_hash, validate
 from neuroada_format.durable import (copy_folder_modes, derived_mode, fsync_path, publish, remove,
                                      remove_stale_siblings, temp_sibling)
-from neuroada_format.layout import stored_shape
 from neuroada_format.merge import Delta
 
 from .backend import Backend, Resolved, Written, described, pause_for_tests
-from .onnx_merge import (BACKEND as ONNX_BACKEND, FLOAT_TYPES, NotFound, OnnxModel, Resolution, _Plan, _Resolver,
-                         _patch_external, _set_inline)
+from .onnx_merge import (BACKEND as ONNX_BACKEND, NotFound, OnnxModel, Resolution, _Plan, _Resolver,
+                         _patch_external, _set_inline, stored_mismatch)
 from .safetensors_merge import _tree
 
 
@@ -87,14 +86,12 @@ def _find(model: OnnxModel, resolver: _Resolver, target: str, t, near: dict) -> 
         return None
     idx = np.asarray(t.indices)
     for name, layout in res.initializers():
-        want = stored_shape(tuple(t.shape), layout)
-        if model.dtype(name) != t.dtype or model.shape(name) != want:
+        problem = stored_mismatch(model, name, layout, t)
+        if problem:
             if res.dropped:  # a name without the leading part, naming another part's layer: not in this file
                 near.setdefault(target, model.path)
                 return None
-            raise NeuroAdaError(f"initializer {name!r} is {model.dtype(name)}{list(model.shape(name))} ({layout}), "
-                                f"the adapter expects {t.dtype}{list(want)}", path=model.path, tensor=target,
-                                rule="4.2")
+            raise NeuroAdaError(problem, path=model.path, tensor=target, rule="4.2")
         if probe_hash(model.array(name), idx, layout) != t.probe:
             if res.dropped:
                 near.setdefault(target, model.path)

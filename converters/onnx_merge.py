@@ -773,11 +773,18 @@ def _verify(model: OnnxModel, adapter: Adapter, resolutions: dict[str, Resolutio
     for target, res in sorted(resolutions.items()):
         t = adapter.targets[target]
         for name, layout in res.initializers():
-            dtype = model.dtype(name)
-            if dtype != t.dtype or model.shape(name) != stored_shape(t.shape, layout):
-                raise NeuroAdaError(f"initializer {name!r} is {dtype}{list(model.shape(name))} ({layout}), the adapter "
-                                    f"expects {t.dtype}{list(stored_shape(t.shape, layout))}", path=label,
-                                    tensor=target, rule="4.2")
+            problem = stored_mismatch(model, name, layout, t)
+            if problem:
+                raise NeuroAdaError(problem, path=label, tensor=target, rule="4.2")
+
+
+def stored_mismatch(model: OnnxModel, name: str, layout: str, t: Target) -> str | None:
+    """Rule 4.2 for one initializer holding target `t` in `layout`: what differs (dtype or stored shape), or None."""
+    want = stored_shape(t.shape, layout)
+    if model.dtype(name) != t.dtype or model.shape(name) != want:
+        return (f"initializer {name!r} is {model.dtype(name)}{list(model.shape(name))} ({layout}), the adapter "
+                f"expects {t.dtype}{list(want)}")
+    return None
 
 
 def _probe_check(name: str, plan: MergePlan, sources: list[tuple[str, Target]], resolutions: dict) -> None:
