@@ -83,17 +83,19 @@ _SCALARS = {0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4)
             6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8)}
 _STRING, _ARRAY = 8, 9
 
-# Architectures whose Hugging Face keys we map (gguf-py's name table), and whether llama.cpp's converter permutes the
-# attn_q/attn_k rows. Only those whose converter stores every linear weight as the checkpoint holds it, apart from that
-# permutation: Llama (also Mistral, which llama.cpp writes as llama), Qwen2/3, Qwen2-MoE and Qwen3-MoE (their 3-D
-# experts are no targets; see ONE_ROW), Gemma 1-3 (their norm weights are stored plus one, never a linear target),
-# Phi-3 (qkv_proj and gate_up_proj stay fused, as attn_qkv and ffn_up), StarCoder2, StableLM, Nemotron (norms plus one,
-# as Gemma's) and GPT-2 (see TRANSPOSED). Each is
-# checked end to end through transformers' GGUF loader (tests/converters/test_gguf_architectures.py); anything else is
-# refused rather than guessed.
-ARCHS = {"llama": True, "qwen2": False, "qwen3": False, "qwen2moe": False, "qwen3moe": False, "gemma": False,
-         "gemma2": False, "gemma3": False, "phi3": False, "gpt2": False, "starcoder2": False,
-         "stablelm": False, "nemotron": False}
+# Architectures whose Hugging Face keys we map (gguf-py's name table), and which rows llama.cpp's converter reorders:
+# "rope" permutes the attn_q/attn_k rows (`rope_permutation`), "qkv" regroups the fused query_key_value rows
+# (`qkv_permutation`), None stores every linear weight as the checkpoint holds it. Only those whose converter does
+# nothing else to a linear weight: Llama ("rope"; also Mistral, which llama.cpp writes as llama), Qwen2/3, Qwen2-MoE
+# and Qwen3-MoE (their 3-D experts are no targets; see ONE_ROW), Gemma 1-3 (their norm weights are stored plus one,
+# never a linear target), Phi-3 (qkv_proj and gate_up_proj stay fused, as attn_qkv and ffn_up), StarCoder2, StableLM,
+# Nemotron (norms plus one, as Gemma's), GPT-2 (see TRANSPOSED), Bloom and Falcon ("qkv": the checkpoint interleaves
+# q, k and v by head or by key/value group; llama.cpp stores all query heads, then the keys, then the values). Each is
+# checked end to end (tests/converters/test_gguf_architectures.py: through transformers' GGUF loader where it reads
+# the architecture); anything else is refused rather than guessed.
+ARCHS = {"llama": "rope", "qwen2": None, "qwen3": None, "qwen2moe": None, "qwen3moe": None, "gemma": None,
+         "gemma2": None, "gemma3": None, "phi3": None, "gpt2": None, "starcoder2": None, "stablelm": None,
+         "nemotron": None, "bloom": "qkv", "falcon": "qkv"}
 
 # GPT-2's checkpoint holds its linear weights as Conv1D [d_in, d_out] (the adapter's `in_out` layout); llama.cpp's
 # converter transposes them to [d_out, d_in], the canonical orientation. Such a tensor is presented in the
@@ -110,21 +112,39 @@ BLOCK_KEYS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_
 BLOCK_KEYS_OF = {"phi3": {**BLOCK_KEYS, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
                  "gpt2": {"attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_up": "mlp.c_fc",
                           "ffn_down": "mlp.c_proj", "attn_norm": "ln_1", "ffn_norm": "ln_2"},
-                 "starcoder2": {**BLOCK_KEYS, "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}}
+                 "starcoder2": {**BLOCK_KEYS, "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
+                 "bloom": {"attn_norm": "input_layernorm", "attn_qkv": "self_attention.query_key_value",
+                           "attn_output": "self_attention.dense", "ffn_norm": "post_attention_layernorm",
+                           "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"},
+                 "falcon": {"attn_norm": "input_layernorm", "attn_norm_2": "ln_attn",
+                            "attn_qkv": "self_attention.query_key_value", "attn_output": "self_attention.dense",
+                            "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"}}
+# ... and for the tensors outside the blocks, where the table's order picks another family's alias (GPT-2's wte)
+_BLOOM_OUTER = {"token_embd": "transformer.word_embeddings", "output_norm": "transformer.ln_f", "output": "lm_head"}
+OUTER_KEYS_OF = {"bloom": {**_BLOOM_OUTER, "token_embd_norm": "transformer.word_embeddings_layernorm"},
+                 "falcon": _BLOOM_OUTER}
+# Falcon's new decoder architecture (40B, 180B) has two norms per block, ln_attn (attn_norm_2, present only in such
+# files) and ln_mlp, which gguf-py's table maps to attn_norm in place of input_layernorm
+NEW_DECODER_KEYS = {"falcon": ("attn_norm_2", {"attn_norm": "ln_mlp"})}
 # ... and the prefixes of that class's keys: its blocks' and those of every key `keys()` lists
-BLOCK_PREFIX = {"gpt2": "transformer.h."}
-KEY_PREFIXES = {"gpt2": ("transformer.", "lm_head")}
+BLOCK_PREFIX = {"gpt2": "transformer.h.", "bloom": "transformer.h.", "falcon": "transformer.h."}
+KEY_PREFIXES = {"gpt2": ("transformer.", "lm_head"), "bloom": ("transformer.", "lm_head"),
+                "falcon": ("transformer.", "lm_head")}
 
 # Linear weights of one output row that llama.cpp stores 1-D: Qwen2-MoE's shared-expert gate, nn.Linear(hidden, 1),
 # is blk.N.ffn_gate_inp_shexp.weight [hidden] (transformers' GGUF loader reads it back as [1, hidden]). Seen as
 # [1, n] (TensorInfo.shape); the file keeps its 1-D layout.
 ONE_ROW = ("ffn_gate_inp_shexp",)
 
-# Multimodal checkpoints whose text model llama.cpp writes as the architecture's GGUF (the vision tower goes to a
-# separate mmproj file): Gemma 3 4B and larger are Gemma3ForConditionalGeneration, saved with the text weights under
-# `language_model.model.` (transformers 5 holds them as `model.language_model.`), and llama.cpp drops the prefix.
+# Prefixes llama.cpp's converter drops from a key before it looks the key up in gguf-py's table (old -> new), so a
+# key is read the same way. Multimodal checkpoints whose text model llama.cpp writes as the architecture's GGUF (the
+# vision tower goes to a separate mmproj file): Gemma 3 4B and larger are Gemma3ForConditionalGeneration, saved with
+# the text weights under `language_model.model.` (transformers 5 holds them as `model.language_model.`), and
+# llama.cpp drops the prefix. Bloom's converter drops `transformer.` from every key (the table lists Bloom's
+# `h.N.post_attention_layernorm` and `word_embeddings_layernorm` only without it).
 TEXT_PREFIXES = {"gemma3": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-                            ("model.language_model.", "model."))}
+                            ("model.language_model.", "model.")),
+                 "bloom": (("transformer.", ""),)}
 
 
 def qtype(name) -> QT:
@@ -441,6 +461,18 @@ def rope_permutation(n_rows: int, n_head: int) -> np.ndarray:
     return np.arange(n_rows).reshape(n_head, 2, n_rows // n_head // 2).swapaxes(1, 2).reshape(-1)
 
 
+def qkv_permutation(n_rows: int, n_head: int, n_head_kv: int) -> np.ndarray:
+    """perm with gguf_row[i] = hf_row[perm[i]] for a fused query_key_value whose checkpoint rows come in n_head_kv
+    groups of (n_head / n_head_kv query heads, one key head, one value head), which llama.cpp's converter stores as
+    every query head, then every key head, then every value head. Falcon's groups are its key/value heads (one group
+    for multi-query Falcon-7B: nothing moves); Bloom's are its heads (q, k, v interleaved per head)."""
+    if n_head <= 0 or n_head_kv <= 0 or n_head % n_head_kv or n_rows % (n_head + 2 * n_head_kv):
+        raise NeuroAdaError(f"{n_rows} rows do not split into {n_head} query heads and {n_head_kv} key and value heads "
+                            f"of one size", rule="4.2")
+    groups = np.arange(n_rows).reshape(n_head_kv, n_head // n_head_kv + 2, -1)
+    return np.concatenate([groups[:, :-2].reshape(-1), groups[:, -2].reshape(-1), groups[:, -1].reshape(-1)])
+
+
 @dataclass
 class Mapped:
     """Where one target lives in the GGUF file and how its rows are ordered there."""
@@ -506,27 +538,49 @@ class GGUFBase:
         if name in self.file.tensors:
             found = Mapped(name, name, None, None)
         else:
-            text = next((new + name[len(old):] for old, new in TEXT_PREFIXES.get(self.arch, ())
-                         if name.startswith(old)), name)
+            text = self._text(name)
             gname = self._name_map().get_name(text, try_suffixes=(".weight", ".bias"))
             if gname is not None and gname in self.file.tensors:
-                perm = None
-                # llama.cpp's converter permutes exactly the Hugging Face q_proj/k_proj tensors (by their name's
-                # ending); aliases already stored in rope order (q_proj_no_perm, Meta's attention.wq) are not
                 stem = text.rsplit(".", 1)[0] if text.endswith((".weight", ".bias")) else text
-                if ARCHS[self.arch] and stem.endswith(("q_proj", "k_proj")) and (
-                        ".attn_q." in gname or ".attn_k." in gname):
-                    n_head = self._heads("attention.head_count")
-                    if ".attn_k." in gname:
-                        n_head = self._heads("attention.head_count_kv", n_head)
-                    try:
-                        perm = rope_permutation(self.file.tensors[gname].shape[0], n_head)
-                    except NeuroAdaError as exc:  # say which file and tensor, as every other base error does
-                        raise NeuroAdaError(exc.detail, path=self.file.path, tensor=gname, rule=exc.rule) from None
+                try:  # (what is wrong with the heads is said of this file and tensor, as every other base error)
+                    perm = self._row_order(stem, gname, text.endswith(".bias"))
+                except NeuroAdaError as exc:
+                    raise NeuroAdaError(exc.detail, path=self.file.path, tensor=gname, rule=exc.rule) from None
                 found = Mapped(name, gname, perm, None if perm is None else np.argsort(perm),
                                text.endswith(".weight") and gname.split(".")[-2] in TRANSPOSED.get(self.arch, ()))
         self._resolved[name] = found
         return found
+
+    def _text(self, name: str) -> str:
+        """The key as llama.cpp's converter looks it up in the table (TEXT_PREFIXES dropped)."""
+        return next((new + name[len(old):] for old, new in TEXT_PREFIXES.get(self.arch, ()) if name.startswith(old)),
+                    name)
+
+    def _row_order(self, stem: str, gname: str, bias: bool) -> np.ndarray | None:
+        """The permutation llama.cpp's converter applied to the rows of the tensor a key's stem names (None: none)."""
+        reorder = ARCHS[self.arch]
+        kind = gname.split(".")[-2]
+        n_rows = self.file.tensors[gname].shape[0]
+        if reorder == "rope" and stem.endswith(("q_proj", "k_proj")) and kind in ("attn_q", "attn_k"):
+            # exactly the Hugging Face q_proj/k_proj tensors (by their name's ending); aliases already stored in rope
+            # order (q_proj_no_perm, Meta's attention.wq) are not
+            n_head = self._heads("attention.head_count")
+            if kind == "attn_k":
+                n_head = self._heads("attention.head_count_kv", n_head)
+            return rope_permutation(n_rows, n_head)
+        if reorder == "qkv" and stem.endswith("query_key_value") and kind == "attn_qkv":
+            n_head = self._heads("attention.head_count")
+            if self.arch == "bloom":  # one group per head; the converter writes head_count_kv = head_count
+                if self._heads("attention.head_count_kv", n_head) != n_head:
+                    raise self.file.err("bloom.attention.head_count_kv differs from head_count: llama.cpp's Bloom "
+                                        "converter writes them equal and regroups the qkv rows by head_count", gname)
+                return qkv_permutation(n_rows, n_head, n_head)
+            if bias:  # the converter's reorder cannot take one (it views the tensor as 2-D) and llama.cpp loads none
+                raise NeuroAdaError("llama.cpp's Falcon converter writes no query_key_value bias and llama.cpp loads "
+                                    "none, so the row order of this one is not known", rule="4.1")
+            perm = qkv_permutation(n_rows, n_head, self._heads("attention.head_count_kv"))
+            return None if (perm == np.arange(n_rows)).all() else perm  # one group (Falcon-7B): nothing moved
+        return None
 
     # the base interface
     def __contains__(self, name: str) -> bool:
@@ -543,19 +597,30 @@ class GGUFBase:
             for key, (_, gname) in self._name_map().mapping.items():
                 if key.startswith(prefixes) and gname not in self._reverse:
                     self._reverse[gname] = key
+            for gname, key in OUTER_KEYS_OF.get(self.arch, {}).items():
+                if self._name_map().get_name(self._text(key)) == gname:
+                    self._reverse[gname] = key
             own = BLOCK_KEYS_OF.get(self.arch, BLOCK_KEYS)
+            marker, renamed = NEW_DECODER_KEYS.get(self.arch, (None, {}))
             for gname in list(self._reverse):
                 blk, _, layer_kind = gname.partition(".")[2].partition(".")
                 if gname.startswith("blk.") and layer_kind in own:
-                    key = f"{BLOCK_PREFIX.get(self.arch, 'model.layers.')}{blk}.{own[layer_kind]}"
-                    if self._name_map().get_name(key) == gname:  # the table agrees: never map to another tensor
+                    part = own[layer_kind]
+                    if layer_kind in renamed and f"blk.{blk}.{marker}.weight" in self.file.tensors:
+                        part = renamed[layer_kind]
+                    key = f"{BLOCK_PREFIX.get(self.arch, 'model.layers.')}{blk}.{part}"
+                    if self._name_map().get_name(self._text(key)) == gname:  # the table agrees: never another tensor
                         self._reverse[gname] = key
         out = []
         for g in self.file.tensors:
             stem, _, suffix = g.rpartition(".")
             hf = self._reverse.get(stem)
             name = f"{hf}.{suffix}" if hf else g
-            out.append(name if self.resolve(name) is not None and self.resolve(name).gguf_name == g else g)
+            try:
+                same = self.resolve(name) is not None and self.resolve(name).gguf_name == g
+            except NeuroAdaError:  # a key this file cannot map (a Falcon qkv bias: row order unknown) keeps its name
+                same = False
+            out.append(name if same else g)
         return out
 
     def probed(self, name: str, indices: np.ndarray) -> np.ndarray:

@@ -39,7 +39,8 @@ def table(arch_name: str) -> dict[str, list[str]]:
 
 def document() -> dict:
     return {"format": "neuroada-gguf-names", "gguf_py": version("gguf"),
-            "rope_permuted": sorted(a for a, permuted in ARCHS.items() if permuted),
+            "rope_permuted": sorted(a for a, reorder in ARCHS.items() if reorder == "rope"),
+            "qkv_regrouped": sorted(a for a, reorder in ARCHS.items() if reorder == "qkv"),
             "architectures": {a: table(a) for a in sorted(ARCHS)}}
 
 

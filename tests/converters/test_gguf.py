@@ -60,14 +60,14 @@ def llama_cpp_permute(w, n_head, n_head_kv):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def add_tiny_hparams(w, *, inter=INTER, rope_base=10000.0):
+def add_tiny_hparams(w, *, inter=INTER, rope_base=10000.0, kv_heads=KV_HEADS):
     """The tiny test models' hyper-parameters and a placeholder tokenizer (tokens t0, t1, ...) on a GGUFWriter."""
     w.add_block_count(LAYERS)
     w.add_context_length(64)
     w.add_embedding_length(HIDDEN)
     w.add_feed_forward_length(inter)
     w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
+    w.add_head_count_kv(kv_heads)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(rope_base)
     w.add_vocab_size(VOCAB)

@@ -3,8 +3,10 @@
 For each architecture a tiny model is built from its transformers config and written to GGUF the way
 llama.cpp's converter writes that architecture (conversion/*.py in llama.cpp: gguf-py's name table; q/k rows
 permuted for rope only for `llama`, which is also how Mistral checkpoints are written; Gemma's norm weights plus
-one and no output head; Phi-3's fused qkv_proj and gate_up_proj kept fused). transformers' GGUF loader, an
-independent reader, must read each file back as the model it came from. Then the user's path: the model loaded
+one and no output head; Phi-3's fused qkv_proj and gate_up_proj kept fused; Bloom's and Falcon's fused
+query_key_value rows regrouped as all queries, then keys, then values). transformers' GGUF loader, an independent
+reader, must read each file back as the model it came from (for the one file it cannot read, Falcon's new decoder
+architecture, a reader of the test's own, checked against transformers' Falcon attention). Then the user's path: the model loaded
 from the GGUF, NeuroAda attached to every linear layer and trained deltas saved, `neuroada-merge` into the GGUF;
 transformers reads the merged file as the runtime's merged model.
 """
@@ -71,13 +73,44 @@ CASES = {
     # position count or inner size, so those are GPT2Config's defaults
     "gpt2": lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, bos_token_id=1, eos_token_id=2)),
+    # fused query_key_value, per head [q, k, v] in the checkpoint; biases on every linear; tied head
+    "bloom": lambda: transformers.BloomForCausalLM(transformers.BloomConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS, bos_token_id=1, eos_token_id=2)),
+    # Falcon-7B's layout: multi-query (one key/value head after all the query heads); no biases, tied head
+    "falcon": lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        bos_token_id=1, eos_token_id=2)),
+    # Falcon-40B/180B's layout: new decoder architecture, KV_HEADS groups of (HEADS / KV_HEADS queries, key, value)
+    "falcon-new": lambda: transformers.FalconForCausalLM(transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_kv_heads=KV_HEADS, new_decoder_architecture=True, bos_token_id=1, eos_token_id=2)),
 }
-# gemma (1): llama.cpp writes it and we map it, but transformers' GGUF loader has no gemma (only gemma2+)
-READ_BY_TRANSFORMERS = [c for c in CASES if c != "gemma"]
+# gemma (1): llama.cpp writes it and we map it, but transformers' GGUF loader has no gemma (only gemma2+); nor does it
+# read Falcon's new decoder architecture (it has no Falcon tensor processor and builds every Falcon file as Falcon-7B's
+# multi-query layout), so that file is read by `read_falcon`, which test_falcon_new_decoder_file_* checks
+READ_BY_TRANSFORMERS = [c for c in CASES if c not in ("gemma", "falcon-new")]
+OWN_READER = ("falcon-new",)
+READ_BACK = READ_BY_TRANSFORMERS + list(OWN_READER)
 
 
 def gguf_arch(case: str) -> str:
-    return "llama" if case == "mistral-as-llama" else case
+    return {"mistral-as-llama": "llama", "falcon-new": "falcon"}.get(case, case)
+
+
+def kv_groups(model) -> int:
+    """The key/value groups of a Bloom or Falcon query_key_value, as llama.cpp's converter views it: Bloom's converter
+    uses one per head; Falcon's reads num_kv_heads (or n_head_kv) from config.json, else 1, which for Falcon-7B's
+    config.json (multi-query, no num_kv_heads) is 1 and for Falcon-40B's its num_kv_heads: the model's own count."""
+    cfg = model.config
+    return cfg.n_head if cfg.model_type == "bloom" else cfg.num_key_value_heads
+
+
+def llama_cpp_regroup_qkv(a, n_head, n_kv):
+    """llama.cpp's BloomModel / FalconModel.modify_tensors, written out independently of gm: the fused rows viewed as
+    [n_kv, n_head / n_kv + 2, head_dim, ...], stored as every query head, then the key heads, then the value heads."""
+    v = a.reshape(n_kv, n_head // n_kv + 2, -1, *a.shape[1:])
+    rest = a.shape[1:]
+    return np.concatenate([v[:, :-2].reshape(-1, *rest), v[:, -2].reshape(-1, *rest), v[:, -1].reshape(-1, *rest)])
 
 
 def build(case: str, seed: int = 0):
@@ -91,7 +124,9 @@ def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0):
     cfg = model.config
     tmap = gguf.TensorNameMap(getattr(gguf.MODEL_ARCH, arch.upper()), LAYERS)
     w = gguf.GGUFWriter(os.fspath(path), arch)
-    add_tiny_hparams(w, inter=INTER, rope_base=float(getattr(cfg, "rope_theta", None) or 10000.0))
+    fused = arch in ("bloom", "falcon")  # their ffn is 4 * hidden; head_count_kv as the converter writes it
+    add_tiny_hparams(w, inter=4 * HIDDEN if fused else INTER, rope_base=float(getattr(cfg, "rope_theta", None) or 10000.0),
+                     kv_heads=kv_groups(model) if fused else KV_HEADS)
     if arch.startswith("gemma"):
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
@@ -109,6 +144,8 @@ def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0):
         w.add_layer_norm_eps(cfg.norm_epsilon)
     if arch == "stablelm":
         w.add_layer_norm_eps(cfg.layer_norm_eps)
+    if arch in ("bloom", "falcon"):
+        w.add_layer_norm_eps(cfg.layer_norm_epsilon)
     w.add_pad_token_id(0)
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
@@ -122,8 +159,12 @@ def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0):
             w.add_tensor(f"blk.{blk}.ffn_gate_exps.weight", np.ascontiguousarray(a[:, :half]))
             w.add_tensor(f"blk.{blk}.ffn_up_exps.weight", np.ascontiguousarray(a[:, half:]))
             continue
+        if arch == "bloom":
+            key = key.removeprefix("transformer.")  # Bloom's converter drops it before the table lookup
         g = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
         assert g is not None, key
+        if fused and "query_key_value" in key:
+            a = llama_cpp_regroup_qkv(a, HEADS, kv_groups(model))
         if g.endswith("ffn_gate_inp_shexp.weight"):
             a = a.reshape(-1)  # Qwen2-MoE's [1, hidden] shared-expert gate, stored as one row (transformers reads it so)
         if arch == "gpt2" and a.ndim == 2 and key.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
@@ -161,12 +202,38 @@ def linear_keys(model) -> list[str]:
     return [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, kinds) and n != "lm_head"]
 
 
-def read_back(path):
+def read_back(path, case=None):
+    if case in OWN_READER:
+        return read_falcon(path, case)
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                               dtype=torch.float32).eval()
+    return contiguous(model)
+
+
+def contiguous(model):
     for p in model.parameters():  # transformers' GPT-2 reader keeps the Conv1D weights as transposed views, which
         p.data = p.data.contiguous()  # an in-place merge refuses (it says so): the user's model after .contiguous()
     return model
+
+
+def read_falcon(path, case):
+    """A Falcon GGUF read the way transformers' loader reads Bloom's (gguf-py decodes, the regrouping is undone), into
+    the case's model: transformers' own loader cannot build Falcon's new decoder architecture from a GGUF."""
+    model = build(case)
+    n_kv = gm.read_gguf(path).kv["falcon.attention.head_count_kv"]
+    stored = {t.name: quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape)))
+              for t in gguf.GGUFReader(os.fspath(path)).tensors}
+    tmap = gguf.TensorNameMap(gguf.MODEL_ARCH.FALCON, LAYERS)
+    state = {}
+    for key, t in model.state_dict().items():
+        a = stored[tmap.get_name("transformer.word_embeddings.weight" if key == "lm_head.weight" else key,
+                                 try_suffixes=(".weight", ".bias"))]
+        if "query_key_value" in key:
+            order = llama_cpp_regroup_qkv(np.arange(a.shape[0]), HEADS, n_kv)
+            a = a[np.argsort(order)]
+        state[key] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    model.load_state_dict(state)
+    return contiguous(model)
 
 
 def logits(model) -> np.ndarray:
@@ -204,16 +271,17 @@ def test_every_linear_weight_maps_to_its_values(case, tmp_path):
         assert view.info("model.layers.0.mlp.gate_up_proj.weight")[1] == (2 * INTER, HIDDEN)
 
 
-@pytest.mark.parametrize("case", READ_BY_TRANSFORMERS)
+@pytest.mark.parametrize("case", READ_BACK)
 def test_adapter_trained_on_the_gguf_model_merges_into_the_gguf(case, tmp_path):
     """A user's path: the GGUF loaded in transformers, NeuroAda on every linear layer, deltas saved, merged into the
     GGUF. F32 targets: transformers reads the merged file as the runtime's merged model, bit for bit. Kept in Q8_0:
-    the touched blocks are re-encoded and the file keeps almost all of the adapter's change."""
+    the touched blocks are re-encoded and the file keeps almost all of the adapter's change. Every tensor no target
+    names (Bloom's query_key_value bias, whose rows llama.cpp regroups with the weight's, the norms) is untouched."""
     base = write_like_llama_cpp(tmp_path / "base.gguf", case, build(case), QT.Q8_0)
-    model = read_back(base)
+    model = read_back(base, case)
     l_base = logits(model)
     attach(model, NeuroAdaConfig(k=4, target_modules="all-linear"))
-    random_deltas_(model, seed=1, scale=0.05)
+    random_deltas_(model, seed=1, scale=0.2 if case == "bloom" else 0.05)  # (Bloom's normed embeddings: larger logits)
     adapter = tmp_path / "adapter"
     save_adapter(model, adapter, value_dtype="F32")
     report = naf.validate(os.fspath(adapter / "neuroada_model.safetensors"), gm.open_gguf_base(base))  # probes
@@ -228,7 +296,7 @@ def test_adapter_trained_on_the_gguf_model_merges_into_the_gguf(case, tmp_path):
                       "--option", "target_type=F32"]) == 0
     if case == "qwen2moe":  # the one-row shared-expert gate keeps its 1-D layout (transformers reads only that)
         assert gm.read_gguf(out).tensors["blk.0.ffn_gate_inp_shexp.weight"].ne == (HIDDEN,)
-    back = read_back(out)
+    back = read_back(out, case)
     sd_rt, sd_back = merged_rt.state_dict(), back.state_dict()
     for key in linear_keys(merged_rt):
         np.testing.assert_array_equal(sd_back[key].numpy(), sd_rt[key].numpy(), err_msg=key)
@@ -238,9 +306,15 @@ def test_adapter_trained_on_the_gguf_model_merges_into_the_gguf(case, tmp_path):
     out_q.parent.mkdir()
     assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out_q)]) == 0
     assert gm.read_gguf(out_q).tensors["blk.0.attn_output.weight"].type == QT.Q8_0
-    l_q = logits(read_back(out_q))
+    l_q = logits(read_back(out_q, case))
     retention = 1 - np.linalg.norm(l_q - l_rt) / np.linalg.norm(l_rt - l_base)
     assert retention > 0.95, retention
+    view, before = gm.open_gguf_base(base), gm.read_gguf(base)
+    targets = {view.storage_name(key) for key in linear_keys(merged_rt)}
+    for merged in (gm.read_gguf(out), gm.read_gguf(out_q)):
+        assert set(merged.tensors) == set(before.tensors)
+        for name in sorted(set(before.tensors) - targets):
+            np.testing.assert_array_equal(merged.decode(name), before.decode(name), err_msg=name)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -268,10 +342,10 @@ def test_a_fine_tuned_checkpoint_pairs_with_the_gguf_base(case, tmp_path):
         np.testing.assert_allclose(merged.array(key), tuned[key], atol=1e-6, err_msg=key)
 
 
-@pytest.mark.parametrize("arch", ["falcon", "bloom"])
+@pytest.mark.parametrize("arch", ["mpt", "gptneox"])
 def test_an_architecture_without_a_mapping_is_refused_by_name(arch, tmp_path):
     """Hugging Face keys on a GGUF of another architecture: rule 4.1 naming the architecture and the supported ones,
-    never a guess (its converter may reorder rows, as llama.cpp's does for Falcon's fused qkv)."""
+    never a guess (its converter may reorder rows, as llama.cpp's does for GPT-NeoX's fused qkv)."""
     path = tmp_path / "other.gguf"
     w = gguf.GGUFWriter(os.fspath(path), arch)
     w.add_block_count(1)
@@ -337,14 +411,15 @@ def test_gemma3_multimodal_adapter_merges_into_its_text_gguf(tmp_path):
     assert not (tmp_path / "v.gguf").exists()
 
 
-@pytest.mark.parametrize("case", ["llama", "phi3", "qwen2moe", "gpt2"])
+@pytest.mark.parametrize("case", ["llama", "phi3", "qwen2moe", "gpt2", "falcon-new"])
 def test_training_on_the_q8_0_grid_merges_exactly(case, tmp_path):
     """Every layout the mapping knows trains through the file's Q8_0 grid like any linear (llama's rope-permuted q/k,
-    Phi-3's fused qkv, Qwen2-MoE's one-row shared-expert gate, GPT-2's Conv1D weights stored transposed): the merged
-    file decodes to the runtime's merged model exactly (no block re-encoded), in the checkpoint's orientation."""
+    Phi-3's fused qkv, Qwen2-MoE's one-row shared-expert gate, GPT-2's Conv1D weights stored transposed, Falcon's
+    regrouped qkv): the merged file decodes to the runtime's merged model exactly (no block re-encoded), in the
+    checkpoint's orientation."""
     from neuroada_format.runtime import train_on_grid
     base = write_like_llama_cpp(tmp_path / "base.gguf", case, build(case), QT.Q8_0)
-    model = read_back(base)
+    model = read_back(base, case)
     keys = linear_keys(model)
     attach(model, NeuroAdaConfig(k=4, target_modules="all-linear"))
     types = train_on_grid(model, base)
@@ -359,7 +434,7 @@ def test_training_on_the_q8_0_grid_merges_exactly(case, tmp_path):
     for key in types:
         assert view.info(key)[1] == tuple(merged_rt.state_dict()[key].shape), key  # as the checkpoint holds it
         np.testing.assert_array_equal(view.array(key), merged_rt.state_dict()[key].numpy(), err_msg=key)
-    np.testing.assert_array_equal(logits(read_back(out)), logits(merged_rt))
+    np.testing.assert_array_equal(logits(read_back(out, case)), logits(merged_rt))
 
 
 def test_a_gpt2_conv1d_key_with_an_out_in_adapter_is_refused(tmp_path):
@@ -373,3 +448,118 @@ def test_a_gpt2_conv1d_key_with_an_out_in_adapter_is_refused(tmp_path):
     with pytest.raises(NeuroAdaError) as e:
         gm.merge_gguf(base, [naf.Adapter({key: wrong})], tmp_path / "wrong.gguf")
     assert e.value.rule == "4.2" and "transposed" in str(e.value)
+
+
+def test_falcon_new_decoder_file_is_read_as_transformers_falcon_attention_splits_it(tmp_path, monkeypatch):
+    """transformers' loader cannot read this file, so the layout is pinned against transformers' Falcon attention
+    itself: llama.cpp's graph takes the fused output's first n_head * head_dim rows as the query heads, the next
+    n_head_kv * head_dim as the key heads and the rest as the value heads (query head h sharing key/value head
+    h // (n_head / n_head_kv), as transformers' repeat_kv does). Read so, the file gives the very q, k and v that
+    FalconAttention splits from the checkpoint's rows (at position 0, where rope changes nothing). And `read_falcon`
+    reads the file back as the model, exactly."""
+    import transformers.models.falcon.modeling_falcon as mf
+    model = build("falcon-new")
+    model.config._attn_implementation = "eager"
+    path = write_like_llama_cpp(tmp_path / "m.gguf", "falcon-new", model, QT.F32)
+    seen, original = {}, mf.eager_attention_forward
+
+    def spy(module, q, k, v, *args, **kwargs):
+        seen.setdefault(module.layer_idx, (q, k, v))
+        return original(module, q, k, v, *args, **kwargs)
+    monkeypatch.setattr(mf, "eager_attention_forward", spy)
+    inputs = {}
+
+    def keep_input(module, args):
+        inputs[module] = args[0]
+    hooks = [layer.self_attention.query_key_value.register_forward_pre_hook(keep_input) for layer in model.transformer.h]
+    with torch.no_grad():
+        model(input_ids=torch.tensor(IDS)[:, :1], use_cache=False)  # one token each: position 0
+    for hook in hooks:
+        hook.remove()
+    inputs = [inputs[layer.self_attention.query_key_value] for layer in model.transformer.h]
+    f = gm.read_gguf(path)
+    hd, n_kv = HIDDEN // HEADS, KV_HEADS
+    for i in range(LAYERS):
+        w = f.decode(f"blk.{i}.attn_qkv.weight")
+        assert w.shape == ((HEADS + 2 * n_kv) * hd, HIDDEN)
+        y = inputs[i][:, 0].numpy() @ w.T  # [batch, rows] as llama.cpp computes it
+        q, k, v = (t[:, :, 0].numpy() for t in seen[i])  # [batch, heads, hd]
+        np.testing.assert_allclose(y[:, :HEADS * hd].reshape(-1, HEADS, hd), q, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(y[:, HEADS * hd:(HEADS + n_kv) * hd].reshape(-1, n_kv, hd), k, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(y[:, (HEADS + n_kv) * hd:].reshape(-1, n_kv, hd), v, rtol=1e-5, atol=1e-6)
+    assert seen[0][1].shape[1] == n_kv and model.transformer.h[0].self_attention.num_key_value_groups == HEADS // n_kv
+    back = read_falcon(path, "falcon-new")
+    back.config._attn_implementation = "eager"  # (as the model's: sdpa differs in the last bits)
+    for key, t in model.state_dict().items():
+        assert torch.equal(t, back.state_dict()[key]), key
+    np.testing.assert_array_equal(logits(back), logits(model))
+
+
+def _with_kv(path, tmp_path, arch, **changes):
+    """The file again with some of its <arch>.* integers changed (gguf-py rewrites it; tensors as they were)."""
+    reader = gguf.GGUFReader(os.fspath(path))
+    out = tmp_path / f"changed-{len(changes)}.gguf"
+    w = gguf.GGUFWriter(os.fspath(out), arch)
+    w.add_block_count(LAYERS)
+    w.add_head_count(changes.get("head_count", HEADS))
+    if changes.get("head_count_kv", 0) is not None:
+        w.add_head_count_kv(changes.get("head_count_kv", reader.fields[f"{arch}.attention.head_count_kv"].contents()))
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_shape=tuple(int(d) for d in reversed(t.shape)),
+                     raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out
+
+
+@pytest.mark.parametrize("case, changes, rule, words", [
+    ("falcon-new", {"head_count_kv": None}, "1.6", "head_count_kv is missing"),
+    ("falcon-new", {"head_count_kv": 3}, "4.2", "do not split"),
+    ("falcon-new", {"head_count": 3}, "4.2", "do not split"),
+    ("bloom", {"head_count_kv": 2}, "1.6", "head_count_kv differs"),
+])
+def test_a_fused_qkv_whose_heads_do_not_pin_its_rows_is_refused(case, changes, rule, words, tmp_path):
+    """Bloom's and Falcon's qkv rows are regrouped by the file's head counts: a count that is missing, that does not
+    split the rows, or (Bloom) a head_count_kv other than the head_count its converter writes, is refused naming the
+    file, the tensor and the rule, never guessed; the file's other linears still map."""
+    arch = gguf_arch(case)
+    path = _with_kv(write_like_llama_cpp(tmp_path / "m.gguf", case, build(case), QT.F32), tmp_path, arch, **changes)
+    view = gm.open_gguf_base(path)
+    with pytest.raises(NeuroAdaError) as e:
+        view.resolve("transformer.h.0.self_attention.query_key_value.weight")
+    assert e.value.rule == rule and words in str(e.value), str(e.value)
+    assert e.value.path == os.fspath(path) and e.value.tensor == "blk.0.attn_qkv.weight"
+    assert view.storage_name("transformer.h.0.self_attention.dense.weight") == "blk.0.attn_output.weight"
+
+
+def test_a_falcon_qkv_bias_is_refused_and_bloom_s_follows_its_rows(tmp_path):
+    """llama.cpp's Falcon converter cannot write a query_key_value bias (its reorder views the tensor as 2-D) and
+    llama.cpp loads none: a file holding one is not llama.cpp's, and its key is refused (4.1), while `keys()` still
+    lists the file. Bloom's converter regroups the bias as the weight's rows: read back in the checkpoint's order."""
+    model = build("falcon-new")
+    path = write_like_llama_cpp(tmp_path / "m.gguf", "falcon-new", model, QT.F32)
+    reader = gguf.GGUFReader(os.fspath(path))
+    out = tmp_path / "bias.gguf"
+    w = gguf.GGUFWriter(os.fspath(out), "falcon")
+    add_tiny_hparams(w, inter=4 * HIDDEN, kv_heads=KV_HEADS)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data))
+    w.add_tensor("blk.0.attn_qkv.bias", np.zeros((HEADS + 2 * KV_HEADS) * HIDDEN // HEADS, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    view = gm.open_gguf_base(out)
+    with pytest.raises(NeuroAdaError) as e:
+        view.resolve("transformer.h.0.self_attention.query_key_value.bias")
+    assert e.value.rule == "4.1" and e.value.tensor == "blk.0.attn_qkv.bias" and e.value.path == os.fspath(out)
+    assert "blk.0.attn_qkv.bias" in view.keys() and "transformer.h.0.self_attention.query_key_value.weight" in view.keys()
+
+    bloom = build("bloom")
+    view = gm.open_gguf_base(write_like_llama_cpp(tmp_path / "b.gguf", "bloom", bloom, QT.F32))
+    for i in range(LAYERS):
+        key = f"transformer.h.{i}.self_attention.query_key_value.bias"
+        assert key in view.keys()
+        np.testing.assert_array_equal(view.array(key), bloom.state_dict()[key].numpy())
