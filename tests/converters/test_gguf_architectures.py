@@ -6,9 +6,9 @@ permuted for rope only for `llama`, which is also how Mistral checkpoints are wr
 one and no output head; Phi-3's fused qkv_proj and gate_up_proj kept fused; Bloom's and Falcon's fused
 query_key_value rows regrouped as all queries, then keys, then values). transformers' GGUF loader, an independent
 reader, must read each file back as the model it came from (for the one file it cannot read, Falcon's new decoder
-architecture, a reader of the test's own, checked against transformers' Falcon attention). Then the user's path: the model loaded
-from the GGUF, NeuroAda attached to every linear layer and trained deltas saved, `neuroada-merge` into the GGUF;
-transformers reads the merged file as the runtime's merged model.
+architecture, a reader of the test's own, checked against transformers' Falcon attention). Then the user's path: the
+model loaded from the GGUF, NeuroAda attached to every linear layer and trained deltas saved, `neuroada-merge` into
+the GGUF; transformers reads the merged file as the runtime's merged model.
 """
 from __future__ import annotations
 
@@ -125,8 +125,8 @@ def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0):
     tmap = gguf.TensorNameMap(getattr(gguf.MODEL_ARCH, arch.upper()), LAYERS)
     w = gguf.GGUFWriter(os.fspath(path), arch)
     fused = arch in ("bloom", "falcon")  # their ffn is 4 * hidden; head_count_kv as the converter writes it
-    add_tiny_hparams(w, inter=4 * HIDDEN if fused else INTER, rope_base=float(getattr(cfg, "rope_theta", None) or 10000.0),
-                     kv_heads=kv_groups(model) if fused else KV_HEADS)
+    add_tiny_hparams(w, inter=4 * HIDDEN if fused else INTER, kv_heads=kv_groups(model) if fused else KV_HEADS,
+                     rope_base=float(getattr(cfg, "rope_theta", None) or 10000.0))
     if arch.startswith("gemma"):
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
@@ -471,7 +471,8 @@ def test_falcon_new_decoder_file_is_read_as_transformers_falcon_attention_splits
 
     def keep_input(module, args):
         inputs[module] = args[0]
-    hooks = [layer.self_attention.query_key_value.register_forward_pre_hook(keep_input) for layer in model.transformer.h]
+    hooks = [layer.self_attention.query_key_value.register_forward_pre_hook(keep_input)
+             for layer in model.transformer.h]
     with torch.no_grad():
         model(input_ids=torch.tensor(IDS)[:, :1], use_cache=False)  # one token each: position 0
     for hook in hooks:
@@ -555,7 +556,8 @@ def test_a_falcon_qkv_bias_is_refused_and_bloom_s_follows_its_rows(tmp_path):
     with pytest.raises(NeuroAdaError) as e:
         view.resolve("transformer.h.0.self_attention.query_key_value.bias")
     assert e.value.rule == "4.1" and e.value.tensor == "blk.0.attn_qkv.bias" and e.value.path == os.fspath(out)
-    assert "blk.0.attn_qkv.bias" in view.keys() and "transformer.h.0.self_attention.query_key_value.weight" in view.keys()
+    keys = view.keys()
+    assert "blk.0.attn_qkv.bias" in keys and "transformer.h.0.self_attention.query_key_value.weight" in keys
 
     bloom = build("bloom")
     view = gm.open_gguf_base(write_like_llama_cpp(tmp_path / "b.gguf", "bloom", bloom, QT.F32))
@@ -563,3 +565,35 @@ def test_a_falcon_qkv_bias_is_refused_and_bloom_s_follows_its_rows(tmp_path):
         key = f"transformer.h.{i}.self_attention.query_key_value.bias"
         assert key in view.keys()
         np.testing.assert_array_equal(view.array(key), bloom.state_dict()[key].numpy())
+
+
+@pytest.mark.parametrize("case", ["bloom", "falcon", "falcon-new"])
+def test_neuroada_pack_extracts_a_fine_tune_against_the_gguf(case, tmp_path):
+    """The command line: `neuroada-pack --base model.gguf --finetuned folder` (the architecture read from the GGUF,
+    Bloom's and Falcon's linears out_in): the fine-tune of the file's own (Q8_0-decoded) model pairs with its tensors
+    by their Hugging Face keys, the adapter validates against the file and merges into it as the fine-tune."""
+    from safetensors.numpy import save_file
+
+    from neuroada_format.converters import pack_cli
+    path = write_like_llama_cpp(tmp_path / "m.gguf", case, build(case), QT.Q8_0)
+    model = read_back(path, case)
+    keys = linear_keys(model)
+    rng = np.random.default_rng(4)
+    tuned = {key: t.numpy().copy() for key, t in model.state_dict().items() if key != "lm_head.weight"}  # tied
+    for key in keys:
+        tuned[key][:, :3] += rng.standard_normal((tuned[key].shape[0], 3)).astype(np.float32) * 0.01
+    (tmp_path / "tuned").mkdir()
+    save_file(tuned, os.fspath(tmp_path / "tuned" / "model.safetensors"))
+    out = tmp_path / "a.safetensors"
+    with pytest.raises(SystemExit) as e:
+        pack_cli.main(["--base", os.fspath(path), "--finetuned", os.fspath(tmp_path / "tuned"), "-k", "3",
+                       "--value-dtype", "F32", "-o", os.fspath(out)])
+    assert e.value.code == 0
+    adapter = naf.load(out)
+    assert sorted(adapter.targets) == sorted(keys) and all(t.layout == "out_in" for t in adapter.targets.values())
+    assert naf.validate(adapter, gm.open_gguf_base(path)).ok
+    merged = tmp_path / "merged.gguf"
+    gm.merge_gguf(path, [adapter], merged, target_type="F32")
+    view = gm.open_gguf_base(merged)
+    for key in keys:
+        np.testing.assert_allclose(view.array(key), tuned[key], atol=1e-6, err_msg=key)
