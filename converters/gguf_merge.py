@@ -88,14 +88,15 @@ _STRING, _ARRAY = 8, 9
 # (`qkv_permutation`), None stores every linear weight as the checkpoint holds it. Only those whose converter does
 # nothing else to a linear weight: Llama ("rope"; also Mistral, which llama.cpp writes as llama), Qwen2/3, Qwen2-MoE
 # and Qwen3-MoE (their 3-D experts are no targets; see ONE_ROW), Gemma 1-3 (their norm weights are stored plus one,
-# never a linear target), Phi-3 (qkv_proj and gate_up_proj stay fused, as attn_qkv and ffn_up), StarCoder2, StableLM,
-# Nemotron (norms plus one, as Gemma's), GPT-2 (see TRANSPOSED), Bloom and Falcon ("qkv": the checkpoint interleaves
-# q, k and v by head or by key/value group; llama.cpp stores all query heads, then the keys, then the values). Each is
-# checked end to end (tests/converters/test_gguf_architectures.py: through transformers' GGUF loader where it reads
-# the architecture); anything else is refused rather than guessed.
+# never a linear target), Gemma 4 (see below TEXT_PREFIXES), Phi-3 (qkv_proj and gate_up_proj stay fused, as attn_qkv
+# and ffn_up), StarCoder2, StableLM, Nemotron (norms plus one, as Gemma's), GPT-2 (see TRANSPOSED), Bloom and Falcon
+# ("qkv": the checkpoint interleaves q, k and v by head or by key/value group; llama.cpp stores all query heads, then
+# the keys, then the values). Each is checked end to end (tests/converters/test_gguf_architectures.py and
+# test_gguf_gemma4.py: through transformers' GGUF loader where it reads the architecture); anything else is refused
+# rather than guessed.
 ARCHS = {"llama": "rope", "qwen2": None, "qwen3": None, "qwen2moe": None, "qwen3moe": None, "gemma": None,
-         "gemma2": None, "gemma3": None, "phi3": None, "gpt2": None, "starcoder2": None, "stablelm": None,
-         "nemotron": None, "bloom": "qkv", "falcon": "qkv"}
+         "gemma2": None, "gemma3": None, "gemma4": None, "phi3": None, "gpt2": None, "starcoder2": None,
+         "stablelm": None, "nemotron": None, "bloom": "qkv", "falcon": "qkv"}
 
 # GPT-2's checkpoint holds its linear weights as Conv1D [d_in, d_out] (the adapter's `in_out` layout); llama.cpp's
 # converter transposes them to [d_out, d_in], the canonical orientation. Such a tensor is presented in the
@@ -110,6 +111,7 @@ BLOCK_KEYS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
               "ffn_down": "mlp.down_proj"}
 BLOCK_KEYS_OF = {"phi3": {**BLOCK_KEYS, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
+                 "gemma4": {**BLOCK_KEYS, "ffn_gate_inp": "router.proj"},  # (the table's first key is Mixtral's)
                  "gpt2": {"attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_up": "mlp.c_fc",
                           "ffn_down": "mlp.c_proj", "attn_norm": "ln_1", "ffn_norm": "ln_2"},
                  "starcoder2": {**BLOCK_KEYS, "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
@@ -144,7 +146,18 @@ ONE_ROW = ("ffn_gate_inp_shexp",)
 # `h.N.post_attention_layernorm` and `word_embeddings_layernorm` only without it).
 TEXT_PREFIXES = {"gemma3": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                             ("model.language_model.", "model.")),
-                 "bloom": (("transformer.", ""),)}
+                 "bloom": (("transformer.", ""),),
+                 "gemma4": (("model.language_model.", "model."),)}
+
+# Gemma 4's text model (Gemma4ForCausalLM, and Gemma4ForConditionalGeneration's `model.language_model.`, the prefix
+# llama.cpp's converter drops; vision and audio towers go to the mmproj file) is written as `gemma4` with every 2-D
+# weight as the checkpoint holds it: attention (sliding and full layers differ only in their shapes; a layer with
+# attention_k_eq_v has no v_proj, a kv-shared layer no k/v), the dense MLP (double wide on kv-shared layers), the
+# router's proj (blk.N.ffn_gate_inp), the per-layer-embedding linears (per_layer_model_proj, blk.N.inp_gate,
+# blk.N.proj), and the norms unshifted (Gemma 4's RMSNorm scales by w, not 1 + w). What it changes is no linear: the
+# router's scale and per-expert scale become blk.N.ffn_gate_inp.scale and blk.N.ffn_down_exps.scale, the experts stay
+# 3-D (ffn_gate_up_exps, ffn_down_exps: no targets), embed_tokens loses the rows past the tokenizer's vocabulary, and
+# a generated rope_freqs is added. Checked in tests/converters/test_gguf_gemma4.py.
 
 
 def qtype(name) -> QT:
