@@ -79,10 +79,13 @@ class _FolderPlan:
 
 def _find(model: OnnxModel, resolver: _Resolver, target: str, t, near: dict) -> Resolution | None:
     """The target's weight(s) in this model, verified; None where this model does not hold the target (a weight
-    found by a shorter name whose values differ is noted in `near`, for the error if no model holds it)."""
+    found by a shorter name whose shape, dtype or values differ is noted in `near`, for the error if no model holds
+    it)."""
     try:
         res = resolver.resolve(target, t)
-    except NotFound:
+    except NotFound as exc:
+        if exc.rule == "4.2":  # a shorter name of another shape: another part's layer
+            near.setdefault(target, model.path)
         return None
     idx = np.asarray(t.indices)
     for name, layout in res.initializers():
@@ -202,8 +205,8 @@ class OnnxFolderBackend(Backend):
                 hint = ""
                 if missing[0] in near:
                     hint = (f"; {os.path.basename(near[missing[0]])} has a weight of a name without the target's "
-                            f"leading part whose values differ from the adapter's probe hash (another part's layer, "
-                            f"or a base of another revision or already merged?)")
+                            f"leading part whose shape, dtype or values differ from the adapter's (another part's "
+                            f"layer, or a base of another revision or already merged?)")
                 raise NeuroAdaError(f"found in none of the folder's {len(view.models)} ONNX models "
                                     f"({', '.join(view.models)}) by name, exporter scope, node name or probe hash "
                                     f"(shape {list(t.shape)}, {t.dtype}); {len(missing)} target(s) missing in all"

@@ -80,7 +80,8 @@ def _type_name(data_type: int) -> str:
 
 
 class NotFound(NeuroAdaError):
-    """No initializer of the model holds the target (rule 4.1): what a folder of models reads as "not in this file"."""
+    """No initializer of the model holds the target (rule 4.1), or only one whose name lacks the target's leading
+    part and whose shape differs (rule 4.2): what a folder of models reads as "not in this file"."""
 
 
 @dataclass(frozen=True)
@@ -489,8 +490,11 @@ class _Resolver:
             self._check_float(name, target)
             layout = self._graph_layout(name) or _layout_for_shape(self.m.shape(name), canon, t.layout)
             if layout is None or self.m.shape(name) != stored_shape(canon, layout):
-                raise self._error(f"initializer {name!r} has shape {list(self.m.shape(name))}, the adapter "
-                                  f"expects [d_out, d_in] = {list(canon)} in either orientation", target, rule="4.2")
+                # (NotFound where the name lacks the target's leading part: it may be another part's layer, as in
+                # an encoder exported alone; one file's merge reports it all the same)
+                raise (NotFound if _dropped(name, target) else NeuroAdaError)(
+                    f"initializer {name!r} has shape {list(self.m.shape(name))}, the adapter expects [d_out, d_in] "
+                    f"= {list(canon)} in either orientation", path=self.m.path, tensor=target, rule="4.2")
             evidence[name] = (layout, "name", _dropped(name, target))
         # (2) exporter scope metadata, (3) legacy node names
         module = _module_of(target)

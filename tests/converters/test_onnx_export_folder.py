@@ -486,3 +486,43 @@ def test_a_merge_killed_mid_way_leaves_no_output_and_the_next_one_cleans_up(expo
     assert tree(folder) == before
     assert merge_run([*argv[3:]]) == 0
     assert os.listdir(tmp_path) == ["o"] and tree(out)["config.json"] == before["config.json"]
+
+
+def _single_matmul(path, name, w_in_out):
+    """A model of one MatMul whose weight `name` is stored [in, out]."""
+    i, o = w_in_out.shape
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", name], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, i])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, o])],
+                              [numpy_helper.from_array(w_in_out, name)])
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), os.fspath(path))
+
+
+def test_a_shorter_name_of_another_shape_in_another_model_is_another_part(tmp_path, capsys):
+    """The encoder (exported alone: `layers.0.fc1.weight`) and the decoder have layers of one name and other
+    sizes: the encoder's is another part's layer, as one whose values differ would be, not a rule-4.2 error that
+    stops the merge of the decoder."""
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "export"
+    folder.mkdir()
+    _single_matmul(folder / "encoder_model.onnx", "layers.0.fc1.weight", rng.standard_normal((6, 8), np.float32))
+    w = rng.standard_normal((10, 12)).astype(np.float32)   # [d_out, d_in]
+    key = "model.decoder.layers.0.fc1.weight"
+    _single_matmul(folder / "decoder_model.onnx", key, np.ascontiguousarray(w.T))
+    idx = naf.select_indices(w, 2)
+    naf.save(naf.Adapter({key: naf.Target.from_weight(key, w, idx, np.full(idx.shape, 0.1, np.float32))}),
+             tmp_path / "a.safetensors")
+    before = tree(folder)
+    code, out, err = _cli(capsys, "--base", folder, "--adapter", tmp_path / "a.safetensors", "--out", tmp_path / "o",
+                          "--json")
+    assert code == 0, err
+    assert json.loads(out)["details"]["targets"] == {key: ["decoder_model.onnx"]}
+    assert (tmp_path / "o" / "encoder_model.onnx").read_bytes() == (folder / "encoder_model.onnx").read_bytes()
+    got = numpy_helper.to_array(onnx.load(os.fspath(tmp_path / "o" / "decoder_model.onnx")).graph.initializer[0])
+    want = w.copy()
+    np.put_along_axis(want, idx, want[np.arange(10)[:, None], idx] + np.float32(0.1), axis=1)
+    assert np.array_equal(got, want.T) and tree(folder) == before
+
+    os.remove(folder / "decoder_model.onnx")   # ... and where no model holds it, the error says what was seen
+    code, _, err = _cli(capsys, "--base", folder, "--adapter", tmp_path / "a.safetensors", "--out", tmp_path / "o2")
+    assert code == 1 and err.count("\n") == 1 and "rule 4.1" in err and "encoder_model.onnx has a weight" in err, err
