@@ -17,7 +17,8 @@ weight it finds is checked against the adapter's probe hash:
 - found by nothing: not in this file. Ambiguities inside one file are errors, as for one file.
 
 A target found in no file is an error (rule 4.1), and so is --no-verify: without the values, nothing tells
-the parts apart. Models in which no target is found (an unrelated .onnx) are copied unchanged.
+the parts apart. Models in which no target is found (an unrelated .onnx) are copied unchanged; a model in a
+subfolder is refused, as it would be copied unmerged.
 
 Nothing is written before every file is resolved, verified and its merge worked out; the output is a new
 folder built under a temporary sibling and published with one rename (so no output lock is needed), with
@@ -55,6 +56,13 @@ class ExportFolder:
                        and not f.startswith("."))
         if not names:
             raise NeuroAdaError("no .onnx model at the top of the folder", path=self.path, rule="1.6")
+        # a model below the top is not merged: copied, it would keep the base's weights in an output said to be merged
+        nested = [f for f in self.files if os.sep in f and f.lower().endswith(".onnx")
+                  and not os.path.basename(f).startswith(".")]
+        if nested:
+            raise NeuroAdaUsageError(f"holds an ONNX model below its top ({nested[0]}), which merging the models at "
+                                     f"its top would copy unmerged: merge that folder on its own, or move the model "
+                                     f"out", path=self.path)
         self.models: dict[str, OnnxModel] = {}
         try:
             for name in names:

@@ -526,3 +526,19 @@ def test_a_shorter_name_of_another_shape_in_another_model_is_another_part(tmp_pa
     os.remove(folder / "decoder_model.onnx")   # ... and where no model holds it, the error says what was seen
     code, _, err = _cli(capsys, "--base", folder, "--adapter", tmp_path / "a.safetensors", "--out", tmp_path / "o2")
     assert code == 1 and err.count("\n") == 1 and "rule 4.1" in err and "encoder_model.onnx has a weight" in err, err
+
+
+def test_a_model_below_the_top_of_the_folder_is_refused_not_copied_unmerged(exports, tmp_path, capsys):
+    """Only the models at the folder's top are merged; one in a subfolder (an `onnx/` copy of the export, a variant)
+    would come out as the base's, inside an output said to be merged: refused, naming it, before anything is
+    written (the subfolder can be merged on its own)."""
+    _, _, _, folder, adapter = exports["t5"]
+    work = tmp_path / "export"
+    shutil.copytree(folder, work)
+    (work / "onnx").mkdir()
+    shutil.copy(work / "decoder_model.onnx", work / "onnx" / "decoder_model.onnx")
+    before = tree(work)
+    code, _, err = _cli(capsys, "--base", work, "--adapter", adapter, "--out", tmp_path / "o")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert os.fspath(work) in err and os.path.join("onnx", "decoder_model.onnx") in err and "unmerged" in err
+    assert tree(work) == before and sorted(os.listdir(tmp_path)) == ["export"]
