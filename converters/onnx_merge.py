@@ -64,6 +64,17 @@ QUANTIZED_TYPES = {
     TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2, TensorProto.FLOAT8E5M2FNUZ,
     *(getattr(TensorProto, n) for n in ("INT2", "UINT2", "FLOAT4E2M1", "FLOAT8E8M0") if hasattr(TensorProto, n)),
 }
+# bits per value of the other types an external tensor can have: one without a "length" reads its dims' worth, which
+# the shared-bytes checks must count (packed types: 4 or 2 bits a value, as ONNX stores them)
+VALUE_BITS = {
+    **{getattr(TensorProto, n): 8 for n in ("BOOL", "INT8", "UINT8", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2",
+                                           "FLOAT8E5M2FNUZ", "FLOAT8E8M0") if hasattr(TensorProto, n)},
+    TensorProto.INT16: 16, TensorProto.UINT16: 16, TensorProto.INT32: 32, TensorProto.UINT32: 32,
+    TensorProto.INT64: 64, TensorProto.UINT64: 64, TensorProto.DOUBLE: 64, TensorProto.COMPLEX64: 64,
+    TensorProto.COMPLEX128: 128,
+    **{getattr(TensorProto, n): b for n, b in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+       if hasattr(TensorProto, n)},
+}
 QUANT_OPS = {
     "MatMulNBits", "QLinearMatMul", "MatMulInteger", "DequantizeLinear", "QuantizeLinear",
     "DynamicQuantizeLinear", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
@@ -255,6 +266,8 @@ class OnnxModel:
         nbytes = None
         if t.data_type in FLOAT_TYPES:
             nbytes = int(np.prod(t.dims, dtype=np.int64)) * FLOAT_TYPES[t.data_type][1].itemsize
+        elif length is None and t.data_type in VALUE_BITS:  # (a length given is taken as it is, as before)
+            nbytes = -(-int(np.prod(t.dims, dtype=np.int64)) * VALUE_BITS[t.data_type] // 8)
         if length is not None:
             if nbytes is not None and length != nbytes:
                 raise NeuroAdaError(f"external data length {length} != {nbytes} bytes for dims {list(t.dims)}",
