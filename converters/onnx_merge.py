@@ -245,6 +245,8 @@ class OnnxModel:
         for n in _subgraph_nodes(graph.node):
             for i, name in enumerate(n.input):
                 self.inner_consumers.setdefault(name, []).append((n, i))
+            for out in n.output:  # (a branch's Transpose of an initializer: `weight_of` sees through it too)
+                self.producer.setdefault(out, n)
         self._arrays: dict[str, np.ndarray] = {}
 
     def close(self) -> None:
@@ -446,10 +448,13 @@ class _Resolver:
         return None
 
     def _consumers_through_transpose(self, name: str):
-        for n, i in self.m.consumers.get(name, []):
+        """The nodes reading an initializer, directly or through a Transpose, subgraphs' included: a merged decoder's
+        weights are read only inside its If branches, and a square one's orientation is then known from them alone."""
+        readers = self.m.consumers.get(name, []) + self.m.inner_consumers.get(name, [])
+        for n, i in readers:
             if n.op_type == "Transpose":
                 for out in n.output:
-                    yield from self.m.consumers.get(out, [])
+                    yield from self.m.consumers.get(out, []) + self.m.inner_consumers.get(out, [])
             else:
                 yield n, i
 

@@ -573,3 +573,45 @@ def test_a_data_file_another_model_reads_as_integers_without_a_length_is_refused
     assert code == 1 and err.count("\n") == 1, err
     assert "other.onnx reads bytes of 'shared.data'" in err and "rule 4.2" in err
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "export"]
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_a_merged_decoder_whose_branches_read_a_square_weight_by_its_name(tmp_path, capsys, transpose):
+    """decoder_model_merged.onnx with its weights under their checkpoint names and only the If branches reading them:
+    a square weight fits both orientations, so the one the branches' MatMul reads it in (as stored [in, out], or
+    through a Transpose from [out, in]) decides, as it does for a graph without branches; guessed, the stored
+    [in, out] weight was refused as another base's (rule 4.3). The merged model computes the merged weight."""
+    rng = np.random.default_rng(4)
+    key = "model.decoder.layers.0.self_attn.q_proj.weight"
+    w = rng.standard_normal((8, 8)).astype(np.float32)   # [d_out, d_in]
+
+    def branch(name):
+        nodes = [helper.make_node("MatMul", ["x", f"{name}_wt" if transpose else key], [f"y_{name}"])]
+        if transpose:
+            nodes.insert(0, helper.make_node("Transpose", [key], [f"{name}_wt"], perm=[1, 0]))
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT,
+                                                                                 [1, 8])])
+
+    graph = helper.make_graph([helper.make_node("If", ["use_cache_branch"], ["y"], then_branch=branch("with_past"),
+                                                else_branch=branch("without_past"))], "merged",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+                               helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                              [numpy_helper.from_array(np.ascontiguousarray(w if transpose else w.T), key)])
+    folder = tmp_path / "export"
+    folder.mkdir()
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                    os.fspath(folder / "decoder_model_merged.onnx"))
+    idx = naf.select_indices(w, 2)
+    naf.save(naf.Adapter({key: naf.Target.from_weight(key, w, idx, np.full(idx.shape, 0.5, np.float32))}),
+             tmp_path / "a.safetensors")
+    code, _, err = _cli(capsys, "--base", folder, "--adapter", tmp_path / "a.safetensors", "--out", tmp_path / "o")
+    assert code == 0, err
+    want = w.copy()
+    np.put_along_axis(want, idx, np.take_along_axis(want, idx, axis=1) + np.float32(0.5), axis=1)
+    x = rng.standard_normal((1, 8)).astype(np.float32)
+    sess = ort.InferenceSession(os.fspath(tmp_path / "o" / "decoder_model_merged.onnx"),
+                                providers=["CPUExecutionProvider"])
+    for flag in (True, False):
+        got = sess.run(None, {"x": x, "use_cache_branch": np.array([flag])})[0]
+        np.testing.assert_allclose(got, x @ want.T, rtol=1e-5, atol=1e-5)
