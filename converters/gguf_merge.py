@@ -160,6 +160,14 @@ TEXT_PREFIXES = {"gemma3": (("language_model.model.", "model."), ("language_mode
 # a generated rope_freqs is added. Checked in tests/converters/test_gguf_gemma4.py.
 
 
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "version unknown"
+
+
 def qtype(name) -> QT:
     """A GGML type from its name (`--option requant=Q8_0`), refused clearly when unknown or not encodable."""
     try:
@@ -526,7 +534,11 @@ class GGUFBase:
             if self.arch not in ARCHS:
                 raise NeuroAdaError(f"architecture {self.arch!r} has no Hugging Face name mapping here "
                                     f"(supported: {', '.join(ARCHS)})", path=self.path, rule="4.1")
-            arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.arch)
+            arch_enum = next((k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.arch), None)
+            if arch_enum is None:  # the installation's problem, not the file's: gguf-py older than the architecture
+                raise NeuroAdaUsageError(f"the installed gguf package ({_gguf_version()}) has no name table for "
+                                         f"architecture {self.arch!r}; upgrade it: pip install -U gguf",
+                                         path=self.path)
             blocks = self.file.kv.get(f"{self.arch}.block_count")
             if not isinstance(blocks, int) or isinstance(blocks, bool) or not 0 < blocks < 100_000:
                 raise self.file.err(f"{self.arch}.block_count is missing or not a small integer")

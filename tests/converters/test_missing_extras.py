@@ -81,3 +81,35 @@ def test_the_format_core_and_its_commands_need_none_of_them(files):
             "from neuroada_format._entry import neuroada\nsys.exit(neuroada())")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("valid: "), proc.stderr
+
+
+def test_a_gguf_package_older_than_the_architecture(tmp_path, small_model):
+    """gguf-py learns architectures release by release (0.10 has no qwen3moe, gemma3 or gemma4): with one that lacks
+    the file's, the merge says to upgrade it, in one line, exit 2, instead of an internal StopIteration."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    arrays, adapter = small_model
+    base = tmp_path / "model.gguf"
+    w = gguf.GGUFWriter(os.fspath(base), "qwen3moe")
+    w.add_block_count(1)
+    for key, name in (("q_proj", "attn_q"), ("up_proj", "ffn_up"), ("down_proj", "ffn_down")):
+        part = "self_attn" if key == "q_proj" else "mlp"
+        w.add_tensor(f"blk.0.{name}.weight", arrays[f"model.layers.0.{part}.{key}.weight"].astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    path = os.fspath(tmp_path / "a.safetensors")
+    naf.save(adapter, path)
+    before = base.read_bytes()
+    code = ("import sys, gguf\n"
+            "gguf.MODEL_ARCH_NAMES = {k: v for k, v in gguf.MODEL_ARCH_NAMES.items() if v != 'qwen3moe'}\n"
+            f"sys.argv = ['neuroada-merge', '--base', {os.fspath(base)!r}, '--adapter', {path!r}, "
+            f"'--out', {os.fspath(tmp_path / 'out.gguf')!r}]\n"
+            "from neuroada_format._entry import neuroada_merge\nsys.exit(neuroada_merge())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "no name table for architecture 'qwen3moe'" in proc.stderr and "pip install -U gguf" in proc.stderr
+    assert not (tmp_path / "out.gguf").exists() and base.read_bytes() == before
