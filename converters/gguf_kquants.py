@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
+from .block_fit import column_sums, to_f16, weighted_line_fit  # noqa: F401 (kq.* names of gguf_merge)
+
 QK_K = 256
 
 
@@ -50,45 +52,6 @@ class Unpacked:
         D = (self.d[:, None] * self.sc.astype(np.float32)).astype(np.float32)
         N = -(self.dmin[:, None] * self.mn.astype(np.float32)).astype(np.float32)
         return D, N
-
-
-def to_f16(x) -> np.ndarray:
-    """f32 values rounded to the nearest f16 (an overflow becomes +-Inf, without a warning): a stored scale."""
-    with np.errstate(over="ignore"):
-        return np.asarray(x, np.float32).astype(np.float16).astype(np.float32)
-
-
-def column_sums(a: np.ndarray) -> np.ndarray:
-    """a [n, ...] summed over its first axis, bit for bit as numpy sums n contiguous values (8 <= n <= 128, n a
-    multiple of 8: eight running sums, a tree of them, added to 0), so that .sum over rows of 16 or 32 values can be
-    done down the columns of their transpose: long operations instead of one short reduction per row (numpy's row
-    sums of 32 values were a quarter of the time of each candidate grid's evaluation)."""
-    r = a[0:8].copy()
-    for i in range(8, a.shape[0], 8):
-        r += a[i:i + 8]
-    s = (r[0] + r[1]) + (r[2] + r[3])
-    s += (r[4] + r[5]) + (r[6] + r[7])
-    s += np.float32(0)  # numpy's sum starts at +0: a sum of -0s is +0
-    return s
-
-
-def weighted_line_fit(w: np.ndarray, q: np.ndarray, x: np.ndarray, affine: bool, sw=None, sx=None):
-    """Weighted least squares of x ~ scale * q + offset per column of [k, n] (offset 0 unless affine), for levels q
-    already chosen: (scale [n], offset [n], ok [n]); columns with a singular system are not ok (their values are
-    meaningless). The refinement step of both block searches (gguf_merge's and the K-quants' below). sw, sx: the
-    sums of w and w * x per column, when the caller has them (they do not depend on the levels)."""
-    wq = w * q
-    t = wq * q
-    sq, sqq = column_sums(wq), column_sums(t)
-    sqx = column_sums(np.multiply(wq, x, out=t))
-    if sw is None:
-        sw, sx = column_sums(w), column_sums(w * x)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if affine:
-            det = sw * sqq - sq * sq
-            scale = (sw * sqx - sq * sx) / det
-            return scale, (sx - scale * sq) / sw, det != 0
-        return sqx / sqq, np.zeros(len(sw), np.float32), sqq != 0
 
 
 def _f16_bytes(x: np.ndarray) -> np.ndarray:

@@ -52,6 +52,7 @@ from neuroada_format.safe_io import open_regular
 from neuroada_format.validate import PROBE_MISMATCH, validate
 
 from . import gguf_kquants as kq
+from .block_fit import grid_eval as _grid_eval, grid_levels as _grid_levels, fit_grid  # noqa: F401 (the search shared with onnx_nbits)
 from .backend import Backend, Mismatch, Resolved, Written, pause_for_tests
 from .progress import bar
 from .safetensors_merge import _send, _write_exactly  # the one kernel copy and buffered I/O
@@ -699,37 +700,6 @@ def _decode(blocks: np.ndarray, t: QT) -> np.ndarray:
         return gquants.dequantize(np.ascontiguousarray(blocks).reshape(-1), t)
 
 
-def _grid_levels(x, d, m, lo, hi, out=None):
-    """The levels of blocks x [n, B] (one block per column) on grids d [B] / m [B] (None: no minimum, as for Q4_0 /
-    Q8_0, whose m = +0 changes no level): np.clip(np.rint((x - m) * inv), lo, hi), into `out` if given."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(d == 0, 0, 1 / d).astype(np.float32)
-    q = np.multiply(x, inv, out=out) if m is None else np.subtract(x, m, out=out)
-    if m is not None:
-        q *= inv
-    np.rint(q, out=q)
-    return np.clip(q, lo, hi, out=q)
-
-
-def _grid_eval(x, w, d, m, lo, hi, out=(None, None)):
-    """Levels (`_grid_levels`) and weighted squared error of blocks x [n, B] under grids d / m. out: two arrays shaped
-    as x for the levels and a scratch, reused across calls (fresh ones of a few hundred KiB cost more page faults
-    than the arithmetic on them)."""
-    # the same f32 operations as (w * (d * q + m - x) ** 2).sum over a block, in place and down the columns (with
-    # m = +0 left out: it turns a -0 into +0, which squares the same): this runs ~10 times per block and was, with
-    # its temporaries, most of a Q4_1 merge's time
-    q = _grid_levels(x, d, m, lo, hi, out[0])
-    dec = np.multiply(d, q, out=out[1])
-    if m is not None:
-        dec += m
-    dec -= x
-    np.square(dec, out=dec)
-    dec *= w
-    err = kq.column_sums(dec)
-    err[~np.isfinite(err)] = np.inf
-    return q, err
-
-
 def _pack(t: QT, d: np.ndarray, m: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Block bytes for Q4_1 / Q4_0 / Q8_0 from f16-exact scales, mins and integer levels."""
     n = q.shape[0]
@@ -890,38 +860,7 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
         if affine:
             for g in (-0.25, 0.25):
                 cands.append((kq.to_f16(d0 * f), kq.to_f16(m0 + g * d0)))
-    x, wt = np.ascontiguousarray(target.T), np.ascontiguousarray(w.T)  # one block per column (`_grid_eval`)
-    best_err = np.full(B, np.inf, np.float32)
-    best_d = np.zeros(B, np.float32)
-    best_m = np.zeros(B, np.float32)
-    scratch = (np.empty_like(x), np.empty_like(x))
-
-    def consider(d, m):
-        """Keep each block's grid (d, m) where its error is less than the best so far."""
-        _, err = _grid_eval(x, wt, d, m if affine else None, lo, hi, scratch)
-        better = err < best_err
-        for best, new in ((best_err, err), (best_d, d), (best_m, m)):
-            np.copyto(best, new, where=better)
-    for d, m in cands:
-        consider(d, m)
-    best_q = _grid_levels(x, best_d, best_m if affine else None, lo, hi)  # (once: cheaper than keeping each best)
-    # least squares for (d, m) with the levels fixed, then re-level; only blocks whose grid moved in the round
-    # before: the others would fit the same grid from the same levels, and it is no better than itself
-    sw, sx = kq.column_sums(wt), kq.column_sums(wt * x)
-    rows = np.arange(B)
-    for r in range(3):
-        x_, w_, q_ = (x, wt, best_q) if r == 0 else (x[:, rows], wt[:, rows], best_q[:, rows])
-        d, m, ok = kq.weighted_line_fit(w_, q_, x_, affine, sw[rows], sx[rows])
-        bd, bm = best_d[rows], best_m[rows]
-        d = kq.to_f16(np.where(ok, d, bd))
-        m = kq.to_f16(np.where(ok, m, bm)) if affine else m
-        if r > 0:  # (in the first round nearly every grid changes: all are evaluated, without copies)
-            new = np.flatnonzero((d.view(np.uint32) != bd.view(np.uint32)) | (m.view(np.uint32) != bm.view(np.uint32)))
-            d, m, rows, x_, w_ = d[new], m[new], rows[new], x_[:, new], w_[:, new]
-        q, err = _grid_eval(x_, w_, d, m if affine else None, lo, hi, scratch if r == 0 else (None, None))
-        better = err < best_err[rows]
-        rows = rows[better]
-        best_q[:, rows], best_err[rows], best_d[rows], best_m[rows] = q[:, better], err[better], d[better], m[better]
+    best_d, best_m, best_q, _, _ = fit_grid(target, w, cands, lo, hi, affine, kq.to_f16)
     return _pack(t, best_d, best_m, best_q.T)
 
 
