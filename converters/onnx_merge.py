@@ -27,13 +27,14 @@ import math
 import os
 from contextlib import contextmanager
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
 
 from neuroada_format import (Adapter, ArrayBase, MergePlan, NeuroAdaError, NeuroAdaUsageError, Target, plan_merge,
                              probe_hash, validate)
+from neuroada_format.hashing import probe_hash_from_values
 from neuroada_format.durable import (OutputClaim, derived_mode, fsync_path, output_lock, publish, remove,
                                      remove_stale_siblings, reserve, temp_sibling)
 from neuroada_format.layout import canonical_view, stored_shape
@@ -52,6 +53,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the [onn
     raise ImportError("ONNX merges need the onnx package: pip install 'neuroada-format[onnx]'",
                       name=exc.name) from exc
 
+from . import onnx_nbits  # noqa: E402  (needs onnx)
+
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 FLOAT_TYPES = {
@@ -59,6 +62,7 @@ FLOAT_TYPES = {
     TensorProto.FLOAT16: ("F16", np.dtype("<f2")),
     TensorProto.BFLOAT16: ("BF16", np.dtype(ml_dtypes.bfloat16)),
 }
+STORED_TYPES = {**FLOAT_TYPES, TensorProto.UINT8: ("U8", np.dtype(np.uint8))}  # what a merge reads and patches
 QUANTIZED_TYPES = {
     TensorProto.INT8, TensorProto.UINT8, TensorProto.INT4, TensorProto.UINT4, TensorProto.FLOAT8E4M3FN,
     TensorProto.FLOAT8E4M3FNUZ, TensorProto.FLOAT8E5M2, TensorProto.FLOAT8E5M2FNUZ,
@@ -248,6 +252,9 @@ class OnnxModel:
             for out in n.output:  # (a branch's Transpose of an initializer: `weight_of` sees through it too)
                 self.producer.setdefault(out, n)
         self._arrays: dict[str, np.ndarray] = {}
+        # MatMulNBits weights by their graph name (the quantized MatMul's initializer): onnx_nbits
+        self.nbits: dict[str, onnx_nbits.NBits] = {}
+        self.nbits = onnx_nbits.find(self)
 
     def close(self) -> None:
         """Let go of the external data's maps (backend.merge calls it when the merge ends, a refusal included)."""
@@ -266,8 +273,8 @@ class OnnxModel:
             raise NeuroAdaError(f"external data offset/length {entries.get('offset')!r}/{entries.get('length')!r} "
                                 f"is not an integer", path=self.path, tensor=t.name, rule="1.6") from None
         nbytes = None
-        if t.data_type in FLOAT_TYPES:
-            nbytes = int(np.prod(t.dims, dtype=np.int64)) * FLOAT_TYPES[t.data_type][1].itemsize
+        if t.data_type in STORED_TYPES:
+            nbytes = int(np.prod(t.dims, dtype=np.int64)) * STORED_TYPES[t.data_type][1].itemsize
         elif length is None and t.data_type in VALUE_BITS:  # (a length given is taken as it is, as before)
             nbytes = -(-int(np.prod(t.dims, dtype=np.int64)) * VALUE_BITS[t.data_type] // 8)
         if length is not None:
@@ -282,22 +289,42 @@ class OnnxModel:
 
     # -- tensors -----------------------------------------------------------------------------------
     def dtype(self, name: str) -> str | None:
-        """F32/F16/BF16 for float initializers, None otherwise."""
+        """F32/F16/BF16 for float initializers, None otherwise; F32 for a MatMulNBits weight (its values decode
+        to binary32)."""
+        if name not in self.initializers and name in self.nbits:
+            return "F32"
         entry = FLOAT_TYPES.get(self.initializers[name].data_type)
         return entry[0] if entry else None
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.initializers and name in self.nbits:
+            return self.nbits[name].N, self.nbits[name].K  # [d_out, d_in], as MatMulNBits stores it
         return tuple(int(d) for d in self.initializers[name].dims)
 
     def array(self, name: str) -> np.ndarray:
-        """The stored tensor (read-only): a memory map for external data, a buffer view for inline."""
+        """The stored tensor (read-only): a memory map for external data, a buffer view for inline; a MatMulNBits
+        weight decoded whole (f32 [N, K]; merges and probes decode only the blocks they need)."""
         if name in self._arrays:
+            return self._arrays[name]
+        if name not in self.initializers and name in self.nbits:
+            onnx_nbits.refuse(self, self.nbits[name], name)
+            self._arrays[name] = onnx_nbits.Weight(self, self.nbits[name]).decode_all()
             return self._arrays[name]
         t = self.initializers[name]
         if t.data_type not in FLOAT_TYPES:
             raise NeuroAdaError(f"initializer is {_type_name(t.data_type)}, not F32/F16/BF16",
                                 path=self.path, tensor=name, rule="4.2")
-        dt = FLOAT_TYPES[t.data_type][1]
+        return self.stored(name)
+
+    def stored(self, name: str) -> np.ndarray:
+        """An F32/F16/BF16 or UINT8 initializer as stored (read-only), by `array`'s means."""
+        if name in self._arrays:
+            return self._arrays[name]
+        t = self.initializers[name]
+        if t.data_type not in STORED_TYPES:
+            raise NeuroAdaError(f"initializer is {_type_name(t.data_type)}, not F32/F16/BF16 or UINT8",
+                                path=self.path, tensor=name, rule="4.2")
+        dt = STORED_TYPES[t.data_type][1]
         shape = self.shape(name)
         if name in self.external:
             ext = self.external[name]
@@ -351,6 +378,10 @@ class OnnxModel:
     def usage(self, node):
         """(initializer, stored layout) of a linear-like node's weight, ("quantized", node) or None."""
         op = node.op_type
+        if op == onnx_nbits.OP:
+            for name, nb in self.nbits.items():
+                if nb.node is node:
+                    return name, "out_in"   # B holds W as [N, K] = [d_out, d_in]
         if op in QUANT_OPS:
             return ("quantized", node), None
         if op == "Gather":
@@ -415,7 +446,8 @@ def _layout_for_shape(shape, canon, preferred: str) -> str | None:
 class _Resolver:
     def __init__(self, model: OnnxModel):
         self.m = model
-        self.quant_nodes = [n for n in model.nodes if n.op_type in QUANT_OPS]
+        nbits_nodes = {id(nb.node) for nb in model.nbits.values()}
+        self.quant_nodes = [n for n in model.nodes if n.op_type in QUANT_OPS and id(n) not in nbits_nodes]
         self.scoped = []    # (module path, node)
         self.legacy = []
         for n in model.nodes:
@@ -437,6 +469,8 @@ class _Resolver:
 
     def _graph_layout(self, name: str) -> str | None:
         """The orientation the graph uses an initializer in (MatMul/Gemm first, then Gather)."""
+        if name in self.m.nbits:
+            return "out_in"
         seen = {}
         for n, _ in self._consumers_through_transpose(name):
             used, layout = self.m.usage(n)
@@ -459,7 +493,11 @@ class _Resolver:
                 yield n, i
 
     def _check_float(self, name: str, target: str):
-        """Refuse integer/FP8 weights and float weights that feed a quantizer, naming the reason."""
+        """Refuse integer/FP8 weights and float weights that feed a quantizer, naming the reason; a MatMulNBits
+        weight is refused where it is not one this merge writes (onnx_nbits)."""
+        if name not in self.m.initializers and name in self.m.nbits:
+            onnx_nbits.refuse(self.m, self.m.nbits[name], target)
+            return
         t = self.m.initializers[name]
         if t.data_type in FLOAT_TYPES:
             for n, _ in self._consumers_through_transpose(name):
@@ -498,7 +536,7 @@ class _Resolver:
         canon = tuple(t.shape)
         evidence: dict[str, tuple[str, str]] = {}
         # (1) names
-        names = [n for n in self.m.initializers if _suffix_match(n, target)]
+        names = [n for n in [*self.m.initializers, *self.m.nbits] if _suffix_match(n, target)]
         exact = [n for n in names if n == target]
         names = exact or names
         if len(names) > 1:
@@ -546,6 +584,12 @@ class _Resolver:
                 if self.m.shape(name) == stored_shape(canon, layout):
                     if probe_hash(self.m.array(name), idx, layout) == t.probe:
                         hits.append((name, layout))
+        for name, nb in self.m.nbits.items():  # decoded only where the probe reads (blocks holding its columns)
+            if name in self.m.initializers or nb.problem or (nb.N, nb.K) != canon:
+                continue
+            values = onnx_nbits.Weight(self.m, nb).values_at(np.arange(canon[0])[:, None], idx)
+            if probe_hash_from_values(values) == t.probe:
+                hits.append((name, "out_in"))
         if len(hits) > 1:
             listed = ", ".join(f"{n} ({lay})" for n, lay in hits)
             raise self._error(f"ambiguous: {len(hits)} initializers match the adapter's probe hash: {listed}",
@@ -556,6 +600,11 @@ class _Resolver:
                 ops = sorted({n.op_type for n in self.quant_nodes})
                 hint = (f"; the model contains quantized operators ({', '.join(ops)}): NeuroAda merges need the "
                         f"float model")
+            if self.m.nbits and not hint:
+                hint = (f"; the model's {len(self.m.nbits)} MatMulNBits weights are matched by name, exporter scope or "
+                        f"node name, else by the probe hash over their decoded values, which an adapter made on the "
+                        f"full-precision checkpoint does not match: make it on the de-quantized weights, or merge "
+                        f"into the float model and quantize")
             raise NotFound(f"no initializer found by name, exporter scope, node name or probe hash (shape "
                            f"{list(canon)}, {t.dtype}){hint}", path=self.m.path, tensor=target, rule="4.1")
         return Resolution(hits[0][0], hits[0][1], "probe")
@@ -661,6 +710,7 @@ class _Plan:
     originals: dict | None = None  # in place: initializer -> the values the merge replaces (for the journal)
     adapters: list | None = None   # what the journal records of the adapters (backend.described)
     touched: int = 0
+    blocks: dict = field(default_factory=dict)  # MatMulNBits weight -> (touched blocks, packed on their grid)
 
 
 class OnnxBackend(Backend):
@@ -706,7 +756,10 @@ class OnnxBackend(Backend):
                                          f"merge without --no-verify", path=adapter.path or f"adapter #{ai}")
             for target, res in found.items():
                 t = adapter.targets[target]
-                resolutions.setdefault(target, {**res.to_dict(), "adapters": []})["adapters"].append(ai)
+                info = res.to_dict()
+                if res.initializer not in view.initializers and res.initializer in view.nbits:
+                    info["matmulnbits"] = view.nbits[res.initializer].to_dict()
+                resolutions.setdefault(target, {**info, "adapters": []})["adapters"].append(ai)
                 for name, layout in res.initializers():
                     entry = entries.setdefault(name, {"layout": layout, "deltas": [], "sources": []})
                     entry["deltas"].append(Delta(t.indices, t.values, scale))
@@ -722,8 +775,15 @@ class OnnxBackend(Backend):
                 if name in view.external:
                     ext = view.external[name]
                     reserve(ext.file, ext.offset, ext.nbytes)
+        quantized = sorted(n for n in plan.entries if n not in view.initializers and n in view.nbits)
+        if quantized and in_place:
+            raise NeuroAdaUsageError(f"{quantized[0]!r} is a MatMulNBits weight, whose merge rewrites blocks, scales "
+                                     f"and zero points: merge into a copy (--out)", path=view.path)
         for name in sorted(plan.entries):
             entry = plan.entries[name]
+            if name in quantized:
+                self._plan_nbits(view, plan, name, entry, verify)
+                continue
             merge_plan = plan_merge(view.array(name), entry["deltas"], entry["layout"], checked=True)  # resolve ran 3.x
             if verify:
                 _probe_check(name, merge_plan, entry["sources"], plan.resolutions)
@@ -737,12 +797,43 @@ class OnnxBackend(Backend):
             _check_patchable(view, plan.patches)
         return plan
 
+    @staticmethod
+    def _plan_nbits(view: OnnxModel, plan: _Plan, name: str, entry: dict, verify: bool) -> None:
+        """A MatMulNBits weight: rule M on its decoded values (only the blocks holding a delta's column are decoded),
+        the probe hashes from those values, and the touched blocks re-encoded (onnx_nbits.reencode)."""
+        nb = view.nbits[name]
+        weight = onnx_nbits.Weight(view, nb)
+        values, _ = weight.decode_touched(entry["deltas"])
+        merge_plan = plan_merge(values, entry["deltas"], "out_in", checked=True)
+        if verify:
+            _probe_check(name, merge_plan, entry["sources"], plan.resolutions)
+        target = entry["sources"][0][1].name
+        patch = onnx_nbits.reencode(weight, values, merge_plan, where=(view.path, target))
+        for tensor, (positions, new) in patch.tensors.items():
+            plan.patches[tensor] = (np.asarray(positions, np.int64), new)
+        plan.touched += int(merge_plan.positions.size)
+        plan.blocks[name] = (int(patch.ids.size), patch.on_grid)
+
     def write(self, view: OnnxModel, plan: _Plan, out: str, *, overwrite: bool, durable: bool,
               progress: bool) -> Written:
         claim = getattr(view, "claim", None) or OutputClaim(out, None)
         files, written, stale = _write_copy(view, plan.patches, out, overwrite, durable, claim)
-        return Written(plan.touched, files, written, removed_stale=claim.removed + stale,
-                       details=self._details(view, plan))
+        details, warnings = self._details(view, plan), []
+        if plan.blocks:
+            total, on = sum(b for b, _ in plan.blocks.values()), sum(o for _, o in plan.blocks.values())
+            off = total - on
+            details.update(blocks_on_grid=on, blocks_reencoded=off)
+            if off:
+                worst = max(plan.blocks, key=lambda n: plan.blocks[n][0] - plan.blocks[n][1])
+                warnings.append(f"{off:,} of {total:,} touched blocks in {sum(b > o for b, o in plan.blocks.values())} "
+                                f"of {len(plan.blocks)} MatMulNBits weights (most in {worst}) were re-encoded: their "
+                                f"merged values are off the block's grid, so they are not exact (spec section 15.4); "
+                                f"{on:,} were packed exactly on their original scale and zero point")
+                details["note"] = f"MatMulNBits targets: {off:,} of {total:,} touched blocks re-encoded, not exact"
+            else:
+                details["note"] = f"MatMulNBits targets exact: all {on:,} touched blocks packed on their original grid"
+        return Written(plan.touched, files, written, removed_stale=claim.removed + stale, details=details,
+                       warnings=warnings)
 
     def write_in_place(self, view: OnnxModel, plan: _Plan, *, journal, durable: bool, progress: bool) -> Written:
         journal, files = _write_in_place(view, plan, journal, durable)
@@ -803,6 +894,11 @@ def _verify(model: OnnxModel, adapter: Adapter, resolutions: dict[str, Resolutio
 def stored_mismatch(model: OnnxModel, name: str, layout: str, t: Target) -> str | None:
     """Rule 4.2 for one initializer holding target `t` in `layout`: what differs (dtype or stored shape), or None."""
     want = stored_shape(t.shape, layout)
+    if name not in model.initializers and name in model.nbits:  # binary32 decoded values: the probe decides (14)
+        if model.shape(name) != want:
+            return (f"MatMulNBits weight {name!r} is [N, K] = {list(model.shape(name))}, the adapter expects "
+                    f"{list(want)}")
+        return None
     if model.dtype(name) != t.dtype or model.shape(name) != want:
         return (f"initializer {name!r} is {model.dtype(name)}{list(model.shape(name))} ({layout}), the adapter "
                 f"expects {t.dtype}{list(want)}")
@@ -826,7 +922,7 @@ def _probe_check(name: str, plan: MergePlan, sources: list[tuple[str, Target]], 
 def _patch_external(model: OnnxModel, path: str, name: str, positions, values) -> None:
     """Patch initializer `name` inside data file `path` (the base's, or a copy) at its offset."""
     ext = model.external[name]
-    patch_values(path, FLOAT_TYPES[model.initializers[name].data_type][0], ext.offset,
+    patch_values(path, STORED_TYPES[model.initializers[name].data_type][0], ext.offset,
                  int(np.prod(model.shape(name))), positions, values)
 
 

@@ -1,0 +1,353 @@
+"""ONNX Runtime's weight-only quantized linear layers (`com.microsoft` MatMulNBits): reading a node's weight,
+decoding only the blocks a merge needs, and re-encoding the blocks that hold a merged value (spec/SPEC.md 15.4).
+
+A MatMulNBits node computes A @ W^T with W [N, K] = [d_out, d_in] (the canonical view, layout `out_in`) stored
+block-wise along K: B uint8 [N, n_blocks, block_size * bits / 8] holds the codes, low bits first (4-bit: value 2j
+in the low nibble of byte j, value 2j + 1 in the high one), `scales` [N * n_blocks] (float, the type of A) one
+scale per block, and the optional `zero_points` uint8 [N, ceil(n_blocks * bits / 8)] one zero point per block,
+packed as B is. A value decodes as (code - zero_point) * scale, with zero point 2^(bits - 1) when the input is
+absent (ONNX Runtime's contrib operator documentation; checked against onnxruntime's kernel in the tests). Here a
+value is that formula in binary32: fl32(f32(scale) * (code - zero_point)), the integer difference exact.
+
+ONNX Runtime's quantizer (MatMulNBitsQuantizer) names B `<initializer>_Q<bits>`, after the [K, N] initializer of the
+MatMul it replaced; the graph's weight keeps that name here (`NBits.name`), so the resolution of
+converters/onnx_merge.py finds it as it found the float initializer: by name, by the node's exporter scope or
+legacy node name when the graph still has them, and otherwise by the probe hash over the decoded values.
+
+Merging re-encodes, as the GGUF merge does for Q4_0 / Q8_0 (block_fit.fit_grid, the same search), only the blocks
+that hold a touched value: a block whose merged values all decode exactly from its own scale and zero point with
+codes in range keeps them and changes only those codes (exact); any other gets the least-error (scale, zero point)
+among the original, ONNX Runtime's round-to-nearest one, the original moved to hold the largest touched change
+exactly and a few around them, then least-squares refinements of the scale, touched values weighted 100 to 1.
+Every other block, scale and zero point keeps its bytes; scales are rounded to their stored type.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+from onnx import TensorProto
+
+from neuroada_format import NeuroAdaError
+
+from .block_fit import fit_grid, to_f16
+
+OP = "MatMulNBits"
+DOMAIN = "com.microsoft"
+BITS = (4, 8)                                   # what is merged; 2-bit (and 3, 5-7) blocks are refused
+ATTRIBUTES = {"K", "N", "bits", "block_size", "accuracy_level"}  # accuracy_level changes how A is computed, not W
+RULE = "4.2"                                    # the weight cannot be merged as this file stores it
+TOUCHED_WEIGHT = 100.0                          # as the GGUF merge's default (gguf_merge.GGUFBackend)
+U8 = TensorProto.UINT8
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return a.i
+    return default
+
+
+@dataclass
+class NBits:
+    """One MatMulNBits node's weight: where its parts are and how they are laid out."""
+    node: object
+    name: str                   # the weight's name in the graph: B's without `_Q<bits>` (the MatMul's initializer)
+    b: str
+    scales: str
+    zero_points: str | None
+    bits: int
+    block: int
+    K: int
+    N: int
+    problem: str | None = None  # why it cannot be merged (refused when a target resolves to it)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.K // self.block
+
+    @property
+    def blob(self) -> int:
+        return self.block * self.bits // 8
+
+    @property
+    def zp_row(self) -> int:
+        return -(-self.n_blocks * self.bits // 8)
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    def to_dict(self) -> dict:
+        return {"op": OP, "B": self.b, "scales": self.scales, "zero_points": self.zero_points, "bits": self.bits,
+                "block_size": self.block}
+
+
+def find(model) -> dict[str, NBits]:
+    """Every MatMulNBits node of the main graph whose B is an initializer, by its weight's name; each one's
+    `problem` says why it cannot be merged, if it cannot (decided here, refused only where a target lands)."""
+    out: dict[str, NBits] = {}
+    for node in model.nodes:
+        if node.op_type != OP or len(node.input) < 3 or node.input[1] not in model.initializers:
+            continue
+        bits, block = _attr(node, "bits", 4), _attr(node, "block_size", 0)
+        K, N = _attr(node, "K", 0), _attr(node, "N", 0)
+        b = node.input[1]
+        suffix = f"_Q{bits}"
+        name = b[: -len(suffix)] if b.endswith(suffix) and len(b) > len(suffix) else b
+        if name in model.initializers or name in out:  # a float initializer keeps its name; never two weights in one
+            name = b
+        zp = node.input[3] if len(node.input) > 3 and node.input[3] else None
+        nb = NBits(node, name, b, node.input[2], zp, bits, block, K, N)
+        nb.problem = _problem(model, nb)
+        out[name] = nb
+    return out
+
+
+def _problem(model, nb: NBits) -> str | None:
+    """What makes a MatMulNBits weight one this merge does not write, or None."""
+    node, where = nb.node, f"MatMulNBits node {nb.node.name or '(unnamed)'}"
+    if node.domain != DOMAIN:
+        return f"{where} is in domain {node.domain!r}, not {DOMAIN!r}"
+    unknown = sorted({a.name for a in node.attribute} - ATTRIBUTES)
+    if unknown:
+        return f"{where} has attribute(s) {', '.join(unknown)}, whose effect on the stored weight is not known here"
+    if nb.bits not in BITS:
+        return f"{where} stores {nb.bits}-bit codes; merges write 4- and 8-bit MatMulNBits weights only"
+    if nb.block < 16 or nb.block & (nb.block - 1):
+        return f"{where} has block_size {nb.block}, not a power of two of at least 16"
+    if nb.K <= 0 or nb.N <= 0 or nb.K % nb.block:
+        return (f"{where} has K={nb.K}, N={nb.N}: K must be a positive multiple of block_size {nb.block} (a padded "
+                f"last block is not merged)")
+    if len(node.input) > 4 and node.input[4]:
+        return f"{where} has a g_idx input (act-order / group indices), which reorders the blocks"
+    if len(node.input) > 6:
+        return f"{where} has {len(node.input)} inputs; the operator defines 6"
+    if len(node.input) > 5 and node.input[5] in model.initializers and model.shape(node.input[5]) != (nb.N,):
+        return f"{where} has a bias of shape {list(model.shape(node.input[5]))}, not [N] = [{nb.N}]"
+    want = {nb.b: (U8, (nb.N, nb.n_blocks, nb.blob)), nb.scales: (None, nb.N * nb.n_blocks)}
+    if nb.zero_points:
+        want[nb.zero_points] = (U8, nb.N * nb.zp_row)
+    for name, (dtype, shape) in want.items():
+        if name not in model.initializers:
+            return f"{where}: input {name!r} is computed, not an initializer"
+        t = model.initializers[name]
+        if name == nb.scales and model.dtype(name) is None:
+            return f"{where}: scales {name!r} are not F32, F16 or BF16"
+        if name == nb.zero_points and t.data_type != U8:
+            return (f"{where}: zero points {name!r} are not packed uint8 (float zero points are not merged: "
+                    f"their grid is not one of integer codes)")
+        if dtype is not None and t.data_type != dtype:
+            return f"{where}: {name!r} is not uint8"
+        got = model.shape(name)
+        if (got != shape) if isinstance(shape, tuple) else (math.prod(got) != shape):
+            return f"{where}: {name!r} has shape {list(got)}, expected {list(shape) if isinstance(shape, tuple) else shape} values"
+        readers = model.consumers.get(name, []) + model.inner_consumers.get(name, [])
+        others = [n for n, _ in readers if n is not node]
+        if others:
+            return (f"{where}: {name!r} also feeds {others[0].op_type} ({others[0].name or 'unnamed'}); merging would "
+                    f"change that node's input too")
+    return None
+
+
+def refuse(model, nb: NBits, target: str) -> None:
+    if nb.problem:
+        raise NeuroAdaError(nb.problem, path=model.path, tensor=target, rule=RULE)
+
+
+# -- decoding ------------------------------------------------------------------------------------------
+def _codes(blobs: np.ndarray, bits: int) -> np.ndarray:
+    """[n, blob] bytes -> [n, block] codes (uint8), low bits first."""
+    if bits == 8:
+        return blobs
+    return np.stack([blobs & np.uint8(15), blobs >> np.uint8(4)], axis=-1).reshape(blobs.shape[0], -1)
+
+
+def _pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return codes.astype(np.uint8)
+    c = codes.astype(np.uint8).reshape(codes.shape[0], -1, 2)
+    return c[:, :, 0] | (c[:, :, 1] << np.uint8(4))
+
+
+class Weight:
+    """A MatMulNBits weight's stored parts (read-only arrays) and block-wise decoding."""
+
+    def __init__(self, model, nb: NBits):
+        self.nb = nb
+        self.blobs = np.asarray(model.stored(nb.b)).reshape(nb.N * nb.n_blocks, nb.blob)
+        self.scales = np.asarray(model.stored(nb.scales)).reshape(-1)
+        self.zp_bytes = None if nb.zero_points is None else np.asarray(model.stored(nb.zero_points)).reshape(
+            nb.N, nb.zp_row)
+
+    def zero_points(self, ids: np.ndarray) -> np.ndarray:
+        """The zero points of blocks `ids` (flat: row * n_blocks + block) as integers."""
+        nb = self.nb
+        if self.zp_bytes is None:
+            return np.full(ids.shape, 1 << (nb.bits - 1), np.int32)
+        row, blk = np.divmod(ids, nb.n_blocks)
+        if nb.bits == 8:
+            return self.zp_bytes[row, blk].astype(np.int32)
+        byte = self.zp_bytes[row, blk // 2]
+        return np.where(blk % 2 == 0, byte & 15, byte >> 4).astype(np.int32)
+
+    def scale_f32(self, ids: np.ndarray) -> np.ndarray:
+        return self.scales[ids].astype(np.float32)
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        """Blocks `ids` as f32 values [len(ids), block]: fl32(f32(scale) * (code - zero point))."""
+        levels = _codes(self.blobs[ids], self.nb.bits).astype(np.float32) - self.zero_points(ids)[:, None].astype(np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            return levels * self.scale_f32(ids)[:, None]
+
+    def values_at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """f32 values at (rows[i, j], cols[i, j]), decoding only the blocks that hold them (the probe hash)."""
+        wanted = np.asarray(rows, np.int64) * self.nb.n_blocks + np.asarray(cols, np.int64) // self.nb.block
+        unique, where = np.unique(wanted, return_inverse=True)
+        return self.decode(unique)[where.reshape(wanted.shape), np.asarray(cols) % self.nb.block]
+
+    def decode_all(self) -> np.ndarray:
+        return self.decode(np.arange(self.blobs.shape[0])).reshape(self.nb.N, self.nb.K)
+
+    def decode_touched(self, deltas) -> tuple[np.ndarray, np.ndarray]:
+        """[N, K] values decoded only in the blocks that hold a delta's column (NaN elsewhere: no merge reads them),
+        and those blocks' ids."""
+        nb = self.nb
+        held = np.zeros((nb.N, nb.n_blocks), bool)
+        for d in deltas:
+            held[np.arange(nb.N)[:, None], np.asarray(d.indices, np.int64) // nb.block] = True
+        ids = np.flatnonzero(held)
+        out = np.full((nb.N * nb.n_blocks, nb.block), np.nan, np.float32)
+        out[ids] = self.decode(ids)
+        return out.reshape(nb.N, nb.K), ids
+
+
+# -- encoding ------------------------------------------------------------------------------------------
+def _rounder(dtype: np.dtype):
+    """A fitted scale rounded to its stored type (as f32 values; an overflow becomes +-Inf, refused later)."""
+    if dtype == np.float32:
+        return lambda x: np.asarray(x, np.float32)
+    if dtype == np.float16:
+        return to_f16
+    return lambda x: np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+@dataclass
+class Patch:
+    """The bytes a merge writes into one MatMulNBits weight: per stored tensor, (flat positions, new values)."""
+    ids: np.ndarray            # blocks rewritten
+    on_grid: int               # of them, packed exactly on their original scale and zero point
+    tensors: dict              # initializer -> (positions, values)
+
+
+def reencode(w: Weight, values: np.ndarray, mp, *, where: tuple[str, str],
+             touched_weight: float = TOUCHED_WEIGHT) -> Patch:
+    """The blocks holding a merged value of `mp` (a MergePlan over `values`, the [N, K] decoded weight), re-encoded.
+    where: (file, target) for errors."""
+    nb = w.nb
+    block = nb.block
+    which = mp.positions // block
+    ids = np.unique(which)
+    before = values.reshape(-1, block)[ids]
+    if not np.isfinite(before).all():
+        bad = int(ids[~np.isfinite(before).all(axis=1)][0])
+        raise NeuroAdaError(f"block {bad % nb.n_blocks} of row {bad // nb.n_blocks} decodes to NaN or Inf (its scale "
+                            f"is not finite) and the merge touches it; the base file is damaged",
+                            path=where[0], tensor=where[1], rule="1.6")
+    at, col = np.searchsorted(ids, which), mp.positions % block
+    merged = np.asarray(mp.merged, np.float32)
+    d0, z0 = w.scale_f32(ids), w.zero_points(ids).astype(np.float32)
+    codes = _codes(w.blobs[ids], nb.bits).astype(np.int32)
+    scales, zps = d0.copy(), z0.copy()
+    # on the original grid: every changed value is d0 * (code - z0) for a code in range
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        lv = np.rint(merged / np.where(d0[at] == 0, np.float32(1), d0[at]))
+    lv[~np.isfinite(lv)] = 0
+    lv = np.clip(lv, -z0[at], np.float32(nb.qmax) - z0[at])
+    exact = (d0[at] * lv == merged) | (merged == before[at, col])
+    on = np.ones(ids.size, bool)
+    on[at[~exact]] = False
+    keep = on[at]
+    chg = keep & (merged != before[at, col])  # (an unchanged value keeps its code, whatever its level)
+    codes[at[chg], col[chg]] = (lv[chg] + z0[at[chg]]).astype(np.int32)
+    rest = np.flatnonzero(~on)
+    if rest.size:
+        target = before[rest].copy()
+        mask = np.zeros(target.shape, bool)
+        sel = ~keep
+        pos = np.searchsorted(rest, at[sel])
+        target[pos, col[sel]] = merged[sel]
+        mask[pos, col[sel]] = True
+        d, z, q = _search(nb, target, before[rest], mask, d0[rest], z0[rest], _rounder(w.scales.dtype),
+                          touched_weight)
+        if not np.isfinite(d).all():
+            raise NeuroAdaError(f"merged values reach {float(np.abs(target).max()):.4g}, beyond what a {nb.bits}-bit "
+                                f"block with {w.scales.dtype} scales can encode; merge with a smaller scale",
+                                path=where[0], tensor=where[1], rule=RULE)
+        scales[rest], zps[rest] = d, z
+        codes[rest] = q + z[:, None].astype(np.int32)
+    tensors = {}
+    blob_pos = (ids[:, None] * nb.blob + np.arange(nb.blob)).reshape(-1)
+    tensors[nb.b] = (blob_pos, _pack_codes(codes, nb.bits).reshape(-1))
+    if rest.size:
+        moved = rest[(scales[rest].view(np.uint32) != d0[rest].view(np.uint32)) | (zps[rest] != z0[rest])]
+        zps = zps.astype(np.int32)
+        sid = ids[moved]
+        tensors[nb.scales] = (sid, scales[moved].astype(w.scales.dtype))
+        if nb.zero_points is not None and moved.size:
+            tensors[nb.zero_points] = _zp_patch(w, sid, zps[moved])
+    return Patch(ids, int(on.sum()), tensors)
+
+
+def _zp_patch(w: Weight, ids: np.ndarray, zps: np.ndarray):
+    """(positions, bytes) of the packed zero points with blocks `ids` set to `zps` (the other half of a byte kept)."""
+    nb = w.nb
+    row, blk = np.divmod(ids, nb.n_blocks)
+    if nb.bits == 8:
+        return row * nb.zp_row + blk, zps.astype(np.uint8)
+    pos = row * nb.zp_row + blk // 2
+    flat = w.zp_bytes.reshape(-1)
+    new = {int(p): int(flat[p]) for p in np.unique(pos)}
+    for p, b, z in zip(pos.tolist(), blk.tolist(), zps.tolist()):
+        new[p] = (new[p] & 0xF0) | z if b % 2 == 0 else (new[p] & 0x0F) | (z << 4)
+    keys = np.array(sorted(new), np.int64)
+    return keys, np.array([new[k] for k in keys.tolist()], np.uint8)
+
+
+def _search(nb: NBits, target, before, touched, d0, z0, to_scale, touched_weight):
+    """Per block of target [B, block]: (scale [B] as stored, zero point [B], levels [B, block] = code - zero point)."""
+    B = target.shape[0]
+    qmax, half = nb.qmax, 1 << (nb.bits - 1)
+    sym = nb.zero_points is None
+    w = np.where(touched, np.float32(touched_weight), np.float32(1))
+    cands = []
+
+    def cand(d, z):
+        z = np.asarray(z, np.float32)
+        cands.append((to_scale(d), np.zeros(B, np.float32), -z, qmax - z))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        cand(d0, z0)  # the original
+        if sym:
+            peak = np.take_along_axis(target, np.abs(target).argmax(axis=1)[:, None], axis=1)[:, 0]
+            cand(peak / -half, np.full(B, half))                     # the largest magnitude on level -half
+            cand(np.abs(target).max(axis=1) / (half - 1), np.full(B, half))  # ... on +-(half - 1)
+            naive_d, naive_z = to_scale(peak / -half), np.full(B, half, np.float32)
+        else:  # ONNX Runtime's round to nearest: [min, max] with 0 in it, on [0, qmax]
+            lo, hi = np.minimum(target.min(axis=1), 0), np.maximum(target.max(axis=1), 0)
+            naive_d = to_scale((hi - lo) / qmax)
+            naive_z = np.clip(np.rint(-lo / np.where(naive_d == 0, 1, naive_d)), 0, qmax).astype(np.float32)
+            cand(naive_d, naive_z)
+        # the original moved just enough to hold each block's largest touched change exactly
+        j = np.argmax(np.where(touched, np.abs(target - before), -1), axis=1)
+        xt = target[np.arange(B), j]
+        q = np.clip(np.rint(xt / np.where(d0 == 0, 1, d0)), -z0, np.float32(qmax) - z0)
+        q = np.where(q == 0, np.where(z0 < qmax, 1, -1), q)
+        cand(np.where(d0 != 0, xt / q, d0), z0)
+        for f in (0.98, 1.02):
+            cand(naive_d * f, naive_z)
+            cand(d0 * f, z0)
+    d, _, q, lo, _ = fit_grid(target, w, cands, 0, 0, False, to_scale)
+    return d, -lo, q.T.astype(np.int32)
+
