@@ -1,0 +1,452 @@
+"""Merging into ONNX Runtime MatMulNBits weights (converters/onnx_nbits.py) on real models: a tiny Llama exported by
+the dynamo exporter and quantized in-process by onnxruntime's MatMulNBitsQuantizer (round to nearest, symmetric and
+asymmetric, 4 and 8 bits, blocks of 32 and 128), run in onnxruntime.
+
+The reference for what a merged file holds is decoded here independently, from ONNX Runtime's contrib operator
+documentation: (code - zero_point) * scale, codes low bits first, zero point 2^(bits - 1) when absent.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+transformers = pytest.importorskip("transformers")
+nbq = pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+import neuroada_format as naf  # noqa: E402
+from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
+from neuroada_format.converters.onnx_merge import OnnxModel, merge_onnx, resolve_targets  # noqa: E402
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VARIANTS = [(4, 32, True), (4, 32, False), (4, 128, True), (4, 128, False), (8, 32, True), (8, 128, False)]
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def quantize(model_proto, bits, block, symmetric, exclude=()):
+    logging.disable(logging.WARNING)
+    try:
+        q = nbq.MatMulNBitsQuantizer(copy.deepcopy(model_proto), bits=bits, block_size=block,
+                                     is_symmetric=symmetric, nodes_to_exclude=list(exclude))
+        q.process()
+        return q.model.model
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def save(proto, path):
+    onnx.save(proto, os.fspath(path))
+    return os.fspath(path)
+
+
+def inits(path):
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(os.fspath(path)).graph.initializer}
+
+
+def nbits_node(proto, b_name):
+    return next(n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.input[1] == b_name)
+
+
+def decode(tensors, node):
+    """The [N, K] f32 weight a MatMulNBits node holds, by the operator's documented formula."""
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    bits, block, K, N = a["bits"], a["block_size"], a["K"], a["N"]
+    nb = K // block
+    B = tensors[node.input[1]]
+    codes = (np.stack([B & 15, B >> 4], -1) if bits == 4 else B).reshape(N, nb, block).astype(np.float32)
+    if len(node.input) > 3 and node.input[3]:
+        Z = tensors[node.input[3]]
+        zp = (np.stack([Z & 15, Z >> 4], -1).reshape(N, -1) if bits == 4 else Z.reshape(N, -1))[:, :nb]
+    else:
+        zp = np.full((N, nb), 1 << (bits - 1))
+    scale = tensors[node.input[2]].reshape(N, nb).astype(np.float32)
+    return ((codes - zp[:, :, None].astype(np.float32)) * scale[:, :, None]).reshape(N, K)
+
+
+def run(path, ids):
+    sess = ort.InferenceSession(path if isinstance(path, bytes) else os.fspath(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: ids})[0]
+
+
+def with_weights(float_path, weights, out):
+    """The float export with initializers replaced ({name: [K, N] array}): the full-precision model of those values."""
+    proto = onnx.load(os.fspath(float_path))
+    for t in proto.graph.initializer:
+        if t.name in weights:
+            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(weights[t.name]).astype(np.float32), t.name))
+    return save(proto, out)
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def adapter_on(weights: dict, k=4, seed=0, rel=0.05, snap=None):
+    """An adapter over {target: [d_out, d_in] f32 values} (the de-quantized weights), deltas ~ rel * std; snap:
+    {target: (scale [N, n_blocks], zp, bits)} snaps each delta so the merged value lies on its block's grid."""
+    rng = np.random.default_rng(seed)
+    targets = {}
+    for name, w in weights.items():
+        idx = naf.select_indices(w, k)
+        vals = (rng.standard_normal(idx.shape) * rel * w.std()).astype(np.float32)
+        if snap and name in snap:
+            scale, zp, bits = snap[name]
+            block = w.shape[1] // scale.shape[1]
+            s = scale[np.arange(w.shape[0])[:, None], idx // block]
+            z = zp[np.arange(w.shape[0])[:, None], idx // block]
+            base = np.take_along_axis(w, idx, 1)
+            lv = np.clip(np.rint((base + vals) / s), -z, (1 << bits) - 1 - z)
+            vals = (lv * s - base).astype(np.float32)  # exact: both on the grid
+            vals[(base + vals) != lv * s] = 0  # (never happens in practice; keeps the claim exact)
+        targets[name] = naf.Target.from_weight(name, w, idx, vals, value_dtype="F32")
+    return naf.Adapter(targets, base_name="tiny")
+
+
+# -- the model -------------------------------------------------------------------------------------
+class LogitsOnly(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids):
+        return self.m(input_ids=ids, use_cache=False).logits
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny untied Llama (K = 128 or 256: blocks of 32 and 128 both fit), its dynamo export (external data, val_N
+    names) and, per target, the float initializer the existing resolution finds for it."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    folder = tmp_path_factory.mktemp("nbits")
+    path = os.fspath(folder / "llama.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(LogitsOnly(model), (torch.randint(0, 96, (2, 8)),), path, dynamo=True, verbose=False,
+                          external_data=True)
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    names = [f"model.layers.{i}.{'self_attn' if p.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{p}"
+             f".weight" for i in range(2) for p in PROJ] + ["lm_head.weight"]
+    probe = naf.Adapter({n: naf.Target.from_weight(n, state[n], naf.select_indices(state[n], 2),
+                                                   np.zeros((state[n].shape[0], 2), np.float32), value_dtype="F32")
+                         for n in names}, base_name="tiny")
+    where = {n: r.initializer for n, r in resolve_targets(path, probe).items()}
+    proto = onnx.load(path)
+    head_node = next(n.name for n in proto.graph.node if n.op_type == "MatMul" and where["lm_head.weight"] in n.input)
+    ids = np.random.default_rng(1).integers(0, 96, (2, 8))
+    return {"path": path, "proto": proto, "state": state, "names": names, "where": where, "head_node": head_node,
+            "folder": folder, "ids": ids}
+
+
+@pytest.fixture(scope="module")
+def quantized(llama):
+    """Per variant: the quantized model (lm_head kept in float, as such exports often do) and the decoded weights."""
+    out = {}
+    for bits, block, sym in VARIANTS:
+        proto = quantize(llama["proto"], bits, block, sym, exclude=[llama["head_node"]])
+        path = save(proto, llama["folder"] / f"q{bits}_{block}_{'s' if sym else 'a'}.onnx")
+        tensors = inits(path)
+        decoded = {}
+        for n in llama["names"][:-1]:
+            node = nbits_node(proto, llama["where"][n] + f"_Q{bits}")
+            decoded[n] = decode(tensors, node)
+        out[(bits, block, sym)] = (path, proto, decoded)
+    return out
+
+
+def merged_reference(llama, decoded, adapter, out):
+    """The full-precision model of the adapter merged in f32 into the de-quantized weights (rule M)."""
+    ws = {llama["where"][n]: naf.merge_weight(w, [(adapter.targets[n], 1.0)]).T for n, w in decoded.items()}
+    return with_weights(llama["path"], ws, out)
+
+
+# -- 1 and 2: what the file holds, and what it keeps ---------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}bit-b{v[1]}-{'sym' if v[2] else 'asym'}")
+def test_merged_file_holds_the_encoded_blocks_and_keeps_every_other_byte(llama, quantized, variant, tmp_path):
+    bits, block, sym = variant
+    path, proto, decoded = quantized[variant]
+    adapter = adapter_on(decoded)
+    before = digest(path)
+    out = os.fspath(tmp_path / "merged.onnx")
+    summary = merge_onnx(path, [(adapter, 1.0)], out)
+    assert digest(path) == before  # the input is never modified
+    assert summary.details["blocks_reencoded"] + summary.details["blocks_on_grid"] > 0
+    res = summary.details["resolutions"]
+    assert {res[n]["how"] for n in decoded} == {"probe"}  # dynamo names and no scope left: the decoded probe
+    assert all(res[n]["matmulnbits"]["bits"] == bits for n in decoded)
+    old, new = inits(path), inits(out)
+    assert set(old) == set(new)
+    ws = {}
+    for n, w in decoded.items():
+        node = nbits_node(proto, llama["where"][n] + f"_Q{bits}")
+        got = decode(new, node)
+        ws[llama["where"][n]] = got.T
+        # the blocks that hold no touched column keep their bytes; so do their scales and zero points
+        N, K = w.shape
+        held = np.zeros((N, K // block), bool)
+        held[np.arange(N)[:, None], np.asarray(adapter.targets[n].indices) // block] = True
+        b_old, b_new = old[node.input[1]].reshape(N, K // block, -1), new[node.input[1]].reshape(N, K // block, -1)
+        assert (b_old[~held] == b_new[~held]).all()
+        s_old, s_new = old[node.input[2]].reshape(N, -1), new[node.input[2]].reshape(N, -1)
+        assert s_new.dtype == s_old.dtype and s_old[~held].tobytes() == s_new[~held].tobytes()
+        if not sym:
+            z_old, z_new = old[node.input[3]], new[node.input[3]]
+            if bits == 4:
+                z_old = np.stack([z_old & 15, z_old >> 4], -1).reshape(N, -1)[:, :K // block]
+                z_new = np.stack([z_new & 15, z_new >> 4], -1).reshape(N, -1)[:, :K // block]
+            assert (z_old.reshape(N, -1)[~held] == z_new.reshape(N, -1)[~held]).all()
+        else:
+            assert len(node.input) == 3
+        assert np.array_equal(got.reshape(N, -1, block)[~held], w.reshape(N, -1, block)[~held])
+        # merged values land near their targets: within a step of the block's new grid
+        t = adapter.targets[n]
+        want = naf.merge_weight(w, [(t, 1.0)])
+        step = np.abs(new[node.input[2]].reshape(N, -1).astype(np.float32)).repeat(block, 1)
+        assert (np.abs(got - want) <= step * 0.5 + 1e-6).mean() > 0.95
+    for name in set(old) - {x for n in decoded for x in nbits_node(proto, llama["where"][n] + f"_Q{bits}").input}:
+        assert old[name].tobytes() == new[name].tobytes(), name
+    # onnxruntime runs the merged file and computes with exactly those values (the float model of them, to rounding)
+    ref = with_weights(llama["path"], ws, tmp_path / "decoded.onnx")
+    got, want = run(out, llama["ids"]), run(ref, llama["ids"])
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+# -- 3: retention ----------------------------------------------------------------------------------
+# measured (random k=4 deltas of about one weight std, seed 0): 4-bit b32 0.627 sym / 0.630 asym, b128 0.335 / 0.413;
+# 8-bit b32 sym 0.971, b128 asym 0.961. A 4-bit re-encoding moves a block's untouched values by up to half a step.
+FLOORS = {(4, 32): 0.5, (4, 128): 0.25, (8, 32): 0.95, (8, 128): 0.95}
+
+
+def retention(l_v, l_rt, l_base) -> float:
+    return 1.0 - float(np.linalg.norm(l_v - l_rt) / np.linalg.norm(l_rt - l_base))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}bit-b{v[1]}-{'sym' if v[2] else 'asym'}")
+def test_retention_of_the_adapters_change(llama, quantized, variant, tmp_path):
+    """As bench/gguf_retention.py defines it: 1 - ||l_v - l_rt|| / ||l_rt - l_base||, with l_rt the adapter merged in
+    f32 into the de-quantized weights, l_v the merged quantized file, l_base the quantized base (all in onnxruntime)."""
+    bits = variant[0]
+    path, _, decoded = quantized[variant]
+    adapter = adapter_on(decoded, k=4, rel=1.0)
+    out = os.fspath(tmp_path / "merged.onnx")
+    merge_onnx(path, [(adapter, 1.0)], out)
+    ids = llama["ids"]
+    r = retention(run(out, ids), run(merged_reference(llama, decoded, adapter, tmp_path / "rt.onnx"), ids),
+                  run(path, ids))
+    print(f"retention {variant}: {r:.3f}")
+    assert r > FLOORS[variant[:2]], r
+
+
+def test_deltas_on_the_grid_merge_exactly(llama, quantized, tmp_path):
+    """Deltas snapped to each block's grid (training through the quantizer) change codes only: exact."""
+    for variant in [(4, 32, False), (8, 128, False), (4, 128, True)]:
+        bits, block, sym = variant
+        path, proto, decoded = quantized[variant]
+        tensors = inits(path)
+        snap = {}
+        for n, w in decoded.items():
+            node = nbits_node(proto, llama["where"][n] + f"_Q{bits}")
+            N, K = w.shape
+            scale = tensors[node.input[2]].reshape(N, -1).astype(np.float32)
+            if sym:
+                zp = np.full(scale.shape, 1 << (bits - 1))
+            else:
+                Z = tensors[node.input[3]]
+                zp = (np.stack([Z & 15, Z >> 4], -1).reshape(N, -1) if bits == 4 else Z.reshape(N, -1))[:, :K // block]
+            snap[n] = (scale, zp.astype(np.float32), bits)
+        adapter = adapter_on(decoded, rel=0.5, snap=snap)
+        out = os.fspath(tmp_path / f"m{bits}{block}.onnx")
+        summary = merge_onnx(path, [(adapter, 1.0)], out)
+        assert summary.details["blocks_reencoded"] == 0 and "exact" in summary.details["note"]
+        new = inits(out)
+        for n, w in decoded.items():
+            got = decode(new, nbits_node(proto, llama["where"][n] + f"_Q{bits}"))
+            assert np.array_equal(got, naf.merge_weight(w, [(adapter.targets[n], 1.0)])), n
+        old = inits(path)
+        for n in decoded:
+            node = nbits_node(proto, llama["where"][n] + f"_Q{bits}")
+            for i in node.input[2:]:
+                assert old[i].tobytes() == new[i].tobytes()  # scales and zero points untouched
+
+
+# -- 5: a mix of quantized and float targets, fp16 scales ---------------------------------------------
+def test_quantized_and_float_targets_in_one_adapter(llama, quantized, tmp_path):
+    path, proto, decoded = quantized[(4, 32, False)]
+    head = llama["state"]["lm_head.weight"]
+    weights = {**{n: decoded[n] for n in list(decoded)[:3]}, "lm_head.weight": head}
+    adapter = adapter_on(weights)
+    out = os.fspath(tmp_path / "mixed.onnx")
+    summary = merge_onnx(path, [(adapter, 1.0)], out)
+    res = summary.details["resolutions"]
+    assert "matmulnbits" not in res["lm_head.weight"] and res["lm_head.weight"]["how"] == "scope"
+    stored = np.array(OnnxModel(out).array(res["lm_head.weight"]["initializer"]))
+    assert stored.tobytes() == np.ascontiguousarray(naf.merge_weight(head, [(adapter.targets["lm_head.weight"], 1.0)]).T).tobytes()
+    assert summary.details["blocks_on_grid"] + summary.details["blocks_reencoded"] > 0
+    run(out, llama["ids"])
+
+
+def test_fp16_model_keeps_fp16_scales(tmp_path):
+    torch.manual_seed(3)
+    seq = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).eval().half()
+    x = torch.randn(2, 5, 128, dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(seq, (x,), os.fspath(tmp_path / "f16.onnx"), dynamo=True, external_data=False)
+    float_proto = onnx.load(os.fspath(tmp_path / "f16.onnx"))
+    for sym in (True, False):
+        proto = quantize(float_proto, 4, 32, sym)
+        path = save(proto, tmp_path / f"q{sym}.onnx")
+        tensors = inits(path)
+        nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+        assert all(tensors[n.input[2]].dtype == np.float16 for n in nodes)
+        decoded = {f"{i}.weight": decode(tensors, n) for i, n in zip((0, 2), nodes)}
+        adapter = adapter_on(decoded, rel=0.3)
+        out = os.fspath(tmp_path / f"m{sym}.onnx")
+        merge_onnx(path, [(adapter, 1.0)], out)
+        new = inits(out)
+        for n, name in zip(nodes, decoded):
+            assert new[n.input[2]].dtype == np.float16
+            got = decode(new, n)
+            assert np.abs(got - naf.merge_weight(decoded[name], [(adapter.targets[name], 1.0)])).max() < 0.1
+        # onnxruntime computes with the decoded values: a float copy of the graph with them, to fp16 rounding
+        ref = copy.deepcopy(float_proto)
+        for t in ref.graph.initializer:
+            for n, name in zip(nodes, decoded):
+                if n.input[1] == t.name + "_Q4":
+                    t.CopyFrom(numpy_helper.from_array(decode(new, n).T.astype(np.float16), t.name))
+        got, want = run(out, x.numpy()).astype(np.float32), run(ref.SerializeToString(), x.numpy()).astype(np.float32)
+        assert np.abs(got - want).max() <= 5e-3 * np.abs(want).max()
+
+
+# -- 4: refusals -------------------------------------------------------------------------------------
+def named_model(tmp_path, bits=4, block=32, sym=False, K=64, N=32, seed=0, name="model.layers.0.q_proj.weight"):
+    """MatMul(x, W [K, N]) with W named as the checkpoint's key, quantized: the name stage finds `<name>_Q<bits>`."""
+    rng = np.random.default_rng(seed)
+    W = (rng.standard_normal((K, N)) * 0.1).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", name], ["y"], name="/model/layers.0/q_proj/MatMul")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, K])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, N])],
+                          [numpy_helper.from_array(W, name)])
+    float_proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    proto = quantize(float_proto, bits, block, sym)
+    return proto, W
+
+
+def cli_error(capsys, argv):
+    code = merge_run(argv)
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: "), err
+    return code, err
+
+
+def test_names_resolve_and_an_adapter_of_the_float_checkpoint_fails_the_probe(tmp_path, capsys):
+    proto, W = named_model(tmp_path)
+    path = save(proto, tmp_path / "q.onnx")
+    tensors = inits(path)
+    decoded = decode(tensors, proto.graph.node[0])
+    good = adapter_on({"model.layers.0.q_proj.weight": decoded})
+    summary = merge_onnx(path, [(good, 1.0)], os.fspath(tmp_path / "ok.onnx"))
+    assert summary.details["resolutions"]["model.layers.0.q_proj.weight"]["how"] == "name"
+    # made on the full-precision weights: found by name, refused by the probe hash over the decoded values (4.3)
+    fp = adapter_on({"model.layers.0.q_proj.weight": np.ascontiguousarray(W.T)})
+    naf.save(fp, os.fspath(tmp_path / "fp.safetensors"))
+    code, err = cli_error(capsys, ["--base", path, "--adapter", os.fspath(tmp_path / "fp.safetensors"), "--out",
+                                   os.fspath(tmp_path / "o.onnx")])
+    assert code == 1 and "rule 4.3" in err and "probe hash" in err
+    assert not os.path.exists(tmp_path / "o.onnx")
+    # --no-verify merges it (the probe is the only check that reads values)
+    assert merge_run(["--base", path, "--adapter", os.fspath(tmp_path / "fp.safetensors"), "--out",
+                      os.fspath(tmp_path / "o.onnx"), "--no-verify"]) == 0
+
+
+def test_scope_metadata_kept_by_a_tool_resolves_the_node(llama, quantized, tmp_path):
+    """A quantizer that keeps the MatMul's exporter scope (ORT 1.32's drops it) lets the scope stage find the node."""
+    path, proto, decoded = quantized[(4, 32, False)]
+    float_nodes = {n.input[1]: n for n in llama["proto"].graph.node if n.op_type == "MatMul"}
+    proto = copy.deepcopy(proto)
+    for n in proto.graph.node:
+        if n.op_type == "MatMulNBits":
+            src = float_nodes[n.input[1][: -len("_Q4")]]
+            n.metadata_props.extend(src.metadata_props)
+    scoped = save(proto, tmp_path / "scoped.onnx")
+    adapter = adapter_on({n: decoded[n] for n in list(decoded)[:2]})
+    summary = merge_onnx(scoped, [(adapter, 1.0)], os.fspath(tmp_path / "o.onnx"))
+    assert {r["how"] for r in summary.details["resolutions"].values()} == {"scope"}
+
+
+def test_unsupported_weights_are_refused_with_one_line(tmp_path, capsys):
+    target = "model.layers.0.q_proj.weight"
+    cases = {}
+    proto, _ = named_model(tmp_path, bits=2)
+    cases["2bit"] = (proto, "2-bit codes")
+    proto, _ = named_model(tmp_path)
+    p = copy.deepcopy(proto)
+    p.graph.node[0].input.extend(["g_idx"])
+    p.graph.initializer.append(numpy_helper.from_array(np.zeros(64, np.int32), "g_idx"))
+    cases["g_idx"] = (p, "g_idx")
+    p = copy.deepcopy(proto)
+    p.graph.node[0].attribute.append(helper.make_attribute("weight_prepacked", 1))
+    cases["attr"] = (p, "weight_prepacked")
+    p = copy.deepcopy(proto)  # the weight also feeds another node
+    p.graph.node.append(helper.make_node("Identity", [f"{target}_Q4"], ["raw"]))
+    p.graph.output.append(helper.make_tensor_value_info("raw", TensorProto.UINT8, None))
+    cases["shared"] = (p, "also feeds Identity")
+    p = copy.deepcopy(proto)
+    p.graph.node[0].input.extend(["", "bias"])
+    p.graph.initializer.append(numpy_helper.from_array(np.zeros(7, np.float32), "bias"))
+    cases["bias"] = (p, "bias of shape")
+    qdq = nbq.MatMulNBitsQuantizer(copy.deepcopy(named_model(tmp_path, sym=True)[0]), bits=4, block_size=32)
+    for name, (p, words) in cases.items():
+        path = save(p, tmp_path / f"{name}.onnx")
+        decoded = np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32)
+        a = adapter_on({target: decoded})
+        naf.save(a, os.fspath(tmp_path / "a.safetensors"))
+        before = digest(path)
+        code, err = cli_error(capsys, ["--base", path, "--adapter", os.fspath(tmp_path / "a.safetensors"), "--out",
+                                       os.fspath(tmp_path / "o.onnx")])
+        assert code == 1 and words in err and "rule 4.2" in err and target in err and path in err, (name, err)
+        assert digest(path) == before and not os.path.exists(tmp_path / "o.onnx")
+    del qdq
+
+
+def test_other_quantized_formats_are_still_refused(tmp_path, capsys):
+    """The quantizer's QDQ output (DequantizeLinear of an INT4 weight, then MatMul) is not merged into."""
+    rng = np.random.default_rng(0)
+    W = (rng.standard_normal((64, 32)) * 0.1).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "model.q.weight"], ["y"], name="/model/q/MatMul")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 32])],
+                          [numpy_helper.from_array(W, "model.q.weight")])
+    float_proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    logging.disable(logging.WARNING)
+    q = nbq.MatMulNBitsQuantizer(float_proto, bits=4, block_size=32, is_symmetric=True,
+                                 quant_format=nbq.QuantFormat.QDQ)
+    q.process()
+    logging.disable(logging.NOTSET)
+    path = save(q.model.model, tmp_path / "qdq.onnx")
+    assert any(n.op_type == "DequantizeLinear" for n in q.model.model.graph.node)
+    a = adapter_on({"model.q.weight": np.ascontiguousarray(W.T)})
+    naf.save(a, os.fspath(tmp_path / "a.safetensors"))
+    code, err = cli_error(capsys, ["--base", path, "--adapter", os.fspath(tmp_path / "a.safetensors"), "--out",
+                                   os.fspath(tmp_path / "o.onnx")])
+    assert code == 1 and ("quantized" in err or "DequantizeLinear" in err), err
+
+
+def test_in_place_is_refused_for_matmulnbits(llama, quantized, tmp_path):
+    path, _, decoded = quantized[(4, 32, True)]
+    adapter = adapter_on({n: decoded[n] for n in list(decoded)[:1]})
+    with pytest.raises(naf.NeuroAdaUsageError, match="merge into a copy"):
+        merge_onnx(path, [(adapter, 1.0)], None, in_place=True)
