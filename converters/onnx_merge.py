@@ -14,8 +14,9 @@ transpose into a new initializer that no Gather reads) is merged into that copy:
 the embeddings do not, which is what the runtime serves. Initializers that evidence points to and that are exact copies of each other (in
 canonical orientation) are one weight, and all copies get the merge.
 
-Limits: targets are main-graph initializers in F32/F16/BF16 (quantized graphs are refused: merge the
-float model, then quantize); two targets of one adapter that land on one tensor (both names of a tied
+Limits: targets are main-graph initializers in F32/F16/BF16, or ONNX Runtime MatMulNBits weights (4/8-bit blocks,
+onnx_nbits: the touched blocks re-encoded, spec 15.4; other quantized graphs are refused: merge the float model,
+then quantize); two targets of one adapter that land on one tensor (both names of a tied
 weight) are refused. An in-place merge patches external data only (an inline initializer would mean
 rewriting the whole .onnx: merge into a copy), after writing the revert journal that `neuroada-merge
 --revert` undoes it with, bit for bit, even after a crash mid-way (converters/journal.py).
