@@ -97,7 +97,7 @@ _STRING, _ARRAY = 8, 9
 # rather than guessed.
 ARCHS = {"llama": "rope", "qwen2": None, "qwen3": None, "qwen2moe": None, "qwen3moe": None, "gemma": None,
          "gemma2": None, "gemma3": None, "gemma4": None, "phi3": None, "gpt2": None, "starcoder2": None,
-         "stablelm": None, "nemotron": None, "bloom": "qkv", "falcon": "qkv"}
+         "stablelm": None, "nemotron": None, "bloom": "qkv", "falcon": "qkv", "gpt-oss": None, "lfm2": None}
 
 # GPT-2's checkpoint holds its linear weights as Conv1D [d_in, d_out] (the adapter's `in_out` layout); llama.cpp's
 # converter transposes them to [d_out, d_in], the canonical orientation. Such a tensor is presented in the
@@ -113,6 +113,10 @@ BLOCK_KEYS = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_
               "ffn_down": "mlp.down_proj"}
 BLOCK_KEYS_OF = {"phi3": {**BLOCK_KEYS, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},
                  "gemma4": {**BLOCK_KEYS, "ffn_gate_inp": "router.proj"},  # (the table's first key is Mixtral's)
+                 "gpt-oss": {**BLOCK_KEYS, "ffn_gate_inp": "mlp.router"},
+                 "lfm2": {**BLOCK_KEYS, "attn_output": "self_attn.out_proj", "ffn_gate": "feed_forward.w1",
+                          "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2", "attn_norm": "operator_norm",
+                          "ffn_norm": "ffn_norm"},
                  "gpt2": {"attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "ffn_up": "mlp.c_fc",
                           "ffn_down": "mlp.c_proj", "attn_norm": "ln_1", "ffn_norm": "ln_2"},
                  "starcoder2": {**BLOCK_KEYS, "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"},
@@ -125,7 +129,7 @@ BLOCK_KEYS_OF = {"phi3": {**BLOCK_KEYS, "attn_qkv": "self_attn.qkv_proj", "ffn_u
 # ... and for the tensors outside the blocks, where the table's order picks another family's alias (GPT-2's wte)
 _BLOOM_OUTER = {"token_embd": "transformer.word_embeddings", "output_norm": "transformer.ln_f", "output": "lm_head"}
 OUTER_KEYS_OF = {"bloom": {**_BLOOM_OUTER, "token_embd_norm": "transformer.word_embeddings_layernorm"},
-                 "falcon": _BLOOM_OUTER}
+                 "falcon": _BLOOM_OUTER, "lfm2": {"token_embd_norm": "model.embedding_norm"}}
 # Falcon's new decoder architecture (40B, 180B) has two norms per block, ln_attn (attn_norm_2, present only in such
 # files) and ln_mlp, which gguf-py's table maps to attn_norm in place of input_layernorm
 NEW_DECODER_KEYS = {"falcon": ("attn_norm_2", {"attn_norm": "ln_mlp"})}
@@ -138,6 +142,12 @@ KEY_PREFIXES = {"gpt2": ("transformer.", "lm_head"), "bloom": ("transformer.", "
 # is blk.N.ffn_gate_inp_shexp.weight [hidden] (transformers' GGUF loader reads it back as [1, hidden]). Seen as
 # [1, n] (TensorInfo.shape); the file keeps its 1-D layout.
 ONE_ROW = ("ffn_gate_inp_shexp",)
+
+# GGUF tensors that gguf-py's table maps a Hugging Face key to but that llama.cpp's converter stored in another shape
+# than the key's tensor, no linear weight: LFM2's depthwise conv kernel `conv.conv` (a Conv1d, [hidden, 1, L] in the
+# checkpoint) is squeezed to blk.N.shortconv.conv [hidden, L]. The key maps to nothing (4.1): a [hidden, L] target
+# keyed by it would be no weight of the checkpoint. The file's own name still names the tensor.
+RESHAPED = {"lfm2": ("shortconv.conv",)}
 
 # Prefixes llama.cpp's converter drops from a key before it looks the key up in gguf-py's table (old -> new), so a
 # key is read the same way. Multimodal checkpoints whose text model llama.cpp writes as the architecture's GGUF (the
@@ -566,7 +576,8 @@ class GGUFBase:
         else:
             text = self._text(name)
             gname = self._name_map().get_name(text, try_suffixes=(".weight", ".bias"))
-            if gname is not None and gname in self.file.tensors:
+            if gname is not None and gname in self.file.tensors and \
+                    not any(f".{kind}." in gname for kind in RESHAPED.get(self.arch, ())):
                 stem = text.rsplit(".", 1)[0] if text.endswith((".weight", ".bias")) else text
                 try:  # (what is wrong with the heads is said of this file and tensor, as every other base error)
                     perm = self._row_order(stem, gname, text.endswith(".bias"))
