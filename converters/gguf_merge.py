@@ -87,7 +87,8 @@ _STRING, _ARRAY = 8, 9
 # Architectures whose Hugging Face keys we map (gguf-py's name table), and which rows llama.cpp's converter reorders:
 # "rope" permutes the attn_q/attn_k rows (`rope_permutation`), "qkv" regroups the fused query_key_value rows
 # (`qkv_permutation`), None stores every linear weight as the checkpoint holds it. Only those whose converter does
-# nothing else to a linear weight: Llama ("rope"; also Mistral, which llama.cpp writes as llama), Qwen2/3, Qwen2-MoE
+# nothing else to a linear weight: Llama ("rope"; also Mistral, which llama.cpp writes as llama, and Mistral 3: see
+# TEXT_PREFIXES), Qwen2/3, Qwen2-MoE
 # and Qwen3-MoE (their 3-D experts are no targets; see ONE_ROW), Gemma 1-3 (their norm weights are stored plus one,
 # never a linear target), Gemma 4 (see below TEXT_PREFIXES), Phi-3 (qkv_proj and gate_up_proj stay fused, as attn_qkv
 # and ffn_up), StarCoder2, StableLM, Nemotron (norms plus one, as Gemma's), GPT-2 (see TRANSPOSED), Bloom and Falcon
@@ -98,7 +99,8 @@ _STRING, _ARRAY = 8, 9
 # transformers' GGUF loader where it reads the architecture); anything else is refused rather than guessed.
 ARCHS = {"llama": "rope", "qwen2": None, "qwen3": None, "qwen2moe": None, "qwen3moe": None, "gemma": None,
          "gemma2": None, "gemma3": None, "gemma4": None, "phi3": None, "gpt2": None, "starcoder2": None,
-         "stablelm": None, "nemotron": None, "bloom": "qkv", "falcon": "qkv", "gpt-oss": None, "lfm2": None}
+         "stablelm": None, "nemotron": None, "bloom": "qkv", "falcon": "qkv", "gpt-oss": None, "lfm2": None,
+         "mistral3": "rope"}
 
 # GPT-2's checkpoint holds its linear weights as Conv1D [d_in, d_out] (the adapter's `in_out` layout); llama.cpp's
 # converter transposes them to [d_out, d_in], the canonical orientation. Such a tensor is presented in the
@@ -155,11 +157,15 @@ RESHAPED = {"lfm2": ("shortconv.conv",)}
 # vision tower goes to a separate mmproj file): Gemma 3 4B and larger are Gemma3ForConditionalGeneration, saved with
 # the text weights under `language_model.model.` (transformers 5 holds them as `model.language_model.`), and
 # llama.cpp drops the prefix. Bloom's converter drops `transformer.` from every key (the table lists Bloom's
-# `h.N.post_attention_layernorm` and `word_embeddings_layernorm` only without it).
+# `h.N.post_attention_layernorm` and `word_embeddings_layernorm` only without it). llama.cpp writes Ministral 3 and
+# Mistral3ForConditionalGeneration's text model (Mistral Small 3.1/3.2) as `mistral3` through its LlamaModel (q/k rows
+# permuted for rope), dropping `language_model.` from every key (its Pixtral vision tower goes to the mmproj file).
 TEXT_PREFIXES = {"gemma3": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                             ("model.language_model.", "model.")),
                  "bloom": (("transformer.", ""),),
-                 "gemma4": (("model.language_model.", "model."),)}
+                 "gemma4": (("model.language_model.", "model."),),
+                 "mistral3": (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                              ("model.language_model.", "model."))}
 
 # Gemma 4's text model (Gemma4ForCausalLM, and Gemma4ForConditionalGeneration's `model.language_model.`, the prefix
 # llama.cpp's converter drops; vision and audio towers go to the mmproj file) is written as `gemma4` with every 2-D

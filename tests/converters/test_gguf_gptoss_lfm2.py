@@ -16,6 +16,14 @@ short-convolution blocks' in_proj (B, C and x stacked, [3 * hidden, hidden], not
 blocks' q/k/v/out_proj, the feed-forward w1/w3/w2 (ffn_gate, ffn_up, ffn_down). The one weight it reshapes is the
 depthwise conv kernel `conv.conv` [hidden, 1, L], squeezed to blk.N.shortconv.conv [hidden, L] (kept F32): a Conv1d,
 no linear weight and never a target. transformers' loader reads LFM2 files whole (it un-squeezes the kernel).
+
+Mistral, checked here too: gguf-py has no `mistral` architecture (its names are `mistral3` and `mistral4`), so no file
+says general.architecture "mistral"; llama.cpp writes MistralForCausalLM as `llama` (test_gguf_architectures.py's
+mistral-as-llama; transformers' `mistral` config mapping serves llama files whose general.name says Mistral). It
+writes Ministral3ForCausalLM and Mistral3ForConditionalGeneration's text model as `mistral3` through its LlamaModel
+(conversion/mistral3.py, Ministral3Model), so q_proj/k_proj rows permuted for rope exactly as for llama;
+transformers' loader has no `mistral3`, so those files are read back with gguf-py and transformers' own inverse of
+that permutation (LlamaTensorProcessor._reverse_permute_weights) into a Ministral3ForCausalLM.
 """
 from __future__ import annotations
 
@@ -37,7 +45,7 @@ from neuroada_format.converters import gguf_merge as gm  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import NeuroAdaConfig, attach, merge_and_unload, save_adapter  # noqa: E402
 
-from test_gguf import HEADS, HIDDEN, KV_HEADS, VOCAB  # noqa: E402
+from test_gguf import HEADS, HIDDEN, KV_HEADS, VOCAB, add_tiny_hparams, llama_cpp_permute  # noqa: E402
 from test_gguf_architectures import linear_keys, logits, random_deltas_  # noqa: E402
 
 LAYERS = 4
@@ -487,3 +495,174 @@ def test_gptoss_rope_scaling_keys_change_nothing_we_read(tmp_path):
     gm.merge_gguf(path, [naf.Adapter({key: target})], tmp_path / "m.gguf")
     merged = gm.read_gguf(tmp_path / "m.gguf")
     assert merged.kv == full.file.kv
+
+
+# -- mistral3 ----------------------------------------------------------------------------------------------------
+def build_ministral3(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.Ministral3Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=2, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, head_dim=32, max_position_embeddings=64, rms_norm_eps=1e-6, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)  # head_dim 32: q_proj [HEADS * 32, HIDDEN], wider than the hidden size
+    model = transformers.Ministral3ForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for key, t in model.state_dict().items():
+            if key.endswith("norm.weight"):
+                t.add_(torch.randn(t.shape) * 0.1)
+    return model
+
+
+def write_mistral3(path, model, matrix_type=QT.Q8_0):
+    """A Ministral 3 model as llama.cpp's Ministral3Model (a LlamaModel) writes it: gguf-py's mistral3 table, the
+    q_proj/k_proj rows permuted by LlamaModel.permute (test_gguf's llama_cpp_permute), 2-D weights but the embedding
+    as matrix_type, the rest F32."""
+    cfg = model.config
+    tmap = gguf.TensorNameMap(gguf.MODEL_ARCH.MISTRAL3, cfg.num_hidden_layers)
+    w = gguf.GGUFWriter(os.fspath(path), "mistral3")
+    add_tiny_hparams(w, inter=cfg.intermediate_size)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_rope_dimension_count(cfg.head_dim)
+    for key, t in model.state_dict().items():
+        a = t.detach().numpy().astype(np.float32)
+        if key.endswith("q_proj.weight"):
+            a = llama_cpp_permute(a, HEADS, HEADS)
+        elif key.endswith("k_proj.weight"):
+            a = llama_cpp_permute(a, HEADS, KV_HEADS)
+        g = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
+        if a.ndim == 2 and "embed" not in key and matrix_type != QT.F32:
+            q = quants.quantize(a, matrix_type)
+            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=matrix_type)
+        else:
+            w.add_tensor(g, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def read_mistral3(path):
+    """A mistral3 file read as transformers reads a llama one: gguf-py decodes, transformers' LlamaTensorProcessor
+    undoes the rope permutation of attn_q/attn_k, into a Ministral3ForCausalLM (transformers' loader has no mistral3)."""
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+    model = build_ministral3()
+    stored = {t.name: quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape)))
+              for t in gguf.GGUFReader(os.fspath(path)).tensors}
+    tmap = gguf.TensorNameMap(gguf.MODEL_ARCH.MISTRAL3, model.config.num_hidden_layers)
+    unpermute = LlamaTensorProcessor()._reverse_permute_weights
+    state = {}
+    for key in model.state_dict():
+        a = stored[tmap.get_name(key, try_suffixes=(".weight",))]
+        if key.endswith("q_proj.weight"):
+            a = unpermute(a, HEADS, HEADS)
+        elif key.endswith("k_proj.weight"):
+            a = unpermute(a, HEADS, KV_HEADS)
+        state[key] = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def test_mistral3_file_maps_as_llama_cpp_permuted_it(tmp_path):
+    """`mistral3` (Ministral 3, Mistral Small 3.x's text model): every linear weight by its key, q/k rows in
+    Hugging Face order (the rope permutation undone, as transformers undoes it), keys() the model's; the file read by
+    transformers' inverse permutation is the model; the rope alias q_proj_no_perm and the GGUF name keep file order."""
+    model = build_ministral3()
+    path = write_mistral3(tmp_path / "m.gguf", model, QT.F32)
+    np.testing.assert_array_equal(logits(read_mistral3(path)), logits(model))
+    view = gm.open_gguf_base(path)
+    keys = linear_keys(model)
+    assert set(keys) <= set(view.keys())
+    sd = model.state_dict()
+    assert set(sd) - {"lm_head.weight"} <= set(view.keys()) and "lm_head.weight" in view.keys()
+    for key in keys:
+        np.testing.assert_array_equal(view.array(key), sd[key].numpy(), err_msg=key)
+    q = sd["model.layers.1.self_attn.q_proj.weight"].numpy()
+    assert view.info("model.layers.1.self_attn.q_proj.weight")[1] == (HEADS * 32, HIDDEN)
+    for name in ("model.layers.1.self_attn.q_proj_no_perm.weight", "blk.1.attn_q.weight"):
+        np.testing.assert_array_equal(view.array(name), llama_cpp_permute(q, HEADS, HEADS), err_msg=name)
+
+
+def test_mistral3_adapter_merges_into_the_gguf(tmp_path):
+    """NeuroAda on every linear layer of the model read from the file, merged into it: F32 targets give the runtime's
+    merged weights bit for bit (read back through transformers' inverse permutation), Q8_0 keeps > 95% of the
+    adapter's change, untouched tensors keep their bytes; a fine-tune extracts against the file and merges back."""
+    from neuroada_format.converters.pack import extract
+    base = write_mistral3(tmp_path / "base.gguf", build_ministral3(), QT.Q8_0)
+    model = read_mistral3(base)
+    l_base = logits(model)
+    attach(model, NeuroAdaConfig(k=4, target_modules="all-linear"))
+    random_deltas_(model, seed=1, scale=0.05)
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter, value_dtype="F32")
+    assert naf.validate(os.fspath(adapter / "neuroada_model.safetensors"), gm.open_gguf_base(base)).ok
+    merged_rt = merge_and_unload(model)
+    l_rt = logits(merged_rt)
+    assert np.linalg.norm(l_rt - l_base) > 0.05 * np.linalg.norm(l_base)
+    out = tmp_path / "f32.gguf"
+    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out),
+                      "--option", "target_type=F32"]) == 0
+    back = read_mistral3(out)
+    sd_rt, sd_back = merged_rt.state_dict(), back.state_dict()
+    for key in sd_rt:
+        np.testing.assert_array_equal(sd_back[key].numpy(), sd_rt[key].numpy(), err_msg=key)
+    out_q = tmp_path / "q8.gguf"
+    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out_q)]) == 0
+    l_q = logits(read_mistral3(out_q))
+    retention = 1 - np.linalg.norm(l_q - l_rt) / np.linalg.norm(l_rt - l_base)
+    assert retention > 0.95, retention
+    before, after = gm.read_gguf(base), gm.read_gguf(out_q)
+    for name in ("token_embd.weight", "output.weight", "blk.0.attn_norm.weight", "output_norm.weight"):
+        np.testing.assert_array_equal(after.raw(name), before.raw(name), err_msg=name)
+
+    tuned = {key: t.numpy().copy() for key, t in read_mistral3(base).state_dict().items()}
+    keys = linear_keys(build_ministral3())
+    rng = np.random.default_rng(3)
+    for key in keys:
+        tuned[key][:, :3] += rng.standard_normal((tuned[key].shape[0], 3)).astype(np.float32) * 0.01
+    extracted, _ = extract(base, {k: tuned[k] for k in keys}, k=3, value_dtype="F32")
+    assert sorted(extracted.targets) == sorted(keys)
+    assert naf.validate(extracted, gm.open_gguf_base(base)).ok
+    gm.merge_gguf(base, [extracted], tmp_path / "tuned.gguf", target_type="F32")
+    view = gm.open_gguf_base(tmp_path / "tuned.gguf")
+    for key in keys:
+        np.testing.assert_allclose(view.array(key), tuned[key], atol=1e-6, err_msg=key)
+
+
+def test_mistral3_multimodal_adapter_merges_into_its_text_gguf(tmp_path):
+    """Mistral Small 3.1/3.2 are Mistral3ForConditionalGeneration: text weights under `language_model.model.` in the
+    checkpoint (`model.language_model.` in transformers 5's modules), which llama.cpp's converter drops (the Pixtral vision tower
+    goes to the mmproj file). An adapter trained on it merges into the text GGUF as the runtime merges it, bit for
+    bit; a vision tower target is 4.1 and writes nothing."""
+    text = build_ministral3()
+    cfg = transformers.Mistral3Config(
+        text_config=text.config.to_dict(), image_token_index=VOCAB - 1, spatial_merge_size=2,
+        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, head_dim=16, patch_size=4, image_size=16))
+    vlm = transformers.Mistral3ForConditionalGeneration(cfg).float().eval()
+    vlm.model.language_model.load_state_dict(text.model.state_dict())
+    base = write_mistral3(tmp_path / "base.gguf", text, QT.F32)
+    attach(vlm, NeuroAdaConfig(k=4, target_modules=r".*language_model\..*_proj"))
+    random_deltas_(vlm, seed=1, scale=0.05)
+    adapter = tmp_path / "adapter"
+    save_adapter(vlm, adapter, value_dtype="F32")
+    keys = naf.load(adapter / "neuroada_model.safetensors").targets
+    # (saved as the checkpoint on the Hub names them: `language_model.model.`)
+    assert sorted(keys) == sorted("language_model." + k for k in linear_keys(text))
+    view = gm.open_gguf_base(base)
+    assert view.storage_name("model.language_model.layers.1.self_attn.k_proj.weight") == "blk.1.attn_k.weight"
+    assert view.storage_name("language_model.lm_head.weight") == "output.weight"
+    out = tmp_path / "merged.gguf"
+    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out)]) == 0
+    merged = merge_and_unload(vlm).model.language_model.state_dict()
+    back = read_mistral3(out).state_dict()
+    for key in linear_keys(text):
+        np.testing.assert_array_equal(back[key].numpy(), merged[key[len("model."):]].numpy(), err_msg=key)
+        assert not np.array_equal(back[key].numpy(), text.state_dict()[key].numpy()), key
+
+    vision = transformers.Mistral3ForConditionalGeneration(cfg).float().eval()
+    attach(vision, NeuroAdaConfig(k=2, target_modules=r".*vision_tower.*\.q_proj"))
+    save_adapter(vision, tmp_path / "vision")
+    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(tmp_path / "vision"),
+                      "--out", os.fspath(tmp_path / "v.gguf")]) != 0
+    assert not (tmp_path / "v.gguf").exists()
