@@ -256,7 +256,7 @@ def test_gguf_names_file_is_gguf_py_s_table():
     assert make_gguf_names.document() == names
     from neuroada_format.converters.gguf_merge import ARCHS
     assert sorted(names["architectures"]) == sorted(ARCHS)
-    assert names["rope_permuted"] == sorted(a for a, r in ARCHS.items() if r == "rope") == ["llama"]
+    assert names["rope_permuted"] == sorted(a for a, r in ARCHS.items() if r == "rope") == ["llama", "mistral3"]
     assert names["qkv_regrouped"] == sorted(a for a, r in ARCHS.items() if r == "qkv") == ["bloom", "falcon"]
     for arch, table in names["architectures"].items():
         tnm = gguf.TensorNameMap(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch), 3)
