@@ -544,7 +544,7 @@ def write_mistral3(path, model, matrix_type=QT.Q8_0):
 
 def read_mistral3(path):
     """A mistral3 file read as transformers reads a llama one: gguf-py decodes, transformers' LlamaTensorProcessor
-    undoes the rope permutation of attn_q/attn_k, into a Ministral3ForCausalLM (transformers' loader has no mistral3)."""
+    undoes the rope permutation of attn_q/attn_k, into a Ministral3ForCausalLM (its loader has no mistral3)."""
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
     model = build_ministral3()
     stored = {t.name: quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape)))
@@ -631,9 +631,9 @@ def test_mistral3_adapter_merges_into_the_gguf(tmp_path):
 
 def test_mistral3_multimodal_adapter_merges_into_its_text_gguf(tmp_path):
     """Mistral Small 3.1/3.2 are Mistral3ForConditionalGeneration: text weights under `language_model.model.` in the
-    checkpoint (`model.language_model.` in transformers 5's modules), which llama.cpp's converter drops (the Pixtral vision tower
-    goes to the mmproj file). An adapter trained on it merges into the text GGUF as the runtime merges it, bit for
-    bit; a vision tower target is 4.1 and writes nothing."""
+    checkpoint (`model.language_model.` in transformers 5's modules), which llama.cpp's converter drops (the Pixtral
+    vision tower goes to the mmproj file). An adapter trained on it merges into the text GGUF as the runtime merges
+    it, bit for bit; a vision tower target is 4.1 and writes nothing."""
     text = build_ministral3()
     cfg = transformers.Mistral3Config(
         text_config=text.config.to_dict(), image_token_index=VOCAB - 1, spatial_merge_size=2,
