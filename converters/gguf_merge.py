@@ -88,15 +88,15 @@ _STRING, _ARRAY = 8, 9
 # "rope" permutes the attn_q/attn_k rows (`rope_permutation`), "qkv" regroups the fused query_key_value rows
 # (`qkv_permutation`), None stores every linear weight as the checkpoint holds it. Only those whose converter does
 # nothing else to a linear weight: Llama ("rope"; also Mistral, which llama.cpp writes as llama, and Mistral 3: see
-# TEXT_PREFIXES), Qwen2/3, Qwen2-MoE
-# and Qwen3-MoE (their 3-D experts are no targets; see ONE_ROW), Gemma 1-3 (their norm weights are stored plus one,
-# never a linear target), Gemma 4 (see below TEXT_PREFIXES), Phi-3 (qkv_proj and gate_up_proj stay fused, as attn_qkv
-# and ffn_up), StarCoder2, StableLM, Nemotron (norms plus one, as Gemma's), GPT-2 (see TRANSPOSED), Bloom and Falcon
-# ("qkv": the checkpoint interleaves q, k and v by head or by key/value group; llama.cpp stores all query heads, then
-# the keys, then the values), gpt-oss (attention and router as held; its experts, transposed and split into 3-D
-# tensors, are no targets) and LFM2 (`lfm2`: every linear as held; see RESHAPED). Each is checked end to end
-# (tests/converters/test_gguf_architectures.py, test_gguf_gemma4.py and test_gguf_gptoss_lfm2.py: through
-# transformers' GGUF loader where it reads the architecture); anything else is refused rather than guessed.
+# TEXT_PREFIXES), Qwen2/3, Qwen2-MoE and Qwen3-MoE (their 3-D experts are no targets; see ONE_ROW), Gemma 1-3 (their
+# norm weights are stored plus one, never a linear target), Gemma 4 (see below TEXT_PREFIXES), Phi-3 (qkv_proj and
+# gate_up_proj stay fused, as attn_qkv and ffn_up), StarCoder2, StableLM, Nemotron (norms plus one, as Gemma's), GPT-2
+# (see TRANSPOSED), Bloom and Falcon ("qkv": the checkpoint interleaves q, k and v by head or by key/value group;
+# llama.cpp stores all query heads, then the keys, then the values), gpt-oss (attention and router as held; its
+# experts, transposed and split into 3-D tensors, are no targets) and LFM2 (`lfm2`: every linear as held; see
+# RESHAPED). Each is checked end to end (tests/converters/test_gguf_architectures.py, test_gguf_gemma4.py and
+# test_gguf_gptoss_lfm2.py: through transformers' GGUF loader where it reads the architecture); anything else is
+# refused rather than guessed.
 ARCHS = {"llama": "rope", "qwen2": None, "qwen3": None, "qwen2moe": None, "qwen3moe": None, "gemma": None,
          "gemma2": None, "gemma3": None, "gemma4": None, "phi3": None, "gpt2": None, "starcoder2": None,
          "stablelm": None, "nemotron": None, "bloom": "qkv", "falcon": "qkv", "gpt-oss": None, "lfm2": None,
