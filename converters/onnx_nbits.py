@@ -280,6 +280,7 @@ def reencode(w: Weight, values: np.ndarray, mp, *, where: tuple[str, str],
         pos = np.searchsorted(rest, at[sel])
         target[pos, col[sel]] = merged[sel]
         mask[pos, col[sel]] = True
+        _refuse_unencodable(nb, target, w.scales.dtype, touched_weight, where)
         d, z, q = _search(nb, target, before[rest], mask, d0[rest], z0[rest], _rounder(w.scales.dtype),
                           touched_weight)
         if not np.isfinite(d).all():
@@ -299,6 +300,28 @@ def reencode(w: Weight, values: np.ndarray, mp, *, where: tuple[str, str],
         if nb.zero_points is not None and moved.size:
             tensors[nb.zero_points] = _zp_patch(w, sid, zps[moved])
     return Patch(ids, int(on.sum()), tensors)
+
+
+def _value_limit(nb: NBits, scale_dtype, touched_weight: float) -> float:
+    """The largest |value| a re-encoded block is sure to hold. ONNX Runtime's round-to-nearest grid for values up to
+    L has a scale of at most L / reach (reach: 2^(bits - 1) levels each side for a symmetric block, half the code
+    range with zero points), which must be finite in the scales' type, and its error in the search (binary32:
+    at most block * touched_weight * scale^2) must be too: where every grid's error overflows to Inf, none is
+    better than another and the block was written with scale 0, its untouched values decoding to 0 as well."""
+    reach = (1 << (nb.bits - 1)) if nb.zero_points is None else nb.qmax / 2
+    scale_max = float(ml_dtypes.finfo(scale_dtype).max)
+    return reach * min(scale_max, math.sqrt(float(np.finfo(np.float32).max) / (4 * touched_weight * nb.block)))
+
+
+def _refuse_unencodable(nb: NBits, target: np.ndarray, scale_dtype, touched_weight: float, where) -> None:
+    """Blocks to re-encode holding a value beyond `_value_limit` are refused (rule 4.2), before any search."""
+    limit = _value_limit(nb, scale_dtype, touched_weight)
+    with np.errstate(invalid="ignore"):
+        big = np.abs(target)
+    if not (big <= limit).all():  # (NaN and Inf too)
+        raise NeuroAdaError(f"merged values reach {float(np.nanmax(big)):.4g}, beyond what a {nb.bits}-bit block with "
+                            f"{np.dtype(scale_dtype).name} scales can encode (|value| up to {limit:.4g}); merge with a "
+                            f"smaller scale", path=where[0], tensor=where[1], rule=RULE)
 
 
 def _zp_patch(w: Weight, ids: np.ndarray, zps: np.ndarray):

@@ -13,6 +13,7 @@ import logging
 import os
 import warnings
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -450,3 +451,61 @@ def test_in_place_is_refused_for_matmulnbits(llama, quantized, tmp_path):
     adapter = adapter_on({n: decoded[n] for n in list(decoded)[:1]})
     with pytest.raises(naf.NeuroAdaUsageError, match="merge into a copy"):
         merge_onnx(path, [(adapter, 1.0)], None, in_place=True)
+
+
+# -- hostile and corrupt MatMulNBits bases ---------------------------------------------------------------
+WEIGHT = "model.layers.0.q_proj.weight"
+
+
+def nbits_base(folder, *, bits=4, block=32, K=64, N=32, sym=False, scale_dtype=np.float32, seed=0, edit=None):
+    """A hand-built MatMulNBits node (codes, scales and zero points drawn at random, B named `<WEIGHT>_Q<bits>`) and
+    its [N, K] decoded weight; edit(proto) may change the model before it is saved."""
+    rng = np.random.default_rng(seed)
+    nb = K // block
+    codes = rng.integers(0, 1 << bits, (N, nb, block)).astype(np.uint8)
+    B = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else codes
+    scales = (rng.random((N, nb)) * 0.02 + 0.005).astype(scale_dtype)
+    tensors = [numpy_helper.from_array(B, f"{WEIGHT}_Q{bits}"), numpy_helper.from_array(scales.reshape(-1), f"{WEIGHT}_scales")]
+    inputs = ["A", f"{WEIGHT}_Q{bits}", f"{WEIGHT}_scales"]
+    zp = np.full((N, nb), 1 << (bits - 1))
+    if not sym:
+        zp = rng.integers(0, 1 << bits, (N, nb))
+        packed = zp if bits == 8 else np.pad(zp, ((0, 0), (0, nb % 2)))
+        packed = packed if bits == 8 else packed[:, 0::2] | (packed[:, 1::2] << 4)
+        tensors.append(numpy_helper.from_array(packed.astype(np.uint8).reshape(-1), f"{WEIGHT}_zero_points"))
+        inputs.append(f"{WEIGHT}_zero_points")
+    W = ((codes.astype(np.float32) - zp[:, :, None].astype(np.float32)) * scales.astype(np.float32)[:, :, None])
+    elem = TensorProto.FLOAT16 if scale_dtype == np.float16 else TensorProto.FLOAT
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", name="q_proj", K=K, N=N, bits=bits,
+                            block_size=block)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", elem, [3, K])],
+                          [helper.make_tensor_value_info("Y", elem, [3, N])], tensors)
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    if edit:
+        edit(proto)
+    return save(proto, os.path.join(folder, "base.onnx")), W.reshape(N, K)
+
+
+def merge_refused(capsys, folder, path, adapter, *extra):
+    """The CLI's one line and exit code for merging `adapter` into `path`; the base is unchanged, nothing written."""
+    naf.save(adapter, os.path.join(folder, "a.safetensors"))
+    before, out = digest(path), os.path.join(folder, "o.onnx")
+    code, err = cli_error(capsys, ["--base", path, "--adapter", os.path.join(folder, "a.safetensors"), "--out", out,
+                                   *extra])
+    assert "internal error" not in err and digest(path) == before and not os.path.exists(out), err
+    return code, err
+
+
+@pytest.mark.parametrize("scale_dtype, sym, size", [(np.float16, False, 1e6), (np.float16, True, 1e6),
+                                                    (np.float16, False, 1e20), ("bfloat16", True, 1e30),
+                                                    (np.float32, False, 1e20), (np.float32, True, 1e25)])
+def test_merged_values_no_block_can_hold_are_refused(tmp_path, capsys, scale_dtype, sym, size):
+    """Values beyond what the scales' type can scale, or so large that the search's binary32 squared errors overflow
+    for every grid, were written as blocks of scale 0 (the merged and untouched values all decoding to 0), exit 0."""
+    dtype = np.dtype(ml_dtypes.bfloat16) if scale_dtype == "bfloat16" else np.dtype(scale_dtype)
+    path, W = nbits_base(tmp_path, sym=sym, scale_dtype=dtype)
+    idx = naf.select_indices(W, 4)
+    vals = (np.random.default_rng(1).standard_normal(idx.shape) * size).astype(np.float32)
+    adapter = naf.Adapter({WEIGHT: naf.Target.from_weight(WEIGHT, W, idx, vals, value_dtype="F32")}, base_name="t")
+    code, err = merge_refused(capsys, tmp_path, path, adapter)
+    assert code == 1 and "beyond what a 4-bit block" in err and "rule 4.2" in err and WEIGHT in err, err
