@@ -97,6 +97,11 @@ def find(model) -> dict[str, NBits]:
         b = node.input[1]
         suffix = f"_Q{bits}"
         name = b[: -len(suffix)] if b.endswith(suffix) and len(b) > len(suffix) else b
+        if name in out and out[name].name != out[name].b != b:  # `W_Q4` and `W_Q8`: W would be whichever came first
+            first = out[name]
+            first.problem = (f"MatMulNBits nodes {first.node.name or '(unnamed)'} and {node.name or '(unnamed)'} both "
+                             f"name their weight {name!r} (B {first.b!r} and {b!r}): which one a target of that name "
+                             f"means is not known")
         if name in model.initializers or name in out:  # a float initializer keeps its name; never two weights in one
             name = b
         zp = node.input[3] if len(node.input) > 3 and node.input[3] else None

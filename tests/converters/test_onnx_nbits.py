@@ -509,3 +509,30 @@ def test_merged_values_no_block_can_hold_are_refused(tmp_path, capsys, scale_dty
     adapter = naf.Adapter({WEIGHT: naf.Target.from_weight(WEIGHT, W, idx, vals, value_dtype="F32")}, base_name="t")
     code, err = merge_refused(capsys, tmp_path, path, adapter)
     assert code == 1 and "beyond what a 4-bit block" in err and "rule 4.2" in err and WEIGHT in err, err
+
+
+@pytest.mark.parametrize("q8_first", [False, True])
+def test_two_nodes_claiming_one_weight_name_are_refused(tmp_path, capsys, q8_first):
+    """`W_Q4` and `W_Q8` both strip to W: the first node in the graph took the name, so which weight an adapter for W
+    landed on depended on node order (with --no-verify, an adapter made on the Q4 weight was merged into the Q8 one).
+    A target of that name is refused now, whatever the order, naming both."""
+    os.makedirs(tmp_path / "q8")
+    other, _ = nbits_base(tmp_path / "q8", bits=8, seed=1)
+
+    def add_q8(proto):
+        q8 = onnx.load(other)
+        for t in q8.graph.initializer:
+            t.name = t.name if t.name.endswith("_Q8") else t.name + "_8"
+            proto.graph.initializer.append(t)
+        node = q8.graph.node[0]
+        node.input[2:] = [i + "_8" for i in node.input[2:]]
+        node.name, node.output[0] = "q_proj_8", "Y8"
+        proto.graph.node.insert(0 if q8_first else 1, node)
+        proto.graph.output.append(helper.make_tensor_value_info("Y8", TensorProto.FLOAT, [3, 32]))
+    path, W = nbits_base(tmp_path, edit=add_q8)
+    idx = naf.select_indices(W, 4)
+    vals = (np.random.default_rng(2).standard_normal(idx.shape) * 0.01).astype(np.float32)
+    adapter = naf.Adapter({WEIGHT: naf.Target.from_weight(WEIGHT, W, idx, vals, value_dtype="F32")}, base_name="t")
+    for extra in ([], ["--no-verify"]):
+        code, err = merge_refused(capsys, tmp_path, path, adapter, *extra)
+        assert code == 1 and "both name their weight" in err and f"{WEIGHT}_Q8" in err and "rule 4.2" in err, err
