@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import ml_dtypes
 import numpy as np
-from onnx import TensorProto
+from onnx import AttributeProto, TensorProto
 
 from neuroada_format import NeuroAdaError
 
@@ -119,6 +119,12 @@ def _problem(model, nb: NBits) -> str | None:
     unknown = sorted({a.name for a in node.attribute} - ATTRIBUTES)
     if unknown:
         return f"{where} has attribute(s) {', '.join(unknown)}, whose effect on the stored weight is not known here"
+    names = [a.name for a in node.attribute]  # (`_attr` reads the integer field: a FLOAT K would read as K=0)
+    for a in node.attribute:
+        if a.type != AttributeProto.INT:
+            return f"{where}: attribute {a.name} is {AttributeProto.AttributeType.Name(a.type)}, not INT"
+        if names.count(a.name) > 1:  # onnx.checker and onnxruntime refuse the node; `_attr` would read the first
+            return f"{where}: attribute {a.name} is given {names.count(a.name)} times"
     if nb.bits not in BITS:
         return f"{where} stores {nb.bits}-bit codes; merges write 4- and 8-bit MatMulNBits weights only"
     if nb.block < 16 or nb.block & (nb.block - 1):

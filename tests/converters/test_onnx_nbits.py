@@ -536,3 +536,26 @@ def test_two_nodes_claiming_one_weight_name_are_refused(tmp_path, capsys, q8_fir
     for extra in ([], ["--no-verify"]):
         code, err = merge_refused(capsys, tmp_path, path, adapter, *extra)
         assert code == 1 and "both name their weight" in err and f"{WEIGHT}_Q8" in err and "rule 4.2" in err, err
+
+
+@pytest.mark.parametrize("attribute, why", [(helper.make_attribute("K", 64.0), "K is FLOAT, not INT"),
+                                            (helper.make_attribute("N", "32"), "N is STRING, not INT"),
+                                            (helper.make_attribute("block_size", [32]), "block_size is INTS, not INT"),
+                                            (helper.make_attribute("accuracy_level", 4.0), "accuracy_level is FLOAT"),
+                                            (helper.make_attribute("K", 128), "K is given 2 times")],
+                         ids=["K-float", "N-string", "block_size-ints", "accuracy_level-float", "K-twice"])
+def test_attributes_of_another_type_or_given_twice_are_refused(tmp_path, capsys, attribute, why):
+    """A FLOAT, STRING or INTS attribute was read as its (unset) integer field, 0: refused as "K=0" or "block_size 0",
+    which the file does not say; an attribute given twice was read as its first copy and the merge written (exit 0),
+    while onnx.checker and onnxruntime refuse such a node."""
+    def edit(proto):
+        node = proto.graph.node[0]
+        kept = [a for a in node.attribute if a.name != attribute.name or why.endswith("2 times")]
+        del node.attribute[:]
+        node.attribute.extend([*kept, attribute])
+    path, W = nbits_base(tmp_path, edit=edit)
+    adapter = naf.Adapter({WEIGHT: naf.Target.from_weight(WEIGHT, W, naf.select_indices(W, 4),
+                                                           np.full((32, 4), 0.01, np.float32), value_dtype="F32")},
+                          base_name="t")
+    code, err = merge_refused(capsys, tmp_path, path, adapter)
+    assert code == 1 and why in err and "rule 4.2" in err and WEIGHT in err, err
