@@ -48,11 +48,13 @@ def weighted_line_fit(w: np.ndarray, q: np.ndarray, x: np.ndarray, affine: bool,
 def grid_levels(x, d, m, lo, hi, out=None):
     """The levels of blocks x [n, B] (one block per column) on grids d [B] / m [B] (None: no minimum, as for Q4_0 /
     Q8_0, whose m = +0 changes no level): np.clip(np.rint((x - m) * inv), lo, hi), into `out` if given."""
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # (a subnormal d's inverse overflows, and 0 * Inf is NaN: such levels give a NaN error, which `grid_eval` makes
+    # Inf, so the grid is never chosen; numpy's warnings about them would reach the CLI as `warning:` lines)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         inv = np.where(d == 0, 0, 1 / d).astype(np.float32)
-    q = np.multiply(x, inv, out=out) if m is None else np.subtract(x, m, out=out)
-    if m is not None:
-        q *= inv
+        q = np.multiply(x, inv, out=out) if m is None else np.subtract(x, m, out=out)
+        if m is not None:
+            q *= inv
     np.rint(q, out=q)
     return np.clip(q, lo, hi, out=q)
 
@@ -65,13 +67,14 @@ def grid_eval(x, w, d, m, lo, hi, out=(None, None)):
     # m = +0 left out: it turns a -0 into +0, which squares the same): this runs ~10 times per block and was, with
     # its temporaries, most of a Q4_1 merge's time
     q = grid_levels(x, d, m, lo, hi, out[0])
-    dec = np.multiply(d, q, out=out[1])
-    if m is not None:
-        dec += m
-    dec -= x
-    np.square(dec, out=dec)
-    dec *= w
-    err = column_sums(dec)
+    with np.errstate(invalid="ignore", over="ignore"):  # (an Inf scale, e.g. one rounded to F16: its error is Inf)
+        dec = np.multiply(d, q, out=out[1])
+        if m is not None:
+            dec += m
+        dec -= x
+        np.square(dec, out=dec)
+        dec *= w
+        err = column_sums(dec)
     err[~np.isfinite(err)] = np.inf
     return q, err
 

@@ -559,3 +559,26 @@ def test_attributes_of_another_type_or_given_twice_are_refused(tmp_path, capsys,
                           base_name="t")
     code, err = merge_refused(capsys, tmp_path, path, adapter)
     assert code == 1 and why in err and "rule 4.2" in err and WEIGHT in err, err
+
+
+@pytest.mark.parametrize("scale_dtype, edit_scales, size", [(np.float16, None, 1e5),
+                                                            (np.float32, lambda s: np.full_like(s, 1e-42), 0.1)],
+                         ids=["f16-large-deltas", "f32-subnormal-scales"])
+def test_no_numpy_warnings_reach_the_cli(tmp_path, capsys, scale_dtype, edit_scales, size):
+    """Candidate grids whose scale overflows (an F16 scale rounded to Inf) or whose inverse does (a subnormal F32
+    scale) are discarded by the search, as meant, but numpy's RuntimeWarnings about them were printed by the CLI as
+    `warning: invalid value encountered in multiply` / `overflow encountered in divide` lines."""
+    def edit(proto):
+        t = proto.graph.initializer[1]
+        t.CopyFrom(numpy_helper.from_array(edit_scales(numpy_helper.to_array(t)), t.name))
+    path, W = nbits_base(tmp_path, scale_dtype=scale_dtype, edit=edit if edit_scales else None)
+    W = decode(inits(path), onnx.load(path).graph.node[0])
+    idx = naf.select_indices(W, 4)
+    vals = np.full(idx.shape, size, np.float32)
+    naf.save(naf.Adapter({WEIGHT: naf.Target.from_weight(WEIGHT, W, idx, vals, value_dtype="F32")}, base_name="t"),
+             os.fspath(tmp_path / "a.safetensors"))
+    out = os.fspath(tmp_path / "o.onnx")
+    assert merge_run(["--base", path, "--adapter", os.fspath(tmp_path / "a.safetensors"), "--out", out]) == 0
+    err = capsys.readouterr().err
+    assert "encountered" not in err and err.count("warning:") == 1, err
+    assert np.isfinite(numpy_helper.to_array(onnx.load(out).graph.initializer[1]).astype(np.float32)).all()
