@@ -38,6 +38,7 @@ OP = "MatMulNBits"
 DOMAIN = "com.microsoft"
 BITS = (4, 8)                                   # what is merged; 2-bit (and 3, 5-7) blocks are refused
 ATTRIBUTES = {"K", "N", "bits", "block_size", "accuracy_level"}  # accuracy_level changes how A is computed, not W
+INPUTS = ("A", "B", "scales", "zero_points", "g_idx", "bias")
 RULE = "4.2"                                    # the weight cannot be merged as this file stores it
 TOUCHED_WEIGHT = 100.0                          # as the GGUF merge's default (gguf_merge.GGUFBackend)
 U8 = TensorProto.UINT8
@@ -139,8 +140,10 @@ def _problem(model, nb: NBits) -> str | None:
     if len(node.input) > 5 and node.input[5] in model.initializers and model.shape(node.input[5]) != (nb.N,):
         return f"{where} has a bias of shape {list(model.shape(node.input[5]))}, not [N] = [{nb.N}]"
     want = {nb.b: (U8, (nb.N, nb.n_blocks, nb.blob)), nb.scales: (None, nb.N * nb.n_blocks)}
+    kind = {nb.b: "B", nb.scales: "scales"}
     if nb.zero_points:
         want[nb.zero_points] = (U8, nb.N * nb.zp_row)
+        kind[nb.zero_points] = "zero_points"
     for name, (dtype, shape) in want.items():
         if name not in model.initializers:
             return f"{where}: input {name!r} is computed, not an initializer"
@@ -156,10 +159,15 @@ def _problem(model, nb: NBits) -> str | None:
         if (got != shape) if isinstance(shape, tuple) else (math.prod(got) != shape):
             return f"{where}: {name!r} has shape {list(got)}, expected {list(shape) if isinstance(shape, tuple) else shape} values"
         readers = model.consumers.get(name, []) + model.inner_consumers.get(name, [])
-        others = [n for n, _ in readers if n is not node]
+        # (the node itself too, at another input: with K = block_size the scales are N values, a bias's shape)
+        others = [(n, i) for n, i in readers if n is not node or i != INPUTS.index(kind[name])]
+        if others and others[0][0] is node:
+            i = others[0][1]
+            return (f"{where}: {name!r} is also its input {i} ({INPUTS[i] if i < len(INPUTS) else 'extra'}); merging "
+                    f"would change that input too")
         if others:
-            return (f"{where}: {name!r} also feeds {others[0].op_type} ({others[0].name or 'unnamed'}); merging would "
-                    f"change that node's input too")
+            return (f"{where}: {name!r} also feeds {others[0][0].op_type} ({others[0][0].name or 'unnamed'}); merging "
+                    f"would change that node's input too")
     return None
 
 

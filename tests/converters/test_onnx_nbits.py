@@ -582,3 +582,17 @@ def test_no_numpy_warnings_reach_the_cli(tmp_path, capsys, scale_dtype, edit_sca
     err = capsys.readouterr().err
     assert "encountered" not in err and err.count("warning:") == 1, err
     assert np.isfinite(numpy_helper.to_array(onnx.load(out).graph.initializer[1]).astype(np.float32)).all()
+
+
+def test_scales_the_node_also_reads_as_its_bias_are_refused(tmp_path, capsys):
+    """With one block per row (K = block_size) the scales are N values, the bias's shape: a node whose bias input is its
+    own scales tensor passed every check (only other nodes' reads were refused) and the re-encoding rewrote the bias
+    with the scales, exit 0."""
+    def edit(proto):
+        proto.graph.node[0].input.extend(["", f"{WEIGHT}_scales"])
+    path, W = nbits_base(tmp_path, K=32, edit=edit)
+    idx = naf.select_indices(W, 4)
+    adapter = naf.Adapter({WEIGHT: naf.Target.from_weight(WEIGHT, W, idx, np.full(idx.shape, 0.05, np.float32),
+                                                           value_dtype="F32")}, base_name="t")
+    code, err = merge_refused(capsys, tmp_path, path, adapter)
+    assert code == 1 and "also its input 5 (bias)" in err and "rule 4.2" in err and WEIGHT in err, err
