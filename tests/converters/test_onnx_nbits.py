@@ -465,7 +465,8 @@ def nbits_base(folder, *, bits=4, block=32, K=64, N=32, sym=False, scale_dtype=n
     codes = rng.integers(0, 1 << bits, (N, nb, block)).astype(np.uint8)
     B = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else codes
     scales = (rng.random((N, nb)) * 0.02 + 0.005).astype(scale_dtype)
-    tensors = [numpy_helper.from_array(B, f"{WEIGHT}_Q{bits}"), numpy_helper.from_array(scales.reshape(-1), f"{WEIGHT}_scales")]
+    tensors = [numpy_helper.from_array(B, f"{WEIGHT}_Q{bits}"),
+               numpy_helper.from_array(scales.reshape(-1), f"{WEIGHT}_scales")]
     inputs = ["A", f"{WEIGHT}_Q{bits}", f"{WEIGHT}_scales"]
     zp = np.full((N, nb), 1 << (bits - 1))
     if not sym:
