@@ -52,7 +52,7 @@ from neuroada_format.safe_io import open_regular
 from neuroada_format.validate import PROBE_MISMATCH, validate
 
 from . import gguf_kquants as kq
-from .block_fit import grid_eval as _grid_eval, grid_levels as _grid_levels, fit_grid  # noqa: F401 (the search shared with onnx_nbits)
+from .block_fit import fit_grid  # the block search, shared with onnx_nbits
 from .backend import Backend, Mismatch, Resolved, Written, pause_for_tests
 from .progress import bar
 from .safetensors_merge import _send, _write_exactly  # the one kernel copy and buffered I/O

@@ -241,6 +241,73 @@ def logits(model) -> np.ndarray:
         return model(input_ids=torch.tensor(IDS), use_cache=False).logits.float().numpy()
 
 
+def merges_as_the_runtime(tmp_path, base, read, keys, *, scale=0.05):
+    """A user's path, the same for every architecture (this file's, test_gguf_gemma4.py's, test_gguf_gptoss_lfm2.py's):
+    the GGUF `base` loaded in transformers (`read(path)`), NeuroAda on every linear layer (`keys`, its targets), deltas
+    saved, merged into the GGUF. F32 targets: `read` gives the merged file as the runtime's merged model, bit for bit.
+    Kept in their own type (Q8_0): the touched blocks are re-encoded and the file keeps almost all of the adapter's
+    change. Every tensor no target names (biases, norms, experts) keeps its type and bytes. Returns the F32 merge's path."""
+    model = read(base)
+    l_base = logits(model)
+    attach(model, NeuroAdaConfig(k=4, target_modules="all-linear"))
+    random_deltas_(model, seed=1, scale=scale)
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter, value_dtype="F32")
+    assert sorted(naf.load(adapter / "neuroada_model.safetensors").targets) == sorted(keys)
+    report = naf.validate(os.fspath(adapter / "neuroada_model.safetensors"), gm.open_gguf_base(base))  # probes
+    assert report.ok, report.problems
+    merged_rt = merge_and_unload(model)
+    l_rt = logits(merged_rt)
+    assert np.linalg.norm(l_rt - l_base) > 0.05 * np.linalg.norm(l_base)  # the adapter changes the outputs
+
+    out = tmp_path / "f32" / "merged.gguf"
+    out.parent.mkdir()
+    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out),
+                      "--option", "target_type=F32"]) == 0
+    sd_rt, sd_back = merged_rt.state_dict(), read(out).state_dict()
+    for key in sd_rt:
+        np.testing.assert_array_equal(sd_back[key].numpy(), sd_rt[key].numpy(), err_msg=key)
+    np.testing.assert_array_equal(logits(read(out)), l_rt)
+
+    out_q = tmp_path / "q" / "merged.gguf"
+    out_q.parent.mkdir()
+    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out_q)]) == 0
+    view, before, after = gm.open_gguf_base(base), gm.read_gguf(base), gm.read_gguf(out_q)
+    targets = {view.storage_name(key) for key in keys}
+    assert {after.tensors[g].type for g in targets} == {before.tensors[g].type for g in targets}  # types kept
+    l_q = logits(read(out_q))
+    retention = 1 - np.linalg.norm(l_q - l_rt) / np.linalg.norm(l_rt - l_base)
+    assert retention > 0.95, retention
+    for merged in (gm.read_gguf(out), after):
+        assert set(merged.tensors) == set(before.tensors)
+        for name in sorted(set(before.tensors) - targets):
+            assert merged.tensors[name].type == before.tensors[name].type, name
+            np.testing.assert_array_equal(merged.raw(name), before.raw(name), err_msg=name)
+    return out
+
+
+def extracted_tune_merges_back(tmp_path, path, model, keys, *, transposed=False):
+    """neuroada-pack --base model.gguf: a fine-tune of `model` (its own Hugging Face keys; `keys` changed in their first
+    3 input columns) pairs with the F32 GGUF at `path`, and the extracted adapter merges into the file as the tune.
+    transposed: the keys are Conv1D [d_in, d_out] weights (GPT-2)."""
+    from neuroada_format.converters.pack import extract
+    rng = np.random.default_rng(3)
+    tuned = {key: t.detach().numpy().copy() for key, t in model.state_dict().items()}
+    for key in keys:
+        if transposed:
+            tuned[key][:3] += rng.standard_normal((3, tuned[key].shape[1])).astype(np.float32) * 0.01
+        else:
+            tuned[key][:, :3] += rng.standard_normal((tuned[key].shape[0], 3)).astype(np.float32) * 0.01
+    adapter, _ = extract(path, {k: tuned[k] for k in keys}, k=3, value_dtype="F32")
+    assert sorted(adapter.targets) == sorted(keys)
+    assert naf.validate(adapter, gm.open_gguf_base(path)).ok
+    out = tmp_path / "merged.gguf"
+    gm.merge_gguf(path, [adapter], out, target_type="F32")
+    merged = gm.open_gguf_base(out)
+    for key in keys:
+        np.testing.assert_allclose(merged.array(key), tuned[key], atol=1e-6, err_msg=key)
+
+
 @pytest.mark.parametrize("case", READ_BY_TRANSFORMERS)
 def test_the_generated_file_is_the_model_for_transformers(case, tmp_path):
     """The generator writes what llama.cpp writes: transformers' loader reads it back as the model, exactly (F32)."""
@@ -273,73 +340,21 @@ def test_every_linear_weight_maps_to_its_values(case, tmp_path):
 
 @pytest.mark.parametrize("case", READ_BACK)
 def test_adapter_trained_on_the_gguf_model_merges_into_the_gguf(case, tmp_path):
-    """A user's path: the GGUF loaded in transformers, NeuroAda on every linear layer, deltas saved, merged into the
-    GGUF. F32 targets: transformers reads the merged file as the runtime's merged model, bit for bit. Kept in Q8_0:
-    the touched blocks are re-encoded and the file keeps almost all of the adapter's change. Every tensor no target
-    names (Bloom's query_key_value bias, whose rows llama.cpp regroups with the weight's, the norms) is untouched."""
+    """merges_as_the_runtime, for each architecture; Bloom's query_key_value bias, whose rows llama.cpp regroups with
+    the weight's, is among the tensors no target names, which keep their values."""
     base = write_like_llama_cpp(tmp_path / "base.gguf", case, build(case), QT.Q8_0)
-    model = read_back(base, case)
-    l_base = logits(model)
-    attach(model, NeuroAdaConfig(k=4, target_modules="all-linear"))
-    random_deltas_(model, seed=1, scale=0.2 if case == "bloom" else 0.05)  # (Bloom's normed embeddings: larger logits)
-    adapter = tmp_path / "adapter"
-    save_adapter(model, adapter, value_dtype="F32")
-    report = naf.validate(os.fspath(adapter / "neuroada_model.safetensors"), gm.open_gguf_base(base))  # probes
-    assert report.ok, report.problems
-    merged_rt = merge_and_unload(model)
-    l_rt = logits(merged_rt)
-    assert np.linalg.norm(l_rt - l_base) > 0.05 * np.linalg.norm(l_base)  # the adapter changes the outputs
-
-    out = tmp_path / "f32" / "merged.gguf"
-    out.parent.mkdir()
-    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out),
-                      "--option", "target_type=F32"]) == 0
+    out = merges_as_the_runtime(tmp_path, base, lambda p: read_back(p, case), linear_keys(build(case)),
+                                scale=0.2 if case == "bloom" else 0.05)  # (Bloom's normed embeddings: larger logits)
     if case == "qwen2moe":  # the one-row shared-expert gate keeps its 1-D layout (transformers reads only that)
         assert gm.read_gguf(out).tensors["blk.0.ffn_gate_inp_shexp.weight"].ne == (HIDDEN,)
-    back = read_back(out, case)
-    sd_rt, sd_back = merged_rt.state_dict(), back.state_dict()
-    for key in linear_keys(merged_rt):
-        np.testing.assert_array_equal(sd_back[key].numpy(), sd_rt[key].numpy(), err_msg=key)
-    np.testing.assert_array_equal(logits(back), l_rt)
-
-    out_q = tmp_path / "q8" / "merged.gguf"
-    out_q.parent.mkdir()
-    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out_q)]) == 0
-    assert gm.read_gguf(out_q).tensors["blk.0.attn_output.weight"].type == QT.Q8_0
-    l_q = logits(read_back(out_q, case))
-    retention = 1 - np.linalg.norm(l_q - l_rt) / np.linalg.norm(l_rt - l_base)
-    assert retention > 0.95, retention
-    view, before = gm.open_gguf_base(base), gm.read_gguf(base)
-    targets = {view.storage_name(key) for key in linear_keys(merged_rt)}
-    for merged in (gm.read_gguf(out), gm.read_gguf(out_q)):
-        assert set(merged.tensors) == set(before.tensors)
-        for name in sorted(set(before.tensors) - targets):
-            np.testing.assert_array_equal(merged.decode(name), before.decode(name), err_msg=name)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_fine_tuned_checkpoint_pairs_with_the_gguf_base(case, tmp_path):
-    """neuroada-pack --base model.gguf: the checkpoint of a fine-tune of this architecture (its own Hugging Face keys,
-    fused ones for Phi-3) pairs with the GGUF's tensors, and the extracted adapter merges into the file as the tune."""
-    from neuroada_format.converters.pack import extract
+    """extracted_tune_merges_back for each architecture (fused keys for Phi-3, Conv1D ones for GPT-2)."""
     model = build(case)
     path = write_like_llama_cpp(tmp_path / "m.gguf", case, model, QT.F32)
-    rng = np.random.default_rng(3)
-    tuned = {key: t.detach().numpy().copy() for key, t in model.state_dict().items()}
-    keys = linear_keys(model)
-    for key in keys:
-        if case == "gpt2":  # Conv1D [d_in, d_out]: the first 3 input columns of every output row
-            tuned[key][:3] += rng.standard_normal((3, tuned[key].shape[1])).astype(np.float32) * 0.01
-        else:
-            tuned[key][:, :3] += rng.standard_normal((tuned[key].shape[0], 3)).astype(np.float32) * 0.01
-    adapter, _ = extract(path, {k: tuned[k] for k in keys}, k=3, value_dtype="F32")
-    assert sorted(adapter.targets) == sorted(keys)
-    assert naf.validate(adapter, gm.open_gguf_base(path)).ok
-    out = tmp_path / "merged.gguf"
-    gm.merge_gguf(path, [adapter], out, target_type="F32")
-    merged = gm.open_gguf_base(out)
-    for key in keys:
-        np.testing.assert_allclose(merged.array(key), tuned[key], atol=1e-6, err_msg=key)
+    extracted_tune_merges_back(tmp_path, path, model, linear_keys(model), transposed=case == "gpt2")
 
 
 @pytest.mark.parametrize("arch", ["mpt", "gptneox"])

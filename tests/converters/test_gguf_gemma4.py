@@ -38,7 +38,8 @@ from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import NeuroAdaConfig, attach, merge_and_unload, save_adapter  # noqa: E402
 
 from test_gguf import HEADS, HIDDEN, KV_HEADS, VOCAB  # noqa: E402
-from test_gguf_architectures import linear_keys, logits, random_deltas_  # noqa: E402
+from test_gguf_architectures import (extracted_tune_merges_back, linear_keys, logits,  # noqa: E402
+                                     merges_as_the_runtime, random_deltas_)
 
 INTER, PLE = 96, 32  # every d_in a multiple of Q8_0's 32-value block, as in a real file
 
@@ -238,64 +239,19 @@ def test_every_linear_weight_maps_to_its_values(case, tmp_path):
 
 @pytest.mark.parametrize("case", list(CONFIGS))
 def test_adapter_trained_on_the_gguf_model_merges_into_the_gguf(case, tmp_path):
-    """A user's path: the GGUF loaded in transformers, NeuroAda on every linear layer, deltas saved, merged into the
-    GGUF. F32 targets: transformers reads the merged file as the runtime's merged model, bit for bit. Kept in Q8_0:
-    the touched blocks are re-encoded and the file keeps almost all of the adapter's change."""
+    """merges_as_the_runtime (test_gguf_architectures.py) for both Gemma 4 text models: the per-layer-embedding
+    linears and the router among the targets, the experts and renamed scales among the tensors kept."""
     cfg = text_config(case)
     base = write_like_llama_cpp(tmp_path / "base.gguf", build(case), QT.Q8_0)
-    model = read_back(base, cfg)
-    l_base = logits(model)
-    attach(model, NeuroAdaConfig(k=4, target_modules="all-linear"))
-    random_deltas_(model, seed=1, scale=0.05)
-    adapter = tmp_path / "adapter"
-    save_adapter(model, adapter, value_dtype="F32")
-    targets = naf.load(adapter / "neuroada_model.safetensors").targets
-    assert sorted(targets) == sorted(linear_keys(build(case)))
-    report = naf.validate(os.fspath(adapter / "neuroada_model.safetensors"), gm.open_gguf_base(base))  # probes
-    assert report.ok, report.problems
-    merged_rt = merge_and_unload(model)
-    l_rt = logits(merged_rt)
-    assert np.linalg.norm(l_rt - l_base) > 0.05 * np.linalg.norm(l_base)  # the adapter changes the outputs
-
-    out = tmp_path / "f32" / "merged.gguf"
-    out.parent.mkdir()
-    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out),
-                      "--option", "target_type=F32"]) == 0
-    back = read_back(out, cfg)
-    sd_rt, sd_back = merged_rt.state_dict(), back.state_dict()
-    for key in linear_keys(merged_rt):
-        np.testing.assert_array_equal(sd_back[key].numpy(), sd_rt[key].numpy(), err_msg=key)
-    np.testing.assert_array_equal(logits(back), l_rt)
-
-    out_q = tmp_path / "q8" / "merged.gguf"
-    out_q.parent.mkdir()
-    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out_q)]) == 0
-    assert gm.read_gguf(out_q).tensors["blk.0.attn_output.weight"].type == QT.Q8_0
-    l_q = logits(read_back(out_q, cfg))
-    retention = 1 - np.linalg.norm(l_q - l_rt) / np.linalg.norm(l_rt - l_base)
-    assert retention > 0.95, retention
+    merges_as_the_runtime(tmp_path, base, lambda p: read_back(p, cfg), linear_keys(build(case)))
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))
 def test_a_fine_tuned_checkpoint_pairs_with_the_gguf_base(case, tmp_path):
-    """neuroada-pack --base model.gguf: the checkpoint of a Gemma 4 fine-tune (its own Hugging Face keys) pairs with
-    the GGUF's tensors, and the extracted adapter merges into the file as the tune."""
-    from neuroada_format.converters.pack import extract
+    """extracted_tune_merges_back: a Gemma 4 fine-tune's checkpoint (its own Hugging Face keys) pairs with the GGUF."""
     model = build(case)
     path = write_like_llama_cpp(tmp_path / "m.gguf", model, QT.F32)
-    rng = np.random.default_rng(3)
-    tuned = {key: t.detach().numpy().copy() for key, t in model.state_dict().items()}
-    keys = linear_keys(model)
-    for key in keys:
-        tuned[key][:, :3] += rng.standard_normal((tuned[key].shape[0], 3)).astype(np.float32) * 0.01
-    adapter, _ = extract(path, {k: tuned[k] for k in keys}, k=3, value_dtype="F32")
-    assert sorted(adapter.targets) == sorted(keys)
-    assert naf.validate(adapter, gm.open_gguf_base(path)).ok
-    out = tmp_path / "merged.gguf"
-    gm.merge_gguf(path, [adapter], out, target_type="F32")
-    merged = gm.open_gguf_base(out)
-    for key in keys:
-        np.testing.assert_allclose(merged.array(key), tuned[key], atol=1e-6, err_msg=key)
+    extracted_tune_merges_back(tmp_path, path, model, linear_keys(model))
 
 
 def test_what_llama_cpp_renames_or_keeps_3d_is_no_target(tmp_path):

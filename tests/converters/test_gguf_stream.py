@@ -23,6 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants  # noqa: E
 import neuroada_format as naf  # noqa: E402
 from neuroada_format import NeuroAdaError  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import block_fit  # noqa: E402
 from neuroada_format.merge import Delta, plan_merge  # noqa: E402
 
 from test_gguf import ALL_TYPES, hf_arrays, make_adapter, write_gguf  # noqa: E402
@@ -232,7 +233,7 @@ def test_grid_evaluation_in_place_is_the_plain_formula():
             q = np.clip(np.rint((x - mm[:, None]) * inv[:, None]), lo, hi).astype(np.float32)
             err = (w * (d[:, None] * q + mm[:, None] - x) ** 2).sum(axis=1)
             err = np.where(np.isfinite(err), err, np.inf)
-            got_q, got_err = gm._grid_eval(np.ascontiguousarray(x.T), np.ascontiguousarray(w.T), d, m, lo, hi)
+            got_q, got_err = block_fit.grid_eval(np.ascontiguousarray(x.T), np.ascontiguousarray(w.T), d, m, lo, hi)
         assert got_q.dtype == np.float32 and got_err.dtype == np.float32
         assert got_q.T.tobytes() == q.tobytes() and got_err.tobytes() == err.tobytes()
 

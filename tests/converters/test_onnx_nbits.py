@@ -239,7 +239,6 @@ def retention(l_v, l_rt, l_base) -> float:
 def test_retention_of_the_adapters_change(llama, quantized, variant, tmp_path):
     """As bench/gguf_retention.py defines it: 1 - ||l_v - l_rt|| / ||l_rt - l_base||, with l_rt the adapter merged in
     f32 into the de-quantized weights, l_v the merged quantized file, l_base the quantized base (all in onnxruntime)."""
-    bits = variant[0]
     path, _, decoded = quantized[variant]
     adapter = adapter_on(decoded, k=4, rel=1.0)
     out = os.fspath(tmp_path / "merged.onnx")
