@@ -175,11 +175,22 @@ def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0):
             a = llama_cpp_permute(a, HEADS, KV_HEADS)
         if (arch.startswith("gemma") or arch == "nemotron") and key.endswith("norm.weight"):
             a = a + 1  # llama.cpp stores Gemma's (1 + w) norm scale, and Nemotron's (LayerNorm1P)
-        if a.ndim == 2 and "embed" not in key and matrix_type != QT.F32:
-            q = quants.quantize(a, matrix_type)
-            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=matrix_type)
-        else:
-            w.add_tensor(g, a)
+        add_like_llama_cpp(w, g, a, key, matrix_type)
+    return finish(w, path)
+
+
+def add_like_llama_cpp(w, name: str, a: np.ndarray, key: str, matrix_type) -> None:
+    """One tensor as llama.cpp's converter writes it at a file type: the 2-D weights but embeddings in matrix_type
+    (encoded by gguf-py), the rest F32."""
+    if a.ndim == 2 and "embed" not in key and matrix_type != QT.F32:
+        q = quants.quantize(a, matrix_type)
+        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=matrix_type)
+    else:
+        w.add_tensor(name, a)
+
+
+def finish(w, path=None):
+    """The writer's header, metadata and tensors to its file; returns `path` (the file written), for the callers' return."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -365,10 +376,7 @@ def test_an_architecture_without_a_mapping_is_refused_by_name(arch, tmp_path):
     w = gguf.GGUFWriter(os.fspath(path), arch)
     w.add_block_count(1)
     w.add_tensor("blk.0.attn_output.weight", np.zeros((32, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     view = gm.open_gguf_base(path)
     assert "blk.0.attn_output.weight" in view  # its own names still work
     with pytest.raises(NeuroAdaError) as e:
@@ -406,11 +414,17 @@ def test_gemma3_multimodal_adapter_merges_into_its_text_gguf(tmp_path):
         changed += not np.array_equal(back[key].numpy(), text.state_dict()[key].numpy())
     assert changed == len(keys)
 
-    # the other way: the fine-tuned checkpoint paired with the GGUF (neuroada-pack extract --base model.gguf); the
-    # targets keep the checkpoint's names, and the adapter equals the one trained (F32 values, the same positions)
-    tuned = vlm  # merge_and_unload above left the merged model
-    tuned.save_pretrained(tmp_path / "tuned")
+    tuned_checkpoint_extracts_the_trained_positions(tmp_path, base, vlm, adapter)  # (vlm: merged above)
+
+    vision_target_refused(tmp_path, base, transformers.Gemma3ForConditionalGeneration(vlm_config).float().eval(), r".*vision_tower.*\.q_proj")
+
+
+def tuned_checkpoint_extracts_the_trained_positions(tmp_path, base, tuned, adapter) -> None:
+    """The other way for a multimodal model: its fine-tuned checkpoint (`tuned`, the merged model) paired with the text
+    GGUF (neuroada-pack extract --base model.gguf) gives the targets under the checkpoint's names and the positions
+    of the adapter trained (saved at `adapter`)."""
     from neuroada_format.converters.pack import extract
+    tuned.save_pretrained(tmp_path / "tuned")
     got, report = extract(base, tmp_path / "tuned", k=4, positions="delta", value_dtype="F32")
     trained = naf.load(adapter / "neuroada_model.safetensors")
     assert sorted(got.targets) == sorted(trained.targets) and report["not_in_finetuned"] == []
@@ -418,9 +432,12 @@ def test_gemma3_multimodal_adapter_merges_into_its_text_gguf(tmp_path):
         np.testing.assert_array_equal(got.targets[key].indices, t.indices, err_msg=key)
     assert naf.validate(got, gm.open_gguf_base(base)).ok
 
-    vision = transformers.Gemma3ForConditionalGeneration(vlm_config).float().eval()
-    attach(vision, NeuroAdaConfig(k=2, target_modules=r".*vision_tower.*\.q_proj"))
-    save_adapter(vision, tmp_path / "vision")
+
+def vision_target_refused(tmp_path, base, vlm, modules: str) -> None:
+    """An adapter on a multimodal model's vision tower (`modules`), which llama.cpp writes to the mmproj file, not the
+    text GGUF: its merge fails (4.1) and writes nothing."""
+    attach(vlm, NeuroAdaConfig(k=2, target_modules=modules))
+    save_adapter(vlm, tmp_path / "vision")
     assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(tmp_path / "vision"),
                       "--out", os.fspath(tmp_path / "v.gguf")]) != 0
     assert not (tmp_path / "v.gguf").exists()
@@ -523,11 +540,7 @@ def _with_kv(path, tmp_path, arch, **changes):
     for t in reader.tensors:
         w.add_tensor(t.name, np.array(t.data), raw_shape=tuple(int(d) for d in reversed(t.shape)),
                      raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return out
+    return finish(w, out)
 
 
 @pytest.mark.parametrize("case, changes, rule, words", [
@@ -563,10 +576,7 @@ def test_a_falcon_qkv_bias_is_refused_and_bloom_s_follows_its_rows(tmp_path):
     for t in reader.tensors:
         w.add_tensor(t.name, np.array(t.data))
     w.add_tensor("blk.0.attn_qkv.bias", np.zeros((HEADS + 2 * KV_HEADS) * HIDDEN // HEADS, np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish(w)
     view = gm.open_gguf_base(out)
     with pytest.raises(NeuroAdaError) as e:
         view.resolve("transformer.h.0.self_attention.query_key_value.bias")

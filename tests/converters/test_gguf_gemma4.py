@@ -29,7 +29,7 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.models.gemma4")
-from gguf import GGMLQuantizationType as QT, quants  # noqa: E402
+from gguf import GGMLQuantizationType as QT  # noqa: E402
 
 import neuroada_format as naf  # noqa: E402
 from neuroada_format import NeuroAdaError  # noqa: E402
@@ -38,8 +38,10 @@ from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import NeuroAdaConfig, attach, merge_and_unload, save_adapter  # noqa: E402
 
 from test_gguf import HEADS, HIDDEN, KV_HEADS, VOCAB  # noqa: E402
-from test_gguf_architectures import (extracted_tune_merges_back, linear_keys, logits,  # noqa: E402
-                                     merges_as_the_runtime, random_deltas_)
+from test_gguf_architectures import (add_like_llama_cpp, extracted_tune_merges_back, finish,  # noqa: E402
+                                     linear_keys, logits, merges_as_the_runtime, random_deltas_,
+                                     tuned_checkpoint_extracts_the_trained_positions,
+                                     vision_target_refused)
 
 INTER, PLE = 96, 32  # every d_in a multiple of Q8_0's 32-value block, as in a real file
 
@@ -147,16 +149,8 @@ def write_like_llama_cpp(path, model, matrix_type=QT.Q8_0):
             continue  # llama.cpp writes a tied head once, as token_embd
         a = t.detach().numpy().astype(np.float32)
         g = gguf_name(key, tmap)
-        if a.ndim == 2 and "embed" not in key and matrix_type != QT.F32:
-            q = quants.quantize(a, matrix_type)
-            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=matrix_type)
-        else:
-            w.add_tensor(g, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+        add_like_llama_cpp(w, g, a, key, matrix_type)
+    return finish(w, path)
 
 
 def read_back(path, config):
@@ -306,21 +300,6 @@ def test_gemma4_multimodal_adapter_merges_into_its_text_gguf(tmp_path):
         changed += not np.array_equal(back[key].numpy(), text.state_dict()[key].numpy())
     assert changed == len(keys)
 
-    # the other way: the fine-tuned checkpoint paired with the GGUF (neuroada-pack extract --base model.gguf); the
-    # targets keep the checkpoint's names, and the adapter equals the one trained (F32 values, the same positions)
-    tuned = vlm  # merge_and_unload above left the merged model
-    tuned.save_pretrained(tmp_path / "tuned")
-    from neuroada_format.converters.pack import extract
-    got, report = extract(base, tmp_path / "tuned", k=4, positions="delta", value_dtype="F32")
-    trained = naf.load(adapter / "neuroada_model.safetensors")
-    assert sorted(got.targets) == sorted(trained.targets) and report["not_in_finetuned"] == []
-    for key, t in trained.targets.items():
-        np.testing.assert_array_equal(got.targets[key].indices, t.indices, err_msg=key)
-    assert naf.validate(got, gm.open_gguf_base(base)).ok
+    tuned_checkpoint_extracts_the_trained_positions(tmp_path, base, vlm, adapter)  # (vlm: merged above)
 
-    vision = transformers.Gemma4ForConditionalGeneration(vlm_config).float().eval()
-    attach(vision, NeuroAdaConfig(k=2, target_modules=r".*vision_tower.*\.q_proj\.linear"))
-    save_adapter(vision, tmp_path / "vision")
-    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(tmp_path / "vision"),
-                      "--out", os.fspath(tmp_path / "v.gguf")]) != 0
-    assert not (tmp_path / "v.gguf").exists()
+    vision_target_refused(tmp_path, base, transformers.Gemma4ForConditionalGeneration(vlm_config).float().eval(), r".*vision_tower.*\.q_proj\.linear")

@@ -46,8 +46,9 @@ from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import NeuroAdaConfig, attach, merge_and_unload, save_adapter  # noqa: E402
 
 from test_gguf import HEADS, HIDDEN, KV_HEADS, VOCAB, add_tiny_hparams, llama_cpp_permute  # noqa: E402
-from test_gguf_architectures import (extracted_tune_merges_back, linear_keys, logits,  # noqa: E402
-                                     merges_as_the_runtime, random_deltas_)
+from test_gguf_architectures import (add_like_llama_cpp, extracted_tune_merges_back, finish,  # noqa: E402
+                                     linear_keys, logits, merges_as_the_runtime, random_deltas_,
+                                     vision_target_refused)
 
 LAYERS = 4
 EXPERTS, EXPERT_INTER = 4, 32  # every d_in a multiple of the 32-value blocks (Q8_0, MXFP4), as in a real file
@@ -190,11 +191,7 @@ def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0, experts_ty
             w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=kind)
         else:
             w.add_tensor(name, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return finish(w, path)
 
 
 def unread(key: str) -> bool:
@@ -478,16 +475,8 @@ def write_mistral3(path, model, matrix_type=QT.Q8_0):
         elif key.endswith("k_proj.weight"):
             a = llama_cpp_permute(a, HEADS, KV_HEADS)
         g = tmap.get_name(key, try_suffixes=(".weight", ".bias"))
-        if a.ndim == 2 and "embed" not in key and matrix_type != QT.F32:
-            q = quants.quantize(a, matrix_type)
-            w.add_tensor(g, q, raw_shape=q.shape, raw_dtype=matrix_type)
-        else:
-            w.add_tensor(g, a)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+        add_like_llama_cpp(w, g, a, key, matrix_type)
+    return finish(w, path)
 
 
 def read_mistral3(path):
@@ -608,9 +597,4 @@ def test_mistral3_multimodal_adapter_merges_into_its_text_gguf(tmp_path):
         np.testing.assert_array_equal(back[key].numpy(), merged[key[len("model."):]].numpy(), err_msg=key)
         assert not np.array_equal(back[key].numpy(), text.state_dict()[key].numpy()), key
 
-    vision = transformers.Mistral3ForConditionalGeneration(cfg).float().eval()
-    attach(vision, NeuroAdaConfig(k=2, target_modules=r".*vision_tower.*\.q_proj"))
-    save_adapter(vision, tmp_path / "vision")
-    assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(tmp_path / "vision"),
-                      "--out", os.fspath(tmp_path / "v.gguf")]) != 0
-    assert not (tmp_path / "v.gguf").exists()
+    vision_target_refused(tmp_path, base, transformers.Mistral3ForConditionalGeneration(cfg).float().eval(), r".*vision_tower.*\.q_proj")
