@@ -96,8 +96,10 @@ def find(model) -> dict[str, NBits]:
         bits, block = _attr(node, "bits", 4), _attr(node, "block_size", 0)
         K, N = _attr(node, "K", 0), _attr(node, "N", 0)
         b = node.input[1]
-        suffix = f"_Q{bits}"
-        name = b[: -len(suffix)] if b.endswith(suffix) and len(b) > len(suffix) else b
+        # (any `_Q<digits>`: a `bits` attribute of the wrong type must not hide the weight from its name, where its
+        # refusal says what is wrong)
+        stem, q, digits = b.rpartition("_Q")
+        name = stem if q and stem and digits.isdigit() else b
         if name in out and out[name].name != out[name].b != b:  # `W_Q4` and `W_Q8`: W would be whichever came first
             first = out[name]
             first.problem = (f"MatMulNBits nodes {first.node.name or '(unnamed)'} and {node.name or '(unnamed)'} both "

@@ -542,8 +542,9 @@ def test_two_nodes_claiming_one_weight_name_are_refused(tmp_path, capsys, q8_fir
                                             (helper.make_attribute("N", "32"), "N is STRING, not INT"),
                                             (helper.make_attribute("block_size", [32]), "block_size is INTS, not INT"),
                                             (helper.make_attribute("accuracy_level", 4.0), "accuracy_level is FLOAT"),
+                                            (helper.make_attribute("bits", 4.0), "bits is FLOAT"),
                                             (helper.make_attribute("K", 128), "K is given 2 times")],
-                         ids=["K-float", "N-string", "block_size-ints", "accuracy_level-float", "K-twice"])
+                         ids=["K-float", "N-string", "block_size-ints", "accuracy_level-float", "bits-float", "K-twice"])
 def test_attributes_of_another_type_or_given_twice_are_refused(tmp_path, capsys, attribute, why):
     """A FLOAT, STRING or INTS attribute was read as its (unset) integer field, 0: refused as "K=0" or "block_size 0",
     which the file does not say; an attribute given twice was read as its first copy and the merge written (exit 0),
