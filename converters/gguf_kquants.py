@@ -32,10 +32,19 @@ class KSpec:
     sc_lo: int      # sub-block scale integers [sc_lo, sc_hi]
     sc_hi: int
     affine: bool    # has dmin and per sub-block minimums (0..63)
+    size: int = QK_K  # values per (super-)block
+    table: tuple | None = None  # non-uniform levels: q is one of these values (IQ4), not every integer in [lo, hi]
 
 
+# llama.cpp's kvalues_iq4nl (gguf-py's IQ4_NL.kvalues): the levels of IQ4_NL and IQ4_XS, indexed by the 4-bit codes
+IQ4_TABLE = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 K_TYPES = {QT.Q4_K: KSpec(32, 0, 15, 0, 63, True), QT.Q5_K: KSpec(32, 0, 31, 0, 63, True),
-           QT.Q6_K: KSpec(16, -32, 31, -128, 127, False)}
+           QT.Q6_K: KSpec(16, -32, 31, -128, 127, False), QT.Q3_K: KSpec(16, -4, 3, -32, 31, False),
+           QT.IQ4_XS: KSpec(32, -127, 113, -32, 31, False, table=IQ4_TABLE),
+           QT.IQ4_NL: KSpec(32, -127, 113, 1, 1, False, size=32, table=IQ4_TABLE)}  # sc: none (always 1)
+_TABLE = np.array(IQ4_TABLE, np.float32)
+_MID = (_TABLE[1:] + _TABLE[:-1]) / 2  # half-integers, exact: a level value is never a midpoint
+_HALF_GAP = {True: float(np.diff(_TABLE).max()) / 2, False: 0.5}  # the most a nearest level is away, in units of D
 
 
 @dataclass
@@ -79,6 +88,8 @@ def unpack(t: QT, blocks: np.ndarray) -> Unpacked:
     """Super-block bytes [n, type_size] as numbers (the layouts of gguf-py's K-quant decoders)."""
     b = np.ascontiguousarray(blocks, dtype=np.uint8)
     n = b.shape[0]
+    if t in _OTHER_UNPACK:
+        return _OTHER_UNPACK[t](b, n)
     if t == QT.Q6_K:
         ql, qh = b[:, :128], b[:, 128:192]
         sc = b[:, 192:208].view(np.int8).astype(np.int64)
@@ -102,6 +113,8 @@ def unpack(t: QT, blocks: np.ndarray) -> Unpacked:
 def pack(t: QT, u: Unpacked) -> np.ndarray:
     """The bytes [n, type_size] of super-blocks given as numbers (levels and integers in range)."""
     n = u.q.shape[0]
+    if t in _OTHER_PACK:
+        return _OTHER_PACK[t](u, n)
     if t == QT.Q6_K:
         q = (u.q + 32).astype(np.uint8).reshape(n, 8, 32)
         low, high = q & 15, q >> 4
@@ -123,12 +136,95 @@ def pack(t: QT, u: Unpacked) -> np.ndarray:
     return np.concatenate(parts + [qs], axis=1)
 
 
+# Q3_K: hmask [32] (bit k of byte l: the high bit of value 32k + l), qs [64] (value 128h + 32j + l: bits 2j of byte
+# 32h + l), 12 bytes of sixteen 6-bit scales (low 4 bits: byte s % 8, nibble s // 8; high 2 bits: byte 8 + s % 4,
+# bits 2 (s // 4)), f16 d. Value: d * (scale - 32) * (low bits - 4 + 4 * high bit): levels in [-4, 3].
+def _unpack_q3k(b: np.ndarray, n: int) -> Unpacked:
+    hmask, qs, scales = b[:, :32], b[:, 32:96], b[:, 96:108]
+    d = b[:, 108:110].copy().view(np.float16).astype(np.float32).reshape(n)
+    low = (scales[:, :8].reshape(n, 1, 8) >> np.array([0, 4], np.uint8).reshape(1, 2, 1)).reshape(n, 16) & 15
+    high = (scales[:, 8:].reshape(n, 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 4, 1)).reshape(n, 16) & 3
+    sc = (low | (high << np.uint8(4))).astype(np.int64) - 32
+    ql = (qs.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)).reshape(n, QK_K) & 3
+    qh = (hmask.reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)).reshape(n, QK_K) & 1
+    q = ql.astype(np.int64) + 4 * qh.astype(np.int64) - 4
+    return Unpacked(d, np.zeros(n, np.float32), sc, np.zeros_like(sc), q)
+
+
+def _pack_q3k(u: Unpacked, n: int) -> np.ndarray:
+    v = (u.q + 4).astype(np.uint8)
+    ql = (v & 3).reshape(n, 2, 4, 32)
+    qs = (ql[:, :, 0] | (ql[:, :, 1] << 2) | (ql[:, :, 2] << 4) | (ql[:, :, 3] << 6)).reshape(n, 64)
+    hb = (v >> 2).reshape(n, 8, 32)
+    hmask = np.zeros((n, 32), np.uint8)
+    for k in range(8):
+        hmask |= hb[:, k] << np.uint8(k)
+    ls = (u.sc + 32).astype(np.uint8)
+    lscales = (ls[:, :8] & 15) | ((ls[:, 8:] & 15) << 4)
+    h = (ls >> 4).reshape(n, 4, 4)  # [n, s // 4, s % 4]
+    hscales = h[:, 0] | (h[:, 1] << 2) | (h[:, 2] << 4) | (h[:, 3] << 6)
+    return np.concatenate([hmask, qs, lscales, hscales, _f16_bytes(u.d)], axis=1)
+
+
+def _codes(q: np.ndarray) -> np.ndarray:
+    """IQ4 level values (entries of IQ4_TABLE) as their 4-bit codes."""
+    return np.searchsorted(_TABLE, q.astype(np.float32)).astype(np.uint8)
+
+
+def _nibbles_of(codes: np.ndarray, n: int, blocks: int) -> np.ndarray:
+    """Blocks of 32 codes [n, blocks * 32] as gguf-py's 16 bytes each: value j in the low nibble of byte j, value
+    16 + j in its high nibble."""
+    c = codes.reshape(n, blocks, 2, 16)
+    return (c[:, :, 0] | (c[:, :, 1] << np.uint8(4))).reshape(n, blocks * 16)
+
+
+def _codes_of(qs: np.ndarray, n: int, blocks: int) -> np.ndarray:
+    c = (qs.reshape(n, blocks, 1, 16) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 15
+    return c.reshape(n, blocks * 32)
+
+
+# IQ4_NL: f16 d, 16 bytes of codes (`_nibbles_of`). Value: d * IQ4_TABLE[code]; as a one-sub-block "super-block"
+# whose sub-block scale is always 1.
+def _unpack_iq4nl(b: np.ndarray, n: int) -> Unpacked:
+    d = b[:, 0:2].copy().view(np.float16).astype(np.float32).reshape(n)
+    q = _TABLE[_codes_of(b[:, 2:18], n, 1)].astype(np.int64)
+    return Unpacked(d, np.zeros(n, np.float32), np.ones((n, 1), np.int64), np.zeros((n, 1), np.int64), q)
+
+
+def _pack_iq4nl(u: Unpacked, n: int) -> np.ndarray:
+    return np.concatenate([_f16_bytes(u.d), _nibbles_of(_codes(u.q), n, 1)], axis=1)
+
+
+# IQ4_XS: f16 d, scales_h (u16, little-endian: bits 2s, 2s + 1 the high bits of sub-block s's 6-bit scale), scales_l
+# [4] (nibble s % 2 of byte s // 2: its low 4 bits), then 8 sub-blocks of 32 codes (`_nibbles_of`). Value:
+# d * (scale - 32) * IQ4_TABLE[code].
+def _unpack_iq4xs(b: np.ndarray, n: int) -> Unpacked:
+    d = b[:, 0:2].copy().view(np.float16).astype(np.float32).reshape(n)
+    sh = b[:, 2:4].copy().view("<u2").astype(np.int64).reshape(n, 1)
+    low = (b[:, 4:8].reshape(n, 4, 1) >> np.array([0, 4], np.uint8).reshape(1, 1, 2)).reshape(n, 8) & 15
+    sc = (low.astype(np.int64) | (((sh >> (2 * np.arange(8))) & 3) << 4)) - 32
+    q = _TABLE[_codes_of(b[:, 8:136], n, 8)].astype(np.int64)
+    return Unpacked(d, np.zeros(n, np.float32), sc, np.zeros_like(sc), q)
+
+
+def _pack_iq4xs(u: Unpacked, n: int) -> np.ndarray:
+    ls = (u.sc + 32).astype(np.int64)
+    sh = ((ls >> 4) << (2 * np.arange(8))).sum(1).astype("<u2").view(np.uint8).reshape(n, 2)
+    low = (ls & 15).astype(np.uint8).reshape(n, 4, 2)
+    sl = low[:, :, 0] | (low[:, :, 1] << np.uint8(4))
+    return np.concatenate([_f16_bytes(u.d), sh, sl, _nibbles_of(_codes(u.q), n, 8)], axis=1)
+
+
+_OTHER_UNPACK = {QT.Q3_K: _unpack_q3k, QT.IQ4_NL: _unpack_iq4nl, QT.IQ4_XS: _unpack_iq4xs}
+_OTHER_PACK = {QT.Q3_K: _pack_q3k, QT.IQ4_NL: _pack_iq4nl, QT.IQ4_XS: _pack_iq4xs}
+
+
 def decode(t: QT, u: Unpacked) -> np.ndarray:
     """Values [n, 256] f32, as gguf-py decodes the packed bytes."""
     spec = K_TYPES[t]
     D, N = u.grid()
     q = u.q.astype(np.float32).reshape(u.q.shape[0], -1, spec.sub)
-    return (D[:, :, None] * q + N[:, :, None]).reshape(u.q.shape[0], QK_K)
+    return (D[:, :, None] * q + N[:, :, None]).reshape(u.q.shape[0], spec.size)
 
 
 def levels(t: QT, D: np.ndarray, N: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -142,10 +238,13 @@ def _levels(t: QT, D: np.ndarray, N: np.ndarray, x: np.ndarray, out=None) -> np.
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # in place: the search's hot loop
         q = np.subtract(x, N, out=out)
         q /= np.where(D == 0, np.float32(1), D)
-        np.rint(q, out=q)
+        if spec.table is None:
+            np.rint(q, out=q)
     finite = np.isfinite(q)
     if not finite.all():
         q[~finite] = spec.lo
+    if spec.table is not None:  # the nearest of the table's values (beyond its ends: the end)
+        return np.take(_TABLE, np.searchsorted(_MID, q), out=q)
     return np.clip(q, spec.lo, spec.hi, out=q)
 
 
@@ -220,6 +319,11 @@ def _fit_subblocks(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np.
     return best_sc.astype(np.int64), best_mn.astype(np.int64)
 
 
+def _peak(x: np.ndarray) -> np.ndarray:
+    """The value of largest magnitude along the last axis, with its sign."""
+    return np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
+
+
 def _fresh_super_scales(t: QT, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A new (d, dmin) for super-blocks x [n, S, sub] and starting integers (sc, mn) [n, S]: each sub-block's range
     (min/max, the minimum clamped to <= 0 as llama.cpp does) expressed on f16 super-scales."""
@@ -235,10 +339,12 @@ def _fresh_super_scales(t: QT, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
             sc = np.rint(np.where(d[:, None] != 0, scale / d[:, None], 0))
             mn = np.rint(np.where(dmin[:, None] != 0, minv / dmin[:, None], 0))
         return d, dmin, np.clip(sc, spec.sc_lo, spec.sc_hi), np.clip(mn, 0, 63)
-    amax_i = np.abs(x).argmax(-1)
-    peak = np.take_along_axis(x, amax_i[..., None], -1)[..., 0]
-    scale = peak / -32  # the largest value takes level -32, the widest side, as llama.cpp's Q6_K does
-    d = to_f16(np.abs(scale).max(-1) / 127)
+    peak = _peak(x)
+    scale = peak / spec.lo  # the largest value takes level lo, the widest side, as llama.cpp's Q6_K / Q3_K / IQ4 do
+    if t == QT.Q6_K:
+        d = to_f16(np.abs(scale).max(-1) / 127)
+    else:  # llama.cpp's Q3_K / IQ4_XS: the sub-block scale of largest magnitude becomes sc_lo (-32)
+        d = to_f16(_peak(scale) / spec.sc_lo)
     with np.errstate(divide="ignore", invalid="ignore"):
         sc = np.rint(np.where(d[:, None] != 0, scale / d[:, None], 0))
     return d, np.zeros_like(d), np.clip(sc, spec.sc_lo, spec.sc_hi), np.zeros_like(sc)
@@ -256,8 +362,10 @@ def encode(t: QT, target: np.ndarray, original: np.ndarray | None, touched: np.n
     Without `original` (a tensor re-typed into t) only the fresh one."""
     spec = K_TYPES[t]
     target = np.ascontiguousarray(target, np.float32)
+    if t == QT.IQ4_NL:  # one scale per block of 32, no sub-block scales to refit: its own search
+        return _encode_nl(target, original, touched, touched_weight, decoded)
     B = target.shape[0]
-    S = QK_K // spec.sub
+    S = spec.size // spec.sub
     w = np.ones_like(target) if touched is None else np.where(touched, np.float32(touched_weight), np.float32(1))
     x = target.reshape(B, S, spec.sub)
     ws = w.reshape(B, S, spec.sub)
@@ -272,7 +380,7 @@ def encode(t: QT, target: np.ndarray, original: np.ndarray | None, touched: np.n
                                     u.mn[b, s])
             u.sc[b, s], u.mn[b, s] = sc, mn
         D, N = u.grid()
-        u.q = levels(t, D, N, xr).reshape(len(tr), QK_K).astype(np.int64)
+        u.q = levels(t, D, N, xr).reshape(len(tr), spec.size).astype(np.int64)
         with np.errstate(over="ignore", invalid="ignore"):
             e = (wr * (decode(t, u) - tr) ** 2).sum(1)
         e[~np.isfinite(e)] = np.inf
@@ -280,7 +388,7 @@ def encode(t: QT, target: np.ndarray, original: np.ndarray | None, touched: np.n
 
     def fresh(rows: np.ndarray | None) -> tuple[Unpacked, np.ndarray]:
         d, dmin, sc, mn = _fresh_super_scales(t, x if rows is None else x[rows])
-        u = Unpacked(d, dmin, sc.astype(np.int64), mn.astype(np.int64), np.zeros((len(d), QK_K), np.int64))
+        u = Unpacked(d, dmin, sc.astype(np.int64), mn.astype(np.int64), np.zeros((len(d), spec.size), np.int64))
         return u, refit(u, np.ones((len(d), S), bool), rows)
 
     if original is None:
@@ -296,7 +404,8 @@ def encode(t: QT, target: np.ndarray, original: np.ndarray | None, touched: np.n
     # a fresh encoding only where a changed value ended more than half a level from its target under the kept
     # scales: what the original d and dmin cannot reach (the costly search runs for few super-blocks)
     D, _ = kept.grid()
-    miss = np.abs(decode(t, kept) - target).reshape(B, S, spec.sub) > 0.5 * np.abs(D)[..., None]
+    half = np.float32(_HALF_GAP[spec.table is not None])  # half a level: of the widest gap, for a table
+    miss = np.abs(decode(t, kept) - target).reshape(B, S, spec.sub) > half * np.abs(D)[..., None]
     rows = np.nonzero((miss & (ws > 1 if touched is not None else True)).any((1, 2)) & changed.any(1))[0]
     if rows.size:
         u, err_fresh = fresh(rows)
@@ -304,6 +413,53 @@ def encode(t: QT, target: np.ndarray, original: np.ndarray | None, touched: np.n
         if better.any():
             r = rows[better]
             out[r] = pack(t, Unpacked(u.d[better], u.dmin[better], u.sc[better], u.mn[better], u.q[better]))
+    return out
+
+
+def _encode_nl(target: np.ndarray, original: np.ndarray | None, touched: np.ndarray | None,
+               touched_weight: float, decoded: np.ndarray | None) -> np.ndarray:
+    """IQ4_NL blocks [B, 32] f32 as bytes [B, 18]: per block the f16 scale d with the least weighted squared error
+    among the original one, llama.cpp's candidates (quantize_row_iq4_nl's: the value of largest magnitude on table
+    level -127 + i, i in -7..7, and its first guess peak / 127) and up to three weighted least-squares refits of d
+    with the levels fixed, each block's values on their nearest table levels. Blocks whose original bytes already
+    decode to the target keep them."""
+    t = QT.IQ4_NL
+    B = target.shape[0]
+    w = np.ones_like(target) if touched is None else np.where(touched, np.float32(touched_weight), np.float32(1))
+
+    def err_of(d):  # -> levels [B, 32], errors [B]
+        q = _levels(t, d[:, None], np.float32(-0.0), target)
+        with np.errstate(over="ignore", invalid="ignore"):
+            e = (w * (d[:, None] * q - target) ** 2).sum(1)
+        e[~np.isfinite(e)] = np.inf
+        return q, e
+
+    peak = _peak(target)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        cands = [to_f16(peak / np.float32(i - 127)) for i in range(-7, 8)] + [to_f16(peak / np.float32(127))]
+    kept = None
+    if original is not None:
+        kept = unpack(t, original)
+        cands.insert(0, kept.d)
+    best_d = np.zeros(B, np.float32)
+    best_q = np.zeros(target.shape, np.float32)
+    best_e = np.full(B, np.inf, np.float32)
+    for r in range(len(cands) + 3):
+        if r < len(cands):
+            d = cands[r]
+        else:  # x ~ d * q by weighted least squares with the best levels so far
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                den = (w * best_q * best_q).sum(1)
+                d = to_f16(np.where(den > 0, (w * best_q * target).sum(1) / den, best_d))
+        q, e = err_of(d)
+        better = e < best_e
+        best_d[better], best_q[better], best_e[better] = d[better], q[better], e[better]
+    out = pack(t, Unpacked(best_d, np.zeros(B, np.float32), np.ones((B, 1), np.int64), np.zeros((B, 1), np.int64),
+                           best_q.astype(np.int64)))
+    if original is not None:
+        before = decode(t, kept) if decoded is None else np.asarray(decoded, np.float32)
+        held = (before == target).all(1)
+        out[held] = np.asarray(original)[held]
     return out
 
 

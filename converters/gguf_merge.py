@@ -18,9 +18,10 @@ touched value (every other block stays byte-identical). A Q8_0/Q4_0/Q4_1 block w
 on its original grid (deltas trained through it: runtime train_on_grid) is packed on that grid with its
 own scale and minimum, exactly and without the least-error search; the summary counts those blocks and
 the re-encoded ones, and only re-encoded blocks are warned about. Q4_K/Q5_K/Q6_K tensors (llama.cpp's
-Q4_K_M and Q5_K_M files) are kept in their type the same way, super-block by super-block (gguf_kquants).
-Types gguf-py can only decode and we do not encode (Q2_K, Q3_K, IQ) are refused unless `requant` names a
-type to re-encode them into. `target_type`
+Q4_K_M and Q5_K_M files) are kept in their type the same way, super-block by super-block (gguf_kquants), and so
+are Q3_K (Q3_K_M files), IQ4_XS and IQ4_NL (their levels: a fixed non-uniform table). Types gguf-py can only
+decode and we do not encode (Q2_K, IQ types but IQ4_NL/IQ4_XS) are refused unless `requant` names a type to
+re-encode them into. `target_type`
 re-encodes every touched tensor (e.g. F16, to keep the merge exact up to F16 rounding). Metadata and
 tokenizer bytes are copied verbatim.
 
@@ -890,6 +891,10 @@ def block_grid(view: GGUFBase, name: str):
     """
     m_ = view.resolve(name)
     info = view.file.tensors[m_.gguf_name]
+    if info.type in kq.K_TYPES and kq.K_TYPES[info.type].table is not None:
+        raise NeuroAdaUsageError(f"{info.type.name} has no grid here: its levels are a non-uniform table, not the "
+                                 f"integers of a range (Q4_1, Q4_0, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K have one)",
+                                 path=view.path, tensor=name)
     if info.type in kq.K_TYPES:  # a grid per sub-block (16 or 32 values) of each super-block
         d, m, lo, hi, block = kq.grid_of(info.type, np.asarray(view.file.blocks(m_.gguf_name)), info.shape[0])
     elif info.type in _GRID:
@@ -900,7 +905,7 @@ def block_grid(view: GGUFBase, name: str):
              else np.zeros_like(d))
         block = GGML_QUANT_SIZES[info.type][0]
     else:
-        raise NeuroAdaUsageError(f"{info.type.name} has no grid here (Q4_1, Q4_0, Q8_0, Q4_K, Q5_K, Q6_K)",
+        raise NeuroAdaUsageError(f"{info.type.name} has no grid here (Q4_1, Q4_0, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K)",
                                  path=view.path, tensor=name)
     if m_.inverse is not None:
         d, m = d[m_.inverse], m[m_.inverse]
@@ -1011,7 +1016,7 @@ class GGUFBackend(Backend):
         if self.requant is not None and (self.target_type is not None
                                          or all(view.file.tensors[g].type in ENCODABLE for g in by_tensor)):
             warnings.append(f"requant={self.requant.name} applies only to tensor types that cannot be re-encoded "
-                            f"here (Q2_K, Q3_K, IQ), and no touched tensor has one: it changes nothing "
+                            f"here (Q2_K, most IQ types), and no touched tensor has one: it changes nothing "
                             f"(--option target_type= sets the type of every touched tensor)")
         return Resolved(by_tensor, len(by_tensor), warnings)
 
@@ -1182,7 +1187,8 @@ def _first_probes(view: GGUFBase, plans: dict[str, _TensorPlan]) -> None:
 _F16_MAX = 65504.0
 BLOCK_VALUE_MAX = {QT.Q8_0: _F16_MAX * 127, QT.Q4_0: _F16_MAX * 8, QT.Q5_0: _F16_MAX * 16, QT.Q4_1: _F16_MAX,
                    QT.Q5_1: _F16_MAX, QT.Q6_K: _F16_MAX * 127 * 32, QT.Q4_K: _F16_MAX * 63 * 15,
-                   QT.Q5_K: _F16_MAX * 63 * 31}
+                   QT.Q5_K: _F16_MAX * 63 * 31, QT.Q3_K: _F16_MAX * 32 * 4, QT.IQ4_XS: _F16_MAX * 32 * 127,
+                   QT.IQ4_NL: _F16_MAX * 127}
 
 
 def _refuse_unencodable(t: QT, mp, where: tuple[str, str]) -> None:
