@@ -319,6 +319,28 @@ def _fit_subblocks(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np.
     return best_sc.astype(np.int64), best_mn.astype(np.int64)
 
 
+def _fit_all_scales(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, sc: np.ndarray) -> np.ndarray:
+    """For sub-blocks x, w [m, sub] of a type without minimums and with 64 sub-block scales (Q3_K, IQ4_XS) under fixed
+    d [m]: the integer sc [m] with the least weighted squared error of all of them (each value on its nearest level:
+    for a given scale that is each value's least error, so this is the best sc for d), the given sc where none is
+    better. Chunked: every candidate is a [sub, 64, chunk] evaluation."""
+    spec = K_TYPES[t]
+    cand = np.arange(spec.sc_lo, spec.sc_hi + 1, dtype=np.float32)[:, None]  # [C, 1]
+    best = sc.astype(np.float32).copy()
+    for a in range(0, x.shape[0], 1024):
+        xs, ws, ds = x[a:a + 1024].T[:, None, :], w[a:a + 1024].T[:, None, :], d[a:a + 1024]
+        with np.errstate(over="ignore", invalid="ignore"):
+            D = np.concatenate([(ds * best[a:a + 1024])[None], ds[None] * cand], axis=0)  # [1 + C, c]
+            q = _levels(t, D, np.full(D.shape, -0.0, np.float32), xs)  # [sub, 1 + C, c]
+            e = ws * (D * q - xs) ** 2
+            e = e.sum(0)
+        e[~np.isfinite(e)] = np.inf
+        j = np.argmin(e, axis=0)  # the first of equal errors: the given sc (row 0) where it is as good
+        pick = np.concatenate([best[a:a + 1024][None], np.broadcast_to(cand, (len(cand), len(ds)))], axis=0)
+        best[a:a + 1024] = pick[j, np.arange(len(ds))]
+    return best.astype(np.int64)
+
+
 def _peak(x: np.ndarray) -> np.ndarray:
     """The value of largest magnitude along the last axis, with its sign."""
     return np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1)[..., 0]
@@ -375,7 +397,9 @@ def encode(t: QT, target: np.ndarray, original: np.ndarray | None, touched: np.n
         in place; their weighted errors [r]."""
         xr, wr, tr = (x, w, target) if rows is None else (x[rows], w[rows], target[rows])
         b, s = np.nonzero(which)
-        if b.size:
+        if b.size and t in (QT.Q3_K, QT.IQ4_XS):
+            u.sc[b, s] = _fit_all_scales(t, xr[b, s], wr.reshape(xr.shape)[b, s], u.d[b], u.sc[b, s])
+        elif b.size:
             sc, mn = _fit_subblocks(t, xr[b, s], wr.reshape(xr.shape)[b, s], u.d[b], u.dmin[b], u.sc[b, s],
                                     u.mn[b, s])
             u.sc[b, s], u.mn[b, s] = sc, mn
@@ -420,7 +444,8 @@ def _encode_nl(target: np.ndarray, original: np.ndarray | None, touched: np.ndar
                touched_weight: float, decoded: np.ndarray | None) -> np.ndarray:
     """IQ4_NL blocks [B, 32] f32 as bytes [B, 18]: per block the f16 scale d with the least weighted squared error
     among the original one, llama.cpp's candidates (quantize_row_iq4_nl's: the value of largest magnitude on table
-    level -127 + i, i in -7..7, and its first guess peak / 127) and up to three weighted least-squares refits of d
+    level -127 + i, i in -7..7, and its first guess peak / 127), those putting the largest touched change on each
+    table level, and up to three weighted least-squares refits of d
     with the levels fixed, each block's values on their nearest table levels. Blocks whose original bytes already
     decode to the target keep them."""
     t = QT.IQ4_NL
@@ -441,6 +466,12 @@ def _encode_nl(target: np.ndarray, original: np.ndarray | None, touched: np.ndar
     if original is not None:
         kept = unpack(t, original)
         cands.insert(0, kept.d)
+        if touched is not None:  # the largest touched change exactly on each level (as near as an f16 d puts it)
+            before = decode(t, kept) if decoded is None else np.asarray(decoded, np.float32)
+            with np.errstate(invalid="ignore"):
+                j = np.argmax(np.where(touched, np.abs(target - before), -1), axis=1)
+            xt = target[np.arange(B), j]
+            cands += [to_f16(xt / np.float32(v)) for v in IQ4_TABLE]
     best_d = np.zeros(B, np.float32)
     best_q = np.zeros(target.shape, np.float32)
     best_e = np.full(B, np.inf, np.float32)

@@ -30,6 +30,9 @@ TYPES = [QT.IQ4_NL, QT.IQ4_XS, QT.Q3_K]
 D_AT = {QT.IQ4_NL: slice(0, 2), QT.IQ4_XS: slice(0, 2), QT.Q3_K: slice(108, 110)}
 # relative error of a fresh encoding of Gaussian weights (ours: about 7.5% / 7.6% / 14.6%): 4-bit and 3-bit levels
 FRESH_ERROR = {QT.IQ4_NL: 0.085, QT.IQ4_XS: 0.085, QT.Q3_K: 0.16}
+# the share of a tiny Llama adapter's change (deltas 0.01 on weights of 0.05) a merge keeps: ours IQ4_NL 0.71 / 0.72,
+# IQ4_XS 0.64, Q3_K 0.66 (Q4_K 0.75, Q4_0 0.72 on the same adapter)
+FILE_RETENTION = {QT.IQ4_NL: 0.6, QT.IQ4_XS: 0.55, QT.Q3_K: 0.55}
 DOWN, UP, V = "model.layers.1.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight", \
     "model.layers.0.self_attn.v_proj.weight"
 # the tensors a type can hold in the tiny Llama: super-blocks of 256 need down_proj's rows [64, 256]; IQ4_NL's
@@ -131,7 +134,7 @@ def test_touched_blocks_keep_the_delta_and_untouched_subblocks_their_bytes(t):
     after = gguf_py(t, out).reshape(300, 256)
     same_bits(after.reshape(-1, size), ours(t, out))
     kept = 1 - np.linalg.norm((after - target)[mask]) / np.linalg.norm((target - before)[mask])
-    assert kept > 0.6, kept
+    assert kept > 0.75, kept  # ours: IQ4_NL 0.92, IQ4_XS 0.90, Q3_K 0.83
     blocks_touched = mask.reshape(-1, size).any(1)
     assert np.array_equal(out[~blocks_touched], base[~blocks_touched])  # untouched blocks: byte for byte
     if t == QT.IQ4_NL:
@@ -188,8 +191,11 @@ def test_a_file_merges_without_options_and_keeps_its_types(tmp_path, t):
         a, b = src.blocks(g), dst.blocks(g)
         assert np.array_equal(a[~holds[g]], b[~holds[g]]), n
         assert not np.array_equal(a[holds[g]], b[holds[g]]), n
+        want = naf.merge_weight(view.array(n), [adapter.targets[n]])
+        weight = np.where(want != view.array(n), 100.0, 1.0)  # the merge's default touched_weight
+        assert (weight * (merged.array(n) - want) ** 2).sum() < 0.5 * (weight * (view.array(n) - want) ** 2).sum()
         kept = retention(view, merged, adapter, n)
-        assert kept > 0.6, (n, kept)
+        assert kept > FILE_RETENTION[t], (n, kept)
     assert naf.validate(adapter, view).ok
 
 
