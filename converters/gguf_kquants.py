@@ -9,6 +9,12 @@ A super-block holds 256 values in sub-blocks of `sub` values. Sub-block s decode
 small integers (6 bits for Q4_K/Q5_K; Q6_K has a signed 8-bit sc_s and no minimum), q_i a level in [lo, hi]. Both
 products are exact in f32 and so is ``D_s * q_i``, so the one rounding is the sum: the formula of gguf-py's
 decoder, which makes (D_s, N_s) a grid like Q4_1's (d, m) one, per sub-block.
+
+Q3_K (llama.cpp's Q3_K_M files mix it with Q4_K-Q6_K), IQ4_XS and IQ4_NL fit the same mould without minimums:
+Q3_K has 16 sub-blocks of 16 with 6-bit scales used as sc - 32 and levels -4..3; IQ4_XS 8 sub-blocks of 32, the same
+scales, and levels that are the entries of llama.cpp's fixed non-uniform table kvalues_iq4nl (IQ4_TABLE: each value
+takes the nearest entry, not rint); IQ4_NL blocks of 32 values with one f16 d and that table (a "super-block" of
+one sub-block whose scale is always 1, with a search of its own for d: `_encode_nl`). Every product is exact in f32.
 """
 
 from __future__ import annotations

@@ -176,7 +176,7 @@ def _adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, NeuroAdaLa
 def train_on_grid(model: nn.Module, gguf_path, adapter_name: str = "default") -> dict[str, str]:
     """Snap `adapter_name`'s deltas to the quantization grid of `gguf_path` (the model's base as a GGUF
     file: its weights must be that file's de-quantized values) in every layer whose GGUF tensor is
-    block-quantized with a grid `converters.gguf_merge.block_grid` knows (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K),
+    block-quantized with a grid `converters.gguf_merge.block_grid` knows (Q4_0, Q4_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K),
     and to F16/BF16 values where it is F16/BF16 (`FloatGrid`: the merge rounds w0 + delta to that dtype).
 
     Layers whose tensor is F32 stay plain (they merge exactly as they are), as do other block types (their
@@ -225,7 +225,7 @@ def train_on_grid(model: nn.Module, gguf_path, adapter_name: str = "default") ->
         else:
             try:
                 grid = QuantGrid(*gm.block_grid(view, key), qtype=info.type.name).to(w0.device)
-            except NeuroAdaUsageError:  # no grid for this type (F32, Q5_0/Q5_1, Q2_K, Q3_K): the layer stays plain
+            except NeuroAdaUsageError:  # no grid for this type (F32, Q5_0/Q5_1, Q2_K, IQ types): the layer stays plain
                 grid = None
         if isinstance(grid, QuantGrid):
             _, on_grid = grid.levels(w0, idx)

@@ -410,9 +410,9 @@ def test_runtime_imports_without_gguf():
     assert "refused:" in r.stdout and "gguf" in r.stdout
 
 
-@pytest.mark.parametrize("ktype", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("ktype", ["Q4_K", "Q5_K", "Q6_K", "Q3_K"])
 def test_trained_on_kquant_grids_merges_exactly(tmp_path, ktype, capsys):
-    """A K-quant projection (llama.cpp's Q4_K_M / Q5_K_M files): the grid is per sub-block of each super-block, and a
+    """A K-quant projection (llama.cpp's Q4_K_M / Q5_K_M / Q3_K_M files): the grid is per sub-block of each super-block, and a
     delta trained through it merges into the file exactly, with the super-block's scales kept (gguf_kquants)."""
     from neuroada_format.converters import gguf_kquants as kq
     t = QT[ktype]
@@ -441,6 +441,22 @@ def test_trained_on_kquant_grids_merges_exactly(tmp_path, ktype, capsys):
         g = view.resolve(n).gguf_name
         a, b = kq.unpack(t, view.file.blocks(g)), kq.unpack(t, mv.file.blocks(g))
         assert np.array_equal(a.d, b.d) and np.array_equal(a.sc, b.sc) and np.array_equal(a.mn, b.mn)
+
+
+@pytest.mark.parametrize("itype", ["IQ4_XS", "IQ4_NL"])
+def test_iq4_layers_stay_plain(tmp_path, itype):
+    """IQ4_XS / IQ4_NL levels are a non-uniform table, not a range of integers: no grid here, so train_on_grid leaves
+    those layers plain (their merge re-encodes the touched blocks) and snaps the others."""
+    from neuroada_format.converters import gguf_kquants as kq
+    t = QT[itype]
+    arrays = hf_arrays()
+    downs = [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1)]
+    raw = {n: kq.encode(t, arrays[n].reshape(-1, gm.GGML_QUANT_SIZES[t][0]), None, None).reshape(64, -1)
+           for n in downs}
+    base = write_gguf(tmp_path / "base.gguf", arrays, QT.Q8_0, types={n: t for n in downs}, raw=raw)
+    model, types = attached(base)
+    assert {types[n] for n in downs} == {itype}
+    assert {n + ".weight" for n in grid_types(model)} == set(types) - set(downs)
 
 
 def test_float_tensors_are_snapped_to_their_dtype_and_merge_exactly(tmp_path, capsys):
