@@ -36,7 +36,7 @@ DOWN_G = "blk.0.ffn_down.weight"
 BITS = {"nan": 0x7E00, "inf": 0x7C00, "-inf": 0xFC00}
 # where a block's F16 scale lies: Q6_K keeps its super-scale d last; every other type first (Q4_1/Q5_1/Q4_K/Q5_K
 # keep their minimum right after it, at byte 2)
-SCALE_AT = {QT.Q6_K: -2}
+SCALE_AT = {QT.Q6_K: -2, QT.Q3_K: -2}
 
 
 def damaged(src, dst, gname, blocks, bits, at=None):
@@ -66,7 +66,8 @@ def base_and_adapter(tmp_path, qt, kind, blocks=range(8), at=None, name=UP, gnam
 def kquant_base(tmp_path, qt):
     """The tiny Llama with layer 0's down_proj in a K type (encoded by us), the rest Q8_0."""
     arrays = hf_arrays()
-    raw = {DOWN: kq.encode(qt, arrays[DOWN].reshape(-1, 256), None, None).reshape(arrays[DOWN].shape[0], -1)}
+    raw = {DOWN: kq.encode(qt, arrays[DOWN].reshape(-1, GGML_QUANT_SIZES[qt][0]), None, None)
+           .reshape(arrays[DOWN].shape[0], -1)}
     return write_gguf(tmp_path / f"clean-{qt.name}.gguf", arrays, QT.Q8_0, types={DOWN: qt}, raw=raw)
 
 
@@ -115,15 +116,17 @@ def test_a_nonfinite_minimum_is_refused_too(tmp_path, capsys, kind):
 
 
 @pytest.mark.parametrize("kind", ["nan", "inf"])
-@pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q5_K, QT.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q3_K, QT.IQ4_XS, QT.IQ4_NL], ids=lambda t: t.name)
 def test_kquant_superblocks_with_a_nonfinite_scale_are_refused(tmp_path, capsys, qt, kind):
-    path, adapter = base_and_adapter(tmp_path, qt, kind, blocks=range(4), name=DOWN, gname=DOWN_G,
+    rows4 = range(4 * 256 // GGML_QUANT_SIZES[qt][0])  # the blocks of rows 0-3
+    path, adapter = base_and_adapter(tmp_path, qt, kind, blocks=rows4, name=DOWN, gname=DOWN_G,
                                      src=kquant_base(tmp_path, qt))
     before = path.read_bytes()
     out = tmp_path / "m.gguf"
     code, lines = merge(capsys, path, adapter, out)
     assert_refused(code, lines, path, DOWN_G, out, before)
-    assert f"base {qt.name} block 0 (GGUF row 0, columns 0-255)" in lines[0], lines
+    last = GGML_QUANT_SIZES[qt][0] - 1
+    assert f"base {qt.name} block 0 (GGUF row 0, columns 0-{last})" in lines[0], lines
 
 
 def test_the_block_is_named_in_the_tensor_when_rows_are_merged_in_chunks(tmp_path, capsys, monkeypatch):
