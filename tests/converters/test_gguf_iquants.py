@@ -31,7 +31,7 @@ D_AT = {QT.IQ4_NL: slice(0, 2), QT.IQ4_XS: slice(0, 2), QT.Q3_K: slice(108, 110)
 # relative error of a fresh encoding of Gaussian weights (ours: about 7.5% / 7.6% / 14.6%): 4-bit and 3-bit levels
 FRESH_ERROR = {QT.IQ4_NL: 0.085, QT.IQ4_XS: 0.085, QT.Q3_K: 0.16}
 # the share of a tiny Llama adapter's change (deltas 0.01 on weights of 0.05) a merge keeps: ours IQ4_NL 0.71 / 0.72,
-# IQ4_XS 0.64, Q3_K 0.66 (Q4_K 0.75, Q4_0 0.72 on the same adapter)
+# IQ4_XS 0.65, Q3_K 0.67 (Q4_K 0.75, Q4_0 0.72 on the same kind of adapter)
 FILE_RETENTION = {QT.IQ4_NL: 0.6, QT.IQ4_XS: 0.55, QT.Q3_K: 0.55}
 DOWN, UP, V = "model.layers.1.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight", \
     "model.layers.0.self_attn.v_proj.weight"
