@@ -254,12 +254,24 @@ class OnnxModel:
                 self.producer.setdefault(out, n)
         self._arrays: dict[str, np.ndarray] = {}
         # MatMulNBits weights by their graph name (the quantized MatMul's initializer): onnx_nbits
-        self.nbits: dict[str, onnx_nbits.NBits] = {}
-        self.nbits = onnx_nbits.find(self)
+        self.nbits: dict[str, onnx_nbits.NBits] = onnx_nbits.find(self)
+        self._nbits_of_node = {id(nb.node): name for name, nb in self.nbits.items()}
+        self._weights: dict[str, onnx_nbits.Weight] = {}
 
     def close(self) -> None:
         """Let go of the external data's maps (backend.merge calls it when the merge ends, a refusal included)."""
         self._arrays.clear()
+        self._weights.clear()
+
+    def quantized(self, name: str) -> onnx_nbits.NBits | None:
+        """The MatMulNBits weight `name` names, or None (an initializer's name, B's own included, is the initializer)."""
+        return None if name in self.initializers else self.nbits.get(name)
+
+    def nbits_weight(self, name: str) -> onnx_nbits.Weight:
+        """The stored parts of MatMulNBits weight `name`, made once (probes, merges and `array` all read them)."""
+        if name not in self._weights:
+            self._weights[name] = onnx_nbits.Weight(self, self.nbits[name])
+        return self._weights[name]
 
     def _external_info(self, t) -> _External:
         entries = {}
@@ -292,14 +304,15 @@ class OnnxModel:
     def dtype(self, name: str) -> str | None:
         """F32/F16/BF16 for float initializers, None otherwise; F32 for a MatMulNBits weight (its values decode
         to binary32)."""
-        if name not in self.initializers and name in self.nbits:
+        if self.quantized(name):
             return "F32"
         entry = FLOAT_TYPES.get(self.initializers[name].data_type)
         return entry[0] if entry else None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if name not in self.initializers and name in self.nbits:
-            return self.nbits[name].N, self.nbits[name].K  # [d_out, d_in], as MatMulNBits stores it
+        nb = self.quantized(name)
+        if nb is not None:
+            return nb.N, nb.K  # [d_out, d_in], as MatMulNBits stores it
         return tuple(int(d) for d in self.initializers[name].dims)
 
     def array(self, name: str) -> np.ndarray:
@@ -307,9 +320,10 @@ class OnnxModel:
         weight decoded whole (f32 [N, K]; merges and probes decode only the blocks they need)."""
         if name in self._arrays:
             return self._arrays[name]
-        if name not in self.initializers and name in self.nbits:
-            onnx_nbits.refuse(self, self.nbits[name], name)
-            self._arrays[name] = onnx_nbits.Weight(self, self.nbits[name]).decode_all()
+        nb = self.quantized(name)
+        if nb is not None:
+            onnx_nbits.refuse(self, nb, name)
+            self._arrays[name] = self.nbits_weight(name).decode_all()
             return self._arrays[name]
         t = self.initializers[name]
         if t.data_type not in FLOAT_TYPES:
@@ -379,10 +393,8 @@ class OnnxModel:
     def usage(self, node):
         """(initializer, stored layout) of a linear-like node's weight, ("quantized", node) or None."""
         op = node.op_type
-        if op == onnx_nbits.OP:
-            for name, nb in self.nbits.items():
-                if nb.node is node:
-                    return name, "out_in"   # B holds W as [N, K] = [d_out, d_in]
+        if op == onnx_nbits.OP and id(node) in self._nbits_of_node:
+            return self._nbits_of_node[id(node)], "out_in"   # B holds W as [N, K] = [d_out, d_in]
         if op in QUANT_OPS:
             return ("quantized", node), None
         if op == "Gather":
@@ -496,8 +508,9 @@ class _Resolver:
     def _check_float(self, name: str, target: str):
         """Refuse integer/FP8 weights and float weights that feed a quantizer, naming the reason; a MatMulNBits
         weight is refused where it is not one this merge writes (onnx_nbits)."""
-        if name not in self.m.initializers and name in self.m.nbits:
-            onnx_nbits.refuse(self.m, self.m.nbits[name], target)
+        nb = self.m.quantized(name)
+        if nb is not None:
+            onnx_nbits.refuse(self.m, nb, target)
             return
         t = self.m.initializers[name]
         if t.data_type in FLOAT_TYPES:
@@ -586,9 +599,9 @@ class _Resolver:
                     if probe_hash(self.m.array(name), idx, layout) == t.probe:
                         hits.append((name, layout))
         for name, nb in self.m.nbits.items():  # decoded only where the probe reads (blocks holding its columns)
-            if name in self.m.initializers or nb.problem or (nb.N, nb.K) != canon:
+            if not self.m.quantized(name) or nb.problem or (nb.N, nb.K) != canon:
                 continue
-            values = onnx_nbits.Weight(self.m, nb).values_at(np.arange(canon[0])[:, None], idx)
+            values = self.m.nbits_weight(name).values_at(np.arange(canon[0])[:, None], idx)
             if probe_hash_from_values(values) == t.probe:
                 hits.append((name, "out_in"))
         if len(hits) > 1:
@@ -758,8 +771,8 @@ class OnnxBackend(Backend):
             for target, res in found.items():
                 t = adapter.targets[target]
                 info = res.to_dict()
-                if res.initializer not in view.initializers and res.initializer in view.nbits:
-                    info["matmulnbits"] = view.nbits[res.initializer].to_dict()
+                if view.quantized(res.initializer):
+                    info["matmulnbits"] = view.quantized(res.initializer).to_dict()
                 resolutions.setdefault(target, {**info, "adapters": []})["adapters"].append(ai)
                 for name, layout in res.initializers():
                     entry = entries.setdefault(name, {"layout": layout, "deltas": [], "sources": []})
@@ -776,7 +789,7 @@ class OnnxBackend(Backend):
                 if name in view.external:
                     ext = view.external[name]
                     reserve(ext.file, ext.offset, ext.nbytes)
-        quantized = sorted(n for n in plan.entries if n not in view.initializers and n in view.nbits)
+        quantized = sorted(n for n in plan.entries if view.quantized(n))
         if quantized and in_place:
             raise NeuroAdaUsageError(f"{quantized[0]!r} is a MatMulNBits weight, whose merge rewrites blocks, scales "
                                      f"and zero points: merge into a copy (--out)", path=view.path)
@@ -802,8 +815,7 @@ class OnnxBackend(Backend):
     def _plan_nbits(view: OnnxModel, plan: _Plan, name: str, entry: dict, verify: bool) -> None:
         """A MatMulNBits weight: rule M on its decoded values (only the blocks holding a delta's column are decoded),
         the probe hashes from those values, and the touched blocks re-encoded (onnx_nbits.reencode)."""
-        nb = view.nbits[name]
-        weight = onnx_nbits.Weight(view, nb)
+        weight = view.nbits_weight(name)
         values, _ = weight.decode_touched(entry["deltas"])
         merge_plan = plan_merge(values, entry["deltas"], "out_in", checked=True)
         if verify:
@@ -895,7 +907,7 @@ def _verify(model: OnnxModel, adapter: Adapter, resolutions: dict[str, Resolutio
 def stored_mismatch(model: OnnxModel, name: str, layout: str, t: Target) -> str | None:
     """Rule 4.2 for one initializer holding target `t` in `layout`: what differs (dtype or stored shape), or None."""
     want = stored_shape(t.shape, layout)
-    if name not in model.initializers and name in model.nbits:  # binary32 decoded values: the probe decides (14)
+    if model.quantized(name):  # binary32 decoded values: the probe decides (14)
         if model.shape(name) != want:
             return (f"MatMulNBits weight {name!r} is [N, K] = {list(model.shape(name))}, the adapter expects "
                     f"{list(want)}")
