@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from .block_fit import column_sums, to_f16, weighted_line_fit  # noqa: F401 (kq.* names of gguf_merge)
+from .block_fit import column_sums, to_f16, weighted_line_fit
 
 QK_K = 256
 

@@ -53,7 +53,7 @@ from neuroada_format.safe_io import open_regular
 from neuroada_format.validate import PROBE_MISMATCH, validate
 
 from . import gguf_kquants as kq
-from .block_fit import fit_grid  # the block search, shared with onnx_nbits
+from .block_fit import fit_grid, to_f16  # the block search, shared with onnx_nbits
 from .backend import Backend, Mismatch, Resolved, Written, pause_for_tests
 from .progress import bar
 from .safetensors_merge import _send, _write_exactly  # the one kernel copy and buffered I/O
@@ -809,11 +809,11 @@ def _naive_grid(t: QT, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     against gguf-py's blocks in the tests."""
     if t == QT.Q4_1:
         top, low = target.max(axis=-1), target.min(axis=-1)
-        return kq.to_f16((top - low) / 15), kq.to_f16(low)
+        return to_f16((top - low) / 15), to_f16(low)
     if t == QT.Q4_0:
         peak = np.take_along_axis(target, abs(target).argmax(axis=-1)[:, None], axis=-1)[:, 0]
-        return kq.to_f16(peak / -8), np.zeros(len(target), np.float32)
-    return kq.to_f16(abs(target).max(axis=1) / 127), np.zeros(len(target), np.float32)
+        return to_f16(peak / -8), np.zeros(len(target), np.float32)
+    return to_f16(abs(target).max(axis=1) / 127), np.zeros(len(target), np.float32)
 
 
 def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None, touched: np.ndarray | None = None,
@@ -870,16 +870,16 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
         with np.errstate(divide="ignore", invalid="ignore"):
             q = np.clip(np.rint((xt - om) / od), lo, hi)
             if affine:
-                cands.append((od, kq.to_f16(xt - od * q)))
+                cands.append((od, to_f16(xt - od * q)))
             q1 = np.where(q == 0, 1 if hi > 0 else -1, q)
-            cands.append((kq.to_f16(np.where(od != 0, (xt - om) / q1, od)), om))
+            cands.append((to_f16(np.where(od != 0, (xt - om) / q1, od)), om))
     d0, m0 = cands[0]
     for f in (0.98, 1.02):
-        cands.append((kq.to_f16(d0 * f), m0))
+        cands.append((to_f16(d0 * f), m0))
         if affine:
             for g in (-0.25, 0.25):
-                cands.append((kq.to_f16(d0 * f), kq.to_f16(m0 + g * d0)))
-    best_d, best_m, best_q, _, _ = fit_grid(target, w, cands, lo, hi, affine, kq.to_f16)
+                cands.append((to_f16(d0 * f), to_f16(m0 + g * d0)))
+    best_d, best_m, best_q, _, _ = fit_grid(target, w, cands, lo, hi, affine, to_f16)
     return _pack(t, best_d, best_m, best_q.T)
 
 

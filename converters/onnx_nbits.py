@@ -31,6 +31,7 @@ import numpy as np
 from onnx import AttributeProto, TensorProto
 
 from neuroada_format import NeuroAdaError
+from neuroada_format.dtypes import round_to
 
 from .block_fit import fit_grid, to_f16
 
@@ -252,7 +253,7 @@ def _rounder(dtype: np.dtype):
         return lambda x: np.asarray(x, np.float32)
     if dtype == np.float16:
         return to_f16
-    return lambda x: np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+    return lambda x: round_to(x, "BF16").astype(np.float32)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 
 from test_gguf import hf_arrays, make_adapter, write_gguf  # noqa: E402
 from test_gguf_grid_merge import snapped_adapter, touched_blocks  # noqa: E402
+from test_gguf_kquants import _saved, kquant_file  # noqa: E402
 
 TYPES = [QT.IQ4_NL, QT.IQ4_XS, QT.Q3_K]
 # where each type keeps its f16 d in a block
@@ -147,20 +148,6 @@ def test_touched_blocks_keep_the_delta_and_untouched_subblocks_their_bytes(t):
     assert fresh.mean() < 0.2  # the original super-scales reach typical deltas
 
 
-def iquant_file(tmp_path, types, seed=0):
-    """The tiny Llama with some projections in these types (encoded by us from its f32 values), the rest Q8_0."""
-    arrays = hf_arrays(seed)
-    raw = {n: kq.encode(t, arrays[n].reshape(-1, GGML_QUANT_SIZES[t][0]), None, None) for n, t in types.items()}
-    raw = {n: b.reshape(arrays[n].shape[0], -1) for n, b in raw.items()}
-    return write_gguf(tmp_path / "base.gguf", arrays, QT.Q8_0, types=types, raw=raw)
-
-
-def _saved(adapter, tmp_path):
-    p = tmp_path / "adapter.safetensors"
-    naf.save(adapter, p)
-    return p
-
-
 def retention(view, merged, adapter, n):
     """The share of the adapter's change to n's touched values the merged file keeps (test_gguf_kquants' measure)."""
     want = naf.merge_weight(view.array(n), [adapter.targets[n]])
@@ -174,7 +161,7 @@ def test_a_file_merges_without_options_and_keeps_its_types(tmp_path, t):
     """Touched tensors keep their type: same size, metadata and tensor table, untouched blocks byte for byte, touched
     ones re-encoded to hold most of the deltas (before: refused, asking for --option requant)."""
     types = {n: t for n in HOLDS[t]}
-    path = iquant_file(tmp_path, types)
+    path = kquant_file(tmp_path, types)
     view = gm.open_gguf_base(path)
     adapter = make_adapter(view, k=4, scale=0.01, targets=list(types) + ["model.layers.0.self_attn.q_proj.weight"])
     out = tmp_path / "merged.gguf"
@@ -230,7 +217,7 @@ def test_deltas_on_the_blocks_levels_merge_exactly(tmp_path, t):
     levels of each block's scale): every touched block is packed on its own scales, the merged file decodes to the
     rule-M values bit for bit, nothing re-encoded, only levels moved."""
     n = HOLDS[t][0]
-    path = iquant_file(tmp_path, {n: t})
+    path = kquant_file(tmp_path, {n: t})
     view = gm.open_gguf_base(path)
     if t == QT.Q3_K:
         d, m, lo, hi, sub = gm.block_grid(view, n)
@@ -257,7 +244,7 @@ def test_transformers_reads_a_merged_file_as_our_view(tmp_path):
     values."""
     transformers = pytest.importorskip("transformers")
     types = {V: QT.IQ4_NL, DOWN: QT.IQ4_XS, "model.layers.0.mlp.down_proj.weight": QT.Q3_K}
-    path = iquant_file(tmp_path, types)
+    path = kquant_file(tmp_path, types)
     view = gm.open_gguf_base(path)
     adapter = make_adapter(view, k=4, scale=0.01, targets=list(types))
     out = tmp_path / "m" / "merged.gguf"

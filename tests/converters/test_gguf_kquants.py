@@ -92,9 +92,10 @@ def test_touched_superblocks_keep_the_delta_and_untouched_subblocks_their_bytes(
 
 
 def kquant_file(tmp_path, types, seed=0):
-    """The tiny Llama with some projections in K types (encoded by us from its f32 values), the rest Q8_0."""
+    """The tiny Llama with some projections in types gguf_kquants encodes (K and IQ4 types, encoded by us from its
+    f32 values), the rest Q8_0."""
     arrays = hf_arrays(seed)
-    raw = {n: kq.encode(t, arrays[n].reshape(-1, 256), None, None) for n, t in types.items()}
+    raw = {n: kq.encode(t, arrays[n].reshape(-1, GGML_QUANT_SIZES[t][0]), None, None) for n, t in types.items()}
     raw = {n: b.reshape(arrays[n].shape[0], -1) for n, b in raw.items()}
     return write_gguf(tmp_path / "base.gguf", arrays, QT.Q8_0, types=types, raw=raw)
 

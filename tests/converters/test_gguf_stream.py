@@ -258,17 +258,16 @@ def test_naive_grid_is_gguf_pys_bit_for_bit(qt):
 
 
 def test_column_sums_are_numpys_row_sums_bit_for_bit():
-    """The searches sum blocks down the columns of their transpose (kq.column_sums): the same bits as numpy's sum
-    of each row, for the block and sub-block sizes (32, 16) and a few more, with zeros of both signs, values of
+    """The searches sum blocks down the columns of their transpose (block_fit.column_sums): the same bits as numpy's
+    sum of each row, for the block and sub-block sizes (32, 16) and a few more, with zeros of both signs, values of
     every magnitude, Inf and NaN."""
-    from neuroada_format.converters import gguf_kquants as kq
     rng = np.random.default_rng(6)
     for n in (8, 16, 24, 32, 64, 128):
         a = (rng.standard_normal((20000, n)) * np.exp2(rng.integers(-30, 30, (20000, n)))).astype(np.float32)
         a[:50] = -0.0
         a[50:100, ::3] = 0.0
         a[100, 3], a[101, 5], a[102, 7] = np.inf, -np.inf, np.nan
-        assert kq.column_sums(np.ascontiguousarray(a.T)).tobytes() == a.sum(axis=1).tobytes(), n
+        assert block_fit.column_sums(np.ascontiguousarray(a.T)).tobytes() == a.sum(axis=1).tobytes(), n
 
 
 def test_an_interrupt_mid_merge_leaves_nothing_and_no_thread(tmp_path, small_chunks, monkeypatch):
