@@ -27,67 +27,14 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
-from neuroada_format.converters.onnx_merge import OnnxModel, merge_onnx, resolve_targets  # noqa: E402
+from neuroada_format.converters.onnx_merge import OnnxModel, merge_onnx  # noqa: E402
 
-PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-VARIANTS = [(4, 32, True), (4, 32, False), (4, 128, True), (4, 128, False), (8, 32, True), (8, 128, False)]
+from onnx_nbits_models import (  # noqa: E402, F401  (tests/onnx_nbits_models.py, shared with tests/runtime/test_onnx_grid.py)
+    VARIANTS, decode, inits, llama_fixture, nbits_node, quantize, quantized_fixture, retention, run, save,
+    with_scopes, with_weights)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def quantize(model_proto, bits, block, symmetric, exclude=()):
-    logging.disable(logging.WARNING)
-    try:
-        q = nbq.MatMulNBitsQuantizer(copy.deepcopy(model_proto), bits=bits, block_size=block,
-                                     is_symmetric=symmetric, nodes_to_exclude=list(exclude))
-        q.process()
-        return q.model.model
-    finally:
-        logging.disable(logging.NOTSET)
-
-
-def save(proto, path):
-    onnx.save(proto, os.fspath(path))
-    return os.fspath(path)
-
-
-def inits(path):
-    return {t.name: numpy_helper.to_array(t) for t in onnx.load(os.fspath(path)).graph.initializer}
-
-
-def nbits_node(proto, b_name):
-    return next(n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.input[1] == b_name)
-
-
-def decode(tensors, node):
-    """The [N, K] f32 weight a MatMulNBits node holds, by the operator's documented formula."""
-    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-    bits, block, K, N = a["bits"], a["block_size"], a["K"], a["N"]
-    nb = K // block
-    B = tensors[node.input[1]]
-    codes = (np.stack([B & 15, B >> 4], -1) if bits == 4 else B).reshape(N, nb, block).astype(np.float32)
-    if len(node.input) > 3 and node.input[3]:
-        Z = tensors[node.input[3]]
-        zp = (np.stack([Z & 15, Z >> 4], -1).reshape(N, -1) if bits == 4 else Z.reshape(N, -1))[:, :nb]
-    else:
-        zp = np.full((N, nb), 1 << (bits - 1))
-    scale = tensors[node.input[2]].reshape(N, nb).astype(np.float32)
-    return ((codes - zp[:, :, None].astype(np.float32)) * scale[:, :, None]).reshape(N, K)
-
-
-def run(path, ids):
-    sess = ort.InferenceSession(path if isinstance(path, bytes) else os.fspath(path), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: ids})[0]
-
-
-def with_weights(float_path, weights, out):
-    """The float export with initializers replaced ({name: [K, N] array}): the full-precision model of those values."""
-    proto = onnx.load(os.fspath(float_path))
-    for t in proto.graph.initializer:
-        if t.name in weights:
-            t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(weights[t.name]).astype(np.float32), t.name))
-    return save(proto, out)
-
-
 def digest(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
@@ -111,61 +58,6 @@ def adapter_on(weights: dict, k=4, seed=0, rel=0.05, snap=None):
             vals[(base + vals) != lv * s] = 0  # (never happens in practice; keeps the claim exact)
         targets[name] = naf.Target.from_weight(name, w, idx, vals, value_dtype="F32")
     return naf.Adapter(targets, base_name="tiny")
-
-
-# -- the model -------------------------------------------------------------------------------------
-class LogitsOnly(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, ids):
-        return self.m(input_ids=ids, use_cache=False).logits
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """A tiny untied Llama (K = 128 or 256: blocks of 32 and 128 both fit), its dynamo export (external data, val_N
-    names) and, per target, the float initializer the existing resolution finds for it."""
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
-                                   tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    folder = tmp_path_factory.mktemp("nbits")
-    path = os.fspath(folder / "llama.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(LogitsOnly(model), (torch.randint(0, 96, (2, 8)),), path, dynamo=True, verbose=False,
-                          external_data=True)
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    names = [f"model.layers.{i}.{'self_attn' if p.endswith(('q_proj', 'k_proj', 'v_proj', 'o_proj')) else 'mlp'}.{p}"
-             f".weight" for i in range(2) for p in PROJ] + ["lm_head.weight"]
-    probe = naf.Adapter({n: naf.Target.from_weight(n, state[n], naf.select_indices(state[n], 2),
-                                                   np.zeros((state[n].shape[0], 2), np.float32), value_dtype="F32")
-                         for n in names}, base_name="tiny")
-    where = {n: r.initializer for n, r in resolve_targets(path, probe).items()}
-    proto = onnx.load(path)
-    head_node = next(n.name for n in proto.graph.node if n.op_type == "MatMul" and where["lm_head.weight"] in n.input)
-    ids = np.random.default_rng(1).integers(0, 96, (2, 8))
-    return {"path": path, "proto": proto, "state": state, "names": names, "where": where, "head_node": head_node,
-            "folder": folder, "ids": ids}
-
-
-@pytest.fixture(scope="module")
-def quantized(llama):
-    """Per variant: the quantized model (lm_head kept in float, as such exports often do) and the decoded weights."""
-    out = {}
-    for bits, block, sym in VARIANTS:
-        proto = quantize(llama["proto"], bits, block, sym, exclude=[llama["head_node"]])
-        path = save(proto, llama["folder"] / f"q{bits}_{block}_{'s' if sym else 'a'}.onnx")
-        tensors = inits(path)
-        decoded = {}
-        for n in llama["names"][:-1]:
-            node = nbits_node(proto, llama["where"][n] + f"_Q{bits}")
-            decoded[n] = decode(tensors, node)
-        out[(bits, block, sym)] = (path, proto, decoded)
-    return out
 
 
 def merged_reference(llama, decoded, adapter, out):
@@ -229,10 +121,6 @@ def test_merged_file_holds_the_encoded_blocks_and_keeps_every_other_byte(llama, 
 # measured (random k=4 deltas of about one weight std, seed 0): 4-bit b32 0.627 sym / 0.630 asym, b128 0.335 / 0.413;
 # 8-bit b32 sym 0.971, b128 asym 0.961. A 4-bit re-encoding moves a block's untouched values by up to half a step.
 FLOORS = {(4, 32): 0.5, (4, 128): 0.25, (8, 32): 0.95, (8, 128): 0.95}
-
-
-def retention(l_v, l_rt, l_base) -> float:
-    return 1.0 - float(np.linalg.norm(l_v - l_rt) / np.linalg.norm(l_rt - l_base))
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0]}bit-b{v[1]}-{'sym' if v[2] else 'asym'}")
@@ -375,13 +263,7 @@ def test_names_resolve_and_an_adapter_of_the_float_checkpoint_fails_the_probe(tm
 def test_scope_metadata_kept_by_a_tool_resolves_the_node(llama, quantized, tmp_path):
     """A quantizer that keeps the MatMul's exporter scope (ORT 1.32's drops it) lets the scope stage find the node."""
     path, proto, decoded = quantized[(4, 32, False)]
-    float_nodes = {n.input[1]: n for n in llama["proto"].graph.node if n.op_type == "MatMul"}
-    proto = copy.deepcopy(proto)
-    for n in proto.graph.node:
-        if n.op_type == "MatMulNBits":
-            src = float_nodes[n.input[1][: -len("_Q4")]]
-            n.metadata_props.extend(src.metadata_props)
-    scoped = save(proto, tmp_path / "scoped.onnx")
+    scoped = save(with_scopes(proto, llama["proto"]), tmp_path / "scoped.onnx")
     adapter = adapter_on({n: decoded[n] for n in list(decoded)[:2]})
     summary = merge_onnx(scoped, [(adapter, 1.0)], os.fspath(tmp_path / "o.onnx"))
     assert {r["how"] for r in summary.details["resolutions"].values()} == {"scope"}
