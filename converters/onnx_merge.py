@@ -546,7 +546,9 @@ class _Resolver:
             return False
         return np.array_equal(canonical_view(self.m.array(a), la), canonical_view(self.m.array(b), lb))
 
-    def resolve(self, target: str, t) -> Resolution:
+    def resolve(self, target: str, t, *, probe: bool = True) -> Resolution:
+        """probe=False stops after the name, scope and node-name stages (NotFound when none says anything): for a
+        caller holding no values to probe with yet (runtime/quant_grid.load_quantized_weights)."""
         canon = tuple(t.shape)
         evidence: dict[str, tuple[str, str]] = {}
         # (1) names
@@ -582,8 +584,11 @@ class _Resolver:
                                       target)
                 copies.append((name, lay, h))
             res = Resolution(first, layout, how, tuple(copies), dropped)
-        else:
+        elif probe:
             res = self._probe(target, t, canon)
+        else:
+            raise NotFound("no initializer found by name, exporter scope or node name", path=self.m.path,
+                           tensor=target, rule="4.1")
         self._refuse_tied(res, target)
         return res
 
@@ -656,6 +661,22 @@ def resolve_targets(model_path, adapter: Adapter, *, _model: OnnxModel | None = 
             owner[name] = target
         out[target] = res
     return out
+
+
+def resolve_by_name(model: OnnxModel, targets) -> tuple[dict[str, Resolution], dict[str, NeuroAdaError]]:
+    """Targets (name, shape, layout: an Adapter's, or the runtime's stand-ins) resolved by the name, exporter scope and
+    node-name stages alone, for a caller with no values to probe yet (the runtime copying MatMulNBits weights into its
+    layers). Returns ({target: Resolution}, {target: the refusal}); a target nothing names is in neither."""
+    resolver = _Resolver(model)
+    found, refused = {}, {}
+    for t in targets:
+        try:
+            found[t.name] = resolver.resolve(t.name, t, probe=False)
+        except NotFound:
+            continue
+        except NeuroAdaError as exc:
+            refused[t.name] = exc
+    return found, refused
 
 
 class OnnxBase(ArrayBase):

@@ -230,6 +230,18 @@ class Weight:
         unique, where = np.unique(wanted, return_inverse=True)
         return self.decode(unique)[where.reshape(wanted.shape), np.asarray(cols) % self.nb.block]
 
+    def grid(self):
+        """The weight's grid, for training through it (runtime/quant_grid.py), as gguf_merge.block_grid gives a GGUF
+        tensor's: (d, m, lo, hi, block), d and m [N, n_blocks] f32, lo and hi [N, n_blocks] integers. Row r, column c
+        holds fl32(d * q) + m for an integer q in [lo, hi] of its block, q = code - zero point: the zero point shifts
+        the level range and m is 0, since ONNX Runtime's value rounds once, fl32(scale * (code - zero point)), and
+        a minimum m = -zero point * scale would round twice."""
+        nb = self.nb
+        ids = np.arange(nb.N * nb.n_blocks)
+        d = self.scale_f32(ids).reshape(nb.N, nb.n_blocks)
+        zp = self.zero_points(ids).reshape(nb.N, nb.n_blocks)
+        return d, np.zeros_like(d), -zp, nb.qmax - zp, nb.block
+
     def decode_all(self) -> np.ndarray:
         return self.decode(np.arange(self.blobs.shape[0])).reshape(self.nb.N, self.nb.K)
 

@@ -84,6 +84,6 @@ __all__ += [
     "stop_serving",
 ]
 
-from .quant_grid import QuantGrid, grid_types, remove_grid, train_on_grid  # noqa: E402
+from .quant_grid import QuantGrid, grid_types, load_quantized_weights, remove_grid, train_on_grid  # noqa: E402
 
-__all__ += ["QuantGrid", "train_on_grid", "remove_grid", "grid_types"]
+__all__ += ["QuantGrid", "train_on_grid", "remove_grid", "grid_types", "load_quantized_weights"]
