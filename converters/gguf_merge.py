@@ -1104,6 +1104,8 @@ class GGUFBackend(Backend):
                 warnings.warn(MergeOverflowWarning(out_type.name, touched), stacklevel=2)
             return data.tobytes()
         _refuse_nonfinite_retyped(info, out_type, weight, view.file.path)
+        _refuse_unencodable(out_type, mp, (view.file.path, gname))
+        _refuse_unencodable_base(out_type, full, mp.positions, (view.file.path, gname))
         block = GGML_QUANT_SIZES[out_type][0]
         return encode_blocks(out_type, full.reshape(-1, block), method=self.encoder).tobytes()
 
@@ -1204,6 +1206,21 @@ def _refuse_unencodable(t: QT, mp, where: tuple[str, str]) -> None:
         raise NeuroAdaError(f"{int(bad.sum())} merged values reach {float(np.nanmax(big)):.4g}, beyond what a {t.name} "
                             f"block can encode (F16 scales: |value| up to {limit:.4g}); merge with a smaller scale, or "
                             "re-type the tensor with --option target_type=F32", path=where[0], tensor=where[1])
+
+
+def _refuse_unencodable_base(t: QT, full: np.ndarray, positions: np.ndarray, where: tuple[str, str]) -> None:
+    """A tensor re-typed into a block type has every block encoded afresh, so an untouched base value beyond what the
+    type holds (a float base's) would lose its whole block as a touched one would: refused, blaming the base, as an
+    untouched value beyond F16 is when re-typing to F16. full: the merged tensor, flat; positions: the touched ones."""
+    limit = BLOCK_VALUE_MAX.get(t)
+    if limit is None:
+        return
+    bad = ~(np.abs(full) <= limit)
+    bad[positions] = False  # (the adapter's values: `_refuse_unencodable`)
+    if bad.any():
+        raise NeuroAdaError(f"{int(bad.sum())} values of the base that the adapter does not touch lie beyond what a "
+                            f"{t.name} block can encode (F16 scales: |value| up to {limit:.4g}); re-type the tensor "
+                            f"with --option target_type=F32 instead", path=where[0], tensor=where[1], rule=RULE)
 
 
 def _scale_words(t: QT) -> str:

@@ -778,6 +778,42 @@ def test_heads_that_do_not_split_the_rows_name_the_file_and_tensor(tmp_path):
     assert exc.value.path == os.fspath(path) and exc.value.tensor == "blk.0.attn_q.weight" and exc.value.rule == "4.2"
 
 
+@pytest.mark.parametrize("qt", [QT.Q8_0, QT.Q4_1, QT.Q4_K, QT.Q3_K, QT.IQ4_XS, QT.IQ4_NL], ids=lambda t: t.name)
+def test_values_a_retyped_block_cannot_hold_are_refused(tmp_path, qt, capsys):
+    """--option target_type=<block type> encoded every block afresh without the limit a kept type is held to: merged
+    values past it wrote all-zero blocks (untouched values lost) or NaN ones, exit 0, numpy's 'invalid value' as a
+    warning line. A touched value past it blames the scale; an untouched base value past it, the base."""
+    from neuroada_format.converters.merge_cli import run as merge_run
+
+    down = "model.layers.1.mlp.down_proj.weight"  # rows of 256: whole blocks of every type
+    arrays = hf_arrays()
+    adapter = make_adapter(naf.ArrayBase(arrays), targets=[down], scale=1.0)
+    naf.save(adapter, tmp_path / "a.safetensors")
+    path = write_gguf(tmp_path / "base.gguf", arrays, QT.F32)
+    limit = gm.BLOCK_VALUE_MAX[qt]
+    out = tmp_path / "m.gguf"
+    args = ["--base", os.fspath(path), "--out", os.fspath(out), "--option", f"target_type={qt.name}"]
+    assert merge_run(args + ["--adapter", f"{tmp_path / 'a.safetensors'}:{2 * limit / 0.05:g}"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"beyond what a {qt.name} block can encode" in lines[0], lines
+    assert os.fspath(path) in lines[0] and "blk.1.ffn_down.weight" in lines[0] and "target_type=F32" in lines[0]
+    assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.startswith("m.gguf.tmp-")]
+
+    row = np.asarray(adapter.targets[down].indices)[0]
+    arrays[down] = arrays[down].copy()
+    arrays[down][0, next(c for c in range(256) if c not in row)] = 2 * limit  # F32 holds it; no adapter position
+    path = write_gguf(tmp_path / "base.gguf", arrays, QT.F32)
+    assert merge_run(args + ["--adapter", os.fspath(tmp_path / "a.safetensors")]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "1 values of the base that the adapter does not touch" in lines[0], lines
+    assert f"beyond what a {qt.name} block can encode" in lines[0] and "blk.1.ffn_down.weight" in lines[0]
+    assert not out.exists()
+    assert merge_run(args[:4] + ["--adapter", os.fspath(tmp_path / "a.safetensors"), "--option",
+                                 "target_type=F32"]) == 0  # the way out the message names
+    np.testing.assert_array_equal(gm.open_gguf_base(out).array(down),
+                                  naf.merge_weight(arrays[down], [adapter.targets[down]]))
+
+
 @pytest.mark.parametrize("target_type, scale", [("F16", "1e6"), ("F32", "3e38")])
 def test_retyped_targets_report_overflow_as_a_float_base_does(tiny, tmp_path, capsys, target_type, scale):
     """Re-typing to F16 wrote +-Inf with only numpy's 'overflow encountered in cast' (no file, no count), and a
