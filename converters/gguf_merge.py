@@ -1186,10 +1186,12 @@ def _first_probes(view: GGUFBase, plans: dict[str, _TensorPlan]) -> None:
 # here need min >= -65504 and max - min <= 15 * 65504, or 31 *) and on its untouched values, not on any one value:
 # a block of -5e5 and +5e5 stays under 16 * 65504 and cannot be encoded. So no per-value bound is exact; this one
 # never lets an unencodable block through, and refuses only bases whose scales are already at the F16 maximum.
+# Q4_K/Q5_K likewise: with llama.cpp's d >= 0 (ours) a negative value is reached only by the minimum dmin * mn, at
+# most 65504 * 63 (a bound of d * sc * q's 65504 * 63 * 15 let the fresh encoder's dmin overflow to Inf).
 _F16_MAX = 65504.0
 BLOCK_VALUE_MAX = {QT.Q8_0: _F16_MAX * 127, QT.Q4_0: _F16_MAX * 8, QT.Q5_0: _F16_MAX * 16, QT.Q4_1: _F16_MAX,
-                   QT.Q5_1: _F16_MAX, QT.Q6_K: _F16_MAX * 127 * 32, QT.Q4_K: _F16_MAX * 63 * 15,
-                   QT.Q5_K: _F16_MAX * 63 * 31, QT.Q3_K: _F16_MAX * 32 * 4, QT.IQ4_XS: _F16_MAX * 32 * 127,
+                   QT.Q5_1: _F16_MAX, QT.Q6_K: _F16_MAX * 127 * 32, QT.Q4_K: _F16_MAX * 63,
+                   QT.Q5_K: _F16_MAX * 63, QT.Q3_K: _F16_MAX * 32 * 4, QT.IQ4_XS: _F16_MAX * 32 * 127,
                    QT.IQ4_NL: _F16_MAX * 127}
 
 

@@ -191,3 +191,34 @@ def test_touched_tensors_retyped_into_a_kquant(tmp_path, t):
     want = naf.merge_weight(view.array(down), [adapter.targets[down]])
     err = np.linalg.norm(gm.open_gguf_base(tmp_path / "m.gguf").array(down) - want) / np.linalg.norm(want)
     assert err < FRESH_ERROR[t], err
+
+
+@pytest.mark.parametrize("t", [QT.Q4_K, QT.Q5_K], ids=lambda t: t.name)
+def test_a_negative_value_past_the_minimums_reach_is_refused(tmp_path, t, capsys):
+    """Q4_K/Q5_K hold a negative value only through dmin * mn (at most 65504 * 63) with llama.cpp's positive d, but
+    the limit let values down to -65504 * 63 * 15 through: the fresh encoder's dmin overflowed to Inf, the block decoded
+    far off, numpy's 'invalid value encountered in multiply' reached the CLI as a warning line, exit 0. Past the reach:
+    refused naming the file and tensor; within it: merged near the value, no numpy line."""
+    down = "model.layers.1.mlp.down_proj.weight"
+    path = kquant_file(tmp_path, {down: t})
+    view = gm.open_gguf_base(path)
+    W = view.array(down)
+    idx = naf.select_indices(W, 2)
+    reach = 65504.0 * 63
+    for value, code in ((-1.5 * reach, 1), (-0.9 * reach, 0)):
+        vals = np.zeros(idx.shape, np.float32)
+        vals[0, 0] = value - W[0, idx[0, 0]]
+        adapter = naf.Adapter({down: naf.Target.from_weight(down, W, idx, vals)}, base_name="tiny-llama")
+        out = tmp_path / f"m{code}.gguf"
+        assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(_saved(adapter, tmp_path)),
+                          "--out", os.fspath(out)]) == code
+        err = capsys.readouterr().err
+        assert "encountered" not in err, err
+        if code:
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and f"beyond what a {t.name} block can encode" in lines[0], err
+            assert os.fspath(path) in lines[0] and "blk.1.ffn_down.weight" in lines[0] and not out.exists()
+        else:
+            merged = gm.open_gguf_base(out).array(down)
+            assert np.isfinite(merged).all()
+            assert abs(merged[0, idx[0, 0]] - value) < 0.05 * reach
