@@ -950,15 +950,21 @@ class _Plan:
     verify: bool
 
 
+# Past about 1e7 the untouched values' weight of 1 falls below f32's resolution of the error sums, so a larger weight
+# changes nothing but the risk of overflowing them (1e20: numpy's overflow warnings on stderr and wrong choices)
+MAX_TOUCHED_WEIGHT = 1e6
+
+
 def _touched_weight(value) -> float:
-    """The encoder's weight on delta-carrying values: a finite number > 0 (1 weighs them like the rest); anything
-    else would silently make the search ignore or invert what it is there to keep."""
+    """The encoder's weight on delta-carrying values: a number in (0, MAX_TOUCHED_WEIGHT] (1 weighs them like the
+    rest); anything else would silently make the search ignore or invert what it is there to keep, or overflow."""
     try:
         w = float(value)
     except (TypeError, ValueError):
         w = math.nan
-    if not (math.isfinite(w) and w > 0):
-        raise NeuroAdaUsageError(f"--option touched_weight must be a finite number > 0, got {value!r}")
+    if not 0 < w <= MAX_TOUCHED_WEIGHT:  # (NaN fails both)
+        raise NeuroAdaUsageError(f"--option touched_weight must be a number > 0 and at most {MAX_TOUCHED_WEIGHT:g}, "
+                                 f"got {value!r}")
     return w
 
 

@@ -693,7 +693,7 @@ def test_cli_options_reach_the_gguf_backend(tiny, tmp_path):
         assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(adapter), "--out",
                           os.fspath(tmp_path / "x.gguf"), *bad]) == 2, bad
     assert not (tmp_path / "x.gguf").exists()
-    with pytest.raises(NeuroAdaUsageError, match="touched_weight must be a finite number > 0, got 'nan'"):
+    with pytest.raises(NeuroAdaUsageError, match="touched_weight must be a number > 0 and at most 1e\\+06, got 'nan'"):
         gm.merge_gguf(path, [adapter], tmp_path / "x.gguf", touched_weight="nan")
 
 
@@ -707,7 +707,30 @@ def test_touched_weight_error_is_one_line(tiny, tmp_path, capsys):
     assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(adapter), "--out",
                       os.fspath(tmp_path / "x.gguf"), "--option", "touched_weight=abc"]) == 2
     err = capsys.readouterr().err
-    assert err == "error: --option touched_weight must be a finite number > 0, got 'abc'\n", err
+    assert err == "error: --option touched_weight must be a number > 0 and at most 1e+06, got 'abc'\n", err
+
+
+def test_a_touched_weight_that_overflows_the_search_is_refused(tmp_path, capsys):
+    """touched_weight=1e20 passed as 'a finite number > 0', then overflowed the encoders' f32 error sums: numpy's
+    'overflow encountered in multiply' lines on stderr, exit 0 (Q4_1 and the K-quants alike). Past 1e6 the untouched
+    values weigh nothing the sums can resolve, so the option stops there, and every value up to it merges quietly."""
+    from test_gguf_kquants import kquant_file
+    from neuroada_format.converters.merge_cli import run as merge_run
+
+    types = {"model.layers.1.mlp.down_proj.weight": QT.Q4_K, "model.layers.0.mlp.down_proj.weight": QT.Q6_K,
+             "model.layers.0.self_attn.v_proj.weight": QT.IQ4_NL}
+    path = kquant_file(tmp_path, types)  # its other projections Q8_0
+    adapter = tmp_path / "a.safetensors"
+    naf.save(make_adapter(gm.open_gguf_base(path), k=2, scale=0.01, targets=list(types) + TARGETS[:1]), adapter)
+    args = ["--base", os.fspath(path), "--adapter", os.fspath(adapter), "--out", os.fspath(tmp_path / "m.gguf")]
+    for weight in ("1e20", "1.000001e6"):
+        assert merge_run(args + ["--option", f"touched_weight={weight}"]) == 2
+        assert capsys.readouterr().err == (f"error: --option touched_weight must be a number > 0 and at most 1e+06, "
+                                           f"got '{weight}'\n")
+        assert not (tmp_path / "m.gguf").exists()
+    assert merge_run(args + ["--option", "touched_weight=1e6"]) == 0
+    err = capsys.readouterr().err
+    assert "encountered" not in err and len(err.strip().splitlines()) == 1, err  # the one 're-encoded' warning
 
 
 def test_requant_that_changes_nothing_is_said(tiny, tmp_path, capsys):
