@@ -612,20 +612,46 @@ class GGUFBase:
             n_head = self._heads("attention.head_count")
             if kind == "attn_k":
                 n_head = self._heads("attention.head_count_kv", n_head)
-            return rope_permutation(n_rows, n_head)
+            perm = rope_permutation(n_rows, n_head)
+            given = f"{self.arch}.attention.head_count_kv" in self.file.kv
+            self._check_heads(gname, n_rows, n_head, "attention.head_count" + (
+                "" if kind == "attn_q" else "_kv" if given else ", there being no head_count_kv"))
+            return perm
         if reorder == "qkv" and stem.endswith("query_key_value") and kind == "attn_qkv":
             n_head = self._heads("attention.head_count")
             if self.arch == "bloom":  # one group per head; the converter writes head_count_kv = head_count
                 if self._heads("attention.head_count_kv", n_head) != n_head:
                     raise self.file.err("bloom.attention.head_count_kv differs from head_count: llama.cpp's Bloom "
                                         "converter writes them equal and regroups the qkv rows by head_count", gname)
-                return qkv_permutation(n_rows, n_head, n_head)
+                perm = qkv_permutation(n_rows, n_head, n_head)
+                self._check_heads(gname, n_rows, 3 * n_head, "attention.head_count (query, key and value)")
+                return perm
             if bias:  # the converter's reorder cannot take one (it views the tensor as 2-D) and llama.cpp loads none
                 raise NeuroAdaError("llama.cpp's Falcon converter writes no query_key_value bias and llama.cpp loads "
                                     "none, so the row order of this one is not known", rule="4.1")
-            perm = qkv_permutation(n_rows, n_head, self._heads("attention.head_count_kv"))
+            n_kv = self._heads("attention.head_count_kv")
+            perm = qkv_permutation(n_rows, n_head, n_kv)
+            self._check_heads(gname, n_rows, n_head + 2 * n_kv, "attention.head_count + 2 * head_count_kv")
             return None if (perm == np.arange(n_rows)).all() else perm  # one group (Falcon-7B): nothing moved
         return None
+
+    def _check_heads(self, gname: str, n_rows: int, heads: int, what: str) -> None:
+        """The rows a permutation splits into heads are as many as llama.cpp's loader requires of the tensor: heads
+        of attention.key_length values, else of embedding_length / head_count (where the file gives neither, nothing to
+        check). A head count that only divides the rows (one key head for two, say) made a permutation for other heads:
+        the probe hash blamed the adapter, and --no-verify put its deltas on other rows."""
+        kv = self.file.kv
+        size, source = kv.get(f"{self.arch}.attention.key_length"), "attention.key_length"
+        if not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+            embd, n_head = kv.get(f"{self.arch}.embedding_length"), kv.get(f"{self.arch}.attention.head_count")
+            if not (isinstance(embd, int) and not isinstance(embd, bool) and embd > 0 and isinstance(n_head, int)
+                    and n_head > 0):
+                return
+            size, source = embd / n_head, f"embedding_length {embd} / head_count {n_head}"
+        if n_rows != heads * size:  # (rule 4.2, as rows that do not split into the heads: reported per target)
+            raise NeuroAdaError(f"{n_rows} rows, but the metadata says {heads} heads ({self.arch}.{what}) of {size:g} "
+                                f"values ({source}): the GGUF file contradicts itself (llama.cpp refuses to load it), "
+                                f"so its row order is not known", rule="4.2")
 
     # the base interface
     def __contains__(self, name: str) -> bool:

@@ -837,6 +837,33 @@ def test_values_a_retyped_block_cannot_hold_are_refused(tmp_path, qt, capsys):
                                   naf.merge_weight(arrays[down], [adapter.targets[down]]))
 
 
+@pytest.mark.parametrize("key, value", [("llama.attention.head_count_kv", 1), ("llama.embedding_length", 96)])
+def test_heads_that_contradict_the_rows_are_refused_without_verify_too(tmp_path, capsys, key, value):
+    """attn_k's 32 rows are 2 heads of 64 / 4: a file saying 1 key head (or heads of 96 / 4) still split the rows into
+    rope halves, so the permutation was made for the wrong heads. The probe hash then blamed the adapter ('different
+    base or revision'), and with --no-verify the deltas went to other rows, exit 0. llama.cpp refuses to load such a
+    file; the merge refuses it too, naming the file, the tensor and what contradicts it."""
+    from neuroada_format.converters.merge_cli import run as merge_run
+
+    path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.F32)
+    naf.save(make_adapter(gm.open_gguf_base(path), targets=TARGETS[:2]), tmp_path / "a.safetensors")
+    data = bytearray(path.read_bytes())
+    at = _kv_offset(path, key) + 4  # past the value's type (UINT32)
+    data[at:at + 4] = struct.pack("<I", value)
+    path.write_bytes(bytes(data))
+    for verify in ([], ["--no-verify"]):
+        out = tmp_path / "m.gguf"
+        assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(tmp_path / "a.safetensors"), "--out",
+                          os.fspath(out), *verify]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "rule 4.2" in lines[0] and "(llama.cpp refuses to load it)" in lines[0], lines
+        tensor = "blk.1.attn_k.weight" if "kv" in key else "blk.0.attn_q.weight"
+        assert f"(base tensor {tensor})" in lines[0] and not out.exists(), lines
+    with pytest.raises(NeuroAdaError) as exc:  # the base's own words name the file
+        gm.open_gguf_base(path).resolve(TARGETS[1] if "kv" in key else TARGETS[0])
+    assert exc.value.path == os.fspath(path) and exc.value.tensor == tensor and exc.value.rule == "4.2"
+
+
 @pytest.mark.parametrize("target_type, scale", [("F16", "1e6"), ("F32", "3e38")])
 def test_retyped_targets_report_overflow_as_a_float_base_does(tiny, tmp_path, capsys, target_type, scale):
     """Re-typing to F16 wrote +-Inf with only numpy's 'overflow encountered in cast' (no file, no count), and a
@@ -914,8 +941,10 @@ def test_base_errors_of_one_target_are_reported_against_it(tiny, tmp_path):
     bad_heads.write_bytes(bytes(data))
     report = naf.validate(adapter, gm.open_gguf_base(bad_heads))
     by_target = {p["tensor"]: p for p in report.errors}
-    assert set(by_target) == {TARGETS[0]}  # q_proj needs head_count (k_proj reads head_count_kv); the rest pass
+    # q_proj's 64 rows do not split into 5 heads; k_proj's split into its 2 key heads, but not of 64 / 5 values
+    assert set(by_target) == {TARGETS[0], TARGETS[1]}  # the rest pass
     assert by_target[TARGETS[0]]["rule"] == "4.2" and "blk.0.attn_q.weight" in by_target[TARGETS[0]]["message"]
+    assert by_target[TARGETS[1]]["rule"] == "4.2" and "blk.1.attn_k.weight" in by_target[TARGETS[1]]["message"]
 
     shutil.copy(path, tmp_path / "no-arch.gguf")
     no_arch = _rename_key(tmp_path / "no-arch.gguf", "general.architecture", "general.architectur_")

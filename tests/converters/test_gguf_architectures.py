@@ -535,6 +535,8 @@ def _with_kv(path, tmp_path, arch, **changes):
     w = gguf.GGUFWriter(os.fspath(out), arch)
     w.add_block_count(LAYERS)
     w.add_head_count(changes.get("head_count", HEADS))
+    if "embedding_length" in changes:
+        w.add_embedding_length(changes["embedding_length"])
     if changes.get("head_count_kv", 0) is not None:
         w.add_head_count_kv(changes.get("head_count_kv", reader.fields[f"{arch}.attention.head_count_kv"].contents()))
     for t in reader.tensors:
@@ -547,12 +549,15 @@ def _with_kv(path, tmp_path, arch, **changes):
     ("falcon-new", {"head_count_kv": None}, "1.6", "head_count_kv is missing"),
     ("falcon-new", {"head_count_kv": 3}, "4.2", "do not split"),
     ("falcon-new", {"head_count": 3}, "4.2", "do not split"),
+    ("falcon-new", {"head_count": 12, "embedding_length": HIDDEN}, "4.2", "contradicts itself"),  # 8 + 2 + 2 of 8
     ("bloom", {"head_count_kv": 2}, "1.6", "head_count_kv differs"),
 ])
 def test_a_fused_qkv_whose_heads_do_not_pin_its_rows_is_refused(case, changes, rule, words, tmp_path):
     """Bloom's and Falcon's qkv rows are regrouped by the file's head counts: a count that is missing, that does not
-    split the rows, or (Bloom) a head_count_kv other than the head_count its converter writes, is refused naming the
-    file, the tensor and the rule, never guessed; the file's other linears still map."""
+    split the rows, that splits them into heads of another size than embedding_length / head_count (12 query heads
+    and 2 key/value heads of 8 for 128 rows, where the file's heads are of 64 / 12), or (Bloom) a head_count_kv other
+    than the head_count its converter writes, is refused naming the file, the tensor and the rule, never guessed; the
+    file's other linears still map."""
     arch = gguf_arch(case)
     path = _with_kv(write_like_llama_cpp(tmp_path / "m.gguf", case, build(case), QT.F32), tmp_path, arch, **changes)
     view = gm.open_gguf_base(path)
