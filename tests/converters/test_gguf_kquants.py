@@ -91,13 +91,14 @@ def test_touched_superblocks_keep_the_delta_and_untouched_subblocks_their_bytes(
     assert fresh.mean() < 0.2  # the original super-scales reach typical deltas
 
 
-def kquant_file(tmp_path, types, seed=0):
-    """The tiny Llama with some projections in types gguf_kquants encodes (K and IQ4 types, encoded by us from its
-    f32 values), the rest Q8_0."""
+def kquant_file(tmp_path, types, seed=0, rest=QT.Q8_0):
+    """The tiny Llama with some projections in the given types (K and IQ4 types encoded by us from its f32 values,
+    gguf-py's by gguf-py), the other projections in `rest`."""
     arrays = hf_arrays(seed)
-    raw = {n: kq.encode(t, arrays[n].reshape(-1, GGML_QUANT_SIZES[t][0]), None, None) for n, t in types.items()}
+    raw = {n: kq.encode(t, arrays[n].reshape(-1, GGML_QUANT_SIZES[t][0]), None, None) for n, t in types.items()
+           if t in kq.K_TYPES}
     raw = {n: b.reshape(arrays[n].shape[0], -1) for n, b in raw.items()}
-    return write_gguf(tmp_path / "base.gguf", arrays, QT.Q8_0, types=types, raw=raw)
+    return write_gguf(tmp_path / "base.gguf", arrays, rest, types=types, raw=raw)
 
 
 def test_a_q4_k_m_like_file_merges_without_options(tmp_path):
