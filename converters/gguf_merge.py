@@ -96,8 +96,8 @@ _STRING, _ARRAY = 8, 9
 # llama.cpp stores all query heads, then the keys, then the values), gpt-oss (attention and router as held; its
 # experts, transposed and split into 3-D tensors, are no targets) and LFM2 (`lfm2`: every linear as held; see
 # RESHAPED). Each is checked end to end (tests/converters/test_gguf_architectures.py, test_gguf_gemma4.py and
-# test_gguf_gptoss_lfm2.py: through transformers' GGUF loader where it reads the architecture); anything else is
-# refused rather than guessed.
+# test_gguf_gptoss_lfm2.py: through transformers' GGUF loader where it reads the architecture; test_llama_cpp_archs.py:
+# llama.cpp runs every merged file as the runtime's merged model); anything else is refused rather than guessed.
 ARCHS = {"llama": "rope", "qwen2": None, "qwen3": None, "qwen2moe": None, "qwen3moe": None, "gemma": None,
          "gemma2": None, "gemma3": None, "gemma4": None, "phi3": None, "gpt2": None, "starcoder2": None,
          "stablelm": None, "nemotron": None, "bloom": "qkv", "falcon": "qkv", "gpt-oss": None, "lfm2": None,

@@ -60,10 +60,10 @@ def llama_cpp_permute(w, n_head, n_head_kv):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def add_tiny_hparams(w, *, inter=INTER, rope_base=10000.0, kv_heads=KV_HEADS):
+def add_tiny_hparams(w, *, inter=INTER, rope_base=10000.0, kv_heads=KV_HEADS, context=64):
     """The tiny test models' hyper-parameters and a placeholder tokenizer (tokens t0, t1, ...) on a GGUFWriter."""
     w.add_block_count(LAYERS)
-    w.add_context_length(64)
+    w.add_context_length(context)
     w.add_embedding_length(HIDDEN)
     w.add_feed_forward_length(inter)
     w.add_head_count(HEADS)

@@ -125,19 +125,26 @@ def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0):
     tmap = gguf.TensorNameMap(getattr(gguf.MODEL_ARCH, arch.upper()), LAYERS)
     w = gguf.GGUFWriter(os.fspath(path), arch)
     fused = arch in ("bloom", "falcon")  # their ffn is 4 * hidden; head_count_kv as the converter writes it
-    add_tiny_hparams(w, inter=4 * HIDDEN if fused else INTER, kv_heads=kv_groups(model) if fused else KV_HEADS,
-                     rope_base=float(getattr(cfg, "rope_theta", None) or 10000.0))
+    four_wide = fused or arch == "gpt2"  # (GPT-2's converter writes 4 * n_embd, its inner size, and its n_ctx)
+    kv_heads = kv_groups(model) if fused else HEADS if arch == "gpt2" else KV_HEADS  # (GPT-2: no grouped heads)
+    add_tiny_hparams(w, inter=4 * HIDDEN if four_wide else INTER, kv_heads=kv_heads,
+                     rope_base=float(getattr(cfg, "rope_theta", None) or 10000.0),
+                     context=cfg.n_positions if arch == "gpt2" else 64)
+    if (head_dim := cfg.to_dict().get("head_dim")) is not None:  # TextModel writes a config.json's head_dim
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     if arch.startswith("gemma"):
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
         w.add_sliding_window(getattr(cfg, "sliding_window", None) or 32)
     if arch.endswith("moe"):
         w.add_expert_count(cfg.num_experts)
         w.add_expert_used_count(cfg.num_experts_per_tok)
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-    if arch == "qwen3moe":
-        w.add_key_length(cfg.head_dim)
-        w.add_value_length(cfg.head_dim)
+    if arch == "qwen2moe":
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+    if arch in ("stablelm", "nemotron"):  # their converters write the partial rope's width
+        w.add_rope_dimension_count(int(cfg.rope_parameters["partial_rotary_factor"] * (HIDDEN // HEADS)))
+    if arch == "nemotron":  # (besides the RMS key, which transformers' loader reads into norm_eps)
+        w.add_layer_norm_eps(cfg.norm_eps)
     if arch == "gpt2":
         w.add_layer_norm_eps(cfg.layer_norm_epsilon)
     if arch == "starcoder2":
@@ -159,6 +166,8 @@ def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0):
             w.add_tensor(f"blk.{blk}.ffn_gate_exps.weight", np.ascontiguousarray(a[:, :half]))
             w.add_tensor(f"blk.{blk}.ffn_up_exps.weight", np.ascontiguousarray(a[:, half:]))
             continue
+        if key.endswith("mlp.experts.down_proj"):
+            key += ".weight"  # (a 3-D parameter without the suffix; llama.cpp's name has it, as the split ones')
         if arch == "bloom":
             key = key.removeprefix("transformer.")  # Bloom's converter drops it before the table lookup
         g = tmap.get_name(key, try_suffixes=(".weight", ".bias"))

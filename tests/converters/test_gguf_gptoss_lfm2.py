@@ -180,6 +180,7 @@ def write_like_llama_cpp(path, case: str, model, matrix_type=QT.Q8_0, experts_ty
         w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
     w.add_tokenizer_model("gpt2")
     w.add_token_list([f"t{i}" for i in range(VOCAB)])
+    w.add_token_merges(["t 1"])  # a BPE vocabulary has merges, which llama.cpp requires (placeholder)
     w.add_token_types([1] * VOCAB)
     w.add_pad_token_id(0)
     w.add_bos_token_id(1)
@@ -464,10 +465,18 @@ def write_mistral3(path, model, matrix_type=QT.Q8_0):
     cfg = model.config
     tmap = gguf.TensorNameMap(gguf.MODEL_ARCH.MISTRAL3, cfg.num_hidden_layers)
     w = gguf.GGUFWriter(os.fspath(path), "mistral3")
-    add_tiny_hparams(w, inter=cfg.intermediate_size)
+    rope = cfg.rope_parameters  # Ministral 3's is YaRN (its converter asserts so): its keys as the converter writes them
+    add_tiny_hparams(w, inter=cfg.intermediate_size, rope_base=rope["rope_theta"])
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
     w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(rope["factor"])
+    w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    w.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
+    w.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
+    w.add_rope_scaling_yarn_log_mul(rope["mscale_all_dim"])
+    w.add_attn_temperature_scale(rope["llama_4_scaling_beta"])
     for key, t in model.state_dict().items():
         a = t.detach().numpy().astype(np.float32)
         if key.endswith("q_proj.weight"):
