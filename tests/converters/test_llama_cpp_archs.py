@@ -95,7 +95,7 @@ def test_merged_file_runs_in_llama_cpp_as_the_runtime_merge(case, tmp_path, monk
     assert np.abs(lc_base - l_base).max() <= tol, (case, np.abs(lc_base - l_base).max() / np.abs(l_base).max())
 
     attach(model, NeuroAdaConfig(k=4, target_modules="all-linear"))
-    ta.random_deltas_(model, seed=1, scale=0.05)
+    ta.random_deltas_(model, seed=1, scale=0.2 if case == "bloom" else 0.05)  # (as test_gguf_architectures.py)
     adapter = tmp_path / "adapter"
     save_adapter(model, adapter, value_dtype="F32")
     l_rt = torch_logits(merge_and_unload(model))
