@@ -465,7 +465,7 @@ def write_mistral3(path, model, matrix_type=QT.Q8_0):
     cfg = model.config
     tmap = gguf.TensorNameMap(gguf.MODEL_ARCH.MISTRAL3, cfg.num_hidden_layers)
     w = gguf.GGUFWriter(os.fspath(path), "mistral3")
-    rope = cfg.rope_parameters  # Ministral 3's is YaRN (its converter asserts so): its keys as the converter writes them
+    rope = cfg.rope_parameters  # Ministral 3's is YaRN (its converter asserts so), written as the converter does
     add_tiny_hparams(w, inter=cfg.intermediate_size, rope_base=rope["rope_theta"])
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
