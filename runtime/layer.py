@@ -635,7 +635,14 @@ class NeuroAdaLayer(nn.Module):
         if not self.merged_adapters:
             return
         moved = self.weight_moved()  # edited while merged: the merged entries are lost, the others are read again
-        unmerge_(self.base_layer.weight, self.overlay(self.merged_adapters))
+        W, overlay = self.base_layer.weight, self.overlay(self.merged_adapters)
+        deltas = [self.delta(n) for n in self.merged_adapters]  # (before any write)
+        try:
+            unmerge_(W, overlay)
+        except BaseException:  # failed after some or all of its writes: the weight says what merged_adapters says
+            merge_(W, overlay, deltas)
+            self._matched()
+            raise
         self.merged_adapters = []
         if moved:
             self.reread_w0(force=True)

@@ -1850,10 +1850,23 @@ def unmerge(model: nn.Module) -> nn.Module:
     """Restore every merged weight to its original bits; the adapters stay active, applied unmerged (as in
     PEFT), also where set_adapter had merged them."""
     _refuse_in_batch(model, "unmerge")
-    for layer in layers(model).values():
-        _unserve(layer)
-        layer.unmerge()
+    with _as_before_on_failure(model):
+        for layer in layers(model).values():
+            _unserve(layer)
+            layer.unmerge()
     return model
+
+
+@contextlib.contextmanager
+def _as_before_on_failure(model: nn.Module):
+    """unmerge, unload and merge_and_unload all-or-nothing: a failure at the n-th layer (out of memory, a refusal
+    found late) merges, serves and activates every layer again as before the call, its weight bit for bit, and the
+    exception goes on (a part-way unmerge left some layers merged and some not). The layers are put back in the model
+    by _unload itself."""
+    from .multi import _switched_back_on_failure  # (multi builds on this module)
+
+    with _switched_back_on_failure(layers(model)):
+        yield
 
 
 @serialized
@@ -1861,8 +1874,9 @@ def unmerge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module, adapter_names: list[str] | None = None) -> nn.Module:
     """Merge, then replace each NeuroAdaLayer by its base layer: a plain model with the original keys."""
     _refuse_in_batch(model, "merge_and_unload")
-    merge(model, adapter_names)
-    return _unload(model)
+    with _as_before_on_failure(model):
+        merge(model, adapter_names)
+        return _unload(model)
 
 
 @serialized
@@ -1872,14 +1886,24 @@ def unload(model: nn.Module) -> nn.Module:
     set_adapter, is unmerged first), so the model is the plain base again, its weights bit for bit as before attach.
     The base parameters stay frozen, as PEFT leaves them."""
     _refuse_in_batch(model, "unload")
-    unmerge(model)
-    return _unload(model)
+    with _as_before_on_failure(model):
+        unmerge(model)
+        return _unload(model)
 
 
 def _unload(model: nn.Module) -> nn.Module:
-    """Put every layer's base layer back and drop what attach installed on the model (configs, hooks)."""
-    for name, layer in layers(model).items():
-        _set_module(model, name, layer.base_layer)
+    """Put every layer's base layer back and drop what attach installed on the model (configs, hooks); the layers go
+    back in whole if one cannot be taken out (then nothing else was dropped yet)."""
+    wrapped = layers(model)
+    try:
+        for name, layer in wrapped.items():
+            _set_module(model, name, layer.base_layer)
+    except BaseException:
+        with uninterrupted():
+            for name, layer in wrapped.items():
+                if model.get_submodule(name) is not layer:
+                    _set_module(model, name, layer)
+        raise
     if hasattr(model, CONFIGS_ATTR):
         delattr(model, CONFIGS_ATTR)
     hook = getattr(model, HOOK_ATTR, None)

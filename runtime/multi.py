@@ -245,6 +245,17 @@ def _switch_locked(layer: NeuroAdaLayer, want: list[str]) -> None:
         if not current:  # nothing merged: an edit since is what the next forward, block or switch starts from
             layer.reread_w0()
         return
+    try:
+        _switch_writes(layer, current, want)
+    except BaseException:  # failed after some of its writes: the base back wherever either side writes, and said so
+        for n in dict.fromkeys(current + want):
+            kernels.put_(layer.base_layer.weight, _positions(layer, n), layer.neuroada_w0[n])
+        layer.merged_adapters = []
+        layer._matched()
+        raise
+
+
+def _switch_writes(layer: NeuroAdaLayer, current: list[str], want: list[str]) -> None:
     moved = layer.weight_moved()  # an edit of the weight since w0 was read (while merged: lost at those entries)
     W = layer.base_layer.weight
     if len(current) == 1:
@@ -310,14 +321,15 @@ def set_adapter(model: nn.Module, adapter_name: str | None) -> None:
 
 @contextlib.contextmanager
 def _switched_back_on_failure(all_layers: dict[str, NeuroAdaLayer]):
-    """A switch that fails at the n-th layer (e.g. out of memory) puts the n-1 before it and the n-th back as they
-    were: each step of ``_switch`` leaves the weight as ``merged_adapters`` says, so switching back is exact."""
+    """A switch, unmerge or unload that fails at the n-th layer (e.g. out of memory) puts the n-1 before it and the n-th
+    back as they were: each step of ``_switch``, ``layer.merge`` and ``layer.unmerge`` leaves the weight as
+    ``merged_adapters`` says, also when it fails after writing, so switching back is exact."""
     before = {id(layer): (type(layer), list(layer.merged_adapters), list(layer.active_adapters))
               for layer in all_layers.values()}
     try:
         yield
     except BaseException:
-        with uninterrupted():
+        with uninterrupted(), torch.no_grad():
             for layer in all_layers.values():
                 cls, merged, active = before[id(layer)]
                 if layer.merged_adapters != merged:

@@ -803,3 +803,115 @@ def test_a_folder_save_whose_config_cannot_be_replaced_changes_nothing(tmp_path,
         save_adapter(with_deltas(tiny_llama(), k=3, target_modules="all-linear"), tmp_path / "task")
     assert sorted(os.listdir(tmp_path / "task")) == ["neuroada_config.json", "neuroada_model.safetensors"]
     assert (tmp_path / "task" / "neuroada_model.safetensors").read_bytes() == weights  # (no temporary files left)
+
+
+# -- unmerge / unload / merge_and_unload failing part-way: every weight's bytes as before --------------------------
+def _weight_bytes(model):
+    """Each parameter and buffer as raw bytes (torch.equal calls -0.0 and 0.0 equal, and NaN unequal to itself)."""
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    return {n: t.detach().cpu().contiguous().view(torch.uint8).clone() for n, t in named}
+
+
+def _adapter_state(model):
+    from neuroada_format.runtime.model import CONFIGS_ATTR
+
+    return (_weight_bytes(model), _state(model), sorted(getattr(model, CONFIGS_ATTR, {})),
+            [(n, id(m)) for n, m in model.named_modules()], "save_pretrained" in model.__dict__)
+
+
+def _assert_unchanged(before, model):
+    now = _adapter_state(model)
+    assert before[0].keys() == now[0].keys()
+    changed = [n for n in before[0] if not torch.equal(before[0][n], now[0][n])]
+    assert changed == []
+    _assert_same(before[1], now[1])
+    assert before[2:] == now[2:]
+
+
+def _written_then_failed(monkeypatch, owner, name, n):
+    """``owner.name`` doing its write, then raising on its n-th call (a failure found after the bytes moved)."""
+    real, calls = getattr(owner, name), [0]
+
+    def wrapped(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == n:
+            raise MemoryError("injected after the write")
+        return out
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+@pytest.mark.parametrize("served", ["merge", "set_adapter", "merge two"])
+@pytest.mark.parametrize("how", ["before", "after"])
+@pytest.mark.parametrize("call", ["unmerge", "unload"])
+def test_unmerge_and_unload_failing_at_a_layer_put_every_layer_back(monkeypatch, tmp_path, served, how, call):
+    from neuroada_format.runtime import layer as layer_module, merge, unload, unmerge
+
+    model = _served(tmp_path)
+    if served == "set_adapter":
+        set_adapter(model, "b")  # served layers: unmerge makes them plain NeuroAdaLayers, active what was merged
+    else:
+        merge(model, ["b"] if served == "merge" else ["default", "b"])
+    before, logits = _adapter_state(model), _logits(model)
+    (_fail_at if how == "before" else _written_then_failed)(monkeypatch, layer_module, "unmerge_", 3)
+    with pytest.raises(MemoryError):
+        (unmerge if call == "unmerge" else unload)(model)
+    _assert_unchanged(before, model)
+    assert torch.equal(_logits(model), logits)
+    monkeypatch.undo()
+    (unmerge if call == "unmerge" else unload)(model)  # the retry works
+    assert torch.equal(_weight_bytes(model)["model.layers.0.mlp.up_proj.base_layer.weight" if call == "unmerge" else
+                                            "model.layers.0.mlp.up_proj.weight"],
+                       _weight_bytes(tiny_llama())["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize("call", ["unload", "merge_and_unload"])
+@pytest.mark.parametrize("served", ["merge", "set_adapter", "unmerged"])
+def test_unload_failing_while_putting_base_layers_in_puts_every_layer_back(monkeypatch, tmp_path, call, served):
+    """The 3rd layer's replacement by its base layer raising: the two replaced before it are wrapped again, and
+    merge_and_unload's merge (or unload's unmerge) undone."""
+    from neuroada_format.runtime import merge, merge_and_unload, model as model_module, unload
+
+    model = _served(tmp_path)
+    if served == "set_adapter":
+        set_adapter(model, "b")
+    elif served == "merge":
+        merge(model, ["b"])
+    before, logits = _adapter_state(model), _logits(model)
+    _fail_at(monkeypatch, model_module, "_set_module", 3, exc=RuntimeError)
+    with pytest.raises(RuntimeError, match="injected"):
+        (unload if call == "unload" else merge_and_unload)(model)
+    _assert_unchanged(before, model)
+    assert torch.equal(_logits(model), logits)
+    monkeypatch.undo()
+    (unload if call == "unload" else merge_and_unload)(model)
+    assert not layers(model)
+
+
+def test_merge_and_unload_failing_in_its_merge_puts_every_layer_back(monkeypatch, tmp_path):
+    from neuroada_format.runtime import layer as layer_module, merge_and_unload
+
+    model = _served(tmp_path)
+    set_adapter(model, "b")
+    before = _adapter_state(model)
+    _written_then_failed(monkeypatch, layer_module, "merge_", 3)
+    with pytest.raises(MemoryError):
+        merge_and_unload(model, ["default"])
+    _assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+@pytest.mark.parametrize("to", ["c", None, "default"])
+def test_set_adapter_failing_after_a_write_puts_every_weight_back_bit_for_bit(monkeypatch, tmp_path, to, n):
+    """A switch's n-th write (restoring the old adapter's entries, or writing the new one's) raising after it wrote."""
+    from neuroada_format.runtime import multi
+
+    model = _served(tmp_path)
+    set_adapter(model, "b")
+    before, logits = _adapter_state(model), _logits(model)
+    _written_then_failed(monkeypatch, multi.kernels, "put_", n)
+    with pytest.raises(MemoryError):
+        set_adapter(model, to)
+    _assert_unchanged(before, model)
+    assert torch.equal(_logits(model), logits)
