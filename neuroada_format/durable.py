@@ -49,7 +49,7 @@ try:
 except ImportError:  # pragma: no cover - Windows: no advisory locks, in-place runs are not serialised
     fcntl = None
 
-from .errors import NeuroAdaUsageError
+from .errors import NeuroAdaError, NeuroAdaUsageError
 from .safe_io import kind_of
 
 TMP_MARK = ".tmp-"
@@ -329,27 +329,96 @@ def _named_after(exc: BaseException, path: str, tmp: str):
     raise exc
 
 
-def write_files(contents: dict, *, durable: bool = True) -> None:
-    """Several files published together (`contents`: path -> bytes), replacing what is there: every one is
-    written to its temporary sibling before any is renamed, so a failure while writing (a full disk, Ctrl-C)
-    leaves all of them as they were. Only a failure between the renames leaves some replaced."""
+def write_files(contents: dict, *, durable: bool = True, folder=None) -> None:
+    """Several files published together (`contents`: path -> bytes, or a function filling the temporary path it is
+    given), replacing what is there: every one is written to its temporary sibling before any is renamed, so a
+    failure while writing (a full disk, Ctrl-C) leaves all of them as they were.
+
+    With `folder` (which holds every path, in it or its sub-folders; the caller holds its checkpoint_lock) the renames
+    are recorded first (PUBLISH_RECORD in folder): a writer killed between two of them (kill -9, a power cut) left a
+    mismatched set, and now leaves the record, by which the next write into the folder or read of it
+    (finish_publish) makes the renames that were left, so the folder holds the new files whole. Without it, a failure
+    between the renames leaves some replaced."""
     for path in contents:  # a destination no rename can replace is refused before anything is written
         if os.path.lexists(path):
             mode = os.lstat(path).st_mode
             if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
                 raise NeuroAdaUsageError(f"output exists and is a {kind_of(mode)}, which is never replaced",
                                          path=os.path.abspath(os.fspath(path)))
-    temps = {}
+    if folder is not None:
+        folder = os.path.abspath(os.fspath(folder))
+        _roll_forward(folder)  # a killed writer's temporaries are its new files, not stale siblings to delete
+    temps, recorded = {}, False
     try:
         for path, data in contents.items():
-            temps[path] = _filled_sibling(os.path.abspath(os.fspath(path)), _writer(data), durable=durable, mode=None)
+            fill = data if callable(data) else _writer(data)
+            temps[path] = _filled_sibling(os.path.abspath(os.fspath(path)), fill, durable=durable, mode=None)
+        if folder is not None:
+            renames = [[os.path.relpath(tmp, folder), os.path.relpath(os.path.abspath(os.fspath(path)), folder)]
+                       for path, tmp in temps.items()]
+            write_bytes(os.path.join(folder, PUBLISH_RECORD), json.dumps({"renames": renames}).encode("utf-8"),
+                        durable=durable)
+            recorded = True
         for path, tmp in temps.items():
             publish(tmp, os.path.abspath(os.fspath(path)), overwrite=True, durable=durable)
+        if recorded:
+            remove(os.path.join(folder, PUBLISH_RECORD))
+            if durable:
+                fsync_dir(folder)
     except BaseException:
-        for tmp in temps.values():
-            if os.path.lexists(tmp):
-                remove(tmp)
+        if recorded:  # (Ctrl-C between two renames) the set is finished now, or by the next write or read
+            try:
+                _roll_forward(folder)
+            except Exception:  # noqa: BLE001 - the record stays for the next one; the first error is the one to see
+                pass
+        else:
+            for tmp in temps.values():
+                if os.path.lexists(tmp):
+                    remove(tmp)
         raise
+
+
+PUBLISH_RECORD = ".neuroada-publish.json"  # the renames of a write_files set under way (see write_files)
+
+
+def finish_publish(folder) -> bool:
+    """Finish a write_files set whose writer was killed between its renames (its record is in `folder`), so that a
+    reader sees the new files whole; True if there was one. Waits for a writer that is still at work (its lock)."""
+    folder = os.path.abspath(os.fspath(folder))
+    if not os.path.lexists(os.path.join(folder, PUBLISH_RECORD)):
+        return False
+    with checkpoint_lock(folder, exclusive=True, wait=True):
+        return _roll_forward(folder)
+
+
+def _roll_forward(folder: str) -> bool:
+    """The renames a record lists that were not made yet, then the record removed (the caller holds the lock)."""
+    record = os.path.join(folder, PUBLISH_RECORD)
+    if not os.path.lexists(record):
+        return False
+    try:
+        with open(record, "rb") as f:
+            renames = json.loads(f.read().decode("utf-8"))["renames"]
+        pairs = [(os.path.join(folder, a), os.path.join(folder, b)) for a, b in renames]
+        if not all(isinstance(x, str) and x and not os.path.isabs(x) and ".." not in x.split(os.sep)
+                   for pair in renames for x in pair):
+            raise ValueError("paths outside the folder")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise NeuroAdaError(f"the record of a save into this folder that was interrupted between its renames cannot "
+                            f"be read ({exc}); the folder may hold a mix of old and new files: save again, then "
+                            f"remove {PUBLISH_RECORD}", path=record) from None
+    try:
+        for tmp, out in pairs:
+            if os.path.lexists(tmp):  # (gone: renamed before the kill)
+                os.replace(tmp, out)
+        for parent in sorted({os.path.dirname(out) for _, out in pairs}):
+            fsync_dir(parent)
+        os.unlink(record)
+        fsync_dir(folder)
+    except OSError as exc:
+        raise NeuroAdaError(f"a save into this folder was interrupted between its renames, and finishing it failed "
+                            f"({exc.strerror or exc}): it needs write access to the folder", path=folder) from None
+    return True
 
 
 def _writer(data: bytes) -> Callable[[str], None]:

@@ -12,6 +12,7 @@ import os
 import warnings
 
 from .dtypes import VALUE_DTYPES
+from .durable import finish_publish
 from .errors import NeuroAdaError, NeuroAdaUsageError
 from .jsonparse import read_json
 from .safe_io import check_regular
@@ -209,6 +210,10 @@ def _locate(path: str) -> tuple[str, str | None]:
             raise NeuroAdaUsageError("no such adapter file or folder", path=path, rule="1.1")
         check_regular(path)
         return path, None
+    # a save killed between its renames is finished first (save_pretrained's record of a named adapter's sub-folder
+    # is in the folder above it)
+    for folder in (path, os.path.dirname(os.path.abspath(path))):
+        finish_publish(folder)
     weights = os.path.join(path, WEIGHTS_NAME)
     if _present(weights):
         config = os.path.join(path, CONFIG_NAME)

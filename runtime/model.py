@@ -1132,19 +1132,24 @@ def _prepare_adapter(model: nn.Module, adapter_name: str, value_dtype: str | Non
 def _write_adapter(path: str, single: bool, adapter: naf.Adapter, cfg: NeuroAdaConfig) -> None:
     """One file (``single``), or a folder's two. The folder's files are both written to temporary siblings first and
     renamed after: a save failing half-way (a full disk, Ctrl-C) left new weights beside the old config, which loaded
-    without a word (load_adapter now refuses such a pair, which only kill -9 between the two renames can still
-    leave). The adapter was validated by _prepare_adapter."""
+    without a word (load_adapter refuses such a pair). The renames are recorded first (durable.write_files), so a
+    kill -9 between them is finished by the next read or save. The adapter was validated by _prepare_adapter."""
     if single:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as for the folder form
         naf.save(adapter, path, check=False)
         return
-    os.makedirs(path, exist_ok=True)
-    file, config_file = os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)
-    contents = {file: encode_adapter(adapter, check=False, path=file), config_file: cfg.to_json().encode("utf-8")}
+    contents = _folder_contents(path, adapter, cfg)
     # two saves into one folder at once (every DDP rank calling save_pretrained) take turns: interleaved, one's
     # weights were published beside the other's config
     with checkpoint_lock(path, exclusive=True, wait=True):
-        write_files(contents)
+        write_files(contents, folder=path)  # (recorded: a kill -9 between the renames is finished by the next read)
+
+
+def _folder_contents(path: str, adapter: naf.Adapter, cfg: NeuroAdaConfig) -> dict[str, bytes]:
+    """An adapter folder's two files, as write_files publishes them (the folder made if missing)."""
+    os.makedirs(path, exist_ok=True)
+    file, config_file = os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)
+    return {file: encode_adapter(adapter, check=False, path=file), config_file: cfg.to_json().encode("utf-8")}
 
 
 def name_list(names, what: str, *, base_ok: bool = False) -> list:
@@ -1741,9 +1746,9 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
 
 
 def _check_folder_pair(cfg: NeuroAdaConfig, adapter: naf.Adapter, file: str) -> None:
-    """A folder's config must describe its weights file: one replaced without the other (a save killed between its
-    two renames, a file copied in by hand) loaded without a word, and saving it again recorded the config's
-    selection for the file's positions."""
+    """A folder's config must describe its weights file: one replaced without the other (a file copied in by hand, a
+    save killed between its two renames whose record was removed) loaded without a word, and saving it again
+    recorded the config's selection for the file's positions."""
     ks = {t.k for t in adapter.targets.values()}
     rule, seed = adapter.selection.get("rule"), adapter.selection.get("seed")
     said = []

@@ -1,0 +1,132 @@
+"""A folder save (save_adapter to a folder, save_pretrained) publishes its files as one set: a process killed with
+SIGKILL between two of its renames left new weights beside an old config (which load_adapter refuses, so the user's
+save was lost) and now leaves a record by which the next read or save finishes the renames; two processes saving
+into one folder at once take turns over every file, the trainable state included (it was written outside the lock,
+so one's adapters ended up beside the other's state). The children are forked processes, killed for real."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from neuroada_format import durable
+from neuroada_format.folder import CONFIG_NAME, STATE_FILE, WEIGHTS_NAME
+from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, save_adapter
+from neuroada_format.runtime.model import layers
+from tests.tiny_hf import tiny_llama, with_deltas
+
+pytestmark = pytest.mark.skipif(os.name != "posix" or "fork" not in multiprocessing.get_all_start_methods(),
+                                reason="needs fork and SIGKILL")
+
+
+def _two_adapters(k: int, seed: int):
+    model = with_deltas(tiny_llama(), k=k, seed=seed, target_modules=["q_proj", "v_proj"])
+    attach(model, NeuroAdaConfig(k=k, target_modules=["o_proj"]), "b")
+    return model
+
+
+def _killed_after_renames(n: int):
+    """In the child: durable.publish SIGKILLs the process after its n-th rename of a saved file (n=0: right after
+    the record of the renames was published, before any of them)."""
+    real, count = durable.publish, [0]
+
+    def publish(tmp, out, **kwargs):
+        real(tmp, out, **kwargs)
+        if out.endswith(durable.PUBLISH_RECORD):
+            if n == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return
+        count[0] += 1
+        if count[0] == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    durable.publish = publish
+
+
+def _in_child(target, *args) -> int:
+    """Run ``target(*args)`` in a forked child; returns its exit code (-9: killed by SIGKILL)."""
+    def run():
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        target(*args)
+        os._exit(0)
+
+    child = multiprocessing.get_context("fork").Process(target=run)
+    child.start()
+    child.join(120)
+    assert not child.is_alive()
+    return child.exitcode
+
+
+def _values(model, name="default"):
+    return {n: l.neuroada_val[name].detach().to(torch.bfloat16) for n, l in layers(model).items()
+            if name in l.neuroada_val}
+
+
+def _assert_holds(folder, model, name="default"):
+    fresh = tiny_llama()
+    load_adapter(fresh, folder, name)
+    want = _values(model, name)
+    assert _values(fresh, name).keys() == want.keys()
+    assert all(torch.equal(_values(fresh, name)[n].float(), want[n].float()) for n in want)
+
+
+@pytest.mark.parametrize("renames", [0, 1])
+def test_save_adapter_killed_between_its_renames_leaves_the_new_pair(tmp_path, renames):
+    folder = tmp_path / "task"
+    old, new = (with_deltas(tiny_llama(), k=k, seed=s, target_modules=["q_proj"]) for k, s in ((1, 1), (2, 5)))
+    save_adapter(old, folder)
+
+    def save():
+        _killed_after_renames(renames)
+        save_adapter(new, folder)
+
+    assert _in_child(save) == -signal.SIGKILL
+    assert os.path.exists(folder / durable.PUBLISH_RECORD)  # what the kill left: the record, the new files whole
+    _assert_holds(folder, new)  # finished by the read (refused as a mismatched pair after renames=1 before)
+    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+def test_a_save_after_a_killed_one_finishes_it_first_then_saves(tmp_path):
+    folder = tmp_path / "task"
+    old, new, newer = (with_deltas(tiny_llama(), k=k, seed=s, target_modules=["q_proj"]) for k, s in ((1, 1), (2, 5),
+                                                                                                     (3, 7)))
+    save_adapter(old, folder)
+
+    def save():
+        _killed_after_renames(1)
+        save_adapter(new, folder)
+
+    assert _in_child(save) == -signal.SIGKILL
+    save_adapter(newer, folder)
+    _assert_holds(folder, newer)
+    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]  # no temporaries left
+
+
+def test_a_save_killed_while_writing_leaves_the_old_pair(tmp_path, monkeypatch):
+    folder = tmp_path / "task"
+    old, new = (with_deltas(tiny_llama(), k=k, seed=s, target_modules=["q_proj"]) for k, s in ((1, 1), (2, 5)))
+    save_adapter(old, folder)
+
+    def save():
+        real = durable._filled_sibling
+
+        def filled(path, write, **kw):
+            tmp = real(path, write, **kw)
+            if path.endswith(CONFIG_NAME):  # both temporaries written, nothing recorded or renamed yet
+                os.kill(os.getpid(), signal.SIGKILL)
+            return tmp
+
+        durable._filled_sibling = filled
+        save_adapter(new, folder)
+
+    assert _in_child(save) == -signal.SIGKILL
+    assert not os.path.exists(folder / durable.PUBLISH_RECORD)
+    _assert_holds(folder, old)
+    save_adapter(new, folder)  # the dead writer's temporaries are removed by the next save
+    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
