@@ -26,7 +26,7 @@ import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.adapter import encode as encode_adapter
 from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
-from neuroada_format.durable import checkpoint_lock, write_file, write_files
+from neuroada_format.durable import checkpoint_lock, write_files
 from neuroada_format.folder import (CONFIG_NAME, STATE_FILE, STATE_MARKER, STATE_PROBE, STATE_TRAINING, WEIGHTS_NAME,
                                     adapter_config, state_text, trained_extras, warn_trained_extras)
 
@@ -1250,11 +1250,8 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
     prepared = {name: _prepare_adapter(model, name, None) for name in names}  # all checked before any write
     if not is_main_process:
         return
-    for name, path in paths.items():
-        _write_adapter(path, False, *prepared[name])
     from safetensors.torch import save_file
 
-    os.makedirs(folder, exist_ok=True)
     # A guard against transformers: from_pretrained(folder, config=...) would load this file, find every
     # base weight missing and initialise them at random with a warning. Under one real base name the
     # file holds a tensor of an impossible shape, so that load fails (size mismatch) instead; our own
@@ -1272,9 +1269,19 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
                 state[f"{STATE_PROBE}.{name}.{adapter}"] = _text_tensor(layer_probe(layer, adapter))
     saved = {_state_adapter(k) for k in state} - {None}
     state[STATE_TRAINING] = _text_tensor("\n".join(sorted(_training_adapters(model) & saved)))
-    out = os.path.join(folder, STATE_FILE)
+    # Every file is published as one set (write_files) under the folder's lock and those of the adapters' sub-folders:
+    # two saves into one folder at once (two jobs, or ranks) left one's adapters beside the other's state, which was
+    # written after the lock; one killed between two renames is finished by the next read or save of the folder.
+    os.makedirs(folder, exist_ok=True)
+    contents = {}
+    for name, path in paths.items():
+        contents.update(_folder_contents(path, *prepared[name]))
     # one metadata key only: safetensors writes them from a hash map, in an order that varies by process
-    write_file(out, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}), overwrite=True, durable=False)
+    contents[os.path.join(folder, STATE_FILE)] = lambda tmp: save_file(state, tmp, metadata={"format": "pt"})
+    with contextlib.ExitStack() as locks:  # the folder first, then its sub-folders: the order every save takes
+        for path in sorted(set(paths.values()) | {folder}, key=lambda p: (p != folder, p)):
+            locks.enter_context(checkpoint_lock(path, exclusive=True, wait=True))
+        write_files(contents, folder=folder)
 
 
 def _refuse_model_weights(folder: str) -> None:

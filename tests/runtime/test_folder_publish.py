@@ -130,3 +130,62 @@ def test_a_save_killed_while_writing_leaves_the_old_pair(tmp_path, monkeypatch):
     _assert_holds(folder, old)
     save_adapter(new, folder)  # the dead writer's temporaries are removed by the next save
     assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+
+
+@pytest.mark.parametrize("renames", [1, 3, 4])
+def test_save_pretrained_killed_between_its_renames_leaves_the_new_set(tmp_path, renames):
+    """default's pair, b's pair in b/, then model.safetensors: one set, finished by reading any adapter of it."""
+    folder = tmp_path / "ckpt"
+    old, new = _two_adapters(1, 1), _two_adapters(2, 5)
+    old.save_pretrained(folder)
+
+    def save():
+        _killed_after_renames(renames)
+        new.save_pretrained(folder)
+
+    assert _in_child(save) == -signal.SIGKILL
+    _assert_holds(folder / "b", new, "b")  # the record is in the folder above b/
+    _assert_holds(folder, new)
+    with safe_open(str(folder / STATE_FILE), framework="pt") as f:
+        assert f.get_tensor("model.layers.0.self_attn.o_proj.neuroada_idx.b").shape[1] == 2  # the new state
+    assert sorted(p.name for p in folder.iterdir()) == ["b", STATE_FILE, CONFIG_NAME, WEIGHTS_NAME]
+
+
+def test_two_processes_saving_one_folder_never_mix_their_files(tmp_path):
+    """The first pauses (up to 3 s, holding nothing but what the save holds) before publishing its trainable state;
+    the second saves meanwhile. Before, the state was written outside the lock: the first's state was published over
+    the second's adapters. Now the second waits for the first's whole set, and the folder is the second's."""
+    folder, paused = tmp_path / "ckpt", tmp_path / "paused"
+    first, second = _two_adapters(1, 1), _two_adapters(2, 5)
+    folder.mkdir()
+
+    def save_first():
+        real = durable.publish
+
+        def publish(tmp, out, **kwargs):
+            if out.endswith(STATE_FILE):
+                paused.touch()
+                time.sleep(3)
+            real(tmp, out, **kwargs)
+
+        durable.publish = publish
+        first.save_pretrained(folder)
+
+    ctx = multiprocessing.get_context("fork")
+    a = ctx.Process(target=save_first)
+    a.start()
+    deadline = time.monotonic() + 60
+    while not paused.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert paused.exists()
+    b = ctx.Process(target=second.save_pretrained, args=(folder,))
+    b.start()
+    a.join(60)
+    b.join(60)
+    assert a.exitcode == 0 and b.exitcode == 0
+    with safe_open(str(folder / STATE_FILE), framework="pt") as f:
+        state_k = {f.get_tensor(f"model.layers.0.self_attn.{m}.neuroada_idx.{n}").shape[1]
+                   for m, n in (("q_proj", "default"), ("o_proj", "b"))}
+    assert state_k == {2}  # the second's state ...
+    _assert_holds(folder, second)  # ... beside the second's adapters
+    _assert_holds(folder / "b", second, "b")
