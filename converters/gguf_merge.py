@@ -56,8 +56,8 @@ from . import gguf_kquants as kq
 from .block_fit import fit_grid, to_f16  # the block search, shared with onnx_nbits
 from .backend import Backend, Mismatch, Resolved, Written, pause_for_tests
 from .progress import bar
-from .safetensors_merge import _send, _write_exactly  # the one kernel copy and buffered I/O
-from .tensor_map import FileId, check_same_file, file_id, read_exactly, read_tensor, rows_at
+from .safetensors_merge import _send  # the one kernel copy
+from .tensor_map import FileId, check_same_file, file_id, read_exactly, read_tensor, rows_at, write_exactly
 
 try:
     import gguf
@@ -1400,7 +1400,7 @@ class _Writer:
                     _send(self.src_fd, self.dst_fd, job[1], job[2], self.progress, self.halt)
                 else:
                     _, buf, n, offset = job
-                    _write_exactly(self.dst_fd, memoryview(buf[:n]), offset)
+                    write_exactly(self.dst_fd, memoryview(buf[:n]), offset)
                     self.progress.update(n)
                     self.free.put(buf)
         except BaseException as exc:  # handed to the merging thread

@@ -60,12 +60,10 @@ from .backend import SLOWDOWN_ENV, Backend, Mismatch, Resolved, Written, pause_f
 from .journal import (JOURNAL_PREFIX, JournalTarget, claim_path, default_path, patching, read_journal,
                       refuse_shared, write_journal)
 from .progress import bar
-from .tensor_map import FileId, check_same_file, file_id, patch_values, read_exactly, shrank
+from .tensor_map import FileId, check_same_file, file_id, patch_values, read_exactly, shrank, write_exactly
 
 COPY_CHUNK = 64 << 20   # one sendfile call
 BLOCK_BYTES = 4 << 20   # rows of a touched tensor read, merged and written at a time
-WRITE_CHUNK = 64 << 10  # one write call: on this VM's ext4 (Linux 6.18) writing a file in 1 MiB pwrites took
-#                         1.5-3.5x as long as in 64 KiB ones, 4 MiB ones 3-7x as long as sendfile
 
 # -- inputs ------------------------------------------------------------------------------------------
 @dataclass
@@ -261,12 +259,6 @@ def copy_workers(files: int) -> int:
     return max(1, min(files, os.cpu_count() or 1, 4))
 
 
-def _write_exactly(fd: int, view: memoryview, pos: int) -> None:
-    put = 0
-    while put < len(view):
-        put += os.pwrite(fd, view[put:put + WRITE_CHUNK], pos + put)
-
-
 def _rows_per_block(t: _Touch) -> int:
     """Stored rows per block: about BLOCK_BYTES of rows for out_in; all of an in_out (Conv1D) tensor,
     whose canonical rows are its stored columns."""
@@ -317,7 +309,7 @@ def _merge_tensor(src_fd: int, dst_fd: int, t: _Touch, verify: bool, buffer: np.
     for r0, raw, plan in _merged_blocks(src_fd, t, buffer, hashes):
         buffer[:len(raw)].view(dt)[plan.positions] = plan.merged
         count += int(plan.positions.size)
-        _write_exactly(dst_fd, raw, t.offset + r0 * t.row_bytes)
+        write_exactly(dst_fd, raw, t.offset + r0 * t.row_bytes)
         progress.update(len(raw))
         if stop is not None and stop.is_set():
             raise _Stopped

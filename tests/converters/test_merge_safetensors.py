@@ -29,6 +29,7 @@ from neuroada_format.converters.safetensors_merge import (
     merge_safetensors,
     temp_sibling,
 )
+from neuroada_format.dtypes import NUMPY_DTYPES
 
 DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
 CONV1D = "transformer.h.0.mlp.c_fc.weight"
@@ -235,6 +236,31 @@ def test_copy_keeps_the_modes_of_subfolders_and_their_files(tmp_path, rng):
                 os.chmod(folder, 0o700)
 
 
+@pytest.mark.parametrize("block,gap,chunk", [(2, 2, 1), (64, 8, 5), (4 << 20, 8 << 10, 64 << 10)])
+def test_in_place_patch_spans_match_the_reference(tmp_path, rng, monkeypatch, block, gap, chunk):
+    """patch_values reads, patches and writes back spans of close values and writes lone values by themselves:
+    bit for bit what assigning into the array gives, whatever the span, gap and I/O sizes cut (values alone, runs
+    longer than a span, a span of one value), and not one byte outside the tensor."""
+    from neuroada_format.converters import tensor_map
+
+    monkeypatch.setattr(tensor_map, "READ_BLOCK", block)
+    monkeypatch.setattr(tensor_map, "PATCH_GAP", gap)
+    monkeypatch.setattr(tensor_map, "IO_CHUNK", chunk)
+    monkeypatch.setattr(tensor_map, "WRITE_CHUNK", chunk + 3)
+    for dtype, count in (("BF16", 5000), ("F32", 3001), ("F16", 1)):
+        raw = rng.integers(0, 256, 100 + count * NUMPY_DTYPES[dtype].itemsize + 77, dtype=np.uint8)
+        path = tmp_path / f"t-{dtype}"
+        path.write_bytes(raw.tobytes())
+        clusters = np.concatenate([np.arange(10, 60), rng.choice(count, min(count, 400), replace=False), [count - 1]])
+        positions = np.unique(clusters[clusters < count]).astype(np.int64)
+        values = rng.integers(0, 256, positions.size * NUMPY_DTYPES[dtype].itemsize, dtype=np.uint8)
+        values = values.view(NUMPY_DTYPES[dtype])
+        tensor_map.patch_values(str(path), dtype, 100, count, positions, values)
+        want = raw.copy()
+        want[100:100 + count * values.itemsize].view(NUMPY_DTYPES[dtype])[positions] = values
+        assert path.read_bytes() == want.tobytes(), dtype
+
+
 @pytest.mark.parametrize("block,chunk", [(1, 7), (300, 64), (4096, 1000)])
 def test_blockwise_streaming_matches_the_reference(tmp_path, rng, monkeypatch, block, chunk):
     """Touched tensors stream through the buffer in row blocks (out_in) or whole (Conv1D), with reads
@@ -244,7 +270,7 @@ def test_blockwise_streaming_matches_the_reference(tmp_path, rng, monkeypatch, b
 
     monkeypatch.setattr(sm, "BLOCK_BYTES", block)
     monkeypatch.setattr(tensor_map, "IO_CHUNK", chunk)
-    monkeypatch.setattr(sm, "WRITE_CHUNK", chunk + 3)
+    monkeypatch.setattr(tensor_map, "WRITE_CHUNK", chunk + 3)
     for dtype in ("F32", "BF16"):
         arrays = llama_arrays(rng, dtype)
         base = write_checkpoint(tmp_path / f"base-{dtype}-{block}", arrays, shards=2)

@@ -89,6 +89,129 @@ def test_revert_of_a_base_cut_after_its_checks(tmp_path, checkpoint, monkeypatch
     assert tree_digest(base) != merged and os.path.getsize(victim) == header_end + 8  # nothing written back
 
 
+# -- cut while it is being patched (the in-place merge's and the revert's writes) -------------------------------------
+ROWS, COLS, OFFSET = 512, 8192, 4096  # a 16 MB F32 tensor at OFFSET of the file
+
+
+def _patch_setup(tmp_path):
+    path = str(tmp_path / "base.bin")
+    with open(path, "wb") as f:
+        # (a tensor after it: a write of the last span re-grows a file cut just before it, and at the file's end
+        # that would bring back its old size, a cut no size check sees; a hole where the cut removed data)
+        f.write(np.random.default_rng(5).random(OFFSET // 4 + ROWS * COLS + 1024, dtype=np.float32).tobytes())
+    cols = np.sort(np.random.default_rng(6).random((ROWS, COLS)).argsort(axis=1)[:, :20], axis=1)
+    positions = (np.arange(ROWS)[:, None] * COLS + cols).reshape(-1)
+    return path, positions, np.full(positions.size, 7.0, np.float32)
+
+
+def _in_child(run) -> int:
+    """``run()`` in a forked child: exit 0 if it raised our error naming the file, 1 if something else; a crash
+    (SIGBUS: a map's page past the new end) is a negative exit code."""
+    import multiprocessing
+
+    def child():
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        try:
+            run()
+        except NeuroAdaError as exc:
+            os._exit(0 if exc.path and "cut short" in str(exc) else 1)
+        except BaseException:  # noqa: BLE001 - reported by the exit code
+            os._exit(1)
+        os._exit(1)  # finished as if nothing happened: the cut went unseen
+
+    p = multiprocessing.get_context("fork").Process(target=child)
+    p.start()
+    p.join(120)
+    return p.exitcode
+
+
+def _cut_by_a_thread(path: str, size: int) -> None:
+    import threading
+
+    t = threading.Thread(target=os.truncate, args=(path, size))
+    t.start()
+    t.join()
+
+
+def test_a_base_cut_right_after_the_patch_read_its_size(tmp_path, monkeypatch):
+    """Another thread cuts the file just after the patch checked its size. Through a map, a map of the old length
+    (a SIGBUS on the first page past the new end; here Python's mmap refused it with a bare ValueError first); now
+    the first read comes up short: our error, naming the file."""
+    from neuroada_format.converters import tensor_map as tm
+
+    path, positions, values = _patch_setup(tmp_path)
+    real, done = os.fstat, []
+
+    def fstat_then_cut(fd):
+        st = real(fd)
+        if not done and os.path.samefile(f"/proc/self/fd/{fd}", path):
+            done.append(True)
+            _cut_by_a_thread(path, OFFSET + 1000)
+        return st
+
+    def run():
+        monkeypatch.setattr(tm.os, "fstat", fstat_then_cut)
+        tm.patch_values(path, "F32", OFFSET, ROWS * COLS, positions, values)
+
+    assert _in_child(run) == 0
+
+
+@pytest.mark.parametrize("after", [1, 3])
+def test_a_base_cut_between_two_writes_of_the_patch(tmp_path, monkeypatch, after):
+    """The cut comes after some spans were written: the write of the next would grow the file back over the cut (no
+    short read to see), so the size is checked after each write."""
+    from neuroada_format.converters import tensor_map as tm
+
+    path, positions, values = _patch_setup(tmp_path)
+    real, calls = tm.write_exactly, [0]
+
+    def write_then_cut(fd, view, pos):
+        real(fd, view, pos)
+        calls[0] += 1
+        if calls[0] == after:  # (one call per span of up to READ_BLOCK bytes: four in this tensor)
+            _cut_by_a_thread(path, OFFSET + 1000)
+
+    monkeypatch.setattr(tm, "write_exactly", write_then_cut)
+    with pytest.raises(NeuroAdaError, match="cut short") as err:
+        tm.patch_values(path, "F32", OFFSET, ROWS * COLS, positions, values)
+    assert err.value.path == path
+
+
+def test_a_base_cut_by_another_process_during_patches_never_crashes(tmp_path):
+    """A real second process truncates the file at a random moment while patches run: every run ends with our error
+    or, when the cut came first, the 'shrank' refusal before any write; the process is never killed (SIGBUS)."""
+    import multiprocessing
+    import random
+    import time
+
+    from neuroada_format.converters import tensor_map as tm
+
+    rng = random.Random(11)
+    for trial in range(6):
+        path, positions, values = _patch_setup(tmp_path)
+
+        def patch_forever():
+            try:
+                for _ in range(1000):
+                    tm.patch_values(path, "F32", OFFSET, ROWS * COLS, positions, values)
+            except NeuroAdaError as exc:
+                os._exit(0 if os.path.realpath(exc.path) == os.path.realpath(path) else 1)
+            os._exit(2)  # the cut went unseen
+
+        ctx = multiprocessing.get_context("fork")
+        child = ctx.Process(target=patch_forever)
+        child.start()
+        time.sleep(0.05 + rng.random() * 0.1)
+        cutter = ctx.Process(target=os.truncate, args=(path, OFFSET + rng.randrange(ROWS * COLS * 2)))
+        cutter.start()
+        cutter.join(60)
+        child.join(60)
+        if child.is_alive():
+            child.kill()
+        assert child.exitcode == 0, f"trial {trial}: exit {child.exitcode}"
+
+
 def targets_of_adapter(adapter) -> list[str]:
     return sorted(adapter.targets)
 
