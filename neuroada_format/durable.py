@@ -50,7 +50,7 @@ except ImportError:  # pragma: no cover - Windows: no advisory locks, in-place r
     fcntl = None
 
 from .errors import NeuroAdaError, NeuroAdaUsageError
-from .safe_io import kind_of
+from .safe_io import kind_of, read_regular
 
 TMP_MARK = ".tmp-"
 
@@ -397,13 +397,11 @@ def _roll_forward(folder: str) -> bool:
     if not os.path.lexists(record):
         return False
     try:
-        with open(record, "rb") as f:
-            renames = json.loads(f.read().decode("utf-8"))["renames"]
+        renames = json.loads(read_regular(record, 1 << 20, rule=None, what="record").decode("utf-8"))["renames"]
         pairs = [(os.path.join(folder, a), os.path.join(folder, b)) for a, b in renames]
-        if not all(isinstance(x, str) and x and not os.path.isabs(x) and ".." not in x.split(os.sep)
-                   for pair in renames for x in pair):
-            raise ValueError("paths outside the folder")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        for a, b in renames:
+            _check_recorded_rename(folder, a, b)
+    except (OSError, ValueError, KeyError, TypeError, NeuroAdaUsageError) as exc:
         raise NeuroAdaError(f"the record of a save into this folder that was interrupted between its renames cannot "
                             f"be read ({exc}); the folder may hold a mix of old and new files: save again, then "
                             f"remove {PUBLISH_RECORD}", path=record) from None
@@ -419,6 +417,22 @@ def _roll_forward(folder: str) -> bool:
         raise NeuroAdaError(f"a save into this folder was interrupted between its renames, and finishing it failed "
                             f"({exc.strerror or exc}): it needs write access to the folder", path=folder) from None
     return True
+
+
+def _check_recorded_rename(folder: str, tmp, out) -> None:
+    """A record is read from a folder that anyone may have written (a downloaded adapter), and finishing it renames
+    files, so it may only do what a killed writer of ours would have: move a temporary sibling of ours onto its own
+    file, in the folder or a real (not symbolically linked) sub-folder of it. Anything else raises ValueError."""
+    if not (isinstance(tmp, str) and isinstance(out, str) and tmp and out):
+        raise ValueError("an entry is not a pair of paths")
+    for rel in (tmp, out):
+        if os.path.isabs(rel) or any(part in ("", ".", "..") for part in rel.split(os.sep)):
+            raise ValueError(f"{rel!r} is not a path inside the folder")
+    where, name = os.path.split(out)
+    if os.path.dirname(tmp) != where or not os.path.basename(tmp).startswith(_tmp_stem(name) + TMP_MARK):
+        raise ValueError(f"{tmp!r} is not a temporary sibling of {out!r}")
+    if where and os.path.realpath(os.path.join(folder, where)) != os.path.join(os.path.realpath(folder), where):
+        raise ValueError(f"{where!r} is a symbolic link or under one")
 
 
 def _writer(data: bytes) -> Callable[[str], None]:

@@ -189,3 +189,37 @@ def test_two_processes_saving_one_folder_never_mix_their_files(tmp_path):
     assert state_k == {2}  # the second's state ...
     _assert_holds(folder, second)  # ... beside the second's adapters
     _assert_holds(folder / "b", second, "b")
+
+
+@pytest.mark.parametrize("case", ["symlinked sub-folder", "not a temporary", "outside", "fifo", "not json"])
+def test_a_hostile_record_renames_nothing_and_is_our_error(tmp_path, case):
+    """The record is read from a folder anyone may have written (a downloaded adapter) and finishing it renames files:
+    a record no killed writer of ours could have left is refused, and nothing is renamed, here or elsewhere."""
+    import json
+
+    from neuroada_format import NeuroAdaError
+
+    folder, elsewhere = tmp_path / "task", tmp_path / "elsewhere"
+    model = with_deltas(tiny_llama(), k=1, seed=1, target_modules=["q_proj"])
+    save_adapter(model, folder)
+    elsewhere.mkdir()
+    victim = elsewhere / "notes.txt"
+    victim.write_text("keep me")
+    mover = elsewhere / f"{durable._tmp_stem('notes.txt')}{durable.TMP_MARK}x"
+    mover.write_text("attacker's")
+    (folder / "link").symlink_to(elsewhere)
+    record = folder / durable.PUBLISH_RECORD
+    renames = {"symlinked sub-folder": [[f"link/{mover.name}", "link/notes.txt"]],
+               "not a temporary": [[WEIGHTS_NAME, CONFIG_NAME]],
+               "outside": [[f"../elsewhere/{mover.name}", "../elsewhere/notes.txt"]]}
+    if case == "fifo":
+        os.mkfifo(record)
+    else:
+        record.write_text("{" if case == "not json" else json.dumps({"renames": renames[case]}))
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file() and not p.is_symlink() and p != record}
+    with pytest.raises(NeuroAdaError) as err:
+        load_adapter(tiny_llama(), folder)
+    assert durable.PUBLISH_RECORD in str(err.value)
+    assert victim.read_text() == "keep me" and mover.read_text() == "attacker's"
+    assert {p.name: p.read_bytes() for p in folder.iterdir()
+            if p.is_file() and not p.is_symlink() and p != record} == before
