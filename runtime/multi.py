@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import warnings
 import weakref
 from types import SimpleNamespace
 from typing import Iterator, Sequence
@@ -135,12 +136,17 @@ def _forget_caches(layer: NeuroAdaLayer) -> None:
 @serialized
 @uninterrupted()
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove an adapter everywhere; where it was merged the weights return to the base bit for bit."""
+    """Remove an adapter everywhere; where it was merged the weights return to the base bit for bit.
+
+    Deleting the active adapter leaves the base served and says so: PEFT makes the first remaining adapter active
+    instead, so a PEFT habit relying on that would otherwise serve the base without a word."""
     _refuse_in_batch(model, "delete_adapter")
     if not isinstance(adapter_name, str):  # a list was a bare TypeError (unhashable)
         raise NeuroAdaUsageError(f"delete_adapter takes one adapter name, not {type(adapter_name).__name__} "
                                  f"{adapter_name!r:.80}")
     _check_known(model, [adapter_name], allow_base=False)
+    was_active = any(adapter_name in layer.active_adapters or adapter_name in layer.merged_adapters
+                     for layer in layers(model).values())
     done = []
     try:  # the weights first (writes that can fail, e.g. out of memory: put back), then the bookkeeping
         for layer in layers(model).values():
@@ -161,6 +167,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = getattr(model, CONFIGS_ATTR, None)
     if configs:
         configs.pop(adapter_name, None)
+    rest = list_adapters(model)
+    if was_active and rest and not any(layer.active_adapters or layer.merged_adapters
+                                       for layer in layers(model).values()):
+        warnings.warn(f"adapter {adapter_name!r} was active and is deleted: the base model is served now (PEFT would "
+                      f"make {rest[0]!r} active); set_adapter(model, {rest[0]!r}) to serve it", stacklevel=4)
 
 
 def _serve(layer: NeuroAdaLayer) -> None:

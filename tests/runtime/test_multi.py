@@ -11,6 +11,7 @@ import copy
 import hashlib
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -752,7 +753,8 @@ def test_bad_third_adapter_is_refused_and_changes_nothing(zoo, tmp_path):
 def test_delete_adapter(zoo):
     model = served(zoo)
     set_adapter(model, "cs")
-    delete_adapter(model, "cs")
+    with pytest.warns(UserWarning, match="'cs' was active and is deleted: the base model is served now"):
+        delete_adapter(model, "cs")
     check_merged(model, zoo, None)
     assert list_adapters(model) == ["math", "code"]
     assert all("cs" not in layer.neuroada_val for layer in layers(model).values())
@@ -763,6 +765,33 @@ def test_delete_adapter(zoo):
     set_adapter(model, "math")
     delete_adapter(model, "code")  # not the merged one: "math" stays
     check_merged(model, zoo, "math")
+
+
+def test_deleting_the_active_adapter_says_the_base_is_served(zoo):
+    """PEFT's delete_adapter makes the first remaining adapter active (with a warning); here the base is served after
+    the active adapter goes, so a PEFT habit (delete the old adapter, keep generating) served the base without a word.
+    Deleting an adapter that is not active, the last one, or any after set_adapter(model, None) says nothing."""
+    model = served(zoo, ("math", "cs", "code"))  # the first one loaded, "math", is active (unmerged)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        delete_adapter(model, "cs")  # not the active one
+    with pytest.warns(UserWarning, match=r"'math' was active .* \(PEFT would make 'code' active\); "
+                                         r"set_adapter\(model, 'code'\)") as record:
+        delete_adapter(model, "math")
+    assert record[0].filename == __file__  # points at the caller's line
+    check_merged(model, zoo, None)
+    x = ids_batch(2)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, zoo[0](x).logits)  # what the warning says: the base is served
+    set_adapter(model, "code")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        delete_adapter(model, "code")  # the last one: no other to name
+    model = served(zoo, ("math", "cs"))
+    set_adapter(model, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        delete_adapter(model, "math")
 
 
 def test_delete_one_of_two_merged_adapters_keeps_the_other_merged(zoo):
