@@ -1634,7 +1634,7 @@ def check_against_model(adapter: naf.Adapter, model: nn.Module) -> None:
                                 tensor=key, rule="4.1")
         if module is None:
             other = _module_at(model, key)
-            if other is not None and not isinstance(other, _linear_types()):
+            if other is not None and not isinstance(other, (*_linear_types(), NeuroAdaLayer)):  # (ours wrap one)
                 what = (f"the model's {key.rsplit('.', 1)[0]} is a {type(other).__module__}."
                         f"{type(other).__qualname__}, not a linear layer with float weights")
             elif hasattr(model, "_orig_mod"):  # torch.compile's wrapper prefixes every name with _orig_mod.

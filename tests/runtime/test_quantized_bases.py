@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
-from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, save_adapter
+from neuroada_format.runtime import NeuroAdaConfig, attach, list_adapters, load_adapter, save_adapter
 from neuroada_format.runtime.model import layers
 
 
@@ -93,3 +93,9 @@ def test_a_compiled_model_is_told_to_load_before_compiling(tmp_path):
     compiled = torch.compile(tiny_llama(), backend="eager")
     with pytest.raises(NeuroAdaError, match="rule 4.1: no linear layer.*torch.compile'd model.*before compiling"):
         load_adapter(compiled, tmp_path / "a")
+    # a second adapter onto a model compiled after its first: the wrapper forwards attribute lookups, so the 4.1
+    # check found the adapted layer and called it "a NeuroAdaLayer, not a linear layer with float weights"
+    compiled = torch.compile(attach(tiny_llama(), NeuroAdaConfig(k=1, target_modules=["q_proj"])), backend="eager")
+    with pytest.raises(NeuroAdaError, match="rule 4.1: no linear layer.*torch.compile'd model.*before compiling"):
+        load_adapter(compiled, tmp_path / "a", adapter_name="second")
+    assert list_adapters(compiled._orig_mod) == ["default"]
