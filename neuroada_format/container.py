@@ -27,6 +27,11 @@ from .jsonparse import strict_json  # noqa: F401  (re-exported: the one parser, 
 from .safe_io import open_regular, pread_into
 
 HEADER_CAP = 100_000_000  # same cap as the reference safetensors reader
+# what a file given in place of a safetensors one usually is, by its first bytes: its impossible header length said
+# only "not within [2, ...]", and users of torch.save / PEFT's adapter_model.bin could not tell why
+_OTHER_FORMATS = ((b"PK\x03\x04", "a zip archive as torch.save writes (a pickle, which is never read)"),
+                  (b"\x80", "a pickle (pickle.dump, torch.save's legacy format), which is never read"),
+                  (b"\x93NUMPY", "a numpy .npy file"), (b"GGUF", "a GGUF file"))
 READ_CHUNK = 1 << 30  # bytes per read call: Linux returns at most 0x7ffff000 per call, macOS refuses > INT_MAX
 TENSOR_FIELDS = {"dtype", "shape", "data_offsets"}
 # a dtype a newer safetensors may add (F6_E2M3, F4...): tolerated on a base's non-target tensors if it looks like one
@@ -157,10 +162,15 @@ class SafetensorsFile:
         if self.file_size < 8:
             p.error("1.1", f"file is {self.file_size} bytes, shorter than the 8-byte header length")
             return
-        (n,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        (n,) = struct.unpack("<Q", head)
         if n < 2 or n > HEADER_CAP or 8 + n > self.file_size:
+            # (a safetensors header, even a damaged one, starts with "{": such a file is not called anything else)
+            kind = None if f.read(1) == b"{" else next((what for magic, what in _OTHER_FORMATS
+                                                        if head.startswith(magic)), None)
+            hint = f"; not a safetensors file: this is {kind}" if kind else ""
             p.error("1.1", f"header length {n} is not within [2, min({HEADER_CAP}, file size - 8 = "
-                           f"{self.file_size - 8})]")
+                           f"{self.file_size - 8})]{hint}")
             return
         raw = f.read(n)
         if len(raw) != n:  # the file shrank since fstat

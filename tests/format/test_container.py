@@ -130,6 +130,30 @@ def test_unreadable_path_is_rule_1_1(tmp_path):
         assert info.value.rule == "1.1" and str(path) in str(info.value)
 
 
+def test_a_pickle_or_other_file_in_place_of_safetensors_is_named(tmp_path):
+    """torch.save output (PEFT's adapter_model.bin, a state_dict saved by hand) passed where a safetensors file goes
+    was refused only as "header length 578712552184433488 is not within [2, ...]", which does not say why; a damaged
+    safetensors file (its header still starts with "{") is not called anything else."""
+    import pickle
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "zipped.bin", "w") as z:  # torch.save's format: a zip holding a pickle
+        z.writestr("archive/data.pkl", pickle.dumps({"w": [1.0]}))
+    (tmp_path / "legacy.pt").write_bytes(pickle.dumps({"w": [1.0] * 100}, protocol=2))
+    np.save(tmp_path / "array.npy", np.zeros(64, np.float32))
+    (tmp_path / "damaged.safetensors").write_bytes(struct.pack("<Q", 10**6) + b'{"__metadata__": {}}')
+    for name, kind in [("zipped.bin", "a zip archive as torch.save writes (a pickle, which is never read)"),
+                       ("legacy.pt", "a pickle"), ("array.npy", "a numpy .npy file"), ("damaged.safetensors", None)]:
+        with pytest.raises(naf.NeuroAdaError) as info:
+            naf.load(tmp_path / name)
+        assert info.value.rule == "1.1" and str(tmp_path / name) in str(info.value)
+        assert "header length" in str(info.value)
+        if kind:
+            assert f"; not a safetensors file: this is {kind}" in str(info.value)
+        else:
+            assert "this is" not in str(info.value)
+
+
 def test_metadata_written_by_safetensors_is_exactly_what_we_parse(tmp_path, small_model):
     _, adapter = small_model
     path = tmp_path / "a.safetensors"
