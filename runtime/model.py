@@ -1497,11 +1497,47 @@ class _ModelMethod:
         return _ModelMethod, (self.func, self.model())
 
 
+# transformers' PEFT-integration methods -> what does that here. They see PEFT's adapters only, and on a model with
+# NeuroAda ones said "No adapter loaded. Please load an adapter first." (load_adapter: "adapter model file not found")
+_HF_PEFT_METHODS = {"set_adapter": "set_adapter(model, name)",
+                    "active_adapters": "list_adapters(model) (merged_adapter(model): the one set_adapter serves)",
+                    "disable_adapters": "`with disable_adapter(model):` (the plain base inside the block)",
+                    "enable_adapters": "`with disable_adapter(model):` (the adapter is back after the block)",
+                    "delete_adapter": "delete_adapter(model, name)",
+                    "get_adapter_state_dict": "trainable_state(model), or save_adapter(model, path)",
+                    "load_adapter": "load_adapter(model, path)"}
+
+
+class _HfPeftMethod:
+    """transformers' ``model.<name>`` on an attached model: its own where PEFT adapters are loaded through it (a LoRA
+    added with model.add_adapter beside ours), else refused with the neuroada_format.runtime call that does it.
+    ``model.load_adapter`` is refused for a NeuroAda folder or file only: a PEFT folder still loads through it.
+    (A class, not a closure: an attached model pickles, torch.save(model).)"""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, model: nn.Module, *args, **kwargs):
+        name, ours = self.name, True
+        if name == "load_adapter":
+            path = args[0] if args else kwargs.get("peft_model_id")
+            ours = isinstance(path, (str, os.PathLike)) and (
+                os.path.exists(os.path.join(path, CONFIG_NAME)) or os.path.exists(os.path.join(path, WEIGHTS_NAME))
+                or (os.path.isfile(path) and os.fspath(path).endswith(".safetensors")))
+        if not ours or getattr(model, "_hf_peft_config_loaded", False):
+            return getattr(type(model), name)(model, *args, **kwargs)
+        raise NeuroAdaUsageError(f"model.{name} is transformers' PEFT integration, which does not see NeuroAda "
+                                 f"adapters; neuroada_format.runtime's functions do: {_HF_PEFT_METHODS[name]}")
+
+
 def _install_hf(model: nn.Module) -> None:
     """Make the HF entry points save and load the adapter: a per-instance save_pretrained (see _ModelMethod) and
-    load_state_dict hooks on the model."""
+    load_state_dict hooks on the model; transformers' PEFT-integration methods say what to call instead."""
     if callable(getattr(model, "save_pretrained", None)):
         model.__dict__["save_pretrained"] = _ModelMethod(save_pretrained, model)
+    for name in _HF_PEFT_METHODS:
+        if callable(getattr(type(model), name, None)):
+            model.__dict__[name] = _ModelMethod(_HfPeftMethod(name), model)
     if callable(getattr(type(model), "resize_token_embeddings", None)):
         model.__dict__["resize_token_embeddings"] = _ModelMethod(resize_token_embeddings, model)
     if getattr(model, HF_ATTR, None) is None:
@@ -1524,6 +1560,8 @@ def resize_token_embeddings(model: nn.Module, *args, **kwargs):
 
 def _uninstall_hf(model: nn.Module) -> None:
     model.__dict__.pop("save_pretrained", None)
+    for name in _HF_PEFT_METHODS:
+        model.__dict__.pop(name, None)
     model.__dict__.pop("resize_token_embeddings", None)
     for handle in getattr(model, HF_ATTR, None) or ():
         handle.remove()

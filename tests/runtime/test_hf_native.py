@@ -97,6 +97,53 @@ def test_save_pretrained_writes_the_adapter_and_from_pretrained_refuses(tmp_path
     assert torch.equal(logits(again), logits(model))
 
 
+def test_transformers_peft_integration_methods_say_which_function_does_it(tmp_path):
+    """A transformers model's set_adapter, active_adapters, disable_adapters, ... are its PEFT integration's: on an
+    attached model they said "No adapter loaded. Please load an adapter first." (an adapter was loaded), and
+    model.load_adapter(our folder) "adapter model file not found". Now each names the function to call; where PEFT
+    adapters are loaded through them (a LoRA beside ours) they are transformers' own, and they leave with unload."""
+    peft = pytest.importorskip("peft")
+    from neuroada_format.runtime import list_adapters, merge_and_unload, save_adapter
+
+    model = attach(tiny_llama(), NeuroAdaConfig(k=1, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "a")
+    before = logits(model)
+    for call, says in [(lambda: model.set_adapter("default"), r"set_adapter\(model, name\)"),
+                       (lambda: model.active_adapters(), r"list_adapters\(model\)"),
+                       (lambda: model.disable_adapters(), r"`with disable_adapter\(model\):`"),
+                       (lambda: model.enable_adapters(), r"`with disable_adapter\(model\):`"),
+                       (lambda: model.delete_adapter("default"), r"delete_adapter\(model, name\)"),
+                       (lambda: model.get_adapter_state_dict(), r"trainable_state\(model\)"),
+                       (lambda: model.load_adapter(str(tmp_path / "a"), adapter_name="b"),
+                        r"load_adapter\(model, path\)"),
+                       (lambda: model.load_adapter(peft_model_id=tmp_path / "a" / "neuroada_model.safetensors"),
+                        r"load_adapter\(model, path\)")]:
+        with pytest.raises(NeuroAdaUsageError, match=r"transformers' PEFT integration, which does not see NeuroAda "
+                                                     r"adapters; neuroada_format.runtime's functions do: " + says):
+            call()
+    assert list_adapters(model) == ["default"] and torch.equal(logits(model), before)  # nothing changed
+    assert torch.equal(logits(torch.load(_saved(model), weights_only=False)), before)  # still pickles
+    # a LoRA added through transformers beside ours: its methods are transformers' own again
+    model.add_adapter(peft.LoraConfig(r=2, target_modules=["v_proj"], init_lora_weights=False), adapter_name="lora")
+    assert model.active_adapters() == ["lora"]
+    with_lora = logits(model)
+    model.disable_adapters()
+    assert not torch.equal(logits(model), with_lora)
+    model.enable_adapters()
+    assert torch.equal(logits(model), with_lora)
+    # unloaded, the model is transformers' plain model again
+    plain = merge_and_unload(attach(tiny_llama(), NeuroAdaConfig(k=1, target_modules=["q_proj"])))
+    with pytest.raises(ValueError, match="No adapter loaded"):
+        plain.active_adapters()
+
+
+def _saved(model) -> io.BytesIO:
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return buf
+
+
 def test_save_pretrained_of_several_adapters_and_a_merged_and_unloaded_model(tmp_path):
     base = tiny_llama()
     model = attach(copy.deepcopy(base), NeuroAdaConfig(k=1))
