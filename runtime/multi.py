@@ -679,8 +679,12 @@ def _disabled(model: nn.Module) -> Iterator[nn.Module]:
 # -- combining --------------------------------------------------------------------------------------------
 @serialized
 def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Sequence[float],
-                         adapter_name: str) -> None:
+                         adapter_name: str, combination_type: str = "cat", **peft_options) -> None:
     """A new adapter ``sum_a w_a * A_a`` by ``neuroada-pack --combine``'s rule, in memory.
+
+    That exact weighted sum is what PEFT's ``combination_type="cat"`` gives LoRA; ``"linear"`` is taken as the same
+    sum (PEFT's "linear" mixes LoRA factors, an approximation sparse deltas do not need). PEFT's other combinations
+    (svd, ties, dare_*, magnitude_prune) and their options are refused by name: they were a bare TypeError.
 
     Per row the union of positions; values summed in f32 in the given order, each term
     ``f32(f32(w) * f32(v))``; rounded once to the inputs' common file value dtype (F32 if they
@@ -691,6 +695,14 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     from neuroada_format.merge import union_target  # the format core's arithmetic, shared with neuroada-pack
 
     _refuse_in_batch(model, "add_weighted_adapter")
+    if combination_type not in ("cat", "linear"):
+        raise NeuroAdaUsageError(f"add_weighted_adapter: combination_type={combination_type!r} is a PEFT combination "
+                                 f"NeuroAda does not implement; it sums the weighted sparse deltas exactly (PEFT's "
+                                 f"'cat'): combination_type='cat' or 'linear'")
+    if peft_options:
+        raise NeuroAdaUsageError(f"add_weighted_adapter: {', '.join(sorted(peft_options))} (PEFT's options of its svd, "
+                                 f"ties, dare and magnitude_prune combinations) are not supported: the weighted deltas "
+                                 f"are summed exactly")
     adapters = name_list(adapters, "add_weighted_adapter")
     if isinstance(weights, str) or not hasattr(weights, "__iter__"):
         raise NeuroAdaUsageError(f"add_weighted_adapter takes a list of weights, not {type(weights).__name__}")

@@ -849,6 +849,19 @@ def test_add_weighted_adapter_refusals(zoo):
         with pytest.raises(NeuroAdaError, match=match):
             add_weighted_adapter(model, adapters, weights, name)
         assert snapshot(model) == before
+    # PEFT's keywords: its other combinations and their options were a bare TypeError (unexpected keyword)
+    for kwargs, match in (({"combination_type": "svd"}, "combination_type='svd' is a PEFT combination NeuroAda does "
+                                                         "not implement.*'cat' or 'linear'"),
+                          ({"combination_type": "dare_ties", "density": 0.5}, "'dare_ties'"),
+                          ({"combination_type": "cat", "svd_rank": 4}, "svd_rank .* are not supported")):
+        with pytest.raises(NeuroAdaUsageError, match=match):
+            add_weighted_adapter(model, ["math", "cs"], [0.5, 0.5], "x", **kwargs)
+        assert snapshot(model) == before
+    for how in ("cat", "linear"):  # the exact weighted sum, PEFT's "cat"
+        add_weighted_adapter(model, ["math", "cs"], [0.7, 0.3], how, combination_type=how)
+    for layer in layers(model).values():
+        assert torch.equal(layer.neuroada_idx["cat"], layer.neuroada_idx["linear"])
+        assert torch.equal(layer.neuroada_val["cat"], layer.neuroada_val["linear"])
 
 
 @pytest.mark.parametrize("order", [("math", "cs", "code"), ("code", "math", "cs")])
