@@ -368,7 +368,13 @@ def find_targets(model: nn.Module, config: NeuroAdaConfig) -> list[str]:
     if not all_linear:
         _refuse_parameter_targets(model, config, candidates, wrappers, matched=bool(out))
     if not out:
-        raise NeuroAdaUsageError(f"no module matches target_modules={config.target_modules!r}")
+        hint = ""
+        if isinstance(config.target_modules, str) and not all_linear and any(
+                _matches(plain_name(model, c), [config.target_modules]) for c in candidates):
+            # target_modules="q_proj": PEFT's rule too, but the message did not say why nothing matched
+            hint = (f" (a string is a regex that must match the whole module name; to match it as a name or dotted "
+                    f"suffix, pass a list: target_modules=[{config.target_modules!r}])")
+        raise NeuroAdaUsageError(f"no module matches target_modules={config.target_modules!r}{hint}")
     return sorted(set(out))
 
 

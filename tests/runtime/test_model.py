@@ -119,8 +119,13 @@ def test_matching_is_not_a_substring_or_search():
     with pytest.raises(NeuroAdaError, match="no module matches"):
         find_targets(model, NeuroAdaConfig(target_modules=["attn.q_proj"]))
     # a regex must match the whole name: "layers\.0\..*proj" alone matches nothing
-    with pytest.raises(NeuroAdaError, match="no module matches"):
+    with pytest.raises(NeuroAdaError, match="no module matches") as err:
         find_targets(model, NeuroAdaConfig(target_modules=r"layers\.0\..*proj"))
+    assert "pass a list" not in str(err.value)  # (as a list it matches nothing either)
+    # a plain name as a string (PEFT's rule too): the error says why and what matches it as a suffix
+    with pytest.raises(NeuroAdaError, match=r"no module matches target_modules='q_proj' \(a string is a regex that "
+                                            r"must match the whole module name; .* target_modules=\['q_proj'\]\)"):
+        find_targets(model, NeuroAdaConfig(target_modules="q_proj"))
     assert find_targets(model, NeuroAdaConfig(target_modules=r".*layers\.0\..*q_proj")) == \
         ["model.layers.0.self_attn.q_proj"]
 
