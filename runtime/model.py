@@ -186,12 +186,30 @@ def model_lock(model: nn.Module) -> threading.RLock:
         return lock
 
 
+def check_model(model, what: str) -> None:
+    """Refuse a first argument that is no torch model by the call's name: None (what set_adapter, delete_adapter and
+    the like return, kept by a habitual ``model = ...``) or a string failed deep inside with a bare AttributeError,
+    and load_trained_extras returned [] without a word."""
+    if not isinstance(model, nn.Module):
+        hint = (" (set_adapter, delete_adapter, add_weighted_adapter and the like change the model in place and return "
+                "None: keep the model itself)") if model is None else ""
+        raise NeuroAdaUsageError(f"{what} takes a torch model (an nn.Module), not {type(model).__name__}{hint}")
+
+
+def takes_model(func):
+    """``func(model, ...)`` refusing a ``model`` that is no nn.Module by the function's name (see check_model)."""
+    @functools.wraps(func)
+    def call(model, *args, **kwargs):
+        check_model(model, func.__name__)
+        return func(model, *args, **kwargs)
+    return call
+
+
 def serialized(func):
     """``func(model, ...)`` run holding ``model_lock``; waiting for it can be interrupted (Ctrl-C)."""
     @functools.wraps(func)
     def call(model, *args, **kwargs):
-        if not isinstance(model, nn.Module):  # (the call refuses it by name)
-            return func(model, *args, **kwargs)
+        check_model(model, func.__name__)
         with model_lock(unwrapped(model)):
             return func(model, *args, **kwargs)
     return call
@@ -215,6 +233,7 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+@takes_model
 def layers(model: nn.Module) -> dict[str, NeuroAdaLayer]:
     """Every NeuroAdaLayer of the model by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, NeuroAdaLayer)}
@@ -873,6 +892,7 @@ def _gradient_indices(model, modules: dict[str, nn.Module], k: int, calibration,
 
 
 # -- introspection -----------------------------------------------------------------------------------
+@takes_model
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts, counting each tensor once."""
     trainable = total = 0
@@ -883,6 +903,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+@takes_model
 def print_trainable_parameters(model: nn.Module) -> None:
     """PEFT's line: every parameter counted once in "all" (frozen adapters' deltas and an unfrozen head too)."""
     trainable, total = trainable_parameters(model)
@@ -1013,6 +1034,7 @@ def layer_probe_of(values: torch.Tensor) -> str:
     return naf.probe_hash_from_values(values.detach().float().cpu().numpy())
 
 
+@takes_model
 def to_adapter(model: nn.Module, adapter_name: str = "default", *, value_dtype: str | None = None) -> naf.Adapter:
     """The named adapter as a neuroada_format.Adapter (values rounded to the file's value dtype).
 
@@ -1101,6 +1123,7 @@ def _check_save_path(path: str, single: bool) -> None:
         raise NeuroAdaUsageError(f"{parent} is a file, so no folder can be made under it", path=path)
 
 
+@takes_model
 def save_adapter(model: nn.Module, path, adapter_name: str = "default", *, value_dtype: str | None = None,
                  is_main_process: bool = True) -> str:
     """Write the adapter: a path ending in .safetensors -> that one file; any other path -> a folder
@@ -1187,6 +1210,7 @@ def _check_path_argument(path, what: str) -> str:
 
 
 # -- Hugging Face integration: save_pretrained, Trainer checkpoints, state_dict loading ---------------
+@takes_model
 def trainable_state(model: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
     """What training changes, under the model's own state_dict keys: every adapter's indices and
     deltas (exact, in their training dtype) and any other parameter that requires grad (PEFT's LoRA,
@@ -1588,6 +1612,7 @@ def _warn_unloaded_state(path) -> None:
                               f"load_trained_extras(model, {os.fspath(path)!r})", stacklevel=4)
 
 
+@takes_model
 def load_trained_extras(model: nn.Module, folder) -> list[str]:
     """Copy into ``model`` the trained tensors a save_pretrained folder holds beside its adapters (a head you unfroze),
     and return their names. For a model after load_adapter, and for a merged one (merge_and_unload, or the checkpoint
@@ -1733,8 +1758,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
     Like PEFT, the base parameters are frozen afterwards, so with is_trainable=True only deltas train.
     """
     check_adapter_name(adapter_name)
-    if not isinstance(model, nn.Module):
-        raise NeuroAdaUsageError(f"load_adapter loads into a torch model, not {type(model).__name__}")
+    check_model(model, "load_adapter")
     _refuse_in_batch(model, "load_adapter")  # (said before reading the file; checked again under the lock)
     _refuse_ddp(model, "load_adapter")
     if mode not in MODES:

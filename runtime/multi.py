@@ -47,7 +47,7 @@ from .kernels.reference import rounded_values
 from .layer import BASE_ADAPTER, SERVING_CACHES, NeuroAdaLayer, _conv1d_type, check_adapter_name, has_hooks
 from .model import (CONFIGS_ATTR, DISABLED_ATTR, MIXED_ATTR, MIXED_OWNER_ATTR, VALUE_TORCH, _refuse_in_batch,
                     _shared_weights, _unserve, layers, merged_back, model_lock, name_list, park, refuse_unmergeable, serialized,
-                    uninterrupted, unwrapped)
+                    takes_model, uninterrupted, unwrapped)
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
            "stop_serving", "adapter_batch", "disable_adapter", "add_weighted_adapter"]
@@ -71,6 +71,7 @@ class ServingLayer(NeuroAdaLayer):
 
 
 # -- bookkeeping ------------------------------------------------------------------------------------------
+@takes_model
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of the adapters on the model, in the order they were attached or loaded."""
     names = dict.fromkeys(getattr(model, CONFIGS_ATTR, None) or {})  # ordered, O(1) membership: O(layers x n)
@@ -380,6 +381,7 @@ def _train_only(model: nn.Module, all_layers: dict[str, NeuroAdaLayer], name: st
                 val.requires_grad_(n == name)
 
 
+@takes_model
 def merged_adapter(model: nn.Module) -> str | None:
     """The adapter set_adapter serves (None: the base); raises if layers disagree (merged by hand)."""
     merged = {tuple(layer.merged_adapters) for layer in layers(model).values() if layer.merged_adapters}
@@ -560,6 +562,7 @@ class _MixedForward:
                 and not torch.is_autocast_enabled("cpu"))
 
 
+@takes_model
 @contextlib.contextmanager
 def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
     """Run the block's forwards (and generate) with sequence b using ``adapter_names[b]``.
@@ -639,6 +642,7 @@ def _remerge(layer: NeuroAdaLayer, merged: list[str]) -> None:
         layer.merge(merged)
 
 
+@takes_model
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
     """PEFT's ``with model.disable_adapter():``: the block's forwards are the plain base's, bit for bit; on exit

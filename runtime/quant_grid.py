@@ -57,6 +57,7 @@ from neuroada_format.layout import canonical_view
 
 from .kernels.cache import outside_inference, version
 from .layer import GRID_ATTR, NeuroAdaLayer
+from .model import takes_model
 
 __all__ = ["QuantGrid", "FloatGrid", "train_on_grid", "remove_grid", "grid_types", "load_quantized_weights"]
 
@@ -217,6 +218,7 @@ def _adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, NeuroAdaLa
     return found
 
 
+@takes_model
 def train_on_grid(model: nn.Module, path, adapter_name: str = "default") -> dict[str, str]:
     """Snap `adapter_name`'s deltas to the quantization grid of `path`, the model's base as a quantized file
     (its weights must be that file's de-quantized values): a GGUF file (by its magic) or an ONNX model.
@@ -415,6 +417,7 @@ def _plan_onnx(model, found, onnx_path, adapter_name):
         view.close()
 
 
+@takes_model
 def load_quantized_weights(model: nn.Module, onnx_path) -> dict[str, str]:
     """Copy every MatMulNBits weight of an ONNX Runtime quantized model, de-quantized (fl32(scale * (code - zero
     point)), the values ONNX Runtime computes with), into the model's linear layer it belongs to: the weights
@@ -498,6 +501,7 @@ def grid_types(model: nn.Module, adapter_name: str = "default") -> dict[str, str
     return out
 
 
+@takes_model
 def remove_grid(model: nn.Module, adapter_name: str = "default", *, snap: bool = False) -> None:
     """Back to plain deltas. With snap=True the snapped values are written into the deltas first, so the
     adapter keeps its on-grid values everywhere (serving, combining) and its F32 save dtype; without, the

@@ -322,6 +322,29 @@ def test_arguments_of_the_wrong_kind_are_refused_by_name(tmp_path, monkeypatch, 
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("name", ["attach", "load_adapter", "save_adapter", "to_adapter", "merge", "unmerge",
+                                  "merge_and_unload", "unload", "set_adapter", "delete_adapter", "stop_serving",
+                                  "add_weighted_adapter", "adapter_batch", "disable_adapter", "list_adapters",
+                                  "merged_adapter", "layers", "trainable_state", "trainable_parameters",
+                                  "print_trainable_parameters", "load_trained_extras", "train_on_grid", "remove_grid"])
+@pytest.mark.parametrize("model", [None, "model"])
+def test_a_model_that_is_no_torch_model_is_refused_by_name(tmp_path, name, model):
+    """None (what set_adapter and the like return, kept by ``model = set_adapter(model, ...)``) or a string given as
+    the model was a bare AttributeError (or TypeError) from deep inside; load_trained_extras returned [] silently."""
+    import neuroada_format.runtime as runtime
+
+    args = {"attach": (NeuroAdaConfig(k=1),), "load_adapter": (tmp_path,), "save_adapter": (tmp_path / "a",),
+            "set_adapter": ("default",), "delete_adapter": ("default",), "add_weighted_adapter": (["a"], [1.0], "b"),
+            "adapter_batch": (["default"],), "load_trained_extras": (tmp_path,), "train_on_grid": (tmp_path / "g",)}
+    hint = r" \(set_adapter, delete_adapter, .* return None: keep the model itself\)" if model is None else "$"
+    with pytest.raises(NeuroAdaUsageError, match=rf"^{name} takes a torch model \(an nn.Module\), not "
+                                                 rf"{type(model).__name__}{hint}"):
+        result = getattr(runtime, name)(model, *args.get(name, ()))
+        if name in ("adapter_batch", "disable_adapter"):
+            result.__enter__()
+    assert not any(tmp_path.iterdir())
+
+
 def test_set_adapter_refuses_a_layer_it_cannot_serve_before_switching_any(tmp_path):
     class OwnLayer(NeuroAdaLayer):
         pass
