@@ -1565,8 +1565,9 @@ def _install_hf(model: nn.Module) -> None:
     load_state_dict hooks on the model; transformers' PEFT-integration methods say what to call instead."""
     if callable(getattr(model, "save_pretrained", None)):
         model.__dict__["save_pretrained"] = _ModelMethod(save_pretrained, model)
-    for name in _HF_PEFT_METHODS:
-        if callable(getattr(type(model), name, None)):
+    mixin = getattr(sys.modules.get("transformers.integrations.peft"), "PeftAdapterMixin", None)
+    for name in _HF_PEFT_METHODS:  # transformers' own only: a model class's own method of that name is left alone
+        if mixin is not None and getattr(type(model), name, None) is getattr(mixin, name, False):
             model.__dict__[name] = _ModelMethod(_HfPeftMethod(name), model)
     if callable(getattr(type(model), "resize_token_embeddings", None)):
         model.__dict__["resize_token_embeddings"] = _ModelMethod(resize_token_embeddings, model)

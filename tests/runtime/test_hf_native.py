@@ -136,6 +136,17 @@ def test_transformers_peft_integration_methods_say_which_function_does_it(tmp_pa
     with pytest.raises(ValueError, match="No adapter loaded"):
         plain.active_adapters()
 
+    class Own(torch.nn.Module):  # a model's own method of that name is its own, not transformers' integration
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+
+        def set_adapter(self, name):
+            return f"own {name}"
+
+    own = attach(Own(), NeuroAdaConfig(k=1))
+    assert own.set_adapter("x") == "own x"
+
 
 def _saved(model) -> io.BytesIO:
     buf = io.BytesIO()
