@@ -211,6 +211,12 @@ class NeuroAdaLayer(nn.Module):
             raise NeuroAdaUsageError("copying a model inside an adapter_batch block is not supported: its layers hold "
                                      "the block's per-sequence state, which only the block puts back; copy it before "
                                      "or after the block")
+        if "_neuroada_disabled" in self.__dict__:  # see multi.disable_adapter (model.DISABLED_ATTR)
+            # the copy served the base for good and refused set_adapter, merge, ... "inside a disable_adapter block"
+            # that it could never leave
+            raise NeuroAdaUsageError("copying a model inside a disable_adapter block is not supported: the copy would "
+                                     "stay disabled, with no block to leave; copy it before or after the block (a copy "
+                                     "of the plain base: unload(copy.deepcopy(model)))")
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         state = {k: v for k, v in state.items() if k not in SERVING_CACHES and k not in ("_w0_weight", "_w0_version")}
         state.update(_patterns={}, _overlays={}, _loading=None)  # (the copy checks its w0 against its weight once)

@@ -38,7 +38,7 @@ from .selection import select, topk_columns
 CONFIGS_ATTR = "neuroada_configs"
 MIXED_ATTR = "_neuroada_adapter_batch"  # on the model while a multi.adapter_batch block runs
 MIXED_OWNER_ATTR = "_neuroada_adapter_batch_thread"  # the thread running it
-DISABLED_ATTR = "_neuroada_disabled"  # on the model while a multi.disable_adapter block runs
+DISABLED_ATTR = "_neuroada_disabled"  # on the model and its layers while a multi.disable_adapter block runs
 AUTO_ATTR = "_neuroada_auto_mode"       # set on layers whose mode was chosen by mode="auto"
 HOOK_ATTR = "_neuroada_sharding_hook"   # the model's forward pre-hook that re-resolves "auto" under FSDP2
 HF_ATTR = "_neuroada_hf_hooks"         # the model's load_state_dict hooks (see _install_hf)

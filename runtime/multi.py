@@ -669,6 +669,7 @@ def _disabled(model: nn.Module) -> Iterator[nn.Module]:
     try:
         with torch.no_grad():
             for layer in all_layers.values():
+                layer.__dict__[DISABLED_ATTR] = True  # (a copy made inside is refused: see NeuroAdaLayer.__getstate__)
                 _switch(layer, [])
                 layer.disable_adapters = True
         yield model
@@ -676,6 +677,7 @@ def _disabled(model: nn.Module) -> Iterator[nn.Module]:
         unwrapped(model).__dict__.pop(DISABLED_ATTR, None)
         with torch.no_grad():
             for name, layer in all_layers.items():
+                layer.__dict__.pop(DISABLED_ATTR, None)
                 merged, layer.disable_adapters = previous[name]
                 _remerge(layer, merged)
 

@@ -112,6 +112,36 @@ def test_what_would_change_the_adapters_is_refused_inside_the_block(tmp_path):
     assert merged_adapter(model) == "a"
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_made_inside_the_block_is_refused(tmp_path, how):
+    """A deep copy (or torch.save) taken inside a disable_adapter block carried the block's state: the copy served
+    the base for good and refused set_adapter, merge, ... "inside a disable_adapter block" it could never leave.
+    Refused now, as a copy inside an adapter_batch block is; before and after the block copies work."""
+    import io
+
+    base = tiny_llama()
+    model = served(base, tmp_path)
+    served_logits = logits(model)
+
+    def copied():
+        if how == "deepcopy":
+            return copy.deepcopy(model)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
+    with disable_adapter(model):
+        with pytest.raises(Exception, match=r"^copying a model inside a disable_adapter block is not supported: .* "
+                                            r"unload\(copy.deepcopy\(model\)\)"):
+            copied()
+    assert torch.equal(logits(model), served_logits)
+    after = copied()
+    assert torch.equal(logits(after), served_logits)
+    set_adapter(after, "a")  # a copy made outside the block switches freely
+    assert torch.equal(logits(unload(copied())), logits(base))
+
+
 def test_disable_adapter_is_refused_inside_an_adapter_batch_block(tmp_path):
     base = tiny_llama()
     model = served(base, tmp_path)
