@@ -489,6 +489,7 @@ def load_quantized_weights(model: nn.Module, onnx_path) -> dict[str, str]:
     return {targets[name].name: init for init, name in owner.items()}
 
 
+@takes_model
 def grid_types(model: nn.Module, adapter_name: str = "default") -> dict[str, str]:
     """{layer name: GGUF type} of the layers whose `adapter_name` deltas are snapped to a grid now."""
     from .model import layers

@@ -322,11 +322,17 @@ def test_arguments_of_the_wrong_kind_are_refused_by_name(tmp_path, monkeypatch, 
     assert not any(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("name", ["attach", "load_adapter", "save_adapter", "to_adapter", "merge", "unmerge",
-                                  "merge_and_unload", "unload", "set_adapter", "delete_adapter", "stop_serving",
-                                  "add_weighted_adapter", "adapter_batch", "disable_adapter", "list_adapters",
-                                  "merged_adapter", "layers", "trainable_state", "trainable_parameters",
-                                  "print_trainable_parameters", "load_trained_extras", "train_on_grid", "remove_grid"])
+def _public_functions_taking_a_model() -> list[str]:
+    """Every public runtime function whose first parameter is the model, so that a new one cannot be left out."""
+    import inspect
+
+    import neuroada_format.runtime as runtime
+
+    return [n for n in runtime.__all__ if inspect.isfunction(getattr(runtime, n))
+            and list(inspect.signature(getattr(runtime, n)).parameters)[:1] == ["model"]]
+
+
+@pytest.mark.parametrize("name", _public_functions_taking_a_model())
 @pytest.mark.parametrize("model", [None, "model"])
 def test_a_model_that_is_no_torch_model_is_refused_by_name(tmp_path, name, model):
     """None (what set_adapter and the like return, kept by ``model = set_adapter(model, ...)``) or a string given as
@@ -335,7 +341,8 @@ def test_a_model_that_is_no_torch_model_is_refused_by_name(tmp_path, name, model
 
     args = {"attach": (NeuroAdaConfig(k=1),), "load_adapter": (tmp_path,), "save_adapter": (tmp_path / "a",),
             "set_adapter": ("default",), "delete_adapter": ("default",), "add_weighted_adapter": (["a"], [1.0], "b"),
-            "adapter_batch": (["default"],), "load_trained_extras": (tmp_path,), "train_on_grid": (tmp_path / "g",)}
+            "adapter_batch": (["default"],), "load_trained_extras": (tmp_path,), "train_on_grid": (tmp_path / "g",),
+            "load_quantized_weights": (tmp_path / "g",)}
     hint = r" \(set_adapter, delete_adapter, .* return None: keep the model itself\)" if model is None else "$"
     with pytest.raises(NeuroAdaUsageError, match=rf"^{name} takes a torch model \(an nn.Module\), not "
                                                  rf"{type(model).__name__}{hint}"):
