@@ -60,11 +60,11 @@ def llama_cpp_permute(w, n_head, n_head_kv):
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def add_tiny_hparams(w, *, inter=INTER, rope_base=10000.0, kv_heads=KV_HEADS, context=64):
+def add_tiny_hparams(w, *, inter=INTER, rope_base=10000.0, kv_heads=KV_HEADS, context=64, hidden=HIDDEN):
     """The tiny test models' hyper-parameters and a placeholder tokenizer (tokens t0, t1, ...) on a GGUFWriter."""
     w.add_block_count(LAYERS)
     w.add_context_length(context)
-    w.add_embedding_length(HIDDEN)
+    w.add_embedding_length(hidden)
     w.add_feed_forward_length(inter)
     w.add_head_count(HEADS)
     w.add_head_count_kv(kv_heads)
@@ -82,7 +82,11 @@ def write_gguf(path, arrays, matrix_type=QT.Q4_1, *, types: dict | None = None, 
     import ml_dtypes
     tmap = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, LAYERS)
     w = gguf.GGUFWriter(os.fspath(path), "llama")
-    add_tiny_hparams(w)
+    # the sizes the arrays have (another test's tiny Llama may be narrower than ours): llama.cpp, and our merge,
+    # refuse a file whose q/k rows are not head_count heads of embedding_length / head_count values
+    embed = arrays.get("model.embed_tokens.weight")
+    gate = arrays.get("model.layers.0.mlp.gate_proj.weight")
+    add_tiny_hparams(w, hidden=HIDDEN if embed is None else embed.shape[1], inter=INTER if gate is None else gate.shape[0])
     for k, a in arrays.items():
         g = tmap.get_name(k, try_suffixes=(".weight",))
         if "q_proj" in k:
