@@ -1105,6 +1105,10 @@ def _refuse_offloaded(model: nn.Module, names) -> None:
                                      "puts offloaded weights back)", tensor=name + ".weight")
 
 
+# save_adapter made a folder named "adapter.bin" (PEFT's old weights name) where a file was meant
+_FILE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npy", ".npz", ".json", ".gguf", ".onnx", ".h5")
+
+
 def _check_save_path(path: str, single: bool) -> None:
     """The kind of what already lies at `path` (or a parent) against what save_adapter writes there, said before any
     work: OSError from deep in the write (IsADirectoryError at the rename, FileExistsError from makedirs) named
@@ -1112,6 +1116,12 @@ def _check_save_path(path: str, single: bool) -> None:
     if single and os.path.isdir(path):  # e.g. left by an earlier save to "task.safetensors/"
         raise NeuroAdaUsageError("a folder exists at this path, and a path ending in .safetensors saves one file; "
                                  "remove the folder or save elsewhere", path=path)
+    suffix = os.path.splitext(path.rstrip("/" + os.sep))[1].lower()
+    if not single and suffix in _FILE_SUFFIXES and not os.path.isdir(path):
+        raise NeuroAdaUsageError(f"a path ending in {suffix} names a file, and only a .safetensors path saves one "
+                                 f"(adapters are never pickled: no .bin or .pt); any other path is made a folder. "
+                                 f"Save to {os.path.splitext(path)[0]}.safetensors, or to a folder name without a file "
+                                 f"suffix", path=path)
     if not single and os.path.lexists(path) and not os.path.isdir(path):
         raise NeuroAdaUsageError("a file exists at this path, and a path not ending in .safetensors saves a folder "
                                  "(neuroada_config.json + neuroada_model.safetensors); save elsewhere, or to a "

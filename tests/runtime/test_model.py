@@ -7,6 +7,8 @@ import copy
 import re
 
 import numpy as np
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -759,6 +761,22 @@ def test_save_adapter_onto_a_path_of_the_other_kind_is_a_usage_error(tmp_path):
         save_adapter(model, tmp_path / "notes" / "sub" / "a.safetensors")
     assert (tmp_path / "notes").read_text() == "hello"
     assert save_adapter(model, tmp_path / "task.safetensors" / "a.safetensors")  # inside the folder: fine
+
+
+@pytest.mark.parametrize("name", ["adapter.bin", "adapter_model.BIN", "weights.pt", "task.pth", "delta.gguf"])
+def test_save_adapter_to_a_file_name_of_another_format_is_refused(tmp_path, name):
+    """PEFT's habit, save to "adapter.bin", made a folder named adapter.bin holding our two files: only .safetensors
+    saves one file, so a name that says another file format is refused, with the .safetensors name to use; nothing is
+    written. A folder of that name that exists already is the user's choice and is saved into."""
+    from neuroada_format.runtime import save_adapter
+
+    model = attach(tiny_llama(), NeuroAdaConfig(k=1, target_modules=["q_proj"]))
+    stem = os.path.splitext(name)[0]
+    with pytest.raises(NeuroAdaUsageError, match=rf"names a file.*{stem}\.safetensors") as e:
+        save_adapter(model, tmp_path / name)
+    assert str(tmp_path / name) in str(e.value) and not list(tmp_path.iterdir())
+    (tmp_path / name).mkdir()
+    assert save_adapter(model, tmp_path / name)  # an existing folder of that name: saved into
 
 
 def test_save_pretrained_says_which_transformers_options_it_ignores(tmp_path):
