@@ -210,6 +210,9 @@ class OnnxModel:
             raise
         except Exception as exc:  # onnx raises DecodeError and friends
             raise NeuroAdaError(f"not a readable ONNX model: {exc}", path=self.path, rule="1.1") from None
+        if not self.proto.HasField("graph"):  # (every byte string parses as some message: an empty file, a cut one)
+            raise NeuroAdaError("not a readable ONNX model: it holds no graph (an empty or truncated file?)",
+                                path=self.path, rule="1.1")
         graph = self.proto.graph
         for t in graph.initializer:
             _text(t.name, "initializer name", self.path, _shown(t.name))

@@ -33,6 +33,7 @@ from neuroada_format.runtime import (  # noqa: E402
     grid_types,
     load_quantized_weights,
     merge,
+    to_adapter,
     train_on_grid,
     unmerge,
 )
@@ -357,3 +358,26 @@ def test_load_quantized_weights_refuses_what_it_cannot_place(llama, quantized, s
     # found by name, too (the weights renamed after their targets)
     named = llama_model()
     assert set(load_quantized_weights(named, _named(tmp_path, llama, quantized))) == set(quantized[(4, 32, True)][2])
+
+
+def test_an_empty_file_is_refused_by_name(tmp_path, capsys):
+    """An empty file (a download that failed) parses as an empty protobuf message: load_quantized_weights returned {}
+    having copied nothing, train_on_grid and neuroada-merge blamed a target not found in it."""
+    empty = tmp_path / "model_int4.onnx"
+    empty.write_bytes(b"")
+    model = llama_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for call in (lambda: load_quantized_weights(model, empty),
+                 lambda: train_on_grid(attach(llama_model(), NeuroAdaConfig(**CONFIG)), empty)):
+        with pytest.raises(NeuroAdaError, match="not a readable ONNX model: it holds no graph") as exc:
+            call()
+        assert exc.value.path == os.fspath(empty) and exc.value.rule == "1.1"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    adapter = tmp_path / "a.safetensors"
+    naf.save(to_adapter(attach(llama_model(), NeuroAdaConfig(k=1, target_modules=["q_proj"]))), adapter)
+    capsys.readouterr()
+    assert merge_run(["--base", os.fspath(empty), "--adapter", os.fspath(adapter),
+                      "--out", os.fspath(tmp_path / "o.onnx")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds no graph" in err and not (tmp_path / "o.onnx").exists()
+
