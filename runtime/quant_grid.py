@@ -442,6 +442,9 @@ def load_quantized_weights(model: nn.Module, onnx_path) -> dict[str, str]:
     om = _onnx_merge(path)
     view = om.OnnxModel(path)
     try:
+        if not any(view.quantized(n) is not None for n in view.nbits):  # (the float export passed for the int4 one)
+            raise NeuroAdaUsageError("the model holds no MatMulNBits weight (not an ONNX Runtime 4/8-bit quantized "
+                                     "model), so there is nothing to load; pass the quantized file", path=view.path)
         modules = {n: m for n, m in _adaptable(model).items() if isinstance(getattr(m, "weight", None), torch.Tensor)}
         targets = _onnx_targets(model, {n: (tuple(_canonical(m).shape), _layout(m), m.weight.dtype)
                                         for n, m in modules.items()}, {}, {})

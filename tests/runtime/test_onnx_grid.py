@@ -381,3 +381,13 @@ def test_an_empty_file_is_refused_by_name(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "holds no graph" in err and not (tmp_path / "o.onnx").exists()
 
+
+def test_a_file_without_matmulnbits_weights_is_refused(llama):
+    """The float export passed for the quantized one: load_quantized_weights returned {}, the model kept its float
+    weights and train_on_grid then took them as the base without a grid."""
+    model = llama_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NeuroAdaUsageError, match="holds no MatMulNBits weight") as exc:
+        load_quantized_weights(model, llama["path"])
+    assert exc.value.path == llama["path"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
