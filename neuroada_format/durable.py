@@ -391,6 +391,25 @@ def finish_publish(folder) -> bool:
         return _roll_forward(folder)
 
 
+@contextmanager
+def reading_folder(folder):
+    """Hold a shared lock on `folder` (waiting for a writer's) while its files are read: a read between a save's
+    renames found the new weights beside the old config (load_adapter refused a folder that was fine) or, the other
+    way round, a mix it took. A killed writer's record is finished first, outside the lock (finishing takes the
+    exclusive one, which our own shared lock would block, as would a save holding the folder above while it waits for
+    this one)."""
+    folder = os.path.abspath(os.fspath(folder))
+    records = (folder, os.path.dirname(folder))  # (save_pretrained's record of a named adapter is in the folder above)
+    while True:
+        for where in records:
+            finish_publish(where)
+        with checkpoint_lock(folder, exclusive=False, wait=True):
+            if any(os.path.lexists(os.path.join(where, PUBLISH_RECORD)) for where in records):
+                continue  # (a writer killed before we got the lock: finishing its record waits for ours)
+            yield
+            return
+
+
 def _roll_forward(folder: str) -> bool:
     """The renames a record lists that were not made yet, then the record removed (the caller holds the lock)."""
     record = os.path.join(folder, PUBLISH_RECORD)

@@ -26,7 +26,7 @@ import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.adapter import encode as encode_adapter
 from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
-from neuroada_format.durable import checkpoint_lock, write_files
+from neuroada_format.durable import checkpoint_lock, reading_folder, write_files
 from neuroada_format.folder import (CONFIG_NAME, STATE_FILE, STATE_MARKER, STATE_PROBE, STATE_TRAINING, WEIGHTS_NAME,
                                     adapter_config, state_text, trained_extras, warn_trained_extras)
 
@@ -1774,8 +1774,10 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
     _refuse_ddp(model, "load_adapter")
     if mode not in MODES:
         raise NeuroAdaUsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    file, cfg = _resolve(_check_path_argument(path, "load_adapter"))
-    adapter = naf.load(file)
+    path = _check_path_argument(path, "load_adapter")
+    with reading_folder(path) if os.path.isdir(path) else contextlib.nullcontext():  # (not between a save's renames)
+        file, cfg = _resolve(path)
+        adapter = naf.load(file)
     naf.validate(adapter, strict=True)
     if cfg is not None:
         _check_folder_pair(cfg, adapter, file)
