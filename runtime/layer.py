@@ -646,7 +646,11 @@ class NeuroAdaLayer(nn.Module):
         try:
             unmerge_(W, overlay)
         except BaseException:  # failed after some or all of its writes: the weight says what merged_adapters says
-            merge_(W, overlay, deltas)
+            try:
+                merge_(W, overlay, deltas)
+            except BaseException:  # (failing too, e.g. out of memory again) the unmerge finished, and said so: the
+                unmerge_(W, overlay)  # layer still said merged over a partly restored weight, and served wrong values
+                self.merged_adapters = []
             self._matched()
             raise
         self.merged_adapters = []

@@ -945,3 +945,30 @@ def test_set_adapter_failing_after_a_write_puts_every_weight_back_bit_for_bit(mo
         set_adapter(model, to)
     _assert_unchanged(before, model)
     assert torch.equal(_logits(model), logits)
+
+
+@pytest.mark.parametrize("served", ["merge", "merge two"])
+def test_an_unmerge_whose_rollback_fails_too_leaves_each_layer_as_it_says(monkeypatch, tmp_path, served):
+    """The 3rd layer's unmerge failing after its write, and the re-merge that undoes it failing as well (out of memory
+    twice): that layer kept merged_adapters ['b'] over its restored base weight, so it served without b's deltas
+    (logits off by 0.1) and the model-level rollback, seeing nothing to do, left it so. Now each layer's weight is what
+    its merged_adapters says, and the model serves what it did."""
+    from neuroada_format.runtime import layer as layer_module, merge, unmerge
+
+    names = ["b"] if served == "merge" else ["default", "b"]
+    model, reference = _served(tmp_path), _served(tmp_path)
+    merge(model, names)
+    merge(reference, names)
+    base, logits = _weight_bytes(tiny_llama()), _logits(model)
+    _written_then_failed(monkeypatch, layer_module, "unmerge_", 3)
+    _fail_at(monkeypatch, layer_module, "merge_", 1)
+    with pytest.raises(MemoryError) as raised:
+        unmerge(model)
+    monkeypatch.undo()
+    merged = _weight_bytes(reference)
+    for name, layer in layers(model).items():
+        key = name + ".base_layer.weight"
+        bits = _weight_bytes(model)[key]
+        assert torch.equal(bits, merged[key] if layer.merged_adapters else base[name + ".weight"]), name
+    assert torch.allclose(_logits(model), logits, atol=1e-5)
+    assert "injected after the write" in str(raised.value)  # the first failure is the one reported
