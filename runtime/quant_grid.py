@@ -459,8 +459,9 @@ def load_quantized_weights(model: nn.Module, onnx_path) -> dict[str, str]:
                                     f"{res.initializer!r}", path=view.path, tensor=t.name, rule="4.1")
             owner[res.initializer] = name
         missing = [n for n in view.nbits if view.quantized(n) is not None and n not in owner]
-        if missing and refused:  # a layer named it but was refused: its reason is the one to read
-            raise refused[sorted(refused)[0]]
+        named = [refused[t] for t in sorted(refused) if any(repr(m) in str(refused[t]) for m in missing)]
+        if named:  # a layer named a missing weight but was refused: its reason is the one to read (not another
+            raise named[0]  # layer's, e.g. a tied head's float table, which this call leaves as it is anyway)
         if missing:
             nb = view.nbits[missing[0]]
             raise NeuroAdaError(

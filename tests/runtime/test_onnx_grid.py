@@ -40,8 +40,9 @@ from neuroada_format.runtime import (  # noqa: E402
 from neuroada_format.runtime.model import CONFIGS_ATTR, layers  # noqa: E402
 from neuroada_format.runtime.quant_grid import QuantGrid  # noqa: E402
 
+from tiny_hf import tiny_llama  # noqa: E402
 from onnx_nbits_models import (  # noqa: E402, F401  (tests/onnx_nbits_models.py)
-    VARIANTS, LogitsOnly, decode, inits, llama_fixture, llama_model, nbits_node, quantize, quantized_fixture,
+    LLAMA, VARIANTS, LogitsOnly, decode, inits, llama_fixture, llama_model, nbits_node, quantize, quantized_fixture,
     retention, run, save, with_scopes, with_weights)
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -391,3 +392,24 @@ def test_a_file_without_matmulnbits_weights_is_refused(llama):
         load_quantized_weights(model, llama["path"])
     assert exc.value.path == llama["path"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_tied_head_does_not_hide_why_the_weights_were_not_found(tmp_path):
+    """A tied model and a dynamo export quantized by onnxruntime (scopes dropped): the head resolved to the float
+    embedding table and was refused as tied, and that refusal was raised, advising to serve an adapter unmerged,
+    where no MatMulNBits weight had found its layer for another reason (which this call's own message says)."""
+    import onnx
+
+    tied = {**LLAMA, "tie_word_embeddings": True}
+    model = tiny_llama(seed=0, **tied)
+    path = os.fspath(tmp_path / "tied.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(LogitsOnly(model), (torch.randint(0, 96, (2, 8)),), path, dynamo=True, verbose=False)
+    quantized = save(quantize(onnx.load(path), 4, 32, True), tmp_path / "tied_int4.onnx")
+    fresh = tiny_llama(seed=0, **tied)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(NeuroAdaError, match="match no layer of the model") as exc:
+        load_quantized_weights(fresh, quantized)
+    assert "embedding table" not in str(exc.value)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
