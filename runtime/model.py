@@ -1527,7 +1527,12 @@ class _ModelMethod:
         self.func, self.model = func, weakref.ref(model)
 
     def __call__(self, *args, **kwargs):
-        return self.func(self.model(), *args, **kwargs)
+        model = self.model()
+        if model is None:  # (a bare AttributeError on None, from deep inside the call)
+            raise NeuroAdaUsageError(f"{self.func.__name__}: its model no longer exists (a temporary, as in "
+                                     f"attach(load(...), config).{self.func.__name__}(...), is freed as soon as the "
+                                     f"method is looked up): keep the model in a variable and call it on that")
+        return self.func(model, *args, **kwargs)
 
     def __deepcopy__(self, memo):
         model = self.model()

@@ -972,3 +972,11 @@ def test_an_unmerge_whose_rollback_fails_too_leaves_each_layer_as_it_says(monkey
         assert torch.equal(bits, merged[key] if layer.merged_adapters else base[name + ".weight"]), name
     assert torch.allclose(_logits(model), logits, atol=1e-5)
     assert "injected after the write" in str(raised.value)  # the first failure is the one reported
+
+
+def test_save_pretrained_of_a_temporary_model_says_so(tmp_path):
+    """The method holds its model weakly: on a model that only the expression held (freed once the method was looked
+    up) it raised AttributeError: 'NoneType' object has no attribute 'named_modules'."""
+    with pytest.raises(NeuroAdaUsageError, match="save_pretrained: its model no longer exists"):
+        with_deltas(tiny_llama(), k=1, target_modules=["q_proj"]).save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
