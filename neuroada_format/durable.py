@@ -422,8 +422,9 @@ def _roll_forward(folder: str) -> bool:
             _check_recorded_rename(folder, a, b)
     except (OSError, ValueError, KeyError, TypeError, NeuroAdaUsageError) as exc:
         raise NeuroAdaError(f"the record of a save into this folder that was interrupted between its renames cannot "
-                            f"be read ({exc}); the folder may hold a mix of old and new files: save again, then "
-                            f"remove {PUBLISH_RECORD}", path=record) from None
+                            f"be read ({exc}); the folder may hold a mix of old and new files: remove "
+                            f"{PUBLISH_RECORD} (no save or load of the folder goes on while it is there), then save "
+                            f"again", path=record) from None
     try:
         for tmp, out in pairs:
             if os.path.lexists(tmp):  # (gone: renamed before the kill)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from neuroada_format import durable
+from neuroada_format import NeuroAdaError, durable
 from neuroada_format.folder import CONFIG_NAME, STATE_FILE, WEIGHTS_NAME
 from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, save_adapter
 from neuroada_format.runtime.model import layers
@@ -296,3 +296,21 @@ def test_a_load_of_a_named_adapter_does_not_deadlock_with_a_save_of_the_folder_a
     reader.join(20)
     assert loaded and not reader.is_alive()
     assert not (folder / durable.PUBLISH_RECORD).exists()
+
+
+def test_an_unreadable_record_says_what_to_do_in_an_order_that_works(tmp_path):
+    """The message said "save again, then remove the record", but a save into the folder is refused for that same
+    record: the advice could not be followed. Removing it first, then saving, works."""
+    import json
+
+    folder = tmp_path / "task"
+    model = with_deltas(tiny_llama(), k=2, target_modules=["q_proj"])
+    save_adapter(model, folder)
+    record = folder / durable.PUBLISH_RECORD
+    record.write_text(json.dumps({"renames": [["../x.tmp-1", "x"]]}))
+    with pytest.raises(NeuroAdaError, match=r"remove \.neuroada-publish\.json .*then save again") as err:
+        save_adapter(model, folder)
+    assert err.value.path == str(record)
+    record.unlink()
+    save_adapter(model, folder)
+    _assert_holds(folder, model)
