@@ -356,9 +356,10 @@ def write_files(contents: dict, *, durable: bool = True, folder=None) -> None:
         if folder is not None:
             renames = [[os.path.relpath(tmp, folder), os.path.relpath(os.path.abspath(os.fspath(path)), folder)]
                        for path, tmp in temps.items()]
-            write_bytes(os.path.join(folder, PUBLISH_RECORD), json.dumps({"renames": renames}).encode("utf-8"),
-                        durable=durable)
-            recorded = True
+            if _recordable(folder, renames):
+                write_bytes(os.path.join(folder, PUBLISH_RECORD), json.dumps({"renames": renames}).encode("utf-8"),
+                            durable=durable)
+                recorded = True
         for path, tmp in temps.items():
             publish(tmp, os.path.abspath(os.fspath(path)), overwrite=True, durable=durable)
         if recorded:
@@ -436,6 +437,18 @@ def _roll_forward(folder: str) -> bool:
     except OSError as exc:
         raise NeuroAdaError(f"a save into this folder was interrupted between its renames, and finishing it failed "
                             f"({exc.strerror or exc}): it needs write access to the folder", path=folder) from None
+    return True
+
+
+def _recordable(folder: str, renames: list) -> bool:
+    """Whether a reader would finish these renames: one into a sub-folder that is a symbolic link (the user's own, to
+    another disk, say) is refused there, and a record of it left every later save and load of the folder refused
+    after a mere Ctrl-C between the renames; such a set is published as without `folder` (unrecorded)."""
+    try:
+        for tmp, out in renames:
+            _check_recorded_rename(folder, tmp, out)
+    except ValueError:
+        return False
     return True
 
 
