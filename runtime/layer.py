@@ -624,10 +624,16 @@ class NeuroAdaLayer(nn.Module):
         try:
             merge_(W, overlay, deltas)
         except BaseException:  # (e.g. out of memory) the weight said what merged_adapters says, always
-            unmerge_(W, overlay)
-            self._matched()
-            if old:
-                self._merge(old)
+            try:
+                unmerge_(W, overlay)
+            except BaseException:  # (failing too) the merge finished instead, and said so: the layer said unmerged
+                merge_(W, overlay, deltas)  # over a partly merged weight, and served wrong values
+                self.merged_adapters = allnames
+                self._matched()
+            else:
+                self._matched()
+                if old:
+                    self._merge(old)
             raise
         self.merged_adapters = allnames
         self._matched()

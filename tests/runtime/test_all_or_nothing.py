@@ -980,3 +980,26 @@ def test_save_pretrained_of_a_temporary_model_says_so(tmp_path):
     with pytest.raises(NeuroAdaUsageError, match="save_pretrained: its model no longer exists"):
         with_deltas(tiny_llama(), k=1, target_modules=["q_proj"]).save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("merged", [[], ["b"]])
+def test_a_merge_whose_rollback_fails_too_leaves_each_layer_as_it_says(monkeypatch, tmp_path, merged):
+    """The 3rd layer's merge failing after its write, and the unmerge undoing it failing as well: that layer said
+    unmerged (or b alone) over a partly merged weight, and served wrong values without a word (logits off by 0.09).
+    Now every layer's weight is what its merged_adapters says, bit for bit."""
+    from neuroada_format.runtime import layer as layer_module, merge
+
+    model = _served(tmp_path)
+    merge(model, merged)
+    _written_then_failed(monkeypatch, layer_module, "merge_", 3)
+    _fail_at(monkeypatch, layer_module, "unmerge_", 3 if merged else 1)
+    with pytest.raises(MemoryError) as raised:
+        merge(model, ["default"])
+    monkeypatch.undo()
+    reference = _served(tmp_path)
+    for name, layer in layers(reference).items():
+        layer.merge(layers(model)[name].merged_adapters)  # (the same bits in one step as in several)
+    want, now = _weight_bytes(reference), _weight_bytes(model)
+    assert [n for n in want if not torch.equal(want[n], now[n])] == []
+    assert torch.equal(_logits(model), _logits(reference))
+    assert "injected after the write" in str(raised.value)  # the first failure is the one reported
