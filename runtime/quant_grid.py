@@ -425,9 +425,11 @@ def load_quantized_weights(model: nn.Module, onnx_path) -> dict[str, str]:
     (`from_pretrained(folder, gguf_file=name)`, docs/gguf.md); float initializers are left as the model has them.
 
     A weight belongs to the layer that `neuroada-merge`'s resolver finds it for by name, exporter scope or node name
-    (never by probe: the model does not hold the values yet). Every MatMulNBits weight must find its layer, and each
-    layer must be float32 (the decoded values need binary32); otherwise nothing is copied. Call it before `attach`.
-    Returns {target key: the weight's name in the graph}.
+    (never by probe: the model does not hold the values yet). A weight nothing names (a dynamo export quantized by
+    ONNX Runtime keeps no name or scope) belongs to the layer it was quantized from: the model holds that checkpoint's
+    float weights, and a round-to-nearest quantizer stores each value's nearest level (`_match_by_values`). Every
+    MatMulNBits weight must find its layer, and each layer must be float32 (the decoded values need binary32);
+    otherwise nothing is copied. Call it before `attach`. Returns {target key: the weight's name in the graph}.
     """
     from .model import _adaptable, _canonical, _check_path_argument, _layout, layers
 
@@ -462,24 +464,19 @@ def load_quantized_weights(model: nn.Module, onnx_path) -> dict[str, str]:
         named = [refused[t] for t in sorted(refused) if any(repr(m) in str(refused[t]) for m in missing)]
         if named:  # a layer named a missing weight but was refused: its reason is the one to read (not another
             raise named[0]  # layer's, e.g. a tied head's float table, which this call leaves as it is anyway)
-        if missing:
-            nb = view.nbits[missing[0]]
-            raise NeuroAdaError(
-                f"{len(missing)} of the file's {len(view.nbits)} MatMulNBits weights (e.g. {missing[0]!r}, B "
-                f"{nb.b!r}, [N, K] = [{nb.N}, {nb.K}]) match no layer of the model by name, exporter scope or node "
-                f"name. A dynamo export quantized by ONNX Runtime's MatMulNBitsQuantizer keeps neither (its weights are "
-                f"val_N, and the quantizer drops the exporter's scope metadata): copy each MatMul node's "
-                f"metadata_props onto the MatMulNBits node that replaced it, export with dynamo=False (its node names "
-                f"survive the quantizer), or load the de-quantized weights yourself (train_on_grid then finds them "
-                f"by their probe)", path=view.path, tensor=missing[0], rule="4.1")
         decoded = {}
+        if missing:  # nothing names them (a dynamo export quantized by ONNX Runtime): the layer they round from
+            free = {n: _canonical(m).detach().float().cpu().numpy() for n, m in modules.items()
+                    if n not in owner.values()}
+            for init, name in _match_by_values(view, missing, free, decoded).items():
+                owner[init] = name
         for init, name in owner.items():
             key = targets[name].name
             weight = modules[name].weight
             if weight.dtype != torch.float32:
                 raise NeuroAdaUsageError(f"{name} is {weight.dtype}; the de-quantized values need float32 to be held "
                                          f"exactly (load the model with dtype=torch.float32)", tensor=key)
-            values = view.nbits_weight(init).decode_all()
+            values = decoded[name] if name in decoded else view.nbits_weight(init).decode_all()
             if not np.isfinite(values).all():
                 raise NeuroAdaError(f"MatMulNBits weight {init!r} decodes to NaN or Inf (a scale is not finite); the "
                                     f"file is damaged", path=view.path, tensor=key, rule="1.6")
@@ -491,6 +488,74 @@ def load_quantized_weights(model: nn.Module, onnx_path) -> dict[str, str]:
             w = _canonical(modules[name])
             w.copy_(torch.from_numpy(values).to(w.device))
     return {targets[name].name: init for init, name in owner.items()}
+
+
+SAMPLE_BLOCKS = 64  # blocks of a weight checked against every same-shape layer before all its blocks are
+
+
+def _match_by_values(view, missing: list[str], free: dict[str, np.ndarray], decoded: dict) -> dict[str, str]:
+    """{MatMulNBits weight: the layer of `free` ({name: float [d_out, d_in]}, layers no name placed) it rounds from}.
+
+    A layer matches a weight of its [d_out, d_in] = [N, K] when every decoded value is its block's level nearest to the
+    layer's float value (`onnx_nbits.Weight.rounds_from`: within half a step, or the clamped end level), which is what
+    ONNX Runtime's default round-to-nearest quantizer stores; HQQ, which rounds to nearest on the scales and zero
+    points it optimises, passes too. The weights of another checkpoint fail on almost every block. Each weight needs
+    exactly one such layer and each layer at most one weight: a tie (two layers with the same weights) is refused,
+    never guessed, and so is a weight no layer rounds to, which is also what a quantizer that moves values off their
+    nearest level (GPTQ's error compensation) gives. Checked on SAMPLE_BLOCKS spread blocks of every same-shape pair
+    at once, then on all blocks of the pairs left. Fills `decoded` {layer: the weight's decoded values} as it checks."""
+    found: dict[str, list[str]] = {}
+    groups: dict[tuple, list[str]] = {}
+    for init in missing:
+        nb = view.nbits[init]
+        if nb.problem:
+            raise NeuroAdaError(nb.problem, path=view.path, tensor=init, rule="4.2")
+        groups.setdefault((nb.N, nb.K, nb.block), []).append(init)
+    for (N, K, block), inits in groups.items():
+        names = [n for n, v in free.items() if v.shape == (N, K)]
+        if not names:
+            for init in inits:
+                found[init] = []
+            continue
+        total = N * K // block
+        ids = np.unique(np.linspace(0, total - 1, min(SAMPLE_BLOCKS, total)).round().astype(np.int64))
+        sample = np.stack([free[n].reshape(total, block)[ids] for n in names])          # [layers, blocks, block]
+        for init in inits:
+            weight = view.nbits_weight(init)
+            maybe = [n for n, ok in zip(names, weight.rounds_from(ids, sample).all(-1)) if ok]
+            everywhere = np.arange(total)
+            found[init] = [n for n in maybe if weight.rounds_from(everywhere, free[n].reshape(total, block)).all()]
+    for init in missing:
+        if len(found[init]) > 1:
+            raise NeuroAdaError(f"MatMulNBits weight {init!r} rounds from layers {', '.join(found[init])} alike (their "
+                                f"float weights are the same): which one it belongs to is not known, so nothing is "
+                                f"copied; name it after its layer or keep the exporter's scopes", path=view.path,
+                                tensor=init, rule="4.1")
+    unplaced = [i for i in missing if not found[i]]
+    if unplaced:
+        nb = view.nbits[unplaced[0]]
+        same = [n for n, v in free.items() if v.shape == (nb.N, nb.K)]
+        head = (f"{len(unplaced)} of the file's {len(view.nbits)} MatMulNBits weights (e.g. {unplaced[0]!r}, B "
+                f"{nb.b!r}, [N, K] = [{nb.N}, {nb.K}]) match no layer of the model by name, exporter scope or node name")
+        if not same:
+            raise NeuroAdaError(f"{head}, and no layer has its shape [d_out, d_in] = [{nb.N}, {nb.K}]: the file is "
+                                f"not an export of this model", path=view.path, tensor=unplaced[0], rule="4.1")
+        raise NeuroAdaError(
+            f"{head}, and none of the {len(same)} layers of its shape holds float weights it rounds to nearest from "
+            f"(each decoded value within half a block step of the layer's): load the checkpoint the file was "
+            f"quantized from, in float32. A quantizer that does not round to nearest (GPTQ) cannot be matched by "
+            f"values: put each MatMul node's metadata_props (the exporter's scopes) back on the MatMulNBits node "
+            f"that replaced it, or export with dynamo=False", path=view.path, tensor=unplaced[0], rule="4.3")
+    owner: dict[str, str] = {}
+    for init in missing:
+        name = found[init][0]
+        if name in owner.values():
+            other = next(i for i, n in owner.items() if n == name)
+            raise NeuroAdaError(f"MatMulNBits weights {other!r} and {init!r} both round from layer {name}: which one it "
+                                f"holds is not known, so nothing is copied", path=view.path, tensor=init, rule="4.1")
+        owner[init] = name
+        decoded[name] = view.nbits_weight(init).decode_all()
+    return owner
 
 
 @takes_model

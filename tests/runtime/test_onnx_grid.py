@@ -2,8 +2,9 @@
 4- or 8-bit file exactly.
 
 The tiny Llama of tests/converters/test_onnx_nbits.py (tests/onnx_nbits_models.py: dynamo export, onnxruntime's
-MatMulNBitsQuantizer, lm_head kept in float) with the exporter scopes put back on the MatMulNBits nodes, which ONNX
-Runtime 1.32's quantizer drops: `load_quantized_weights` copies the de-quantized weights into a fresh model, NeuroAda
+MatMulNBitsQuantizer, lm_head kept in float), as the quantizer writes it (no scopes: weights placed by the float values
+they round from) and with the exporter scopes put back on the MatMulNBits nodes, which ONNX Runtime 1.32's quantizer
+drops (placed by scope): `load_quantized_weights` copies the de-quantized weights into a fresh model, NeuroAda
 is attached, `train_on_grid` registers each block's grid, a few AdamW steps train it, `save_pretrained` writes the
 adapter and `neuroada-merge --base int4.onnx` merges it. The merged file must decode to the runtime's merged weights
 (every touched block packed on its own scale and zero point) and onnxruntime's logits on it must be the runtime's.
@@ -109,17 +110,22 @@ def reference(llama, weights, out):
 # measured (6 AdamW steps at lr 1e-2, k=4 on the 7 projections and the head; retention as test_onnx_nbits defines
 # it): with the grid 1.000 in every variant; the same training without it 4-bit b32 sym 0.63 / asym 0.66, b128 0.36 /
 # 0.46, 8-bit b32 sym 0.98, b128 asym 0.97
+@pytest.mark.parametrize("source", ["scopes_restored", "names_dropped"])
 @pytest.mark.parametrize("variant", VARIANTS, **VID)
-def test_trained_on_the_grid_merges_into_the_file_exactly(llama, quantized, scoped, variant, tmp_path, capsys):
+def test_trained_on_the_grid_merges_into_the_file_exactly(llama, quantized, scoped, variant, source, tmp_path, capsys):
+    """"names_dropped" is the file as ONNX Runtime's quantizer writes a dynamo export (val_N weights, no scopes): each
+    weight is placed by the float values it rounds from, where the scoped file's are placed by scope."""
     bits, block, sym = variant
     path, proto, decoded = quantized[variant]
+    source_path = scoped[variant] if source == "scopes_restored" else path
     model = llama_model()
-    got = load_quantized_weights(model, scoped[variant])
-    assert set(got) == set(decoded)                                         # every MatMulNBits weight, by scope
+    got = load_quantized_weights(model, source_path)
+    assert set(got) == set(decoded)                                         # every MatMulNBits weight
+    assert got == load_quantized_weights(llama_model(), scoped[variant])    # ... where its scope puts it
     for key, w in decoded.items():                                          # ... bit for bit as decoded
         assert np.array_equal(model.get_submodule(key.removesuffix(".weight")).weight.detach().numpy(), w), key
     attach(model, NeuroAdaConfig(**CONFIG))
-    types = train_on_grid(model, scoped[variant])
+    types = train_on_grid(model, source_path)
     assert types == {**dict.fromkeys(decoded, f"MatMulNBits{bits}"), "lm_head.weight": "F32"}
     assert set(grid_types(model)) == {k.removesuffix(".weight") for k in decoded}
     grads = train(model)
@@ -154,7 +160,7 @@ def test_trained_on_the_grid_merges_into_the_file_exactly(llama, quantized, scop
     r_grid = retention(l_v, l_rt, l_base)
 
     # the same training without the grid loses part of the adapter in the merge
-    plain = loaded(scoped[variant])
+    plain = loaded(source_path)
     train(plain)
     plain.save_pretrained(tmp_path / "plain")
     merged_json(path, tmp_path / "plain", tmp_path / "plain.onnx", capsys)
@@ -338,14 +344,16 @@ def _named(tmp_path, llama, quantized):
 
 
 def test_load_quantized_weights_refuses_what_it_cannot_place(llama, quantized, scoped, tmp_path):
-    """A dynamo export quantized by onnxruntime keeps neither names nor scopes: refused, saying so, nothing copied;
-    so are an attached model, a bf16 model and a GGUF file."""
+    """A dynamo export quantized by onnxruntime keeps neither names nor scopes, and a model holding another checkpoint
+    (another seed) has no layer whose float weights its values round from: refused, saying so, nothing copied; so are
+    an attached model, a bf16 model and a GGUF file."""
     path = quantized[(4, 32, True)][0]
-    model = llama_model()
+    model = tiny_llama(seed=1, **LLAMA)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(NeuroAdaError, match="dynamo export") as exc:
+    with pytest.raises(NeuroAdaError, match="match no layer of the model by name.*none of the 4 layers of its shape "
+                                            "holds float weights it rounds to nearest from.*checkpoint") as exc:
         load_quantized_weights(model, path)
-    assert exc.value.rule == "4.1" and exc.value.path == path and "match no layer" in str(exc.value)
+    assert exc.value.rule == "4.3" and exc.value.path == path and exc.value.tensor.startswith("val_")
     bf = llama_model().to(torch.bfloat16)
     with pytest.raises(NeuroAdaUsageError, match="float32"):
         load_quantized_weights(bf, scoped[(4, 32, True)])
@@ -407,9 +415,55 @@ def test_a_tied_head_does_not_hide_why_the_weights_were_not_found(tmp_path):
         warnings.simplefilter("ignore")
         torch.onnx.export(LogitsOnly(model), (torch.randint(0, 96, (2, 8)),), path, dynamo=True, verbose=False)
     quantized = save(quantize(onnx.load(path), 4, 32, True), tmp_path / "tied_int4.onnx")
-    fresh = tiny_llama(seed=0, **tied)
+    fresh = tiny_llama(seed=1, **tied)  # (not the exported checkpoint: its values place no weight either)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(NeuroAdaError, match="match no layer of the model") as exc:
         load_quantized_weights(fresh, quantized)
     assert "embedding table" not in str(exc.value)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_a_value_off_its_nearest_level_places_no_weight(llama, quantized):
+    """The file's own checkpoint, but one value moved to the next level on its float value's side (as a quantizer
+    that compensates errors, GPTQ, moves them): within a step of the float value but not half a step, so that weight
+    rounds from no layer and is refused (4.3), not placed on the closest one."""
+    key = "model.layers.1.mlp.up_proj.weight"
+    path, proto, decoded = quantized[(4, 32, False)]
+    proto = copy.deepcopy(proto)
+    node = nbits_node(proto, llama["where"][key] + "_Q4")
+    b = next(t for t in proto.graph.initializer if t.name == node.input[1])
+    codes = onnx.numpy_helper.to_array(b).copy()
+    low = int(codes.flat[5] & 15)                                           # row 0, column 10 (block 0: scale > 0)
+    up = llama["state"][key][0, 10] > decoded[key][0, 10]
+    assert 0 < low < 15
+    codes.flat[5] = (codes.flat[5] & 0xF0) | (low + 1 if up else low - 1)
+    b.CopyFrom(onnx.numpy_helper.from_array(codes, b.name))
+    moved = save(proto, llama["folder"] / "moved.onnx")
+    model = llama_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NeuroAdaError, match="1 of the file's 14 MatMulNBits weights.*GPTQ") as exc:
+        load_quantized_weights(model, moved)
+    assert exc.value.rule == "4.3" and exc.value.tensor == node.input[1].removesuffix("_Q4")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_two_identical_layers_are_refused_as_ambiguous(tmp_path):
+    """Layers 0 and 1 with the same up_proj weights: their two MatMulNBits weights each round from both layers, and
+    which is which is not guessed (4.1, nothing copied)."""
+    import onnx
+
+    model = llama_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.copy_(model.model.layers[0].mlp.up_proj.weight)
+    path = os.fspath(tmp_path / "twins.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(LogitsOnly(model), (torch.randint(0, 96, (2, 8)),), path, dynamo=True, verbose=False)
+    quantized = save(quantize(onnx.load(path), 4, 32, True), tmp_path / "twins_int4.onnx")
+    fresh = copy.deepcopy(model)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(NeuroAdaError, match="rounds from layers model.layers.0.mlp.up_proj, "
+                                            "model.layers.1.mlp.up_proj alike") as exc:
+        load_quantized_weights(fresh, quantized)
+    assert exc.value.rule == "4.1"
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
