@@ -242,16 +242,16 @@ class Weight:
         zp = self.zero_points(ids).reshape(nb.N, nb.n_blocks)
         return d, np.zeros_like(d), -zp, nb.qmax - zp, nb.block
 
-    def rounds_from(self, ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    def rounds_from(self, ids: np.ndarray, values: np.ndarray, decoded: np.ndarray | None = None) -> np.ndarray:
         """Per block of `ids`, whether each decoded value is the block's level nearest to the float value at its place
         (`values` [..., len(ids), block], any leading axes): what a round-to-nearest quantizer (ONNX Runtime's default,
         RTN) stores for the weights it was given, so a layer whose weights pass it in every block is the one the
         block came from. A value beyond the block's end levels rounds to that end (the quantizer clamps); elsewhere
         the decoded value must lie within half a step, |scale| / 2, of the float value, plus what f32 arithmetic and a
         scale rounded to the stored dtype can move it: (qmax + 1) scale-dtype epsilons of |scale| and four f32 units
-        in the last place of the value."""
+        in the last place of the value. `decoded`: the blocks' decoded values, where the caller has them already."""
         nb = self.nb
-        got = self.decode(ids)
+        got = self.decode(ids) if decoded is None else decoded
         scale = self.scale_f32(ids)[:, None]
         zp = self.zero_points(ids)[:, None].astype(np.float32)
         ends = np.stack([-zp * scale, (nb.qmax - zp) * scale])

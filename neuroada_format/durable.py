@@ -392,6 +392,19 @@ def finish_publish(folder) -> bool:
         return _roll_forward(folder)
 
 
+def _record_folders(folder: str) -> tuple[str, str]:
+    """Where a record of a save touching `folder` lies: in it, or (save_pretrained's record of a named adapter's
+    sub-folder) in the folder above."""
+    folder = os.path.abspath(os.fspath(folder))
+    return folder, os.path.dirname(folder)
+
+
+def finish_publishes(folder) -> None:
+    """finish_publish for every record of a save touching `folder` (see _record_folders), before its files are read."""
+    for where in _record_folders(folder):
+        finish_publish(where)
+
+
 @contextmanager
 def reading_folder(folder):
     """Hold a shared lock on `folder` (waiting for a writer's) while its files are read: a read between a save's
@@ -399,11 +412,10 @@ def reading_folder(folder):
     way round, a mix it took. A killed writer's record is finished first, outside the lock (finishing takes the
     exclusive one, which our own shared lock would block, as would a save holding the folder above while it waits for
     this one)."""
-    folder = os.path.abspath(os.fspath(folder))
-    records = (folder, os.path.dirname(folder))  # (save_pretrained's record of a named adapter is in the folder above)
+    records = _record_folders(folder)
+    folder = records[0]
     while True:
-        for where in records:
-            finish_publish(where)
+        finish_publishes(folder)
         with checkpoint_lock(folder, exclusive=False, wait=True):
             if any(os.path.lexists(os.path.join(where, PUBLISH_RECORD)) for where in records):
                 continue  # (a writer killed before we got the lock: finishing its record waits for ours)
@@ -418,9 +430,9 @@ def _roll_forward(folder: str) -> bool:
         return False
     try:
         renames = json.loads(read_regular(record, 1 << 20, rule=None, what="record").decode("utf-8"))["renames"]
-        pairs = [(os.path.join(folder, a), os.path.join(folder, b)) for a, b in renames]
         for a, b in renames:
             _check_recorded_rename(folder, a, b)
+        pairs = [(os.path.join(folder, a), os.path.join(folder, b)) for a, b in renames]
     except (OSError, ValueError, KeyError, TypeError, NeuroAdaUsageError) as exc:
         raise NeuroAdaError(f"the record of a save into this folder that was interrupted between its renames cannot "
                             f"be read ({exc}); the folder may hold a mix of old and new files: remove "

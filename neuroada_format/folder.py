@@ -12,7 +12,7 @@ import os
 import warnings
 
 from .dtypes import VALUE_DTYPES
-from .durable import finish_publish
+from .durable import finish_publishes
 from .errors import NeuroAdaError, NeuroAdaUsageError
 from .jsonparse import read_json
 from .safe_io import check_regular
@@ -210,10 +210,7 @@ def _locate(path: str) -> tuple[str, str | None]:
             raise NeuroAdaUsageError("no such adapter file or folder", path=path, rule="1.1")
         check_regular(path)
         return path, None
-    # a save killed between its renames is finished first (save_pretrained's record of a named adapter's sub-folder
-    # is in the folder above it)
-    for folder in (path, os.path.dirname(os.path.abspath(path))):
-        finish_publish(folder)
+    finish_publishes(path)  # a save killed between its renames is finished first
     weights = os.path.join(path, WEIGHTS_NAME)
     if _present(weights):
         config = os.path.join(path, CONFIG_NAME)

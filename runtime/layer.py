@@ -648,12 +648,11 @@ class NeuroAdaLayer(nn.Module):
             return
         moved = self.weight_moved()  # edited while merged: the merged entries are lost, the others are read again
         W, overlay = self.base_layer.weight, self.overlay(self.merged_adapters)
-        deltas = [self.delta(n) for n in self.merged_adapters]  # (before any write)
         try:
             unmerge_(W, overlay)
         except BaseException:  # failed after some or all of its writes: the weight says what merged_adapters says
-            try:
-                merge_(W, overlay, deltas)
+            try:  # (the deltas read val, idx and w0, never W: computed only on this path)
+                merge_(W, overlay, [self.delta(n) for n in self.merged_adapters])
             except BaseException:  # (failing too, e.g. out of memory again) the unmerge finished, and said so: the
                 unmerge_(W, overlay)  # layer still said merged over a partly restored weight, and served wrong values
                 self.merged_adapters = []

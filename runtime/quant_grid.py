@@ -503,8 +503,10 @@ def _match_by_values(view, missing: list[str], free: dict[str, np.ndarray], deco
     exactly one such layer and each layer at most one weight: a tie (two layers with the same weights) is refused,
     never guessed, and so is a weight no layer rounds to, which is also what a quantizer that moves values off their
     nearest level (GPTQ's error compensation) gives. Checked on SAMPLE_BLOCKS spread blocks of every same-shape pair
-    at once, then on all blocks of the pairs left. Fills `decoded` {layer: the weight's decoded values} as it checks."""
+    at once, then on all blocks of the pairs left. Fills `decoded` {layer: the weight's decoded values} with the
+    values the check decoded."""
     found: dict[str, list[str]] = {}
+    values: dict[str, np.ndarray] = {}  # a weight's decoded blocks, once it has a candidate
     groups: dict[tuple, list[str]] = {}
     for init in missing:
         nb = view.nbits[init]
@@ -520,11 +522,14 @@ def _match_by_values(view, missing: list[str], free: dict[str, np.ndarray], deco
         total = N * K // block
         ids = np.unique(np.linspace(0, total - 1, min(SAMPLE_BLOCKS, total)).round().astype(np.int64))
         sample = np.stack([free[n].reshape(total, block)[ids] for n in names])          # [layers, blocks, block]
+        everywhere = np.arange(total)
         for init in inits:
             weight = view.nbits_weight(init)
             maybe = [n for n, ok in zip(names, weight.rounds_from(ids, sample).all(-1)) if ok]
-            everywhere = np.arange(total)
-            found[init] = [n for n in maybe if weight.rounds_from(everywhere, free[n].reshape(total, block)).all()]
+            if maybe:
+                values[init] = weight.decode(everywhere)  # [blocks, block]: decode_all's values, decoded once
+            found[init] = [n for n in maybe
+                           if weight.rounds_from(everywhere, free[n].reshape(total, block), values[init]).all()]
     for init in missing:
         if len(found[init]) > 1:
             raise NeuroAdaError(f"MatMulNBits weight {init!r} rounds from layers {', '.join(found[init])} alike (their "
@@ -554,7 +559,7 @@ def _match_by_values(view, missing: list[str], free: dict[str, np.ndarray], deco
             raise NeuroAdaError(f"MatMulNBits weights {other!r} and {init!r} both round from layer {name}: which one it "
                                 f"holds is not known, so nothing is copied", path=view.path, tensor=init, rule="4.1")
         owner[init] = name
-        decoded[name] = view.nbits_weight(init).decode_all()
+        decoded[name] = values[init].reshape(view.nbits[init].N, view.nbits[init].K)
     return owner
 
 
