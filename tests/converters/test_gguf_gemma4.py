@@ -32,16 +32,15 @@ pytest.importorskip("transformers.models.gemma4")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
 import neuroada_format as naf  # noqa: E402
-from neuroada_format import NeuroAdaError  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
-from neuroada_format.runtime import NeuroAdaConfig, attach, merge_and_unload, save_adapter  # noqa: E402
+from neuroada_format.runtime import NeuroAdaConfig, attach, save_adapter  # noqa: E402
 
 from test_gguf import HEADS, HIDDEN, KV_HEADS, VOCAB  # noqa: E402
 from test_gguf_architectures import (add_like_llama_cpp, extracted_tune_merges_back, finish,  # noqa: E402
                                      linear_keys, logits, merges_as_the_runtime, random_deltas_,
                                      tuned_checkpoint_extracts_the_trained_positions,
-                                     vision_target_refused)
+                                     targets_refused, text_merge_read_back, vision_target_refused)
 
 INTER, PLE = 96, 32  # every d_in a multiple of Q8_0's 32-value block, as in a real file
 
@@ -260,13 +259,7 @@ def test_what_llama_cpp_renames_or_keeps_3d_is_no_target(tmp_path):
             "model.layers.0.experts.gate_up_proj", "model.layers.0.experts.down_proj"]
     assert not any(key in view for key in keys) and "blk.0.ffn_down_exps.weight" in view
     w = sd["model.layers.0.experts.down_proj"].numpy()[0]  # one expert's [hidden, moe_inter]
-    idx = naf.select_indices(w, k=2, rule="magnitude")
-    for key, rule in [*((k, "4.1") for k in keys), ("blk.0.ffn_down_exps.weight", "4.2")]:
-        target = naf.Target.from_weight(key, w, idx, np.ones(idx.shape, np.float32), value_dtype="F32")
-        with pytest.raises(NeuroAdaError) as e:
-            gm.merge_gguf(base, [naf.Adapter({key: target})], tmp_path / "no.gguf")
-        assert e.value.rule == rule, (key, str(e.value))
-        assert not (tmp_path / "no.gguf").exists()
+    targets_refused(tmp_path, base, w, [*((k, "4.1") for k in keys), ("blk.0.ffn_down_exps.weight", "4.2")])
 
 
 def test_gemma4_multimodal_adapter_merges_into_its_text_gguf(tmp_path):
@@ -292,13 +285,7 @@ def test_gemma4_multimodal_adapter_merges_into_its_text_gguf(tmp_path):
     assert sorted(keys) == sorted("model.language_model." + k[len("model."):] for k in linear_keys(text))
     out = tmp_path / "merged.gguf"
     assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out)]) == 0
-    merged = merge_and_unload(vlm).model.language_model.state_dict()
-    back = read_back(out, text.config).state_dict()
-    changed = 0
-    for key in linear_keys(text):
-        np.testing.assert_array_equal(back[key].numpy(), merged[key[len("model."):]].numpy(), err_msg=key)
-        changed += not np.array_equal(back[key].numpy(), text.state_dict()[key].numpy())
-    assert changed == len(keys)
+    text_merge_read_back(read_back(out, text.config), vlm, text, len(keys))
 
     tuned_checkpoint_extracts_the_trained_positions(tmp_path, base, vlm, adapter)  # (vlm: merged above)
 

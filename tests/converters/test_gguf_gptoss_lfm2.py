@@ -40,7 +40,6 @@ pytest.importorskip("transformers.models.lfm2")
 from gguf import GGMLQuantizationType as QT, quants  # noqa: E402
 
 import neuroada_format as naf  # noqa: E402
-from neuroada_format import NeuroAdaError  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import NeuroAdaConfig, attach, merge_and_unload, save_adapter  # noqa: E402
@@ -48,7 +47,7 @@ from neuroada_format.runtime import NeuroAdaConfig, attach, merge_and_unload, sa
 from test_gguf import HEADS, HIDDEN, KV_HEADS, VOCAB, add_tiny_hparams, llama_cpp_permute  # noqa: E402
 from test_gguf_architectures import (add_like_llama_cpp, extracted_tune_merges_back, finish,  # noqa: E402
                                      linear_keys, logits, merges_as_the_runtime, random_deltas_,
-                                     vision_target_refused)
+                                     targets_refused, vision_target_refused)
 
 LAYERS = 4
 EXPERTS, EXPERT_INTER = 4, 32  # every d_in a multiple of the 32-value blocks (Q8_0, MXFP4), as in a real file
@@ -412,13 +411,7 @@ def test_what_is_no_linear_weight_is_no_target(case, tmp_path):
         own = []
     assert not any(key in view for key in keys)
     assert not set(keys) & set(view.keys())
-    idx = naf.select_indices(w, k=2, rule="magnitude")
-    for key, rule in [*((k, "4.1") for k in keys), *own]:
-        target = naf.Target.from_weight(key, w, idx, np.ones(idx.shape, np.float32), value_dtype="F32")
-        with pytest.raises(NeuroAdaError) as e:
-            gm.merge_gguf(base, [naf.Adapter({key: target})], tmp_path / "no.gguf")
-        assert e.value.rule == rule, (key, str(e.value))
-        assert not (tmp_path / "no.gguf").exists()
+    targets_refused(tmp_path, base, w, [*((k, "4.1") for k in keys), *own])
 
 
 def test_gptoss_rope_scaling_keys_change_nothing_we_read(tmp_path):
