@@ -740,8 +740,9 @@ function parseGguf(p) {
   const scalar = (type) => {
     const b = take(GGUF_SCALAR[type]);
     switch (type) {
-      case 0: return b.readUInt8(0); case 1: return b.readInt8(0); case 2: return b.readUInt16LE(0);
-      case 3: return b.readInt16LE(0); case 4: return b.readUInt32LE(0); case 5: return b.readInt32LE(0);
+      // integers as BigInt, so that an integer-typed value is told from a float one (15.1, 15.2)
+      case 0: return BigInt(b.readUInt8(0)); case 1: return BigInt(b.readInt8(0)); case 2: return BigInt(b.readUInt16LE(0));
+      case 3: return BigInt(b.readInt16LE(0)); case 4: return BigInt(b.readUInt32LE(0)); case 5: return BigInt(b.readInt32LE(0));
       case 6: return b.readFloatLE(0); case 7: return b.readUInt8(0) !== 0; case 10: return b.readBigUInt64LE(0);
       case 11: return b.readBigInt64LE(0); default: return b.readDoubleLE(0);
     }
@@ -775,8 +776,9 @@ function parseGguf(p) {
   if (nTensors * 33 > left()) bad(`${nTensors} tensor entries cannot fit`);
   let alignment = 32;
   if (kv.has('general.alignment')) {
-    const a = Number(kv.get('general.alignment'));
-    if (!(Number.isInteger(a) && a > 0 && a <= 2 ** 20 && (a & (a - 1)) === 0)) bad(`general.alignment ${a} is not a power of two up to 2^20`);
+    const raw = kv.get('general.alignment');
+    const a = typeof raw === 'bigint' && raw > 0n && raw <= 1n << 20n ? Number(raw) : NaN;
+    if (!(a > 0 && (a & (a - 1)) === 0)) bad(`general.alignment ${raw} is not an integer power of two up to 2^20`);
     alignment = a;
   }
   const infos = [];
@@ -851,9 +853,9 @@ function mapKey(arch, blockCount, key) {
 }
 const escapeRe = (s) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 
+// An integer-typed GGUF value that is positive, else null (a float or string is no count).
 function positiveInt(v) {
-  if (typeof v === 'bigint') return v > 0n && v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : null;
-  return Number.isInteger(v) && v > 0 ? v : null;
+  return typeof v === 'bigint' && v > 0n && v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : null;
 }
 
 function openGgufBase(p) {
@@ -898,7 +900,7 @@ function openGgufBase(p) {
           if (arch === 'falcon') {
             gr = positiveInt(g.kv.get(`${arch}.attention.head_count_kv`));
             if (!gr) throw new BaseUnreadable('1.6', `${p}: falcon head_count_kv missing or not positive`);
-          } else if (g.kv.has(`${arch}.attention.head_count_kv`) && Number(g.kv.get(`${arch}.attention.head_count_kv`)) !== n) {
+          } else if (g.kv.has(`${arch}.attention.head_count_kv`) && positiveInt(g.kv.get(`${arch}.attention.head_count_kv`)) !== n) {
             throw new BaseUnreadable('1.6', `${p}: bloom head_count_kv differs from head_count`);
           }
           const hs = headSize(n);
