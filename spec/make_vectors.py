@@ -915,18 +915,55 @@ def build() -> dict:
     rel = put("invalid/gguf_kquants_wrong_values.safetensors", adapter_file(kb, document(kb, None)))
     vec("gguf_kquants_wrong_values", rel, "made on values 0.001 off the decoded Q4_K/Q5_K/Q6_K ones (4.3)",
         valid=False, errors=["4.3"], base=GK)
+    kr = [target(kbase, n, 3, rule="reverse", value_dtype="F32", seed=50 + i) for i, n in enumerate(KD)]
+    rel = put("valid/gguf_kquants_zero_levels.safetensors", adapter_file(kr, document(kr, None, rule="reverse")))
+    vec("gguf_kquants_zero_levels", rel, "reverse selection probes the zero levels: a Q6_K zero level under a "
+        "negative sub-block scale decodes to -0.0 (D_s x n, no minimum added), a Q4_K/Q5_K one to the sign of "
+        "D_s x n - dmin x mn (section 15.2); the probe hash tells -0.0 from +0.0", valid=True, base=GK,
+        check_selection=True)
     GF = put("bases/tiny_falcon.gguf", gguf_file(
         [("general.architecture", GGUF_STR, "falcon"), ("general.alignment", GGUF_U32, 32),
          ("falcon.block_count", GGUF_U32, 1)],
         [("blk.0.ffn_down.weight", GGUF_F16, (32, 8), g_down.tobytes())]))
-    vec("gguf_unmapped_architecture", "valid/gguf_llama_q4_1.safetensors", "Hugging Face keys on a falcon GGUF: "
-        "an architecture without a name mapping here is refused, not guessed (4.1 for each)", valid=False,
-        errors=["4.1"], base=GF)
+    vec("gguf_unmapped_architecture", "valid/gguf_llama_q4_1.safetensors", "Hugging Face q_proj/k_proj keys on a "
+        "falcon GGUF, which has no attn_q or attn_k tensor (4.1 for each; down_proj maps, section 15.2)",
+        valid=False, errors=["4.1"], base=GF)
     vec("gguf_unmapped_architecture_own_names", "valid/gguf_own_names.safetensors", "1.1: the falcon file's own "
         "tensor name needs no mapping", valid=True, base=GF)
     vec("gguf_truncated_base", "valid/gguf_llama_q4_1.safetensors", "the GGUF base ends inside its header "
         "(200 of its bytes): it cannot be opened (1.6)", valid=False, errors=["1.6"],
         base=put("bases/truncated.gguf", gguf_bytes[:200]), base_unreadable=True)
+    # an architecture outside section 15.2's list is refused even for a key gguf-py's table would map
+    down_only = [twice[0]]
+    rel = put("valid/gguf_hf_down_proj.safetensors", adapter_file(down_only, document(down_only, None)))
+    vec("gguf_falcon_maps_down_proj", rel, "1.4: falcon is mapped: the table maps model.layers.0.mlp.down_proj "
+        "to blk.0.ffn_down (section 15.2)", valid=True, base=GF)
+    GX = put("bases/tiny_gptneox.gguf", gguf_file(
+        [("general.architecture", GGUF_STR, "gptneox"), ("general.alignment", GGUF_U32, 32),
+         ("gptneox.block_count", GGUF_U32, 1)],
+        [("blk.0.ffn_down.weight", GGUF_F16, (32, 8), g_down.tobytes())]))
+    vec("gguf_unmapped_architecture_one_key", rel, "the same key on a gptneox GGUF holding the same ffn_down: "
+        "an architecture outside section 15.2's list is refused, not guessed (4.1)", valid=False, errors=["4.1"],
+        base=GX)
+    # 1.5: the rope permutation's heads must be llama.cpp's head size; for attn_k that size is still
+    # embedding_length / head_count (the query heads), times head_count_kv heads
+    llama_kv = [("general.architecture", GGUF_STR, "llama"), ("general.alignment", GGUF_U32, 32),
+                ("llama.block_count", GGUF_U32, 1), ("llama.attention.head_count", GGUF_U32, 2),
+                ("llama.attention.head_count_kv", GGUF_U32, 1)]
+    llama_tensors = [("blk.0.attn_q.weight", GGUF_Q4_1, (32, 8), gq_raw),
+                     ("blk.0.attn_k.weight", GGUF_Q4_1, (32, 4), gk_raw),
+                     ("blk.0.ffn_down.weight", GGUF_F16, (32, 8), g_down.tobytes()),
+                     ("output_norm.weight", GGUF_F32, (32,), np.ones(32, np.float32).tobytes())]
+    vec("gguf_head_size_from_embedding_length", "valid/gguf_llama_q4_1.safetensors", "1.5: embedding_length 8 "
+        "over head_count 2 gives heads of 4 rows: attn_q is 2 of them, attn_k head_count_kv = 1 of them (the "
+        "divisor is the query heads' count for attn_k too)", valid=True, check_selection=True,
+        base=put("bases/tiny_llama_embedding_length.gguf",
+                 gguf_file(llama_kv + [("llama.embedding_length", GGUF_U32, 8)], llama_tensors)))
+    vec("gguf_head_count_contradicts_rows", "valid/gguf_llama_q4_1.safetensors", "1.5: key_length 2 says "
+        "attn_q has 2 x 2 rows and attn_k 1 x 2, but they have 8 and 4: the file contradicts itself (4.2 for "
+        "both rope-permuted targets; down_proj is checked as usual)", valid=False, errors=["4.2"],
+        base=put("bases/tiny_llama_key_length.gguf",
+                 gguf_file(llama_kv + [("llama.attention.key_length", GGUF_U32, 2)], llama_tensors)))
 
     # ---- merge vectors -----------------------------------------------------------------------------
     mb = merge_base()
