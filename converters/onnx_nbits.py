@@ -68,7 +68,13 @@ class NBits:
 
     @property
     def n_blocks(self) -> int:
-        return self.K // self.block
+        return -(-self.K // self.block)
+
+    @property
+    def padded_k(self) -> int:
+        """K rounded up to whole blocks: ONNX Runtime's quantizer pads a K that is not a multiple of block_size and
+        stores the last block whole; its kernel reads only the first K values of a row."""
+        return self.n_blocks * self.block
 
     @property
     def blob(self) -> int:
@@ -133,9 +139,8 @@ def _problem(model, nb: NBits) -> str | None:
         return f"{where} stores {nb.bits}-bit codes; merges write 4- and 8-bit MatMulNBits weights only"
     if nb.block < 16 or nb.block & (nb.block - 1):
         return f"{where} has block_size {nb.block}, not a power of two of at least 16"
-    if nb.K <= 0 or nb.N <= 0 or nb.K % nb.block:
-        return (f"{where} has K={nb.K}, N={nb.N}: K must be a positive multiple of block_size {nb.block} (a padded "
-                f"last block is not merged)")
+    if nb.K <= 0 or nb.N <= 0:
+        return f"{where} has K={nb.K}, N={nb.N}: both must be positive"
     if len(node.input) > 4 and node.input[4]:
         return f"{where} has a g_idx input (act-order / group indices), which reorders the blocks"
     if len(node.input) > 6:
@@ -259,10 +264,23 @@ class Weight:
         eps = max(float(ml_dtypes.finfo(self.scales.dtype).eps), 2.0 ** -22)
         slack = np.abs(scale) * (0.5 + (nb.qmax + 1) * eps) + 4 * np.spacing(np.abs(v))
         with np.errstate(invalid="ignore", over="ignore"):
-            return (np.abs(got - v) <= slack).all(-1)
+            return ((np.abs(got - v) <= slack) | ~self.real(ids)).all(-1)  # (a last block's padding: not the weight's)
+
+    def real(self, ids: np.ndarray) -> np.ndarray:
+        """[len(ids), block]: which values of blocks `ids` are the weight's (False: a last block's padding past K)."""
+        nb = self.nb
+        return (ids % nb.n_blocks * nb.block)[:, None] + np.arange(nb.block) < nb.K
+
+    def blocks(self, values: np.ndarray) -> np.ndarray:
+        """[..., N, K] values as [..., N * n_blocks, block], a last block's padding 0."""
+        nb = self.nb
+        pad = [(0, 0)] * (values.ndim - 1) + [(0, nb.padded_k - nb.K)]
+        full = np.pad(values, pad) if nb.padded_k != nb.K else values
+        return full.reshape(*values.shape[:-2], nb.N * nb.n_blocks, nb.block)
 
     def decode_all(self) -> np.ndarray:
-        return self.decode(np.arange(self.blobs.shape[0])).reshape(self.nb.N, self.nb.K)
+        nb = self.nb
+        return self.decode(np.arange(self.blobs.shape[0])).reshape(nb.N, nb.padded_k)[:, :nb.K]
 
     def decode_touched(self, deltas) -> tuple[np.ndarray, np.ndarray]:
         """[N, K] values decoded only in the blocks that hold a delta's column (NaN elsewhere: no merge reads them),
@@ -274,7 +292,7 @@ class Weight:
         ids = np.flatnonzero(held)
         out = np.full((nb.N * nb.n_blocks, nb.block), np.nan, np.float32)
         out[ids] = self.decode(ids)
-        return out.reshape(nb.N, nb.K), ids
+        return out.reshape(nb.N, nb.padded_k)[:, :nb.K], ids
 
 
 # -- encoding ------------------------------------------------------------------------------------------
@@ -301,15 +319,16 @@ def reencode(w: Weight, values: np.ndarray, mp, *, where: tuple[str, str],
     where: (file, target) for errors."""
     nb = w.nb
     block = nb.block
-    which = mp.positions // block
+    row, c = np.divmod(mp.positions, nb.K)
+    which = row * nb.n_blocks + c // block
     ids = np.unique(which)
-    before = values.reshape(-1, block)[ids]
+    before = w.blocks(values)[ids]  # (a last block's padding past K: 0, weighed 0 and written as code zero point)
     if not np.isfinite(before).all():
         bad = int(ids[~np.isfinite(before).all(axis=1)][0])
         raise NeuroAdaError(f"block {bad % nb.n_blocks} of row {bad // nb.n_blocks} decodes to NaN or Inf (its scale "
                             f"is not finite) and the merge touches it; the base file is damaged",
                             path=where[0], tensor=where[1], rule="1.6")
-    at, col = np.searchsorted(ids, which), mp.positions % block
+    at, col = np.searchsorted(ids, which), c % block
     merged = np.asarray(mp.merged, np.float32)
     d0, z0 = w.scale_f32(ids), w.zero_points(ids).astype(np.float32)
     codes = _codes(w.blobs[ids], nb.bits).astype(np.int32)
@@ -334,14 +353,15 @@ def reencode(w: Weight, values: np.ndarray, mp, *, where: tuple[str, str],
         target[pos, col[sel]] = merged[sel]
         mask[pos, col[sel]] = True
         _refuse_unencodable(nb, target, w.scales.dtype, touched_weight, where)
-        d, z, q = _search(nb, target, before[rest], mask, d0[rest], z0[rest], _rounder(w.scales.dtype),
+        real = w.real(ids[rest])
+        d, z, q = _search(nb, target, before[rest], mask, real, d0[rest], z0[rest], _rounder(w.scales.dtype),
                           touched_weight)
         if not np.isfinite(d).all():
             raise NeuroAdaError(f"merged values reach {float(np.abs(target).max()):.4g}, beyond what a {nb.bits}-bit "
                                 f"block with {w.scales.dtype} scales can encode; merge with a smaller scale",
                                 path=where[0], tensor=where[1], rule=RULE)
         scales[rest], zps[rest] = d, z
-        codes[rest] = q + z[:, None].astype(np.int32)
+        codes[rest] = np.where(real, q, 0) + z[:, None].astype(np.int32)  # (padding: level 0, the value 0)
     tensors = {}
     blob_pos = (ids[:, None] * nb.blob + np.arange(nb.blob)).reshape(-1)
     tensors[nb.b] = (blob_pos, _pack_codes(codes, nb.bits).reshape(-1))
@@ -392,12 +412,13 @@ def _zp_patch(w: Weight, ids: np.ndarray, zps: np.ndarray):
     return keys, np.array([new[k] for k in keys.tolist()], np.uint8)
 
 
-def _search(nb: NBits, target, before, touched, d0, z0, to_scale, touched_weight):
-    """Per block of target [B, block]: (scale [B] as stored, zero point [B], levels [B, block] = code - zero point)."""
+def _search(nb: NBits, target, before, touched, real, d0, z0, to_scale, touched_weight):
+    """Per block of target [B, block]: (scale [B] as stored, zero point [B], levels [B, block] = code - zero point).
+    real: the values that are the weight's (not a last block's padding, which weighs nothing)."""
     B = target.shape[0]
     qmax, half = nb.qmax, 1 << (nb.bits - 1)
     sym = nb.zero_points is None
-    w = np.where(touched, np.float32(touched_weight), np.float32(1))
+    w = np.where(touched, np.float32(touched_weight), np.where(real, np.float32(1), np.float32(0)))
     cands = []
 
     def cand(d, z):

@@ -519,9 +519,10 @@ def _match_by_values(view, missing: list[str], free: dict[str, np.ndarray], deco
             for init in inits:
                 found[init] = []
             continue
-        total = N * K // block
+        blocks = view.nbits_weight(inits[0]).blocks  # ([N, K] -> [blocks, block], a padded last block's padding 0)
+        total = N * view.nbits[inits[0]].n_blocks
         ids = np.unique(np.linspace(0, total - 1, min(SAMPLE_BLOCKS, total)).round().astype(np.int64))
-        sample = np.stack([free[n].reshape(total, block)[ids] for n in names])          # [layers, blocks, block]
+        sample = np.stack([blocks(free[n])[ids] for n in names])                          # [layers, blocks, block]
         everywhere = np.arange(total)
         for init in inits:
             weight = view.nbits_weight(init)
@@ -529,7 +530,7 @@ def _match_by_values(view, missing: list[str], free: dict[str, np.ndarray], deco
             if maybe:
                 values[init] = weight.decode(everywhere)  # [blocks, block]: decode_all's values, decoded once
             found[init] = [n for n in maybe
-                           if weight.rounds_from(everywhere, free[n].reshape(total, block), values[init]).all()]
+                           if weight.rounds_from(everywhere, blocks(free[n]), values[init]).all()]
     for init in missing:
         if len(found[init]) > 1:
             raise NeuroAdaError(f"MatMulNBits weight {init!r} rounds from layers {', '.join(found[init])} alike (their "
@@ -559,7 +560,8 @@ def _match_by_values(view, missing: list[str], free: dict[str, np.ndarray], deco
             raise NeuroAdaError(f"MatMulNBits weights {other!r} and {init!r} both round from layer {name}: which one it "
                                 f"holds is not known, so nothing is copied", path=view.path, tensor=init, rule="4.1")
         owner[init] = name
-        decoded[name] = values[init].reshape(view.nbits[init].N, view.nbits[init].K)
+        nb = view.nbits[init]
+        decoded[name] = values[init].reshape(nb.N, nb.padded_k)[:, :nb.K]
     return owner
 
 

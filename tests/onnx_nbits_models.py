@@ -23,6 +23,10 @@ from tiny_hf import tiny_llama
 
 LLAMA = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "vocab_size": 96, "max_position_embeddings": 64, "tie_word_embeddings": False}
+# hidden 80 and intermediate 176: K = 80 and 176 fill no whole number of 32-, 64- or 128-value blocks, so ONNX Runtime's
+# quantizer pads each weight's last block (as for SmolLM2's hidden size 576 in blocks of 128)
+PADDED = {**LLAMA, "hidden_size": 80, "intermediate_size": 176, "num_attention_heads": 4, "num_key_value_heads": 2}
+PADDED_VARIANTS = [(4, 32, True), (4, 64, False), (8, 128, False)]
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VARIANTS = [(4, 32, True), (4, 32, False), (4, 128, True), (4, 128, False), (8, 32, True), (8, 128, False)]
 
@@ -52,11 +56,12 @@ def nbits_node(proto, b_name):
     return next(n for n in proto.graph.node if n.op_type == "MatMulNBits" and n.input[1] == b_name)
 
 
-def decode(tensors, node):
-    """The [N, K] f32 weight a MatMulNBits node holds, by the operator's documented formula."""
+def decode(tensors, node, padding=False):
+    """The [N, K] f32 weight a MatMulNBits node holds, by the operator's documented formula (padding: [N, n_blocks *
+    block], a last block's padding past K included, which the operator never reads)."""
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
     bits, block, K, N = a["bits"], a["block_size"], a["K"], a["N"]
-    nb = K // block
+    nb = -(-K // block)
     B = tensors[node.input[1]]
     codes = (np.stack([B & 15, B >> 4], -1) if bits == 4 else B).reshape(N, nb, block).astype(np.float32)
     if len(node.input) > 3 and node.input[3]:
@@ -65,7 +70,7 @@ def decode(tensors, node):
     else:
         zp = np.full((N, nb), 1 << (bits - 1))
     scale = tensors[node.input[2]].reshape(N, nb).astype(np.float32)
-    return ((codes - zp[:, :, None].astype(np.float32)) * scale[:, :, None]).reshape(N, K)
+    return ((codes - zp[:, :, None].astype(np.float32)) * scale[:, :, None]).reshape(N, -1)[:, :None if padding else K]
 
 
 def with_weights(float_path, weights, out):
@@ -96,8 +101,19 @@ class LogitsOnly(torch.nn.Module):
 def llama_fixture(tmp_path_factory):
     """A tiny untied Llama (K = 128 or 256: blocks of 32 and 128 both fit), its dynamo export (external data, val_N
     names) and, per target, the float initializer the existing resolution finds for it."""
-    model = llama_model()
-    folder = tmp_path_factory.mktemp("nbits")
+    return exported(llama_model(), tmp_path_factory.mktemp("nbits"))
+
+
+@pytest.fixture(scope="module", name="padded")
+def padded_fixture(tmp_path_factory):
+    """As `llama`, with PADDED's sizes (K = 80 and 176: ONNX Runtime pads the last block), and per PADDED_VARIANTS
+    the quantized model and its decoded weights, as `quantized` has them."""
+    out = exported(llama_model(PADDED), tmp_path_factory.mktemp("padded"))
+    out["quantized"] = quantized_variants(out, PADDED_VARIANTS)
+    return out
+
+
+def exported(model, folder):
     path = os.fspath(folder / "llama.onnx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -117,16 +133,20 @@ def llama_fixture(tmp_path_factory):
             "folder": folder, "ids": ids}
 
 
-def llama_model():
-    """A fresh copy of the fixture's model (tests/tiny_hf.py's Llama with LLAMA's sizes), full precision."""
-    return tiny_llama(seed=0, **LLAMA)
+def llama_model(sizes=LLAMA):
+    """A fresh copy of the fixture's model (tests/tiny_hf.py's Llama with LLAMA's sizes, or `sizes`), full precision."""
+    return tiny_llama(seed=0, **sizes)
 
 
 @pytest.fixture(scope="module", name="quantized")
 def quantized_fixture(llama):
     """Per variant: the quantized model (lm_head kept in float, as such exports often do) and the decoded weights."""
+    return quantized_variants(llama, VARIANTS)
+
+
+def quantized_variants(llama, variants):
     out = {}
-    for bits, block, sym in VARIANTS:
+    for bits, block, sym in variants:
         proto = quantize(llama["proto"], bits, block, sym, exclude=[llama["head_node"]])
         path = save(proto, llama["folder"] / f"q{bits}_{block}_{'s' if sym else 'a'}.onnx")
         tensors = inits(path)

@@ -30,8 +30,8 @@ from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.converters.onnx_merge import OnnxModel, merge_onnx  # noqa: E402
 
 from onnx_nbits_models import (  # noqa: E402, F401  (tests/onnx_nbits_models.py, shared with tests/runtime/test_onnx_grid.py)
-    VARIANTS, decode, inits, llama_fixture, nbits_node, quantize, quantized_fixture, retention, run, save,
-    with_scopes, with_weights)
+    PADDED_VARIANTS, VARIANTS, decode, inits, llama_fixture, nbits_node, padded_fixture, quantize, quantized_fixture,
+    retention, run, save, with_scopes, with_weights)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -39,17 +39,22 @@ def digest(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def adapter_on(weights: dict, k=4, seed=0, rel=0.05, snap=None):
+def adapter_on(weights: dict, k=4, seed=0, rel=0.05, snap=None, last_column=False):
     """An adapter over {target: [d_out, d_in] f32 values} (the de-quantized weights), deltas ~ rel * std; snap:
-    {target: (scale [N, n_blocks], zp, bits)} snaps each delta so the merged value lies on its block's grid."""
+    {target: (scale [N, n_blocks], zp, bits[, block])} snaps each delta so the merged value lies on its block's grid
+    (block: where K is not n_blocks of them); last_column: every row's last delta at the last column (K - 1)."""
     rng = np.random.default_rng(seed)
     targets = {}
     for name, w in weights.items():
         idx = naf.select_indices(w, k)
+        if last_column:
+            idx = np.where((idx == w.shape[1] - 1).any(1, keepdims=True), idx,
+                           np.concatenate([idx[:, :-1], np.full_like(idx[:, :1], w.shape[1] - 1)], 1))
+            idx.sort(axis=1)
         vals = (rng.standard_normal(idx.shape) * rel * w.std()).astype(np.float32)
         if snap and name in snap:
-            scale, zp, bits = snap[name]
-            block = w.shape[1] // scale.shape[1]
+            scale, zp, bits, *given = snap[name]
+            block = given[0] if given else w.shape[1] // scale.shape[1]
             s = scale[np.arange(w.shape[0])[:, None], idx // block]
             z = zp[np.arange(w.shape[0])[:, None], idx // block]
             base = np.take_along_axis(w, idx, 1)
@@ -217,6 +222,80 @@ def test_fp16_model_keeps_fp16_scales(tmp_path):
                     t.CopyFrom(numpy_helper.from_array(decode(new, n).T.astype(np.float16), t.name))
         got, want = run(out, x.numpy()).astype(np.float32), run(ref.SerializeToString(), x.numpy()).astype(np.float32)
         assert np.abs(got - want).max() <= 5e-3 * np.abs(want).max()
+
+
+
+# -- a K that fills no whole number of blocks (ONNX Runtime pads the last one) ---------------------------
+@pytest.mark.parametrize("variant", PADDED_VARIANTS, ids=lambda v: f"{v[0]}bit-b{v[1]}-{'sym' if v[2] else 'asym'}")
+def test_a_padded_last_block_is_merged_and_its_padding_never_holds_a_value(padded, variant, tmp_path):
+    """K = 80 and 176 (blocks of 32, 64, 128 as ONNX Runtime's quantizer writes them, the last block padded): these
+    were refused (`K must be a positive multiple of block_size`). Now read, merged and run in onnxruntime: the padding
+    past K is never a merged value and never weighs in a re-encoding; a re-encoded block writes it as its zero point
+    (value 0), a block packed on its grid keeps its bytes."""
+    bits, block, sym = variant
+    path, proto, decoded = padded["quantized"][variant]
+    assert {w.shape[1] % block for w in decoded.values()} - {0}           # the export's weights pad their last block
+    adapter = adapter_on(decoded, rel=1.0, last_column=True)  # (every row's last, padded block touched)
+    out = os.fspath(tmp_path / "merged.onnx")
+    summary = merge_onnx(path, [(adapter, 1.0)], out)
+    assert summary.details["blocks_reencoded"] > 0
+    old, new = inits(path), inits(out)
+    ws = {}
+    for n, w in decoded.items():
+        node = nbits_node(proto, padded["where"][n] + f"_Q{bits}")
+        N, K = w.shape
+        nb = -(-K // block)
+        got = decode(new, node)
+        ws[padded["where"][n]] = got.T
+        want = naf.merge_weight(w, [(adapter.targets[n], 1.0)])
+        step = np.abs(new[node.input[2]].reshape(N, -1).astype(np.float32)).repeat(block, 1)[:, :K]
+        assert (np.abs(got - want) <= step * 0.5 + 1e-6).mean() > 0.95, n
+        if K % block == 0:
+            continue
+        full_old, full_new = decode(old, node, padding=True), decode(new, node, padding=True)
+        assert not (full_old[:, K:] == 0).any()  # (ONNX Runtime writes code 0 there: not the value 0)
+        pad = slice((K % block) * bits // 8, None)
+        kept = (old[node.input[1]].reshape(N, nb, -1)[:, -1, pad] == new[node.input[1]].reshape(N, nb, -1)[:, -1, pad])
+        kept = kept.all(axis=1)
+        zero = (full_new[:, K:] == 0).all(axis=1)
+        assert (kept | zero).all() and (zero & ~kept).any(), n  # every padding kept or, re-encoded, 0 (some are)
+        moved = (new[node.input[2]].reshape(N, nb) != old[node.input[2]].reshape(N, nb))[:, -1]
+        assert zero[moved].all(), n                              # a block with a new scale: its padding is 0
+    ref = with_weights(padded["path"], ws, tmp_path / "decoded.onnx")
+    got, want = run(out, padded["ids"]), run(ref, padded["ids"])
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("variant", PADDED_VARIANTS, ids=lambda v: f"{v[0]}bit-b{v[1]}-{'sym' if v[2] else 'asym'}")
+def test_deltas_on_a_padded_blocks_grid_merge_exactly(padded, variant, tmp_path):
+    """Snapped deltas in the last, padded block change its codes only: exact, every padding byte kept."""
+    bits, block, sym = variant
+    path, proto, decoded = padded["quantized"][variant]
+    tensors = inits(path)
+    snap = {}
+    for n, w in decoded.items():
+        node = nbits_node(proto, padded["where"][n] + f"_Q{bits}")
+        N, nb = w.shape[0], -(-w.shape[1] // block)
+        scale = tensors[node.input[2]].reshape(N, nb).astype(np.float32)
+        if sym:
+            zp = np.full((N, nb), 1 << (bits - 1))
+        else:
+            Z = tensors[node.input[3]]
+            zp = (np.stack([Z & 15, Z >> 4], -1).reshape(N, -1) if bits == 4 else Z.reshape(N, -1))[:, :nb]
+        snap[n] = (scale, zp, bits, block)
+    adapter = adapter_on(decoded, rel=1.0, snap=snap, last_column=True)
+    out = os.fspath(tmp_path / "merged.onnx")
+    summary = merge_onnx(path, [(adapter, 1.0)], out)
+    assert summary.details["blocks_reencoded"] == 0
+    old, new = inits(path), inits(out)
+    for n, w in decoded.items():
+        node = nbits_node(proto, padded["where"][n] + f"_Q{bits}")
+        assert np.array_equal(decode(new, node), naf.merge_weight(w, [(adapter.targets[n], 1.0)])), n
+        full_old, full_new = decode(old, node, padding=True), decode(new, node, padding=True)
+        assert full_old[:, w.shape[1]:].tobytes() == full_new[:, w.shape[1]:].tobytes()
+        if w.shape[1] % block:  # (the padded last blocks hold moved levels)
+            last = slice((w.shape[1] // block) * block, w.shape[1])
+            assert (full_old[:, last] != full_new[:, last]).any(), n
 
 
 # -- 4: refusals -------------------------------------------------------------------------------------

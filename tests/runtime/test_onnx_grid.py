@@ -43,8 +43,8 @@ from neuroada_format.runtime.quant_grid import QuantGrid  # noqa: E402
 
 from tiny_hf import tiny_llama  # noqa: E402
 from onnx_nbits_models import (  # noqa: E402, F401  (tests/onnx_nbits_models.py)
-    LLAMA, VARIANTS, LogitsOnly, decode, inits, llama_fixture, llama_model, nbits_node, quantize, quantized_fixture,
-    retention, run, save, with_scopes, with_weights)
+    LLAMA, PADDED, PADDED_VARIANTS, VARIANTS, LogitsOnly, decode, inits, llama_fixture, llama_model, nbits_node,
+    padded_fixture, quantize, quantized_fixture, retention, run, save, with_scopes, with_weights)
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIG = {"k": 4, "target_modules": [*PROJECTIONS, "lm_head"]}  # the head: an F32 initializer, plain
@@ -168,6 +168,49 @@ def test_trained_on_the_grid_merges_into_the_file_exactly(llama, quantized, scop
                         run(reference(llama, runtime_merged(plain), tmp_path / "rt_plain.onnx"), ids), l_base)
     print(f"retention {variant}: grid {r_grid:.4f}, plain {r_plain:.3f}")
     assert r_grid > 0.9999 and r_plain < (0.995 if bits == 8 else 0.9), (r_grid, r_plain)
+
+
+
+@pytest.mark.parametrize("variant", PADDED_VARIANTS, **VID)
+def test_a_padded_last_block_trains_and_merges_exactly(padded, variant, tmp_path, capsys):
+    """K = 80 and 176 in blocks of 32, 64 and 128 (ONNX Runtime pads each row's last block, as for SmolLM2's 576 in
+    blocks of 128; such weights were refused): placed by value, trained through the grid, merged exactly, the padding
+    past K never trained and every byte of it kept; onnxruntime computes the runtime's merged model."""
+    bits, block, sym = variant
+    path, proto, decoded = padded["quantized"][variant]
+    model = llama_model(PADDED)
+    assert set(load_quantized_weights(model, path)) == set(decoded)
+    for key, w in decoded.items():
+        assert np.array_equal(model.get_submodule(key.removesuffix(".weight")).weight.detach().numpy(), w), key
+    attach(model, NeuroAdaConfig(**CONFIG))
+    assert set(train_on_grid(model, path).values()) == {f"MatMulNBits{bits}", "F32"}
+    train(model)
+    last = {}
+    for name, layer in layers(model).items():
+        K = layer.d_in
+        if name != "lm_head" and K % block:
+            in_last = layer.neuroada_idx["default"] >= K // block * block
+            last[name] = int((layer.delta("default").detach()[in_last] != 0).sum())
+    assert sum(last.values()) > 0, last                                  # levels moved in padded last blocks
+    model.save_pretrained(tmp_path / "out")
+    out = tmp_path / "merged.onnx"
+    details, err = merged_json(path, tmp_path / "out", out, capsys)
+    assert details["blocks_reencoded"] == 0 and details["blocks_on_grid"] > 0 and "warning" not in err
+    want = runtime_merged(model)
+    old, new = inits(path), inits(out)
+    for key, w in decoded.items():
+        node = nbits_node(proto, padded["where"][key] + f"_Q{bits}")
+        assert np.array_equal(decode(new, node), want[key]), key
+        K = w.shape[1]
+        pad_old, pad_new = decode(old, node, padding=True)[:, K:], decode(new, node, padding=True)[:, K:]
+        assert pad_old.tobytes() == pad_new.tobytes(), key               # the padding: untouched
+    ids = padded["ids"]
+    with torch.no_grad():
+        merge(model)
+        logits = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+        unmerge(model)
+    l_v = run(out, ids)
+    assert np.abs(l_v - logits).max() <= 1e-4 * np.abs(logits).max()
 
 
 def test_fp16_model_scales(tmp_path, capsys):
