@@ -9,10 +9,11 @@ packed as B is. A value decodes as (code - zero_point) * scale, with zero point 
 absent (ONNX Runtime's contrib operator documentation; checked against onnxruntime's kernel in the tests). Here a
 value is that formula in binary32: fl32(f32(scale) * (code - zero_point)), the integer difference exact.
 
-ONNX Runtime's quantizer (MatMulNBitsQuantizer) names B `<initializer>_Q<bits>`, after the [K, N] initializer of the
-MatMul it replaced; the graph's weight keeps that name here (`NBits.name`), so the resolution of
-converters/onnx_merge.py finds it as it found the float initializer: by name, by the node's exporter scope or
-legacy node name when the graph still has them, and otherwise by the probe hash over the decoded values.
+ONNX Runtime's quantizer (MatMulNBitsQuantizer) names B `<initializer>_Q<bits>` (its GPTQ writer
+`<initializer>_Q<bits>G<block_size>`), after the [K, N] initializer of the MatMul it replaced; the graph's weight keeps
+that name here (`NBits.name`), so the resolution of converters/onnx_merge.py finds it as it found the float
+initializer: by name, by the node's exporter scope or legacy node name when the graph still has them, and otherwise by
+the probe hash over the decoded values.
 
 Merging re-encodes, as the GGUF merge does for Q4_0 / Q8_0 (block_fit.fit_grid, the same search), only the blocks
 that hold a touched value: a block whose merged values all decode exactly from its own scale and zero point with
@@ -24,6 +25,7 @@ Every other block, scale and zero point keeps its bytes; scales are rounded to t
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -43,6 +45,7 @@ INPUTS = ("A", "B", "scales", "zero_points", "g_idx", "bias")
 RULE = "4.2"                                    # the weight cannot be merged as this file stores it
 TOUCHED_WEIGHT = 100.0                          # as the GGUF merge's default (gguf_merge.GGUFBackend)
 U8 = TensorProto.UINT8
+B_NAME = re.compile(r"(.+)_Q\d+(?:G\d+)?", re.DOTALL)  # `<weight>_Q4`, `<weight>_Q4G32` (GPTQ's): the weight
 
 
 def _attr(node, name, default=None):
@@ -56,7 +59,7 @@ def _attr(node, name, default=None):
 class NBits:
     """One MatMulNBits node's weight: where its parts are and how they are laid out."""
     node: object
-    name: str                   # the weight's name in the graph: B's without `_Q<bits>` (the MatMul's initializer)
+    name: str                   # the weight's name in the graph: B's without `_Q<bits>` / `_Q<bits>G<block>`
     b: str
     scales: str
     zero_points: str | None
@@ -104,9 +107,10 @@ def find(model) -> dict[str, NBits]:
         K, N = _attr(node, "K", 0), _attr(node, "N", 0)
         b = node.input[1]
         # (any `_Q<digits>`: a `bits` attribute of the wrong type must not hide the weight from its name, where its
-        # refusal says what is wrong)
-        stem, q, digits = b.rpartition("_Q")
-        name = stem if q and stem and digits.isdigit() else b
+        # refusal says what is wrong; B named otherwise is the weight's name, and since an initializer's name is the
+        # initializer, a weight no target can reach)
+        stem = B_NAME.fullmatch(b)
+        name = stem.group(1) if stem else b
         if name in out and out[name].name != out[name].b != b:  # `W_Q4` and `W_Q8`: W would be whichever came first
             first = out[name]
             first.problem = (f"MatMulNBits nodes {first.node.name or '(unnamed)'} and {node.name or '(unnamed)'} both "

@@ -498,8 +498,8 @@ def _match_by_values(view, missing: list[str], free: dict[str, np.ndarray], deco
 
     A layer matches a weight of its [d_out, d_in] = [N, K] when every decoded value is its block's level nearest to the
     layer's float value (`onnx_nbits.Weight.rounds_from`: within half a step, or the clamped end level), which is what
-    ONNX Runtime's default round-to-nearest quantizer stores; HQQ, which rounds to nearest on the scales and zero
-    points it optimises, passes too. The weights of another checkpoint fail on almost every block. Each weight needs
+    ONNX Runtime's default round-to-nearest quantizer stores (its HQQ quantizer writes float zero points, which are
+    refused before any matching, rule 4.2). The weights of another checkpoint fail on almost every block. Each weight needs
     exactly one such layer and each layer at most one weight: a tie (two layers with the same weights) is refused,
     never guessed, and so is a weight no layer rounds to, which is also what a quantizer that moves values off their
     nearest level (GPTQ's error compensation) gives. Checked on SAMPLE_BLOCKS spread blocks of every same-shape pair

@@ -70,7 +70,8 @@ def decode(tensors, node, padding=False):
     else:
         zp = np.full((N, nb), 1 << (bits - 1))
     scale = tensors[node.input[2]].reshape(N, nb).astype(np.float32)
-    return ((codes - zp[:, :, None].astype(np.float32)) * scale[:, :, None]).reshape(N, -1)[:, :None if padding else K]
+    values = ((codes - zp[:, :, None].astype(np.float32)) * scale[:, :, None]).reshape(N, -1)
+    return values if padding else values[:, :K]
 
 
 def with_weights(float_path, weights, out):

@@ -11,8 +11,11 @@ adapter and `neuroada-merge --base int4.onnx` merges it. The merged file must de
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
+import logging
 import os
 import warnings
 
@@ -23,7 +26,9 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 transformers = pytest.importorskip("transformers")
-pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")
+nbq = pytest.importorskip("onnxruntime.quantization.matmul_nbits_quantizer")
+ort = pytest.importorskip("onnxruntime")
+from onnxruntime.quantization.calibrate import CalibrationDataReader  # noqa: E402
 
 import neuroada_format as naf  # noqa: E402
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError  # noqa: E402
@@ -211,6 +216,101 @@ def test_a_padded_last_block_trains_and_merges_exactly(padded, variant, tmp_path
         unmerge(model)
     l_v = run(out, ids)
     assert np.abs(l_v - logits).max() <= 1e-4 * np.abs(logits).max()
+
+
+
+def gptq_or_hqq(llama, config):
+    """The fixture's float export quantized by MatMulNBitsQuantizer with `config` (GPTQ: a calibration reader of four
+    random batches; its writer quantizes the head too and names B `<weight>_Q4G32`)."""
+    logging.disable(logging.WARNING)
+    try:
+        q = nbq.MatMulNBitsQuantizer(copy.deepcopy(llama["proto"]), block_size=32, algo_config=config,
+                                     nodes_to_exclude=[llama["head_node"]])
+        with contextlib.redirect_stdout(io.StringIO()):  # (GPTQ prints a progress bar)
+            q.process()
+        return q.model.model
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+class Batches(CalibrationDataReader):
+    def __init__(self, name):
+        rng = np.random.default_rng(0)
+        self.batches = iter([{name: rng.integers(0, 96, (2, 8)).astype(np.int64)} for _ in range(4)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def test_gptq_files_load_by_scope_and_merge_exactly_and_by_value_are_refused(llama, tmp_path, capsys):
+    """ONNX Runtime's GPTQ writer names B `<weight>_Q4G32`: such weights were invisible (`the model holds no MatMulNBits
+    weight`). Now found; GPTQ moves values off their nearest level, so placing them by value is refused (rule 4.3,
+    nothing copied) and with the exporter scopes put back they are placed by scope, trained through and merged exactly."""
+    name = ort.InferenceSession(llama["path"], providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    proto = gptq_or_hqq(llama, nbq.GPTQWeightOnlyQuantConfig(calibration_data_reader=Batches(name), perchannel=False))
+    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 15 and all(n.input[1].endswith("_Q4G32") for n in nodes)
+    path = save(proto, tmp_path / "gptq.onnx")
+    model = llama_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NeuroAdaError, match="match no layer.*GPTQ.*metadata_props") as exc:
+        load_quantized_weights(model, path)
+    assert exc.value.rule == "4.3"
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    scoped = save(with_scopes(proto, llama["proto"]), tmp_path / "gptq_scoped.onnx")
+    placed = load_quantized_weights(model, scoped)
+    assert len(placed) == 15 and all(placed[k] == llama["where"][k] for k in llama["names"])
+    tensors = inits(scoped)
+    for n in nodes:
+        key = next(k for k in llama["names"] if llama["where"][k] + "_Q4G32" == n.input[1])
+        assert np.array_equal(model.get_submodule(key.removesuffix(".weight")).weight.detach().numpy(),
+                              decode(tensors, n)), key
+    attach(model, NeuroAdaConfig(**CONFIG))
+    assert set(train_on_grid(model, scoped).values()) == {"MatMulNBits4"}
+    train(model)
+    model.save_pretrained(tmp_path / "out")
+    out = tmp_path / "merged.onnx"
+    details, err = merged_json(scoped, tmp_path / "out", out, capsys)
+    assert details["blocks_reencoded"] == 0 and details["blocks_on_grid"] > 0 and "warning" not in err
+    want, new = runtime_merged(model), inits(out)
+    for n in nodes:
+        key = next(k for k in llama["names"] if llama["where"][k] + "_Q4G32" == n.input[1])
+        assert np.array_equal(decode(new, n), want[key]), key
+    ids = llama["ids"]
+    with torch.no_grad():
+        merge(model)
+        logits = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+        unmerge(model)
+    assert np.abs(run(out, ids) - logits).max() <= 1e-4 * np.abs(logits).max()
+
+
+def test_hqq_files_are_refused_for_their_float_zero_points(llama, tmp_path, capsys):
+    """ONNX Runtime's HQQ quantizer stores float zero points (not integers: its optimiser moves them), whose values
+    fl32((code - zero point) * scale) are no grid of integer levels this merge or the runtime writes: loading, training
+    on and merging into such a file are refused under rule 4.2, naming the zero points, and nothing changes."""
+    proto = gptq_or_hqq(llama, nbq.HQQWeightOnlyQuantConfig(block_size=32, bits=4))
+    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    zps = inits(save(proto, tmp_path / "hqq.onnx"))[nodes[0].input[3]]
+    assert len(nodes) == 14 and zps.dtype == np.float32 and (zps != np.round(zps)).any()
+    path = save(with_scopes(proto, llama["proto"]), tmp_path / "hqq.onnx")
+    for load in (path, os.fspath(tmp_path / "hqq.onnx")):  # by scope, and by value where no scope is left
+        model = llama_model()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(NeuroAdaError, match="zero points .* are not packed uint8 \\(float zero points") as exc:
+            load_quantized_weights(model, load)
+        assert exc.value.rule == "4.2"
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    model = attach(llama_model(), NeuroAdaConfig(**CONFIG))
+    with pytest.raises(NeuroAdaError, match="float zero points") as exc:
+        train_on_grid(model, path)
+    assert exc.value.rule == "4.2" and grid_types(model) == {}
+    model.save_pretrained(tmp_path / "out")
+    capsys.readouterr()
+    assert merge_run(["--base", path, "--adapter", os.fspath(tmp_path / "out"), "--out",
+                      os.fspath(tmp_path / "m.onnx")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "float zero points" in err and "rule 4.2" in err, err
+    assert not os.path.exists(tmp_path / "m.onnx")
 
 
 def test_fp16_model_scales(tmp_path, capsys):
