@@ -470,12 +470,22 @@ def load_quantized_weights(model: nn.Module, onnx_path) -> dict[str, str]:
                     if n not in owner.values()}
             for init, name in _match_by_values(view, missing, free, decoded).items():
                 owner[init] = name
+        sharing: dict[int, list[str]] = {}
+        for pname, p in model.named_parameters(remove_duplicate=False):
+            sharing.setdefault(id(p), []).append(pname)
         for init, name in owner.items():
             key = targets[name].name
             weight = modules[name].weight
             if weight.dtype != torch.float32:
                 raise NeuroAdaUsageError(f"{name} is {weight.dtype}; the de-quantized values need float32 to be held "
                                          f"exactly (load the model with dtype=torch.float32)", tensor=key)
+            tied = [n for n in sharing.get(id(weight), []) if n != name + ".weight"]
+            if tied:  # (a tied head: the export reads the embedding's own float copy, which the file keeps)
+                raise NeuroAdaUsageError(
+                    f"{name}.weight is tied to {', '.join(tied)}: copying MatMulNBits weight {init!r} into it would "
+                    f"change those too, which the file does not quantize; untie it first (model.{name}.weight = "
+                    f"torch.nn.Parameter(model.{name}.weight.detach().clone())) or quantize without that node",
+                    path=view.path, tensor=key)
             values = decoded[name] if name in decoded else view.nbits_weight(init).decode_all()
             if not np.isfinite(values).all():
                 raise NeuroAdaError(f"MatMulNBits weight {init!r} decodes to NaN or Inf (a scale is not finite); the "

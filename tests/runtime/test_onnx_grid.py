@@ -313,6 +313,92 @@ def test_hqq_files_are_refused_for_their_float_zero_points(llama, tmp_path, caps
     assert not os.path.exists(tmp_path / "m.onnx")
 
 
+
+def gemms_as_matmuls(proto):
+    """GPT-2's Conv1D layers export as Gemm(x, W [in, out]), which ONNX Runtime's MatMulNBitsQuantizer does not
+    quantize (it leaves them F32); as MatMul (then Add for a bias), as other exporters write them, it does. A copy of
+    `proto` rewritten so."""
+    proto = copy.deepcopy(proto)
+    nodes = []
+    for n in proto.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type != "Gemm" or attrs.get("transA", 0) or attrs.get("transB", 0) or attrs.get("alpha", 1.0) != 1.0 \
+                or (len(n.input) > 2 and attrs.get("beta", 1.0) != 1.0):
+            nodes.append(n)
+            continue
+        bias = len(n.input) > 2 and n.input[2]
+        mm = onnx.helper.make_node("MatMul", list(n.input[:2]), [n.output[0] + "_mm" if bias else n.output[0]],
+                                   name=n.name + "_mm")
+        mm.metadata_props.extend(n.metadata_props)
+        nodes.append(mm)
+        if bias:
+            nodes.append(onnx.helper.make_node("Add", [mm.output[0], n.input[2]], list(n.output), name=n.name + "_add"))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return proto
+
+
+def test_gpt2_conv1d_weights_load_transposed_train_and_merge_exactly(tmp_path, capsys):
+    """GPT-2 (Conv1D: weights stored [d_in, d_out], transposed to nn.Linear's) exported by dynamo, its Conv1D Gemms as
+    MatMuls, quantized 4-bit by ONNX Runtime: every MatMulNBits weight (the 8 Conv1D ones, by name, and the head, by
+    value) is placed in its layer, transposed back for Conv1D; trained through the grid the merge is exact and onnxruntime computes it. Its
+    head is tied to the embedding, which the file keeps in float: loading into the tied head is refused (it changed the
+    embedding too, so the model computed with quantized embeddings the file does not have), untied it loads."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=96, n_positions=32)
+    gpt2 = transformers.GPT2LMHeadModel(config).eval()
+    path = os.fspath(tmp_path / "gpt2.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(LogitsOnly(gpt2), (torch.randint(0, 96, (2, 8)),), path, dynamo=True, verbose=False,
+                          external_data=True)
+    proto = quantize(gemms_as_matmuls(onnx.load(path)), 4, 32, False)
+    nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 9
+    base = save(proto, tmp_path / "gpt2_q4.onnx")
+
+    def fresh():
+        m = transformers.GPT2LMHeadModel(config).eval()
+        m.load_state_dict(gpt2.state_dict())
+        return m
+    tied = fresh()
+    before = {k: v.clone() for k, v in tied.state_dict().items()}
+    with pytest.raises(NeuroAdaUsageError, match="lm_head.weight is tied to transformer.wte.weight.*untie"):
+        load_quantized_weights(tied, base)
+    assert all(torch.equal(v, tied.state_dict()[k]) for k, v in before.items())
+    model = fresh()
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    placed = load_quantized_weights(model, base)
+    conv1d = [f"transformer.h.{i}.{p}" for i in range(2) for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc",
+                                                                    "mlp.c_proj")]
+    assert set(placed) == {n + ".weight" for n in [*conv1d, "lm_head"]}
+    tensors = inits(base)
+    by_b = {n.input[1]: n for n in nodes}
+    for key, init in placed.items():
+        w = model.get_parameter(key).detach().numpy()
+        want = decode(tensors, by_b[init + "_Q4"])
+        assert np.array_equal(w.T if key.removesuffix(".weight") in conv1d else w, want), key
+    assert torch.equal(model.transformer.wte.weight, gpt2.transformer.wte.weight)  # the embedding: the file's float
+    # (the head is left out: its name finds the embedding's float table `lm_head.weight`, which a merge refuses as
+    # tied, rule 4.1, while the head's MatMulNBits weight is a transposed copy, val_N)
+    attach(model, NeuroAdaConfig(k=4, target_modules=["c_attn", "c_proj", "c_fc"]))
+    assert set(train_on_grid(model, base).values()) == {"MatMulNBits4"}
+    train(model)
+    model.save_pretrained(tmp_path / "out")
+    out = tmp_path / "merged.onnx"
+    details, err = merged_json(base, tmp_path / "out", out, capsys)
+    assert details["blocks_reencoded"] == 0 and details["blocks_on_grid"] > 0 and "warning" not in err
+    want, new = runtime_merged(model), inits(out)
+    for key in want:  # (the runtime's merged Conv1D weights as stored, [d_in, d_out])
+        assert np.array_equal(decode(new, by_b[placed[key] + "_Q4"]), want[key].T), key
+    ids = np.random.default_rng(1).integers(0, 96, (2, 8))
+    with torch.no_grad():
+        merge(model)
+        logits = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+        unmerge(model)
+    assert np.abs(run(out, ids) - logits).max() <= 1e-4 * np.abs(logits).max()
+
+
 def test_fp16_model_scales(tmp_path, capsys):
     """An f16 export: F16 scales (the grid's values fl32(f16 scale * level), exact in f32). Its head is an F16
     initializer, which no merge takes an adapter of the f32 model's for (rule 4.2: a float initializer's dtype is the
