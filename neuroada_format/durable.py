@@ -329,15 +329,18 @@ def _named_after(exc: BaseException, path: str, tmp: str):
     raise exc
 
 
-def write_files(contents: dict, *, durable: bool = True, folder=None) -> None:
+def write_files(contents: dict, *, durable: bool = True, folder=None, interim: dict | None = None) -> None:
     """Several files published together (`contents`: path -> bytes, or a function filling the temporary path it is
     given), replacing what is there: every one is written to its temporary sibling before any is renamed, so a
     failure while writing (a full disk, Ctrl-C) leaves all of them as they were.
 
-    With `folder` (which holds every path, in it or its sub-folders; the caller holds its checkpoint_lock) the renames
-    are recorded first (PUBLISH_RECORD in folder): a writer killed between two of them (kill -9, a power cut) left a
-    mismatched set, and now leaves the record, by which the next write into the folder or read of it
-    (finish_publish) makes the renames that were left, so the folder holds the new files whole. Without it, a failure
+    With `folder` (which holds every path, in it or its sub-folders; the caller holds the checkpoint_lock of every
+    folder a path lies in) the renames are recorded first (PUBLISH_RECORD, see _record_home): a writer killed between
+    two of them (kill -9, a power cut) left a mismatched set, and now leaves the record, by which the next write into
+    the folder or read of it (finish_publish) makes the renames that were left, so the folder holds the new files
+    whole. `interim` (path -> contents, with `folder` only): files put in place right after the record and before the
+    set, for a reader that reads one file of the set without ours (Trainer reads the trainable state alone): while
+    the set is pending, it finds a file that refuses, not the file of an earlier set. Without `folder`, a failure
     between the renames leaves some replaced."""
     for path in contents:  # a destination no rename can replace is refused before anything is written
         if os.path.lexists(path):
@@ -345,35 +348,46 @@ def write_files(contents: dict, *, durable: bool = True, folder=None) -> None:
             if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
                 raise NeuroAdaUsageError(f"output exists and is a {kind_of(mode)}, which is never replaced",
                                          path=os.path.abspath(os.fspath(path)))
+    finals = [os.path.abspath(os.fspath(p)) for p in contents]
+    staged = list(zip(finals, contents.values()))
+    homes = {}
     if folder is not None:
         folder = os.path.abspath(os.fspath(folder))
-        _roll_forward(folder)  # a killed writer's temporaries are its new files, not stale siblings to delete
-    temps, recorded = {}, False
+        staged = [(os.path.abspath(os.fspath(p)), d) for p, d in (interim or {}).items()] + staged
+        homes = {path: _record_home(folder, path) for path, _ in staged}
+        for home in sorted(set(homes.values())):  # a killed writer's temporaries are its new files, not stale siblings
+            _roll_forward(home)
+    temps, recorded = [], []
     try:
-        for path, data in contents.items():
+        for path, data in staged:
             fill = data if callable(data) else _writer(data)
-            temps[path] = _filled_sibling(os.path.abspath(os.fspath(path)), fill, durable=durable, mode=None)
-        if folder is not None:
-            renames = [[os.path.relpath(tmp, folder), os.path.relpath(os.path.abspath(os.fspath(path)), folder)]
-                       for path, tmp in temps.items()]
-            if _recordable(folder, renames):
-                write_bytes(os.path.join(folder, PUBLISH_RECORD), json.dumps({"renames": renames}).encode("utf-8"),
-                            durable=durable)
-                recorded = True
-        for path, tmp in temps.items():
-            publish(tmp, os.path.abspath(os.fspath(path)), overwrite=True, durable=durable)
-        if recorded:
-            remove(os.path.join(folder, PUBLISH_RECORD))
+            temps.append((path, _filled_sibling(path, fill, durable=durable, mode=None)))
+        records = {}
+        for path, tmp in temps:
+            if path in homes:
+                home = homes[path]
+                records.setdefault(home, []).append([os.path.relpath(tmp, home), os.path.relpath(path, home)])
+        for home, renames in records.items():
+            for tmp, out in renames:
+                _check_recorded_rename(home, tmp, out)  # what a reader would refuse is never recorded
+            write_bytes(os.path.join(home, PUBLISH_RECORD), json.dumps({"renames": renames}).encode("utf-8"),
+                        durable=durable)
+            recorded.append(home)
+        for path, tmp in temps:
+            publish(tmp, path, overwrite=True, durable=durable)
+        for home in recorded:
+            remove(os.path.join(home, PUBLISH_RECORD))
             if durable:
-                fsync_dir(folder)
+                fsync_dir(home)
     except BaseException:
         if recorded:  # (Ctrl-C between two renames) the set is finished now, or by the next write or read
             try:
-                _roll_forward(folder)
+                for home in recorded:
+                    _roll_forward(home)
             except Exception:  # noqa: BLE001 - the record stays for the next one; the first error is the one to see
                 pass
         else:
-            for tmp in temps.values():
+            for _, tmp in temps:
                 if os.path.lexists(tmp):
                     remove(tmp)
         raise
@@ -382,12 +396,28 @@ def write_files(contents: dict, *, durable: bool = True, folder=None) -> None:
 PUBLISH_RECORD = ".neuroada-publish.json"  # the renames of a write_files set under way (see write_files)
 
 
+def _record_home(folder: str, path: str) -> str:
+    """The folder whose record lists the rename onto `path`: `folder`, for a file in it or in a real sub-folder of it;
+    else the sub-folder holding the file, which is a symbolic link or lies under one (the user's own, to another
+    disk). A reader never makes a rename through a link (a hostile record could move files anywhere), so such
+    renames are recorded where they are made, in a record without a link in its way, which a reader of that
+    sub-folder finishes (_record_folders)."""
+    where = os.path.dirname(path)
+    rel = os.path.relpath(where, folder)
+    if rel == os.curdir or (not rel.startswith(os.pardir + os.sep) and rel != os.pardir
+                            and os.path.realpath(where) == os.path.join(os.path.realpath(folder), rel)):
+        return folder
+    return where
+
+
 def finish_publish(folder) -> bool:
     """Finish a write_files set whose writer was killed between its renames (its record is in `folder`), so that a
     reader sees the new files whole; True if there was one. Waits for a writer that is still at work (its lock)."""
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.lexists(os.path.join(folder, PUBLISH_RECORD)):
         return False
+    if _settled(folder):
+        return True
     with checkpoint_lock(folder, exclusive=True, wait=True):
         return _roll_forward(folder)
 
@@ -417,50 +447,77 @@ def reading_folder(folder):
     while True:
         finish_publishes(folder)
         with checkpoint_lock(folder, exclusive=False, wait=True):
-            if any(os.path.lexists(os.path.join(where, PUBLISH_RECORD)) for where in records):
+            if not all(_settled(where) for where in records):
                 continue  # (a writer killed before we got the lock: finishing its record waits for ours)
             yield
             return
 
 
-def _roll_forward(folder: str) -> bool:
-    """The renames a record lists that were not made yet, then the record removed (the caller holds the lock)."""
+def _recorded_renames(folder: str) -> list[tuple[str, str]] | None:
+    """The (temporary, file) pairs of the record in `folder`, checked (_check_recorded_rename); None without one."""
     record = os.path.join(folder, PUBLISH_RECORD)
     if not os.path.lexists(record):
-        return False
+        return None
     try:
         renames = json.loads(read_regular(record, 1 << 20, rule=None, what="record").decode("utf-8"))["renames"]
         for a, b in renames:
             _check_recorded_rename(folder, a, b)
-        pairs = [(os.path.join(folder, a), os.path.join(folder, b)) for a, b in renames]
+        return [(os.path.join(folder, a), os.path.join(folder, b)) for a, b in renames]
     except (OSError, ValueError, KeyError, TypeError, NeuroAdaUsageError) as exc:
         raise NeuroAdaError(f"the record of a save into this folder that was interrupted between its renames cannot "
                             f"be read ({exc}); the folder may hold a mix of old and new files: remove "
                             f"{PUBLISH_RECORD} (no save or load of the folder goes on while it is there), then save "
                             f"again", path=record) from None
+
+
+def _unfinished(folder: str) -> bool:
+    """Whether the record in `folder` lists a rename not made yet (its temporary still there)."""
+    pairs = _recorded_renames(folder)
+    return pairs is not None and any(os.path.lexists(tmp) for tmp, _ in pairs)
+
+
+def _settled(folder: str) -> bool:
+    """Whether `folder` can be read as it is: no record, or one whose renames were all made in a folder this process
+    may not write (a shared store, a read-only mount), which is left for a writer to remove (_roll_forward). Taking
+    the folder's exclusive lock to find that out deadlocked a reader holding its shared lock (reading_folder)."""
+    if not os.path.lexists(os.path.join(folder, PUBLISH_RECORD)):
+        return True
+    return not os.access(folder, os.W_OK) and not _unfinished(folder)
+
+
+_READ_ONLY = frozenset((errno.EACCES, errno.EPERM, errno.EROFS))
+
+
+def _roll_forward(folder: str) -> bool:
+    """The renames a record lists that were not made yet, then the record removed (the caller holds the lock).
+
+    A folder this process may not write (a shared model store, a read-only mount): a record whose renames were all
+    made (killed before removing it) leaves a whole set, read as it is, the record left in place; one with renames
+    left is refused, since the folder holds a mix that only a writer can finish."""
+    pairs = _recorded_renames(folder)
+    if pairs is None:
+        return False
     try:
         for tmp, out in pairs:
             if os.path.lexists(tmp):  # (gone: renamed before the kill)
                 os.replace(tmp, out)
         for parent in sorted({os.path.dirname(out) for _, out in pairs}):
             fsync_dir(parent)
-        os.unlink(record)
+        os.unlink(os.path.join(folder, PUBLISH_RECORD))
         fsync_dir(folder)
     except OSError as exc:
-        raise NeuroAdaError(f"a save into this folder was interrupted between its renames, and finishing it failed "
-                            f"({exc.strerror or exc}): it needs write access to the folder", path=folder) from None
-    return True
-
-
-def _recordable(folder: str, renames: list) -> bool:
-    """Whether a reader would finish these renames: one into a sub-folder that is a symbolic link (the user's own, to
-    another disk, say) is refused there, and a record of it left every later save and load of the folder refused
-    after a mere Ctrl-C between the renames; such a set is published as without `folder` (unrecorded)."""
-    try:
-        for tmp, out in renames:
-            _check_recorded_rename(folder, tmp, out)
-    except ValueError:
-        return False
+        left = [out for tmp, out in pairs if os.path.lexists(tmp)]
+        if exc.errno in _READ_ONLY and not left:
+            return True
+        why = ("this process may not write it here (a read-only folder or mount)" if exc.errno in _READ_ONLY
+               else exc.strerror or str(exc))
+        raise NeuroAdaError(f"a save into this folder was interrupted between its renames, so it holds old and new "
+                            f"files side by side ({len(left)} not yet in place, e.g. {os.path.relpath(left[0], folder)}"
+                            f"), and finishing the save needs write access: {why}; nothing was read. Load or save "
+                            f"the folder once as a user who may write it (that finishes the save), then read it "
+                            f"again" if left else
+                            f"a save into this folder was interrupted after its renames, and removing its record "
+                            f"{PUBLISH_RECORD} failed: {why}", path=folder) from None
     return True
 
 

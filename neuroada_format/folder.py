@@ -239,6 +239,10 @@ STATE_FILE = "model.safetensors"
 STATE_MARKER = "_neuroada_trainable_state"
 STATE_PROBE = "_neuroada_probe"
 STATE_TRAINING = "_neuroada_training"  # the adapters that trained when the state was saved (one per line)
+# the stand-in a folder save puts in STATE_FILE's place while its other files are renamed (durable.write_files'
+# interim): Trainer reads that file alone, and found the previous save's state in a checkpoint killed mid-save; it
+# holds the folder it was saved into, and the load hook refuses it
+STATE_INTERRUPTED = "_neuroada_interrupted"
 
 
 def state_text(tensor) -> str:
@@ -275,7 +279,8 @@ def trained_extras(path, *, strict: bool = False) -> tuple[str, list[str]] | Non
         if strict:
             raise NeuroAdaError(f"cannot read the trainable state: {exc}", path=state) from None
         return None
-    extra = [k for k in keys if ".neuroada_" not in k and k not in (STATE_MARKER, STATE_TRAINING, guard)
+    extra = [k for k in keys if ".neuroada_" not in k
+             and k not in (STATE_MARKER, STATE_TRAINING, STATE_INTERRUPTED, guard)
              and not k.startswith(STATE_PROBE + ".")]
     return (state, extra) if extra else None
 

@@ -27,8 +27,8 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.adapter import encode as encode_adapter
 from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
 from neuroada_format.durable import checkpoint_lock, reading_folder, write_files
-from neuroada_format.folder import (CONFIG_NAME, STATE_FILE, STATE_MARKER, STATE_PROBE, STATE_TRAINING, WEIGHTS_NAME,
-                                    adapter_config, state_text, trained_extras, warn_trained_extras)
+from neuroada_format.folder import (CONFIG_NAME, STATE_FILE, STATE_INTERRUPTED, STATE_MARKER, STATE_PROBE,
+                                    STATE_TRAINING, WEIGHTS_NAME, adapter_config, state_text, trained_extras, warn_trained_extras)
 
 from .config import MODES, SELECTIONS, NeuroAdaConfig
 from .kernels.reference import gather_exact
@@ -1318,10 +1318,15 @@ def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool =
         contents.update(_folder_contents(path, *prepared[name]))
     # one metadata key only: safetensors writes them from a hash map, in an order that varies by process
     contents[os.path.join(folder, STATE_FILE)] = lambda tmp: save_file(state, tmp, metadata={"format": "pt"})
+    # until the set is in place, the state file is a stand-in that the load hook refuses: Trainer's resume reads that
+    # file alone, and a checkpoint killed mid-save resumed from the previous save's state (or found none)
+    stand_in = {STATE_MARKER: state[STATE_MARKER], STATE_INTERRUPTED: _text_tensor(os.path.abspath(folder)),
+                **({guard: state[guard]} if guard else {})}
+    interim = {os.path.join(folder, STATE_FILE): lambda tmp: save_file(stand_in, tmp, metadata={"format": "pt"})}
     with contextlib.ExitStack() as locks:  # the folder first, then its sub-folders: the order every save takes
         for path in sorted(set(paths.values()) | {folder}, key=lambda p: (p != folder, p)):
             locks.enter_context(checkpoint_lock(path, exclusive=True, wait=True))
-        write_files(contents, folder=folder)
+        write_files(contents, folder=folder, interim=interim)
 
 
 def _refuse_model_weights(folder: str) -> None:
@@ -1401,7 +1406,16 @@ def _text_tensor(text: str) -> torch.Tensor:
 def _state_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
     """A state marked as trainable state (save_pretrained's model.safetensors) holds no base by design;
     its guard tensor (see save_pretrained) is not a weight, nor are its probe hashes, which are checked against this
-    model's base (see _check_state_probes) and never reach torch (no unexpected keys)."""
+    model's base (see _check_state_probes) and never reach torch (no unexpected keys). A save's stand-in
+    (STATE_INTERRUPTED) is refused: its checkpoint was killed while it was written."""
+    interrupted = state_dict.get(prefix + STATE_INTERRUPTED)
+    if interrupted is not None:
+        where = state_text(interrupted)
+        raise NeuroAdaError(f"this trainable state is the stand-in of a save that was killed before its files were all "
+                            f"in place (a checkpoint interrupted while it was written): Trainer's files beside it "
+                            f"(optimizer.pt, trainer_state.json) are from before that save or missing, so nothing was "
+                            f"loaded. Resume from an earlier checkpoint; load_adapter({where!r}) finishes the save "
+                            f"and loads its adapters", path=where)
     marker = state_dict.pop(prefix + STATE_MARKER, None)
     training = state_dict.pop(prefix + STATE_TRAINING, None)
     head = f"{prefix}{STATE_PROBE}."
@@ -1635,15 +1649,17 @@ def load_trained_extras(model: nn.Module, folder) -> list[str]:
     neuroada-merge wrote, loaded with from_pretrained), which holds the base's values of them: the state file itself
     cannot be loaded into a model without the adapters (its guard entry fails on purpose), and its deltas are the
     adapters'. Every name and shape is checked before anything is copied."""
-    found = trained_extras(_check_path_argument(folder, "load_trained_extras"), strict=True)
-    if found is None:
-        return []
-    state, names = found
-    from safetensors import safe_open
+    folder = _check_path_argument(folder, "load_trained_extras")
+    with reading_folder(folder) if os.path.isdir(folder) else contextlib.nullcontext():  # (a save's set, whole)
+        found = trained_extras(folder, strict=True)
+        if found is None:
+            return []
+        state, names = found
+        from safetensors import safe_open
 
+        with safe_open(state, framework="pt") as f:
+            tensors = {n: f.get_tensor(n) for n in names}
     own = model.state_dict(keep_vars=True)
-    with safe_open(state, framework="pt") as f:
-        tensors = {n: f.get_tensor(n) for n in names}
     for n, t in tensors.items():
         if n not in own:
             raise NeuroAdaUsageError("the model has no tensor of this name", path=state, tensor=n)

@@ -316,33 +316,216 @@ def test_an_unreadable_record_says_what_to_do_in_an_order_that_works(tmp_path):
     _assert_holds(folder, model)
 
 
-def test_a_save_through_a_symlinked_sub_folder_interrupted_between_renames_leaves_no_record_we_refuse(tmp_path,
-                                                                                                      monkeypatch):
-    """A named adapter's sub-folder that is a symbolic link (the user's, to another disk): save_pretrained recorded
-    renames through it, which the reader refuses to make (a hostile record's move), so after a Ctrl-C between two
-    renames every later load and save of the folder was refused until the record was removed by hand. Such a set is
-    published unrecorded now: the next save works and loads as saved."""
+@pytest.mark.parametrize("renames", [3, 4])
+def test_a_save_through_a_symlinked_sub_folder_killed_between_its_renames_leaves_the_new_set(tmp_path, renames):
+    """A named adapter's sub-folder that is a symbolic link (the user's, to another disk): the reader never renames
+    through a link (a hostile record's move), so such sets were published unrecorded, and a kill between the renames
+    left b/ with the new weights beside the old config, refused by every load. Its renames are recorded in the
+    sub-folder itself now (no link in the reader's way), and reading b/ finishes them. Renames: the state's stand-in,
+    default's pair, b's pair, the state; 3: default's pair in place, 4: b's weights too."""
     folder, elsewhere = tmp_path / "ckpt", tmp_path / "elsewhere"
     folder.mkdir()
     elsewhere.mkdir()
     (folder / "b").symlink_to(elsewhere)
-    model = _two_adapters(2, 0)
-    model.save_pretrained(folder)
+    old, new = _two_adapters(1, 1), _two_adapters(2, 5)
+    old.save_pretrained(folder)
+
+    def save():
+        _killed_after_renames(renames)
+        new.save_pretrained(folder)
+
+    assert _in_child(save) == -signal.SIGKILL
+    assert (elsewhere / durable.PUBLISH_RECORD).exists() and (folder / durable.PUBLISH_RECORD).exists()
+    _assert_holds(folder / "b", new, "b")
+    _assert_holds(folder, new)
+    assert sorted(p.name for p in elsewhere.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert sorted(p.name for p in folder.iterdir()) == ["b", STATE_FILE, CONFIG_NAME, WEIGHTS_NAME]
+    new.save_pretrained(folder)  # and saves go on as before
+    _assert_holds(folder / "b", new, "b")
+
+
+def test_a_save_through_a_symlinked_sub_folder_interrupted_by_ctrl_c_is_finished_by_the_writer(tmp_path,
+                                                                                               monkeypatch):
+    """Ctrl-C between two renames: the writer finishes its recorded set itself, through the link included."""
+    folder, elsewhere = tmp_path / "ckpt", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    (folder / "b").symlink_to(elsewhere)
+    first = _two_adapters(2, 0)
+    first.save_pretrained(folder)
     real, count = durable.publish, [0]
 
     def interrupted(tmp, out, **kwargs):
+        real(tmp, out, **kwargs)
         if not out.endswith(durable.PUBLISH_RECORD):
             count[0] += 1
-            if count[0] == 2:
+            if count[0] == 4:  # (the stand-in, default's pair, b's weights)
                 raise KeyboardInterrupt
-        return real(tmp, out, **kwargs)
 
     monkeypatch.setattr(durable, "publish", interrupted)
     other = _two_adapters(3, 1)
     with pytest.raises(KeyboardInterrupt):
         other.save_pretrained(folder)
     monkeypatch.undo()
-    assert not (folder / durable.PUBLISH_RECORD).exists()
-    model.save_pretrained(folder)
-    _assert_holds(folder, model)
-    _assert_holds(folder / "b", model, "b")
+    assert not (folder / durable.PUBLISH_RECORD).exists() and not (elsewhere / durable.PUBLISH_RECORD).exists()
+    _assert_holds(folder, other)
+    _assert_holds(folder / "b", other, "b")
+
+
+# -- Trainer's resume reads model.safetensors alone ----------------------------------------------------------------
+def _trainer(run, model, steps, lr=1e-2):
+    transformers = pytest.importorskip("transformers")
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": r, "labels": r} for r in (torch.randint(0, 100, (8,), generator=g) for _ in range(8))]
+    args = transformers.TrainingArguments(str(run), max_steps=steps, save_steps=2, learning_rate=lr,
+                                          per_device_train_batch_size=2, report_to=[], use_cpu=True, seed=0,
+                                          disable_tqdm=True)
+    return transformers.Trainer(model=model, args=args, train_dataset=data)
+
+
+@pytest.mark.parametrize("renames", [1, 3])
+def test_trainer_resume_from_a_checkpoint_killed_mid_save_is_refused(tmp_path, renames):
+    """Trainer resumes from model.safetensors alone (load_state_dict through our hooks, no path), and a save's
+    renames put that file in place last: a run killed while saving checkpoint-4 over an earlier run's checkpoint-4
+    (a rerun into the same output_dir) resumed from the earlier run's state beside this run's adapter files, without a
+    word. While a save is pending the file is a stand-in now, which the hook refuses, saying what to do; the folder's
+    own readers finish the save. 1: only the stand-in in place; 3: default's pair too."""
+    from neuroada_format import NeuroAdaError as Refused
+
+    run = tmp_path / "run"
+    _trainer(run, attach(tiny_llama(), NeuroAdaConfig(k=2)), 4).train()  # the earlier run: checkpoint-2, -4
+
+    def rerun_killed_while_saving_checkpoint_4():
+        _killed_after_renames(renames)
+        _trainer(run, attach(tiny_llama(), NeuroAdaConfig(k=2)), 4, lr=5e-2).train(
+            resume_from_checkpoint=str(run / "checkpoint-2"))
+
+    assert _in_child(rerun_killed_while_saving_checkpoint_4) == -signal.SIGKILL
+    ck = run / "checkpoint-4"
+    assert (ck / durable.PUBLISH_RECORD).exists()
+    model = attach(tiny_llama(), NeuroAdaConfig(k=2))
+    before = {n: l.neuroada_val["default"].clone() for n, l in layers(model).items()}
+    with pytest.raises(Refused, match="killed before its files were all in place") as err:
+        _trainer(run, model, 6).train(resume_from_checkpoint=str(ck))
+    assert "Resume from an earlier checkpoint" in str(err.value) and "\n" not in str(err.value)
+    assert all(torch.equal(l.neuroada_val["default"], before[n]) for n, l in layers(model).items())
+    _trainer(run, attach(tiny_llama(), NeuroAdaConfig(k=2)), 6).train(resume_from_checkpoint=str(run / "checkpoint-2"))
+    fresh = tiny_llama()
+    load_adapter(fresh, ck)  # finishes the save: the rerun's adapter, and its state beside it
+    assert not (ck / durable.PUBLISH_RECORD).exists()
+    with safe_open(str(ck / STATE_FILE), framework="pt") as f:
+        for n, layer in layers(fresh).items():
+            assert torch.equal(f.get_tensor(f"{n}.neuroada_val.default").to(torch.bfloat16),
+                               layer.neuroada_val["default"].to(torch.bfloat16))
+
+
+# -- a folder this process may not write ---------------------------------------------------------------------------
+def _read_without_write_access(folder, read):
+    """``read()`` in a forked child that may not write ``folder`` (a shared model store): as root, where chmod does
+    not bite, the child drops to nobody's uid (the folder's ancestors are searchable, see _store); otherwise the
+    folder is made read-only for the read. Returns ("ok", what read returned) or ("error", type name, message)."""
+    ctx = multiprocessing.get_context("fork")
+    parent_end, child_end = ctx.Pipe()
+
+    def child():
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        try:
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            child_end.send(("ok", read()))
+        except BaseException as exc:  # noqa: BLE001 - sent back whole, for the assertions
+            child_end.send(("error", type(exc).__name__, str(exc)))
+        os._exit(0)
+
+    modes = {}
+    if os.geteuid() != 0:
+        for p in [folder, *[p for p in folder.rglob("*") if p.is_dir()]]:
+            modes[p] = p.stat().st_mode
+            p.chmod(0o555)
+    try:
+        proc = ctx.Process(target=child)
+        proc.start()
+        got = parent_end.recv() if parent_end.poll(120) else ("timeout",)
+        proc.join(30)
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+    return got
+
+
+@pytest.fixture
+def _store():
+    """A folder outside pytest's 0700 base folder, so that nobody's uid can search its way to it."""
+    import shutil
+    import tempfile
+
+    top = tempfile.mkdtemp(prefix="neuroada-store-")
+    os.chmod(top, 0o755)
+    try:
+        yield __import__("pathlib").Path(top)
+    finally:
+        shutil.rmtree(top)
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_read_only_folder_whose_save_was_killed_after_its_renames_reads_as_saved(_store):
+    """A save killed after its last rename, before it removed its record: the folder holds the new set whole, but
+    finishing meant removing the record, which a reader without write access cannot, so the folder was refused. It
+    is read as it is now, and the record stays for a writer."""
+    folder = _store / "task"
+    old, new = (with_deltas(tiny_llama(), k=k, seed=s, target_modules=["q_proj"]) for k, s in ((1, 1), (2, 5)))
+    save_adapter(old, folder)
+
+    def save():
+        _killed_after_renames(2)  # both files in place
+        save_adapter(new, folder)
+
+    assert _in_child(save) == -signal.SIGKILL
+    before = _files(folder)
+    want = {n: v.float() for n, v in _values(new).items()}
+
+    def read():
+        fresh = tiny_llama()
+        load_adapter(fresh, folder)
+        return all(torch.equal(_values(fresh)[n].float(), want[n]) for n in want)
+
+    assert _read_without_write_access(folder, read) == ("ok", True)
+    assert _files(folder) == before  # the record included: nothing was changed
+
+
+def test_a_read_only_folder_whose_save_was_killed_between_its_renames_is_refused_in_one_line(_store):
+    """Renames left to make: the folder holds new weights beside the old config, and only a writer can finish them:
+    every reader (load_adapter, the CLIs) refuses with our one-line error, never a PermissionError, and changes
+    nothing."""
+    from click.testing import CliRunner
+
+    from neuroada_format.cli import main as neuroada
+
+    folder = _store / "task"
+    old, new = (with_deltas(tiny_llama(), k=k, seed=s, target_modules=["q_proj"]) for k, s in ((1, 1), (2, 5)))
+    save_adapter(old, folder)
+
+    def save():
+        _killed_after_renames(1)  # the weights in place, not the config
+        save_adapter(new, folder)
+
+    assert _in_child(save) == -signal.SIGKILL
+    before = _files(folder)
+    got = _read_without_write_access(folder, lambda: load_adapter(tiny_llama(), folder) and None)
+    assert got[:2] == ("error", "NeuroAdaError"), got
+    assert "needs write access" in got[2] and "nothing was read" in got[2] and "\n" not in got[2]
+
+    def cli():
+        result = CliRunner().invoke(neuroada, ["validate", str(folder)])
+        return result.exit_code, result.output, repr(result.exception)
+
+    code, output, exc = _read_without_write_access(folder, cli)[1]
+    assert code not in (0, None) and "needs write access" in output and len(output.strip().splitlines()) == 1, \
+        (code, output, exc)
+    assert "Traceback" not in output and "PermissionError" not in output
+    assert _files(folder) == before
+    _assert_holds(folder, new)  # a writer finishes it
