@@ -57,7 +57,7 @@ import numpy as np
 
 from neuroada_format import Adapter, NeuroAdaError, NeuroAdaUsageError, load
 from neuroada_format.durable import check_output, checkpoint_folder, checkpoint_lock, naming_write_errors
-from neuroada_format.folder import TRAINED_EXTRAS_LOST, adapter_paths, warn_trained_extras
+from neuroada_format.folder import TRAINED_EXTRAS_LOST, reading_adapter, warn_trained_extras
 from neuroada_format.errors import missing_extra
 
 SLOWDOWN_ENV = "NEUROADA_TEST_SLOWDOWN"
@@ -94,9 +94,9 @@ def finite_scale(scale, path=None) -> float:
 
 def load_adapter_file(path) -> Adapter:
     """An adapter from a file or an adapter folder (the one resolver, neuroada_format.folder)."""
-    file, _ = adapter_paths(path)
-    warn_trained_extras(path, TRAINED_EXTRAS_LOST)
-    return load(file)
+    with reading_adapter(path) as (file, _, _):  # (the adapter is a memory map: its file, whatever is renamed later)
+        warn_trained_extras(path, TRAINED_EXTRAS_LOST)
+        return load(file)
 
 
 def _refuse_input_as_journal(journal, inputs, folders) -> None:

@@ -51,7 +51,7 @@ from neuroada_format.dtypes import BASE_DTYPES, NUMPY_DTYPES, VALUE_DTYPES, inde
 from neuroada_format.folder import OTHER_PEFT_HINT, TASK_TYPES
 from neuroada_format.folder import WEIGHTS_NAME as NEUROADA_WEIGHTS
 from neuroada_format.jsonparse import read_json
-from neuroada_format.folder import TRAINED_EXTRAS_LOST, adapter_paths, warn_trained_extras
+from neuroada_format.folder import TRAINED_EXTRAS_LOST, reading_adapter, warn_trained_extras
 from neuroada_format.merge import padded_rows
 from neuroada_format.metadata import METADATA_KEY, parse_document, version_for
 
@@ -276,10 +276,10 @@ def to_peft(adapter, out_dir, *, base=None, base_model_name_or_path=None, revisi
 
     inputs = []
     if not isinstance(adapter, Adapter):
-        file, _ = adapter_paths(adapter)
-        warn_trained_extras(adapter, TRAINED_EXTRAS_LOST)
-        inputs += [file, os.fspath(adapter)]  # the folder as given is an input as a whole
-        adapter = load(file)
+        with reading_adapter(adapter) as (file, _, _):
+            warn_trained_extras(adapter, TRAINED_EXTRAS_LOST)
+            inputs += [file, os.fspath(adapter)]  # the folder as given is an input as a whole
+            adapter = load(file)
     if base is not None and not hasattr(base, "array") and not isinstance(base, dict):
         inputs.append(os.fspath(base))
     # the overwrite rule before any work (and again when publishing)

@@ -23,7 +23,7 @@ import numpy as np
 from .adapter import load
 from .durable import checkpoint_folder, checkpoint_lock
 from .errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_USAGE, NeuroAdaError, exit_code, printable, stdout_gone
-from .folder import TRAINED_EXTRAS_LOST, adapter_paths, warn_trained_extras
+from .folder import TRAINED_EXTRAS_LOST, reading_adapter, warn_trained_extras
 from .merge import MergeOverflowWarning
 from .validate import validate
 
@@ -160,7 +160,7 @@ def validate_cmd(adapter, base, check_selection, as_json):
     """Check ADAPTER (a file or an adapter folder) against every rule of the spec (and BASE when given)."""
     if check_selection and not base:
         raise click.UsageError("--check-selection compares the indices with a base's top-k: it needs --base")
-    file, _ = adapter_paths(adapter)
+    file, _, _ = click.get_current_context().with_resource(reading_adapter(adapter))  # (read under its lock)
     warn_trained_extras(adapter, TRAINED_EXTRAS_LOST)
     if base:  # the lock rule's shared lock, as every reader of a checkpoint takes: never judge a half-merged base
         click.get_current_context().with_resource(checkpoint_lock(checkpoint_folder(base), exclusive=False))
@@ -217,9 +217,9 @@ def describe(adapter) -> dict:
 def inspect_cmd(adapter, as_json):
     """Describe ADAPTER (a file or an adapter folder): targets, shapes, k, dtypes, bytes, value
     statistics, base identity."""
-    file, _ = adapter_paths(adapter)
-    warn_trained_extras(adapter, TRAINED_EXTRAS_LOST)
-    info = describe(load(file))
+    with reading_adapter(adapter) as (file, _, _):
+        warn_trained_extras(adapter, TRAINED_EXTRAS_LOST)
+        info = describe(load(file))
     if as_json:
         echo(json.dumps(info, indent=2))  # ensure_ascii: every control is escaped
         return 0

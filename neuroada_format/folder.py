@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager, nullcontext
 
 from .dtypes import VALUE_DTYPES
-from .durable import finish_publishes
+from .durable import finish_publishes, reading_folder
 from .errors import NeuroAdaError, NeuroAdaUsageError
 from .jsonparse import read_json
 from .safe_io import check_regular
@@ -202,6 +203,17 @@ def adapter_config(path) -> tuple[str, str | None, dict | None]:
     """adapter_paths plus the folder's config as read and checked (None without one), for callers that use it."""
     file, config = _locate(os.fspath(path))
     return file, config, read_folder_config(config) if config else None
+
+
+@contextmanager
+def reading_adapter(path):
+    """adapter_config(path), with an adapter folder's shared lock (durable.reading_folder) held until the block ends:
+    read its files inside the block. The CLIs resolved a folder and then read its files with no lock, so a save
+    running meanwhile swapped them between the two (the config of one save, the weights of the next). The lock is
+    the runtime's load_adapter's: a save waits for the read, and the read for a save."""
+    path = os.fspath(path)
+    with reading_folder(path) if os.path.isdir(path) else nullcontext():
+        yield adapter_config(path)
 
 
 def _locate(path: str) -> tuple[str, str | None]:

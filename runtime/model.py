@@ -28,7 +28,8 @@ from neuroada_format.adapter import encode as encode_adapter
 from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
 from neuroada_format.durable import checkpoint_lock, reading_folder, write_files
 from neuroada_format.folder import (CONFIG_NAME, STATE_FILE, STATE_INTERRUPTED, STATE_MARKER, STATE_PROBE,
-                                    STATE_TRAINING, WEIGHTS_NAME, adapter_config, state_text, trained_extras, warn_trained_extras)
+                                    STATE_TRAINING, WEIGHTS_NAME, adapter_config, state_text, trained_extras,
+                                    warn_trained_extras)
 
 from .config import MODES, SELECTIONS, NeuroAdaConfig
 from .kernels.reference import gather_exact
