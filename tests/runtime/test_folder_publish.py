@@ -529,3 +529,32 @@ def test_a_read_only_folder_whose_save_was_killed_between_its_renames_is_refused
     assert "Traceback" not in output and "PermissionError" not in output
     assert _files(folder) == before
     _assert_holds(folder, new)  # a writer finishes it
+
+
+def test_load_trained_extras_of_a_folder_whose_save_was_killed_reads_the_saved_head(tmp_path):
+    """load_trained_extras read model.safetensors with no lock and no record finished: after a save killed between
+    its renames it read the state of the save before (or now the stand-in, which holds no head: nothing loaded, no
+    word). It reads under reading_folder now, which finishes the save first."""
+    from neuroada_format.runtime import load_trained_extras
+
+    folder = tmp_path / "ckpt"
+
+    def with_head(seed):
+        model = with_deltas(tiny_llama(), k=1, seed=seed, target_modules=["q_proj"])
+        model.lm_head.weight.requires_grad_(True)
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(seed)
+            model.lm_head.weight.add_(torch.randn(model.lm_head.weight.shape, generator=g))
+        return model
+
+    old, new = with_head(1), with_head(2)
+    old.save_pretrained(folder)
+
+    def save():
+        _killed_after_renames(3)  # the stand-in and default's pair in place, not the state
+        new.save_pretrained(folder)
+
+    assert _in_child(save) == -signal.SIGKILL
+    fresh = tiny_llama()
+    assert load_trained_extras(fresh, folder) == ["lm_head.weight"]
+    assert torch.equal(fresh.lm_head.weight, new.lm_head.weight)
