@@ -401,7 +401,9 @@ def _record_home(folder: str, path: str) -> str:
     else the sub-folder holding the file, which is a symbolic link or lies under one (the user's own, to another
     disk). A reader never makes a rename through a link (a hostile record could move files anywhere), so such
     renames are recorded where they are made, in a record without a link in its way, which a reader of that
-    sub-folder finishes (_record_folders)."""
+    sub-folder finishes (_record_folders). The records are written one after the other before the first rename: a
+    writer killed between two of them leaves each folder's files whole, but the sub-folder's may then be the next
+    save's and the folder's the previous one's (a window of one small file write)."""
     where = os.path.dirname(path)
     rel = os.path.relpath(where, folder)
     if rel == os.curdir or (not rel.startswith(os.pardir + os.sep) and rel != os.pardir
