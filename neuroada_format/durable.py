@@ -368,8 +368,12 @@ def write_files(contents: dict, *, durable: bool = True, folder=None, interim: d
                 home = homes[path]
                 records.setdefault(home, []).append([os.path.relpath(tmp, home), os.path.relpath(path, home)])
         for home, renames in records.items():
-            for tmp, out in renames:
-                _check_recorded_rename(home, tmp, out)  # what a reader would refuse is never recorded
+            for tmp, out in renames:  # what a reader would refuse is never recorded (a folder swapped for a link now)
+                try:
+                    _check_recorded_rename(home, tmp, out)
+                except ValueError as exc:
+                    raise NeuroAdaUsageError(f"the save cannot be recorded ({exc}); nothing was replaced",
+                                             path=home) from None
             write_bytes(os.path.join(home, PUBLISH_RECORD), json.dumps({"renames": renames}).encode("utf-8"),
                         durable=durable)
             recorded.append(home)
@@ -511,15 +515,14 @@ def _roll_forward(folder: str) -> bool:
         left = [out for tmp, out in pairs if os.path.lexists(tmp)]
         if exc.errno in _READ_ONLY and not left:
             return True
-        why = ("this process may not write it here (a read-only folder or mount)" if exc.errno in _READ_ONLY
-               else exc.strerror or str(exc))
+        why = ("needs write access, which this process lacks here (a read-only folder or mount)"
+               if exc.errno in _READ_ONLY else f"failed ({exc.strerror or exc})")
         raise NeuroAdaError(f"a save into this folder was interrupted between its renames, so it holds old and new "
                             f"files side by side ({len(left)} not yet in place, e.g. {os.path.relpath(left[0], folder)}"
-                            f"), and finishing the save needs write access: {why}; nothing was read. Load or save "
-                            f"the folder once as a user who may write it (that finishes the save), then read it "
-                            f"again" if left else
+                            f"), and finishing the save {why}; nothing was read. Load or save the folder once as a "
+                            f"user who may write it (that finishes the save), then read it again" if left else
                             f"a save into this folder was interrupted after its renames, and removing its record "
-                            f"{PUBLISH_RECORD} failed: {why}", path=folder) from None
+                            f"{PUBLISH_RECORD} {why}", path=folder) from None
     return True
 
 
