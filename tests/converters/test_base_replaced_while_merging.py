@@ -121,11 +121,12 @@ def test_a_gguf_renamed_over_between_two_tensor_reads_is_refused(tmp_path, monke
     (read_tensor), and a file renamed over after the first read would otherwise give a merge of two files' tensors."""
     G = _load("test_gguf")
     from neuroada_format.converters import gguf_merge as gm
+    from neuroada_format.converters import gguf_read as gr
 
     base = G.write_gguf(tmp_path / "m.gguf", G.hf_arrays(0))
     G.write_gguf(tmp_path / "other.gguf", G.hf_arrays(1))
     adapter = G.make_adapter(gm.open_gguf_base(base))
-    real = gm.read_tensor
+    real = gr.read_tensor
     calls = []
 
     def read_then_swap(*args, **kw):
@@ -135,7 +136,7 @@ def test_a_gguf_renamed_over_between_two_tensor_reads_is_refused(tmp_path, monke
             os.replace(tmp_path / "other.gguf", base)
         return out
 
-    monkeypatch.setattr(gm, "read_tensor", read_then_swap)
+    monkeypatch.setattr(gr, "read_tensor", read_then_swap)
     with pytest.raises(NeuroAdaUsageError, match="was replaced while the merge was reading") as err:
         gm.merge_gguf(base, [(adapter, 1.0)], tmp_path / "out.gguf", target_type="F32")
     assert err.value.path == os.fspath(base)

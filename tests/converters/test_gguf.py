@@ -23,6 +23,7 @@ from gguf import GGMLQuantizationType as QT, quants  # noqa: E402
 import neuroada_format as naf  # noqa: E402
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.backend import SLOWDOWN_ENV  # noqa: E402
 from neuroada_format.errors import exit_code  # noqa: E402
 
@@ -175,7 +176,7 @@ def test_merge_keeps_type_untouched_bytes_and_metadata(tiny, tmp_path, qt):
     out = tmp_path / "merged.gguf"
     summary = gm.merge_gguf(path, [adapter], out)
     assert summary.format == "gguf" and summary.targets == len(TARGETS)
-    src, dst = gm.read_gguf(path), gm.read_gguf(out)
+    src, dst = gr.read_gguf(path), gr.read_gguf(out)
     raw_src, raw_dst = path.read_bytes(), out.read_bytes()
     assert len(raw_src) == len(raw_dst)
     assert raw_src[:src.data_start] == raw_dst[:dst.data_start]  # metadata, tokenizer, tensor table
@@ -195,7 +196,7 @@ def test_merge_keeps_type_untouched_bytes_and_metadata(tiny, tmp_path, qt):
         touched = np.zeros(a.shape[0], bool)
         touched[pos // block] = True
         assert np.array_equal(a[~touched], b[~touched]), name
-        if qt in gm.FLOAT_TYPES:  # rule M, bit for bit
+        if qt in gr.FLOAT_TYPES:  # rule M, bit for bit
             want = naf.merge_weight(view.array(hf), [t])
             got = merged_view(out).array(hf)
             assert got.dtype == want.dtype
@@ -238,7 +239,7 @@ def test_target_type_retypes_touched_tensors_only(tiny, tmp_path, target_type):
     adapter = make_adapter(view)
     out = tmp_path / "m.gguf"
     s = gm.merge_gguf(path, [adapter], out, target_type=target_type)
-    src, dst = gm.read_gguf(path), gm.read_gguf(out)
+    src, dst = gr.read_gguf(path), gr.read_gguf(out)
     assert src.kv.keys() == dst.kv.keys() and src.alignment == dst.alignment
     with open(path, "rb") as f:
         head = f.read(src.infos_start)
@@ -346,7 +347,7 @@ def test_deltas_on_the_grid_merge_exactly_and_keep_every_block(tiny, tmp_path, q
     mv = merged_view(out)
     for n, t in targets.items():
         np.testing.assert_array_equal(mv.array(n), naf.merge_weight(view.array(n), [t]), err_msg=n)
-    src, dst = gm.read_gguf(path), gm.read_gguf(out)
+    src, dst = gr.read_gguf(path), gr.read_gguf(out)
     head = 4 if qt == QT.Q4_1 else 2  # every block keeps its scale (and minimum): only levels changed
     assert all(np.array_equal(np.asarray(src.blocks(g))[:, :head], np.asarray(dst.blocks(g))[:, :head])
                for g in src.tensors)
@@ -383,7 +384,7 @@ def test_decode_only_type_needs_requant(tiny, tmp_path):
     assert not (tmp_path / "no.gguf").exists()
     s = gm.merge_gguf(path, [adapter], tmp_path / "q8.gguf", requant="Q8_0")
     assert s.details["retyped"] == {"blk.1.ffn_down.weight": "Q8_0"}
-    dst = gm.read_gguf(tmp_path / "q8.gguf")
+    dst = gr.read_gguf(tmp_path / "q8.gguf")
     assert dst.tensors["blk.0.attn_q.weight"].type == QT.Q4_1  # encodable: kept
     full = view.array(down).copy()
     t = adapter.targets[down]
@@ -461,7 +462,7 @@ def valid_file(tiny):
 
 def _hostile_cases(path: "os.PathLike"):
     size = os.path.getsize(path)
-    f = gm.read_gguf(path)
+    f = gr.read_gguf(path)
     q_at, q_len = _tensor_info_offset(path, "blk.0.attn_q.weight")
     q_type = q_at + 8 + q_len + 4 + 8 * 2
     q_off = q_type + 4
@@ -516,7 +517,7 @@ def test_a_huge_block_count_costs_only_the_blocks_the_file_names(valid_file, tmp
     started = time.perf_counter()
     assert naf.validate(adapter, gm.open_gguf_base(huge)).ok
     assert time.perf_counter() - started < 10
-    end = gm.read_gguf(valid_file).infos_end
+    end = gr.read_gguf(valid_file).infos_end
 
     def to_bool(d):  # type BOOL (7) and its one byte in place of UINT32 and its four; 3 bytes at the header's end
         d[at:at + 8] = struct.pack("<I?", 7, True)  # keep the data where it was
@@ -544,21 +545,21 @@ def test_the_name_table_covers_the_named_blocks_as_gguf_py_would():
 def test_random_truncations_and_byte_flips_never_crash(valid_file, tmp_path):
     """Every prefix length class and random header corruption: our error or a valid parse, nothing else."""
     data = valid_file.read_bytes()
-    f = gm.read_gguf(valid_file)
+    f = gr.read_gguf(valid_file)
     rng = np.random.default_rng(11)
     bad = tmp_path / "fuzz.gguf"
     cuts = list(range(0, 64)) + list(rng.integers(0, len(data), 60))
     for cut in cuts:
         bad.write_bytes(data[:int(cut)])
         with pytest.raises(NeuroAdaError):
-            gm.read_gguf(bad)
+            gr.read_gguf(bad)
     for _ in range(150):
         d = bytearray(data)
         for _ in range(int(rng.integers(1, 4))):
             d[int(rng.integers(0, f.data_start))] = int(rng.integers(0, 256))
         bad.write_bytes(bytes(d))
         try:
-            gm.read_gguf(bad)
+            gr.read_gguf(bad)
         except NeuroAdaError:
             pass
 
@@ -584,7 +585,7 @@ def test_fifo_or_folder_named_gguf_is_refused_without_blocking(tmp_path, valid_f
     swapped = tmp_path / "swapped.gguf"
     shutil.copyfile(valid_file, swapped)
     with fifo_after_check(), deadline(), pytest.raises(NeuroAdaUsageError, match="FIFO"):
-        gm.read_gguf(swapped)
+        gr.read_gguf(swapped)
 
 
 def test_output_rules(tiny, tmp_path):
@@ -660,7 +661,7 @@ def test_cli_merge_and_validate_against_a_gguf(tiny, tmp_path):
     out = tmp_path / "m.gguf"
     assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(adapter), "--out", os.fspath(out),
                       "--json"]) == 0
-    assert gm.read_gguf(out).tensors.keys() == gm.read_gguf(path).tensors.keys()
+    assert gr.read_gguf(out).tensors.keys() == gr.read_gguf(path).tensors.keys()
     assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(adapter), "--out", os.fspath(out)]) == 2
     other = write_gguf(tmp_path / "other.gguf", hf_arrays(seed=4), QT.Q4_1)
     res = CliRunner().invoke(neuroada, ["validate", os.fspath(adapter), "--base", os.fspath(other)])
@@ -686,7 +687,7 @@ def test_cli_options_reach_the_gguf_backend(tiny, tmp_path):
     out = tmp_path / "f16.gguf"
     assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(adapter), "--out", os.fspath(out),
                       "--option", "target_type=F16"]) == 0
-    assert {gm.read_gguf(out).tensors[g].type.name for g in (view.resolve(n).gguf_name for n in TARGETS)} == {"F16"}
+    assert {gr.read_gguf(out).tensors[g].type.name for g in (view.resolve(n).gguf_name for n in TARGETS)} == {"F16"}
     api = tmp_path / "api.gguf"
     gm.merge_gguf(path, [adapter], api, target_type="F16")
     assert api.read_bytes() == out.read_bytes()

@@ -25,6 +25,7 @@ from gguf import GGMLQuantizationType as QT, quants  # noqa: E402
 import neuroada_format as naf  # noqa: E402
 from neuroada_format import NeuroAdaError  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import NeuroAdaConfig, attach, merge_and_unload, save_adapter  # noqa: E402
 
@@ -240,7 +241,7 @@ def read_falcon(path, case):
     """A Falcon GGUF read the way transformers' loader reads Bloom's (gguf-py decodes, the regrouping is undone), into
     the case's model: transformers' own loader cannot build Falcon's new decoder architecture from a GGUF."""
     model = build(case)
-    n_kv = gm.read_gguf(path).kv["falcon.attention.head_count_kv"]
+    n_kv = gr.read_gguf(path).kv["falcon.attention.head_count_kv"]
     stored = {t.name: quants.dequantize(t.data, t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape)))
               for t in gguf.GGUFReader(os.fspath(path)).tensors}
     tmap = gguf.TensorNameMap(gguf.MODEL_ARCH.FALCON, LAYERS)
@@ -292,13 +293,13 @@ def merges_as_the_runtime(tmp_path, base, read, keys, *, scale=0.05):
     out_q = tmp_path / "q" / "merged.gguf"
     out_q.parent.mkdir()
     assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out_q)]) == 0
-    view, before, after = gm.open_gguf_base(base), gm.read_gguf(base), gm.read_gguf(out_q)
+    view, before, after = gm.open_gguf_base(base), gr.read_gguf(base), gr.read_gguf(out_q)
     targets = {view.storage_name(key) for key in keys}
     assert {after.tensors[g].type for g in targets} == {before.tensors[g].type for g in targets}  # types kept
     l_q = logits(read(out_q))
     retention = 1 - np.linalg.norm(l_q - l_rt) / np.linalg.norm(l_rt - l_base)
     assert retention > 0.95, retention
-    for merged in (gm.read_gguf(out), after):
+    for merged in (gr.read_gguf(out), after):
         assert set(merged.tensors) == set(before.tensors)
         for name in sorted(set(before.tensors) - targets):
             assert merged.tensors[name].type == before.tensors[name].type, name
@@ -372,7 +373,7 @@ def test_adapter_trained_on_the_gguf_model_merges_into_the_gguf(case, tmp_path):
     out = merges_as_the_runtime(tmp_path, base, lambda p: read_back(p, case), linear_keys(build(case)),
                                 scale=0.2 if case == "bloom" else 0.05)  # (Bloom's normed embeddings: larger logits)
     if case == "qwen2moe":  # the one-row shared-expert gate keeps its 1-D layout (transformers reads only that)
-        assert gm.read_gguf(out).tensors["blk.0.ffn_gate_inp_shexp.weight"].ne == (HIDDEN,)
+        assert gr.read_gguf(out).tensors["blk.0.ffn_gate_inp_shexp.weight"].ne == (HIDDEN,)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -544,7 +545,7 @@ def test_falcon_new_decoder_file_is_read_as_transformers_falcon_attention_splits
     for hook in hooks:
         hook.remove()
     inputs = [inputs[layer.self_attention.query_key_value] for layer in model.transformer.h]
-    f = gm.read_gguf(path)
+    f = gr.read_gguf(path)
     hd, n_kv = HIDDEN // HEADS, KV_HEADS
     for i in range(LAYERS):
         w = f.decode(f"blk.{i}.attn_qkv.weight")

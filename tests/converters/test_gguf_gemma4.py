@@ -33,6 +33,7 @@ from gguf import GGMLQuantizationType as QT  # noqa: E402
 
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import NeuroAdaConfig, attach, save_adapter  # noqa: E402
 
@@ -202,7 +203,7 @@ def test_the_generated_file_is_the_model_for_transformers(case, tmp_path):
         assert torch.equal(t, sd_back[key]), key
     np.testing.assert_array_equal(logits(back), logits(model))
 
-    stored = gm.read_gguf(path)
+    stored = gr.read_gguf(path)
     names = [k for k in sd if renamed(k)]
     assert len(names) == (3 if case == "moe" else 1) * cfg.num_hidden_layers
     for key in names:

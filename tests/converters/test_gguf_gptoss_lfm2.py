@@ -41,6 +41,7 @@ from gguf import GGMLQuantizationType as QT, quants  # noqa: E402
 
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import NeuroAdaConfig, attach, merge_and_unload, save_adapter  # noqa: E402
 
@@ -271,7 +272,7 @@ def test_the_generated_file_is_the_model_for_transformers(case, tmp_path):
         assert torch.equal(t, sd_back[key]), key
     np.testing.assert_array_equal(logits(back), logits(model))
 
-    stored = gm.read_gguf(path).tensors
+    stored = gr.read_gguf(path).tensors
     if case == "lfm2":
         assert stored["blk.0.shortconv.conv.weight"].shape == (HIDDEN, cfg.conv_L_cache)  # squeezed
         assert stored["blk.0.shortconv.in_proj.weight"].shape == (3 * HIDDEN, HIDDEN)  # B, C, x: not split
@@ -319,7 +320,7 @@ def test_adapter_trained_on_the_gguf_model_merges_into_the_gguf(case, tmp_path):
     base = write_like_llama_cpp(tmp_path / "base.gguf", case, build(case), QT.Q8_0)
     merges_as_the_runtime(tmp_path, base, lambda p: read_back(p, case), linear_keys(build(case)))
     if case == "gpt-oss":
-        assert gm.read_gguf(base).tensors["blk.0.ffn_up_exps.weight"].type == QT.MXFP4
+        assert gr.read_gguf(base).tensors["blk.0.ffn_up_exps.weight"].type == QT.MXFP4
 
 
 def test_a_gptoss_router_target_merges_as_rule_m(tmp_path):
@@ -329,7 +330,7 @@ def test_a_gptoss_router_target_merges_as_rule_m(tmp_path):
     back through transformers as the model with that merged router."""
     model = build("gpt-oss")
     base = write_like_llama_cpp(tmp_path / "base.gguf", "gpt-oss", model, QT.Q8_0)
-    assert gm.read_gguf(base).tensors["blk.2.ffn_gate_inp.weight"].type == QT.F32
+    assert gr.read_gguf(base).tensors["blk.2.ffn_gate_inp.weight"].type == QT.F32
     key = "model.layers.2.mlp.router.weight"
     w = model.state_dict()[key].numpy()
     rng = np.random.default_rng(5)
@@ -432,7 +433,7 @@ def test_gptoss_rope_scaling_keys_change_nothing_we_read(tmp_path):
     idx = naf.select_indices(w, k=2, rule="magnitude")
     target = naf.Target.from_weight(key, w, idx, np.ones(idx.shape, np.float32), value_dtype="F32")
     gm.merge_gguf(path, [naf.Adapter({key: target})], tmp_path / "m.gguf")
-    merged = gm.read_gguf(tmp_path / "m.gguf")
+    merged = gr.read_gguf(tmp_path / "m.gguf")
     assert merged.kv == full.file.kv
 
 
@@ -550,7 +551,7 @@ def test_mistral3_adapter_merges_into_the_gguf(tmp_path):
     l_q = logits(read_mistral3(out_q))
     retention = 1 - np.linalg.norm(l_q - l_rt) / np.linalg.norm(l_rt - l_base)
     assert retention > 0.95, retention
-    before, after = gm.read_gguf(base), gm.read_gguf(out_q)
+    before, after = gr.read_gguf(base), gr.read_gguf(out_q)
     for name in ("token_embd.weight", "output.weight", "blk.0.attn_norm.weight", "output_norm.weight"):
         np.testing.assert_array_equal(after.raw(name), before.raw(name), err_msg=name)
 

@@ -19,6 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants  # noqa: E
 
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 
 from test_gguf import HIDDEN, TARGETS, hf_arrays, make_adapter, write_gguf  # noqa: E402
@@ -168,7 +169,7 @@ def test_snapped_adapter_merges_exactly_and_is_counted(tmp_path, small_chunks, q
     mv = gm.open_gguf_base(out)
     for n, t in adapter.targets.items():
         np.testing.assert_array_equal(mv.array(n), naf.merge_weight(view.array(n), [t]), err_msg=n)
-    src, dst = gm.read_gguf(path), gm.read_gguf(out)
+    src, dst = gr.read_gguf(path), gr.read_gguf(out)
     head = 4 if qt == QT.Q4_1 else 2
     for g in src.tensors:
         a, b = np.asarray(src.blocks(g)), np.asarray(dst.blocks(g))
@@ -237,7 +238,7 @@ def test_one_off_grid_value_re_encodes_one_block(tmp_path, small_chunks):
             mask[0, c % block] = True
     want = gm.encode_blocks(QT.Q4_1, merged[bid:bid + 1], np.asarray(view.file.blocks(g))[bid:bid + 1], mask,
                             touched_weight=100.0)
-    got, ref = gm.read_gguf(out), gm.read_gguf(exact)
+    got, ref = gr.read_gguf(out), gr.read_gguf(exact)
     assert np.array_equal(np.asarray(got.blocks(g))[bid:bid + 1], want)
     for name2 in got.tensors:
         a, b = np.asarray(got.blocks(name2)), np.asarray(ref.blocks(name2))

@@ -20,6 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants  # noqa: E
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters import gguf_kquants as kq  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 
 from test_gguf import hf_arrays, make_adapter, write_gguf  # noqa: E402
@@ -167,7 +168,7 @@ def test_a_file_merges_without_options_and_keeps_its_types(tmp_path, t):
     out = tmp_path / "merged.gguf"
     assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(_saved(adapter, tmp_path)),
                       "--out", os.fspath(out)]) == 0
-    src, dst = gm.read_gguf(path), gm.read_gguf(out)
+    src, dst = gr.read_gguf(path), gr.read_gguf(out)
     raw_src, raw_dst = path.read_bytes(), out.read_bytes()
     assert len(raw_src) == len(raw_dst) and raw_src[:src.data_start] == raw_dst[:dst.data_start]
     holds = touched_blocks(view, adapter)
@@ -234,7 +235,7 @@ def test_deltas_on_the_blocks_levels_merge_exactly(tmp_path, t):
     assert not np.array_equal(want, view.array(n))
     np.testing.assert_array_equal(merged.array(n), want)
     g = view.resolve(n).gguf_name
-    a, b = kq.unpack(t, gm.read_gguf(path).blocks(g)), kq.unpack(t, gm.read_gguf(tmp_path / "m.gguf").blocks(g))
+    a, b = kq.unpack(t, gr.read_gguf(path).blocks(g)), kq.unpack(t, gr.read_gguf(tmp_path / "m.gguf").blocks(g))
     assert np.array_equal(a.d, b.d) and np.array_equal(a.sc, b.sc)
     assert not np.array_equal(a.q, b.q)
 
@@ -250,7 +251,7 @@ def test_transformers_reads_a_merged_file_as_our_view(tmp_path):
     out = tmp_path / "m" / "merged.gguf"
     out.parent.mkdir()
     gm.merge_gguf(path, [adapter], out)
-    assert {gm.read_gguf(out).tensors[view.resolve(n).gguf_name].type for n in types} == set(TYPES)
+    assert {gr.read_gguf(out).tensors[view.resolve(n).gguf_name].type for n in types} == set(TYPES)
     sd = transformers.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).state_dict()
     merged = gm.open_gguf_base(out)
     for n in types:
@@ -268,7 +269,7 @@ def test_touched_tensors_retyped_into_the_type(tmp_path, t):
     out = tmp_path / "m.gguf"
     assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(_saved(adapter, tmp_path)), "--out",
                       os.fspath(out), "--option", f"target_type={t.name}"]) == 0
-    dst = gm.read_gguf(out)
+    dst = gr.read_gguf(out)
     assert dst.tensors["blk.1.ffn_down.weight"].type == t and dst.tensors["blk.0.ffn_down.weight"].type == QT.F16
     want = naf.merge_weight(view.array(DOWN), [adapter.targets[DOWN]])
     err = np.linalg.norm(gm.open_gguf_base(out).array(DOWN) - want) / np.linalg.norm(want)

@@ -19,6 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants  # noqa: E
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters import gguf_kquants as kq  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 
 from test_gguf import TARGETS, hf_arrays, make_adapter, write_gguf  # noqa: E402
@@ -112,7 +113,7 @@ def test_a_q4_k_m_like_file_merges_without_options(tmp_path):
     out = tmp_path / "merged.gguf"
     assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(_saved(adapter, tmp_path)),
                       "--out", os.fspath(out)]) == 0
-    src, dst = gm.read_gguf(path), gm.read_gguf(out)
+    src, dst = gr.read_gguf(path), gr.read_gguf(out)
     raw_src, raw_dst = path.read_bytes(), out.read_bytes()
     assert len(raw_src) == len(raw_dst) and raw_src[:src.data_start] == raw_dst[:dst.data_start]
     holds = touched_blocks(view, adapter)
@@ -155,8 +156,8 @@ def test_deltas_on_the_subblock_grids_merge_exactly(tmp_path, t):
         want = naf.merge_weight(view.array(n), [adapter.targets[n]])
         np.testing.assert_array_equal(merged.array(n), want, err_msg=n)
     # the super-scales and sub-block scales are the base's: only levels moved
-    a, b = kq.unpack(t, gm.read_gguf(path).blocks("blk.1.ffn_down.weight")), \
-        kq.unpack(t, gm.read_gguf(tmp_path / "m.gguf").blocks("blk.1.ffn_down.weight"))
+    a, b = kq.unpack(t, gr.read_gguf(path).blocks("blk.1.ffn_down.weight")), \
+        kq.unpack(t, gr.read_gguf(tmp_path / "m.gguf").blocks("blk.1.ffn_down.weight"))
     assert np.array_equal(a.d, b.d) and np.array_equal(a.sc, b.sc) and np.array_equal(a.mn, b.mn)
     assert not np.array_equal(a.q, b.q)
 
@@ -187,7 +188,7 @@ def test_touched_tensors_retyped_into_a_kquant(tmp_path, t):
     adapter = make_adapter(view, k=4, targets=[down])
     s = gm.merge_gguf(path, [adapter], tmp_path / "m.gguf", target_type=t.name)
     assert s.details["retyped"] == {"blk.1.ffn_down.weight": t.name}
-    dst = gm.read_gguf(tmp_path / "m.gguf")
+    dst = gr.read_gguf(tmp_path / "m.gguf")
     assert dst.tensors["blk.1.ffn_down.weight"].type == t and dst.tensors["blk.0.ffn_down.weight"].type == QT.F16
     want = naf.merge_weight(view.array(down), [adapter.targets[down]])
     err = np.linalg.norm(gm.open_gguf_base(tmp_path / "m.gguf").array(down) - want) / np.linalg.norm(want)

@@ -24,6 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT  # noqa: E402
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters import gguf_kquants as kq  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 
 from test_gguf import hf_arrays, make_adapter, write_gguf  # noqa: E402
@@ -41,7 +42,7 @@ SCALE_AT = {QT.Q6_K: -2, QT.Q3_K: -2}
 
 def damaged(src, dst, gname, blocks, bits, at=None):
     """A copy of the GGUF file src with the F16 at byte `at` of the tensor's blocks `blocks` set to `bits`."""
-    f = gm.read_gguf(src)
+    f = gr.read_gguf(src)
     info = f.tensors[gname]
     size = GGML_QUANT_SIZES[info.type][1]
     at = SCALE_AT.get(info.type, 0) if at is None else at
@@ -169,7 +170,7 @@ def test_damaged_blocks_the_merge_does_not_touch_are_copied(tmp_path, capsys):
     code, lines = merge(capsys, path, adapter, out)
     assert code == 0, lines
     assert not any("encountered" in line or "RuntimeWarning" in line for line in lines), lines
-    assert np.array_equal(gm.read_gguf(out).blocks(UP_G)[free], gm.read_gguf(path).blocks(UP_G)[free])
+    assert np.array_equal(gr.read_gguf(out).blocks(UP_G)[free], gr.read_gguf(path).blocks(UP_G)[free])
 
 
 @pytest.mark.parametrize("kind", ["nan", "inf"])

@@ -23,6 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants  # noqa: E
 import neuroada_format as naf  # noqa: E402
 from neuroada_format import NeuroAdaError  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters import block_fit  # noqa: E402
 from neuroada_format.merge import Delta, plan_merge  # noqa: E402
 
@@ -58,7 +59,7 @@ def whole_tensor_reference(path, adapters, *, encoder="search", touched_weight=1
         weight = np.array(f.decode(gname))
         mp = plan_merge(weight, deltas)
         start = f.data_start + info.offset
-        if info.type in gm.FLOAT_TYPES:
+        if info.type in gr.FLOAT_TYPES:
             weight.reshape(-1)[mp.positions] = mp.merged
             data[start:start + info.nbytes] = weight.tobytes()
             continue
@@ -105,7 +106,7 @@ def test_layout_is_the_input_s_and_untouched_bytes_are_identical(tmp_path, small
     adapter = make_adapter(gm.open_gguf_base(path), k=4)
     out = tmp_path / "m.gguf"
     gm.merge_gguf(path, [adapter], out)
-    src, dst = gm.read_gguf(path), gm.read_gguf(out)
+    src, dst = gr.read_gguf(path), gr.read_gguf(out)
     assert (src.data_start, src.alignment, src.size) == (dst.data_start, dst.alignment, dst.size)
     assert {n: (t.type, t.ne, t.offset, t.nbytes) for n, t in src.tensors.items()} == \
         {n: (t.type, t.ne, t.offset, t.nbytes) for n, t in dst.tensors.items()}

@@ -26,6 +26,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT  # noqa: E402
 
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 
 from test_gguf import hf_arrays, make_adapter, write_gguf  # noqa: E402
@@ -76,7 +77,7 @@ def test_kept_type_merge_runs_in_llama_cpp_as_the_file_decodes(t, tmp_path, read
     out = tmp_path / "merged.gguf"
     assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(_saved(adapter, tmp_path)),
                       "--out", os.fspath(out)]) == 0
-    merged = gm.read_gguf(out)
+    merged = gr.read_gguf(out)
     assert {merged.tensors[view.resolve(n).gguf_name].type for n in targets} == {t}  # kept
 
     r_base, r_merged = reader(base), reader(out)

@@ -221,6 +221,7 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from test_gguf import TARGETS, hf_arrays, write_gguf  # noqa: E402
 from test_gguf import make_adapter as gguf_adapter  # noqa: E402
 
@@ -233,17 +234,17 @@ def gguf_base(tmp_path):
 
 def test_gguf_header_cut_while_parsed(gguf_base, monkeypatch):
     path, _ = gguf_base
-    monkeypatch.setattr(gm._Cursor, "WINDOW", 64)  # the header is read in many windows
-    _cut_once(monkeypatch, gm._Cursor, "at", path, 100)
+    monkeypatch.setattr(gr._Cursor, "WINDOW", 64)  # the header is read in many windows
+    _cut_once(monkeypatch, gr._Cursor, "at", path, 100)
     with pytest.raises(NeuroAdaError, match="truncated while read: the file ended at byte 100") as err:
-        gm.read_gguf(path)
+        gr.read_gguf(path)
     assert err.value.path == os.fspath(path)
 
 
 @pytest.mark.parametrize("step", ["validate", "merge"])
 def test_gguf_tensors_cut_after_the_header_was_read(gguf_base, tmp_path, monkeypatch, step):
     path, adapter = gguf_base
-    data_start = gm.read_gguf(path).data_start
+    data_start = gr.read_gguf(path).data_start
     _cut_once(monkeypatch, gm, "read_gguf", path, data_start + 10)
     with pytest.raises(NeuroAdaUsageError, match="shrank") as err:
         if step == "validate":

@@ -32,6 +32,7 @@ from test_gguf import hf_arrays, write_gguf  # noqa: E402  (the tiny GGUF genera
 import neuroada_format as naf  # noqa: E402
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import (  # noqa: E402
     NeuroAdaConfig,
@@ -128,7 +129,7 @@ def check_merged_file(base, merged_path, model):
             mapped = view.resolve(key)
             src = np.asarray(view.file.blocks(mapped.gguf_name))
             dst = np.asarray(mv.file.blocks(mapped.gguf_name))
-            block = gm.GGML_QUANT_SIZES[view.file.tensors[mapped.gguf_name].type][0]
+            block = gguf.GGML_QUANT_SIZES[view.file.tensors[mapped.gguf_name].type][0]
             idx = layer.neuroada_idx["default"].numpy()
             changed = snapped[name].numpy() != 0
             inverse = np.arange(layer.d_out) if mapped.inverse is None else mapped.inverse  # HF row -> GGUF row
@@ -177,7 +178,7 @@ def test_trained_on_grid_merges_into_the_gguf_exactly(bases, tmp_path, qtype, ca
     details, said = merged_json(base, tmp_path / "out", out, capsys)
     # every gridded block packed on its grid; only the Q5_1 projection (no grid: re-encoded) is warned about
     q5 = gm.open_gguf_base(base).resolve(Q5_TARGET).gguf_name
-    n_q5 = gm.read_gguf(base).tensors[q5].nbytes // gm.GGML_QUANT_SIZES[QT.Q5_1][1]
+    n_q5 = gr.read_gguf(base).tensors[q5].nbytes // gguf.GGML_QUANT_SIZES[QT.Q5_1][1]
     assert 0 < details["blocks_reencoded"] <= n_q5
     total = details["blocks_on_grid"] + details["blocks_reencoded"]
     assert said.err.count("warning:") == 1
@@ -451,7 +452,7 @@ def test_iq4_layers_stay_plain(tmp_path, itype):
     t = QT[itype]
     arrays = hf_arrays()
     downs = [f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1)]
-    raw = {n: kq.encode(t, arrays[n].reshape(-1, gm.GGML_QUANT_SIZES[t][0]), None, None).reshape(64, -1)
+    raw = {n: kq.encode(t, arrays[n].reshape(-1, gguf.GGML_QUANT_SIZES[t][0]), None, None).reshape(64, -1)
            for n in downs}
     base = write_gguf(tmp_path / "base.gguf", arrays, QT.Q8_0, types={n: t for n in downs}, raw=raw)
     model, types = attached(base)
