@@ -36,6 +36,7 @@ import smollm2  # noqa: E402
 import neuroada_format as naf  # noqa: E402
 from gguf_retention import LOGIT_PROMPTS, attach_k20, retention, score, target_names, task  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.runtime import save_adapter, train_on_grid  # noqa: E402
 from results_md import replace_section, table  # noqa: E402
 
@@ -48,7 +49,7 @@ def kquant_file(q41: Path, ktype: str) -> Path:
     out = CACHE / f"smollm2-down-{ktype}.gguf"
     if out.exists():
         return out
-    view = gm.open_gguf_base(q41)
+    view = gn.open_gguf_base(q41)
     downs = [n for n in view.keys() if n.endswith("mlp.down_proj.weight")]
     zero = {}
     for n in downs:
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     kfile = kquant_file(q41, args.type)
     print(f"-- {kfile.name}: {time.perf_counter() - t0:.1f} s", flush=True)
-    view = gm.open_gguf_base(kfile)
+    view = gn.open_gguf_base(kfile)
     types = {n: view.encoding(n) for n in view.keys() if n.endswith("proj.weight")}
 
     def load_on_file():
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
                 t1 = time.perf_counter()
                 s = gm.merge_gguf(kfile, [a], out, **opts)
                 seconds = time.perf_counter() - t1
-                merged = gm.open_gguf_base(out)
+                merged = gn.open_gguf_base(out)
                 weights = {n: np.asarray(merged.array(n), np.float32) for n in names}
                 size = os.path.getsize(out)
             lv, acc = evaluate(weights)

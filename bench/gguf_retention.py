@@ -46,6 +46,7 @@ import smollm2  # noqa: E402
 import tasks  # noqa: E402
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, save_adapter, train_on_grid  # noqa: E402
 
 sys.path.insert(0, str(HERE))
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gguf_file = smollm2.gguf_path()
-    view = gm.open_gguf_base(gguf_file)
+    view = gn.open_gguf_base(gguf_file)
     CACHE.mkdir(parents=True, exist_ok=True)
     model, tokenizer = smollm2.load()
     encoded, plan, held_out = task(tokenizer, args.steps, args.seed)
@@ -172,7 +173,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             gm.merge_gguf(gguf_file, [adapter_obj], out, **opts)
             seconds = time.perf_counter() - t0
-            merged = gm.open_gguf_base(out)
+            merged = gn.open_gguf_base(out)
             weights = {n: np.asarray(merged.array(n), dtype=np.float32) for n in names}
             size = os.path.getsize(out)
         lv, acc = evaluate(weights)
@@ -234,7 +235,7 @@ def main(argv=None) -> int:
         f"({args.steps} steps of 8 on the main job's word-group task, seed {args.seed}); retention = 1 - "
         f"||l_v - l_rt|| / ||l_rt - l_base|| over every position of {LOGIT_PROMPTS} held-out prompts "
         f"(l_rt: the runtime merge, f32); accuracy on the {len(held_out)} held-out words (chance 25%). "
-        "Files read back with converters/gguf_merge.py (checked against transformers' GGUF loader in the tests). "
+        "Files read back with converters/gguf_names.py (checked against transformers' GGUF loader in the tests). "
         "The rows 'trained through the Q4_1 grid' are a second adapter, trained from zero with its deltas "
         "snapped in the forward pass to the grid of the block that holds them (straight-through gradients); "
         "the rows 'trained adapter + N steps' snap the first adapter to the grid and train N more steps "
@@ -430,7 +431,7 @@ def merge_timing(gguf_file, adapter, view, names) -> list[list]:
                                                       np.zeros(adapter.targets[n].indices.shape, np.float32))
                             for n in names})
         gm.merge_gguf(gguf_file, [zero], f16, target_type="F16")
-    f16_view = gm.open_gguf_base(f16)
+    f16_view = gn.open_gguf_base(f16)
     on_f16 = naf.Adapter({n: naf.Target.from_weight(n, f16_view.array(n), np.asarray(t.indices), np.asarray(t.values))
                           for n, t in adapter.targets.items()})
     for label, base, adp in (("Q4_1 (re-encode touched blocks)", Path(gguf_file), adapter),

@@ -395,7 +395,7 @@ def build_gguf(folder: str, layers: int, target_type: str) -> tuple[str, str]:
     import gguf
     from gguf import GGMLQuantizationType as QT
 
-    from neuroada_format.converters import gguf_merge as gm
+    from neuroada_format.converters import gguf_names as gn
 
     rng = np.random.default_rng(1)
     path = os.path.join(folder, f"model-{target_type}.gguf")
@@ -432,7 +432,7 @@ def build_gguf(folder: str, layers: int, target_type: str) -> tuple[str, str]:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     ts = {}
     for name in targets:
         weight = view.array(name)

@@ -339,9 +339,9 @@ def gguf_check(model, merged_gguf: Path, enc, tokenizer, held_out, runtime_logit
     retention = 1 - ||l_gguf - l_runtime|| / ||l_runtime - l_untuned|| over the real positions of the check
     prompts: the fraction of the adapter's logit change that survives the file's encoding (1: all of it).
     """
-    from neuroada_format.converters import gguf_merge
+    from neuroada_format.converters import gguf_names
 
-    view = gguf_merge.open_gguf_base(merged_gguf)
+    view = gguf_names.open_gguf_base(merged_gguf)
     with torch.no_grad():
         for name in (n + ".weight" for n, m in model.named_modules() if n.split(".")[-1] in PROJECTIONS):
             model.get_parameter(name).copy_(torch.from_numpy(np.asarray(view.array(name), dtype=np.float32)))

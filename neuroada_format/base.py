@@ -139,7 +139,7 @@ def _open_gguf(path: str):
     """A GGUF file (llama.cpp) as a base: the converters' strict reader, keyed by Hugging Face names and
     de-quantized to the values the probe hash covers (spec section 15). Imported on demand: gguf is optional."""
     try:
-        from neuroada_format.converters.gguf_merge import open_gguf_base
+        from neuroada_format.converters.gguf_names import open_gguf_base
     except ImportError as exc:
         raise missing_extra("GGUF bases need", exc, "gguf", path=path) from None
     return open_gguf_base(path)

@@ -35,11 +35,11 @@ checkpoints) is the same. While a grid is on, `save_adapter` / `save_pretrained`
 checkpoints keeps the unsnapped ones, which is what resuming needs (call `train_on_grid` again on the rebuilt
 model). The adapter's `save_dtype` becomes F32 while the grid is on: a snapped delta `d * (q - q0)` needs up to 15
 significant bits (more for a K-quant's sub-block scale or an f32 scale). The grids come from the converters:
-converters/gguf_merge.py (`block_grid`, the Hugging Face -> GGUF name map and llama.cpp's q/k row order) and
-converters/onnx_nbits.py (`Weight.grid`), each target found by converters/onnx_merge.py's resolver exactly as the
-merge finds it; those modules, gguf and onnx are imported only when a grid is registered. Serving several adapters
-(runtime/multi.py: `set_adapter`, mixed batches, `add_weighted_adapter`) reads the snapped deltas too, through the
-same `NeuroAdaLayer.delta`.
+converters/gguf_merge.py (`block_grid`), converters/gguf_names.py (the Hugging Face -> GGUF name map and llama.cpp's
+q/k row order) and converters/onnx_nbits.py (`Weight.grid`), each target found by converters/onnx_merge.py's
+resolver exactly as the merge finds it; those modules, gguf and onnx are imported only when a grid is registered.
+Serving several adapters (runtime/multi.py: `set_adapter`, mixed batches, `add_weighted_adapter`) reads the snapped
+deltas too, through the same `NeuroAdaLayer.delta`.
 """
 from __future__ import annotations
 
@@ -199,12 +199,13 @@ def _f32_bits(x: np.ndarray) -> torch.Tensor:
 
 
 def _gguf_view(path):
-    """converters/gguf_merge's view of a GGUF file (imported here: the runtime must import without gguf)."""
+    """converters/gguf_names' view of a GGUF file, and gguf_merge for its grids (imported here: the runtime must
+    import without gguf)."""
     try:
-        from neuroada_format.converters import gguf_merge
+        from neuroada_format.converters import gguf_merge, gguf_names
     except ImportError as exc:
         raise missing_extra("training through a GGUF grid needs", exc, "gguf", path=os.fspath(path)) from None
-    return gguf_merge, gguf_merge.open_gguf_base(path)
+    return gguf_merge, gguf_names.open_gguf_base(path)
 
 
 def _adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, NeuroAdaLayer]:
@@ -310,7 +311,7 @@ def _plan_gguf(model, found, gguf_path, adapter_name):
         if mapped is None:
             raise NeuroAdaError(f"the GGUF file has no tensor for {key}: it is not this model's base",
                                 path=path, tensor=key, rule="4.1")
-        if layer.transposed != mapped.transposed:  # (GPT-2's Conv1D weights are stored transposed: gguf_merge)
+        if layer.transposed != mapped.transposed:  # (GPT-2's Conv1D weights are stored transposed: gguf_names)
             raise NeuroAdaUsageError(f"GGUF stores {mapped.gguf_name} as [d_out, d_in], which a "
                                      f"{'transposed (Conv1D)' if layer.transposed else 'linear'} layer's weight "
                                      f"is not", path=path, tensor=key)

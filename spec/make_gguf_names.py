@@ -14,7 +14,7 @@ from importlib.metadata import version
 import gguf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from neuroada_format.converters.gguf_merge import ARCHS  # noqa: E402
+from neuroada_format.converters.gguf_names import ARCHS  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gguf-names.json")
 

@@ -97,10 +97,11 @@ def test_a_repointed_folder_link_is_refused(tmp_path, two_versions, monkeypatch,
 def test_a_gguf_renamed_over_is_refused(tmp_path, monkeypatch):
     G = _load("test_gguf")
     from neuroada_format.converters import gguf_merge as gm
+    from neuroada_format.converters import gguf_names as gn
 
     base = G.write_gguf(tmp_path / "m.gguf", G.hf_arrays(0))
     G.write_gguf(tmp_path / "other.gguf", G.hf_arrays(1))
-    adapter = G.make_adapter(gm.open_gguf_base(base))
+    adapter = G.make_adapter(gn.open_gguf_base(base))
     backend = type(gm.BACKEND)
     real = backend.plan
 
@@ -121,11 +122,12 @@ def test_a_gguf_renamed_over_between_two_tensor_reads_is_refused(tmp_path, monke
     (read_tensor), and a file renamed over after the first read would otherwise give a merge of two files' tensors."""
     G = _load("test_gguf")
     from neuroada_format.converters import gguf_merge as gm
+    from neuroada_format.converters import gguf_names as gn
     from neuroada_format.converters import gguf_read as gr
 
     base = G.write_gguf(tmp_path / "m.gguf", G.hf_arrays(0))
     G.write_gguf(tmp_path / "other.gguf", G.hf_arrays(1))
-    adapter = G.make_adapter(gm.open_gguf_base(base))
+    adapter = G.make_adapter(gn.open_gguf_base(base))
     real = gr.read_tensor
     calls = []
 

@@ -23,6 +23,7 @@ from gguf import GGMLQuantizationType as QT, quants  # noqa: E402
 import neuroada_format as naf  # noqa: E402
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.backend import SLOWDOWN_ENV  # noqa: E402
 from neuroada_format.errors import exit_code  # noqa: E402
@@ -131,12 +132,12 @@ def make_adapter(base, k=4, seed=1, value_dtype="F32", targets=TARGETS, scale=0.
 def tiny(tmp_path):
     def build(matrix_type=QT.Q4_1, **kw):
         path = write_gguf(tmp_path / f"base-{matrix_type.name}.gguf", hf_arrays(), matrix_type, **kw)
-        return path, gm.open_gguf_base(path)
+        return path, gn.open_gguf_base(path)
     return build
 
 
 def merged_view(path):
-    return gm.open_gguf_base(path)
+    return gn.open_gguf_base(path)
 
 
 ALL_TYPES = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
@@ -161,7 +162,7 @@ def test_rope_permutation_matches_transformers_reverse():
     w = np.arange(32 * 3, dtype=np.float32).reshape(32, 3)
     for n_head, n_kv in ((4, 4), (8, 2)):
         permuted = llama_cpp_permute(w, n_head, n_kv)
-        perm = gm.rope_permutation(32, n_kv)
+        perm = gn.rope_permutation(32, n_kv)
         np.testing.assert_array_equal(permuted, w[perm])
         back = LlamaTensorProcessor()._reverse_permute_weights(permuted, n_head, n_kv)
         np.testing.assert_array_equal(back, w)
@@ -278,7 +279,7 @@ def test_retyping_holds_one_tensor_at_a_time(tmp_path, target_type):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    view = gm.open_gguf_base(tmp_path / "m.gguf")
+    view = gn.open_gguf_base(tmp_path / "m.gguf")
     targets = {}
     for name in arrays:
         base = view.array(name)
@@ -294,7 +295,7 @@ def test_retyping_holds_one_tensor_at_a_time(tmp_path, target_type):
         tracemalloc.stop()
     assert len(s.details["retyped"]) == 24
     assert peak < 0.6 * new_bytes, (peak, new_bytes)  # one tensor's decode and bytes, and gguf-py's 1 MB name table
-    merged = gm.open_gguf_base(tmp_path / "out.gguf")
+    merged = gn.open_gguf_base(tmp_path / "out.gguf")
     for name, t in targets.items():
         want = naf.merge_weight(view.array(name), [t])
         got = merged.array(name)
@@ -404,7 +405,7 @@ def test_adapter_from_the_dequantized_copy_validates_against_the_gguf(tiny, tmp_
     adapter = make_adapter(naf.ArrayBase(copy))
     assert naf.validate(adapter, view).ok
     other_path = write_gguf(tmp_path / "other.gguf", hf_arrays(seed=9), QT.Q4_1)
-    report = naf.validate(adapter, gm.open_gguf_base(other_path))
+    report = naf.validate(adapter, gn.open_gguf_base(other_path))
     assert {p["rule"] for p in report.errors} == {"4.3"}
     with pytest.raises(NeuroAdaError, match="probe hash") as exc:
         gm.merge_gguf(other_path, [adapter], tmp_path / "x.gguf")
@@ -495,7 +496,7 @@ def test_hostile_files_are_refused_quickly(valid_file, tmp_path):
         bad = _mutate(valid_file, tmp_path / f"bad{i}.gguf", fn)
         started = time.perf_counter()
         with pytest.raises(NeuroAdaError) as exc:
-            gm.open_gguf_base(bad)
+            gn.open_gguf_base(bad)
         assert time.perf_counter() - started < 2.0, label
         err = exc.value
         assert type(err) is NeuroAdaError and exit_code(err) == 1, label
@@ -513,9 +514,9 @@ def test_a_huge_block_count_costs_only_the_blocks_the_file_names(valid_file, tmp
     assert struct.unpack_from("<I", valid_file.read_bytes(), at)[0] == 4  # a UINT32 value
     huge = _mutate(valid_file, tmp_path / "huge.gguf", lambda d: d.__setitem__(slice(at + 4, at + 8),
                                                                                  struct.pack("<I", 99_999)))
-    adapter = make_adapter(gm.open_gguf_base(valid_file), k=2)
+    adapter = make_adapter(gn.open_gguf_base(valid_file), k=2)
     started = time.perf_counter()
-    assert naf.validate(adapter, gm.open_gguf_base(huge)).ok
+    assert naf.validate(adapter, gn.open_gguf_base(huge)).ok
     assert time.perf_counter() - started < 10
     end = gr.read_gguf(valid_file).infos_end
 
@@ -525,17 +526,17 @@ def test_a_huge_block_count_costs_only_the_blocks_the_file_names(valid_file, tmp
 
     as_bool = _mutate(valid_file, tmp_path / "bool.gguf", to_bool)
     with pytest.raises(NeuroAdaError, match="block_count is missing or not a small integer"):
-        naf.validate(adapter, gm.open_gguf_base(as_bool))
+        naf.validate(adapter, gn.open_gguf_base(as_bool))
 
 
 def test_the_name_table_covers_the_named_blocks_as_gguf_py_would():
     """One tensor named blk.99998.x in a 1 KB file made the capped table as costly as the count itself: the table
     is built for the block numbers the file names, entry for entry what gguf-py's TensorNameMap builds."""
-    for arch in gm.ARCHS:
+    for arch in gn.ARCHS:
         enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-        assert gm.name_table(enum, range(3)).mapping == gguf.TensorNameMap(enum, 3).mapping, arch
+        assert gn.name_table(enum, range(3)).mapping == gguf.TensorNameMap(enum, 3).mapping, arch
     started = time.perf_counter()
-    table = gm.name_table(gguf.MODEL_ARCH.LLAMA, [99_998])
+    table = gn.name_table(gguf.MODEL_ARCH.LLAMA, [99_998])
     assert time.perf_counter() - started < 1.0
     assert table.get_name("model.layers.99998.self_attn.q_proj.weight", try_suffixes=(".weight",)) == \
         "blk.99998.attn_q.weight"
@@ -566,7 +567,7 @@ def test_random_truncations_and_byte_flips_never_crash(valid_file, tmp_path):
 
 def test_missing_base_is_a_usage_error(tmp_path):
     with pytest.raises(NeuroAdaUsageError) as exc:
-        gm.open_gguf_base(tmp_path / "nope.gguf")
+        gn.open_gguf_base(tmp_path / "nope.gguf")
     assert exit_code(exc.value) == 2
 
 
@@ -580,7 +581,7 @@ def test_fifo_or_folder_named_gguf_is_refused_without_blocking(tmp_path, valid_f
     folder.mkdir()
     for path in (fifo, folder):
         with deadline(), pytest.raises(NeuroAdaUsageError) as exc:
-            gm.open_gguf_base(path)
+            gn.open_gguf_base(path)
         assert exc.value.rule == "1.1" and exit_code(exc.value) == 2
     swapped = tmp_path / "swapped.gguf"
     shutil.copyfile(valid_file, swapped)
@@ -726,7 +727,7 @@ def test_a_touched_weight_that_overflows_the_search_is_refused(tmp_path, capsys)
              "model.layers.0.self_attn.v_proj.weight": QT.IQ4_NL}
     path = kquant_file(tmp_path, types)  # its other projections Q8_0
     adapter = tmp_path / "a.safetensors"
-    naf.save(make_adapter(gm.open_gguf_base(path), k=2, scale=0.01, targets=list(types) + TARGETS[:1]), adapter)
+    naf.save(make_adapter(gn.open_gguf_base(path), k=2, scale=0.01, targets=list(types) + TARGETS[:1]), adapter)
     args = ["--base", os.fspath(path), "--adapter", os.fspath(adapter), "--out", os.fspath(tmp_path / "m.gguf")]
     for weight in ("1e20", "1.000001e6"):
         assert merge_run(args + ["--option", f"touched_weight={weight}"]) == 2
@@ -791,7 +792,7 @@ def test_merged_values_a_block_cannot_hold_are_refused(tiny, tmp_path, qt, capsy
     # a scale that stays in range merges, every value finite
     assert merge_run(["--base", os.fspath(path), "--adapter", f"{adapter}:100", "--out", os.fspath(out)]) == 0
     assert "overflow" not in capsys.readouterr().err
-    merged = gm.open_gguf_base(out).array(TARGETS[0])
+    merged = gn.open_gguf_base(out).array(TARGETS[0])
     assert np.isfinite(merged).all()
 
 
@@ -802,7 +803,7 @@ def test_heads_that_do_not_split_the_rows_name_the_file_and_tensor(tmp_path):
     data[at:at + 4] = struct.pack("<I", 5)  # 5 heads: the rows do not split
     path.write_bytes(bytes(data))
     with pytest.raises(NeuroAdaError) as exc:
-        gm.open_gguf_base(path).resolve(TARGETS[0])
+        gn.open_gguf_base(path).resolve(TARGETS[0])
     assert exc.value.path == os.fspath(path) and exc.value.tensor == "blk.0.attn_q.weight" and exc.value.rule == "4.2"
 
 
@@ -838,7 +839,7 @@ def test_values_a_retyped_block_cannot_hold_are_refused(tmp_path, qt, capsys):
     assert not out.exists()
     assert merge_run(args[:4] + ["--adapter", os.fspath(tmp_path / "a.safetensors"), "--option",
                                  "target_type=F32"]) == 0  # the way out the message names
-    np.testing.assert_array_equal(gm.open_gguf_base(out).array(down),
+    np.testing.assert_array_equal(gn.open_gguf_base(out).array(down),
                                   naf.merge_weight(arrays[down], [adapter.targets[down]]))
 
 
@@ -851,7 +852,7 @@ def test_heads_that_contradict_the_rows_are_refused_without_verify_too(tmp_path,
     from neuroada_format.converters.merge_cli import run as merge_run
 
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.F32)
-    naf.save(make_adapter(gm.open_gguf_base(path), targets=TARGETS[:2]), tmp_path / "a.safetensors")
+    naf.save(make_adapter(gn.open_gguf_base(path), targets=TARGETS[:2]), tmp_path / "a.safetensors")
     data = bytearray(path.read_bytes())
     at = _kv_offset(path, key) + 4  # past the value's type (UINT32)
     data[at:at + 4] = struct.pack("<I", value)
@@ -865,7 +866,7 @@ def test_heads_that_contradict_the_rows_are_refused_without_verify_too(tmp_path,
         tensor = "blk.1.attn_k.weight" if "kv" in key else "blk.0.attn_q.weight"
         assert f"(base tensor {tensor})" in lines[0] and not out.exists(), lines
     with pytest.raises(NeuroAdaError) as exc:  # the base's own words name the file
-        gm.open_gguf_base(path).resolve(TARGETS[1] if "kv" in key else TARGETS[0])
+        gn.open_gguf_base(path).resolve(TARGETS[1] if "kv" in key else TARGETS[0])
     assert exc.value.path == os.fspath(path) and exc.value.tensor == tensor and exc.value.rule == "4.2"
 
 
@@ -883,7 +884,7 @@ def test_retyped_targets_report_overflow_as_a_float_base_does(tiny, tmp_path, ca
                       "--option", f"target_type={target_type}"]) == 0
     err = capsys.readouterr().err
     assert "encountered" not in err, err
-    merged = gm.open_gguf_base(out).array(TARGETS[0])
+    merged = gn.open_gguf_base(out).array(TARGETS[0])
     n = int((~np.isfinite(np.asarray(merged, np.float32))).sum())
     assert n > 0 and f"merge overflowed the {target_type} range at {n} positions" in err, err
 
@@ -944,7 +945,7 @@ def test_base_errors_of_one_target_are_reported_against_it(tiny, tmp_path):
     data[at:at + 4] = struct.pack("<I", 5)
     bad_heads = tmp_path / "heads.gguf"
     bad_heads.write_bytes(bytes(data))
-    report = naf.validate(adapter, gm.open_gguf_base(bad_heads))
+    report = naf.validate(adapter, gn.open_gguf_base(bad_heads))
     by_target = {p["tensor"]: p for p in report.errors}
     # q_proj's 64 rows do not split into 5 heads; k_proj's split into its 2 key heads, but not of 64 / 5 values
     assert set(by_target) == {TARGETS[0], TARGETS[1]}  # the rest pass
@@ -953,14 +954,14 @@ def test_base_errors_of_one_target_are_reported_against_it(tiny, tmp_path):
 
     shutil.copy(path, tmp_path / "no-arch.gguf")
     no_arch = _rename_key(tmp_path / "no-arch.gguf", "general.architecture", "general.architectur_")
-    view = gm.open_gguf_base(no_arch)  # opens: the file's own tensor names need no architecture
+    view = gn.open_gguf_base(no_arch)  # opens: the file's own tensor names need no architecture
     report = naf.validate(adapter, view)
     assert {p["rule"] for p in report.errors} == {"4.1"} and len(report.errors) == len(TARGETS)
     assert "general.architecture" in report.errors[0]["message"]
     by_gguf_name = make_adapter(view, targets=["blk.0.attn_v.weight", "blk.1.ffn_down.weight"])
     assert naf.validate(by_gguf_name, view).ok
     gm.merge_gguf(no_arch, [by_gguf_name], tmp_path / "merged.gguf")
-    merged = gm.open_gguf_base(tmp_path / "merged.gguf")
+    merged = gn.open_gguf_base(tmp_path / "merged.gguf")
     assert not np.array_equal(merged.array("blk.0.attn_v.weight"), view.array("blk.0.attn_v.weight"))
 
 
@@ -1006,7 +1007,7 @@ def test_validating_against_a_large_quantized_tensor_decodes_only_the_probes(tmp
     q = quants.quantize(w, QT.Q8_0)
     writer.add_tensor("blk.0.ffn_up.weight", q, raw_shape=q.shape, raw_dtype=QT.Q8_0)
     writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
-    view = gm.open_gguf_base(tmp_path / "big.gguf")
+    view = gn.open_gguf_base(tmp_path / "big.gguf")
     adapter = make_adapter(view, k=1, targets=["blk.0.ffn_up.weight"])
     tracemalloc.start()
     try:

@@ -25,6 +25,7 @@ from gguf import GGMLQuantizationType as QT, quants  # noqa: E402
 import neuroada_format as naf  # noqa: E402
 from neuroada_format import NeuroAdaError  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import NeuroAdaConfig, attach, merge_and_unload, save_adapter  # noqa: E402
@@ -275,7 +276,7 @@ def merges_as_the_runtime(tmp_path, base, read, keys, *, scale=0.05):
     adapter = tmp_path / "adapter"
     save_adapter(model, adapter, value_dtype="F32")
     assert sorted(naf.load(adapter / "neuroada_model.safetensors").targets) == sorted(keys)
-    report = naf.validate(os.fspath(adapter / "neuroada_model.safetensors"), gm.open_gguf_base(base))  # probes
+    report = naf.validate(os.fspath(adapter / "neuroada_model.safetensors"), gn.open_gguf_base(base))  # probes
     assert report.ok, report.problems
     merged_rt = merge_and_unload(model)
     l_rt = logits(merged_rt)
@@ -293,7 +294,7 @@ def merges_as_the_runtime(tmp_path, base, read, keys, *, scale=0.05):
     out_q = tmp_path / "q" / "merged.gguf"
     out_q.parent.mkdir()
     assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out_q)]) == 0
-    view, before, after = gm.open_gguf_base(base), gr.read_gguf(base), gr.read_gguf(out_q)
+    view, before, after = gn.open_gguf_base(base), gr.read_gguf(base), gr.read_gguf(out_q)
     targets = {view.storage_name(key) for key in keys}
     assert {after.tensors[g].type for g in targets} == {before.tensors[g].type for g in targets}  # types kept
     l_q = logits(read(out_q))
@@ -327,10 +328,10 @@ def extracted_tune_merges_back(tmp_path, path, model, keys, *, transposed=False)
 def merges_into_the_tune(tmp_path, path, adapter, tuned, keys) -> None:
     """An adapter extracted from a fine-tune validates against the GGUF at `path`, and merged with F32 targets the file
     holds the tune's weights at every key."""
-    assert naf.validate(adapter, gm.open_gguf_base(path)).ok
+    assert naf.validate(adapter, gn.open_gguf_base(path)).ok
     out = tmp_path / "merged.gguf"
     gm.merge_gguf(path, [adapter], out, target_type="F32")
-    merged = gm.open_gguf_base(out)
+    merged = gn.open_gguf_base(out)
     for key in keys:
         np.testing.assert_allclose(merged.array(key), tuned[key], atol=1e-6, err_msg=key)
 
@@ -354,7 +355,7 @@ def test_every_linear_weight_maps_to_its_values(case, tmp_path):
     """Our view: every linear weight by its Hugging Face key, in Hugging Face row order; `keys()` gives those keys."""
     model = build(case)
     path = write_like_llama_cpp(tmp_path / "m.gguf", case, model, QT.F32)
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     keys = linear_keys(model)
     assert keys and set(keys) <= set(view.keys())
     for key in keys:
@@ -393,7 +394,7 @@ def test_an_architecture_without_a_mapping_is_refused_by_name(arch, tmp_path):
     w.add_block_count(1)
     w.add_tensor("blk.0.attn_output.weight", np.zeros((32, 32), np.float32))
     finish(w)
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     assert "blk.0.attn_output.weight" in view  # its own names still work
     with pytest.raises(NeuroAdaError) as e:
         view.resolve("model.layers.0.self_attn.o_proj.weight")
@@ -440,7 +441,7 @@ def tuned_checkpoint_extracts_the_trained_positions(tmp_path, base, tuned, adapt
     assert sorted(got.targets) == sorted(trained.targets) and report["not_in_finetuned"] == []
     for key, t in trained.targets.items():
         np.testing.assert_array_equal(got.targets[key].indices, t.indices, err_msg=key)
-    assert naf.validate(got, gm.open_gguf_base(base)).ok
+    assert naf.validate(got, gn.open_gguf_base(base)).ok
 
 
 def text_merge_read_back(back, vlm, text, n_targets: int) -> None:
@@ -497,7 +498,7 @@ def test_training_on_the_q8_0_grid_merges_exactly(case, tmp_path):
     merged_rt = merge_and_unload(model)
     out = tmp_path / "merged.gguf"
     assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(out)]) == 0
-    view = gm.open_gguf_base(out)
+    view = gn.open_gguf_base(out)
     for key in types:
         assert view.info(key)[1] == tuple(merged_rt.state_dict()[key].shape), key  # as the checkpoint holds it
         np.testing.assert_array_equal(view.array(key), merged_rt.state_dict()[key].numpy(), err_msg=key)
@@ -509,7 +510,7 @@ def test_a_gpt2_conv1d_key_with_an_out_in_adapter_is_refused(tmp_path):
     (4.2), also for the square c_proj, whose shape alone would not tell the orientations apart."""
     base = write_like_llama_cpp(tmp_path / "base.gguf", "gpt2", build("gpt2"), QT.Q8_0)
     key = "transformer.h.0.attn.c_proj.weight"  # square: only the layout tells the orientations apart
-    w = gm.open_gguf_base(base).array(key)
+    w = gn.open_gguf_base(base).array(key)
     idx = naf.select_indices(w.T, k=2, rule="magnitude")
     wrong = naf.Target.from_weight(key, w.T.copy(), idx, np.zeros(idx.shape, np.float32), value_dtype="F32")
     with pytest.raises(NeuroAdaError) as e:
@@ -595,7 +596,7 @@ def test_a_fused_qkv_whose_heads_do_not_pin_its_rows_is_refused(case, changes, r
     file's other linears still map."""
     arch = gguf_arch(case)
     path = _with_kv(write_like_llama_cpp(tmp_path / "m.gguf", case, build(case), QT.F32), tmp_path, arch, **changes)
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     with pytest.raises(NeuroAdaError) as e:
         view.resolve("transformer.h.0.self_attention.query_key_value.weight")
     assert e.value.rule == rule and words in str(e.value), str(e.value)
@@ -617,7 +618,7 @@ def test_a_falcon_qkv_bias_is_refused_and_bloom_s_follows_its_rows(tmp_path):
         w.add_tensor(t.name, np.array(t.data))
     w.add_tensor("blk.0.attn_qkv.bias", np.zeros((HEADS + 2 * KV_HEADS) * HIDDEN // HEADS, np.float32))
     finish(w)
-    view = gm.open_gguf_base(out)
+    view = gn.open_gguf_base(out)
     with pytest.raises(NeuroAdaError) as e:
         view.resolve("transformer.h.0.self_attention.query_key_value.bias")
     assert e.value.rule == "4.1" and e.value.tensor == "blk.0.attn_qkv.bias" and e.value.path == os.fspath(out)
@@ -625,7 +626,7 @@ def test_a_falcon_qkv_bias_is_refused_and_bloom_s_follows_its_rows(tmp_path):
     assert "blk.0.attn_qkv.bias" in keys and "transformer.h.0.self_attention.query_key_value.weight" in keys
 
     bloom = build("bloom")
-    view = gm.open_gguf_base(write_like_llama_cpp(tmp_path / "b.gguf", "bloom", bloom, QT.F32))
+    view = gn.open_gguf_base(write_like_llama_cpp(tmp_path / "b.gguf", "bloom", bloom, QT.F32))
     for i in range(LAYERS):
         key = f"transformer.h.{i}.self_attention.query_key_value.bias"
         assert key in view.keys()

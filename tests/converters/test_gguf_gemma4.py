@@ -32,7 +32,7 @@ pytest.importorskip("transformers.models.gemma4")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
 import neuroada_format as naf  # noqa: E402
-from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import NeuroAdaConfig, attach, save_adapter  # noqa: E402
@@ -216,7 +216,7 @@ def test_every_linear_weight_maps_to_its_values(case, tmp_path):
     """Our view: every linear weight by its Hugging Face key, in Hugging Face row order; `keys()` gives those keys."""
     model = build(case)
     path = write_like_llama_cpp(tmp_path / "m.gguf", model, QT.F32)
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     keys = linear_keys(model)
     assert keys and set(keys) <= set(view.keys())
     for key in keys:
@@ -254,7 +254,7 @@ def test_what_llama_cpp_renames_or_keeps_3d_is_no_target(tmp_path):
     is 4.1; the experts' own GGUF name is no [d_out, d_in] matrix, 4.2. Never a guess."""
     model = build("moe")
     base = write_like_llama_cpp(tmp_path / "base.gguf", model, QT.F32)
-    view = gm.open_gguf_base(base)
+    view = gn.open_gguf_base(base)
     sd = model.state_dict()
     keys = ["model.layers.0.router.scale", "model.layers.0.router.per_expert_scale", "model.layers.0.layer_scalar",
             "model.layers.0.experts.gate_up_proj", "model.layers.0.experts.down_proj"]

@@ -41,6 +41,7 @@ from gguf import GGMLQuantizationType as QT, quants  # noqa: E402
 
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import NeuroAdaConfig, attach, merge_and_unload, save_adapter  # noqa: E402
@@ -289,7 +290,7 @@ def test_every_linear_weight_maps_to_its_values(case, tmp_path):
     """Our view: every linear weight by its Hugging Face key, in Hugging Face row order; `keys()` gives those keys."""
     model = build(case)
     path = write_like_llama_cpp(tmp_path / "m.gguf", case, model, QT.F32, QT.F32)
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     keys = targets_of(model)
     assert keys and set(keys) <= set(view.keys())
     for key in keys:
@@ -338,12 +339,12 @@ def test_a_gptoss_router_target_merges_as_rule_m(tmp_path):
     target = naf.Target.from_weight(key, w, idx, rng.standard_normal(idx.shape).astype(np.float32) * 0.1,
                                     value_dtype="F32")
     adapter = naf.Adapter({key: target})
-    assert naf.validate(adapter, gm.open_gguf_base(base)).ok
+    assert naf.validate(adapter, gn.open_gguf_base(base)).ok
     out = tmp_path / "merged.gguf"
     gm.merge_gguf(base, [adapter], out)
     expected = naf.merge.merge_weight(w, [target])
     assert not np.array_equal(expected, w)
-    np.testing.assert_array_equal(gm.open_gguf_base(out).array(key), expected)
+    np.testing.assert_array_equal(gn.open_gguf_base(out).array(key), expected)
     back = read_back(out, "gpt-oss").state_dict()
     np.testing.assert_array_equal(back[key].numpy(), expected)
 
@@ -382,10 +383,10 @@ def test_neuroada_pack_extracts_a_fine_tune_of_the_whole_checkpoint(tmp_path):
         assert e.value.code == 0, case
         adapter = naf.load(out)
         assert sorted(adapter.targets) == sorted(keys), case
-        assert naf.validate(adapter, gm.open_gguf_base(path)).ok
+        assert naf.validate(adapter, gn.open_gguf_base(path)).ok
         merged = tmp_path / f"{case}-merged.gguf"
         gm.merge_gguf(path, [adapter], merged, target_type="F32")
-        view = gm.open_gguf_base(merged)
+        view = gn.open_gguf_base(merged)
         for key in keys:
             np.testing.assert_allclose(view.array(key), tuned[key], atol=1e-6, err_msg=key)
 
@@ -398,7 +399,7 @@ def test_what_is_no_linear_weight_is_no_target(case, tmp_path):
     Never a guess, and nothing is written."""
     model = build(case)
     base = write_like_llama_cpp(tmp_path / "base.gguf", case, model, QT.F32)
-    view = gm.open_gguf_base(base)
+    view = gn.open_gguf_base(base)
     sd = model.state_dict()
     if case == "gpt-oss":
         keys = [f"model.layers.0.{k}" for k in ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias",
@@ -420,9 +421,9 @@ def test_gptoss_rope_scaling_keys_change_nothing_we_read(tmp_path):
     the other files here leave them out. Our view does not read them: the file with them maps every key to the same
     tensor and values, and a merge carries them over unchanged."""
     model = build("gpt-oss")
-    plain = gm.open_gguf_base(write_like_llama_cpp(tmp_path / "a.gguf", "gpt-oss", model, QT.F32, QT.F32))
+    plain = gn.open_gguf_base(write_like_llama_cpp(tmp_path / "a.gguf", "gpt-oss", model, QT.F32, QT.F32))
     path = write_like_llama_cpp(tmp_path / "b.gguf", "gpt-oss", model, QT.F32, QT.F32, rope_scaling=True)
-    full = gm.open_gguf_base(path)
+    full = gn.open_gguf_base(path)
     assert full.file.kv["gpt-oss.rope.scaling.factor"] == 32.0
     assert full.keys() == plain.keys()
     for key in targets_of(model):
@@ -510,7 +511,7 @@ def test_mistral3_file_maps_as_llama_cpp_permuted_it(tmp_path):
     model = build_ministral3()
     path = write_mistral3(tmp_path / "m.gguf", model, QT.F32)
     np.testing.assert_array_equal(logits(read_mistral3(path)), logits(model))
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     keys = linear_keys(model)
     assert set(keys) <= set(view.keys())
     sd = model.state_dict()
@@ -535,7 +536,7 @@ def test_mistral3_adapter_merges_into_the_gguf(tmp_path):
     random_deltas_(model, seed=1, scale=0.05)
     adapter = tmp_path / "adapter"
     save_adapter(model, adapter, value_dtype="F32")
-    assert naf.validate(os.fspath(adapter / "neuroada_model.safetensors"), gm.open_gguf_base(base)).ok
+    assert naf.validate(os.fspath(adapter / "neuroada_model.safetensors"), gn.open_gguf_base(base)).ok
     merged_rt = merge_and_unload(model)
     l_rt = logits(merged_rt)
     assert np.linalg.norm(l_rt - l_base) > 0.05 * np.linalg.norm(l_base)
@@ -562,9 +563,9 @@ def test_mistral3_adapter_merges_into_the_gguf(tmp_path):
         tuned[key][:, :3] += rng.standard_normal((tuned[key].shape[0], 3)).astype(np.float32) * 0.01
     extracted, _ = extract(base, {k: tuned[k] for k in keys}, k=3, value_dtype="F32")
     assert sorted(extracted.targets) == sorted(keys)
-    assert naf.validate(extracted, gm.open_gguf_base(base)).ok
+    assert naf.validate(extracted, gn.open_gguf_base(base)).ok
     gm.merge_gguf(base, [extracted], tmp_path / "tuned.gguf", target_type="F32")
-    view = gm.open_gguf_base(tmp_path / "tuned.gguf")
+    view = gn.open_gguf_base(tmp_path / "tuned.gguf")
     for key in keys:
         np.testing.assert_allclose(view.array(key), tuned[key], atol=1e-6, err_msg=key)
 
@@ -589,7 +590,7 @@ def test_mistral3_multimodal_adapter_merges_into_its_text_gguf(tmp_path):
     keys = naf.load(adapter / "neuroada_model.safetensors").targets
     # (saved as the checkpoint on the Hub names them: `language_model.model.`)
     assert sorted(keys) == sorted("language_model." + k for k in linear_keys(text))
-    view = gm.open_gguf_base(base)
+    view = gn.open_gguf_base(base)
     assert view.storage_name("model.language_model.layers.1.self_attn.k_proj.weight") == "blk.1.attn_k.weight"
     assert view.storage_name("language_model.lm_head.weight") == "output.weight"
     out = tmp_path / "merged.gguf"

@@ -19,6 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants  # noqa: E
 
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 
@@ -156,7 +157,7 @@ def test_blocks_without_a_grid_are_on_it_only_unchanged():
 @pytest.mark.parametrize("qt", GRID_TYPES, ids=lambda t: t.name)
 def test_snapped_adapter_merges_exactly_and_is_counted(tmp_path, small_chunks, qt):
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), qt)
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     adapter = snapped_adapter(view)
     out = tmp_path / "m.gguf"
     s = gm.merge_gguf(path, [adapter], out)
@@ -166,7 +167,7 @@ def test_snapped_adapter_merges_exactly_and_is_counted(tmp_path, small_chunks, q
     assert s.details["units_rewritten"] == n_touched
     assert not any("not exact" in w or "re-encoded" in w for w in s.warnings), s.warnings
     assert "exact" in s.details["note"] and f"{n_touched:,}" in s.details["note"]
-    mv = gm.open_gguf_base(out)
+    mv = gn.open_gguf_base(out)
     for n, t in adapter.targets.items():
         np.testing.assert_array_equal(mv.array(n), naf.merge_weight(view.array(n), [t]), err_msg=n)
     src, dst = gr.read_gguf(path), gr.read_gguf(out)
@@ -184,7 +185,7 @@ def test_off_grid_adapter_keeps_the_encoder_and_warns(tmp_path, small_chunks):
     """Random deltas: every touched block is re-encoded by the least-error encoder exactly as before
     (the whole-tensor reference calls it on every touched block), and the warning says so, with counts."""
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q4_1)
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     adapter = make_adapter(view, k=5, seed=3)
     out = tmp_path / "m.gguf"
     s = gm.merge_gguf(path, [adapter], out)
@@ -199,7 +200,7 @@ def test_off_grid_adapter_keeps_the_encoder_and_warns(tmp_path, small_chunks):
     gm.merge_gguf(path, [adapter], exact, target_type=advice)
     for name, t in adapter.targets.items():
         want = naf.merge_weight(view.array(name), [t])
-        assert np.array_equal(gm.open_gguf_base(exact).array(name), want), name
+        assert np.array_equal(gn.open_gguf_base(exact).array(name), want), name
     naive = tmp_path / "naive.gguf"
     gm.merge_gguf(path, [adapter], naive, encoder="naive")
     assert naive.read_bytes() == whole_tensor_reference(path, [(adapter, 1.0)], encoder="naive")
@@ -209,7 +210,7 @@ def test_one_off_grid_value_re_encodes_one_block(tmp_path, small_chunks):
     """An on-grid adapter with one value nudged off its grid: that block alone goes to the encoder (its
     bytes what the encoder gives it), every other touched block is packed on its grid; warned, counted."""
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q4_1)
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     adapter = snapped_adapter(view)
     name = TARGETS[3]                                                  # down_proj: no row permutation
     t = adapter.targets[name]
@@ -255,7 +256,7 @@ def test_kept_tensors_are_counted_when_others_change_type(tmp_path):
     blocks = rng.integers(0, 256, size=(HIDDEN, 84), dtype=np.uint8)  # Q2_K: d and dmin are the last 4 bytes
     blocks[:, 80:84] = np.frombuffer(np.float16([0.002, 0.002]).tobytes(), np.uint8)
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q4_1, types={down: QT.Q2_K}, raw={down: blocks})
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     kept = [n for n in TARGETS if n != down]
     adapter = naf.Adapter({**snapped_adapter(view, targets=kept).targets,
                            **make_adapter(view, targets=[down]).targets}, base_name="tiny-llama")
@@ -264,14 +265,14 @@ def test_kept_tensors_are_counted_when_others_change_type(tmp_path):
     n_kept = sum(int(h.sum()) for g, h in touched_blocks(view, adapter).items() if g != "blk.1.ffn_down.weight")
     assert s.details["blocks_on_grid"] == n_kept and s.details["blocks_reencoded"] == 0
     assert len(s.warnings) == 1 and "Q8_0" in s.warnings[0] and "re-encoded into a block type" in s.warnings[0]
-    mv = gm.open_gguf_base(tmp_path / "m.gguf")
+    mv = gn.open_gguf_base(tmp_path / "m.gguf")
     for n in kept:
         np.testing.assert_array_equal(mv.array(n), naf.merge_weight(view.array(n), [adapter.targets[n]]))
 
 
 def test_cli_says_exact_or_warns(tmp_path, capsys):
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q4_1)
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     naf.save(snapped_adapter(view), tmp_path / "on.safetensors")
     naf.save(make_adapter(view), tmp_path / "off.safetensors")
     capsys.readouterr()

@@ -20,6 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants  # noqa: E
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters import gguf_kquants as kq  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 
@@ -163,7 +164,7 @@ def test_a_file_merges_without_options_and_keeps_its_types(tmp_path, t):
     ones re-encoded to hold most of the deltas (before: refused, asking for --option requant)."""
     types = {n: t for n in HOLDS[t]}
     path = kquant_file(tmp_path, types)
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     adapter = make_adapter(view, k=4, scale=0.01, targets=list(types) + ["model.layers.0.self_attn.q_proj.weight"])
     out = tmp_path / "merged.gguf"
     assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(_saved(adapter, tmp_path)),
@@ -172,7 +173,7 @@ def test_a_file_merges_without_options_and_keeps_its_types(tmp_path, t):
     raw_src, raw_dst = path.read_bytes(), out.read_bytes()
     assert len(raw_src) == len(raw_dst) and raw_src[:src.data_start] == raw_dst[:dst.data_start]
     holds = touched_blocks(view, adapter)
-    merged = gm.open_gguf_base(out)
+    merged = gn.open_gguf_base(out)
     for n in types:
         g = view.resolve(n).gguf_name
         assert dst.tensors[g].type == t
@@ -219,7 +220,7 @@ def test_deltas_on_the_blocks_levels_merge_exactly(tmp_path, t):
     rule-M values bit for bit, nothing re-encoded, only levels moved."""
     n = HOLDS[t][0]
     path = kquant_file(tmp_path, {n: t})
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     if t == QT.Q3_K:
         d, m, lo, hi, sub = gm.block_grid(view, n)
         assert (lo, hi, sub) == (-4, 3, 16) and d.shape == (64, 16)
@@ -230,7 +231,7 @@ def test_deltas_on_the_blocks_levels_merge_exactly(tmp_path, t):
         adapter = table_snapped_adapter(view, [n])
     s = gm.merge_gguf(path, [adapter], tmp_path / "m.gguf")
     assert s.details["blocks_reencoded"] == 0 and s.details["blocks_on_grid"] > 0 and not s.warnings
-    merged = gm.open_gguf_base(tmp_path / "m.gguf")
+    merged = gn.open_gguf_base(tmp_path / "m.gguf")
     want = naf.merge_weight(view.array(n), [adapter.targets[n]])
     assert not np.array_equal(want, view.array(n))
     np.testing.assert_array_equal(merged.array(n), want)
@@ -246,14 +247,14 @@ def test_transformers_reads_a_merged_file_as_our_view(tmp_path):
     transformers = pytest.importorskip("transformers")
     types = {V: QT.IQ4_NL, DOWN: QT.IQ4_XS, "model.layers.0.mlp.down_proj.weight": QT.Q3_K}
     path = kquant_file(tmp_path, types)
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     adapter = make_adapter(view, k=4, scale=0.01, targets=list(types))
     out = tmp_path / "m" / "merged.gguf"
     out.parent.mkdir()
     gm.merge_gguf(path, [adapter], out)
     assert {gr.read_gguf(out).tensors[view.resolve(n).gguf_name].type for n in types} == set(TYPES)
     sd = transformers.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).state_dict()
-    merged = gm.open_gguf_base(out)
+    merged = gn.open_gguf_base(out)
     for n in types:
         np.testing.assert_array_equal(sd[n].numpy(), merged.array(n), err_msg=n)
         assert not np.array_equal(merged.array(n), view.array(n))
@@ -264,7 +265,7 @@ def test_touched_tensors_retyped_into_the_type(tmp_path, t):
     """--option target_type=IQ4_NL (or IQ4_XS, Q3_K): each touched tensor encoded afresh in that type (the others keep
     theirs), decoding near the rule-M values with the type's usual error; the file is laid out anew."""
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.F16)
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     adapter = make_adapter(view, k=4, targets=[DOWN])
     out = tmp_path / "m.gguf"
     assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(_saved(adapter, tmp_path)), "--out",
@@ -272,5 +273,5 @@ def test_touched_tensors_retyped_into_the_type(tmp_path, t):
     dst = gr.read_gguf(out)
     assert dst.tensors["blk.1.ffn_down.weight"].type == t and dst.tensors["blk.0.ffn_down.weight"].type == QT.F16
     want = naf.merge_weight(view.array(DOWN), [adapter.targets[DOWN]])
-    err = np.linalg.norm(gm.open_gguf_base(out).array(DOWN) - want) / np.linalg.norm(want)
+    err = np.linalg.norm(gn.open_gguf_base(out).array(DOWN) - want) / np.linalg.norm(want)
     assert err < FRESH_ERROR[t], err

@@ -19,6 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants  # noqa: E
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters import gguf_kquants as kq  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 
@@ -108,7 +109,7 @@ def test_a_q4_k_m_like_file_merges_without_options(tmp_path):
     # the projections whose rows hold whole super-blocks: down_proj [64, 256]; the other tensors stay Q8_0
     types = {"model.layers.0.mlp.down_proj.weight": QT.Q4_K, "model.layers.1.mlp.down_proj.weight": QT.Q6_K}
     path = kquant_file(tmp_path, types)
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     adapter = make_adapter(view, k=4, scale=0.01, targets=list(types) + TARGETS[:2])
     out = tmp_path / "merged.gguf"
     assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(_saved(adapter, tmp_path)),
@@ -117,7 +118,7 @@ def test_a_q4_k_m_like_file_merges_without_options(tmp_path):
     raw_src, raw_dst = path.read_bytes(), out.read_bytes()
     assert len(raw_src) == len(raw_dst) and raw_src[:src.data_start] == raw_dst[:dst.data_start]
     holds = touched_blocks(view, adapter)
-    merged = gm.open_gguf_base(out)
+    merged = gn.open_gguf_base(out)
     for n, t in types.items():
         g = view.resolve(n).gguf_name
         assert dst.tensors[g].type == t
@@ -145,13 +146,13 @@ def test_deltas_on_the_subblock_grids_merge_exactly(tmp_path, t):
     is packed on its own scales, the merged file decodes to the rule-M values bit for bit, nothing re-encoded."""
     down, up = "model.layers.1.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight"
     path = kquant_file(tmp_path, {down: t})
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     d, m, lo, hi, sub = gm.block_grid(view, down)
     assert (lo, hi, sub) == (kq.K_TYPES[t].lo, kq.K_TYPES[t].hi, kq.K_TYPES[t].sub) and d.shape == (64, 256 // sub)
     adapter = snapped_adapter(view, k=5, targets=[down, up])
     s = gm.merge_gguf(path, [adapter], tmp_path / "m.gguf")
     assert s.details["blocks_reencoded"] == 0 and s.details["blocks_on_grid"] > 0 and not s.warnings
-    merged = gm.open_gguf_base(tmp_path / "m.gguf")
+    merged = gn.open_gguf_base(tmp_path / "m.gguf")
     for n in (down, up):
         want = naf.merge_weight(view.array(n), [adapter.targets[n]])
         np.testing.assert_array_equal(merged.array(n), want, err_msg=n)
@@ -167,13 +168,13 @@ def test_transformers_reads_a_merged_kquant_file_as_our_view(tmp_path):
     transformers = pytest.importorskip("transformers")
     down, up = "model.layers.1.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight"
     path = kquant_file(tmp_path, {down: QT.Q6_K})
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     adapter = make_adapter(view, k=4, scale=0.01, targets=[down, up])
     out = tmp_path / "m" / "merged.gguf"
     out.parent.mkdir()
     gm.merge_gguf(path, [adapter], out)
     sd = transformers.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).state_dict()
-    merged = gm.open_gguf_base(out)
+    merged = gn.open_gguf_base(out)
     for n in (down, up):
         np.testing.assert_array_equal(sd[n].numpy(), merged.array(n), err_msg=n)
 
@@ -184,14 +185,14 @@ def test_touched_tensors_retyped_into_a_kquant(tmp_path, t):
     theirs), decoding near the rule-M values with the type's usual error; the file is laid out anew."""
     down = "model.layers.1.mlp.down_proj.weight"
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.F16)
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     adapter = make_adapter(view, k=4, targets=[down])
     s = gm.merge_gguf(path, [adapter], tmp_path / "m.gguf", target_type=t.name)
     assert s.details["retyped"] == {"blk.1.ffn_down.weight": t.name}
     dst = gr.read_gguf(tmp_path / "m.gguf")
     assert dst.tensors["blk.1.ffn_down.weight"].type == t and dst.tensors["blk.0.ffn_down.weight"].type == QT.F16
     want = naf.merge_weight(view.array(down), [adapter.targets[down]])
-    err = np.linalg.norm(gm.open_gguf_base(tmp_path / "m.gguf").array(down) - want) / np.linalg.norm(want)
+    err = np.linalg.norm(gn.open_gguf_base(tmp_path / "m.gguf").array(down) - want) / np.linalg.norm(want)
     assert err < FRESH_ERROR[t], err
 
 
@@ -203,7 +204,7 @@ def test_a_negative_value_past_the_minimums_reach_is_refused(tmp_path, t, capsys
     refused naming the file and tensor; within it: merged near the value, no numpy line."""
     down = "model.layers.1.mlp.down_proj.weight"
     path = kquant_file(tmp_path, {down: t})
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     W = view.array(down)
     idx = naf.select_indices(W, 2)
     reach = 65504.0 * 63
@@ -221,6 +222,6 @@ def test_a_negative_value_past_the_minimums_reach_is_refused(tmp_path, t, capsys
             assert len(lines) == 1 and f"beyond what a {t.name} block can encode" in lines[0], err
             assert os.fspath(path) in lines[0] and "blk.1.ffn_down.weight" in lines[0] and not out.exists()
         else:
-            merged = gm.open_gguf_base(out).array(down)
+            merged = gn.open_gguf_base(out).array(down)
             assert np.isfinite(merged).all()
             assert abs(merged[0, idx[0, 0]] - value) < 0.05 * reach

@@ -24,6 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT  # noqa: E402
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters import gguf_kquants as kq  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 
@@ -60,7 +61,7 @@ def base_and_adapter(tmp_path, qt, kind, blocks=range(8), at=None, name=UP, gnam
     src = src or write_gguf(tmp_path / f"clean-{qt.name}.gguf", hf_arrays(), qt)
     path = damaged(src, tmp_path / f"base-{qt.name}-{kind}.gguf", gname, blocks, BITS[kind], at)
     adapter = tmp_path / f"a-{qt.name}-{kind}.safetensors"
-    naf.save(make_adapter(gm.open_gguf_base(path), targets=[name]), adapter)
+    naf.save(make_adapter(gn.open_gguf_base(path), targets=[name]), adapter)
     return path, adapter
 
 
@@ -159,7 +160,7 @@ def test_the_installed_command_prints_one_line_and_no_runtime_warning(tmp_path):
 def test_damaged_blocks_the_merge_does_not_touch_are_copied(tmp_path, capsys):
     """Only the blocks a merge rewrites must be finite: a damaged block no delta lands in keeps its bytes."""
     src = write_gguf(tmp_path / "clean.gguf", hf_arrays(), QT.Q4_1)
-    view = gm.open_gguf_base(src)
+    view = gn.open_gguf_base(src)
     ad = make_adapter(view, targets=[UP])
     holds = touched_blocks(view, ad)[UP_G]
     free = int(np.flatnonzero(~holds)[0])
@@ -186,7 +187,7 @@ def test_retyping_into_a_block_type_refuses_and_into_floats_carries(tmp_path, ca
     code, lines = merge(capsys, path, adapter, out, "--option", "target_type=F32")
     assert code == 0, lines
     assert not any("encountered" in line or "RuntimeWarning" in line for line in lines), lines
-    merged = gm.open_gguf_base(out).array(UP)
+    merged = gn.open_gguf_base(out).array(UP)
     assert not np.isfinite(merged[:4]).any() and np.isfinite(merged[4:]).all()
 
 
@@ -194,7 +195,7 @@ def test_reading_a_damaged_base_warns_nothing(tmp_path):
     """The view (validate's probes, extract, the merge's first probe check) decodes NaN/Inf quietly: they are the
     file's values; only re-encoding them is refused."""
     path, adapter = base_and_adapter(tmp_path, QT.Q4_1, "inf")
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         values = view.array(UP)

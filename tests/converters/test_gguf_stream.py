@@ -23,6 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants  # noqa: E
 import neuroada_format as naf  # noqa: E402
 from neuroada_format import NeuroAdaError  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters import block_fit  # noqa: E402
 from neuroada_format.merge import Delta, plan_merge  # noqa: E402
@@ -40,7 +41,7 @@ def small_chunks(monkeypatch):
 def whole_tensor_reference(path, adapters, *, encoder="search", touched_weight=100.0) -> bytes:
     """The merged file as the whole-tensor merge makes it: every touched tensor decoded at once, merged
     with rule M, its float values written / its touched blocks re-encoded, patched into a copy."""
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     f = view.file
     data = bytearray(open(path, "rb").read())
     by_tensor = {}
@@ -78,7 +79,7 @@ def whole_tensor_reference(path, adapters, *, encoder="search", touched_weight=1
 
 
 def touched_ranges(path, adapter):
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     f = view.file
     return sorted((f.data_start + f.tensors[g].offset, f.data_start + f.tensors[g].offset + f.tensors[g].nbytes)
                   for g in {view.resolve(n).gguf_name for n in adapter.targets})
@@ -87,7 +88,7 @@ def touched_ranges(path, adapter):
 @pytest.mark.parametrize("qt", ALL_TYPES, ids=lambda t: t.name)
 def test_streamed_merge_equals_the_whole_tensor_merge(tmp_path, small_chunks, qt):
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), qt)
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     a, b = make_adapter(view, k=5, seed=3), make_adapter(view, k=3, seed=4, value_dtype="BF16")
     out = tmp_path / "m.gguf"
     s = gm.merge_gguf(path, [(a, 0.75), (b, -1.0)], out)
@@ -103,7 +104,7 @@ def test_streamed_merge_equals_the_whole_tensor_merge(tmp_path, small_chunks, qt
 def test_layout_is_the_input_s_and_untouched_bytes_are_identical(tmp_path, small_chunks, qt):
     """Header, metadata, tensor table, padding and every byte outside the touched tensors: the input's."""
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), qt)
-    adapter = make_adapter(gm.open_gguf_base(path), k=4)
+    adapter = make_adapter(gn.open_gguf_base(path), k=4)
     out = tmp_path / "m.gguf"
     gm.merge_gguf(path, [adapter], out)
     src, dst = gr.read_gguf(path), gr.read_gguf(out)
@@ -121,7 +122,7 @@ def test_layout_is_the_input_s_and_untouched_bytes_are_identical(tmp_path, small
 
 def test_search_and_naive_encoders_and_weights_stream_the_same(tmp_path, small_chunks):
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q4_0)
-    adapter = make_adapter(gm.open_gguf_base(path), k=6, scale=0.01)
+    adapter = make_adapter(gn.open_gguf_base(path), k=6, scale=0.01)
     for encoder, weight in (("naive", 100.0), ("search", 1.0), ("search", 1000.0)):
         out = tmp_path / f"{encoder}-{weight}.gguf"
         gm.merge_gguf(path, [adapter], out, encoder=encoder, touched_weight=weight)
@@ -133,7 +134,7 @@ def test_a_wrong_probe_found_while_streaming_leaves_nothing(tmp_path, small_chun
     """Only each adapter's smallest target is probed before the copy; a wrong probe hash on any other
     target is found as its tensor is copied, and the temporary file is removed: OUT never appears."""
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.F16)
-    adapter = make_adapter(gm.open_gguf_base(path))
+    adapter = make_adapter(gn.open_gguf_base(path))
     big = max(adapter.targets.values(), key=lambda t: t.d_out * t.k)
     adapter.targets[big.name] = dataclasses.replace(big, probe="sha256:" + "0" * 64)
     out = tmp_path / "m.gguf"
@@ -149,7 +150,7 @@ def test_a_wrong_base_fails_before_the_copy_starts(tmp_path, small_chunks, monke
     """Each adapter's smallest target is probed before anything is read or written beyond it: an adapter for another
     base fails at once, not after the whole file went through the copy (a mutation dropping that check passed)."""
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.F16)
-    adapter = make_adapter(gm.open_gguf_base(path))
+    adapter = make_adapter(gn.open_gguf_base(path))
     small = min(adapter.targets.values(), key=lambda t: (t.d_out * t.k, t.name))
     adapter.targets[small.name] = dataclasses.replace(small, probe="sha256:" + "0" * 64)
 
@@ -167,7 +168,7 @@ def test_a_full_disk_while_merging_is_raised_and_leaves_nothing(tmp_path, small_
     """The disk fills up while a touched tensor is written (its third block of rows write, after the kernel
     copied the bytes before it): the OSError reaches the caller and the temporary file is removed."""
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q8_0)
-    adapter = make_adapter(gm.open_gguf_base(path))
+    adapter = make_adapter(gn.open_gguf_base(path))
     calls = {"n": 0}
     real = os.pwrite
 
@@ -188,7 +189,7 @@ def test_a_failed_kernel_copy_is_raised_and_leaves_nothing(tmp_path, small_chunk
     """The kernel copy of an untouched range fails (here the input shrinking under it): that failure reaches
     the caller as that OSError, and the temporary file is removed."""
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.F16)
-    adapter = make_adapter(gm.open_gguf_base(path))
+    adapter = make_adapter(gn.open_gguf_base(path))
 
     def shrinking(src_fd, dst_fd, start, end, progress, stop=None):
         half = (start + end) // 2
@@ -206,7 +207,7 @@ def test_a_failed_kernel_copy_is_raised_and_leaves_nothing(tmp_path, small_chunk
 def test_deltas_on_the_grid_keep_block_bytes_when_streamed(tmp_path, small_chunks):
     """A delta of zero leaves every block as it was: the streamed output is the input, byte for byte."""
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q4_1)
-    view = gm.open_gguf_base(path)
+    view = gn.open_gguf_base(path)
     zero = naf.Adapter({n: dataclasses.replace(t, values=np.zeros_like(np.asarray(t.values)))
                         for n, t in make_adapter(view).targets.items()})
     out = tmp_path / "m.gguf"
@@ -276,7 +277,7 @@ def test_an_interrupt_mid_merge_leaves_nothing_and_no_thread(tmp_path, small_chu
     removed, and the interrupt (not some other error) is what the caller sees."""
     import threading
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.F16)
-    adapter = make_adapter(gm.open_gguf_base(path))
+    adapter = make_adapter(gn.open_gguf_base(path))
     real, calls = gm._merge_tensor, {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -294,7 +295,7 @@ def test_an_interrupt_mid_merge_leaves_nothing_and_no_thread(tmp_path, small_chu
 
 def test_durable_merge_writes_the_same_file(tmp_path):
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q4_1)
-    adapter = make_adapter(gm.open_gguf_base(path))
+    adapter = make_adapter(gn.open_gguf_base(path))
     gm.merge_gguf(path, [adapter], tmp_path / "a.gguf")
     gm.merge_gguf(path, [adapter], tmp_path / "b.gguf", durable=True)
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()

@@ -29,7 +29,7 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
-from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import NeuroAdaConfig, attach, merge_and_unload, save_adapter  # noqa: E402
 
@@ -109,7 +109,7 @@ def test_merged_file_runs_in_llama_cpp_as_the_runtime_merge(case, tmp_path, monk
         (case, np.abs(lc - l_rt).max() / np.abs(l_rt).max(), change / np.abs(l_rt).max())
 
     if case in PERMUTED:  # the negative control: the same merge with the rows left in the checkpoint's order
-        monkeypatch.setattr(gm, PERMUTED[case], lambda n_rows, *heads: np.arange(n_rows))
+        monkeypatch.setattr(gn, PERMUTED[case], lambda n_rows, *heads: np.arange(n_rows))
         wrong = tmp_path / "unpermuted.gguf"
         assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(wrong),
                           "--option", "target_type=F32", "--no-verify"]) == 0

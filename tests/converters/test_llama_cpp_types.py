@@ -26,6 +26,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT  # noqa: E402
 
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 
@@ -48,7 +49,7 @@ def reader(tmp_path_factory):
     tied = {"lm_head.weight"}  # the tiny file has no output tensor: the head is token_embd
 
     def run(path):
-        view = gm.open_gguf_base(path)
+        view = gn.open_gguf_base(path)
         sd = {k: torch.from_numpy(np.ascontiguousarray(view.array(k), np.float32))
               for k in model.state_dict() if k not in tied}
         model.load_state_dict(sd, strict=False)
@@ -72,7 +73,7 @@ NOISE = 0.02
 @pytest.mark.parametrize("t", KEPT, ids=lambda t: t.name)
 def test_kept_type_merge_runs_in_llama_cpp_as_the_file_decodes(t, tmp_path, reader):
     base, targets = typed_file(tmp_path, t)
-    view = gm.open_gguf_base(base)
+    view = gn.open_gguf_base(base)
     adapter = make_adapter(view, k=4, scale=0.05, targets=targets)
     out = tmp_path / "merged.gguf"
     assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(_saved(adapter, tmp_path)),
@@ -106,7 +107,7 @@ def test_exact_grid_merge_runs_in_llama_cpp_as_the_runtime_merge(t, tmp_path, re
     scale) merge without re-encoding any block: the file decodes to the runtime's rule-M weights bit for bit, and
     llama.cpp computes that model."""
     base, targets = typed_file(tmp_path, t)
-    view = gm.open_gguf_base(base)
+    view = gn.open_gguf_base(base)
     if t in (QT.IQ4_XS, QT.IQ4_NL):  # (its helper takes targets stored in checkpoint row order: no q/k)
         adapter = table_snapped_adapter(view, [n for n in targets if view.resolve(n).inverse is None])
     else:
@@ -114,7 +115,7 @@ def test_exact_grid_merge_runs_in_llama_cpp_as_the_runtime_merge(t, tmp_path, re
     out = tmp_path / "merged.gguf"
     s = gm.merge_gguf(base, [adapter], out)
     assert s.details["blocks_reencoded"] == 0 and s.details["blocks_on_grid"] > 0
-    merged = gm.open_gguf_base(out)
+    merged = gn.open_gguf_base(out)
     for n, target in adapter.targets.items():
         np.testing.assert_array_equal(merged.array(n), naf.merge_weight(view.array(n), [target]), err_msg=n)
     r_base, r_merged = reader(base), reader(out)  # r_merged: the runtime's merged model, exactly

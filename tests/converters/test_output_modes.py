@@ -53,9 +53,9 @@ def onnx_base(folder: Path):
 def gguf_base(folder: Path):
     pytest.importorskip("gguf")
     G = _load("test_gguf")
-    from neuroada_format.converters import gguf_merge as gm
+    from neuroada_format.converters import gguf_names as gn
     path = G.write_gguf(folder / "base.gguf", G.hf_arrays(0))
-    base = gm.open_gguf_base(path)
+    base = gn.open_gguf_base(path)
     name = sorted(G.TARGETS)[0]
     return [Path(path)], Path(path), name, base.array(name), "out.gguf", []
 

@@ -221,6 +221,7 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from test_gguf import TARGETS, hf_arrays, write_gguf  # noqa: E402
 from test_gguf import make_adapter as gguf_adapter  # noqa: E402
@@ -229,7 +230,7 @@ from test_gguf import make_adapter as gguf_adapter  # noqa: E402
 @pytest.fixture
 def gguf_base(tmp_path):
     path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q8_0)
-    return path, gguf_adapter(gm.open_gguf_base(path), k=2)
+    return path, gguf_adapter(gn.open_gguf_base(path), k=2)
 
 
 def test_gguf_header_cut_while_parsed(gguf_base, monkeypatch):
@@ -245,10 +246,10 @@ def test_gguf_header_cut_while_parsed(gguf_base, monkeypatch):
 def test_gguf_tensors_cut_after_the_header_was_read(gguf_base, tmp_path, monkeypatch, step):
     path, adapter = gguf_base
     data_start = gr.read_gguf(path).data_start
-    _cut_once(monkeypatch, gm, "read_gguf", path, data_start + 10)
+    _cut_once(monkeypatch, gn, "read_gguf", path, data_start + 10)
     with pytest.raises(NeuroAdaUsageError, match="shrank") as err:
         if step == "validate":
-            naf.validate(adapter, gm.open_gguf_base(path))
+            naf.validate(adapter, gn.open_gguf_base(path))
         else:
             gm.merge_gguf(path, [(adapter, 1.0)], tmp_path / "out.gguf")
     assert err.value.path == os.fspath(path)

@@ -232,13 +232,13 @@ def test_grid_trained_adapter_keeps_all_of_its_change_in_the_q4_1_gguf(tmp_path,
     sys.path.insert(0, str(ROOT / "tests" / "converters"))
     from test_gguf import write_gguf  # the tiny GGUF generator (llama.cpp's layout: q/k rows permuted)
 
-    from neuroada_format.converters import gguf_merge
+    from neuroada_format.converters import gguf_names
     from neuroada_format.converters.merge_cli import run as merge_run
     from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, merge, save_adapter, train_on_grid
 
     source = _tiny_llama(len(tokenizer))
     path = write_gguf(tmp_path / "base.gguf", {k: v.numpy() for k, v in source.state_dict().items()})
-    view = gguf_merge.open_gguf_base(path)
+    view = gguf_names.open_gguf_base(path)
 
     def dequantized():
         model = _tiny_llama(len(tokenizer))

@@ -254,7 +254,7 @@ def test_gguf_names_file_is_gguf_py_s_table():
     finally:
         sys.path.remove(str(REPO / "spec"))
     assert make_gguf_names.document() == names
-    from neuroada_format.converters.gguf_merge import ARCHS
+    from neuroada_format.converters.gguf_names import ARCHS
     assert sorted(names["architectures"]) == sorted(ARCHS)
     assert names["rope_permuted"] == sorted(a for a, r in ARCHS.items() if r == "rope") == ["llama", "mistral3"]
     assert names["qkv_regrouped"] == sorted(a for a, r in ARCHS.items() if r == "qkv") == ["bloom", "falcon"]

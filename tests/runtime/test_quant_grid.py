@@ -31,7 +31,7 @@ from test_gguf import hf_arrays, write_gguf  # noqa: E402  (the tiny GGUF genera
 
 import neuroada_format as naf  # noqa: E402
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError  # noqa: E402
-from neuroada_format.converters import gguf_merge as gm  # noqa: E402
+from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
 from neuroada_format.runtime import (  # noqa: E402
@@ -114,7 +114,7 @@ def deltas(model):
 def check_merged_file(base, merged_path, model):
     """The merged GGUF decodes to the runtime merge on every gridded target, bit for bit; blocks with no
     changed value are byte-identical; every touched block keeps its scale and minimum."""
-    view, mv = gm.open_gguf_base(base), gm.open_gguf_base(merged_path)
+    view, mv = gn.open_gguf_base(base), gn.open_gguf_base(merged_path)
     snapped = deltas(model)
     merge(model)
     try:
@@ -177,7 +177,7 @@ def test_trained_on_grid_merges_into_the_gguf_exactly(bases, tmp_path, qtype, ca
     out = tmp_path / "merged.gguf"
     details, said = merged_json(base, tmp_path / "out", out, capsys)
     # every gridded block packed on its grid; only the Q5_1 projection (no grid: re-encoded) is warned about
-    q5 = gm.open_gguf_base(base).resolve(Q5_TARGET).gguf_name
+    q5 = gn.open_gguf_base(base).resolve(Q5_TARGET).gguf_name
     n_q5 = gr.read_gguf(base).tensors[q5].nbytes // gguf.GGML_QUANT_SIZES[QT.Q5_1][1]
     assert 0 < details["blocks_reencoded"] <= n_q5
     total = details["blocks_on_grid"] + details["blocks_reencoded"]
@@ -189,7 +189,7 @@ def test_trained_on_grid_merges_into_the_gguf_exactly(bases, tmp_path, qtype, ca
     # the F16 projection merged by the spec's rule (rounded to F16), as for any float tensor: the runtime's
     # merge (check_merged_file) because its deltas were snapped to F16 values
     assert grid_types(model)[F16_TARGET.removesuffix(".weight")] == "F16"
-    view, mv = gm.open_gguf_base(base), gm.open_gguf_base(out)
+    view, mv = gn.open_gguf_base(base), gn.open_gguf_base(out)
     np.testing.assert_array_equal(mv.array(F16_TARGET),
                                   naf.merge_weight(view.array(F16_TARGET), [adapter.targets[F16_TARGET]]))
 
@@ -431,7 +431,7 @@ def test_trained_on_kquant_grids_merges_exactly(tmp_path, ktype, capsys):
     out = tmp_path / "merged.gguf"
     details, said = merged_json(base, tmp_path / "out", out, capsys)
     assert details["blocks_reencoded"] == 0 and "warning:" not in said.err
-    view, mv = gm.open_gguf_base(base), gm.open_gguf_base(out)
+    view, mv = gn.open_gguf_base(base), gn.open_gguf_base(out)
     merge(model)
     try:
         for name, layer in layers(model).items():
@@ -496,7 +496,7 @@ def test_float_tensors_are_snapped_to_their_dtype_and_merge_exactly(tmp_path, ca
         merged = merge_and_unload(model)
         assert torch.equal(merged(input_ids=ids).logits, logits)             # training forward == the merge
     want = merged.state_dict()
-    mv = gm.open_gguf_base(out)
+    mv = gn.open_gguf_base(out)
     for key in types:
         got = np.asarray(mv.array(key)).astype(np.float32)
         np.testing.assert_array_equal(got, want[key].numpy(), err_msg=key)
