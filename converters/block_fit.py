@@ -1,6 +1,6 @@
 """Fitting blocks of values to grids `d * q (+ m)` with integer levels q in [lo, hi]: the least-error search that
 re-encodes a touched block, shared by every block format a merge writes (GGUF's Q4_0 / Q4_1 / Q8_0 and K-quants in
-gguf_merge and gguf_kquants, ONNX Runtime's MatMulNBits blocks in onnx_nbits). Plain numpy: no format package."""
+gguf_encode and gguf_kquants, ONNX Runtime's MatMulNBits blocks in onnx_nbits). Plain numpy: no format package."""
 from __future__ import annotations
 
 import numpy as np
@@ -29,7 +29,7 @@ def column_sums(a: np.ndarray) -> np.ndarray:
 def weighted_line_fit(w: np.ndarray, q: np.ndarray, x: np.ndarray, affine: bool, sw=None, sx=None):
     """Weighted least squares of x ~ scale * q + offset per column of [k, n] (offset 0 unless affine), for levels q
     already chosen: (scale [n], offset [n], ok [n]); columns with a singular system are not ok (their values are
-    meaningless). The refinement step of both block searches (gguf_merge's and the K-quants' below). sw, sx: the
+    meaningless). The refinement step of both block searches (gguf_encode's and the K-quants' below). sw, sx: the
     sums of w and w * x per column, when the caller has them (they do not depend on the levels)."""
     wq = w * q
     t = wq * q

@@ -2,7 +2,7 @@
 
 Why our own: gguf-py decodes K-quants but cannot encode them, and llama.cpp's most used 4- and 5-bit files
 (Q4_K_M, Q5_K_M) are made of them. A merge keeps every untouched super-block byte for byte and rewrites only
-those holding a merged value, as for the simple block types (gguf_merge).
+those holding a merged value, as for the simple block types (gguf_encode).
 
 A super-block holds 256 values in sub-blocks of `sub` values. Sub-block s decodes value i as
 ``fl32(D_s * q_i + N_s)``, with ``D_s = d * sc_s`` and ``N_s = -(dmin * mn_s)``: d and dmin are f16, sc_s and mn_s
@@ -507,7 +507,7 @@ def _encode_nl(target: np.ndarray, original: np.ndarray | None, touched: np.ndar
 def on_grid(t: QT, original: np.ndarray, decoded: np.ndarray, blk: np.ndarray, col: np.ndarray,
             values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Which super-blocks' merged values all lie on their sub-blocks' original grids, and those packed on them with
-    only the changed levels rewritten (gguf_merge.on_original_grid's contract, for K-quants)."""
+    only the changed levels rewritten (gguf_encode.on_original_grid's contract, for K-quants)."""
     spec = K_TYPES[t]
     values = np.asarray(values, np.float32)
     u = unpack(t, original)
@@ -532,7 +532,7 @@ def on_grid(t: QT, original: np.ndarray, decoded: np.ndarray, blk: np.ndarray, c
 
 def grid_of(t: QT, blocks: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray, int, int, int]:
     """(D, N, lo, hi, sub) of a tensor's super-blocks, D and N [rows, cols / sub]: value c of row r can be
-    D[r, c // sub] * q + N[r, c // sub] for integer q in [lo, hi] (gguf_merge.block_grid's contract)."""
+    D[r, c // sub] * q + N[r, c // sub] for integer q in [lo, hi] (gguf_encode.block_grid's contract)."""
     spec = K_TYPES[t]
     D, N = unpack(t, blocks).grid()
     return D.reshape(rows, -1), N.reshape(rows, -1), spec.lo, spec.hi, spec.sub

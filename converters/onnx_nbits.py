@@ -240,7 +240,7 @@ class Weight:
         return self.decode(unique)[where.reshape(wanted.shape), np.asarray(cols) % self.nb.block]
 
     def grid(self):
-        """The weight's grid, for training through it (runtime/quant_grid.py), as gguf_merge.block_grid gives a GGUF
+        """The weight's grid, for training through it (runtime/quant_grid.py), as gguf_encode.block_grid gives a GGUF
         tensor's: (d, m, lo, hi, block), d and m [N, n_blocks] f32, lo and hi [N, n_blocks] integers. Row r, column c
         holds fl32(d * q) + m for an integer q in [lo, hi] of its block, q = code - zero point: the zero point shifts
         the level range and m is 0, since ONNX Runtime's value rounds once, fl32(scale * (code - zero point)), and

@@ -35,7 +35,7 @@ checkpoints) is the same. While a grid is on, `save_adapter` / `save_pretrained`
 checkpoints keeps the unsnapped ones, which is what resuming needs (call `train_on_grid` again on the rebuilt
 model). The adapter's `save_dtype` becomes F32 while the grid is on: a snapped delta `d * (q - q0)` needs up to 15
 significant bits (more for a K-quant's sub-block scale or an f32 scale). The grids come from the converters:
-converters/gguf_merge.py (`block_grid`), converters/gguf_names.py (the Hugging Face -> GGUF name map and llama.cpp's
+converters/gguf_encode.py (`block_grid`), converters/gguf_names.py (the Hugging Face -> GGUF name map and llama.cpp's
 q/k row order) and converters/onnx_nbits.py (`Weight.grid`), each target found by converters/onnx_merge.py's
 resolver exactly as the merge finds it; those modules, gguf and onnx are imported only when a grid is registered.
 Serving several adapters (runtime/multi.py: `set_adapter`, mixed batches, `add_weighted_adapter`) reads the snapped
@@ -199,13 +199,13 @@ def _f32_bits(x: np.ndarray) -> torch.Tensor:
 
 
 def _gguf_view(path):
-    """converters/gguf_names' view of a GGUF file, and gguf_merge for its grids (imported here: the runtime must
+    """converters/gguf_names' view of a GGUF file, and gguf_encode for its grids (imported here: the runtime must
     import without gguf)."""
     try:
-        from neuroada_format.converters import gguf_merge, gguf_names
+        from neuroada_format.converters import gguf_encode, gguf_names
     except ImportError as exc:
         raise missing_extra("training through a GGUF grid needs", exc, "gguf", path=os.fspath(path)) from None
-    return gguf_merge, gguf_names.open_gguf_base(path)
+    return gguf_encode, gguf_names.open_gguf_base(path)
 
 
 def _adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, NeuroAdaLayer]:
@@ -224,7 +224,7 @@ def train_on_grid(model: nn.Module, path, adapter_name: str = "default") -> dict
     """Snap `adapter_name`'s deltas to the quantization grid of `path`, the model's base as a quantized file
     (its weights must be that file's de-quantized values): a GGUF file (by its magic) or an ONNX model.
 
-    GGUF: every layer whose tensor is block-quantized with a grid `converters.gguf_merge.block_grid` knows
+    GGUF: every layer whose tensor is block-quantized with a grid `converters.gguf_encode.block_grid` knows
     (Q4_0, Q4_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K). ONNX: every layer whose weight is an ONNX Runtime MatMulNBits
     weight (4 or 8 bits, with or without zero points), found as `neuroada-merge` finds it (by name, exporter
     scope, node name, else the probe hash over its decoded values). Both: F16/BF16 tensors get their dtype
@@ -300,7 +300,7 @@ def _plan_gguf(model, found, gguf_path, adapter_name):
     """{layer name: (layer, grid or None)} and {target: GGUF type} for a GGUF base (see train_on_grid)."""
     from .model import plain_name
 
-    gm, view = _gguf_view(gguf_path)
+    ge, view = _gguf_view(gguf_path)
     path = view.path
     planned: dict[str, tuple[NeuroAdaLayer, QuantGrid | FloatGrid | None]] = {}
     types: dict[str, str] = {}
@@ -326,7 +326,7 @@ def _plan_gguf(model, found, gguf_path, adapter_name):
             grid = FloatGrid(info.type.name)
         else:
             try:
-                grid = QuantGrid(*gm.block_grid(view, key), qtype=info.type.name).to(w0.device)
+                grid = QuantGrid(*ge.block_grid(view, key), qtype=info.type.name).to(w0.device)
             except NeuroAdaUsageError:  # no grid for this type (F32, Q5_0/Q5_1, Q2_K, IQ types): the layer stays plain
                 grid = None
         if isinstance(grid, QuantGrid):

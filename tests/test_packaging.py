@@ -30,7 +30,8 @@ def test_wheel_and_sdist(tmp_path):
     assert {n.split("/")[0] for n in wheel} == {"neuroada_format", "neuroada_format-0.1.0.dist-info"}
     assert {f"neuroada_format/spec/schema/{n}" for n in ['metadata-v1.schema.json']} <= set(wheel)
     assert "neuroada_format-0.1.0.dist-info/licenses/LICENSE" in wheel
-    assert {"neuroada_format/runtime/kernels/triton.py", "neuroada_format/converters/gguf_merge.py"} <= set(wheel)
+    gguf_modules = {f"neuroada_format/converters/gguf_{m}.py" for m in ("read", "names", "encode", "merge")}
+    assert {"neuroada_format/runtime/kernels/triton.py"} | gguf_modules <= set(wheel)
 
     with tarfile.open(build("sdist", tmp_path / "s")) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}

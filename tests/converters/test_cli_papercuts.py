@@ -139,7 +139,7 @@ def test_an_option_given_twice_is_refused(tmp_path):
     pytest.importorskip("gguf")
     G = _load("test_gguf")
     base = G.write_gguf(tmp_path / "base.gguf", G.hf_arrays(), G.QT.Q4_1)
-    view = G.gm.open_gguf_base(base)
+    view = G.gn.open_gguf_base(base)
     naf.save(G.make_adapter(naf.ArrayBase({n: view.array(n) for n in G.TARGETS})), tmp_path / "a.safetensors")
     out = tmp_path / "m.gguf"
     for first, second in (("target_type=F16", "target_type=Q8_0"), ("target-type=F16", "target_type=F16")):

@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType as QT, quants  # noqa: E402
 
 import neuroada_format as naf  # noqa: E402
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError  # noqa: E402
+from neuroada_format.converters import gguf_encode as ge  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
 from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
@@ -56,7 +57,7 @@ def hf_arrays(seed=0) -> dict[str, np.ndarray]:
 
 
 def llama_cpp_permute(w, n_head, n_head_kv):
-    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute, written out independently of gm."""
+    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute, written out independently of gguf_names."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -333,7 +334,7 @@ def test_deltas_on_the_grid_merge_exactly_and_keep_every_block(tiny, tmp_path, q
     for n in TARGETS:
         w = view.array(n)
         idx = naf.select_indices(w, 4)
-        d, m, lo, hi, block = gm.block_grid(view, n)
+        d, m, lo, hi, block = ge.block_grid(view, n)
         rows = np.arange(idx.shape[0])[:, None]
         dd, mm = d[rows, idx // block], m[rows, idx // block]
         w0 = w[rows, idx]
@@ -363,7 +364,7 @@ def test_packing_round_trips_through_gguf_dequantize(qt):
     target[:, ::7] += 0.01
     mask = np.zeros_like(x, bool)
     mask[:, ::7] = True
-    packed = gm.encode_blocks(qt, target, orig, mask)
+    packed = ge.encode_blocks(qt, target, orig, mask)
     assert packed.shape == orig.shape and packed.dtype == np.uint8
     dec = quants.dequantize(packed, qt)
     naive = quants.dequantize(quants.quantize(target, qt), qt)

@@ -106,7 +106,7 @@ def ff_length(cfg) -> int:
 def llama_cpp_tensors(case: str, model):
     """(GGUF name, array) as llama.cpp's converter writes the model: gguf-py's table, and for gpt-oss the experts
     transposed and split (gate the even rows of the transposed gate_up_proj, up the odd ones), the sinks named
-    `.weight`; for LFM2 the conv kernel squeezed. Written independently of gm."""
+    `.weight`; for LFM2 the conv kernel squeezed. Written independently of gguf_names."""
     arch = gguf.MODEL_ARCH.GPT_OSS if case == "gpt-oss" else gguf.MODEL_ARCH.LFM2
     tmap = gguf.TensorNameMap(arch, model.config.num_hidden_layers)
     tied = model.config.tie_word_embeddings

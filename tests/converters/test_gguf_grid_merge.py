@@ -1,6 +1,6 @@
 """GGUF merges of deltas on the blocks' original grids: exact, packed with each block's own scale and
 minimum, no block search; and the count of such blocks against re-encoded ones in the summary and the
-warning (converters/gguf_merge.py, `on_original_grid`).
+warning (converters/gguf_encode.py, `on_original_grid`).
 
 The grid-snapped adapters here are made from `block_grid` the way the runtime's QuantGrid snaps (the
 training path itself, `train_on_grid`, is tests/runtime/test_quant_grid.py's). Off-grid blocks must get
@@ -18,6 +18,7 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants  # noqa: E402
 
 import neuroada_format as naf  # noqa: E402
+from neuroada_format.converters import gguf_encode as ge  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
 from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
@@ -42,7 +43,7 @@ def snapped_adapter(view, k=4, seed=8, targets=TARGETS) -> naf.Adapter:
     for n in targets:
         w = view.array(n)
         idx = naf.select_indices(w, k)
-        d, m, lo, hi, block = gm.block_grid(view, n)
+        d, m, lo, hi, block = ge.block_grid(view, n)
         rows = np.arange(idx.shape[0])[:, None]
         dd, mm = d[rows, idx // block], m[rows, idx // block]
         w0 = w[rows, idx]
@@ -99,7 +100,7 @@ def test_on_original_grid_agrees_with_the_reader(qt, given):
     orig = quants.quantize(x, qt)
     orig[50, :2] = np.frombuffer(np.float16(np.nan).tobytes(), np.uint8)  # a NaN scale: every value NaN
     dec = quants.dequantize(orig, qt).astype(np.float32).reshape(64, 32)
-    lo, hi, affine = gm._GRID[qt]
+    lo, hi, affine = ge._GRID[qt]
     head = 4 if affine else 2
     d = orig[:, :2].copy().view(np.float16).astype(np.float32)
     m = orig[:, 2:4].copy().view(np.float16).astype(np.float32) if affine else np.float32(0)
@@ -116,9 +117,9 @@ def test_on_original_grid_agrees_with_the_reader(qt, given):
     target[20, 7] = np.nan
     target[30, 0] = d[30, 0] * (hi + 2) + (m[30, 0] if affine else 0)  # past the last level
     mask = np.ones_like(target, bool) if given == "every" else target != dec
-    on, packed = gm.on_original_grid(qt, orig, dec, *at(target, mask))
+    on, packed = ge.on_original_grid(qt, orig, dec, *at(target, mask))
     np.testing.assert_array_equal(on, ~off)
-    np.testing.assert_array_equal(gm._decode(packed[on], qt).reshape(-1, 32), target[on])  # the reader's values
+    np.testing.assert_array_equal(ge._decode(packed[on], qt).reshape(-1, 32), target[on])  # the reader's values
     assert np.array_equal(packed[:, :head], orig[:, :head])                              # scale/minimum bytes kept
     assert np.array_equal(packed[:8], orig[:8])                                          # unchanged: same bytes
     keep = (target == dec)[on]                                                           # unchanged values: same level
@@ -137,8 +138,8 @@ def test_a_zero_level_keeps_its_sign_from_the_scale():
     dec = quants.dequantize(orig, QT.Q4_0).reshape(1, 32)
     target = dec.copy()
     target[0, 1] = 0.0
-    on, packed = gm.on_original_grid(QT.Q4_0, orig, dec, np.array([0]), np.array([1]), np.float32([0.0]))
-    back = gm._decode(packed, QT.Q4_0).reshape(target.shape)
+    on, packed = ge.on_original_grid(QT.Q4_0, orig, dec, np.array([0]), np.array([1]), np.float32([0.0]))
+    back = ge._decode(packed, QT.Q4_0).reshape(target.shape)
     assert on.all() and np.array_equal(back, target) and np.signbit(back[0, 1])
 
 
@@ -149,7 +150,7 @@ def test_blocks_without_a_grid_are_on_it_only_unchanged():
     dec = quants.dequantize(orig, QT.Q5_1).reshape(4, 32)
     target = dec.copy()
     target[1, 4] += 0.01
-    on, packed = gm.on_original_grid(QT.Q5_1, orig, dec, *at(target, np.ones_like(target, bool)))
+    on, packed = ge.on_original_grid(QT.Q5_1, orig, dec, *at(target, np.ones_like(target, bool)))
     assert on.tolist() == [True, False, True, True] and np.array_equal(packed[on], orig[on])
 
 
@@ -237,7 +238,7 @@ def test_one_off_grid_value_re_encodes_one_block(tmp_path, small_chunks):
     for c in np.asarray(t.indices)[2]:
         if c // block == col // block:
             mask[0, c % block] = True
-    want = gm.encode_blocks(QT.Q4_1, merged[bid:bid + 1], np.asarray(view.file.blocks(g))[bid:bid + 1], mask,
+    want = ge.encode_blocks(QT.Q4_1, merged[bid:bid + 1], np.asarray(view.file.blocks(g))[bid:bid + 1], mask,
                             touched_weight=100.0)
     got, ref = gr.read_gguf(out), gr.read_gguf(exact)
     assert np.array_equal(np.asarray(got.blocks(g))[bid:bid + 1], want)

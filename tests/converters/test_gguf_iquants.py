@@ -19,6 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants  # noqa: E
 
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters import gguf_kquants as kq  # noqa: E402
+from neuroada_format.converters import gguf_encode as ge  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
 from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
@@ -222,12 +223,12 @@ def test_deltas_on_the_blocks_levels_merge_exactly(tmp_path, t):
     path = kquant_file(tmp_path, {n: t})
     view = gn.open_gguf_base(path)
     if t == QT.Q3_K:
-        d, m, lo, hi, sub = gm.block_grid(view, n)
+        d, m, lo, hi, sub = ge.block_grid(view, n)
         assert (lo, hi, sub) == (-4, 3, 16) and d.shape == (64, 16)
         adapter = snapped_adapter(view, k=5, targets=[n])
     else:
         with pytest.raises(naf.NeuroAdaUsageError, match=f"{t.name} has no grid here: its levels are a non-uniform"):
-            gm.block_grid(view, n)
+            ge.block_grid(view, n)
         adapter = table_snapped_adapter(view, [n])
     s = gm.merge_gguf(path, [adapter], tmp_path / "m.gguf")
     assert s.details["blocks_reencoded"] == 0 and s.details["blocks_on_grid"] > 0 and not s.warnings

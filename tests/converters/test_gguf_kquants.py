@@ -18,6 +18,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants  # noqa: E
 
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters import gguf_kquants as kq  # noqa: E402
+from neuroada_format.converters import gguf_encode as ge  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
 from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
@@ -147,7 +148,7 @@ def test_deltas_on_the_subblock_grids_merge_exactly(tmp_path, t):
     down, up = "model.layers.1.mlp.down_proj.weight", "model.layers.0.mlp.up_proj.weight"
     path = kquant_file(tmp_path, {down: t})
     view = gn.open_gguf_base(path)
-    d, m, lo, hi, sub = gm.block_grid(view, down)
+    d, m, lo, hi, sub = ge.block_grid(view, down)
     assert (lo, hi, sub) == (kq.K_TYPES[t].lo, kq.K_TYPES[t].hi, kq.K_TYPES[t].sub) and d.shape == (64, 256 // sub)
     adapter = snapped_adapter(view, k=5, targets=[down, up])
     s = gm.merge_gguf(path, [adapter], tmp_path / "m.gguf")

@@ -22,6 +22,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT, quants  # noqa: E
 
 import neuroada_format as naf  # noqa: E402
 from neuroada_format import NeuroAdaError  # noqa: E402
+from neuroada_format.converters import gguf_encode as ge  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
 from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
@@ -72,7 +73,7 @@ def whole_tensor_reference(path, adapters, *, encoder="search", touched_weight=1
         values[where, mp.positions % block] = mp.merged
         mask[where, mp.positions % block] = True
         blocks = np.array(f.blocks(gname))
-        blocks[ids] = gm.encode_blocks(info.type, values, blocks[ids], mask, method=encoder,
+        blocks[ids] = ge.encode_blocks(info.type, values, blocks[ids], mask, method=encoder,
                                        touched_weight=touched_weight)
         data[start:start + info.nbytes] = blocks.tobytes()
     return bytes(data)
@@ -242,7 +243,7 @@ def test_grid_evaluation_in_place_is_the_plain_formula():
 
 @pytest.mark.parametrize("qt", [QT.Q4_1, QT.Q4_0, QT.Q8_0], ids=lambda t: t.name)
 def test_naive_grid_is_gguf_pys_bit_for_bit(qt):
-    """The search's first candidate (gm._naive_grid) is the scale and minimum of gguf-py's own blocks, also for
+    """The search's first candidate (ge._naive_grid) is the scale and minimum of gguf-py's own blocks, also for
     zeros of both signs, equal values, a tie for the largest magnitude and blocks whose scale overflows F16."""
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((20000, 32)) * np.exp2(rng.integers(-30, 20, (20000, 1)))).astype(np.float32)
@@ -251,7 +252,7 @@ def test_naive_grid_is_gguf_pys_bit_for_bit(qt):
     x[250, 0], x[251, 0] = 3e38, -3e38
     with np.errstate(over="ignore", invalid="ignore"):
         b = quants.quantize(x.reshape(-1), qt).reshape(len(x), -1)
-    d, m = gm._naive_grid(qt, x)
+    d, m = ge._naive_grid(qt, x)
     assert d.astype(np.float16).tobytes() == b[:, :2].tobytes()
     if qt == QT.Q4_1:
         assert m.astype(np.float16).tobytes() == b[:, 2:4].tobytes()
