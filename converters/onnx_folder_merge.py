@@ -40,8 +40,9 @@ from neuroada_format.durable import (copy_folder_modes, derived_mode, fsync_path
 from neuroada_format.merge import Delta
 
 from .backend import Backend, Resolved, Written, described, pause_for_tests
-from .onnx_merge import (BACKEND as ONNX_BACKEND, NotFound, OnnxModel, Resolution, _Plan, _Resolver,
-                         _patch_external, _set_inline, stored_mismatch)
+from .onnx_merge import (BACKEND as ONNX_BACKEND, NotFound, Resolution, _Plan, _Resolver, _patch_external,
+                         _set_inline, stored_mismatch)
+from .onnx_read import OnnxModel
 from .safetensors_merge import _tree
 
 

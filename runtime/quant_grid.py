@@ -341,13 +341,13 @@ def _plan_gguf(model, found, gguf_path, adapter_name):
     return planned, types
 
 
-def _onnx_merge(path):
-    """converters/onnx_merge (imported here: the runtime must import without onnx)."""
+def _onnx_modules(path):
+    """converters/onnx_read and onnx_merge (imported here: the runtime must import without onnx)."""
     try:
-        from neuroada_format.converters import onnx_merge
+        from neuroada_format.converters import onnx_merge, onnx_read
     except ImportError as exc:
         raise missing_extra("a quantized ONNX model needs", exc, "onnx", path=os.fspath(path)) from None
-    return onnx_merge
+    return onnx_read, onnx_merge
 
 
 def _onnx_targets(model: nn.Module, shapes: dict[str, tuple], values: dict[str, torch.Tensor | None],
@@ -374,8 +374,8 @@ def _onnx_targets(model: nn.Module, shapes: dict[str, tuple], values: dict[str, 
 def _plan_onnx(model, found, onnx_path, adapter_name):
     """{layer name: (layer, grid or None)} and {target: type} for an ONNX base (see train_on_grid): each target
     resolved by converters/onnx_merge's resolver, as the merge resolves it."""
-    om = _onnx_merge(onnx_path)
-    view = om.OnnxModel(onnx_path)
+    rd, om = _onnx_modules(onnx_path)
+    view = rd.OnnxModel(onnx_path)
     try:
         shapes = {n: ((l.d_out, l.d_in), "in_out" if l.transposed else "out_in", l.weight.dtype)
                   for n, l in found.items()}
@@ -442,8 +442,8 @@ def load_quantized_weights(model: nn.Module, onnx_path) -> dict[str, str]:
     if layers(model):
         raise NeuroAdaUsageError("load the quantized weights before attach: attach selects from the weights it finds "
                                  "and keeps their values at the selected entries")
-    om = _onnx_merge(path)
-    view = om.OnnxModel(path)
+    rd, om = _onnx_modules(path)
+    view = rd.OnnxModel(path)
     try:
         if not any(view.quantized(n) is not None for n in view.nbits):  # (the float export passed for the int4 one)
             raise NeuroAdaUsageError("the model holds no MatMulNBits weight (not an ONNX Runtime 4/8-bit quantized "

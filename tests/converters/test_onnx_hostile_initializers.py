@@ -21,7 +21,7 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import neuroada_format as naf  # noqa: E402
-from neuroada_format.converters.onnx_merge import OnnxModel  # noqa: E402
+from neuroada_format.converters.onnx_read import OnnxModel  # noqa: E402
 
 MERGE = os.path.join(os.path.dirname(sys.executable), "neuroada-merge")
 BF16 = np.dtype(ml_dtypes.bfloat16)

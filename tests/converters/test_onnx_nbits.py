@@ -27,7 +27,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
-from neuroada_format.converters.onnx_merge import OnnxModel, merge_onnx  # noqa: E402
+from neuroada_format.converters.onnx_merge import merge_onnx  # noqa: E402
+from neuroada_format.converters.onnx_read import OnnxModel  # noqa: E402
 
 from onnx_nbits_models import (  # noqa: E402, F401  (tests/onnx_nbits_models.py, shared with tests/runtime/test_onnx_grid.py)
     PADDED_VARIANTS, VARIANTS, decode, inits, llama_fixture, nbits_node, padded_fixture, quantize, quantized_fixture,
