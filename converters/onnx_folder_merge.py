@@ -5,7 +5,7 @@ encoder-decoder model (`encoder_model.onnx`, `decoder_model.onnx`, `decoder_with
 Each file holds one part of the model, often under names that lack the part's leading `encoder.` /
 `decoder.` (an encoder exported alone calls its layers `block.0...`, as the decoder does), so a name says
 too little here. A target is therefore looked for in every model of the folder (`*.onnx` at its top) with
-the single-file resolver (converters/onnx_merge.py: name, exporter scope, node name, probe hash), and every
+the single-file resolver (converters/onnx_resolve.py: name, exporter scope, node name, probe hash), and every
 weight it finds is checked against the adapter's probe hash:
 
 - found, and its values at the adapter's positions hash to the probe: the target is in this file and is
@@ -40,9 +40,9 @@ from neuroada_format.durable import (copy_folder_modes, derived_mode, fsync_path
 from neuroada_format.merge import Delta
 
 from .backend import Backend, Resolved, Written, described, pause_for_tests
-from .onnx_merge import (BACKEND as ONNX_BACKEND, NotFound, Resolution, _Plan, _Resolver, _patch_external,
-                         _set_inline, stored_mismatch)
+from .onnx_merge import BACKEND as ONNX_BACKEND, _Plan, _patch_external, _set_inline
 from .onnx_read import OnnxModel
+from .onnx_resolve import NotFound, Resolution, _Resolver, stored_mismatch
 from .safetensors_merge import _tree
 
 

@@ -11,7 +11,7 @@ value is that formula in binary32: fl32(f32(scale) * (code - zero_point)), the i
 
 ONNX Runtime's quantizer (MatMulNBitsQuantizer) names B `<initializer>_Q<bits>` (its GPTQ writer
 `<initializer>_Q<bits>G<block_size>`), after the [K, N] initializer of the MatMul it replaced; the graph's weight keeps
-that name here (`NBits.name`), so the resolution of converters/onnx_merge.py finds it as it found the float
+that name here (`NBits.name`), so the resolution of converters/onnx_resolve.py finds it as it found the float
 initializer: by name, by the node's exporter scope or legacy node name when the graph still has them, and otherwise by
 the probe hash over the decoded values.
 

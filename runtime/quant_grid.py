@@ -36,7 +36,7 @@ checkpoints keeps the unsnapped ones, which is what resuming needs (call `train_
 model). The adapter's `save_dtype` becomes F32 while the grid is on: a snapped delta `d * (q - q0)` needs up to 15
 significant bits (more for a K-quant's sub-block scale or an f32 scale). The grids come from the converters:
 converters/gguf_encode.py (`block_grid`), converters/gguf_names.py (the Hugging Face -> GGUF name map and llama.cpp's
-q/k row order) and converters/onnx_nbits.py (`Weight.grid`), each target found by converters/onnx_merge.py's
+q/k row order) and converters/onnx_nbits.py (`Weight.grid`), each target found by converters/onnx_resolve.py's
 resolver exactly as the merge finds it; those modules, gguf and onnx are imported only when a grid is registered.
 Serving several adapters (runtime/multi.py: `set_adapter`, mixed batches, `add_weighted_adapter`) reads the snapped
 deltas too, through the same `NeuroAdaLayer.delta`.
@@ -342,12 +342,12 @@ def _plan_gguf(model, found, gguf_path, adapter_name):
 
 
 def _onnx_modules(path):
-    """converters/onnx_read and onnx_merge (imported here: the runtime must import without onnx)."""
+    """converters/onnx_read and onnx_resolve (imported here: the runtime must import without onnx)."""
     try:
-        from neuroada_format.converters import onnx_merge, onnx_read
+        from neuroada_format.converters import onnx_read, onnx_resolve
     except ImportError as exc:
         raise missing_extra("a quantized ONNX model needs", exc, "onnx", path=os.fspath(path)) from None
-    return onnx_read, onnx_merge
+    return onnx_read, onnx_resolve
 
 
 def _onnx_targets(model: nn.Module, shapes: dict[str, tuple], values: dict[str, torch.Tensor | None],
@@ -373,8 +373,8 @@ def _onnx_targets(model: nn.Module, shapes: dict[str, tuple], values: dict[str, 
 
 def _plan_onnx(model, found, onnx_path, adapter_name):
     """{layer name: (layer, grid or None)} and {target: type} for an ONNX base (see train_on_grid): each target
-    resolved by converters/onnx_merge's resolver, as the merge resolves it."""
-    rd, om = _onnx_modules(onnx_path)
+    resolved by converters/onnx_resolve, as the merge resolves it."""
+    rd, rs = _onnx_modules(onnx_path)
     view = rd.OnnxModel(onnx_path)
     try:
         shapes = {n: ((l.d_out, l.d_in), "in_out" if l.transposed else "out_in", l.weight.dtype)
@@ -384,14 +384,14 @@ def _plan_onnx(model, found, onnx_path, adapter_name):
         for name, layer in found.items():
             _check_layer(name, layer, adapter_name, targets[name].name)
         adapter = naf.Adapter({t.name: t for t in targets.values()})
-        resolutions = om.resolve_targets(view.path, adapter, _model=view)
+        resolutions = rs.resolve_targets(view.path, adapter, _model=view)
         planned, types = {}, {}
         for name, layer in found.items():
             key = targets[name].name
             res = resolutions[key]
             idx, w0 = layer.neuroada_idx[adapter_name], layer.neuroada_w0[adapter_name]
             for init, layout in res.initializers():  # the merge's own dtype and shape check (rule 4.2), now
-                problem = om.stored_mismatch(view, init, layout, targets[name])
+                problem = rs.stored_mismatch(view, init, layout, targets[name])
                 if problem:  # (an F16 head of an f16 export, for an f32 model: no merge takes that adapter)
                     raise NeuroAdaError(f"{problem}: neuroada-merge refuses it (a float initializer must have the "
                                         f"model's dtype); leave this layer out of the targets", path=view.path,
@@ -442,7 +442,7 @@ def load_quantized_weights(model: nn.Module, onnx_path) -> dict[str, str]:
     if layers(model):
         raise NeuroAdaUsageError("load the quantized weights before attach: attach selects from the weights it finds "
                                  "and keeps their values at the selected entries")
-    rd, om = _onnx_modules(path)
+    rd, rs = _onnx_modules(path)
     view = rd.OnnxModel(path)
     try:
         if not any(view.quantized(n) is not None for n in view.nbits):  # (the float export passed for the int4 one)
@@ -451,7 +451,7 @@ def load_quantized_weights(model: nn.Module, onnx_path) -> dict[str, str]:
         modules = {n: m for n, m in _adaptable(model).items() if isinstance(getattr(m, "weight", None), torch.Tensor)}
         targets = _onnx_targets(model, {n: (tuple(_canonical(m).shape), _layout(m), m.weight.dtype)
                                         for n, m in modules.items()}, {}, {})
-        found, refused = om.resolve_by_name(view, targets.values())
+        found, refused = rs.resolve_by_name(view, targets.values())
         owner: dict[str, str] = {}
         for name, t in targets.items():
             res = found.get(t.name)

@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 from onnxruntime.quantization import matmul_nbits_quantizer as nbq
 
 import neuroada_format as naf
-from neuroada_format.converters.onnx_merge import resolve_targets
+from neuroada_format.converters.onnx_resolve import resolve_targets
 from tiny_hf import tiny_llama
 
 LLAMA = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,

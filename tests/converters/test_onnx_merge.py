@@ -27,8 +27,9 @@ import neuroada_format as naf  # noqa: E402
 from neuroada_format.converters.backend import MergeSummary  # noqa: E402
 from neuroada_format.converters.journal import JOURNAL_PREFIX, revert  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
-from neuroada_format.converters.onnx_merge import merge_onnx, open_onnx_base, resolve_targets  # noqa: E402
+from neuroada_format.converters.onnx_merge import merge_onnx  # noqa: E402
 from neuroada_format.converters.onnx_read import OnnxModel  # noqa: E402
+from neuroada_format.converters.onnx_resolve import open_onnx_base, resolve_targets  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
