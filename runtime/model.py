@@ -1577,6 +1577,11 @@ class _HfPeftMethod:
     def __init__(self, name: str):
         self.name = name
 
+    @property
+    def __name__(self) -> str:
+        """What _ModelMethod names the call by, as for a function (its 'model no longer exists' message)."""
+        return self.name
+
     def __call__(self, model: nn.Module, *args, **kwargs):
         name, ours = self.name, True
         if name == "load_adapter":

@@ -1003,3 +1003,11 @@ def test_a_merge_whose_rollback_fails_too_leaves_each_layer_as_it_says(monkeypat
     assert [n for n in want if not torch.equal(want[n], now[n])] == []
     assert torch.equal(_logits(model), _logits(reference))
     assert "injected after the write" in str(raised.value)  # the first failure is the one reported
+
+
+@pytest.mark.parametrize("method", ["set_adapter", "delete_adapter", "active_adapters", "disable_adapters"])
+def test_a_peft_integration_method_of_a_temporary_model_says_so(method):
+    """transformers' PEFT-integration methods on a temporary attached model (``attach(load(...), cfg).delete_adapter``)
+    raised AttributeError: '_HfPeftMethod' object has no attribute '__name__', from the message meant to explain."""
+    with pytest.raises(NeuroAdaUsageError, match=f"^{method}: its model no longer exists"):
+        getattr(with_deltas(tiny_llama(), k=1, target_modules=["q_proj"]), method)("default")
