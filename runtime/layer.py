@@ -202,6 +202,9 @@ class NeuroAdaLayer(nn.Module):
         self.parked: set[str] = set()  # trainable adapters the runtime paused (see model.park)
         self.register_load_state_dict_post_hook(_after_load)
         self.register_state_dict_pre_hook(_current_w0)
+        # in the mode of the layer it replaces: a new module trains, so an eval() model came back from attach or
+        # load_adapter with every adapted layer in training mode (a merged eval forward warned it trains nothing)
+        self.train(base_layer.training)
 
     def __getstate__(self):
         """Copies and pickles carry no caches: patterns and overlays hold tensors derived from idx/w0

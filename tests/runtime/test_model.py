@@ -518,6 +518,27 @@ def test_training_a_merged_adapter_warns_and_unmerge_trains_it():
         model.zero_grad(set_to_none=True)
 
 
+def test_adapted_layers_keep_the_models_train_or_eval_mode(tmp_path):
+    """A new module trains: attach and load_adapter on an eval() model left every adapted layer (and its adapters'
+    containers) in training mode under a model that said eval, so merging and serving it with grad enabled warned
+    that the merged deltas get no gradient. Now each layer takes the mode of the layer it replaces, both ways."""
+    from neuroada_format.runtime import load_adapter, merge
+
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    model = attach(tiny_llama(), NeuroAdaConfig(k=2))
+    assert not model.training and not any(m.training for m in model.modules())
+    save_adapter(model, tmp_path / "a")
+    served = load_adapter(tiny_llama(), tmp_path / "a", is_trainable=True)
+    assert not any(m.training for m in served.modules())
+    merge(model)
+    import warnings as w
+    with w.catch_warnings():
+        w.simplefilter("error")
+        model(input_ids=ids)  # grad enabled, eval mode: serving, not training
+    trains = attach(tiny_llama().train(), NeuroAdaConfig(k=2))
+    assert all(m.training for m in trains.modules())
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_resize_token_embeddings_of_an_adapted_head_is_refused_before_anything_changes(tie):
     """With lm_head a target, transformers resized the input embeddings, then failed on the head with a raw TypeError
