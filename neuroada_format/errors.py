@@ -19,6 +19,7 @@ import os
 import re
 import shlex
 import sys
+import warnings
 
 # What `printable` escapes (spec section 11.1): C0 controls and DEL (newlines, ESC starting ANSI
 # sequences), C1 controls (U+0080-U+009F, CSI included), the bidirectional controls that reorder what
@@ -33,6 +34,20 @@ def _escape(match: re.Match) -> str:
     ch = match.group()
     code = ord(ch)
     return _SHORT.get(ch) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+# modules a warning is never attributed to: ours, and the libraries that call into us (a Trainer resuming calls
+# torch's load_state_dict, which calls our hook)
+_NOT_THE_CALLER = ("neuroada_format", "torch", "transformers", "accelerate", "functools", "contextlib")
+
+
+def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
+    """Warn at the user's own line, the first frame outside the modules above: a fixed stacklevel pointed into our
+    decorators or torch's Module.__call__ (the decorators between a public function and its body differ)."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _NOT_THE_CALLER:
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level)
 
 
 def printable(text) -> str:

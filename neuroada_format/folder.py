@@ -9,12 +9,11 @@ layout (`adapter_config.json` with `peft_type: "NEUROADA"` + `adapter_model.safe
 from __future__ import annotations
 
 import os
-import warnings
 from contextlib import contextmanager, nullcontext
 
 from .dtypes import VALUE_DTYPES
 from .durable import finish_publishes, reading_folder
-from .errors import NeuroAdaError, NeuroAdaUsageError
+from .errors import NeuroAdaError, NeuroAdaUsageError, warn_caller
 from .jsonparse import read_json
 from .safe_io import check_regular
 
@@ -297,14 +296,14 @@ def trained_extras(path, *, strict: bool = False) -> tuple[str, list[str]] | Non
     return (state, extra) if extra else None
 
 
-def warn_trained_extras(path, consequence: str, stacklevel: int = 3) -> None:
+def warn_trained_extras(path, consequence: str) -> None:
     """Warn, naming them, when the adapter folder `path` holds trained tensors that `consequence` says are lost."""
     found = trained_extras(path)
     if found:
         state, extra = found
         shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
-        warnings.warn(f"{state} also holds {len(extra)} trained tensor(s) that are not adapter deltas ({shown}), "
-                      f"e.g. a head you unfroze; {consequence}", stacklevel=stacklevel)
+        warn_caller(f"{state} also holds {len(extra)} trained tensor(s) that are not adapter deltas ({shown}), "
+                      f"e.g. a head you unfroze; {consequence}")
 
 
 # what a tool that reads an adapter folder says of those tensors (the runtime's load_adapter says how to load them)

@@ -13,7 +13,6 @@ import re
 import signal
 import sys
 import threading
-import warnings
 import weakref
 from typing import Callable, Iterable, Iterator
 
@@ -24,6 +23,7 @@ from torch import nn
 
 import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
+from neuroada_format.errors import warn_caller
 from neuroada_format.adapter import encode as encode_adapter
 from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
 from neuroada_format.durable import checkpoint_lock, reading_folder, write_files
@@ -496,10 +496,10 @@ def _warn_zero_weights(modules: dict[str, nn.Module], indices: dict[str, torch.T
     loader only logs them as unused). Read from the selected entries only."""
     zero = [name for name, m in modules.items() if not bool(gather_exact(_canonical(m).detach(), indices[name]).any())]
     if zero:
-        warnings.warn(f"{len(zero)} of {len(modules)} target weights are all zeros ({zero[0]}.weight"
+        warn_caller(f"{len(zero)} of {len(modules)} target weights are all zeros ({zero[0]}.weight"
                       f"{', ...' if len(zero) > 1 else ''}): magnitude selection picked columns 0..k-1 of every row. If "
                       "the base weights are loaded after attach, load them before it (attach selects from the weights "
-                      "it finds, and a checkpoint's keys no longer reach the adapted layers)", stacklevel=3)
+                      "it finds, and a checkpoint's keys no longer reach the adapted layers)")
 
 
 def _check_modes(modules: dict[str, nn.Module], config: NeuroAdaConfig, shared: set[int],
@@ -738,9 +738,9 @@ def _warn_frozen_head(model: nn.Module, config: NeuroAdaConfig) -> None:
             if params and not any(p.requires_grad for p in params):
                 why = (f"task_type={config.task_type}: " if config.task_type else
                        "a classification head, new in a fine-tune: ")
-                warnings.warn(f"{why}the head {name!r} is frozen with the base; PEFT trains it (modules_to_save). To "
+                warn_caller(f"{why}the head {name!r} is frozen with the base; PEFT trains it (modules_to_save). To "
                               f"train it here: model.get_submodule({name!r}).requires_grad_(True) (save_pretrained "
-                              f"then keeps it in model.safetensors)", stacklevel=3)
+                              f"then keeps it in model.safetensors)")
 
 
 def _refuse_base_dtype(weight: torch.Tensor, tensor: str, advice: str, how: str = "") -> None:
@@ -1248,8 +1248,8 @@ def _warn_ignored_save_options(kwargs: dict) -> None:
     if kwargs.get("safe_serialization") is False:
         ignored.append("safe_serialization=False (nothing here is ever pickled)")
     if ignored:
-        warnings.warn(f"save_pretrained of an attached model writes the adapter files and one adapter-sized "
-                      f"model.safetensors; ignored: {', '.join(ignored)}", stacklevel=3)
+        warn_caller(f"save_pretrained of an attached model writes the adapter files and one adapter-sized "
+                      f"model.safetensors; ignored: {', '.join(ignored)}")
 
 
 def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool = True, state_dict: dict | None = None,
@@ -1384,10 +1384,10 @@ def _warn_delta_dtypes(module: nn.Module, state_dict, prefix: str) -> None:
         for adapter, v in layer.neuroada_val.items():
             got = state_dict.get(f"{prefix}{name}.neuroada_val.{adapter}")
             if isinstance(got, torch.Tensor) and got.dtype != v.dtype:
-                warnings.warn(f"adapter {adapter!r}: the trainable state holds {str(got.dtype)[6:]} deltas and this "
+                warn_caller(f"adapter {adapter!r}: the trainable state holds {str(got.dtype)[6:]} deltas and this "
                               f"model's are {str(v.dtype)[6:]} (delta_dtype): loading converts them, and an optimizer "
                               f"state saved with them does not fit; attach with the run's delta_dtype to resume "
-                              f"exactly", stacklevel=4)
+                              f"exactly")
                 return
 
 
@@ -1645,7 +1645,7 @@ def _warn_unloaded_state(path) -> None:
     """A save_pretrained folder's model.safetensors may hold trained tensors that are no adapter's (a head the
     user unfroze, PEFT's LoRA): load_adapter reads only the adapter, so say what it leaves and how to load it."""
     warn_trained_extras(path, "load_adapter loads only the adapter. To use them too: "
-                              f"load_trained_extras(model, {os.fspath(path)!r})", stacklevel=4)
+                              f"load_trained_extras(model, {os.fspath(path)!r})")
 
 
 @takes_model

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-import warnings
 import weakref
 from types import SimpleNamespace
 from typing import Iterator, Sequence
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
+from neuroada_format.errors import warn_caller
 from neuroada_format.dtypes import NUMPY_DTYPES, common_value_dtype, nonfinite_mask
 
 from . import kernels
@@ -171,8 +171,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     rest = list_adapters(model)
     if was_active and rest and not any(layer.active_adapters or layer.merged_adapters
                                        for layer in layers(model).values()):
-        warnings.warn(f"adapter {adapter_name!r} was active and is deleted: the base model is served now (PEFT would "
-                      f"make {rest[0]!r} active); set_adapter(model, {rest[0]!r}) to serve it", stacklevel=4)
+        warn_caller(f"adapter {adapter_name!r} was active and is deleted: the base model is served now (PEFT would "
+                      f"make {rest[0]!r} active); set_adapter(model, {rest[0]!r}) to serve it")
 
 
 def _serve(layer: NeuroAdaLayer) -> None:

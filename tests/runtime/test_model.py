@@ -816,6 +816,40 @@ def test_save_pretrained_says_which_transformers_options_it_ignores(tmp_path):
         model.save_pretrained(tmp_path / "b", safe_serialization=True, token=None, state_dict=None)
 
 
+def test_each_warning_points_at_the_callers_line(tmp_path):
+    """A warning names the line that caused it. Fixed stacklevels pointed into our own decorators (runtime/model.py's
+    ``return func(model, *args, **kwargs)`` for attach's frozen-head warning, _ModelMethod for save_pretrained's) or
+    into torch (a load_state_dict hook): the user saw a library line, and Python's once-per-location filter merged
+    warnings from different calls."""
+    import json
+
+    from neuroada_format.runtime import load_adapter
+
+    def here(make, match):
+        with pytest.warns(UserWarning, match=match) as record:
+            make()
+        assert [r.filename for r in record if re.search(match, str(r.message))] == [__file__]
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, num_labels=3, pad_token_id=0)
+    here(lambda: attach(transformers.LlamaForSequenceClassification(cfg), NeuroAdaConfig(k=1, task_type="SEQ_CLS")),
+         "is frozen with the base")
+    zeros = tiny_llama()
+    with torch.no_grad():
+        zeros.model.layers[0].self_attn.q_proj.weight.zero_()
+    here(lambda: attach(zeros, NeuroAdaConfig(k=1, target_modules=["q_proj"])), "all zeros")
+    model = _randomized(attach(tiny_llama(), NeuroAdaConfig(k=1, target_modules=["q_proj"])))
+    model.lm_head.requires_grad_(True)
+    here(lambda: model.save_pretrained(tmp_path / "a", max_shard_size="1KB"), "ignored: max_shard_size")
+    here(lambda: load_adapter(tiny_llama(), tmp_path / "a"), "also holds 1 trained tensor")
+    other = attach(tiny_llama(), NeuroAdaConfig(k=1, target_modules=["q_proj"], delta_dtype="bfloat16"))
+    from safetensors.torch import load_file
+    here(lambda: other.load_state_dict(load_file(tmp_path / "a" / "model.safetensors"), strict=False), "delta_dtype")
+    config = tmp_path / "a" / "neuroada_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "from_the_future": 1}))
+    here(lambda: load_adapter(tiny_llama(), tmp_path / "a"), "unknown key")
+
+
 def test_a_bf16_nan_payload_in_the_base_survives_attach_forward_and_the_probe(tmp_path):
     """torch's CPU gather rewrites a bf16 NaN (0x7fc1 came back 0xffff): attach read the original entries that way,
     the first forward wrote them back into the base, and the probe hash was not the base's (validate: rule 4.3)."""
