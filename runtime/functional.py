@@ -498,8 +498,9 @@ def inplace_sparse_delta_linear(x: torch.Tensor, weight: torch.Tensor, bias: tor
         raise NeuroAdaUsageError("a torch.func transform (grad, vmap, jacrev, ...) cannot run through writes into the "
                                  "weight; use the additive mode (NeuroAdaLayer serves it that way by itself)")
     if weight.requires_grad:
-        raise NeuroAdaUsageError("the base weight must be frozen (requires_grad=False) for in-place sparse deltas; "
-                                 "use the additive mode to train it too")
+        raise NeuroAdaUsageError("the base weight must be frozen (requires_grad=False) for in-place sparse deltas, and "
+                                 "this one was unfrozen after attach (model.requires_grad_(True)?); to train base weights "
+                                 "beside the deltas, attach with NeuroAdaConfig(..., mode='additive')")
     return InplaceSparseDeltaLinear.apply(x, weight, bias, overlay, *vals)
 
 

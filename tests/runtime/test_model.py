@@ -816,6 +816,22 @@ def test_save_pretrained_says_which_transformers_options_it_ignores(tmp_path):
         model.save_pretrained(tmp_path / "b", safe_serialization=True, token=None, state_dict=None)
 
 
+def test_unfreezing_the_base_after_attach_says_how_to_train_it():
+    """A full fine-tuning habit, model.requires_grad_(True) after attach, met an error that said "use the additive
+    mode" without saying where that is chosen; it changed nothing. With mode='additive' both train."""
+    model = _randomized(attach(tiny_llama(), NeuroAdaConfig(k=2)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.requires_grad_(True)
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NeuroAdaUsageError, match=r"unfrozen after attach.*NeuroAdaConfig\(\.\.\., mode='additive'\)"):
+        model(input_ids=ids, labels=ids)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    both = attach(tiny_llama(), NeuroAdaConfig(k=2, mode="additive")).requires_grad_(True)
+    both(input_ids=ids, labels=ids).loss.backward()
+    q = both.model.layers[0].self_attn.q_proj
+    assert q.base_layer.weight.grad is not None and q.neuroada_val["default"].grad is not None
+
+
 def test_each_warning_points_at_the_callers_line(tmp_path):
     """A warning names the line that caused it. Fixed stacklevels pointed into our own decorators (runtime/model.py's
     ``return func(model, *args, **kwargs)`` for attach's frozen-head warning, _ModelMethod for save_pretrained's) or
