@@ -183,3 +183,62 @@ def test_transformers_trainer(tmp_path):
     path = save_adapter(plain, tmp_path / "trained.safetensors")
     base_np = {k: to_numpy(v) for k, v in base.state_dict().items()}
     naf.validate(path, base=naf.ArrayBase(base_np), check_selection=True, strict=True)
+
+
+def _padded(batch):
+    """An SFT-style collator: right padding, labels -100 on the padding."""
+    width = max(len(item["input_ids"]) for item in batch)
+    out = {"input_ids": torch.zeros(len(batch), width, dtype=torch.long),
+           "attention_mask": torch.zeros(len(batch), width, dtype=torch.long),
+           "labels": torch.full((len(batch), width), -100)}
+    for i, item in enumerate(batch):
+        n = len(item["input_ids"])
+        out["input_ids"][i, :n], out["attention_mask"][i, :n], out["labels"][i, :n] = item["input_ids"], 1, item["labels"]
+    return out
+
+
+def test_the_trainer_options_a_peft_user_sets(tmp_path):
+    """The options of a PEFT user's TrainingArguments, at once: gradient accumulation, label smoothing, NEFTune,
+    length-grouped batches of a padding collator, non-reentrant checkpointing, checkpoints of the model only kept two
+    at a time, and the best of them (by eval_loss) loaded at the end. The deltas train, the base stays bit for bit, the
+    best checkpoint's deltas are what the model holds after training, and merge_and_unload -> save_pretrained ->
+    from_pretrained is the trained model's forward, bit for bit."""
+    from safetensors.torch import load_file
+
+    from neuroada_format.runtime import merge_and_unload
+
+    base = tiny_llama()
+    original = base_bits(base)
+    model = attach(copy.deepcopy(base).eval(), NeuroAdaConfig(k=2))
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 100, (int(n),), generator=g) for n in torch.randint(4, 12, (24,), generator=g)]
+    data = ListDataset([{"input_ids": r, "labels": r} for r in rows])
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=1e-2, label_smoothing_factor=0.1, neftune_noise_alpha=5.0,
+        train_sampling_strategy="group_by_length", gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, eval_strategy="steps", eval_steps=2,
+        save_strategy="steps", save_steps=2, save_total_limit=2, save_only_model=True, load_best_model_at_end=True,
+        metric_for_best_model="eval_loss", greater_is_better=True,  # the worst: an earlier checkpoint, so its load shows
+        report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
+        logging_strategy="no", dataloader_num_workers=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=ListDataset(data.items[:6]),
+                                   data_collator=_padded)
+    trainer.train()
+    assert trainer.state.global_step == 6
+    assert all(v.any() for v in deltas(model).values()) and base_bits(model) == original
+    kept = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint-"))
+    assert len(kept) == 2 and trainer.state.best_model_checkpoint
+    best = load_file(f"{trainer.state.best_model_checkpoint}/model.safetensors")
+    assert not trainer.state.best_model_checkpoint.endswith("-6")  # (the last one would prove nothing)
+    assert f"checkpoint-{trainer.state.best_global_step}" in kept
+    for name, v in deltas(model).items():
+        assert torch.equal(best[f"{name}.neuroada_val.default"], v)
+    model.eval()
+    x = batches(1, seed=9)[0]
+    with torch.no_grad():
+        trained = model(x).logits
+    merge_and_unload(model).save_pretrained(tmp_path / "merged")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, trained)
