@@ -256,6 +256,7 @@ def train_on_grid(model: nn.Module, path, adapter_name: str = "default") -> dict
             grids = nn.ModuleDict()
             layer.add_module(GRID_ATTR, grids)
         grids[adapter_name] = grid
+        grids.train(layer.training)  # in its layer's mode, as the layer is in its model's (see NeuroAdaLayer)
     from .model import CONFIGS_ATTR
 
     configs = getattr(model, CONFIGS_ATTR, None) or {}

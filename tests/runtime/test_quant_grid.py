@@ -384,6 +384,14 @@ def test_serving_paths_serve_the_snapped_deltas(bases):
         assert torch.equal(got, snapped[n]), n
 
 
+def test_grids_take_their_models_train_or_eval_mode(bases):
+    """A grid module added to an eval() model was in training mode (a new module's default) under layers in eval."""
+    model, _ = attached(bases["Q4_1"])
+    assert not model.training and not any(m.training for m in model.modules())
+    model.train()
+    assert all(m.training for m in model.modules())
+
+
 def test_copies_and_pickles_keep_the_grid(bases):
     model, _ = attached(bases["Q4_1"])
     train(model, steps=2)
