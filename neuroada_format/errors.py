@@ -37,8 +37,10 @@ def _escape(match: re.Match) -> str:
 
 
 # modules a warning is never attributed to: ours, and the libraries that call into us (a Trainer resuming calls
-# torch's load_state_dict, which calls our hook)
-_NOT_THE_CALLER = ("neuroada_format", "torch", "transformers", "accelerate", "functools", "contextlib")
+# torch's load_state_dict, which calls our hook; a model's forward runs through transformers, its hub `kernels`
+# wrappers and PEFT's or TRL's)
+_NOT_THE_CALLER = ("neuroada_format", "torch", "transformers", "accelerate", "kernels", "peft", "trl", "functools",
+                   "contextlib")
 
 
 def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:

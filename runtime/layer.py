@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import sys
-import warnings
 import weakref
 from collections import Counter
 from typing import Iterable, Sequence
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
+from neuroada_format.errors import warn_caller
 
 from .functional import (Overlay, additive_sparse_delta, inplace_sparse_delta_linear, merge_, transforms_active,
                          unmerge_, weight_lock)
@@ -715,8 +715,8 @@ class NeuroAdaLayer(nn.Module):
         set_adapter changes, so switching adapters does not recompile.)"""
         if self.training and torch.is_grad_enabled() and self.merged and any(
                 self.neuroada_val[n].requires_grad for n in self.merged_adapters if n in self.neuroada_val):
-            warnings.warn(f"adapter(s) {', '.join(self.merged_adapters)} are merged into the weights, so their deltas "
-                          f"get no gradient from this forward (as in PEFT); unmerge(model) to train them", stacklevel=3)
+            warn_caller(f"adapter(s) {', '.join(self.merged_adapters)} are merged into the weights, so their deltas "
+                        f"get no gradient from this forward (as in PEFT); unmerge(model) to train them")
 
     def ordinary(self, names: Iterable[str]) -> None:
         """Make these adapters' idx and w0 ordinary tensors if they became inference tensors (``model.half()``

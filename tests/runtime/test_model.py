@@ -835,8 +835,8 @@ def test_unfreezing_the_base_after_attach_says_how_to_train_it():
 def test_each_warning_points_at_the_callers_line(tmp_path):
     """A warning names the line that caused it. Fixed stacklevels pointed into our own decorators (runtime/model.py's
     ``return func(model, *args, **kwargs)`` for attach's frozen-head warning, _ModelMethod for save_pretrained's) or
-    into torch (a load_state_dict hook): the user saw a library line, and Python's once-per-location filter merged
-    warnings from different calls."""
+    into torch (Module.__call__ for a training forward through a merged adapter): the user saw a library line, and
+    Python's once-per-location filter merged warnings from different calls."""
     import json
 
     from neuroada_format.runtime import load_adapter
@@ -844,7 +844,7 @@ def test_each_warning_points_at_the_callers_line(tmp_path):
     def here(make, match):
         with pytest.warns(UserWarning, match=match) as record:
             make()
-        assert [r.filename for r in record if re.search(match, str(r.message))] == [__file__]
+        assert {r.filename for r in record if re.search(match, str(r.message))} == {__file__}
 
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=100, num_labels=3, pad_token_id=0)
@@ -861,6 +861,10 @@ def test_each_warning_points_at_the_callers_line(tmp_path):
     other = attach(tiny_llama(), NeuroAdaConfig(k=1, target_modules=["q_proj"], delta_dtype="bfloat16"))
     from safetensors.torch import load_file
     here(lambda: other.load_state_dict(load_file(tmp_path / "a" / "model.safetensors"), strict=False), "delta_dtype")
+    from neuroada_format.runtime import merge
+    merge(model)
+    model.train()
+    here(lambda: model(input_ids=torch.zeros(1, 3, dtype=torch.long)), "merged into the weights")
     config = tmp_path / "a" / "neuroada_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "from_the_future": 1}))
     here(lambda: load_adapter(tiny_llama(), tmp_path / "a"), "unknown key")
