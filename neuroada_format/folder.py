@@ -303,7 +303,7 @@ def warn_trained_extras(path, consequence: str) -> None:
         state, extra = found
         shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
         warn_caller(f"{state} also holds {len(extra)} trained tensor(s) that are not adapter deltas ({shown}), "
-                      f"e.g. a head you unfroze; {consequence}")
+                    f"e.g. a head you unfroze; {consequence}")
 
 
 # what a tool that reads an adapter folder says of those tensors (the runtime's load_adapter says how to load them)

@@ -14,8 +14,8 @@ import os
 from dataclasses import asdict, dataclass, fields
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
-from neuroada_format.errors import warn_caller
 from neuroada_format.durable import write_bytes
+from neuroada_format.errors import warn_caller
 from neuroada_format.folder import (CONFIG_NAME, LEGACY_CONFIG_NAME, MODES, RECORDED_SELECTIONS,  # noqa: F401
                                     SELECTIONS, WEIGHTS_NAME, asks_nothing, check_config_fields, module_spec,
                                     read_folder_config, refuse_peft_options)
@@ -76,7 +76,7 @@ class NeuroAdaConfig:
         unknown = [k for k in d if k not in names and k not in FILE_ONLY_KEYS and not asks_nothing(k, d[k])]
         if unknown:
             warn_caller(f"{where}NeuroAdaConfig ignores unknown key(s) {', '.join(map(repr, unknown))} (written by "
-                          f"a newer version of neuroada?)")
+                        f"a newer version of neuroada?)")
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_json(self) -> str:

@@ -23,10 +23,10 @@ from torch import nn
 
 import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
-from neuroada_format.errors import warn_caller
 from neuroada_format.adapter import encode as encode_adapter
 from neuroada_format.dtypes import common_value_dtype, nonfinite_mask
 from neuroada_format.durable import checkpoint_lock, reading_folder, write_files
+from neuroada_format.errors import warn_caller
 from neuroada_format.folder import (CONFIG_NAME, STATE_FILE, STATE_INTERRUPTED, STATE_MARKER, STATE_PROBE,
                                     STATE_TRAINING, WEIGHTS_NAME, adapter_config, state_text, trained_extras,
                                     warn_trained_extras)
@@ -497,9 +497,9 @@ def _warn_zero_weights(modules: dict[str, nn.Module], indices: dict[str, torch.T
     zero = [name for name, m in modules.items() if not bool(gather_exact(_canonical(m).detach(), indices[name]).any())]
     if zero:
         warn_caller(f"{len(zero)} of {len(modules)} target weights are all zeros ({zero[0]}.weight"
-                      f"{', ...' if len(zero) > 1 else ''}): magnitude selection picked columns 0..k-1 of every row. If "
-                      "the base weights are loaded after attach, load them before it (attach selects from the weights "
-                      "it finds, and a checkpoint's keys no longer reach the adapted layers)")
+                    f"{', ...' if len(zero) > 1 else ''}): magnitude selection picked columns 0..k-1 of every row. If "
+                    "the base weights are loaded after attach, load them before it (attach selects from the weights "
+                    "it finds, and a checkpoint's keys no longer reach the adapted layers)")
 
 
 def _check_modes(modules: dict[str, nn.Module], config: NeuroAdaConfig, shared: set[int],
@@ -739,8 +739,8 @@ def _warn_frozen_head(model: nn.Module, config: NeuroAdaConfig) -> None:
                 why = (f"task_type={config.task_type}: " if config.task_type else
                        "a classification head, new in a fine-tune: ")
                 warn_caller(f"{why}the head {name!r} is frozen with the base; PEFT trains it (modules_to_save). To "
-                              f"train it here: model.get_submodule({name!r}).requires_grad_(True) (save_pretrained "
-                              f"then keeps it in model.safetensors)")
+                            f"train it here: model.get_submodule({name!r}).requires_grad_(True) (save_pretrained "
+                            f"then keeps it in model.safetensors)")
 
 
 def _refuse_base_dtype(weight: torch.Tensor, tensor: str, advice: str, how: str = "") -> None:
@@ -1249,7 +1249,7 @@ def _warn_ignored_save_options(kwargs: dict) -> None:
         ignored.append("safe_serialization=False (nothing here is ever pickled)")
     if ignored:
         warn_caller(f"save_pretrained of an attached model writes the adapter files and one adapter-sized "
-                      f"model.safetensors; ignored: {', '.join(ignored)}")
+                    f"model.safetensors; ignored: {', '.join(ignored)}")
 
 
 def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool = True, state_dict: dict | None = None,
@@ -1385,9 +1385,9 @@ def _warn_delta_dtypes(module: nn.Module, state_dict, prefix: str) -> None:
             got = state_dict.get(f"{prefix}{name}.neuroada_val.{adapter}")
             if isinstance(got, torch.Tensor) and got.dtype != v.dtype:
                 warn_caller(f"adapter {adapter!r}: the trainable state holds {str(got.dtype)[6:]} deltas and this "
-                              f"model's are {str(v.dtype)[6:]} (delta_dtype): loading converts them, and an optimizer "
-                              f"state saved with them does not fit; attach with the run's delta_dtype to resume "
-                              f"exactly")
+                            f"model's are {str(v.dtype)[6:]} (delta_dtype): loading converts them, and an optimizer "
+                            f"state saved with them does not fit; attach with the run's delta_dtype to resume "
+                            f"exactly")
                 return
 
 

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
-from neuroada_format.errors import warn_caller
 from neuroada_format.dtypes import NUMPY_DTYPES, common_value_dtype, nonfinite_mask
+from neuroada_format.errors import warn_caller
 
 from . import kernels
 from .config import NeuroAdaConfig
@@ -172,7 +172,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     if was_active and rest and not any(layer.active_adapters or layer.merged_adapters
                                        for layer in layers(model).values()):
         warn_caller(f"adapter {adapter_name!r} was active and is deleted: the base model is served now (PEFT would "
-                      f"make {rest[0]!r} active); set_adapter(model, {rest[0]!r}) to serve it")
+                    f"make {rest[0]!r} active); set_adapter(model, {rest[0]!r}) to serve it")
 
 
 def _serve(layer: NeuroAdaLayer) -> None:
