@@ -34,12 +34,15 @@ HELP = """Build NeuroAda adapters.
 \b
 Extract (the adapter closest to a dense fine-tune, k entries per row):
   neuroada-pack --base BASE --finetuned FT -k K -o OUT.safetensors
+
 \b
 Combine (one adapter equal to a weighted sum; weights default to 1):
   neuroada-pack --combine A.safetensors:0.7 B.safetensors:0.3 --base BASE -o OUT.safetensors
+
 \b
 Repack (other dtypes, current spec version):
   neuroada-pack --repack A.safetensors --value-dtype F16 -o OUT.safetensors
+
 \b
 PEFT (a Super-Tuning folder stock PEFT loads with PeftModel.from_pretrained, and back):
   neuroada-pack --to peft ADAPTER [--base BASE] [--task-type T] -o PEFT_DIR
