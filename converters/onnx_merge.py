@@ -323,10 +323,23 @@ def _write_in_place(model: OnnxModel, plan: _Plan, journal, durable: bool) -> tu
     return journal, len(files)
 
 
+def _is_text(name: str) -> bool:
+    """False for a name holding bytes that are no UTF-8 (os.fsdecode keeps them as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _data_names(model: OnnxModel, out: str) -> dict[str, str]:
     """Base data file -> the path its copy gets beside `out` (`<out>.data`, or `<out>.<i>.data`)."""
     external_files = sorted({ext.file for _, ext in model.external_tensors})
     folder, stem = os.path.split(os.path.abspath(out))
+    if external_files and not _is_text(stem):  # the .onnx names its data file in a protobuf string: UTF-8 only
+        raise NeuroAdaUsageError("the output's name is not UTF-8 text, and a model with external data records its "
+                                 "data file's name (<name>.data) in the .onnx, where only UTF-8 text fits; choose "
+                                 "a UTF-8 output name", path=os.path.abspath(out))
     if len(external_files) == 1:
         return {external_files[0]: os.path.join(folder, f"{stem}.data")}
     return {f: os.path.join(folder, f"{stem}.{i}.data") for i, f in enumerate(external_files)}
