@@ -278,7 +278,7 @@ def read_journal(path, *, check_data: bool = True) -> Journal:
         raise NeuroAdaUsageError("not a neuroada merge journal: its __metadata__ has no neuroada-journal "
                                  "document", path=path)
     try:
-        doc = strict_json(meta[FORMAT])
+        doc = strict_json(meta[FORMAT], file_names=True)  # (paths as the file system has them)
     except (ValueError, RecursionError) as exc:
         raise _malformed(path, f"document is not JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:

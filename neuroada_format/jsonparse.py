@@ -90,8 +90,12 @@ def depth(value, stop: int | None = None) -> int:
     return reached
 
 
-def strict_json(text, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_DEPTH):
-    """Parse one JSON text (str, or bytes in UTF-8) under the limits above; ValueError when refused."""
+def strict_json(text, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_DEPTH, file_names: bool = False):
+    """Parse one JSON text (str, or bytes in UTF-8) under the limits above; ValueError when refused.
+
+    `file_names`: for a document of our own that records paths (the merge journal), also accept the escapes
+    \udc80-\udcff that Python writes for a path's bytes that are no UTF-8 (os.fsdecode), so such a path reads
+    back as the same file; every other lone surrogate is still refused."""
     if len(text) > max_bytes:
         raise ValueError(f"JSON text of {len(text):,} bytes is larger than {max_bytes:,}")
     if isinstance(text, (bytes, bytearray, memoryview)):
@@ -109,7 +113,7 @@ def strict_json(text, *, max_bytes: int = MAX_JSON_BYTES, max_depth: int = MAX_D
     # rare: only then walk the value (a high-low pair decodes to one character and passes)
     if _SURROGATE_ESCAPE.search(text) or (not text.isascii() and _SURROGATE.search(text)):
         try:
-            json.dumps(value, ensure_ascii=False).encode("utf-8")
+            json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogateescape" if file_names else "strict")
         except UnicodeEncodeError:
             raise ValueError("a string holds a lone surrogate escape (\\ud800-\\udfff), which is not "
                              "Unicode text") from None
