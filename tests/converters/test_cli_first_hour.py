@@ -1,0 +1,130 @@
+"""A new user's first hour with the command lines (console scripts in a subprocess, real files): what the help
+shows them, and the odd names and hostile surroundings their files come with."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import neuroada_format as naf
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_first_hour_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+A = _load("test_cli_audit")            # tool(), cli(), one_error_line()
+B = _load("test_merge_safetensors")    # sharded HF-like folders, adapters, the reference merge
+cli, one_error_line = A.cli, A.one_error_line
+
+
+def run_bytes(name: str, *args: bytes, cwd) -> subprocess.CompletedProcess:
+    """A console script given arguments as raw bytes (names that are not UTF-8), its output decoded leniently."""
+    r = subprocess.run([os.fsencode(A.tool(name)), *args], capture_output=True, timeout=120, cwd=cwd)
+    return subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode("utf-8", "replace"),
+                                       r.stderr.decode("utf-8", "replace"))
+
+
+@pytest.mark.parametrize("env", [{}, {"LANG": "C", "LC_ALL": "C"}])
+def test_pack_help_shows_its_examples_without_control_characters(env):
+    """`neuroada-pack --help` printed a raw backspace (\\x08) before three of its four examples: click takes the
+    \\b that keeps an example's lines unwrapped as a marker only at the start of a paragraph, and those three had
+    no blank line before them. Piped into a file or a pager the help showed ^H; now every example is a paragraph."""
+    r = subprocess.run([A.tool("neuroada-pack"), "--help"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **env})
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "\b" not in r.stdout and not any(ch < " " and ch != "\n" for ch in r.stdout), repr(r.stdout[:800])
+    lines = [line.strip() for line in r.stdout.splitlines()]
+    for example in ("neuroada-pack --base BASE --finetuned FT -k K -o OUT.safetensors",
+                    "neuroada-pack --combine A.safetensors:0.7 B.safetensors:0.3 --base BASE -o OUT.safetensors",
+                    "neuroada-pack --repack A.safetensors --value-dtype F16 -o OUT.safetensors",
+                    "neuroada-pack --from-peft PEFT_DIR --base BASE -o OUT.safetensors"):
+        assert example in lines, example
+
+
+@pytest.fixture
+def model(tmp_path):
+    """(base folder arrays, adapter path) on disk."""
+    rng = np.random.default_rng(7)
+    arrays = B.llama_arrays(rng, layers=1)
+    naf.save(B.make_adapter(rng, arrays, B.targets_of(arrays), 3), tmp_path / "a.safetensors")
+    return arrays, os.fspath(tmp_path / "a.safetensors")
+
+
+def test_in_place_merge_of_a_folder_whose_name_is_not_utf8_reverts(tmp_path, model):
+    """An in-place merge of a checkpoint folder whose name holds bytes that are not UTF-8 wrote its journal (the
+    folder's path in it) and then refused to read it back ('document is not JSON ... lone surrogate'): exit 1,
+    the journal left in the folder, no merge. The journal now keeps such paths as the file system has them:
+    the merge runs, and the revert command it prints, pasted into a shell, restores every byte."""
+    arrays, a = model
+    pristine = B.write_checkpoint(tmp_path / "pristine", arrays)
+    base = os.fsdecode(os.fsencode(tmp_path) + b"/ckpt-\xff\xfe")
+    shutil.copytree(pristine, base)  # (a copy: safetensors orders a header's metadata anew on every save)
+    before = B.tree_digest(base)
+    r = run_bytes("neuroada-merge", b"--base", os.fsencode(base), b"--adapter", os.fsencode(a), b"--in-place",
+                  cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    journals = [n for n in os.listdir(base) if n.startswith(".neuroada-journal-")]
+    assert len(journals) == 1
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        with open(os.path.join(base, shard), "rb") as f:
+            assert f.read() == B.expected_bytes(os.path.join(pristine, shard), [(naf.load(a), 1.0)]), shard
+    command = r.stdout.split("revert with: ", 1)[1].strip()
+    assert command.startswith("neuroada-merge --revert $'")  # (the shell word of a name that is not UTF-8)
+    done = subprocess.run(["bash", "-c", A.tool("neuroada-merge") + command[len("neuroada-merge"):]],
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert B.tree_digest(base) == before
+
+
+def test_in_place_merge_of_a_file_whose_name_is_not_utf8_reverts(tmp_path, model):
+    """The same for a single-file base and a journal named on the command line: the file's name is a key of the
+    journal's file list, and --revert reads the journal back."""
+    arrays, a = model
+    B.write_checkpoint(tmp_path / "src", arrays, shards=1, extras=False)
+    base = os.fsdecode(os.fsencode(tmp_path) + b"/model-\xe9.safetensors")
+    os.rename(tmp_path / "src" / "model.safetensors", base)
+    with open(base, "rb") as f:
+        original = f.read()
+    merged = B.expected_bytes(base, [(naf.load(a), 1.0)])
+    journal = os.fsencode(tmp_path) + b"/j-\xff.safetensors"
+    r = run_bytes("neuroada-merge", b"--base", os.fsencode(base), b"--adapter", os.fsencode(a), b"--in-place",
+                  b"--journal", journal, cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    with open(base, "rb") as f:
+        assert f.read() == merged != original
+    r = run_bytes("neuroada-merge", b"--revert", journal, cwd=tmp_path)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    with open(base, "rb") as f:
+        assert f.read() == original
+
+
+def test_an_onnx_output_name_that_is_not_utf8_is_refused_before_writing(tmp_path):
+    """`--out` named with bytes that are not UTF-8 for a model with external data ended, after the data copy, in
+    'internal error: UnicodeEncodeError' (exit 2): the .onnx names its data file in a protobuf string, which
+    holds UTF-8 only. It is now refused up front, one line naming the output, nothing written."""
+    pytest.importorskip("onnx")
+    O = _load("test_onnx_merge")           # graph_model(), adapter_for(): a small model with external data
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 6)).astype(np.float32)
+    node = O.helper.make_node("MatMul", ["x", "fc.weight_T"], ["y"], name="/fc/MatMul")
+    base = O.graph_model(tmp_path / "m.onnx", {"fc.weight_T": w}, [node], external={"fc.weight_T": "m.onnx.data"})
+    naf.save(O.adapter_for("fc.weight", w.T.copy(), "out_in"), tmp_path / "a.safetensors")
+    ok = cli("neuroada-merge", "--base", base, "--adapter", tmp_path / "a.safetensors", "--out", tmp_path / "o.onnx")
+    assert ok.returncode == 0, ok.stderr  # (the model merges under a UTF-8 name)
+    before = sorted(os.listdir(tmp_path))
+    out = os.fsencode(tmp_path) + b"/merged-\xff.onnx"
+    r = run_bytes("neuroada-merge", b"--base", os.fsencode(base), b"--adapter", b"a.safetensors", b"--out", out,
+                  cwd=tmp_path)
+    assert r.returncode == 2, r
+    line = one_error_line(r)
+    assert "merged-\\udcff.onnx" in line and "not UTF-8" in line and "internal error" not in line, line
+    assert sorted(os.listdir(tmp_path)) == before
