@@ -165,7 +165,10 @@ def _patch(path: str, fd: int, size: int, itemsize: int, offset: int, positions:
             except NeuroAdaUsageError:  # (shrank: the file now ends before the span)
                 raise cut_while_patched(path) from None
             view[positions[lo:hi] - first] = values[lo:hi]
-            write_exactly(fd, raw, at)
+            try:
+                write_exactly(fd, raw, at)
+            except OSError as exc:  # (pwrite names no file: a file-size limit or I/O error said of the file patched)
+                raise OSError(exc.errno, exc.strerror or str(exc), exc.filename or path) from exc
             if os.fstat(fd).st_size != size:  # (a write past a new end grew the file again: the next read is not short)
                 raise cut_while_patched(path)
             lo = hi

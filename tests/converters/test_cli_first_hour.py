@@ -128,3 +128,30 @@ def test_an_onnx_output_name_that_is_not_utf8_is_refused_before_writing(tmp_path
     line = one_error_line(r)
     assert "merged-\\udcff.onnx" in line and "not UTF-8" in line and "internal error" not in line, line
     assert sorted(os.listdir(tmp_path)) == before
+
+
+def test_an_in_place_write_error_names_the_file_it_was_patching(tmp_path, model):
+    """An in-place merge whose patch write fails (here a file-size limit, `ulimit -f`, met past the first tensors;
+    an I/O error would do the same) said 'error: File too large; BASE is partly merged; revert with: ...': pwrite
+    names no file, so the line named none. It now names the file being patched, and the revert still restores it."""
+    import resource
+
+    arrays, a = model
+    B.write_checkpoint(tmp_path / "ckpt", arrays, shards=1, extras=False)
+    base = tmp_path / "ckpt" / "model.safetensors"
+    before = base.read_bytes()
+    journal = tmp_path / "j.safetensors"
+    assert len(before) > 2 * 65536  # (tensors on both sides of the limit)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+
+    r = subprocess.run([A.tool("neuroada-merge"), "--base", base, "--adapter", a, "--in-place", "--journal", journal],
+                       capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert r.returncode == 2, r
+    line = one_error_line(r)
+    assert line.startswith(f"error: {base}: File too large; ") and "is partly merged" in line, line
+    assert line.rstrip("\n").endswith(f"revert with: neuroada-merge --revert {journal}"), line
+    assert base.read_bytes() != before  # (the tensors before the limit were patched)
+    assert cli("neuroada-merge", "--revert", journal).returncode == 0
+    assert base.read_bytes() == before
