@@ -10,6 +10,7 @@ when stdout fails) and the one-line warnings here are every command's (converter
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -36,8 +37,11 @@ def echo(text="", *, err: bool = False) -> None:
     """click.echo of a report line, with what the stream cannot encode written as a backslash escape (as Python
     writes stderr): a finished merge into an OUT named with a euro sign ended, on a latin-1 stdout, in 'internal
     error: UnicodeEncodeError' and exit 2, with OUT written. A stdout that fails (`> /dev/full`) raises StdoutError
-    saying so: 'No space left on device' alone read as a full disk under the output."""
+    saying so: 'No space left on device' alone read as a full disk under the output. A stderr that fails is let be:
+    raising there turned every refusal's exit code into Python's 1 for an uncaught error."""
     stream = sys.stderr if err else sys.stdout
+    if stream is None and not err:  # started with stdout closed (`>&-`): click.echo would drop the report silently
+        raise StdoutError(errno.EBADF, "writing the report to stdout failed: stdout is closed")
     encoding = getattr(stream, "encoding", None) or "utf-8"
     try:
         text = str(text).encode(encoding, "backslashreplace").decode(encoding)
@@ -45,10 +49,10 @@ def echo(text="", *, err: bool = False) -> None:
         pass
     try:
         click.echo(text, err=err)
-    except BrokenPipeError:  # the reader left (`| head`): each command's quiet 141
-        raise
     except OSError as exc:
-        if err:
+        if err:  # stderr full or its reader gone (`2>>log` on a full disk): nowhere to say it; the exit code says it
+            return
+        if isinstance(exc, BrokenPipeError):  # the reader left (`| head`): each command's quiet 141
             raise
         stdout_gone()  # stdout at /dev/null: what is still buffered must not fail again, with a message, at exit
         raise StdoutError(exc.errno, f"writing the report to stdout failed: {exc.strerror or exc}") from None

@@ -155,3 +155,49 @@ def test_an_in_place_write_error_names_the_file_it_was_patching(tmp_path, model)
     assert base.read_bytes() != before  # (the tensors before the limit were patched)
     assert cli("neuroada-merge", "--revert", journal).returncode == 0
     assert base.read_bytes() == before
+
+
+@pytest.mark.parametrize("stderr", ["full", "reader gone"])
+@pytest.mark.parametrize("argv", [("neuroada-merge", "--base", "BASE", "--adapter", "missing", "--out", "OUT"),
+                                  ("neuroada-pack", "--repack", "missing", "-o", "OUT.safetensors"),
+                                  ("neuroada", "inspect", "missing")])
+def test_a_refusal_keeps_its_exit_code_when_stderr_fails(tmp_path, model, argv, stderr):
+    """A refusal whose one line could not be written (stderr to a full disk, `2>>log`; or its reader gone,
+    `2>&1 | head -0`) exited 1, 'invalid input', for a missing path: writing the line raised, and Python's exit
+    for an uncaught error is 1. The line is now let go and the exit code stays the table's (2 here)."""
+    arrays, _ = model
+    base = B.write_checkpoint(tmp_path / "base", arrays)
+    args = [a.replace("BASE", base).replace("OUT", os.fspath(tmp_path / "out")) for a in argv]
+    if stderr == "full":
+        with open("/dev/full", "w") as err:
+            code = subprocess.run([A.tool(args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=err, cwd=tmp_path,
+                                  timeout=120).returncode
+    else:
+        read, write = os.pipe()
+        os.close(read)
+        try:
+            code = subprocess.run([A.tool(args[0]), *args[1:]], stdout=subprocess.PIPE, stderr=write, cwd=tmp_path,
+                                  timeout=120).returncode
+        finally:
+            os.close(write)
+    assert code == 2
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "base"]
+
+
+@pytest.mark.parametrize("argv", [("neuroada", "inspect", "A"), ("neuroada", "validate", "--json", "A"),
+                                  ("neuroada-pack", "--repack", "A", "-o", "OUT.safetensors")])
+def test_a_closed_stdout_is_said_not_taken_for_success(tmp_path, model, argv):
+    """Started with stdout closed (`>&-`), `neuroada inspect` exited 0 having printed nothing (click drops what it
+    cannot write when there is no stdout), as every report was lost without a word; a stdout that fails
+    (`> /dev/full`) already said so. Now both say it, exit 2, and name what was written."""
+    _, a = model
+    args = [x.replace("OUT", os.fspath(tmp_path / "out")).replace("A", a) if x in ("A", "OUT.safetensors") else x
+            for x in argv]
+    r = subprocess.run([A.tool(args[0]), *args[1:]], stderr=subprocess.PIPE, text=True, timeout=120,
+                       preexec_fn=lambda: os.close(1))
+    assert r.returncode == 2, r
+    line = one_error_line(r)
+    assert "writing the report to stdout failed: stdout is closed" in line, line
+    if "-o" in args:
+        assert line.rstrip().endswith(f"{tmp_path / 'out.safetensors'} was written")
+        assert naf.load(tmp_path / "out.safetensors").targets.keys() == naf.load(a).targets.keys()
