@@ -18,6 +18,7 @@ from .durable import write_bytes, write_file
 from .dtypes import (INDEX_DTYPES, I16_MAX_D_IN, NUMPY_DTYPES, VALUE_DTYPES, dtype_name, index_dtype_for,
                      native)
 from .errors import NeuroAdaError, NeuroAdaUsageError
+from .folder import STATE_MARKER, WEIGHTS_NAME
 from .hashing import probe_hash
 from .layout import LAYOUTS, canonical_view, check_layout
 from .metadata import (_VERSION_RE, FORMAT_NAME, MERGE_RULE, METADATA_KEY, VERSION, parse_document, version_for,
@@ -168,6 +169,11 @@ def read(path, problems: Problems) -> Adapter | None:
     path = os.fspath(path)
     st = SafetensorsFile(path, problems)
     if not st.valid:
+        return None
+    if STATE_MARKER in st.tensors and METADATA_KEY not in (st.metadata or {}):  # (given for the folder's adapter)
+        problems.error("2.1", f"__metadata__ has no {METADATA_KEY!r} entry: this is the trainable state that "
+                              f"save_pretrained (and each Trainer checkpoint) writes beside the adapter, not the adapter; "
+                              f"give the folder, or its {WEIGHTS_NAME}")
         return None
     doc = parse_document(st.metadata, problems)
     if doc is None:

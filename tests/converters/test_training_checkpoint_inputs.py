@@ -63,3 +63,14 @@ def test_a_checkpoint_given_as_the_base_is_named_as_such(folders, capsys):
     r = neuroada("validate", d / "ck", "--base", d / "ck")
     errors = [l for l in r.stderr.strip().splitlines() if l.startswith("error: ")]
     assert r.returncode != 0 and len(errors) == 1 and "training checkpoint" in errors[0], r.stderr
+
+
+def test_the_checkpoints_state_file_given_as_the_adapter_says_where_the_adapter_is(folders):
+    """Pointing a tool at the folder's model.safetensors (what a Hugging Face user reaches for) said only 'no
+    neuroada entry: not a NeuroAda adapter'; the line now says what the file is and what to give instead."""
+    d = folders
+    state = d / "ck" / "model.safetensors"
+    for r in (neuroada("validate", state), neuroada("inspect", state)):
+        assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"error: {state}: rule 2.1: ") and "trainable state" in r.stderr, r.stderr
+        assert "give the folder, or its neuroada_model.safetensors" in r.stderr, r.stderr
