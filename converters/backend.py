@@ -49,7 +49,7 @@ import math
 import os
 import time
 from abc import ABC, abstractmethod
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,7 +58,7 @@ import numpy as np
 from neuroada_format import Adapter, NeuroAdaError, NeuroAdaUsageError, load
 from neuroada_format.durable import check_output, checkpoint_folder, checkpoint_lock, naming_write_errors
 from neuroada_format.folder import TRAINED_EXTRAS_LOST, reading_adapter, warn_trained_extras
-from neuroada_format.errors import missing_extra
+from neuroada_format.errors import missing_extra, shell_word
 
 SLOWDOWN_ENV = "NEUROADA_TEST_SLOWDOWN"
 
@@ -313,6 +313,26 @@ def backend(fmt: str, options: dict | None = None) -> Backend:
 
 
 # -- the driver --------------------------------------------------------------------------------------
+
+@contextmanager
+def naming_earlier_journals(base: str):
+    """A probe hash failing (rule 4.3) on a base that holds an in-place merge's journal says so, with the revert
+    command: after a killed in-place merge (kill -9, a power cut) the rerun said only 'different base or revision',
+    and the journal that restores the base is a hidden file the user never named."""
+    try:
+        yield
+    except NeuroAdaError as exc:
+        from .journal import journals_of  # (journal imports this module)
+
+        journals = journals_of(base) if exc.rule == "4.3" else []
+        if not journals:
+            raise
+        hint = (f"; {base} holds the journal of an earlier in-place merge, which may have left it merged or half "
+                f"merged (a killed run): neuroada-merge --revert {shell_word(journals[-1])} restores it"
+                + (f" ({len(journals)} journals there: revert the newest first)" if len(journals) > 1 else ""))
+        raise type(exc)(exc.detail + hint, path=exc.path, tensor=exc.tensor, rule=exc.rule) from None
+
+
 def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, verify: bool = True,
           overwrite: bool = False, durable: bool = False, progress: bool = False,
           format: str | None = None, options: dict | None = None) -> MergeSummary:
@@ -359,13 +379,15 @@ def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, ver
                 out = check_output(out, inputs=inputs, overwrite=overwrite, kind=impl.output_kind(view),
                                    companions=impl.companions(view, os.path.abspath(os.fspath(out))))
             with checkpoint_lock(impl.lock_folder(view), exclusive=in_place):  # from the first read to the last write
-                resolved = impl.resolve(view, adapters, verify=verify)
-                plan = impl.plan(view, resolved, verify=verify, in_place=in_place)
-                if in_place:  # (its errors name the journal or the patched file themselves)
-                    done = impl.write_in_place(view, plan, journal=journal, durable=durable, progress=progress)
-                else:
-                    with naming_write_errors(out):
-                        done = impl.write(view, plan, out, overwrite=overwrite, durable=durable, progress=progress)
+                with naming_earlier_journals(impl.base_path(view)):  # (probe hashes are checked up to the writes)
+                    resolved = impl.resolve(view, adapters, verify=verify)
+                    plan = impl.plan(view, resolved, verify=verify, in_place=in_place)
+                    if in_place:  # (its errors name the journal or the patched file themselves)
+                        done = impl.write_in_place(view, plan, journal=journal, durable=durable, progress=progress)
+                    else:
+                        with naming_write_errors(out):
+                            done = impl.write(view, plan, out, overwrite=overwrite, durable=durable,
+                                              progress=progress)
         return MergeSummary(
             mode="in-place" if in_place else "copy", format=impl.format, base=impl.base_path(view),
             output=impl.base_path(view) if in_place else out, adapters=described(adapters), verified=verify,

@@ -104,6 +104,23 @@ def default_path(folder: str, name: str | None = None) -> str:
     return path
 
 
+def journals_of(base) -> list[str]:
+    """The journals an in-place merge of `base` left under their default names (default_path): in a folder base,
+    or beside a single file. A base that no longer matches an adapter while one lies there was most likely left
+    merged, or half merged by a killed run, by that merge (its own --revert restores it)."""
+    base = os.path.abspath(os.fspath(base))
+    folder, stem = (base, JOURNAL_PREFIX) if os.path.isdir(base) else \
+        (os.path.dirname(base), f"{JOURNAL_PREFIX}{os.path.basename(base)}-")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    found = [n for n in names if n.startswith(stem) and n.endswith(".safetensors")]
+    if os.path.isdir(base):  # (not those of single files the folder holds: .neuroada-journal-<file>-<time>)
+        found = [n for n in found if n[len(stem):len(stem) + 1].isdigit()]
+    return sorted(os.path.join(folder, n) for n in found)
+
+
 @contextmanager
 def patching(base, journal: str):
     """Around the in-place patch that follows a written journal: an interruption or I/O error there leaves BASE

@@ -201,3 +201,41 @@ def test_a_closed_stdout_is_said_not_taken_for_success(tmp_path, model, argv):
     if "-o" in args:
         assert line.rstrip().endswith(f"{tmp_path / 'out.safetensors'} was written")
         assert naf.load(tmp_path / "out.safetensors").targets.keys() == naf.load(a).targets.keys()
+
+
+def test_a_rerun_after_a_killed_in_place_merge_names_the_journal_that_reverts_it(tmp_path):
+    """kill -9 (an OOM kill, a closed terminal, a power cut) during an in-place merge leaves BASE half merged and
+    its revert journal a hidden file beside it. Running the merge again then said only 'probe hash differs ...
+    (different base or revision)': true, but no word of the journal. The line now names it with the command that
+    restores BASE, for a merge into a copy as for one in place; that command does restore it."""
+    import signal
+
+    base, adapter = A.in_place_pair(tmp_path / "m")
+    before = base.read_bytes()
+    p = A.slow_in_place_merge(base, adapter)
+    A.wait_until(lambda: base.read_bytes() != before, p)  # the first tensor is patched: BASE is half merged
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=60)
+    journals = [n for n in os.listdir(base.parent) if n.startswith(".neuroada-journal-model.safetensors-")]
+    assert len(journals) == 1
+    journal = base.parent / journals[0]
+    for extra in (["--in-place"], ["--out", tmp_path / "copy.safetensors"]):
+        r = cli("neuroada-merge", "--base", base, "--adapter", adapter, *extra)
+        assert r.returncode == 1, r
+        line = one_error_line(r)
+        assert "rule 4.3: probe hash differs" in line, line
+        assert line.rstrip().endswith(f"holds the journal of an earlier in-place merge, which may have left it merged "
+                                      f"or half merged (a killed run): neuroada-merge --revert {journal} restores it")
+    assert not (tmp_path / "copy.safetensors").exists()
+    assert cli("neuroada-merge", "--revert", journal).returncode == 0
+    assert base.read_bytes() == before
+    assert cli("neuroada-merge", "--base", base, "--adapter", adapter, "--in-place").returncode == 0  # a clean rerun
+
+
+def test_a_base_without_a_journal_refuses_a_foreign_adapter_as_before(tmp_path):
+    """No journal, no hint: an adapter of another base is refused with the plain rule 4.3 line."""
+    base, _ = A.in_place_pair(tmp_path / "m")
+    A.checkpoint(base, seed=1)  # (another base of the same shapes)
+    _, adapter = A.in_place_pair(tmp_path / "o")
+    r = cli("neuroada-merge", "--base", base, "--adapter", adapter, "--in-place")
+    assert r.returncode == 1 and "rule 4.3" in one_error_line(r) and "holds the journal" not in r.stderr, r.stderr
