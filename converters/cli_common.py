@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 
 import click
@@ -78,11 +80,26 @@ def refuse_folder_syntax(name: str, out) -> None:
 @contextmanager
 def reporting(done: str):
     """Around the report of a finished write: stdout failing there (`> /dev/full`) says the report was lost and
-    what was done (`done`: 'OUT was written'), not a bare 'No space left on device' that read as OUT's disk."""
+    what was done (`done`: 'OUT was written'), not a bare 'No space left on device' that read as OUT's disk.
+    A Ctrl-C there is let pass: it printed 'error: interrupted' (exit 130) under the report of a complete OUT."""
+    with _uninterruptible():
+        try:
+            yield
+        except StdoutError as exc:
+            raise StdoutError(exc.errno, f"{exc.strerror}; {done}") from None
+
+
+@contextmanager
+def _uninterruptible():
+    """SIGINT ignored inside (where Python may set it: the main thread), the handler put back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
-    except StdoutError as exc:
-        raise StdoutError(exc.errno, f"{exc.strerror}; {done}") from None
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def run_command(command: click.Command, argv, prog_name: str) -> int:
@@ -94,7 +111,8 @@ def run_command(command: click.Command, argv, prog_name: str) -> int:
             args = list(sys.argv[1:] if argv is None else argv)
             with command.make_context(prog_name, args) as ctx:
                 code = command.invoke(ctx)
-            shown.finish()  # (not after a failure: its one error line says all, and no output was written)
+            with _uninterruptible():  # (done: its warnings are part of the report)
+                shown.finish()  # (not after a failure: its one error line says all, and no output was written)
     except click.exceptions.Exit as exc:        # --help, --version
         return exc.exit_code
     except click.ClickException as exc:         # usage errors: one line, not click's three
