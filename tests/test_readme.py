@@ -109,10 +109,19 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert ns["report"].ok and ns["merged"].shape == W.shape
     # 6. PEFT loads the folder the README's `neuroada-pack --to peft` command writes from the quickstart's
     # task.safetensors, by the README's Python (run before block 5, which writes another task.safetensors)
-    argv = [a.replace("path/to/model", "hf-model") for a in command("neuroada-pack --to peft task.safetensors")]
+    # Both lines of the README's block run in order, as a reader pastes them: the import back once wrote over the
+    # adapter the export had just read ('output already exists', exit 2)
     bin_dir = os.path.dirname(sys.executable)
-    proc = subprocess.run([os.path.join(bin_dir, argv[0]), *argv[1:]], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for prefix in ("neuroada-pack --to peft task.safetensors", "neuroada-pack --from-peft task-peft/"):
+        argv = [a.replace("path/to/model", "hf-model") for a in command(prefix)]
+        proc = subprocess.run([os.path.join(bin_dir, argv[0]), *argv[1:]], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (prefix, proc.stdout + proc.stderr)
+    back, sent = naf.load(argv[argv.index("-o") + 1]), naf.load("task.safetensors")
+    assert back.targets.keys() == sent.targets.keys()
+    for name, t in sent.targets.items():  # ("exactly", as the README says)
+        assert np.array_equal(back.targets[name].indices, t.indices)
+        v = back.targets[name].values
+        assert v.dtype == t.values.dtype and v.tobytes() == t.values.tobytes()
     run(5)
     import peft
     # --base set task_type from the folder's config, so PEFT wraps it as a causal LM
