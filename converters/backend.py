@@ -259,6 +259,17 @@ REGISTRY: dict[str, Registration] = {
 _FOLDER_WEIGHTS = (".safetensors", ".safetensors.index.json")
 
 
+def refuse_misnamed(out, fmt: str, written: str) -> None:
+    """An output named with another format's suffix is refused before any work: a GGUF written as m.safetensors
+    would be read as one (and a merge's or pack's safetensors as m.gguf), by these tools as by others."""
+    named = os.fspath(out).lower()
+    other = next((f for f, reg in REGISTRY.items() if reg.suffixes and named.endswith(reg.suffixes)), None)
+    if other is not None and other != fmt:
+        raise NeuroAdaUsageError(f"the output is written {written}, but its name ends in "
+                                 f"{REGISTRY[other].suffixes[0]}; name it for what it holds",
+                                 path=os.path.abspath(os.fspath(out)))
+
+
 def folder_kind(path) -> str:
     """What a folder base is, from the names at its top (dot-files, such as our journals, never count): ONNX models
     (`*.onnx`, any letter case) and no safetensors weights is an ONNX export ("onnx-folder"); anything else is a
@@ -361,12 +372,7 @@ def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, ver
     view = impl.open(base)
     try:  # the view's files closed when the merge ends, also when the caller keeps a refusal
         if not in_place:
-            named = os.fspath(out).lower()
-            other = next((fmt for fmt, reg in REGISTRY.items() if reg.suffixes and named.endswith(reg.suffixes)), None)
-            if other is not None and other != impl.format:  # a GGUF written as m.safetensors would be read as one
-                raise NeuroAdaUsageError(f"the output is written in the base's format ({impl.format}), but its name "
-                                         f"ends in {REGISTRY[other].suffixes[0]}; name it for what it holds",
-                                         path=os.path.abspath(os.fspath(out)))
+            refuse_misnamed(out, impl.format, f"in the base's format ({impl.format})")
         if in_place and journal:
             folders = [os.fspath(g) for g in given if not isinstance(g, Adapter)]
             given_files = [a.path for a, _ in adapters if a.path]

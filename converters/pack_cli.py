@@ -26,7 +26,7 @@ from neuroada_format.durable import check_output, checkpoint_folder, checkpoint_
 from neuroada_format.folder import adapter_paths
 
 from . import pack, peft_interop
-from .backend import load_adapter_file
+from .backend import load_adapter_file, refuse_misnamed
 from .cli_common import echo, parse_scaled, printable, refuse_empty, refuse_folder_syntax, reporting, run_command
 
 HELP = """Build NeuroAda adapters.
@@ -178,6 +178,7 @@ def cli(sources, base, finetuned, k, out, positions, targets, layout_in_out, val
 
 def _output(out: str, inputs, overwrite: bool) -> str:
     """-o under the one overwrite rule (checked before any work: never after minutes of extraction)."""
+    refuse_misnamed(out, "safetensors", "as a NeuroAda adapter (a safetensors file)")
     return check_output(out, inputs=inputs, overwrite=overwrite, kind="file")
 
 

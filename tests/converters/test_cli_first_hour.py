@@ -262,3 +262,17 @@ def test_a_ctrl_c_after_the_report_leaves_a_finished_run_finished(tmp_path, mode
         rest, err = p.communicate(timeout=120)
         assert (p.returncode, err) == (0, ""), (i, p.returncode, report, err)
         assert report.startswith(("merged ", "wrote ")) and out.exists()
+
+
+@pytest.mark.parametrize("name", ["task.gguf", "task.ONNX"])
+def test_pack_refuses_an_output_named_for_another_format(tmp_path, model, name):
+    """`neuroada-pack --repack A -o task.gguf` wrote a safetensors adapter under a GGUF name (exit 0), which a merge
+    refuses for its own outputs: given later as a base it read as a broken GGUF. Refused the same way now, before
+    any work."""
+    _, a = model
+    out = tmp_path / name
+    r = cli("neuroada-pack", "--repack", a, "-o", out)
+    assert r.returncode == 2, r
+    line = one_error_line(r)
+    assert line.startswith(f"error: {out}: the output is written as a NeuroAda adapter") and "name it for" in line
+    assert not out.exists()
