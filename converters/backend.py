@@ -338,8 +338,8 @@ def naming_earlier_journals(base: str):
         journals = journals_of(base) if exc.rule == "4.3" else []
         if not journals:
             raise
-        hint = (f"; {base} holds the journal of an earlier in-place merge, which may have left it merged or half "
-                f"merged (a killed run): neuroada-merge --revert {shell_word(journals[-1])} restores it"
+        hint = (f"; an earlier in-place merge of {base} left its journal, and may have left it merged or half merged "
+                f"(a killed run): neuroada-merge --revert {shell_word(journals[-1])} restores it"
                 + (f" ({len(journals)} journals there: revert the newest first)" if len(journals) > 1 else ""))
         raise type(exc)(exc.detail + hint, path=exc.path, tensor=exc.tensor, rule=exc.rule) from None
 

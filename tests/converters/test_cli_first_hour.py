@@ -224,8 +224,9 @@ def test_a_rerun_after_a_killed_in_place_merge_names_the_journal_that_reverts_it
         assert r.returncode == 1, r
         line = one_error_line(r)
         assert "rule 4.3: probe hash differs" in line, line
-        assert line.rstrip().endswith(f"holds the journal of an earlier in-place merge, which may have left it merged "
-                                      f"or half merged (a killed run): neuroada-merge --revert {journal} restores it")
+        assert line.rstrip().endswith(f"; an earlier in-place merge of {base} left its journal, and may have left it "
+                                      f"merged or half merged (a killed run): neuroada-merge --revert {journal} "
+                                      f"restores it"), line
     assert not (tmp_path / "copy.safetensors").exists()
     assert cli("neuroada-merge", "--revert", journal).returncode == 0
     assert base.read_bytes() == before
@@ -238,7 +239,7 @@ def test_a_base_without_a_journal_refuses_a_foreign_adapter_as_before(tmp_path):
     A.checkpoint(base, seed=1)  # (another base of the same shapes)
     _, adapter = A.in_place_pair(tmp_path / "o")
     r = cli("neuroada-merge", "--base", base, "--adapter", adapter, "--in-place")
-    assert r.returncode == 1 and "rule 4.3" in one_error_line(r) and "holds the journal" not in r.stderr, r.stderr
+    assert r.returncode == 1 and "rule 4.3" in one_error_line(r) and "left its journal" not in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("tool", ["neuroada-merge", "neuroada-pack"])
