@@ -122,11 +122,17 @@ def journals_of(base) -> list[str]:
 
 
 @contextmanager
-def patching(base, journal: str):
+def patching(base, journal: str, *, reverting: str | None = None):
     """Around the in-place patch that follows a written journal: an interruption or I/O error there leaves BASE
     partly merged, so its one error line says so and gives the revert command (the default journal is a hidden
-    file the user never named; 'interrupted' alone left a half-merged base and no hint)."""
-    hint = f"{base} is partly merged; revert with: neuroada-merge --revert {shell_word(journal)}"  # pasteable
+    file the user never named; 'interrupted' alone left a half-merged base and no hint). Around a revert's patch
+    (`reverting`: the --base it was given, '' for none) the line says BASE is partly reverted and how to finish."""
+    command = f"neuroada-merge --revert {shell_word(journal)}"  # pasteable
+    if reverting is None:
+        hint = f"{base} is partly merged; revert with: {command}"
+    else:
+        hint = f"{base} is partly reverted; finish with: {command}" + (f" --base {shell_word(reverting)}"
+                                                                         if reverting else "")
     try:
         yield
     except KeyboardInterrupt:
@@ -383,12 +389,13 @@ def revert(journal, *, base=None, progress: bool = False) -> dict:
     if not os.path.isdir(root):
         raise NeuroAdaUsageError("the folder named by the journal is missing (pass --base if it moved)", path=root)
     with checkpoint_lock(root, exclusive=True):  # the lock an in-place merge holds: never interleave
-        return _revert(j, root, started, progress, layout_file, renamed)
+        return _revert(j, root, started, progress, layout_file, renamed, given=base or "")
 
 
 def _revert(j: Journal, root: str, started: float, progress: bool, layout_file: str | None = None,
-            renamed: dict | None = None) -> dict:
-    """renamed: journal file -> the path --base gave it (a single-file base that moved or was renamed)."""
+            renamed: dict | None = None, given: str = "") -> dict:
+    """renamed: journal file -> the path --base gave it (a single-file base that moved or was renamed); given: that
+    --base ('' for none), for the command that finishes an interrupted revert."""
     paths = {}
     for rel, f in j.doc["files"].items():
         path = (renamed or {}).get(rel) or os.path.join(root, rel)
@@ -441,7 +448,7 @@ def _revert(j: Journal, root: str, started: float, progress: bool, layout_file: 
         refuse_shared(paths[rel], "reverting it in place", "break the link first (cp the file to a new name, "
                       "then mv that back over it), then revert")
     restored = 0
-    with bar(len(todo), "revert", enabled=progress, unit="tensor") as pbar:
+    with patching(root, j.path, reverting=given), bar(len(todo), "revert", enabled=progress, unit="tensor") as pbar:
         for target in todo:
             e = j.entry(target)  # read again: one target's arrays in memory at a time
             patch_values(paths[e.file], e.dtype, e.offset, e.count, e.positions, e.original)

@@ -277,3 +277,29 @@ def test_pack_refuses_an_output_named_for_another_format(tmp_path, model, name):
     line = one_error_line(r)
     assert line.startswith(f"error: {out}: the output is written as a NeuroAda adapter") and "name it for" in line
     assert not out.exists()
+
+
+def test_an_interrupted_revert_says_how_to_finish_it(tmp_path):
+    """Ctrl-C during `--revert` left BASE partly reverted with the line 'error: interrupted' and nothing more (the
+    merge's own interruption gives its revert command). The line now says so and gives the command that finishes the
+    revert, which does."""
+    import signal
+
+    base, adapter = A.in_place_pair(tmp_path / "m")
+    original = base.read_bytes()
+    journal = tmp_path / "j.safetensors"
+    assert cli("neuroada-merge", "--base", base, "--adapter", adapter, "--in-place", "--journal", journal).returncode == 0
+    merged = base.read_bytes()
+    env = dict(os.environ, NEUROADA_TEST_SLOWDOWN="1")
+    p = subprocess.Popen([A.tool("neuroada-merge"), "--revert", os.fspath(journal), "--base", os.fspath(base)], env=env,
+                         text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=A.terminal_sigint)
+    A.wait_until(lambda: base.read_bytes() != merged, p)  # the first tensor is back: BASE is partly reverted
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and out == "", (p.returncode, out, err)
+    assert base.read_bytes() not in (merged, original)
+    assert err == (f"error: interrupted: {base.parent} is partly reverted; finish with: neuroada-merge --revert "
+                   f"{journal} --base {base}\n"), err
+    command = err.split("finish with: ", 1)[1].split()
+    assert cli(command[0], *command[1:]).returncode == 0
+    assert base.read_bytes() == original
