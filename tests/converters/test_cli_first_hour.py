@@ -1,5 +1,6 @@
 """A new user's first hour with the command lines (console scripts in a subprocess, real files): what the help
-shows them, and the odd names and hostile surroundings their files come with."""
+shows them, the odd names their files come with, and the surroundings a run meets: full or closed output streams,
+file-size limits, Ctrl-C and kill -9 at the edges of a write."""
 from __future__ import annotations
 
 import importlib.util
@@ -21,7 +22,7 @@ def _load(name: str):
     return module
 
 
-A = _load("test_cli_audit")            # tool(), cli(), one_error_line()
+A = _load("test_cli_audit")            # tool(), cli(), one_error_line(), in_place_pair(), slow merges, Ctrl-C
 B = _load("test_merge_safetensors")    # sharded HF-like folders, adapters, the reference merge
 cli, one_error_line = A.cli, A.one_error_line
 
