@@ -54,7 +54,7 @@ import neuroada_format as naf  # noqa: E402
 from gguf_retention import CACHE as GGUF_CACHE  # noqa: E402  (the main adapter's cache)
 from gguf_retention import (  # noqa: E402
     LOGIT_PROMPTS, attach_k20, main_adapter, retention, target_names, task, train_through_grid)
-from neuroada_format.converters.onnx_merge import OnnxModel  # noqa: E402
+from neuroada_format.converters.onnx_read import OnnxModel  # noqa: E402
 from neuroada_format.runtime import load_quantized_weights, save_adapter  # noqa: E402
 from results_md import replace_section, table  # noqa: E402
 
