@@ -25,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import neuroada_format as naf
 from neuroada_format.runtime import (NeuroAdaConfig, NeuroAdaLayer, attach, load_adapter, merge, merge_and_unload,
                                      save_adapter, unmerge)
-from neuroada_format.runtime.model import to_numpy
+from neuroada_format.runtime.guards import to_numpy
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -187,7 +187,7 @@ def child_check(dev: str) -> list[dict]:
 
     import _train_worker as tw
     from neuroada_format.runtime import NeuroAdaConfig, attach, kernels, merge, unmerge
-    from neuroada_format.runtime.model import layers
+    from neuroada_format.runtime.guards import layers
 
     shape = CHECK_SHAPE[dev]
     out = []

@@ -124,7 +124,7 @@ def bench_switch(n_layers: int, peft_reps: int, ours_reps: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from neuroada_format.runtime import NeuroAdaLayer, set_adapter
-    from neuroada_format.runtime.model import layers
+    from neuroada_format.runtime.guards import layers
 
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
@@ -209,7 +209,7 @@ def bench_mixed(reps: int, gen_reps: int, new_tokens: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from neuroada_format.runtime import NeuroAdaConfig, adapter_batch, attach
-    from neuroada_format.runtime.model import layers
+    from neuroada_format.runtime.guards import layers
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2752, num_hidden_layers=8,
@@ -315,7 +315,7 @@ def bench_memory(n_layers: int, n_adapters: int) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from neuroada_format.runtime import NeuroAdaLayer, adapter_batch, set_adapter
-    from neuroada_format.runtime.model import layers
+    from neuroada_format.runtime.guards import layers
 
     gen = torch.Generator().manual_seed(0)
     linears = build_linears(n_layers, gen)

@@ -17,21 +17,9 @@ from .functional import (
 from .kernels import Pattern
 from .config import NeuroAdaConfig
 from .layer import NeuroAdaLayer
-from .model import (
-    attach,
-    layers,
-    load_adapter,
-    load_trained_extras,
-    merge,
-    merge_and_unload,
-    print_trainable_parameters,
-    save_adapter,
-    to_adapter,
-    trainable_parameters,
-    trainable_state,
-    unload,
-    unmerge,
-)
+from .guards import layers
+from .model import (attach, load_adapter, load_trained_extras, merge, merge_and_unload, print_trainable_parameters,
+                    save_adapter, to_adapter, trainable_parameters, trainable_state, unload, unmerge)
 
 __all__ = [
     "NeuroAdaConfig",

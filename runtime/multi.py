@@ -45,9 +45,10 @@ from .kernels.bgmv import (AdapterStack, InputsT, SeqMask, bgmv_add_, bgmv_add_s
 from .kernels.cache import outside_inference, version
 from .kernels.reference import rounded_values
 from .layer import BASE_ADAPTER, SERVING_CACHES, NeuroAdaLayer, _conv1d_type, check_adapter_name, has_hooks
-from .model import (CONFIGS_ATTR, DISABLED_ATTR, MIXED_ATTR, MIXED_OWNER_ATTR, VALUE_TORCH, _refuse_in_batch,
-                    _shared_weights, _unserve, layers, merged_back, model_lock, name_list, park, refuse_unmergeable, serialized,
-                    takes_model, uninterrupted, unwrapped)
+from .guards import (CONFIGS_ATTR, DISABLED_ATTR, MIXED_ATTR, MIXED_OWNER_ATTR, VALUE_TORCH, _refuse_in_batch,
+                     _shared_weights, _unserve, layers, model_lock, name_list, serialized, takes_model, uninterrupted,
+                     unwrapped)
+from .model import merged_back, park, refuse_unmergeable
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
            "stop_serving", "adapter_batch", "disable_adapter", "add_weighted_adapter"]

@@ -57,7 +57,7 @@ from neuroada_format.layout import canonical_view
 
 from .kernels.cache import outside_inference, version
 from .layer import GRID_ATTR, NeuroAdaLayer
-from .model import takes_model
+from .guards import takes_model
 
 __all__ = ["QuantGrid", "FloatGrid", "train_on_grid", "remove_grid", "grid_types", "load_quantized_weights"]
 
@@ -209,7 +209,7 @@ def _gguf_view(path):
 
 
 def _adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, NeuroAdaLayer]:
-    from .model import layers
+    from .guards import layers
 
     found = {n: layer for n, layer in layers(model).items() if adapter_name in layer.neuroada_val}
     if not found:  # name what there is: an adapter attached under another name is the usual cause
@@ -238,7 +238,7 @@ def train_on_grid(model: nn.Module, path, adapter_name: str = "default") -> dict
     not float32 or a weight in another layout (NeuroAdaUsageError).
     """
     found = _adapter_layers(model, adapter_name)
-    from .model import _check_path_argument
+    from .guards import _check_path_argument
 
     path = _check_path_argument(path, "train_on_grid")
     plan = _plan_gguf if _is_gguf(path) else _plan_onnx
@@ -257,7 +257,7 @@ def train_on_grid(model: nn.Module, path, adapter_name: str = "default") -> dict
             layer.add_module(GRID_ATTR, grids)
         grids[adapter_name] = grid
         grids.train(layer.training)  # in its layer's mode, as the layer is in its model's (see NeuroAdaLayer)
-    from .model import CONFIGS_ATTR
+    from .guards import CONFIGS_ATTR
 
     configs = getattr(model, CONFIGS_ATTR, None) or {}
     if adapter_name in configs:
@@ -278,7 +278,7 @@ def _is_gguf(path: str) -> bool:
 
 def _check_layer(name: str, layer: NeuroAdaLayer, adapter_name: str, key: str) -> None:
     """What no file can fix: a merged layer, deltas that cannot hold on-grid values, a sharded weight."""
-    from .model import _is_sharded
+    from .guards import _is_sharded
 
     if layer.merged:
         raise NeuroAdaUsageError(f"{name} is merged; unmerge before training on a grid", tensor=key)
@@ -357,7 +357,8 @@ def _onnx_targets(model: nn.Module, shapes: dict[str, tuple], values: dict[str, 
     `neuroada-merge` resolves in the graph: training and merging find the same weight. shapes: canonical
     [d_out, d_in] and layout per layer; values/indices: the layer's w0 and positions, for the probe stage (None:
     the resolver stops before it)."""
-    from .model import TORCH_DTYPE_NAMES, checkpoint_keys, layer_probe_of, plain_name
+    from .guards import TORCH_DTYPE_NAMES
+    from .model import checkpoint_keys, layer_probe_of, plain_name
 
     saved = checkpoint_keys(model)
     out = {}
@@ -433,7 +434,8 @@ def load_quantized_weights(model: nn.Module, onnx_path) -> dict[str, str]:
     MatMulNBits weight must find its layer, and each layer must be float32 (the decoded values need binary32);
     otherwise nothing is copied. Call it before `attach`. Returns {target key: the weight's name in the graph}.
     """
-    from .model import _adaptable, _canonical, _check_path_argument, _layout, layers
+    from .guards import _canonical, _check_path_argument, _layout, layers
+    from .model import _adaptable
 
     path = _check_path_argument(onnx_path, "load_quantized_weights")
     if _is_gguf(path):
@@ -580,7 +582,7 @@ def _match_by_values(view, missing: list[str], free: dict[str, np.ndarray], deco
 @takes_model
 def grid_types(model: nn.Module, adapter_name: str = "default") -> dict[str, str]:
     """{layer name: GGUF type} of the layers whose `adapter_name` deltas are snapped to a grid now."""
-    from .model import layers
+    from .guards import layers
 
     out = {}
     for name, layer in layers(model).items():
@@ -595,7 +597,7 @@ def remove_grid(model: nn.Module, adapter_name: str = "default", *, snap: bool =
     """Back to plain deltas. With snap=True the snapped values are written into the deltas first, so the
     adapter keeps its on-grid values everywhere (serving, combining) and its F32 save dtype; without, the
     unsnapped deltas and the save dtype from before the grid come back."""
-    from .model import CONFIGS_ATTR
+    from .guards import CONFIGS_ATTR
 
     for layer in _adapter_layers(model, adapter_name).values():
         grid = layer.grid(adapter_name)

@@ -17,7 +17,7 @@ def with_deltas(model, k=3, seed=1, **cfg):
     """Attach NeuroAda and give the deltas f32 values off the BF16 grid, as training leaves them
     (reproducible and fast)."""
     from neuroada_format.runtime import NeuroAdaConfig, attach
-    from neuroada_format.runtime.model import layers
+    from neuroada_format.runtime.guards import layers
 
     attach(model, NeuroAdaConfig(k=k, **cfg))
     g = torch.Generator().manual_seed(seed)

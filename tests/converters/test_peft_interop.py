@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from neuroada_format.runtime import load_adapter, merge_and_unload, save_adapter  # noqa: E402
-from neuroada_format.runtime.model import layers, to_numpy  # noqa: E402
+from neuroada_format.runtime.guards import layers, to_numpy # noqa: E402
 
 from tiny_hf import tiny_llama, with_deltas  # noqa: E402  (tests/tiny_hf.py)
 

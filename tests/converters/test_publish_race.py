@@ -61,7 +61,7 @@ def test_a_cli_reading_an_adapter_folder_and_a_save_of_it_take_turns(tmp_path, c
     from neuroada_format import cli as neuroada_cli
     from neuroada_format.converters import backend, merge_cli, peft_interop
     from neuroada_format.runtime import load_adapter, save_adapter
-    from neuroada_format.runtime.model import layers
+    from neuroada_format.runtime.guards import layers
     from tests.tiny_hf import tiny_llama, with_deltas
 
     folder, base, out = tmp_path / "task", tmp_path / "base", tmp_path / "out"

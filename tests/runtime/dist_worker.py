@@ -56,7 +56,7 @@ def main(kind: str, out: str) -> None:
 
     from neuroada_format import NeuroAdaError
     from neuroada_format.runtime import attach, merge, save_adapter
-    from neuroada_format.runtime.model import layers
+    from neuroada_format.runtime.guards import layers
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -11,7 +11,7 @@ from torch import nn
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, save_adapter, set_adapter
 from neuroada_format.runtime.layer import NeuroAdaLayer
-from neuroada_format.runtime.model import layers
+from neuroada_format.runtime.guards import layers
 from tests.tiny_hf import tiny_llama, with_deltas
 
 IDS = torch.tensor([[1, 5, 9, 3, 7, 2]])
@@ -843,7 +843,7 @@ def _weight_bytes(model):
 
 
 def _adapter_state(model):
-    from neuroada_format.runtime.model import CONFIGS_ATTR
+    from neuroada_format.runtime.guards import CONFIGS_ATTR
 
     return (_weight_bytes(model), _state(model), sorted(getattr(model, CONFIGS_ATTR, {})),
             [(n, id(m)) for n, m in model.named_modules()], "save_pretrained" in model.__dict__)

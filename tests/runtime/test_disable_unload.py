@@ -11,7 +11,7 @@ import torch
 from neuroada_format.runtime import (NeuroAdaConfig, NeuroAdaLayer, adapter_batch, attach, disable_adapter,
                                      load_adapter, merge, merge_and_unload, merged_adapter, save_adapter, set_adapter,
                                      unload)
-from neuroada_format.runtime.model import layers, to_numpy
+from neuroada_format.runtime.guards import layers, to_numpy
 
 transformers = pytest.importorskip("transformers")
 

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from neuroada_format import NeuroAdaError, durable
 from neuroada_format.folder import CONFIG_NAME, STATE_FILE, WEIGHTS_NAME
 from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, save_adapter
-from neuroada_format.runtime.model import layers
+from neuroada_format.runtime.guards import layers
 from tests.tiny_hf import tiny_llama, with_deltas
 
 pytestmark = pytest.mark.skipif(os.name != "posix" or "fork" not in multiprocessing.get_all_start_methods(),

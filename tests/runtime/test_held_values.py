@@ -15,7 +15,7 @@ import torch
 from neuroada_format.runtime import (adapter_batch, add_weighted_adapter, load_adapter, merge_and_unload, save_adapter,
                                      set_adapter)
 from neuroada_format.runtime.kernels.bgmv import AdapterStack
-from neuroada_format.runtime.model import layers
+from neuroada_format.runtime.guards import layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_hf import tiny_llama, with_deltas  # noqa: E402  (tests/tiny_hf.py)

@@ -23,7 +23,7 @@ import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.runtime import (NeuroAdaConfig, NeuroAdaLayer, attach, load_adapter, load_trained_extras, merge,
                                      merge_and_unload, save_adapter, trainable_parameters, unmerge)
-from neuroada_format.runtime.model import layers, to_numpy
+from neuroada_format.runtime.guards import layers, to_numpy
 
 transformers = pytest.importorskip("transformers")
 

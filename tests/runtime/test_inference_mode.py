@@ -27,7 +27,7 @@ from neuroada_format.runtime import (  # noqa: E402
     save_adapter,
     set_adapter,
 )
-from neuroada_format.runtime.model import layers  # noqa: E402
+from neuroada_format.runtime.guards import layers # noqa: E402
 
 VOCAB = 100
 SPECS = {"one": 1, "three": 3}

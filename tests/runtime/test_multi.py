@@ -39,7 +39,7 @@ from neuroada_format.runtime import (  # noqa: E402
 )
 from neuroada_format.runtime import multi  # noqa: E402
 from neuroada_format.runtime.kernels import bgmv  # noqa: E402
-from neuroada_format.runtime.model import layers, to_numpy  # noqa: E402
+from neuroada_format.runtime.guards import layers, to_numpy # noqa: E402
 
 VOCAB = 100
 # name -> (k, target_modules): different k, and one adapter that leaves the attention alone

@@ -43,7 +43,7 @@ from neuroada_format.runtime import (  # noqa: E402
     train_on_grid,
     unmerge,
 )
-from neuroada_format.runtime.model import CONFIGS_ATTR, layers  # noqa: E402
+from neuroada_format.runtime.guards import CONFIGS_ATTR, layers # noqa: E402
 from neuroada_format.runtime.quant_grid import QuantGrid  # noqa: E402
 
 from tiny_hf import tiny_llama  # noqa: E402

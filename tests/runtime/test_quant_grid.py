@@ -48,7 +48,7 @@ from neuroada_format.runtime import (  # noqa: E402
     train_on_grid,
     unmerge,
 )
-from neuroada_format.runtime.model import CONFIGS_ATTR, layers  # noqa: E402
+from neuroada_format.runtime.guards import CONFIGS_ATTR, layers # noqa: E402
 from neuroada_format.runtime.quant_grid import FloatGrid  # noqa: E402
 
 QT = gguf.GGMLQuantizationType

@@ -14,7 +14,7 @@ from torch import nn
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.runtime import NeuroAdaConfig, attach, list_adapters, load_adapter, save_adapter
-from neuroada_format.runtime.model import layers
+from neuroada_format.runtime.guards import layers
 
 
 def same(a: nn.Module, b: nn.Module) -> bool:

@@ -16,7 +16,7 @@ import neuroada_format as naf
 from neuroada_format import NeuroAdaError
 from neuroada_format.runtime import (NeuroAdaConfig, attach, load_adapter, merge, merge_and_unload, save_adapter,
                                      trainable_parameters, unmerge)
-from neuroada_format.runtime.model import layers, to_numpy
+from neuroada_format.runtime.guards import layers, to_numpy
 
 transformers = pytest.importorskip("transformers")
 

@@ -17,7 +17,7 @@ from torch.utils._pytree import tree_leaves
 import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.runtime import NeuroAdaConfig, attach
-from neuroada_format.runtime.model import layers, to_numpy
+from neuroada_format.runtime.guards import layers, to_numpy
 from neuroada_format.runtime.selection import select, topk_columns
 
 transformers = pytest.importorskip("transformers")

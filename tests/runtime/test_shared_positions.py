@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, save_adapter, set_adapter
 from neuroada_format.runtime.kernels.cache import aliases
-from neuroada_format.runtime.model import layers
+from neuroada_format.runtime.guards import layers
 
 transformers = pytest.importorskip("transformers")
 

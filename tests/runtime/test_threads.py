@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 
 from neuroada_format.runtime import load_adapter, save_adapter  # noqa: E402
 from neuroada_format.runtime.layer import NeuroAdaLayer  # noqa: E402
-from neuroada_format.runtime.model import layers  # noqa: E402
+from neuroada_format.runtime.guards import layers # noqa: E402
 from tiny_hf import tiny_llama, with_deltas  # noqa: E402
 
 
@@ -119,7 +119,7 @@ def test_adapter_batch_blocks_from_two_threads_run_one_at_a_time(tmp_path):
     for t in threads:
         t.join()
     assert not failures and not wrong, (failures[:1], len(wrong))
-    from neuroada_format.runtime.model import MIXED_ATTR
+    from neuroada_format.runtime.guards import MIXED_ATTR
     assert getattr(model, MIXED_ATTR, None) is None
 
 

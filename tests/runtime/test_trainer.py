@@ -11,7 +11,7 @@ import torch
 
 import neuroada_format as naf
 from neuroada_format.runtime import NeuroAdaConfig, attach, merge, save_adapter, unmerge
-from neuroada_format.runtime.model import layers, to_numpy
+from neuroada_format.runtime.guards import layers, to_numpy
 
 transformers = pytest.importorskip("transformers")
 

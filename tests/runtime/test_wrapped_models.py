@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from neuroada_format import NeuroAdaUsageError
 from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, save_adapter
-from neuroada_format.runtime.model import layers
+from neuroada_format.runtime.guards import layers
 from tiny_hf import tiny_llama
 
 if not torch.distributed.is_available():
