@@ -299,7 +299,7 @@ def _not_the_values(what: str, path: str, key: str) -> NeuroAdaError:
 
 def _plan_gguf(model, found, gguf_path, adapter_name):
     """{layer name: (layer, grid or None)} and {target: GGUF type} for a GGUF base (see train_on_grid)."""
-    from .model import plain_name
+    from .targets import plain_name
 
     ge, view = _gguf_view(gguf_path)
     path = view.path
@@ -358,7 +358,8 @@ def _onnx_targets(model: nn.Module, shapes: dict[str, tuple], values: dict[str, 
     [d_out, d_in] and layout per layer; values/indices: the layer's w0 and positions, for the probe stage (None:
     the resolver stops before it)."""
     from .guards import TORCH_DTYPE_NAMES
-    from .model import checkpoint_keys, layer_probe_of, plain_name
+    from .model import checkpoint_keys, layer_probe_of
+    from .targets import plain_name
 
     saved = checkpoint_keys(model)
     out = {}
@@ -435,7 +436,7 @@ def load_quantized_weights(model: nn.Module, onnx_path) -> dict[str, str]:
     otherwise nothing is copied. Call it before `attach`. Returns {target key: the weight's name in the graph}.
     """
     from .guards import _canonical, _check_path_argument, _layout, layers
-    from .model import _adaptable
+    from .targets import _adaptable
 
     path = _check_path_argument(onnx_path, "load_quantized_weights")
     if _is_gguf(path):

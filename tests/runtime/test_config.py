@@ -14,7 +14,7 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.folder import adapter_paths
 from neuroada_format.runtime import NeuroAdaConfig, attach, load_adapter, save_adapter
 from neuroada_format.runtime.guards import layers
-from neuroada_format.runtime.model import find_targets
+from neuroada_format.runtime.targets import find_targets
 
 transformers = pytest.importorskip("transformers")
 

@@ -17,7 +17,7 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.runtime import (NeuroAdaConfig, NeuroAdaLayer, attach, print_trainable_parameters,
                                      merge_and_unload, save_adapter, trainable_parameters)
 from neuroada_format.runtime.guards import layers
-from neuroada_format.runtime.model import find_targets
+from neuroada_format.runtime.targets import find_targets
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -169,7 +169,7 @@ def calib_batches(n, seed=5):
 def dense_reference(model, batches, k):
     """Indices from the full model's dense gradients (all targets at once), summed over batches."""
     model = copy.deepcopy(model)
-    from neuroada_format.runtime.model import find_targets
+    from neuroada_format.runtime.targets import find_targets
 
     names = find_targets(model, NeuroAdaConfig())
     for p in model.parameters():
@@ -251,7 +251,7 @@ def test_gradient_selection_of_a_second_adapter_scores_the_plain_base(n_batches)
 def test_meter_sees_a_full_dense_gradient():
     """The meter is honest: a plain backward that keeps every target's gradient is caught."""
     model = tiny_llama(layers_=3)
-    from neuroada_format.runtime.model import find_targets
+    from neuroada_format.runtime.targets import find_targets
 
     names = find_targets(model, NeuroAdaConfig())
     ws = [model.get_submodule(n).weight for n in names]
