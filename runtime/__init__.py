@@ -18,8 +18,9 @@ from .kernels import Pattern
 from .config import NeuroAdaConfig
 from .layer import NeuroAdaLayer
 from .guards import layers
-from .model import (attach, load_adapter, load_trained_extras, merge, merge_and_unload, print_trainable_parameters,
-                    save_adapter, to_adapter, trainable_parameters, trainable_state, unload, unmerge)
+from .introspection import print_trainable_parameters, trainable_parameters
+from .model import (attach, load_adapter, load_trained_extras, merge, merge_and_unload, save_adapter, to_adapter,
+                    trainable_state, unload, unmerge)
 
 __all__ = [
     "NeuroAdaConfig",

@@ -358,7 +358,8 @@ def _onnx_targets(model: nn.Module, shapes: dict[str, tuple], values: dict[str, 
     [d_out, d_in] and layout per layer; values/indices: the layer's w0 and positions, for the probe stage (None:
     the resolver stops before it)."""
     from .guards import TORCH_DTYPE_NAMES
-    from .model import checkpoint_keys, layer_probe_of
+    from .introspection import checkpoint_keys
+    from .model import layer_probe_of
     from .targets import plain_name
 
     saved = checkpoint_keys(model)

@@ -26,7 +26,7 @@ from neuroada_format.converters.pack import extract  # noqa: E402
 from neuroada_format.converters.peft_interop import import_peft, to_peft  # noqa: E402
 from neuroada_format.runtime import (NeuroAdaConfig, attach, load_adapter, merge_and_unload,  # noqa: E402
                                      save_adapter)
-from neuroada_format.runtime.model import checkpoint_keys # noqa: E402
+from neuroada_format.runtime.introspection import checkpoint_keys # noqa: E402
 
 T = transformers
 TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
