@@ -19,8 +19,8 @@ from .config import NeuroAdaConfig
 from .layer import NeuroAdaLayer
 from .guards import layers
 from .introspection import print_trainable_parameters, trainable_parameters
-from .model import (attach, load_adapter, load_trained_extras, merge, merge_and_unload, save_adapter, to_adapter,
-                    trainable_state, unload, unmerge)
+from .model import attach, load_adapter, load_trained_extras, merge, merge_and_unload, trainable_state, unload, unmerge
+from .saving import save_adapter, to_adapter
 
 __all__ = [
     "NeuroAdaConfig",

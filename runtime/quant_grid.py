@@ -359,7 +359,7 @@ def _onnx_targets(model: nn.Module, shapes: dict[str, tuple], values: dict[str, 
     the resolver stops before it)."""
     from .guards import TORCH_DTYPE_NAMES
     from .introspection import checkpoint_keys
-    from .model import layer_probe_of
+    from .saving import layer_probe_of
     from .targets import plain_name
 
     saved = checkpoint_keys(model)

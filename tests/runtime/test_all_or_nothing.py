@@ -221,7 +221,7 @@ def test_a_killed_folder_save_leaves_nothing_the_next_save_keeps(tmp_path):
 
     script = textwrap.dedent(f"""
         import os, signal
-        from neuroada_format.runtime import model as m
+        from neuroada_format.runtime import saving as m
         from tests.tiny_hf import tiny_llama, with_deltas
         real = os.fsync
         def killed(fd):

@@ -119,7 +119,7 @@ def test_other_models_still_write_1_0():
                                                     num_hidden_layers=1, num_attention_heads=4,
                                                     num_key_value_heads=2, **TOKENS)), NeuroAdaConfig(k=2))
     assert checkpoint_keys(model) == {}
-    from neuroada_format.runtime.model import to_adapter
+    from neuroada_format.runtime.saving import to_adapter
 
     adapter = to_adapter(model)
     assert adapter.version == "1.0" and all(not t.extra for t in adapter.targets.values())
