@@ -19,7 +19,8 @@ from .config import NeuroAdaConfig
 from .layer import NeuroAdaLayer
 from .guards import layers
 from .introspection import print_trainable_parameters, trainable_parameters
-from .model import attach, load_adapter, load_trained_extras, merge, merge_and_unload, trainable_state, unload, unmerge
+from .hf_checkpoint import trainable_state
+from .model import attach, load_adapter, load_trained_extras, merge, merge_and_unload, unload, unmerge
 from .saving import save_adapter, to_adapter
 
 __all__ = [

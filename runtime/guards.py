@@ -31,11 +31,6 @@ AUTO_ATTR = "_neuroada_auto_mode"       # set on layers whose mode was chosen by
 HOOK_ATTR = "_neuroada_sharding_hook"   # the model's forward pre-hook that re-resolves "auto" under FSDP2
 HF_ATTR = "_neuroada_hf_hooks"         # the model's load_state_dict hooks (see _install_hf)
 BASE_LAYER = ".base_layer"
-# STATE_FILE: what Trainer resumes from, the trainable state, nothing else; STATE_MARKER: a key saying "this state
-# holds what trains, not the base" (neuroada_format.folder, where every reader of an adapter folder looks for them)
-# keys "_neuroada_probe.<layer>.<adapter>" of a trainable state: the probe hash (spec 6.1) of the base values the
-# adapter trained on, as the bytes of its "sha256:<hex>" text, checked when the state is loaded (rule 4.3);
-# STATE_TRAINING: the adapters that trained, so that a resume into a model where another one is active is refused
 TORCH_DTYPE_NAMES = {
     torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",

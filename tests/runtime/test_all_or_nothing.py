@@ -168,7 +168,7 @@ def _files(folder):
 def test_save_pretrained_checks_every_adapter_before_writing_any(tmp_path):
     """b's deltas overflow F16 (its save dtype): found before default's files were replaced (they were, and the
     checkpoint's adapter and trainable state then disagreed)."""
-    from neuroada_format.runtime.model import save_pretrained
+    from neuroada_format.runtime.hf_checkpoint import save_pretrained
 
     model = with_deltas(tiny_llama(), k=2, target_modules=["q_proj"])
     attach(model, NeuroAdaConfig(k=1, target_modules=["v_proj"], save_dtype="F16"), "b")
@@ -610,7 +610,7 @@ def test_two_saves_into_one_folder_at_once_take_turns(monkeypatch, tmp_path):
     import threading
 
     from neuroada_format import durable
-    from neuroada_format.runtime.model import WEIGHTS_NAME
+    from neuroada_format.folder import WEIGHTS_NAME
 
     one, two = (with_deltas(tiny_llama(), k=k, target_modules=["q_proj"]) for k in (1, 2))
     first_weights_out, second_done = threading.Event(), threading.Event()

@@ -675,7 +675,7 @@ def test_resume_with_another_adapter_active_is_refused(tmp_path):
 
 
 # -- the base a trainable state was trained on ---------------------------------------------------------
-PROBE = "_neuroada_probe."  # runtime.model.STATE_PROBE: "_neuroada_probe.<layer>.<adapter>" in model.safetensors
+PROBE = "_neuroada_probe."  # neuroada_format.folder.STATE_PROBE: "_neuroada_probe.<layer>.<adapter>" in model.safetensors
 
 
 def _rows(n=8):
