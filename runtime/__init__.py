@@ -20,7 +20,8 @@ from .layer import NeuroAdaLayer
 from .guards import layers
 from .introspection import print_trainable_parameters, trainable_parameters
 from .hf_checkpoint import trainable_state
-from .model import attach, load_adapter, load_trained_extras, merge, merge_and_unload, unload, unmerge
+from .merging import merge, merge_and_unload, unload, unmerge
+from .model import attach, load_adapter, load_trained_extras
 from .saving import save_adapter, to_adapter
 
 __all__ = [

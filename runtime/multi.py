@@ -48,7 +48,8 @@ from .layer import BASE_ADAPTER, SERVING_CACHES, NeuroAdaLayer, _conv1d_type, ch
 from .guards import (CONFIGS_ATTR, DISABLED_ATTR, MIXED_ATTR, MIXED_OWNER_ATTR, VALUE_TORCH, _refuse_in_batch,
                      _shared_weights, _unserve, layers, model_lock, name_list, serialized, takes_model, uninterrupted,
                      unwrapped)
-from .model import merged_back, park, refuse_unmergeable
+from .merging import merged_back, refuse_unmergeable
+from .model import park
 
 __all__ = ["BASE_ADAPTER", "ServingLayer", "list_adapters", "delete_adapter", "set_adapter", "merged_adapter",
            "stop_serving", "adapter_batch", "disable_adapter", "add_weighted_adapter"]

@@ -901,7 +901,7 @@ def test_unmerge_and_unload_failing_at_a_layer_put_every_layer_back(monkeypatch,
 def test_unload_failing_while_putting_base_layers_in_puts_every_layer_back(monkeypatch, tmp_path, call, served):
     """The 3rd layer's replacement by its base layer raising: the two replaced before it are wrapped again, and
     merge_and_unload's merge (or unload's unmerge) undone."""
-    from neuroada_format.runtime import merge, merge_and_unload, model as model_module, unload
+    from neuroada_format.runtime import merge, merge_and_unload, merging, unload
 
     model = _served(tmp_path)
     if served == "set_adapter":
@@ -909,7 +909,7 @@ def test_unload_failing_while_putting_base_layers_in_puts_every_layer_back(monke
     elif served == "merge":
         merge(model, ["b"])
     before, logits = _adapter_state(model), _logits(model)
-    _fail_at(monkeypatch, model_module, "_set_module", 3, exc=RuntimeError)
+    _fail_at(monkeypatch, merging, "_set_module", 3, exc=RuntimeError)
     with pytest.raises(RuntimeError, match="injected"):
         (unload if call == "unload" else merge_and_unload)(model)
     _assert_unchanged(before, model)
