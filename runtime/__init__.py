@@ -21,7 +21,8 @@ from .guards import layers
 from .introspection import print_trainable_parameters, trainable_parameters
 from .hf_checkpoint import trainable_state
 from .merging import merge, merge_and_unload, unload, unmerge
-from .model import attach, load_adapter, load_trained_extras
+from .loading import load_adapter, load_trained_extras
+from .model import attach
 from .saving import save_adapter, to_adapter
 
 __all__ = [

@@ -1,5 +1,7 @@
 """Write what an attached model trained as an adapter file or folder (spec/SPEC.md): to_adapter builds it in memory,
 save_adapter writes it atomically, checked against what a path already holds.
+Adapter files are keyed by the base tensor's own state_dict key, so `neuroada-merge` can apply them to the
+checkpoint with no name guessing.
 
 Kept apart from attach so that the Hugging Face hooks (save_pretrained) reuse it without importing model.py."""
 from __future__ import annotations

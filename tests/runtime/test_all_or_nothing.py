@@ -715,18 +715,19 @@ def test_merge_from_a_worker_thread():
 @pytest.mark.parametrize("setup", ["plain", "attached", "load"])
 def test_a_failure_in_the_last_step_of_attach_or_load_puts_everything_back(monkeypatch, tmp_path, setup):
     """_install_hf (the model's save_pretrained and friends) is the last step: failing there must undo it too."""
-    from neuroada_format.runtime import model as model_module
+    from neuroada_format.runtime import loading, model as model_module
 
+    caller = loading if setup == "load" else model_module  # the module whose function looks _install_hf up
     model = tiny_llama() if setup == "plain" else with_deltas(tiny_llama(), k=2, target_modules=["q_proj"])
     path = save_adapter(model, tmp_path / "a.safetensors") if setup == "load" else None
     before, configs = _state(model), dict(getattr(model, "neuroada_configs", {}))
-    real = model_module._install_hf
+    real = caller._install_hf
 
     def failing(m):
         real(m)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(model_module, "_install_hf", failing)
+    monkeypatch.setattr(caller, "_install_hf", failing)
     with pytest.raises(KeyboardInterrupt):
         if setup == "load":
             load_adapter(model, path, "b")
