@@ -18,12 +18,12 @@ from .kernels import Pattern
 from .config import NeuroAdaConfig
 from .layer import NeuroAdaLayer
 from .guards import layers
-from .introspection import print_trainable_parameters, trainable_parameters
-from .hf_checkpoint import trainable_state
-from .merging import merge, merge_and_unload, unload, unmerge
-from .loading import load_adapter, load_trained_extras
 from .model import attach
+from .introspection import print_trainable_parameters, trainable_parameters
 from .saving import save_adapter, to_adapter
+from .hf_checkpoint import trainable_state
+from .loading import load_adapter, load_trained_extras
+from .merging import merge, merge_and_unload, unload, unmerge
 
 __all__ = [
     "NeuroAdaConfig",

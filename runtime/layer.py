@@ -415,7 +415,7 @@ class NeuroAdaLayer(nn.Module):
         (``_after_load``). A merged layer is unmerged first and merged again after, so a state taken
         merged or unmerged loads the same way: the weight's selected entries are always re-derived
         from ``w0`` (the original) rather than trusted from the file."""
-        if self._loading is None:  # not prepared already by the model's own hook (see model.py)
+        if self._loading is None:  # not prepared already by the model's own hook (see hf_checkpoint.py)
             self._loading = {"merged": self.prepare_load(state_dict, prefix)}
         self._loading["keys"] = {k[len(prefix):] for k in state_dict if k.startswith(prefix)}
         self._widen_held(state_dict, prefix)

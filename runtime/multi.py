@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-import weakref
 from types import SimpleNamespace
 from typing import Iterator, Sequence
 
