@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-import warnings
 import weakref
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.durable import checkpoint_lock, write_files
+from neuroada_format.errors import warn_caller
 from neuroada_format.folder import (CONFIG_NAME, STATE_FILE, STATE_INTERRUPTED, STATE_MARKER, STATE_PROBE,
                                     STATE_TRAINING, WEIGHTS_NAME, state_text)
 
@@ -60,8 +60,8 @@ def _warn_ignored_save_options(kwargs: dict) -> None:
     if kwargs.get("safe_serialization") is False:
         ignored.append("safe_serialization=False (nothing here is ever pickled)")
     if ignored:
-        warnings.warn(f"save_pretrained of an attached model writes the adapter files and one adapter-sized "
-                      f"model.safetensors; ignored: {', '.join(ignored)}", stacklevel=3)
+        warn_caller(f"save_pretrained of an attached model writes the adapter files and one adapter-sized "
+                    f"model.safetensors; ignored: {', '.join(ignored)}")
 
 
 def save_pretrained(model: nn.Module, save_directory, *, is_main_process: bool = True, state_dict: dict | None = None,
@@ -196,10 +196,10 @@ def _warn_delta_dtypes(module: nn.Module, state_dict, prefix: str) -> None:
         for adapter, v in layer.neuroada_val.items():
             got = state_dict.get(f"{prefix}{name}.neuroada_val.{adapter}")
             if isinstance(got, torch.Tensor) and got.dtype != v.dtype:
-                warnings.warn(f"adapter {adapter!r}: the trainable state holds {str(got.dtype)[6:]} deltas and this "
-                              f"model's are {str(v.dtype)[6:]} (delta_dtype): loading converts them, and an optimizer "
-                              f"state saved with them does not fit; attach with the run's delta_dtype to resume "
-                              f"exactly", stacklevel=4)
+                warn_caller(f"adapter {adapter!r}: the trainable state holds {str(got.dtype)[6:]} deltas and this "
+                            f"model's are {str(v.dtype)[6:]} (delta_dtype): loading converts them, and an optimizer "
+                            f"state saved with them does not fit; attach with the run's delta_dtype to resume "
+                            f"exactly")
                 return
 
 

@@ -53,7 +53,7 @@ def _warn_unloaded_state(path) -> None:
     """A save_pretrained folder's model.safetensors may hold trained tensors that are no adapter's (a head the
     user unfroze, PEFT's LoRA): load_adapter reads only the adapter, so say what it leaves and how to load it."""
     warn_trained_extras(path, "load_adapter loads only the adapter. To use them too: "
-                              f"load_trained_extras(model, {os.fspath(path)!r})", stacklevel=4)
+                              f"load_trained_extras(model, {os.fspath(path)!r})")
 
 
 @takes_model
