@@ -132,10 +132,9 @@ def test_a_save_killed_while_writing_leaves_the_old_pair(tmp_path, monkeypatch):
     assert sorted(p.name for p in folder.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
 
 
-@pytest.mark.parametrize("renames", [1, 3, 4])
-def test_save_pretrained_killed_between_its_renames_leaves_the_new_set(tmp_path, renames):
-    """default's pair, b's pair in b/, then model.safetensors: one set, finished by reading any adapter of it."""
-    folder = tmp_path / "ckpt"
+def _save_killed_over_an_older_one(folder, renames: int):
+    """Two adapters saved with save_pretrained in `folder`, then another model's two, killed (SIGKILL, in a child)
+    after `renames` of that save's renames; returns that model."""
     old, new = _two_adapters(1, 1), _two_adapters(2, 5)
     old.save_pretrained(folder)
 
@@ -144,6 +143,14 @@ def test_save_pretrained_killed_between_its_renames_leaves_the_new_set(tmp_path,
         new.save_pretrained(folder)
 
     assert _in_child(save) == -signal.SIGKILL
+    return new
+
+
+@pytest.mark.parametrize("renames", [1, 3, 4])
+def test_save_pretrained_killed_between_its_renames_leaves_the_new_set(tmp_path, renames):
+    """default's pair, b's pair in b/, then model.safetensors: one set, finished by reading any adapter of it."""
+    folder = tmp_path / "ckpt"
+    new = _save_killed_over_an_older_one(folder, renames)
     _assert_holds(folder / "b", new, "b")  # the record is in the folder above b/
     _assert_holds(folder, new)
     with safe_open(str(folder / STATE_FILE), framework="pt") as f:
@@ -327,14 +334,7 @@ def test_a_save_through_a_symlinked_sub_folder_killed_between_its_renames_leaves
     folder.mkdir()
     elsewhere.mkdir()
     (folder / "b").symlink_to(elsewhere)
-    old, new = _two_adapters(1, 1), _two_adapters(2, 5)
-    old.save_pretrained(folder)
-
-    def save():
-        _killed_after_renames(renames)
-        new.save_pretrained(folder)
-
-    assert _in_child(save) == -signal.SIGKILL
+    new = _save_killed_over_an_older_one(folder, renames)
     assert (elsewhere / durable.PUBLISH_RECORD).exists() and (folder / durable.PUBLISH_RECORD).exists()
     _assert_holds(folder / "b", new, "b")
     _assert_holds(folder, new)

@@ -106,6 +106,29 @@ def runtime_merged(model):
         unmerge(model)
 
 
+def merged_on_grid(model, base, tmp_path, capsys):
+    """Save the model's adapter and merge it into `base` with neuroada-merge: every touched block already on its
+    grid (none re-encoded), no warning. Returns (the merge's details, the runtime's merged weights, the merged
+    file's initializers, its path)."""
+    model.save_pretrained(tmp_path / "out")
+    out = tmp_path / "merged.onnx"
+    details, err = merged_json(base, tmp_path / "out", out, capsys)
+    assert details["blocks_reencoded"] == 0 and details["blocks_on_grid"] > 0 and "warning" not in err
+    return details, runtime_merged(model), inits(out), out
+
+
+def runs_as_the_runtime(model, out, ids):
+    """onnxruntime's logits of the merged file `out`, checked to be the runtime's merged model's (1e-4 of the
+    largest logit)."""
+    with torch.no_grad():
+        merge(model)
+        logits = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+        unmerge(model)
+    l_v = run(out, ids)
+    assert np.abs(l_v - logits).max() <= 1e-4 * np.abs(logits).max()
+    return l_v
+
+
 def reference(llama, weights, out):
     """The float export holding `weights` ({target: [d_out, d_in]}): onnxruntime's logits of the runtime's merge."""
     return with_weights(llama["path"], {llama["where"][k]: w.T for k, w in weights.items()}, out)
@@ -142,25 +165,15 @@ def test_trained_on_the_grid_merges_into_the_file_exactly(llama, quantized, scop
             grid = layer.neuroada_grid["default"]
             w = layer.neuroada_w0["default"] + snapped[name]
             assert torch.equal(grid.levels(w, layer.neuroada_idx["default"])[1], w), name
-    model.save_pretrained(tmp_path / "out")
-    out = tmp_path / "merged.onnx"
-    details, err = merged_json(path, tmp_path / "out", out, capsys)          # the unscoped file: found by probe
-    assert details["blocks_reencoded"] == 0 and details["blocks_on_grid"] > 0 and "warning" not in err
+    details, want, new, out = merged_on_grid(model, path, tmp_path, capsys)  # the unscoped file: found by probe
     assert details["note"].startswith("MatMulNBits targets exact")
-    want = runtime_merged(model)
-    new = inits(out)
     for key in decoded:                                                     # the file decodes to the runtime merge
         got_w = decode(new, nbits_node(proto, llama["where"][key] + f"_Q{bits}"))
         assert np.array_equal(got_w, want[key]), key
     head = np.ascontiguousarray(new[llama["where"]["lm_head.weight"]].T)
     assert head.tobytes() == want["lm_head.weight"].tobytes()
     ids = llama["ids"]
-    with torch.no_grad():
-        merge(model)
-        logits = model(input_ids=torch.from_numpy(ids)).logits.numpy()
-        unmerge(model)
-    l_v = run(out, ids)
-    assert np.abs(l_v - logits).max() <= 1e-4 * np.abs(logits).max()      # onnxruntime computes the runtime's model
+    l_v = runs_as_the_runtime(model, out, ids)                               # onnxruntime computes the runtime's model
     l_base, l_rt = run(path, ids), run(reference(llama, want, tmp_path / "rt.onnx"), ids)
     r_grid = retention(l_v, l_rt, l_base)
 
@@ -197,25 +210,15 @@ def test_a_padded_last_block_trains_and_merges_exactly(padded, variant, tmp_path
             in_last = layer.neuroada_idx["default"] >= K // block * block
             last[name] = int((layer.delta("default").detach()[in_last] != 0).sum())
     assert sum(last.values()) > 0, last                                  # levels moved in padded last blocks
-    model.save_pretrained(tmp_path / "out")
-    out = tmp_path / "merged.onnx"
-    details, err = merged_json(path, tmp_path / "out", out, capsys)
-    assert details["blocks_reencoded"] == 0 and details["blocks_on_grid"] > 0 and "warning" not in err
-    want = runtime_merged(model)
-    old, new = inits(path), inits(out)
+    _, want, new, out = merged_on_grid(model, path, tmp_path, capsys)
+    old = inits(path)
     for key, w in decoded.items():
         node = nbits_node(proto, padded["where"][key] + f"_Q{bits}")
         assert np.array_equal(decode(new, node), want[key]), key
         K = w.shape[1]
         pad_old, pad_new = decode(old, node, padding=True)[:, K:], decode(new, node, padding=True)[:, K:]
         assert pad_old.tobytes() == pad_new.tobytes(), key               # the padding: untouched
-    ids = padded["ids"]
-    with torch.no_grad():
-        merge(model)
-        logits = model(input_ids=torch.from_numpy(ids)).logits.numpy()
-        unmerge(model)
-    l_v = run(out, ids)
-    assert np.abs(l_v - logits).max() <= 1e-4 * np.abs(logits).max()
+    runs_as_the_runtime(model, out, padded["ids"])
 
 
 
@@ -268,20 +271,11 @@ def test_gptq_files_load_by_scope_and_merge_exactly_and_by_value_are_refused(lla
     attach(model, NeuroAdaConfig(**CONFIG))
     assert set(train_on_grid(model, scoped).values()) == {"MatMulNBits4"}
     train(model)
-    model.save_pretrained(tmp_path / "out")
-    out = tmp_path / "merged.onnx"
-    details, err = merged_json(scoped, tmp_path / "out", out, capsys)
-    assert details["blocks_reencoded"] == 0 and details["blocks_on_grid"] > 0 and "warning" not in err
-    want, new = runtime_merged(model), inits(out)
+    _, want, new, out = merged_on_grid(model, scoped, tmp_path, capsys)
     for n in nodes:
         key = next(k for k in llama["names"] if llama["where"][k] + "_Q4G32" == n.input[1])
         assert np.array_equal(decode(new, n), want[key]), key
-    ids = llama["ids"]
-    with torch.no_grad():
-        merge(model)
-        logits = model(input_ids=torch.from_numpy(ids)).logits.numpy()
-        unmerge(model)
-    assert np.abs(run(out, ids) - logits).max() <= 1e-4 * np.abs(logits).max()
+    runs_as_the_runtime(model, out, llama["ids"])
 
 
 def test_hqq_files_are_refused_for_their_float_zero_points(llama, tmp_path, capsys):
@@ -384,19 +378,10 @@ def test_gpt2_conv1d_weights_load_transposed_train_and_merge_exactly(tmp_path, c
     attach(model, NeuroAdaConfig(k=4, target_modules=["c_attn", "c_proj", "c_fc"]))
     assert set(train_on_grid(model, base).values()) == {"MatMulNBits4"}
     train(model)
-    model.save_pretrained(tmp_path / "out")
-    out = tmp_path / "merged.onnx"
-    details, err = merged_json(base, tmp_path / "out", out, capsys)
-    assert details["blocks_reencoded"] == 0 and details["blocks_on_grid"] > 0 and "warning" not in err
-    want, new = runtime_merged(model), inits(out)
+    _, want, new, out = merged_on_grid(model, base, tmp_path, capsys)
     for key in want:  # (the runtime's merged Conv1D weights as stored, [d_in, d_out])
         assert np.array_equal(decode(new, by_b[placed[key] + "_Q4"]), want[key].T), key
-    ids = np.random.default_rng(1).integers(0, 96, (2, 8))
-    with torch.no_grad():
-        merge(model)
-        logits = model(input_ids=torch.from_numpy(ids)).logits.numpy()
-        unmerge(model)
-    assert np.abs(run(out, ids) - logits).max() <= 1e-4 * np.abs(logits).max()
+    runs_as_the_runtime(model, out, np.random.default_rng(1).integers(0, 96, (2, 8)))
 
 
 def test_fp16_model_scales(tmp_path, capsys):
