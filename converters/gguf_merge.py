@@ -43,6 +43,7 @@ from neuroada_format.validate import PROBE_MISMATCH, validate
 from .backend import Backend, Mismatch, Resolved, Written, pause_for_tests
 from .gguf_encode import ENCODABLE, QUANT_TYPES, _decode, encode_blocks, on_original_grid, qtype
 from .gguf_names import GGUFBase, open_gguf_base
+from .gguf_split import GGUFSet
 from .gguf_read import FLOAT_TYPES, RULE, GGUFFile, TensorInfo, _numpy_dtype
 from .progress import bar
 from .safetensors_merge import _send  # the one kernel copy
@@ -129,7 +130,12 @@ class GGUFBackend(Backend):
         return GGUFBackend(**{**kept, **options})
 
     def open(self, path: str) -> GGUFBase:
-        return open_gguf_base(path)
+        view = open_gguf_base(path)
+        if isinstance(view.file, GGUFSet):  # the writer lays out one file; a set merged as one would lose shards
+            raise NeuroAdaUsageError(f"the first shard of a split GGUF set of {len(view.file.shards)}: merging into "
+                                     f"a split set is not supported yet; join it first (llama-gguf-split --merge)",
+                                     path=view.path, rule="1.6")
+        return view
 
     def inputs(self, view: GGUFBase) -> list[str]:
         return [view.path]

@@ -17,7 +17,8 @@ import numpy as np
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
-from .gguf_read import FLOAT_TYPES, GGUFFile, read_gguf
+from .gguf_read import FLOAT_TYPES, GGUFFile
+from .gguf_split import GGUFSet, read_gguf_or_set
 
 # Architectures whose Hugging Face keys we map (gguf-py's name table), and which rows llama.cpp's converter reorders:
 # "rope" permutes the attn_q/attn_k rows (`rope_permutation`), "qkv" regroups the fused query_key_value rows
@@ -174,7 +175,7 @@ class GGUFBase:
     file does not have, so warning 4.5 does not apply.
     """
 
-    def __init__(self, file: GGUFFile):
+    def __init__(self, file: GGUFFile | GGUFSet):
         self.file = file
         self.path = file.path
         arch = file.kv.get("general.architecture")
@@ -363,5 +364,6 @@ class GGUFBase:
 
 
 def open_gguf_base(path) -> GGUFBase:
-    """A GGUF file as a base for `neuroada_format.validate` (rules 4.1-4.4 on de-quantized values)."""
-    return GGUFBase(read_gguf(path))
+    """A GGUF file as a base for `neuroada_format.validate` (rules 4.1-4.4 on de-quantized values); the first shard
+    of a split set is the whole set, as llama.cpp reads it (gguf_split)."""
+    return GGUFBase(read_gguf_or_set(path))

@@ -80,11 +80,14 @@ def add_tiny_hparams(w, *, inter=INTER, rope_base=10000.0, kv_heads=KV_HEADS, co
     w.add_token_types([1] * VOCAB)
 
 
-def write_gguf(path, arrays, matrix_type=QT.Q4_1, *, types: dict | None = None, raw: dict | None = None):
-    """A llama-arch GGUF of the arrays: 2-D projections as matrix_type (or types[name]), the rest F32."""
+def write_gguf(path, arrays, matrix_type=QT.Q4_1, *, types: dict | None = None, raw: dict | None = None,
+               split_max_tensors: int = 0):
+    """A llama-arch GGUF of the arrays: 2-D projections as matrix_type (or types[name]), the rest F32.
+    split_max_tensors > 0: a split set as llama.cpp's gguf-split writes it (gguf-py's writer lays shards out the same
+    way: PATH-00001-of-0000N.gguf with the metadata in the first, split.* keys in each); returns the first shard."""
     import ml_dtypes
     tmap = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, LAYERS)
-    w = gguf.GGUFWriter(os.fspath(path), "llama")
+    w = gguf.GGUFWriter(os.fspath(path), "llama", split_max_tensors=split_max_tensors)
     # the sizes the arrays have (another test's tiny Llama may be narrower than ours): llama.cpp, and our merge,
     # refuse a file whose q/k rows are not head_count heads of embedding_length / head_count values
     embed = arrays.get("model.embed_tokens.weight")
@@ -114,6 +117,8 @@ def write_gguf(path, arrays, matrix_type=QT.Q4_1, *, types: dict | None = None, 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    if split_max_tensors:
+        return type(path)(w.format_shard_names(w.path)[0])
     return path
 
 
