@@ -234,7 +234,8 @@ class NeuroAdaLayer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """``.to()``, ``.half()``, ``.cuda()``... convert each buffer on its own: adapters that shared their idx and
-        w0 (see _twin) share the converted ones again, instead of each keeping a copy."""
+        w0 (see _twin) share the converted ones again, instead of each keeping a copy; a merged adapter is merged again
+        in a new dtype, so it serves what switching to it after the cast serves."""
         groups = []
         for kind in (self.neuroada_idx, self.neuroada_w0):
             held = {}
@@ -243,6 +244,7 @@ class NeuroAdaLayer(nn.Module):
                 if key is not None:
                     held.setdefault(key, []).append(n)
             groups += [(kind, names) for names in held.values() if len(names) > 1]
+        dtype = getattr(self.base_layer.weight, "dtype", None)
         out = super()._apply(fn, recurse)
         for kind, names in groups:
             first = kind._buffers.get(names[0])
@@ -250,6 +252,14 @@ class NeuroAdaLayer(nn.Module):
                 t = kind._buffers.get(n)
                 if first is not None and t is not None and not aliases(t, first):
                     kind._buffers[n] = first.detach()  # a distinct tensor object over the same storage
+        if self.merged_adapters and getattr(self.base_layer.weight, "dtype", None) != dtype:
+            # the weight held round(w0 + val) in the old dtype, now rounded again: it served other bits than the same
+            # adapter switched to after the cast (a double rounding, history-dependent); the converted w0 goes back and
+            # the merge is done again in the new dtype
+            merged = list(self.merged_adapters)
+            with torch.no_grad():
+                self.unmerge()
+                self.merge(merged)
         return out
 
     # -- configuration -------------------------------------------------------------------------
