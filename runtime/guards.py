@@ -234,12 +234,18 @@ def _shared_weights(model: nn.Module) -> set[int]:
     return {k for k, n in seen.items() if n > 1}
 
 
-def _refuse_in_batch(model: nn.Module, what: str, *, disabled_ok: bool = False) -> None:
+def _refuse_in_batch(model: nn.Module, what: str, *, disabled_ok: bool = False, waits: bool = False) -> None:
     """adapter_batch adds per-sequence deltas to the weights it found and puts its state back on exit: anything
     that changes weights, classes or active adapters meanwhile would give wrong rows and an inconsistent end.
     disable_adapter likewise puts back on exit what each layer served, which would silently undo such a change
-    (`disabled_ok`: a call that itself puts back what it changes, adapter_batch)."""
+    (`disabled_ok`: a call that itself puts back what it changes, adapter_batch). `waits`: an early check by a call
+    that takes the model's lock next (and checks again under it): another thread's block is waited for, not refused,
+    and only a block of this thread's own is refused now."""
     model = unwrapped(model)  # (the state is on the model, also when a call or block got its compiled wrapper)
+    if waits:
+        if model.__dict__.get(MIXED_OWNER_ATTR) == threading.get_ident():
+            raise NeuroAdaUsageError(f"{what} inside an adapter_batch block; leave the block first")
+        return  # (a disable_adapter block has no owner here: the check under the lock refuses this thread's own)
     if model.__dict__.get(MIXED_ATTR) is not None:
         owner = model.__dict__.get(MIXED_OWNER_ATTR)
         if owner is not None and owner != threading.get_ident():

@@ -177,7 +177,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
     """
     check_adapter_name(adapter_name)
     check_model(model, "load_adapter")
-    _refuse_in_batch(model, "load_adapter")  # (said before reading the file; checked again under the lock)
+    _refuse_in_batch(model, "load_adapter", waits=True)  # (said before reading the file; checked again under the lock)
     _refuse_ddp(model, "load_adapter")
     if mode not in MODES:
         raise NeuroAdaUsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")

@@ -60,3 +60,39 @@ def test_cast_while_merged_serves_what_a_switch_after_the_cast_serves(two, dtype
     set_adapter(merged_first, None)  # and the base comes back bit for bit
     assert torch.equal(_logits(merged_first, ids), _logits(copy.deepcopy(base).to(dtype), ids))
 
+
+def test_load_adapter_from_another_thread_waits_for_a_running_block(two):
+    """Hot-loading a new adapter version while another thread serves a mixed batch: load_adapter's early check
+    refused it ("while another thread runs an adapter_batch block"), where delete_adapter and set_adapter wait for
+    the block to end, as the docs say of every call that changes the adapters."""
+    import threading
+    import time
+
+    base, files = two
+    model = copy.deepcopy(base)
+    load_adapter(model, files["a"], "a")
+    ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(1))
+    entered, outcome = threading.Event(), {}
+
+    def loader():
+        entered.wait()
+        try:
+            load_adapter(model, files["b"], "b")
+            outcome["loaded"] = "b" in list_adapters(model)
+        except Exception as e:  # noqa: BLE001 -- reported by the assertion below
+            outcome["error"] = repr(e)
+
+    t = threading.Thread(target=loader)
+    t.start()
+    with torch.no_grad(), adapter_batch(model, ["a", None]):
+        entered.set()
+        time.sleep(0.2)  # the loader is waiting now
+        assert "b" not in list_adapters(model)  # nothing changes under a live block
+        model(ids)
+    t.join(timeout=60)
+    assert outcome == {"loaded": True}
+    with pytest.raises(Exception, match="inside an adapter_batch block"):  # this thread's own block: still refused
+        with adapter_batch(model, ["a", "b"]):
+            load_adapter(model, files["a"], "c")
+    assert list_adapters(model) == ["a", "b"]
+
