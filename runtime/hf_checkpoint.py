@@ -419,8 +419,20 @@ def _install_hf(model: nn.Module) -> None:
     if callable(getattr(type(model), "resize_token_embeddings", None)):
         model.__dict__["resize_token_embeddings"] = _ModelMethod(resize_token_embeddings, model)
     if getattr(model, HF_ATTR, None) is None:
-        setattr(model, HF_ATTR, (model.register_load_state_dict_pre_hook(_state_pre_hook),
+        setattr(model, HF_ATTR, (model.register_forward_pre_hook(_refuse_adapter_names, with_kwargs=True),
+                                 model.register_load_state_dict_pre_hook(_state_pre_hook),
                                  model.register_load_state_dict_post_hook(_state_post_hook)))
+
+
+def _refuse_adapter_names(model: nn.Module, args, kwargs):
+    """PEFT's mixed batch, ``model(..., adapter_names=[...])``: a transformers model takes any keyword, so the names
+    were dropped without a word and every row served what set_adapter serves. A PEFT adapter loaded through
+    transformers keeps its own meaning of the keyword."""
+    if "adapter_names" in kwargs and not getattr(model, "_hf_peft_config_loaded", False):
+        raise NeuroAdaUsageError("model(..., adapter_names=...) is PEFT's mixed batch, which a transformers model "
+                                 "ignores (every row would get what set_adapter serves); for NeuroAda adapters: "
+                                 "with adapter_batch(model, names): model(...)")
+    return None
 
 
 def resize_token_embeddings(model: nn.Module, *args, **kwargs):
