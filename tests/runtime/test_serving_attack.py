@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from neuroada_format.runtime import (  # noqa: E402
-    NeuroAdaConfig, adapter_batch, attach, delete_adapter, list_adapters, load_adapter, save_adapter, set_adapter)
+    NeuroAdaConfig, adapter_batch, attach, list_adapters, load_adapter, save_adapter, set_adapter)
 from neuroada_format.runtime.guards import layers  # noqa: E402
 from tests.tiny_hf import tiny_llama  # noqa: E402
 
