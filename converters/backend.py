@@ -203,6 +203,12 @@ class Backend(ABC):
     def companions(self, view, out: str) -> list[str]:
         return []
 
+    def output_name(self, view, out: str) -> str:
+        """The file the write publishes for the OUT given (absolute), which the overwrite rule, the lock and the
+        summary then name: OUT itself, but for a base whose copy is several files named after it (a split GGUF
+        set's first shard); refuses an OUT that cannot name such a copy."""
+        return out
+
     def claim_output(self, view, out: str):
         """A context held from before the overwrite check to the end of the write. Nothing by default (one
         rename publishes OUT); a backend publishing several files returns `durable.output_lock(out)`."""
@@ -373,6 +379,7 @@ def merge(base, adapters, out=None, *, in_place: bool = False, journal=None, ver
     try:  # the view's files closed when the merge ends, also when the caller keeps a refusal
         if not in_place:
             refuse_misnamed(out, impl.format, f"in the base's format ({impl.format})")
+            out = impl.output_name(view, os.path.abspath(os.fspath(out)))
         if in_place and journal:
             folders = [os.fspath(g) for g in given if not isinstance(g, Adapter)]
             given_files = [a.path for a, _ in adapters if a.path]

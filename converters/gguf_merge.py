@@ -29,13 +29,15 @@ import queue
 import struct
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError, plan_merge
-from neuroada_format.durable import derived_mode, write_file
+from neuroada_format.durable import (OutputClaim, derived_mode, filled_sibling, output_lock, publish_together, remove,
+                                     write_file)
 from neuroada_format.hashing import probe_hash_from_values
 from neuroada_format.merge import Delta, MergeOverflowWarning
 from neuroada_format.validate import PROBE_MISMATCH, validate
@@ -43,7 +45,7 @@ from neuroada_format.validate import PROBE_MISMATCH, validate
 from .backend import Backend, Mismatch, Resolved, Written, pause_for_tests
 from .gguf_encode import ENCODABLE, QUANT_TYPES, _decode, encode_blocks, on_original_grid, qtype
 from .gguf_names import GGUFBase, open_gguf_base
-from .gguf_split import GGUFSet
+from .gguf_split import GGUFSet, output_shards
 from .gguf_read import FLOAT_TYPES, RULE, GGUFFile, TensorInfo, _numpy_dtype
 from .progress import bar
 from .safetensors_merge import _send  # the one kernel copy
@@ -105,7 +107,7 @@ def _touched_weight(value) -> float:
 
 
 class GGUFBackend(Backend):
-    """neuroada-merge into a GGUF file (copy only: a GGUF is not patched in place)."""
+    """neuroada-merge into a GGUF file or split set (copy only: a GGUF is not patched in place)."""
 
     format = "gguf"
 
@@ -130,15 +132,32 @@ class GGUFBackend(Backend):
         return GGUFBackend(**{**kept, **options})
 
     def open(self, path: str) -> GGUFBase:
-        view = open_gguf_base(path)
-        if isinstance(view.file, GGUFSet):  # the writer lays out one file; a set merged as one would lose shards
-            raise NeuroAdaUsageError(f"the first shard of a split GGUF set of {len(view.file.shards)}: merging into "
-                                     f"a split set is not supported yet; join it first (llama-gguf-split --merge)",
-                                     path=view.path, rule="1.6")
-        return view
+        return open_gguf_base(path)
 
     def inputs(self, view: GGUFBase) -> list[str]:
-        return [view.path]
+        return [s.path for s in view.file.shards] if isinstance(view.file, GGUFSet) else [view.path]
+
+    def output_name(self, view: GGUFBase, out: str) -> str:
+        """A split set's copy is a split set of as many shards (`output_shards`): its first shard is what is
+        published last and named in the summary."""
+        return output_shards(out, len(view.file.shards))[0] if isinstance(view.file, GGUFSet) else out
+
+    def companions(self, view: GGUFBase, out: str) -> list[str]:
+        return output_shards(out, len(view.file.shards))[1:] if isinstance(view.file, GGUFSet) else []
+
+    @contextmanager
+    def claim_output(self, view: GGUFBase, out: str):
+        """A split set's shards are several renames (`durable.publish_together`): OUT's lock is held for the whole
+        write; one file needs none."""
+        if not isinstance(view.file, GGUFSet):
+            yield None
+            return
+        with output_lock(out) as claim:
+            view.claim = claim
+            try:
+                yield claim
+            finally:
+                view.claim = None
 
     def resolve(self, view: GGUFBase, adapters, *, verify: bool) -> Resolved:
         by_tensor: dict[str, list] = {}
@@ -256,23 +275,34 @@ class GGUFBackend(Backend):
         block = GGML_QUANT_SIZES[out_type][0]
         return encode_blocks(out_type, full.reshape(-1, block), method=self.encoder).tobytes()
 
+    def _fill(self, view: GGUFBase, f: GGUFFile, plan: _Plan, tmp: str, out: str, progress: bool) -> dict:
+        """Write the merged copy of one file (a whole base, or one shard of a set: its tensors only) into tmp."""
+        mine = {g: tp for g, tp in plan.tensors.items() if g in f.tensors}
+        if plan.same_layout:
+            with bar(f.size, f"merge -> {os.path.basename(out)}", enabled=progress) as pbar:
+                values, units = _write_same_layout(f, _Plan(mine, 0, True, plan.verify), tmp, self.encoder,
+                                                   self.touched_weight, pbar)
+            return {"bytes": f.size, "values": values, "units": units}
+        written = _write_retyped(f, plan, tmp, lambda tp: self._retyped_bytes(view, tp))
+        return {"bytes": written, "values": sum(int(tp.positions.size) for tp in mine.values()),
+                "units": sum(int(tp.patch[0].size) for tp in mine.values() if tp.patch is not None)}
+
     def write(self, view: GGUFBase, plan: _Plan, out: str, *, overwrite: bool, durable: bool,
               progress: bool) -> Written:
         f = view.file
-        counts = {"bytes": 0, "values": plan.touched, "units": 0}
+        if isinstance(f, GGUFSet):
+            counts, shards, removed = self._write_set(view, plan, out, overwrite=overwrite, durable=durable,
+                                                      progress=progress)
+        else:
+            counts, shards, removed = {}, None, []
 
-        def fill(tmp: str) -> None:
-            if plan.same_layout:
-                with bar(f.size, f"merge -> {os.path.basename(out)}", enabled=progress) as pbar:
-                    counts["values"], counts["units"] = _write_same_layout(f, plan, tmp, self.encoder,
-                                                                        self.touched_weight, pbar)
-                counts["bytes"] = f.size
-            else:
-                counts["bytes"] = _write_retyped(f, plan, tmp, lambda tp: self._retyped_bytes(view, tp))
-                counts["units"] = sum(int(tp.patch[0].size) for tp in plan.tensors.values() if tp.patch is not None)
-        write_file(out, fill, overwrite=overwrite, durable=durable, mode=derived_mode(os.stat(f.path).st_mode))
+            def fill(tmp: str) -> None:
+                counts.update(self._fill(view, f, plan, tmp, out, progress))
+            write_file(out, fill, overwrite=overwrite, durable=durable, mode=derived_mode(os.stat(f.path).st_mode))
         details = {"retyped": {g: tp.out_type.name for g, tp in plan.tensors.items() if tp.retyped},
                    "units_rewritten": counts["units"], "encoder": self.encoder}
+        if shards is not None:
+            details["shards"] = shards
         warnings = []
         kept = [tp for tp in plan.tensors.values() if tp.out_type == tp.info.type and tp.info.type not in FLOAT_TYPES]
         if kept:
@@ -292,7 +322,42 @@ class GGUFBackend(Backend):
             else:
                 details["note"] = (f"{types} targets exact: all {on:,} touched blocks packed on their original "
                                    f"grid")
-        return Written(counts["values"], 1, counts["bytes"], details=details, warnings=warnings)
+        return Written(counts["values"], 1 if shards is None else len(shards), counts["bytes"], details=details,
+                       warnings=warnings, removed_stale=removed)
+
+    def _write_set(self, view: GGUFBase, plan: _Plan, out: str, *, overwrite: bool, durable: bool,
+                   progress: bool) -> tuple[dict, list[dict], list[str]]:
+        """A split set's copy: every shard merged into a temporary sibling of its final name (`output_shards`) with
+        its own layout and metadata, then all published together, the first shard last (`durable.publish_together`):
+        a failure or kill before the renames leaves nothing under the final names, one between them leaves later
+        shards without a first, which llama.cpp cannot load and the next merge to OUT removes. Returns the totals
+        and, per shard, its path, touched tensors, values and bytes (the summary's details.shards)."""
+        finals = output_shards(out, len(view.file.shards))
+        totals, shards, temps = {"bytes": 0, "values": 0, "units": 0}, [], []
+        claim = getattr(view, "claim", None) or OutputClaim(finals[0], None)  # (write called without the driver)
+        try:
+            for shard, final in zip(view.file.shards, finals):
+                counts = {}
+
+                def fill(tmp: str, shard=shard, final=final, counts=counts) -> None:
+                    counts.update(self._fill(view, shard, plan, tmp, final, progress))
+                temps.append(filled_sibling(final, fill, durable=durable,
+                                            mode=derived_mode(os.stat(shard.path).st_mode)))
+                for k in totals:
+                    totals[k] += counts[k]
+                shards.append({"path": final, "tensors_touched": sum(g in shard.tensors for g in plan.tensors),
+                               "values_touched": counts["values"], "bytes": counts["bytes"]})
+            for final in finals:  # (an OUT shard appearing meanwhile: refused now, before any rename)
+                if os.path.lexists(final) and not overwrite:
+                    raise NeuroAdaUsageError("output already exists; pass --overwrite to replace it", path=final)
+            publish_together(finals[0], temps[0], dict(zip(finals[1:], temps[1:])), overwrite=overwrite,
+                             durable=durable, claim=claim)
+            temps.clear()
+        finally:
+            for tmp in temps:
+                if os.path.lexists(tmp):
+                    remove(tmp)
+        return totals, shards, list(claim.removed)
 
 
 def _check_probes(tp: _TensorPlan, originals: list[np.ndarray]) -> None:

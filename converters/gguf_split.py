@@ -28,6 +28,26 @@ def shard_name(prefix: str, no: int, count: int) -> str:
     return f"{prefix}-{no + 1:05d}-of-{count:05d}.gguf"
 
 
+def output_shards(out: str, count: int) -> list[str]:
+    """The paths of a merged copy of a set of `count` shards for the OUT given (spec section 15.3): OUT's first shard
+    name itself (PREFIX-00001-of-0000N.gguf, N = count), or else OUT's name less `.gguf` as the PREFIX, as llama.cpp
+    needs them (it finds the siblings from the first shard's name). An OUT named as another shard, or as a shard of
+    another count, is refused: its PREFIX would name a set it is not part of."""
+    folder, name = os.path.split(out)
+    m = _NAME.match(name)
+    if m is not None:
+        if int(m["no"]) != 1 or int(m["count"]) != count:
+            raise NeuroAdaUsageError(f"the output is named as shard {int(m['no'])} of {int(m['count'])} of a split "
+                                     f"set, and the base is a set of {count}: name the output PREFIX.gguf or "
+                                     f"{shard_name(m['prefix'], 0, count)}", path=out, rule=RULE)
+        prefix = m["prefix"]
+    else:
+        prefix = name[:-len(".gguf")] if name.lower().endswith(".gguf") else name
+    if not prefix:
+        raise NeuroAdaUsageError("the output's name has no PREFIX for its shards' names", path=out)
+    return [os.path.join(folder, shard_name(prefix, i, count)) for i in range(count)]
+
+
 def _int(f: GGUFFile, key: str):
     v = f.kv.get(key)
     return v if isinstance(v, int) and not isinstance(v, bool) else None

@@ -19,7 +19,7 @@ import numpy as np
 from onnx import numpy_helper
 
 from neuroada_format import Adapter, MergePlan, NeuroAdaError, NeuroAdaUsageError, Target, plan_merge, validate
-from neuroada_format.durable import (OutputClaim, derived_mode, fsync_path, output_lock, publish, remove,
+from neuroada_format.durable import (OutputClaim, derived_mode, fsync_path, output_lock, publish_together, remove,
                                      remove_stale_siblings, reserve, temp_sibling)
 from neuroada_format.merge import Delta
 from neuroada_format.validate import probe_mismatch
@@ -394,20 +394,6 @@ def _write_copy(model: OnnxModel, patches, out: str, overwrite: bool, durable: b
 
 def _commit(out: str, onnx_tmp: str, data: dict[str, str], overwrite: bool, durable: bool,
             claim: OutputClaim) -> None:
-    """Put a model and its data files in place so `out` never names a graph with someone else's data.
-
-    Order: every file is complete (and fsynced, when durable) under a temporary name; an existing `out`
-    is removed (overwrite only); the data files are published; the .onnx is published last. A reader
-    that opens `out` therefore finds either no model or the new model with its own data (readers that
-    already had the old files open keep them). Two runs writing one `out` cannot interleave these renames
-    (one would pair its .onnx with the other's data): the caller holds `out`'s output lock (`claim`), in
-    which the data files are recorded before the first rename, so a run killed in between leaves no `out`
-    and files the next run to `out` removes (instead of refusing them as an existing output).
-    """
-    claim.pending(data)
-    if data and overwrite and os.path.lexists(out):
-        os.unlink(out)
-    for final, tmp in data.items():
-        publish(tmp, final, overwrite=overwrite, durable=False)
-    publish(onnx_tmp, out, overwrite=overwrite, durable=durable)
-    claim.done()
+    """Put a model and its data files in place so `out` never names a graph with someone else's data: the data
+    files first, the .onnx last, recorded in `out`'s output lock (`durable.publish_together`)."""
+    publish_together(out, onnx_tmp, data, overwrite=overwrite, durable=durable, claim=claim)

@@ -320,6 +320,31 @@ def _filled_sibling(path: str, write: Callable[[str], None], *, durable: bool, m
     return tmp
 
 
+def filled_sibling(path, write: Callable[[str], None], *, durable: bool, mode: int | None = None) -> str:
+    """A finished temporary sibling of `path` (see `_filled_sibling`), for a writer that publishes several files
+    together (`publish_together`): each is filled before any is renamed."""
+    return _filled_sibling(os.path.abspath(os.fspath(path)), write, durable=durable, mode=mode)
+
+
+def publish_together(out: str, tmp: str, companions: dict[str, str], *, overwrite: bool, durable: bool,
+                     claim: "OutputClaim") -> None:
+    """Publish OUT (the file a reader opens: an ONNX model, a split GGUF set's first shard) with the files read
+    beside it (companions: {final path: finished temporary}) so that `out` never names a set mixing two runs' files.
+
+    Order: every file is complete (fsynced when durable) under its temporary name; an existing `out` is removed
+    (overwrite only); the companions are published; `out` is published last. A reader opening `out` finds no file or
+    the new set (readers that had the old files open keep them). The caller holds `out`'s `output_lock` (`claim`),
+    in which the companions are recorded before the first rename, so a run killed between two renames leaves no
+    `out` and files that the next run to `out` removes (instead of refusing them as an existing output)."""
+    claim.pending(companions)
+    if companions and overwrite and os.path.lexists(out):
+        os.unlink(out)
+    for final, t in companions.items():
+        publish(t, final, overwrite=overwrite, durable=False)
+    publish(tmp, out, overwrite=overwrite, durable=durable)
+    claim.done()
+
+
 def _named_after(exc: BaseException, path: str, tmp: str):
     """Remove `tmp` and raise `exc` again, an OSError naming `path`, the file the user named, not our sibling."""
     if os.path.lexists(tmp):

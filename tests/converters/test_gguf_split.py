@@ -1,13 +1,14 @@
 """Split GGUF sets (llama.cpp's gguf-split shards) as bases: the first shard is the whole set for validation, probe
 hashes and train_on_grid, as llama.cpp reads it; any other shard, a missing or foreign shard, a tensor in two shards
-is refused in one line naming the file and rule 1.6 (spec section 15.1). Merging into a set is refused until the
-writer lays out shards (converters/gguf_split.py).
+is refused in one line naming the file and rule 1.6 (spec section 15.1). A merge into a set writes a set laid out as
+the input, equal tensor by tensor to the merge into the unsplit model, published together (spec section 15.3).
 
 The sets are written by gguf-py's GGUFWriter with a shard limit, which lays them out as gguf-split does (names
 PREFIX-0000i-of-0000N.gguf; the model's metadata in the first; split.no, split.count, split.tensors.count in each).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -107,14 +108,126 @@ def test_a_later_shard_is_refused_naming_the_first(split_set, tmp_path, capsys, 
     assert rc == 2 and "give the first" in err and not (tmp_path / "m.gguf").exists()
 
 
-def test_merging_into_a_split_set_is_refused_and_writes_nothing(split_set, tmp_path, capsys):
+def _merge(argv, capsys=None) -> tuple[int, str]:
+    rc = merge_run([os.fspath(a) for a in argv])
+    return rc, (capsys.readouterr().err.strip() if capsys else "")
+
+
+def _tensors(path) -> dict:
+    """Every tensor of a GGUF file as gguf-py reads it back: name -> (type, shape, raw bytes)."""
+    r = gguf.GGUFReader(path)
+    return {t.name: (t.tensor_type, tuple(int(d) for d in t.shape), bytes(np.asarray(t.data).tobytes()))
+            for t in r.tensors}
+
+
+def _assert_set_equals_file(out_first, count, merged_whole, base_first):
+    """A merged set holds, tensor by tensor, the bytes of the same merge into the unsplit model, in the input's
+    tensor-to-shard layout with each shard's own metadata (split.* kept)."""
+    outs = [out_first.with_name(out_first.name.replace("-00001-of-", f"-{i:05d}-of-")) for i in range(1, count + 1)]
+    ins = [base_first.with_name(base_first.name.replace("-00001-of-", f"-{i:05d}-of-")) for i in range(1, count + 1)]
+    whole = _tensors(merged_whole)
+    seen = {}
+    for o, i in zip(outs, ins):
+        got, src = gr.read_gguf(o), gr.read_gguf(i)
+        assert list(got.tensors) == list(src.tensors)
+        assert {k: v for k, v in got.kv.items()} == {k: v for k, v in src.kv.items()}
+        seen.update(_tensors(o))
+    assert seen.keys() == whole.keys()
+    for name, (t, shape, data) in whole.items():
+        assert seen[name] == (t, shape, data), name
+    return outs
+
+
+@pytest.mark.parametrize("qt", [QT.F32, QT.F16, QT.Q8_0, QT.Q4_0])
+def test_merge_into_a_set_equals_the_merge_into_the_unsplit_model(tmp_path, capsys, qt):
+    first = write_gguf(tmp_path / "base.gguf", hf_arrays(), qt, split_max_tensors=PER_SHARD)
+    whole = write_gguf(tmp_path / "whole.gguf", hf_arrays(), qt)
+    adapter = tmp_path / "a.safetensors"
+    naf.save(make_adapter(gn.open_gguf_base(whole)), adapter)
+    before = {p: p.read_bytes() for p in shards(first)}
+    assert _merge(["--base", whole, "--adapter", adapter, "--out", tmp_path / "mw.gguf"])[0] == 0
+    capsys.readouterr()
+    assert _merge(["--base", first, "--adapter", adapter, "--out", tmp_path / "m.gguf", "--json"])[0] == 0
+    summary = json.loads(capsys.readouterr().out)
+    outs = _assert_set_equals_file(tmp_path / "m-00001-of-00003.gguf", 3, tmp_path / "mw.gguf", first)
+    assert {p: p.read_bytes() for p in shards(first)} == before  # the input set is untouched
+    assert summary["output"] == os.fspath(outs[0]) and summary["files"] == 3
+    assert summary["bytes_written"] == sum(os.path.getsize(o) for o in outs)
+    per = summary["details"]["shards"]
+    assert [d["path"] for d in per] == [os.fspath(o) for o in outs]
+    assert sum(d["values_touched"] for d in per) == summary["values_touched"] > 0
+    assert all(d["tensors_touched"] for d in per)  # the targets are spread over every shard
+    # merged values: the set read as one base equals the merged unsplit file through the Hugging Face view
+    a, b = gn.open_gguf_base(outs[0]), gn.open_gguf_base(tmp_path / "mw.gguf")
+    for t in TARGETS:
+        np.testing.assert_array_equal(a.array(t), b.array(t))
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or "neuroada-lock" in p.name]
+
+
+def test_a_retyped_merge_into_a_set_equals_the_unsplit_one(split_set, tmp_path):
+    first, whole, adapter = split_set
+    opt = ["--option", "target_type=F32"]
+    assert _merge(["--base", whole, "--adapter", adapter, "--out", tmp_path / "mw.gguf", *opt])[0] == 0
+    assert _merge(["--base", first, "--adapter", adapter, "--out", tmp_path / "m-00001-of-00003.gguf", *opt])[0] == 0
+    _assert_set_equals_file(tmp_path / "m-00001-of-00003.gguf", 3, tmp_path / "mw.gguf", first)
+
+
+def test_merging_into_a_set_refuses_aliases_and_existing_outputs(split_set, tmp_path, capsys):
     first, _, adapter = split_set
     before = {p: p.read_bytes() for p in shards(first)}
-    rc, err = one_line_error(capsys, ["--base", os.fspath(first), "--adapter", os.fspath(adapter),
-                                      "--out", os.fspath(tmp_path / "m.gguf")])
-    assert rc == 2 and "split GGUF set of 3" in err and "rule 1.6" in err
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith("m.gguf")]
-    assert {p: p.read_bytes() for p in shards(first)} == before
+    args = ["--base", os.fspath(first), "--adapter", os.fspath(adapter)]
+
+    def refused(out, *extra, says):
+        rc, err = one_line_error(capsys, [*args, "--out", os.fspath(out), *extra])
+        assert rc == 2 and says in err, err
+        assert {p: p.read_bytes() for p in shards(first)} == before
+    # OUT's shards would be the input's own (even with --overwrite)
+    refused(tmp_path / "base.gguf", "--overwrite", says="is the input")
+    # a later shard of the output a symbolic link to, or a hard link of, an input shard
+    os.symlink(shards(first)[1], tmp_path / "s-00002-of-00003.gguf")
+    refused(tmp_path / "s.gguf", "--overwrite", says="is the input")
+    os.link(shards(first)[2], tmp_path / "h-00003-of-00003.gguf")
+    refused(tmp_path / "h.gguf", "--overwrite", says="is the input")  # (same inode)
+    # named as another shard, or a shard of another count
+    refused(tmp_path / "m-00002-of-00003.gguf", says="named as shard 2 of 3")
+    refused(tmp_path / "m-00001-of-00004.gguf", says="base is a set of 3")
+    # an existing shard of OUT without --overwrite: nothing written
+    (tmp_path / "m-00003-of-00003.gguf").write_bytes(b"mine")
+    refused(tmp_path / "m.gguf", says="already exists")
+    assert not (tmp_path / "m-00001-of-00003.gguf").exists()
+    assert (tmp_path / "m-00003-of-00003.gguf").read_bytes() == b"mine"
+    assert merge_run([*args, "--out", os.fspath(tmp_path / "m.gguf"), "--overwrite"]) == 0
+    assert (tmp_path / "m-00003-of-00003.gguf").read_bytes() != b"mine"
+    # in place: GGUF files are never patched in place, a set no more than one file
+    rc, err = one_line_error(capsys, [*args, "--in-place"])
+    assert rc == 2 and "in place" in err
+
+
+def test_a_killed_merge_into_a_set_leaves_no_partial_set(split_set, tmp_path):
+    """SIGKILL at random moments: under the final names, the whole new set or no first shard (later shards a kill
+    between the renames left are removed by the next merge to OUT, which then needs no --overwrite)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("_faults", Path(__file__).with_name("test_fault_injection.py"))
+    F = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(F)
+    first, whole, adapter = split_set
+    argv = ["--base", first, "--adapter", adapter, "--out", tmp_path / "m.gguf"]
+    assert merge_run([*map(os.fspath, argv[:4]), "--out", os.fspath(tmp_path / "ref.gguf")]) == 0
+    ref = [tmp_path / f"ref-{i:05d}-of-00003.gguf" for i in (1, 2, 3)]
+    outs = [tmp_path / f"m-{i:05d}-of-00003.gguf" for i in (1, 2, 3)]
+    _, full = F._run(argv)
+    rng = np.random.default_rng(5)
+    for _ in range(8):
+        for o in outs:
+            if o.exists():
+                o.unlink()
+        F._run(argv, kill_after=float(rng.uniform(0, full)))
+        if outs[0].exists():
+            assert [o.read_bytes() for o in outs] == [r.read_bytes() for r in ref]
+        F._run(argv if not outs[0].exists() else [*argv, "--overwrite"])  # no refusal of a killed run's leftovers
+        assert [o.read_bytes() for o in outs] == [r.read_bytes() for r in ref]
+        assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
 def _shard(path, no, count, total, tensors: dict[str, np.ndarray]):

@@ -24,6 +24,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from deadline import deadline  # noqa: E402  (tests/deadline.py)
 import neuroada_format as naf  # noqa: E402
+from neuroada_format import durable  # noqa: E402
 from neuroada_format.converters.backend import MergeSummary  # noqa: E402
 from neuroada_format.converters.journal import JOURNAL_PREFIX, revert  # noqa: E402
 from neuroada_format.converters.merge_cli import run as merge_run  # noqa: E402
@@ -842,7 +843,7 @@ def test_two_overwriting_runs_never_pair_one_model_with_the_others_data(tmp_path
     merge_onnx(base_a, [(adapter, 1.0)], os.fspath(tmp_path / "ref" / "m.onnx"))
     out = tmp_path / "out" / "m.onnx"
     out.parent.mkdir()
-    real, refused = onnx_merge.publish, []
+    real, refused = durable.publish, []
 
     def other_run_between_the_renames(tmp, final, **kw):
         real(tmp, final, **kw)
@@ -853,7 +854,7 @@ def test_two_overwriting_runs_never_pair_one_model_with_the_others_data(tmp_path
             except naf.NeuroAdaUsageError as exc:
                 refused.append("busy" in str(exc))
 
-    monkeypatch.setattr(onnx_merge, "publish", other_run_between_the_renames)
+    monkeypatch.setattr(durable, "publish", other_run_between_the_renames)
     merge_onnx(base_a, [(adapter, 1.0)], os.fspath(out), overwrite=True)
     assert refused == [True]
     assert sorted(os.listdir(out.parent)) == ["m.onnx", "m.onnx.data"]
@@ -881,14 +882,14 @@ def test_a_run_killed_between_its_renames_does_not_block_the_next(tmp_path, over
     pid = os.fork()
     if pid == 0:  # the child dies right after its data rename
         try:
-            real = onnx_merge.publish
+            real = durable.publish
 
             def die_after_data(tmp, final, **kw):
                 real(tmp, final, **kw)
                 if final.endswith(".data"):
                     os.kill(os.getpid(), signal.SIGKILL)
 
-            onnx_merge.publish = die_after_data
+            durable.publish = die_after_data
             os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
             merge_run(argv + (["--overwrite"] if overwrite else []))
         finally:
@@ -918,14 +919,14 @@ def test_a_run_failing_between_its_renames_cleans_up_itself(tmp_path, monkeypatc
     (out.parent / "mine.txt").write_text("kept")
     if overwrite:
         merge_onnx(base, [(adapter, 3.0)], os.fspath(out))
-    real = onnx_merge.publish
+    real = durable.publish
 
     def fail_after_data(tmp, final, **kw):
         real(tmp, final, **kw)
         if final.endswith(".data"):
             raise OSError(28, "No space left on device", final)
 
-    monkeypatch.setattr(onnx_merge, "publish", fail_after_data)
+    monkeypatch.setattr(durable, "publish", fail_after_data)
     with pytest.raises(OSError):
         merge_onnx(base, [(adapter, 1.0)], os.fspath(out), overwrite=overwrite)
     assert sorted(os.listdir(out.parent)) == ["mine.txt"]  # no data file, no lock file, no temporaries
@@ -963,7 +964,7 @@ def test_a_data_file_another_writer_put_in_place_is_never_taken_for_a_killed_run
     (base, _), adapter = _two_bases(tmp_path)
     out = tmp_path / "out" / "m.onnx"
     out.parent.mkdir()
-    real = onnx_merge.publish
+    real = durable.publish
 
     def someone_else_first(tmp, final, **kw):
         if final.endswith(".data"):
@@ -971,10 +972,10 @@ def test_a_data_file_another_writer_put_in_place_is_never_taken_for_a_killed_run
                 f.write(b"someone else's data")
         real(tmp, final, **kw)
 
-    monkeypatch.setattr(onnx_merge, "publish", someone_else_first)
+    monkeypatch.setattr(durable, "publish", someone_else_first)
     with pytest.raises(naf.NeuroAdaUsageError, match="already exists"):
         merge_onnx(base, [(adapter, 1.0)], os.fspath(out))
-    monkeypatch.setattr(onnx_merge, "publish", real)
+    monkeypatch.setattr(durable, "publish", real)
     with pytest.raises(naf.NeuroAdaUsageError, match="already exists"):
         merge_onnx(base, [(adapter, 1.0)], os.fspath(out))
     assert (out.parent / "m.onnx.data").read_bytes() == b"someone else's data" and not out.exists()
