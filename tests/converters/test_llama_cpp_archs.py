@@ -114,3 +114,34 @@ def test_merged_file_runs_in_llama_cpp_as_the_runtime_merge(case, tmp_path, monk
         assert merge_run(["--base", os.fspath(base), "--adapter", os.fspath(adapter), "--out", os.fspath(wrong),
                           "--option", "target_type=F32", "--no-verify"]) == 0
         assert np.abs(cpp_logits(wrong) - l_rt).max() > 10 * TOL[case] * np.abs(l_rt).max()
+
+
+def test_a_merged_split_set_runs_in_llama_cpp_as_the_unsplit_merge(tmp_path, monkeypatch):
+    """A tiny Llama written as gguf-split lays a set out (3 tensors a shard), merged as a set: llama.cpp loads the
+    merged set from its first shard and computes the runtime's merged model, the same logits as from the unsplit
+    merged file."""
+    model = _as_llama_cpp_scales("llama")
+    base = ta.write_like_llama_cpp(tmp_path / "base.gguf", "llama", model, QT.F32)
+    real_writer = gguf.GGUFWriter
+    monkeypatch.setattr(gguf, "GGUFWriter", lambda path, arch, **kw: real_writer(path, arch, split_max_tensors=3, **kw))
+    ta.write_like_llama_cpp(tmp_path / "split.gguf", "llama", model, QT.F32)
+    monkeypatch.undo()
+    shards = sorted(p.name for p in tmp_path.glob("split-*.gguf"))
+    assert len(shards) > 2 and shards[0] == f"split-00001-of-{len(shards):05d}.gguf"
+    first = tmp_path / shards[0]
+    assert np.array_equal(cpp_logits(first), cpp_logits(base))  # llama.cpp reads the set as the file
+
+    attach(model, NeuroAdaConfig(k=4, target_modules="all-linear"))
+    ta.random_deltas_(model, seed=1, scale=0.05)
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter, value_dtype="F32")
+    l_rt = torch_logits(merge_and_unload(model))
+    for src, out in ((base, tmp_path / "merged.gguf"), (first, tmp_path / "merged-set.gguf")):
+        assert merge_run(["--base", os.fspath(src), "--adapter", os.fspath(adapter), "--out", os.fspath(out),
+                          "--option", "target_type=F32"]) == 0
+    merged_shards = sorted(p.name for p in tmp_path.glob("merged-set-*.gguf"))
+    assert merged_shards == [s.replace("split-", "merged-set-") for s in shards]
+    lc_set, lc_file = cpp_logits(tmp_path / merged_shards[0]), cpp_logits(tmp_path / "merged.gguf")
+    assert np.array_equal(lc_set, lc_file)
+    assert np.abs(lc_set - l_rt).max() <= TOL["llama"] * np.abs(l_rt).max()
+    assert np.abs(lc_set - cpp_logits(first)).max() > 20 * TOL["llama"] * np.abs(l_rt).max()  # the merge matters
