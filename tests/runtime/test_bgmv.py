@@ -65,7 +65,7 @@ def test_adapters_sharing_positions_stack_them_once(gen, k):
             T = len(ids) * seq_len
             x = torch.randn(T, d_in, generator=gen)
             y = torch.randn(T, d_out, generator=gen)
-            for path in ("gather", "rows", "seqs", "grouped"):
+            for path in ("gather", "rows", "seqs", "bag", "grouped"):
                 got = bgmv_add_cpu_(y.clone(), x, ids, st, seq_len=seq_len, path=path)
                 assert torch.equal(got, bgmv_add_cpu_(y.clone(), x, ids, copies, seq_len=seq_len, path=path))
             mask = bgmv.SeqMask(ids)
@@ -81,7 +81,7 @@ def test_adapters_sharing_positions_stack_them_once(gen, k):
     assert AdapterStack([idx, other], [st.vals[0], st.vals[1]], d_in).idx.stride(0) == d_out * k  # not shared
 
 
-@pytest.mark.parametrize("path", ["gather", "rows", "seqs", "grouped"])  # rows serves k=1 stacks (else grouped)
+@pytest.mark.parametrize("path", ["gather", "rows", "seqs", "bag", "grouped"])  # rows/bag: k=1/k>1 (else grouped)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("seq_len", [1, 5])
 @pytest.mark.parametrize("ks", [(1, 4, 2), (1, 1)])
@@ -131,7 +131,7 @@ def test_sibling_layers_share_the_sequences_transposes(rt, gen):
     torch.testing.assert_close(again, expected(ys[0], x, ids, a, seq_len), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("path", [None, "gather", "rows", "seqs", "grouped"])
+@pytest.mark.parametrize("path", [None, "gather", "rows", "seqs", "bag", "grouped"])
 @pytest.mark.parametrize("ks", [(1, 4, 2), (1, 1, 1)])
 def test_precomputed_groups_and_strided_tensors(gen, path, ks):
     st = make_stack(gen, ks=ks)
@@ -149,7 +149,7 @@ def test_precomputed_groups_and_strided_tensors(gen, path, ks):
     torch.testing.assert_close(y_full[:, 1::2], want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("path", ["gather", "rows", "seqs", "grouped"])
+@pytest.mark.parametrize("path", ["gather", "rows", "seqs", "bag", "grouped"])
 @pytest.mark.parametrize("ks", [(1, 4, 2), (1, 1, 1)])
 def test_gradient_flows_to_inputs(gen, path, ks):
     st = make_stack(gen, ks=ks, val_dtype=torch.float64)
@@ -242,3 +242,39 @@ def test_triton_kernel_under_interpreter():
     tail = (proc.stdout + proc.stderr)[-4000:]
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, tail
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("slices", [False, True])
+def test_one_bag_for_all_sequences_gives_the_per_adapter_bits(gen, monkeypatch, dtype, slices):
+    """The bag path (every sequence in one embedding_bag, the default for K > 1 on short sequences) sums each
+    output in the order the per-adapter products did, so it serves their bits, with any number of adapters."""
+    monkeypatch.setattr(bgmv, "SLICE_ADD_MIN", 0 if slices else 1 << 30)
+    monkeypatch.setattr(bgmv, "GATHER_MAX", 0)  # the shapes of a real layer, in small
+    st = make_stack(gen, d_out=13, d_in=29, ks=(3, 5, 1, 5), val_dtype=torch.bfloat16)
+    for ids in ([0, 1, 2, 3, -1, 1, 3, 0], [3, 3, 3], [-1, 2], [1]):
+        ids = torch.tensor(ids)
+        seq_len = 6
+        x = torch.randn(len(ids) * seq_len, st.d_in, generator=gen).to(dtype)
+        y = torch.randn(len(ids) * seq_len, st.d_out, generator=gen).to(dtype)
+        got = bgmv_add_cpu_(y.clone(), x, ids, st, seq_len=seq_len, path="bag")
+        assert torch.equal(got, bgmv_add_cpu_(y.clone(), x, ids, st, seq_len=seq_len, path="grouped"))
+        assert torch.equal(got, bgmv_add_cpu_(y.clone(), x, ids, st, seq_len=seq_len))  # the default path
+
+
+def test_short_sequences_cost_one_product_whatever_the_number_of_adapters(gen, monkeypatch):
+    """K > 1 on short sequences: one embedding_bag for the whole batch from two adapters present on (it was one per
+    adapter present, each with its own gather and scatter: linear in the adapters)."""
+    monkeypatch.setattr(bgmv, "GATHER_MAX", 0)
+    calls = []
+    real = torch.nn.functional.embedding_bag
+    monkeypatch.setattr(torch.nn.functional, "embedding_bag", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    st = make_stack(gen, d_out=13, d_in=29, ks=(3, 5, 2, 5))
+    for ids, n_calls in (([0, 1, 2, 3, 1, 0], 1), ([2, 2, 2], 1), ([1, -1, 3], 1)):
+        ids = torch.tensor(ids)
+        x = torch.randn(len(ids) * 4, st.d_in, generator=gen)
+        y = torch.randn(len(ids) * 4, st.d_out, generator=gen)
+        calls.clear()
+        got = bgmv_add_cpu_(y.clone(), x, ids, st, seq_len=4)
+        assert len(calls) == n_calls
+        torch.testing.assert_close(got, expected(y, x, ids, st, 4), rtol=1e-6, atol=1e-6)
