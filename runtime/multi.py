@@ -501,9 +501,24 @@ class _Tokens:
         self.inputs_t.clear()
 
 
+class _NoGradThroughBatch(torch.autograd.Function):
+    """Identity on a mixed batch's output that refuses a backward: the block serves snapshots of the values, so
+    a trainable adapter inside it gets no gradient, and torch's own error ("element 0 of tensors does not require
+    grad") did not say why."""
+
+    @staticmethod
+    def forward(ctx, y, *vals):
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NeuroAdaUsageError("adapter_batch is inference-only: its adapters' values get no gradient inside the "
+                                 "block; train one adapter with set_adapter and a plain forward")
+
+
 class _MixedForward:
-    def __init__(self, stack, seqs: _Sequences, tokens: _Tokens):
-        self.stack, self.seqs, self.tokens = stack, seqs, tokens
+    def __init__(self, stack, seqs: _Sequences, tokens: _Tokens, used: Sequence[str] = ()):
+        self.stack, self.seqs, self.tokens, self.used = stack, seqs, tokens, tuple(used)
         # what _fused needs that cannot change during the block, looked up once (a decoding step calls every
         # layer with a handful of tokens, where each check costs about as much as the gather it guards)
         self.k1_f32 = stack.k == 1 and stack.acc == torch.float32
@@ -541,14 +556,19 @@ class _MixedForward:
             y = base(x, *args, **kwargs)
             return bgmv_add_static(y, x2, mask, self.stack, seq_len=seq_len)
         if fused:
-            y2 = bgmv_linear_cpu(x2, base.weight, base.bias, seqs.ids, self.stack, seq_len=seq_len,
-                                 transposed=layer.transposed)
-            return y2.view(x.shape[:-1] + (layer.d_out,))
-        y = base(x, *args, **kwargs)
-        y2 = y.reshape(-1, y.shape[-1])
-        bgmv_add_(y2, x2, seqs.ids, self.stack, seq_len=seq_len, groups=seqs.groups,
-                  inputs_t=self.tokens.inputs_t)
-        return y2.view(y.shape)
+            y = bgmv_linear_cpu(x2, base.weight, base.bias, seqs.ids, self.stack, seq_len=seq_len,
+                                transposed=layer.transposed).view(x.shape[:-1] + (layer.d_out,))
+        else:
+            y = base(x, *args, **kwargs)
+            y2 = y.reshape(-1, y.shape[-1])
+            bgmv_add_(y2, x2, seqs.ids, self.stack, seq_len=seq_len, groups=seqs.groups,
+                      inputs_t=self.tokens.inputs_t)
+            y = y2.view(y.shape)
+        if torch.is_grad_enabled() and not y.requires_grad:  # (never under no_grad / inference_mode: no cost there)
+            vals = [v for n, v in layer.neuroada_val.items() if n in self.used and v.requires_grad]
+            if vals:  # a loss that reaches a trainable adapter only through this block: its backward says why
+                y = _NoGradThroughBatch.apply(y, *vals)
+        return y
 
     def _fused(self, base: nn.Module, x: torch.Tensor) -> bool:
         """Whether ``kernels.bgmv.bgmv_linear_cpu`` computes this layer: K = 1, f32 throughout on CPU, a plain
@@ -618,7 +638,7 @@ def _adapter_batch_locked(model: nn.Module, adapter_names: Sequence[str | None])
                 key = (seq_slots, stack.device)
                 if key not in shared:
                     shared[key] = _Sequences(seq_slots, stack.device)
-                layer._neuroada_mixed = _MixedForward(stack, shared[key], tokens)
+                layer._neuroada_mixed = _MixedForward(stack, shared[key], tokens, used)
         yield model
     finally:
         for h in hooks:

@@ -1264,3 +1264,24 @@ def test_a_block_stacks_only_the_adapters_its_sequences_use(zoo):
     assert all(list(layer.__dict__[multi._STACK_ATTR].values())[-1][1] is first[n]
                for n, layer in layers(crowded).items())
     assert list_adapters(crowded) == ["math", "cs", "code", *(f"cs{i}" for i in range(5))]
+
+
+def test_backward_through_a_mixed_batch_says_it_is_inference_only():
+    """A trainable adapter inside adapter_batch gets no gradient (the block serves snapshots of its values):
+    a backward says so in our error, not torch's "element 0 of tensors does not require grad"; under no_grad
+    nothing changes, and gradients with respect to the inputs still flow."""
+    from tiny_hf import tiny_llama, with_deltas
+
+    from neuroada_format.runtime import adapter_batch
+
+    model = with_deltas(tiny_llama(), k=3)
+    ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    with adapter_batch(model, ["default", None]):
+        loss = model(ids).logits.sum()
+        with pytest.raises(NeuroAdaUsageError, match="inference-only"):
+            loss.backward()
+        with torch.no_grad():
+            assert not model(ids).logits.requires_grad
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        model(inputs_embeds=emb).logits.sum().backward()
+        assert emb.grad is not None and emb.grad.abs().sum() > 0
