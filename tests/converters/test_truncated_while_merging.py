@@ -223,6 +223,7 @@ from gguf import GGMLQuantizationType as QT  # noqa: E402
 from neuroada_format.converters import gguf_merge as gm  # noqa: E402
 from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.converters import gguf_read as gr  # noqa: E402
+from neuroada_format.converters import gguf_split as gs  # noqa: E402
 from test_gguf import TARGETS, hf_arrays, write_gguf  # noqa: E402
 from test_gguf import make_adapter as gguf_adapter  # noqa: E402
 
@@ -246,7 +247,7 @@ def test_gguf_header_cut_while_parsed(gguf_base, monkeypatch):
 def test_gguf_tensors_cut_after_the_header_was_read(gguf_base, tmp_path, monkeypatch, step):
     path, adapter = gguf_base
     data_start = gr.read_gguf(path).data_start
-    _cut_once(monkeypatch, gn, "read_gguf", path, data_start + 10)
+    _cut_once(monkeypatch, gs, "read_gguf", path, data_start + 10)  # (where open_gguf_base reads the header)
     with pytest.raises(NeuroAdaUsageError, match="shrank") as err:
         if step == "validate":
             naf.validate(adapter, gn.open_gguf_base(path))
