@@ -732,8 +732,9 @@ class NeuroAdaLayer(nn.Module):
         """Make these adapters' idx and w0 ordinary tensors if they became inference tensors (``model.half()``
         inside ``torch.inference_mode()``): they are the runtime's own, derived from the base, and a cache never
         trusts an inference tensor (kernels/cache), so every forward would rebuild its patterns and overlays."""
+        both = (self.neuroada_idx, self.neuroada_w0)  # (looked up once: this runs per adapter at block entry)
         for n in names:
-            for buffers in (self.neuroada_idx, self.neuroada_w0):
+            for buffers in both:
                 t = buffers[n]
                 if t.is_inference():
                     with outside_inference():
@@ -743,8 +744,9 @@ class NeuroAdaLayer(nn.Module):
         """Refuse adapter tensors on the meta device. accelerate's offloading (cpu_offload, a device_map with
         "cpu"/"disk" entries) loads weights in hooks around module calls; adapter tensors are read, never
         called, so they would stay on meta and serve garbage."""
+        vals, idxs, w0s = self.neuroada_val, self.neuroada_idx, self.neuroada_w0
         for n in names:
-            if self.neuroada_val[n].is_meta or self.neuroada_idx[n].is_meta or self.neuroada_w0[n].is_meta:
+            if vals[n].is_meta or idxs[n].is_meta or w0s[n].is_meta:
                 raise NeuroAdaUsageError(f"adapter {n!r}: its tensors are on the meta device (offloaded, e.g. by "
                                          "accelerate's cpu_offload or a device_map with 'cpu'/'disk' entries); "
                                          "keep NeuroAda layers in memory, or merge_and_unload before offloading")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import threading
 from types import SimpleNamespace
 from typing import Iterator, Sequence
@@ -398,8 +399,19 @@ STACKS_KEPT = 4  # stacks cached per layer, one per member set (most recent kept
 
 
 def _key(layer: NeuroAdaLayer, n: str) -> tuple:
-    return (n, layer.grid(n), *_state(layer.neuroada_idx[n]), *_state(layer.neuroada_val[n]),
-            *_state(layer.neuroada_w0[n]))
+    """What the stack's copy of adapter ``n`` depends on (_state's fields of its idx, val and w0, and its grid), as
+    ``(plain values, tensors, storages)``: the first compared with ``==`` and the tensors by identity, each in one
+    C-level pass (_same_state's per-field Python cost ~10 us per adapter and layer at every block entry); the
+    storages are held so their addresses cannot be reused while the key is kept (see _Storage)."""
+    ts = (layer.neuroada_idx[n], layer.neuroada_val[n], layer.neuroada_w0[n])
+    storages = tuple(t.untyped_storage() for t in ts)
+    plain = (n, layer.grid(n), *map(version, ts), *(st._cdata for st in storages), *(t.storage_offset() for t in ts),
+             *(t.dtype for t in ts), *(t.device for t in ts))
+    return plain, ts, storages
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and all(map(operator.is_, a[1], b[1]))
 
 
 def _stack(layer: NeuroAdaLayer, order: Sequence[str], used: Sequence[str]):
@@ -422,8 +434,8 @@ def _stack(layer: NeuroAdaLayer, order: Sequence[str], used: Sequence[str]):
     now = {n: _key(layer, n) for n in held}
     cache = layer.__dict__.setdefault(_STACK_ATTR, {})
     hit = cache.get(members)
-    if (hit is None or not all(_same_state([hit[0][n]], [now[n]]) for n in held)
-            or not all(_holds(layer, hit[1], hit[2][n], n) for n in held)):
+    if (hit is None or not all(_same_key(hit[0][n], now[n]) for n in held)
+            or not _holds(layer, hit[1], hit[2], held)):
         layer._refresh(members)
         keys = {n: now.get(n) or _key(layer, n) for n in members}
         with outside_inference():
@@ -437,12 +449,26 @@ def _stack(layer: NeuroAdaLayer, order: Sequence[str], used: Sequence[str]):
 _INT_OF = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _holds(layer: NeuroAdaLayer, stack: AdapterStack, slot: int, name: str) -> bool:
-    """Whether the stack's copy of the adapter's values is its delta as it is now, bit for bit. val and w0 (which a
-    grid's snap reads) written through ``.data`` move no version counter, so the key alone kept serving the values
-    of the first block; this reads the block's own adapters once per entry, not every adapter loaded."""
-    held = stack.val[slot, :, :stack.ks[slot]]
-    now = layer.delta(name).detach().to(held.dtype)
+def _holds(layer: NeuroAdaLayer, stack: AdapterStack, slots: dict[str, int], names: Sequence[str]) -> bool:
+    """Whether the stack's copies of these adapters' values are their deltas as they are now, bit for bit. val and
+    w0 (which a grid's snap reads) written through ``.data`` move no version counter, so the key alone kept serving
+    the values of the first block; this reads the block's own adapters once per entry, not every adapter loaded.
+
+    One comparison for all of them (one stacked read of the stack's rows and one of the deltas) where every one
+    has the stack's k: a comparison per adapter cost ~12 us of dispatch per adapter and layer, most of a block's
+    entry with dozens of adapters."""
+    rows = [slots[n] for n in names]
+    if any(stack.ks[s] != stack.k for s in rows):  # a shorter row is padded in the stack: compared one by one
+        return all(_holds_one(stack.val[s, :, :stack.ks[s]], layer.delta(n).detach()) for s, n in zip(rows, names))
+    first = rows[0]
+    held = (stack.val[first:first + len(rows)] if rows == list(range(first, first + len(rows)))
+            else stack.val[torch.tensor(rows, device=stack.val.device)])
+    now = [layer.delta(n).detach() for n in names]
+    return _holds_one(held, now[0].unsqueeze(0) if len(now) == 1 else torch.stack(now))
+
+
+def _holds_one(held: torch.Tensor, now: torch.Tensor) -> bool:
+    now = now.to(held.dtype)  # (stack's promotion of mixed value dtypes and the stack's acc dtype are exact widenings)
     bits = _INT_OF[held.element_size()]
     return held.shape == now.shape and torch.equal(held.view(bits), now.view(bits))
 

@@ -1285,3 +1285,42 @@ def test_backward_through_a_mixed_batch_says_it_is_inference_only():
         emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         model(inputs_embeds=emb).logits.sum().backward()
         assert emb.grad is not None and emb.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("used, edited", [("a0 a1", "a1"), ("a0 a1 a3", "a3"), ("a0 a3", "a0"),
+                                          ("a1 short", "short")])
+@pytest.mark.parametrize("change", ["data", "replace"])
+def test_a_block_sees_one_adapters_change_among_many(used, edited, change):
+    """Block entry checks a layer's used adapters together (one stacked comparison, keys compared in one pass): a
+    change to one of them, in a run of slots ("a0 a1"), after an unused slot ("a0 a1 a3", "a0 a3") or with a
+    smaller k than the stack's ("short"), must rebuild the stack, as a per-adapter check did. "data": one value
+    written through ``.data`` (no version moves); "replace": a new parameter of other values put in its place.
+    The reference is a copy without caches."""
+    model = tiny_llama()
+    for n in ["a0", "a1", "a2", "a3", "short"]:
+        attach(model, NeuroAdaConfig(k=1 if n == "short" else 3, inference_mode=True), n)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in layers(model).values():
+            for v in layer.neuroada_val.values():
+                v.normal_(0, 0.05, generator=g)
+    used = used.split() + [None, edited]
+    ids = ids_batch(len(used))
+    with torch.no_grad(), adapter_batch(model, used):
+        before = model(ids).logits  # every stack cached
+    with torch.no_grad():
+        for layer in layers(model).values():
+            v = layer.neuroada_val[edited]
+            if change == "data":
+                v.data[-1, -1] += 0.25
+            else:
+                layer.neuroada_val[edited] = torch.nn.Parameter(v.detach().clone().add_(0.25), requires_grad=False)
+    fresh = copy.deepcopy(model)
+    for layer in layers(fresh).values():
+        multi._forget_caches(layer)
+    with torch.no_grad():
+        with adapter_batch(model, used):
+            got = model(ids).logits
+        with adapter_batch(fresh, used):
+            want = fresh(ids).logits
+    assert torch.equal(got, want) and not torch.equal(got, before)
