@@ -17,7 +17,13 @@
 (c) Memory: resident bytes per adapter as N k=20 adapters are loaded, served by set_adapter and stacked for a
     mixed batch, on (a)'s layers, next to PEFT LoRA r=8 adapters.
 
+(d) Block entry with many adapters (--entry-only, its own section "## Mixed-batch block entry"): the tiny Llama of
+    tests/tiny_hf.py (hidden 64, 2 layers: 14 target linears), 32 k=1 and 32 k=20 adapters loaded, 32 sequences x
+    16 tokens spread over 1 / 4 / 16 / 32 distinct adapters: entering and leaving `adapter_batch` (no forward),
+    and the forward inside the block, against the base forward; one process at 1 thread, interleaved, medians.
+
     python bench/multitask.py              # all parts; writes "## Multi-adapter serving" in RESULTS.md
+    python bench/multitask.py --entry-only # part (d) alone; writes "## Mixed-batch block entry"
     python bench/multitask.py --no-write   # print only
 """
 from __future__ import annotations
@@ -42,6 +48,7 @@ from torch import nn
 from results_md import RESULTS, replace_section, table  # bench/ is sys.path[0] when run as a script
 
 SECTION = "## Multi-adapter serving"
+SECTION_ENTRY = "## Mixed-batch block entry"
 THREADS = 2
 
 PROJ_7B = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
@@ -298,6 +305,91 @@ def bench_mixed(reps: int, gen_reps: int, new_tokens: int) -> dict:
             "load_start": load_start, "load_mid": load_mid, "load_end": load_end}
 
 
+# -- (d) block entry with many adapters ------------------------------------------------------------------
+ENTRY_USED = (1, 4, 16, 32)
+
+
+def bench_entry(reps: int) -> dict:
+    """A server enters a block per request batch: what entering costs as the batch's distinct adapters grow, next to
+    the forward it precedes. Each round times every variant once, in a rotated order."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from tiny_hf import tiny_llama
+
+    from neuroada_format.runtime import NeuroAdaConfig, adapter_batch, attach
+    from neuroada_format.runtime.guards import layers
+
+    base = tiny_llama()
+    names = [f"a{i}" for i in range(max(ENTRY_USED))]
+    models = {}
+    for k in (1, 20):
+        m = copy.deepcopy(base)
+        for a in names:
+            attach(m, NeuroAdaConfig(k=k, inference_mode=True), a)
+        g = torch.Generator().manual_seed(k)
+        with torch.no_grad():
+            for layer in layers(m).values():
+                for v in layer.neuroada_val.values():
+                    v.normal_(0, 1e-2, generator=g)
+        models[k] = m
+    n_seq, n_tok = 32, 16
+    ids = torch.randint(0, base.config.vocab_size, (n_seq, n_tok), generator=torch.Generator().manual_seed(1))
+
+    def entry(m, seqs):
+        def run():
+            with adapter_batch(m, seqs):
+                pass
+        return run
+
+    def forward(m, seqs):
+        def run():
+            with adapter_batch(m, seqs):
+                t = time.perf_counter()
+                m(ids)
+                return time.perf_counter() - t
+        return run
+
+    variants = {"base forward": lambda: base(ids)}
+    for k, m in models.items():
+        for n in ENTRY_USED:
+            seqs = [names[i % n] for i in range(n_seq)]
+            variants[f"k={k}, {n} adapters: entry+exit"] = entry(m, seqs)
+            variants[f"k={k}, {n} adapters: forward"] = forward(m, seqs)
+    times = {v: [] for v in variants}
+    load_start = load()
+    with torch.no_grad():
+        for fn in variants.values():
+            fn()  # warm-up (fills the stacks: a server's steady state)
+        order = list(variants)
+        for rep in range(reps):
+            for v in order[rep % len(order):] + order[:rep % len(order)]:
+                t = time.perf_counter()
+                inner = variants[v]()
+                times[v].append(inner if isinstance(inner, float) else time.perf_counter() - t)
+    return {"reps": reps, "loaded": len(names), "n_seq": n_seq, "n_tok": n_tok, "targets": len(layers(models[1])),
+            "med": {v: statistics.median(t) for v, t in times.items()}, "threads": torch.get_num_threads(),
+            "load_start": load_start, "load_end": load()}
+
+
+def entry_report(en: dict, meta: dict) -> str:
+    med = en["med"]
+    b = med["base forward"]
+    rows = [["distinct adapters in the batch", "k", "entry+exit", "forward inside the block", "forward vs base",
+             "(entry+exit+forward) vs base"]]
+    for k in (1, 20):
+        for n in ENTRY_USED:
+            e, f = med[f"k={k}, {n} adapters: entry+exit"], med[f"k={k}, {n} adapters: forward"]
+            rows.append([n, k, ms(e), ms(f), f"{f / b:.2f}x", f"{(e + f) / b:.2f}x"])
+    return "\n".join([
+        f"`python bench/multitask.py --entry-only`, {meta['date']}; torch {meta['torch']}, {en['threads']} thread on a "
+        f"{os.cpu_count()}-core virtual machine shared with other engineers' runs; {meta['wall_s']:.0f} s. Tiny Llama "
+        f"(tests/tiny_hf.py: hidden 64, 2 layers, {en['targets']} target linears, fp32), {en['loaded']} k=1 and "
+        f"{en['loaded']} k=20 adapters loaded (two models), {en['n_seq']} sequences x {en['n_tok']} tokens, sequence i "
+        f"using adapter i mod n. Entry+exit: `with adapter_batch(...): pass` (stacks cached by an earlier block, as a "
+        f"server's); forward: the model call inside a block, timed alone. {en['reps']} interleaved rounds (the first "
+        f"variant rotates), medians. Base forward: {ms(b)}. Load average {en['load_start']} at the start, "
+        f"{en['load_end']} at the end.", "", table(rows), ""]) + "\n"
+
+
 # -- report ----------------------------------------------------------------------------------------------
 # -- (c) resident memory per adapter ---------------------------------------------------------------------
 def rss() -> int:
@@ -499,13 +591,17 @@ def main(argv=None) -> int:
                                                       "(the switch part runs at 2)")
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--adapters", type=int, default=8, help="adapters for the memory part")
-    ap.add_argument("--child", choices=["switch", "switch-thp", "mixed", "memory"], help=argparse.SUPPRESS)
+    ap.add_argument("--entry-only", action="store_true", help="only part (d), block entry with many adapters, at 1 "
+                    "thread; writes its own section")
+    ap.add_argument("--child", choices=["switch", "switch-thp", "mixed", "memory", "entry"], help=argparse.SUPPRESS)
     ap.add_argument("--child-threads", type=int, default=THREADS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.child_threads)
     warnings.filterwarnings("ignore")
     if args.child:
-        if args.child == "mixed":
+        if args.child == "entry":
+            out = bench_entry(args.reps)
+        elif args.child == "mixed":
             out = bench_mixed(args.reps, args.gen_reps, args.new_tokens)
         elif args.child == "memory":
             out = bench_memory(args.layers, args.adapters)
@@ -518,6 +614,15 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "peft": peft.__version__}
+    if args.entry_only:
+        en = child("entry", args, 1)
+        meta["wall_s"] = time.perf_counter() - t0
+        body = entry_report(en, meta)
+        print(SECTION_ENTRY + "\n\n" + body)
+        if not args.no_write:
+            replace_section(SECTION_ENTRY, body)
+            print(f"wrote {SECTION_ENTRY!r} in {RESULTS}")
+        return 0
     sw = None if args.skip_switch else child("switch", args)
     thp = child("switch-thp", args) if args.thp and not args.skip_switch else None
     mem = None if args.skip_memory else child("memory", args)
