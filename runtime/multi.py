@@ -398,12 +398,13 @@ def merged_adapter(model: nn.Module) -> str | None:
 STACKS_KEPT = 4  # stacks cached per layer, one per member set (most recent kept)
 
 
-def _key(layer: NeuroAdaLayer, n: str) -> tuple:
+def _key(layer: NeuroAdaLayer, n: str, tensors: tuple | None = None) -> tuple:
     """What the stack's copy of adapter ``n`` depends on (_state's fields of its idx, val and w0, and its grid), as
     ``(plain values, tensors, storages)``: the first compared with ``==`` and the tensors by identity, each in one
     C-level pass (_same_state's per-field Python cost ~10 us per adapter and layer at every block entry); the
-    storages are held so their addresses cannot be reused while the key is kept (see _Storage)."""
-    ts = (layer.neuroada_idx[n], layer.neuroada_val[n], layer.neuroada_w0[n])
+    storages are held so their addresses cannot be reused while the key is kept (see _Storage). ``tensors``: the
+    three as _tensors read them (a caller going through many adapters looks the layer's containers up once)."""
+    ts = tensors or (layer.neuroada_idx[n], layer.neuroada_val[n], layer.neuroada_w0[n])
     storages = tuple(t.untyped_storage() for t in ts)
     plain = (n, layer.grid(n), *map(version, ts), *(st._cdata for st in storages), *(t.storage_offset() for t in ts),
              *(t.dtype for t in ts), *(t.device for t in ts))
@@ -431,7 +432,8 @@ def _stack(layer: NeuroAdaLayer, order: Sequence[str], used: Sequence[str]):
     k = max(ks[n] for n in held)
     members = tuple(n for n in order if ks.get(n, k + 1) <= k)
     layer._refresh(held)  # once per block entry, before the key reads idx and w0
-    now = {n: _key(layer, n) for n in held}
+    idxs, vals, w0s = layer.neuroada_idx, layer.neuroada_val, layer.neuroada_w0  # (submodules: slow attributes)
+    now = {n: _key(layer, n, (idxs[n], vals[n], w0s[n])) for n in held}
     cache = layer.__dict__.setdefault(_STACK_ATTR, {})
     hit = cache.get(members)
     if (hit is None or not all(_same_key(hit[0][n], now[n]) for n in held)
