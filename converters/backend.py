@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from neuroada_format import Adapter, NeuroAdaError, NeuroAdaUsageError, load
-from neuroada_format.durable import check_output, checkpoint_folder, checkpoint_lock, naming_write_errors
+from neuroada_format.durable import check_output, checkpoint_folder, checkpoint_lock, naming_write_errors, output_lock
 from neuroada_format.folder import TRAINED_EXTRAS_LOST, reading_adapter, warn_trained_extras
 from neuroada_format.errors import missing_extra, shell_word
 
@@ -182,6 +182,18 @@ class MergeSummary:
 
 
 # -- the interface -----------------------------------------------------------------------------------
+@contextmanager
+def claiming_output(view, out: str):
+    """OUT's output lock held for a write that publishes several files (durable.publish_together), its claim left on
+    the view for the writer while it is held."""
+    with output_lock(out) as claim:
+        view.claim = claim
+        try:
+            yield claim
+        finally:
+            view.claim = None
+
+
 class Backend(ABC):
     """One base format. See the module docstring for what each step must do."""
 
@@ -211,7 +223,7 @@ class Backend(ABC):
 
     def claim_output(self, view, out: str):
         """A context held from before the overwrite check to the end of the write. Nothing by default (one
-        rename publishes OUT); a backend publishing several files returns `durable.output_lock(out)`."""
+        rename publishes OUT); a backend publishing several files returns `claiming_output(view, out)`."""
         return nullcontext()
 
     @abstractmethod

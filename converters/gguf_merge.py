@@ -29,20 +29,20 @@ import queue
 import struct
 import threading
 import warnings
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError, plan_merge
-from neuroada_format.durable import (OutputClaim, derived_mode, filled_sibling, output_lock, publish_together, remove,
+from neuroada_format.durable import (OutputClaim, derived_mode, filled_sibling, publish_together, remove,
                                      write_file)
 from neuroada_format.hashing import probe_hash_from_values
 from neuroada_format.merge import Delta, MergeOverflowWarning
 from neuroada_format.validate import PROBE_MISMATCH, validate
 
-from .backend import Backend, Mismatch, Resolved, Written, pause_for_tests
+from .backend import Backend, Mismatch, Resolved, Written, claiming_output, pause_for_tests
 from .gguf_encode import ENCODABLE, QUANT_TYPES, _decode, encode_blocks, on_original_grid, qtype
 from .gguf_names import GGUFBase, open_gguf_base
 from .gguf_split import GGUFSet, output_shards
@@ -145,19 +145,10 @@ class GGUFBackend(Backend):
     def companions(self, view: GGUFBase, out: str) -> list[str]:
         return output_shards(out, len(view.file.shards))[1:] if isinstance(view.file, GGUFSet) else []
 
-    @contextmanager
     def claim_output(self, view: GGUFBase, out: str):
         """A split set's shards are several renames (`durable.publish_together`): OUT's lock is held for the whole
         write; one file needs none."""
-        if not isinstance(view.file, GGUFSet):
-            yield None
-            return
-        with output_lock(out) as claim:
-            view.claim = claim
-            try:
-                yield claim
-            finally:
-                view.claim = None
+        return claiming_output(view, out) if isinstance(view.file, GGUFSet) else nullcontext()
 
     def resolve(self, view: GGUFBase, adapters, *, verify: bool) -> Resolved:
         by_tensor: dict[str, list] = {}

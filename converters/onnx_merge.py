@@ -11,7 +11,6 @@ rewriting the whole .onnx: merge into a copy), after writing the revert journal 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 import shutil
 from dataclasses import dataclass, field
 
@@ -19,13 +18,13 @@ import numpy as np
 from onnx import numpy_helper
 
 from neuroada_format import Adapter, MergePlan, NeuroAdaError, NeuroAdaUsageError, Target, plan_merge, validate
-from neuroada_format.durable import (OutputClaim, derived_mode, fsync_path, output_lock, publish_together, remove,
+from neuroada_format.durable import (OutputClaim, derived_mode, fsync_path, publish_together, remove,
                                      remove_stale_siblings, reserve, temp_sibling)
 from neuroada_format.merge import Delta
 from neuroada_format.validate import probe_mismatch
 
 from . import onnx_nbits
-from .backend import Backend, MergeSummary, Resolved, Written, described, merge, pause_for_tests
+from .backend import Backend, MergeSummary, Resolved, Written, claiming_output, described, merge, pause_for_tests
 from .journal import JournalEntry, claim_path, default_path, patching, position_dtype, write_journal
 from .onnx_read import FLOAT_TYPES, STORED_TYPES, OnnxModel
 from .onnx_resolve import Resolution, resolve_targets, stored_mismatch
@@ -59,15 +58,9 @@ class OnnxBackend(Backend):
     def companions(self, view: OnnxModel, out: str) -> list[str]:
         return list(_data_names(view, out).values())
 
-    @contextmanager
     def claim_output(self, view: OnnxModel, out: str):
         """The .onnx and its data files are two renames (see `_commit`): hold OUT's lock for the whole write."""
-        with output_lock(out) as claim:
-            view.claim = claim
-            try:
-                yield claim
-            finally:
-                view.claim = None
+        return claiming_output(view, out)
 
     def resolve(self, view: OnnxModel, adapters, *, verify: bool) -> Resolved:
         """Every target resolved and validated against the model (names, shapes, dtypes: rule 4.2, with or

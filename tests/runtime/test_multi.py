@@ -1050,6 +1050,14 @@ def test_unmerge_after_set_adapter_keeps_the_adapter_applied(zoo):
     check_merged(model, zoo, None)
 
 
+def _cacheless_copy(model):
+    """A deep copy of `model` with every serving cache forgotten: what a block must compute without its caches."""
+    fresh = copy.deepcopy(model)
+    for layer in layers(fresh).values():
+        multi._forget_caches(layer)
+    return fresh
+
+
 def test_set_adapter_refuses_a_tied_weight_and_changes_nothing(tmp_path):
     tied = tiny_llama()
     tied.config.tie_word_embeddings = True
@@ -1075,9 +1083,7 @@ def test_cached_stacks_follow_a_dtype_change(zoo):
     set_adapter(model, "cs")
     set_adapter(model, None)
     model.to(torch.bfloat16)
-    fresh = copy.deepcopy(model)
-    for layer in layers(fresh).values():
-        multi._forget_caches(layer)
+    fresh = _cacheless_copy(model)
     with torch.no_grad():
         with adapter_batch(model, names):
             got = model(ids).logits
@@ -1117,9 +1123,7 @@ def test_serving_caches_are_not_fooled_by_a_reused_address(zoo):
             v.data = same_memory
             raw.numpy()[...] = tripled  # numpy writes move no version
             assert v._version == before
-    fresh = copy.deepcopy(model)
-    for layer in layers(fresh).values():
-        multi._forget_caches(layer)
+    fresh = _cacheless_copy(model)
     with torch.no_grad():
         for m in (model, fresh):
             set_adapter(m, "cs")
@@ -1160,9 +1164,7 @@ def test_switches_after_edits_through_data_serve_the_new_values(zoo, edit):
                 layer.neuroada_w0[a].data.copy_(W.data.gather(1, layer.neuroada_idx[a]))
     assert versions == {n: (layer.base_layer.weight._version, {a: v._version for a, v in layer.neuroada_val.items()})
                         for n, layer in layers(model).items()}  # what the caches were keyed on did not move
-    fresh = copy.deepcopy(model)
-    for layer in layers(fresh).values():
-        multi._forget_caches(layer)
+    fresh = _cacheless_copy(model)
     with torch.no_grad():
         for name in ("cs", "math", None, "code"):
             for m in (model, fresh):
@@ -1315,9 +1317,7 @@ def test_a_block_sees_one_adapters_change_among_many(used, edited, change):
                 v.data[-1, -1] += 0.25
             else:
                 layer.neuroada_val[edited] = torch.nn.Parameter(v.detach().clone().add_(0.25), requires_grad=False)
-    fresh = copy.deepcopy(model)
-    for layer in layers(fresh).values():
-        multi._forget_caches(layer)
+    fresh = _cacheless_copy(model)
     with torch.no_grad():
         with adapter_batch(model, used):
             got = model(ids).logits
