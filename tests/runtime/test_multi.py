@@ -1058,6 +1058,11 @@ def _cacheless_copy(model):
     return fresh
 
 
+def _block_logits(model, names, ids):
+    with torch.no_grad(), adapter_batch(model, names):
+        return model(ids).logits
+
+
 def test_set_adapter_refuses_a_tied_weight_and_changes_nothing(tmp_path):
     tied = tiny_llama()
     tied.config.tie_word_embeddings = True
@@ -1084,12 +1089,8 @@ def test_cached_stacks_follow_a_dtype_change(zoo):
     set_adapter(model, None)
     model.to(torch.bfloat16)
     fresh = _cacheless_copy(model)
+    assert torch.equal(_block_logits(model, names, ids), _block_logits(fresh, names, ids))
     with torch.no_grad():
-        with adapter_batch(model, names):
-            got = model(ids).logits
-        with adapter_batch(fresh, names):
-            want = fresh(ids).logits
-        assert torch.equal(got, want)
         # (a stale f32 stack cast on the fly could round the same: check what the caches hold)
         stacks = [st for layer in layers(model).values() for _, st, _ in layer.__dict__[multi._STACK_ATTR].values()]
         assert all(v.dtype == torch.bfloat16 for st in stacks for v in st.vals)
@@ -1317,10 +1318,5 @@ def test_a_block_sees_one_adapters_change_among_many(used, edited, change):
                 v.data[-1, -1] += 0.25
             else:
                 layer.neuroada_val[edited] = torch.nn.Parameter(v.detach().clone().add_(0.25), requires_grad=False)
-    fresh = _cacheless_copy(model)
-    with torch.no_grad():
-        with adapter_batch(model, used):
-            got = model(ids).logits
-        with adapter_batch(fresh, used):
-            want = fresh(ids).logits
-    assert torch.equal(got, want) and not torch.equal(got, before)
+    got = _block_logits(model, used, ids)
+    assert torch.equal(got, _block_logits(_cacheless_copy(model), used, ids)) and not torch.equal(got, before)
