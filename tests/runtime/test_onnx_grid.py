@@ -222,6 +222,15 @@ def test_a_padded_last_block_trains_and_merges_exactly(padded, variant, tmp_path
 
 
 
+def load_refused(model, path, match: str, rule: str) -> None:
+    """load_quantized_weights(model, path) refused under `rule`, its message matching `match`, the model unchanged."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(NeuroAdaError, match=match) as exc:
+        load_quantized_weights(model, path)
+    assert exc.value.rule == rule
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 def gptq_or_hqq(llama, config):
     """The fixture's float export quantized by MatMulNBitsQuantizer with `config` (GPTQ: a calibration reader of four
     random batches; its writer quantizes the head too and names B `<weight>_Q4G32`)."""
@@ -255,11 +264,7 @@ def test_gptq_files_load_by_scope_and_merge_exactly_and_by_value_are_refused(lla
     assert len(nodes) == 15 and all(n.input[1].endswith("_Q4G32") for n in nodes)
     path = save(proto, tmp_path / "gptq.onnx")
     model = llama_model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(NeuroAdaError, match="match no layer.*GPTQ.*metadata_props") as exc:
-        load_quantized_weights(model, path)
-    assert exc.value.rule == "4.3"
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    load_refused(model, path, "match no layer.*GPTQ.*metadata_props", "4.3")
     scoped = save(with_scopes(proto, llama["proto"]), tmp_path / "gptq_scoped.onnx")
     placed = load_quantized_weights(model, scoped)
     assert len(placed) == 15 and all(placed[k] == llama["where"][k] for k in llama["names"])
@@ -288,12 +293,7 @@ def test_hqq_files_are_refused_for_their_float_zero_points(llama, tmp_path, caps
     assert len(nodes) == 14 and zps.dtype == np.float32 and (zps != np.round(zps)).any()
     path = save(with_scopes(proto, llama["proto"]), tmp_path / "hqq.onnx")
     for load in (path, os.fspath(tmp_path / "hqq.onnx")):  # by scope, and by value where no scope is left
-        model = llama_model()
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        with pytest.raises(NeuroAdaError, match="zero points .* are not packed uint8 \\(float zero points") as exc:
-            load_quantized_weights(model, load)
-        assert exc.value.rule == "4.2"
-        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        load_refused(llama_model(), load, "zero points .* are not packed uint8 \\(float zero points", "4.2")
     model = attach(llama_model(), NeuroAdaConfig(**CONFIG))
     with pytest.raises(NeuroAdaError, match="float zero points") as exc:
         train_on_grid(model, path)
