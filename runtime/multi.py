@@ -593,7 +593,8 @@ class _MixedForward:
                       inputs_t=self.tokens.inputs_t)
             y = y2.view(y.shape)
         if torch.is_grad_enabled() and not y.requires_grad:  # (never under no_grad / inference_mode: no cost there)
-            vals = [v for n, v in layer.neuroada_val.items() if n in self.used and v.requires_grad]
+            held = layer.neuroada_val  # (the block's own adapters, not every one the layer holds)
+            vals = [held[n] for n in self.used if n in held and held[n].requires_grad]
             if vals:  # a loss that reaches a trainable adapter only through this block: its backward says why
                 y = _NoGradThroughBatch.apply(y, *vals)
         return y
