@@ -170,9 +170,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     configs = getattr(model, CONFIGS_ATTR, None)
     if configs:
         configs.pop(adapter_name, None)
-    rest = list_adapters(model)
-    if was_active and rest and not any(layer.active_adapters or layer.merged_adapters
-                                       for layer in layers(model).values()):
+    rest = list_adapters(model) if was_active else None
+    if rest and not any(layer.active_adapters or layer.merged_adapters for layer in layers(model).values()):
         warn_caller(f"adapter {adapter_name!r} was active and is deleted: the base model is served now (PEFT would "
                     f"make {rest[0]!r} active); set_adapter(model, {rest[0]!r}) to serve it")
 
