@@ -335,7 +335,7 @@ def _bag_path(y3, x3, ids, stack, acc) -> None:
     weighted by ``val[a(b), i, :]``: the same sums as one product per adapter (``_grouped_path``), whose small calls
     per adapter present (a gather of its sequences, the product, a scatter back) made a 32 x 16-token batch cost
     4x as much with 32 adapters as with one on the tiny Llama (1 thread, 2026-12-08)."""
-    B, S, d_in = x3.shape
+    S, d_in = x3.shape[1:]
     seqs, cols, v = stack.gather_plan(ids, acc)
     if seqs is not None:
         x3 = x3.index_select(0, seqs)
