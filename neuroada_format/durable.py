@@ -472,7 +472,10 @@ def reading_folder(folder):
     renames found the new weights beside the old config (load_adapter refused a folder that was fine) or, the other
     way round, a mix it took. A killed writer's record is finished first, outside the lock (finishing takes the
     exclusive one, which our own shared lock would block, as would a save holding the folder above while it waits for
-    this one)."""
+    this one). A path that is no folder (an adapter file) has no save set to wait for: nothing is held."""
+    if not os.path.isdir(folder):
+        yield
+        return
     records = _record_folders(folder)
     folder = records[0]
     while True:

@@ -9,7 +9,7 @@ layout (`adapter_config.json` with `peft_type: "NEUROADA"` + `adapter_model.safe
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 from .dtypes import VALUE_DTYPES
 from .durable import finish_publishes, reading_folder
@@ -210,8 +210,7 @@ def reading_adapter(path):
     read its files inside the block. The CLIs resolved a folder and then read its files with no lock, so a save
     running meanwhile swapped them between the two (the config of one save, the weights of the next). The lock is
     the runtime's load_adapter's: a save waits for the read, and the read for a save."""
-    path = os.fspath(path)
-    with reading_folder(path) if os.path.isdir(path) else nullcontext():
+    with reading_folder(path):
         yield adapter_config(path)
 
 

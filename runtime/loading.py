@@ -4,7 +4,6 @@ and a save_pretrained folder's other trained tensors (load_trained_extras).
 Kept apart from attach, whose wrapping it reuses: loading adds the checks of a file against the model it goes into."""
 from __future__ import annotations
 
-import contextlib
 import os
 
 import ml_dtypes
@@ -64,7 +63,7 @@ def load_trained_extras(model: nn.Module, folder) -> list[str]:
     cannot be loaded into a model without the adapters (its guard entry fails on purpose), and its deltas are the
     adapters'. Every name and shape is checked before anything is copied."""
     folder = _check_path_argument(folder, "load_trained_extras")
-    with reading_folder(folder) if os.path.isdir(folder) else contextlib.nullcontext():  # (a save's set, whole)
+    with reading_folder(folder):  # (a save's set, whole)
         found = trained_extras(folder, strict=True)
         if found is None:
             return []
@@ -182,7 +181,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
     if mode not in MODES:
         raise NeuroAdaUsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     path = _check_path_argument(path, "load_adapter")
-    with reading_folder(path) if os.path.isdir(path) else contextlib.nullcontext():  # (not between a save's renames)
+    with reading_folder(path):  # (not between a save's renames)
         file, cfg = _resolve(path)
         adapter = naf.load(file)
     naf.validate(adapter, strict=True)
