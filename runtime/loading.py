@@ -15,7 +15,7 @@ import neuroada_format as naf
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 from neuroada_format.dtypes import common_value_dtype
 from neuroada_format.durable import reading_folder
-from neuroada_format.folder import CONFIG_NAME, adapter_config, trained_extras, warn_trained_extras
+from neuroada_format.folder import CONFIG_NAME, reading_adapter, trained_extras, warn_trained_extras
 
 from .config import MODES, NeuroAdaConfig
 from .guards import (CONFIGS_ATTR, TORCH_DTYPE_NAMES, VALUE_NUMPY, _canonical, _check_base_weight,
@@ -41,11 +41,6 @@ def held_values(values: np.ndarray, value_dtype: str, trainable: torch.dtype | N
     if value_dtype == "BF16":  # numpy has no bfloat16 torch can read: move the bits as int16
         return torch.from_numpy(np.array(values, dtype=ml_dtypes.bfloat16).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.array(values, dtype=VALUE_NUMPY[value_dtype]))
-
-
-def _resolve(path) -> tuple[str, NeuroAdaConfig | None]:
-    file, config, doc = adapter_config(path)  # the config is read and checked once, here
-    return file, NeuroAdaConfig.from_checked(doc, config) if config else None
 
 
 def _warn_unloaded_state(path) -> None:
@@ -181,9 +176,9 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default", *, is_tr
     if mode not in MODES:
         raise NeuroAdaUsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     path = _check_path_argument(path, "load_adapter")
-    with reading_folder(path):  # (not between a save's renames)
-        file, cfg = _resolve(path)
+    with reading_adapter(path) as (file, config, doc):  # (not between a save's renames; the config checked once)
         adapter = naf.load(file)
+    cfg = NeuroAdaConfig.from_checked(doc, config) if config else None
     naf.validate(adapter, strict=True)
     if cfg is not None:
         _check_folder_pair(cfg, adapter, file)
