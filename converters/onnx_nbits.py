@@ -292,9 +292,13 @@ class Weight:
         full = np.pad(values, pad) if nb.padded_k != nb.K else values
         return full.reshape(*values.shape[:-2], nb.N * nb.n_blocks, nb.block)
 
-    def decode_all(self) -> np.ndarray:
+    def unblocked(self, blocks: np.ndarray) -> np.ndarray:
+        """All [N * n_blocks, block] blocks as [N, K] values: `blocks`' inverse, a last block's padding dropped."""
         nb = self.nb
-        return self.decode(np.arange(self.blobs.shape[0])).reshape(nb.N, nb.padded_k)[:, :nb.K]
+        return blocks.reshape(nb.N, nb.padded_k)[:, :nb.K]
+
+    def decode_all(self) -> np.ndarray:
+        return self.unblocked(self.decode(np.arange(self.blobs.shape[0])))
 
     def decode_touched(self, deltas) -> tuple[np.ndarray, np.ndarray]:
         """[N, K] values decoded only in the blocks that hold a delta's column (NaN elsewhere: no merge reads them),
@@ -306,7 +310,7 @@ class Weight:
         ids = np.flatnonzero(held)
         out = np.full((nb.N * nb.n_blocks, nb.block), np.nan, np.float32)
         out[ids] = self.decode(ids)
-        return out.reshape(nb.N, nb.padded_k)[:, :nb.K], ids
+        return self.unblocked(out), ids
 
 
 # -- encoding ------------------------------------------------------------------------------------------

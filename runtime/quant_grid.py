@@ -576,8 +576,7 @@ def _match_by_values(view, missing: list[str], free: dict[str, np.ndarray], deco
             raise NeuroAdaError(f"MatMulNBits weights {other!r} and {init!r} both round from layer {name}: which one it "
                                 f"holds is not known, so nothing is copied", path=view.path, tensor=init, rule="4.1")
         owner[init] = name
-        nb = view.nbits[init]
-        decoded[name] = values[init].reshape(nb.N, nb.padded_k)[:, :nb.K]
+        decoded[name] = view.nbits_weight(init).unblocked(values[init])
     return owner
 
 
