@@ -521,13 +521,14 @@ def _match_by_values(view, missing: list[str], free: dict[str, np.ndarray], deco
     nearest level (GPTQ's error compensation) gives. Checked on SAMPLE_BLOCKS spread blocks of every same-shape pair
     at once, then on all blocks of the pairs left. Fills `decoded` {layer: the weight's decoded values} with the
     values the check decoded."""
+    from neuroada_format.converters import onnx_nbits  # (imported by _onnx_modules already: onnx is there)
+
     found: dict[str, list[str]] = {}
     values: dict[str, np.ndarray] = {}  # a weight's decoded blocks, once it has a candidate
     groups: dict[tuple, list[str]] = {}
     for init in missing:
         nb = view.nbits[init]
-        if nb.problem:
-            raise NeuroAdaError(nb.problem, path=view.path, tensor=init, rule="4.2")
+        onnx_nbits.refuse(view, nb, init)
         groups.setdefault((nb.N, nb.K, nb.block), []).append(init)
     for (N, K, block), inits in groups.items():
         names = [n for n, v in free.items() if v.shape == (N, K)]
