@@ -106,6 +106,12 @@ def _touched_weight(value) -> float:
     return w
 
 
+def _outputs(view: GGUFBase, out: str) -> list[str]:
+    """The paths a merge into OUT writes: a split set's copy is a set of as many shards (`output_shards`), a file's
+    is OUT itself."""
+    return output_shards(out, len(view.file.shards)) if isinstance(view.file, GGUFSet) else [out]
+
+
 class GGUFBackend(Backend):
     """neuroada-merge into a GGUF file or split set (copy only: a GGUF is not patched in place)."""
 
@@ -140,10 +146,10 @@ class GGUFBackend(Backend):
     def output_name(self, view: GGUFBase, out: str) -> str:
         """A split set's copy is a split set of as many shards (`output_shards`): its first shard is what is
         published last and named in the summary."""
-        return output_shards(out, len(view.file.shards))[0] if isinstance(view.file, GGUFSet) else out
+        return _outputs(view, out)[0]
 
     def companions(self, view: GGUFBase, out: str) -> list[str]:
-        return output_shards(out, len(view.file.shards))[1:] if isinstance(view.file, GGUFSet) else []
+        return _outputs(view, out)[1:]
 
     def claim_output(self, view: GGUFBase, out: str):
         """A split set's shards are several renames (`durable.publish_together`): OUT's lock is held for the whole
@@ -323,7 +329,7 @@ class GGUFBackend(Backend):
         a failure or kill before the renames leaves nothing under the final names, one between them leaves later
         shards without a first, which llama.cpp cannot load and the next merge to OUT removes. Returns the totals
         and, per shard, its path, touched tensors, values and bytes (the summary's details.shards)."""
-        finals = output_shards(out, len(view.file.shards))
+        finals = _outputs(view, out)
         totals, shards, temps = {"bytes": 0, "values": 0, "units": 0}, [], []
         claim = getattr(view, "claim", None) or OutputClaim(finals[0], None)  # (write called without the driver)
         try:
