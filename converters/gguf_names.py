@@ -17,7 +17,7 @@ import numpy as np
 
 from neuroada_format import NeuroAdaError, NeuroAdaUsageError
 
-from .gguf_read import FLOAT_TYPES, GGUFFile
+from .gguf_read import FLOAT_TYPES, GGUFFile, decodable
 from .gguf_split import GGUFSet, read_gguf_or_set
 
 # Architectures whose Hugging Face keys we map (gguf-py's name table), and which rows llama.cpp's converter reorders:
@@ -354,7 +354,9 @@ class GGUFBase:
     def info(self, name: str) -> tuple[str, tuple[int, ...]]:
         m = self.resolve(name)
         t = self.file.tensors[m.gguf_name]
-        return FLOAT_TYPES.get(t.type, "F32"), (t.shape[::-1] if m.transposed else t.shape)
+        # a type without a binary32 decoding is named as it is (I32, Q8_K): rule 4.2 for a target on it, before 4.6
+        dtype = FLOAT_TYPES.get(t.type, "F32") if decodable(t.type) else t.type.name
+        return dtype, (t.shape[::-1] if m.transposed else t.shape)
 
     def array(self, name: str) -> np.ndarray:
         m = self.resolve(name)

@@ -12,6 +12,7 @@ block codecs (`gguf.quants`), which are what transformers' GGUF loader decodes w
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import struct
@@ -114,11 +115,10 @@ class GGUFFile:
         raw = self.raw(name)
         if t.type in FLOAT_TYPES:
             return raw.view(_numpy_dtype(t.type)).reshape(t.shape)
-        try:
-            with _quiet():  # a NaN/Inf block scale decodes to NaN/Inf: refused where a merge re-encodes the block
-                return gquants.dequantize(np.asarray(raw), t.type).reshape(t.shape)
-        except NotImplementedError:
-            raise self.err(f"gguf-py cannot decode tensor type {t.type.name}", name) from None
+        if not decodable(t.type):
+            raise undecodable(t, self.path)
+        with _quiet():  # a NaN/Inf block scale decodes to NaN/Inf: refused where a merge re-encodes the block
+            return gquants.dequantize(np.asarray(raw), t.type).reshape(t.shape)
 
     def values_at(self, name: str, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """f32 values at (rows[i, j], cols[i, j]) of a 2-D tensor, decoding only the blocks that hold them:
@@ -130,13 +130,33 @@ class GGUFFile:
         raw = rows_at(self.path, self.data_start + t.offset, type_size, unique, expected=self.file_id).reshape(-1)
         if t.type in FLOAT_TYPES:  # one element per block
             return raw.view(_numpy_dtype(t.type))[where.reshape(wanted.shape)].astype(np.float32)
-        try:
-            with _quiet():
-                # flat: given [n, type_size] rows, gguf-py decodes them in many small groups (5x slower here)
-                decoded = gquants.dequantize(raw, t.type).reshape(len(unique), block)
-        except NotImplementedError:
-            raise self.err(f"gguf-py cannot decode tensor type {t.type.name}", name) from None
+        if not decodable(t.type):
+            raise undecodable(t, self.path)
+        with _quiet():
+            # flat: given [n, type_size] rows, gguf-py decodes them in many small groups (5x slower here)
+            decoded = gquants.dequantize(raw, t.type).reshape(len(unique), block)
         return decoded[where.reshape(wanted.shape), cols % block].astype(np.float32, copy=False)
+
+
+@functools.cache
+def decodable(t: QT) -> bool:
+    """Whether a tensor of this type has binary32 values here (spec section 15.2): the float types and the block
+    types gguf-py decodes. The others (I8 to I64, F64, ggml's internal Q8_1 and Q8_K, types newer than the installed
+    gguf-py's decoders) are sized, checked and carried over like any tensor, but no target can be read from one: rule
+    4.2 for that target, as an unknown safetensors dtype is, not 1.6 for the whole base, which did open."""
+    if t in FLOAT_TYPES:
+        return True
+    try:
+        with _quiet():
+            gquants.dequantize(np.zeros(GGML_QUANT_SIZES[t][1], np.uint8), t)  # one block of zeros
+    except NotImplementedError:
+        return False
+    return True
+
+
+def undecodable(t: TensorInfo, path: str) -> NeuroAdaError:
+    return NeuroAdaError(f"GGUF tensor type {t.type.name} has no binary32 decoding (spec section 15.2), so a target "
+                         f"cannot be read from it", path=path, tensor=t.name, rule="4.2")
 
 
 def _quiet():

@@ -172,18 +172,23 @@ def _check_against_base(adapter: Adapter, base, p: Problems, check_selection: bo
     """Rules 4.1-4.5: the adapter belongs to this base (its indices are known to be in range).
 
     What the base says of one target (a GGUF base: an architecture without a name table, heads that do not
-    split the rows) is reported against that target, as every other base rule is, not raised."""
+    split the rows) is reported against that target, as every other base rule is, not raised.
+
+    Targets go in code point order of their keys (spec section 7). Where two keys name one base tensor (a GGUF
+    name and the key mapped to it, two aliases), the later one is rule 4.1 and gets no other check: a merge would
+    add both deltas to one tensor, and which one a reader blames must not depend on its dictionary order."""
     storage_name = getattr(base, "storage_name", None)  # a base where several keys name one tensor (GGUF)
     stored_as: dict[str, str] = {}
     for name, t in sorted(adapter.targets.items()):
         try:
-            _check_target_against_base(name, t, adapter, base, p, check_selection, probes)
             if storage_name is not None and name in base:
                 stored = storage_name(name)
-                if stored in stored_as:  # a merge would add both deltas to one tensor
+                if stored in stored_as:
                     p.error("4.1", f"names the same base tensor {stored!r} as target {stored_as[stored]!r}",
                             tensor=name)
-                stored_as.setdefault(stored, name)
+                    continue
+                stored_as[stored] = name
+            _check_target_against_base(name, t, adapter, base, p, check_selection, probes)
         except NeuroAdaError as exc:
             if not (exc.rule or "").startswith("4."):
                 raise  # the base file itself is unreadable: the caller's I/O problem, as open_base says
@@ -225,7 +230,8 @@ def _check_target_against_base(name: str, t: Target, adapter: Adapter, base, p: 
                        f"({t.layout})", tensor=name)
         return
     if dtype not in BASE_DTYPES:
-        p.error("4.2", f"base dtype {dtype} is not F32, F16 or BF16", tensor=name)
+        p.error("4.2", f"base dtype {dtype} cannot be read exactly as binary32 (F32, F16, BF16 or a GGUF type with "
+                       f"a decoding)", tensor=name)
         return
     if dtype != t.dtype:  # spec 1.1: identity is on values (the probe hash decides), not encoding
         p.warning("4.6", f"base tensor is {dtype}, the adapter was made on {t.dtype} values; a merge "

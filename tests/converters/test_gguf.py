@@ -986,6 +986,50 @@ def test_two_targets_naming_one_gguf_tensor_are_refused(tiny, tmp_path):
     gm.merge_gguf(path, [hf, alias], tmp_path / "two.gguf")  # two adapters on one tensor add, as rule M says
 
 
+def test_the_later_of_two_keys_naming_one_tensor_gets_4_1_and_nothing_else(tiny):
+    """Spec 7/15.2: targets go in code point order; the later key naming a tensor already named is 4.1 and is not
+    checked further (its wrong probe is not reported), the earlier one is checked as usual, whichever is wrong."""
+    import dataclasses
+    path, view = tiny(QT.F16)
+    first, later = "blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj.weight"
+    good = {**make_adapter(view, targets=[first]).targets, **make_adapter(view, targets=[later], seed=2).targets}
+    for wrong, want in ((later, [("4.1", later)]), (first, [("4.3", first), ("4.1", later)])):
+        targets = dict(good)
+        targets[wrong] = dataclasses.replace(good[wrong], probe="sha256:" + "0" * 64)
+        report = naf.validate(naf.Adapter(targets, base_name="tiny-llama"), view)
+        assert [(p["rule"], p["tensor"]) for p in report.problems] == want
+
+
+def test_a_target_on_a_type_without_decoding_is_4_2(tiny, tmp_path):
+    """Spec 15.2: a GGUF tensor of a type with no binary32 decoding (I32 here) opens with the base; a target on it is
+    4.2 (no 4.6 beside it) and the others are checked as usual. It was rule 1.6 raised for the whole base, and a merge
+    asked for --option requant, as if the tensor could be read."""
+    from click.testing import CliRunner
+
+    from neuroada_format.cli import main as neuroada
+    down = "model.layers.1.mlp.down_proj.weight"
+    ints = np.arange(HIDDEN * INTER, dtype=np.int32).reshape(HIDDEN, INTER)
+    path, view = tiny(QT.Q4_1, types={down: QT.I32}, raw={down: ints.view(np.uint8)})
+    assert view.encoding(down) == "I32" and view.info(down) == ("I32", (HIDDEN, INTER))
+    copy = naf.ArrayBase({down: ints.astype(np.float32), TARGETS[0]: view.array(TARGETS[0])})
+    adapter = make_adapter(copy, targets=[down, TARGETS[0]], value_dtype="BF16")
+    report = naf.validate(adapter, view)
+    assert [(p["rule"], p["severity"], p["tensor"]) for p in report.problems] == [("4.2", "error", down)]
+    assert "I32" in report.problems[0]["message"]
+    for requant in (None, "Q8_0"):
+        with pytest.raises(NeuroAdaError) as exc:
+            gm.merge_gguf(path, [adapter], tmp_path / "x.gguf", requant=requant)
+        assert exc.value.rule == "4.2" and exc.value.tensor == down and exit_code(exc.value) == 1
+    assert not (tmp_path / "x.gguf").exists()
+    with pytest.raises(NeuroAdaError) as exc:  # read directly: the same rule, naming the GGUF tensor
+        view.array(down)
+    assert exc.value.rule == "4.2" and exc.value.tensor == "blk.1.ffn_down.weight"
+    saved = tmp_path / "a.safetensors"
+    naf.save(adapter, saved)
+    res = CliRunner().invoke(neuroada, ["validate", os.fspath(saved), "--base", os.fspath(path)])
+    assert res.exit_code == 1 and "rule 4.2" in res.output and "Traceback" not in res.output, res.output
+
+
 @pytest.mark.parametrize("qt", ALL_TYPES + [QT.Q4_K])
 def test_probed_values_decode_only_their_blocks(tiny, qt):
     """The probe reads the adapter's positions (q_proj's rows un-permuted) and equals the whole decoding there;
