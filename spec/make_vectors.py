@@ -99,18 +99,33 @@ def container(tensors, metadata: dict | None = None, *, pad: bool = True, header
 GGUF_F32, GGUF_F16, GGUF_Q4_1 = 0, 1, 3
 GGUF_Q4_K, GGUF_Q5_K, GGUF_Q6_K = 12, 13, 14
 GGUF_U32, GGUF_STR = 4, 8
+GGUF_U8, GGUF_ARRAY = 0, 9
+GGUF_Q8_K, GGUF_I32 = 15, 26  # types without a binary32 decoding (section 15.2)
+GGUF_REMOVED_Q4_2 = 4         # a type number ggml has removed: no GGML type
+
+
+def gguf_string(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def gguf_array(element_type: int, elements) -> bytes:
+    """A GGUF array value without its own type field: element type, count, then the elements as given (bytes
+    each; an element of an array of arrays is itself such a value)."""
+    return struct.pack("<IQ", element_type, len(elements)) + b"".join(elements)
 
 
 def gguf_file(kv, tensors, alignment: int = 32) -> bytes:
-    """A little-endian GGUF v3 file: kv = [(key, type, value)], tensors = [(name, type, ne, raw bytes)]."""
-    def string(text: str) -> bytes:
-        raw = text.encode("utf-8")
-        return struct.pack("<Q", len(raw)) + raw
-
+    """A little-endian GGUF v3 file: kv = [(key, type, value)], tensors = [(name, type, ne, raw bytes)]; a value
+    given as bytes is written as it is (arrays: `gguf_array`)."""
+    string = gguf_string
     out = bytearray(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv)))
     for key, vtype, value in kv:
         out += string(key) + struct.pack("<I", vtype)
-        out += string(value) if vtype == GGUF_STR else struct.pack("<I", value)
+        if isinstance(value, bytes):
+            out += value
+        else:
+            out += string(value) if vtype == GGUF_STR else struct.pack("<I", value)
     offset, data = 0, bytearray()
     for name, ttype, ne, raw in tensors:
         out += string(name) + struct.pack("<I", len(ne)) + b"".join(struct.pack("<Q", d) for d in ne)
@@ -964,6 +979,88 @@ def build() -> dict:
         "both rope-permuted targets; down_proj is checked as usual)", valid=False, errors=["4.2"],
         base=put("bases/tiny_llama_key_length.gguf",
                  gguf_file(llama_kv + [("llama.attention.key_length", GGUF_U32, 2)], llama_tensors)))
+    # 1.6 text: what earlier text left open. A type without a binary32 decoding is 4.2 for a target on it (the base
+    # opens: its tensor is sized by its type), and an unknown type number is 1.6 (the layout cannot be checked)
+    w_int = randn((8, 32), "F32", 60, scale=100).astype(np.int32)
+    w_gate = randn((8, 32), "F32", 61, scale=0.1)
+    q8k_raw = bytes((7 * i) % 256 for i in range(2 * 292))       # 2 rows of one Q8_K super-block (never decoded)
+    GI = put("bases/tiny_llama_int_types.gguf", gguf_file(
+        llama_kv, [("blk.0.ffn_down.weight", GGUF_I32, (32, 8), w_int.tobytes()),
+                   ("blk.0.ffn_up.weight", GGUF_Q8_K, (256, 2), q8k_raw),
+                   ("blk.0.ffn_gate.weight", GGUF_F32, (32, 8), w_gate.tobytes())]))
+    UPK, GATE = "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.gate_proj.weight"
+    nodec = [target(Base({DH: w_int.astype(np.float32)}), DH, 2, value_dtype="F32", seed=60),
+             target(Base({UPK: np.zeros((2, 256), np.float32)}), UPK, 2, value_dtype="F32", seed=62),
+             target(Base({GATE: w_gate}), GATE, 2, value_dtype="F32", seed=61)]
+    rel = put("invalid/gguf_type_without_decoding.safetensors", adapter_file(nodec, document(nodec, None)))
+    vec("gguf_type_without_decoding", rel, "targets on an I32 and a Q8_K tensor, types with no binary32 decoding "
+        "(section 15.2): 4.2 for each (the base opens; no 4.6), and the F32 gate_proj target is checked as usual",
+        valid=False, errors=["4.2"], base=GI)
+    vec("gguf_unknown_type_number", "valid/gguf_hf_down_proj.safetensors", "an untargeted tensor of type 4, a "
+        "number ggml has removed (section 15.1): its size is unknown, so the base cannot be opened (1.6)",
+        valid=False, errors=["1.6"], base_unreadable=True, base=put("bases/unknown_type_number.gguf", gguf_file(
+            llama_kv, [("blk.0.ffn_down.weight", GGUF_F16, (32, 8), g_down.tobytes()),
+                       ("blk.0.ffn_gate.weight", GGUF_REMOVED_Q4_2, (32, 8), bytes(8 * 18))])))
+    # two keys naming one tensor: the later key in code point order is 4.1 and nothing else; the earlier is checked
+    W2 = "layers.0.feed_forward.w2.weight"   # Meta's alias of ffn_down; sorts before model.layers...
+    off = g_down + np.float16(0.5)           # values the adapter was not made on: 4.3 where checked
+    for name, first, second, errors, desc in (
+            ("gguf_one_tensor_twice_later_refused", g_down, off, ["4.1"], "the later key (model.layers.0.mlp."
+             "down_proj.weight), whose probe is wrong, is 4.1 and is not checked further; the earlier alias layers.0."
+             "feed_forward.w2.weight is valid"),
+            ("gguf_one_tensor_twice_earlier_checked", off, g_down, ["4.1", "4.3"], "the earlier key (the alias "
+             "layers.0.feed_forward.w2.weight) is checked as usual and its probe is wrong (4.3); the later "
+             "model.layers.0.mlp.down_proj.weight is 4.1")):
+        pair = [target(Base({W2: first}), W2, 2, value_dtype="F32", seed=63),
+                target(Base({DH: second}), DH, 2, value_dtype="F32", seed=64)]
+        rel = put(f"invalid/{name}.safetensors", adapter_file(pair, document(pair, None)))
+        vec(name, rel, "two keys naming one GGUF tensor (section 15.2): " + desc, valid=False, errors=errors, base=GG)
+    # 1-D tensors: only a one-row linear weight (ffn_gate_inp_shexp) is a [1, n] matrix; a norm weight, or a
+    # flat tensor of d_out * d_in values, keeps its one dimension and no target's stored shape equals it
+    gate_row, norm_w = randn((1, 32), "F32", 65, scale=0.1), randn((32,), "F32", 66)
+    flat = randn((8, 32), "F32", 67, scale=0.1)
+    GQ = put("bases/tiny_qwen2moe_1d.gguf", gguf_file(
+        [("general.architecture", GGUF_STR, "qwen2moe"), ("general.alignment", GGUF_U32, 32),
+         ("qwen2moe.block_count", GGUF_U32, 1)],
+        [("blk.0.ffn_gate_inp_shexp.weight", GGUF_F32, (32,), gate_row.tobytes()),
+         ("blk.0.ffn_down_shexp.weight", GGUF_F32, (256,), flat.tobytes()),
+         ("output_norm.weight", GGUF_F32, (32,), norm_w.tobytes())]))
+    SHG, SHD, MN = ("model.layers.0.mlp.shared_expert_gate.weight", "model.layers.0.mlp.shared_expert.down_proj.weight",
+                    "model.norm.weight")
+    row = [target(Base({SHG: gate_row}), SHG, 3, value_dtype="F32", seed=65)]
+    rel = put("valid/gguf_one_row_weight.safetensors", adapter_file(row, document(row, None)))
+    vec("gguf_one_row_weight", rel, "1.3: qwen2moe's shared_expert_gate, [1, 32] in the checkpoint, stored 1-D as "
+        "blk.0.ffn_gate_inp_shexp.weight (ne = [32]): read as the [1, 32] matrix (section 15.2)", valid=True,
+        base=GQ, check_selection=True)
+    for name, key, w, seed, desc in (
+            ("gguf_one_dimensional_norm", MN, norm_w.reshape(1, 32), 66, "a [1, 32] target on the 1-D norm weight "
+             "output_norm.weight (model.norm.weight), made on its values: a norm weight is no one-row linear weight"),
+            ("gguf_one_dimensional_flat", SHD, flat, 67, "an [8, 32] target on blk.0.ffn_down_shexp.weight, stored "
+             "1-D with its 256 values, made on them: the values are never reshaped")):
+        one_d = [target(Base({key: w}), key, 2, value_dtype="F32", seed=seed)]
+        rel = put(f"invalid/{name}.safetensors", adapter_file(one_d, document(one_d, None)))
+        vec(name, rel, desc + "; a 1-D tensor other than a one-row linear weight has the shape [ne0] (section "
+            "15.2), which no target's stored shape equals (4.2)", valid=False, errors=["4.2"], base=GQ)
+    # metadata arrays of arrays (section 15.1): each inner array carries its own type and count
+    nested = gguf_array(GGUF_ARRAY, [gguf_array(GGUF_U8, [b"\x01", b"\x02", b"\x03"]),
+                                     gguf_array(GGUF_STR, [gguf_string("ab"), gguf_string("")]),
+                                     gguf_array(GGUF_ARRAY, [])])
+    down_only_tensors = [("blk.0.ffn_down.weight", GGUF_F16, (32, 8), g_down.tobytes())]
+    vec("gguf_metadata_array_of_arrays", "valid/gguf_hf_down_proj.safetensors", "the base's first metadata value is "
+        "an array of 3 arrays (3 U8, 2 strings, and an empty array declared to hold arrays): skipped by each inner "
+        "array's own type and count (12 + 3, 12 + 18 and 12 bytes), so the keys and tensor table after it read as "
+        "usual", valid=True, base=put("bases/metadata_array_of_arrays.gguf", gguf_file(
+            [("x.nested", GGUF_ARRAY, nested)] + llama_kv, down_only_tensors)))
+    three = gguf_array(GGUF_ARRAY, [gguf_array(GGUF_ARRAY, [gguf_array(GGUF_U8, [b"\x01"])])])
+    vec("gguf_metadata_arrays_three_deep", "valid/gguf_hf_down_proj.safetensors", "an array of arrays of arrays: "
+        "nested more than two deep (section 15.1), the base cannot be opened (1.6)", valid=False, errors=["1.6"],
+        base_unreadable=True, base=put("bases/metadata_arrays_three_deep.gguf", gguf_file(
+            [("x.nested", GGUF_ARRAY, three)] + llama_kv, down_only_tensors)))
+    past_end = gguf_array(GGUF_ARRAY, [struct.pack("<IQ", GGUF_U32, 1 << 40)])
+    vec("gguf_metadata_nested_array_past_end", "valid/gguf_hf_down_proj.safetensors", "an array of one array whose "
+        "own count (2^40 U32 values) runs past the end of the file (section 15.1): 1.6", valid=False,
+        errors=["1.6"], base_unreadable=True, base=put("bases/metadata_nested_array_past_end.gguf", gguf_file(
+            [("x.nested", GGUF_ARRAY, past_end)] + llama_kv, down_only_tensors)))
 
     # ---- merge vectors -----------------------------------------------------------------------------
     mb = merge_base()

@@ -754,7 +754,7 @@ function parseGguf(p) {
     if (depth >= 2) bad('arrays nested more than two deep');
     const et = u32();
     const count = u64();
-    const least = et in GGUF_SCALAR ? GGUF_SCALAR[et] : 8;
+    const least = et in GGUF_SCALAR ? GGUF_SCALAR[et] : et === 9 ? 12 : 8;   // 15.1: an inner array is type + count at least
     if (!(et in GGUF_SCALAR) && et !== 8 && et !== 9) bad(`array element type ${et} unknown`);
     if (count * least > left()) bad(`array of ${count} elements past the end of the file`);
     const out = [];
@@ -917,9 +917,13 @@ function openGgufBase(p) {
       }
       if (claimed.has(info.name)) return fail(problems, '4.1', target, `names GGUF tensor ${info.name}, as target ${JSON.stringify(claimed.get(info.name))} does`);
       claimed.set(info.name, target.name);
-      // Canonical shape: ne = [d_in, d_out] fastest first; a 1-D weight is one row.
+      // Canonical shape: ne = [d_in, d_out] fastest first. Section 15.2: only a 1-D tensor whose name ends in the
+      // parts ffn_gate_inp_shexp and weight is a one-row matrix; other 1-D tensors are [ne0], never reshaped.
       const ne = info.ne.map(Number);
       if (ne.length > 2) return fail(problems, '4.2', target, `GGUF tensor ${info.name} has ${ne.length} dimensions`);
+      const parts = info.name.split('.');
+      const oneRow = ne.length === 1 && parts.length >= 2 && parts[parts.length - 2] === 'ffn_gate_inp_shexp' && parts[parts.length - 1] === 'weight';
+      if (ne.length === 1 && !oneRow) return fail(problems, '4.2', target, `GGUF tensor ${info.name} is 1-D [${ne[0]}], not a one-row linear weight`);
       const canon = ne.length === 1 ? [1, ne[0]] : [ne[1], ne[0]];
       let expectStored = target.layout === 'out_in' ? [target.dOut, target.dIn] : [target.dIn, target.dOut];
       const storedGguf = transposed ? [canon[1], canon[0]] : canon;
@@ -1061,8 +1065,10 @@ function validate(adapterPath, basePath = null, checkSelection = false) {
     return { ...result(), baseUnreadable: { rule: e.rule, message: e.message } };
   }
   try {
-    for (const t of a.targets) {
-      const got = base.resolve(t, problems);                                     // 4.1, 4.2
+    // Section 7: targets in the code point order of their keys (= UTF-8 byte order; not JS's UTF-16 order).
+    const ordered = [...a.targets].sort((x, y) => Buffer.compare(Buffer.from(x.name, 'utf8'), Buffer.from(y.name, 'utf8')));
+    for (const t of ordered) {
+      const got = base.resolve(t, problems);                                     // 4.1 (one tensor, one target), 4.2
       if (!got) continue;
       if (got.dtype !== t.dtype) problems.push(new Problem('4.6', `target ${JSON.stringify(t.name)}: base dtype ${got.dtype}, made on ${t.dtype}`, 'warning', t.name));
       const probe = probeHash(got.bits, t, t.arrays.indices);                    // 4.3
