@@ -209,7 +209,7 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
 
 
 def block_grid(view: GGUFBase, name: str):
-    """The quantisation grid of a Q4_1 / Q4_0 / Q8_0 / K-quant target in canonical (Hugging Face) row order:
+    """The quantisation grid of a Q4_1 / Q4_0 / Q8_0 / K-quant (Q2_K to Q6_K) target in canonical (Hugging Face) row order:
     (d, m, lo, hi, block) with d, m [d_out, d_in / block] f32, so the representable values of row r,
     column c are `d[r, c // block] * q + m[r, c // block]` for integer q in [lo, hi]. For training
     through the quantizer: deltas that land on this grid survive a merge into the file exactly.
@@ -218,7 +218,7 @@ def block_grid(view: GGUFBase, name: str):
     info = view.file.tensors[m_.gguf_name]
     if info.type in kq.K_TYPES and kq.K_TYPES[info.type].table is not None:
         raise NeuroAdaUsageError(f"{info.type.name} has no grid here: its levels are a non-uniform table, not the "
-                                 f"integers of a range (Q4_1, Q4_0, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K have one)",
+                                 f"integers of a range (Q4_1, Q4_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K have one)",
                                  path=view.path, tensor=name)
     if info.type in kq.K_TYPES:  # a grid per sub-block (16 or 32 values) of each super-block
         d, m, lo, hi, block = kq.grid_of(info.type, np.asarray(view.file.blocks(m_.gguf_name)), info.shape[0])
@@ -230,7 +230,7 @@ def block_grid(view: GGUFBase, name: str):
              else np.zeros_like(d))
         block = GGML_QUANT_SIZES[info.type][0]
     else:
-        raise NeuroAdaUsageError(f"{info.type.name} has no grid here (Q4_1, Q4_0, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K)",
+        raise NeuroAdaUsageError(f"{info.type.name} has no grid here (Q4_1, Q4_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K)",
                                  path=view.path, tensor=name)
     if m_.inverse is not None:
         d, m = d[m_.inverse], m[m_.inverse]

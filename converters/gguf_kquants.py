@@ -1,4 +1,4 @@
-"""K-quant super-blocks (Q4_K, Q5_K, Q6_K): their levels and scales, and the re-encoding of touched ones.
+"""K-quant super-blocks (Q2_K to Q6_K): their levels and scales, and the re-encoding of touched ones.
 
 Why our own: gguf-py decodes K-quants but cannot encode them, and llama.cpp's most used 4- and 5-bit files
 (Q4_K_M, Q5_K_M) are made of them. A merge keeps every untouched super-block byte for byte and rewrites only
@@ -8,7 +8,9 @@ A super-block holds 256 values in sub-blocks of `sub` values. Sub-block s decode
 ``fl32(D_s * q_i + N_s)``, with ``D_s = d * sc_s`` and ``N_s = -(dmin * mn_s)``: d and dmin are f16, sc_s and mn_s
 small integers (6 bits for Q4_K/Q5_K; Q6_K has a signed 8-bit sc_s and no minimum), q_i a level in [lo, hi]. Both
 products are exact in f32 and so is ``D_s * q_i``, so the one rounding is the sum: the formula of gguf-py's
-decoder, which makes (D_s, N_s) a grid like Q4_1's (d, m) one, per sub-block.
+decoder, which makes (D_s, N_s) a grid like Q4_1's (d, m) one, per sub-block. Q2_K (llama.cpp's Q2_K files, and
+the Q2_K tensors of its Q3_K_S/M ones) is the same with 16 sub-blocks of 16 values, 4-bit sc_s and mn_s and
+levels 0..3: gguf-py writes its value as ``d * sc_s * q_i - dmin * mn_s``, the same bits as the sum above.
 
 Q3_K (llama.cpp's Q3_K_M files mix it with Q4_K-Q6_K), IQ4_XS and IQ4_NL fit the same mould without minimums:
 Q3_K has 16 sub-blocks of 16 with 6-bit scales used as sc - 32 and levels -4..3; IQ4_XS 8 sub-blocks of 32, the same
@@ -37,7 +39,7 @@ class KSpec:
     hi: int
     sc_lo: int      # sub-block scale integers [sc_lo, sc_hi]
     sc_hi: int
-    affine: bool    # has dmin and per sub-block minimums (0..63)
+    affine: bool    # has dmin and per sub-block minimums, integers in [0, sc_hi] as the scales (Q2_K 4 bits, else 6)
     size: int = QK_K  # values per (super-)block
     table: tuple | None = None  # non-uniform levels: q is one of these values (IQ4), not every integer in [lo, hi]
 
@@ -46,6 +48,7 @@ class KSpec:
 IQ4_TABLE = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 K_TYPES = {QT.Q4_K: KSpec(32, 0, 15, 0, 63, True), QT.Q5_K: KSpec(32, 0, 31, 0, 63, True),
            QT.Q6_K: KSpec(16, -32, 31, -128, 127, False), QT.Q3_K: KSpec(16, -4, 3, -32, 31, False),
+           QT.Q2_K: KSpec(16, 0, 3, 0, 15, True),
            QT.IQ4_XS: KSpec(32, -127, 113, -32, 31, False, table=IQ4_TABLE),
            QT.IQ4_NL: KSpec(32, -127, 113, 1, 1, False, size=32, table=IQ4_TABLE)}  # sc: none (always 1)
 _TABLE = np.array(IQ4_TABLE, np.float32)
@@ -172,6 +175,23 @@ def _pack_q3k(u: Unpacked, n: int) -> np.ndarray:
     return np.concatenate([hmask, qs, lscales, hscales, _f16_bytes(u.d)], axis=1)
 
 
+# Q2_K: scales [16] (byte s: sub-block s's scale in its low nibble, its minimum in the high one), qs [64] (value
+# 128h + 32j + l: bits 2j of byte 32h + l, as Q3_K's low bits), f16 d, f16 dmin. Value: d * sc * q - dmin * mn, q 0..3.
+def _unpack_q2k(b: np.ndarray, n: int) -> Unpacked:
+    scales, qs = b[:, :16], b[:, 16:80]
+    d = b[:, 80:82].copy().view(np.float16).astype(np.float32).reshape(n)
+    dmin = b[:, 82:84].copy().view(np.float16).astype(np.float32).reshape(n)
+    q = (qs.reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)).reshape(n, QK_K) & 3
+    return Unpacked(d, dmin, (scales & 15).astype(np.int64), (scales >> 4).astype(np.int64), q.astype(np.int64))
+
+
+def _pack_q2k(u: Unpacked, n: int) -> np.ndarray:
+    q = u.q.astype(np.uint8).reshape(n, 2, 4, 32)
+    qs = (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).reshape(n, 64)
+    scales = (u.sc.astype(np.uint8) & 15) | (u.mn.astype(np.uint8) << 4)
+    return np.concatenate([scales, qs, _f16_bytes(u.d), _f16_bytes(u.dmin)], axis=1)
+
+
 def _codes(q: np.ndarray) -> np.ndarray:
     """IQ4 level values (entries of IQ4_TABLE) as their 4-bit codes."""
     return np.searchsorted(_TABLE, q.astype(np.float32)).astype(np.uint8)
@@ -221,8 +241,8 @@ def _pack_iq4xs(u: Unpacked, n: int) -> np.ndarray:
     return np.concatenate([_f16_bytes(u.d), sh, sl, _nibbles_of(_codes(u.q), n, 8)], axis=1)
 
 
-_OTHER_UNPACK = {QT.Q3_K: _unpack_q3k, QT.IQ4_NL: _unpack_iq4nl, QT.IQ4_XS: _unpack_iq4xs}
-_OTHER_PACK = {QT.Q3_K: _pack_q3k, QT.IQ4_NL: _pack_iq4nl, QT.IQ4_XS: _pack_iq4xs}
+_OTHER_UNPACK = {QT.Q3_K: _unpack_q3k, QT.IQ4_NL: _unpack_iq4nl, QT.IQ4_XS: _unpack_iq4xs, QT.Q2_K: _unpack_q2k}
+_OTHER_PACK = {QT.Q3_K: _pack_q3k, QT.IQ4_NL: _pack_iq4nl, QT.IQ4_XS: _pack_iq4xs, QT.Q2_K: _pack_q2k}
 
 
 def decode(t: QT, u: Unpacked) -> np.ndarray:
@@ -305,10 +325,10 @@ def _fit_subblocks(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np.
                 mn0 = np.zeros(size, np.float32)
             sc0 = np.rint(np.where(dc != 0, A / dc, bsc))
         sc0 = np.nan_to_num(sc0, nan=0.0, posinf=spec.sc_hi, neginf=spec.sc_lo)
-        mn0 = np.nan_to_num(mn0, nan=0.0, posinf=63, neginf=0)
+        mn0 = np.nan_to_num(mn0, nan=0.0, posinf=spec.sc_hi, neginf=0)
         sc_c = np.clip(sc0[None, None, :] + steps[:, None, None], spec.sc_lo, spec.sc_hi)
         if spec.affine:
-            mn_c = np.clip(mn0[None, None, :] + steps[None, :, None], 0, 63)
+            mn_c = np.clip(mn0[None, None, :] + steps[None, :, None], 0, spec.sc_hi)
         else:
             mn_c = np.zeros((1, 1, size), np.float32)
         sc_c, mn_c = np.broadcast_arrays(sc_c, mn_c)
@@ -325,30 +345,47 @@ def _fit_subblocks(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np.
     return best_sc.astype(np.int64), best_mn.astype(np.int64)
 
 
-def _fit_all_scales(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, sc: np.ndarray,
-                    window: int | None = None) -> np.ndarray:
-    """For sub-blocks x, w [m, sub] of a type without minimums and with 64 sub-block scales (Q3_K, IQ4_XS) under fixed
-    d [m]: the integer sc [m] with the least weighted squared error of all of them (each value on its nearest level:
-    for a given scale that is each value's least error, so this is the best sc for d), the given sc where none is
-    better; with `window`, of those within it of the given sc only (a fresh encoding's start is near its best: a
-    seventh of the work). Chunked: every candidate is a [sub, C, chunk] evaluation."""
+def _fit_all_scales(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np.ndarray, sc: np.ndarray,
+                    mn: np.ndarray, window: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """For sub-blocks x, w [m, sub] of a type with few sub-block integers (Q3_K, IQ4_XS: 64 scales and no minimum;
+    Q2_K: 16 scales times 16 minimums) under fixed d, dmin [m]: the integers (sc, mn) [m] with the least weighted
+    squared error of all of them (each value on its nearest level: for given integers that is each value's least
+    error, so this is the best pair for d and dmin), the given ones where none is better; with `window`, of those
+    within it of the given ones only (a fresh encoding's start is near its best: a fraction of the work). Chunked:
+    every candidate is a [sub, C, chunk] evaluation."""
     spec = K_TYPES[t]
     steps = np.arange(spec.sc_lo, spec.sc_hi + 1) if window is None else np.arange(-window, window + 1)
-    steps = steps.astype(np.float32)[:, None]  # [C, 1]
-    best = sc.astype(np.float32).copy()
-    for a in range(0, x.shape[0], 1024):
-        xs, ws, ds, given = x[a:a + 1024].T[:, None, :], w[a:a + 1024].T[:, None, :], d[a:a + 1024], best[a:a + 1024]
-        cand = steps if window is None else np.clip(given[None] + steps, spec.sc_lo, spec.sc_hi)
-        cand = np.concatenate([given[None], np.broadcast_to(cand, (len(steps), len(ds)))], axis=0)  # [1 + C, c]
+    steps = steps.astype(np.float32)
+    if spec.affine:  # every pair: minimums range over [0, sc_hi] as the scales do
+        s_steps, m_steps = (a.reshape(-1, 1) for a in np.meshgrid(steps, steps, indexing="ij"))
+    else:
+        s_steps, m_steps = steps[:, None], np.zeros((len(steps), 1), np.float32)  # [C, 1]
+    best_sc, best_mn = sc.astype(np.float32).copy(), mn.astype(np.float32).copy()
+    chunk = max(16, 2 ** 16 // len(s_steps))  # [sub, C, chunk] temporaries of a few MiB
+    for a in range(0, x.shape[0], chunk):
+        part = slice(a, a + chunk)
+        xs, ws, ds, dm = x[part].T[:, None, :], w[part].T[:, None, :], d[part], dmin[part]
+        gs, gm = best_sc[part], best_mn[part]
+        if window is None:
+            cs, cm = (np.broadcast_to(c, (len(c), len(ds))) for c in (s_steps, m_steps))
+        else:
+            cs = np.clip(gs[None] + s_steps, spec.sc_lo, spec.sc_hi)
+            cm = np.clip(gm[None] + m_steps, 0, spec.sc_hi) if spec.affine else np.broadcast_to(m_steps, cs.shape)
+        cs, cm = np.concatenate([gs[None], cs], axis=0), np.concatenate([gm[None], cm], axis=0)  # [1 + C, c]
         with np.errstate(over="ignore", invalid="ignore"):
-            D = ds[None] * cand
-            q = _levels(t, D, np.full(D.shape, -0.0, np.float32), xs)  # [sub, 1 + C, c]
-            e = ws * (D * q - xs) ** 2
+            D = ds[None] * cs
+            N = -(dm[None] * cm) if spec.affine else np.full(D.shape, -0.0, np.float32)
+            q = _levels(t, D, N, xs)  # [sub, 1 + C, c]
+            e = ws * (D * q + N - xs) ** 2
             e = e.sum(0)
         e[~np.isfinite(e)] = np.inf
-        j = np.argmin(e, axis=0)  # the first of equal errors: the given sc (row 0) where it is as good
-        best[a:a + 1024] = cand[j, np.arange(len(ds))]
-    return best.astype(np.int64)
+        j = np.argmin(e, axis=0)  # the first of equal errors: the given integers (row 0) where they are as good
+        at = np.arange(len(ds))
+        best_sc[part], best_mn[part] = cs[j, at], cm[j, at]
+    return best_sc.astype(np.int64), best_mn.astype(np.int64)
+
+
+_ALL_SCALES = (QT.Q3_K, QT.IQ4_XS, QT.Q2_K)  # few enough sub-block integers to try them all (`_fit_all_scales`)
 
 
 def _peak(x: np.ndarray) -> np.ndarray:
@@ -366,11 +403,11 @@ def _fresh_super_scales(t: QT, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
         scale = (x.max(-1) - lo_v) / levels_n
         minv = -lo_v
         d = to_f16(scale.max(-1) / spec.sc_hi)
-        dmin = to_f16(minv.max(-1) / 63)
+        dmin = to_f16(minv.max(-1) / spec.sc_hi)
         with np.errstate(divide="ignore", invalid="ignore"):
             sc = np.rint(np.where(d[:, None] != 0, scale / d[:, None], 0))
             mn = np.rint(np.where(dmin[:, None] != 0, minv / dmin[:, None], 0))
-        return d, dmin, np.clip(sc, spec.sc_lo, spec.sc_hi), np.clip(mn, 0, 63)
+        return d, dmin, np.clip(sc, spec.sc_lo, spec.sc_hi), np.clip(mn, 0, spec.sc_hi)
     peak = _peak(x)
     scale = peak / spec.lo  # the largest value takes level lo, the widest side, as llama.cpp's Q6_K / Q3_K / IQ4 do
     if t == QT.Q6_K:
@@ -407,8 +444,9 @@ def encode(t: QT, target: np.ndarray, original: np.ndarray | None, touched: np.n
         in place; their weighted errors [r]."""
         xr, wr, tr = (x, w, target) if rows is None else (x[rows], w[rows], target[rows])
         b, s = np.nonzero(which)
-        if b.size and t in (QT.Q3_K, QT.IQ4_XS):
-            u.sc[b, s] = _fit_all_scales(t, xr[b, s], wr.reshape(xr.shape)[b, s], u.d[b], u.sc[b, s], window)
+        if b.size and t in _ALL_SCALES:
+            u.sc[b, s], u.mn[b, s] = _fit_all_scales(t, xr[b, s], wr.reshape(xr.shape)[b, s], u.d[b], u.dmin[b],
+                                                     u.sc[b, s], u.mn[b, s], window)
         elif b.size:
             sc, mn = _fit_subblocks(t, xr[b, s], wr.reshape(xr.shape)[b, s], u.d[b], u.dmin[b], u.sc[b, s],
                                     u.mn[b, s])

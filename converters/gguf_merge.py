@@ -8,8 +8,8 @@ on its original grid (deltas trained through it: runtime train_on_grid) is packe
 own scale and minimum, exactly and without the least-error search; the summary counts those blocks and
 the re-encoded ones, and only re-encoded blocks are warned about. Q4_K/Q5_K/Q6_K tensors (llama.cpp's
 Q4_K_M and Q5_K_M files) are kept in their type the same way, super-block by super-block (gguf_kquants), and so
-are Q3_K (Q3_K_M files), IQ4_XS and IQ4_NL (their levels: a fixed non-uniform table). Types gguf-py can only
-decode and we do not encode (Q2_K, IQ types but IQ4_NL/IQ4_XS) are refused unless `requant` names a type to
+are Q2_K and Q3_K (Q2_K and Q3_K_S/M files), IQ4_XS and IQ4_NL (their levels: a fixed non-uniform table). Types
+gguf-py can only decode and we do not encode (IQ types but IQ4_NL/IQ4_XS) are refused unless `requant` names a type to
 re-encode them into. `target_type`
 re-encodes every touched tensor (e.g. F16, to keep the merge exact up to F16 rounding). Metadata and
 tokenizer bytes are copied verbatim.
@@ -179,7 +179,7 @@ class GGUFBackend(Backend):
         if self.requant is not None and (self.target_type is not None
                                          or all(view.file.tensors[g].type in ENCODABLE for g in by_tensor)):
             warnings.append(f"requant={self.requant.name} applies only to tensor types that cannot be re-encoded "
-                            f"here (Q2_K, most IQ types), and no touched tensor has one: it changes nothing "
+                            f"here (most IQ types), and no touched tensor has one: it changes nothing "
                             f"(--option target_type= sets the type of every touched tensor)")
         return Resolved(by_tensor, len(by_tensor), warnings)
 
@@ -391,12 +391,13 @@ def _first_probes(view: GGUFBase, plans: dict[str, _TensorPlan]) -> None:
 # a block of -5e5 and +5e5 stays under 16 * 65504 and cannot be encoded. So no per-value bound is exact; this one
 # never lets an unencodable block through, and refuses only bases whose scales are already at the F16 maximum.
 # Q4_K/Q5_K likewise: with llama.cpp's d >= 0 (ours) a negative value is reached only by the minimum dmin * mn, at
-# most 65504 * 63 (a bound of d * sc * q's 65504 * 63 * 15 let the fresh encoder's dmin overflow to Inf).
+# most 65504 * 63 (a bound of d * sc * q's 65504 * 63 * 15 let the fresh encoder's dmin overflow to Inf); Q2_K's 4-bit
+# minimums reach 65504 * 15.
 _F16_MAX = 65504.0
 BLOCK_VALUE_MAX = {QT.Q8_0: _F16_MAX * 127, QT.Q4_0: _F16_MAX * 8, QT.Q5_0: _F16_MAX * 16, QT.Q4_1: _F16_MAX,
                    QT.Q5_1: _F16_MAX, QT.Q6_K: _F16_MAX * 127 * 32, QT.Q4_K: _F16_MAX * 63,
                    QT.Q5_K: _F16_MAX * 63, QT.Q3_K: _F16_MAX * 32 * 4, QT.IQ4_XS: _F16_MAX * 32 * 127,
-                   QT.IQ4_NL: _F16_MAX * 127}
+                   QT.IQ4_NL: _F16_MAX * 127, QT.Q2_K: _F16_MAX * 15}
 
 
 def _refuse_unencodable(t: QT, mp, where: tuple[str, str]) -> None:
@@ -431,7 +432,7 @@ def _refuse_unencodable_base(t: QT, full: np.ndarray, positions: np.ndarray, whe
 
 def _scale_words(t: QT) -> str:
     """What a block of type t stores as F16 and scales its levels by: a scale, and for some types a minimum."""
-    return "scale or minimum" if t in (QT.Q4_1, QT.Q5_1, QT.Q4_K, QT.Q5_K) else "scale"
+    return "scale or minimum" if t in (QT.Q4_1, QT.Q5_1, QT.Q2_K, QT.Q4_K, QT.Q5_K) else "scale"
 
 
 def _refuse_nonfinite(t: QT, before: np.ndarray, ids: np.ndarray, where: tuple[str, str], *, block0: int = 0,

@@ -377,15 +377,15 @@ def test_packing_round_trips_through_gguf_dequantize(qt):
 
 
 def test_decode_only_type_needs_requant(tiny, tmp_path):
-    """Q2_K can be read (gguf-py decodes it) but not written: refused without --requant, re-encoded with it."""
+    """IQ2_XS can be read (gguf-py decodes it) but not written: refused without --requant, re-encoded with it."""
     rng = np.random.default_rng(5)
-    down = "model.layers.1.mlp.down_proj.weight"  # [64, 256]: one Q2_K super-block per row
-    blocks = rng.integers(0, 256, size=(HIDDEN, 84), dtype=np.uint8)  # Q2_K: d and dmin are the last 4 bytes
-    blocks[:, 80:84] = np.frombuffer(np.float16([0.002, 0.002]).tobytes(), np.uint8)
-    path, view = tiny(QT.Q4_1, types={down: QT.Q2_K}, raw={down: blocks})
-    assert view.encoding(down) == "Q2_K"
+    down = "model.layers.1.mlp.down_proj.weight"  # [64, 256]: one IQ2_XS super-block per row
+    blocks = rng.integers(0, 256, size=(HIDDEN, 74), dtype=np.uint8)  # IQ2_XS: its f16 d is the first 2 bytes
+    blocks[:, 0:2] = np.frombuffer(np.float16([0.002]).tobytes(), np.uint8)
+    path, view = tiny(QT.Q4_1, types={down: QT.IQ2_XS}, raw={down: blocks})
+    assert view.encoding(down) == "IQ2_XS"
     adapter = make_adapter(view, targets=[down, TARGETS[0]])
-    with pytest.raises(NeuroAdaUsageError, match="Q2_K.*requant=") as exc:
+    with pytest.raises(NeuroAdaUsageError, match="IQ2_XS.*requant=") as exc:
         gm.merge_gguf(path, [adapter], tmp_path / "no.gguf")
     assert exc.value.tensor == "blk.1.ffn_down.weight" and exit_code(exc.value) == 2
     assert not (tmp_path / "no.gguf").exists()
@@ -607,8 +607,8 @@ def test_output_rules(tiny, tmp_path):
     before = path.read_bytes()
     gm.merge_gguf(path, [adapter], out, overwrite=True)
     assert path.read_bytes() == before
-    with pytest.raises(NeuroAdaUsageError, match="Q2_K.*not encoded"):
-        gm.merge_gguf(path, [adapter], tmp_path / "k.gguf", target_type="Q2_K")
+    with pytest.raises(NeuroAdaUsageError, match="IQ2_XS.*not encoded"):
+        gm.merge_gguf(path, [adapter], tmp_path / "k.gguf", target_type="IQ2_XS")
     with pytest.raises(NeuroAdaUsageError, match="rows of 64 values do not split into Q4_K blocks"):
         gm.merge_gguf(path, [adapter], tmp_path / "k.gguf", target_type="Q4_K")
 
@@ -699,7 +699,7 @@ def test_cli_options_reach_the_gguf_backend(tiny, tmp_path):
     gm.merge_gguf(path, [adapter], api, target_type="F16")
     assert api.read_bytes() == out.read_bytes()
     assert gm.BACKEND.target_type is None                       # the registered backend is unchanged
-    bads = [["--option", "colour=blue"], ["--option", "target_type=Q2_K"], ["--option", "target_type=Q4_K"]]
+    bads = [["--option", "colour=blue"], ["--option", "target_type=IQ2_XS"], ["--option", "target_type=Q4_K"]]
     bads += [["--option", f"touched_weight={w}"] for w in ("abc", "nan", "inf", "-inf", "1e400", "-5", "0", "")]
     for bad in bads:
         assert merge_run(["--base", os.fspath(path), "--adapter", os.fspath(adapter), "--out",

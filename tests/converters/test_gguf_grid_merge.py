@@ -250,13 +250,13 @@ def test_one_off_grid_value_re_encodes_one_block(tmp_path, small_chunks):
 
 
 def test_kept_tensors_are_counted_when_others_change_type(tmp_path):
-    """A merge that lays the file out anew (a Q2_K tensor re-encoded as Q8_0 with requant) packs the
+    """A merge that lays the file out anew (an IQ2_XS tensor re-encoded as Q8_0 with requant) packs the
     kept Q4_1 tensors' blocks on their grid too; the retyped tensor is warned about, the kept ones are not."""
     rng = np.random.default_rng(5)
     down = "model.layers.1.mlp.down_proj.weight"
-    blocks = rng.integers(0, 256, size=(HIDDEN, 84), dtype=np.uint8)  # Q2_K: d and dmin are the last 4 bytes
-    blocks[:, 80:84] = np.frombuffer(np.float16([0.002, 0.002]).tobytes(), np.uint8)
-    path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q4_1, types={down: QT.Q2_K}, raw={down: blocks})
+    blocks = rng.integers(0, 256, size=(HIDDEN, 74), dtype=np.uint8)  # IQ2_XS: its f16 d is the first 2 bytes
+    blocks[:, 0:2] = np.frombuffer(np.float16([0.002]).tobytes(), np.uint8)
+    path = write_gguf(tmp_path / "base.gguf", hf_arrays(), QT.Q4_1, types={down: QT.IQ2_XS}, raw={down: blocks})
     view = gn.open_gguf_base(path)
     kept = [n for n in TARGETS if n != down]
     adapter = naf.Adapter({**snapped_adapter(view, targets=kept).targets,

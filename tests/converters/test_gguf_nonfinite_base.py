@@ -36,9 +36,9 @@ UP_G = "blk.0.ffn_up.weight"
 DOWN = "model.layers.0.mlp.down_proj.weight"   # [64, 256]: one K-quant super-block per row
 DOWN_G = "blk.0.ffn_down.weight"
 BITS = {"nan": 0x7E00, "inf": 0x7C00, "-inf": 0xFC00}
-# where a block's F16 scale lies: Q6_K keeps its super-scale d last; every other type first (Q4_1/Q5_1/Q4_K/Q5_K
-# keep their minimum right after it, at byte 2)
-SCALE_AT = {QT.Q6_K: -2, QT.Q3_K: -2}
+# where a block's F16 scale lies: Q6_K keeps its super-scale d last, Q2_K its d and then dmin last; every other type
+# first (Q4_1/Q5_1/Q4_K/Q5_K keep their minimum right after it, at byte 2)
+SCALE_AT = {QT.Q6_K: -2, QT.Q3_K: -2, QT.Q2_K: -4}
 
 
 def damaged(src, dst, gname, blocks, bits, at=None):
@@ -118,7 +118,7 @@ def test_a_nonfinite_minimum_is_refused_too(tmp_path, capsys, kind):
 
 
 @pytest.mark.parametrize("kind", ["nan", "inf"])
-@pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q3_K, QT.IQ4_XS, QT.IQ4_NL], ids=lambda t: t.name)
+@pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q3_K, QT.IQ4_XS, QT.IQ4_NL, QT.Q2_K], ids=lambda t: t.name)
 def test_kquant_superblocks_with_a_nonfinite_scale_are_refused(tmp_path, capsys, qt, kind):
     rows4 = range(4 * 256 // GGML_QUANT_SIZES[qt][0])  # the blocks of rows 0-3
     path, adapter = base_and_adapter(tmp_path, qt, kind, blocks=rows4, name=DOWN, gname=DOWN_G,
