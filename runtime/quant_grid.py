@@ -225,7 +225,7 @@ def train_on_grid(model: nn.Module, path, adapter_name: str = "default") -> dict
     (its weights must be that file's de-quantized values): a GGUF file (by its magic) or an ONNX model.
 
     GGUF: every layer whose tensor is block-quantized with a grid `converters.gguf_encode.block_grid` knows
-    (Q4_0, Q4_1, Q8_0, Q3_K, Q4_K, Q5_K, Q6_K). ONNX: every layer whose weight is an ONNX Runtime MatMulNBits
+    (Q4_0, Q4_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K). ONNX: every layer whose weight is an ONNX Runtime MatMulNBits
     weight (4 or 8 bits, with or without zero points), found as `neuroada-merge` finds it (by name, exporter
     scope, node name, else the probe hash over its decoded values). Both: F16/BF16 tensors get their dtype
     (`FloatGrid`: the merge rounds w0 + delta to it); F32 tensors stay plain (they merge exactly as they are),
@@ -328,7 +328,7 @@ def _plan_gguf(model, found, gguf_path, adapter_name):
         else:
             try:
                 grid = QuantGrid(*ge.block_grid(view, key), qtype=info.type.name).to(w0.device)
-            except NeuroAdaUsageError:  # no grid for this type (F32, Q5_0/Q5_1, Q2_K, IQ types): the layer stays plain
+            except NeuroAdaUsageError:  # no grid for this type (F32, Q5_0/Q5_1, IQ types): the layer stays plain
                 grid = None
         if isinstance(grid, QuantGrid):
             _, on_grid = grid.levels(w0, idx)
