@@ -98,6 +98,7 @@ def container(tensors, metadata: dict | None = None, *, pad: bool = True, header
 # -- raw GGUF writing (spec section 15) -----------------------------------------------------------------
 GGUF_F32, GGUF_F16, GGUF_Q4_1 = 0, 1, 3
 GGUF_Q4_K, GGUF_Q5_K, GGUF_Q6_K = 12, 13, 14
+GGUF_Q2_K = 10
 GGUF_U32, GGUF_STR = 4, 8
 GGUF_U8, GGUF_ARRAY = 0, 9
 GGUF_Q8_K, GGUF_I32 = 15, 26  # types without a binary32 decoding (section 15.2)
@@ -185,6 +186,31 @@ def k_superblocks(kind: str, rows: int, seed: int) -> tuple[bytes, np.ndarray]:
             s_ = v // 32
             D, N = np.float32(d * np.float32(sc[s_])), np.float32(dmin * np.float32(mn[s_]))
             out[r, v] = np.float32(D * np.float32(n)) - N
+    return raw.tobytes(), out
+
+
+def q2_k_superblocks(rows: int, seed: int, negative_d: bool = False) -> tuple[bytes, np.ndarray]:
+    """`rows` random Q2_K super-blocks (any levels, sub-block scales and minimums, small f16 d and dmin; with
+    negative_d a negative d and every odd sub-block's minimum 0, so that its zero levels decode to -0.0) and the 256
+    values each decodes to, written out from spec section 15.2's text, one value at a time."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, 84), dtype=np.uint8)
+    supers = (np.abs(rng.standard_normal((rows, 2))) * 0.004).astype(np.float16)
+    if negative_d:
+        supers[:, 0] = -supers[:, 0]
+        raw[:, 1:16:2] &= 15  # scales[s] for odd s: the minimum (high nibble) 0
+    out = np.zeros((rows, 256), np.float32)
+    for r in range(rows):
+        b = raw[r]
+        b[80:84] = np.frombuffer(supers[r].tobytes(), np.uint8)
+        d, dmin = np.float32(supers[r, 0]), np.float32(supers[r, 1])
+        for v in range(256):
+            half, rest = divmod(v, 128)
+            j, l = divmod(rest, 32)
+            n = (int(b[16 + 32 * half + l]) >> (2 * j)) & 3
+            s_ = v // 16
+            D, M = np.float32(d * np.float32(b[s_] & 15)), np.float32(dmin * np.float32(b[s_] >> 4))
+            out[r, v] = np.float32(D * np.float32(n)) - M
     return raw.tobytes(), out
 
 
@@ -936,6 +962,27 @@ def build() -> dict:
         "negative sub-block scale decodes to -0.0 (D_s x n, no minimum added), a Q4_K/Q5_K one to the sign of "
         "D_s x n - dmin x mn (section 15.2); the probe hash tells -0.0 from +0.0", valid=True, base=GK,
         check_selection=True)
+    # Q2_K (since 1.7; llama.cpp's Q2_K files): layer 0 positive d, layer 1 negative d with minimums of 0 (-0.0 zeros)
+    q2raw = [q2_k_superblocks(4, 57), q2_k_superblocks(4, 58, negative_d=True)]
+    G2K = put("bases/tiny_q2_k.gguf", gguf_file(
+        [("general.architecture", GGUF_STR, "llama"), ("general.alignment", GGUF_U32, 32),
+         ("llama.block_count", GGUF_U32, 2)],
+        [(f"blk.{i}.ffn_down.weight", GGUF_Q2_K, (256, 4), q2raw[i][0]) for i in range(2)]))
+    q2base = Base({KD[i]: q2raw[i][1] for i in range(2)})
+    q2t = [target(q2base, n, 3, value_dtype="F32", seed=60 + i) for i, n in enumerate(KD[:2])]
+    rel = put("valid/gguf_q2_k.safetensors", adapter_file(q2t, document(q2t, None)))
+    vec("gguf_q2_k", rel, "1.1: Q2_K tensors decoded as section 15.2's table says (d x sc x q - dmin x mn; probe "
+        "hashes over the decoded super-blocks)", valid=True, base=G2K)
+    q2s = Base({n: a + np.float32(1e-3) for n, a in q2base.arrays.items()})
+    q2b = [target(q2s, n, 3, value_dtype="F32", seed=60 + i) for i, n in enumerate(KD[:2])]
+    rel = put("invalid/gguf_q2_k_wrong_values.safetensors", adapter_file(q2b, document(q2b, None)))
+    vec("gguf_q2_k_wrong_values", rel, "made on values 0.001 off the decoded Q2_K ones (4.3)", valid=False,
+        errors=["4.3"], base=G2K)
+    q2r = [target(q2base, n, 3, rule="reverse", value_dtype="F32", seed=60 + i) for i, n in enumerate(KD[:2])]
+    rel = put("valid/gguf_q2_k_zero_levels.safetensors", adapter_file(q2r, document(q2r, None, rule="reverse")))
+    vec("gguf_q2_k_zero_levels", rel, "reverse selection probes the zero levels: under a negative d a Q2_K zero level "
+        "with a minimum of 0 decodes to -0.0 (D_s x 0 = -0.0, minus +0.0), with any other minimum to -(dmin x mn) "
+        "(section 15.2); the probe hash tells -0.0 from +0.0", valid=True, base=G2K, check_selection=True)
     GF = put("bases/tiny_falcon.gguf", gguf_file(
         [("general.architecture", GGUF_STR, "falcon"), ("general.alignment", GGUF_U32, 32),
          ("falcon.block_count", GGUF_U32, 1)],

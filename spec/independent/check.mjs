@@ -997,6 +997,15 @@ function decodeGguf(buf, info) {
         out[b * 256 + v] = fr(D * ((lo | (hi << 4)) - 32));   // no minimum: a zero level keeps D_s's sign (15.2)
       }
     } return bitsOut;
+    case 'Q2_K': for (let b = 0; b < nb; b++) {   // scales (16: sc low nibble, mn high), qs (64), d, dmin (15.2)
+      const o = b * 84, qs = o + 16, d = h16(o + 80), dmin = h16(o + 82);
+      for (let v = 0; v < 256; v++) {
+        const half = v >> 7, j = (v >> 5) & 3, l = v & 31, s = v >> 4;
+        const n2 = (buf[qs + 32 * half + l] >> (2 * j)) & 3;
+        const D = fr(d * (buf[o + s] & 15)), M = fr(dmin * (buf[o + s] >> 4));
+        out[b * 256 + v] = fr(fr(D * n2) - M);   // one rounding: the subtraction; -0.0 - +0.0 stays -0.0
+      }
+    } return bitsOut;
     case 'Q3_K': for (let b = 0; b < nb; b++) {
       const o = b * 110, hm = o, qs = o + 32, sc = o + 96, d = h16(o + 108);
       for (let v = 0; v < 256; v++) {
