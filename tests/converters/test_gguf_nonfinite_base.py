@@ -117,6 +117,19 @@ def test_a_nonfinite_minimum_is_refused_too(tmp_path, capsys, kind):
     assert "scale or minimum is NaN or Inf" in lines[0], lines
 
 
+@pytest.mark.parametrize("kind", ["nan", "inf", "-inf"])
+def test_a_nonfinite_q2_k_minimum_is_refused(tmp_path, capsys, kind):
+    """Q2_K keeps its F16 dmin last, after d: a NaN or Inf one makes the super-block's values NaN or Inf (Inf * a zero
+    minimum integer is NaN), refused naming the scale or minimum, as Q4_1's minimum is."""
+    path, adapter = base_and_adapter(tmp_path, QT.Q2_K, kind, blocks=range(4), at=-2, name=DOWN, gname=DOWN_G,
+                                     src=kquant_base(tmp_path, QT.Q2_K))
+    before = path.read_bytes()
+    out = tmp_path / "m.gguf"
+    code, lines = merge(capsys, path, adapter, out)
+    assert_refused(code, lines, path, DOWN_G, out, before)
+    assert "base Q2_K block 0 (GGUF row 0, columns 0-255)" in lines[0] and "scale or minimum is NaN or Inf" in lines[0]
+
+
 @pytest.mark.parametrize("kind", ["nan", "inf"])
 @pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q3_K, QT.IQ4_XS, QT.IQ4_NL, QT.Q2_K], ids=lambda t: t.name)
 def test_kquant_superblocks_with_a_nonfinite_scale_are_refused(tmp_path, capsys, qt, kind):
