@@ -1,4 +1,4 @@
-"""How much of an adapter survives a merge into a K-quant GGUF (llama.cpp's Q4_K_M / Q5_K_M kind of file).
+"""How much of an adapter survives a merge into a K-quant GGUF (llama.cpp's Q4_K_M / Q5_K_M / Q2_K kind of file).
 
     python bench/gguf_kquants.py [--steps 40] [--type Q4_K] [--no-write]
 
@@ -12,7 +12,8 @@ Q4_1 blocks, K-quant sub-blocks). Rows: the plain adapter merged into the file w
 the grid-trained adapter merged in place. Retention = 1 - ||l_v - l_rt|| / ||l_rt - l_base|| over every position of
 16 held-out prompts, as in bench/gguf_retention.py; l_rt is each adapter's own runtime merge (f32).
 
-Writes the section "GGUF merge into K-quant files" of bench/RESULTS.md.
+Writes the section "GGUF merge into K-quant files" of bench/RESULTS.md (--type Q4_K, the default), or one of its own
+per other type ("GGUF merge into Q2_K files"), so that each type's numbers stay.
 """
 from __future__ import annotations
 
@@ -40,7 +41,11 @@ from neuroada_format.converters import gguf_names as gn  # noqa: E402
 from neuroada_format.runtime import save_adapter, train_on_grid  # noqa: E402
 from results_md import replace_section, table  # noqa: E402
 
-HEADING = "## GGUF merge into K-quant files (bench/gguf_kquants.py)"
+HEADING = "## GGUF merge into K-quant files (bench/gguf_kquants.py)"  # --type Q4_K's; the others: `heading`
+
+
+def heading(ktype: str) -> str:
+    return HEADING if ktype == "Q4_K" else f"## GGUF merge into {ktype} files (bench/gguf_kquants.py --type {ktype})"
 CACHE = Path(os.environ.get("NEUROADA_CACHE") or Path.home() / ".cache" / "neuroada") / "bench-gguf"
 
 
@@ -63,7 +68,7 @@ def kquant_file(q41: Path, ktype: str) -> Path:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--type", default="Q4_K", choices=["Q4_K", "Q5_K", "Q6_K"])
+    ap.add_argument("--type", default="Q4_K", choices=["Q4_K", "Q5_K", "Q6_K", "Q2_K"])
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -163,7 +168,7 @@ def main(argv=None) -> int:
     text = "\n".join(body)
     print("\n" + text)
     if not args.no_write:
-        replace_section(HEADING, text)
+        replace_section(heading(args.type), text)
     return 0
 
 
