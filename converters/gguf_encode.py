@@ -209,8 +209,8 @@ def encode_blocks(t: QT, target: np.ndarray, original: np.ndarray | None = None,
 
 
 def block_grid(view: GGUFBase, name: str):
-    """The quantisation grid of a Q4_1 / Q4_0 / Q8_0 / K-quant (Q2_K to Q6_K) target in canonical (Hugging Face) row order:
-    (d, m, lo, hi, block) with d, m [d_out, d_in / block] f32, so the representable values of row r,
+    """The quantisation grid of a Q4_1 / Q4_0 / Q8_0 / K-quant (Q2_K to Q6_K) target in canonical (Hugging Face) row
+    order: (d, m, lo, hi, block) with d, m [d_out, d_in / block] f32, so the representable values of row r,
     column c are `d[r, c // block] * q + m[r, c // block]` for integer q in [lo, hi]. For training
     through the quantizer: deltas that land on this grid survive a merge into the file exactly.
     """

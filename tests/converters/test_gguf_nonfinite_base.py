@@ -131,7 +131,8 @@ def test_a_nonfinite_q2_k_minimum_is_refused(tmp_path, capsys, kind):
 
 
 @pytest.mark.parametrize("kind", ["nan", "inf"])
-@pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q3_K, QT.IQ4_XS, QT.IQ4_NL, QT.Q2_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qt", [QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q3_K, QT.IQ4_XS, QT.IQ4_NL, QT.Q2_K],
+                         ids=lambda t: t.name)
 def test_kquant_superblocks_with_a_nonfinite_scale_are_refused(tmp_path, capsys, qt, kind):
     rows4 = range(4 * 256 // GGML_QUANT_SIZES[qt][0])  # the blocks of rows 0-3
     path, adapter = base_and_adapter(tmp_path, qt, kind, blocks=rows4, name=DOWN, gname=DOWN_G,

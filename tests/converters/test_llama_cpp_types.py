@@ -1,14 +1,14 @@
 """llama.cpp runs our merges of every kept block type: the file it reads is the file we meant to write.
 
 test_llama_cpp.py proves one Q4_1 file; the other kept types (Q8_0, Q4_0, Q5_0, Q5_1 by gguf-py's layouts; Q2_K, Q3_K,
-Q4_K, Q5_K, Q6_K, IQ4_XS, IQ4_NL by converters/gguf_kquants.py's own packing) were checked only through gguf-py's decoder,
-which would agree with a packing mistake copied from it. Here the tiny Llama of test_gguf has every projection whose
-rows hold whole blocks of the type in that type (the 256-value super-block types: the two down_proj, rows of 256),
-the rest F32, so that each file's only quantized matmuls are the type's. An adapter on those projections is merged
-with `neuroada-merge` keeping the type; llama.cpp's logits on the merged file must be our decoded view's (the weights
-every test of the merge checks, loaded into transformers' Llama) up to llama.cpp's own noise, and llama.cpp must see
-the adapter's change. Then deltas on the blocks' own grid (train_on_grid's snapping), which merge exactly, and a Q2_K
-file made by llama.cpp's own quantizer (its blocks, not ours) read, re-encoded and merged.
+Q4_K, Q5_K, Q6_K, IQ4_XS, IQ4_NL by converters/gguf_kquants.py's own packing) were checked only through gguf-py's
+decoder, which would agree with a packing mistake copied from it. Here the tiny Llama of test_gguf has every projection
+whose rows hold whole blocks of the type in that type (the 256-value super-block types: the two down_proj, rows of 256),
+the rest F32, so that each file's only quantized matmuls are the type's. An adapter on those projections is merged with
+`neuroada-merge` keeping the type; llama.cpp's logits on the merged file must be our decoded view's (the weights every
+test of the merge checks, loaded into transformers' Llama) up to llama.cpp's own noise, and llama.cpp must see the
+adapter's change. Then deltas on the blocks' own grid (train_on_grid's snapping), which merge exactly, and a Q2_K file
+made by llama.cpp's own quantizer (its blocks, not ours) read, re-encoded and merged.
 
 Skipped when `llama_cpp` cannot be imported (see test_llama_cpp.py).
 """

@@ -421,8 +421,9 @@ def test_runtime_imports_without_gguf():
 
 @pytest.mark.parametrize("ktype", ["Q4_K", "Q5_K", "Q6_K", "Q3_K", "Q2_K"])
 def test_trained_on_kquant_grids_merges_exactly(tmp_path, ktype, capsys):
-    """A K-quant projection (llama.cpp's Q4_K_M / Q5_K_M / Q3_K_M / Q2_K files): the grid is per sub-block of each super-block, and a
-    delta trained through it merges into the file exactly, with the super-block's scales kept (gguf_kquants)."""
+    """A K-quant projection (llama.cpp's Q4_K_M / Q5_K_M / Q3_K_M / Q2_K files): the grid is per sub-block of each
+    super-block, and a delta trained through it merges into the file exactly, with the super-block's scales kept
+    (gguf_kquants)."""
     from neuroada_format.converters import gguf_kquants as kq
     t = QT[ktype]
     arrays = hf_arrays()
