@@ -1,4 +1,5 @@
-"""The tiny Hugging Face Llama that the runtime and PEFT-interop tests build from a config (nothing downloaded)."""
+"""The tiny Hugging Face models (a Llama; T5 and BART for encoder-decoders) that the runtime and PEFT-interop tests
+build from a config (nothing downloaded)."""
 from __future__ import annotations
 
 import torch
@@ -11,6 +12,23 @@ def tiny_llama(seed=0, dtype=torch.float32, **kw) -> transformers.LlamaForCausal
                num_key_value_heads=2, vocab_size=100)
     cfg.update(kw)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).to(dtype).eval()
+
+
+# bos/eos/pad inside a tiny vocabulary (some classes' defaults, e.g. Phi3's 32000, are not)
+TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def tiny_t5(vocab_size=96) -> transformers.T5ForConditionalGeneration:
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
+        **TOKENS))
+
+
+def tiny_bart(vocab_size=96) -> transformers.BartForConditionalGeneration:
+    return transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=vocab_size, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+        decoder_start_token_id=2, forced_eos_token_id=None, **TOKENS))
 
 
 def with_deltas(model, k=3, seed=1, **cfg):

@@ -31,25 +31,12 @@ from neuroada_format import NeuroAdaError, NeuroAdaUsageError  # noqa: E402
 from neuroada_format.runtime import (NeuroAdaConfig, NeuroAdaLayer, adapter_batch, attach,  # noqa: E402
                                      disable_adapter, layers, load_adapter, merge_and_unload, save_adapter,
                                      set_adapter, unload)
+from tiny_hf import TOKENS, tiny_bart, tiny_t5  # noqa: E402
 
 T = transformers
 VOCAB = 96
-# bos/eos/pad inside the tiny vocabulary (the classes' defaults, e.g. Phi3's 32000, are not)
-TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
 DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, **TOKENS)
-
-
-def _t5():
-    return T.T5ForConditionalGeneration(T.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
-                                                   num_heads=4, decoder_start_token_id=0, **TOKENS))
-
-
-def _bart():
-    return T.BartForConditionalGeneration(T.BartConfig(
-        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-        decoder_start_token_id=2, forced_eos_token_id=None, **TOKENS))
 
 
 # name -> (builder, an explicit target_modules list, whether it is an encoder-decoder)
@@ -68,8 +55,8 @@ ARCHS = {
     "qwen2_moe": (lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
         moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
         **DECODER)), ["q_proj", "shared_expert.up_proj"], False),
-    "t5": (_t5, ["q", "v", "wo"], True),
-    "bart": (_bart, ["q_proj", "fc1", "encoder_attn.out_proj"], True),
+    "t5": (lambda: tiny_t5(VOCAB), ["q", "v", "wo"], True),
+    "bart": (lambda: tiny_bart(VOCAB), ["q_proj", "fc1", "encoder_attn.out_proj"], True),
 }
 NAMES = list(ARCHS)
 
