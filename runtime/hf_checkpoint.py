@@ -5,6 +5,8 @@ Kept apart because attach and load_adapter install these on the model and unload
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 import os
 import sys
 import weakref
@@ -362,11 +364,22 @@ class _ModelMethod:
         return self.func(model, *args, **kwargs)
 
     def __deepcopy__(self, memo):
-        model = self.model()
-        return _ModelMethod(self.func, memo.get(id(model), model))
+        model = self.model()  # (func copied too: a method it wraps is the copy's)
+        return type(self)(copy.deepcopy(self.func, memo), memo.get(id(model), model))
 
     def __reduce__(self):
-        return _ModelMethod, (self.func, self.model())
+        return type(self), (self.func, self.model())
+
+
+class _OwnMethod(_ModelMethod):
+    """A _ModelMethod standing in for one of the model's own methods (``func.own(model)``: forward, generate), whose
+    parameters transformers and Trainer read (which inputs generate passes, which dataset columns Trainer keeps):
+    inspect.signature shows that method's, not ``(*args, **kwargs)``."""
+
+    @property
+    def __signature__(self):
+        model = self.model()
+        return None if model is None else inspect.signature(self.func.own(model))
 
 
 # transformers' PEFT-integration methods -> what does that here. They see PEFT's adapters only, and on a model with
@@ -409,7 +422,8 @@ class _HfPeftMethod:
 
 def _install_hf(model: nn.Module) -> None:
     """Make the HF entry points save and load the adapter: a per-instance save_pretrained (see _ModelMethod) and
-    load_state_dict hooks on the model; transformers' PEFT-integration methods say what to call instead."""
+    load_state_dict hooks on the model; transformers' PEFT-integration methods say what to call instead; forward and
+    generate take PEFT's adapter_names (see keyword_batch)."""
     if callable(getattr(model, "save_pretrained", None)):
         model.__dict__["save_pretrained"] = _ModelMethod(save_pretrained, model)
     mixin = getattr(sys.modules.get("transformers.integrations.peft"), "PeftAdapterMixin", None)
@@ -418,21 +432,22 @@ def _install_hf(model: nn.Module) -> None:
             model.__dict__[name] = _ModelMethod(_HfPeftMethod(name), model)
     if callable(getattr(type(model), "resize_token_embeddings", None)):
         model.__dict__["resize_token_embeddings"] = _ModelMethod(resize_token_embeddings, model)
+    from .keyword_batch import KeywordBatch  # (it builds on multi, which imports this module's importers)
+
+    for name in ("forward", "generate"):  # PEFT's model(..., adapter_names=[...]) (see keyword_batch)
+        current = model.__dict__.get(name)
+        if callable(getattr(type(model), name, None)) and not _keyword_batch(current):
+            model.__dict__[name] = _OwnMethod(KeywordBatch(name, current), model)
     if getattr(model, HF_ATTR, None) is None:
-        setattr(model, HF_ATTR, (model.register_forward_pre_hook(_refuse_adapter_names, with_kwargs=True),
-                                 model.register_load_state_dict_pre_hook(_state_pre_hook),
+        setattr(model, HF_ATTR, (model.register_load_state_dict_pre_hook(_state_pre_hook),
                                  model.register_load_state_dict_post_hook(_state_post_hook)))
 
 
-def _refuse_adapter_names(model: nn.Module, args, kwargs):
-    """PEFT's mixed batch, ``model(..., adapter_names=[...])``: a transformers model takes any keyword, so the names
-    were dropped without a word and every row served what set_adapter serves. A PEFT adapter loaded through
-    transformers keeps its own meaning of the keyword."""
-    if "adapter_names" in kwargs and not getattr(model, "_hf_peft_config_loaded", False):
-        raise NeuroAdaUsageError("model(..., adapter_names=...) is PEFT's mixed batch, which a transformers model "
-                                 "ignores (every row would get what set_adapter serves); for NeuroAda adapters: "
-                                 "with adapter_batch(model, names): model(...)")
-    return None
+def _keyword_batch(method) -> bool:
+    """Whether ``method`` (a model's own attribute) is the forward or generate _install_hf put there."""
+    from .keyword_batch import KeywordBatch
+
+    return isinstance(method, _OwnMethod) and isinstance(method.func, KeywordBatch)
 
 
 def resize_token_embeddings(model: nn.Module, *args, **kwargs):
@@ -453,6 +468,13 @@ def _uninstall_hf(model: nn.Module) -> None:
     for name in _HF_PEFT_METHODS:
         model.__dict__.pop(name, None)
     model.__dict__.pop("resize_token_embeddings", None)
+    for name in ("forward", "generate"):  # the method the model had before comes back (one wrapped since stays)
+        ours = model.__dict__.get(name)
+        if _keyword_batch(ours):
+            if ours.func.previous is None:
+                del model.__dict__[name]
+            else:
+                model.__dict__[name] = ours.func.previous
     for handle in getattr(model, HF_ATTR, None) or ():
         handle.remove()
     if HF_ATTR in model.__dict__:

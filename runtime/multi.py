@@ -626,16 +626,26 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
     thread's adapters or none). A forward outside any block, meanwhile, sees the block's state: serve a model from
     several threads through blocks only, or one model per thread.
     """
+    with open_batch(model, adapter_names) as inside:
+        yield inside
+
+
+@contextlib.contextmanager
+def open_batch(model: nn.Module, adapter_names: Sequence[str | None], call: tuple | None = None,
+               what: str = "adapter_batch") -> Iterator[nn.Module]:
+    """adapter_batch's block. ``call``: ``(args, kwargs)`` of a model call already under way (PEFT's keyword, see
+    keyword_batch): its hooks ran before the block opened, so the token count its pre-hook reads is read from them."""
     if unwrapped(model).__dict__.get(MIXED_OWNER_ATTR) == threading.get_ident():
-        _refuse_in_batch(model, "adapter_batch")  # nested in this thread's own block: refused, never a deadlock
+        _refuse_in_batch(model, what)  # nested in this thread's own block: refused, never a deadlock
     with model_lock(unwrapped(model)):
-        _refuse_in_batch(model, "adapter_batch", disabled_ok=True)  # it puts back on exit what it changed
-        with _adapter_batch_locked(model, adapter_names) as inside:
+        _refuse_in_batch(model, what, disabled_ok=True)  # it puts back on exit what it changed
+        with _adapter_batch_locked(model, adapter_names, call) as inside:
             yield inside
 
 
 @contextlib.contextmanager
-def _adapter_batch_locked(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
+def _adapter_batch_locked(model: nn.Module, adapter_names: Sequence[str | None],
+                          call: tuple | None = None) -> Iterator[nn.Module]:
     names = name_list(adapter_names, "adapter_batch", base_ok=True)
     if not names:
         raise NeuroAdaError("adapter_batch needs one adapter name per sequence, got none")
@@ -651,6 +661,8 @@ def _adapter_batch_locked(model: nn.Module, adapter_names: Sequence[str | None])
     tokens = _Tokens()
     hooks = (model.register_forward_pre_hook(tokens.capture, with_kwargs=True),
              model.register_forward_hook(tokens.forget, always_call=True))
+    if call is not None:
+        tokens.capture(model, *call)
     state = unwrapped(model)  # (the model, also when given as its torch.compile wrapper)
     try:
         state.__dict__[MIXED_ATTR] = names

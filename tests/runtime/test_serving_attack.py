@@ -97,19 +97,19 @@ def test_load_adapter_from_another_thread_waits_for_a_running_block(two):
     assert list_adapters(model) == ["a", "b"]
 
 
-def test_peft_adapter_names_keyword_is_refused_not_ignored(two):
+def test_peft_adapter_names_keyword_is_served_not_ignored(two):
     """PEFT's mixed batch is model(..., adapter_names=[...]); a transformers model takes any keyword, so the names
-    were dropped and every row got the base (or the set_adapter adapter) without a word."""
-    from neuroada_format import NeuroAdaUsageError
-
+    were dropped and every row got the base (or the set_adapter adapter) without a word. Each row now gets its own
+    adapter, as inside adapter_batch (tests/runtime/test_adapter_names.py has the rest)."""
     base, files = two
     model = copy.deepcopy(base)
     load_adapter(model, files["a"], "a")
     load_adapter(model, files["b"], "b")
     ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(2))
-    with pytest.raises(NeuroAdaUsageError, match="adapter_batch"):
-        model(ids, adapter_names=["a", "b"])
-    with torch.no_grad(), adapter_batch(model, ["a", "b"]):  # what to do instead: the names are served
-        mixed = model(ids).logits
-    set_adapter(model, "b")
-    assert torch.allclose(mixed[1], _logits(model, ids[1:2])[0], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        mixed = model(ids, adapter_names=["a", "b"]).logits
+        with adapter_batch(model, ["a", "b"]):
+            assert torch.equal(mixed, model(ids).logits)
+    for row, name in enumerate(("a", "b")):
+        set_adapter(model, name)
+        assert torch.allclose(mixed[row], _logits(model, ids[row:row + 1])[0], atol=1e-5, rtol=0)
