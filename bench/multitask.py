@@ -20,7 +20,8 @@
 (d) Block entry with many adapters (--entry-only, its own section "## Mixed-batch block entry"): the tiny Llama of
     tests/tiny_hf.py (hidden 64, 2 layers: 14 target linears), 32 k=1 and 32 k=20 adapters loaded, 32 sequences x
     16 tokens spread over 1 / 4 / 16 / 32 distinct adapters: entering and leaving `adapter_batch` (no forward),
-    and the forward inside the block, against the base forward; one process at 1 thread, interleaved, medians.
+    the forward inside the block, and PEFT's keyword `model(ids, adapter_names=...)` (the block entered per call),
+    against the base forward; one process at 1 thread, interleaved, medians.
 
     python bench/multitask.py              # all parts; writes "## Multi-adapter serving" in RESULTS.md
     python bench/multitask.py --entry-only # part (d) alone; writes "## Mixed-batch block entry"
@@ -348,12 +349,16 @@ def bench_entry(reps: int) -> dict:
                 return time.perf_counter() - t
         return run
 
+    def keyword(m, seqs):
+        return lambda: m(ids, adapter_names=seqs)
+
     variants = {"base forward": lambda: base(ids)}
     for k, m in models.items():
         for n in ENTRY_USED:
             seqs = [names[i % n] for i in range(n_seq)]
             variants[f"k={k}, {n} adapters: entry+exit"] = entry(m, seqs)
             variants[f"k={k}, {n} adapters: forward"] = forward(m, seqs)
+            variants[f"k={k}, {n} adapters: keyword"] = keyword(m, seqs)
     times = {v: [] for v in variants}
     load_start = load()
     with torch.no_grad():
@@ -374,19 +379,21 @@ def entry_report(en: dict, meta: dict) -> str:
     med = en["med"]
     b = med["base forward"]
     rows = [["distinct adapters in the batch", "k", "entry+exit", "forward inside the block", "forward vs base",
-             "(entry+exit+forward) vs base"]]
+             "(entry+exit+forward) vs base", "`model(ids, adapter_names=...)`", "keyword - forward inside"]]
     for k in (1, 20):
         for n in ENTRY_USED:
             e, f = med[f"k={k}, {n} adapters: entry+exit"], med[f"k={k}, {n} adapters: forward"]
-            rows.append([n, k, ms(e), ms(f), f"{f / b:.2f}x", f"{(e + f) / b:.2f}x"])
+            kw = med[f"k={k}, {n} adapters: keyword"]
+            rows.append([n, k, ms(e), ms(f), f"{f / b:.2f}x", f"{(e + f) / b:.2f}x", ms(kw), ms(kw - f)])
     return "\n".join([
         f"`python bench/multitask.py --entry-only`, {meta['date']}; torch {meta['torch']}, {en['threads']} thread on a "
         f"{os.cpu_count()}-core virtual machine shared with other engineers' runs; {meta['wall_s']:.0f} s. Tiny Llama "
         f"(tests/tiny_hf.py: hidden 64, 2 layers, {en['targets']} target linears, fp32), {en['loaded']} k=1 and "
         f"{en['loaded']} k=20 adapters loaded (two models), {en['n_seq']} sequences x {en['n_tok']} tokens, sequence i "
         f"using adapter i mod n. Entry+exit: `with adapter_batch(...): pass` (stacks cached by an earlier block, as a "
-        f"server's); forward: the model call inside a block, timed alone. {en['reps']} interleaved rounds (the first "
-        f"variant rotates), medians. Base forward: {ms(b)}. Load average {en['load_start']} at the start, "
+        f"server's); forward: the model call inside a block, timed alone; keyword: PEFT's "
+        f"`model(ids, adapter_names=...)`, which enters and leaves the block in the call. {en['reps']} interleaved "
+        f"rounds (the first variant rotates), medians. Base forward: {ms(b)}. Load average {en['load_start']} at the start, "
         f"{en['load_end']} at the end.", "", table(rows), ""]) + "\n"
 
 
