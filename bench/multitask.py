@@ -393,8 +393,8 @@ def entry_report(en: dict, meta: dict) -> str:
         f"using adapter i mod n. Entry+exit: `with adapter_batch(...): pass` (stacks cached by an earlier block, as a "
         f"server's); forward: the model call inside a block, timed alone; keyword: PEFT's "
         f"`model(ids, adapter_names=...)`, which enters and leaves the block in the call. {en['reps']} interleaved "
-        f"rounds (the first variant rotates), medians. Base forward: {ms(b)}. Load average {en['load_start']} at the start, "
-        f"{en['load_end']} at the end.", "", table(rows), ""]) + "\n"
+        f"rounds (the first variant rotates), medians. Base forward: {ms(b)}. Load average {en['load_start']} at the "
+        f"start, {en['load_end']} at the end.", "", table(rows), ""]) + "\n"
 
 
 # -- report ----------------------------------------------------------------------------------------------
