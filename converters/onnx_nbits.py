@@ -9,6 +9,12 @@ packed as B is. A value decodes as (code - zero_point) * scale, with zero point 
 absent (ONNX Runtime's contrib operator documentation; checked against onnxruntime's kernel in the tests). Here a
 value is that formula in binary32: fl32(f32(scale) * (code - zero_point)), the integer difference exact.
 
+ONNX Runtime's HQQ quantizer writes `zero_points` as floats instead, the scales' type, one per block, unpacked
+([N * n_blocks]); onnxruntime's CPU kernel then computes fl32(fl32(code * scale) - fl32(scale * zero_point)) (two
+products rounded apart, not the integer form's one rounding: checked bit for bit against its output), and it
+refuses 8-bit blocks with float zero points, so those are refused here too. That value is fl32(d * q) + m with
+d = scale, m = -fl32(scale * zero point), q = code in [0, 2^bits - 1]: the affine grid of GGUF's Q4_1.
+
 ONNX Runtime's quantizer (MatMulNBitsQuantizer) names B `<initializer>_Q<bits>` (its GPTQ writer
 `<initializer>_Q<bits>G<block_size>`), after the [K, N] initializer of the MatMul it replaced; the graph's weight keeps
 that name here (`NBits.name`), so the resolution of converters/onnx_resolve.py finds it as it found the float
@@ -20,7 +26,11 @@ that hold a touched value: a block whose merged values all decode exactly from i
 codes in range keeps them and changes only those codes (exact); any other gets the least-error (scale, zero point)
 among the original, ONNX Runtime's round-to-nearest one, the original moved to hold the largest touched change
 exactly and a few around them, then least-squares refinements of the scale, touched values weighted 100 to 1.
-Every other block, scale and zero point keeps its bytes; scales are rounded to their stored type.
+Every other block, scale and zero point keeps its bytes; scales are rounded to their stored type. A block with a
+float zero point is exact on its own grid when each changed value is some code's value there; otherwise it is
+re-fitted the same way over (scale, zero point) together (least squares of the affine grid, the zero point a float
+of the scales' type), every value weighted alike (FLOAT_ZP_TOUCHED_WEIGHT), the original among the candidates, so a
+block is never re-encoded worse than its own grid.
 """
 from __future__ import annotations
 
@@ -35,7 +45,7 @@ from onnx import AttributeProto, TensorProto
 from neuroada_format import NeuroAdaError
 from neuroada_format.dtypes import round_to
 
-from .block_fit import fit_grid, to_f16
+from .block_fit import fit_grid, grid_eval, to_f16
 
 OP = "MatMulNBits"
 DOMAIN = "com.microsoft"
@@ -44,7 +54,13 @@ ATTRIBUTES = {"K", "N", "bits", "block_size", "accuracy_level"}  # accuracy_leve
 INPUTS = ("A", "B", "scales", "zero_points", "g_idx", "bias")
 RULE = "4.2"                                    # the weight cannot be merged as this file stores it
 TOUCHED_WEIGHT = 100.0                          # as the GGUF merge's default (gguf_merge.GGUFBackend)
+# float zero points: every value weighs the same. Measured on the HQQ-quantized tiny Llama (bench/onnx_retention.py,
+# tests/converters/test_onnx_nbits.py): weighting touched values 100 to 1 lets the continuous (scale, zero point) fit
+# chase them and move untouched codes, and kept less of the adapter's change at every delta size (at 0.1 of a weight
+# std: -0.75 and -1.38 retention in blocks of 32 and 128, against 0.21 and 0.15 weighted 1 to 1)
+FLOAT_ZP_TOUCHED_WEIGHT = 1.0
 U8 = TensorProto.UINT8
+FLOAT_ZP = {TensorProto.FLOAT: "F32", TensorProto.FLOAT16: "F16", TensorProto.BFLOAT16: "BF16"}  # HQQ's zero points
 B_NAME = re.compile(r"(.+)_Q\d+(?:G\d+)?", re.DOTALL)  # `<weight>_Q4`, `<weight>_Q4G32` (GPTQ's): the weight
 
 
@@ -68,6 +84,7 @@ class NBits:
     K: int
     N: int
     problem: str | None = None  # why it cannot be merged (refused when a target resolves to it)
+    float_zp: bool = False      # zero points stored as floats of the scales' type (HQQ), not packed uint8
 
     @property
     def n_blocks(self) -> int:
@@ -92,8 +109,11 @@ class NBits:
         return (1 << self.bits) - 1
 
     def to_dict(self) -> dict:
-        return {"op": OP, "B": self.b, "scales": self.scales, "zero_points": self.zero_points, "bits": self.bits,
-                "block_size": self.block}
+        out = {"op": OP, "B": self.b, "scales": self.scales, "zero_points": self.zero_points, "bits": self.bits,
+               "block_size": self.block}
+        if self.float_zp:
+            out["float_zero_points"] = True
+        return out
 
 
 def find(model) -> dict[str, NBits]:
@@ -120,6 +140,7 @@ def find(model) -> dict[str, NBits]:
             name = b
         zp = node.input[3] if len(node.input) > 3 and node.input[3] else None
         nb = NBits(node, name, b, node.input[2], zp, bits, block, K, N)
+        nb.float_zp = zp is not None and zp in model.initializers and model.initializers[zp].data_type in FLOAT_ZP
         nb.problem = _problem(model, nb)
         out[name] = nb
     return out
@@ -154,7 +175,7 @@ def _problem(model, nb: NBits) -> str | None:
     want = {nb.b: (U8, (nb.N, nb.n_blocks, nb.blob)), nb.scales: (None, nb.N * nb.n_blocks)}
     kind = {nb.b: "B", nb.scales: "scales"}
     if nb.zero_points:
-        want[nb.zero_points] = (U8, nb.N * nb.zp_row)
+        want[nb.zero_points] = (None, nb.N * nb.n_blocks) if nb.float_zp else (U8, nb.N * nb.zp_row)
         kind[nb.zero_points] = "zero_points"
     for name, (dtype, shape) in want.items():
         if name not in model.initializers:
@@ -162,9 +183,17 @@ def _problem(model, nb: NBits) -> str | None:
         t = model.initializers[name]
         if name == nb.scales and model.dtype(name) is None:
             return f"{where}: scales {name!r} are not F32, F16 or BF16"
-        if name == nb.zero_points and t.data_type != U8:
-            return (f"{where}: zero points {name!r} are not packed uint8 (float zero points are not merged: "
-                    f"their grid is not one of integer codes)")
+        if name == nb.zero_points and t.data_type != U8 and not nb.float_zp:
+            return (f"{where}: zero points {name!r} are {TensorProto.DataType.Name(t.data_type)}, neither packed "
+                    f"uint8 nor floats of the scales' type")
+        if name == nb.zero_points and nb.float_zp:
+            if t.data_type != model.initializers[nb.scales].data_type:
+                return (f"{where}: float zero points {name!r} are {FLOAT_ZP[t.data_type]}, the scales "
+                        f"{model.dtype(nb.scales) or 'another type'}: ONNX Runtime reads float zero points as the "
+                        f"scales' type")
+            if nb.bits != 4:
+                return (f"{where}: {nb.bits}-bit blocks with float zero points {name!r}, which onnxruntime's CPU "
+                        f"kernel refuses to run; merges write float zero points with 4-bit blocks only")
         if dtype is not None and t.data_type != dtype:
             return f"{where}: {name!r} is not uint8"
         got = model.shape(name)
@@ -210,12 +239,17 @@ class Weight:
         self.nb = nb
         self.blobs = np.asarray(model.stored(nb.b)).reshape(nb.N * nb.n_blocks, nb.blob)
         self.scales = np.asarray(model.stored(nb.scales)).reshape(-1)
-        self.zp_bytes = None if nb.zero_points is None else np.asarray(model.stored(nb.zero_points)).reshape(
-            nb.N, nb.zp_row)
+        self.zp_bytes = self.zp_float = None
+        if nb.float_zp:
+            self.zp_float = np.asarray(model.stored(nb.zero_points)).reshape(-1)
+        elif nb.zero_points is not None:
+            self.zp_bytes = np.asarray(model.stored(nb.zero_points)).reshape(nb.N, nb.zp_row)
 
     def zero_points(self, ids: np.ndarray) -> np.ndarray:
-        """The zero points of blocks `ids` (flat: row * n_blocks + block) as integers."""
+        """The zero points of blocks `ids` (flat: row * n_blocks + block): integers, or f32 where they are floats."""
         nb = self.nb
+        if self.zp_float is not None:
+            return self.zp_float[ids].astype(np.float32)
         if self.zp_bytes is None:
             return np.full(ids.shape, 1 << (nb.bits - 1), np.int32)
         row, blk = np.divmod(ids, nb.n_blocks)
@@ -227,11 +261,24 @@ class Weight:
     def scale_f32(self, ids: np.ndarray) -> np.ndarray:
         return self.scales[ids].astype(np.float32)
 
-    def decode(self, ids: np.ndarray) -> np.ndarray:
-        """Blocks `ids` as f32 values [len(ids), block]: fl32(f32(scale) * (code - zero point))."""
-        levels = _codes(self.blobs[ids], self.nb.bits).astype(np.float32) - self.zero_points(ids)[:, None].astype(np.float32)
+    def minimum(self, ids: np.ndarray) -> np.ndarray:
+        """Float zero points only: m = -fl32(scale * zero point) of blocks `ids`, each value being fl32(code * scale) + m."""
         with np.errstate(invalid="ignore", over="ignore"):
-            return levels * self.scale_f32(ids)[:, None]
+            return -(self.scale_f32(ids) * self.zero_points(ids))
+
+    def _values(self, codes: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """f32 values of `codes` (uint8, shaped as ids or [len(ids), n]) in blocks `ids`, as onnxruntime decodes them."""
+        extra = (slice(None),) + (None,) * (codes.ndim - ids.ndim)
+        scale = self.scale_f32(ids)[extra]
+        with np.errstate(invalid="ignore", over="ignore"):
+            if self.zp_float is not None:  # fl32(fl32(code * scale) - fl32(scale * zero point))
+                return codes.astype(np.float32) * scale + self.minimum(ids)[extra]
+            return (codes.astype(np.float32) - self.zero_points(ids)[extra].astype(np.float32)) * scale
+
+    def decode(self, ids: np.ndarray) -> np.ndarray:
+        """Blocks `ids` as f32 values [len(ids), block]: fl32(f32(scale) * (code - zero point)) (float zero points:
+        fl32(fl32(code * scale) - fl32(scale * zero point)))."""
+        return self._values(_codes(self.blobs[ids], self.nb.bits), ids)
 
     def values_at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """f32 values at (rows[i, j], cols[i, j]), each decoded by itself as `decode` decodes it (the probe hash).
@@ -245,19 +292,21 @@ class Weight:
         else:
             byte = self.blobs[ids, pos // 2]
             codes = np.where(pos % 2 == 0, byte & np.uint8(15), byte >> np.uint8(4))
-        levels = codes.astype(np.float32) - self.zero_points(ids).astype(np.float32)
-        with np.errstate(invalid="ignore", over="ignore"):
-            return levels * self.scale_f32(ids)
+        return self._values(codes, ids)
 
     def grid(self):
         """The weight's grid, for training through it (runtime/quant_grid.py), as gguf_encode.block_grid gives a GGUF
         tensor's: (d, m, lo, hi, block), d and m [N, n_blocks] f32, lo and hi [N, n_blocks] integers. Row r, column c
         holds fl32(d * q) + m for an integer q in [lo, hi] of its block, q = code - zero point: the zero point shifts
         the level range and m is 0, since ONNX Runtime's value rounds once, fl32(scale * (code - zero point)), and
-        a minimum m = -zero point * scale would round twice."""
+        a minimum m = -zero point * scale would round twice. Float zero points (HQQ) are that affine grid exactly:
+        m = -fl32(scale * zero point), q = code in [0, 2^bits - 1], as onnxruntime computes them."""
         nb = self.nb
         ids = np.arange(nb.N * nb.n_blocks)
         d = self.scale_f32(ids).reshape(nb.N, nb.n_blocks)
+        if self.zp_float is not None:
+            zero = np.zeros(d.shape, np.int32)
+            return d, self.minimum(ids).reshape(d.shape), zero, zero + nb.qmax, nb.block
         zp = self.zero_points(ids).reshape(nb.N, nb.n_blocks)
         return d, np.zeros_like(d), -zp, nb.qmax - zp, nb.block
 
@@ -272,11 +321,13 @@ class Weight:
         nb = self.nb
         got = self.decode(ids) if decoded is None else decoded
         scale = self.scale_f32(ids)[:, None]
-        zp = self.zero_points(ids)[:, None].astype(np.float32)
-        ends = np.stack([-zp * scale, (nb.qmax - zp) * scale])
+        ends = np.stack([self._values(np.full(ids.shape, c, np.uint8), ids)[:, None] for c in (0, nb.qmax)])
         v = np.clip(np.asarray(values, np.float32), ends.min(0), ends.max(0))
         eps = max(float(ml_dtypes.finfo(self.scales.dtype).eps), 2.0 ** -22)
         slack = np.abs(scale) * (0.5 + (nb.qmax + 1) * eps) + 4 * np.spacing(np.abs(v))
+        if self.zp_float is not None:  # (two products rounded apart, each up to qmax + |zero point| steps large)
+            far = np.abs(scale) * (nb.qmax + np.abs(self.zero_points(ids)[:, None]))
+            slack = slack + 4 * np.spacing(far.astype(np.float32))
         with np.errstate(invalid="ignore", over="ignore"):
             return ((np.abs(got - v) <= slack) | ~self.real(ids)).all(-1)  # (a last block's padding: not the weight's)
 
@@ -344,7 +395,8 @@ def reencode(w: Weight, values: np.ndarray, mp, *, where: tuple[str, str],
     if not np.isfinite(before).all():
         bad = int(ids[~np.isfinite(before).all(axis=1)][0])
         raise NeuroAdaError(f"block {bad % nb.n_blocks} of row {bad // nb.n_blocks} decodes to NaN or Inf (its scale "
-                            f"is not finite) and the merge touches it; the base file is damaged",
+                            f"{'or zero point ' if nb.float_zp else ''}is not finite) and the merge touches it; the "
+                            f"base file is damaged",
                             path=where[0], tensor=where[1], rule="1.6")
     at, col = np.searchsorted(ids, which), c % block
     merged = np.asarray(mp.merged, np.float32)
@@ -352,16 +404,20 @@ def reencode(w: Weight, values: np.ndarray, mp, *, where: tuple[str, str],
     codes = _codes(w.blobs[ids], nb.bits).astype(np.int32)
     scales, zps = d0.copy(), z0.copy()
     # on the original grid: every changed value is d0 * (code - z0) for a code in range
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        lv = np.rint(merged / np.where(d0[at] == 0, np.float32(1), d0[at]))
-    lv[~np.isfinite(lv)] = 0
-    lv = np.clip(lv, -z0[at], np.float32(nb.qmax) - z0[at])
-    exact = (d0[at] * lv == merged) | (merged == before[at, col])
+    if nb.float_zp:
+        new_code, exact = _on_float_grid(w, ids[at], merged)
+    else:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            lv = np.rint(merged / np.where(d0[at] == 0, np.float32(1), d0[at]))
+        lv[~np.isfinite(lv)] = 0
+        lv = np.clip(lv, -z0[at], np.float32(nb.qmax) - z0[at])
+        exact, new_code = d0[at] * lv == merged, lv + z0[at]
+    exact |= merged == before[at, col]
     on = np.ones(ids.size, bool)
     on[at[~exact]] = False
     keep = on[at]
     chg = keep & (merged != before[at, col])  # (an unchanged value keeps its code, whatever its level)
-    codes[at[chg], col[chg]] = (lv[chg] + z0[at[chg]]).astype(np.int32)
+    codes[at[chg], col[chg]] = new_code[chg].astype(np.int32)
     rest = np.flatnonzero(~on)
     if rest.size:
         target = before[rest].copy()
@@ -370,27 +426,50 @@ def reencode(w: Weight, values: np.ndarray, mp, *, where: tuple[str, str],
         pos = np.searchsorted(rest, at[sel])
         target[pos, col[sel]] = merged[sel]
         mask[pos, col[sel]] = True
-        _refuse_unencodable(nb, target, w.scales.dtype, touched_weight, where)
+        tw = FLOAT_ZP_TOUCHED_WEIGHT if nb.float_zp else touched_weight
+        _refuse_unencodable(nb, target, w.scales.dtype, tw, where)
         real = w.real(ids[rest])
-        d, z, q = _search(nb, target, before[rest], mask, real, d0[rest], z0[rest], _rounder(w.scales.dtype),
-                          touched_weight)
-        if not np.isfinite(d).all():
+        search = _search_float if nb.float_zp else _search
+        d, z, q = search(nb, target, before[rest], mask, real, d0[rest], z0[rest], _rounder(w.scales.dtype), tw)
+        if not (np.isfinite(d).all() and np.isfinite(z).all()):
             raise NeuroAdaError(f"merged values reach {float(np.abs(target).max()):.4g}, beyond what a {nb.bits}-bit "
                                 f"block with {w.scales.dtype} scales can encode; merge with a smaller scale",
                                 path=where[0], tensor=where[1], rule=RULE)
         scales[rest], zps[rest] = d, z
-        codes[rest] = np.where(real, q, 0) + z[:, None].astype(np.int32)  # (padding: level 0, the value 0)
+        if nb.float_zp:  # q: the codes; padding: the code nearest the value 0
+            codes[rest] = np.where(real, q, np.clip(np.rint(z), 0, nb.qmax)[:, None].astype(np.int32))
+        else:
+            codes[rest] = np.where(real, q, 0) + z[:, None].astype(np.int32)  # (padding: level 0, the value 0)
     tensors = {}
     blob_pos = (ids[:, None] * nb.blob + np.arange(nb.blob)).reshape(-1)
     tensors[nb.b] = (blob_pos, _pack_codes(codes, nb.bits).reshape(-1))
     if rest.size:
-        moved = rest[(scales[rest].view(np.uint32) != d0[rest].view(np.uint32)) | (zps[rest] != z0[rest])]
-        zps = zps.astype(np.int32)
+        moved = rest[(scales[rest].view(np.uint32) != d0[rest].view(np.uint32)) |
+                     (zps[rest].view(np.uint32) != z0[rest].view(np.uint32))]
         sid = ids[moved]
         tensors[nb.scales] = (sid, scales[moved].astype(w.scales.dtype))
-        if nb.zero_points is not None and moved.size:
-            tensors[nb.zero_points] = _zp_patch(w, sid, zps[moved])
+        if nb.float_zp and moved.size:
+            tensors[nb.zero_points] = (sid, zps[moved].astype(w.zp_float.dtype))
+        elif nb.zero_points is not None and moved.size:
+            tensors[nb.zero_points] = _zp_patch(w, sid, zps[moved].astype(np.int32))
     return Patch(ids, int(on.sum()), tensors)
+
+
+def _on_float_grid(w: Weight, ids: np.ndarray, merged: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per merged value of block ids[i] (float zero points): a code whose value there is exactly merged[i], if one is
+    (codes [n], exact [n]). The nearest code by f32 arithmetic, or one to either side of it: the two roundings of the
+    decoding can put the value on a neighbour."""
+    d, m = w.scale_f32(ids), w.minimum(ids)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        guess = np.rint((merged - m) / np.where(d == 0, np.float32(1), d))
+    guess[~np.isfinite(guess)] = 0
+    code, exact = np.zeros(merged.shape, np.float32), np.zeros(merged.shape, bool)
+    for step in (0, -1, 1):
+        c = np.clip(guess + step, 0, w.nb.qmax)
+        with np.errstate(invalid="ignore", over="ignore"):
+            hit = ~exact & (c * d + m == merged)
+        code[hit], exact[hit] = c[hit], True
+    return code, exact
 
 
 def _value_limit(nb: NBits, scale_dtype, touched_weight: float) -> float:
@@ -465,4 +544,48 @@ def _search(nb: NBits, target, before, touched, real, d0, z0, to_scale, touched_
             cand(d0 * f, z0)
     d, _, q, lo, _ = fit_grid(target, w, cands, 0, 0, False, to_scale)
     return d, -lo, q.T.astype(np.int32)
+
+
+def _search_float(nb: NBits, target, before, touched, real, d0, z0, to_scale, touched_weight):
+    """`_search` for blocks with float zero points: (scale [B], zero point [B], codes [B, block]), both as stored. The
+    grid is affine, fl32(d * code) + m with m = -fl32(d * z), so the same search fits (d, m): among the original, the
+    round-to-nearest one over the block's [min, max] (HQQ's starting point) and those scaled by 0.98 / 1.02 about the
+    block's middle, the original with its zero point moved to hold the largest touched change exactly and the original
+    scaled by 0.98 / 1.02; then least squares of (d, m). The result's zero point is -m / d rounded to the stored type;
+    its grid is evaluated as onnxruntime decodes it and kept only where its error is below the original's."""
+    B, qmax = target.shape[0], nb.qmax
+    w = np.where(touched, np.float32(touched_weight), np.where(real, np.float32(1), np.float32(0)))
+    cands = []
+
+    def cand(d, z):
+        d, z = to_scale(d), to_scale(z)
+        with np.errstate(invalid="ignore", over="ignore"):
+            cands.append((d, -(d * z)))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        cand(d0, z0)  # the original
+        lo = np.where(real, target, np.inf).min(axis=1)
+        hi = np.where(real, target, -np.inf).max(axis=1)
+        mid = (lo + hi) / 2
+        naive_d = (hi - lo) / np.float32(qmax)
+        naive_d = np.where(naive_d > 0, naive_d, np.abs(d0))
+        for f in (1.0, 0.98, 1.02):
+            dn = to_scale(naive_d * np.float32(f))
+            cand(dn, np.float32(qmax / 2) - mid / dn)
+        j = np.argmax(np.where(touched, np.abs(target - before), -1), axis=1)
+        xt = target[np.arange(B), j]
+        safe = np.where(d0 == 0, np.float32(1), d0)
+        c = np.clip(np.rint(xt / safe + z0), 0, qmax)
+        cand(d0, np.where(d0 != 0, c - xt / safe, z0))
+        for f in (0.98, 1.02):
+            cand(d0 * np.float32(f), z0)
+    d, m, _, _, _ = fit_grid(target, w, cands, 0, qmax, True, to_scale)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        z = to_scale(np.where(d != 0, -m / np.where(d == 0, np.float32(1), d), z0))
+        m = -(d * z)  # (as onnxruntime decodes: its own product, rounded)
+    x, wt = np.ascontiguousarray(target.T), np.ascontiguousarray(w.T)
+    q, err = grid_eval(x, wt, d, m, 0, qmax)
+    q0, err0 = grid_eval(x, wt, d0, cands[0][1], 0, qmax)
+    better = (err < err0) & np.isfinite(z) & np.isfinite(d)
+    return (np.where(better, d, d0), np.where(better, z, z0),
+            np.where(better[None, :], q, q0).T.astype(np.int32))
 

@@ -6,7 +6,9 @@ K-quant sub-block of 16 or 32 values likewise, its scale and minimum f16 super-s
 An ONNX Runtime MatMulNBits block (4 or 8 bits, 16 to 256 values along d_in) holds fl32(scale * (code - zero
 point)): the same grid with m = 0 and levels q = code - zero point in [-zero point, 2^bits - 1 - zero point]
 (a minimum m = -zero point * scale would round twice: it misses ONNX Runtime's value at 40-55% of random
-levels). Merging trained deltas into such a file means re-encoding the blocks that hold them, and a learned
+levels). With float zero points (ONNX Runtime's HQQ quantizer, 4-bit) onnxruntime does round twice,
+fl32(fl32(code * scale) - fl32(scale * zero point)): there the grid is d = scale, m = -fl32(scale * zero point),
+q = code in [0, 15], exactly. Merging trained deltas into such a file means re-encoding the blocks that hold them, and a learned
 delta is usually smaller than half a 4-bit step, so much of it is lost (bench/RESULTS.md, "GGUF merge:
 retention": about 77% of the adapter's logit change kept on SmolLM2 Q4_1; 60-80% in 4-bit MatMulNBits files of
 tests/runtime/test_onnx_grid.py). Training *through* the grid instead snaps each delta so that `w0 + delta` is a
@@ -425,7 +427,8 @@ def _plan_onnx(model, found, onnx_path, adapter_name):
 @takes_model
 def load_quantized_weights(model: nn.Module, onnx_path) -> dict[str, str]:
     """Copy every MatMulNBits weight of an ONNX Runtime quantized model, de-quantized (fl32(scale * (code - zero
-    point)), the values ONNX Runtime computes with), into the model's linear layer it belongs to: the weights
+    point)); with float zero points fl32(fl32(code * scale) - fl32(scale * zero point)): the values ONNX Runtime
+    computes with), into the model's linear layer it belongs to: the weights
     `train_on_grid` needs the model to hold. A GGUF file's are read by transformers' own loader instead
     (`from_pretrained(folder, gguf_file=name)`, docs/gguf.md); float initializers are left as the model has them.
 
@@ -514,8 +517,8 @@ def _match_by_values(view, missing: list[str], free: dict[str, np.ndarray], deco
 
     A layer matches a weight of its [d_out, d_in] = [N, K] when every decoded value is its block's level nearest to the
     layer's float value (`onnx_nbits.Weight.rounds_from`: within half a step, or the clamped end level), which is what
-    ONNX Runtime's default round-to-nearest quantizer stores (its HQQ quantizer writes float zero points, which are
-    refused before any matching, rule 4.2). The weights of another checkpoint fail on almost every block. Each weight needs
+    ONNX Runtime's default round-to-nearest quantizer stores, and its HQQ quantizer too (each weight on its block's
+    nearest code, for the scale and float zero point it optimised). The weights of another checkpoint fail on almost every block. Each weight needs
     exactly one such layer and each layer at most one weight: a tie (two layers with the same weights) is refused,
     never guessed, and so is a weight no layer rounds to, which is also what a quantizer that moves values off their
     nearest level (GPTQ's error compensation) gives. Checked on SAMPLE_BLOCKS spread blocks of every same-shape pair

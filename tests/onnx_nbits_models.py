@@ -1,7 +1,7 @@
 """The tiny Llama of the MatMulNBits tests (tests/converters/test_onnx_nbits.py, tests/runtime/test_onnx_grid.py):
 exported by the dynamo exporter, quantized in-process by onnxruntime's MatMulNBitsQuantizer, decoded by the operator's
-documented formula, run in onnxruntime. Import `llama_fixture` and `quantized_fixture` into a test module to use the
-fixtures `llama` and `quantized`."""
+documented formula, run in onnxruntime. Import `llama_fixture` and `quantized_fixture` (`hqq_fixture`: HQQ's float zero
+points) into a test module to use the fixtures `llama` and `quantized` (`hqq`)."""
 from __future__ import annotations
 
 import copy
@@ -29,15 +29,21 @@ PADDED = {**LLAMA, "hidden_size": 80, "intermediate_size": 176, "num_attention_h
 PADDED_VARIANTS = [(4, 32, True), (4, 64, False), (8, 128, False)]
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VARIANTS = [(4, 32, True), (4, 32, False), (4, 128, True), (4, 128, False), (8, 32, True), (8, 128, False)]
+HQQ_VARIANTS = [(4, 32, False), (4, 128, False)]  # (HQQ writes zero points always; onnxruntime runs 4-bit ones only)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def quantize(model_proto, bits, block, symmetric, exclude=()):
+def quantize(model_proto, bits, block, symmetric, exclude=(), hqq=False):
+    """ONNX Runtime's MatMulNBitsQuantizer: round to nearest (uint8 zero points unless symmetric), or with hqq=True
+    its HQQ algorithm (4-bit, float zero points of the scales' type; `symmetric` ignored)."""
     logging.disable(logging.WARNING)
     try:
-        q = nbq.MatMulNBitsQuantizer(copy.deepcopy(model_proto), bits=bits, block_size=block,
-                                     is_symmetric=symmetric, nodes_to_exclude=list(exclude))
-        q.process()
+        config = nbq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits) if hqq else None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (HQQ: torch's warning about a read-only numpy array)
+            q = nbq.MatMulNBitsQuantizer(copy.deepcopy(model_proto), bits=bits, block_size=block,
+                                         is_symmetric=symmetric, nodes_to_exclude=list(exclude), algo_config=config)
+            q.process()
         return q.model.model
     finally:
         logging.disable(logging.NOTSET)
@@ -58,20 +64,42 @@ def nbits_node(proto, b_name):
 
 def decode(tensors, node, padding=False):
     """The [N, K] f32 weight a MatMulNBits node holds, by the operator's documented formula (padding: [N, n_blocks *
-    block], a last block's padding past K included, which the operator never reads)."""
+    block], a last block's padding past K included, which the operator never reads). Float zero points (HQQ's): as
+    onnxruntime's CPU kernel computes them, fl32(fl32(code * scale) - fl32(scale * zero point)) (`ort_weight`)."""
     a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
     bits, block, K, N = a["bits"], a["block_size"], a["K"], a["N"]
     nb = -(-K // block)
     B = tensors[node.input[1]]
     codes = (np.stack([B & 15, B >> 4], -1) if bits == 4 else B).reshape(N, nb, block).astype(np.float32)
+    scale = tensors[node.input[2]].reshape(N, nb).astype(np.float32)
+    if len(node.input) > 3 and node.input[3] and tensors[node.input[3]].dtype != np.uint8:
+        zp = tensors[node.input[3]].reshape(N, nb).astype(np.float32)
+        values = (codes * scale[:, :, None] - (scale * zp)[:, :, None]).reshape(N, -1)
+        return values if padding else values[:, :K]
     if len(node.input) > 3 and node.input[3]:
         Z = tensors[node.input[3]]
         zp = (np.stack([Z & 15, Z >> 4], -1).reshape(N, -1) if bits == 4 else Z.reshape(N, -1))[:, :nb]
     else:
         zp = np.full((N, nb), 1 << (bits - 1))
-    scale = tensors[node.input[2]].reshape(N, nb).astype(np.float32)
     values = ((codes - zp[:, :, None].astype(np.float32)) * scale[:, :, None]).reshape(N, -1)
     return values if padding else values[:, :K]
+
+
+def ort_weight(tensors, node):
+    """The [N, K] weight onnxruntime computes with for a MatMulNBits node: the node run alone (its B, scales and zero
+    points) on the K x K identity, in the scales' type. Ground truth for `decode` (each output is one product by 1.0
+    plus zeros: exact)."""
+    a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+    K, N = a["K"], a["N"]
+    scales = tensors[node.input[2]]
+    elem = helper.np_dtype_to_tensor_dtype(scales.dtype)
+    parts = [i for i in node.input[1:4] if i]
+    g = helper.make_graph([helper.make_node("MatMulNBits", ["A", *parts], ["Y"], domain="com.microsoft", **a)], "w",
+                          [helper.make_tensor_value_info("A", elem, [K, K])],
+                          [helper.make_tensor_value_info("Y", elem, [K, N])],
+                          [numpy_helper.from_array(tensors[i], i) for i in parts])
+    proto = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return np.ascontiguousarray(run(proto.SerializeToString(), np.eye(K, dtype=scales.dtype)).T)
 
 
 def with_weights(float_path, weights, out):
@@ -145,11 +173,17 @@ def quantized_fixture(llama):
     return quantized_variants(llama, VARIANTS)
 
 
-def quantized_variants(llama, variants):
+@pytest.fixture(scope="module", name="hqq")
+def hqq_fixture(llama):
+    """As `quantized`, by ONNX Runtime's HQQ quantizer (4-bit, float zero points), per HQQ_VARIANTS."""
+    return quantized_variants(llama, HQQ_VARIANTS, hqq=True)
+
+
+def quantized_variants(llama, variants, hqq=False):
     out = {}
     for bits, block, sym in variants:
-        proto = quantize(llama["proto"], bits, block, sym, exclude=[llama["head_node"]])
-        path = save(proto, llama["folder"] / f"q{bits}_{block}_{'s' if sym else 'a'}.onnx")
+        proto = quantize(llama["proto"], bits, block, sym, exclude=[llama["head_node"]], hqq=hqq)
+        path = save(proto, llama["folder"] / f"{'hqq' if hqq else 'q'}{bits}_{block}_{'s' if sym else 'a'}.onnx")
         tensors = inits(path)
         decoded = {}
         for n in llama["names"][:-1]:

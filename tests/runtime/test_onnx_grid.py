@@ -283,29 +283,43 @@ def test_gptq_files_load_by_scope_and_merge_exactly_and_by_value_are_refused(lla
     runs_as_the_runtime(model, out, llama["ids"])
 
 
-def test_hqq_files_are_refused_for_their_float_zero_points(llama, tmp_path, capsys):
-    """ONNX Runtime's HQQ quantizer stores float zero points (not integers: its optimiser moves them), whose values
-    fl32((code - zero point) * scale) are no grid of integer levels this merge or the runtime writes: loading, training
-    on and merging into such a file are refused under rule 4.2, naming the zero points, and nothing changes."""
+def test_hqq_files_load_by_value_and_scope_train_on_the_grid_and_merge_exactly(llama, tmp_path, capsys):
+    """ONNX Runtime's HQQ quantizer stores float zero points (its optimiser moves them off the integers); loading,
+    training on and merging into such a file were refused (rule 4.2). Its value fl32(fl32(code * scale) - fl32(scale
+    * zero point)) is an affine grid, fl32(scale * code) + m (the one GGUF's Q4_1 trains on), and HQQ rounds each
+    weight to its nearest code: placed by value where the quantizer dropped the names, by scope where they are kept,
+    trained through the grid, merged exactly (no block re-encoded, every scale and zero point byte kept), and
+    onnxruntime computes the runtime's merged model."""
     proto = gptq_or_hqq(llama, nbq.HQQWeightOnlyQuantConfig(block_size=32, bits=4))
     nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
-    zps = inits(save(proto, tmp_path / "hqq.onnx"))[nodes[0].input[3]]
+    plain = save(proto, tmp_path / "hqq_plain.onnx")
+    tensors = inits(plain)
+    zps = tensors[nodes[0].input[3]]
     assert len(nodes) == 14 and zps.dtype == np.float32 and (zps != np.round(zps)).any()
-    path = save(with_scopes(proto, llama["proto"]), tmp_path / "hqq.onnx")
-    for load in (path, os.fspath(tmp_path / "hqq.onnx")):  # by scope, and by value where no scope is left
-        load_refused(llama_model(), load, "zero points .* are not packed uint8 \\(float zero points", "4.2")
-    model = attach(llama_model(), NeuroAdaConfig(**CONFIG))
-    with pytest.raises(NeuroAdaError, match="float zero points") as exc:
-        train_on_grid(model, path)
-    assert exc.value.rule == "4.2" and grid_types(model) == {}
-    model.save_pretrained(tmp_path / "out")
-    capsys.readouterr()
-    assert merge_run(["--base", path, "--adapter", os.fspath(tmp_path / "out"), "--out",
-                      os.fspath(tmp_path / "m.onnx")]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "float zero points" in err and "rule 4.2" in err, err
-    assert not os.path.exists(tmp_path / "m.onnx")
-
+    scoped = save(with_scopes(proto, llama["proto"]), tmp_path / "hqq.onnx")
+    by_value, by_scope = llama_model(), llama_model()
+    placed = load_quantized_weights(by_value, plain)
+    assert placed == load_quantized_weights(by_scope, scoped) and len(placed) == 14
+    for n in nodes:
+        key = next(k for k in llama["names"] if llama["where"][k] + "_Q4" == n.input[1])
+        for model in (by_value, by_scope):
+            assert np.array_equal(model.get_submodule(key.removesuffix(".weight")).weight.detach().numpy(),
+                                  decode(tensors, n)), key
+    attach(by_value, NeuroAdaConfig(**CONFIG))
+    assert set(train_on_grid(by_value, plain).values()) == {"MatMulNBits4", "F32"}
+    train(by_value)
+    details, want, new, out = merged_on_grid(by_value, plain, tmp_path, capsys)
+    assert details["note"].startswith("MatMulNBits targets exact")
+    changed = 0
+    for n in nodes:
+        key = next(k for k in llama["names"] if llama["where"][k] + "_Q4" == n.input[1])
+        got = decode(new, n)
+        assert np.array_equal(got, want[key]), key
+        changed += int((got != decode(tensors, n)).sum())
+        for i in n.input[2:4]:
+            assert new[i].tobytes() == tensors[i].tobytes(), i
+    assert changed > 100  # (levels moved)
+    runs_as_the_runtime(by_value, out, llama["ids"])
 
 
 def gemms_as_matmuls(proto):
