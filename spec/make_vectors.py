@@ -95,6 +95,105 @@ def container(tensors, metadata: dict | None = None, *, pad: bool = True, header
     return raw_file(header, b"".join(chunks), pad=pad)
 
 
+# -- raw ONNX writing (spec section 15.4) ---------------------------------------------------------------
+# A protobuf ModelProto written field by field (varints and length-delimited fields, ascending field numbers), so the
+# bytes never depend on the onnx package's serializer.
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _pb(field: int, value) -> bytes:
+    """One protobuf field: an int as a varint, bytes or str length-delimited."""
+    if isinstance(value, int):
+        return _varint(field << 3) + _varint(value)
+    raw = value.encode("utf-8") if isinstance(value, str) else value
+    return _varint(field << 3 | 2) + _varint(len(raw)) + raw
+
+
+ONNX_TYPES = {np.dtype("<f4"): 1, np.dtype(np.uint8): 2, np.dtype("<f2"): 10}
+
+
+def onnx_tensor(name: str, arr: np.ndarray) -> bytes:
+    """TensorProto: dims (1), data_type (2), name (8), raw_data (9, little-endian)."""
+    arr = np.ascontiguousarray(arr)
+    return (b"".join(_pb(1, int(d)) for d in arr.shape) + _pb(2, ONNX_TYPES[arr.dtype]) + _pb(8, name)
+            + _pb(9, arr.tobytes()))
+
+
+def _value_info(name: str, elem: int, shape) -> bytes:
+    dims = b"".join(_pb(1, _pb(1, int(d))) for d in shape)                    # TensorShapeProto.dim.dim_value
+    return _pb(1, name) + _pb(2, _pb(1, _pb(1, elem) + _pb(2, dims)))          # ValueInfoProto.type.tensor_type
+
+
+def matmulnbits_model(weight: str, B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, *, K: int, N: int,
+                      bits: int, block: int) -> bytes:
+    """A ModelProto (IR 10, opsets "" 17 and com.microsoft 1) of one MatMulNBits node Y = A W^T, with B named
+    `<weight>_Q<bits>` as ONNX Runtime's quantizer names it, and its scales and zero points."""
+    names = [f"{weight}_Q{bits}", f"{weight}_scales", f"{weight}_zero_points"]
+    attrs = b"".join(_pb(5, _pb(1, a) + _pb(3, v) + _pb(20, 2))             # AttributeProto name, i, type INT
+                     for a, v in (("K", K), ("N", N), ("bits", bits), ("block_size", block)))
+    node = (_pb(1, "A") + b"".join(_pb(1, n) for n in names) + _pb(2, "Y") + _pb(3, "q_proj") + _pb(4, "MatMulNBits")
+            + attrs + _pb(7, "com.microsoft"))
+    elem = ONNX_TYPES[scales.dtype]
+    graph = (_pb(1, node) + _pb(2, "g")
+             + b"".join(_pb(5, onnx_tensor(n, a)) for n, a in zip(names, (B, scales, zero_points)))
+             + _pb(11, _value_info("A", elem, (3, K))) + _pb(12, _value_info("Y", elem, (3, N))))
+    opsets = _pb(8, _pb(1, "") + _pb(2, 17)) + _pb(8, _pb(1, "com.microsoft") + _pb(2, 1))
+    return _pb(1, 10) + _pb(7, graph) + opsets
+
+
+def hqq_vector(tmp: str):
+    """A MatMulNBits weight with float zero points (ONNX Runtime's HQQ layout: 4-bit, K = 64 in blocks of 32, f32
+    scales and zero points, one per block, unpacked), an adapter whose merged values are each some code's value on its
+    block's own grid (so the merge changes codes only, section 15.4), and the merged model, merged by the reference.
+    Returns (base bytes, [(target, ...)], expected bytes)."""
+    K, N, block = 64, 4, 32
+    nb = K // block
+    rng = SplitMix64(1504)
+    codes = np.array([rng.next() % 16 for _ in range(N * K)], np.uint8).reshape(N, nb, block)
+    scales = (0.005 + 0.02 * (rng.uniform(N * nb, 0.0, 1.0))).astype(np.float32)
+    zps = (15.0 * rng.uniform(N * nb, 0.0, 1.0)).astype(np.float32)
+    B = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    s32, z32 = scales.reshape(N, nb, 1), zps.reshape(N, nb, 1)
+    W = (codes.astype(np.float32) * s32 - s32 * z32).reshape(N, K)     # fl32(fl32(code * s) - fl32(s * z))
+    idx = select_indices(W, 3)
+    rows = np.arange(N)[:, None]
+    want = np.array([[(rng.next() % 16) for _ in range(3)] for _ in range(N)], np.float32)
+    s_at, m_at = scales.reshape(N, nb)[rows, idx // block], -(scales * zps).reshape(N, nb)[rows, idx // block]
+    target_values = want * s_at + m_at
+    base_values = np.take_along_axis(W, idx, 1)
+    vals = (target_values - base_values).astype(np.float32)
+    reach = base_values + vals == target_values
+    vals[~reach] = 0                                                 # (a value no f32 delta reaches: unchanged)
+    assert reach.sum() >= 10
+    base = Base({DOWN: W})
+    t = target(base, DOWN, 3, indices=idx, value_dtype="F32", values=vals)
+    model = matmulnbits_model(DOWN, B.reshape(N, nb, block // 2), scales, zps, K=K, N=N, bits=4, block=block)
+    from neuroada_format.converters.onnx_merge import merge_onnx  # (needs onnx: only for this vector)
+    from neuroada_format.converters.onnx_read import OnnxModel
+    with open(os.path.join(tmp, "base.onnx"), "wb") as f:
+        f.write(model)
+    out = os.path.join(tmp, "merged.onnx")
+    summary = merge_onnx(os.path.join(tmp, "base.onnx"), [(naf.Adapter({DOWN: t}, base_name="v"), 1.0)], out)
+    assert summary.details["blocks_reencoded"] == 0 and summary.details["blocks_on_grid"] > 0, summary.details
+    merged = OnnxModel(out)
+    try:
+        new_B, new_s, new_z = (np.array(merged.stored(n)) for n in (f"{DOWN}_Q4", f"{DOWN}_scales",
+                                                                     f"{DOWN}_zero_points"))
+    finally:
+        merged.close()
+    assert new_s.tobytes() == scales.tobytes() and new_z.tobytes() == zps.tobytes() and new_B.tobytes() != B.tobytes()
+    one_rounding = ((codes.astype(np.float32) - z32) * s32).reshape(N, K)  # (the integer form's decoding)
+    assert (np.take_along_axis(one_rounding, idx, 1) != base_values).any()
+    expected = matmulnbits_model(DOWN, new_B.reshape(N, nb, block // 2), scales, zps, K=K, N=N, bits=4, block=block)
+    return model, [t], expected
+
+
 # -- raw GGUF writing (spec section 15) -----------------------------------------------------------------
 GGUF_F32, GGUF_F16, GGUF_Q4_1 = 0, 1, 3
 GGUF_Q4_K, GGUF_Q5_K, GGUF_Q6_K = 12, 13, 14
@@ -1173,6 +1272,23 @@ def build() -> dict:
         rel = put(f"merge/{name}_expected.safetensors", container(list(merged.items())))
         merges.append({"name": name, "base": base_rel, "adapters": [{"file": adapter_rel, "scale": 1.0}],
                        "expected": rel, "description": desc})
+
+    # 1.7: float zero points (ONNX Runtime's HQQ quantizer), section 15.4
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        hqq_base, hqq_targets, hqq_expected = hqq_vector(tmp)
+    HQ = put("bases/matmulnbits_float_zero_points.onnx", hqq_base)
+    hq_adapter = put("merge/adapter_float_zero_points.safetensors",
+                     adapter_file(hqq_targets, document(hqq_targets, None, base_name="neuroada-vectors/hqq")))
+    vec("merge_adapter_float_zero_points", hq_adapter, "merge input adapter float_zero_points (its base is an ONNX "
+        "model: validated alone)", valid=True)
+    merges.append({"name": "float_zero_points", "base": HQ, "adapters": [{"file": hq_adapter, "scale": 1.0}],
+                   "expected": put("merge/float_zero_points_expected.onnx", hqq_expected),
+                   "description": "1.7: a MatMulNBits weight with float zero points (section 15.4): values "
+                   "fl32(fl32(code * scale) - fl32(scale * zero point)); the adapter puts each merged value on a code "
+                   "of its block's own grid, so the merge rewrites codes only (B), scales and zero points byte for "
+                   "byte; decoding as fl32((code - zero point) * scale) gives other values (the probe fails, and "
+                   "the merged values miss the grid)"})
 
     manifest = {
         "format": "neuroada-conformance-vectors",

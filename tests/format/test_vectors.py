@@ -135,7 +135,9 @@ def scalar_merge(weight: np.ndarray, deltas, layout: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("merge", MANIFEST["merges"], ids=[m["name"] for m in MANIFEST["merges"]])
-def test_merge_vector_bit_for_bit(merge):
+def test_merge_vector_bit_for_bit(merge, tmp_path):
+    if merge["base"].endswith(".onnx"):
+        return _onnx_merge_vector(merge, tmp_path)
     base = naf.open_base(_path(merge["base"]))
     adapters = [(naf.load(_path(a["file"])), a["scale"]) for a in merge["adapters"]]
     expected = SafetensorsFile(_path(merge["expected"]))
@@ -159,6 +161,35 @@ def test_merge_vector_bit_for_bit(merge):
         assert inplace.tobytes() == want.tobytes(), name
         naf.unmerge_weight_(inplace, saved)
         assert inplace.tobytes() == weight.tobytes(), name
+
+
+def _onnx_merge_vector(merge, tmp_path):
+    """An ONNX MatMulNBits base (section 15.4): the reference's ONNX merge writes every initializer of `expected`, bit
+    for bit; the merged weight, decoded here from the section's formula, is rule M on the base's decoded weight."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    from neuroada_format.converters.onnx_merge import merge_onnx
+
+    adapters = [(naf.load(_path(a["file"])), a["scale"]) for a in merge["adapters"]]
+    out = os.fspath(tmp_path / "merged.onnx")
+    merge_onnx(_path(merge["base"]), adapters, out)
+
+    def inits(p):
+        return {t.name: numpy_helper.to_array(t) for t in onnx.load(p).graph.initializer}
+    got, want, base = inits(out), inits(_path(merge["expected"])), inits(_path(merge["base"]))
+    assert set(got) == set(want) == set(base)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and got[name].tobytes() == want[name].tobytes(), name
+
+    def decoded(t, stem):  # 4-bit codes low nibble first, float zero points: fl32(fl32(q * s) - fl32(s * z))
+        B, s, z = t[stem + "_Q4"], t[stem + "_scales"], t[stem + "_zero_points"]
+        q = np.stack([B & 15, B >> 4], -1).reshape(B.shape[0], B.shape[1], -1).astype(np.float32)
+        s, z = s.reshape(B.shape[0], -1, 1), z.reshape(B.shape[0], -1, 1)
+        return (q * s - s * z).reshape(B.shape[0], -1)
+    for name in {t for a, _ in adapters for t in a.targets}:
+        deltas = [(a.targets[name], sc) for a, sc in adapters if name in a.targets]
+        assert decoded(want, name).tobytes() == scalar_merge(decoded(base, name), deltas, "out_in").tobytes(), name
 
 
 def test_merge_order_matters_only_where_documented():
