@@ -5,7 +5,8 @@
 The ONNX twin of bench/gguf_retention.py (its task, adapter and retention definition): the float SmolLM2 checkpoint's
 dynamo export (examples/smollm2.py's cached one) quantized by onnxruntime's MatMulNBitsQuantizer (its command line's
 defaults: symmetric, round to nearest) to 4 bits in blocks of 32 and 128 (K = 576 fills 4.5 blocks of 128: ONNX
-Runtime pads the last one) and to 8 bits in blocks of 128; the tied head is a Transpose + MatMul, which the quantizer
+Runtime pads the last one) and to 8 bits in blocks of 128, and by its HQQ algorithm (float zero points, spec 1.7) to 4
+bits in blocks of 128; the tied head is a Transpose + MatMul, which the quantizer
 leaves float. Per file, two adapters (k=20 on the seven projections, the main job's 40 steps of 8 on the word-group
 task) are merged with `neuroada-merge`:
 
@@ -61,22 +62,22 @@ from results_md import replace_section, table  # noqa: E402
 
 HEADING = "## ONNX MatMulNBits merge: retention of the adapter's change (bench/onnx_retention.py)"
 CACHE = smollm2.cache_root() / "bench-onnx"
-VARIANTS = ((4, 32), (4, 128), (8, 128))  # (bits, block_size)
+VARIANTS = ((4, 32, "rtn"), (4, 128, "rtn"), (8, 128, "rtn"), (4, 128, "hqq"))  # (bits, block_size, algorithm)
 TINY = {"hidden_size": 80, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "tie_word_embeddings": True}  # K = 80 and 176: no block size divides them
 SCOPES = "pkg.torch.onnx.name_scopes"
 
 
 # -- the files ------------------------------------------------------------------------------------------
-def quantized_folder(export: Path, bits: int, block: int) -> Path:
-    return CACHE / export.parent.name / f"int{bits}-b{block}"
+def quantized_folder(export: Path, bits: int, block: int, algo: str = "rtn") -> Path:
+    return CACHE / export.parent.name / f"{'int' if algo == 'rtn' else algo}{bits}-b{block}"
 
 
-def quantized(export: Path, bits: int, block: int) -> Path:
+def quantized(export: Path, bits: int, block: int, algo: str = "rtn") -> Path:
     """The export quantized by onnxruntime (cached): a folder with model.onnx (+ .data) as the quantizer writes it
     and scoped.onnx, the same graph with each MatMulNBits node given the exporter scope of the MatMul it replaced
     (sharing model.onnx.data)."""
-    folder = quantized_folder(export, bits, block)
+    folder = quantized_folder(export, bits, block, algo)
     if (folder / "scoped.onnx").is_file():
         return folder
     import logging
@@ -84,13 +85,15 @@ def quantized(export: Path, bits: int, block: int) -> Path:
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as nbq
 
-    print(f"-- quantizing {export} to {bits} bits, blocks of {block} (one time)", flush=True)
+    print(f"-- quantizing {export} to {bits} bits, blocks of {block}, {algo} (one time)", flush=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
         logging.disable(logging.WARNING)  # the quantizer logs every node
         try:
-            q = nbq.MatMulNBitsQuantizer(onnx.load(export), bits=bits, block_size=block, is_symmetric=True)
+            config = nbq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits) if algo == "hqq" else None
+            q = nbq.MatMulNBitsQuantizer(onnx.load(export), bits=bits, block_size=block, is_symmetric=True,
+                                         algo_config=config)
             q.process()
         finally:
             logging.disable(logging.NOTSET)
@@ -239,11 +242,11 @@ def main(argv=None) -> int:
     rows = [["file", "variant", "file size vs quantized", "merge s", "retention", "max |logit diff| vs runtime",
              "accuracy"]]
     notes, exact_all = [], True
-    for bits, block in VARIANTS:
-        label = f"int{bits} b{block}"
-        if not (quantized_folder(export, bits, block) / "scoped.onnx").is_file():
+    for bits, block, algo in VARIANTS:
+        label = f"{'int' if algo == 'rtn' else algo}{bits} b{block}"
+        if not (quantized_folder(export, bits, block, algo) / "scoped.onnx").is_file():
             built.append(f"the {label} file")
-        folder = quantized(export, bits, block)
+        folder = quantized(export, bits, block, algo)
         qfile, scoped = folder / smollm2.ONNX_FILE, folder / "scoped.onnx"
         with torch.no_grad():  # the float weights: the quantized file's values are placed by them
             for n in names:
@@ -252,7 +255,7 @@ def main(argv=None) -> int:
         deq = {n: model.get_parameter(n).detach().numpy().copy() for n in names}
         print(f"-- {label}: {len(graph_names)} MatMulNBits weights placed", flush=True)
 
-        grid_file = CACHE / export.parent.name / f"{tag}-int{bits}-b{block}-grid.safetensors"
+        grid_file = CACHE / export.parent.name / f"{tag}-{folder.name}-grid.safetensors"
         if not grid_file.exists():
             built.append(f"the {label} grid adapter")
             trainee = load()
@@ -310,8 +313,9 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t_start
     body = [
         f"SmolLM2-135M-Instruct{' (--tiny: a two-layer Llama, numbers meaningless)' if args.tiny else ''}: the float "
-        f"checkpoint's dynamo export quantized by onnxruntime's `MatMulNBitsQuantizer` (symmetric, round to nearest, "
-        f"the tied head left float), {len(names)} MatMulNBits targets; K = 576 in blocks of 128 pads the last block. "
+        f"checkpoint's dynamo export quantized by onnxruntime's `MatMulNBitsQuantizer` (int: symmetric, round to "
+        f"nearest; hqq: its HQQ algorithm, float zero points; the tied head left float), {len(names)} MatMulNBits "
+        f"targets; K = 576 in blocks of 128 pads the last block. "
         f"Two k=20 adapters on the seven projections ({args.steps} steps of 8 on the main job's word-group task, seed "
         f"{args.seed}): the main job's, trained on the float model (the GGUF bench's), merged into the quantized file "
         "with the exporter scopes put back on its MatMulNBits nodes (the quantizer drops them) and `--no-verify` (its "

@@ -122,7 +122,7 @@ def test_onnx_retention_smoke(tmp_path):
     out = subprocess.run([sys.executable, script, "--tiny", "--steps", "2"], capture_output=True, text=True,
                          timeout=300, cwd=ROOT, env={**os.environ, "NEUROADA_CACHE": os.fspath(tmp_path)})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    for label in ("int4 b32", "int4 b128", "int8 b128"):
+    for label in ("int4 b32", "int4 b128", "int8 b128", "hqq4 b128"):
         rows = [line for line in out.stdout.splitlines() if line.startswith(f"| {label} |")]
         assert len(rows) == 5, rows
         grid_merge = next(r for r in rows if "trained through the file's grid: neuroada-merge" in r)
