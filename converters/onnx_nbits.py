@@ -54,9 +54,9 @@ ATTRIBUTES = {"K", "N", "bits", "block_size", "accuracy_level"}  # accuracy_leve
 INPUTS = ("A", "B", "scales", "zero_points", "g_idx", "bias")
 RULE = "4.2"                                    # the weight cannot be merged as this file stores it
 TOUCHED_WEIGHT = 100.0                          # as the GGUF merge's default (gguf_merge.GGUFBackend)
-# float zero points: every value weighs the same. Measured on the HQQ-quantized tiny Llama (bench/onnx_retention.py,
-# tests/converters/test_onnx_nbits.py): weighting touched values 100 to 1 lets the continuous (scale, zero point) fit
-# chase them and move untouched codes, and kept less of the adapter's change at every delta size (at 0.1 of a weight
+# float zero points: every value weighs the same. Measured on tests/converters/test_onnx_nbits.py's HQQ-quantized tiny
+# Llama (k=4 deltas, the rule swapped by hand): weighting touched values 100 to 1 lets the continuous (scale, zero
+# point) fit chase them and move untouched codes, and kept less of the adapter's change at every delta size (at 0.1 of a weight
 # std: -0.75 and -1.38 retention in blocks of 32 and 128, against 0.21 and 0.15 weighted 1 to 1)
 FLOAT_ZP_TOUCHED_WEIGHT = 1.0
 U8 = TensorProto.UINT8
@@ -262,12 +262,13 @@ class Weight:
         return self.scales[ids].astype(np.float32)
 
     def minimum(self, ids: np.ndarray) -> np.ndarray:
-        """Float zero points only: m = -fl32(scale * zero point) of blocks `ids`, each value being fl32(code * scale) + m."""
+        """Float zero points only: m = -fl32(scale * zero point) of blocks `ids` (a value: fl32(code * scale) + m)."""
         with np.errstate(invalid="ignore", over="ignore"):
             return -(self.scale_f32(ids) * self.zero_points(ids))
 
     def _values(self, codes: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """f32 values of `codes` (uint8, shaped as ids or [len(ids), n]) in blocks `ids`, as onnxruntime decodes them."""
+        """f32 values of `codes` (uint8, shaped as ids or [len(ids), n]) in blocks `ids`, as onnxruntime decodes
+        them."""
         extra = (slice(None),) + (None,) * (codes.ndim - ids.ndim)
         scale = self.scale_f32(ids)[extra]
         with np.errstate(invalid="ignore", over="ignore"):

@@ -8,8 +8,8 @@ point)): the same grid with m = 0 and levels q = code - zero point in [-zero poi
 (a minimum m = -zero point * scale would round twice: it misses ONNX Runtime's value at 40-55% of random
 levels). With float zero points (ONNX Runtime's HQQ quantizer, 4-bit) onnxruntime does round twice,
 fl32(fl32(code * scale) - fl32(scale * zero point)): there the grid is d = scale, m = -fl32(scale * zero point),
-q = code in [0, 15], exactly. Merging trained deltas into such a file means re-encoding the blocks that hold them, and a learned
-delta is usually smaller than half a 4-bit step, so much of it is lost (bench/RESULTS.md, "GGUF merge:
+q = code in [0, 15], exactly. Merging trained deltas into such a file means re-encoding the blocks that hold
+them, and a learned delta is usually smaller than half a 4-bit step, so much of it is lost (bench/RESULTS.md, "GGUF merge:
 retention": about 77% of the adapter's logit change kept on SmolLM2 Q4_1; 60-80% in 4-bit MatMulNBits files of
 tests/runtime/test_onnx_grid.py). Training *through* the grid instead snaps each delta so that `w0 + delta` is a
 value the block already represents (its scale and minimum or zero point kept), with a straight-through gradient:

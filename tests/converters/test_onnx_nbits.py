@@ -637,7 +637,8 @@ def test_float_zero_points_decode_as_onnxruntime_computes(llama, hqq, variant):
     try:
         for n, w in decoded.items():
             node = nbits_node(proto, llama["where"][n] + "_Q4")
-            assert tensors[node.input[3]].dtype == np.float32 and tensors[node.input[3]].size == tensors[node.input[2]].size
+            zp, scales = tensors[node.input[3]], tensors[node.input[2]]
+            assert zp.dtype == np.float32 and zp.size == scales.size
             truth = ort_weight(tensors, node)
             assert model.nbits_weight(llama["where"][n]).decode_all().tobytes() == truth.tobytes(), n
             assert w.tobytes() == truth.tobytes(), n  # (the tests' own decoding too)
