@@ -629,8 +629,8 @@ def adapter_on_affine(weights, snap, seed=0, rel=0.5, k=4):
 @pytest.mark.parametrize("variant", HQQ_VARIANTS, ids=lambda v: f"hqq-b{v[1]}")
 def test_float_zero_points_decode_as_onnxruntime_computes(llama, hqq, variant):
     """HQQ's float zero points were refused (rule 4.2). onnxruntime's CPU kernel decodes them as fl32(fl32(code *
-    scale) - fl32(scale * zero point)), not as fl32((code - zero point) * scale) (which differs at about a third of
-    the values): the reader's values are onnxruntime's, bit for bit, for every weight of the file."""
+    scale) - fl32(scale * zero point)), not as fl32((code - zero point) * scale) (which differs at 69-74% of
+    them): the reader's values are onnxruntime's, bit for bit, for every weight of the file."""
     path, proto, decoded = hqq[variant]
     tensors = inits(path)
     model = OnnxModel(path)
@@ -642,9 +642,12 @@ def test_float_zero_points_decode_as_onnxruntime_computes(llama, hqq, variant):
             truth = ort_weight(tensors, node)
             assert model.nbits_weight(llama["where"][n]).decode_all().tobytes() == truth.tobytes(), n
             assert w.tobytes() == truth.tobytes(), n  # (the tests' own decoding too)
-            one_rounding = decode({**tensors, node.input[3]: np.rint(tensors[node.input[3]]).astype(np.uint8)}, node)
             assert model.nbits[llama["where"][n]].to_dict()["float_zero_points"] is True
-        assert (one_rounding != truth).any()  # (sanity: the zero points are not integers)
+            N, K = w.shape
+            B = tensors[node.input[1]]
+            codes = np.stack([B & 15, B >> 4], -1).reshape(N, -1, variant[1]).astype(np.float32)
+            one_rounding = ((codes - zp.reshape(N, -1, 1)) * scales.reshape(N, -1, 1)).reshape(N, K)
+            assert (one_rounding != truth).mean() > 0.5, n  # (the integer form's decoding is not onnxruntime's)
     finally:
         model.close()
 
