@@ -654,8 +654,8 @@ def test_float_zero_points_decode_as_onnxruntime_computes(llama, hqq, variant):
 
 @pytest.mark.parametrize("variant", HQQ_VARIANTS, ids=lambda v: f"hqq-b{v[1]}")
 def test_float_zero_point_merge_keeps_untouched_bytes_and_runs_in_onnxruntime(llama, hqq, variant, tmp_path):
-    """A merge into an HQQ file re-encodes only the touched blocks (scale and float zero point re-fitted together, every
-    value weighing alike); every other block, scale and zero point keeps its bytes; onnxruntime runs the merged file and
+    """A merge into an HQQ file re-encodes only the touched blocks (scale and float zero point re-fitted together,
+    touched values weighted 100 to 1); every other block, scale and zero point keeps its bytes; onnxruntime runs the merged file and
     computes with the values read back, which are close to the float merge (retention of the adapter's change above
     the floor measured)."""
     bits, block, _ = variant
@@ -691,10 +691,9 @@ def test_float_zero_point_merge_keeps_untouched_bytes_and_runs_in_onnxruntime(ll
     assert r > HQQ_FLOORS[block], r
 
 
-# measured (this test's k=4 deltas of one weight std, seed 0, the re-encode rule swapped by hand): b32 0.698, b128
-# 0.488; weighting touched values 100 to 1 as the integer path does kept 0.628 and 0.368, keeping every block's grid
-# 0.351 and 0.445
-HQQ_FLOORS = {32: 0.66, 128: 0.45}
+# measured (this test's k=4 deltas of one weight std, seed 0): b32 0.628, b128 0.368 (random deltas: every value
+# weighted alike kept 0.698 and 0.488 here, but a trained adapter on SmolLM2 far less, spec 15.4)
+HQQ_FLOORS = {32: 0.6, 128: 0.33}
 
 
 def test_float_zero_point_deltas_on_the_grid_merge_exactly(llama, hqq, tmp_path):
@@ -833,3 +832,22 @@ def test_hand_built_float_zero_points_decode_and_merge(tmp_path):
     merge_onnx(path, [(adapter, 1.0)], out)
     new = inits(out)
     assert decode(new, node).tobytes() == ort_weight(new, node).tobytes()
+
+
+def test_a_re_fitted_float_zero_point_block_holds_its_touched_value(tmp_path):
+    """The re-fit weighs a touched value 100 to 1 (spec 15.4: on SmolLM2 the trained adapter kept 16.7% of its change
+    so, 8.5% with every value weighed alike): a delta of half the block's span, pushing each row's largest value past
+    its block's range, lands within 0.5% of itself (weighed alike, up to 7% off: the fit favoured the block's 31 other
+    values)."""
+    path, W = nbits_base(tmp_path, float_zp=True)
+    idx = naf.select_indices(W, 1)
+    blocks = W.reshape(32, 2, 32)
+    span = (blocks.max(-1) - blocks.min(-1))[np.arange(32)[:, None], idx // 32]
+    vals = (np.sign(np.take_along_axis(W, idx, 1)) * span * 0.5).astype(np.float32)
+    adapter = naf.Adapter({WEIGHT: naf.Target.from_weight(WEIGHT, W, idx, vals, value_dtype="F32")}, base_name="t")
+    out = os.fspath(tmp_path / "m.onnx")
+    assert merge_onnx(path, [(adapter, 1.0)], out).details["blocks_reencoded"] == 32
+    got = decode(inits(out), onnx.load(path).graph.node[0])
+    want = naf.merge_weight(W, [(adapter.targets[WEIGHT], 1.0)])
+    off = np.abs(np.take_along_axis(got - want, idx, 1)) / np.abs(vals)
+    assert off.max() < 0.005, off.max()
