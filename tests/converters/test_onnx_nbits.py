@@ -192,14 +192,19 @@ def test_quantized_and_float_targets_in_one_adapter(llama, quantized, tmp_path):
     run(out, llama["ids"])
 
 
-def test_fp16_model_keeps_fp16_scales(tmp_path):
+def _f16_model(tmp_path):
+    """Two f16 linears exported to ONNX (float weights, to be quantized by the test), and an input for them."""
     torch.manual_seed(3)
     seq = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).eval().half()
     x = torch.randn(2, 5, 128, dtype=torch.float16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(seq, (x,), os.fspath(tmp_path / "f16.onnx"), dynamo=True, external_data=False)
-    float_proto = onnx.load(os.fspath(tmp_path / "f16.onnx"))
+    return onnx.load(os.fspath(tmp_path / "f16.onnx")), x
+
+
+def test_fp16_model_keeps_fp16_scales(tmp_path):
+    float_proto, x = _f16_model(tmp_path)
     for sym in (True, False):
         proto = quantize(float_proto, 4, 32, sym)
         path = save(proto, tmp_path / f"q{sym}.onnx")
@@ -745,13 +750,8 @@ def test_a_padded_float_zero_point_block_is_merged(tmp_path):
 def test_f16_float_zero_points(tmp_path):
     """An f16 model's HQQ file: f16 scales and f16 zero points, decoded in f32 as onnxruntime does (its f16 output is
     that value rounded), merged with both kept f16."""
-    torch.manual_seed(3)
-    seq = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).eval().half()
-    x = torch.randn(2, 5, 128, dtype=torch.float16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(seq, (x,), os.fspath(tmp_path / "f16.onnx"), dynamo=True, external_data=False)
-    proto = quantize(onnx.load(os.fspath(tmp_path / "f16.onnx")), 4, 32, False, hqq=True)
+    f16, x = _f16_model(tmp_path)
+    proto = quantize(f16, 4, 32, False, hqq=True)
     path = save(proto, tmp_path / "q.onnx")
     tensors = inits(path)
     nodes = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
