@@ -346,6 +346,31 @@ def gemms_as_matmuls(proto):
     return proto
 
 
+def test_a_file_mixing_round_to_nearest_and_hqq_nodes_trains_on_each_grid_and_merges_exactly(llama, tmp_path, capsys):
+    """One file, two zero point kinds: layer 0's nodes quantized round to nearest (packed uint8 zero points), the
+    others by HQQ (float ones), as a file re-quantized in parts is. Each layer trains on its own node's grid and the
+    merge re-encodes no block; onnxruntime computes the runtime's merged model."""
+    nodes = [n for n in llama["proto"].graph.node if n.op_type == "MatMul"]
+    layer1 = [n.name for n in nodes if not any("layers.0." in p.value for p in n.metadata_props)]
+    proto = quantize(quantize(llama["proto"], 4, 32, False, exclude=layer1), 4, 32, False,
+                     exclude=[llama["head_node"]], hqq=True)
+    path = save(proto, tmp_path / "mixed.onnx")
+    tensors = inits(path)
+    nbits = [n for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 14 and {tensors[n.input[3]].dtype for n in nbits} == {np.dtype(np.uint8),
+                                                                             np.dtype(np.float32)}
+    model = llama_model()
+    assert len(load_quantized_weights(model, path)) == 14
+    attach(model, NeuroAdaConfig(**CONFIG))
+    assert set(train_on_grid(model, path).values()) == {"MatMulNBits4", "F32"}
+    train(model)
+    _, want, new, out = merged_on_grid(model, path, tmp_path, capsys)
+    for n in nbits:
+        key = next(k for k in llama["names"] if llama["where"][k] + "_Q4" == n.input[1])
+        assert np.array_equal(decode(new, n), want[key]), key
+    runs_as_the_runtime(model, out, llama["ids"])
+
+
 def test_gpt2_conv1d_weights_load_transposed_train_and_merge_exactly(tmp_path, capsys):
     """GPT-2 (Conv1D: weights stored [d_in, d_out], transposed to nn.Linear's) exported by dynamo, its Conv1D Gemms as
     MatMuls, quantized 4-bit by ONNX Runtime: every MatMulNBits weight (the 8 Conv1D ones, by name, and the head, by
