@@ -288,26 +288,47 @@ class _Resolver:
 
 def resolve_targets(model_path, adapter: Adapter, *, _model: OnnxModel | None = None) -> dict[str, Resolution]:
     """Map every target of `adapter` to the initializer(s) holding it; raises on a missing or ambiguous one."""
-    model = _model or OnnxModel(model_path)
+    found, refused = _resolve_each(_model or OnnxModel(model_path), adapter, first_only=True)
+    if refused:
+        raise refused[min(refused)]  # the first target in code point order, as the merge has always refused
+    return found
+
+
+def _resolve_each(model: OnnxModel, adapter: Adapter, *, first_only: bool = False
+                  ) -> tuple[dict[str, Resolution], dict[str, NeuroAdaError]]:
+    """Every target resolved, in code point order, and the refusal of each that is not: the one resolution a merge
+    (which stops at the first refusal) and a validation (which reports them all) share. A target that lands on an
+    initializer an earlier target holds is refused (rule 4.1) and owns nothing. first_only stops at the first refusal
+    (a merge reads no further values)."""
     resolver = _Resolver(model)
-    out = {}
+    out: dict[str, Resolution] = {}
+    refused: dict[str, NeuroAdaError] = {}
     owner: dict[str, str] = {}
     for target in sorted(adapter.targets):
-        res = resolver.resolve(target, adapter.targets[target])
+        if refused and first_only:
+            break
+        try:
+            res = resolver.resolve(target, adapter.targets[target])
+        except NeuroAdaError as exc:
+            refused[target] = exc
+            continue
+        shared = next((name for name, _ in res.initializers() if name in owner), None)
+        if shared is not None:
+            if res.dropped or out[owner[shared]].dropped:
+                refused[target] = NeuroAdaError(
+                    f"targets {owner[shared]!r} and {target!r} both resolve to initializer {shared!r}, found by names "
+                    f"that lack their leading parts: this file holds one part of the model (an encoder- or "
+                    f"decoder-only export?), whose layers are named as the other part's; merge an adapter of that "
+                    f"part's targets only", path=model.path, tensor=target, rule="4.1")
+            else:
+                refused[target] = NeuroAdaError(
+                    f"targets {owner[shared]!r} and {target!r} both resolve to initializer {shared!r} (tied weights); "
+                    f"keep one of them in the adapter", path=model.path, tensor=target, rule="4.1")
+            continue
         for name, _ in res.initializers():
-            if name in owner:
-                if res.dropped or out[owner[name]].dropped:
-                    raise NeuroAdaError(f"targets {owner[name]!r} and {target!r} both resolve to initializer {name!r}, "
-                                        f"found by names that lack their leading parts: this file holds one part of "
-                                        f"the model (an encoder- or decoder-only export?), whose layers are named as "
-                                        f"the other part's; merge an adapter of that part's targets only",
-                                        path=model.path, tensor=target, rule="4.1")
-                raise NeuroAdaError(f"targets {owner[name]!r} and {target!r} both resolve to initializer {name!r} "
-                                    f"(tied weights); keep one of them in the adapter", path=model.path,
-                                    tensor=target, rule="4.1")
             owner[name] = target
         out[target] = res
-    return out
+    return out, refused
 
 
 def resolve_by_name(model: OnnxModel, targets) -> tuple[dict[str, Resolution], dict[str, NeuroAdaError]]:
@@ -327,22 +348,28 @@ def resolve_by_name(model: OnnxModel, targets) -> tuple[dict[str, Resolution], d
 
 
 class OnnxBase(ArrayBase):
-    """An ONNX model seen as a base (the neuroada_format.base interface), keyed by the adapter's target names.
+    """An ONNX model seen as a base (the neuroada_format.base interface) for one adapter, keyed by its target names:
+    what `neuroada validate --base model.onnx` checks against (`open_onnx_base`).
 
-    Arrays are presented in the adapter's layout (a transpose view where ONNX stores the other
-    orientation), so `neuroada_format.validate(adapter, base=view)` checks shapes, dtypes and probes.
-    It subclasses ArrayBase only because open_base() passes through nothing else; an ONNX graph has no
-    safetensors structure hash, so `structure_hash` is absent (validate then skips rule 4.5).
+    Targets are found as a merge finds them (`_resolve_each`), and `refusal` says, per target, what the merge's
+    resolve step would refuse (a target nothing holds, a tied or quantized weight: the resolver's rule and words; an
+    initializer of another dtype or shape: `stored_mismatch`'s rule 4.2, since an ONNX merge refuses a dtype the
+    adapter was not made on where a safetensors merge only warns). Arrays are presented in the adapter's layout
+    (a transpose view where ONNX stores the other orientation); a MatMulNBits weight is its binary32 decoding
+    (spec 15.4), and `probed` decodes only the blocks the probe reads. It subclasses ArrayBase only because
+    open_base() passes through nothing else; an ONNX graph has no safetensors structure hash, so `structure_hash`
+    is absent (validate then skips rule 4.5, as the merge does).
     """
 
     def __init__(self, model: OnnxModel, adapter: Adapter, resolutions: dict[str, Resolution],
-                 unresolved: dict[str, str] | None = None):
+                 refused: dict[str, NeuroAdaError] | None = None):
         super().__init__({}, model.path)
         self.model = model
         self.path = model.path
         self.resolutions = resolutions
-        self.unresolved = unresolved or {}
-        self._layouts = {name: t.layout for name, t in adapter.targets.items()}
+        self.refused = refused or {}
+        self.unresolved = {t: exc.detail for t, exc in self.refused.items()}
+        self._targets = dict(adapter.targets)
 
     def __contains__(self, name: str) -> bool:
         return name in self.resolutions
@@ -350,16 +377,46 @@ class OnnxBase(ArrayBase):
     def keys(self):
         return self.resolutions.keys()
 
+    def close(self) -> None:
+        self.model.close()
+
+    def refusal(self, name: str) -> NeuroAdaError | None:
+        """What the merge's resolve step refuses for target `name` (a rule 4.x error), or None."""
+        if name in self.refused:
+            return self.refused[name]
+        r, t = self.resolutions.get(name), self._targets.get(name)
+        if r is None or t is None:
+            return None
+        for init, layout in r.initializers():
+            problem = stored_mismatch(self.model, init, layout, t)
+            if problem:
+                return NeuroAdaError(problem, path=self.path, tensor=name, rule="4.2")
+        return None
+
+    def storage_name(self, name: str) -> str:
+        return self.resolutions[name].initializer
+
     def info(self, name: str) -> tuple[str, tuple[int, ...]]:
         r = self.resolutions[name]
         dtype = self.model.dtype(r.initializer) or _type_name(self.model.initializers[r.initializer].data_type)
         shape = self.model.shape(r.initializer)
-        return dtype, (shape if r.layout == self._layouts[name] else shape[::-1])
+        return dtype, (shape if r.layout == self._targets[name].layout else shape[::-1])
 
     def array(self, name: str) -> np.ndarray:
         r = self.resolutions[name]
         arr = self.model.array(r.initializer)
-        return arr if r.layout == self._layouts[name] else arr.T
+        return arr if r.layout == self._targets[name].layout else arr.T
+
+    def probed(self, name: str, indices: np.ndarray) -> np.ndarray:
+        """The values at canonical (row, column) positions, [d_out, k]: a MatMulNBits weight decodes only the blocks
+        holding them, a float initializer is read in its stored orientation (no transposed copy)."""
+        r = self.resolutions[name]
+        idx = np.asarray(indices, dtype=np.int64)
+        rows = np.broadcast_to(np.arange(idx.shape[0], dtype=np.int64)[:, None], idx.shape)
+        if self.model.quantized(r.initializer):
+            return self.model.nbits_weight(r.initializer).values_at(rows, idx)
+        stored = self.model.array(r.initializer)
+        return (stored[rows, idx] if r.layout == "out_in" else stored[idx, rows]).astype(np.float32)
 
     @property
     def structure_hash(self):
@@ -367,19 +424,13 @@ class OnnxBase(ArrayBase):
 
 
 def open_onnx_base(path, adapter: Adapter, *, strict: bool = False) -> OnnxBase:
-    """A base view of an ONNX model for `adapter`; unresolvable targets are left out (validate reports
-    them as rule 4.1) unless strict, and their reasons kept in `.unresolved`."""
+    """A base view of an ONNX model for `adapter`. A target the merge would refuse is left out, its refusal kept
+    (`refusal`; validate reports it under the refusal's rule), unless strict, which raises the first."""
     model = OnnxModel(path)
-    if strict:
-        return OnnxBase(model, adapter, resolve_targets(path, adapter, _model=model))
-    resolver = _Resolver(model)
-    resolutions, unresolved = {}, {}
-    for target, t in sorted(adapter.targets.items()):
-        try:
-            resolutions[target] = resolver.resolve(target, t)
-        except NeuroAdaError as exc:
-            unresolved[target] = exc.detail
-    return OnnxBase(model, adapter, resolutions, unresolved)
+    resolutions, refused = _resolve_each(model, adapter, first_only=strict)
+    if strict and refused:
+        raise refused[min(refused)]
+    return OnnxBase(model, adapter, resolutions, refused)
 
 
 def stored_mismatch(model: OnnxModel, name: str, layout: str, t: Target) -> str | None:

@@ -145,6 +145,22 @@ def _open_gguf(path: str):
     return open_gguf_base(path)
 
 
+def _open_onnx(path: str, adapter):
+    """An ONNX model as a base for one adapter: the converters' view (onnx_resolve.open_onnx_base), which finds each
+    target as a merge does (by name, exporter scope, node name, else probe hash; spec 15.4), so it exists only for an
+    adapter. Imported on demand: onnx is optional."""
+    if adapter is None:
+        raise NeuroAdaUsageError("an ONNX model is read as a base for one adapter (its targets are found in the graph "
+                                 "by the adapter's names, shapes and probe hashes): neuroada validate and "
+                                 "neuroada-merge read it, this command does not; give a safetensors checkpoint",
+                                 path=path, rule="1.6")
+    try:
+        from neuroada_format.converters.onnx_resolve import open_onnx_base
+    except ImportError as exc:
+        raise missing_extra("ONNX bases need", exc, "onnx", path=path) from None
+    return open_onnx_base(path, adapter)
+
+
 def _refuse_two_weight_sets(folder: str, single: str, weight_map: dict[str, str]) -> None:
     """A folder holding both model.safetensors and an index json listing other files (typically a leftover of an
     earlier save with another shard size) holds two sets of weights, and loaders disagree on which is the model:
@@ -203,8 +219,9 @@ def _refuse_adapter(st: SafetensorsFile, path: str) -> None:
                             rule="1.6")
 
 
-def open_base(base) -> Checkpoint | ArrayBase:
-    """Open a base given as a path (file or HF folder) or a mapping of name -> numpy array."""
+def open_base(base, adapter=None) -> Checkpoint | ArrayBase:
+    """Open a base given as a path (file or HF folder) or a mapping of name -> numpy array. An `.onnx` file is
+    opened for `adapter` (`_open_onnx`), and refused without one."""
     if all(hasattr(base, a) for a in ("__contains__", "info", "array")):
         return base  # anything with the base interface (Checkpoint, ArrayBase, converters' ONNX view)
     if isinstance(base, Mapping):
@@ -252,8 +269,7 @@ def open_base(base) -> Checkpoint | ArrayBase:
     if path.lower().endswith(".gguf"):
         return _open_gguf(path)
     if path.lower().endswith(".onnx"):  # in any letter case, as the converters claim ONNX files
-        raise NeuroAdaUsageError("ONNX bases are read by the converters (neuroada-merge), not by the format "
-                                 "core", path=path, rule="1.6")
+        return _open_onnx(path, adapter)
     st = SafetensorsFile(path, unknown_dtypes=True)
     try:
         _refuse_adapter(st, path)

@@ -156,7 +156,7 @@ def main():
 @main.command("validate")
 @click.argument("adapter", type=click.Path())
 @click.option("--base", type=click.Path(),
-              help="Base model: a .safetensors file, a Hugging Face folder or a .gguf file.")
+              help="Base model: a .safetensors file, a Hugging Face folder, a .gguf file or an .onnx model.")
 @click.option("--check-selection", is_flag=True,
               help="Also check magnitude/reverse indices are the base's top-k (reads whole rows).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")

@@ -83,9 +83,13 @@ def validate(adapter, base=None, *, strict: bool = False, check_selection: bool 
         for _, t in sorted(adapter.targets.items()):
             _check_content(t, p)
         if base is not None and not p.has_errors:
-            b = open_base(base)
+            b = open_base(base, adapter)
             report.checked_base = getattr(b, "path", None)
-            _check_against_base(adapter, b, p, check_selection, probes=probes)
+            try:
+                _check_against_base(adapter, b, p, check_selection, probes=probes)
+            finally:  # what this call opened it closes (an ONNX view's maps), not a base the caller gave open
+                if b is not base and callable(getattr(b, "close", None)):
+                    b.close()
     if strict:
         report.raise_if_invalid()
     return report
@@ -220,6 +224,10 @@ def _rounded_hint(weight, t: Target, dtype: str) -> str:
 
 def _check_target_against_base(name: str, t: Target, adapter: Adapter, base, p: Problems, check_selection: bool,
                                probes: bool) -> None:
+    refusal = getattr(base, "refusal", None)  # a base that finds targets itself (ONNX) says why it refuses one
+    refused = refusal(name) if refusal is not None else None
+    if refused is not None:
+        raise refused  # reported under its rule by _check_against_base
     if name not in base:
         p.error("4.1", absent_target(base, name), tensor=name)
         return

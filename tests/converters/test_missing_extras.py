@@ -62,6 +62,9 @@ def test_gguf_missing(files, tmp_path):
 
 
 def test_onnx_missing(files, tmp_path):
+    line = one_line_usage_error(without("onnx", "neuroada", "validate", files["adapter"], "--base",
+                                        files["model.onnx"]), "onnx")
+    assert line.startswith(f"error: {files['model.onnx']}: ONNX bases need")
     one_line_usage_error(without("onnx", "neuroada-merge", "--base", files["model.onnx"], "--adapter",
                                  files["adapter"], "--out", os.fspath(tmp_path / "out.onnx")), "onnx")
     assert not (tmp_path / "out.onnx").exists()
