@@ -582,7 +582,7 @@ function openBase(p) {
   if (st.isDirectory()) return openFolderBase(p);
   const lower = path.basename(p).toLowerCase();
   if (lower.endsWith('.gguf')) return openGgufBase(p);
-  if (lower.endsWith('.onnx')) throw new BaseUnreadable('1.6', `${p}: an ONNX model is not a base of this format`);
+  if (lower.endsWith('.onnx')) throw new BaseUnreadable('1.6', `${p}: this checker reads ONNX bases for merges only (section 2.6, case 3; section 12)`);
   return safetensorsBase([baseFile(p)]);
 }
 
