@@ -54,10 +54,13 @@ def _int(f: GGUFFile, key: str):
 
 
 def split_of(f: GGUFFile) -> tuple[int, int] | None:
-    """(split.no, split.count) of a shard of a set of two or more; None for a whole file (a set of one is one)."""
+    """(split.no, split.count) of a shard of a set of two or more; None for a whole file: one with neither key, or a
+    set of one whatever its split.no (spec section 15.1; llama.cpp reads split.no only for a count of two or more)."""
     if SPLIT_COUNT not in f.kv and SPLIT_NO not in f.kv:
         return None
     no, count = _int(f, SPLIT_NO), _int(f, SPLIT_COUNT)
+    if count == 1:
+        return None
     if count is None or no is None or not 0 <= no < count:
         raise f.err(f"split metadata is not a shard's: {SPLIT_NO}={f.kv.get(SPLIT_NO)!r}, "
                     f"{SPLIT_COUNT}={f.kv.get(SPLIT_COUNT)!r}")

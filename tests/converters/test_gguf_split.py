@@ -306,3 +306,12 @@ def test_train_on_grid_takes_the_first_shard(split_set):
     assert grid_types(a) == grid_types(b) and len(grid_types(a)) == 14
     with pytest.raises(NeuroAdaUsageError, match="give the first"):
         train_on_grid(attach(copy.deepcopy(plain), NeuroAdaConfig(k=4)), shards(first)[1])
+
+
+def test_a_set_of_one_is_a_whole_file_whatever_its_split_no(tmp_path):
+    """split.count 1 is a whole file (spec section 15.1): its split.no, out of range here, is not read, as llama.cpp
+    reads split.no only for a count of two or more (vector gguf_split_count_one: split.no absent)."""
+    rng = np.random.default_rng(1)
+    _shard(tmp_path / "one.gguf", 5, 1, 1, {"blk.0.extra.weight": rng.standard_normal((4, 64)).astype(np.float32)})
+    view = gn.open_gguf_base(tmp_path / "one.gguf")
+    assert not isinstance(view.file, GGUFSet) and view.keys() == ["blk.0.extra.weight"]
