@@ -858,8 +858,57 @@ function positiveInt(v) {
   return typeof v === 'bigint' && v > 0n && v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : null;
 }
 
+// Section 15.1 (since 1.6): a split GGUF set (llama.cpp's gguf-split), given by its first shard, read as one file:
+// the first shard's metadata, the tensors of every shard, each read from its own shard.
+const SPLIT_NO = 'split.no', SPLIT_COUNT = 'split.count', SPLIT_TENSORS = 'split.tensors.count';
+const pad5 = (n) => String(n).padStart(5, '0');   // %05d
+
+// {no, count} of a shard of a set of two or more; null for a whole file (neither key, or a split.count of 1).
+function splitOf(g) {
+  if (!g.kv.has(SPLIT_NO) && !g.kv.has(SPLIT_COUNT)) return null;
+  const no = g.kv.get(SPLIT_NO), count = g.kv.get(SPLIT_COUNT);
+  if (count === 1n) return null;
+  if (typeof no !== 'bigint' || typeof count !== 'bigint' || no < 0n || no >= count) {
+    throw new BaseUnreadable('1.6', `${g.path}: ${SPLIT_NO} ${no} and ${SPLIT_COUNT} ${count} are not integers with 0 <= no < count`);
+  }
+  return { no: Number(no), count: Number(count) };
+}
+
+function readGgufBase(p) {
+  const first = parseGguf(p);
+  const split = splitOf(first);
+  if (!split) return first;
+  const bad = (file, msg) => { throw new BaseUnreadable('1.6', `${file}: ${msg}`); };
+  const { no, count } = split;
+  if (no !== 0) bad(p, `shard ${no + 1} of ${count} of a split set, not a base by itself (give the first shard)`);
+  const suffix = `-00001-of-${pad5(count)}.gguf`;
+  const name = path.basename(p);
+  if (!name.endsWith(suffix)) bad(p, `the first shard of a set of ${count}, not named PREFIX${suffix}: its other shards cannot be found`);
+  const prefix = name.slice(0, name.length - suffix.length);
+  const total = first.kv.get(SPLIT_TENSORS);
+  const owner = new Map([...first.byName.keys()].map((t) => [t, first]));
+  const byName = new Map(first.byName);
+  for (let i = 1; i < count; i++) {
+    const sp = path.join(path.dirname(p), `${prefix}-${pad5(i + 1)}-of-${pad5(count)}.gguf`);
+    let s;
+    try { s = parseGguf(sp); } catch (e) {
+      if (e instanceof BaseUnreadable && e.rule === '1.1') bad(sp, `shard ${i + 1} of ${count} cannot be opened (${e.message})`);
+      throw e;
+    }
+    const got = splitOf(s);
+    if (!got || got.no !== i || got.count !== count) bad(sp, `${SPLIT_NO} ${s.kv.get(SPLIT_NO)}, ${SPLIT_COUNT} ${s.kv.get(SPLIT_COUNT)}: not shard ${i + 1} of ${count}`);
+    if (s.kv.get(SPLIT_TENSORS) !== total) bad(sp, `${SPLIT_TENSORS} ${s.kv.get(SPLIT_TENSORS)}, the first shard's ${total}`);
+    for (const [t, info] of s.byName) {
+      if (byName.has(t)) bad(sp, `tensor ${JSON.stringify(t)} is also in ${path.basename(owner.get(t).path)}`);
+      byName.set(t, info); owner.set(t, s);
+    }
+  }
+  if (typeof total !== 'bigint' || BigInt(byName.size) !== total) bad(p, `the shards hold ${byName.size} tensors, ${SPLIT_TENSORS} is ${total}`);
+  return { path: p, kv: first.kv, byName, bytes: (t) => owner.get(t.name).bytes(t) };
+}
+
 function openGgufBase(p) {
-  const g = parseGguf(p);
+  const g = readGgufBase(p);
   const arch = typeof g.kv.get('general.architecture') === 'string' ? g.kv.get('general.architecture') : null;
   const claimed = new Map();
   return {
