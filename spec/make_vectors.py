@@ -202,6 +202,7 @@ GGUF_U32, GGUF_STR = 4, 8
 GGUF_U8, GGUF_ARRAY = 0, 9
 GGUF_Q8_K, GGUF_I32 = 15, 26  # types without a binary32 decoding (section 15.2)
 GGUF_REMOVED_Q4_2 = 4         # a type number ggml has removed: no GGML type
+GGUF_KV_U16, GGUF_KV_I32 = 2, 5  # metadata value types of the split keys (section 15.1)
 
 
 def gguf_string(text: str) -> bytes:
@@ -1207,6 +1208,79 @@ def build() -> dict:
         "own count (2^40 U32 values) runs past the end of the file (section 15.1): 1.6", valid=False,
         errors=["1.6"], base_unreadable=True, base=put("bases/metadata_nested_array_past_end.gguf", gguf_file(
             [("x.nested", GGUF_ARRAY, past_end)] + llama_kv, down_only_tensors)))
+
+    # ---- split GGUF sets (section 15.1, since 1.6): the first shard names the set; its siblings are found by
+    # llama.cpp's name PREFIX-0000i-of-0000N.gguf and checked to belong together (split.no, split.count,
+    # split.tensors.count as gguf-split writes them: uint16, uint16, int32). Each set has its own PREFIX.
+    def split_kv(no, count, total):
+        return [("split.no", GGUF_KV_U16, struct.pack("<H", no)), ("split.count", GGUF_KV_U16, struct.pack("<H", count)),
+                ("split.tensors.count", GGUF_KV_I32, struct.pack("<i", total))]
+
+    def put_set(prefix, shards, named=None):
+        """Shards [(kv, tensors, alignment)] as bases/split/PREFIX-0000i-of-0000N.gguf (N: len(shards), or `named`);
+        None leaves a shard out. Returns the first shard's path."""
+        n = named or len(shards)
+        rels = [put(f"bases/split/{prefix}-{i + 1:05d}-of-{n:05d}.gguf", gguf_file(kv, ts, alignment))
+                for i, (kv, ts, alignment) in enumerate(shards) if (kv, ts, alignment) != (None, None, None)]
+        return rels[0]
+
+    Q1, K1, D1, N1 = llama_tensors
+    # the first shard aligns its data to 64 bytes; the others have no general.alignment (32): each shard is read with
+    # its own, and output_norm's offset (96) is no multiple of the first shard's 64
+    head = [kv for kv in llama_kv if kv[0] != "general.alignment"] + [("general.alignment", GGUF_U32, 64)]
+
+    def llama_set(total=4, second=(1, 3), third=(2, 3), third_tensors=(D1,), totals=None):
+        totals = totals or (total, total, total)
+        return [(head + split_kv(0, 3, totals[0]), [Q1], 64),
+                (split_kv(*second, totals[1]), [K1, N1], 32),
+                (split_kv(*third, totals[2]), list(third_tensors), 32)]
+    SP = put_set("llama", llama_set())
+    vec("gguf_split_set", "valid/gguf_llama_q4_1.safetensors", "1.6: a split GGUF set of 3 shards given by its first "
+        "(section 15.1): q_proj's attn_q is in shard 1, k_proj's attn_k in shard 2 and down_proj's ffn_down in shard "
+        "3, mapped by the first shard's metadata (the others carry only the split keys); shard 1 is aligned to 64 "
+        "bytes, the others to the default 32, each read with its own", valid=True, check_selection=True, base=SP)
+    unreadable = dict(valid=False, errors=["1.6"], base_unreadable=True)
+    split_cases = [
+        ("gguf_split_later_shard", SP.replace("-00001-of-", "-00002-of-"), "shard 2 of the valid set given as the "
+         "base: a later shard is no base by itself (llama.cpp too is given the first)"),
+        ("gguf_split_missing_shard", put_set("missing", llama_set()[:2] + [(None, None, None)]), "shards 1 and 2 of "
+         "3: missing-00003-of-00003.gguf does not exist"),
+        ("gguf_split_foreign_count", put_set("foreign_count", llama_set(second=(1, 2))), "shard 2's split.count is 2 "
+         "(a shard of another set), the first's 3"),
+        ("gguf_split_foreign_tensors_count", put_set("foreign_total", llama_set(totals=(4, 5, 4))), "shard 2's "
+         "split.tensors.count is 5 (another set's), the first's 4"),
+        ("gguf_split_wrong_number", put_set("wrong_no", llama_set(third=(1, 3))), "the file named as shard 3 has "
+         "split.no 1, not 2"),
+        ("gguf_split_tensor_in_two_shards", put_set("twice", llama_set(total=5, third_tensors=(D1, Q1))),
+         "blk.0.attn_q.weight is in shards 1 and 3 (split.tensors.count 5 counts both entries): no tensor name is in "
+         "two shards"),
+        ("gguf_split_tensor_total", put_set("too_few", llama_set(total=5)), "the shards hold 4 tensors in all, "
+         "split.tensors.count says 5"),
+        ("gguf_split_first_shard_renamed", put("bases/split/renamed.gguf", gguf_file(*llama_set()[0][:2], 64)),
+         "llama-00001-of-00003.gguf renamed: a first shard (split.count 3) not named PREFIX-00001-of-00003.gguf, so "
+         "its siblings cannot be found"),
+        ("gguf_split_count_not_in_name", put_set("count_in_name", [llama_set()[0]], named=2), "a first shard with "
+         "split.count 3 named count_in_name-00001-of-00002.gguf: the name's N is not split.count (shards 2 and 3 of 3 "
+         "lie beside it, named -0000i-of-00003, but a first shard's own name must say 3)"),
+        ("gguf_split_no_past_count", put_set("no_past_count", [(head + split_kv(2, 2, 4), llama_tensors, 64)],
+                                             named=2), "split.no 2 with split.count 2: not 0 <= split.no < split.count"),
+        ("gguf_split_count_not_integer", put("bases/split/count_string.gguf", gguf_file(
+            head + [("split.count", GGUF_STR, "1")], llama_tensors, 64)), "split.count is the string \"1\": a "
+         "file with a split key is a shard unless split.count is the integer 1, and a shard's split.count and "
+         "split.no are integers"),
+        ("gguf_split_no_without_count", put("bases/split/no_without_count.gguf", gguf_file(
+            head + split_kv(0, 1, 4)[:1], llama_tensors, 64)), "split.no without split.count: a file with a split key "
+         "is a shard unless split.count is the integer 1"),
+    ]
+    for i, (kv, ts, alignment) in enumerate(llama_set()[1:], 2):
+        put(f"bases/split/count_in_name-{i:05d}-of-00003.gguf", gguf_file(kv, ts, alignment))
+    for name, base_rel, desc in split_cases:
+        vec(name, "valid/gguf_llama_q4_1.safetensors", "the adapter of gguf_split_set against a base that cannot be "
+            f"opened (section 15.1, 1.6): {desc}", base=base_rel, **unreadable)
+    vec("gguf_split_count_one", "valid/gguf_llama_q4_1.safetensors", "a file whose split.count is 1 and which has no "
+        "split.no is a whole file (section 15.1: split.no is read only for a set of two or more), opened as usual",
+        valid=True, check_selection=True, base=put("bases/split/count_one.gguf", gguf_file(
+            head + split_kv(0, 1, 4)[1:], llama_tensors, 64)))
 
     # ---- merge vectors -----------------------------------------------------------------------------
     mb = merge_base()

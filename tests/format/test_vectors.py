@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -215,6 +216,23 @@ def test_regenerating_gives_identical_bytes(tmp_path):
     assert not changed, f"regenerated vectors differ: {changed[:5]}"
 
 
+_SHARD = re.compile(r"^(.+)-\d{5}-of-\d{5}\.gguf$")
+
+
+def _base_files(rel: str) -> set[str]:
+    """The files a base path names: a folder's, or a GGUF shard with every file of its PREFIX beside it (spec section
+    15.1: a split set is given by its first shard; the vectors keep each set's PREFIX to itself)."""
+    base = VECTORS / rel
+    if base.is_dir():
+        return {rel + "/" + r for r in _tree(base)}
+    m = _SHARD.match(base.name)
+    if m is None:
+        return {rel}
+    folder = Path(rel).parent
+    return {(folder / p.name).as_posix() for p in base.parent.iterdir()
+            if (s := _SHARD.match(p.name)) is not None and s[1] == m[1]}
+
+
 def test_folder_is_small_and_manifest_complete():
     files = _tree(VECTORS)
     assert sum(len(b) for b in files.values()) < 2_000_000
@@ -222,8 +240,7 @@ def test_folder_is_small_and_manifest_complete():
     for v in MANIFEST["vectors"]:
         referenced.add(v["file"])
         if "base" in v:
-            base = VECTORS / v["base"]
-            referenced |= ({(v["base"] + "/" + rel) for rel in _tree(base)} if base.is_dir() else {v["base"]})
+            referenced |= _base_files(v["base"])
     for m in MANIFEST["merges"]:
         referenced |= {m["base"], m["expected"], *(a["file"] for a in m["adapters"])}
     assert referenced == set(files), "files not in the manifest or missing files"
