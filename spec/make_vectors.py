@@ -1239,6 +1239,12 @@ def build() -> dict:
         "(section 15.1): q_proj's attn_q is in shard 1, k_proj's attn_k in shard 2 and down_proj's ffn_down in shard "
         "3, mapped by the first shard's metadata (the others carry only the split keys); shard 1 is aligned to 64 "
         "bytes, the others to the default 32, each read with its own", valid=True, check_selection=True, base=SP)
+    other_meta = llama_set()
+    other_meta[1] = ([("general.architecture", GGUF_STR, "gemma2")] + other_meta[1][0], *other_meta[1][1:])
+    vec("gguf_split_metadata_of_first_shard", "valid/gguf_llama_q4_1.safetensors", "shard 2 of the set also says "
+        "general.architecture gemma2 (no rope permutation): the set's metadata is the first shard's alone (section "
+        "15.1), so attn_q and attn_k keep llama's row order and the probes match", valid=True,
+        base=put_set("other_meta", other_meta))
     unreadable = dict(valid=False, errors=["1.6"], base_unreadable=True)
     split_cases = [
         ("gguf_split_later_shard", SP.replace("-00001-of-", "-00002-of-"), "shard 2 of the valid set given as the "
