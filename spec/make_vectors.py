@@ -130,21 +130,42 @@ def _value_info(name: str, elem: int, shape) -> bytes:
     return _pb(1, name) + _pb(2, _pb(1, _pb(1, elem) + _pb(2, dims)))          # ValueInfoProto.type.tensor_type
 
 
-def matmulnbits_model(weight: str, B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, *, K: int, N: int,
-                      bits: int, block: int) -> bytes:
-    """A ModelProto (IR 10, opsets "" 17 and com.microsoft 1) of one MatMulNBits node Y = A W^T, with B named
-    `<weight>_Q<bits>` as ONNX Runtime's quantizer names it, and its scales and zero points."""
-    names = [f"{weight}_Q{bits}", f"{weight}_scales", f"{weight}_zero_points"]
-    attrs = b"".join(_pb(5, _pb(1, a) + _pb(3, v) + _pb(20, 2))             # AttributeProto name, i, type INT
-                     for a, v in (("K", K), ("N", N), ("bits", bits), ("block_size", block)))
-    node = (_pb(1, "A") + b"".join(_pb(1, n) for n in names) + _pb(2, "Y") + _pb(3, "q_proj") + _pb(4, "MatMulNBits")
-            + attrs + _pb(7, "com.microsoft"))
-    elem = ONNX_TYPES[scales.dtype]
-    graph = (_pb(1, node) + _pb(2, "g")
-             + b"".join(_pb(5, onnx_tensor(n, a)) for n, a in zip(names, (B, scales, zero_points)))
-             + _pb(11, _value_info("A", elem, (3, K))) + _pb(12, _value_info("Y", elem, (3, N))))
+def onnx_node(op: str, inputs, outputs, name: str, attrs=(), domain: str = "") -> bytes:
+    """NodeProto: input (1), output (2), name (3), op_type (4), attribute (5: INT, or INTS from a list), domain (7)."""
+    def attr(a, v):
+        if isinstance(v, list):                                              # AttributeProto ints (8), type INTS
+            return _pb(5, _pb(1, a) + b"".join(_pb(8, int(x)) for x in v) + _pb(20, 7))
+        return _pb(5, _pb(1, a) + _pb(3, v) + _pb(20, 2))                     # AttributeProto i (3), type INT
+    return (b"".join(_pb(1, n) for n in inputs) + b"".join(_pb(2, n) for n in outputs) + _pb(3, name) + _pb(4, op)
+            + b"".join(attr(a, v) for a, v in attrs) + (_pb(7, domain) if domain else b""))
+
+
+def onnx_model(nodes, initializers, inputs, outputs) -> bytes:
+    """A ModelProto (IR 10, opsets "" 17 and com.microsoft 1) of graph "g": nodes (NodeProto bytes), initializers
+    [(name, array)], inputs and outputs [(name, element type, shape)]."""
+    graph = (b"".join(_pb(1, n) for n in nodes) + _pb(2, "g")
+             + b"".join(_pb(5, onnx_tensor(n, a)) for n, a in initializers)
+             + b"".join(_pb(11, _value_info(*v)) for v in inputs) + b"".join(_pb(12, _value_info(*v)) for v in outputs))
     opsets = _pb(8, _pb(1, "") + _pb(2, 17)) + _pb(8, _pb(1, "com.microsoft") + _pb(2, 1))
     return _pb(1, 10) + _pb(7, graph) + opsets
+
+
+def matmulnbits_node(weight: str, x: str, y: str, name: str, *, K: int, N: int, bits: int, block: int):
+    """A MatMulNBits node Y = X W^T with B named `<weight>_Q<bits>` as ONNX Runtime's quantizer names it, and the
+    names of its B, scales and zero points."""
+    names = [f"{weight}_Q{bits}", f"{weight}_scales", f"{weight}_zero_points"]
+    node = onnx_node("MatMulNBits", [x, *names], [y], name,
+                     [("K", K), ("N", N), ("bits", bits), ("block_size", block)], domain="com.microsoft")
+    return node, names
+
+
+def matmulnbits_model(weight: str, B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, *, K: int, N: int,
+                      bits: int, block: int) -> bytes:
+    """A model of one MatMulNBits node (matmulnbits_node) and its B, scales and zero points."""
+    node, names = matmulnbits_node(weight, "A", "Y", "q_proj", K=K, N=N, bits=bits, block=block)
+    elem = ONNX_TYPES[scales.dtype]
+    return onnx_model([node], list(zip(names, (B, scales, zero_points))), [("A", elem, (3, K))],
+                      [("Y", elem, (3, N))])
 
 
 def hqq_vector(tmp: str):
@@ -192,6 +213,46 @@ def hqq_vector(tmp: str):
     assert (np.take_along_axis(one_rounding, idx, 1) != base_values).any()
     expected = matmulnbits_model(DOWN, new_B.reshape(N, nb, block // 2), scales, zps, K=K, N=N, bits=4, block=block)
     return model, [t], expected
+
+
+ONNX_F32, ONNX_I64 = 1, 7
+
+
+def onnx_linear_base():
+    """An ONNX base for validation (section 2.6, case 3): float initializers the way exporters store linear weights
+    (a MatMul's [d_in, d_out]; a Gemm's [d_out, d_in] with transB = 1; [d_out, d_in] through a Transpose; one under a
+    name no target has, `val_3`, found by the probe; an embedding table that a Gather and the tied head's Gemm both
+    read) and a MatMulNBits weight with UINT8 zero points (section 15.4: 4 bits, K = 32 in blocks of 16). Returns
+    (model bytes, {name: the canonical [d_out, d_in] binary32 values})."""
+    d_in, d_out, vocab = 6, 4, 5
+    q, o, k, up = (randn((d_out, d_in), "F32", seed) for seed in (1701, 1702, 1703, 1704))
+    embed = randn((vocab, d_in), "F32", 1705)
+    K, N, block = 32, 4, 16
+    nb = K // block
+    rng = SplitMix64(1706)
+    codes = np.array([rng.next() % 16 for _ in range(N * K)], np.uint8).reshape(N, nb, block)
+    zps = np.array([rng.next() % 16 for _ in range(N * nb)], np.uint8).reshape(N, nb)
+    scales = (0.01 + 0.05 * rng.uniform(N * nb, 0.0, 1.0)).astype(np.float32).reshape(N, nb)
+    B = (codes[..., 0::2] | (codes[..., 1::2] << 4)).reshape(N, nb, block // 2)
+    packed_zps = (zps[:, 0::2] | (zps[:, 1::2] << 4)).reshape(N)          # ceil(nb * 4 / 8) = 1 byte per row
+    down = ((codes.astype(np.float32) - zps[..., None].astype(np.float32)) * scales[..., None]).reshape(N, K)
+    nbits_node, nbits_names = matmulnbits_node("down.weight", "X2", "Y_down", "down", K=K, N=N, bits=4, block=block)
+    nodes = [onnx_node("MatMul", ["X", "q.weight"], ["Y_q"], "q"),
+             onnx_node("Gemm", ["X", "o.weight"], ["Y_o"], "o", [("transB", 1)]),
+             onnx_node("Transpose", ["k.weight"], ["k_t"], "k_transpose", [("perm", [1, 0])]),
+             onnx_node("MatMul", ["X", "k_t"], ["Y_k"], "k"),
+             onnx_node("MatMul", ["X", "val_3"], ["Y_up"], "up"),
+             onnx_node("Gather", ["embed.weight", "ids"], ["Y_embed"], "embed", [("axis", 0)]),
+             onnx_node("Gemm", ["X", "embed.weight"], ["Y_head"], "head", [("transB", 1)]),
+             nbits_node]
+    inits = [("q.weight", q.T), ("o.weight", o), ("k.weight", k), ("val_3", up.T), ("embed.weight", embed),
+             *zip(nbits_names, (B, scales.reshape(-1), packed_zps))]
+    inputs = [("X", ONNX_F32, (3, d_in)), ("ids", ONNX_I64, (3,)), ("X2", ONNX_F32, (3, K))]
+    outputs = [(y, ONNX_F32, (3, n)) for y, n in (("Y_q", d_out), ("Y_o", d_out), ("Y_k", d_out), ("Y_up", d_out),
+                                                   ("Y_head", vocab), ("Y_down", N))]
+    outputs.insert(5, ("Y_embed", ONNX_F32, (3, d_in)))
+    canon = {"q.weight": q, "o.weight": o, "k.weight": k, "up": up, "embed.weight": embed, "down.weight": down}
+    return onnx_model(nodes, inits, inputs, outputs), canon
 
 
 # -- raw GGUF writing (spec section 15) -----------------------------------------------------------------
@@ -1369,6 +1430,64 @@ def build() -> dict:
                    "of its block's own grid, so the merge rewrites codes only (B), scales and zero points byte for "
                    "byte; decoding as fl32((code - zero point) * scale) gives other values (the probe fails, and "
                    "the merged values miss the grid)"})
+
+    # 1.7: validation against ONNX bases (section 2.6, case 3): targets found by name (with the orientation the
+    # graph uses), by the probe, on a MatMulNBits weight; and the refusals
+    vec("onnx_matmulnbits_float_zero_points", hq_adapter, "1.7: the merge input adapter float_zero_points validated "
+        "against its ONNX base: a MatMulNBits weight with float zero points, read as section 15.4's "
+        "fl32(fl32(code * scale) - fl32(scale * zero point))", valid=True, base=HQ, check_selection=True)
+    onnx_model_bytes, onnx_canon = onnx_linear_base()
+    OX = put("bases/onnx_linear.onnx", onnx_model_bytes)
+    ocanon = Base(onnx_canon)
+
+    def onnx_vec(name, targets, desc, *, errors=(), check_selection=True):
+        doc = document(targets, None, base_name="neuroada-vectors/onnx-linear")
+        rel = put(f"{'invalid' if errors else 'valid'}/{name}.safetensors", adapter_file(targets, doc))
+        vec(name, rel, desc, valid=not errors, errors=errors, base=OX, check_selection=check_selection)
+
+    def renamed(t: naf.Target, name: str) -> naf.Target:
+        t.name = name
+        return t
+
+    onnx_vec("onnx_float_initializers",
+             [target(Base({"q.weight": onnx_canon["q.weight"].T}), "q.weight", 2, layout="in_out", seed=70),
+              target(ocanon, "o.weight", 3, value_dtype="F32", seed=71), target(ocanon, "k.weight", 2, seed=72),
+              target(Base({"model.mlp.up.weight": onnx_canon["up"]}), "model.mlp.up.weight", 2, seed=73)],
+             "1.7: float initializers of an ONNX base found by name, in the orientation the graph uses them: "
+             "q.weight is a MatMul's [d_in, d_out] (the adapter's layout in_out), o.weight a Gemm's with transB = 1 "
+             "[d_out, d_in], k.weight [d_out, d_in] read through a Transpose; model.mlp.up.weight is on no "
+             "initializer's name and is found by its probe hash in val_3 (a MatMul's [d_in, d_out])")
+    onnx_vec("onnx_name_with_leading_part", [renamed(target(ocanon, "q.weight", 2, seed=74), "model.q.weight")],
+             "1.7: the key model.q.weight finds the initializer q.weight by name (the key is the name with a leading "
+             "part ending in '.'), a MatMul's [d_in, d_out], with an out_in adapter")
+    onnx_vec("onnx_matmulnbits_uint8_zero_points", [target(ocanon, "down.weight", 3, value_dtype="F32", seed=75)],
+             "1.7: a MatMulNBits weight (4 bits, K = 32 in blocks of 16, UINT8 zero points packed two per byte) "
+             "found by its name (B's name without _Q4), values fl32(scale * (code - zero point)), dtype F32")
+    other = Base({n: randn(a.shape, "F32", 1800 + i) for i, (n, a) in enumerate(onnx_canon.items())})
+    onnx_vec("onnx_4.1_no_initializer", [renamed(target(other, "q.weight", 2, seed=76), "missing.weight")],
+             "1.7: no initializer's name is the key's and no float initializer or MatMulNBits weight has the "
+             "adapter's probe hash: rule 4.1", errors=["4.1"], check_selection=False)
+    onnx_vec("onnx_4.1_tied_embedding", [target(ocanon, "embed.weight", 2, seed=77)],
+             "1.7: the target's initializer is read by a Gemm (the head) and by a Gather (the embeddings): tied "
+             "weights, rule 4.1", errors=["4.1"])
+    onnx_vec("onnx_4.1_two_targets_one_initializer",
+             [target(ocanon, "q.weight", 2, seed=78), renamed(target(ocanon, "q.weight", 3, seed=79), "model.q.weight")],
+             "1.7: the keys model.q.weight and q.weight both find the initializer q.weight by name: the later in code "
+             "point order (q.weight) is rule 4.1, the earlier checked as usual", errors=["4.1"])
+    onnx_vec("onnx_4.2_wrong_shape", [target(Base({"q.weight": randn((4, 5), "F32", 1810)}), "q.weight", 2, seed=80)],
+             "1.7: the initializer named by the key is a MatMul's [6, 4] = [d_in, d_out] for [d_out, d_in] = [4, 6], "
+             "the adapter's target is [4, 5]: rule 4.2", errors=["4.2"], check_selection=False)
+    onnx_vec("onnx_4.2_other_dtype",
+             [target(Base({"q.weight": onnx_canon["q.weight"].astype(DT["F16"])}), "q.weight", 2, seed=81)],
+             "1.7: the adapter was made on F16 values, the initializer is F32: rule 4.2 on an ONNX base (an ONNX "
+             "merge writes the adapter's dtype only), where a safetensors base gives warning 4.6",
+             errors=["4.2"], check_selection=False)
+    onnx_vec("onnx_4.3_other_values", [target(other, "q.weight", 2, seed=82)],
+             "1.7: found by name, but the adapter was made on another model's values: rule 4.3", errors=["4.3"],
+             check_selection=False)
+    onnx_vec("onnx_4.3_matmulnbits_other_values", [target(other, "down.weight", 3, value_dtype="F32", seed=83)],
+             "1.7: a MatMulNBits weight found by name, the adapter made on other values: rule 4.3", errors=["4.3"],
+             check_selection=False)
 
     manifest = {
         "format": "neuroada-conformance-vectors",
