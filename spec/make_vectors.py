@@ -220,12 +220,15 @@ ONNX_F32, ONNX_I64 = 1, 7
 
 def onnx_linear_base():
     """An ONNX base for validation (section 2.6, case 3): float initializers the way exporters store linear weights
-    (a MatMul's [d_in, d_out]; a Gemm's [d_out, d_in] with transB = 1; [d_out, d_in] through a Transpose; one under a
-    name no target has, `val_3`, found by the probe; an embedding table that a Gather and the tied head's Gemm both
+    (a MatMul's [d_in, d_out]; a Gemm's [d_out, d_in] with transB = 1; [d_out, d_in] through a Transpose, named with a
+    leading part `model.` that the key k.weight lacks; one under a
+    name no target has, `val_3`, found by the probe; a square MatMul weight, whose orientation only the graph
+    tells; an embedding table that a Gather and the tied head's Gemm both
     read) and a MatMulNBits weight with UINT8 zero points (section 15.4: 4 bits, K = 32 in blocks of 16). Returns
     (model bytes, {name: the canonical [d_out, d_in] binary32 values})."""
     d_in, d_out, vocab = 6, 4, 5
     q, o, k, up = (randn((d_out, d_in), "F32", seed) for seed in (1701, 1702, 1703, 1704))
+    sq = randn((d_out, d_out), "F32", 1707)
     embed = randn((vocab, d_in), "F32", 1705)
     K, N, block = 32, 4, 16
     nb = K // block
@@ -239,19 +242,21 @@ def onnx_linear_base():
     nbits_node, nbits_names = matmulnbits_node("down.weight", "X2", "Y_down", "down", K=K, N=N, bits=4, block=block)
     nodes = [onnx_node("MatMul", ["X", "q.weight"], ["Y_q"], "q"),
              onnx_node("Gemm", ["X", "o.weight"], ["Y_o"], "o", [("transB", 1)]),
-             onnx_node("Transpose", ["k.weight"], ["k_t"], "k_transpose", [("perm", [1, 0])]),
+             onnx_node("Transpose", ["model.k.weight"], ["k_t"], "k_transpose", [("perm", [1, 0])]),
              onnx_node("MatMul", ["X", "k_t"], ["Y_k"], "k"),
              onnx_node("MatMul", ["X", "val_3"], ["Y_up"], "up"),
+             onnx_node("MatMul", ["Y_q", "s.weight"], ["Y_s"], "s"),
              onnx_node("Gather", ["embed.weight", "ids"], ["Y_embed"], "embed", [("axis", 0)]),
              onnx_node("Gemm", ["X", "embed.weight"], ["Y_head"], "head", [("transB", 1)]),
              nbits_node]
-    inits = [("q.weight", q.T), ("o.weight", o), ("k.weight", k), ("val_3", up.T), ("embed.weight", embed),
+    inits = [("q.weight", q.T), ("o.weight", o), ("model.k.weight", k), ("val_3", up.T), ("s.weight", sq.T),
+             ("embed.weight", embed),
              *zip(nbits_names, (B, scales.reshape(-1), packed_zps))]
     inputs = [("X", ONNX_F32, (3, d_in)), ("ids", ONNX_I64, (3,)), ("X2", ONNX_F32, (3, K))]
     outputs = [(y, ONNX_F32, (3, n)) for y, n in (("Y_q", d_out), ("Y_o", d_out), ("Y_k", d_out), ("Y_up", d_out),
-                                                   ("Y_head", vocab), ("Y_down", N))]
-    outputs.insert(5, ("Y_embed", ONNX_F32, (3, d_in)))
-    canon = {"q.weight": q, "o.weight": o, "k.weight": k, "up": up, "embed.weight": embed, "down.weight": down}
+                                                   ("Y_s", d_out), ("Y_head", vocab), ("Y_down", N))]
+    outputs.insert(6, ("Y_embed", ONNX_F32, (3, d_in)))
+    canon = {"q.weight": q, "o.weight": o, "k.weight": k, "up": up, "s.weight": sq, "embed.weight": embed, "down.weight": down}
     return onnx_model(nodes, inits, inputs, outputs), canon
 
 
@@ -1449,21 +1454,35 @@ def build() -> dict:
         t.name = name
         return t
 
+    other = Base({n: randn(a.shape, "F32", 1800 + i) for i, (n, a) in enumerate(onnx_canon.items())})
     onnx_vec("onnx_float_initializers",
              [target(Base({"q.weight": onnx_canon["q.weight"].T}), "q.weight", 2, layout="in_out", seed=70),
               target(ocanon, "o.weight", 3, value_dtype="F32", seed=71), target(ocanon, "k.weight", 2, seed=72),
               target(Base({"model.mlp.up.weight": onnx_canon["up"]}), "model.mlp.up.weight", 2, seed=73)],
              "1.7: float initializers of an ONNX base found by name, in the orientation the graph uses them: "
              "q.weight is a MatMul's [d_in, d_out] (the adapter's layout in_out), o.weight a Gemm's with transB = 1 "
-             "[d_out, d_in], k.weight [d_out, d_in] read through a Transpose; model.mlp.up.weight is on no "
+             "[d_out, d_in], k.weight (the initializer model.k.weight: its name is the key with a leading part) "
+             "[d_out, d_in] read through a Transpose; model.mlp.up.weight is on no "
              "initializer's name and is found by its probe hash in val_3 (a MatMul's [d_in, d_out])")
+    onnx_vec("onnx_square_matmul_weight", [target(ocanon, "s.weight", 2, seed=84)],
+             "1.7: a square [4, 4] initializer that a MatMul reads is [d_in, d_out] (in_out) whatever the adapter's "
+             "layout (out_in here): read as [d_out, d_in], the probe fails")
+    onnx_vec("onnx_4.2_matmul_weight_as_out_in",
+             [target(Base({"q.weight": np.ascontiguousarray(onnx_canon["q.weight"].T)}), "q.weight", 2, seed=85)],
+             "1.7: the adapter was made on q.weight's stored [6, 4] values as if they were [d_out, d_in]; a MatMul "
+             "reads them as [d_in, d_out], so the graph's [d_out, d_in] is [4, 6]: rule 4.2 (the graph's use decides "
+             "the orientation, not the stored shape)", errors=["4.2"], check_selection=False)
     onnx_vec("onnx_name_with_leading_part", [renamed(target(ocanon, "q.weight", 2, seed=74), "model.q.weight")],
              "1.7: the key model.q.weight finds the initializer q.weight by name (the key is the name with a leading "
              "part ending in '.'), a MatMul's [d_in, d_out], with an out_in adapter")
+    onnx_vec("onnx_4.3_found_by_name_with_leading_part",
+             [target(other, "k.weight", 2, seed=86), renamed(target(other, "q.weight", 2, seed=87), "model.q.weight")],
+             "1.7: the key k.weight finds the initializer model.k.weight by name, and the key model.q.weight the "
+             "initializer q.weight; the adapter was made on other values: rule 4.3 for both (a reader matching "
+             "names exactly finds neither, by name or probe: 4.1)", errors=["4.3"], check_selection=False)
     onnx_vec("onnx_matmulnbits_uint8_zero_points", [target(ocanon, "down.weight", 3, value_dtype="F32", seed=75)],
              "1.7: a MatMulNBits weight (4 bits, K = 32 in blocks of 16, UINT8 zero points packed two per byte) "
              "found by its name (B's name without _Q4), values fl32(scale * (code - zero point)), dtype F32")
-    other = Base({n: randn(a.shape, "F32", 1800 + i) for i, (n, a) in enumerate(onnx_canon.items())})
     onnx_vec("onnx_4.1_no_initializer", [renamed(target(other, "q.weight", 2, seed=76), "missing.weight")],
              "1.7: no initializer's name is the key's and no float initializer or MatMulNBits weight has the "
              "adapter's probe hash: rule 4.1", errors=["4.1"], check_selection=False)

@@ -582,7 +582,7 @@ function openBase(p) {
   if (st.isDirectory()) return openFolderBase(p);
   const lower = path.basename(p).toLowerCase();
   if (lower.endsWith('.gguf')) return openGgufBase(p);
-  if (lower.endsWith('.onnx')) throw new BaseUnreadable('1.6', `${p}: this checker reads ONNX bases for merges only (section 2.6, case 3; section 12)`);
+  if (lower.endsWith('.onnx')) return openOnnxBase(p);
   return safetensorsBase([baseFile(p)]);
 }
 
@@ -1252,7 +1252,9 @@ const protoStr = (v) => (v === undefined ? '' : v.toString('utf8'));
 
 const ONNX_DTYPES = { 1: 'F32', 2: 'U8', 10: 'F16', 16: 'BF16' };
 
-function readOnnx(p) {
+// lenient (validation, section 2.6 case 3): an initializer of another type is kept (a target on it is 4.2, not a
+// failure to read the model), and a MatMulNBits weight section 15.4 refuses is kept with its problem.
+function readOnnx(p, { lenient = false } = {}) {
   const model = protoFields(fs.readFileSync(p));
   const graph = protoFields(protoOne(model, 7, Buffer.alloc(0)));
   const initializers = new Map();
@@ -1271,35 +1273,164 @@ function readOnnx(p) {
     }
     const data = protoOne(t, 9);
     if (!ONNX_DTYPES[type] || data === undefined || protoOne(t, 13, 0) !== 0) {
-      throw new Error(`ONNX initializer ${name}: only F32/F16/BF16/UINT8 tensors with raw_data are read here`);
+      const what = `ONNX initializer ${name}: only F32/F16/BF16/UINT8 tensors with raw_data are read here`;
+      if (!lenient) throw new Error(what);
+      if (initializers.has(name)) throw new Error(`ONNX: two initializers named ${name}`);
+      initializers.set(name, { dtype: `ONNX type ${type}`, shape: dims, bytes: null, problem: what });
+      continue;
     }
+    if (initializers.has(name)) throw new Error(`ONNX: two initializers named ${name}`);
     initializers.set(name, { dtype: ONNX_DTYPES[type], shape: dims, bytes: data });
   }
+  const nodes = onnxNodes(graph);
   const nbits = new Map();
-  for (const raw of protoAll(graph, 1)) {                  // NodeProto
-    const node = protoFields(raw);
-    if (protoStr(protoOne(node, 4)) !== 'MatMulNBits' || protoStr(protoOne(node, 7)) !== 'com.microsoft') continue;
-    const inputs = protoAll(node, 1).map(protoStr);
-    const attrs = {};
-    for (const a of protoAll(node, 5).map(protoFields)) {
-      if (protoOne(a, 20, 0) !== 2) throw new Error('MatMulNBits: an attribute that is not INT (rule 4.2)');
-      attrs[protoStr(protoOne(a, 1))] = protoOne(a, 3, 0);
-    }
+  for (const node of nodes) {
+    if (node.inner || node.op !== 'MatMulNBits' || node.domain !== 'com.microsoft') continue;
+    const { inputs } = node;
     const [b, scales, zp] = [inputs[1], inputs[2], inputs[3] || null];
     const m = /^(.+)_Q\d+(?:G\d+)?$/s.exec(b);
     const name = m && !initializers.has(m[1]) ? m[1] : b;
+    const attrs = node.attrs;
     const nb = { b, scales, zp, name, K: attrs.K, N: attrs.N, bits: attrs.bits ?? 4, block: attrs.block_size };
     nb.nBlocks = Math.ceil(nb.K / nb.block);
-    nb.floatZp = zp !== null && initializers.get(zp).dtype !== 'U8';
-    if (![4, 8].includes(nb.bits) || (nb.floatZp && nb.bits !== 4) || inputs.length > 4 && inputs[4]) {
-      throw new Error(`MatMulNBits ${b}: not a weight section 15.4 merges (rule 4.2)`);
-    }
-    if (nb.floatZp && initializers.get(zp).dtype !== initializers.get(scales).dtype) {
-      throw new Error(`MatMulNBits ${b}: float zero points not of the scales' type (rule 4.2)`);
-    }
+    nb.floatZp = zp !== null && initializers.get(zp)?.dtype !== 'U8';
+    const refuse = (why) => { if (!lenient) throw new Error(`MatMulNBits ${b}: ${why} (rule 4.2)`); nb.problem ??= why; };
+    if (node.nonInt.length) refuse('an attribute that is not INT');
+    if (![4, 8].includes(nb.bits) || (nb.floatZp && nb.bits !== 4) || inputs.length > 4 && inputs[4]) refuse('not a weight section 15.4 merges');
+    if (![b, scales, ...(zp ? [zp] : [])].every((n) => initializers.get(n)?.bytes)) refuse('B, scales or zero points not read here');
+    else if (nb.floatZp && initializers.get(zp).dtype !== initializers.get(scales).dtype) refuse("float zero points not of the scales' type");
+    if (nbits.has(name)) { refuse('a weight name two nodes claim'); nbits.get(name).problem ??= 'a weight name two nodes claim'; continue; }
     nbits.set(name, nb);
   }
-  return { initializers, nbits };
+  return { initializers, nbits, nodes };
+}
+
+// NodeProto: op_type, domain, inputs, outputs and attributes (INT as a number, INTS as an array); the nodes of
+// subgraphs (an If's branches: GRAPH and GRAPHS attributes) come along, marked inner.
+function onnxNodes(graph, inner = false, out = []) {
+  for (const raw of protoAll(graph, 1)) {
+    const node = protoFields(raw);
+    const n = { op: protoStr(protoOne(node, 4)), domain: protoStr(protoOne(node, 7)), inputs: protoAll(node, 1).map(protoStr),
+      outputs: protoAll(node, 2).map(protoStr), attrs: {}, nonInt: [], inner };
+    out.push(n);
+    for (const a of protoAll(node, 5).map(protoFields)) {
+      const aname = protoStr(protoOne(a, 1)), type = protoOne(a, 20, 0);
+      if (type === 2) n.attrs[aname] = protoOne(a, 3, 0);
+      else {
+        n.nonInt.push(aname);
+        if (type === 7) n.attrs[aname] = protoAll(a, 8).flatMap((v) => (typeof v === 'number' ? [v] : packedVarints(v)));
+      }
+      for (const g of [...protoAll(a, 6), ...protoAll(a, 11)]) onnxNodes(protoFields(g), true, out);
+    }
+  }
+  return out;
+}
+
+function packedVarints(v) {
+  const out = [];
+  for (let k = 0; k < v.length;) {
+    let d = 0, mul = 1, byte;
+    do { byte = v[k++]; d += (byte & 0x7f) * mul; mul *= 128; } while (byte & 0x80);
+    out.push(d);
+  }
+  return out;
+}
+
+// Section 2.6, case 3: an ONNX model as a base. Each target is found by name, else by its probe hash, among
+// the float initializers and MatMulNBits weights (section 15.4), in the orientation the graph uses them; then
+// refused as a tied embedding table or an initializer an earlier target holds (4.1), or for its dtype (4.2).
+// The exporter-scope and legacy node-name stages (informative) are not implemented: no vector needs them.
+const QUANT_OPS = new Set(['MatMulNBits', 'QLinearMatMul', 'MatMulInteger', 'DequantizeLinear', 'QuantizeLinear',
+  'DynamicQuantizeLinear', 'QGemm', 'DynamicQuantizeMatMul', 'MatMulIntegerToFloat']);
+const FLOATS = ['F32', 'F16', 'BF16'];
+
+function openOnnxBase(p) {
+  const o = openRegular(p);
+  if (o.error) throw new BaseUnreadable('1.1', `base ${p} ${o.error}`);
+  fs.closeSync(o.fd);
+  let m;
+  try { m = readOnnx(p, { lenient: true }); } catch (e) { throw new BaseUnreadable('1.1', `${p} is no readable ONNX model: ${e.message}`); }
+  const { initializers, nbits, nodes } = m;
+  const producer = new Map();
+  for (const n of nodes) for (const y of n.outputs) producer.set(y, n);
+  const readers = (name) => nodes.filter((n) => n.inputs.includes(name));
+  // The initializer a node input comes from, and whether through one 2-D Transpose with perm [1, 0].
+  const source = (input) => {
+    if (initializers.has(input)) return [input, false];
+    const t = producer.get(input);
+    if (t && t.op === 'Transpose' && initializers.has(t.inputs[0]) && initializers.get(t.inputs[0]).shape.length === 2
+      && sameList(t.attrs.perm ?? [1, 0], [1, 0])) return [t.inputs[0], true];
+    return [null, false];
+  };
+  // The readers of an initializer, directly or through a Transpose.
+  const uses = (name) => readers(name).flatMap((n) => (n.op === 'Transpose' ? n.outputs.flatMap(readers) : [n]));
+  const graphLayout = (name) => {
+    const linear = new Set(), gather = new Set();
+    for (const n of uses(name)) {
+      if (n.op === 'MatMul' || n.op === 'Gemm') {
+        const [src, tr] = source(n.inputs[1] ?? '');
+        if (src === name) linear.add((tr !== (n.op === 'Gemm' && n.attrs.transB === 1)) ? 'out_in' : 'in_out');
+      } else if (n.op === 'Gather') {
+        const [src, tr] = source(n.inputs[0] ?? '');
+        if (src === name && !tr && (n.attrs.axis ?? 0) === 0) gather.add('out_in');
+      }
+    }
+    for (const s of [linear, gather]) if (s.size === 1) return [...s][0];
+    return null;
+  };
+  const suffixMatch = (a, b) => a === b || a.endsWith('.' + b) || (a.includes('.') && b.endsWith('.' + a));
+  const stored = (t, layout) => (layout === 'out_in' ? [t.dOut, t.dIn] : [t.dIn, t.dOut]);
+  const canonical = (name, layout, t) => {
+    if (nbits.has(name)) return new Uint32Array(nbitsDecode(initializers, nbits.get(name)).buffer.slice(0));
+    const init = initializers.get(name);
+    return storedToCanonical(widen(init.bytes, init.dtype), { ...t, layout });
+  };
+  const owners = new Map();
+  return {
+    kind: 'onnx',
+    structureHash: null,
+    resolve(t, problems) {
+      const canonShape = [t.dOut, t.dIn];
+      let names = [...initializers.keys(), ...nbits.keys()].filter((n) => suffixMatch(n, t.name));
+      if (names.includes(t.name)) names = [t.name];
+      if (names.length > 1) return fail(problems, '4.1', t, `ambiguous: initializers ${names.join(', ')} all match the key`);
+      let name, layout;
+      if (names.length === 1) {
+        name = names[0];
+        const nb = nbits.get(name), init = initializers.get(name);
+        if (nb && nb.problem) return fail(problems, '4.2', t, `MatMulNBits weight ${name}: ${nb.problem}`);
+        if (!nb && !FLOATS.includes(init.dtype)) return fail(problems, '4.2', t, `initializer ${name} is ${init.dtype}, not F32, F16 or BF16`);
+        if (!nb && uses(name).some((n) => QUANT_OPS.has(n.op))) return fail(problems, '4.2', t, `initializer ${name} feeds a quantized operator`);
+        const shape = nb ? [nb.N, nb.K] : init.shape;
+        layout = nb ? 'out_in' : graphLayout(name);
+        if (layout === null) {
+          const fits = ['out_in', 'in_out'].filter((l) => sameList(shape, stored(t, l)));
+          layout = fits.includes(t.layout) ? t.layout : fits[0] ?? null;
+        }
+        if (layout === null || !sameList(shape, stored(t, layout))) return fail(problems, '4.2', t, `${name} has shape ${fmtShape(shape)}, not ${fmtShape(canonShape)} in either orientation the graph allows`);
+      } else {
+        const hits = [];
+        for (const [n, init] of initializers) {
+          if (!FLOATS.includes(init.dtype) || init.shape.length !== 2 || init.dtype !== t.dtype) continue;
+          for (const l of ['out_in', 'in_out']) {
+            if (sameList(init.shape, stored(t, l)) && probeHash(canonical(n, l, t), t, t.arrays.indices) === t.probe) hits.push([n, l]);
+          }
+        }
+        for (const [n, nb] of nbits) {
+          if (!nb.problem && nb.N === t.dOut && nb.K === t.dIn && probeHash(canonical(n, 'out_in', t), t, t.arrays.indices) === t.probe) hits.push([n, 'out_in']);
+        }
+        if (hits.length !== 1) return fail(problems, '4.1', t, hits.length ? `ambiguous: ${hits.map((h) => h.join(' ')).join(', ')} match the probe hash` : 'no initializer found by name or probe hash');
+        [name, layout] = hits[0];
+      }
+      if (readers(name).some((n) => n.op === 'Gather')) return fail(problems, '4.1', t, `initializer ${name} is also an embedding table (tied weights)`);
+      if (owners.has(name)) return fail(problems, '4.1', t, `initializer ${name} is already target ${JSON.stringify(owners.get(name))}'s`);
+      owners.set(name, t.name);
+      if (nbits.has(name)) return { dtype: 'F32', bits: canonical(name, layout, t) };
+      const init = initializers.get(name);
+      if (init.dtype !== t.dtype) return fail(problems, '4.2', t, `initializer ${name} is ${init.dtype}, the adapter was made on ${t.dtype}`);
+      return { dtype: init.dtype, bits: canonical(name, layout, t) };
+    },
+  };
 }
 
 // One value of an F32/F16/BF16 tensor as binary32 bits.

@@ -193,6 +193,34 @@ def _onnx_merge_vector(merge, tmp_path):
         assert decoded(want, name).tobytes() == scalar_merge(decoded(base, name), deltas, "out_in").tobytes(), name
 
 
+def test_onnx_validation_base_runs_in_onnxruntime():
+    """The hand-written ONNX validation base is a real model: onnx's checker accepts it and onnxruntime computes each
+    output from the canonical [d_out, d_in] weight the vectors' adapters were made on (spec 2.6 case 3's orientation:
+    a MatMul's [d_in, d_out], a Gemm's transB, a Transpose; 15.4's MatMulNBits decoding)."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    sys.path.insert(0, os.fspath(REPO / "spec"))
+    try:
+        import make_vectors
+    finally:
+        sys.path.pop(0)
+    path = _path("bases/onnx_linear.onnx")
+    model_bytes, canon = make_vectors.onnx_linear_base()
+    assert Path(path).read_bytes() == model_bytes
+    onnx.checker.check_model(onnx.load(path))
+    rng = np.random.default_rng(0)
+    x, x2, ids = rng.standard_normal((3, 6), np.float32), rng.standard_normal((3, 32), np.float32), np.array([4, 0, 2])
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    out = dict(zip((o.name for o in sess.get_outputs()), sess.run(None, {"X": x, "X2": x2, "ids": ids})))
+    want = {"Y_q": x @ canon["q.weight"].T, "Y_o": x @ canon["o.weight"].T, "Y_k": x @ canon["k.weight"].T,
+            "Y_up": x @ canon["up"].T, "Y_s": (x @ canon["q.weight"].T) @ canon["s.weight"].T,
+            "Y_head": x @ canon["embed.weight"].T, "Y_embed": canon["embed.weight"][ids],
+            "Y_down": x2 @ canon["down.weight"].T}
+    assert set(out) == set(want)
+    for name, w in want.items():
+        np.testing.assert_allclose(out[name], w, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_merge_order_matters_only_where_documented():
     """order_ab and order_ba differ on the F32 target (binary32 accumulation order), nowhere else."""
     ab = SafetensorsFile(_path("merge/order_ab_expected.safetensors"))
