@@ -256,7 +256,8 @@ def onnx_linear_base():
     outputs = [(y, ONNX_F32, (3, n)) for y, n in (("Y_q", d_out), ("Y_o", d_out), ("Y_k", d_out), ("Y_up", d_out),
                                                    ("Y_s", d_out), ("Y_head", vocab), ("Y_down", N))]
     outputs.insert(6, ("Y_embed", ONNX_F32, (3, d_in)))
-    canon = {"q.weight": q, "o.weight": o, "k.weight": k, "up": up, "s.weight": sq, "embed.weight": embed, "down.weight": down}
+    canon = {"q.weight": q, "o.weight": o, "k.weight": k, "up": up, "s.weight": sq, "embed.weight": embed,
+             "down.weight": down}
     return onnx_model(nodes, inits, inputs, outputs), canon
 
 
@@ -1490,7 +1491,8 @@ def build() -> dict:
              "1.7: the target's initializer is read by a Gemm (the head) and by a Gather (the embeddings): tied "
              "weights, rule 4.1", errors=["4.1"])
     onnx_vec("onnx_4.1_two_targets_one_initializer",
-             [target(ocanon, "q.weight", 2, seed=78), renamed(target(ocanon, "q.weight", 3, seed=79), "model.q.weight")],
+             [target(ocanon, "q.weight", 2, seed=78),
+              renamed(target(ocanon, "q.weight", 3, seed=79), "model.q.weight")],
              "1.7: the keys model.q.weight and q.weight both find the initializer q.weight by name: the later in code "
              "point order (q.weight) is rule 4.1, the earlier checked as usual", errors=["4.1"])
     onnx_vec("onnx_4.2_wrong_shape", [target(Base({"q.weight": randn((4, 5), "F32", 1810)}), "q.weight", 2, seed=80)],
