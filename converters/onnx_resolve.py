@@ -287,8 +287,14 @@ class _Resolver:
 
 
 def resolve_targets(model_path, adapter: Adapter, *, _model: OnnxModel | None = None) -> dict[str, Resolution]:
-    """Map every target of `adapter` to the initializer(s) holding it; raises on a missing or ambiguous one."""
-    found, refused = _resolve_each(_model or OnnxModel(model_path), adapter, first_only=True)
+    """Map every target of `adapter` to the initializer(s) holding it; raises on a missing or ambiguous one. A model
+    this call opens (no `_model`) it also closes: the probe stage maps external data."""
+    model = _model or OnnxModel(model_path)
+    try:
+        found, refused = _resolve_each(model, adapter, first_only=True)
+    finally:
+        if _model is None:
+            model.close()
     if refused:
         raise refused[min(refused)]  # the first target in code point order, as the merge has always refused
     return found
@@ -427,9 +433,13 @@ def open_onnx_base(path, adapter: Adapter, *, strict: bool = False) -> OnnxBase:
     """A base view of an ONNX model for `adapter`. A target the merge would refuse is left out, its refusal kept
     (`refusal`; validate reports it under the refusal's rule), unless strict, which raises the first."""
     model = OnnxModel(path)
-    resolutions, refused = _resolve_each(model, adapter, first_only=strict)
-    if strict and refused:
-        raise refused[min(refused)]
+    try:
+        resolutions, refused = _resolve_each(model, adapter, first_only=strict)
+        if strict and refused:
+            raise refused[min(refused)]
+    except BaseException:  # no view is returned to close it: the maps the probe stage opened go now
+        model.close()
+        raise
     return OnnxBase(model, adapter, resolutions, refused)
 
 

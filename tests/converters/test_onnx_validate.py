@@ -221,3 +221,32 @@ def test_pack_refuses_an_onnx_base_clearly(tmp_path):
     with pytest.raises(naf.NeuroAdaUsageError, match="neuroada validate and neuroada-merge read it"):
         combine([(a, 0.5), (a, 0.5)], path)
     assert naf.validate(a, base=path).ok
+
+
+def test_an_onnx_view_that_is_not_returned_is_closed(tmp_path, monkeypatch):
+    """open_onnx_base(strict=True) refusing a target, and resolve_targets given a path, open a model no caller can
+    close (the probe stage maps external data): they close it themselves; a caller's own model stays open."""
+    from neuroada_format.converters.onnx_read import OnnxModel
+    from neuroada_format.converters.onnx_resolve import open_onnx_base, resolve_targets
+
+    closed = []
+    real_close = OnnxModel.close
+    monkeypatch.setattr(OnnxModel, "close", lambda self: (closed.append(self), real_close(self))[1])
+    w = np.random.default_rng(5).standard_normal((8, 6)).astype(np.float32)
+    path = graph(tmp_path / "g.onnx", {"enc.fc.weight": w}, [helper.make_node("MatMul", ["x", "enc.fc.weight"], ["y"])],
+                 [("x", TensorProto.FLOAT, [2, 8])])
+    missing = adapter_on({"other.weight": np.ones((3, 5), np.float32)})
+    with pytest.raises(naf.NeuroAdaError, match="rule 4.1"):
+        open_onnx_base(path, missing, strict=True)
+    assert len(closed) == 1
+    with pytest.raises(naf.NeuroAdaError, match="rule 4.1"):
+        resolve_targets(path, missing)
+    good = adapter_on({"enc.fc.weight": w.T.copy()})
+    assert resolve_targets(path, good)["enc.fc.weight"].how == "name"
+    assert len(closed) == 3
+    mine = OnnxModel(path)
+    resolve_targets(path, good, _model=mine)
+    view = open_onnx_base(path, good, strict=True)
+    assert len(closed) == 3 and view.refusal("enc.fc.weight") is None
+    view.close()
+    assert closed[-1] is view.model
