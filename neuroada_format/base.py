@@ -1,8 +1,8 @@
 """Base checkpoints as the validator and the converters see them: names -> lazily mapped arrays.
 
 A base is a single .safetensors file, a Hugging Face folder (model.safetensors, or shards listed in
-model.safetensors.index.json, never both: `_refuse_two_weight_sets`), or an in-memory mapping of names to numpy
-arrays.
+model.safetensors.index.json, never both: `_refuse_two_weight_sets`), an in-memory mapping of names to numpy
+arrays, or, through the converters (optional extras), a .gguf file and, for one adapter, an .onnx model.
 """
 from __future__ import annotations
 
