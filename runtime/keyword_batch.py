@@ -91,6 +91,9 @@ def _checked(model: nn.Module, names, args: tuple, kwargs: dict, what: str, forw
     forward, a block already open in this thread. Unknown names and layers that cannot serve a mixed batch are
     refused by the block itself, as adapter_batch refuses them."""
     names = name_list(names, KEYWORD, base_ok=True)
+    if not names:  # (where no input gives the batch size, adapter_batch's own words named a call never made)
+        raise NeuroAdaUsageError(f"{what} got an empty list: one adapter name per input (\"__base__\" or None: the "
+                                 f"plain base), or adapter_names=None for no mixed batch")
     if unwrapped(model).__dict__.get(MIXED_OWNER_ATTR) == threading.get_ident():
         raise NeuroAdaUsageError(f"{what} inside an adapter_batch block, which already gives every row its adapter: "
                                  f"call it without adapter_names there, or leave the block first")

@@ -403,3 +403,27 @@ def test_a_plain_torch_model_takes_the_keyword_too():
         got = model(x, adapter_names=["a", None, "a"])
     assert torch.equal(got, want) and not torch.equal(got[0], got[1])
     assert "generate" not in model.__dict__
+
+
+def test_an_empty_list_is_refused_as_the_keywords_own_usage_error():
+    """Where no input gives the batch size (an input named other than input_ids/inputs_embeds), an empty list was
+    refused as invalid input in adapter_batch's words, a call the user never made."""
+
+    class Features(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, features):
+            return self.fc(features)
+
+    model = Features().eval()
+    attach(model, NeuroAdaConfig(k=2), "a")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = model(x)
+        with pytest.raises(NeuroAdaUsageError, match=r"model\(\.\.\., adapter_names=\.\.\.\) got an empty list: one "
+                                                     r"adapter name per input"):
+            model(features=x, adapter_names=[])
+        assert torch.equal(model(features=x), want) and MIXED_ATTR not in model.__dict__
+        assert torch.equal(model(features=x, adapter_names=None), want)
