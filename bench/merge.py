@@ -565,6 +565,183 @@ def gguf_section(result: dict) -> str:
     return "\n".join(body)
 
 
+
+# -- GGUF K-quant mixes: merge throughput --------------------------------------------------------------
+KQUANT_SECTION = "## GGUF merge into K-quant files: throughput (bench/merge.py --formats kquant)"
+KQ_PROJ = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+           "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+           "mlp.down_proj": "ffn_down"}
+
+
+def kquant_type(mix: str, name: str, layer: int | None) -> str:
+    """The type llama.cpp's quantize gives a tensor in a mix, simplified: Q4_K_M is Q4_K with attn_v and ffn_down Q6_K
+    on every other layer (llama.cpp: on its "more bits" layers, about half), output Q6_K; Q2_K is Q2_K with attn_v and
+    ffn_down Q3_K, token_embd Q2_K, output Q6_K. Norms are F32 in both."""
+    if name == "output":
+        return "Q6_K"
+    if mix == "q4_k_m":
+        return "Q6_K" if name in ("attn_v", "ffn_down") and layer is not None and layer % 2 == 0 else "Q4_K"
+    return "Q3_K" if name in ("attn_v", "ffn_down") else "Q2_K"
+
+
+def kquant_pool(qtype, rng, n: int = 4096) -> np.ndarray:
+    """n super-blocks of Gaussian weights (sd 0.02) fresh-encoded by the merge's own encoder: a tensor is drawn from
+    these (encoding every tensor of the file would take longer than the merges it is built for)."""
+    from gguf import GGML_QUANT_SIZES
+
+    from neuroada_format.converters import gguf_kquants as kq
+    block = GGML_QUANT_SIZES[qtype][0]
+    x = (rng.standard_normal((n, block)) * 0.02).astype(np.float32)
+    return kq.encode(qtype, x, None, None)
+
+
+def build_kquant_gguf(folder: str, layers: int, mix: str) -> tuple[str, dict[int, str]]:
+    """A Llama-shaped GGUF in a llama.cpp K-quant mix (`kquant_type`) and k=20 and k=1 adapters on every projection,
+    made against it; returns (file, {k: adapter}). Reused when the folder has them (old/new code comparisons)."""
+    import gguf
+    from gguf import GGMLQuantizationType as QT
+
+    from neuroada_format.converters import gguf_names as gn
+    path = os.path.join(folder, f"model-{mix}.gguf")
+    adapters = {k: os.path.join(folder, f"k{k}-{mix}.safetensors") for k in (20, 1)}
+    if os.path.exists(path) and all(os.path.exists(a) for a in adapters.values()):
+        return path, adapters
+    rng = np.random.default_rng(2)
+    pools = {}
+    w = gguf.GGUFWriter(path + ".part", "llama")
+    w.add_block_count(layers)
+    w.add_context_length(2048)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(INTER)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(KV_HEADS)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(VOCAB)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<tok{i}>" for i in range(N_TOKENS)])
+    w.add_token_scores([0.0] * N_TOKENS)
+    w.add_token_types([1] * N_TOKENS)
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, layers)
+    targets = []
+    for name, shape in shapes(layers).items():
+        g = names.get_name(name, try_suffixes=(".weight",))
+        if len(shape) == 1:
+            w.add_tensor(g, (1 + rng.standard_normal(shape) * 0.01).astype(np.float32))
+            continue
+        short = g.split(".")[-2] if g.startswith("blk.") else g.split(".")[0]
+        layer = int(g.split(".")[1]) if g.startswith("blk.") else None
+        qt = QT[kquant_type(mix, "token_embd" if short == "token_embd" else short, layer)]
+        if qt not in pools:
+            pools[qt] = kquant_pool(qt, rng)
+        n = shape[0] * shape[1] // 256
+        data = pools[qt][rng.integers(0, len(pools[qt]), n)].reshape(shape[0], -1)
+        w.add_tensor(g, data, raw_shape=data.shape, raw_dtype=qt)
+        if name.endswith("_proj.weight"):
+            targets.append(name)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(path + ".part", path)
+    view = gn.open_gguf_base(path)
+    ts = {20: {}, 1: {}}
+    for name in targets:
+        weight = view.array(name)
+        for k in ts:
+            idx = random_indices(rng, weight.shape[0], weight.shape[1], k)
+            vals = (rng.standard_normal(idx.shape) * 0.01).astype(np.float32)
+            ts[k][name] = naf.Target.from_weight(name, weight, idx, vals)
+    for k, a in adapters.items():
+        naf.save(naf.Adapter(ts[k], base_name=f"synthetic-llama-{mix}"), a)
+    return path, adapters
+
+
+def time_kquant_merge(path: str, adapter: str, touched_weight: float | None = None) -> dict:
+    """One in-process merge of the file: its seconds, and per tensor type the super-blocks re-encoded (or packed on
+    their grid) and the seconds spent in their re-encoding (`_reencode`, timed by wrapping it for this run)."""
+    from neuroada_format.converters import gguf_merge as gm
+    per: dict[str, list] = {}
+    inner = gm._reencode
+
+    def timed(t, values, blocks, mp, *a, **kw):
+        t0 = time.perf_counter()
+        ids, out, on = inner(t, values, blocks, mp, *a, **kw)
+        row = per.setdefault(t.name, [0, 0.0])
+        row[0] += int(ids.size)
+        row[1] += time.perf_counter() - t0
+        return ids, out, on
+    opts = {} if touched_weight is None else {"touched_weight": touched_weight}
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+        gm._reencode = timed
+        try:
+            t0 = time.perf_counter()
+            gm.merge_gguf(path, [naf.load(adapter)], os.path.join(tmp, "merged.gguf"), **opts)
+            seconds = time.perf_counter() - t0
+        finally:
+            gm._reencode = inner
+    return {"seconds": seconds, "types": per}
+
+
+def run_kquant(layers: int, rounds: int, workdir: str | None, mixes: list[str], keep: str | None = None) -> dict:
+    """Median in-process merge times of k=20 and k=1 adapters into each mix's file, with per-type throughput."""
+    folder = keep or tempfile.mkdtemp(prefix="neuroada-bench-merge-kquant-", dir=workdir)
+    os.makedirs(folder, exist_ok=True)
+    load_before = os.getloadavg()[0]
+    out: dict = {}
+    try:
+        for mix in mixes:
+            t0 = time.perf_counter()
+            path, adapters = build_kquant_gguf(folder, layers, mix)
+            print(f"built {mix} file ({layers} layers, {os.path.getsize(path) / 2**20:.0f} MiB) in "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
+            for k, a in adapters.items():
+                runs = [time_kquant_merge(path, a) for _ in range(rounds)]
+                types = {t: (runs[0]["types"][t][0], statistics.median(r["types"][t][1] for r in runs))
+                         for t in runs[0]["types"]}
+                out[(mix, k)] = {"seconds": statistics.median(r["seconds"] for r in runs), "types": types,
+                                 "size": os.path.getsize(path)}
+                print(f"{mix} k={k}: {out[(mix, k)]['seconds']:.2f} s; " + ", ".join(
+                    f"{t} {n:,} in {s:.2f} s" for t, (n, s) in types.items()), flush=True)
+    finally:
+        if keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    return {"rows": out, "layers": layers, "rounds": rounds, "load": (load_before, os.getloadavg()[0])}
+
+
+def kquant_section(result: dict, baseline: dict | None = None) -> str:
+    """The K-quant throughput section; `baseline` (the same rows measured with other code) adds an old column."""
+    lines = ["| file | adapter | merge s (median) | tensor type | super-blocks re-encoded | re-encode s | "
+             "super-blocks / s |" + (" before: merge s | before: super-blocks / s |" if baseline else ""),
+             "|---|---|---|---|---|---|---|" + ("---|---|" if baseline else "")]
+    for (mix, k), r in result["rows"].items():
+        for i, (t, (n, s)) in enumerate(sorted(r["types"].items())):
+            cells = [mix.upper(), f"k={k}", f"{r['seconds']:.2f}" if i == 0 else "", t, f"{n:,}", f"{s:.2f}",
+                     f"{n / s:,.0f}" if s else "-"]
+            if baseline:
+                b = baseline["rows"][(mix, k)]
+                bn, bs = b["types"].get(t, (0, 0.0))
+                cells += [f"{b['seconds']:.2f}" if i == 0 else "", f"{bn / bs:,.0f}" if bs else "-"]
+            lines.append("| " + " | ".join(cells) + " |")
+    mixes = sorted({m for m, _ in result["rows"]})
+    body = [
+        f"`python bench/merge.py --formats kquant --gguf-layers {result['layers']} --rounds {result['rounds']} "
+        f"--gguf-types {','.join(mixes)}` ({time.strftime('%Y-%m-%d')}): Llama-shaped GGUF files ({result['layers']} "
+        "layers of the shapes above, a 32000-token vocabulary) written with gguf-py's GGUFWriter in llama.cpp's "
+        "Q4_K_M mix (projections Q4_K, attn_v and ffn_down Q6_K on every other layer, token_embd Q4_K, output "
+        "Q6_K) or its Q2_K mix (Q2_K, attn_v and ffn_down Q3_K); super-blocks drawn from 4096 fresh encodings of "
+        "Gaussian weights per type. A k=20 and a k=1 adapter on every projection (deltas sd 0.01). In-process "
+        "`merge_gguf` seconds, medians; per type the super-blocks holding a touched value and the time spent "
+        "re-encoding them (`_reencode`: packed on the original grid or searched).",
+        "",
+        "\n".join(lines),
+        "",
+        f"- 1-minute load average {result['load'][0]:.1f} before and {result['load'][1]:.1f} after "
+        f"({os.cpu_count()} cores shared with other jobs).",
+    ]
+    return "\n".join(body)
+
+
 def current_section() -> str:
     """The body of this script's section of RESULTS.md as it stands ('' when absent)."""
     if not os.path.exists(RESULTS):
@@ -591,15 +768,25 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--gguf-layers", type=int, default=8,
                     help="layers of the GGUF files (0: no GGUF rows); 8 makes an 806 MiB F16-target file")
-    ap.add_argument("--formats", default="safetensors,gguf", help="comma-separated: safetensors, gguf")
+    ap.add_argument("--formats", default="safetensors,gguf",
+                    help="comma-separated: safetensors, gguf, kquant (the K-quant mixes of --gguf-types)")
+    ap.add_argument("--gguf-types", default="q4_k_m,q2_k",
+                    help="K-quant mixes for --formats kquant, comma-separated: q4_k_m, q2_k")
+    ap.add_argument("--keep", default=None, help="kquant: build the files in (or reuse them from) this folder")
+    ap.add_argument("--json-out", default=None, help="kquant: also write the measured rows as JSON here")
+    ap.add_argument("--baseline", default=None,
+                    help="kquant: a --json-out of the same files measured with other code (an old column)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--workdir", default=None, help="parent folder for the temporary data (default: $TMPDIR)")
     ap.add_argument("--no-write", "--no-results", dest="no_results", action="store_true",
                     help="do not touch bench/RESULTS.md (only print)")
     args = ap.parse_args()
     formats = {f.strip() for f in args.formats.split(",") if f.strip()}
-    if formats - {"safetensors", "gguf"}:
-        ap.error(f"unknown formats: {', '.join(sorted(formats - {'safetensors', 'gguf'}))}")
+    if formats - {"safetensors", "gguf", "kquant"}:
+        ap.error(f"unknown formats: {', '.join(sorted(formats - {'safetensors', 'gguf', 'kquant'}))}")
+    mixes = [m.strip().lower() for m in args.gguf_types.split(",") if m.strip()]
+    if set(mixes) - {"q4_k_m", "q2_k"}:
+        ap.error(f"unknown --gguf-types: {', '.join(sorted(set(mixes) - {'q4_k_m', 'q2_k'}))}")
     st_body = gguf_body = None
     if "safetensors" in formats:
         result = run(args.layers, args.rounds, args.workdir)
@@ -611,6 +798,21 @@ def main() -> None:
         gguf_result = run_gguf(args.gguf_layers, args.rounds, args.workdir)
         gguf_body = gguf_section(gguf_result)
         print(gguf_body)
+    if "kquant" in formats and args.gguf_layers > 0:
+        kq_result = run_kquant(args.gguf_layers, args.rounds, args.workdir, mixes, args.keep)
+        if args.json_out:
+            with open(args.json_out, "w", encoding="utf-8") as f:
+                json.dump({**kq_result, "rows": [[m, k, r] for (m, k), r in kq_result["rows"].items()]}, f)
+        baseline = None
+        if args.baseline:
+            with open(args.baseline, encoding="utf-8") as f:
+                b = json.load(f)
+            baseline = {**b, "rows": {(m, k): r for m, k, r in b["rows"]}}
+        kq_body = kquant_section(kq_result, baseline)
+        print(kq_body)
+        if not args.no_results:
+            replace_section(KQUANT_SECTION, kq_body, RESULTS)
+            print(f"wrote the '{KQUANT_SECTION[3:]}' section of {RESULTS}")
     if not args.no_results and (st_body is not None or gguf_body is not None):
         write_results(st_body, gguf_body)
         print(f"wrote the '{SECTION[3:]}' section of {RESULTS}")
