@@ -276,3 +276,20 @@ def test_touched_tensors_retyped_into_the_type(tmp_path, t):
     want = naf.merge_weight(view.array(DOWN), [adapter.targets[DOWN]])
     err = np.linalg.norm(gn.open_gguf_base(out).array(DOWN) - want) / np.linalg.norm(want)
     assert err < FRESH_ERROR[t], err
+
+
+def test_table_levels_are_the_nearest_entry_at_every_midpoint():
+    """IQ4 levels come from a lookup by ceil(2q) (faster than a binary search per value): each is the nearest
+    IQ4_TABLE entry, the lower one at an exact midpoint, on both sides of every midpoint (one f32 step away), at zeros
+    of both signs, past the table's ends, and on random f32 bit patterns."""
+    mids = ((kq._TABLE[1:] + kq._TABLE[:-1]) / 2).astype(np.float32)
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2 ** 32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    q = np.concatenate([mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf)),
+                        np.float32([0.0, -0.0, 1e-30, -1e-30, 255.9, 256.0, 300.0, -300.0, 3e38, -3e38]),
+                        np.linspace(-140, 130, 100_001, dtype=np.float32), bits[np.isfinite(bits)]])
+    table = np.array(kq.IQ4_TABLE, np.float32)
+    near = np.clip(q, -1e3, 1e3).astype(np.float64)  # (same nearest entry; huge values would tie in float64)
+    want = table[np.abs(near[:, None] - table[None, :]).argmin(1)]  # first of equals: the lower
+    for t in (QT.IQ4_XS, QT.IQ4_NL):
+        np.testing.assert_array_equal(kq._levels(t, np.float32(1), np.float32(-0.0), q.copy()), want)
