@@ -22,10 +22,13 @@ one sub-block whose scale is always 1, with a search of its own for d: `_encode_
 from __future__ import annotations
 
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-from gguf import GGMLQuantizationType as QT
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as QT
 
 from .block_fit import column_sums, to_f16, weighted_line_fit
 
@@ -263,17 +266,30 @@ def levels(t: QT, D: np.ndarray, N: np.ndarray, x: np.ndarray) -> np.ndarray:
     return _levels(t, D[..., None], N[..., None], x)
 
 
+def _surely_finite(x: np.ndarray, N, D: np.ndarray, size: int) -> bool:
+    """Whether every (x - N) / D is finite, from bounds on x, N and D alone: when x is broadcast over many
+    candidate grids (the searches), a look at the inputs is a fraction of a pass over the levels."""
+    if np.size(x) * 4 > size:
+        return False
+    with np.errstate(over="ignore", invalid="ignore"):
+        top = float(np.abs(x).max(initial=0)) + float(np.abs(N).max(initial=0))
+        low = float(np.abs(D).min(initial=np.inf))
+    return low > 0 and top / low < 1e37  # (NaN inputs fail the comparison; |x - N| <= top up to a rounding)
+
+
 def _levels(t: QT, D: np.ndarray, N: np.ndarray, x: np.ndarray, out=None) -> np.ndarray:
     """`levels` for D, N and x in any layout that broadcasts (into `out`, shaped as the result, if given)."""
     spec = K_TYPES[t]
+    Dn = np.where(D == 0, np.float32(1), D)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # in place: the search's hot loop
         q = np.subtract(x, N, out=out)
-        q /= np.where(D == 0, np.float32(1), D)
+        q /= Dn
         if spec.table is None:
             np.rint(q, out=q)
-    finite = np.isfinite(q)
-    if not finite.all():
-        q[~finite] = spec.lo
+    if not _surely_finite(x, N, Dn, q.size):
+        finite = np.isfinite(q)
+        if not finite.all():
+            q[~finite] = spec.lo
     if spec.table is not None:  # the nearest of the table's values (beyond its ends: the end)
         np.clip(q, -_CEIL2_SPAN / 2, _CEIL2_SPAN / 2, out=q)
         q *= 2
@@ -284,6 +300,30 @@ def _levels(t: QT, D: np.ndarray, N: np.ndarray, x: np.ndarray, out=None) -> np.
 
 
 # -- re-encoding touched super-blocks -----------------------------------------------------------------------
+_CHUNK_VALUES = 1 << 17  # values per candidate evaluation of `_fit_all_scales`: 512 KiB per scratch array
+_SPLIT_VALUES = 1 << 19  # values of candidate evaluations worth a second thread
+_SPLIT_BLOCKS = 128  # super-blocks per thread, at least, for `encode`'s split (fewer: the overhead dominates)
+_THREADS = min(2, os.cpu_count() or 1)
+_NAME = "neuroada-kquant"  # the pool's threads: work inside one is never split again (no waiting on itself)
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _split(work, n: int, cost: int) -> None:
+    """work(lo, hi) over [0, n), split between two threads when there is enough of it (n items of `cost` values,
+    at least two items each): the searches are large numpy operations, which release the GIL, and every item is
+    independent, so the result is the same as one call's."""
+    global _POOL
+    half = n // 2
+    if _THREADS < 2 or n * cost < _SPLIT_VALUES or half < 2 or threading.current_thread().name.startswith(_NAME):
+        work(0, n)
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(_THREADS, thread_name_prefix=_NAME)
+    other = _POOL.submit(work, half, n)
+    work(0, half)
+    other.result()
+
+
 def _fit_subblocks(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np.ndarray, sc: np.ndarray,
                    mn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For sub-blocks x, w [m, sub] under fixed d, dmin [m]: the integers (sc, mn) [m] with the least weighted squared
@@ -370,27 +410,60 @@ def _fit_all_scales(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np
     else:
         s_steps, m_steps = steps[:, None], np.zeros((len(steps), 1), np.float32)  # [C, 1]
     best_sc, best_mn = sc.astype(np.float32).copy(), mn.astype(np.float32).copy()
-    chunk = max(16, 2 ** 16 // len(s_steps))  # [sub, C, chunk] temporaries of a few MiB
-    for a in range(0, x.shape[0], chunk):
-        part = slice(a, a + chunk)
-        xs, ws, ds, dm = x[part].T[:, None, :], w[part].T[:, None, :], d[part], dmin[part]
-        gs, gm = best_sc[part], best_mn[part]
-        if window is None:
-            cs, cm = (np.broadcast_to(c, (len(c), len(ds))) for c in (s_steps, m_steps))
-        else:
-            cs = np.clip(gs[None] + s_steps, spec.sc_lo, spec.sc_hi)
-            cm = np.clip(gm[None] + m_steps, 0, spec.sc_hi) if spec.affine else np.broadcast_to(m_steps, cs.shape)
-        cs, cm = np.concatenate([gs[None], cs], axis=0), np.concatenate([gm[None], cm], axis=0)  # [1 + C, c]
-        with np.errstate(over="ignore", invalid="ignore"):
-            D = ds[None] * cs
-            N = -(dm[None] * cm) if spec.affine else np.full(D.shape, -0.0, np.float32)
-            q = _levels(t, D, N, xs)  # [sub, 1 + C, c]
-            e = ws * (D * q + N - xs) ** 2
-            e = e.sum(0)
-        e[~np.isfinite(e)] = np.inf
-        j = np.argmin(e, axis=0)  # the first of equal errors: the given integers (row 0) where they are as good
-        at = np.arange(len(ds))
-        best_sc[part], best_mn[part] = cs[j, at], cm[j, at]
+    x, w = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(w, np.float32)
+    m, sub = x.shape
+    C = 1 + len(s_steps)
+    chunk = max(2, _CHUNK_VALUES // (C * sub))  # [C, chunk, sub] evaluations that stay in a core's cache
+
+    def search(lo: int, hi: int) -> None:
+        """Sub-blocks lo:hi into best_sc / best_mn (threads: disjoint slices). Each candidate's error is
+        w * (D * q + N - x) ** 2 in f32 (+ -0.0, the minimum of a type without one, changes no value), summed over
+        its sub-block's contiguous values as numpy sums them (pairwise): the sums of the search this replaces, whose
+        [sub, C, c] temporaries numpy laid out sub-block-contiguous, bit for bit. Except a lone sub-block (hi = lo +
+        1): that one was laid out the other way, its values summed in order, and it is summed so here."""
+        scratch = np.empty((2, C * min(chunk + 1, hi - lo) * sub), np.float32)
+        a = lo
+        while a < hi:
+            b = hi if hi - a <= chunk + 1 else a + chunk  # (no lone sub-block at the end of a range)
+            part = slice(a, b)
+            ds, dm, gs, gm = d[part], dmin[part], best_sc[part], best_mn[part]
+            xs, ws = x[None, part], w[None, part]  # [1, c, sub]
+            if window is None:
+                cs, cm = (np.broadcast_to(c, (len(c), len(ds))) for c in (s_steps, m_steps))
+            else:
+                cs = np.clip(gs[None] + s_steps, spec.sc_lo, spec.sc_hi)
+                cm = np.clip(gm[None] + m_steps, 0, spec.sc_hi) if spec.affine else np.broadcast_to(m_steps, cs.shape)
+            cs, cm = np.concatenate([gs[None], cs], axis=0), np.concatenate([gm[None], cm], axis=0)  # [C, c]
+            shape = (C, b - a, sub)
+            n = math.prod(shape)
+            with np.errstate(over="ignore", invalid="ignore"):
+                D = (ds[None] * cs)[..., None]
+                N = -(dm[None] * cm)[..., None] if spec.affine else np.float32(-0.0)
+                q = _levels(t, D, N, xs, scratch[0, :n].reshape(shape))
+                e = np.multiply(D, q, out=scratch[1, :n].reshape(shape))
+                if spec.affine:
+                    e += N
+                e -= xs
+                np.square(e, out=e)
+                e *= ws
+                if b - a > 1:
+                    total = e.sum(-1)
+                else:
+                    total = e[..., 0].copy()
+                    for i in range(1, sub):
+                        total += e[..., i]
+            total[~np.isfinite(total)] = np.inf
+            j = np.argmin(total, axis=0)  # the first of equal errors: the given integers (row 0) where they are as good
+            at = np.arange(len(ds))
+            best_sc[part], best_mn[part] = cs[j, at], cm[j, at]
+            a = b
+
+    # the search before this one took chunks of max(16, 2 ** 16 // candidates) sub-blocks: a last one of a single
+    # sub-block is the lone case of `search`
+    lone = m % max(16, 2 ** 16 // len(s_steps)) == 1
+    _split(search, m - lone, C * sub)
+    if lone:
+        search(m - 1, m)
     return best_sc.astype(np.int64), best_mn.astype(np.int64)
 
 
@@ -438,8 +511,24 @@ def encode(t: QT, target: np.ndarray, original: np.ndarray | None, touched: np.n
     * a fresh encoding of the whole super-block (new d and dmin), for changes beyond what the original scales reach.
 
     Without `original` (a tensor re-typed into t) only the fresh one."""
-    spec = K_TYPES[t]
     target = np.ascontiguousarray(target, np.float32)
+    if t not in _ALL_SCALES and target.shape[0] >= 2 * _SPLIT_BLOCKS:  # (those split their own search)
+        out = np.empty((target.shape[0], GGML_QUANT_SIZES[t][1]), np.uint8)
+
+        def part(lo: int, hi: int) -> None:
+            at = slice(lo, hi)
+            out[at] = _encode(t, target[at], None if original is None else original[at],
+                              None if touched is None else touched[at], touched_weight,
+                              None if decoded is None else decoded[at])
+        _split(part, target.shape[0], _SPLIT_VALUES)
+        return out
+    return _encode(t, target, original, touched, touched_weight, decoded)
+
+
+def _encode(t: QT, target: np.ndarray, original: np.ndarray | None, touched: np.ndarray | None,
+            touched_weight: float, decoded: np.ndarray | None) -> np.ndarray:
+    """`encode` of one batch (each super-block is encoded on its own: a batch split in two gives the same bytes)."""
+    spec = K_TYPES[t]
     if t == QT.IQ4_NL:  # one scale per block of 32, no sub-block scales to refit: its own search
         return _encode_nl(target, original, touched, touched_weight, decoded)
     B = target.shape[0]

@@ -290,3 +290,62 @@ def test_a_negative_value_past_the_minimums_reach_is_refused(tmp_path, t, capsys
             merged = gn.open_gguf_base(out).array(down)
             assert np.isfinite(merged).all()
             assert abs(merged[0, idx[0, 0]] - value) < 0.05 * reach
+
+
+def _pinned_reencodes():
+    """sha256 prefixes of seeded re-encodes of every K-quant and IQ4 type: a fresh encoding of Gaussian weights, then
+    its super-blocks holding k=20 deltas per row (a tenth of them large, past the kept scales' reach) re-encoded at
+    touched weights 100 and 7."""
+    import hashlib
+    out = {}
+    for t in kq.K_TYPES:
+        rng = np.random.default_rng(int(t))
+        block = GGML_QUANT_SIZES[t][0]
+        x = (rng.standard_normal((16, 2048)) * 0.03).astype(np.float32)
+        x[0, :300] = 0
+        original = kq.encode(t, x.reshape(-1, block), None, None)
+        before = quants.dequantize(original.reshape(-1), t).reshape(x.shape)
+        idx = np.sort(rng.choice(x.shape[1], size=(16, 20)), axis=1)
+        target = before.copy()
+        scale = np.where(rng.random(idx.shape) < 0.1, 0.2, 0.01)
+        target[np.arange(16)[:, None], idx] += (rng.standard_normal(idx.shape) * scale).astype(np.float32)
+        mask = np.zeros(x.shape, bool)
+        mask[np.arange(16)[:, None], idx] = True
+        tb, mb, db = (a.reshape(-1, block) for a in (target, mask, before))
+        ids = np.flatnonzero(mb.any(1))
+        parts = [original] + [ge.encode_blocks(t, tb[ids], original[ids], mb[ids], touched_weight=tw, decoded=db[ids])
+                              for tw in (100.0, 7.0)]
+        out[t.name] = hashlib.sha256(b"".join(p.tobytes() for p in parts)).hexdigest()[:16]
+    return out
+
+
+# the bytes of the encoders before their searches were vectorized anew and split between threads (1.7): the same
+PINNED_REENCODES = {"Q4_K": "16b678ba84d0e027", "Q5_K": "a1cb8b0db14ecda3", "Q6_K": "af4d9d118becc638",
+                    "Q3_K": "46a73115224673af", "Q2_K": "286b923a098056a2", "IQ4_XS": "8845d18374ffc84e",
+                    "IQ4_NL": "b941aafab2e3076c"}
+
+
+def test_reencoded_bytes_are_those_of_the_encoder_before():
+    """Speeding the encoders up changed no byte: seeded encodes of every type hash as they did before."""
+    assert _pinned_reencodes() == PINNED_REENCODES
+
+
+def test_all_scales_search_breaks_an_exact_tie_as_before():
+    """A Q3_K sub-block whose scales 11 and -11 give the same error bit for bit but for the order of the 16 additions:
+    alone in its chunk of the search (1024 sub-blocks for Q3_K's 64 scales) its errors were summed in order (numpy's
+    layout of a [16, C, 1] temporary) and 11 won; in a chunk of several, pairwise (a sub-block-contiguous layout) and
+    -11 won. Both stay so, whatever the new search's chunks and threads."""
+    bits = [3163363328, 3163363328, 2147483648, 2147483648, 1015879680, 1028891648, 1024268288, 1015879680,
+            3176375296, 3163363328, 2147483648, 3171751936, 3148562364, 3163363328, 2147483648, 2147483648]
+    x = np.array(bits, np.uint32).view(np.float32)
+    w = np.ones(16, np.float32)
+    w[12] = 100
+    d = np.float32(-7.176399e-04)
+    for m in (1, 2, 5, 1025, 2049, 3000):
+        want = np.full(m, -11)
+        if m % 1024 == 1:  # the last chunk holds one sub-block
+            want[-1] = 11
+        X, W = np.repeat(x[None], m, 0), np.repeat(w[None], m, 0)
+        sc, _ = kq._fit_all_scales(QT.Q3_K, X, W, np.full(m, d), np.zeros(m, np.float32), np.full(m, 24),
+                                   np.zeros(m, np.int64))
+        np.testing.assert_array_equal(sc, want)
