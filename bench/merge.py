@@ -26,6 +26,7 @@ Prints a table and replaces the "## Converters: merge" section of bench/RESULTS.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -680,7 +681,11 @@ def time_kquant_merge(path: str, adapter: str, touched_weight: float | None = No
             seconds = time.perf_counter() - t0
         finally:
             gm._reencode = inner
-    return {"seconds": seconds, "types": per}
+        digest = hashlib.sha256()
+        with open(os.path.join(tmp, "merged.gguf"), "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return {"seconds": seconds, "types": per, "sha256": digest.hexdigest()}
 
 
 def run_kquant(layers: int, rounds: int, workdir: str | None, mixes: list[str], keep: str | None = None) -> dict:
@@ -700,13 +705,72 @@ def run_kquant(layers: int, rounds: int, workdir: str | None, mixes: list[str], 
                 types = {t: (runs[0]["types"][t][0], statistics.median(r["types"][t][1] for r in runs))
                          for t in runs[0]["types"]}
                 out[(mix, k)] = {"seconds": statistics.median(r["seconds"] for r in runs), "types": types,
-                                 "size": os.path.getsize(path)}
+                                 "size": os.path.getsize(path), "sha256": runs[0]["sha256"],
+                                 "same_output": all(r["sha256"] == runs[0]["sha256"] for r in runs)}
                 print(f"{mix} k={k}: {out[(mix, k)]['seconds']:.2f} s; " + ", ".join(
                     f"{t} {n:,} in {s:.2f} s" for t, (n, s) in types.items()), flush=True)
     finally:
         if keep is None:
             shutil.rmtree(folder, ignore_errors=True)
     return {"rows": out, "layers": layers, "rounds": rounds, "load": (load_before, os.getloadavg()[0])}
+
+
+def baseline_tree(rev: str, folder: str) -> str:
+    """The package as it was at git revision `rev`, laid out for PYTHONPATH (neuroada_format with its converters,
+    spec and runtime folders inside, as the install maps them): the code a comparison runs against."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = os.path.join(folder, "src")
+    os.makedirs(src, exist_ok=True)
+    archive = subprocess.run(["git", "-C", root, "archive", rev, "neuroada_format", "converters", "spec", "runtime"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "x", "-C", src], input=archive, check=True)
+    pkg = os.path.join(folder, "pkg")
+    shutil.copytree(os.path.join(src, "neuroada_format"), os.path.join(pkg, "neuroada_format"))
+    for sub in ("converters", "spec", "runtime"):
+        shutil.copytree(os.path.join(src, sub), os.path.join(pkg, "neuroada_format", sub))
+    return pkg
+
+
+def run_kquant_against(rev: str, layers: int, rounds: int, workdir: str | None, mixes: list[str],
+                       keep: str | None = None) -> tuple[dict, dict]:
+    """(this code's rows, revision rev's rows) over the same files: each round runs both, each in a process of its
+    own (`--rounds 1`), in alternating order; medians per row."""
+    folder = keep or tempfile.mkdtemp(prefix="neuroada-bench-merge-kquant-", dir=workdir)
+    os.makedirs(folder, exist_ok=True)
+    load_before = os.getloadavg()[0]
+    try:
+        for mix in mixes:
+            build_kquant_gguf(folder, layers, mix)
+        old_pkg = baseline_tree(rev, tempfile.mkdtemp(prefix="baseline-", dir=folder))
+        runs: dict[str, list] = {"new": [], "old": []}
+        for r in range(rounds):
+            for side in (("new", "old") if r % 2 == 0 else ("old", "new")):
+                out = os.path.join(folder, f"rows-{side}.json")
+                env = dict(os.environ)
+                if side == "old":
+                    env["PYTHONPATH"] = old_pkg + os.pathsep + env.get("PYTHONPATH", "")
+                subprocess.run([sys.executable, os.path.abspath(__file__), "--formats", "kquant", "--gguf-layers",
+                                str(layers), "--rounds", "1", "--gguf-types", ",".join(mixes), "--keep", folder,
+                                "--no-write", "--json-out", out], check=True, env=env, stdout=subprocess.DEVNULL)
+                with open(out, encoding="utf-8") as f:
+                    runs[side].append({(m, k): row for m, k, row in json.load(f)["rows"]})
+                print(f"round {r + 1} {side}: " + ", ".join(f"{m} k={k} {row['seconds']:.2f} s"
+                                                            for (m, k), row in runs[side][-1].items()), flush=True)
+    finally:
+        if keep is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    load = (load_before, os.getloadavg()[0])
+
+    def medians(samples: list[dict]) -> dict:
+        rows = {}
+        for key, first in samples[0].items():
+            rows[key] = {"seconds": statistics.median(s[key]["seconds"] for s in samples), "size": first["size"],
+                         "sha256": first["sha256"],
+                         "same_output": all(s[key]["sha256"] == first["sha256"] for s in samples),
+                         "types": {t: (n, statistics.median(s[key]["types"][t][1] for s in samples))
+                                   for t, (n, _) in first["types"].items()}}
+        return {"rows": rows, "layers": layers, "rounds": rounds, "load": load, "baseline_rev": rev}
+    return medians(runs["new"]), medians(runs["old"])
 
 
 def kquant_section(result: dict, baseline: dict | None = None) -> str:
@@ -723,16 +787,26 @@ def kquant_section(result: dict, baseline: dict | None = None) -> str:
                 bn, bs = b["types"].get(t, (0, 0.0))
                 cells += [f"{b['seconds']:.2f}" if i == 0 else "", f"{bn / bs:,.0f}" if bs else "-"]
             lines.append("| " + " | ".join(cells) + " |")
-    mixes = sorted({m for m, _ in result["rows"]})
+    mixes = list(dict.fromkeys(m for m, _ in result["rows"]))
+    if baseline:
+        same = [r["same_output"] and r["sha256"] == baseline["rows"][key]["sha256"] and
+                baseline["rows"][key]["same_output"] for key, r in result["rows"].items()]
+        same_as_before = f"{sum(same)} of {len(same)}" + ("" if all(same) else " (**outputs differ**)")
+    against = f" --baseline-rev {baseline['baseline_rev']}" if baseline and baseline.get("baseline_rev") else ""
     body = [
         f"`python bench/merge.py --formats kquant --gguf-layers {result['layers']} --rounds {result['rounds']} "
-        f"--gguf-types {','.join(mixes)}` ({time.strftime('%Y-%m-%d')}): Llama-shaped GGUF files ({result['layers']} "
+        f"--gguf-types {','.join(mixes)}{against}` ({time.strftime('%Y-%m-%d')}): Llama-shaped GGUF files "
+        f"({result['layers']} "
         "layers of the shapes above, a 32000-token vocabulary) written with gguf-py's GGUFWriter in llama.cpp's "
         "Q4_K_M mix (projections Q4_K, attn_v and ffn_down Q6_K on every other layer, token_embd Q4_K, output "
         "Q6_K) or its Q2_K mix (Q2_K, attn_v and ffn_down Q3_K); super-blocks drawn from 4096 fresh encodings of "
         "Gaussian weights per type. A k=20 and a k=1 adapter on every projection (deltas sd 0.01). In-process "
         "`merge_gguf` seconds, medians; per type the super-blocks holding a touched value and the time spent "
-        "re-encoding them (`_reencode`: packed on the original grid or searched).",
+        "re-encoding them (`_reencode`: packed on the original grid or searched)."
+        + (f" *Before*: the same merges with the code of revision {baseline['baseline_rev']}, each round running both "
+           f"in processes of their own, in alternating order. Merged files (sha256) byte for byte the same as "
+           f"before's: {same_as_before}."
+           if against else ""),
         "",
         "\n".join(lines),
         "",
@@ -774,8 +848,9 @@ def main() -> None:
                     help="K-quant mixes for --formats kquant, comma-separated: q4_k_m, q2_k")
     ap.add_argument("--keep", default=None, help="kquant: build the files in (or reuse them from) this folder")
     ap.add_argument("--json-out", default=None, help="kquant: also write the measured rows as JSON here")
-    ap.add_argument("--baseline", default=None,
-                    help="kquant: a --json-out of the same files measured with other code (an old column)")
+    ap.add_argument("--baseline-rev", default=None,
+                    help="kquant: also time the code of this git revision on the same files, alternating (a before "
+                         "column)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--workdir", default=None, help="parent folder for the temporary data (default: $TMPDIR)")
     ap.add_argument("--no-write", "--no-results", dest="no_results", action="store_true",
@@ -799,15 +874,15 @@ def main() -> None:
         gguf_body = gguf_section(gguf_result)
         print(gguf_body)
     if "kquant" in formats and args.gguf_layers > 0:
-        kq_result = run_kquant(args.gguf_layers, args.rounds, args.workdir, mixes, args.keep)
+        baseline = None
+        if args.baseline_rev:
+            kq_result, baseline = run_kquant_against(args.baseline_rev, args.gguf_layers, args.rounds, args.workdir,
+                                                     mixes, args.keep)
+        else:
+            kq_result = run_kquant(args.gguf_layers, args.rounds, args.workdir, mixes, args.keep)
         if args.json_out:
             with open(args.json_out, "w", encoding="utf-8") as f:
                 json.dump({**kq_result, "rows": [[m, k, r] for (m, k), r in kq_result["rows"].items()]}, f)
-        baseline = None
-        if args.baseline:
-            with open(args.baseline, encoding="utf-8") as f:
-                b = json.load(f)
-            baseline = {**b, "rows": {(m, k): r for m, k, r in b["rows"]}}
         kq_body = kquant_section(kq_result, baseline)
         print(kq_body)
         if not args.no_results:

@@ -43,6 +43,7 @@ from neuroada_format.merge import Delta, MergeOverflowWarning
 from neuroada_format.validate import PROBE_MISMATCH, validate
 
 from .backend import Backend, Mismatch, Resolved, Written, claiming_output, pause_for_tests
+from . import gguf_kquants as kq
 from .gguf_encode import ENCODABLE, QUANT_TYPES, _decode, encode_blocks, on_original_grid, qtype
 from .gguf_names import GGUFBase, open_gguf_base
 from .gguf_split import GGUFSet, output_shards
@@ -55,7 +56,8 @@ BLOCK_BYTES = 4 << 20       # rows of a touched float tensor read, merged and wr
 BLOCK_VALUES = 1 << 18      # values of a touched block-quantized tensor decoded and re-encoded at a time: enough
                             # touched blocks that the encoders' steps are long operations, few enough that their
                             # temporaries stay in the CPU cache (against 1 << 16, merges 10-30% faster; 1 << 20
-                            # made Q4_K 20% slower, and whole tensors made the encoder before 2x slower)
+                            # made Q4_K 20% slower, and whole tensors made the encoder before 2x slower); the
+                            # K-quant types split between threads take more (gguf_kquants.batch_values)
 
 
 @dataclass
@@ -621,7 +623,7 @@ def _rows_per_chunk(info: TensorInfo) -> int:
     rows = info.shape[0]
     if info.type in FLOAT_TYPES:
         return min(rows, max(1, BLOCK_BYTES // _row_bytes(info)))
-    return min(rows, max(1, BLOCK_VALUES // info.ne[0]))
+    return min(rows, max(1, kq.batch_values(info.type, BLOCK_VALUES) // info.ne[0]))
 
 
 def _decode_touched(blocks: np.ndarray, info: TensorInfo, deltas: list[Delta]) -> np.ndarray:

@@ -349,3 +349,23 @@ def test_all_scales_search_breaks_an_exact_tie_as_before():
         sc, _ = kq._fit_all_scales(QT.Q3_K, X, W, np.full(m, d), np.zeros(m, np.float32), np.full(m, 24),
                                    np.zeros(m, np.int64))
         np.testing.assert_array_equal(sc, want)
+
+
+@pytest.mark.parametrize("t", [t for t in kq.K_TYPES if kq.batch_values(t, 1) > 1] or [QT.Q4_K], ids=lambda t: t.name)
+def test_types_merged_in_wider_batches_encode_each_superblock_on_its_own(t):
+    """The merge re-encodes Q4_K / Q5_K / Q6_K / IQ4_NL in 4x larger batches, split between two threads: that keeps
+    the bytes only because a super-block's encoding does not depend on the others in its batch. A batch of 600
+    touched super-blocks (split in the encoder) gives the bytes of batches of 1, 7 and 64 (not split)."""
+    block = GGML_QUANT_SIZES[t][0]
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((600, block)) * 0.03).astype(np.float32)
+    original = kq.encode(t, x, None, None)
+    before = quants.dequantize(original.reshape(-1), t).reshape(x.shape)
+    mask = rng.random(x.shape) < 0.02
+    mask[:, 0] |= ~mask.any(1)
+    target = np.where(mask, before + (rng.standard_normal(x.shape) * 0.05).astype(np.float32), before)
+    whole = kq.encode(t, target, original, mask, 100.0, before)
+    for size in (1, 7, 64):
+        parts = [kq._encode(t, target[i:i + size], original[i:i + size], mask[i:i + size], 100.0, before[i:i + size])
+                 for i in range(0, len(x), size)]
+        np.testing.assert_array_equal(np.concatenate(parts), whole)
