@@ -131,3 +131,28 @@ def test_onnx_retention_smoke(tmp_path):
             in out.stdout
     assert "FAILED" not in out.stdout and "wrote the section" not in out.stdout
     assert open(results, encoding="utf-8").read() == before
+
+
+def test_merge_kquant_rows_run_and_compare_with_a_revision(tmp_path, monkeypatch):
+    """bench/merge.py --formats kquant must keep running (on tiny Llama shapes here): both mixes build, k=20 and k=1
+    merge with per-type counts, and --baseline-rev (HEAD: the same code) runs each side in a process of its own and
+    finds the merged files the same byte for byte."""
+    if subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "bench"))  # (its `results_md`)
+    spec = importlib.util.spec_from_file_location("bench_merge", os.path.join(ROOT, "bench", "merge.py"))
+    bm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bm)
+    for name, value in {"HIDDEN": 256, "INTER": 512, "KV": 256, "VOCAB": 256, "N_TOKENS": 256, "HEADS": 4,
+                        "KV_HEADS": 4}.items():
+        monkeypatch.setattr(bm, name, value)
+    monkeypatch.setattr(bm, "PROJECTIONS", {p: ((256, 256) if "attn" in p else (512, 256) if "down" not in p
+                                                else (256, 512)) for p in bm.PROJECTIONS})
+    keep = str(tmp_path / "files")
+    result = bm.run_kquant(2, 1, None, ["q4_k_m", "q2_k"], keep)
+    types = {key: set(r["types"]) for key, r in result["rows"].items()}
+    assert types[("q4_k_m", 20)] == {"Q4_K", "Q6_K"} and types[("q2_k", 20)] == {"Q2_K", "Q3_K"}
+    assert all(n > 0 for r in result["rows"].values() for n, _ in r["types"].values())
+    new, old = bm.run_kquant_against("HEAD", 2, 1, None, ["q4_k_m"], keep)
+    text = bm.kquant_section(new, old)
+    assert "byte for byte the same as before's: 2 of 2." in text and "| Q4_K_M | k=20 |" in text
