@@ -300,8 +300,9 @@ def _levels(t: QT, D: np.ndarray, N: np.ndarray, x: np.ndarray, out=None) -> np.
 
 
 # -- re-encoding touched super-blocks -----------------------------------------------------------------------
-_CHUNK_VALUES = 1 << 17  # values per candidate evaluation of `_fit_all_scales`: 512 KiB per scratch array
-_SPLIT_VALUES = 1 << 19  # values of candidate evaluations worth a second thread
+_CHUNK_VALUES = 1 << 19  # values per candidate evaluation of `_fit_all_scales`: 2 MiB per scratch array (less: more
+                         # of the time goes to the steps around them; Q2_K 2x slower at 1 << 16)
+_SPLIT_VALUES = 1 << 20  # values of candidate evaluations worth a second thread
 _SPLIT_BLOCKS = 128  # super-blocks per thread, at least, for `encode`'s split (fewer: the overhead dominates)
 _THREADS = min(2, os.cpu_count() or 1)
 _NAME = "neuroada-kquant"  # the pool's threads: work inside one is never split again (no waiting on itself)
@@ -418,35 +419,34 @@ def _fit_all_scales(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np
     else:
         s_steps, m_steps = steps[:, None], np.zeros((len(steps), 1), np.float32)  # [C, 1]
     best_sc, best_mn = sc.astype(np.float32).copy(), mn.astype(np.float32).copy()
-    x, w = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(w, np.float32)
     m, sub = x.shape
     C = 1 + len(s_steps)
-    chunk = max(2, _CHUNK_VALUES // (C * sub))  # [C, chunk, sub] evaluations that stay in a core's cache
+    chunk = max(2, _CHUNK_VALUES // (C * sub))  # [sub, C, chunk] evaluations, one candidate grid per column
 
     def search(lo: int, hi: int) -> None:
         """Sub-blocks lo:hi into best_sc / best_mn (threads: disjoint slices). Each candidate's error is
         w * (D * q + N - x) ** 2 in f32 (+ -0.0, the minimum of a type without one, changes no value), summed over
-        its sub-block's contiguous values as numpy sums them (pairwise): the sums of the search this replaces, whose
-        [sub, C, c] temporaries numpy laid out sub-block-contiguous, bit for bit. Except a lone sub-block (hi = lo +
-        1): that one was laid out the other way, its values summed in order, and it is summed so here."""
+        its sub-block as numpy summed the search's temporaries before, which it laid out sub-block-contiguous
+        (pairwise: `column_sums`), bit for bit: near-equal candidates are told apart by the last bit. Except a lone
+        sub-block (hi = lo + 1): that one was laid out the other way, its values summed in order, as here."""
         scratch = np.empty((2, C * min(chunk + 1, hi - lo) * sub), np.float32)
         a = lo
         while a < hi:
             b = hi if hi - a <= chunk + 1 else a + chunk  # (no lone sub-block at the end of a range)
             part = slice(a, b)
             ds, dm, gs, gm = d[part], dmin[part], best_sc[part], best_mn[part]
-            xs, ws = x[None, part], w[None, part]  # [1, c, sub]
+            xs, ws = (np.ascontiguousarray(v[part].T)[:, None, :] for v in (x, w))  # [sub, 1, c]
             if window is None:
                 cs, cm = (np.broadcast_to(c, (len(c), len(ds))) for c in (s_steps, m_steps))
             else:
                 cs = np.clip(gs[None] + s_steps, spec.sc_lo, spec.sc_hi)
                 cm = np.clip(gm[None] + m_steps, 0, spec.sc_hi) if spec.affine else np.broadcast_to(m_steps, cs.shape)
             cs, cm = np.concatenate([gs[None], cs], axis=0), np.concatenate([gm[None], cm], axis=0)  # [C, c]
-            shape = (C, b - a, sub)
+            shape = (sub, C, b - a)
             n = math.prod(shape)
             with np.errstate(over="ignore", invalid="ignore"):
-                D = (ds[None] * cs)[..., None]
-                N = -(dm[None] * cm)[..., None] if spec.affine else np.float32(-0.0)
+                D = ds[None] * cs
+                N = -(dm[None] * cm) if spec.affine else np.float32(-0.0)
                 q = _levels(t, D, N, xs, scratch[0, :n].reshape(shape))
                 e = np.multiply(D, q, out=scratch[1, :n].reshape(shape))
                 if spec.affine:
@@ -454,12 +454,7 @@ def _fit_all_scales(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np
                 e -= xs
                 np.square(e, out=e)
                 e *= ws
-                if b - a > 1:
-                    total = e.sum(-1)
-                else:
-                    total = e[..., 0].copy()
-                    for i in range(1, sub):
-                        total += e[..., i]
+                total = column_sums(e) if b - a > 1 else e.sum(0)
             total[~np.isfinite(total)] = np.inf
             j = np.argmin(total, axis=0)  # the first of equal errors: the given integers (row 0) where they are as good
             at = np.arange(len(ds))
