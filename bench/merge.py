@@ -688,6 +688,36 @@ def time_kquant_merge(path: str, adapter: str, touched_weight: float | None = No
     return {"seconds": seconds, "types": per, "sha256": digest.hexdigest()}
 
 
+def encoder_rates(rounds: int) -> dict[str, tuple[int, float]]:
+    """Per K-quant / IQ4 type: (super-blocks, median seconds) of re-encoding those of 256 rows x 2048 Gaussian weights
+    (sd 0.03, fresh-encoded) that hold one of k=20 deltas (sd 0.01) per row, at the merge's touched weight: the
+    encoder alone, for the types the two mixes leave out (Q5_K, IQ4_XS, IQ4_NL) too."""
+    from gguf import GGML_QUANT_SIZES, quants
+
+    from neuroada_format.converters import gguf_encode as ge
+    from neuroada_format.converters import gguf_kquants as kq
+    out = {}
+    for t in kq.K_TYPES:
+        rng = np.random.default_rng(int(t))
+        block = GGML_QUANT_SIZES[t][0]
+        x = (rng.standard_normal((256, 2048)) * 0.03).astype(np.float32)
+        original = kq.encode(t, x.reshape(-1, block), None, None)
+        before = quants.dequantize(original.reshape(-1), t).reshape(x.shape)
+        idx = random_indices(rng, 256, 2048, 20)
+        target, mask = before.copy(), np.zeros(x.shape, bool)
+        target[np.arange(256)[:, None], idx] += (rng.standard_normal(idx.shape) * 0.01).astype(np.float32)
+        mask[np.arange(256)[:, None], idx] = True
+        tb, mb, db = (a.reshape(-1, block) for a in (target, mask, before))
+        ids = np.flatnonzero(mb.any(1))
+        times = []
+        for _ in range(max(3, rounds)):
+            t0 = time.perf_counter()
+            ge.encode_blocks(t, tb[ids], original[ids], mb[ids], touched_weight=100.0, decoded=db[ids])
+            times.append(time.perf_counter() - t0)
+        out[t.name] = (int(ids.size), statistics.median(times))
+    return out
+
+
 def run_kquant(layers: int, rounds: int, workdir: str | None, mixes: list[str], keep: str | None = None) -> dict:
     """Median in-process merge times of k=20 and k=1 adapters into each mix's file, with per-type throughput."""
     folder = keep or tempfile.mkdtemp(prefix="neuroada-bench-merge-kquant-", dir=workdir)
@@ -712,7 +742,8 @@ def run_kquant(layers: int, rounds: int, workdir: str | None, mixes: list[str], 
     finally:
         if keep is None:
             shutil.rmtree(folder, ignore_errors=True)
-    return {"rows": out, "layers": layers, "rounds": rounds, "load": (load_before, os.getloadavg()[0])}
+    return {"rows": out, "encoder": encoder_rates(rounds), "layers": layers, "rounds": rounds,
+            "load": (load_before, os.getloadavg()[0])}
 
 
 def baseline_tree(rev: str, folder: str) -> str:
@@ -743,6 +774,7 @@ def run_kquant_against(rev: str, layers: int, rounds: int, workdir: str | None, 
             build_kquant_gguf(folder, layers, mix)
         old_pkg = baseline_tree(rev, tempfile.mkdtemp(prefix="baseline-", dir=folder))
         runs: dict[str, list] = {"new": [], "old": []}
+        encoder: dict[str, list] = {"new": [], "old": []}
         for r in range(rounds):
             for side in (("new", "old") if r % 2 == 0 else ("old", "new")):
                 out = os.path.join(folder, f"rows-{side}.json")
@@ -753,7 +785,9 @@ def run_kquant_against(rev: str, layers: int, rounds: int, workdir: str | None, 
                                 str(layers), "--rounds", "1", "--gguf-types", ",".join(mixes), "--keep", folder,
                                 "--no-write", "--json-out", out], check=True, env=env, stdout=subprocess.DEVNULL)
                 with open(out, encoding="utf-8") as f:
-                    runs[side].append({(m, k): row for m, k, row in json.load(f)["rows"]})
+                    got = json.load(f)
+                runs[side].append({(m, k): row for m, k, row in got["rows"]})
+                encoder[side].append(got["encoder"])
                 print(f"round {r + 1} {side}: " + ", ".join(f"{m} k={k} {row['seconds']:.2f} s"
                                                             for (m, k), row in runs[side][-1].items()), flush=True)
     finally:
@@ -770,7 +804,11 @@ def run_kquant_against(rev: str, layers: int, rounds: int, workdir: str | None, 
                          "types": {t: (n, statistics.median(s[key]["types"][t][1] for s in samples))
                                    for t, (n, _) in first["types"].items()}}
         return {"rows": rows, "layers": layers, "rounds": rounds, "load": load, "baseline_rev": rev}
-    return medians(runs["new"]), medians(runs["old"])
+
+    def encoder_medians(samples: list[dict]) -> dict:
+        return {t: (n, statistics.median(s[t][1] for s in samples)) for t, (n, _) in samples[0].items()}
+    return ({**medians(runs["new"]), "encoder": encoder_medians(encoder["new"])},
+            {**medians(runs["old"]), "encoder": encoder_medians(encoder["old"])})
 
 
 def kquant_section(result: dict, baseline: dict | None = None) -> str:
@@ -787,6 +825,20 @@ def kquant_section(result: dict, baseline: dict | None = None) -> str:
                 bn, bs = b["types"].get(t, (0, 0.0))
                 cells += [f"{b['seconds']:.2f}" if i == 0 else "", f"{bn / bs:,.0f}" if bs else "-"]
             lines.append("| " + " | ".join(cells) + " |")
+    enc_lines = ["| type | super-blocks | s | super-blocks / s |" + (" before: super-blocks / s |" if baseline else ""),
+                 "|---|---|---|---|" + ("---|" if baseline else "")]
+    for t, (n, sec) in result["encoder"].items():
+        cells = [t, f"{n:,}", f"{sec:.3f}", f"{n / sec:,.0f}"]
+        if baseline:
+            bn, bs = baseline["encoder"][t]
+            cells.append(f"{bn / bs:,.0f}")
+        enc_lines.append("| " + " | ".join(cells) + " |")
+
+    def rate(rows: dict) -> float:
+        r = rows[("q4_k_m", 20)]["types"] if ("q4_k_m", 20) in rows else next(iter(rows.values()))["types"]
+        return sum(n for n, _ in r.values()) / sum(sec for _, sec in r.values())
+    k20_rate = rate(result["rows"])
+    k20_before = rate(baseline["rows"]) if baseline else None
     mixes = list(dict.fromkeys(m for m, _ in result["rows"]))
     if baseline:
         same = [r["same_output"] and r["sha256"] == baseline["rows"][key]["sha256"] and
@@ -810,6 +862,15 @@ def kquant_section(result: dict, baseline: dict | None = None) -> str:
         "",
         "\n".join(lines),
         "",
+        "The encoder alone (`encode_blocks`, no file), per type: the super-blocks of 256 rows x 2048 Gaussian weights "
+        "(sd 0.03) holding one of k=20 deltas (sd 0.01) per row, re-encoded at touched weight 100; medians:",
+        "",
+        "\n".join(enc_lines),
+        "",
+        f"- Extrapolated by super-block count (re-encoding only, the rest of a merge is small beside it): a 7B Q4_K_M "
+        f"file's ~25M super-blocks, nearly all touched at k=20, at this table's Q4_K_M k=20 rate "
+        f"({k20_rate:,.0f} super-blocks / s) take about {25e6 / k20_rate / 60:.1f} min"
+        + (f" (before: {25e6 / k20_before / 60:.1f} min)" if baseline else "") + ".",
         f"- 1-minute load average {result['load'][0]:.1f} before and {result['load'][1]:.1f} after "
         f"({os.cpu_count()} cores shared with other jobs).",
     ]
