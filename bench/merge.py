@@ -710,7 +710,7 @@ def encoder_rates(rounds: int) -> dict[str, tuple[int, float]]:
         tb, mb, db = (a.reshape(-1, block) for a in (target, mask, before))
         ids = np.flatnonzero(mb.any(1))
         times = []
-        for _ in range(max(3, rounds)):
+        for _ in range(max(7, rounds)):
             t0 = time.perf_counter()
             ge.encode_blocks(t, tb[ids], original[ids], mb[ids], touched_weight=100.0, decoded=db[ids])
             times.append(time.perf_counter() - t0)

@@ -21,6 +21,7 @@ one sub-block whose scale is always 1, with a search of its own for d: `_encode_
 
 from __future__ import annotations
 
+import contextvars
 import math
 import os
 import threading
@@ -328,9 +329,22 @@ def _split(work, n: int, cost: int) -> None:
         return
     if _POOL is None:
         _POOL = ThreadPoolExecutor(_THREADS, thread_name_prefix=_NAME)
-    other = _POOL.submit(work, half, n)
-    work(0, half)
-    other.result()
+    other = _POOL.submit(contextvars.copy_context().run, work, half, n)  # (numpy's errstate is a context variable)
+    try:
+        work(0, half)
+    finally:
+        error = other.exception()  # waits: the other half writes into the caller's arrays
+    if error is not None:
+        raise error
+
+
+def _forget_pool() -> None:
+    global _POOL
+    _POOL = None
+
+
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's pool threads: it starts its own
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _fit_subblocks(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np.ndarray, sc: np.ndarray,

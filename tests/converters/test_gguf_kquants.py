@@ -369,3 +369,18 @@ def test_types_merged_in_wider_batches_encode_each_superblock_on_its_own(t):
         parts = [kq._encode(t, target[i:i + size], original[i:i + size], mask[i:i + size], 100.0, before[i:i + size])
                  for i in range(0, len(x), size)]
         np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_the_second_thread_keeps_the_callers_errstate_and_its_errors():
+    """A search split between two threads behaves as one call: the half on the pool's thread runs under the caller's
+    numpy errstate (a context variable, which a new thread would not have), and its exceptions reach the caller."""
+    seen = []
+
+    def work(lo, hi):
+        seen.append(np.geterr()["over"])
+        if lo > 0:
+            raise ValueError("second half")
+    with np.errstate(over="raise"):
+        with pytest.raises(ValueError, match="second half"):
+            kq._split(work, 1000, kq._SPLIT_VALUES)
+    assert seen == ["raise", "raise"] or kq._THREADS < 2
