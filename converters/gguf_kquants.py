@@ -302,7 +302,7 @@ def _levels(t: QT, D: np.ndarray, N: np.ndarray, x: np.ndarray, out=None) -> np.
 
 # -- re-encoding touched super-blocks -----------------------------------------------------------------------
 _CHUNK_VALUES = 1 << 19  # values per candidate evaluation of `_fit_all_scales`: 2 MiB per scratch array (less: more
-                         # of the time goes to the steps around them; Q2_K 2x slower at 1 << 16)
+                         # of the time goes to the steps around them: Q2_K 1.7x slower at 1 << 16)
 _SPLIT_VALUES = 1 << 20  # values of candidate evaluations worth a second thread
 _SPLIT_BLOCKS = 128  # super-blocks per thread, at least, for `encode`'s split (fewer: the overhead dominates)
 _THREADS = min(2, os.cpu_count() or 1)
