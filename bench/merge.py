@@ -390,17 +390,8 @@ def random_blocks(rng, rows: int, cols: int, qtype) -> np.ndarray:
     return out.reshape(rows, -1)
 
 
-def build_gguf(folder: str, layers: int, target_type: str) -> tuple[str, str]:
-    """A Llama-shaped GGUF with the projections as `target_type` (F16 or Q4_1) and a k=20 adapter made
-    against it (values as our reader presents them); returns (file, adapter)."""
-    import gguf
-    from gguf import GGMLQuantizationType as QT
-
-    from neuroada_format.converters import gguf_names as gn
-
-    rng = np.random.default_rng(1)
-    path = os.path.join(folder, f"model-{target_type}.gguf")
-    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, layers)
+def llama_writer(gguf, path: str, layers: int):
+    """A GGUFWriter for a Llama of these shapes, its key/value header written (the tensors are the caller's)."""
     w = gguf.GGUFWriter(path, "llama")
     w.add_block_count(layers)
     w.add_context_length(2048)
@@ -415,6 +406,21 @@ def build_gguf(folder: str, layers: int, target_type: str) -> tuple[str, str]:
     w.add_token_list([f"<tok{i}>" for i in range(N_TOKENS)])
     w.add_token_scores([0.0] * N_TOKENS)
     w.add_token_types([1] * N_TOKENS)
+    return w
+
+
+def build_gguf(folder: str, layers: int, target_type: str) -> tuple[str, str]:
+    """A Llama-shaped GGUF with the projections as `target_type` (F16 or Q4_1) and a k=20 adapter made
+    against it (values as our reader presents them); returns (file, adapter)."""
+    import gguf
+    from gguf import GGMLQuantizationType as QT
+
+    from neuroada_format.converters import gguf_names as gn
+
+    rng = np.random.default_rng(1)
+    path = os.path.join(folder, f"model-{target_type}.gguf")
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, layers)
+    w = llama_writer(gguf, path, layers)
     targets = []
     for name, shape in shapes(layers).items():
         g = names.get_name(name, try_suffixes=(".weight",))
@@ -609,20 +615,7 @@ def build_kquant_gguf(folder: str, layers: int, mix: str) -> tuple[str, dict[int
         return path, adapters
     rng = np.random.default_rng(2)
     pools = {}
-    w = gguf.GGUFWriter(path + ".part", "llama")
-    w.add_block_count(layers)
-    w.add_context_length(2048)
-    w.add_embedding_length(HIDDEN)
-    w.add_feed_forward_length(INTER)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(KV_HEADS)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_freq_base(10000.0)
-    w.add_vocab_size(VOCAB)
-    w.add_tokenizer_model("llama")
-    w.add_token_list([f"<tok{i}>" for i in range(N_TOKENS)])
-    w.add_token_scores([0.0] * N_TOKENS)
-    w.add_token_types([1] * N_TOKENS)
+    w = llama_writer(gguf, path + ".part", layers)
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, layers)
     targets = []
     for name, shape in shapes(layers).items():
