@@ -347,6 +347,29 @@ if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's p
     os.register_at_fork(after_in_child=_forget_pool)
 
 
+def _candidate_errors(t: QT, D: np.ndarray, N, x: np.ndarray, w: np.ndarray, scratch: np.ndarray,
+                      in_order: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """For candidate scales D and minimums N [C, c] of sub-blocks x, w [sub, 1, c]: each value on its nearest level
+    q [sub, C, c], and the errors [C, c], w * (D * q + N - x) ** 2 summed over each sub-block (non-finite: inf).
+    In place in `scratch` [2, >= sub * C * c] (no [sub, C, c] temporaries; q valid until it is reused), the same f32
+    operations in the same order as the searches always did: summed pairwise as numpy summed their temporaries
+    (`column_sums`), or in order where `in_order` (a lone sub-block, which they laid out the other way). A type
+    without minimums adds none (its N is -0.0, which changes no value)."""
+    shape = (x.shape[0],) + D.shape
+    n = math.prod(shape)
+    with np.errstate(over="ignore", invalid="ignore"):
+        q = _levels(t, D, N, x, scratch[0, :n].reshape(shape))
+        e = np.multiply(D, q, out=scratch[1, :n].reshape(shape))
+        if K_TYPES[t].affine:
+            e += N
+        e -= x
+        np.square(e, out=e)
+        e *= w
+        total = e.sum(0) if in_order else column_sums(e)
+    total[~np.isfinite(total)] = np.inf
+    return total, q
+
+
 def _fit_subblocks(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np.ndarray, sc: np.ndarray,
                    mn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For sub-blocks x, w [m, sub] under fixed d, dmin [m]: the integers (sc, mn) [m] with the least weighted squared
@@ -361,19 +384,7 @@ def _fit_subblocks(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np.
     def err_of(cols, sc_c, mn_c):  # sub-blocks `cols`, [C, c] candidates -> errors [C, c], levels [sub, C, c]
         D = (d[cols] * sc_c).astype(np.float32)
         N = -(dmin[cols] * mn_c).astype(np.float32)
-        xc = x[:, None, cols]
-        shape = (x.shape[0],) + D.shape
-        q = _levels(t, D, N, xc, scratch[0, :math.prod(shape)].reshape(shape))  # valid until the next call
-        # w * (D * q + N - x) ** 2 in place: the same f32 operations without [sub, C, c] temporaries
-        dec = np.multiply(D, q, out=scratch[1, :math.prod(shape)].reshape(shape))
-        with np.errstate(over="ignore", invalid="ignore"):
-            dec += N
-            dec -= xc
-            np.square(dec, out=dec)
-            dec *= w[:, None, cols]
-            e = column_sums(dec)
-        e[~np.isfinite(e)] = np.inf
-        return e, q
+        return _candidate_errors(t, D, N, x[:, None, cols], w[:, None, cols], scratch)  # (q: until the next call)
 
     best_sc, best_mn = sc.astype(np.float32), mn.astype(np.float32)
     every = slice(None)  # (all sub-blocks: views, not copies)
@@ -456,20 +467,10 @@ def _fit_all_scales(t: QT, x: np.ndarray, w: np.ndarray, d: np.ndarray, dmin: np
                 cs = np.clip(gs[None] + s_steps, spec.sc_lo, spec.sc_hi)
                 cm = np.clip(gm[None] + m_steps, 0, spec.sc_hi) if spec.affine else np.broadcast_to(m_steps, cs.shape)
             cs, cm = np.concatenate([gs[None], cs], axis=0), np.concatenate([gm[None], cm], axis=0)  # [C, c]
-            shape = (sub, C, b - a)
-            n = math.prod(shape)
             with np.errstate(over="ignore", invalid="ignore"):
                 D = ds[None] * cs
                 N = -(dm[None] * cm) if spec.affine else np.float32(-0.0)
-                q = _levels(t, D, N, xs, scratch[0, :n].reshape(shape))
-                e = np.multiply(D, q, out=scratch[1, :n].reshape(shape))
-                if spec.affine:
-                    e += N
-                e -= xs
-                np.square(e, out=e)
-                e *= ws
-                total = column_sums(e) if b - a > 1 else e.sum(0)
-            total[~np.isfinite(total)] = np.inf
+            total, _ = _candidate_errors(t, D, N, xs, ws, scratch, in_order=b - a == 1)
             j = np.argmin(total, axis=0)  # the first of equal errors: the given integers (row 0) where they are as good
             at = np.arange(len(ds))
             best_sc[part], best_mn[part] = cs[j, at], cm[j, at]
