@@ -399,9 +399,6 @@ class OnnxBase(ArrayBase):
                 return NeuroAdaError(problem, path=self.path, tensor=name, rule="4.2")
         return None
 
-    def storage_name(self, name: str) -> str:
-        return self.resolutions[name].initializer
-
     def info(self, name: str) -> tuple[str, tuple[int, ...]]:
         r = self.resolutions[name]
         dtype = self.model.dtype(r.initializer) or _type_name(self.model.initializers[r.initializer].data_type)
